@@ -1,0 +1,54 @@
+"""Plain data types shared by every learner, the evaluator and the stream.
+
+They carry no I/O and no framework objects, so the offline evaluator, the
+benchmarks and the Faust worker all hand the models exactly the same values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+InteractionKind = Literal["click", "purchase"]
+
+
+@dataclass(frozen=True, slots=True)
+class Interaction:
+    """One user-item event, as the models see it.
+
+    ``ts`` is epoch milliseconds. ``kind`` is ``"click"`` or ``"purchase"``; logs with
+    richer behaviour types (Taobao's cart and fav) map them onto these two and keep the
+    original in ``behavior``.
+    """
+
+    user_id: str
+    item_id: str
+    ts: int
+    kind: InteractionKind = "click"
+    session_id: str | None = None
+    category_id: str | None = None
+    behavior: str | None = None
+    quantity: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class UserContext:
+    """What the caller knows of a user when it asks for recommendations.
+
+    ``recent_items`` is oldest first, newest last (the stream keeps it in Redis).
+    """
+
+    user_id: str
+    recent_items: tuple[str, ...] = ()
+    purchased: frozenset[str] = field(default_factory=frozenset)
+    session_id: str | None = None
+    ts: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredItem:
+    """An item in a ranked list, best first; ``reason`` names the source that proposed it."""
+
+    item_id: str
+    score: float
+    reason: str | None = None
