@@ -1,0 +1,31 @@
+"""streamrec's exceptions: one root, a few children that callers act on differently."""
+
+from __future__ import annotations
+
+
+class StreamrecError(Exception):
+    """Root of every error streamrec raises on purpose."""
+
+
+class ConfigError(StreamrecError):
+    """A setting is missing or has a value that cannot work; the message names the variable."""
+
+
+class InvalidEvent(StreamrecError):
+    """An input value that breaks the event contract.
+
+    It is data, not a crash: the worker sends it to the dead-letter topic with ``reason``
+    (a sentence naming the field and what was seen) and ``code`` (a short label for
+    metrics: ``oversize``, ``not_utf8``, ``malformed_json``, ``not_object``,
+    ``missing_field``, ``wrong_type``, ``invalid_value``, ``unknown_type``).
+    """
+
+    def __init__(self, code: str, reason: str, field: str | None = None) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.field = field
+
+
+class ServiceUnavailable(StreamrecError):
+    """Kafka or Redis did not answer in time; the message says which and where."""

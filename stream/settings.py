@@ -1,0 +1,151 @@
+"""One typed settings object per process, read from ``STREAMREC_*`` environment variables.
+
+Every setting has a default that works on a developer's machine after ``make up``. Nothing
+connects at import time; :func:`Settings.from_env` only reads and checks values.
+
+>>> s = Settings.from_env({"STREAMREC_TOP_K": "10", "STREAMREC_REDIS_URL": "redis://:hunter2@db:6379/0"})
+>>> s.top_k, s.topics.clicks
+(10, 'streamrec.clicks')
+>>> "hunter2" in repr(s)
+False
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from stream.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TopicNames:
+    """The four topics, all under one prefix (``STREAMREC_TOPIC_PREFIX``)."""
+
+    prefix: str = "streamrec."
+
+    @property
+    def clicks(self) -> str:
+        return f"{self.prefix}clicks"
+
+    @property
+    def purchases(self) -> str:
+        return f"{self.prefix}purchases"
+
+    @property
+    def recommendations(self) -> str:
+        return f"{self.prefix}recommendations"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}dlq"
+
+    @property
+    def inputs(self) -> tuple[str, str]:
+        return (self.clicks, self.purchases)
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        return (self.clicks, self.purchases, self.recommendations, self.dlq)
+
+
+def _env(name: str, default: str, help: str, secret: bool = False):
+    return field(default=default, metadata={"env": name, "help": help, "secret": secret})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of a streamrec process, with its environment variable beside it."""
+
+    kafka_bootstrap: str = _env("STREAMREC_KAFKA_BOOTSTRAP", "127.0.0.1:9092", "Kafka bootstrap servers, host:port[,host:port]")
+    redis_url: str = _env("STREAMREC_REDIS_URL", "redis://127.0.0.1:6379/0", "Redis URL for user state", secret=True)
+    topic_prefix: str = _env("STREAMREC_TOPIC_PREFIX", "streamrec.", "prefix of every topic name")
+    top_k: int = _env("STREAMREC_TOP_K", "20", "items per recommendation")
+    model_dir: Path = _env("STREAMREC_MODEL_DIR", "models", "the Transformer scorer's model registry")
+    metrics_port: int = _env("STREAMREC_METRICS_PORT", "9464", "port of the Prometheus /metrics endpoint (0: off)")
+    scorer_device: str = _env("STREAMREC_SCORER_DEVICE", "auto", "auto, cuda or cpu")
+    app_id: str = _env("STREAMREC_APP_ID", "streamrec", "Faust app id; also the Kafka consumer group")
+    partitions: int = _env("STREAMREC_PARTITIONS", "4", "partitions of the input topics when streamrec creates them")
+    batch_size: int = _env("STREAMREC_BATCH_SIZE", "500", "most events in one micro-batch")
+    batch_timeout_ms: int = _env("STREAMREC_BATCH_TIMEOUT_MS", "10", "longest wait to fill a micro-batch")
+    recent_items: int = _env("STREAMREC_RECENT_ITEMS", "50", "length of each user's recent-item sequence")
+    n_candidates: int = _env("STREAMREC_CANDIDATES", "100", "candidates scored per recommendation")
+    exclude_purchased: bool = _env("STREAMREC_EXCLUDE_PURCHASED", "true", "never recommend an item the user bought")
+    dedupe_ttl_s: int = _env("STREAMREC_DEDUPE_TTL_S", "86400", "how long an event_id is remembered for de-duplication")
+    state_ttl_s: int = _env("STREAMREC_STATE_TTL_S", "2592000", "idle time after which a user's state expires (0: never)")
+    snapshot_interval_s: int = _env("STREAMREC_SNAPSHOT_INTERVAL_S", "60", "how often the online models are snapshotted to Redis")
+    log_level: str = _env("STREAMREC_LOG_LEVEL", "info", "debug, info, warning or error")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            name = f.metadata["env"]
+            raw = overrides.get(f.name, environ.get(name, f.default))
+            values[f.name] = _convert(name, f.type, raw)
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9._-]*", self.topic_prefix):
+            raise ConfigError(f"STREAMREC_TOPIC_PREFIX={self.topic_prefix!r}: only letters, digits, '.', '_' and '-' are allowed in topic names")
+        if self.scorer_device not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"STREAMREC_SCORER_DEVICE={self.scorer_device!r}: expected auto, cuda or cpu")
+        for name, value, low in (("STREAMREC_TOP_K", self.top_k, 1), ("STREAMREC_BATCH_SIZE", self.batch_size, 1),
+                                 ("STREAMREC_PARTITIONS", self.partitions, 1), ("STREAMREC_RECENT_ITEMS", self.recent_items, 1),
+                                 ("STREAMREC_CANDIDATES", self.n_candidates, 1), ("STREAMREC_BATCH_TIMEOUT_MS", self.batch_timeout_ms, 0)):
+            if value < low:
+                raise ConfigError(f"{name}={value}: must be at least {low}")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"STREAMREC_REDIS_URL={mask_url(self.redis_url)}: expected redis://host:port/db")
+
+    @property
+    def topics(self) -> TopicNames:
+        return TopicNames(self.topic_prefix)
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(environment variable, value with secrets masked, help) for ``--help`` and start-up logs."""
+        rows = []
+        for f in fields(self):
+            value = str(getattr(self, f.name))
+            if f.metadata["secret"]:
+                value = mask_url(value)
+            rows.append((f.metadata["env"], value, f.metadata["help"]))
+        return rows
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{env}={value}" for env, value, _ in self.describe())
+        return f"Settings({inner})"
+
+    __str__ = __repr__
+
+
+def mask_url(url: str) -> str:
+    """Hide the password in a URL: ``redis://:secret@h:1/0`` → ``redis://:***@h:1/0``."""
+    return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def _convert(name: str, typ, raw):
+    if not isinstance(raw, str):
+        return raw
+    typ = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    try:
+        if typ == "int":
+            return int(raw)
+        if typ == "bool":
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if typ == "Path":
+            return Path(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected {'an integer' if typ == 'int' else 'true or false' if typ == 'bool' else typ}") from None
+    return raw
