@@ -1,0 +1,197 @@
+"""The one vocabulary every online learner speaks.
+
+A learner learns from one :class:`~online_models.types.Interaction` at a time and scores
+items for a :class:`~online_models.types.UserContext`. A subclass implements
+``learn_one`` and ``predict_one`` (and counts what it learned in ``self.n_learned``);
+it overrides ``score_many`` where scoring a batch pays, and ``propose`` when it can put
+forward items of its own (``propose_scores``; it is then a *candidate source*). Everything else (ranking,
+cloning, snapshots, the version string) comes from here.
+
+Constructor arguments are stored under their own names, as in River, so that
+:meth:`OnlineLearner.clone` can rebuild a fresh copy and two learners can be compared.
+
+>>> from online_models.popularity import GlobalPopularity
+>>> from online_models.types import Interaction, UserContext
+>>> model = GlobalPopularity()
+>>> model.learn_one(Interaction("u1", "a", ts=1))
+>>> model.learn_one(Interaction("u2", "a", ts=2))
+>>> model.learn_one(Interaction("u2", "b", ts=3))
+>>> [s.item_id for s in model.rank(UserContext("u3"))]
+['a', 'b']
+>>> restored = GlobalPopularity.restore(model.snapshot())
+>>> restored.predict_one(UserContext("u3"), "a") == model.predict_one(UserContext("u3"), "a")
+True
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import json
+import pickle
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar, Self
+
+from online_models.types import Interaction, ScoredItem, UserContext
+
+#: Version of the snapshot layout; bumped when the header or payload layout changes.
+SNAPSHOT_FORMAT = 1
+_MAGIC = b"streamrec-snapshot\n"
+
+
+class SnapshotError(ValueError):
+    """Bytes that are not a snapshot this code can restore; the message says what was seen."""
+
+
+def dump_snapshot(obj: Any, params: dict[str, Any], payload: Any) -> bytes:
+    """``magic + JSON header line + pickle(payload)``; the header is readable with ``head -2``."""
+    cls = type(obj)
+    header = {
+        "format": SNAPSHOT_FORMAT,
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "params": params,
+    }
+    line = json.dumps(header, default=repr, sort_keys=True).encode() + b"\n"
+    return _MAGIC + line + pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def load_snapshot(data: bytes, expected: type) -> tuple[dict[str, Any], Any]:
+    """The header and payload of ``data``, after checking format and class.
+
+    Snapshots are pickles: restore only bytes this system wrote (model files, Redis
+    keys it owns), never bytes from outside.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise SnapshotError(f"a snapshot is bytes, saw {type(data).__name__}")
+    data = bytes(data)
+    if not data.startswith(_MAGIC):
+        raise SnapshotError(f"not a streamrec snapshot: starts with {data[:20]!r}")
+    end = data.index(b"\n", len(_MAGIC))
+    try:
+        header = json.loads(data[len(_MAGIC) : end])
+    except ValueError as exc:
+        raise SnapshotError(f"snapshot header is not JSON ({exc})") from None
+    if header.get("format") != SNAPSHOT_FORMAT:
+        raise SnapshotError(
+            f"snapshot format {header.get('format')!r} cannot be read by this code (format {SNAPSHOT_FORMAT})"
+        )
+    payload = pickle.loads(data[end + 1 :])
+    if not isinstance(payload, expected):
+        raise SnapshotError(
+            f"snapshot holds a {header.get('class')}, which is not a {expected.__name__}"
+        )
+    return header, payload
+
+
+class OnlineLearner(abc.ABC):
+    """Base class of every online model (see the module docstring for what to implement)."""
+
+    #: Short source name: ``ScoredItem.reason`` and a metric label.
+    name: ClassVar[str] = "learner"
+
+    n_learned: int = 0
+
+    # -- learning -------------------------------------------------------------------
+    @abc.abstractmethod
+    def learn_one(self, x: Interaction, user: UserContext | None = None) -> None:
+        """Learn from ``x``; ``user`` is the user's context *before* ``x`` (may be None)."""
+
+    def learn_many(self, xs: Iterable[tuple[Interaction, UserContext | None]]) -> None:
+        for x, user in xs:
+            self.learn_one(x, user)
+
+    # -- scoring --------------------------------------------------------------------
+    @abc.abstractmethod
+    def predict_one(self, user: UserContext, item_id: str) -> float:
+        """Score of ``item_id`` for ``user``; higher is better. Never raises; an unseen
+        user or item gets the learner's default (usually 0.0)."""
+
+    def score_many(self, user: UserContext, items: Sequence[str]) -> list[float]:
+        """Scores of ``items`` in order; override where a batch is cheaper than a loop."""
+        return [self.predict_one(user, item) for item in items]
+
+    def propose_scores(self, user: UserContext, k: int) -> list[tuple[str, float]]:
+        """At most ``k`` ``(item, score)`` pairs of the learner's own choosing, best first,
+        without duplicates; none by default. Override to make the learner a candidate source."""
+        return []
+
+    def propose(self, user: UserContext, k: int) -> list[ScoredItem]:
+        """:meth:`propose_scores` as :class:`ScoredItem` values."""
+        name = self.name
+        return [ScoredItem(item, float(score), name) for item, score in self.propose_scores(user, k)]
+
+    def rank(
+        self, user: UserContext, candidates: Sequence[str] | None = None, k: int = 20
+    ) -> list[ScoredItem]:
+        """Best ``k`` items first, without duplicates.
+
+        With ``candidates`` the result is a subset of them (ties keep the given order);
+        with ``None`` the learner proposes items itself (see :meth:`propose_scores`).
+        """
+        if k <= 0:
+            return []
+        if candidates is None:
+            return self.propose(user, k)[:k]
+        items = list(dict.fromkeys(candidates))
+        scores = self.score_many(user, items)
+        order = sorted(range(len(items)), key=lambda i: -scores[i])
+        return [ScoredItem(items[i], float(scores[i]), self.name) for i in order[:k]]
+
+    # -- River-style plumbing -------------------------------------------------------
+    def _get_params(self) -> dict[str, Any]:
+        """Constructor arguments, read back from the attributes of the same names."""
+        sig = inspect.signature(type(self).__init__)
+        return {
+            p: getattr(self, p)
+            for p, v in sig.parameters.items()
+            if p != "self" and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)
+        }
+
+    def clone(self) -> Self:
+        """A fresh, unfitted learner with the same constructor arguments."""
+        return type(self)(**self._get_params())
+
+    def snapshot(self) -> bytes:
+        """The learner's whole state as versioned bytes (see :func:`dump_snapshot`)."""
+        return dump_snapshot(self, self._get_params(), self)
+
+    @classmethod
+    def restore(cls, data: bytes) -> Self:
+        """A learner equal to the one that wrote ``data``; it predicts the same."""
+        return load_snapshot(data, cls)[1]
+
+    @property
+    def version(self) -> str:
+        return f"{self.name}-{self.n_learned}"
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._get_params().items())
+        return f"{type(self).__name__}({args})"
+
+
+def session_key(x: Interaction) -> str:
+    """The session an interaction belongs to: its session id, else its user."""
+    return x.session_id if x.session_id is not None else x.user_id
+
+
+def learner_classes() -> list[type[OnlineLearner]]:
+    """Every concrete learner class imported so far, in a stable order."""
+    seen: dict[str, type[OnlineLearner]] = {}
+    stack = list(OnlineLearner.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if not inspect.isabstract(cls) and not cls.__name__.startswith("_"):
+            seen[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return [seen[k] for k in sorted(seen)]
+
+
+__all__ = [
+    "SNAPSHOT_FORMAT",
+    "OnlineLearner",
+    "SnapshotError",
+    "dump_snapshot",
+    "learner_classes",
+    "load_snapshot",
+    "session_key",
+]

@@ -1,0 +1,158 @@
+"""Item-to-item co-visitation: "people who viewed this next viewed that".
+
+Learning: each session keeps its last ``window`` items. A new item ``b`` is paired with
+each of them, ``a``, at distance ``d`` (1 = the item just before) with weight
+``kind_weight * distance_decay ** (d - 1)``: items seen close together in a session count
+more. The pair is stored forward (``a -> b``, ``forward_weight``, what comes next) and
+backward (``b -> a``, ``backward_weight``). Each item keeps at most ``max_neighbors``
+neighbours (pruned to the heaviest when it reaches twice that), so memory is bounded by the
+catalogue; at most ``max_sessions`` session buffers are kept (least recently active go).
+
+Proposing: the user's most recent ``n_recent`` items are anchors, the newest weighing most
+(``recency_decay ** j`` for the j-th newest); a neighbour's score is the sum over anchors of
+``recency * weight(a -> b) / total_weight(a)`` (with ``normalize``), i.e. a recency-weighted
+mix of "what follows a" distributions. A new user with one click is served at once.
+
+>>> from online_models.types import Interaction, UserContext
+>>> cv = CoVisitation()
+>>> for item in ["phone", "case", "charger"]:
+...     cv.learn_one(Interaction("u1", item, ts=1, session_id="s1"))
+>>> [s.item_id for s in cv.rank(UserContext("u2", recent_items=("phone",)))]
+['case', 'charger']
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from operator import itemgetter
+
+from online_models.base import OnlineLearner, session_key
+from online_models.types import Interaction, UserContext
+
+
+class CoVisitation(OnlineLearner):
+    name = "covisit"
+
+    def __init__(
+        self,
+        window: int = 5,
+        distance_decay: float = 0.7,
+        forward_weight: float = 1.0,
+        backward_weight: float = 0.5,
+        purchase_weight: float = 2.0,
+        max_neighbors: int = 100,
+        n_recent: int = 5,
+        recency_decay: float = 0.6,
+        normalize: bool = True,
+        max_sessions: int = 100_000,
+        seed: int = 0,
+    ):
+        self.window = window
+        self.distance_decay = distance_decay
+        self.forward_weight = forward_weight
+        self.backward_weight = backward_weight
+        self.purchase_weight = purchase_weight
+        self.max_neighbors = max_neighbors
+        self.n_recent = n_recent
+        self.recency_decay = recency_decay
+        self.normalize = normalize
+        self.max_sessions = max_sessions
+        self.seed = seed  # deterministic learner; kept for the common signature
+        self.n_learned = 0
+        self._neighbors: dict[str, dict[str, float]] = {}
+        self._totals: dict[str, float] = {}
+        self._sessions: dict[str, list[str]] = {}
+        self._decays = [distance_decay**d for d in range(window)]
+        self._recency = [recency_decay**j for j in range(n_recent)]
+        self._cache: tuple[object, dict[str, float]] | None = None
+
+    # -- learning ---------------------------------------------------------------------
+    def learn_one(self, x: Interaction, user: UserContext | None = None) -> None:
+        self.n_learned += 1
+        key = session_key(x)
+        sessions = self._sessions
+        history = sessions.pop(key, None)
+        if history is None:
+            history = []
+            if len(sessions) >= self.max_sessions:
+                del sessions[next(iter(sessions))]  # least recently active
+        sessions[key] = history
+        b = x.item_id
+        if history and history[-1] == b:
+            return  # a repeated click on the same item adds no new pair
+        kind = self.purchase_weight * x.quantity if x.kind == "purchase" else 1.0
+        fw, bw = kind * self.forward_weight, kind * self.backward_weight
+        decays = self._decays
+        for d, a in enumerate(reversed(history)):
+            if a != b:
+                w = decays[d]
+                self._add(a, b, fw * w)
+                self._add(b, a, bw * w)
+        history.append(b)
+        if len(history) > self.window:
+            del history[0]
+
+    def _add(self, a: str, b: str, w: float) -> None:
+        if w <= 0.0:
+            return
+        nb = self._neighbors.get(a)
+        if nb is None:
+            nb = self._neighbors[a] = {}
+        nb[b] = nb.get(b, 0.0) + w
+        self._totals[a] = self._totals.get(a, 0.0) + w
+        if len(nb) >= 2 * self.max_neighbors:
+            kept = heapq.nlargest(self.max_neighbors, nb.items(), key=itemgetter(1))
+            self._neighbors[a] = dict(kept)
+
+    # -- scoring ----------------------------------------------------------------------
+    def anchors(self, user: UserContext) -> list[str]:
+        """The items a user's proposals start from, newest first."""
+        recent = user.recent_items
+        if not recent:
+            recent = self._sessions.get(user.session_id or user.user_id, ())
+        return list(reversed(recent[-self.n_recent :]))
+
+    def _aggregate(self, user: UserContext) -> dict[str, float]:
+        anchors = self.anchors(user)
+        key = (tuple(anchors), self.n_learned)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        scores: dict[str, float] = {}
+        get = scores.get
+        for j, a in enumerate(anchors):
+            nb = self._neighbors.get(a)
+            if not nb:
+                continue
+            r = self._recency[j]
+            if self.normalize:
+                r /= self._totals[a]
+            for b, w in nb.items():
+                scores[b] = get(b, 0.0) + r * w
+        self._cache = (key, scores)
+        return scores
+
+    def predict_one(self, user: UserContext, item_id: str) -> float:
+        return self._aggregate(user).get(item_id, 0.0)
+
+    def score_many(self, user: UserContext, items: Sequence[str]) -> list[float]:
+        get = self._aggregate(user).get
+        return [get(i, 0.0) for i in items]
+
+    def propose_scores(self, user: UserContext, k: int) -> list[tuple[str, float]]:
+        scores = self._aggregate(user)
+        best = heapq.nlargest(k, scores.items(), key=itemgetter(1))
+        return best
+
+    def neighbors(self, item_id: str, k: int = 20) -> list[tuple[str, float]]:
+        """The ``k`` heaviest neighbours of an item (for inspection and tests)."""
+        nb = self._neighbors.get(item_id, {})
+        return heapq.nlargest(k, nb.items(), key=itemgetter(1))
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        return state
+
+
+__all__ = ["CoVisitation"]

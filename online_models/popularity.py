@@ -1,0 +1,204 @@
+"""Item popularity three ways: all-time counts, a sliding window, exponential decay.
+
+All three keep one float per item in a numpy array (an item's row is fixed when it is
+first seen), so learning is O(1) and scoring a batch is one fancy-index. To propose items
+each keeps a *pool*: the ``pool_size`` best items as of the last full refresh (every
+``refresh_every`` events, an ``argpartition``) plus any item that has since climbed above
+the pool's floor, so a new item that takes off is recommendable at once.
+
+Clicks and purchases count ``click_weight`` and ``purchase_weight`` (times the quantity).
+
+>>> from online_models.types import Interaction, UserContext
+>>> trending = TrendingPopularity(half_life_s=60)
+>>> trending.learn_one(Interaction("u", "old", ts=0))
+>>> trending.learn_one(Interaction("u", "new", ts=120_000))   # two half-lives later
+>>> round(trending.predict_one(UserContext("u", ts=120_000), "old"), 3)
+0.25
+>>> [s.item_id for s in trending.rank(UserContext("u"), k=2)]
+['new', 'old']
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+
+import numpy as np
+
+from online_models.base import OnlineLearner
+from online_models.types import Interaction, UserContext
+
+_MAX_EXPONENT = 30.0  # rescale the decayed scores before exp() grows past ~1e13
+
+
+class _ItemScores(OnlineLearner):
+    """Shared machinery: item index, score array, candidate pool."""
+
+    name = "_popularity"
+
+    def __init__(
+        self,
+        click_weight: float = 1.0,
+        purchase_weight: float = 3.0,
+        pool_size: int = 500,
+        refresh_every: int = 200,
+        seed: int = 0,
+    ):
+        self.click_weight = click_weight
+        self.purchase_weight = purchase_weight
+        self.pool_size = pool_size
+        self.refresh_every = refresh_every
+        self.seed = seed  # deterministic learner; kept for the common signature
+        self.n_learned = 0
+        self._index: dict[str, int] = {}
+        self._items: list[str] = []
+        self._scores = np.zeros(64)
+        self._pool: dict[int, None] = {}
+        self._pool_floor = 0.0
+
+    # -- storage ----------------------------------------------------------------------
+    def _row(self, item_id: str) -> int:
+        idx = self._index.get(item_id)
+        if idx is None:
+            idx = len(self._items)
+            self._index[item_id] = idx
+            self._items.append(item_id)
+            if idx >= len(self._scores):
+                self._scores = np.concatenate([self._scores, np.zeros(len(self._scores))])
+        return idx
+
+    def _weight(self, x: Interaction) -> float:
+        w = self.purchase_weight * x.quantity if x.kind == "purchase" else self.click_weight
+        return float(w)
+
+    def _after_update(self, idx: int) -> None:
+        self.n_learned += 1
+        if self.n_learned % self.refresh_every == 0:
+            self._refresh_pool()
+        elif idx not in self._pool and self._scores[idx] >= self._pool_floor:
+            self._pool[idx] = None
+
+    def _refresh_pool(self) -> None:
+        n = len(self._items)
+        scores = self._scores[:n]
+        if n > self.pool_size:
+            top = np.argpartition(-scores, self.pool_size - 1)[: self.pool_size]
+            top.sort()  # stable order, independent of argpartition's internals
+            self._pool_floor = float(scores[top].min())
+        else:
+            top = np.arange(n)
+            self._pool_floor = 0.0
+        self._pool = dict.fromkeys(top.tolist())
+
+    def _scale(self, user: UserContext | None) -> float:
+        return 1.0
+
+    # -- scoring ----------------------------------------------------------------------
+    def predict_one(self, user: UserContext, item_id: str) -> float:
+        idx = self._index.get(item_id)
+        return 0.0 if idx is None else float(self._scores[idx]) * self._scale(user)
+
+    def score_many(self, user: UserContext, items: Sequence[str]) -> list[float]:
+        get = self._index.get
+        rows = np.fromiter((get(i, -1) for i in items), dtype=np.int64, count=len(items))
+        known = rows >= 0
+        out = np.where(known, self._scores[np.where(known, rows, 0)], 0.0) * self._scale(user)
+        return out.tolist()
+
+    def propose_scores(self, user: UserContext, k: int) -> list[tuple[str, float]]:
+        if not self._pool:
+            return []
+        rows = np.fromiter(self._pool, dtype=np.int64, count=len(self._pool))
+        vals = self._scores[rows]
+        keep = vals > 0
+        rows, vals = rows[keep], vals[keep]
+        if len(rows) > k:
+            part = np.argpartition(-vals, k - 1)[:k]
+            rows, vals = rows[part], vals[part]
+        order = np.lexsort((rows, -vals))  # best first, ties by first seen
+        scale = self._scale(user)
+        items = self._items
+        return list(zip([items[r] for r in rows[order].tolist()], (vals[order] * scale).tolist()))
+
+
+class GlobalPopularity(_ItemScores):
+    """All-time weighted counts: the evaluator's "global popularity" baseline."""
+
+    name = "popularity"
+
+    def learn_one(self, x: Interaction, user: UserContext | None = None) -> None:
+        idx = self._row(x.item_id)
+        self._scores[idx] += self._weight(x)
+        self._after_update(idx)
+
+
+class RecentPopularity(_ItemScores):
+    """Weighted counts over the last ``window_s`` seconds of event time (a sliding window).
+
+    Events leave the window as newer ones arrive (event time, not wall-clock time).
+    """
+
+    name = "recent_popularity"
+
+    def __init__(self, window_s: float = 3600.0, click_weight: float = 1.0, purchase_weight: float = 3.0,
+                 pool_size: int = 500, refresh_every: int = 200, seed: int = 0):
+        super().__init__(click_weight, purchase_weight, pool_size, refresh_every, seed)
+        self.window_s = window_s
+        self._window: deque[tuple[int, int, float]] = deque()
+        self._max_ts: int | None = None
+
+    def learn_one(self, x: Interaction, user: UserContext | None = None) -> None:
+        idx = self._row(x.item_id)
+        w = self._weight(x)
+        self._scores[idx] += w
+        self._window.append((x.ts, idx, w))
+        self._max_ts = x.ts if self._max_ts is None else max(self._max_ts, x.ts)
+        horizon = self._max_ts - self.window_s * 1000.0
+        window, scores = self._window, self._scores
+        while window and window[0][0] < horizon:
+            _, old, ow = window.popleft()
+            scores[old] = max(0.0, scores[old] - ow)
+        self._after_update(idx)
+
+
+class TrendingPopularity(_ItemScores):
+    """Exponentially decayed counts: an event ``half_life_s`` ago counts half.
+
+    Stored scores are inflated by ``exp(rate * (ts - ref))`` so that learning touches one
+    row; every score is rescaled (and ``ref`` moved) before the exponent grows large.
+    ``predict_one`` gives the decayed count at ``user.ts`` (default: the newest event seen).
+    """
+
+    name = "trending"
+
+    def __init__(self, half_life_s: float = 1800.0, click_weight: float = 1.0, purchase_weight: float = 3.0,
+                 pool_size: int = 500, refresh_every: int = 200, seed: int = 0):
+        super().__init__(click_weight, purchase_weight, pool_size, refresh_every, seed)
+        self.half_life_s = half_life_s
+        self._rate = math.log(2.0) / (half_life_s * 1000.0)  # per millisecond
+        self._ref_ts: int | None = None
+        self._max_ts: int | None = None
+
+    def learn_one(self, x: Interaction, user: UserContext | None = None) -> None:
+        if self._ref_ts is None:
+            self._ref_ts = x.ts
+        self._max_ts = x.ts if self._max_ts is None else max(self._max_ts, x.ts)
+        exponent = self._rate * (x.ts - self._ref_ts)
+        if exponent > _MAX_EXPONENT:
+            shrink = math.exp(-exponent)
+            self._scores *= shrink
+            self._pool_floor *= shrink
+            self._ref_ts, exponent = x.ts, 0.0
+        idx = self._row(x.item_id)
+        self._scores[idx] += self._weight(x) * math.exp(exponent)
+        self._after_update(idx)
+
+    def _scale(self, user: UserContext | None) -> float:
+        if self._ref_ts is None:
+            return 1.0
+        now = user.ts if user is not None and user.ts is not None else self._max_ts
+        return math.exp(min(700.0, max(-700.0, -self._rate * (now - self._ref_ts))))
+
+
+__all__ = ["GlobalPopularity", "RecentPopularity", "TrendingPopularity"]
