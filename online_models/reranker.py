@@ -1,0 +1,121 @@
+"""An online re-ranker: River logistic regression on "shown, then clicked or not".
+
+The :class:`~online_models.recommender.Recommender` describes each candidate it ranks by
+a few features (each source's normalised score, the item's position in the blend, its
+popularity, whether and how recently the user saw it). When a list is published
+(``record_shown``) the features of the shown items are kept; the user's next interaction
+labels them: the item they went to is a positive, ``n_negatives`` other shown items,
+drawn at random, are negatives. River's ``LogisticRegression`` learns from those; scoring
+a whole candidate list is then one dot product with the learned weights (no per-item
+River call), so the re-ranker costs microseconds per list.
+
+Until it has learned from ``min_samples`` labelled items it scores nothing (``None``), so
+a cold re-ranker cannot reorder the blend with noise.
+
+>>> import numpy as np
+>>> rr = ClickReranker(min_samples=10, seed=1)
+>>> for _ in range(20):
+...     rr.learn_shown({"a": {"covisit": 1.0}, "b": {"covisit": 0.0}, "c": {"covisit": 0.1}}, "a")
+>>> p = rr.score(["covisit"], np.array([[1.0], [0.0]]))
+>>> bool(p[0] > p[1])
+True
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any, Self
+
+import numpy as np
+from river import linear_model, optim
+
+from online_models.base import dump_snapshot, load_snapshot
+
+
+class ClickReranker:
+    """Learns P(next interaction is this shown item | its features)."""
+
+    name = "reranker"
+
+    def __init__(
+        self,
+        learning_rate: float = 0.05,
+        l2: float = 1e-4,
+        n_negatives: int = 2,
+        min_samples: int = 200,
+        seed: int = 0,
+    ):
+        self.learning_rate = learning_rate
+        self.l2 = l2
+        self.n_negatives = n_negatives
+        self.min_samples = min_samples
+        self.seed = seed
+        self.model = linear_model.LogisticRegression(optimizer=optim.SGD(learning_rate), l2=l2)
+        self._rng = random.Random(seed)
+        self.n_learned = 0
+        self.n_positives = 0
+
+    def learn_one(self, features: Mapping[str, float], clicked: bool) -> None:
+        """One labelled shown item."""
+        self.model.learn_one(dict(features), bool(clicked))
+        self.n_learned += 1
+        self.n_positives += bool(clicked)
+
+    def learn_shown(self, shown: Mapping[str, Mapping[str, float]], next_item: str) -> None:
+        """Learn from a published list (item -> features) and the item the user went to.
+
+        The clicked item (if it was shown) is a positive; ``n_negatives`` of the others
+        are negatives. A list the user ignored gives one negative, so the intercept learns
+        how often lists are ignored without swamping the positives.
+        """
+        if not shown:
+            return
+        others = [item for item in shown if item != next_item]
+        if next_item in shown:
+            self.learn_one(shown[next_item], True)
+            n = min(self.n_negatives, len(others))
+        else:
+            n = min(1, len(others))
+        for item in self._rng.sample(others, n):
+            self.learn_one(shown[item], False)
+
+    @property
+    def ready(self) -> bool:
+        return self.n_learned >= self.min_samples and self.n_positives > 0
+
+    def score(self, names: Sequence[str], matrix: np.ndarray) -> np.ndarray | None:
+        """P(click) for each row of ``matrix`` (columns named ``names``); None until ready."""
+        if not self.ready:
+            return None
+        weights = self.model.weights
+        w = np.array([weights.get(n, 0.0) for n in names])
+        z = matrix @ w + self.model.intercept
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0)))
+
+    # -- River-style plumbing ---------------------------------------------------------
+    def _get_params(self) -> dict[str, Any]:
+        return {
+            "learning_rate": self.learning_rate,
+            "l2": self.l2,
+            "n_negatives": self.n_negatives,
+            "min_samples": self.min_samples,
+            "seed": self.seed,
+        }
+
+    def clone(self) -> Self:
+        return type(self)(**self._get_params())
+
+    def snapshot(self) -> bytes:
+        return dump_snapshot(self, self._get_params(), self)
+
+    @classmethod
+    def restore(cls, data: bytes) -> Self:
+        return load_snapshot(data, cls)[1]
+
+    @property
+    def version(self) -> str:
+        return f"{self.name}-{self.n_learned}"
+
+
+__all__ = ["ClickReranker"]
