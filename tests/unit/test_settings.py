@@ -1,0 +1,129 @@
+"""Settings: every variable parsed, every bad value refused with its name, secrets never shown."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from stream.errors import ConfigError, StreamrecError
+from stream.settings import Settings, TopicNames, mask_url
+
+
+def test_defaults_match_the_design():
+    s = Settings.from_env({})
+    assert s.kafka_bootstrap == "127.0.0.1:9092"
+    assert s.redis_url == "redis://127.0.0.1:6379/0"
+    assert s.topic_prefix == "streamrec." and s.top_k == 20 and s.scorer_device == "auto"
+    assert s.exclude_purchased is True and s.model_dir == Path("models")
+
+
+def test_every_field_has_an_environment_variable_and_help():
+    names = [f.metadata["env"] for f in fields(Settings)]
+    assert all(n.startswith("STREAMREC_") for n in names) and len(set(names)) == len(names)
+    assert all(f.metadata["help"] for f in fields(Settings))
+
+
+def test_values_are_read_and_converted():
+    s = Settings.from_env({
+        "STREAMREC_KAFKA_BOOTSTRAP": "k1:9093,k2:9093", "STREAMREC_TOP_K": "5", "STREAMREC_MODEL_DIR": "/tmp/m",
+        "STREAMREC_EXCLUDE_PURCHASED": "No", "STREAMREC_SCORER_DEVICE": "cpu", "STREAMREC_TOPIC_PREFIX": "test-1_",
+        "STREAMREC_BATCH_TIMEOUT_MS": "0",
+    })
+    assert (s.kafka_bootstrap, s.top_k, s.model_dir) == ("k1:9093,k2:9093", 5, Path("/tmp/m"))
+    assert (s.exclude_purchased, s.scorer_device, s.batch_timeout_ms) == (False, "cpu", 0)
+
+
+@pytest.mark.parametrize(("raw", "value"), [("1", True), ("true", True), ("YES", True), (" on ", True),
+                                            ("0", False), ("False", False), ("no", False), ("off", False)])
+def test_booleans(raw, value):
+    assert Settings.from_env({"STREAMREC_EXCLUDE_PURCHASED": raw}).exclude_purchased is value
+
+
+def test_overrides_win_over_the_environment():
+    s = Settings.from_env({"STREAMREC_TOP_K": "5"}, top_k=7, topic_prefix="x.")
+    assert s.top_k == 7 and s.topics.clicks == "x.clicks"
+
+
+def test_the_process_environment_is_the_default(monkeypatch):
+    monkeypatch.setenv("STREAMREC_TOP_K", "3")
+    assert Settings.from_env().top_k == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "says"),
+    [
+        ("STREAMREC_TOP_K", "ten", "an integer"),
+        ("STREAMREC_TOP_K", "0", "at least 1"),
+        ("STREAMREC_METRICS_PORT", "9464.5", "an integer"),
+        ("STREAMREC_PARTITIONS", "0", "at least 1"),
+        ("STREAMREC_BATCH_SIZE", "-1", "at least 1"),
+        ("STREAMREC_BATCH_TIMEOUT_MS", "-1", "at least 0"),
+        ("STREAMREC_RECENT_ITEMS", "0", "at least 1"),
+        ("STREAMREC_CANDIDATES", "0", "at least 1"),
+        ("STREAMREC_EXCLUDE_PURCHASED", "maybe", "true or false"),
+        ("STREAMREC_SCORER_DEVICE", "tpu", "auto, cuda or cpu"),
+        ("STREAMREC_TOPIC_PREFIX", "streamrec/", "topic names"),
+        ("STREAMREC_REDIS_URL", "127.0.0.1:6379", "redis://"),
+    ],
+)
+def test_bad_values_name_the_variable_and_what_was_seen(name, raw, says):
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({name: raw})
+    message = str(info.value)
+    assert message.startswith(f"{name}=") and raw.strip() in message and says in message
+    assert isinstance(info.value, StreamrecError)
+
+
+SECRET_URL = "redis://app:hunter2@db.internal:6380/1"
+
+
+def test_redis_password_is_masked_in_repr_str_and_describe():
+    s = Settings.from_env({"STREAMREC_REDIS_URL": SECRET_URL})
+    assert s.redis_url == SECRET_URL  # the real value stays usable
+    for shown in (repr(s), str(s), *(value for _, value, _ in s.describe())):
+        assert "hunter2" not in shown
+    assert "STREAMREC_REDIS_URL=redis://app:***@db.internal:6380/1" in repr(s)
+
+
+def test_a_bad_redis_url_with_a_password_is_refused_without_showing_it():
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"STREAMREC_REDIS_URL": "http://:hunter2@db:6379/0"})
+    assert "hunter2" not in str(info.value) and "STREAMREC_REDIS_URL" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("redis://:pw@h:1/0", "redis://:***@h:1/0"),
+        ("rediss://user:pw@h:1/0", "rediss://user:***@h:1/0"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+        ("redis://user@h:6379/0", "redis://user@h:6379/0"),
+    ],
+)
+def test_mask_url(url, masked):
+    assert mask_url(url) == masked
+
+
+@pytest.mark.xfail(strict=True, reason="settings.py: mask_url stops at the first '@', so a password holding '@' leaks its tail")
+def test_mask_url_hides_a_password_that_contains_an_at_sign():
+    assert "s3cret" not in mask_url("redis://:p@s3cret@h:6379/0")
+
+
+def test_describe_lists_every_variable_once():
+    rows = Settings.from_env({}).describe()
+    assert [env for env, _, _ in rows] == [f.metadata["env"] for f in fields(Settings)]
+
+
+def test_topic_names_share_the_prefix():
+    t = TopicNames("dev.")
+    assert t.all == ("dev.clicks", "dev.purchases", "dev.recommendations", "dev.dlq")
+    assert t.inputs == ("dev.clicks", "dev.purchases")
+    assert Settings.from_env({"STREAMREC_TOPIC_PREFIX": ""}).topics.dlq == "dlq"
+
+
+def test_settings_are_frozen():
+    s = Settings.from_env({})
+    with pytest.raises(AttributeError):
+        s.top_k = 3
