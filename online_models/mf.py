@@ -151,7 +151,7 @@ class ImplicitMF(OnlineLearner):
         if u is None:
             return [0.0] * len(items)
         get = self._index.get
-        rows = np.fromiter((get(i, -1) for i in items), dtype=np.int64, count=len(items))
+        rows = np.array([get(i, -1) for i in items], dtype=np.int64)
         known = rows >= 0
         scores = self._factors[np.where(known, rows, 0)] @ u
         return np.where(known, scores, 0.0).tolist()

@@ -101,7 +101,7 @@ class _ItemScores(OnlineLearner):
 
     def score_many(self, user: UserContext, items: Sequence[str]) -> list[float]:
         get = self._index.get
-        rows = np.fromiter((get(i, -1) for i in items), dtype=np.int64, count=len(items))
+        rows = np.array([get(i, -1) for i in items], dtype=np.int64)
         known = rows >= 0
         out = np.where(known, self._scores[np.where(known, rows, 0)], 0.0) * self._scale(user)
         return out.tolist()

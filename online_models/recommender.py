@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import chain, zip_longest
 from typing import Self
 
 import numpy as np
@@ -141,17 +142,12 @@ class Recommender:
                 lists.append([item for item, _ in learner.propose_scores(user, n)])
             else:  # a learner that only overrides rank()
                 lists.append([s.item_id for s in learner.rank(user, None, n)])
-        out: dict[str, None] = {}
-        purchased = user.purchased if self.config.exclude_purchased else frozenset()
-        for depth in range(max((len(li) for li in lists), default=0)):
-            for li in lists:
-                if depth < len(li):
-                    item = li[depth]
-                    if item not in out and item not in purchased:
-                        out[item] = None
-                        if len(out) >= n:
-                            return list(out)
-        return list(out)
+        merged = dict.fromkeys(chain.from_iterable(zip_longest(*lists)))  # round-robin, first wins
+        merged.pop(None, None)
+        purchased = user.purchased if self.config.exclude_purchased else ()
+        if purchased:
+            return [item for item in merged if item not in purchased][:n]
+        return list(merged)[:n]
 
     # -- ranking ----------------------------------------------------------------------
     def rank(
@@ -208,8 +204,8 @@ class Recommender:
         n = len(items)
         position = np.empty(n)
         position[order] = np.arange(n)
-        counts = self._counts
-        popularity = np.log1p(np.fromiter((counts.get(i, 0.0) for i in items), dtype=float, count=n))
+        get = self._counts.get
+        popularity = np.log1p(np.array([get(i, 0.0) for i in items], dtype=float))
         steps = {item: len(user.recent_items) - j for j, item in enumerate(user.recent_items)}
         recency = np.fromiter((1.0 / steps[i] if i in steps else 0.0 for i in items), dtype=float, count=n)
         extra = np.stack([1.0 / (1.0 + position), popularity / (1.0 + popularity), recency], axis=1)
