@@ -1,0 +1,266 @@
+"""Fixtures for the integration tier: a real Kafka broker and a real Redis server.
+
+Nothing here mocks a service. When ``STREAMREC_KAFKA_BOOTSTRAP`` / ``STREAMREC_REDIS_URL``
+point at servers that answer (say, a stack started with ``make up``), the tests use them;
+otherwise the session starts its own through ``deploy/kafka/kafka.sh`` and
+``deploy/redis/redis.sh`` on free loopback ports, with data under ``.run/test-*-<pid>``, and
+stops them at the end. A service that cannot be started fails the tests that need it, with
+the script's output and log tail; it is never a skip (in CI, ``CI=true``, nor anywhere else).
+
+Fixtures:
+
+- ``kafka_bootstrap`` (session): ``"127.0.0.1:PORT"`` of a broker that answers.
+- ``redis_url`` (session): ``"redis://127.0.0.1:PORT/0"`` of a server that answers PING.
+- ``service_env`` (session): ``{"STREAMREC_KAFKA_BOOTSTRAP": ..., "STREAMREC_REDIS_URL": ...}``
+  to merge into the environment of a subprocess (a worker, the CLI).
+- ``topic_prefix`` (function): ``"t<12 hex>."``, unique per test; put it before every topic
+  and consumer group name so tests never see each other's messages.
+- ``kafka_admin`` (function): a kafka-python ``KafkaAdminClient`` on the broker, closed after.
+- ``redis_prefix`` (function): ``"t<12 hex>:"``, unique per test; keys under it are deleted
+  after the test (the server may be a developer's, so nothing is flushed).
+- ``redis_client`` (function): ``redis.Redis`` on ``redis_url`` with ``decode_responses=True``.
+
+Every test under ``tests/integration`` is marked ``integration`` automatically.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+from kafka import KafkaAdminClient
+
+ROOT = Path(__file__).resolve().parents[2]
+KAFKA_SH = ROOT / "deploy" / "kafka" / "kafka.sh"
+REDIS_SH = ROOT / "deploy" / "redis" / "redis.sh"
+RUN_DIR = ROOT / ".run"
+HERE = Path(__file__).resolve().parent
+
+# A cold start may resolve the Kafka jars with Maven or apt-get install Redis first.
+START_TIMEOUT_S = 600
+STOP_TIMEOUT_S = 90
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct loopback ports that nothing listens on right now (held together while chosen)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def kafka_answers(bootstrap: str) -> bool:
+    """True when a broker at ``bootstrap`` answers a metadata request."""
+    try:
+        admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap,
+            client_id="streamrec-tests-probe",
+            request_timeout_ms=3000,
+            bootstrap_timeout_ms=3000,
+        )
+    except Exception:
+        return False
+    try:
+        return bool(admin.describe_cluster().get("brokers"))
+    except Exception:
+        return False
+    finally:
+        admin.close()
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    except ValueError:
+        return False
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no log at {path})"
+
+
+@dataclass
+class LocalService:
+    """One server started by a deploy script for this test session."""
+
+    name: str
+    script: Path
+    args: list[str]
+    data_dir: Path
+    log: Path
+
+    def _run(self, command: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(self.script), *self.args, command],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def start(self) -> None:
+        try:
+            done = self._run("start", START_TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            self._fail(f"{self.script.name} start took more than {exc.timeout:.0f} s", "")
+        if done.returncode != 0:
+            self._fail(
+                f"{self.script.name} start exited {done.returncode}", done.stdout + done.stderr
+            )
+
+    def stop(self) -> None:
+        try:
+            done = self._run("stop", STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            print(f"\nwarning: {self.name} in {self.data_dir} did not stop in {STOP_TIMEOUT_S} s")
+            return
+        if done.returncode != 0:
+            print(f"\nwarning: stopping {self.name} failed:\n{done.stdout}{done.stderr}")
+            return
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def _fail(self, what: str, output: str) -> None:
+        where = (
+            "CI=true: a service that cannot start fails the run"
+            if in_ci()
+            else (
+                "the integration tests need it; see deploy/README files, or point "
+                "STREAMREC_KAFKA_BOOTSTRAP / STREAMREC_REDIS_URL at running servers"
+            )
+        )
+        pytest.fail(
+            f"could not start {self.name} for the integration tests: {what}.\n"
+            f"{output.strip()}\n--- {self.log} (last lines) ---\n{tail(self.log)}\n({where})",
+            pytrace=False,
+        )
+
+
+# ---------------------------------------------------------------------------- services
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    given = os.environ.get("STREAMREC_KAFKA_BOOTSTRAP", "").strip()
+    if given and kafka_answers(given):
+        yield given
+        return
+    port, controller_port = free_ports(2)
+    data_dir = RUN_DIR / f"test-kafka-{os.getpid()}"
+    broker = LocalService(
+        name=f"a Kafka broker on 127.0.0.1:{port}",
+        script=KAFKA_SH,
+        args=[
+            f"--port={port}",
+            f"--controller-port={controller_port}",
+            f"--data-dir={data_dir}",
+            # should this session die without tearing down, the broker stops by itself
+            f"--watch-pid={os.getpid()}",
+        ],
+        data_dir=data_dir,
+        log=data_dir / "kafka.log",
+    )
+    broker.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    given = os.environ.get("STREAMREC_REDIS_URL", "").strip()
+    if given and redis_answers(given):
+        yield given
+        return
+    (port,) = free_ports(1)
+    data_dir = RUN_DIR / f"test-redis-{os.getpid()}"
+    server = LocalService(
+        name=f"a Redis server on 127.0.0.1:{port}",
+        script=REDIS_SH,
+        args=[f"--port={port}", f"--data-dir={data_dir}"],
+        data_dir=data_dir,
+        log=data_dir / "redis.log",
+    )
+    server.start()
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def service_env(kafka_bootstrap: str, redis_url: str) -> dict[str, str]:
+    return {"STREAMREC_KAFKA_BOOTSTRAP": kafka_bootstrap, "STREAMREC_REDIS_URL": redis_url}
+
+
+# ---------------------------------------------------------------------------- per test
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    return f"t{uuid.uuid4().hex[:12]}."
+
+
+@pytest.fixture
+def kafka_admin(kafka_bootstrap: str) -> Iterator[KafkaAdminClient]:
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap, client_id="streamrec-tests")
+    try:
+        yield admin
+    finally:
+        admin.close()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    return f"t{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture
+def redis_client(redis_url: str, redis_prefix: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        try:
+            keys = list(client.scan_iter(match=f"{redis_prefix}*", count=1000))
+            if keys:
+                client.delete(*keys)
+        finally:
+            client.close()
