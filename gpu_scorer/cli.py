@@ -1,0 +1,126 @@
+"""``streamrec train``: event log -> Transformer -> ONNX -> parity check -> registered version.
+
+Registered by the stream CLI as ``app.command("train")(gpu_scorer.cli.train)``; the
+parameters carry their typer options, so ``streamrec train --help`` documents them.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gpu_scorer.registry import ModelRegistry
+
+DEFAULT_MODEL_DIR = Path("models")
+
+
+def export_and_register(result, registry: ModelRegistry, data: dict | None = None, make_current: bool = True) -> tuple[str, dict]:
+    """Export a :class:`~gpu_scorer.training.TrainResult`, check parity, register it.
+
+    A model that fails the parity check is still written (for inspection) but marked
+    ``parity.ok = false`` and not made current; loaders refuse it. Returns (version, parity).
+    """
+    from gpu_scorer.export import check_parity, export_onnx, parity_sample
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_onnx(result.model, Path(tmp) / "model.onnx")
+        parity = check_parity(result.model, onnx_path).to_dict()
+        version = registry.register(
+            onnx_path,
+            result.vocab,
+            config=result.config.to_dict(),
+            metrics=result.metrics,
+            parity=parity,
+            data={**result.data, **(data or {})},
+            parity_sample=parity_sample(result.model),
+            make_current=make_current and parity["ok"],
+        )
+    return version, parity
+
+
+def train(
+    dataset: Annotated[
+        Path | None, typer.Option("--dataset", help="Event log to train on; omit for the built-in synthetic stream.")
+    ] = None,
+    format: Annotated[
+        str, typer.Option("--format", "-f", help="Log format: taobao, yoochoose, otto or synthetic.")
+    ] = "synthetic",
+    model_dir: Annotated[
+        Path,
+        typer.Option("--model-dir", envvar="STREAMREC_MODEL_DIR", help="Model registry directory; the new version is written under it and made CURRENT."),
+    ] = DEFAULT_MODEL_DIR,
+    limit: Annotated[int | None, typer.Option(help="Read at most this many events (synthetic default: 20000).")] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs; early stopping on validation NDCG@10 may end sooner.")] = 20,
+    patience: Annotated[int, typer.Option(min=1, help="Stop after this many epochs without a better NDCG@10.")] = 3,
+    dim: Annotated[int, typer.Option(min=8, help="Embedding / hidden size.")] = 64,
+    blocks: Annotated[int, typer.Option(min=1, help="Transformer blocks.")] = 2,
+    heads: Annotated[int, typer.Option(min=1, help="Attention heads (must divide --dim).")] = 2,
+    max_len: Annotated[int, typer.Option(min=2, help="Most recent items the model reads per user.")] = 50,
+    dropout: Annotated[float, typer.Option(min=0.0, max=0.9, help="Dropout rate while training.")] = 0.2,
+    batch_size: Annotated[int, typer.Option(min=1, help="Training windows per step.")] = 128,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    loss: Annotated[str, typer.Option(help="'ce' (full softmax) or 'sampled' (sampled softmax, big catalogues).")] = "ce",
+    min_item_count: Annotated[int, typer.Option(min=1, help="Items seen fewer times share the OOV row.")] = 1,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed and data give the same model.")] = 0,
+    threads: Annotated[int | None, typer.Option(min=1, help="PyTorch CPU threads for training (default: torch's choice).")] = None,
+    device: Annotated[
+        str, typer.Option(help="Training device: auto (CUDA when torch sees one), cuda or cpu. CPU training is deterministic.")
+    ] = "auto",
+    serve_device: Annotated[
+        str, typer.Option(envvar="STREAMREC_SCORER_DEVICE", help="Provider the registered model is loaded on as a final check: auto, cuda or cpu.")
+    ] = "auto",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
+) -> None:
+    """Train the Transformer scorer on an event log, export it to ONNX, check ONNX Runtime
+    against PyTorch and register it as a new version (made CURRENT, so running workers
+    hot-swap to it)."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from gpu_scorer.training import TrainConfig, sequences_from_interactions
+    from gpu_scorer.training import train as fit
+    from online_models.datasets import read_interactions
+
+    console = Console()
+    if threads:
+        torch.set_num_threads(threads)
+    if format == "synthetic" and limit is None:
+        limit = 20_000
+    try:
+        events = list(read_interactions(dataset, format, limit))
+    except ValueError as exc:  # DatasetError names the file and line
+        raise typer.BadParameter(str(exc)) from exc
+    sequences = sequences_from_interactions(events)
+    console.print(f"read {len(events):,} events, {len(sequences):,} users from {dataset or 'the synthetic generator'} ({format})")
+    tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, patience=patience,
+                     min_item_count=min_item_count, seed=seed, progress=progress, device=device)
+    model_cfg = {"dim": dim, "n_blocks": blocks, "n_heads": heads, "max_len": max_len, "dropout": dropout}
+    try:
+        result = fit(sequences, model_cfg, tc, console=console)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    registry = ModelRegistry(model_dir)
+    data = {"dataset": str(dataset) if dataset else None, "format": format, "limit": limit, "events": len(events), "seed": seed}
+    version, parity = export_and_register(result, registry, data)
+    status = "[green]ok[/]" if parity["ok"] else "[red]FAILED[/]"
+    table = Table(title=f"registered {version}", show_header=False)
+    table.add_row("path", str(registry.path(version)))
+    for key, value in result.metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    table.add_row("parity (ORT vs PyTorch)", f"{status} max |diff| {parity['max_abs_diff']:.2e} (atol {parity['atol']})")
+    table.add_row("items / users", f"{result.data['items']:,} / {result.data['users']:,}")
+    if parity["ok"]:
+        scorer = registry.load(version, serve_device)
+        table.add_row("runs on", scorer.provider)
+        table.add_row("CURRENT", version)
+    console.print(table)
+    if not parity["ok"]:
+        console.print(f"[red]version {version} failed its parity check and was not made current[/]")
+        raise typer.Exit(code=1)
+
+
+__all__ = ["export_and_register", "train"]

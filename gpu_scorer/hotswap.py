@@ -1,0 +1,137 @@
+"""Serve the registry's current model and swap in a newly registered one without a restart.
+
+``HotSwapScorer.score`` reads the current :class:`~gpu_scorer.runtime.OnnxScorer` reference
+once and scores with it, so a request in flight during a swap finishes on the model it
+started with (the old session is freed when its last request returns). Swapping is one
+attribute assignment: atomic under the GIL, no lock on the scoring path.
+
+``maybe_reload()`` is cheap enough to call on every micro-batch: at most once per
+``poll_interval_s`` it ``stat``s the registry's ``CURRENT`` pointer; when that changed and
+names a version not yet served or refused, the new model is loaded and verified (parity
+sample) on a background thread (or inline with ``background=False``), then swapped in.
+A version that fails to load or verify is refused: logged, counted in
+``reload_failures``, remembered in ``refused`` (not retried) and reported to
+``on_failure``; the old model keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+log = logging.getLogger("gpu_scorer")
+
+SwapHook = Callable[[str | None, str, str], None]  # (old version, new version, provider)
+FailureHook = Callable[[str, BaseException], None]  # (refused version, error)
+
+
+class HotSwapScorer:
+    def __init__(
+        self,
+        registry,
+        device: str = "auto",
+        *,
+        poll_interval_s: float = 5.0,
+        background: bool = True,
+        on_swap: SwapHook | None = None,
+        on_failure: FailureHook | None = None,
+        **scorer_kw,
+    ) -> None:
+        from gpu_scorer.registry import ModelRegistry
+
+        self.registry = registry if isinstance(registry, ModelRegistry) else ModelRegistry(registry)
+        self.device = device
+        self.poll_interval_s = poll_interval_s
+        self.background = background
+        self.on_swap, self.on_failure = on_swap, on_failure
+        self._scorer_kw = scorer_kw
+        self.swaps = 0
+        self.reload_failures = 0
+        self.refused: dict[str, str] = {}
+        self._loader: threading.Thread | None = None
+        self._state_lock = threading.Lock()
+        self._last_poll = time.monotonic()
+        self._stamp = self.registry.pointer_stamp()
+        version = self.registry.latest()
+        self._current = self.registry.load(version, device, **scorer_kw)  # raises ModelLoadError
+        log.info("scorer serving %s on %s", self._current.version, self._current.provider)
+        if on_swap:
+            on_swap(None, self._current.version, self._current.provider)
+
+    @property
+    def current(self):
+        return self._current
+
+    @property
+    def version(self) -> str:
+        return self._current.version
+
+    @property
+    def provider(self) -> str:
+        return self._current.provider
+
+    def score(self, sequences: Sequence[Sequence[str]], candidates: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        return self._current.score(sequences, candidates)
+
+    def run_ids(self, seq_ids: np.ndarray, cand_ids: np.ndarray) -> np.ndarray:
+        return self._current.run_ids(seq_ids, cand_ids)
+
+    def maybe_reload(self, force: bool = False) -> bool:
+        """Start loading a newly registered version if there is one; True when started."""
+        now = time.monotonic()
+        if not force and now - self._last_poll < self.poll_interval_s:
+            return False
+        self._last_poll = now
+        stamp = self.registry.pointer_stamp()
+        if stamp == self._stamp and not force:
+            return False
+        with self._state_lock:
+            if self._loader is not None and self._loader.is_alive():
+                return False  # poll again later; the stamp is not consumed
+            self._stamp = stamp
+            version = self.registry.latest()
+            if version is None or version == self._current.version or version in self.refused:
+                return False
+            if not self.background:
+                self._load(version)
+                return True
+            self._loader = threading.Thread(target=self._load, args=(version,), name=f"scorer-load-{version}", daemon=True)
+            self._loader.start()
+            return True
+
+    def _load(self, version: str) -> None:
+        try:
+            new = self.registry.load(version, self.device, **self._scorer_kw)
+        except Exception as exc:  # noqa: BLE001 - any failure refuses the version
+            self.reload_failures += 1
+            self.refused[version] = str(exc)
+            log.error("scorer: refused version %s, still serving %s: %s", version, self._current.version, exc)
+            if self.on_failure:
+                self.on_failure(version, exc)
+            return
+        old = self._current
+        if new.provider != old.provider:
+            log.warning("scorer: version %s runs on %s, the previous one on %s", version, new.provider, old.provider)
+        self._current = new
+        self.swaps += 1
+        log.info("scorer: swapped %s -> %s on %s", old.version, new.version, new.provider)
+        if self.on_swap:
+            self.on_swap(old.version, new.version, new.provider)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until a background load in progress has finished (tests, CLI)."""
+        loader = self._loader
+        if loader is not None:
+            loader.join(timeout)
+
+    close = wait
+
+    def __repr__(self) -> str:
+        return f"HotSwapScorer(version={self.version!r}, provider={self.provider!r}, swaps={self.swaps}, reload_failures={self.reload_failures})"
+
+
+__all__ = ["HotSwapScorer"]

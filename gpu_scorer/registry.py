@@ -1,0 +1,211 @@
+"""Versioned model directory with a ``CURRENT`` pointer.
+
+Layout::
+
+    <model_dir>/
+        CURRENT                 # one line: the version to serve (replaced atomically)
+        v0001/
+            model.onnx          # graph I/O in export.py
+            vocab.json          # item id <-> row (vocab.py)
+            manifest.json       # version, created, data, metrics, parity, config, files
+            parity.npz          # a small input and PyTorch's scores, re-checked on load
+        v0002/ ...
+
+A version directory is written under a hidden staging name and renamed into place, so a
+reader never sees half a version; versions are never modified after that. ``CURRENT`` is
+written to a temporary file and ``os.replace``d. Readers that poll (the hot-swap scorer)
+only ``stat`` the pointer.
+
+>>> import tempfile
+>>> reg = ModelRegistry(tempfile.mkdtemp())
+>>> reg.latest() is None
+True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from gpu_scorer.errors import ModelLoadError
+from gpu_scorer.vocab import Vocab
+
+POINTER = "CURRENT"
+MANIFEST_FORMAT = "streamrec-scorer/1"
+
+
+def default_model_dir() -> Path:
+    return Path(os.environ.get("STREAMREC_MODEL_DIR") or "models")
+
+
+def parity_tolerance(provider: str, fp16: bool = False) -> tuple[float, float]:
+    """(atol, rtol) for the load-time check: tight on CPU; CUDA may use TF32 matmuls."""
+    if fp16:
+        return 0.1, 0.05
+    if provider == "CPUExecutionProvider":
+        return 1e-4, 1e-4
+    return 1e-2, 1e-2
+
+
+class ModelRegistry:
+    """Versions of the scorer on disk; see the module docstring for the layout."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root) if root is not None else default_model_dir()
+
+    def path(self, version: str) -> Path:
+        if not version or "/" in version or version.startswith("."):
+            raise ValueError(f"bad version name {version!r}")
+        return self.root / version
+
+    def versions(self) -> list[str]:
+        """Registered versions, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p.name for p in self.root.iterdir() if p.is_dir() and (p / "manifest.json").exists()]
+        return sorted(found, key=_version_key)
+
+    def latest(self) -> str | None:
+        """The version ``CURRENT`` points at, else the newest registered one, else None."""
+        try:
+            name = (self.root / POINTER).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            name = ""
+        if name and (self.root / name / "manifest.json").exists():
+            return name
+        versions = self.versions()
+        return versions[-1] if versions else None
+
+    def pointer_stamp(self) -> tuple[int, int, int] | None:
+        """Cheap change detector for ``CURRENT`` (one stat): (inode, mtime_ns, size)."""
+        try:
+            st = os.stat(self.root / POINTER)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def manifest(self, version: str) -> dict:
+        try:
+            return json.loads((self.path(version) / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"version {version}: unreadable manifest ({exc})") from exc
+
+    def set_current(self, version: str) -> None:
+        if not (self.path(version) / "manifest.json").exists():
+            raise ModelLoadError(f"version {version} is not registered in {self.root}")
+        tmp = self.root / f".{POINTER}.{uuid.uuid4().hex}"
+        tmp.write_text(version + "\n", encoding="utf-8")
+        os.replace(tmp, self.root / POINTER)
+
+    def register(
+        self,
+        onnx_path: str | Path,
+        vocab: Vocab,
+        *,
+        config: dict,
+        metrics: dict | None = None,
+        parity: dict | None = None,
+        data: dict | None = None,
+        parity_sample: dict[str, np.ndarray] | None = None,
+        make_current: bool = True,
+        extra: dict | None = None,
+    ) -> str:
+        """Copy a model into a new version directory, atomically; return the version name."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = self.root / f".staging-{uuid.uuid4().hex}"
+        staging.mkdir()
+        try:
+            shutil.copyfile(onnx_path, staging / "model.onnx")
+            vocab.save(staging / "vocab.json")
+            if parity_sample is not None:
+                np.savez(staging / "parity.npz", **parity_sample)
+            for attempt in range(100):
+                version = self._next_version()
+                manifest = {
+                    "format": MANIFEST_FORMAT,
+                    "version": version,
+                    "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "data": data or {},
+                    "metrics": metrics or {},
+                    "parity": parity or {},
+                    "config": config,
+                    "vocab_size": len(vocab),
+                    "files": sorted(p.name for p in staging.iterdir()) + ["manifest.json"],
+                    **(extra or {}),
+                }
+                (staging / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+                try:
+                    os.rename(staging, self.root / version)  # fails if another writer took it
+                    break
+                except OSError:
+                    time.sleep(0.001 * attempt)
+            else:
+                raise ModelLoadError(f"could not allocate a version name in {self.root}")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if make_current:
+            self.set_current(version)
+        return version
+
+    def _next_version(self) -> str:
+        numbers = [_version_key(v)[0] for v in self.versions()]
+        return f"v{max(numbers, default=0) + 1:04d}"
+
+    def load(self, version: str | None = None, device: str = "auto", *, verify: bool = True, **scorer_kw):
+        """An :class:`~gpu_scorer.runtime.OnnxScorer` for ``version`` (default: latest).
+
+        With ``verify`` the version is refused (:class:`ModelLoadError`) when its manifest
+        records a failed export parity check, or when ONNX Runtime's scores on the stored
+        ``parity.npz`` input differ from PyTorch's beyond :func:`parity_tolerance`.
+        """
+        from gpu_scorer.runtime import OnnxScorer
+
+        version = version or self.latest()
+        if version is None:
+            raise ModelLoadError(f"no model registered in {self.root}")
+        manifest = self.manifest(version)
+        if verify and manifest.get("parity", {}).get("ok") is False:
+            raise ModelLoadError(f"version {version} failed its export parity check; not serving it")
+        scorer = OnnxScorer(self.path(version), device, **scorer_kw)
+        if verify:
+            verify_parity(scorer, self.path(version), fp16=scorer_kw.get("fp16", False))
+        return scorer
+
+
+def verify_parity(scorer, version_dir: Path, fp16: bool = False) -> float:
+    """Re-run the stored parity sample; raise :class:`ModelLoadError` on a mismatch."""
+    sample_path = version_dir / "parity.npz"
+    if not sample_path.exists():
+        raise ModelLoadError(f"{version_dir.name}: no parity.npz to verify the model against")
+    try:
+        with np.load(sample_path) as sample:
+            seq, cand, ref = sample["seq_ids"], sample["cand_ids"], sample["scores"]
+        got = scorer.run_ids(seq, cand)
+    except Exception as exc:
+        raise ModelLoadError(f"{version_dir.name}: parity sample failed to run ({exc})") from exc
+    atol, rtol = parity_tolerance(scorer.provider, fp16)
+    diff = float(np.max(np.abs(got - ref))) if got.shape == ref.shape else float("inf")
+    if not (got.shape == ref.shape and np.allclose(got, ref, atol=atol, rtol=rtol)):
+        raise ModelLoadError(
+            f"{version_dir.name}: ONNX Runtime scores differ from the PyTorch reference "
+            f"(max |diff| {diff:.3g} > atol {atol} on {scorer.provider}); not serving it"
+        )
+    return diff
+
+
+def _version_key(name: str) -> tuple[int, str]:
+    digits = "".join(ch for ch in name if ch.isdigit())
+    return (int(digits) if digits else 0, name)
+
+
+from gpu_scorer.hotswap import HotSwapScorer  # noqa: E402  (re-exported; it builds on ModelRegistry)
+
+__all__ = ["HotSwapScorer", "ModelRegistry", "default_model_dir", "parity_tolerance", "verify_parity"]

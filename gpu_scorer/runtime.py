@@ -1,0 +1,292 @@
+"""ONNX Runtime serving of an exported scorer: provider chosen on purpose, stated, never silent.
+
+``device``:
+
+- ``"cpu"``: the CPU execution provider.
+- ``"cuda"``: the CUDA execution provider, or :class:`ScorerDeviceError` when it cannot run
+  (no driver, no device, missing CUDA/cuDNN libraries). onnxruntime-gpu lists
+  ``CUDAExecutionProvider`` as *available* even on a machine without a GPU and, asked for
+  it, quietly builds a CPU session; so we check ``session.get_providers()`` after creation.
+- ``"auto"``: CUDA if that check passes, else CPU; the choice and the reason are logged
+  (WARNING when a CUDA build runs on CPU), and ``.provider`` reports it for metrics labels.
+
+On CUDA, inputs and outputs go through IO binding. Two options stay off by default because
+they only pay on some GPUs/batches and could not be measured when this was written
+(see docs/scorer.md): ``cuda_graph`` (captures the graph once for fixed padded shapes
+``max_batch x max_len x max_cands``) and ``fp16`` (converts the weights to float16; inputs
+and outputs stay int64/float32).
+
+CPU: graph optimisations at ORT_ENABLE_ALL, ``intra_op_num_threads`` = usable cores capped
+at 4 (``STREAMREC_SCORER_THREADS`` overrides), one inter-op thread, sequential execution;
+thread spinning is off by default (``spin=True`` buys ~20% latency on an idle machine but
+burns the cores the stream's event loop shares).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from gpu_scorer.errors import ModelLoadError, ScorerDeviceError
+from gpu_scorer.vocab import OOV_ROW, Vocab
+
+log = logging.getLogger("gpu_scorer")
+
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+DEVICES = ("auto", "cuda", "cpu")
+
+
+def cuda_device_count() -> tuple[int, str]:
+    """(number of CUDA devices the driver reports, reason when 0), without importing torch."""
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        return 0, "no NVIDIA driver (libcuda) found"
+    if lib.cuInit(0) != 0:
+        return 0, "the NVIDIA driver failed to initialise (cuInit)"
+    count = ctypes.c_int(0)
+    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
+        return 0, "the NVIDIA driver reports no CUDA device"
+    return count.value, ""
+
+
+def default_threads() -> int:
+    env = os.environ.get("STREAMREC_SCORER_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 4))
+
+
+def session_options(threads: int | None = None, spin: bool = False) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads or default_threads()
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    so.log_severity_level = 3  # ORT's own warnings; we state the provider ourselves
+    return so
+
+
+def _cuda_session(model, so: ort.SessionOptions, device_id: int, cuda_graph: bool) -> ort.InferenceSession:
+    n, reason = cuda_device_count()
+    if n == 0:
+        raise ScorerDeviceError(f"CUDA requested but {reason}; use device='cpu' or 'auto'")
+    if CUDA_EP not in ort.get_available_providers():
+        raise ScorerDeviceError(f"this onnxruntime build has no {CUDA_EP} (install onnxruntime-gpu)")
+    if hasattr(ort, "preload_dlls"):
+        try:  # CUDA/cuDNN from the nvidia-* wheels that torch brings
+            ort.preload_dlls()
+        except Exception as exc:  # noqa: BLE001 - a failure shows up as a CPU-only session below
+            log.debug("onnxruntime.preload_dlls failed: %s", exc)
+    opts = {"device_id": str(device_id), "enable_cuda_graph": "1" if cuda_graph else "0"}
+    try:
+        sess = ort.InferenceSession(model, so, providers=[(CUDA_EP, opts), CPU_EP])
+    except Exception as exc:
+        raise ScorerDeviceError(f"creating a CUDA session failed: {exc}") from exc
+    if sess.get_providers()[0] != CUDA_EP:
+        raise ScorerDeviceError(
+            f"onnxruntime could not start {CUDA_EP} (session got {sess.get_providers()}); "
+            "check the CUDA 12 / cuDNN 9 libraries (onnxruntime.print_debug_info())"
+        )
+    return sess
+
+
+def make_session(
+    model: str | Path | bytes,
+    device: str = "auto",
+    *,
+    threads: int | None = None,
+    spin: bool = False,
+    device_id: int = 0,
+    cuda_graph: bool = False,
+) -> ort.InferenceSession:
+    """An InferenceSession on ``device`` (see the module docstring); raises, never falls back silently."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, saw {device!r}")
+    model = str(model) if isinstance(model, Path) else model
+    so = session_options(threads, spin)
+    if device in ("cuda", "auto"):
+        try:
+            return _cuda_session(model, so, device_id, cuda_graph)
+        except ScorerDeviceError as exc:
+            if device == "cuda":
+                raise
+            log.warning("scorer: device='auto' and CUDA is not usable (%s); running on %s", str(exc).split("; use")[0], CPU_EP)
+    return ort.InferenceSession(model, so, providers=[CPU_EP])
+
+
+def resolve_model_dir(model: str | Path, model_dir: str | Path | None = None) -> Path:
+    """A version directory from a path (directory or model.onnx) or a version name/"latest"."""
+    p = Path(model)
+    if p.is_dir():
+        return p
+    if p.suffix == ".onnx" and p.is_file():
+        return p.parent
+    from gpu_scorer.registry import ModelRegistry  # a version name: resolve in the registry
+
+    reg = ModelRegistry(model_dir)
+    version = reg.latest() if str(model) == "latest" else str(model)
+    if version is None:
+        raise ModelLoadError(f"no model registered in {reg.root}")
+    return reg.path(version)
+
+
+class OnnxScorer:
+    """Scores candidates for users' item sequences with an exported model.
+
+    ``model``: a version directory (``model.onnx`` + ``vocab.json``), a ``model.onnx`` path,
+    a version name in ``model_dir`` (default ``$STREAMREC_MODEL_DIR`` or ``./models``) or
+    ``"latest"``. Sequences are oldest-first; the last ``max_len`` items are used; an empty
+    sequence is read as a single OOV item. Unknown items use the OOV row (see ``vocab.py``).
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        device: str = "auto",
+        *,
+        model_dir: str | Path | None = None,
+        threads: int | None = None,
+        spin: bool = False,
+        io_binding: bool = True,
+        cuda_graph: bool = False,
+        fp16: bool = False,
+        max_batch: int = 256,
+        max_cands: int = 512,
+        device_id: int = 0,
+    ) -> None:
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, saw {device!r}")
+        self.path = resolve_model_dir(model, model_dir)
+        onnx_path = self.path / "model.onnx"
+        try:
+            self.vocab = Vocab.load(self.path / "vocab.json")
+            blob: str | bytes = str(onnx_path)
+            if fp16:
+                blob = _to_fp16(onnx_path)
+            self.session = make_session(blob, device, threads=threads, spin=spin, device_id=device_id, cuda_graph=cuda_graph)
+        except ScorerDeviceError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load the model in {self.path}: {exc}") from exc
+        self.provider: str = self.session.get_providers()[0]
+        self.version: str = self.path.name
+        self.max_len = _max_len(self.path, self.session)
+        self.max_batch, self.max_cands = max_batch, max_cands
+        self.device_id = device_id
+        on_cuda = self.provider == CUDA_EP
+        self._binding = _CudaBinding(self, cuda_graph) if on_cuda and (io_binding or cuda_graph) else None
+        log.info("scorer %s running on %s", self.version, self.provider)
+
+    def run_ids(self, seq_ids: np.ndarray, cand_ids: np.ndarray) -> np.ndarray:
+        """Raw call on padded id arrays (int64 [B, L] left-padded, int64 [B, C]) -> [B, C]."""
+        if self._binding is not None:
+            return self._binding.run(seq_ids, cand_ids)
+        return self.session.run(["scores"], {"seq_ids": seq_ids, "cand_ids": cand_ids})[0]
+
+    def encode(self, sequences: Sequence[Sequence[str]], candidates: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        if len(sequences) != len(candidates):
+            raise ValueError(f"{len(sequences)} sequences but {len(candidates)} candidate lists")
+        rows = self.vocab.rows
+        seqs = [rows(s[-self.max_len :]) or [OOV_ROW] for s in sequences]
+        l = max((len(s) for s in seqs), default=1)
+        c = max((len(x) for x in candidates), default=1) or 1
+        seq_ids = np.zeros((len(seqs), l), dtype=np.int64)
+        cand_ids = np.zeros((len(seqs), c), dtype=np.int64)
+        for i, s in enumerate(seqs):
+            seq_ids[i, l - len(s) :] = s
+            cand_ids[i, : len(candidates[i])] = rows(candidates[i])
+        return seq_ids, cand_ids, [len(x) for x in candidates]
+
+    def score(self, sequences: Sequence[Sequence[str]], candidates: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        """Per user, float32 scores aligned with its candidate list (ragged lists are fine)."""
+        out: list[np.ndarray] = []
+        for lo in range(0, len(sequences), self.max_batch):
+            seqs, cands = sequences[lo : lo + self.max_batch], candidates[lo : lo + self.max_batch]
+            seq_ids, cand_ids, lengths = self.encode(seqs, cands)
+            scores = self.run_ids(seq_ids, cand_ids)
+            out.extend(np.array(scores[i, :n], dtype=np.float32) for i, n in enumerate(lengths))
+        return out
+
+    def __repr__(self) -> str:
+        return f"OnnxScorer(version={self.version!r}, provider={self.provider!r})"
+
+
+class _CudaBinding:
+    """IO binding on CUDA: inputs copied once per call, output left on the device until read.
+    With ``cuda_graph`` the shapes are fixed (padded to max_batch x max_len x max_cands) and
+    the buffers are allocated once, as CUDA graph replay requires."""
+
+    def __init__(self, scorer: OnnxScorer, cuda_graph: bool) -> None:
+        self.sess, self.dev = scorer.session, scorer.device_id
+        self.cuda_graph = cuda_graph
+        self.io = self.sess.io_binding()
+        if cuda_graph:
+            b, l, c = scorer.max_batch, scorer.max_len, scorer.max_cands
+            self.shape = (b, l, c)
+            self.seq = ort.OrtValue.ortvalue_from_shape_and_type((b, l), np.int64, "cuda", self.dev)
+            self.cand = ort.OrtValue.ortvalue_from_shape_and_type((b, c), np.int64, "cuda", self.dev)
+            self.out = ort.OrtValue.ortvalue_from_shape_and_type((b, c), np.float32, "cuda", self.dev)
+            self.io.bind_ortvalue_input("seq_ids", self.seq)
+            self.io.bind_ortvalue_input("cand_ids", self.cand)
+            self.io.bind_ortvalue_output("scores", self.out)
+
+    def run(self, seq_ids: np.ndarray, cand_ids: np.ndarray) -> np.ndarray:
+        if not self.cuda_graph:
+            self.io.bind_ortvalue_input("seq_ids", ort.OrtValue.ortvalue_from_numpy(seq_ids, "cuda", self.dev))
+            self.io.bind_ortvalue_input("cand_ids", ort.OrtValue.ortvalue_from_numpy(cand_ids, "cuda", self.dev))
+            self.io.bind_output("scores", "cuda", self.dev)
+            self.sess.run_with_iobinding(self.io)
+            return self.io.copy_outputs_to_cpu()[0]
+        b, l, c = self.shape
+        n, sl, nc = seq_ids.shape[0], seq_ids.shape[1], cand_ids.shape[1]
+        if n > b or sl > l or nc > c:
+            raise ValueError(f"batch {seq_ids.shape}x{nc} exceeds the CUDA graph shape {self.shape}")
+        seq = np.zeros((b, l), np.int64)
+        seq[:n, l - sl :] = seq_ids
+        seq[n:, -1] = OOV_ROW  # padding users get one token so no row is fully masked
+        cand = np.zeros((b, c), np.int64)
+        cand[:n, :nc] = cand_ids
+        self.seq.update_inplace(seq)
+        self.cand.update_inplace(cand)
+        self.sess.run_with_iobinding(self.io)
+        return self.out.numpy()[:n, :nc]
+
+
+def _max_len(path: Path, sess: ort.InferenceSession) -> int:
+    import json
+
+    manifest = path / "manifest.json"
+    if manifest.exists():
+        cfg = json.loads(manifest.read_text(encoding="utf-8")).get("config", {})
+        if "max_len" in cfg:
+            return int(cfg["max_len"])
+    meta = sess.get_modelmeta().custom_metadata_map
+    return int(meta.get("max_len", 50))
+
+
+def _to_fp16(onnx_path: Path) -> bytes:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True)
+    return model.SerializeToString()
+
+
+__all__ = ["CPU_EP", "CUDA_EP", "DEVICES", "OnnxScorer", "cuda_device_count", "make_session", "session_options"]

@@ -1,0 +1,111 @@
+"""Registry layout and the hot-swapping scorer (swap under load, refusal of bad models)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from gpu_scorer.errors import ModelLoadError
+from gpu_scorer.registry import HotSwapScorer, ModelRegistry
+from test_gpu_scorer_helpers import register_tiny, tiny_result
+
+
+def test_register_load_latest(tmp_path):
+    reg = ModelRegistry(tmp_path)
+    assert reg.latest() is None and reg.versions() == []
+    v1 = register_tiny(tmp_path)
+    v2 = register_tiny(tmp_path, seed=1)
+    assert (v1, v2) == ("v0001", "v0002") and reg.versions() == [v1, v2]
+    assert reg.latest() == v2 == (tmp_path / "CURRENT").read_text().strip()
+    manifest = reg.manifest(v1)
+    for key in ("version", "created", "data", "metrics", "parity", "config"):
+        assert key in manifest
+    assert manifest["parity"]["ok"] and manifest["data"]["source"] == "synthetic"
+    assert sorted(p.name for p in (tmp_path / v1).iterdir()) == ["manifest.json", "model.onnx", "parity.npz", "vocab.json"]
+    reg.set_current(v1)
+    assert reg.latest() == v1 and reg.load().version == v1
+    assert reg.load(v2, "cpu").provider == "CPUExecutionProvider"
+    with pytest.raises(ModelLoadError):
+        reg.set_current("v0099")
+
+
+def _sample(n=16):
+    items = list(tiny_result().vocab.items)
+    rng = np.random.default_rng(2)
+    return [list(rng.choice(items, 10)) for _ in range(n)], [list(rng.choice(items, 25)) for _ in range(n)]
+
+
+def test_hot_swap_while_scoring_concurrently(tmp_path):
+    register_tiny(tmp_path)
+    swaps = []
+    scorer = HotSwapScorer(tmp_path, "cpu", poll_interval_s=0.0, on_swap=lambda old, new, p: swaps.append((old, new, p)))
+    seqs, cands = _sample()
+    errors, versions, stop = [], set(), threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                out = scorer.score(seqs, cands)
+                assert len(out) == len(seqs) and all(np.isfinite(o).all() for o in out)
+                versions.add(scorer.version)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        register_tiny(tmp_path, seed=1)
+        assert scorer.maybe_reload()
+        scorer.wait(30)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors
+    assert scorer.version == "v0002" and scorer.swaps == 1
+    assert swaps == [(None, "v0001", "CPUExecutionProvider"), ("v0001", "v0002", "CPUExecutionProvider")]
+    assert "v0001" in versions
+    assert not scorer.maybe_reload()  # nothing new: cheap no-op
+
+
+def test_poll_interval_throttles_checks(tmp_path):
+    register_tiny(tmp_path)
+    scorer = HotSwapScorer(tmp_path, "cpu", poll_interval_s=3600, background=False)
+    register_tiny(tmp_path, seed=1)
+    assert not scorer.maybe_reload() and scorer.version == "v0001"
+    assert scorer.maybe_reload(force=True) and scorer.version == "v0002"
+
+
+@pytest.mark.parametrize("damage", ["truncate_onnx", "wrong_weights", "parity_failed"])
+def test_bad_model_is_refused_and_old_keeps_serving(tmp_path, damage):
+    register_tiny(tmp_path)
+    failures = []
+    scorer = HotSwapScorer(tmp_path, "cpu", poll_interval_s=0.0, background=False, on_failure=lambda v, e: failures.append(v))
+    v2 = register_tiny(tmp_path, seed=1)
+    vdir = tmp_path / v2
+    if damage == "truncate_onnx":
+        data = (vdir / "model.onnx").read_bytes()
+        (vdir / "model.onnx").write_bytes(data[: len(data) // 3])
+    elif damage == "wrong_weights":  # a valid graph that is not the model the manifest describes
+        v1_onnx = (tmp_path / "v0001" / "model.onnx").read_bytes()
+        (vdir / "model.onnx").write_bytes(v1_onnx)
+    else:
+        manifest = json.loads((vdir / "manifest.json").read_text())
+        manifest["parity"]["ok"] = False
+        (vdir / "manifest.json").write_text(json.dumps(manifest))
+    seqs, cands = _sample(4)
+    scorer.maybe_reload(force=True)
+    assert scorer.version == "v0001" and scorer.reload_failures == 1 and failures == [v2]
+    assert v2 in scorer.refused
+    assert len(scorer.score(seqs, cands)) == 4
+    scorer.maybe_reload(force=True)  # a refused version is not retried
+    assert scorer.reload_failures == 1
+
+
+def test_no_model_at_start_is_an_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="no model registered"):
+        HotSwapScorer(tmp_path, "cpu")

@@ -1,0 +1,76 @@
+"""OnnxScorer: the provider really in use, explicit device errors, ragged batches."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from gpu_scorer.errors import ModelLoadError, ScorerDeviceError
+from gpu_scorer.runtime import CPU_EP, OnnxScorer, cuda_device_count
+from test_gpu_scorer_helpers import register_tiny, tiny_result
+
+NO_CUDA = cuda_device_count()[0] == 0
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    register_tiny(d)
+    return d
+
+
+def test_cpu_provider_is_reported(model_dir):
+    scorer = OnnxScorer("latest", "cpu", model_dir=model_dir)
+    assert scorer.provider == CPU_EP == scorer.session.get_providers()[0]
+    assert scorer.version == "v0001"
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="this machine has a GPU: tests/gpu covers CUDA")
+def test_cuda_without_gpu_is_a_clear_error(model_dir):
+    with pytest.raises(ScorerDeviceError, match="CUDA requested but"):
+        OnnxScorer("latest", "cuda", model_dir=model_dir)
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="this machine has a GPU: tests/gpu covers CUDA")
+def test_auto_without_gpu_runs_on_cpu_and_says_so(model_dir, caplog):
+    with caplog.at_level(logging.INFO, logger="gpu_scorer"):
+        scorer = OnnxScorer("latest", "auto", model_dir=model_dir)
+    assert scorer.provider == CPU_EP
+    assert "CUDA is not usable" in caplog.text and "running on CPUExecutionProvider" in caplog.text
+
+
+def test_bad_device_and_missing_model(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="device must be one of"):
+        OnnxScorer("latest", "tpu", model_dir=model_dir)
+    with pytest.raises(ModelLoadError, match="no model registered"):
+        OnnxScorer("latest", "cpu", model_dir=tmp_path / "empty")
+
+
+def test_ragged_batches_match_one_at_a_time(model_dir):
+    scorer = OnnxScorer("latest", "cpu", model_dir=model_dir, max_batch=3)
+    items = list(tiny_result().vocab.items)
+    rng = np.random.default_rng(0)
+    seqs = [list(rng.choice(items, size=int(n))) for n in rng.integers(0, 30, size=8)]
+    cands = [list(rng.choice(items, size=int(n))) for n in rng.integers(0, 15, size=8)]
+    batched = scorer.score(seqs, cands)
+    assert [len(s) for s in batched] == [len(c) for c in cands]
+    for s, c, got in zip(seqs, cands, batched, strict=True):
+        (alone,) = scorer.score([s], [c])
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_only_the_last_max_len_items_count(model_dir):
+    scorer = OnnxScorer("latest", "cpu", model_dir=model_dir)
+    items = list(tiny_result().vocab.items)
+    long_seq = items[:40]
+    [a, b] = scorer.score([long_seq, long_seq[-scorer.max_len :]], [items[:10], items[:10]])
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_mismatched_lengths_are_rejected(model_dir):
+    scorer = OnnxScorer("latest", "cpu", model_dir=model_dir)
+    with pytest.raises(ValueError, match="2 sequences but 1 candidate lists"):
+        scorer.score([["a"], ["b"]], [["c"]])

@@ -1,0 +1,37 @@
+"""Training: windows, hold-out split, metrics, determinism."""
+
+from __future__ import annotations
+
+import torch
+
+from gpu_scorer.training import split_last, windows
+from test_gpu_scorer_helpers import tiny_result, tiny_train
+
+
+def test_windows_cover_every_transition_left_padded():
+    x, y = windows([[1, 2, 3], list(range(2, 9))], max_len=4)
+    targets = sorted(int(t) for t in y[y != 0])
+    assert targets == [2, 3, 3, 4, 5, 6, 7, 8]
+    assert (x[0] == [0, 0, 1, 2]).all() and (y[0] == [0, 0, 2, 3]).all()
+
+
+def test_split_holds_out_the_last_item():
+    train, valid = split_last({"u1": ["a", "b", "c"], "u2": ["a", "b"], "u3": ["a"]})
+    assert train == [["a", "b"], ["a", "b"]]
+    assert valid == [(["a", "b"], "c")]
+
+
+def test_metrics_and_history():
+    res = tiny_result()
+    assert 0.0 <= res.metrics["val_hr@10"] <= 1.0
+    assert res.metrics["val_ndcg@10"] <= res.metrics["val_hr@10"]
+    assert len(res.history) == res.metrics["epochs_run"] and res.data["items"] > 0
+
+
+def test_same_seed_same_model_other_seed_other_model():
+    a, b = tiny_result(0), tiny_train(0)
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    assert a.metrics["val_ndcg@10"] == b.metrics["val_ndcg@10"]
+    c = tiny_result(1)
+    assert not torch.equal(a.model.item_emb.weight, c.model.item_emb.weight)
