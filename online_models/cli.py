@@ -1,0 +1,281 @@
+"""``streamrec evaluate``: the offline, test-then-learn evaluation (see docs/evaluation.md).
+
+Registered by the stream's CLI as ``app.command("evaluate")(online_models.cli.evaluate)``;
+it also runs alone: ``python -m online_models.cli --help``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+
+class Protocol(str, Enum):
+    prequential = "prequential"
+    session_rec = "session-rec"
+
+
+_MODELS_HELP = (
+    "Contenders to run (repeat the option, or comma-separate). Learners by name: popularity, "
+    "recent_popularity, trending, covisit, mf, session_hybrid, session_knn, sequential_rules; "
+    "'blend' (Recommender.default), 'blend+session' (the blend with session_hybrid as a source). "
+    "Default: all of these that the protocol lists in docs/evaluation.md."
+)
+
+
+def evaluate(
+    dataset: Annotated[
+        Path | None,
+        typer.Option(
+            "--dataset", "-d",
+            help="Log to replay (prequential), or the session-rec folder holding "
+            "yoochoose-clicks-100k_train_full.txt, ..._test.txt and recommendations/ (session-rec). "
+            "Omit for the built-in synthetic stream (prequential only).",
+        ),
+    ] = None,
+    format: Annotated[
+        str, typer.Option("--format", "-f", help="Log format: taobao, yoochoose, otto or synthetic.")
+    ] = "synthetic",
+    protocol: Annotated[
+        Protocol,
+        typer.Option(
+            "--protocol", "-p",
+            help="prequential: replay in time order, recommend before each event of a user with history, "
+            "then learn. session-rec: learn train_full, predict each next click of the test sessions "
+            "(frozen and learning), and score the framework's saved lists on the same pairs.",
+        ),
+    ] = Protocol.prequential,
+    k: Annotated[
+        list[int] | None, typer.Option("--k", "-k", help="Cut-offs for HR/MRR/NDCG/coverage (repeatable).")
+    ] = None,
+    models: Annotated[list[str] | None, typer.Option("--model", "--models", "-m", help=_MODELS_HELP)] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--limit", "-n",
+            help="prequential: read at most N events of the log. session-rec: keep the first N test "
+            "sessions (99 covers the 387 saved predictions).",
+        ),
+    ] = None,
+    mode: Annotated[
+        list[str] | None,
+        typer.Option("--mode", help="session-rec modes: frozen, learning (default both; repeatable)."),
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json-out", help="Write the summary JSON here.")] = None,
+    png_out: Annotated[
+        Path | None, typer.Option("--png-out", help="Write a PNG chart here (metrics over the replay).")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the summary JSON to stdout (no table, no progress bar).")
+    ] = False,
+    blend_weights: Annotated[
+        str | None,
+        typer.Option(
+            "--blend-weights",
+            help="Override the blend's per-source weights, e.g. 'covisit=1,trending=0.3,session_hybrid=2'.",
+        ),
+    ] = None,
+    max_recent: Annotated[
+        int, typer.Option("--max-recent", help="Recent items kept per user (as the worker's STREAMREC_RECENT_ITEMS).")
+    ] = 50,
+    seed: Annotated[int, typer.Option("--seed", help="Seed handed to every model.")] = 0,
+) -> None:
+    """Evaluate the online models and the blend offline, test-then-learn.
+
+    Prints HR@K, MRR@K, NDCG@K, catalogue coverage and per-event latency for each model
+    alone, the blend and the baselines (global popularity, recent popularity,
+    co-visitation). Examples:
+
+      streamrec evaluate -d ../shared/data/taobao-userbehavior/UserBehavior_jason-wang1.csv -f taobao
+
+      streamrec evaluate -p session-rec -d ../shared/data/yoochoose-100k --json-out ev.json --png-out ev.png
+    """
+    from rich.console import Console
+
+    from online_models.evaluation import DEFAULT_MODELS, plot_curves, prequential
+    from online_models.session_protocol import SESSION_MODELS, load_folder, session_rec, work_units
+
+    console = Console(stderr=True)
+    ks = tuple(k) if k else (10, 20)
+    names = [n.strip() for m in (models or []) for n in m.split(",") if n.strip()] or None
+    config = _config_with_weights(blend_weights)
+    show = not as_json
+    if protocol is Protocol.session_rec:
+        if dataset is None or not dataset.is_dir():
+            raise typer.BadParameter("session-rec needs --dataset pointing at the yoochoose-100k folder", param_hint="--dataset")
+        train, test, refs = load_folder(dataset, limit)
+        modes = tuple(mode) if mode else ("frozen", "learning")
+        names = names or list(SESSION_MODELS)
+        total = work_units(len(train), test, len(names), len(modes))
+        with _progress(show, total, "session-rec") as tick:
+            report = session_rec(train, test, names, ks, refs, config, None, seed, max_recent, modes, tick)
+        report["dataset"] = str(dataset)
+    else:
+        from online_models.datasets import read_interactions
+
+        events = list(read_interactions(dataset, format if dataset is not None else "synthetic", limit))
+        names = names or list(DEFAULT_MODELS)
+        with _progress(show, len(events), "prequential") as tick:
+            report = prequential(events, names, ks, config, None, seed, max_recent, progress=tick)
+        report["dataset"] = str(dataset) if dataset is not None else "synthetic"
+        report["format"] = format if dataset is not None else "synthetic"
+    report["command"] = " ".join(["streamrec evaluate", *sys.argv[2:]]) if len(sys.argv) > 1 else "streamrec evaluate"
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if png_out is not None:
+        if protocol is Protocol.session_rec:
+            _plot_session(report, str(png_out))
+        else:
+            plot_curves(report, str(png_out), f"prequential on {report['dataset']}")
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        out = Console()
+        _print_tables(out if out.is_terminal else Console(width=200), report)
+
+
+def _config_with_weights(spec: str | None):
+    from online_models.evaluation import default_config
+    from online_models.recommender import RecommenderConfig
+
+    config = default_config()
+    if not spec:
+        return config
+    weights = dict(config.weights)
+    for part in spec.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"expected name=weight, saw {part!r}", param_hint="--blend-weights") from None
+        if not sep:
+            raise typer.BadParameter(f"expected name=weight, saw {part!r}", param_hint="--blend-weights")
+    return RecommenderConfig(**{**config.__dict__, "weights": weights})
+
+
+class _progress:
+    """A rich progress bar (or nothing) whose ``__enter__`` gives the ``progress`` callback."""
+
+    def __init__(self, show: bool, total: int, label: str):
+        self.show, self.total, self.label = show, total, label
+        self._bar: Any = None
+
+    def __enter__(self):
+        if not self.show:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeRemainingColumn(), transient=True)
+        self._bar.start()
+        task = self._bar.add_task(self.label, total=self.total)
+        bar = self._bar
+        state = {"last": 0}
+
+        def tick(done: int) -> None:
+            if done - state["last"] >= 500 or done >= self.total:
+                bar.update(task, completed=done)
+                state["last"] = done
+
+        return tick
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _print_tables(console, report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    ks = report["ks"]
+    cols = [f"{m}@{k}" for k in ks for m in ("HR", "MRR", "NDCG")]
+    if report["protocol"] == "prequential":
+        title = (f"prequential on {report['dataset']}: {report['events']} events, {report['users']} users, "
+                 f"{report['catalogue']} items")
+        table = Table(title=title)
+        for c in ["model", "judged", *cols, f"cov@{ks[-1]}", "p50 ms", "p99 ms"]:
+            table.add_column(c, justify="left" if c == "model" else "right")
+        for name, m in report["models"].items():
+            lat = m["latency_ms"]
+            table.add_row(name, str(m["predictions"]), *(f"{m[c]:.4f}" for c in cols), f"{m[f'coverage@{ks[-1]}']:.4f}",
+                          f"{lat.get('event_p50', 0):.3f}", f"{lat.get('event_p99', 0):.3f}")
+        console.print(table)
+        for blend, v in report.get("verdict", {}).items():
+            word = "beats" if v["beats_every_baseline"] else "does NOT beat"
+            console.print(f"{blend} {word} every baseline on HR@{ks[-1]} (best baseline {v['best_baseline']}, "
+                          f"margin {v['margin']:+.4f})")
+        return
+    table = Table(title=f"session-rec: {report['test_sessions']} test sessions, {report['test_predictions']} "
+                        f"next-click predictions; saved lists: {report['saved_pairs']} pairs")
+    for c in ["model", "mode", "judged", *cols, f"saved HR@{ks[-1]}", f"saved MRR@{ks[-1]}", "p50 ms", "p99 ms"]:
+        table.add_column(c, justify="left" if c in ("model", "mode") else "right")
+    kk = ks[-1]
+    for algo, m in report["references"].items():
+        table.add_row(f"{algo} (session-rec list)", "saved", str(m["predictions"]), *(f"{m[c]:.4f}" for c in cols),
+                      f"{m[f'HR@{kk}']:.4f}", f"{m[f'MRR@{kk}']:.4f}", "", "")
+    for name, by_mode in report["models"].items():
+        for mode, m in by_mode.items():
+            saved = m.get("saved_pairs", {})
+            lat = m["latency_ms"]
+            table.add_row(name, mode, str(m["predictions"]), *(f"{m[c]:.4f}" for c in cols),
+                          f"{saved.get(f'HR@{kk}', float('nan')):.4f}", f"{saved.get(f'MRR@{kk}', float('nan')):.4f}",
+                          f"{lat.get('recommend_p50', 0):.3f}", f"{lat.get('recommend_p99', 0):.3f}")
+    console.print(table)
+
+
+def _plot_session(report: dict[str, Any], path: str) -> None:
+    """Bar chart: HR@K and MRR@K on the saved pairs (references and ours) and on all predictions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kk = report["ks"][-1]
+    labels, hr, mrr = [], [], []
+    for algo, m in report["references"].items():
+        labels.append(f"{algo}\n(saved)")
+        hr.append(m[f"HR@{kk}"])
+        mrr.append(m[f"MRR@{kk}"])
+    for name, by_mode in report["models"].items():
+        for mode, m in by_mode.items():
+            if "saved_pairs" in m:
+                labels.append(f"{name}\n{mode}, saved")
+                hr.append(m["saved_pairs"][f"HR@{kk}"])
+                mrr.append(m["saved_pairs"][f"MRR@{kk}"])
+            labels.append(f"{name}\n{mode}, all")
+            hr.append(m[f"HR@{kk}"])
+            mrr.append(m[f"MRR@{kk}"])
+    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(labels)), 5))
+    xs = range(len(labels))
+    ax.bar([x - 0.2 for x in xs], hr, width=0.4, label=f"HR@{kk}")
+    ax.bar([x + 0.2 for x in xs], mrr, width=0.4, label=f"MRR@{kk}")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, rotation=70, fontsize=7)
+    ax.axhline(0.65, ls="--", c="C0", lw=0.8)
+    ax.axhline(0.36, ls="--", c="C1", lw=0.8)
+    ax.set_title("session-rec protocol, YooChoose 100k (dashed: HR 0.65 / MRR 0.36 targets)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:  # pragma: no cover - `python -m online_models.cli`
+    app = typer.Typer(add_completion=False)
+    app.command("evaluate")(evaluate)
+
+    @app.callback()
+    def _root() -> None:
+        """streamrec's offline evaluation."""
+
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
