@@ -122,6 +122,12 @@ fetch() {
 }
 
 # Does something on 127.0.0.1:$1 accept a TCP connection?
+# Alive and not a zombie: our daemons are reparented to init, which may reap them late.
+alive() {
+  kill -0 "$1" 2>/dev/null || return 1
+  [ "$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$1/status" 2>/dev/null)" != "Z" ]
+}
+
 port_open() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" >/dev/null 2>&1; }
 
 port_owner() {
@@ -152,7 +158,7 @@ running_pid() {
   local pid
   pid=$(cat "$PID_FILE" 2>/dev/null) || return 1
   [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-  kill -0 "$pid" 2>/dev/null || return 1
+  alive "$pid" || return 1
   tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "kafka.Kafka $CONF" || return 1
   echo "$pid"
 }
@@ -233,7 +239,7 @@ start() {
   fi
   local t0=$SECONDS deadline=$((SECONDS + START_TIMEOUT))
   until probe "$PORT"; do
-    if ! kill -0 "$pid" 2>/dev/null; then
+    if ! alive "$pid"; then
       tail -n 30 "$LOG" >&2 || true
       rm -f "$PID_FILE"
       die "the broker exited during start-up (log: $LOG)"
@@ -258,11 +264,11 @@ stop() {
   fi
   kill -TERM "$pid" 2>/dev/null || true
   local deadline=$((SECONDS + STOP_TIMEOUT))
-  while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
-  if kill -0 "$pid" 2>/dev/null; then
+  while alive "$pid" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
+  if alive "$pid"; then
     say "broker pid $pid ignored SIGTERM for ${STOP_TIMEOUT}s; sending SIGKILL"
     kill -KILL "$pid" 2>/dev/null || true
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    while alive "$pid"; do sleep 0.1; done
   fi
   rm -f "$PID_FILE"
   say "Kafka stopped (pid $pid)"
@@ -284,7 +290,7 @@ status() {
 }
 
 watch_parent() {
-  while kill -0 "$WATCH_PID" 2>/dev/null && running_pid >/dev/null; do sleep 2; done
+  while alive "$WATCH_PID" && running_pid >/dev/null; do sleep 2; done
   if running_pid >/dev/null; then
     say "watched process $WATCH_PID is gone; stopping the broker"
     stop

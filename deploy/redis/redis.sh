@@ -105,6 +105,12 @@ PID_FILE="$DATA_DIR/redis.pid"
 LOG="$DATA_DIR/redis.log"
 ENDPOINT_FILE="$DATA_DIR/endpoint"
 
+# Alive and not a zombie: our daemons are reparented to init, which may reap them late.
+alive() {
+  kill -0 "$1" 2>/dev/null || return 1
+  [ "$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$1/status" 2>/dev/null)" != "Z" ]
+}
+
 port_open() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" >/dev/null 2>&1; }
 
 port_owner() {
@@ -122,7 +128,7 @@ running_pid() {
   local pid
   pid=$(cat "$PID_FILE" 2>/dev/null) || return 1
   [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-  kill -0 "$pid" 2>/dev/null || return 1
+  alive "$pid" || return 1
   [ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" = "$DATA_DIR" ] || return 1
   tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'redis-server' || return 1
   echo "$pid"
@@ -178,11 +184,11 @@ stop() {
   fi
   kill -TERM "$pid" 2>/dev/null || true
   local deadline=$((SECONDS + STOP_TIMEOUT))
-  while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.1; done
-  if kill -0 "$pid" 2>/dev/null; then
+  while alive "$pid" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.1; done
+  if alive "$pid"; then
     say "redis pid $pid ignored SIGTERM for ${STOP_TIMEOUT}s; sending SIGKILL"
     kill -KILL "$pid" 2>/dev/null || true
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    while alive "$pid"; do sleep 0.1; done
   fi
   rm -f "$PID_FILE"
   say "Redis stopped (pid $pid)"

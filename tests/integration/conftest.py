@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -72,23 +73,29 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def kafka_answers(bootstrap: str) -> bool:
-    """True when a broker at ``bootstrap`` answers a metadata request."""
+def kafka_answers(bootstrap: str, timeout: float = 3.0) -> bool:
+    """True when the first broker in ``bootstrap`` answers a Kafka Metadata request.
+
+    A raw Metadata v7 request (what kafka.sh's probe sends), not a client library: a client
+    that fails to bootstrap leaves sockets behind, which ResourceWarning-as-error reports.
+    """
+    first = bootstrap.split(",")[0].strip().removeprefix("kafka://")
+    host, _, port = first.rpartition(":")
+    # api_key=3 (Metadata), version=7, correlation_id=42, client_id, all topics, no auto-create
+    request = struct.pack(">hhih", 3, 7, 42, 5) + b"probe" + struct.pack(">ib", -1, 0)
     try:
-        admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap,
-            client_id="streamrec-tests-probe",
-            request_timeout_ms=3000,
-            bootstrap_timeout_ms=3000,
-        )
-    except Exception:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout) as conn:
+            conn.sendall(struct.pack(">i", len(request)) + request)
+            head = b""
+            while len(head) < 16:
+                chunk = conn.recv(16 - len(head))
+                if not chunk:
+                    return False
+                head += chunk
+    except (OSError, ValueError):
         return False
-    try:
-        return bool(admin.describe_cluster().get("brokers"))
-    except Exception:
-        return False
-    finally:
-        admin.close()
+    _size, correlation_id, _throttle_ms, brokers = struct.unpack(">iiii", head)
+    return correlation_id == 42 and brokers >= 1
 
 
 def redis_answers(url: str) -> bool:
