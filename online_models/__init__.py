@@ -9,6 +9,7 @@ from online_models.covisit import CoVisitation
 from online_models.mf import ImplicitMF
 from online_models.popularity import GlobalPopularity, RecentPopularity, TrendingPopularity
 from online_models.recommender import Recommender, RecommenderConfig
+from online_models.reminder import RecentlyViewed
 from online_models.reranker import ClickReranker
 from online_models.types import Interaction, ScoredItem, UserContext
 
@@ -20,6 +21,7 @@ __all__ = [
     "Interaction",
     "OnlineLearner",
     "RecentPopularity",
+    "RecentlyViewed",
     "Recommender",
     "RecommenderConfig",
     "ScoredItem",

@@ -44,12 +44,13 @@ from online_models.base import OnlineLearner, dump_snapshot, load_snapshot
 from online_models.covisit import CoVisitation
 from online_models.mf import ImplicitMF
 from online_models.popularity import TrendingPopularity
+from online_models.reminder import RecentlyViewed
 from online_models.reranker import ClickReranker
 from online_models.types import Interaction, ScoredItem, UserContext
 
 
 def _default_weights() -> dict[str, float]:
-    return {"covisit": 1.0, "trending": 0.3, "mf": 0.2, "transformer": 1.0}
+    return {"covisit": 1.0, "reminder": 1.0, "trending": 0.3, "mf": 0.2, "transformer": 1.0}
 
 
 @dataclass
@@ -90,9 +91,10 @@ class Recommender:
 
     @classmethod
     def default(cls, config: RecommenderConfig | None = None, seed: int = 0) -> Self:
-        """The standard blend: co-visitation, trending popularity and implicit MF."""
+        """The standard blend: co-visitation, re-consumption, trending popularity, implicit MF."""
         learners: dict[str, OnlineLearner] = {
             "covisit": CoVisitation(seed=seed),
+            "reminder": RecentlyViewed(seed=seed),
             "trending": TrendingPopularity(seed=seed),
             "mf": ImplicitMF(seed=seed),
         }

@@ -182,3 +182,17 @@ def test_restore_refuses_foreign_bytes_and_other_classes():
     with pytest.raises(SnapshotError):
         CoVisitation.restore(GlobalPopularity().snapshot())
     assert b'"class": "online_models.covisit.CoVisitation"' in CoVisitation(window=3).snapshot().split(b"\n")[1]
+
+
+# -- re-consumption --------------------------------------------------------------------
+def test_reminder_ranks_often_and_lately_seen_items_first_and_falls_back_to_its_own_history():
+    from online_models import RecentlyViewed
+
+    rv = RecentlyViewed(recency_decay=0.5)
+    ranked = rv.rank(UserContext("u", recent_items=("a", "b", "a", "c")))
+    assert [(s.item_id, s.score) for s in ranked] == [("c", 1.0), ("a", 0.5 + 0.125), ("b", 0.25)]
+    slower = RecentlyViewed(recency_decay=0.9)  # seen twice beats seen last
+    assert slower.rank(UserContext("u", recent_items=("a", "b", "a", "c")))[0].item_id == "a"
+    for item in ["x", "y"]:
+        rv.learn_one(click("v", item))
+    assert [s.item_id for s in rv.rank(UserContext("v"))] == ["y", "x"]
