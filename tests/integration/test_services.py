@@ -169,6 +169,46 @@ async def test_click_event_round_trip_with_aiokafka(kafka_bootstrap, kafka_admin
     assert committed_total(kafka_admin, group) == len(EVENTS)
 
 
+async def test_transactions_commit_and_abort_with_aiokafka(
+    kafka_bootstrap, kafka_admin, topic_prefix
+):
+    """Exactly-once needs the transaction coordinator (replication factor 1 on one node)."""
+    topic = f"{topic_prefix}recommendations"
+    create_topics(kafka_admin, {topic: PARTITIONS})
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka_bootstrap, transactional_id=f"{topic_prefix}tx"
+    )
+    await producer.start()
+    try:
+        async with producer.transaction():
+            await producer.send(topic, key=b"u1", value=b"committed")
+        await producer.begin_transaction()
+        await producer.send(topic, key=b"u1", value=b"aborted")
+        await producer.abort_transaction()
+        async with producer.transaction():
+            await producer.send(topic, key=b"u1", value=b"marker")
+    finally:
+        await producer.stop()
+
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=kafka_bootstrap,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+    )
+    await consumer.start()
+    values = []
+    try:
+        async with asyncio.timeout(30):
+            async for msg in consumer:
+                values.append(msg.value)
+                if msg.value == b"marker":
+                    break
+    finally:
+        await consumer.stop()
+    assert values == [b"committed", b"marker"]
+
+
 FAUST_APP = textwrap.dedent(
     """
     import json
