@@ -177,9 +177,10 @@ class OnnxScorer:
         onnx_path = self.path / "model.onnx"
         try:
             self.vocab = Vocab.load(self.path / "vocab.json")
+            self.max_len = _max_len(self.path)
             blob: str | bytes = str(onnx_path)
-            if fp16:
-                blob = _to_fp16(onnx_path)
+            if fp16 or cuda_graph:
+                blob = _rewrite(onnx_path, fp16, (max_batch, self.max_len, max_cands) if cuda_graph else None)
             self.session = make_session(blob, device, threads=threads, spin=spin, device_id=device_id, cuda_graph=cuda_graph)
         except ScorerDeviceError:
             raise
@@ -187,7 +188,6 @@ class OnnxScorer:
             raise ModelLoadError(f"cannot load the model in {self.path}: {exc}") from exc
         self.provider: str = self.session.get_providers()[0]
         self.version: str = self.path.name
-        self.max_len = _max_len(self.path, self.session)
         self.max_batch, self.max_cands = max_batch, max_cands
         self.device_id = device_id
         on_cuda = self.provider == CUDA_EP
@@ -269,23 +269,36 @@ class _CudaBinding:
         return self.out.numpy()[:n, :nc]
 
 
-def _max_len(path: Path, sess: ort.InferenceSession) -> int:
+def _max_len(path: Path) -> int:
     import json
 
-    manifest = path / "manifest.json"
-    if manifest.exists():
-        cfg = json.loads(manifest.read_text(encoding="utf-8")).get("config", {})
-        if "max_len" in cfg:
-            return int(cfg["max_len"])
-    meta = sess.get_modelmeta().custom_metadata_map
+    cfg = json.loads((path / "manifest.json").read_text(encoding="utf-8")).get("config", {}) if (path / "manifest.json").exists() else {}
+    if "max_len" in cfg:
+        return int(cfg["max_len"])
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(path / "model.onnx"), load_external_data=False).metadata_props}
     return int(meta.get("max_len", 50))
 
 
-def _to_fp16(onnx_path: Path) -> bytes:
+def _rewrite(onnx_path: Path, fp16: bool, static: tuple[int, int, int] | None) -> bytes:
+    """fp16 weights (I/O stay int64/float32) and/or fixed input shapes: CUDA graphs need every
+    node on the GPU, and with static shapes ORT folds the Shape/Gather arithmetic that it
+    would otherwise place on the CPU."""
     import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True)
+    model = onnx.load(str(onnx_path))
+    if static is not None:
+        b, l, c = static
+        shapes = {"seq_ids": (b, l), "cand_ids": (b, c), "scores": (b, c)}
+        for vi in [*model.graph.input, *model.graph.output]:
+            for dim, value in zip(vi.type.tensor_type.shape.dim, shapes[vi.name], strict=True):
+                dim.ClearField("dim_param")
+                dim.dim_value = value
+    if fp16:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        model = convert_float_to_float16(model, keep_io_types=True)
     return model.SerializeToString()
 
 

@@ -33,7 +33,7 @@ from gpu_scorer.vocab import FIRST_ITEM_ROW, OOV_ROW, PAD_ROW, Vocab
 class TrainConfig:
     epochs: int = 20
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     loss: str = "ce"  # "ce" | "sampled"
     n_negatives: int = 256
