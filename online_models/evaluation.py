@@ -45,7 +45,7 @@ from online_models.types import Interaction, UserContext
 ExternalScorer = Callable[[UserContext, Sequence[str]], Mapping[str, float]]
 
 #: Contenders the prequential protocol runs when none are named.
-DEFAULT_MODELS = ("popularity", "recent_popularity", "trending", "covisit", "mf", "session_hybrid", "blend",
+DEFAULT_MODELS = ("popularity", "recent_popularity", "trending", "covisit", "mf", "reminder", "session_hybrid", "blend",
                   "blend+session")
 #: The baselines the blend must beat.
 BASELINES = ("popularity", "recent_popularity", "covisit")

@@ -28,8 +28,11 @@ items per session, ``max_sessions_per_item`` sessions per item and
 >>> for sid, items in enumerate(["abc", "abd", "abc", "xbc"]):
 ...     for t, item in enumerate(items):
 ...         model.learn_one(Interaction(f"u{sid}", item, ts=1000 * (10 * sid + t), session_id=f"s{sid}"))
->>> [s.item_id for s in model.rank(UserContext("new", recent_items=("a", "b")), k=2)]
-['c', 'b']
+>>> [s.item_id for s in model.rank(UserContext("new", recent_items=("a", "b")), k=4)]
+['b', 'a', 'c', 'd']
+
+The session's own items come first (a reminder: on YooChoose a third of next clicks
+return to an item of the session), then c, which followed a and b twice, before d.
 """
 
 from __future__ import annotations
@@ -200,7 +203,10 @@ class SessionKNN(_SessionLearner):
     neighbour item by ``exp(-|distance to the match| / neighbour_decay)``, the distance
     being counted forward in the neighbour session (items before the match count
     ``backward_penalty`` extra steps); ``session_len`` newest items of the current
-    session are used.
+    session are used; ``recency_half_life_s`` (None: off) halves a neighbour's similarity
+    for each half-life between its last event and the context's ``ts``; ``length_norm``
+    divides a neighbour's similarity by its length to that power (0: V-SkNN's plain dot
+    product, 0.5: cosine-like).
     """
 
     name: ClassVar[str] = "session_knn"
@@ -217,6 +223,8 @@ class SessionKNN(_SessionLearner):
         backward_penalty: int = 0,
         session_len: int = 20,
         remind_weight: float = 0.0,
+        recency_half_life_s: float | None = None,
+        length_norm: float = 0.0,
         max_sessions: int = 200_000,
         max_session_len: int = 50,
         max_sessions_per_item: int = 1_000,
@@ -234,6 +242,8 @@ class SessionKNN(_SessionLearner):
         self.backward_penalty = backward_penalty
         self.session_len = session_len
         self.remind_weight = remind_weight
+        self.recency_half_life_s = recency_half_life_s
+        self.length_norm = length_norm
         self.max_sessions = max_sessions
         self.max_session_len = max_session_len
         self.max_sessions_per_item = max_sessions_per_item
@@ -270,6 +280,13 @@ class SessionKNN(_SessionLearner):
                     break
                 sims[key] = sims.get(key, 0.0) + w
         sims.pop(own, None)
+        if self.length_norm:
+            sessions, p = index.sessions, self.length_norm
+            sims = {key: s / len(sessions.get(key) or (0,)) ** p for key, s in sims.items()}
+        if self.recency_half_life_s and user.ts is not None:
+            rate = math.log(2) / (1000 * self.recency_half_life_s)
+            session_ts = index.session_ts
+            sims = {key: s * math.exp(-rate * max(0, user.ts - session_ts.get(key, user.ts))) for key, s in sims.items()}
         return heapq.nlargest(self.k, sims.items(), key=lambda kv: kv[1])
 
     def score_all(self, user: UserContext) -> dict[str, float]:
@@ -322,7 +339,8 @@ class SequentialRules(_SessionLearner):
     """Sequential rules: ``rule[a][b] += 1 / distance`` when b follows a within ``steps``.
 
     Proposes the followers of the session's newest item (and, with ``history`` > 1, of
-    the items before it, weighted ``1 / (steps back + 1)``).
+    the items before it, weighted ``1 / (steps back + 1)``). ``bidirectional`` also counts
+    the pair backwards (association rules rather than sequential ones).
     """
 
     name: ClassVar[str] = "sequential_rules"
@@ -331,6 +349,7 @@ class SequentialRules(_SessionLearner):
         self,
         steps: int = 10,
         history: int = 1,
+        bidirectional: bool = False,
         max_rules_per_item: int = 500,
         max_sessions: int = 200_000,
         max_session_len: int = 50,
@@ -340,6 +359,7 @@ class SequentialRules(_SessionLearner):
     ):
         self.steps = steps
         self.history = history
+        self.bidirectional = bidirectional
         self.max_rules_per_item = max_rules_per_item
         self.max_sessions = max_sessions
         self.max_session_len = max_session_len
@@ -366,9 +386,20 @@ class SequentialRules(_SessionLearner):
             if followers is None:
                 followers = self.rules[before] = {}
             followers[new] = followers.get(new, 0.0) + 1.0 / dist
-            if len(followers) > self.max_rules_per_item:  # keep the stronger half
-                keep = heapq.nlargest(self.max_rules_per_item // 2, followers.items(), key=lambda kv: kv[1])
-                self.rules[before] = dict(keep)
+            if len(followers) > self.max_rules_per_item:
+                self._prune(before)
+            if self.bidirectional:
+                back = self.rules.get(new)
+                if back is None:
+                    back = self.rules[new] = {}
+                back[before] = back.get(before, 0.0) + 1.0 / dist
+                if len(back) > self.max_rules_per_item:
+                    self._prune(new)
+
+    def _prune(self, item: str) -> None:
+        """Keep the stronger half of ``item``'s followers."""
+        keep = heapq.nlargest(self.max_rules_per_item // 2, self.rules[item].items(), key=lambda kv: kv[1])
+        self.rules[item] = dict(keep)
 
     def score_all(self, user: UserContext) -> dict[str, float]:
         scores: dict[str, float] = {}
@@ -381,6 +412,10 @@ class SequentialRules(_SessionLearner):
             for item, s in followers.items():
                 scores[item] = scores.get(item, 0.0) + w * s
         return scores
+
+
+#: SessionKNN parameters of :class:`SessionHybrid` unless given (tuned on train_tr -> train_valid).
+TUNED_KNN: Mapping[str, Any] = {"k": 200, "neighbour_decay": 10.0}
 
 
 class SessionHybrid(_SessionLearner):
@@ -397,9 +432,9 @@ class SessionHybrid(_SessionLearner):
 
     def __init__(
         self,
-        sr_weight: float = 0.5,
-        remind_weight: float = 0.5,
-        remind_weighting: str = "div",
+        sr_weight: float = 0.05,
+        remind_weight: float = 1.0,
+        remind_weighting: str = "quadratic",
         knn: Mapping[str, Any] | None = None,
         rules: Mapping[str, Any] | None = None,
         seed: int = 0,
@@ -408,7 +443,7 @@ class SessionHybrid(_SessionLearner):
         self.remind_weight = remind_weight
         self.remind_weighting = remind_weighting
         _step_weight(0, remind_weighting)
-        self.knn = dict(knn or {})
+        self.knn = dict(TUNED_KNN if knn is None else knn)
         self.rules = dict(rules or {})
         self.seed = seed
         self._knn = SessionKNN(**self.knn, seed=seed)

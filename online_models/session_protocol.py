@@ -17,8 +17,8 @@
 >>> train = [Interaction(s, i, t, session_id=s) for t, (s, i) in enumerate(
 ...     [("a", "x"), ("a", "y"), ("b", "x"), ("b", "y"), ("c", "y"), ("c", "z")])]
 >>> test = [Interaction("t", "x", 10, session_id="t"), Interaction("t", "y", 11, session_id="t")]
->>> report = session_rec(train, test, models=["session_knn"], ks=(1,))
->>> report["models"]["session_knn"]["frozen"]["HR@1"]
+>>> report = session_rec(train, test, models=["session_knn"], ks=(2,))
+>>> report["models"]["session_knn"]["frozen"]["HR@2"]
 1.0
 """
 
@@ -43,7 +43,7 @@ from online_models.recommender import RecommenderConfig
 from online_models.types import Interaction, UserContext
 
 #: Contenders the session-rec protocol runs when none are named.
-SESSION_MODELS = ("session_hybrid", "session_knn", "sequential_rules", "covisit", "popularity", "blend",
+SESSION_MODELS = ("session_hybrid", "session_knn", "sequential_rules", "covisit", "reminder", "popularity", "blend",
                   "blend+session")
 
 TRAIN_FILE = "yoochoose-clicks-100k_train_full.txt"
