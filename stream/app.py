@@ -1,0 +1,186 @@
+"""The Faust application: thin agents around :class:`stream.worker.BatchHandler`.
+
+``create_app(settings)`` builds everything and connects to nothing; Faust connects when
+the worker starts. One agent consumes the co-partitioned click and purchase topics in
+micro-batches; timers hot-reload the Transformer scorer and snapshot the online models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faust
+
+from online_models import Recommender, RecommenderConfig
+from stream.batching import take_batches
+from stream.metrics import Metrics
+from stream.publisher import BatchPublisher
+from stream.pipeline import RecommendationStep, StepConfig
+from stream.settings import Settings
+from stream.state import RedisUserStateStore
+from stream.worker import BatchHandler, RawMessage
+
+log = logging.getLogger("streamrec.app")
+
+SNAPSHOT_KEY = "models:snapshot"
+
+
+@dataclass
+class Shell:
+    """What the agents share: the handler, the scorer holder and the drain lock."""
+
+    settings: Settings
+    metrics: Metrics
+    step: RecommendationStep
+    store: RedisUserStateStore
+    handler: BatchHandler | None = None
+    publisher: BatchPublisher | None = None
+    busy: asyncio.Lock = field(default_factory=asyncio.Lock)
+    draining: bool = False
+
+    async def drain(self, timeout_s: float = 30.0) -> bool:
+        """Stop taking new batches and wait for the batch in hand; False if it did not finish in time."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self.busy.acquire(), timeout_s)
+        except TimeoutError:
+            return False
+        self.busy.release()
+        return True
+
+
+def load_scorer(settings: Settings, metrics: Metrics):
+    """The hot-swapping Transformer scorer, or None when no model is registered yet."""
+    from gpu_scorer import HotSwapScorer, ModelRegistry
+
+    registry = ModelRegistry(Path(settings.model_dir))
+    if registry.latest() is None:
+        log.warning("no Transformer model registered under %s: ranking with the online models alone "
+                    "(run `streamrec train` to add one; the worker picks it up without a restart)", settings.model_dir)
+        return None
+    scorer = HotSwapScorer(registry, device=settings.scorer_device)
+    log.info("Transformer scorer %s runs on %s", scorer.version, scorer.provider)
+    metrics.set_scorer(scorer.provider, scorer.version)
+    return scorer
+
+
+def _broker_urls(bootstrap: str) -> list[str]:
+    return [f"kafka://{hp.strip()}" for hp in bootstrap.split(",") if hp.strip()]
+
+
+def create_app(settings: Settings, metrics: Metrics | None = None, recommender: Recommender | None = None,
+               scorer=None, load_model: bool = True) -> faust.App:
+    metrics = metrics or Metrics()
+    if recommender is None:
+        recommender = Recommender.default(RecommenderConfig(k=settings.top_k, n_candidates=settings.n_candidates,
+                                                            exclude_purchased=settings.exclude_purchased))
+    if scorer is None and load_model:
+        scorer = load_scorer(settings, metrics)
+    step = RecommendationStep(recommender, scorer, StepConfig(
+        top_k=settings.top_k, n_candidates=settings.n_candidates, max_recent=settings.recent_items,
+        exclude_purchased=settings.exclude_purchased))
+    store = RedisUserStateStore.from_url(settings.redis_url, key_prefix=f"{settings.topic_prefix}", ttl_s=settings.state_ttl_s)
+    shell = Shell(settings, metrics, step, store)
+    topics = settings.topics
+
+    datadir = Path(".run") / "faust" / settings.app_id
+    datadir.parent.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        settings.app_id,
+        broker=_broker_urls(settings.kafka_bootstrap),
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=False,
+        datadir=str(datadir),
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        producer_linger_ms=2,
+        producer_max_batch_size=1024 * 1024,
+        producer_acks=1,
+        stream_buffer_maxsize=max(4096, settings.batch_size * 4),
+        broker_max_poll_records=max(500, settings.batch_size),
+        # Faust would wait for every buffered event to be acknowledged before a rebalance or
+        # shutdown; take_batches leaves an unfinished batch unacknowledged on purpose, and the
+        # Worker below drains the batch in hand itself.
+        stream_wait_empty=False,
+    )
+    app.streamrec = shell  # for the CLI, tests and timers
+    inputs = app.topic(*topics.inputs, key_type=bytes, value_type=bytes, partitions=settings.partitions)
+    outputs = [app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.partitions)
+               for name in (topics.recommendations, topics.dlq)]
+
+    publisher = BatchPublisher(settings.kafka_bootstrap)
+    shell.publisher = publisher
+    shell.handler = BatchHandler(step, store, publisher.publish, topics, metrics)
+
+    @app.agent(inputs, name="recommend")
+    async def recommend(stream):
+        within = settings.batch_timeout_ms / 1000
+        async for events in take_batches(stream, settings.batch_size, within):
+            if shell.draining:
+                await asyncio.Event().wait()  # shutting down: leave this batch unacknowledged
+            messages = [_raw(ev.message) for ev in events]
+            async with shell.busy:
+                await shell.handler.handle(messages)
+
+    @app.task
+    async def on_start():
+        for topic in outputs:
+            await topic.maybe_declare()
+        metrics.set_models(step.model_versions())
+        snapshot = await store.get_blob(SNAPSHOT_KEY)
+        if snapshot:
+            try:
+                step.recommender = Recommender.restore(snapshot)
+                log.info("online models restored from Redis snapshot (%d bytes)", len(snapshot))
+            except Exception as exc:  # an old or foreign snapshot must not stop the worker
+                log.error("ignoring the online models' snapshot in Redis: %s", exc)
+
+    @app.timer(interval=max(1, settings.snapshot_interval_s))
+    async def snapshot_models():
+        async with shell.busy:
+            data = step.recommender.snapshot()
+        await store.set_blob(SNAPSHOT_KEY, data)
+        metrics.set_models(step.model_versions())
+
+    @app.timer(interval=5.0)
+    async def reload_scorer():
+        try:
+            if step.scorer is None:
+                step.scorer = await asyncio.to_thread(load_scorer, settings, metrics)
+            elif await asyncio.to_thread(step.scorer.maybe_reload):
+                log.info("Transformer scorer now %s on %s", step.scorer.version, step.scorer.provider)
+                metrics.set_scorer(step.scorer.provider, step.scorer.version)
+        except Exception as exc:
+            metrics.scorer_reload_failures.inc()
+            log.error("scorer reload failed, the current one keeps serving: %s", exc)
+
+    return app
+
+
+def _raw(message) -> RawMessage:
+    ts = message.timestamp
+    return RawMessage(message.topic, message.partition, message.offset, message.key, message.value,
+                      int(ts * 1000) if ts else None)
+
+
+class Worker(faust.Worker):
+    """A Faust worker that finishes the batch in hand before it stops on SIGTERM/SIGINT."""
+
+    async def _stop_on_signal(self, sig: signal.Signals) -> None:
+        shell: Shell | None = getattr(self.app, "streamrec", None)
+        if shell is not None:
+            self.log.info("Signal %s: finishing the batch in hand, then committing and stopping", sig.name)
+            if not await shell.drain():
+                self.log.warning("the batch in hand did not finish in time; it stays uncommitted and will be redelivered")
+        await super()._stop_on_signal(sig)
+        if shell is not None:
+            if shell.publisher is not None:
+                await shell.publisher.stop()
+            await shell.store.close()

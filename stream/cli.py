@@ -1,0 +1,90 @@
+"""``streamrec``: the command line. Each command imports what it needs when it runs."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from stream.errors import StreamrecError
+from stream.settings import Settings
+
+app = typer.Typer(
+    name="streamrec",
+    help=(
+        "Streaming, online-learning recommender. Click and purchase events in (Kafka), fresh top-K "
+        "recommendations out. Settings come from STREAMREC_* environment variables: see `streamrec settings`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command()
+def worker(
+    loglevel: str = typer.Option(None, "--loglevel", "-l", help="debug, info, warning or error (default STREAMREC_LOG_LEVEL)"),
+) -> None:
+    """Run a Faust worker: consume events, learn, recommend, publish.
+
+    Start as many as the input topics have partitions; they share the work as one consumer group.
+    SIGTERM or Ctrl-C finishes the batch in hand, commits and exits.
+    """
+    settings = Settings.from_env()
+    level = (loglevel or settings.log_level).upper()
+    logging.basicConfig(level=level, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    from stream.app import Worker, create_app
+    from stream.metrics import Metrics
+    from stream.topics import ensure_topics
+
+    log = logging.getLogger("streamrec")
+    log.info("settings: %s", settings)
+    created = ensure_topics(settings.kafka_bootstrap, settings.topics.all, settings.partitions)
+    if created:
+        log.info("created topics %s with %d partitions", ", ".join(created), settings.partitions)
+    from prometheus_client import REGISTRY, start_http_server
+
+    metrics = Metrics(REGISTRY)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, registry=REGISTRY)
+        log.info("metrics on http://0.0.0.0:%d/metrics", settings.metrics_port)
+    faust_app = create_app(settings, metrics=metrics)
+    Worker(faust_app, loglevel=level.lower(), quiet=True).execute_from_commandline()
+
+
+@app.command("settings")
+def show_settings() -> None:
+    """Print every setting, its environment variable and its current value (secrets masked)."""
+    settings = Settings.from_env()
+    width = max(len(env) for env, _, _ in settings.describe())
+    for env, value, help_text in settings.describe():
+        typer.echo(f"{env:<{width}}  {value:<28}  {help_text}")
+
+
+def _register_optional() -> None:
+    """Commands that live with their packages (produce/tail here, train in gpu_scorer, evaluate in online_models)."""
+    from stream.produce import produce
+    from stream.tail import tail
+
+    app.command("produce")(produce)
+    app.command("tail")(tail)
+    from gpu_scorer.cli import train
+
+    app.command("train")(train)
+    from online_models.cli import evaluate
+
+    app.command("evaluate")(evaluate)
+
+
+def main() -> None:
+    _register_optional()
+    try:
+        app()
+    except StreamrecError as exc:
+        typer.secho(f"streamrec: {exc}", fg="red", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

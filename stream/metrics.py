@@ -1,0 +1,51 @@
+"""All of a worker's Prometheus metrics in one bundle, built from an injected registry.
+
+Tests pass a fresh ``CollectorRegistry`` and read sample values; the worker passes the
+default registry and serves it on ``STREAMREC_METRICS_PORT``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# event handling is counted in milliseconds: 0.1 ms .. 2.5 s
+STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+END_TO_END_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+STAGES = ("decode", "state_load", "learn", "candidates", "score", "rank", "publish", "state_save", "batch")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None, namespace: str = "streamrec") -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r, ns = self.registry, namespace
+        self.events_consumed = Counter("events_consumed_total", "Valid events consumed, by type", ["type"], namespace=ns, registry=r)
+        self.events_invalid = Counter("events_invalid_total", "Invalid events sent to the dead-letter topic, by reason code", ["reason"], namespace=ns, registry=r)
+        self.duplicates_skipped = Counter("duplicates_skipped_total", "Redelivered or repeated events recognised by event_id and skipped", namespace=ns, registry=r)
+        self.batch_size = Histogram("batch_size_events", "Events per micro-batch", buckets=BATCH_BUCKETS, namespace=ns, registry=r)
+        self.stage_seconds = Histogram("stage_seconds", "Time per micro-batch spent in each stage", ["stage"], buckets=STAGE_BUCKETS, namespace=ns, registry=r)
+        self.end_to_end_seconds = Histogram("end_to_end_seconds", "From the event's ts to the publication of its recommendation", buckets=END_TO_END_BUCKETS, namespace=ns, registry=r)
+        self.recommendations_published = Counter("recommendations_published_total", "Recommendations published", namespace=ns, registry=r)
+        self.dead_letters_published = Counter("dead_letters_published_total", "Dead letters published", namespace=ns, registry=r)
+        self.scorer_info = Gauge("scorer_info", "The Transformer scorer in use (value 1), with its provider and model version", ["provider", "version"], namespace=ns, registry=r)
+        self.model_info = Gauge("model_info", "Online model versions in use (value 1)", ["model", "version"], namespace=ns, registry=r)
+        self.scorer_reload_failures = Counter("scorer_reload_failures_total", "Registered scorer versions refused at load or parity check", namespace=ns, registry=r)
+        self.redis_errors = Counter("redis_errors_total", "Redis calls that failed (and were retried)", ["op"], namespace=ns, registry=r)
+        self.kafka_errors = Counter("kafka_errors_total", "Kafka sends that failed (and were retried)", ["op"], namespace=ns, registry=r)
+        self.live_hits = Counter("live_hits_total", "Next events whose item was in the last list sent to the user, by cut-off K", ["k"], namespace=ns, registry=r)
+        self.live_judged = Counter("live_judged_total", "Next events of users who had been sent a list", namespace=ns, registry=r)
+        self.live_reciprocal_rank = Counter("live_reciprocal_rank_sum", "Sum of 1/rank of next events found in the last list (MRR numerator)", namespace=ns, registry=r)
+        self.last_event_ts = Gauge("last_event_timestamp_seconds", "Event time of the newest event handled", namespace=ns, registry=r)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
+        for code in ("oversize", "not_utf8", "malformed_json", "not_object", "missing_field", "wrong_type", "invalid_value", "unknown_type"):
+            self.events_invalid.labels(code)
+
+    def set_scorer(self, provider: str, version: str) -> None:
+        self.scorer_info.clear()
+        self.scorer_info.labels(provider, version).set(1)
+
+    def set_models(self, versions: dict[str, str]) -> None:
+        self.model_info.clear()
+        for model, version in versions.items():
+            self.model_info.labels(model, version).set(1)
