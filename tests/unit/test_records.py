@@ -13,7 +13,6 @@ from pathlib import Path
 
 import jsonschema
 import msgspec
-
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
@@ -400,7 +399,9 @@ LETTER = {"reason": "r", "topic": "t", "partition": 0, "offset": 3, "raw": "x", 
 def _mutated(draw, base):
     d = json.loads(json.dumps(base))
     for _ in range(draw(st.integers(0, 2))):
-        target = d["items"][0] if "items" in d and draw(st.booleans()) else d
+        items = d.get("items")
+        nested = isinstance(items, list) and items and isinstance(items[0], dict)
+        target = items[0] if nested and draw(st.booleans()) else d
         name = draw(st.sampled_from(sorted(target) + ["reason", "extra"]))
         if draw(st.booleans()):
             target.pop(name, None)

@@ -1,0 +1,150 @@
+"""``streamrec tail``: print recommendations (or dead letters) as they arrive.
+
+One compact line per message; ``--json`` prints the value as it is on the topic.
+
+>>> from stream.records import Recommendation, RecommendedItem
+>>> rec = Recommendation(user_id="u1", items=[RecommendedItem("i5", 0.91), RecommendedItem("i2", 0.5)],
+...                      trigger_event_id="e7", event_ts=1_000, generated_ts=1_012, model={"scorer": "v3"})
+>>> print(recommendation_line(rec))
+u1  i5 0.910, i2 0.500  latency 12 ms  after e7  scorer=v3
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+import msgspec
+import typer
+
+from stream.errors import ServiceUnavailable
+from stream.records import DeadLetter, Recommendation, decode_dead_letter, decode_recommendation
+from stream.settings import Settings
+
+
+def recommendation_line(rec: Recommendation, items: int = 5) -> str:
+    """``user  item score, ...  latency N ms  after EVENT  model versions`` for one recommendation."""
+    shown = ", ".join(f"{it.item_id} {it.score:.3f}" for it in rec.items[:items]) or "(no items)"
+    if len(rec.items) > items:
+        shown += f" (+{len(rec.items) - items} more)"
+    models = " ".join(f"{name}={version}" for name, version in sorted(rec.model.items()))
+    return f"{rec.user_id}  {shown}  latency {rec.generated_ts - rec.event_ts} ms  after {rec.trigger_event_id}  {models}".rstrip()
+
+
+def dead_letter_line(letter: DeadLetter, width: int = 80) -> str:
+    """Where the bad value was, why it was refused, and the start of it.
+
+    >>> print(dead_letter_line(DeadLetter(reason="field `ts` is missing (required)", topic="streamrec.clicks",
+    ...                                   partition=2, offset=41, raw='{"a": 1}', ts=5, code="missing_field")))
+    streamrec.clicks[2]@41  missing_field  field `ts` is missing (required)  raw: {"a": 1}
+    """
+    raw = letter.raw if len(letter.raw) <= width else letter.raw[: width - 1] + "…"
+    raw = raw.replace("\n", "\\n")
+    encoding = "" if letter.raw_encoding == "utf-8" else f" ({letter.raw_encoding})"
+    return f"{letter.topic}[{letter.partition}]@{letter.offset}  {letter.code}  {letter.reason}  raw{encoding}: {raw}"
+
+
+def is_for_user(key: bytes | None, user: str | None) -> bool:
+    """Whether a message keyed ``key`` is for ``user`` (every message when no user is asked for).
+
+    >>> is_for_user(b"u1", "u1"), is_for_user(b"u10", "u1"), is_for_user(None, None)
+    (True, False, True)
+    """
+    return user is None or key == user.encode()
+
+
+def tail(
+    user: Annotated[str | None, typer.Option("--user", "-u", help="Only this user's messages (matched on the message key).")] = None,
+    bootstrap: Annotated[str | None, typer.Option(
+        "--bootstrap", "-b", help="Kafka bootstrap servers (default STREAMREC_KAFKA_BOOTSTRAP).")] = None,
+    topic_prefix: Annotated[str | None, typer.Option(
+        "--topic-prefix", help="Prefix of the topic names (default STREAMREC_TOPIC_PREFIX).")] = None,
+    from_beginning: Annotated[bool, typer.Option(
+        "--from-beginning", help="Start at the oldest message kept on the topic, not at new ones.")] = False,
+    limit: Annotated[int | None, typer.Option("--limit", "-n", min=1, help="Stop after printing N messages.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print each value as the raw JSON on the topic.")] = False,
+    dlq: Annotated[bool, typer.Option("--dlq", help="Tail the dead-letter topic instead: reason, topic/partition/offset, raw value.")] = False,
+    items: Annotated[int, typer.Option("--items", min=1, help="Items shown per recommendation line.")] = 5,
+    timeout: Annotated[float | None, typer.Option(
+        "--timeout", min=0, help="Stop after this many seconds; with --limit, fewer messages by then is an error (exit 1).")] = None,
+) -> int:
+    """Print recommendations as they arrive: user, top items with scores, latency (generated_ts - event_ts).
+
+    Reads <prefix>recommendations (or <prefix>dlq with --dlq) without joining a consumer group, so it never takes work or offsets from a worker. Ctrl-C stops.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.errors import KafkaError
+
+    settings = Settings.from_env(**{k: v for k, v in (("kafka_bootstrap", bootstrap), ("topic_prefix", topic_prefix)) if v is not None})
+    topic = settings.topics.dlq if dlq else settings.topics.recommendations
+    from stream.topics import ensure_topics
+
+    ensure_topics(settings.kafka_bootstrap, settings.topics.all, settings.partitions, timeout_s=30)
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, client_id="streamrec-tail", group_id=None,
+                                 enable_auto_commit=False, bootstrap_timeout_ms=30_000)
+    except KafkaError as exc:
+        raise ServiceUnavailable(f"Kafka at {settings.kafka_bootstrap} did not answer ({exc}); start it with `make up`") from None
+    printed = 0
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        with _stop_on_signals() as stop:
+            partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+            consumer.assign(partitions)
+            if from_beginning:
+                consumer.seek_to_beginning(*partitions)
+            else:
+                consumer.seek_to_end(*partitions)
+                for tp in partitions:
+                    consumer.position(tp)  # fix "the end" now, not at the first poll
+            while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                for records in consumer.poll(timeout_ms=200).values():
+                    for record in records:
+                        if is_for_user(record.key, user):
+                            typer.echo(_render(record.value, dlq, as_json, items))
+                            printed += 1
+                            if limit is not None and printed >= limit:
+                                stop.set()
+                                break
+                    if stop.is_set():
+                        break
+    except KeyboardInterrupt:
+        pass  # Ctrl-C outside the main thread's handler: still a clean stop
+    finally:
+        consumer.close(autocommit=False)
+    if limit is not None and printed < limit and deadline is not None and time.monotonic() >= deadline:
+        typer.secho(f"tail: {printed} of {limit} messages on {topic} within {timeout:g} s", err=True, fg="red")
+        raise typer.Exit(1)
+    return printed
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGINT or SIGTERM while the block runs (main thread only); handlers restored after."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _render(value: bytes | None, dlq: bool, as_json: bool, items: int) -> str:
+    if as_json:
+        return (value or b"").decode("utf-8", errors="replace")
+    try:
+        return dead_letter_line(decode_dead_letter(value)) if dlq else recommendation_line(decode_recommendation(value), items)
+    except (msgspec.DecodeError, TypeError) as exc:
+        kind = "dead letter" if dlq else "recommendation"
+        return f"(not a {kind}: {exc}) {(value or b'')[:80]!r}"
+
+
+__all__ = ["dead_letter_line", "is_for_user", "recommendation_line", "tail"]

@@ -1,0 +1,137 @@
+"""Create streamrec's topics on a broker, and wait for a broker to answer.
+
+Both are idempotent start-up steps for ``streamrec produce``, the worker and the tests:
+topics that exist are left exactly as they are, and a broker that does not answer gives a
+:class:`~stream.errors.ServiceUnavailable` saying where it was looked for.
+
+>>> check_topic_name("streamrec.clicks")
+>>> check_topic_name("streamrec/clicks")
+Traceback (most recent call last):
+...
+stream.errors.ConfigError: topic name 'streamrec/clicks': only letters, digits, '.', '_' and '-' are allowed (at most 249)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterable
+
+from kafka import KafkaAdminClient
+from kafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+
+from stream.errors import ConfigError, ServiceUnavailable, StreamrecError
+
+log = logging.getLogger(__name__)
+
+_LEGAL = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def check_topic_name(name: str) -> None:
+    """Refuse a name Kafka would refuse, before asking the broker."""
+    if not _LEGAL.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(f"topic name {name!r}: only letters, digits, '.', '_' and '-' are allowed (at most 249)")
+
+
+def _unavailable(bootstrap: str, timeout_s: float, exc: BaseException) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        f"Kafka at {bootstrap} did not answer within {timeout_s:g} s ({exc}); start the local broker with "
+        "`make up`, or point STREAMREC_KAFKA_BOOTSTRAP at a running one"
+    )
+
+
+def _admin(bootstrap: str, timeout_s: float) -> KafkaAdminClient:
+    """An admin client that has reached the broker; KafkaError or OSError when it cannot."""
+    timeout_ms = max(1, int(timeout_s * 1000))
+    return KafkaAdminClient(
+        bootstrap_servers=bootstrap,
+        client_id="streamrec-admin",
+        bootstrap_timeout_ms=timeout_ms,
+        request_timeout_ms=timeout_ms,
+        reconnect_backoff_max_ms=500,
+    )
+
+
+def wait_for_kafka(bootstrap: str, timeout_s: float = 30.0) -> list[str]:
+    """Block until the broker at ``bootstrap`` answers a metadata request; return its topics.
+
+    Raises :class:`ServiceUnavailable` when it has not answered within ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            admin = _admin(bootstrap, max(left, 0.1))
+            try:
+                return sorted(admin.list_topics())
+            finally:
+                admin.close()
+        except (KafkaError, OSError) as exc:
+            if time.monotonic() + 0.2 >= deadline:
+                raise _unavailable(bootstrap, timeout_s, exc) from None
+            time.sleep(0.2)
+
+
+def ensure_topics(
+    bootstrap: str,
+    names: Iterable[str],
+    partitions: int,
+    replication: int = 1,
+    timeout_s: float = 30.0,
+) -> list[str]:
+    """Create those of ``names`` that do not exist; return the ones this call created.
+
+    Existing topics are not touched (not even when their partition count differs: changing it
+    would move keys between partitions). Created topics have a leader for every partition
+    before this returns, so a producer can write at once. Another process creating the same
+    topic at the same moment is not an error.
+    """
+    wanted = list(dict.fromkeys(names))
+    for name in wanted:
+        check_topic_name(name)
+    if partitions < 1 or replication < 1:
+        raise ConfigError(f"partitions={partitions}, replication={replication}: both must be at least 1")
+    if not wanted:
+        return []
+    try:
+        admin = _admin(bootstrap, timeout_s)
+    except (KafkaError, OSError) as exc:
+        raise _unavailable(bootstrap, timeout_s, exc) from None
+    try:
+        try:
+            existing = set(admin.list_topics())
+            missing = [n for n in wanted if n not in existing]
+            if not missing:
+                return []
+            spec = {n: {"num_partitions": partitions, "replication_factor": replication} for n in missing}
+            response = admin.create_topics(spec, timeout_ms=int(timeout_s * 1000), raise_errors=False)
+            created = _created(response, missing)
+            if created:
+                admin.wait_for_topics(created, timeout_ms=int(timeout_s * 1000))
+        except KafkaError as exc:
+            if exc.retriable or "timeout" in type(exc).__name__.lower():
+                raise _unavailable(bootstrap, timeout_s, exc) from None
+            raise StreamrecError(f"creating topics {', '.join(missing)} on {bootstrap} failed: {exc}") from None
+    finally:
+        admin.close()
+    if created:
+        log.info("created topics %s (%d partitions, replication %d)", ", ".join(created), partitions, replication)
+    return created
+
+
+def _created(response: dict, asked: list[str]) -> list[str]:
+    """The topics a CreateTopics response says were created; raise on any real failure."""
+    created, failures = [], []
+    for topic in response.get("topics", []):
+        error = for_code(topic["error_code"])
+        if topic["error_code"] == 0:
+            created.append(topic["name"])
+        elif error is not TopicAlreadyExistsError:
+            failures.append(f"{topic['name']}: {error.__name__} {topic.get('error_message') or ''}".strip())
+    if failures:
+        raise StreamrecError("the broker refused to create " + "; ".join(failures))
+    return [n for n in asked if n in created]
+
+
+__all__ = ["check_topic_name", "ensure_topics", "wait_for_kafka"]

@@ -1,0 +1,218 @@
+"""The pure half of `streamrec produce` and `streamrec tail`: events, ids, partitions, pacing, lines."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from online_models.datasets import synthetic_interactions
+from online_models.types import Interaction
+from stream.produce import (
+    ProduceSummary,
+    TokenBucket,
+    chunk_size,
+    event_id,
+    murmur2_partition,
+    produce,
+    source_tag,
+    to_event,
+    topic_for,
+)
+from stream.records import (
+    ClickEvent,
+    DeadLetter,
+    PurchaseEvent,
+    Recommendation,
+    RecommendedItem,
+    decode_event,
+    encode,
+)
+from stream.settings import TopicNames
+from stream.tail import dead_letter_line, is_for_user, recommendation_line, tail
+
+CLICK = Interaction("u1", "i2", 1_700_000_000_000, "click", "u1-s1", "c3", "pv")
+BUY = Interaction("u1", "i2", 1_700_000_000_500, "purchase", None, "c3", "buy", quantity=3)
+
+
+def test_interactions_become_valid_events_with_their_fields():
+    click = decode_event(encode(to_event(CLICK, "x-0")))
+    assert isinstance(click, ClickEvent)
+    assert (click.event_id, click.user_id, click.item_id, click.ts) == ("x-0", "u1", "i2", CLICK.ts)
+    assert (click.session_id, click.category_id) == ("u1-s1", "c3")
+    buy = decode_event(encode(to_event(BUY, "x-1")))
+    assert isinstance(buy, PurchaseEvent) and buy.quantity == 3 and buy.category_id == "c3" and buy.session_id is None
+
+
+def test_timestamp_is_replaced_only_when_given():
+    assert to_event(CLICK, "e").ts == CLICK.ts
+    assert to_event(CLICK, "e", ts=42).ts == 42
+
+
+def test_purchases_and_clicks_go_to_their_topics():
+    topics = TopicNames("t.")
+    assert (topic_for(CLICK, topics), topic_for(BUY, topics)) == ("t.clicks", "t.purchases")
+
+
+def test_event_ids_repeat_on_replay_and_differ_between_sources():
+    first = [event_id(source_tag(None, "synthetic", 42), i) for i, _ in enumerate(synthetic_interactions(50, seed=42))]
+    again = [event_id(source_tag(None, "synthetic", 42), i) for i, _ in enumerate(synthetic_interactions(50, seed=42))]
+    assert first == again and len(set(first)) == 50
+    tags = {source_tag(None, "synthetic", 1), source_tag(None, "synthetic", 2),
+            source_tag(Path("a.csv"), "taobao", 0), source_tag(Path("b.csv"), "taobao", 0), source_tag(Path("a.csv"), "otto", 0)}
+    assert len(tags) == 5
+    assert source_tag(Path("/x/a.csv"), "taobao", 0) == source_tag(Path("a.csv"), "taobao", 9)  # the file's name, not where it lies
+
+
+def test_known_java_client_partitions():
+    # From the Java client's DefaultPartitionerTest/Utils.murmur2 test vectors: murmur2("21") == -973932308.
+    from aiokafka.partitioner import murmur2
+
+    assert murmur2(b"21") == -973932308 & 0xFFFFFFFF  # Python keeps the 32 bits unsigned
+    assert murmur2_partition(b"21", 1000) == (-973932308 & 0x7FFFFFFF) % 1000
+
+
+def test_event_ids_fit_the_contract():
+    eid = event_id(source_tag(Path("UserBehavior_jason-wang1.csv"), "yoochoose", 0), 10**12)
+    assert decode_event(encode(to_event(CLICK, eid))).event_id == eid and len(eid) <= 128
+
+
+# Kafka's Java client picks murmur2(key) made positive, modulo the partition count; aiokafka (Faust's
+# client) and kafka-python port it, and all producers of one topic must agree for co-partitioning.
+@pytest.mark.parametrize("key", [b"u1", b"u42", b"user-with-a-longer-id", b"", "ü".encode()])
+@pytest.mark.parametrize("partitions", [1, 4, 7])
+def test_partition_matches_the_kafka_clients_default_partitioner(key, partitions):
+    from aiokafka.partitioner import DefaultPartitioner
+    from kafka.partitioner.default import murmur2 as kafka_python_murmur2
+
+    expected = DefaultPartitioner()(key, list(range(partitions)), list(range(partitions)))
+    assert murmur2_partition(key, partitions) == expected
+    assert (kafka_python_murmur2(key) & 0x7FFFFFFF) % partitions == expected
+
+
+# --- token bucket -----------------------------------------------------------------------
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _paced_rate(rate: float, seconds: float, overshoot: float = 0.0, seed: int = 0) -> float:
+    """Drive the bucket as `replay` does, with sleeps that overshoot by up to `overshoot` s."""
+    clock, rng = FakeClock(), random.Random(seed)
+    bucket = TokenBucket(rate, burst=max(1.0, rate * 0.02), now=clock.now)
+    step, sent = chunk_size(rate), 0
+    while clock.now < seconds:
+        wait = bucket.reserve(step, clock.now)
+        if wait > 0:
+            clock.sleep(wait + rng.uniform(0, overshoot))
+        sent += step
+        clock.sleep(step * 2e-6)  # the time it takes to encode and queue them
+    return sent / clock.now
+
+
+@pytest.mark.parametrize("rate", [2_000, 20_000])
+@pytest.mark.parametrize("overshoot", [0.0, 0.002])
+def test_token_bucket_holds_the_rate_within_one_percent(rate, overshoot):
+    assert _paced_rate(rate, 10.0, overshoot) == pytest.approx(rate, rel=0.01)
+
+
+def test_token_bucket_bursts_at_most_its_capacity_then_paces():
+    bucket = TokenBucket(rate=100, burst=5, now=0.0)
+    assert [bucket.reserve(1, 0.0) for _ in range(5)] == [0.0] * 5
+    assert bucket.reserve(1, 0.0) == pytest.approx(0.01)
+    assert bucket.reserve(1, 0.0) == pytest.approx(0.02)  # debt accumulates
+
+
+def test_token_bucket_idle_time_refills_only_up_to_the_burst():
+    bucket = TokenBucket(rate=100, burst=5, now=0.0)
+    bucket.reserve(5, 0.0)
+    assert bucket.reserve(5, 1000.0) == 0.0
+    assert bucket.reserve(1, 1000.0) == pytest.approx(0.01)
+
+
+def test_token_bucket_ignores_a_clock_that_goes_back():
+    bucket = TokenBucket(rate=10, burst=1, now=5.0)
+    bucket.reserve(1, 5.0)
+    assert bucket.reserve(1, 4.0) == pytest.approx(0.1)
+
+
+def test_token_bucket_refuses_a_rate_that_is_not_positive():
+    with pytest.raises(ValueError, match="positive"):
+        TokenBucket(0)
+
+
+def test_summary_line():
+    s = ProduceSummary(clicks=900, purchases=100, seconds=0.5)
+    assert s.events == 1000 and s.rate == 2000
+    assert s.line() == "sent 1,000 events (900 clicks, 100 purchases) in 0.50 s: 2,000 events/s"
+    assert ProduceSummary(interrupted=True).line().startswith("interrupted after 0 events")
+
+
+# --- command lines (no broker needed: they refuse before connecting) --------------------
+
+def _app() -> typer.Typer:
+    app = typer.Typer(add_completion=False)
+    app.command("produce")(produce)
+    app.command("tail")(tail)
+    return app
+
+
+@pytest.mark.parametrize("command", ["produce", "tail"])
+def test_help_describes_every_option(command):
+    result = CliRunner().invoke(_app(), [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    options = {"produce": ["--dataset", "--format", "--rate", "--limit", "--bootstrap", "--topic-prefix", "--seed", "--keep-ts"],
+               "tail": ["--user", "--from-beginning", "--limit", "--json", "--dlq", "--timeout"]}[command]
+    for option in options:
+        assert option in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [(["--format", "csv"], "unknown format"), (["--format", "taobao"], "needs --dataset"), (["--rate", "0"], "0.001")],
+)
+def test_produce_refuses_bad_arguments_before_connecting(args, says, tmp_path):
+    result = CliRunner().invoke(_app(), ["produce", "--bootstrap", "127.0.0.1:1", *args])
+    assert result.exit_code == 2 and says in result.output
+
+
+def test_produce_refuses_a_dataset_without_its_format(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text("1,2,3,pv,1511544070\n")
+    result = CliRunner().invoke(_app(), ["produce", "--dataset", str(log), "--bootstrap", "127.0.0.1:1"])
+    assert result.exit_code == 2 and "--format" in result.output
+
+
+# --- tail's lines -----------------------------------------------------------------------
+
+REC = Recommendation(user_id="u1", items=[RecommendedItem(f"i{n}", 1 / (n + 1)) for n in range(8)],
+                     trigger_event_id="e7", event_ts=1_000, generated_ts=1_025, model={"scorer": "v3", "online": "pop@9"})
+
+
+def test_recommendation_line_is_compact_and_complete():
+    line = recommendation_line(REC, items=3)
+    assert line == "u1  i0 1.000, i1 0.500, i2 0.333 (+5 more)  latency 25 ms  after e7  online=pop@9 scorer=v3"
+    empty = Recommendation(user_id="u2", items=[], trigger_event_id="e", event_ts=5, generated_ts=5, model={})
+    assert recommendation_line(empty) == "u2  (no items)  latency 0 ms  after e"
+
+
+def test_dead_letter_line_shows_where_why_and_the_start_of_the_value():
+    letter = DeadLetter(reason="the value is not UTF-8 text", topic="t.clicks", partition=1, offset=9,
+                        raw="//4=", ts=0, code="not_utf8", raw_encoding="base64")
+    assert dead_letter_line(letter) == "t.clicks[1]@9  not_utf8  the value is not UTF-8 text  raw (base64): //4="
+    long = DeadLetter(reason="r", topic="t", partition=0, offset=0, raw=json.dumps({"x": "y" * 200}), ts=0)
+    assert len(dead_letter_line(long, width=40).split("raw: ")[1]) == 40
+
+
+def test_user_filter_matches_the_key_exactly():
+    assert is_for_user(b"u1", None) and is_for_user(b"u1", "u1")
+    assert not is_for_user(b"u10", "u1") and not is_for_user(None, "u1")
+    assert is_for_user("ü".encode(), "ü")
