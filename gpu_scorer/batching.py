@@ -5,7 +5,9 @@ the first waiting request, then keeps collecting until ``max_batch`` users are q
 ``max_wait_ms`` has passed since that first request, and runs ``scorer.score`` on the whole
 batch in a one-thread executor (the event loop is never blocked by ONNX Runtime; one run at
 a time, so requests arriving during a run form the next batch). A failing run fails the
-requests of that batch only.
+requests of that batch only. When the scorer has ``maybe_reload`` (a
+:class:`~gpu_scorer.hotswap.HotSwapScorer`), it is called before each run, so a worker picks
+up newly registered models without any other timer.
 
 >>> import asyncio
 >>> class Doubler:
@@ -41,6 +43,7 @@ class MicroBatcher:
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
+        self._reload = getattr(scorer, "maybe_reload", None)
 
     async def score(self, sequence: Sequence[str], candidates: Sequence[str]):
         """Scores for one user's candidates (whatever ``scorer.score`` returns per user)."""
@@ -71,6 +74,8 @@ class MicroBatcher:
             batch = [b for b in batch if not b[2].done()]  # drop requests cancelled meanwhile
             if not batch:
                 continue
+            if self._reload is not None:
+                self._reload()  # HotSwapScorer: a stat at most once per poll interval; loads off-thread
             seqs = [b[0] for b in batch]
             cands = [b[1] for b in batch]
             started = time.perf_counter()
@@ -97,6 +102,10 @@ class MicroBatcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        while self._queue is not None and not self._queue.empty():
+            *_, fut = self._queue.get_nowait()
+            if not fut.done():
+                fut.set_exception(RuntimeError("MicroBatcher closed before this request ran"))
         self._executor.shutdown(wait=True)
 
     async def __aenter__(self) -> MicroBatcher:

@@ -1,7 +1,8 @@
 """Train :class:`~gpu_scorer.model.SASRecScorer` on per-user, time-ordered item sequences.
 
-- Split: for every user with at least 3 items the last item is held out for validation
-  (its input is everything before it); training never sees that item as a target.
+- Split: for up to ``eval_users`` users with at least 3 items (a seeded sample) the last
+  item is held out for validation (its input is everything before it); training never sees
+  that item as a target. Every other user trains on the whole sequence.
 - Samples: each training sequence is cut into windows of ``max_len + 1`` items (the last
   window first, overlapping by one item), so every transition is a target once per epoch;
   each position predicts the next item.
@@ -40,7 +41,7 @@ class TrainConfig:
     patience: int = 3
     min_item_count: int = 1
     seed: int = 0
-    eval_users: int = 5000  # validation users sampled (all when fewer)
+    eval_users: int = 2000  # users holding out their last item for validation
     device: str = "cpu"  # "cpu", "cuda" or "auto" (cuda when torch sees one)
     progress: bool = True
 
@@ -62,12 +63,24 @@ def sequences_from_interactions(interactions: Iterable, kinds: Sequence[str] = (
     return {u: [x.item_id for x in xs if x.kind in kinds] for u, xs in sequences_by_user(interactions).items()}
 
 
-def split_last(sequences: Mapping[str, Sequence[str]]) -> tuple[list[list[str]], list[tuple[list[str], str]]]:
-    """(training sequences, [(validation input, held-out item)]), users in sorted order."""
+def split_last(
+    sequences: Mapping[str, Sequence[str]], max_valid: int | None = None, seed: int = 0
+) -> tuple[list[list[str]], list[tuple[list[str], str]]]:
+    """(training sequences, [(validation input, held-out item)]), users in sorted order.
+
+    Users with 3+ items are eligible for validation; at most ``max_valid`` of them
+    (a seeded sample) give up their last item, the others train on everything.
+    """
+    users = sorted(sequences)
+    eligible = [u for u in users if len(sequences[u]) >= 3]
+    if max_valid is not None and len(eligible) > max_valid:
+        rng = np.random.default_rng(seed)
+        eligible = [eligible[i] for i in sorted(rng.choice(len(eligible), max_valid, replace=False))]
+    held = set(eligible)
     train, valid = [], []
-    for user in sorted(sequences):
+    for user in users:
         seq = list(sequences[user])
-        if len(seq) >= 3:
+        if user in held:
             valid.append((seq[:-1], seq[-1]))
             seq = seq[:-1]
         if len(seq) >= 2:
@@ -149,7 +162,7 @@ def train(
     tc = train_config or TrainConfig()
     torch.manual_seed(tc.seed)
     gen = torch.Generator().manual_seed(tc.seed)
-    train_seqs, valid = split_last(sequences)
+    train_seqs, valid = split_last(sequences, tc.eval_users, tc.seed)
     if not train_seqs:
         raise ValueError("no user has two or more interactions: nothing to train on")
     vocab = Vocab.build((it for s in train_seqs for it in s), min_count=tc.min_item_count)
@@ -157,9 +170,6 @@ def train(
     dev = training_device(tc.device)
     model = SASRecScorer(cfg).to(dev)
     x_all, y_all = windows([vocab.rows(s) for s in train_seqs], cfg.max_len)
-    rng = np.random.default_rng(tc.seed)
-    if len(valid) > tc.eval_users:
-        valid = [valid[i] for i in sorted(rng.choice(len(valid), tc.eval_users, replace=False))]
     vx = left_pad([vocab.rows(s) for s, _ in valid], cfg.max_len)
     vy = np.array([vocab.row(t) for _, t in valid], np.int64)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
