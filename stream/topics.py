@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
+import struct
 import time
 from collections.abc import Iterable
 
@@ -34,17 +36,66 @@ def check_topic_name(name: str) -> None:
         raise ConfigError(f"topic name {name!r}: only letters, digits, '.', '_' and '-' are allowed (at most 249)")
 
 
-def _unavailable(bootstrap: str, timeout_s: float, exc: BaseException) -> ServiceUnavailable:
+def _unavailable(bootstrap: str, timeout_s: float, exc: BaseException | str) -> ServiceUnavailable:
     return ServiceUnavailable(
         f"Kafka at {bootstrap} did not answer within {timeout_s:g} s ({exc}); start the local broker with "
         "`make up`, or point STREAMREC_KAFKA_BOOTSTRAP at a running one"
     )
 
 
+def probe(bootstrap: str, timeout_s: float = 3.0) -> str | None:
+    """None when a broker in ``bootstrap`` answers a Metadata request, else what went wrong.
+
+    A raw request on a plain socket rather than a client: kafka-python 3.0 leaves a socket
+    open and an I/O thread running when its bootstrap fails, which ``wait_for_kafka`` would
+    otherwise repeat every 200 ms while a broker starts.
+    """
+    # api_key 3 (Metadata), version 7, correlation id 42, client id, all topics (-1), no auto-create
+    client = b"streamrec-probe"
+    request = struct.pack(">hhih", 3, 7, 42, len(client)) + client + struct.pack(">ib", -1, 0)
+    problem = f"no server in {bootstrap!r}"
+    for server in filter(None, (s.strip() for s in bootstrap.split(","))):
+        host, _, port = server.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s) as conn:
+                conn.sendall(struct.pack(">i", len(request)) + request)
+                head = b""
+                while len(head) < 8:
+                    chunk = conn.recv(8 - len(head))
+                    if not chunk:
+                        raise ConnectionError("closed the connection without answering")
+                    head += chunk
+        except (OSError, ValueError) as exc:
+            problem = f"{server}: {exc}"
+            continue
+        if struct.unpack(">ii", head)[1] == 42:
+            return None
+        problem = f"{server}: answered, but not as a Kafka broker"
+    return problem
+
+
+class _Admin(KafkaAdminClient):
+    """kafka-python's admin client, minus the I/O thread it leaves behind when bootstrap fails."""
+
+    def __init__(self, **configs) -> None:
+        try:
+            super().__init__(**configs)
+        except BaseException:
+            for release in (lambda: self._client.close(), lambda: self._net.stop(), lambda: self._metrics.close()):
+                try:
+                    release()
+                except Exception:  # best effort: the bootstrap error is the one to report
+                    pass
+            raise
+
+
 def _admin(bootstrap: str, timeout_s: float) -> KafkaAdminClient:
-    """An admin client that has reached the broker; KafkaError or OSError when it cannot."""
+    """An admin client that has reached the broker; ServiceUnavailable when none answers."""
+    problem = probe(bootstrap, min(timeout_s, 5.0))
+    if problem is not None:
+        raise _unavailable(bootstrap, timeout_s, problem)
     timeout_ms = max(1, int(timeout_s * 1000))
-    return KafkaAdminClient(
+    return _Admin(
         bootstrap_servers=bootstrap,
         client_id="streamrec-admin",
         bootstrap_timeout_ms=timeout_ms,
@@ -59,18 +110,23 @@ def wait_for_kafka(bootstrap: str, timeout_s: float = 30.0) -> list[str]:
     Raises :class:`ServiceUnavailable` when it has not answered within ``timeout_s``.
     """
     deadline = time.monotonic() + timeout_s
-    while True:
+    while (problem := probe(bootstrap, max(0.1, min(2.0, deadline - time.monotonic())))) is not None:
         left = deadline - time.monotonic()
-        try:
-            admin = _admin(bootstrap, max(left, 0.1))
-            try:
-                return sorted(admin.list_topics())
-            finally:
-                admin.close()
-        except (KafkaError, OSError) as exc:
-            if time.monotonic() + 0.2 >= deadline:
-                raise _unavailable(bootstrap, timeout_s, exc) from None
-            time.sleep(0.2)
+        if left <= 0:
+            raise _unavailable(bootstrap, timeout_s, problem)
+        time.sleep(min(0.2, left))
+    admin = _connected_admin(bootstrap, max(1.0, deadline - time.monotonic()))
+    try:
+        return sorted(admin.list_topics())
+    finally:
+        admin.close()
+
+
+def _connected_admin(bootstrap: str, timeout_s: float) -> KafkaAdminClient:
+    try:
+        return _admin(bootstrap, timeout_s)
+    except (KafkaError, OSError) as exc:
+        raise _unavailable(bootstrap, timeout_s, exc) from None
 
 
 def ensure_topics(
@@ -94,10 +150,7 @@ def ensure_topics(
         raise ConfigError(f"partitions={partitions}, replication={replication}: both must be at least 1")
     if not wanted:
         return []
-    try:
-        admin = _admin(bootstrap, timeout_s)
-    except (KafkaError, OSError) as exc:
-        raise _unavailable(bootstrap, timeout_s, exc) from None
+    admin = _connected_admin(bootstrap, timeout_s)
     try:
         try:
             existing = set(admin.list_topics())
@@ -134,4 +187,4 @@ def _created(response: dict, asked: list[str]) -> list[str]:
     return [n for n in asked if n in created]
 
 
-__all__ = ["check_topic_name", "ensure_topics", "wait_for_kafka"]
+__all__ = ["check_topic_name", "ensure_topics", "probe", "wait_for_kafka"]
