@@ -1,0 +1,55 @@
+"""docs/events.md cannot rot: its examples are decoded, and its dead letters recomputed."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from stream.errors import InvalidEvent
+from stream.records import MAX_EVENT_BYTES, decode_dead_letter, decode_event, decode_recommendation
+from stream.tail import recommendation_line
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = (ROOT / "docs" / "events.md").read_text()
+BLOCKS = [json.loads(b) for b in re.findall(r"```json\n(.*?)\n```", DOC, re.S)]
+EVENTS = [b for b in BLOCKS if "type" in b and "reason" not in b]
+LETTERS = [b for b in BLOCKS if "reason" in b]
+RECOMMENDATIONS = [b for b in BLOCKS if "items" in b]
+CODES = ["oversize", "not_utf8", "malformed_json", "not_object", "missing_field", "wrong_type", "invalid_value", "unknown_type"]
+
+
+def test_every_block_is_accounted_for():
+    assert len(EVENTS) == 3 and len(RECOMMENDATIONS) == 1
+    assert [letter["code"] for letter in LETTERS] == CODES  # one example per code, in the table's order
+
+
+@pytest.mark.parametrize("example", EVENTS, ids=lambda e: e["event_id"])
+def test_event_examples_are_valid(example):
+    assert decode_event(json.dumps(example).encode()).type == example["type"]
+
+
+@pytest.mark.parametrize("letter", LETTERS, ids=lambda d: d["code"])
+def test_dead_letter_examples_are_what_the_decoder_says(letter):
+    decode_dead_letter(json.dumps(letter).encode())
+    if letter["code"] == "oversize":  # its raw value is cut short in the doc
+        assert re.fullmatch(rf"the value is (\d+) bytes, over the {MAX_EVENT_BYTES}-byte limit; it was not parsed", letter["reason"])
+        return
+    raw = base64.b64decode(letter["raw"]) if letter["raw_encoding"] == "base64" else letter["raw"].encode()
+    with pytest.raises(InvalidEvent) as info:
+        decode_event(raw)
+    assert (info.value.code, info.value.reason) == (letter["code"], letter["reason"])
+
+
+def test_recommendation_example_and_its_tail_line():
+    (example,) = RECOMMENDATIONS
+    line = recommendation_line(decode_recommendation(json.dumps(example).encode()))
+    assert f"```text\n{line}\n```" in DOC
+
+
+def test_schema_files_named_exist():
+    for path in re.findall(r"`(stream/schemas/[a-z_]+\.json)`", DOC):
+        assert (ROOT / path).is_file(), path
