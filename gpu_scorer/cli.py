@@ -111,7 +111,7 @@ def train(
     table = Table(title=f"registered {version}", show_header=False)
     table.add_row("path", str(registry.path(version)))
     for key, value in result.metrics.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        table.add_row(key, (f"{value:.1f}" if key.endswith("seconds") else f"{value:.4f}") if isinstance(value, float) else str(value))
     table.add_row("parity (ORT vs PyTorch)", f"{status} max |diff| {parity['max_abs_diff']:.2e} (atol {parity['atol']})")
     table.add_row("items / users", f"{result.data['items']:,} / {result.data['users']:,}")
     if parity["ok"]:

@@ -61,43 +61,44 @@ class ScorerConfig:
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention written with plain MatMul/Softmax.
 
-    ``nn.MultiheadAttention`` exports to a long chain of reshapes, transposes and a
-    dynamically built mask; here Q/K/V come from one packed projection and the mask is a
-    sliced constant plus the key-padding bias, which ONNX Runtime folds and fuses.
+    ``nn.MultiheadAttention`` exports to a long chain of reshapes and transposes with a mask
+    built on every call (and a -inf mask that turns fully padded rows into NaN); here Q/K/V
+    come from one packed 2-D projection (tokens as rows, so ORT and PyTorch both run a Gemm
+    with the bias fused) and the mask is a sliced constant plus the key-padding bias.
     """
 
     def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = dim // n_heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
         self.drop = nn.Dropout(dropout)
 
-    def _heads(self, x: Tensor) -> Tensor:  # [B, L, D] -> [B, H, L, dh]
-        b, n, _ = x.shape
-        return x.reshape(b, n, self.n_heads, self.head_dim).transpose(1, 2)
-
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-        att = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim)) + bias
+        """q [B, H, Lq, dh] (pre-scaled), k/v [B, H, L, dh] -> [B*Lq, D] (projected)."""
+        att = torch.matmul(q, k.transpose(-1, -2)) + bias
         att = self.drop(torch.softmax(att, dim=-1))
         y = torch.matmul(att, v)  # [B, H, Lq, dh]
         b, _, n, _ = y.shape
-        return self.out(y.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim))
+        return self.out(y.transpose(1, 2).reshape(b * n, self.n_heads * self.head_dim))
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:
-        """All positions; ``bias`` [B, 1, L, L] (causal + key padding)."""
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        return self._attend(self._heads(q), self._heads(k), self._heads(v), bias)
+        """All positions: ``x`` [B, L, D], ``bias`` [B, 1, L, L] (causal + key padding) -> [B*L, D]."""
+        b, n, d = x.shape
+        # one 2-D projection (a Gemm with its bias), one transpose to [3, B, H, L, dh]; the
+        # 1/sqrt(dh) scale goes on q ([B,H,L,dh]) rather than on the [B,H,L,L] logits
+        qkv = self.qkv(x.reshape(b * n, d)).reshape(b, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self._attend(qkv[0] * self.scale, qkv[1], qkv[2], bias)
 
     def forward_last(self, x: Tensor, bias: Tensor) -> Tensor:
-        """The last position only; ``bias`` [B, 1, 1, L] (key padding). Returns [B, 1, D]."""
-        d = x.shape[-1]
-        w, b = self.qkv.weight, self.qkv.bias
-        q = F.linear(x[:, -1:], w[:d], b[:d])
-        kv = F.linear(x, w[d:], b[d:])
-        k, v = kv.chunk(2, dim=-1)
-        return self._attend(self._heads(q), self._heads(k), self._heads(v), bias)
+        """The last position only; ``bias`` [B, 1, 1, L] (key padding). Returns [B, D]."""
+        b, n, d = x.shape
+        w, bb = self.qkv.weight, self.qkv.bias
+        q = F.linear(x[:, -1], w[:d], bb[:d]) * self.scale  # [B, D]
+        kv = F.linear(x.reshape(b * n, d), w[d:], bb[d:]).reshape(b, n, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self._attend(q.reshape(b, self.n_heads, 1, self.head_dim), kv[0], kv[1], bias)
 
 
 class Block(nn.Module):
@@ -115,11 +116,14 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), bias))
-        return x + self.ffn(self.ln2(x))
+        b, n, d = x.shape
+        h = x.reshape(b * n, d) + self.drop(self.attn(self.ln1(x), bias))  # tokens as rows: Gemm
+        h = h + self.ffn(self.ln2(h))
+        return h.reshape(b, n, d)
 
     def forward_last(self, x: Tensor, bias: Tensor) -> Tensor:
-        h = x[:, -1:] + self.drop(self.attn.forward_last(self.ln1(x), bias))
+        """[B, L, D] -> [B, D], the last position only."""
+        h = x[:, -1] + self.drop(self.attn.forward_last(self.ln1(x), bias))
         return h + self.ffn(self.ln2(h))
 
 
@@ -166,8 +170,7 @@ class SASRecScorer(nn.Module):
         bias = key_bias + self.causal_bias[:n, :n]
         for block in self.blocks[:-1]:
             x = block(x, bias)
-        x = self.blocks[-1].forward_last(x, key_bias)
-        return self.ln_out(x[:, 0])
+        return self.ln_out(self.blocks[-1].forward_last(x, key_bias))
 
     def score(self, hidden: Tensor, cand_ids: Tensor) -> Tensor:
         """[B, D] hidden · [B, C, D] candidate embeddings -> [B, C]."""
