@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -338,12 +339,13 @@ def _run_with_progress(interactions, bootstrap, topics, tag, rate, keep_ts, show
         async def main() -> ProduceSummary:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+            for sig in signals:
                 loop.add_signal_handler(sig, _stopper(loop, stop, sig))
             try:
                 return await replay(interactions, bootstrap, topics, tag, rate, keep_ts, stop, on_progress)
             finally:
-                for sig in (signal.SIGINT, signal.SIGTERM):
+                for sig in signals:
                     loop.remove_signal_handler(sig)
 
         return asyncio.run(main())
