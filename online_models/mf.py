@@ -47,7 +47,7 @@ class ImplicitMF(OnlineLearner):
         click_weight: float = 1.0,
         purchase_weight: float = 2.0,
         negative_buffer: int = 5000,
-        pool_size: int = 2000,
+        pool_size: int = 500,
         refresh_every: int = 500,
         n_recent: int = 5,
         seed: int = 0,

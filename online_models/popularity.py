@@ -7,6 +7,8 @@ each keeps a *pool*: the ``pool_size`` best items as of the last full refresh (e
 the pool's floor, so a new item that takes off is recommendable at once.
 
 Clicks and purchases count ``click_weight`` and ``purchase_weight`` (times the quantity).
+A proposal list is reused for ``reuse_proposals`` learned events (the head of a popularity
+ranking barely moves in a few events, and proposing is the costly part).
 
 >>> from online_models.types import Interaction, UserContext
 >>> trending = TrendingPopularity(half_life_s=60)
@@ -43,12 +45,14 @@ class _ItemScores(OnlineLearner):
         purchase_weight: float = 3.0,
         pool_size: int = 500,
         refresh_every: int = 200,
+        reuse_proposals: int = 16,
         seed: int = 0,
     ):
         self.click_weight = click_weight
         self.purchase_weight = purchase_weight
         self.pool_size = pool_size
         self.refresh_every = refresh_every
+        self.reuse_proposals = reuse_proposals
         self.seed = seed  # deterministic learner; kept for the common signature
         self.n_learned = 0
         self._index: dict[str, int] = {}
@@ -56,6 +60,7 @@ class _ItemScores(OnlineLearner):
         self._scores = np.zeros(64)
         self._pool: dict[int, None] = {}
         self._pool_floor = 0.0
+        self._proposed: tuple[int, int, list[tuple[str, float]]] | None = None  # (at, k, unscaled)
 
     # -- storage ----------------------------------------------------------------------
     def _row(self, item_id: str) -> int:
@@ -107,6 +112,13 @@ class _ItemScores(OnlineLearner):
         return out.tolist()
 
     def propose_scores(self, user: UserContext, k: int) -> list[tuple[str, float]]:
+        cached = self._proposed
+        if cached is None or cached[1] < k or self.n_learned - cached[0] >= max(1, self.reuse_proposals):
+            cached = self._proposed = (self.n_learned, k, self._propose(k))
+        scale = self._scale(user)
+        return [(item, score * scale) for item, score in cached[2][:k]]
+
+    def _propose(self, k: int) -> list[tuple[str, float]]:
         if not self._pool:
             return []
         rows = np.fromiter(self._pool, dtype=np.int64, count=len(self._pool))
@@ -117,9 +129,8 @@ class _ItemScores(OnlineLearner):
             part = np.argpartition(-vals, k - 1)[:k]
             rows, vals = rows[part], vals[part]
         order = np.lexsort((rows, -vals))  # best first, ties by first seen
-        scale = self._scale(user)
         items = self._items
-        return list(zip([items[r] for r in rows[order].tolist()], (vals[order] * scale).tolist()))
+        return list(zip([items[r] for r in rows[order].tolist()], vals[order].tolist()))
 
 
 class GlobalPopularity(_ItemScores):
@@ -142,8 +153,9 @@ class RecentPopularity(_ItemScores):
     name = "recent_popularity"
 
     def __init__(self, window_s: float = 3600.0, click_weight: float = 1.0, purchase_weight: float = 3.0,
-                 pool_size: int = 500, refresh_every: int = 200, seed: int = 0):
-        super().__init__(click_weight, purchase_weight, pool_size, refresh_every, seed)
+                 pool_size: int = 500, refresh_every: int = 200, reuse_proposals: int = 16,
+                 seed: int = 0):
+        super().__init__(click_weight, purchase_weight, pool_size, refresh_every, reuse_proposals, seed)
         self.window_s = window_s
         self._window: deque[tuple[int, int, float]] = deque()
         self._max_ts: int | None = None
@@ -173,8 +185,9 @@ class TrendingPopularity(_ItemScores):
     name = "trending"
 
     def __init__(self, half_life_s: float = 1800.0, click_weight: float = 1.0, purchase_weight: float = 3.0,
-                 pool_size: int = 500, refresh_every: int = 200, seed: int = 0):
-        super().__init__(click_weight, purchase_weight, pool_size, refresh_every, seed)
+                 pool_size: int = 500, refresh_every: int = 200, reuse_proposals: int = 16,
+                 seed: int = 0):
+        super().__init__(click_weight, purchase_weight, pool_size, refresh_every, reuse_proposals, seed)
         self.half_life_s = half_life_s
         self._rate = math.log(2.0) / (half_life_s * 1000.0)  # per millisecond
         self._ref_ts: int | None = None
