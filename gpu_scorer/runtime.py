@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -100,11 +101,32 @@ def _cuda_session(model, so: ort.SessionOptions, device_id: int, cuda_graph: boo
     except Exception as exc:
         raise ScorerDeviceError(f"creating a CUDA session failed: {exc}") from exc
     if sess.get_providers()[0] != CUDA_EP:
-        raise ScorerDeviceError(
-            f"onnxruntime could not start {CUDA_EP} (session got {sess.get_providers()}); "
-            "check the CUDA 12 / cuDNN 9 libraries (onnxruntime.print_debug_info())"
-        )
+        missing = missing_cuda_libs()
+        hint = f"missing {', '.join(missing)} (e.g. pip install nvidia-curand for libcurand)" if missing else "see onnxruntime.print_debug_info()"
+        raise ScorerDeviceError(f"onnxruntime could not start {CUDA_EP} (session got {sess.get_providers()}): {hint}")
     return sess
+
+
+def missing_cuda_libs() -> list[str]:
+    """CUDA libraries the onnxruntime CUDA provider links against that cannot be loaded."""
+    major = _ort_cuda_major()
+    wanted = [f"libcudart.so.{major}", f"libcublas.so.{major}", f"libcublasLt.so.{major}", "libcurand.so.10", "libcudnn.so.9"]
+    missing = []
+    for name in wanted:
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            missing.append(name)
+    return missing
+
+
+def _ort_cuda_major() -> str:
+    try:
+        from onnxruntime.capi import build_and_package_info as info
+
+        return str(getattr(info, "cuda_version", "12") or "12").split(".")[0]
+    except ImportError:
+        return "12"
 
 
 def make_session(
@@ -236,8 +258,9 @@ class _CudaBinding:
     def __init__(self, scorer: OnnxScorer, cuda_graph: bool) -> None:
         self.sess, self.dev = scorer.session, scorer.device_id
         self.cuda_graph = cuda_graph
-        self.io = self.sess.io_binding()
+        self.lock = threading.Lock()  # the captured graph's buffers are shared: one call at a time
         if cuda_graph:
+            self.io = self.sess.io_binding()
             b, l, c = scorer.max_batch, scorer.max_len, scorer.max_cands
             self.shape = (b, l, c)
             self.seq = ort.OrtValue.ortvalue_from_shape_and_type((b, l), np.int64, "cuda", self.dev)
@@ -248,12 +271,13 @@ class _CudaBinding:
             self.io.bind_ortvalue_output("scores", self.out)
 
     def run(self, seq_ids: np.ndarray, cand_ids: np.ndarray) -> np.ndarray:
-        if not self.cuda_graph:
-            self.io.bind_ortvalue_input("seq_ids", ort.OrtValue.ortvalue_from_numpy(seq_ids, "cuda", self.dev))
-            self.io.bind_ortvalue_input("cand_ids", ort.OrtValue.ortvalue_from_numpy(cand_ids, "cuda", self.dev))
-            self.io.bind_output("scores", "cuda", self.dev)
-            self.sess.run_with_iobinding(self.io)
-            return self.io.copy_outputs_to_cpu()[0]
+        if not self.cuda_graph:  # a binding per call: session.run is thread-safe, a shared binding is not
+            io = self.sess.io_binding()
+            io.bind_ortvalue_input("seq_ids", ort.OrtValue.ortvalue_from_numpy(seq_ids, "cuda", self.dev))
+            io.bind_ortvalue_input("cand_ids", ort.OrtValue.ortvalue_from_numpy(cand_ids, "cuda", self.dev))
+            io.bind_output("scores", "cuda", self.dev)
+            self.sess.run_with_iobinding(io)
+            return io.copy_outputs_to_cpu()[0]
         b, l, c = self.shape
         n, sl, nc = seq_ids.shape[0], seq_ids.shape[1], cand_ids.shape[1]
         if n > b or sl > l or nc > c:
@@ -263,10 +287,11 @@ class _CudaBinding:
         seq[n:, -1] = OOV_ROW  # padding users get one token so no row is fully masked
         cand = np.zeros((b, c), np.int64)
         cand[:n, :nc] = cand_ids
-        self.seq.update_inplace(seq)
-        self.cand.update_inplace(cand)
-        self.sess.run_with_iobinding(self.io)
-        return self.out.numpy()[:n, :nc]
+        with self.lock:
+            self.seq.update_inplace(seq)
+            self.cand.update_inplace(cand)
+            self.sess.run_with_iobinding(self.io)
+            return self.out.numpy()[:n, :nc].copy()
 
 
 def _max_len(path: Path) -> int:
