@@ -9,7 +9,8 @@ River keeps item factors in a dict of arrays; this learner mirrors each updated 
 a numpy matrix so that scoring ~200 candidates, or proposing from a pool of the
 ``pool_size`` most interacted items, is one matrix-vector product.
 
-The user vector is the learned one for a user FunkMF has seen; otherwise (a new user, or a
+The user vector is the learned one for a user FunkMF has seen (at most ``max_users`` are
+kept, the least recently active forgotten); otherwise (a new user, or a
 session used as a user) the mean of the factors of the user's recent items. A user with
 neither scores 0 for every item. Unseen items score 0. Predicting never creates state
 (River's defaultdicts would).
@@ -50,6 +51,7 @@ class ImplicitMF(OnlineLearner):
         pool_size: int = 500,
         refresh_every: int = 500,
         n_recent: int = 5,
+        max_users: int = 200_000,
         seed: int = 0,
     ):
         self.n_factors = n_factors
@@ -63,6 +65,7 @@ class ImplicitMF(OnlineLearner):
         self.pool_size = pool_size
         self.refresh_every = refresh_every
         self.n_recent = n_recent
+        self.max_users = max_users
         self.seed = seed
         self.n_learned = 0
         self.model = reco.FunkMF(
@@ -102,6 +105,12 @@ class ImplicitMF(OnlineLearner):
         self.n_learned += 1
         idx = self._row(x.item_id)
         self._counts[idx] += 1.0
+        users = self.model.u_latents
+        latent = users.pop(x.user_id, None)
+        if latent is not None:
+            users[x.user_id] = latent  # most recently active last
+        elif len(users) >= self.max_users:
+            del users[next(iter(users))]  # forget the least recently active user
         y = self.purchase_weight if x.kind == "purchase" else self.click_weight
         self._fit(x.user_id, x.item_id, idx, y)
         recent = self._recent

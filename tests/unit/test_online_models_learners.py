@@ -196,3 +196,10 @@ def test_reminder_ranks_often_and_lately_seen_items_first_and_falls_back_to_its_
     for item in ["x", "y"]:
         rv.learn_one(click("v", item))
     assert [s.item_id for s in rv.rank(UserContext("v"))] == ["y", "x"]
+
+
+def test_mf_forgets_the_least_recently_active_users_beyond_max_users():
+    mf = ImplicitMF(max_users=3)
+    for u in ["a", "b", "c", "a", "d"]:
+        mf.learn_one(click(u, "item"))
+    assert list(mf.model.u_latents) == ["c", "a", "d"]
