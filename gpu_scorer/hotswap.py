@@ -9,7 +9,8 @@ attribute assignment: atomic under the GIL, no lock on the scoring path.
 ``poll_interval_s`` it ``stat``s the registry's ``CURRENT`` pointer; when that changed and
 names a version not yet served or refused, the new model is loaded and verified (parity
 sample) on a background thread (or inline with ``background=False``), then swapped in.
-A version that fails to load or verify is refused: logged, counted in
+At start the CURRENT version is loaded, or, when it is refused, the newest older version
+that loads. A version that fails to load or verify is refused: logged, counted in
 ``reload_failures``, remembered in ``refused`` (not retried) and reported to
 ``on_failure``; the old model keeps serving.
 """
@@ -56,11 +57,29 @@ class HotSwapScorer:
         self._state_lock = threading.Lock()
         self._last_poll = time.monotonic()
         self._stamp = self.registry.pointer_stamp()
-        version = self.registry.latest()
-        self._current = self.registry.load(version, device, **scorer_kw)  # raises ModelLoadError
+        self._current = self._load_at_start()
         log.info("scorer serving %s on %s", self._current.version, self._current.provider)
         if on_swap:
             on_swap(None, self._current.version, self._current.provider)
+
+    def _load_at_start(self):
+        """The CURRENT version, or (refusing it loudly) the newest older one that loads."""
+        from gpu_scorer.errors import ModelLoadError
+
+        latest = self.registry.latest()
+        if latest is None:
+            raise ModelLoadError(f"no model registered in {self.registry.root}")
+        older = [v for v in reversed(self.registry.versions()) if v != latest]
+        for version in [latest, *older]:
+            try:
+                return self.registry.load(version, self.device, **self._scorer_kw)
+            except ModelLoadError as exc:
+                self.reload_failures += 1
+                self.refused[version] = str(exc)
+                log.error("scorer: refused version %s at start: %s", version, exc)
+                if self.on_failure:
+                    self.on_failure(version, exc)
+        raise ModelLoadError(f"no loadable model in {self.registry.root}; refused: {self.refused}")
 
     @property
     def current(self):

@@ -109,3 +109,11 @@ def test_bad_model_is_refused_and_old_keeps_serving(tmp_path, damage):
 def test_no_model_at_start_is_an_error(tmp_path):
     with pytest.raises(ModelLoadError, match="no model registered"):
         HotSwapScorer(tmp_path, "cpu")
+
+
+def test_start_falls_back_to_the_newest_loadable_version(tmp_path):
+    register_tiny(tmp_path)
+    v2 = register_tiny(tmp_path, seed=1)
+    (tmp_path / v2 / "model.onnx").write_bytes(b"not an onnx file")
+    scorer = HotSwapScorer(tmp_path, "cpu")
+    assert scorer.version == "v0001" and scorer.reload_failures == 1 and v2 in scorer.refused
