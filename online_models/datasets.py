@@ -22,6 +22,7 @@ Formats (see ``docs/datasets.md``):
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import random
 from collections.abc import Iterable, Iterator
@@ -123,12 +124,13 @@ def synthetic_interactions(
         by_category[cat].append(item)
         cat_weights[cat].append(weights[item])
     user_taste = [rng.sample(range(n_categories), k=min(3, n_categories)) for _ in range(n_users)]
+    # user activity is skewed too, but no single user dominates (Zipf, exponent 0.7)
+    user_cum = list(itertools.accumulate(1.0 / (rank + 1) ** 0.7 for rank in range(n_users)))
     sessions: dict[int, tuple[int, list[int]]] = {}  # user -> (session number, items seen)
     ts = start_ts
     for _ in range(n_events):
         ts += int(rng.expovariate(1 / 50)) + 1  # ~20 events per second of event time
-        user = min(int(rng.paretovariate(1.2)) - 1, n_users - 1)
-        user = (user * 7919 + rng.randrange(3)) % n_users  # spread the heavy users
+        user = rng.choices(range(n_users), cum_weights=user_cum)[0]
         number, seen = sessions.get(user, (0, []))
         if not seen or rng.random() < 0.08:  # a new session
             number, seen = number + 1, []

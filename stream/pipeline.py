@@ -101,8 +101,13 @@ class RecommendationStep:
             versions["transformer"] = "none"
         return versions
 
-    def __call__(self, events: Sequence[Event], states: dict[str, UserState], now_ms: Callable[[], int]) -> StepResult:
-        """``states`` holds the loaded state of every user in ``events``; ``now_ms`` stamps ``generated_ts``."""
+    def __call__(self, events: Sequence[Event], states: dict[str, UserState], now_ms: Callable[[], int],
+                 positions: Sequence[tuple[str, int]] | None = None) -> StepResult:
+        """``states`` holds the loaded state of every user in ``events``; ``now_ms`` stamps ``generated_ts``.
+
+        ``positions``, where the events come from Kafka, gives each event's ``("topic:partition",
+        offset)``; an event at or below the offset its user's state already applied is a redelivery.
+        """
         cfg = self.config
         clock = time.perf_counter
         t0 = clock()
@@ -113,12 +118,13 @@ class RecommendationStep:
         live = LiveQuality()
         learn = self.recommender.learn_one
         batch_ids: set[tuple[str, str]] = set()
-        for ev in events:
+        for n, ev in enumerate(events):
+            source, offset = positions[n] if positions is not None else (None, None)
             state = states.get(ev.user_id)
             if state is None:
                 state = states[ev.user_id] = UserState(ev.user_id)
             key = (ev.user_id, ev.event_id)
-            if key in batch_ids or state.has_seen(ev.event_id):
+            if key in batch_ids or state.has_seen(ev.event_id, source, offset):
                 duplicates += 1
                 continue
             batch_ids.add(key)
@@ -127,7 +133,8 @@ class RecommendationStep:
                 state.last_recommended = []
             learn(to_interaction(ev), user_context(state))
             apply_event(state, ev.event_id, ev.item_id, ev.ts, "purchase" if isinstance(ev, PurchaseEvent) else "click",
-                        max_recent=cfg.max_recent, dedupe_window=cfg.dedupe_window, session_id=ev.session_id)
+                        max_recent=cfg.max_recent, dedupe_window=cfg.dedupe_window, session_id=ev.session_id,
+                        source=source, offset=offset)
             changed[ev.user_id] = state
             trigger[ev.user_id] = ev
             applied.append(ev)

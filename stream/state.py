@@ -1,10 +1,12 @@
 """Each user's state, its pure transition, and the stores that keep it.
 
 One user's state is one small JSON document: recent items (oldest first, capped),
-purchased items, counters, last-seen time, and the ids of the user's latest events for
-de-duplication. Keeping the dedupe window inside the document makes "apply the event"
-and "remember it was applied" one atomic write, so a redelivered event (at-least-once
-delivery after a crash or rebalance) is recognised and skipped, never applied twice.
+purchased items, counters, last-seen time, and what de-duplication needs: for each input
+partition the highest offset applied for this user (``offsets``, exact for any
+redelivery by Kafka after a crash or rebalance, however many events it spans) and the ids
+of the user's latest events (``event_ids``, for a producer that sent one event twice).
+Keeping both inside the document makes "apply the event" and "remember it was applied"
+one atomic write, so an event is never applied twice.
 
 A micro-batch costs two round trips to Redis whatever its size: one ``MGET`` to load
 every user it touches and one ``MULTI``/``EXEC`` pipeline of ``SET ... EX`` to save them.
@@ -34,10 +36,15 @@ class UserState(msgspec.Struct, kw_only=False):
     last_seen_ts: int = 0
     session_id: str | None = None
     event_ids: list[str] = msgspec.field(default_factory=list)
+    offsets: dict[str, int] = msgspec.field(default_factory=dict)
     # the last list published to the user and when, for live hit-rate measurement
     last_recommended: list[str] = msgspec.field(default_factory=list)
 
-    def has_seen(self, event_id: str) -> bool:
+    def has_seen(self, event_id: str, source: str | None = None, offset: int | None = None) -> bool:
+        """True when this event was applied: its offset is at or below the watermark of its
+        partition (``source`` = ``"topic:partition"``), or its id is among the latest ids."""
+        if source is not None and offset is not None and offset <= self.offsets.get(source, -1):
+            return True
         return event_id in self.event_ids
 
 
@@ -52,6 +59,8 @@ def apply_event(
     dedupe_window: int,
     session_id: str | None = None,
     max_purchased: int = 500,
+    source: str | None = None,
+    offset: int | None = None,
 ) -> UserState:
     """The state after one event (mutates and returns ``state``; the caller owns it)."""
     recent = state.recent_items
@@ -69,6 +78,8 @@ def apply_event(
     state.last_seen_ts = max(state.last_seen_ts, ts)
     if session_id is not None:
         state.session_id = session_id
+    if source is not None and offset is not None:
+        state.offsets[source] = offset
     ids = state.event_ids
     ids.append(event_id)
     if len(ids) > dedupe_window:

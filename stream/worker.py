@@ -74,10 +74,12 @@ class BatchHandler:
         clock = time.perf_counter
         t0 = clock()
         events: list[Event] = []
+        positions: list[tuple[str, int]] = []
         dead: list[tuple[bytes | None, DeadLetter]] = []
         for msg in messages:
             try:
                 events.append(decode_event(msg.value))
+                positions.append((f"{msg.topic}:{msg.partition}", msg.offset))
             except InvalidEvent as exc:
                 dead.append((msg.key, dead_letter(exc, msg.value, msg.topic, msg.partition, msg.offset, now_ms())))
                 m.events_invalid.labels(exc.code).inc()
@@ -87,7 +89,7 @@ class BatchHandler:
         states = await self._retry("load", lambda: self.store.load_many(users), m.redis_errors) if users else {}
         t2 = clock()
 
-        result = self.step(events, states, now_ms)
+        result = self.step(events, states, now_ms, positions)
         t3 = clock()
 
         out: list[OutRecord] = [

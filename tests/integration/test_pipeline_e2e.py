@@ -1,0 +1,272 @@
+"""The whole pipeline end to end: `streamrec worker` processes against the real broker and server.
+
+Events go in through kafka-python as a site would send them; recommendations and dead
+letters come out of the real topics; user state is read back from the real Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import redis
+from kafka import KafkaConsumer, KafkaProducer
+
+from online_models.datasets import synthetic_interactions
+from stream.records import ClickEvent, PurchaseEvent, decode_dead_letter, decode_recommendation, encode
+from stream.topics import ensure_topics
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class WorkerProcess:
+    """A `streamrec worker` subprocess with its own log file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> WorkerProcess:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], cwd=ROOT, env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        return self
+
+    def log_tail(self, n: int = 40) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+    def assert_alive(self) -> None:
+        assert self.proc is not None and self.proc.poll() is None, f"worker exited:\n{self.log_tail()}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"worker did not stop within {timeout}s of {signal.Signals(sig).name}:\n{self.log_tail()}") from None
+
+
+@pytest.fixture
+def worker_env(service_env, topic_prefix, tmp_path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(service_env)
+    env.update({
+        "STREAMREC_TOPIC_PREFIX": topic_prefix,
+        "STREAMREC_APP_ID": f"{topic_prefix}worker",
+        "STREAMREC_PARTITIONS": "2",
+        "STREAMREC_MODEL_DIR": str(tmp_path / "models"),
+        "STREAMREC_METRICS_PORT": "0",
+        "STREAMREC_BATCH_TIMEOUT_MS": "5",
+        "STREAMREC_SNAPSHOT_INTERVAL_S": "2",
+        "STREAMREC_KAFKA_SESSION_TIMEOUT_S": "6",
+        "STREAMREC_LOG_LEVEL": "info",
+        "PYTHONUNBUFFERED": "1",
+    })
+    ensure_topics(service_env["STREAMREC_KAFKA_BOOTSTRAP"], [f"{topic_prefix}{t}" for t in ("clicks", "purchases", "recommendations", "dlq")], 2)
+    return env
+
+
+@pytest.fixture
+def workers(worker_env, tmp_path):
+    started: list[WorkerProcess] = []
+
+    def start() -> WorkerProcess:
+        w = WorkerProcess(worker_env, tmp_path / f"worker-{len(started)}.log").start()
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        if w.proc is not None and w.proc.poll() is None:
+            w.stop(signal.SIGKILL)
+
+
+def produce(bootstrap: str, prefix: str, items: list[tuple[str, bytes | None, bytes]]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
+    for topic, key, value in items:
+        producer.send(f"{prefix}{topic}", key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+def as_record(x, index: int) -> tuple[str, bytes, bytes]:
+    cls, topic = (PurchaseEvent, "purchases") if x.kind == "purchase" else (ClickEvent, "clicks")
+    ev = cls(event_id=f"ev-{index}", user_id=x.user_id, item_id=x.item_id, ts=x.ts, category_id=x.category_id,
+             session_id=x.session_id)
+    return topic, x.user_id.encode(), encode(ev)
+
+
+def consume_until(bootstrap: str, topic: str, done, timeout: float, worker: WorkerProcess | None = None) -> list[bytes]:
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, consumer_timeout_ms=500, group_id=None)
+    values: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            for msg in consumer:
+                values.append(msg.value)
+            if done(values):
+                return values
+            if worker is not None:
+                worker.assert_alive()
+    finally:
+        consumer.close()
+    raise AssertionError(f"timed out after {timeout}s on {topic} with {len(values)} messages"
+                         + (f"\nworker log:\n{worker.log_tail()}" if worker else ""))
+
+
+def user_doc(client: redis.Redis, prefix: str, user: str) -> dict | None:
+    raw = client.get(f"{prefix}user:{user}")
+    return json.loads(raw) if raw else None
+
+
+def test_every_user_gets_recommendations_without_purchased_items(worker_env, workers, topic_prefix):
+    bootstrap = worker_env["STREAMREC_KAFKA_BOOTSTRAP"]
+    events = list(synthetic_interactions(n_events=1500, n_users=60, n_items=300, seed=7))
+    per_user = defaultdict(int)
+    for x in events:
+        per_user[x.user_id] += 1
+    assert any(x.kind == "purchase" for x in events)
+    produce(bootstrap, topic_prefix, [as_record(x, i) for i, x in enumerate(events)])
+    worker = workers()
+
+    client = redis.Redis.from_url(worker_env["STREAMREC_REDIS_URL"])
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # state is saved after publication: once every event is applied, every list is out
+            docs = {u: user_doc(client, topic_prefix, u) for u in per_user}
+            if all(d and d["clicks"] + d["purchases"] == per_user[u] for u, d in docs.items()):
+                break
+            assert time.monotonic() < deadline, f"not all events applied in time\n{worker.log_tail()}"
+            worker.assert_alive()
+            time.sleep(0.5)
+    finally:
+        client.close()
+    values = consume_until(bootstrap, f"{topic_prefix}recommendations",
+                           lambda v: {decode_recommendation(x).user_id for x in v} >= set(per_user), 30, worker)
+    recs = [decode_recommendation(v) for v in values]
+    last = {rec.user_id: rec for rec in recs}  # topic order is publication order for a user (one partition)
+    assert set(last) == set(per_user)
+    bought = defaultdict(set)
+    for x in events:
+        if x.kind == "purchase":
+            bought[x.user_id].add(x.item_id)
+    for rec in recs:
+        shown = [it.item_id for it in rec.items]
+        assert len(shown) == len(set(shown)) <= 20
+        assert [it.score for it in rec.items] == sorted((it.score for it in rec.items), reverse=True)
+        assert rec.generated_ts >= rec.event_ts and "transformer" in rec.model
+    for user, rec in last.items():
+        shown = {it.item_id for it in rec.items}
+        assert not bought[user] & shown, f"{user} was recommended items it bought: {bought[user] & shown}"
+    assert sum(bool(rec.items) for rec in last.values()) >= 0.9 * len(last)
+    assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()
+
+
+def test_bad_input_goes_to_the_dlq_and_good_events_keep_flowing(worker_env, workers, topic_prefix):
+    bootstrap = worker_env["STREAMREC_KAFKA_BOOTSTRAP"]
+    good = [ClickEvent(event_id=f"g{i}", user_id=f"user{i % 5}", item_id=f"item{i % 7}", ts=1_700_000_000_000 + i) for i in range(20)]
+    bad = {
+        "malformed_json": b'{"event_id": "x", "type": "click",',
+        "missing_field": b'{"event_id":"m1","type":"click","user_id":"u1","ts":1}',
+        "wrong_type": b'{"event_id":"w1","type":"click","user_id":"u1","item_id":"i1","ts":"yesterday"}',
+        "oversize": b'{"event_id":"o1","type":"click","user_id":"u1","item_id":"i1","ts":1,"pad":"' + b"x" * 70_000 + b'"}',
+        "unknown_type": b'{"event_id":"t1","type":"wishlist","user_id":"u1","item_id":"i1","ts":1}',
+        "not_utf8": b'{"event_id":"n1","type":"click","user_id":"\xff\xfe","item_id":"i1","ts":1}',
+    }
+    records = []
+    for i, ev in enumerate(good):
+        records.append(("clicks", ev.user_id.encode(), encode(ev)))
+        if i < len(bad):
+            records.append(("clicks", b"user0", list(bad.values())[i]))
+    produce(bootstrap, topic_prefix, records)
+    worker = workers()
+    dead_values = consume_until(bootstrap, f"{topic_prefix}dlq", lambda v: len(v) >= len(bad), 120, worker)
+    dead = {d.code: d for d in map(decode_dead_letter, dead_values)}
+    assert set(dead) == set(bad)
+    assert "`item_id`" in dead["missing_field"].reason and "`ts`" in dead["wrong_type"].reason
+    assert dead["not_utf8"].raw_encoding == "base64"
+    assert all(d.topic == f"{topic_prefix}clicks" and d.offset >= 0 for d in dead.values())
+    recs = consume_until(bootstrap, f"{topic_prefix}recommendations",
+                         lambda v: {decode_recommendation(x).trigger_event_id for x in v} >= {"g15", "g16", "g17", "g18", "g19"}, 60, worker)
+    assert {decode_recommendation(v).user_id for v in recs} == {f"user{i}" for i in range(5)}
+    worker.assert_alive()
+    assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()
+
+
+def test_a_redelivered_event_is_applied_once(worker_env, workers, topic_prefix):
+    bootstrap = worker_env["STREAMREC_KAFKA_BOOTSTRAP"]
+    ev = ClickEvent(event_id="dup-1", user_id="solo", item_id="i1", ts=1_700_000_000_000)
+    later = ClickEvent(event_id="dup-2", user_id="solo", item_id="i2", ts=1_700_000_000_500)
+    produce(bootstrap, topic_prefix, [("clicks", b"solo", encode(ev))] * 3 + [("clicks", b"solo", encode(later))])
+    worker = workers()
+    consume_until(bootstrap, f"{topic_prefix}recommendations",
+                  lambda v: any(decode_recommendation(x).trigger_event_id == "dup-2" for x in v), 90, worker)
+    # and once more after the first copies were applied and committed
+    produce(bootstrap, topic_prefix, [("clicks", b"solo", encode(ev))])
+    time.sleep(3)
+    client = redis.Redis.from_url(worker_env["STREAMREC_REDIS_URL"])
+    doc = user_doc(client, topic_prefix, "solo")
+    client.close()
+    assert doc["clicks"] == 2 and doc["recent_items"] == ["i1", "i2"] and doc["event_ids"] == ["dup-1", "dup-2"]
+    assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()
+
+
+def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(worker_env, workers, topic_prefix):
+    bootstrap = worker_env["STREAMREC_KAFKA_BOOTSTRAP"]
+    events = list(synthetic_interactions(n_events=6000, n_users=150, n_items=500, seed=11))
+    expected = defaultdict(int)
+    for x in events:
+        expected[x.user_id] += 1
+    records = [as_record(x, i) for i, x in enumerate(events)]
+
+    def produce_slowly():  # keeps the stream flowing across the kill and the restart
+        for start in range(250, len(records), 250):
+            produce(bootstrap, topic_prefix, records[start:start + 250])
+            time.sleep(0.5)
+
+    feeder = threading.Thread(target=produce_slowly, daemon=True)
+    first = workers()
+    produce(bootstrap, topic_prefix, records[:250])
+    consume_until(bootstrap, f"{topic_prefix}recommendations", lambda v: len(v) >= 20, 120, first)
+    feeder.start()  # the worker is up and running: now stream, and kill it mid-way
+    time.sleep(3)
+    first.stop(signal.SIGKILL)
+
+    client = redis.Redis.from_url(worker_env["STREAMREC_REDIS_URL"])
+    try:
+        def applied() -> dict[str, int]:
+            docs = {u: user_doc(client, topic_prefix, u) for u in expected}
+            return {u: (d["clicks"] + d["purchases"]) if d else 0 for u, d in docs.items()}
+
+        partial = sum(applied().values())
+        assert 0 < partial < len(events), "the kill should land mid-stream"
+        second = workers()
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            counts = applied()
+            if counts == dict(expected):
+                break
+            assert all(counts[u] <= expected[u] for u in expected), "an event was applied twice"
+            second.assert_alive()
+            time.sleep(1)
+        feeder.join(60)
+        assert applied() == dict(expected), f"events lost: {sum(expected.values()) - sum(applied().values())}\n{second.log_tail()}"
+    finally:
+        client.close()
+    assert second.stop(signal.SIGTERM) == 0, second.log_tail()
