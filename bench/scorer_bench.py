@@ -63,8 +63,8 @@ def build(args, tmp: Path) -> tuple[SASRecScorer, Path]:
     return model, tmp
 
 
-def bench_shape(model, scorer, b, l, c, args, dev, sync) -> dict:
-    seq, cand = random_inputs(model, b, l, c, np.random.default_rng(b))
+def bench_shape(model, scorer, b, seq_len, c, args, dev, sync) -> dict:
+    seq, cand = random_inputs(model, b, seq_len, c, np.random.default_rng(b))
     tseq, tcand = torch.from_numpy(seq).to(dev), torch.from_numpy(cand).to(dev)
     mdl = model.to(dev)
 
@@ -85,7 +85,7 @@ def bench_shape(model, scorer, b, l, c, args, dev, sync) -> dict:
         oo += o
         ratios.append(statistics.median(t) / statistics.median(o))
     return {
-        "batch": b, "seq_len": l, "cands": c,
+        "batch": b, "seq_len": seq_len, "cands": c,
         "torch_p50_ms": pct(tt, 50), "torch_p99_ms": pct(tt, 99),
         "ort_p50_ms": pct(oo, 50), "ort_p99_ms": pct(oo, 99),
         "ratio_p50": pct(tt, 50) / pct(oo, 50),

@@ -38,4 +38,8 @@ def __getattr__(name: str):
     return getattr(importlib.import_module(module), name)
 
 
-__all__ = sorted([*_LAZY, "ModelLoadError", "OOV_ROW", "PAD_ROW", "ScorerDeviceError", "ScorerError", "Vocab"])
+__all__ = [  # noqa: F822 - the lazy names resolve through __getattr__
+    "OOV_ROW", "PAD_ROW", "HotSwapScorer", "MicroBatcher", "ModelLoadError", "ModelRegistry", "OnnxScorer",
+    "ParityResult", "SASRecScorer", "ScorerConfig", "ScorerDeviceError", "ScorerError", "TrainConfig",
+    "TrainResult", "Vocab", "check_parity", "export_and_register", "export_onnx", "make_session", "train",
+]

@@ -111,9 +111,8 @@ def check_parity(
         session = make_session(onnx_path, "cpu")
     rng = np.random.default_rng(seed)
     worst, ok = 0.0, True
-    for b, l, c in shapes:
-        l = min(l, model.cfg.max_len)
-        seq, cand = random_inputs(model, b, l, c, rng)
+    for b, seq_len, c in shapes:
+        seq, cand = random_inputs(model, b, min(seq_len, model.cfg.max_len), c, rng)
         ref = torch_scores(model, seq, cand)
         got = session.run([OUTPUT_NAME], {"seq_ids": seq, "cand_ids": cand})[0]
         worst = max(worst, float(np.max(np.abs(got - ref))))

@@ -227,12 +227,12 @@ class OnnxScorer:
             raise ValueError(f"{len(sequences)} sequences but {len(candidates)} candidate lists")
         rows = self.vocab.rows
         seqs = [rows(s[-self.max_len :]) or [OOV_ROW] for s in sequences]
-        l = max((len(s) for s in seqs), default=1)
+        width = max((len(s) for s in seqs), default=1)
         c = max((len(x) for x in candidates), default=1) or 1
-        seq_ids = np.zeros((len(seqs), l), dtype=np.int64)
+        seq_ids = np.zeros((len(seqs), width), dtype=np.int64)
         cand_ids = np.zeros((len(seqs), c), dtype=np.int64)
         for i, s in enumerate(seqs):
-            seq_ids[i, l - len(s) :] = s
+            seq_ids[i, width - len(s) :] = s
             cand_ids[i, : len(candidates[i])] = rows(candidates[i])
         return seq_ids, cand_ids, [len(x) for x in candidates]
 
@@ -261,9 +261,9 @@ class _CudaBinding:
         self.lock = threading.Lock()  # the captured graph's buffers are shared: one call at a time
         if cuda_graph:
             self.io = self.sess.io_binding()
-            b, l, c = scorer.max_batch, scorer.max_len, scorer.max_cands
-            self.shape = (b, l, c)
-            self.seq = ort.OrtValue.ortvalue_from_shape_and_type((b, l), np.int64, "cuda", self.dev)
+            b, sl, c = scorer.max_batch, scorer.max_len, scorer.max_cands
+            self.shape = (b, sl, c)
+            self.seq = ort.OrtValue.ortvalue_from_shape_and_type((b, sl), np.int64, "cuda", self.dev)
             self.cand = ort.OrtValue.ortvalue_from_shape_and_type((b, c), np.int64, "cuda", self.dev)
             self.out = ort.OrtValue.ortvalue_from_shape_and_type((b, c), np.float32, "cuda", self.dev)
             self.io.bind_ortvalue_input("seq_ids", self.seq)
@@ -278,12 +278,12 @@ class _CudaBinding:
             io.bind_output("scores", "cuda", self.dev)
             self.sess.run_with_iobinding(io)
             return io.copy_outputs_to_cpu()[0]
-        b, l, c = self.shape
+        b, width, c = self.shape
         n, sl, nc = seq_ids.shape[0], seq_ids.shape[1], cand_ids.shape[1]
-        if n > b or sl > l or nc > c:
+        if n > b or sl > width or nc > c:
             raise ValueError(f"batch {seq_ids.shape}x{nc} exceeds the CUDA graph shape {self.shape}")
-        seq = np.zeros((b, l), np.int64)
-        seq[:n, l - sl :] = seq_ids
+        seq = np.zeros((b, width), np.int64)
+        seq[:n, width - sl :] = seq_ids
         seq[n:, -1] = OOV_ROW  # padding users get one token so no row is fully masked
         cand = np.zeros((b, c), np.int64)
         cand[:n, :nc] = cand_ids
@@ -314,8 +314,8 @@ def _rewrite(onnx_path: Path, fp16: bool, static: tuple[int, int, int] | None) -
 
     model = onnx.load(str(onnx_path))
     if static is not None:
-        b, l, c = static
-        shapes = {"seq_ids": (b, l), "cand_ids": (b, c), "scores": (b, c)}
+        b, sl, c = static
+        shapes = {"seq_ids": (b, sl), "cand_ids": (b, c), "scores": (b, c)}
         for vi in [*model.graph.input, *model.graph.output]:
             for dim, value in zip(vi.type.tensor_type.shape.dim, shapes[vi.name], strict=True):
                 dim.ClearField("dim_param")

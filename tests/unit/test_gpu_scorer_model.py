@@ -17,8 +17,8 @@ def model() -> SASRecScorer:
 
 
 def test_forward_shapes(model):
-    for b, l, c in [(1, 1, 1), (3, 10, 7), (5, 4, 20)]:
-        out = model(torch.randint(1, 40, (b, l)), torch.randint(1, 40, (b, c)))
+    for b, n, c in [(1, 1, 1), (3, 10, 7), (5, 4, 20)]:
+        out = model(torch.randint(1, 40, (b, n)), torch.randint(1, 40, (b, c)))
         assert out.shape == (b, c) and out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
