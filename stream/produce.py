@@ -8,8 +8,8 @@ that a replay reproduces, and paces the stream with a token bucket:
 >>> to_event(x, event_id("taobao-1a2b3c4d", 12))
 PurchaseEvent(event_id='taobao-1a2b3c4d-12', user_id='u7', item_id='i3', ts=1700000000000, quantity=1, price=None, order_id=None, category_id='c2', session_id='s1')
 >>> bucket = TokenBucket(rate=1000, burst=10, now=0.0)
->>> bucket.reserve(10, now=0.0), bucket.reserve(5, now=0.0)
-(0.0, 0.005)
+>>> bucket.reserve(10, now=0.0), bucket.reserve(10, now=0.010), bucket.reserve(5, now=0.025)
+(0.01, 0.01, 0.0)
 
 The I/O shell writes with aiokafka, filling one record batch per topic-partition itself
 (``create_batch``/``send_batch``) and choosing partitions with Kafka's murmur2 rule, as
@@ -93,7 +93,8 @@ class TokenBucket:
 
     :meth:`reserve` takes tokens at once, going into debt when there are too few, and says
     how long the caller must wait before sending; time slept beyond that refills the bucket
-    (up to ``burst``), so a sleep that overshoots does not lower the long-run rate.
+    (up to ``burst``), so a sleep that overshoots does not lower the long-run rate. The bucket
+    starts empty: a replay starts at the rate, not with a burst.
     The clock is passed in, which keeps the bucket pure and testable with a fake clock.
     """
 
@@ -101,9 +102,9 @@ class TokenBucket:
         if rate <= 0:
             raise ValueError(f"rate must be positive, saw {rate}")
         self.rate = float(rate)
-        # default: 50 ms worth, so a process descheduled for that long on a busy box catches up
-        self.burst = float(burst) if burst is not None else max(1.0, self.rate * 0.05)
-        self._tokens = self.burst
+        # default: 100 ms worth, so a process descheduled for that long on a busy box catches up
+        self.burst = float(burst) if burst is not None else max(1.0, self.rate * 0.1)
+        self._tokens = 0.0
         self._last = now
 
     def reserve(self, n: int, now: float) -> float:

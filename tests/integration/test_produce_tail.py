@@ -128,7 +128,7 @@ def test_the_rate_is_an_upper_bound(kafka_bootstrap, topic_prefix):
               "--limit", "3000", "--rate", "2000", "--no-progress")
     assert "sent 3,000 events" in out
     seconds = float(out.split(" s: ")[0].rsplit(" ", 1)[1])
-    assert seconds >= (3000 - 40) / 2000  # 40: the bucket's burst at 2,000/s
+    assert seconds >= 3000 / 2000 * 0.99  # the bucket starts empty: no burst to get ahead with
 
 
 def test_ctrl_c_flushes_what_was_sent_and_prints_the_summary(kafka_bootstrap, topic_prefix):
