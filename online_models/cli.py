@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 
-class Protocol(str, Enum):
+class Protocol(StrEnum):
     prequential = "prequential"
     session_rec = "session-rec"
 
@@ -100,7 +100,6 @@ def evaluate(
     from online_models.evaluation import DEFAULT_MODELS, plot_curves, prequential
     from online_models.session_protocol import SESSION_MODELS, load_folder, session_rec, work_units
 
-    console = Console(stderr=True)
     ks = tuple(k) if k else (10, 20)
     names = [n.strip() for m in (models or []) for n in m.split(",") if n.strip()] or None
     config = _config_with_weights(blend_weights)
@@ -168,7 +167,13 @@ class _progress:
     def __enter__(self):
         if not self.show:
             return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                              TimeRemainingColumn(), transient=True)
@@ -229,7 +234,8 @@ def _print_tables(console, report: dict[str, Any]) -> None:
 
 
 def _plot_session(report: dict[str, Any], path: str) -> None:
-    """Bar chart: HR@K and MRR@K on the saved pairs (references and ours) and on all predictions."""
+    """Left: HR@K and MRR@K on the saved pairs, references and ours. Right: cumulative HR@K
+    over the test predictions for each contender and mode."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -238,29 +244,40 @@ def _plot_session(report: dict[str, Any], path: str) -> None:
     kk = report["ks"][-1]
     labels, hr, mrr = [], [], []
     for algo, m in report["references"].items():
-        labels.append(f"{algo}\n(saved)")
+        labels.append(f"{algo} (saved list)")
         hr.append(m[f"HR@{kk}"])
         mrr.append(m[f"MRR@{kk}"])
     for name, by_mode in report["models"].items():
         for mode, m in by_mode.items():
             if "saved_pairs" in m:
-                labels.append(f"{name}\n{mode}, saved")
+                labels.append(f"{name} ({mode})")
                 hr.append(m["saved_pairs"][f"HR@{kk}"])
                 mrr.append(m["saved_pairs"][f"MRR@{kk}"])
-            labels.append(f"{name}\n{mode}, all")
-            hr.append(m[f"HR@{kk}"])
-            mrr.append(m[f"MRR@{kk}"])
-    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(labels)), 5))
-    xs = range(len(labels))
-    ax.bar([x - 0.2 for x in xs], hr, width=0.4, label=f"HR@{kk}")
-    ax.bar([x + 0.2 for x in xs], mrr, width=0.4, label=f"MRR@{kk}")
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(labels, rotation=70, fontsize=7)
-    ax.axhline(0.65, ls="--", c="C0", lw=0.8)
-    ax.axhline(0.36, ls="--", c="C1", lw=0.8)
-    ax.set_title("session-rec protocol, YooChoose 100k (dashed: HR 0.65 / MRR 0.36 targets)")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
+    fig, (ax, ax_curve) = plt.subplots(1, 2, figsize=(15, 6), gridspec_kw={"width_ratios": [1.1, 1]})
+    ys = range(len(labels))
+    ax.barh([y - 0.2 for y in ys], hr, height=0.4, label=f"HR@{kk}")
+    ax.barh([y + 0.2 for y in ys], mrr, height=0.4, label=f"MRR@{kk}")
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0.65, ls="--", c="C0", lw=0.8)
+    ax.axvline(0.36, ls="--", c="C1", lw=0.8)
+    ax.set_title(f"the {report['saved_pairs']} saved predictions (dashed: targets 0.65 / 0.36)", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    colours: dict[str, str] = {}
+    for label, points in report.get("curves", {}).items():
+        model = label.split(" (")[0]
+        colour = colours.setdefault(model, f"C{len(colours) % 10}")
+        if points:
+            ax_curve.plot([p[0] for p in points], [p[1] for p in points], label=label, color=colour,
+                          ls="-" if "learning" in label else ":")
+    ax_curve.set_xlabel("test predictions")
+    ax_curve.set_ylabel(f"cumulative HR@{kk}")
+    ax_curve.set_title(f"all {report['test_predictions']} test predictions", fontsize=10)
+    ax_curve.grid(alpha=0.3)
+    ax_curve.legend(fontsize=7, ncol=2)
+    fig.suptitle("session-rec protocol on " + str(report.get("dataset", "")))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -60,7 +60,7 @@ def batch_scorer(scorer: Any) -> ExternalScorer:
         if not candidates or not user.recent_items:
             return {}
         (row,) = scorer.score([user.recent_items], [list(candidates)])
-        return dict(zip(candidates, (float(s) for s in row)))
+        return dict(zip(candidates, (float(s) for s in row), strict=True))
 
     return score
 

@@ -46,6 +46,7 @@ from typing import Any, ClassVar
 from online_models.base import OnlineLearner
 from online_models.types import Interaction, UserContext
 
+
 class _SessionIndex:
     """Sessions, the item -> recent sessions index and item document frequencies.
 

@@ -34,9 +34,9 @@ from online_models.evaluation import (
     Contender,
     ContenderStats,
     ExternalScorer,
+    _config_dict,
     build_contenders,
     default_config,
-    _config_dict,
 )
 from online_models.metrics import RankingMetrics
 from online_models.recommender import RecommenderConfig
@@ -94,8 +94,11 @@ def score_references(
             m.update(ranked, seq[pos + 1].item_id)
         out[algo] = {"predictions": m.n, **m.summary()}
         if algo in REFERENCE_EXPECTED:
-            out[algo]["published"] = dict(zip(("HR@20", "MRR@20"), REFERENCE_EXPECTED[algo]))
+            out[algo]["published"] = dict(zip(("HR@20", "MRR@20"), REFERENCE_EXPECTED[algo], strict=True))
     return out
+
+
+_CURVE_EVERY = [100]  # predictions between two points of the curves (set per run)
 
 
 def _context(sid: str, seq: list[Interaction], pos: int, max_recent: int) -> UserContext:
@@ -114,6 +117,8 @@ def _judge(c: Contender, st: ContenderStats, subset: RankingMetrics, pairs: set,
     st.metrics.update(ranked, target)
     if (sid, pos) in pairs:
         subset.update(ranked, target)
+    if st.metrics.n % _CURVE_EVERY[0] == 0:
+        st.curve.append((st.metrics.n, st.metrics.value("HR", kmax), st.metrics.value("MRR", kmax)))
 
 
 def session_rec(
@@ -144,9 +149,11 @@ def session_rec(
     ref_scores = score_references(references, sessions, ks) if references else {}
     pairs = {p for lists in (references or {}).values() for p in lists if p[0] in sessions}
     names = list(models) if models else list(SESSION_MODELS)
+    _CURVE_EVERY[0] = max(1, sum(len(s) - 1 for s in sessions.values()) // 100)
     catalogue = len({x.item_id for x in train})
     done = 0
     out_models: dict[str, dict[str, Any]] = {}
+    curves: dict[str, list[list[float]]] = {}
     for name in names:
         out_models[name] = {}
         for mode in modes:
@@ -186,6 +193,7 @@ def session_rec(
             if pairs:
                 result["saved_pairs"] = {"predictions": subset.n, **subset.summary()}
             out_models[name][mode] = result
+            curves[f"{name} ({mode})"] = [list(p) for p in st.curve]
     return {
         "protocol": "session-rec",
         "train_events": len(train),
@@ -197,6 +205,8 @@ def session_rec(
         "references": ref_scores,
         "saved_pairs": len(pairs),
         "models": out_models,
+        "curves": curves,
+        "x_label": "test predictions (frozen: session by session; learning: in time order)",
         "config": _config_dict(config if config is not None else default_config()),
     }
 

@@ -12,7 +12,12 @@ from typer.testing import CliRunner
 from online_models.cli import evaluate
 from online_models.datasets import read_otto, synthetic_interactions
 from online_models.evaluation import ContextTracker, blend_verdict, build_contenders, prequential
-from online_models.session_protocol import read_reference_lists, score_references, session_rec, sessions_of
+from online_models.session_protocol import (
+    read_reference_lists,
+    score_references,
+    session_rec,
+    sessions_of,
+)
 from online_models.types import Interaction, UserContext
 
 OTTO = Path(__file__).resolve().parents[1] / "data" / "otto-sample.jsonl"

@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from online_models.metrics import RankingMetrics, catalogue_coverage, hit_rate, ndcg, reciprocal_rank, target_rank
+from online_models.metrics import (
+    RankingMetrics,
+    catalogue_coverage,
+    hit_rate,
+    ndcg,
+    reciprocal_rank,
+    target_rank,
+)
 
 items = st.lists(st.sampled_from("abcdefghij"), unique=True, max_size=10)
 

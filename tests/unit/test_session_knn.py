@@ -115,7 +115,7 @@ def test_rank_is_ordered_without_duplicates(sessions, recent, k):
     ranked = model.rank(UserContext("p", tuple(recent)), k=k)
     ids = [s.item_id for s in ranked]
     assert len(ids) == len(set(ids)) <= k
-    assert all(a.score >= b.score for a, b in zip(ranked, ranked[1:]))
+    assert all(a.score >= b.score for a, b in zip(ranked, ranked[1:], strict=False))
 
 
 def test_beats_popularity_on_real_otto_sessions():
