@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gpu_scorer.errors import ScorerDeviceError  # noqa: E402
 from gpu_scorer.export import export_onnx, random_inputs  # noqa: E402
 from gpu_scorer.model import SASRecScorer, ScorerConfig  # noqa: E402
 from gpu_scorer.runtime import OnnxScorer, default_threads  # noqa: E402
@@ -121,8 +122,12 @@ def main(argv=None) -> int:
     batches = [int(x) for x in (args.batches or ("64,256,1024,4096" if cuda else "1,16,64,256")).split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         model, path = build(args, Path(tmp))
-        scorer = OnnxScorer(path, args.device, threads=threads, spin=args.spin, cuda_graph=args.cuda_graph,
-                            fp16=args.fp16, max_batch=max(batches), max_cands=args.cands)
+        try:
+            scorer = OnnxScorer(path, args.device, threads=threads, spin=args.spin, cuda_graph=args.cuda_graph,
+                                fp16=args.fp16, max_batch=max(batches), max_cands=args.cands)
+        except ScorerDeviceError as exc:
+            print(f"cannot benchmark on {args.device}: {exc}", file=sys.stderr)
+            return 2
         dev = torch.device("cuda" if cuda else "cpu")
         sync = torch.cuda.synchronize if cuda else None
         print(f"ORT {scorer.provider} vs PyTorch eager on {dev}; threads={threads} spin={args.spin} "
