@@ -9,6 +9,8 @@ attribute assignment: atomic under the GIL, no lock on the scoring path.
 ``poll_interval_s`` it ``stat``s the registry's ``CURRENT`` pointer; when that changed and
 names a version not yet served or refused, the new model is loaded and verified (parity
 sample) on a background thread (or inline with ``background=False``), then swapped in.
+It returns True when a swap completed since the previous call (so a caller can log the new
+``version``/``provider`` then); ``on_swap`` is called at the moment of the swap.
 At start the CURRENT version is loaded, or, when it is refused, the newest older version
 that loads. A version that fails to load or verify is refused: logged, counted in
 ``reload_failures``, remembered in ``refused`` (not retried) and reported to
@@ -51,6 +53,7 @@ class HotSwapScorer:
         self.on_swap, self.on_failure = on_swap, on_failure
         self._scorer_kw = scorer_kw
         self.swaps = 0
+        self._swaps_reported = 0
         self.reload_failures = 0
         self.refused: dict[str, str] = {}
         self._loader: threading.Thread | None = None
@@ -100,27 +103,38 @@ class HotSwapScorer:
         return self._current.run_ids(seq_ids, cand_ids)
 
     def maybe_reload(self, force: bool = False) -> bool:
-        """Start loading a newly registered version if there is one; True when started."""
+        """Check for a newly registered version (at most once per ``poll_interval_s`` unless
+        ``force``) and start loading it. Returns True when the served version changed since
+        the previous call, i.e. a swap has completed (with ``background=False``, the load
+        happens inside this call; otherwise a later call reports it)."""
         now = time.monotonic()
-        if not force and now - self._last_poll < self.poll_interval_s:
-            return False
-        self._last_poll = now
+        if force or now - self._last_poll >= self.poll_interval_s:
+            self._last_poll = now
+            self._poll(force)
+        return self._take_swap_news()
+
+    def _take_swap_news(self) -> bool:
+        with self._state_lock:
+            changed = self.swaps != self._swaps_reported
+            self._swaps_reported = self.swaps
+        return changed
+
+    def _poll(self, force: bool) -> None:
         stamp = self.registry.pointer_stamp()
         if stamp == self._stamp and not force:
-            return False
+            return
         with self._state_lock:
             if self._loader is not None and self._loader.is_alive():
-                return False  # poll again later; the stamp is not consumed
+                return  # poll again later; the stamp is not consumed
             self._stamp = stamp
             version = self.registry.latest()
             if version is None or version == self._current.version or version in self.refused:
-                return False
-            if not self.background:
-                self._load(version)
-                return True
-            self._loader = threading.Thread(target=self._load, args=(version,), name=f"scorer-load-{version}", daemon=True)
-            self._loader.start()
-            return True
+                return
+            if self.background:
+                self._loader = threading.Thread(target=self._load, args=(version,), name=f"scorer-load-{version}", daemon=True)
+                self._loader.start()
+                return
+        self._load(version)
 
     def _load(self, version: str) -> None:
         try:
@@ -135,8 +149,9 @@ class HotSwapScorer:
         old = self._current
         if new.provider != old.provider:
             log.warning("scorer: version %s runs on %s, the previous one on %s", version, new.provider, old.provider)
-        self._current = new
-        self.swaps += 1
+        with self._state_lock:
+            self._current = new
+            self.swaps += 1
         log.info("scorer: swapped %s -> %s on %s", old.version, new.version, new.provider)
         if self.on_swap:
             self.on_swap(old.version, new.version, new.provider)
