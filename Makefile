@@ -85,6 +85,9 @@ lint: venv
 
 # --------------------------------------------------------------------------- demo
 
-demo: up
-	@echo "make demo: Kafka and Redis are up (above); the end-to-end pipeline demo is not there yet." >&2
-	@echo "make demo: stop the stack with 'make down'." >&2
+# Starts the stack, runs the pipeline end to end (stream/demo.py), stops the stack again,
+# also when the demo fails. DEMO_ARGS='--dataset PATH --format taobao --events 50000' etc.
+DEMO_ARGS ?=
+demo: venv kafka-jars redis-server
+	@eval "$$($(MAKE) -s up)" && export STREAMREC_KAFKA_BOOTSTRAP STREAMREC_REDIS_URL && \
+	  $(VENV)/bin/python -m stream.demo $(DEMO_ARGS); rc=$$?; $(MAKE) -s down; exit $$rc

@@ -1,0 +1,216 @@
+"""Throughput and latency of the whole pipeline through the real broker and server.
+
+    make up  # or point STREAMREC_KAFKA_BOOTSTRAP / STREAMREC_REDIS_URL at a running stack
+    .venv/bin/python bench/pipeline_bench.py --dataset ../shared/data/taobao-userbehavior/UserBehavior_jason-wang1.csv --format taobao
+
+Three measurements in one run, each on fresh topics:
+
+1. throughput: the log is loaded into the input topics first, then one `streamrec worker`
+   (whole pipeline on: validation, dedupe, Redis state, online models, Transformer scorer
+   when one is registered, blend, publication) works through it; events/s = events applied
+   / time from its first to its last recommendation.
+2. the same events through a bare aiokafka consume→produce loop (one output message per
+   input, nothing else), for scale; the ratio is printed.
+3. latency: events produced at --latency-rate events/s with ts = send time; p50/p95/p99 of
+   (arrival of the recommendation at a consumer − event ts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from kafka import KafkaConsumer
+from kafka.admin import KafkaAdminClient
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stream.demo import free_port, percentile, scrape  # noqa: E402
+from stream.records import decode_recommendation  # noqa: E402
+from stream.settings import Settings  # noqa: E402
+from stream.topics import ensure_topics  # noqa: E402
+
+EXE = [sys.executable, "-m", "stream.cli"]
+
+
+def produce(env: dict, args, limit: int, rate: float | None) -> None:
+    cmd = EXE + ["produce", "--format", args.format, "--limit", str(limit), "--no-progress"]
+    if args.dataset:
+        cmd += ["--dataset", str(args.dataset)]
+    if rate:
+        cmd += ["--rate", str(rate)]
+    subprocess.run(cmd, env=env, check=True, cwd=ROOT)
+
+
+def start_worker(env: dict, log: Path) -> subprocess.Popen:
+    with open(log, "wb") as fh:
+        return subprocess.Popen(EXE + ["worker"], env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+class Arrivals(threading.Thread):
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        super().__init__(daemon=True)
+        self.consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None,
+                                      enable_auto_commit=False, consumer_timeout_ms=200, fetch_max_bytes=64 << 20)
+        self.times: list[float] = []
+        self.latencies_ms: list[float] = []
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_flag.is_set():
+            for msg in self.consumer:
+                now = time.time()
+                rec = decode_recommendation(msg.value)
+                self.times.append(now)
+                self.latencies_ms.append(now * 1000 - rec.event_ts)
+        self.consumer.close()
+
+    def wait_quiet(self, quiet_s: float, timeout_s: float, proc: subprocess.Popen, log: Path) -> None:
+        start, seen, since = time.time(), -1, time.time()
+        while time.time() - since < quiet_s and time.time() - start < timeout_s:
+            time.sleep(0.5)
+            if len(self.times) != seen:
+                seen, since = len(self.times), time.time()
+            if proc.poll() is not None:
+                raise SystemExit("worker exited:\n" + log.read_text()[-3000:])
+
+
+def env_for(prefix: str, extra: dict | None = None) -> tuple[dict, Settings]:
+    env = dict(os.environ, STREAMREC_TOPIC_PREFIX=prefix, STREAMREC_APP_ID=prefix.rstrip("."),
+               STREAMREC_METRICS_PORT=str(free_port()), PYTHONUNBUFFERED="1", **(extra or {}))
+    return env, Settings.from_env(env)
+
+
+def throughput(args) -> tuple[float, int]:
+    env, settings = env_for(f"bench{int(time.time())}t.")
+    ensure_topics(settings.kafka_bootstrap, settings.topics.all, settings.partitions)
+    t = time.time()
+    produce(env, args, args.events, None)
+    print(f"  loaded {args.events:,} events in {time.time() - t:.1f} s")
+    log = ROOT / ".run" / "bench-worker-throughput.log"
+    arrivals = Arrivals(settings.kafka_bootstrap, settings.topics.recommendations)
+    arrivals.start()
+    worker = start_worker(env, log)
+    try:
+        arrivals.wait_quiet(5, args.timeout, worker, log)
+        metrics = scrape(int(env["STREAMREC_METRICS_PORT"]))
+    finally:
+        stop_worker(worker)
+        arrivals.stop_flag.set()
+    applied = sum(v for k, v in metrics.items() if k.startswith("streamrec_events_consumed_total"))
+    span = arrivals.times[-1] - arrivals.times[0]
+    rate = applied / span if span > 0 else 0.0
+    print(f"  worker: {applied:,.0f} events applied, {len(arrivals.times):,} recommendations in {span:.1f} s: {rate:,.0f} events/s")
+    drop_topics(settings)
+    return rate, int(applied)
+
+
+async def bare_loop(bootstrap: str, source: list[str], sink: str, n: int) -> float:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    consumer = AIOKafkaConsumer(*source, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                group_id=f"bare{time.time_ns()}", enable_auto_commit=True)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2)
+    await consumer.start()
+    await producer.start()
+    seen, first = 0, None
+    try:
+        while seen < n:
+            batch = await consumer.getmany(timeout_ms=1000, max_records=1000)
+            for records in batch.values():
+                for msg in records:
+                    first = first or time.perf_counter()
+                    await producer.send(sink, msg.value, key=msg.key)
+                    seen += 1
+        await producer.flush()
+        return seen / (time.perf_counter() - first)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+def bare(args) -> float:
+    env, settings = env_for(f"bench{int(time.time())}b.")
+    ensure_topics(settings.kafka_bootstrap, settings.topics.all, settings.partitions)
+    produce(env, args, args.events, None)
+    rate = asyncio.run(bare_loop(settings.kafka_bootstrap, list(settings.topics.inputs), settings.topics.recommendations, args.events))
+    print(f"  bare aiokafka consume->produce: {rate:,.0f} events/s")
+    drop_topics(settings)
+    return rate
+
+
+def latency(args) -> list[float]:
+    env, settings = env_for(f"bench{int(time.time())}l.")
+    ensure_topics(settings.kafka_bootstrap, settings.topics.all, settings.partitions)
+    log = ROOT / ".run" / "bench-worker-latency.log"
+    arrivals = Arrivals(settings.kafka_bootstrap, settings.topics.recommendations)
+    arrivals.start()
+    worker = start_worker(env, log)
+    try:
+        time.sleep(args.warmup)  # let the worker join its group before the clock starts
+        produce(env, args, int(args.latency_rate * args.latency_seconds), args.latency_rate)
+        arrivals.wait_quiet(3, args.timeout, worker, log)
+    finally:
+        stop_worker(worker)
+        arrivals.stop_flag.set()
+    lat = arrivals.latencies_ms
+    print(f"  {len(lat):,} recommendations at {args.latency_rate:,.0f} events/s: latency p50 {percentile(lat, 50):.1f} ms, "
+          f"p95 {percentile(lat, 95):.1f} ms, p99 {percentile(lat, 99):.1f} ms, max {max(lat):.1f} ms")
+    drop_topics(settings)
+    return lat
+
+
+def drop_topics(settings: Settings) -> None:
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        admin.delete_topics(list(settings.topics.all))
+        admin.close()
+    except Exception as exc:
+        print(f"  (could not delete bench topics: {exc})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", type=Path)
+    p.add_argument("--format", default="synthetic")
+    p.add_argument("--events", type=int, default=110_300, help="events for the throughput runs (default: the whole Taobao log)")
+    p.add_argument("--latency-rate", type=float, default=2000.0)
+    p.add_argument("--latency-seconds", type=float, default=20.0)
+    p.add_argument("--warmup", type=float, default=8.0, help="seconds for the worker to join before the latency run")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--skip", nargs="*", default=[], choices=["throughput", "bare", "latency"])
+    args = p.parse_args()
+    print(f"streamrec pipeline bench: {os.cpu_count()} cores, dataset {args.dataset or 'synthetic'}, model dir {Settings.from_env().model_dir}")
+    results = {}
+    if "throughput" not in args.skip:
+        print("1. throughput (whole pipeline)")
+        results["pipeline"], _ = throughput(args)
+    if "bare" not in args.skip:
+        print("2. bare aiokafka loop over the same events")
+        results["bare"] = bare(args)
+    if "latency" not in args.skip:
+        print(f"3. latency at {args.latency_rate:,.0f} events/s")
+        latency(args)
+    if "pipeline" in results and "bare" in results:
+        print(f"ratio pipeline / bare loop: {results['pipeline'] / results['bare']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

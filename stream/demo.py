@@ -1,0 +1,205 @@
+"""``make demo``: the whole pipeline on the local stack, start to finish, in about a minute.
+
+1. trains a small Transformer scorer on the synthetic shop when the registry has none,
+2. starts a ``streamrec worker``,
+3. replays the synthetic stream (or ``--dataset``) with ``streamrec produce`` at a given rate,
+   plus a handful of bad values to show the dead-letter topic,
+4. shows recommendations as they arrive,
+5. stops the worker with SIGTERM and prints a summary: events/s, event→recommendation
+   latency p50/p99, dead letters, the scorer's provider, the live hit rate.
+
+Each run uses its own topic prefix (``demo<time>.``), so runs never see each other's
+events or user state; its topics are deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.admin import KafkaAdminClient
+
+from stream.records import decode_dead_letter, decode_recommendation
+from stream.settings import Settings, mask_url
+
+BAD_VALUES = [
+    b'{"event_id": "bad-1", "type": "click", "user_id": "u1"',
+    b'{"event_id": "bad-2", "type": "click", "user_id": "u1", "ts": 1}',
+    b'{"event_id": "bad-3", "type": "wishlist", "user_id": "u1", "item_id": "i1", "ts": 1}',
+    b'{"event_id": "bad-4", "type": "click", "user_id": 42, "item_id": "i1", "ts": 1}',
+    b"\xff\xfe not utf-8",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+class Watcher(threading.Thread):
+    """Consumes the recommendation and dead-letter topics, measuring latency on arrival."""
+
+    def __init__(self, bootstrap: str, recommendations: str, dlq: str, show_every: int) -> None:
+        super().__init__(daemon=True)
+        self.consumer = KafkaConsumer(recommendations, dlq, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                      group_id=None, enable_auto_commit=False, consumer_timeout_ms=200)
+        self.recommendations_topic, self.show_every = recommendations, show_every
+        self.latencies_ms: list[float] = []
+        self.dead: list = []
+        self.users: set[str] = set()
+        self.last_model: dict[str, str] = {}
+        self.first_at = self.last_at = None
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_flag.is_set():
+            for msg in self.consumer:
+                now = time.time() * 1000
+                if msg.topic != self.recommendations_topic:
+                    letter = decode_dead_letter(msg.value)
+                    self.dead.append(letter)
+                    print(f"  dead letter [{letter.code}] {letter.reason}")
+                    continue
+                rec = decode_recommendation(msg.value)
+                self.latencies_ms.append(now - rec.event_ts)
+                self.users.add(rec.user_id)
+                self.last_model = rec.model
+                self.first_at = self.first_at or now
+                self.last_at = now
+                n = len(self.latencies_ms)
+                if n == 1 or n % self.show_every == 0:
+                    top = ", ".join(f"{it.item_id}({it.score:.2f})" for it in rec.items[:5])
+                    print(f"  rec #{n:>6} user {rec.user_id:<8} {now - rec.event_ts:6.1f} ms  top: {top}")
+                if self.stop_flag.is_set():
+                    break
+        self.consumer.close()
+
+
+def scrape(port: int) -> dict[str, float]:
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3).read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("streamrec_") and " " in line:
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stream.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", type=Path, help="replay this log instead of the synthetic shop")
+    parser.add_argument("--format", default="synthetic", help="taobao, yoochoose, otto or synthetic")
+    parser.add_argument("--events", type=int, default=20_000, help="events to replay (default 20000)")
+    parser.add_argument("--rate", type=float, default=2_000, help="events per second (default 2000)")
+    parser.add_argument("--train-events", type=int, default=20_000, help="events the scorer trains on when none is registered")
+    args = parser.parse_args(argv)
+
+    settings = Settings.from_env()
+    exe = [sys.executable, "-m", "stream.cli"]
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    prefix = f"demo{stamp}."
+    metrics_port = free_port()
+    env = dict(os.environ, STREAMREC_TOPIC_PREFIX=prefix, STREAMREC_APP_ID=f"demo{stamp}",
+               STREAMREC_METRICS_PORT=str(metrics_port), PYTHONUNBUFFERED="1")
+    topics = Settings.from_env(env).topics
+
+    print(f"== streamrec demo: Kafka {settings.kafka_bootstrap}, Redis {mask_url(settings.redis_url)}, topics {prefix}*")
+    if not (Path(settings.model_dir) / "CURRENT").exists():
+        print(f"== 1/4 training a small Transformer scorer on {args.train_events} synthetic events (once; kept in {settings.model_dir}/)")
+        subprocess.run(exe + ["train", "--limit", str(args.train_events), "--epochs", "4", "--dim", "32",
+                              "--max-len", "30"], env=env, check=True)
+    else:
+        print(f"== 1/4 using the registered scorer in {settings.model_dir}/ (delete it to retrain)")
+
+    log_path = Path(".run") / f"demo-worker-{stamp}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"== 2/4 starting a worker (log: {log_path}, metrics: http://127.0.0.1:{metrics_port}/metrics)")
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(exe + ["worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    watcher = Watcher(settings.kafka_bootstrap, topics.recommendations, topics.dlq, show_every=max(1, args.events // 15))
+    try:
+        time.sleep(1.0)
+        if worker.poll() is not None:
+            print(log_path.read_text()[-3000:])
+            return 1
+        watcher.start()
+        print(f"== 3/4 replaying {args.events} events at {args.rate:.0f}/s, plus {len(BAD_VALUES)} bad values")
+        producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+        for value in BAD_VALUES:
+            producer.send(topics.clicks, key=b"u1", value=value)
+        producer.flush()
+        producer.close()
+        cmd = exe + ["produce", "--limit", str(args.events), "--rate", str(args.rate), "--format", args.format]
+        if args.dataset:
+            cmd += ["--dataset", str(args.dataset)]
+        started = time.time()
+        subprocess.run(cmd, env=env, check=True)
+        # wait until recommendations stop arriving
+        quiet_since, seen = time.time(), 0
+        while time.time() - quiet_since < 3 and time.time() - started < 300:
+            time.sleep(0.5)
+            if len(watcher.latencies_ms) != seen:
+                seen, quiet_since = len(watcher.latencies_ms), time.time()
+            if worker.poll() is not None:
+                print("worker exited early:\n" + log_path.read_text()[-3000:])
+                return 1
+        metrics = scrape(metrics_port)
+    finally:
+        print("== 4/4 stopping the worker (SIGTERM: it finishes its batch, commits and exits)")
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        watcher.stop_flag.set()
+        watcher.join(5)
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+            admin.delete_topics(list(topics.all))
+            admin.close()
+        except Exception as exc:  # the demo's result does not depend on the clean-up
+            print(f"(could not delete the demo topics: {exc})")
+
+    lat = watcher.latencies_ms
+    span_s = ((watcher.last_at or 0) - (watcher.first_at or 0)) / 1000
+    applied = sum(v for k, v in metrics.items() if k.startswith("streamrec_events_consumed_total"))
+    judged = metrics.get("streamrec_live_judged_total", 0)
+    hits = metrics.get('streamrec_live_hits_total{k="20"}', 0)
+    print("\n== summary")
+    print(f"  events applied by the worker   {applied:,.0f}")
+    print(f"  recommendations received       {len(lat):,} for {len(watcher.users):,} users")
+    print(f"  throughput                     {len(lat) / span_s if span_s > 0 else 0:,.0f} recommendations/s over {span_s:.1f} s (paced at {args.rate:.0f} events/s)")
+    print(f"  event -> recommendation        p50 {percentile(lat, 50):.1f} ms, p99 {percentile(lat, 99):.1f} ms")
+    print(f"  dead letters                   {len(watcher.dead)} ({', '.join(sorted({d.code for d in watcher.dead}))})")
+    print(f"  scorer                         {watcher.last_model.get('transformer', '?')} on {watcher.last_model.get('scorer_provider', 'no provider')}")
+    if judged:
+        print(f"  live HR@20                     {hits / judged:.3f} over {judged:,.0f} next events")
+    print(f"  worker exit code               {worker.returncode}")
+    ok = worker.returncode == 0 and len(lat) > 0 and len(watcher.dead) == len(BAD_VALUES)
+    print("== demo " + ("finished" if ok else "FAILED: see the worker log " + str(log_path)))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
