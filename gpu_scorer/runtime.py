@@ -255,17 +255,17 @@ class _CudaBinding:
     With ``cuda_graph`` the shapes are fixed (padded to max_batch x max_len x max_cands) and
     the buffers are allocated once, as CUDA graph replay requires."""
 
-    def __init__(self, scorer: OnnxScorer, cuda_graph: bool) -> None:
-        self.sess, self.dev = scorer.session, scorer.device_id
+    def __init__(self, scorer: OnnxScorer, cuda_graph: bool, device_type: str = "cuda") -> None:
+        self.sess, self.dev, self.kind = scorer.session, scorer.device_id, device_type  # "cpu": tests
         self.cuda_graph = cuda_graph
         self.lock = threading.Lock()  # the captured graph's buffers are shared: one call at a time
         if cuda_graph:
             self.io = self.sess.io_binding()
             b, sl, c = scorer.max_batch, scorer.max_len, scorer.max_cands
             self.shape = (b, sl, c)
-            self.seq = ort.OrtValue.ortvalue_from_shape_and_type((b, sl), np.int64, "cuda", self.dev)
-            self.cand = ort.OrtValue.ortvalue_from_shape_and_type((b, c), np.int64, "cuda", self.dev)
-            self.out = ort.OrtValue.ortvalue_from_shape_and_type((b, c), np.float32, "cuda", self.dev)
+            self.seq = ort.OrtValue.ortvalue_from_shape_and_type((b, sl), np.int64, self.kind, self.dev)
+            self.cand = ort.OrtValue.ortvalue_from_shape_and_type((b, c), np.int64, self.kind, self.dev)
+            self.out = ort.OrtValue.ortvalue_from_shape_and_type((b, c), np.float32, self.kind, self.dev)
             self.io.bind_ortvalue_input("seq_ids", self.seq)
             self.io.bind_ortvalue_input("cand_ids", self.cand)
             self.io.bind_ortvalue_output("scores", self.out)
@@ -273,9 +273,9 @@ class _CudaBinding:
     def run(self, seq_ids: np.ndarray, cand_ids: np.ndarray) -> np.ndarray:
         if not self.cuda_graph:  # a binding per call: session.run is thread-safe, a shared binding is not
             io = self.sess.io_binding()
-            io.bind_ortvalue_input("seq_ids", ort.OrtValue.ortvalue_from_numpy(seq_ids, "cuda", self.dev))
-            io.bind_ortvalue_input("cand_ids", ort.OrtValue.ortvalue_from_numpy(cand_ids, "cuda", self.dev))
-            io.bind_output("scores", "cuda", self.dev)
+            io.bind_ortvalue_input("seq_ids", ort.OrtValue.ortvalue_from_numpy(seq_ids, self.kind, self.dev))
+            io.bind_ortvalue_input("cand_ids", ort.OrtValue.ortvalue_from_numpy(cand_ids, self.kind, self.dev))
+            io.bind_output("scores", self.kind, self.dev)
             self.sess.run_with_iobinding(io)
             return io.copy_outputs_to_cpu()[0]
         b, width, c = self.shape

@@ -6,10 +6,10 @@ import logging
 
 import numpy as np
 import pytest
+from test_gpu_scorer_helpers import register_tiny, tiny_result
 
 from gpu_scorer.errors import ModelLoadError, ScorerDeviceError
 from gpu_scorer.runtime import CPU_EP, OnnxScorer, cuda_device_count
-from test_gpu_scorer_helpers import register_tiny, tiny_result
 
 NO_CUDA = cuda_device_count()[0] == 0
 
@@ -74,3 +74,23 @@ def test_mismatched_lengths_are_rejected(model_dir):
     scorer = OnnxScorer("latest", "cpu", model_dir=model_dir)
     with pytest.raises(ValueError, match="2 sequences but 1 candidate lists"):
         scorer.score([["a"], ["b"]], [["c"]])
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_io_binding_logic_on_cpu_buffers(model_dir, cuda_graph):
+    """The CUDA IO-binding code path (per-call binding, or fixed buffers for CUDA graphs),
+    run with CPU OrtValues so that its bookkeeping is tested without a GPU."""
+    from gpu_scorer.runtime import _CudaBinding
+
+    scorer = OnnxScorer("latest", "cpu", model_dir=model_dir, max_batch=8, max_cands=30)
+    binding = _CudaBinding(scorer, cuda_graph, device_type="cpu")
+    items = list(tiny_result().vocab.items)
+    rng = np.random.default_rng(3)
+    seqs = [list(rng.choice(items, int(n))) for n in (1, 5, 12, 3)]
+    cands = [list(rng.choice(items, int(n))) for n in (4, 30, 1, 17)]
+    seq_ids, cand_ids, lengths = scorer.encode(seqs, cands)
+    for _ in range(2):
+        np.testing.assert_allclose(binding.run(seq_ids, cand_ids), scorer.run_ids(seq_ids, cand_ids), atol=1e-5)
+    if cuda_graph:
+        with pytest.raises(ValueError, match="exceeds the CUDA graph shape"):
+            binding.run(np.ones((9, 3), np.int64), np.ones((9, 3), np.int64))
