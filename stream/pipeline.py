@@ -167,7 +167,7 @@ class RecommendationStep:
             ev = trigger[ctx.user_id]
             recommendations.append(Recommendation(
                 user_id=ctx.user_id,
-                items=[RecommendedItem(r.item_id, round(float(r.score), 6), r.reason) for r in ranked],
+                items=[RecommendedItem(r.item_id, float(r.score), r.reason) for r in ranked],
                 trigger_event_id=ev.event_id,
                 event_ts=ev.ts,
                 generated_ts=generated,

@@ -123,6 +123,19 @@ class InMemoryUserStateStore:
         return None
 
 
+_SAVE_LUA = """
+local ttl = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  if ttl > 0 then
+    redis.call('SET', key, ARGV[i + 1], 'EX', ttl)
+  else
+    redis.call('SET', key, ARGV[i + 1])
+  end
+end
+return #KEYS
+"""
+
+
 class RedisUserStateStore:
     """User state in Redis: ``{prefix}user:{user_id}`` holds the JSON document."""
 
@@ -130,6 +143,7 @@ class RedisUserStateStore:
         self.client = client  # a redis.asyncio.Redis
         self.key_prefix = key_prefix
         self.ttl_s = ttl_s
+        self._save_script = client.register_script(_SAVE_LUA)
 
     @classmethod
     def from_url(cls, url: str, key_prefix: str = "streamrec:", ttl_s: int = 0) -> RedisUserStateStore:
@@ -148,12 +162,15 @@ class RedisUserStateStore:
         return {uid: (_decode(doc) if doc is not None else UserState(uid)) for uid, doc in zip(ids, docs)}
 
     async def save_many(self, states: Mapping[str, UserState]) -> None:
+        """One atomic command for the whole batch: a Lua script SETs every key (with the TTL).
+
+        (A MULTI/EXEC pipeline of one SET per user costs ~40 µs of Python per user in
+        redis-py's command packing; one script call with all keys costs a few.)
+        """
         if not states:
             return
-        async with self.client.pipeline(transaction=True) as pipe:
-            for uid, s in states.items():
-                pipe.set(self.key(uid), _encode(s), ex=self.ttl_s or None)
-            await pipe.execute()
+        keys = [self.key(uid) for uid in states]
+        await self._save_script(keys=keys, args=[self.ttl_s, *map(_encode, states.values())])
 
     async def get_blob(self, name: str) -> bytes | None:
         return await self.client.get(f"{self.key_prefix}{name}")

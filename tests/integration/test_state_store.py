@@ -1,0 +1,58 @@
+"""One suite for both user-state stores: the in-memory one and Redis on the real server."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+
+from stream.state import InMemoryUserStateStore, RedisUserStateStore, UserState, apply_event
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request, redis_url, redis_prefix):
+    if request.param == "memory":
+        s = InMemoryUserStateStore()
+    else:
+        s = RedisUserStateStore(aioredis.Redis.from_url(redis_url), key_prefix=redis_prefix, ttl_s=3600)
+    yield s
+    if request.param == "redis":
+        keys = [k async for k in s.client.scan_iter(match=f"{redis_prefix}*")]
+        if keys:
+            await s.client.delete(*keys)
+    await s.close()
+
+
+async def test_unknown_users_load_as_fresh_state(store):
+    got = await store.load_many(["nobody", "nobody-else"])
+    assert got == {"nobody": UserState("nobody"), "nobody-else": UserState("nobody-else")}
+
+
+async def test_saved_state_round_trips(store):
+    states = {}
+    for u in range(50):
+        s = UserState(f"u{u}")
+        for j in range(u % 7 + 1):
+            apply_event(s, f"e{u}-{j}", f"i{j}", 1000 + j, "purchase" if j == 3 else "click",
+                        max_recent=5, dedupe_window=4, source="clicks:1", offset=j)
+        states[s.user_id] = s
+    await store.save_many(states)
+    assert await store.load_many(list(states)) == states
+    assert (await store.load_many(["u6"]))["u6"].offsets == {"clicks:1": 6}
+
+
+async def test_save_of_nothing_is_a_no_op(store):
+    await store.save_many({})
+    assert await store.load_many([]) == {}
+
+
+async def test_redis_keys_carry_the_state_ttl(redis_url, redis_prefix):
+    store = RedisUserStateStore(aioredis.Redis.from_url(redis_url), key_prefix=redis_prefix, ttl_s=120)
+    try:
+        await store.save_many({"u1": UserState("u1")})
+        ttl = await store.client.ttl(f"{redis_prefix}user:u1")
+        assert 100 < ttl <= 120
+        raw = await store.client.get(f"{redis_prefix}user:u1")
+        assert raw.startswith(b'{"user_id":"u1"')  # a readable JSON document for operators
+    finally:
+        await store.client.delete(f"{redis_prefix}user:u1")
+        await store.close()
