@@ -291,6 +291,9 @@ def produce(
     keep_ts: Annotated[bool, typer.Option(
         "--keep-ts/--now-ts", help="Keep the log's timestamps, or stamp each event with the time it is sent "
         "(the default, so that event-to-recommendation latency means something).")] = False,
+    id_prefix: Annotated[str | None, typer.Option(
+        "--id-prefix", help="Start event ids with this instead of the log's tag (format, file, seed): a fresh "
+        "prefix makes a replay count as new events for a worker that has already seen this log.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> ProduceSummary:
     """Replay a click/purchase log (or a synthetic shop) as events, keyed by user_id.
@@ -319,7 +322,8 @@ def produce(
     from stream.topics import ensure_topics
 
     ensure_topics(settings.kafka_bootstrap, topics.all, settings.partitions, timeout_s=30)
-    summary = _run_with_progress(interactions, settings.kafka_bootstrap, topics, source_tag(dataset, fmt, seed),
+    tag = id_prefix if id_prefix is not None else source_tag(dataset, fmt, seed)
+    summary = _run_with_progress(interactions, settings.kafka_bootstrap, topics, tag,
                                  rate, keep_ts, progress, total=n)
     typer.echo(summary.line())
     typer.echo(f"topics: {topics.clicks} ({summary.topics.get(topics.clicks, 0):,}), "

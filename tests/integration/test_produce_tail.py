@@ -102,6 +102,12 @@ def test_produced_synthetic_events_arrive_on_their_topics_keyed_and_valid(kafka_
         assert (event.user_id, event.item_id, event.session_id, event.category_id) == (x.user_id, x.item_id, x.session_id, x.category_id)
 
 
+def test_id_prefix_makes_a_replay_new_events(kafka_bootstrap, topic_prefix):
+    run("produce", "--bootstrap", kafka_bootstrap, "--topic-prefix", topic_prefix, "--limit", "50", "--no-progress", "--id-prefix", "run2")
+    records = read_all(kafka_bootstrap, TopicNames(topic_prefix).clicks) + read_all(kafka_bootstrap, TopicNames(topic_prefix).purchases)
+    assert {decode_event(r.value).event_id for r in records} == {f"run2-{i}" for i in range(50)}
+
+
 def test_each_users_events_keep_their_order(kafka_bootstrap, topic_prefix):
     run("produce", "--bootstrap", kafka_bootstrap, "--topic-prefix", topic_prefix, "--limit", "2000", "--no-progress")
     by_user: dict[str, list[int]] = defaultdict(list)
