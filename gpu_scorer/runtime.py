@@ -87,7 +87,7 @@ def session_options(threads: int | None = None, spin: bool = False) -> ort.Sessi
 def _cuda_session(model, so: ort.SessionOptions, device_id: int, cuda_graph: bool) -> ort.InferenceSession:
     n, reason = cuda_device_count()
     if n == 0:
-        raise ScorerDeviceError(f"CUDA requested but {reason}; use device='cpu' or 'auto'")
+        raise ScorerDeviceError(reason)
     if CUDA_EP not in ort.get_available_providers():
         raise ScorerDeviceError(f"this onnxruntime build has no {CUDA_EP} (install onnxruntime-gpu)")
     if hasattr(ort, "preload_dlls"):
@@ -148,8 +148,8 @@ def make_session(
             return _cuda_session(model, so, device_id, cuda_graph)
         except ScorerDeviceError as exc:
             if device == "cuda":
-                raise
-            log.warning("scorer: device='auto' and CUDA is not usable (%s); running on %s", str(exc).split("; use")[0], CPU_EP)
+                raise ScorerDeviceError(f"device='cuda' requested but {exc}; use device='cpu' or 'auto'") from exc
+            log.warning("scorer: device='auto' and CUDA is not usable (%s); running on %s", exc, CPU_EP)
     return ort.InferenceSession(model, so, providers=[CPU_EP])
 
 

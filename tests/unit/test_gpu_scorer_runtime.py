@@ -29,7 +29,7 @@ def test_cpu_provider_is_reported(model_dir):
 
 @pytest.mark.skipif(not NO_CUDA, reason="this machine has a GPU: tests/gpu covers CUDA")
 def test_cuda_without_gpu_is_a_clear_error(model_dir):
-    with pytest.raises(ScorerDeviceError, match="CUDA requested but"):
+    with pytest.raises(ScorerDeviceError, match="device='cuda' requested but .*use device='cpu'"):
         OnnxScorer("latest", "cuda", model_dir=model_dir)
 
 
