@@ -50,6 +50,7 @@ from online_models.types import Interaction, ScoredItem, UserContext
 
 
 _RECENCY_SPAN = 20  # recent items that get a recency feature
+_PENDING_RANKED = 1024  # ranked lists kept until record_shown
 
 
 def _default_weights() -> dict[str, float]:
@@ -71,8 +72,9 @@ class RecommenderConfig:
     #: 0.695, MRR@20 0.341 -> 0.375 at 10; Taobao unchanged), so it leads and the blend breaks ties.
     reranker_weight: float = 10.0
     reranker_min_samples: int = 200
-    #: bound on the users whose last ranked list is kept for the re-ranker
-    max_tracked_users: int = 50_000
+    #: users whose published list (k rows of ~15 float32 features, ~1.5 kB) waits for their
+    #: next event to label it for the re-ranker; the least recently shown are dropped
+    max_tracked_users: int = 20_000
 
 
 class Recommender:
@@ -90,8 +92,11 @@ class Recommender:
         self.reranker = ClickReranker(min_samples=self.config.reranker_min_samples, seed=seed)
         self.n_learned = 0
         self._categories: dict[str, str] = {}
-        self._ranked: dict[str, tuple[list[str], dict[str, int], np.ndarray]] = {}
-        self._shown: dict[str, dict[str, dict[str, float]]] = {}
+        # user -> (feature names, ranked items, their feature rows): the last rank() per user,
+        # waiting for record_shown (called right after rank, so a few entries suffice)
+        self._ranked: dict[str, tuple[list[str], list[str], np.ndarray]] = {}
+        # user -> the same for the published list, waiting for the user's next event
+        self._shown: dict[str, tuple[list[str], list[str], np.ndarray]] = {}
 
     @classmethod
     def default(cls, config: RecommenderConfig | None = None, seed: int = 0) -> Self:
@@ -108,8 +113,8 @@ class Recommender:
     def learn_one(self, x: Interaction, user: UserContext | None = None) -> None:
         """Feed ``x`` to every learner, and label the user's last shown list for the re-ranker."""
         shown = self._shown.pop(x.user_id, None)
-        if shown:
-            self.reranker.learn_shown(shown, x.item_id)
+        if shown is not None:
+            self.reranker.learn_rows(*shown, x.item_id)
         if x.category_id is not None:
             self._categories[x.item_id] = x.category_id
         for learner in self.learners.values():
@@ -121,14 +126,13 @@ class Recommender:
         ranked = self._ranked.pop(user_id, None)
         if ranked is None:
             return
-        names, rows, matrix = ranked
-        shown = {}
-        for s in items:
-            r = rows.get(s.item_id)
-            if r is not None:
-                shown[s.item_id] = dict(zip(names, matrix[r].tolist()))
-        if shown:
-            _bounded_put(self._shown, user_id, shown, self.config.max_tracked_users)
+        names, ranked_items, matrix = ranked
+        row_of = {item: r for r, item in enumerate(ranked_items)}
+        rows = [(s.item_id, row_of[s.item_id]) for s in items if s.item_id in row_of]
+        if rows:
+            shown_items = [item for item, _ in rows]
+            _bounded_put(self._shown, user_id, (names, shown_items, matrix[[r for _, r in rows]]),
+                         self.config.max_tracked_users)
 
     # -- candidates -------------------------------------------------------------------
     def _sources(self) -> list[tuple[str, OnlineLearner]]:
@@ -197,8 +201,9 @@ class Recommender:
                 final = blend + cfg.reranker_weight * p
                 order = np.lexsort((np.arange(n), -final))
         picked = self._diversify(items, order, k)
-        _bounded_put(self._ranked, user.user_id, (feature_names, {items[i]: i for i in picked}, features),
-                     cfg.max_tracked_users)
+        _bounded_put(self._ranked, user.user_id,
+                     (feature_names, [items[i] for i in picked], features[picked].astype(np.float32)),
+                     _PENDING_RANKED)
         return [
             ScoredItem(items[i], float(final[i]), names[dominant[i]] if names and contrib[i, dominant[i]] > 0 else None)
             for i in picked
@@ -253,8 +258,17 @@ class Recommender:
     def category(self, item_id: str) -> str | None:
         return self._categories.get(item_id)
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()  # lists awaiting a label are transient: not snapshotted
+        state["_ranked"], state["_shown"] = {}, {}
+        return state
+
     def snapshot(self) -> bytes:
-        """Every learner, the re-ranker and the blend's own state, as versioned bytes."""
+        """Every learner, the re-ranker and the blend's own state, as versioned bytes.
+
+        Lists waiting for the user's next event (re-ranker labels) are not included: after a
+        restore the re-ranker misses one label per such user; predictions are unaffected.
+        """
         params = {"config": asdict(self.config), "seed": self.seed, "learners": sorted(self.learners)}
         return dump_snapshot(self, params, self)
 

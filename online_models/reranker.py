@@ -70,16 +70,18 @@ class ClickReranker:
         are negatives. A list the user ignored gives one negative, so the intercept learns
         how often lists are ignored without swamping the positives.
         """
-        if not shown:
+        for item, clicked in _pick(self._rng, list(shown), next_item, self.n_negatives):
+            self.learn_one(shown[item], clicked)
+
+    def learn_rows(self, names: Sequence[str], items: Sequence[str], rows: np.ndarray, next_item: str) -> None:
+        """:meth:`learn_shown` for a list kept compactly: ``rows[i]`` describes ``items[i]``."""
+        if len(items) == 0:
             return
-        others = [item for item in shown if item != next_item]
-        if next_item in shown:
-            self.learn_one(shown[next_item], True)
-            n = min(self.n_negatives, len(others))
-        else:
-            n = min(1, len(others))
-        for item in self._rng.sample(others, n):
-            self.learn_one(shown[item], False)
+        names = list(names)
+        labelled = _pick(self._rng, list(items), next_item, self.n_negatives)
+        index = {item: i for i, item in enumerate(items)}
+        for item, clicked in labelled:
+            self.learn_one(dict(zip(names, rows[index[item]].tolist())), clicked)
 
     @property
     def ready(self) -> bool:
@@ -117,6 +119,16 @@ class ClickReranker:
     @property
     def version(self) -> str:
         return f"{self.name}-{self.n_learned}"
+
+
+def _pick(rng: random.Random, shown: list[str], next_item: str, n_negatives: int) -> list[tuple[str, bool]]:
+    """The labelled items of a shown list: the clicked one and sampled negatives."""
+    if not shown:
+        return []
+    others = [item for item in shown if item != next_item]
+    if next_item in shown:
+        return [(next_item, True), *((item, False) for item in rng.sample(others, min(n_negatives, len(others))))]
+    return [(item, False) for item in rng.sample(others, min(1, len(others)))]
 
 
 __all__ = ["ClickReranker"]
