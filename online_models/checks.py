@@ -166,7 +166,7 @@ def check_rank_contract(learner: OnlineLearner) -> None:
                 assert len(ranked) <= k, f"{name}.rank(k={k}) returned {len(ranked)} items"
                 assert len(ids) == len(set(ids)), f"{name}.rank returned duplicates: {ids}"
                 scores = [s.score for s in ranked]
-                assert all(x >= y for x, y in zip(scores, scores[1:])), f"{name}.rank is not best first: {scores}"
+                assert all(x >= y for x, y in zip(scores, scores[1:], strict=False)), f"{name}.rank is not best first: {scores}"
                 assert all(isinstance(s, ScoredItem) for s in ranked)
                 if candidates is not None:
                     stray = set(ids) - set(candidates)

@@ -160,8 +160,8 @@ class ImplicitMF(OnlineLearner):
         items, factors = state["_items"], state["_factors"]
         model = cls.__new__(cls)
         model.__dict__.update(model_state)
-        model.u_latents = collections.defaultdict(ufactory, zip(ids, (row.copy() for row in matrix)))
-        model.i_latents = collections.defaultdict(ifactory, zip(items, (row.copy() for row in factors)))
+        model.u_latents = collections.defaultdict(ufactory, zip(ids, (row.copy() for row in matrix), strict=False))
+        model.i_latents = collections.defaultdict(ifactory, zip(items, (row.copy() for row in factors), strict=False))
         full = np.zeros((len(state["_counts"]), factors.shape[1]))  # same capacity as _counts
         full[: len(factors)] = factors
         self.__dict__.update({**state, "model": model, "_factors": full})
@@ -205,7 +205,7 @@ class ImplicitMF(OnlineLearner):
             pool, scores = pool[part], scores[part]
         order = np.lexsort((pool, -scores))
         items = self._items
-        return list(zip([items[r] for r in pool[order].tolist()], scores[order].tolist()))
+        return list(zip([items[r] for r in pool[order].tolist()], scores[order].tolist(), strict=False))
 
 
 __all__ = ["ImplicitMF"]

@@ -130,7 +130,7 @@ class _ItemScores(OnlineLearner):
             rows, vals = rows[part], vals[part]
         order = np.lexsort((rows, -vals))  # best first, ties by first seen
         items = self._items
-        return list(zip([items[r] for r in rows[order].tolist()], vals[order].tolist()))
+        return list(zip([items[r] for r in rows[order].tolist()], vals[order].tolist(), strict=False))
 
 
 class GlobalPopularity(_ItemScores):

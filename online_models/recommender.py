@@ -48,7 +48,6 @@ from online_models.reminder import RecentlyViewed
 from online_models.reranker import ClickReranker
 from online_models.types import Interaction, ScoredItem, UserContext
 
-
 _RECENCY_SPAN = 20  # recent items that get a recency feature
 _PENDING_RANKED = 1024  # ranked lists kept until record_shown
 

@@ -81,7 +81,7 @@ class ClickReranker:
         labelled = _pick(self._rng, list(items), next_item, self.n_negatives)
         index = {item: i for i, item in enumerate(items)}
         for item, clicked in labelled:
-            self.learn_one(dict(zip(names, rows[index[item]].tolist())), clicked)
+            self.learn_one(dict(zip(names, rows[index[item]].tolist(), strict=False)), clicked)
 
     @property
     def ready(self) -> bool:

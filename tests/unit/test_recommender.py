@@ -45,7 +45,7 @@ def test_rank_invariants(trained, user, candidates, k, cap, transformer):
     assert len(ids) == len(set(ids))
     assert set(ids) <= set(candidates)
     assert not set(ids) & user.purchased
-    assert all(a.score >= b.score for a, b in zip(ranked, ranked[1:]))
+    assert all(a.score >= b.score for a, b in zip(ranked, ranked[1:], strict=False))
     if cap is not None:
         cats = [trained.category(i) for i in ids if trained.category(i) is not None]
         assert all(cats.count(c) <= cap for c in cats)
