@@ -33,7 +33,7 @@ worker share one event loop thread, so that holds there).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import chain, zip_longest
 from typing import Self
@@ -119,6 +119,11 @@ class Recommender:
         for learner in self.learners.values():
             learner.learn_one(x, user)
         self.n_learned += 1
+
+    def learn_many(self, xs: Iterable[tuple[Interaction, UserContext | None]]) -> None:
+        """:meth:`learn_one` for each ``(event, context before it)``, in order."""
+        for x, user in xs:
+            self.learn_one(x, user)
 
     def record_shown(self, user_id: str, items: Sequence[ScoredItem]) -> None:
         """Remember what was published to ``user_id`` (from the last :meth:`rank` for them)."""
