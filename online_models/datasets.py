@@ -123,6 +123,7 @@ def synthetic_interactions(
     for item, cat in enumerate(item_category):
         by_category[cat].append(item)
         cat_weights[cat].append(weights[item])
+    cat_cum = [list(itertools.accumulate(w)) for w in cat_weights]
     user_taste = [rng.sample(range(n_categories), k=min(3, n_categories)) for _ in range(n_users)]
     # user activity is skewed too, but no single user dominates (Zipf, exponent 0.7)
     user_cum = list(itertools.accumulate(1.0 / (rank + 1) ** 0.7 for rank in range(n_users)))
@@ -144,7 +145,7 @@ def synthetic_interactions(
             cat = rng.choice(user_taste[user]) if rng.random() < 0.8 else rng.randrange(n_categories)
             if not by_category[cat]:
                 cat = item_category[0]
-            item = rng.choices(by_category[cat], weights=cat_weights[cat])[0]
+            item = rng.choices(by_category[cat], cum_weights=cat_cum[cat])[0]
             kind = "click"
         seen.append(item)
         sessions[user] = (number, seen[-20:])

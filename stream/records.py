@@ -28,6 +28,9 @@ from stream.errors import InvalidEvent
 MAX_EVENT_BYTES = 64 * 1024
 """A value larger than this is rejected to the dead-letter topic without being parsed."""
 
+DEAD_LETTER_RAW_LIMIT = MAX_EVENT_BYTES
+"""At most this many bytes of a bad value travel in its dead letter."""
+
 MAX_ID_CHARS = 128
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
@@ -96,7 +99,9 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     """An input value the worker could not use, with why and where it came from.
 
     ``raw`` is the original value as text where it decodes as UTF-8, else base64;
-    ``raw_encoding`` says which. ``code`` is the short label the metrics use.
+    ``raw_encoding`` says which. ``raw_bytes`` is the original size; values over
+    :data:`DEAD_LETTER_RAW_LIMIT` bytes are cut to that many (``raw_truncated``) so that an
+    oversize value still fits a Kafka message. ``code`` is the short label the metrics use.
     """
 
     reason: str
@@ -107,6 +112,8 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     ts: int
     code: str = "invalid"
     raw_encoding: Literal["utf-8", "base64"] = "utf-8"
+    raw_bytes: int = 0
+    raw_truncated: bool = False
 
 
 _event_decoder = msgspec.json.Decoder(Event)
@@ -159,20 +166,29 @@ def decode_event(raw: bytes | bytearray | memoryview | None) -> Event:
     """Decode and validate one input value; raise :class:`InvalidEvent` on any breach."""
     if raw is None:
         raise InvalidEvent("malformed_json", "the value is empty (null message); expected a JSON object")
+    if not isinstance(raw, bytes):
+        raw = bytes(raw)
     if len(raw) > MAX_EVENT_BYTES:
         raise InvalidEvent("oversize", f"the value is {len(raw)} bytes, over the {MAX_EVENT_BYTES}-byte limit; it was not parsed")
     try:
-        return _event_decoder.decode(raw)
+        event = _event_decoder.decode(raw)
     except msgspec.ValidationError as exc:
         raise _invalid_from_validation(str(exc)) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         try:
-            bytes(raw).decode("utf-8")
+            raw.decode("utf-8")
         except UnicodeDecodeError as uexc:
             raise InvalidEvent("not_utf8", f"the value is not UTF-8 text (bad byte at position {uexc.start}); events are UTF-8 JSON") from None
-        if not bytes(raw).strip():
+        if not raw.strip():
             raise InvalidEvent("malformed_json", "the value is empty; expected a JSON object") from None
         raise InvalidEvent("malformed_json", f"the value is not valid JSON: {exc}") from None
+    # msgspec skips unknown fields without checking their text; the whole value must be UTF-8
+    if not raw.isascii():
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as uexc:
+            raise InvalidEvent("not_utf8", f"the value is not UTF-8 text (bad byte at position {uexc.start}); events are UTF-8 JSON") from None
+    return event
 
 
 def encode(obj: msgspec.Struct) -> bytes:
@@ -191,12 +207,21 @@ def decode_dead_letter(raw: bytes) -> DeadLetter:
 def dead_letter(error: InvalidEvent, raw: bytes | None, topic: str, partition: int, offset: int, ts: int) -> DeadLetter:
     """The dead letter for ``raw``; the raw value travels as text where it is UTF-8, else base64."""
     data = bytes(raw or b"")
-    try:
-        text, encoding = data.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
+    size = len(data)
+    truncated = size > DEAD_LETTER_RAW_LIMIT
+    if truncated:
+        data = data[:DEAD_LETTER_RAW_LIMIT]
+    text, encoding = None, "utf-8"
+    for cut in range(4 if truncated else 1):  # a cut may split a multi-byte character
+        try:
+            text = data[: len(data) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            continue
+    if text is None:
         text, encoding = base64.b64encode(data).decode("ascii"), "base64"
-    return DeadLetter(reason=error.reason, topic=topic, partition=partition, offset=offset,
-                      raw=text, ts=ts, code=error.code, raw_encoding=encoding)
+    return DeadLetter(reason=error.reason, topic=topic, partition=partition, offset=offset, raw=text, ts=ts,
+                      code=error.code, raw_encoding=encoding, raw_bytes=size, raw_truncated=truncated)
 
 
 __all__ = [

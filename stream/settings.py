@@ -102,6 +102,12 @@ class Settings:
                                  ("STREAMREC_CANDIDATES", self.n_candidates, 1), ("STREAMREC_BATCH_TIMEOUT_MS", self.batch_timeout_ms, 0)):
             if value < low:
                 raise ConfigError(f"{name}={value}: must be at least {low}")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"STREAMREC_LOG_LEVEL={self.log_level!r}: expected debug, info, warning or error")
+        if not self.kafka_bootstrap.strip():
+            raise ConfigError("STREAMREC_KAFKA_BOOTSTRAP is empty: expected host:port[,host:port]")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"STREAMREC_METRICS_PORT={self.metrics_port}: expected a port 0-65535 (0: off)")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"STREAMREC_REDIS_URL={mask_url(self.redis_url)}: expected redis://host:port/db")
 
@@ -128,7 +134,7 @@ class Settings:
 
 def mask_url(url: str) -> str:
     """Hide the password in a URL: ``redis://:secret@h:1/0`` → ``redis://:***@h:1/0``."""
-    return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
+    return re.sub(r"(//[^:/@]*:).*@", r"\1***@", url)
 
 
 def _convert(name: str, typ, raw):
