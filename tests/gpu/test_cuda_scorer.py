@@ -67,8 +67,9 @@ def test_fp16_is_close(model_dir, cpu):
 
 
 def test_registry_verifies_on_cuda_and_hot_swaps(model_dir, tmp_path):
-    from gpu_scorer.registry import HotSwapScorer
     from test_gpu_scorer_helpers import register_tiny
+
+    from gpu_scorer.registry import HotSwapScorer
 
     register_tiny(tmp_path)
     hot = HotSwapScorer(tmp_path, "cuda", poll_interval_s=0, background=False)
@@ -86,3 +87,12 @@ async def test_micro_batcher_on_cuda(model_dir, cpu):
         got = await asyncio.gather(*(batcher.score(s, c) for s, c in zip(seqs, cands, strict=True)))
     for g, r in zip(got, cpu.score(seqs, cands), strict=True):
         np.testing.assert_allclose(g, r, atol=1e-2, rtol=1e-2)
+
+
+def test_training_on_cuda_exports_a_cpu_model():
+    from test_gpu_scorer_helpers import TINY, tiny_sequences
+
+    from gpu_scorer.training import TrainConfig, train
+
+    res = train(tiny_sequences(), TINY, TrainConfig(epochs=1, progress=False, device="cuda"))
+    assert res.model.item_emb.weight.device.type == "cpu" and res.metrics["epochs_run"] == 1

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from test_gpu_scorer_helpers import tiny_result, tiny_train
 
 from gpu_scorer.training import split_last, windows
-from test_gpu_scorer_helpers import tiny_result, tiny_train
 
 
 def test_windows_cover_every_transition_left_padded():
@@ -35,3 +35,22 @@ def test_same_seed_same_model_other_seed_other_model():
     assert a.metrics["val_ndcg@10"] == b.metrics["val_ndcg@10"]
     c = tiny_result(1)
     assert not torch.equal(a.model.item_emb.weight, c.model.item_emb.weight)
+
+
+
+def test_sampled_softmax_trains_and_rare_items_share_the_oov_row():
+    from test_gpu_scorer_helpers import TINY, tiny_sequences
+
+    from gpu_scorer.training import TrainConfig, train
+    from gpu_scorer.vocab import OOV_ROW
+
+    seqs = tiny_sequences()
+    tc = TrainConfig(epochs=1, batch_size=64, loss="sampled", n_negatives=32, min_item_count=3, progress=False)
+    res = train(seqs, TINY, tc)
+    assert 0.0 <= res.metrics["val_hr@10"] <= 1.0 and res.history[0]["loss"] > 0
+    counts = {}
+    for s in seqs.values():
+        for it in s:
+            counts[it] = counts.get(it, 0) + 1
+    rare = [it for it, n in counts.items() if n == 1]
+    assert rare and all(res.vocab.row(it) == OOV_ROW for it in rare)
