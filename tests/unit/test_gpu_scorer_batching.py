@@ -6,10 +6,10 @@ import asyncio
 
 import numpy as np
 import pytest
+from test_gpu_scorer_helpers import register_tiny, tiny_result
 
 from gpu_scorer.batching import MicroBatcher
 from gpu_scorer.runtime import OnnxScorer
-from test_gpu_scorer_helpers import register_tiny, tiny_result
 
 
 class CountingScorer:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_gpu_scorer_helpers import register_tiny, tiny_result
 
 from gpu_scorer.vocab import OOV_ROW, PAD_ROW, Vocab
-from test_gpu_scorer_helpers import register_tiny, tiny_result
 
 
 def test_rows_frequency_order_and_oov():
