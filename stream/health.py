@@ -1,0 +1,162 @@
+"""Liveness and readiness of a worker, served beside ``/metrics`` on one port.
+
+``serve(port, registry, health)`` starts a small HTTP server in a daemon thread:
+
+- ``GET /metrics``: the Prometheus exposition of ``registry`` (what prometheus_client's
+  own ``start_http_server`` serves);
+- ``GET /healthz``: liveness. 200 while the worker's event loop is responsive, i.e. its
+  heartbeat (``Health.beat``, a 1 s Faust timer) is younger than ``stale_after_s``; 503
+  when the loop has been stuck longer (Kubernetes then restarts the container). Before the
+  first beat the worker counts as alive for ``startup_grace_s`` (model loading, joining the
+  consumer group).
+- ``GET /readyz``: readiness. 200 once every condition holds (by default ``kafka``: the
+  consumer joined its group and no rebalance is under way; ``redis``: the last PING was
+  answered), 503 with the failing conditions otherwise.
+
+The answers are plain text (one line per condition), so ``curl`` shows an operator why.
+The HTTP thread only reads what the event loop wrote; it never calls Redis or Kafka.
+
+>>> clock = iter([0.0, 1.0, 5.0, 100.0]).__next__
+>>> h = Health(stale_after_s=30, startup_grace_s=60, clock=clock)
+>>> h.beat()
+>>> h.liveness()[0], h.liveness()[0]
+(True, False)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from http.server import ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.exposition import MetricsHandler
+
+log = logging.getLogger("streamrec.health")
+
+READY_CONDITIONS = ("kafka", "redis")
+
+
+class Health:
+    """What the probes answer; written by the event loop, read by the HTTP thread."""
+
+    def __init__(self, conditions: Iterable[str] = READY_CONDITIONS, stale_after_s: float = 30.0,
+                 startup_grace_s: float = 120.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stale_after_s = stale_after_s
+        self.startup_grace_s = startup_grace_s
+        self._clock = clock
+        self._started = clock()
+        self._last_beat: float | None = None
+        self._conditions: dict[str, tuple[bool, str]] = {c: (False, "not checked yet") for c in conditions}
+        self._lock = threading.Lock()
+
+    def beat(self) -> None:
+        """The event loop is alive (call from a short Faust timer)."""
+        self._last_beat = self._clock()
+
+    def set(self, condition: str, ok: bool, detail: str = "") -> None:
+        with self._lock:
+            self._conditions[condition] = (bool(ok), detail or ("ok" if ok else "failing"))
+
+    def liveness(self) -> tuple[bool, str]:
+        now = self._clock()
+        if self._last_beat is None:
+            waited = now - self._started
+            if waited <= self.startup_grace_s:
+                return True, f"starting ({waited:.0f} s, no heartbeat yet)"
+            return False, f"no heartbeat {waited:.0f} s after start (grace {self.startup_grace_s:.0f} s)"
+        age = now - self._last_beat
+        if age <= self.stale_after_s:
+            return True, f"event loop heartbeat {age:.1f} s ago"
+        return False, f"event loop heartbeat {age:.1f} s ago (stale after {self.stale_after_s:.0f} s): the loop is blocked"
+
+    def readiness(self) -> tuple[bool, str]:
+        with self._lock:
+            conditions = dict(self._conditions)
+        alive, why = self.liveness()
+        lines = [f"{name}: {'ok' if ok else 'FAIL'} ({detail})" for name, (ok, detail) in sorted(conditions.items())]
+        if not alive:
+            lines.append(f"loop: FAIL ({why})")
+        return alive and all(ok for ok, _ in conditions.values()), "\n".join(lines)
+
+
+async def check_readiness(app: Any, store: Any, health: Health) -> bool:
+    """Refresh the ``kafka`` and ``redis`` conditions from a running worker (a Faust timer)."""
+    try:
+        await store.ping()
+        health.set("redis", True, "PING answered")
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        health.set("redis", False, f"PING failed: {type(exc).__name__}: {exc}")
+    if getattr(app, "rebalancing", False):
+        health.set("kafka", False, "consumer group rebalancing")
+    elif not getattr(app, "rebalancing_count", 0):
+        health.set("kafka", False, "consumer has not joined its group yet")
+    else:
+        try:
+            n = len(app.consumer.assignment())
+        except Exception as exc:  # noqa: BLE001 - consumer not started
+            health.set("kafka", False, f"consumer not started: {exc}")
+        else:
+            health.set("kafka", True, f"in the group, {n} partitions assigned")
+    return health.readiness()[0]
+
+
+def _handler(registry: CollectorRegistry, health: Health) -> type:
+    class Handler(MetricsHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            path = self.path.split("?", 1)[0].rstrip("/") or "/"
+            if path == "/healthz":
+                self._answer(*health.liveness())
+            elif path == "/readyz":
+                self._answer(*health.readiness())
+            elif path in ("/metrics", "/"):
+                super().do_GET()
+            else:
+                self._answer(False, "not found: try /metrics, /healthz or /readyz", status=404)
+
+        def _answer(self, ok: bool, text: str, status: int | None = None) -> None:
+            body = (("ok" if ok else "unavailable") + "\n" + text + "\n").encode()
+            self.send_response(status or (200 if ok else 503))
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    Handler.registry = registry
+    return Handler
+
+
+class HealthServer:
+    """The HTTP server thread; ``close()`` stops it and frees the port."""
+
+    def __init__(self, port: int, registry: CollectorRegistry, health: Health, addr: str = "0.0.0.0") -> None:
+        self.httpd = ThreadingHTTPServer((addr, port), _handler(registry, health))
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="streamrec-http", daemon=True)
+
+    def start(self) -> HealthServer:
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
+
+    def __enter__(self) -> HealthServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def serve(port: int, registry: CollectorRegistry = REGISTRY, health: Health | None = None,
+          addr: str = "0.0.0.0") -> HealthServer:
+    """Serve /metrics, /healthz and /readyz on ``addr:port`` (0: a free port) in a daemon thread."""
+    server = HealthServer(port, registry, health or Health(), addr).start()
+    log.info("metrics and health on http://%s:%d/metrics, /healthz, /readyz", addr, server.port)
+    return server
