@@ -137,3 +137,15 @@ def test_same_seed_same_recommendations():
         return rec.recommend(UserContext("u1", recent_items=(EVENTS[700].item_id,)))
 
     assert run() == run()
+
+
+def test_lists_waiting_for_a_label_are_bounded_and_not_snapshotted():
+    rec = Recommender.default(RecommenderConfig(max_tracked_users=5), seed=0)
+    rec.learn_many((x, None) for x in EVENTS[:300])
+    for u in range(20):
+        user = UserContext(f"viewer{u}", recent_items=(EVENTS[u].item_id,))
+        rec.record_shown(user.user_id, rec.recommend(user))
+    assert len(rec._shown) == 5 and list(rec._shown) == [f"viewer{u}" for u in range(15, 20)]
+    names, items, rows = rec._shown["viewer19"]
+    assert rows.shape == (len(items), len(names)) and len(items) <= rec.config.k
+    assert Recommender.restore(rec.snapshot())._shown == {}
