@@ -155,6 +155,8 @@ class RecentPopularity(_ItemScores):
     def __init__(self, window_s: float = 3600.0, click_weight: float = 1.0, purchase_weight: float = 3.0,
                  pool_size: int = 500, refresh_every: int = 200, reuse_proposals: int = 16,
                  seed: int = 0):
+        if not window_s > 0:
+            raise ValueError(f"window_s must be > 0 seconds, saw {window_s!r}")
         super().__init__(click_weight, purchase_weight, pool_size, refresh_every, reuse_proposals, seed)
         self.window_s = window_s
         self._window: deque[tuple[int, int, float]] = deque()
@@ -187,6 +189,8 @@ class TrendingPopularity(_ItemScores):
     def __init__(self, half_life_s: float = 1800.0, click_weight: float = 1.0, purchase_weight: float = 3.0,
                  pool_size: int = 500, refresh_every: int = 200, reuse_proposals: int = 16,
                  seed: int = 0):
+        if not half_life_s > 0:
+            raise ValueError(f"half_life_s must be > 0 seconds, saw {half_life_s!r}")
         super().__init__(click_weight, purchase_weight, pool_size, refresh_every, reuse_proposals, seed)
         self.half_life_s = half_life_s
         self._rate = math.log(2.0) / (half_life_s * 1000.0)  # per millisecond

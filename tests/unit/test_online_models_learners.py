@@ -203,3 +203,10 @@ def test_mf_forgets_the_least_recently_active_users_beyond_max_users():
     for u in ["a", "b", "c", "a", "d"]:
         mf.learn_one(click(u, "item"))
     assert list(mf.model.u_latents) == ["c", "a", "d"]
+
+
+def test_popularity_windows_must_be_positive():
+    with pytest.raises(ValueError, match="half_life_s"):
+        TrendingPopularity(half_life_s=0)
+    with pytest.raises(ValueError, match="window_s"):
+        RecentPopularity(window_s=-1)
