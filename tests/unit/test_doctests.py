@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import pkgutil
 
 import pytest
 
-MODULES = [
-    "stream.records",
-    "stream.settings",
-    "stream.topics",
-    "stream.produce",
-    "stream.tail",
-    "online_models.datasets",
-]
+PACKAGES = ["stream", "online_models", "gpu_scorer"]
+# every module of the three packages, so a new module's examples are run without a list to keep
+MODULES = sorted(
+    info.name
+    for package in PACKAGES
+    for info in pkgutil.walk_packages(importlib.import_module(package).__path__, prefix=f"{package}.")
+)
+
+
+def test_the_modules_with_examples_are_found():
+    assert {"stream.records", "stream.state", "online_models.metrics", "online_models.datasets"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)
