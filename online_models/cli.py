@@ -84,6 +84,15 @@ def evaluate(
         int, typer.Option("--max-recent", help="Recent items kept per user (as the worker's STREAMREC_RECENT_ITEMS).")
     ] = 50,
     seed: Annotated[int, typer.Option("--seed", help="Seed handed to every model.")] = 0,
+    scorer_model: Annotated[
+        Path | None,
+        typer.Option(
+            "--scorer-model",
+            help="A registered Transformer scorer (a version directory under STREAMREC_MODEL_DIR, or its "
+            "model.onnx): adds the 'scorer' contender (the Transformer alone, ranking the blend's candidates) "
+            "and feeds its scores to the blends as the worker does.",
+        ),
+    ] = None,
 ) -> None:
     """Evaluate the online models and the blend offline, test-then-learn.
 
@@ -101,6 +110,13 @@ def evaluate(
     from online_models.session_protocol import SESSION_MODELS, load_folder, session_rec, work_units
 
     ks = tuple(k) if k else (10, 20)
+    scorer = None
+    if scorer_model is not None:
+        from gpu_scorer import OnnxScorer  # the CLI is glue: the evaluation itself stays pure
+
+        from online_models.evaluation import batch_scorer
+
+        scorer = batch_scorer(OnnxScorer(str(scorer_model), device="auto"))
     names = [n.strip() for m in (models or []) for n in m.split(",") if n.strip()] or None
     config = _config_with_weights(blend_weights)
     show = not as_json
@@ -112,7 +128,7 @@ def evaluate(
         names = names or list(SESSION_MODELS)
         total = work_units(len(train), test, len(names), len(modes))
         with _progress(show, total, "session-rec") as tick:
-            report = session_rec(train, test, names, ks, refs, config, None, seed, max_recent, modes, tick)
+            report = session_rec(train, test, names, ks, refs, config, scorer, seed, max_recent, modes, tick)
         report["dataset"] = str(dataset)
     else:
         from online_models.datasets import read_interactions
@@ -120,7 +136,7 @@ def evaluate(
         events = list(read_interactions(dataset, format if dataset is not None else "synthetic", limit))
         names = names or list(DEFAULT_MODELS)
         with _progress(show, len(events), "prequential") as tick:
-            report = prequential(events, names, ks, config, None, seed, max_recent, progress=tick)
+            report = prequential(events, names, ks, config, scorer, seed, max_recent, progress=tick)
         report["dataset"] = str(dataset) if dataset is not None else "synthetic"
         report["format"] = format if dataset is not None else "synthetic"
     report["command"] = " ".join(["streamrec evaluate", *sys.argv[2:]]) if len(sys.argv) > 1 else "streamrec evaluate"
