@@ -91,6 +91,7 @@ class Recommender:
         self.reranker = ClickReranker(min_samples=self.config.reranker_min_samples, seed=seed)
         self.n_learned = 0
         self._categories: dict[str, str] = {}
+        self._counts: dict[str, float] = {}  # events per item: the re-ranker's popularity feature
         # user -> (feature names, ranked items, their feature rows): the last rank() per user,
         # waiting for record_shown (called right after rank, so a few entries suffice)
         self._ranked: dict[str, tuple[list[str], list[str], np.ndarray]] = {}
@@ -116,6 +117,7 @@ class Recommender:
             self.reranker.learn_rows(*shown, x.item_id)
         if x.category_id is not None:
             self._categories[x.item_id] = x.category_id
+        self._counts[x.item_id] = self._counts.get(x.item_id, 0.0) + 1.0
         for learner in self.learners.values():
             learner.learn_one(x, user)
         self.n_learned += 1
@@ -231,9 +233,11 @@ class Recommender:
         np.put_along_axis(rank_in_source, np.argsort(-scores, axis=0, kind="stable"),
                           np.arange(n, dtype=float)[:, None], axis=0)
         source_rank = np.where(scores > 0.0, 1.0 / (1.0 + rank_in_source), 0.0)
-        extra = np.stack([1.0 / (1.0 + position), recency], axis=1)
+        get = self._counts.get  # all-time count, squashed to [0, 1)
+        popularity = np.log1p(np.array([get(i, 0.0) for i in items], dtype=float))
+        extra = np.stack([1.0 / (1.0 + position), popularity / (1.0 + popularity), recency], axis=1)
         return (np.hstack([scores, source_rank, extra]),
-                [*names, *(f"{nm}_rank" for nm in names), "blend_position", "recency"])
+                [*names, *(f"{nm}_rank" for nm in names), "blend_position", "popularity", "recency"])
 
     def _diversify(self, items: list[str], order: np.ndarray, k: int) -> list[int]:
         cap = self.config.max_per_category

@@ -2,8 +2,7 @@
 
 The :class:`~online_models.recommender.Recommender` describes each candidate it ranks by
 a few features (each source's normalised score and the item's rank in that source, its
-position in the blend, whether and how recently the user saw it; popularity enters as the
-popularity sources' scores). When a list is published
+position in the blend, its all-time popularity, whether and how recently the user saw it). When a list is published
 (``record_shown``) the features of the shown items are kept; the user's next interaction
 labels them: the item they went to is a positive, ``n_negatives`` other shown items,
 drawn at random, are negatives. River's ``LogisticRegression`` learns from those; scoring
