@@ -50,6 +50,7 @@ class LagMetrics:
         self.highwater = Gauge("consumer_highwater_offset", "The partition's high watermark (offset of the next event produced)", labels, namespace=ns, registry=r)
         self.model_created = Gauge("scorer_model_created_timestamp_seconds", "Creation time of the Transformer scorer version in use (registry manifest)", ["version"], namespace=ns, registry=r)
         self._partitions: set[tuple[str, str]] = set()
+        self._scorer_version: str | None = None
 
     def set_partition(self, topic: str, partition: int, *, highwater: int, committed: int) -> None:
         key = (topic, str(partition))
@@ -82,7 +83,14 @@ class LagMetrics:
         self.model_created.labels(version).set(ts)
 
     def set_scorer(self, scorer: Any) -> None:
-        """Read the creation time from a ``HotSwapScorer``'s registry manifest (None: no scorer)."""
+        """Read the creation time from a ``HotSwapScorer``'s registry manifest (None: no scorer).
+
+        Cheap to call on every timer tick: the manifest is read only when the version changed.
+        """
+        version = getattr(scorer, "version", None)
+        if version == self._scorer_version and version is not None:
+            return
+        self._scorer_version = version
         if scorer is None:
             self.set_model_created(None, None)
             return

@@ -108,8 +108,16 @@ def test_model_created_time_comes_from_the_registry_manifest():
     registry = CollectorRegistry()
     lag = LagMetrics(registry)
     manifests = {"v0002": {"created": "2026-11-20T10:00:00+00:00"}}
-    scorer = SimpleNamespace(version="v0002", registry=SimpleNamespace(manifest=manifests.__getitem__))
+    reads = []
+
+    def manifest(version):
+        reads.append(version)
+        return manifests[version]
+
+    scorer = SimpleNamespace(version="v0002", registry=SimpleNamespace(manifest=manifest))
     lag.set_scorer(scorer)
+    lag.set_scorer(scorer)  # every timer tick: the manifest is read once per version
+    assert reads == ["v0002"]
     assert registry.get_sample_value("streamrec_scorer_model_created_timestamp_seconds", {"version": "v0002"}) == datetime(2026, 11, 20, 10, tzinfo=UTC).timestamp()
     lag.set_scorer(None)
     assert registry.get_sample_value("streamrec_scorer_model_created_timestamp_seconds", {"version": "v0002"}) is None
