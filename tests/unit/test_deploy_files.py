@@ -202,6 +202,19 @@ def test_compose_refers_to_files_and_settings_that_exist(tools):
     assert "kafka:9092" in services["worker"]["environment"]["STREAMREC_KAFKA_BOOTSTRAP"]
 
 
+def test_the_image_copies_sources_its_dockerignore_lets_through():
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    allowed = {line[1:].rstrip("/") for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+               if line.startswith("!")}
+    copied = [src for line in dockerfile.splitlines() if line.startswith("COPY ") for src in line.split()[1:-1]]
+    assert copied and set(copied) <= allowed, f"COPY {set(copied) - allowed}: excluded from the build context"
+    assert all((ROOT / src).exists() for src in copied)
+    packages = re.search(r'include = \[([^\]]*)\]', (ROOT / "pyproject.toml").read_text()).group(1)
+    for package in re.findall(r'"([a-z_]+)\*"', packages):
+        assert package in copied, f"the image does not copy the package {package}"
+    assert 'EXPOSE 9464' in dockerfile and '/healthz' in dockerfile
+
+
 # ---------------------------------------------------------------------------- Kubernetes
 
 
