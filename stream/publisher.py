@@ -23,7 +23,7 @@ OutRecord = tuple[str, bytes | None, bytes]  # topic, key, value
 
 
 class BatchPublisher:
-    def __init__(self, bootstrap: str, linger_ms: int = 2, max_batch_bytes: int = 1 << 20, acks: int | str = 1,
+    def __init__(self, bootstrap: str, linger_ms: int = 0, max_batch_bytes: int = 1 << 20, acks: int | str = 1,
                  request_timeout_ms: int = 30_000) -> None:
         self.bootstrap = bootstrap
         self._config = dict(
