@@ -50,7 +50,7 @@ class LagMetrics:
         self.highwater = Gauge("consumer_highwater_offset", "The partition's high watermark (offset of the next event produced)", labels, namespace=ns, registry=r)
         self.model_created = Gauge("scorer_model_created_timestamp_seconds", "Creation time of the Transformer scorer version in use (registry manifest)", ["version"], namespace=ns, registry=r)
         self._partitions: set[tuple[str, str]] = set()
-        self._scorer_version: str | None = None
+        self._scorer_seen: tuple[int, str | None] | None = None  # (id(scorer), version) last read
 
     def set_partition(self, topic: str, partition: int, *, highwater: int, committed: int) -> None:
         key = (topic, str(partition))
@@ -88,9 +88,10 @@ class LagMetrics:
         Cheap to call on every timer tick: the manifest is read only when the version changed.
         """
         version = getattr(scorer, "version", None)
-        if version == self._scorer_version and version is not None:
+        seen = (id(scorer), version)
+        if seen == self._scorer_seen:
             return
-        self._scorer_version = version
+        self._scorer_seen = seen
         if scorer is None:
             self.set_model_created(None, None)
             return
