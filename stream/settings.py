@@ -77,7 +77,7 @@ class Settings:
     dedupe_ttl_s: int = _env("STREAMREC_DEDUPE_TTL_S", "86400", "how long an event_id is remembered for de-duplication")
     state_ttl_s: int = _env("STREAMREC_STATE_TTL_S", "2592000", "idle time after which a user's state expires (0: never)")
     session_timeout_s: int = _env("STREAMREC_KAFKA_SESSION_TIMEOUT_S", "30", "a worker that stops heartbeating is replaced after this long")
-    snapshot_interval_s: int = _env("STREAMREC_SNAPSHOT_INTERVAL_S", "60", "how often the online models are snapshotted to Redis")
+    snapshot_interval_s: int = _env("STREAMREC_SNAPSHOT_INTERVAL_S", "300", "how often the online models are snapshotted to Redis")
     log_level: str = _env("STREAMREC_LOG_LEVEL", "info", "debug, info, warning or error")
 
     @classmethod
