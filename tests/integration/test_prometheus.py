@@ -208,10 +208,11 @@ def test_prometheus_scrapes_the_worker_and_sees_sensible_values(worker, promethe
     while time.monotonic() < deadline:
         assert process.alive(), f"worker exited:\n{tail(process.log)}"
         consumed = prom.value("sum(streamrec_events_consumed_total)")
-        if consumed is not None and consumed >= N_EVENTS:
+        if consumed is not None and consumed >= N_EVENTS and prom.value("streamrec_dead_letters_published_total"):
             break
         time.sleep(1)
     assert consumed == N_EVENTS, f"Prometheus saw {consumed} of {N_EVENTS} events consumed\n{tail(process.log)}"
+    time.sleep(2.5)  # the worker is idle now: one more scrape gets every metric of the last batch
 
     assert prom.value('up{job="streamrec-worker"}') == 1
     assert prom.value('sum by (type) (streamrec_events_consumed_total{type="purchase"})') > 0
