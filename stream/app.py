@@ -82,7 +82,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
         scorer = load_scorer(settings, metrics)
     step = RecommendationStep(recommender, scorer, StepConfig(
         top_k=settings.top_k, n_candidates=settings.n_candidates, max_recent=settings.recent_items,
-        exclude_purchased=settings.exclude_purchased))
+        dedupe_window=settings.dedupe_window, exclude_purchased=settings.exclude_purchased))
     store = RedisUserStateStore.from_url(settings.redis_url, key_prefix=f"{settings.topic_prefix}", ttl_s=settings.state_ttl_s)
     shell = Shell(settings, metrics, step, store)
     topics = settings.topics

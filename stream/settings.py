@@ -74,7 +74,7 @@ class Settings:
     recent_items: int = _env("STREAMREC_RECENT_ITEMS", "50", "length of each user's recent-item sequence")
     n_candidates: int = _env("STREAMREC_CANDIDATES", "100", "candidates scored per recommendation")
     exclude_purchased: bool = _env("STREAMREC_EXCLUDE_PURCHASED", "true", "never recommend an item the user bought")
-    dedupe_ttl_s: int = _env("STREAMREC_DEDUPE_TTL_S", "86400", "how long an event_id is remembered for de-duplication")
+    dedupe_window: int = _env("STREAMREC_DEDUPE_WINDOW", "256", "latest event ids kept per user to catch a producer's duplicates")
     state_ttl_s: int = _env("STREAMREC_STATE_TTL_S", "2592000", "idle time after which a user's state expires (0: never)")
     session_timeout_s: int = _env("STREAMREC_KAFKA_SESSION_TIMEOUT_S", "30", "a worker that stops heartbeating is replaced after this long")
     snapshot_interval_s: int = _env("STREAMREC_SNAPSHOT_INTERVAL_S", "300", "how often the online models are snapshotted to Redis")
@@ -99,7 +99,7 @@ class Settings:
             raise ConfigError(f"STREAMREC_SCORER_DEVICE={self.scorer_device!r}: expected auto, cuda or cpu")
         for name, value, low in (("STREAMREC_TOP_K", self.top_k, 1), ("STREAMREC_BATCH_SIZE", self.batch_size, 1),
                                  ("STREAMREC_PARTITIONS", self.partitions, 1), ("STREAMREC_RECENT_ITEMS", self.recent_items, 1),
-                                 ("STREAMREC_CANDIDATES", self.n_candidates, 1), ("STREAMREC_BATCH_TIMEOUT_MS", self.batch_timeout_ms, 0)):
+                                 ("STREAMREC_CANDIDATES", self.n_candidates, 1), ("STREAMREC_DEDUPE_WINDOW", self.dedupe_window, 1), ("STREAMREC_BATCH_TIMEOUT_MS", self.batch_timeout_ms, 0)):
             if value < low:
                 raise ConfigError(f"{name}={value}: must be at least {low}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
