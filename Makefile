@@ -24,7 +24,7 @@ KAFKA := deploy/kafka/kafka.sh
 REDIS := deploy/redis/redis.sh
 VENV_STAMP := $(VENV)/.streamrec-installed
 
-.PHONY: help venv up down status test demo lint kafka-jars redis-server
+.PHONY: help venv up down status test demo lint kafka-jars redis-server deploy-tools
 
 help:
 	@sed -n '2,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
@@ -60,6 +60,10 @@ kafka-jars:
 redis-server:
 	@$(REDIS) install
 
+# promtool (Debian's prometheus) and the manifest/compose schema checkers, for the deploy tests
+deploy-tools:
+	@bash deploy/tools.sh
+
 # --------------------------------------------------------------------------- local stack
 
 # Progress goes to stderr, so that stdout is only the two export lines.
@@ -77,7 +81,7 @@ status:
 
 # --------------------------------------------------------------------------- checks
 
-test: venv kafka-jars redis-server
+test: venv kafka-jars redis-server deploy-tools
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: venv

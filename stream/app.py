@@ -17,6 +17,8 @@ import faust
 
 from online_models import Recommender, RecommenderConfig
 from stream.batching import take_batches
+from stream.health import Health, check_readiness
+from stream.lag import LagMetrics, update_lag
 from stream.metrics import Metrics
 from stream.publisher import BatchPublisher
 from stream.pipeline import RecommendationStep, StepConfig
@@ -73,8 +75,10 @@ def _broker_urls(bootstrap: str) -> list[str]:
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None, recommender: Recommender | None = None,
-               scorer=None, load_model: bool = True) -> faust.App:
+               scorer=None, load_model: bool = True, health: Health | None = None) -> faust.App:
     metrics = metrics or Metrics()
+    health = health or Health()
+    lag = LagMetrics(metrics.registry)
     if recommender is None:
         recommender = Recommender.default(RecommenderConfig(k=settings.top_k, n_candidates=settings.n_candidates,
                                                             exclude_purchased=settings.exclude_purchased))
@@ -162,6 +166,16 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
         except Exception as exc:
             metrics.scorer_reload_failures.inc()
             log.error("scorer reload failed, the current one keeps serving: %s", exc)
+
+    @app.timer(interval=1.0)
+    async def heartbeat():
+        health.beat()
+
+    @app.timer(interval=5.0)
+    async def watch_lag_and_readiness():
+        await update_lag(app, lag, topics.inputs)
+        await check_readiness(app, store, health)
+        lag.set_scorer(step.scorer)  # reads the manifest only when the scorer or its version changes
 
     return app
 

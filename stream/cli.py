@@ -43,13 +43,16 @@ def worker(
     created = ensure_topics(settings.kafka_bootstrap, settings.topics.all, settings.partitions)
     if created:
         log.info("created topics %s with %d partitions", ", ".join(created), settings.partitions)
-    from prometheus_client import REGISTRY, start_http_server
+    from prometheus_client import REGISTRY
+
+    from stream.health import Health, serve
 
     metrics = Metrics(REGISTRY)
+    health = Health()
     if settings.metrics_port:
-        start_http_server(settings.metrics_port, registry=REGISTRY)
-        log.info("metrics on http://0.0.0.0:%d/metrics", settings.metrics_port)
-    faust_app = create_app(settings, metrics=metrics)
+        serve(settings.metrics_port, REGISTRY, health)  # /metrics, /healthz, /readyz
+        log.info("metrics and health on http://0.0.0.0:%d/metrics, /healthz, /readyz", settings.metrics_port)
+    faust_app = create_app(settings, metrics=metrics, health=health)
     Worker(faust_app, loglevel=level.lower(), quiet=True).execute_from_commandline()
 
 
