@@ -35,11 +35,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from itertools import chain, zip_longest
+from itertools import chain, repeat, zip_longest
 from typing import Self
 
 import numpy as np
 
+from online_models import ranking
 from online_models.base import OnlineLearner, dump_snapshot, load_snapshot
 from online_models.covisit import CoVisitation
 from online_models.mf import ImplicitMF
@@ -170,93 +171,146 @@ class Recommender:
         user: UserContext,
         candidates: Sequence[str],
         k: int | None = None,
-        extra_scores: Mapping[str, Mapping[str, float]] | None = None,
+        extra_scores: Mapping[str, Mapping[str, float] | Sequence[float]] | None = None,
     ) -> list[ScoredItem]:
-        """Blend, re-rank and filter ``candidates``; the best ``k`` first."""
+        """Blend, re-rank and filter ``candidates``; the best ``k`` first (:meth:`rank_many` of one)."""
+        return self.rank_many([user], [candidates], k, [extra_scores])[0]
+
+    def rank_many(
+        self,
+        users: Sequence[UserContext],
+        candidates: Sequence[Sequence[str]],
+        k: int | None = None,
+        extra_scores: Sequence[Mapping[str, Mapping[str, float] | Sequence[float]] | None] | None = None,
+    ) -> list[list[ScoredItem]]:
+        """:meth:`rank` of ``candidates[i]`` for ``users[i]``, for all users at once.
+
+        The lists are the same as ranking user by user (a user's result never depends on
+        the others in the batch), and so is what :meth:`record_shown` gets; the numpy work
+        is done once over all users' candidates (:mod:`online_models.ranking`). A source of
+        ``extra_scores[i]`` gives ``{item: score}`` or scores aligned with ``candidates[i]``
+        (an array: NaN is no score; a repeated candidate takes its last score, as the dict
+        ``dict(zip(candidates[i], scores))`` would).
+        """
         cfg = self.config
         k = cfg.k if k is None else k
-        purchased = user.purchased if cfg.exclude_purchased else frozenset()
-        items = [c for c in dict.fromkeys(candidates) if c not in purchased]
-        if k <= 0 or not items:
-            return []
-        names, cols = [], []
-        for name, learner in self.learners.items():
-            if cfg.weights.get(name, 0.0) != 0.0:
-                names.append(name)
-                cols.append(_normalise_finite(np.array(learner.score_many(user, items), dtype=float)))
-        for name, scores in (extra_scores or {}).items():
-            if cfg.weights.get(name, 0.0) != 0.0 and name not in self.learners:
-                raw = np.array([scores.get(i, np.nan) for i in items], dtype=float)
-                names.append(name)
-                cols.append(_normalise(raw))
-        n = len(items)
-        if cols:
-            scores_matrix = np.stack(cols, axis=1)
-            contrib = scores_matrix * np.array([cfg.weights[nm] for nm in names])
-            blend = contrib.sum(axis=1)
-            dominant = contrib.argmax(axis=1)
-        else:
-            scores_matrix = np.zeros((n, 0))
-            blend, dominant = np.zeros(n), np.zeros(n, dtype=np.int64)
-        order = np.lexsort((np.arange(n), -blend))
-        features, feature_names = self._features(user, items, scores_matrix, names, order)
-        final = blend
-        if cfg.reranker_weight:
-            p = self.reranker.score(feature_names, features)
-            if p is not None:
-                final = blend + cfg.reranker_weight * p
-                order = np.lexsort((np.arange(n), -final))
-        picked = self._diversify(items, order, k)
-        _bounded_put(self._ranked, user.user_id,
-                     (feature_names, [items[i] for i in picked], features[picked].astype(np.float32)),
-                     _PENDING_RANKED)
-        return [
-            ScoredItem(items[i], float(final[i]), names[dominant[i]] if names and contrib[i, dominant[i]] > 0 else None)
-            for i in picked
-        ]
-
-    def _features(self, user: UserContext, items: list[str], scores: np.ndarray, names: list[str],
-                  order: np.ndarray) -> tuple[np.ndarray, list[str]]:
-        n = len(items)
-        position = np.empty(n)
-        position[order] = np.arange(n)
-        recency = np.zeros(n)  # 1 / steps back for the user's recent items (newest: 1)
-        for back, item in enumerate(reversed(user.recent_items[-_RECENCY_SPAN:]), start=1):
-            try:
-                i = items.index(item)  # a C scan: cheaper than a dict over all candidates
-            except ValueError:
+        n_users = len(users)
+        if len(candidates) != n_users or (extra_scores is not None and len(extra_scores) != n_users):
+            raise ValueError(f"{n_users} users but {len(candidates)} candidate lists"
+                             f"{'' if extra_scores is None else f' and {len(extra_scores)} extra_scores'}")
+        out: list[list[ScoredItem]] = [[] for _ in range(n_users)]
+        if k <= 0:
+            return out
+        weights = cfg.weights
+        # users grouped by their extra sources (names and order): one vectorised pass per group
+        groups: dict[tuple[str, ...], list[tuple[int, list[str], list]]] = {}
+        for u in range(n_users):
+            cands = candidates[u]
+            purchased = users[u].purchased if cfg.exclude_purchased else None
+            items = [c for c in dict.fromkeys(cands) if c not in purchased] if purchased else list(dict.fromkeys(cands))
+            if not items:
                 continue
-            if recency[i] == 0.0:
-                recency[i] = 1.0 / back
-        # 1 / (1 + the item's rank in each source), 0 where the source gave it nothing
-        rank_in_source = np.empty_like(scores)
-        np.put_along_axis(rank_in_source, np.argsort(-scores, axis=0, kind="stable"),
-                          np.arange(n, dtype=float)[:, None], axis=0)
-        source_rank = np.where(scores > 0.0, 1.0 / (1.0 + rank_in_source), 0.0)
-        get = self._counts.get  # all-time count, squashed to [0, 1)
-        popularity = np.log1p(np.array([get(i, 0.0) for i in items], dtype=float))
-        extra = np.stack([1.0 / (1.0 + position), popularity / (1.0 + popularity), recency], axis=1)
-        return (np.hstack([scores, source_rank, extra]),
-                [*names, *(f"{nm}_rank" for nm in names), "blend_position", "popularity", "recency"])
+            names, cols = [], []
+            extra = extra_scores[u] if extra_scores is not None else None
+            for name, scores in (extra or {}).items():
+                if weights.get(name, 0.0) != 0.0 and name not in self.learners:
+                    names.append(name)
+                    cols.append(_extra_column(scores, cands, items))
+            groups.setdefault(tuple(names), []).append((u, items, cols))
+        done: list[tuple[list[str], list[str], np.ndarray] | None] = [None] * n_users
+        for extra_names, members in groups.items():
+            self._rank_group(users, members, extra_names, k, out, done)
+        for u, ranked in enumerate(done):  # in call order, as rank() user by user would
+            if ranked is not None:
+                _bounded_put(self._ranked, users[u].user_id, ranked, _PENDING_RANKED)
+        return out
 
-    def _diversify(self, items: list[str], order: np.ndarray, k: int) -> list[int]:
-        cap = self.config.max_per_category
-        if cap is None:
-            return order[:k].tolist()
-        picked: list[int] = []
-        per_category: dict[str, int] = {}
-        categories = self._categories
-        for i in order.tolist():
-            cat = categories.get(items[i])
-            if cat is not None:
-                seen = per_category.get(cat, 0)
-                if seen >= cap:
+    def _rank_group(self, users: Sequence[UserContext], members: list[tuple[int, list[str], list]],
+                    extra_names: tuple[str, ...], k: int, out: list, done: list) -> None:
+        cfg = self.config
+        seg = ranking.Segments([len(items) for _, items, _ in members])
+        flat_items = list(chain.from_iterable(items for _, items, _ in members))
+        learners = [(nm, lr) for nm, lr in self.learners.items() if cfg.weights.get(nm, 0.0) != 0.0]
+        names = [nm for nm, _ in learners] + list(extra_names)
+        norm = np.empty((len(names), seg.n))
+        for j, (_, learner) in enumerate(learners):
+            raw: list[float] = []
+            for u, items, _ in members:
+                raw.extend(learner.score_many(users[u], items))
+            norm[j] = ranking.normalise(np.array(raw, dtype=float), seg, finite=True)
+        for j in range(len(extra_names)):
+            raw_extra = np.concatenate([np.asarray(cols[j], dtype=float) for _, _, cols in members])
+            norm[len(learners) + j] = ranking.normalise(raw_extra, seg, finite=False)
+        blend, dominant, credited = ranking.blend(norm, np.array([cfg.weights[nm] for nm in names]))
+        order = seg.order(blend)
+        get = self._counts.get
+        counts = np.fromiter(map(get, flat_items, repeat(0.0)), dtype=float, count=seg.n)
+        feats = ranking.features(norm, seg, seg.local_ranks(blend, order), self._recency(users, members, seg),
+                                 counts)
+        feature_names = [*names, *(f"{nm}_rank" for nm in names), "blend_position", "popularity", "recency"]
+        final = blend
+        if cfg.reranker_weight and self.reranker.ready:
+            model = self.reranker.model
+            w = [model.weights.get(nm, 0.0) for nm in feature_names]
+            final = blend + cfg.reranker_weight * ranking.click_probability(feats, w, model.intercept)
+            order = seg.order(final)
+        if cfg.max_per_category is None:
+            picked, counts_picked = seg.top(order, k)
+        else:
+            picked, counts_picked = self._diversify(members, order, seg, k)
+        rows = np.ascontiguousarray(feats[:, picked].T, dtype=np.float32)
+        picked_list = picked.tolist()
+        scores = final[picked].tolist()
+        reasons = [names[d] if c else None for d, c in zip(dominant[picked].tolist(), credited[picked].tolist(),
+                                                            strict=True)]
+        at = 0
+        for (u, _, _), n in zip(members, counts_picked.tolist(), strict=True):
+            end = at + n
+            ids = [flat_items[i] for i in picked_list[at:end]]
+            out[u] = [ScoredItem(i, s, r) for i, s, r in zip(ids, scores[at:end], reasons[at:end], strict=True)]
+            done[u] = (feature_names, ids, rows[at:end])
+            at = end
+
+    @staticmethod
+    def _recency(users: Sequence[UserContext], members: list[tuple[int, list[str], list]],
+                 seg: ranking.Segments) -> np.ndarray:
+        """1 / steps back for each user's recent items among their candidates (newest: 1)."""
+        recency = np.zeros(seg.n)
+        rows: dict[int, float] = {}
+        for (u, items, _), start in zip(members, seg.starts.tolist(), strict=True):
+            for back, item in enumerate(reversed(users[u].recent_items[-_RECENCY_SPAN:]), start=1):
+                try:
+                    i = items.index(item)  # a C scan: cheaper than a dict over all candidates
+                except ValueError:
                     continue
-                per_category[cat] = seen + 1
-            picked.append(i)
-            if len(picked) >= k:
-                break
-        return picked
+                rows.setdefault(start + i, 1.0 / back)
+        if rows:
+            recency[list(rows)] = list(rows.values())
+        return recency
+
+    def _diversify(self, members: list[tuple[int, list[str], list]], order: np.ndarray,
+                   seg: ranking.Segments, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """At most ``max_per_category`` items per category, in ``order``, ``k`` per user."""
+        cap = self.config.max_per_category
+        categories = self._categories
+        picked: list[int] = []
+        counts = []
+        for (_, items, _), row, start in zip(members, order.tolist(), seg.starts.tolist(), strict=True):
+            n = 0
+            per_category: dict[str, int] = {}
+            for i in row[: len(items)]:
+                cat = categories.get(items[i])
+                if cat is not None:
+                    seen = per_category.get(cat, 0)
+                    if seen >= cap:
+                        continue
+                    per_category[cat] = seen + 1
+                picked.append(start + i)
+                n += 1
+                if n >= k:
+                    break
+            counts.append(n)
+        return np.array(picked, dtype=np.intp), np.array(counts, dtype=np.intp)
 
     def recommend(self, user: UserContext, k: int | None = None) -> list[ScoredItem]:
         """:meth:`candidates` then :meth:`rank`, without extra scores."""
@@ -291,25 +345,20 @@ class Recommender:
         return out
 
 
-def _normalise_finite(scores: np.ndarray) -> np.ndarray:
-    """Min-max to [0, 1] over the list (no NaN); a constant column is 0."""
-    lo, hi = scores.min(), scores.max()
-    if hi <= lo:
-        return np.zeros_like(scores)
-    scores -= lo
-    scores /= hi - lo
-    return scores
-
-
-def _normalise(scores: np.ndarray) -> np.ndarray:
-    """Min-max to [0, 1] over the list; NaN (no score) becomes 0; a constant column is 0."""
-    finite = np.isfinite(scores)
-    if not finite.any():
-        return np.zeros_like(scores)
-    lo, hi = scores[finite].min(), scores[finite].max()
-    if hi <= lo:
-        return np.zeros_like(scores)
-    return np.where(finite, (scores - lo) / (hi - lo), 0.0)
+def _extra_column(scores: Mapping[str, float] | Sequence[float], candidates: Sequence[str],
+                  items: list[str]) -> Sequence[float]:
+    """An extra source's raw scores of ``items`` (NaN: none), from a dict or from scores
+    aligned with ``candidates``."""
+    if isinstance(scores, Mapping):
+        get = scores.get
+        return [get(i, np.nan) for i in items]
+    values = np.asarray(scores, dtype=float)
+    if values.shape != (len(candidates),):
+        raise ValueError(f"extra scores of shape {values.shape} for {len(candidates)} candidates")
+    if len(items) == len(candidates):  # no repeats, nothing dropped: aligned with items already
+        return values
+    at = {c: j for j, c in enumerate(candidates)}  # the last of repeats, as dict(zip()) keeps
+    return values[[at[i] for i in items]]
 
 
 def _bounded_put(store: dict, key: str, value: object, limit: int) -> None:

@@ -1,0 +1,147 @@
+"""The numeric core of :meth:`Recommender.rank_many <online_models.recommender.Recommender.rank_many>`.
+
+Many users' candidate lists are ranked at once: their rows are concatenated, user ``s``
+owning rows ``starts[s] : starts[s] + lengths[s]`` (a *segment*). Each step of the blend is
+then a handful of numpy calls over all rows instead of dozens of small-array calls per user:
+min-max normalisation per segment with ``np.minimum.reduceat`` / ``np.maximum.reduceat``,
+and orderings by sorting a ``(users, longest list)`` matrix row by row (stable, so ties keep
+the candidate order; padding sorts last), which is much cheaper than one ``np.lexsort`` over
+all rows.
+
+Every value of a row depends only on its own row and on its segment's minimum, maximum and
+ordering, and is computed elementwise (the re-ranker's dot product too, column by column
+rather than by a BLAS ``gemv`` whose rounding depends on where a row sits in the matrix), so
+a user ranks bit for bit the same alone or in any batch.
+
+>>> seg = Segments([2, 3])
+>>> normalise(np.array([1.0, 3.0, 5.0, 5.0, 7.0]), seg, finite=True).tolist()
+[0.0, 1.0, 0.0, 0.0, 1.0]
+>>> seg.local_ranks(np.array([1.0, 3.0, 5.0, 5.0, 7.0])).tolist()  # 0 = highest in its segment
+[1.0, 0.0, 1.0, 2.0, 0.0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+class Segments:
+    """Row bookkeeping for users' concatenated candidate lists (every list non-empty)."""
+
+    def __init__(self, lengths: Sequence[int]):
+        self.lengths = np.asarray(lengths, dtype=np.intp)
+        n_seg = len(self.lengths)
+        self.starts = np.zeros(n_seg, dtype=np.intp)
+        np.cumsum(self.lengths[:-1], out=self.starts[1:])
+        self.n = int(self.starts[-1] + self.lengths[-1]) if n_seg else 0
+        self.seg = np.repeat(np.arange(n_seg, dtype=np.intp), self.lengths)
+        self.local = np.arange(self.n, dtype=np.intp) - self.starts[self.seg]  # row within its segment
+        self.width = int(self.lengths.max()) if n_seg else 0
+        self.cell = self.seg * self.width + self.local  # the row's cell in a (segments, width) matrix
+
+    def expand(self, per_segment: np.ndarray) -> np.ndarray:
+        """A per-segment value repeated over the segment's rows."""
+        return per_segment[self.seg]
+
+    def order(self, values: np.ndarray) -> np.ndarray:
+        """``(segments, width)``: each segment's local row indices, highest value first.
+
+        Ties keep the row order (stable sort), NaN comes last, then the padding (indices
+        ``>= lengths[s]``): what ``np.argsort(-values_of_s, kind="stable")`` gives per segment.
+        """
+        keys = np.full((len(self.lengths), self.width), np.nan)
+        keys.flat[self.cell] = np.negative(values)
+        return np.argsort(keys, axis=1, kind="stable")
+
+    def local_ranks(self, values: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+        """Each row's position (0 = first, as float) in its segment's :meth:`order`."""
+        if order is None:
+            order = self.order(values)
+        ranks = np.empty(order.shape)
+        np.put_along_axis(ranks, order, np.arange(self.width, dtype=float)[None, :], axis=1)
+        return ranks.flat[self.cell]
+
+    def top(self, order: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``k`` rows of each segment's ``order`` (global row indices, segment by
+        segment) and how many each segment gave."""
+        head = order[:, :k]
+        counts = np.minimum(self.lengths, k)
+        keep = np.arange(head.shape[1])[None, :] < counts[:, None]
+        return (head + self.starts[:, None])[keep], counts
+
+
+def normalise(x: np.ndarray, seg: Segments, finite: bool) -> np.ndarray:
+    """Min-max to [0, 1] within each segment; a constant segment is 0.
+
+    ``finite=True`` (learners' scores) takes the values as they are; ``finite=False`` (extra
+    sources) ignores non-finite values for the range and maps them to 0 (no score).
+    """
+    if finite:
+        lo = np.minimum.reduceat(x, seg.starts)
+        hi = np.maximum.reduceat(x, seg.starts)
+        flat = hi <= lo  # NaN anywhere: not flat, the NaN propagates as for one list
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            out = (x - seg.expand(lo)) / seg.expand(hi - lo)
+        if flat.any():
+            out[seg.expand(flat)] = 0.0
+        return out
+    ok = np.isfinite(x)
+    lo = np.minimum.reduceat(np.where(ok, x, np.inf), seg.starts)
+    hi = np.maximum.reduceat(np.where(ok, x, -np.inf), seg.starts)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        out = (x - seg.expand(lo)) / seg.expand(hi - lo)
+    return np.where(ok & seg.expand(hi > lo), out, 0.0)
+
+
+def blend(normalised: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(blend, dominant source, credited)`` of a ``(sources, rows)`` matrix.
+
+    The sum is ``c0 + (c1 + c2 + ...)``, the order numpy's ``contrib.sum(axis=1)`` adds a
+    row's few contributions in; ``credited`` says the dominant contribution is positive.
+    """
+    m, n = normalised.shape
+    if m == 0:
+        return np.zeros(n), np.zeros(n, dtype=np.intp), np.zeros(n, dtype=bool)
+    contrib = normalised * weights[:, None]
+    total = contrib[0].copy()
+    if m > 1:
+        rest = contrib[1].copy()
+        for j in range(2, m):
+            rest += contrib[j]
+        total += rest
+    return total, contrib.argmax(axis=0), contrib.max(axis=0) > 0.0
+
+
+def features(normalised: np.ndarray, seg: Segments, blend_rank: np.ndarray, recency: np.ndarray,
+             counts: np.ndarray) -> np.ndarray:
+    """The re-ranker's features, ``(2 * sources + 3, rows)``: each source's normalised score,
+    ``1 / (1 + rank in the source)`` (0 where it gave nothing), ``1 / (1 + blend position)``,
+    squashed all-time popularity, recency."""
+    m = normalised.shape[0]
+    out = np.empty((2 * m + 3, seg.n))
+    out[:m] = normalised
+    for j in range(m):
+        col = normalised[j]
+        np.divide(1.0, 1.0 + seg.local_ranks(col), out=out[m + j])
+        out[m + j][~(col > 0.0)] = 0.0
+    np.divide(1.0, 1.0 + blend_rank, out=out[2 * m])
+    popularity = np.log1p(counts)
+    np.divide(popularity, 1.0 + popularity, out=out[2 * m + 1])
+    out[2 * m + 2] = recency
+    return out
+
+
+def click_probability(feats: np.ndarray, weights: Sequence[float], intercept: float) -> np.ndarray:
+    """``sigmoid(weights . row + intercept)`` for each column of ``feats``, as
+    :meth:`ClickReranker.score <online_models.reranker.ClickReranker.score>` computes it (up
+    to rounding), one feature at a time so that a row's value does not depend on the batch."""
+    z = feats[0] * weights[0]
+    for j in range(1, len(weights)):
+        z += feats[j] * weights[j]
+    z += intercept
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0)))
+
+
+__all__ = ["Segments", "blend", "click_probability", "features", "normalise"]
