@@ -20,11 +20,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from online_models import Interaction, Recommender, ScoredItem, UserContext
 from stream.records import Event, PurchaseEvent, Recommendation, RecommendedItem
 from stream.state import UserState, apply_event
 
 LIVE_CUTOFFS = (10, 20)
+#: users ranked per ``rank_many`` call: well under the lists a Recommender keeps for
+#: ``record_shown`` (1024), so none is dropped before it is recorded
+_RANK_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -143,24 +148,28 @@ class RecommendationStep:
         contexts = [user_context(s) for s in changed.values()]
         candidates = [self.recommender.candidates(ctx, cfg.n_candidates) for ctx in contexts]
         t2 = clock()
-        extra: list[dict[str, dict[str, float]] | None] = [None] * len(contexts)
+        extra: list[dict[str, np.ndarray] | None] = [None] * len(contexts)
         if self.scorer is not None and contexts:
             todo = [i for i, c in enumerate(candidates) if c and contexts[i].recent_items]
             if todo:
                 scores = self.scorer.score([contexts[i].recent_items for i in todo], [candidates[i] for i in todo])
                 for i, s in zip(todo, scores):
-                    extra[i] = {"transformer": dict(zip(candidates[i], (float(x) for x in s)))}
+                    s = np.asarray(s, dtype=float)  # aligned with the candidates: no dict to build
+                    extra[i] = {"transformer": s if s.shape == (len(candidates[i]),)
+                                else dict(zip(candidates[i], s.tolist()))}
         t3 = clock()
 
         versions = self.model_versions()
+        rank_many = self.recommender.rank_many
         ranked_lists: list[list[ScoredItem]] = []
-        for ctx, cands, ex in zip(contexts, candidates, extra):
-            ranked = self.recommender.rank(ctx, cands, cfg.top_k, extra_scores=ex) if cands else []
+        for at in range(0, len(contexts), _RANK_CHUNK):
+            ranked_lists += rank_many(contexts[at:at + _RANK_CHUNK], candidates[at:at + _RANK_CHUNK], cfg.top_k,
+                                      extra[at:at + _RANK_CHUNK])
+        for n, (ctx, ranked) in enumerate(zip(contexts, ranked_lists)):
             if cfg.exclude_purchased and ctx.purchased:
-                ranked = [r for r in ranked if r.item_id not in ctx.purchased]
+                ranked = ranked_lists[n] = [r for r in ranked if r.item_id not in ctx.purchased]
             self.recommender.record_shown(ctx.user_id, ranked)
             changed[ctx.user_id].last_recommended = [r.item_id for r in ranked]
-            ranked_lists.append(ranked)
         generated = now_ms()
         recommendations = []
         for ctx, ranked in zip(contexts, ranked_lists):
