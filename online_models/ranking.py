@@ -33,17 +33,23 @@ class Segments:
     def __init__(self, lengths: Sequence[int]):
         self.lengths = np.asarray(lengths, dtype=np.intp)
         n_seg = len(self.lengths)
+        self.single = n_seg == 1  # one user (rank): cheaper numpy calls, same results
+        self.n = int(self.lengths.sum())
+        self.width = int(self.lengths.max()) if n_seg else 0
+        self._positions = np.arange(self.width, dtype=float)
+        if self.single:
+            self.starts = np.zeros(1, dtype=np.intp)
+            return
         self.starts = np.zeros(n_seg, dtype=np.intp)
         np.cumsum(self.lengths[:-1], out=self.starts[1:])
-        self.n = int(self.starts[-1] + self.lengths[-1]) if n_seg else 0
         self.seg = np.repeat(np.arange(n_seg, dtype=np.intp), self.lengths)
-        self.local = np.arange(self.n, dtype=np.intp) - self.starts[self.seg]  # row within its segment
-        self.width = int(self.lengths.max()) if n_seg else 0
-        self.cell = self.seg * self.width + self.local  # the row's cell in a (segments, width) matrix
+        local = np.arange(self.n, dtype=np.intp) - self.starts[self.seg]  # row within its segment
+        self.cell = self.seg * self.width + local  # the row's cell in a (segments, width) matrix
+        self._rows = np.arange(n_seg)[:, None]
 
     def expand(self, per_segment: np.ndarray) -> np.ndarray:
-        """A per-segment value repeated over the segment's rows."""
-        return per_segment[self.seg]
+        """A per-segment value for each row (one segment: the value, which broadcasts)."""
+        return per_segment if self.single else per_segment[self.seg]
 
     def order(self, values: np.ndarray) -> np.ndarray:
         """``(segments, width)``: each segment's local row indices, highest value first.
@@ -51,17 +57,40 @@ class Segments:
         Ties keep the row order (stable sort), NaN comes last, then the padding (indices
         ``>= lengths[s]``): what ``np.argsort(-values_of_s, kind="stable")`` gives per segment.
         """
+        if self.single:
+            return np.argsort(np.negative(values), kind="stable")[None, :]
         keys = np.full((len(self.lengths), self.width), np.nan)
         keys.flat[self.cell] = np.negative(values)
         return np.argsort(keys, axis=1, kind="stable")
 
     def local_ranks(self, values: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
-        """Each row's position (0 = first, as float) in its segment's :meth:`order`."""
+        """Each row's position (0 = first, as float) in its segment's :meth:`order`; for a
+        ``(columns, rows)`` matrix, per column."""
+        if values.ndim == 2:
+            return self._column_ranks(values)
         if order is None:
             order = self.order(values)
+        if self.single:
+            ranks = np.empty(self.n)
+            ranks[order[0]] = self._positions
+            return ranks
         ranks = np.empty(order.shape)
-        np.put_along_axis(ranks, order, np.arange(self.width, dtype=float)[None, :], axis=1)
+        ranks[self._rows, order] = self._positions
         return ranks.flat[self.cell]
+
+    def _column_ranks(self, matrix: np.ndarray) -> np.ndarray:
+        m = matrix.shape[0]
+        cols = np.arange(m)[:, None]
+        if self.single:  # (columns, rows): one sort of all columns
+            ranks = np.empty(matrix.shape)
+            ranks[cols, np.argsort(np.negative(matrix), axis=1, kind="stable")] = self._positions
+            return ranks
+        keys = np.full((m, len(self.lengths) * self.width), np.nan)
+        keys[:, self.cell] = np.negative(matrix)
+        order = np.argsort(keys.reshape(m, len(self.lengths), self.width), axis=2, kind="stable")
+        ranks = np.empty(order.shape)
+        ranks[cols[:, :, None], self._rows[None, :, :], order] = self._positions
+        return ranks.reshape(m, -1)[:, self.cell]
 
     def top(self, order: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The first ``k`` rows of each segment's ``order`` (global row indices, segment by
@@ -78,6 +107,8 @@ def normalise(x: np.ndarray, seg: Segments, finite: bool) -> np.ndarray:
     ``finite=True`` (learners' scores) takes the values as they are; ``finite=False`` (extra
     sources) ignores non-finite values for the range and maps them to 0 (no score).
     """
+    if seg.single:
+        return _normalise_one(x, finite)
     if finite:
         lo = np.minimum.reduceat(x, seg.starts)
         hi = np.maximum.reduceat(x, seg.starts)
@@ -85,7 +116,7 @@ def normalise(x: np.ndarray, seg: Segments, finite: bool) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             out = (x - seg.expand(lo)) / seg.expand(hi - lo)
         if flat.any():
-            out[seg.expand(flat)] = 0.0
+            out[np.broadcast_to(seg.expand(flat), out.shape)] = 0.0
         return out
     ok = np.isfinite(x)
     lo = np.minimum.reduceat(np.where(ok, x, np.inf), seg.starts)
@@ -93,6 +124,23 @@ def normalise(x: np.ndarray, seg: Segments, finite: bool) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         out = (x - seg.expand(lo)) / seg.expand(hi - lo)
     return np.where(ok & seg.expand(hi > lo), out, 0.0)
+
+
+def _normalise_one(x: np.ndarray, finite: bool) -> np.ndarray:
+    """:func:`normalise` of one segment (the same arithmetic, scalar bounds)."""
+    ok = None if finite else np.isfinite(x)
+    if ok is None or ok.all():
+        lo, hi = x.min(), x.max()
+        ok = None
+    elif not ok.any():
+        return np.zeros_like(x)
+    else:
+        lo, hi = x[ok].min(), x[ok].max()
+    if hi <= lo:
+        return np.zeros_like(x)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        out = (x - lo) / (hi - lo)
+    return out if ok is None else np.where(ok, out, 0.0)
 
 
 def blend(normalised: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -122,10 +170,10 @@ def features(normalised: np.ndarray, seg: Segments, blend_rank: np.ndarray, rece
     m = normalised.shape[0]
     out = np.empty((2 * m + 3, seg.n))
     out[:m] = normalised
-    for j in range(m):
-        col = normalised[j]
-        np.divide(1.0, 1.0 + seg.local_ranks(col), out=out[m + j])
-        out[m + j][~(col > 0.0)] = 0.0
+    if m:
+        source_rank = out[m: 2 * m]
+        np.divide(1.0, 1.0 + seg.local_ranks(normalised), out=source_rank)
+        source_rank[~(normalised > 0.0)] = 0.0
     np.divide(1.0, 1.0 + blend_rank, out=out[2 * m])
     popularity = np.log1p(counts)
     np.divide(popularity, 1.0 + popularity, out=out[2 * m + 1])
