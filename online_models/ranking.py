@@ -185,9 +185,10 @@ def click_probability(feats: np.ndarray, weights: Sequence[float], intercept: fl
     """``sigmoid(weights . row + intercept)`` for each column of ``feats``, as
     :meth:`ClickReranker.score <online_models.reranker.ClickReranker.score>` computes it (up
     to rounding), one feature at a time so that a row's value does not depend on the batch."""
-    z = feats[0] * weights[0]
-    for j in range(1, len(weights)):
-        z += feats[j] * weights[j]
+    terms = feats * np.asarray(weights, dtype=float)[:, None]
+    z = terms[0].copy()
+    for j in range(1, len(terms)):
+        z += terms[j]
     z += intercept
     return 1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0)))
 
