@@ -134,6 +134,10 @@ class Recommender:
         if ranked is None:
             return
         names, ranked_items, matrix = ranked
+        if [s.item_id for s in items] == ranked_items:  # the whole list, as ranked (the usual case)
+            if ranked_items:  # a copy: matrix may be a view of a whole batch's rows
+                _bounded_put(self._shown, user_id, (names, ranked_items, matrix.copy()), self.config.max_tracked_users)
+            return
         row_of = {item: r for r, item in enumerate(ranked_items)}
         rows = [(s.item_id, row_of[s.item_id]) for s in items if s.item_id in row_of]
         if rows:

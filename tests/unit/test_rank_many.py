@@ -132,10 +132,11 @@ def test_record_shown_after_rank_many_feeds_the_reranker_the_same_rows(trained, 
     base._shown.clear()
     batched, single = copy.deepcopy(base), copy.deepcopy(base)
     lists = batched.rank_many(users, cands, 10, extras)
-    for u, ranked in zip(users, lists, strict=True):
-        batched.record_shown(u.user_id, ranked[::2])  # a part of the list, as after a filter
-    for u, c, e in zip(users, cands, extras, strict=True):
-        single.record_shown(u.user_id, single.rank(u, c, 10, extra_scores=e)[::2])
+    for i, (u, ranked) in enumerate(zip(users, lists, strict=True)):
+        batched.record_shown(u.user_id, ranked if i % 2 else ranked[::2])  # all, or a part as after a filter
+    for i, (u, c, e) in enumerate(zip(users, cands, extras, strict=True)):
+        ranked = single.rank(u, c, 10, extra_scores=e)
+        single.record_shown(u.user_id, ranked if i % 2 else ranked[::2])
     _same_pending(batched._shown, single._shown)
     assert batched._ranked == single._ranked == {}
     for x in EVENTS[-300:]:  # the users' next events label the shown lists
