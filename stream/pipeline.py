@@ -153,10 +153,10 @@ class RecommendationStep:
             todo = [i for i, c in enumerate(candidates) if c and contexts[i].recent_items]
             if todo:
                 scores = self.scorer.score([contexts[i].recent_items for i in todo], [candidates[i] for i in todo])
-                for i, s in zip(todo, scores):
+                for i, s in zip(todo, scores, strict=False):
                     s = np.asarray(s, dtype=float)  # aligned with the candidates: no dict to build
                     extra[i] = {"transformer": s if s.shape == (len(candidates[i]),)
-                                else dict(zip(candidates[i], s.tolist()))}
+                                else dict(zip(candidates[i], s.tolist(), strict=False))}
         t3 = clock()
 
         versions = self.model_versions()
@@ -165,14 +165,14 @@ class RecommendationStep:
         for at in range(0, len(contexts), _RANK_CHUNK):
             ranked_lists += rank_many(contexts[at:at + _RANK_CHUNK], candidates[at:at + _RANK_CHUNK], cfg.top_k,
                                       extra[at:at + _RANK_CHUNK])
-        for n, (ctx, ranked) in enumerate(zip(contexts, ranked_lists)):
+        for n, (ctx, ranked) in enumerate(zip(contexts, ranked_lists, strict=True)):
             if cfg.exclude_purchased and ctx.purchased:
                 ranked = ranked_lists[n] = [r for r in ranked if r.item_id not in ctx.purchased]
             self.recommender.record_shown(ctx.user_id, ranked)
             changed[ctx.user_id].last_recommended = [r.item_id for r in ranked]
         generated = now_ms()
         recommendations = []
-        for ctx, ranked in zip(contexts, ranked_lists):
+        for ctx, ranked in zip(contexts, ranked_lists, strict=True):
             ev = trigger[ctx.user_id]
             recommendations.append(Recommendation(
                 user_id=ctx.user_id,
