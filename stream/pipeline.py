@@ -22,14 +22,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from online_models import Interaction, Recommender, ScoredItem, UserContext
+from online_models import Interaction, Recommender, UserContext
 from stream.records import Event, PurchaseEvent, Recommendation, RecommendedItem
 from stream.state import UserState, apply_event
 
 LIVE_CUTOFFS = (10, 20)
-#: users ranked per ``rank_many`` call: well under the lists a Recommender keeps for
-#: ``record_shown`` (1024), so none is dropped before it is recorded
-_RANK_CHUNK = 512
+#: users ranked per ``rank_many`` call: under the lists a Recommender keeps for
+#: ``record_shown`` (1024), so none is dropped before it is recorded, and few enough that a
+#: chunk's ranked lists are freed before the next (fewer garbage-collector passes)
+_RANK_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -161,22 +162,24 @@ class RecommendationStep:
 
         versions = self.model_versions()
         rank_many = self.recommender.rank_many
-        ranked_lists: list[list[ScoredItem]] = []
+        record_shown = self.recommender.record_shown
+        published: list[list[RecommendedItem]] = []
         for at in range(0, len(contexts), _RANK_CHUNK):
-            ranked_lists += rank_many(contexts[at:at + _RANK_CHUNK], candidates[at:at + _RANK_CHUNK], cfg.top_k,
-                                      extra[at:at + _RANK_CHUNK])
-        for n, (ctx, ranked) in enumerate(zip(contexts, ranked_lists, strict=True)):
-            if cfg.exclude_purchased and ctx.purchased:
-                ranked = ranked_lists[n] = [r for r in ranked if r.item_id not in ctx.purchased]
-            self.recommender.record_shown(ctx.user_id, ranked)
-            changed[ctx.user_id].last_recommended = [r.item_id for r in ranked]
+            chunk = contexts[at:at + _RANK_CHUNK]
+            ranked_lists = rank_many(chunk, candidates[at:at + _RANK_CHUNK], cfg.top_k, extra[at:at + _RANK_CHUNK])
+            for ctx, ranked in zip(chunk, ranked_lists, strict=True):
+                if cfg.exclude_purchased and ctx.purchased:
+                    ranked = [r for r in ranked if r.item_id not in ctx.purchased]
+                record_shown(ctx.user_id, ranked)
+                changed[ctx.user_id].last_recommended = [r.item_id for r in ranked]
+                published.append([RecommendedItem(r.item_id, float(r.score), r.reason) for r in ranked])
         generated = now_ms()
         recommendations = []
-        for ctx, ranked in zip(contexts, ranked_lists, strict=True):
+        for ctx, items in zip(contexts, published, strict=True):
             ev = trigger[ctx.user_id]
             recommendations.append(Recommendation(
                 user_id=ctx.user_id,
-                items=[RecommendedItem(r.item_id, float(r.score), r.reason) for r in ranked],
+                items=items,
                 trigger_event_id=ev.event_id,
                 event_ts=ev.ts,
                 generated_ts=generated,
