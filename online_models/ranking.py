@@ -26,19 +26,22 @@ from collections.abc import Sequence
 
 import numpy as np
 
+_ZERO = np.zeros(1, dtype=np.intp)
+_ZERO.flags.writeable = False
+
 
 class Segments:
     """Row bookkeeping for users' concatenated candidate lists (every list non-empty)."""
 
     def __init__(self, lengths: Sequence[int]):
-        self.lengths = np.asarray(lengths, dtype=np.intp)
-        n_seg = len(self.lengths)
+        self.lengths = np.array(lengths, dtype=np.intp)
+        n_seg = len(lengths)
         self.single = n_seg == 1  # one user (rank): cheaper numpy calls, same results
-        self.n = int(self.lengths.sum())
-        self.width = int(self.lengths.max()) if n_seg else 0
+        self.n = sum(lengths)
+        self.width = max(lengths, default=0)
         self._positions = np.arange(self.width, dtype=float)
         if self.single:
-            self.starts = np.zeros(1, dtype=np.intp)
+            self.starts = _ZERO
             return
         self.starts = np.zeros(n_seg, dtype=np.intp)
         np.cumsum(self.lengths[:-1], out=self.starts[1:])
@@ -95,6 +98,8 @@ class Segments:
     def top(self, order: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The first ``k`` rows of each segment's ``order`` (global row indices, segment by
         segment) and how many each segment gave."""
+        if self.single:
+            return order[0, :k], np.minimum(self.lengths, k)
         head = order[:, :k]
         counts = np.minimum(self.lengths, k)
         keep = np.arange(head.shape[1])[None, :] < counts[:, None]
@@ -138,8 +143,7 @@ def _normalise_one(x: np.ndarray, finite: bool) -> np.ndarray:
         lo, hi = x[ok].min(), x[ok].max()
     if hi <= lo:
         return np.zeros_like(x)
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        out = (x - lo) / (hi - lo)
+    out = (x - lo) / (hi - lo)
     return out if ok is None else np.where(ok, out, 0.0)
 
 
@@ -186,9 +190,14 @@ def click_probability(feats: np.ndarray, weights: Sequence[float], intercept: fl
     :meth:`ClickReranker.score <online_models.reranker.ClickReranker.score>` computes it (up
     to rounding), one feature at a time so that a row's value does not depend on the batch."""
     terms = feats * np.asarray(weights, dtype=float)[:, None]
-    z = terms[0].copy()
-    for j in range(1, len(terms)):
-        z += terms[j]
+    # summed strictly in feature order, so a row's sum never depends on the batch; both ways
+    # below add the same numbers in the same order (accumulate: one call, slow on many rows)
+    if terms.shape[1] <= 512:
+        z = np.add.accumulate(terms, axis=0)[-1]
+    else:
+        z = terms[0].copy()
+        for j in range(1, len(terms)):
+            z += terms[j]
     z += intercept
     return 1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0)))
 
