@@ -194,7 +194,8 @@ class Recommender:
         is done once over all users' candidates (:mod:`online_models.ranking`). A source of
         ``extra_scores[i]`` gives ``{item: score}`` or scores aligned with ``candidates[i]``
         (an array: NaN is no score; a repeated candidate takes its last score, as the dict
-        ``dict(zip(candidates[i], scores))`` would).
+        ``dict(zip(candidates[i], scores))`` would). A user listed twice keeps only the last
+        list pending for :meth:`record_shown`, as with ``rank`` twice before recording.
         """
         cfg = self.config
         k = cfg.k if k is None else k
