@@ -50,9 +50,17 @@ def produce(env: dict, args, limit: int, rate: float | None) -> None:
     subprocess.run(cmd, env=env, check=True, cwd=ROOT)
 
 
-def start_worker(env: dict, log: Path) -> subprocess.Popen:
-    with open(log, "wb") as fh:
-        return subprocess.Popen(EXE + ["worker"], env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+def start_workers(env: dict, n: int, name: str) -> list[tuple[subprocess.Popen, int, Path]]:
+    """``n`` workers of one consumer group, each with its own metrics port and log."""
+    out = []
+    for i in range(n):
+        port = free_port()
+        log = ROOT / ".run" / f"bench-worker-{name}-{i}.log"
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(EXE + ["worker"], env=dict(env, STREAMREC_METRICS_PORT=str(port)),
+                                    stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+        out.append((proc, port, log))
+    return out
 
 
 def stop_worker(proc: subprocess.Popen) -> None:
@@ -82,14 +90,15 @@ class Arrivals(threading.Thread):
                 self.latencies_ms.append(now * 1000 - rec.event_ts)
         self.consumer.close()
 
-    def wait_quiet(self, quiet_s: float, timeout_s: float, proc: subprocess.Popen, log: Path) -> None:
+    def wait_quiet(self, quiet_s: float, timeout_s: float, workers) -> None:
         start, seen, since = time.time(), -1, time.time()
         while time.time() - since < quiet_s and time.time() - start < timeout_s:
             time.sleep(0.5)
             if len(self.times) != seen:
                 seen, since = len(self.times), time.time()
-            if proc.poll() is not None:
-                raise SystemExit("worker exited:\n" + log.read_text()[-3000:])
+            for proc, _, log in workers:
+                if proc.poll() is not None:
+                    raise SystemExit("worker exited:\n" + log.read_text()[-3000:])
 
 
 def env_for(prefix: str, extra: dict | None = None) -> tuple[dict, Settings]:
@@ -104,20 +113,20 @@ def throughput(args) -> tuple[float, int]:
     t = time.time()
     produce(env, args, args.events, None)
     print(f"  loaded {args.events:,} events in {time.time() - t:.1f} s")
-    log = ROOT / ".run" / "bench-worker-throughput.log"
     arrivals = Arrivals(settings.kafka_bootstrap, settings.topics.recommendations)
     arrivals.start()
-    worker = start_worker(env, log)
+    workers = start_workers(env, args.workers, "throughput")
     try:
-        arrivals.wait_quiet(5, args.timeout, worker, log)
-        metrics = scrape(int(env["STREAMREC_METRICS_PORT"]))
+        arrivals.wait_quiet(5, args.timeout, workers)
+        metrics = [scrape(port) for _, port, _ in workers]
     finally:
-        stop_worker(worker)
+        for proc, _, _ in workers:
+            stop_worker(proc)
         arrivals.stop_flag.set()
-    applied = sum(v for k, v in metrics.items() if k.startswith("streamrec_events_consumed_total"))
+    applied = sum(v for m in metrics for k, v in m.items() if k.startswith("streamrec_events_consumed_total"))
     span = arrivals.times[-1] - arrivals.times[0]
     rate = applied / span if span > 0 else 0.0
-    print(f"  worker: {applied:,.0f} events applied, {len(arrivals.times):,} recommendations in {span:.1f} s: {rate:,.0f} events/s")
+    print(f"  {args.workers} worker(s): {applied:,.0f} events applied, {len(arrivals.times):,} recommendations in {span:.1f} s: {rate:,.0f} events/s")
     drop_topics(settings)
     return rate, int(applied)
 
@@ -159,16 +168,16 @@ def bare(args) -> float:
 def latency(args) -> list[float]:
     env, settings = env_for(f"bench{int(time.time())}l.")
     ensure_topics(settings.kafka_bootstrap, settings.topics.all, settings.partitions)
-    log = ROOT / ".run" / "bench-worker-latency.log"
     arrivals = Arrivals(settings.kafka_bootstrap, settings.topics.recommendations)
     arrivals.start()
-    worker = start_worker(env, log)
+    workers = start_workers(env, args.workers, "latency")
     try:
-        time.sleep(args.warmup)  # let the worker join its group before the clock starts
+        time.sleep(args.warmup)  # let the workers join their group before the clock starts
         produce(env, args, int(args.latency_rate * args.latency_seconds), args.latency_rate)
-        arrivals.wait_quiet(3, args.timeout, worker, log)
+        arrivals.wait_quiet(3, args.timeout, workers)
     finally:
-        stop_worker(worker)
+        for proc, _, _ in workers:
+            stop_worker(proc)
         arrivals.stop_flag.set()
     lat = arrivals.latencies_ms
     print(f"  {len(lat):,} recommendations at {args.latency_rate:,.0f} events/s: latency p50 {percentile(lat, 50):.1f} ms, "
@@ -195,9 +204,11 @@ def main() -> None:
     p.add_argument("--latency-seconds", type=float, default=20.0)
     p.add_argument("--warmup", type=float, default=8.0, help="seconds for the worker to join before the latency run")
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--workers", type=int, default=1, help="worker processes in the consumer group (at most the partitions)")
     p.add_argument("--skip", nargs="*", default=[], choices=["throughput", "bare", "latency"])
     args = p.parse_args()
-    print(f"streamrec pipeline bench: {os.cpu_count()} cores, dataset {args.dataset or 'synthetic'}, model dir {Settings.from_env().model_dir}")
+    print(f"streamrec pipeline bench: {os.cpu_count()} cores, {args.workers} worker(s), dataset {args.dataset or 'synthetic'}, "
+          f"model dir {Settings.from_env().model_dir}")
     results = {}
     if "throughput" not in args.skip:
         print("1. throughput (whole pipeline)")
