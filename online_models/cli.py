@@ -113,7 +113,6 @@ def evaluate(
     scorer = None
     if scorer_model is not None:
         from gpu_scorer import OnnxScorer  # the CLI is glue: the evaluation itself stays pure
-
         from online_models.evaluation import batch_scorer
 
         scorer = batch_scorer(OnnxScorer(str(scorer_model), device="auto"))

@@ -20,8 +20,8 @@ from stream.batching import take_batches
 from stream.health import Health, check_readiness
 from stream.lag import LagMetrics, update_lag
 from stream.metrics import Metrics
-from stream.publisher import BatchPublisher
 from stream.pipeline import RecommendationStep, StepConfig
+from stream.publisher import BatchPublisher
 from stream.settings import Settings
 from stream.state import RedisUserStateStore
 from stream.worker import BatchHandler, RawMessage

@@ -86,9 +86,9 @@ class BatchPublisher:
                 members.append(rec)
             if members:
                 sent.append(await self._send(batch, topic, partition, members, failed))
-        futures = [f for f, _ in sent if f is not None]
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        for (fut, members), res in zip([s for s in sent if s[0] is not None], results):
+        confirmable = [(fut, members) for fut, members in sent if fut is not None]
+        results = await asyncio.gather(*(fut for fut, _ in confirmable), return_exceptions=True)
+        for (_, members), res in zip(confirmable, results, strict=True):
             if isinstance(res, BaseException):
                 log.warning("batch of %d records to %s not confirmed: %r", len(members), members[0][0], res)
                 failed.extend(members)

@@ -159,7 +159,7 @@ class RedisUserStateStore:
         if not ids:
             return {}
         docs = await self.client.mget([self.key(u) for u in ids])
-        return {uid: (_decode(doc) if doc is not None else UserState(uid)) for uid, doc in zip(ids, docs)}
+        return {uid: (_decode(doc) if doc is not None else UserState(uid)) for uid, doc in zip(ids, docs, strict=True)}
 
     async def save_many(self, states: Mapping[str, UserState]) -> None:
         """One atomic command for the whole batch: a Lua script SETs every key (with the TTL).

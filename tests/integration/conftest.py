@@ -39,6 +39,8 @@ import pytest
 import redis
 from kafka import KafkaAdminClient
 
+from stream.topics import ensure_topics
+
 ROOT = Path(__file__).resolve().parents[2]
 KAFKA_SH = ROOT / "deploy" / "kafka" / "kafka.sh"
 REDIS_SH = ROOT / "deploy" / "redis" / "redis.sh"
@@ -271,3 +273,25 @@ def redis_client(redis_url: str, redis_prefix: str) -> Iterator[redis.Redis]:
                 client.delete(*keys)
         finally:
             client.close()
+
+
+@pytest.fixture
+def worker_env(service_env, topic_prefix, tmp_path) -> dict[str, str]:
+    """The environment of a `streamrec worker` subprocess on this test's topics (2 partitions,
+    created here), with quick batches and a short session timeout; metrics off."""
+    env = dict(os.environ)
+    env.update(service_env)
+    env.update({
+        "STREAMREC_TOPIC_PREFIX": topic_prefix,
+        "STREAMREC_APP_ID": f"{topic_prefix}worker",
+        "STREAMREC_PARTITIONS": "2",
+        "STREAMREC_MODEL_DIR": str(tmp_path / "models"),
+        "STREAMREC_METRICS_PORT": "0",
+        "STREAMREC_BATCH_TIMEOUT_MS": "5",
+        "STREAMREC_SNAPSHOT_INTERVAL_S": "2",
+        "STREAMREC_KAFKA_SESSION_TIMEOUT_S": "6",
+        "STREAMREC_LOG_LEVEL": "info",
+        "PYTHONUNBUFFERED": "1",
+    })
+    ensure_topics(service_env["STREAMREC_KAFKA_BOOTSTRAP"], [f"{topic_prefix}{t}" for t in ("clicks", "purchases", "recommendations", "dlq")], 2)
+    return env

@@ -7,7 +7,6 @@ letters come out of the real topics; user state is read back from the real Redis
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,8 +20,13 @@ import redis
 from kafka import KafkaConsumer, KafkaProducer
 
 from online_models.datasets import synthetic_interactions
-from stream.records import ClickEvent, PurchaseEvent, decode_dead_letter, decode_recommendation, encode
-from stream.topics import ensure_topics
+from stream.records import (
+    ClickEvent,
+    PurchaseEvent,
+    decode_dead_letter,
+    decode_recommendation,
+    encode,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,26 +63,6 @@ class WorkerProcess:
             self.proc.kill()
             self.proc.wait(10)
             raise AssertionError(f"worker did not stop within {timeout}s of {signal.Signals(sig).name}:\n{self.log_tail()}") from None
-
-
-@pytest.fixture
-def worker_env(service_env, topic_prefix, tmp_path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(service_env)
-    env.update({
-        "STREAMREC_TOPIC_PREFIX": topic_prefix,
-        "STREAMREC_APP_ID": f"{topic_prefix}worker",
-        "STREAMREC_PARTITIONS": "2",
-        "STREAMREC_MODEL_DIR": str(tmp_path / "models"),
-        "STREAMREC_METRICS_PORT": "0",
-        "STREAMREC_BATCH_TIMEOUT_MS": "5",
-        "STREAMREC_SNAPSHOT_INTERVAL_S": "2",
-        "STREAMREC_KAFKA_SESSION_TIMEOUT_S": "6",
-        "STREAMREC_LOG_LEVEL": "info",
-        "PYTHONUNBUFFERED": "1",
-    })
-    ensure_topics(service_env["STREAMREC_KAFKA_BOOTSTRAP"], [f"{topic_prefix}{t}" for t in ("clicks", "purchases", "recommendations", "dlq")], 2)
-    return env
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import socket
@@ -28,7 +27,6 @@ from kafka import KafkaProducer
 
 from online_models.datasets import synthetic_interactions
 from stream.records import ClickEvent, PurchaseEvent, encode
-from stream.topics import ensure_topics
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -117,22 +115,9 @@ def prometheus_binary() -> str:
 
 
 @pytest.fixture
-def worker(service_env, topic_prefix, tmp_path) -> Iterator[tuple[int, Process]]:
+def worker(worker_env, tmp_path) -> Iterator[tuple[int, Process]]:
     port = free_port()
-    env = dict(os.environ)
-    env.update(service_env)
-    env.update({
-        "STREAMREC_TOPIC_PREFIX": topic_prefix,
-        "STREAMREC_APP_ID": f"{topic_prefix}worker",
-        "STREAMREC_PARTITIONS": "2",
-        "STREAMREC_MODEL_DIR": str(tmp_path / "models"),
-        "STREAMREC_METRICS_PORT": str(port),
-        "STREAMREC_BATCH_TIMEOUT_MS": "5",
-        "STREAMREC_KAFKA_SESSION_TIMEOUT_S": "6",
-        "PYTHONUNBUFFERED": "1",
-    })
-    ensure_topics(service_env["STREAMREC_KAFKA_BOOTSTRAP"],
-                  [f"{topic_prefix}{t}" for t in ("clicks", "purchases", "recommendations", "dlq")], 2)
+    env = dict(worker_env, STREAMREC_METRICS_PORT=str(port))
     process = Process([sys.executable, "-m", "stream.cli", "worker"], tmp_path / "worker.log", env)
     try:
         yield port, process

@@ -13,7 +13,13 @@ from prometheus_client import CollectorRegistry
 from online_models import Recommender, RecommenderConfig
 from stream.metrics import Metrics
 from stream.pipeline import RecommendationStep, StepConfig
-from stream.records import ClickEvent, PurchaseEvent, decode_dead_letter, decode_recommendation, encode
+from stream.records import (
+    ClickEvent,
+    PurchaseEvent,
+    decode_dead_letter,
+    decode_recommendation,
+    encode,
+)
 from stream.settings import TopicNames
 from stream.state import InMemoryUserStateStore, UserState, apply_event
 from stream.worker import BatchHandler, RawMessage
