@@ -83,7 +83,45 @@ def load_snapshot(data: bytes, expected: type) -> tuple[dict[str, Any], Any]:
     return header, payload
 
 
-class OnlineLearner(abc.ABC):
+class ParamsMixin:
+    """River-style plumbing shared by the learners and the re-ranker: constructor arguments
+    are kept under their own names, so an object can be cloned, snapshotted and compared."""
+
+    name: ClassVar[str]
+    n_learned: int
+
+    def _get_params(self) -> dict[str, Any]:
+        """Constructor arguments, read back from the attributes of the same names."""
+        sig = inspect.signature(type(self).__init__)
+        return {
+            p: getattr(self, p)
+            for p, v in sig.parameters.items()
+            if p != "self" and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)
+        }
+
+    def clone(self) -> Self:
+        """A fresh, unfitted learner with the same constructor arguments."""
+        return type(self)(**self._get_params())
+
+    def snapshot(self) -> bytes:
+        """The learner's whole state as versioned bytes (see :func:`dump_snapshot`)."""
+        return dump_snapshot(self, self._get_params(), self)
+
+    @classmethod
+    def restore(cls, data: bytes) -> Self:
+        """A learner equal to the one that wrote ``data``; it predicts the same."""
+        return load_snapshot(data, cls)[1]
+
+    @property
+    def version(self) -> str:
+        return f"{self.name}-{self.n_learned}"
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._get_params().items())
+        return f"{type(self).__name__}({args})"
+
+
+class OnlineLearner(ParamsMixin, abc.ABC):
     """Base class of every online model (see the module docstring for what to implement)."""
 
     #: Short source name: ``ScoredItem.reason`` and a metric label.
@@ -136,37 +174,6 @@ class OnlineLearner(abc.ABC):
         scores = self.score_many(user, items)
         order = sorted(range(len(items)), key=lambda i: -scores[i])
         return [ScoredItem(items[i], float(scores[i]), self.name) for i in order[:k]]
-
-    # -- River-style plumbing -------------------------------------------------------
-    def _get_params(self) -> dict[str, Any]:
-        """Constructor arguments, read back from the attributes of the same names."""
-        sig = inspect.signature(type(self).__init__)
-        return {
-            p: getattr(self, p)
-            for p, v in sig.parameters.items()
-            if p != "self" and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)
-        }
-
-    def clone(self) -> Self:
-        """A fresh, unfitted learner with the same constructor arguments."""
-        return type(self)(**self._get_params())
-
-    def snapshot(self) -> bytes:
-        """The learner's whole state as versioned bytes (see :func:`dump_snapshot`)."""
-        return dump_snapshot(self, self._get_params(), self)
-
-    @classmethod
-    def restore(cls, data: bytes) -> Self:
-        """A learner equal to the one that wrote ``data``; it predicts the same."""
-        return load_snapshot(data, cls)[1]
-
-    @property
-    def version(self) -> str:
-        return f"{self.name}-{self.n_learned}"
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self._get_params().items())
-        return f"{type(self).__name__}({args})"
 
 
 def session_key(x: Interaction) -> str:

@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from typing import Any, Self
 
 import numpy as np
 from river import linear_model, optim
 
-from online_models.base import dump_snapshot, load_snapshot
+from online_models.base import ParamsMixin
 
 
-class ClickReranker:
+class ClickReranker(ParamsMixin):
     """Learns P(next interaction is this shown item | its features)."""
 
     name = "reranker"
@@ -94,30 +93,6 @@ class ClickReranker:
         w = np.array([weights.get(n, 0.0) for n in names])
         z = matrix @ w + self.model.intercept
         return 1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0)))
-
-    # -- River-style plumbing ---------------------------------------------------------
-    def _get_params(self) -> dict[str, Any]:
-        return {
-            "learning_rate": self.learning_rate,
-            "l2": self.l2,
-            "n_negatives": self.n_negatives,
-            "min_samples": self.min_samples,
-            "seed": self.seed,
-        }
-
-    def clone(self) -> Self:
-        return type(self)(**self._get_params())
-
-    def snapshot(self) -> bytes:
-        return dump_snapshot(self, self._get_params(), self)
-
-    @classmethod
-    def restore(cls, data: bytes) -> Self:
-        return load_snapshot(data, cls)[1]
-
-    @property
-    def version(self) -> str:
-        return f"{self.name}-{self.n_learned}"
 
 
 def _pick(rng: random.Random, shown: list[str], next_item: str, n_negatives: int) -> list[tuple[str, bool]]:
