@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -28,12 +27,11 @@ import time
 from pathlib import Path
 
 from kafka import KafkaConsumer
-from kafka.admin import KafkaAdminClient
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stream.demo import free_port, percentile, scrape  # noqa: E402
+from stream.demo import drop_topics, free_port, percentile, scrape, stop_worker  # noqa: E402
 from stream.records import decode_recommendation  # noqa: E402
 from stream.settings import Settings  # noqa: E402
 from stream.topics import ensure_topics  # noqa: E402
@@ -61,15 +59,6 @@ def start_workers(env: dict, n: int, name: str) -> list[tuple[subprocess.Popen, 
                                     stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
         out.append((proc, port, log))
     return out
-
-
-def stop_worker(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 class Arrivals(threading.Thread):
@@ -127,7 +116,7 @@ def throughput(args) -> tuple[float, int]:
     span = arrivals.times[-1] - arrivals.times[0]
     rate = applied / span if span > 0 else 0.0
     print(f"  {args.workers} worker(s): {applied:,.0f} events applied, {len(arrivals.times):,} recommendations in {span:.1f} s: {rate:,.0f} events/s")
-    drop_topics(settings)
+    drop_topics(settings.kafka_bootstrap, settings.topics.all)
     return rate, int(applied)
 
 
@@ -161,7 +150,7 @@ def bare(args) -> float:
     produce(env, args, args.events, None)
     rate = asyncio.run(bare_loop(settings.kafka_bootstrap, list(settings.topics.inputs), settings.topics.recommendations, args.events))
     print(f"  bare aiokafka consume->produce: {rate:,.0f} events/s")
-    drop_topics(settings)
+    drop_topics(settings.kafka_bootstrap, settings.topics.all)
     return rate
 
 
@@ -182,17 +171,8 @@ def latency(args) -> list[float]:
     lat = arrivals.latencies_ms
     print(f"  {len(lat):,} recommendations at {args.latency_rate:,.0f} events/s: latency p50 {percentile(lat, 50):.1f} ms, "
           f"p95 {percentile(lat, 95):.1f} ms, p99 {percentile(lat, 99):.1f} ms, max {max(lat):.1f} ms")
-    drop_topics(settings)
+    drop_topics(settings.kafka_bootstrap, settings.topics.all)
     return lat
-
-
-def drop_topics(settings: Settings) -> None:
-    try:
-        admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-        admin.delete_topics(list(settings.topics.all))
-        admin.close()
-    except Exception as exc:
-        print(f"  (could not delete bench topics: {exc})")
 
 
 def main() -> None:

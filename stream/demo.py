@@ -92,6 +92,27 @@ class Watcher(threading.Thread):
         self.consumer.close()
 
 
+def stop_worker(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """SIGTERM (the worker finishes its batch, commits and exits), SIGKILL if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def drop_topics(bootstrap: str, names) -> None:
+    """Delete a run's topics; the run's result does not depend on this clean-up."""
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+        admin.delete_topics(list(names))
+        admin.close()
+    except Exception as exc:
+        print(f"(could not delete the topics {', '.join(names)}: {exc})")
+
+
 def scrape(port: int) -> dict[str, float]:
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3).read().decode()
@@ -166,20 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         metrics = scrape(metrics_port)
     finally:
         print("== 4/4 stopping the worker (SIGTERM: it finishes its batch, commits and exits)")
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        stop_worker(worker)
         watcher.stop_flag.set()
         watcher.join(5)
-        try:
-            admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-            admin.delete_topics(list(topics.all))
-            admin.close()
-        except Exception as exc:  # the demo's result does not depend on the clean-up
-            print(f"(could not delete the demo topics: {exc})")
+        drop_topics(settings.kafka_bootstrap, topics.all)
 
     lat = watcher.latencies_ms
     span_s = ((watcher.last_at or 0) - (watcher.first_at or 0)) / 1000
