@@ -42,10 +42,8 @@ HEAP_OPTS=${KAFKA_HEAP_OPTS:--Xms256m -Xmx768m}
 JVM_OPTS=${KAFKA_JVM_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -XX:TieredStopAtLevel=1 -XX:-UsePerfData -Djava.awt.headless=true}
 
 PROG="kafka.sh"
-die() { echo "$PROG: $*" >&2; exit 1; }
-say() { echo "$PROG: $*"; }
-
-usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
+# shellcheck source=../common/daemon.sh
+. "$HERE/../common/daemon.sh"
 
 cmd=""
 while [ $# -gt 0 ]; do
@@ -65,7 +63,6 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$cmd" ] || { usage >&2; exit 2; }
 
-valid_port() { [[ "$1" =~ ^[0-9]+$ ]] && [ "$1" -ge 1 ] && [ "$1" -le 65535 ]; }
 valid_port "$PORT" || die "--port must be a TCP port number, got '$PORT'"
 CONTROLLER_PORT=${CONTROLLER_PORT:-$((PORT + 1))}
 valid_port "$CONTROLLER_PORT" || die "--controller-port must be a TCP port number, got '$CONTROLLER_PORT'"
@@ -121,20 +118,6 @@ fetch() {
   say "fetched $(ls "$LIB"/*.jar | wc -l) jars ($(du -sh "$LIB" | cut -f1)) into deploy/kafka/lib in $((SECONDS - t0)) s"
 }
 
-# Does something on 127.0.0.1:$1 accept a TCP connection?
-# Alive and not a zombie: our daemons are reparented to init, which may reap them late.
-alive() {
-  kill -0 "$1" 2>/dev/null || return 1
-  [ "$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$1/status" 2>/dev/null)" != "Z" ]
-}
-
-port_open() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" >/dev/null 2>&1; }
-
-port_owner() {
-  command -v ss >/dev/null 2>&1 || return 0
-  ss -Hltnp "sport = :$1" 2>/dev/null | sed -n 's/.*users:((\("[^"]*",pid=[0-9]*\).*/ (held by \1)/p' | head -n 1
-}
-
 # Send a Metadata v7 request (Kafka 2.1+; still served by 4.x) to 127.0.0.1:$1 and succeed
 # when the response echoes our correlation id and lists at least one broker. This is what
 # clients do first, so "answers" here means "a client can use it", not merely "port open".
@@ -154,16 +137,11 @@ probe() {
 # The pid of the broker that runs from this data dir, if any (checked against its command line,
 # so a recycled pid is never signalled).
 running_pid() {
-  [ -f "$PID_FILE" ] || return 1
   local pid
-  pid=$(cat "$PID_FILE" 2>/dev/null) || return 1
-  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-  alive "$pid" || return 1
+  pid=$(pid_from_file) || return 1
   tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "kafka.Kafka $CONF" || return 1
   echo "$pid"
 }
-
-running_port() { [ -f "$ENDPOINT_FILE" ] && cut -d: -f2 "$ENDPOINT_FILE" || echo "$PORT"; }
 
 new_cluster_id() {
   # a Kafka Uuid: 16 random bytes, URL-safe base64 without padding; never starting with '-'
@@ -255,24 +233,7 @@ start() {
   say "Kafka $KAFKA_VERSION ready on 127.0.0.1:$PORT in $((SECONDS - t0)) s (pid $pid, data $DATA_DIR)"
 }
 
-stop() {
-  local pid
-  if ! pid=$(running_pid); then
-    rm -f "$PID_FILE"
-    say "Kafka not running (data dir $DATA_DIR)"
-    return 0
-  fi
-  kill -TERM "$pid" 2>/dev/null || true
-  local deadline=$((SECONDS + STOP_TIMEOUT))
-  while alive "$pid" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
-  if alive "$pid"; then
-    say "broker pid $pid ignored SIGTERM for ${STOP_TIMEOUT}s; sending SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-    while alive "$pid"; do sleep 0.1; done
-  fi
-  rm -f "$PID_FILE"
-  say "Kafka stopped (pid $pid)"
-}
+stop() { stop_daemon Kafka; }
 
 status() {
   local pid port

@@ -29,9 +29,8 @@ START_TIMEOUT=${REDIS_START_TIMEOUT:-30}
 STOP_TIMEOUT=${REDIS_STOP_TIMEOUT:-30}
 
 PROG="redis.sh"
-die() { echo "$PROG: $*" >&2; exit 1; }
-say() { echo "$PROG: $*"; }
-usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
+# shellcheck source=../common/daemon.sh
+. "$HERE/../common/daemon.sh"
 
 cmd=""
 while [ $# -gt 0 ]; do
@@ -46,8 +45,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -n "$cmd" ] || { usage >&2; exit 2; }
-[[ "$PORT" =~ ^[0-9]+$ ]] && [ "$PORT" -ge 1 ] && [ "$PORT" -le 65535 ] \
-  || die "--port must be a TCP port number, got '$PORT'"
+valid_port "$PORT" || die "--port must be a TCP port number, got '$PORT'"
 
 REDIS_SERVER=$(command -v redis-server || true)
 [ -n "$REDIS_SERVER" ] || { [ -x /usr/bin/redis-server ] && REDIS_SERVER=/usr/bin/redis-server; } || true
@@ -105,36 +103,18 @@ PID_FILE="$DATA_DIR/redis.pid"
 LOG="$DATA_DIR/redis.log"
 ENDPOINT_FILE="$DATA_DIR/endpoint"
 
-# Alive and not a zombie: our daemons are reparented to init, which may reap them late.
-alive() {
-  kill -0 "$1" 2>/dev/null || return 1
-  [ "$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$1/status" 2>/dev/null)" != "Z" ]
-}
-
-port_open() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" >/dev/null 2>&1; }
-
-port_owner() {
-  command -v ss >/dev/null 2>&1 || return 0
-  ss -Hltnp "sport = :$1" 2>/dev/null | sed -n 's/.*users:((\("[^"]*",pid=[0-9]*\).*/ (held by \1)/p' | head -n 1
-}
-
 ping() { [ "$(timeout 3 redis-cli -h 127.0.0.1 -p "$1" ping 2>/dev/null)" = "PONG" ]; }
 
 # The pid of the server that runs from this data dir, if any (checked against the process, so
 # a recycled pid is never signalled; redis rewrites its title, so check the executable and
 # the working directory, which is its `dir`).
 running_pid() {
-  [ -f "$PID_FILE" ] || return 1
   local pid
-  pid=$(cat "$PID_FILE" 2>/dev/null) || return 1
-  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-  alive "$pid" || return 1
+  pid=$(pid_from_file) || return 1
   [ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" = "$DATA_DIR" ] || return 1
   tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'redis-server' || return 1
   echo "$pid"
 }
-
-running_port() { [ -f "$ENDPOINT_FILE" ] && cut -d: -f2 "$ENDPOINT_FILE" || echo "$PORT"; }
 
 start() {
   local pid
@@ -175,24 +155,7 @@ start() {
   say "Redis $("$REDIS_SERVER" --version | sed -n 's/.*v=\([^ ]*\).*/\1/p') ready on 127.0.0.1:$PORT in $((SECONDS - t0)) s (pid $pid, data $DATA_DIR)"
 }
 
-stop() {
-  local pid
-  if ! pid=$(running_pid); then
-    rm -f "$PID_FILE"
-    say "Redis not running (data dir $DATA_DIR)"
-    return 0
-  fi
-  kill -TERM "$pid" 2>/dev/null || true
-  local deadline=$((SECONDS + STOP_TIMEOUT))
-  while alive "$pid" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.1; done
-  if alive "$pid"; then
-    say "redis pid $pid ignored SIGTERM for ${STOP_TIMEOUT}s; sending SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-    while alive "$pid"; do sleep 0.1; done
-  fi
-  rm -f "$PID_FILE"
-  say "Redis stopped (pid $pid)"
-}
+stop() { stop_daemon Redis; }
 
 status() {
   local pid port

@@ -254,6 +254,7 @@ def test_worker_deployment_agrees_with_the_worker(tools):
 
 
 def test_the_scripts_parse():
-    for script in (DEPLOY / "tools.sh", PROM / "install.sh"):
+    for script in (DEPLOY / "tools.sh", PROM / "install.sh", DEPLOY / "common" / "daemon.sh",
+                   DEPLOY / "kafka" / "kafka.sh", DEPLOY / "redis" / "redis.sh"):
         done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
