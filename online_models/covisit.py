@@ -31,6 +31,9 @@ from online_models.base import OnlineLearner, session_key
 from online_models.types import Interaction, UserContext
 
 
+_CACHE_SIZE = 4096  # aggregates kept between learning steps (a worker's batch of users)
+
+
 class CoVisitation(OnlineLearner):
     name = "covisit"
 
@@ -65,7 +68,10 @@ class CoVisitation(OnlineLearner):
         self._sessions: dict[str, list[str]] = {}
         self._decays = [distance_decay**d for d in range(window)]
         self._recency = [recency_decay**j for j in range(n_recent)]
-        self._cache: tuple[object, dict[str, float]] | None = None
+        # anchors -> aggregated scores, valid while n_learned is _cache_at: the worker asks
+        # for a whole batch's candidates, then ranks them, so one entry would always miss
+        self._cache: dict[tuple[str, ...], dict[str, float]] = {}
+        self._cache_at = -1
 
     # -- learning ---------------------------------------------------------------------
     def learn_one(self, x: Interaction, user: UserContext | None = None) -> None:
@@ -115,9 +121,15 @@ class CoVisitation(OnlineLearner):
 
     def _aggregate(self, user: UserContext) -> dict[str, float]:
         anchors = self.anchors(user)
-        key = (tuple(anchors), self.n_learned)
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
+        key = tuple(anchors)
+        cache = self._cache
+        if self._cache_at != self.n_learned:
+            cache.clear()
+            self._cache_at = self.n_learned
+        else:
+            hit = cache.get(key)
+            if hit is not None:
+                return hit
         scores: dict[str, float] = {}
         get = scores.get
         for j, a in enumerate(anchors):
@@ -129,7 +141,9 @@ class CoVisitation(OnlineLearner):
                 r /= self._totals[a]
             for b, w in nb.items():
                 scores[b] = get(b, 0.0) + r * w
-        self._cache = (key, scores)
+        if len(cache) >= _CACHE_SIZE:
+            cache.clear()
+        cache[key] = scores
         return scores
 
     def predict_one(self, user: UserContext, item_id: str) -> float:
@@ -150,7 +164,8 @@ class CoVisitation(OnlineLearner):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_cache"] = None
+        state["_cache"] = {}
+        state["_cache_at"] = -1
         return state
 
 
