@@ -79,6 +79,14 @@ class Arrivals(threading.Thread):
                 self.latencies_ms.append(now * 1000 - rec.event_ts)
         self.consumer.close()
 
+    def wait_first(self, timeout_s: float, workers) -> None:
+        start = time.time()
+        while not self.times and time.time() - start < timeout_s:
+            time.sleep(0.05)
+            for proc, _, log in workers:
+                if proc.poll() is not None:
+                    raise SystemExit("worker exited:\n" + log.read_text()[-3000:])
+
     def wait_quiet(self, quiet_s: float, timeout_s: float, workers) -> None:
         start, seen, since = time.time(), -1, time.time()
         while time.time() - since < quiet_s and time.time() - start < timeout_s:
@@ -88,6 +96,31 @@ class Arrivals(threading.Thread):
             for proc, _, log in workers:
                 if proc.poll() is not None:
                     raise SystemExit("worker exited:\n" + log.read_text()[-3000:])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def breakdown(metrics: list[dict[str, float]], cpu_s: float) -> str:
+    """Where a worker's time went: mean ms per batch by stage, events per batch, CPU µs per event."""
+    def total(name: str) -> float:
+        return sum(v for m in metrics for k, v in m.items() if k.startswith(name))
+
+    batches = total('streamrec_batch_size_events_count')
+    events = total('streamrec_batch_size_events_sum')
+    if not batches:
+        return "  (no batches)"
+    stages = sorted({k.split('stage="')[1].split('"')[0] for m in metrics for k in m if k.startswith("streamrec_stage_seconds_sum")})
+    stage_ms = {st: total('streamrec_stage_seconds_sum{stage="%s"}' % st) / batches * 1000 for st in stages}
+    per = ", ".join(f"{st} {ms:.2f}" for st, ms in stage_ms.items())
+    return (f"  worker: {batches:,.0f} batches of {events / batches:.1f} events; ms per batch: {per}; "
+            f"worker CPU {cpu_s / events * 1e6:.0f} µs per event (start-up excluded)")
 
 
 def env_for(prefix: str, extra: dict | None = None) -> tuple[dict, Settings]:
@@ -106,8 +139,11 @@ def throughput(args) -> tuple[float, int]:
     arrivals.start()
     workers = start_workers(env, args.workers, "throughput")
     try:
+        arrivals.wait_first(args.timeout, workers)
+        cpu0 = sum(cpu_seconds(proc.pid) for proc, _, _ in workers)  # start-up (imports, model load) excluded
         arrivals.wait_quiet(5, args.timeout, workers)
         metrics = [scrape(port) for _, port, _ in workers]
+        cpu = sum(cpu_seconds(proc.pid) for proc, _, _ in workers) - cpu0
     finally:
         for proc, _, _ in workers:
             stop_worker(proc)
@@ -116,6 +152,7 @@ def throughput(args) -> tuple[float, int]:
     span = arrivals.times[-1] - arrivals.times[0]
     rate = applied / span if span > 0 else 0.0
     print(f"  {args.workers} worker(s): {applied:,.0f} events applied, {len(arrivals.times):,} recommendations in {span:.1f} s: {rate:,.0f} events/s")
+    print(breakdown(metrics, cpu))
     drop_topics(settings.kafka_bootstrap, settings.topics.all)
     return rate, int(applied)
 
@@ -162,8 +199,11 @@ def latency(args) -> list[float]:
     workers = start_workers(env, args.workers, "latency")
     try:
         time.sleep(args.warmup)  # let the workers join their group before the clock starts
+        cpu0 = sum(cpu_seconds(proc.pid) for proc, _, _ in workers)
         produce(env, args, int(args.latency_rate * args.latency_seconds), args.latency_rate)
         arrivals.wait_quiet(3, args.timeout, workers)
+        metrics = [scrape(port) for _, port, _ in workers]
+        cpu = sum(cpu_seconds(proc.pid) for proc, _, _ in workers) - cpu0
     finally:
         for proc, _, _ in workers:
             stop_worker(proc)
@@ -171,6 +211,7 @@ def latency(args) -> list[float]:
     lat = arrivals.latencies_ms
     print(f"  {len(lat):,} recommendations at {args.latency_rate:,.0f} events/s: latency p50 {percentile(lat, 50):.1f} ms, "
           f"p95 {percentile(lat, 95):.1f} ms, p99 {percentile(lat, 99):.1f} ms, max {max(lat):.1f} ms")
+    print(breakdown(metrics, cpu))
     drop_topics(settings.kafka_bootstrap, settings.topics.all)
     return lat
 
