@@ -16,7 +16,9 @@ from pathlib import Path
 import faust
 
 from online_models import Recommender, RecommenderConfig
+from online_models.recommender import parse_weights
 from stream.batching import take_batches
+from stream.errors import ConfigError
 from stream.health import Health, check_readiness
 from stream.lag import LagMetrics, update_lag
 from stream.metrics import Metrics
@@ -70,6 +72,22 @@ def load_scorer(settings: Settings, metrics: Metrics):
     return scorer
 
 
+def recommender_config(settings: Settings) -> RecommenderConfig:
+    """The blend the worker runs: defaults, with ``STREAMREC_BLEND_WEIGHTS`` over them."""
+    config = RecommenderConfig(k=settings.top_k, n_candidates=settings.n_candidates,
+                               exclude_purchased=settings.exclude_purchased)
+    try:
+        overrides = parse_weights(settings.blend_weights)
+    except ValueError as exc:
+        raise ConfigError(f"STREAMREC_BLEND_WEIGHTS={settings.blend_weights!r}: {exc}") from None
+    known = {*Recommender.DEFAULT_LEARNERS, "transformer"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"STREAMREC_BLEND_WEIGHTS names {', '.join(unknown)}; the sources are {', '.join(sorted(known))}")
+    config.weights = {**config.weights, **overrides}
+    return config
+
+
 def _broker_urls(bootstrap: str) -> list[str]:
     return [f"kafka://{hp.strip()}" for hp in bootstrap.split(",") if hp.strip()]
 
@@ -80,8 +98,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
     health = health or Health()
     lag = LagMetrics(metrics.registry)
     if recommender is None:
-        recommender = Recommender.default(RecommenderConfig(k=settings.top_k, n_candidates=settings.n_candidates,
-                                                            exclude_purchased=settings.exclude_purchased))
+        recommender = Recommender.default(recommender_config(settings))
     if scorer is None and load_model:
         scorer = load_scorer(settings, metrics)
     step = RecommendationStep(recommender, scorer, StepConfig(

@@ -73,6 +73,7 @@ class Settings:
     batch_timeout_ms: int = _env("STREAMREC_BATCH_TIMEOUT_MS", "10", "longest wait to fill a micro-batch")
     recent_items: int = _env("STREAMREC_RECENT_ITEMS", "50", "length of each user's recent-item sequence")
     n_candidates: int = _env("STREAMREC_CANDIDATES", "100", "candidates scored per recommendation")
+    blend_weights: str = _env("STREAMREC_BLEND_WEIGHTS", "", "blend weights over the defaults, e.g. mf=0.2 (covisit, reminder, trending, mf, transformer; 0: off)")
     exclude_purchased: bool = _env("STREAMREC_EXCLUDE_PURCHASED", "true", "never recommend an item the user bought")
     dedupe_window: int = _env("STREAMREC_DEDUPE_WINDOW", "256", "latest event ids kept per user to catch a producer's duplicates")
     state_ttl_s: int = _env("STREAMREC_STATE_TTL_S", "2592000", "idle time after which a user's state expires (0: never)")
@@ -102,6 +103,9 @@ class Settings:
                                  ("STREAMREC_CANDIDATES", self.n_candidates, 1), ("STREAMREC_DEDUPE_WINDOW", self.dedupe_window, 1), ("STREAMREC_BATCH_TIMEOUT_MS", self.batch_timeout_ms, 0)):
             if value < low:
                 raise ConfigError(f"{name}={value}: must be at least {low}")
+        if self.blend_weights.strip() and not re.fullmatch(r"\s*[\w+-]+\s*=\s*[0-9.]+\s*(,\s*[\w+-]+\s*=\s*[0-9.]+\s*)*,?\s*",
+                                                          self.blend_weights):
+            raise ConfigError(f"STREAMREC_BLEND_WEIGHTS={self.blend_weights!r}: expected name=weight[,name=weight], e.g. mf=0.2")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"STREAMREC_LOG_LEVEL={self.log_level!r}: expected debug, info, warning or error")
         if not self.kafka_bootstrap.strip():

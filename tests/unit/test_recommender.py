@@ -149,3 +149,19 @@ def test_lists_waiting_for_a_label_are_bounded_and_not_snapshotted():
     names, items, rows = rec._shown["viewer19"]
     assert rows.shape == (len(items), len(names)) and len(items) <= rec.config.k
     assert Recommender.restore(rec.snapshot())._shown == {}
+
+
+def test_default_builds_only_the_learners_with_a_weight():
+    assert set(Recommender.default().learners) == {"covisit", "reminder", "trending"}
+    config = RecommenderConfig()
+    config.weights = {**config.weights, "mf": 0.2, "trending": 0.0}
+    assert set(Recommender.default(config).learners) == {"covisit", "reminder", "mf"}
+
+
+def test_parse_weights_rejects_what_it_cannot_read():
+    from online_models.recommender import parse_weights
+
+    assert parse_weights("") == {} and parse_weights(" covisit = 2 ,") == {"covisit": 2.0}
+    for bad in ("mf", "mf=", "mf=-1", "mf=nan", "=1"):
+        with pytest.raises(ValueError, match="name=weight"):
+            parse_weights(bad)

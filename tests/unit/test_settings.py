@@ -126,3 +126,21 @@ def test_settings_are_frozen():
     s = Settings.from_env({})
     with pytest.raises(AttributeError):
         s.top_k = 3
+
+
+def test_blend_weights_are_checked_when_read():
+    assert Settings.from_env({"STREAMREC_BLEND_WEIGHTS": "mf=0.2, trending=0"}).blend_weights == "mf=0.2, trending=0"
+    for bad in ("mf", "mf=x", "=1", "mf=0.2;covisit=1"):
+        with pytest.raises(ConfigError, match="STREAMREC_BLEND_WEIGHTS"):
+            Settings.from_env({"STREAMREC_BLEND_WEIGHTS": bad})
+
+
+def test_the_worker_blend_takes_the_weights_over_the_defaults():
+    from stream.app import recommender_config
+
+    default = recommender_config(Settings.from_env({}))
+    assert default.weights["mf"] == 0.0 and default.weights["covisit"] == 1.0
+    config = recommender_config(Settings.from_env({"STREAMREC_BLEND_WEIGHTS": "mf=0.2,trending=0"}))
+    assert config.weights["mf"] == 0.2 and config.weights["trending"] == 0.0 and config.weights["covisit"] == 1.0
+    with pytest.raises(ConfigError, match="sessionknn"):
+        recommender_config(Settings.from_env({"STREAMREC_BLEND_WEIGHTS": "sessionknn=1"}))
