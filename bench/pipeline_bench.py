@@ -11,8 +11,9 @@ Three measurements in one run, each on fresh topics:
    / time from its first to its last recommendation.
 2. the same events through a bare aiokafka consume→produce loop (one output message per
    input, nothing else), for scale; the ratio is printed.
-3. latency: events produced at --latency-rate events/s with ts = send time; p50/p95/p99 of
-   (arrival of the recommendation at a consumer − event ts).
+3. latency: once every worker answers /readyz, events produced at --latency-rate events/s
+   with ts = send time; p50/p95/p99 of (arrival of the recommendation at a consumer − event
+   ts), over the events after the first --latency-warmup seconds.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from kafka import KafkaConsumer
@@ -68,6 +70,7 @@ class Arrivals(threading.Thread):
                                       enable_auto_commit=False, consumer_timeout_ms=200, fetch_max_bytes=64 << 20)
         self.times: list[float] = []
         self.latencies_ms: list[float] = []
+        self.event_ts: list[int] = []
         self.stop_flag = threading.Event()
 
     def run(self) -> None:
@@ -77,6 +80,7 @@ class Arrivals(threading.Thread):
                 rec = decode_recommendation(msg.value)
                 self.times.append(now)
                 self.latencies_ms.append(now * 1000 - rec.event_ts)
+                self.event_ts.append(rec.event_ts)
         self.consumer.close()
 
     def wait_first(self, timeout_s: float, workers) -> None:
@@ -123,6 +127,45 @@ def breakdown(metrics: list[dict[str, float]], cpu_s: float) -> str:
             f"worker CPU {cpu_s / events * 1e6:.0f} µs per event (start-up excluded)")
 
 
+def wait_ready(workers, timeout_s: float) -> None:
+    """Until every worker's /readyz answers 200 (joined, partitions assigned, Redis up)."""
+    start = time.time()
+    pending = {port for _, port, _ in workers}
+    while pending and time.time() - start < timeout_s:
+        for port in list(pending):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
+                    if answer.status == 200:
+                        pending.discard(port)
+            except OSError:
+                pass
+        for proc, _, log in workers:
+            if proc.poll() is not None:
+                raise SystemExit("worker exited:\n" + log.read_text()[-3000:])
+        time.sleep(0.5)
+    if pending:
+        raise SystemExit(f"workers on ports {sorted(pending)} not ready after {timeout_s:.0f} s")
+    time.sleep(1.0)
+
+
+def drop_state(settings: Settings) -> None:
+    """Delete the run's user state from Redis (it would otherwise stay for STREAMREC_STATE_TTL_S)."""
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        batch = []
+        for key in client.scan_iter(match=f"{settings.topic_prefix}*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                client.unlink(*batch)
+                batch.clear()
+        if batch:
+            client.unlink(*batch)
+    finally:
+        client.close()
+
+
 def env_for(prefix: str, extra: dict | None = None) -> tuple[dict, Settings]:
     env = dict(os.environ, STREAMREC_TOPIC_PREFIX=prefix, STREAMREC_APP_ID=prefix.rstrip("."),
                STREAMREC_METRICS_PORT=str(free_port()), PYTHONUNBUFFERED="1", **(extra or {}))
@@ -154,6 +197,7 @@ def throughput(args) -> tuple[float, int]:
     print(f"  {args.workers} worker(s): {applied:,.0f} events applied, {len(arrivals.times):,} recommendations in {span:.1f} s: {rate:,.0f} events/s")
     print(breakdown(metrics, cpu))
     drop_topics(settings.kafka_bootstrap, settings.topics.all)
+    drop_state(settings)
     return rate, int(applied)
 
 
@@ -188,6 +232,7 @@ def bare(args) -> float:
     rate = asyncio.run(bare_loop(settings.kafka_bootstrap, list(settings.topics.inputs), settings.topics.recommendations, args.events))
     print(f"  bare aiokafka consume->produce: {rate:,.0f} events/s")
     drop_topics(settings.kafka_bootstrap, settings.topics.all)
+    drop_state(settings)
     return rate
 
 
@@ -198,9 +243,11 @@ def latency(args) -> list[float]:
     arrivals.start()
     workers = start_workers(env, args.workers, "latency")
     try:
-        time.sleep(args.warmup)  # let the workers join their group before the clock starts
+        wait_ready(workers, args.warmup)  # in the group, partitions assigned, no rebalance going on
         cpu0 = sum(cpu_seconds(proc.pid) for proc, _, _ in workers)
-        produce(env, args, int(args.latency_rate * args.latency_seconds), args.latency_rate)
+        start_ms = time.time() * 1000
+        seconds = args.latency_warmup + args.latency_seconds
+        produce(env, args, int(args.latency_rate * seconds), args.latency_rate)
         arrivals.wait_quiet(3, args.timeout, workers)
         metrics = [scrape(port) for _, port, _ in workers]
         cpu = sum(cpu_seconds(proc.pid) for proc, _, _ in workers) - cpu0
@@ -208,11 +255,14 @@ def latency(args) -> list[float]:
         for proc, _, _ in workers:
             stop_worker(proc)
         arrivals.stop_flag.set()
-    lat = arrivals.latencies_ms
-    print(f"  {len(lat):,} recommendations at {args.latency_rate:,.0f} events/s: latency p50 {percentile(lat, 50):.1f} ms, "
+    measured_from = start_ms + args.latency_warmup * 1000
+    lat = [ms for ms, ts in zip(arrivals.latencies_ms, arrivals.event_ts, strict=True) if ts >= measured_from]
+    print(f"  {len(lat):,} recommendations at {args.latency_rate:,.0f} events/s "
+          f"(the first {args.latency_warmup:g} s of events are warm-up, not counted): latency p50 {percentile(lat, 50):.1f} ms, "
           f"p95 {percentile(lat, 95):.1f} ms, p99 {percentile(lat, 99):.1f} ms, max {max(lat):.1f} ms")
     print(breakdown(metrics, cpu))
     drop_topics(settings.kafka_bootstrap, settings.topics.all)
+    drop_state(settings)
     return lat
 
 
@@ -223,7 +273,9 @@ def main() -> None:
     p.add_argument("--events", type=int, default=110_300, help="events for the throughput runs (default: the whole Taobao log)")
     p.add_argument("--latency-rate", type=float, default=2000.0)
     p.add_argument("--latency-seconds", type=float, default=20.0)
-    p.add_argument("--warmup", type=float, default=8.0, help="seconds for the worker to join before the latency run")
+    p.add_argument("--warmup", type=float, default=60.0, help="most seconds to wait for the workers to be ready (/readyz)")
+    p.add_argument("--latency-warmup", type=float, default=3.0,
+                   help="seconds of events at the latency rate sent first and not counted (cold caches, first batches)")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--workers", type=int, default=1, help="worker processes in the consumer group (at most the partitions)")
     p.add_argument("--skip", nargs="*", default=[], choices=["throughput", "bare", "latency"])

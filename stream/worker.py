@@ -89,7 +89,9 @@ class BatchHandler:
         states = await self._retry("load", lambda: self.store.load_many(users), m.redis_errors) if users else {}
         t2 = clock()
 
-        result = self.step(events, states, now_ms, positions)
+        # in a thread: the event loop keeps fetching the next batch (Faust hands each message
+        # over in several loop turns) while the models work; the step is not shared meanwhile
+        result = await asyncio.to_thread(self.step, events, states, now_ms, positions)
         t3 = clock()
 
         out: list[OutRecord] = [
