@@ -66,6 +66,14 @@ def evaluate(
         list[str] | None,
         typer.Option("--mode", help="session-rec modes: frozen, learning (default both; repeatable)."),
     ] = None,
+    split: Annotated[
+        str,
+        typer.Option(
+            "--split",
+            help="session-rec: 'test' (learn train_full, predict the test sessions; the final figures) or "
+            "'valid' (learn train_tr, predict train_valid; where everything is tuned).",
+        ),
+    ] = "test",
     json_out: Annotated[Path | None, typer.Option("--json-out", help="Write the summary JSON here.")] = None,
     png_out: Annotated[
         Path | None, typer.Option("--png-out", help="Write a PNG chart here (metrics over the replay).")
@@ -122,13 +130,16 @@ def evaluate(
     if protocol is Protocol.session_rec:
         if dataset is None or not dataset.is_dir():
             raise typer.BadParameter("session-rec needs --dataset pointing at the yoochoose-100k folder", param_hint="--dataset")
-        train, test, refs = load_folder(dataset, limit)
+        if split not in ("test", "valid"):
+            raise typer.BadParameter(f"expected test or valid, saw {split!r}", param_hint="--split")
+        train, test, refs = load_folder(dataset, limit, split)
         modes = tuple(mode) if mode else ("frozen", "learning")
         names = names or list(SESSION_MODELS)
         total = work_units(len(train), test, len(names), len(modes))
         with _progress(show, total, "session-rec") as tick:
             report = session_rec(train, test, names, ks, refs, config, scorer, seed, max_recent, modes, tick)
         report["dataset"] = str(dataset)
+        report["split"] = split
     else:
         from online_models.datasets import read_interactions
 
@@ -230,7 +241,7 @@ def _print_tables(console, report: dict[str, Any]) -> None:
             console.print(f"{blend} {word} every baseline on HR@{ks[-1]} (best baseline {v['best_baseline']}, "
                           f"margin {v['margin']:+.4f})")
         return
-    table = Table(title=f"session-rec: {report['test_sessions']} test sessions, {report['test_predictions']} "
+    table = Table(title=f"session-rec ({report.get('split', 'test')} split): {report['test_sessions']} test sessions, {report['test_predictions']} "
                         f"next-click predictions; saved lists: {report['saved_pairs']} pairs")
     for c in ["model", "mode", "judged", *cols, f"saved HR@{ks[-1]}", f"saved MRR@{ks[-1]}", "p50 ms", "p99 ms"]:
         table.add_column(c, justify="left" if c in ("model", "mode") else "right")

@@ -48,6 +48,11 @@ SESSION_MODELS = ("session_hybrid", "session_knn", "sequential_rules", "covisit"
 
 TRAIN_FILE = "yoochoose-clicks-100k_train_full.txt"
 TEST_FILE = "yoochoose-clicks-100k_test.txt"
+#: The validation split of the same folder: train_tr is train_full without its last day,
+#: train_valid that day. Everything is tuned on it; the test is run once.
+VALID_TRAIN_FILE = "yoochoose-clicks-100k_train_tr.txt"
+VALID_FILE = "yoochoose-clicks-100k_train_valid.txt"
+SPLITS = {"test": (TRAIN_FILE, TEST_FILE), "valid": (VALID_TRAIN_FILE, VALID_FILE)}
 #: The published figures the reference files must reproduce (data README).
 REFERENCE_EXPECTED = {"vsknn": (0.6098, 0.3342), "ar": (0.5917, 0.3160), "gru4rec": (0.5711, 0.3289),
                       "sr": (0.5607, 0.3275)}
@@ -217,20 +222,26 @@ def work_units(train_events: int, test: Iterable[Interaction], n_models: int, n_
     return n_models * n_modes * (train_events + predictions)
 
 
-def load_folder(folder: str | Path, limit: int | None = None):
+def load_folder(folder: str | Path, limit: int | None = None, split: str = "test"):
     """``(train, test, references)`` from a session-rec YooChoose folder; ``limit`` keeps
-    the first ``limit`` test sessions (99 covers the saved lists)."""
+    the first ``limit`` test sessions (99 covers the saved lists). ``split="valid"``:
+    train on ``train_tr`` and predict ``train_valid`` (no saved lists: they are for the test)."""
     from online_models.datasets import read_yoochoose
 
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} ({', '.join(SPLITS)})")
     folder = Path(folder)
-    train = list(read_yoochoose(folder / TRAIN_FILE))
-    test = list(read_yoochoose(folder / TEST_FILE))
+    train_file, test_file = SPLITS[split]
+    train = list(read_yoochoose(folder / train_file))
+    test = list(read_yoochoose(folder / test_file))
     if limit is not None:
         keep = set(list(dict.fromkeys(x.session_id for x in test))[:limit])
         test = [x for x in test if x.session_id in keep]
-    refs = read_reference_lists(folder / "recommendations") if (folder / "recommendations").is_dir() else {}
+    refs = {}
+    if split == "test" and (folder / "recommendations").is_dir():
+        refs = read_reference_lists(folder / "recommendations")
     return train, test, refs
 
 
-__all__ = ["SESSION_MODELS", "load_folder", "read_reference_lists", "score_references", "session_rec",
+__all__ = ["SESSION_MODELS", "SPLITS", "load_folder", "read_reference_lists", "score_references", "session_rec",
            "sessions_of", "work_units"]

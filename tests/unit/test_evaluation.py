@@ -152,6 +152,24 @@ def test_session_rec_frozen_and_learning(tmp_path):
     assert report["references"]["algo"]["HR@20"] == round(2 / 3, 4)
 
 
+def test_validation_split_reads_train_tr_and_train_valid_without_saved_lists(tmp_path):
+    from online_models.session_protocol import load_folder
+
+    write_session_rec_folder(tmp_path)
+    rows = "SessionId\tItemId\tTime\n"
+    (tmp_path / "yoochoose-clicks-100k_train_tr.txt").write_text(rows + "1\ta\t1\n1\tb\t2\n")
+    (tmp_path / "yoochoose-clicks-100k_train_valid.txt").write_text(rows + "2\ta\t4\n2\tb\t5\n2\tc\t6\n")
+    train, test, refs = load_folder(tmp_path, split="valid")
+    assert [x.item_id for x in train] == ["a", "b"] and [x.item_id for x in test] == ["a", "b", "c"]
+    assert refs == {}  # the saved lists belong to the test split
+    train, test, refs = load_folder(tmp_path)
+    assert len(train) == 8 and len(test) == 5 and set(refs) == {"algo"}
+    with pytest.raises(ValueError, match="unknown split"):
+        load_folder(tmp_path, split="train")
+    report = session_rec(*load_folder(tmp_path, split="valid")[:2], models=["session_knn"], ks=(2,))
+    assert report["test_predictions"] == 2 and report["models"]["session_knn"]["frozen"]["HR@2"] == 0.5
+
+
 def test_cli_prequential_json_and_png(tmp_path):
     app = typer.Typer()
     app.command("evaluate")(evaluate)
@@ -183,3 +201,21 @@ def test_cli_session_rec_table_and_help(tmp_path):
 
 def test_otto_sample_is_readable():
     assert sum(1 for _ in read_otto(OTTO)) == 862
+
+
+def test_cli_session_rec_validation_split(tmp_path):
+    write_session_rec_folder(tmp_path)
+    rows = "SessionId\tItemId\tTime\n"
+    (tmp_path / "yoochoose-clicks-100k_train_tr.txt").write_text(rows + "1\ta\t1\n1\tb\t2\n")
+    (tmp_path / "yoochoose-clicks-100k_train_valid.txt").write_text(rows + "2\ta\t4\n2\tb\t5\n")
+    app = typer.Typer()
+    app.command("evaluate")(evaluate)
+    app.command("noop")(lambda: None)
+    runner = CliRunner()
+    result = runner.invoke(app, ["evaluate", "-p", "session-rec", "-d", str(tmp_path), "-m", "session_knn",
+                                 "--split", "valid", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["split"] == "valid" and report["test_predictions"] == 1 and report["references"] == {}
+    bad = runner.invoke(app, ["evaluate", "-p", "session-rec", "-d", str(tmp_path), "--split", "train"])
+    assert bad.exit_code != 0
