@@ -50,6 +50,8 @@ DEFAULT_MODELS = ("popularity", "recent_popularity", "trending", "covisit", "mf"
 #: The baselines the blend must beat.
 BASELINES = ("popularity", "recent_popularity", "covisit")
 BLEND_NAMES = ("blend", "blend+session")
+#: SessionHybrid + the Transformer trained on the training log (online_models/transformer_blend.py).
+TRANSFORMER_HYBRID = "session_hybrid+transformer"
 
 
 def batch_scorer(scorer: Any) -> ExternalScorer:
@@ -169,6 +171,10 @@ def build_contenders(
             rec = Recommender.default(session_config(config), seed=seed)
             rec.learners["session_hybrid"] = SessionHybrid(**(session_params or {}), seed=seed)
             out.append(BlendContender(name, rec, scorer))
+        elif name == TRANSFORMER_HYBRID:
+            from online_models.transformer_blend import TransformerHybrid  # needs torch
+
+            out.append(TransformerHybrid(name, seed=seed, session_params=session_params))
         elif name == "scorer":
             if scorer is None:
                 raise ValueError("the 'scorer' contender needs an external scorer")
@@ -178,7 +184,7 @@ def build_contenders(
             kwargs = dict(session_params or {}) if cls is SessionHybrid else {}
             out.append(LearnerContender(name, cls(**kwargs, seed=seed)))
         else:
-            known = sorted([*registry, "blend", "blend+session", "scorer"])
+            known = sorted([*registry, "blend", "blend+session", "scorer", TRANSFORMER_HYBRID])
             raise ValueError(f"unknown model {name!r}; choose from {', '.join(known)}")
     return out
 

@@ -43,8 +43,8 @@ from online_models.recommender import RecommenderConfig
 from online_models.types import Interaction, UserContext
 
 #: Contenders the session-rec protocol runs when none are named.
-SESSION_MODELS = ("session_hybrid", "session_knn", "sequential_rules", "covisit", "reminder", "popularity", "blend",
-                  "blend+session")
+SESSION_MODELS = ("session_hybrid", "session_hybrid+transformer", "session_knn", "sequential_rules", "covisit",
+                  "reminder", "popularity", "blend", "blend+session")
 
 TRAIN_FILE = "yoochoose-clicks-100k_train_full.txt"
 TEST_FILE = "yoochoose-clicks-100k_test.txt"
@@ -169,6 +169,9 @@ def session_rec(
                 done += 1
                 if progress is not None and done % 1000 == 0:
                     progress(done)
+            end_training = getattr(c, "end_training", None)
+            if end_training is not None:  # a contender that fits a batch model on the training log
+                end_training()
             train_s = time.perf_counter() - t0
             done += len(train) % 1000
             st = ContenderStats(RankingMetrics(ks))
