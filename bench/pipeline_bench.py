@@ -28,8 +28,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-from kafka import KafkaConsumer
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -64,24 +62,40 @@ def start_workers(env: dict, n: int, name: str) -> list[tuple[subprocess.Popen, 
 
 
 class Arrivals(threading.Thread):
+    """A downstream service reading the recommendations topic (aiokafka, in its own thread):
+    when each recommendation arrived and how long after its event's ts."""
+
     def __init__(self, bootstrap: str, topic: str) -> None:
         super().__init__(daemon=True)
-        self.consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None,
-                                      enable_auto_commit=False, consumer_timeout_ms=200, fetch_max_bytes=64 << 20)
+        self.bootstrap, self.topic = bootstrap, topic
         self.times: list[float] = []
         self.latencies_ms: list[float] = []
         self.event_ts: list[int] = []
         self.stop_flag = threading.Event()
+        self.ready = threading.Event()
 
     def run(self) -> None:
-        while not self.stop_flag.is_set():
-            for msg in self.consumer:
+        asyncio.run(self._consume())
+
+    async def _consume(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        consumer = AIOKafkaConsumer(self.topic, bootstrap_servers=self.bootstrap, auto_offset_reset="earliest",
+                                    group_id=None, enable_auto_commit=False, fetch_max_wait_ms=100)
+        await consumer.start()
+        self.ready.set()
+        try:
+            while not self.stop_flag.is_set():
+                batch = await consumer.getmany(timeout_ms=200, max_records=5000)
                 now = time.time()
-                rec = decode_recommendation(msg.value)
-                self.times.append(now)
-                self.latencies_ms.append(now * 1000 - rec.event_ts)
-                self.event_ts.append(rec.event_ts)
-        self.consumer.close()
+                for records in batch.values():
+                    for msg in records:
+                        rec = decode_recommendation(msg.value)
+                        self.times.append(now)
+                        self.latencies_ms.append(now * 1000 - rec.event_ts)
+                        self.event_ts.append(rec.event_ts)
+        finally:
+            await consumer.stop()
 
     def wait_first(self, timeout_s: float, workers) -> None:
         start = time.time()
@@ -180,6 +194,7 @@ def throughput(args) -> tuple[float, int]:
     print(f"  loaded {args.events:,} events in {time.time() - t:.1f} s")
     arrivals = Arrivals(settings.kafka_bootstrap, settings.topics.recommendations)
     arrivals.start()
+    arrivals.ready.wait(30)
     workers = start_workers(env, args.workers, "throughput")
     try:
         arrivals.wait_first(args.timeout, workers)
@@ -191,6 +206,7 @@ def throughput(args) -> tuple[float, int]:
         for proc, _, _ in workers:
             stop_worker(proc)
         arrivals.stop_flag.set()
+        arrivals.join(5)
     applied = sum(v for m in metrics for k, v in m.items() if k.startswith("streamrec_events_consumed_total"))
     span = arrivals.times[-1] - arrivals.times[0]
     rate = applied / span if span > 0 else 0.0
@@ -241,6 +257,7 @@ def latency(args) -> list[float]:
     ensure_topics(settings.kafka_bootstrap, settings.topics.all, settings.partitions)
     arrivals = Arrivals(settings.kafka_bootstrap, settings.topics.recommendations)
     arrivals.start()
+    arrivals.ready.wait(30)
     workers = start_workers(env, args.workers, "latency")
     try:
         wait_ready(workers, args.warmup)  # in the group, partitions assigned, no rebalance going on
@@ -255,6 +272,7 @@ def latency(args) -> list[float]:
         for proc, _, _ in workers:
             stop_worker(proc)
         arrivals.stop_flag.set()
+        arrivals.join(5)
     measured_from = start_ms + args.latency_warmup * 1000
     lat = [ms for ms, ts in zip(arrivals.latencies_ms, arrivals.event_ts, strict=True) if ts >= measured_from]
     print(f"  {len(lat):,} recommendations at {args.latency_rate:,.0f} events/s "

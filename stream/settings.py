@@ -72,7 +72,7 @@ class Settings:
     batch_size: int = _env("STREAMREC_BATCH_SIZE", "500", "most events in one micro-batch")
     batch_timeout_ms: int = _env("STREAMREC_BATCH_TIMEOUT_MS", "10", "longest wait to fill a micro-batch")
     recent_items: int = _env("STREAMREC_RECENT_ITEMS", "50", "length of each user's recent-item sequence")
-    n_candidates: int = _env("STREAMREC_CANDIDATES", "100", "candidates scored per recommendation")
+    n_candidates: int = _env("STREAMREC_CANDIDATES", "50", "candidates scored per recommendation")
     blend_weights: str = _env("STREAMREC_BLEND_WEIGHTS", "", "blend weights over the defaults, e.g. mf=0.2 (covisit, reminder, trending, mf, transformer; 0: off)")
     exclude_purchased: bool = _env("STREAMREC_EXCLUDE_PURCHASED", "true", "never recommend an item the user bought")
     dedupe_window: int = _env("STREAMREC_DEDUPE_WINDOW", "256", "latest event ids kept per user to catch a producer's duplicates")
