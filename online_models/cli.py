@@ -24,7 +24,7 @@ _MODELS_HELP = (
     "Contenders to run (repeat the option, or comma-separate). Learners by name: popularity, "
     "recent_popularity, trending, covisit, mf, session_hybrid, session_knn, sequential_rules; "
     "'blend' (Recommender.default), 'blend+session' (the blend with session_hybrid as a source), "
-    "'session_hybrid+transformer' (session_hybrid plus the Transformer trained on the training log; needs torch). "
+    "'session_hybrid+transformer' (session-rec only: session_hybrid plus Transformers trained on the training log). "
     "Default: all of these that the protocol lists in docs/evaluation.md."
 )
 

@@ -260,6 +260,9 @@ def prequential(
     """
     events = sorted(interactions, key=lambda x: x.ts)
     if contenders is None:
+        if models and TRANSFORMER_HYBRID in models:
+            raise ValueError(f"{TRANSFORMER_HYBRID} trains its Transformer on a training log before predicting: "
+                             "run it with the session-rec protocol")
         contenders = build_contenders(models, config, scorer, seed, session_params)
     ks = tuple(sorted(set(ks)))
     kmax = ks[-1]

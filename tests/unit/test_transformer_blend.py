@@ -155,3 +155,11 @@ def test_several_seeds_average_their_probabilities():
     assert sum(pb.values()) == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError):
         SequenceModel([], [])
+
+
+def test_prequential_refuses_the_contender_it_cannot_train_first():
+    from online_models.datasets import synthetic_interactions
+    from online_models.evaluation import prequential
+
+    with pytest.raises(ValueError, match="session-rec"):
+        prequential(synthetic_interactions(n_events=50, seed=1), models=[TRANSFORMER_HYBRID])
