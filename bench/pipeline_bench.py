@@ -135,7 +135,8 @@ def breakdown(metrics: list[dict[str, float]], cpu_s: float) -> str:
     if not batches:
         return "  (no batches)"
     stages = sorted({k.split('stage="')[1].split('"')[0] for m in metrics for k in m if k.startswith("streamrec_stage_seconds_sum")})
-    stage_ms = {st: total('streamrec_stage_seconds_sum{stage="%s"}' % st) / batches * 1000 for st in stages}
+    stage_key = 'streamrec_stage_seconds_sum{stage="'
+    stage_ms = {st: total(stage_key + st + '"}') / batches * 1000 for st in stages}
     per = ", ".join(f"{st} {ms:.2f}" for st, ms in stage_ms.items())
     return (f"  worker: {batches:,.0f} batches of {events / batches:.1f} events; ms per batch: {per}; "
             f"worker CPU {cpu_s / events * 1e6:.0f} µs per event (start-up excluded)")
