@@ -72,21 +72,26 @@ async def take_batches(stream, max_: int, within: float) -> AsyncIterator[list]:
             accept(get_now())
 
     while not stream.should_stop:
-        if not events:
-            accept(await queue.get())
+        try:
             if not events:
-                continue
-        drain()
-        first_at = _arrived_at(events[0])
-        while len(events) < max_:
-            remaining = first_at + within - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                accept(await asyncio.wait_for(queue.get(), remaining))
-            except TimeoutError:
-                break
+                accept(await queue.get())
+                if not events:
+                    continue
             drain()
+            first_at = _arrived_at(events[0])
+            while len(events) < max_:
+                remaining = first_at + within - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    accept(await asyncio.wait_for(queue.get(), remaining))
+                except TimeoutError:
+                    break
+                drain()
+        except StopAsyncIteration:
+            # Faust ends a channel's readers this way when it stops the stream; the events
+            # taken but not handed over stay unacknowledged and are delivered again
+            return
         batch = list(events)
         events.clear()
         yield batch  # handled partly or not at all (an exception, a cancel): left unacknowledged

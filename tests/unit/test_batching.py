@@ -1,0 +1,111 @@
+"""take_batches over a real mode ThrowableQueue, with the few Faust objects it touches faked."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import pytest
+from faust.types import EventT
+from mode.utils.queues import FlowControlEvent, ThrowableQueue
+
+from stream.batching import take_batches
+
+
+class FakeEvent:
+    def __init__(self, offset: int, generation: int = 1, age_s: float = 60.0) -> None:
+        self.message = SimpleNamespace(topic="clicks", offset=offset, generation_id=generation,
+                                       timestamp=time.time() - age_s, tracked=False)
+        self.acked = False
+
+    def ack(self) -> bool:
+        self.acked = True
+        return True
+
+
+EventT.register(FakeEvent)
+
+
+class FakeStream:
+    def __init__(self) -> None:
+        flow = FlowControlEvent()
+        flow.resume()
+        self.tracked: list[int] = []
+        self.app = SimpleNamespace(
+            consumer=SimpleNamespace(track_message=lambda m: self.tracked.append(m.offset)),
+            topics=SimpleNamespace(acking_topics={"clicks"}),
+            flow_control=SimpleNamespace(is_active=lambda: True),
+            consumer_generation_id=1,
+        )
+        self.channel = SimpleNamespace(queue=ThrowableQueue(flow_control=flow))
+        self.should_stop = False
+
+    def put(self, *events: FakeEvent) -> None:
+        for ev in events:
+            self.channel.queue.put_nowait(ev)
+
+
+async def test_what_queued_goes_at_once_and_is_acked_only_when_the_caller_comes_back():
+    stream = FakeStream()
+    evs = [FakeEvent(i) for i in range(3)]
+    stream.put(*evs)
+    batches = take_batches(stream, max_=10, within=5.0)  # old events: no waiting for the window
+    batch = await asyncio.wait_for(anext(batches), 1.0)
+    assert batch == evs and stream.tracked == [0, 1, 2]
+    assert not any(ev.acked for ev in evs)  # being handled
+    later = FakeEvent(3)
+    stream.put(later)
+    assert await asyncio.wait_for(anext(batches), 1.0) == [later]
+    assert all(ev.acked for ev in evs) and not later.acked
+    await batches.aclose()
+    assert not later.acked  # the caller never came back: redelivered after a restart
+
+
+async def test_a_batch_stops_at_max_and_the_rest_waits_for_the_next():
+    stream = FakeStream()
+    evs = [FakeEvent(i) for i in range(5)]
+    stream.put(*evs)
+    batches = take_batches(stream, max_=2, within=5.0)
+    assert [await anext(batches) for _ in range(3)] == [evs[:2], evs[2:4], evs[4:]]
+    await batches.aclose()
+
+
+async def test_a_fresh_event_waits_up_to_the_window_for_company():
+    stream = FakeStream()
+    first = FakeEvent(0, age_s=0.0)
+    stream.put(first)
+    batches = take_batches(stream, max_=10, within=0.2)
+    task = asyncio.ensure_future(anext(batches))
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    second = FakeEvent(1, age_s=0.0)
+    stream.put(second)
+    started = time.monotonic()
+    assert await asyncio.wait_for(task, 1.0) == [first, second]
+    assert time.monotonic() - started < 0.3
+    await batches.aclose()
+
+
+async def test_events_of_an_older_generation_are_acked_and_dropped():
+    stream = FakeStream()
+    stale, fresh = FakeEvent(0, generation=0), FakeEvent(1)
+    stream.put(stale, fresh)
+    batches = take_batches(stream, max_=10, within=0.01)
+    assert await asyncio.wait_for(anext(batches), 1.0) == [fresh]
+    assert stale.acked and stream.tracked == [1]
+    await batches.aclose()
+
+
+@pytest.mark.parametrize("pending", [0, 2])
+async def test_faust_stopping_the_channel_ends_the_batches_without_acking(pending):
+    stream = FakeStream()
+    evs = [FakeEvent(i, age_s=0.0) for i in range(pending)]
+    stream.put(*evs)
+    batches = take_batches(stream, max_=10, within=5.0)
+    task = asyncio.ensure_future(anext(batches))
+    await asyncio.sleep(0.01)
+    await stream.channel.queue.throw(StopAsyncIteration())
+    with pytest.raises(StopAsyncIteration):  # the generator returned; no RuntimeError
+        await asyncio.wait_for(task, 1.0)
+    assert not any(ev.acked for ev in evs)
