@@ -167,21 +167,16 @@ def evaluate(
 
 def _config_with_weights(spec: str | None):
     from online_models.evaluation import default_config
-    from online_models.recommender import RecommenderConfig
+    from online_models.recommender import RecommenderConfig, parse_weights
 
     config = default_config()
-    if not spec:
+    try:
+        overrides = parse_weights(spec)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--blend-weights") from None
+    if not overrides:
         return config
-    weights = dict(config.weights)
-    for part in spec.split(","):
-        name, sep, value = part.partition("=")
-        try:
-            weights[name.strip()] = float(value)
-        except ValueError:
-            raise typer.BadParameter(f"expected name=weight, saw {part!r}", param_hint="--blend-weights") from None
-        if not sep:
-            raise typer.BadParameter(f"expected name=weight, saw {part!r}", param_hint="--blend-weights")
-    return RecommenderConfig(**{**config.__dict__, "weights": weights})
+    return RecommenderConfig(**{**config.__dict__, "weights": {**config.weights, **overrides}})
 
 
 class _progress:

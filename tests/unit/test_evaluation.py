@@ -219,3 +219,16 @@ def test_cli_session_rec_validation_split(tmp_path):
     assert report["split"] == "valid" and report["test_predictions"] == 1 and report["references"] == {}
     bad = runner.invoke(app, ["evaluate", "-p", "session-rec", "-d", str(tmp_path), "--split", "train"])
     assert bad.exit_code != 0
+
+
+def test_cli_blend_weights_are_read_by_the_shared_parser():
+    app = typer.Typer()
+    app.command("evaluate")(evaluate)
+    app.command("noop")(lambda: None)
+    bad = CliRunner().invoke(app, ["evaluate", "-d", str(OTTO), "-f", "otto", "-m", "blend", "--blend-weights", "mf"])
+    assert bad.exit_code != 0 and "name=weight" in bad.output
+    ok = CliRunner().invoke(app, ["evaluate", "-d", str(OTTO), "-f", "otto", "-m", "blend", "--json",
+                                 "--blend-weights", "mf=0.2,trending=0"])
+    assert ok.exit_code == 0, ok.output
+    weights = json.loads(ok.stdout)["config"]["weights"]
+    assert weights["mf"] == 0.2 and weights["trending"] == 0.0 and weights["covisit"] == 1.0
