@@ -25,7 +25,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +34,7 @@ import logging  # noqa: E402
 
 logging.getLogger("aiokafka").setLevel(logging.ERROR)  # a fresh topic's first fetches warn until its leader is known
 
-from stream.demo import drop_topics, free_port, percentile, scrape, stop_worker  # noqa: E402
+from stream.demo import drop_topics, free_port, percentile, scrape, stop_worker, wait_ready  # noqa: E402
 from stream.records import decode_recommendation  # noqa: E402
 from stream.settings import Settings  # noqa: E402
 from stream.topics import ensure_topics  # noqa: E402
@@ -144,27 +143,6 @@ def breakdown(metrics: list[dict[str, float]], cpu_s: float) -> str:
     per = ", ".join(f"{st} {ms:.2f}" for st, ms in stage_ms.items())
     return (f"  worker: {batches:,.0f} batches of {events / batches:.1f} events; ms per batch: {per}; "
             f"worker CPU {cpu_s / events * 1e6:.0f} µs per event (start-up excluded)")
-
-
-def wait_ready(workers, timeout_s: float) -> None:
-    """Until every worker's /readyz answers 200 (joined, partitions assigned, Redis up)."""
-    start = time.time()
-    pending = {port for _, port, _ in workers}
-    while pending and time.time() - start < timeout_s:
-        for port in list(pending):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
-                    if answer.status == 200:
-                        pending.discard(port)
-            except OSError:
-                pass
-        for proc, _, log in workers:
-            if proc.poll() is not None:
-                raise SystemExit("worker exited:\n" + log.read_text()[-3000:])
-        time.sleep(0.5)
-    if pending:
-        raise SystemExit(f"workers on ports {sorted(pending)} not ready after {timeout_s:.0f} s")
-    time.sleep(1.0)
 
 
 def drop_state(settings: Settings) -> None:

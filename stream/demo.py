@@ -113,6 +113,28 @@ def drop_topics(bootstrap: str, names) -> None:
         print(f"(could not delete the topics {', '.join(names)}: {exc})")
 
 
+def wait_ready(workers, timeout_s: float) -> None:
+    """Until every ``(process, metrics port, log)`` worker's /readyz answers 200 (joined, partitions
+    assigned, Redis up); SystemExit with the log's tail if one exits, or after ``timeout_s``."""
+    start = time.time()
+    pending = {port for _, port, _ in workers}
+    while pending and time.time() - start < timeout_s:
+        for port in list(pending):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
+                    if answer.status == 200:
+                        pending.discard(port)
+            except OSError:
+                pass
+        for proc, _, log in workers:
+            if proc.poll() is not None:
+                raise SystemExit("worker exited:\n" + log.read_text()[-3000:])
+        time.sleep(0.5)
+    if pending:
+        raise SystemExit(f"workers on ports {sorted(pending)} not ready after {timeout_s:.0f} s")
+    time.sleep(1.0)
+
+
 def scrape(port: int) -> dict[str, float]:
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3).read().decode()
@@ -131,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", type=Path, help="replay this log instead of the synthetic shop")
     parser.add_argument("--format", default="synthetic", help="taobao, yoochoose, otto or synthetic")
     parser.add_argument("--events", type=int, default=20_000, help="events to replay (default 20000)")
-    parser.add_argument("--rate", type=float, default=2_000, help="events per second (default 2000)")
+    parser.add_argument("--rate", type=float, default=1_000,
+                        help="events per second (default 1000: the synthetic shop's dense co-visitation lists make "
+                             "~450 µs of worker CPU per event, so one worker on 2 cores saturates near 2000)")
     parser.add_argument("--train-events", type=int, default=20_000, help="events the scorer trains on when none is registered")
     args = parser.parse_args(argv)
 
@@ -159,10 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         worker = subprocess.Popen(exe + ["worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
     watcher = Watcher(settings.kafka_bootstrap, topics.recommendations, topics.dlq, show_every=max(1, args.events // 15))
     try:
-        time.sleep(1.0)
-        if worker.poll() is not None:
-            print(log_path.read_text()[-3000:])
-            return 1
+        # until it is in its group with partitions assigned: events sent before then would wait
+        # for the start-up, and the latency summary would measure that
+        wait_ready([(worker, metrics_port, log_path)], timeout_s=120)
         watcher.start()
         print(f"== 3/4 replaying {args.events} events at {args.rate:.0f}/s, plus {len(BAD_VALUES)} bad values")
         producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
