@@ -78,15 +78,11 @@ async def take_batches(stream, max_: int, within: float) -> AsyncIterator[list]:
                 if not events:
                     continue
             drain()
-            first_at = _arrived_at(events[0])
-            while len(events) < max_:
-                remaining = first_at + within - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    accept(await asyncio.wait_for(queue.get(), remaining))
-                except TimeoutError:
-                    break
+            remaining = _arrived_at(events[0]) + within - time.monotonic()
+            if remaining > 0 and len(events) < max_:
+                # one timer per batch, not a wait_for (a task) per arriving event; what arrives
+                # meanwhile waits in the channel queue, which holds more than a batch
+                await asyncio.sleep(remaining)
                 drain()
         except StopAsyncIteration:
             # Faust ends a channel's readers this way when it stops the stream; the events

@@ -102,7 +102,7 @@ async def test_faust_stopping_the_channel_ends_the_batches_without_acking(pendin
     stream = FakeStream()
     evs = [FakeEvent(i, age_s=0.0) for i in range(pending)]
     stream.put(*evs)
-    batches = take_batches(stream, max_=10, within=5.0)
+    batches = take_batches(stream, max_=10, within=0.2)  # a stop is seen by the window's end at the latest
     task = asyncio.ensure_future(anext(batches))
     await asyncio.sleep(0.01)
     await stream.channel.queue.throw(StopAsyncIteration())
