@@ -145,6 +145,23 @@ def breakdown(metrics: list[dict[str, float]], cpu_s: float) -> str:
             f"worker CPU {cpu_s / events * 1e6:.0f} µs per event (start-up excluded)")
 
 
+def workers_cpu(workers) -> float:
+    return sum(cpu_seconds(proc.pid) for proc, _, _ in workers)
+
+
+def stop_all(workers, arrivals: Arrivals) -> None:
+    for proc, _, _ in workers:
+        stop_worker(proc)
+    arrivals.stop_flag.set()
+    arrivals.join(5)
+
+
+def drop_run(settings: Settings) -> None:
+    """The run's topics and its user state in Redis."""
+    drop_topics(settings.kafka_bootstrap, settings.topics.all)
+    drop_state(settings)
+
+
 def drop_state(settings: Settings) -> None:
     """Delete the run's user state from Redis (it would otherwise stay for STREAMREC_STATE_TTL_S)."""
     import redis
@@ -181,22 +198,18 @@ def throughput(args) -> tuple[float, int]:
     workers = start_workers(env, args.workers, "throughput")
     try:
         arrivals.wait_first(args.timeout, workers)
-        cpu0 = sum(cpu_seconds(proc.pid) for proc, _, _ in workers)  # start-up (imports, model load) excluded
+        cpu0 = workers_cpu(workers)  # start-up (imports, model load) excluded
         arrivals.wait_quiet(5, args.timeout, workers)
         metrics = [scrape(port) for _, port, _ in workers]
-        cpu = sum(cpu_seconds(proc.pid) for proc, _, _ in workers) - cpu0
+        cpu = workers_cpu(workers) - cpu0
     finally:
-        for proc, _, _ in workers:
-            stop_worker(proc)
-        arrivals.stop_flag.set()
-        arrivals.join(5)
+        stop_all(workers, arrivals)
     applied = sum(v for m in metrics for k, v in m.items() if k.startswith("streamrec_events_consumed_total"))
     span = arrivals.times[-1] - arrivals.times[0]
     rate = applied / span if span > 0 else 0.0
     print(f"  {args.workers} worker(s): {applied:,.0f} events applied, {len(arrivals.times):,} recommendations in {span:.1f} s: {rate:,.0f} events/s")
     print(breakdown(metrics, cpu))
-    drop_topics(settings.kafka_bootstrap, settings.topics.all)
-    drop_state(settings)
+    drop_run(settings)
     return rate, int(applied)
 
 
@@ -230,8 +243,7 @@ def bare(args) -> float:
     produce(env, args, args.events, None)
     rate = asyncio.run(bare_loop(settings.kafka_bootstrap, list(settings.topics.inputs), settings.topics.recommendations, args.events))
     print(f"  bare aiokafka consume->produce: {rate:,.0f} events/s")
-    drop_topics(settings.kafka_bootstrap, settings.topics.all)
-    drop_state(settings)
+    drop_run(settings)
     return rate
 
 
@@ -244,26 +256,22 @@ def latency(args) -> list[float]:
     workers = start_workers(env, args.workers, "latency")
     try:
         wait_ready(workers, args.warmup)  # in the group, partitions assigned, no rebalance going on
-        cpu0 = sum(cpu_seconds(proc.pid) for proc, _, _ in workers)
+        cpu0 = workers_cpu(workers)
         start_ms = time.time() * 1000
         seconds = args.latency_warmup + args.latency_seconds
         produce(env, args, int(args.latency_rate * seconds), args.latency_rate)
         arrivals.wait_quiet(3, args.timeout, workers)
         metrics = [scrape(port) for _, port, _ in workers]
-        cpu = sum(cpu_seconds(proc.pid) for proc, _, _ in workers) - cpu0
+        cpu = workers_cpu(workers) - cpu0
     finally:
-        for proc, _, _ in workers:
-            stop_worker(proc)
-        arrivals.stop_flag.set()
-        arrivals.join(5)
+        stop_all(workers, arrivals)
     measured_from = start_ms + args.latency_warmup * 1000
     lat = [ms for ms, ts in zip(arrivals.latencies_ms, arrivals.event_ts, strict=True) if ts >= measured_from]
     print(f"  {len(lat):,} recommendations at {args.latency_rate:,.0f} events/s "
           f"(the first {args.latency_warmup:g} s of events are warm-up, not counted): latency p50 {percentile(lat, 50):.1f} ms, "
           f"p95 {percentile(lat, 95):.1f} ms, p99 {percentile(lat, 99):.1f} ms, max {max(lat):.1f} ms")
     print(breakdown(metrics, cpu))
-    drop_topics(settings.kafka_bootstrap, settings.topics.all)
-    drop_state(settings)
+    drop_run(settings)
     return lat
 
 
