@@ -4,8 +4,9 @@
 
 Runs RecommendationStep (dedupe, learning, candidates, one Transformer call per batch,
 ranking) over micro-batches of --batch events with user state in memory, the same code
-the Faust worker runs between its Redis and Kafka calls. --gc-threshold compares the
-collector threshold the worker sets (``streamrec worker``) with CPython's default, in one run.
+the Faust worker runs between its Redis and Kafka calls, under the worker's garbage-collector
+policy (stream/gcpolicy.py). --gc-threshold also runs, alternating, CPython's default
+collector and the plain 50,000 threshold, and prints each one's longest collector pause.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from online_models import Recommender, RecommenderConfig  # noqa: E402
 from online_models.datasets import read_interactions  # noqa: E402
+from stream import gcpolicy  # noqa: E402
 from stream.pipeline import RecommendationStep, StepConfig  # noqa: E402
 from stream.records import ClickEvent, PurchaseEvent  # noqa: E402
 
@@ -46,7 +48,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=500)
     p.add_argument("--candidates", type=int, default=100)
     p.add_argument("--scorer", action="store_true", help="score with the registered Transformer (STREAMREC_MODEL_DIR)")
-    p.add_argument("--gc-threshold", action="store_true", help="also run with CPython's default gc threshold, alternating")
+    p.add_argument("--gc-threshold", action="store_true", help="also run CPython's default collector and the plain 50,000 threshold, alternating")
     args = p.parse_args()
     xs = list(read_interactions(args.dataset, args.format, limit=args.events))
     events = [(PurchaseEvent if x.kind == "purchase" else ClickEvent)(
@@ -58,15 +60,34 @@ def main() -> None:
         from stream.settings import Settings
 
         scorer = HotSwapScorer(ModelRegistry(Settings.from_env().model_dir), device="auto")
-    configs = [("worker threshold (50000, 50, 100)", (50_000, 50, 100))]
+    configs = [("worker policy (gcpolicy)", True)]
     if args.gc_threshold:
-        configs = [("CPython default (700, 10, 10)", (700, 10, 10)), *configs] * 2
-    for name, threshold in configs:
-        gc.set_threshold(*threshold)
+        configs = [("CPython default (700, 10, 10)", (700, 10, 10)), ("threshold (50000, 50, 100)", (50_000, 50, 100)),
+                   *configs] * 2
+    pauses: list[float] = []
+    started: list[float] = []
+
+    def timed(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[:] = [time.perf_counter()]
+        elif started:
+            pauses.append(time.perf_counter() - started[0])
+
+    gc.callbacks.append(timed)
+    for name, policy in configs:
+        gcpolicy.configure(freeze=False)
+        gc.unfreeze()
+        if policy is True:
+            gcpolicy.configure(freeze=True)
+        else:
+            gc.set_threshold(*policy)
         gc.collect()
+        pauses.clear()
         rate, per_event = run(events, args, scorer)
         stages = ", ".join(f"{k} {v:.0f} us" for k, v in per_event.items())
-        print(f"{name:36s} {len(events):,} events: {rate:,.0f} events/s  ({stages})")
+        longest = max(pauses, default=0.0) * 1000
+        print(f"{name:32s} {len(events):,} events: {rate:,.0f} events/s  ({stages}); "
+              f"{len(pauses)} collections, {sum(pauses) * 1000:.0f} ms, longest {longest:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import sys
 
 import typer
 
+from stream import gcpolicy
 from stream.errors import StreamrecError
 from stream.settings import Settings
 
@@ -35,11 +35,8 @@ def worker(
     settings = Settings.from_env()
     level = (loglevel or settings.log_level).upper()
     logging.basicConfig(level=level, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
-    # The online models hold millions of small objects; with CPython's default threshold
-    # (700 allocations) the cyclic collector keeps walking them, ~50 us per event. A larger
-    # first-generation threshold collects as surely, less often: the step runs 1.2x faster
-    # on Taobao in-process (bench/step_bench.py --gc-threshold: 2,740 -> 3,580 events/s).
-    gc.set_threshold(50_000, 50, 100)
+    # short collector pauses, and none over the models' long-lived heap (stream/gcpolicy.py)
+    gcpolicy.configure(freeze=settings.gc_freeze)
     from stream.app import Worker, create_app
     from stream.metrics import Metrics
     from stream.topics import ensure_topics
