@@ -52,6 +52,11 @@ class RawMessage:
 THREAD_MIN_EVENTS = 64
 
 
+#: a batch slower than this is logged with its stages (at most once per ``SLOW_LOG_EVERY_S``)
+SLOW_BATCH_S = 0.1
+SLOW_LOG_EVERY_S = 10.0
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -74,6 +79,8 @@ class BatchHandler:
         self.backoff = backoff or Backoff()
         self.batches = 0
         self.events_applied = 0
+        self._slow_logged_at = float("-inf")
+        self._slow_since_log = 0
 
     async def handle(self, messages: Sequence[RawMessage]) -> None:
         m = self.metrics
@@ -144,6 +151,19 @@ class BatchHandler:
             m.live_reciprocal_rank.inc(live.reciprocal_rank_sum)
         self.batches += 1
         self.events_applied += len(result.applied)
+        if t5 - t0 > SLOW_BATCH_S:
+            self._log_slow(len(messages), {"decode": t1 - t0, "state_load": t2 - t1, **result.timings,
+                                           "publish": t4 - t3, "state_save": t5 - t4}, t5 - t0)
+
+    def _log_slow(self, n: int, stages: dict[str, float], seconds: float) -> None:
+        self._slow_since_log += 1
+        now = time.monotonic()
+        if now - self._slow_logged_at < SLOW_LOG_EVERY_S:
+            return
+        parts = ", ".join(f"{name} {s * 1000:.0f}" for name, s in stages.items())
+        log.warning("slow batch: %d events in %.0f ms (%s ms); %d batch(es) over %.0f ms since the last such line",
+                    n, seconds * 1000, parts, self._slow_since_log, SLOW_BATCH_S * 1000)
+        self._slow_logged_at, self._slow_since_log = now, 0
 
     async def _publish(self, records: list[OutRecord]) -> None:
         """Publish every record and return once the broker confirmed all of them; resend what failed."""

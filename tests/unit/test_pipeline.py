@@ -202,3 +202,22 @@ def test_step_result_is_independent_of_batch_boundaries(batch):
     assert {u: s.recent_items for u, s in states.items()} == {
         f"u{u}": [f"i{(u + j) % 40}" for j in range(5)] for u in range(10)
     }
+
+
+async def test_a_slow_batch_is_logged_with_its_stages_at_most_every_so_often(monkeypatch, caplog):
+    import stream.worker as worker
+
+    handler = BatchHandler(new_step(), InMemoryUserStateStore(), RecordingPublisher(), TopicNames(), Metrics(CollectorRegistry()))
+    events = [encode(e) for e in history(n_users=2, per_user=2)]
+    monkeypatch.setattr(worker, "SLOW_BATCH_S", 0.0)  # every batch is "slow"
+    with caplog.at_level("WARNING", logger="streamrec.worker"):
+        await handler.handle([raw(v, i) for i, v in enumerate(events[:2])])
+        await handler.handle([raw(v, i) for i, v in enumerate(events[2:], start=2)])
+    lines = [r.getMessage() for r in caplog.records if "slow batch" in r.getMessage()]
+    assert len(lines) == 1  # the second is counted, not logged, within SLOW_LOG_EVERY_S
+    assert "2 events in" in lines[0] and "rank" in lines[0] and "state_save" in lines[0]
+    monkeypatch.setattr(worker, "SLOW_LOG_EVERY_S", 0.0)
+    with caplog.at_level("WARNING", logger="streamrec.worker"):
+        await handler.handle([raw(v, i) for i, v in enumerate(events[:2], start=10)])
+    lines = [r.getMessage() for r in caplog.records if "slow batch" in r.getMessage()]
+    assert len(lines) == 2 and "2 batch(es) over 0 ms" in lines[1]
