@@ -271,8 +271,31 @@ def latency(args) -> list[float]:
           f"(the first {args.latency_warmup:g} s of events are warm-up, not counted): latency p50 {percentile(lat, 50):.1f} ms, "
           f"p95 {percentile(lat, 95):.1f} ms, p99 {percentile(lat, 99):.1f} ms, max {max(lat):.1f} ms")
     print(breakdown(metrics, cpu))
+    print(tail_windows(arrivals.event_ts, arrivals.latencies_ms, measured_from, percentile(lat, 99)))
+    if args.latency_out:
+        with open(args.latency_out, "w") as fh:  # one "event ts (ms), latency (ms)" per line
+            fh.writelines(f"{ts:.0f},{ms:.2f}\n" for ts, ms in zip(arrivals.event_ts, arrivals.latencies_ms, strict=True))
     drop_run(settings)
     return lat
+
+
+def tail_windows(event_ts: list[float], latencies_ms: list[float], start_ms: float, p99: float,
+                 window_ms: float = 250.0) -> str:
+    """Where the slowest 1 % sits in time: spread out (the worker is slow) or bunched in a few
+    windows (a pause: a collector, the broker, the machine)."""
+    over: dict[int, int] = {}
+    for ts, ms in zip(event_ts, latencies_ms, strict=True):
+        if ts >= start_ms and ms > p99:
+            w = int((ts - start_ms) // window_ms)
+            over[w] = over.get(w, 0) + 1
+    total = sum(over.values())
+    if not total:
+        return "  latency tail: nothing above p99"
+    worst = sorted(over.items(), key=lambda kv: -kv[1])[:3]
+    share = sum(n for _, n in worst) / total
+    where = ", ".join(f"{w * window_ms / 1000:.2f} s ({n})" for w, n in worst)
+    return (f"  latency tail: the {total} events above p99 fall in {len(over)} windows of {window_ms:.0f} ms; "
+            f"the worst three hold {share:.0%}: {where}")
 
 
 def main() -> None:
@@ -287,6 +310,7 @@ def main() -> None:
                    help="seconds of events at the latency rate sent first and not counted (cold caches, first batches)")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--workers", type=int, default=1, help="worker processes in the consumer group (at most the partitions)")
+    p.add_argument("--latency-out", type=Path, help="write each recommendation's event ts and latency (ms) here, as CSV")
     p.add_argument("--skip", nargs="*", default=[], choices=["throughput", "bare", "latency"])
     args = p.parse_args()
     print(f"streamrec pipeline bench: {os.cpu_count()} cores, {args.workers} worker(s), dataset {args.dataset or 'synthetic'}, "
