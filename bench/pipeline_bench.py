@@ -74,7 +74,7 @@ class Arrivals(threading.Thread):
         self.times: list[float] = []
         self.latencies_ms: list[float] = []
         self.event_ts: list[int] = []
-        self.published_ms: list[float] = []  # the record's timestamp: when the worker's producer took it
+        self.to_publication_ms: list[float] = []  # event ts to the record's timestamp (the worker's producer took it)
         self.stop_flag = threading.Event()
         self.ready = threading.Event()
 
@@ -98,7 +98,7 @@ class Arrivals(threading.Thread):
                         self.times.append(now)
                         self.latencies_ms.append(now * 1000 - rec.event_ts)
                         self.event_ts.append(rec.event_ts)
-                        self.published_ms.append(msg.timestamp - rec.event_ts)
+                        self.to_publication_ms.append(msg.timestamp - rec.event_ts)
         finally:
             await consumer.stop()
 
@@ -269,7 +269,7 @@ def latency(args) -> list[float]:
         stop_all(workers, arrivals)
     measured_from = start_ms + args.latency_warmup * 1000
     lat = [ms for ms, ts in zip(arrivals.latencies_ms, arrivals.event_ts, strict=True) if ts >= measured_from]
-    pub = [ms for ms, ts in zip(arrivals.published_ms, arrivals.event_ts, strict=True) if ts >= measured_from]
+    pub = [ms for ms, ts in zip(arrivals.to_publication_ms, arrivals.event_ts, strict=True) if ts >= measured_from]
     print(f"  {len(lat):,} recommendations at {args.latency_rate:,.0f} events/s "
           f"(the first {args.latency_warmup:g} s of events are warm-up, not counted): latency p50 {percentile(lat, 50):.1f} ms, "
           f"p95 {percentile(lat, 95):.1f} ms, p99 {percentile(lat, 99):.1f} ms, max {max(lat):.1f} ms")
