@@ -60,9 +60,9 @@ def main() -> None:
         from stream.settings import Settings
 
         scorer = HotSwapScorer(ModelRegistry(Settings.from_env().model_dir), device="auto")
-    configs = [("worker policy (gcpolicy)", True)]
+    configs: list[tuple[str, bool | None]] = [("worker policy (gcpolicy)", True)]  # None: CPython's default
     if args.gc_threshold:
-        configs = [("CPython default (700, 10, 10)", (700, 10, 10)), ("threshold (50000, 50, 100)", (50_000, 50, 100)),
+        configs = [("CPython default (700, 10, 10)", None), (f"threshold {gcpolicy.PLAIN_THRESHOLDS}", False),
                    *configs] * 2
     pauses: list[float] = []
     started: list[float] = []
@@ -77,10 +77,10 @@ def main() -> None:
     for name, policy in configs:
         gcpolicy.configure(freeze=False)
         gc.unfreeze()
-        if policy is True:
-            gcpolicy.configure(freeze=True)
+        if policy is None:
+            gc.set_threshold(700, 10, 10)
         else:
-            gc.set_threshold(*policy)
+            gcpolicy.configure(freeze=policy)
         gc.collect()
         pauses.clear()
         rate, per_event = run(events, args, scorer)

@@ -135,14 +135,10 @@ class BatchHandler:
         m.dead_letters_published.inc(len(dead))
         for rec in result.recommendations:
             m.end_to_end_seconds.observe(max(0, published_ms - rec.event_ts) / 1000)
-        stage = m.stage_seconds
-        stage.labels("decode").observe(t1 - t0)
-        stage.labels("state_load").observe(t2 - t1)
-        for name, seconds in result.timings.items():
-            stage.labels(name).observe(seconds)
-        stage.labels("publish").observe(t4 - t3)
-        stage.labels("state_save").observe(t5 - t4)
-        stage.labels("batch").observe(t5 - t0)
+        stages = {"decode": t1 - t0, "state_load": t2 - t1, **result.timings, "publish": t4 - t3, "state_save": t5 - t4}
+        for name, seconds in stages.items():
+            m.stage_seconds.labels(name).observe(seconds)
+        m.stage_seconds.labels("batch").observe(t5 - t0)
         live = result.live
         if live.judged:
             m.live_judged.inc(live.judged)
@@ -152,8 +148,7 @@ class BatchHandler:
         self.batches += 1
         self.events_applied += len(result.applied)
         if t5 - t0 > SLOW_BATCH_S:
-            self._log_slow(len(messages), {"decode": t1 - t0, "state_load": t2 - t1, **result.timings,
-                                           "publish": t4 - t3, "state_save": t5 - t4}, t5 - t0)
+            self._log_slow(len(messages), stages, t5 - t0)
 
     def _log_slow(self, n: int, stages: dict[str, float], seconds: float) -> None:
         self._slow_since_log += 1
