@@ -172,7 +172,7 @@ class RecommendationStep:
                     ranked = [r for r in ranked if r.item_id not in ctx.purchased]
                 record_shown(ctx.user_id, ranked)
                 changed[ctx.user_id].last_recommended = [r.item_id for r in ranked]
-                published.append([RecommendedItem(r.item_id, float(r.score), r.reason) for r in ranked])
+                published.append(ranked)  # ScoredItem is RecommendedItem: published as ranked
         generated = now_ms()
         recommendations = []
         for ctx, items in zip(contexts, published, strict=True):

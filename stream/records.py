@@ -23,6 +23,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from online_models.types import ScoredItem
 from stream.errors import InvalidEvent
 
 MAX_EVENT_BYTES = 64 * 1024
@@ -78,10 +79,8 @@ Event = ClickEvent | PurchaseEvent
 EVENT_TYPES = ("click", "purchase")
 
 
-class RecommendedItem(msgspec.Struct, frozen=True, omit_defaults=True):
-    item_id: str
-    score: float
-    reason: str | None = None
+#: one item of a Recommendation: the models' ranked item, published as it is, without a copy
+RecommendedItem = ScoredItem
 
 
 class Recommendation(msgspec.Struct, frozen=True, kw_only=True):
