@@ -3,7 +3,7 @@
 A learner learns from one :class:`~online_models.types.Interaction` at a time and scores
 items for a :class:`~online_models.types.UserContext`. A subclass implements
 ``learn_one`` and ``predict_one`` (and counts what it learned in ``self.n_learned``);
-it overrides ``score_many`` where scoring a batch pays, and ``propose`` when it can put
+it overrides ``score_many`` (one user) and ``score_batch`` (a batch of users) where scoring many items at once pays, and ``propose`` when it can put
 forward items of its own (``propose_scores``; it is then a *candidate source*). Everything else (ranking,
 cloning, snapshots, the version string) comes from here.
 
@@ -30,7 +30,10 @@ import inspect
 import json
 import pickle
 from collections.abc import Iterable, Sequence
+from itertools import chain
 from typing import Any, ClassVar, Self
+
+import numpy as np
 
 from online_models.types import Interaction, ScoredItem, UserContext
 
@@ -147,6 +150,14 @@ class OnlineLearner(ParamsMixin, abc.ABC):
     def score_many(self, user: UserContext, items: Sequence[str]) -> list[float]:
         """Scores of ``items`` in order; override where a batch is cheaper than a loop."""
         return [self.predict_one(user, item) for item in items]
+
+    def score_batch(self, users: Sequence[UserContext], items: Sequence[Sequence[str]]) -> np.ndarray:
+        """:meth:`score_many` of ``items[i]`` for ``users[i]``, all users' scores one after
+        another in one float array; the ranker calls this once per batch. Override where one
+        pass over all users' items is cheaper than a call per user."""
+        score = self.score_many
+        return np.fromiter(chain.from_iterable(map(score, users, items)), dtype=float,
+                           count=sum(map(len, items)))
 
     def propose_scores(self, user: UserContext, k: int) -> list[tuple[str, float]]:
         """At most ``k`` ``(item, score)`` pairs of the learner's own choosing, best first,

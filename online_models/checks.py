@@ -175,6 +175,23 @@ def check_rank_contract(learner: OnlineLearner) -> None:
                         assert set(ids) == set(candidates), f"{name}.rank dropped candidates with k large enough"
 
 
+def check_score_batch(learner: OnlineLearner) -> None:
+    """``score_batch`` gives, user after user, what ``score_many`` gives for each (the ranker uses the first)."""
+    stream = _stream()
+    model = _fit(learner.clone(), stream)
+    items = _catalogue(stream)
+    users = _probe_users(stream)
+    lists = [items[n % 7: n % 7 + 12] for n in range(len(users))]
+    lists[0] = []  # a user without candidates
+    batch = model.score_batch(users, lists)
+    one_by_one = [s for user, x in zip(users, lists, strict=True) for s in model.score_many(user, x)]
+    assert len(batch) == len(one_by_one), (
+        f"{type(learner).__name__}.score_batch gave {len(batch)} scores for {len(one_by_one)} items")
+    assert all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) or (math.isnan(a) and math.isnan(b))
+               for a, b in zip(map(float, batch), one_by_one, strict=True)), (
+        f"{type(learner).__name__}.score_batch differs from score_many user by user")
+
+
 def check_version(learner: OnlineLearner) -> None:
     model = learner.clone()
     v0 = model.version
@@ -192,6 +209,7 @@ def yield_checks(learner: OnlineLearner) -> Iterator[Check]:
     yield check_learn_many
     yield check_unseen_does_not_crash
     yield check_rank_contract
+    yield check_score_batch
     yield check_version
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
+from itertools import chain, repeat
 
 import numpy as np
 
@@ -110,6 +111,14 @@ class _ItemScores(OnlineLearner):
         known = rows >= 0
         out = np.where(known, self._scores[np.where(known, rows, 0)], 0.0) * self._scale(user)
         return out.tolist()
+
+    def score_batch(self, users: Sequence[UserContext], items: Sequence[Sequence[str]]) -> np.ndarray:
+        sizes = [len(x) for x in items]
+        n = sum(sizes)
+        rows = np.fromiter(map(self._index.get, chain.from_iterable(items), repeat(-1)), dtype=np.int64, count=n)
+        known = rows >= 0
+        out = np.where(known, self._scores[np.where(known, rows, 0)], 0.0)
+        return out * np.repeat([self._scale(u) for u in users], sizes)
 
     def propose_scores(self, user: UserContext, k: int) -> list[tuple[str, float]]:
         cached = self._proposed

@@ -267,11 +267,10 @@ class Recommender:
         learners = [(nm, lr) for nm, lr in self.learners.items() if cfg.weights.get(nm, 0.0) != 0.0]
         names = [nm for nm, _ in learners] + list(extra_names)
         norm = np.empty((len(names), seg.n))
+        member_users = [users[u] for u, _, _ in members]
+        member_items = [items for _, items, _ in members]
         for j, (_, learner) in enumerate(learners):
-            raw: list[float] = []
-            for u, items, _ in members:
-                raw.extend(learner.score_many(users[u], items))
-            norm[j] = ranking.normalise(np.array(raw, dtype=float), seg, finite=True)
+            norm[j] = ranking.normalise(learner.score_batch(member_users, member_items), seg, finite=True)
         for j in range(len(extra_names)):
             raw_extra = np.concatenate([np.asarray(cols[j], dtype=float) for _, _, cols in members])
             norm[len(learners) + j] = ranking.normalise(raw_extra, seg, finite=False)
