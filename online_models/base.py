@@ -164,6 +164,13 @@ class OnlineLearner(ParamsMixin, abc.ABC):
         without duplicates; none by default. Override to make the learner a candidate source."""
         return []
 
+    def propose_items(self, user: UserContext, k: int) -> list[str]:
+        """The items of :meth:`propose_scores`, in its order (the candidate generator needs no
+        scores); from :meth:`rank` for a learner that only overrides that."""
+        if type(self).propose_scores is not OnlineLearner.propose_scores:
+            return [item for item, _ in self.propose_scores(user, k)]
+        return [s.item_id for s in self.rank(user, None, k)]
+
     def propose(self, user: UserContext, k: int) -> list[ScoredItem]:
         """:meth:`propose_scores` as :class:`ScoredItem` values."""
         name = self.name

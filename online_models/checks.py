@@ -192,6 +192,20 @@ def check_score_batch(learner: OnlineLearner) -> None:
         f"{type(learner).__name__}.score_batch differs from score_many user by user")
 
 
+def check_propose_items(learner: OnlineLearner) -> None:
+    """``propose_items`` lists what ``propose`` does, in its order (the candidate generator uses the first)."""
+    stream = _stream()
+    model = _fit(learner.clone(), stream)
+    for user in _probe_users(stream):
+        for k in (1, 5, 50):
+            items = model.propose_items(user, k)
+            expected = [s.item_id for s in model.propose(user, k)] if (
+                type(model).propose_scores is not OnlineLearner.propose_scores) else [
+                s.item_id for s in model.rank(user, None, k)]
+            assert items == expected, (
+                f"{type(learner).__name__}.propose_items(k={k}) gave {items}, its proposals are {expected}")
+
+
 def check_version(learner: OnlineLearner) -> None:
     model = learner.clone()
     v0 = model.version
@@ -210,6 +224,7 @@ def yield_checks(learner: OnlineLearner) -> Iterator[Check]:
     yield check_unseen_does_not_crash
     yield check_rank_contract
     yield check_score_batch
+    yield check_propose_items
     yield check_version
 
 

@@ -61,7 +61,8 @@ class _ItemScores(OnlineLearner):
         self._scores = np.zeros(64)
         self._pool: dict[int, None] = {}
         self._pool_floor = 0.0
-        self._proposed: tuple[int, int, list[tuple[str, float]]] | None = None  # (at, k, unscaled)
+        # (at, k, unscaled proposals, their items)
+        self._proposed: tuple[int, int, list[tuple[str, float]], list[str]] | None = None
 
     # -- storage ----------------------------------------------------------------------
     def _row(self, item_id: str) -> int:
@@ -121,11 +122,19 @@ class _ItemScores(OnlineLearner):
         return out * np.repeat([self._scale(u) for u in users], sizes)
 
     def propose_scores(self, user: UserContext, k: int) -> list[tuple[str, float]]:
+        scale = self._scale(user)  # the same for every item: the order does not depend on the user
+        return [(item, score * scale) for item, score in self._proposals(k)[2][:k]]
+
+    def propose_items(self, user: UserContext, k: int) -> list[str]:
+        return self._proposals(k)[3][:k]
+
+    def _proposals(self, k: int) -> tuple[int, int, list[tuple[str, float]], list[str]]:
         cached = self._proposed
-        if cached is None or cached[1] < k or self.n_learned - cached[0] >= max(1, self.reuse_proposals):
-            cached = self._proposed = (self.n_learned, k, self._propose(k))
-        scale = self._scale(user)
-        return [(item, score * scale) for item, score in cached[2][:k]]
+        if (cached is None or len(cached) < 4  # a snapshot from before the items were cached too
+                or cached[1] < k or self.n_learned - cached[0] >= max(1, self.reuse_proposals)):
+            proposed = self._propose(k)
+            cached = self._proposed = (self.n_learned, k, proposed, [item for item, _ in proposed])
+        return cached
 
     def _propose(self, k: int) -> list[tuple[str, float]]:
         if not self._pool:

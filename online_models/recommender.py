@@ -182,21 +182,26 @@ class Recommender:
 
     def candidates(self, user: UserContext, n: int | None = None) -> list[str]:
         """Merged proposals of the sources (round-robin), minus purchased if configured."""
+        return self.candidates_many([user], n)[0]
+
+    def candidates_many(self, users: Sequence[UserContext], n: int | None = None) -> list[list[str]]:
+        """:meth:`candidates` for each user (the sources are looked up once for all)."""
         n = self.config.n_candidates if n is None else n
         if n <= 0:
-            return []
-        lists = []
-        for _, learner in self._sources():
-            if type(learner).propose_scores is not OnlineLearner.propose_scores:
-                lists.append([item for item, _ in learner.propose_scores(user, n)])
-            else:  # a learner that only overrides rank()
-                lists.append([s.item_id for s in learner.rank(user, None, n)])
-        merged = dict.fromkeys(chain.from_iterable(zip_longest(*lists)))  # round-robin, first wins
-        merged.pop(None, None)
-        purchased = user.purchased if self.config.exclude_purchased else ()
-        if purchased:
-            return [item for item in merged if item not in purchased][:n]
-        return list(merged)[:n]
+            return [[] for _ in users]
+        proposers = [learner.propose_items for _, learner in self._sources()]
+        exclude = self.config.exclude_purchased
+        out = []
+        for user in users:
+            lists = [propose(user, n) for propose in proposers]
+            merged = dict.fromkeys(chain.from_iterable(zip_longest(*lists)))  # round-robin, first wins
+            merged.pop(None, None)
+            purchased = user.purchased if exclude else ()
+            if purchased:
+                out.append([item for item in merged if item not in purchased][:n])
+            else:
+                out.append(list(merged)[:n])
+        return out
 
     # -- ranking ----------------------------------------------------------------------
     def rank(

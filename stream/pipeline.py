@@ -147,7 +147,7 @@ class RecommendationStep:
         t1 = clock()
 
         contexts = [user_context(s) for s in changed.values()]
-        candidates = [self.recommender.candidates(ctx, cfg.n_candidates) for ctx in contexts]
+        candidates = self.recommender.candidates_many(contexts, cfg.n_candidates)
         t2 = clock()
         extra: list[dict[str, np.ndarray] | None] = [None] * len(contexts)
         if self.scorer is not None and contexts:
