@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import faust
 
 from online_models import Recommender, RecommenderConfig
 from online_models.recommender import parse_weights
+from stream import snapshots
 from stream.batching import take_batches
 from stream.errors import ConfigError
 from stream.health import Health, check_readiness
@@ -165,11 +167,36 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
             except Exception as exc:  # an old or foreign snapshot must not stop the worker
                 log.error("ignoring the online models' snapshot in Redis: %s", exc)
 
-    @app.timer(interval=max(1, settings.snapshot_interval_s))
+    snapshot_every = max(1, settings.snapshot_interval_s)
+
+    @app.timer(interval=snapshot_every)
     async def snapshot_models():
-        async with shell.busy:
-            data = step.recommender.snapshot()
-        await store.set_blob(SNAPSHOT_KEY, data)
+        clock = time.perf_counter
+        if settings.snapshot_fork and snapshots.can_fork():
+            recommender, key, url = step.recommender, store.blob_key(SNAPSHOT_KEY), settings.redis_url
+
+            def pickle_and_store() -> None:  # in the child: the models as they were at the fork
+                import redis
+
+                redis.Redis.from_url(url, socket_timeout=60, socket_connect_timeout=5).set(key, recommender.snapshot())
+
+            async with shell.busy:  # no batch in hand: the models are consistent
+                start = clock()
+                pid = snapshots.fork_call(pickle_and_store)
+                metrics.model_snapshot_pause.set(clock() - start)
+            code = await snapshots.wait_child(pid, timeout_s=max(60.0, snapshot_every))
+            if code != 0:
+                metrics.model_snapshots.labels("failed").inc()
+                log.error("the online models' snapshot failed (child process %d exited with %d; "
+                          "its error is in the worker's stderr); the next one is in %d s", pid, code, snapshot_every)
+                return
+        else:
+            async with shell.busy:
+                start = clock()
+                data = step.recommender.snapshot()
+                metrics.model_snapshot_pause.set(clock() - start)
+            await store.set_blob(SNAPSHOT_KEY, data)
+        metrics.model_snapshots.labels("ok").inc()
         metrics.set_models(step.model_versions())
 
     @app.timer(interval=5.0)

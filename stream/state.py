@@ -172,11 +172,14 @@ class RedisUserStateStore:
         keys = [self.key(uid) for uid in states]
         await self._save_script(keys=keys, args=[self.ttl_s, *map(_encode, states.values())])
 
+    def blob_key(self, name: str) -> str:
+        return f"{self.key_prefix}{name}"
+
     async def get_blob(self, name: str) -> bytes | None:
-        return await self.client.get(f"{self.key_prefix}{name}")
+        return await self.client.get(self.blob_key(name))
 
     async def set_blob(self, name: str, data: bytes) -> None:
-        await self.client.set(f"{self.key_prefix}{name}", data)
+        await self.client.set(self.blob_key(name), data)
 
     async def ping(self) -> bool:
         return bool(await self.client.ping())

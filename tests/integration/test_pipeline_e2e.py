@@ -19,6 +19,7 @@ import pytest
 import redis
 from kafka import KafkaConsumer, KafkaProducer
 
+from online_models import Recommender
 from online_models.datasets import synthetic_interactions
 from stream.records import (
     ClickEvent,
@@ -138,6 +139,14 @@ def test_every_user_gets_recommendations_without_purchased_items(worker_env, wor
                 break
             assert time.monotonic() < deadline, f"not all events applied in time\n{worker.log_tail()}"
             worker.assert_alive()
+            time.sleep(0.5)
+        # the models' snapshot (every 2 s here, pickled in a forked child) reaches Redis and restores
+        deadline = time.monotonic() + 30
+        while True:
+            blob = client.get(f"{topic_prefix}models:snapshot")
+            if blob and Recommender.restore(blob).n_learned == len(events):
+                break
+            assert time.monotonic() < deadline, f"no snapshot of the models after every event\n{worker.log_tail()}"
             time.sleep(0.5)
     finally:
         client.close()

@@ -1,0 +1,74 @@
+"""Model snapshots in a forked child (stream/snapshots.py): the worker waits only for the fork."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import time
+
+import pytest
+
+from online_models import Recommender
+from online_models.datasets import synthetic_interactions
+from stream import snapshots
+
+pytestmark = pytest.mark.skipif(not snapshots.can_fork(), reason="os.fork is POSIX only")
+
+
+async def test_the_child_sees_the_models_as_they_were_at_the_fork(tmp_path):
+    rec = Recommender.default()
+    for x in synthetic_interactions(n_events=500, seed=1):
+        rec.learn_one(x)
+    out = tmp_path / "snapshot"
+
+    def slow_snapshot() -> None:
+        time.sleep(0.3)  # the parent goes on learning meanwhile
+        out.write_bytes(rec.snapshot())
+
+    start = time.perf_counter()
+    pid = snapshots.fork_call(slow_snapshot)
+    assert time.perf_counter() - start < 0.25  # back before the child is done
+    for x in synthetic_interactions(n_events=200, seed=2):
+        rec.learn_one(x)
+    assert await snapshots.wait_child(pid, timeout_s=30) == 0
+    restored = Recommender.restore(out.read_bytes())
+    assert restored.n_learned == 500 and rec.n_learned == 700
+
+
+async def test_a_failing_snapshot_is_an_exit_code_and_the_parent_goes_on(capfd):
+    def broken() -> None:
+        pickle.dumps(lambda: None)  # not picklable
+
+    pid = snapshots.fork_call(broken)
+    assert await snapshots.wait_child(pid, timeout_s=30) == 1
+    assert "model snapshot failed in the child process" in capfd.readouterr().err
+
+
+async def test_a_child_that_hangs_is_killed_at_the_timeout():
+    pid = snapshots.fork_call(lambda: time.sleep(60))
+    start = time.monotonic()
+    assert await snapshots.wait_child(pid, timeout_s=0.3) == -9
+    assert time.monotonic() - start < 5
+
+
+async def test_waiting_does_not_block_the_event_loop():
+    pid = snapshots.fork_call(lambda: time.sleep(0.5))
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    ticker = asyncio.create_task(tick())
+    assert await snapshots.wait_child(pid, timeout_s=30) == 0
+    ticker.cancel()
+    assert ticks >= 20
+
+
+def test_the_setting_turns_the_fork_off():
+    from stream.settings import Settings
+
+    assert Settings.from_env({}).snapshot_fork is True
+    assert Settings.from_env({"STREAMREC_SNAPSHOT_FORK": "false"}).snapshot_fork is False
