@@ -18,7 +18,7 @@ import faust
 
 from online_models import Recommender, RecommenderConfig
 from online_models.recommender import parse_weights
-from stream import snapshots
+from stream import consumer, snapshots
 from stream.batching import take_batches
 from stream.errors import ConfigError
 from stream.health import Health, check_readiness
@@ -135,6 +135,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
         # Worker below drains the batch in hand itself.
         stream_wait_empty=False,
     )
+    # before anything asks for app.transport (app.topic does): Faust's aiokafka transport
+    # with a cheaper per-message hand-over (stream/consumer.py)
+    app.transport = consumer.Transport(app.conf.broker_consumer, app)
     app.streamrec = shell  # for the CLI, tests and timers
     inputs = app.topic(*topics.inputs, key_type=bytes, value_type=bytes, partitions=settings.partitions)
     outputs = [app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.partitions)

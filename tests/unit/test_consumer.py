@@ -1,0 +1,82 @@
+"""The per-message hand-over of stream/consumer.py: run a coroutine inline until it waits,
+then finish it as a task would (the Faust consumer loop itself runs in the integration tests)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from stream.consumer import Transport, resume, start
+
+
+async def test_a_coroutine_that_never_waits_finishes_inline():
+    async def handover(x):
+        return x * 2
+
+    assert start(handover(21)) == (True, 42)
+
+
+async def test_a_coroutine_that_waits_is_finished_by_resume():
+    fut = asyncio.get_running_loop().create_future()
+    seen = []
+
+    async def handover():
+        seen.append("before")
+        await asyncio.sleep(0)  # a bare yield
+        value = await fut
+        seen.append(value)
+        return "done"
+
+    coro = handover()
+    done, yielded = start(coro)
+    assert not done and seen == ["before"]
+    task = asyncio.ensure_future(resume(coro, yielded))
+    await asyncio.sleep(0.01)
+    assert not task.done()
+    fut.set_result("value")
+    assert await asyncio.wait_for(task, 1) == "done"
+    assert seen == ["before", "value"]
+
+
+async def test_an_exception_of_the_awaited_future_reaches_the_coroutine():
+    fut = asyncio.get_running_loop().create_future()
+
+    async def handover():
+        try:
+            await fut
+        except KeyError:
+            return "handled"
+
+    coro = handover()
+    _, yielded = start(coro)
+    task = asyncio.ensure_future(resume(coro, yielded))
+    fut.set_exception(KeyError("x"))
+    assert await asyncio.wait_for(task, 1) == "handled"
+
+
+async def test_cancelling_resume_cancels_the_coroutine_where_it_waits():
+    fut = asyncio.get_running_loop().create_future()
+    cleaned = []
+
+    async def handover():
+        try:
+            await fut
+        finally:
+            cleaned.append(True)
+
+    coro = handover()
+    _, yielded = start(coro)
+    task = asyncio.ensure_future(resume(coro, yielded))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cleaned == [True] and fut.cancelled()
+
+
+def test_the_transport_uses_this_consumer():
+    from stream.consumer import Consumer
+
+    assert Transport.Consumer is Consumer
+
