@@ -27,10 +27,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
-from itertools import chain, repeat
 from operator import itemgetter
-
-import numpy as np
 
 from online_models.base import OnlineLearner, session_key
 from online_models.types import Interaction, UserContext
@@ -156,11 +153,6 @@ class CoVisitation(OnlineLearner):
     def score_many(self, user: UserContext, items: Sequence[str]) -> list[float]:
         get = self._aggregate(user).get
         return [get(i, 0.0) for i in items]
-
-    def score_batch(self, users: Sequence[UserContext], items: Sequence[Sequence[str]]) -> np.ndarray:
-        scores = self._aggregate
-        return np.fromiter(chain.from_iterable(map(scores(u).get, x, repeat(0.0)) for u, x in zip(users, items, strict=True)),
-                           dtype=float, count=sum(map(len, items)))
 
     def propose_scores(self, user: UserContext, k: int) -> list[tuple[str, float]]:
         scores = self._aggregate(user)

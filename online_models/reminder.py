@@ -19,10 +19,7 @@ context carries none, the learner's own bounded per-user history is used
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import chain, repeat
 from operator import itemgetter
-
-import numpy as np
 
 from online_models.base import OnlineLearner
 from online_models.types import Interaction, UserContext
@@ -71,11 +68,6 @@ class RecentlyViewed(OnlineLearner):
     def score_many(self, user: UserContext, items: Sequence[str]) -> list[float]:
         get = self._scores(user).get
         return [get(i, 0.0) for i in items]
-
-    def score_batch(self, users: Sequence[UserContext], items: Sequence[Sequence[str]]) -> np.ndarray:
-        scores = self._scores
-        return np.fromiter(chain.from_iterable(map(scores(u).get, x, repeat(0.0)) for u, x in zip(users, items, strict=True)),
-                           dtype=float, count=sum(map(len, items)))
 
     def propose_scores(self, user: UserContext, k: int) -> list[tuple[str, float]]:
         return sorted(self._scores(user).items(), key=itemgetter(1), reverse=True)[:k]

@@ -3,7 +3,7 @@
 Faust's ``Consumer._drain_messages`` hands every fetched message to the conductor with
 ``await self.wait_first(callback(message), self.suspend_flow.wait())``, so that a hand-over
 blocked on a full channel queue is abandoned when a rebalance suspends the flow. That call
-wraps four awaitables in tasks, waits on them and cancels three: about 40 µs of the event
+wraps four awaitables in tasks, waits on them and cancels three: about 23 µs of the event
 loop per message (``bench/drain_bench.py``), while the hand-over itself almost never waits
 (the conductor puts the event on a queue that has room, and returns).
 
