@@ -263,3 +263,52 @@ def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(worker_env, 
     finally:
         client.close()
     assert second.stop(signal.SIGTERM) == 0, second.log_tail()
+
+
+def test_a_worker_joining_and_one_leaving_mid_stream_loses_nothing_and_applies_nothing_twice(worker_env, workers, topic_prefix):
+    """Two rebalances while events flow: a second worker joins (the partitions are split), then
+    the first stops with SIGTERM (the second takes them all). Every event is applied exactly once."""
+    bootstrap = worker_env["STREAMREC_KAFKA_BOOTSTRAP"]
+    events = list(synthetic_interactions(n_events=6000, n_users=150, n_items=500, seed=13))
+    expected = defaultdict(int)
+    for x in events:
+        expected[x.user_id] += 1
+    records = [as_record(x, i) for i, x in enumerate(events)]
+
+    def produce_slowly():
+        for start in range(250, len(records), 250):
+            produce(bootstrap, topic_prefix, records[start:start + 250])
+            time.sleep(0.5)
+
+    feeder = threading.Thread(target=produce_slowly, daemon=True)
+    first = workers()
+    produce(bootstrap, topic_prefix, records[:250])
+    consume_until(bootstrap, f"{topic_prefix}recommendations", lambda v: len(v) >= 20, 120, first)
+    feeder.start()
+    time.sleep(2)
+    second = workers()  # joins: the partitions are split between the two
+    time.sleep(6)
+    assert first.stop(signal.SIGTERM) == 0, first.log_tail()  # leaves: the second takes them all
+
+    client = redis.Redis.from_url(worker_env["STREAMREC_REDIS_URL"])
+    try:
+        def applied() -> dict[str, int]:
+            docs = {u: user_doc(client, topic_prefix, u) for u in expected}
+            return {u: (d["clicks"] + d["purchases"]) if d else 0 for u, d in docs.items()}
+
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            counts = applied()
+            if counts == dict(expected):
+                break
+            twice = {u: (counts[u], expected[u]) for u in expected if counts[u] > expected[u]}
+            assert not twice, f"events applied twice (applied, sent): {twice}"
+            second.assert_alive()
+            time.sleep(1)
+        feeder.join(60)
+        counts = applied()
+        assert counts == dict(expected), (
+            f"events lost: {sum(expected.values()) - sum(counts.values())}\n{second.log_tail()}")
+    finally:
+        client.close()
+    assert second.stop(signal.SIGTERM) == 0, second.log_tail()
