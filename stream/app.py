@@ -19,7 +19,7 @@ import faust
 from online_models import Recommender, RecommenderConfig
 from online_models.recommender import parse_weights
 from stream import consumer, snapshots
-from stream.batching import take_batches
+from stream.batching import drop_stale, take_batches
 from stream.errors import ConfigError
 from stream.health import Health, check_readiness
 from stream.lag import LagMetrics, update_lag
@@ -51,6 +51,10 @@ class Shell:
     async def drain(self, timeout_s: float = 30.0) -> bool:
         """Stop taking new batches and wait for the batch in hand; False if it did not finish in time."""
         self.draining = True
+        return await self.wait_idle(timeout_s)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no batch is in hand; False if the one in hand did not finish in time."""
         try:
             await asyncio.wait_for(self.busy.acquire(), timeout_s)
         except TimeoutError:
@@ -153,9 +157,25 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
         async for events in take_batches(stream, settings.batch_size, within):
             if shell.draining:
                 await asyncio.Event().wait()  # shutting down: leave this batch unacknowledged
-            messages = [_raw(ev.message) for ev in events]
             async with shell.busy:
-                await shell.handler.handle(messages)
+                # taken before a rebalance that has begun since: its partitions may belong to
+                # another worker now, which Kafka gives these events again
+                dropped = drop_stale(app, events)
+                if dropped:
+                    log.info("rebalance: %d event(s) taken before it left unhandled and unacknowledged; "
+                             "they are delivered again to their partitions' owner", dropped)
+                if events:
+                    await shell.handler.handle([_raw(ev.message) for ev in events])
+
+    @app.on_partitions_revoked.connect
+    async def finish_batch_in_hand(sender, revoked, **_) -> None:
+        # Faust has suspended the flow; the batch in hand finishes (its state saved) before the
+        # partitions go to their next owner, so that owner never loads a user's state under a
+        # write still to come (stream_wait_empty=False: Faust itself waits for nothing)
+        if revoked and not await shell.wait_idle(settings.session_timeout_s / 2):
+            log.warning("rebalance: the batch in hand did not finish within %.0f s; it is redelivered to "
+                        "the partitions' next owner and its state write may land after that owner's",
+                        settings.session_timeout_s / 2)
 
     @app.task
     async def on_start():

@@ -10,7 +10,7 @@ import pytest
 from faust.types import EventT
 from mode.utils.queues import FlowControlEvent, ThrowableQueue
 
-from stream.batching import take_batches
+from stream.batching import drop_stale, take_batches
 
 
 class FakeEvent:
@@ -87,14 +87,39 @@ async def test_a_fresh_event_waits_up_to_the_window_for_company():
     await batches.aclose()
 
 
-async def test_events_of_an_older_generation_are_acked_and_dropped():
+async def test_events_of_an_older_generation_are_dropped_unacknowledged():
     stream = FakeStream()
     stale, fresh = FakeEvent(0, generation=0), FakeEvent(1)
     stream.put(stale, fresh)
     batches = take_batches(stream, max_=10, within=0.01)
     assert await asyncio.wait_for(anext(batches), 1.0) == [fresh]
-    assert stale.acked and stream.tracked == [1]
+    assert not stale.acked and stream.tracked == [1]  # the rebalance's seek delivers it again
     await batches.aclose()
+
+
+async def test_a_batch_taken_before_a_rebalance_is_dropped_and_never_acknowledged():
+    stream = FakeStream()
+    evs = [FakeEvent(i) for i in range(3)]
+    stream.put(*evs)
+    batches = take_batches(stream, max_=10, within=0.01)
+    batch = await asyncio.wait_for(anext(batches), 1.0)
+    assert drop_stale(stream.app, batch) == 0 and batch == evs  # nothing happened since
+    stream.app.consumer_generation_id = 2  # a rebalance happened while the batch waited
+    assert drop_stale(stream.app, batch) == 3 and batch == []
+    later = FakeEvent(3, generation=2)
+    stream.put(later)
+    assert await asyncio.wait_for(anext(batches), 1.0) == [later]
+    assert not any(ev.acked for ev in evs)  # the caller came back: only what it kept is acked
+    await batches.aclose()
+
+
+def test_drop_stale_keeps_the_current_generation_and_drops_all_while_the_flow_is_suspended():
+    app = FakeStream().app
+    old, new = FakeEvent(0, generation=0), FakeEvent(1, generation=1)
+    batch = [old, new]
+    assert drop_stale(app, batch) == 1 and batch == [new]
+    app.flow_control = SimpleNamespace(is_active=lambda: False)  # a rebalance has begun
+    assert drop_stale(app, batch) == 1 and batch == []
 
 
 @pytest.mark.parametrize("pending", [0, 2])
