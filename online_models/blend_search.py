@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import json
 import pickle
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from online_models.transformer_blend import SequenceModel, blend_scores
 
 
 def collect(folder: Path, seed: int, keep: int = 300, session_params: dict | None = None, max_recent: int = 50,
-            n_models: int = 1):
+            n_models: int = 1, model_config: dict | None = None, train_config: dict | None = None):
     """``[(target, hybrid top-keep scores, transformer top-keep probs)]`` over the validation
     predictions (frozen), and the Transformer's training metrics."""
     from online_models.session_knn import SessionHybrid
@@ -37,7 +38,7 @@ def collect(folder: Path, seed: int, keep: int = 300, session_params: dict | Non
         hybrid.learn_one(x)
         seqs.setdefault(x.session_id, []).append(x.item_id)
     t0 = time.perf_counter()
-    model = SequenceModel.fit(seqs, tuple(range(seed, seed + n_models)))
+    model = SequenceModel.fit(seqs, tuple(range(seed, seed + n_models)), model_config, train_config)
     train_s = time.perf_counter() - t0
     rows = []
     for sid, seq in sessions_of(valid).items():
@@ -66,10 +67,15 @@ def main(argv=None) -> int:
     ap.add_argument("--top-n", default="20,50,100,300")
     ap.add_argument("--exponents", default="1")
     ap.add_argument("--models", type=int, default=1, help="Transformers averaged (seeds seed..seed+models-1)")
+    ap.add_argument("--model-config", type=json.loads, default=None,
+                    help='Transformer settings over transformer_blend.MODEL_CONFIG, JSON: \'{"dropout": 0.3}\'')
+    ap.add_argument("--train-config", type=json.loads, default=None,
+                    help='training settings over transformer_blend.TRAIN_CONFIG, JSON: \'{"lr": 1e-3}\'')
     ap.add_argument("--dump", type=Path, default=None, help="pickle the raw records here (one file per seed: {seed})")
     args = ap.parse_args(argv)
     for seed in (int(s) for s in args.seeds.split(",")):
-        rows, info = collect(args.data, seed, n_models=args.models)
+        rows, info = collect(args.data, seed, n_models=args.models, model_config=args.model_config,
+                             train_config=args.train_config)
         print(f"seed {seed}: {len(rows)} validation predictions; transformer {info}", flush=True)
         if args.dump is not None:
             Path(str(args.dump).format(seed=seed)).write_bytes(pickle.dumps(rows))
