@@ -53,6 +53,20 @@ class Shell:
         self.draining = True
         return await self.wait_idle(timeout_s)
 
+    async def handle_taken(self, app, events: list) -> None:
+        """Handle a batch from :func:`take_batches`, under the lock a rebalance waits on.
+
+        Events taken before a rebalance that has begun or happened since are removed from
+        ``events`` first (:func:`drop_stale`): their partitions may belong to another worker
+        now, and Kafka delivers them again to whoever owns them."""
+        async with self.busy:
+            dropped = drop_stale(app, events)
+            if dropped:
+                log.info("rebalance: %d event(s) taken before it left unhandled and unacknowledged; "
+                         "they are delivered again to their partitions' owner", dropped)
+            if events:
+                await self.handler.handle([_raw(ev.message) for ev in events])
+
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no batch is in hand; False if the one in hand did not finish in time."""
         try:
@@ -157,15 +171,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
         async for events in take_batches(stream, settings.batch_size, within):
             if shell.draining:
                 await asyncio.Event().wait()  # shutting down: leave this batch unacknowledged
-            async with shell.busy:
-                # taken before a rebalance that has begun since: its partitions may belong to
-                # another worker now, which Kafka gives these events again
-                dropped = drop_stale(app, events)
-                if dropped:
-                    log.info("rebalance: %d event(s) taken before it left unhandled and unacknowledged; "
-                             "they are delivered again to their partitions' owner", dropped)
-                if events:
-                    await shell.handler.handle([_raw(ev.message) for ev in events])
+            await shell.handle_taken(app, events)
 
     @app.on_partitions_revoked.connect
     async def finish_batch_in_hand(sender, revoked, **_) -> None:
@@ -173,7 +179,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
         # partitions go to their next owner, so that owner never loads a user's state under a
         # write still to come (stream_wait_empty=False: Faust itself waits for nothing)
         if revoked and not await shell.wait_idle(settings.session_timeout_s / 2):
-            log.warning("rebalance: the batch in hand did not finish within %.0f s; it is redelivered to "
+            log.warning("rebalance: the batch in hand did not finish within %.1f s; it is redelivered to "
                         "the partitions' next owner and its state write may land after that owner's",
                         settings.session_timeout_s / 2)
 
