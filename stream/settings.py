@@ -69,7 +69,7 @@ class Settings:
     scorer_device: str = _env("STREAMREC_SCORER_DEVICE", "auto", "auto, cuda or cpu")
     app_id: str = _env("STREAMREC_APP_ID", "streamrec", "Faust app id; also the Kafka consumer group")
     partitions: int = _env("STREAMREC_PARTITIONS", "4", "partitions of the input topics when streamrec creates them")
-    batch_size: int = _env("STREAMREC_BATCH_SIZE", "500", "most events in one micro-batch")
+    batch_size: int = _env("STREAMREC_BATCH_SIZE", "2000", "most events in one micro-batch")
     batch_timeout_ms: int = _env("STREAMREC_BATCH_TIMEOUT_MS", "20", "longest wait, from its first event, to fill a micro-batch")
     recent_items: int = _env("STREAMREC_RECENT_ITEMS", "50", "length of each user's recent-item sequence")
     n_candidates: int = _env("STREAMREC_CANDIDATES", "50", "candidates scored per recommendation")
