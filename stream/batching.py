@@ -58,14 +58,13 @@ async def take_batches(stream, max_: int, within: float) -> AsyncIterator[list]:
     acking_topics = app.topics.acking_topics
     queue = stream.channel.queue
     get_now = queue.get_nowait
-    flow = app.flow_control
     events: list = []
 
     def accept(item) -> None:
         if not isinstance(item, EventT):  # pragma: no cover - agents' channels carry events
             return
         message = item.message
-        if not flow.is_active() or message.generation_id != app.consumer_generation_id:
+        if is_stale(app, message):
             # from before a rebalance: dropped as Faust drops it, but not acknowledged (an
             # acknowledged offset could let a commit pass it); the rebalance's seek to the
             # committed offsets delivers it again
@@ -103,17 +102,17 @@ async def take_batches(stream, max_: int, within: float) -> AsyncIterator[list]:
             event.ack()
 
 
+def is_stale(app, message) -> bool:
+    """Whether ``message`` was fetched before a rebalance that has begun since (the flow is
+    suspended) or has happened since (an older consumer generation)."""
+    return not app.flow_control.is_active() or message.generation_id != app.consumer_generation_id
+
+
 def drop_stale(app, batch: list) -> int:
-    """Remove from ``batch`` (in place) the events taken before a rebalance that has begun
-    since (the flow is suspended) or has happened since (an older consumer generation);
-    return how many. :func:`take_batches` does not acknowledge them."""
-    if app.flow_control.is_active():
-        generation = app.consumer_generation_id
-        if all(ev.message.generation_id == generation for ev in batch):
-            return 0
-        keep = [ev for ev in batch if ev.message.generation_id == generation]
-    else:
-        keep = []
+    """Remove from ``batch`` (in place) the events :func:`is_stale` names; return how many.
+    :func:`take_batches` does not acknowledge them."""
+    keep = [ev for ev in batch if not is_stale(app, ev.message)]
     dropped = len(batch) - len(keep)
-    batch[:] = keep
+    if dropped:
+        batch[:] = keep
     return dropped
