@@ -16,8 +16,7 @@ class InvalidEvent(StreamrecError):
 
     It is data, not a crash: the worker sends it to the dead-letter topic with ``reason``
     (a sentence naming the field and what was seen) and ``code`` (a short label for
-    metrics: ``oversize``, ``not_utf8``, ``malformed_json``, ``not_object``,
-    ``missing_field``, ``wrong_type``, ``invalid_value``, ``unknown_type``).
+    metrics, one of :data:`DEAD_LETTER_CODES`).
     """
 
     def __init__(self, code: str, reason: str, field: str | None = None) -> None:
@@ -25,6 +24,15 @@ class InvalidEvent(StreamrecError):
         self.code = code
         self.reason = reason
         self.field = field
+
+
+#: Every dead-letter code, in the order docs/events.md explains them: the decoder's rules in the
+#: order it checks them, then ``processing_error`` (the value was valid, but handling it raised).
+DEAD_LETTER_CODES = (
+    "oversize", "too_deep", "not_utf8", "malformed_json", "not_finite", "not_object", "unknown_type",
+    "missing_field", "wrong_type", "invalid_value", "too_long", "bad_id", "bad_text", "ts_out_of_window",
+    "number_too_large", "processing_error",
+)
 
 
 class ServiceUnavailable(StreamrecError):

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import base64
 import re
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import msgspec
+import numpy as np
 
 from online_models.types import ScoredItem
 from stream.errors import InvalidEvent
@@ -33,11 +35,73 @@ DEAD_LETTER_RAW_LIMIT = MAX_EVENT_BYTES
 """At most this many bytes of a bad value travel in its dead letter."""
 
 MAX_ID_CHARS = 128
+"""Longest id: ``event_id``, ``user_id``, ``item_id``, ``session_id``, ``category_id``, ``order_id``."""
 
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
-EpochMs = Annotated[int, msgspec.Meta(ge=0)]
-Price = Annotated[float, msgspec.Meta(ge=0)]
-Quantity = Annotated[int, msgspec.Meta(ge=1)]
+MAX_TEXT_CHARS = 256
+"""Longest free text (``source``)."""
+
+MAX_DEPTH = 32
+"""Deepest nesting of arrays and objects anywhere in a value (the event itself is depth 1)."""
+
+MAX_TS_MS = 253_402_300_799_999
+"""The last millisecond of the year 9999: the largest ``ts`` any schema accepts."""
+
+MAX_QUANTITY = 10_000
+"""The largest ``quantity`` (``STREAMREC_MAX_QUANTITY`` may only lower it)."""
+
+MAX_PRICE = 1_000_000_000_000
+"""The largest ``price`` (``STREAMREC_MAX_PRICE`` may only lower it)."""
+
+# Control characters (Unicode category Cc) and the whitespace an id may not consist of only,
+# spelled out so that Python's re (msgspec, jsonschema) and ECMA 262 (the JSON Schemas'
+# regex dialect) read the patterns the same way; ``(?![\s\S])`` is "end of text" in both
+# (Python's ``$`` would also match before a final newline).
+_CONTROL = r"\x00-\x1f\x7f-\x9f"
+_SPACE = r" \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+ID_PATTERN = rf"^[^{_CONTROL}]*[^{_CONTROL}{_SPACE}][^{_CONTROL}]*(?![\s\S])"
+"""An id holds no control character and something besides whitespace."""
+TEXT_PATTERN = rf"^[^{_CONTROL}]*(?![\s\S])"
+"""Free text holds no control character."""
+
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)]
+OptionalId = Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS, pattern=ID_PATTERN)]
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT_CHARS, pattern=TEXT_PATTERN)]
+EpochMs = Annotated[int, msgspec.Meta(ge=0, le=MAX_TS_MS)]
+Price = Annotated[float, msgspec.Meta(ge=0, le=MAX_PRICE)]
+Quantity = Annotated[int, msgspec.Meta(ge=1, le=MAX_QUANTITY)]
+
+#: the fields that hold ids, and the one that holds free text
+ID_FIELDS = ("event_id", "user_id", "item_id", "session_id", "category_id", "order_id")
+TEXT_FIELDS = ("source",)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The bounds a worker enforces beyond the static ones of the types (and the schemas).
+
+    ``max_future_ms``: a ``ts`` later than the worker's clock plus this is refused (a producer
+    clock far ahead, or seconds sent as milliseconds times 1000). ``max_age_ms``: a ``ts``
+    older than the clock minus this is refused; 0 (the default) accepts any age, as a replay
+    of an old log needs. ``max_quantity`` and ``max_price`` may only lower
+    :data:`MAX_QUANTITY` and :data:`MAX_PRICE`; ``max_depth`` may only lower :data:`MAX_DEPTH`.
+    """
+
+    max_depth: int = MAX_DEPTH
+    max_future_ms: int = 3_600_000
+    max_age_ms: int = 0
+    max_quantity: int = MAX_QUANTITY
+    max_price: float = MAX_PRICE
+
+    def __post_init__(self) -> None:
+        for name, ceiling in (("max_depth", MAX_DEPTH), ("max_quantity", MAX_QUANTITY), ("max_price", MAX_PRICE)):
+            value = getattr(self, name)
+            if not 1 <= value <= ceiling:
+                raise ValueError(f"{name}={value}: expected 1 to {ceiling}")
+        if self.max_future_ms < 0 or self.max_age_ms < 0:
+            raise ValueError(f"max_future_ms={self.max_future_ms}, max_age_ms={self.max_age_ms}: neither may be negative")
+
+
+DEFAULT_BOUNDS = Bounds()
 
 
 class ClickEvent(msgspec.Struct, tag_field="type", tag="click", kw_only=True, frozen=True, omit_defaults=True):
@@ -47,10 +111,10 @@ class ClickEvent(msgspec.Struct, tag_field="type", tag="click", kw_only=True, fr
     user_id: Id
     item_id: Id
     ts: EpochMs
-    session_id: str | None = None
-    category_id: str | None = None
+    session_id: OptionalId | None = None
+    category_id: OptionalId | None = None
     price: Price | None = None
-    source: str | None = None
+    source: Text | None = None
 
     @property
     def type(self) -> str:
@@ -66,9 +130,9 @@ class PurchaseEvent(msgspec.Struct, tag_field="type", tag="purchase", kw_only=Tr
     ts: EpochMs
     quantity: Quantity = 1
     price: Price | None = None
-    order_id: str | None = None
-    category_id: str | None = None
-    session_id: str | None = None
+    order_id: OptionalId | None = None
+    category_id: OptionalId | None = None
+    session_id: OptionalId | None = None
 
     @property
     def type(self) -> str:
@@ -153,40 +217,139 @@ def _invalid_from_validation(message: str) -> InvalidEvent:
         if field is None:
             return InvalidEvent("not_object", f"the value must be a JSON object, saw {_words(t.group(2))}")
         return InvalidEvent("wrong_type", f"{where}: expected {_words(t.group(1))}, saw {t.group(2)}", field)
+    if body.startswith("Number out of range"):
+        return InvalidEvent("not_finite", f"{where}: the number is too large to be finite; send a finite number", field)
     if (c := _CONSTRAINT.match(body)) is not None:
-        expected = c.group(2).replace("length", "a length")
+        rule = c.group(2)
+        if rule.startswith("of length <="):
+            limit = MAX_TEXT_CHARS if field in TEXT_FIELDS else MAX_ID_CHARS
+            return InvalidEvent("too_long", f"{where}: longer than {limit} characters", field)
+        if rule.startswith("matching regex"):
+            if field in TEXT_FIELDS:
+                return InvalidEvent("bad_text", f"{where}: free text may not hold control characters (U+0000-U+001F, U+007F-U+009F)", field)
+            return InvalidEvent("bad_id", f"{where}: an id must hold something besides whitespace, and no control characters "
+                                          "(U+0000-U+001F, U+007F-U+009F); leave an optional id out (or null) for none", field)
+        if field == "ts" and rule.startswith("<="):
+            return InvalidEvent("ts_out_of_window", f"{where}: must be epoch milliseconds up to {MAX_TS_MS} (the year 9999)", field)
+        if field in ("quantity", "price") and rule.startswith("<="):
+            limit = MAX_QUANTITY if field == "quantity" else MAX_PRICE
+            return InvalidEvent("number_too_large", f"{where}: must be at most {limit}", field)
         if field in ("user_id", "item_id", "event_id"):
-            return InvalidEvent("invalid_value", f"{where}: must be a non-empty string of at most {MAX_ID_CHARS} characters", field)
+            return InvalidEvent("invalid_value", f"{where}: must not be empty", field)
+        expected = rule.replace("length", "a length")
         return InvalidEvent("invalid_value", f"{where}: must be {_words(c.group(1))} {expected}", field)
     return InvalidEvent("invalid_value", f"{where}: {body}", field)
 
 
-def decode_event(raw: bytes | bytearray | memoryview | None) -> Event:
-    """Decode and validate one input value; raise :class:`InvalidEvent` on any breach."""
+_BRACKETS = frozenset(b"[]{}")
+# strings (also an unterminated one) and every run of bytes that is neither a bracket nor a
+# quote: what is left of a value after removing them is its brackets, outside strings
+_NOT_A_BRACKET = re.compile(rb'"(?:[^"\\]|\\.)*"?|[^"\[\]{}]+', re.S)
+_NON_FINITE = (b"NaN", b"Infinity")
+_POSITION = re.compile(r"\(byte (\d+)\)")
+_KEY_BEFORE = re.compile(rb'"((?:[^"\\]|\\.){1,64})"\s*:\s*-?$')
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of arrays and objects in ``raw`` (brackets inside strings do not
+    count; an unbalanced value counts as far as it goes).
+
+    >>> json_depth(b'{"a": [1, {"b": "[[["}]}')
+    3
+    """
+    brackets = _NOT_A_BRACKET.sub(b"", raw)
+    if not brackets:
+        return 0
+    codes = np.frombuffer(brackets, dtype=np.uint8)
+    steps = np.where((codes == 0x5B) | (codes == 0x7B), 1, -1)
+    return int(np.cumsum(steps).max())
+
+
+def _check_depth(raw: bytes, max_depth: int) -> None:
+    if raw.count(b"[") + raw.count(b"{") <= max_depth:  # cannot be deeper: the usual case, two C scans
+        return
+    depth = json_depth(raw)
+    if depth > max_depth:
+        raise InvalidEvent("too_deep", f"the value nests arrays and objects {depth} deep; at most {max_depth} levels are accepted")
+
+
+def _malformed(raw: bytes, exc: Exception) -> InvalidEvent:
+    """The dead-letter reason for bytes msgspec could not parse."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as uexc:
+        return InvalidEvent("not_utf8", f"the value is not UTF-8 text (bad byte at position {uexc.start}); events are UTF-8 JSON")
+    if not raw.strip():
+        return InvalidEvent("malformed_json", "the value is empty; expected a JSON object")
+    if (m := _POSITION.search(str(exc))) is not None:
+        at = int(m.group(1))
+        if raw.startswith(_NON_FINITE, at):
+            literal = "NaN" if raw.startswith(b"NaN", at) else ("-" if raw[at - 1: at] == b"-" else "") + "Infinity"
+            key = _KEY_BEFORE.search(raw[max(0, at - 80): at])
+            where = f"field `{key.group(1).decode('utf-8', 'replace')}`" if key else f"byte {at}"
+            return InvalidEvent("not_finite", f"{where}: {literal} is not a number JSON allows; send a finite number, "
+                                              "or null (leave the field out) for none",
+                                key.group(1).decode("utf-8", "replace") if key else None)
+    return InvalidEvent("malformed_json", f"the value is not valid JSON: {exc}")
+
+
+def _check_bounds(event: Event, bounds: Bounds, now_ms: int | None) -> None:
+    """The worker's own bounds: the ``ts`` window around its clock, and lowered maxima."""
+    if now_ms is not None:
+        ts = event.ts
+        if ts > now_ms + bounds.max_future_ms:
+            raise InvalidEvent("ts_out_of_window", f"field `ts`: {ts} is {_span(ts - now_ms)} ahead of the worker's clock; at most "
+                                                   f"{_span(bounds.max_future_ms)} ahead is accepted (STREAMREC_MAX_FUTURE_S); "
+                                                   "ts is epoch milliseconds", "ts")
+        if bounds.max_age_ms and ts < now_ms - bounds.max_age_ms:
+            raise InvalidEvent("ts_out_of_window", f"field `ts`: {ts} is {_span(now_ms - ts)} behind the worker's clock; at most "
+                                                   f"{_span(bounds.max_age_ms)} behind is accepted (STREAMREC_MAX_EVENT_AGE_S)", "ts")
+    if bounds.max_quantity < MAX_QUANTITY and getattr(event, "quantity", 1) > bounds.max_quantity:
+        raise InvalidEvent("number_too_large", f"field `quantity`: {event.quantity} is over this worker's maximum of "
+                                               f"{bounds.max_quantity} (STREAMREC_MAX_QUANTITY)", "quantity")
+    if bounds.max_price < MAX_PRICE and event.price is not None and event.price > bounds.max_price:
+        raise InvalidEvent("number_too_large", f"field `price`: {event.price} is over this worker's maximum of "
+                                               f"{bounds.max_price:g} (STREAMREC_MAX_PRICE)", "price")
+
+
+def _span(ms: int) -> str:
+    """``90061000`` → ``'1.0 days'``: a duration for a reason, in the unit that reads best."""
+    for unit, size in (("days", 86_400_000), ("h", 3_600_000), ("min", 60_000), ("s", 1000)):
+        if ms >= size:
+            return f"{ms / size:.1f} {unit}" if ms % size else f"{ms // size} {unit}"
+    return f"{ms} ms"
+
+
+def decode_event(raw: bytes | bytearray | memoryview | None, bounds: Bounds = DEFAULT_BOUNDS,
+                 now_ms: int | None = None) -> Event:
+    """Decode and validate one input value; raise :class:`InvalidEvent` on any breach.
+
+    ``now_ms`` (the worker's clock) turns on the ``ts`` window of ``bounds``; without it only
+    the static bounds apply, which are the JSON Schemas'.
+    """
     if raw is None:
         raise InvalidEvent("malformed_json", "the value is empty (null message); expected a JSON object")
     if not isinstance(raw, bytes):
         raw = bytes(raw)
     if len(raw) > MAX_EVENT_BYTES:
         raise InvalidEvent("oversize", f"the value is {len(raw)} bytes, over the {MAX_EVENT_BYTES}-byte limit; it was not parsed")
+    _check_depth(raw, bounds.max_depth)
     try:
         event = _event_decoder.decode(raw)
     except msgspec.ValidationError as exc:
         raise _invalid_from_validation(str(exc)) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as uexc:
-            raise InvalidEvent("not_utf8", f"the value is not UTF-8 text (bad byte at position {uexc.start}); events are UTF-8 JSON") from None
-        if not raw.strip():
-            raise InvalidEvent("malformed_json", "the value is empty; expected a JSON object") from None
-        raise InvalidEvent("malformed_json", f"the value is not valid JSON: {exc}") from None
+        raise _malformed(raw, exc) from None
+    except RecursionError:  # deeper than the interpreter's stack, under a lowered max_depth: cannot happen at MAX_DEPTH
+        raise InvalidEvent("too_deep", f"the value nests arrays and objects too deep; at most {bounds.max_depth} levels are accepted") from None
     # msgspec skips unknown fields without checking their text; the whole value must be UTF-8
     if not raw.isascii():
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as uexc:
             raise InvalidEvent("not_utf8", f"the value is not UTF-8 text (bad byte at position {uexc.start}); events are UTF-8 JSON") from None
+    if now_ms is not None or bounds is not DEFAULT_BOUNDS:
+        _check_bounds(event, bounds, now_ms)
     return event
 
 
@@ -224,7 +387,10 @@ def dead_letter(error: InvalidEvent, raw: bytes | None, topic: str, partition: i
 
 
 __all__ = [
+    "DEFAULT_BOUNDS",
     "EVENT_TYPES",
+    "MAX_DEPTH",
+    "Bounds",
     "MAX_EVENT_BYTES",
     "ClickEvent",
     "DeadLetter",
@@ -237,4 +403,5 @@ __all__ = [
     "decode_event",
     "decode_recommendation",
     "encode",
+    "json_depth",
 ]

@@ -18,9 +18,14 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import stream.records
-from stream.errors import InvalidEvent
+from stream.errors import DEAD_LETTER_CODES, InvalidEvent
 from stream.records import (
+    MAX_DEPTH,
     MAX_EVENT_BYTES,
+    MAX_PRICE,
+    MAX_QUANTITY,
+    MAX_TS_MS,
+    Bounds,
     ClickEvent,
     DeadLetter,
     PurchaseEvent,
@@ -36,8 +41,7 @@ from stream.records import (
 CLICK = {"event_id": "e1", "type": "click", "user_id": "u1", "item_id": "i9", "ts": 1_700_000_000_000}
 PURCHASE = {**CLICK, "type": "purchase", "quantity": 2, "price": 9.5, "order_id": "o1"}
 REQUIRED = ("event_id", "type", "user_id", "item_id", "ts")
-ERROR_CODES = {"oversize", "not_utf8", "malformed_json", "not_object", "missing_field",
-               "wrong_type", "invalid_value", "unknown_type"}
+ERROR_CODES = set(DEAD_LETTER_CODES) - {"processing_error"}  # the decoder's; the handler adds processing_error
 
 # A JSON value of each kind, with the word the reason uses for what was seen.
 SEEN = {"str": "text", "int": 7, "float": 1.5, "bool": True, "null": None, "array": [1], "object": {"a": 1}}
@@ -56,21 +60,31 @@ def raw(d: object) -> bytes:
 
 # --- strategies -------------------------------------------------------------------------
 
-ids = st.text(min_size=1, max_size=128)
+# what an id may hold: no control characters (Cc), and something besides whitespace
+_ID_CHARS = st.characters(blacklist_categories=("Cc", "Cs"))
+ids = st.text(_ID_CHARS, min_size=1, max_size=128).filter(lambda s: not _blank(s))
+texts = st.text(_ID_CHARS, max_size=40)
+
+
+def _blank(s: str) -> bool:
+    """Only the whitespace the id rule names (and str.isspace agrees with it on non-Cc text)."""
+    return all(c in " \u00a0\u1680\u2028\u2029\u202f\u205f\u3000\ufeff" or "\u2000" <= c <= "\u200a" for c in s)
+
+
 json_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
 OPTIONAL = {
-    "click": {"session_id": st.none() | st.text(max_size=40), "category_id": st.none() | st.text(max_size=40),
-              "price": st.none() | st.integers(0, 10**6) | st.floats(0, 1e6), "source": st.none() | st.text(max_size=40)},
-    "purchase": {"quantity": st.integers(1, 1000), "price": st.none() | st.floats(0, 1e6), "order_id": st.none() | ids,
-                 "category_id": st.none() | st.text(max_size=40), "session_id": st.none() | st.text(max_size=40)},
+    "click": {"session_id": st.none() | ids, "category_id": st.none() | ids,
+              "price": st.none() | st.integers(0, 10**6) | st.floats(0, 1e6), "source": st.none() | texts},
+    "purchase": {"quantity": st.integers(1, MAX_QUANTITY), "price": st.none() | st.floats(0, MAX_PRICE), "order_id": st.none() | ids,
+                 "category_id": st.none() | ids, "session_id": st.none() | ids},
 }
 
 
 @st.composite
 def valid_event_dicts(draw):
     kind = draw(st.sampled_from(["click", "purchase"]))
-    d = {"event_id": draw(ids), "type": kind, "user_id": draw(ids), "item_id": draw(ids), "ts": draw(st.integers(0, 2**63))}
+    d = {"event_id": draw(ids), "type": kind, "user_id": draw(ids), "item_id": draw(ids), "ts": draw(st.integers(0, MAX_TS_MS))}
     for name, values in OPTIONAL[kind].items():
         if draw(st.booleans()):
             d[name] = draw(values)
@@ -92,7 +106,8 @@ def mutated_event_dicts(draw):
         elif how == "retype":
             d[name] = draw(json_values)
         else:
-            d[name] = draw(st.sampled_from(["", "x" * 129, -1, 0, 0.5, "Click", "purchase", None, 2**64]))
+            d[name] = draw(st.sampled_from(["", "x" * 129, -1, 0, 0.5, "Click", "purchase", None, 2**64, 10**400, " ",
+                                            "a\nb", "\x00", MAX_TS_MS + 1, MAX_QUANTITY + 1, 1e300]))
     return d
 
 
@@ -166,7 +181,7 @@ def test_unknown_or_badly_typed_event_type_is_unknown_type(value):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("user_id", ""), ("item_id", "x" * 129), ("event_id", ""), ("ts", -1), ("price", -0.01)],
+    [("user_id", ""), ("event_id", ""), ("ts", -1), ("price", -0.01)],
 )
 def test_out_of_range_values_are_invalid_value(field, value):
     err = rejected(raw({**CLICK, field: value}))
@@ -180,7 +195,119 @@ def test_quantity_must_be_at_least_one():
 
 def test_id_length_counts_characters_not_bytes():
     assert decode_event(raw({**CLICK, "user_id": "😀" * 128})).user_id == "😀" * 128
-    assert rejected(raw({**CLICK, "user_id": "😀" * 129})).code == "invalid_value"
+    assert rejected(raw({**CLICK, "user_id": "😀" * 129})).code == "too_long"
+
+
+# --- bounds at the door -------------------------------------------------------------------
+
+@pytest.mark.parametrize(("base", "field", "limit"), [
+    (CLICK, "event_id", 128), (CLICK, "user_id", 128), (CLICK, "item_id", 128), (CLICK, "session_id", 128),
+    (CLICK, "category_id", 128), (CLICK, "source", 256), (PURCHASE, "order_id", 128)])
+def test_every_string_field_has_a_length_bound(base, field, limit):
+    assert getattr(decode_event(raw({**base, field: "x" * limit})), field) == "x" * limit
+    err = rejected(raw({**base, field: "x" * (limit + 1)}))
+    assert (err.code, err.field) == ("too_long", field) and str(limit) in err.reason
+
+
+def _bad_ids():
+    for field in ["event_id", "user_id", "item_id", "session_id", "category_id", "order_id"]:
+        values = [" ", "   ", "\u3000", "\u00a0 \u2009", "a\nb", "ab\n", "\ttab", "a\x00", "a\x7f", "a\x85"]
+        if field in ("session_id", "category_id", "order_id"):
+            values.append("")  # optional: null or left out means none; an empty required id is invalid_value
+        for value in values:
+            yield pytest.param(field, value, id=f"{field}-{value!r}")
+
+
+@pytest.mark.parametrize(("field", "value"), list(_bad_ids()))
+def test_ids_that_are_blank_or_hold_control_characters_are_bad_id(field, value):
+    err = rejected(raw({**PURCHASE, field: value}))
+    assert (err.code, err.field) == ("bad_id", field) and f"`{field}`" in err.reason
+
+
+@pytest.mark.parametrize("value", ["a b", "x\u200d y", "ünïcödé", "商品 123", "😀"])
+def test_ids_with_inner_spaces_and_any_printable_text_are_fine(value):
+    assert decode_event(raw({**CLICK, "user_id": value, "session_id": value})).user_id == value
+
+
+def test_free_text_may_be_blank_but_not_hold_control_characters():
+    assert decode_event(raw({**CLICK, "source": "  "})).source == "  "
+    err = rejected(raw({**CLICK, "source": "home\r\n"}))
+    assert (err.code, err.field) == ("bad_text", "source")
+
+
+def test_nesting_deeper_than_the_bound_is_too_deep_and_never_a_crash():
+    deep = b'{"event_id":"e1","type":"click","user_id":"u1","item_id":"i9","ts":1,"extra":' + b"[" * 30_000 + b"]" * 30_000 + b"}"
+    assert len(deep) < MAX_EVENT_BYTES
+    err = rejected(deep)
+    assert err.code == "too_deep" and "30001 deep" in err.reason
+    assert rejected(b"[" * 60_000).code == "too_deep"  # unbalanced: counted as far as it goes
+    assert rejected(b'{"a":' * 5_000).code == "too_deep"
+    at_limit = {**CLICK, "extra": functools.reduce(lambda inner, _: [inner], range(MAX_DEPTH - 2), [])}
+    assert decode_event(raw(at_limit)).event_id == "e1"  # the event is depth 1, extra's arrays the rest
+    assert rejected(raw({**at_limit, "extra": [at_limit["extra"]]})).code == "too_deep"
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting():
+    value = {**CLICK, "note": "[" * 500 + "{" * 500, "escaped": '\\"' + "[" * 100}
+    assert decode_event(raw(value)).event_id == "e1"
+
+
+def test_a_lower_depth_bound_is_honoured():
+    value = raw({**CLICK, "extra": [[[1]]]})
+    assert decode_event(value).event_id == "e1"
+    with pytest.raises(InvalidEvent) as info:
+        decode_event(value, Bounds(max_depth=3))
+    assert info.value.code == "too_deep"
+
+
+@pytest.mark.parametrize("ts", [10**400, 2**64, MAX_TS_MS + 1])
+def test_ts_beyond_the_year_9999_is_out_of_window(ts):
+    err = rejected(raw({**CLICK, "ts": ts}))
+    assert (err.code, err.field) == ("ts_out_of_window", "ts")
+    assert decode_event(raw({**CLICK, "ts": MAX_TS_MS})).ts == MAX_TS_MS
+
+
+def test_ts_is_checked_against_the_workers_clock_when_given():
+    now = 1_700_000_000_000
+    hour = 3_600_000
+    assert decode_event(raw({**CLICK, "ts": now + hour}), now_ms=now).ts == now + hour
+    with pytest.raises(InvalidEvent) as info:
+        decode_event(raw({**CLICK, "ts": now + hour + 1}), now_ms=now)
+    assert info.value.code == "ts_out_of_window" and "ahead of the worker's clock" in info.value.reason
+    # too old is off by default (a replay of an old log), on with max_age_ms
+    assert decode_event(raw({**CLICK, "ts": 0}), now_ms=now).ts == 0
+    with pytest.raises(InvalidEvent) as info:
+        decode_event(raw({**CLICK, "ts": now - 2 * hour}), Bounds(max_age_ms=hour), now)
+    assert info.value.code == "ts_out_of_window" and "behind" in info.value.reason
+
+
+@pytest.mark.parametrize(("field", "value"), [("quantity", 10**400), ("quantity", MAX_QUANTITY + 1), ("price", MAX_PRICE * 2)])
+def test_quantity_and_price_over_their_maxima_are_number_too_large(field, value):
+    err = rejected(raw({**PURCHASE, field: value}))
+    assert (err.code, err.field) == ("number_too_large", field)
+
+
+def test_lowered_maxima_are_honoured():
+    value = raw({**PURCHASE, "quantity": 50, "price": 500.0})
+    assert decode_event(value).quantity == 50
+    for bounds, field in ((Bounds(max_quantity=49), "quantity"), (Bounds(max_price=499), "price")):
+        with pytest.raises(InvalidEvent) as info:
+            decode_event(value, bounds)
+        assert (info.value.code, info.value.field) == ("number_too_large", field)
+    with pytest.raises(ValueError):
+        Bounds(max_quantity=MAX_QUANTITY + 1)
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e400", b"1" + b"0" * 400])
+def test_nan_and_infinity_are_not_finite(literal):
+    body = raw({**CLICK, "price": 1.5}).replace(b"1.5", literal)
+    err = rejected(body)
+    assert err.code == "not_finite" and "`price`" in err.reason
+
+
+def test_a_non_finite_literal_in_an_extra_field_is_not_finite_too():
+    err = rejected(raw({**CLICK, "score": 1.5}).replace(b"1.5", b"NaN"))
+    assert err.code == "not_finite" and "`score`" in err.reason
 
 
 @pytest.mark.parametrize("literal", [b"1.0", b"1e3", b"1700000000000.0"])
@@ -226,7 +353,7 @@ def test_non_utf8_inside_an_extra_field_is_not_utf8():
     assert rejected(raw({**CLICK, "note": "s"}).replace(b'"s"', b'"\xff"')).code == "not_utf8"
 
 
-@pytest.mark.parametrize("value", [b"{", b'{"event_id": }', b"{'a': 1}", b"NaN", raw(CLICK) + b"}", b"\x00"])
+@pytest.mark.parametrize("value", [b"{", b'{"event_id": }', b"{'a': 1}", b"nan", raw(CLICK) + b"}", b"\x00"])
 def test_malformed_json(value):
     assert rejected(value).code == "malformed_json"
 
