@@ -26,19 +26,22 @@ True
 from __future__ import annotations
 
 import abc
+import hashlib
+import hmac
 import inspect
 import json
-import pickle
 from collections.abc import Iterable, Sequence
 from itertools import chain
 from typing import Any, ClassVar, Self
 
 import numpy as np
 
+from online_models import codec
 from online_models.types import Interaction, ScoredItem, UserContext
 
 #: Version of the snapshot layout; bumped when the header or payload layout changes.
-SNAPSHOT_FORMAT = 1
+#: 1 was a pickle: refused, since loading it would run whatever code it names.
+SNAPSHOT_FORMAT = 2
 _MAGIC = b"streamrec-snapshot\n"
 
 
@@ -46,42 +49,84 @@ class SnapshotError(ValueError):
     """Bytes that are not a snapshot this code can restore; the message says what was seen."""
 
 
-def dump_snapshot(obj: Any, params: dict[str, Any], payload: Any) -> bytes:
-    """``magic + JSON header line + pickle(payload)``; the header is readable with ``head -2``."""
+def _signature(key: bytes, header: bytes, payload: bytes) -> str:
+    return hmac.new(key, header + b"\n" + payload, hashlib.sha256).hexdigest()
+
+
+def _key(key: str | bytes | None) -> bytes | None:
+    if not key:
+        return None
+    return key.encode() if isinstance(key, str) else bytes(key)
+
+
+def dump_snapshot(obj: Any, params: dict[str, Any], payload: Any, key: str | bytes | None = None) -> bytes:
+    """``magic + JSON header line + data``: the header, readable with ``head -2``, names the
+    class and its parameters; the data is ``payload`` as msgpack (:mod:`online_models.codec`,
+    no pickle). With ``key`` the header also carries an HMAC-SHA256 of itself and the data."""
     cls = type(obj)
     header = {
         "format": SNAPSHOT_FORMAT,
         "class": f"{cls.__module__}.{cls.__qualname__}",
         "params": params,
     }
+    try:
+        data = codec.encode(payload)
+    except codec.CodecError as exc:
+        raise SnapshotError(str(exc)) from None
+    secret = _key(key)
+    if secret is not None:
+        unsigned = json.dumps(header, default=repr, sort_keys=True).encode()
+        header["hmac_sha256"] = _signature(secret, unsigned, data)
     line = json.dumps(header, default=repr, sort_keys=True).encode() + b"\n"
-    return _MAGIC + line + pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+    return _MAGIC + line + data
 
 
-def load_snapshot(data: bytes, expected: type) -> tuple[dict[str, Any], Any]:
-    """The header and payload of ``data``, after checking format and class.
+def load_snapshot(data: bytes, expected: type, key: str | bytes | None = None) -> tuple[dict[str, Any], Any]:
+    """The header and payload of ``data``, after checking format, signature and class.
 
-    Snapshots are pickles: restore only bytes this system wrote (model files, Redis
-    keys it owns), never bytes from outside.
+    The data decodes only to plain values, numeric arrays and objects of this project's and
+    River's classes (:mod:`online_models.codec`), so bytes from outside can at worst hold
+    wrong numbers, not run code; with ``key`` they must also carry its signature.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise SnapshotError(f"a snapshot is bytes, saw {type(data).__name__}")
     data = bytes(data)
     if not data.startswith(_MAGIC):
         raise SnapshotError(f"not a streamrec snapshot: starts with {data[:20]!r}")
-    end = data.index(b"\n", len(_MAGIC))
+    end = data.find(b"\n", len(_MAGIC))
+    if end < 0:
+        raise SnapshotError("snapshot header has no end")
     try:
         header = json.loads(data[len(_MAGIC) : end])
     except ValueError as exc:
         raise SnapshotError(f"snapshot header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise SnapshotError("snapshot header is not a JSON object")
+    if header.get("format") == 1:
+        raise SnapshotError("snapshot format 1 is a pickle, which streamrec no longer loads (it could run any code)")
     if header.get("format") != SNAPSHOT_FORMAT:
         raise SnapshotError(
             f"snapshot format {header.get('format')!r} cannot be read by this code (format {SNAPSHOT_FORMAT})"
         )
-    payload = pickle.loads(data[end + 1 :])
+    body = data[end + 1 :]
+    secret = _key(key)
+    if secret is not None:
+        signed = header.pop("hmac_sha256", None)
+        if not isinstance(signed, str):
+            raise SnapshotError("the snapshot is not signed, and this worker only restores signed ones (STREAMREC_SNAPSHOT_KEY)")
+        unsigned = json.dumps(header, default=repr, sort_keys=True).encode()
+        if not hmac.compare_digest(signed, _signature(secret, unsigned, body)):
+            raise SnapshotError("the snapshot's signature does not match (another key, or the bytes were changed)")
+    expected_name = f"{expected.__module__}.{expected.__qualname__}"
+    if header.get("class") != expected_name:
+        raise SnapshotError(f"snapshot holds a {header.get('class')}, which is not a {expected.__name__}")
+    try:
+        payload = codec.decode(body)
+    except codec.CodecError as exc:
+        raise SnapshotError(str(exc)) from None
     if not isinstance(payload, expected):
         raise SnapshotError(
-            f"snapshot holds a {header.get('class')}, which is not a {expected.__name__}"
+            f"snapshot holds a {type(payload).__name__}, which is not a {expected.__name__}"
         )
     return header, payload
 
@@ -106,14 +151,14 @@ class ParamsMixin:
         """A fresh, unfitted learner with the same constructor arguments."""
         return type(self)(**self._get_params())
 
-    def snapshot(self) -> bytes:
+    def snapshot(self, key: str | bytes | None = None) -> bytes:
         """The learner's whole state as versioned bytes (see :func:`dump_snapshot`)."""
-        return dump_snapshot(self, self._get_params(), self)
+        return dump_snapshot(self, self._get_params(), self, key)
 
     @classmethod
-    def restore(cls, data: bytes) -> Self:
+    def restore(cls, data: bytes, key: str | bytes | None = None) -> Self:
         """A learner equal to the one that wrote ``data``; it predicts the same."""
-        return load_snapshot(data, cls)[1]
+        return load_snapshot(data, cls, key)[1]
 
     @property
     def version(self) -> str:
