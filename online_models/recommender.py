@@ -50,7 +50,7 @@ from online_models.reranker import ClickReranker
 from online_models.types import Interaction, ScoredItem, UserContext
 
 _RECENCY_SPAN = 20  # recent items that get a recency feature
-_PENDING_RANKED = 1024  # ranked lists kept until record_shown
+_PENDING_RANKED = 16_384  # ranked lists kept until record_shown: a whole batch's users (stream's MAX_BATCH_SIZE)
 
 
 def _default_weights() -> dict[str, float]:
@@ -123,6 +123,10 @@ class Recommender:
         self._ranked: dict[str, tuple[list[str], list[str], np.ndarray]] = {}
         # user -> the same for the published list, waiting for the user's next event
         self._shown: dict[str, tuple[list[str], list[str], np.ndarray]] = {}
+        #: where the events learned come from: source (the stream's ``"topic:partition"``) ->
+        #: the highest offset learned or passed over; a snapshot carries it, so that a restart
+        #: knows which events to learn again (stream/pipeline.py keeps it)
+        self.learned_offsets: dict[str, int] = {}
 
     #: the learners :meth:`default` can build, by name
     DEFAULT_LEARNERS = {"covisit": CoVisitation, "reminder": RecentlyViewed, "trending": TrendingPopularity,
@@ -363,18 +367,18 @@ class Recommender:
         state["_ranked"], state["_shown"] = {}, {}
         return state
 
-    def snapshot(self) -> bytes:
+    def snapshot(self, key: str | bytes | None = None) -> bytes:
         """Every learner, the re-ranker and the blend's own state, as versioned bytes.
 
         Lists waiting for the user's next event (re-ranker labels) are not included: after a
         restore the re-ranker misses one label per such user; predictions are unaffected.
         """
         params = {"config": asdict(self.config), "seed": self.seed, "learners": sorted(self.learners)}
-        return dump_snapshot(self, params, self)
+        return dump_snapshot(self, params, self, key)
 
     @classmethod
-    def restore(cls, data: bytes) -> Self:
-        return load_snapshot(data, cls)[1]
+    def restore(cls, data: bytes, key: str | bytes | None = None) -> Self:
+        return load_snapshot(data, cls, key)[1]
 
     @property
     def versions(self) -> dict[str, str]:

@@ -25,6 +25,7 @@ The HTTP thread only reads what the event loop wrote; it never calls Redis or Ka
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -34,6 +35,8 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import MetricsHandler
+
+from stream.topics import probe
 
 log = logging.getLogger("streamrec.health")
 
@@ -83,14 +86,22 @@ class Health:
         return alive and all(ok for ok, _ in conditions.values()), "\n".join(lines)
 
 
-async def check_readiness(app: Any, store: Any, health: Health) -> bool:
-    """Refresh the ``kafka`` and ``redis`` conditions from a running worker (a Faust timer)."""
+async def check_readiness(app: Any, store: Any, health: Health, bootstrap: str | None = None) -> bool:
+    """Refresh the ``kafka`` and ``redis`` conditions from a running worker (a Faust timer).
+
+    With ``bootstrap``, ``kafka`` also needs a broker to answer a metadata request (a raw one,
+    in a thread, at most 2 s): a consumer that joined its group keeps its assignment while the
+    brokers are gone, and cannot make progress meanwhile.
+    """
     try:
-        await store.ping()
+        await asyncio.wait_for(store.ping(), 5.0)
         health.set("redis", True, "PING answered")
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         health.set("redis", False, f"PING failed: {type(exc).__name__}: {exc}")
-    if getattr(app, "rebalancing", False):
+    problem = await asyncio.to_thread(probe, bootstrap, 2.0) if bootstrap else None
+    if problem is not None:
+        health.set("kafka", False, f"no broker answers ({problem})")
+    elif getattr(app, "rebalancing", False):
         health.set("kafka", False, "consumer group rebalancing")
     elif not getattr(app, "rebalancing_count", 0):
         health.set("kafka", False, "consumer has not joined its group yet")

@@ -10,6 +10,8 @@ import gc
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from stream.errors import DEAD_LETTER_CODES
+
 # event handling is counted in milliseconds: 0.1 ms .. 2.5 s
 STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 END_TO_END_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -41,10 +43,16 @@ class Metrics:
         self.model_snapshot_pause = Gauge("model_snapshot_pause_seconds", "How long the last model snapshot stopped the worker (the fork, or the whole pickling without one)", namespace=ns, registry=r)
         self.gc_frozen = Gauge("gc_frozen_objects", "Objects the garbage-collector policy froze (stream/gcpolicy.py): follows the live heap; one that only grows is a leak", namespace=ns, registry=r)
         self.gc_frozen.set_function(gc.get_freeze_count)
+        self.events_relearned = Counter("events_relearned_total", "Events the models learned again after a restart from an older snapshot (their state had them)", namespace=ns, registry=r)
+        self.states_rebuilt = Counter("states_rebuilt_total", "Users whose stored state did not decode and who started afresh", namespace=ns, registry=r)
+        self.output_blocked = Gauge("output_blocked", "1 while Kafka refuses what the worker publishes (recommendations or dead letters); nothing after them is committed", namespace=ns, registry=r)
+        self.fenced_batches = Counter("fenced_batches_total", "Batches not saved because another worker claimed their partitions since (left to that worker)", namespace=ns, registry=r)
+        self.batch_failures = Counter("batch_failures_total", "Batches whose handling raised past every safeguard (left unacknowledged; the log has the traceback)", namespace=ns, registry=r)
+        self.model_snapshot_refused = Counter("model_snapshot_refused_total", "Model snapshots found in Redis and refused at start (corrupt, unsigned or foreign); the worker started with empty models", namespace=ns, registry=r)
         self.last_event_ts = Gauge("last_event_timestamp_seconds", "Event time of the newest event handled", namespace=ns, registry=r)
         for stage in STAGES:
             self.stage_seconds.labels(stage)
-        for code in ("oversize", "not_utf8", "malformed_json", "not_object", "missing_field", "wrong_type", "invalid_value", "unknown_type"):
+        for code in DEAD_LETTER_CODES:
             self.events_invalid.labels(code)
 
     def set_scorer(self, provider: str, version: str) -> None:

@@ -5,13 +5,31 @@ and writes back what it returns; the benchmarks and tests call the very same obj
 
 Per micro-batch the step
 
-1. skips events whose ``event_id`` the user's state already holds (redelivery),
-2. measures live quality: was the user's next event in the last list sent to them?
-3. feeds each event to the online models (``Recommender.learn_one``) and moves the
-   user's state forward (:func:`stream.state.apply_event`),
-4. for every user whose state changed: asks the models for candidates, scores all
-   users' candidates with the Transformer in ONE batched call, blends and ranks,
-5. returns one :class:`~stream.records.Recommendation` per changed user.
+1. **prepares** each event on a copy of its user's state: skips a redelivery (an event the
+   user's state already holds), notes one the state holds but the models have not learned
+   (after a crash, the models restart from an older snapshot: *learn only*), and moves the
+   user's state forward (:func:`stream.state.apply_event`). The states it was given are
+   never touched;
+2. **ranks** once per user whose state changed: the models propose candidates, the
+   Transformer scores every user's candidates in ONE batched call, the blend ranks, and the
+   new state and the recommendation are encoded;
+3. **learns**: feeds each event to the online models (``Recommender.learn_one``), in order,
+   then records the lists it publishes (the re-ranker's labels);
+4. returns one :class:`~stream.records.Recommendation` per changed user, the encoded states
+   to save, and the events it could not handle.
+
+**Failures stay with the events that cause them.** Any exception in steps 1 to 3 is caught:
+in step 1 and 3 it belongs to one event; in step 2 to one user, found by splitting the users
+in halves until the failing ones are alone (ranking has no lasting effect, so a user may be
+ranked again). That user's events, or that one event, come back in :attr:`StepResult.failures`
+(the worker dead-letters them as ``processing_error``) and every other event is applied
+once. Learning comes last, once an event is known good, so a user whose ranking fails
+teaches the models nothing; an event whose learning raises is taken out and its user's state
+and list are worked out again without it. What cannot be undone is what the learners that ran
+before the failing one took from that event (docs/architecture.md).
+
+Ranking comes before learning within a batch: a list reflects the models as they were at
+the start of the batch and the user's state after all of the user's events in it.
 """
 
 from __future__ import annotations
@@ -23,13 +41,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from online_models import Interaction, Recommender, UserContext
-from stream.records import Event, PurchaseEvent, Recommendation, RecommendedItem
-from stream.state import UserState, apply_event
+from stream.records import Event, PurchaseEvent, Recommendation, RecommendedItem, encode
+from stream.state import UserState, apply_event, encode_state
 
 LIVE_CUTOFFS = (10, 20)
-#: users ranked per ``rank_many`` call: under the lists a Recommender keeps for
-#: ``record_shown`` (1024), so none is dropped before it is recorded, and few enough that a
-#: chunk's ranked lists are freed before the next (fewer garbage-collector passes)
+#: users ranked per ``rank_many`` call: few enough that a chunk's numpy work stays in cache
 _RANK_CHUNK = 64
 
 
@@ -51,14 +67,41 @@ class LiveQuality:
     reciprocal_rank_sum: float = 0.0
 
 
+@dataclass(frozen=True)
+class Failure:
+    """An event the step could not handle: where in the batch, in which stage, and why."""
+
+    index: int
+    stage: str  # "prepare", "rank" or "learn"
+    error: BaseException
+
+    @property
+    def reason(self) -> str:
+        """A sentence for the dead letter: what failed, with the exception's type and message."""
+        what = {"prepare": "applying it to the user's state", "rank": "ranking the user's recommendations",
+                "learn": "teaching it to the online models"}.get(self.stage, self.stage)
+        message = str(self.error).strip().replace("\n", " ")
+        if len(message) > 300:
+            message = message[:300] + "…"
+        return (f"the event is valid, but {what} raised {type(self.error).__name__}"
+                f"{': ' + message if message else ''}; the other events of its batch were applied")
+
+
 @dataclass
 class StepResult:
+    #: the new state of every user whose state changed, and the same encoded for the store
     states: dict[str, UserState]
+    docs: dict[str, bytes]
     recommendations: list[Recommendation]
+    #: the recommendations encoded (same order), ready to publish
+    payloads: list[bytes]
     applied: list[Event]
     duplicates: int
     timings: dict[str, float]
     live: LiveQuality
+    #: events the models learned without a change of state (the state already held them)
+    learned_only: int = 0
+    failures: list[Failure] = field(default_factory=list)
 
 
 def to_interaction(ev: Event) -> Interaction:
@@ -85,6 +128,31 @@ def user_context(state: UserState) -> UserContext:
     )
 
 
+@dataclass
+class _Plan:
+    """What step 1 worked out: per user, the state after their events, on a copy."""
+
+    #: user -> their new state (a copy), and the indices of their events applied to it
+    states: dict[str, UserState] = field(default_factory=dict)
+    applied: dict[str, list[int]] = field(default_factory=dict)
+    #: index -> (the interaction, the user's context before it) for every event to learn
+    lessons: dict[int, tuple[Interaction, UserContext | None]] = field(default_factory=dict)
+    #: the lessons of events the user's state held already (learn only)
+    learn_only: set[int] = field(default_factory=set)
+    learned_only: int = 0
+    duplicates: int = 0
+    failures: list[Failure] = field(default_factory=list)
+
+
+@dataclass
+class _Ranked:
+    items: list[RecommendedItem]
+    state: UserState
+    doc: bytes
+    recommendation: Recommendation
+    payload: bytes
+
+
 class RecommendationStep:
     """Learn from a batch of events and rank fresh top-K lists for the users it touched.
 
@@ -109,44 +177,176 @@ class RecommendationStep:
 
     def __call__(self, events: Sequence[Event], states: dict[str, UserState], now_ms: Callable[[], int],
                  positions: Sequence[tuple[str, int]] | None = None) -> StepResult:
-        """``states`` holds the loaded state of every user in ``events``; ``now_ms`` stamps ``generated_ts``.
+        """``states`` holds the loaded state of every user in ``events`` (missing users start
+        fresh); it is read, never changed. ``now_ms`` stamps ``generated_ts``.
 
         ``positions``, where the events come from Kafka, gives each event's ``("topic:partition",
-        offset)``; an event at or below the offset its user's state already applied is a redelivery.
+        offset)``: an event at or below the offset its user's state already applied is a
+        redelivery, and one at or below the models' watermark for its partition
+        (``Recommender.learned_offsets``) was learned already.
         """
+        clock = time.perf_counter
+        timings = dict.fromkeys(("learn", "candidates", "score", "rank"), 0.0)
+        t0 = clock()
+        plan = self._prepare(events, states, positions, range(len(events)))
+        timings["learn"] += clock() - t0
+
+        versions = self.model_versions()
+        ranked, rank_failed = self._rank_isolated(plan.states, events, plan.applied, versions, now_ms, timings)
+        failures = plan.failures
+        for uid, exc in rank_failed.items():  # the user's events are neither applied nor learned
+            failures.extend(Failure(i, "rank", exc) for i in plan.applied.pop(uid))
+            del plan.states[uid]
+
+        t1 = clock()
+        failed_learning = self._learn(events, positions, plan, failures)
+        if failed_learning:  # their users' states and lists, again without the events taken out
+            out = {f.index for f in failures}
+            redo = self._prepare(events, states, positions,
+                                 sorted(i for u in failed_learning for i in plan.applied[u] if i not in out))
+            for uid in failed_learning:
+                if uid in redo.states:
+                    plan.states[uid], plan.applied[uid] = redo.states[uid], redo.applied[uid]
+                else:  # nothing of theirs left to apply
+                    plan.states.pop(uid, None)
+                    plan.applied.pop(uid, None)
+                    ranked.pop(uid, None)
+            again, failed_again = self._rank_isolated({u: plan.states[u] for u in failed_learning if u in plan.states},
+                                                      events, plan.applied, versions, now_ms, timings)
+            ranked.update(again)
+            for uid in failed_again:  # learned already: applied, but no list this time
+                ranked.pop(uid, None)
+        record_shown = self.recommender.record_shown
+        for uid, r in ranked.items():
+            record_shown(uid, r.items)
+        self._advance(positions)
+        timings["learn"] += clock() - t1
+
+        docs: dict[str, bytes] = {}
+        new_states: dict[str, UserState] = {}
+        recommendations, payloads = [], []
+        for uid, state in plan.states.items():
+            r = ranked.get(uid)
+            if r is not None:
+                new_states[uid], docs[uid] = r.state, r.doc
+                recommendations.append(r.recommendation)
+                payloads.append(r.payload)
+            else:  # ranked before its learning failed, or not at all: saved without a new list
+                state.last_recommended = []
+                new_states[uid], docs[uid] = state, encode_state(state)
+        applied = sorted(i for idx in plan.applied.values() for i in idx)
+        live = self._live(events, states, plan.applied)
+        failures.sort(key=lambda f: f.index)
+        return StepResult(new_states, docs, recommendations, payloads, [events[i] for i in applied], plan.duplicates,
+                          timings, live, learned_only=plan.learned_only, failures=failures)
+
+    def relearn(self, events: Sequence[Event], positions: Sequence[tuple[str, int]],
+                seen: set[tuple[str, str]] | None = None) -> int:
+        """Teach the models events their state already holds (a replay after a restart from an
+        older snapshot): those above the models' watermark are learned, in order, without a
+        user context; returns how many. One that raises is skipped, as the live step would
+        have dead-lettered it; a repeated ``(user, event_id)`` (in ``seen``, which collects
+        them over a replay's calls) is skipped as the live step's duplicate."""
+        watermark = self.recommender.learned_offsets
+        learn = self.recommender.learn_one
+        seen = set() if seen is None else seen
+        n = 0
+        for ev, (source, offset) in zip(events, positions, strict=True):
+            key = (ev.user_id, ev.event_id)
+            if offset <= watermark.get(source, -1) or key in seen:
+                continue
+            seen.add(key)
+            try:
+                learn(to_interaction(ev), None)
+                n += 1
+            except Exception:  # noqa: BLE001 - the live step dead-letters such an event
+                pass
+            watermark[source] = offset
+        return n
+
+    def advance(self, positions: Sequence[tuple[str, int]]) -> None:
+        """Move the models' watermark past ``positions`` (messages handled without reaching
+        the step: dead letters)."""
+        self._advance(positions)
+
+    # -- step 1 ---------------------------------------------------------------------------
+    def _prepare(self, events: Sequence[Event], states: dict[str, UserState],
+                 positions: Sequence[tuple[str, int]] | None, indices) -> _Plan:
+        cfg = self.config
+        plan = _Plan()
+        watermark = self.recommender.learned_offsets
+        seen_ids: set[tuple[str, str]] = set()
+        for n in indices:
+            ev = events[n]
+            try:
+                uid = ev.user_id
+                source, offset = positions[n] if positions is not None else (None, None)
+                current = plan.states.get(uid)
+                if current is None:
+                    current = states.get(uid)
+                    if current is None:
+                        current = UserState(uid)
+                key = (uid, ev.event_id)
+                # a redelivery by Kafka (at or below the offset the state applied) may still be
+                # news to the models, restored from an older snapshot; an id seen before under a
+                # new offset is the producer's duplicate, news to nobody
+                redelivery = source is not None and offset <= current.offsets.get(source, -1)
+                if key in seen_ids or (not redelivery and ev.event_id in current.event_ids):
+                    plan.duplicates += 1
+                    continue
+                if redelivery:
+                    if offset > watermark.get(source, -1):
+                        plan.lessons[n] = (to_interaction(ev), None)
+                        plan.learn_only.add(n)
+                        seen_ids.add(key)
+                    else:
+                        plan.duplicates += 1
+                    continue
+                learned = source is not None and offset <= watermark.get(source, -1)
+                before = user_context(current) if not learned else None
+                lesson = (to_interaction(ev), before)
+                new = apply_event(current.copy(), ev.event_id, ev.item_id, ev.ts,
+                                  "purchase" if isinstance(ev, PurchaseEvent) else "click",
+                                  max_recent=cfg.max_recent, dedupe_window=cfg.dedupe_window,
+                                  session_id=ev.session_id, source=source, offset=offset)
+            except Exception as exc:  # noqa: BLE001 - this event alone; its user's state is as before it
+                plan.failures.append(Failure(n, "prepare", exc))
+                continue
+            seen_ids.add(key)
+            plan.states[uid] = new
+            plan.applied.setdefault(uid, []).append(n)
+            if not learned:  # the models learned it before: applied to the state only
+                plan.lessons[n] = lesson
+        return plan
+
+    # -- step 2 ---------------------------------------------------------------------------
+    def _rank_isolated(self, states: dict[str, UserState], events: Sequence[Event], applied: dict[str, list[int]],
+                       versions: dict[str, str], now_ms: Callable[[], int], timings: dict[str, float],
+                       ) -> tuple[dict[str, _Ranked], dict[str, BaseException]]:
+        """:meth:`_rank` of every user; a group that raises is split in halves until each
+        failing user is alone (ranking changes nothing that a second attempt would repeat)."""
+        ranked: dict[str, _Ranked] = {}
+        failed: dict[str, BaseException] = {}
+        pending = [list(states)] if states else []
+        while pending:
+            users = pending.pop()
+            try:
+                ranked.update(self._rank(users, states, events, applied, versions, now_ms, timings))
+            except Exception as exc:  # noqa: BLE001 - isolated below
+                if len(users) == 1:
+                    failed[users[0]] = exc
+                else:
+                    half = len(users) // 2
+                    pending += [users[half:], users[:half]]
+        return ranked, failed
+
+    def _rank(self, users: list[str], states: dict[str, UserState], events: Sequence[Event],
+              applied: dict[str, list[int]], versions: dict[str, str], now_ms: Callable[[], int],
+              timings: dict[str, float]) -> dict[str, _Ranked]:
         cfg = self.config
         clock = time.perf_counter
-        t0 = clock()
-        changed: dict[str, UserState] = {}
-        trigger: dict[str, Event] = {}
-        applied: list[Event] = []
-        duplicates = 0
-        live = LiveQuality()
-        learn = self.recommender.learn_one
-        batch_ids: set[tuple[str, str]] = set()
-        for n, ev in enumerate(events):
-            source, offset = positions[n] if positions is not None else (None, None)
-            state = states.get(ev.user_id)
-            if state is None:
-                state = states[ev.user_id] = UserState(ev.user_id)
-            key = (ev.user_id, ev.event_id)
-            if key in batch_ids or state.has_seen(ev.event_id, source, offset):
-                duplicates += 1
-                continue
-            batch_ids.add(key)
-            if state.last_recommended:
-                self._judge(live, state.last_recommended, ev.item_id)
-                state.last_recommended = []
-            learn(to_interaction(ev), user_context(state))
-            apply_event(state, ev.event_id, ev.item_id, ev.ts, "purchase" if isinstance(ev, PurchaseEvent) else "click",
-                        max_recent=cfg.max_recent, dedupe_window=cfg.dedupe_window, session_id=ev.session_id,
-                        source=source, offset=offset)
-            changed[ev.user_id] = state
-            trigger[ev.user_id] = ev
-            applied.append(ev)
         t1 = clock()
-
-        contexts = [user_context(s) for s in changed.values()]
+        contexts = [user_context(states[u]) for u in users]
         candidates = self.recommender.candidates_many(contexts, cfg.n_candidates)
         t2 = clock()
         extra: list[dict[str, np.ndarray] | None] = [None] * len(contexts)
@@ -159,44 +359,85 @@ class RecommendationStep:
                     extra[i] = {"transformer": s if s.shape == (len(candidates[i]),)
                                 else dict(zip(candidates[i], s.tolist(), strict=False))}
         t3 = clock()
-
-        versions = self.model_versions()
         rank_many = self.recommender.rank_many
-        record_shown = self.recommender.record_shown
-        published: list[list[RecommendedItem]] = []
+        lists: list[list[RecommendedItem]] = []
         for at in range(0, len(contexts), _RANK_CHUNK):
             chunk = contexts[at:at + _RANK_CHUNK]
-            ranked_lists = rank_many(chunk, candidates[at:at + _RANK_CHUNK], cfg.top_k, extra[at:at + _RANK_CHUNK])
-            for ctx, ranked in zip(chunk, ranked_lists, strict=True):
+            for ctx, ranked in zip(chunk, rank_many(chunk, candidates[at:at + _RANK_CHUNK], cfg.top_k,
+                                                    extra[at:at + _RANK_CHUNK]), strict=True):
                 if cfg.exclude_purchased and ctx.purchased:
                     ranked = [r for r in ranked if r.item_id not in ctx.purchased]
-                record_shown(ctx.user_id, ranked)
-                changed[ctx.user_id].last_recommended = [r.item_id for r in ranked]
-                published.append(ranked)  # ScoredItem is RecommendedItem: published as ranked
+                lists.append(ranked)  # ScoredItem is RecommendedItem: published as ranked
         generated = now_ms()
-        recommendations = []
-        for ctx, items in zip(contexts, published, strict=True):
-            ev = trigger[ctx.user_id]
-            recommendations.append(Recommendation(
-                user_id=ctx.user_id,
-                items=items,
-                trigger_event_id=ev.event_id,
-                event_ts=ev.ts,
-                generated_ts=generated,
-                model=versions,
-            ))
+        out: dict[str, _Ranked] = {}
+        for uid, items in zip(users, lists, strict=True):
+            state = states[uid]
+            state.last_recommended = [r.item_id for r in items]
+            trigger = events[applied[uid][-1]]
+            rec = Recommendation(user_id=uid, items=items, trigger_event_id=trigger.event_id, event_ts=trigger.ts,
+                                 generated_ts=generated, model=versions)
+            out[uid] = _Ranked(items, state, encode_state(state), rec, encode(rec))
         t4 = clock()
-        timings = {"learn": t1 - t0, "candidates": t2 - t1, "score": t3 - t2, "rank": t4 - t3}
-        return StepResult(changed, recommendations, applied, duplicates, timings, live)
+        timings["candidates"] += t2 - t1
+        timings["score"] += t3 - t2
+        timings["rank"] += t4 - t3
+        return out
 
-    @staticmethod
-    def _judge(live: LiveQuality, shown: list[str], item_id: str) -> None:
-        live.judged += 1
-        try:
-            rank = shown.index(item_id) + 1
-        except ValueError:
+    # -- step 3 ---------------------------------------------------------------------------
+    def _learn(self, events: Sequence[Event], positions: Sequence[tuple[str, int]] | None, plan: _Plan,
+               failures: list[Failure]) -> set[str]:
+        """Teach the models, in batch order, every learn-only event and every event still
+        applied (its user was ranked); returns the users of applied events whose learning raised."""
+        learn = self.recommender.learn_one
+        kept = {i for idx in plan.applied.values() for i in idx}
+        failed_users: set[str] = set()
+        watermark = self.recommender.learned_offsets
+        learned_only = 0
+        for n in sorted(plan.lessons):
+            only = n in plan.learn_only
+            if not only and n not in kept:
+                continue  # its user's ranking failed: dead-lettered, never learned
+            x, before = plan.lessons[n]
+            try:
+                learn(x, before)
+            except Exception as exc:  # noqa: BLE001 - this event alone goes to the dead letters
+                failures.append(Failure(n, "learn", exc))
+                if not only:
+                    failed_users.add(events[n].user_id)
+            else:
+                learned_only += only
+            if positions is not None:  # at once: a second attempt at this batch must not teach it again
+                source, offset = positions[n]
+                if offset > watermark.get(source, -1):
+                    watermark[source] = offset
+        plan.learned_only = learned_only
+        return failed_users
+
+    def _advance(self, positions: Sequence[tuple[str, int]] | None) -> None:
+        if not positions:
             return
-        for k in LIVE_CUTOFFS:
-            if rank <= k:
-                live.hits[k] += 1
-        live.reciprocal_rank_sum += 1.0 / rank
+        watermark = self.recommender.learned_offsets
+        for source, offset in positions:
+            if offset > watermark.get(source, -1):
+                watermark[source] = offset
+
+    # -- live quality ---------------------------------------------------------------------
+    @staticmethod
+    def _live(events: Sequence[Event], states: dict[str, UserState], applied: dict[str, list[int]]) -> LiveQuality:
+        """Was each user's first event of the batch in the last list sent to them?"""
+        live = LiveQuality()
+        for uid, idx in applied.items():
+            before = states.get(uid)
+            shown = before.last_recommended if before is not None else None
+            if not shown:
+                continue
+            live.judged += 1
+            try:
+                rank = shown.index(events[idx[0]].item_id) + 1
+            except ValueError:
+                continue
+            for k in LIVE_CUTOFFS:
+                if rank <= k:
+                    live.hits[k] += 1
+            live.reciprocal_rank_sum += 1.0 / rank
+        return live

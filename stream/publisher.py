@@ -23,12 +23,13 @@ OutRecord = tuple[str, bytes | None, bytes]  # topic, key, value
 
 
 class BatchPublisher:
-    def __init__(self, bootstrap: str, linger_ms: int = 0, max_batch_bytes: int = 1 << 20, acks: int | str = 1,
-                 request_timeout_ms: int = 30_000) -> None:
+    def __init__(self, bootstrap: str, linger_ms: int = 0, max_batch_bytes: int = 1 << 20, acks: int | str = "all",
+                 request_timeout_ms: int = 30_000, enable_idempotence: bool = True) -> None:
         self.bootstrap = bootstrap
         self._config = dict(
             bootstrap_servers=bootstrap, linger_ms=linger_ms, max_batch_size=max_batch_bytes, acks=acks,
             request_timeout_ms=request_timeout_ms, max_request_size=max(max_batch_bytes, 1 << 20),
+            enable_idempotence=enable_idempotence,
         )
         self._producer: AIOKafkaProducer | None = None  # made on start: aiokafka needs a running loop
         self._partitioner = DefaultPartitioner()

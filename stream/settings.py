@@ -19,6 +19,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from stream.errors import ConfigError
+from stream.records import MAX_DEPTH, MAX_PRICE, MAX_QUANTITY, Bounds
+
+#: most events in one micro-batch (the models keep a ranked list per user until it is recorded)
+MAX_BATCH_SIZE = 16_384
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,14 @@ class Settings:
     snapshot_fork: bool = _env("STREAMREC_SNAPSHOT_FORK", "true", "pickle the model snapshot in a forked child process, so the worker stops only for the fork (stream/snapshots.py); false: on the event loop")
     gc_freeze: bool = _env("STREAMREC_GC_FREEZE", "true", "freeze what survives a young garbage collection, so the collector never walks the long-lived heap (short pauses; stream/gcpolicy.py)")
     log_level: str = _env("STREAMREC_LOG_LEVEL", "info", "debug, info, warning or error")
+    max_future_s: int = _env("STREAMREC_MAX_FUTURE_S", "3600", "an event whose ts is further ahead of the worker's clock is dead-lettered (ts_out_of_window)")
+    max_event_age_s: int = _env("STREAMREC_MAX_EVENT_AGE_S", "0", "an event whose ts is further behind the worker's clock is dead-lettered (0: any age, as a replay of an old log needs)")
+    max_quantity: int = _env("STREAMREC_MAX_QUANTITY", "10000", "largest quantity accepted (at most 10000; number_too_large)")
+    max_price: int = _env("STREAMREC_MAX_PRICE", "1000000000000", "largest price accepted (at most 10^12; number_too_large)")
+    max_json_depth: int = _env("STREAMREC_MAX_JSON_DEPTH", "32", "deepest nesting of arrays and objects in an event (at most 32; too_deep)")
+    replication_factor: int = _env("STREAMREC_REPLICATION_FACTOR", "1", "replicas of each topic streamrec creates (3 in production)")
+    min_insync_replicas: int = _env("STREAMREC_MIN_INSYNC_REPLICAS", "1", "min.insync.replicas of each topic streamrec creates (2 with 3 replicas): with acks=all a write needs this many")
+    snapshot_key: str = _env("STREAMREC_SNAPSHOT_KEY", "", "secret that signs and checks the online models' snapshots (HMAC-SHA256); empty: unsigned", secret=True)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
@@ -105,6 +117,19 @@ class Settings:
                                  ("STREAMREC_CANDIDATES", self.n_candidates, 1), ("STREAMREC_DEDUPE_WINDOW", self.dedupe_window, 1), ("STREAMREC_BATCH_TIMEOUT_MS", self.batch_timeout_ms, 0)):
             if value < low:
                 raise ConfigError(f"{name}={value}: must be at least {low}")
+        if self.batch_size > MAX_BATCH_SIZE:
+            raise ConfigError(f"STREAMREC_BATCH_SIZE={self.batch_size}: at most {MAX_BATCH_SIZE}")
+        for name, value, ceiling in (("STREAMREC_MAX_QUANTITY", self.max_quantity, MAX_QUANTITY),
+                                     ("STREAMREC_MAX_PRICE", self.max_price, MAX_PRICE),
+                                     ("STREAMREC_MAX_JSON_DEPTH", self.max_json_depth, MAX_DEPTH)):
+            if not 1 <= value <= ceiling:
+                raise ConfigError(f"{name}={value}: expected 1 to {ceiling} (the bound may only be lowered)")
+        for name, value in (("STREAMREC_MAX_FUTURE_S", self.max_future_s), ("STREAMREC_MAX_EVENT_AGE_S", self.max_event_age_s)):
+            if value < 0:
+                raise ConfigError(f"{name}={value}: must be 0 or more")
+        if self.replication_factor < 1 or not 1 <= self.min_insync_replicas <= self.replication_factor:
+            raise ConfigError(f"STREAMREC_REPLICATION_FACTOR={self.replication_factor}, STREAMREC_MIN_INSYNC_REPLICAS="
+                              f"{self.min_insync_replicas}: expected 1 <= min.insync.replicas <= replication factor")
         if self.blend_weights.strip() and not re.fullmatch(r"\s*[\w+-]+\s*=\s*[0-9.]+\s*(,\s*[\w+-]+\s*=\s*[0-9.]+\s*)*,?\s*",
                                                           self.blend_weights):
             raise ConfigError(f"STREAMREC_BLEND_WEIGHTS={self.blend_weights!r}: expected name=weight[,name=weight], e.g. mf=0.2")
@@ -121,13 +146,19 @@ class Settings:
     def topics(self) -> TopicNames:
         return TopicNames(self.topic_prefix)
 
+    @property
+    def bounds(self) -> Bounds:
+        """What the worker refuses at the door beyond the schemas (stream/records.py)."""
+        return Bounds(max_depth=self.max_json_depth, max_future_ms=self.max_future_s * 1000,
+                      max_age_ms=self.max_event_age_s * 1000, max_quantity=self.max_quantity, max_price=self.max_price)
+
     def describe(self) -> list[tuple[str, str, str]]:
         """(environment variable, value with secrets masked, help) for ``--help`` and start-up logs."""
         rows = []
         for f in fields(self):
             value = str(getattr(self, f.name))
             if f.metadata["secret"]:
-                value = mask_url(value)
+                value = mask_url(value) if "://" in value else ("***" if value else "")
             rows.append((f.metadata["env"], value, f.metadata["help"]))
         return rows
 

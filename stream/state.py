@@ -21,10 +21,13 @@ every user it touches and one ``MULTI``/``EXEC`` pipeline of ``SET ... EX`` to s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 import msgspec
+
+log = logging.getLogger("streamrec.state")
 
 
 class UserState(msgspec.Struct, kw_only=False):
@@ -39,6 +42,12 @@ class UserState(msgspec.Struct, kw_only=False):
     offsets: dict[str, int] = msgspec.field(default_factory=dict)
     # the last list published to the user and when, for live hit-rate measurement
     last_recommended: list[str] = msgspec.field(default_factory=list)
+
+    def copy(self) -> UserState:
+        """A copy that shares nothing mutable with this state."""
+        return UserState(self.user_id, list(self.recent_items), list(self.purchased), self.clicks, self.purchases,
+                         self.last_seen_ts, self.session_id, list(self.event_ids), dict(self.offsets),
+                         list(self.last_recommended))
 
     def has_seen(self, event_id: str, source: str | None = None, offset: int | None = None) -> bool:
         """True when this event was applied: its offset is at or below the watermark of its
@@ -91,16 +100,72 @@ _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(UserState).decode
 
 
+def encode_state(state: UserState) -> bytes:
+    """The document a store keeps for ``state``."""
+    return _encode(state)
+
+
+class Fenced(Exception):
+    """A save refused because another owner claimed one of the batch's partitions since ours
+    (``partitions`` names them): the batch belongs to that owner now."""
+
+    def __init__(self, partitions: list[int]) -> None:
+        super().__init__(f"partition(s) {', '.join(map(str, partitions))} were claimed by a newer owner")
+        self.partitions = partitions
+
+
 class UserStateStore(Protocol):
-    """Where user state lives between micro-batches."""
+    """Where user state lives between micro-batches.
+
+    Fencing: an owner of input partitions ``claim`` s them when it gets them (each claim
+    outnumbers every earlier one of that partition) and saves with ``fence`` = the claims it
+    holds for the partitions of the batch; a save whose claim is no longer the latest is
+    refused as a whole (:class:`Fenced`), so a worker that lost its partitions (a revocation
+    wait that timed out, a long pause, a network split) never overwrites what the next owner
+    wrote.
+    """
+
+    #: documents found corrupt by load_many (each loaded as a fresh state), since the start
+    rebuilt: int
 
     async def load_many(self, user_ids: Iterable[str]) -> dict[str, UserState]:
-        """The state of every user asked for; a fresh ``UserState`` for users never seen."""
+        """The state of every user asked for; a fresh ``UserState`` for users never seen, and
+        for a document that does not decode (counted in ``rebuilt``, and logged)."""
 
-    async def save_many(self, states: Mapping[str, UserState]) -> None:
-        """Write all of ``states`` atomically."""
+    async def save_docs(self, docs: Mapping[str, bytes], fence: Mapping[int, int] | None = None) -> None:
+        """Write all of ``docs`` (from :func:`encode_state`) atomically; with ``fence``
+        (partition -> claim), only while every claim is still the partition's latest, else
+        nothing is written and :class:`Fenced` is raised."""
+
+    async def save_many(self, states: Mapping[str, UserState], fence: Mapping[int, int] | None = None) -> None:
+        """:meth:`save_docs` of the encoded ``states``."""
+
+    async def claim(self, partitions: Iterable[int]) -> dict[int, int]:
+        """A new claim on each partition, greater than any before it."""
+
+    async def get_blob(self, name: str) -> bytes | None: ...
+
+    async def set_blob(self, name: str, data: bytes) -> None: ...
+
+    async def ping(self) -> bool: ...
 
     async def close(self) -> None: ...
+
+
+def _load(uid: str, doc: bytes | None) -> tuple[UserState, bool]:
+    """The state a stored document holds, or a fresh one (and True) when it does not decode."""
+    if doc is None:
+        return UserState(uid), False
+    try:
+        state = _decode(doc)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.error("user %r: the stored state does not decode (%s); starting the user afresh. Their earlier "
+                  "events stay in the models, and an event Kafka redelivers for them may apply twice", uid, exc)
+        return UserState(uid), True
+    if state.user_id != uid:
+        log.error("user %r: the stored state belongs to user %r; starting the user afresh", uid, state.user_id)
+        return UserState(uid), True
+    return state, False
 
 
 class InMemoryUserStateStore:
@@ -108,41 +173,77 @@ class InMemoryUserStateStore:
 
     def __init__(self) -> None:
         self._docs: dict[str, bytes] = {}
+        self._blobs: dict[str, bytes] = {}
+        self._claims: dict[int, int] = {}
+        self.rebuilt = 0
 
     async def load_many(self, user_ids: Iterable[str]) -> dict[str, UserState]:
         out = {}
         for uid in user_ids:
-            doc = self._docs.get(uid)
-            out[uid] = _decode(doc) if doc is not None else UserState(uid)
+            out[uid], bad = _load(uid, self._docs.get(uid))
+            self.rebuilt += bad
         return out
 
-    async def save_many(self, states: Mapping[str, UserState]) -> None:
-        self._docs.update({uid: _encode(s) for uid, s in states.items()})
+    async def save_docs(self, docs: Mapping[str, bytes], fence: Mapping[int, int] | None = None) -> None:
+        if fence:
+            stale = sorted(p for p, claim in fence.items() if self._claims.get(p) != claim)
+            if stale:
+                raise Fenced(stale)
+        self._docs.update(docs)
+
+    async def save_many(self, states: Mapping[str, UserState], fence: Mapping[int, int] | None = None) -> None:
+        await self.save_docs({uid: _encode(s) for uid, s in states.items()}, fence)
+
+    async def claim(self, partitions: Iterable[int]) -> dict[int, int]:
+        out = {}
+        for p in partitions:
+            out[p] = self._claims[p] = self._claims.get(p, 0) + 1
+        return out
+
+    async def get_blob(self, name: str) -> bytes | None:
+        return self._blobs.get(name)
+
+    async def set_blob(self, name: str, data: bytes) -> None:
+        self._blobs[name] = data
+
+    async def ping(self) -> bool:
+        return True
 
     async def close(self) -> None:
         return None
 
 
+# KEYS: the fence's claim keys (ARGV[2] of them), then the users' keys
+# ARGV: ttl, number of claims, the claims, then one document per user key
+# returns the number of users written, or -i when the i-th claim is no longer the latest
 _SAVE_LUA = """
 local ttl = tonumber(ARGV[1])
-for i, key in ipairs(KEYS) do
-  if ttl > 0 then
-    redis.call('SET', key, ARGV[i + 1], 'EX', ttl)
-  else
-    redis.call('SET', key, ARGV[i + 1])
+local n = tonumber(ARGV[2])
+for i = 1, n do
+  if redis.call('GET', KEYS[i]) ~= ARGV[2 + i] then
+    return -i
   end
 end
-return #KEYS
+for i = n + 1, #KEYS do
+  if ttl > 0 then
+    redis.call('SET', KEYS[i], ARGV[2 + i], 'EX', ttl)
+  else
+    redis.call('SET', KEYS[i], ARGV[2 + i])
+  end
+end
+return #KEYS - n
 """
 
 
 class RedisUserStateStore:
-    """User state in Redis: ``{prefix}user:{user_id}`` holds the JSON document."""
+    """User state in Redis: ``{prefix}user:{user_id}`` holds the JSON document, and
+    ``{prefix}claim:{partition}`` the latest claim on an input partition."""
 
     def __init__(self, client, key_prefix: str = "streamrec:", ttl_s: int = 0) -> None:
         self.client = client  # a redis.asyncio.Redis
         self.key_prefix = key_prefix
         self.ttl_s = ttl_s
+        self.rebuilt = 0
         self._save_script = client.register_script(_SAVE_LUA)
 
     @classmethod
@@ -154,23 +255,47 @@ class RedisUserStateStore:
     def key(self, user_id: str) -> str:
         return f"{self.key_prefix}user:{user_id}"
 
+    def claim_key(self, partition: int) -> str:
+        return f"{self.key_prefix}claim:{partition}"
+
     async def load_many(self, user_ids: Iterable[str]) -> dict[str, UserState]:
         ids = list(user_ids)
         if not ids:
             return {}
         docs = await self.client.mget([self.key(u) for u in ids])
-        return {uid: (_decode(doc) if doc is not None else UserState(uid)) for uid, doc in zip(ids, docs, strict=True)}
+        out = {}
+        for uid, doc in zip(ids, docs, strict=True):
+            out[uid], bad = _load(uid, doc)
+            self.rebuilt += bad
+        return out
 
-    async def save_many(self, states: Mapping[str, UserState]) -> None:
-        """One atomic command for the whole batch: a Lua script SETs every key (with the TTL).
+    async def save_docs(self, docs: Mapping[str, bytes], fence: Mapping[int, int] | None = None) -> None:
+        """One atomic command for the whole batch: a Lua script checks the fence and SETs every
+        key (with the TTL).
 
         (A MULTI/EXEC pipeline of one SET per user costs ~40 µs of Python per user in
         redis-py's command packing; one script call with all keys costs a few.)
         """
-        if not states:
+        if not docs:
             return
-        keys = [self.key(uid) for uid in states]
-        await self._save_script(keys=keys, args=[self.ttl_s, *map(_encode, states.values())])
+        claims = sorted((fence or {}).items())
+        keys = [self.claim_key(p) for p, _ in claims] + [self.key(uid) for uid in docs]
+        written = await self._save_script(keys=keys, args=[self.ttl_s, len(claims), *(c for _, c in claims), *docs.values()])
+        if written < 0:
+            raise Fenced([claims[-written - 1][0]])
+
+    async def save_many(self, states: Mapping[str, UserState], fence: Mapping[int, int] | None = None) -> None:
+        await self.save_docs({uid: _encode(s) for uid, s in states.items()}, fence)
+
+    async def claim(self, partitions: Iterable[int]) -> dict[int, int]:
+        parts = sorted(set(partitions))
+        if not parts:
+            return {}
+        async with self.client.pipeline(transaction=True) as pipe:
+            for p in parts:
+                pipe.incr(self.claim_key(p))
+            values = await pipe.execute()
+        return dict(zip(parts, map(int, values), strict=True))
 
     def blob_key(self, name: str) -> str:
         return f"{self.key_prefix}{name}"

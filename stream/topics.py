@@ -135,6 +135,7 @@ def ensure_topics(
     partitions: int,
     replication: int = 1,
     timeout_s: float = 30.0,
+    min_insync_replicas: int | None = None,
 ) -> list[str]:
     """Create those of ``names`` that do not exist; return the ones this call created.
 
@@ -158,6 +159,9 @@ def ensure_topics(
             if not missing:
                 return []
             spec = {n: {"num_partitions": partitions, "replication_factor": replication} for n in missing}
+            if min_insync_replicas is not None:
+                for n in missing:
+                    spec[n]["configs"] = {"min.insync.replicas": str(min_insync_replicas)}
             response = admin.create_topics(spec, timeout_ms=int(timeout_s * 1000), raise_errors=False)
             created = _created(response, missing)
             if created:
@@ -171,6 +175,18 @@ def ensure_topics(
     if created:
         log.info("created topics %s (%d partitions, replication %d)", ", ".join(created), partitions, replication)
     return created
+
+
+def committed_offsets(bootstrap: str, group_id: str, timeout_s: float = 10.0) -> dict[tuple[str, int], int]:
+    """The consumer group's committed offsets, ``(topic, partition) -> next offset to read``."""
+    admin = _connected_admin(bootstrap, timeout_s)
+    try:
+        offsets = admin.list_consumer_group_offsets(group_id)
+    except KafkaError as exc:
+        raise _unavailable(bootstrap, timeout_s, exc) from None
+    finally:
+        admin.close()
+    return {(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
 
 
 def _created(response: dict, asked: list[str]) -> list[str]:
@@ -187,4 +203,4 @@ def _created(response: dict, asked: list[str]) -> list[str]:
     return [n for n in asked if n in created]
 
 
-__all__ = ["check_topic_name", "ensure_topics", "probe", "wait_for_kafka"]
+__all__ = ["check_topic_name", "committed_offsets", "ensure_topics", "probe", "wait_for_kafka"]

@@ -4,13 +4,22 @@
 messages and acknowledges them only after :meth:`BatchHandler.handle` has returned, so
 offsets are committed only after an event's effects (state, learning, publication) are
 done. Transient Redis and Kafka failures are retried with back-off inside ``handle`` and
-never escape it, so a failing call can never let a batch be acknowledged half-done.
+never escape it, so a failing call can never let a batch be acknowledged half-done; while
+they fail, the worker reports unready (``Health``) and says why.
 
 Order of effects in a batch: publish recommendations and dead letters, wait for Kafka to
 confirm them, then save user state (with the applied event ids) in one Redis
 transaction. A crash between the two re-delivers the batch: the state does not yet hold
 those event ids, so each event is applied exactly once and its recommendation is sent
 again (at-least-once output, keyed by ``trigger_event_id``).
+
+**Bad input and bugs are data, not crashes.** A value that breaks the contract, or whose
+decoding raises anything at all, is dead-lettered with a code; an event that the step
+cannot handle comes back from it as a failure and is dead-lettered as ``processing_error``
+(stream/pipeline.py). Should anything else in ``handle`` raise, :meth:`handle_isolated`
+splits the batch and handles the halves, down to single messages, which are
+dead-lettered: every other event is still applied once, and the models' watermark
+(``Recommender.learned_offsets``) keeps a second attempt from teaching them an event twice.
 """
 
 from __future__ import annotations
@@ -23,12 +32,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from stream.errors import InvalidEvent
+from stream.health import Health
 from stream.metrics import Metrics
-from stream.pipeline import LIVE_CUTOFFS, RecommendationStep
-from stream.records import DeadLetter, Event, dead_letter, decode_event, encode
+from stream.pipeline import LIVE_CUTOFFS, RecommendationStep, StepResult
+from stream.records import DEFAULT_BOUNDS, Bounds, DeadLetter, Event, dead_letter, decode_event, encode
 from stream.retry import Backoff
 from stream.settings import TopicNames
-from stream.state import UserStateStore
+from stream.state import Fenced, UserStateStore
 
 log = logging.getLogger("streamrec.worker")
 
@@ -45,6 +55,8 @@ class RawMessage:
     key: bytes | None
     value: bytes | None
     timestamp_ms: int | None = None
+    #: the consumer group generation the message was fetched in (fencing)
+    generation: int = 0
 
 
 #: batches at least this big run the step in a thread (see BatchHandler.handle). Measured on
@@ -62,6 +74,10 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _failure_letter(code: str, reason: str, msg: RawMessage) -> DeadLetter:
+    return dead_letter(InvalidEvent(code, reason), msg.value, msg.topic, msg.partition, msg.offset, now_ms())
+
+
 class BatchHandler:
     def __init__(
         self,
@@ -71,6 +87,9 @@ class BatchHandler:
         topics: TopicNames,
         metrics: Metrics,
         backoff: Backoff | None = None,
+        health: Health | None = None,
+        bounds: Bounds = DEFAULT_BOUNDS,
+        claims: Claims | None = None,
     ) -> None:
         self.step = step
         self.store = store
@@ -78,29 +97,64 @@ class BatchHandler:
         self.topics = topics
         self.metrics = metrics
         self.backoff = backoff or Backoff()
+        self.health = health
+        self.bounds = bounds
+        self.claims = claims
         self.batches = 0
         self.events_applied = 0
+        self._rebuilt_seen = 0
         self._slow_logged_at = float("-inf")
         self._slow_since_log = 0
+
+    async def handle_isolated(self, messages: Sequence[RawMessage]) -> None:
+        """:meth:`handle`, and where it raises (a bug: bad input and failing events are dead
+        letters already), the two halves of the batch apart, down to single messages, which
+        are dead-lettered as ``processing_error``. :class:`Fenced` passes through: the batch
+        belongs to another worker now."""
+        try:
+            await self.handle(messages)
+            return
+        except (Fenced, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - isolated below
+            if len(messages) > 1:
+                log.exception("handling a batch of %d messages raised; handling its halves apart", len(messages))
+                half = len(messages) // 2
+                await self.handle_isolated(messages[:half])
+                await self.handle_isolated(messages[half:])
+                return
+            (msg,) = messages
+            log.exception("handling the message at %s[%d]@%d raised; it is dead-lettered", msg.topic, msg.partition, msg.offset)
+            letter = _failure_letter("processing_error", f"handling the message raised {type(exc).__name__}: {exc}", msg)
+            await self._publish([(self.topics.dlq, msg.key, encode(letter))])
+            self.step.advance([(f"{msg.topic}:{msg.partition}", msg.offset)])
+            self._count_dead(["processing_error"])
 
     async def handle(self, messages: Sequence[RawMessage]) -> None:
         m = self.metrics
         clock = time.perf_counter
         t0 = clock()
+        now = now_ms()
         events: list[Event] = []
         positions: list[tuple[str, int]] = []
-        dead: list[tuple[bytes | None, DeadLetter]] = []
+        carriers: list[RawMessage] = []  # the message of each event
+        dead: list[tuple[RawMessage, DeadLetter]] = []
         for msg in messages:
             try:
-                events.append(decode_event(msg.value))
-                positions.append((f"{msg.topic}:{msg.partition}", msg.offset))
+                events.append(decode_event(msg.value, self.bounds, now))
             except InvalidEvent as exc:
-                dead.append((msg.key, dead_letter(exc, msg.value, msg.topic, msg.partition, msg.offset, now_ms())))
-                m.events_invalid.labels(exc.code).inc()
+                dead.append((msg, dead_letter(exc, msg.value, msg.topic, msg.partition, msg.offset, now)))
+                continue
+            except Exception as exc:  # noqa: BLE001 - a decoder bug is this value's problem alone
+                dead.append((msg, _failure_letter("processing_error", f"decoding the value raised {type(exc).__name__}: {exc}", msg)))
+                continue
+            positions.append((f"{msg.topic}:{msg.partition}", msg.offset))
+            carriers.append(msg)
         t1 = clock()
 
+        fence = await self._fence(messages) if self.claims is not None and events else None
         users = list(dict.fromkeys(ev.user_id for ev in events))
-        states = await self._retry("load", lambda: self.store.load_many(users), m.redis_errors) if users else {}
+        states = await self._retry("load", lambda: self.store.load_many(users)) if users else {}
         t2 = clock()
 
         if len(events) >= THREAD_MIN_EVENTS:
@@ -112,19 +166,37 @@ class BatchHandler:
             result = self.step(events, states, now_ms, positions)
         t3 = clock()
 
+        for f in result.failures:
+            msg = carriers[f.index]
+            log.error("event at %s[%d]@%d (user %r) dead-lettered: %s", msg.topic, msg.partition, msg.offset,
+                      events[f.index].user_id, f.reason, exc_info=f.error)
+            dead.append((msg, _failure_letter("processing_error", f.reason, msg)))
         out: list[OutRecord] = [
-            (self.topics.recommendations, rec.user_id.encode(), encode(rec)) for rec in result.recommendations
+            (self.topics.recommendations, rec.user_id.encode(), payload)
+            for rec, payload in zip(result.recommendations, result.payloads, strict=True)
         ]
-        out += [(self.topics.dlq, key, encode(letter)) for key, letter in dead]
+        out += [(self.topics.dlq, msg.key, encode(letter)) for msg, letter in dead]
         await self._publish(out)
         published_ms = now_ms()
         t4 = clock()
 
-        if result.states:
-            await self._retry("save", lambda: self.store.save_many(result.states), m.redis_errors)
+        if result.docs:
+            await self._retry("save", lambda: self.store.save_docs(result.docs, fence))
+        if dead:  # the models pass over them too (a replay after a restart must not learn them)
+            self.step.advance([(f"{msg.topic}:{msg.partition}", msg.offset) for msg, _ in dead])
         t5 = clock()
 
-        # metrics, once the batch's effects are durable
+        try:
+            self._record(messages, result, [letter.code for _, letter in dead], published_ms,
+                         {"decode": t1 - t0, "state_load": t2 - t1, **result.timings, "publish": t4 - t3,
+                          "state_save": t5 - t4}, t5 - t0)
+        except Exception:  # noqa: BLE001 - the batch's effects are done; a metric must not undo that
+            log.exception("recording the batch's metrics failed")
+
+    def _record(self, messages: Sequence[RawMessage], result: StepResult, dead_codes: list[str], published_ms: int,
+                stages: dict[str, float], seconds: float) -> None:
+        """Metrics, once the batch's effects are durable."""
+        m = self.metrics
         m.batch_size.observe(len(messages))
         for kind, n in Counter(ev.type for ev in result.applied).items():  # one labels() per type, not per event
             m.events_consumed.labels(kind).inc(n)
@@ -132,14 +204,17 @@ class BatchHandler:
             newest = max(ev.ts for ev in result.applied)
             m.last_event_ts.set(newest / 1000)
         m.duplicates_skipped.inc(result.duplicates)
+        m.events_relearned.inc(result.learned_only)
         m.recommendations_published.inc(len(result.recommendations))
-        m.dead_letters_published.inc(len(dead))
+        self._count_dead(dead_codes)
+        if self.store.rebuilt != self._rebuilt_seen:
+            m.states_rebuilt.inc(self.store.rebuilt - self._rebuilt_seen)
+            self._rebuilt_seen = self.store.rebuilt
         for rec in result.recommendations:
             m.end_to_end_seconds.observe(max(0, published_ms - rec.event_ts) / 1000)
-        stages = {"decode": t1 - t0, "state_load": t2 - t1, **result.timings, "publish": t4 - t3, "state_save": t5 - t4}
-        for name, seconds in stages.items():
-            m.stage_seconds.labels(name).observe(seconds)
-        m.stage_seconds.labels("batch").observe(t5 - t0)
+        for name, s in stages.items():
+            m.stage_seconds.labels(name).observe(s)
+        m.stage_seconds.labels("batch").observe(seconds)
         live = result.live
         if live.judged:
             m.live_judged.inc(live.judged)
@@ -148,8 +223,14 @@ class BatchHandler:
             m.live_reciprocal_rank.inc(live.reciprocal_rank_sum)
         self.batches += 1
         self.events_applied += len(result.applied)
-        if t5 - t0 > SLOW_BATCH_S:
-            self._log_slow(len(messages), stages, t5 - t0)
+        if seconds > SLOW_BATCH_S:
+            self._log_slow(len(messages), stages, seconds)
+
+    def _count_dead(self, codes: list[str]) -> None:
+        m = self.metrics
+        for code, n in Counter(codes).items():
+            m.events_invalid.labels(code).inc(n)
+        m.dead_letters_published.inc(len(codes))
 
     def _log_slow(self, n: int, stages: dict[str, float], seconds: float) -> None:
         self._slow_since_log += 1
@@ -161,34 +242,109 @@ class BatchHandler:
                     n, seconds * 1000, parts, self._slow_since_log, SLOW_BATCH_S * 1000)
         self._slow_logged_at, self._slow_since_log = now, 0
 
+    async def _fence(self, messages: Sequence[RawMessage]) -> dict[int, int]:
+        """The claims this batch saves under: those taken when its partitions were assigned
+        (or now, for a partition of the current generation not claimed yet)."""
+        claims = self.claims
+        generation = max(msg.generation for msg in messages)
+        partitions = {msg.partition for msg in messages}
+        missing = claims.missing(partitions, generation)
+        if missing:
+            if not claims.is_current(generation):
+                raise Fenced(sorted(missing))  # fetched before a rebalance: the next owner's now
+            got = await self._retry("claim", lambda: self.store.claim(missing))
+            claims.hold(got, generation)
+        return claims.fence(partitions)
+
+    def _unready(self, condition: str, detail: str) -> None:
+        if self.health is not None:
+            self.health.set(condition, False, detail)
+
+    def _ready(self, condition: str, detail: str) -> None:
+        if self.health is not None:
+            self.health.set(condition, True, detail)
+
     async def _publish(self, records: list[OutRecord]) -> None:
-        """Publish every record and return once the broker confirmed all of them; resend what failed."""
+        """Publish every record and return once the broker confirmed all of them; resend what
+        failed, for as long as it takes (the batch stays unacknowledged meanwhile)."""
         delays = self.backoff.delays()
         pending = records
+        since = None
         while pending:
+            problem = None
             try:
                 pending = await self.publish(pending)
-            except Exception as exc:  # the producer itself failed (not started, connection lost)
+            except Exception as exc:  # noqa: BLE001 - the producer itself failed (not started, connection lost)
+                problem = repr(exc)
                 log.warning("publishing %d records failed (%r); will retry", len(pending), exc)
             if pending:
                 self.metrics.kafka_errors.labels("publish").inc()
+                since = since or time.monotonic()
+                topics = ", ".join(sorted({topic for topic, _, _ in pending}))
+                self.metrics.output_blocked.set(1)
+                self._unready("output", f"{len(pending)} record(s) to {topics} not accepted by Kafka for "
+                                        f"{time.monotonic() - since:.0f} s ({problem or 'see the log'}); nothing "
+                                        "after them is committed until they are")
                 await asyncio.sleep(next(delays))
+        if since is not None:
+            self.metrics.output_blocked.set(0)
+            log.info("publishing works again after %.1f s", time.monotonic() - since)
+        self._ready("output", "Kafka accepts what the worker publishes")
 
-    async def _retry(self, op: str, call: Callable[[], Awaitable], errors) -> object:
+    async def _retry(self, op: str, call: Callable[[], Awaitable]) -> object:
+        """``call()`` until it succeeds; Redis and connection errors are retried with back-off
+        (the worker says unready meanwhile), anything else raises."""
+        errors = self.metrics.redis_errors
         delays = self.backoff.delays()
+        failing = False
         while True:
             try:
-                return await call()
+                out = await call()
             except (ConnectionError, TimeoutError, OSError) as exc:
-                errors.labels(op).inc()
-                delay = next(delays)
-                log.warning("redis %s failed (%r); retrying in %.2fs", op, exc, delay)
-                await asyncio.sleep(delay)
+                pass_on = False
+                problem = exc
             except Exception as exc:
-                if type(exc).__module__.startswith("redis"):
-                    errors.labels(op).inc()
-                    delay = next(delays)
-                    log.warning("redis %s failed (%r); retrying in %.2fs", op, exc, delay)
-                    await asyncio.sleep(delay)
-                else:
-                    raise
+                pass_on = not type(exc).__module__.startswith("redis")
+                problem = exc
+            else:
+                if failing:
+                    self._ready("redis", f"{op} works again")
+                return out
+            if pass_on:
+                raise problem
+            failing = True
+            errors.labels(op).inc()
+            delay = next(delays)
+            self._unready("redis", f"{op} failed: {type(problem).__name__}: {problem}; retrying")
+            log.warning("redis %s failed (%r); retrying in %.2fs", op, problem, delay)
+            await asyncio.sleep(delay)
+
+
+class Claims:
+    """The claims (stream/state.py, fencing) this worker holds on its input partitions, each
+    taken in a consumer-group generation."""
+
+    def __init__(self, current_generation: Callable[[], int] = lambda: 0) -> None:
+        self._held: dict[int, tuple[int, int]] = {}  # partition -> (generation, claim)
+        self._current = current_generation
+
+    def is_current(self, generation: int) -> bool:
+        return generation == self._current()
+
+    def hold(self, claims: dict[int, int], generation: int) -> None:
+        for p, claim in claims.items():
+            self._held[p] = (generation, claim)
+
+    def release(self, partitions) -> None:
+        for p in partitions:
+            self._held.pop(p, None)
+
+    def missing(self, partitions, generation: int) -> set[int]:
+        return {p for p in partitions if self._held.get(p, (None, None))[0] != generation}
+
+    def fence(self, partitions) -> dict[int, int]:
+        return {p: self._held[p][1] for p in partitions}
+
+    @property
+    def partitions(self) -> list[int]:
+        return sorted(self._held)

@@ -58,7 +58,7 @@ class RecordingHandler:
     def __init__(self) -> None:
         self.handled: list[list[int]] = []
 
-    async def handle(self, messages) -> None:
+    async def handle_isolated(self, messages) -> None:
         self.handled.append([m.offset for m in messages])
 
 

@@ -47,6 +47,13 @@ def new_step(**cfg):
     return RecommendationStep(Recommender.default(RecommenderConfig(k=5, n_candidates=50)), None, StepConfig(top_k=5, **cfg))
 
 
+def run(step, events, states, clock):
+    """The step on ``states``, which then hold what it returns (as a store would after saving)."""
+    result = step(events, states, clock)
+    states.update(result.states)
+    return result
+
+
 def test_apply_event_caps_recent_items_and_dedupe_window():
     s = UserState("u")
     for i in range(10):
@@ -86,11 +93,11 @@ def test_purchased_items_are_never_recommended():
     step(warm, {}, lambda: 1)
     # u1 buys the items most likely to be proposed to it
     states = {}
-    first = step([click("a", "u1", "i1", 10**13), click("b", "u1", "i2", 10**13 + 1)], states, lambda: 2)
+    first = run(step, [click("a", "u1", "i1", 10**13), click("b", "u1", "i2", 10**13 + 1)], states, lambda: 2)
     top = [it.item_id for it in first.recommendations[0].items]
     assert top, "a warm user gets recommendations"
     buys = [buy(f"p{k}", "u1", item, 10**13 + 10 + k) for k, item in enumerate(top[:3])]
-    after = step(buys, states, lambda: 3)
+    after = run(step, buys, states, lambda: 3)
     rec = after.recommendations[0]
     assert not set(top[:3]) & {it.item_id for it in rec.items}
     assert set(top[:3]) <= set(after.states["u1"].purchased)
@@ -134,10 +141,10 @@ def test_transformer_scores_are_batched_once_per_step_and_blended():
 def test_live_quality_judges_the_next_event_against_the_last_list():
     step = new_step()
     states = {}
-    step(history(), states, lambda: 1)
+    run(step, history(), states, lambda: 1)
     shown = states["u3"].last_recommended
     assert shown
-    result = step([click("next", "u3", shown[0], 10**13)], states, lambda: 2)
+    result = run(step, [click("next", "u3", shown[0], 10**13)], states, lambda: 2)
     assert result.live.judged == 1 and result.live.hits[10] == 1 and result.live.reciprocal_rank_sum == 1.0
 
 
@@ -198,7 +205,7 @@ def test_step_result_is_independent_of_batch_boundaries(batch):
     step = new_step()
     states = {}
     for i in range(0, len(events), batch):
-        step(events[i : i + batch], states, lambda: 1)
+        run(step, events[i : i + batch], states, lambda: 1)
     assert {u: s.recent_items for u, s in states.items()} == {
         f"u{u}": [f"i{(u + j) % 40}" for j in range(5)] for u in range(10)
     }

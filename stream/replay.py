@@ -1,0 +1,109 @@
+"""After a restart, teach the models what they lost: the events between their snapshot and the
+consumer group's committed offsets.
+
+A snapshot of the online models records, per input partition, the highest offset they had
+learned (``Recommender.learned_offsets``). When a worker restarts (after a crash, a kill -9,
+a deploy), it restores the newest snapshot, which may be minutes old, while Kafka resumes
+from the committed offsets, which are seconds old: the events in between were applied to the
+users' state (Redis) but the restored models never learned them, and Kafka does not deliver
+them again. :func:`replay` reads them straight from the partitions (a consumer of its own, no
+group) and has :meth:`RecommendationStep.relearn <stream.pipeline.RecommendationStep.relearn>`
+teach them to the models only. Events at and after the committed offsets come through the
+agent as usual; those the state already holds and the models do not are learned there
+(``learn only``).
+
+A value that does not decode (a dead letter at the time) is passed over again; the wall-clock
+``ts`` window is not applied, since the time of the original decision is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from stream.errors import InvalidEvent
+from stream.pipeline import RecommendationStep
+from stream.records import Bounds, decode_event
+
+log = logging.getLogger("streamrec.replay")
+
+#: records handed to the models per call (in a thread: the event loop keeps serving)
+CHUNK = 2000
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Offsets ``[start, end)`` of one partition that the models have not learned."""
+
+    topic: str
+    partition: int
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return max(0, self.end - self.start)
+
+
+def gaps(learned: Mapping[str, int], committed: Mapping[tuple[str, int], int]) -> list[Gap]:
+    """The partitions whose committed offset is past what the models learned, and by how much.
+
+    Only partitions the models' snapshot knows are replayed: one it never saw (a new
+    partition, or one another worker learned) starts with the models as they are.
+
+    >>> gaps({"clicks:0": 9, "clicks:1": 40}, {("clicks", 0): 25, ("clicks", 1): 41, ("clicks", 2): 7})
+    [Gap(topic='clicks', partition=0, start=10, end=25)]
+    """
+    out = []
+    for (topic, partition), end in sorted(committed.items()):
+        seen = learned.get(f"{topic}:{partition}")
+        if seen is not None and end > seen + 1:
+            out.append(Gap(topic, partition, seen + 1, end))
+    return out
+
+
+async def replay(step: RecommendationStep, bootstrap: str, todo: Sequence[Gap], bounds: Bounds,
+                 fetch_timeout_s: float = 30.0) -> int:
+    """Teach the models every event of ``todo``; returns how many they learned."""
+    if not todo:
+        return 0
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                                auto_offset_reset="earliest", max_poll_records=CHUNK)
+    await consumer.start()
+    learned = 0
+    seen: set[tuple[str, str]] = set()
+    try:
+        ends = {TopicPartition(g.topic, g.partition): g.end for g in todo}
+        consumer.assign(list(ends))
+        for g in todo:
+            consumer.seek(TopicPartition(g.topic, g.partition), g.start)
+        open_ = set(ends)
+        while open_:
+            batch = await consumer.getmany(*open_, timeout_ms=int(fetch_timeout_s * 1000))
+            if not batch:
+                raise TimeoutError(f"no records from {sorted(map(str, open_))} within {fetch_timeout_s:g} s")
+            events, positions = [], []
+            for tp, records in batch.items():
+                for rec in records:
+                    if rec.offset >= ends[tp]:
+                        break
+                    try:
+                        events.append(decode_event(rec.value, bounds))
+                    except InvalidEvent:
+                        continue
+                    positions.append((f"{tp.topic}:{tp.partition}", rec.offset))
+                if records and (records[-1].offset + 1 >= ends[tp] or await consumer.position(tp) >= ends[tp]):
+                    open_.discard(tp)
+            if events:
+                learned += await asyncio.to_thread(step.relearn, events, positions, seen)
+        step.advance([(f"{g.topic}:{g.partition}", g.end - 1) for g in todo])  # dead letters included
+    finally:
+        await consumer.stop()
+    return learned
+
+
+__all__ = ["CHUNK", "Gap", "gaps", "replay"]
