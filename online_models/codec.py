@@ -40,11 +40,14 @@ _BUILTIN_CALLABLES = {f"builtins.{t.__qualname__}": t for t in (float, int, str,
 _NDARRAY, _TUPLE, _SET, _FROZENSET, _DEQUE, _PAIRS, _DEFAULTDICT, _ORDEREDDICT = 1, 2, 3, 4, 5, 6, 7, 8
 _OBJECT, _CLASS, _PARTIAL, _RANDOM, _NP_RANDOMSTATE, _NP_GENERATOR, _NP_SCALAR, _VECTORDICT = 9, 10, 11, 12, 13, 14, 15, 16
 _REF = 17  # an object written earlier in the same value: one object shared by two owners stays one
+_BIGINT = 18  # an int beyond msgpack's 64 bits (a PCG64 generator's state), as its decimal text
 
 # the objects of the value being written (id -> number) or read (number -> object), per thread
 _memo = threading.local()
 
 _SCALARS = frozenset({str, int, float, bool, type(None), bytes})
+_SCALARS_BUT_INT = _SCALARS - {int}
+_INT_RANGE = (-(2**63), 2**64 - 1)
 
 
 class CodecError(ValueError):
@@ -52,7 +55,7 @@ class CodecError(ValueError):
 
 
 def _plain(values) -> bool:
-    scalars = _SCALARS
+    scalars = _memo.scalars
     return all(type(v) in scalars for v in values)
 
 
@@ -70,6 +73,8 @@ def _allowed(module: str) -> bool:
 
 def _enc(o: Any) -> Any:  # noqa: C901 - one branch per kind of value, in the order they are common
     t = type(o)
+    if t is int and not _INT_RANGE[0] <= o <= _INT_RANGE[1]:
+        return msgspec.msgpack.Ext(_BIGINT, _pack(str(o)))
     if t in _SCALARS:
         return o
     if t is dict:
@@ -128,11 +133,19 @@ def _enc(o: Any) -> Any:  # noqa: C901 - one branch per kind of value, in the or
 
 def encode(value: Any) -> bytes:
     """``value`` as msgpack bytes that :func:`decode` turns back into an equal value."""
-    _memo.written, _memo.keep = {}, []
     try:
-        return _pack(_enc(value))
+        try:
+            return _encode_with(value, _SCALARS)
+        except OverflowError:  # an int beyond 64 bits in a plain list or dict: look at each int
+            return _encode_with(value, _SCALARS_BUT_INT)
     except (TypeError, OverflowError) as exc:
         raise CodecError(f"cannot write the models as data: {exc}") from None
+
+
+def _encode_with(value: Any, scalars: frozenset) -> bytes:
+    _memo.written, _memo.keep, _memo.scalars = {}, [], scalars
+    try:
+        return _pack(_enc(value))
     finally:
         _memo.written, _memo.keep = {}, []
 
@@ -224,6 +237,8 @@ def _ext(code: int, data: memoryview) -> Any:  # noqa: C901 - one branch per tag
         from river.utils import VectorDict  # the type River's learners keep their weights in
 
         return VectorDict(inner)
+    if code == _BIGINT:
+        return int(str(inner)[:200])
     if code == _REF:
         read = _memo.read
         if not isinstance(inner, int) or inner not in read:

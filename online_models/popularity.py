@@ -230,10 +230,16 @@ class TrendingPopularity(_ItemScores):
         self._after_update(idx)
 
     def _scale(self, user: UserContext | None) -> float:
+        """``exp(-rate * (now - ref))``: the decay from the reference time to the user's.
+
+        A user behind the reference time (a late event, a log replayed out of order) gets the
+        scores as of the reference time: undoing the decay would multiply by up to ``e**700``
+        and overflow (the order of the items is the same either way).
+        """
         if self._ref_ts is None:
             return 1.0
         now = user.ts if user is not None and user.ts is not None else self._max_ts
-        return math.exp(min(700.0, max(-700.0, -self._rate * (now - self._ref_ts))))
+        return math.exp(max(-700.0, min(0.0, -self._rate * (now - self._ref_ts))))
 
 
 __all__ = ["GlobalPopularity", "RecentPopularity", "TrendingPopularity"]

@@ -109,9 +109,13 @@ class Segments:
 def normalise(x: np.ndarray, seg: Segments, finite: bool) -> np.ndarray:
     """Min-max to [0, 1] within each segment; a constant segment is 0.
 
-    ``finite=True`` (learners' scores) takes the values as they are; ``finite=False`` (extra
-    sources) ignores non-finite values for the range and maps them to 0 (no score).
+    ``finite=True`` (learners' scores) takes the values as they are, once one vectorised check
+    found them all finite; ``finite=False`` (extra sources, or learners' scores that are not
+    all finite) ignores non-finite values for the range and maps them to 0 (no score). An
+    infinity or NaN never reaches the blend.
     """
+    if finite and not np.isfinite(x).all():
+        finite = False
     if seg.single:
         return _normalise_one(x, finite)
     if finite:
@@ -122,13 +126,20 @@ def normalise(x: np.ndarray, seg: Segments, finite: bool) -> np.ndarray:
             out = (x - seg.expand(lo)) / seg.expand(hi - lo)
         if flat.any():
             out[np.broadcast_to(seg.expand(flat), out.shape)] = 0.0
-        return out
+        return _finite(out)
     ok = np.isfinite(x)
     lo = np.minimum.reduceat(np.where(ok, x, np.inf), seg.starts)
     hi = np.maximum.reduceat(np.where(ok, x, -np.inf), seg.starts)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         out = (x - seg.expand(lo)) / seg.expand(hi - lo)
-    return np.where(ok & seg.expand(hi > lo), out, 0.0)
+    return _finite(np.where(ok & seg.expand(hi > lo), out, 0.0))
+
+
+def _finite(out: np.ndarray) -> np.ndarray:
+    """``out`` with 0 where a range too wide for a float (``hi - lo`` overflowing) left no number."""
+    if np.isfinite(out).all():
+        return out
+    return np.where(np.isfinite(out), out, 0.0)
 
 
 def _normalise_one(x: np.ndarray, finite: bool) -> np.ndarray:
@@ -143,8 +154,9 @@ def _normalise_one(x: np.ndarray, finite: bool) -> np.ndarray:
         lo, hi = x[ok].min(), x[ok].max()
     if hi <= lo:
         return np.zeros_like(x)
-    out = (x - lo) / (hi - lo)
-    return out if ok is None else np.where(ok, out, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        out = (x - lo) / (hi - lo)
+    return _finite(out if ok is None else np.where(ok, out, 0.0))
 
 
 def blend(normalised: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

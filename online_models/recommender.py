@@ -145,15 +145,18 @@ class Recommender:
 
     # -- learning ---------------------------------------------------------------------
     def learn_one(self, x: Interaction, user: UserContext | None = None) -> None:
-        """Feed ``x`` to every learner, and label the user's last shown list for the re-ranker."""
+        """Feed ``x`` to every learner, and label the user's last shown list for the re-ranker.
+
+        The learners go first: should one raise, the blend's own tables and the re-ranker have
+        not taken the event (stream/pipeline.py dead-letters it)."""
+        for learner in self.learners.values():
+            learner.learn_one(x, user)
         shown = self._shown.pop(x.user_id, None)
         if shown is not None:
             self.reranker.learn_rows(*shown, x.item_id)
         if x.category_id is not None:
             self._categories[x.item_id] = x.category_id
         self._counts[x.item_id] = self._counts.get(x.item_id, 0.0) + 1.0
-        for learner in self.learners.values():
-            learner.learn_one(x, user)
         self.n_learned += 1
 
     def learn_many(self, xs: Iterable[tuple[Interaction, UserContext | None]]) -> None:

@@ -161,10 +161,15 @@ class RecommendationStep:
     the online models alone.
     """
 
+    #: positions of the latest dead letters remembered, so that Kafka redelivering one (to a
+    #: worker whose state write was fenced) does not apply it after all
+    DEAD_LETTERS_KEPT = 65_536
+
     def __init__(self, recommender: Recommender, scorer=None, config: StepConfig | None = None) -> None:
         self.recommender = recommender
         self.scorer = scorer
         self.config = config or StepConfig()
+        self._dead_letters: dict[tuple[str, int], None] = {}
 
     def model_versions(self) -> dict[str, str]:
         versions = {name: str(v) for name, v in self.recommender.versions.items()}
@@ -220,6 +225,8 @@ class RecommendationStep:
         for uid, r in ranked.items():
             record_shown(uid, r.items)
         self._advance(positions)
+        if positions is not None and failures:
+            self._remember_dead([positions[f.index] for f in failures])
         timings["learn"] += clock() - t1
 
         docs: dict[str, bytes] = {}
@@ -264,10 +271,19 @@ class RecommendationStep:
             watermark[source] = offset
         return n
 
-    def advance(self, positions: Sequence[tuple[str, int]]) -> None:
-        """Move the models' watermark past ``positions`` (messages handled without reaching
-        the step: dead letters)."""
+    def advance(self, positions: Sequence[tuple[str, int]], dead: bool = False) -> None:
+        """Move the models' watermark past ``positions``; ``dead``: they were dead-lettered
+        (the step passes over them if Kafka delivers them again)."""
         self._advance(positions)
+        if dead:
+            self._remember_dead(positions)
+
+    def _remember_dead(self, positions) -> None:
+        kept = self._dead_letters
+        for pos in positions:
+            kept[pos] = None
+        while len(kept) > self.DEAD_LETTERS_KEPT:
+            del kept[next(iter(kept))]
 
     # -- step 1 ---------------------------------------------------------------------------
     def _prepare(self, events: Sequence[Event], states: dict[str, UserState],
@@ -287,6 +303,9 @@ class RecommendationStep:
                     if current is None:
                         current = UserState(uid)
                 key = (uid, ev.event_id)
+                if source is not None and (source, offset) in self._dead_letters:
+                    plan.duplicates += 1  # dead-lettered when it came before
+                    continue
                 # a redelivery by Kafka (at or below the offset the state applied) may still be
                 # news to the models, restored from an older snapshot; an id seen before under a
                 # new offset is the producer's duplicate, news to nobody

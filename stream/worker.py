@@ -127,7 +127,7 @@ class BatchHandler:
             log.exception("handling the message at %s[%d]@%d raised; it is dead-lettered", msg.topic, msg.partition, msg.offset)
             letter = _failure_letter("processing_error", f"handling the message raised {type(exc).__name__}: {exc}", msg)
             await self._publish([(self.topics.dlq, msg.key, encode(letter))])
-            self.step.advance([(f"{msg.topic}:{msg.partition}", msg.offset)])
+            self.step.advance([(f"{msg.topic}:{msg.partition}", msg.offset)], dead=True)
             self._count_dead(["processing_error"])
 
     async def handle(self, messages: Sequence[RawMessage]) -> None:
@@ -183,7 +183,7 @@ class BatchHandler:
         if result.docs:
             await self._retry("save", lambda: self.store.save_docs(result.docs, fence))
         if dead:  # the models pass over them too (a replay after a restart must not learn them)
-            self.step.advance([(f"{msg.topic}:{msg.partition}", msg.offset) for msg, _ in dead])
+            self.step.advance([(f"{msg.topic}:{msg.partition}", msg.offset) for msg, _ in dead], dead=True)
         t5 = clock()
 
         try:
