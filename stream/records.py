@@ -276,9 +276,9 @@ def _check_depth(raw: bytes, max_depth: int) -> None:
 def _malformed(raw: bytes, exc: Exception) -> InvalidEvent:
     """The dead-letter reason for bytes msgspec could not parse."""
     try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as uexc:
-        return InvalidEvent("not_utf8", f"the value is not UTF-8 text (bad byte at position {uexc.start}); events are UTF-8 JSON")
+        _check_utf8(raw)
+    except InvalidEvent as exc:
+        return exc
     if not raw.strip():
         return InvalidEvent("malformed_json", "the value is empty; expected a JSON object")
     if (m := _POSITION.search(str(exc))) is not None:
@@ -291,6 +291,14 @@ def _malformed(raw: bytes, exc: Exception) -> InvalidEvent:
                                               "or null (leave the field out) for none",
                                 key.group(1).decode("utf-8", "replace") if key else None)
     return InvalidEvent("malformed_json", f"the value is not valid JSON: {exc}")
+
+
+def _check_utf8(raw: bytes) -> None:
+    if not raw.isascii():
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as uexc:
+            raise InvalidEvent("not_utf8", f"the value is not UTF-8 text (bad byte at position {uexc.start}); events are UTF-8 JSON") from None
 
 
 def _check_bounds(event: Event, bounds: Bounds, now_ms: int | None) -> None:
@@ -337,17 +345,13 @@ def decode_event(raw: bytes | bytearray | memoryview | None, bounds: Bounds = DE
     try:
         event = _event_decoder.decode(raw)
     except msgspec.ValidationError as exc:
+        _check_utf8(raw)  # a bad byte in a key looks like a missing field to msgspec; the encoding comes first
         raise _invalid_from_validation(str(exc)) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise _malformed(raw, exc) from None
     except RecursionError:  # deeper than the interpreter's stack, under a lowered max_depth: cannot happen at MAX_DEPTH
         raise InvalidEvent("too_deep", f"the value nests arrays and objects too deep; at most {bounds.max_depth} levels are accepted") from None
-    # msgspec skips unknown fields without checking their text; the whole value must be UTF-8
-    if not raw.isascii():
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as uexc:
-            raise InvalidEvent("not_utf8", f"the value is not UTF-8 text (bad byte at position {uexc.start}); events are UTF-8 JSON") from None
+    _check_utf8(raw)  # msgspec skips unknown fields without checking their text; the whole value must be UTF-8
     if now_ms is not None or bounds is not DEFAULT_BOUNDS:
         _check_bounds(event, bounds, now_ms)
     return event

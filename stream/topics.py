@@ -181,7 +181,10 @@ def committed_offsets(bootstrap: str, group_id: str, timeout_s: float = 10.0) ->
     """The consumer group's committed offsets, ``(topic, partition) -> next offset to read``."""
     admin = _connected_admin(bootstrap, timeout_s)
     try:
-        offsets = admin.list_consumer_group_offsets(group_id)
+        if hasattr(admin, "list_group_offsets"):  # kafka-python 3
+            offsets = admin.list_group_offsets(group_id).get(group_id, {})
+        else:  # kafka-python 2
+            offsets = admin.list_consumer_group_offsets(group_id)
     except KafkaError as exc:
         raise _unavailable(bootstrap, timeout_s, exc) from None
     finally:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -40,6 +41,7 @@ import redis
 from kafka import KafkaAdminClient
 
 from stream.topics import ensure_topics
+from workerkit import WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 KAFKA_SH = ROOT / "deploy" / "kafka" / "kafka.sh"
@@ -133,6 +135,7 @@ class LocalService:
     args: list[str]
     data_dir: Path
     log: Path
+    address: str = ""  # its bootstrap (Kafka) or URL (Redis)
 
     def _run(self, command: str, timeout: float) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -155,15 +158,20 @@ class LocalService:
             )
 
     def stop(self) -> None:
+        if self.halt():
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def halt(self) -> bool:
+        """Stop the server and keep its data (a later ``start`` brings it back as it was)."""
         try:
             done = self._run("stop", STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             print(f"\nwarning: {self.name} in {self.data_dir} did not stop in {STOP_TIMEOUT_S} s")
-            return
+            return False
         if done.returncode != 0:
             print(f"\nwarning: stopping {self.name} failed:\n{done.stdout}{done.stderr}")
-            return
-        shutil.rmtree(self.data_dir, ignore_errors=True)
+            return False
+        return True
 
     def _fail(self, what: str, output: str) -> None:
         where = (
@@ -234,6 +242,58 @@ def redis_url() -> Iterator[str]:
         server.stop()
 
 
+def _private_kafka(name: str) -> LocalService:
+    port, controller_port = free_ports(2)
+    data_dir = RUN_DIR / f"test-kafka-{name}-{os.getpid()}-{port}"
+    broker = LocalService(
+        name=f"a private Kafka broker on 127.0.0.1:{port}",
+        script=KAFKA_SH,
+        args=[f"--port={port}", f"--controller-port={controller_port}", f"--data-dir={data_dir}",
+              f"--watch-pid={os.getpid()}"],
+        data_dir=data_dir,
+        log=data_dir / "kafka.log",
+        address=f"127.0.0.1:{port}",
+    )
+    return broker
+
+
+def _private_redis(name: str) -> LocalService:
+    (port,) = free_ports(1)
+    data_dir = RUN_DIR / f"test-redis-{name}-{os.getpid()}-{port}"
+    server = LocalService(
+        name=f"a private Redis server on 127.0.0.1:{port}",
+        script=REDIS_SH,
+        args=[f"--port={port}", f"--data-dir={data_dir}"],
+        data_dir=data_dir,
+        log=data_dir / "redis.log",
+        address=f"redis://127.0.0.1:{port}/0",
+    )
+    return server
+
+
+@pytest.fixture
+def private_kafka() -> Iterator[LocalService]:
+    """A broker of this test alone (``.address`` is its bootstrap), which it may stop (``halt``)
+    and start again without disturbing the other tests."""
+    broker = _private_kafka("own")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[LocalService]:
+    """A Redis server of this test alone (``.address`` is its URL), to stop and start again."""
+    server = _private_redis("own")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def service_env(kafka_bootstrap: str, redis_url: str) -> dict[str, str]:
     return {"STREAMREC_KAFKA_BOOTSTRAP": kafka_bootstrap, "STREAMREC_REDIS_URL": redis_url}
@@ -295,3 +355,22 @@ def worker_env(service_env, topic_prefix, tmp_path) -> dict[str, str]:
     })
     ensure_topics(service_env["STREAMREC_KAFKA_BOOTSTRAP"], [f"{topic_prefix}{t}" for t in ("clicks", "purchases", "recommendations", "dlq")], 2)
     return env
+
+
+@pytest.fixture
+def workers(worker_env, tmp_path):
+    """``start(**env) -> WorkerProcess``: a `streamrec worker` on this test's topics (with
+    ``metrics=True`` its /metrics and /readyz on a free port; other keywords set environment
+    variables); every one still running is killed after the test."""
+    started: list[WorkerProcess] = []
+
+    def start(metrics: bool = False, **env: str) -> WorkerProcess:
+        w = WorkerProcess({**worker_env, **env}, tmp_path / f"worker-{len(started)}.log",
+                          metrics_port=free_ports(1)[0] if metrics else None).start()
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        if w.proc is not None and w.proc.poll() is None:
+            w.stop(signal.SIGKILL)

@@ -6,18 +6,14 @@ letters come out of the real topics; user state is read back from the real Redis
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 import redis
-from kafka import KafkaConsumer, KafkaProducer
+from workerkit import WorkerProcess, consume_until, produce, user_doc
 
 from online_models import Recommender
 from online_models.datasets import synthetic_interactions
@@ -29,95 +25,12 @@ from stream.records import (
     encode,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-class WorkerProcess:
-    """A `streamrec worker` subprocess with its own log file."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.env = env
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> WorkerProcess:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], cwd=ROOT, env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        return self
-
-    def log_tail(self, n: int = 40) -> str:
-        lines = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(lines[-n:])
-
-    def assert_alive(self) -> None:
-        assert self.proc is not None and self.proc.poll() is None, f"worker exited:\n{self.log_tail()}"
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            raise AssertionError(f"worker did not stop within {timeout}s of {signal.Signals(sig).name}:\n{self.log_tail()}") from None
-
-
-@pytest.fixture
-def workers(worker_env, tmp_path):
-    started: list[WorkerProcess] = []
-
-    def start() -> WorkerProcess:
-        w = WorkerProcess(worker_env, tmp_path / f"worker-{len(started)}.log").start()
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        if w.proc is not None and w.proc.poll() is None:
-            w.stop(signal.SIGKILL)
-
-
-def produce(bootstrap: str, prefix: str, items: list[tuple[str, bytes | None, bytes]]) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
-    for topic, key, value in items:
-        producer.send(f"{prefix}{topic}", key=key, value=value)
-    producer.flush()
-    producer.close()
-
 
 def as_record(x, index: int) -> tuple[str, bytes, bytes]:
     cls, topic = (PurchaseEvent, "purchases") if x.kind == "purchase" else (ClickEvent, "clicks")
     ev = cls(event_id=f"ev-{index}", user_id=x.user_id, item_id=x.item_id, ts=x.ts, category_id=x.category_id,
              session_id=x.session_id)
     return topic, x.user_id.encode(), encode(ev)
-
-
-def consume_until(bootstrap: str, topic: str, done, timeout: float, worker: WorkerProcess | None = None) -> list[bytes]:
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             enable_auto_commit=False, consumer_timeout_ms=500, group_id=None)
-    values: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            for msg in consumer:
-                values.append(msg.value)
-            if done(values):
-                return values
-            if worker is not None:
-                worker.assert_alive()
-    finally:
-        consumer.close()
-    raise AssertionError(f"timed out after {timeout}s on {topic} with {len(values)} messages"
-                         + (f"\nworker log:\n{worker.log_tail()}" if worker else ""))
-
-
-def user_doc(client: redis.Redis, prefix: str, user: str) -> dict | None:
-    raw = client.get(f"{prefix}user:{user}")
-    return json.loads(raw) if raw else None
 
 
 def test_every_user_gets_recommendations_without_purchased_items(worker_env, workers, topic_prefix):

@@ -546,3 +546,33 @@ def test_recommendation_schema_agrees_with_its_decoder(value):
 @given(_mutated(LETTER))
 def test_dead_letter_schema_agrees_with_its_decoder(value):
     assert _validator("dead_letter.json").is_valid(value) == _decodes(decode_dead_letter, value)
+
+
+# --- the malformed corpus of the integration tests ---------------------------------------
+
+def _malformed_corpus():
+    import importlib.util
+    import sys
+    import time
+
+    path = Path(__file__).resolve().parents[1] / "integration" / "malformed.py"
+    spec = importlib.util.spec_from_file_location("malformed_corpus", path)
+    module = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(module)
+    now = time.time_ns() // 1_000_000
+    return now, module.corpus([f"user{i}" for i in range(15)], now, n_generated=1000, seed=7)
+
+
+def test_every_value_of_the_malformed_corpus_gets_the_code_it_expects():
+    now, values = _malformed_corpus()
+    assert len(values) >= 1000
+    wrong = []
+    for bad in values:
+        try:
+            decode_event(bad.value, now_ms=now)
+            wrong.append((bad.what, "accepted"))
+        except InvalidEvent as err:
+            if err.code != bad.code:
+                wrong.append((bad.what, bad.code, err.code, err.reason))
+    assert not wrong
+    assert {bad.code for bad in values} == ERROR_CODES  # every rule of the decoder is exercised

@@ -1,0 +1,189 @@
+"""Faults, against the real servers: Redis or the broker gone for 20 s mid-stream, a dead-letter
+topic that refuses writes, a registry that holds only a corrupt model, a user document that
+does not decode. Each time the worker stays alive, says unready while it cannot make progress,
+and in the end every event is applied exactly once."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+import redis
+from kafka import KafkaAdminClient
+from kafka.admin import ConfigResource, ConfigResourceType
+from workerkit import (
+    Feeder,
+    all_committed,
+    applied_counts,
+    committed_and_end,
+    exactly_once,
+    produce,
+    read_all,
+    synthetic_records,
+    user_doc,
+    wait_for,
+)
+
+from stream.records import ClickEvent, decode_dead_letter, decode_recommendation, encode
+from stream.topics import ensure_topics
+
+OUTAGE_S = 20
+
+
+def _ready(worker) -> bool:
+    return worker.http("/readyz")[0] == 200
+
+
+def _unready(worker) -> str | None:
+    status, body = worker.http("/readyz")
+    return body if status == 503 else None
+
+
+def test_redis_gone_for_20_s_mid_stream(worker_env, workers, topic_prefix, private_redis):
+    env = {"STREAMREC_REDIS_URL": private_redis.address}
+    records, expected = synthetic_records(3000, seed=21)
+    worker = workers(metrics=True, **env)
+    wait_for(lambda: _ready(worker), 90, "the worker to be ready", worker)
+    feeder = Feeder(worker_env["STREAMREC_KAFKA_BOOTSTRAP"], topic_prefix, records, rate=100)
+    feeder.start()
+    client = redis.Redis.from_url(private_redis.address)
+    try:
+        wait_for(lambda: sum(applied_counts(client, topic_prefix, expected).values()) > 300, 60,
+                 "events to flow", worker)
+        private_redis.halt()
+        stopped = time.monotonic()
+        body = wait_for(lambda: _unready(worker), 10, "/readyz to answer 503 within 10 s", worker)
+        assert "redis: FAIL" in body or "state: FAIL" in body, body
+        while time.monotonic() - stopped < OUTAGE_S:
+            worker.assert_alive()
+            assert _unready(worker), "ready while Redis is gone"
+            time.sleep(1)
+        private_redis.start()
+        feeder.finish()
+        wait_for(lambda: exactly_once(client, topic_prefix, expected), 180, "every event applied exactly once", worker)
+        wait_for(lambda: _ready(worker), 30, "the worker to be ready again", worker)
+        assert worker.metric("streamrec_redis_errors_total", op="load") + worker.metric("streamrec_redis_errors_total", op="save") > 0
+    finally:
+        client.close()
+    assert worker.agent_restarts() == []
+    assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()
+
+
+# kafka-python's producer (the site's feeder here, not the worker) leaves the sockets of its failed
+# connection attempts to the stopped broker to the garbage collector
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_the_broker_gone_for_20_s_mid_stream(worker_env, workers, topic_prefix, private_kafka, redis_client):
+    bootstrap = private_kafka.address
+    ensure_topics(bootstrap, [f"{topic_prefix}{t}" for t in ("clicks", "purchases", "recommendations", "dlq")], 2)
+    records, expected = synthetic_records(3000, seed=22)
+    worker = workers(metrics=True, STREAMREC_KAFKA_BOOTSTRAP=bootstrap)
+    wait_for(lambda: _ready(worker), 90, "the worker to be ready", worker)
+    feeder = Feeder(bootstrap, topic_prefix, records, rate=100)
+    feeder.start()
+    wait_for(lambda: sum(applied_counts(redis_client, topic_prefix, expected).values()) > 300, 60,
+             "events to flow", worker)
+    private_kafka.halt()
+    stopped = time.monotonic()
+    body = wait_for(lambda: _unready(worker), 10, "/readyz to answer 503 once the broker is gone", worker)
+    assert "kafka: FAIL" in body, body
+    while time.monotonic() - stopped < OUTAGE_S:
+        worker.assert_alive()
+        assert _unready(worker), "ready while the broker is gone"
+        time.sleep(1)
+    private_kafka.start()
+    feeder.finish()
+    wait_for(lambda: exactly_once(redis_client, topic_prefix, expected), 240, "every event applied exactly once", worker)
+    wait_for(lambda: _ready(worker), 60, "the worker to be ready again", worker)
+    assert worker.agent_restarts() == []
+    assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()
+
+
+def _set_topic_config(bootstrap: str, topic: str, **config: str) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="streamrec-tests")
+    try:
+        admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs=config)])
+    finally:
+        admin.close()
+
+
+def test_a_dead_letter_topic_that_refuses_writes_holds_the_stream_until_it_takes_them(worker_env, workers, topic_prefix,
+                                                                                      redis_client):
+    bootstrap = worker_env["STREAMREC_KAFKA_BOOTSTRAP"]
+    dlq = f"{topic_prefix}dlq"
+    worker = workers(metrics=True)
+    wait_for(lambda: _ready(worker), 90, "the worker to be ready", worker)
+    _set_topic_config(bootstrap, dlq, **{"max.message.bytes": "200"})  # no dead letter fits
+    now = time.time_ns() // 1_000_000
+    before = [ClickEvent(event_id=f"a{i}", user_id="solo", item_id=f"i{i}", ts=now + i) for i in range(5)]
+    after = [ClickEvent(event_id=f"b{i}", user_id="solo", item_id=f"j{i}", ts=now + 10 + i) for i in range(5)]
+    positions = produce(bootstrap, topic_prefix, [("clicks", b"solo", encode(e)) for e in before])
+    wait_for(lambda: (d := user_doc(redis_client, topic_prefix, "solo")) and d["clicks"] == 5, 60, "the first events", worker)
+    (bad_at,) = produce(bootstrap, topic_prefix, [("clicks", b"solo", b'{"event_id": "x", "type": "cli')])
+    produce(bootstrap, topic_prefix, [("clicks", b"solo", encode(e)) for e in after])
+    body = wait_for(lambda: _unready(worker), 30, "/readyz to say why it is stuck", worker)
+    assert "output: FAIL" in body and dlq in body, body
+    wait_for(lambda: worker.metric("streamrec_output_blocked") == 1, 15, "streamrec_output_blocked to be 1", worker)
+    # retried for a while (back-off 50 ms, 100, 200, ...: over several 1 s commit intervals), and
+    # nothing after the dead letter was committed meanwhile
+    wait_for(lambda: worker.metric("streamrec_kafka_errors_total", op="publish") >= 6, 30, "publishing to be retried", worker)
+    committed, _ = committed_and_end(bootstrap, worker_env["STREAMREC_APP_ID"], [f"{topic_prefix}clicks"])
+    topic, partition, offset = bad_at
+    assert committed.get((topic, partition), 0) <= offset, (committed, bad_at)
+    assert user_doc(redis_client, topic_prefix, "solo")["clicks"] == 5  # its batch holds the rest back
+    assert positions[-1][2] < offset
+    _set_topic_config(bootstrap, dlq, **{"max.message.bytes": "1048588"})
+    wait_for(lambda: (d := user_doc(redis_client, topic_prefix, "solo")) and d["clicks"] == 10, 60,
+             "the rest once the dead letter is written", worker)
+    letters = [decode_dead_letter(r.value) for r in read_all(bootstrap, dlq)]
+    assert [(d.code, d.offset) for d in letters] == [("malformed_json", offset)]
+    wait_for(lambda: _ready(worker), 30, "the worker to be ready again", worker)
+    wait_for(lambda: worker.metric("streamrec_output_blocked") == 0, 15, "streamrec_output_blocked back to 0", worker)
+    wait_for(lambda: all_committed(bootstrap, worker_env["STREAMREC_APP_ID"], [f"{topic_prefix}clicks"]), 30,
+             "everything committed", worker)
+    assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()
+
+
+def test_a_registry_with_only_a_corrupt_model_ranks_with_the_online_models(worker_env, workers, topic_prefix, tmp_path):
+    models = tmp_path / "corrupt-models"
+    version = models / "v0001"
+    version.mkdir(parents=True)
+    (version / "model.onnx").write_bytes(b"this is not an ONNX graph")
+    (version / "vocab.json").write_text("{}")
+    (version / "manifest.json").write_text(json.dumps({"format": "streamrec-scorer/1", "version": "v0001"}))
+    (models / "CURRENT").write_text("v0001\n")
+    worker = workers(metrics=True, STREAMREC_MODEL_DIR=str(models))
+    wait_for(lambda: _ready(worker), 90, "the worker to start and be ready", worker)
+    records, expected = synthetic_records(300, seed=23, n_users=20)
+    produce(worker_env["STREAMREC_KAFKA_BOOTSTRAP"], topic_prefix, records)
+    recs = wait_for(lambda: [decode_recommendation(r.value) for r in read_all(worker_env["STREAMREC_KAFKA_BOOTSTRAP"],
+                                                                               f"{topic_prefix}recommendations")]
+                    if len(read_all(worker_env["STREAMREC_KAFKA_BOOTSTRAP"], f"{topic_prefix}recommendations")) >= 20 else None,
+                    90, "recommendations", worker)
+    assert all(r.model["transformer"] == "none" for r in recs) and any(r.items for r in recs)
+    assert worker.metric("streamrec_scorer_reload_failures_total") == 1
+    assert "refused version v0001" in worker.log_text()
+    # more events, and the reload timer ticks meanwhile (every 5 s): the refused version is counted once
+    later, more = synthetic_records(300, seed=24, n_users=20)
+    produce(worker_env["STREAMREC_KAFKA_BOOTSTRAP"], topic_prefix, later)
+    wait_for(lambda: worker.metric("streamrec_events_consumed_total", type="click")
+             + worker.metric("streamrec_events_consumed_total", type="purchase") >= 600, 60, "the later events", worker)
+    wait_for(lambda: "Timer reload_scorer" in worker.log_text() or worker.metric("streamrec_batch_size_events_count") > 0,
+             30, "the worker to have run a while", worker)
+    assert worker.metric("streamrec_scorer_reload_failures_total") == 1
+    assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()
+
+
+def test_a_user_document_that_does_not_decode_starts_the_user_afresh(worker_env, workers, topic_prefix, redis_client):
+    redis_client.set(f"{topic_prefix}user:broken", b'{"user_id": "broken", "clicks": "many"')
+    worker = workers(metrics=True)
+    now = time.time_ns() // 1_000_000
+    events = [ClickEvent(event_id=f"e{i}", user_id=u, item_id=f"i{i}", ts=now + i)
+              for i, u in enumerate(["broken", "fine", "broken", "fine", "broken"])]
+    produce(worker_env["STREAMREC_KAFKA_BOOTSTRAP"], topic_prefix, [("clicks", e.user_id.encode(), encode(e)) for e in events])
+    wait_for(lambda: exactly_once(redis_client, topic_prefix, {"broken": 3, "fine": 2}), 60, "both users' events", worker)
+    assert worker.metric("streamrec_states_rebuilt_total") >= 1
+    assert "does not decode" in worker.log_text()
+    assert worker.agent_restarts() == []
+    assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()

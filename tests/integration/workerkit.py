@@ -1,0 +1,258 @@
+"""What the integration tests share to drive real `streamrec worker` processes: start and stop
+one, read its /readyz and /metrics, produce to and consume from the real topics, read user
+state and committed offsets back, and wait for a condition (never for a fixed time)."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from stream.topics import committed_offsets
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WorkerProcess:
+    """A `streamrec worker` subprocess with its own log file (and /metrics, /readyz on
+    ``metrics_port`` when one is given)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, metrics_port: int | None = None) -> None:
+        self.env = dict(env)
+        if metrics_port is not None:
+            self.env["STREAMREC_METRICS_PORT"] = str(metrics_port)
+        self.metrics_port = metrics_port
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> WorkerProcess:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], cwd=ROOT, env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+    def assert_alive(self) -> None:
+        assert self.proc is not None and self.proc.poll() is None, f"worker exited:\n{self.log_tail()}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"worker did not stop within {timeout}s of {signal.Signals(sig).name}:\n{self.log_tail()}") from None
+
+    def http(self, path: str) -> tuple[int, str]:
+        """(status, body) of GET ``path`` on the worker's metrics port (0, why: no answer)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=3) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as err:
+            body = err.read().decode()
+            err.close()
+            return err.code, body
+        except OSError as exc:
+            return 0, str(exc)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample of /metrics (0 when absent)."""
+        _, body = self.http("/metrics")
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        pattern = re.compile(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", re.M)
+        for found_labels, value in pattern.findall(body):
+            if ",".join(sorted(found_labels.split(","))) == want or (not want and not found_labels):
+                return float(value)
+        return 0.0
+
+    def agent_restarts(self) -> list[str]:
+        """Log lines where Faust's supervisor restarted (or saw a crash of) the agent."""
+        return [line for line in self.log_text().splitlines()
+                if re.search(r"(?i)restarting|crashed|supervisor.*restart|Agent.*(died|crash)", line)]
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str, worker: WorkerProcess | None = None,
+              every: float = 0.25):
+    """Poll ``condition`` until it returns something true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = condition()
+        if got:
+            return got
+        if worker is not None:
+            worker.assert_alive()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}"
+                                 + (f"\nworker log:\n{worker.log_tail()}" if worker else ""))
+        time.sleep(every)
+
+
+def produce(bootstrap: str, prefix: str, items: list[tuple[str, bytes | None, bytes | None]]) -> list[tuple[str, int, int]]:
+    """Write ``(topic, key, value)`` (topic without the prefix) as a site would; returns each
+    record's ``(topic, partition, offset)``."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all", max_request_size=2 * 1024 * 1024)
+    try:
+        futures = [producer.send(f"{prefix}{topic}", key=key, value=value) for topic, key, value in items]
+        producer.flush()
+        return [(m.topic, m.partition, m.offset) for m in (f.get(30) for f in futures)]
+    finally:
+        producer.close()
+
+
+def consume_until(bootstrap: str, topic: str, done, timeout: float, worker: WorkerProcess | None = None) -> list[bytes]:
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, consumer_timeout_ms=500, group_id=None)
+    values: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            for msg in consumer:
+                values.append(msg.value)
+            if done(values):
+                return values
+            if worker is not None:
+                worker.assert_alive()
+    finally:
+        consumer.close()
+    raise AssertionError(f"timed out after {timeout}s on {topic} with {len(values)} messages"
+                         + (f"\nworker log:\n{worker.log_tail()}" if worker else ""))
+
+
+def read_all(bootstrap: str, topic: str) -> list:
+    """Every record of ``topic`` as it is now (kafka-python ConsumerRecords)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    try:
+        parts = [TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or [])]
+        if not parts:
+            return []
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        ends = consumer.end_offsets(parts)
+        out = []
+        while any(consumer.position(tp) < ends[tp] for tp in parts):
+            for records in consumer.poll(timeout_ms=1000).values():
+                out.extend(records)
+        return out
+    finally:
+        consumer.close()
+
+
+def user_doc(client: redis.Redis, prefix: str, user: str) -> dict | None:
+    """The user's state document as JSON (None: none yet, or one that does not decode)."""
+    raw = client.get(f"{prefix}user:{user}")
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def applied_counts(client: redis.Redis, prefix: str, users) -> dict[str, int]:
+    """Events applied to each user's state (clicks + purchases), 0 for a user with none."""
+    out = {}
+    for u in users:
+        d = user_doc(client, prefix, u)
+        out[u] = (d["clicks"] + d["purchases"]) if d else 0
+    return out
+
+
+def committed_and_end(bootstrap: str, group: str, topics: list[str]) -> tuple[dict, dict]:
+    """The group's committed offsets and the end offsets of every partition of ``topics``."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    try:
+        committed = committed_offsets(bootstrap, group)
+        parts = [TopicPartition(t, p) for t in topics for p in (consumer.partitions_for_topic(t) or [])]
+        ends = {(tp.topic, tp.partition): off for tp, off in consumer.end_offsets(parts).items()}
+    finally:
+        consumer.close()
+    return committed, ends
+
+
+def all_committed(bootstrap: str, group: str, topics: list[str]) -> bool:
+    committed, ends = committed_and_end(bootstrap, group, topics)
+    return all(committed.get(tp, 0) == end for tp, end in ends.items())
+
+
+class Feeder(threading.Thread):
+    """Writes ``records`` ``(topic, key, value)`` at about ``rate`` per second from a thread,
+    as a site keeps sending while the test breaks things; a send the broker cannot take
+    yet (it is stopped) waits and goes through once it is back."""
+
+    def __init__(self, bootstrap: str, prefix: str, records: list[tuple[str, bytes | None, bytes | None]],
+                 rate: float) -> None:
+        super().__init__(daemon=True)
+        self.bootstrap, self.prefix, self.records, self.rate = bootstrap, prefix, records, rate
+        self.sent = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        producer = KafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5, acks="all", retries=2**31 - 1,
+                                 max_block_ms=180_000, delivery_timeout_ms=300_000, request_timeout_ms=10_000,
+                                 reconnect_backoff_max_ms=1000)
+        try:
+            step = max(1, int(self.rate / 20))  # bursts every 50 ms
+            for at in range(0, len(self.records), step):
+                for topic, key, value in self.records[at:at + step]:
+                    producer.send(f"{self.prefix}{topic}", key=key, value=value)
+                self.sent = min(len(self.records), at + step)
+                time.sleep(step / self.rate)
+            producer.flush(300)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+        finally:
+            producer.close(30)
+
+    def finish(self, timeout: float = 300) -> None:
+        self.join(timeout)
+        assert not self.is_alive(), "the feeder did not finish"
+        assert self.error is None, f"the feeder failed: {self.error!r}"
+
+
+def synthetic_records(n: int, seed: int, n_users: int = 80) -> tuple[list[tuple[str, bytes, bytes]], dict[str, int]]:
+    """``n`` synthetic events as records, and how many each user has."""
+    from online_models.datasets import synthetic_interactions
+    from stream.records import ClickEvent, PurchaseEvent, encode
+
+    records, expected = [], {}
+    for i, x in enumerate(synthetic_interactions(n_events=n, n_users=n_users, n_items=400, seed=seed)):
+        cls, topic = (PurchaseEvent, "purchases") if x.kind == "purchase" else (ClickEvent, "clicks")
+        ev = cls(event_id=f"ev-{seed}-{i}", user_id=x.user_id, item_id=x.item_id, ts=x.ts,
+                 category_id=x.category_id, session_id=x.session_id)
+        records.append((topic, x.user_id.encode(), encode(ev)))
+        expected[x.user_id] = expected.get(x.user_id, 0) + 1
+    return records, expected
+
+
+def exactly_once(client: redis.Redis, prefix: str, expected: dict[str, int]) -> bool:
+    """True once every user's state holds their events exactly once; fails at once if any
+    user holds more than were sent (applied twice)."""
+    counts = applied_counts(client, prefix, expected)
+    twice = {u: (counts[u], n) for u, n in expected.items() if counts[u] > n}
+    assert not twice, f"events applied twice (applied, sent): {twice}"
+    return counts == expected
