@@ -85,6 +85,14 @@ class _ItemScores(OnlineLearner):
             self._refresh_pool()
         elif idx not in self._pool and self._scores[idx] >= self._pool_floor:
             self._pool[idx] = None
+        cached = self._proposed
+        if cached is not None and self.n_learned % max(1, self.reuse_proposals) == 0:
+            # renewed here, at every reuse_proposals-th event learned, rather than by the next
+            # ranking: the proposals then depend on what was learned, not on when lists were
+            # asked for (a restart that learns the events its snapshot missed, without ranking
+            # in between, proposes what an uninterrupted run proposes)
+            proposed = self._propose(cached[1])
+            self._proposed = (self.n_learned, cached[1], proposed, [item for item, _ in proposed])
 
     def _refresh_pool(self) -> None:
         n = len(self._items)

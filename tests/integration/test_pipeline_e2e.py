@@ -7,13 +7,12 @@ letters come out of the real topics; user state is read back from the real Redis
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections import defaultdict
 
 import pytest
 import redis
-from workerkit import WorkerProcess, consume_until, produce, user_doc
+from workerkit import FlowingFeed, consume_until, produce, user_doc
 
 from online_models import Recommender
 from online_models.datasets import synthetic_interactions
@@ -133,53 +132,8 @@ def test_a_redelivered_event_is_applied_once(worker_env, workers, topic_prefix):
     assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()
 
 
-class FlowingStream:
-    """6,000 synthetic events of 150 users: the first 250 at once, then 250 every 0.5 s from a
-    thread, so events keep flowing while workers come and go."""
-
-    def __init__(self, bootstrap: str, prefix: str, seed: int) -> None:
-        self.bootstrap, self.prefix = bootstrap, prefix
-        self.events = list(synthetic_interactions(n_events=6000, n_users=150, n_items=500, seed=seed))
-        self.expected: dict[str, int] = defaultdict(int)
-        for x in self.events:
-            self.expected[x.user_id] += 1
-        self.records = [as_record(x, i) for i, x in enumerate(self.events)]
-        self.feeder = threading.Thread(target=self._produce_slowly, daemon=True)
-
-    def _produce_slowly(self) -> None:
-        for start in range(250, len(self.records), 250):
-            produce(self.bootstrap, self.prefix, self.records[start:start + 250])
-            time.sleep(0.5)
-
-    def start(self, worker: WorkerProcess) -> None:
-        """The first events, then the rest flowing, once ``worker`` is up and publishing."""
-        produce(self.bootstrap, self.prefix, self.records[:250])
-        consume_until(self.bootstrap, f"{self.prefix}recommendations", lambda v: len(v) >= 20, 120, worker)
-        self.feeder.start()
-
-    def applied(self, client: redis.Redis) -> dict[str, int]:
-        docs = {u: user_doc(client, self.prefix, u) for u in self.expected}
-        return {u: (d["clicks"] + d["purchases"]) if d else 0 for u, d in docs.items()}
-
-    def wait_until_all_applied(self, client: redis.Redis, worker: WorkerProcess) -> None:
-        """Every event applied exactly once: never more than sent, in the end exactly that."""
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            counts = self.applied(client)
-            if counts == dict(self.expected):
-                break
-            twice = {u: (counts[u], n) for u, n in self.expected.items() if counts[u] > n}
-            assert not twice, f"events applied twice (applied, sent): {twice}"
-            worker.assert_alive()
-            time.sleep(1)
-        self.feeder.join(60)
-        counts = self.applied(client)
-        assert counts == dict(self.expected), (
-            f"events lost: {sum(self.expected.values()) - sum(counts.values())}\n{worker.log_tail()}")
-
-
 def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(worker_env, workers, topic_prefix):
-    flow = FlowingStream(worker_env["STREAMREC_KAFKA_BOOTSTRAP"], topic_prefix, seed=11)
+    flow = FlowingFeed(worker_env["STREAMREC_KAFKA_BOOTSTRAP"], topic_prefix, seed=11)
     first = workers()
     flow.start(first)  # the worker is up and running: now stream, and kill it mid-way
     time.sleep(3)
@@ -199,7 +153,7 @@ def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(worker_env, 
 def test_a_worker_joining_and_one_leaving_mid_stream_loses_nothing_and_applies_nothing_twice(worker_env, workers, topic_prefix):
     """Two rebalances while events flow: a second worker joins (the partitions are split), then
     the first stops with SIGTERM (the second takes them all). Every event is applied exactly once."""
-    flow = FlowingStream(worker_env["STREAMREC_KAFKA_BOOTSTRAP"], topic_prefix, seed=13)
+    flow = FlowingFeed(worker_env["STREAMREC_KAFKA_BOOTSTRAP"], topic_prefix, seed=13)
     first = workers()
     flow.start(first)
     time.sleep(2)

@@ -210,6 +210,7 @@ class Feeder(threading.Thread):
         self.bootstrap, self.prefix, self.records, self.rate = bootstrap, prefix, records, rate
         self.sent = 0
         self.error: BaseException | None = None
+        self._halt = threading.Event()
 
     def run(self) -> None:
         producer = KafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5, acks="all", retries=2**31 - 1,
@@ -218,15 +219,22 @@ class Feeder(threading.Thread):
         try:
             step = max(1, int(self.rate / 20))  # bursts every 50 ms
             for at in range(0, len(self.records), step):
+                if self._halt.is_set():
+                    return
                 for topic, key, value in self.records[at:at + step]:
                     producer.send(f"{self.prefix}{topic}", key=key, value=value)
                 self.sent = min(len(self.records), at + step)
-                time.sleep(step / self.rate)
+                self._halt.wait(step / self.rate)
             producer.flush(300)
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
         finally:
-            producer.close(30)
+            producer.close(0 if self._halt.is_set() else 30)
+
+    def stop(self) -> None:
+        """Stop sending (a test that failed half-way)."""
+        self._halt.set()
+        self.join(60)
 
     def finish(self, timeout: float = 300) -> None:
         self.join(timeout)
@@ -256,3 +264,38 @@ def exactly_once(client: redis.Redis, prefix: str, expected: dict[str, int]) -> 
     twice = {u: (counts[u], n) for u, n in expected.items() if counts[u] > n}
     assert not twice, f"events applied twice (applied, sent): {twice}"
     return counts == expected
+
+
+class FlowingFeed:
+    """``n_events`` synthetic events of 150 users: the first 250 at once, then the rest at about
+    500 per second from a thread, so events keep flowing while workers come and go."""
+
+    def __init__(self, bootstrap: str, prefix: str, seed: int, n_events: int = 6000) -> None:
+        self.bootstrap, self.prefix = bootstrap, prefix
+        self.records, self.expected = synthetic_records(n_events, seed, n_users=150)
+        self.events = self.records
+        self.feeder = Feeder(bootstrap, prefix, self.records[250:], rate=500)
+
+    def start(self, worker: WorkerProcess) -> None:
+        """The first events, then the rest flowing, once ``worker`` is up and publishing."""
+        produce(self.bootstrap, self.prefix, self.records[:250])
+        consume_until(self.bootstrap, f"{self.prefix}recommendations", lambda v: len(v) >= 20, 120, worker)
+        self.feeder.start()
+
+    def applied(self, client: redis.Redis) -> dict[str, int]:
+        return applied_counts(client, self.prefix, self.expected)
+
+    def wait_until_all_applied(self, client: redis.Redis, worker: WorkerProcess, timeout: float = 180) -> None:
+        """Every event applied exactly once: never more than sent, in the end exactly that."""
+        wait_for(lambda: exactly_once(client, self.prefix, self.expected), timeout, "every event applied exactly once", worker)
+        self.finish()
+
+    def finish(self) -> None:
+        self.feeder.finish()
+
+    def __enter__(self) -> FlowingFeed:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.feeder.is_alive():
+            self.feeder.stop()
