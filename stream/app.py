@@ -374,7 +374,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
 
     @app.timer(interval=2.0)
     async def watch_lag_and_readiness():
-        await check_readiness(app, store, health, settings.kafka_bootstrap)
+        await check_readiness(app, store, health, settings.kafka_bootstrap, topics.inputs)
         await update_lag(app, lag, topics.inputs)
         lag.set_scorer(step.scorer)  # reads the manifest only when the scorer or its version changes
 

@@ -86,12 +86,14 @@ class Health:
         return alive and all(ok for ok, _ in conditions.values()), "\n".join(lines)
 
 
-async def check_readiness(app: Any, store: Any, health: Health, bootstrap: str | None = None) -> bool:
+async def check_readiness(app: Any, store: Any, health: Health, bootstrap: str | None = None,
+                          inputs: tuple[str, ...] | None = None) -> bool:
     """Refresh the ``kafka`` and ``redis`` conditions from a running worker (a Faust timer).
 
     With ``bootstrap``, ``kafka`` also needs a broker to answer a metadata request (a raw one,
     in a thread, at most 2 s): a consumer that joined its group keeps its assignment while the
-    brokers are gone, and cannot make progress meanwhile.
+    brokers are gone, and cannot make progress meanwhile. With ``inputs`` (topic names), the
+    detail counts the partitions of those topics only (Faust assigns a leader topic too).
     """
     try:
         await asyncio.wait_for(store.ping(), 5.0)
@@ -107,11 +109,15 @@ async def check_readiness(app: Any, store: Any, health: Health, bootstrap: str |
         health.set("kafka", False, "consumer has not joined its group yet")
     else:
         try:
-            n = len(app.consumer.assignment())
+            assignment = app.consumer.assignment()
         except Exception as exc:  # noqa: BLE001 - consumer not started
             health.set("kafka", False, f"consumer not started: {exc}")
         else:
-            health.set("kafka", True, f"in the group, {n} partitions assigned")
+            if inputs is None:
+                health.set("kafka", True, f"in the group, {len(assignment)} partitions assigned")
+            else:
+                n = sum(1 for tp in assignment if tp.topic in inputs)
+                health.set("kafka", True, f"in the group, {n} input partitions assigned")
     return health.readiness()[0]
 
 
