@@ -43,7 +43,8 @@ def worker(
 
     log = logging.getLogger("streamrec")
     log.info("settings: %s", settings)
-    created = ensure_topics(settings.kafka_bootstrap, settings.topics.all, settings.partitions)
+    created = ensure_topics(settings.kafka_bootstrap, settings.topics.all, settings.partitions,
+                           replication=settings.replication_factor, min_insync_replicas=settings.min_insync_replicas)
     if created:
         log.info("created topics %s with %d partitions", ", ".join(created), settings.partitions)
     from prometheus_client import REGISTRY

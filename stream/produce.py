@@ -321,7 +321,8 @@ def produce(
 
     from stream.topics import ensure_topics
 
-    ensure_topics(settings.kafka_bootstrap, topics.all, settings.partitions, timeout_s=30)
+    ensure_topics(settings.kafka_bootstrap, topics.all, settings.partitions, timeout_s=30,
+                  replication=settings.replication_factor, min_insync_replicas=settings.min_insync_replicas)
     tag = id_prefix if id_prefix is not None else source_tag(dataset, fmt, seed)
     summary = _run_with_progress(interactions, settings.kafka_bootstrap, topics, tag,
                                  rate, keep_ts, progress, total=n)

@@ -83,7 +83,8 @@ def tail(
     topic = settings.topics.dlq if dlq else settings.topics.recommendations
     from stream.topics import ensure_topics
 
-    ensure_topics(settings.kafka_bootstrap, settings.topics.all, settings.partitions, timeout_s=30)
+    ensure_topics(settings.kafka_bootstrap, settings.topics.all, settings.partitions, timeout_s=30,
+                  replication=settings.replication_factor, min_insync_replicas=settings.min_insync_replicas)
     try:
         consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, client_id="streamrec-tail", group_id=None,
                                  enable_auto_commit=False, bootstrap_timeout_ms=30_000)

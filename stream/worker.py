@@ -35,7 +35,15 @@ from stream.errors import InvalidEvent
 from stream.health import Health
 from stream.metrics import Metrics
 from stream.pipeline import LIVE_CUTOFFS, RecommendationStep, StepResult
-from stream.records import DEFAULT_BOUNDS, Bounds, DeadLetter, Event, dead_letter, decode_event, encode
+from stream.records import (
+    DEFAULT_BOUNDS,
+    Bounds,
+    DeadLetter,
+    Event,
+    dead_letter,
+    decode_event,
+    encode,
+)
 from stream.retry import Backoff
 from stream.settings import TopicNames
 from stream.state import Fenced, UserStateStore
@@ -131,7 +139,6 @@ class BatchHandler:
             self._count_dead(["processing_error"])
 
     async def handle(self, messages: Sequence[RawMessage]) -> None:
-        m = self.metrics
         clock = time.perf_counter
         t0 = clock()
         now = now_ms()

@@ -39,9 +39,9 @@ from pathlib import Path
 import pytest
 import redis
 from kafka import KafkaAdminClient
+from workerkit import WorkerProcess
 
 from stream.topics import ensure_topics
-from workerkit import WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 KAFKA_SH = ROOT / "deploy" / "kafka" / "kafka.sh"

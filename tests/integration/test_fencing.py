@@ -16,9 +16,7 @@ import socket
 import threading
 import time
 
-import redis
 from workerkit import FlowingFeed, exactly_once, wait_for
-
 
 #: the commands a worker writes user state and claims with (its save script, SET, INCR, MULTI/EXEC)
 WRITES = {b"EVALSHA", b"EVAL", b"SET", b"INCR", b"MULTI", b"EXEC", b"DEL"}

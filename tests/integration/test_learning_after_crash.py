@@ -11,7 +11,15 @@ import time
 
 import pytest
 import redis
-from workerkit import FlowingFeed, WorkerProcess, all_committed, exactly_once, produce, read_all, wait_for
+from workerkit import (
+    FlowingFeed,
+    WorkerProcess,
+    all_committed,
+    exactly_once,
+    produce,
+    read_all,
+    wait_for,
+)
 
 from online_models import Recommender
 from online_models.datasets import synthetic_interactions

@@ -14,7 +14,13 @@ import redis
 from malformed import corpus
 from workerkit import all_committed, applied_counts, produce, read_all, user_doc, wait_for
 
-from stream.records import ClickEvent, PurchaseEvent, decode_dead_letter, decode_recommendation, encode
+from stream.records import (
+    ClickEvent,
+    PurchaseEvent,
+    decode_dead_letter,
+    decode_recommendation,
+    encode,
+)
 
 N_USERS = 15
 VALID_PER_USER = 8

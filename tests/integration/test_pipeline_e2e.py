@@ -10,7 +10,6 @@ import signal
 import time
 from collections import defaultdict
 
-import pytest
 import redis
 from workerkit import FlowingFeed, consume_until, produce, user_doc
 

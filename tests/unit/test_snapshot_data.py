@@ -11,8 +11,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from online_models import Recommender, RecommenderConfig, SnapshotError
-from online_models import codec
+from online_models import Recommender, RecommenderConfig, SnapshotError, codec
 from online_models.base import _MAGIC
 from online_models.datasets import synthetic_interactions
 
