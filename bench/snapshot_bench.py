@@ -1,11 +1,11 @@
-"""How long a snapshot of the online models stops the worker: pickled in-process, or in a fork.
+"""How long a snapshot of the online models stops the worker: written in-process, or in a fork.
 
     .venv/bin/python bench/snapshot_bench.py --dataset ../shared/data/taobao-userbehavior/UserBehavior_jason-wang1.csv --format taobao
 
 Trains the worker's default Recommender on the log (as the worker would after that many
 events), then alternates the two ways the worker can snapshot (stream/snapshots.py):
 ``snapshot()`` on the calling thread, which is how long the event loop stops; and
-``fork_call``, where the loop stops only for the fork and a child pickles. Prints both pauses,
+``fork_call``, where the loop stops only for the fork and a child encodes. Prints both pauses,
 the child's total time and the snapshot size.
 """
 
@@ -77,7 +77,7 @@ def main() -> None:
         return f"median {statistics.median(xs) * 1000:.1f} ms (" + ", ".join(f"{x * 1000:.1f}" for x in xs) + ")"
 
     print(f"snapshot: {size / 1e6:.1f} MB")
-    print(f"  pickled in-process: the worker stops for {ms(inline)}")
+    print(f"  written in-process: the worker stops for {ms(inline)}")
     print(f"  forked:             the worker stops for {ms(fork_pause)}; the child is done after {ms(child)}")
     print(f"  pause ratio in-process / fork: {statistics.median(inline) / statistics.median(fork_pause):.0f}x")
 

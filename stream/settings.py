@@ -83,7 +83,7 @@ class Settings:
     state_ttl_s: int = _env("STREAMREC_STATE_TTL_S", "2592000", "idle time after which a user's state expires (0: never)")
     session_timeout_s: int = _env("STREAMREC_KAFKA_SESSION_TIMEOUT_S", "30", "a worker that stops heartbeating is replaced after this long")
     snapshot_interval_s: int = _env("STREAMREC_SNAPSHOT_INTERVAL_S", "300", "how often the online models are snapshotted to Redis")
-    snapshot_fork: bool = _env("STREAMREC_SNAPSHOT_FORK", "true", "pickle the model snapshot in a forked child process, so the worker stops only for the fork (stream/snapshots.py); false: on the event loop")
+    snapshot_fork: bool = _env("STREAMREC_SNAPSHOT_FORK", "true", "write the model snapshot in a forked child process, so the worker stops only for the fork (stream/snapshots.py); false: on the event loop")
     gc_freeze: bool = _env("STREAMREC_GC_FREEZE", "true", "freeze what survives a young garbage collection, so the collector never walks the long-lived heap (short pauses; stream/gcpolicy.py)")
     log_level: str = _env("STREAMREC_LOG_LEVEL", "info", "debug, info, warning or error")
     max_future_s: int = _env("STREAMREC_MAX_FUTURE_S", "3600", "an event whose ts is further ahead of the worker's clock is dead-lettered (ts_out_of_window)")

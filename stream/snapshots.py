@@ -1,17 +1,17 @@
-"""Snapshot the online models without stopping the worker: pickle them in a forked child.
+"""Snapshot the online models without stopping the worker: encode them in a forked child.
 
-Pickling the models on the event loop stops the worker for as long as it takes, and that
-grows with the models: 370 ms for a model that learned the 110,300-event Taobao log, once
-every ``STREAMREC_SNAPSHOT_INTERVAL_S``. ``os.fork()`` instead copies the process's page
-tables (13 ms for the same model), and the child, which sees the models exactly as they were
-at the fork (copy-on-write), pickles them and writes them to Redis over its own connection
+Encoding the models (online_models/codec.py) on the event loop stops the worker for as long as
+it takes, and that grows with the models: 300 ms for a model that learned the 110,300-event
+Taobao log, once every ``STREAMREC_SNAPSHOT_INTERVAL_S``. ``os.fork()`` instead copies the
+process's page tables (5 ms for the same model), and the child, which sees the models exactly as
+they were at the fork (copy-on-write), encodes them and writes them to Redis over its own connection
 while the worker goes on. The parent polls for the child's exit without blocking.
 
 The child runs only ``work`` and leaves with ``os._exit``: no atexit handlers, no logging
 (another thread may have held the logging lock at the fork), no event loop. It ignores
 SIGINT, so a Ctrl-C to the terminal's process group stops the worker (which drains as
 usual) while an unfinished snapshot still completes. Where there is no ``os.fork`` (not
-POSIX) or ``STREAMREC_SNAPSHOT_FORK=false``, the caller pickles on the loop as before.
+POSIX) or ``STREAMREC_SNAPSHOT_FORK=false``, the caller encodes on the loop as before.
 
 >>> import tempfile, pathlib
 >>> path = pathlib.Path(tempfile.mkdtemp()) / "out"
