@@ -239,6 +239,42 @@ class OnlineLearner(ParamsMixin, abc.ABC):
         return [ScoredItem(items[i], float(scores[i]), self.name) for i in order[:k]]
 
 
+class Recency:
+    """Keys (items, users) from the least to the most recently seen, held to ``capacity``.
+
+    ``touch(key)`` marks a key as just seen and returns the keys that fell out: once there are
+    more than ``capacity``, the least recently seen go at once, down to three quarters of it (so
+    a learner drops their rows in one pass now and then, not one key per event). The owner removes those keys from its own
+    tables, which are then bounded by ``capacity`` too.
+
+    >>> r = Recency(4)
+    >>> [r.touch(k) for k in "abcab"], r.touch("d"), r.touch("e")
+    ([[], [], [], [], []], [], ['c', 'a'])
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, saw {capacity!r}")
+        self.capacity = capacity
+        self._order: dict = {}
+
+    def touch(self, key) -> list:
+        order = self._order
+        order.pop(key, None)
+        order[key] = None
+        if len(order) <= self.capacity:
+            return []
+        drop = len(order) - max(1, (self.capacity * 3) // 4)
+        it = iter(order)
+        gone = [next(it) for _ in range(drop)]
+        for k in gone:
+            del order[k]
+        return gone
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
 def session_key(x: Interaction) -> str:
     """The session an interaction belongs to: its session id, else its user."""
     return x.session_id if x.session_id is not None else x.user_id
@@ -259,6 +295,7 @@ def learner_classes() -> list[type[OnlineLearner]]:
 __all__ = [
     "SNAPSHOT_FORMAT",
     "OnlineLearner",
+    "Recency",
     "SnapshotError",
     "dump_snapshot",
     "learner_classes",

@@ -6,7 +6,8 @@ each of them, ``a``, at distance ``d`` (1 = the item just before) with weight
 more. The pair is stored forward (``a -> b``, ``forward_weight``, what comes next) and
 backward (``b -> a``, ``backward_weight``). Each item keeps at most ``max_neighbors``
 neighbours (pruned to the heaviest when it reaches twice that), so memory is bounded by the
-catalogue; at most ``max_sessions`` session buffers are kept (least recently active go).
+catalogue; at most ``max_sessions`` session buffers are kept (least recently active go), and
+the neighbours of at most ``max_items`` items (the least recently seen go).
 
 Proposing: the user's most recent ``n_recent`` items are anchors, the newest weighing most
 (``recency_decay ** j`` for the j-th newest); a neighbour's score is the sum over anchors of
@@ -29,7 +30,7 @@ import heapq
 from collections.abc import Sequence
 from operator import itemgetter
 
-from online_models.base import OnlineLearner, session_key
+from online_models.base import OnlineLearner, Recency, session_key
 from online_models.types import Interaction, UserContext
 
 _CACHE_SIZE = 4096  # aggregates kept between learning steps (a worker's batch of users)
@@ -50,6 +51,7 @@ class CoVisitation(OnlineLearner):
         recency_decay: float = 0.6,
         normalize: bool = True,
         max_sessions: int = 100_000,
+        max_items: int = 200_000,
         seed: int = 0,
     ):
         self.window = window
@@ -62,11 +64,13 @@ class CoVisitation(OnlineLearner):
         self.recency_decay = recency_decay
         self.normalize = normalize
         self.max_sessions = max_sessions
+        self.max_items = max_items
         self.seed = seed  # deterministic learner; kept for the common signature
         self.n_learned = 0
         self._neighbors: dict[str, dict[str, float]] = {}
         self._totals: dict[str, float] = {}
         self._sessions: dict[str, list[str]] = {}
+        self._seen = Recency(max_items)  # items by when they were last an event's item
         self._decays = [distance_decay**d for d in range(window)]
         self._recency = [recency_decay**j for j in range(n_recent)]
         # anchors -> aggregated scores, valid while n_learned is _cache_at: the worker asks
@@ -86,6 +90,9 @@ class CoVisitation(OnlineLearner):
                 del sessions[next(iter(sessions))]  # least recently active
         sessions[key] = history
         b = x.item_id
+        for gone in self._seen.touch(b):  # the least recently seen items leave, with their neighbours
+            self._neighbors.pop(gone, None)
+            self._totals.pop(gone, None)
         if history and history[-1] == b:
             return  # a repeated click on the same item adds no new pair
         kind = self.purchase_weight * x.quantity if x.kind == "purchase" else 1.0

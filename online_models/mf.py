@@ -9,8 +9,9 @@ River keeps item factors in a dict of arrays; this learner mirrors each updated 
 a numpy matrix so that scoring ~200 candidates, or proposing from a pool of the
 ``pool_size`` most interacted items, is one matrix-vector product.
 
-The user vector is the learned one for a user FunkMF has seen (at most ``max_users`` are
-kept, the least recently active forgotten); otherwise (a new user, or a
+At most ``max_items`` items are kept (when a new one would pass that, the three quarters
+with the most interactions stay). The user vector is the learned one for a user FunkMF has
+seen (at most ``max_users`` are kept, the least recently active forgotten); otherwise (a new user, or a
 session used as a user) the mean of the factors of the user's recent items. A user with
 neither scores 0 for every item. Unseen items score 0. Predicting never creates state
 (River's defaultdicts would).
@@ -53,6 +54,7 @@ class ImplicitMF(OnlineLearner):
         refresh_every: int = 500,
         n_recent: int = 5,
         max_users: int = 200_000,
+        max_items: int = 300_000,
         seed: int = 0,
     ):
         self.n_factors = n_factors
@@ -67,6 +69,7 @@ class ImplicitMF(OnlineLearner):
         self.refresh_every = refresh_every
         self.n_recent = n_recent
         self.max_users = max_users
+        self.max_items = max_items
         self.seed = seed
         self.n_learned = 0
         self.model = reco.FunkMF(
@@ -90,6 +93,8 @@ class ImplicitMF(OnlineLearner):
     def _row(self, item_id: str) -> int:
         idx = self._index.get(item_id)
         if idx is None:
+            if len(self._items) >= self.max_items:
+                self._evict()
             idx = len(self._items)
             self._index[item_id] = idx
             self._items.append(item_id)
@@ -97,6 +102,32 @@ class ImplicitMF(OnlineLearner):
                 self._factors = np.concatenate([self._factors, np.zeros_like(self._factors)])
                 self._counts = np.concatenate([self._counts, np.zeros_like(self._counts)])
         return idx
+
+    def _evict(self) -> None:
+        """Keep the three quarters of ``max_items`` items with the most interactions (their
+        factors, counts and place in the negatives' buffer); forget the rest."""
+        n = len(self._items)
+        keep_n = max(1, (self.max_items * 3) // 4)
+        counts = self._counts[:n]
+        keep = np.sort(np.argpartition(-counts, keep_n - 1)[:keep_n]) if keep_n < n else np.arange(n)
+        new_row = np.full(n, -1, dtype=np.int64)
+        new_row[keep] = np.arange(len(keep))
+        kept = set(keep.tolist())
+        latents = self.model.i_latents
+        for r, item in enumerate(self._items):
+            if r not in kept:
+                latents.pop(item, None)
+        self._items = [self._items[i] for i in keep.tolist()]
+        self._index = {item: r for r, item in enumerate(self._items)}
+        capacity = len(self._counts)  # it held max_items rows: room enough
+        factors, fresh_counts = np.zeros((capacity, self.n_factors)), np.zeros(capacity)
+        factors[: len(keep)] = self._factors[keep]
+        fresh_counts[: len(keep)] = counts[keep]
+        self._factors, self._counts = factors, fresh_counts
+        rows = new_row.tolist()
+        self._recent = [rows[r] for r in self._recent if rows[r] >= 0]
+        self._recent_pos = 0 if len(self._recent) < self.negative_buffer else self._recent_pos % len(self._recent)
+        self._refresh_pool()
 
     def _fit(self, user_id: str, item_id: str, idx: int, y: float) -> None:
         self.model.learn_one(user_id, item_id, y)

@@ -1,7 +1,9 @@
 """Item popularity three ways: all-time counts, a sliding window, exponential decay.
 
 All three keep one float per item in a numpy array (an item's row is fixed when it is
-first seen), so learning is O(1) and scoring a batch is one fancy-index. To propose items
+first seen), so learning is O(1) and scoring a batch is one fancy-index. At most
+``max_items`` items are kept: when a new one would pass that, the three quarters with the
+highest scores stay (for trending, the highest decayed weight) and the rest go. To propose items
 each keeps a *pool*: the ``pool_size`` best items as of the last full refresh (every
 ``refresh_every`` events, an ``argpartition``) plus any item that has since climbed above
 the pool's floor, so a new item that takes off is recommendable at once.
@@ -47,13 +49,17 @@ class _ItemScores(OnlineLearner):
         pool_size: int = 500,
         refresh_every: int = 200,
         reuse_proposals: int = 16,
+        max_items: int = 300_000,
         seed: int = 0,
     ):
+        if max_items < 1:
+            raise ValueError(f"max_items must be at least 1, saw {max_items!r}")
         self.click_weight = click_weight
         self.purchase_weight = purchase_weight
         self.pool_size = pool_size
         self.refresh_every = refresh_every
         self.reuse_proposals = reuse_proposals
+        self.max_items = max_items
         self.seed = seed  # deterministic learner; kept for the common signature
         self.n_learned = 0
         self._index: dict[str, int] = {}
@@ -68,12 +74,37 @@ class _ItemScores(OnlineLearner):
     def _row(self, item_id: str) -> int:
         idx = self._index.get(item_id)
         if idx is None:
+            if len(self._items) >= self.max_items:
+                self._evict()
             idx = len(self._items)
             self._index[item_id] = idx
             self._items.append(item_id)
             if idx >= len(self._scores):
                 self._scores = np.concatenate([self._scores, np.zeros(len(self._scores))])
         return idx
+
+    def _evict(self) -> None:
+        """Keep the three quarters of ``max_items`` items with the highest scores (the decayed
+        weight, for trending), renumbering their rows in their old order."""
+        n = len(self._items)
+        keep_n = max(1, (self.max_items * 3) // 4)
+        scores = self._scores[:n]
+        keep = np.sort(np.argpartition(-scores, keep_n - 1)[:keep_n]) if keep_n < n else np.arange(n)
+        new_row = np.full(n, -1, dtype=np.int64)
+        new_row[keep] = np.arange(len(keep))
+        self._items = [self._items[i] for i in keep.tolist()]
+        self._index = {item: r for r, item in enumerate(self._items)}
+        fresh = np.zeros(len(self._scores))  # it held max_items rows: room enough
+        fresh[: len(keep)] = scores[keep]
+        self._scores = fresh
+        self._renumbered(new_row)
+        self._refresh_pool()
+        if self._proposed is not None:  # renewed now, not by the next ranking (see _after_update)
+            proposed = self._propose(self._proposed[1])
+            self._proposed = (self.n_learned, self._proposed[1], proposed, [item for item, _ in proposed])
+
+    def _renumbered(self, new_row: np.ndarray) -> None:
+        """Rows were renumbered (``new_row[old]``, -1: gone): a subclass updates what it keeps by row."""
 
     def _weight(self, x: Interaction) -> float:
         w = self.purchase_weight * x.quantity if x.kind == "purchase" else self.click_weight
@@ -180,11 +211,12 @@ class RecentPopularity(_ItemScores):
 
     def __init__(self, window_s: float = 3600.0, click_weight: float = 1.0, purchase_weight: float = 3.0,
                  pool_size: int = 500, refresh_every: int = 200, reuse_proposals: int = 16,
-                 seed: int = 0):
+                 max_items: int = 300_000, max_window_events: int = 1_000_000, seed: int = 0):
         if not window_s > 0:
             raise ValueError(f"window_s must be > 0 seconds, saw {window_s!r}")
-        super().__init__(click_weight, purchase_weight, pool_size, refresh_every, reuse_proposals, seed)
+        super().__init__(click_weight, purchase_weight, pool_size, refresh_every, reuse_proposals, max_items, seed)
         self.window_s = window_s
+        self.max_window_events = max_window_events
         self._window: deque[tuple[int, int, float]] = deque()
         self._max_ts: int | None = None
 
@@ -196,10 +228,15 @@ class RecentPopularity(_ItemScores):
         self._max_ts = x.ts if self._max_ts is None else max(self._max_ts, x.ts)
         horizon = self._max_ts - self.window_s * 1000.0
         window, scores = self._window, self._scores
-        while window and window[0][0] < horizon:
+        while window and (window[0][0] < horizon or len(window) > self.max_window_events):
             _, old, ow = window.popleft()
-            scores[old] = max(0.0, scores[old] - ow)
+            if old >= 0:
+                scores[old] = max(0.0, scores[old] - ow)
         self._after_update(idx)
+
+    def _renumbered(self, new_row: np.ndarray) -> None:
+        rows = new_row.tolist()
+        self._window = deque((ts, rows[r] if r >= 0 else -1, w) for ts, r, w in self._window)
 
 
 class TrendingPopularity(_ItemScores):
@@ -214,10 +251,10 @@ class TrendingPopularity(_ItemScores):
 
     def __init__(self, half_life_s: float = 1800.0, click_weight: float = 1.0, purchase_weight: float = 3.0,
                  pool_size: int = 500, refresh_every: int = 200, reuse_proposals: int = 16,
-                 seed: int = 0):
+                 max_items: int = 300_000, seed: int = 0):
         if not half_life_s > 0:
             raise ValueError(f"half_life_s must be > 0 seconds, saw {half_life_s!r}")
-        super().__init__(click_weight, purchase_weight, pool_size, refresh_every, reuse_proposals, seed)
+        super().__init__(click_weight, purchase_weight, pool_size, refresh_every, reuse_proposals, max_items, seed)
         self.half_life_s = half_life_s
         self._rate = math.log(2.0) / (half_life_s * 1000.0)  # per millisecond
         self._ref_ts: int | None = None

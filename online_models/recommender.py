@@ -33,6 +33,7 @@ worker share one event loop thread, so that holds there).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import chain, repeat, zip_longest
@@ -41,7 +42,7 @@ from typing import Self
 import numpy as np
 
 from online_models import ranking
-from online_models.base import OnlineLearner, dump_snapshot, load_snapshot
+from online_models.base import OnlineLearner, Recency, dump_snapshot, load_snapshot
 from online_models.covisit import CoVisitation
 from online_models.mf import ImplicitMF
 from online_models.popularity import TrendingPopularity
@@ -100,6 +101,12 @@ class RecommenderConfig:
     #: users whose published list (k rows of ~15 float32 features, ~1.5 kB) waits for their
     #: next event to label it for the re-ranker; the least recently shown are dropped
     max_tracked_users: int = 20_000
+    #: capacity of every item-keyed table (the blend's counts and categories, each learner's
+    #: items) and of every user- or session-keyed one (the learners' histories, sessions and
+    #: user factors): past it, the least recently seen (or, where a learner says so, the least
+    #: weighty) go. Recommender.default hands them to the learners it builds.
+    max_items: int = 300_000
+    max_users: int = 100_000
 
 
 class Recommender:
@@ -118,6 +125,7 @@ class Recommender:
         self.n_learned = 0
         self._categories: dict[str, str] = {}
         self._counts: dict[str, float] = {}  # events per item: the re-ranker's popularity feature
+        self._seen = Recency(self.config.max_items)
         # user -> (feature names, ranked items, their feature rows): the last rank() per user,
         # waiting for record_shown (called right after rank, so a few entries suffice)
         self._ranked: dict[str, tuple[list[str], list[str], np.ndarray]] = {}
@@ -138,9 +146,12 @@ class Recommender:
         implicit MF when ``config.weights["mf"] > 0``. A learner whose weight is 0 would
         learn every event for nothing, so it is not built."""
         config = config if config is not None else RecommenderConfig()
-        learners: dict[str, OnlineLearner] = {
-            name: make(seed=seed) for name, make in cls.DEFAULT_LEARNERS.items() if config.weights.get(name, 0.0) > 0.0
-        }
+        caps = {"max_items": config.max_items, "max_users": config.max_users, "max_sessions": config.max_users}
+        learners: dict[str, OnlineLearner] = {}
+        for name, make in cls.DEFAULT_LEARNERS.items():
+            if config.weights.get(name, 0.0) > 0.0:
+                accepted = inspect.signature(make).parameters
+                learners[name] = make(seed=seed, **{k: v for k, v in caps.items() if k in accepted})
         return cls(learners, config, seed)
 
     # -- learning ---------------------------------------------------------------------
@@ -154,6 +165,9 @@ class Recommender:
         shown = self._shown.pop(x.user_id, None)
         if shown is not None:
             self.reranker.learn_rows(*shown, x.item_id)
+        for gone in self._seen.touch(x.item_id):
+            self._counts.pop(gone, None)
+            self._categories.pop(gone, None)
         if x.category_id is not None:
             self._categories[x.item_id] = x.category_id
         self._counts[x.item_id] = self._counts.get(x.item_id, 0.0) + 1.0

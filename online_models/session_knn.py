@@ -43,7 +43,7 @@ from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from online_models.base import OnlineLearner
+from online_models.base import OnlineLearner, Recency
 from online_models.types import Interaction, UserContext
 
 
@@ -356,6 +356,7 @@ class SequentialRules(_SessionLearner):
         max_session_len: int = 50,
         max_sessions_per_item: int = 1_000,
         session_gap_ms: int = 30 * 60 * 1000,
+        max_items: int = 200_000,
         seed: int = 0,
     ):
         self.steps = steps
@@ -366,12 +367,16 @@ class SequentialRules(_SessionLearner):
         self.max_session_len = max_session_len
         self.max_sessions_per_item = max_sessions_per_item
         self.session_gap_ms = session_gap_ms
+        self.max_items = max_items
         self.seed = seed
         self.index = _SessionIndex(max_sessions, max_session_len, max_sessions_per_item, session_gap_ms)
         self.rules: dict[str, dict[str, float]] = {}
+        self._seen = Recency(max_items)  # the rules of at most max_items items, the least recently seen go
         self.n_learned = 0
 
     def learn_one(self, x: Interaction, user: UserContext | None = None) -> None:
+        for gone in self._seen.touch(x.item_id):
+            self.rules.pop(gone, None)
         _, items = self.index.add(x)
         self._learn_rules(items)
         self.n_learned += 1

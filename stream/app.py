@@ -185,7 +185,8 @@ def load_scorer(settings: Settings, metrics: Metrics, refused: set[str] | None =
 def recommender_config(settings: Settings) -> RecommenderConfig:
     """The blend the worker runs: defaults, with ``STREAMREC_BLEND_WEIGHTS`` over them."""
     config = RecommenderConfig(k=settings.top_k, n_candidates=settings.n_candidates,
-                               exclude_purchased=settings.exclude_purchased)
+                               exclude_purchased=settings.exclude_purchased, max_items=settings.max_items,
+                               max_users=settings.max_users)
     try:
         overrides = parse_weights(settings.blend_weights)
     except ValueError as exc:

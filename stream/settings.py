@@ -79,6 +79,8 @@ class Settings:
     n_candidates: int = _env("STREAMREC_CANDIDATES", "50", "candidates scored per recommendation")
     blend_weights: str = _env("STREAMREC_BLEND_WEIGHTS", "", "blend weights over the defaults, e.g. mf=0.2 (covisit, reminder, trending, mf, transformer; 0: off)")
     exclude_purchased: bool = _env("STREAMREC_EXCLUDE_PURCHASED", "true", "never recommend an item the user bought")
+    max_items: int = _env("STREAMREC_MAX_ITEMS", "300000", "items each online model keeps (counts, neighbours, factors); past it the least recently seen or least weighty go")
+    max_users: int = _env("STREAMREC_MAX_USERS", "100000", "users and sessions each online model keeps (histories, sessions, user factors); past it the least recently active go")
     dedupe_window: int = _env("STREAMREC_DEDUPE_WINDOW", "256", "latest event ids kept per user to catch a producer's duplicates")
     state_ttl_s: int = _env("STREAMREC_STATE_TTL_S", "2592000", "idle time after which a user's state expires (0: never)")
     session_timeout_s: int = _env("STREAMREC_KAFKA_SESSION_TIMEOUT_S", "30", "a worker that stops heartbeating is replaced after this long")
@@ -114,7 +116,8 @@ class Settings:
             raise ConfigError(f"STREAMREC_SCORER_DEVICE={self.scorer_device!r}: expected auto, cuda or cpu")
         for name, value, low in (("STREAMREC_TOP_K", self.top_k, 1), ("STREAMREC_BATCH_SIZE", self.batch_size, 1),
                                  ("STREAMREC_PARTITIONS", self.partitions, 1), ("STREAMREC_RECENT_ITEMS", self.recent_items, 1),
-                                 ("STREAMREC_CANDIDATES", self.n_candidates, 1), ("STREAMREC_DEDUPE_WINDOW", self.dedupe_window, 1), ("STREAMREC_BATCH_TIMEOUT_MS", self.batch_timeout_ms, 0)):
+                                 ("STREAMREC_CANDIDATES", self.n_candidates, 1), ("STREAMREC_DEDUPE_WINDOW", self.dedupe_window, 1), ("STREAMREC_BATCH_TIMEOUT_MS", self.batch_timeout_ms, 0),
+                                 ("STREAMREC_MAX_ITEMS", self.max_items, 1000), ("STREAMREC_MAX_USERS", self.max_users, 1000)):
             if value < low:
                 raise ConfigError(f"{name}={value}: must be at least {low}")
         if self.batch_size > MAX_BATCH_SIZE:
