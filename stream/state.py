@@ -30,7 +30,7 @@ import msgspec
 log = logging.getLogger("streamrec.state")
 
 
-class UserState(msgspec.Struct, kw_only=False):
+class UserState(msgspec.Struct, kw_only=False, omit_defaults=True):
     user_id: str
     recent_items: list[str] = msgspec.field(default_factory=list)
     purchased: list[str] = msgspec.field(default_factory=list)
