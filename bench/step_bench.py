@@ -33,7 +33,9 @@ def run(events, args, scorer) -> tuple[float, dict[str, float]]:
     states, timings = {}, {}
     start = time.perf_counter()
     for i in range(0, len(events), args.batch):
-        result = step(events[i : i + args.batch], states, lambda: 0)
+        batch = events[i : i + args.batch]
+        result = step(batch, states, lambda: 0, [("clicks:0", i + n) for n in range(len(batch))])
+        states.update(result.states)  # as the store would, after saving
         for stage, seconds in result.timings.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
     elapsed = time.perf_counter() - start

@@ -175,6 +175,11 @@ class OnlineLearner(ParamsMixin, abc.ABC):
     #: Short source name: ``ScoredItem.reason`` and a metric label.
     name: ClassVar[str] = "learner"
 
+    #: Whether ``learn_one`` reads its ``user`` argument. None of this package's learners
+    #: does, so the worker does not build a context per event for them; a learner that
+    #: does says True (online_models.checks verifies the others learn the same without one).
+    learns_with_context: ClassVar[bool] = False
+
     n_learned: int = 0
 
     # -- learning -------------------------------------------------------------------

@@ -128,6 +128,21 @@ def check_snapshot_round_trip(learner: OnlineLearner) -> None:
         f"{type(learner).__name__}: the restored learner learns differently after the restore")
 
 
+def check_context_when_learning(learner: OnlineLearner) -> None:
+    """A learner that says it does not read the user's context when it learns
+    (``learns_with_context = False``, which lets the worker skip building one per event)
+    learns the same without it."""
+    if learner.learns_with_context:
+        return
+    stream = _stream()
+    with_context = _fit(learner.clone(), stream)
+    without = learner.clone()
+    for x in stream:
+        without.learn_one(x, None)
+    assert _same(_fingerprint(without, stream), _fingerprint(with_context, stream)), (
+        f"{type(learner).__name__} learns differently without the user's context; set learns_with_context = True")
+
+
 def check_learn_many(learner: OnlineLearner) -> None:
     stream = _stream(200)
     one = learner.clone()
@@ -220,6 +235,7 @@ def yield_checks(learner: OnlineLearner) -> Iterator[Check]:
     yield check_clone
     yield check_same_seed_same_result
     yield check_snapshot_round_trip
+    yield check_context_when_learning
     yield check_learn_many
     yield check_unseen_does_not_crash
     yield check_rank_contract

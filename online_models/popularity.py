@@ -99,9 +99,7 @@ class _ItemScores(OnlineLearner):
         self._scores = fresh
         self._renumbered(new_row)
         self._refresh_pool()
-        if self._proposed is not None:  # renewed now, not by the next ranking (see _after_update)
-            proposed = self._propose(self._proposed[1])
-            self._proposed = (self.n_learned, self._proposed[1], proposed, [item for item, _ in proposed])
+        self._proposed = None  # it may name items that are gone
 
     def _renumbered(self, new_row: np.ndarray) -> None:
         """Rows were renumbered (``new_row[old]``, -1: gone): a subclass updates what it keeps by row."""
@@ -116,14 +114,6 @@ class _ItemScores(OnlineLearner):
             self._refresh_pool()
         elif idx not in self._pool and self._scores[idx] >= self._pool_floor:
             self._pool[idx] = None
-        cached = self._proposed
-        if cached is not None and self.n_learned % max(1, self.reuse_proposals) == 0:
-            # renewed here, at every reuse_proposals-th event learned, rather than by the next
-            # ranking: the proposals then depend on what was learned, not on when lists were
-            # asked for (a restart that learns the events its snapshot missed, without ranking
-            # in between, proposes what an uninterrupted run proposes)
-            proposed = self._propose(cached[1])
-            self._proposed = (self.n_learned, cached[1], proposed, [item for item, _ in proposed])
 
     def _refresh_pool(self) -> None:
         n = len(self._items)

@@ -155,6 +155,11 @@ class Recommender:
         return cls(learners, config, seed)
 
     # -- learning ---------------------------------------------------------------------
+    @property
+    def learns_with_context(self) -> bool:
+        """Whether a learner reads the user's context when it learns (else it may be None)."""
+        return any(learner.learns_with_context for learner in self.learners.values())
+
     def learn_one(self, x: Interaction, user: UserContext | None = None) -> None:
         """Feed ``x`` to every learner, and label the user's last shown list for the re-ranker.
 

@@ -6,7 +6,6 @@ benchmarks and the Faust worker all hand the models exactly the same values.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Literal
 
 import msgspec
@@ -14,13 +13,13 @@ import msgspec
 InteractionKind = Literal["click", "purchase"]
 
 
-@dataclass(frozen=True, slots=True)
-class Interaction:
+class Interaction(msgspec.Struct, frozen=True):
     """One user-item event, as the models see it.
 
     ``ts`` is epoch milliseconds. ``kind`` is ``"click"`` or ``"purchase"``; logs with
     richer behaviour types (Taobao's cart and fav) map them onto these two and keep the
-    original in ``behavior``.
+    original in ``behavior``. A msgspec Struct, not a dataclass: the worker builds one per
+    event, and a Struct is built several times faster.
     """
 
     user_id: str
@@ -33,8 +32,7 @@ class Interaction:
     quantity: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class UserContext:
+class UserContext(msgspec.Struct, frozen=True):
     """What the caller knows of a user when it asks for recommendations.
 
     ``recent_items`` is oldest first, newest last (the stream keeps it in Redis).
@@ -42,7 +40,7 @@ class UserContext:
 
     user_id: str
     recent_items: tuple[str, ...] = ()
-    purchased: frozenset[str] = field(default_factory=frozenset)
+    purchased: frozenset[str] = frozenset()
     session_id: str | None = None
     ts: int | None = None
 

@@ -128,7 +128,7 @@ def user_context(state: UserState) -> UserContext:
     )
 
 
-@dataclass
+@dataclass(slots=True)
 class _Plan:
     """What step 1 worked out: per user, the state after their events, on a copy."""
 
@@ -144,7 +144,7 @@ class _Plan:
     failures: list[Failure] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Ranked:
     items: list[RecommendedItem]
     state: UserState
@@ -291,6 +291,8 @@ class RecommendationStep:
         cfg = self.config
         plan = _Plan()
         watermark = self.recommender.learned_offsets
+        with_context = self.recommender.learns_with_context  # else no context is built per event
+        dead_letters = self._dead_letters
         seen_ids: set[tuple[str, str]] = set()
         for n in indices:
             ev = events[n]
@@ -303,7 +305,7 @@ class RecommendationStep:
                     if current is None:
                         current = UserState(uid)
                 key = (uid, ev.event_id)
-                if source is not None and (source, offset) in self._dead_letters:
+                if dead_letters and source is not None and (source, offset) in dead_letters:
                     plan.duplicates += 1  # dead-lettered when it came before
                     continue
                 # a redelivery by Kafka (at or below the offset the state applied) may still be
@@ -322,7 +324,7 @@ class RecommendationStep:
                         plan.duplicates += 1
                     continue
                 learned = source is not None and offset <= watermark.get(source, -1)
-                before = user_context(current) if not learned else None
+                before = user_context(current) if with_context and not learned else None
                 lesson = (to_interaction(ev), before)
                 new = apply_event(current.copy(), ev.event_id, ev.item_id, ev.ts,
                                   "purchase" if isinstance(ev, PurchaseEvent) else "click",
@@ -408,15 +410,16 @@ class RecommendationStep:
         """Teach the models, in batch order, every learn-only event and every event still
         applied (its user was ranked); returns the users of applied events whose learning raised."""
         learn = self.recommender.learn_one
-        kept = {i for idx in plan.applied.values() for i in idx}
-        failed_users: set[str] = set()
+        # only when a user's ranking failed are some lessons no longer to be learned
+        kept = {i for idx in plan.applied.values() for i in idx} if any(f.stage == "rank" for f in failures) else None
+        learn_only = plan.learn_only
         watermark = self.recommender.learned_offsets
+        failed_users: set[str] = set()
         learned_only = 0
-        for n in sorted(plan.lessons):
-            only = n in plan.learn_only
-            if not only and n not in kept:
+        for n, (x, before) in plan.lessons.items():  # in batch order: _prepare added them so
+            only = n in learn_only
+            if kept is not None and not only and n not in kept:
                 continue  # its user's ranking failed: dead-lettered, never learned
-            x, before = plan.lessons[n]
             try:
                 learn(x, before)
             except Exception as exc:  # noqa: BLE001 - this event alone goes to the dead letters
@@ -427,8 +430,7 @@ class RecommendationStep:
                 learned_only += only
             if positions is not None:  # at once: a second attempt at this batch must not teach it again
                 source, offset = positions[n]
-                if offset > watermark.get(source, -1):
-                    watermark[source] = offset
+                watermark[source] = offset  # a partition's events come in order, each above the mark
         plan.learned_only = learned_only
         return failed_users
 

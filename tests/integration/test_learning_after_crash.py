@@ -87,8 +87,11 @@ def _kill_and_restart(feed, workers, topic_prefix, redis_client) -> None:
 
 @pytest.fixture
 def one_partition_env(worker_env, topic_prefix):
-    """One partition per topic, and no re-ranker in the lists: a deterministic learner set."""
-    env = dict(worker_env, STREAMREC_PARTITIONS="1", STREAMREC_BLEND_WEIGHTS="reranker=0",
+    """One partition per topic and a deterministic learner set: co-visitation and re-consumption,
+    whose lists depend only on the events learned. (The click re-ranker learns from shown lists,
+    which a replay does not show again; trending reuses its proposals for a few events, so its
+    candidates also depend on when lists were asked for, and a replay asks for none.)"""
+    env = dict(worker_env, STREAMREC_PARTITIONS="1", STREAMREC_BLEND_WEIGHTS="reranker=0,trending=0",
                STREAMREC_SNAPSHOT_INTERVAL_S="1")
     env["STREAMREC_TOPIC_PREFIX"] = prefix = f"{topic_prefix}one."
     env["STREAMREC_APP_ID"] = f"{prefix}worker"

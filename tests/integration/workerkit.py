@@ -17,9 +17,11 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import redis
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from stream.state import UserState
 from stream.topics import committed_offsets
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -165,11 +167,15 @@ def read_all(bootstrap: str, topic: str) -> list:
 
 
 def user_doc(client: redis.Redis, prefix: str, user: str) -> dict | None:
-    """The user's state document as JSON (None: none yet, or one that does not decode)."""
+    """The user's state document, every field (the stored JSON leaves out empty ones); None:
+    none yet, or one that does not decode."""
     raw = client.get(f"{prefix}user:{user}")
+    if not raw:
+        return None
     try:
-        return json.loads(raw) if raw else None
-    except ValueError:
+        json.loads(raw)
+        return msgspec.structs.asdict(msgspec.json.decode(raw if isinstance(raw, bytes) else raw.encode(), type=UserState))
+    except (ValueError, msgspec.DecodeError):
         return None
 
 

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import random
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -140,8 +141,8 @@ def test_record_shown_after_rank_many_feeds_the_reranker_the_same_rows(trained, 
     _same_pending(batched._shown, single._shown)
     assert batched._ranked == single._ranked == {}
     for x in EVENTS[-300:]:  # the users' next events label the shown lists
-        batched.learn_one(dataclasses.replace(x, user_id=users[x.ts % len(users)].user_id))
-        single.learn_one(dataclasses.replace(x, user_id=users[x.ts % len(users)].user_id))
+        batched.learn_one(msgspec.structs.replace(x, user_id=users[x.ts % len(users)].user_id))
+        single.learn_one(msgspec.structs.replace(x, user_id=users[x.ts % len(users)].user_id))
     assert batched.reranker.n_learned == single.reranker.n_learned > base.reranker.n_learned
     assert dict(batched.reranker.model.weights) == dict(single.reranker.model.weights)
 

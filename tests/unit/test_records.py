@@ -576,3 +576,24 @@ def test_every_value_of_the_malformed_corpus_gets_the_code_it_expects():
                 wrong.append((bad.what, bad.code, err.code, err.reason))
     assert not wrong
     assert {bad.code for bad in values} == ERROR_CODES  # every rule of the decoder is exercised
+
+
+@settings(max_examples=400)
+@given(st.text(st.characters(max_codepoint=0x3100) | st.sampled_from(list("\x7f\x85\xa0\u2009\u3000\ufeff\x00\n")), max_size=8),
+       st.sampled_from(["user_id", "session_id", "source"]))
+def test_the_fast_text_check_is_the_schema_pattern(value, field):
+    """The decoder checks ids and free text without a regex per field; it must agree with the
+    patterns the JSON Schemas state, for any text (as JSON escapes or raw UTF-8)."""
+    import re
+
+    pattern = stream.records.TEXT_PATTERN if field == "source" else stream.records.ID_PATTERN
+    for ascii_only in (True, False):
+        body = json.dumps({**CLICK, field: value}, ensure_ascii=ascii_only).encode()
+        try:
+            decode_event(body)
+            accepted = True
+        except InvalidEvent as err:
+            accepted = False
+            assert err.code in ("bad_id", "bad_text", "invalid_value", "too_long")
+        expected = bool(re.search(pattern, value)) and (field != "user_id" or len(value) >= 1)
+        assert accepted == expected, (value, field, ascii_only)
