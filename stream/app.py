@@ -71,7 +71,8 @@ class Shell:
 
     async def replay_once(self, app, restored: asyncio.Event) -> None:
         """Once, at the first assignment: teach the restored models the events between their
-        snapshot and the group's committed offsets (stream/replay.py), before any batch."""
+        snapshot and the group's committed offsets of the partitions this worker was assigned
+        (stream/replay.py), before any batch."""
         try:
             await restored.wait()
             async with self.busy:
@@ -90,8 +91,8 @@ class Shell:
         if not learned:
             return
         committed = await asyncio.to_thread(committed_offsets, settings.kafka_bootstrap, settings.app_id)
-        inputs = set(settings.topics.inputs)
-        todo = gaps(learned, {tp: off for tp, off in committed.items() if tp[0] in inputs})
+        mine = {(tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in settings.topics.inputs}
+        todo = gaps(learned, {tp: off for tp, off in committed.items() if tp in mine})
         if not todo:
             return
         total = sum(g.size for g in todo)
