@@ -29,8 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
+from bench.pipeline_bench import drop_run  # noqa: E402
 from online_models import Recommender  # noqa: E402
-from stream.demo import drop_topics, free_port, scrape, stop_worker, wait_ready  # noqa: E402
+from stream.demo import free_port, scrape, stop_worker, wait_ready  # noqa: E402
 from stream.publisher import BatchPublisher  # noqa: E402
 from stream.records import ClickEvent, PurchaseEvent, encode  # noqa: E402
 from stream.settings import Settings  # noqa: E402
@@ -164,15 +165,7 @@ def flood(args) -> None:
     finally:
         stop_worker(proc)
         if not args.keep:
-            drop_topics(settings.kafka_bootstrap, settings.topics.all)
-            batch = []
-            for k in client.scan_iter(match=f"{prefix}*", count=5000):
-                batch.append(k)
-                if len(batch) >= 5000:
-                    client.unlink(*batch)
-                    batch.clear()
-            if batch:
-                client.unlink(*batch)
+            drop_run(settings)
         client.close()
 
 

@@ -280,6 +280,22 @@ class Recency:
         return len(self._order)
 
 
+def heaviest_rows(weights: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows a table keeps when it reached ``capacity``: the three quarters of it with the
+    highest ``weights``, in their old order, and each old row's new number (-1: gone).
+
+    >>> keep, new_row = heaviest_rows(np.array([5.0, 1.0, 3.0, 2.0]), 4)
+    >>> keep.tolist(), new_row.tolist()
+    ([0, 2, 3], [0, -1, 1, 2])
+    """
+    n = len(weights)
+    keep_n = max(1, (capacity * 3) // 4)
+    keep = np.sort(np.argpartition(-weights, keep_n - 1)[:keep_n]) if keep_n < n else np.arange(n)
+    new_row = np.full(n, -1, dtype=np.int64)
+    new_row[keep] = np.arange(len(keep))
+    return keep, new_row
+
+
 def session_key(x: Interaction) -> str:
     """The session an interaction belongs to: its session id, else its user."""
     return x.session_id if x.session_id is not None else x.user_id
@@ -303,6 +319,7 @@ __all__ = [
     "Recency",
     "SnapshotError",
     "dump_snapshot",
+    "heaviest_rows",
     "learner_classes",
     "load_snapshot",
     "session_key",

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import numpy as np
 from river import optim, reco
 
-from online_models.base import OnlineLearner
+from online_models.base import OnlineLearner, heaviest_rows
 from online_models.types import Interaction, UserContext
 
 
@@ -106,12 +106,8 @@ class ImplicitMF(OnlineLearner):
     def _evict(self) -> None:
         """Keep the three quarters of ``max_items`` items with the most interactions (their
         factors, counts and place in the negatives' buffer); forget the rest."""
-        n = len(self._items)
-        keep_n = max(1, (self.max_items * 3) // 4)
-        counts = self._counts[:n]
-        keep = np.sort(np.argpartition(-counts, keep_n - 1)[:keep_n]) if keep_n < n else np.arange(n)
-        new_row = np.full(n, -1, dtype=np.int64)
-        new_row[keep] = np.arange(len(keep))
+        counts = self._counts[: len(self._items)]
+        keep, new_row = heaviest_rows(counts, self.max_items)
         kept = set(keep.tolist())
         latents = self.model.i_latents
         for r, item in enumerate(self._items):

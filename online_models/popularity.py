@@ -31,7 +31,7 @@ from itertools import chain, repeat
 
 import numpy as np
 
-from online_models.base import OnlineLearner
+from online_models.base import OnlineLearner, heaviest_rows
 from online_models.types import Interaction, UserContext
 
 _MAX_EXPONENT = 30.0  # rescale the decayed scores before exp() grows past ~1e13
@@ -86,12 +86,8 @@ class _ItemScores(OnlineLearner):
     def _evict(self) -> None:
         """Keep the three quarters of ``max_items`` items with the highest scores (the decayed
         weight, for trending), renumbering their rows in their old order."""
-        n = len(self._items)
-        keep_n = max(1, (self.max_items * 3) // 4)
-        scores = self._scores[:n]
-        keep = np.sort(np.argpartition(-scores, keep_n - 1)[:keep_n]) if keep_n < n else np.arange(n)
-        new_row = np.full(n, -1, dtype=np.int64)
-        new_row[keep] = np.arange(len(keep))
+        scores = self._scores[: len(self._items)]
+        keep, new_row = heaviest_rows(scores, self.max_items)
         self._items = [self._items[i] for i in keep.tolist()]
         self._index = {item: r for r, item in enumerate(self._items)}
         fresh = np.zeros(len(self._scores))  # it held max_items rows: room enough

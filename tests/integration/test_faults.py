@@ -41,33 +41,39 @@ def _unready(worker) -> str | None:
     return body if status == 503 else None
 
 
+def _through_an_outage(worker, service, feeder: Feeder, client, prefix: str, expected: dict[str, int],
+                       failing: tuple[str, ...], what: str) -> None:
+    """Events flowing, then ``service`` stopped for OUTAGE_S: the worker stays alive, says unready
+    within 10 s (one of the ``failing`` conditions) and stays so; then the service comes back, and
+    in the end every event is applied exactly once and the worker is ready again."""
+    feeder.start()
+    wait_for(lambda: sum(applied_counts(client, prefix, expected).values()) > 300, 60, "events to flow", worker)
+    service.halt()
+    stopped = time.monotonic()
+    body = wait_for(lambda: _unready(worker), 10, f"/readyz to answer 503 within 10 s of {what} going", worker)
+    assert any(f"{condition}: FAIL" in body for condition in failing), body
+    while time.monotonic() - stopped < OUTAGE_S:
+        worker.assert_alive()
+        assert _unready(worker), f"ready while {what} is gone"
+        time.sleep(1)
+    service.start()
+    feeder.finish()
+    wait_for(lambda: exactly_once(client, prefix, expected), 240, "every event applied exactly once", worker)
+    wait_for(lambda: _ready(worker), 60, "the worker to be ready again", worker)
+    assert worker.agent_restarts() == []
+
+
 def test_redis_gone_for_20_s_mid_stream(worker_env, workers, topic_prefix, private_redis):
-    env = {"STREAMREC_REDIS_URL": private_redis.address}
     records, expected = synthetic_records(3000, seed=21)
-    worker = workers(metrics=True, **env)
+    worker = workers(metrics=True, STREAMREC_REDIS_URL=private_redis.address)
     wait_for(lambda: _ready(worker), 90, "the worker to be ready", worker)
     feeder = Feeder(worker_env["STREAMREC_KAFKA_BOOTSTRAP"], topic_prefix, records, rate=100)
-    feeder.start()
     client = redis.Redis.from_url(private_redis.address)
     try:
-        wait_for(lambda: sum(applied_counts(client, topic_prefix, expected).values()) > 300, 60,
-                 "events to flow", worker)
-        private_redis.halt()
-        stopped = time.monotonic()
-        body = wait_for(lambda: _unready(worker), 10, "/readyz to answer 503 within 10 s", worker)
-        assert "redis: FAIL" in body or "state: FAIL" in body, body
-        while time.monotonic() - stopped < OUTAGE_S:
-            worker.assert_alive()
-            assert _unready(worker), "ready while Redis is gone"
-            time.sleep(1)
-        private_redis.start()
-        feeder.finish()
-        wait_for(lambda: exactly_once(client, topic_prefix, expected), 180, "every event applied exactly once", worker)
-        wait_for(lambda: _ready(worker), 30, "the worker to be ready again", worker)
+        _through_an_outage(worker, private_redis, feeder, client, topic_prefix, expected, ("redis", "state"), "Redis")
         assert worker.metric("streamrec_redis_errors_total", op="load") + worker.metric("streamrec_redis_errors_total", op="save") > 0
     finally:
         client.close()
-    assert worker.agent_restarts() == []
     assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()
 
 
@@ -81,22 +87,7 @@ def test_the_broker_gone_for_20_s_mid_stream(worker_env, workers, topic_prefix, 
     worker = workers(metrics=True, STREAMREC_KAFKA_BOOTSTRAP=bootstrap)
     wait_for(lambda: _ready(worker), 90, "the worker to be ready", worker)
     feeder = Feeder(bootstrap, topic_prefix, records, rate=100)
-    feeder.start()
-    wait_for(lambda: sum(applied_counts(redis_client, topic_prefix, expected).values()) > 300, 60,
-             "events to flow", worker)
-    private_kafka.halt()
-    stopped = time.monotonic()
-    body = wait_for(lambda: _unready(worker), 10, "/readyz to answer 503 once the broker is gone", worker)
-    assert "kafka: FAIL" in body, body
-    while time.monotonic() - stopped < OUTAGE_S:
-        worker.assert_alive()
-        assert _unready(worker), "ready while the broker is gone"
-        time.sleep(1)
-    private_kafka.start()
-    feeder.finish()
-    wait_for(lambda: exactly_once(redis_client, topic_prefix, expected), 240, "every event applied exactly once", worker)
-    wait_for(lambda: _ready(worker), 60, "the worker to be ready again", worker)
-    assert worker.agent_restarts() == []
+    _through_an_outage(worker, private_kafka, feeder, redis_client, topic_prefix, expected, ("kafka",), "the broker")
     assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from kafka import KafkaProducer
+from workerkit import http_get
 
 from online_models.datasets import synthetic_interactions
 from stream.records import ClickEvent, PurchaseEvent, encode
@@ -38,18 +39,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def http_get(url: str, timeout: float = 3.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as err:
-        body = err.read().decode()
-        err.close()
-        return err.code, body
-    except OSError as exc:
-        return 0, str(exc)
 
 
 def tail(path: Path, n: int = 30) -> str:

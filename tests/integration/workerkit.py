@@ -33,6 +33,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def http_get(url: str, timeout: float = 3.0) -> tuple[int, str]:
+    """(status, body) of GET ``url``; (0, why) when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        body = err.read().decode()
+        err.close()
+        return err.code, body
+    except OSError as exc:
+        return 0, str(exc)
+
+
 class WorkerProcess:
     """A `streamrec worker` subprocess with its own log file (and /metrics, /readyz on
     ``metrics_port`` when one is given)."""
@@ -74,15 +87,7 @@ class WorkerProcess:
 
     def http(self, path: str) -> tuple[int, str]:
         """(status, body) of GET ``path`` on the worker's metrics port (0, why: no answer)."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=3) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as err:
-            body = err.read().decode()
-            err.close()
-            return err.code, body
-        except OSError as exc:
-            return 0, str(exc)
+        return http_get(f"http://127.0.0.1:{self.metrics_port}{path}")
 
     def metric(self, name: str, **labels: str) -> float:
         """The value of one sample of /metrics (0 when absent)."""
