@@ -56,8 +56,9 @@ class Shell:
     models_ready: asyncio.Event = field(default_factory=asyncio.Event)
     replayed: bool = False
 
-    async def retry_redis(self, what: str, call, attempts: int = 20):
-        """``call()``, retried with back-off while Redis fails (at start-up, before any batch)."""
+    async def retry_redis(self, what: str, call, attempts: int | None = None):
+        """``call()``, retried with back-off while it fails (``attempts`` times; None: until it
+        works, as for what the worker cannot go on without)."""
         delays = Backoff().delays(attempts)
         while True:
             try:
@@ -311,6 +312,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
             await topic.maybe_declare()
         metrics.set_models(step.model_versions())
         try:
+            # until Redis answers: starting with empty models would later overwrite a good snapshot
             snapshot = await shell.retry_redis("load the models' snapshot", lambda: store.get_blob(SNAPSHOT_KEY))
             if snapshot:
                 try:

@@ -315,14 +315,14 @@ class BatchHandler:
                 problem = exc
             else:
                 if failing:
-                    self._ready("redis", f"{op} works again")
+                    self._ready("state", f"{op} works again")
                 return out
             if pass_on:
                 raise problem
             failing = True
             errors.labels(op).inc()
             delay = next(delays)
-            self._unready("redis", f"{op} failed: {type(problem).__name__}: {problem}; retrying")
+            self._unready("state", f"{op} failed: {type(problem).__name__}: {problem}; retrying")
             log.warning("redis %s failed (%r); retrying in %.2fs", op, problem, delay)
             await asyncio.sleep(delay)
 
