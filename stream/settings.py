@@ -77,7 +77,7 @@ class Settings:
     batch_timeout_ms: int = _env("STREAMREC_BATCH_TIMEOUT_MS", "20", "longest wait, from its first event, to fill a micro-batch")
     recent_items: int = _env("STREAMREC_RECENT_ITEMS", "50", "length of each user's recent-item sequence")
     n_candidates: int = _env("STREAMREC_CANDIDATES", "50", "candidates scored per recommendation")
-    blend_weights: str = _env("STREAMREC_BLEND_WEIGHTS", "", "blend weights over the defaults, e.g. mf=0.2 (covisit, reminder, trending, mf, transformer; 0: off)")
+    blend_weights: str = _env("STREAMREC_BLEND_WEIGHTS", "", "blend weights over the defaults, e.g. mf=0.2 (covisit, reminder, trending, mf, transformer, and reranker for the click re-ranker; 0: off)")
     exclude_purchased: bool = _env("STREAMREC_EXCLUDE_PURCHASED", "true", "never recommend an item the user bought")
     max_items: int = _env("STREAMREC_MAX_ITEMS", "300000", "items each online model keeps (counts, neighbours, factors); past it the least recently seen or least weighty go")
     max_users: int = _env("STREAMREC_MAX_USERS", "100000", "users and sessions each online model keeps (histories, sessions, user factors); past it the least recently active go")
