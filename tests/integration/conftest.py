@@ -192,32 +192,52 @@ class LocalService:
 # ---------------------------------------------------------------------------- services
 
 
+def kafka_service(what: str, tag: str) -> LocalService:
+    """A broker on free loopback ports with its data under ``.run/test-kafka-<tag>``, not started;
+    should this session die without tearing down, it stops by itself."""
+    port, controller_port = free_ports(2)
+    data_dir = RUN_DIR / f"test-kafka-{tag}"
+    return LocalService(
+        name=f"{what} on 127.0.0.1:{port}",
+        script=KAFKA_SH,
+        args=[f"--port={port}", f"--controller-port={controller_port}", f"--data-dir={data_dir}",
+              f"--watch-pid={os.getpid()}"],
+        data_dir=data_dir,
+        log=data_dir / "kafka.log",
+        address=f"127.0.0.1:{port}",
+    )
+
+
+def redis_service(what: str, tag: str) -> LocalService:
+    """A Redis server on a free loopback port with its data under ``.run/test-redis-<tag>``, not started."""
+    (port,) = free_ports(1)
+    data_dir = RUN_DIR / f"test-redis-{tag}"
+    return LocalService(
+        name=f"{what} on 127.0.0.1:{port}",
+        script=REDIS_SH,
+        args=[f"--port={port}", f"--data-dir={data_dir}"],
+        data_dir=data_dir,
+        log=data_dir / "redis.log",
+        address=f"redis://127.0.0.1:{port}/0",
+    )
+
+
+def running(service: LocalService) -> Iterator[LocalService]:
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
     given = os.environ.get("STREAMREC_KAFKA_BOOTSTRAP", "").strip()
     if given and kafka_answers(given):
         yield given
         return
-    port, controller_port = free_ports(2)
-    data_dir = RUN_DIR / f"test-kafka-{os.getpid()}"
-    broker = LocalService(
-        name=f"a Kafka broker on 127.0.0.1:{port}",
-        script=KAFKA_SH,
-        args=[
-            f"--port={port}",
-            f"--controller-port={controller_port}",
-            f"--data-dir={data_dir}",
-            # should this session die without tearing down, the broker stops by itself
-            f"--watch-pid={os.getpid()}",
-        ],
-        data_dir=data_dir,
-        log=data_dir / "kafka.log",
-    )
-    broker.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        broker.stop()
+    for broker in running(kafka_service("a Kafka broker", str(os.getpid()))):
+        yield broker.address
 
 
 @pytest.fixture(scope="session")
@@ -226,72 +246,21 @@ def redis_url() -> Iterator[str]:
     if given and redis_answers(given):
         yield given
         return
-    (port,) = free_ports(1)
-    data_dir = RUN_DIR / f"test-redis-{os.getpid()}"
-    server = LocalService(
-        name=f"a Redis server on 127.0.0.1:{port}",
-        script=REDIS_SH,
-        args=[f"--port={port}", f"--data-dir={data_dir}"],
-        data_dir=data_dir,
-        log=data_dir / "redis.log",
-    )
-    server.start()
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        server.stop()
-
-
-def _private_kafka(name: str) -> LocalService:
-    port, controller_port = free_ports(2)
-    data_dir = RUN_DIR / f"test-kafka-{name}-{os.getpid()}-{port}"
-    broker = LocalService(
-        name=f"a private Kafka broker on 127.0.0.1:{port}",
-        script=KAFKA_SH,
-        args=[f"--port={port}", f"--controller-port={controller_port}", f"--data-dir={data_dir}",
-              f"--watch-pid={os.getpid()}"],
-        data_dir=data_dir,
-        log=data_dir / "kafka.log",
-        address=f"127.0.0.1:{port}",
-    )
-    return broker
-
-
-def _private_redis(name: str) -> LocalService:
-    (port,) = free_ports(1)
-    data_dir = RUN_DIR / f"test-redis-{name}-{os.getpid()}-{port}"
-    server = LocalService(
-        name=f"a private Redis server on 127.0.0.1:{port}",
-        script=REDIS_SH,
-        args=[f"--port={port}", f"--data-dir={data_dir}"],
-        data_dir=data_dir,
-        log=data_dir / "redis.log",
-        address=f"redis://127.0.0.1:{port}/0",
-    )
-    return server
+    for server in running(redis_service("a Redis server", str(os.getpid()))):
+        yield server.address
 
 
 @pytest.fixture
 def private_kafka() -> Iterator[LocalService]:
     """A broker of this test alone (``.address`` is its bootstrap), which it may stop (``halt``)
     and start again without disturbing the other tests."""
-    broker = _private_kafka("own")
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
+    yield from running(kafka_service("a private Kafka broker", f"own-{os.getpid()}-{uuid.uuid4().hex[:6]}"))
 
 
 @pytest.fixture
 def private_redis() -> Iterator[LocalService]:
     """A Redis server of this test alone (``.address`` is its URL), to stop and start again."""
-    server = _private_redis("own")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from running(redis_service("a private Redis server", f"own-{os.getpid()}-{uuid.uuid4().hex[:6]}"))
 
 
 @pytest.fixture(scope="session")
