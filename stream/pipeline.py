@@ -104,6 +104,12 @@ class StepResult:
     failures: list[Failure] = field(default_factory=list)
 
 
+def source_of(topic: str, partition: int) -> str:
+    """The name a position gives the input partition an event came from: ``"topic:partition"``
+    (the user state's offsets and the models' watermark are keyed by it)."""
+    return f"{topic}:{partition}"
+
+
 def to_interaction(ev: Event) -> Interaction:
     purchase = isinstance(ev, PurchaseEvent)
     return Interaction(

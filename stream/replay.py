@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from stream.errors import InvalidEvent
-from stream.pipeline import RecommendationStep
+from stream.pipeline import RecommendationStep, source_of
 from stream.records import Bounds, decode_event
 
 log = logging.getLogger("streamrec.replay")
@@ -60,7 +60,7 @@ def gaps(learned: Mapping[str, int], committed: Mapping[tuple[str, int], int]) -
     """
     out = []
     for (topic, partition), end in sorted(committed.items()):
-        seen = learned.get(f"{topic}:{partition}")
+        seen = learned.get(source_of(topic, partition))
         if seen is not None and end > seen + 1:
             out.append(Gap(topic, partition, seen + 1, end))
     return out
@@ -95,12 +95,12 @@ async def replay(step: RecommendationStep, bootstrap: str, todo: Sequence[Gap], 
                         events.append(decode_event(rec.value, bounds))
                     except InvalidEvent:
                         continue
-                    positions.append((f"{tp.topic}:{tp.partition}", rec.offset))
+                    positions.append((source_of(tp.topic, tp.partition), rec.offset))
                 if records and (records[-1].offset + 1 >= ends[tp] or await consumer.position(tp) >= ends[tp]):
                     open_.discard(tp)
             if events:
                 learned += await asyncio.to_thread(step.relearn, events, positions, seen)
-        step.advance([(f"{g.topic}:{g.partition}", g.end - 1) for g in todo])  # dead letters included
+        step.advance([(source_of(g.topic, g.partition), g.end - 1) for g in todo])  # dead letters included
     finally:
         await consumer.stop()
     return learned

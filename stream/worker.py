@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from stream.errors import InvalidEvent
 from stream.health import Health
 from stream.metrics import Metrics
-from stream.pipeline import LIVE_CUTOFFS, RecommendationStep, StepResult
+from stream.pipeline import LIVE_CUTOFFS, RecommendationStep, StepResult, source_of
 from stream.records import (
     DEFAULT_BOUNDS,
     Bounds,
@@ -65,6 +65,11 @@ class RawMessage:
     timestamp_ms: int | None = None
     #: the consumer group generation the message was fetched in (fencing)
     generation: int = 0
+
+    @property
+    def position(self) -> tuple[str, int]:
+        """``(source, offset)``, as the step and the models' watermark name it."""
+        return source_of(self.topic, self.partition), self.offset
 
 
 #: batches at least this big run the step in a thread (see BatchHandler.handle). Measured on
@@ -135,7 +140,7 @@ class BatchHandler:
             log.exception("handling the message at %s[%d]@%d raised; it is dead-lettered", msg.topic, msg.partition, msg.offset)
             letter = _failure_letter("processing_error", f"handling the message raised {type(exc).__name__}: {exc}", msg)
             await self._publish([(self.topics.dlq, msg.key, encode(letter))])
-            self.step.advance([(f"{msg.topic}:{msg.partition}", msg.offset)], dead=True)
+            self.step.advance([msg.position], dead=True)
             self._count_dead(["processing_error"])
 
     async def handle(self, messages: Sequence[RawMessage]) -> None:
@@ -155,7 +160,7 @@ class BatchHandler:
             except Exception as exc:  # noqa: BLE001 - a decoder bug is this value's problem alone
                 dead.append((msg, _failure_letter("processing_error", f"decoding the value raised {type(exc).__name__}: {exc}", msg)))
                 continue
-            positions.append((f"{msg.topic}:{msg.partition}", msg.offset))
+            positions.append(msg.position)
             carriers.append(msg)
         t1 = clock()
 
@@ -190,7 +195,7 @@ class BatchHandler:
         if result.docs:
             await self._retry("save", lambda: self.store.save_docs(result.docs, fence))
         if dead:  # the models pass over them too (a replay after a restart must not learn them)
-            self.step.advance([(f"{msg.topic}:{msg.partition}", msg.offset) for msg, _ in dead], dead=True)
+            self.step.advance([msg.position for msg, _ in dead], dead=True)
         t5 = clock()
 
         try:
@@ -296,7 +301,7 @@ class BatchHandler:
         if since is not None:
             self.metrics.output_blocked.set(0)
             log.info("publishing works again after %.1f s", time.monotonic() - since)
-        self._ready("output", "Kafka accepts what the worker publishes")
+            self._ready("output", "Kafka accepts what the worker publishes")
 
     async def _retry(self, op: str, call: Callable[[], Awaitable]) -> object:
         """``call()`` until it succeeds; Redis and connection errors are retried with back-off
