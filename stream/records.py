@@ -231,11 +231,6 @@ def _invalid_from_validation(message: str) -> InvalidEvent:
         if rule.startswith("of length <="):
             limit = MAX_TEXT_CHARS if field in TEXT_FIELDS else MAX_ID_CHARS
             return InvalidEvent("too_long", f"{where}: longer than {limit} characters", field)
-        if rule.startswith("matching regex"):
-            if field in TEXT_FIELDS:
-                return InvalidEvent("bad_text", f"{where}: free text may not hold control characters (U+0000-U+001F, U+007F-U+009F)", field)
-            return InvalidEvent("bad_id", f"{where}: an id must hold something besides whitespace, and no control characters "
-                                          "(U+0000-U+001F, U+007F-U+009F); leave an optional id out (or null) for none", field)
         if field == "ts" and rule.startswith("<="):
             return InvalidEvent("ts_out_of_window", f"{where}: must be epoch milliseconds up to {MAX_TS_MS} (the year 9999)", field)
         if field in ("quantity", "price") and rule.startswith("<="):
