@@ -91,10 +91,16 @@ def train(
     torch.set_num_threads(threads)
     if format == "synthetic" and limit is None:
         limit = 20_000
+    if dataset is not None and dataset.is_dir():
+        logs = sorted(p.name for p in dataset.iterdir() if p.is_file() and p.suffix in (".txt", ".csv", ".jsonl"))
+        hint = f" (it holds {', '.join(logs[:6])})" if logs else ""
+        raise typer.BadParameter(f"{dataset} is a folder; train on one log file in it{hint}, e.g. "
+                                 f"--dataset {dataset}/yoochoose-clicks-100k_train_full.txt --format yoochoose",
+                                 param_hint="--dataset")
     try:
         events = list(read_interactions(dataset, format, limit))
-    except ValueError as exc:  # DatasetError names the file and line
-        raise typer.BadParameter(str(exc)) from exc
+    except (ValueError, OSError) as exc:  # DatasetError names the file and line
+        raise typer.BadParameter(str(exc), param_hint="--dataset") from None
     sequences = sequences_from_interactions(events)
     console.print(f"read {len(events):,} events, {len(sequences):,} users from {dataset or 'the synthetic generator'} ({format})")
     tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, patience=patience,

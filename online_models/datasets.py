@@ -25,9 +25,11 @@ import csv
 import itertools
 import json
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+from online_models.metrics import RankingMetrics
 from online_models.types import Interaction
 
 FORMATS = ("taobao", "yoochoose", "otto", "synthetic")
@@ -198,9 +200,95 @@ def time_ordered(interactions: Iterable[Interaction]) -> list[Interaction]:
     return sorted(interactions, key=lambda x: x.ts)
 
 
+# -- the session-rec YooChoose folder -------------------------------------------------------
+TRAIN_FILE = "yoochoose-clicks-100k_train_full.txt"
+TEST_FILE = "yoochoose-clicks-100k_test.txt"
+#: The validation split of the same folder: train_tr is train_full without its last day,
+#: train_valid that day. Everything is tuned on it; the test is run once.
+VALID_TRAIN_FILE = "yoochoose-clicks-100k_train_tr.txt"
+VALID_FILE = "yoochoose-clicks-100k_train_valid.txt"
+SPLITS = {"test": (TRAIN_FILE, TEST_FILE), "valid": (VALID_TRAIN_FILE, VALID_FILE)}
+#: The published figures the reference files must reproduce (data README).
+REFERENCE_EXPECTED = {"vsknn": (0.6098, 0.3342), "ar": (0.5917, 0.3160), "gru4rec": (0.5711, 0.3289),
+                      "sr": (0.5607, 0.3275)}
+
+
+def read_reference_lists(folder: str | Path) -> dict[str, dict[tuple[str, int], list[str]]]:
+    """``{algorithm: {(session, position): ranked items}}`` from ``recoms_*_<algo>.csv``."""
+    out: dict[str, dict[tuple[str, int], list[str]]] = {}
+    for path in sorted(Path(folder).glob("recoms_*.csv")):
+        algo = path.stem.rsplit("_", 1)[-1]
+        lists: dict[tuple[str, int], list[str]] = {}
+        with path.open(newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh, delimiter=";"):
+                lists[(row["SessionId"], int(row["Position"]))] = row["Recommendations"].split(",")
+        out[algo] = lists
+    return out
+
+
+def sessions_of(test: Iterable[Interaction]) -> dict[str, list[Interaction]]:
+    """Test events by session (file order of first appearance), each in time order."""
+    out: dict[str, list[Interaction]] = {}
+    for x in test:
+        out.setdefault(x.session_id if x.session_id is not None else x.user_id, []).append(x)
+    for seq in out.values():
+        seq.sort(key=lambda x: x.ts)
+    return out
+
+
+def score_references(
+    references: Mapping[str, Mapping[tuple[str, int], list[str]]],
+    sessions: Mapping[str, list[Interaction]],
+    ks: Sequence[int],
+) -> dict[str, dict[str, Any]]:
+    """HR/MRR/NDCG of the saved lists against each session's next click."""
+    out: dict[str, dict[str, Any]] = {}
+    for algo, lists in references.items():
+        m = RankingMetrics(ks)
+        for (sid, pos), ranked in lists.items():
+            seq = sessions.get(sid)
+            if seq is None:  # a test log cut short (--limit)
+                continue
+            if pos + 1 >= len(seq):
+                raise ValueError(f"reference {algo}: session {sid} position {pos} has no next click in the test log")
+            m.update(ranked, seq[pos + 1].item_id)
+        out[algo] = {"predictions": m.n, **m.summary()}
+        if algo in REFERENCE_EXPECTED:
+            out[algo]["published"] = dict(zip(("HR@20", "MRR@20"), REFERENCE_EXPECTED[algo], strict=True))
+    return out
+
+
+def load_folder(folder: str | Path, limit: int | None = None, split: str = "test"):
+    """``(train, test, references)`` from a session-rec YooChoose folder; ``limit`` keeps
+    the first ``limit`` test sessions (99 covers the saved lists). ``split="valid"``:
+    train on ``train_tr`` and predict ``train_valid`` (no saved lists: they are for the test)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} ({', '.join(SPLITS)})")
+    folder = Path(folder)
+    train_file, test_file = SPLITS[split]
+    for name in (train_file, test_file):
+        if not (folder / name).is_file():
+            raise DatasetError(f"{folder} has no {name}: expected the session-rec YooChoose folder "
+                               f"({TRAIN_FILE}, {TEST_FILE}, {VALID_TRAIN_FILE}, {VALID_FILE})")
+    train = list(read_yoochoose(folder / train_file))
+    test = list(read_yoochoose(folder / test_file))
+    if limit is not None:
+        keep = set(list(dict.fromkeys(x.session_id for x in test))[:limit])
+        test = [x for x in test if x.session_id in keep]
+    refs = {}
+    if split == "test" and (folder / "recommendations").is_dir():
+        refs = read_reference_lists(folder / "recommendations")
+    return train, test, refs
+
+
 __all__ = [
     "FORMATS",
+    "SPLITS",
     "DatasetError",
+    "load_folder",
+    "read_reference_lists",
+    "score_references",
+    "sessions_of",
     "read_interactions",
     "read_otto",
     "read_taobao",

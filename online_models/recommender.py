@@ -48,6 +48,7 @@ from online_models.mf import ImplicitMF
 from online_models.popularity import TrendingPopularity
 from online_models.reminder import RecentlyViewed
 from online_models.reranker import ClickReranker
+from online_models.session_knn import SessionHybrid
 from online_models.types import Interaction, ScoredItem, UserContext
 
 _RECENCY_SPAN = 20  # recent items that get a recency feature
@@ -59,7 +60,7 @@ def _default_weights() -> dict[str, float]:
     # with it, 0.0486 without) nor YooChoose's validation (docs/architecture.md), and it was
     # half of the worker's CPU per event (learn 58, propose 50, rank 57 of 318 µs). Give it a
     # weight (``STREAMREC_BLEND_WEIGHTS=mf=0.2``) to run it.
-    return {"covisit": 1.0, "reminder": 1.0, "trending": 0.3, "mf": 0.0, "transformer": 1.0}
+    return {"covisit": 1.0, "reminder": 1.0, "trending": 0.3, "mf": 0.0, "session_hybrid": 0.0, "transformer": 1.0}
 
 
 def parse_weights(spec: str | None) -> dict[str, float]:
@@ -87,8 +88,10 @@ def parse_weights(spec: str | None) -> dict[str, float]:
 class RecommenderConfig:
     """Tunables of the blend; a model never reads settings itself."""
 
+    #: items per list and candidates scored per list (the worker's STREAMREC_TOP_K and
+    #: STREAMREC_CANDIDATES, whose defaults are these)
     k: int = 20
-    n_candidates: int = 200
+    n_candidates: int = 50
     #: per source (learner name, or an ``extra_scores`` key such as ``"transformer"``); 0 = off
     weights: dict[str, float] = field(default_factory=_default_weights)
     max_per_category: int | None = None
@@ -138,7 +141,7 @@ class Recommender:
 
     #: the learners :meth:`default` can build, by name
     DEFAULT_LEARNERS = {"covisit": CoVisitation, "reminder": RecentlyViewed, "trending": TrendingPopularity,
-                        "mf": ImplicitMF}
+                        "mf": ImplicitMF, "session_hybrid": SessionHybrid}
 
     @classmethod
     def default(cls, config: RecommenderConfig | None = None, seed: int = 0) -> Self:
@@ -182,6 +185,11 @@ class Recommender:
         """:meth:`learn_one` for each ``(event, context before it)``, in order."""
         for x, user in xs:
             self.learn_one(x, user)
+
+    def forget_ranked(self, user_id: str, items: Sequence[ScoredItem] = ()) -> None:
+        """Drop the last :meth:`rank` for ``user_id`` without recording it as shown (a list
+        that was not published, or an evaluation whose models do not learn)."""
+        self._ranked.pop(user_id, None)
 
     def record_shown(self, user_id: str, items: Sequence[ScoredItem]) -> None:
         """Remember what was published to ``user_id`` (from the last :meth:`rank` for them)."""

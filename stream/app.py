@@ -17,15 +17,13 @@ from pathlib import Path
 import faust
 import mode
 
-from online_models import Recommender, RecommenderConfig
-from online_models.recommender import parse_weights
+from online_models import Recommender
 from stream import consumer, snapshots
 from stream.batching import drop_stale, take_batches
-from stream.errors import ConfigError
 from stream.health import Health, check_readiness
 from stream.lag import LagMetrics, update_lag
 from stream.metrics import Metrics
-from stream.pipeline import RecommendationStep, StepConfig
+from stream.pipeline import RecommendationStep
 from stream.publisher import BatchPublisher
 from stream.replay import gaps, replay
 from stream.retry import Backoff
@@ -184,25 +182,6 @@ def load_scorer(settings: Settings, metrics: Metrics, refused: set[str] | None =
     return scorer
 
 
-def recommender_config(settings: Settings) -> RecommenderConfig:
-    """The blend the worker runs: defaults, with ``STREAMREC_BLEND_WEIGHTS`` over them."""
-    config = RecommenderConfig(k=settings.top_k, n_candidates=settings.n_candidates,
-                               exclude_purchased=settings.exclude_purchased, max_items=settings.max_items,
-                               max_users=settings.max_users)
-    try:
-        overrides = parse_weights(settings.blend_weights)
-    except ValueError as exc:
-        raise ConfigError(f"STREAMREC_BLEND_WEIGHTS={settings.blend_weights!r}: {exc}") from None
-    known = {*Recommender.DEFAULT_LEARNERS, "transformer", "reranker"}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ConfigError(f"STREAMREC_BLEND_WEIGHTS names {', '.join(unknown)}; the sources are {', '.join(sorted(known))}")
-    if "reranker" in overrides:  # the click re-ranker's weight (0: it learns, but never reorders a list)
-        config.reranker_weight = overrides.pop("reranker")
-    config.weights = {**config.weights, **overrides}
-    return config
-
-
 def _broker_urls(bootstrap: str) -> list[str]:
     return [f"kafka://{hp.strip()}" for hp in bootstrap.split(",") if hp.strip()]
 
@@ -212,14 +191,11 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
     metrics = metrics or Metrics()
     health = health or Health()
     lag = LagMetrics(metrics.registry)
-    if recommender is None:
-        recommender = Recommender.default(recommender_config(settings))
     refused_models: set[str] = set()
     if scorer is None and load_model:
         scorer = load_scorer(settings, metrics, refused_models)
-    step = RecommendationStep(recommender, scorer, StepConfig(
-        top_k=settings.top_k, n_candidates=settings.n_candidates, max_recent=settings.recent_items,
-        dedupe_window=settings.dedupe_window, exclude_purchased=settings.exclude_purchased))
+    step = RecommendationStep.from_settings(settings, scorer, recommender)
+    recommender = step.recommender
     store = RedisUserStateStore.from_url(settings.redis_url, key_prefix=f"{settings.topic_prefix}", ttl_s=settings.state_ttl_s)
     shell = Shell(settings, metrics, step, store, health)
     topics = settings.topics

@@ -70,7 +70,7 @@ def show_settings() -> None:
 
 
 def _register_optional() -> None:
-    """Commands that live with their packages (produce/tail here, train in gpu_scorer, evaluate in online_models)."""
+    """Commands that live with their packages (produce/tail here, train in gpu_scorer, evaluate in stream.evaluate_cli)."""
     from stream.produce import produce
     from stream.tail import tail
 
@@ -79,7 +79,7 @@ def _register_optional() -> None:
     from gpu_scorer.cli import train
 
     app.command("train")(train)
-    from online_models.cli import evaluate
+    from stream.evaluate_cli import evaluate
 
     app.command("evaluate")(evaluate)
 

@@ -40,8 +40,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from online_models import Interaction, Recommender, UserContext
+from online_models import Interaction, Recommender, RecommenderConfig, UserContext
+from online_models.recommender import parse_weights
+from stream.errors import ConfigError
 from stream.records import Event, PurchaseEvent, Recommendation, RecommendedItem, encode
+from stream.settings import Settings
 from stream.state import UserState, apply_event, encode_state
 
 LIVE_CUTOFFS = (10, 20)
@@ -51,11 +54,22 @@ _RANK_CHUNK = 64
 
 @dataclass(frozen=True)
 class StepConfig:
-    top_k: int = 20
-    n_candidates: int = 100
-    max_recent: int = 50
-    dedupe_window: int = 256
-    exclude_purchased: bool = True
+    """The step's own knobs: what a user's state keeps. How many items a list holds, how many
+    candidates are scored and whether purchased items are excluded are the recommender's
+    (:class:`~online_models.RecommenderConfig`); :meth:`RecommendationStep.from_settings` sets
+    both from one :class:`~stream.settings.Settings`, whose defaults are these."""
+
+    max_recent: int = int(Settings.recent_items)
+    dedupe_window: int = int(Settings.dedupe_window)
+
+
+def rank_of(shown: Sequence[str], item: str) -> int | None:
+    """The 1-based position of ``item`` in the list ``shown``, or None when it is not there:
+    the one judgement both the live hit rate and the offline evaluation make."""
+    try:
+        return shown.index(item) + 1
+    except ValueError:
+        return None
 
 
 @dataclass
@@ -65,6 +79,15 @@ class LiveQuality:
     judged: int = 0
     hits: dict[int, int] = field(default_factory=lambda: dict.fromkeys(LIVE_CUTOFFS, 0))
     reciprocal_rank_sum: float = 0.0
+
+    def add(self, rank: int | None) -> None:
+        self.judged += 1
+        if rank is None:
+            return
+        for k in LIVE_CUTOFFS:
+            if rank <= k:
+                self.hits[k] += 1
+        self.reciprocal_rank_sum += 1.0 / rank
 
 
 @dataclass(frozen=True)
@@ -102,12 +125,34 @@ class StepResult:
     #: events the models learned without a change of state (the state already held them)
     learned_only: int = 0
     failures: list[Failure] = field(default_factory=list)
+    #: every applied event of a user with an earlier event, with the list it was judged
+    #: against: ``(index in the batch, the latest list published to the user before it)``
+    judged: list[tuple[int, list[str]]] = field(default_factory=list)
 
 
 def source_of(topic: str, partition: int) -> str:
     """The name a position gives the input partition an event came from: ``"topic:partition"``
     (the user state's offsets and the models' watermark are keyed by it)."""
     return f"{topic}:{partition}"
+
+
+def recommender_config(settings: Settings) -> RecommenderConfig:
+    """The blend the worker runs: the defaults, with ``STREAMREC_BLEND_WEIGHTS`` over them."""
+    config = RecommenderConfig(k=settings.top_k, n_candidates=settings.n_candidates,
+                               exclude_purchased=settings.exclude_purchased, max_items=settings.max_items,
+                               max_users=settings.max_users)
+    try:
+        overrides = parse_weights(settings.blend_weights)
+    except ValueError as exc:
+        raise ConfigError(f"STREAMREC_BLEND_WEIGHTS={settings.blend_weights!r}: {exc}") from None
+    known = {*Recommender.DEFAULT_LEARNERS, "transformer", "reranker"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"STREAMREC_BLEND_WEIGHTS names {', '.join(unknown)}; the sources are {', '.join(sorted(known))}")
+    if "reranker" in overrides:  # the click re-ranker's weight (0: it learns, but never reorders a list)
+        config.reranker_weight = overrides.pop("reranker")
+    config.weights = {**config.weights, **overrides}
+    return config
 
 
 def to_interaction(ev: Event) -> Interaction:
@@ -177,6 +222,17 @@ class RecommendationStep:
         self.config = config or StepConfig()
         self._dead_letters: dict[tuple[str, int], None] = {}
 
+    @classmethod
+    def from_settings(cls, settings: Settings, scorer=None, recommender: Recommender | None = None
+                      ) -> RecommendationStep:
+        """The step the worker runs under ``settings``: :func:`recommender_config`'s blend
+        (unless ``recommender`` is given), ``scorer`` and the state knobs. The worker, the
+        evaluation and the benchmarks all build their step here."""
+        if recommender is None:
+            recommender = Recommender.default(recommender_config(settings))
+        return cls(recommender, scorer, StepConfig(max_recent=settings.recent_items,
+                                                   dedupe_window=settings.dedupe_window))
+
     def model_versions(self) -> dict[str, str]:
         versions = {name: str(v) for name, v in self.recommender.versions.items()}
         if self.scorer is not None:
@@ -187,7 +243,7 @@ class RecommendationStep:
         return versions
 
     def __call__(self, events: Sequence[Event], states: dict[str, UserState], now_ms: Callable[[], int],
-                 positions: Sequence[tuple[str, int]] | None = None) -> StepResult:
+                 positions: Sequence[tuple[str, int]] | None = None, learn: bool = True) -> StepResult:
         """``states`` holds the loaded state of every user in ``events`` (missing users start
         fresh); it is read, never changed. ``now_ms`` stamps ``generated_ts``.
 
@@ -210,6 +266,9 @@ class RecommendationStep:
             del plan.states[uid]
 
         t1 = clock()
+        if not learn:
+            plan.lessons.clear()
+            plan.learn_only.clear()
         failed_learning = self._learn(events, positions, plan, failures)
         if failed_learning:  # their users' states and lists, again without the events taken out
             out = {f.index for f in failures}
@@ -227,7 +286,7 @@ class RecommendationStep:
             ranked.update(again)
             for uid in failed_again:  # learned already: applied, but no list this time
                 ranked.pop(uid, None)
-        record_shown = self.recommender.record_shown
+        record_shown = self.recommender.record_shown if learn else self.recommender.forget_ranked
         for uid, r in ranked.items():
             record_shown(uid, r.items)
         self._advance(positions)
@@ -248,10 +307,10 @@ class RecommendationStep:
                 state.last_recommended = []
                 new_states[uid], docs[uid] = state, encode_state(state)
         applied = sorted(i for idx in plan.applied.values() for i in idx)
-        live = self._live(events, states, plan.applied)
+        live, judged = self._judge(events, states, plan.applied)
         failures.sort(key=lambda f: f.index)
         return StepResult(new_states, docs, recommendations, payloads, [events[i] for i in applied], plan.duplicates,
-                          timings, live, learned_only=plan.learned_only, failures=failures)
+                          timings, live, learned_only=plan.learned_only, failures=failures, judged=judged)
 
     def relearn(self, events: Sequence[Event], positions: Sequence[tuple[str, int]],
                 seen: set[tuple[str, str]] | None = None) -> int:
@@ -370,11 +429,10 @@ class RecommendationStep:
     def _rank(self, users: list[str], states: dict[str, UserState], events: Sequence[Event],
               applied: dict[str, list[int]], versions: dict[str, str], now_ms: Callable[[], int],
               timings: dict[str, float]) -> dict[str, _Ranked]:
-        cfg = self.config
         clock = time.perf_counter
         t1 = clock()
         contexts = [user_context(states[u]) for u in users]
-        candidates = self.recommender.candidates_many(contexts, cfg.n_candidates)
+        candidates = self.recommender.candidates_many(contexts)
         t2 = clock()
         extra: list[dict[str, np.ndarray] | None] = [None] * len(contexts)
         if self.scorer is not None and contexts:
@@ -390,11 +448,8 @@ class RecommendationStep:
         lists: list[list[RecommendedItem]] = []
         for at in range(0, len(contexts), _RANK_CHUNK):
             chunk = contexts[at:at + _RANK_CHUNK]
-            for ctx, ranked in zip(chunk, rank_many(chunk, candidates[at:at + _RANK_CHUNK], cfg.top_k,
-                                                    extra[at:at + _RANK_CHUNK]), strict=True):
-                if cfg.exclude_purchased and ctx.purchased:
-                    ranked = [r for r in ranked if r.item_id not in ctx.purchased]
-                lists.append(ranked)  # ScoredItem is RecommendedItem: published as ranked
+            # ScoredItem is RecommendedItem: published as ranked (purchased items are out already)
+            lists.extend(rank_many(chunk, candidates[at:at + _RANK_CHUNK], None, extra[at:at + _RANK_CHUNK]))
         generated = now_ms()
         out: dict[str, _Ranked] = {}
         for uid, items in zip(users, lists, strict=True):
@@ -450,21 +505,20 @@ class RecommendationStep:
 
     # -- live quality ---------------------------------------------------------------------
     @staticmethod
-    def _live(events: Sequence[Event], states: dict[str, UserState], applied: dict[str, list[int]]) -> LiveQuality:
-        """Was each user's first event of the batch in the last list sent to them?"""
+    def _judge(events: Sequence[Event], states: dict[str, UserState], applied: dict[str, list[int]]
+               ) -> tuple[LiveQuality, list[tuple[int, list[str]]]]:
+        """Judge every applied event of a user who had an earlier event against the latest list
+        published to them before it: the list their state held when the batch began (no list
+        is published within a batch). A user with history but no list yet is judged a miss."""
         live = LiveQuality()
+        judged: list[tuple[int, list[str]]] = []
+        empty: list[str] = []
         for uid, idx in applied.items():
             before = states.get(uid)
-            shown = before.last_recommended if before is not None else None
-            if not shown:
-                continue
-            live.judged += 1
-            try:
-                rank = shown.index(events[idx[0]].item_id) + 1
-            except ValueError:
-                continue
-            for k in LIVE_CUTOFFS:
-                if rank <= k:
-                    live.hits[k] += 1
-            live.reciprocal_rank_sum += 1.0 / rank
-        return live
+            had_history = before is not None and (before.clicks or before.purchases or before.recent_items)
+            shown = before.last_recommended if before is not None else empty
+            for n in (idx if had_history else idx[1:]):
+                judged.append((n, shown))
+                live.add(rank_of(shown, events[n].item_id))
+        judged.sort()
+        return live, judged

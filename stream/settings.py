@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from online_models.recommender import RecommenderConfig
 from stream.errors import ConfigError
 from stream.records import MAX_DEPTH, MAX_PRICE, MAX_QUANTITY, Bounds
 
@@ -67,7 +68,7 @@ class Settings:
     kafka_bootstrap: str = _env("STREAMREC_KAFKA_BOOTSTRAP", "127.0.0.1:9092", "Kafka bootstrap servers, host:port[,host:port]")
     redis_url: str = _env("STREAMREC_REDIS_URL", "redis://127.0.0.1:6379/0", "Redis URL for user state", secret=True)
     topic_prefix: str = _env("STREAMREC_TOPIC_PREFIX", "streamrec.", "prefix of every topic name")
-    top_k: int = _env("STREAMREC_TOP_K", "20", "items per recommendation")
+    top_k: int = _env("STREAMREC_TOP_K", str(RecommenderConfig.k), "items per recommendation")
     model_dir: Path = _env("STREAMREC_MODEL_DIR", "models", "the Transformer scorer's model registry")
     metrics_port: int = _env("STREAMREC_METRICS_PORT", "9464", "port of the Prometheus /metrics endpoint (0: off)")
     scorer_device: str = _env("STREAMREC_SCORER_DEVICE", "auto", "auto, cuda or cpu")
@@ -76,11 +77,11 @@ class Settings:
     batch_size: int = _env("STREAMREC_BATCH_SIZE", "2000", "most events in one micro-batch")
     batch_timeout_ms: int = _env("STREAMREC_BATCH_TIMEOUT_MS", "20", "longest wait, from its first event, to fill a micro-batch")
     recent_items: int = _env("STREAMREC_RECENT_ITEMS", "50", "length of each user's recent-item sequence")
-    n_candidates: int = _env("STREAMREC_CANDIDATES", "50", "candidates scored per recommendation")
+    n_candidates: int = _env("STREAMREC_CANDIDATES", str(RecommenderConfig.n_candidates), "candidates scored per recommendation")
     blend_weights: str = _env("STREAMREC_BLEND_WEIGHTS", "", "blend weights over the defaults, e.g. mf=0.2 (covisit, reminder, trending, mf, transformer, and reranker for the click re-ranker; 0: off)")
-    exclude_purchased: bool = _env("STREAMREC_EXCLUDE_PURCHASED", "true", "never recommend an item the user bought")
-    max_items: int = _env("STREAMREC_MAX_ITEMS", "300000", "items each online model keeps (counts, neighbours, factors); past it the least recently seen or least weighty go")
-    max_users: int = _env("STREAMREC_MAX_USERS", "100000", "users and sessions each online model keeps (histories, sessions, user factors); past it the least recently active go")
+    exclude_purchased: bool = _env("STREAMREC_EXCLUDE_PURCHASED", str(RecommenderConfig.exclude_purchased).lower(), "never recommend an item the user bought")
+    max_items: int = _env("STREAMREC_MAX_ITEMS", str(RecommenderConfig.max_items), "items each online model keeps (counts, neighbours, factors); past it the least recently seen or least weighty go")
+    max_users: int = _env("STREAMREC_MAX_USERS", str(RecommenderConfig.max_users), "users and sessions each online model keeps (histories, sessions, user factors); past it the least recently active go")
     dedupe_window: int = _env("STREAMREC_DEDUPE_WINDOW", "256", "latest event ids kept per user to catch a producer's duplicates")
     state_ttl_s: int = _env("STREAMREC_STATE_TTL_S", "2592000", "idle time after which a user's state expires (0: never)")
     session_timeout_s: int = _env("STREAMREC_KAFKA_SESSION_TIMEOUT_S", "30", "a worker that stops heartbeating is replaced after this long")

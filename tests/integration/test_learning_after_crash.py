@@ -23,8 +23,7 @@ from workerkit import (
 
 from online_models import Recommender
 from online_models.datasets import synthetic_interactions
-from stream.app import recommender_config
-from stream.pipeline import RecommendationStep, StepConfig
+from stream.pipeline import RecommendationStep
 from stream.records import ClickEvent, decode_recommendation, encode
 from stream.settings import Settings
 from stream.topics import ensure_topics
@@ -103,9 +102,7 @@ def expected_lists(env: dict[str, str], events: list[ClickEvent]) -> dict[str, l
     """The lists an uninterrupted worker with ``env``'s settings publishes, one event per batch:
     the worker's own step, run here."""
     settings = Settings.from_env(env)
-    step = RecommendationStep(Recommender.default(recommender_config(settings)), None, StepConfig(
-        top_k=settings.top_k, n_candidates=settings.n_candidates, max_recent=settings.recent_items,
-        dedupe_window=settings.dedupe_window, exclude_purchased=settings.exclude_purchased))
+    step = RecommendationStep.from_settings(settings)
     states: dict = {}
     out = {}
     for offset, ev in enumerate(events):

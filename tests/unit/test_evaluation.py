@@ -1,4 +1,4 @@
-"""The two evaluation protocols and `streamrec evaluate`: no peeking, exact counting, outputs."""
+"""`streamrec evaluate`: the worker's own step and settings, judged as the live hit rate judges."""
 
 from __future__ import annotations
 
@@ -9,34 +9,30 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from online_models.cli import evaluate
-from online_models.datasets import read_otto, synthetic_interactions
-from online_models.evaluation import ContextTracker, blend_verdict, build_contenders, prequential
-from online_models.session_protocol import (
+from online_models.datasets import (
+    DatasetError,
+    load_folder,
+    read_otto,
     read_reference_lists,
+    read_yoochoose,
     score_references,
-    session_rec,
     sessions_of,
+    synthetic_interactions,
 )
-from online_models.types import Interaction, UserContext
+from online_models.types import Interaction
+from stream.evaluate_cli import evaluate
+from stream.evaluation import (
+    SERVED,
+    build_contender,
+    prequential,
+    session_rec,
+    to_event,
+    verdict,
+)
+from stream.pipeline import RecommendationStep, StepConfig, recommender_config
+from stream.settings import Settings
 
 OTTO = Path(__file__).resolve().parents[1] / "data" / "otto-sample.jsonl"
-
-
-class Spy:
-    """A contender that recommends the user's last item and logs every call."""
-
-    name = "spy"
-
-    def __init__(self):
-        self.calls: list[tuple] = []
-
-    def recommend(self, user: UserContext, k: int) -> list[str]:
-        self.calls.append(("recommend", user.user_id, user.recent_items))
-        return list(user.recent_items[-1:])
-
-    def learn(self, x: Interaction, user: UserContext) -> None:
-        self.calls.append(("learn", x.user_id, x.item_id))
 
 
 def events(spec: str) -> list[Interaction]:
@@ -48,71 +44,95 @@ def events(spec: str) -> list[Interaction]:
     return out
 
 
-def test_prequential_recommends_before_learning_and_skips_first_events():
-    spy = Spy()
-    report = prequential(events("u1:a u2:b u1:a u1:c u2:b"), contenders=[spy], ks=(1,))
-    assert spy.calls == [
-        ("learn", "u1", "a"),
-        ("learn", "u2", "b"),
-        ("recommend", "u1", ("a",)), ("learn", "u1", "a"),
-        ("recommend", "u1", ("a", "a")), ("learn", "u1", "c"),
-        ("recommend", "u2", ("b",)), ("learn", "u2", "b"),
-    ]
-    m = report["models"]["spy"]
-    assert m["predictions"] == 3 and m["HR@1"] == round(2 / 3, 4)
+def cli() -> typer.Typer:
+    app = typer.Typer()
+    app.command("evaluate")(evaluate)
+    app.command("noop")(lambda: None)  # keep the command name as a subcommand
+    return app
 
 
-def test_replay_is_in_time_order_whatever_the_file_order():
-    spy = Spy()
-    xs = events("u1:a u1:b u1:c")
-    prequential(reversed(xs), contenders=[spy], ks=(5,))
-    assert [c[2] for c in spy.calls if c[0] == "learn"] == ["a", "b", "c"]
+def test_served_is_the_step_the_worker_builds_from_the_same_settings():
+    settings = Settings.from_env({"STREAMREC_CANDIDATES": "30", "STREAMREC_BLEND_WEIGHTS": "trending=0.1",
+                                  "STREAMREC_RECENT_ITEMS": "7"})
+    served = build_contender(SERVED, settings)
+    assert isinstance(served.step, RecommendationStep)
+    assert served.step.recommender.config == recommender_config(settings)
+    assert served.step.config == StepConfig(max_recent=7, dedupe_window=settings.dedupe_window)
+    assert served.step.recommender.config.n_candidates == 30 and served.step.recommender.config.weights["trending"] == 0.1
+    # one default per knob: the worker's settings, the recommender's and the step's agree
+    default = Settings.from_env({})
+    assert recommender_config(default) == type(recommender_config(default))()
+    assert StepConfig() == RecommendationStep.from_settings(default).config
 
 
-def test_context_tracker_keeps_recent_purchased_and_is_bounded():
-    tracker = ContextTracker(max_recent=2, max_users=2)
-    for x in [Interaction("u", "a", 1), Interaction("u", "b", 2, "purchase"), Interaction("u", "c", 3, session_id="s")]:
-        tracker.update(x)
-    ctx = tracker.context("u")
-    assert ctx.recent_items == ("b", "c") and ctx.purchased == {"b"} and ctx.session_id == "s" and ctx.ts == 3
-    tracker.update(Interaction("v", "a", 4))
-    tracker.update(Interaction("w", "a", 5))
-    assert tracker.context("u").recent_items == ()
+def test_a_baseline_is_the_same_step_over_one_learner():
+    c = build_contender("covisit", Settings.from_env({}))
+    assert list(c.step.recommender.learners) == ["covisit"]
+    assert c.step.recommender.config.weights == {"covisit": 1.0} and c.step.recommender.config.reranker_weight == 0
+    with pytest.raises(ValueError, match="unknown model 'nope'.*served"):
+        build_contender("nope", Settings.from_env({}))
 
 
-def test_prequential_reports_every_contender_with_latency_and_coverage():
-    report = prequential(synthetic_interactions(n_events=800, seed=4), models=["popularity", "covisit", "blend"])
-    assert set(report["models"]) == {"popularity", "covisit", "blend"}
-    for m in report["models"].values():
-        assert 0 < m["predictions"] < 800
-        assert 0.0 <= m["HR@10"] <= m["HR@20"] <= 1.0 and 0.0 <= m["MRR@20"] <= m["NDCG@20"] <= m["HR@20"]
-        assert 0.0 < m["coverage@20"] <= 1.0
-        assert m["latency_ms"]["event_p50"] <= m["latency_ms"]["event_p99"]
-    assert report["curves"]["blend"][-1][0] == 800
-    assert "blend" in report["verdict"]
+def test_each_event_is_judged_against_the_list_the_step_published_before_it():
+    """The evaluator judges exactly what the worker published: the list of the Recommendation
+    sent after the user's previous event (one event per batch)."""
+    log = list(synthetic_interactions(n_events=600, seed=4))
+    c = build_contender(SERVED, Settings.from_env({}))
+    published: dict[str, list[str]] = {}
+    judged = 0
+    for n, x in enumerate(log):
+        ev = to_event(x, n)
+        result, before = c.feed([ev])
+        if x.user_id in published:
+            assert result.judged == [(0, published[x.user_id])]
+            judged += 1
+        else:
+            assert result.judged == []
+        assert result.live.judged == len(result.judged)
+        for rec in result.recommendations:
+            published[rec.user_id] = [it.item_id for it in rec.items]
+    report = prequential(log, [SERVED])
+    assert report["models"][SERVED]["predictions"] == judged > 0
 
 
-def test_external_scorer_is_called_on_the_blends_candidates():
-    seen = []
-
-    def scorer(user, candidates):
-        seen.append(len(candidates))
-        return {c: -float(i) for i, c in enumerate(candidates)}
-
-    report = prequential(synthetic_interactions(n_events=300, seed=1), models=["blend"], scorer=scorer, ks=(20,))
-    assert {"blend", "scorer"} == set(report["models"]) and seen and max(seen) > 0
-    assert report["models"]["scorer"]["predictions"] == report["models"]["blend"]["predictions"]
+def test_prequential_never_peeks_an_item_first_seen_at_its_own_event_is_a_miss():
+    log = events("u1:a u2:a u1:b u2:b u1:new")
+    report = prequential(log, [SERVED, "popularity"], ks=(20,))
+    for name in (SERVED, "popularity"):
+        m = report["models"][name]
+        assert m["predictions"] == 3  # u2's second event, u1's second and third
+    # u2:b is predictable (u1 went a -> b before); u1:new can never be
+    assert report["models"][SERVED]["HR@20"] <= 2 / 3
 
 
-def test_unknown_model_names_are_refused_with_the_choices():
-    with pytest.raises(ValueError, match="unknown model 'nope'.*covisit"):
-        build_contenders(["nope"])
+def test_a_larger_batch_judges_several_events_of_a_user_against_the_same_older_list():
+    log = events("u1:a u1:b u1:c u1:d u1:e u1:f")
+    one = prequential(log, [SERVED], ks=(20,), batch_size=1)["models"][SERVED]
+    three = prequential(log, [SERVED], ks=(20,), batch_size=3)["models"][SERVED]
+    assert one["predictions"] == three["predictions"] == 5  # every event after the first, whatever the batch
 
 
-def test_blend_verdict():
-    models = {"popularity": {"HR@20": 0.1}, "covisit": {"HR@20": 0.3}, "blend": {"HR@20": 0.31}}
-    assert blend_verdict(models, 20)["blend"] == {"beats_every_baseline": True, "best_baseline": "covisit",
-                                                  "margin": 0.01}
+def test_report_has_history_split_diversity_novelty_and_coverage():
+    report = prequential(synthetic_interactions(n_events=1500, seed=3), [SERVED, "popularity", "covisit",
+                                                                        "recent_popularity"])
+    served = report["models"][SERVED]
+    assert set(served["history"]) == {"1-2", "3-10", ">10"}
+    assert sum(b["predictions"] for b in served["history"].values()) == served["predictions"]
+    assert 0.0 <= served["diversity"] <= 1.0  # the synthetic log has categories
+    assert served["novelty"] >= 1 and 0 < served["coverage@20"] <= 1
+    assert report["models"]["popularity"]["novelty"] < served["novelty"]  # popularity shows the head
+    assert report["verdict"][SERVED]["beats_every_baseline"]
+    assert report["settings"]["STREAMREC_CANDIDATES"] == "50"
+
+
+def test_verdict():
+    models = {"popularity": {"HR@20": 0.1}, "covisit": {"HR@20": 0.3}, SERVED: {"HR@20": 0.31}}
+    assert verdict(models, 20)[SERVED] == {"beats_every_baseline": True, "best_baseline": "covisit", "margin": 0.01}
+
+
+def test_cut_offs_longer_than_the_published_list_are_refused():
+    with pytest.raises(ValueError, match="STREAMREC_TOP_K"):
+        prequential(events("u1:a u1:b"), [SERVED], ks=(50,))
 
 
 def write_session_rec_folder(folder: Path) -> None:
@@ -131,8 +151,6 @@ def write_session_rec_folder(folder: Path) -> None:
 def test_reference_lists_are_scored_against_the_next_click(tmp_path):
     write_session_rec_folder(tmp_path)
     refs = read_reference_lists(tmp_path / "recommendations")
-    from online_models.datasets import read_yoochoose
-
     sessions = sessions_of(read_yoochoose(tmp_path / "yoochoose-clicks-100k_test.txt"))
     scored = score_references(refs, sessions, (1, 20))["algo"]
     assert scored["predictions"] == 3 and scored["HR@20"] == round(2 / 3, 4) and scored["MRR@20"] == 0.5
@@ -141,20 +159,31 @@ def test_reference_lists_are_scored_against_the_next_click(tmp_path):
 
 def test_session_rec_frozen_and_learning(tmp_path):
     write_session_rec_folder(tmp_path)
-    from online_models.session_protocol import load_folder
-
     train, test, refs = load_folder(tmp_path)
-    report = session_rec(train, test, models=["session_knn"], ks=(20,), references=refs)
-    frozen, learning = report["models"]["session_knn"]["frozen"], report["models"]["session_knn"]["learning"]
-    assert report["test_predictions"] == frozen["predictions"] == learning["predictions"] == 3
-    assert frozen["HR@20"] == round(2 / 3, 4)  # a->b, b->c found; z was never seen after x
-    assert frozen["saved_pairs"]["predictions"] == 3
+    report = session_rec(train, test, models=[SERVED, "session_knn"], ks=(20,), references=refs)
+    for name in (SERVED, "session_knn"):
+        frozen, learning = report["models"][name]["frozen"], report["models"][name]["learning"]
+        assert report["test_predictions"] == frozen["predictions"] == learning["predictions"] == 3
+        assert frozen["saved_pairs"]["predictions"] == learning["saved_pairs"]["predictions"] == 3
+    assert report["models"]["session_knn"]["frozen"]["HR@20"] == round(2 / 3, 4)  # a->b, b->c; z never seen
     assert report["references"]["algo"]["HR@20"] == round(2 / 3, 4)
 
 
-def test_validation_split_reads_train_tr_and_train_valid_without_saved_lists(tmp_path):
-    from online_models.session_protocol import load_folder
+def test_frozen_mode_teaches_the_models_nothing(tmp_path):
+    write_session_rec_folder(tmp_path)
+    train, test, _ = load_folder(tmp_path)
+    c = build_contender(SERVED, Settings.from_env({}))
+    for n, x in enumerate(train):
+        c.feed([to_event(x, n)])
+    learned = c.step.recommender.n_learned
+    for n, x in enumerate(test):
+        result, _ = c.feed([to_event(x, 100 + n)], learn=False)
+        assert result.applied  # the user's state moves on
+    assert c.step.recommender.n_learned == learned
+    assert not c.step.recommender._ranked  # no list waits for a label that never comes
 
+
+def test_validation_split_reads_train_tr_and_train_valid_without_saved_lists(tmp_path):
     write_session_rec_folder(tmp_path)
     rows = "SessionId\tItemId\tTime\n"
     (tmp_path / "yoochoose-clicks-100k_train_tr.txt").write_text(rows + "1\ta\t1\n1\tb\t2\n")
@@ -166,69 +195,72 @@ def test_validation_split_reads_train_tr_and_train_valid_without_saved_lists(tmp
     assert len(train) == 8 and len(test) == 5 and set(refs) == {"algo"}
     with pytest.raises(ValueError, match="unknown split"):
         load_folder(tmp_path, split="train")
-    report = session_rec(*load_folder(tmp_path, split="valid")[:2], models=["session_knn"], ks=(2,))
-    assert report["test_predictions"] == 2 and report["models"]["session_knn"]["frozen"]["HR@2"] == 0.5
+    with pytest.raises(DatasetError, match="has no yoochoose-clicks-100k_train_full.txt"):
+        load_folder(tmp_path / "recommendations")
 
 
 def test_cli_prequential_json_and_png(tmp_path):
-    app = typer.Typer()
-    app.command("evaluate")(evaluate)
-    app.command("noop")(lambda: None)  # keep the command name as a subcommand
     png, js = tmp_path / "ev.png", tmp_path / "ev.json"
-    result = CliRunner().invoke(app, ["evaluate", "-d", str(OTTO), "-f", "otto", "-m", "popularity,covisit",
-                                      "--json", "--png-out", str(png), "--json-out", str(js)])
+    result = CliRunner().invoke(cli(), ["evaluate", "-d", str(OTTO), "-f", "otto", "-m", "served,popularity",
+                                        "--json", "--png-out", str(png), "--json-out", str(js)])
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
-    assert set(printed["models"]) == {"popularity", "covisit"} and printed["events"] == 862
+    assert set(printed["models"]) == {SERVED, "popularity"} and printed["events"] == 862
     assert json.loads(js.read_text())["models"] == printed["models"]
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cli_reads_the_worker_settings_from_the_environment():
+    ok = CliRunner().invoke(cli(), ["evaluate", "-n", "300", "-m", SERVED, "--json"],
+                            env={"STREAMREC_BLEND_WEIGHTS": "trending=0", "STREAMREC_CANDIDATES": "20"})
+    assert ok.exit_code == 0, ok.output
+    settings = json.loads(ok.stdout)["settings"]
+    assert settings["STREAMREC_BLEND_WEIGHTS"] == "trending=0" and settings["STREAMREC_CANDIDATES"] == "20"
+    bad = CliRunner().invoke(cli(), ["evaluate", "-n", "300"], env={"STREAMREC_BLEND_WEIGHTS": "nope=1"})
+    assert bad.exit_code == 2 and "STREAMREC_BLEND_WEIGHTS" in bad.output and "Traceback" not in bad.output
+
+
 def test_cli_session_rec_table_and_help(tmp_path):
     write_session_rec_folder(tmp_path)
-    app = typer.Typer()
-    app.command("evaluate")(evaluate)
-    app.command("noop")(lambda: None)
     runner = CliRunner()
-    result = runner.invoke(app, ["evaluate", "-p", "session-rec", "-d", str(tmp_path), "-m", "session_hybrid",
-                                 "--png-out", str(tmp_path / "s.png")])
+    result = runner.invoke(cli(), ["evaluate", "-p", "session-rec", "-d", str(tmp_path), "-m", "served,session_hybrid",
+                                   "--png-out", str(tmp_path / "s.png")], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
-    assert "session_hybrid" in result.stdout and "algo" in result.stdout
+    assert "served" in result.stdout and "session_hybrid" in result.stdout and "algo" in result.stdout
     assert (tmp_path / "s.png").exists()
-    helptext = runner.invoke(app, ["evaluate", "--help"]).stdout
-    assert "--protocol" in helptext and "session-rec" in helptext and "--json" in helptext
+    helptext = runner.invoke(cli(), ["evaluate", "--help"]).stdout
+    assert "--protocol" in helptext and "session-rec" in helptext and "--scorer-model" in helptext
 
 
 def test_otto_sample_is_readable():
     assert sum(1 for _ in read_otto(OTTO)) == 862
 
 
-def test_cli_session_rec_validation_split(tmp_path):
-    write_session_rec_folder(tmp_path)
-    rows = "SessionId\tItemId\tTime\n"
-    (tmp_path / "yoochoose-clicks-100k_train_tr.txt").write_text(rows + "1\ta\t1\n1\tb\t2\n")
-    (tmp_path / "yoochoose-clicks-100k_train_valid.txt").write_text(rows + "2\ta\t4\n2\tb\t5\n")
-    app = typer.Typer()
-    app.command("evaluate")(evaluate)
-    app.command("noop")(lambda: None)
-    runner = CliRunner()
-    result = runner.invoke(app, ["evaluate", "-p", "session-rec", "-d", str(tmp_path), "-m", "session_knn",
-                                 "--split", "valid", "--json"])
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
-    assert report["split"] == "valid" and report["test_predictions"] == 1 and report["references"] == {}
-    bad = runner.invoke(app, ["evaluate", "-p", "session-rec", "-d", str(tmp_path), "--split", "train"])
-    assert bad.exit_code != 0
+@pytest.mark.parametrize("args, hint", [
+    (["-p", "session-rec", "--split", "train"], "'train' is not one of"),
+    (["-p", "session-rec", "--mode", "thawed"], "'thawed' is not one of"),
+    (["-m", "blend"], "unknown model 'blend'"),
+    (["-k", "50"], "STREAMREC_TOP_K"),
+    (["--scorer-model", "/nonexistent/models"], "does not exist"),
+    (["--scorer-model", "{tmp}"], "holds no registered model"),
+    (["-d", "{tmp}"], "is a folder"),
+    (["-d", "{tmp}/missing.csv", "-f", "taobao"], "missing.csv"),
+    (["-p", "session-rec", "-d", "{tmp}"], "has no yoochoose-clicks-100k_train_full.txt"),
+])
+def test_cli_misuse_is_a_clear_error_not_a_traceback(tmp_path, args, hint):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = CliRunner().invoke(cli(), ["evaluate", *args], env={"COLUMNS": "500"})
+    assert result.exit_code == 2, result.output
+    assert hint in " ".join(result.output.split()) and "Traceback" not in result.output
 
 
-def test_cli_blend_weights_are_read_by_the_shared_parser():
+def test_train_on_a_folder_names_the_files_in_it(tmp_path):
+    from gpu_scorer.cli import train
+
+    (tmp_path / "log_a.txt").write_text("SessionId\tItemId\tTime\n")
     app = typer.Typer()
-    app.command("evaluate")(evaluate)
+    app.command("train")(train)
     app.command("noop")(lambda: None)
-    bad = CliRunner().invoke(app, ["evaluate", "-d", str(OTTO), "-f", "otto", "-m", "blend", "--blend-weights", "mf"])
-    assert bad.exit_code != 0 and "name=weight" in bad.output
-    ok = CliRunner().invoke(app, ["evaluate", "-d", str(OTTO), "-f", "otto", "-m", "blend", "--json",
-                                 "--blend-weights", "mf=0.2,trending=0"])
-    assert ok.exit_code == 0, ok.output
-    weights = json.loads(ok.stdout)["config"]["weights"]
-    assert weights["mf"] == 0.2 and weights["trending"] == 0.0 and weights["covisit"] == 1.0
+    result = CliRunner().invoke(app, ["train", "--dataset", str(tmp_path)])
+    assert result.exit_code == 2 and "is a folder" in result.output and "log_a.txt" in result.output
+    assert "Traceback" not in result.output

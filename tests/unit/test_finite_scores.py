@@ -50,7 +50,7 @@ def run(stream, cuts):
     (implicit MF included) and a re-ranker that starts reordering at once."""
     config = RecommenderConfig(k=10, n_candidates=30, weights={**RecommenderConfig().weights, "mf": 0.2},
                                reranker_min_samples=1, max_per_category=3)
-    step = RecommendationStep(Recommender.default(config), None, StepConfig(top_k=10, n_candidates=30))
+    step = RecommendationStep(Recommender.default(config), None, StepConfig())
     states: dict = {}
     published = []
     bounds = sorted({0, len(stream), *[c for c in cuts if 0 < c < len(stream)]})

@@ -52,7 +52,7 @@ def booby_step() -> RecommendationStep:
     config = RecommenderConfig(k=5, n_candidates=20, weights={**RecommenderConfig().weights, "booby": 1.0})
     default = Recommender.default(config)
     recommender = Recommender({"booby": _Booby(), **default.learners}, config)
-    return RecommendationStep(recommender, None, StepConfig(top_k=5, n_candidates=20))
+    return RecommendationStep(recommender, None, StepConfig())
 
 
 def clicks(*specs: tuple[str, str, str]) -> list[ClickEvent]:

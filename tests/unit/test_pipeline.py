@@ -44,7 +44,7 @@ def history(n_users=30, n_items=40, per_user=6):
 
 
 def new_step(**cfg):
-    return RecommendationStep(Recommender.default(RecommenderConfig(k=5, n_candidates=50)), None, StepConfig(top_k=5, **cfg))
+    return RecommendationStep(Recommender.default(RecommenderConfig(k=5, n_candidates=50)), None, StepConfig(**cfg))
 
 
 def run(step, events, states, clock):
@@ -130,7 +130,7 @@ class FakeScorer:
 def test_transformer_scores_are_batched_once_per_step_and_blended():
     scorer = FakeScorer("i5")
     recommender = Recommender.default(RecommenderConfig(k=5, n_candidates=50, weights={**RecommenderConfig().weights, "transformer": 100.0}))
-    step = RecommendationStep(recommender, scorer, StepConfig(top_k=5))
+    step = RecommendationStep(recommender, scorer, StepConfig())
     result = step(history(), {}, lambda: 1)
     assert scorer.calls == [len(result.recommendations)]
     with_i5 = [r for r in result.recommendations if any(it.item_id == "i5" for it in r.items)]
@@ -228,3 +228,25 @@ async def test_a_slow_batch_is_logged_with_its_stages_at_most_every_so_often(mon
         await handler.handle([raw(v, i) for i, v in enumerate(events[:2], start=10)])
     lines = [r.getMessage() for r in caplog.records if "slow batch" in r.getMessage()]
     assert len(lines) == 2 and "2 batch(es) over 0 ms" in lines[1]
+
+
+def test_live_quality_judges_every_event_of_a_batch_against_the_list_published_before_it():
+    """Not only a user's first event of the batch: every one, each against the latest list
+    published before it, which within a batch is the list the batch began with."""
+    step = new_step()
+    states = {}
+    run(step, history(), states, lambda: 1)
+    shown = states["u3"].last_recommended
+    assert len(shown) >= 2
+    batch = [click("n1", "u3", shown[1], 10**13), click("n2", "u3", "never-shown", 10**13 + 1),
+             click("n3", "u3", shown[0], 10**13 + 2)]
+    result = run(step, batch, states, lambda: 2)
+    assert result.judged == [(0, shown), (1, shown), (2, shown)]
+    assert result.live.judged == 3 and result.live.hits[10] == 2
+    assert result.live.reciprocal_rank_sum == 1 / 2 + 1.0
+
+
+def test_a_new_users_later_events_of_its_first_batch_are_misses_nothing_was_shown_yet():
+    step = new_step()
+    result = step([click("a", "fresh", "i1", 1), click("b", "fresh", "i2", 2)], {}, lambda: 1)
+    assert result.judged == [(1, [])] and result.live.judged == 1 and result.live.hits[20] == 0

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from online_models.checks import check_learner
 from online_models.datasets import read_otto
-from online_models.evaluation import prequential
 from online_models.session_knn import SequentialRules, SessionHybrid, SessionKNN
 from online_models.types import Interaction, UserContext
+from stream.evaluation import prequential
 
 OTTO = Path(__file__).resolve().parents[1] / "data" / "otto-sample.jsonl"
 

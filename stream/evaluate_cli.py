@@ -1,0 +1,329 @@
+"""``streamrec evaluate``: the offline evaluation through the worker's own step (docs/evaluation.md).
+
+Registered by the stream's CLI as ``app.command("evaluate")(stream.evaluate_cli.evaluate)``;
+it also runs alone: ``python -m stream.evaluate_cli --help``. The evaluation itself is
+:mod:`stream.evaluation`; this module reads the log, loads the scorer and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+
+class Protocol(StrEnum):
+    prequential = "prequential"
+    session_rec = "session-rec"
+
+
+class Split(StrEnum):
+    test = "test"
+    valid = "valid"
+
+
+class Mode(StrEnum):
+    frozen = "frozen"
+    learning = "learning"
+
+
+_MODELS_HELP = (
+    "Contenders (repeat the option, or comma-separate). 'served': the worker as the STREAMREC_* settings "
+    "configure it (defaults where unset), with the --scorer-model Transformer when given. A learner by name "
+    "(popularity, recent_popularity, trending, covisit, reminder, mf, session_hybrid, session_knn, "
+    "sequential_rules, ...): a baseline, the same step over that learner alone. "
+    "Default: served and the baselines popularity, recent_popularity, covisit (session-rec: served, "
+    "session_hybrid, covisit, popularity)."
+)
+
+
+def evaluate(
+    dataset: Annotated[
+        Path | None,
+        typer.Option(
+            "--dataset", "-d",
+            help="Log to replay (prequential), or the session-rec folder holding "
+            "yoochoose-clicks-100k_train_full.txt, ..._test.txt and recommendations/ (session-rec). "
+            "Omit for the built-in synthetic stream (prequential only).",
+        ),
+    ] = None,
+    format: Annotated[
+        str, typer.Option("--format", "-f", help="Log format: taobao, yoochoose, otto or synthetic.")
+    ] = "synthetic",
+    protocol: Annotated[
+        Protocol,
+        typer.Option(
+            "--protocol", "-p",
+            help="prequential: replay the log in time order; each event of a user with history is judged "
+            "against the last list published to them. session-rec: learn train_full, then predict each next "
+            "click of the test sessions (frozen and learning), and score the framework's saved lists.",
+        ),
+    ] = Protocol.prequential,
+    k: Annotated[
+        list[int] | None,
+        typer.Option("--k", "-k", help="Cut-offs for HR/MRR/NDCG/coverage (repeatable; at most STREAMREC_TOP_K)."),
+    ] = None,
+    models: Annotated[list[str] | None, typer.Option("--model", "--models", "-m", help=_MODELS_HELP)] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--limit", "-n", min=1,
+            help="prequential: read at most N events of the log. session-rec: keep the first N test "
+            "sessions (99 covers the 387 saved predictions).",
+        ),
+    ] = None,
+    mode: Annotated[
+        list[Mode] | None,
+        typer.Option("--mode", help="session-rec modes: frozen, learning (default both; repeatable)."),
+    ] = None,
+    split: Annotated[
+        Split,
+        typer.Option(
+            "--split",
+            help="session-rec: 'test' (learn train_full, predict the test sessions; the final figures) or "
+            "'valid' (learn train_tr, predict train_valid; where every choice is made).",
+        ),
+    ] = Split.test,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size", min=1,
+            help="Events per step call while judging. 1 (default): each event alone, test-then-learn. "
+            "More: the log as a busy worker batches it (several events of a user meet the same list).",
+        ),
+    ] = 1,
+    json_out: Annotated[Path | None, typer.Option("--json-out", help="Write the summary JSON here.")] = None,
+    png_out: Annotated[
+        Path | None, typer.Option("--png-out", help="Write a PNG chart here (metrics over the replay).")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the summary JSON to stdout (no table, no progress bar).")
+    ] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed handed to every model.")] = 0,
+    scorer_model: Annotated[
+        Path | None,
+        typer.Option(
+            "--scorer-model",
+            help="The Transformer 'served' scores with: a model registry (STREAMREC_MODEL_DIR; its CURRENT "
+            "version), a version directory in it, or that version's model.onnx. Loaded and checked as the "
+            "worker loads it, on STREAMREC_SCORER_DEVICE.",
+        ),
+    ] = None,
+) -> None:
+    """Evaluate what the worker serves, offline, through the worker's own step and settings.
+
+    Every contender is the worker's RecommendationStep over an in-memory user-state store,
+    configured by the same STREAMREC_* settings the worker reads. Prints HR@K, MRR@K,
+    NDCG@K, catalogue coverage, intra-list category diversity, novelty (mean popularity
+    rank of the items shown), HR by the user's history length and the time per step.
+    Examples:
+
+      streamrec evaluate -d ../shared/data/taobao-userbehavior/UserBehavior_jason-wang1.csv -f taobao
+
+      streamrec evaluate -p session-rec -d ../shared/data/yoochoose-100k --split valid --scorer-model models
+    """
+    from stream.errors import ConfigError
+    from stream.evaluation import (
+        DEFAULT_MODELS,
+        SESSION_MODELS,
+        contender_names,
+        plot_curves,
+        prequential,
+    )
+    from stream.pipeline import recommender_config
+    from stream.settings import Settings
+
+    try:
+        settings = Settings.from_env()
+        recommender_config(settings)  # STREAMREC_BLEND_WEIGHTS names known sources
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="the STREAMREC_* environment") from None
+    ks = tuple(sorted(set(k))) if k else (10, 20)
+    if ks[0] < 1 or ks[-1] > settings.top_k:
+        raise typer.BadParameter(f"cut-offs must be 1 to STREAMREC_TOP_K={settings.top_k} (the length of a "
+                                 f"published list), saw {list(ks)}", param_hint="--k")
+    names = [n.strip() for m in (models or []) for n in m.split(",") if n.strip()] or None
+    known = contender_names()
+    for name in names or ():
+        if name not in known:
+            raise typer.BadParameter(f"unknown model {name!r}; choose from {', '.join(known)}", param_hint="--model")
+    scorer = _load_scorer(scorer_model, settings.scorer_device) if scorer_model is not None else None
+    show = not as_json
+    if protocol is Protocol.session_rec:
+        from online_models.datasets import DatasetError, load_folder
+        from stream.evaluation import session_rec, session_rec_units
+
+        if dataset is None or not dataset.is_dir():
+            raise typer.BadParameter("session-rec needs --dataset pointing at the yoochoose-100k folder",
+                                     param_hint="--dataset")
+        try:
+            train, test, refs = load_folder(dataset, limit, split.value)
+        except DatasetError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--dataset") from None
+        modes = tuple(m.value for m in mode) if mode else ("frozen", "learning")
+        names = names or list(SESSION_MODELS)
+        total = session_rec_units(len(train), test, len(names), len(modes))
+        with _progress(show, total, "session-rec") as tick:
+            report = session_rec(train, test, names, settings, scorer, ks, refs, modes, seed, batch_size,
+                                 progress=tick)
+        report["dataset"] = str(dataset)
+        report["split"] = split.value
+    else:
+        from online_models.datasets import DatasetError, read_interactions
+
+        if dataset is not None and dataset.is_dir():
+            raise typer.BadParameter(f"{dataset} is a folder; the prequential protocol replays one log file "
+                                     "(the session-rec folder goes with --protocol session-rec)", param_hint="--dataset")
+        try:
+            events = list(read_interactions(dataset, format if dataset is not None else "synthetic", limit))
+        except (DatasetError, OSError) as exc:
+            raise typer.BadParameter(str(exc), param_hint="--dataset") from None
+        names = names or list(DEFAULT_MODELS)
+        with _progress(show, len(events) * len(names), "prequential") as tick:
+            report = prequential(events, names, settings, scorer, ks, seed, batch_size, progress=tick)
+        report["dataset"] = str(dataset) if dataset is not None else "synthetic"
+        report["format"] = format if dataset is not None else "synthetic"
+    report["command"] = " ".join(["streamrec evaluate", *sys.argv[2:]]) if len(sys.argv) > 1 else "streamrec evaluate"
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if png_out is not None:
+        title = f"{report['protocol']} on {report['dataset']}"
+        plot_curves(report, str(png_out), title)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        from rich.console import Console
+
+        out = Console()
+        _print_tables(out if out.is_terminal else Console(width=240), report)
+
+
+def _load_scorer(path: Path, device: str):
+    """The registered Transformer at ``path``, loaded and parity-checked as the worker does."""
+    from gpu_scorer import ModelRegistry
+    from gpu_scorer.errors import ScorerError
+
+    if not path.exists():
+        raise typer.BadParameter(f"{path} does not exist; give a model registry (STREAMREC_MODEL_DIR), a version "
+                                 "directory in it or its model.onnx (`streamrec train` makes one)",
+                                 param_hint="--scorer-model")
+    if path.is_file():
+        path = path.parent
+    if (path / "manifest.json").is_file():
+        registry, version = ModelRegistry(path.parent), path.name
+    else:
+        registry, version = ModelRegistry(path), None
+        if registry.latest() is None:
+            raise typer.BadParameter(f"{path} holds no registered model version (`streamrec train --model-dir "
+                                     f"{path}` registers one)", param_hint="--scorer-model")
+    try:
+        return registry.load(version, device)
+    except (ScorerError, OSError, ValueError) as exc:
+        raise typer.BadParameter(f"cannot load the scorer in {path}: {exc}", param_hint="--scorer-model") from None
+
+
+class _progress:
+    """A rich progress bar (or nothing) whose ``__enter__`` gives the ``progress`` callback."""
+
+    def __init__(self, show: bool, total: int, label: str):
+        self.show, self.total, self.label = show, total, label
+        self._bar: Any = None
+
+    def __enter__(self):
+        if not self.show:
+            return None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeRemainingColumn(), transient=True)
+        self._bar.start()
+        task = self._bar.add_task(self.label, total=self.total)
+        bar = self._bar
+        state = {"last": 0}
+
+        def tick(done: int) -> None:
+            if done - state["last"] >= 500 or done >= self.total:
+                bar.update(task, completed=done)
+                state["last"] = done
+
+        return tick
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _print_tables(console, report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    ks = report["ks"]
+    kk = ks[-1]
+    cols = [f"{m}@{k}" for k in ks for m in ("HR", "MRR", "NDCG")]
+    extra = [f"cov@{kk}", "divers.", "novelty", *(f"HR@{kk} h{label}" for label in ("1-2", "3-10", ">10")),
+             "step p50 ms"]
+
+    def cells(m: dict[str, Any]) -> list[str]:
+        hist = m.get("history", {})
+        return [*(f"{m[c]:.4f}" for c in cols), f"{m.get(f'coverage@{kk}', float('nan')):.4f}",
+                "-" if m.get("diversity") is None else f"{m['diversity']:.3f}",
+                "-" if m.get("novelty") is None else f"{m['novelty']:.0f}",
+                *(f"{hist[b][f'HR@{kk}']:.4f}" if hist.get(b, {}).get("predictions") else "-"
+                  for b in ("1-2", "3-10", ">10")),
+                f"{m['latency_ms'].get('step_p50', 0):.3f}"]
+
+    settings = ", ".join(f"{k}={v}" for k, v in report.get("settings", {}).items())
+    scorer = report.get("scorer") or "none"
+    if report["protocol"] == "prequential":
+        title = (f"prequential on {report['dataset']}: {report['events']} events, {report['users']} users, "
+                 f"{report['catalogue']} items; batches of {report['batch_size']}; Transformer: {scorer}")
+        table = Table(title=title, caption=settings)
+        for c in ["model", "judged", *cols, *extra]:
+            table.add_column(c, justify="left" if c == "model" else "right", no_wrap=c == "model")
+        for name, m in report["models"].items():
+            table.add_row(name, str(m["predictions"]), *cells(m))
+        console.print(table)
+        for name, v in report.get("verdict", {}).items():
+            word = "beats" if v["beats_every_baseline"] else "does NOT beat"
+            console.print(f"{name} {word} every baseline on HR@{kk} (best baseline {v['best_baseline']}, "
+                          f"margin {v['margin']:+.4f})")
+        return
+    table = Table(title=f"session-rec ({report.get('split', 'test')} split): {report['test_sessions']} test sessions, "
+                        f"{report['test_predictions']} next-click predictions; saved lists: {report['saved_pairs']} "
+                        f"pairs; Transformer: {scorer}", caption=settings)
+    for c in ["model", "mode", "judged", *cols, f"saved HR@{kk}", f"saved MRR@{kk}", *extra]:
+        table.add_column(c, justify="left" if c in ("model", "mode") else "right", no_wrap=c in ("model", "mode"))
+    for algo, m in report["references"].items():
+        table.add_row(f"{algo} (session-rec list)", "saved", str(m["predictions"]), *(f"{m[c]:.4f}" for c in cols),
+                      f"{m[f'HR@{kk}']:.4f}", f"{m[f'MRR@{kk}']:.4f}", *([""] * len(extra)))
+    for name, by_mode in report["models"].items():
+        for mode, m in by_mode.items():
+            saved = m.get("saved_pairs", {})
+            table.add_row(name, mode, str(m["predictions"]), *cells(m)[:len(cols)],
+                          f"{saved.get(f'HR@{kk}', float('nan')):.4f}", f"{saved.get(f'MRR@{kk}', float('nan')):.4f}",
+                          *cells(m)[len(cols):])
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover - `python -m stream.evaluate_cli`
+    app = typer.Typer(add_completion=False)
+    app.command("evaluate")(evaluate)
+
+    @app.callback()
+    def _root() -> None:
+        """streamrec's offline evaluation."""
+
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,473 @@
+"""Offline evaluation through the worker's own step (``streamrec evaluate``).
+
+Every contender is a :class:`~stream.pipeline.RecommendationStep` built by
+:meth:`RecommendationStep.from_settings` from a :class:`~stream.settings.Settings`, over an
+:class:`~stream.state.InMemoryUserStateStore`: the log's interactions become the events the
+worker decodes, each batch's user states are loaded from the store, the step moves them
+forward, ranks, learns, and the new states are saved, as the Faust agent does with Redis.
+
+- ``served`` is the worker with the settings it would read (``STREAMREC_*``, defaults where
+  unset), plus the registered Transformer when one is given.
+- A learner by name (``popularity``, ``covisit``, ``session_hybrid``, ...) is a baseline: the
+  same step and settings over a recommender whose only source is that learner, without the
+  click re-ranker.
+
+**Judging.** Each event of a user who had an earlier event is judged against the latest list
+published to that user before it: the step's own judgement (:attr:`StepResult.judged
+<stream.pipeline.StepResult.judged>`), the one the worker's live hit rate counts. With
+``batch_size=1`` (the default) every event is its own batch: the list judged is the one
+ranked right after the user's previous event (test-then-learn). A larger batch replays the
+log as a busy worker sees it: several events of a user may meet the same, older list.
+
+Protocols:
+
+- :func:`prequential`: the whole log in time order;
+- :func:`session_rec`: learn a training log, then predict each next click of the test
+  sessions, *learning* (the test log replayed in time order, test-then-learn) or *frozen*
+  (``learn=False``: states move, models do not).
+
+>>> from online_models.datasets import synthetic_interactions
+>>> report = prequential(synthetic_interactions(n_events=300, seed=2), ["served", "popularity"])
+>>> sorted(report["models"]), report["models"]["served"]["predictions"] > 0
+(['popularity', 'served'], True)
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from online_models import Interaction, Recommender, RecommenderConfig, learner_classes
+from online_models.datasets import sessions_of
+from online_models.metrics import RankingMetrics
+from stream.pipeline import RecommendationStep, StepResult, recommender_config
+from stream.records import ClickEvent, Event, PurchaseEvent
+from stream.settings import Settings
+from stream.state import InMemoryUserStateStore
+
+#: the worker as configured; the name the reports and the JSON summary keep
+SERVED = "served"
+#: contenders the prequential protocol runs when none are named
+DEFAULT_MODELS = (SERVED, "popularity", "recent_popularity", "covisit")
+#: the baselines ``served`` must beat
+BASELINES = ("popularity", "recent_popularity", "covisit")
+#: contenders the session-rec protocol runs when none are named
+SESSION_MODELS = (SERVED, "session_hybrid", "covisit", "popularity")
+#: HR@K by the user's history length before the event: (label, fewest events, most events)
+HISTORY_BUCKETS = (("1-2", 1, 2), ("3-10", 3, 10), (">10", 11, None))
+#: the input partition the replay says its events come from (the step's watermark key)
+SOURCE = "replay:0"
+
+
+def learner_registry() -> dict[str, type]:
+    """Learner classes by ``name`` (every concrete OnlineLearner of the library)."""
+    import online_models.session_knn  # noqa: F401  (registers the session learners)
+
+    return {cls.name: cls for cls in learner_classes()}
+
+
+def contender_names() -> list[str]:
+    return [SERVED, *sorted(learner_registry())]
+
+
+def to_event(x: Interaction, n: int) -> Event:
+    """The event a producer would send for ``x`` (``n`` makes its id unique in the replay)."""
+    common = {"event_id": f"e{n}", "user_id": x.user_id, "item_id": x.item_id, "ts": x.ts,
+              "session_id": x.session_id, "category_id": x.category_id}
+    if x.kind == "purchase":
+        return PurchaseEvent(**common, quantity=max(1, x.quantity))
+    return ClickEvent(**common)
+
+
+def _sync(coro):
+    """Run a coroutine that never waits (the in-memory store's) to its end, without a loop."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("the in-memory store awaited something")  # pragma: no cover
+
+
+class Contender:
+    """One step over its own in-memory store, fed batches as the worker's agent feeds it."""
+
+    def __init__(self, name: str, step: RecommendationStep):
+        self.name = name
+        self.step = step
+        self.store = InMemoryUserStateStore()
+        self.offset = 0
+        self.step_s: list[float] = []
+
+    def feed(self, events: Sequence[Event], learn: bool = True) -> tuple[StepResult, dict]:
+        """Load, step, save; returns the step's result and the states it started from."""
+        states = _sync(self.store.load_many(dict.fromkeys(e.user_id for e in events)))
+        positions = [(SOURCE, self.offset + i) for i in range(len(events))]
+        self.offset += len(events)
+        t0 = time.perf_counter()
+        result = self.step(events, states, _no_clock, positions, learn=learn)
+        self.step_s.append(time.perf_counter() - t0)
+        _sync(self.store.save_docs(result.docs))
+        return result, states
+
+
+def _no_clock() -> int:
+    return 0
+
+
+def build_contender(name: str, settings: Settings, scorer=None, seed: int = 0) -> Contender:
+    """``served`` (the worker under ``settings``, with ``scorer``) or one learner alone."""
+    if name == SERVED:
+        return Contender(name, RecommendationStep.from_settings(
+            settings, scorer, Recommender.default(recommender_config(settings), seed=seed)))
+    registry = learner_registry()
+    if name not in registry:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(contender_names())}")
+    base = recommender_config(settings)
+    config = RecommenderConfig(k=base.k, n_candidates=base.n_candidates, exclude_purchased=base.exclude_purchased,
+                               max_items=base.max_items, max_users=base.max_users, weights={name: 1.0},
+                               reranker_weight=0.0)
+    return Contender(name, RecommendationStep.from_settings(
+        settings, None, Recommender({name: registry[name](seed=seed)}, config, seed)))
+
+
+@dataclass
+class Judge:
+    """What one contender's judged lists add up to."""
+
+    ks: tuple[int, ...]
+    metrics: RankingMetrics = field(init=False)
+    by_history: dict[str, RankingMetrics] = field(init=False)
+    saved: RankingMetrics = field(init=False)
+    shown: Counter = field(default_factory=Counter)  # item -> times in a judged top-kmax
+    diversity_sum: float = 0.0
+    diversity_n: int = 0
+    curve: list[tuple[int, float, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.metrics = RankingMetrics(self.ks)
+        self.by_history = {label: RankingMetrics(self.ks) for label, _, _ in HISTORY_BUCKETS}
+        self.saved = RankingMetrics(self.ks)
+
+    def add(self, shown: list[str], target: str, history: int, categories: Mapping[str, str],
+            saved_pair: bool = False) -> None:
+        kmax = self.ks[-1]
+        top = shown[:kmax]
+        self.metrics.update(top, target)
+        for label, low, high in HISTORY_BUCKETS:
+            if history >= low and (high is None or history <= high):
+                self.by_history[label].update(top, target)
+        if saved_pair:
+            self.saved.update(top, target)
+        self.shown.update(top)
+        cats = [c for c in map(categories.get, top) if c is not None]
+        if len(cats) >= 2:
+            pairs = len(cats) * (len(cats) - 1) // 2
+            same = sum(n * (n - 1) // 2 for n in Counter(cats).values())
+            self.diversity_sum += (pairs - same) / pairs
+            self.diversity_n += 1
+
+    def point(self, x: int) -> None:
+        kmax = self.ks[-1]
+        self.curve.append((x, self.metrics.value("HR", kmax), self.metrics.value("MRR", kmax)))
+
+    def summary(self, catalogue: int, popularity_rank: Mapping[str, int], step_s: Sequence[float]) -> dict[str, Any]:
+        kmax = self.ks[-1]
+        out: dict[str, Any] = {"predictions": self.metrics.n, **self.metrics.summary(catalogue)}
+        out["diversity"] = round(self.diversity_sum / self.diversity_n, 4) if self.diversity_n else None
+        total = sum(self.shown.values())
+        worst = len(popularity_rank) + 1  # an item never seen in the log ranks last
+        out["novelty"] = (round(sum(n * popularity_rank.get(i, worst) for i, n in self.shown.items()) / total, 1)
+                          if total else None)
+        out["history"] = {label: {"predictions": m.n, f"HR@{kmax}": round(m.value("HR", kmax), 4)}
+                          for label, m in self.by_history.items()}
+        out["latency_ms"] = latency_summary(step_s)
+        return out
+
+
+def latency_summary(step_s: Sequence[float]) -> dict[str, float]:
+    """p50/p99 (ms) of one step call (one batch)."""
+    if not step_s:
+        return {}
+    ordered = sorted(step_s)
+    return {"step_p50": round(1000 * ordered[len(ordered) // 2], 4),
+            "step_p99": round(1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 4)}
+
+
+def popularity_ranks(events: Iterable[Interaction]) -> dict[str, int]:
+    """Item -> its rank by number of events (1 = the most popular)."""
+    counts = Counter(x.item_id for x in events)
+    return {item: r for r, (item, _) in enumerate(counts.most_common(), start=1)}
+
+
+def _batches(items: Sequence, size: int):
+    for at in range(0, len(items), size):
+        yield items[at:at + size]
+
+
+def _replay(contender: Contender, judge: Judge | None, events: Sequence[Event], batch_size: int,
+            categories: dict[str, str], learn: bool = True,
+            saved_pairs: Callable[[int], bool] | None = None, first: int = 0,
+            on_batch: Callable[[int], None] | None = None) -> None:
+    """Feed ``events`` in batches; judge what the step judged. ``first`` is the index of
+    ``events[0]`` in the caller's numbering (``saved_pairs`` takes that index)."""
+    for b, batch in enumerate(_batches(events, batch_size)):
+        for ev in batch:
+            if ev.category_id is not None:
+                categories[ev.item_id] = ev.category_id
+        result, before = contender.feed(batch, learn)
+        if judge is not None and result.judged:
+            earlier: Counter = Counter()
+            applied = {id(ev) for ev in result.applied}
+            history = {}
+            for n, ev in enumerate(batch):
+                if id(ev) in applied:
+                    st = before.get(ev.user_id)
+                    history[n] = (st.clicks + st.purchases if st is not None else 0) + earlier[ev.user_id]
+                    earlier[ev.user_id] += 1
+            for n, shown in result.judged:
+                at = first + b * batch_size + n
+                judge.add(shown, batch[n].item_id, history[n], categories,
+                          saved_pairs(at) if saved_pairs is not None else False)
+        if on_batch is not None:
+            on_batch(len(batch))
+
+
+def prequential(
+    interactions: Iterable[Interaction],
+    models: Sequence[str] | None = None,
+    settings: Settings | None = None,
+    scorer=None,
+    ks: Sequence[int] = (10, 20),
+    seed: int = 0,
+    batch_size: int = 1,
+    curve_points: int = 100,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Replay the log in time order (stable) through each contender; returns the summary.
+
+    ``progress`` is called with the number of events done (all contenders together)."""
+    settings = settings if settings is not None else Settings.from_env({})
+    ks = _check_ks(ks, settings)
+    log = sorted(interactions, key=lambda x: x.ts)
+    events = [to_event(x, n) for n, x in enumerate(log)]
+    names = list(models) if models else list(DEFAULT_MODELS)
+    contenders = [build_contender(name, settings, scorer, seed) for name in names]
+    catalogue = len({x.item_id for x in log})
+    popularity = popularity_ranks(log)
+    every = max(1, len(events) // max(1, curve_points))
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        if progress is not None:
+            progress(done[0])
+
+    out: dict[str, Any] = {}
+    curves: dict[str, list] = {}
+    for c in contenders:
+        judge = Judge(ks)
+        categories: dict[str, str] = {}
+        for at in range(0, len(events), every):
+            chunk = events[at:at + every]
+            _replay(c, judge, chunk, batch_size, categories, first=at, on_batch=tick)
+            judge.point(at + len(chunk))
+        out[c.name] = judge.summary(catalogue, popularity, c.step_s)
+        curves[c.name] = [list(p) for p in judge.curve]
+    report = {
+        "protocol": "prequential",
+        "events": len(events),
+        "users": len({x.user_id for x in log}),
+        "catalogue": catalogue,
+        "ks": list(ks),
+        "batch_size": batch_size,
+        "judged": "every event of a user with an earlier event, against the latest list published to them before it",
+        "models": out,
+        "curves": curves,
+        "settings": settings_summary(settings),
+        "scorer": _scorer_name(scorer),
+    }
+    report["verdict"] = verdict(report["models"], ks[-1])
+    return report
+
+
+def session_rec(
+    train: Iterable[Interaction],
+    test: Iterable[Interaction],
+    models: Sequence[str] | None = None,
+    settings: Settings | None = None,
+    scorer=None,
+    ks: Sequence[int] = (10, 20),
+    references: Mapping[str, Mapping[tuple[str, int], list[str]]] | None = None,
+    modes: Sequence[str] = ("frozen", "learning"),
+    seed: int = 0,
+    batch_size: int = 1,
+    train_batch_size: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """The session-rec protocol through the step (see the module's docstring).
+
+    The training log goes through the step in batches of ``train_batch_size`` (default: the
+    worker's ``STREAMREC_BATCH_SIZE``), as a worker replaying it would; the test sessions in
+    batches of ``batch_size``. ``progress`` gets the number of events fed so far."""
+    from online_models.datasets import score_references
+
+    settings = settings if settings is not None else Settings.from_env({})
+    ks = _check_ks(ks, settings)
+    for mode in modes:
+        if mode not in ("frozen", "learning"):
+            raise ValueError(f"unknown mode {mode!r} (frozen, learning)")
+    train = sorted(train, key=lambda x: x.ts)
+    sessions = sessions_of(test)
+    ref_scores = score_references(references, sessions, ks) if references else {}
+    pairs = {p for lists in (references or {}).values() for p in lists if p[0] in sessions}
+    names = list(models) if models else list(SESSION_MODELS)
+    n_train = len(train)
+    train_events = [to_event(x, n) for n, x in enumerate(train)]
+    # the test events, numbered after the training log; (session, position) of each
+    where: list[tuple[str, int]] = []
+    by_session: dict[str, list[Event]] = {}
+    for sid, seq in sessions.items():
+        for pos, x in enumerate(seq):
+            by_session.setdefault(sid, []).append(to_event(x, n_train + len(where)))
+            where.append((sid, pos))
+    index = {ev.event_id: n for n, ev in enumerate(itertools.chain.from_iterable(by_session.values()))}
+    in_time = sorted(itertools.chain.from_iterable(by_session.values()), key=lambda ev: ev.ts)
+    catalogue = len({x.item_id for x in train})
+    popularity = popularity_ranks(itertools.chain(train, (x for seq in sessions.values() for x in seq)))
+    predictions = sum(len(s) - 1 for s in sessions.values())
+    every = max(1, predictions // 100)
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        if progress is not None:
+            progress(done[0])
+
+    out: dict[str, dict[str, Any]] = {}
+    curves: dict[str, list] = {}
+    for name in names:
+        out[name] = {}
+        for mode in modes:
+            c = build_contender(name, settings, scorer, seed)
+            categories: dict[str, str] = {}
+            t0 = time.perf_counter()
+            _replay(c, None, train_events, train_batch_size or settings.batch_size, categories, on_batch=tick)
+            train_s = time.perf_counter() - t0
+            c.step_s.clear()
+            judge = Judge(ks)
+            # a judged event at session position p > 0 is the prediction made after position p - 1
+
+            def saved(at: int, seq_events: Sequence[Event]) -> bool:
+                sid, pos = where[index[seq_events[at].event_id]]
+                return (sid, pos - 1) in pairs
+
+            if mode == "frozen":  # session by session, the models as the training log left them
+                for seq in by_session.values():
+                    before = judge.metrics.n
+                    _replay(c, judge, seq, batch_size, categories, learn=False,
+                            saved_pairs=lambda at, seq=seq: saved(at, seq), on_batch=tick)
+                    if judge.metrics.n // every > before // every:
+                        judge.point(judge.metrics.n)
+            else:
+                for at in range(0, len(in_time), every):
+                    chunk = in_time[at:at + every]
+                    _replay(c, judge, chunk, batch_size, categories, first=at,
+                            saved_pairs=lambda i: saved(i, in_time), on_batch=tick)
+                    judge.point(judge.metrics.n)
+            result = judge.summary(catalogue, popularity, c.step_s)
+            result["train_s"] = round(train_s, 2)
+            if pairs:
+                result["saved_pairs"] = {"predictions": judge.saved.n, **judge.saved.summary()}
+            out[name][mode] = result
+            curves[f"{name} ({mode})"] = [list(p) for p in judge.curve]
+    return {
+        "protocol": "session-rec",
+        "train_events": n_train,
+        "test_sessions": len(sessions),
+        "test_predictions": predictions,
+        "catalogue": catalogue,
+        "ks": list(ks),
+        "modes": list(modes),
+        "batch_size": batch_size,
+        "references": ref_scores,
+        "saved_pairs": len(pairs),
+        "models": out,
+        "curves": curves,
+        "x_label": "test predictions (frozen: session by session; learning: in time order)",
+        "settings": settings_summary(settings),
+        "scorer": _scorer_name(scorer),
+    }
+
+
+def session_rec_units(train_events: int, test: Iterable[Interaction], n_models: int, n_modes: int) -> int:
+    """The ``progress`` total of :func:`session_rec` (for a progress bar)."""
+    return n_models * n_modes * (train_events + sum(len(s) for s in sessions_of(test).values()))
+
+
+def _check_ks(ks: Sequence[int], settings: Settings) -> tuple[int, ...]:
+    ks = tuple(sorted(set(ks)))
+    if not ks or ks[0] < 1:
+        raise ValueError(f"cut-offs must be positive, saw {list(ks)}")
+    if ks[-1] > settings.top_k:
+        raise ValueError(f"cut-off {ks[-1]} is longer than the lists the worker publishes "
+                         f"(STREAMREC_TOP_K={settings.top_k}); raise STREAMREC_TOP_K or lower the cut-off")
+    return ks
+
+
+def verdict(models: Mapping[str, Mapping[str, Any]], k: int) -> dict[str, Any]:
+    """Whether ``served``'s HR@k beats every baseline present."""
+    key = f"HR@{k}"
+    base = {b: models[b][key] for b in BASELINES if b in models}
+    if SERVED not in models or not base:
+        return {}
+    best = max(base, key=base.get)
+    return {SERVED: {"beats_every_baseline": models[SERVED][key] > base[best], "best_baseline": best,
+                     "margin": round(models[SERVED][key] - base[best], 4)}}
+
+
+def settings_summary(settings: Settings) -> dict[str, str]:
+    """The settings that shape a list, and any other that differs from its default."""
+    default = {env: value for env, value, _ in Settings.from_env({}).describe()}
+    shaping = {"STREAMREC_TOP_K", "STREAMREC_CANDIDATES", "STREAMREC_RECENT_ITEMS", "STREAMREC_BLEND_WEIGHTS",
+               "STREAMREC_EXCLUDE_PURCHASED", "STREAMREC_BATCH_SIZE"}
+    return {env: value for env, value, _ in settings.describe()
+            if env in shaping or (value != default.get(env) and "URL" not in env and "KEY" not in env)}
+
+
+def _scorer_name(scorer) -> str | None:
+    return None if scorer is None else f"{getattr(scorer, 'version', '?')} on {getattr(scorer, 'provider', '?')}"
+
+
+def plot_curves(report: Mapping[str, Any], path: str, title: str | None = None) -> None:
+    """PNG of cumulative HR@K and MRR@K over the replay for each contender (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kmax = max(report["ks"])
+    fig, (ax_hr, ax_mrr) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, points in report["curves"].items():
+        if not points:
+            continue
+        xs = [p[0] for p in points]
+        style = {"lw": 2 if name.startswith(SERVED) else 1.2, "ls": ":" if "frozen" in name else "-"}
+        ax_hr.plot(xs, [p[1] for p in points], label=name, **style)
+        ax_mrr.plot(xs, [p[2] for p in points], label=name, **style)
+    for ax, metric in ((ax_hr, "HR"), (ax_mrr, "MRR")):
+        ax.set_xlabel(report.get("x_label", "events replayed"))
+        ax.set_ylabel(f"cumulative {metric}@{kmax}")
+        ax.grid(alpha=0.3)
+    ax_hr.legend(fontsize=8)
+    fig.suptitle(title or f"{report['protocol']} evaluation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["BASELINES", "DEFAULT_MODELS", "SERVED", "SESSION_MODELS", "Contender", "Judge", "build_contender",
+           "plot_curves", "prequential", "session_rec", "to_event", "verdict"]
