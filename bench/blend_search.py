@@ -1,13 +1,18 @@
-"""Validation search for the SessionHybrid + Transformer blend (docs/evaluation.md).
+"""RESEARCH, not what the worker serves: validation search for the SessionHybrid +
+Transformer blend (bench/transformer_blend.py; docs/evaluation.md). It ranks with
+SessionHybrid and PyTorch Transformers directly, not through the worker's
+``RecommendationStep``: its figures are research contenders and are reported as such, apart
+from the served figure (``streamrec evaluate``, contender ``served``).
 
-    nice -n 19 .venv/bin/python -m online_models.blend_search -d ../shared/data/yoochoose-100k
+    .venv/bin/python bench/blend_search.py -d ../shared/data/yoochoose-100k
 
 Runs on the validation split only (``train_tr`` -> ``train_valid``, session-rec protocol,
 frozen): trains the Transformer on ``train_tr`` (seeds given), records for every
 validation prediction SessionHybrid's scores and the Transformer's 300 most probable
 items, then scores every (exponent, top_n, weight) of the grid without recomputing.
 Prints HR@20 / MRR@20 for each; ``--dump`` keeps the raw records (pickle) for more analysis.
-It never reads the test file.
+It never reads the test file. Training the Transformers takes minutes (``nice -n 19`` to
+leave the cores to others).
 """
 
 from __future__ import annotations
@@ -16,12 +21,26 @@ import argparse
 import heapq
 import json
 import pickle
+import sys
 import time
 from pathlib import Path
 
-from online_models.metrics import RankingMetrics
-from online_models.session_protocol import _context, load_folder, sessions_of
-from online_models.transformer_blend import SequenceModel, blend_scores
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent))
+sys.path.insert(0, str(BENCH))
+
+from transformer_blend import SequenceModel, blend_scores  # noqa: E402
+
+from online_models.datasets import load_folder, sessions_of  # noqa: E402
+from online_models.metrics import RankingMetrics  # noqa: E402
+from online_models.types import Interaction, UserContext  # noqa: E402
+
+
+def prefix_context(seq: list[Interaction], pos: int, max_recent: int) -> UserContext:
+    """The session read up to click ``pos``: its last ``max_recent`` items, no purchases."""
+    x = seq[pos]
+    items = tuple(e.item_id for e in seq[max(0, pos + 1 - max_recent) : pos + 1])
+    return UserContext(x.user_id, items, frozenset(), x.session_id, x.ts)
 
 
 def collect(folder: Path, seed: int, keep: int = 300, session_params: dict | None = None, max_recent: int = 50,
@@ -41,9 +60,9 @@ def collect(folder: Path, seed: int, keep: int = 300, session_params: dict | Non
     model = SequenceModel.fit(seqs, tuple(range(seed, seed + n_models)), model_config, train_config)
     train_s = time.perf_counter() - t0
     rows = []
-    for sid, seq in sessions_of(valid).items():
+    for seq in sessions_of(valid).values():
         for pos in range(len(seq) - 1):
-            ctx = _context(sid, seq, pos, max_recent)
+            ctx = prefix_context(seq, pos, max_recent)
             h = hybrid._scores(ctx)
             htop = dict(heapq.nlargest(keep, h.items(), key=lambda kv: kv[1]))
             rows.append((seq[pos + 1].item_id, htop, model.probabilities(ctx.recent_items, keep)))

@@ -1,4 +1,9 @@
-"""The Transformer scorer alone under the session-rec protocol (YooChoose / RSC15 100k sample).
+"""RESEARCH measure of the Transformer alone (session-rec protocol, YooChoose / RSC15 100k sample): not what the worker serves.
+
+The worker serves the blend of its online models and the Transformer through its
+``RecommendationStep``; this script ranks all items with a freshly trained Transformer and
+nothing else, to measure that one model. The served figure comes from ``streamrec evaluate``
+(contender ``served``).
 
     .venv/bin/python bench/scorer_quality.py --data ../shared/data/yoochoose-100k
 
@@ -93,6 +98,8 @@ def main(argv=None) -> int:
     sequences = sequences_from_interactions(read_yoochoose(train_path))
     sessions = test_sessions(test_path)
     model_cfg = {"dim": args.dim, "n_blocks": args.blocks, "n_heads": args.heads, "max_len": args.max_len, "dropout": args.dropout}
+    print("RESEARCH: the Transformer alone, ranking all training items; not what the worker serves "
+          "(the served figure: `streamrec evaluate`, contender `served`)", flush=True)
     results = []
     for seed in (int(s) for s in args.seeds.split(",")):
         t0 = time.perf_counter()

@@ -1,45 +1,77 @@
-"""The worker's pure step alone, in-process: events/s and per-stage µs per event.
+"""The worker's pure step alone, in-process: events/s, per-stage µs per event and per-batch latency.
 
     .venv/bin/python bench/step_bench.py --dataset ../shared/data/taobao-userbehavior/UserBehavior_jason-wang1.csv --format taobao --events 30000 --scorer
+    .venv/bin/python bench/step_bench.py --batch 1 --warmup 1000      # per-event latency, one event a batch
 
-Runs RecommendationStep (dedupe, learning, candidates, one Transformer call per batch,
-ranking) over micro-batches of --batch events with user state in memory, the same code
-the Faust worker runs between its Redis and Kafka calls, under the worker's garbage-collector
-policy (stream/gcpolicy.py). --gc-threshold also runs, alternating, CPython's default
-collector and the plain 50,000 threshold, and prints each one's longest collector pause.
+Runs the step the worker runs, built by ``RecommendationStep.from_settings`` from
+``Settings.from_env`` (``STREAMREC_*``, defaults where unset; --candidates and --top-k
+override them): dedupe, learning, candidates, one Transformer call per batch, ranking, over
+micro-batches of --batch events with user state in memory, the same code the Faust worker
+runs between its Redis and Kafka calls, under the worker's garbage-collector policy
+(stream/gcpolicy.py). Each batch's latency is timed on the wall clock (``perf_counter_ns``)
+and in CPU time of this thread (``thread_time_ns``: what the work costs when other processes
+share the cores); their p50/p90/p99 are printed, per event with ``--batch 1``.
+--gc-threshold also runs, alternating, CPython's default collector and the plain 50,000
+threshold, and prints each one's longest collector pause.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from online_models import Recommender, RecommenderConfig  # noqa: E402
 from online_models.datasets import read_interactions  # noqa: E402
 from stream import gcpolicy  # noqa: E402
-from stream.pipeline import RecommendationStep, StepConfig  # noqa: E402
+from stream.pipeline import RecommendationStep  # noqa: E402
 from stream.records import ClickEvent, PurchaseEvent  # noqa: E402
+from stream.settings import Settings  # noqa: E402
 
 
-def run(events, args, scorer) -> tuple[float, dict[str, float]]:
-    step = RecommendationStep(Recommender.default(RecommenderConfig(k=20, n_candidates=args.candidates)), scorer,
-                              StepConfig(top_k=20, n_candidates=args.candidates))
+def settings_of(args) -> Settings:
+    """The worker's settings, with the options given on the command line over them."""
+    overrides = {name: value for name, value in (("n_candidates", args.candidates), ("top_k", args.top_k))
+                 if value is not None}
+    return Settings.from_env(os.environ, **overrides)
+
+
+def run(events, args, settings: Settings, scorer) -> tuple[float, dict[str, float], np.ndarray, np.ndarray]:
+    """events/s, µs per event by stage, and each timed batch's wall and CPU ns."""
+    step = RecommendationStep.from_settings(settings, scorer)
     states, timings = {}, {}
+    wall, cpu = [], []
+    clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
     start = time.perf_counter()
     for i in range(0, len(events), args.batch):
         batch = events[i : i + args.batch]
+        c0, t0 = cpu_clock(), clock()
         result = step(batch, states, lambda: 0, [("clicks:0", i + n) for n in range(len(batch))])
+        t1, c1 = clock(), cpu_clock()
+        if i >= args.warmup:
+            wall.append(t1 - t0)
+            cpu.append(c1 - c0)
         states.update(result.states)  # as the store would, after saving
         for stage, seconds in result.timings.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
     elapsed = time.perf_counter() - start
-    return len(events) / elapsed, {k: v / len(events) * 1e6 for k, v in timings.items()}
+    return (len(events) / elapsed, {k: v / len(events) * 1e6 for k, v in timings.items()},
+            np.asarray(wall, dtype=float), np.asarray(cpu, dtype=float))
+
+
+def percentiles(label: str, ns: np.ndarray) -> str:
+    if not len(ns):
+        return f"{label}: nothing timed (fewer events than --warmup)"
+    us = ns / 1000.0
+    p50, p90, p99 = np.percentile(us, [50, 90, 99])
+    return f"{label:<12} p50 {p50:9.1f} us   p90 {p90:9.1f} us   p99 {p99:9.1f} us   mean {us.mean():9.1f} us"
 
 
 def main() -> None:
@@ -47,21 +79,27 @@ def main() -> None:
     p.add_argument("--dataset", type=Path)
     p.add_argument("--format", default="synthetic")
     p.add_argument("--events", type=int, default=30_000)
-    p.add_argument("--batch", type=int, default=500)
-    p.add_argument("--candidates", type=int, default=100)
+    p.add_argument("--batch", type=int, default=500, help="events a step call (1: per-event latency)")
+    p.add_argument("--candidates", type=int, default=None, help="STREAMREC_CANDIDATES over the environment's")
+    p.add_argument("--top-k", type=int, default=None, help="STREAMREC_TOP_K over the environment's")
+    p.add_argument("--warmup", type=int, default=0, help="events replayed before batches are timed for percentiles")
     p.add_argument("--scorer", action="store_true", help="score with the registered Transformer (STREAMREC_MODEL_DIR)")
     p.add_argument("--gc-threshold", action="store_true", help="also run CPython's default collector and the plain 50,000 threshold, alternating")
     args = p.parse_args()
+    settings = settings_of(args)
     xs = list(read_interactions(args.dataset, args.format, limit=args.events))
     events = [(PurchaseEvent if x.kind == "purchase" else ClickEvent)(
-        event_id=f"e{i}", user_id=x.user_id, item_id=x.item_id, ts=x.ts, category_id=x.category_id)
+        event_id=f"e{i}", user_id=x.user_id, item_id=x.item_id, ts=x.ts, session_id=x.session_id,
+        category_id=x.category_id)
         for i, x in enumerate(xs)]
     scorer = None
     if args.scorer:
         from gpu_scorer import HotSwapScorer, ModelRegistry
-        from stream.settings import Settings
 
-        scorer = HotSwapScorer(ModelRegistry(Settings.from_env().model_dir), device="auto")
+        scorer = HotSwapScorer(ModelRegistry(settings.model_dir), device="auto")
+    print(f"{args.dataset or 'synthetic'}: {len(events):,} events, batches of {args.batch}; "
+          f"top_k={settings.top_k}, n_candidates={settings.n_candidates}, recent_items={settings.recent_items}, "
+          f"scorer={'registered Transformer' if scorer is not None else 'none'}")
     configs: list[tuple[str, bool | None]] = [("worker policy (gcpolicy)", True)]  # None: CPython's default
     if args.gc_threshold:
         configs = [("CPython default (700, 10, 10)", None), (f"threshold {gcpolicy.PLAIN_THRESHOLDS}", False),
@@ -76,6 +114,7 @@ def main() -> None:
             pauses.append(time.perf_counter() - started[0])
 
     gc.callbacks.append(timed)
+    unit = "event" if args.batch == 1 else f"batch of {args.batch}"
     for name, policy in configs:
         gcpolicy.configure(freeze=False)
         gc.unfreeze()
@@ -85,11 +124,14 @@ def main() -> None:
             gcpolicy.configure(freeze=policy)
         gc.collect()
         pauses.clear()
-        rate, per_event = run(events, args, scorer)
+        rate, per_event, wall, cpu = run(events, args, settings, scorer)
         stages = ", ".join(f"{k} {v:.0f} us" for k, v in per_event.items())
         longest = max(pauses, default=0.0) * 1000
         print(f"{name:32s} {len(events):,} events: {rate:,.0f} events/s  ({stages}); "
               f"{len(pauses)} collections, {sum(pauses) * 1000:.0f} ms, longest {longest:.1f} ms")
+        print(f"  per {unit}, {len(wall):,} timed after {args.warmup:,} warm-up events:")
+        print("  " + percentiles("wall", wall))
+        print("  " + percentiles("thread CPU", cpu))
 
 
 if __name__ == "__main__":

@@ -1,43 +1,38 @@
-"""SessionHybrid + the project's Transformer (SASRec): a two-family ensemble for the
-session-rec protocol.
+"""RESEARCH, not what the worker serves: SessionHybrid + the project's Transformer (SASRec),
+a two-family ensemble for the session-rec protocol. Nothing here is built by
+``RecommendationStep.from_settings``; figures from it are reported as research contenders,
+apart from the served figure (``streamrec evaluate``, contender ``served``).
 
 The neighbourhood model (:class:`~online_models.session_knn.SessionHybrid`) and the
 Transformer (:class:`gpu_scorer.model.SASRecScorer`) err on different clicks: kNN votes
 only for items that co-occurred with the session's items in recent sessions, the
 Transformer generalises through item embeddings and reads the order of the whole session.
-The contender here adds the two scores:
+:func:`blend_scores` adds the two scores:
 
     score(i) = hybrid(i) + weight * (p(i) / max p) ** exponent
 
 where ``hybrid`` is SessionHybrid's score (kNN normalised to a maximum of 1, plus rules
 and the reminder of the session's own items) and ``p`` is the Transformer's softmax
-probability of ``i`` over all items it knows (averaged over ``n_models`` seeds), kept
-for its ``top_n`` best items; the best one scores ``weight``, and an exponent below 1
-flattens the rest (being among the Transformer's best items counts more than how
-confident it is). Candidates: the union of both models' items.
+probability of ``i`` over all items it knows (averaged over ``n_models`` seeds,
+:class:`SequenceModel`), kept for its ``top_n`` best items; the best one scores ``weight``,
+and an exponent below 1 flattens the rest (being among the Transformer's best items counts
+more than how confident it is). Candidates: the union of both models' items.
 
-How it learns (:class:`TransformerHybrid`): every event goes to SessionHybrid at once (it
-is online); the Transformer is trained once, on every event learned before the first
-recommendation — in the session-rec protocol, the training log (``train_tr`` for
-validation, ``train_full`` for the test) — with early stopping on held-out last clicks
-of training sessions (``gpu_scorer.training``). It is then frozen: in *learning* mode
-only the neighbourhood part keeps learning, as in the stream, where the Transformer is
-retrained offline and hot-swapped.
+The Transformer is trained once on the training log, with early stopping on held-out last
+clicks of training sessions (``gpu_scorer.training``), then frozen.
 
-The weight, exponent, ``top_n`` and ``n_models`` were chosen on ``train_tr`` -> ``train_valid`` (docs/evaluation.md).
+The weight, exponent, ``top_n`` and ``n_models`` were chosen on ``train_tr`` -> ``train_valid``
+(validation split only) by bench/blend_search.py:
 
-Needs torch (the ``gpu_scorer`` dependencies); imported only when the contender is built.
+    .venv/bin/python bench/blend_search.py -d ../shared/data/yoochoose-100k
+
+Needs torch (the ``gpu_scorer`` dependencies); imported only when a model is trained.
 """
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
-
-from online_models.session_knn import SessionHybrid
-from online_models.types import Interaction, UserContext
 
 #: Transformer hyper-parameters (bench/scorer_quality.py's defaults: dim 64, 2 blocks).
 MODEL_CONFIG: Mapping[str, Any] = {"dim": 64, "n_blocks": 2, "n_heads": 2, "max_len": 50, "dropout": 0.2}
@@ -49,11 +44,6 @@ TUNED_WEIGHT = 0.75
 TUNED_EXPONENT = 0.25
 TUNED_TOP_N = 100
 TUNED_MODELS = 3
-
-
-#: The last Transformer trained in this process, by (seed, configs, training sessions): the
-#: frozen and learning runs of one evaluation train on the same log.
-_FITTED: dict[tuple, SequenceModel] = {}
 
 
 class SequenceModel:
@@ -153,66 +143,5 @@ def blend_scores(hybrid: Mapping[str, float], transformer: Sequence[tuple[str, f
     return out
 
 
-@dataclass
-class TransformerHybrid:
-    """An evaluation contender: SessionHybrid (online) + a Transformer trained on
-    everything learned before the first recommendation, then frozen.
-
-    ``sequence_model`` may be given (already trained): it is then used as is.
-    """
-
-    name: str = "session_hybrid+transformer"
-    weight: float = TUNED_WEIGHT
-    exponent: float = TUNED_EXPONENT
-    top_n: int = TUNED_TOP_N
-    n_models: int = TUNED_MODELS
-    seed: int = 0
-    session_params: Mapping[str, Any] | None = None
-    model_config: Mapping[str, Any] | None = None
-    train_config: Mapping[str, Any] | None = None
-    sequence_model: SequenceModel | None = None
-    hybrid: SessionHybrid = field(init=False)
-    _pending: dict[str, list[str]] = field(init=False, default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.hybrid = SessionHybrid(**(self.session_params or {}), seed=self.seed)
-
-    def learn(self, x: Interaction, user: UserContext | None = None) -> None:
-        self.hybrid.learn_one(x, user)
-        if self.sequence_model is None:
-            key = x.session_id if x.session_id is not None else x.user_id
-            self._pending.setdefault(key, []).append(x.item_id)
-
-    def fit_transformer(self) -> SequenceModel:
-        """Train the Transformer on the events learned so far (once; a model trained on the
-        same sessions with the same settings in this process is reused)."""
-        if self.sequence_model is None:
-            seeds = tuple(range(self.seed, self.seed + self.n_models))
-            key = (seeds, repr(self.model_config), repr(self.train_config),
-                   hash(tuple((s, tuple(items)) for s, items in self._pending.items())))
-            model = _FITTED.get(key)
-            if model is None:
-                model = SequenceModel.fit(self._pending, seeds, self.model_config, self.train_config)
-                _FITTED.clear()
-                _FITTED[key] = model
-            self.sequence_model = model
-            self._pending = {}
-        return self.sequence_model
-
-    #: The session-rec protocol calls this after the training log: the Transformer is
-    #: trained on exactly that log (otherwise on the first recommendation).
-    end_training = fit_transformer
-
-    def scores(self, user: UserContext) -> dict[str, float]:
-        model = self.fit_transformer()
-        hybrid = self.hybrid._scores(user)
-        transformer = model.probabilities(user.recent_items, self.top_n) if self.weight else []
-        return blend_scores(hybrid, transformer, self.weight, self.exponent)
-
-    def recommend(self, user: UserContext, k: int) -> list[str]:
-        scores = self.scores(user)
-        return [item for item, _ in heapq.nsmallest(k, scores.items(), key=lambda kv: (-kv[1], kv[0]))]
-
-
-__all__ = ["MODEL_CONFIG", "TRAIN_CONFIG", "TUNED_EXPONENT", "TUNED_MODELS", "TUNED_TOP_N", "TUNED_WEIGHT", "SequenceModel", "TransformerHybrid",
+__all__ = ["MODEL_CONFIG", "TRAIN_CONFIG", "TUNED_EXPONENT", "TUNED_MODELS", "TUNED_TOP_N", "TUNED_WEIGHT", "SequenceModel",
            "blend_scores"]
