@@ -310,9 +310,10 @@ def session_rec(
 ) -> dict[str, Any]:
     """The session-rec protocol through the step (see the module's docstring).
 
-    The training log goes through the step in batches of ``train_batch_size`` (default: the
-    worker's ``STREAMREC_BATCH_SIZE``), as a worker replaying it would; the test sessions in
-    batches of ``batch_size``. ``progress`` gets the number of events fed so far."""
+    The training log goes through the step as the live traffic it was: in batches of
+    ``train_batch_size`` (default ``batch_size``), every list published and labelled by the
+    user's next event for the click re-ranker; the test sessions in batches of ``batch_size``.
+    ``progress`` gets the number of events fed so far."""
     from online_models.datasets import score_references
 
     settings = settings if settings is not None else Settings.from_env({})
@@ -355,7 +356,7 @@ def session_rec(
             c = build_contender(name, settings, scorer, seed)
             categories: dict[str, str] = {}
             t0 = time.perf_counter()
-            _replay(c, None, train_events, train_batch_size or settings.batch_size, categories, on_batch=tick)
+            _replay(c, None, train_events, train_batch_size or batch_size, categories, on_batch=tick)
             train_s = time.perf_counter() - t0
             c.step_s.clear()
             judge = Judge(ks)
