@@ -444,6 +444,8 @@ class SessionHybrid(_SessionLearner):
         knn: Mapping[str, Any] | None = None,
         rules: Mapping[str, Any] | None = None,
         seed: int = 0,
+        max_sessions: int | None = None,
+        max_items: int | None = None,
     ):
         self.sr_weight = sr_weight
         self.remind_weight = remind_weight
@@ -452,8 +454,13 @@ class SessionHybrid(_SessionLearner):
         self.knn = dict(TUNED_KNN if knn is None else knn)
         self.rules = dict(rules or {})
         self.seed = seed
-        self._knn = SessionKNN(**self.knn, seed=seed)
-        self._rules = SequentialRules(**self.rules, seed=seed)
+        #: caps over the parts' own (the worker's STREAMREC_MAX_USERS and STREAMREC_MAX_ITEMS)
+        self.max_sessions = max_sessions
+        self.max_items = max_items
+        sessions = {"max_sessions": max_sessions} if max_sessions is not None else {}
+        items = {"max_items": max_items} if max_items is not None else {}
+        self._knn = SessionKNN(**{**self.knn, **sessions}, seed=seed)
+        self._rules = SequentialRules(**{**self.rules, **sessions, **items}, seed=seed)
         self._rules.index = self._knn.index  # one session index for both
         self.n_learned = 0
 

@@ -78,7 +78,7 @@ class Settings:
     batch_timeout_ms: int = _env("STREAMREC_BATCH_TIMEOUT_MS", "20", "longest wait, from its first event, to fill a micro-batch")
     recent_items: int = _env("STREAMREC_RECENT_ITEMS", "50", "length of each user's recent-item sequence")
     n_candidates: int = _env("STREAMREC_CANDIDATES", str(RecommenderConfig.n_candidates), "candidates scored per recommendation")
-    blend_weights: str = _env("STREAMREC_BLEND_WEIGHTS", "", "blend weights over the defaults, e.g. mf=0.2 (covisit, reminder, trending, mf, transformer, and reranker for the click re-ranker; 0: off)")
+    blend_weights: str = _env("STREAMREC_BLEND_WEIGHTS", "", "blend weights over the defaults, e.g. mf=0.2 (covisit, reminder, trending, mf, session_hybrid, transformer, and reranker for the click re-ranker; 0: off)")
     exclude_purchased: bool = _env("STREAMREC_EXCLUDE_PURCHASED", str(RecommenderConfig.exclude_purchased).lower(), "never recommend an item the user bought")
     max_items: int = _env("STREAMREC_MAX_ITEMS", str(RecommenderConfig.max_items), "items each online model keeps (counts, neighbours, factors); past it the least recently seen or least weighty go")
     max_users: int = _env("STREAMREC_MAX_USERS", str(RecommenderConfig.max_users), "users and sessions each online model keeps (histories, sessions, user factors); past it the least recently active go")

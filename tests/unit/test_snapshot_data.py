@@ -35,6 +35,21 @@ def test_a_restored_recommender_ranks_the_same_and_keeps_its_offsets():
     assert back.learned_offsets == {"streamrec.clicks:0": 1499} and back.n_learned == rec.n_learned
 
 
+def test_the_session_learner_the_worker_can_run_snapshots_and_restores():
+    config = RecommenderConfig(weights={**RecommenderConfig().weights, "session_hybrid": 1.0}, max_users=5000,
+                               max_items=4000)
+    rec = Recommender.default(config)
+    assert rec.learners["session_hybrid"].max_sessions == 5000 and rec.learners["session_hybrid"].max_items == 4000
+    for x in synthetic_interactions(n_events=1500, seed=4):
+        rec.learn_one(x)
+    back = Recommender.restore(rec.snapshot())
+    from online_models import UserContext
+
+    user = UserContext("u3", recent_items=("i3", "i9"), session_id="u3-s1")
+    assert back.recommend(user) == rec.recommend(user)
+    assert back.learners["session_hybrid"].n_learned == rec.learners["session_hybrid"].n_learned == 1500
+
+
 def test_the_snapshot_holds_no_pickle():
     data = trained().snapshot()
     assert b"\x80\x05" not in data[:200] and pickle.PROTO not in data[len(_MAGIC):len(_MAGIC) + 2]
