@@ -16,7 +16,10 @@ Per micro-batch the step
 3. **learns**: feeds each event to the online models (``Recommender.learn_one``), in order,
    then records the lists it publishes (the re-ranker's labels);
 4. returns one :class:`~stream.records.Recommendation` per changed user, the encoded states
-   to save, and the events it could not handle.
+   to save, the events it could not handle, and its judgement of each applied event of a user
+   with history: the latest list published to the user before it (:attr:`StepResult.judged`,
+   counted in :attr:`StepResult.live` for the live hit rate; ``streamrec evaluate`` adds up
+   the same judgements offline).
 
 **Failures stay with the events that cause them.** Any exception in steps 1 to 3 is caught:
 in step 1 and 3 it belongs to one event; in step 2 to one user, found by splitting the users
