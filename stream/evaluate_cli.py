@@ -182,6 +182,8 @@ def evaluate(
             events = list(read_interactions(dataset, format if dataset is not None else "synthetic", limit))
         except (DatasetError, OSError) as exc:
             raise typer.BadParameter(str(exc), param_hint="--dataset") from None
+        if not events:
+            raise typer.BadParameter(f"{dataset} holds no events to replay", param_hint="--dataset")
         names = names or list(DEFAULT_MODELS)
         with _progress(show, len(events) * len(names), "prequential") as tick:
             report = prequential(events, names, settings, scorer, ks, seed, batch_size, progress=tick)

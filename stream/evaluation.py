@@ -65,8 +65,6 @@ SOURCE = "replay:0"
 
 def learner_registry() -> dict[str, type]:
     """Learner classes by ``name`` (every concrete OnlineLearner of the library)."""
-    import online_models.session_knn  # noqa: F401  (registers the session learners)
-
     return {cls.name: cls for cls in learner_classes()}
 
 
@@ -328,14 +326,14 @@ def session_rec(
     names = list(models) if models else list(SESSION_MODELS)
     n_train = len(train)
     train_events = [to_event(x, n) for n, x in enumerate(train)]
-    # the test events, numbered after the training log; (session, position) of each
-    where: list[tuple[str, int]] = []
+    # the test events, numbered after the training log, and the (session, position) of each
+    where: dict[str, tuple[str, int]] = {}
     by_session: dict[str, list[Event]] = {}
     for sid, seq in sessions.items():
         for pos, x in enumerate(seq):
-            by_session.setdefault(sid, []).append(to_event(x, n_train + len(where)))
-            where.append((sid, pos))
-    index = {ev.event_id: n for n, ev in enumerate(itertools.chain.from_iterable(by_session.values()))}
+            ev = to_event(x, n_train + len(where))
+            by_session.setdefault(sid, []).append(ev)
+            where[ev.event_id] = (sid, pos)
     in_time = sorted(itertools.chain.from_iterable(by_session.values()), key=lambda ev: ev.ts)
     catalogue = len({x.item_id for x in train})
     popularity = popularity_ranks(itertools.chain(train, (x for seq in sessions.values() for x in seq)))
@@ -347,6 +345,11 @@ def session_rec(
         done[0] += n
         if progress is not None:
             progress(done[0])
+
+    def saved(at: int, seq_events: Sequence[Event]) -> bool:
+        """A judged event at session position p > 0 is the prediction made after position p - 1."""
+        sid, pos = where[seq_events[at].event_id]
+        return (sid, pos - 1) in pairs
 
     out: dict[str, dict[str, Any]] = {}
     curves: dict[str, list] = {}
@@ -360,12 +363,6 @@ def session_rec(
             train_s = time.perf_counter() - t0
             c.step_s.clear()
             judge = Judge(ks)
-            # a judged event at session position p > 0 is the prediction made after position p - 1
-
-            def saved(at: int, seq_events: Sequence[Event]) -> bool:
-                sid, pos = where[index[seq_events[at].event_id]]
-                return (sid, pos - 1) in pairs
-
             if mode == "frozen":  # session by session, the models as the training log left them
                 for seq in by_session.values():
                     before = judge.metrics.n
@@ -423,7 +420,7 @@ def verdict(models: Mapping[str, Mapping[str, Any]], k: int) -> dict[str, Any]:
     """Whether ``served``'s HR@k beats every baseline present."""
     key = f"HR@{k}"
     base = {b: models[b][key] for b in BASELINES if b in models}
-    if SERVED not in models or not base:
+    if SERVED not in models or not base or not models[SERVED].get("predictions"):
         return {}
     best = max(base, key=base.get)
     return {SERVED: {"beats_every_baseline": models[SERVED][key] > base[best], "best_baseline": best,

@@ -127,7 +127,9 @@ def test_report_has_history_split_diversity_novelty_and_coverage():
 
 def test_verdict():
     models = {"popularity": {"HR@20": 0.1}, "covisit": {"HR@20": 0.3}, SERVED: {"HR@20": 0.31}}
+    models = {name: {**m, "predictions": 10} for name, m in models.items()}
     assert verdict(models, 20)[SERVED] == {"beats_every_baseline": True, "best_baseline": "covisit", "margin": 0.01}
+    assert verdict({**models, SERVED: {"HR@20": 0.0, "predictions": 0}}, 20) == {}  # nothing judged, no verdict
 
 
 def test_cut_offs_longer_than_the_published_list_are_refused():
@@ -246,8 +248,10 @@ def test_otto_sample_is_readable():
     (["-d", "{tmp}"], "is a folder"),
     (["-d", "{tmp}/missing.csv", "-f", "taobao"], "missing.csv"),
     (["-p", "session-rec", "-d", "{tmp}"], "has no yoochoose-clicks-100k_train_full.txt"),
+    (["-d", "{tmp}/empty.csv", "-f", "taobao"], "holds no events"),
 ])
 def test_cli_misuse_is_a_clear_error_not_a_traceback(tmp_path, args, hint):
+    (tmp_path / "empty.csv").write_text("")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     result = CliRunner().invoke(cli(), ["evaluate", *args], env={"COLUMNS": "500"})
     assert result.exit_code == 2, result.output
