@@ -93,7 +93,8 @@ def evaluate(
         typer.Option(
             "--batch-size", min=1,
             help="Events per step call while judging. 1 (default): each event alone, test-then-learn. "
-            "More: the log as a busy worker batches it (several events of a user meet the same list).",
+            "More: the log as a busy worker batches it (several events of a user meet the same list). "
+            "session-rec's frozen mode always goes click by click.",
         ),
     ] = 1,
     json_out: Annotated[Path | None, typer.Option("--json-out", help="Write the summary JSON here.")] = None,

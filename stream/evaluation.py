@@ -310,7 +310,9 @@ def session_rec(
 
     The training log goes through the step as the live traffic it was: in batches of
     ``train_batch_size`` (default ``batch_size``), every list published and labelled by the
-    user's next event for the click re-ranker; the test sessions in batches of ``batch_size``.
+    user's next event for the click re-ranker; the test log in batches of ``batch_size`` in
+    *learning* mode, click by click in *frozen* mode (a session at a time, where a batch would
+    only hide lists).
     ``progress`` gets the number of events fed so far."""
     from online_models.datasets import score_references
 
@@ -363,10 +365,10 @@ def session_rec(
             train_s = time.perf_counter() - t0
             c.step_s.clear()
             judge = Judge(ks)
-            if mode == "frozen":  # session by session, the models as the training log left them
+            if mode == "frozen":  # session by session, click by click, the models as training left them
                 for seq in by_session.values():
                     before = judge.metrics.n
-                    _replay(c, judge, seq, batch_size, categories, learn=False,
+                    _replay(c, judge, seq, 1, categories, learn=False,
                             saved_pairs=lambda at, seq=seq: saved(at, seq), on_batch=tick)
                     if judge.metrics.n // every > before // every:
                         judge.point(judge.metrics.n)

@@ -171,6 +171,14 @@ def test_session_rec_frozen_and_learning(tmp_path):
     assert report["references"]["algo"]["HR@20"] == round(2 / 3, 4)
 
 
+def test_frozen_mode_goes_click_by_click_whatever_the_batch_size(tmp_path):
+    write_session_rec_folder(tmp_path)
+    train, test, refs = load_folder(tmp_path)
+    one = session_rec(train, test, models=[SERVED], ks=(20,), modes=("frozen",))
+    big = session_rec(train, test, models=[SERVED], ks=(20,), modes=("frozen",), batch_size=50)
+    assert big["models"][SERVED]["frozen"]["HR@20"] == one["models"][SERVED]["frozen"]["HR@20"] > 0
+
+
 def test_frozen_mode_teaches_the_models_nothing(tmp_path):
     write_session_rec_folder(tmp_path)
     train, test, _ = load_folder(tmp_path)
