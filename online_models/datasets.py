@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from online_models.base import session_key
 from online_models.metrics import RankingMetrics
 from online_models.types import Interaction
 
@@ -230,7 +231,7 @@ def sessions_of(test: Iterable[Interaction]) -> dict[str, list[Interaction]]:
     """Test events by session (file order of first appearance), each in time order."""
     out: dict[str, list[Interaction]] = {}
     for x in test:
-        out.setdefault(x.session_id if x.session_id is not None else x.user_id, []).append(x)
+        out.setdefault(session_key(x), []).append(x)
     for seq in out.values():
         seq.sort(key=lambda x: x.ts)
     return out

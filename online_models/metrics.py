@@ -26,7 +26,12 @@ An item the model cannot rank is simply absent from its list, so it counts as a 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from online_models.types import Interaction
 
 
 def target_rank(ranked: Sequence[str], target: str, k: int) -> int | None:
@@ -128,4 +133,79 @@ class RankingMetrics:
         return out
 
 
-__all__ = ["RankingMetrics", "catalogue_coverage", "hit_rate", "ndcg", "reciprocal_rank", "target_rank"]
+#: HR@K by the user's history length before the event: (label, fewest events, most events)
+HISTORY_BUCKETS = (("1-2", 1, 2), ("3-10", 3, 10), (">10", 11, None))
+
+
+@dataclass
+class Judge:
+    """What one contender's judged lists add up to."""
+
+    ks: tuple[int, ...]
+    metrics: RankingMetrics = field(init=False)
+    by_history: dict[str, RankingMetrics] = field(init=False)
+    saved: RankingMetrics = field(init=False)
+    shown: Counter = field(default_factory=Counter)  # item -> times in a judged top-kmax
+    diversity_sum: float = 0.0
+    diversity_n: int = 0
+    curve: list[tuple[int, float, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.metrics = RankingMetrics(self.ks)
+        self.by_history = {label: RankingMetrics(self.ks) for label, _, _ in HISTORY_BUCKETS}
+        self.saved = RankingMetrics(self.ks)
+
+    def add(self, shown: list[str], target: str, history: int, categories: Mapping[str, str],
+            saved_pair: bool = False) -> None:
+        kmax = self.ks[-1]
+        top = shown[:kmax]
+        self.metrics.update(top, target)
+        for label, low, high in HISTORY_BUCKETS:
+            if history >= low and (high is None or history <= high):
+                self.by_history[label].update(top, target)
+        if saved_pair:
+            self.saved.update(top, target)
+        self.shown.update(top)
+        cats = [c for c in map(categories.get, top) if c is not None]
+        if len(cats) >= 2:
+            pairs = len(cats) * (len(cats) - 1) // 2
+            same = sum(n * (n - 1) // 2 for n in Counter(cats).values())
+            self.diversity_sum += (pairs - same) / pairs
+            self.diversity_n += 1
+
+    def point(self, x: int) -> None:
+        kmax = self.ks[-1]
+        self.curve.append((x, self.metrics.value("HR", kmax), self.metrics.value("MRR", kmax)))
+
+    def summary(self, catalogue: int, popularity_rank: Mapping[str, int], step_s: Sequence[float] = ()
+                ) -> dict[str, Any]:
+        kmax = self.ks[-1]
+        out: dict[str, Any] = {"predictions": self.metrics.n, **self.metrics.summary(catalogue)}
+        out["diversity"] = round(self.diversity_sum / self.diversity_n, 4) if self.diversity_n else None
+        total = sum(self.shown.values())
+        worst = len(popularity_rank) + 1  # an item never seen in the log ranks last
+        out["novelty"] = (round(sum(n * popularity_rank.get(i, worst) for i, n in self.shown.items()) / total, 1)
+                          if total else None)
+        out["history"] = {label: {"predictions": m.n, f"HR@{kmax}": round(m.value("HR", kmax), 4)}
+                          for label, m in self.by_history.items()}
+        out["latency_ms"] = latency_summary(step_s)
+        return out
+
+
+def latency_summary(step_s: Sequence[float]) -> dict[str, float]:
+    """p50/p99 (ms) of one step call (one batch)."""
+    if not step_s:
+        return {}
+    ordered = sorted(step_s)
+    return {"step_p50": round(1000 * ordered[len(ordered) // 2], 4),
+            "step_p99": round(1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 4)}
+
+
+def popularity_ranks(events: Iterable[Interaction]) -> dict[str, int]:
+    """Item -> its rank by number of events (1 = the most popular)."""
+    counts = Counter(x.item_id for x in events)
+    return {item: r for r, (item, _) in enumerate(counts.most_common(), start=1)}
+
+
+__all__ = ["HISTORY_BUCKETS", "Judge", "RankingMetrics", "catalogue_coverage", "hit_rate", "latency_summary", "ndcg",
+           "popularity_ranks", "reciprocal_rank", "target_rank"]

@@ -9,14 +9,28 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from online_models.datasets import DatasetError, load_folder, read_interactions
+from stream.errors import ConfigError
+from stream.evaluation import (
+    DEFAULT_MODELS,
+    SESSION_MODELS,
+    contender_names,
+    prequential,
+    session_rec,
+    session_rec_units,
+)
+from stream.pipeline import recommender_config
+from stream.settings import Settings
 
-class Protocol(StrEnum):
+
+class EvalProtocol(StrEnum):
     prequential = "prequential"
     session_rec = "session-rec"
 
@@ -55,14 +69,14 @@ def evaluate(
         str, typer.Option("--format", "-f", help="Log format: taobao, yoochoose, otto or synthetic.")
     ] = "synthetic",
     protocol: Annotated[
-        Protocol,
+        EvalProtocol,
         typer.Option(
             "--protocol", "-p",
             help="prequential: replay the log in time order; each event of a user with history is judged "
             "against the last list published to them. session-rec: learn train_full, then predict each next "
             "click of the test sessions (frozen and learning), and score the framework's saved lists.",
         ),
-    ] = Protocol.prequential,
+    ] = EvalProtocol.prequential,
     k: Annotated[
         list[int] | None,
         typer.Option("--k", "-k", help="Cut-offs for HR/MRR/NDCG/coverage (repeatable; at most STREAMREC_TOP_K)."),
@@ -127,16 +141,6 @@ def evaluate(
 
       streamrec evaluate -p session-rec -d ../shared/data/yoochoose-100k --split valid --scorer-model models
     """
-    from stream.errors import ConfigError
-    from stream.evaluation import (
-        DEFAULT_MODELS,
-        SESSION_MODELS,
-        contender_names,
-        plot_curves,
-        prequential,
-    )
-    from stream.pipeline import recommender_config
-    from stream.settings import Settings
 
     try:
         settings = Settings.from_env()
@@ -154,10 +158,7 @@ def evaluate(
             raise typer.BadParameter(f"unknown model {name!r}; choose from {', '.join(known)}", param_hint="--model")
     scorer = _load_scorer(scorer_model, settings.scorer_device) if scorer_model is not None else None
     show = not as_json
-    if protocol is Protocol.session_rec:
-        from online_models.datasets import DatasetError, load_folder
-        from stream.evaluation import session_rec, session_rec_units
-
+    if protocol is EvalProtocol.session_rec:
         if dataset is None or not dataset.is_dir():
             raise typer.BadParameter("session-rec needs --dataset pointing at the yoochoose-100k folder",
                                      param_hint="--dataset")
@@ -174,8 +175,6 @@ def evaluate(
         report["dataset"] = str(dataset)
         report["split"] = split.value
     else:
-        from online_models.datasets import DatasetError, read_interactions
-
         if dataset is not None and dataset.is_dir():
             raise typer.BadParameter(f"{dataset} is a folder; the prequential protocol replays one log file "
                                      "(the session-rec folder goes with --protocol session-rec)", param_hint="--dataset")
@@ -315,6 +314,33 @@ def _print_tables(console, report: dict[str, Any]) -> None:
                           f"{saved.get(f'HR@{kk}', float('nan')):.4f}", f"{saved.get(f'MRR@{kk}', float('nan')):.4f}",
                           *cells(m)[len(cols):])
     console.print(table)
+
+
+def plot_curves(report: Mapping[str, Any], path: str, title: str | None = None) -> None:
+    """PNG of cumulative HR@K and MRR@K over the replay for each contender (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kmax = max(report["ks"])
+    fig, (ax_hr, ax_mrr) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, points in report["curves"].items():
+        if not points:
+            continue
+        xs = [p[0] for p in points]
+        style = {"lw": 2 if name.startswith("served") else 1.2, "ls": ":" if "frozen" in name else "-"}
+        ax_hr.plot(xs, [p[1] for p in points], label=name, **style)
+        ax_mrr.plot(xs, [p[2] for p in points], label=name, **style)
+    for ax, metric in ((ax_hr, "HR"), (ax_mrr, "MRR")):
+        ax.set_xlabel(report.get("x_label", "events replayed"))
+        ax.set_ylabel(f"cumulative {metric}@{kmax}")
+        ax.grid(alpha=0.3)
+    ax_hr.legend(fontsize=8)
+    fig.suptitle(title or f"{report['protocol']} evaluation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:  # pragma: no cover - `python -m stream.evaluate_cli`

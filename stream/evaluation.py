@@ -38,12 +38,11 @@ import itertools
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from online_models import Interaction, Recommender, RecommenderConfig, learner_classes
 from online_models.datasets import sessions_of
-from online_models.metrics import RankingMetrics
+from online_models.metrics import Judge, popularity_ranks
 from stream.pipeline import RecommendationStep, StepResult, recommender_config
 from stream.records import ClickEvent, Event, PurchaseEvent
 from stream.settings import Settings
@@ -57,8 +56,6 @@ DEFAULT_MODELS = (SERVED, "popularity", "recent_popularity", "covisit")
 BASELINES = ("popularity", "recent_popularity", "covisit")
 #: contenders the session-rec protocol runs when none are named
 SESSION_MODELS = (SERVED, "session_hybrid", "covisit", "popularity")
-#: HR@K by the user's history length before the event: (label, fewest events, most events)
-HISTORY_BUCKETS = (("1-2", 1, 2), ("3-10", 3, 10), (">10", 11, None))
 #: the input partition the replay says its events come from (the step's watermark key)
 SOURCE = "replay:0"
 
@@ -130,75 +127,6 @@ def build_contender(name: str, settings: Settings, scorer=None, seed: int = 0) -
                                reranker_weight=0.0)
     return Contender(name, RecommendationStep.from_settings(
         settings, None, Recommender({name: registry[name](seed=seed)}, config, seed)))
-
-
-@dataclass
-class Judge:
-    """What one contender's judged lists add up to."""
-
-    ks: tuple[int, ...]
-    metrics: RankingMetrics = field(init=False)
-    by_history: dict[str, RankingMetrics] = field(init=False)
-    saved: RankingMetrics = field(init=False)
-    shown: Counter = field(default_factory=Counter)  # item -> times in a judged top-kmax
-    diversity_sum: float = 0.0
-    diversity_n: int = 0
-    curve: list[tuple[int, float, float]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.metrics = RankingMetrics(self.ks)
-        self.by_history = {label: RankingMetrics(self.ks) for label, _, _ in HISTORY_BUCKETS}
-        self.saved = RankingMetrics(self.ks)
-
-    def add(self, shown: list[str], target: str, history: int, categories: Mapping[str, str],
-            saved_pair: bool = False) -> None:
-        kmax = self.ks[-1]
-        top = shown[:kmax]
-        self.metrics.update(top, target)
-        for label, low, high in HISTORY_BUCKETS:
-            if history >= low and (high is None or history <= high):
-                self.by_history[label].update(top, target)
-        if saved_pair:
-            self.saved.update(top, target)
-        self.shown.update(top)
-        cats = [c for c in map(categories.get, top) if c is not None]
-        if len(cats) >= 2:
-            pairs = len(cats) * (len(cats) - 1) // 2
-            same = sum(n * (n - 1) // 2 for n in Counter(cats).values())
-            self.diversity_sum += (pairs - same) / pairs
-            self.diversity_n += 1
-
-    def point(self, x: int) -> None:
-        kmax = self.ks[-1]
-        self.curve.append((x, self.metrics.value("HR", kmax), self.metrics.value("MRR", kmax)))
-
-    def summary(self, catalogue: int, popularity_rank: Mapping[str, int], step_s: Sequence[float]) -> dict[str, Any]:
-        kmax = self.ks[-1]
-        out: dict[str, Any] = {"predictions": self.metrics.n, **self.metrics.summary(catalogue)}
-        out["diversity"] = round(self.diversity_sum / self.diversity_n, 4) if self.diversity_n else None
-        total = sum(self.shown.values())
-        worst = len(popularity_rank) + 1  # an item never seen in the log ranks last
-        out["novelty"] = (round(sum(n * popularity_rank.get(i, worst) for i, n in self.shown.items()) / total, 1)
-                          if total else None)
-        out["history"] = {label: {"predictions": m.n, f"HR@{kmax}": round(m.value("HR", kmax), 4)}
-                          for label, m in self.by_history.items()}
-        out["latency_ms"] = latency_summary(step_s)
-        return out
-
-
-def latency_summary(step_s: Sequence[float]) -> dict[str, float]:
-    """p50/p99 (ms) of one step call (one batch)."""
-    if not step_s:
-        return {}
-    ordered = sorted(step_s)
-    return {"step_p50": round(1000 * ordered[len(ordered) // 2], 4),
-            "step_p99": round(1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 4)}
-
-
-def popularity_ranks(events: Iterable[Interaction]) -> dict[str, int]:
-    """Item -> its rank by number of events (1 = the most popular)."""
-    counts = Counter(x.item_id for x in events)
-    return {item: r for r, (item, _) in enumerate(counts.most_common(), start=1)}
 
 
 def _batches(items: Sequence, size: int):
@@ -442,32 +370,5 @@ def _scorer_name(scorer) -> str | None:
     return None if scorer is None else f"{getattr(scorer, 'version', '?')} on {getattr(scorer, 'provider', '?')}"
 
 
-def plot_curves(report: Mapping[str, Any], path: str, title: str | None = None) -> None:
-    """PNG of cumulative HR@K and MRR@K over the replay for each contender (Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kmax = max(report["ks"])
-    fig, (ax_hr, ax_mrr) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, points in report["curves"].items():
-        if not points:
-            continue
-        xs = [p[0] for p in points]
-        style = {"lw": 2 if name.startswith(SERVED) else 1.2, "ls": ":" if "frozen" in name else "-"}
-        ax_hr.plot(xs, [p[1] for p in points], label=name, **style)
-        ax_mrr.plot(xs, [p[2] for p in points], label=name, **style)
-    for ax, metric in ((ax_hr, "HR"), (ax_mrr, "MRR")):
-        ax.set_xlabel(report.get("x_label", "events replayed"))
-        ax.set_ylabel(f"cumulative {metric}@{kmax}")
-        ax.grid(alpha=0.3)
-    ax_hr.legend(fontsize=8)
-    fig.suptitle(title or f"{report['protocol']} evaluation")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-__all__ = ["BASELINES", "DEFAULT_MODELS", "SERVED", "SESSION_MODELS", "Contender", "Judge", "build_contender",
-           "plot_curves", "prequential", "session_rec", "to_event", "verdict"]
+__all__ = ["BASELINES", "DEFAULT_MODELS", "SERVED", "SESSION_MODELS", "Contender", "build_contender", "prequential",
+           "session_rec", "to_event", "verdict"]

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from online_models import Interaction, Recommender, RecommenderConfig, UserContext
+from online_models.metrics import target_rank
 from online_models.recommender import parse_weights
 from stream.errors import ConfigError
 from stream.records import Event, PurchaseEvent, Recommendation, RecommendedItem, encode
@@ -64,15 +65,6 @@ class StepConfig:
 
     max_recent: int = int(Settings.recent_items)
     dedupe_window: int = int(Settings.dedupe_window)
-
-
-def rank_of(shown: Sequence[str], item: str) -> int | None:
-    """The 1-based position of ``item`` in the list ``shown``, or None when it is not there:
-    the one judgement both the live hit rate and the offline evaluation make."""
-    try:
-        return shown.index(item) + 1
-    except ValueError:
-        return None
 
 
 @dataclass
@@ -522,6 +514,6 @@ class RecommendationStep:
             shown = before.last_recommended if before is not None else empty
             for n in (idx if had_history else idx[1:]):
                 judged.append((n, shown))
-                live.add(rank_of(shown, events[n].item_id))
+                live.add(target_rank(shown, events[n].item_id, len(shown)))
         judged.sort()
         return live, judged
