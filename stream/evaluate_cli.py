@@ -294,6 +294,7 @@ def _print_tables(console, report: dict[str, Any]) -> None:
         for name, m in report["models"].items():
             table.add_row(name, str(m["predictions"]), *cells(m))
         console.print(table)
+        _print_failures(console, report)
         for name, v in report.get("verdict", {}).items():
             word = "beats" if v["beats_every_baseline"] else "does NOT beat"
             console.print(f"{name} {word} every baseline on HR@{kk} (best baseline {v['best_baseline']}, "
@@ -314,6 +315,16 @@ def _print_tables(console, report: dict[str, Any]) -> None:
                           f"{saved.get(f'HR@{kk}', float('nan')):.4f}", f"{saved.get(f'MRR@{kk}', float('nan')):.4f}",
                           *cells(m)[len(cols):])
     console.print(table)
+    _print_failures(console, report)
+
+
+def _print_failures(console, report: dict[str, Any]) -> None:
+    """Say which contender's step raised on events (the worker would dead-letter them)."""
+    for name, m in report["models"].items():
+        for label, r in ((name, m),) if "dead_lettered" in m else ((f"{name} ({mode})", r) for mode, r in m.items()):
+            if r.get("dead_lettered"):
+                console.print(f"[red]{label}: the step raised on {r['dead_lettered']} events; the worker would "
+                              "dead-letter them as processing_error[/]")
 
 
 def plot_curves(report: Mapping[str, Any], path: str, title: str | None = None) -> None:

@@ -96,6 +96,8 @@ class Contender:
         self.store = InMemoryUserStateStore()
         self.offset = 0
         self.step_s: list[float] = []
+        #: events the step could not handle (the worker dead-letters them as processing_error)
+        self.failed = 0
 
     def feed(self, events: Sequence[Event], learn: bool = True) -> tuple[StepResult, dict]:
         """Load, step, save; returns the step's result and the states it started from."""
@@ -105,6 +107,7 @@ class Contender:
         t0 = time.perf_counter()
         result = self.step(events, states, _no_clock, positions, learn=learn)
         self.step_s.append(time.perf_counter() - t0)
+        self.failed += len(result.failures)
         _sync(self.store.save_docs(result.docs))
         return result, states
 
@@ -201,7 +204,7 @@ def prequential(
             chunk = events[at:at + every]
             _replay(c, judge, chunk, batch_size, categories, first=at, on_batch=tick)
             judge.point(at + len(chunk))
-        out[c.name] = judge.summary(catalogue, popularity, c.step_s)
+        out[c.name] = {**judge.summary(catalogue, popularity, c.step_s), "dead_lettered": c.failed}
         curves[c.name] = [list(p) for p in judge.curve]
     report = {
         "protocol": "prequential",
@@ -308,6 +311,7 @@ def session_rec(
                     judge.point(judge.metrics.n)
             result = judge.summary(catalogue, popularity, c.step_s)
             result["train_s"] = round(train_s, 2)
+            result["dead_lettered"] = c.failed
             if pairs:
                 result["saved_pairs"] = {"predictions": judge.saved.n, **judge.saved.summary()}
             out[name][mode] = result

@@ -123,6 +123,7 @@ def test_report_has_history_split_diversity_novelty_and_coverage():
     assert report["models"]["popularity"]["novelty"] < served["novelty"]  # popularity shows the head
     assert report["verdict"][SERVED]["beats_every_baseline"]
     assert report["settings"]["STREAMREC_CANDIDATES"] == "50"
+    assert served["dead_lettered"] == 0  # the step handled every event
 
 
 def test_verdict():
@@ -276,3 +277,16 @@ def test_train_on_a_folder_names_the_files_in_it(tmp_path):
     result = CliRunner().invoke(app, ["train", "--dataset", str(tmp_path)])
     assert result.exit_code == 2 and "is a folder" in result.output and "log_a.txt" in result.output
     assert "Traceback" not in result.output
+
+
+def test_events_the_step_could_not_handle_are_counted_and_said():
+    from rich.console import Console
+
+    from stream.evaluate_cli import _print_failures
+
+    console = Console(record=True, width=200)
+    _print_failures(console, {"models": {SERVED: {"dead_lettered": 3}, "covisit": {"frozen": {"dead_lettered": 0},
+                                                                                  "learning": {"dead_lettered": 2}}}})
+    text = console.export_text()
+    assert "served: the step raised on 3 events" in text and "covisit (learning): the step raised on 2" in text
+    assert "frozen" not in text
