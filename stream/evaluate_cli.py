@@ -320,6 +320,9 @@ def _print_tables(console, report: dict[str, Any]) -> None:
 
 def _print_failures(console, report: dict[str, Any]) -> None:
     """Say which contender's step raised on events (the worker would dead-letter them)."""
+    if report.get("refused"):
+        codes = ", ".join(f"{code} {n}" for code, n in sorted(report["refused"].items()))
+        console.print(f"[yellow]refused at the worker's door (dead-lettered, never replayed): {codes}[/]")
     for name, m in report["models"].items():
         for label, r in ((name, m),) if "dead_lettered" in m else ((f"{name} ({mode})", r) for mode, r in m.items()):
             if r.get("dead_lettered"):

@@ -43,8 +43,9 @@ from typing import Any
 from online_models import Interaction, Recommender, RecommenderConfig, learner_classes
 from online_models.datasets import sessions_of
 from online_models.metrics import Judge, popularity_ranks
+from stream.errors import InvalidEvent
 from stream.pipeline import RecommendationStep, StepResult, recommender_config
-from stream.records import ClickEvent, Event, PurchaseEvent
+from stream.records import ClickEvent, Event, PurchaseEvent, decode_event, encode
 from stream.settings import Settings
 from stream.state import InMemoryUserStateStore
 
@@ -76,6 +77,27 @@ def to_event(x: Interaction, n: int) -> Event:
     if x.kind == "purchase":
         return PurchaseEvent(**common, quantity=max(1, x.quantity))
     return ClickEvent(**common)
+
+
+def admit(log: Sequence[Interaction], settings: Settings, first: int = 0
+          ) -> tuple[list[Interaction], list[Event], Counter]:
+    """What the worker's door lets in: each interaction encoded as a producer sends it and
+    decoded by the worker's own :func:`~stream.records.decode_event` with the settings'
+    bounds (the static ones: a replayed log's time is not the worker's clock). Returns the
+    admitted interactions, their events, and the refused counted by dead-letter code."""
+    bounds = settings.bounds
+    kept: list[Interaction] = []
+    events: list[Event] = []
+    refused: Counter = Counter()
+    for n, x in enumerate(log):
+        try:
+            ev = decode_event(encode(to_event(x, first + n)), bounds)
+        except InvalidEvent as exc:
+            refused[exc.code] += 1
+            continue
+        kept.append(x)
+        events.append(ev)
+    return kept, events, refused
 
 
 def _sync(coro):
@@ -181,8 +203,7 @@ def prequential(
     ``progress`` is called with the number of events done (all contenders together)."""
     settings = settings if settings is not None else Settings.from_env({})
     ks = _check_ks(ks, settings)
-    log = sorted(interactions, key=lambda x: x.ts)
-    events = [to_event(x, n) for n, x in enumerate(log)]
+    log, events, refused = admit(sorted(interactions, key=lambda x: x.ts), settings)
     names = list(models) if models else list(DEFAULT_MODELS)
     contenders = [build_contender(name, settings, scorer, seed) for name in names]
     catalogue = len({x.item_id for x in log})
@@ -209,6 +230,7 @@ def prequential(
     report = {
         "protocol": "prequential",
         "events": len(events),
+        "refused": dict(refused),
         "users": len({x.user_id for x in log}),
         "catalogue": catalogue,
         "ks": list(ks),
@@ -252,14 +274,16 @@ def session_rec(
     for mode in modes:
         if mode not in ("frozen", "learning"):
             raise ValueError(f"unknown mode {mode!r} (frozen, learning)")
-    train = sorted(train, key=lambda x: x.ts)
+    train, train_events, refused = admit(sorted(train, key=lambda x: x.ts), settings)
+    test, _, refused_test = admit(list(test), settings)
+    refused.update(refused_test)
     sessions = sessions_of(test)
     ref_scores = score_references(references, sessions, ks) if references else {}
     pairs = {p for lists in (references or {}).values() for p in lists if p[0] in sessions}
     names = list(models) if models else list(SESSION_MODELS)
     n_train = len(train)
-    train_events = [to_event(x, n) for n, x in enumerate(train)]
-    # the test events, numbered after the training log, and the (session, position) of each
+    # the test events (all admitted above), numbered after the training log, and the
+    # (session, position) of each
     where: dict[str, tuple[str, int]] = {}
     by_session: dict[str, list[Event]] = {}
     for sid, seq in sessions.items():
@@ -319,6 +343,7 @@ def session_rec(
     return {
         "protocol": "session-rec",
         "train_events": n_train,
+        "refused": dict(refused),
         "test_sessions": len(sessions),
         "test_predictions": predictions,
         "catalogue": catalogue,
@@ -374,5 +399,5 @@ def _scorer_name(scorer) -> str | None:
     return None if scorer is None else f"{getattr(scorer, 'version', '?')} on {getattr(scorer, 'provider', '?')}"
 
 
-__all__ = ["BASELINES", "DEFAULT_MODELS", "SERVED", "SESSION_MODELS", "Contender", "build_contender", "prequential",
+__all__ = ["BASELINES", "DEFAULT_MODELS", "SERVED", "SESSION_MODELS", "Contender", "admit", "build_contender", "prequential",
            "session_rec", "to_event", "verdict"]

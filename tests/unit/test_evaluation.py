@@ -126,6 +126,13 @@ def test_report_has_history_split_diversity_novelty_and_coverage():
     assert served["dead_lettered"] == 0  # the step handled every event
 
 
+def test_events_pass_the_worker_door_and_the_refused_are_counted_by_code():
+    log = [*events("u1:a u1:b u2:a u2:b"), Interaction("u3", "x" * 300, ts=9000), Interaction("u3", "a\x00", ts=9001)]
+    report = prequential(log, [SERVED], ks=(20,))
+    assert report["events"] == 4 and report["refused"] == {"too_long": 1, "bad_id": 1}
+    assert report["models"][SERVED]["predictions"] == 2
+
+
 def test_verdict():
     models = {"popularity": {"HR@20": 0.1}, "covisit": {"HR@20": 0.3}, SERVED: {"HR@20": 0.31}}
     models = {name: {**m, "predictions": 10} for name, m in models.items()}
@@ -285,8 +292,8 @@ def test_events_the_step_could_not_handle_are_counted_and_said():
     from stream.evaluate_cli import _print_failures
 
     console = Console(record=True, width=200)
-    _print_failures(console, {"models": {SERVED: {"dead_lettered": 3}, "covisit": {"frozen": {"dead_lettered": 0},
+    _print_failures(console, {"refused": {"too_long": 2}, "models": {SERVED: {"dead_lettered": 3}, "covisit": {"frozen": {"dead_lettered": 0},
                                                                                   "learning": {"dead_lettered": 2}}}})
     text = console.export_text()
     assert "served: the step raised on 3 events" in text and "covisit (learning): the step raised on 2" in text
-    assert "frozen" not in text
+    assert "frozen" not in text and "refused at the worker's door (dead-lettered, never replayed): too_long 2" in text
