@@ -311,9 +311,10 @@ def _print_tables(console, report: dict[str, Any]) -> None:
     for name, by_mode in report["models"].items():
         for mode, m in by_mode.items():
             saved = m.get("saved_pairs", {})
-            table.add_row(name, mode, str(m["predictions"]), *cells(m)[:len(cols)],
+            row = cells(m)
+            table.add_row(name, mode, str(m["predictions"]), *row[:len(cols)],
                           f"{saved.get(f'HR@{kk}', float('nan')):.4f}", f"{saved.get(f'MRR@{kk}', float('nan')):.4f}",
-                          *cells(m)[len(cols):])
+                          *row[len(cols):])
     console.print(table)
     _print_failures(console, report)
 

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from online_models import Interaction, Recommender, RecommenderConfig, learner_classes
-from online_models.datasets import sessions_of
+from online_models.datasets import score_references, sessions_of
 from online_models.metrics import Judge, popularity_ranks
 from stream.errors import InvalidEvent
 from stream.pipeline import RecommendationStep, StepResult, recommender_config
@@ -154,6 +154,19 @@ def build_contender(name: str, settings: Settings, scorer=None, seed: int = 0) -
         settings, None, Recommender({name: registry[name](seed=seed)}, config, seed)))
 
 
+def _counter(progress: Callable[[int], None] | None) -> Callable[[int], None]:
+    """A callback that adds up the events fed and hands the running total to ``progress``."""
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done)
+
+    return tick
+
+
 def _batches(items: Sequence, size: int):
     for at in range(0, len(items), size):
         yield items[at:at + size]
@@ -161,11 +174,11 @@ def _batches(items: Sequence, size: int):
 
 def _replay(contender: Contender, judge: Judge | None, events: Sequence[Event], batch_size: int,
             categories: dict[str, str], learn: bool = True,
-            saved_pairs: Callable[[int], bool] | None = None, first: int = 0,
+            saved_pair: Callable[[Event], bool] | None = None,
             on_batch: Callable[[int], None] | None = None) -> None:
-    """Feed ``events`` in batches; judge what the step judged. ``first`` is the index of
-    ``events[0]`` in the caller's numbering (``saved_pairs`` takes that index)."""
-    for b, batch in enumerate(_batches(events, batch_size)):
+    """Feed ``events`` in batches; judge what the step judged (``saved_pair`` says whether a
+    judged event's prediction is one of the saved lists' pairs)."""
+    for batch in _batches(events, batch_size):
         for ev in batch:
             if ev.category_id is not None:
                 categories[ev.item_id] = ev.category_id
@@ -180,9 +193,8 @@ def _replay(contender: Contender, judge: Judge | None, events: Sequence[Event], 
                     history[n] = (st.clicks + st.purchases if st is not None else 0) + earlier[ev.user_id]
                     earlier[ev.user_id] += 1
             for n, shown in result.judged:
-                at = first + b * batch_size + n
-                judge.add(shown, batch[n].item_id, history[n], categories,
-                          saved_pairs(at) if saved_pairs is not None else False)
+                ev = batch[n]
+                judge.add(shown, ev.item_id, history[n], categories, saved_pair is not None and saved_pair(ev))
         if on_batch is not None:
             on_batch(len(batch))
 
@@ -209,12 +221,7 @@ def prequential(
     catalogue = len({x.item_id for x in log})
     popularity = popularity_ranks(log)
     every = max(1, len(events) // max(1, curve_points))
-    done = [0]
-
-    def tick(n: int) -> None:
-        done[0] += n
-        if progress is not None:
-            progress(done[0])
+    tick = _counter(progress)
 
     out: dict[str, Any] = {}
     curves: dict[str, list] = {}
@@ -223,7 +230,7 @@ def prequential(
         categories: dict[str, str] = {}
         for at in range(0, len(events), every):
             chunk = events[at:at + every]
-            _replay(c, judge, chunk, batch_size, categories, first=at, on_batch=tick)
+            _replay(c, judge, chunk, batch_size, categories, on_batch=tick)
             judge.point(at + len(chunk))
         out[c.name] = {**judge.summary(catalogue, popularity, c.step_s), "dead_lettered": c.failed}
         curves[c.name] = [list(p) for p in judge.curve]
@@ -267,28 +274,26 @@ def session_rec(
     *learning* mode, click by click in *frozen* mode (a session at a time, where a batch would
     only hide lists).
     ``progress`` gets the number of events fed so far."""
-    from online_models.datasets import score_references
-
     settings = settings if settings is not None else Settings.from_env({})
     ks = _check_ks(ks, settings)
     for mode in modes:
         if mode not in ("frozen", "learning"):
             raise ValueError(f"unknown mode {mode!r} (frozen, learning)")
     train, train_events, refused = admit(sorted(train, key=lambda x: x.ts), settings)
-    test, _, refused_test = admit(list(test), settings)
+    test, test_events, refused_test = admit(list(test), settings, first=len(train))
     refused.update(refused_test)
+    event_of = {id(x): ev for x, ev in zip(test, test_events, strict=True)}
     sessions = sessions_of(test)
     ref_scores = score_references(references, sessions, ks) if references else {}
     pairs = {p for lists in (references or {}).values() for p in lists if p[0] in sessions}
     names = list(models) if models else list(SESSION_MODELS)
     n_train = len(train)
-    # the test events (all admitted above), numbered after the training log, and the
-    # (session, position) of each
+    # the test events by session, in time order, and the (session, position) of each
     where: dict[str, tuple[str, int]] = {}
     by_session: dict[str, list[Event]] = {}
     for sid, seq in sessions.items():
         for pos, x in enumerate(seq):
-            ev = to_event(x, n_train + len(where))
+            ev = event_of[id(x)]
             by_session.setdefault(sid, []).append(ev)
             where[ev.event_id] = (sid, pos)
     in_time = sorted(itertools.chain.from_iterable(by_session.values()), key=lambda ev: ev.ts)
@@ -296,16 +301,11 @@ def session_rec(
     popularity = popularity_ranks(itertools.chain(train, (x for seq in sessions.values() for x in seq)))
     predictions = sum(len(s) - 1 for s in sessions.values())
     every = max(1, predictions // 100)
-    done = [0]
+    tick = _counter(progress)
 
-    def tick(n: int) -> None:
-        done[0] += n
-        if progress is not None:
-            progress(done[0])
-
-    def saved(at: int, seq_events: Sequence[Event]) -> bool:
+    def saved(ev: Event) -> bool:
         """A judged event at session position p > 0 is the prediction made after position p - 1."""
-        sid, pos = where[seq_events[at].event_id]
+        sid, pos = where[ev.event_id]
         return (sid, pos - 1) in pairs
 
     out: dict[str, dict[str, Any]] = {}
@@ -323,15 +323,13 @@ def session_rec(
             if mode == "frozen":  # session by session, click by click, the models as training left them
                 for seq in by_session.values():
                     before = judge.metrics.n
-                    _replay(c, judge, seq, 1, categories, learn=False,
-                            saved_pairs=lambda at, seq=seq: saved(at, seq), on_batch=tick)
+                    _replay(c, judge, seq, 1, categories, learn=False, saved_pair=saved, on_batch=tick)
                     if judge.metrics.n // every > before // every:
                         judge.point(judge.metrics.n)
             else:
                 for at in range(0, len(in_time), every):
                     chunk = in_time[at:at + every]
-                    _replay(c, judge, chunk, batch_size, categories, first=at,
-                            saved_pairs=lambda i: saved(i, in_time), on_batch=tick)
+                    _replay(c, judge, chunk, batch_size, categories, saved_pair=saved, on_batch=tick)
                     judge.point(judge.metrics.n)
             result = judge.summary(catalogue, popularity, c.step_s)
             result["train_s"] = round(train_s, 2)
