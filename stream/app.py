@@ -1,4 +1,4 @@
-"""The Faust application: thin agents around :class:`stream.worker.BatchHandler`.
+"""The Faust application: thin agents around :class:`stream.handler.BatchHandler`.
 
 ``create_app(settings)`` builds everything and connects to nothing; Faust connects when
 the worker starts. One agent consumes the co-partitioned click and purchase topics in
@@ -20,17 +20,17 @@ import mode
 from online_models import Recommender
 from stream import consumer, snapshots
 from stream.batching import drop_stale, take_batches
+from stream.handler import BatchHandler, Claims, RawMessage
 from stream.health import Health, check_readiness
 from stream.lag import LagMetrics, update_lag
-from stream.metrics import Metrics
 from stream.pipeline import RecommendationStep
+from stream.prometheus import Metrics
 from stream.publisher import BatchPublisher
 from stream.replay import gaps, replay
 from stream.retry import Backoff
 from stream.settings import Settings
 from stream.state import Fenced, RedisUserStateStore, UserStateStore
 from stream.topics import committed_offsets
-from stream.worker import BatchHandler, Claims, RawMessage
 
 log = logging.getLogger("streamrec.app")
 

@@ -38,7 +38,7 @@ def worker(
     # short collector pauses, and none over the models' long-lived heap (stream/gcpolicy.py)
     gcpolicy.configure(freeze=settings.gc_freeze)
     from stream.app import Worker, create_app
-    from stream.metrics import Metrics
+    from stream.prometheus import Metrics
     from stream.topics import ensure_topics
 
     log = logging.getLogger("streamrec")

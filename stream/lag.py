@@ -39,7 +39,7 @@ log = logging.getLogger("streamrec.lag")
 
 
 class LagMetrics:
-    """The lag and model-age gauges, built from an injected registry (see stream/metrics.py)."""
+    """The lag and model-age gauges, built from an injected registry (see stream/prometheus.py)."""
 
     def __init__(self, registry: CollectorRegistry | None = None, namespace: str = "streamrec") -> None:
         self.registry = registry if registry is not None else CollectorRegistry()

@@ -27,7 +27,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from stream.lag import LagMetrics
-from stream.metrics import Metrics
+from stream.prometheus import Metrics
 from stream.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

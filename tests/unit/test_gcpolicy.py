@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from stream import gcpolicy
-from stream.metrics import Metrics
+from stream.prometheus import Metrics
 from stream.settings import Settings
 
 

@@ -10,17 +10,17 @@ from collections import Counter
 import pytest
 from prometheus_client import CollectorRegistry
 
-import stream.worker as worker_module
+import stream.handler as worker_module
 from online_models import Recommender, RecommenderConfig
 from online_models.base import OnlineLearner
+from stream.handler import BatchHandler, Claims, RawMessage
 from stream.health import Health
-from stream.metrics import Metrics
 from stream.pipeline import RecommendationStep, StepConfig, to_interaction
+from stream.prometheus import Metrics
 from stream.records import ClickEvent, decode_dead_letter, decode_recommendation, encode
 from stream.retry import Backoff
 from stream.settings import TopicNames
 from stream.state import Fenced, InMemoryUserStateStore, UserState
-from stream.worker import BatchHandler, Claims, RawMessage
 
 
 class _Booby(OnlineLearner):

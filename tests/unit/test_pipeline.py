@@ -11,8 +11,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from online_models import Recommender, RecommenderConfig
-from stream.metrics import Metrics
+from stream.handler import BatchHandler, RawMessage
 from stream.pipeline import RecommendationStep, StepConfig
+from stream.prometheus import Metrics
 from stream.records import (
     ClickEvent,
     PurchaseEvent,
@@ -22,7 +23,6 @@ from stream.records import (
 )
 from stream.settings import TopicNames
 from stream.state import InMemoryUserStateStore, UserState, apply_event
-from stream.worker import BatchHandler, RawMessage
 
 
 def click(eid, user, item, ts, **kw):
@@ -212,7 +212,7 @@ def test_step_result_is_independent_of_batch_boundaries(batch):
 
 
 async def test_a_slow_batch_is_logged_with_its_stages_at_most_every_so_often(monkeypatch, caplog):
-    import stream.worker as worker
+    import stream.handler as worker
 
     handler = BatchHandler(new_step(), InMemoryUserStateStore(), RecordingPublisher(), TopicNames(), Metrics(CollectorRegistry()))
     events = [encode(e) for e in history(n_users=2, per_user=2)]

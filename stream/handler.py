@@ -33,8 +33,9 @@ from dataclasses import dataclass
 
 from stream.errors import InvalidEvent
 from stream.health import Health
-from stream.metrics import Metrics
 from stream.pipeline import LIVE_CUTOFFS, RecommendationStep, StepResult, source_of
+from stream.prometheus import Metrics
+from stream.publisher import OutRecord
 from stream.records import (
     DEFAULT_BOUNDS,
     Bounds,
@@ -50,7 +51,6 @@ from stream.state import Fenced, UserStateStore
 
 log = logging.getLogger("streamrec.worker")
 
-OutRecord = tuple[str, bytes | None, bytes]  # topic, key, value
 # publish(records) -> the records the broker did not confirm (stream.publisher.BatchPublisher.publish)
 Publish = Callable[[list[OutRecord]], Awaitable[list[OutRecord]]]
 
