@@ -11,10 +11,10 @@ PurchaseEvent(event_id='taobao-1a2b3c4d-12', user_id='u7', item_id='i3', ts=1700
 >>> bucket.reserve(10, now=0.0), bucket.reserve(10, now=0.010), bucket.reserve(5, now=0.025)
 (0.01, 0.01, 0.0)
 
-The I/O shell writes with aiokafka, filling one record batch per topic-partition itself
-(``create_batch``/``send_batch``) and choosing partitions with Kafka's murmur2 rule, as
-the Java client does: the per-message ``send`` path of kafka-python managed about 10,000
-events/s on the 2-core dev box, this one well over 100,000.
+The I/O shell writes through the worker's own producer path (:class:`stream.publisher.RecordBatches`:
+one record batch per topic-partition, partitions by Kafka's murmur2 rule, as the Java client
+chooses them): the per-message ``send`` path of kafka-python managed about 10,000 events/s on
+the 2-core dev box, this one well over 100,000.
 """
 
 from __future__ import annotations
@@ -24,19 +24,24 @@ import hashlib
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError, KafkaError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from online_models.datasets import FORMATS, DatasetError, read_interactions
 from online_models.types import Interaction
 from stream.errors import ServiceUnavailable, StreamrecError
+from stream.publisher import RecordBatches, murmur2_partition
 from stream.records import ClickEvent, Event, PurchaseEvent, encode
 from stream.settings import Settings, TopicNames
+from stream.topics import ensure_topics
 
 DEFAULT_SYNTHETIC_EVENTS = 10_000
 
@@ -75,17 +80,6 @@ def to_event(x: Interaction, eid: str, ts: int | None = None) -> Event:
 
 def topic_for(x: Interaction, topics: TopicNames) -> str:
     return topics.purchases if x.kind == "purchase" else topics.clicks
-
-
-def murmur2_partition(key: bytes, partitions: int) -> int:
-    """Kafka's default partition for a keyed record (the Java client's rule).
-
-    >>> murmur2_partition(b"u1", 4), murmur2_partition(b"u1", 4) == murmur2_partition(b"u1", 4)
-    (0, True)
-    """
-    from aiokafka.partitioner import murmur2
-
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 class TokenBucket:
@@ -166,9 +160,6 @@ async def replay(
 
     Returns when all were acknowledged, or early (flushing what was sent) when ``stop`` is set.
     """
-    from aiokafka import AIOKafkaProducer
-    from aiokafka.errors import KafkaConnectionError, KafkaError
-
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, client_id="streamrec-produce", acks=acks,
                                 linger_ms=0, max_batch_size=256 * 1024, request_timeout_ms=30_000)
     try:
@@ -177,10 +168,10 @@ async def replay(
         await producer.stop()
         raise ServiceUnavailable(f"Kafka at {bootstrap} did not answer ({exc}); start it with `make up`") from None
     summary = ProduceSummary(topics={topics.clicks: 0, topics.purchases: 0})
-    sender = _BatchSender(producer)
+    batches = RecordBatches(producer)
     try:
-        counts = {topics.clicks: await sender.partitions(topics.clicks),
-                  topics.purchases: await sender.partitions(topics.purchases)}
+        counts = {topics.clicks: len(await batches.partitions(topics.clicks)),
+                  topics.purchases: len(await batches.partitions(topics.purchases))}
         bucket = TokenBucket(rate, now=time.monotonic()) if rate else None
         step = chunk_size(rate)
         partition_of: dict[tuple[str, bytes], int] = {}
@@ -202,13 +193,15 @@ async def replay(
                 if partition is None:
                     partition = partition_of[(topic, key)] = murmur2_partition(key, counts[topic])
                 value = encode(to_event(x, f"{tag}-{index}", now_ms))
-                if not sender.append(topic, partition, key, value):  # the common case: no await per event
-                    await sender.add(topic, partition, key, value)
+                if not batches.append(topic, partition, key, value) and not await batches.add(  # the common case: no await per event
+                        topic, partition, key, value):
+                    raise StreamrecError(f"an event of {len(value)} bytes does not fit in an empty record batch")
                 index += 1
                 summary.topics[topic] += 1
             summary.clicks, summary.purchases = summary.topics[topics.clicks], summary.topics[topics.purchases]
+            batches.raise_delivered()  # a delivery error stops the replay here, not at the end
             if bucket is not None:
-                await sender.send_all()  # paced: out now, do not wait for a batch to fill
+                await batches.send_open()  # paced: out now, do not wait for a batch to fill
             else:
                 await asyncio.sleep(0)  # let the sender task run and the stop signal in
             if on_progress is not None and time.monotonic() - last_report >= 0.1:
@@ -216,8 +209,8 @@ async def replay(
                 summary.seconds = last_report - started
                 on_progress(summary)
         summary.interrupted = stop is not None and stop.is_set()
-        await sender.send_all()
-        await sender.wait_all()
+        await batches.send_open()
+        await batches.wait_all()
         summary.seconds = time.monotonic() - started
     except KafkaError as exc:
         raise StreamrecError(f"sending events to {bootstrap} failed: {exc!r}") from None
@@ -226,48 +219,6 @@ async def replay(
     if on_progress is not None:
         on_progress(summary)
     return summary
-
-
-class _BatchSender:
-    """One open record batch per topic-partition; a full batch goes out at once."""
-
-    def __init__(self, producer) -> None:
-        self._producer = producer
-        self._open: dict[tuple[str, int], object] = {}
-        self._pending: deque[asyncio.Future] = deque()
-
-    async def partitions(self, topic: str) -> int:
-        return len(await self._producer.partitions_for(topic))
-
-    def append(self, topic: str, partition: int, key: bytes, value: bytes) -> bool:
-        """Add to the open batch without waiting; False when it is full (then ``await add``)."""
-        batch = self._open.get((topic, partition))
-        return batch is not None and batch.append(key=key, value=value, timestamp=None) is not None
-
-    async def add(self, topic: str, partition: int, key: bytes, value: bytes) -> None:
-        batch = self._open.get((topic, partition))
-        if batch is None:
-            batch = self._open[(topic, partition)] = self._producer.create_batch()
-        if batch.append(key=key, value=value, timestamp=None) is None:
-            await self._send(topic, partition, batch)
-            batch = self._open[(topic, partition)] = self._producer.create_batch()
-            if batch.append(key=key, value=value, timestamp=None) is None:
-                raise StreamrecError(f"an event of {len(value)} bytes does not fit in an empty record batch")
-
-    async def _send(self, topic: str, partition: int, batch) -> None:
-        self._pending.append(await self._producer.send_batch(batch, topic, partition=partition))
-        while self._pending and self._pending[0].done():
-            self._pending.popleft().result()  # raises a delivery error here, not at the end
-
-    async def send_all(self) -> None:
-        for (topic, partition), batch in list(self._open.items()):
-            if batch.record_count():
-                await self._send(topic, partition, batch)
-        self._open.clear()
-
-    async def wait_all(self) -> None:
-        while self._pending:
-            await self._pending.popleft()
 
 
 # --- the command ------------------------------------------------------------------------
@@ -319,8 +270,6 @@ def produce(
     except DatasetError as exc:
         raise typer.BadParameter(str(exc), param_hint="--dataset") from None
 
-    from stream.topics import ensure_topics
-
     ensure_topics(settings.kafka_bootstrap, topics.all, settings.partitions, timeout_s=30,
                   replication=settings.replication_factor, min_insync_replicas=settings.min_insync_replicas)
     tag = id_prefix if id_prefix is not None else source_tag(dataset, fmt, seed)
@@ -335,9 +284,6 @@ def produce(
 
 
 def _run_with_progress(interactions, bootstrap, topics, tag, rate, keep_ts, show, total) -> ProduceSummary:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     console = Console(stderr=True)
     columns = [TextColumn("[bold]producing"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]:>10,.0f} ev/s"), TimeElapsedColumn()]
@@ -370,5 +316,5 @@ def _stopper(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, sig: signal.S
     return handle
 
 
-__all__ = ["ProduceSummary", "TokenBucket", "chunk_size", "event_id", "murmur2_partition", "produce", "replay",
+__all__ = ["ProduceSummary", "TokenBucket", "chunk_size", "event_id", "produce", "replay",
            "source_tag", "to_event", "topic_for"]

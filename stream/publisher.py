@@ -1,28 +1,126 @@
-"""Publish a micro-batch's output records as Kafka record batches.
+"""Kafka record batches, filled by the project itself: the one producer path of streamrec.
 
 One ``send`` per record costs 50-200 µs of Python in aiokafka and Faust; appending the
 records to one batch per (topic, partition) and sending each batch once costs a fraction
-of that (``bench/publish_bench.py`` measures both), and a worker publishes one record per
-event. Keys are hashed with Kafka's default partitioner (murmur2), so a user's
-recommendations land in the same partition as a Java or kafka-python producer would put them.
+of that, and a worker publishes one record per event. :class:`RecordBatches` does that over
+a started aiokafka producer; :class:`BatchPublisher` (the worker: publish a micro-batch's
+output, say which records the broker did not confirm) and ``streamrec produce`` (replay a
+log as fast as it goes, stop at the first delivery error) both send through it. Keys are
+hashed with Kafka's default partitioner (murmur2), so a user's records land in the partition
+a Java or kafka-python producer would choose:
+
+>>> murmur2_partition(b"u1", 4), murmur2_partition(b"u1", 4) == murmur2_partition(b"u1", 4)
+(0, True)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
+from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import murmur2
 
 log = logging.getLogger("streamrec.publisher")
 
 OutRecord = tuple[str, bytes | None, bytes]  # topic, key, value
 
 
+def murmur2_partition(key: bytes, partitions: int) -> int:
+    """Kafka's default partition for a keyed record (the Java client's rule)."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+class RecordBatches:
+    """One open record batch per topic-partition over a started producer; a full batch goes
+    out at once, without waiting for its acknowledgement.
+
+    ``keep``: remember each batch's records, so that :meth:`confirm` can say which ones the
+    broker did not confirm (the worker re-publishes them); without it (a replay) nothing is
+    kept beyond the open batches.
+    """
+
+    def __init__(self, producer: AIOKafkaProducer, keep: bool = False,
+                 partitions: dict[str, list[int]] | None = None) -> None:
+        self._producer = producer
+        self._keep = keep
+        self._open: dict[tuple[str, int], tuple[Any, list[OutRecord]]] = {}
+        self._partitions = {} if partitions is None else partitions
+        self._sent: deque[tuple[asyncio.Future, list[OutRecord]]] = deque()
+
+    async def partitions(self, topic: str) -> list[int]:
+        """The topic's partition ids, sorted (asked of the broker once per topic)."""
+        parts = self._partitions.get(topic)
+        if parts is None:
+            parts = self._partitions[topic] = sorted(await self._producer.partitions_for(topic))
+        return parts
+
+    def append(self, topic: str, partition: int, key: bytes | None, value: bytes) -> bool:
+        """Add to the open batch without waiting; False when there is none or it is full
+        (then ``await add``)."""
+        entry = self._open.get((topic, partition))
+        if entry is None or entry[0].append(key=key, value=value, timestamp=None) is None:
+            return False
+        if self._keep:
+            entry[1].append((topic, key, value))
+        return True
+
+    async def add(self, topic: str, partition: int, key: bytes | None, value: bytes) -> bool:
+        """:meth:`append`, sending the full batch first; False when the record does not fit
+        even an empty batch (it is not sent)."""
+        if self.append(topic, partition, key, value):
+            return True
+        entry = self._open.pop((topic, partition), None)
+        if entry is not None:
+            await self._send(topic, partition, *entry)
+        self._open[(topic, partition)] = (self._producer.create_batch(), [])
+        return self.append(topic, partition, key, value)
+
+    async def send_open(self) -> None:
+        """Send every open batch that holds a record."""
+        open_batches, self._open = self._open, {}
+        for (topic, partition), (batch, records) in open_batches.items():
+            if batch.record_count():
+                await self._send(topic, partition, batch, records)
+
+    async def _send(self, topic: str, partition: int, batch, records: list[OutRecord]) -> None:
+        try:
+            delivery = await self._producer.send_batch(batch, topic, partition=partition)
+        except Exception as exc:  # noqa: BLE001 - kept as the batch's outcome
+            log.warning("could not send a batch to %s[%d]: %r", topic, partition, exc)
+            delivery = asyncio.get_running_loop().create_future()
+            delivery.set_exception(exc)
+        self._sent.append((delivery, records))
+
+    def raise_delivered(self) -> None:
+        """Forget the batches already acknowledged; raise the first delivery error among them."""
+        while self._sent and self._sent[0][0].done():
+            self._sent.popleft()[0].result()
+
+    async def wait_all(self) -> None:
+        """Wait for every sent batch; raise the first delivery error."""
+        while self._sent:
+            await self._sent.popleft()[0]
+
+    async def confirm(self) -> list[OutRecord]:
+        """Wait for every sent batch; the records of those the broker did not confirm."""
+        sent, self._sent = list(self._sent), deque()
+        results = await asyncio.gather(*(delivery for delivery, _ in sent), return_exceptions=True)
+        failed: list[OutRecord] = []
+        for (_, records), res in zip(sent, results, strict=True):
+            if isinstance(res, BaseException):
+                if records:
+                    log.warning("batch of %d records to %s not confirmed: %r", len(records), records[0][0], res)
+                failed.extend(records)
+        return failed
+
+
 class BatchPublisher:
+    """The worker's output: publish a micro-batch's records and wait for the broker's acknowledgements."""
+
     def __init__(self, bootstrap: str, linger_ms: int = 0, max_batch_bytes: int = 1 << 20, acks: int | str = "all",
                  request_timeout_ms: int = 30_000, enable_idempotence: bool = True) -> None:
         self.bootstrap = bootstrap
@@ -32,7 +130,6 @@ class BatchPublisher:
             enable_idempotence=enable_idempotence,
         )
         self._producer: AIOKafkaProducer | None = None  # made on start: aiokafka needs a running loop
-        self._partitioner = DefaultPartitioner()
         self._partitions: dict[str, list[int]] = {}
         self._started = False
         self._start_lock = asyncio.Lock()
@@ -49,56 +146,27 @@ class BatchPublisher:
             self._started = False
             await self._producer.stop()
 
-    async def _partitions_for(self, topic: str) -> list[int]:
-        parts = self._partitions.get(topic)
-        if parts is None:
-            parts = self._partitions[topic] = sorted(await self._producer.partitions_for(topic))
-        return parts
-
     async def publish(self, records: Sequence[OutRecord]) -> list[OutRecord]:
         """Send all ``records``; return those the broker did not confirm (empty when all went through)."""
         if not records:
             return []
         await self.start()
-        groups: dict[tuple[str, int], list[OutRecord]] = defaultdict(list)
+        batches = RecordBatches(self._producer, keep=True, partitions=self._partitions)
+        failed: list[OutRecord] = []
         rr = 0
         for rec in records:
-            topic, key, _ = rec
-            parts = await self._partitions_for(topic)
+            topic, key, value = rec
+            parts = await batches.partitions(topic)
             if key is None:
                 partition = parts[rr % len(parts)]
                 rr += 1
             else:
-                partition = self._partitioner(key, parts, parts)
-            groups[(topic, partition)].append(rec)
-        sent: list[tuple[asyncio.Future, list[OutRecord]]] = []
-        failed: list[OutRecord] = []
-        producer = self._producer
-        for (topic, partition), recs in groups.items():
-            batch, members = producer.create_batch(), []
-            for rec in recs:
-                if batch.append(key=rec[1], value=rec[2], timestamp=None) is None:
-                    sent.append(await self._send(batch, topic, partition, members, failed))
-                    batch, members = producer.create_batch(), []
-                    if batch.append(key=rec[1], value=rec[2], timestamp=None) is None:
-                        log.error("a %d-byte record does not fit a batch; it is not published", len(rec[2]))
-                        failed.append(rec)
-                        continue
-                members.append(rec)
-            if members:
-                sent.append(await self._send(batch, topic, partition, members, failed))
-        confirmable = [(fut, members) for fut, members in sent if fut is not None]
-        results = await asyncio.gather(*(fut for fut, _ in confirmable), return_exceptions=True)
-        for (_, members), res in zip(confirmable, results, strict=True):
-            if isinstance(res, BaseException):
-                log.warning("batch of %d records to %s not confirmed: %r", len(members), members[0][0], res)
-                failed.extend(members)
-        return failed
+                partition = parts[murmur2_partition(key, len(parts))]
+            if not batches.append(topic, partition, key, value) and not await batches.add(topic, partition, key, value):
+                log.error("a %d-byte record does not fit a batch; it is not published", len(value))
+                failed.append(rec)
+        await batches.send_open()
+        return failed + await batches.confirm()
 
-    async def _send(self, batch, topic, partition, members, failed):
-        try:
-            return await self._producer.send_batch(batch, topic, partition=partition), members
-        except Exception as exc:
-            log.warning("could not send a batch to %s[%d]: %r", topic, partition, exc)
-            failed.extend(members)
-            return None, members
+
+__all__ = ["BatchPublisher", "OutRecord", "RecordBatches", "murmur2_partition"]

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from online_models.datasets import synthetic_interactions
 from stream.errors import InvalidEvent
-from stream.produce import murmur2_partition, produce
+from stream.produce import produce
+from stream.publisher import murmur2_partition
 from stream.records import (
     PurchaseEvent,
     Recommendation,

@@ -17,12 +17,12 @@ from stream.produce import (
     TokenBucket,
     chunk_size,
     event_id,
-    murmur2_partition,
     produce,
     source_tag,
     to_event,
     topic_for,
 )
+from stream.publisher import murmur2_partition
 from stream.records import (
     ClickEvent,
     DeadLetter,
