@@ -1,78 +1,31 @@
-"""The shipped deployment files are valid and agree with the code.
+"""The shipped deployment files are valid and agree with the code, checked with nothing but
+the project's own dependencies (the unit tier installs nothing).
 
-- Prometheus: `promtool check config`, `check rules` and `test rules` (alerts_test.yml).
-- Grafana: the dashboard parses and every metric it (or an alert rule) names is one the
-  worker exports (read from the metric bundles on a fresh registry, not from a list here).
-- Compose: the Compose Specification schema (check-jsonschema's vendored copy), and every
-  file and setting it refers to exists.
-- Kubernetes: the schemas of a Kubernetes release (kubernetes-validate, strict: unknown
-  fields fail), and probes, ports and replicas agree with the worker.
+- Grafana: the dashboard parses and every metric it names is one the worker exports (read
+  from the metric bundles on a fresh registry, not from a list here).
+- The image: its Dockerfile copies only sources its dockerignore lets through, and every package.
+- The deploy scripts parse (`bash -n`).
 
-The tools come from deploy/tools.sh (Debian's prometheus package for promtool, and a small
-venv under .run/deploy-tools for the rest); the session fixture runs it when they are
-missing. A tool that cannot be installed fails these tests with the script's output: they
-are never skipped.
+The checks that need promtool, check-jsonschema and kubernetes-validate (which deploy/tools.sh
+installs with apt-get and pip) are in tests/integration/test_deploy_checkers.py.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
-from dataclasses import fields
 from pathlib import Path
 
-import pytest
 from prometheus_client import CollectorRegistry
 
 from stream.lag import LagMetrics
 from stream.prometheus import Metrics
-from stream.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 PROM = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "streamrec.json"
-
-
-# ---------------------------------------------------------------------------- tools
-
-
-class Tools:
-    def __init__(self, venv: Path) -> None:
-        self.promtool = shutil.which("promtool") or "/usr/bin/promtool"
-        self.python = venv / "bin" / "python"
-        self.check_jsonschema = venv / "bin" / "check-jsonschema"
-        self.kubernetes_validate = venv / "bin" / "kubernetes-validate"
-
-    def ready(self) -> bool:
-        return all(Path(p).exists() for p in (self.promtool, self.check_jsonschema, self.kubernetes_validate))
-
-    def run(self, *args, ok: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([str(a) for a in args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        if ok:
-            assert done.returncode == 0, f"{' '.join(map(str, args))} exited {done.returncode}:\n{done.stdout}{done.stderr}"
-        return done
-
-    def load_yaml(self, path: Path) -> list:
-        """Every document in a YAML file (PyYAML from the tools venv)."""
-        code = "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))"
-        return json.loads(self.run(self.python, "-c", code, path).stdout)
-
-
-@pytest.fixture(scope="session")
-def tools() -> Tools:
-    venv = Path(subprocess.run(["bash", str(DEPLOY / "tools.sh"), "--print"], capture_output=True, text=True, check=True).stdout.strip())
-    found = Tools(venv)
-    if not found.ready():
-        done = subprocess.run(["bash", str(DEPLOY / "tools.sh")], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                              stdin=subprocess.DEVNULL)
-        if done.returncode != 0 or not found.ready():
-            pytest.fail(f"the deployment-file checkers are missing and deploy/tools.sh could not install them "
-                        f"(exit {done.returncode}); run it by hand (`make test` runs it first):\n{done.stdout}{done.stderr}",
-                        pytrace=False)
-    return found
 
 
 def exported_metric_names() -> set[str]:
@@ -93,44 +46,6 @@ def exported_metric_names() -> set[str]:
 
 def metric_names_in(expr: str) -> set[str]:
     return set(re.findall(r"\bstreamrec_[a-z0-9_]+", expr))
-
-
-# ---------------------------------------------------------------------------- Prometheus
-
-
-def test_promtool_accepts_the_scrape_configs(tools):
-    out = tools.run(tools.promtool, "check", "config", PROM / "prometheus.yml", PROM / "prometheus-compose.yml").stdout
-    assert out.count("SUCCESS") >= 2
-
-
-def test_promtool_accepts_the_alert_rules(tools):
-    assert "SUCCESS" in tools.run(tools.promtool, "check", "rules", PROM / "alerts.yml").stdout
-
-
-def test_alert_rules_pass_their_unit_tests(tools):
-    assert "SUCCESS" in tools.run(tools.promtool, "test", "rules", PROM / "alerts_test.yml").stdout
-
-
-def test_every_alert_says_what_to_do_and_is_unit_tested(tools):
-    (rules,) = tools.load_yaml(PROM / "alerts.yml")
-    alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
-    tested = (PROM / "alerts_test.yml").read_text()
-    assert len(alerts) >= 10
-    for rule in alerts:
-        name = rule["alert"]
-        assert rule["labels"]["severity"] in ("critical", "warning", "info"), name
-        assert rule["annotations"]["summary"] and len(rule["annotations"]["description"]) > 80, name
-        assert f"alertname: {name}\n" in tested, f"{name} has no case in alerts_test.yml"
-    known = exported_metric_names()
-    for r in (r for g in rules["groups"] for r in g["rules"]):
-        assert metric_names_in(r["expr"]) <= known, f"{r.get('alert') or r['record']} names metrics the worker does not export: {metric_names_in(r['expr']) - known}"
-
-
-def test_the_operations_guide_covers_every_alert(tools):
-    (rules,) = tools.load_yaml(PROM / "alerts.yml")
-    guide = (ROOT / "docs" / "operations.md").read_text()
-    for rule in (r for g in rules["groups"] for r in g["rules"] if "alert" in r):
-        assert rule["alert"] in guide, f"docs/operations.md does not say what to do about {rule['alert']}"
 
 
 # ---------------------------------------------------------------------------- Grafana
@@ -158,48 +73,7 @@ def test_dashboard_parses_and_only_names_exported_metrics():
         assert wanted in used, f"the dashboard shows nothing of {wanted}"
 
 
-def test_grafana_provisioning_points_at_the_dashboard_and_datasource(tools):
-    (datasources,) = tools.load_yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yaml")
-    (providers,) = tools.load_yaml(DEPLOY / "grafana" / "provisioning" / "dashboards" / "streamrec.yaml")
-    assert datasources["datasources"][0]["type"] == "prometheus"
-    path = providers["providers"][0]["options"]["path"]
-    (compose,) = tools.load_yaml(DEPLOY / "compose.yaml")
-    mounts = compose["services"]["grafana"]["volumes"]
-    assert f"./grafana/dashboards:{path}:ro" in mounts
-    assert "./grafana/provisioning:/etc/grafana/provisioning:ro" in mounts
-
-
-# ---------------------------------------------------------------------------- compose
-
-
-def test_compose_file_follows_the_compose_specification(tools, tmp_path):
-    tools.run(tools.check_jsonschema, "--builtin-schema", "vendor.compose-spec", DEPLOY / "compose.yaml")
-    broken = tmp_path / "compose.yaml"  # the check does catch a mistake
-    broken.write_text((DEPLOY / "compose.yaml").read_text().replace("    healthcheck:\n", "    health_check:\n", 1))
-    assert tools.run(tools.check_jsonschema, "--builtin-schema", "vendor.compose-spec", broken, ok=False).returncode != 0
-
-
-def known_settings() -> set[str]:
-    return {f.metadata["env"] for f in fields(Settings)}
-
-
-def test_compose_refers_to_files_and_settings_that_exist(tools):
-    (compose,) = tools.load_yaml(DEPLOY / "compose.yaml")
-    services = compose["services"]
-    assert {"kafka", "redis", "worker", "prometheus", "grafana"} <= set(services)
-    build = services["worker"]["build"]
-    assert (DEPLOY / build["context"] / build["dockerfile"]).is_file()
-    for name, service in services.items():
-        for volume in service.get("volumes", []):
-            source = volume.split(":")[0]
-            if source.startswith("."):
-                assert (DEPLOY / source).exists(), f"{name} mounts {source}, which does not exist"
-        env = service.get("environment") or {}
-        unknown = {k for k in env if k.startswith("STREAMREC_")} - known_settings()
-        assert not unknown, f"{name} sets unknown settings {unknown}"
-    config = next(a for a in services["prometheus"]["command"] if a.startswith("--config.file="))
-    assert (PROM / Path(config.split("=", 1)[1]).name).is_file()
-    assert "kafka:9092" in services["worker"]["environment"]["STREAMREC_KAFKA_BOOTSTRAP"]
+# ---------------------------------------------------------------------------- the image and the scripts
 
 
 def test_the_image_copies_sources_its_dockerignore_lets_through():
@@ -213,44 +87,6 @@ def test_the_image_copies_sources_its_dockerignore_lets_through():
     for package in re.findall(r'"([a-z_]+)\*"', packages):
         assert package in copied, f"the image does not copy the package {package}"
     assert 'EXPOSE 9464' in dockerfile and '/healthz' in dockerfile
-
-
-# ---------------------------------------------------------------------------- Kubernetes
-
-
-def k8s_docs(tools) -> list[dict]:
-    return [d for path in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in tools.load_yaml(path) if d]
-
-
-def test_kubernetes_manifests_follow_the_kubernetes_schemas(tools, tmp_path):
-    paths = sorted((DEPLOY / "k8s").glob("*.yaml"))
-    out = tools.run(tools.kubernetes_validate, "--strict", *paths)
-    assert out.stdout.count("passed") == len(k8s_docs(tools))
-    broken = tmp_path / "worker.yaml"  # the check does catch a mistake (strict: unknown fields)
-    broken.write_text((DEPLOY / "k8s" / "worker.yaml").read_text().replace("  replicas:", "  replica:", 1))
-    assert tools.run(tools.kubernetes_validate, "--strict", broken, ok=False).returncode != 0
-
-
-def test_worker_deployment_agrees_with_the_worker(tools):
-    docs = {(d["kind"], d["metadata"]["name"]): d for d in k8s_docs(tools)}
-    config = docs[("ConfigMap", "streamrec-config")]["data"]
-    assert set(config) <= known_settings()
-    deployment = docs[("Deployment", "streamrec-worker")]
-    assert deployment["spec"]["replicas"] <= int(config["STREAMREC_PARTITIONS"]), "workers beyond the partition count stay idle"
-    pod = deployment["spec"]["template"]
-    (container,) = pod["spec"]["containers"]
-    port = int(config["STREAMREC_METRICS_PORT"])
-    assert {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"] == port
-    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port)
-    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert pod["metadata"]["labels"]["streamrec.io/scorer-expected"] in ("cpu", "gpu")
-    env = {e["name"]: e for e in container["env"]}
-    assert "secretKeyRef" in env["REDIS_PASSWORD"]["valueFrom"]
-    assert "$(REDIS_PASSWORD)" in env["STREAMREC_REDIS_URL"]["value"], "the Redis password must come from the Secret"
-    assert "STREAMREC_REDIS_URL" not in config
-    assert pod["spec"]["terminationGracePeriodSeconds"] > 30, "the worker drains the batch in hand for up to 30 s"
 
 
 def test_the_scripts_parse():
