@@ -1,4 +1,4 @@
-"""``streamrec``: the command line. Each command imports what it needs when it runs."""
+"""``streamrec``: the command line. Each command lives with its package; this module gathers them."""
 
 from __future__ import annotations
 
@@ -6,10 +6,19 @@ import logging
 import sys
 
 import typer
+from prometheus_client import REGISTRY
 
+from gpu_scorer.cli import train
 from stream import gcpolicy
+from stream.app import Worker, create_app
 from stream.errors import StreamrecError
+from stream.evaluate_cli import evaluate
+from stream.health import Health, serve
+from stream.produce import produce
+from stream.prometheus import Metrics
 from stream.settings import Settings
+from stream.tail import tail
+from stream.topics import ensure_topics
 
 app = typer.Typer(
     name="streamrec",
@@ -37,20 +46,12 @@ def worker(
     logging.basicConfig(level=level, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
     # short collector pauses, and none over the models' long-lived heap (stream/gcpolicy.py)
     gcpolicy.configure(freeze=settings.gc_freeze)
-    from stream.app import Worker, create_app
-    from stream.prometheus import Metrics
-    from stream.topics import ensure_topics
-
     log = logging.getLogger("streamrec")
     log.info("settings: %s", settings)
     created = ensure_topics(settings.kafka_bootstrap, settings.topics.all, settings.partitions,
                            replication=settings.replication_factor, min_insync_replicas=settings.min_insync_replicas)
     if created:
         log.info("created topics %s with %d partitions", ", ".join(created), settings.partitions)
-    from prometheus_client import REGISTRY
-
-    from stream.health import Health, serve
-
     metrics = Metrics(REGISTRY)
     health = Health()
     if settings.metrics_port:
@@ -69,23 +70,13 @@ def show_settings() -> None:
         typer.echo(f"{env:<{width}}  {value:<28}  {help_text}")
 
 
-def _register_optional() -> None:
-    """Commands that live with their packages (produce/tail here, train in gpu_scorer, evaluate in stream.evaluate_cli)."""
-    from stream.produce import produce
-    from stream.tail import tail
-
-    app.command("produce")(produce)
-    app.command("tail")(tail)
-    from gpu_scorer.cli import train
-
-    app.command("train")(train)
-    from stream.evaluate_cli import evaluate
-
-    app.command("evaluate")(evaluate)
+app.command("produce")(produce)
+app.command("tail")(tail)
+app.command("train")(train)
+app.command("evaluate")(evaluate)
 
 
 def main() -> None:
-    _register_optional()
     try:
         app()
     except StreamrecError as exc:

@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
+from gpu_scorer import ModelRegistry
+from gpu_scorer.errors import ScorerError
 from online_models.datasets import DatasetError, load_folder, read_interactions
 from stream.errors import ConfigError
 from stream.evaluation import (
@@ -26,8 +31,8 @@ from stream.evaluation import (
     session_rec,
     session_rec_units,
 )
-from stream.pipeline import recommender_config
 from stream.settings import Settings
+from stream.step_inputs import recommender_config
 
 
 class EvalProtocol(StrEnum):
@@ -198,17 +203,12 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
-        from rich.console import Console
-
         out = Console()
         _print_tables(out if out.is_terminal else Console(width=240), report)
 
 
 def _load_scorer(path: Path, device: str):
     """The registered Transformer at ``path``, loaded and parity-checked as the worker does."""
-    from gpu_scorer import ModelRegistry
-    from gpu_scorer.errors import ScorerError
-
     if not path.exists():
         raise typer.BadParameter(f"{path} does not exist; give a model registry (STREAMREC_MODEL_DIR), a version "
                                  "directory in it or its model.onnx (`streamrec train` makes one)",
@@ -238,14 +238,6 @@ class _progress:
     def __enter__(self):
         if not self.show:
             return None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
         self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                              TimeRemainingColumn(), transient=True)
         self._bar.start()
@@ -266,8 +258,6 @@ class _progress:
 
 
 def _print_tables(console, report: dict[str, Any]) -> None:
-    from rich.table import Table
-
     ks = report["ks"]
     kk = ks[-1]
     cols = [f"{m}@{k}" for k in ks for m in ("HR", "MRR", "NDCG")]

@@ -14,7 +14,7 @@ forward, ranks, learns, and the new states are saved, as the Faust agent does wi
 
 **Judging.** Each event of a user who had an earlier event is judged against the latest list
 published to that user before it: the step's own judgement (:attr:`StepResult.judged
-<stream.pipeline.StepResult.judged>`), the one the worker's live hit rate counts. With
+<stream.step_results.StepResult.judged>`), the one the worker's live hit rate counts. With
 ``batch_size=1`` (the default) every event is its own batch: the list judged is the one
 ranked right after the user's previous event (test-then-learn). A larger batch replays the
 log as a busy worker sees it: several events of a user may meet the same, older list.
@@ -43,11 +43,14 @@ from typing import Any
 from online_models import Interaction, Recommender, RecommenderConfig, learner_classes
 from online_models.datasets import score_references, sessions_of
 from online_models.metrics import Judge, popularity_ranks
+from stream.decoding import decode_event
 from stream.errors import InvalidEvent
-from stream.pipeline import RecommendationStep, StepResult, recommender_config
-from stream.records import ClickEvent, Event, PurchaseEvent, decode_event, encode
+from stream.pipeline import RecommendationStep
+from stream.records import Event, encode
 from stream.settings import Settings
 from stream.state import InMemoryUserStateStore
+from stream.step_inputs import recommender_config, to_event
+from stream.step_results import StepResult
 
 #: the worker as configured; the name the reports and the JSON summary keep
 SERVED = "served"
@@ -70,19 +73,10 @@ def contender_names() -> list[str]:
     return [SERVED, *sorted(learner_registry())]
 
 
-def to_event(x: Interaction, n: int) -> Event:
-    """The event a producer would send for ``x`` (``n`` makes its id unique in the replay)."""
-    common = {"event_id": f"e{n}", "user_id": x.user_id, "item_id": x.item_id, "ts": x.ts,
-              "session_id": x.session_id, "category_id": x.category_id}
-    if x.kind == "purchase":
-        return PurchaseEvent(**common, quantity=max(1, x.quantity))
-    return ClickEvent(**common)
-
-
 def admit(log: Sequence[Interaction], settings: Settings, first: int = 0
           ) -> tuple[list[Interaction], list[Event], Counter]:
     """What the worker's door lets in: each interaction encoded as a producer sends it and
-    decoded by the worker's own :func:`~stream.records.decode_event` with the settings'
+    decoded by the worker's own :func:`~stream.decoding.decode_event` with the settings'
     bounds (the static ones: a replayed log's time is not the worker's clock). Returns the
     admitted interactions, their events, and the refused counted by dead-letter code."""
     bounds = settings.bounds
@@ -91,7 +85,7 @@ def admit(log: Sequence[Interaction], settings: Settings, first: int = 0
     refused: Counter = Counter()
     for n, x in enumerate(log):
         try:
-            ev = decode_event(encode(to_event(x, first + n)), bounds)
+            ev = decode_event(encode(to_event(x, f"e{first + n}")), bounds)
         except InvalidEvent as exc:
             refused[exc.code] += 1
             continue
@@ -398,4 +392,4 @@ def _scorer_name(scorer) -> str | None:
 
 
 __all__ = ["BASELINES", "DEFAULT_MODELS", "SERVED", "SESSION_MODELS", "Contender", "admit", "build_contender", "prequential",
-           "session_rec", "to_event", "verdict"]
+           "session_rec", "verdict"]

@@ -31,23 +31,18 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from stream.decoding import decode_event
 from stream.errors import InvalidEvent
 from stream.health import Health
-from stream.pipeline import LIVE_CUTOFFS, RecommendationStep, StepResult, source_of
+from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
 from stream.publisher import OutRecord
-from stream.records import (
-    DEFAULT_BOUNDS,
-    Bounds,
-    DeadLetter,
-    Event,
-    dead_letter,
-    decode_event,
-    encode,
-)
+from stream.records import DEFAULT_BOUNDS, Bounds, DeadLetter, Event, dead_letter, encode
 from stream.retry import Backoff
 from stream.settings import TopicNames
 from stream.state import Fenced, UserStateStore
+from stream.step_inputs import source_of
+from stream.step_results import LIVE_CUTOFFS, StepResult
 
 log = logging.getLogger("streamrec.worker")
 

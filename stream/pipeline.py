@@ -43,135 +43,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from online_models import Interaction, Recommender, RecommenderConfig, UserContext
-from online_models.metrics import target_rank
-from online_models.recommender import parse_weights
-from stream.errors import ConfigError
+from online_models import Interaction, Recommender, UserContext
 from stream.records import Event, PurchaseEvent, Recommendation, RecommendedItem, encode
 from stream.settings import Settings
 from stream.state import UserState, apply_event, encode_state
+from stream.step_inputs import StepConfig, recommender_config, to_interaction, user_context
+from stream.step_results import Failure, StepResult, judge
 
-LIVE_CUTOFFS = (10, 20)
 #: users ranked per ``rank_many`` call: few enough that a chunk's numpy work stays in cache
 _RANK_CHUNK = 64
-
-
-@dataclass(frozen=True)
-class StepConfig:
-    """The step's own knobs: what a user's state keeps. How many items a list holds, how many
-    candidates are scored and whether purchased items are excluded are the recommender's
-    (:class:`~online_models.RecommenderConfig`); :meth:`RecommendationStep.from_settings` sets
-    both from one :class:`~stream.settings.Settings`, whose defaults are these."""
-
-    max_recent: int = int(Settings.recent_items)
-    dedupe_window: int = int(Settings.dedupe_window)
-
-
-@dataclass
-class LiveQuality:
-    """Counts for online HR@K / MRR@K, added up by the caller into metrics."""
-
-    judged: int = 0
-    hits: dict[int, int] = field(default_factory=lambda: dict.fromkeys(LIVE_CUTOFFS, 0))
-    reciprocal_rank_sum: float = 0.0
-
-    def add(self, rank: int | None) -> None:
-        self.judged += 1
-        if rank is None:
-            return
-        for k in LIVE_CUTOFFS:
-            if rank <= k:
-                self.hits[k] += 1
-        self.reciprocal_rank_sum += 1.0 / rank
-
-
-@dataclass(frozen=True)
-class Failure:
-    """An event the step could not handle: where in the batch, in which stage, and why."""
-
-    index: int
-    stage: str  # "prepare", "rank" or "learn"
-    error: BaseException
-
-    @property
-    def reason(self) -> str:
-        """A sentence for the dead letter: what failed, with the exception's type and message."""
-        what = {"prepare": "applying it to the user's state", "rank": "ranking the user's recommendations",
-                "learn": "teaching it to the online models"}.get(self.stage, self.stage)
-        message = str(self.error).strip().replace("\n", " ")
-        if len(message) > 300:
-            message = message[:300] + "…"
-        return (f"the event is valid, but {what} raised {type(self.error).__name__}"
-                f"{': ' + message if message else ''}; the other events of its batch were applied")
-
-
-@dataclass
-class StepResult:
-    #: the new state of every user whose state changed, and the same encoded for the store
-    states: dict[str, UserState]
-    docs: dict[str, bytes]
-    recommendations: list[Recommendation]
-    #: the recommendations encoded (same order), ready to publish
-    payloads: list[bytes]
-    applied: list[Event]
-    duplicates: int
-    timings: dict[str, float]
-    live: LiveQuality
-    #: events the models learned without a change of state (the state already held them)
-    learned_only: int = 0
-    failures: list[Failure] = field(default_factory=list)
-    #: every applied event of a user with an earlier event, with the list it was judged
-    #: against: ``(index in the batch, the latest list published to the user before it)``
-    judged: list[tuple[int, list[str]]] = field(default_factory=list)
-
-
-def source_of(topic: str, partition: int) -> str:
-    """The name a position gives the input partition an event came from: ``"topic:partition"``
-    (the user state's offsets and the models' watermark are keyed by it)."""
-    return f"{topic}:{partition}"
-
-
-def recommender_config(settings: Settings) -> RecommenderConfig:
-    """The blend the worker runs: the defaults, with ``STREAMREC_BLEND_WEIGHTS`` over them."""
-    config = RecommenderConfig(k=settings.top_k, n_candidates=settings.n_candidates,
-                               exclude_purchased=settings.exclude_purchased, max_items=settings.max_items,
-                               max_users=settings.max_users)
-    try:
-        overrides = parse_weights(settings.blend_weights)
-    except ValueError as exc:
-        raise ConfigError(f"STREAMREC_BLEND_WEIGHTS={settings.blend_weights!r}: {exc}") from None
-    known = {*Recommender.DEFAULT_LEARNERS, "transformer", "reranker"}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ConfigError(f"STREAMREC_BLEND_WEIGHTS names {', '.join(unknown)}; the sources are {', '.join(sorted(known))}")
-    if "reranker" in overrides:  # the click re-ranker's weight (0: it learns, but never reorders a list)
-        config.reranker_weight = overrides.pop("reranker")
-    config.weights = {**config.weights, **overrides}
-    return config
-
-
-def to_interaction(ev: Event) -> Interaction:
-    purchase = isinstance(ev, PurchaseEvent)
-    return Interaction(
-        user_id=ev.user_id,
-        item_id=ev.item_id,
-        ts=ev.ts,
-        kind="purchase" if purchase else "click",
-        session_id=ev.session_id,
-        category_id=ev.category_id,
-        behavior="purchase" if purchase else "click",
-        quantity=ev.quantity if purchase else 1,
-    )
-
-
-def user_context(state: UserState) -> UserContext:
-    return UserContext(
-        user_id=state.user_id,
-        recent_items=tuple(state.recent_items),
-        purchased=frozenset(state.purchased),
-        session_id=state.session_id,
-        ts=state.last_seen_ts or None,
-    )
 
 
 @dataclass(slots=True)
@@ -302,7 +182,7 @@ class RecommendationStep:
                 state.last_recommended = []
                 new_states[uid], docs[uid] = state, encode_state(state)
         applied = sorted(i for idx in plan.applied.values() for i in idx)
-        live, judged = self._judge(events, states, plan.applied)
+        live, judged = judge(events, states, plan.applied)
         failures.sort(key=lambda f: f.index)
         return StepResult(new_states, docs, recommendations, payloads, [events[i] for i in applied], plan.duplicates,
                           timings, live, learned_only=plan.learned_only, failures=failures, judged=judged)
@@ -497,23 +377,3 @@ class RecommendationStep:
         for source, offset in positions:
             if offset > watermark.get(source, -1):
                 watermark[source] = offset
-
-    # -- live quality ---------------------------------------------------------------------
-    @staticmethod
-    def _judge(events: Sequence[Event], states: dict[str, UserState], applied: dict[str, list[int]]
-               ) -> tuple[LiveQuality, list[tuple[int, list[str]]]]:
-        """Judge every applied event of a user who had an earlier event against the latest list
-        published to them before it: the list their state held when the batch began (no list
-        is published within a batch). A user with history but no list yet is judged a miss."""
-        live = LiveQuality()
-        judged: list[tuple[int, list[str]]] = []
-        empty: list[str] = []
-        for uid, idx in applied.items():
-            before = states.get(uid)
-            had_history = before is not None and (before.clicks or before.purchases or before.recent_items)
-            shown = before.last_recommended if before is not None else empty
-            for n in (idx if had_history else idx[1:]):
-                judged.append((n, shown))
-                live.add(target_rank(shown, events[n].item_id, len(shown)))
-        judged.sort()
-        return live, judged

@@ -1,7 +1,8 @@
 """``streamrec produce``: replay an interaction log (or the synthetic shop) as Kafka events.
 
-The pure part turns each :class:`~online_models.types.Interaction` into an event with an id
-that a replay reproduces, and paces the stream with a token bucket:
+The pure part gives each :class:`~online_models.types.Interaction` an event id that a replay
+reproduces (the event is :func:`stream.step_inputs.to_event`'s, as the evaluator's), and paces
+the stream with a token bucket:
 
 >>> from online_models.types import Interaction
 >>> x = Interaction("u7", "i3", 1_700_000_000_000, "purchase", "s1", "c2")
@@ -39,8 +40,9 @@ from online_models.datasets import FORMATS, DatasetError, read_interactions
 from online_models.types import Interaction
 from stream.errors import ServiceUnavailable, StreamrecError
 from stream.publisher import RecordBatches, murmur2_partition
-from stream.records import ClickEvent, Event, PurchaseEvent, encode
+from stream.records import encode
 from stream.settings import Settings, TopicNames
+from stream.step_inputs import to_event
 from stream.topics import ensure_topics
 
 DEFAULT_SYNTHETIC_EVENTS = 10_000
@@ -66,16 +68,6 @@ def event_id(tag: str, index: int) -> str:
     """The id of the ``index``-th event of a replay: the same every time the log is replayed,
     so a worker de-duplicates a replay it has already applied."""
     return f"{tag}-{index}"
-
-
-def to_event(x: Interaction, eid: str, ts: int | None = None) -> Event:
-    """The event for one interaction; ``ts`` replaces the log's timestamp when given."""
-    when = x.ts if ts is None else ts
-    if x.kind == "purchase":
-        return PurchaseEvent(event_id=eid, user_id=x.user_id, item_id=x.item_id, ts=when, quantity=x.quantity,
-                             category_id=x.category_id, session_id=x.session_id)
-    return ClickEvent(event_id=eid, user_id=x.user_id, item_id=x.item_id, ts=when,
-                      session_id=x.session_id, category_id=x.category_id)
 
 
 def topic_for(x: Interaction, topics: TopicNames) -> str:
@@ -317,4 +309,4 @@ def _stopper(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, sig: signal.S
 
 
 __all__ = ["ProduceSummary", "TokenBucket", "chunk_size", "event_id", "produce", "replay",
-           "source_tag", "to_event", "topic_for"]
+           "source_tag", "topic_for"]

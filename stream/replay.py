@@ -25,9 +25,11 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from stream.decoding import decode_event
 from stream.errors import InvalidEvent
-from stream.pipeline import RecommendationStep, source_of
-from stream.records import Bounds, decode_event
+from stream.pipeline import RecommendationStep
+from stream.records import Bounds
+from stream.step_inputs import source_of
 
 log = logging.getLogger("streamrec.replay")
 

@@ -1,4 +1,8 @@
-"""Snapshot the online models without stopping the worker: encode them in a forked child.
+"""The online models' snapshots: restored at start, taken every interval without stopping the worker.
+
+:class:`ModelSnapshots` is the worker's snapshot service. It works over any
+:class:`~stream.state.UserStateStore` (the snapshot is one of the store's blobs), and
+:meth:`~ModelSnapshots.take` encodes the models in a forked child where it can:
 
 Encoding the models (online_models/codec.py) on the event loop stops the worker for as long as
 it takes, and that grows with the models: 300 ms for a model that learned the 110,300-event
@@ -11,7 +15,8 @@ The child runs only ``work`` and leaves with ``os._exit``: no atexit handlers, n
 (another thread may have held the logging lock at the fork), no event loop. It ignores
 SIGINT, so a Ctrl-C to the terminal's process group stops the worker (which drains as
 usual) while an unfinished snapshot still completes. Where there is no ``os.fork`` (not
-POSIX) or ``STREAMREC_SNAPSHOT_FORK=false``, the caller encodes on the loop as before.
+POSIX), ``STREAMREC_SNAPSHOT_FORK=false``, or a store a child cannot write to (in memory), the
+models are encoded on the loop.
 
 >>> import tempfile, pathlib
 >>> path = pathlib.Path(tempfile.mkdtemp()) / "out"
@@ -26,10 +31,22 @@ POSIX) or ``STREAMREC_SNAPSHOT_FORK=false``, the caller encodes on the loop as b
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from online_models import Recommender
+from stream.prometheus import Metrics
+from stream.state import UserStateStore
+
+log = logging.getLogger("streamrec.snapshots")
+
+#: the store's blob that holds the models
+SNAPSHOT_KEY = "models:snapshot"
+T = TypeVar("T")
 
 #: how often the parent checks whether the child has exited
 POLL_S = 0.05
@@ -81,3 +98,70 @@ async def wait_child(pid: int, timeout_s: float) -> int:
 
 
 __all__ = ["can_fork", "fork_call", "wait_child"]
+
+
+class ModelSnapshots:
+    """Restore the online models from the store's snapshot, and snapshot them again.
+
+    ``busy``: the lock a batch holds while it runs; a snapshot is taken between batches, when
+    the models are consistent. ``signing_key``: the snapshot's HMAC key (None: unsigned).
+    """
+
+    def __init__(self, store: UserStateStore, metrics: Metrics, busy: asyncio.Lock, signing_key: str | None = None,
+                 fork: bool = True, timeout_s: float = 60.0, name: str = SNAPSHOT_KEY) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.busy = busy
+        self.signing_key = signing_key
+        self.fork = fork
+        self.timeout_s = timeout_s
+        self.name = name
+
+    async def restore(self, retry: Callable[[str, Callable[[], Awaitable[T]]], Awaitable[T]]) -> Recommender | None:
+        """The models in the store's snapshot; None when there is none or it is refused (an
+        old, foreign or forged snapshot never stops the worker: counted and logged).
+        ``retry(what, call)`` retries reading until the store answers: starting with empty
+        models would later overwrite a good snapshot."""
+        data = await retry("load the models' snapshot", lambda: self.store.get_blob(self.name))
+        if not data:
+            return None
+        try:
+            recommender = Recommender.restore(data, self.signing_key)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            self.metrics.model_snapshot_refused.inc()
+            log.error("refused the online models' snapshot in the store (%s); starting with empty models", exc)
+            return None
+        log.info("online models restored from the snapshot (%d bytes, %d events learned)", len(data),
+                 recommender.n_learned)
+        return recommender
+
+    async def take(self, models: Callable[[], Recommender]) -> bool:
+        """Snapshot ``models()`` (called between batches) into the store; False when it failed
+        (counted and logged; the next one comes at the next interval)."""
+        clock = time.perf_counter
+        write = self.store.blob_writer(self.name) if self.fork and can_fork() else None
+        if write is not None:
+            async with self.busy:  # no batch in hand: the models are consistent
+                start = clock()
+                recommender, key = models(), self.signing_key
+                pid = fork_call(lambda: write(recommender.snapshot(key)))  # in the child: the models as forked
+                self.metrics.model_snapshot_pause.set(clock() - start)
+            code = await wait_child(pid, timeout_s=self.timeout_s)
+            if code != 0:
+                self.metrics.model_snapshots.labels("failed").inc()
+                log.error("the online models' snapshot failed (child process %d exited with %d; its error is in the "
+                          "worker's stderr)", pid, code)
+                return False
+        else:
+            async with self.busy:
+                start = clock()
+                data = models().snapshot(self.signing_key)
+                self.metrics.model_snapshot_pause.set(clock() - start)
+            try:
+                await self.store.set_blob(self.name, data)
+            except Exception as exc:  # noqa: BLE001 - the store is down: the next interval tries again
+                self.metrics.model_snapshots.labels("failed").inc()
+                log.error("could not store the online models' snapshot (%r)", exc)
+                return False
+        self.metrics.model_snapshots.labels("ok").inc()
+        return True

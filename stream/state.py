@@ -22,10 +22,12 @@ every user it touches and one ``MULTI``/``EXEC`` pipeline of ``SET ... EX`` to s
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 import msgspec
+import redis
+import redis.asyncio as aioredis
 
 log = logging.getLogger("streamrec.state")
 
@@ -143,13 +145,22 @@ class UserStateStore(Protocol):
     async def claim(self, partitions: Iterable[int]) -> dict[int, int]:
         """A new claim on each partition, greater than any before it."""
 
-    async def get_blob(self, name: str) -> bytes | None: ...
+    async def get_blob(self, name: str) -> bytes | None:
+        """A named blob (the online models' snapshot), or None."""
 
-    async def set_blob(self, name: str, data: bytes) -> None: ...
+    async def set_blob(self, name: str, data: bytes) -> None:
+        """Store a named blob."""
 
-    async def ping(self) -> bool: ...
+    def blob_writer(self, name: str) -> Callable[[bytes], None] | None:
+        """A blocking ``write(data)`` of the blob ``name`` over a connection of its own, for a
+        forked child process (stream/snapshots.py); None where a child cannot write to this
+        store (it lives in the parent's memory)."""
 
-    async def close(self) -> None: ...
+    async def ping(self) -> bool:
+        """Whether the store answers (readiness)."""
+
+    async def close(self) -> None:
+        """Release connections."""
 
 
 def _load(uid: str, doc: bytes | None) -> tuple[UserState, bool]:
@@ -206,6 +217,9 @@ class InMemoryUserStateStore:
     async def set_blob(self, name: str, data: bytes) -> None:
         self._blobs[name] = data
 
+    def blob_writer(self, name: str) -> None:
+        return None  # a forked child's writes would land in its own copy of this memory
+
     async def ping(self) -> bool:
         return True
 
@@ -239,8 +253,9 @@ class RedisUserStateStore:
     """User state in Redis: ``{prefix}user:{user_id}`` holds the JSON document, and
     ``{prefix}claim:{partition}`` the latest claim on an input partition."""
 
-    def __init__(self, client, key_prefix: str = "streamrec:", ttl_s: int = 0) -> None:
+    def __init__(self, client, key_prefix: str = "streamrec:", ttl_s: int = 0, url: str | None = None) -> None:
         self.client = client  # a redis.asyncio.Redis
+        self.url = url  # where a forked child connects to write a blob (None: it cannot)
         self.key_prefix = key_prefix
         self.ttl_s = ttl_s
         self.rebuilt = 0
@@ -248,9 +263,7 @@ class RedisUserStateStore:
 
     @classmethod
     def from_url(cls, url: str, key_prefix: str = "streamrec:", ttl_s: int = 0) -> RedisUserStateStore:
-        import redis.asyncio as aioredis
-
-        return cls(aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5), key_prefix, ttl_s)
+        return cls(aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5), key_prefix, ttl_s, url)
 
     def key(self, user_id: str) -> str:
         return f"{self.key_prefix}user:{user_id}"
@@ -305,6 +318,17 @@ class RedisUserStateStore:
 
     async def set_blob(self, name: str, data: bytes) -> None:
         await self.client.set(self.blob_key(name), data)
+
+    def blob_writer(self, name: str) -> Callable[[bytes], None] | None:
+        if self.url is None:
+            return None
+        url, key = self.url, self.blob_key(name)
+
+        def write(data: bytes) -> None:  # in the child: a connection of its own, never the parent's
+            with redis.Redis.from_url(url, socket_timeout=60, socket_connect_timeout=5) as client:
+                client.set(key, data)
+
+        return write
 
     async def ping(self) -> bool:
         return bool(await self.client.ping())

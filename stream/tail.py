@@ -20,10 +20,13 @@ from typing import Annotated
 
 import msgspec
 import typer
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
 
 from stream.errors import ServiceUnavailable
 from stream.records import DeadLetter, Recommendation, decode_dead_letter, decode_recommendation
 from stream.settings import Settings
+from stream.topics import ensure_topics
 
 
 def recommendation_line(rec: Recommendation, items: int = 5) -> str:
@@ -76,13 +79,8 @@ def tail(
 
     Reads <prefix>recommendations (or <prefix>dlq with --dlq) without joining a consumer group, so it never takes work or offsets from a worker. Ctrl-C stops.
     """
-    from kafka import KafkaConsumer, TopicPartition
-    from kafka.errors import KafkaError
-
     settings = Settings.from_env(**{k: v for k, v in (("kafka_bootstrap", bootstrap), ("topic_prefix", topic_prefix)) if v is not None})
     topic = settings.topics.dlq if dlq else settings.topics.recommendations
-    from stream.topics import ensure_topics
-
     ensure_topics(settings.kafka_bootstrap, settings.topics.all, settings.partitions, timeout_s=30,
                   replication=settings.replication_factor, min_insync_replicas=settings.min_insync_replicas)
     try:

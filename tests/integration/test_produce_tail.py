@@ -16,17 +16,11 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from typer.testing import CliRunner
 
 from online_models.datasets import synthetic_interactions
+from stream.decoding import decode_event
 from stream.errors import InvalidEvent
 from stream.produce import produce
 from stream.publisher import murmur2_partition
-from stream.records import (
-    PurchaseEvent,
-    Recommendation,
-    RecommendedItem,
-    dead_letter,
-    decode_event,
-    encode,
-)
+from stream.records import PurchaseEvent, Recommendation, RecommendedItem, dead_letter, encode
 from stream.settings import TopicNames
 from stream.tail import tail
 from stream.topics import ensure_topics, wait_for_kafka

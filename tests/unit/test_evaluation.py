@@ -26,11 +26,11 @@ from stream.evaluation import (
     build_contender,
     prequential,
     session_rec,
-    to_event,
     verdict,
 )
-from stream.pipeline import RecommendationStep, StepConfig, recommender_config
+from stream.pipeline import RecommendationStep
 from stream.settings import Settings
+from stream.step_inputs import StepConfig, recommender_config, to_event
 
 OTTO = Path(__file__).resolve().parents[1] / "data" / "otto-sample.jsonl"
 
@@ -81,7 +81,7 @@ def test_each_event_is_judged_against_the_list_the_step_published_before_it():
     published: dict[str, list[str]] = {}
     judged = 0
     for n, x in enumerate(log):
-        ev = to_event(x, n)
+        ev = to_event(x, f"e{n}")
         result, before = c.feed([ev])
         if x.user_id in published:
             assert result.judged == [(0, published[x.user_id])]
@@ -192,10 +192,10 @@ def test_frozen_mode_teaches_the_models_nothing(tmp_path):
     train, test, _ = load_folder(tmp_path)
     c = build_contender(SERVED, Settings.from_env({}))
     for n, x in enumerate(train):
-        c.feed([to_event(x, n)])
+        c.feed([to_event(x, f"e{n}")])
     learned = c.step.recommender.n_learned
     for n, x in enumerate(test):
-        result, _ = c.feed([to_event(x, 100 + n)], learn=False)
+        result, _ = c.feed([to_event(x, f"e{100 + n}")], learn=False)
         assert result.applied  # the user's state moves on
     assert c.step.recommender.n_learned == learned
     assert not c.step.recommender._ranked  # no list waits for a label that never comes

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from stream.decoding import decode_event
 from stream.errors import DEAD_LETTER_CODES, InvalidEvent
-from stream.records import MAX_EVENT_BYTES, decode_dead_letter, decode_event, decode_recommendation
+from stream.records import MAX_EVENT_BYTES, decode_dead_letter, decode_recommendation
 from stream.tail import recommendation_line
 
 ROOT = Path(__file__).resolve().parents[2]

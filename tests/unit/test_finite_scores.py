@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from online_models import Recommender, RecommenderConfig
-from stream.pipeline import RecommendationStep, StepConfig
+from stream.pipeline import RecommendationStep
 from stream.records import MAX_QUANTITY, MAX_TS_MS, ClickEvent, PurchaseEvent
+from stream.step_inputs import StepConfig
 
 DAY_MS = 86_400_000
 NOW = 1_700_000_000_000

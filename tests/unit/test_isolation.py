@@ -15,12 +15,13 @@ from online_models import Recommender, RecommenderConfig
 from online_models.base import OnlineLearner
 from stream.handler import BatchHandler, Claims, RawMessage
 from stream.health import Health
-from stream.pipeline import RecommendationStep, StepConfig, to_interaction
+from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
 from stream.records import ClickEvent, decode_dead_letter, decode_recommendation, encode
 from stream.retry import Backoff
 from stream.settings import TopicNames
 from stream.state import Fenced, InMemoryUserStateStore, UserState
+from stream.step_inputs import StepConfig, to_interaction
 
 
 class _Booby(OnlineLearner):

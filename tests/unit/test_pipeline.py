@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from online_models import Recommender, RecommenderConfig
 from stream.handler import BatchHandler, RawMessage
-from stream.pipeline import RecommendationStep, StepConfig
+from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
 from stream.records import (
     ClickEvent,
@@ -23,6 +23,7 @@ from stream.records import (
 )
 from stream.settings import TopicNames
 from stream.state import InMemoryUserStateStore, UserState, apply_event
+from stream.step_inputs import StepConfig
 
 
 def click(eid, user, item, ts, **kw):

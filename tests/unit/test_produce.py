@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from online_models.datasets import synthetic_interactions
 from online_models.types import Interaction
+from stream.decoding import decode_event
 from stream.produce import (
     ProduceSummary,
     TokenBucket,
@@ -19,7 +20,6 @@ from stream.produce import (
     event_id,
     produce,
     source_tag,
-    to_event,
     topic_for,
 )
 from stream.publisher import murmur2_partition
@@ -29,10 +29,10 @@ from stream.records import (
     PurchaseEvent,
     Recommendation,
     RecommendedItem,
-    decode_event,
     encode,
 )
 from stream.settings import TopicNames
+from stream.step_inputs import to_event
 from stream.tail import dead_letter_line, is_for_user, recommendation_line, tail
 
 CLICK = Interaction("u1", "i2", 1_700_000_000_000, "click", "u1-s1", "c3", "pv")

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import stream.records
+from stream.decoding import decode_event
 from stream.errors import DEAD_LETTER_CODES, InvalidEvent
 from stream.records import (
     MAX_DEPTH,
@@ -33,7 +34,6 @@ from stream.records import (
     RecommendedItem,
     dead_letter,
     decode_dead_letter,
-    decode_event,
     decode_recommendation,
     encode,
 )

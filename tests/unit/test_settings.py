@@ -136,7 +136,7 @@ def test_blend_weights_are_checked_when_read():
 
 
 def test_the_worker_blend_takes_the_weights_over_the_defaults():
-    from stream.pipeline import recommender_config
+    from stream.step_inputs import recommender_config
 
     default = recommender_config(Settings.from_env({}))
     assert default.weights["mf"] == 0.0 and default.weights["covisit"] == 1.0

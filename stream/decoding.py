@@ -1,0 +1,237 @@
+"""The worker's door: bytes in, a valid event out, or an :class:`~stream.errors.InvalidEvent`
+whose ``reason`` names the field and what was seen (the dead letter's reason).
+
+Decoding is strict: the contract's types (stream/records.py, docs/events.md), then what the
+types cannot say (UTF-8 throughout, no control characters in ids, nesting depth, the worker's
+:class:`~stream.records.Bounds`), each with its own code.
+
+>>> ev = decode_event(b'{"event_id":"e1","type":"click","user_id":"u1","item_id":"i9","ts":1700000000000}')
+>>> ev.item_id, type(ev).__name__
+('i9', 'ClickEvent')
+>>> try:
+...     decode_event(b'{"event_id":"e1","type":"click","user_id":7,"item_id":"i9","ts":1}')
+... except InvalidEvent as exc:
+...     print(exc.code, '|', exc.reason)
+wrong_type | field `user_id`: expected a string, saw int
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+import numpy as np
+
+from stream.errors import InvalidEvent
+from stream.records import (
+    CONTROL_CHARS,
+    DEFAULT_BOUNDS,
+    MAX_EVENT_BYTES,
+    MAX_ID_CHARS,
+    MAX_PRICE,
+    MAX_QUANTITY,
+    MAX_TEXT_CHARS,
+    MAX_TS_MS,
+    TEXT_FIELDS,
+    Bounds,
+    Event,
+    PurchaseEvent,
+)
+
+_SPACES = " \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+_HAS_CONTROL = re.compile(f"[{CONTROL_CHARS}]")
+_CLICK_IDS = ("event_id", "user_id", "item_id", "session_id", "category_id")
+_PURCHASE_IDS = ("event_id", "user_id", "item_id", "order_id", "category_id", "session_id")
+
+
+_event_decoder = msgspec.json.Decoder(Event)
+
+_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+_EXPECTED_TYPE = re.compile(r"^Expected `([^`]+)`, got `([^`]+)`")
+_CONSTRAINT = re.compile(r"^Expected `([^`]+)` (.+)$")
+_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "object": "a JSON object",
+               "array": "an array", "bool": "a boolean", "null": "null"}
+
+
+def _words(t: str) -> str:
+    parts = [p.strip() for p in t.split("|")]
+    named = [_TYPE_WORDS.get(p, f"`{p}`") for p in parts if p != "null"]
+    return " or ".join(named) if named else "null"
+
+
+def _invalid_from_validation(message: str) -> InvalidEvent:
+    """Turn msgspec's validation message into a reason a producer can act on."""
+    m = _PATH.search(message)
+    field = m.group(1) if m else None
+    body = message[: m.start()] if m else message
+    where = f"field `{field}`" if field else "the value"
+    if body.startswith("Object missing required field"):
+        missing = body.split("`")[1]
+        if missing == "type":
+            return InvalidEvent("missing_field", 'field `type` is missing; expected "click" or "purchase"', "type")
+        return InvalidEvent("missing_field", f"field `{missing}` is missing (required)", missing)
+    if body.startswith("Invalid value") and field == "type":
+        seen = body[len("Invalid value "):]
+        return InvalidEvent("unknown_type", f'field `type`: unknown event type {seen}; expected "click" or "purchase"', "type")
+    if field == "type":
+        return InvalidEvent("unknown_type", f'field `type` must be "click" or "purchase" ({body.strip()})', "type")
+    if (t := _EXPECTED_TYPE.match(body)) is not None:
+        if field is None:
+            return InvalidEvent("not_object", f"the value must be a JSON object, saw {_words(t.group(2))}")
+        return InvalidEvent("wrong_type", f"{where}: expected {_words(t.group(1))}, saw {t.group(2)}", field)
+    if body.startswith("Number out of range"):
+        return InvalidEvent("not_finite", f"{where}: the number is too large to be finite; send a finite number", field)
+    if (c := _CONSTRAINT.match(body)) is not None:
+        rule = c.group(2)
+        if rule.startswith("of length <="):
+            limit = MAX_TEXT_CHARS if field in TEXT_FIELDS else MAX_ID_CHARS
+            return InvalidEvent("too_long", f"{where}: longer than {limit} characters", field)
+        if field == "ts" and rule.startswith("<="):
+            return InvalidEvent("ts_out_of_window", f"{where}: must be epoch milliseconds up to {MAX_TS_MS} (the year 9999)", field)
+        if field in ("quantity", "price") and rule.startswith("<="):
+            limit = MAX_QUANTITY if field == "quantity" else MAX_PRICE
+            return InvalidEvent("number_too_large", f"{where}: must be at most {limit}", field)
+        if field in ("user_id", "item_id", "event_id"):
+            return InvalidEvent("invalid_value", f"{where}: must not be empty", field)
+        expected = rule.replace("length", "a length")
+        return InvalidEvent("invalid_value", f"{where}: must be {_words(c.group(1))} {expected}", field)
+    return InvalidEvent("invalid_value", f"{where}: {body}", field)
+
+
+_BRACKETS = frozenset(b"[]{}")
+# strings (also an unterminated one) and every run of bytes that is neither a bracket nor a
+# quote: what is left of a value after removing them is its brackets, outside strings
+_NOT_A_BRACKET = re.compile(rb'"(?:[^"\\]|\\.)*"?|[^"\[\]{}]+', re.S)
+_NON_FINITE = (b"NaN", b"Infinity")
+_POSITION = re.compile(r"\(byte (\d+)\)")
+_KEY_BEFORE = re.compile(rb'"((?:[^"\\]|\\.){1,64})"\s*:\s*-?$')
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of arrays and objects in ``raw`` (brackets inside strings do not
+    count; an unbalanced value counts as far as it goes).
+
+    >>> json_depth(b'{"a": [1, {"b": "[[["}]}')
+    3
+    """
+    brackets = _NOT_A_BRACKET.sub(b"", raw)
+    if not brackets:
+        return 0
+    codes = np.frombuffer(brackets, dtype=np.uint8)
+    steps = np.where((codes == 0x5B) | (codes == 0x7B), 1, -1)
+    return int(np.cumsum(steps).max())
+
+
+def _check_depth(raw: bytes, max_depth: int) -> None:
+    depth = json_depth(raw)
+    if depth > max_depth:
+        raise InvalidEvent("too_deep", f"the value nests arrays and objects {depth} deep; at most {max_depth} levels are accepted")
+
+
+def _malformed(raw: bytes, exc: Exception) -> InvalidEvent:
+    """The dead-letter reason for bytes msgspec could not parse."""
+    try:
+        _check_utf8(raw)
+    except InvalidEvent as exc:
+        return exc
+    if not raw.strip():
+        return InvalidEvent("malformed_json", "the value is empty; expected a JSON object")
+    if (m := _POSITION.search(str(exc))) is not None:
+        at = int(m.group(1))
+        if raw.startswith(_NON_FINITE, at):
+            literal = "NaN" if raw.startswith(b"NaN", at) else ("-" if raw[at - 1: at] == b"-" else "") + "Infinity"
+            key = _KEY_BEFORE.search(raw[max(0, at - 80): at])
+            where = f"field `{key.group(1).decode('utf-8', 'replace')}`" if key else f"byte {at}"
+            return InvalidEvent("not_finite", f"{where}: {literal} is not a number JSON allows; send a finite number, "
+                                              "or null (leave the field out) for none",
+                                key.group(1).decode("utf-8", "replace") if key else None)
+    return InvalidEvent("malformed_json", f"the value is not valid JSON: {exc}")
+
+
+def _check_text(event: Event, raw: bytes, ascii_only: bool) -> None:
+    """ID_PATTERN and TEXT_PATTERN, checked faster than by a regex per field: whether an id is
+    all whitespace is one ``str.strip`` of the pattern's whitespace, and a decoded string can
+    hold a control character only where the JSON has an escape (a backslash), a DEL byte (JSON
+    lets U+007F through unescaped) or non-ASCII bytes (U+0080..U+009F), so only then are the
+    fields searched for one."""
+    risky = not ascii_only or b"\\" in raw or b"\x7f" in raw
+    purchase = type(event) is PurchaseEvent
+    for name in _PURCHASE_IDS if purchase else _CLICK_IDS:
+        value = getattr(event, name)
+        if value is not None and (not value.strip(_SPACES) or (risky and _HAS_CONTROL.search(value))):
+            raise InvalidEvent("bad_id", f"field `{name}`: an id must hold something besides whitespace, and no control "
+                                         "characters (U+0000-U+001F, U+007F-U+009F); leave an optional id out (or null) for none", name)
+    if risky and not purchase and event.source is not None and _HAS_CONTROL.search(event.source):
+        raise InvalidEvent("bad_text", "field `source`: free text may not hold control characters (U+0000-U+001F, U+007F-U+009F)", "source")
+
+
+def _check_utf8(raw: bytes, ascii_only: bool | None = None) -> None:
+    if not (raw.isascii() if ascii_only is None else ascii_only):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as uexc:
+            raise InvalidEvent("not_utf8", f"the value is not UTF-8 text (bad byte at position {uexc.start}); events are UTF-8 JSON") from None
+
+
+def _check_bounds(event: Event, bounds: Bounds, now_ms: int | None) -> None:
+    """The worker's own bounds: the ``ts`` window around its clock, and lowered maxima."""
+    if now_ms is not None:
+        ts = event.ts
+        if ts > now_ms + bounds.max_future_ms:
+            raise InvalidEvent("ts_out_of_window", f"field `ts`: {ts} is {_span(ts - now_ms)} ahead of the worker's clock; at most "
+                                                   f"{_span(bounds.max_future_ms)} ahead is accepted (STREAMREC_MAX_FUTURE_S); "
+                                                   "ts is epoch milliseconds", "ts")
+        if bounds.max_age_ms and ts < now_ms - bounds.max_age_ms:
+            raise InvalidEvent("ts_out_of_window", f"field `ts`: {ts} is {_span(now_ms - ts)} behind the worker's clock; at most "
+                                                   f"{_span(bounds.max_age_ms)} behind is accepted (STREAMREC_MAX_EVENT_AGE_S)", "ts")
+    if bounds.max_quantity < MAX_QUANTITY and getattr(event, "quantity", 1) > bounds.max_quantity:
+        raise InvalidEvent("number_too_large", f"field `quantity`: {event.quantity} is over this worker's maximum of "
+                                               f"{bounds.max_quantity} (STREAMREC_MAX_QUANTITY)", "quantity")
+    if bounds.max_price < MAX_PRICE and event.price is not None and event.price > bounds.max_price:
+        raise InvalidEvent("number_too_large", f"field `price`: {event.price} is over this worker's maximum of "
+                                               f"{bounds.max_price:g} (STREAMREC_MAX_PRICE)", "price")
+
+
+def _span(ms: int) -> str:
+    """``90061000`` → ``'1.0 days'``: a duration for a reason, in the unit that reads best."""
+    for unit, size in (("days", 86_400_000), ("h", 3_600_000), ("min", 60_000), ("s", 1000)):
+        if ms >= size:
+            return f"{ms / size:.1f} {unit}" if ms % size else f"{ms // size} {unit}"
+    return f"{ms} ms"
+
+
+def decode_event(raw: bytes | bytearray | memoryview | None, bounds: Bounds = DEFAULT_BOUNDS,
+                 now_ms: int | None = None) -> Event:
+    """Decode and validate one input value; raise :class:`InvalidEvent` on any breach.
+
+    ``now_ms`` (the worker's clock) turns on the ``ts`` window of ``bounds``; without it only
+    the static bounds apply, which are the JSON Schemas'.
+    """
+    if raw is None:
+        raise InvalidEvent("malformed_json", "the value is empty (null message); expected a JSON object")
+    if not isinstance(raw, bytes):
+        raw = bytes(raw)
+    if len(raw) > MAX_EVENT_BYTES:
+        raise InvalidEvent("oversize", f"the value is {len(raw)} bytes, over the {MAX_EVENT_BYTES}-byte limit; it was not parsed")
+    if raw.count(b"[") + raw.count(b"{") > bounds.max_depth:  # else it cannot nest deeper: two C scans
+        _check_depth(raw, bounds.max_depth)
+    try:
+        event = _event_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        _check_utf8(raw)  # a bad byte in a key looks like a missing field to msgspec; the encoding comes first
+        raise _invalid_from_validation(str(exc)) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise _malformed(raw, exc) from None
+    except RecursionError:  # deeper than the interpreter's stack, under a lowered max_depth: cannot happen at MAX_DEPTH
+        raise InvalidEvent("too_deep", f"the value nests arrays and objects too deep; at most {bounds.max_depth} levels are accepted") from None
+    ascii_only = raw.isascii()
+    _check_utf8(raw, ascii_only)  # msgspec skips unknown fields without checking their text; the whole value must be UTF-8
+    _check_text(event, raw, ascii_only)
+    if now_ms is not None or bounds is not DEFAULT_BOUNDS:
+        _check_bounds(event, bounds, now_ms)
+    return event
+
+
+
+
+__all__ = ["decode_event", "json_depth"]

@@ -1,0 +1,286 @@
+"""What a worker's agents and timers share, and what each of them does: the shell around the step.
+
+:class:`Shell` holds the parts (the batch handler, the store, the scorer, the snapshot
+service, health and metrics) and carries out every duty the Faust app
+(:func:`stream.app.create_app`) schedules: handle a batch, finish it before a rebalance,
+claim partitions when assigned, restore and snapshot the models, reload the scorer, watch
+lag and readiness. It runs over any :class:`~stream.state.UserStateStore`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpu_scorer import HotSwapScorer, ModelRegistry
+from gpu_scorer.errors import ModelLoadError
+from stream.batching import drop_stale
+from stream.handler import BatchHandler, Claims, RawMessage
+from stream.health import Health, check_readiness
+from stream.lag import LagMetrics, update_lag
+from stream.pipeline import RecommendationStep
+from stream.prometheus import Metrics
+from stream.publisher import BatchPublisher
+from stream.replay import gaps, replay
+from stream.retry import Backoff
+from stream.settings import Settings
+from stream.snapshots import ModelSnapshots
+from stream.state import Fenced, UserStateStore
+from stream.topics import committed_offsets
+
+log = logging.getLogger("streamrec.app")
+
+
+@dataclass
+class Shell:
+    """What the agents and timers share, and their duties (see the module's docstring).
+
+    ``generation()`` is the consumer group's current generation (Faust's
+    ``app.consumer_generation_id``); the claims on partitions are taken under it.
+    """
+
+    settings: Settings
+    metrics: Metrics
+    step: RecommendationStep
+    store: UserStateStore
+    publisher: BatchPublisher
+    generation: Callable[[], int]
+    health: Health = field(default_factory=Health)
+    busy: asyncio.Lock = field(default_factory=asyncio.Lock)
+    draining: bool = False
+    #: set once the models are restored and have learned again what their snapshot missed
+    models_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    #: set once the snapshot is restored (or there was none)
+    restored: asyncio.Event = field(default_factory=asyncio.Event)
+    replayed: bool = False
+    #: scorer versions that failed to load: counted once, not tried again
+    refused_models: set[str] = field(default_factory=set)
+    claims: Claims = field(init=False)
+    handler: BatchHandler = field(init=False)
+    snapshots: ModelSnapshots = field(init=False)
+    lag: LagMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        settings = self.settings
+        self.claims = Claims(self.generation)
+        self.handler = BatchHandler(self.step, self.store, self.publisher.publish, settings.topics, self.metrics,
+                                    health=self.health, bounds=settings.bounds, claims=self.claims)
+        self.snapshots = ModelSnapshots(self.store, self.metrics, self.busy, settings.snapshot_key or None,
+                                        fork=settings.snapshot_fork,
+                                        timeout_s=max(60.0, settings.snapshot_interval_s))
+        self.lag = LagMetrics(self.metrics.registry)
+
+    # -- start and stop ----------------------------------------------------------------
+    async def restore_models(self) -> None:
+        """At start: the models of the store's snapshot, if there is a good one."""
+        try:
+            self.metrics.set_models(self.step.model_versions())
+            recommender = await self.snapshots.restore(self.retry_redis)
+            if recommender is not None:
+                self.step.recommender = recommender
+        finally:
+            self.restored.set()
+
+    async def close(self) -> None:
+        """After the last batch: the producer, then the store's connections."""
+        await self.publisher.stop()
+        await self.store.close()
+
+    # -- rebalances --------------------------------------------------------------------
+    async def on_assigned(self, app, assigned) -> None:
+        """Claim the input partitions now this worker's (a write of a worker that held them
+        before is refused from now on: stream/state.py, fencing); a claim that fails now (the
+        store is down) is taken before the partition's first batch instead. At the first
+        assignment, start learning again what the models' snapshot misses."""
+        settings = self.settings
+        parts = {tp.partition for tp in assigned if tp.topic in settings.topics.inputs}
+        generation = self.generation()
+        self.claims.release(set(self.claims.partitions) - parts)
+        try:
+            self.claims.hold(await asyncio.wait_for(self.store.claim(parts), settings.session_timeout_s / 4), generation)
+        except Exception as exc:  # noqa: BLE001 - taken lazily instead
+            log.warning("could not claim partitions %s on assignment (%r); claiming before their first batch",
+                        sorted(parts), exc)
+        if not self.replayed:
+            self.replayed = True
+            app.add_future(self.replay_once(app, self.restored))
+
+    async def on_revoked(self, revoked) -> None:
+        """Faust has suspended the flow: the batch in hand finishes (its state saved) before
+        the partitions go to their next owner, so that owner never loads a user's state under
+        a write still to come (``stream_wait_empty=False``: Faust itself waits for nothing)."""
+        wait_s = self.settings.session_timeout_s / 2
+        if revoked and not await self.wait_idle(wait_s):
+            log.warning("rebalance: the batch in hand did not finish within %.1f s; it is redelivered to the "
+                        "partitions' next owner, and its state write is refused (fenced) if it comes later than "
+                        "that owner's claim", wait_s)
+
+    # -- timers ------------------------------------------------------------------------
+    async def snapshot_models(self) -> None:
+        if not self.models_ready.is_set():
+            return  # never over a good snapshot with models that have not restored it yet
+        if await self.snapshots.take(lambda: self.step.recommender):
+            self.metrics.set_models(self.step.model_versions())
+
+    async def heartbeat(self) -> None:
+        self.health.beat()
+
+    async def reload_scorer(self) -> None:
+        """Load a scorer when there is none yet, else swap in a newly registered version."""
+        step = self.step
+        try:
+            if step.scorer is None:
+                step.scorer = await asyncio.to_thread(load_scorer, self.settings, self.metrics, self.refused_models)
+            elif await asyncio.to_thread(step.scorer.maybe_reload):
+                log.info("Transformer scorer now %s on %s", step.scorer.version, step.scorer.provider)
+                self.metrics.set_scorer(step.scorer.provider, step.scorer.version)
+        except Exception as exc:  # noqa: BLE001 - the current scorer (or none) keeps serving
+            self.metrics.scorer_reload_failures.inc()
+            log.error("scorer reload failed, the current one keeps serving: %s", exc)
+
+    async def watch(self, app) -> None:
+        """Readiness (Kafka, the store), consumer lag, and the scorer model's age."""
+        inputs = self.settings.topics.inputs
+        await check_readiness(app, self.store, self.health, self.settings.kafka_bootstrap, inputs)
+        await update_lag(app, self.lag, inputs)
+        self.lag.set_scorer(self.step.scorer)  # reads the manifest only when the scorer or its version changes
+
+    # -- batches -----------------------------------------------------------------------
+
+    async def retry_redis(self, what: str, call, attempts: int | None = None):
+        """``call()``, retried with back-off while it fails (``attempts`` times; None: until it
+        works, as for what the worker cannot go on without)."""
+        delays = Backoff().delays(attempts)
+        while True:
+            try:
+                return await call()
+            except Exception as exc:  # noqa: BLE001 - retried, then raised
+                delay = next(delays, None)
+                if delay is None:
+                    raise
+                log.warning("could not %s (%r); retrying in %.2fs", what, exc, delay)
+                await asyncio.sleep(delay)
+
+    async def replay_once(self, app, restored: asyncio.Event) -> None:
+        """Once, at the first assignment: teach the restored models the events between their
+        snapshot and the group's committed offsets of the partitions this worker was assigned
+        (stream/replay.py), before any batch."""
+        try:
+            await restored.wait()
+            async with self.busy:
+                await self._replay(app)
+        except Exception as exc:  # noqa: BLE001 - the worker serves on with what the models have
+            log.error("could not replay the events the models' snapshot misses (%r); serving with the models as "
+                      "restored", exc)
+        finally:
+            self.health.set("models", True, "restored")
+            self.models_ready.set()
+
+    async def _replay(self, app) -> None:
+        settings, step = self.settings, self.step
+        self.health.set("models", False, "learning again the events the models' snapshot misses")
+        learned = step.recommender.learned_offsets
+        if not learned:
+            return
+        committed = await asyncio.to_thread(committed_offsets, settings.kafka_bootstrap, settings.app_id)
+        mine = {(tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in settings.topics.inputs}
+        todo = gaps(learned, {tp: off for tp, off in committed.items() if tp in mine})
+        if not todo:
+            return
+        total = sum(g.size for g in todo)
+        log.info("the models' snapshot misses %d event(s) before the committed offsets (%s); learning them again",
+                 total, ", ".join(f"{g.topic}[{g.partition}] {g.start}-{g.end - 1}" for g in todo))
+        start = time.monotonic()
+        n = await replay(step, settings.kafka_bootstrap, todo, settings.bounds)
+        self.metrics.events_relearned.inc(n)
+        log.info("learned %d event(s) again in %.1f s", n, time.monotonic() - start)
+
+    async def drain(self, timeout_s: float = 30.0) -> bool:
+        """Stop taking new batches and wait for the batch in hand; False if it did not finish in time."""
+        self.draining = True
+        return await self.wait_idle(timeout_s)
+
+    async def handle_taken(self, app, events: list) -> None:
+        """Handle a batch from :func:`take_batches`, under the lock a rebalance waits on.
+
+        Events taken before a rebalance that has begun or happened since are removed from
+        ``events`` first (:func:`drop_stale`): their partitions may belong to another worker
+        now, and Kafka delivers them again to whoever owns them. Nothing raised by handling
+        the batch leaves this method (Faust would restart the agent, and the batch's offsets
+        would stall its partitions' commits unseen): a batch whose partitions another worker
+        claimed since (:class:`Fenced`) is left unacknowledged for that worker; a batch that
+        raised past every safeguard too, with the worker reporting unready."""
+        async with self.busy:
+            dropped = drop_stale(app, events)
+            if dropped:
+                log.info("rebalance: %d event(s) taken before it left unhandled and unacknowledged; "
+                         "they are delivered again to their partitions' owner", dropped)
+            if not events:
+                return
+            try:
+                await self.handler.handle_isolated([raw_message(ev.message) for ev in events])
+            except Fenced as exc:
+                self.metrics.fenced_batches.inc()
+                log.warning("fenced: %s since this batch was taken; its %d event(s) are left unacknowledged for "
+                            "their new owner (this worker's writes would overwrite newer state)", exc, len(events))
+                events.clear()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the last safeguard: never crash the agent
+                self.metrics.batch_failures.inc()
+                self.health.set("batches", False, f"a batch of {len(events)} events raised {type(exc).__name__}: {exc}; "
+                                                  "it is unacknowledged, so its partitions' commits wait (see the log)")
+                log.exception("a batch of %d events raised past every safeguard; it is left unacknowledged", len(events))
+                events.clear()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no batch is in hand; False if the one in hand did not finish in time."""
+        try:
+            await asyncio.wait_for(self.busy.acquire(), timeout_s)
+        except TimeoutError:
+            return False
+        self.busy.release()
+        return True
+
+
+def load_scorer(settings: Settings, metrics: Metrics, refused: set[str] | None = None):
+    """The hot-swapping Transformer scorer, or None when no model is registered yet, or none
+    of the registered versions loads (each refused version is counted in
+    ``scorer_reload_failures_total`` once, logged, and remembered in ``refused``)."""
+    registry = ModelRegistry(Path(settings.model_dir))
+    if registry.latest() is None:
+        log.warning("no Transformer model registered under %s: ranking with the online models alone "
+                    "(run `streamrec train` to add one; the worker picks it up without a restart)", settings.model_dir)
+        return None
+    refused = set() if refused is None else refused
+    if set(registry.versions()) <= refused and registry.latest() in refused:
+        return None  # nothing new since the last attempt
+
+    def count(version: str, exc: BaseException) -> None:
+        if version not in refused:
+            refused.add(version)
+            metrics.scorer_reload_failures.inc()
+
+    try:
+        scorer = HotSwapScorer(registry, device=settings.scorer_device, on_failure=count)
+    except ModelLoadError as exc:
+        log.error("no registered Transformer model loads (%s): ranking with the online models alone until a "
+                  "good version is registered", exc)
+        return None
+    log.info("Transformer scorer %s runs on %s", scorer.version, scorer.provider)
+    metrics.set_scorer(scorer.provider, scorer.version)
+    return scorer
+
+
+def raw_message(message) -> RawMessage:
+    """The handler's view of a Faust message."""
+    ts = message.timestamp
+    return RawMessage(message.topic, message.partition, message.offset, message.key, message.value,
+                      int(ts * 1000) if ts else None, message.generation_id)
+
+
+__all__ = ["Shell", "load_scorer", "raw_message"]

@@ -1,0 +1,88 @@
+"""What the step hands the online models, built from the worker's own terms: the models'
+configuration from :class:`~stream.settings.Settings`, an ``Interaction`` from an event (and
+the event a producer sends for an ``Interaction``: ``streamrec produce`` and the evaluator), a
+``UserContext`` from a user's state, and the name of the partition an event came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from online_models import Interaction, Recommender, RecommenderConfig, UserContext
+from online_models.recommender import parse_weights
+from stream.errors import ConfigError
+from stream.records import ClickEvent, Event, PurchaseEvent
+from stream.settings import Settings
+from stream.state import UserState
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """The step's own knobs: what a user's state keeps. How many items a list holds, how many
+    candidates are scored and whether purchased items are excluded are the recommender's
+    (:class:`~online_models.RecommenderConfig`); :meth:`RecommendationStep.from_settings` sets
+    both from one :class:`~stream.settings.Settings`, whose defaults are these."""
+
+    max_recent: int = int(Settings.recent_items)
+    dedupe_window: int = int(Settings.dedupe_window)
+
+
+def source_of(topic: str, partition: int) -> str:
+    """The name a position gives the input partition an event came from: ``"topic:partition"``
+    (the user state's offsets and the models' watermark are keyed by it)."""
+    return f"{topic}:{partition}"
+
+
+def recommender_config(settings: Settings) -> RecommenderConfig:
+    """The blend the worker runs: the defaults, with ``STREAMREC_BLEND_WEIGHTS`` over them."""
+    config = RecommenderConfig(k=settings.top_k, n_candidates=settings.n_candidates,
+                               exclude_purchased=settings.exclude_purchased, max_items=settings.max_items,
+                               max_users=settings.max_users)
+    try:
+        overrides = parse_weights(settings.blend_weights)
+    except ValueError as exc:
+        raise ConfigError(f"STREAMREC_BLEND_WEIGHTS={settings.blend_weights!r}: {exc}") from None
+    known = {*Recommender.DEFAULT_LEARNERS, "transformer", "reranker"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"STREAMREC_BLEND_WEIGHTS names {', '.join(unknown)}; the sources are {', '.join(sorted(known))}")
+    if "reranker" in overrides:  # the click re-ranker's weight (0: it learns, but never reorders a list)
+        config.reranker_weight = overrides.pop("reranker")
+    config.weights = {**config.weights, **overrides}
+    return config
+
+
+def to_event(x: Interaction, eid: str, ts: int | None = None) -> Event:
+    """The event for one interaction; ``ts`` replaces the log's timestamp when given."""
+    when = x.ts if ts is None else ts
+    if x.kind == "purchase":
+        return PurchaseEvent(event_id=eid, user_id=x.user_id, item_id=x.item_id, ts=when, quantity=x.quantity,
+                             category_id=x.category_id, session_id=x.session_id)
+    return ClickEvent(event_id=eid, user_id=x.user_id, item_id=x.item_id, ts=when,
+                      session_id=x.session_id, category_id=x.category_id)
+
+
+def to_interaction(ev: Event) -> Interaction:
+    purchase = isinstance(ev, PurchaseEvent)
+    return Interaction(
+        user_id=ev.user_id,
+        item_id=ev.item_id,
+        ts=ev.ts,
+        kind="purchase" if purchase else "click",
+        session_id=ev.session_id,
+        category_id=ev.category_id,
+        behavior="purchase" if purchase else "click",
+        quantity=ev.quantity if purchase else 1,
+    )
+
+
+def user_context(state: UserState) -> UserContext:
+    return UserContext(
+        user_id=state.user_id,
+        recent_items=tuple(state.recent_items),
+        purchased=frozenset(state.purchased),
+        session_id=state.session_id,
+        ts=state.last_seen_ts or None,
+    )
+
+
+__all__ = ["StepConfig", "recommender_config", "source_of", "to_event", "to_interaction", "user_context"]

@@ -1,0 +1,94 @@
+"""What one :class:`~stream.pipeline.RecommendationStep` call returns: the new states and
+lists, the events it could not handle (:class:`Failure`), and how each applied event is
+judged against the list published before it (:func:`judge`, the live hit rate's counts)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from online_models.metrics import target_rank
+from stream.records import Event, Recommendation
+from stream.state import UserState
+
+LIVE_CUTOFFS = (10, 20)
+
+
+@dataclass
+class LiveQuality:
+    """Counts for online HR@K / MRR@K, added up by the caller into metrics."""
+
+    judged: int = 0
+    hits: dict[int, int] = field(default_factory=lambda: dict.fromkeys(LIVE_CUTOFFS, 0))
+    reciprocal_rank_sum: float = 0.0
+
+    def add(self, rank: int | None) -> None:
+        self.judged += 1
+        if rank is None:
+            return
+        for k in LIVE_CUTOFFS:
+            if rank <= k:
+                self.hits[k] += 1
+        self.reciprocal_rank_sum += 1.0 / rank
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An event the step could not handle: where in the batch, in which stage, and why."""
+
+    index: int
+    stage: str  # "prepare", "rank" or "learn"
+    error: BaseException
+
+    @property
+    def reason(self) -> str:
+        """A sentence for the dead letter: what failed, with the exception's type and message."""
+        what = {"prepare": "applying it to the user's state", "rank": "ranking the user's recommendations",
+                "learn": "teaching it to the online models"}.get(self.stage, self.stage)
+        message = str(self.error).strip().replace("\n", " ")
+        if len(message) > 300:
+            message = message[:300] + "…"
+        return (f"the event is valid, but {what} raised {type(self.error).__name__}"
+                f"{': ' + message if message else ''}; the other events of its batch were applied")
+
+
+@dataclass
+class StepResult:
+    #: the new state of every user whose state changed, and the same encoded for the store
+    states: dict[str, UserState]
+    docs: dict[str, bytes]
+    recommendations: list[Recommendation]
+    #: the recommendations encoded (same order), ready to publish
+    payloads: list[bytes]
+    applied: list[Event]
+    duplicates: int
+    timings: dict[str, float]
+    live: LiveQuality
+    #: events the models learned without a change of state (the state already held them)
+    learned_only: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    #: every applied event of a user with an earlier event, with the list it was judged
+    #: against: ``(index in the batch, the latest list published to the user before it)``
+    judged: list[tuple[int, list[str]]] = field(default_factory=list)
+
+
+def judge(events: Sequence[Event], states: dict[str, UserState], applied: dict[str, list[int]]
+           ) -> tuple[LiveQuality, list[tuple[int, list[str]]]]:
+    """Judge every applied event of a user who had an earlier event against the latest list
+    published to them before it: the list their state held when the batch began (no list
+    is published within a batch). A user with history but no list yet is judged a miss."""
+    live = LiveQuality()
+    judged: list[tuple[int, list[str]]] = []
+    empty: list[str] = []
+    for uid, idx in applied.items():
+        before = states.get(uid)
+        had_history = before is not None and (before.clicks or before.purchases or before.recent_items)
+        shown = before.last_recommended if before is not None else empty
+        for n in (idx if had_history else idx[1:]):
+            judged.append((n, shown))
+            live.add(target_rank(shown, events[n].item_id, len(shown)))
+    judged.sort()
+    return live, judged
+
+
+__all__ = ["LIVE_CUTOFFS", "Failure", "LiveQuality", "StepResult", "judge"]

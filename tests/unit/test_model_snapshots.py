@@ -1,0 +1,126 @@
+"""The snapshot service (stream/snapshots.py ModelSnapshots) over any store, and the shell on the in-memory store."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from online_models import Recommender
+from online_models.datasets import synthetic_interactions
+from stream import snapshots
+from stream.app import create_app
+from stream.prometheus import Metrics
+from stream.settings import Settings
+from stream.snapshots import SNAPSHOT_KEY, ModelSnapshots
+from stream.state import InMemoryUserStateStore
+
+
+def trained(n: int = 400) -> Recommender:
+    rec = Recommender.default()
+    for x in synthetic_interactions(n_events=n, seed=3):
+        rec.learn_one(x)
+    return rec
+
+
+async def no_retry(what, call):
+    return await call()
+
+
+def count(metrics: Metrics, name: str, **labels) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+class FileStore(InMemoryUserStateStore):
+    """A store a forked child can write to: its blobs are files."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    async def get_blob(self, name: str) -> bytes | None:
+        path = self.root / name.replace(":", "_")
+        return path.read_bytes() if path.exists() else None
+
+    def blob_writer(self, name: str):
+        path = self.root / name.replace(":", "_")
+        return path.write_bytes
+
+
+class DownStore(InMemoryUserStateStore):
+    async def set_blob(self, name: str, data: bytes) -> None:
+        raise ConnectionError("store down")
+
+
+async def test_a_snapshot_taken_in_memory_restores_the_same_models():
+    store, metrics = InMemoryUserStateStore(), Metrics()
+    service = ModelSnapshots(store, metrics, asyncio.Lock(), fork=True)  # in memory: no child can write
+    rec = trained()
+    assert store.blob_writer(SNAPSHOT_KEY) is None
+    assert await service.take(lambda: rec)
+    restored = await service.restore(no_retry)
+    assert restored is not None and restored.n_learned == rec.n_learned == 400
+    assert count(metrics, "streamrec_model_snapshots_total", result="ok") == 1
+
+
+@pytest.mark.skipif(not snapshots.can_fork(), reason="os.fork is POSIX only")
+async def test_a_store_a_child_can_write_to_gets_the_snapshot_from_a_forked_child(tmp_path):
+    store, metrics = FileStore(tmp_path), Metrics()
+    service = ModelSnapshots(store, metrics, asyncio.Lock(), signing_key="k", fork=True)
+    rec = trained()
+    assert await service.take(lambda: rec)
+    assert (tmp_path / SNAPSHOT_KEY.replace(":", "_")).exists()  # written by the child, not by set_blob
+    assert await store.get_blob(SNAPSHOT_KEY) is not None and store._blobs == {}
+    restored = await service.restore(no_retry)
+    assert restored is not None and restored.n_learned == 400
+
+
+async def test_a_forged_or_foreign_snapshot_is_refused_counted_and_the_worker_starts_empty():
+    store, metrics = InMemoryUserStateStore(), Metrics()
+    await store.set_blob(SNAPSHOT_KEY, trained().snapshot("someone else's key"))
+    service = ModelSnapshots(store, metrics, asyncio.Lock(), signing_key="ours")
+    assert await service.restore(no_retry) is None
+    await store.set_blob(SNAPSHOT_KEY, b"not a snapshot")
+    assert await service.restore(no_retry) is None
+    assert count(metrics, "streamrec_model_snapshot_refused_total") == 2
+
+
+async def test_no_snapshot_yet_is_no_models():
+    service = ModelSnapshots(InMemoryUserStateStore(), Metrics(), asyncio.Lock())
+    assert await service.restore(no_retry) is None
+
+
+async def test_a_store_that_is_down_fails_the_snapshot_and_says_so(caplog):
+    metrics = Metrics()
+    service = ModelSnapshots(DownStore(), metrics, asyncio.Lock(), fork=False)
+    assert not await service.take(lambda: trained(50))
+    assert count(metrics, "streamrec_model_snapshots_total", result="failed") == 1
+    assert "could not store the online models' snapshot" in caplog.text
+
+
+async def test_the_snapshot_waits_for_the_batch_in_hand():
+    busy = asyncio.Lock()
+    service = ModelSnapshots(InMemoryUserStateStore(), Metrics(), busy, fork=False)
+    await busy.acquire()  # a batch is being handled
+    taking = asyncio.ensure_future(service.take(lambda: trained(50)))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(taking), 0.2)
+    busy.release()
+    assert await asyncio.wait_for(taking, 10)
+
+
+async def test_the_shell_restores_and_snapshots_over_the_in_memory_store():
+    store = InMemoryUserStateStore()
+    await store.set_blob(SNAPSHOT_KEY, trained().snapshot())
+    app = create_app(Settings.from_env({}), load_model=False, store=store)
+    shell = app.streamrec
+    assert shell.store is store
+    await shell.restore_models()
+    assert shell.restored.is_set() and shell.step.recommender.n_learned == 400
+    shell.step.recommender.learn_many((x, None) for x in synthetic_interactions(n_events=10, seed=9))
+    await shell.snapshot_models()  # models not ready yet (nothing replayed): no snapshot over a good one
+    assert Recommender.restore(await store.get_blob(SNAPSHOT_KEY)).n_learned == 400
+    shell.models_ready.set()
+    await shell.snapshot_models()
+    assert Recommender.restore(await store.get_blob(SNAPSHOT_KEY)).n_learned == 410
