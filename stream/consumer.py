@@ -24,10 +24,14 @@ time. While partitions are paused, :class:`Consumer` waits at most
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import hashlib
+import inspect
+import io
+import textwrap
+import tokenize
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 
@@ -77,10 +81,39 @@ async def resume(coro: Coroutine, yielded: Any) -> Any:
 PAUSED_FETCH_TIMEOUT_S = 0.02
 
 
+def source_fingerprint(code: Callable | str) -> str:
+    r"""sha256 of a function's tokens, comments and layout left out (indentation kept as
+    structure), so that reformatting does not change it and any change of code does.
+
+    >>> a = "def f(x):\n    return x + 1  # one more\n"
+    >>> b = "def f( x ):\n\n        return x+1\n"
+    >>> source_fingerprint(a) == source_fingerprint(b), source_fingerprint(a) == source_fingerprint(a.replace("1", "2"))
+    (True, False)
+    """
+    source = textwrap.dedent(code if isinstance(code, str) else inspect.getsource(code))
+    skip = {tokenize.COMMENT, tokenize.NL, tokenize.ENCODING, tokenize.ENDMARKER}
+    structure = {tokenize.INDENT, tokenize.DEDENT, tokenize.NEWLINE}
+    words = [tokenize.tok_name[t.type] if t.type in structure else t.string
+             for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type not in skip]
+    return hashlib.sha256("\x00".join(words).encode()).hexdigest()
+
+
+#: :func:`source_fingerprint` of ``faust.transport.consumer.Consumer._drain_messages``, the
+#: function :meth:`Consumer._drain_messages` copies: the same in every faust-streaming release
+#: from 0.11.0 to 0.15.3 (pyproject.toml pins that range; tests/unit/test_consumer.py checks
+#: the installed release against it).
+FAUST_DRAIN_MESSAGES_FINGERPRINT = "9d72e57c2b1be5e6fb7cca01aaedfffe7e2781087506126402851317a4d735a7"
+
+
 class Consumer(faust_aiokafka.Consumer):
     async def _drain_messages(self, fetcher) -> None:  # pragma: no cover - the worker's loop, tested end to end
-        # faust/transport/consumer.py's Consumer._drain_messages (faust-streaming 0.15), with
-        # the hand-over through start()/resume() instead of a wait_first per message
+        # faust/transport/consumer.py's Consumer._drain_messages (faust-streaming 0.11.0 to
+        # 0.15.3; FAUST_DRAIN_MESSAGES_FINGERPRINT), with two changes: the hand-over through
+        # start()/resume() instead of a wait_first per message, and a short fetch while some
+        # partitions are paused. Left out, with no effect on the worker: the diagnostic
+        # FETCHING flag (nothing reads self.diag.flags), the DEVLOG-only log line of a skipped
+        # message, and the test for a commit_every of None (broker_commit_every is an int;
+        # this app keeps Faust's 10,000).
         callback = self.callback
         getmany = self.getmany
         consumer_should_stop = self._stopped.is_set
@@ -88,9 +121,6 @@ class Consumer(faust_aiokafka.Consumer):
 
         get_read_offset = self._read_offset.__getitem__
         set_read_offset = self._read_offset.__setitem__
-        flag_consumer_fetching = CONSUMER_FETCHING
-        set_flag = self.diag.set_flag
-        unset_flag = self.diag.unset_flag
         commit_every = self._commit_every
         acks_enabled_for = self.app.topics.acks_enabled_for
 
@@ -100,7 +130,6 @@ class Consumer(faust_aiokafka.Consumer):
 
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
-                set_flag(flag_consumer_fetching)
                 # Faust waits up to 1 s for records of the active partitions. When the agent's
                 # buffer is full, Faust pauses the partitions that filled it, and this wait then
                 # covers only the others, often with nothing to read (a drained topic), while
@@ -118,23 +147,19 @@ class Consumer(faust_aiokafka.Consumer):
 
                         offset = message.offset
                         r_offset = get_read_offset(tp)
-                        if r_offset is None or offset >= r_offset:
+                        if r_offset is None or offset >= r_offset:  # else read already: skipped
                             gap = offset - (r_offset or 0)
                             if gap > 1 and r_offset:
                                 if acks_enabled_for(message.topic):
                                     await self._add_gap(tp, r_offset + 1, offset)
-                            if commit_every is not None:
-                                if self._n_acked >= commit_every:
-                                    self._n_acked = 0
-                                    await self.commit()
+                            if self._n_acked >= commit_every:
+                                self._n_acked = 0
+                                await self.commit()
                             handover = callback(message)
                             done, yielded = start(handover)
                             if not done:
                                 await self.wait_first(resume(handover, yielded), self.suspend_flow.wait())
                             set_read_offset(tp, offset)
-                        else:
-                            self.log.dev("DROPPED MESSAGE ROFF %r: k=%r v=%r", offset, message.key, message.value)
-                    unset_flag(flag_consumer_fetching)
 
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -149,8 +174,6 @@ class Consumer(faust_aiokafka.Consumer):
         except Exception as exc:
             self.log.exception("Drain messages raised: %r", exc)
             raise
-        finally:
-            unset_flag(flag_consumer_fetching)
 
 
 class Transport(faust_aiokafka.Transport):
@@ -159,4 +182,4 @@ class Transport(faust_aiokafka.Transport):
     Consumer = Consumer
 
 
-__all__ = ["Consumer", "Transport", "resume", "start"]
+__all__ = ["FAUST_DRAIN_MESSAGES_FINGERPRINT", "Consumer", "Transport", "resume", "source_fingerprint", "start"]

@@ -80,3 +80,38 @@ def test_the_transport_uses_this_consumer():
 
     assert Transport.Consumer is Consumer
 
+
+
+def test_the_installed_faust_loop_is_the_one_the_worker_copied():
+    """stream/consumer.py's Consumer._drain_messages is a modified copy of Faust's. When the
+    installed Faust's loop is another one, the copy would silently drop its changes."""
+    from importlib.metadata import version
+
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    from stream.consumer import FAUST_DRAIN_MESSAGES_FINGERPRINT, source_fingerprint
+
+    installed = faust_aiokafka.Consumer._drain_messages  # the method stream's Consumer overrides
+    assert source_fingerprint(installed) == FAUST_DRAIN_MESSAGES_FINGERPRINT, (
+        f"faust-streaming {version('faust-streaming')} has another Consumer._drain_messages than the "
+        "0.11.0-0.15.3 one that stream/consumer.py copies. Diff the installed function "
+        f"({installed.__module__}) with the copy, carry its changes into stream.consumer.Consumer."
+        "_drain_messages, then set FAUST_DRAIN_MESSAGES_FINGERPRINT to "
+        f"{source_fingerprint(installed)!r} and widen the faust-streaming pin in pyproject.toml "
+        "(or install a release in the pinned range)."
+    )
+
+
+def test_the_fingerprint_ignores_layout_and_sees_code():
+    from stream.consumer import source_fingerprint
+
+    def f(x):
+        return x + 1
+
+    same = "def f(x):\n    # a comment\n\n    return x+1\n"
+    indented = "    def f(x):\n        return (x\n                + 1)\n"
+    assert source_fingerprint(f) == source_fingerprint(same)
+    assert source_fingerprint(same) != source_fingerprint(indented)  # the parentheses are code
+    assert source_fingerprint(f) != source_fingerprint("def f(x):\n    return x + 2\n")
+    assert source_fingerprint("def f(x):\n    if x:\n        g()\n    h()\n") != \
+        source_fingerprint("def f(x):\n    if x:\n        g()\n        h()\n")  # the blocks count
