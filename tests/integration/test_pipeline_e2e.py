@@ -11,7 +11,16 @@ import time
 from collections import defaultdict
 
 import redis
-from workerkit import FlowingFeed, consume_until, produce, user_doc
+from workerkit import (
+    FlowingFeed,
+    all_committed,
+    consume_until,
+    group_assignment,
+    produce,
+    read_all,
+    user_doc,
+    wait_for,
+)
 
 from online_models import Recommender
 from online_models.datasets import synthetic_interactions
@@ -118,16 +127,27 @@ def test_a_redelivered_event_is_applied_once(worker_env, workers, topic_prefix):
     ev = ClickEvent(event_id="dup-1", user_id="solo", item_id="i1", ts=1_700_000_000_000)
     later = ClickEvent(event_id="dup-2", user_id="solo", item_id="i2", ts=1_700_000_000_500)
     produce(bootstrap, topic_prefix, [("clicks", b"solo", encode(ev))] * 3 + [("clicks", b"solo", encode(later))])
-    worker = workers()
+    worker = workers(metrics=True)
+    group, inputs = worker_env["STREAMREC_APP_ID"], [f"{topic_prefix}clicks", f"{topic_prefix}purchases"]
     consume_until(bootstrap, f"{topic_prefix}recommendations",
                   lambda v: any(decode_recommendation(x).trigger_event_id == "dup-2" for x in v), 90, worker)
     # and once more after the first copies were applied and committed
+    wait_for(lambda: all_committed(bootstrap, group, inputs), 60, "the first four records committed", worker)
+    recs_before = [r.value for r in read_all(bootstrap, f"{topic_prefix}recommendations")]
     produce(bootstrap, topic_prefix, [("clicks", b"solo", encode(ev))])
-    time.sleep(3)
+    # The worker is done with the redelivered copy once its offset is committed (after the
+    # state is saved and the outputs published) and its batch is in the metrics (recorded
+    # once the batch's effects are durable): then whatever it did about it is there to see.
+    wait_for(lambda: all_committed(bootstrap, group, inputs), 60, "the redelivered copy committed", worker)
+    wait_for(lambda: worker.metric("streamrec_batch_size_events_sum") == 5, 30, "all 5 records in the metrics", worker)
+    assert worker.metric("streamrec_duplicates_skipped_total") == 3  # the two copies in the first batch, and this one
+    assert worker.metric("streamrec_events_consumed_total", type="click") == 2
     client = redis.Redis.from_url(worker_env["STREAMREC_REDIS_URL"])
     doc = user_doc(client, topic_prefix, "solo")
     client.close()
     assert doc["clicks"] == 2 and doc["recent_items"] == ["i1", "i2"] and doc["event_ids"] == ["dup-1", "dup-2"]
+    assert [r.value for r in read_all(bootstrap, f"{topic_prefix}recommendations")] == recs_before, \
+        "a recommendation was published for the redelivered copy"
     assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()
 
 
@@ -135,11 +155,14 @@ def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(worker_env, 
     flow = FlowingFeed(worker_env["STREAMREC_KAFKA_BOOTSTRAP"], topic_prefix, seed=11)
     first = workers()
     flow.start(first)  # the worker is up and running: now stream, and kill it mid-way
-    time.sleep(3)
-    first.stop(signal.SIGKILL)
 
     client = redis.Redis.from_url(worker_env["STREAMREC_REDIS_URL"])
     try:
+        # mid-way: the worker has applied some of the flowing events (beyond the first 250)
+        # and the feeder still has events to send
+        wait_for(lambda: sum(flow.applied(client).values()) >= 1000, 60, "1000 events applied", first)
+        assert flow.flowing(), "the feed ended before the kill: it would not land mid-stream"
+        first.stop(signal.SIGKILL)
         partial = sum(flow.applied(client).values())
         assert 0 < partial < len(flow.events), "the kill should land mid-stream"
         second = workers()
@@ -151,14 +174,38 @@ def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(worker_env, 
 
 def test_a_worker_joining_and_one_leaving_mid_stream_loses_nothing_and_applies_nothing_twice(worker_env, workers, topic_prefix):
     """Two rebalances while events flow: a second worker joins (the partitions are split), then
-    the first stops with SIGTERM (the second takes them all). Every event is applied exactly once."""
-    flow = FlowingFeed(worker_env["STREAMREC_KAFKA_BOOTSTRAP"], topic_prefix, seed=13)
-    first = workers()
+    the first stops with SIGTERM (the second takes them all). The broker's view of the consumer
+    group proves each rebalance; every event is applied exactly once."""
+    bootstrap, group = worker_env["STREAMREC_KAFKA_BOOTSTRAP"], worker_env["STREAMREC_APP_ID"]
+    topics = [f"{topic_prefix}clicks", f"{topic_prefix}purchases"]
+    inputs = frozenset((t, p) for t in topics for p in range(2))
+    # 15,000 events: about 30 s of flow, enough for a second worker to start and join mid-stream
+    flow = FlowingFeed(bootstrap, topic_prefix, seed=13, n_events=15_000)
+    first = workers(metrics=True)
     flow.start(first)
-    time.sleep(2)
-    second = workers()  # joins: the partitions are split between the two
-    time.sleep(6)
+
+    def members(count: int | None = None) -> dict | None:
+        """The group's members and their input partitions, once Stable (with ``count`` members)."""
+        found = group_assignment(bootstrap, group, topics)
+        return found if found and (count is None or len(found) == count) else None
+
+    alone = wait_for(lambda: members(1), 60, "the first worker alone in the group", first)
+    ((first_id, held),) = alone.items()
+    assert held == inputs, f"the first worker alone holds {sorted(held)}"
+
+    second = workers(metrics=True)  # joins: the partitions are split between the two
+    split = wait_for(lambda: members(2), 120, "the group to rebalance onto two workers", second)
+    assert first_id in split, f"the first worker left the group when the second joined: {split}"
+    (second_id,) = set(split) - {first_id}
+    assert split[first_id] and split[second_id], f"a worker holds no input partition after the join: {split}"
+    assert split[first_id] | split[second_id] == inputs and not split[first_id] & split[second_id], split
+    assert flow.flowing(), "the feed ended before the second worker joined: the join was not mid-stream"
+    # the second worker does its share before the first leaves
+    wait_for(lambda: second.metric_total("streamrec_events_consumed_total") > 0, 60, "the second worker to apply events", second)
+    assert flow.flowing(), "the feed ended before the first worker left: the leave would not be mid-stream"
+
     assert first.stop(signal.SIGTERM) == 0, first.log_tail()  # leaves: the second takes them all
+    wait_for(lambda: members() == {second_id: inputs}, 60, "the second worker alone, with every input partition", second)
 
     client = redis.Redis.from_url(worker_env["STREAMREC_REDIS_URL"])
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 import redis
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from stream.state import UserState
 from stream.topics import committed_offsets
@@ -98,6 +98,12 @@ class WorkerProcess:
             if ",".join(sorted(found_labels.split(","))) == want or (not want and not found_labels):
                 return float(value)
         return 0.0
+
+    def metric_total(self, name: str) -> float:
+        """The sum of every sample of ``name`` in /metrics, whatever its labels (0 when absent)."""
+        _, body = self.http("/metrics")
+        pattern = re.compile(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", re.M)
+        return sum(float(value) for value in pattern.findall(body))
 
     def agent_restarts(self) -> list[str]:
         """Log lines where Faust's supervisor restarted (or saw a crash of) the agent."""
@@ -210,6 +216,31 @@ def all_committed(bootstrap: str, group: str, topics: list[str]) -> bool:
     return all(committed.get(tp, 0) == end for tp, end in ends.items())
 
 
+def group_assignment(bootstrap: str, group: str, topics: list[str]) -> dict[str, frozenset[tuple[str, int]]] | None:
+    """The members of consumer group ``group`` and the partitions of ``topics`` each one holds,
+    ``{member_id: {(topic, partition), ...}}``, as the broker (the group's coordinator) tells it;
+    None while the group is not Stable (a rebalance under way, or no member yet)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="streamrec-tests")
+    try:
+        if hasattr(admin, "describe_groups"):  # kafka-python 3: dicts
+            info = admin.describe_groups([group])[group]
+            state = info["group_state"]
+            members = {}
+            for m in info["members"]:
+                assignment = m["member_assignment"] if isinstance(m["member_assignment"], dict) else {}
+                members[m["member_id"]] = [(a["topic"], a["partitions"]) for a in assignment.get("assigned_partitions", [])]
+        else:  # kafka-python 2: GroupInformation / MemberInformation tuples
+            (info,) = admin.describe_consumer_groups([group])
+            state = info.state
+            members = {m.member_id: list(getattr(m.member_assignment, "assignment", None) or []) for m in info.members}
+    finally:
+        admin.close()
+    if state != "Stable" or not members:
+        return None
+    return {member: frozenset((t, p) for t, parts in assigned if t in topics for p in parts)
+            for member, assigned in members.items()}
+
+
 class Feeder(threading.Thread):
     """Writes ``records`` ``(topic, key, value)`` at about ``rate`` per second from a thread,
     as a site keeps sending while the test breaks things; a send the broker cannot take
@@ -303,6 +334,10 @@ class FlowingFeed:
 
     def finish(self) -> None:
         self.feeder.finish()
+
+    def flowing(self) -> bool:
+        """True while the feeder still has events to send."""
+        return self.feeder.is_alive() and self.feeder.sent < len(self.feeder.records)
 
     def __enter__(self) -> FlowingFeed:
         return self
