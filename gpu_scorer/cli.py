@@ -2,43 +2,48 @@
 
 Registered by the stream CLI as ``app.command("train")(gpu_scorer.cli.train)``; the
 parameters carry their typer options, so ``streamrec train --help`` documents them.
+
+Every ``streamrec`` command imports this module, the worker included, and the worker runs
+without torch (``pip install streamrec``; training is ``pip install 'streamrec[train]'``).
+So this module imports nothing that needs torch, and the command checks for torch before
+anything else: without it, one line names the extra to install. Then it imports the two
+torch-bound modules, :mod:`gpu_scorer.training` and :mod:`gpu_scorer.export`, inside the
+command: the one project import inside a function in the package. It cannot move to the
+top without every command loading torch (a second or more, and failing where it is
+absent), and it cannot move into those modules: :mod:`gpu_scorer.model` subclasses
+``torch.nn.Module``, so torch is needed to define the model at all.
 """
 
 from __future__ import annotations
 
-import tempfile
+import importlib
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from gpu_scorer.registry import ModelRegistry
+from online_models.datasets import read_interactions
 
 DEFAULT_MODEL_DIR = Path("models")
+TRAIN_PACKAGES = ("torch", "onnx")  # what the train extra brings
+INSTALL_TRAIN = "pip install 'streamrec[train]'"
 
 
-def export_and_register(result, registry: ModelRegistry, data: dict | None = None, make_current: bool = True) -> tuple[str, dict]:
-    """Export a :class:`~gpu_scorer.training.TrainResult`, check parity, register it.
-
-    A model that fails the parity check is still written (for inspection) but marked
-    ``parity.ok = false`` and not made current; loaders refuse it. Returns (version, parity).
-    """
-    from gpu_scorer.export import check_parity, export_onnx, parity_sample
-
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = export_onnx(result.model, Path(tmp) / "model.onnx")
-        parity = check_parity(result.model, onnx_path).to_dict()
-        version = registry.register(
-            onnx_path,
-            result.vocab,
-            config=result.config.to_dict(),
-            metrics=result.metrics,
-            parity=parity,
-            data={**result.data, **(data or {})},
-            parity_sample=parity_sample(result.model),
-            make_current=make_current and parity["ok"],
-        )
-    return version, parity
+def missing_train_packages() -> list[str]:
+    """The packages of the train extra that cannot be imported here (importing torch takes a
+    second or more: only ``streamrec train`` calls this)."""
+    missing = []
+    for name in TRAIN_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise  # installed, but broken: its own error says more
+            missing.append(name)
+    return missing
 
 
 def train(
@@ -79,13 +84,13 @@ def train(
     """Train the Transformer scorer on an event log, export it to ONNX, check ONNX Runtime
     against PyTorch and register it as a new version (made CURRENT, so running workers
     hot-swap to it)."""
+    missing = missing_train_packages()
+    if missing:
+        typer.secho(f"streamrec train needs {' and '.join(missing)}, not installed here: {INSTALL_TRAIN}", fg="red", err=True)
+        raise typer.Exit(code=1)
     import torch
-    from rich.console import Console
-    from rich.table import Table
 
-    from gpu_scorer.training import TrainConfig, sequences_from_interactions
-    from gpu_scorer.training import train as fit
-    from online_models.datasets import read_interactions
+    from gpu_scorer import export, training  # torch-bound; see the module docstring
 
     console = Console()
     torch.set_num_threads(threads)
@@ -101,18 +106,18 @@ def train(
         events = list(read_interactions(dataset, format, limit))
     except (ValueError, OSError) as exc:  # DatasetError names the file and line
         raise typer.BadParameter(str(exc), param_hint="--dataset") from None
-    sequences = sequences_from_interactions(events)
+    sequences = training.sequences_from_interactions(events)
     console.print(f"read {len(events):,} events, {len(sequences):,} users from {dataset or 'the synthetic generator'} ({format})")
-    tc = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, patience=patience,
+    tc = training.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, patience=patience,
                      min_item_count=min_item_count, seed=seed, progress=progress, device=device)
     model_cfg = {"dim": dim, "n_blocks": blocks, "n_heads": heads, "max_len": max_len, "dropout": dropout}
     try:
-        result = fit(sequences, model_cfg, tc, console=console)
+        result = training.train(sequences, model_cfg, tc, console=console)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     registry = ModelRegistry(model_dir)
     data = {"dataset": str(dataset) if dataset else None, "format": format, "limit": limit, "events": len(events), "seed": seed}
-    version, parity = export_and_register(result, registry, data)
+    version, parity = export.export_and_register(result, registry, data)
     status = "[green]ok[/]" if parity["ok"] else "[red]FAILED[/]"
     table = Table(title=f"registered {version}", show_header=False)
     table.add_row("path", str(registry.path(version)))
@@ -130,4 +135,4 @@ def train(
         raise typer.Exit(code=1)
 
 
-__all__ = ["export_and_register", "train"]
+__all__ = ["INSTALL_TRAIN", "missing_train_packages", "train"]

@@ -16,14 +16,18 @@ Parity tolerance: ``atol=1e-4`` on the scores (their magnitude is ~1-30), ``rtol
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from gpu_scorer.model import SASRecScorer
+from gpu_scorer.registry import ModelRegistry
+from gpu_scorer.runtime import make_session
 
 INPUT_NAMES = ("seq_ids", "cand_ids")
 OUTPUT_NAME = "scores"
@@ -70,8 +74,6 @@ def export_onnx(model: SASRecScorer, path: str | Path, opset: int = OPSET) -> Pa
             do_constant_folding=True,
             dynamo=False,
         )
-    import onnx
-
     proto = onnx.load(str(path))
     for key, value in (("max_len", model.cfg.max_len), ("n_items", model.cfg.n_items)):
         proto.metadata_props.add(key=key, value=str(value))
@@ -106,8 +108,6 @@ def check_parity(
 ) -> ParityResult:
     """Run ORT (CPU unless ``session`` is given) and PyTorch on the same random inputs."""
     if session is None:
-        from gpu_scorer.runtime import make_session
-
         session = make_session(onnx_path, "cpu")
     rng = np.random.default_rng(seed)
     worst, ok = 0.0, True
@@ -128,6 +128,28 @@ def parity_sample(model: SASRecScorer, seed: int = 1) -> dict[str, np.ndarray]:
     return {"seq_ids": seq, "cand_ids": cand, "scores": torch_scores(model, seq, cand)}
 
 
+def export_and_register(result, registry: ModelRegistry, data: dict | None = None, make_current: bool = True) -> tuple[str, dict]:
+    """Export a :class:`~gpu_scorer.training.TrainResult`, check parity, register it.
+
+    A model that fails the parity check is still written (for inspection) but marked
+    ``parity.ok = false`` and not made current; loaders refuse it. Returns (version, parity).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_onnx(result.model, Path(tmp) / "model.onnx")
+        parity = check_parity(result.model, onnx_path).to_dict()
+        version = registry.register(
+            onnx_path,
+            result.vocab,
+            config=result.config.to_dict(),
+            metrics=result.metrics,
+            parity=parity,
+            data={**result.data, **(data or {})},
+            parity_sample=parity_sample(result.model),
+            make_current=make_current and parity["ok"],
+        )
+    return version, parity
+
+
 __all__ = [
     "INPUT_NAMES",
     "OUTPUT_NAME",
@@ -136,6 +158,7 @@ __all__ = [
     "PARITY_SHAPES",
     "ParityResult",
     "check_parity",
+    "export_and_register",
     "export_onnx",
     "parity_sample",
     "random_inputs",

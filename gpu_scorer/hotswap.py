@@ -23,8 +23,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
+
+from gpu_scorer.errors import ModelLoadError
+from gpu_scorer.registry import ModelRegistry
 
 log = logging.getLogger("gpu_scorer")
 
@@ -35,7 +39,7 @@ FailureHook = Callable[[str, BaseException], None]  # (refused version, error)
 class HotSwapScorer:
     def __init__(
         self,
-        registry,
+        registry: ModelRegistry | str | Path,
         device: str = "auto",
         *,
         poll_interval_s: float = 5.0,
@@ -44,8 +48,6 @@ class HotSwapScorer:
         on_failure: FailureHook | None = None,
         **scorer_kw,
     ) -> None:
-        from gpu_scorer.registry import ModelRegistry
-
         self.registry = registry if isinstance(registry, ModelRegistry) else ModelRegistry(registry)
         self.device = device
         self.poll_interval_s = poll_interval_s
@@ -67,8 +69,6 @@ class HotSwapScorer:
 
     def _load_at_start(self):
         """The CURRENT version, or (refusing it loudly) the newest older one that loads."""
-        from gpu_scorer.errors import ModelLoadError
-
         latest = self.registry.latest()
         if latest is None:
             raise ModelLoadError(f"no model registered in {self.registry.root}")

@@ -14,7 +14,8 @@ Layout::
 A version directory is written under a hidden staging name and renamed into place, so a
 reader never sees half a version; versions are never modified after that. ``CURRENT`` is
 written to a temporary file and ``os.replace``d. Readers that poll (the hot-swap scorer)
-only ``stat`` the pointer.
+only ``stat`` the pointer. Reading the layout lives in :mod:`gpu_scorer.layout`, which the
+runtime shares.
 
 >>> import tempfile
 >>> reg = ModelRegistry(tempfile.mkdtemp())
@@ -34,15 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
+from gpu_scorer import layout
 from gpu_scorer.errors import ModelLoadError
+from gpu_scorer.layout import MANIFEST_FORMAT, POINTER, default_model_dir
+from gpu_scorer.runtime import OnnxScorer
 from gpu_scorer.vocab import Vocab
-
-POINTER = "CURRENT"
-MANIFEST_FORMAT = "streamrec-scorer/1"
-
-
-def default_model_dir() -> Path:
-    return Path(os.environ.get("STREAMREC_MODEL_DIR") or "models")
 
 
 def parity_tolerance(provider: str, fp16: bool = False) -> tuple[float, float]:
@@ -61,27 +58,15 @@ class ModelRegistry:
         self.root = Path(root) if root is not None else default_model_dir()
 
     def path(self, version: str) -> Path:
-        if not version or "/" in version or version.startswith("."):
-            raise ValueError(f"bad version name {version!r}")
-        return self.root / version
+        return layout.version_path(self.root, version)
 
     def versions(self) -> list[str]:
         """Registered versions, oldest first."""
-        if not self.root.is_dir():
-            return []
-        found = [p.name for p in self.root.iterdir() if p.is_dir() and (p / "manifest.json").exists()]
-        return sorted(found, key=_version_key)
+        return layout.versions(self.root)
 
     def latest(self) -> str | None:
         """The version ``CURRENT`` points at, else the newest registered one, else None."""
-        try:
-            name = (self.root / POINTER).read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            name = ""
-        if name and (self.root / name / "manifest.json").exists():
-            return name
-        versions = self.versions()
-        return versions[-1] if versions else None
+        return layout.latest(self.root)
 
     def pointer_stamp(self) -> tuple[int, int, int] | None:
         """Cheap change detector for ``CURRENT`` (one stat): (inode, mtime_ns, size)."""
@@ -92,10 +77,7 @@ class ModelRegistry:
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def manifest(self, version: str) -> dict:
-        try:
-            return json.loads((self.path(version) / "manifest.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"version {version}: unreadable manifest ({exc})") from exc
+        return layout.read_manifest(self.path(version))
 
     def set_current(self, version: str) -> None:
         if not (self.path(version) / "manifest.json").exists():
@@ -156,7 +138,7 @@ class ModelRegistry:
         return version
 
     def _next_version(self) -> str:
-        numbers = [_version_key(v)[0] for v in self.versions()]
+        numbers = [layout.version_key(v)[0] for v in self.versions()]
         return f"v{max(numbers, default=0) + 1:04d}"
 
     def load(self, version: str | None = None, device: str = "auto", *, verify: bool = True, **scorer_kw):
@@ -166,8 +148,6 @@ class ModelRegistry:
         records a failed export parity check, or when ONNX Runtime's scores on the stored
         ``parity.npz`` input differ from PyTorch's beyond :func:`parity_tolerance`.
         """
-        from gpu_scorer.runtime import OnnxScorer
-
         version = version or self.latest()
         if version is None:
             raise ModelLoadError(f"no model registered in {self.root}")
@@ -201,11 +181,4 @@ def verify_parity(scorer, version_dir: Path, fp16: bool = False) -> float:
     return diff
 
 
-def _version_key(name: str) -> tuple[int, str]:
-    digits = "".join(ch for ch in name if ch.isdigit())
-    return (int(digits) if digits else 0, name)
-
-
-from gpu_scorer.hotswap import HotSwapScorer  # noqa: E402  (re-exported; it builds on ModelRegistry)
-
-__all__ = ["HotSwapScorer", "ModelRegistry", "default_model_dir", "parity_tolerance", "verify_parity"]
+__all__ = ["MANIFEST_FORMAT", "POINTER", "ModelRegistry", "default_model_dir", "parity_tolerance", "verify_parity"]

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from gpu_scorer import layout
 from gpu_scorer.errors import ModelLoadError, ScorerDeviceError
 from gpu_scorer.vocab import OOV_ROW, Vocab
 
@@ -166,13 +167,11 @@ def resolve_model_dir(model: str | Path, model_dir: str | Path | None = None) ->
         return p
     if p.suffix == ".onnx" and p.is_file():
         return p.parent
-    from gpu_scorer.registry import ModelRegistry  # a version name: resolve in the registry
-
-    reg = ModelRegistry(model_dir)
-    version = reg.latest() if str(model) == "latest" else str(model)
+    root = Path(model_dir) if model_dir is not None else layout.default_model_dir()  # a version name
+    version = layout.latest(root) if str(model) == "latest" else str(model)
     if version is None:
-        raise ModelLoadError(f"no model registered in {reg.root}")
-    return reg.path(version)
+        raise ModelLoadError(f"no model registered in {root}")
+    return layout.version_path(root, version)
 
 
 class OnnxScorer:
@@ -205,11 +204,13 @@ class OnnxScorer:
         onnx_path = self.path / "model.onnx"
         try:
             self.vocab = Vocab.load(self.path / "vocab.json")
-            self.max_len = _max_len(self.path)
+            max_len = _manifest_max_len(self.path)  # None for a bare exported file
             blob: str | bytes = str(onnx_path)
             if fp16 or cuda_graph:
-                blob = _rewrite(onnx_path, fp16, (max_batch, self.max_len, max_cands) if cuda_graph else None)
+                max_len = max_len or _onnx_max_len(onnx_path)
+                blob = _rewrite(onnx_path, fp16, (max_batch, max_len, max_cands) if cuda_graph else None)
             self.session = make_session(blob, device, threads=threads, spin=spin, device_id=device_id, cuda_graph=cuda_graph)
+            self.max_len: int = max_len or _session_max_len(self.session)
         except ScorerDeviceError:
             raise
         except Exception as exc:
@@ -304,22 +305,32 @@ class _CudaBinding:
             return self.out.numpy()[:n, :nc].copy()
 
 
-def _max_len(path: Path) -> int:
-    import json
+# The model's max_len: the registered config (manifest.json), else the exported file's metadata
+# (export.py writes it), else 50. Read through ONNX Runtime, so that serving needs no onnx package.
 
-    cfg = json.loads((path / "manifest.json").read_text(encoding="utf-8")).get("config", {}) if (path / "manifest.json").exists() else {}
-    if "max_len" in cfg:
-        return int(cfg["max_len"])
-    import onnx
 
-    meta = {p.key: p.value for p in onnx.load(str(path / "model.onnx"), load_external_data=False).metadata_props}
+def _manifest_max_len(path: Path) -> int | None:
+    if not (path / layout.MANIFEST).exists():
+        return None
+    max_len = layout.read_manifest(path).get("config", {}).get("max_len")
+    return int(max_len) if max_len is not None else None
+
+
+def _session_max_len(session: ort.InferenceSession) -> int:
+    return int(session.get_modelmeta().custom_metadata_map.get("max_len", 50))
+
+
+def _onnx_max_len(onnx_path: Path) -> int:
+    import onnx  # the gpu/train extras: only the fp16 and CUDA-graph rewrites need it
+
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
     return int(meta.get("max_len", 50))
 
 
 def _rewrite(onnx_path: Path, fp16: bool, static: tuple[int, int, int] | None) -> bytes:
     """fp16 weights (I/O stay int64/float32) and/or fixed input shapes: CUDA graphs need every
     node on the GPU, and with static shapes ORT folds the Shape/Gather arithmetic that it
-    would otherwise place on the CPU."""
+    would otherwise place on the CPU. Needs the onnx package (the gpu and train extras)."""
     import onnx
 
     model = onnx.load(str(onnx_path))

@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.nn import functional as F
 
 from gpu_scorer.model import SASRecScorer, ScorerConfig
 from gpu_scorer.vocab import FIRST_ITEM_ROW, OOV_ROW, PAD_ROW, Vocab
+from online_models.datasets import sequences_by_user
 
 
 @dataclass
@@ -58,8 +60,6 @@ class TrainResult:
 
 def sequences_from_interactions(interactions: Iterable, kinds: Sequence[str] = ("click", "purchase")) -> dict[str, list[str]]:
     """User -> item ids in time order (``online_models.types.Interaction`` values)."""
-    from online_models.datasets import sequences_by_user
-
     return {u: [x.item_id for x in xs if x.kind in kinds] for u, xs in sequences_by_user(interactions).items()}
 
 
@@ -247,8 +247,6 @@ def training_device(device: str) -> torch.device:
 
 
 def _progress(console, enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

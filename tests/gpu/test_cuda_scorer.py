@@ -69,7 +69,7 @@ def test_fp16_is_close(model_dir, cpu):
 def test_registry_verifies_on_cuda_and_hot_swaps(model_dir, tmp_path):
     from test_gpu_scorer_helpers import register_tiny
 
-    from gpu_scorer.registry import HotSwapScorer
+    from gpu_scorer.hotswap import HotSwapScorer
 
     register_tiny(tmp_path)
     hot = HotSwapScorer(tmp_path, "cuda", poll_interval_s=0, background=False)
@@ -79,7 +79,7 @@ def test_registry_verifies_on_cuda_and_hot_swaps(model_dir, tmp_path):
 
 
 async def test_micro_batcher_on_cuda(model_dir, cpu):
-    from gpu_scorer.batching import MicroBatcher
+    from gpu_scorer.coalescing import MicroBatcher
 
     scorer = OnnxScorer("latest", "cuda", model_dir=model_dir)
     seqs, cands = _requests(16)

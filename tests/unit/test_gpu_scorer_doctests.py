@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["gpu_scorer.model", "gpu_scorer.vocab", "gpu_scorer.registry", "gpu_scorer.batching"]
+MODULES = ["gpu_scorer.model", "gpu_scorer.vocab", "gpu_scorer.registry", "gpu_scorer.coalescing", "gpu_scorer.layout"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -21,7 +21,7 @@ def test_gpu_scorer_never_imports_stream_faust_or_redis():
     import sys
 
     code = (
-        "import sys, gpu_scorer, gpu_scorer.cli, gpu_scorer.registry, gpu_scorer.batching, gpu_scorer.training;"
+        "import sys, gpu_scorer, gpu_scorer.cli, gpu_scorer.registry, gpu_scorer.coalescing, gpu_scorer.training;"
         "bad = [m for m in ('faust', 'redis', 'stream') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

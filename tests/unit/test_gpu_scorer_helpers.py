@@ -27,7 +27,7 @@ def tiny_result(seed: int = 0) -> TrainResult:
 
 
 def register_tiny(model_dir: Path, seed: int = 0) -> str:
-    from gpu_scorer.cli import export_and_register
+    from gpu_scorer.export import export_and_register
     from gpu_scorer.registry import ModelRegistry
 
     version, parity = export_and_register(tiny_result(seed), ModelRegistry(model_dir), {"source": "synthetic"})

@@ -10,7 +10,8 @@ import pytest
 from test_gpu_scorer_helpers import register_tiny, tiny_result
 
 from gpu_scorer.errors import ModelLoadError
-from gpu_scorer.registry import HotSwapScorer, ModelRegistry
+from gpu_scorer.hotswap import HotSwapScorer
+from gpu_scorer.registry import ModelRegistry
 
 
 def test_register_load_latest(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_gpu_scorer_helpers import register_tiny, tiny_result
 
-from gpu_scorer.batching import MicroBatcher
+from gpu_scorer.coalescing import MicroBatcher
 from gpu_scorer.runtime import OnnxScorer
 
 

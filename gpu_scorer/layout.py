@@ -1,0 +1,84 @@
+"""The layout of a model directory, read side: version names, the ``CURRENT`` pointer, manifests.
+
+The layout is described in :mod:`gpu_scorer.registry`, which writes it. This module only
+reads it and imports no other part of the scorer but the errors, so that both the
+registry (which loads versions with :mod:`gpu_scorer.runtime`) and the runtime (which
+resolves a version name to its directory) can use it.
+
+>>> import tempfile
+>>> root = Path(tempfile.mkdtemp())
+>>> (root / "v0002").mkdir(); _ = (root / "v0002" / "manifest.json").write_text("{}")
+>>> (root / "v0010").mkdir(); _ = (root / "v0010" / "manifest.json").write_text("{}")
+>>> versions(root), latest(root)
+(['v0002', 'v0010'], 'v0010')
+>>> _ = (root / POINTER).write_text("v0002\\n"); latest(root)
+'v0002'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from gpu_scorer.errors import ModelLoadError
+
+POINTER = "CURRENT"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "streamrec-scorer/1"
+
+
+def default_model_dir() -> Path:
+    return Path(os.environ.get("STREAMREC_MODEL_DIR") or "models")
+
+
+def version_path(root: Path, version: str) -> Path:
+    if not version or "/" in version or version.startswith("."):
+        raise ValueError(f"bad version name {version!r}")
+    return root / version
+
+
+def version_key(name: str) -> tuple[int, str]:
+    digits = "".join(ch for ch in name if ch.isdigit())
+    return (int(digits) if digits else 0, name)
+
+
+def versions(root: Path) -> list[str]:
+    """Registered versions (directories with a manifest), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p.name for p in root.iterdir() if p.is_dir() and (p / MANIFEST).exists()]
+    return sorted(found, key=version_key)
+
+
+def latest(root: Path) -> str | None:
+    """The version ``CURRENT`` points at, else the newest registered one, else None."""
+    try:
+        name = (root / POINTER).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        name = ""
+    if name and (root / name / MANIFEST).exists():
+        return name
+    found = versions(root)
+    return found[-1] if found else None
+
+
+def read_manifest(version_dir: Path) -> dict:
+    """A version's manifest; :class:`ModelLoadError` when it cannot be read."""
+    try:
+        return json.loads((version_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"version {version_dir.name}: unreadable manifest ({exc})") from exc
+
+
+__all__ = [
+    "MANIFEST",
+    "MANIFEST_FORMAT",
+    "POINTER",
+    "default_model_dir",
+    "latest",
+    "read_manifest",
+    "version_key",
+    "version_path",
+    "versions",
+]
