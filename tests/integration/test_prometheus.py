@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 from kafka import KafkaProducer
-from workerkit import http_get
+from prometheus_client.parser import text_string_to_metric_families
+from workerkit import http_get, wait_for
 
 from online_models.datasets import synthetic_interactions
 from stream.records import ClickEvent, PurchaseEvent, encode
@@ -152,6 +153,27 @@ def produce_events(bootstrap: str, prefix: str) -> None:
         producer.close()
 
 
+#: the worker's cumulative series (counters, and histograms' _count and _sum)
+CUMULATIVE = ("_total", "_count", "_sum")
+#: the labels Prometheus adds to every series of the target
+TARGET_LABELS = ("__name__", "instance", "job", "scorer_expected")
+
+
+def served_cumulative(worker_port: int) -> dict[tuple[str, frozenset], float]:
+    """The worker's cumulative series as it serves them now: ``(name, labels) -> value``."""
+    status, body = http_get(f"http://127.0.0.1:{worker_port}/metrics")
+    assert status == 200, body
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(body) for s in family.samples
+            if s.name.startswith("streamrec_") and s.name.endswith(CUMULATIVE)}
+
+
+def scraped_cumulative(prom: Prometheus) -> dict[tuple[str, frozenset], float]:
+    """The same series as Prometheus last scraped them."""
+    return {(r["metric"]["__name__"], frozenset((k, v) for k, v in r["metric"].items() if k not in TARGET_LABELS)):
+            float(r["value"][1]) for r in prom.query('{__name__=~"streamrec_.+(_total|_count|_sum)"}')}
+
+
 def dashboard_queries() -> list[tuple[str, str]]:
     """Every dashboard query with Grafana's variables replaced as Grafana would."""
     dash = json.loads(DASHBOARD.read_text())
@@ -186,7 +208,20 @@ def test_prometheus_scrapes_the_worker_and_sees_sensible_values(worker, promethe
             break
         time.sleep(1)
     assert consumed == N_EVENTS, f"Prometheus saw {consumed} of {N_EVENTS} events consumed\n{tail(process.log)}"
-    time.sleep(2.5)  # the worker is idle now: one more scrape gets every metric of the last batch
+    # Every record is handled, so the worker is idle: wait for a scrape with every metric of its
+    # last batch, i.e. until Prometheus holds each cumulative series at the value the worker serves.
+    batch_sum = ("streamrec_batch_size_events_sum", frozenset())
+
+    def scraped_all() -> bool:
+        served = served_cumulative(worker_port)
+        return served.get(batch_sum) == N_EVENTS + 1 and scraped_cumulative(prom) == served
+
+    try:
+        wait_for(scraped_all, 15, "Prometheus to scrape every metric of the worker's last batch")
+    except AssertionError as exc:
+        served, scraped = served_cumulative(worker_port), scraped_cumulative(prom)
+        differ = {key: (value, scraped.get(key)) for key, value in served.items() if scraped.get(key) != value}
+        raise AssertionError(f"{exc}\n(served, scraped) where they differ: {differ}\n{tail(process.log)}") from None
 
     assert prom.value('up{job="streamrec-worker"}') == 1
     assert prom.value('sum by (type) (streamrec_events_consumed_total{type="purchase"})') > 0
