@@ -52,6 +52,8 @@ def _through_an_outage(worker, service, feeder: Feeder, client, prefix: str, exp
     stopped = time.monotonic()
     body = wait_for(lambda: _unready(worker), 10, f"/readyz to answer 503 within 10 s of {what} going", worker)
     assert any(f"{condition}: FAIL" in body for condition in failing), body
+    # the outage lasts OUTAGE_S (the scenario itself, not a stand-in for a condition): sample the
+    # worker each second throughout, it must stay alive and unready
     while time.monotonic() - stopped < OUTAGE_S:
         worker.assert_alive()
         assert _unready(worker), f"ready while {what} is gone"

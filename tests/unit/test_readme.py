@@ -1,6 +1,7 @@
 """The README's commands exist: its make targets are in the Makefile, and every `streamrec`
 command and option it shows is accepted by the CLI (checked through --help, which
-parses the command line without running anything)."""
+parses the command line without running anything). The quick start itself runs, line by
+line as written, in tests/integration/test_quickstart.py."""
 
 from __future__ import annotations
 
