@@ -30,6 +30,7 @@ import hashlib
 import hmac
 import inspect
 import json
+import sys
 from collections.abc import Iterable, Sequence
 from itertools import chain
 from typing import Any, ClassVar, Self
@@ -117,8 +118,7 @@ def load_snapshot(data: bytes, expected: type, key: str | bytes | None = None) -
         unsigned = json.dumps(header, default=repr, sort_keys=True).encode()
         if not hmac.compare_digest(signed, _signature(secret, unsigned, body)):
             raise SnapshotError("the snapshot's signature does not match (another key, or the bytes were changed)")
-    expected_name = f"{expected.__module__}.{expected.__qualname__}"
-    if header.get("class") != expected_name:
+    if not _names(header.get("class"), expected):
         raise SnapshotError(f"snapshot holds a {header.get('class')}, which is not a {expected.__name__}")
     try:
         payload = codec.decode(body)
@@ -129,6 +129,19 @@ def load_snapshot(data: bytes, expected: type, key: str | bytes | None = None) -
             f"snapshot holds a {type(payload).__name__}, which is not a {expected.__name__}"
         )
     return header, payload
+
+
+def _names(name: Any, cls: type) -> bool:
+    """Whether a snapshot header's ``module.Class`` is ``cls``: its own module, or a module
+    that it moved out of and that still imports it (only modules already imported are looked
+    at; nothing is imported)."""
+    if name == f"{cls.__module__}.{cls.__qualname__}":
+        return True
+    if not isinstance(name, str):
+        return False
+    module, _, attr = name.rpartition(".")
+    same_package = module.split(".", 1)[0] == cls.__module__.split(".", 1)[0]
+    return same_package and getattr(sys.modules.get(module), attr, None) is cls
 
 
 class ParamsMixin:
@@ -296,9 +309,41 @@ def heaviest_rows(weights: np.ndarray, capacity: int) -> tuple[np.ndarray, np.nd
     return keep, new_row
 
 
-def session_key(x: Interaction) -> str:
-    """The session an interaction belongs to: its session id, else its user."""
-    return x.session_id if x.session_id is not None else x.user_id
+def session_key(
+    x: Interaction | UserContext,
+    gap_ms: int | None = None,
+    open_session: tuple[str, int, int | None] | None = None,
+) -> str:
+    """The session an interaction (or a user's context) belongs to: its ``session_id``, else
+    its user's. Every learner and tool that groups events by session asks here.
+
+    Without ``gap_ms`` the key is the session id or the user id itself: all of a user's events
+    without a session id are one session. With ``gap_ms`` the keys say which they are
+    (``s:<session id>``, ``u:<user id>#<n>``) and a user's events more than ``gap_ms`` apart
+    start a new session: ``open_session`` is the user's current one as ``(key, n, ts of its
+    last event)`` (None: none yet), which ``x`` continues unless it comes more than
+    ``gap_ms`` after that event (or either time is unknown: then it continues).
+
+    >>> session_key(Interaction("u1", "a", ts=0, session_id="s1")), session_key(Interaction("u1", "a", ts=0))
+    ('s1', 'u1')
+    >>> gap = 30 * 60 * 1000
+    >>> session_key(Interaction("u1", "a", ts=0, session_id="s1"), gap)
+    's:s1'
+    >>> session_key(Interaction("u1", "a", ts=0), gap)
+    'u:u1#1'
+    >>> session_key(Interaction("u1", "a", ts=gap), gap, ("u:u1#1", 1, 0))
+    'u:u1#1'
+    >>> session_key(Interaction("u1", "a", ts=gap + 1), gap, ("u:u1#1", 1, 0))
+    'u:u1#2'
+    """
+    if gap_ms is None:
+        return x.session_id if x.session_id is not None else x.user_id
+    if x.session_id is not None:
+        return "s:" + x.session_id
+    key, number, last = open_session if open_session is not None else (None, 0, None)
+    if key is not None and (x.ts is None or last is None or x.ts - last <= gap_ms):
+        return key
+    return f"u:{x.user_id}#{number + 1}"
 
 
 def learner_classes() -> list[type[OnlineLearner]]:

@@ -124,7 +124,7 @@ class CoVisitation(OnlineLearner):
         """The items a user's proposals start from, newest first."""
         recent = user.recent_items
         if not recent:
-            recent = self._sessions.get(user.session_id or user.user_id, ())
+            recent = self._sessions.get(session_key(user), ())
         return list(reversed(recent[-self.n_recent :]))
 
     def _aggregate(self, user: UserContext) -> dict[str, float]:

@@ -274,8 +274,8 @@ def load_folder(folder: str | Path, limit: int | None = None, split: str = "test
     train = list(read_yoochoose(folder / train_file))
     test = list(read_yoochoose(folder / test_file))
     if limit is not None:
-        keep = set(list(dict.fromkeys(x.session_id for x in test))[:limit])
-        test = [x for x in test if x.session_id in keep]
+        keep = set(list(dict.fromkeys(map(session_key, test)))[:limit])
+        test = [x for x in test if session_key(x) in keep]
     refs = {}
     if split == "test" and (folder / "recommendations").is_dir():
         refs = read_reference_lists(folder / "recommendations")

@@ -13,6 +13,10 @@ ordering, and is computed elementwise (the re-ranker's dot product too, column b
 rather than by a BLAS ``gemv`` whose rounding depends on where a row sits in the matrix), so
 a user ranks bit for bit the same alone or in any batch.
 
+Around that core, what is done user by user over the same rows: an extra source's column
+(:func:`extra_column`), the re-ranker's recency feature (:func:`recency`) and the
+per-category cap that replaces :meth:`Segments.top` when one is set (:func:`diversify`).
+
 >>> seg = Segments([2, 3])
 >>> normalise(np.array([1.0, 3.0, 5.0, 5.0, 7.0]), seg, finite=True).tolist()
 [0.0, 1.0, 0.0, 0.0, 1.0]
@@ -22,10 +26,11 @@ a user ranks bit for bit the same alone or in any batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+RECENCY_SPAN = 20  # a user's recent items that get a recency feature
 _ZERO = np.zeros(1, dtype=np.intp)
 _ZERO.flags.writeable = False
 
@@ -197,6 +202,63 @@ def features(normalised: np.ndarray, seg: Segments, blend_rank: np.ndarray, rece
     return out
 
 
+def extra_column(scores: Mapping[str, float] | Sequence[float], candidates: Sequence[str],
+                 items: list[str]) -> Sequence[float]:
+    """An extra source's raw scores of ``items`` (NaN: none), from a dict or from scores
+    aligned with ``candidates``."""
+    if isinstance(scores, Mapping):
+        get = scores.get
+        return [get(i, np.nan) for i in items]
+    values = np.asarray(scores, dtype=float)
+    if values.shape != (len(candidates),):
+        raise ValueError(f"extra scores of shape {values.shape} for {len(candidates)} candidates")
+    if len(items) == len(candidates):  # no repeats, nothing dropped: aligned with items already
+        return values
+    at = {c: j for j, c in enumerate(candidates)}  # the last of repeats, as dict(zip()) keeps
+    return values[[at[i] for i in items]]
+
+
+def recency(recent_items: Sequence[Sequence[str]], items: Sequence[list[str]], seg: Segments) -> np.ndarray:
+    """1 / steps back for each user's recent items (its last ``RECENCY_SPAN``) among their
+    candidates ``items`` (newest: 1; 0 for the others)."""
+    out = np.zeros(seg.n)
+    rows: dict[int, float] = {}
+    for recent, candidates, start in zip(recent_items, items, seg.starts.tolist(), strict=True):
+        for back, item in enumerate(reversed(recent[-RECENCY_SPAN:]), start=1):
+            try:
+                i = candidates.index(item)  # a C scan: cheaper than a dict over all candidates
+            except ValueError:
+                continue
+            rows.setdefault(start + i, 1.0 / back)
+    if rows:
+        out[list(rows)] = list(rows.values())
+    return out
+
+
+def diversify(items: Sequence[list[str]], categories: Mapping[str, str], cap: int, order: np.ndarray,
+              seg: Segments, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`Segments.top` with at most ``cap`` items per category (an item of no known
+    category is uncapped): each user's first ``k`` allowed rows of ``order``, and how many."""
+    picked: list[int] = []
+    counts = []
+    for candidates, row, start in zip(items, order.tolist(), seg.starts.tolist(), strict=True):
+        n = 0
+        per_category: dict[str, int] = {}
+        for i in row[: len(candidates)]:
+            cat = categories.get(candidates[i])
+            if cat is not None:
+                seen = per_category.get(cat, 0)
+                if seen >= cap:
+                    continue
+                per_category[cat] = seen + 1
+            picked.append(start + i)
+            n += 1
+            if n >= k:
+                break
+        counts.append(n)
+    return np.array(picked, dtype=np.intp), np.array(counts, dtype=np.intp)
+
+
 def click_probability(feats: np.ndarray, weights: Sequence[float], intercept: float) -> np.ndarray:
     """``sigmoid(weights . row + intercept)`` for each column of ``feats``, as
     :meth:`ClickReranker.score <online_models.reranker.ClickReranker.score>` computes it (up
@@ -214,4 +276,5 @@ def click_probability(feats: np.ndarray, weights: Sequence[float], intercept: fl
     return 1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0)))
 
 
-__all__ = ["Segments", "blend", "click_probability", "features", "normalise"]
+__all__ = ["RECENCY_SPAN", "Segments", "blend", "click_probability", "diversify", "extra_column", "features",
+           "normalise", "recency"]

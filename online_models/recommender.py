@@ -51,7 +51,6 @@ from online_models.reranker import ClickReranker
 from online_models.session_knn import SessionHybrid
 from online_models.types import Interaction, ScoredItem, UserContext
 
-_RECENCY_SPAN = 20  # recent items that get a recency feature
 _PENDING_RANKED = 16_384  # ranked lists kept until record_shown: a whole batch's users (stream's MAX_BATCH_SIZE)
 
 
@@ -288,7 +287,7 @@ class Recommender:
             for name, scores in (extra or {}).items():
                 if weights.get(name, 0.0) != 0.0 and name not in self.learners:
                     names.append(name)
-                    cols.append(_extra_column(scores, cands, items))
+                    cols.append(ranking.extra_column(scores, cands, items))
             groups.setdefault(tuple(names), []).append((u, items, cols))
         done: list[tuple[list[str], list[str], np.ndarray] | None] = [None] * n_users
         for extra_names, members in groups.items():
@@ -317,8 +316,8 @@ class Recommender:
         order = seg.order(blend)
         get = self._counts.get
         counts = np.fromiter(map(get, flat_items, repeat(0.0)), dtype=float, count=seg.n)
-        feats = ranking.features(norm, seg, seg.local_ranks(blend, order), self._recency(users, members, seg),
-                                 counts)
+        recency = ranking.recency([u.recent_items for u in member_users], member_items, seg)
+        feats = ranking.features(norm, seg, seg.local_ranks(blend, order), recency, counts)
         feature_names = [*names, *(f"{nm}_rank" for nm in names), "blend_position", "popularity", "recency"]
         final = blend
         if cfg.reranker_weight and self.reranker.ready:
@@ -329,7 +328,8 @@ class Recommender:
         if cfg.max_per_category is None:
             picked, counts_picked = seg.top(order, k)
         else:
-            picked, counts_picked = self._diversify(members, order, seg, k)
+            picked, counts_picked = ranking.diversify(member_items, self._categories, cfg.max_per_category,
+                                                      order, seg, k)
         rows = np.ascontiguousarray(feats[:, picked].T, dtype=np.float32)
         picked_list = picked.tolist()
         scores = final[picked].tolist()
@@ -342,47 +342,6 @@ class Recommender:
             out[u] = [ScoredItem(i, s, r) for i, s, r in zip(ids, scores[at:end], reasons[at:end], strict=True)]
             done[u] = (feature_names, ids, rows[at:end])
             at = end
-
-    @staticmethod
-    def _recency(users: Sequence[UserContext], members: list[tuple[int, list[str], list]],
-                 seg: ranking.Segments) -> np.ndarray:
-        """1 / steps back for each user's recent items among their candidates (newest: 1)."""
-        recency = np.zeros(seg.n)
-        rows: dict[int, float] = {}
-        for (u, items, _), start in zip(members, seg.starts.tolist(), strict=True):
-            for back, item in enumerate(reversed(users[u].recent_items[-_RECENCY_SPAN:]), start=1):
-                try:
-                    i = items.index(item)  # a C scan: cheaper than a dict over all candidates
-                except ValueError:
-                    continue
-                rows.setdefault(start + i, 1.0 / back)
-        if rows:
-            recency[list(rows)] = list(rows.values())
-        return recency
-
-    def _diversify(self, members: list[tuple[int, list[str], list]], order: np.ndarray,
-                   seg: ranking.Segments, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """At most ``max_per_category`` items per category, in ``order``, ``k`` per user."""
-        cap = self.config.max_per_category
-        categories = self._categories
-        picked: list[int] = []
-        counts = []
-        for (_, items, _), row, start in zip(members, order.tolist(), seg.starts.tolist(), strict=True):
-            n = 0
-            per_category: dict[str, int] = {}
-            for i in row[: len(items)]:
-                cat = categories.get(items[i])
-                if cat is not None:
-                    seen = per_category.get(cat, 0)
-                    if seen >= cap:
-                        continue
-                    per_category[cat] = seen + 1
-                picked.append(start + i)
-                n += 1
-                if n >= k:
-                    break
-            counts.append(n)
-        return np.array(picked, dtype=np.intp), np.array(counts, dtype=np.intp)
 
     def recommend(self, user: UserContext, k: int | None = None) -> list[ScoredItem]:
         """:meth:`candidates` then :meth:`rank`, without extra scores."""
@@ -415,22 +374,6 @@ class Recommender:
         out = {name: learner.version for name, learner in self.learners.items()}
         out["reranker"] = self.reranker.version
         return out
-
-
-def _extra_column(scores: Mapping[str, float] | Sequence[float], candidates: Sequence[str],
-                  items: list[str]) -> Sequence[float]:
-    """An extra source's raw scores of ``items`` (NaN: none), from a dict or from scores
-    aligned with ``candidates``."""
-    if isinstance(scores, Mapping):
-        get = scores.get
-        return [get(i, np.nan) for i in items]
-    values = np.asarray(scores, dtype=float)
-    if values.shape != (len(candidates),):
-        raise ValueError(f"extra scores of shape {values.shape} for {len(candidates)} candidates")
-    if len(items) == len(candidates):  # no repeats, nothing dropped: aligned with items already
-        return values
-    at = {c: j for j, c in enumerate(candidates)}  # the last of repeats, as dict(zip()) keeps
-    return values[[at[i] for i in items]]
 
 
 def _bounded_put(store: dict, key: str, value: object, limit: int) -> None:

@@ -18,6 +18,9 @@ the sequential rules, so a new item is recommendable as soon as it has been seen
 - :class:`SessionHybrid` (the one the evaluation recommends) is SessionKNN plus the rules
   and a reminder of the current session's items, each normalised to [0, 1] and weighted.
 
+The session index and what the learners share are in :mod:`online_models.session_index`,
+the rules in :mod:`online_models.sequential_rules`; all three learners import from here.
+
 Memory is bounded: at most ``max_sessions`` sessions (the least recently active are
 forgotten, together with the index entries that only they held), ``max_session_len``
 items per session, ``max_sessions_per_item`` sessions per item and
@@ -39,157 +42,15 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from online_models.base import OnlineLearner, Recency
+# SequentialRules (the blend below uses it) and _SessionIndex lived in this module: callers
+# import them from here, and snapshots written before the split name
+# online_models.session_knn.SequentialRules and ._SessionIndex, so both stay importable here
+from online_models.sequential_rules import SequentialRules
+from online_models.session_index import _SessionIndex, _SessionLearner, _step_weight  # noqa: F401
 from online_models.types import Interaction, UserContext
-
-
-class _SessionIndex:
-    """Sessions, the item -> recent sessions index and item document frequencies.
-
-    Shared bookkeeping of :class:`SessionKNN` and :class:`SequentialRules`. A session's
-    key is its ``session_id``; without one, a user's events more than ``session_gap_ms``
-    apart start a new session.
-    """
-
-    def __init__(self, max_sessions: int, max_session_len: int, max_sessions_per_item: int, session_gap_ms: int):
-        self.max_sessions = max_sessions
-        self.max_session_len = max_session_len
-        self.max_sessions_per_item = max_sessions_per_item
-        self.session_gap_ms = session_gap_ms
-        self.sessions: OrderedDict[str, list[str]] = OrderedDict()  # least recently active first
-        self.session_ts: dict[str, int] = {}
-        self.item_sessions: dict[str, deque[str]] = {}  # most recent session last
-        self.df: dict[str, int] = {}  # live sessions holding the item
-        self.user_session: OrderedDict[str, tuple[str, int, int]] = OrderedDict()  # user -> (key, n, last ts)
-
-    def session_key(self, user_id: str, session_id: str | None, ts: int | None) -> str:
-        if session_id is not None:
-            return "s:" + session_id
-        key, number, last = self.user_session.get(user_id, (None, 0, None))
-        if key is not None and (ts is None or last is None or ts - last <= self.session_gap_ms):
-            return key
-        return f"u:{user_id}#{number + 1}"
-
-    def current_key(self, user: UserContext) -> str | None:
-        if user.session_id is not None:
-            return "s:" + user.session_id
-        entry = self.user_session.get(user.user_id)
-        return entry[0] if entry is not None else None
-
-    def add(self, x: Interaction) -> tuple[str, list[str]]:
-        """Append ``x`` to its session; returns the session key and its items (with x last)."""
-        key = self.session_key(x.user_id, x.session_id, x.ts)
-        if x.session_id is None:
-            _, number, _ = self.user_session.get(x.user_id, (None, 0, None))
-            if key != self.user_session.get(x.user_id, (None,))[0]:
-                number += 1
-            self.user_session[x.user_id] = (key, number, x.ts)
-            self.user_session.move_to_end(x.user_id)
-            while len(self.user_session) > self.max_sessions:
-                self.user_session.popitem(last=False)
-        items = self.sessions.get(key)
-        if items is None:
-            items = self.sessions[key] = []
-            while len(self.sessions) > self.max_sessions:
-                self._forget(*self.sessions.popitem(last=False))
-        else:
-            self.sessions.move_to_end(key)
-        item = x.item_id
-        if item not in items:
-            self.df[item] = self.df.get(item, 0) + 1
-            index = self.item_sessions.get(item)
-            if index is None:
-                index = self.item_sessions[item] = deque(maxlen=self.max_sessions_per_item)
-            index.append(key)
-        else:  # move the session to the recent end of the item's index
-            index = self.item_sessions[item]
-            if index and index[-1] != key:
-                try:
-                    index.remove(key)
-                except ValueError:
-                    pass
-                index.append(key)
-        items.append(item)
-        if len(items) > self.max_session_len:
-            dropped = items.pop(0)
-            if dropped not in items:
-                self._release(dropped, key)
-        self.session_ts[key] = x.ts
-        return key, items
-
-    def _release(self, item: str, key: str) -> None:
-        left = self.df.get(item, 0) - 1
-        if left > 0:
-            self.df[item] = left
-        else:
-            self.df.pop(item, None)
-            self.item_sessions.pop(item, None)
-
-    def _forget(self, key: str, items: list[str]) -> None:
-        self.session_ts.pop(key, None)
-        for item in set(items):
-            self._release(item, key)
-
-    def idf(self, item: str) -> float:
-        n = len(self.sessions)
-        return math.log((n + 1) / (self.df.get(item, 0) + 1)) + 1e-9
-
-
-def _step_weight(steps_back: int, scheme: str) -> float:
-    """Weight of the item ``steps_back`` steps before the newest (0 = the newest)."""
-    if scheme == "div":
-        return 1.0 / (steps_back + 1)
-    if scheme == "linear":
-        return max(1.0 - 0.1 * steps_back, 0.0)
-    if scheme == "same":
-        return 1.0
-    if scheme == "quadratic":
-        return 1.0 / (steps_back + 1) ** 2
-    raise ValueError(f"unknown position weighting {scheme!r} (div, linear, quadratic, same)")
-
-
-class _SessionLearner(OnlineLearner):
-    """What the session learners share: one score table per context, used both to propose
-    items (a candidate source) and to score the blend's candidates."""
-
-    name: ClassVar[str] = "_session"
-
-    _cache_key: tuple | None = None
-    _cache_scores: dict[str, float] | None = None
-
-    def score_all(self, user: UserContext) -> dict[str, float]:
-        """Every item the learner can score for ``user`` (items absent score 0)."""
-        raise NotImplementedError
-
-    def _scores(self, user: UserContext) -> dict[str, float]:
-        key = (self.n_learned, user.user_id, user.session_id, user.recent_items)
-        if key != self._cache_key or self._cache_scores is None:
-            self._cache_scores = self.score_all(user)
-            self._cache_key = key
-        return self._cache_scores
-
-    def predict_one(self, user: UserContext, item_id: str) -> float:
-        return self._scores(user).get(item_id, 0.0)
-
-    def score_many(self, user: UserContext, items: Sequence[str]) -> list[float]:
-        scores = self._scores(user)
-        return [scores.get(item, 0.0) for item in items]
-
-    def propose_scores(self, user: UserContext, k: int) -> list[tuple[str, float]]:
-        if k <= 0:
-            return []
-        scores = self._scores(user)
-        return heapq.nsmallest(k, scores.items(), key=lambda kv: (-kv[1], kv[0]))
-
-    def __getstate__(self) -> dict[str, Any]:  # the score cache is not state
-        state = self.__dict__.copy()
-        state.pop("_cache_key", None)
-        state.pop("_cache_scores", None)
-        return state
 
 
 class SessionKNN(_SessionLearner):
@@ -245,12 +106,8 @@ class SessionKNN(_SessionLearner):
         self.remind_weight = remind_weight
         self.recency_half_life_s = recency_half_life_s
         self.length_norm = length_norm
-        self.max_sessions = max_sessions
-        self.max_session_len = max_session_len
-        self.max_sessions_per_item = max_sessions_per_item
-        self.session_gap_ms = session_gap_ms
+        self._new_index(max_sessions, max_session_len, max_sessions_per_item, session_gap_ms)
         self.seed = seed
-        self.index = _SessionIndex(max_sessions, max_session_len, max_sessions_per_item, session_gap_ms)
         self.n_learned = 0
 
     def learn_one(self, x: Interaction, user: UserContext | None = None) -> None:
@@ -330,94 +187,9 @@ class SessionKNN(_SessionLearner):
                     w *= math.exp(-dist / decay)
                 scores[item] = scores.get(item, 0.0) + w
         if self.remind_weight and scores:
-            top = max(scores.values())
-            for pos, item in enumerate(current):
-                scores[item] = scores.get(item, 0.0) + self.remind_weight * top * _step_weight(n - 1 - pos, "div")
+            _remind(scores, current, self.remind_weight * max(scores.values()), "div")
         return scores
 
-
-class SequentialRules(_SessionLearner):
-    """Sequential rules: ``rule[a][b] += 1 / distance`` when b follows a within ``steps``.
-
-    Proposes the followers of the session's newest item (and, with ``history`` > 1, of
-    the items before it, weighted ``1 / (steps back + 1)``). ``bidirectional`` also counts
-    the pair backwards (association rules rather than sequential ones).
-    """
-
-    name: ClassVar[str] = "sequential_rules"
-
-    def __init__(
-        self,
-        steps: int = 10,
-        history: int = 1,
-        bidirectional: bool = False,
-        max_rules_per_item: int = 500,
-        max_sessions: int = 200_000,
-        max_session_len: int = 50,
-        max_sessions_per_item: int = 1_000,
-        session_gap_ms: int = 30 * 60 * 1000,
-        max_items: int = 200_000,
-        seed: int = 0,
-    ):
-        self.steps = steps
-        self.history = history
-        self.bidirectional = bidirectional
-        self.max_rules_per_item = max_rules_per_item
-        self.max_sessions = max_sessions
-        self.max_session_len = max_session_len
-        self.max_sessions_per_item = max_sessions_per_item
-        self.session_gap_ms = session_gap_ms
-        self.max_items = max_items
-        self.seed = seed
-        self.index = _SessionIndex(max_sessions, max_session_len, max_sessions_per_item, session_gap_ms)
-        self.rules: dict[str, dict[str, float]] = {}
-        self._seen = Recency(max_items)  # the rules of at most max_items items, the least recently seen go
-        self.n_learned = 0
-
-    def learn_one(self, x: Interaction, user: UserContext | None = None) -> None:
-        for gone in self._seen.touch(x.item_id):
-            self.rules.pop(gone, None)
-        _, items = self.index.add(x)
-        self._learn_rules(items)
-        self.n_learned += 1
-
-    def _learn_rules(self, items: list[str]) -> None:
-        new = items[-1]
-        last = len(items) - 1
-        for dist in range(1, min(self.steps, last) + 1):
-            before = items[last - dist]
-            if before == new:
-                continue
-            followers = self.rules.get(before)
-            if followers is None:
-                followers = self.rules[before] = {}
-            followers[new] = followers.get(new, 0.0) + 1.0 / dist
-            if len(followers) > self.max_rules_per_item:
-                self._prune(before)
-            if self.bidirectional:
-                back = self.rules.get(new)
-                if back is None:
-                    back = self.rules[new] = {}
-                back[before] = back.get(before, 0.0) + 1.0 / dist
-                if len(back) > self.max_rules_per_item:
-                    self._prune(new)
-
-    def _prune(self, item: str) -> None:
-        """Keep the stronger half of ``item``'s followers."""
-        keep = heapq.nlargest(self.max_rules_per_item // 2, self.rules[item].items(), key=lambda kv: kv[1])
-        self.rules[item] = dict(keep)
-
-    def score_all(self, user: UserContext) -> dict[str, float]:
-        scores: dict[str, float] = {}
-        recent = user.recent_items
-        for back in range(min(self.history, len(recent))):
-            followers = self.rules.get(recent[-1 - back])
-            if not followers:
-                continue
-            w = 1.0 / (back + 1)
-            for item, s in followers.items():
-                scores[item] = scores.get(item, 0.0) + w * s
-        return scores
 
 
 #: SessionKNN parameters of :class:`SessionHybrid` unless given (tuned on train_tr -> train_valid).
@@ -477,11 +249,15 @@ class SessionHybrid(_SessionLearner):
             for item, s in _normalised(self._rules.score_all(user), self.sr_weight).items():
                 scores[item] = scores.get(item, 0.0) + s
         if self.remind_weight:
-            current = user.recent_items[-self._knn.session_len:]
-            n = len(current)
-            for pos, item in enumerate(current):
-                scores[item] = scores.get(item, 0.0) + self.remind_weight * _step_weight(n - 1 - pos, self.remind_weighting)
+            _remind(scores, user.recent_items[-self._knn.session_len:], self.remind_weight, self.remind_weighting)
         return scores
+
+
+def _remind(scores: dict[str, float], current: Sequence[str], weight: float, scheme: str) -> None:
+    """Add ``weight * _step_weight(steps back, scheme)`` to each item of the current session."""
+    n = len(current)
+    for pos, item in enumerate(current):
+        scores[item] = scores.get(item, 0.0) + weight * _step_weight(n - 1 - pos, scheme)
 
 
 def _normalised(scores: Mapping[str, float], weight: float) -> dict[str, float]:

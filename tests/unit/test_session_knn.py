@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from online_models import sequential_rules, session_index
 from online_models.checks import check_learner
 from online_models.datasets import read_otto
 from online_models.session_knn import SequentialRules, SessionHybrid, SessionKNN
@@ -97,6 +98,24 @@ def test_snapshot_restores_the_same_predictions_and_clone_is_fresh():
     assert again._rules.index is again._knn.index  # still one shared index
     fresh = model.clone()
     assert fresh.n_learned == 0 and {s.item_id for s in fresh.rank(user, k=10)} == {"a", "b"}  # only the reminder
+
+
+def test_snapshots_that_name_the_classes_where_they_were_before_the_split_still_restore(monkeypatch):
+    # SequentialRules and _SessionIndex lived in online_models.session_knn, and a snapshot
+    # records each object's module: written under those names, it must still restore
+    hybrid, rules = SessionHybrid(), SequentialRules()
+    learn_sessions(hybrid, ["abc", "abd", "bcd", "xbc"])
+    learn_sessions(rules, ["abc", "abd", "bcd", "xbc"])
+    with monkeypatch.context() as m:
+        m.setattr(sequential_rules.SequentialRules, "__module__", "online_models.session_knn")
+        m.setattr(session_index._SessionIndex, "__module__", "online_models.session_knn")
+        old_hybrid, old_rules = hybrid.snapshot(), rules.snapshot()
+    assert b"online_models.session_knn._SessionIndex" in old_hybrid
+    assert b'"class": "online_models.session_knn.SequentialRules"' in old_rules
+    user = UserContext("p", ("a", "b"))
+    again = SessionHybrid.restore(old_hybrid)
+    assert type(again._rules) is SequentialRules and again.rank(user, k=10) == hybrid.rank(user, k=10)
+    assert SequentialRules.restore(old_rules).rank(user, k=10) == rules.rank(user, k=10)
 
 
 def test_new_items_become_recommendable_at_once():
