@@ -34,7 +34,8 @@ import logging  # noqa: E402
 
 logging.getLogger("aiokafka").setLevel(logging.ERROR)  # a fresh topic's first fetches warn until its leader is known
 
-from stream.demo import drop_topics, free_port, percentile, scrape, stop_worker, wait_ready  # noqa: E402
+from online_models.metrics import percentile  # noqa: E402
+from stream.demo import drop_topics, free_port, scrape, stop_worker, wait_ready  # noqa: E402
 from stream.records import decode_recommendation  # noqa: E402
 from stream.settings import Settings  # noqa: E402
 from stream.topics import ensure_topics  # noqa: E402

@@ -30,6 +30,7 @@ from gpu_scorer.export import export_onnx, random_inputs  # noqa: E402
 from gpu_scorer.model import SASRecScorer, ScorerConfig  # noqa: E402
 from gpu_scorer.runtime import OnnxScorer, default_threads  # noqa: E402
 from gpu_scorer.vocab import Vocab  # noqa: E402
+from online_models.metrics import percentile  # noqa: E402
 
 
 def timed(fn, iters: int, sync=None) -> list[float]:
@@ -41,10 +42,6 @@ def timed(fn, iters: int, sync=None) -> list[float]:
             sync()
         out.append((time.perf_counter() - t) * 1000)
     return out
-
-
-def pct(xs: list[float], q: float) -> float:
-    return float(np.percentile(xs, q))
 
 
 def build(args, tmp: Path) -> tuple[SASRecScorer, Path]:
@@ -87,11 +84,11 @@ def bench_shape(model, scorer, b, seq_len, c, args, dev, sync) -> dict:
         ratios.append(statistics.median(t) / statistics.median(o))
     return {
         "batch": b, "seq_len": seq_len, "cands": c,
-        "torch_p50_ms": pct(tt, 50), "torch_p99_ms": pct(tt, 99),
-        "ort_p50_ms": pct(oo, 50), "ort_p99_ms": pct(oo, 99),
-        "ratio_p50": pct(tt, 50) / pct(oo, 50),
+        "torch_p50_ms": percentile(tt, 50), "torch_p99_ms": percentile(tt, 99),
+        "ort_p50_ms": percentile(oo, 50), "ort_p99_ms": percentile(oo, 99),
+        "ratio_p50": percentile(tt, 50) / percentile(oo, 50),
         "ratio_rounds": [round(r, 2) for r in ratios],
-        "ort_scores_per_s": b * c / (pct(oo, 50) / 1000),
+        "ort_scores_per_s": b * c / (percentile(oo, 50) / 1000),
     }
 
 

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpu_scorer.training import TrainConfig, left_pad, sequences_from_interactions, train  # noqa: E402
 from gpu_scorer.vocab import FIRST_ITEM_ROW  # noqa: E402
 from online_models.datasets import read_yoochoose  # noqa: E402
+from online_models.metrics import rank_summary  # noqa: E402
 
 BASELINES = {"V-SkNN": (0.6098, 0.3342), "AR": (0.5917, 0.3160), "GRU4Rec": (0.5711, 0.3289), "SR": (0.5607, 0.3275)}
 
@@ -70,8 +71,8 @@ def next_click_ranks(model, vocab, sessions: list[list[str]], k: int = 20, batch
 
 
 def summarize(ranks: np.ndarray) -> dict:
-    hit = ranks > 0
-    return {"n": int(len(ranks)), "hr@20": float(hit.mean()), "mrr@20": float(np.where(hit, 1.0 / np.maximum(ranks, 1), 0).mean())}
+    m = rank_summary(ranks.tolist(), ks=(20,))
+    return {"n": int(len(ranks)), "hr@20": m["HR@20"], "mrr@20": m["MRR@20"]}
 
 
 def main(argv=None) -> int:

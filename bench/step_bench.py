@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from online_models.datasets import read_interactions  # noqa: E402
+from online_models.metrics import percentile  # noqa: E402
 from stream import gcpolicy  # noqa: E402
 from stream.pipeline import RecommendationStep  # noqa: E402
 from stream.records import ClickEvent, PurchaseEvent  # noqa: E402
@@ -70,7 +71,7 @@ def percentiles(label: str, ns: np.ndarray) -> str:
     if not len(ns):
         return f"{label}: nothing timed (fewer events than --warmup)"
     us = ns / 1000.0
-    p50, p90, p99 = np.percentile(us, [50, 90, 99])
+    p50, p90, p99 = (percentile(us.tolist(), q) for q in (50, 90, 99))
     return f"{label:<12} p50 {p50:9.1f} us   p90 {p90:9.1f} us   p99 {p99:9.1f} us   mean {us.mean():9.1f} us"
 
 

@@ -31,6 +31,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from online_models.types import Interaction
 
 
@@ -69,6 +71,28 @@ def ndcg(ranked: Sequence[str], target: str, k: int) -> float:
     """
     r = target_rank(ranked, target, k)
     return 0.0 if r is None else 1.0 / math.log2(r + 1)
+
+
+def rank_summary(ranks: Iterable[int | None], ks: Sequence[int] = (10, 20)) -> dict[str, float]:
+    """HR@K, MRR@K and NDCG@K (means) from each prediction's 1-based rank of its target
+    (None or 0: not ranked at all), for rankers that compute ranks in bulk (the Transformer's
+    training validation); the same figures as :func:`hit_rate`, :func:`reciprocal_rank` and
+    :func:`ndcg` one list at a time.
+
+    >>> {name: round(v, 4) for name, v in rank_summary([1, 4, None, 30], ks=(5,)).items()}
+    {'HR@5': 0.5, 'MRR@5': 0.3125, 'NDCG@5': 0.3577}
+    """
+    r = np.array([0 if x is None else int(x) for x in ranks], dtype=np.int64)
+    n = max(1, len(r))
+    out: dict[str, float] = {}
+    for k in ks:
+        hit = (r >= 1) & (r <= k)
+        rr = np.where(hit, 1.0 / np.maximum(r, 1), 0.0)
+        gain = np.where(hit, 1.0 / np.log2(np.maximum(r, 1) + 1.0), 0.0)
+        out[f"HR@{k}"] = float(hit.sum()) / n
+        out[f"MRR@{k}"] = float(rr.sum()) / n
+        out[f"NDCG@{k}"] = float(gain.sum()) / n
+    return out
 
 
 def catalogue_coverage(lists: Iterable[Sequence[str]], catalogue_size: int, k: int) -> float:
@@ -192,13 +216,24 @@ class Judge:
         return out
 
 
+def percentile(values: Iterable[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``values`` by the nearest-rank rule (a value that was
+    measured, never an interpolation); NaN when there are none.
+
+    >>> percentile([5.0, 1.0, 3.0, 2.0, 4.0], 50), percentile(range(1, 101), 99), percentile([], 50)
+    (3.0, 100, nan)
+    """
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
 def latency_summary(step_s: Sequence[float]) -> dict[str, float]:
     """p50/p99 (ms) of one step call (one batch)."""
     if not step_s:
         return {}
-    ordered = sorted(step_s)
-    return {"step_p50": round(1000 * ordered[len(ordered) // 2], 4),
-            "step_p99": round(1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 4)}
+    return {"step_p50": round(1000 * percentile(step_s, 50), 4), "step_p99": round(1000 * percentile(step_s, 99), 4)}
 
 
 def popularity_ranks(events: Iterable[Interaction]) -> dict[str, int]:
@@ -207,5 +242,5 @@ def popularity_ranks(events: Iterable[Interaction]) -> dict[str, int]:
     return {item: r for r, (item, _) in enumerate(counts.most_common(), start=1)}
 
 
-__all__ = ["HISTORY_BUCKETS", "Judge", "RankingMetrics", "catalogue_coverage", "hit_rate", "latency_summary", "ndcg",
-           "popularity_ranks", "reciprocal_rank", "target_rank"]
+__all__ = ["HISTORY_BUCKETS", "Judge", "RankingMetrics", "catalogue_coverage", "hit_rate", "latency_summary", "ndcg", "percentile",
+           "popularity_ranks", "rank_summary", "reciprocal_rank", "target_rank"]
