@@ -31,6 +31,7 @@ sys.path.insert(0, str(BENCH))
 
 from transformer_blend import SequenceModel, blend_scores  # noqa: E402
 
+from online_models.base import session_key  # noqa: E402
 from online_models.datasets import load_folder, sessions_of  # noqa: E402
 from online_models.metrics import RankingMetrics  # noqa: E402
 from online_models.types import Interaction, UserContext  # noqa: E402
@@ -55,7 +56,7 @@ def collect(folder: Path, seed: int, keep: int = 300, session_params: dict | Non
     seqs: dict[str, list[str]] = {}
     for x in train:
         hybrid.learn_one(x)
-        seqs.setdefault(x.session_id, []).append(x.item_id)
+        seqs.setdefault(session_key(x), []).append(x.item_id)
     t0 = time.perf_counter()
     model = SequenceModel.fit(seqs, tuple(range(seed, seed + n_models)), model_config, train_config)
     train_s = time.perf_counter() - t0
