@@ -33,8 +33,10 @@ help:
 
 venv: $(VENV_STAMP)
 
-# Re-installs only when pyproject.toml changes (or the stamp is missing).
-$(VENV_STAMP): pyproject.toml
+# Re-installs only when pyproject.toml or this file changes (or the stamp is missing).
+# Everything: the worker, the train extra (torch) and the gpu extra (CUDA libraries for
+# tests/gpu), and the test tools.
+$(VENV_STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null 2>&1 || { \
 	  echo "make venv: $(PYTHON) not found: install Python 3.11 (Debian 12: apt-get install python3.11 python3.11-venv)" >&2; exit 1; }
 	@if [ ! -x $(VENV)/bin/python ]; then \
@@ -51,7 +53,7 @@ $(VENV_STAMP): pyproject.toml
 	  echo "make venv: creating $(VENV) with $(PYTHON)"; \
 	  $(PYTHON) -m venv $(VENV); \
 	fi
-	$(VENV)/bin/python -m pip install -q -e '.[dev]'
+	$(VENV)/bin/python -m pip install -q -e '.[dev,train,gpu]'
 	@touch $@
 
 kafka-jars:
