@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from gpu_scorer.model import SASRecScorer, ScorerConfig
 from gpu_scorer.vocab import FIRST_ITEM_ROW, OOV_ROW, PAD_ROW, Vocab
 from online_models.datasets import sequences_by_user
+from online_models.metrics import rank_summary
 
 
 @dataclass
@@ -115,7 +116,7 @@ def left_pad(rows: list[list[int]], max_len: int) -> np.ndarray:
 def rank_metrics(model: SASRecScorer, inputs: np.ndarray, targets: np.ndarray, k: int = 10, batch: int = 512) -> dict[str, float]:
     """HR@k and NDCG@k of ``targets`` ranked among all real items (PAD and OOV excluded)."""
     model.eval()
-    hits, ndcg = 0.0, 0.0
+    ranks: list[int] = []  # 1-based; 0 for an OOV target, which never hits
     dev = model.item_emb.weight.device
     with torch.inference_mode():
         table = model.item_emb.weight
@@ -124,13 +125,10 @@ def rank_metrics(model: SASRecScorer, inputs: np.ndarray, targets: np.ndarray, k
             scores = h @ table.T
             scores[:, :FIRST_ITEM_ROW] = -torch.inf
             t = torch.from_numpy(targets[lo : lo + batch]).to(dev)
-            target_score = scores.gather(1, t[:, None])
-            rank = (scores > target_score).sum(1)  # 0-based; an OOV target never hits
-            hit = (rank < k) & (t >= FIRST_ITEM_ROW)
-            hits += hit.sum().item()
-            ndcg += (hit.float() / torch.log2(rank.float() + 2)).sum().item()
-    n = max(1, len(inputs))
-    return {f"hr@{k}": hits / n, f"ndcg@{k}": ndcg / n}
+            rank = (scores > scores.gather(1, t[:, None])).sum(1) + 1
+            ranks.extend(torch.where(t >= FIRST_ITEM_ROW, rank, 0).tolist())
+    m = rank_summary(ranks, ks=(k,))
+    return {f"hr@{k}": m[f"HR@{k}"], f"ndcg@{k}": m[f"NDCG@{k}"]}
 
 
 def _loss(model: SASRecScorer, x: torch.Tensor, y: torch.Tensor, tc: TrainConfig, gen: torch.Generator) -> torch.Tensor:
