@@ -6,15 +6,11 @@
 from __future__ import annotations
 
 import asyncio
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gpu_scorer.runtime import CUDA_EP, OnnxScorer, cuda_device_count
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 
 N_CUDA, WHY = cuda_device_count()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(N_CUDA == 0, reason=f"no CUDA device: {WHY}")]
@@ -22,7 +18,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(N_CUDA == 0, reason=f"no CUDA 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from test_gpu_scorer_helpers import register_tiny
+    from tiny_models import register_tiny
 
     d = tmp_path_factory.mktemp("models")
     register_tiny(d)
@@ -35,7 +31,7 @@ def cpu(model_dir):
 
 
 def _requests(n=40, seed=0):
-    from test_gpu_scorer_helpers import tiny_result
+    from tiny_models import tiny_result
 
     items = list(tiny_result().vocab.items)
     rng = np.random.default_rng(seed)
@@ -67,7 +63,7 @@ def test_fp16_is_close(model_dir, cpu):
 
 
 def test_registry_verifies_on_cuda_and_hot_swaps(model_dir, tmp_path):
-    from test_gpu_scorer_helpers import register_tiny
+    from tiny_models import register_tiny
 
     from gpu_scorer.hotswap import HotSwapScorer
 
@@ -90,7 +86,7 @@ async def test_micro_batcher_on_cuda(model_dir, cpu):
 
 
 def test_training_on_cuda_exports_a_cpu_model():
-    from test_gpu_scorer_helpers import TINY, tiny_sequences
+    from tiny_models import TINY, tiny_sequences
 
     from gpu_scorer.training import TrainConfig, train
 

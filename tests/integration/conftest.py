@@ -39,6 +39,7 @@ from pathlib import Path
 import pytest
 import redis
 from kafka import KafkaAdminClient
+from ports import free_ports
 from workerkit import WorkerProcess
 
 from stream.topics import ensure_topics
@@ -61,20 +62,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct loopback ports that nothing listens on right now (held together while chosen)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def kafka_answers(bootstrap: str, timeout: float = 3.0) -> bool:

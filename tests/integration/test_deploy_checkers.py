@@ -19,17 +19,14 @@ they are never skipped.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
+from metric_names import exported_metric_names, metric_names_in
 
-from stream.lag import LagMetrics
-from stream.prometheus import Metrics
 from stream.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,26 +71,6 @@ def tools() -> Tools:
                         f"(exit {done.returncode}); run it by hand (`make test` runs it first):\n{done.stdout}{done.stderr}",
                         pytrace=False)
     return found
-
-
-def exported_metric_names() -> set[str]:
-    """Sample names the worker can expose: every family of the metric bundles, with its suffixes."""
-    registry = CollectorRegistry()
-    Metrics(registry)
-    LagMetrics(registry)
-    names = set()
-    for family in registry.collect():
-        if family.type == "counter":
-            names.add(f"{family.name}_total")
-        elif family.type == "histogram":
-            names.update(f"{family.name}{s}" for s in ("_bucket", "_sum", "_count"))
-        else:
-            names.add(family.name)
-    return names
-
-
-def metric_names_in(expr: str) -> set[str]:
-    return set(re.findall(r"\bstreamrec_[a-z0-9_]+", expr))
 
 
 # ---------------------------------------------------------------------------- Prometheus

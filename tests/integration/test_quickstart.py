@@ -24,12 +24,12 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import uuid
 from pathlib import Path
 
 import redis
+from ports import free_ports
 from workerkit import ROOT, http_get, read_all, wait_for
 
 from stream.records import decode_recommendation
@@ -57,19 +57,6 @@ def command_of(line: str) -> str:
     found = re.match(r"\.venv/bin/streamrec ([a-z-]+)", line)
     assert found, f"the quick-start test does not know how to run README line {line!r}"
     return found.group(1)
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class Terminal:

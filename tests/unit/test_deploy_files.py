@@ -17,35 +17,12 @@ import re
 import subprocess
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
-
-from stream.lag import LagMetrics
-from stream.prometheus import Metrics
+from metric_names import exported_metric_names, metric_names_in
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 PROM = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "streamrec.json"
-
-
-def exported_metric_names() -> set[str]:
-    """Sample names the worker can expose: every family of the metric bundles, with its suffixes."""
-    registry = CollectorRegistry()
-    Metrics(registry)
-    LagMetrics(registry)
-    names = set()
-    for family in registry.collect():
-        if family.type == "counter":
-            names.add(f"{family.name}_total")
-        elif family.type == "histogram":
-            names.update(f"{family.name}{s}" for s in ("_bucket", "_sum", "_count"))
-        else:
-            names.add(family.name)
-    return names
-
-
-def metric_names_in(expr: str) -> set[str]:
-    return set(re.findall(r"\bstreamrec_[a-z0-9_]+", expr))
 
 
 # ---------------------------------------------------------------------------- Grafana

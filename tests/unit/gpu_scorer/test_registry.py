@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 import pytest
-from test_gpu_scorer_helpers import register_tiny, tiny_result
+from tiny_models import register_tiny, tiny_result
 
 from gpu_scorer.errors import ModelLoadError
 from gpu_scorer.hotswap import HotSwapScorer

@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 import pytest
-from test_gpu_scorer_helpers import register_tiny, tiny_result
+from tiny_models import register_tiny, tiny_result
 
 from gpu_scorer.errors import ModelLoadError, ScorerDeviceError
 from gpu_scorer.runtime import CPU_EP, OnnxScorer, cuda_device_count

@@ -32,7 +32,7 @@ from stream.pipeline import RecommendationStep
 from stream.settings import Settings
 from stream.step_inputs import StepConfig, recommender_config, to_event
 
-OTTO = Path(__file__).resolve().parents[1] / "data" / "otto-sample.jsonl"
+OTTO = Path(__file__).resolve().parents[2] / "data" / "otto-sample.jsonl"
 
 
 def events(spec: str) -> list[Interaction]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from test_gpu_scorer_helpers import tiny_result
+from tiny_models import tiny_result
 
 from gpu_scorer.export import PARITY_ATOL, check_parity, export_onnx, random_inputs, torch_scores
 from gpu_scorer.runtime import make_session

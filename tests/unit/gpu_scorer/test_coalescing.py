@@ -6,7 +6,7 @@ import asyncio
 
 import numpy as np
 import pytest
-from test_gpu_scorer_helpers import register_tiny, tiny_result
+from tiny_models import register_tiny, tiny_result
 
 from gpu_scorer.coalescing import MicroBatcher
 from gpu_scorer.runtime import OnnxScorer

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from test_gpu_scorer_helpers import tiny_result, tiny_train
+from tiny_models import tiny_result, tiny_train
 
 from gpu_scorer.training import split_last, windows
 
@@ -39,7 +39,7 @@ def test_same_seed_same_model_other_seed_other_model():
 
 
 def test_sampled_softmax_trains_and_rare_items_share_the_oov_row():
-    from test_gpu_scorer_helpers import TINY, tiny_sequences
+    from tiny_models import TINY, tiny_sequences
 
     from gpu_scorer.training import TrainConfig, train
     from gpu_scorer.vocab import OOV_ROW

@@ -48,7 +48,7 @@ def run_without_train_extra(code: str, cwd, env: dict | None = None) -> subproce
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from test_gpu_scorer_helpers import register_tiny
+    from tiny_models import register_tiny
 
     path = tmp_path_factory.mktemp("models")
     register_tiny(path)
@@ -93,7 +93,7 @@ def test_the_worker_builds_and_scores_without_torch(tmp_path, model_dir):
     assert seen["worker_scorer"] == ["v0001", "CPUExecutionProvider"]
     assert len(seen["scores"]) == 3 and all(len(s) == 3 for s in seen["scores"])
     assert seen["scores"][1] == pytest.approx(seen["direct"], rel=1e-4, abs=1e-4)
-    assert seen["max_len"] == 12  # from the manifest: test_gpu_scorer_helpers.TINY
+    assert seen["max_len"] == 12  # from the manifest: tiny_models.TINY
 
 
 def test_a_bare_exported_model_is_read_without_onnx(tmp_path, model_dir):

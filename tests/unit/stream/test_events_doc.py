@@ -14,7 +14,7 @@ from stream.errors import DEAD_LETTER_CODES, InvalidEvent
 from stream.records import MAX_EVENT_BYTES, decode_dead_letter, decode_recommendation
 from stream.tail import recommendation_line
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DOC = (ROOT / "docs" / "events.md").read_text()
 BLOCKS = [json.loads(b) for b in re.findall(r"```json\n(.*?)\n```", DOC, re.S)]
 EVENTS = [b for b in BLOCKS if "type" in b and "reason" not in b]

@@ -555,7 +555,7 @@ def _malformed_corpus():
     import sys
     import time
 
-    path = Path(__file__).resolve().parents[1] / "integration" / "malformed.py"
+    path = Path(__file__).resolve().parents[2] / "integration" / "malformed.py"
     spec = importlib.util.spec_from_file_location("malformed_corpus", path)
     module = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
     spec.loader.exec_module(module)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_gpu_scorer_helpers import register_tiny, tiny_result
+from tiny_models import register_tiny, tiny_result
 
 from gpu_scorer.vocab import OOV_ROW, PAD_ROW, Vocab
 

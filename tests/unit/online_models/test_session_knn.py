@@ -15,7 +15,7 @@ from online_models.session_knn import SequentialRules, SessionHybrid, SessionKNN
 from online_models.types import Interaction, UserContext
 from stream.evaluation import prequential
 
-OTTO = Path(__file__).resolve().parents[1] / "data" / "otto-sample.jsonl"
+OTTO = Path(__file__).resolve().parents[2] / "data" / "otto-sample.jsonl"
 
 
 def learn_sessions(model, sessions: list[str], start: int = 0) -> None:
