@@ -8,7 +8,7 @@ import sys
 import typer
 from prometheus_client import REGISTRY
 
-from gpu_scorer.cli import train
+from gpu_scorer.train_cli import train
 from stream import gcpolicy
 from stream.app import Worker, create_app
 from stream.errors import StreamrecError

@@ -21,7 +21,7 @@ def test_gpu_scorer_never_imports_stream_faust_or_redis():
     import sys
 
     code = (
-        "import sys, gpu_scorer, gpu_scorer.cli, gpu_scorer.registry, gpu_scorer.coalescing, gpu_scorer.training;"
+        "import sys, gpu_scorer, gpu_scorer.train_cli, gpu_scorer.registry, gpu_scorer.coalescing, gpu_scorer.training;"
         "bad = [m for m in ('faust', 'redis', 'stream') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -275,7 +275,7 @@ def test_cli_misuse_is_a_clear_error_not_a_traceback(tmp_path, args, hint):
 
 
 def test_train_on_a_folder_names_the_files_in_it(tmp_path):
-    from gpu_scorer.cli import train
+    from gpu_scorer.train_cli import train
 
     (tmp_path / "log_a.txt").write_text("SessionId\tItemId\tTime\n")
     app = typer.Typer()

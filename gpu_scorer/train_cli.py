@@ -1,6 +1,6 @@
 """``streamrec train``: event log -> Transformer -> ONNX -> parity check -> registered version.
 
-Registered by the stream CLI as ``app.command("train")(gpu_scorer.cli.train)``; the
+Registered by the stream CLI as ``app.command("train")(gpu_scorer.train_cli.train)``; the
 parameters carry their typer options, so ``streamrec train --help`` documents them.
 
 Every ``streamrec`` command imports this module, the worker included, and the worker runs
