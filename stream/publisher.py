@@ -154,15 +154,19 @@ class BatchPublisher:
         batches = RecordBatches(self._producer, keep=True, partitions=self._partitions)
         failed: list[OutRecord] = []
         rr = 0
+        parts_of: dict[str, list[int]] = {}
+        append = batches.append
         for rec in records:
             topic, key, value = rec
-            parts = await batches.partitions(topic)
+            parts = parts_of.get(topic)
+            if parts is None:
+                parts = parts_of[topic] = await batches.partitions(topic)
             if key is None:
                 partition = parts[rr % len(parts)]
                 rr += 1
             else:
                 partition = parts[murmur2_partition(key, len(parts))]
-            if not batches.append(topic, partition, key, value) and not await batches.add(topic, partition, key, value):
+            if not append(topic, partition, key, value) and not await batches.add(topic, partition, key, value):
                 log.error("a %d-byte record does not fit a batch; it is not published", len(value))
                 failed.append(rec)
         await batches.send_open()
