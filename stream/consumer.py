@@ -100,7 +100,7 @@ def source_fingerprint(code: Callable | str) -> str:
 
 #: :func:`source_fingerprint` of ``faust.transport.consumer.Consumer._drain_messages``, the
 #: function :meth:`Consumer._drain_messages` copies: the same in every faust-streaming release
-#: from 0.11.0 to 0.15.3 (pyproject.toml pins that range; tests/unit/stream/test_consumer.py checks
+#: from 0.11.0 to 0.15.3 (pyproject.toml pins that range; tests/unit/test_stream/test_consumer.py checks
 #: the installed release against it).
 FAUST_DRAIN_MESSAGES_FINGERPRINT = "9d72e57c2b1be5e6fb7cca01aaedfffe7e2781087506126402851317a4d735a7"
 

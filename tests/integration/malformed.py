@@ -4,7 +4,7 @@ Hand-written values (among them the three that crashed round 1's agent: arrays n
 deep, a 400-digit ``ts``, a 400-digit ``quantity``) and generated ones: a valid event of a given
 user with exactly one thing wrong, so that the expected code is unambiguous. Deterministic for
 a seed. Used by tests/integration/test_malformed_corpus.py (through a running worker) and
-tests/unit/stream/test_records.py (through the decoder alone).
+tests/unit/test_stream/test_records.py (through the decoder alone).
 """
 
 from __future__ import annotations
