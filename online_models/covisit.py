@@ -15,8 +15,6 @@ Proposing: the user's most recent ``n_recent`` items are anchors, the newest wei
 mix of "what follows a" distributions. A new user with one click is served at once.
 
 >>> from online_models.types import Interaction, UserContext
-
-_CACHE_SIZE = 4096  # aggregates kept between learning steps (a worker's batch of users)
 >>> cv = CoVisitation()
 >>> for item in ["phone", "case", "charger"]:
 ...     cv.learn_one(Interaction("u1", item, ts=1, session_id="s1"))
