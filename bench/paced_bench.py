@@ -1,0 +1,118 @@
+"""A worker's cost per event over time, at a steady rate: does it stay flat?
+
+    make up  # or point STREAMREC_KAFKA_BOOTSTRAP / STREAMREC_REDIS_URL at a running stack
+    .venv/bin/python bench/paced_bench.py --rate 800 --seconds 600 --window 60
+
+One `streamrec worker` (the worker's own defaults; a registered Transformer under
+STREAMREC_MODEL_DIR is used) consumes what `streamrec produce` sends at ``--rate`` events/s
+(the synthetic shop, or ``--dataset``/``--format``), on fresh topics. Every ``--window``
+seconds it prints, for the events the worker consumed in that window: the worker process's
+CPU (user + system, from /proc) per event, the mean batch size, and each stage's wall time per
+event (the worker's own ``streamrec_stage_seconds``). At the end: the last window's CPU per
+event as a ratio of the first's.
+
+``--root DIR`` runs the worker and the producer from another checkout (a git worktree of an
+older commit), with this venv's Python, for old-against-new runs in one session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stream.demo import drop_topics, free_port, scrape, stop_worker, wait_ready  # noqa: E402
+from stream.settings import Settings  # noqa: E402
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stage_sums(metrics: dict[str, float]) -> dict[str, float]:
+    out = {}
+    for name, value in metrics.items():
+        if name.startswith("streamrec_stage_seconds_sum{"):
+            out[name.split('stage="', 1)[1].split('"', 1)[0]] = value
+    return out
+
+
+def total(metrics: dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in metrics.items() if k == prefix or k.startswith(prefix + "{"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rate", type=float, default=800.0, help="events per second (default 800)")
+    p.add_argument("--seconds", type=int, default=600, help="how long the producer sends (default 600)")
+    p.add_argument("--window", type=int, default=60, help="seconds per printed line (default 60)")
+    p.add_argument("--dataset", type=Path, help="a log to replay instead of the synthetic shop")
+    p.add_argument("--format", default="synthetic")
+    p.add_argument("--root", type=Path, default=ROOT, help="checkout to run the worker and producer from")
+    p.add_argument("--warmup", type=float, default=120.0, help="most seconds to wait for the worker to be ready")
+    args = p.parse_args(argv)
+    root = args.root.resolve()
+    base = Settings.from_env()
+    tag = f"paced{os.getpid()}"
+    port = free_port()
+    env = dict(os.environ, STREAMREC_TOPIC_PREFIX=f"{tag}.", STREAMREC_APP_ID=tag, STREAMREC_METRICS_PORT=str(port),
+               PYTHONPATH=str(root))
+    log = ROOT / ".run" / f"paced-worker-{tag}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    exe = [sys.executable, "-m", "stream.cli"]
+    with open(log, "wb") as out:
+        worker = subprocess.Popen([*exe, "worker"], env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT)
+    producer = None
+    try:
+        wait_ready([(worker, port, log)], args.warmup)
+        n = int(args.rate * args.seconds)
+        cmd = [*exe, "produce", "--rate", str(args.rate), "--limit", str(n), "--no-progress", "--id-prefix", tag,
+               "--format", args.format]
+        if args.dataset:
+            cmd += ["--dataset", str(args.dataset)]
+        producer = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        print(f"worker from {root}, {args.rate:g} events/s for {args.seconds} s "
+              f"({'synthetic shop' if not args.dataset else args.dataset.name}), a line per {args.window} s:")
+        first = last = None
+        m = scrape(port)
+        c, e, s = cpu_seconds(worker.pid), total(m, "streamrec_events_consumed_total"), stage_sums(m)
+        bs, bc = total(m, "streamrec_batch_size_events_sum"), total(m, "streamrec_batch_size_events_count")
+        start = time.monotonic()
+        while producer.poll() is None or time.monotonic() - start < args.seconds + args.window:
+            time.sleep(args.window)
+            m = scrape(port)
+            c2, e2, s2 = cpu_seconds(worker.pid), total(m, "streamrec_events_consumed_total"), stage_sums(m)
+            bs2, bc2 = total(m, "streamrec_batch_size_events_sum"), total(m, "streamrec_batch_size_events_count")
+            events = e2 - e
+            if events <= 0:
+                if producer.poll() is not None:
+                    break
+                continue
+            us = 1e6 * (c2 - c) / events
+            first = us if first is None else first
+            last = us
+            stages = "  ".join(f"{k} {1e6 * (v - s.get(k, 0.0)) / events:.0f}" for k, v in sorted(s2.items())
+                               if k != "batch")
+            print(f"  t={time.monotonic() - start:5.0f} s  {events:7.0f} events  CPU {us:6.1f} µs/event  "
+                  f"batch {(bs2 - bs) / max(1.0, bc2 - bc):6.1f} events  | wall µs/event: {stages}", flush=True)
+            c, e, s, bs, bc = c2, e2, s2, bs2, bc2
+        if first and last:
+            print(f"last window / first window, CPU per event: {last / first:.2f}")
+    finally:
+        if producer is not None and producer.poll() is None:
+            producer.terminate()
+        stop_worker(worker)
+        drop_topics(base.kafka_bootstrap, Settings.from_env(env).topics.all)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
