@@ -97,15 +97,16 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 continue
             us = 1e6 * (c2 - c) / events
-            first = us if first is None else first
-            last = us
+            if events >= 0.5 * args.rate * args.window:  # a whole window (not the tail after the producer)
+                first = us if first is None else first
+                last = us
             stages = "  ".join(f"{k} {1e6 * (v - s.get(k, 0.0)) / events:.0f}" for k, v in sorted(s2.items())
                                if k != "batch")
             print(f"  t={time.monotonic() - start:5.0f} s  {events:7.0f} events  CPU {us:6.1f} µs/event  "
                   f"batch {(bs2 - bs) / max(1.0, bc2 - bc):6.1f} events  | wall µs/event: {stages}", flush=True)
             c, e, s, bs, bc = c2, e2, s2, bs2, bc2
         if first and last:
-            print(f"last window / first window, CPU per event: {last / first:.2f}")
+            print(f"last whole window / first, CPU per event: {last / first:.2f}")
     finally:
         if producer is not None and producer.poll() is None:
             producer.terminate()

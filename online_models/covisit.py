@@ -6,8 +6,12 @@ each of them, ``a``, at distance ``d`` (1 = the item just before) with weight
 more. The pair is stored forward (``a -> b``, ``forward_weight``, what comes next) and
 backward (``b -> a``, ``backward_weight``). Each item keeps at most ``max_neighbors``
 neighbours (pruned to the heaviest when it reaches twice that), so memory is bounded by the
-catalogue; at most ``max_sessions`` session buffers are kept (least recently active go), and
-the neighbours of at most ``max_items`` items (the least recently seen go).
+catalogue, and so is the cost of a proposal, which walks the anchors' neighbours: 50 rather
+than 100 halves that cost once the lists are full (synthetic shop: 123 -> 58 µs per user
+proposed and scored after 240,000 events) for no measured loss (YooChoose validation HR@20
+0.7029 -> 0.7024, MRR@20 0.3771 -> 0.3770; Taobao prequential 0.0481 / 0.0378 both). At
+most ``max_sessions`` session buffers are kept (least recently active go), and the neighbours
+of at most ``max_items`` items (the least recently seen go).
 
 Proposing: the user's most recent ``n_recent`` items are anchors, the newest weighing most
 (``recency_decay ** j`` for the j-th newest); a neighbour's score is the sum over anchors of
@@ -44,7 +48,7 @@ class CoVisitation(OnlineLearner):
         forward_weight: float = 1.0,
         backward_weight: float = 0.5,
         purchase_weight: float = 2.0,
-        max_neighbors: int = 100,
+        max_neighbors: int = 50,
         n_recent: int = 5,
         recency_decay: float = 0.6,
         normalize: bool = True,
