@@ -27,14 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stream.demo import drop_topics, free_port, scrape, stop_worker, wait_ready  # noqa: E402
-from stream.settings import Settings  # noqa: E402
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from bench.pipeline_bench import cpu_seconds, drop_run, env_for  # noqa: E402
+from stream.demo import scrape, stop_worker, wait_ready  # noqa: E402
 
 
 def stage_sums(metrics: dict[str, float]) -> dict[str, float]:
@@ -60,11 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=120.0, help="most seconds to wait for the worker to be ready")
     args = p.parse_args(argv)
     root = args.root.resolve()
-    base = Settings.from_env()
     tag = f"paced{os.getpid()}"
-    port = free_port()
-    env = dict(os.environ, STREAMREC_TOPIC_PREFIX=f"{tag}.", STREAMREC_APP_ID=tag, STREAMREC_METRICS_PORT=str(port),
-               PYTHONPATH=str(root))
+    env, settings = env_for(f"{tag}.", {"PYTHONPATH": str(root)})
+    port = settings.metrics_port
     log = ROOT / ".run" / f"paced-worker-{tag}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     exe = [sys.executable, "-m", "stream.cli"]
@@ -111,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if producer is not None and producer.poll() is None:
             producer.terminate()
         stop_worker(worker)
-        drop_topics(base.kafka_bootstrap, Settings.from_env(env).topics.all)
+        drop_run(settings)  # its topics and its user state in Redis
     return 0
 
 
