@@ -15,6 +15,18 @@ At start the CURRENT version is loaded, or, when it is refused, the newest older
 that loads. A version that fails to load or verify is refused: logged, counted in
 ``reload_failures``, remembered in ``refused`` (not retried) and reported to
 ``on_failure``; the old model keeps serving.
+
+``cuda_options`` are :class:`~gpu_scorer.runtime.OnnxScorer` keyword arguments applied only
+where a version runs on CUDA (the worker's ``cuda_graph``, ``fp16``, ``max_batch`` and
+``max_cands``; ``**scorer_kw`` apply everywhere). OnnxScorer rewrites the ONNX file for
+``cuda_graph``/``fp16`` before its session picks a provider, and a rewritten file would not
+run on the CPU as the CPU path calls it (fixed shapes). So every (re)load decides first:
+``device="cpu"``, or ``"auto"`` where no CUDA device or no CUDA-enabled ONNX Runtime is
+found, loads without them, exactly as without ``cuda_options`` (no rewrite, no ``onnx``
+import); otherwise the version is loaded on ``"cuda"`` with them, and ``"auto"`` falls back
+to the CPU, without them, when that CUDA session cannot start. ``cuda_graph``/``fp16`` need
+the ``onnx`` package (the ``gpu`` extra): where it is missing they are left out with a
+warning rather than refusing every version.
 """
 
 from __future__ import annotations
@@ -22,18 +34,40 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
-from gpu_scorer.errors import ModelLoadError
+from gpu_scorer.errors import ModelLoadError, ScorerDeviceError
 from gpu_scorer.registry import ModelRegistry
+from gpu_scorer.runtime import CPU_EP, CUDA_EP, cuda_device_count
 
 log = logging.getLogger("gpu_scorer")
 
 SwapHook = Callable[[str | None, str, str], None]  # (old version, new version, provider)
 FailureHook = Callable[[str, BaseException], None]  # (refused version, error)
+
+#: cuda_options that OnnxScorer implements by rewriting the ONNX file with the onnx package
+REWRITING_OPTIONS = ("cuda_graph", "fp16")
+
+
+def cuda_available() -> tuple[bool, str]:
+    """(whether a CUDA session may start, why not): the checks make_session runs before it
+    tries one, without building a session. True can still end on the CPU (a missing CUDA
+    library shows only when the session starts)."""
+    n, reason = cuda_device_count()
+    if n == 0:
+        return False, reason
+    if CUDA_EP not in ort.get_available_providers():
+        return False, f"this onnxruntime build has no {CUDA_EP}"
+    return True, ""
+
+
+def onnx_installed() -> bool:
+    return find_spec("onnx") is not None
 
 
 class HotSwapScorer:
@@ -46,6 +80,7 @@ class HotSwapScorer:
         background: bool = True,
         on_swap: SwapHook | None = None,
         on_failure: FailureHook | None = None,
+        cuda_options: Mapping[str, object] | None = None,
         **scorer_kw,
     ) -> None:
         self.registry = registry if isinstance(registry, ModelRegistry) else ModelRegistry(registry)
@@ -54,6 +89,7 @@ class HotSwapScorer:
         self.background = background
         self.on_swap, self.on_failure = on_swap, on_failure
         self._scorer_kw = scorer_kw
+        self.cuda_options = dict(cuda_options or {})
         self.swaps = 0
         self._swaps_reported = 0
         self.reload_failures = 0
@@ -75,7 +111,7 @@ class HotSwapScorer:
         older = [v for v in reversed(self.registry.versions()) if v != latest]
         for version in [latest, *older]:
             try:
-                return self.registry.load(version, self.device, **self._scorer_kw)
+                return self._open(version)
             except ModelLoadError as exc:
                 self.reload_failures += 1
                 self.refused[version] = str(exc)
@@ -83,6 +119,37 @@ class HotSwapScorer:
                 if self.on_failure:
                     self.on_failure(version, exc)
         raise ModelLoadError(f"no loadable model in {self.registry.root}; refused: {self.refused}")
+
+    def _open(self, version: str):
+        """``registry.load`` of ``version``, with ``cuda_options`` only where it runs on CUDA."""
+        options = self._options_for_cuda()
+        if options is None:
+            return self.registry.load(version, self.device, **self._scorer_kw)
+        log.info("scorer: loading %s on CUDA with %s", version, ", ".join(f"{k}={v}" for k, v in options.items()))
+        try:
+            return self.registry.load(version, "cuda", **{**self._scorer_kw, **options})
+        except ScorerDeviceError as exc:
+            if self.device == "cuda":
+                raise
+            log.warning("scorer: device='auto' and CUDA is not usable (%s); running %s on %s, without the CUDA options",
+                        exc.__cause__ or exc, version, CPU_EP)
+            return self.registry.load(version, "cpu", **self._scorer_kw)
+
+    def _options_for_cuda(self) -> dict[str, object] | None:
+        """The cuda_options to load with on CUDA, or None to load as if there were none."""
+        if not self.cuda_options or self.device not in ("auto", "cuda"):
+            return None  # "cpu" (or a device OnnxScorer refuses itself)
+        usable, _ = cuda_available()
+        if not usable:
+            return None  # "auto": make_session logs why it runs on the CPU; "cuda": it raises
+        options = dict(self.cuda_options)
+        rewriting = [name for name in REWRITING_OPTIONS if options.get(name)]
+        if rewriting and not onnx_installed():
+            log.warning("scorer: %s need the onnx package (pip install 'streamrec[gpu]'), not installed: "
+                        "serving on CUDA without them", " and ".join(rewriting))
+            for name in rewriting:
+                options[name] = False
+        return options
 
     @property
     def current(self):
@@ -138,7 +205,7 @@ class HotSwapScorer:
 
     def _load(self, version: str) -> None:
         try:
-            new = self.registry.load(version, self.device, **self._scorer_kw)
+            new = self._open(version)
         except Exception as exc:  # noqa: BLE001 - any failure refuses the version
             self.reload_failures += 1
             self.refused[version] = str(exc)

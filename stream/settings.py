@@ -25,6 +25,11 @@ from stream.records import MAX_DEPTH, MAX_PRICE, MAX_QUANTITY, Bounds
 #: most events in one micro-batch (the models keep a ranked list per user until it is recorded)
 MAX_BATCH_SIZE = 16_384
 
+#: fewest users (and candidates) in the scorer's CUDA-graph shape: every load re-runs the
+#: registered parity sample (4 users x 9 candidates, gpu_scorer/export.py ``parity_sample``)
+#: through that fixed shape, so a smaller one would refuse every version
+MIN_SCORER_SHAPE = 16
+
 
 @dataclass(frozen=True)
 class TopicNames:
@@ -72,6 +77,23 @@ class Settings:
     model_dir: Path = _env("STREAMREC_MODEL_DIR", "models", "the Transformer scorer's model registry")
     metrics_port: int = _env("STREAMREC_METRICS_PORT", "9464", "port of the Prometheus /metrics endpoint (0: off)")
     scorer_device: str = _env("STREAMREC_SCORER_DEVICE", "auto", "auto, cuda or cpu")
+    # The three CUDA options below apply only where the scorer runs on CUDA; on the CPU they are
+    # ignored (no ONNX rewrite, no onnx package needed, the CPU's 64 users per call). Defaults
+    # from the H100 figures in docs/scorer.md (GPU, 2026-11-23; bench/scorer_bench.py, 100
+    # candidates, ORT p50 / p99 per call):
+    # - max batch 256: the split OnnxScorer already made on CUDA, and the largest measured
+    #   CUDA-graph shape that paid (at 4,096 users a graph lost: 4.57 against 4.01 ms).
+    # - CUDA graph on: a graph of 256 users took 0.40 / 0.52 ms against 1.05 / 1.55 ms without
+    #   one at 256 and 0.93 / 1.47 ms (another run 0.61 / 1.08) at 64, the smallest batch
+    #   measured: a small batch padded to 256 still costs less than an uncaptured call, and a
+    #   backlog batch of 2,000 users is the same 8 calls as before, each 2.6x cheaper.
+    # - fp16 off: on top of a graph it saved 0.03 ms at 64 users (0.24 -> 0.21 ms p50); its
+    #   gain is at large uncaptured batches (4,096: 3.30 against 4.01 ms), which the split at
+    #   256 never makes; its scores are only within 0.1 of float32 (the parity tolerance goes
+    #   from 1e-2 to 0.1) and its effect on ranking quality was not measured.
+    scorer_cuda_graph: bool = _env("STREAMREC_SCORER_CUDA_GRAPH", "true", "on CUDA, replay the Transformer as a CUDA graph captured for STREAMREC_SCORER_MAX_BATCH users x STREAMREC_CANDIDATES candidates (smaller calls are padded to it, larger ones split); ignored on the CPU; needs the onnx package (gpu extra), without it off with a warning")
+    scorer_fp16: bool = _env("STREAMREC_SCORER_FP16", "false", "on CUDA, run the Transformer's weights in float16 (faster at large batches; scores within 0.1 of float32); ignored on the CPU; needs the onnx package (gpu extra), without it off with a warning")
+    scorer_max_batch: int = _env("STREAMREC_SCORER_MAX_BATCH", "256", f"on CUDA, most users per Transformer call, and the CUDA graph's batch: a bigger batch is split ({MIN_SCORER_SHAPE} to {MAX_BATCH_SIZE}); ignored on the CPU, which calls with at most 64")
     app_id: str = _env("STREAMREC_APP_ID", "streamrec", "Faust app id; also the Kafka consumer group")
     partitions: int = _env("STREAMREC_PARTITIONS", "4", "partitions of the input topics when streamrec creates them")
     batch_size: int = _env("STREAMREC_BATCH_SIZE", "2000", "most events in one micro-batch")
@@ -121,6 +143,10 @@ class Settings:
                                  ("STREAMREC_MAX_ITEMS", self.max_items, 1000), ("STREAMREC_MAX_USERS", self.max_users, 1000)):
             if value < low:
                 raise ConfigError(f"{name}={value}: must be at least {low}")
+        if not MIN_SCORER_SHAPE <= self.scorer_max_batch <= MAX_BATCH_SIZE:
+            raise ConfigError(f"STREAMREC_SCORER_MAX_BATCH={self.scorer_max_batch}: expected {MIN_SCORER_SHAPE} to {MAX_BATCH_SIZE} "
+                              f"users per call (a CUDA graph's batch must hold the 4-user parity sample each model load "
+                              f"re-checks; a call never holds more users than a micro-batch holds events)")
         if self.batch_size > MAX_BATCH_SIZE:
             raise ConfigError(f"STREAMREC_BATCH_SIZE={self.batch_size}: at most {MAX_BATCH_SIZE}")
         for name, value, ceiling in (("STREAMREC_MAX_QUANTITY", self.max_quantity, MAX_QUANTITY),
@@ -149,6 +175,15 @@ class Settings:
     @property
     def topics(self) -> TopicNames:
         return TopicNames(self.topic_prefix)
+
+    @property
+    def scorer_cuda_options(self) -> dict[str, bool | int]:
+        """The :class:`~gpu_scorer.runtime.OnnxScorer` options that apply only on CUDA
+        (``HotSwapScorer(cuda_options=...)`` leaves them out where the model runs on the CPU).
+        A CUDA graph's candidate width is the worker's candidate count: a list never holds
+        more (``Recommender.candidates_many``), and padding to a wider shape is work for nothing."""
+        return {"cuda_graph": self.scorer_cuda_graph, "fp16": self.scorer_fp16, "max_batch": self.scorer_max_batch,
+                "max_cands": max(self.n_candidates, MIN_SCORER_SHAPE)}
 
     @property
     def bounds(self) -> Bounds:

@@ -266,7 +266,9 @@ def load_scorer(settings: Settings, metrics: Metrics, refused: set[str] | None =
             metrics.scorer_reload_failures.inc()
 
     try:
-        scorer = HotSwapScorer(registry, device=settings.scorer_device, on_failure=count)
+        # the CUDA graph, fp16 and the batch split apply only where a version runs on CUDA
+        scorer = HotSwapScorer(registry, device=settings.scorer_device, on_failure=count,
+                               cuda_options=settings.scorer_cuda_options)
     except ModelLoadError as exc:
         log.error("no registered Transformer model loads (%s): ranking with the online models alone until a "
                   "good version is registered", exc)

@@ -92,3 +92,31 @@ def test_training_on_cuda_exports_a_cpu_model():
 
     res = train(tiny_sequences(), TINY, TrainConfig(epochs=1, progress=False, device="cuda"))
     assert res.model.item_emb.weight.device.type == "cpu" and res.metrics["epochs_run"] == 1
+
+
+def test_the_worker_settings_give_a_cuda_graph_on_every_load(tmp_path):
+    """STREAMREC_SCORER_* through load_scorer: a CUDA graph of max_batch users x the worker's
+    candidates, a batch above max_batch split, and the same after a hot swap."""
+    from tiny_models import register_tiny
+
+    from stream.prometheus import Metrics
+    from stream.settings import Settings
+    from stream.shell import load_scorer
+
+    register_tiny(tmp_path)
+    settings = Settings.from_env({"STREAMREC_MODEL_DIR": str(tmp_path), "STREAMREC_SCORER_MAX_BATCH": "16",
+                                  "STREAMREC_CANDIDATES": "120"})
+    hot = load_scorer(settings, Metrics())
+    hot.background = False
+    seqs, cands = _requests(40)  # 40 users: three calls of at most 16; up to 119 candidates
+    for version in ("v0001", "v0002"):
+        if version == "v0002":
+            register_tiny(tmp_path, seed=1)
+            assert hot.maybe_reload(force=True)
+        scorer = hot.current
+        assert hot.version == version and scorer.provider == CUDA_EP and scorer._chunk == 16
+        assert scorer._binding.cuda_graph and scorer._binding.shape == (16, scorer.max_len, 120)
+        ref = OnnxScorer(version, "cpu", model_dir=tmp_path).score(seqs, cands)
+        for _ in range(2):  # the second call replays the captured graph
+            for got, want in zip(hot.score(seqs, cands), ref, strict=True):
+                np.testing.assert_allclose(got, want, atol=1e-2, rtol=1e-2)

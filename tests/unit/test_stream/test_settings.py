@@ -64,6 +64,12 @@ def test_the_process_environment_is_the_default(monkeypatch):
         ("STREAMREC_CANDIDATES", "0", "at least 1"),
         ("STREAMREC_EXCLUDE_PURCHASED", "maybe", "true or false"),
         ("STREAMREC_SCORER_DEVICE", "tpu", "auto, cuda or cpu"),
+        ("STREAMREC_SCORER_CUDA_GRAPH", "maybe", "true or false"),
+        ("STREAMREC_SCORER_FP16", "2", "true or false"),
+        ("STREAMREC_SCORER_MAX_BATCH", "many", "an integer"),
+        ("STREAMREC_SCORER_MAX_BATCH", "0", "16 to 16384"),
+        ("STREAMREC_SCORER_MAX_BATCH", "15", "parity sample"),
+        ("STREAMREC_SCORER_MAX_BATCH", "16385", "16 to 16384"),
         ("STREAMREC_TOPIC_PREFIX", "streamrec/", "topic names"),
         ("STREAMREC_REDIS_URL", "127.0.0.1:6379", "redis://"),
     ],
@@ -144,3 +150,19 @@ def test_the_worker_blend_takes_the_weights_over_the_defaults():
     assert config.weights["mf"] == 0.2 and config.weights["trending"] == 0.0 and config.weights["covisit"] == 1.0
     with pytest.raises(ConfigError, match="sessionknn"):
         recommender_config(Settings.from_env({"STREAMREC_BLEND_WEIGHTS": "sessionknn=1"}))
+
+
+def test_the_scorer_cuda_options_default_to_the_measured_choice():
+    """CUDA graph on at 256 users a call, fp16 off (docs/scorer.md, GPU); candidates as the worker's."""
+    s = Settings.from_env({})
+    assert (s.scorer_cuda_graph, s.scorer_fp16, s.scorer_max_batch) == (True, False, 256)
+    assert s.scorer_cuda_options == {"cuda_graph": True, "fp16": False, "max_batch": 256, "max_cands": 50}
+
+
+def test_the_scorer_cuda_options_are_read():
+    s = Settings.from_env({"STREAMREC_SCORER_CUDA_GRAPH": "off", "STREAMREC_SCORER_FP16": "yes",
+                           "STREAMREC_SCORER_MAX_BATCH": "16384", "STREAMREC_CANDIDATES": "200"})
+    assert s.scorer_cuda_options == {"cuda_graph": False, "fp16": True, "max_batch": 16384, "max_cands": 200}
+    # the CUDA graph's candidate width holds the 9-candidate parity sample a load re-checks
+    assert Settings.from_env({"STREAMREC_CANDIDATES": "5"}).scorer_cuda_options["max_cands"] == 16
+    assert Settings.from_env({"STREAMREC_SCORER_MAX_BATCH": "16"}).scorer_max_batch == 16

@@ -1,0 +1,59 @@
+"""The worker's scorer (stream.shell.load_scorer) takes the STREAMREC_SCORER_* CUDA settings:
+to OnnxScorer where the model runs on CUDA, nowhere on the CPU (the worker scores as before)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch")  # to train the tiny model the worker serves
+
+from tiny_models import register_tiny  # noqa: E402
+
+import gpu_scorer.hotswap as hotswap  # noqa: E402
+import gpu_scorer.registry as registry_module  # noqa: E402
+import gpu_scorer.runtime as runtime  # noqa: E402
+from gpu_scorer.runtime import CPU_CHUNK, CPU_EP, OnnxScorer  # noqa: E402
+from stream.prometheus import Metrics  # noqa: E402
+from stream.settings import Settings  # noqa: E402
+from stream.shell import load_scorer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models")
+    register_tiny(path)
+    return path
+
+
+def test_on_the_cpu_the_defaults_rewrite_nothing(model_dir, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the ONNX file was rewritten for a CPU session")
+
+    monkeypatch.setattr(runtime, "_rewrite", refuse)
+    monkeypatch.setattr(runtime, "cuda_device_count", lambda: (0, "no NVIDIA driver (test)"))
+    monkeypatch.setattr(hotswap, "cuda_device_count", lambda: (0, "no NVIDIA driver (test)"))
+    settings = Settings.from_env({"STREAMREC_MODEL_DIR": str(model_dir)})
+    assert settings.scorer_cuda_graph  # on by default: must cost a CPU worker nothing
+    scorer = load_scorer(settings, Metrics())
+    assert scorer is not None and scorer.provider == CPU_EP and scorer.current._chunk == CPU_CHUNK
+    assert scorer.cuda_options == settings.scorer_cuda_options
+    assert len(scorer.score([["i1", "i2"]], [["i3", "i4"]])[0]) == 2
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, {"cuda_graph": True, "fp16": False, "max_batch": 256, "max_cands": 50}),
+    ({"STREAMREC_SCORER_CUDA_GRAPH": "false", "STREAMREC_SCORER_FP16": "true", "STREAMREC_SCORER_MAX_BATCH": "64",
+      "STREAMREC_CANDIDATES": "120"}, {"cuda_graph": False, "fp16": True, "max_batch": 64, "max_cands": 120}),
+])
+def test_on_cuda_the_settings_reach_onnx_scorer(model_dir, monkeypatch, env, expected):
+    seen = []
+
+    def onnx_scorer(path, device, **kw):  # records what the worker asks for, builds it on the CPU
+        seen.append((device, kw))
+        return OnnxScorer(path, "cpu")
+
+    monkeypatch.setattr(registry_module, "OnnxScorer", onnx_scorer)
+    monkeypatch.setattr(hotswap, "cuda_available", lambda: (True, ""))
+    monkeypatch.setattr(hotswap, "onnx_installed", lambda: True)
+    scorer = load_scorer(Settings.from_env({"STREAMREC_MODEL_DIR": str(model_dir), **env}), Metrics())
+    assert scorer is not None and seen == [("cuda", expected)]
