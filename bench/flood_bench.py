@@ -27,12 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import redis  # noqa: E402
 
 from bench.pipeline_bench import drop_run  # noqa: E402
 from online_models import Recommender  # noqa: E402
+from stream.app import publisher_for  # noqa: E402
+from stream.connections import RedisConnection  # noqa: E402
 from stream.demo import free_port, scrape, stop_worker, wait_ready  # noqa: E402
-from stream.publisher import BatchPublisher  # noqa: E402
 from stream.records import ClickEvent, PurchaseEvent, encode  # noqa: E402
 from stream.settings import Settings  # noqa: E402
 from stream.topics import ensure_topics  # noqa: E402
@@ -48,7 +48,7 @@ def rss_mb(pid: int) -> tuple[float, float]:
 
 async def load(settings: Settings, n: int, chunk: int = 20_000) -> None:
     """``n`` events, each of a new user and a new item (one in ten a purchase)."""
-    publisher = BatchPublisher(settings.kafka_bootstrap, linger_ms=5)
+    publisher = publisher_for(settings, linger_ms=5)
     topics = settings.topics
     now = time.time_ns() // 1_000_000
     start = time.time()
@@ -71,9 +71,9 @@ async def load(settings: Settings, n: int, chunk: int = 20_000) -> None:
         await publisher.stop()
 
 
-def redis_per_user(url: str, prefix: str, sample: int = 2000) -> str:
+def redis_per_user(conn: RedisConnection, prefix: str, sample: int = 2000) -> str:
     """What Redis holds per user under ``prefix``: MEMORY USAGE of a sample of documents."""
-    client = redis.Redis.from_url(url)
+    client = conn.client()
     try:
         sizes, docs = [], []
         for key in client.scan_iter(match=f"{prefix}user:*", count=1000):
@@ -113,8 +113,8 @@ def flood(args) -> None:
     settings = Settings.from_env(env)
     print(f"flood: {args.events:,} events, each a new user and a new item; caps STREAMREC_MAX_ITEMS={settings.max_items:,}, "
           f"STREAMREC_MAX_USERS={settings.max_users:,}")
-    ensure_topics(settings.kafka_bootstrap, settings.topics.all, settings.partitions)
-    client = redis.Redis.from_url(settings.redis_url)
+    ensure_topics(settings.kafka, settings.topics.all, settings.partitions)
+    client = settings.redis.client()
     used_before = client.info("memory")["used_memory"]
     asyncio.run(load(settings, args.events))
     log = ROOT / ".run" / "bench-flood-worker.log"
@@ -161,7 +161,7 @@ def flood(args) -> None:
         used_after = client.info("memory")["used_memory"]
         print(f"Redis used_memory grew {(used_after - used_before) / 2**20:,.0f} MiB for {args.events:,} users: "
               f"{(used_after - used_before) / args.events:,.0f} B per user")
-        print(redis_per_user(settings.redis_url, prefix))
+        print(redis_per_user(settings.redis, prefix))
     finally:
         stop_worker(proc)
         if not args.keep:
@@ -178,7 +178,7 @@ def main() -> None:
     p.add_argument("--users-of", metavar="PREFIX", help="only measure Redis per user for users under this key prefix")
     args = p.parse_args()
     if args.users_of is not None:
-        print(redis_per_user(Settings.from_env().redis_url, args.users_of))
+        print(redis_per_user(Settings.from_env().redis, args.users_of))
         return
     flood(args)
 

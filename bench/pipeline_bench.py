@@ -35,6 +35,7 @@ import logging  # noqa: E402
 logging.getLogger("aiokafka").setLevel(logging.ERROR)  # a fresh topic's first fetches warn until its leader is known
 
 from online_models.metrics import percentile  # noqa: E402
+from stream.connections import KafkaConnection  # noqa: E402
 from stream.demo import drop_topics, free_port, scrape, stop_worker, wait_ready  # noqa: E402
 from stream.records import decode_recommendation  # noqa: E402
 from stream.settings import Settings  # noqa: E402
@@ -69,9 +70,9 @@ class Arrivals(threading.Thread):
     """A downstream service reading the recommendations topic (aiokafka, in its own thread):
     when each recommendation arrived and how long after its event's ts."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, kafka: KafkaConnection, topic: str) -> None:
         super().__init__(daemon=True)
-        self.bootstrap, self.topic = bootstrap, topic
+        self.kafka, self.topic = kafka, topic
         self.times: list[float] = []
         self.latencies_ms: list[float] = []
         self.event_ts: list[int] = []
@@ -85,7 +86,7 @@ class Arrivals(threading.Thread):
     async def _consume(self) -> None:
         from aiokafka import AIOKafkaConsumer
 
-        consumer = AIOKafkaConsumer(self.topic, bootstrap_servers=self.bootstrap, auto_offset_reset="earliest",
+        consumer = AIOKafkaConsumer(self.topic, **self.kafka.client_options(), auto_offset_reset="earliest",
                                     group_id=None, enable_auto_commit=False, fetch_max_wait_ms=100)
         await consumer.start()
         self.ready.set()
@@ -161,15 +162,13 @@ def stop_all(workers, arrivals: Arrivals) -> None:
 
 def drop_run(settings: Settings) -> None:
     """The run's topics and its user state in Redis."""
-    drop_topics(settings.kafka_bootstrap, settings.topics.all)
+    drop_topics(settings.kafka, settings.topics.all)
     drop_state(settings)
 
 
 def drop_state(settings: Settings) -> None:
     """Delete the run's user state from Redis (it would otherwise stay for STREAMREC_STATE_TTL_S)."""
-    import redis
-
-    client = redis.Redis.from_url(settings.redis_url)
+    client = settings.redis.client()
     try:
         batch = []
         for key in client.scan_iter(match=f"{settings.topic_prefix}*", count=1000):
@@ -191,11 +190,11 @@ def env_for(prefix: str, extra: dict | None = None) -> tuple[dict, Settings]:
 
 def throughput(args) -> tuple[float, int]:
     env, settings = env_for(f"bench{int(time.time())}t.")
-    ensure_topics(settings.kafka_bootstrap, settings.topics.all, settings.partitions)
+    ensure_topics(settings.kafka, settings.topics.all, settings.partitions)
     t = time.time()
     produce(env, args, args.events, None)
     print(f"  loaded {args.events:,} events in {time.time() - t:.1f} s")
-    arrivals = Arrivals(settings.kafka_bootstrap, settings.topics.recommendations)
+    arrivals = Arrivals(settings.kafka, settings.topics.recommendations)
     arrivals.start()
     arrivals.ready.wait(30)
     workers = start_workers(env, args.workers, "throughput")
@@ -216,12 +215,12 @@ def throughput(args) -> tuple[float, int]:
     return rate, int(applied)
 
 
-async def bare_loop(bootstrap: str, source: list[str], sink: str, n: int) -> float:
+async def bare_loop(kafka: KafkaConnection, source: list[str], sink: str, n: int) -> float:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-    consumer = AIOKafkaConsumer(*source, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+    consumer = AIOKafkaConsumer(*source, **kafka.client_options(), auto_offset_reset="earliest",
                                 group_id=f"bare{time.time_ns()}", enable_auto_commit=True)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2)
+    producer = AIOKafkaProducer(**kafka.client_options(), linger_ms=2)
     await consumer.start()
     await producer.start()
     seen, first = 0, None
@@ -242,9 +241,9 @@ async def bare_loop(bootstrap: str, source: list[str], sink: str, n: int) -> flo
 
 def bare(args) -> float:
     env, settings = env_for(f"bench{int(time.time())}b.")
-    ensure_topics(settings.kafka_bootstrap, settings.topics.all, settings.partitions)
+    ensure_topics(settings.kafka, settings.topics.all, settings.partitions)
     produce(env, args, args.events, None)
-    rate = asyncio.run(bare_loop(settings.kafka_bootstrap, list(settings.topics.inputs), settings.topics.recommendations, args.events))
+    rate = asyncio.run(bare_loop(settings.kafka, list(settings.topics.inputs), settings.topics.recommendations, args.events))
     print(f"  bare aiokafka consume->produce: {rate:,.0f} events/s")
     drop_run(settings)
     return rate
@@ -252,8 +251,8 @@ def bare(args) -> float:
 
 def latency(args) -> list[float]:
     env, settings = env_for(f"bench{int(time.time())}l.")
-    ensure_topics(settings.kafka_bootstrap, settings.topics.all, settings.partitions)
-    arrivals = Arrivals(settings.kafka_bootstrap, settings.topics.recommendations)
+    ensure_topics(settings.kafka, settings.topics.all, settings.partitions)
+    arrivals = Arrivals(settings.kafka, settings.topics.recommendations)
     arrivals.start()
     arrivals.ready.wait(30)
     workers = start_workers(env, args.workers, "latency")

@@ -19,6 +19,7 @@ import mode
 from online_models import Recommender
 from stream import consumer
 from stream.batching import take_batches
+from stream.connections import KafkaConnection
 from stream.health import Health
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
@@ -40,15 +41,16 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
     step = RecommendationStep.from_settings(settings, scorer, recommender)
     if store is None:
         store = RedisUserStateStore.from_url(settings.redis_url, key_prefix=settings.topic_prefix,
-                                             ttl_s=settings.state_ttl_s)
+                                             ttl_s=settings.state_ttl_s, **settings.redis.client_options())
     app = _faust_app(settings)
     # durable output: every in-sync replica has a record before it counts as published, and a
     # resend after a lost acknowledgement is not written twice
-    publisher = BatchPublisher(settings.kafka_bootstrap, acks="all", enable_idempotence=True)
+    publisher = publisher_for(settings, acks="all", enable_idempotence=True)
     shell = Shell(settings, metrics, step, store, publisher, lambda: app.consumer_generation_id,
                   health=health or Health(), refused_models=refused)
     shell.health.set("models", False, "restoring the online models' snapshot")
     app.streamrec = shell  # for the Worker, the CLI and tests
+    app.kafka = settings.kafka  # how the readiness probe reaches the brokers (stream/health.py)
     topics = settings.topics
     topic_config = {"min.insync.replicas": str(settings.min_insync_replicas)}
     inputs = app.topic(*topics.inputs, key_type=bytes, value_type=bytes, partitions=settings.partitions)
@@ -93,6 +95,7 @@ def _faust_app(settings: Settings) -> faust.App:
     app = faust.App(
         settings.app_id,
         broker=[f"kafka://{hp.strip()}" for hp in settings.kafka_bootstrap.split(",") if hp.strip()],
+        broker_credentials=faust_credentials(settings.kafka),
         key_serializer="raw",
         value_serializer="raw",
         web_enabled=False,
@@ -117,6 +120,27 @@ def _faust_app(settings: Settings) -> faust.App:
     # with a cheaper per-message hand-over (stream/consumer.py)
     app.transport = consumer.Transport(app.conf.broker_consumer, app)
     return app
+
+
+def publisher_for(settings: Settings, **options) -> BatchPublisher:
+    """A :class:`BatchPublisher` that reaches Kafka as ``settings.kafka`` says (TLS, SASL);
+    ``options`` are BatchPublisher's own."""
+    publisher = BatchPublisher(settings.kafka_bootstrap, **options)
+    # BatchPublisher takes bootstrap servers alone: the security options go into the producer
+    # configuration it builds on start (until BatchPublisher takes them itself)
+    publisher._config.update(settings.kafka.client_options())
+    return publisher
+
+
+def faust_credentials(kafka: KafkaConnection) -> faust.SASLCredentials | faust.SSLCredentials | None:
+    """Faust's ``broker_credentials`` for ``kafka`` (None: plaintext); its consumer, producer
+    and topic creation all log in with them."""
+    if kafka.uses_sasl:
+        return faust.SASLCredentials(username=kafka.sasl_username, password=kafka.sasl_password,
+                                     ssl_context=kafka.ssl_context(), mechanism=kafka.sasl_mechanism)
+    if kafka.uses_ssl:
+        return faust.SSLCredentials(kafka.ssl_context())
+    return None
 
 
 class Worker(faust.Worker):

@@ -48,7 +48,7 @@ def worker(
     gcpolicy.configure(freeze=settings.gc_freeze)
     log = logging.getLogger("streamrec")
     log.info("settings: %s", settings)
-    created = ensure_topics(settings.kafka_bootstrap, settings.topics.all, settings.partitions,
+    created = ensure_topics(settings.kafka, settings.topics.all, settings.partitions,
                            replication=settings.replication_factor, min_insync_replicas=settings.min_insync_replicas)
     if created:
         log.info("created topics %s with %d partitions", ", ".join(created), settings.partitions)

@@ -29,6 +29,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient
 
 from online_models.metrics import percentile
+from stream.connections import KafkaConnection
 from stream.records import decode_dead_letter, decode_recommendation
 from stream.settings import Settings, mask_url
 
@@ -50,9 +51,9 @@ def free_port() -> int:
 class Watcher(threading.Thread):
     """Consumes the recommendation and dead-letter topics, measuring latency on arrival."""
 
-    def __init__(self, bootstrap: str, recommendations: str, dlq: str, show_every: int) -> None:
+    def __init__(self, kafka: KafkaConnection | str, recommendations: str, dlq: str, show_every: int) -> None:
         super().__init__(daemon=True)
-        self.consumer = KafkaConsumer(recommendations, dlq, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+        self.consumer = KafkaConsumer(recommendations, dlq, **KafkaConnection.of(kafka).client_options(), auto_offset_reset="earliest",
                                       group_id=None, enable_auto_commit=False, consumer_timeout_ms=200)
         self.recommendations_topic, self.show_every = recommendations, show_every
         self.latencies_ms: list[float] = []
@@ -97,10 +98,10 @@ def stop_worker(proc: subprocess.Popen, timeout_s: float = 60) -> None:
             proc.wait(10)
 
 
-def drop_topics(bootstrap: str, names) -> None:
+def drop_topics(bootstrap: KafkaConnection | str, names) -> None:
     """Delete a run's topics; the run's result does not depend on this clean-up."""
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+        admin = KafkaAdminClient(**KafkaConnection.of(bootstrap).client_options())
         admin.delete_topics(list(names))
         admin.close()
     except Exception as exc:
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                STREAMREC_METRICS_PORT=str(metrics_port), PYTHONUNBUFFERED="1")
     topics = Settings.from_env(env).topics
 
-    print(f"== streamrec demo: Kafka {settings.kafka_bootstrap}, Redis {mask_url(settings.redis_url)}, topics {prefix}*")
+    print(f"== streamrec demo: Kafka {settings.kafka.describe()}, Redis {mask_url(settings.redis_url)}, topics {prefix}*")
     if not (Path(settings.model_dir) / "CURRENT").exists():
         print(f"== 1/4 training a small Transformer scorer on {args.train_events} synthetic events (once; kept in {settings.model_dir}/)")
         subprocess.run(exe + ["train", "--limit", str(args.train_events), "--epochs", "4", "--dim", "32",
@@ -175,14 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== 2/4 starting a worker (log: {log_path}, metrics: http://127.0.0.1:{metrics_port}/metrics)")
     with open(log_path, "wb") as log:
         worker = subprocess.Popen(exe + ["worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    watcher = Watcher(settings.kafka_bootstrap, topics.recommendations, topics.dlq, show_every=max(1, args.events // 15))
+    watcher = Watcher(settings.kafka, topics.recommendations, topics.dlq, show_every=max(1, args.events // 15))
     try:
         # until it is in its group with partitions assigned: events sent before then would wait
         # for the start-up, and the latency summary would measure that
         wait_ready([(worker, metrics_port, log_path)], timeout_s=120)
         watcher.start()
         print(f"== 3/4 replaying {args.events} events at {args.rate:.0f}/s, plus {len(BAD_VALUES)} bad values")
-        producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+        producer = KafkaProducer(**settings.kafka.client_options())
         for value in BAD_VALUES:
             producer.send(topics.clicks, key=b"u1", value=value)
         producer.flush()
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_worker(worker)
         watcher.stop_flag.set()
         watcher.join(5)
-        drop_topics(settings.kafka_bootstrap, topics.all)
+        drop_topics(settings.kafka, topics.all)
 
     lat = watcher.latencies_ms
     span_s = ((watcher.last_at or 0) - (watcher.first_at or 0)) / 1000

@@ -36,6 +36,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import MetricsHandler
 
+from stream.connections import KafkaConnection
 from stream.topics import probe
 
 log = logging.getLogger("streamrec.health")
@@ -86,7 +87,7 @@ class Health:
         return alive and all(ok for ok, _ in conditions.values()), "\n".join(lines)
 
 
-async def check_readiness(app: Any, store: Any, health: Health, bootstrap: str | None = None,
+async def check_readiness(app: Any, store: Any, health: Health, bootstrap: KafkaConnection | str | None = None,
                           inputs: tuple[str, ...] | None = None) -> bool:
     """Refresh the ``kafka`` and ``redis`` conditions from a running worker (a Faust timer).
 
@@ -94,7 +95,12 @@ async def check_readiness(app: Any, store: Any, health: Health, bootstrap: str |
     in a thread, at most 2 s): a consumer that joined its group keeps its assignment while the
     brokers are gone, and cannot make progress meanwhile. With ``inputs`` (topic names), the
     detail counts the partitions of those topics only (Faust assigns a leader topic too).
+    Bootstrap servers alone are reached the way the app's own clients reach them (``app.kafka``,
+    a :class:`~stream.connections.KafkaConnection`: TLS where they use it), else in plaintext.
     """
+    if isinstance(bootstrap, str):
+        kafka = getattr(app, "kafka", None)
+        bootstrap = kafka if isinstance(kafka, KafkaConnection) and kafka.bootstrap == bootstrap else bootstrap
     try:
         await asyncio.wait_for(store.ping(), 5.0)
         health.set("redis", True, "PING answered")

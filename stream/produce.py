@@ -32,18 +32,19 @@ from typing import Annotated
 
 import typer
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import KafkaError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from online_models.datasets import FORMATS, DatasetError, read_interactions
 from online_models.types import Interaction
-from stream.errors import ServiceUnavailable, StreamrecError
+from stream.connections import KafkaConnection
+from stream.errors import StreamrecError
 from stream.publisher import RecordBatches, murmur2_partition
 from stream.records import encode
 from stream.settings import Settings, TopicNames
 from stream.step_inputs import to_event
-from stream.topics import ensure_topics
+from stream.topics import check_login, ensure_topics
 
 DEFAULT_SYNTHETIC_EVENTS = 10_000
 
@@ -139,7 +140,7 @@ class ProduceSummary:
 
 async def replay(
     interactions: Iterable[Interaction],
-    bootstrap: str,
+    bootstrap: KafkaConnection | str,
     topics: TopicNames,
     tag: str,
     rate: float | None = None,
@@ -151,14 +152,17 @@ async def replay(
     """Send every interaction as an event, paced to ``rate`` events/s (None: as fast as it goes).
 
     Returns when all were acknowledged, or early (flushing what was sent) when ``stop`` is set.
+    ``bootstrap``: ``Settings.kafka`` (or bootstrap servers alone for a plaintext broker).
     """
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, client_id="streamrec-produce", acks=acks,
+    kafka = KafkaConnection.of(bootstrap)
+    producer = AIOKafkaProducer(**kafka.client_options(), client_id="streamrec-produce", acks=acks,
                                 linger_ms=0, max_batch_size=256 * 1024, request_timeout_ms=30_000)
     try:
         await producer.start()
-    except KafkaConnectionError as exc:
+    except KafkaError as exc:
         await producer.stop()
-        raise ServiceUnavailable(f"Kafka at {bootstrap} did not answer ({exc}); start it with `make up`") from None
+        await asyncio.to_thread(check_login, kafka)  # AccessDenied when the broker refused the login
+        raise kafka.unavailable(exc) from None
     summary = ProduceSummary(topics={topics.clicks: 0, topics.purchases: 0})
     batches = RecordBatches(producer)
     try:
@@ -205,7 +209,9 @@ async def replay(
         await batches.wait_all()
         summary.seconds = time.monotonic() - started
     except KafkaError as exc:
-        raise StreamrecError(f"sending events to {bootstrap} failed: {exc!r}") from None
+        if (denied := kafka.refusal(exc)) is not None:
+            raise denied from None
+        raise StreamrecError(f"sending events to {kafka.bootstrap} failed: {exc!r}") from None
     finally:
         await producer.stop()
     if on_progress is not None:
@@ -262,10 +268,10 @@ def produce(
     except DatasetError as exc:
         raise typer.BadParameter(str(exc), param_hint="--dataset") from None
 
-    ensure_topics(settings.kafka_bootstrap, topics.all, settings.partitions, timeout_s=30,
+    ensure_topics(settings.kafka, topics.all, settings.partitions, timeout_s=30,
                   replication=settings.replication_factor, min_insync_replicas=settings.min_insync_replicas)
     tag = id_prefix if id_prefix is not None else source_tag(dataset, fmt, seed)
-    summary = _run_with_progress(interactions, settings.kafka_bootstrap, topics, tag,
+    summary = _run_with_progress(interactions, settings.kafka, topics, tag,
                                  rate, keep_ts, progress, total=n)
     typer.echo(summary.line())
     typer.echo(f"topics: {topics.clicks} ({summary.topics.get(topics.clicks, 0):,}), "

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from stream.connections import KafkaConnection
 from stream.decoding import decode_event
 from stream.errors import InvalidEvent
 from stream.pipeline import RecommendationStep
@@ -68,12 +69,13 @@ def gaps(learned: Mapping[str, int], committed: Mapping[tuple[str, int], int]) -
     return out
 
 
-async def replay(step: RecommendationStep, bootstrap: str, todo: Sequence[Gap], bounds: Bounds,
+async def replay(step: RecommendationStep, bootstrap: KafkaConnection | str, todo: Sequence[Gap], bounds: Bounds,
                  fetch_timeout_s: float = 30.0) -> int:
-    """Teach the models every event of ``todo``; returns how many they learned."""
+    """Teach the models every event of ``todo``; returns how many they learned. ``bootstrap``:
+    ``Settings.kafka`` (or bootstrap servers alone for a plaintext broker)."""
     if not todo:
         return 0
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+    consumer = AIOKafkaConsumer(**KafkaConnection.of(bootstrap).client_options(), enable_auto_commit=False, group_id=None,
                                 auto_offset_reset="earliest", max_poll_records=CHUNK)
     await consumer.start()
     learned = 0

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from online_models.recommender import RecommenderConfig
+from stream.connections import KafkaConnection, RedisConnection, mask_url
 from stream.errors import ConfigError
 from stream.records import MAX_DEPTH, MAX_PRICE, MAX_QUANTITY, Bounds
 
@@ -71,7 +72,15 @@ class Settings:
     """Every knob of a streamrec process, with its environment variable beside it."""
 
     kafka_bootstrap: str = _env("STREAMREC_KAFKA_BOOTSTRAP", "127.0.0.1:9092", "Kafka bootstrap servers, host:port[,host:port]")
-    redis_url: str = _env("STREAMREC_REDIS_URL", "redis://127.0.0.1:6379/0", "Redis URL for user state", secret=True)
+    kafka_security_protocol: str = _env("STREAMREC_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT", "how every client reaches Kafka: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+    kafka_sasl_mechanism: str = _env("STREAMREC_KAFKA_SASL_MECHANISM", "", "with SASL_*: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+    kafka_sasl_username: str = _env("STREAMREC_KAFKA_SASL_USERNAME", "", "with SASL_*: the Kafka user")
+    kafka_sasl_password: str = _env("STREAMREC_KAFKA_SASL_PASSWORD", "", "with SASL_*: the Kafka user's password", secret=True)
+    kafka_ssl_cafile: str = _env("STREAMREC_KAFKA_SSL_CAFILE", "", "with SSL or SASL_SSL: PEM file of the CA(s) that signed the brokers' certificates (empty: the system's)")
+    kafka_ssl_certfile: str = _env("STREAMREC_KAFKA_SSL_CERTFILE", "", "with SSL or SASL_SSL: PEM client certificate, for brokers that ask for one (mutual TLS)")
+    kafka_ssl_keyfile: str = _env("STREAMREC_KAFKA_SSL_KEYFILE", "", "with SSL or SASL_SSL: PEM private key of the client certificate (empty: in the certificate file)")
+    redis_url: str = _env("STREAMREC_REDIS_URL", "redis://127.0.0.1:6379/0", "Redis URL for user state: redis://[user:password@]host:port/db, rediss:// for TLS", secret=True)
+    redis_ssl_ca_file: str = _env("STREAMREC_REDIS_SSL_CA_FILE", "", "with rediss://: PEM file of the CA that signed the Redis server's certificate (empty: the system's)")
     topic_prefix: str = _env("STREAMREC_TOPIC_PREFIX", "streamrec.", "prefix of every topic name")
     top_k: int = _env("STREAMREC_TOP_K", str(RecommenderConfig.k), "items per recommendation")
     model_dir: Path = _env("STREAMREC_MODEL_DIR", "models", "the Transformer scorer's model registry")
@@ -167,14 +176,27 @@ class Settings:
             raise ConfigError(f"STREAMREC_LOG_LEVEL={self.log_level!r}: expected debug, info, warning or error")
         if not self.kafka_bootstrap.strip():
             raise ConfigError("STREAMREC_KAFKA_BOOTSTRAP is empty: expected host:port[,host:port]")
+        self.kafka.check()
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"STREAMREC_METRICS_PORT={self.metrics_port}: expected a port 0-65535 (0: off)")
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(f"STREAMREC_REDIS_URL={mask_url(self.redis_url)}: expected redis://host:port/db")
+        self.redis.check()
 
     @property
     def topics(self) -> TopicNames:
         return TopicNames(self.topic_prefix)
+
+    @property
+    def kafka(self) -> KafkaConnection:
+        """How every Kafka client of this process connects (stream/connections.py)."""
+        return KafkaConnection(self.kafka_bootstrap, self.kafka_security_protocol.strip().upper(),
+                               self.kafka_sasl_mechanism.strip().upper(), self.kafka_sasl_username,
+                               self.kafka_sasl_password, self.kafka_ssl_cafile, self.kafka_ssl_certfile,
+                               self.kafka_ssl_keyfile)
+
+    @property
+    def redis(self) -> RedisConnection:
+        """How every Redis client of this process connects (stream/connections.py)."""
+        return RedisConnection(self.redis_url, self.redis_ssl_ca_file)
 
     @property
     def scorer_cuda_options(self) -> dict[str, bool | int]:
@@ -206,11 +228,6 @@ class Settings:
         return f"Settings({inner})"
 
     __str__ = __repr__
-
-
-def mask_url(url: str) -> str:
-    """Hide the password in a URL: ``redis://:secret@h:1/0`` → ``redis://:***@h:1/0``."""
-    return re.sub(r"(//[^:/@]*:).*@", r"\1***@", url)
 
 
 def _convert(name: str, typ, raw):

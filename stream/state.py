@@ -253,17 +253,21 @@ class RedisUserStateStore:
     """User state in Redis: ``{prefix}user:{user_id}`` holds the JSON document, and
     ``{prefix}claim:{partition}`` the latest claim on an input partition."""
 
-    def __init__(self, client, key_prefix: str = "streamrec:", ttl_s: int = 0, url: str | None = None) -> None:
+    def __init__(self, client, key_prefix: str = "streamrec:", ttl_s: int = 0, url: str | None = None,
+                 client_options: Mapping[str, object] | None = None) -> None:
         self.client = client  # a redis.asyncio.Redis
         self.url = url  # where a forked child connects to write a blob (None: it cannot)
+        self.client_options = dict(client_options or {})  # and with what beyond the URL (TLS: the CA file)
         self.key_prefix = key_prefix
         self.ttl_s = ttl_s
         self.rebuilt = 0
         self._save_script = client.register_script(_SAVE_LUA)
 
     @classmethod
-    def from_url(cls, url: str, key_prefix: str = "streamrec:", ttl_s: int = 0) -> RedisUserStateStore:
-        return cls(aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5), key_prefix, ttl_s, url)
+    def from_url(cls, url: str, key_prefix: str = "streamrec:", ttl_s: int = 0, **client_options) -> RedisUserStateStore:
+        """A store on ``url``; ``client_options`` go to redis-py beside it (``Settings.redis.client_options()``)."""
+        client = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, **client_options)
+        return cls(client, key_prefix, ttl_s, url, client_options)
 
     def key(self, user_id: str) -> str:
         return f"{self.key_prefix}user:{user_id}"
@@ -322,10 +326,10 @@ class RedisUserStateStore:
     def blob_writer(self, name: str) -> Callable[[bytes], None] | None:
         if self.url is None:
             return None
-        url, key = self.url, self.blob_key(name)
+        url, key, options = self.url, self.blob_key(name), self.client_options
 
         def write(data: bytes) -> None:  # in the child: a connection of its own, never the parent's
-            with redis.Redis.from_url(url, socket_timeout=60, socket_connect_timeout=5) as client:
+            with redis.Redis.from_url(url, socket_timeout=60, socket_connect_timeout=5, **options) as client:
                 client.set(key, data)
 
         return write

@@ -23,7 +23,6 @@ import typer
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from stream.errors import ServiceUnavailable
 from stream.records import DeadLetter, Recommendation, decode_dead_letter, decode_recommendation
 from stream.settings import Settings
 from stream.topics import ensure_topics
@@ -81,13 +80,14 @@ def tail(
     """
     settings = Settings.from_env(**{k: v for k, v in (("kafka_bootstrap", bootstrap), ("topic_prefix", topic_prefix)) if v is not None})
     topic = settings.topics.dlq if dlq else settings.topics.recommendations
-    ensure_topics(settings.kafka_bootstrap, settings.topics.all, settings.partitions, timeout_s=30,
+    kafka = settings.kafka
+    ensure_topics(kafka, settings.topics.all, settings.partitions, timeout_s=30,
                   replication=settings.replication_factor, min_insync_replicas=settings.min_insync_replicas)
     try:
-        consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, client_id="streamrec-tail", group_id=None,
+        consumer = KafkaConsumer(**kafka.client_options(), client_id="streamrec-tail", group_id=None,
                                  enable_auto_commit=False, bootstrap_timeout_ms=30_000)
     except KafkaError as exc:
-        raise ServiceUnavailable(f"Kafka at {settings.kafka_bootstrap} did not answer ({exc}); start it with `make up`") from None
+        raise kafka.unavailable(exc) from None
     printed = 0
     deadline = None if timeout is None else time.monotonic() + timeout
     try:

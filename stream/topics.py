@@ -2,7 +2,10 @@
 
 Both are idempotent start-up steps for ``streamrec produce``, the worker and the tests:
 topics that exist are left exactly as they are, and a broker that does not answer gives a
-:class:`~stream.errors.ServiceUnavailable` saying where it was looked for.
+:class:`~stream.errors.ServiceUnavailable` saying where it was looked for (one that refuses
+the client's credentials or certificate, a :class:`~stream.connections.AccessDenied` saying
+which setting to check). Each function takes a :class:`~stream.connections.KafkaConnection`
+(``Settings.kafka``), or bootstrap servers alone for a plaintext broker.
 
 >>> check_topic_name("streamrec.clicks")
 >>> check_topic_name("streamrec/clicks")
@@ -13,17 +16,23 @@ stream.errors.ConfigError: topic name 'streamrec/clicks': only letters, digits, 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
+from aiokafka.conn import create_conn
+from aiokafka.errors import KafkaError as AIOKafkaError
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
-from stream.errors import ConfigError, ServiceUnavailable, StreamrecError
+from stream.connections import KafkaConnection
+from stream.errors import ConfigError, StreamrecError
 
 log = logging.getLogger(__name__)
 
@@ -36,35 +45,47 @@ def check_topic_name(name: str) -> None:
         raise ConfigError(f"topic name {name!r}: only letters, digits, '.', '_' and '-' are allowed (at most 249)")
 
 
-def _unavailable(bootstrap: str, timeout_s: float, exc: BaseException | str) -> ServiceUnavailable:
-    return ServiceUnavailable(
-        f"Kafka at {bootstrap} did not answer within {timeout_s:g} s ({exc}); start the local broker with "
-        "`make up`, or point STREAMREC_KAFKA_BOOTSTRAP at a running one"
-    )
+def _unavailable(kafka: KafkaConnection, timeout_s: float, exc: BaseException | str) -> StreamrecError:
+    return kafka.unavailable(exc, timeout_s)
 
 
-def probe(bootstrap: str, timeout_s: float = 3.0) -> str | None:
+def probe(bootstrap: KafkaConnection | str, timeout_s: float = 3.0) -> str | None:
     """None when a broker in ``bootstrap`` answers a Metadata request, else what went wrong.
 
-    A raw request on a plain socket rather than a client: kafka-python 3.0 leaves a socket
-    open and an I/O thread running when its bootstrap fails, which ``wait_for_kafka`` would
-    otherwise repeat every 200 ms while a broker starts.
+    A raw request on a plain socket (TLS-wrapped with SSL and SASL_SSL) rather than a client:
+    kafka-python 3.0 leaves a socket open and an I/O thread running when its bootstrap fails,
+    which ``wait_for_kafka`` would otherwise repeat every 200 ms while a broker starts. A SASL
+    listener answers nothing but ApiVersions before the login, so there the probe asks that
+    (whether the credentials work, the client that logs in finds out).
     """
-    # api_key 3 (Metadata), version 7, correlation id 42, client id, all topics (-1), no auto-create
+    kafka = KafkaConnection.of(bootstrap)
     client = b"streamrec-probe"
-    request = struct.pack(">hhih", 3, 7, 42, len(client)) + client + struct.pack(">ib", -1, 0)
-    problem = f"no server in {bootstrap!r}"
-    for server in filter(None, (s.strip() for s in bootstrap.split(","))):
+    if kafka.uses_sasl:  # api_key 18 (ApiVersions), version 0, correlation id 42, client id
+        request = struct.pack(">hhih", 18, 0, 42, len(client)) + client
+    else:  # api_key 3 (Metadata), version 7, correlation id 42, client id, all topics (-1), no auto-create
+        request = struct.pack(">hhih", 3, 7, 42, len(client)) + client + struct.pack(">ib", -1, 0)
+    context = kafka.ssl_context()
+    problem = f"no server in {kafka.bootstrap!r}"
+    for server in filter(None, (s.strip() for s in kafka.bootstrap.split(","))):
         host, _, port = server.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
         try:
-            with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s) as conn:
-                conn.sendall(struct.pack(">i", len(request)) + request)
-                head = b""
-                while len(head) < 8:
-                    chunk = conn.recv(8 - len(head))
-                    if not chunk:
-                        raise ConnectionError("closed the connection without answering")
-                    head += chunk
+            with socket.create_connection((host, int(port)), timeout=timeout_s) as raw:
+                conn = context.wrap_socket(raw, server_hostname=host) if context is not None else raw
+                try:
+                    conn.sendall(struct.pack(">i", len(request)) + request)
+                    head = b""
+                    while len(head) < 8:
+                        chunk = conn.recv(8 - len(head))
+                        if not chunk:
+                            raise ConnectionError("closed the connection without answering")
+                        head += chunk
+                finally:
+                    if conn is not raw:
+                        conn.close()
+        except ssl.SSLError as exc:
+            problem = f"{server}: TLS failed: {exc}"
+            continue
         except (OSError, ValueError) as exc:
             problem = f"{server}: {exc}"
             continue
@@ -72,6 +93,39 @@ def probe(bootstrap: str, timeout_s: float = 3.0) -> str | None:
             return None
         problem = f"{server}: answered, but not as a Kafka broker"
     return problem
+
+
+def check_login(kafka: KafkaConnection, timeout_s: float = 10.0) -> None:
+    """Log in to the first broker that answers; :class:`~stream.connections.AccessDenied` when
+    the broker refuses the credentials (nothing to do without SASL).
+
+    kafka-python's clients retry a refused login until their bootstrap times out and then
+    report a timeout; one aiokafka connection says at once what the broker answered.
+    """
+    if not kafka.uses_sasl:
+        return
+    options = kafka.client_options()
+    del options["bootstrap_servers"]
+
+    async def login() -> None:
+        for server in filter(None, (s.strip() for s in kafka.bootstrap.split(","))):
+            host, _, port = server.rpartition(":")
+            try:
+                conn = await asyncio.wait_for(create_conn(host.strip("[]") or "127.0.0.1", int(port),
+                                                          client_id="streamrec-login",
+                                                          request_timeout_ms=int(timeout_s * 1000), **options),
+                                              timeout_s)
+            except AIOKafkaError as exc:
+                if (denied := kafka.refusal(exc)) is not None:
+                    raise denied from None
+                continue
+            except (TimeoutError, OSError, ValueError):
+                continue  # not this broker: the client that follows reports what it finds
+            await conn.close()  # the socket closed, not only asked to
+            return
+
+    with ThreadPoolExecutor(1) as pool:  # a loop of its own, whether or not the caller runs one
+        pool.submit(asyncio.run, login()).result()
 
 
 class _Admin(KafkaAdminClient):
@@ -89,14 +143,15 @@ class _Admin(KafkaAdminClient):
             raise
 
 
-def _admin(bootstrap: str, timeout_s: float) -> KafkaAdminClient:
+def _admin(kafka: KafkaConnection, timeout_s: float) -> KafkaAdminClient:
     """An admin client that has reached the broker; ServiceUnavailable when none answers."""
-    problem = probe(bootstrap, min(timeout_s, 5.0))
+    problem = probe(kafka, min(timeout_s, 5.0))
     if problem is not None:
-        raise _unavailable(bootstrap, timeout_s, problem)
+        raise _unavailable(kafka, timeout_s, problem)
+    check_login(kafka, min(timeout_s, 10.0))
     timeout_ms = max(1, int(timeout_s * 1000))
     return _Admin(
-        bootstrap_servers=bootstrap,
+        **kafka.client_options(),
         client_id="streamrec-admin",
         bootstrap_timeout_ms=timeout_ms,
         request_timeout_ms=timeout_ms,
@@ -104,33 +159,34 @@ def _admin(bootstrap: str, timeout_s: float) -> KafkaAdminClient:
     )
 
 
-def wait_for_kafka(bootstrap: str, timeout_s: float = 30.0) -> list[str]:
+def wait_for_kafka(bootstrap: KafkaConnection | str, timeout_s: float = 30.0) -> list[str]:
     """Block until the broker at ``bootstrap`` answers a metadata request; return its topics.
 
     Raises :class:`ServiceUnavailable` when it has not answered within ``timeout_s``.
     """
+    kafka = KafkaConnection.of(bootstrap)
     deadline = time.monotonic() + timeout_s
-    while (problem := probe(bootstrap, max(0.1, min(2.0, deadline - time.monotonic())))) is not None:
+    while (problem := probe(kafka, max(0.1, min(2.0, deadline - time.monotonic())))) is not None:
         left = deadline - time.monotonic()
-        if left <= 0:
-            raise _unavailable(bootstrap, timeout_s, problem)
+        if left <= 0 or kafka.refusal(problem) is not None:  # an untrusted certificate stays untrusted
+            raise _unavailable(kafka, timeout_s, problem)
         time.sleep(min(0.2, left))
-    admin = _connected_admin(bootstrap, max(1.0, deadline - time.monotonic()))
+    admin = _connected_admin(kafka, max(1.0, deadline - time.monotonic()))
     try:
         return sorted(admin.list_topics())
     finally:
         admin.close()
 
 
-def _connected_admin(bootstrap: str, timeout_s: float) -> KafkaAdminClient:
+def _connected_admin(kafka: KafkaConnection, timeout_s: float) -> KafkaAdminClient:
     try:
-        return _admin(bootstrap, timeout_s)
+        return _admin(kafka, timeout_s)
     except (KafkaError, OSError) as exc:
-        raise _unavailable(bootstrap, timeout_s, exc) from None
+        raise _unavailable(kafka, timeout_s, exc) from None
 
 
 def ensure_topics(
-    bootstrap: str,
+    bootstrap: KafkaConnection | str,
     names: Iterable[str],
     partitions: int,
     replication: int = 1,
@@ -151,7 +207,8 @@ def ensure_topics(
         raise ConfigError(f"partitions={partitions}, replication={replication}: both must be at least 1")
     if not wanted:
         return []
-    admin = _connected_admin(bootstrap, timeout_s)
+    kafka = KafkaConnection.of(bootstrap)
+    admin = _connected_admin(kafka, timeout_s)
     try:
         try:
             existing = set(admin.list_topics())
@@ -167,9 +224,11 @@ def ensure_topics(
             if created:
                 admin.wait_for_topics(created, timeout_ms=int(timeout_s * 1000))
         except KafkaError as exc:
+            if (denied := kafka.refusal(exc)) is not None:
+                raise denied from None
             if exc.retriable or "timeout" in type(exc).__name__.lower():
-                raise _unavailable(bootstrap, timeout_s, exc) from None
-            raise StreamrecError(f"creating topics {', '.join(missing)} on {bootstrap} failed: {exc}") from None
+                raise _unavailable(kafka, timeout_s, exc) from None
+            raise StreamrecError(f"creating topics {', '.join(missing)} on {kafka.bootstrap} failed: {exc}") from None
     finally:
         admin.close()
     if created:
@@ -177,16 +236,18 @@ def ensure_topics(
     return created
 
 
-def committed_offsets(bootstrap: str, group_id: str, timeout_s: float = 10.0) -> dict[tuple[str, int], int]:
+def committed_offsets(bootstrap: KafkaConnection | str, group_id: str,
+                      timeout_s: float = 10.0) -> dict[tuple[str, int], int]:
     """The consumer group's committed offsets, ``(topic, partition) -> next offset to read``."""
-    admin = _connected_admin(bootstrap, timeout_s)
+    kafka = KafkaConnection.of(bootstrap)
+    admin = _connected_admin(kafka, timeout_s)
     try:
         if hasattr(admin, "list_group_offsets"):  # kafka-python 3
             offsets = admin.list_group_offsets(group_id).get(group_id, {})
         else:  # kafka-python 2
             offsets = admin.list_consumer_group_offsets(group_id)
     except KafkaError as exc:
-        raise _unavailable(bootstrap, timeout_s, exc) from None
+        raise _unavailable(kafka, timeout_s, exc) from None
     finally:
         admin.close()
     return {(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
@@ -206,4 +267,4 @@ def _created(response: dict, asked: list[str]) -> list[str]:
     return [n for n in asked if n in created]
 
 
-__all__ = ["check_topic_name", "committed_offsets", "ensure_topics", "probe", "wait_for_kafka"]
+__all__ = ["check_login", "check_topic_name", "committed_offsets", "ensure_topics", "probe", "wait_for_kafka"]

@@ -19,6 +19,11 @@
 #   --data-dir DIR       data, config, log and pid  [KAFKA_DATA_DIR, <repo>/.run/kafka]
 #   --watch-pid PID      stop the broker when process PID is gone (used by test fixtures)
 #                                                   [KAFKA_WATCH_PID, none]
+#   --extra-config FILE  properties appended to server.properties (a later line wins: e.g.
+#                        more listeners, SASL and TLS; tests/integration/secure.py)
+#                                                   [KAFKA_EXTRA_CONFIG, none]
+#   --add-scram SPEC     a SCRAM user created when the storage is formatted (repeatable),
+#                        StorageTool's syntax: 'SCRAM-SHA-512=[name=alice,password=secret]'
 #   KAFKA_HEAP_OPTS (-Xms256m -Xmx768m), KAFKA_JVM_OPTS (G1, C1 only, see below),
 #   KAFKA_START_TIMEOUT (120 s), KAFKA_STOP_TIMEOUT (30 s)
 set -euo pipefail
@@ -33,6 +38,8 @@ PORT=${KAFKA_PORT:-9092}
 CONTROLLER_PORT=${KAFKA_CONTROLLER_PORT:-}
 DATA_DIR=${KAFKA_DATA_DIR:-$ROOT/.run/kafka}
 WATCH_PID=${KAFKA_WATCH_PID:-}
+EXTRA_CONFIG=${KAFKA_EXTRA_CONFIG:-}
+SCRAM_USERS=()
 START_TIMEOUT=${KAFKA_START_TIMEOUT:-120}
 STOP_TIMEOUT=${KAFKA_STOP_TIMEOUT:-30}
 # 768 MiB is plenty for a dev broker and leaves most of a 24 GiB box to tests and models.
@@ -56,6 +63,10 @@ while [ $# -gt 0 ]; do
     --data-dir=*) DATA_DIR=${1#*=}; shift ;;
     --watch-pid) WATCH_PID=${2:?--watch-pid needs a value}; shift 2 ;;
     --watch-pid=*) WATCH_PID=${1#*=}; shift ;;
+    --extra-config) EXTRA_CONFIG=${2:?--extra-config needs a file}; shift 2 ;;
+    --extra-config=*) EXTRA_CONFIG=${1#*=}; shift ;;
+    --add-scram) SCRAM_USERS+=("--add-scram" "${2:?--add-scram needs a value}"); shift 2 ;;
+    --add-scram=*) SCRAM_USERS+=("--add-scram" "${1#*=}"); shift ;;
     -h|--help|help) usage; exit 0 ;;
     fetch|start|stop|status|probe|_watch) [ -z "$cmd" ] || die "one command at a time"; cmd=$1; shift ;;
     *) die "unknown argument '$1' (try --help)" ;;
@@ -155,6 +166,10 @@ new_cluster_id() {
 render_config() {
   sed -e "s|@PORT@|$PORT|g" -e "s|@CONTROLLER_PORT@|$CONTROLLER_PORT|g" \
       -e "s|@LOG_DIRS@|$DATA_DIR/kraft-logs|g" "$HERE/server.properties" >"$CONF"
+  if [ -n "$EXTRA_CONFIG" ]; then
+    [ -r "$EXTRA_CONFIG" ] || die "--extra-config $EXTRA_CONFIG: no such readable file"
+    { echo; echo "# appended from $EXTRA_CONFIG (--extra-config)"; cat "$EXTRA_CONFIG"; } >>"$CONF"
+  fi
 }
 
 format_storage() {
@@ -165,7 +180,7 @@ format_storage() {
   # shellcheck disable=SC2086
   if ! java -Xmx256m -XX:TieredStopAtLevel=1 -XX:-UsePerfData \
       -Dlog4j2.configurationFile="$HERE/log4j2.properties" -Dkafka.root.loglevel=WARN \
-      -cp "$LIB/*" kafka.tools.StorageTool format --cluster-id "$cid" --config "$CONF" \
+      -cp "$LIB/*" kafka.tools.StorageTool format --cluster-id "$cid" --config "$CONF" "${SCRAM_USERS[@]}" \
       >"$DATA_DIR/format.log" 2>&1; then
     tail -n 20 "$DATA_DIR/format.log" >&2
     die "formatting the KRaft storage failed (log: $DATA_DIR/format.log)"

@@ -194,3 +194,45 @@ def test_worker_deployment_agrees_with_the_worker(tools):
     assert "$(REDIS_PASSWORD)" in env["STREAMREC_REDIS_URL"]["value"], "the Redis password must come from the Secret"
     assert "STREAMREC_REDIS_URL" not in config
     assert pod["spec"]["terminationGracePeriodSeconds"] > 30, "the worker drains the batch in hand for up to 30 s"
+
+
+# ---------------------------------------------------------------------------- security defaults
+
+
+def test_compose_has_no_default_credentials_and_publishes_no_open_service(tools):
+    text = (DEPLOY / "compose.yaml").read_text()
+    (compose,) = tools.load_yaml(DEPLOY / "compose.yaml")
+    services = compose["services"]
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?"), "a password is required, never defaulted"
+    assert "${REDIS_PASSWORD:?" in services["redis"]["command"][-1]
+    assert "${REDIS_PASSWORD:?" in services["worker"]["environment"]["STREAMREC_REDIS_URL"]
+    assert not any(a.startswith(("--web.enable-lifecycle", "--web.enable-admin-api")) for a in services["prometheus"]["command"])
+    assert "ports" not in services["kafka"] and "ports" not in services["redis"], "Kafka and Redis are not published"
+    for name in ("prometheus", "grafana"):
+        assert all(p.startswith("127.0.0.1:") for p in services[name]["ports"]), f"{name} is published beyond loopback"
+    for default in (":-admin}", ":-streamrec-local}", "change-me"):
+        assert default not in text
+
+
+def test_kubernetes_holds_no_secret_and_uses_tls_and_a_network_policy(tools):
+    docs = k8s_docs(tools)
+    assert not [d for d in docs if d["kind"] == "Secret"], "secrets are created at deploy time, never shipped"
+    assert "change-me" not in "".join(p.read_text() for p in (DEPLOY / "k8s").glob("*.yaml"))
+    by_kind = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    config = by_kind[("ConfigMap", "streamrec-config")]["data"]
+    assert config["STREAMREC_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    pod = by_kind[("Deployment", "streamrec-worker")]["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["STREAMREC_REDIS_URL"]["value"].startswith("rediss://"), "Redis over TLS"
+    assert "secretKeyRef" in env["STREAMREC_KAFKA_SASL_PASSWORD"]["valueFrom"]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    for setting in ("STREAMREC_KAFKA_SSL_CAFILE", "STREAMREC_REDIS_SSL_CA_FILE"):
+        assert str(Path(config[setting]).parent) in mounts, f"{setting} names a file the pod does not mount"
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items(), "it selects the workers"
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert ports == {"metrics"}, "only the metrics port is open to Prometheus"

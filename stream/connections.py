@@ -1,0 +1,276 @@
+"""How every streamrec client reaches Kafka and Redis: addresses plus security (SASL, TLS, ACLs).
+
+One :class:`KafkaConnection` and one :class:`RedisConnection` per process, built from the
+settings (``Settings.kafka``, ``Settings.redis``); every client the project creates takes its
+options from them, so a security setting reaches the Faust worker, the publisher, topic
+creation, ``produce``, ``tail``, the replay after a restart and the benchmarks alike.
+Neither object prints a secret: the SASL password stays out of its ``repr``, and a Redis URL
+is shown through :func:`mask_url`.
+
+>>> conn = KafkaConnection("b1:9093", "SASL_SSL", "SCRAM-SHA-512", "alice", "s3cret")
+>>> "s3cret" in repr(conn), conn.describe()
+(False, 'b1:9093 (SASL_SSL, SCRAM-SHA-512 as alice)')
+>>> mask_url("rediss://app:s3cret@db:6380/0?password=s3cret&ssl_ca_certs=/ca.pem")
+'rediss://app:***@db:6380/0?password=***&ssl_ca_certs=/ca.pem'
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import redis
+
+from stream.errors import ConfigError, ServiceUnavailable, StreamrecError
+
+#: STREAMREC_KAFKA_SECURITY_PROTOCOL's values (Kafka's own names)
+PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+#: STREAMREC_KAFKA_SASL_MECHANISM's values
+MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+#: query parameters of a URL whose values are masked (redis-py passes any of them on)
+_SECRET_QUERY = re.compile(r"pass|secret|token|credential", re.IGNORECASE)
+
+
+class AccessDenied(StreamrecError):
+    """A server answered but refused this client: wrong credentials, an untrusted certificate,
+    a missing ACL. A user's mistake to fix in the settings, not a service to wait for."""
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password hidden, in the user part and in the query.
+
+    >>> mask_url("redis://:hunter2@h:1/0")
+    'redis://:***@h:1/0'
+    >>> mask_url("redis://h:1/0?ssl_password=x&db=2&PASSWORD=y")
+    'redis://h:1/0?ssl_password=***&db=2&PASSWORD=***'
+    >>> mask_url("redis://user@h/0"), mask_url("not a url: p@ss")
+    ('redis://user@h/0', 'not a url: p@ss')
+    """
+    # greedy to the last '@': a password may itself hold '@', '/' or '?' (more masked is safe)
+    masked = re.sub(r"(//[^:/@?#]*:).*@", r"\1***@", url)
+    head, sep, query = masked.partition("?")
+    if not sep:
+        return masked
+    parts = []
+    for pair in query.split("&"):
+        name, eq, value = pair.partition("=")
+        parts.append(f"{name}=***" if eq and value and _SECRET_QUERY.search(name) else pair)
+    return head + sep + "&".join(parts)
+
+
+def _check_file(env: str, path: str) -> None:
+    if not os.path.isfile(path):
+        raise ConfigError(f"{env}={path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{env}={path}: not readable by this process")
+
+
+# --------------------------------------------------------------------------- Kafka
+
+
+@dataclass(frozen=True)
+class KafkaConnection:
+    """Where Kafka is and how to log in to it (the ``STREAMREC_KAFKA_*`` settings)."""
+
+    bootstrap: str
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+
+    @classmethod
+    def of(cls, target: KafkaConnection | str) -> KafkaConnection:
+        """``target`` itself, or a plaintext connection to the bootstrap servers it names."""
+        return target if isinstance(target, KafkaConnection) else cls(target)
+
+    @property
+    def uses_ssl(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+
+    def check(self) -> None:
+        """ConfigError naming the setting when these values cannot work together."""
+        if self.security_protocol not in PROTOCOLS:
+            raise ConfigError(f"STREAMREC_KAFKA_SECURITY_PROTOCOL={self.security_protocol!r}: expected one of "
+                              f"{', '.join(PROTOCOLS)}")
+        sasl = {"STREAMREC_KAFKA_SASL_MECHANISM": self.sasl_mechanism, "STREAMREC_KAFKA_SASL_USERNAME": self.sasl_username,
+                "STREAMREC_KAFKA_SASL_PASSWORD": self.sasl_password}
+        if self.uses_sasl:
+            if self.sasl_mechanism not in MECHANISMS:
+                raise ConfigError(f"STREAMREC_KAFKA_SASL_MECHANISM={self.sasl_mechanism!r}: expected one of "
+                                  f"{', '.join(MECHANISMS)} with STREAMREC_KAFKA_SECURITY_PROTOCOL={self.security_protocol}")
+            for env, value in sasl.items():
+                if not value:
+                    raise ConfigError(f"{env} is empty: STREAMREC_KAFKA_SECURITY_PROTOCOL={self.security_protocol} "
+                                      "needs a SASL mechanism, user name and password")
+        else:
+            given = [env for env, value in sasl.items() if value]
+            if given:
+                raise ConfigError(f"{', '.join(given)} set, but STREAMREC_KAFKA_SECURITY_PROTOCOL="
+                                  f"{self.security_protocol} sends no credentials: use SASL_SSL (or SASL_PLAINTEXT)")
+        files = {"STREAMREC_KAFKA_SSL_CAFILE": self.ssl_cafile, "STREAMREC_KAFKA_SSL_CERTFILE": self.ssl_certfile,
+                 "STREAMREC_KAFKA_SSL_KEYFILE": self.ssl_keyfile}
+        if not self.uses_ssl:
+            given = [env for env, value in files.items() if value]
+            if given:
+                raise ConfigError(f"{', '.join(given)} set, but STREAMREC_KAFKA_SECURITY_PROTOCOL="
+                                  f"{self.security_protocol} does not use TLS: use SSL or SASL_SSL")
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ConfigError("STREAMREC_KAFKA_SSL_KEYFILE is set without STREAMREC_KAFKA_SSL_CERTFILE: a client "
+                              "certificate needs both")
+        for env, path in files.items():
+            if path:
+                _check_file(env, path)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of every client (None without TLS): the CA file's authorities (else the
+        system's), the broker's host name checked, and the client certificate when one is set."""
+        if not self.uses_ssl:
+            return None
+        try:
+            context = ssl.create_default_context(cafile=self.ssl_cafile or None)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"STREAMREC_KAFKA_SSL_CAFILE={self.ssl_cafile}: not a PEM file of CA certificates ({exc})") from None
+        if self.ssl_certfile:
+            try:
+                context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile or None)
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError(f"STREAMREC_KAFKA_SSL_CERTFILE={self.ssl_certfile}, STREAMREC_KAFKA_SSL_KEYFILE="
+                                  f"{self.ssl_keyfile or '(none)'}: not a certificate and its private key in PEM "
+                                  f"({exc})") from None
+        return context
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments for an aiokafka or kafka-python client (both take these names):
+        ``bootstrap_servers`` and the security options."""
+        options: dict[str, Any] = {"bootstrap_servers": self.bootstrap, "security_protocol": self.security_protocol}
+        if self.uses_ssl:
+            options["ssl_context"] = self.ssl_context()
+        if self.uses_sasl:
+            options.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
+                           sasl_plain_password=self.sasl_password)
+        return options
+
+    def describe(self) -> str:
+        """The bootstrap servers and how this client logs in, for messages; never the password."""
+        how = self.security_protocol
+        if self.uses_sasl:
+            how += f", {self.sasl_mechanism} as {self.sasl_username}"
+        return f"{self.bootstrap} ({how})" if how != "PLAINTEXT" else self.bootstrap
+
+    def refusal(self, exc: BaseException | str) -> AccessDenied | None:
+        """An :class:`AccessDenied` saying what to fix when ``exc`` is a broker refusing this
+        client (authentication, TLS verification, authorization); None for anything else. A
+        string (what :func:`stream.topics.probe` saw) is a refusal only when TLS failed over a
+        certificate (the broker's, or the one it asked of this client)."""
+        if isinstance(exc, str):
+            if "tls failed" not in exc.lower() or "certificate" not in exc.lower():
+                return None
+            text = exc
+        else:
+            name = type(exc).__name__
+            text = f"{name}: {exc}" if str(exc) else name
+        lowered = text.lower()
+        if "authentication" in lowered or "sasl" in lowered:
+            if self.uses_sasl:
+                return AccessDenied(f"Kafka at {self.bootstrap} refused the {self.sasl_mechanism} login of user "
+                                    f"{self.sasl_username!r} ({text}): check STREAMREC_KAFKA_SASL_USERNAME, "
+                                    "STREAMREC_KAFKA_SASL_PASSWORD and STREAMREC_KAFKA_SASL_MECHANISM")
+            return AccessDenied(f"Kafka at {self.bootstrap} asks for a login ({text}): set "
+                                "STREAMREC_KAFKA_SECURITY_PROTOCOL=SASL_SSL and the STREAMREC_KAFKA_SASL_* settings")
+        if isinstance(exc, ssl.SSLError) or "certificate" in lowered or "ssl" in lowered:
+            return AccessDenied(f"TLS with Kafka at {self.bootstrap} failed ({text}): check STREAMREC_KAFKA_SSL_CAFILE "
+                                "(the authority that signed the broker's certificate) and, where the broker asks for "
+                                "one, STREAMREC_KAFKA_SSL_CERTFILE and STREAMREC_KAFKA_SSL_KEYFILE")
+        if "authoriz" in lowered:
+            return AccessDenied(f"Kafka at {self.bootstrap} does not allow user {self.sasl_username or '(anonymous)'!r} "
+                                f"this ({text}): grant it the ACLs in docs/operations.md (Security)")
+        return None
+
+    def unavailable(self, exc: BaseException | str, timeout_s: float | None = None) -> StreamrecError:
+        """The error for a client that failed to reach Kafka: :meth:`refusal` when the broker
+        refused it, else :class:`ServiceUnavailable` saying where Kafka was looked for."""
+        denied = self.refusal(exc)
+        if denied is not None:
+            return denied
+        within = f" within {timeout_s:g} s" if timeout_s is not None else ""
+        return ServiceUnavailable(f"Kafka at {self.describe()} did not answer{within} ({exc}); start the local broker "
+                                  "with `make up`, or point STREAMREC_KAFKA_BOOTSTRAP at a running one")
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+@dataclass(frozen=True)
+class RedisConnection:
+    """Where Redis is and how to log in to it: the URL (``redis://`` or ``rediss://`` for TLS,
+    ``user:password@`` for an ACL user) and the CA file that signed the server's certificate."""
+
+    url: str = field(repr=False)
+    ssl_ca_file: str = ""
+
+    def __repr__(self) -> str:
+        return f"RedisConnection(url={mask_url(self.url)!r}, ssl_ca_file={self.ssl_ca_file!r})"
+
+    @property
+    def masked_url(self) -> str:
+        return mask_url(self.url)
+
+    def check(self) -> None:
+        if not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: expected redis://host:port/db "
+                              "(rediss:// for TLS)")
+        try:
+            parsed = urlsplit(self.url)
+            parsed.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: {exc}") from None
+        if self.ssl_ca_file:
+            if parsed.scheme != "rediss":
+                raise ConfigError(f"STREAMREC_REDIS_SSL_CA_FILE is set, but STREAMREC_REDIS_URL={self.masked_url} does "
+                                  "not use TLS: start it with rediss://")
+            _check_file("STREAMREC_REDIS_SSL_CA_FILE", self.ssl_ca_file)
+        for name, value in parse_qsl(parsed.query):
+            if name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") and value:
+                _check_file(f"STREAMREC_REDIS_URL's {name}", value)
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``redis.Redis.from_url(self.url, ...)`` (sync or asyncio)
+        beyond those in the URL: the CA file, and the server's certificate required."""
+        if not self.ssl_ca_file:
+            return {}
+        return {"ssl_ca_certs": self.ssl_ca_file, "ssl_cert_reqs": "required"}
+
+    def client(self, **options: Any) -> redis.Redis:
+        """A synchronous redis-py client (scripts, benchmarks, tests); ``options`` beside the settings'."""
+        return redis.Redis.from_url(self.url, **self.client_options(), **options)
+
+    def refusal(self, exc: BaseException) -> AccessDenied | None:
+        """An :class:`AccessDenied` saying what to fix when ``exc`` is Redis refusing this client."""
+        name = type(exc).__name__
+        text = f"{name}: {exc}" if str(exc) else name
+        lowered = text.lower()
+        if "authentication" in lowered or "noauth" in lowered or "wrongpass" in lowered or "username-password" in lowered:
+            return AccessDenied(f"Redis at {self.masked_url} refused the login ({text}): check the user and password "
+                                "in STREAMREC_REDIS_URL (redis://user:password@host:port/db)")
+        if "noperm" in lowered or "no permissions" in lowered:
+            return AccessDenied(f"Redis at {self.masked_url} does not allow this user a command or key ({text}): grant "
+                                "it the ACL in docs/operations.md (Security)")
+        if "certificate" in lowered or "ssl" in lowered:
+            return AccessDenied(f"TLS with Redis at {self.masked_url} failed ({text}): check STREAMREC_REDIS_SSL_CA_FILE "
+                                "(the authority that signed the server's certificate) and the rediss:// scheme")
+        return None
+
+
+__all__ = ["MECHANISMS", "PROTOCOLS", "AccessDenied", "KafkaConnection", "RedisConnection", "mask_url"]

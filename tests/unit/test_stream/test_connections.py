@@ -1,0 +1,142 @@
+"""Kafka and Redis security settings: every combination that cannot work is refused naming the
+setting, the options every client gets, and secrets masked wherever settings are shown.
+(tests/integration/test_security.py runs them against a real SASL_SSL broker and TLS Redis.)"""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stream.app import faust_credentials
+from stream.connections import AccessDenied, KafkaConnection, RedisConnection, mask_url
+from stream.errors import ConfigError, ServiceUnavailable
+from stream.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[3]
+EXISTING = __file__  # a file that exists, for the settings that must name one
+SASL = {"STREAMREC_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "STREAMREC_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "STREAMREC_KAFKA_SASL_USERNAME": "app", "STREAMREC_KAFKA_SASL_PASSWORD": "kafka-sentinel-pw"}
+
+
+def test_plaintext_by_default_with_nothing_but_the_bootstrap_servers():
+    kafka = Settings.from_env({}).kafka
+    assert kafka.client_options() == {"bootstrap_servers": "127.0.0.1:9092", "security_protocol": "PLAINTEXT"}
+    assert faust_credentials(kafka) is None
+    assert KafkaConnection.of("h:1") == KafkaConnection("h:1")
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "scram-sha-512"])
+def test_sasl_ssl_gives_every_client_the_login_and_a_verifying_tls_context(mechanism):
+    kafka = Settings.from_env({**SASL, "STREAMREC_KAFKA_SASL_MECHANISM": mechanism}).kafka
+    options = kafka.client_options()
+    assert options["security_protocol"] == "SASL_SSL" and options["sasl_mechanism"] == mechanism.upper()
+    assert (options["sasl_plain_username"], options["sasl_plain_password"]) == ("app", "kafka-sentinel-pw")
+    context = options["ssl_context"]
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    credentials = faust_credentials(kafka)
+    assert credentials.protocol.value == "SASL_SSL" and credentials.mechanism.value == mechanism.upper()
+    assert "kafka-sentinel-pw" not in repr(credentials) + repr(kafka)
+
+
+def test_sasl_plaintext_sends_no_tls_context():
+    kafka = Settings.from_env({**SASL, "STREAMREC_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT"}).kafka
+    assert "ssl_context" not in kafka.client_options()
+    assert faust_credentials(kafka).protocol.value == "SASL_PLAINTEXT"
+
+
+def test_ssl_alone_sends_no_credentials():
+    kafka = Settings.from_env({"STREAMREC_KAFKA_SECURITY_PROTOCOL": "SSL"}).kafka
+    assert set(kafka.client_options()) == {"bootstrap_servers", "security_protocol", "ssl_context"}
+    assert faust_credentials(kafka).protocol.value == "SSL"
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"STREAMREC_KAFKA_SECURITY_PROTOCOL": "TLS"}, "STREAMREC_KAFKA_SECURITY_PROTOCOL='TLS': expected one of"),
+        ({**SASL, "STREAMREC_KAFKA_SASL_MECHANISM": "GSSAPI"}, "STREAMREC_KAFKA_SASL_MECHANISM='GSSAPI'"),
+        ({**SASL, "STREAMREC_KAFKA_SASL_MECHANISM": ""}, "STREAMREC_KAFKA_SASL_MECHANISM=''"),
+        ({**SASL, "STREAMREC_KAFKA_SASL_PASSWORD": ""}, "STREAMREC_KAFKA_SASL_PASSWORD is empty"),
+        ({**SASL, "STREAMREC_KAFKA_SASL_USERNAME": ""}, "STREAMREC_KAFKA_SASL_USERNAME is empty"),
+        ({**SASL, "STREAMREC_KAFKA_SECURITY_PROTOCOL": "PLAINTEXT"}, "sends no credentials"),
+        ({**SASL, "STREAMREC_KAFKA_SSL_CAFILE": "/nonexistent/ca.pem"}, "STREAMREC_KAFKA_SSL_CAFILE=/nonexistent/ca.pem: no such file"),
+        ({"STREAMREC_KAFKA_SSL_CAFILE": EXISTING}, "does not use TLS"),
+        ({**SASL, "STREAMREC_KAFKA_SSL_KEYFILE": EXISTING}, "without STREAMREC_KAFKA_SSL_CERTFILE"),
+        ({"STREAMREC_REDIS_SSL_CA_FILE": EXISTING}, "does not use TLS: start it with rediss://"),
+        ({"STREAMREC_REDIS_URL": "rediss://h:6380/0", "STREAMREC_REDIS_SSL_CA_FILE": "/nope.pem"}, "no such file"),
+        ({"STREAMREC_REDIS_URL": "rediss://h:port/0"}, "STREAMREC_REDIS_URL=rediss://h:port/0"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_naming_them(env, says):
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    assert says in str(info.value)
+    assert "kafka-sentinel-pw" not in str(info.value)
+
+
+def test_a_ca_file_that_is_not_pem_is_a_config_error_naming_it(tmp_path):
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    kafka = Settings.from_env({**SASL, "STREAMREC_KAFKA_SSL_CAFILE": str(bad)}).kafka
+    with pytest.raises(ConfigError, match="STREAMREC_KAFKA_SSL_CAFILE=.*not a PEM file"):
+        kafka.client_options()
+
+
+def test_redis_ca_file_goes_to_every_redis_client_and_requires_the_server_certificate():
+    redis_conn = Settings.from_env({"STREAMREC_REDIS_URL": "rediss://app:pw@db:6380/0",
+                                    "STREAMREC_REDIS_SSL_CA_FILE": EXISTING}).redis
+    assert redis_conn.client_options() == {"ssl_ca_certs": EXISTING, "ssl_cert_reqs": "required"}
+    assert Settings.from_env({}).redis.client_options() == {}
+    assert "pw@" not in repr(redis_conn)
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("redis://h:1/0?password=hunter2", "redis://h:1/0?password=***"),
+        ("rediss://u@h:1/0?db=1&Password=hunter2&ssl_ca_certs=/ca.pem", "rediss://u@h:1/0?db=1&Password=***&ssl_ca_certs=/ca.pem"),
+        ("rediss://u:hunter2@h:1/0?ssl_password=hunter2", "rediss://u:***@h:1/0?ssl_password=***"),
+        ("redis://h:1/0?password=", "redis://h:1/0?password="),
+    ],
+)
+def test_mask_url_hides_passwords_in_the_query_too(url, masked):
+    assert mask_url(url) == masked
+
+
+def test_no_secret_in_repr_describe_or_the_settings_command():
+    env = {**SASL, "STREAMREC_REDIS_URL": "rediss://app@db:6380/0?password=redis-sentinel-pw",
+           "STREAMREC_SNAPSHOT_KEY": "snapshot-sentinel-key"}
+    s = Settings.from_env(env)
+    shown = repr(s) + str(s) + " ".join(v for _, v, _ in s.describe()) + s.kafka.describe() + repr(s.kafka) + repr(s.redis)
+    for secret in ("kafka-sentinel-pw", "redis-sentinel-pw", "snapshot-sentinel-key"):
+        assert secret not in shown
+    assert "STREAMREC_KAFKA_SASL_PASSWORD=***" in repr(s)
+    done = subprocess.run([sys.executable, "-m", "stream.cli", "settings"], cwd=ROOT, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", **env}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "STREAMREC_KAFKA_SASL_USERNAME" in done.stdout and "password=***" in done.stdout
+    for secret in ("kafka-sentinel-pw", "redis-sentinel-pw", "snapshot-sentinel-key"):
+        assert secret not in done.stdout + done.stderr
+
+
+def test_refusals_say_what_to_fix_and_outages_stay_outages():
+    kafka = Settings.from_env(SASL).kafka
+
+    class SaslAuthenticationFailedError(Exception):
+        pass
+
+    denied = kafka.refusal(SaslAuthenticationFailedError("Authentication failed: invalid credentials"))
+    assert isinstance(denied, AccessDenied) and "STREAMREC_KAFKA_SASL_PASSWORD" in str(denied)
+    assert "kafka-sentinel-pw" not in str(denied)
+    assert isinstance(kafka.unavailable("h:1: TLS failed: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"),
+                      AccessDenied)
+    assert isinstance(kafka.unavailable("h:1: [Errno 111] Connection refused", 3.0), ServiceUnavailable)
+    assert isinstance(kafka.unavailable(ConnectionRefusedError(111, "refused")), ServiceUnavailable)
+    redis_conn = RedisConnection("redis://app:redis-sentinel-pw@db:6379/0")
+    denied = redis_conn.refusal(Exception("WRONGPASS invalid username-password pair or user is disabled."))
+    assert isinstance(denied, AccessDenied) and "redis-sentinel-pw" not in str(denied)
+    assert redis_conn.refusal(ConnectionError("Error 111 connecting")) is None
