@@ -119,6 +119,7 @@ def _faust_app(settings: Settings) -> faust.App:
     # before anything asks for app.transport (app.topic does): Faust's aiokafka transport
     # with a cheaper per-message hand-over (stream/consumer.py)
     app.transport = consumer.Transport(app.conf.broker_consumer, app)
+    app.transport.fetch_max_wait_ms = settings.fetch_max_wait_ms or None
     return app
 
 

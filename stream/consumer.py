@@ -19,6 +19,15 @@ none (a topic already read to its end), while the agent empties the buffer and F
 resumes the paused partitions. A worker catching up a backlog sat idle up to a second each
 time. While partitions are paused, :class:`Consumer` waits at most
 ``PAUSED_FETCH_TIMEOUT_S`` before it looks again.
+
+And the fetch itself: Faust asks aiokafka for records with ``fetch_min_bytes=1``, so the
+broker answers a fetch as soon as one record is there. At a steady rate of small producer
+batches that is a fetch round trip, decoded in Python on Faust's consumer thread, for every
+few records: at 800 events/s it cost that thread 120-145 µs of CPU per event. The worker's
+consumer asks instead for ``FETCH_MIN_BYTES`` or ``fetch_max_wait_ms``
+(``STREAMREC_FETCH_MAX_WAIT_MS``), whichever comes first: a backlog still fills each fetch
+at once, while a trickle is fetched at most every few milliseconds (measured with
+bench/paced_bench.py in docs/operations.md).
 """
 
 from __future__ import annotations
@@ -106,6 +115,9 @@ FAUST_DRAIN_MESSAGES_FINGERPRINT = "9d72e57c2b1be5e6fb7cca01aaedfffe7e2781087506
 
 
 class Consumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> ConsumerThread:
+        return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
     async def _drain_messages(self, fetcher) -> None:  # pragma: no cover - the worker's loop, tested end to end
         # faust/transport/consumer.py's Consumer._drain_messages (faust-streaming 0.11.0 to
         # 0.15.3; FAUST_DRAIN_MESSAGES_FINGERPRINT), with two changes: the hand-over through
@@ -176,10 +188,30 @@ class Consumer(faust_aiokafka.Consumer):
             raise
 
 
+#: the least a fetch waits for (unless ``fetch_max_wait_ms`` passes first): more than a
+#: batch of small events, so that a steady trickle is fetched by time, a backlog by size
+FETCH_MIN_BYTES = 1 << 20
+
+
+class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's consumer thread, whose aiokafka consumer fetches by :data:`FETCH_MIN_BYTES`
+    or the transport's ``fetch_max_wait_ms`` (Faust's own: 1 byte or 1,500 ms)."""
+
+    def _create_worker_consumer(self, transport):
+        consumer = super()._create_worker_consumer(transport)
+        wait_ms = getattr(transport, "fetch_max_wait_ms", None)
+        if wait_ms is not None:  # read by AIOKafkaConsumer.start(), which builds its Fetcher
+            consumer._fetch_min_bytes = FETCH_MIN_BYTES
+            consumer._fetch_max_wait_ms = int(wait_ms)
+        return consumer
+
+
 class Transport(faust_aiokafka.Transport):
-    """The aiokafka transport with :class:`Consumer`."""
+    """The aiokafka transport with :class:`Consumer`; ``fetch_max_wait_ms`` (None: Faust's
+    fetch) is how long the worker's fetches wait for :data:`FETCH_MIN_BYTES`."""
 
     Consumer = Consumer
+    fetch_max_wait_ms: int | None = None
 
 
-__all__ = ["FAUST_DRAIN_MESSAGES_FINGERPRINT", "Consumer", "Transport", "resume", "source_fingerprint", "start"]
+__all__ = ["FAUST_DRAIN_MESSAGES_FINGERPRINT", "FETCH_MIN_BYTES", "Consumer", "ConsumerThread", "Transport", "resume", "source_fingerprint", "start"]

@@ -107,6 +107,7 @@ class Settings:
     partitions: int = _env("STREAMREC_PARTITIONS", "4", "partitions of the input topics when streamrec creates them")
     batch_size: int = _env("STREAMREC_BATCH_SIZE", "2000", "most events in one micro-batch")
     batch_timeout_ms: int = _env("STREAMREC_BATCH_TIMEOUT_MS", "20", "longest wait, from its first event, to fill a micro-batch")
+    fetch_max_wait_ms: int = _env("STREAMREC_FETCH_MAX_WAIT_MS", "5", "longest a fetch from the input topics waits for more records than one (a backlog fills each fetch at once); 0: answer with the first record, as Faust does, at more CPU per event on a steady trickle (stream/consumer.py)")
     recent_items: int = _env("STREAMREC_RECENT_ITEMS", "50", "length of each user's recent-item sequence")
     n_candidates: int = _env("STREAMREC_CANDIDATES", str(RecommenderConfig.n_candidates), "candidates scored per recommendation")
     blend_weights: str = _env("STREAMREC_BLEND_WEIGHTS", "", "blend weights over the defaults, e.g. mf=0.2 (covisit, reminder, trending, mf, session_hybrid, transformer, and reranker for the click re-ranker; 0: off)")
@@ -156,6 +157,8 @@ class Settings:
             raise ConfigError(f"STREAMREC_SCORER_MAX_BATCH={self.scorer_max_batch}: expected {MIN_SCORER_SHAPE} to {MAX_BATCH_SIZE} "
                               f"users per call (a CUDA graph's batch must hold the 4-user parity sample each model load "
                               f"re-checks; a call never holds more users than a micro-batch holds events)")
+        if not 0 <= self.fetch_max_wait_ms <= 1000:
+            raise ConfigError(f"STREAMREC_FETCH_MAX_WAIT_MS={self.fetch_max_wait_ms}: expected 0 to 1000 (milliseconds)")
         if self.batch_size > MAX_BATCH_SIZE:
             raise ConfigError(f"STREAMREC_BATCH_SIZE={self.batch_size}: at most {MAX_BATCH_SIZE}")
         for name, value, ceiling in (("STREAMREC_MAX_QUANTITY", self.max_quantity, MAX_QUANTITY),

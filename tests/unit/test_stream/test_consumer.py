@@ -82,6 +82,34 @@ def test_the_transport_uses_this_consumer():
 
 
 
+@pytest.mark.parametrize(("setting", "min_bytes", "wait_ms"), [("7", "FETCH_MIN_BYTES", 7), ("0", 1, 1500)])
+async def test_the_worker_fetches_by_size_or_time(setting, min_bytes, wait_ms):
+    """STREAMREC_FETCH_MAX_WAIT_MS reaches the aiokafka consumer Faust's thread builds (0:
+    Faust's own fetch, 1 byte or 1,500 ms), through attributes aiokafka reads on start."""
+    import inspect
+
+    from aiokafka import AIOKafkaConsumer
+
+    from stream import consumer
+    from stream.app import create_app
+    from stream.settings import Settings
+    from stream.state import InMemoryUserStateStore
+
+    app = create_app(Settings.from_env({"STREAMREC_FETCH_MAX_WAIT_MS": setting, "STREAMREC_MODEL_DIR": "/nonexistent"}),
+                     store=InMemoryUserStateStore())
+    thread = app.consumer._new_consumer_thread()
+    assert isinstance(thread, consumer.ConsumerThread)
+    kafka_consumer = thread._create_worker_consumer(app.transport)
+    try:
+        expected = consumer.FETCH_MIN_BYTES if min_bytes == "FETCH_MIN_BYTES" else min_bytes
+        assert (kafka_consumer._fetch_min_bytes, kafka_consumer._fetch_max_wait_ms) == (expected, wait_ms)
+    finally:
+        await kafka_consumer.stop()
+    start_source = inspect.getsource(AIOKafkaConsumer.start)  # the installed aiokafka still reads them there
+    assert "fetch_min_bytes=self._fetch_min_bytes" in start_source
+    assert "fetch_max_wait_ms=self._fetch_max_wait_ms" in start_source
+
+
 def test_the_installed_faust_loop_is_the_one_the_worker_copied():
     """stream/consumer.py's Consumer._drain_messages is a modified copy of Faust's. When the
     installed Faust's loop is another one, the copy would silently drop its changes."""
