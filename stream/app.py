@@ -126,11 +126,7 @@ def _faust_app(settings: Settings) -> faust.App:
 def publisher_for(settings: Settings, **options) -> BatchPublisher:
     """A :class:`BatchPublisher` that reaches Kafka as ``settings.kafka`` says (TLS, SASL);
     ``options`` are BatchPublisher's own."""
-    publisher = BatchPublisher(settings.kafka_bootstrap, **options)
-    # BatchPublisher takes bootstrap servers alone: the security options go into the producer
-    # configuration it builds on start (until BatchPublisher takes them itself)
-    publisher._config.update(settings.kafka.client_options())
-    return publisher
+    return BatchPublisher(settings.kafka_bootstrap, client_options=settings.kafka.client_options(), **options)
 
 
 def faust_credentials(kafka: KafkaConnection) -> faust.SASLCredentials | faust.SSLCredentials | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -122,13 +122,17 @@ class BatchPublisher:
     """The worker's output: publish a micro-batch's records and wait for the broker's acknowledgements."""
 
     def __init__(self, bootstrap: str, linger_ms: int = 0, max_batch_bytes: int = 1 << 20, acks: int | str = "all",
-                 request_timeout_ms: int = 30_000, enable_idempotence: bool = True) -> None:
+                 request_timeout_ms: int = 30_000, enable_idempotence: bool = True,
+                 client_options: Mapping[str, Any] | None = None) -> None:
+        """``client_options``: how the producer reaches the brokers beyond ``bootstrap``
+        (``KafkaConnection.client_options()``: TLS, SASL)."""
         self.bootstrap = bootstrap
         self._config = dict(
             bootstrap_servers=bootstrap, linger_ms=linger_ms, max_batch_size=max_batch_bytes, acks=acks,
             request_timeout_ms=request_timeout_ms, max_request_size=max(max_batch_bytes, 1 << 20),
             enable_idempotence=enable_idempotence,
         )
+        self._config.update(client_options or {})
         self._producer: AIOKafkaProducer | None = None  # made on start: aiokafka needs a running loop
         self._partitions: dict[str, list[int]] = {}
         self._started = False
