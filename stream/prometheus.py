@@ -7,8 +7,10 @@ default registry and serves it on ``STREAMREC_METRICS_PORT``.
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 from stream.errors import DEAD_LETTER_CODES
 
@@ -49,11 +51,25 @@ class Metrics:
         self.fenced_batches = Counter("fenced_batches_total", "Batches not saved because another worker claimed their partitions since (left to that worker)", namespace=ns, registry=r)
         self.batch_failures = Counter("batch_failures_total", "Batches whose handling raised past every safeguard (left unacknowledged; the log has the traceback)", namespace=ns, registry=r)
         self.model_snapshot_refused = Counter("model_snapshot_refused_total", "Model snapshots found in Redis and refused at start (corrupt, unsigned or foreign); the worker started with empty models", namespace=ns, registry=r)
+        self.peer_events_learned = Counter("peer_events_learned_total", "Events of input partitions other workers own that this worker's models learned (STREAMREC_LEARN_ALL_PARTITIONS, stream/peers.py)", namespace=ns, registry=r)
+        self.peer_learn_seconds = Counter("peer_learn_seconds_total", "Time spent teaching the models the other workers' partitions (under the lock the batches take)", namespace=ns, registry=r)
+        self.peer_lag = Gauge("peer_lag_events", "Events of the other workers' partitions not yet learned by this worker's models (as of the last fetch)", namespace=ns, registry=r)
+        self.peer_failures = Counter("peer_failures_total", "Times reading the other workers' partitions failed and started again after a back-off", namespace=ns, registry=r)
+        self._models: _ModelsLearned | None = None
         self.last_event_ts = Gauge("last_event_timestamp_seconds", "Event time of the newest event handled", namespace=ns, registry=r)
         for stage in STAGES:
             self.stage_seconds.labels(stage)
         for code in DEAD_LETTER_CODES:
             self.events_invalid.labels(code)
+
+    def watch_models(self, models: Callable[[], object]) -> None:
+        """Export ``streamrec_model_events_learned{model}``: how many events the online models
+        returned by ``models()`` learned (the recommender's blend, and each learner), read at
+        every scrape."""
+        if self._models is None:
+            self._models = _ModelsLearned(models)
+            self.registry.register(self._models)
+        self._models.models = models
 
     def set_scorer(self, provider: str, version: str) -> None:
         self.scorer_info.clear()
@@ -63,3 +79,21 @@ class Metrics:
         self.model_info.clear()
         for model, version in versions.items():
             self.model_info.labels(model, version).set(1)
+
+
+class _ModelsLearned:
+    """A collector: the events each online model has learned, read when scraped."""
+
+    def __init__(self, models: Callable[[], object]) -> None:
+        self.models = models
+
+    def collect(self):
+        family = GaugeMetricFamily("streamrec_model_events_learned", "Events the online models learned "
+                                   "(each event of every input partition once with STREAMREC_LEARN_ALL_PARTITIONS)",
+                                   labels=["model"])
+        recommender = self.models()
+        if recommender is not None:
+            family.add_metric(["recommender"], getattr(recommender, "n_learned", 0))
+            for name, learner in list(getattr(recommender, "learners", {}).items()):
+                family.add_metric([name], getattr(learner, "n_learned", 0))
+        yield family

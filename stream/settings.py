@@ -119,6 +119,7 @@ class Settings:
     session_timeout_s: int = _env("STREAMREC_KAFKA_SESSION_TIMEOUT_S", "30", "a worker that stops heartbeating is replaced after this long")
     snapshot_interval_s: int = _env("STREAMREC_SNAPSHOT_INTERVAL_S", "300", "how often the online models are snapshotted to Redis")
     snapshot_fork: bool = _env("STREAMREC_SNAPSHOT_FORK", "true", "write the model snapshot in a forked child process, so the worker stops only for the fork (stream/snapshots.py); false: on the event loop")
+    learn_all_partitions: bool = _env("STREAMREC_LEARN_ALL_PARTITIONS", "true", "the online models also learn the input partitions other workers of the group own, read with a consumer of their own, each event once (one model across workers; stream/peers.py); false: each worker's models learn its own partitions only")
     gc_freeze: bool = _env("STREAMREC_GC_FREEZE", "true", "freeze what survives a young garbage collection, so the collector never walks the long-lived heap (short pauses; stream/gcpolicy.py)")
     log_level: str = _env("STREAMREC_LOG_LEVEL", "info", "debug, info, warning or error")
     max_future_s: int = _env("STREAMREC_MAX_FUTURE_S", "3600", "an event whose ts is further ahead of the worker's clock is dead-lettered (ts_out_of_window)")
@@ -128,6 +129,7 @@ class Settings:
     max_json_depth: int = _env("STREAMREC_MAX_JSON_DEPTH", "32", "deepest nesting of arrays and objects in an event (at most 32; too_deep)")
     replication_factor: int = _env("STREAMREC_REPLICATION_FACTOR", "1", "replicas of each topic streamrec creates (3 in production)")
     min_insync_replicas: int = _env("STREAMREC_MIN_INSYNC_REPLICAS", "1", "min.insync.replicas of each topic streamrec creates (2 with 3 replicas): with acks=all a write needs this many")
+    pseudonym_key: str = _env("STREAMREC_PSEUDONYM_KEY", "", "secret of the keyed hash (HMAC-SHA256) the worker stores and learns user ids as, so that user state and model snapshots never hold a site's ids (recommendations still go out under them; stream/pseudonyms.py); empty: raw ids; changing it starts every user afresh", secret=True)
     snapshot_key: str = _env("STREAMREC_SNAPSHOT_KEY", "", "secret that signs and checks the online models' snapshots (HMAC-SHA256); empty: unsigned", secret=True)
 
     @classmethod

@@ -22,6 +22,7 @@ from stream.batching import drop_stale
 from stream.handler import BatchHandler, Claims, RawMessage
 from stream.health import Health, check_readiness
 from stream.lag import LagMetrics, update_lag
+from stream.peers import PeerLearner
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
 from stream.publisher import BatchPublisher
@@ -63,6 +64,9 @@ class Shell:
     handler: BatchHandler = field(init=False)
     snapshots: ModelSnapshots = field(init=False)
     lag: LagMetrics = field(init=False)
+    #: reads the partitions other workers own for the models (STREAMREC_LEARN_ALL_PARTITIONS), or None
+    peers: PeerLearner | None = field(init=False)
+    peers_started: bool = False
 
     def __post_init__(self) -> None:
         settings = self.settings
@@ -73,6 +77,12 @@ class Shell:
                                         fork=settings.snapshot_fork,
                                         timeout_s=max(60.0, settings.snapshot_interval_s))
         self.lag = LagMetrics(self.metrics.registry)
+        self.peers = None
+        if settings.learn_all_partitions:
+            self.peers = PeerLearner(self.step, settings.kafka.client_options(), settings.topics.inputs,
+                                     settings.bounds, self.busy, self.metrics,
+                                     lambda: committed_offsets(settings.kafka, settings.app_id))
+        self.metrics.watch_models(lambda: self.step.recommender)
 
     # -- start and stop ----------------------------------------------------------------
     async def restore_models(self) -> None:
@@ -95,7 +105,9 @@ class Shell:
         """Claim the input partitions now this worker's (a write of a worker that held them
         before is refused from now on: stream/state.py, fencing); a claim that fails now (the
         store is down) is taken before the partition's first batch instead. At the first
-        assignment, start learning again what the models' snapshot misses."""
+        assignment, start learning again what the models' snapshot misses. With
+        ``STREAMREC_LEARN_ALL_PARTITIONS``, the peer reader is told which input partitions the
+        worker now does not own: the models learn those too (stream/peers.py)."""
         settings = self.settings
         parts = {tp.partition for tp in assigned if tp.topic in settings.topics.inputs}
         generation = self.generation()
@@ -108,11 +120,20 @@ class Shell:
         if not self.replayed:
             self.replayed = True
             app.add_future(self.replay_once(app, self.restored))
+        if self.peers is not None:
+            self.peers.assign(((tp.topic, tp.partition) for tp in assigned), input_partitions(app, settings, assigned))
+            if not self.peers_started:  # it waits for the models to be restored and replayed
+                self.peers_started = True
+                app.add_future(self.peers.run(self.models_ready))
 
     async def on_revoked(self, revoked) -> None:
         """Faust has suspended the flow: the batch in hand finishes (its state saved) before
         the partitions go to their next owner, so that owner never loads a user's state under
-        a write still to come (``stream_wait_empty=False``: Faust itself waits for nothing)."""
+        a write still to come (``stream_wait_empty=False``: Faust itself waits for nothing).
+        The models stop learning other workers' partitions until the new assignment is known:
+        one of them may be this worker's again."""
+        if self.peers is not None:
+            self.peers.pause()
         wait_s = self.settings.session_timeout_s / 2
         if revoked and not await self.wait_idle(wait_s):
             log.warning("rebalance: the batch in hand did not finish within %.1f s; it is redelivered to the "
@@ -186,7 +207,7 @@ class Shell:
         learned = step.recommender.learned_offsets
         if not learned:
             return
-        committed = await asyncio.to_thread(committed_offsets, settings.kafka_bootstrap, settings.app_id)
+        committed = await asyncio.to_thread(committed_offsets, settings.kafka, settings.app_id)
         mine = {(tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in settings.topics.inputs}
         todo = gaps(learned, {tp: off for tp, off in committed.items() if tp in mine})
         if not todo:
@@ -195,7 +216,7 @@ class Shell:
         log.info("the models' snapshot misses %d event(s) before the committed offsets (%s); learning them again",
                  total, ", ".join(f"{g.topic}[{g.partition}] {g.start}-{g.end - 1}" for g in todo))
         start = time.monotonic()
-        n = await replay(step, settings.kafka_bootstrap, todo, settings.bounds)
+        n = await replay(step, settings.kafka, todo, settings.bounds)
         self.metrics.events_relearned.inc(n)
         log.info("learned %d event(s) again in %.1f s", n, time.monotonic() - start)
 
@@ -278,6 +299,21 @@ def load_scorer(settings: Settings, metrics: Metrics, refused: set[str] | None =
     return scorer
 
 
+def input_partitions(app, settings: Settings, assigned) -> dict[str, range]:
+    """The partitions of each input topic, as the consumer group's metadata counted them at
+    this rebalance (``STREAMREC_PARTITIONS`` where it does not know a topic, or more where
+    the assignment holds a higher partition)."""
+    counts = {}
+    for topic in settings.topics.inputs:
+        try:
+            n = app.consumer.topic_partitions(topic)
+        except Exception:  # noqa: BLE001 - no consumer yet: the configured count
+            n = None
+        highest = max((tp.partition + 1 for tp in assigned if tp.topic == topic), default=0)
+        counts[topic] = range(max(n or settings.partitions, highest))
+    return counts
+
+
 def raw_message(message) -> RawMessage:
     """The handler's view of a Faust message."""
     ts = message.timestamp
@@ -285,4 +321,4 @@ def raw_message(message) -> RawMessage:
                       int(ts * 1000) if ts else None, message.generation_id)
 
 
-__all__ = ["Shell", "load_scorer", "raw_message"]
+__all__ = ["Shell", "input_partitions", "load_scorer", "raw_message"]

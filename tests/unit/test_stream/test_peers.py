@@ -1,0 +1,148 @@
+"""The arithmetic of learning the other workers' partitions (stream/peers.py): which partitions
+a worker reads, where it starts each, and that what it learns it learns once, in the watermark's
+terms, whatever the order of assignments and fetches."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+from aiokafka import TopicPartition
+from hypothesis import given
+from hypothesis import strategies as st
+
+from online_models import Recommender
+from stream.peers import PeerLearner, RecentKeys, foreign_partitions, start_offsets
+from stream.pipeline import RecommendationStep
+from stream.prometheus import Metrics
+from stream.records import Bounds, ClickEvent, encode
+from stream.settings import Settings
+from stream.shell import input_partitions
+
+TOPICS = ("s.clicks", "s.purchases")
+
+
+@given(n_partitions=st.integers(1, 12), owners=st.lists(st.integers(0, 5), min_size=12, max_size=12))
+def test_every_partition_is_owned_by_one_worker_and_read_by_every_other(n_partitions, owners):
+    """However the group spreads the partitions over workers, each partition is learned by its
+    owner's step and by every other worker's reader: each worker's models see all of them."""
+    workers = sorted(set(owners[:n_partitions]))
+    partitions = {t: range(n_partitions) for t in TOPICS}
+    owned = {w: {(t, p) for t in TOPICS for p in range(n_partitions) if owners[p] == w} for w in workers}
+    everything = {(t, p) for t in TOPICS for p in range(n_partitions)}
+    for w in workers:
+        foreign = foreign_partitions(partitions, owned[w])
+        assert foreign.isdisjoint(owned[w])
+        assert foreign | owned[w] == everything
+    for tp in everything:
+        assert sum(tp in foreign_partitions(partitions, owned[w]) for w in workers) == len(workers) - 1
+
+
+def test_a_lone_worker_reads_nothing_and_other_topics_do_not_count():
+    partitions = {"s.clicks": range(2)}
+    assert foreign_partitions(partitions, {("s.clicks", 0), ("s.clicks", 1), ("leader", 0)}) == set()
+    assert foreign_partitions(partitions, set()) == {("s.clicks", 0), ("s.clicks", 1)}
+
+
+def test_each_partition_starts_after_the_watermark_else_at_the_committed_offset_else_at_the_beginning():
+    starts = start_offsets([("s.clicks", 0), ("s.clicks", 1), ("s.clicks", 2), ("s.purchases", 0)],
+                           {"s.clicks:0": 99, "s.clicks:3": 5},
+                           {("s.clicks", 0): 40, ("s.clicks", 1): 17})
+    assert starts == {("s.clicks", 0): 100,  # the watermark wins over an older commit
+                      ("s.clicks", 1): 17,  # never learned: where the group's owner resumes
+                      ("s.clicks", 2): None, ("s.purchases", 0): None}  # nothing committed: the beginning
+
+
+def test_recent_keys_stay_bounded_and_remember_the_latest():
+    keys = RecentKeys(size=100)
+    for i in range(1000):
+        keys.add(("u", str(i)))
+    assert len(keys) <= 200
+    assert ("u", "999") in keys and ("u", "900") in keys and ("u", "0") not in keys
+
+
+def test_input_partitions_come_from_the_groups_metadata_else_from_the_settings():
+    settings = Settings.from_env({"STREAMREC_TOPIC_PREFIX": "s.", "STREAMREC_PARTITIONS": "3"})
+    tp = SimpleNamespace
+    app = SimpleNamespace(consumer=SimpleNamespace(topic_partitions=lambda t: {"s.clicks": 8}.get(t)))
+    got = input_partitions(app, settings, [tp(topic="s.purchases", partition=4)])
+    assert got == {"s.clicks": range(8), "s.purchases": range(5)}
+
+
+# -- learning a fetched chunk -----------------------------------------------------------
+
+
+class Fetched:
+    """What the reader's consumer reports about a fetch: each partition's high-water mark."""
+
+    def __init__(self, high: int) -> None:
+        self.high = high
+
+    def highwater(self, tp) -> int:
+        return self.high
+
+
+def record(offset: int, value: bytes) -> SimpleNamespace:
+    return SimpleNamespace(offset=offset, value=value)
+
+
+def click(i: int, user: str = "u1") -> bytes:
+    return encode(ClickEvent(event_id=f"e{i}", user_id=user, item_id=f"i{i % 7}", ts=1_700_000_000_000 + i))
+
+
+def reader(step: RecommendationStep, metrics: Metrics) -> PeerLearner:
+    peers = PeerLearner(step, {"bootstrap_servers": "unused:9092"}, TOPICS, Bounds(), asyncio.Lock(), metrics, committed=dict)
+    peers.assign({("s.clicks", 0), ("s.purchases", 0)}, {t: range(2) for t in TOPICS})
+    peers.reading = frozenset({("s.clicks", 1), ("s.purchases", 1)})
+    return peers
+
+
+async def test_a_chunk_is_learned_once_above_the_watermark_and_moves_it_past_values_that_do_not_decode():
+    step, metrics = RecommendationStep(Recommender.default()), Metrics()
+    step.recommender.learned_offsets["s.clicks:1"] = 4  # 0-4 learned already (the owner's step, before a move)
+    peers = reader(step, metrics)
+    tp = TopicPartition("s.clicks", 1)
+    batch = {tp: [record(i, click(i)) for i in range(3, 10)] + [record(10, b"not json")]}
+    await peers._learn(Fetched(high=12), batch, peers._version)
+    assert step.recommender.n_learned == 5  # offsets 5-9
+    assert step.recommender.learned_offsets["s.clicks:1"] == 10  # past the dead letter too
+    await peers._learn(Fetched(high=12), batch, peers._version)  # fetched again: nothing new
+    assert step.recommender.n_learned == 5
+    assert metrics.peer_events_learned._value.get() == 5
+    assert metrics.peer_lag._value.get() == 1  # offset 11 is still to come
+
+
+async def test_a_chunk_fetched_before_a_rebalance_is_dropped_and_owned_partitions_are_never_learned():
+    step, metrics = RecommendationStep(Recommender.default()), Metrics()
+    peers = reader(step, metrics)
+    foreign = TopicPartition("s.clicks", 1)
+    owned = TopicPartition("s.clicks", 0)
+    version = peers._version
+    peers.pause()  # a rebalance began after the fetch
+    await peers._learn(Fetched(high=3), {foreign: [record(i, click(i)) for i in range(3)]}, version)
+    assert step.recommender.n_learned == 0 and step.recommender.learned_offsets == {}
+    await peers._learn(Fetched(high=3), {owned: [record(i, click(i)) for i in range(3)]}, peers._version)
+    assert step.recommender.n_learned == 0 and step.recommender.learned_offsets == {}
+
+
+async def test_learning_waits_for_the_batch_in_hand():
+    step, metrics = RecommendationStep(Recommender.default()), Metrics()
+    peers = reader(step, metrics)
+    tp = TopicPartition("s.clicks", 1)
+    async with peers.lock:  # a batch is being handled
+        learning = asyncio.ensure_future(peers._learn(Fetched(high=1), {tp: [record(0, click(0))]}, peers._version))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not learning.done() and step.recommender.n_learned == 0
+    await learning
+    assert step.recommender.n_learned == 1
+
+
+def test_the_metrics_count_what_each_learner_learned():
+    metrics, model = Metrics(), Recommender.default()
+    metrics.watch_models(lambda: model)
+    assert metrics.registry.get_sample_value("streamrec_model_events_learned", {"model": "recommender"}) == 0
+    step = RecommendationStep(model)
+    step.relearn([ClickEvent(event_id="e", user_id="u", item_id="i", ts=1)], [("s.clicks:0", 0)])
+    for name in ("recommender", *model.learners):
+        assert metrics.registry.get_sample_value("streamrec_model_events_learned", {"model": name}) == 1
