@@ -31,11 +31,14 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+import msgspec
+
 from stream.decoding import decode_event
 from stream.errors import InvalidEvent
 from stream.health import Health
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
+from stream.pseudonyms import Pseudonyms
 from stream.publisher import OutRecord
 from stream.records import DEFAULT_BOUNDS, Bounds, DeadLetter, Event, dead_letter, encode
 from stream.retry import Backoff
@@ -98,6 +101,7 @@ class BatchHandler:
         health: Health | None = None,
         bounds: Bounds = DEFAULT_BOUNDS,
         claims: Claims | None = None,
+        pseudonyms: Pseudonyms | None = None,
     ) -> None:
         self.step = step
         self.store = store
@@ -108,6 +112,7 @@ class BatchHandler:
         self.health = health
         self.bounds = bounds
         self.claims = claims
+        self.pseudonyms = pseudonyms  # None: the models and the state keep the site's user ids
         self.batches = 0
         self.events_applied = 0
         self._rebuilt_seen = 0
@@ -157,6 +162,9 @@ class BatchHandler:
                 continue
             positions.append(msg.position)
             carriers.append(msg)
+        site_ids: dict[str, str] | None = None  # pseudonym -> the id the site sent
+        if self.pseudonyms is not None and events:
+            events, site_ids = self.pseudonyms.events(events)
         t1 = clock()
 
         fence = await self._fence(messages) if self.claims is not None and events else None
@@ -178,10 +186,15 @@ class BatchHandler:
             log.error("event at %s[%d]@%d (user %r) dead-lettered: %s", msg.topic, msg.partition, msg.offset,
                       events[f.index].user_id, f.reason, exc_info=f.error)
             dead.append((msg, _failure_letter("processing_error", f.reason, msg)))
-        out: list[OutRecord] = [
-            (self.topics.recommendations, rec.user_id.encode(), payload)
-            for rec, payload in zip(result.recommendations, result.payloads, strict=True)
-        ]
+        if site_ids is None:
+            out: list[OutRecord] = [
+                (self.topics.recommendations, rec.user_id.encode(), payload)
+                for rec, payload in zip(result.recommendations, result.payloads, strict=True)
+            ]
+        else:  # keyed by, and naming, the id the site sent
+            out = [(self.topics.recommendations, site_ids[rec.user_id].encode(),
+                    encode(msgspec.structs.replace(rec, user_id=site_ids[rec.user_id])))
+                   for rec in result.recommendations]
         out += [(self.topics.dlq, msg.key, encode(letter)) for msg, letter in dead]
         await self._publish(out)
         published_ms = now_ms()

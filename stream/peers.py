@@ -49,6 +49,7 @@ from stream.decoding import decode_event
 from stream.errors import InvalidEvent
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
+from stream.pseudonyms import Pseudonyms
 from stream.records import Bounds
 from stream.retry import Backoff
 from stream.step_inputs import source_of
@@ -134,10 +135,12 @@ class PeerLearner:
 
     def __init__(self, step: RecommendationStep, kafka: Mapping[str, object], inputs: Sequence[str], bounds: Bounds,
                  lock: asyncio.Lock, metrics: Metrics, committed: Callable[[], Mapping[Partition, int]],
-                 chunk: int = CHUNK, poll_ms: int = 200, backoff: Backoff | None = None) -> None:
+                 chunk: int = CHUNK, poll_ms: int = 200, backoff: Backoff | None = None,
+                 pseudonyms: Pseudonyms | None = None) -> None:
         self.step, self.kafka, self.inputs, self.bounds = step, dict(kafka), tuple(inputs), bounds
         self.lock, self.metrics, self.committed = lock, metrics, committed
         self.chunk, self.poll_ms = chunk, poll_ms
+        self.pseudonyms = pseudonyms  # the worker's: the models learn the ids its live step does
         self.backoff = backoff or Backoff(base_s=0.5, cap_s=30.0)
         #: the partitions this worker owns now; None: a rebalance is under way (read nothing)
         self._owned: frozenset[Partition] | None = None
@@ -257,6 +260,8 @@ class PeerLearner:
                 self._lag[(tp.topic, tp.partition)] = max(0, high - records[-1].offset - 1)
         if not ends:
             return
+        if self.pseudonyms is not None and events:
+            events = self.pseudonyms.events(events)[0]
         async with self.lock:
             if version != self._version:
                 return  # a rebalance since the fetch: the next assignment starts from the watermarks

@@ -29,6 +29,7 @@ from stream.connections import KafkaConnection
 from stream.decoding import decode_event
 from stream.errors import InvalidEvent
 from stream.pipeline import RecommendationStep
+from stream.pseudonyms import Pseudonyms
 from stream.records import Bounds
 from stream.step_inputs import source_of
 
@@ -70,9 +71,10 @@ def gaps(learned: Mapping[str, int], committed: Mapping[tuple[str, int], int]) -
 
 
 async def replay(step: RecommendationStep, bootstrap: KafkaConnection | str, todo: Sequence[Gap], bounds: Bounds,
-                 fetch_timeout_s: float = 30.0) -> int:
+                 fetch_timeout_s: float = 30.0, pseudonyms: Pseudonyms | None = None) -> int:
     """Teach the models every event of ``todo``; returns how many they learned. ``bootstrap``:
-    ``Settings.kafka`` (or bootstrap servers alone for a plaintext broker)."""
+    ``Settings.kafka`` (or bootstrap servers alone for a plaintext broker); ``pseudonyms``: the
+    worker's (``STREAMREC_PSEUDONYM_KEY``), so that the models learn the ids the live step does."""
     if not todo:
         return 0
     consumer = AIOKafkaConsumer(**KafkaConnection.of(bootstrap).client_options(), enable_auto_commit=False, group_id=None,
@@ -103,6 +105,8 @@ async def replay(step: RecommendationStep, bootstrap: KafkaConnection | str, tod
                 if records and (records[-1].offset + 1 >= ends[tp] or await consumer.position(tp) >= ends[tp]):
                     open_.discard(tp)
             if events:
+                if pseudonyms is not None:
+                    events = pseudonyms.events(events)[0]
                 learned += await asyncio.to_thread(step.relearn, events, positions, seen)
         step.advance([(source_of(g.topic, g.partition), g.end - 1) for g in todo])  # dead letters included
     finally:

@@ -25,6 +25,7 @@ from stream.lag import LagMetrics, update_lag
 from stream.peers import PeerLearner
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
+from stream.pseudonyms import Pseudonyms, pseudonyms_of
 from stream.publisher import BatchPublisher
 from stream.replay import gaps, replay
 from stream.retry import Backoff
@@ -61,6 +62,8 @@ class Shell:
     #: scorer versions that failed to load: counted once, not tried again
     refused_models: set[str] = field(default_factory=set)
     claims: Claims = field(init=False)
+    #: the keyed hash the state and the models hold user ids as (STREAMREC_PSEUDONYM_KEY), or None
+    pseudonyms: Pseudonyms | None = field(init=False)
     handler: BatchHandler = field(init=False)
     snapshots: ModelSnapshots = field(init=False)
     lag: LagMetrics = field(init=False)
@@ -71,8 +74,10 @@ class Shell:
     def __post_init__(self) -> None:
         settings = self.settings
         self.claims = Claims(self.generation)
+        self.pseudonyms = pseudonyms_of(settings.pseudonym_key)
         self.handler = BatchHandler(self.step, self.store, self.publisher.publish, settings.topics, self.metrics,
-                                    health=self.health, bounds=settings.bounds, claims=self.claims)
+                                    health=self.health, bounds=settings.bounds, claims=self.claims,
+                                    pseudonyms=self.pseudonyms)
         self.snapshots = ModelSnapshots(self.store, self.metrics, self.busy, settings.snapshot_key or None,
                                         fork=settings.snapshot_fork,
                                         timeout_s=max(60.0, settings.snapshot_interval_s))
@@ -81,7 +86,8 @@ class Shell:
         if settings.learn_all_partitions:
             self.peers = PeerLearner(self.step, settings.kafka.client_options(), settings.topics.inputs,
                                      settings.bounds, self.busy, self.metrics,
-                                     lambda: committed_offsets(settings.kafka, settings.app_id))
+                                     lambda: committed_offsets(settings.kafka, settings.app_id),
+                                     pseudonyms=self.pseudonyms)
         self.metrics.watch_models(lambda: self.step.recommender)
 
     # -- start and stop ----------------------------------------------------------------
@@ -216,7 +222,7 @@ class Shell:
         log.info("the models' snapshot misses %d event(s) before the committed offsets (%s); learning them again",
                  total, ", ".join(f"{g.topic}[{g.partition}] {g.start}-{g.end - 1}" for g in todo))
         start = time.monotonic()
-        n = await replay(step, settings.kafka, todo, settings.bounds)
+        n = await replay(step, settings.kafka, todo, settings.bounds, pseudonyms=self.pseudonyms)
         self.metrics.events_relearned.inc(n)
         log.info("learned %d event(s) again in %.1f s", n, time.monotonic() - start)
 

@@ -27,6 +27,7 @@ from secure import Certs, SecureKafka, SecureRedis, make_certs, secure_kafka, se
 from workerkit import WorkerProcess, wait_for
 
 from stream.connections import AccessDenied
+from stream.pseudonyms import Pseudonyms
 from stream.records import decode_recommendation
 from stream.settings import Settings
 from stream.state import RedisUserStateStore, UserState
@@ -124,8 +125,8 @@ def test_worker_and_produce_over_sasl_ssl_and_redis_tls_and_no_secret_shows(
                    STREAMREC_REDIS_SSL_CA_FILE=str(certs.ca), STREAMREC_TOPIC_PREFIX=PREFIX,
                    STREAMREC_APP_ID=f"sec{uuid.uuid4().hex[:8]}", STREAMREC_BATCH_TIMEOUT_MS="5",
                    STREAMREC_SNAPSHOT_INTERVAL_S="2", STREAMREC_KAFKA_SESSION_TIMEOUT_S="6",
-                   STREAMREC_SNAPSHOT_KEY=f"snapkey-{uuid.uuid4().hex}")
-    secrets = [sasl_password, redis_tls.password, env["STREAMREC_SNAPSHOT_KEY"]]
+                   STREAMREC_SNAPSHOT_KEY=f"snapkey-{uuid.uuid4().hex}", STREAMREC_PSEUDONYM_KEY=f"pseudokey-{uuid.uuid4().hex}")
+    secrets = [sasl_password, redis_tls.password, env["STREAMREC_SNAPSHOT_KEY"], env["STREAMREC_PSEUDONYM_KEY"]]
     settings = Settings.from_env(env)
     ensure_topics(settings.kafka, settings.topics.all, 2, timeout_s=60)
 
@@ -155,7 +156,9 @@ def test_worker_and_produce_over_sasl_ssl_and_redis_tls_and_no_secret_shows(
         assert rec.items and rec.user_id == got[0].key.decode()
 
         with redis.Redis.from_url(redis_tls.url(), ssl_ca_certs=str(certs.ca)) as client:
-            assert client.exists(f"{PREFIX}user:{rec.user_id}")  # state went to Redis over TLS, as the ACL user
+            # state went to Redis over TLS, as the ACL user, under the user's pseudonym
+            assert client.exists(f"{PREFIX}user:{Pseudonyms(env['STREAMREC_PSEUDONYM_KEY']).of(rec.user_id)}")
+            assert not client.exists(f"{PREFIX}user:{rec.user_id}")
             # the forked child writes the snapshot over a connection of its own, with the same CA
             wait_for(lambda: client.exists(f"{PREFIX}models:snapshot"), 60, "a model snapshot in Redis", worker)
 
