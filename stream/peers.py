@@ -126,6 +126,10 @@ class RecentKeys:
         return len(self._new) + len(self._old)
 
 
+#: a reader that ran this long before failing had recovered: its back-off starts again from the shortest
+BACKOFF_RESET_S = 60.0
+
+
 class PeerLearner:
     """Reads the input partitions other workers own and teaches their events to ``step``'s
     models (see the module's docstring). ``kafka`` holds the reader's consumer options (at least
@@ -177,12 +181,15 @@ class PeerLearner:
         await ready.wait()
         delays = self.backoff.delays()
         while True:
+            started = time.monotonic()
             try:
                 await self._read()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the worker serves on; the reader starts again
                 self.metrics.peer_failures.inc()
+                if time.monotonic() - started > BACKOFF_RESET_S:  # it had recovered: a new failure starts short
+                    delays = self.backoff.delays()
                 delay = next(delays)
                 log.warning("learning the other workers' partitions failed (%r); starting again in %.1f s", exc, delay)
                 await asyncio.sleep(delay)

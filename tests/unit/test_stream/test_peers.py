@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from aiokafka import TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
 from online_models import Recommender
 from stream.peers import PeerLearner, RecentKeys, foreign_partitions, start_offsets
@@ -146,3 +147,40 @@ def test_the_metrics_count_what_each_learner_learned():
     step.relearn([ClickEvent(event_id="e", user_id="u", item_id="i", ts=1)], [("s.clicks:0", 0)])
     for name in ("recommender", *model.learners):
         assert metrics.registry.get_sample_value("streamrec_model_events_learned", {"model": name}) == 1
+
+
+async def test_the_back_off_starts_short_again_after_the_reader_recovered(monkeypatch):
+    """Failures in a row wait longer each time; a failure after a long good run waits the
+    shortest time again, not what the last outage had grown to."""
+    import stream.peers as peers_module
+    from stream.retry import Backoff
+
+    clock = [0.0]
+    monkeypatch.setattr(peers_module.time, "monotonic", lambda: clock[0])
+    waits: list[float] = []
+
+    async def sleep(delay):
+        waits.append(delay)
+
+    monkeypatch.setattr(peers_module.asyncio, "sleep", sleep)
+    runs = iter([0.0, 0.0, 0.0, 3600.0, 0.0, None])  # how long each _read runs before failing; None: cancelled
+
+    async def read():
+        ran = next(runs)
+        if ran is None:
+            raise asyncio.CancelledError
+        clock[0] += ran
+        raise ConnectionError("broker gone")
+
+    step = RecommendationStep(Recommender.default(), None)
+    peers = PeerLearner(step, {"bootstrap_servers": "unused:9092"}, TOPICS, Bounds(), asyncio.Lock(),
+                        Metrics(CollectorRegistry()), committed=dict,
+                        backoff=Backoff(base_s=0.5, cap_s=30.0, jitter=0.0))
+    peers._read = read
+    ready = asyncio.Event()
+    ready.set()
+    try:
+        await peers.run(ready)
+    except asyncio.CancelledError:
+        pass
+    assert waits == [0.5, 1.0, 2.0, 0.5, 1.0]
