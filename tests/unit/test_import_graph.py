@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("import_graph", ROOT / "bench" / "import_graph.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["import_graph"] = module
-    spec.loader.exec_module(module)
-    return module
+from bench_scripts import load_bench
 
 
 def test_the_project_graph_has_no_cycle_and_keeps_its_layers(capsys):
-    graph = load_script()
+    graph = load_bench("import_graph")
     code = graph.main([])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -26,7 +14,7 @@ def test_the_project_graph_has_no_cycle_and_keeps_its_layers(capsys):
 
 
 def test_the_checker_sees_a_cycle_and_an_import_inside_a_function(tmp_path, monkeypatch):
-    graph = load_script()
+    graph = load_bench("import_graph")
     for pkg in graph.PACKAGES:
         (tmp_path / pkg).mkdir()
         (tmp_path / pkg / "__init__.py").write_text("")

@@ -3,29 +3,17 @@ registry's own parity check, scores close to fp32, and the script runs end to en
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_scripts import load_bench
 from tiny_models import register_tiny, tiny_result
 
 from gpu_scorer.errors import ModelLoadError
 from gpu_scorer.registry import ModelRegistry, verify_parity
 
 pytest.importorskip("onnx")  # onnxruntime.quantization needs it (the train extra)
-
-ROOT = Path(__file__).resolve().parents[3]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("quant_bench", ROOT / "bench" / "quant_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["quant_bench"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _sample(n=32):
@@ -35,7 +23,7 @@ def _sample(n=32):
 
 
 def test_an_int8_version_passes_the_registry_check_and_ranks_like_fp32(tmp_path):
-    qb = load_script()
+    qb = load_bench("quant_bench")
     fp32_root = tmp_path / "fp32"
     fp32_version = register_tiny(fp32_root)
     fp32_dir = fp32_root / fp32_version
@@ -64,7 +52,7 @@ def test_an_int8_version_passes_the_registry_check_and_ranks_like_fp32(tmp_path)
 
 
 def test_the_script_runs_end_to_end_without_quality(tmp_path, capsys):
-    qb = load_script()
+    qb = load_bench("quant_bench")
     fp32_root = tmp_path / "fp32"
     register_tiny(fp32_root)
     report = tmp_path / "report.json"
