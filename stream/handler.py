@@ -31,8 +31,6 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-import msgspec
-
 from stream.decoding import decode_event
 from stream.errors import InvalidEvent
 from stream.health import Health
@@ -176,9 +174,9 @@ class BatchHandler:
             # a big batch means a backlog: in a thread, the event loop keeps fetching the next
             # batch (Faust hands each message over in several loop turns) while the models
             # work; the step is not shared meanwhile
-            result = await asyncio.to_thread(self.step, events, states, now_ms, positions)
+            result = await asyncio.to_thread(self.step, events, states, now_ms, positions, site_ids=site_ids)
         else:  # a small one: a thread would only add GIL hand-offs to its latency
-            result = self.step(events, states, now_ms, positions)
+            result = self.step(events, states, now_ms, positions, site_ids=site_ids)
         t3 = clock()
 
         for f in result.failures:
@@ -186,15 +184,10 @@ class BatchHandler:
             log.error("event at %s[%d]@%d (user %r) dead-lettered: %s", msg.topic, msg.partition, msg.offset,
                       events[f.index].user_id, f.reason, exc_info=f.error)
             dead.append((msg, _failure_letter("processing_error", f.reason, msg)))
-        if site_ids is None:
-            out: list[OutRecord] = [
-                (self.topics.recommendations, rec.user_id.encode(), payload)
-                for rec, payload in zip(result.recommendations, result.payloads, strict=True)
-            ]
-        else:  # keyed by, and naming, the id the site sent
-            out = [(self.topics.recommendations, site_ids[rec.user_id].encode(),
-                    encode(msgspec.structs.replace(rec, user_id=site_ids[rec.user_id])))
-                   for rec in result.recommendations]
+        out: list[OutRecord] = [  # keyed by, and naming, the id the site sent (site_ids: under pseudonyms)
+            (self.topics.recommendations, rec.user_id.encode(), payload)
+            for rec, payload in zip(result.recommendations, result.payloads, strict=True)
+        ]
         out += [(self.topics.dlq, msg.key, encode(letter)) for msg, letter in dead]
         await self._publish(out)
         published_ms = now_ms()

@@ -38,7 +38,7 @@ the start of the batch and the user's state after all of the user's events in it
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -118,9 +118,14 @@ class RecommendationStep:
         return versions
 
     def __call__(self, events: Sequence[Event], states: dict[str, UserState], now_ms: Callable[[], int],
-                 positions: Sequence[tuple[str, int]] | None = None, learn: bool = True) -> StepResult:
+                 positions: Sequence[tuple[str, int]] | None = None, learn: bool = True,
+                 site_ids: Mapping[str, str] | None = None) -> StepResult:
         """``states`` holds the loaded state of every user in ``events`` (missing users start
         fresh); it is read, never changed. ``now_ms`` stamps ``generated_ts``.
+
+        ``site_ids`` (pseudonym -> the id the site sent, under ``STREAMREC_PSEUDONYM_KEY``): the
+        recommendations name, and are published under, the site's ids; everything else keeps
+        the events' (pseudonymous) ids.
 
         ``positions``, where the events come from Kafka, gives each event's ``("topic:partition",
         offset)``: an event at or below the offset its user's state already applied is a
@@ -134,7 +139,8 @@ class RecommendationStep:
         timings["learn"] += clock() - t0
 
         versions = self.model_versions()
-        ranked, rank_failed = self._rank_isolated(plan.states, events, plan.applied, versions, now_ms, timings)
+        ranked, rank_failed = self._rank_isolated(plan.states, events, plan.applied, versions, now_ms, timings,
+                                                  site_ids)
         failures = plan.failures
         for uid, exc in rank_failed.items():  # the user's events are neither applied nor learned
             failures.extend(Failure(i, "rank", exc) for i in plan.applied.pop(uid))
@@ -157,7 +163,7 @@ class RecommendationStep:
                     plan.applied.pop(uid, None)
                     ranked.pop(uid, None)
             again, failed_again = self._rank_isolated({u: plan.states[u] for u in failed_learning if u in plan.states},
-                                                      events, plan.applied, versions, now_ms, timings)
+                                                      events, plan.applied, versions, now_ms, timings, site_ids)
             ranked.update(again)
             for uid in failed_again:  # learned already: applied, but no list this time
                 ranked.pop(uid, None)
@@ -283,7 +289,7 @@ class RecommendationStep:
     # -- step 2 ---------------------------------------------------------------------------
     def _rank_isolated(self, states: dict[str, UserState], events: Sequence[Event], applied: dict[str, list[int]],
                        versions: dict[str, str], now_ms: Callable[[], int], timings: dict[str, float],
-                       ) -> tuple[dict[str, _Ranked], dict[str, BaseException]]:
+                       site_ids: Mapping[str, str] | None = None) -> tuple[dict[str, _Ranked], dict[str, BaseException]]:
         """:meth:`_rank` of every user; a group that raises is split in halves until each
         failing user is alone (ranking changes nothing that a second attempt would repeat)."""
         ranked: dict[str, _Ranked] = {}
@@ -292,7 +298,7 @@ class RecommendationStep:
         while pending:
             users = pending.pop()
             try:
-                ranked.update(self._rank(users, states, events, applied, versions, now_ms, timings))
+                ranked.update(self._rank(users, states, events, applied, versions, now_ms, timings, site_ids))
             except Exception as exc:  # noqa: BLE001 - isolated below
                 if len(users) == 1:
                     failed[users[0]] = exc
@@ -303,7 +309,7 @@ class RecommendationStep:
 
     def _rank(self, users: list[str], states: dict[str, UserState], events: Sequence[Event],
               applied: dict[str, list[int]], versions: dict[str, str], now_ms: Callable[[], int],
-              timings: dict[str, float]) -> dict[str, _Ranked]:
+              timings: dict[str, float], site_ids: Mapping[str, str] | None = None) -> dict[str, _Ranked]:
         clock = time.perf_counter
         t1 = clock()
         contexts = [user_context(states[u]) for u in users]
@@ -331,7 +337,7 @@ class RecommendationStep:
             state = states[uid]
             state.last_recommended = [r.item_id for r in items]
             trigger = events[applied[uid][-1]]
-            rec = Recommendation(user_id=uid, items=items, trigger_event_id=trigger.event_id, event_ts=trigger.ts,
+            rec = Recommendation(user_id=site_ids.get(uid, uid) if site_ids else uid, items=items, trigger_event_id=trigger.event_id, event_ts=trigger.ts,
                                  generated_ts=generated, model=versions)
             out[uid] = _Ranked(items, state, encode_state(state), rec, encode(rec))
         t4 = clock()
