@@ -106,9 +106,12 @@ class ClickReranker(ParamsMixin):
 
     def learn_one(self, features: Mapping[str, float], clicked: bool) -> None:
         """One labelled shown item."""
-        self.model.learn_row(list(features), list(features.values()), bool(clicked))
+        self._learn(list(features), list(features.values()), bool(clicked))
+
+    def _learn(self, names: Sequence[str], values: Sequence[float], clicked: bool) -> None:
+        self.model.learn_row(names, values, clicked)
         self.n_learned += 1
-        self.n_positives += bool(clicked)
+        self.n_positives += clicked
 
     def learn_shown(self, shown: Mapping[str, Mapping[str, float]], next_item: str) -> None:
         """Learn from a published list (item -> features) and the item the user went to.
@@ -124,15 +127,12 @@ class ClickReranker(ParamsMixin):
         """:meth:`learn_shown` for a list kept compactly: ``rows[i]`` describes ``items[i]``."""
         if len(items) == 0:
             return
-        names = list(names)
         items = list(items)
-        learn = self.model.learn_row
         width = min(len(names), rows.shape[1])
+        names = list(names)[:width]
         index = {item: i for i, item in enumerate(items)}
         for item, clicked in _pick(self._rng, items, next_item, self.n_negatives):
-            learn(names[:width], rows[index[item], :width].tolist(), clicked)
-            self.n_learned += 1
-            self.n_positives += clicked
+            self._learn(names, rows[index[item], :width].tolist(), clicked)
 
     def __setstate__(self, state: dict) -> None:
         """A snapshot from before :class:`LogisticSGD` holds River's ``LogisticRegression``:
