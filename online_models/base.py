@@ -31,7 +31,7 @@ import hmac
 import inspect
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
 from typing import Any, ClassVar, Self
 
@@ -204,6 +204,16 @@ class OnlineLearner(ParamsMixin, abc.ABC):
         for x, user in xs:
             self.learn_one(x, user)
 
+    def forget_user(self, user_id: str, sessions: Iterable[str] = ()) -> None:
+        """Drop everything the learner keeps keyed by ``user_id``, by one of ``sessions`` (the
+        user's session ids) or by a session key derived from them (:func:`owned_by`): an
+        erasure request. What stays are anonymous aggregates over items (pair counts, item
+        factors, popularity), to which the user's events contributed without being kept.
+
+        Nothing by default: a learner that keeps only item-keyed state (the popularity
+        learners) holds nothing of a user. A learner with user- or session-keyed tables
+        overrides this; forgets are rare, so one pass over such a table is fine."""
+
     # -- scoring --------------------------------------------------------------------
     @abc.abstractmethod
     def predict_one(self, user: UserContext, item_id: str) -> float:
@@ -346,6 +356,29 @@ def session_key(
     return f"u:{x.user_id}#{number + 1}"
 
 
+def owned_by(user_id: str, sessions: Iterable[str] = ()) -> Callable[[object], bool]:
+    """Whether a session key (:func:`session_key`, with or without ``gap_ms``) is one of
+    ``user_id``'s: the user id itself, one of ``sessions`` or ``"s:" + `` one of them (or of
+    the user id, for events whose session id is the user id), or ``u:<user id>#<n>``.
+
+    >>> owns = owned_by("u1", ["s9"])
+    >>> [k for k in ["u1", "s9", "s:s9", "s:u1", "u:u1#3", "u:u1#x", "u:u12#1", "u2", "s:s99"] if owns(k)]
+    ['u1', 's9', 's:s9', 's:u1', 'u:u1#3']
+    """
+    exact = {user_id, "s:" + user_id}
+    for sid in sessions:
+        exact.update((sid, "s:" + sid))
+    prefix = f"u:{user_id}#"
+    skip = len(prefix)
+
+    def owns(key: object) -> bool:
+        if key in exact:
+            return True
+        return type(key) is str and key.startswith(prefix) and key[skip:].isdigit()
+
+    return owns
+
+
 def learner_classes() -> list[type[OnlineLearner]]:
     """Every concrete learner class imported so far, in a stable order."""
     seen: dict[str, type[OnlineLearner]] = {}
@@ -367,5 +400,6 @@ __all__ = [
     "heaviest_rows",
     "learner_classes",
     "load_snapshot",
+    "owned_by",
     "session_key",
 ]

@@ -29,10 +29,10 @@ mix of "what follows a" distributions. A new user with one click is served at on
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from operator import itemgetter
 
-from online_models.base import OnlineLearner, Recency, session_key
+from online_models.base import OnlineLearner, Recency, owned_by, session_key
 from online_models.types import Interaction, UserContext
 
 _CACHE_SIZE = 4096  # aggregates kept between learning steps (a worker's batch of users)
@@ -108,6 +108,17 @@ class CoVisitation(OnlineLearner):
         history.append(b)
         if len(history) > self.window:
             del history[0]
+
+    def forget_user(self, user_id: str, sessions: Iterable[str] = ()) -> None:
+        """The user's session buffers go (keyed by session id, or by user id for events
+        without one), and the cached aggregates (keyed by a session's items). The pair
+        counts and totals stay: sums over all sessions, keyed by items only."""
+        owns = owned_by(user_id, sessions)
+        buffers = self._sessions
+        for key in [k for k in buffers if owns(k)]:
+            del buffers[key]
+        self._cache.clear()
+        self._cache_at = -1
 
     def _add(self, a: str, b: str, w: float) -> None:
         if w <= 0.0:

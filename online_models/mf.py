@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import collections
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from river import optim, reco
@@ -155,6 +155,12 @@ class ImplicitMF(OnlineLearner):
             self._recent_pos = (self._recent_pos + 1) % self.negative_buffer
         if self.n_learned % self.refresh_every == 0 or len(self._pool) < min(self.pool_size, len(self._items)) // 2:
             self._refresh_pool()
+
+    def forget_user(self, user_id: str, sessions: Iterable[str] = ()) -> None:
+        """The user's factor vector goes (FunkMF's only per-user state; it is keyed by user id
+        and sessions play no part here). Item factors, counts, the negatives' buffer (item rows)
+        and the pool stay: the user's events moved them, but they hold no user."""
+        self.model.u_latents.pop(user_id, None)
 
     def _refresh_pool(self) -> None:
         n = len(self._items)

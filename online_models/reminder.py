@@ -18,7 +18,7 @@ context carries none, the learner's own bounded per-user history is used
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from operator import itemgetter
 
 from online_models.base import OnlineLearner
@@ -49,6 +49,12 @@ class RecentlyViewed(OnlineLearner):
         history.append(x.item_id)
         if len(history) > self.n_recent:
             del history[0]
+
+    def forget_user(self, user_id: str, sessions: Iterable[str] = ()) -> None:
+        """The user's history goes (it is keyed by user id only), and the last scores, which
+        may be theirs."""
+        self._history.pop(user_id, None)
+        self._cache = None
 
     def _scores(self, user: UserContext) -> dict[str, float]:
         recent = user.recent_items or tuple(self._history.get(user.user_id, ()))

@@ -14,10 +14,10 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
-from online_models.base import OnlineLearner, session_key
+from online_models.base import OnlineLearner, owned_by, session_key
 from online_models.types import Interaction, UserContext
 
 
@@ -76,7 +76,7 @@ class _SessionIndex:
             index.append(key)
         else:  # move the session to the recent end of the item's index
             index = self.item_sessions[item]
-            if index and index[-1] != key:
+            if not index or index[-1] != key:  # (empty: a forget took every session it listed)
                 try:
                     index.remove(key)
                 except ValueError:
@@ -102,6 +102,28 @@ class _SessionIndex:
         self.session_ts.pop(key, None)
         for item in set(items):
             self._release(item, key)
+
+    def forget_user(self, user_id: str, sessions: Iterable[str] = ()) -> None:
+        """Drop the user's sessions (:func:`~online_models.base.owned_by`) as eviction does
+        (their items' document frequencies go down, an item no live session holds leaves),
+        their keys from every item's index (also the keys of sessions evicted earlier, or
+        that no longer hold the item, which eviction leaves there), and the user's open session.
+        """
+        owns = owned_by(user_id, sessions)
+        self.user_session.pop(user_id, None)
+        for key in [k for k in self.sessions if owns(k)]:
+            self._forget(key, self.sessions.pop(key))
+        for key in [k for k in self.session_ts if owns(k)]:
+            del self.session_ts[key]
+        item_sessions = self.item_sessions
+        for item, index in list(item_sessions.items()):
+            if not any(map(owns, index)):
+                continue
+            kept = [k for k in index if not owns(k)]
+            if kept or item in self.df:
+                item_sessions[item] = deque(kept, maxlen=index.maxlen)
+            else:
+                del item_sessions[item]
 
     def idf(self, item: str) -> float:
         n = len(self.sessions)
@@ -142,6 +164,12 @@ class _SessionLearner(OnlineLearner):
     def score_all(self, user: UserContext) -> dict[str, float]:
         """Every item the learner can score for ``user`` (items absent score 0)."""
         raise NotImplementedError
+
+    def forget_user(self, user_id: str, sessions: Iterable[str] = ()) -> None:
+        """The user's sessions leave the session index (:meth:`_SessionIndex.forget_user`), and
+        the cached scores (keyed by a context's user and session) go."""
+        self.index.forget_user(user_id, sessions)
+        self._cache_key = self._cache_scores = None
 
     def _scores(self, user: UserContext) -> dict[str, float]:
         key = (self.n_learned, user.user_id, user.session_id, user.recent_items)

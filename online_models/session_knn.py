@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 # SequentialRules (the blend below uses it) and _SessionIndex lived in this module: callers
@@ -241,6 +241,15 @@ class SessionHybrid(_SessionLearner):
         self._rules._learn_rules(items)
         self._knn.n_learned += 1
         self.n_learned += 1
+
+    def forget_user(self, user_id: str, sessions: Iterable[str] = ()) -> None:
+        """Both parts forget: the session index they share once, the rules' counts (items
+        only) stay; every score cache goes."""
+        self._knn.forget_user(user_id, sessions)
+        if self._rules.index is not self._knn.index:
+            self._rules.forget_user(user_id, sessions)
+        self._rules._cache_key = self._rules._cache_scores = None
+        self._cache_key = self._cache_scores = None
 
     def score_all(self, user: UserContext) -> dict[str, float]:
         knn = self._knn.score_all(user)
