@@ -35,6 +35,7 @@ from stream.records import (
     TEXT_FIELDS,
     Bounds,
     Event,
+    ForgetRequest,
     PurchaseEvent,
 )
 
@@ -45,6 +46,8 @@ _PURCHASE_IDS = ("event_id", "user_id", "item_id", "order_id", "category_id", "s
 
 
 _event_decoder = msgspec.json.Decoder(Event)
+_forget_decoder = msgspec.json.Decoder(ForgetRequest)
+_FORGET_IDS = ("user_id", "request_id")
 
 _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _EXPECTED_TYPE = re.compile(r"^Expected `([^`]+)`, got `([^`]+)`")
@@ -200,13 +203,9 @@ def _span(ms: int) -> str:
     return f"{ms} ms"
 
 
-def decode_event(raw: bytes | bytearray | memoryview | None, bounds: Bounds = DEFAULT_BOUNDS,
-                 now_ms: int | None = None) -> Event:
-    """Decode and validate one input value; raise :class:`InvalidEvent` on any breach.
-
-    ``now_ms`` (the worker's clock) turns on the ``ts`` window of ``bounds``; without it only
-    the static bounds apply, which are the JSON Schemas'.
-    """
+def _parse(raw: bytes | bytearray | memoryview | None, decoder: msgspec.json.Decoder, bounds: Bounds):
+    """The checks every value passes before and while it is parsed: present, size, depth,
+    JSON, types, UTF-8. Returns the decoded value and whether ``raw`` is ASCII."""
     if raw is None:
         raise InvalidEvent("malformed_json", "the value is empty (null message); expected a JSON object")
     if not isinstance(raw, bytes):
@@ -216,7 +215,7 @@ def decode_event(raw: bytes | bytearray | memoryview | None, bounds: Bounds = DE
     if raw.count(b"[") + raw.count(b"{") > bounds.max_depth:  # else it cannot nest deeper: two C scans
         _check_depth(raw, bounds.max_depth)
     try:
-        event = _event_decoder.decode(raw)
+        value = decoder.decode(raw)
     except msgspec.ValidationError as exc:
         _check_utf8(raw)  # a bad byte in a key looks like a missing field to msgspec; the encoding comes first
         raise _invalid_from_validation(str(exc)) from None
@@ -226,12 +225,44 @@ def decode_event(raw: bytes | bytearray | memoryview | None, bounds: Bounds = DE
         raise InvalidEvent("too_deep", f"the value nests arrays and objects too deep; at most {bounds.max_depth} levels are accepted") from None
     ascii_only = raw.isascii()
     _check_utf8(raw, ascii_only)  # msgspec skips unknown fields without checking their text; the whole value must be UTF-8
+    return value, raw, ascii_only
+
+
+def decode_event(raw: bytes | bytearray | memoryview | None, bounds: Bounds = DEFAULT_BOUNDS,
+                 now_ms: int | None = None) -> Event:
+    """Decode and validate one input value; raise :class:`InvalidEvent` on any breach.
+
+    ``now_ms`` (the worker's clock) turns on the ``ts`` window of ``bounds``; without it only
+    the static bounds apply, which are the JSON Schemas'.
+    """
+    event, raw, ascii_only = _parse(raw, _event_decoder, bounds)
     _check_text(event, raw, ascii_only)
     if now_ms is not None or bounds is not DEFAULT_BOUNDS:
         _check_bounds(event, bounds, now_ms)
     return event
 
 
+def decode_forget(raw: bytes | bytearray | memoryview | None, bounds: Bounds = DEFAULT_BOUNDS,
+                  now_ms: int | None = None) -> ForgetRequest:
+    """Decode and validate one value of the forget topic (stream/records.py ``ForgetRequest``),
+    with the door events pass; ``now_ms`` turns on the ``ts`` window ahead of the clock (a
+    request dated far ahead would refuse the user's events until then).
+
+    >>> decode_forget(b'{"user_id":"u1","request_id":"r-9","ts":1700000000000}').request_id
+    'r-9'
+    """
+    request, raw, ascii_only = _parse(raw, _forget_decoder, bounds)
+    risky = not ascii_only or b"\\" in raw or b"\x7f" in raw
+    for name in _FORGET_IDS:
+        value = getattr(request, name)
+        if not value.strip(_SPACES) or (risky and _HAS_CONTROL.search(value)):
+            raise InvalidEvent("bad_id", f"field `{name}`: an id must hold something besides whitespace, and no control "
+                                         "characters (U+0000-U+001F, U+007F-U+009F)", name)
+    if now_ms is not None and request.ts > now_ms + bounds.max_future_ms:
+        raise InvalidEvent("ts_out_of_window", f"field `ts`: {request.ts} is {_span(request.ts - now_ms)} ahead of the "
+                                               f"worker's clock; at most {_span(bounds.max_future_ms)} ahead is accepted "
+                                               "(STREAMREC_MAX_FUTURE_S); ts is epoch milliseconds", "ts")
+    return request
 
 
-__all__ = ["decode_event", "json_depth"]
+__all__ = ["decode_event", "decode_forget", "json_depth"]

@@ -1,4 +1,4 @@
-"""The public contracts as code: input events, recommendations and dead letters.
+"""The public contracts as code: input events, recommendations, forget requests and dead letters.
 
 These types follow ``docs/events.md`` (the producers' reference) and
 ``stream/schemas/*.json`` (JSON Schema for other languages) field for field; the tests
@@ -133,6 +133,16 @@ Event = ClickEvent | PurchaseEvent
 EVENT_TYPES = ("click", "purchase")
 
 
+class ForgetRequest(msgspec.Struct, kw_only=True, frozen=True):
+    """Erase a user (on the ``forget`` topic, keyed by ``user_id``; ``streamrec forget`` sends
+    them): their state, what the models hold of them, and their recommendations (a tombstone).
+    Events of the user at or before ``ts`` are never learned again; later ones start afresh."""
+
+    user_id: Id
+    request_id: Id
+    ts: EpochMs
+
+
 #: one item of a Recommendation: the models' ranked item, published as it is, without a copy
 RecommendedItem = ScoredItem
 
@@ -171,6 +181,7 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
 
 _encoder = msgspec.json.Encoder()
 _recommendation_decoder = msgspec.json.Decoder(Recommendation)
+_forget_request_decoder = msgspec.json.Decoder(ForgetRequest)
 _dead_letter_decoder = msgspec.json.Decoder(DeadLetter)
 
 
@@ -181,6 +192,11 @@ def encode(obj: msgspec.Struct) -> bytes:
 
 def decode_recommendation(raw: bytes) -> Recommendation:
     return _recommendation_decoder.decode(raw)
+
+
+def decode_forget_request(raw: bytes) -> ForgetRequest:
+    """Types only; the worker's door for forget requests is :func:`stream.decoding.decode_forget`."""
+    return _forget_request_decoder.decode(raw)
 
 
 def decode_dead_letter(raw: bytes) -> DeadLetter:
@@ -216,11 +232,13 @@ __all__ = [
     "ClickEvent",
     "DeadLetter",
     "Event",
+    "ForgetRequest",
     "PurchaseEvent",
     "Recommendation",
     "RecommendedItem",
     "dead_letter",
     "decode_dead_letter",
+    "decode_forget_request",
     "decode_recommendation",
     "encode",
 ]

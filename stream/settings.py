@@ -34,7 +34,7 @@ MIN_SCORER_SHAPE = 16
 
 @dataclass(frozen=True)
 class TopicNames:
-    """The four topics, all under one prefix (``STREAMREC_TOPIC_PREFIX``)."""
+    """The five topics, all under one prefix (``STREAMREC_TOPIC_PREFIX``)."""
 
     prefix: str = "streamrec."
 
@@ -55,12 +55,22 @@ class TopicNames:
         return f"{self.prefix}dlq"
 
     @property
+    def forget(self) -> str:
+        """ForgetRequests (erase a user), co-partitioned with the inputs."""
+        return f"{self.prefix}forget"
+
+    @property
     def inputs(self) -> tuple[str, str]:
         return (self.clicks, self.purchases)
 
     @property
+    def consumed(self) -> tuple[str, str, str]:
+        """What the worker's agent reads: the inputs and the forget requests."""
+        return (self.clicks, self.purchases, self.forget)
+
+    @property
     def all(self) -> tuple[str, ...]:
-        return (self.clicks, self.purchases, self.recommendations, self.dlq)
+        return (self.clicks, self.purchases, self.recommendations, self.dlq, self.forget)
 
 
 def _env(name: str, default: str, help: str, secret: bool = False):
@@ -128,6 +138,7 @@ class Settings:
     max_price: int = _env("STREAMREC_MAX_PRICE", "1000000000000", "largest price accepted (at most 10^12; number_too_large)")
     max_json_depth: int = _env("STREAMREC_MAX_JSON_DEPTH", "32", "deepest nesting of arrays and objects in an event (at most 32; too_deep)")
     replication_factor: int = _env("STREAMREC_REPLICATION_FACTOR", "1", "replicas of each topic streamrec creates (3 in production)")
+    raw_retention_h: int = _env("STREAMREC_RAW_RETENTION_H", "168", "retention.ms, in hours, of the topics that hold what sites sent (clicks, purchases, dead letters, forget requests) when streamrec creates or aligns them: a forgotten user's raw events are gone from Kafka this long after their last one (docs/operations.md, Security); the recommendations topic is compacted instead")
     min_insync_replicas: int = _env("STREAMREC_MIN_INSYNC_REPLICAS", "1", "min.insync.replicas of each topic streamrec creates (2 with 3 replicas): with acks=all a write needs this many")
     pseudonym_key: str = _env("STREAMREC_PSEUDONYM_KEY", "", "secret of the keyed hash (HMAC-SHA256) the worker stores and learns user ids as, so that user state and model snapshots never hold a site's ids (recommendations still go out under them; stream/pseudonyms.py); empty: raw ids; changing it starts every user afresh", secret=True)
     snapshot_key: str = _env("STREAMREC_SNAPSHOT_KEY", "", "secret that signs and checks the online models' snapshots (HMAC-SHA256); empty: unsigned", secret=True)
@@ -152,7 +163,8 @@ class Settings:
         for name, value, low in (("STREAMREC_TOP_K", self.top_k, 1), ("STREAMREC_BATCH_SIZE", self.batch_size, 1),
                                  ("STREAMREC_PARTITIONS", self.partitions, 1), ("STREAMREC_RECENT_ITEMS", self.recent_items, 1),
                                  ("STREAMREC_CANDIDATES", self.n_candidates, 1), ("STREAMREC_DEDUPE_WINDOW", self.dedupe_window, 1), ("STREAMREC_BATCH_TIMEOUT_MS", self.batch_timeout_ms, 0),
-                                 ("STREAMREC_MAX_ITEMS", self.max_items, 1000), ("STREAMREC_MAX_USERS", self.max_users, 1000)):
+                                 ("STREAMREC_MAX_ITEMS", self.max_items, 1000), ("STREAMREC_MAX_USERS", self.max_users, 1000),
+                                 ("STREAMREC_RAW_RETENTION_H", self.raw_retention_h, 1)):
             if value < low:
                 raise ConfigError(f"{name}={value}: must be at least {low}")
         if not MIN_SCORER_SHAPE <= self.scorer_max_batch <= MAX_BATCH_SIZE:
@@ -185,6 +197,16 @@ class Settings:
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"STREAMREC_METRICS_PORT={self.metrics_port}: expected a port 0-65535 (0: off)")
         self.redis.check()
+
+    def topic_configs(self) -> dict[str, dict[str, str]]:
+        """The configs of each topic streamrec creates (and the worker aligns at start): what
+        sites sent is kept ``STREAMREC_RAW_RETENTION_H`` hours; the recommendations topic is
+        compacted, so a forgotten user's tombstone removes their lists (docs/events.md)."""
+        topics = self.topics
+        isr = {"min.insync.replicas": str(self.min_insync_replicas)}
+        raw = {**isr, "cleanup.policy": "delete", "retention.ms": str(self.raw_retention_h * 3_600_000)}
+        return {topics.clicks: raw, topics.purchases: raw, topics.dlq: raw, topics.forget: raw,
+                topics.recommendations: {**isr, "cleanup.policy": "compact"}}
 
     @property
     def topics(self) -> TopicNames:

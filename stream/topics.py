@@ -23,12 +23,13 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from aiokafka.conn import create_conn
 from aiokafka.errors import KafkaError as AIOKafkaError
 from kafka import KafkaAdminClient
+from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from stream.connections import KafkaConnection
@@ -192,11 +193,13 @@ def ensure_topics(
     replication: int = 1,
     timeout_s: float = 30.0,
     min_insync_replicas: int | None = None,
+    configs: Mapping[str, Mapping[str, str]] | None = None,
 ) -> list[str]:
     """Create those of ``names`` that do not exist; return the ones this call created.
+    ``configs``: topic configs per name (``Settings.topic_configs()``) for those it creates.
 
     Existing topics are not touched (not even when their partition count differs: changing it
-    would move keys between partitions). Created topics have a leader for every partition
+    would move keys between partitions; :func:`align_topic_configs` sets their configs). Created topics have a leader for every partition
     before this returns, so a producer can write at once. Another process creating the same
     topic at the same moment is not an error.
     """
@@ -216,9 +219,12 @@ def ensure_topics(
             if not missing:
                 return []
             spec = {n: {"num_partitions": partitions, "replication_factor": replication} for n in missing}
-            if min_insync_replicas is not None:
-                for n in missing:
-                    spec[n]["configs"] = {"min.insync.replicas": str(min_insync_replicas)}
+            for n in missing:
+                wanted_configs = dict((configs or {}).get(n, {}))
+                if min_insync_replicas is not None:
+                    wanted_configs["min.insync.replicas"] = str(min_insync_replicas)
+                if wanted_configs:
+                    spec[n]["configs"] = wanted_configs
             response = admin.create_topics(spec, timeout_ms=int(timeout_s * 1000), raise_errors=False)
             created = _created(response, missing)
             if created:
@@ -234,6 +240,78 @@ def ensure_topics(
     if created:
         log.info("created topics %s (%d partitions, replication %d)", ", ".join(created), partitions, replication)
     return created
+
+
+def ensure_streamrec_topics(settings, timeout_s: float = 30.0) -> list[str]:
+    """:func:`ensure_topics` for every topic of ``settings`` (a :class:`~stream.settings.Settings`),
+    with its partitions, replication and configs (``Settings.topic_configs()``)."""
+    return ensure_topics(settings.kafka, settings.topics.all, settings.partitions, timeout_s=timeout_s,
+                         replication=settings.replication_factor, configs=settings.topic_configs())
+
+
+def check_copartitioned(bootstrap: KafkaConnection | str, names: Iterable[str], timeout_s: float = 30.0) -> None:
+    """Raise a :class:`~stream.errors.ConfigError` unless the topics ``names`` have one partition
+    count: the worker's agent reads them as co-partitioned (a user's events and forget
+    requests on the same partition number, owned by one worker)."""
+    kafka = KafkaConnection.of(bootstrap)
+    wanted = list(names)
+    admin = _connected_admin(kafka, timeout_s)
+    try:
+        try:
+            counts = {t["topic"] if "topic" in t else t["name"]: len(t["partitions"])
+                      for t in admin.describe_topics(wanted)}
+        except KafkaError as exc:
+            raise _unavailable(kafka, timeout_s, exc) from None
+    finally:
+        admin.close()
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{n} has {c}" for n, c in counts.items())
+        raise ConfigError(f"the topics a worker reads together must have as many partitions each ({listed}): a user's "
+                          "events and forget requests must land on the same partition number. Add partitions to the "
+                          "smaller ones (kafka-topics.sh --alter --partitions N), or recreate the forget topic")
+
+
+def align_topic_configs(bootstrap: KafkaConnection | str, configs: Mapping[str, Mapping[str, str]],
+                        timeout_s: float = 30.0) -> dict[str, dict[str, str]]:
+    """Set, on the existing topics of ``configs``, each config whose value differs (a topic
+    created before streamrec compacted its recommendations, say); returns what was changed,
+    per topic. Topics that do not exist are left to :func:`ensure_topics`. A broker that
+    refuses (the client may not alter configs) raises a :class:`~stream.errors.StreamrecError`
+    that says which topics and configs to set by hand."""
+    kafka = KafkaConnection.of(bootstrap)
+    admin = _connected_admin(kafka, timeout_s)
+    changes: dict[str, dict[str, str]] = {}
+    try:
+        try:
+            existing = set(admin.list_topics())
+            names = [n for n in configs if n in existing]
+            if not names:
+                return {}
+            described = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n, list(configs[n]))
+                                                for n in names]).get("topic", {})
+            for n in names:
+                now = {key: (entry or {}).get("value") for key, entry in (described.get(n) or {}).items()}
+                diff = {key: value for key, value in configs[n].items() if now.get(key) != value}
+                if diff:
+                    changes[n] = diff
+            if changes:
+                answer = admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, n, dict(c))
+                                              for n, c in changes.items()]).get("topic", {})
+                failed = {n: a for n, a in answer.items() if a != "OK"}
+                if failed:
+                    raise StreamrecError("the broker refused to set topic configs: " + "; ".join(
+                        f"{n}: {a} (wanted {changes[n]})" for n, a in failed.items()))
+        except KafkaError as exc:
+            if (denied := kafka.refusal(exc)) is not None:
+                raise denied from None
+            wanted = "; ".join(f"{n}: {c}" for n, c in (changes or configs).items())
+            raise StreamrecError(f"setting topic configs on {kafka.bootstrap} failed ({exc}); set them with "
+                                 f"kafka-configs.sh --alter --entity-type topics: {wanted}") from None
+    finally:
+        admin.close()
+    for n, c in changes.items():
+        log.info("topic %s: set %s", n, ", ".join(f"{k}={v}" for k, v in c.items()))
+    return changes
 
 
 def committed_offsets(bootstrap: KafkaConnection | str, group_id: str,
@@ -267,4 +345,4 @@ def _created(response: dict, asked: list[str]) -> list[str]:
     return [n for n in asked if n in created]
 
 
-__all__ = ["check_login", "check_topic_name", "committed_offsets", "ensure_topics", "probe", "wait_for_kafka"]
+__all__ = ["align_topic_configs", "check_copartitioned", "check_login", "check_topic_name", "committed_offsets", "ensure_streamrec_topics", "ensure_topics", "probe", "wait_for_kafka"]

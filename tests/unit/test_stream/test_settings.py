@@ -127,8 +127,21 @@ def test_describe_lists_every_variable_once():
 
 def test_topic_names_share_the_prefix():
     t = TopicNames("dev.")
-    assert t.all == ("dev.clicks", "dev.purchases", "dev.recommendations", "dev.dlq")
+    assert t.all == ("dev.clicks", "dev.purchases", "dev.recommendations", "dev.dlq", "dev.forget")
     assert t.inputs == ("dev.clicks", "dev.purchases")
+    assert t.consumed == ("dev.clicks", "dev.purchases", "dev.forget")
+
+
+def test_topic_configs_keep_raw_data_for_the_retention_and_compact_the_lists():
+    s = Settings.from_env({"STREAMREC_TOPIC_PREFIX": "x.", "STREAMREC_RAW_RETENTION_H": "24",
+                           "STREAMREC_MIN_INSYNC_REPLICAS": "1"})
+    configs = s.topic_configs()
+    assert set(configs) == set(s.topics.all)
+    for name in ("x.clicks", "x.purchases", "x.dlq", "x.forget"):
+        assert configs[name]["retention.ms"] == str(24 * 3_600_000) and configs[name]["cleanup.policy"] == "delete"
+    assert configs["x.recommendations"]["cleanup.policy"] == "compact"
+    with pytest.raises(ConfigError, match="STREAMREC_RAW_RETENTION_H"):
+        Settings.from_env({"STREAMREC_RAW_RETENTION_H": "0"})
     assert Settings.from_env({"STREAMREC_TOPIC_PREFIX": ""}).topics.dlq == "dlq"
 
 
