@@ -1,8 +1,8 @@
 """The worker's Faust application: ``create_app`` wires the parts, :class:`Worker` runs them.
 
 ``create_app(settings)`` builds everything and connects to nothing; Faust connects when the
-worker starts. One agent consumes the co-partitioned click and purchase topics in
-micro-batches; timers snapshot the online models, hot-reload the Transformer scorer and
+worker starts. One agent consumes the co-partitioned click, purchase and forget topics
+in micro-batches; timers snapshot the online models, hot-reload the Transformer scorer and
 watch lag and readiness. What each of them does is :class:`stream.shell.Shell`'s.
 """
 
@@ -52,9 +52,11 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
     app.streamrec = shell  # for the Worker, the CLI and tests
     app.kafka = settings.kafka  # how the readiness probe reaches the brokers (stream/health.py)
     topics = settings.topics
-    topic_config = {"min.insync.replicas": str(settings.min_insync_replicas)}
-    inputs = app.topic(*topics.inputs, key_type=bytes, value_type=bytes, partitions=settings.partitions)
-    outputs = [app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.partitions, config=topic_config)
+    configs = settings.topic_configs()
+    # the inputs and the forget requests, co-partitioned: a user's erasure reaches the worker
+    # that owns their state (stream/handler.py)
+    inputs = app.topic(*topics.consumed, key_type=bytes, value_type=bytes, partitions=settings.partitions)
+    outputs = [app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.partitions, config=configs[name])
                for name in (topics.recommendations, topics.dlq)]
 
     @app.agent(inputs, name="recommend", supervisor_strategy=mode.CrashingSupervisor)
@@ -83,6 +85,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
         await shell.restore_models()
 
     app.timer(interval=max(1, settings.snapshot_interval_s), name="snapshot_models")(shell.snapshot_models)
+    app.timer(interval=1.0, name="snapshot_after_forgets")(shell.snapshot_after_forgets)
     app.timer(interval=5.0, name="reload_scorer")(shell.reload_scorer)
     app.timer(interval=1.0, name="heartbeat")(shell.heartbeat)
     app.timer(interval=2.0, name="watch_lag_and_readiness")(partial(shell.watch, app))

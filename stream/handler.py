@@ -31,14 +31,24 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from stream.decoding import decode_event
+import msgspec
+
+from stream.decoding import decode_event, decode_forget
 from stream.errors import InvalidEvent
 from stream.health import Health
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
 from stream.pseudonyms import Pseudonyms
 from stream.publisher import OutRecord
-from stream.records import DEFAULT_BOUNDS, Bounds, DeadLetter, Event, dead_letter, encode
+from stream.records import (
+    DEFAULT_BOUNDS,
+    Bounds,
+    DeadLetter,
+    Event,
+    ForgetRequest,
+    dead_letter,
+    encode,
+)
 from stream.retry import Backoff
 from stream.settings import TopicNames
 from stream.state import Fenced, UserStateStore
@@ -111,6 +121,9 @@ class BatchHandler:
         self.bounds = bounds
         self.claims = claims
         self.pseudonyms = pseudonyms  # None: the models and the state keep the site's user ids
+        #: called after a batch erased users (the shell snapshots the models soon, so that the
+        #: snapshot in the store no longer holds them either)
+        self.on_forget: Callable[[int], None] | None = None
         self.batches = 0
         self.events_applied = 0
         self._rebuilt_seen = 0
@@ -142,6 +155,12 @@ class BatchHandler:
             self._count_dead(["processing_error"])
 
     async def handle(self, messages: Sequence[RawMessage]) -> None:
+        forget_topic = self.topics.forget
+        if any(msg.topic == forget_topic for msg in messages):  # erasures first: see _forget
+            await self._forget([msg for msg in messages if msg.topic == forget_topic])
+            messages = [msg for msg in messages if msg.topic != forget_topic]
+            if not messages:
+                return
         clock = time.perf_counter
         t0 = clock()
         now = now_ms()
@@ -206,6 +225,51 @@ class BatchHandler:
         except Exception:  # noqa: BLE001 - the batch's effects are done; a metric must not undo that
             log.exception("recording the batch's metrics failed")
 
+    async def _forget(self, messages: Sequence[RawMessage]) -> None:
+        """Erase the users of these ForgetRequests (the ``forget`` topic, co-partitioned with
+        the inputs, so this worker owns their state): the models first (their tables, and a
+        refusal of the user's events up to the request's ``ts``: stream/pipeline.py), then a
+        tombstone on the recommendations topic (compacted: their lists go), then their state
+        in one fenced Redis transaction. Each step is idempotent, so a request delivered again
+        after a crash is carried out again. Events of the batch come after: the user's older
+        ones are refused, newer ones start a fresh state. Logged by request id, never by user id."""
+        now = now_ms()
+        requests: list[ForgetRequest] = []
+        positions: list[tuple[str, int]] = []
+        dead: list[tuple[RawMessage, DeadLetter]] = []
+        for msg in messages:
+            try:
+                requests.append(decode_forget(msg.value, self.bounds, now))
+            except InvalidEvent as exc:
+                dead.append((msg, dead_letter(exc, msg.value, msg.topic, msg.partition, msg.offset, now)))
+                continue
+            except Exception as exc:  # noqa: BLE001 - a decoder bug is this value's problem alone
+                dead.append((msg, _failure_letter("processing_error", f"decoding the value raised {type(exc).__name__}: {exc}", msg)))
+                continue
+            positions.append(msg.position)
+        site_ids = [req.user_id for req in requests]
+        if self.pseudonyms is not None:  # the models and the state hold pseudonyms
+            of = self.pseudonyms.of
+            requests = [msgspec.structs.replace(req, user_id=of(req.user_id)) for req in requests]
+        fence = await self._fence(messages) if self.claims is not None and requests else None
+        self.step.forget(requests, positions)
+        out: list[OutRecord] = [(self.topics.recommendations, uid.encode(), None) for uid in dict.fromkeys(site_ids)]
+        out += [(self.topics.dlq, msg.key, encode(letter)) for msg, letter in dead]
+        await self._publish(out)
+        if requests:
+            erased = list(dict.fromkeys(req.user_id for req in requests))
+            await self._retry("forget", lambda: self.store.save_docs({}, fence, delete=erased))
+        if dead:
+            self.step.advance([msg.position for msg, _ in dead], dead=True)
+            self._count_dead([letter.code for _, letter in dead])
+        for req in requests:
+            log.info("erased a user for forget request %r: state deleted, models purged, recommendations "
+                     "tombstoned; their events up to ts %d are refused from now on", req.request_id, req.ts)
+        self.metrics.users_forgotten.inc(len(requests))
+        self.metrics.forgets_applied.inc(len(requests))
+        if requests and self.on_forget is not None:
+            self.on_forget(len(requests))
+
     def _record(self, messages: Sequence[RawMessage], result: StepResult, dead_codes: list[str], published_ms: int,
                 stages: dict[str, float], seconds: float) -> None:
         """Metrics, once the batch's effects are durable."""
@@ -217,6 +281,8 @@ class BatchHandler:
             newest = max(ev.ts for ev in result.applied)
             m.last_event_ts.set(newest / 1000)
         m.duplicates_skipped.inc(result.duplicates)
+        if result.refused:
+            m.events_refused_forgotten.inc(result.refused)
         m.events_relearned.inc(result.learned_only)
         m.recommendations_published.inc(len(result.recommendations))
         self._count_dead(dead_codes)

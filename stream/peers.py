@@ -30,6 +30,14 @@ it: at the group's committed offset, or at the beginning when the group has none
 worker's ``auto.offset.reset`` is ``earliest``). A worker joining a long-running group thus
 learns the others' partitions from now on, without replaying their whole retention.
 
+Forget requests (``streamrec.forget``, co-partitioned with the inputs) are read the same way:
+the worker that owns a request's partition erases the user's state and recommendations and
+purges its models (stream/handler.py); every other worker's reader purges its own models
+(:meth:`RecommendationStep.forget <stream.pipeline.RecommendationStep.forget>`), so that no
+worker's models keep a forgotten user. It reads the foreign forget partitions even with
+``STREAMREC_LEARN_ALL_PARTITIONS=false``: a worker that owned the user's partition before a
+rebalance learned them too.
+
 The reader learns under the lock the batch handler holds while the step runs (the models are
 not thread-safe, and a snapshot is taken under it too), a chunk at a time. Should it fail
 (the broker unreachable, a bug), it logs, counts (``streamrec_peer_failures_total``) and
@@ -43,9 +51,10 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from stream.decoding import decode_event
+from stream.decoding import decode_event, decode_forget
 from stream.errors import InvalidEvent
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
@@ -140,8 +149,13 @@ class PeerLearner:
     def __init__(self, step: RecommendationStep, kafka: Mapping[str, object], inputs: Sequence[str], bounds: Bounds,
                  lock: asyncio.Lock, metrics: Metrics, committed: Callable[[], Mapping[Partition, int]],
                  chunk: int = CHUNK, poll_ms: int = 200, backoff: Backoff | None = None,
-                 pseudonyms: Pseudonyms | None = None) -> None:
-        self.step, self.kafka, self.inputs, self.bounds = step, dict(kafka), tuple(inputs), bounds
+                 pseudonyms: Pseudonyms | None = None, forget_topic: str | None = None) -> None:
+        self.step, self.kafka, self.bounds = step, dict(kafka), bounds
+        #: the topics read: the input topics given, and the forget topic (if any)
+        self.inputs = tuple(inputs) + ((forget_topic,) if forget_topic and forget_topic not in inputs else ())
+        self.forget_topic = forget_topic
+        #: called after the models purged forgotten users (the shell snapshots them soon)
+        self.on_forget: Callable[[int], None] | None = None
         self.lock, self.metrics, self.committed = lock, metrics, committed
         self.chunk, self.poll_ms = chunk, poll_ms
         self.pseudonyms = pseudonyms  # the worker's: the models learn the ids its live step does
@@ -251,10 +265,20 @@ class PeerLearner:
 
     async def _learn(self, consumer: AIOKafkaConsumer, batch, version: int) -> None:
         events, positions, ends = [], [], []
+        forgets, forget_positions = [], []
         for tp, records in batch.items():
             if not records or (tp.topic, tp.partition) not in self.reading:
                 continue
             source = source_of(tp.topic, tp.partition)
+            if tp.topic == self.forget_topic:
+                for rec in records:
+                    try:
+                        forgets.append(decode_forget(rec.value, self.bounds))
+                    except InvalidEvent:
+                        continue  # the owner dead-letters it
+                    forget_positions.append((source, rec.offset))
+                ends.append((source, records[-1].offset))
+                continue
             for rec in records:
                 try:
                     events.append(decode_event(rec.value, self.bounds))
@@ -269,10 +293,18 @@ class PeerLearner:
             return
         if self.pseudonyms is not None and events:
             events = self.pseudonyms.events(events)[0]
+        if self.pseudonyms is not None and forgets:
+            of = self.pseudonyms.of
+            forgets = [msgspec.structs.replace(req, user_id=of(req.user_id)) for req in forgets]
         async with self.lock:
             if version != self._version:
                 return  # a rebalance since the fetch: the next assignment starts from the watermarks
             start = time.perf_counter()
+            if forgets:  # before the events: a forgotten user's older events are refused
+                self.step.forget(forgets, forget_positions)
+                self.metrics.forgets_applied.inc(len(forgets))
+                log.info("purged %d forgotten user(s) from the models (forget requests %s, read from another "
+                         "worker's partitions)", len(forgets), ", ".join(repr(r.request_id) for r in forgets))
             if len(events) >= THREAD_MIN_EVENTS:
                 n = await asyncio.to_thread(self.step.relearn, events, positions, self._seen)
             else:
@@ -281,6 +313,8 @@ class PeerLearner:
             self.metrics.peer_learn_seconds.inc(time.perf_counter() - start)
         self.metrics.peer_events_learned.inc(n)
         self.metrics.peer_lag.set(sum(self._lag.values()))
+        if forgets and self.on_forget is not None:
+            self.on_forget(len(forgets))
 
 
 __all__ = ["CHUNK", "PeerLearner", "RecentKeys", "foreign_partitions", "start_offsets"]

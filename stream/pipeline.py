@@ -44,7 +44,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from online_models import Interaction, Recommender, UserContext
-from stream.records import Event, PurchaseEvent, Recommendation, RecommendedItem, encode
+from stream.records import (
+    Event,
+    ForgetRequest,
+    PurchaseEvent,
+    Recommendation,
+    RecommendedItem,
+    encode,
+)
 from stream.settings import Settings
 from stream.state import UserState, apply_event, encode_state
 from stream.step_inputs import StepConfig, recommender_config, to_interaction, user_context
@@ -67,6 +74,8 @@ class _Plan:
     learn_only: set[int] = field(default_factory=set)
     learned_only: int = 0
     duplicates: int = 0
+    #: events of a user forgotten after them: neither applied nor learned
+    refused: int = 0
     failures: list[Failure] = field(default_factory=list)
 
 
@@ -191,7 +200,8 @@ class RecommendationStep:
         live, judged = judge(events, states, plan.applied)
         failures.sort(key=lambda f: f.index)
         return StepResult(new_states, docs, recommendations, payloads, [events[i] for i in applied], plan.duplicates,
-                          timings, live, learned_only=plan.learned_only, failures=failures, judged=judged)
+                          timings, live, learned_only=plan.learned_only, failures=failures, judged=judged,
+                          refused=plan.refused)
 
     def relearn(self, events: Sequence[Event], positions: Sequence[tuple[str, int]],
                 seen: set[tuple[str, str]] | None = None) -> int:
@@ -202,11 +212,15 @@ class RecommendationStep:
         them over a replay's calls) is skipped as the live step's duplicate."""
         watermark = self.recommender.learned_offsets
         learn = self.recommender.learn_one
+        refuses = self.recommender.refuses if self.recommender.forgotten_users else None
         seen = set() if seen is None else seen
         n = 0
         for ev, (source, offset) in zip(events, positions, strict=True):
             key = (ev.user_id, ev.event_id)
             if offset <= watermark.get(source, -1) or key in seen:
+                continue
+            if refuses is not None and refuses(ev.user_id, ev.ts):  # forgotten since: never learned again
+                watermark[source] = offset
                 continue
             seen.add(key)
             try:
@@ -216,6 +230,16 @@ class RecommendationStep:
                 pass
             watermark[source] = offset
         return n
+
+    def forget(self, requests: Sequence[ForgetRequest], positions: Sequence[tuple[str, int]] | None = None) -> None:
+        """Erase each request's user from the models (``Recommender.forget_user``: their
+        histories, sessions and factors; what stays is anonymous item statistics) and refuse
+        their events up to the request's ``ts`` from now on, in this step and in
+        :meth:`relearn`. ``positions``: where the requests come from (the watermark moves past
+        them). Idempotent: a request delivered again changes nothing more."""
+        for req in requests:
+            self.recommender.forget_user(req.user_id, req.ts)
+        self._advance(positions)
 
     def advance(self, positions: Sequence[tuple[str, int]], dead: bool = False) -> None:
         """Move the models' watermark past ``positions``; ``dead``: they were dead-lettered
@@ -239,11 +263,15 @@ class RecommendationStep:
         watermark = self.recommender.learned_offsets
         with_context = self.recommender.learns_with_context  # else no context is built per event
         dead_letters = self._dead_letters
+        refuses = self.recommender.refuses if self.recommender.forgotten_users else None
         seen_ids: set[tuple[str, str]] = set()
         for n in indices:
             ev = events[n]
             try:
                 uid = ev.user_id
+                if refuses is not None and refuses(uid, ev.ts):
+                    plan.refused += 1  # the user asked to be forgotten after it: applied to nothing, ever
+                    continue
                 source, offset = positions[n] if positions is not None else (None, None)
                 current = plan.states.get(uid)
                 if current is None:

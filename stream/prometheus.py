@@ -56,6 +56,9 @@ class Metrics:
         self.peer_lag = Gauge("peer_lag_events", "Events of the other workers' partitions not yet learned by this worker's models (as of the last fetch)", namespace=ns, registry=r)
         self.peer_failures = Counter("peer_failures_total", "Times reading the other workers' partitions failed and started again after a back-off", namespace=ns, registry=r)
         self._models: _ModelsLearned | None = None
+        self.users_forgotten = Counter("users_forgotten_total", "Forget requests carried out by this worker as the user's owner: state deleted, models purged, recommendations tombstoned (the request id is in the log, never the user id)", namespace=ns, registry=r)
+        self.forgets_applied = Counter("forgets_applied_total", "Forget requests applied to this worker's models (its own partitions and, with STREAMREC_LEARN_ALL_PARTITIONS, the others')", namespace=ns, registry=r)
+        self.events_refused_forgotten = Counter("events_refused_forgotten_total", "Events neither applied nor learned because their user was forgotten after them (a replay, a redelivery, a late event)", namespace=ns, registry=r)
         self.last_event_ts = Gauge("last_event_timestamp_seconds", "Event time of the newest event handled", namespace=ns, registry=r)
         for stage in STAGES:
             self.stage_seconds.labels(stage)

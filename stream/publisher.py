@@ -26,7 +26,7 @@ from aiokafka.partitioner import murmur2
 
 log = logging.getLogger("streamrec.publisher")
 
-OutRecord = tuple[str, bytes | None, bytes]  # topic, key, value
+OutRecord = tuple[str, bytes | None, bytes | None]  # topic, key, value (None: a tombstone)
 
 
 def murmur2_partition(key: bytes, partitions: int) -> int:
@@ -171,7 +171,7 @@ class BatchPublisher:
             else:
                 partition = parts[murmur2_partition(key, len(parts))]
             if not append(topic, partition, key, value) and not await batches.add(topic, partition, key, value):
-                log.error("a %d-byte record does not fit a batch; it is not published", len(value))
+                log.error("a %d-byte record does not fit a batch; it is not published", len(value or b""))
                 failed.append(rec)
         await batches.send_open()
         return failed + await batches.confirm()

@@ -12,6 +12,11 @@ teach them to the models only. Events at and after the committed offsets come th
 agent as usual; those the state already holds and the models do not are learned there
 (``learn only``).
 
+Forget requests of the gaps (the forget topic is consumed with the inputs) are applied again
+too, before the events of the same fetch, and the models refuse a forgotten user's older
+events (stream/pipeline.py): a restart from a snapshot taken before an erasure does not bring
+the user back.
+
 A value that does not decode (a dead letter at the time) is passed over again; the wall-clock
 ``ts`` window is not applied, since the time of the original decision is gone.
 """
@@ -23,10 +28,11 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from stream.connections import KafkaConnection
-from stream.decoding import decode_event
+from stream.decoding import decode_event, decode_forget
 from stream.errors import InvalidEvent
 from stream.pipeline import RecommendationStep
 from stream.pseudonyms import Pseudonyms
@@ -71,7 +77,8 @@ def gaps(learned: Mapping[str, int], committed: Mapping[tuple[str, int], int]) -
 
 
 async def replay(step: RecommendationStep, bootstrap: KafkaConnection | str, todo: Sequence[Gap], bounds: Bounds,
-                 fetch_timeout_s: float = 30.0, pseudonyms: Pseudonyms | None = None) -> int:
+                 fetch_timeout_s: float = 30.0, pseudonyms: Pseudonyms | None = None,
+                 forget_topic: str | None = None) -> int:
     """Teach the models every event of ``todo``; returns how many they learned. ``bootstrap``:
     ``Settings.kafka`` (or bootstrap servers alone for a plaintext broker); ``pseudonyms``: the
     worker's (``STREAMREC_PSEUDONYM_KEY``), so that the models learn the ids the live step does."""
@@ -93,10 +100,18 @@ async def replay(step: RecommendationStep, bootstrap: KafkaConnection | str, tod
             if not batch:
                 raise TimeoutError(f"no records from {sorted(map(str, open_))} within {fetch_timeout_s:g} s")
             events, positions = [], []
+            forgets, forget_positions = [], []
             for tp, records in batch.items():
                 for rec in records:
                     if rec.offset >= ends[tp]:
                         break
+                    if tp.topic == forget_topic:
+                        try:
+                            forgets.append(decode_forget(rec.value, bounds))
+                        except InvalidEvent:
+                            continue
+                        forget_positions.append((source_of(tp.topic, tp.partition), rec.offset))
+                        continue
                     try:
                         events.append(decode_event(rec.value, bounds))
                     except InvalidEvent:
@@ -104,6 +119,10 @@ async def replay(step: RecommendationStep, bootstrap: KafkaConnection | str, tod
                     positions.append((source_of(tp.topic, tp.partition), rec.offset))
                 if records and (records[-1].offset + 1 >= ends[tp] or await consumer.position(tp) >= ends[tp]):
                     open_.discard(tp)
+            if forgets:
+                if pseudonyms is not None:
+                    forgets = [msgspec.structs.replace(req, user_id=pseudonyms.of(req.user_id)) for req in forgets]
+                step.forget(forgets, forget_positions)
             if events:
                 if pseudonyms is not None:
                     events = pseudonyms.events(events)[0]

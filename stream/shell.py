@@ -69,6 +69,7 @@ class Shell:
     lag: LagMetrics = field(init=False)
     #: reads the partitions other workers own for the models (STREAMREC_LEARN_ALL_PARTITIONS), or None
     peers: PeerLearner | None = field(init=False)
+    forgets_pending: asyncio.Event = field(init=False)
     peers_started: bool = False
 
     def __post_init__(self) -> None:
@@ -82,12 +83,15 @@ class Shell:
                                         fork=settings.snapshot_fork,
                                         timeout_s=max(60.0, settings.snapshot_interval_s))
         self.lag = LagMetrics(self.metrics.registry)
-        self.peers = None
-        if settings.learn_all_partitions:
-            self.peers = PeerLearner(self.step, settings.kafka.client_options(), settings.topics.inputs,
-                                     settings.bounds, self.busy, self.metrics,
-                                     lambda: committed_offsets(settings.kafka, settings.app_id),
-                                     pseudonyms=self.pseudonyms)
+        # the other workers' partitions: their events (STREAMREC_LEARN_ALL_PARTITIONS) and, always,
+        # their forget requests, so that every worker's models forget a user
+        self.peers = PeerLearner(self.step, settings.kafka.client_options(),
+                                 settings.topics.inputs if settings.learn_all_partitions else (),
+                                 settings.bounds, self.busy, self.metrics,
+                                 lambda: committed_offsets(settings.kafka, settings.app_id),
+                                 pseudonyms=self.pseudonyms, forget_topic=settings.topics.forget)
+        self.forgets_pending = asyncio.Event()  # set: users were erased since the last snapshot
+        self.handler.on_forget = self.peers.on_forget = lambda n: self.forgets_pending.set()
         self.metrics.watch_models(lambda: self.step.recommender)
 
     # -- start and stop ----------------------------------------------------------------
@@ -115,7 +119,7 @@ class Shell:
         ``STREAMREC_LEARN_ALL_PARTITIONS``, the peer reader is told which input partitions the
         worker now does not own: the models learn those too (stream/peers.py)."""
         settings = self.settings
-        parts = {tp.partition for tp in assigned if tp.topic in settings.topics.inputs}
+        parts = {tp.partition for tp in assigned if tp.topic in settings.topics.consumed}
         generation = self.generation()
         self.claims.release(set(self.claims.partitions) - parts)
         try:
@@ -150,8 +154,20 @@ class Shell:
     async def snapshot_models(self) -> None:
         if not self.models_ready.is_set():
             return  # never over a good snapshot with models that have not restored it yet
+        erased = self.forgets_pending.is_set()
+        self.forgets_pending.clear()
         if await self.snapshots.take(lambda: self.step.recommender):
             self.metrics.set_models(self.step.model_versions())
+            if erased:
+                log.info("the models' snapshot in the store no longer holds the users erased before it")
+        elif erased:
+            self.forgets_pending.set()  # the snapshot in the store may still hold them: again soon
+
+    async def snapshot_after_forgets(self) -> None:
+        """Every second: a snapshot once users were erased since the last one, so that the
+        snapshot in the store stops holding them within seconds, not at the next interval."""
+        if self.forgets_pending.is_set():
+            await self.snapshot_models()
 
     async def heartbeat(self) -> None:
         self.health.beat()
@@ -214,7 +230,7 @@ class Shell:
         if not learned:
             return
         committed = await asyncio.to_thread(committed_offsets, settings.kafka, settings.app_id)
-        mine = {(tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in settings.topics.inputs}
+        mine = {(tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in settings.topics.consumed}
         todo = gaps(learned, {tp: off for tp, off in committed.items() if tp in mine})
         if not todo:
             return
@@ -222,7 +238,8 @@ class Shell:
         log.info("the models' snapshot misses %d event(s) before the committed offsets (%s); learning them again",
                  total, ", ".join(f"{g.topic}[{g.partition}] {g.start}-{g.end - 1}" for g in todo))
         start = time.monotonic()
-        n = await replay(step, settings.kafka, todo, settings.bounds, pseudonyms=self.pseudonyms)
+        n = await replay(step, settings.kafka, todo, settings.bounds, pseudonyms=self.pseudonyms,
+                         forget_topic=settings.topics.forget)
         self.metrics.events_relearned.inc(n)
         log.info("learned %d event(s) again in %.1f s", n, time.monotonic() - start)
 
@@ -310,7 +327,7 @@ def input_partitions(app, settings: Settings, assigned) -> dict[str, range]:
     this rebalance (``STREAMREC_PARTITIONS`` where it does not know a topic, or more where
     the assignment holds a higher partition)."""
     counts = {}
-    for topic in settings.topics.inputs:
+    for topic in settings.topics.consumed:
         try:
             n = app.consumer.topic_partitions(topic)
         except Exception:  # noqa: BLE001 - no consumer yet: the configured count

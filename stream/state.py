@@ -22,7 +22,7 @@ every user it touches and one ``MULTI``/``EXEC`` pipeline of ``SET ... EX`` to s
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Protocol
 
 import msgspec
@@ -134,10 +134,12 @@ class UserStateStore(Protocol):
         """The state of every user asked for; a fresh ``UserState`` for users never seen, and
         for a document that does not decode (counted in ``rebuilt``, and logged)."""
 
-    async def save_docs(self, docs: Mapping[str, bytes], fence: Mapping[int, int] | None = None) -> None:
-        """Write all of ``docs`` (from :func:`encode_state`) atomically; with ``fence``
-        (partition -> claim), only while every claim is still the partition's latest, else
-        nothing is written and :class:`Fenced` is raised."""
+    async def save_docs(self, docs: Mapping[str, bytes], fence: Mapping[int, int] | None = None,
+                        delete: Collection[str] = ()) -> None:
+        """Write all of ``docs`` (from :func:`encode_state`) and delete the state of the users
+        in ``delete`` (erased: stream/handler.py), atomically; with ``fence`` (partition ->
+        claim), only while every claim is still the partition's latest, else nothing is
+        written and :class:`Fenced` is raised."""
 
     async def save_many(self, states: Mapping[str, UserState], fence: Mapping[int, int] | None = None) -> None:
         """:meth:`save_docs` of the encoded ``states``."""
@@ -195,11 +197,14 @@ class InMemoryUserStateStore:
             self.rebuilt += bad
         return out
 
-    async def save_docs(self, docs: Mapping[str, bytes], fence: Mapping[int, int] | None = None) -> None:
+    async def save_docs(self, docs: Mapping[str, bytes], fence: Mapping[int, int] | None = None,
+                        delete: Collection[str] = ()) -> None:
         if fence:
             stale = sorted(p for p, claim in fence.items() if self._claims.get(p) != claim)
             if stale:
                 raise Fenced(stale)
+        for uid in delete:
+            self._docs.pop(uid, None)
         self._docs.update(docs)
 
     async def save_many(self, states: Mapping[str, UserState], fence: Mapping[int, int] | None = None) -> None:
@@ -227,25 +232,30 @@ class InMemoryUserStateStore:
         return None
 
 
-# KEYS: the fence's claim keys (ARGV[2] of them), then the users' keys
-# ARGV: ttl, number of claims, the claims, then one document per user key
+# KEYS: the fence's claim keys (ARGV[2] of them), then the keys to delete (ARGV[3] of
+# them), then the users' keys to write
+# ARGV: ttl, number of claims, number of deletions, the claims, then one document per key to write
 # returns the number of users written, or -i when the i-th claim is no longer the latest
 _SAVE_LUA = """
 local ttl = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
+local d = tonumber(ARGV[3])
 for i = 1, n do
-  if redis.call('GET', KEYS[i]) ~= ARGV[2 + i] then
+  if redis.call('GET', KEYS[i]) ~= ARGV[3 + i] then
     return -i
   end
 end
-for i = n + 1, #KEYS do
+for i = n + 1, n + d do
+  redis.call('DEL', KEYS[i])
+end
+for i = n + d + 1, #KEYS do
   if ttl > 0 then
-    redis.call('SET', KEYS[i], ARGV[2 + i], 'EX', ttl)
+    redis.call('SET', KEYS[i], ARGV[3 + i - d], 'EX', ttl)
   else
-    redis.call('SET', KEYS[i], ARGV[2 + i])
+    redis.call('SET', KEYS[i], ARGV[3 + i - d])
   end
 end
-return #KEYS - n
+return #KEYS - n - d
 """
 
 
@@ -286,18 +296,20 @@ class RedisUserStateStore:
             self.rebuilt += bad
         return out
 
-    async def save_docs(self, docs: Mapping[str, bytes], fence: Mapping[int, int] | None = None) -> None:
-        """One atomic command for the whole batch: a Lua script checks the fence and SETs every
-        key (with the TTL).
+    async def save_docs(self, docs: Mapping[str, bytes], fence: Mapping[int, int] | None = None,
+                        delete: Collection[str] = ()) -> None:
+        """One atomic command for the whole batch: a Lua script checks the fence, DELetes the
+        erased users' keys and SETs every other key (with the TTL).
 
         (A MULTI/EXEC pipeline of one SET per user costs ~40 µs of Python per user in
         redis-py's command packing; one script call with all keys costs a few.)
         """
-        if not docs:
+        if not docs and not delete:
             return
         claims = sorted((fence or {}).items())
-        keys = [self.claim_key(p) for p, _ in claims] + [self.key(uid) for uid in docs]
-        written = await self._save_script(keys=keys, args=[self.ttl_s, len(claims), *(c for _, c in claims), *docs.values()])
+        keys = [self.claim_key(p) for p, _ in claims] + [self.key(uid) for uid in delete] + [self.key(uid) for uid in docs]
+        written = await self._save_script(keys=keys, args=[self.ttl_s, len(claims), len(delete), *(c for _, c in claims),
+                                                           *docs.values()])
         if written < 0:
             raise Fenced([claims[-written - 1][0]])
 

@@ -70,6 +70,8 @@ class StepResult:
     #: every applied event of a user with an earlier event, with the list it was judged
     #: against: ``(index in the batch, the latest list published to the user before it)``
     judged: list[tuple[int, list[str]]] = field(default_factory=list)
+    #: events refused because their user was forgotten after them (``Recommender.refuses``)
+    refused: int = 0
 
 
 def judge(events: Sequence[Event], states: dict[str, UserState], applied: dict[str, list[int]]
