@@ -13,12 +13,13 @@ from stream import gcpolicy
 from stream.app import Worker, create_app
 from stream.errors import StreamrecError
 from stream.evaluate_cli import evaluate
+from stream.forget import forget
 from stream.health import Health, serve
 from stream.produce import produce
 from stream.prometheus import Metrics
 from stream.settings import Settings
 from stream.tail import tail
-from stream.topics import ensure_topics
+from stream.topics import align_topic_configs, check_copartitioned, ensure_streamrec_topics
 
 app = typer.Typer(
     name="streamrec",
@@ -48,10 +49,14 @@ def worker(
     gcpolicy.configure(freeze=settings.gc_freeze)
     log = logging.getLogger("streamrec")
     log.info("settings: %s", settings)
-    created = ensure_topics(settings.kafka, settings.topics.all, settings.partitions,
-                           replication=settings.replication_factor, min_insync_replicas=settings.min_insync_replicas)
+    created = ensure_streamrec_topics(settings)
     if created:
         log.info("created topics %s with %d partitions", ", ".join(created), settings.partitions)
+    check_copartitioned(settings.kafka, settings.topics.consumed)
+    try:  # topics made before: a compacted recommendations topic, raw topics' retention (docs/operations.md)
+        align_topic_configs(settings.kafka, settings.topic_configs())
+    except StreamrecError as exc:
+        log.warning("%s; the worker runs on, but an erasure is not complete until they are set", exc)
     metrics = Metrics(REGISTRY)
     health = Health()
     if settings.metrics_port:
@@ -72,6 +77,7 @@ def show_settings() -> None:
 
 app.command("produce")(produce)
 app.command("tail")(tail)
+app.command("forget")(forget)
 app.command("train")(train)
 app.command("evaluate")(evaluate)
 

@@ -44,7 +44,7 @@ from stream.publisher import RecordBatches, murmur2_partition
 from stream.records import encode
 from stream.settings import Settings, TopicNames
 from stream.step_inputs import to_event
-from stream.topics import check_login, ensure_topics
+from stream.topics import check_login, ensure_streamrec_topics
 
 DEFAULT_SYNTHETIC_EVENTS = 10_000
 
@@ -268,8 +268,7 @@ def produce(
     except DatasetError as exc:
         raise typer.BadParameter(str(exc), param_hint="--dataset") from None
 
-    ensure_topics(settings.kafka, topics.all, settings.partitions, timeout_s=30,
-                  replication=settings.replication_factor, min_insync_replicas=settings.min_insync_replicas)
+    ensure_streamrec_topics(settings)
     tag = id_prefix if id_prefix is not None else source_tag(dataset, fmt, seed)
     summary = _run_with_progress(interactions, settings.kafka, topics, tag,
                                  rate, keep_ts, progress, total=n)

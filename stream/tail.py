@@ -25,7 +25,7 @@ from kafka.errors import KafkaError
 
 from stream.records import DeadLetter, Recommendation, decode_dead_letter, decode_recommendation
 from stream.settings import Settings
-from stream.topics import ensure_topics
+from stream.topics import ensure_streamrec_topics
 
 
 def recommendation_line(rec: Recommendation, items: int = 5) -> str:
@@ -75,14 +75,14 @@ def tail(
         "--timeout", min=0, help="Stop after this many seconds; with --limit, fewer messages by then is an error (exit 1).")] = None,
 ) -> int:
     """Print recommendations as they arrive: user, top items with scores, latency (generated_ts - event_ts).
+    A forgotten user's tombstone (a null value) prints as such.
 
     Reads <prefix>recommendations (or <prefix>dlq with --dlq) without joining a consumer group, so it never takes work or offsets from a worker. Ctrl-C stops.
     """
     settings = Settings.from_env(**{k: v for k, v in (("kafka_bootstrap", bootstrap), ("topic_prefix", topic_prefix)) if v is not None})
     topic = settings.topics.dlq if dlq else settings.topics.recommendations
     kafka = settings.kafka
-    ensure_topics(kafka, settings.topics.all, settings.partitions, timeout_s=30,
-                  replication=settings.replication_factor, min_insync_replicas=settings.min_insync_replicas)
+    ensure_streamrec_topics(settings)
     try:
         consumer = KafkaConsumer(**kafka.client_options(), client_id="streamrec-tail", group_id=None,
                                  enable_auto_commit=False, bootstrap_timeout_ms=30_000)
@@ -104,7 +104,7 @@ def tail(
                 for records in consumer.poll(timeout_ms=200).values():
                     for record in records:
                         if is_for_user(record.key, user):
-                            typer.echo(_render(record.value, dlq, as_json, items))
+                            typer.echo(_render(record.value, dlq, as_json, items, record.key))
                             printed += 1
                             if limit is not None and printed >= limit:
                                 stop.set()
@@ -136,7 +136,18 @@ def _stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(sig, handler)
 
 
-def _render(value: bytes | None, dlq: bool, as_json: bool, items: int) -> str:
+def tombstone_line(key: bytes | None) -> str:
+    """A null value on the (compacted) recommendations topic: the user was forgotten.
+
+    >>> print(tombstone_line(b"u1"))
+    u1  (tombstone: the user was forgotten; their recommendations are erased)
+    """
+    return f"{(key or b'').decode('utf-8', 'replace')}  (tombstone: the user was forgotten; their recommendations are erased)"
+
+
+def _render(value: bytes | None, dlq: bool, as_json: bool, items: int, key: bytes | None = None) -> str:
+    if value is None and not dlq:
+        return "null" if as_json else tombstone_line(key)
     if as_json:
         return (value or b"").decode("utf-8", errors="replace")
     try:
@@ -146,4 +157,4 @@ def _render(value: bytes | None, dlq: bool, as_json: bool, items: int) -> str:
         return f"(not a {kind}: {exc}) {(value or b'')[:80]!r}"
 
 
-__all__ = ["dead_letter_line", "is_for_user", "recommendation_line", "tail"]
+__all__ = ["tombstone_line", "dead_letter_line", "is_for_user", "recommendation_line", "tail"]

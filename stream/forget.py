@@ -1,0 +1,94 @@
+"""``streamrec forget``: ask the workers to erase users (one ForgetRequest each).
+
+A request goes to ``<prefix>forget``, keyed by the user id like the user's events, so it lands
+on the partition whose owner holds the user's state. That worker deletes the state, writes a
+tombstone for the user on the (compacted) recommendations topic and purges its models; every
+other worker purges its own models; all of them refuse the user's events up to the request's
+``ts`` from then on (docs/operations.md, "Forgetting a user", says when an erasure is complete).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Annotated
+
+import typer
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from stream.connections import KafkaConnection
+from stream.decoding import decode_forget
+from stream.errors import InvalidEvent, StreamrecError
+from stream.records import ForgetRequest, encode
+from stream.settings import Settings
+from stream.topics import check_copartitioned, check_login, ensure_streamrec_topics
+
+
+def forget_requests(user_ids: list[str], now_ms: int | None = None) -> list[ForgetRequest]:
+    """One request per distinct user id, each with a fresh request id, dated now; a user id the
+    worker would refuse raises :class:`InvalidEvent` (``reason`` names it).
+
+    >>> [r.user_id for r in forget_requests(["u1", "u2", "u1"], now_ms=5)]
+    ['u1', 'u2']
+    """
+    now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    out = []
+    for uid in dict.fromkeys(user_ids):
+        req = ForgetRequest(user_id=uid, request_id=f"forget-{uuid.uuid4().hex[:16]}", ts=now)
+        decode_forget(encode(req))  # the worker's own door: the same refusals, here and now
+        out.append(req)
+    return out
+
+
+async def send_forget_requests(kafka: KafkaConnection | str, topic: str, requests: list[ForgetRequest]) -> list[int]:
+    """Send ``requests`` to ``topic`` keyed by user id, each confirmed by every in-sync
+    replica; returns each request's partition."""
+    kafka = KafkaConnection.of(kafka)
+    producer = AIOKafkaProducer(**kafka.client_options(), client_id="streamrec-forget", acks="all",
+                                enable_idempotence=True, request_timeout_ms=30_000)
+    try:
+        await producer.start()
+    except KafkaError as exc:
+        await producer.stop()
+        await asyncio.to_thread(check_login, kafka)  # AccessDenied when the broker refused the login
+        raise kafka.unavailable(exc) from None
+    try:
+        sent = [await producer.send_and_wait(topic, encode(req), key=req.user_id.encode()) for req in requests]
+    except KafkaError as exc:
+        raise StreamrecError(f"sending forget requests to {topic} failed: {exc}") from None
+    finally:
+        await producer.stop()
+    return [meta.partition for meta in sent]
+
+
+def forget(
+    user_ids: Annotated[list[str], typer.Argument(help="The ids of the users to erase, as the site sends them.",
+                                                  metavar="USER_ID", show_default=False)],
+    bootstrap: Annotated[str | None, typer.Option(
+        "--bootstrap", "-b", help="Kafka bootstrap servers (default STREAMREC_KAFKA_BOOTSTRAP).")] = None,
+    topic_prefix: Annotated[str | None, typer.Option(
+        "--topic-prefix", help="Prefix of the topic names (default STREAMREC_TOPIC_PREFIX).")] = None,
+) -> None:
+    """Erase users: their state, what the models learned of them, and their recommendations.
+
+    Sends one ForgetRequest per user to <prefix>forget. The worker that owns the user deletes their Redis state and writes a tombstone on <prefix>recommendations (`streamrec tail --user ID` shows it); every worker purges the user from its models and never learns their events up to now again; a later event starts the user afresh.
+
+    Their raw events stay in Kafka until the topics' retention (STREAMREC_RAW_RETENTION_H) removes them. Watch streamrec_users_forgotten_total, or the worker's log line with the request id.
+    """
+    settings = Settings.from_env(**{k: v for k, v in (("kafka_bootstrap", bootstrap), ("topic_prefix", topic_prefix))
+                                    if v is not None})
+    try:
+        requests = forget_requests(user_ids)
+    except InvalidEvent as exc:
+        raise typer.BadParameter(exc.reason.replace("field `user_id`", "a user id"), param_hint="USER_IDS") from None
+    topics = settings.topics
+    ensure_streamrec_topics(settings)
+    check_copartitioned(settings.kafka, topics.consumed)  # else a request misses the user's partition
+    partitions = asyncio.run(send_forget_requests(settings.kafka, topics.forget, requests))
+    for req, partition in zip(requests, partitions, strict=True):
+        typer.echo(f"{req.request_id}  sent for user {req.user_id} ({topics.forget}[{partition}])")
+
+
+__all__ = ["forget", "forget_requests", "send_forget_requests"]

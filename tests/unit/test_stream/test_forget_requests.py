@@ -1,0 +1,160 @@
+"""Forget requests in the worker's shell (stream/handler.py, stream/decoding.py, stream/forget.py):
+the owner deletes the user's state, tombstones their recommendations and purges the models; the
+user's older events are refused from then on, newer ones start afresh; a bad request is a dead
+letter with a reason; a pseudonymous worker erases the pseudonym's state and tombstones the
+site's id."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from online_models import Recommender
+from stream.decoding import decode_forget
+from stream.errors import InvalidEvent
+from stream.forget import forget_requests
+from stream.handler import BatchHandler, Claims, RawMessage
+from stream.pipeline import RecommendationStep
+from stream.prometheus import Metrics
+from stream.pseudonyms import Pseudonyms
+from stream.records import ClickEvent, ForgetRequest, decode_dead_letter, encode
+from stream.retry import Backoff
+from stream.settings import TopicNames
+from stream.state import Fenced, InMemoryUserStateStore
+
+T0 = 1_700_000_000_000
+TOPICS = TopicNames()
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, bytes | None, bytes | None]] = []
+
+    async def __call__(self, records):
+        self.records += list(records)
+        return []
+
+    def tombstones(self) -> list[bytes]:
+        return [k for t, k, v in self.records if t == TOPICS.recommendations and v is None]
+
+
+def handler(pseudonyms: Pseudonyms | None = None, claims: Claims | None = None):
+    metrics = Metrics(CollectorRegistry())
+    sink = Sink()
+    h = BatchHandler(RecommendationStep(Recommender.default()), InMemoryUserStateStore(), sink, TOPICS, metrics,
+                     backoff=Backoff(base_s=0.001, cap_s=0.01, jitter=0), pseudonyms=pseudonyms, claims=claims)
+    return h, sink, metrics
+
+
+def clicks(user: str, n: int, start: int = 0, ts: int = T0, offset: int = 0) -> list[RawMessage]:
+    out = []
+    for i in range(n):
+        ev = ClickEvent(event_id=f"{user}-{start + i}", user_id=user, item_id=f"i{(start + i) % 7}", ts=ts + i,
+                        session_id=f"s-{user}")
+        out.append(RawMessage(TOPICS.clicks, 0, offset + i, user.encode(), encode(ev)))
+    return out
+
+
+def forget_msg(user: str, ts: int, offset: int = 0, request_id: str = "r-1") -> RawMessage:
+    return RawMessage(TOPICS.forget, 0, offset, user.encode(),
+                      encode(ForgetRequest(user_id=user, request_id=request_id, ts=ts)))
+
+
+def sample(metrics: Metrics, name: str, labels: dict | None = None) -> float:
+    return metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+async def test_the_owner_erases_state_lists_and_models_and_refuses_older_events(caplog):
+    h, sink, metrics = handler()
+    await h.handle_isolated(clicks("victim", 6) + clicks("other", 4, offset=6))
+    assert b"victim" in h.step.recommender.snapshot()
+
+    caplog.set_level("INFO", logger="streamrec.worker")
+    await h.handle_isolated([forget_msg("victim", ts=T0 + 100, request_id="req-42")])
+    states = await h.store.load_many(["victim", "other"])
+    assert states["victim"].clicks == 0 and states["other"].clicks == 4  # fresh, and untouched
+    assert "victim" not in h.store._docs
+    assert sink.tombstones() == [b"victim"]
+    snapshot = h.step.recommender.snapshot()
+    assert b"victim" not in snapshot and b"s-victim" not in snapshot and b"other" in snapshot
+    assert sample(metrics, "streamrec_users_forgotten_total") == 1
+    assert "req-42" in caplog.text and "victim" not in caplog.text
+
+    # Kafka delivers the user's older events again (a re-read): refused, nothing saved or published
+    published = len(sink.records)
+    await h.handle_isolated(clicks("victim", 6, offset=20))
+    assert "victim" not in h.store._docs and len(sink.records) == published
+    assert sample(metrics, "streamrec_events_refused_forgotten_total") == 6
+    assert b"victim" not in h.step.recommender.snapshot()
+
+    # a newer event starts afresh
+    await h.handle_isolated(clicks("victim", 1, start=50, ts=T0 + 101, offset=30))
+    fresh = (await h.store.load_many(["victim"]))["victim"]
+    assert (fresh.clicks, fresh.recent_items) == (1, ["i1"])
+
+
+async def test_a_forget_and_events_in_one_batch(caplog):
+    """The request is carried out first: the user's older events in the batch are refused,
+    newer ones start the fresh state, whatever their order in the batch."""
+    h, sink, _ = handler()
+    await h.handle_isolated(clicks("u", 3))
+    batch = clicks("u", 2, start=3, ts=T0 + 3, offset=3) + [forget_msg("u", ts=T0 + 10)] + clicks(
+        "u", 2, start=5, ts=T0 + 11, offset=5)
+    await h.handle_isolated(batch)
+    state = (await h.store.load_many(["u"]))["u"]
+    assert state.clicks == 2 and state.event_ids == ["u-5", "u-6"]
+    recs = [k for t, k, v in sink.records if t == TOPICS.recommendations]
+    assert recs[-2:] == [b"u", b"u"] and sink.records[-2][2] is None  # the tombstone, then the fresh list
+
+
+async def test_a_bad_forget_request_is_a_dead_letter_with_a_reason():
+    h, sink, metrics = handler()
+    bad = RawMessage(TOPICS.forget, 0, 0, b"u", b'{"user_id": "u", "ts": 5}')
+    await h.handle_isolated([bad])
+    (letter,) = [decode_dead_letter(v) for t, _, v in sink.records if t == TOPICS.dlq]
+    assert letter.code == "missing_field" and "request_id" in letter.reason and letter.topic == TOPICS.forget
+    assert sample(metrics, "streamrec_users_forgotten_total") == 0
+    assert sample(metrics, "streamrec_events_invalid_total", {"reason": "missing_field"}) == 1
+
+
+async def test_under_pseudonyms_the_pseudonym_is_erased_and_the_site_id_tombstoned():
+    p = Pseudonyms("k")
+    h, sink, _ = handler(pseudonyms=p)
+    await h.handle_isolated(clicks("site-user", 3))
+    assert p.of("site-user") in h.store._docs
+    await h.handle_isolated([forget_msg("site-user", ts=T0 + 10)])
+    assert p.of("site-user") not in h.store._docs
+    assert sink.tombstones() == [b"site-user"]
+    assert p.of("site-user").encode() not in h.step.recommender.snapshot()
+
+
+async def test_a_fenced_worker_erases_nothing_in_the_store():
+    claims = Claims()
+    h, sink, _ = handler(claims=claims)
+    claims.hold(await h.store.claim([0]), 0)
+    await h.handle_isolated(clicks("u", 2))
+    await h.store.claim([0])  # another worker claims the partition since
+    with pytest.raises(Fenced):
+        await h.handle_isolated([forget_msg("u", ts=T0 + 10)])
+    assert "u" in h.store._docs  # the partition's new owner carries the request out
+
+
+def test_decode_forget_holds_the_door():
+    assert decode_forget(encode(ForgetRequest(user_id="u", request_id="r", ts=1))).user_id == "u"
+    for raw, code in ((b'{"user_id": " ", "request_id": "r", "ts": 1}', "bad_id"),
+                      (b'{"user_id": "u", "request_id": "r", "ts": -1}', "invalid_value"),
+                      (b'[' * 40 + b']' * 40, "too_deep"),
+                      (b'{"user_id": "u", "request_id": "r", "ts": "now"}', "wrong_type")):
+        with pytest.raises(InvalidEvent) as caught:
+            decode_forget(raw)
+        assert caught.value.code == code, caught.value.reason
+    with pytest.raises(InvalidEvent) as caught:
+        decode_forget(encode(ForgetRequest(user_id="u", request_id="r", ts=T0 + 10 ** 9)), now_ms=T0)
+    assert caught.value.code == "ts_out_of_window"
+
+
+def test_forget_requests_refuse_an_id_the_worker_would():
+    (req,) = forget_requests(["u1"], now_ms=7)
+    assert (req.user_id, req.ts) == ("u1", 7) and req.request_id.startswith("forget-")
+    with pytest.raises(InvalidEvent):
+        forget_requests(["bad\u0001id"])
