@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from stream.decoding import decode_event
+from stream.decoding import decode_event, decode_forget
 from stream.errors import DEAD_LETTER_CODES, InvalidEvent
 from stream.records import MAX_EVENT_BYTES, decode_dead_letter, decode_recommendation
-from stream.tail import recommendation_line
+from stream.tail import recommendation_line, tombstone_line
 
 ROOT = Path(__file__).resolve().parents[3]
 DOC = (ROOT / "docs" / "events.md").read_text()
@@ -20,11 +20,13 @@ BLOCKS = [json.loads(b) for b in re.findall(r"```json\n(.*?)\n```", DOC, re.S)]
 EVENTS = [b for b in BLOCKS if "type" in b and "reason" not in b]
 LETTERS = [b for b in BLOCKS if "reason" in b]
 RECOMMENDATIONS = [b for b in BLOCKS if "items" in b]
+FORGETS = [b for b in BLOCKS if "request_id" in b]
 CODES = list(DEAD_LETTER_CODES)
 
 
 def test_every_block_is_accounted_for():
-    assert len(EVENTS) == 3 and len(RECOMMENDATIONS) == 1
+    assert len(EVENTS) == 3 and len(RECOMMENDATIONS) == 1 and len(FORGETS) == 1
+    assert len(BLOCKS) == len(EVENTS) + len(LETTERS) + len(RECOMMENDATIONS) + len(FORGETS)
     assert [letter["code"] for letter in LETTERS] == CODES  # one example per code, in the table's order
 
 
@@ -54,6 +56,12 @@ def test_recommendation_example_and_its_tail_line():
     (example,) = RECOMMENDATIONS
     line = recommendation_line(decode_recommendation(json.dumps(example).encode()))
     assert f"```text\n{line}\n```" in DOC
+
+
+def test_forget_example_and_its_tombstone_line():
+    (example,) = FORGETS
+    request = decode_forget(json.dumps(example).encode())
+    assert f"```text\n{tombstone_line(request.user_id.encode())}\n```" in DOC
 
 
 def test_schema_files_named_exist():

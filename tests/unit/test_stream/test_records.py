@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import stream.records
-from stream.decoding import decode_event
+from stream.decoding import decode_event, decode_forget
 from stream.errors import DEAD_LETTER_CODES, InvalidEvent
 from stream.records import (
     MAX_DEPTH,
@@ -498,13 +498,28 @@ def test_event_schemas_accept_exactly_what_the_decoder_accepts(value):
     assert _schema_accepts(value) == accepted
 
 
-@pytest.mark.parametrize("name", ["click_event.json", "purchase_event.json", "recommendation.json", "dead_letter.json"])
+@pytest.mark.parametrize("name", ["click_event.json", "purchase_event.json", "recommendation.json", "dead_letter.json",
+                                  "forget_request.json"])
 def test_schema_examples_are_valid_and_decode(name):
     validator = _validator(name)
-    decode = {"recommendation.json": decode_recommendation, "dead_letter.json": decode_dead_letter}.get(name, decode_event)
+    decode = {"recommendation.json": decode_recommendation, "dead_letter.json": decode_dead_letter,
+              "forget_request.json": decode_forget}.get(name, decode_event)
     for example_value in validator.schema["examples"]:
         validator.validate(example_value)
         decode(raw(example_value))
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(st.fixed_dictionaries({"user_id": ids, "request_id": ids, "ts": st.integers(-5, 2**64)}) | json_values)
+@example({"user_id": "u", "request_id": " ", "ts": 1})
+@example({"user_id": "u", "request_id": "r", "ts": 1.0})
+def test_the_forget_schema_accepts_exactly_what_the_worker_does(value):
+    try:
+        decode_forget(raw(value))
+        accepted = True
+    except InvalidEvent:
+        accepted = False
+    assert _validator("forget_request.json").is_valid(value) == accepted
 
 
 def _decodes(decode, value) -> bool:
