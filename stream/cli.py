@@ -17,6 +17,7 @@ from stream.forget import forget
 from stream.health import Health, serve
 from stream.produce import produce
 from stream.prometheus import Metrics
+from stream.report import report
 from stream.settings import Settings
 from stream.tail import tail
 from stream.topics import align_topic_configs, check_copartitioned, ensure_streamrec_topics
@@ -78,6 +79,7 @@ def show_settings() -> None:
 app.command("produce")(produce)
 app.command("tail")(tail)
 app.command("forget")(forget)
+app.command("report")(report)
 app.command("train")(train)
 app.command("evaluate")(evaluate)
 

@@ -1,0 +1,544 @@
+"""``streamrec report``: read an experiment's per-variant counters and say which arm wins.
+
+Registered by the stream's CLI as ``app.command("report")(stream.report.report)``. The counters
+come from one source: the workers' ``/metrics`` (summed over several workers), the Prometheus
+HTTP API (``sum by (variant)``), or the JSON a replay writes (``streamrec evaluate --variants``).
+
+Per variant it prints the denominator (impressions where the site reported any, else the
+published lists, labelled as such), CTR = clicked lists / denominator, conversion = purchased
+lists / denominator, live HR@20 = hits{k="20"} / judged, each with a 95% Wilson score interval,
+revenue per list = revenue / denominator, and each rate's relative lift against the control with
+a 95% interval for the ratio of two independent proportions: the log-ratio (Katz) interval
+``exp(log(r) +- z * sqrt(1/k1 - 1/n1 + 1/k2 - 1/n2))``, minus 1 (when the variant's count is 0: from -100%
+to the upper bound with 0.5 added to both counts of each arm). A control rate of 0 has no lift: "n/a".
+
+The pure parts (parsing and the statistics) are functions apart from the I/O:
+
+>>> p, lo, hi = wilson(81, 263)
+>>> round(p, 4), round(lo, 4), round(hi, 4)
+(0.308, 0.2553, 0.3662)
+>>> lift, lo, hi = ratio_ci(10, 100, 5, 100)
+>>> round(lift, 4), round(lo, 4), round(hi, 4)
+(1.0, -0.291, 4.6421)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from prometheus_client.parser import text_string_to_metric_families
+
+from stream.errors import ServiceUnavailable, StreamrecError
+
+#: the two-sided 95% normal quantile
+Z95 = 1.959963984540054
+
+#: counter field -> the worker's Prometheus counter (all labelled by ``variant``)
+COUNTERS = {
+    "lists": "streamrec_experiment_lists_total",
+    "impressions": "streamrec_experiment_impressions_total",
+    "clicked_lists": "streamrec_experiment_clicked_lists_total",
+    "clicks": "streamrec_experiment_clicks_total",
+    "purchased_lists": "streamrec_experiment_purchased_lists_total",
+    "purchases": "streamrec_experiment_purchases_total",
+    "revenue": "streamrec_experiment_revenue_total",
+    "judged": "streamrec_experiment_judged_total",
+}
+#: hits, labelled by ``variant`` and ``k``
+HITS = "streamrec_experiment_hits_total"
+HIT_KS = ("1", "5", "10", "20")
+#: the rates reported, in order: key, label
+RATES = (("ctr", "CTR"), ("conversion", "conversion"), ("hr20", "HR@20"))
+_NO_COUNTERS = "no streamrec_experiment_* counters at {where}: is STREAMREC_VARIANTS set on the worker?"
+
+
+class ReportError(StreamrecError):
+    """The source answered, but not with an experiment's counters (or the control is unknown)."""
+
+
+# --------------------------------------------------------------------------- counters
+
+
+def empty_counters() -> dict[str, Any]:
+    """One variant's counters, all zero.
+
+    >>> empty_counters()["hits"]
+    {'1': 0, '5': 0, '10': 0, '20': 0}
+    """
+    out: dict[str, Any] = {field: 0 for field in COUNTERS}
+    out["revenue"] = 0.0
+    out["hits"] = {k: 0 for k in HIT_KS}
+    return out
+
+
+def _number(field: str, value: float) -> int | float:
+    return float(value) if field == "revenue" else int(round(float(value)))
+
+
+def _add(counters: dict[str, dict[str, Any]], variant: str, field: str, value: float, k: str | None = None) -> None:
+    c = counters.setdefault(variant, empty_counters())
+    if field == "hits":
+        c["hits"][k] = c["hits"].get(k, 0) + _number("hits", value)
+    else:
+        c[field] += _number(field, value)
+
+
+def counters_from_metrics_text(text: str) -> dict[str, dict[str, Any]]:
+    """Per-variant counters from a worker's ``/metrics`` (Prometheus text format); ``{}`` when
+    it exports none. Samples of one variant in several series (another label) are summed.
+
+    >>> text = 'streamrec_experiment_lists_total{variant="A"} 7.0\\n'
+    >>> counters_from_metrics_text(text)["A"]["lists"]
+    7
+    """
+    by_name = {name: field for field, name in COUNTERS.items()}
+    counters: dict[str, dict[str, Any]] = {}
+    try:
+        families = list(text_string_to_metric_families(text))
+    except ValueError as exc:
+        raise ReportError(f"not Prometheus text format: {exc}") from None
+    for family in families:
+        for sample in family.samples:
+            variant = sample.labels.get("variant")
+            if variant is None:
+                continue
+            if sample.name in by_name:
+                _add(counters, variant, by_name[sample.name], sample.value)
+            elif sample.name == HITS and "k" in sample.labels:
+                _add(counters, variant, "hits", sample.value, sample.labels["k"])
+    return counters
+
+
+def merge_counters(parts: Iterable[Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Sum several sources' per-variant counters (several workers).
+
+    >>> a = {"A": {**empty_counters(), "lists": 2}}
+    >>> merge_counters([a, a])["A"]["lists"]
+    4
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for variant, c in part.items():
+            for field in COUNTERS:
+                _add(out, variant, field, c.get(field, 0))
+            for k, v in c.get("hits", {}).items():
+                _add(out, variant, "hits", v, str(k))
+    return out
+
+
+def counters_from_json(data: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """The counters of a replay's JSON (``{"control": "A", "variants": {"A": {...}}}``) and its
+    control (None when it names none). Missing counters are 0.
+
+    >>> counters, control = counters_from_json({"control": "A", "variants": {"A": {"lists": 3, "hits": {"20": 1}}}})
+    >>> control, counters["A"]["lists"], counters["A"]["hits"]["20"], counters["A"]["clicks"]
+    ('A', 3, 1, 0)
+    """
+    if not isinstance(data, Mapping) or not isinstance(data.get("variants"), Mapping):
+        raise ReportError('the JSON has no "variants" object: expected {"control": ..., "variants": {NAME: {...}}}')
+    control = data.get("control")
+    if control is not None and not isinstance(control, str):
+        raise ReportError(f'"control" must be a variant name, not {control!r}')
+    counters: dict[str, dict[str, Any]] = {}
+    for variant, c in data["variants"].items():
+        if not isinstance(c, Mapping):
+            raise ReportError(f"variant {variant!r}: expected an object of counters, got {c!r}")
+        counters[str(variant)] = empty_counters()
+        try:
+            for field in COUNTERS:
+                _add(counters, str(variant), field, c.get(field, 0) or 0)
+            hits = c.get("hits", {}) or {}
+            if not isinstance(hits, Mapping):
+                raise TypeError(f'"hits" must be an object keyed by k, got {hits!r}')
+            for k, v in hits.items():
+                _add(counters, str(variant), "hits", v, str(k))
+        except (TypeError, ValueError) as exc:
+            raise ReportError(f"variant {variant!r}: a counter is not a number ({exc})") from None
+    return counters, control
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def wilson(k: float, n: float, z: float = Z95) -> tuple[float, float, float]:
+    """The rate ``k/n`` and its Wilson score interval (95% by default): the ``p`` whose score
+    test ``|k/n - p| <= z * sqrt(p(1-p)/n)`` does not reject. ``n`` must be positive and
+    ``0 <= k <= n``.
+
+    >>> [round(x, 4) for x in wilson(0, 10)]
+    [0.0, 0.0, 0.2775]
+    """
+    if n <= 0:
+        raise ValueError(f"wilson: n must be positive, got {n}")
+    if not 0 <= k <= n:
+        raise ValueError(f"wilson: need 0 <= k <= n, got k={k}, n={n}")
+    p = k / n
+    z2 = z * z
+    denom = 1 + z2 / n
+    center = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    lo = 0.0 if k == 0 else min(p, max(0.0, center - half))  # exact at the edges, not 1e-18 off
+    hi = 1.0 if k == n else max(p, min(1.0, center + half))
+    return p, lo, hi
+
+
+def ratio_ci(k1: float, n1: float, k2: float, n2: float, z: float = Z95) -> tuple[float, float, float] | None:
+    """Relative lift of rate ``k1/n1`` over ``k2/n2`` (the control), ``r - 1`` with ``r`` the
+    ratio of the two rates, and its 95% log-ratio (Katz) interval, for two independent
+    proportions: ``exp(log r +- z * sqrt(1/k1 - 1/n1 + 1/k2 - 1/n2)) - 1``. When ``k1`` is 0
+    the lift is -100%, the lower bound too, and the upper bound adds 0.5 to each arm's ``k`` and ``n``.
+    None when the control's rate is 0 (or either ``n`` is 0): a lift over nothing is undefined.
+
+    >>> ratio_ci(3, 10, 0, 10) is None
+    True
+    >>> ratio_ci(0, 10, 3, 10)[:2]
+    (-1.0, -1.0)
+    """
+    if n1 <= 0 or n2 <= 0 or k2 <= 0:
+        return None
+    lift = (k1 / n1) / (k2 / n2) - 1
+    zero = k1 == 0
+    if zero:  # log(0) and 1/0: Haldane's correction, for the upper bound only
+        k1, n1, k2, n2 = k1 + 0.5, n1 + 0.5, k2 + 0.5, n2 + 0.5
+    log_r = math.log((k1 / n1) / (k2 / n2))
+    se = math.sqrt(1 / k1 - 1 / n1 + 1 / k2 - 1 / n2)
+    lo = -1.0 if zero else math.exp(log_r - z * se) - 1
+    return lift, lo, math.exp(log_r + z * se) - 1
+
+
+def _rate(k: int, n: int, warnings: list[str], what: str) -> dict[str, Any] | None:
+    if n <= 0:
+        return None
+    if k > n:
+        warnings.append(f"{what}: {k} exceeds its denominator {n}; the rate is capped at 1")
+        k = n
+    p, lo, hi = wilson(k, n)
+    return {"k": k, "n": n, "rate": p, "ci": [lo, hi]}
+
+
+def summarize(counters: Mapping[str, Mapping[str, Any]], control: str | None = None) -> dict[str, Any]:
+    """Each variant's rates with Wilson intervals and their lift against ``control``.
+
+    ``control`` defaults to a variant named "control", else the first in sorted order; an
+    unknown one raises :class:`ReportError`. The denominator of a variant's CTR, conversion and
+    revenue per list is its impressions when it has any, else its published lists
+    (``denominator.kind`` says which).
+
+    >>> s = summarize({"A": {"lists": 100, "clicked_lists": 10}, "B": {"lists": 100, "impressions": 50, "clicked_lists": 10}})
+    >>> s["control"], s["variants"]["A"]["denominator"], s["variants"]["B"]["denominator"]
+    ('A', {'kind': 'lists', 'n': 100}, {'kind': 'impressions', 'n': 50})
+    >>> round(s["variants"]["B"]["lift"]["ctr"]["lift"], 6)
+    1.0
+    """
+    if not counters:
+        raise ReportError("no variants in the counters")
+    names = sorted(counters)
+    if control is None:
+        control = "control" if "control" in counters else names[0]
+    if control not in counters:
+        raise ReportError(f"unknown control {control!r}: the variants are {', '.join(names)}")
+    warnings: list[str] = []
+    variants: dict[str, Any] = {}
+    for name in names:
+        c = {**empty_counters(), **counters[name]}
+        hits = {str(k): v for k, v in (c.get("hits") or {}).items()}
+        kind = "impressions" if c["impressions"] > 0 else "lists"
+        n = c[kind]
+        variants[name] = {
+            "denominator": {"kind": kind, "n": n},
+            "lists": c["lists"], "impressions": c["impressions"],
+            "clicked_lists": c["clicked_lists"], "clicks": c["clicks"],
+            "purchased_lists": c["purchased_lists"], "purchases": c["purchases"],
+            "revenue": c["revenue"], "judged": c["judged"], "hits": hits,
+            "ctr": _rate(c["clicked_lists"], n, warnings, f"{name} CTR"),
+            "conversion": _rate(c["purchased_lists"], n, warnings, f"{name} conversion"),
+            "hr20": _rate(hits.get("20", 0), c["judged"], warnings, f"{name} HR@20"),
+            "revenue_per_list": c["revenue"] / n if n > 0 else None,
+        }
+    kinds = {v["denominator"]["kind"] for v in variants.values()}
+    if len(kinds) > 1:
+        warnings.append("some variants' rates are per impression and others per list: their lifts compare unlike rates")
+    base = variants[control]
+    for name in names:
+        v = variants[name]
+        if name == control:
+            v["lift"] = None
+            continue
+        v["lift"] = {}
+        for key, _ in RATES:
+            a, b = v[key], base[key]
+            got = ratio_ci(a["k"], a["n"], b["k"], b["n"]) if a and b else None
+            v["lift"][key] = None if got is None else {"lift": got[0], "ci": [got[1], got[2]]}
+    return {"control": control, "interval": "95% Wilson score; lift: 95% log-ratio (Katz)",
+            "variants": variants, "warnings": warnings}
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def _rate_text(r: Mapping[str, Any] | None) -> str:
+    if r is None:
+        return "n/a"
+    return f"{_pct(r['rate'])} [{_pct(r['ci'][0])}, {_pct(r['ci'][1])}]"
+
+
+def _lift_text(lift: Mapping[str, Any] | None) -> str:
+    if lift is None:
+        return "n/a"
+    return f"{100 * lift['lift']:+.1f}% [{100 * lift['ci'][0]:+.1f}%, {100 * lift['ci'][1]:+.1f}%]"
+
+
+def _columns(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    """The summary as text: one row per variant, then each variant's lift against the control.
+
+    >>> print(format_table(summarize({"A": {"lists": 10, "clicked_lists": 1}})))  # doctest: +NORMALIZE_WHITESPACE
+    variant      denominator    CTR [95% CI]             conversion [95% CI]    HR@20 [95% CI]  revenue/list
+    A (control)  lists 10       10.00% [1.79%, 40.42%]   0.00% [0.00%, 27.75%]  n/a             0.00
+    """
+    control = summary["control"]
+    rows = [["variant", "denominator", "CTR [95% CI]", "conversion [95% CI]", "HR@20 [95% CI]", "revenue/list"]]
+    for name, v in summary["variants"].items():
+        d = v["denominator"]
+        rpl = v["revenue_per_list"]
+        rows.append([f"{name} (control)" if name == control else name, f"{d['kind']} {d['n']}",
+                     _rate_text(v["ctr"]), _rate_text(v["conversion"]), _rate_text(v["hr20"]),
+                     "n/a" if rpl is None else f"{rpl:.2f}"])
+    lines = _columns(rows)
+    others = [name for name in summary["variants"] if name != control]
+    if others:
+        lines += ["", f"lift vs {control} [95% CI, log-ratio (Katz)]"]
+        rows = [["variant"] + [label for _, label in RATES]]
+        for name in others:
+            lift = summary["variants"][name]["lift"]
+            rows.append([name] + [_lift_text(lift[key]) for key, _ in RATES])
+        lines += _columns(rows)
+    for warning in summary.get("warnings", []):
+        lines.append(f"warning: {warning}")
+    return "\n".join(lines)
+
+
+def write_chart(summary: Mapping[str, Any], path: Path) -> None:
+    """One grouped bar chart, CTR, conversion and HR@20 per variant, with 95% Wilson error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["variants"])
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.0 + 1.2 * len(names) * len(RATES) * 0.5), 4.5))
+    try:
+        for i, name in enumerate(names):
+            v = summary["variants"][name]
+            heights, lows, highs = [], [], []
+            for key, _ in RATES:
+                r = v[key]
+                rate = 100 * r["rate"] if r else 0.0
+                heights.append(rate)
+                lows.append(max(0.0, rate - 100 * r["ci"][0]) if r else 0.0)
+                highs.append(max(0.0, 100 * r["ci"][1] - rate) if r else 0.0)
+            xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(RATES))]
+            label = f"{name} (control)" if name == summary["control"] else name
+            ax.bar(xs, heights, width, yerr=[lows, highs], capsize=3, label=label)
+        ax.set_xticks(range(len(RATES)), [label for _, label in RATES])
+        ax.set_ylabel("% (bars: 95% CI)")
+        kinds = sorted({v["denominator"]["kind"] for v in summary["variants"].values()})
+        ax.set_title(f"experiment by variant (CTR, conversion per {' / '.join(k.rstrip('s') for k in kinds)})")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
+
+
+# --------------------------------------------------------------------------- sources (I/O)
+
+
+def _get(url: str, timeout: float) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (the user's URL)
+            return resp.read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode("utf-8", "replace")[:300]
+        raise ServiceUnavailable(f"{url} answered HTTP {exc.code}: {body or exc.reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ServiceUnavailable(f"cannot read {url}: {reason}") from None
+
+
+def metrics_url(url: str) -> str:
+    """A worker's address as its metrics URL: ``/metrics`` is added when the URL has no path.
+
+    >>> metrics_url("http://w1:9464"), metrics_url("http://w1:9464/metrics")
+    ('http://w1:9464/metrics', 'http://w1:9464/metrics')
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.path in ("", "/"):
+        parts = parts._replace(path="/metrics")
+    return urllib.parse.urlunsplit(parts)
+
+
+def counters_from_metrics_urls(urls: list[str], timeout: float = 10.0) -> dict[str, dict[str, Any]]:
+    """The counters of several workers' ``/metrics``, summed; each must export some."""
+    parts = []
+    for url in urls:
+        url = metrics_url(url)
+        text = _get(url, timeout).decode("utf-8", "replace")
+        counters = counters_from_metrics_text(text)
+        if not counters:
+            raise ReportError(_NO_COUNTERS.format(where=url))
+        parts.append(counters)
+    return merge_counters(parts)
+
+
+def prometheus_query_url(base: str, query: str) -> str:
+    """The instant-query URL of a Prometheus at ``base`` (with or without ``/api/v1/query``).
+
+    >>> prometheus_query_url("http://prom:9090/", "up")
+    'http://prom:9090/api/v1/query?query=up'
+    """
+    base = base.rstrip("/")
+    if base.endswith("/api/v1/query"):
+        base = base[: -len("/api/v1/query")]
+    return f"{base}/api/v1/query?{urllib.parse.urlencode({'query': query})}"
+
+
+def _prometheus_vector(base: str, query: str, timeout: float) -> list[dict[str, Any]]:
+    url = prometheus_query_url(base, query)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (the user's URL)
+            raw = resp.read()
+    except urllib.error.HTTPError as exc:  # Prometheus says why in a JSON body (bad query: 400)
+        raw = exc.read()
+        try:
+            why = json.loads(raw).get("error", "")
+        except ValueError:
+            why = raw.decode("utf-8", "replace")[:300]
+        raise ServiceUnavailable(f"Prometheus at {base} answered HTTP {exc.code} to {query!r}: {why}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ServiceUnavailable(f"cannot reach Prometheus at {base}: {getattr(exc, 'reason', exc)}") from None
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise ReportError(f"{base} did not answer with JSON: is it the Prometheus HTTP API?") from None
+    if not isinstance(body, dict) or body.get("status") != "success":
+        why = body.get("error", body) if isinstance(body, dict) else body
+        raise ReportError(f"Prometheus at {base} refused {query!r}: {why}")
+    data = body.get("data") or {}
+    if data.get("resultType") != "vector":
+        raise ReportError(f"Prometheus at {base} answered {query!r} with a {data.get('resultType')}, not a vector")
+    return data.get("result") or []
+
+
+def counters_from_prometheus(base: str, timeout: float = 10.0) -> dict[str, dict[str, Any]]:
+    """Per-variant counters summed over every worker Prometheus scrapes: one instant query per
+    counter, ``sum by (variant) (NAME)`` (``sum by (variant, k)`` for the hits)."""
+    counters: dict[str, dict[str, Any]] = {}
+    queries = [(field, f"sum by (variant) ({name})") for field, name in COUNTERS.items()]
+    queries.append(("hits", f"sum by (variant, k) ({HITS})"))
+    for field, query in queries:
+        for series in _prometheus_vector(base, query, timeout):
+            labels = series.get("metric") or {}
+            variant = labels.get("variant")
+            if variant is None or (field == "hits" and "k" not in labels):
+                continue
+            try:
+                value = float(series["value"][1])
+            except (KeyError, IndexError, TypeError, ValueError):
+                raise ReportError(f"Prometheus at {base}: a sample of {query!r} has no value: {series}") from None
+            if math.isnan(value):
+                continue
+            _add(counters, variant, field, value, labels.get("k"))
+    if not counters:
+        raise ReportError(_NO_COUNTERS.format(where=base))
+    return counters
+
+
+def counters_from_json_file(path: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """The counters (and control) of a replay's JSON file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ReportError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ReportError(f"{path} is not JSON: {exc}") from None
+    counters, control = counters_from_json(data)
+    if not counters:
+        raise ReportError(f"{path} has no variants")
+    return counters, control
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def report(
+    metrics: Annotated[list[str] | None, typer.Option(
+        "--metrics", metavar="URL",
+        help="A worker's /metrics URL (http://host:9464 is enough). Repeat for several workers: their counters are summed.",
+        show_default=False)] = None,
+    prometheus: Annotated[str | None, typer.Option(
+        "--prometheus", metavar="URL",
+        help="The Prometheus HTTP API (e.g. http://prometheus:9090): sums every scraped worker's counters.",
+        show_default=False)] = None,
+    json_file: Annotated[Path | None, typer.Option(
+        "--json", metavar="FILE",
+        help="A replay's counters, as `streamrec evaluate --variants` writes them.", show_default=False)] = None,
+    control: Annotated[str | None, typer.Option(
+        "--control", metavar="NAME",
+        help="The variant the others are compared with (default: the JSON's control, else a variant "
+             "named 'control', else the first in sorted order).", show_default=False)] = None,
+    json_output: Annotated[bool, typer.Option(
+        "--json-output",
+        help="Print the summary as JSON instead of the table (--json is the replay source).")] = False,
+    chart: Annotated[Path | None, typer.Option(
+        "--chart", metavar="PATH.png",
+        help="Also write a PNG: CTR, conversion and HR@20 per variant with 95% CI error bars.",
+        show_default=False)] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for each HTTP answer.")] = 10.0,
+) -> None:
+    """Per-variant CTR, conversion and live HR@20 of an experiment, and each variant's lift over the control.
+
+    Reads exactly one source: --metrics, --prometheus or --json. The denominator of a variant's CTR (lists with a click), conversion (lists with a purchase) and revenue per list is its impressions when the site reported any, else its published lists (the table says which). HR@20 = hits within the top 20 / judged events.
+
+    Intervals are 95%: the Wilson score interval for each rate; for the relative lift (variant rate / control rate - 1) the log-ratio (Katz) interval for two independent proportions (a variant count of 0: from -100% to the bound with 0.5 added to each arm's counts). A control rate of 0 gives "n/a".
+    """
+    sources = [s for s in (metrics, prometheus, json_file) if s]
+    if len(sources) != 1:
+        raise typer.BadParameter("give exactly one source: --metrics URL (repeatable), --prometheus URL or --json FILE")
+    default_control = None
+    if metrics:
+        counters = counters_from_metrics_urls(metrics, timeout)
+    elif prometheus:
+        counters = counters_from_prometheus(prometheus, timeout)
+    else:
+        assert json_file is not None
+        counters, default_control = counters_from_json_file(json_file)
+    summary = summarize(counters, control or default_control)
+    if chart is not None:
+        try:
+            write_chart(summary, chart)
+        except OSError as exc:
+            raise ReportError(f"cannot write the chart {chart}: {exc.strerror or exc}") from None
+    if json_output:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        typer.echo(format_table(summary))
+    if chart is not None:
+        typer.echo(f"chart written to {chart}", err=json_output)

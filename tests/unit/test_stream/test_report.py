@@ -1,0 +1,436 @@
+"""``streamrec report``: the statistics against known values, the three sources (a real
+/metrics over HTTP, a fake Prometheus API, a replay's JSON), the denominator rule, the chart
+and the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from typer.testing import CliRunner
+
+from stream import cli
+from stream.errors import ServiceUnavailable, StreamrecError
+from stream.report import (
+    ReportError,
+    counters_from_json,
+    counters_from_metrics_text,
+    counters_from_prometheus,
+    format_table,
+    merge_counters,
+    ratio_ci,
+    summarize,
+    wilson,
+    write_chart,
+)
+
+Z = 1.959963984540054
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- Wilson
+
+
+@pytest.mark.parametrize(("k", "n", "lo", "hi"), [
+    # Newcombe (1998), "Two-sided confidence intervals for the single proportion", Table I, method 3
+    (81, 263, 0.2553, 0.3662),
+    (15, 148, 0.0624, 0.1605),
+    (0, 20, 0.0, 0.1611),
+    (1, 29, 0.0061, 0.1718),
+])
+def test_wilson_matches_the_textbook_examples(k, n, lo, hi):
+    p, got_lo, got_hi = wilson(k, n)
+    assert p == pytest.approx(k / n)
+    assert got_lo == pytest.approx(lo, abs=5e-5)
+    assert got_hi == pytest.approx(hi, abs=5e-5)
+
+
+def _score_test_bounds(k, n):
+    """The Wilson interval by its definition, found by bisection: the p where the score test
+    |k/n - p| = z * sqrt(p(1-p)/n) turns from rejecting to accepting."""
+    phat = k / n
+
+    def accepts(p):
+        return (phat - p) ** 2 <= Z * Z * p * (1 - p) / n
+
+    def edge(outside, inside):
+        for _ in range(200):
+            mid = (outside + inside) / 2
+            if accepts(mid):
+                inside = mid
+            else:
+                outside = mid
+        return inside
+
+    lo = 0.0 if k == 0 else edge(0.0, phat)
+    hi = 1.0 if k == n else edge(1.0, phat)
+    return lo, hi
+
+
+@pytest.mark.parametrize(("k", "n"), [(1, 1), (0, 3), (3, 3), (7, 50), (500, 10_000), (9_999, 10_000), (123, 4567)])
+def test_wilson_is_the_score_test_inversion(k, n):
+    _, lo, hi = wilson(k, n)
+    want_lo, want_hi = _score_test_bounds(k, n)
+    assert lo == pytest.approx(want_lo, abs=1e-9)
+    assert hi == pytest.approx(want_hi, abs=1e-9)
+
+
+def test_wilson_refuses_an_empty_or_impossible_sample():
+    with pytest.raises(ValueError):
+        wilson(0, 0)
+    with pytest.raises(ValueError):
+        wilson(5, 4)
+
+
+# --------------------------------------------------------------------------- Katz
+
+
+def test_katz_interval_by_hand():
+    # 10/100 against 5/100: r = 2, se(log r) = sqrt(1/10 - 1/100 + 1/5 - 1/100) = sqrt(0.28)
+    lift, lo, hi = ratio_ci(10, 100, 5, 100)
+    half = Z * math.sqrt(0.28)
+    assert lift == pytest.approx(1.0)
+    assert lo == pytest.approx(2 * math.exp(-half) - 1)  # 0.7090 - 1
+    assert hi == pytest.approx(2 * math.exp(half) - 1)  # 5.6422 - 1
+    assert (lo, hi) == pytest.approx((-0.2910, 4.6422), abs=1e-4)
+
+
+@pytest.mark.parametrize(("k1", "n1", "k2", "n2"), [(30, 1000, 20, 1000), (5, 40, 9, 35), (250, 5000, 300, 4000)])
+def test_katz_interval_matches_the_delta_method_form(k1, n1, k2, n2):
+    # the same interval written the other way round: var(log r) = (1-p1)/(n1 p1) + (1-p2)/(n2 p2)
+    p1, p2 = k1 / n1, k2 / n2
+    se = math.sqrt((1 - p1) / (n1 * p1) + (1 - p2) / (n2 * p2))
+    lift, lo, hi = ratio_ci(k1, n1, k2, n2)
+    assert lift == pytest.approx(p1 / p2 - 1)
+    assert lo == pytest.approx(p1 / p2 * math.exp(-Z * se) - 1)
+    assert hi == pytest.approx(p1 / p2 * math.exp(Z * se) - 1)
+    assert lo < lift < hi
+
+
+def test_katz_without_a_control_rate_is_undefined_and_a_zero_variant_is_corrected():
+    assert ratio_ci(3, 10, 0, 10) is None
+    assert ratio_ci(3, 0, 1, 10) is None
+    lift, lo, hi = ratio_ci(0, 100, 10, 100)
+    assert lift == -1.0
+    r = (0.5 / 100.5) / (10.5 / 100.5)
+    se = math.sqrt(1 / 0.5 - 1 / 100.5 + 1 / 10.5 - 1 / 100.5)
+    assert lo == -1.0  # nothing observed: the ratio may be 0
+    assert hi == pytest.approx(r * math.exp(Z * se) - 1)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def experiment_registry(variants: dict[str, dict], other_series: bool = True) -> CollectorRegistry:
+    """The counters the worker exports, as prometheus_client writes them."""
+    reg = CollectorRegistry()
+    names = ["lists", "impressions", "clicked_lists", "clicks", "purchased_lists", "purchases", "revenue", "judged"]
+    counters = {n: Counter(f"streamrec_experiment_{n}", n, ["variant"], registry=reg) for n in names}
+    hits = Counter("streamrec_experiment_hits", "hits", ["variant", "k"], registry=reg)
+    for variant, c in variants.items():
+        for n in names:
+            if n in c:
+                counters[n].labels(variant=variant).inc(c[n])
+        for k, v in c.get("hits", {}).items():
+            hits.labels(variant=variant, k=k).inc(v)
+    if other_series:  # the worker's other metrics: not the experiment's
+        Counter("streamrec_events_total", "events", ["type"], registry=reg).labels(type="click").inc(99)
+        Counter("streamrec_other_total", "other", ["variant"], registry=reg).labels(variant="A").inc(5)
+    return reg
+
+
+WORKER_1 = {
+    "A": {"lists": 1000, "clicked_lists": 50, "clicks": 70, "purchased_lists": 10, "purchases": 12,
+          "revenue": 250.5, "judged": 800, "hits": {"1": 40, "5": 100, "10": 150, "20": 200}},
+    "B": {"lists": 900, "impressions": 600, "clicked_lists": 60, "clicks": 61, "purchased_lists": 9,
+          "purchases": 9, "revenue": 99.0, "judged": 700, "hits": {"1": 50, "5": 120, "10": 160, "20": 210}},
+}
+WORKER_2 = {"A": {"lists": 10, "clicked_lists": 1, "judged": 5, "hits": {"20": 2}}}
+
+
+def test_metrics_text_parses_every_counter_of_every_variant():
+    text = generate_latest(experiment_registry(WORKER_1)).decode()
+    assert "streamrec_experiment_lists_created" in text  # the _created samples are there, and ignored
+    got = counters_from_metrics_text(text)
+    assert set(got) == {"A", "B"}
+    a, b = got["A"], got["B"]
+    assert (a["lists"], a["impressions"], a["clicked_lists"], a["clicks"]) == (1000, 0, 50, 70)
+    assert (a["purchased_lists"], a["purchases"], a["revenue"], a["judged"]) == (10, 12, 250.5, 800)
+    assert a["hits"] == {"1": 40, "5": 100, "10": 150, "20": 200}
+    assert (b["impressions"], b["hits"]["20"]) == (600, 210)
+
+
+def test_metrics_text_without_experiment_counters_is_empty():
+    assert counters_from_metrics_text(generate_latest(experiment_registry({})).decode()) == {}
+
+
+def test_several_workers_are_summed():
+    one = counters_from_metrics_text(generate_latest(experiment_registry(WORKER_1)).decode())
+    two = counters_from_metrics_text(generate_latest(experiment_registry(WORKER_2)).decode())
+    got = merge_counters([one, two])
+    assert (got["A"]["lists"], got["A"]["clicked_lists"], got["A"]["judged"]) == (1010, 51, 805)
+    assert got["A"]["hits"] == {"1": 40, "5": 100, "10": 150, "20": 202}
+    assert got["B"] == one["B"]
+
+
+def test_json_source_reads_counters_and_control():
+    counters, control = counters_from_json({"control": "B", "variants": WORKER_1})
+    assert control == "B"
+    assert counters["A"]["revenue"] == 250.5 and counters["B"]["hits"]["10"] == 160
+    assert counters["A"]["impressions"] == 0  # absent: 0
+    with pytest.raises(ReportError, match="variants"):
+        counters_from_json({"A": {}})
+    with pytest.raises(ReportError, match="not a number"):
+        counters_from_json({"variants": {"A": {"lists": "many"}}})
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def test_the_denominator_is_impressions_when_reported_else_lists():
+    s = summarize(counters_from_json({"variants": WORKER_1})[0])
+    a, b = s["variants"]["A"], s["variants"]["B"]
+    assert a["denominator"] == {"kind": "lists", "n": 1000}
+    assert b["denominator"] == {"kind": "impressions", "n": 600}
+    assert a["ctr"]["rate"] == pytest.approx(50 / 1000) and b["ctr"]["rate"] == pytest.approx(60 / 600)
+    assert b["conversion"]["rate"] == pytest.approx(9 / 600)
+    assert a["revenue_per_list"] == pytest.approx(0.2505) and b["revenue_per_list"] == pytest.approx(99 / 600)
+    assert b["hr20"]["rate"] == pytest.approx(210 / 700)
+    assert any("unlike" in w for w in s["warnings"])  # lists against impressions: said so
+
+
+def test_summary_rates_intervals_and_lifts():
+    counters = {"control": {"lists": 2000, "clicked_lists": 100, "purchased_lists": 20, "judged": 1000, "hits": {"20": 300}},
+                "treat": {"lists": 2000, "clicked_lists": 130, "purchased_lists": 0, "judged": 1000, "hits": {"20": 330}}}
+    s = summarize(counters)
+    assert s["control"] == "control"  # the variant named control, though "treat" would sort after anyway
+    c, t = s["variants"]["control"], s["variants"]["treat"]
+    assert c["lift"] is None
+    assert c["ctr"]["ci"] == pytest.approx(list(wilson(100, 2000)[1:]))
+    assert t["lift"]["ctr"]["lift"] == pytest.approx(0.3)
+    assert t["lift"]["ctr"]["ci"] == pytest.approx(list(ratio_ci(130, 2000, 100, 2000)[1:]))
+    assert t["lift"]["conversion"]["lift"] == -1.0
+    assert t["lift"]["hr20"]["lift"] == pytest.approx(0.1)
+    # the control's rate is 0: no lift
+    s = summarize({"A": {"lists": 10}, "B": {"lists": 10, "clicked_lists": 2}}, control="A")
+    assert s["variants"]["B"]["lift"]["ctr"] is None
+    assert "n/a" in format_table(s)
+
+
+def test_default_control_is_the_first_in_sorted_order_and_an_unknown_one_is_refused():
+    assert summarize({"zeta": {"lists": 1}, "alpha": {"lists": 1}})["control"] == "alpha"
+    with pytest.raises(ReportError, match="unknown control 'C'.*A, B"):
+        summarize({"A": {"lists": 1}, "B": {"lists": 1}}, control="C")
+
+
+def test_a_variant_without_lists_has_no_rates():
+    s = summarize({"A": {"lists": 10, "clicked_lists": 1}, "B": {}})
+    b = s["variants"]["B"]
+    assert b["ctr"] is None and b["hr20"] is None and b["revenue_per_list"] is None
+    assert b["lift"] == {"ctr": None, "conversion": None, "hr20": None}
+    format_table(s)  # prints n/a, does not fail
+
+
+def test_chart_is_a_png(tmp_path):
+    path = tmp_path / "exp.png"
+    write_chart(summarize(counters_from_json({"variants": WORKER_1})[0], "A"), path)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    # rates of 0 and 1 (error bars of length 0) and a variant with no rates at all
+    path = tmp_path / "edges.png"
+    write_chart(summarize({"A": {"lists": 1000, "clicked_lists": 1000, "judged": 3}, "B": {"lists": 1000}, "C": {}}), path)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_wilson_edges_are_exact():
+    assert wilson(0, 1000)[:2] == (0.0, 0.0)
+    assert wilson(1000, 1000)[::2] == (1.0, 1.0)
+
+
+# --------------------------------------------------------------------------- the command
+
+runner = CliRunner()
+
+
+def test_cli_json_source_table_and_chart(tmp_path):
+    src = tmp_path / "replay.json"
+    src.write_text(json.dumps({"control": "B", "variants": WORKER_1}))
+    chart = tmp_path / "chart.png"
+    result = runner.invoke(cli.app, ["report", "--json", str(src), "--chart", str(chart)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "B (control)" in out and "impressions 600" in out and "lists 1000" in out
+    assert "5.00% [" in out  # A's CTR: 50 / 1000
+    assert "lift vs B" in out and "Katz" in out
+    assert chart.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_cli_json_output(tmp_path):
+    src = tmp_path / "replay.json"
+    src.write_text(json.dumps({"variants": WORKER_1}))
+    result = runner.invoke(cli.app, ["report", "--json", str(src), "--json-output", "--control", "B"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["control"] == "B"
+    assert summary["variants"]["A"]["ctr"]["rate"] == pytest.approx(0.05)
+    assert summary["variants"]["A"]["lift"]["ctr"]["lift"] == pytest.approx(0.05 / 0.1 - 1)
+
+
+def test_cli_wants_exactly_one_source(tmp_path):
+    assert runner.invoke(cli.app, ["report"]).exit_code == 2
+    src = tmp_path / "r.json"
+    src.write_text("{}")
+    assert runner.invoke(cli.app, ["report", "--json", str(src), "--prometheus", "http://x"]).exit_code == 2
+
+
+def test_cli_unknown_control_is_a_streamrec_error_printed_without_traceback(tmp_path, monkeypatch, capsys):
+    src = tmp_path / "replay.json"
+    src.write_text(json.dumps({"variants": WORKER_1}))
+    result = runner.invoke(cli.app, ["report", "--json", str(src), "--control", "Z"])
+    assert isinstance(result.exception, StreamrecError)
+    monkeypatch.setattr(sys, "argv", ["streamrec", "report", "--json", str(src), "--control", "Z"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown control 'Z'" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- over HTTP
+
+
+class _Server:
+    """A real HTTP server in a thread: ``routes`` maps a path to a function of the query string
+    returning (status, content type, body)."""
+
+    def __init__(self, routes):
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                outer.requests.append(self.path)
+                parts = urllib.parse.urlsplit(self.path)
+                route = routes.get(parts.path)
+                status, ctype, body = route(urllib.parse.parse_qs(parts.query)) if route else (404, "text/plain", b"no")
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _metrics_route(variants):
+    body = generate_latest(experiment_registry(variants))
+    return lambda _query: (200, "text/plain; version=0.0.4", body)
+
+
+def test_cli_metrics_from_two_real_workers_are_summed():
+    with _Server({"/metrics": _metrics_route(WORKER_1)}) as w1, _Server({"/metrics": _metrics_route(WORKER_2)}) as w2:
+        result = runner.invoke(cli.app, ["report", "--metrics", f"{w1.url}/metrics", "--metrics", w2.url,
+                                         "--json-output", "--control", "A"])
+    assert result.exit_code == 0, result.output
+    a = json.loads(result.stdout)["variants"]["A"]
+    assert a["denominator"] == {"kind": "lists", "n": 1010}
+    assert a["clicked_lists"] == 51 and a["hits"]["20"] == 202
+    assert w2.requests == ["/metrics"]  # the bare address was given /metrics
+
+
+def test_cli_metrics_without_experiment_counters_says_so():
+    with _Server({"/metrics": _metrics_route({})}) as w:
+        result = runner.invoke(cli.app, ["report", "--metrics", w.url])
+    assert isinstance(result.exception, ReportError)
+    assert "no streamrec_experiment_* counters at" in str(result.exception)
+    assert "STREAMREC_VARIANTS" in str(result.exception)
+
+
+def test_cli_unreachable_source_is_service_unavailable():
+    with _Server({}) as w:
+        url = w.url
+    result = runner.invoke(cli.app, ["report", "--metrics", url, "--timeout", "2"])  # closed: refused
+    assert isinstance(result.exception, ServiceUnavailable)
+    assert url in str(result.exception)
+    with _Server({}) as w:  # answers, but 404
+        result = runner.invoke(cli.app, ["report", "--metrics", f"{w.url}/nothing"])
+    assert isinstance(result.exception, ServiceUnavailable) and "404" in str(result.exception)
+
+
+def _vector(series):
+    return json.dumps({"status": "success", "data": {"resultType": "vector", "result": series}}).encode()
+
+
+def _prometheus_route(answers):
+    """A fake /api/v1/query: ``answers`` maps the metric name inside the query to its series."""
+    def route(query):
+        q = query["query"][0]
+        for name, series in answers.items():
+            if f"({name})" in q:
+                return 200, "application/json", _vector(series)
+        return 200, "application/json", _vector([])
+    return route
+
+
+def _sample(value, **labels):
+    return {"metric": labels, "value": [1700000000, str(value)]}
+
+
+def test_cli_prometheus_api():
+    answers = {
+        "streamrec_experiment_lists_total": [_sample(1000, variant="A"), _sample(1000, variant="B")],
+        "streamrec_experiment_clicked_lists_total": [_sample(40, variant="A"), _sample(60, variant="B")],
+        "streamrec_experiment_judged_total": [_sample(500, variant="A"), _sample(500, variant="B")],
+        "streamrec_experiment_hits_total": [_sample(100, variant="A", k="20"), _sample(120, variant="B", k="20"),
+                                            _sample(30, variant="B", k="1")],
+        "streamrec_experiment_revenue_total": [_sample(12.5, variant="A"), _sample("NaN", variant="B")],
+    }
+    with _Server({"/api/v1/query": _prometheus_route(answers)}) as prom:
+        result = runner.invoke(cli.app, ["report", "--prometheus", prom.url + "/", "--json-output"])
+        queries = [urllib.parse.parse_qs(urllib.parse.urlsplit(p).query)["query"][0] for p in prom.requests]
+    assert result.exit_code == 0, result.output
+    assert "sum by (variant) (streamrec_experiment_lists_total)" in queries
+    assert "sum by (variant, k) (streamrec_experiment_hits_total)" in queries
+    s = json.loads(result.stdout)
+    assert s["control"] == "A"
+    a, b = s["variants"]["A"], s["variants"]["B"]
+    assert a["ctr"]["rate"] == pytest.approx(0.04) and b["ctr"]["rate"] == pytest.approx(0.06)
+    assert b["hits"] == {"1": 30, "5": 0, "10": 0, "20": 120}
+    assert a["revenue"] == 12.5 and b["revenue"] == 0.0
+    assert b["lift"]["ctr"]["lift"] == pytest.approx(0.5)
+    assert b["lift"]["hr20"]["lift"] == pytest.approx(0.2)
+
+
+def test_prometheus_without_counters_errors_and_a_refused_query_says_why():
+    with _Server({"/api/v1/query": _prometheus_route({})}) as prom:
+        with pytest.raises(ReportError, match="no streamrec_experiment_\\* counters at .*STREAMREC_VARIANTS"):
+            counters_from_prometheus(prom.url)
+
+    def bad(_query):
+        return 400, "application/json", json.dumps({"status": "error", "errorType": "bad_data",
+                                                    "error": "parse error"}).encode()
+    with _Server({"/api/v1/query": bad}) as prom:
+        with pytest.raises(ServiceUnavailable, match="parse error"):
+            counters_from_prometheus(prom.url)
+    with _Server({}) as prom:
+        url = prom.url
+    with pytest.raises(ServiceUnavailable, match="cannot reach Prometheus"):
+        counters_from_prometheus(url, timeout=2)
