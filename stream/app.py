@@ -25,7 +25,7 @@ from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
 from stream.publisher import BatchPublisher
 from stream.settings import Settings
-from stream.shell import Shell, load_scorer
+from stream.shell import Shell, load_arm_scorers, load_scorer
 from stream.state import RedisUserStateStore, UserStateStore
 
 
@@ -39,6 +39,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
     if scorer is None and load_model:
         scorer = load_scorer(settings, metrics, refused)
     step = RecommendationStep.from_settings(settings, scorer, recommender)
+    step.arm_scorers = load_arm_scorers(step.experiment, settings) if load_model else {}
     if store is None:
         store = RedisUserStateStore.from_url(settings.redis_url, key_prefix=settings.topic_prefix,
                                              ttl_s=settings.state_ttl_s, **settings.redis.client_options())

@@ -36,18 +36,20 @@ from stream.records import (
     Bounds,
     Event,
     ForgetRequest,
+    ImpressionEvent,
     PurchaseEvent,
 )
 
 _SPACES = " \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
 _HAS_CONTROL = re.compile(f"[{CONTROL_CHARS}]")
-_CLICK_IDS = ("event_id", "user_id", "item_id", "session_id", "category_id")
-_PURCHASE_IDS = ("event_id", "user_id", "item_id", "order_id", "category_id", "session_id")
+_CLICK_IDS = ("event_id", "user_id", "item_id", "session_id", "category_id", "rec_id")
+_PURCHASE_IDS = ("event_id", "user_id", "item_id", "order_id", "category_id", "session_id", "rec_id")
 
 
 _event_decoder = msgspec.json.Decoder(Event)
 _forget_decoder = msgspec.json.Decoder(ForgetRequest)
 _FORGET_IDS = ("user_id", "request_id")
+_impression_decoder = msgspec.json.Decoder(ImpressionEvent)
 
 _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _EXPECTED_TYPE = re.compile(r"^Expected `([^`]+)`, got `([^`]+)`")
@@ -252,12 +254,7 @@ def decode_forget(raw: bytes | bytearray | memoryview | None, bounds: Bounds = D
     'r-9'
     """
     request, raw, ascii_only = _parse(raw, _forget_decoder, bounds)
-    risky = not ascii_only or b"\\" in raw or b"\x7f" in raw
-    for name in _FORGET_IDS:
-        value = getattr(request, name)
-        if not value.strip(_SPACES) or (risky and _HAS_CONTROL.search(value)):
-            raise InvalidEvent("bad_id", f"field `{name}`: an id must hold something besides whitespace, and no control "
-                                         "characters (U+0000-U+001F, U+007F-U+009F)", name)
+    _check_ids(request, _FORGET_IDS, not ascii_only or b"\\" in raw or b"\x7f" in raw)
     if now_ms is not None and request.ts > now_ms + bounds.max_future_ms:
         raise InvalidEvent("ts_out_of_window", f"field `ts`: {request.ts} is {_span(request.ts - now_ms)} ahead of the "
                                                f"worker's clock; at most {_span(bounds.max_future_ms)} ahead is accepted "
@@ -265,4 +262,29 @@ def decode_forget(raw: bytes | bytearray | memoryview | None, bounds: Bounds = D
     return request
 
 
-__all__ = ["decode_event", "decode_forget", "json_depth"]
+def decode_impression(raw: bytes | bytearray | memoryview | None, bounds: Bounds = DEFAULT_BOUNDS) -> ImpressionEvent:
+    """Decode and validate one value of the impressions topic (``ImpressionEvent``), with the
+    door events pass.
+
+    >>> decode_impression(b'{"rec_id":"r1","user_id":"u1","item_ids":["i1","i2"],"ts":1}').item_ids
+    ['i1', 'i2']
+    """
+    impression, raw, ascii_only = _parse(raw, _impression_decoder, bounds)
+    risky = not ascii_only or b"\\" in raw or b"\x7f" in raw
+    _check_ids(impression, ("rec_id", "user_id"), risky)
+    for item in impression.item_ids:
+        if not item.strip(_SPACES) or (risky and _HAS_CONTROL.search(item)):
+            raise InvalidEvent("bad_id", "field `item_ids`: an id must hold something besides whitespace, and no "
+                                         "control characters (U+0000-U+001F, U+007F-U+009F)", "item_ids")
+    return impression
+
+
+def _check_ids(value, names: tuple[str, ...], risky: bool) -> None:
+    for name in names:
+        text = getattr(value, name)
+        if not text.strip(_SPACES) or (risky and _HAS_CONTROL.search(text)):
+            raise InvalidEvent("bad_id", f"field `{name}`: an id must hold something besides whitespace, and no control "
+                                         "characters (U+0000-U+001F, U+007F-U+009F)", name)
+
+
+__all__ = ["decode_event", "decode_forget", "decode_impression", "json_depth"]

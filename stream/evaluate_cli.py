@@ -21,8 +21,10 @@ from rich.table import Table
 
 from gpu_scorer import ModelRegistry
 from gpu_scorer.errors import ScorerError
+from online_models import Recommender
 from online_models.datasets import DatasetError, load_folder, read_interactions
 from stream.errors import ConfigError
+from stream.experiments import load_experiment
 from stream.evaluation import (
     DEFAULT_MODELS,
     SESSION_MODELS,
@@ -31,6 +33,7 @@ from stream.evaluation import (
     session_rec,
     session_rec_units,
 )
+from stream.report import counters_from_json, format_table, summarize
 from stream.settings import Settings
 from stream.step_inputs import recommender_config
 
@@ -116,7 +119,14 @@ def evaluate(
             "session-rec's frozen mode always goes click by click.",
         ),
     ] = 1,
-    json_out: Annotated[Path | None, typer.Option("--json-out", help="Write the summary JSON here.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json-out", help="Write the summary JSON here (with --variants, `streamrec report --json` reads it).")] = None,
+    variants: Annotated[
+        Path | None,
+        typer.Option("--variants", metavar="FILE", help="Rehearse an experiment (STREAMREC_VARIANTS's file): users split "
+                     "by the worker's hash, each arm served as the worker would; prints per arm the lists, the clicks "
+                     "and purchases credited to them (by the attribution window: a log echoes no rec_id), CTR, "
+                     "conversion and HR@20 with 95% intervals and the lift over the control (prequential only)."),
+    ] = None,
     png_out: Annotated[
         Path | None, typer.Option("--png-out", help="Write a PNG chart here (metrics over the replay).")
     ] = None,
@@ -148,10 +158,18 @@ def evaluate(
     """
 
     try:
-        settings = Settings.from_env()
+        settings = Settings.from_env(**({"variants": str(variants)} if variants is not None else {}))
         recommender_config(settings)  # STREAMREC_BLEND_WEIGHTS names known sources
     except ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="the STREAMREC_* environment") from None
+    if settings.variants:
+        try:
+            load_experiment(settings.variants, [*Recommender.DEFAULT_LEARNERS, "transformer"])
+        except ConfigError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--variants") from None
+        if protocol is EvalProtocol.session_rec:
+            raise typer.BadParameter("an experiment is rehearsed with the prequential protocol (the live traffic's "
+                                     "order); session-rec judges saved test sessions", param_hint="--variants")
     ks = tuple(sorted(set(k))) if k else (10, 20)
     if ks[0] < 1 or ks[-1] > settings.top_k:
         raise typer.BadParameter(f"cut-offs must be 1 to STREAMREC_TOP_K={settings.top_k} (the length of a "
@@ -289,6 +307,11 @@ def _print_tables(console, report: dict[str, Any]) -> None:
             word = "beats" if v["beats_every_baseline"] else "does NOT beat"
             console.print(f"{name} {word} every baseline on HR@{kk} (best baseline {v['best_baseline']}, "
                           f"margin {v['margin']:+.4f})")
+        if "variants" in report:  # the same table `streamrec report` prints for a live experiment
+            counters, control = counters_from_json(report)
+            console.print(f"\nexperiment {report['experiment']!r}, rehearsed on the replay (served; clicks and "
+                          "purchases credited by the attribution window):")
+            console.print(format_table(summarize(counters, control)), markup=False, highlight=False)
         return
     table = Table(title=f"session-rec ({report.get('split', 'test')} split): {report['test_sessions']} test sessions, "
                         f"{report['test_predictions']} next-click predictions; saved lists: {report['saved_pairs']} "

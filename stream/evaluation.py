@@ -48,9 +48,10 @@ from stream.errors import InvalidEvent
 from stream.pipeline import RecommendationStep
 from stream.records import Event, encode
 from stream.settings import Settings
+from stream.shell import load_arm_scorers
 from stream.state import InMemoryUserStateStore
 from stream.step_inputs import recommender_config, to_event
-from stream.step_results import StepResult
+from stream.step_results import StepResult, VariantCounts
 
 #: the worker as configured; the name the reports and the JSON summary keep
 SERVED = "served"
@@ -114,6 +115,8 @@ class Contender:
         self.step_s: list[float] = []
         #: events the step could not handle (the worker dead-letters them as processing_error)
         self.failed = 0
+        #: per experiment arm: lists, attributed clicks and purchases, live hits, over the replay
+        self.variants: dict[str, VariantCounts] = {}
 
     def feed(self, events: Sequence[Event], learn: bool = True) -> tuple[StepResult, dict]:
         """Load, step, save; returns the step's result and the states it started from."""
@@ -124,6 +127,8 @@ class Contender:
         result = self.step(events, states, _no_clock, positions, learn=learn)
         self.step_s.append(time.perf_counter() - t0)
         self.failed += len(result.failures)
+        for name, counts in result.variants.items():
+            self.variants.setdefault(name, VariantCounts()).add(counts)
         _sync(self.store.save_docs(result.docs))
         return result, states
 
@@ -135,8 +140,10 @@ def _no_clock() -> int:
 def build_contender(name: str, settings: Settings, scorer=None, seed: int = 0) -> Contender:
     """``served`` (the worker under ``settings``, with ``scorer``) or one learner alone."""
     if name == SERVED:
-        return Contender(name, RecommendationStep.from_settings(
-            settings, scorer, Recommender.default(recommender_config(settings), seed=seed)))
+        step = RecommendationStep.from_settings(settings, scorer, Recommender.default(recommender_config(settings),
+                                                                                      seed=seed))
+        step.arm_scorers = load_arm_scorers(step.experiment, settings)  # arms that pin a model version
+        return Contender(name, step)
     registry = learner_registry()
     if name not in registry:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(contender_names())}")
@@ -243,6 +250,12 @@ def prequential(
         "scorer": _scorer_name(scorer),
     }
     report["verdict"] = verdict(report["models"], ks[-1])
+    served = next((c for c in contenders if c.name == SERVED), None)
+    if served is not None and served.step.experiment is not None:  # streamrec report --json reads these two keys
+        experiment = served.step.experiment
+        report["experiment"] = experiment.name
+        report["control"] = experiment.control
+        report["variants"] = {name: served.variants.get(name, VariantCounts()).as_json() for name in experiment.names}
     return report
 
 

@@ -23,7 +23,7 @@ from stream.decoding import decode_forget
 from stream.errors import InvalidEvent, StreamrecError
 from stream.records import ForgetRequest, encode
 from stream.settings import Settings
-from stream.topics import check_copartitioned, check_login, ensure_streamrec_topics
+from stream.topics import check_copartitioned, check_login, partition_count
 
 
 def forget_requests(user_ids: list[str], now_ms: int | None = None) -> list[ForgetRequest]:
@@ -84,7 +84,10 @@ def forget(
     except InvalidEvent as exc:
         raise typer.BadParameter(exc.reason.replace("field `user_id`", "a user id"), param_hint="USER_IDS") from None
     topics = settings.topics
-    ensure_streamrec_topics(settings)
+    if partition_count(settings.kafka, topics.forget) is None:  # a wrong prefix must not "send" to nobody
+        raise StreamrecError(f"there is no topic {topics.forget} on {settings.kafka.bootstrap}: is "
+                             f"STREAMREC_TOPIC_PREFIX ({settings.topic_prefix!r}) the workers'? A worker creates it "
+                             "when it starts")
     check_copartitioned(settings.kafka, topics.consumed)  # else a request misses the user's partition
     partitions = asyncio.run(send_forget_requests(settings.kafka, topics.forget, requests))
     for req, partition in zip(requests, partitions, strict=True):

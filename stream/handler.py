@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from stream.decoding import decode_event, decode_forget
+from stream.decoding import decode_event, decode_forget, decode_impression
 from stream.errors import InvalidEvent
 from stream.health import Health
 from stream.pipeline import RecommendationStep
@@ -124,6 +124,7 @@ class BatchHandler:
         #: called after a batch erased users (the shell snapshots the models soon, so that the
         #: snapshot in the store no longer holds them either)
         self.on_forget: Callable[[int], None] | None = None
+        self._side = frozenset((topics.forget, topics.impressions))  # not events: handled apart, first
         self.batches = 0
         self.events_applied = 0
         self._rebuilt_seen = 0
@@ -135,6 +136,9 @@ class BatchHandler:
         letters already), the two halves of the batch apart, down to single messages, which
         are dead-lettered as ``processing_error``. :class:`Fenced` passes through: the batch
         belongs to another worker now."""
+        messages = await self._side_topics(messages)  # once, before the events: never split and done again
+        if not messages:
+            return
         try:
             await self.handle(messages)
             return
@@ -155,12 +159,9 @@ class BatchHandler:
             self._count_dead(["processing_error"])
 
     async def handle(self, messages: Sequence[RawMessage]) -> None:
-        forget_topic = self.topics.forget
-        if any(msg.topic == forget_topic for msg in messages):  # erasures first: see _forget
-            await self._forget([msg for msg in messages if msg.topic == forget_topic])
-            messages = [msg for msg in messages if msg.topic != forget_topic]
-            if not messages:
-                return
+        messages = await self._side_topics(messages)
+        if not messages:
+            return
         clock = time.perf_counter
         t0 = clock()
         now = now_ms()
@@ -225,6 +226,44 @@ class BatchHandler:
         except Exception:  # noqa: BLE001 - the batch's effects are done; a metric must not undo that
             log.exception("recording the batch's metrics failed")
 
+    async def _side_topics(self, messages: Sequence[RawMessage]) -> Sequence[RawMessage]:
+        """Carry out the batch's forget requests (:meth:`_forget`) and count its impressions
+        (:meth:`_impressions`), before its events; returns the events' messages."""
+        side = self._side
+        if not any(msg.topic in side for msg in messages):
+            return messages
+        forget_topic, impressions_topic = self.topics.forget, self.topics.impressions
+        forgets = [msg for msg in messages if msg.topic == forget_topic]
+        if forgets:
+            await self._forget(forgets)
+        impressions = [msg for msg in messages if msg.topic == impressions_topic]
+        if impressions:
+            await self._impressions(impressions)
+        return [msg for msg in messages if msg.topic not in side]
+
+    async def _impressions(self, messages: Sequence[RawMessage]) -> None:
+        """Count what sites showed, per experiment arm (the denominator of click-through
+        rates where sites report it); a value that breaks the contract is a dead letter."""
+        now = now_ms()
+        counts: Counter[str] = Counter()
+        dead: list[tuple[RawMessage, DeadLetter]] = []
+        variant_of = self.step.variant_of
+        for msg in messages:
+            try:
+                impression = decode_impression(msg.value, self.bounds)
+            except InvalidEvent as exc:
+                dead.append((msg, dead_letter(exc, msg.value, msg.topic, msg.partition, msg.offset, now)))
+                continue
+            except Exception as exc:  # noqa: BLE001 - a decoder bug is this value's problem alone
+                dead.append((msg, _failure_letter("processing_error", f"decoding the value raised {type(exc).__name__}: {exc}", msg)))
+                continue
+            counts[variant_of(impression.user_id)] += 1
+        if dead:
+            await self._publish([(self.topics.dlq, msg.key, encode(letter)) for msg, letter in dead])
+            self._count_dead([letter.code for _, letter in dead])
+        for variant, n in counts.items():
+            self.metrics.experiment_impressions.labels(variant).inc(n)
+
     async def _forget(self, messages: Sequence[RawMessage]) -> None:
         """Erase the users of these ForgetRequests (the ``forget`` topic, co-partitioned with
         the inputs, so this worker owns their state): the models first (their tables, and a
@@ -252,7 +291,16 @@ class BatchHandler:
             of = self.pseudonyms.of
             requests = [msgspec.structs.replace(req, user_id=of(req.user_id)) for req in requests]
         fence = await self._fence(messages) if self.claims is not None and requests else None
-        self.step.forget(requests, positions)
+        if requests:  # the bound: the request's ts, or the newest event the user's state holds if later
+            ids = list(dict.fromkeys(req.user_id for req in requests))  # (a site clock ahead of the requester's)
+            held = await self._retry("load", lambda: self.store.load_many(ids))
+            requests = [msgspec.structs.replace(req, ts=max(req.ts, held[req.user_id].last_seen_ts)) for req in requests]
+        for req, exc in self.step.forget(requests, positions):
+            self.metrics.forget_failures.inc()
+            log.error("forget request %r: the models could not purge everything of the user (%s raised by %s); "
+                      "the user's state and lists are erased and their events refused all the same, but a model may "
+                      "still hold part of them until it evicts it: this is a bug (see streamrec_forget_failures_total)",
+                      req.request_id, type(exc).__name__, getattr(exc, "learner", "the models"))
         out: list[OutRecord] = [(self.topics.recommendations, uid.encode(), None) for uid in dict.fromkeys(site_ids)]
         out += [(self.topics.dlq, msg.key, encode(letter)) for msg, letter in dead]
         await self._publish(out)
@@ -294,6 +342,20 @@ class BatchHandler:
         for name, s in stages.items():
             m.stage_seconds.labels(name).observe(s)
         m.stage_seconds.labels("batch").observe(seconds)
+        for variant, c in result.variants.items():
+            if c.lists:
+                m.experiment_lists.labels(variant).inc(c.lists)
+            if c.clicks:
+                m.experiment_clicks.labels(variant).inc(c.clicks)
+                m.experiment_clicked_lists.labels(variant).inc(c.clicked_lists)
+            if c.purchases:
+                m.experiment_purchases.labels(variant).inc(c.purchases)
+                m.experiment_purchased_lists.labels(variant).inc(c.purchased_lists)
+                m.experiment_revenue.labels(variant).inc(c.revenue)
+            if c.live.judged:
+                m.experiment_judged.labels(variant).inc(c.live.judged)
+                for k in LIVE_CUTOFFS:
+                    m.experiment_hits.labels(variant, str(k)).inc(c.live.hits[k])
         live = result.live
         if live.judged:
             m.live_judged.inc(live.judged)

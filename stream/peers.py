@@ -49,7 +49,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -88,18 +88,25 @@ def foreign_partitions(partitions: Mapping[str, Iterable[int]], owned: Iterable[
 
 
 def start_offsets(foreign: Iterable[Partition], learned: Mapping[str, int],
-                  committed: Mapping[Partition, int]) -> dict[Partition, int | None]:
+                  committed: Mapping[Partition, int], from_start: Collection[str] = ()) -> dict[Partition, int | None]:
     """Where the reader starts each foreign partition: after the models' watermark; where they
     never learned it, at the group's committed offset; where the group has none either, at the
-    beginning (None), as the group's owner does.
+    beginning (None), as the group's owner does. A partition of a topic in ``from_start`` (the
+    forget requests) that the models never learned starts at the beginning: a request the group
+    committed long ago may still be news to these models.
 
     >>> start_offsets([("c", 0), ("c", 1), ("c", 2)], {"c:0": 41}, {("c", 0): 10, ("c", 1): 7})
     {('c', 0): 42, ('c', 1): 7, ('c', 2): None}
+    >>> start_offsets([("f", 0)], {}, {("f", 0): 3}, from_start=("f",))
+    {('f', 0): None}
     """
     out: dict[Partition, int | None] = {}
     for topic, partition in sorted(foreign):
         mark = learned.get(source_of(topic, partition))
-        out[(topic, partition)] = mark + 1 if mark is not None else committed.get((topic, partition))
+        if mark is not None:
+            out[(topic, partition)] = mark + 1
+        else:
+            out[(topic, partition)] = None if topic in from_start else committed.get((topic, partition))
     return out
 
 
@@ -250,7 +257,7 @@ class PeerLearner:
             learned = dict(self.step.recommender.learned_offsets)
         unknown = [tp for tp in foreign if source_of(*tp) not in learned]
         committed = await asyncio.to_thread(self.committed) if unknown else {}
-        starts = start_offsets(foreign, learned, committed)
+        starts = start_offsets(foreign, learned, committed, (self.forget_topic,) if self.forget_topic else ())
         consumer.assign([TopicPartition(t, p) for t, p in starts])
         for (topic, partition), offset in starts.items():
             if offset is not None:
@@ -264,6 +271,7 @@ class PeerLearner:
                      ", ".join(f"{t}[{p}] from {'the beginning' if o is None else o}" for (t, p), o in starts.items()))
 
     async def _learn(self, consumer: AIOKafkaConsumer, batch, version: int) -> None:
+        now = time.time_ns() // 1_000_000
         events, positions, ends = [], [], []
         forgets, forget_positions = [], []
         for tp, records in batch.items():
@@ -272,8 +280,8 @@ class PeerLearner:
             source = source_of(tp.topic, tp.partition)
             if tp.topic == self.forget_topic:
                 for rec in records:
-                    try:
-                        forgets.append(decode_forget(rec.value, self.bounds))
+                    try:  # the owner's clock window too: a request it dead-letters is refused here as well
+                        forgets.append(decode_forget(rec.value, self.bounds, now))
                     except InvalidEvent:
                         continue  # the owner dead-letters it
                     forget_positions.append((source, rec.offset))
@@ -301,7 +309,10 @@ class PeerLearner:
                 return  # a rebalance since the fetch: the next assignment starts from the watermarks
             start = time.perf_counter()
             if forgets:  # before the events: a forgotten user's older events are refused
-                self.step.forget(forgets, forget_positions)
+                for req, exc in self.step.forget(forgets, forget_positions):
+                    self.metrics.forget_failures.inc()
+                    log.error("forget request %r: the models could not purge everything of the user (%s); a model "
+                              "may still hold part of them (a bug)", req.request_id, type(exc).__name__)
                 self.metrics.forgets_applied.inc(len(forgets))
                 log.info("purged %d forgotten user(s) from the models (forget requests %s, read from another "
                          "worker's partitions)", len(forgets), ", ".join(repr(r.request_id) for r in forgets))

@@ -37,6 +37,8 @@ the start of the batch and the user's state after all of the user's events in it
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from online_models import Interaction, Recommender, UserContext
+from online_models.metrics import target_rank
 from stream.records import (
     Event,
     ForgetRequest,
@@ -55,7 +58,8 @@ from stream.records import (
 from stream.settings import Settings
 from stream.state import UserState, apply_event, encode_state
 from stream.step_inputs import StepConfig, recommender_config, to_interaction, user_context
-from stream.step_results import Failure, StepResult, judge
+from stream.experiments import Arm, Attribution, Experiment, attribute, load_experiment, remember, serving_view, shuffled
+from stream.step_results import Failure, StepResult, VariantCounts, judge
 
 #: users ranked per ``rank_many`` call: few enough that a chunk's numpy work stays in cache
 _RANK_CHUNK = 64
@@ -76,6 +80,8 @@ class _Plan:
     duplicates: int = 0
     #: events of a user forgotten after them: neither applied nor learned
     refused: int = 0
+    #: index -> the list the event is credited to (stream/experiments.py)
+    attributed: dict[int, Attribution] = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
 
 
@@ -100,11 +106,22 @@ class RecommendationStep:
     #: worker whose state write was fenced) does not apply it after all
     DEAD_LETTERS_KEPT = 65_536
 
-    def __init__(self, recommender: Recommender, scorer=None, config: StepConfig | None = None) -> None:
+    #: the variant name counters go under when no experiment is set
+    DEFAULT_VARIANT = "default"
+
+    def __init__(self, recommender: Recommender, scorer=None, config: StepConfig | None = None,
+                 experiment: Experiment | None = None, arm_scorers: Mapping[str, object] | None = None) -> None:
         self.recommender = recommender
         self.scorer = scorer
         self.config = config or StepConfig()
         self._dead_letters: dict[tuple[str, int], None] = {}
+        #: the arms users are split into (None: everyone gets the recommender's own blend)
+        self.experiment = experiment
+        #: scorers of arms that pin a model version (arm name -> scorer); other arms use ``scorer``
+        self.arm_scorers = dict(arm_scorers or {})
+        # rec ids: unique across workers and restarts (a random prefix per step), bounded (<= 24 chars)
+        self._rec_prefix = os.urandom(5).hex()
+        self._rec_numbers = itertools.count()
 
     @classmethod
     def from_settings(cls, settings: Settings, scorer=None, recommender: Recommender | None = None
@@ -114,8 +131,21 @@ class RecommendationStep:
         evaluation and the benchmarks all build their step here."""
         if recommender is None:
             recommender = Recommender.default(recommender_config(settings))
+        experiment = None
+        if settings.variants:
+            sources = [*Recommender.DEFAULT_LEARNERS, "transformer"]
+            experiment = load_experiment(settings.variants, sources)
         return cls(recommender, scorer, StepConfig(max_recent=settings.recent_items,
-                                                   dedupe_window=settings.dedupe_window))
+                                                   dedupe_window=settings.dedupe_window,
+                                                   attribution_window_ms=settings.attribution_window_s * 1000),
+                   experiment)
+
+    def variant_of(self, site_user_id: str) -> str:
+        """The name of the arm the user (by the id the site sends) is in."""
+        return self.experiment.arm_of(site_user_id).name if self.experiment is not None else self.DEFAULT_VARIANT
+
+    def _new_rec_id(self) -> str:
+        return f"{self._rec_prefix}{next(self._rec_numbers):x}"
 
     def model_versions(self) -> dict[str, str]:
         versions = {name: str(v) for name, v in self.recommender.versions.items()}
@@ -199,9 +229,53 @@ class RecommendationStep:
         applied = sorted(i for idx in plan.applied.values() for i in idx)
         live, judged = judge(events, states, plan.applied)
         failures.sort(key=lambda f: f.index)
+        variants = self._count_variants(events, plan, recommendations, judged, site_ids)
         return StepResult(new_states, docs, recommendations, payloads, [events[i] for i in applied], plan.duplicates,
                           timings, live, learned_only=plan.learned_only, failures=failures, judged=judged,
-                          refused=plan.refused)
+                          refused=plan.refused, variants=variants)
+
+    def _count_variants(self, events: Sequence[Event], plan: _Plan, recommendations: list[Recommendation],
+                        judged: list[tuple[int, list[str]]], site_ids: Mapping[str, str] | None) -> dict[str, VariantCounts]:
+        """Per arm: the lists published, the applied events credited to a list, and the live
+        hit rate (each applied event judged against the list its user had)."""
+        out: dict[str, VariantCounts] = {}
+        variant_of = self.variant_of
+        names: dict[str, str] = {}
+
+        def counts_for(uid: str) -> VariantCounts:
+            name = names.get(uid)
+            if name is None:
+                name = names[uid] = variant_of(site_ids.get(uid, uid) if site_ids else uid)
+            c = out.get(name)
+            if c is None:
+                c = out[name] = VariantCounts()
+            return c
+
+        for rec in recommendations:  # named by the site's id already
+            c = out.get(rec.variant or self.DEFAULT_VARIANT)
+            if c is None:
+                c = out[rec.variant or self.DEFAULT_VARIANT] = VariantCounts()
+            c.lists += 1
+        attributed = plan.attributed
+        if attributed:
+            for uid, idx in plan.applied.items():
+                for n in idx:
+                    credit = attributed.get(n)
+                    if credit is None:
+                        continue
+                    ev = events[n]
+                    c = counts_for(uid)
+                    if isinstance(ev, PurchaseEvent):
+                        c.purchases += 1
+                        c.purchased_lists += credit.first
+                        if ev.price is not None:
+                            c.revenue += ev.price * ev.quantity
+                    else:
+                        c.clicks += 1
+                        c.clicked_lists += credit.first
+        for n, shown in judged:
+            counts_for(events[n].user_id).live.add(target_rank(shown, events[n].item_id, len(shown)))
+        return out
 
     def relearn(self, events: Sequence[Event], positions: Sequence[tuple[str, int]],
                 seen: set[tuple[str, str]] | None = None) -> int:
@@ -231,15 +305,24 @@ class RecommendationStep:
             watermark[source] = offset
         return n
 
-    def forget(self, requests: Sequence[ForgetRequest], positions: Sequence[tuple[str, int]] | None = None) -> None:
+    def forget(self, requests: Sequence[ForgetRequest], positions: Sequence[tuple[str, int]] | None = None
+               ) -> list[tuple[ForgetRequest, BaseException]]:
         """Erase each request's user from the models (``Recommender.forget_user``: their
         histories, sessions and factors; what stays is anonymous item statistics) and refuse
         their events up to the request's ``ts`` from now on, in this step and in
         :meth:`relearn`. ``positions``: where the requests come from (the watermark moves past
-        them). Idempotent: a request delivered again changes nothing more."""
+        them). Idempotent: a request delivered again changes nothing more.
+
+        Never raises: a model whose purge raises (a bug) comes back as ``(request, error)``;
+        the user is refused all the same (``Recommender.forget_user`` records that first)."""
+        failed = []
         for req in requests:
-            self.recommender.forget_user(req.user_id, req.ts)
+            try:
+                self.recommender.forget_user(req.user_id, req.ts)
+            except Exception as exc:  # noqa: BLE001 - reported; the erasure goes on
+                failed.append((req, exc))
         self._advance(positions)
+        return failed
 
     def advance(self, positions: Sequence[tuple[str, int]], dead: bool = False) -> None:
         """Move the models' watermark past ``positions``; ``dead``: they were dead-lettered
@@ -300,10 +383,15 @@ class RecommendationStep:
                 learned = source is not None and offset <= watermark.get(source, -1)
                 before = user_context(current) if with_context and not learned else None
                 lesson = (to_interaction(ev), before)
-                new = apply_event(current.copy(), ev.event_id, ev.item_id, ev.ts,
-                                  "purchase" if isinstance(ev, PurchaseEvent) else "click",
+                kind = "purchase" if isinstance(ev, PurchaseEvent) else "click"
+                new = apply_event(current.copy(), ev.event_id, ev.item_id, ev.ts, kind,
                                   max_recent=cfg.max_recent, dedupe_window=cfg.dedupe_window,
                                   session_id=ev.session_id, source=source, offset=offset)
+                if new.recs or ev.rec_id is not None:
+                    credit = attribute(new.recs, new.last_recommended, ev.rec_id, ev.item_id, ev.ts, kind,
+                                       cfg.attribution_window_ms)
+                    if credit is not None:
+                        plan.attributed[n] = credit
             except Exception as exc:  # noqa: BLE001 - this event alone; its user's state is as before it
                 plan.failures.append(Failure(n, "prepare", exc))
                 continue
@@ -338,35 +426,70 @@ class RecommendationStep:
     def _rank(self, users: list[str], states: dict[str, UserState], events: Sequence[Event],
               applied: dict[str, list[int]], versions: dict[str, str], now_ms: Callable[[], int],
               timings: dict[str, float], site_ids: Mapping[str, str] | None = None) -> dict[str, _Ranked]:
+        """Rank ``users``: in one group, or, under an experiment, one group per arm (each with
+        its own blend, candidates and scorer over the same models)."""
+        experiment = self.experiment
+        if experiment is None:
+            return self._rank_arm(None, self.recommender, self.scorer, users, states, events, applied, versions,
+                                  now_ms, timings, site_ids)
+        groups: dict[str, tuple[Arm, list[str]]] = {}
+        for uid in users:
+            arm = experiment.arm_of(site_ids.get(uid, uid) if site_ids else uid)
+            groups.setdefault(arm.name, (arm, []))[1].append(uid)
+        out: dict[str, _Ranked] = {}
+        base = self.recommender.config
+        for arm, members in groups.values():
+            scorer = None if not arm.uses_model else self.arm_scorers.get(arm.name, self.scorer)
+            view = serving_view(self.recommender, arm.config(base))
+            out.update(self._rank_arm(arm, view, scorer, members, states, events, applied, versions, now_ms, timings,
+                                      site_ids))
+        return out
+
+    def _rank_arm(self, arm: Arm | None, recommender: Recommender, scorer, users: list[str],
+                  states: dict[str, UserState], events: Sequence[Event], applied: dict[str, list[int]],
+                  versions: dict[str, str], now_ms: Callable[[], int], timings: dict[str, float],
+                  site_ids: Mapping[str, str] | None) -> dict[str, _Ranked]:
         clock = time.perf_counter
         t1 = clock()
         contexts = [user_context(states[u]) for u in users]
-        candidates = self.recommender.candidates_many(contexts)
+        candidates = recommender.candidates_many(contexts)
         t2 = clock()
         extra: list[dict[str, np.ndarray] | None] = [None] * len(contexts)
-        if self.scorer is not None and contexts:
+        if scorer is not None and contexts:
             todo = [i for i, c in enumerate(candidates) if c and contexts[i].recent_items]
             if todo:
-                scores = self.scorer.score([contexts[i].recent_items for i in todo], [candidates[i] for i in todo])
+                scores = scorer.score([contexts[i].recent_items for i in todo], [candidates[i] for i in todo])
                 for i, s in zip(todo, scores, strict=False):
                     s = np.asarray(s, dtype=float)  # aligned with the candidates: no dict to build
                     extra[i] = {"transformer": s if s.shape == (len(candidates[i]),)
                                 else dict(zip(candidates[i], s.tolist(), strict=False))}
         t3 = clock()
-        rank_many = self.recommender.rank_many
+        rec_ids = [self._new_rec_id() for _ in users]
         lists: list[list[RecommendedItem]] = []
-        for at in range(0, len(contexts), _RANK_CHUNK):
-            chunk = contexts[at:at + _RANK_CHUNK]
-            # ScoredItem is RecommendedItem: published as ranked (purchased items are out already)
-            lists.extend(rank_many(chunk, candidates[at:at + _RANK_CHUNK], None, extra[at:at + _RANK_CHUNK]))
+        if arm is not None and arm.baseline == "shuffle":  # the candidates in a random order: no ranking at all
+            k = recommender.config.k
+            for rec_id, cands in zip(rec_ids, candidates, strict=True):
+                picked = shuffled(cands, rec_id)[:k]
+                lists.append([RecommendedItem(item, 1.0 - i / max(1, k), "shuffle") for i, item in enumerate(picked)])
+        else:
+            rank_many = recommender.rank_many
+            for at in range(0, len(contexts), _RANK_CHUNK):
+                chunk = contexts[at:at + _RANK_CHUNK]
+                # ScoredItem is RecommendedItem: published as ranked (purchased items are out already)
+                lists.extend(rank_many(chunk, candidates[at:at + _RANK_CHUNK], None, extra[at:at + _RANK_CHUNK]))
         generated = now_ms()
+        variant = arm.name if arm is not None else None
+        if arm is not None:
+            versions = {**versions, "transformer": "none" if scorer is None else str(scorer.version)}
         out: dict[str, _Ranked] = {}
-        for uid, items in zip(users, lists, strict=True):
+        for uid, items, rec_id in zip(users, lists, rec_ids, strict=True):
             state = states[uid]
             state.last_recommended = [r.item_id for r in items]
             trigger = events[applied[uid][-1]]
-            rec = Recommendation(user_id=site_ids.get(uid, uid) if site_ids else uid, items=items, trigger_event_id=trigger.event_id, event_ts=trigger.ts,
-                                 generated_ts=generated, model=versions)
+            remember(state.recs, rec_id, trigger.ts)
+            rec = Recommendation(user_id=site_ids.get(uid, uid) if site_ids else uid, items=items,
+                                 trigger_event_id=trigger.event_id, event_ts=trigger.ts, generated_ts=generated,
+                                 model=versions, rec_id=rec_id, variant=variant)
             out[uid] = _Ranked(items, state, encode_state(state), rec, encode(rec))
         t4 = clock()
         timings["candidates"] += t2 - t1

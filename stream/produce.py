@@ -7,7 +7,7 @@ the stream with a token bucket:
 >>> from online_models.types import Interaction
 >>> x = Interaction("u7", "i3", 1_700_000_000_000, "purchase", "s1", "c2")
 >>> to_event(x, event_id("taobao-1a2b3c4d", 12))
-PurchaseEvent(event_id='taobao-1a2b3c4d-12', user_id='u7', item_id='i3', ts=1700000000000, quantity=1, price=None, order_id=None, category_id='c2', session_id='s1')
+PurchaseEvent(event_id='taobao-1a2b3c4d-12', user_id='u7', item_id='i3', ts=1700000000000, quantity=1, price=None, order_id=None, category_id='c2', session_id='s1', rec_id=None)
 >>> bucket = TokenBucket(rate=1000, burst=10, now=0.0)
 >>> bucket.reserve(10, now=0.0), bucket.reserve(10, now=0.010), bucket.reserve(5, now=0.025)
 (0.01, 0.01, 0.0)

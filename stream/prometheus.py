@@ -59,6 +59,17 @@ class Metrics:
         self.users_forgotten = Counter("users_forgotten_total", "Forget requests carried out by this worker as the user's owner: state deleted, models purged, recommendations tombstoned (the request id is in the log, never the user id)", namespace=ns, registry=r)
         self.forgets_applied = Counter("forgets_applied_total", "Forget requests applied to this worker's models (its own partitions and, with STREAMREC_LEARN_ALL_PARTITIONS, the others')", namespace=ns, registry=r)
         self.events_refused_forgotten = Counter("events_refused_forgotten_total", "Events neither applied nor learned because their user was forgotten after them (a replay, a redelivery, a late event)", namespace=ns, registry=r)
+        self.forget_failures = Counter("forget_failures_total", "Forget requests whose purge raised in a model (a bug): state, lists and refusal were done, a model may still hold part of the user", namespace=ns, registry=r)
+        v = ["variant"]
+        self.experiment_lists = Counter("experiment_lists_total", "Recommendation lists published, by experiment arm (variant \"default\" without an experiment)", v, namespace=ns, registry=r)
+        self.experiment_impressions = Counter("experiment_impressions_total", "Lists the site reported as shown (ImpressionEvents), by arm", v, namespace=ns, registry=r)
+        self.experiment_clicked_lists = Counter("experiment_clicked_lists_total", "Lists with at least one attributed click (each list once), by arm", v, namespace=ns, registry=r)
+        self.experiment_clicks = Counter("experiment_clicks_total", "Attributed clicks, repeats on one list included, by arm", v, namespace=ns, registry=r)
+        self.experiment_purchased_lists = Counter("experiment_purchased_lists_total", "Lists with at least one attributed purchase, by arm", v, namespace=ns, registry=r)
+        self.experiment_purchases = Counter("experiment_purchases_total", "Attributed purchases, by arm", v, namespace=ns, registry=r)
+        self.experiment_revenue = Counter("experiment_revenue_total", "Price x quantity of attributed purchases that carry a price, by arm", v, namespace=ns, registry=r)
+        self.experiment_judged = Counter("experiment_judged_total", "Next events of users who had a list (live hit rate's denominator), by arm", v, namespace=ns, registry=r)
+        self.experiment_hits = Counter("experiment_hits_total", "Next events whose item was in the user's last list within the top k, by arm and k", ["variant", "k"], namespace=ns, registry=r)
         self.last_event_ts = Gauge("last_event_timestamp_seconds", "Event time of the newest event handled", namespace=ns, registry=r)
         for stage in STAGES:
             self.stage_seconds.labels(stage)

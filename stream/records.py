@@ -62,7 +62,7 @@ Price = Annotated[float, msgspec.Meta(ge=0, le=MAX_PRICE)]
 Quantity = Annotated[int, msgspec.Meta(ge=1, le=MAX_QUANTITY)]
 
 #: the fields that hold ids, and the one that holds free text
-ID_FIELDS = ("event_id", "user_id", "item_id", "session_id", "category_id", "order_id")
+ID_FIELDS = ("event_id", "user_id", "item_id", "session_id", "category_id", "order_id", "rec_id")
 TEXT_FIELDS = ("source",)
 
 @dataclass(frozen=True)
@@ -105,6 +105,8 @@ class ClickEvent(msgspec.Struct, tag_field="type", tag="click", kw_only=True, fr
     category_id: OptionalId | None = None
     price: Price | None = None
     source: Text | None = None
+    #: the recommendation this click came from, when the site echoes it (attribution)
+    rec_id: OptionalId | None = None
 
     @property
     def type(self) -> str:
@@ -123,6 +125,8 @@ class PurchaseEvent(msgspec.Struct, tag_field="type", tag="purchase", kw_only=Tr
     order_id: OptionalId | None = None
     category_id: OptionalId | None = None
     session_id: OptionalId | None = None
+    #: the recommendation this purchase came from, when the site echoes it (attribution)
+    rec_id: OptionalId | None = None
 
     @property
     def type(self) -> str:
@@ -131,6 +135,20 @@ class PurchaseEvent(msgspec.Struct, tag_field="type", tag="purchase", kw_only=Tr
 
 Event = ClickEvent | PurchaseEvent
 EVENT_TYPES = ("click", "purchase")
+
+
+#: most item ids one ImpressionEvent may list
+MAX_IMPRESSION_ITEMS = 1000
+
+
+class ImpressionEvent(msgspec.Struct, kw_only=True, frozen=True):
+    """The site showed (some of) a recommendation to its user (on the ``impressions`` topic,
+    keyed by ``user_id``): the denominator of click-through rates when sites report them."""
+
+    rec_id: Id
+    user_id: Id
+    item_ids: Annotated[list[Id], msgspec.Meta(max_length=MAX_IMPRESSION_ITEMS)]
+    ts: EpochMs
 
 
 class ForgetRequest(msgspec.Struct, kw_only=True, frozen=True):
@@ -147,8 +165,10 @@ class ForgetRequest(msgspec.Struct, kw_only=True, frozen=True):
 RecommendedItem = ScoredItem
 
 
-class Recommendation(msgspec.Struct, frozen=True, kw_only=True):
-    """Fresh top-K for one user, published keyed by ``user_id``; items best first."""
+class Recommendation(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Fresh top-K for one user, published keyed by ``user_id``; items best first. ``rec_id``
+    names this list (the site echoes it on the clicks and purchases it causes); ``variant`` is
+    the experiment arm that served it (absent without an experiment)."""
 
     user_id: str
     items: list[RecommendedItem]
@@ -156,6 +176,8 @@ class Recommendation(msgspec.Struct, frozen=True, kw_only=True):
     event_ts: int
     generated_ts: int
     model: dict[str, str]
+    rec_id: str | None = None
+    variant: str | None = None
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -233,6 +255,7 @@ __all__ = [
     "DeadLetter",
     "Event",
     "ForgetRequest",
+    "ImpressionEvent",
     "PurchaseEvent",
     "Recommendation",
     "RecommendedItem",

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -59,18 +60,26 @@ class Gap:
         return max(0, self.end - self.start)
 
 
-def gaps(learned: Mapping[str, int], committed: Mapping[tuple[str, int], int]) -> list[Gap]:
+def gaps(learned: Mapping[str, int], committed: Mapping[tuple[str, int], int],
+         from_start: Collection[str] = ()) -> list[Gap]:
     """The partitions whose committed offset is past what the models learned, and by how much.
 
     Only partitions the models' snapshot knows are replayed: one it never saw (a new
-    partition, or one another worker learned) starts with the models as they are.
+    partition, or one another worker learned) starts with the models as they are. Except for
+    the topics of ``from_start`` (the forget requests): one of their partitions the snapshot
+    never saw is replayed from the beginning, since a request the group committed after the
+    snapshot was taken must reach the restored models.
 
     >>> gaps({"clicks:0": 9, "clicks:1": 40}, {("clicks", 0): 25, ("clicks", 1): 41, ("clicks", 2): 7})
     [Gap(topic='clicks', partition=0, start=10, end=25)]
+    >>> gaps({}, {("forget", 0): 3, ("clicks", 0): 5}, from_start=("forget",))
+    [Gap(topic='forget', partition=0, start=0, end=3)]
     """
     out = []
     for (topic, partition), end in sorted(committed.items()):
         seen = learned.get(source_of(topic, partition))
+        if seen is None and topic in from_start:
+            seen = -1
         if seen is not None and end > seen + 1:
             out.append(Gap(topic, partition, seen + 1, end))
     return out
@@ -106,8 +115,8 @@ async def replay(step: RecommendationStep, bootstrap: KafkaConnection | str, tod
                     if rec.offset >= ends[tp]:
                         break
                     if tp.topic == forget_topic:
-                        try:
-                            forgets.append(decode_forget(rec.value, bounds))
+                        try:  # with the clock window: a request the owner dead-lettered stays refused
+                            forgets.append(decode_forget(rec.value, bounds, time.time_ns() // 1_000_000))
                         except InvalidEvent:
                             continue
                         forget_positions.append((source_of(tp.topic, tp.partition), rec.offset))
@@ -122,7 +131,9 @@ async def replay(step: RecommendationStep, bootstrap: KafkaConnection | str, tod
             if forgets:
                 if pseudonyms is not None:
                     forgets = [msgspec.structs.replace(req, user_id=pseudonyms.of(req.user_id)) for req in forgets]
-                step.forget(forgets, forget_positions)
+                for req, exc in step.forget(forgets, forget_positions):
+                    log.error("forget request %r, replayed: the models could not purge everything of the user (%s); "
+                              "a model may still hold part of them (a bug)", req.request_id, type(exc).__name__)
             if events:
                 if pseudonyms is not None:
                     events = pseudonyms.events(events)[0]

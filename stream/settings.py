@@ -34,7 +34,7 @@ MIN_SCORER_SHAPE = 16
 
 @dataclass(frozen=True)
 class TopicNames:
-    """The five topics, all under one prefix (``STREAMREC_TOPIC_PREFIX``)."""
+    """The six topics, all under one prefix (``STREAMREC_TOPIC_PREFIX``)."""
 
     prefix: str = "streamrec."
 
@@ -60,17 +60,22 @@ class TopicNames:
         return f"{self.prefix}forget"
 
     @property
+    def impressions(self) -> str:
+        """ImpressionEvents (what the site showed), co-partitioned with the inputs."""
+        return f"{self.prefix}impressions"
+
+    @property
     def inputs(self) -> tuple[str, str]:
         return (self.clicks, self.purchases)
 
     @property
-    def consumed(self) -> tuple[str, str, str]:
-        """What the worker's agent reads: the inputs and the forget requests."""
-        return (self.clicks, self.purchases, self.forget)
+    def consumed(self) -> tuple[str, ...]:
+        """What the worker's agent reads: the inputs, the forget requests and the impressions."""
+        return (self.clicks, self.purchases, self.forget, self.impressions)
 
     @property
     def all(self) -> tuple[str, ...]:
-        return (self.clicks, self.purchases, self.recommendations, self.dlq, self.forget)
+        return (self.clicks, self.purchases, self.recommendations, self.dlq, self.forget, self.impressions)
 
 
 def _env(name: str, default: str, help: str, secret: bool = False):
@@ -138,7 +143,9 @@ class Settings:
     max_price: int = _env("STREAMREC_MAX_PRICE", "1000000000000", "largest price accepted (at most 10^12; number_too_large)")
     max_json_depth: int = _env("STREAMREC_MAX_JSON_DEPTH", "32", "deepest nesting of arrays and objects in an event (at most 32; too_deep)")
     replication_factor: int = _env("STREAMREC_REPLICATION_FACTOR", "1", "replicas of each topic streamrec creates (3 in production)")
-    raw_retention_h: int = _env("STREAMREC_RAW_RETENTION_H", "168", "retention.ms, in hours, of the topics that hold what sites sent (clicks, purchases, dead letters, forget requests) when streamrec creates or aligns them: a forgotten user's raw events are gone from Kafka this long after their last one (docs/operations.md, Security); the recommendations topic is compacted instead")
+    variants: str = _env("STREAMREC_VARIANTS", "", "an experiment: a TOML or JSON file of arms (blend weights, learners off, model, candidates, or a popularity/shuffle baseline) with traffic shares; a user's arm is a stable hash of (experiment, user id); empty: one configuration for all (stream/experiments.py)")
+    attribution_window_s: int = _env("STREAMREC_ATTRIBUTION_WINDOW_S", "1800", "a click or purchase without a rec_id is credited to the user's last list when it holds the item and came at most this long (event time) after the event that triggered the list")
+    raw_retention_h: int = _env("STREAMREC_RAW_RETENTION_H", "168", "retention.ms, in hours, of the topics that hold what sites sent (clicks, purchases, impressions, dead letters, forget requests) when streamrec creates or aligns them: a forgotten user's raw events are gone from Kafka this long after their last one (docs/operations.md, Security); the recommendations topic is compacted instead")
     min_insync_replicas: int = _env("STREAMREC_MIN_INSYNC_REPLICAS", "1", "min.insync.replicas of each topic streamrec creates (2 with 3 replicas): with acks=all a write needs this many")
     pseudonym_key: str = _env("STREAMREC_PSEUDONYM_KEY", "", "secret of the keyed hash (HMAC-SHA256) the worker stores and learns user ids as, so that user state and model snapshots never hold a site's ids (recommendations still go out under them; stream/pseudonyms.py); empty: raw ids; changing it starts every user afresh", secret=True)
     snapshot_key: str = _env("STREAMREC_SNAPSHOT_KEY", "", "secret that signs and checks the online models' snapshots (HMAC-SHA256); empty: unsigned", secret=True)
@@ -164,7 +171,8 @@ class Settings:
                                  ("STREAMREC_PARTITIONS", self.partitions, 1), ("STREAMREC_RECENT_ITEMS", self.recent_items, 1),
                                  ("STREAMREC_CANDIDATES", self.n_candidates, 1), ("STREAMREC_DEDUPE_WINDOW", self.dedupe_window, 1), ("STREAMREC_BATCH_TIMEOUT_MS", self.batch_timeout_ms, 0),
                                  ("STREAMREC_MAX_ITEMS", self.max_items, 1000), ("STREAMREC_MAX_USERS", self.max_users, 1000),
-                                 ("STREAMREC_RAW_RETENTION_H", self.raw_retention_h, 1)):
+                                 ("STREAMREC_RAW_RETENTION_H", self.raw_retention_h, 1),
+                                 ("STREAMREC_ATTRIBUTION_WINDOW_S", self.attribution_window_s, 0)):
             if value < low:
                 raise ConfigError(f"{name}={value}: must be at least {low}")
         if not MIN_SCORER_SHAPE <= self.scorer_max_batch <= MAX_BATCH_SIZE:
@@ -201,12 +209,17 @@ class Settings:
     def topic_configs(self) -> dict[str, dict[str, str]]:
         """The configs of each topic streamrec creates (and the worker aligns at start): what
         sites sent is kept ``STREAMREC_RAW_RETENTION_H`` hours; the recommendations topic is
-        compacted, so a forgotten user's tombstone removes their lists (docs/events.md)."""
+        compacted (at most a day after a write), so a forgotten user's tombstone removes their
+        lists, and kept as long (docs/events.md)."""
         topics = self.topics
         isr = {"min.insync.replicas": str(self.min_insync_replicas)}
         raw = {**isr, "cleanup.policy": "delete", "retention.ms": str(self.raw_retention_h * 3_600_000)}
+        # compacted within a day (max.compaction.lag.ms), so a tombstone removes a forgotten user's
+        # lists by then; and deleted after the retention too, so nobody's latest list is kept forever
+        lists = {**isr, "cleanup.policy": "compact,delete", "retention.ms": str(self.raw_retention_h * 3_600_000),
+                 "max.compaction.lag.ms": str(min(24, self.raw_retention_h) * 3_600_000)}
         return {topics.clicks: raw, topics.purchases: raw, topics.dlq: raw, topics.forget: raw,
-                topics.recommendations: {**isr, "cleanup.policy": "compact"}}
+                topics.impressions: raw, topics.recommendations: lists}
 
     @property
     def topics(self) -> TopicNames:

@@ -30,6 +30,7 @@ from stream.publisher import BatchPublisher
 from stream.replay import gaps, replay
 from stream.retry import Backoff
 from stream.settings import Settings
+from stream.errors import ConfigError
 from stream.snapshots import ModelSnapshots
 from stream.state import Fenced, UserStateStore
 from stream.topics import committed_offsets
@@ -93,6 +94,8 @@ class Shell:
         self.forgets_pending = asyncio.Event()  # set: users were erased since the last snapshot
         self.handler.on_forget = self.peers.on_forget = lambda n: self.forgets_pending.set()
         self.metrics.watch_models(lambda: self.step.recommender)
+        if self.step.experiment is not None:
+            log.info("serving %s (users split by a hash of experiment and user id)", self.step.experiment.describe())
 
     # -- start and stop ----------------------------------------------------------------
     async def restore_models(self) -> None:
@@ -227,11 +230,10 @@ class Shell:
         settings, step = self.settings, self.step
         self.health.set("models", False, "learning again the events the models' snapshot misses")
         learned = step.recommender.learned_offsets
-        if not learned:
-            return
         committed = await asyncio.to_thread(committed_offsets, settings.kafka, settings.app_id)
         mine = {(tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in settings.topics.consumed}
-        todo = gaps(learned, {tp: off for tp, off in committed.items() if tp in mine})
+        # every forget request the snapshot may predate: from the beginning where it knows none
+        todo = gaps(learned, {tp: off for tp, off in committed.items() if tp in mine}, from_start=(settings.topics.forget,))
         if not todo:
             return
         total = sum(g.size for g in todo)
@@ -322,6 +324,26 @@ def load_scorer(settings: Settings, metrics: Metrics, refused: set[str] | None =
     return scorer
 
 
+def load_arm_scorers(experiment, settings: Settings) -> dict[str, object]:
+    """The scorers of the experiment's arms that pin a registered model version (arm name ->
+    scorer), loaded and parity-checked as the worker's own; an arm whose version does not load
+    is a :class:`ConfigError` (the worker refuses to start rather than serve the arm another model)."""
+    if experiment is None:
+        return {}
+    out: dict[str, object] = {}
+    registry = ModelRegistry(Path(settings.model_dir))
+    for arm in experiment.arms:
+        if arm.model in ("latest", "none") or not arm.uses_model:
+            continue
+        try:
+            out[arm.name] = registry.load(arm.model, settings.scorer_device)
+        except Exception as exc:  # noqa: BLE001 - said as a configuration error
+            raise ConfigError(f"STREAMREC_VARIANTS: arm {arm.name!r} pins model version {arm.model!r}, which does not "
+                              f"load from {settings.model_dir} ({exc}); `streamrec train` registers versions") from None
+        log.info("experiment arm %s scores with model version %s on %s", arm.name, arm.model, out[arm.name].provider)
+    return out
+
+
 def input_partitions(app, settings: Settings, assigned) -> dict[str, range]:
     """The partitions of each input topic, as the consumer group's metadata counted them at
     this rebalance (``STREAMREC_PARTITIONS`` where it does not know a topic, or more where
@@ -344,4 +366,4 @@ def raw_message(message) -> RawMessage:
                       int(ts * 1000) if ts else None, message.generation_id)
 
 
-__all__ = ["Shell", "input_partitions", "load_scorer", "raw_message"]
+__all__ = ["Shell", "input_partitions", "load_arm_scorers", "load_scorer", "raw_message"]

@@ -116,6 +116,8 @@ class ModelSnapshots:
         self.fork = fork
         self.timeout_s = timeout_s
         self.name = name
+        # one snapshot at a time: an older one written after a newer (an erasure's) would undo it
+        self._taking = asyncio.Lock()
 
     async def restore(self, retry: Callable[[str, Callable[[], Awaitable[T]]], Awaitable[T]]) -> Recommender | None:
         """The models in the store's snapshot; None when there is none or it is refused (an
@@ -137,7 +139,11 @@ class ModelSnapshots:
 
     async def take(self, models: Callable[[], Recommender]) -> bool:
         """Snapshot ``models()`` (called between batches) into the store; False when it failed
-        (counted and logged; the next one comes at the next interval)."""
+        (counted and logged; the next one comes at the next interval). One at a time, in order."""
+        async with self._taking:
+            return await self._take(models)
+
+    async def _take(self, models: Callable[[], Recommender]) -> bool:
         clock = time.perf_counter
         write = self.store.blob_writer(self.name) if self.fork and can_fork() else None
         if write is not None:

@@ -24,6 +24,8 @@ class StepConfig:
 
     max_recent: int = int(Settings.recent_items)
     dedupe_window: int = int(Settings.dedupe_window)
+    #: a click or purchase without a rec_id is credited to the user's last list this long after it
+    attribution_window_ms: int = int(Settings.attribution_window_s) * 1000
 
 
 def source_of(topic: str, partition: int) -> str:

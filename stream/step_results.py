@@ -32,6 +32,36 @@ class LiveQuality:
         self.reciprocal_rank_sum += 1.0 / rank
 
 
+@dataclass
+class VariantCounts:
+    """What one experiment arm served and what it got, in one batch (or a whole replay): the
+    counters of ``streamrec report`` (stream/experiments.py defines the attribution)."""
+
+    lists: int = 0
+    impressions: int = 0
+    clicked_lists: int = 0
+    clicks: int = 0
+    purchased_lists: int = 0
+    purchases: int = 0
+    revenue: float = 0.0
+    live: LiveQuality = field(default_factory=LiveQuality)
+
+    def add(self, other: VariantCounts) -> None:
+        for name in ("lists", "impressions", "clicked_lists", "clicks", "purchased_lists", "purchases", "revenue"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.live.judged += other.live.judged
+        for k, n in other.live.hits.items():
+            self.live.hits[k] += n
+        self.live.reciprocal_rank_sum += other.live.reciprocal_rank_sum
+
+    def as_json(self) -> dict:
+        """The counters as ``streamrec report --json`` reads them."""
+        return {"lists": self.lists, "impressions": self.impressions, "clicked_lists": self.clicked_lists,
+                "clicks": self.clicks, "purchased_lists": self.purchased_lists, "purchases": self.purchases,
+                "revenue": round(self.revenue, 6), "judged": self.live.judged,
+                "hits": {str(k): n for k, n in self.live.hits.items()}}
+
+
 @dataclass(frozen=True)
 class Failure:
     """An event the step could not handle: where in the batch, in which stage, and why."""
@@ -72,6 +102,9 @@ class StepResult:
     judged: list[tuple[int, list[str]]] = field(default_factory=list)
     #: events refused because their user was forgotten after them (``Recommender.refuses``)
     refused: int = 0
+    #: per experiment arm ("default" without an experiment): lists, attributed clicks and
+    #: purchases, live hit rate
+    variants: dict[str, VariantCounts] = field(default_factory=dict)
 
 
 def judge(events: Sequence[Event], states: dict[str, UserState], applied: dict[str, list[int]]
@@ -93,4 +126,4 @@ def judge(events: Sequence[Event], states: dict[str, UserState], applied: dict[s
     return live, judged
 
 
-__all__ = ["LIVE_CUTOFFS", "Failure", "LiveQuality", "StepResult", "judge"]
+__all__ = ["LIVE_CUTOFFS", "Failure", "LiveQuality", "StepResult", "VariantCounts", "judge"]

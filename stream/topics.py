@@ -244,9 +244,33 @@ def ensure_topics(
 
 def ensure_streamrec_topics(settings, timeout_s: float = 30.0) -> list[str]:
     """:func:`ensure_topics` for every topic of ``settings`` (a :class:`~stream.settings.Settings`),
-    with its partitions, replication and configs (``Settings.topic_configs()``)."""
-    return ensure_topics(settings.kafka, settings.topics.all, settings.partitions, timeout_s=timeout_s,
-                         replication=settings.replication_factor, configs=settings.topic_configs())
+    with its partitions, replication and configs (``Settings.topic_configs()``). Where the clicks
+    topic exists, the topics read with it (purchases, forget requests, impressions) are created
+    with as many partitions as it has, whatever ``STREAMREC_PARTITIONS`` says: they must be
+    co-partitioned (an older deployment gets its new topics right)."""
+    topics = settings.topics
+    partitions = partition_count(settings.kafka, topics.clicks, timeout_s) or settings.partitions
+    created = ensure_topics(settings.kafka, topics.consumed, partitions, timeout_s=timeout_s,
+                            replication=settings.replication_factor, configs=settings.topic_configs())
+    return created + ensure_topics(settings.kafka, [t for t in topics.all if t not in topics.consumed],
+                                   settings.partitions, timeout_s=timeout_s, replication=settings.replication_factor,
+                                   configs=settings.topic_configs())
+
+
+def partition_count(bootstrap: KafkaConnection | str, topic: str, timeout_s: float = 30.0) -> int | None:
+    """How many partitions ``topic`` has; None when it does not exist."""
+    kafka = KafkaConnection.of(bootstrap)
+    admin = _connected_admin(kafka, timeout_s)
+    try:
+        try:
+            if topic not in set(admin.list_topics()):
+                return None
+            (described,) = admin.describe_topics([topic])
+        except KafkaError as exc:
+            raise _unavailable(kafka, timeout_s, exc) from None
+    finally:
+        admin.close()
+    return len(described["partitions"]) or None
 
 
 def check_copartitioned(bootstrap: KafkaConnection | str, names: Iterable[str], timeout_s: float = 30.0) -> None:
@@ -345,4 +369,4 @@ def _created(response: dict, asked: list[str]) -> list[str]:
     return [n for n in asked if n in created]
 
 
-__all__ = ["align_topic_configs", "check_copartitioned", "check_login", "check_topic_name", "committed_offsets", "ensure_streamrec_topics", "ensure_topics", "probe", "wait_for_kafka"]
+__all__ = ["align_topic_configs", "check_copartitioned", "check_login", "check_topic_name", "committed_offsets", "ensure_streamrec_topics", "ensure_topics", "partition_count", "probe", "wait_for_kafka"]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import typer
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import ConfigResource, ConfigResourceType
 from typer.testing import CliRunner
 
 from online_models.datasets import synthetic_interactions
@@ -21,9 +22,15 @@ from stream.errors import InvalidEvent
 from stream.produce import produce
 from stream.publisher import murmur2_partition
 from stream.records import PurchaseEvent, Recommendation, RecommendedItem, dead_letter, encode
-from stream.settings import TopicNames
+from stream.settings import Settings, TopicNames
 from stream.tail import tail
-from stream.topics import ensure_topics, wait_for_kafka
+from stream.topics import (
+    align_topic_configs,
+    check_copartitioned,
+    ensure_streamrec_topics,
+    ensure_topics,
+    wait_for_kafka,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTITIONS = 4  # Settings' default, which produce uses when it creates the topics
@@ -64,10 +71,22 @@ def test_ensure_topics_creates_once_and_leaves_existing_topics_alone(kafka_boots
     topics = TopicNames(topic_prefix)
     assert wait_for_kafka(kafka_bootstrap, timeout_s=30) is not None
     assert ensure_topics(kafka_bootstrap, topics.inputs, partitions=3) == list(topics.inputs)
-    assert ensure_topics(kafka_bootstrap, topics.all, partitions=5) == [topics.recommendations, topics.dlq]
-    assert ensure_topics(kafka_bootstrap, topics.all, partitions=5) == []
+    # the topics read with the inputs get the clicks topic's partitions, whatever STREAMREC_PARTITIONS says
+    settings = Settings.from_env({"STREAMREC_KAFKA_BOOTSTRAP": kafka_bootstrap, "STREAMREC_TOPIC_PREFIX": topic_prefix,
+                                  "STREAMREC_PARTITIONS": "5"})
+    assert ensure_streamrec_topics(settings) == [topics.forget, topics.impressions, topics.recommendations, topics.dlq]
+    assert ensure_streamrec_topics(settings) == []
     described = {t["name"]: len(t["partitions"]) for t in kafka_admin.describe_topics(list(topics.all))}
-    assert described == {topics.clicks: 3, topics.purchases: 3, topics.recommendations: 5, topics.dlq: 5}
+    assert described == {topics.clicks: 3, topics.purchases: 3, topics.forget: 3, topics.impressions: 3,
+                         topics.recommendations: 5, topics.dlq: 5}
+    check_copartitioned(kafka_bootstrap, topics.consumed)
+    # the inputs, made before, get their configs aligned: raw data kept for the retention, lists compacted
+    changed = align_topic_configs(kafka_bootstrap, settings.topic_configs())
+    assert changed[topics.clicks]["retention.ms"] == str(168 * 3_600_000)
+    assert align_topic_configs(kafka_bootstrap, settings.topic_configs()) == {}
+    configs = kafka_admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topics.recommendations,
+                                                           ["cleanup.policy"])])
+    assert configs["topic"][topics.recommendations]["cleanup.policy"]["value"] == "compact,delete"
 
 
 def test_produced_synthetic_events_arrive_on_their_topics_keyed_and_valid(kafka_bootstrap, topic_prefix):

@@ -1,0 +1,280 @@
+"""Experiments: arms (variants) that serve users different blends of the same learned models,
+and the attribution of clicks and purchases to the lists that caused them.
+
+An experiment is a file (``STREAMREC_VARIANTS``, TOML or JSON) naming arms, each with a
+traffic share::
+
+    experiment = "blend-2026-12"       # changing it reshuffles who gets which arm
+    control = "control"                # the arm lifts are measured against (default: the first)
+
+    [[arms]]
+    name = "control"
+    share = 0.5
+    baseline = "popularity"            # trending items only: the sanity floor
+
+    [[arms]]
+    name = "blend"
+    share = 0.5
+    weights = {covisit = 1.0, mf = 0.2} # over the worker's blend (STREAMREC_BLEND_WEIGHTS)
+    learners_off = ["session_hybrid"]  # their weight 0 in this arm
+    model = "none"                     # "latest" (default): the worker's Transformer; "none": without it
+    candidates = 100                   # candidates scored per list (default STREAMREC_CANDIDATES)
+
+``baseline = "shuffle"`` serves the arm's candidates in a random order (Metarank's shuffle:
+what ranking adds over the candidate set). A user's arm is a stable hash of
+``(experiment, user_id)`` (:meth:`Experiment.arm_of`), the id the site sends; so every worker,
+a restart and ``streamrec evaluate --variants`` put a user in the same arm. All arms share the
+models, which learn every event whatever arm its user is in: an arm changes what is served,
+never what is learned.
+
+Attribution (:func:`attribute`) is pure: given a user's state before an event, it says which
+list (``rec_id``) the event is credited to, if any: the list whose ``rec_id`` the event echoes,
+else the user's last list when it holds the event's item and was published at most
+``window_ms`` before the event. A list counts once as clicked (and once as purchased), however
+many of its items are clicked; further clicks on it are counted as repeats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from online_models import Recommender, RecommenderConfig
+from stream.errors import ConfigError
+
+#: the baselines an arm may be instead of a blend
+BASELINES = ("popularity", "shuffle")
+#: the learner a popularity arm ranks with, alone
+POPULARITY_SOURCE = "trending"
+#: buckets of the hash a user's arm is drawn from (shares are resolved to 1/10,000)
+BUCKETS = 10_000
+#: the lists whose attribution a user's state remembers (rec id, time, what they got)
+RECS_KEPT = 8
+#: flags of a remembered list
+CLICKED, PURCHASED = 1, 2
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One variant: a name, a traffic share, and how it serves (see the module docstring)."""
+
+    name: str
+    share: float
+    weights: dict[str, float] = field(default_factory=dict)
+    learners_off: tuple[str, ...] = ()
+    model: str = "latest"  # "latest", "none", or a registered version
+    candidates: int | None = None
+    baseline: str | None = None  # None, "popularity" or "shuffle"
+
+    @property
+    def uses_model(self) -> bool:
+        return self.model != "none" and self.baseline != "popularity"
+
+    def config(self, base: RecommenderConfig) -> RecommenderConfig:
+        """The blend this arm serves, over the worker's ``base``."""
+        if self.baseline == "popularity":
+            weights = dict.fromkeys(base.weights, 0.0)
+            weights[POPULARITY_SOURCE] = 1.0
+            return replace(base, weights=weights, reranker_weight=0.0,
+                           n_candidates=self.candidates or base.n_candidates)
+        weights = {**base.weights, **self.weights}
+        for name in self.learners_off:
+            weights[name] = 0.0
+        if self.model == "none":
+            weights["transformer"] = 0.0
+        return replace(base, weights=weights, n_candidates=self.candidates or base.n_candidates)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """Arms and how users are split between them."""
+
+    name: str
+    arms: tuple[Arm, ...]
+    control: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_bounds", _bucket_bounds(self.arms))
+
+    def arm_of(self, user_id: str) -> Arm:
+        """The user's arm: a stable hash of ``(experiment, user_id)`` into :data:`BUCKETS`
+        buckets, split by the arms' shares in their order.
+
+        >>> e = Experiment("x", (Arm("a", 0.5), Arm("b", 0.5)), "a")
+        >>> e.arm_of("u1").name == e.arm_of("u1").name
+        True
+        """
+        digest = hashlib.blake2b(f"{self.name}\x00{user_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+        bucket = int.from_bytes(digest, "big") % BUCKETS
+        for arm, upper in zip(self.arms, self._bounds, strict=True):  # type: ignore[attr-defined]
+            if bucket < upper:
+                return arm
+        return self.arms[-1]
+
+    @property
+    def names(self) -> list[str]:
+        return [a.name for a in self.arms]
+
+    def describe(self) -> str:
+        return f"experiment {self.name!r}: " + ", ".join(
+            f"{a.name} {a.share:.0%}{f' ({a.baseline})' if a.baseline else ''}" for a in self.arms)
+
+
+def _bucket_bounds(arms: Sequence[Arm]) -> list[int]:
+    total = sum(a.share for a in arms)
+    bounds, acc = [], 0.0
+    for a in arms:
+        acc += a.share / total
+        bounds.append(round(acc * BUCKETS))
+    bounds[-1] = BUCKETS
+    return bounds
+
+
+def load_experiment(path: str | Path, known_sources: Sequence[str] = ()) -> Experiment:
+    """The experiment in ``path`` (``.toml`` or ``.json``); a :class:`ConfigError` that names
+    the file and the field for anything wrong."""
+    p = Path(path)
+    where = f"STREAMREC_VARIANTS={str(path)!r}"
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read the experiment file ({exc.strerror or exc})") from None
+    try:
+        data = json.loads(text) if p.suffix.lower() == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{where}: not valid {'JSON' if p.suffix.lower() == '.json' else 'TOML'}: {exc}") from None
+    return parse_experiment(data, where, known_sources)
+
+
+def parse_experiment(data: Mapping, where: str = "the experiment", known_sources: Sequence[str] = ()) -> Experiment:
+    """An :class:`Experiment` from its file's contents (see the module docstring)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a table with `experiment` and `arms`")
+    name = data.get("experiment")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{where}: `experiment` must name the experiment (a non-empty string)")
+    raw_arms = data.get("arms")
+    if not isinstance(raw_arms, list) or len(raw_arms) < 1:
+        raise ConfigError(f"{where}: `arms` must list at least one arm ([[arms]] tables)")
+    arms, seen = [], set()
+    known = set(known_sources)
+    for i, raw in enumerate(raw_arms):
+        at = f"{where}: arms[{i}]"
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{at}: expected a table")
+        unknown = set(raw) - {"name", "share", "weights", "learners_off", "model", "candidates", "baseline"}
+        if unknown:
+            raise ConfigError(f"{at}: unknown field(s) {', '.join(sorted(unknown))}")
+        arm_name = raw.get("name")
+        if not isinstance(arm_name, str) or not arm_name.strip() or len(arm_name) > 64:
+            raise ConfigError(f"{at}: `name` must be a non-empty string of at most 64 characters")
+        if arm_name in seen:
+            raise ConfigError(f"{at}: arm {arm_name!r} is named twice")
+        seen.add(arm_name)
+        share = raw.get("share")
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+            raise ConfigError(f"{at} ({arm_name}): `share` must be a number in (0, 1]")
+        weights = raw.get("weights", {})
+        if not isinstance(weights, Mapping) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in weights.values()):
+            raise ConfigError(f"{at} ({arm_name}): `weights` must map source names to numbers >= 0")
+        off = raw.get("learners_off", [])
+        if not isinstance(off, list) or not all(isinstance(x, str) for x in off):
+            raise ConfigError(f"{at} ({arm_name}): `learners_off` must be a list of source names")
+        if known:
+            bad = sorted((set(weights) | set(off)) - known)
+            if bad:
+                raise ConfigError(f"{at} ({arm_name}): unknown source(s) {', '.join(bad)}; the sources are "
+                                  f"{', '.join(sorted(known))}")
+        model = raw.get("model", "latest")
+        if not isinstance(model, str) or not model:
+            raise ConfigError(f"{at} ({arm_name}): `model` must be \"latest\", \"none\" or a registered version")
+        candidates = raw.get("candidates")
+        if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1):
+            raise ConfigError(f"{at} ({arm_name}): `candidates` must be a whole number >= 1")
+        baseline = raw.get("baseline")
+        if baseline is not None and baseline not in BASELINES:
+            raise ConfigError(f"{at} ({arm_name}): `baseline` must be one of {', '.join(BASELINES)}")
+        arms.append(Arm(arm_name, float(share), {k: float(v) for k, v in weights.items()}, tuple(off), model,
+                        candidates, baseline))
+    control = data.get("control", arms[0].name)
+    if control not in seen:
+        raise ConfigError(f"{where}: `control` names {control!r}, which is not an arm ({', '.join(sorted(seen))})")
+    return Experiment(name.strip(), tuple(arms), control)
+
+
+def serving_view(recommender: Recommender, config: RecommenderConfig) -> Recommender:
+    """``recommender`` serving with ``config``: a shallow copy that shares every learner, the
+    re-ranker and the blend's tables (the lists pending for ``record_shown`` included, so the
+    re-ranker labels an arm's lists as any other), and differs only in its config. Nothing it
+    learns goes elsewhere: only ``candidates_many`` and ``rank_many`` are called on it."""
+    view = object.__new__(type(recommender))
+    view.__dict__.update(recommender.__dict__)
+    view.config = config
+    return view
+
+
+def shuffled(items: list, seed: str) -> list:
+    """``items`` in a random order fixed by ``seed`` (the list's id: a repeat is the same)."""
+    out = list(items)
+    random.Random(seed).shuffle(out)
+    return out
+
+
+@dataclass
+class Attribution:
+    """What one event was credited with (see :func:`attribute`)."""
+
+    rec_id: str
+    #: the first click (or purchase) on that list: it counts as a clicked (purchased) list
+    first: bool
+
+
+def attribute(recs: list[list], last_items: Sequence[str], event_rec_id: str | None, item_id: str, ts: int,
+              kind: str, window_ms: int) -> Attribution | None:
+    """The list an event is credited to, from the user's remembered lists ``recs`` (``[rec_id,
+    published ts, flags]``, newest last; updated in place: the list's flag for ``kind`` is
+    set) and the items of their last list: the list whose ``rec_id`` the event echoes, else
+    the last list when it holds ``item_id`` and came at most ``window_ms`` before ``ts``.
+    An echoed ``rec_id`` the state no longer remembers is credited as a first.
+
+    >>> recs = [["r1", 1000, 0]]
+    >>> attribute(recs, ["a", "b"], None, "b", 2000, "click", 60_000)
+    Attribution(rec_id='r1', first=True)
+    >>> attribute(recs, ["a", "b"], None, "a", 2500, "click", 60_000).first
+    False
+    >>> attribute(recs, ["a", "b"], None, "z", 2500, "click", 60_000) is None
+    True
+    """
+    flag = PURCHASED if kind == "purchase" else CLICKED
+    if event_rec_id is not None:
+        for entry in reversed(recs):
+            if entry[0] == event_rec_id:
+                first = not entry[2] & flag
+                entry[2] |= flag
+                return Attribution(event_rec_id, first)
+        return Attribution(event_rec_id, True)
+    if not recs or item_id not in last_items:
+        return None
+    entry = recs[-1]
+    if ts - entry[1] > window_ms or ts < entry[1]:
+        return None
+    first = not entry[2] & flag
+    entry[2] |= flag
+    return Attribution(entry[0], first)
+
+
+def remember(recs: list[list], rec_id: str, ts: int) -> None:
+    """Remember a list just published to the user (the oldest beyond :data:`RECS_KEPT` go)."""
+    recs.append([rec_id, ts, 0])
+    if len(recs) > RECS_KEPT:
+        del recs[: len(recs) - RECS_KEPT]
+
+
+__all__ = ["Arm", "Attribution", "BASELINES", "Experiment", "attribute", "load_experiment", "parse_experiment",
+           "remember", "serving_view", "shuffled"]

@@ -1,0 +1,157 @@
+"""Experiment arms and attribution (stream/experiments.py) and the step serving them
+(stream/pipeline.py): stable assignment by hash, each arm its own blend over shared models, the
+baselines, rec_ids, and per-arm counts of lists, attributed clicks and purchases, and live hits."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from online_models import Recommender
+from stream.errors import ConfigError
+from stream.experiments import Arm, Experiment, attribute, load_experiment, parse_experiment, remember
+from stream.pipeline import RecommendationStep
+from stream.records import ClickEvent, PurchaseEvent, decode_recommendation
+from stream.settings import Settings
+from stream.state import UserState
+
+T0 = 1_700_000_000_000
+
+TWO_ARMS = {
+    "experiment": "exp-1",
+    "control": "control",
+    "arms": [
+        {"name": "control", "share": 0.5, "baseline": "popularity"},
+        {"name": "blend", "share": 0.5, "weights": {"covisit": 2.0}, "learners_off": ["session_hybrid"],
+         "model": "none", "candidates": 30},
+    ],
+}
+
+
+def test_assignment_is_stable_and_follows_the_shares():
+    e = parse_experiment({"experiment": "x", "arms": [{"name": "a", "share": 0.2}, {"name": "b", "share": 0.8}]})
+    users = [f"u{i}" for i in range(20_000)]
+    first = [e.arm_of(u).name for u in users]
+    assert first == [e.arm_of(u).name for u in users]  # stable
+    share = Counter(first)["a"] / len(users)
+    assert 0.18 < share < 0.22
+    other = parse_experiment({"experiment": "y", "arms": [{"name": "a", "share": 0.2}, {"name": "b", "share": 0.8}]})
+    moved = sum(1 for u, arm in zip(users, first, strict=True) if other.arm_of(u).name != arm)
+    assert moved > 1000  # another experiment name reshuffles who is where
+
+
+def test_files_load_from_toml_and_json_and_mistakes_are_named(tmp_path):
+    toml = tmp_path / "v.toml"
+    toml.write_text('experiment = "e"\n[[arms]]\nname = "a"\nshare = 1.0\nweights = {covisit = 1.5}\n')
+    assert load_experiment(toml).arms[0].weights == {"covisit": 1.5}
+    js = tmp_path / "v.json"
+    js.write_text(json.dumps(TWO_ARMS))
+    assert load_experiment(js, ["covisit", "session_hybrid", "trending"]).control == "control"
+    for data, words in (({"arms": []}, "`experiment`"),
+                        ({"experiment": "e", "arms": [{"name": "a", "share": 0}]}, "`share`"),
+                        ({"experiment": "e", "arms": [{"name": "a", "share": 1, "baseline": "random"}]}, "`baseline`"),
+                        ({"experiment": "e", "arms": [{"name": "a", "share": 1}, {"name": "a", "share": 1}]}, "twice"),
+                        ({"experiment": "e", "arms": [{"name": "a", "share": 1, "colour": 1}]}, "colour"),
+                        ({"experiment": "e", "control": "z", "arms": [{"name": "a", "share": 1}]}, "`control`"),
+                        ({"experiment": "e", "arms": [{"name": "a", "share": 1, "weights": {"nope": 1}}]}, "nope")):
+        with pytest.raises(ConfigError, match=words):
+            parse_experiment(data, known_sources=["covisit"])
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        (tmp_path / "bad.toml").write_text("experiment = ")
+        load_experiment(tmp_path / "bad.toml")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_experiment(tmp_path / "missing.toml")
+
+
+def test_an_arm_config_is_the_base_blend_with_its_changes():
+    base = Recommender.default().config
+    control, blend = parse_experiment(TWO_ARMS).arms
+    popular = control.config(base)
+    assert {n for n, w in popular.weights.items() if w > 0} == {"trending"} and popular.reranker_weight == 0
+    cfg = blend.config(base)
+    assert cfg.weights["covisit"] == 2.0 and cfg.weights["session_hybrid"] == 0.0 and cfg.weights["transformer"] == 0.0
+    assert cfg.n_candidates == 30 and base.weights["covisit"] != 2.0  # the base is untouched
+
+
+def test_attribution_by_rec_id_and_by_window():
+    recs: list[list] = []
+    remember(recs, "r1", 1000)
+    remember(recs, "r2", 5000)
+    assert attribute(recs, ["x"], "r1", "anything", 6000, "click", 60_000).first
+    assert not attribute(recs, ["x"], "r1", "other", 6001, "click", 60_000).first  # a repeat on r1
+    assert attribute(recs, ["x"], "r1", "x", 6002, "purchase", 60_000).first  # the first purchase on r1
+    assert attribute(recs, ["x"], None, "x", 5000 + 60_000, "click", 60_000).rec_id == "r2"  # in the window
+    assert attribute(recs, ["x"], None, "x", 5000 + 60_001, "click", 60_000) is None  # past it
+    assert attribute(recs, ["x"], "forgotten-id", "x", 7000, "click", 60_000).first  # unknown: credited as a first
+    for i in range(20):
+        remember(recs, f"q{i}", i)
+    assert len(recs) == 8 and recs[-1][0] == "q19"
+
+
+def clicks_of(user: str, n: int, start: int = 0, rec_id: str | None = None) -> list[ClickEvent]:
+    return [ClickEvent(event_id=f"{user}-{start + i}", user_id=user, item_id=f"i{(start + i) % 9}", ts=T0 + start + i,
+                       rec_id=rec_id) for i in range(n)]
+
+
+def run(step, events, states):
+    result = step(events, states, lambda: T0)
+    for uid, st in result.states.items():
+        states[uid] = st
+    return result
+
+
+def warm_step(experiment: Experiment | None = None) -> tuple[RecommendationStep, dict[str, UserState]]:
+    step = RecommendationStep(Recommender.default(), experiment=experiment)
+    states: dict[str, UserState] = {}
+    warm = [ClickEvent(event_id=f"w{i}", user_id=f"w{i % 30}", item_id=f"i{i % 9}", ts=T0 - 10_000 + i)
+            for i in range(600)]
+    run(step, warm, states)
+    return step, states
+
+
+def test_each_arm_serves_its_own_blend_with_rec_ids_and_variants():
+    experiment = parse_experiment(TWO_ARMS)
+    step, states = warm_step(experiment)
+    users = [f"u{i}" for i in range(40)]
+    result = run(step, [ev for u in users for ev in clicks_of(u, 2)], states)
+    recs = [decode_recommendation(p) for p in result.payloads]
+    assert {r.variant for r in recs} == {"control", "blend"}
+    for r in recs:
+        assert r.variant == experiment.arm_of(r.user_id).name
+        assert r.rec_id and len(r.rec_id) <= 24
+        if r.variant == "control":  # trending alone, no Transformer
+            assert {it.reason for it in r.items} <= {"trending", None} and r.model["transformer"] == "none"
+    assert len({r.rec_id for r in recs}) == len(recs)
+    assert sum(c.lists for c in result.variants.values()) == len(recs)
+    assert result.variants["control"].lists == sum(r.variant == "control" for r in recs)
+
+
+def test_the_shuffle_baseline_serves_the_candidates_in_a_fixed_random_order():
+    experiment = parse_experiment({"experiment": "s", "arms": [{"name": "shuffle", "share": 1, "baseline": "shuffle"}]})
+    step, states = warm_step(experiment)
+    (rec,) = [decode_recommendation(p) for p in run(step, clicks_of("u1", 3), states).payloads]
+    assert rec.variant == "shuffle" and rec.items and {it.reason for it in rec.items} == {"shuffle"}
+
+
+def test_clicks_and_purchases_are_credited_once_per_list_and_counted_per_arm():
+    step, states = warm_step()
+    (first,) = [decode_recommendation(p) for p in run(step, clicks_of("u1", 1), states).payloads]
+    shown = [it.item_id for it in first.items]
+    assert first.variant is None and first.rec_id  # no experiment: no variant, a rec_id all the same
+    echo = [ClickEvent(event_id="c1", user_id="u1", item_id="zzz", ts=T0 + 10, rec_id=first.rec_id),
+            ClickEvent(event_id="c2", user_id="u1", item_id="yyy", ts=T0 + 11, rec_id=first.rec_id),
+            PurchaseEvent(event_id="p1", user_id="u1", item_id="xxx", ts=T0 + 12, price=2.5, quantity=2,
+                          rec_id=first.rec_id)]
+    counts = run(step, echo, states).variants["default"]
+    assert (counts.clicks, counts.clicked_lists, counts.purchases, counts.purchased_lists, counts.revenue) == (
+        2, 1, 1, 1, 5.0)
+    assert counts.lists == 1 and counts.live.judged == 3
+    # no rec_id: credited by the window to the last list when it holds the item
+    last = states["u1"].last_recommended
+    hit = ClickEvent(event_id="c3", user_id="u1", item_id=last[0], ts=T0 + 20)
+    miss = ClickEvent(event_id="c4", user_id="u1", item_id="not-shown", ts=T0 + 21)
+    counts = run(step, [hit, miss], states).variants["default"]
+    assert (counts.clicks, counts.clicked_lists) == (1, 1) and counts.live.hits[20] >= 1
+    assert shown  # the first list was not empty
