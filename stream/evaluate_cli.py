@@ -24,7 +24,6 @@ from gpu_scorer.errors import ScorerError
 from online_models import Recommender
 from online_models.datasets import DatasetError, load_folder, read_interactions
 from stream.errors import ConfigError
-from stream.experiments import load_experiment
 from stream.evaluation import (
     DEFAULT_MODELS,
     SESSION_MODELS,
@@ -33,6 +32,7 @@ from stream.evaluation import (
     session_rec,
     session_rec_units,
 )
+from stream.experiments import load_experiment
 from stream.report import counters_from_json, format_table, summarize
 from stream.settings import Settings
 from stream.step_inputs import recommender_config

@@ -47,6 +47,16 @@ import numpy as np
 
 from online_models import Interaction, Recommender, UserContext
 from online_models.metrics import target_rank
+from stream.experiments import (
+    Arm,
+    Attribution,
+    Experiment,
+    attribute,
+    load_experiment,
+    remember,
+    serving_view,
+    shuffled,
+)
 from stream.records import (
     Event,
     ForgetRequest,
@@ -58,7 +68,6 @@ from stream.records import (
 from stream.settings import Settings
 from stream.state import UserState, apply_event, encode_state
 from stream.step_inputs import StepConfig, recommender_config, to_interaction, user_context
-from stream.experiments import Arm, Attribution, Experiment, attribute, load_experiment, remember, serving_view, shuffled
 from stream.step_results import Failure, StepResult, VariantCounts, judge
 
 #: users ranked per ``rank_many`` call: few enough that a chunk's numpy work stays in cache

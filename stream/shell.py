@@ -19,6 +19,7 @@ from pathlib import Path
 from gpu_scorer import HotSwapScorer, ModelRegistry
 from gpu_scorer.errors import ModelLoadError
 from stream.batching import drop_stale
+from stream.errors import ConfigError
 from stream.handler import BatchHandler, Claims, RawMessage
 from stream.health import Health, check_readiness
 from stream.lag import LagMetrics, update_lag
@@ -30,7 +31,6 @@ from stream.publisher import BatchPublisher
 from stream.replay import gaps, replay
 from stream.retry import Backoff
 from stream.settings import Settings
-from stream.errors import ConfigError
 from stream.snapshots import ModelSnapshots
 from stream.state import Fenced, UserStateStore
 from stream.topics import committed_offsets

@@ -11,10 +11,15 @@ import pytest
 
 from online_models import Recommender
 from stream.errors import ConfigError
-from stream.experiments import Arm, Experiment, attribute, load_experiment, parse_experiment, remember
+from stream.experiments import (
+    Experiment,
+    attribute,
+    load_experiment,
+    parse_experiment,
+    remember,
+)
 from stream.pipeline import RecommendationStep
 from stream.records import ClickEvent, PurchaseEvent, decode_recommendation
-from stream.settings import Settings
 from stream.state import UserState
 
 T0 = 1_700_000_000_000
