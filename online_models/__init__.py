@@ -11,11 +11,12 @@ from online_models.popularity import GlobalPopularity, RecentPopularity, Trendin
 from online_models.recommender import Recommender, RecommenderConfig
 from online_models.reminder import RecentlyViewed
 from online_models.reranker import ClickReranker
-from online_models.types import Interaction, ScoredItem, UserContext
+from online_models.types import Explanation, Interaction, ScoredItem, UserContext
 
 __all__ = [
     "ClickReranker",
     "CoVisitation",
+    "Explanation",
     "GlobalPopularity",
     "ImplicitMF",
     "Interaction",

@@ -193,6 +193,10 @@ class OnlineLearner(ParamsMixin, abc.ABC):
     #: does says True (online_models.checks verifies the others learn the same without one).
     learns_with_context: ClassVar[bool] = False
 
+    #: Whether an item this source put in a list is explained by its category ("popular now
+    #: in c12"): the popularity learners say True.
+    explains_by_category: ClassVar[bool] = False
+
     n_learned: int = 0
 
     # -- learning -------------------------------------------------------------------
@@ -231,6 +235,13 @@ class OnlineLearner(ParamsMixin, abc.ABC):
         score = self.score_many
         return np.fromiter(chain.from_iterable(map(score, users, items)), dtype=float,
                            count=sum(map(len, items)))
+
+    def because(self, user: UserContext, items: Sequence[str]) -> list[str | None] | None:
+        """For each of ``items`` (the few of a published list this source contributed most
+        to), the item of ``user``'s own that led the source to it, or None; None for all when
+        the source cannot say (the default). Called for a list's top ``k`` only, never for
+        every candidate, so it may cost a few dict lookups per item."""
+        return None
 
     def propose_scores(self, user: UserContext, k: int) -> list[tuple[str, float]]:
         """At most ``k`` ``(item, score)`` pairs of the learner's own choosing, best first,

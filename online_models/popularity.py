@@ -41,6 +41,7 @@ class _ItemScores(OnlineLearner):
     """Shared machinery: item index, score array, candidate pool."""
 
     name = "_popularity"
+    explains_by_category = True  # "popular now in c12"
 
     def __init__(
         self,

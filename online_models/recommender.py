@@ -16,7 +16,10 @@ GPU Transformer's) into a top-K:
    (categories are learned from ``Interaction.category_id``; unknown ones are uncapped).
 
 The result is the best ``k`` first, no duplicates; ``reason`` is the source that
-contributed most to the item's blended score.
+contributed most to the item's blended score, and ``explanation`` says the same with what
+that source knows of the item (``Explanation``: for co-visitation, the user's recent item
+it co-occurred with most; for the reminder, the item itself; for trending, its category),
+worked out for the ``k`` published items only.
 
 Not thread-safe: one instance per worker process, called from one task (Faust agents of a
 worker share one event loop thread, so that holds there).
@@ -51,7 +54,7 @@ from online_models.popularity import TrendingPopularity
 from online_models.reminder import RecentlyViewed
 from online_models.reranker import ClickReranker
 from online_models.session_knn import SessionHybrid
-from online_models.types import Interaction, ScoredItem, UserContext
+from online_models.types import Explanation, Interaction, ScoredItem, UserContext
 
 _PENDING_RANKED = 16_384  # ranked lists kept until record_shown: a whole batch's users (stream's MAX_BATCH_SIZE)
 
@@ -417,9 +420,38 @@ class Recommender:
         for (u, _, _), n in zip(members, counts_picked.tolist(), strict=True):
             end = at + n
             ids = [flat_items[i] for i in picked_list[at:end]]
-            out[u] = [ScoredItem(i, s, r) for i, s, r in zip(ids, scores[at:end], reasons[at:end], strict=True)]
+            why = reasons[at:end]
+            out[u] = [ScoredItem(i, s, r, e) for i, s, r, e in zip(ids, scores[at:end], why,
+                                                                  self._explain(users[u], ids, why), strict=True)]
             done[u] = (feature_names, ids, rows[at:end])
             at = end
+
+    def _explain(self, user: UserContext, ids: list[str], reasons: list[str | None]) -> list[Explanation | None]:
+        """Each published item's :class:`Explanation`: its ``reason`` (the source that
+        contributed most to its blend), with what that source says of it (the learner's
+        :meth:`~online_models.base.OnlineLearner.because`, asked once per source for the
+        items it leads; the item's category for a popularity source). None where no source
+        was credited. Only the list's ``k`` items are explained, never all candidates."""
+        groups: dict[str, list[str]] = {}  # source -> the items it leads, in list order
+        for item, reason in zip(ids, reasons, strict=True):
+            if reason is not None:
+                group = groups.get(reason)
+                if group is None:
+                    groups[reason] = [item]
+                else:
+                    group.append(item)
+        made = {}
+        categories = self._categories.get
+        for source, items in groups.items():
+            learner = self.learners.get(source)  # None: an extra source (the Transformer)
+            because = learner.because(user, items) if learner is not None else None
+            if learner is not None and learner.explains_by_category:
+                made[source] = map(Explanation, repeat(source), because or repeat(None), map(categories, items))
+            elif because is None:
+                made[source] = repeat(Explanation(source))  # immutable: one for all its items
+            else:
+                made[source] = map(Explanation, repeat(source), because)
+        return [None if r is None else next(made[r]) for r in reasons]
 
     def recommend(self, user: UserContext, k: int | None = None) -> list[ScoredItem]:
         """:meth:`candidates` then :meth:`rank`, without extra scores."""

@@ -2,11 +2,22 @@
 
 One compact line per message; ``--json`` prints the value as it is on the topic.
 
+>>> from online_models.types import Explanation
 >>> from stream.records import Recommendation, RecommendedItem
 >>> rec = Recommendation(user_id="u1", items=[RecommendedItem("i5", 0.91), RecommendedItem("i2", 0.5)],
 ...                      trigger_event_id="e7", event_ts=1_000, generated_ts=1_012, model={"scorer": "v3"})
 >>> print(recommendation_line(rec))
 u1  i5 0.910, i2 0.500  latency 12 ms  after e7  scorer=v3
+
+An item's ``explanation``, where it has one, follows its score as a short sentence:
+
+>>> rec = Recommendation(user_id="u1", items=[
+...     RecommendedItem("i5", 0.91, "covisit", Explanation("covisit", because="i77")),
+...     RecommendedItem("i9", 0.7, "reminder", Explanation("reminder", because="i9")),
+...     RecommendedItem("i2", 0.5, "trending", Explanation("trending", category="c12"))],
+...     trigger_event_id="e7", event_ts=1_000, generated_ts=1_012, model={})
+>>> print(recommendation_line(rec))
+u1  i5 0.910 (because you viewed i77), i9 0.700 (you viewed it before), i2 0.500 (popular now in c12)  latency 12 ms  after e7
 """
 
 from __future__ import annotations
@@ -23,14 +34,50 @@ import typer
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from stream.records import DeadLetter, Recommendation, decode_dead_letter, decode_recommendation
+from online_models.types import Explanation
+from stream.records import (
+    DeadLetter,
+    Recommendation,
+    RecommendedItem,
+    decode_dead_letter,
+    decode_recommendation,
+)
 from stream.settings import Settings
 from stream.topics import ensure_streamrec_topics
 
+#: what a shopper reads for a source whose explanation names no item or category
+_SAYS = {"covisit": "often viewed together", "reminder": "you viewed it before", "trending": "popular now",
+         "popularity": "popular", "recent_popularity": "popular now", "mf": "people with similar taste liked it",
+         "session_hybrid": "similar to what you are viewing", "transformer": "picked for you from what you viewed"}
+
+
+def explanation_text(why: Explanation | None) -> str | None:
+    """An item's explanation as a sentence a shopper understands (None: it has none).
+
+    >>> explanation_text(Explanation("covisit", because="i77")), explanation_text(Explanation("trending"))
+    ('because you viewed i77', 'popular now')
+    >>> explanation_text(Explanation("transformer")), explanation_text(Explanation("newsource")), explanation_text(None)
+    ('picked for you from what you viewed', 'recommended for you', None)
+    """
+    if why is None:
+        return None
+    source = why.source
+    if why.category is not None:
+        return f"{'popular' if source == 'popularity' else 'popular now'} in {why.category}"
+    if why.because is not None and source != "reminder":
+        return f"because you viewed {why.because}"
+    return _SAYS.get(source, "recommended for you")
+
+
+def _item_text(it: RecommendedItem) -> str:
+    said = explanation_text(it.explanation)
+    return f"{it.item_id} {it.score:.3f}" if said is None else f"{it.item_id} {it.score:.3f} ({said})"
+
 
 def recommendation_line(rec: Recommendation, items: int = 5) -> str:
-    """``user  item score, ...  latency N ms  after EVENT  model versions`` for one recommendation."""
-    shown = ", ".join(f"{it.item_id} {it.score:.3f}" for it in rec.items[:items]) or "(no items)"
+    """``user  item score (why), ...  latency N ms  after EVENT  model versions`` for one
+    recommendation; ``(why)`` is the item's :func:`explanation_text`, where it has one."""
+    shown = ", ".join(map(_item_text, rec.items[:items])) or "(no items)"
     if len(rec.items) > items:
         shown += f" (+{len(rec.items) - items} more)"
     models = " ".join(f"{name}={version}" for name, version in sorted(rec.model.items()))
@@ -157,4 +204,4 @@ def _render(value: bytes | None, dlq: bool, as_json: bool, items: int, key: byte
         return f"(not a {kind}: {exc}) {(value or b'')[:80]!r}"
 
 
-__all__ = ["tombstone_line", "dead_letter_line", "is_for_user", "recommendation_line", "tail"]
+__all__ = ["tombstone_line", "dead_letter_line", "explanation_text", "is_for_user", "recommendation_line", "tail"]

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from online_models import Recommender, RecommenderConfig, ScoredItem, UserContext
+from online_models import Explanation, Recommender, RecommenderConfig, ScoredItem, UserContext
 from online_models.datasets import synthetic_interactions
 from online_models.types import Interaction
 
@@ -103,7 +103,7 @@ def test_extra_scores_blend_in_and_can_dominate(trained):
                                                             reranker_weight=0.0))
     extra = {"transformer": {c: (1.0 if c == favourite else 0.0) for c in cands}}
     top = heavy.rank(user, cands, k=5, extra_scores=extra)
-    assert top[0] == ScoredItem(favourite, top[0].score, "transformer")
+    assert top[0] == ScoredItem(favourite, top[0].score, "transformer", Explanation("transformer"))
     ignored = heavy.rank(user, cands, k=5, extra_scores={"unknown-source": {favourite: 1e9}})
     assert ignored == heavy.rank(user, cands, k=5)
 

@@ -530,7 +530,8 @@ def _decodes(decode, value) -> bool:
     return True
 
 
-REC = {"user_id": "u1", "items": [{"item_id": "i1", "score": 0.5}], "trigger_event_id": "e1",
+REC = {"user_id": "u1", "items": [{"item_id": "i1", "score": 0.5, "explanation": {"source": "covisit", "because": "i0"}}],
+       "trigger_event_id": "e1",
        "event_ts": 1, "generated_ts": 2, "model": {"scorer": "v1"}}
 LETTER = {"reason": "r", "topic": "t", "partition": 0, "offset": 3, "raw": "x", "ts": 2,
           "code": "missing_field", "raw_encoding": "utf-8"}
@@ -543,7 +544,9 @@ def _mutated(draw, base):
         items = d.get("items")
         nested = isinstance(items, list) and items and isinstance(items[0], dict)
         target = items[0] if nested and draw(st.booleans()) else d
-        name = draw(st.sampled_from(sorted(target) + ["reason", "extra"]))
+        if target is not d and isinstance(target.get("explanation"), dict) and draw(st.booleans()):
+            target = target["explanation"]
+        name = draw(st.sampled_from(sorted(target) + ["reason", "explanation", "category", "extra"]))
         if draw(st.booleans()):
             target.pop(name, None)
         else:
