@@ -116,6 +116,14 @@ class RecommenderConfig:
     max_users: int = 100_000
 
 
+class ForgetError(RuntimeError):
+    """A learner's ``forget_user`` raised; ``learner`` names it (the message never holds the user)."""
+
+    def __init__(self, learner: str, error: BaseException) -> None:
+        super().__init__(f"learner {learner!r} could not forget a user: {type(error).__name__}")
+        self.learner = learner
+
+
 class Recommender:
     """Learners + candidate merge + blend + re-ranker + business rules."""
 
@@ -240,18 +248,29 @@ class Recommender:
         What remains are anonymous item aggregates (co-visitation pair counts, item factors,
         popularity, the re-ranker's feature weights, item counts and categories), which the
         user's events moved but which name no user.
+
+        The refusal is recorded first and every learner is asked even when one raises (a bug):
+        the first error is raised afterwards as :class:`ForgetError`, naming the learner, so
+        the caller can report that a model may still hold part of the user.
         """
-        owners = self._session_users
-        sessions = [sid for sid, uid in owners.items() if uid == user_id]
-        for sid in sessions:
-            del owners[sid]
-        for learner in self.learners.values():
-            learner.forget_user(user_id, sessions)
-        self._ranked.pop(user_id, None)
-        self._shown.pop(user_id, None)
         key = self._forget_key(user_id)
         before = self._forgotten.get(key)
         self._forgotten[key] = before_ts if before is None else max(before, before_ts)
+        self._ranked.pop(user_id, None)
+        self._shown.pop(user_id, None)
+        owners = self._session_users
+        sessions = [sid for sid, uid in owners.items() if uid == user_id]
+        failed: list[tuple[str, BaseException]] = []
+        for name, learner in self.learners.items():
+            try:
+                learner.forget_user(user_id, sessions)
+            except Exception as exc:  # noqa: BLE001 - the others still forget; raised below
+                failed.append((name, exc))
+        for sid in sessions:
+            del owners[sid]
+        if failed:
+            name, exc = failed[0]
+            raise ForgetError(name, exc) from exc
 
     def refuses(self, user_id: str, ts: int) -> bool:
         """Whether an event of ``user_id`` at ``ts`` must not be learned: the user was
@@ -504,4 +523,4 @@ def _bounded_put(store: dict, key: str, value: object, limit: int) -> None:
         del store[next(iter(store))]
 
 
-__all__ = ["Recommender", "RecommenderConfig", "parse_weights"]
+__all__ = ["ForgetError", "Recommender", "RecommenderConfig", "parse_weights"]

@@ -300,7 +300,7 @@ class BatchHandler:
             log.error("forget request %r: the models could not purge everything of the user (%s raised by %s); "
                       "the user's state and lists are erased and their events refused all the same, but a model may "
                       "still hold part of them until it evicts it: this is a bug (see streamrec_forget_failures_total)",
-                      req.request_id, type(exc).__name__, getattr(exc, "learner", "the models"))
+                      req.request_id, type(exc.__cause__ or exc).__name__, getattr(exc, "learner", "the models"))
         out: list[OutRecord] = [(self.topics.recommendations, uid.encode(), None) for uid in dict.fromkeys(site_ids)]
         out += [(self.topics.dlq, msg.key, encode(letter)) for msg, letter in dead]
         await self._publish(out)

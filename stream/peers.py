@@ -312,7 +312,7 @@ class PeerLearner:
                 for req, exc in self.step.forget(forgets, forget_positions):
                     self.metrics.forget_failures.inc()
                     log.error("forget request %r: the models could not purge everything of the user (%s); a model "
-                              "may still hold part of them (a bug)", req.request_id, type(exc).__name__)
+                              "may still hold part of them (a bug)", req.request_id, exc)
                 self.metrics.forgets_applied.inc(len(forgets))
                 log.info("purged %d forgotten user(s) from the models (forget requests %s, read from another "
                          "worker's partitions)", len(forgets), ", ".join(repr(r.request_id) for r in forgets))

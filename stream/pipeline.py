@@ -47,6 +47,7 @@ import numpy as np
 
 from online_models import Interaction, Recommender, UserContext
 from online_models.metrics import target_rank
+from online_models.recommender import ForgetError
 from stream.experiments import (
     Arm,
     Attribution,
@@ -328,8 +329,10 @@ class RecommendationStep:
         for req in requests:
             try:
                 self.recommender.forget_user(req.user_id, req.ts)
-            except Exception as exc:  # noqa: BLE001 - reported; the erasure goes on
+            except ForgetError as exc:  # names the learner; says nothing of the user
                 failed.append((req, exc))
+            except Exception as exc:  # noqa: BLE001 - reported (never its text: it may hold the id); the erasure goes on
+                failed.append((req, ForgetError("the models", exc)))
         self._advance(positions)
         return failed
 

@@ -133,7 +133,7 @@ async def replay(step: RecommendationStep, bootstrap: KafkaConnection | str, tod
                     forgets = [msgspec.structs.replace(req, user_id=pseudonyms.of(req.user_id)) for req in forgets]
                 for req, exc in step.forget(forgets, forget_positions):
                     log.error("forget request %r, replayed: the models could not purge everything of the user (%s); "
-                              "a model may still hold part of them (a bug)", req.request_id, type(exc).__name__)
+                              "a model may still hold part of them (a bug)", req.request_id, exc)
             if events:
                 if pseudonyms is not None:
                     events = pseudonyms.events(events)[0]

@@ -158,3 +158,24 @@ def test_forget_requests_refuse_an_id_the_worker_would():
     assert (req.user_id, req.ts) == ("u1", 7) and req.request_id.startswith("forget-")
     with pytest.raises(InvalidEvent):
         forget_requests(["bad\u0001id"])
+
+
+async def test_a_learner_whose_purge_raises_leaves_no_half_erasure_behind(caplog):
+    """A bug in one learner's forget_user: the user's state and lists go all the same, the
+    other learners forget, the user's older events are refused, the failure is counted and
+    logged without the id, and the request is not a dead letter."""
+    h, sink, metrics = handler()
+    await h.handle_isolated(clicks("victim", 5))
+
+    def broken(user_id, sessions=()):
+        raise KeyError(user_id)
+
+    h.step.recommender.learners["reminder"].forget_user = broken
+    caplog.set_level("INFO")
+    await h.handle_isolated([forget_msg("victim", ts=T0 + 100)])
+    assert "victim" not in h.store._docs and sink.tombstones() == [b"victim"]
+    assert not [t for t, _, _ in sink.records if t == TOPICS.dlq]
+    assert sample(metrics, "streamrec_forget_failures_total") == 1
+    assert b"victim" not in h.step.recommender.learners["covisit"].snapshot()
+    assert h.step.recommender.refuses("victim", T0 + 100)
+    assert "reminder" in caplog.text and "KeyError" in caplog.text and "victim" not in caplog.text
