@@ -30,7 +30,10 @@ from kafka.admin import KafkaAdminClient
 
 from online_models.metrics import percentile
 from stream.connections import KafkaConnection
+from stream.errors import StreamrecError
+from stream.experiments import load_experiment
 from stream.records import decode_dead_letter, decode_recommendation
+from stream.report import counters_from_metrics_text, format_table, summarize
 from stream.settings import Settings, mask_url
 
 BAD_VALUES = [
@@ -143,6 +146,13 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
+def scrape_text(port: int) -> str:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3).read().decode()
+    except OSError:
+        return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stream.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", type=Path, help="replay this log instead of the synthetic shop")
@@ -152,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="events per second (default 1000: the synthetic shop's dense co-visitation lists make "
                              "~450 µs of worker CPU per event, so one worker on 2 cores saturates near 2000)")
     parser.add_argument("--train-events", type=int, default=20_000, help="events the scorer trains on when none is registered")
+    parser.add_argument("--variants", type=Path, help="run an experiment (a STREAMREC_VARIANTS file, e.g. "
+                        "deploy/experiments/example.toml) and print streamrec report's table at the end")
     args = parser.parse_args(argv)
 
     settings = Settings.from_env()
@@ -161,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics_port = free_port()
     env = dict(os.environ, STREAMREC_TOPIC_PREFIX=prefix, STREAMREC_APP_ID=f"demo{stamp}",
                STREAMREC_METRICS_PORT=str(metrics_port), PYTHONUNBUFFERED="1")
+    if args.variants is not None:
+        env["STREAMREC_VARIANTS"] = str(args.variants)
     topics = Settings.from_env(env).topics
 
     print(f"== streamrec demo: Kafka {settings.kafka.describe()}, Redis {mask_url(settings.redis_url)}, topics {prefix}*")
@@ -203,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("worker exited early:\n" + log_path.read_text()[-3000:])
                 return 1
         metrics = scrape(metrics_port)
+        metrics_text = scrape_text(metrics_port)
     finally:
         print("== 4/4 stopping the worker (SIGTERM: it finishes its batch, commits and exits)")
         stop_worker(worker)
@@ -225,6 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     if judged:
         print(f"  live HR@20                     {hits / judged:.3f} over {judged:,.0f} next events")
     print(f"  worker exit code               {worker.returncode}")
+    if env.get("STREAMREC_VARIANTS"):
+        print(f"\n== the experiment ({env['STREAMREC_VARIANTS']}), as `streamrec report --metrics` reads the worker")
+        try:
+            control = load_experiment(env["STREAMREC_VARIANTS"]).control
+            print(format_table(summarize(counters_from_metrics_text(metrics_text), control)))
+        except StreamrecError as exc:
+            print(f"  no report: {exc}")
     ok = worker.returncode == 0 and len(lat) > 0 and len(watcher.dead) == len(BAD_VALUES)
     print("== demo " + ("finished" if ok else "FAILED: see the worker log " + str(log_path)))
     return 0 if ok else 1
