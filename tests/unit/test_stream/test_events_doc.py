@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.decoding import decode_event, decode_forget
+from stream.decoding import decode_event, decode_forget, decode_impression
 from stream.errors import DEAD_LETTER_CODES, InvalidEvent
 from stream.records import MAX_EVENT_BYTES, decode_dead_letter, decode_recommendation
 from stream.tail import recommendation_line, tombstone_line
@@ -21,12 +21,19 @@ EVENTS = [b for b in BLOCKS if "type" in b and "reason" not in b]
 LETTERS = [b for b in BLOCKS if "reason" in b]
 RECOMMENDATIONS = [b for b in BLOCKS if "items" in b]
 FORGETS = [b for b in BLOCKS if "request_id" in b]
+IMPRESSIONS = [b for b in BLOCKS if "item_ids" in b]
 CODES = list(DEAD_LETTER_CODES)
 
 
 def test_every_block_is_accounted_for():
-    assert len(EVENTS) == 3 and len(RECOMMENDATIONS) == 1 and len(FORGETS) == 1
-    assert len(BLOCKS) == len(EVENTS) + len(LETTERS) + len(RECOMMENDATIONS) + len(FORGETS)
+    assert len(EVENTS) == 3 and len(RECOMMENDATIONS) == 1 and len(FORGETS) == 1 and len(IMPRESSIONS) == 1
+    assert len(BLOCKS) == len(EVENTS) + len(LETTERS) + len(RECOMMENDATIONS) + len(FORGETS) + len(IMPRESSIONS)
+
+
+def test_impression_example_decodes_and_names_the_recommendations_list():
+    (example,) = IMPRESSIONS
+    (rec,) = RECOMMENDATIONS
+    assert decode_impression(json.dumps(example).encode()).rec_id == rec["rec_id"]
     assert [letter["code"] for letter in LETTERS] == CODES  # one example per code, in the table's order
 
 

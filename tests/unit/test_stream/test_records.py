@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import stream.records
-from stream.decoding import decode_event, decode_forget
+from stream.decoding import decode_event, decode_forget, decode_impression
 from stream.errors import DEAD_LETTER_CODES, InvalidEvent
 from stream.records import (
     MAX_DEPTH,
@@ -74,10 +74,10 @@ def _blank(s: str) -> bool:
 json_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
 OPTIONAL = {
-    "click": {"session_id": st.none() | ids, "category_id": st.none() | ids,
+    "click": {"session_id": st.none() | ids, "category_id": st.none() | ids, "rec_id": st.none() | ids,
               "price": st.none() | st.integers(0, 10**6) | st.floats(0, 1e6), "source": st.none() | texts},
     "purchase": {"quantity": st.integers(1, MAX_QUANTITY), "price": st.none() | st.floats(0, MAX_PRICE), "order_id": st.none() | ids,
-                 "category_id": st.none() | ids, "session_id": st.none() | ids},
+                 "category_id": st.none() | ids, "session_id": st.none() | ids, "rec_id": st.none() | ids},
 }
 
 
@@ -499,11 +499,11 @@ def test_event_schemas_accept_exactly_what_the_decoder_accepts(value):
 
 
 @pytest.mark.parametrize("name", ["click_event.json", "purchase_event.json", "recommendation.json", "dead_letter.json",
-                                  "forget_request.json"])
+                                  "forget_request.json", "impression_event.json"])
 def test_schema_examples_are_valid_and_decode(name):
     validator = _validator(name)
     decode = {"recommendation.json": decode_recommendation, "dead_letter.json": decode_dead_letter,
-              "forget_request.json": decode_forget}.get(name, decode_event)
+              "forget_request.json": decode_forget, "impression_event.json": decode_impression}.get(name, decode_event)
     for example_value in validator.schema["examples"]:
         validator.validate(example_value)
         decode(raw(example_value))
@@ -522,6 +522,19 @@ def test_the_forget_schema_accepts_exactly_what_the_worker_does(value):
     assert _validator("forget_request.json").is_valid(value) == accepted
 
 
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(st.fixed_dictionaries({"rec_id": ids, "user_id": ids, "item_ids": st.lists(ids, max_size=4) | json_values,
+                              "ts": st.integers(-5, 2**64)}) | json_values)
+@example({"rec_id": "r", "user_id": "u", "item_ids": [" "], "ts": 1})
+def test_the_impression_schema_accepts_exactly_what_the_worker_does(value):
+    try:
+        decode_impression(raw(value))
+        accepted = True
+    except InvalidEvent:
+        accepted = False
+    assert _validator("impression_event.json").is_valid(value) == accepted
+
+
 def _decodes(decode, value) -> bool:
     try:
         decode(raw(value))
@@ -532,7 +545,7 @@ def _decodes(decode, value) -> bool:
 
 REC = {"user_id": "u1", "items": [{"item_id": "i1", "score": 0.5, "explanation": {"source": "covisit", "because": "i0"}}],
        "trigger_event_id": "e1",
-       "event_ts": 1, "generated_ts": 2, "model": {"scorer": "v1"}}
+       "event_ts": 1, "generated_ts": 2, "model": {"scorer": "v1"}, "rec_id": "r1", "variant": "A"}
 LETTER = {"reason": "r", "topic": "t", "partition": 0, "offset": 3, "raw": "x", "ts": 2,
           "code": "missing_field", "raw_encoding": "utf-8"}
 
