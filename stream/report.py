@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -37,6 +38,7 @@ import typer
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream.errors import ServiceUnavailable, StreamrecError
+from stream.experiments import load_experiment
 
 #: the two-sided 95% normal quantile
 Z95 = 1.959963984540054
@@ -502,8 +504,9 @@ def report(
         help="A replay's counters, as `streamrec evaluate --variants` writes them.", show_default=False)] = None,
     control: Annotated[str | None, typer.Option(
         "--control", metavar="NAME",
-        help="The variant the others are compared with (default: the JSON's control, else a variant "
-             "named 'control', else the first in sorted order).", show_default=False)] = None,
+        help="The variant the others are compared with (default: the JSON's control, else the control of "
+             "the experiment file STREAMREC_VARIANTS names, else a variant named 'control', else the first in "
+             "sorted order).", show_default=False)] = None,
     json_output: Annotated[bool, typer.Option(
         "--json-output",
         help="Print the summary as JSON instead of the table (--json is the replay source).")] = False,
@@ -530,6 +533,8 @@ def report(
     else:
         assert json_file is not None
         counters, default_control = counters_from_json_file(json_file)
+    if control is None and default_control is None and os.environ.get("STREAMREC_VARIANTS"):
+        default_control = load_experiment(os.environ["STREAMREC_VARIANTS"]).control  # the workers' experiment
     summary = summarize(counters, control or default_control)
     if chart is not None:
         try:
