@@ -20,6 +20,7 @@ from stream.experiments import (
 )
 from stream.pipeline import RecommendationStep
 from stream.records import ClickEvent, PurchaseEvent, decode_recommendation
+from stream.settings import Settings
 from stream.state import UserState
 
 T0 = 1_700_000_000_000
@@ -160,3 +161,30 @@ def test_clicks_and_purchases_are_credited_once_per_list_and_counted_per_arm():
     counts = run(step, [hit, miss], states).variants["default"]
     assert (counts.clicks, counts.clicked_lists) == (1, 1) and counts.live.hits[20] >= 1
     assert shown  # the first list was not empty
+
+
+def test_an_arm_pins_a_registered_model_version_and_a_missing_one_stops_the_start(tmp_path):
+    pytest.importorskip("torch")
+    from tiny_models import register_tiny
+
+    from stream.shell import load_arm_scorers
+
+    first = register_tiny(tmp_path / "models", seed=0)
+    register_tiny(tmp_path / "models", seed=1)  # the latest, which "latest" arms get
+    settings = Settings.from_env({"STREAMREC_MODEL_DIR": str(tmp_path / "models"), "STREAMREC_SCORER_DEVICE": "cpu"})
+    experiment = parse_experiment({"experiment": "m", "arms": [
+        {"name": "pinned", "share": 0.5, "model": first}, {"name": "without", "share": 0.5, "model": "none"}]})
+    scorers = load_arm_scorers(experiment, settings)
+    assert set(scorers) == {"pinned"} and scorers["pinned"].version == first
+
+    step, states = warm_step(experiment)
+    step.arm_scorers = scorers
+    recs = [decode_recommendation(p) for p in run(step, [ev for u in ("a", "b", "c", "d", "e", "f") for ev in
+                                                       clicks_of(u, 3)], states).payloads]
+    assert {r.variant for r in recs} == {"pinned", "without"}
+    for r in recs:
+        assert r.model["transformer"] == (first if r.variant == "pinned" else "none")
+
+    missing = parse_experiment({"experiment": "m", "arms": [{"name": "x", "share": 1, "model": "v0042"}]})
+    with pytest.raises(ConfigError, match="v0042"):
+        load_arm_scorers(missing, settings)
