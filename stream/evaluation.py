@@ -45,7 +45,7 @@ from online_models.datasets import score_references, sessions_of
 from online_models.metrics import Judge, popularity_ranks
 from stream.decoding import decode_event
 from stream.errors import InvalidEvent
-from stream.pipeline import RecommendationStep
+from stream.pipeline import RecommendationStep, default_models
 from stream.records import Event, encode
 from stream.settings import Settings
 from stream.shell import load_arm_scorers
@@ -140,8 +140,8 @@ def _no_clock() -> int:
 def build_contender(name: str, settings: Settings, scorer=None, seed: int = 0) -> Contender:
     """``served`` (the worker under ``settings``, with ``scorer``) or one learner alone."""
     if name == SERVED:
-        step = RecommendationStep.from_settings(settings, scorer, Recommender.default(recommender_config(settings),
-                                                                                      seed=seed))
+        step = RecommendationStep.from_settings(settings, scorer)
+        step.recommender = default_models(settings, step.experiment, seed=seed)
         step.arm_scorers = load_arm_scorers(step.experiment, settings)  # arms that pin a model version
         return Contender(name, step)
     registry = learner_registry()

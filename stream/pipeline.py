@@ -41,7 +41,7 @@ import itertools
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -104,6 +104,23 @@ class _Ranked:
     payload: bytes
 
 
+def default_models(settings: Settings, experiment: Experiment | None = None, seed: int = 0) -> Recommender:
+    """The worker's models under ``settings``: :func:`recommender_config`'s blend, plus every
+    learner an experiment's arm turns on (a learner off in the blend, say ``mf``, is not built
+    otherwise); the blend still serves with its own weights, and such a learner learns every
+    event for the arms that use it."""
+    config = recommender_config(settings)
+    if experiment is None:
+        return Recommender.default(config, seed=seed)
+    wanted = dict(config.weights)
+    for arm in experiment.arms:
+        for name, weight in arm.weights.items():
+            wanted[name] = max(wanted.get(name, 0.0), weight)
+    recommender = Recommender.default(replace(config, weights=wanted), seed=seed)
+    recommender.config = config
+    return recommender
+
+
 class RecommendationStep:
     """Learn from a batch of events and rank fresh top-K lists for the users it touched.
 
@@ -139,12 +156,12 @@ class RecommendationStep:
         """The step the worker runs under ``settings``: :func:`recommender_config`'s blend
         (unless ``recommender`` is given), ``scorer`` and the state knobs. The worker, the
         evaluation and the benchmarks all build their step here."""
-        if recommender is None:
-            recommender = Recommender.default(recommender_config(settings))
         experiment = None
         if settings.variants:
             sources = [*Recommender.DEFAULT_LEARNERS, "transformer"]
             experiment = load_experiment(settings.variants, sources)
+        if recommender is None:
+            recommender = default_models(settings, experiment)
         return cls(recommender, scorer, StepConfig(max_recent=settings.recent_items,
                                                    dedupe_window=settings.dedupe_window,
                                                    attribution_window_ms=settings.attribution_window_s * 1000),

@@ -188,3 +188,14 @@ def test_an_arm_pins_a_registered_model_version_and_a_missing_one_stops_the_star
     missing = parse_experiment({"experiment": "m", "arms": [{"name": "x", "share": 1, "model": "v0042"}]})
     with pytest.raises(ConfigError, match="v0042"):
         load_arm_scorers(missing, settings)
+
+
+def test_a_learner_only_an_arm_turns_on_is_built_and_serves_that_arm_only(tmp_path):
+    path = tmp_path / "v.json"
+    path.write_text(json.dumps({"experiment": "mf-on", "arms": [
+        {"name": "base", "share": 0.5}, {"name": "with-mf", "share": 0.5, "weights": {"mf": 0.5}}]}))
+    step = RecommendationStep.from_settings(Settings.from_env({"STREAMREC_VARIANTS": str(path)}))
+    assert "mf" in step.recommender.learners  # off in the default blend, so not built without the arm
+    assert step.recommender.config.weights.get("mf", 0.0) == 0.0  # the blend itself still serves without it
+    plain = RecommendationStep.from_settings(Settings.from_env({}))
+    assert "mf" not in plain.recommender.learners
