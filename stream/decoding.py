@@ -262,9 +262,11 @@ def decode_forget(raw: bytes | bytearray | memoryview | None, bounds: Bounds = D
     return request
 
 
-def decode_impression(raw: bytes | bytearray | memoryview | None, bounds: Bounds = DEFAULT_BOUNDS) -> ImpressionEvent:
+def decode_impression(raw: bytes | bytearray | memoryview | None, bounds: Bounds = DEFAULT_BOUNDS,
+                      now_ms: int | None = None) -> ImpressionEvent:
     """Decode and validate one value of the impressions topic (``ImpressionEvent``), with the
-    door events pass.
+    door events pass (``now_ms`` is accepted for a common signature; an impression's ``ts``
+    only counts, so it has no window).
 
     >>> decode_impression(b'{"rec_id":"r1","user_id":"u1","item_ids":["i1","i2"],"ts":1}').item_ids
     ['i1', 'i2']

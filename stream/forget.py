@@ -15,15 +15,15 @@ import uuid
 from typing import Annotated
 
 import typer
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from stream.connections import KafkaConnection
 from stream.decoding import decode_forget
 from stream.errors import InvalidEvent, StreamrecError
+from stream.produce import started_producer
 from stream.records import ForgetRequest, encode
 from stream.settings import Settings
-from stream.topics import check_copartitioned, check_login, partition_count
+from stream.topics import check_copartitioned, partition_count
 
 
 def forget_requests(user_ids: list[str], now_ms: int | None = None) -> list[ForgetRequest]:
@@ -46,14 +46,8 @@ async def send_forget_requests(kafka: KafkaConnection | str, topic: str, request
     """Send ``requests`` to ``topic`` keyed by user id, each confirmed by every in-sync
     replica; returns each request's partition."""
     kafka = KafkaConnection.of(kafka)
-    producer = AIOKafkaProducer(**kafka.client_options(), client_id="streamrec-forget", acks="all",
-                                enable_idempotence=True, request_timeout_ms=30_000)
-    try:
-        await producer.start()
-    except KafkaError as exc:
-        await producer.stop()
-        await asyncio.to_thread(check_login, kafka)  # AccessDenied when the broker refused the login
-        raise kafka.unavailable(exc) from None
+    producer = await started_producer(kafka, client_id="streamrec-forget", acks="all", enable_idempotence=True,
+                                      request_timeout_ms=30_000)
     try:
         sent = [await producer.send_and_wait(topic, encode(req), key=req.user_id.encode()) for req in requests]
     except KafkaError as exc:

@@ -93,6 +93,27 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _decode_each(messages: Sequence[RawMessage], decode: Callable, bounds: Bounds, now: int
+                 ) -> tuple[list, list[RawMessage], list[tuple[RawMessage, DeadLetter]]]:
+    """``decode(value, bounds, now)`` of every message: the values, the messages they came
+    from, and a dead letter for each value that breaks the contract or whose decoding raises
+    anything at all (a decoder bug is that value's problem alone)."""
+    values: list = []
+    kept: list[RawMessage] = []
+    dead: list[tuple[RawMessage, DeadLetter]] = []
+    for msg in messages:
+        try:
+            values.append(decode(msg.value, bounds, now))
+        except InvalidEvent as exc:
+            dead.append((msg, dead_letter(exc, msg.value, msg.topic, msg.partition, msg.offset, now)))
+            continue
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            dead.append((msg, _failure_letter("processing_error", f"decoding the value raised {type(exc).__name__}: {exc}", msg)))
+            continue
+        kept.append(msg)
+    return values, kept, dead
+
+
 def _failure_letter(code: str, reason: str, msg: RawMessage) -> DeadLetter:
     return dead_letter(InvalidEvent(code, reason), msg.value, msg.topic, msg.partition, msg.offset, now_ms())
 
@@ -165,21 +186,9 @@ class BatchHandler:
         clock = time.perf_counter
         t0 = clock()
         now = now_ms()
-        events: list[Event] = []
-        positions: list[tuple[str, int]] = []
-        carriers: list[RawMessage] = []  # the message of each event
-        dead: list[tuple[RawMessage, DeadLetter]] = []
-        for msg in messages:
-            try:
-                events.append(decode_event(msg.value, self.bounds, now))
-            except InvalidEvent as exc:
-                dead.append((msg, dead_letter(exc, msg.value, msg.topic, msg.partition, msg.offset, now)))
-                continue
-            except Exception as exc:  # noqa: BLE001 - a decoder bug is this value's problem alone
-                dead.append((msg, _failure_letter("processing_error", f"decoding the value raised {type(exc).__name__}: {exc}", msg)))
-                continue
-            positions.append(msg.position)
-            carriers.append(msg)
+        events: list[Event]
+        events, carriers, dead = _decode_each(messages, decode_event, self.bounds, now)  # carriers: each event's message
+        positions = [msg.position for msg in carriers]
         site_ids: dict[str, str] | None = None  # pseudonym -> the id the site sent
         if self.pseudonyms is not None and events:
             events, site_ids = self.pseudonyms.events(events)
@@ -244,20 +253,8 @@ class BatchHandler:
     async def _impressions(self, messages: Sequence[RawMessage]) -> None:
         """Count what sites showed, per experiment arm (the denominator of click-through
         rates where sites report it); a value that breaks the contract is a dead letter."""
-        now = now_ms()
-        counts: Counter[str] = Counter()
-        dead: list[tuple[RawMessage, DeadLetter]] = []
-        variant_of = self.step.variant_of
-        for msg in messages:
-            try:
-                impression = decode_impression(msg.value, self.bounds)
-            except InvalidEvent as exc:
-                dead.append((msg, dead_letter(exc, msg.value, msg.topic, msg.partition, msg.offset, now)))
-                continue
-            except Exception as exc:  # noqa: BLE001 - a decoder bug is this value's problem alone
-                dead.append((msg, _failure_letter("processing_error", f"decoding the value raised {type(exc).__name__}: {exc}", msg)))
-                continue
-            counts[variant_of(impression.user_id)] += 1
+        impressions, _, dead = _decode_each(messages, decode_impression, self.bounds, now_ms())
+        counts = Counter(map(self.step.variant_of, (impression.user_id for impression in impressions)))
         if dead:
             await self._publish([(self.topics.dlq, msg.key, encode(letter)) for msg, letter in dead])
             self._count_dead([letter.code for _, letter in dead])
@@ -272,20 +269,9 @@ class BatchHandler:
         in one fenced Redis transaction. Each step is idempotent, so a request delivered again
         after a crash is carried out again. Events of the batch come after: the user's older
         ones are refused, newer ones start a fresh state. Logged by request id, never by user id."""
-        now = now_ms()
-        requests: list[ForgetRequest] = []
-        positions: list[tuple[str, int]] = []
-        dead: list[tuple[RawMessage, DeadLetter]] = []
-        for msg in messages:
-            try:
-                requests.append(decode_forget(msg.value, self.bounds, now))
-            except InvalidEvent as exc:
-                dead.append((msg, dead_letter(exc, msg.value, msg.topic, msg.partition, msg.offset, now)))
-                continue
-            except Exception as exc:  # noqa: BLE001 - a decoder bug is this value's problem alone
-                dead.append((msg, _failure_letter("processing_error", f"decoding the value raised {type(exc).__name__}: {exc}", msg)))
-                continue
-            positions.append(msg.position)
+        requests: list[ForgetRequest]
+        requests, kept, dead = _decode_each(messages, decode_forget, self.bounds, now_ms())
+        positions = [msg.position for msg in kept]
         site_ids = [req.user_id for req in requests]
         if self.pseudonyms is not None:  # the models and the state hold pseudonyms
             of = self.pseudonyms.of

@@ -138,6 +138,20 @@ class ProduceSummary:
 
 # --- the I/O shell ----------------------------------------------------------------------
 
+async def started_producer(kafka: KafkaConnection, **options) -> AIOKafkaProducer:
+    """An aiokafka producer reaching Kafka as ``kafka`` says, started; a broker that refuses the
+    login is an :class:`~stream.connections.AccessDenied`, one that does not answer a
+    :class:`~stream.errors.ServiceUnavailable`."""
+    producer = AIOKafkaProducer(**kafka.client_options(), **options)
+    try:
+        await producer.start()
+    except KafkaError as exc:
+        await producer.stop()
+        await asyncio.to_thread(check_login, kafka)  # AccessDenied when the broker refused the login
+        raise kafka.unavailable(exc) from None
+    return producer
+
+
 async def replay(
     interactions: Iterable[Interaction],
     bootstrap: KafkaConnection | str,
@@ -155,14 +169,8 @@ async def replay(
     ``bootstrap``: ``Settings.kafka`` (or bootstrap servers alone for a plaintext broker).
     """
     kafka = KafkaConnection.of(bootstrap)
-    producer = AIOKafkaProducer(**kafka.client_options(), client_id="streamrec-produce", acks=acks,
-                                linger_ms=0, max_batch_size=256 * 1024, request_timeout_ms=30_000)
-    try:
-        await producer.start()
-    except KafkaError as exc:
-        await producer.stop()
-        await asyncio.to_thread(check_login, kafka)  # AccessDenied when the broker refused the login
-        raise kafka.unavailable(exc) from None
+    producer = await started_producer(kafka, client_id="streamrec-produce", acks=acks, linger_ms=0,
+                                      max_batch_size=256 * 1024, request_timeout_ms=30_000)
     summary = ProduceSummary(topics={topics.clicks: 0, topics.purchases: 0})
     batches = RecordBatches(producer)
     try:
