@@ -115,7 +115,7 @@ def run_exporting(line: str, env: dict[str, str], timeout: float) -> dict[str, s
 def test_the_readme_quick_start_runs_as_written(tmp_path, topic_prefix):
     lines = quick_start_lines()
     commands = [command_of(line) for line in lines]
-    assert commands == ["up", "train", "worker", "produce", "tail", "evaluate", "down"], \
+    assert commands == ["up", "train", "worker", "produce", "tail", "evaluate", "forget", "report", "down"], \
         f"the quick start changed ({commands}): teach this test its new lines"
     by_command = dict(zip(commands, lines, strict=True))
     assert f"--limit {N_EVENTS}" in by_command["produce"]
@@ -188,12 +188,25 @@ def test_the_readme_quick_start_runs_as_written(tmp_path, topic_prefix):
 
         wait_for(lambda: len(tail_lines()) >= 100, 60, f"tail to print recommendations\n{tail.tail()}")
         assert tail.signal(signal.SIGINT) == 0, tail.tail()  # Ctrl-C
-        assert worker.signal(signal.SIGTERM) == 0, worker.tail()
 
         # evaluate: offline; the quick start needs nothing from ../shared
         assert "../shared" not in by_command["evaluate"], by_command["evaluate"]
         evaluated = run(by_command["evaluate"], env, 600)
         assert "served" in evaluated.stdout, evaluated.stdout
+
+        # forget: the request goes out, and the worker tombstones the user's lists
+        forgotten = re.search(r"streamrec forget (\S+)", by_command["forget"]).group(1)
+        assert forgotten in users, f"{forgotten} had no list: the README forgets a user the quick start never made"
+        sent = run(by_command["forget"], env, 120)
+        assert f"sent for user {forgotten}" in sent.stdout, sent.stdout
+        wait_for(lambda: any(r.key == forgotten.encode() and r.value is None for r in read_all(
+            exported["STREAMREC_KAFKA_BOOTSTRAP"], f"{topic_prefix}recommendations")), 60,
+            f"the tombstone for {forgotten}\n{worker.tail()}")
+
+        # report: the worker's counters, one "default" variant without an experiment
+        reported = run(by_command["report"], env, 60)
+        assert re.search(r"^default \(control\)\s+lists \d+", reported.stdout, flags=re.M), reported.stdout
+        assert worker.signal(signal.SIGTERM) == 0, worker.tail()
 
         # make down: both servers stop
         run(by_command["down"], env, 120)
