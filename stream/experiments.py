@@ -54,9 +54,9 @@ POPULARITY_SOURCE = "trending"
 #: buckets of the hash a user's arm is drawn from (shares are resolved to 1/10,000)
 BUCKETS = 10_000
 #: the lists whose attribution a user's state remembers (rec id, time, what they got)
-RECS_KEPT = 8
+RECS_KEPT = 16
 #: flags of a remembered list
-CLICKED, PURCHASED = 1, 2
+CLICKED, PURCHASED, SHOWN = 1, 2, 4
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,8 @@ class Arm:
 
     @property
     def uses_model(self) -> bool:
-        return self.model != "none" and self.baseline != "popularity"
+        """Whether the arm scores with a Transformer (never a baseline's)."""
+        return self.model != "none" and self.baseline is None
 
     def config(self, base: RecommenderConfig) -> RecommenderConfig:
         """The blend this arm serves, over the worker's ``base``."""
@@ -241,7 +242,8 @@ def attribute(recs: list[list], last_items: Sequence[str], event_rec_id: str | N
     published ts, flags]``, newest last; updated in place: the list's flag for ``kind`` is
     set) and the items of their last list: the list whose ``rec_id`` the event echoes, else
     the last list when it holds ``item_id`` and came at most ``window_ms`` before ``ts``.
-    An echoed ``rec_id`` the state no longer remembers is credited as a first.
+    An echoed ``rec_id`` the state does not remember (too old, or made up) is credited, but
+    never as a first: it counts as a click (or purchase), not as a clicked (purchased) list.
 
     >>> recs = [["r1", 1000, 0]]
     >>> attribute(recs, ["a", "b"], None, "b", 2000, "click", 60_000)
@@ -250,6 +252,8 @@ def attribute(recs: list[list], last_items: Sequence[str], event_rec_id: str | N
     False
     >>> attribute(recs, ["a", "b"], None, "z", 2500, "click", 60_000) is None
     True
+    >>> attribute(recs, ["a"], "made-up", "a", 2600, "click", 60_000).first
+    False
     """
     flag = PURCHASED if kind == "purchase" else CLICKED
     if event_rec_id is not None:
@@ -258,7 +262,7 @@ def attribute(recs: list[list], last_items: Sequence[str], event_rec_id: str | N
                 first = not entry[2] & flag
                 entry[2] |= flag
                 return Attribution(event_rec_id, first)
-        return Attribution(event_rec_id, True)
+        return Attribution(event_rec_id, False)
     if not recs or item_id not in last_items:
         return None
     entry = recs[-1]
@@ -269,12 +273,24 @@ def attribute(recs: list[list], last_items: Sequence[str], event_rec_id: str | N
     return Attribution(entry[0], first)
 
 
-def remember(recs: list[list], rec_id: str, ts: int) -> None:
-    """Remember a list just published to the user (the oldest beyond :data:`RECS_KEPT` go)."""
-    recs.append([rec_id, ts, 0])
-    if len(recs) > RECS_KEPT:
-        del recs[: len(recs) - RECS_KEPT]
+def remembered(recs: list[list], rec_id: str, ts: int) -> list[list]:
+    """``recs`` and a list just published to the user, as a new list (``recs`` is not
+    changed: ranking a user again after a failure remembers the list once); the oldest
+    beyond :data:`RECS_KEPT` go."""
+    return [*recs[len(recs) + 1 - RECS_KEPT:], [rec_id, ts, 0]] if len(recs) >= RECS_KEPT else [*recs, [rec_id, ts, 0]]
+
+
+def shown(recs: list[list], rec_id: str) -> bool:
+    """Mark the remembered list ``rec_id`` as shown (an impression); False when it is not
+    remembered or was marked before: an impression counts once, for a list the worker published."""
+    for entry in reversed(recs):
+        if entry[0] == rec_id:
+            if entry[2] & SHOWN:
+                return False
+            entry[2] |= SHOWN
+            return True
+    return False
 
 
 __all__ = ["Arm", "Attribution", "BASELINES", "Experiment", "attribute", "load_experiment", "parse_experiment",
-           "remember", "serving_view", "shuffled"]
+           "remembered", "serving_view", "shown", "shuffled"]

@@ -35,6 +35,7 @@ import msgspec
 
 from stream.decoding import decode_event, decode_forget, decode_impression
 from stream.errors import InvalidEvent
+from stream.experiments import shown
 from stream.health import Health
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
@@ -51,7 +52,7 @@ from stream.records import (
 )
 from stream.retry import Backoff
 from stream.settings import TopicNames
-from stream.state import Fenced, UserStateStore
+from stream.state import Fenced, UserStateStore, encode_state
 from stream.step_inputs import source_of
 from stream.step_results import LIVE_CUTOFFS, StepResult
 
@@ -251,15 +252,39 @@ class BatchHandler:
         return [msg for msg in messages if msg.topic not in side]
 
     async def _impressions(self, messages: Sequence[RawMessage]) -> None:
-        """Count what sites showed, per experiment arm (the denominator of click-through
-        rates where sites report it); a value that breaks the contract is a dead letter."""
-        impressions, _, dead = _decode_each(messages, decode_impression, self.bounds, now_ms())
-        counts = Counter(map(self.step.variant_of, (impression.user_id for impression in impressions)))
+        """Count what sites showed, per experiment arm (the denominator of click-through rates
+        where sites report it): an impression counts once, for a list the worker published and
+        the user's state still remembers (it is marked shown there, in the fenced save, so a
+        redelivery or another worker does not count it again); others are counted apart
+        (``streamrec_experiment_impressions_unmatched_total``). A value that breaks the contract
+        is a dead letter."""
+        impressions, kept, dead = _decode_each(messages, decode_impression, self.bounds, now_ms())
         if dead:
             await self._publish([(self.topics.dlq, msg.key, encode(letter)) for msg, letter in dead])
             self._count_dead([letter.code for _, letter in dead])
+        if not impressions:
+            return
+        fence = await self._fence(kept) if self.claims is not None else None
+        of = self.pseudonyms.of if self.pseudonyms is not None else (lambda uid: uid)
+        ids = list(dict.fromkeys(of(imp.user_id) for imp in impressions))
+        states = await self._retry("load", lambda: self.store.load_many(ids))
+        counts: Counter[str] = Counter()
+        changed: dict[str, bytes] = {}
+        unmatched = 0
+        for imp in impressions:
+            uid = of(imp.user_id)
+            if shown(states[uid].recs, imp.rec_id):
+                counts[self.step.variant_of(imp.user_id)] += 1
+                changed[uid] = b""
+            else:
+                unmatched += 1
+        if changed:
+            docs = {uid: encode_state(states[uid]) for uid in changed}
+            await self._retry("save", lambda: self.store.save_docs(docs, fence))
         for variant, n in counts.items():
             self.metrics.experiment_impressions.labels(variant).inc(n)
+        if unmatched:
+            self.metrics.experiment_impressions_unmatched.inc(unmatched)
 
     async def _forget(self, messages: Sequence[RawMessage]) -> None:
         """Erase the users of these ForgetRequests (the ``forget`` topic, co-partitioned with

@@ -54,7 +54,7 @@ from stream.experiments import (
     Experiment,
     attribute,
     load_experiment,
-    remember,
+    remembered,
     serving_view,
     shuffled,
 )
@@ -102,6 +102,9 @@ class _Ranked:
     doc: bytes
     recommendation: Recommendation
     payload: bytes
+    #: whether the list labels the re-ranker's training data (a baseline arm's lists do not:
+    #: their features mean something else, and the blend arms' re-ranker must not learn them)
+    teaches: bool = True
 
 
 def default_models(settings: Settings, experiment: Experiment | None = None, seed: int = 0) -> Recommender:
@@ -114,7 +117,7 @@ def default_models(settings: Settings, experiment: Experiment | None = None, see
         return Recommender.default(config, seed=seed)
     wanted = dict(config.weights)
     for arm in experiment.arms:
-        for name, weight in arm.weights.items():
+        for name, weight in arm.config(config).weights.items():  # a popularity baseline's trending too
             wanted[name] = max(wanted.get(name, 0.0), weight)
     recommender = Recommender.default(replace(config, weights=wanted), seed=seed)
     recommender.config = config
@@ -149,6 +152,8 @@ class RecommendationStep:
         # rec ids: unique across workers and restarts (a random prefix per step), bounded (<= 24 chars)
         self._rec_prefix = os.urandom(5).hex()
         self._rec_numbers = itertools.count()
+        #: per user of the batch, their remembered lists before ranking (a retried ranking starts from them)
+        self._pre_rank_recs: dict[str, list[list]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings, scorer=None, recommender: Recommender | None = None
@@ -205,6 +210,7 @@ class RecommendationStep:
         timings["learn"] += clock() - t0
 
         versions = self.model_versions()
+        self._pre_rank_recs = {}
         ranked, rank_failed = self._rank_isolated(plan.states, events, plan.applied, versions, now_ms, timings,
                                                   site_ids)
         failures = plan.failures
@@ -222,8 +228,12 @@ class RecommendationStep:
             redo = self._prepare(events, states, positions,
                                  sorted(i for u in failed_learning for i in plan.applied[u] if i not in out))
             for uid in failed_learning:
+                for i in plan.applied.get(uid, ()):  # their attributions, as worked out again
+                    plan.attributed.pop(i, None)
+                self._pre_rank_recs.pop(uid, None)
                 if uid in redo.states:
                     plan.states[uid], plan.applied[uid] = redo.states[uid], redo.applied[uid]
+                    plan.attributed.update({i: redo.attributed[i] for i in redo.applied[uid] if i in redo.attributed})
                 else:  # nothing of theirs left to apply
                     plan.states.pop(uid, None)
                     plan.applied.pop(uid, None)
@@ -233,9 +243,9 @@ class RecommendationStep:
             ranked.update(again)
             for uid in failed_again:  # learned already: applied, but no list this time
                 ranked.pop(uid, None)
-        record_shown = self.recommender.record_shown if learn else self.recommender.forget_ranked
+        record_shown, forget_ranked = self.recommender.record_shown, self.recommender.forget_ranked
         for uid, r in ranked.items():
-            record_shown(uid, r.items)
+            (record_shown if learn and r.teaches else forget_ranked)(uid, r.items)
         self._advance(positions)
         if positions is not None and failures:
             self._remember_dead([positions[f.index] for f in failures])
@@ -508,6 +518,7 @@ class RecommendationStep:
                 lists.extend(rank_many(chunk, candidates[at:at + _RANK_CHUNK], None, extra[at:at + _RANK_CHUNK]))
         generated = now_ms()
         variant = arm.name if arm is not None else None
+        teaches = arm is None or arm.baseline is None
         if arm is not None:
             versions = {**versions, "transformer": "none" if scorer is None else str(scorer.version)}
         out: dict[str, _Ranked] = {}
@@ -515,11 +526,11 @@ class RecommendationStep:
             state = states[uid]
             state.last_recommended = [r.item_id for r in items]
             trigger = events[applied[uid][-1]]
-            remember(state.recs, rec_id, trigger.ts)
+            state.recs = remembered(self._pre_rank_recs.setdefault(uid, state.recs), rec_id, trigger.ts)
             rec = Recommendation(user_id=site_ids.get(uid, uid) if site_ids else uid, items=items,
                                  trigger_event_id=trigger.event_id, event_ts=trigger.ts, generated_ts=generated,
                                  model=versions, rec_id=rec_id, variant=variant)
-            out[uid] = _Ranked(items, state, encode_state(state), rec, encode(rec))
+            out[uid] = _Ranked(items, state, encode_state(state), rec, encode(rec), teaches)
         t4 = clock()
         timings["candidates"] += t2 - t1
         timings["score"] += t3 - t2

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -449,12 +450,18 @@ def _prometheus_vector(base: str, query: str, timeout: float) -> list[dict[str, 
     return data.get("result") or []
 
 
-def counters_from_prometheus(base: str, timeout: float = 10.0) -> dict[str, dict[str, Any]]:
+def counters_from_prometheus(base: str, timeout: float = 10.0, window: str | None = None) -> dict[str, dict[str, Any]]:
     """Per-variant counters summed over every worker Prometheus scrapes: one instant query per
-    counter, ``sum by (variant) (NAME)`` (``sum by (variant, k)`` for the hits)."""
+    counter, ``sum by (variant) (NAME)`` (``sum by (variant, k)`` for the hits); with ``window``
+    (a PromQL duration such as ``7d``) what they counted over it,
+    ``sum by (variant) (increase(NAME[window]))``, which a worker's restart does not reset."""
     counters: dict[str, dict[str, Any]] = {}
-    queries = [(field, f"sum by (variant) ({name})") for field, name in COUNTERS.items()]
-    queries.append(("hits", f"sum by (variant, k) ({HITS})"))
+
+    def of(name: str) -> str:
+        return f"increase({name}[{window}])" if window else name
+
+    queries = [(field, f"sum by (variant) ({of(name)})") for field, name in COUNTERS.items()]
+    queries.append(("hits", f"sum by (variant, k) ({of(HITS)})"))
     for field, query in queries:
         for series in _prometheus_vector(base, query, timeout):
             labels = series.get("metric") or {}
@@ -499,6 +506,10 @@ def report(
         "--prometheus", metavar="URL",
         help="The Prometheus HTTP API (e.g. http://prometheus:9090): sums every scraped worker's counters.",
         show_default=False)] = None,
+    window: Annotated[str | None, typer.Option(
+        "--window", metavar="DURATION",
+        help="With --prometheus: what the counters counted over this PromQL duration (e.g. 7d, 12h), "
+             "increase() over it, so a worker's restart does not reset the totals.", show_default=False)] = None,
     json_file: Annotated[Path | None, typer.Option(
         "--json", metavar="FILE",
         help="A replay's counters, as `streamrec evaluate --variants` writes them.", show_default=False)] = None,
@@ -525,11 +536,15 @@ def report(
     sources = [s for s in (metrics, prometheus, json_file) if s]
     if len(sources) != 1:
         raise typer.BadParameter("give exactly one source: --metrics URL (repeatable), --prometheus URL or --json FILE")
+    if window is not None and not prometheus:
+        raise typer.BadParameter("--window needs --prometheus (a worker's /metrics has no history)", param_hint="--window")
+    if window is not None and not re.fullmatch(r"(\d+(ms|s|m|h|d|w|y))+", window):
+        raise typer.BadParameter(f"{window!r} is not a PromQL duration (e.g. 7d, 12h, 90m)", param_hint="--window")
     default_control = None
     if metrics:
         counters = counters_from_metrics_urls(metrics, timeout)
     elif prometheus:
-        counters = counters_from_prometheus(prometheus, timeout)
+        counters = counters_from_prometheus(prometheus, timeout, window)
     else:
         assert json_file is not None
         counters, default_control = counters_from_json_file(json_file)

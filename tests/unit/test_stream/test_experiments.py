@@ -12,11 +12,13 @@ import pytest
 from online_models import Recommender
 from stream.errors import ConfigError
 from stream.experiments import (
+    RECS_KEPT,
     Experiment,
     attribute,
     load_experiment,
     parse_experiment,
-    remember,
+    remembered,
+    shown,
 )
 from stream.pipeline import RecommendationStep
 from stream.records import ClickEvent, PurchaseEvent, decode_recommendation
@@ -82,18 +84,18 @@ def test_an_arm_config_is_the_base_blend_with_its_changes():
 
 
 def test_attribution_by_rec_id_and_by_window():
-    recs: list[list] = []
-    remember(recs, "r1", 1000)
-    remember(recs, "r2", 5000)
+    recs = remembered(remembered([], "r1", 1000), "r2", 5000)
     assert attribute(recs, ["x"], "r1", "anything", 6000, "click", 60_000).first
     assert not attribute(recs, ["x"], "r1", "other", 6001, "click", 60_000).first  # a repeat on r1
     assert attribute(recs, ["x"], "r1", "x", 6002, "purchase", 60_000).first  # the first purchase on r1
     assert attribute(recs, ["x"], None, "x", 5000 + 60_000, "click", 60_000).rec_id == "r2"  # in the window
     assert attribute(recs, ["x"], None, "x", 5000 + 60_001, "click", 60_000) is None  # past it
-    assert attribute(recs, ["x"], "forgotten-id", "x", 7000, "click", 60_000).first  # unknown: credited as a first
-    for i in range(20):
-        remember(recs, f"q{i}", i)
-    assert len(recs) == 8 and recs[-1][0] == "q19"
+    assert not attribute(recs, ["x"], "forgotten-id", "x", 7000, "click", 60_000).first  # unknown: a click, no list
+    before = list(recs)
+    for i in range(40):
+        recs = remembered(recs, f"q{i}", i)
+    assert len(recs) == RECS_KEPT and recs[-1][0] == "q39" and len(before) == 2
+    assert shown(recs, "q39") and not shown(recs, "q39") and not shown(recs, "never-published")
 
 
 def clicks_of(user: str, n: int, start: int = 0, rec_id: str | None = None) -> list[ClickEvent]:
@@ -199,3 +201,66 @@ def test_a_learner_only_an_arm_turns_on_is_built_and_serves_that_arm_only(tmp_pa
     assert step.recommender.config.weights.get("mf", 0.0) == 0.0  # the blend itself still serves without it
     plain = RecommendationStep.from_settings(Settings.from_env({}))
     assert "mf" not in plain.recommender.learners
+
+
+def test_a_retried_ranking_remembers_only_the_published_list():
+    """A group of users ranked again after another user's ranking raised (isolation by halves)
+    must not leave a rec_id in their state that was never published."""
+    experiment = parse_experiment({"experiment": "e", "arms": [{"name": "a", "share": 0.5},
+                                                               {"name": "b", "share": 0.5, "weights": {"covisit": 2.0}}]})
+    step, states = warm_step(experiment)
+    users = [f"u{i}" for i in range(8)]
+    run(step, [ev for u in users for ev in clicks_of(u, 2)], states)
+    bad = [u for u in users if experiment.arm_of(u).name == "b"][-1]
+    users.sort(key=lambda u: experiment.arm_of(u).name != "a")  # arm a is ranked first, then b raises
+    real = step._rank_arm
+
+    def flaky(arm, rec, scorer, members, *args, **kw):
+        if bad in members:
+            raise RuntimeError("a ranking bug for one user")
+        return real(arm, rec, scorer, members, *args, **kw)
+
+    step._rank_arm = flaky
+    before = {u: len(states[u].recs) for u in users}
+    result = run(step, [ClickEvent(event_id=f"x{u}", user_id=u, item_id="i1", ts=T0 + 100) for u in users], states)
+    published = {r.user_id: r.rec_id for r in result.recommendations}
+    assert bad not in published and len(published) == len(users) - 1
+    for u in published:
+        assert [e[0] for e in result.states[u].recs][-1] == published[u]
+        assert len(result.states[u].recs) == before[u] + 1
+
+
+def test_when_learning_raises_the_attribution_is_worked_out_again():
+    step, states = warm_step()
+    (first,) = run(step, clicks_of("u1", 1), states).recommendations
+    real = step.recommender.learn_one
+
+    def picky(x, user=None):
+        if x.item_id == "poison":
+            raise ZeroDivisionError("a learner's bug")
+        return real(x, user)
+
+    step.recommender.learn_one = picky
+    echo = [ClickEvent(event_id="b1", user_id="u1", item_id="poison", ts=T0 + 10, rec_id=first.rec_id),
+            ClickEvent(event_id="b2", user_id="u1", item_id="fine", ts=T0 + 11, rec_id=first.rec_id)]
+    result = run(step, echo, states)
+    assert [f.index for f in result.failures] == [0]
+    counts = result.variants["default"]
+    assert (counts.clicks, counts.clicked_lists) == (1, 1)  # b2 is the list's first click now that b1 is out
+
+
+def test_baseline_arms_do_not_teach_the_re_ranker_and_popularity_is_built_when_the_blend_has_no_trending(tmp_path):
+    only_popularity = parse_experiment({"experiment": "p", "arms": [{"name": "pop", "share": 1, "baseline": "popularity"}]})
+    step, states = warm_step(only_popularity)
+    for i in range(5):
+        run(step, [ev for u in range(20) for ev in clicks_of(f"u{u}", 2, start=10 * i)], states)
+    assert step.recommender.reranker.n_learned == 0  # the baseline's lists are no labels
+    path = tmp_path / "v.json"
+    path.write_text(json.dumps({"experiment": "p", "arms": [{"name": "pop", "share": 1, "baseline": "popularity"}]}))
+    settings = Settings.from_env({"STREAMREC_VARIANTS": str(path), "STREAMREC_BLEND_WEIGHTS": "trending=0"})
+    step = RecommendationStep.from_settings(settings)
+    assert "trending" in step.recommender.learners
+    states = {}
+    run(step, [ev for u in range(10) for ev in clicks_of(f"v{u}", 3)], states)
+    lists = [decode_recommendation(p) for p in run(step, clicks_of("v1", 1, start=9), states).payloads]
+    assert lists and all(r.items for r in lists)

@@ -179,3 +179,20 @@ async def test_a_learner_whose_purge_raises_leaves_no_half_erasure_behind(caplog
     assert b"victim" not in h.step.recommender.learners["covisit"].snapshot()
     assert h.step.recommender.refuses("victim", T0 + 100)
     assert "reminder" in caplog.text and "KeyError" in caplog.text and "victim" not in caplog.text
+
+
+async def test_an_impression_counts_once_and_only_for_a_list_the_user_was_sent():
+    from stream.records import ImpressionEvent, decode_recommendation
+
+    h, sink, metrics = handler()
+    await h.handle_isolated(clicks("u", 2))
+    (rec,) = [decode_recommendation(v) for t, _, v in sink.records if t == TOPICS.recommendations][-1:]
+
+    def impression(rec_id: str, offset: int) -> RawMessage:
+        return RawMessage(TOPICS.impressions, 0, offset, b"u", encode(ImpressionEvent(
+            rec_id=rec_id, user_id="u", item_ids=[it.item_id for it in rec.items[:3]], ts=T0 + 5)))
+
+    await h.handle_isolated([impression(rec.rec_id, 0), impression(rec.rec_id, 1), impression("made-up", 2)])
+    await h.handle_isolated([impression(rec.rec_id, 0)])  # Kafka delivers it again
+    assert sample(metrics, "streamrec_experiment_impressions_total", {"variant": "default"}) == 1
+    assert sample(metrics, "streamrec_experiment_impressions_unmatched_total") == 3

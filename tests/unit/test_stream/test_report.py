@@ -419,6 +419,27 @@ def test_cli_prometheus_api():
     assert b["lift"]["hr20"]["lift"] == pytest.approx(0.2)
 
 
+def test_cli_prometheus_window_asks_for_the_increase_over_it():
+    answers = {"streamrec_experiment_lists_total[7d]": [_sample(10, variant="A")],
+               "streamrec_experiment_clicked_lists_total[7d]": [_sample(2, variant="A")]}
+
+    def route(query):
+        q = query["query"][0]
+        for name, series in answers.items():
+            if f"increase({name})" in q:
+                return 200, "application/json", _vector(series)
+        return 200, "application/json", _vector([])
+
+    with _Server({"/api/v1/query": route}) as prom:
+        result = runner.invoke(cli.app, ["report", "--prometheus", prom.url, "--window", "7d", "--json-output"])
+        queries = [urllib.parse.parse_qs(urllib.parse.urlsplit(p).query)["query"][0] for p in prom.requests]
+    assert result.exit_code == 0, result.output
+    assert "sum by (variant) (increase(streamrec_experiment_lists_total[7d]))" in queries
+    assert json.loads(result.stdout)["variants"]["A"]["ctr"]["rate"] == pytest.approx(0.2)
+    assert runner.invoke(cli.app, ["report", "--metrics", "http://x", "--window", "7d"]).exit_code == 2
+    assert runner.invoke(cli.app, ["report", "--prometheus", prom.url, "--window", "a week"]).exit_code == 2
+
+
 def test_prometheus_without_counters_errors_and_a_refused_query_says_why():
     with _Server({"/api/v1/query": _prometheus_route({})}) as prom:
         with pytest.raises(ReportError, match="no streamrec_experiment_\\* counters at .*STREAMREC_VARIANTS"):
