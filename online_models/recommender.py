@@ -451,26 +451,36 @@ class Recommender:
         :meth:`~online_models.base.OnlineLearner.because`, asked once per source for the
         items it leads; the item's category for a popularity source). None where no source
         was credited. Only the list's ``k`` items are explained, never all candidates."""
-        groups: dict[str, list[str]] = {}  # source -> the items it leads, in list order
-        for item, reason in zip(ids, reasons, strict=True):
+        out: list[Explanation | None] = [None] * len(ids)
+        groups: dict[str, list[int]] = {}  # source -> the places of the items it leads, in list order
+        for at, reason in enumerate(reasons):
             if reason is not None:
                 group = groups.get(reason)
                 if group is None:
-                    groups[reason] = [item]
+                    groups[reason] = [at]
                 else:
-                    group.append(item)
-        made = {}
-        categories = self._categories.get
-        for source, items in groups.items():
+                    group.append(at)
+        for source, places in groups.items():
             learner = self.learners.get(source)  # None: an extra source (the Transformer)
-            because = learner.because(user, items) if learner is not None else None
-            if learner is not None and learner.explains_by_category:
-                made[source] = map(Explanation, repeat(source), because or repeat(None), map(categories, items))
+            if learner is None:
+                one = Explanation(source)  # immutable: one for all its items
+                for at in places:
+                    out[at] = one
+                continue
+            items = [ids[at] for at in places]
+            because = learner.because(user, items)
+            if learner.explains_by_category:
+                categories = self._categories.get
+                for at, item, b in zip(places, items, because or repeat(None), strict=False):
+                    out[at] = Explanation(source, b, categories(item))
             elif because is None:
-                made[source] = repeat(Explanation(source))  # immutable: one for all its items
+                one = Explanation(source)
+                for at in places:
+                    out[at] = one
             else:
-                made[source] = map(Explanation, repeat(source), because)
-        return [None if r is None else next(made[r]) for r in reasons]
+                for at, b in zip(places, because, strict=True):
+                    out[at] = Explanation(source, b)
+        return out
 
     def recommend(self, user: UserContext, k: int | None = None) -> list[ScoredItem]:
         """:meth:`candidates` then :meth:`rank`, without extra scores."""

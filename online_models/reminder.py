@@ -77,7 +77,7 @@ class RecentlyViewed(OnlineLearner):
 
     def because(self, user: UserContext, items: Sequence[str]) -> list[str | None]:
         """The item itself where the user viewed it before (it has a score here), else None."""
-        recent = (user.recent_items or tuple(self._history.get(user.user_id, ())))[-self.n_recent :]
+        recent = set((user.recent_items or tuple(self._history.get(user.user_id, ())))[-self.n_recent :])
         return [item if item in recent else None for item in items]
 
     def propose_scores(self, user: UserContext, k: int) -> list[tuple[str, float]]:

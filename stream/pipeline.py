@@ -69,7 +69,7 @@ from stream.records import (
 from stream.settings import Settings
 from stream.state import UserState, apply_event, encode_state
 from stream.step_inputs import StepConfig, recommender_config, to_interaction, user_context
-from stream.step_results import Failure, StepResult, VariantCounts, judge
+from stream.step_results import Failure, LiveQuality, StepResult, VariantCounts, judge
 
 #: users ranked per ``rank_many`` call: few enough that a chunk's numpy work stays in cache
 _RANK_CHUNK = 64
@@ -266,13 +266,14 @@ class RecommendationStep:
         applied = sorted(i for idx in plan.applied.values() for i in idx)
         live, judged = judge(events, states, plan.applied)
         failures.sort(key=lambda f: f.index)
-        variants = self._count_variants(events, plan, recommendations, judged, site_ids)
+        variants = self._count_variants(events, plan, recommendations, judged, site_ids, live)
         return StepResult(new_states, docs, recommendations, payloads, [events[i] for i in applied], plan.duplicates,
                           timings, live, learned_only=plan.learned_only, failures=failures, judged=judged,
                           refused=plan.refused, variants=variants)
 
     def _count_variants(self, events: Sequence[Event], plan: _Plan, recommendations: list[Recommendation],
-                        judged: list[tuple[int, list[str]]], site_ids: Mapping[str, str] | None) -> dict[str, VariantCounts]:
+                        judged: list[tuple[int, list[str]]], site_ids: Mapping[str, str] | None,
+                        live: LiveQuality) -> dict[str, VariantCounts]:
         """Per arm: the lists published, the applied events credited to a list, and the live
         hit rate (each applied event judged against the list its user had)."""
         out: dict[str, VariantCounts] = {}
@@ -310,6 +311,10 @@ class RecommendationStep:
                     else:
                         c.clicks += 1
                         c.clicked_lists += credit.first
+        if self.experiment is None:  # one variant: its live hit rate is the step's, judged once
+            if live.judged:
+                counts_for(events[judged[0][0]].user_id).live = live
+            return out
         for n, shown in judged:
             counts_for(events[n].user_id).live.add(target_rank(shown, events[n].item_id, len(shown)))
         return out
