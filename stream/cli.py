@@ -9,10 +9,12 @@ import typer
 from prometheus_client import REGISTRY
 
 from gpu_scorer.train_cli import train
+from online_models import Recommender
 from stream import gcpolicy
 from stream.app import Worker, create_app
 from stream.errors import StreamrecError
 from stream.evaluate_cli import evaluate
+from stream.experiments import load_experiment
 from stream.forget import forget
 from stream.health import Health, serve
 from stream.produce import produce
@@ -50,6 +52,8 @@ def worker(
     gcpolicy.configure(freeze=settings.gc_freeze)
     log = logging.getLogger("streamrec")
     log.info("settings: %s", settings)
+    if settings.variants:  # a wrong experiment file is said now, not after Kafka answers
+        log.info("experiment: %s", load_experiment(settings.variants, [*Recommender.DEFAULT_LEARNERS, "transformer"]).describe())
     created = ensure_streamrec_topics(settings)
     if created:
         log.info("created topics %s with %d partitions", ", ".join(created), settings.partitions)

@@ -166,7 +166,7 @@ def evaluate(
         try:
             load_experiment(settings.variants, [*Recommender.DEFAULT_LEARNERS, "transformer"])
         except ConfigError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--variants") from None
+            raise typer.BadParameter(str(exc), param_hint="--variants" if variants else "STREAMREC_VARIANTS") from None
         if protocol is EvalProtocol.session_rec:
             raise typer.BadParameter("an experiment is rehearsed with the prequential protocol (the live traffic's "
                                      "order); session-rec judges saved test sessions", param_hint="--variants")
