@@ -290,9 +290,9 @@ class RecommendationStep:
             return c
 
         for rec in recommendations:  # named by the site's id already
-            c = out.get(rec.variant or self.DEFAULT_VARIANT)
+            c = out.get(rec.variant)
             if c is None:
-                c = out[rec.variant or self.DEFAULT_VARIANT] = VariantCounts()
+                c = out[rec.variant] = VariantCounts()
             c.lists += 1
         attributed = plan.attributed
         if attributed:
@@ -522,7 +522,7 @@ class RecommendationStep:
                 # ScoredItem is RecommendedItem: published as ranked (purchased items are out already)
                 lists.extend(rank_many(chunk, candidates[at:at + _RANK_CHUNK], None, extra[at:at + _RANK_CHUNK]))
         generated = now_ms()
-        variant = arm.name if arm is not None else None
+        variant = arm.name if arm is not None else self.DEFAULT_VARIANT  # every list says which arm served it
         teaches = arm is None or arm.baseline is None
         if arm is not None:
             versions = {**versions, "transformer": "none" if scorer is None else str(scorer.version)}

@@ -168,7 +168,8 @@ RecommendedItem = ScoredItem
 class Recommendation(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Fresh top-K for one user, published keyed by ``user_id``; items best first. ``rec_id``
     names this list (the site echoes it on the clicks and purchases it causes); ``variant`` is
-    the experiment arm that served it (absent without an experiment)."""
+    the experiment arm that served it (``"default"`` without an experiment). Both are optional
+    for readers of lists published before they existed."""
 
     user_id: str
     items: list[RecommendedItem]

@@ -147,7 +147,7 @@ def test_clicks_and_purchases_are_credited_once_per_list_and_counted_per_arm():
     step, states = warm_step()
     (first,) = [decode_recommendation(p) for p in run(step, clicks_of("u1", 1), states).payloads]
     shown = [it.item_id for it in first.items]
-    assert first.variant is None and first.rec_id  # no experiment: no variant, a rec_id all the same
+    assert first.variant == "default" and first.rec_id  # no experiment: the one "default" arm
     echo = [ClickEvent(event_id="c1", user_id="u1", item_id="zzz", ts=T0 + 10, rec_id=first.rec_id),
             ClickEvent(event_id="c2", user_id="u1", item_id="yyy", ts=T0 + 11, rec_id=first.rec_id),
             PurchaseEvent(event_id="p1", user_id="u1", item_id="xxx", ts=T0 + 12, price=2.5, quantity=2,
