@@ -269,13 +269,13 @@ class BatchHandler:
         ids = list(dict.fromkeys(of(imp.user_id) for imp in impressions))
         states = await self._retry("load", lambda: self.store.load_many(ids))
         counts: Counter[str] = Counter()
-        changed: dict[str, bytes] = {}
+        changed: set[str] = set()
         unmatched = 0
         for imp in impressions:
             uid = of(imp.user_id)
             if shown(states[uid].recs, imp.rec_id):
                 counts[self.step.variant_of(imp.user_id)] += 1
-                changed[uid] = b""
+                changed.add(uid)
             else:
                 unmatched += 1
         if changed:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -276,7 +277,7 @@ class RecommendationStep:
                         live: LiveQuality) -> dict[str, VariantCounts]:
         """Per arm: the lists published, the applied events credited to a list, and the live
         hit rate (each applied event judged against the list its user had)."""
-        out: dict[str, VariantCounts] = {}
+        out: defaultdict[str, VariantCounts] = defaultdict(VariantCounts)
         variant_of = self.variant_of
         names: dict[str, str] = {}
 
@@ -284,16 +285,10 @@ class RecommendationStep:
             name = names.get(uid)
             if name is None:
                 name = names[uid] = variant_of(site_ids.get(uid, uid) if site_ids else uid)
-            c = out.get(name)
-            if c is None:
-                c = out[name] = VariantCounts()
-            return c
+            return out[name]
 
-        for rec in recommendations:  # named by the site's id already
-            c = out.get(rec.variant)
-            if c is None:
-                c = out[rec.variant] = VariantCounts()
-            c.lists += 1
+        for rec in recommendations:  # named by their arm already
+            out[rec.variant].lists += 1
         attributed = plan.attributed
         if attributed:
             for uid, idx in plan.applied.items():
@@ -313,11 +308,11 @@ class RecommendationStep:
                         c.clicked_lists += credit.first
         if self.experiment is None:  # one variant: its live hit rate is the step's, judged once
             if live.judged:
-                counts_for(events[judged[0][0]].user_id).live = live
-            return out
+                out[self.DEFAULT_VARIANT].live = live
+            return dict(out)
         for n, shown in judged:
             counts_for(events[n].user_id).live.add(target_rank(shown, events[n].item_id, len(shown)))
-        return out
+        return dict(out)
 
     def relearn(self, events: Sequence[Event], positions: Sequence[tuple[str, int]],
                 seen: set[tuple[str, str]] | None = None) -> int:
