@@ -71,11 +71,17 @@ def test_the_learners_are_discovered():
             "SessionHybrid", "GlobalPopularity"} <= {cls.__name__ for cls in LEARNERS}
 
 
-@pytest.mark.parametrize("cls", LEARNERS, ids=lambda cls: cls.__name__)
-def test_a_learner_forgets_the_user_and_their_sessions(cls):
+def _learned(cls):
+    """A learner of ``cls`` that learned :func:`_stream` (the victim, the keeper and others)."""
     learner = learner_instance(cls)
     for x in _stream():
         learner.learn_one(x)
+    return learner
+
+
+@pytest.mark.parametrize("cls", LEARNERS, ids=lambda cls: cls.__name__)
+def test_a_learner_forgets_the_user_and_their_sessions(cls):
+    learner = _learned(cls)
     before = learner.snapshot()
     holds_users = KEEP.encode() in before
     assert holds_users == (cls.__name__ not in ITEM_KEYED)
@@ -100,9 +106,7 @@ def test_a_learner_forgets_the_user_and_their_sessions(cls):
 
 @pytest.mark.parametrize("cls", LEARNERS, ids=lambda cls: cls.__name__)
 def test_forgetting_someone_unknown_changes_nothing(cls):
-    learner = learner_instance(cls)
-    for x in _stream():
-        learner.learn_one(x)
+    learner = _learned(cls)
     before = learner.snapshot()
     learner.forget_user("nobody", ["no-session"])
     assert learner.snapshot() == before

@@ -422,15 +422,7 @@ def test_cli_prometheus_api():
 def test_cli_prometheus_window_asks_for_the_increase_over_it():
     answers = {"streamrec_experiment_lists_total[7d]": [_sample(10, variant="A")],
                "streamrec_experiment_clicked_lists_total[7d]": [_sample(2, variant="A")]}
-
-    def route(query):
-        q = query["query"][0]
-        for name, series in answers.items():
-            if f"increase({name})" in q:
-                return 200, "application/json", _vector(series)
-        return 200, "application/json", _vector([])
-
-    with _Server({"/api/v1/query": route}) as prom:
+    with _Server({"/api/v1/query": _prometheus_route(answers)}) as prom:
         result = runner.invoke(cli.app, ["report", "--prometheus", prom.url, "--window", "7d", "--json-output"])
         queries = [urllib.parse.parse_qs(urllib.parse.urlsplit(p).query)["query"][0] for p in prom.requests]
     assert result.exit_code == 0, result.output
