@@ -68,8 +68,9 @@ class Shell:
     handler: BatchHandler = field(init=False)
     snapshots: ModelSnapshots = field(init=False)
     lag: LagMetrics = field(init=False)
-    #: reads the partitions other workers own for the models (STREAMREC_LEARN_ALL_PARTITIONS), or None
-    peers: PeerLearner | None = field(init=False)
+    #: reads the partitions other workers own: their forget requests always, their events with
+    #: STREAMREC_LEARN_ALL_PARTITIONS (stream/peers.py)
+    peers: PeerLearner = field(init=False)
     forgets_pending: asyncio.Event = field(init=False)
     peers_started: bool = False
 
@@ -118,9 +119,10 @@ class Shell:
         """Claim the input partitions now this worker's (a write of a worker that held them
         before is refused from now on: stream/state.py, fencing); a claim that fails now (the
         store is down) is taken before the partition's first batch instead. At the first
-        assignment, start learning again what the models' snapshot misses. With
-        ``STREAMREC_LEARN_ALL_PARTITIONS``, the peer reader is told which input partitions the
-        worker now does not own: the models learn those too (stream/peers.py)."""
+        assignment, start learning again what the models' snapshot misses. The peer reader is
+        told which partitions the worker now does not own: the models apply their forget
+        requests, and with ``STREAMREC_LEARN_ALL_PARTITIONS`` learn their events too
+        (stream/peers.py)."""
         settings = self.settings
         parts = {tp.partition for tp in assigned if tp.topic in settings.topics.consumed}
         generation = self.generation()
@@ -133,11 +135,10 @@ class Shell:
         if not self.replayed:
             self.replayed = True
             app.add_future(self.replay_once(app, self.restored))
-        if self.peers is not None:
-            self.peers.assign(((tp.topic, tp.partition) for tp in assigned), input_partitions(app, settings, assigned))
-            if not self.peers_started:  # it waits for the models to be restored and replayed
-                self.peers_started = True
-                app.add_future(self.peers.run(self.models_ready))
+        self.peers.assign(((tp.topic, tp.partition) for tp in assigned), input_partitions(app, settings, assigned))
+        if not self.peers_started:  # it waits for the models to be restored and replayed
+            self.peers_started = True
+            app.add_future(self.peers.run(self.models_ready))
 
     async def on_revoked(self, revoked) -> None:
         """Faust has suspended the flow: the batch in hand finishes (its state saved) before
@@ -145,8 +146,7 @@ class Shell:
         a write still to come (``stream_wait_empty=False``: Faust itself waits for nothing).
         The models stop learning other workers' partitions until the new assignment is known:
         one of them may be this worker's again."""
-        if self.peers is not None:
-            self.peers.pause()
+        self.peers.pause()
         wait_s = self.settings.session_timeout_s / 2
         if revoked and not await self.wait_idle(wait_s):
             log.warning("rebalance: the batch in hand did not finish within %.1f s; it is redelivered to the "
