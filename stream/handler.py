@@ -299,8 +299,7 @@ class BatchHandler:
         positions = [msg.position for msg in kept]
         site_ids = [req.user_id for req in requests]
         if self.pseudonyms is not None:  # the models and the state hold pseudonyms
-            of = self.pseudonyms.of
-            requests = [msgspec.structs.replace(req, user_id=of(req.user_id)) for req in requests]
+            requests = self.pseudonyms.events(requests)[0]
         fence = await self._fence(messages) if self.claims is not None and requests else None
         if requests:  # the bound: the request's ts, or the newest event the user's state holds if later
             ids = list(dict.fromkeys(req.user_id for req in requests))  # (a site clock ahead of the requester's)

@@ -51,7 +51,6 @@ import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
-import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from stream.decoding import decode_event, decode_forget
@@ -302,8 +301,7 @@ class PeerLearner:
         if self.pseudonyms is not None and events:
             events = self.pseudonyms.events(events)[0]
         if self.pseudonyms is not None and forgets:
-            of = self.pseudonyms.of
-            forgets = [msgspec.structs.replace(req, user_id=of(req.user_id)) for req in forgets]
+            forgets = self.pseudonyms.events(forgets)[0]
         async with self.lock:
             if version != self._version:
                 return  # a rebalance since the fetch: the next assignment starts from the watermarks

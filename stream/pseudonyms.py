@@ -44,7 +44,8 @@ class Pseudonyms:
         return PREFIX + hmac.new(self._key, user_id.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:32]
 
     def events(self, events: Sequence[Event]) -> tuple[list[Event], dict[str, str]]:
-        """``events`` with pseudonymous user ids, and pseudonym -> the id the site sent."""
+        """``events`` with pseudonymous user ids, and pseudonym -> the id the site sent. Any
+        record with a ``user_id`` goes (a ForgetRequest too)."""
         out: list[Event] = []
         original: dict[str, str] = {}
         of = self.of

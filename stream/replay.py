@@ -29,7 +29,6 @@ import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from stream.connections import KafkaConnection
@@ -130,7 +129,7 @@ async def replay(step: RecommendationStep, bootstrap: KafkaConnection | str, tod
                     open_.discard(tp)
             if forgets:
                 if pseudonyms is not None:
-                    forgets = [msgspec.structs.replace(req, user_id=pseudonyms.of(req.user_id)) for req in forgets]
+                    forgets = pseudonyms.events(forgets)[0]
                 for req, exc in step.forget(forgets, forget_positions):
                     log.error("forget request %r, replayed: the models could not purge everything of the user (%s); "
                               "a model may still hold part of them (a bug)", req.request_id, exc)
