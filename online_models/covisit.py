@@ -16,7 +16,11 @@ of at most ``max_items`` items (the least recently seen go).
 Proposing: the user's most recent ``n_recent`` items are anchors, the newest weighing most
 (``recency_decay ** j`` for the j-th newest); a neighbour's score is the sum over anchors of
 ``recency * weight(a -> b) / total_weight(a)`` (with ``normalize``), i.e. a recency-weighted
-mix of "what follows a" distributions. A new user with one click is served at once.
+mix of "what follows a" distributions. A new user with one click is served at once. Three
+anchors rather than five (the fourth and fifth weigh 0.22 and 0.13 of the newest) cut the walk
+by two fifths for no measured loss: YooChoose validation HR@20 / MRR@20 0.7024 / 0.3770 ->
+0.7024 / 0.3768, Taobao prequential 0.0481 / 0.0378 -> 0.0482 / 0.0378; the step on the
+synthetic shop in 16-event batches 5,866 / 5,701 -> 6,268 / 6,064 events/s (issue 15).
 
 >>> from online_models.types import Interaction, UserContext
 >>> cv = CoVisitation()
@@ -49,7 +53,7 @@ class CoVisitation(OnlineLearner):
         backward_weight: float = 0.5,
         purchase_weight: float = 2.0,
         max_neighbors: int = 50,
-        n_recent: int = 5,
+        n_recent: int = 3,
         recency_decay: float = 0.6,
         normalize: bool = True,
         max_sessions: int = 100_000,
