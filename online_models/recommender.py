@@ -282,8 +282,27 @@ class Recommender:
 
     @property
     def forgotten_users(self) -> int:
-        """How many users were forgotten (each counted once)."""
+        """How many forgotten users are remembered (each counted once)."""
         return len(self._forgotten)
+
+    def trim_forgotten(self, before_ts: int) -> int:
+        """Stop remembering the forgotten users whose bound is older than ``before_ts``; return
+        how many. The caller (the worker, at each snapshot) passes a time by which Kafka no
+        longer holds any event such a user sent before their request, so no replay or
+        redelivery can bring one back: the set then holds the erasures of that window, not of
+        the worker's whole life. An old event re-sent by a producer afterwards is learned as a
+        new one.
+
+        >>> r = Recommender()
+        >>> r.forget_user("u1", before_ts=1_000)
+        >>> r.forget_user("u2", before_ts=5_000)
+        >>> r.trim_forgotten(2_000), r.refuses("u1", 900), r.refuses("u2", 900)
+        (1, False, True)
+        """
+        old = [key for key, bound in self._forgotten.items() if bound < before_ts]
+        for key in old:
+            del self._forgotten[key]
+        return len(old)
 
     def forget_ranked(self, user_id: str, items: Sequence[ScoredItem] = ()) -> None:
         """Drop the last :meth:`rank` for ``user_id`` without recording it as shown (a list

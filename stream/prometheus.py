@@ -58,6 +58,7 @@ class Metrics:
         self._models: _ModelsLearned | None = None
         self.users_forgotten = Counter("users_forgotten_total", "Forget requests carried out by this worker as the user's owner: state deleted, models purged, recommendations tombstoned (the request id is in the log, never the user id)", namespace=ns, registry=r)
         self.forgets_applied = Counter("forgets_applied_total", "Forget requests applied to this worker's models (its own partitions and, with STREAMREC_LEARN_ALL_PARTITIONS, the others')", namespace=ns, registry=r)
+        self.forgotten_remembered = Gauge("forgotten_users_remembered", "Forgotten users whose older events the models refuse (keyed hashes), as of the last snapshot; trimmed then once Kafka no longer holds their events (docs/operations.md, Forgetting a user)", namespace=ns, registry=r)
         self.events_refused_forgotten = Counter("events_refused_forgotten_total", "Events neither applied nor learned because their user was forgotten after them (a replay, a redelivery, a late event)", namespace=ns, registry=r)
         self.forget_failures = Counter("forget_failures_total", "Forget requests whose purge raised in a model (a bug): state, lists and refusal were done, a model may still hold part of the user", namespace=ns, registry=r)
         v = ["variant"]

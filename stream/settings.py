@@ -213,13 +213,30 @@ class Settings:
         lists, and kept as long (docs/events.md)."""
         topics = self.topics
         isr = {"min.insync.replicas": str(self.min_insync_replicas)}
-        raw = {**isr, "cleanup.policy": "delete", "retention.ms": str(self.raw_retention_h * 3_600_000)}
+        # segment.ms: Kafka deletes whole segments, never the one being written, which rolls after
+        # 7 days by default; rolled daily (or sooner, with a shorter retention), a record is gone
+        # at most that much after the retention
+        raw = {**isr, "cleanup.policy": "delete", "retention.ms": str(self.raw_retention_h * 3_600_000),
+               "segment.ms": str(self.raw_segment_h * 3_600_000)}
         # compacted within a day (max.compaction.lag.ms), so a tombstone removes a forgotten user's
         # lists by then; and deleted after the retention too, so nobody's latest list is kept forever
         lists = {**isr, "cleanup.policy": "compact,delete", "retention.ms": str(self.raw_retention_h * 3_600_000),
                  "max.compaction.lag.ms": str(min(24, self.raw_retention_h) * 3_600_000)}
         return {topics.clicks: raw, topics.purchases: raw, topics.dlq: raw, topics.forget: raw,
                 topics.impressions: raw, topics.recommendations: lists}
+
+    @property
+    def raw_segment_h(self) -> int:
+        """Hours after which the raw topics roll a segment (``segment.ms``): a day, or the
+        retention when that is shorter."""
+        return min(24, self.raw_retention_h)
+
+    @property
+    def forgotten_kept_ms(self) -> int:
+        """How long after a forget request's bound the models still refuse the user's older
+        events: the raw topics' retention, their segment roll and an hour of slack (the
+        broker's retention check, clocks), after which Kafka holds none of those events."""
+        return (self.raw_retention_h + self.raw_segment_h + 1) * 3_600_000
 
     @property
     def topics(self) -> TopicNames:

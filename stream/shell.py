@@ -159,12 +159,24 @@ class Shell:
             return  # never over a good snapshot with models that have not restored it yet
         erased = self.forgets_pending.is_set()
         self.forgets_pending.clear()
-        if await self.snapshots.take(lambda: self.step.recommender):
+        if await self.snapshots.take(self._models_to_snapshot):
             self.metrics.set_models(self.step.model_versions())
             if erased:
                 log.info("the models' snapshot in the store no longer holds the users erased before it")
         elif erased:
             self.forgets_pending.set()  # the snapshot in the store may still hold them: again soon
+
+    def _models_to_snapshot(self):
+        """The models, called between batches: first they stop remembering the users forgotten
+        long enough ago that Kafka holds none of their older events (``Settings.forgotten_kept_ms``),
+        so the forgotten set, and every snapshot, holds the erasures of a bounded window."""
+        recommender = self.step.recommender
+        trimmed = recommender.trim_forgotten(time.time_ns() // 1_000_000 - self.settings.forgotten_kept_ms)
+        if trimmed:
+            log.info("the models stopped remembering %d user(s) forgotten more than %d hours ago (Kafka no longer "
+                     "holds their older events)", trimmed, self.settings.forgotten_kept_ms // 3_600_000)
+        self.metrics.forgotten_remembered.set(recommender.forgotten_users)
+        return recommender
 
     async def snapshot_after_forgets(self) -> None:
         """Every second: a snapshot once users were erased since the last one, so that the

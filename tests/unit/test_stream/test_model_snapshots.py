@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,25 @@ async def test_the_shell_restores_and_snapshots_over_the_in_memory_store():
     shell.models_ready.set()
     await shell.snapshot_models()
     assert Recommender.restore(await store.get_blob(SNAPSHOT_KEY)).n_learned == 410
+
+
+async def test_a_snapshot_forgets_erasures_older_than_kafka_keeps_their_events():
+    """The forgotten set is bounded: at each snapshot the shell drops the users whose bound is
+    older than the raw topics' retention plus a segment roll and an hour (Kafka holds none of
+    their older events), keeps the recent ones, and reports how many it still refuses."""
+    store = InMemoryUserStateStore()
+    settings = Settings.from_env({"STREAMREC_RAW_RETENTION_H": "2"})  # kept 2 + 2 + 1 hours
+    assert settings.forgotten_kept_ms == 5 * 3_600_000
+    app = create_app(settings, load_model=False, store=store)
+    shell = app.streamrec
+    shell.models_ready.set()
+    models = shell.step.recommender
+    now = time.time_ns() // 1_000_000
+    models.forget_user("old", now - 6 * 3_600_000)
+    models.forget_user("recent", now - 4 * 3_600_000)
+    await shell.snapshot_models()
+    assert not models.refuses("old", now - 7 * 3_600_000)  # Kafka no longer holds such an event
+    assert models.refuses("recent", now - 5 * 3_600_000)
+    assert count(shell.metrics, "streamrec_forgotten_users_remembered") == 1
+    restored = Recommender.restore(await store.get_blob(SNAPSHOT_KEY))
+    assert restored.forgotten_users == 1 and restored.refuses("recent", now - 5 * 3_600_000)

@@ -139,10 +139,16 @@ def test_topic_configs_keep_raw_data_for_the_retention_and_compact_the_lists():
     assert set(configs) == set(s.topics.all)
     for name in ("x.clicks", "x.purchases", "x.dlq", "x.forget", "x.impressions"):
         assert configs[name]["retention.ms"] == str(24 * 3_600_000) and configs[name]["cleanup.policy"] == "delete"
+        assert configs[name]["segment.ms"] == str(24 * 3_600_000)  # rolled daily: gone at most a day late
     assert configs["x.recommendations"]["cleanup.policy"] == "compact,delete"
     assert configs["x.recommendations"]["max.compaction.lag.ms"] == str(24 * 3_600_000)
     with pytest.raises(ConfigError, match="STREAMREC_RAW_RETENTION_H"):
         Settings.from_env({"STREAMREC_RAW_RETENTION_H": "0"})
+    week = Settings.from_env({})
+    assert week.topic_configs()["streamrec.clicks"]["segment.ms"] == str(24 * 3_600_000)
+    assert week.forgotten_kept_ms == (168 + 24 + 1) * 3_600_000
+    short = Settings.from_env({"STREAMREC_RAW_RETENTION_H": "6"})
+    assert short.topic_configs()["streamrec.clicks"]["segment.ms"] == str(6 * 3_600_000)
     assert Settings.from_env({"STREAMREC_TOPIC_PREFIX": ""}).topics.dlq == "dlq"
 
 
