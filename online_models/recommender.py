@@ -168,6 +168,9 @@ class Recommender:
         #: per Recommender and travels in its snapshot, so no raw id is kept
         self._forget_salt: bytes = os.urandom(16)
         self._forgotten: dict[bytes, int] = {}
+        #: when each was forgotten (the caller's clock, ms), where later than its bound: what
+        #: :meth:`trim_forgotten` goes by, so that a request dated in the past is not dropped early
+        self._forgotten_at: dict[bytes, int] = {}
 
     #: the learners :meth:`default` can build, by name
     DEFAULT_LEARNERS = {"covisit": CoVisitation, "reminder": RecentlyViewed, "trending": TrendingPopularity,
@@ -238,7 +241,7 @@ class Recommender:
         h.update(user_id.encode())
         return h.digest()
 
-    def forget_user(self, user_id: str, before_ts: int) -> None:
+    def forget_user(self, user_id: str, before_ts: int, at_ms: int | None = None) -> None:
         """Erase ``user_id``: every learner drops what it keeps of the user and of their
         tracked sessions (:meth:`OnlineLearner.forget_user`), and so do the blend's own
         per-user tables (lists waiting for a label, the session tracking). The user is then
@@ -251,11 +254,15 @@ class Recommender:
 
         The refusal is recorded first and every learner is asked even when one raises (a bug):
         the first error is raised afterwards as :class:`ForgetError`, naming the learner, so
-        the caller can report that a model may still hold part of the user.
+        the caller can report that a model may still hold part of the user. ``at_ms``: when
+        this happens (the worker's clock), which :meth:`trim_forgotten` goes by where it is
+        later than ``before_ts``.
         """
         key = self._forget_key(user_id)
         before = self._forgotten.get(key)
-        self._forgotten[key] = before_ts if before is None else max(before, before_ts)
+        self._forgotten[key] = bound = before_ts if before is None else max(before, before_ts)
+        if at_ms is not None and at_ms > bound:
+            self._forgotten_at[key] = max(at_ms, self._forgotten_at.get(key, at_ms))
         self._ranked.pop(user_id, None)
         self._shown.pop(user_id, None)
         owners = self._session_users
@@ -286,8 +293,8 @@ class Recommender:
         return len(self._forgotten)
 
     def trim_forgotten(self, before_ts: int) -> int:
-        """Stop remembering the forgotten users whose bound is older than ``before_ts``; return
-        how many. The caller (the worker, at each snapshot) passes a time by which Kafka no
+        """Stop remembering the forgotten users whose bound, and the time they were forgotten
+        (``at_ms``), are older than ``before_ts``; return how many. The caller (the worker, at each snapshot) passes a time by which Kafka no
         longer holds any event such a user sent before their request, so no replay or
         redelivery can bring one back: the set then holds the erasures of that window, not of
         the worker's whole life. An old event re-sent by a producer afterwards is learned as a
@@ -296,12 +303,15 @@ class Recommender:
         >>> r = Recommender()
         >>> r.forget_user("u1", before_ts=1_000)
         >>> r.forget_user("u2", before_ts=5_000)
-        >>> r.trim_forgotten(2_000), r.refuses("u1", 900), r.refuses("u2", 900)
-        (1, False, True)
+        >>> r.forget_user("u3", before_ts=500, at_ms=9_000)  # a request dated in the past
+        >>> r.trim_forgotten(2_000), r.refuses("u1", 900), r.refuses("u2", 900), r.refuses("u3", 400)
+        (1, False, True, True)
         """
-        old = [key for key, bound in self._forgotten.items() if bound < before_ts]
+        at = self._forgotten_at
+        old = [key for key, bound in self._forgotten.items() if bound < before_ts and at.get(key, bound) < before_ts]
         for key in old:
             del self._forgotten[key]
+            at.pop(key, None)
         return len(old)
 
     def forget_ranked(self, user_id: str, items: Sequence[ScoredItem] = ()) -> None:
@@ -522,6 +532,8 @@ class Recommender:
             self._forget_salt = os.urandom(16)
         if "_forgotten" not in state:
             self._forgotten = {}
+        if "_forgotten_at" not in state:  # forgotten before trimming existed: trimmed by their bound
+            self._forgotten_at = {}
         if "_session_users" not in state:
             self._session_users = {}
 

@@ -305,7 +305,7 @@ class BatchHandler:
             ids = list(dict.fromkeys(req.user_id for req in requests))  # (a site clock ahead of the requester's)
             held = await self._retry("load", lambda: self.store.load_many(ids))
             requests = [msgspec.structs.replace(req, ts=max(req.ts, held[req.user_id].last_seen_ts)) for req in requests]
-        for req, exc in self.step.forget(requests, positions):
+        for req, exc in self.step.forget(requests, positions, now_ms()):
             self.metrics.forget_failures.inc()
             log.error("forget request %r: the models could not purge everything of the user (%s raised by %s); "
                       "the user's state and lists are erased and their events refused all the same, but a model may "

@@ -307,7 +307,7 @@ class PeerLearner:
                 return  # a rebalance since the fetch: the next assignment starts from the watermarks
             start = time.perf_counter()
             if forgets:  # before the events: a forgotten user's older events are refused
-                for req, exc in self.step.forget(forgets, forget_positions):
+                for req, exc in self.step.forget(forgets, forget_positions, now):
                     self.metrics.forget_failures.inc()
                     log.error("forget request %r: the models could not purge everything of the user (%s); a model "
                               "may still hold part of them (a bug)", req.request_id, exc)

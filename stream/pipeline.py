@@ -342,20 +342,22 @@ class RecommendationStep:
             watermark[source] = offset
         return n
 
-    def forget(self, requests: Sequence[ForgetRequest], positions: Sequence[tuple[str, int]] | None = None
-               ) -> list[tuple[ForgetRequest, BaseException]]:
+    def forget(self, requests: Sequence[ForgetRequest], positions: Sequence[tuple[str, int]] | None = None,
+               now_ms: int | None = None) -> list[tuple[ForgetRequest, BaseException]]:
         """Erase each request's user from the models (``Recommender.forget_user``: their
         histories, sessions and factors; what stays is anonymous item statistics) and refuse
         their events up to the request's ``ts`` from now on, in this step and in
         :meth:`relearn`. ``positions``: where the requests come from (the watermark moves past
-        them). Idempotent: a request delivered again changes nothing more.
+        them); ``now_ms``: the worker's clock, by which the models stop remembering the user
+        once Kafka holds none of their older events (``Recommender.trim_forgotten``).
+        Idempotent: a request delivered again changes nothing more.
 
         Never raises: a model whose purge raises (a bug) comes back as ``(request, error)``;
         the user is refused all the same (``Recommender.forget_user`` records that first)."""
         failed = []
         for req in requests:
             try:
-                self.recommender.forget_user(req.user_id, req.ts)
+                self.recommender.forget_user(req.user_id, req.ts, now_ms)
             except ForgetError as exc:  # names the learner; says nothing of the user
                 failed.append((req, exc))
             except Exception as exc:  # noqa: BLE001 - reported (never its text: it may hold the id); the erasure goes on

@@ -130,7 +130,7 @@ async def replay(step: RecommendationStep, bootstrap: KafkaConnection | str, tod
             if forgets:
                 if pseudonyms is not None:
                     forgets = pseudonyms.events(forgets)[0]
-                for req, exc in step.forget(forgets, forget_positions):
+                for req, exc in step.forget(forgets, forget_positions, time.time_ns() // 1_000_000):
                     log.error("forget request %r, replayed: the models could not purge everything of the user (%s); "
                               "a model may still hold part of them (a bug)", req.request_id, exc)
             if events:

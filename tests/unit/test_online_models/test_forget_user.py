@@ -237,7 +237,7 @@ def test_the_forgotten_are_hashed_with_a_salt_of_each_recommender():
 
 def test_a_snapshot_from_before_forget_user_restores_and_works():
     rec = _everything()
-    for name in ("_forget_salt", "_forgotten", "_session_users"):  # as the old code wrote it
+    for name in ("_forget_salt", "_forgotten", "_forgotten_at", "_session_users"):  # as the old code wrote it
         del rec.__dict__[name]
     data = rec.snapshot()
     assert b"_forgotten" not in data and b"_session_users" not in data
@@ -270,3 +270,19 @@ def test_the_forgotten_key_is_a_keyed_blake2b_of_the_user_id():
     rec.forget_user(VICTIM, 7)
     assert rec._forgotten == {hashlib.blake2b(VICTIM.encode(), key=rec._forget_salt, digest_size=16).digest(): 7}
     assert Recommender.restore(rec.snapshot())._forgotten == rec._forgotten
+
+
+def test_the_forgotten_set_is_trimmed_by_the_later_of_the_bound_and_the_erasure_and_survives_a_snapshot():
+    rec = Recommender.default()
+    rec.forget_user("dated-in-the-past", before_ts=1_000, at_ms=50_000)  # a replayed log's request
+    rec.forget_user("recent", before_ts=40_000, at_ms=40_000)
+    rec.forget_user("old", before_ts=2_000)
+    assert rec.forgotten_users == 3
+    restored = Recommender.restore(rec.snapshot())
+    for models in (rec, restored):
+        assert models.trim_forgotten(45_000) == 2  # "old" and "recent"; "dated-in-the-past" was erased at 50,000
+        assert models.refuses("dated-in-the-past", 900) and not models.refuses("recent", 30_000)
+        assert models.trim_forgotten(60_000) == 1 and models.forgotten_users == 0
+    rec.forget_user("again", before_ts=5_000, at_ms=70_000)
+    rec.forget_user("again", before_ts=4_000, at_ms=80_000)  # delivered again: the later erasure counts
+    assert rec.trim_forgotten(75_000) == 0 and rec.refuses("again", 5_000)
