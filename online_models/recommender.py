@@ -294,11 +294,11 @@ class Recommender:
 
     def trim_forgotten(self, before_ts: int) -> int:
         """Stop remembering the forgotten users whose bound, and the time they were forgotten
-        (``at_ms``), are older than ``before_ts``; return how many. The caller (the worker, at each snapshot) passes a time by which Kafka no
-        longer holds any event such a user sent before their request, so no replay or
-        redelivery can bring one back: the set then holds the erasures of that window, not of
-        the worker's whole life. An old event re-sent by a producer afterwards is learned as a
-        new one.
+        (``at_ms``), are older than ``before_ts``; return how many. The caller (the worker, at
+        each snapshot) passes a time by which Kafka no longer holds any event such a user sent
+        before their request, so no replay or redelivery can bring one back: the set then holds
+        the erasures of that window, not of the worker's whole life. An old event re-sent by a
+        producer afterwards is learned as a new one.
 
         >>> r = Recommender()
         >>> r.forget_user("u1", before_ts=1_000)
