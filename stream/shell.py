@@ -20,7 +20,7 @@ from gpu_scorer import HotSwapScorer, ModelRegistry
 from gpu_scorer.errors import ModelLoadError
 from stream.batching import drop_stale
 from stream.errors import ConfigError
-from stream.handler import BatchHandler, Claims, RawMessage
+from stream.handler import BatchHandler, Claims, RawMessage, now_ms
 from stream.health import Health, check_readiness
 from stream.lag import LagMetrics, update_lag
 from stream.peers import PeerLearner
@@ -171,7 +171,7 @@ class Shell:
         long enough ago that Kafka holds none of their older events (``Settings.forgotten_kept_ms``),
         so the forgotten set, and every snapshot, holds the erasures of a bounded window."""
         recommender = self.step.recommender
-        trimmed = recommender.trim_forgotten(time.time_ns() // 1_000_000 - self.settings.forgotten_kept_ms)
+        trimmed = recommender.trim_forgotten(now_ms() - self.settings.forgotten_kept_ms)
         if trimmed:
             log.info("the models stopped remembering %d user(s) forgotten more than %d hours ago (Kafka no longer "
                      "holds their older events)", trimmed, self.settings.forgotten_kept_ms // 3_600_000)
