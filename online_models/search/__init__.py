@@ -1,0 +1,22 @@
+"""Search over the item catalogue: a multilingual text model, BM25 and vector indexes, and
+hybrid retrieval (see docs/search.md).
+
+Pure, like the rest of ``online_models``: no Kafka, no Redis, no HTTP.
+"""
+
+from online_models.search.catalogue import Catalogue, CatalogueItem, SearchHit, fuse
+from online_models.search.lexical import LexicalIndex
+from online_models.search.semantic import VectorIndex
+from online_models.search.text import MODEL_NAME, TextEmbedder, normalise_query
+
+__all__ = [
+    "MODEL_NAME",
+    "Catalogue",
+    "CatalogueItem",
+    "LexicalIndex",
+    "SearchHit",
+    "TextEmbedder",
+    "VectorIndex",
+    "fuse",
+    "normalise_query",
+]
