@@ -62,6 +62,9 @@ class Explanation(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     source: str
     because: str | None = None
     category: str | None = None
+    #: ``"search"`` only: what matched the query, ``"words"`` (BM25), ``"meaning"`` (the text
+    #: model), ``"both"``, or ``"shop"`` (a result the shop's own engine sent)
+    matched: str | None = None
 
 
 class ScoredItem(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):

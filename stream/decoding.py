@@ -33,11 +33,14 @@ from stream.records import (
     MAX_TEXT_CHARS,
     MAX_TS_MS,
     TEXT_FIELDS,
+    TEXT_LIMITS,
     Bounds,
     Event,
     ForgetRequest,
     ImpressionEvent,
+    ItemEvent,
     PurchaseEvent,
+    SearchEvent,
 )
 
 _SPACES = " \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
@@ -50,6 +53,8 @@ _event_decoder = msgspec.json.Decoder(Event)
 _forget_decoder = msgspec.json.Decoder(ForgetRequest)
 _FORGET_IDS = ("user_id", "request_id")
 _impression_decoder = msgspec.json.Decoder(ImpressionEvent)
+_search_decoder = msgspec.json.Decoder(SearchEvent)
+_item_decoder = msgspec.json.Decoder(ItemEvent)
 
 _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _EXPECTED_TYPE = re.compile(r"^Expected `([^`]+)`, got `([^`]+)`")
@@ -89,14 +94,17 @@ def _invalid_from_validation(message: str) -> InvalidEvent:
     if (c := _CONSTRAINT.match(body)) is not None:
         rule = c.group(2)
         if rule.startswith("of length <="):
-            limit = MAX_TEXT_CHARS if field in TEXT_FIELDS else MAX_ID_CHARS
+            name = re.split(r"[.\[]", field or "", maxsplit=1)[0]
+            if name in ("results", "filters", "attributes", "category_path", "item_ids") and field == name:
+                return InvalidEvent("too_long", f"{where}: {rule.replace('of length', 'at most').replace('<= ', '')} entries are accepted", field)
+            limit = MAX_TEXT_CHARS if field in TEXT_FIELDS else TEXT_LIMITS.get(name, MAX_ID_CHARS)
             return InvalidEvent("too_long", f"{where}: longer than {limit} characters", field)
         if field == "ts" and rule.startswith("<="):
             return InvalidEvent("ts_out_of_window", f"{where}: must be epoch milliseconds up to {MAX_TS_MS} (the year 9999)", field)
         if field in ("quantity", "price") and rule.startswith("<="):
             limit = MAX_QUANTITY if field == "quantity" else MAX_PRICE
             return InvalidEvent("number_too_large", f"{where}: must be at most {limit}", field)
-        if field in ("user_id", "item_id", "event_id"):
+        if field in ("user_id", "item_id", "event_id", "query", "title"):
             return InvalidEvent("invalid_value", f"{where}: must not be empty", field)
         expected = rule.replace("length", "a length")
         return InvalidEvent("invalid_value", f"{where}: must be {_words(c.group(1))} {expected}", field)
@@ -192,7 +200,7 @@ def _check_bounds(event: Event, bounds: Bounds, now_ms: int | None) -> None:
     if bounds.max_quantity < MAX_QUANTITY and getattr(event, "quantity", 1) > bounds.max_quantity:
         raise InvalidEvent("number_too_large", f"field `quantity`: {event.quantity} is over this worker's maximum of "
                                                f"{bounds.max_quantity} (STREAMREC_MAX_QUANTITY)", "quantity")
-    if bounds.max_price < MAX_PRICE and event.price is not None and event.price > bounds.max_price:
+    if bounds.max_price < MAX_PRICE and getattr(event, "price", None) is not None and event.price > bounds.max_price:
         raise InvalidEvent("number_too_large", f"field `price`: {event.price} is over this worker's maximum of "
                                                f"{bounds.max_price:g} (STREAMREC_MAX_PRICE)", "price")
 
@@ -281,6 +289,100 @@ def decode_impression(raw: bytes | bytearray | memoryview | None, bounds: Bounds
     return impression
 
 
+def decode_search(raw: bytes | bytearray | memoryview | None, bounds: Bounds = DEFAULT_BOUNDS,
+                  now_ms: int | None = None) -> SearchEvent:
+    """Decode and validate one value of the searches topic (``SearchEvent``), with the door
+    events pass: the ids' rules, free text without control characters, a query that holds
+    more than whitespace, and the ``ts`` window of ``bounds`` when ``now_ms`` is given.
+
+    >>> decode_search('{"event_id":"s1","type":"search","user_id":"u1","query":"羽绒服","ts":1}'.encode()).query
+    '羽绒服'
+    >>> try:
+    ...     decode_search(b'{"event_id":"s1","type":"click","user_id":"u1","query":"x","ts":1}')
+    ... except InvalidEvent as exc:
+    ...     print(exc.code, '|', exc.reason)
+    unknown_type | field `type`: must be "search" on the searches topic, saw 'click'
+    """
+    try:
+        search, raw, ascii_only = _parse(raw, _search_decoder, bounds)
+    except InvalidEvent as exc:
+        raise _typed(exc, "search", "searches") from None
+    risky = not ascii_only or b"\\" in raw or b"\x7f" in raw
+    _check_ids(search, ("event_id", "user_id"), risky)
+    _check_optional_ids(search, ("session_id",), risky)
+    _check_list(search.results, "results", risky)
+    if not search.query.strip(_SPACES):
+        raise InvalidEvent("invalid_value", "field `query`: must hold something besides whitespace", "query")
+    _check_free_text("query", search.query, risky)
+    _check_entries(search.filters, "filters", risky)
+    if now_ms is not None or bounds is not DEFAULT_BOUNDS:
+        _check_bounds(search, bounds, now_ms)
+    return search
+
+
+def decode_item(raw: bytes | bytearray | memoryview | None, bounds: Bounds = DEFAULT_BOUNDS,
+                now_ms: int | None = None) -> ItemEvent:
+    """Decode and validate one value of the items topic (``ItemEvent``; a null value there is
+    a tombstone, which the caller handles before decoding). ``now_ms`` is accepted for a
+    common signature: an item's ``ts`` orders its versions and has no window.
+
+    >>> decode_item(b'{"item_id":"i1","title":"Down jacket","category_path":["Women","Coats"],"ts":1}').category_path
+    ['Women', 'Coats']
+    """
+    item, raw, ascii_only = _parse(raw, _item_decoder, bounds)
+    risky = not ascii_only or b"\\" in raw or b"\x7f" in raw
+    _check_ids(item, ("item_id",), risky)
+    _check_list(item.category_path, "category_path", risky)
+    if not item.title.strip(_SPACES):
+        raise InvalidEvent("invalid_value", "field `title`: must hold something besides whitespace", "title")
+    for name in ("title", "description", "brand"):
+        _check_free_text(name, getattr(item, name), risky)
+    _check_entries(item.attributes, "attributes", risky)
+    if bounds.max_price < MAX_PRICE and item.price is not None and item.price > bounds.max_price:
+        raise InvalidEvent("number_too_large", f"field `price`: {item.price} is over this worker's maximum of "
+                                               f"{bounds.max_price:g} (STREAMREC_MAX_PRICE)", "price")
+    return item
+
+
+def _typed(exc: InvalidEvent, expected: str, topic: str) -> InvalidEvent:
+    """The click-or-purchase wording of a ``type`` problem, restated for another topic's type."""
+    if exc.field != "type":
+        return exc
+    if exc.code == "missing_field":
+        return InvalidEvent("missing_field", f'field `type` is missing; expected "{expected}"', "type")
+    seen = re.search(r"unknown event type (.+); expected|Invalid (?:enum )?value ([^)]+)", exc.reason)
+    shown = (seen.group(1) or seen.group(2)) if seen else "another value"
+    return InvalidEvent("unknown_type", f'field `type`: must be "{expected}" on the {topic} topic, saw {shown}', "type")
+
+
+def _check_free_text(name: str, text: str | None, risky: bool) -> None:
+    if text is not None and risky and _HAS_CONTROL.search(text):
+        raise InvalidEvent("bad_text", f"field `{name}`: free text may not hold control characters (U+0000-U+001F, U+007F-U+009F)", name)
+
+
+def _check_optional_ids(value, names: tuple[str, ...], risky: bool) -> None:
+    for name in names:
+        text = getattr(value, name)
+        if text is not None and (not text.strip(_SPACES) or (risky and _HAS_CONTROL.search(text))):
+            raise InvalidEvent("bad_id", f"field `{name}`: an id must hold something besides whitespace, and no control "
+                                         "characters (U+0000-U+001F, U+007F-U+009F); leave an optional id out (or null) for none", name)
+
+
+def _check_list(ids: list[str] | None, name: str, risky: bool) -> None:
+    for text in ids or ():
+        if not text.strip(_SPACES) or (risky and _HAS_CONTROL.search(text)):
+            raise InvalidEvent("bad_id", f"field `{name}`: an id must hold something besides whitespace, and no "
+                                         "control characters (U+0000-U+001F, U+007F-U+009F)", name)
+
+
+def _check_entries(entries: dict[str, str] | None, name: str, risky: bool) -> None:
+    if entries and risky:
+        for key, text in entries.items():
+            if _HAS_CONTROL.search(key) or _HAS_CONTROL.search(text):
+                raise InvalidEvent("bad_text", f"field `{name}`: keys and values may not hold control characters "
+                                               "(U+0000-U+001F, U+007F-U+009F)", name)
+
+
 def _check_ids(value, names: tuple[str, ...], risky: bool) -> None:
     for name in names:
         text = getattr(value, name)
@@ -289,4 +391,4 @@ def _check_ids(value, names: tuple[str, ...], risky: bool) -> None:
                                          "characters (U+0000-U+001F, U+007F-U+009F)", name)
 
 
-__all__ = ["decode_event", "decode_forget", "decode_impression", "json_depth"]
+__all__ = ["decode_event", "decode_forget", "decode_impression", "decode_item", "decode_search", "json_depth"]

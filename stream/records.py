@@ -61,9 +61,30 @@ EpochMs = Annotated[int, msgspec.Meta(ge=0, le=MAX_TS_MS)]
 Price = Annotated[float, msgspec.Meta(ge=0, le=MAX_PRICE)]
 Quantity = Annotated[int, msgspec.Meta(ge=1, le=MAX_QUANTITY)]
 
-#: the fields that hold ids, and the one that holds free text
+MAX_QUERY_CHARS = 256
+"""Longest search ``query``."""
+
+MAX_TITLE_CHARS = 512
+"""Longest item ``title``."""
+
+MAX_DESCRIPTION_CHARS = 8192
+"""Longest item ``description``."""
+
+MAX_RESULTS = 200
+"""Most item ids one SearchEvent's ``results`` may list."""
+
+MAX_CATEGORY_DEPTH = 16
+"""Most levels of an item's ``category_path``."""
+
+MAX_ENTRIES = 64
+"""Most entries in a SearchEvent's ``filters`` or an ItemEvent's ``attributes``."""
+
+#: the fields that hold ids, and the ones that hold free text (with their limits)
 ID_FIELDS = ("event_id", "user_id", "item_id", "session_id", "category_id", "order_id", "rec_id")
 TEXT_FIELDS = ("source",)
+TEXT_LIMITS = {"source": MAX_TEXT_CHARS, "query": MAX_QUERY_CHARS, "title": MAX_TITLE_CHARS,
+               "description": MAX_DESCRIPTION_CHARS, "brand": MAX_TEXT_CHARS, "filters": MAX_TEXT_CHARS,
+               "attributes": MAX_TEXT_CHARS, "category_path": MAX_ID_CHARS}
 
 @dataclass(frozen=True)
 class Bounds:
@@ -137,6 +158,47 @@ Event = ClickEvent | PurchaseEvent
 EVENT_TYPES = ("click", "purchase")
 
 
+Query = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_QUERY_CHARS)]
+Title = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TITLE_CHARS)]
+Description = Annotated[str, msgspec.Meta(max_length=MAX_DESCRIPTION_CHARS)]
+Key = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
+Entries = Annotated[dict[Key, Text], msgspec.Meta(max_length=MAX_ENTRIES)]
+
+
+class SearchEvent(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """A user searched the shop (on the ``searches`` topic, keyed by ``user_id``).
+
+    ``results`` are the item ids the shop's own engine showed, best first: when present the
+    worker re-ranks those for the user instead of searching its own catalogue. ``filters``
+    narrow what the worker returns (``category``: a level of the item's ``category_path``;
+    ``brand``); other keys are accepted and ignored.
+    """
+
+    event_id: Id
+    type: Literal["search"]
+    user_id: Id
+    query: Query
+    ts: EpochMs
+    session_id: OptionalId | None = None
+    results: Annotated[list[Id], msgspec.Meta(max_length=MAX_RESULTS)] | None = None
+    filters: Entries | None = None
+
+
+class ItemEvent(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """An item of the catalogue, new or changed (on the compacted ``items`` topic, keyed by
+    ``item_id``; a null value, a tombstone, removes the item). The latest value per item wins."""
+
+    item_id: Id
+    title: Title
+    ts: EpochMs
+    description: Description | None = None
+    category_path: Annotated[list[Id], msgspec.Meta(max_length=MAX_CATEGORY_DEPTH)] | None = None
+    brand: Text | None = None
+    price: Price | None = None
+    attributes: Entries | None = None
+    available: bool = True
+
+
 #: most item ids one ImpressionEvent may list
 MAX_IMPRESSION_ITEMS = 1000
 
@@ -179,6 +241,9 @@ class Recommendation(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     model: dict[str, str]
     rec_id: str | None = None
     variant: str | None = None
+    #: what the list answers: absent for the home page (a click or a purchase), ``{"kind":
+    #: "search", "query": ...}`` for a search
+    context: dict[str, str] | None = None
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -257,9 +322,11 @@ __all__ = [
     "Event",
     "ForgetRequest",
     "ImpressionEvent",
+    "ItemEvent",
     "PurchaseEvent",
     "Recommendation",
     "RecommendedItem",
+    "SearchEvent",
     "dead_letter",
     "decode_dead_letter",
     "decode_forget_request",

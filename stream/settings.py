@@ -34,7 +34,7 @@ MIN_SCORER_SHAPE = 16
 
 @dataclass(frozen=True)
 class TopicNames:
-    """The six topics, all under one prefix (``STREAMREC_TOPIC_PREFIX``)."""
+    """The eight topics, all under one prefix (``STREAMREC_TOPIC_PREFIX``)."""
 
     prefix: str = "streamrec."
 
@@ -65,17 +65,29 @@ class TopicNames:
         return f"{self.prefix}impressions"
 
     @property
+    def searches(self) -> str:
+        """SearchEvents (a user searched), co-partitioned with the inputs."""
+        return f"{self.prefix}searches"
+
+    @property
+    def items(self) -> str:
+        """ItemEvents (the catalogue), compacted, keyed by item: every worker reads all of it."""
+        return f"{self.prefix}items"
+
+    @property
     def inputs(self) -> tuple[str, str]:
         return (self.clicks, self.purchases)
 
     @property
     def consumed(self) -> tuple[str, ...]:
-        """What the worker's agent reads: the inputs, the forget requests and the impressions."""
-        return (self.clicks, self.purchases, self.forget, self.impressions)
+        """What the worker's agent reads: the inputs, the forget requests, the impressions and
+        the searches (co-partitioned: a user's messages reach the worker that owns their state)."""
+        return (self.clicks, self.purchases, self.forget, self.impressions, self.searches)
 
     @property
     def all(self) -> tuple[str, ...]:
-        return (self.clicks, self.purchases, self.recommendations, self.dlq, self.forget, self.impressions)
+        return (self.clicks, self.purchases, self.recommendations, self.dlq, self.forget, self.impressions,
+                self.searches, self.items)
 
 
 def _env(name: str, default: str, help: str, secret: bool = False):
@@ -148,6 +160,10 @@ class Settings:
     raw_retention_h: int = _env("STREAMREC_RAW_RETENTION_H", "168", "retention.ms, in hours, of the topics that hold what sites sent (clicks, purchases, impressions, dead letters, forget requests) when streamrec creates or aligns them: a forgotten user's raw events are gone from Kafka this long after their last one (docs/operations.md, Security); the recommendations topic is compacted instead")
     min_insync_replicas: int = _env("STREAMREC_MIN_INSYNC_REPLICAS", "1", "min.insync.replicas of each topic streamrec creates (2 with 3 replicas): with acks=all a write needs this many")
     pseudonym_key: str = _env("STREAMREC_PSEUDONYM_KEY", "", "secret of the keyed hash (HMAC-SHA256) the worker stores and learns user ids as, so that user state and model snapshots never hold a site's ids (recommendations still go out under them; stream/pseudonyms.py); empty: raw ids; changing it starts every user afresh", secret=True)
+    serve_port: int = _env("STREAMREC_SERVE_PORT", "8080", "port of `streamrec serve`'s HTTP API (--port overrides it)")
+    catalogue: bool = _env("STREAMREC_CATALOGUE", "true", "read the items topic into a catalogue that searches retrieve from (every worker reads all of it, and embeds each item with the text model; stream/catalogue_feed.py); false: searches re-rank only the results they carry")
+    search_candidates: int = _env("STREAMREC_SEARCH_CANDIDATES", "100", "items each of BM25 and the text model retrieve per search, fused and re-ranked for the user")
+    search_personal_weight: float = _env("STREAMREC_SEARCH_PERSONAL_WEIGHT", "0.3", "share of the user's models in a search answer's score, 0 to 1 (0: the query's order alone)")
     snapshot_key: str = _env("STREAMREC_SNAPSHOT_KEY", "", "secret that signs and checks the online models' snapshots (HMAC-SHA256); empty: unsigned", secret=True)
 
     @classmethod
@@ -171,7 +187,7 @@ class Settings:
                                  ("STREAMREC_PARTITIONS", self.partitions, 1), ("STREAMREC_RECENT_ITEMS", self.recent_items, 1),
                                  ("STREAMREC_CANDIDATES", self.n_candidates, 1), ("STREAMREC_DEDUPE_WINDOW", self.dedupe_window, 1), ("STREAMREC_BATCH_TIMEOUT_MS", self.batch_timeout_ms, 0),
                                  ("STREAMREC_MAX_ITEMS", self.max_items, 1000), ("STREAMREC_MAX_USERS", self.max_users, 1000),
-                                 ("STREAMREC_RAW_RETENTION_H", self.raw_retention_h, 1),
+                                 ("STREAMREC_RAW_RETENTION_H", self.raw_retention_h, 1), ("STREAMREC_SEARCH_CANDIDATES", self.search_candidates, 1),
                                  ("STREAMREC_ATTRIBUTION_WINDOW_S", self.attribution_window_s, 0)):
             if value < low:
                 raise ConfigError(f"{name}={value}: must be at least {low}")
@@ -179,6 +195,8 @@ class Settings:
             raise ConfigError(f"STREAMREC_SCORER_MAX_BATCH={self.scorer_max_batch}: expected {MIN_SCORER_SHAPE} to {MAX_BATCH_SIZE} "
                               f"users per call (a CUDA graph's batch must hold the 4-user parity sample each model load "
                               f"re-checks; a call never holds more users than a micro-batch holds events)")
+        if not 0.0 <= self.search_personal_weight <= 1.0:
+            raise ConfigError(f"STREAMREC_SEARCH_PERSONAL_WEIGHT={self.search_personal_weight}: expected 0 to 1")
         if not 0 <= self.fetch_max_wait_ms <= 1000:
             raise ConfigError(f"STREAMREC_FETCH_MAX_WAIT_MS={self.fetch_max_wait_ms}: expected 0 to 1000 (milliseconds)")
         if self.batch_size > MAX_BATCH_SIZE:
@@ -202,6 +220,8 @@ class Settings:
         if not self.kafka_bootstrap.strip():
             raise ConfigError("STREAMREC_KAFKA_BOOTSTRAP is empty: expected host:port[,host:port]")
         self.kafka.check()
+        if not 1 <= self.serve_port <= 65535:
+            raise ConfigError(f"STREAMREC_SERVE_PORT={self.serve_port}: expected a port 1-65535")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"STREAMREC_METRICS_PORT={self.metrics_port}: expected a port 0-65535 (0: off)")
         self.redis.check()
@@ -222,8 +242,10 @@ class Settings:
         # lists by then; and deleted after the retention too, so nobody's latest list is kept forever
         lists = {**isr, "cleanup.policy": "compact,delete", "retention.ms": str(self.raw_retention_h * 3_600_000),
                  "max.compaction.lag.ms": str(min(24, self.raw_retention_h) * 3_600_000)}
+        # the catalogue: the latest value per item, kept until a tombstone removes it
+        catalogue = {**isr, "cleanup.policy": "compact"}
         return {topics.clicks: raw, topics.purchases: raw, topics.dlq: raw, topics.forget: raw,
-                topics.impressions: raw, topics.recommendations: lists}
+                topics.impressions: raw, topics.searches: raw, topics.recommendations: lists, topics.items: catalogue}
 
     @property
     def raw_segment_h(self) -> int:
@@ -303,6 +325,12 @@ def _convert(name: str, typ, raw):
             raise ValueError(raw)
         if typ == "Path":
             return Path(raw)
+        if typ == "float":
+            value = float(raw)
+            if value != value:
+                raise ValueError(raw)
+            return value
     except ValueError:
-        raise ConfigError(f"{name}={raw!r}: expected {'an integer' if typ == 'int' else 'true or false' if typ == 'bool' else typ}") from None
+        expected = {"int": "an integer", "bool": "true or false", "float": "a number"}.get(typ, typ)
+        raise ConfigError(f"{name}={raw!r}: expected {expected}") from None
     return raw

@@ -51,6 +51,10 @@ _SAYS = {"covisit": "often viewed together", "reminder": "you viewed it before",
          "session_hybrid": "similar to what you are viewing", "transformer": "picked for you from what you viewed"}
 
 
+_MATCHED = {"words": "matches your search's words", "meaning": "matches your search's meaning",
+            "both": "matches your search", "shop": "in the shop's results"}
+
+
 def explanation_text(why: Explanation | None) -> str | None:
     """An item's explanation as a sentence a shopper understands (None: it has none).
 
@@ -58,10 +62,14 @@ def explanation_text(why: Explanation | None) -> str | None:
     ('because you viewed i77', 'popular now')
     >>> explanation_text(Explanation("transformer")), explanation_text(Explanation("newsource")), explanation_text(None)
     ('picked for you from what you viewed', 'recommended for you', None)
+    >>> explanation_text(Explanation("search", matched="meaning"))
+    "matches your search's meaning"
     """
     if why is None:
         return None
     source = why.source
+    if source == "search":
+        return _MATCHED.get(why.matched or "", "matches your search")
     if why.category is not None:
         return f"{'popular' if source == 'popularity' else 'popular now'} in {why.category}"
     if why.because is not None and source != "reminder":
@@ -81,6 +89,8 @@ def recommendation_line(rec: Recommendation, items: int = 5) -> str:
     if len(rec.items) > items:
         shown += f" (+{len(rec.items) - items} more)"
     models = " ".join(f"{name}={version}" for name, version in sorted(rec.model.items()))
+    if rec.context and rec.context.get("kind") == "search":
+        shown = f"search {rec.context.get('query', '')!r}: {shown}"
     return f"{rec.user_id}  {shown}  latency {rec.generated_ts - rec.event_ts} ms  after {rec.trigger_event_id}  {models}".rstrip()
 
 

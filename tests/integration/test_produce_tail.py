@@ -74,11 +74,12 @@ def test_ensure_topics_creates_once_and_leaves_existing_topics_alone(kafka_boots
     # the topics read with the inputs get the clicks topic's partitions, whatever STREAMREC_PARTITIONS says
     settings = Settings.from_env({"STREAMREC_KAFKA_BOOTSTRAP": kafka_bootstrap, "STREAMREC_TOPIC_PREFIX": topic_prefix,
                                   "STREAMREC_PARTITIONS": "5"})
-    assert ensure_streamrec_topics(settings) == [topics.forget, topics.impressions, topics.recommendations, topics.dlq]
+    assert ensure_streamrec_topics(settings) == [topics.forget, topics.impressions, topics.searches,
+                                                 topics.recommendations, topics.dlq, topics.items]
     assert ensure_streamrec_topics(settings) == []
     described = {t["name"]: len(t["partitions"]) for t in kafka_admin.describe_topics(list(topics.all))}
     assert described == {topics.clicks: 3, topics.purchases: 3, topics.forget: 3, topics.impressions: 3,
-                         topics.recommendations: 5, topics.dlq: 5}
+                         topics.searches: 3, topics.recommendations: 5, topics.dlq: 5, topics.items: 5}
     check_copartitioned(kafka_bootstrap, topics.consumed)
     # the inputs, made before, get their configs aligned: raw data kept for the retention, lists compacted
     changed = align_topic_configs(kafka_bootstrap, settings.topic_configs())
@@ -87,6 +88,8 @@ def test_ensure_topics_creates_once_and_leaves_existing_topics_alone(kafka_boots
     configs = kafka_admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topics.recommendations,
                                                            ["cleanup.policy"])])
     assert configs["topic"][topics.recommendations]["cleanup.policy"]["value"] == "compact,delete"
+    items = kafka_admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topics.items, ["cleanup.policy"])])
+    assert items["topic"][topics.items]["cleanup.policy"]["value"] == "compact"
 
 
 def test_produced_synthetic_events_arrive_on_their_topics_keyed_and_valid(kafka_bootstrap, topic_prefix):

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from stream.decoding import decode_event, decode_forget, decode_impression
+from stream.decoding import (
+    decode_event,
+    decode_forget,
+    decode_impression,
+    decode_item,
+    decode_search,
+)
 from stream.errors import DEAD_LETTER_CODES, InvalidEvent
 from stream.records import MAX_EVENT_BYTES, decode_dead_letter, decode_recommendation
 from stream.tail import recommendation_line, tombstone_line
@@ -17,7 +23,9 @@ from stream.tail import recommendation_line, tombstone_line
 ROOT = Path(__file__).resolve().parents[3]
 DOC = (ROOT / "docs" / "events.md").read_text()
 BLOCKS = [json.loads(b) for b in re.findall(r"```json\n(.*?)\n```", DOC, re.S)]
-EVENTS = [b for b in BLOCKS if "type" in b and "reason" not in b]
+SEARCHES = [b for b in BLOCKS if b.get("type") == "search"]
+ITEMS = [b for b in BLOCKS if "title" in b]
+EVENTS = [b for b in BLOCKS if "type" in b and "reason" not in b and b not in SEARCHES]
 LETTERS = [b for b in BLOCKS if "reason" in b]
 RECOMMENDATIONS = [b for b in BLOCKS if "items" in b]
 FORGETS = [b for b in BLOCKS if "request_id" in b]
@@ -27,7 +35,16 @@ CODES = list(DEAD_LETTER_CODES)
 
 def test_every_block_is_accounted_for():
     assert len(EVENTS) == 3 and len(RECOMMENDATIONS) == 1 and len(FORGETS) == 1 and len(IMPRESSIONS) == 1
-    assert len(BLOCKS) == len(EVENTS) + len(LETTERS) + len(RECOMMENDATIONS) + len(FORGETS) + len(IMPRESSIONS)
+    assert len(SEARCHES) == 1 and len(ITEMS) == 1
+    assert len(BLOCKS) == (len(EVENTS) + len(LETTERS) + len(RECOMMENDATIONS) + len(FORGETS) + len(IMPRESSIONS)
+                           + len(SEARCHES) + len(ITEMS))
+
+
+def test_search_and_item_examples_decode():
+    (search,) = SEARCHES
+    (item,) = ITEMS
+    assert decode_search(json.dumps(search, ensure_ascii=False).encode()).query == search["query"]
+    assert decode_item(json.dumps(item).encode()).category_path == item["category_path"]
 
 
 def test_impression_example_decodes_and_names_the_recommendations_list():

@@ -67,7 +67,8 @@ def test_input_partitions_come_from_the_groups_metadata_else_from_the_settings()
     tp = SimpleNamespace
     app = SimpleNamespace(consumer=SimpleNamespace(topic_partitions=lambda t: {"s.clicks": 8}.get(t)))
     got = input_partitions(app, settings, [tp(topic="s.purchases", partition=4)])
-    assert got == {"s.clicks": range(8), "s.purchases": range(5), "s.forget": range(3), "s.impressions": range(3)}
+    assert got == {"s.clicks": range(8), "s.purchases": range(5), "s.forget": range(3), "s.impressions": range(3),
+                   "s.searches": range(3)}
 
 
 # -- learning a fetched chunk -----------------------------------------------------------

@@ -18,7 +18,13 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import stream.records
-from stream.decoding import decode_event, decode_forget, decode_impression
+from stream.decoding import (
+    decode_event,
+    decode_forget,
+    decode_impression,
+    decode_item,
+    decode_search,
+)
 from stream.errors import DEAD_LETTER_CODES, InvalidEvent
 from stream.records import (
     MAX_DEPTH,
@@ -495,11 +501,12 @@ def test_event_schemas_accept_exactly_what_the_decoder_accepts(value):
 
 
 @pytest.mark.parametrize("name", ["click_event.json", "purchase_event.json", "recommendation.json", "dead_letter.json",
-                                  "forget_request.json", "impression_event.json"])
+                                  "forget_request.json", "impression_event.json", "search_event.json", "item_event.json"])
 def test_schema_examples_are_valid_and_decode(name):
     validator = _validator(name)
     decode = {"recommendation.json": decode_recommendation, "dead_letter.json": decode_dead_letter,
-              "forget_request.json": decode_forget, "impression_event.json": decode_impression}.get(name, decode_event)
+              "forget_request.json": decode_forget, "impression_event.json": decode_impression,
+              "search_event.json": decode_search, "item_event.json": decode_item}.get(name, decode_event)
     for example_value in validator.schema["examples"]:
         validator.validate(example_value)
         decode(raw(example_value))
@@ -519,6 +526,42 @@ def test_the_forget_schema_accepts_exactly_what_the_worker_does(value):
 @example({"rec_id": "r", "user_id": "u", "item_ids": [" "], "ts": 1})
 def test_the_impression_schema_accepts_exactly_what_the_worker_does(value):
     assert _validator("impression_event.json").is_valid(value) == _accepted(decode_impression, value)
+
+
+_queries = st.text(_ID_CHARS, min_size=0, max_size=300) | st.sampled_from(["", " ", "\u3000", "a\x00", "羽绒服", "x" * 256, "x" * 257])
+_entries = st.dictionaries(st.sampled_from(["", "brand", "category", "a\x01", "k" * 129]),
+                           texts | st.sampled_from(["\x7f", "v" * 257]) | json_values, max_size=3) | json_values
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.fixed_dictionaries(
+    {"event_id": ids, "type": st.sampled_from(["search", "click", "Search"]), "user_id": ids, "query": _queries,
+     "ts": st.integers(-5, 2**64)},
+    optional={"session_id": ids | st.none() | st.sampled_from(["", " "]), "results": st.lists(ids | st.just(" "), max_size=3) | json_values,
+              "filters": _entries, "extra": json_values}) | json_values)
+@example({"event_id": "e", "type": "search", "user_id": "u", "query": "q", "ts": 1, "results": ["i"] * 201})
+@example({"event_id": "e", "type": "search", "user_id": "u", "query": "q", "ts": 1, "filters": {f"k{i}": "v" for i in range(65)}})
+@example({"event_id": "e", "user_id": "u", "query": "q", "ts": 1})
+@example({"event_id": "e", "type": "search", "user_id": "u", "query": "x" * 256, "ts": 1})
+@example({"event_id": "e", "type": "search", "user_id": "u", "query": "x" * 257, "ts": 1})
+@example({"event_id": "e", "type": "search", "user_id": "u", "query": "q", "ts": 1, "filters": {"brand": "v" * 256}})
+def test_the_search_schema_accepts_exactly_what_the_worker_does(value):
+    assert _validator("search_event.json").is_valid(value) == _accepted(decode_search, value)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.fixed_dictionaries(
+    {"item_id": ids, "title": _queries, "ts": st.integers(-5, 2**64)},
+    optional={"description": texts | st.none() | st.sampled_from(["\x00", "d" * 8193]) | json_values,
+              "category_path": st.lists(ids | st.sampled_from(["", " "]), max_size=3) | st.none() | json_values,
+              "brand": texts | st.none() | st.just("\x1f"), "price": st.floats(-1, 2e12) | st.none(),
+              "attributes": _entries, "available": st.booleans() | json_values}) | json_values)
+@example({"item_id": "i", "title": "t", "ts": 1, "category_path": ["c"] * 17})
+@example({"item_id": "i", "title": "t" * 512, "ts": 1, "available": None})
+@example({"item_id": "i", "title": "t" * 512, "ts": 1, "description": "d" * 8192, "brand": "b" * 256})
+@example({"item_id": "i", "title": "t" * 513, "ts": 1})
+def test_the_item_schema_accepts_exactly_what_the_worker_does(value):
+    assert _validator("item_event.json").is_valid(value) == _accepted(decode_item, value)
 
 
 def _accepted(decode, value) -> bool:

@@ -127,9 +127,10 @@ def test_describe_lists_every_variable_once():
 
 def test_topic_names_share_the_prefix():
     t = TopicNames("dev.")
-    assert t.all == ("dev.clicks", "dev.purchases", "dev.recommendations", "dev.dlq", "dev.forget", "dev.impressions")
+    assert t.all == ("dev.clicks", "dev.purchases", "dev.recommendations", "dev.dlq", "dev.forget", "dev.impressions",
+                     "dev.searches", "dev.items")
     assert t.inputs == ("dev.clicks", "dev.purchases")
-    assert t.consumed == ("dev.clicks", "dev.purchases", "dev.forget", "dev.impressions")
+    assert t.consumed == ("dev.clicks", "dev.purchases", "dev.forget", "dev.impressions", "dev.searches")
 
 
 def test_topic_configs_keep_raw_data_for_the_retention_and_compact_the_lists():
@@ -137,11 +138,12 @@ def test_topic_configs_keep_raw_data_for_the_retention_and_compact_the_lists():
                            "STREAMREC_MIN_INSYNC_REPLICAS": "1"})
     configs = s.topic_configs()
     assert set(configs) == set(s.topics.all)
-    for name in ("x.clicks", "x.purchases", "x.dlq", "x.forget", "x.impressions"):
+    for name in ("x.clicks", "x.purchases", "x.dlq", "x.forget", "x.impressions", "x.searches"):
         assert configs[name]["retention.ms"] == str(24 * 3_600_000) and configs[name]["cleanup.policy"] == "delete"
         assert configs[name]["segment.ms"] == str(24 * 3_600_000)  # rolled daily: gone at most a day late
     assert configs["x.recommendations"]["cleanup.policy"] == "compact,delete"
     assert configs["x.recommendations"]["max.compaction.lag.ms"] == str(24 * 3_600_000)
+    assert configs["x.items"]["cleanup.policy"] == "compact" and "retention.ms" not in configs["x.items"]  # kept until a tombstone
     with pytest.raises(ConfigError, match="STREAMREC_RAW_RETENTION_H"):
         Settings.from_env({"STREAMREC_RAW_RETENTION_H": "0"})
     week = Settings.from_env({})
