@@ -83,6 +83,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
     async def on_start():
         for topic in outputs:
             await topic.maybe_declare()
+        if shell.catalogue_feed is not None:  # the catalogue for search: all of the items topic
+            app.add_future(shell.catalogue_feed.run())
         await shell.restore_models()
 
     app.timer(interval=max(1, settings.snapshot_interval_s), name="snapshot_models")(shell.snapshot_models)

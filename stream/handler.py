@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from stream.decoding import decode_event, decode_forget, decode_impression
+from stream.decoding import decode_event, decode_forget, decode_impression, decode_search
 from stream.errors import InvalidEvent
 from stream.experiments import shown
 from stream.health import Health
@@ -51,6 +51,7 @@ from stream.records import (
     encode,
 )
 from stream.retry import Backoff
+from stream.search_step import SearchStep
 from stream.settings import TopicNames
 from stream.state import Fenced, UserStateStore, encode_state
 from stream.step_inputs import source_of
@@ -146,7 +147,9 @@ class BatchHandler:
         #: called after a batch erased users (the shell snapshots the models soon, so that the
         #: snapshot in the store no longer holds them either)
         self.on_forget: Callable[[int], None] | None = None
-        self._side = frozenset((topics.forget, topics.impressions))  # not events: handled apart, first
+        #: answers the searches (the shell gives it the worker's catalogue: stream/search_step.py)
+        self.search = SearchStep(step)
+        self._side = frozenset((topics.forget, topics.impressions, topics.searches))  # not events: handled apart, first
         self.batches = 0
         self.events_applied = 0
         self._rebuilt_seen = 0
@@ -237,19 +240,71 @@ class BatchHandler:
             log.exception("recording the batch's metrics failed")
 
     async def _side_topics(self, messages: Sequence[RawMessage]) -> Sequence[RawMessage]:
-        """Carry out the batch's forget requests (:meth:`_forget`) and count its impressions
-        (:meth:`_impressions`), before its events; returns the events' messages."""
+        """Carry out the batch's forget requests (:meth:`_forget`), count its impressions
+        (:meth:`_impressions`) and answer its searches (:meth:`_searches`), before its events;
+        returns the events' messages."""
         side = self._side
         if not any(msg.topic in side for msg in messages):
             return messages
-        forget_topic, impressions_topic = self.topics.forget, self.topics.impressions
-        forgets = [msg for msg in messages if msg.topic == forget_topic]
+        topics = self.topics
+        forgets = [msg for msg in messages if msg.topic == topics.forget]
         if forgets:
             await self._forget(forgets)
-        impressions = [msg for msg in messages if msg.topic == impressions_topic]
+        impressions = [msg for msg in messages if msg.topic == topics.impressions]
         if impressions:
             await self._impressions(impressions)
+        searches = [msg for msg in messages if msg.topic == topics.searches]
+        if searches:
+            await self._searches(searches)
         return [msg for msg in messages if msg.topic not in side]
+
+    async def _searches(self, messages: Sequence[RawMessage]) -> None:
+        """Answer each search with a personalised list (``context.kind = "search"``, published
+        keyed by the user like their home-page lists), then save the users' states (the list,
+        for attribution, and the query) in one fenced transaction. A value that breaks the
+        contract, and a search that raised while it was answered, are dead letters."""
+        t0 = time.perf_counter()
+        searches, kept, dead = _decode_each(messages, decode_search, self.bounds, now_ms())
+        site_ids: dict[str, str] | None = None
+        if self.pseudonyms is not None and searches:
+            searches, site_ids = self.pseudonyms.events(searches)
+        result = None
+        if searches:
+            fence = await self._fence(kept) if self.claims is not None else None
+            users = list(dict.fromkeys(s.user_id for s in searches))
+            states = await self._retry("load", lambda: self.store.load_many(users))
+            search = self.search
+            if len(searches) >= THREAD_MIN_EVENTS:
+                result = await asyncio.to_thread(search, searches, states, now_ms, [m.position for m in kept], site_ids)
+            else:
+                result = search(searches, states, now_ms, [m.position for m in kept], site_ids)
+            for f in result.failures:
+                msg = kept[f.index]
+                log.error("search at %s[%d]@%d dead-lettered: %s", msg.topic, msg.partition, msg.offset, f.reason,
+                          exc_info=f.error)
+                dead.append((msg, _failure_letter("processing_error", f.reason, msg)))
+        out: list[OutRecord] = []
+        if result is not None:
+            out = [(self.topics.recommendations, rec.user_id.encode(), payload)
+                   for rec, payload in zip(result.recommendations, result.payloads, strict=True)]
+        out += [(self.topics.dlq, msg.key, encode(letter)) for msg, letter in dead]
+        if out:
+            await self._publish(out)
+        published_ms = now_ms()
+        if result is not None and result.docs:
+            await self._retry("save", lambda: self.store.save_docs(result.docs, fence))
+        if dead:
+            self._count_dead([letter.code for _, letter in dead])
+        m = self.metrics
+        if result is not None:
+            m.searches_answered.inc(len(result.recommendations))
+            m.duplicates_skipped.inc(result.duplicates)
+            for rec in result.recommendations:
+                m.search_end_to_end_seconds.observe(max(0, published_ms - rec.event_ts) / 1000)
+                m.experiment_lists.labels(rec.variant).inc()  # attributed like any list (rec_id)
+            for name, seconds in result.timings.items():
+                m.stage_seconds.labels(f"search_{name}").observe(seconds)
+        m.stage_seconds.labels("search_batch").observe(time.perf_counter() - t0)
 
     async def _impressions(self, messages: Sequence[RawMessage]) -> None:
         """Count what sites showed, per experiment arm (the denominator of click-through rates

@@ -59,7 +59,7 @@ from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
 from stream.pseudonyms import Pseudonyms
 from stream.records import Bounds
-from stream.retry import Backoff
+from stream.retry import Backoff, run_until_done
 from stream.step_inputs import source_of
 
 log = logging.getLogger("streamrec.peers")
@@ -199,22 +199,8 @@ class PeerLearner:
         """Once ``ready`` (the models restored, and what their snapshot missed learned again),
         read and learn until cancelled; a failure is logged, counted and retried after a back-off."""
         await ready.wait()
-        delays = self.backoff.delays()
-        while True:
-            started = time.monotonic()
-            try:
-                await self._read()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the worker serves on; the reader starts again
-                self.metrics.peer_failures.inc()
-                if time.monotonic() - started > BACKOFF_RESET_S:  # it had recovered: a new failure starts short
-                    delays = self.backoff.delays()
-                delay = next(delays)
-                log.warning("learning the other workers' partitions failed (%r); starting again in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
-            else:
-                return
+        await run_until_done(self._read, self.backoff, log, "learning the other workers' partitions",
+                             self.metrics.peer_failures.inc, BACKOFF_RESET_S)
 
     async def _read(self) -> None:
         consumer = AIOKafkaConsumer(**self.kafka, group_id=None, enable_auto_commit=False,

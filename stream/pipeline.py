@@ -177,7 +177,8 @@ class RecommendationStep:
         """The name of the arm the user (by the id the site sends) is in."""
         return self.experiment.arm_of(site_user_id).name if self.experiment is not None else self.DEFAULT_VARIANT
 
-    def _new_rec_id(self) -> str:
+    def new_rec_id(self) -> str:
+        """A fresh ``rec_id``: unique across workers and restarts, at most 24 characters."""
         return f"{self._rec_prefix}{next(self._rec_numbers):x}"
 
     def model_versions(self) -> dict[str, str]:
@@ -505,7 +506,7 @@ class RecommendationStep:
                     extra[i] = {"transformer": s if s.shape == (len(candidates[i]),)
                                 else dict(zip(candidates[i], s.tolist(), strict=False))}
         t3 = clock()
-        rec_ids = [self._new_rec_id() for _ in users]
+        rec_ids = [self.new_rec_id() for _ in users]
         lists: list[list[RecommendedItem]] = []
         if arm is not None and arm.baseline == "shuffle":  # the candidates in a random order: no ranking at all
             k = recommender.config.k

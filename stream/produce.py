@@ -40,6 +40,7 @@ from online_models.datasets import FORMATS, DatasetError, read_interactions
 from online_models.types import Interaction
 from stream.connections import KafkaConnection
 from stream.errors import StreamrecError
+from stream.produce_catalogue import read_catalogue_file, send_catalogue, synthetic_items
 from stream.publisher import RecordBatches, murmur2_partition
 from stream.records import encode
 from stream.settings import Settings, TopicNames
@@ -252,7 +253,13 @@ def produce(
         "--id-prefix", help="Start event ids with this instead of the log's tag (format, file, seed): a fresh "
         "prefix makes a replay count as new events for a worker that has already seen this log.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
-) -> ProduceSummary:
+    catalogue: Annotated[Path | None, typer.Option(
+        "--catalogue", help="Send this catalogue (JSON Lines, one ItemEvent per line: docs/events.md) to <prefix>items "
+        "instead of events; every line is checked first.", exists=True, dir_okay=False, readable=True)] = None,
+    demo_catalogue: Annotated[bool, typer.Option(
+        "--demo-catalogue", help="Send the synthetic shop's catalogue (2,000 items titled in English and Chinese, "
+        "for --seed) to <prefix>items instead of events, for search.")] = False,
+) -> ProduceSummary | int:
     """Replay a click/purchase log (or a synthetic shop) as events, keyed by user_id.
 
     Clicks go to <prefix>clicks, purchases to <prefix>purchases; missing topics are created first.
@@ -260,7 +267,13 @@ def produce(
     Event ids are the same on every replay of the same log (format, file name or seed, and position), so a worker that already applied them skips them.
 
     Ctrl-C stops early: what was sent is flushed and the summary printed.
+
+    With --catalogue FILE: the items of FILE go to <prefix>items, keyed by item_id, for search.
     """
+    if catalogue is not None or demo_catalogue:
+        if dataset is not None or (catalogue is not None and demo_catalogue):
+            raise typer.BadParameter("send one catalogue or a log of events, not both", param_hint="--catalogue")
+        return _produce_catalogue(catalogue, bootstrap, topic_prefix, seed)
     fmt = "synthetic" if dataset is None and format in ("synthetic", "") else format
     if fmt not in FORMATS:
         raise typer.BadParameter(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}", param_hint="--format")
@@ -286,6 +299,30 @@ def produce(
     if summary.interrupted:
         raise typer.Exit(130)
     return summary
+
+
+def _produce_catalogue(path: Path | None, bootstrap: str | None, topic_prefix: str | None, seed: int) -> int:
+    settings = Settings.from_env(**{k: v for k, v in (("kafka_bootstrap", bootstrap), ("topic_prefix", topic_prefix)) if v is not None})
+    now = time.time_ns() // 1_000_000
+    items = read_catalogue_file(path, now) if path is not None else synthetic_items(seed, now)
+    ensure_streamrec_topics(settings)
+
+    async def main() -> int:
+        kafka = settings.kafka
+        producer = await started_producer(kafka, client_id="streamrec-produce-catalogue", acks="all", linger_ms=5,
+                                          max_batch_size=256 * 1024)
+        try:
+            return await send_catalogue(items, producer, settings.topics.items)
+        except KafkaError as exc:
+            if (denied := kafka.refusal(exc)) is not None:
+                raise denied from None
+            raise StreamrecError(f"sending the catalogue to {kafka.bootstrap} failed: {exc!r}") from None
+        finally:
+            await producer.stop()
+
+    sent = asyncio.run(main())
+    typer.echo(f"sent {sent:,} items to {settings.topics.items} on {settings.kafka_bootstrap}")
+    return sent
 
 
 def _run_with_progress(interactions, bootstrap, topics, tag, rate, keep_ts, show, total) -> ProduceSummary:

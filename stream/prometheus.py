@@ -59,6 +59,11 @@ class Metrics:
         self.users_forgotten = Counter("users_forgotten_total", "Forget requests carried out by this worker as the user's owner: state deleted, models purged, recommendations tombstoned (the request id is in the log, never the user id)", namespace=ns, registry=r)
         self.forgets_applied = Counter("forgets_applied_total", "Forget requests applied to this worker's models (its own partitions and, with STREAMREC_LEARN_ALL_PARTITIONS, the others')", namespace=ns, registry=r)
         self.forgotten_remembered = Gauge("forgotten_users_remembered", "Forgotten users whose older events the models refuse (keyed hashes), as of the last snapshot; trimmed then once Kafka no longer holds their events (docs/operations.md, Forgetting a user)", namespace=ns, registry=r)
+        self.searches_answered = Counter("searches_answered_total", "SearchEvents answered with a personalised list (context.kind = search)", namespace=ns, registry=r)
+        self.search_end_to_end_seconds = Histogram("search_end_to_end_seconds", "From a search's ts to the publication of its answer", buckets=END_TO_END_BUCKETS, namespace=ns, registry=r)
+        self.catalogue_items = Gauge("catalogue_items", "Items in this process's catalogue, embedded and indexed for search", namespace=ns, registry=r)
+        self.catalogue_pending = Gauge("catalogue_pending_items", "Items read from the items topic and waiting to be embedded", namespace=ns, registry=r)
+        self.catalogue_changes = Counter("catalogue_changes_total", "Values of the items topic applied to the catalogue, by kind (upsert, tombstone, invalid)", ["kind"], namespace=ns, registry=r)
         self.events_refused_forgotten = Counter("events_refused_forgotten_total", "Events neither applied nor learned because their user was forgotten after them (a replay, a redelivery, a late event)", namespace=ns, registry=r)
         self.forget_failures = Counter("forget_failures_total", "Forget requests whose purge raised in a model (a bug): state, lists and refusal were done, a model may still hold part of the user", namespace=ns, registry=r)
         v = ["variant"]

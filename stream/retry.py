@@ -6,8 +6,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 
@@ -33,3 +36,28 @@ class Backoff:
             yield round(d, 6)
             delay *= self.factor
             n += 1
+
+
+async def run_until_done(attempt: Callable[[], Awaitable[None]], backoff: Backoff, log: logging.Logger, what: str,
+                         on_failure: Callable[[], None] | None = None, reset_after_s: float = 60.0) -> None:
+    """``await attempt()`` until it returns; each failure is logged (saying ``what`` failed),
+    handed to ``on_failure`` (a counter) and followed by the next of ``backoff``'s delays. An
+    attempt that ran ``reset_after_s`` before failing had recovered: the delays start short again.
+    Cancellation passes through. A background reader's loop (stream/peers.py, stream/catalogue_feed.py)."""
+    delays = backoff.delays()
+    while True:
+        started = time.monotonic()
+        try:
+            await attempt()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - logged, counted, tried again
+            if on_failure is not None:
+                on_failure()
+            if time.monotonic() - started > reset_after_s:
+                delays = backoff.delays()
+            delay = next(delays)
+            log.warning("%s failed (%r); starting again in %.1f s", what, exc, delay)
+            await asyncio.sleep(delay)
+        else:
+            return

@@ -18,7 +18,9 @@ from pathlib import Path
 
 from gpu_scorer import HotSwapScorer, ModelRegistry
 from gpu_scorer.errors import ModelLoadError
+from online_models.search import Catalogue, TextEmbedder
 from stream.batching import drop_stale
+from stream.catalogue_feed import CatalogueFeed
 from stream.errors import ConfigError
 from stream.handler import BatchHandler, Claims, RawMessage, now_ms
 from stream.health import Health, check_readiness
@@ -30,6 +32,7 @@ from stream.pseudonyms import Pseudonyms, pseudonyms_of
 from stream.publisher import BatchPublisher
 from stream.replay import gaps, replay
 from stream.retry import Backoff
+from stream.search_step import SearchConfig, SearchStep
 from stream.settings import Settings
 from stream.snapshots import ModelSnapshots
 from stream.state import Fenced, UserStateStore
@@ -73,6 +76,10 @@ class Shell:
     peers: PeerLearner = field(init=False)
     forgets_pending: asyncio.Event = field(init=False)
     peers_started: bool = False
+    #: what searches retrieve from, kept from the items topic by ``catalogue_feed``
+    #: (None with STREAMREC_CATALOGUE=false)
+    catalogue: Catalogue | None = field(init=False, default=None)
+    catalogue_feed: CatalogueFeed | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         settings = self.settings
@@ -92,6 +99,16 @@ class Shell:
                                  settings.bounds, self.busy, self.metrics,
                                  lambda: committed_offsets(settings.kafka, settings.app_id),
                                  pseudonyms=self.pseudonyms, forget_topic=settings.topics.forget)
+        if settings.catalogue:
+            # one OpenMP thread: embedding items shares the machine with the event loop
+            self.catalogue = Catalogue(TextEmbedder(threads=1), candidates=settings.search_candidates)
+            self.catalogue_feed = CatalogueFeed(self.catalogue, settings.kafka.client_options(), settings.topics.items,
+                                                settings.bounds, self.metrics, self.publisher.publish,
+                                                settings.topics.dlq, store=self.store,
+                                                snapshot_interval_s=max(1, settings.snapshot_interval_s))
+        self.handler.search = SearchStep(self.step, self.catalogue,
+                                         SearchConfig(k=settings.top_k, depth=settings.search_candidates,
+                                                      personal_weight=settings.search_personal_weight))
         self.forgets_pending = asyncio.Event()  # set: users were erased since the last snapshot
         self.handler.on_forget = self.peers.on_forget = lambda n: self.forgets_pending.set()
         self.metrics.watch_models(lambda: self.step.recommender)

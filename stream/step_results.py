@@ -67,14 +67,14 @@ class Failure:
     """An event the step could not handle: where in the batch, in which stage, and why."""
 
     index: int
-    stage: str  # "prepare", "rank" or "learn"
+    stage: str  # "prepare", "rank", "learn" or "search"
     error: BaseException
 
     @property
     def reason(self) -> str:
         """A sentence for the dead letter: what failed, with the exception's type and message."""
         what = {"prepare": "applying it to the user's state", "rank": "ranking the user's recommendations",
-                "learn": "teaching it to the online models"}.get(self.stage, self.stage)
+                "learn": "teaching it to the online models", "search": "answering the search"}.get(self.stage, self.stage)
         message = str(self.error).strip().replace("\n", " ")
         if len(message) > 300:
             message = message[:300] + "…"

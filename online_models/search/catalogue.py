@@ -274,26 +274,39 @@ class Catalogue:
     @classmethod
     def from_bytes(cls, data: bytes, embedder: Embedder, **kwargs) -> Catalogue:
         """A catalogue restored from :meth:`to_bytes`: no item is embedded again."""
+        catalogue = cls(embedder, **kwargs)
+        catalogue.load(data)
+        return catalogue
+
+    def load(self, data: bytes) -> None:
+        """Replace everything this catalogue holds with the snapshot ``data`` (searches see the
+        old catalogue until the new one is whole); raises ValueError for a snapshot of another
+        model, or bytes that are no snapshot."""
         try:
             snap = msgspec.msgpack.decode(data, type=_Snapshot)
         except msgspec.DecodeError as exc:
-            raise ValueError(f"not a catalogue snapshot: {exc}") from exc
+            raise ValueError(f"not a catalogue snapshot: {exc}") from None
+        embedder = self.embedder
         if snap.version != SNAPSHOT_VERSION:
             raise ValueError(f"catalogue snapshot version {snap.version}: this code reads {SNAPSHOT_VERSION}")
         if snap.dim != embedder.dim or snap.model != embedder.name:
             raise ValueError(f"catalogue snapshot made with {snap.model} ({snap.dim} dimensions), "
                              f"not {embedder.name} ({embedder.dim}): its vectors cannot be searched with this model")
-        catalogue = cls(embedder, **kwargs)
         vectors = np.frombuffer(snap.vectors, dtype=np.float16).reshape(len(snap.keys), snap.dim).astype(np.float32)
+        items, key_of, id_of = {}, {}, {}
+        lexical, vector_index = LexicalIndex(), VectorIndex(embedder.dim)
         for item, key in zip(snap.items, snap.keys, strict=True):
-            catalogue._key_of[item.item_id] = key
-            catalogue._id_of[key] = item.item_id
-            catalogue._items[item.item_id] = item
-            catalogue._lexical.upsert(key, item.text())
-        catalogue._vectors.upsert(np.asarray(snap.keys, dtype=np.uint64), vectors)
-        catalogue._lexical.commit()
-        catalogue._next_key = snap.next_key
-        return catalogue
+            key_of[item.item_id] = key
+            id_of[key] = item.item_id
+            items[item.item_id] = item
+            lexical.upsert(key, item.text())
+        vector_index.upsert(np.asarray(snap.keys, dtype=np.uint64), vectors)
+        lexical.commit()
+        with self._lock:
+            self._items, self._key_of, self._id_of = items, key_of, id_of
+            self._lexical, self._vectors = lexical, vector_index
+            self._next_key = snap.next_key
+            self._pending = {}
 
 
 def fuse(lexical: Sequence[tuple[str, float]], semantic: Sequence[tuple[str, float]], k: int,

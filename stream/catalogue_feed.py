@@ -1,0 +1,255 @@
+"""The catalogue, kept from the items topic: every worker reads all of it.
+
+``streamrec.items`` is compacted and keyed by ``item_id``: Kafka keeps at least the latest
+value per item, and a null value (a tombstone) removes the item. Search must be able to find
+any item whichever worker a user's search reaches, so each worker (and ``streamrec serve``)
+reads **every** partition of the topic with a consumer of its own, in no consumer group, as a
+global table (Kafka Streams' GlobalKTable, Faust's GlobalTable), from the beginning, and then
+follows it.
+
+Each value is decoded at the same door as events (:func:`stream.decoding.decode_item`); one
+that breaks the contract is dead-lettered, by each reader that meets it, with the usual code
+and reason. New and changed items are embedded by the text model in a thread (the model
+releases the GIL: the event loop keeps serving) in chunks of :data:`FLUSH_CHUNK`, and become
+searchable chunk by chunk (``streamrec_catalogue_items``, ``streamrec_catalogue_pending_items``).
+
+Should reading fail (the broker unreachable, a bug), the feed logs, and starts again after a
+back-off from where it was: the catalogue keeps what it has, and the worker serves on.
+
+**Snapshots.** Embedding is the catalogue's cost (about 45 items/s on one core), so a worker
+does not pay it again at each start: every ``snapshot_interval_s`` in which the catalogue
+changed, once everything read is indexed, the feed writes the catalogue (items and half-precision
+vectors, :meth:`Catalogue.to_bytes <online_models.search.Catalogue.to_bytes>`) with the offsets
+it covers to the store's blob :data:`SNAPSHOT_KEY`; at start it restores that blob and reads the
+topic from those offsets on. Workers write the same content (each reads the whole topic); the
+last write wins, and every snapshot is whole. A snapshot of another text model, or one that
+does not decode, is ignored (logged): the feed reads the topic from the beginning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from online_models.search import Catalogue, CatalogueItem
+from stream.decoding import decode_item
+from stream.errors import InvalidEvent
+from stream.prometheus import Metrics
+from stream.records import Bounds, DeadLetter, ItemEvent, dead_letter, encode
+from stream.retry import Backoff, run_until_done
+from stream.state import UserStateStore
+
+log = logging.getLogger("streamrec.catalogue")
+
+#: the store's blob that holds the catalogue's snapshot
+SNAPSHOT_KEY = "catalogue:snapshot"
+
+
+class _Envelope(msgspec.Struct, array_like=True):
+    topic: str
+    #: partition -> the next offset to read
+    offsets: dict[int, int]
+    catalogue: bytes
+
+#: records read per fetch, and items embedded per thread hand-off
+FETCH_RECORDS = 1000
+FLUSH_CHUNK = 256
+#: how often the feed looks for partitions added to the items topic
+METADATA_EVERY_S = 30.0
+
+
+def catalogue_item(event: ItemEvent) -> CatalogueItem:
+    """What search keeps of an ItemEvent."""
+    return CatalogueItem(item_id=event.item_id, title=event.title, description=event.description or "",
+                         category_path=tuple(event.category_path or ()), brand=event.brand, price=event.price,
+                         available=event.available)
+
+
+class CatalogueFeed:
+    """Follow the items topic into ``catalogue``.
+
+    ``publish(records)`` sends dead letters (the worker's :class:`~stream.publisher.BatchPublisher`;
+    None: invalid values are only counted and logged). ``offsets`` (partition -> the next offset
+    to read) say where reading starts; a partition not in it is read from the beginning.
+    """
+
+    def __init__(self, catalogue: Catalogue, kafka_options: dict, topic: str, bounds: Bounds, metrics: Metrics,
+                 publish: Callable[[list], Awaitable[list]] | None = None, dlq_topic: str | None = None,
+                 offsets: dict[int, int] | None = None, backoff: Backoff | None = None, poll_ms: int = 500,
+                 store: UserStateStore | None = None, snapshot_interval_s: float = 60.0,
+                 write_snapshots: bool = True) -> None:
+        self.catalogue = catalogue
+        self.kafka = kafka_options
+        self.topic = topic
+        self.bounds = bounds
+        self.metrics = metrics
+        self.publish = publish
+        self.dlq_topic = dlq_topic
+        self.offsets: dict[int, int] = dict(offsets or {})
+        self.backoff = backoff or Backoff(base_s=0.5, cap_s=30.0)
+        self.poll_ms = poll_ms
+        #: set once the feed has read to the end of every partition as it was at its start
+        self.caught_up = asyncio.Event()
+        self._ends: dict[int, int] | None = None
+        self.store = store
+        self.snapshot_interval_s = snapshot_interval_s
+        #: False: restore the workers' snapshot, never write one (``streamrec serve``)
+        self.write_snapshots = write_snapshots
+        self._changed = False
+        self._snapshot_at = time.monotonic()
+
+    async def restore(self) -> bool:
+        """The catalogue and its offsets from the store's snapshot, if there is a good one."""
+        if self.store is None:
+            return False
+        try:
+            data = await self.store.get_blob(SNAPSHOT_KEY)
+            if data is None:
+                return False
+            envelope = msgspec.msgpack.decode(data, type=_Envelope)
+            if envelope.topic != self.topic:
+                log.warning("the catalogue's snapshot is of topic %s, not %s: ignored", envelope.topic, self.topic)
+                return False
+            await asyncio.to_thread(self.catalogue.load, envelope.catalogue)
+        except (msgspec.DecodeError, ValueError) as exc:
+            log.warning("the catalogue's snapshot cannot be restored (%s): reading %s from the beginning", exc, self.topic)
+            return False
+        self.offsets = dict(envelope.offsets)
+        self.metrics.catalogue_items.set(len(self.catalogue))
+        log.info("catalogue restored from its snapshot: %d items; reading %s from offsets %s", len(self.catalogue),
+                 self.topic, dict(sorted(self.offsets.items())))
+        return True
+
+    async def snapshot(self) -> bool:
+        """Write the catalogue and the offsets it covers (call with nothing pending)."""
+        if self.store is None or not self.write_snapshots or self.catalogue.pending:
+            return False
+        offsets = dict(self.offsets)
+        data = await asyncio.to_thread(lambda: msgspec.msgpack.encode(
+            _Envelope(self.topic, offsets, self.catalogue.to_bytes())))
+        await self.store.set_blob(SNAPSHOT_KEY, data)
+        self._changed = False
+        self._snapshot_at = time.monotonic()
+        log.info("catalogue snapshot written: %d items, %.1f MiB", len(self.catalogue), len(data) / 2**20)
+        return True
+
+    async def run(self) -> None:
+        """Restore the snapshot, then read until cancelled; a failure is logged and reading
+        starts again after a back-off."""
+        try:
+            await self.restore()
+        except Exception as exc:  # noqa: BLE001 - the store is down: read the topic instead
+            log.warning("could not read the catalogue's snapshot (%r): reading %s from the beginning", exc, self.topic)
+        await run_until_done(self._read, self.backoff, log, f"reading the items topic {self.topic}")
+
+    async def _read(self) -> None:
+        consumer = AIOKafkaConsumer(**self.kafka, group_id=None, enable_auto_commit=False,
+                                    auto_offset_reset="earliest", max_poll_records=FETCH_RECORDS)
+        await consumer.start()
+        try:
+            partitions: set[int] = set()
+            looked = float("-inf")
+            while True:
+                if time.monotonic() - looked > METADATA_EVERY_S:
+                    looked = time.monotonic()
+                    partitions = await self._assign(consumer, partitions)
+                batch = await consumer.getmany(timeout_ms=self.poll_ms, max_records=FETCH_RECORDS)
+                for tp, records in batch.items():
+                    await self._apply(tp.partition, records)
+                    self._changed = True
+                await self._flush()
+                if self._ends is not None and all(self.offsets.get(p, 0) >= end for p, end in self._ends.items()):
+                    self._ends = None
+                    self.caught_up.set()
+                    log.info("catalogue loaded from %s: %d items", self.topic, len(self.catalogue))
+                    self._snapshot_at = float("-inf")  # the whole topic embedded: snapshot it now
+                if self._changed and time.monotonic() - self._snapshot_at >= self.snapshot_interval_s:
+                    try:
+                        await self.snapshot()
+                    except Exception as exc:  # noqa: BLE001 - the next interval tries again
+                        self._snapshot_at = time.monotonic()
+                        log.warning("could not write the catalogue's snapshot (%r); trying again in %.0f s", exc,
+                                    self.snapshot_interval_s)
+        finally:
+            await consumer.stop()
+
+    async def _assign(self, consumer: AIOKafkaConsumer, known: set[int]) -> set[int]:
+        """Every partition of the topic (partitions added since are picked up here)."""
+        await consumer._client.force_metadata_update()  # noqa: SLF001 - aiokafka has no public call for it
+        found = consumer.partitions_for_topic(self.topic) or set()
+        if found == known:
+            return known
+        tps = [TopicPartition(self.topic, p) for p in sorted(found)]
+        consumer.assign(tps)
+        for tp in tps:
+            if tp.partition in self.offsets:
+                consumer.seek(tp, self.offsets[tp.partition])
+            else:
+                await consumer.seek_to_beginning(tp)
+        if not self.caught_up.is_set():
+            ends = await consumer.end_offsets(tps)
+            self._ends = {tp.partition: end for tp, end in ends.items()}
+        log.info("reading the items topic %s: partitions %s", self.topic, sorted(found))
+        return set(found)
+
+    async def _apply(self, partition: int, records) -> None:
+        upserts: list[CatalogueItem] = []
+        dead: list[tuple[bytes | None, DeadLetter]] = []
+        changes = self.metrics.catalogue_changes
+        now = time.time_ns() // 1_000_000
+        for rec in records:
+            self.offsets[partition] = rec.offset + 1
+            if rec.value is None:  # a tombstone
+                if rec.key:
+                    upserts = self._upsert(upserts)
+                    self.catalogue.remove(rec.key.decode("utf-8", "replace"))
+                    changes.labels("tombstone").inc()
+                continue
+            try:
+                item = decode_item(rec.value, self.bounds)
+            except InvalidEvent as exc:
+                dead.append((rec.key, dead_letter(exc, rec.value, rec.topic, partition, rec.offset, now)))
+                continue
+            except Exception as exc:  # noqa: BLE001 - a decoder bug is that value's problem alone
+                problem = InvalidEvent("processing_error", f"decoding the value raised {type(exc).__name__}: {exc}")
+                dead.append((rec.key, dead_letter(problem, rec.value, rec.topic, partition, rec.offset, now)))
+                continue
+            upserts.append(catalogue_item(item))
+        self._upsert(upserts)
+        if dead:
+            changes.labels("invalid").inc(len(dead))
+            for _, letter in dead:
+                self.metrics.events_invalid.labels(letter.code).inc()
+                log.warning("item value at %s[%d]@%d refused: %s", letter.topic, letter.partition, letter.offset,
+                            letter.reason)
+            if self.publish is not None and self.dlq_topic is not None:
+                pending = [(self.dlq_topic, key, encode(letter)) for key, letter in dead]
+                delays = self.backoff.delays()
+                while pending:
+                    pending = await self.publish(pending)
+                    if pending:
+                        await asyncio.sleep(next(delays))
+                self.metrics.dead_letters_published.inc(len(dead))
+
+    def _upsert(self, items: list[CatalogueItem]) -> list[CatalogueItem]:
+        if items:
+            self.catalogue.upsert(items)
+            self.metrics.catalogue_changes.labels("upsert").inc(len(items))
+        return []
+
+    async def _flush(self) -> None:
+        catalogue = self.catalogue
+        while catalogue.pending:
+            self.metrics.catalogue_pending.set(catalogue.pending)
+            await asyncio.to_thread(catalogue.flush, FLUSH_CHUNK)
+            self.metrics.catalogue_items.set(len(catalogue))
+        self.metrics.catalogue_pending.set(0)
+        self.metrics.catalogue_items.set(len(catalogue))
+
+
+__all__ = ["CatalogueFeed", "catalogue_item"]

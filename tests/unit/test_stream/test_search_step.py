@@ -1,0 +1,190 @@
+"""Searches in the worker: the pure SearchStep, and the batch handler's side topic with the
+in-memory store (tests/integration/test_search_e2e.py runs it through real Kafka and Redis)."""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+import pytest
+from prometheus_client import CollectorRegistry
+
+from online_models import Recommender, RecommenderConfig
+from online_models.search import Catalogue, CatalogueItem, TextEmbedder
+from stream.handler import BatchHandler, RawMessage
+from stream.pipeline import RecommendationStep
+from stream.prometheus import Metrics
+from stream.records import ClickEvent, SearchEvent, decode_dead_letter, decode_recommendation
+from stream.search_step import RECENT_QUERIES, SearchConfig, SearchStep
+from stream.settings import TopicNames
+from stream.state import InMemoryUserStateStore, UserState
+
+TS = 1_700_000_000_000
+CATALOGUE = [
+    CatalogueItem(item_id="jacket-zh", title="女士冬季长款羽绒服 连帽 保暖", category_path=("Women", "Coats"), brand="Yuki"),
+    CatalogueItem(item_id="jacket-en", title="Women's long winter down jacket with hood", category_path=("Women", "Coats"),
+                  brand="Northline"),
+    CatalogueItem(item_id="parka", title="Men's winter parka, insulated, waterproof", category_path=("Men", "Coats")),
+    CatalogueItem(item_id="shoes", title="Men's lightweight running shoes", category_path=("Shoes",)),
+    CatalogueItem(item_id="tv", title="55 inch 4K LED smart TV"),
+]
+
+
+@pytest.fixture(scope="module")
+def catalogue():
+    catalogue = Catalogue(TextEmbedder(threads=1), candidates=10)
+    catalogue.upsert(CATALOGUE)
+    catalogue.flush()
+    return catalogue
+
+
+def search(eid, user, query, ts=TS, **kw):
+    return SearchEvent(event_id=eid, type="search", user_id=user, query=query, ts=ts, **kw)
+
+
+def trained_step():
+    """Models that learned that shoppers who view ``a`` view ``b`` next."""
+    step = RecommendationStep(Recommender.default(RecommenderConfig(k=10, n_candidates=50)))
+    events = []
+    for u in range(40):
+        events += [ClickEvent(event_id=f"e{u}a", user_id=f"v{u}", item_id="a", ts=TS + u * 10),
+                   ClickEvent(event_id=f"e{u}b", user_id=f"v{u}", item_id="b", ts=TS + u * 10 + 1)]
+    step(events, {}, lambda: TS)
+    return step
+
+
+def test_a_query_retrieves_from_the_catalogue_in_any_language_and_the_answer_says_so(catalogue):
+    step = SearchStep(RecommendationStep(Recommender.default()), catalogue, SearchConfig(k=3))
+    result = step([search("s1", "new-user", "女士羽绒服")], {}, lambda: TS + 5)  # women's down jacket
+    (rec,) = result.recommendations
+    assert rec.context == {"kind": "search", "query": "女士羽绒服"}
+    assert [i.item_id for i in rec.items[:2]] == ["jacket-zh", "jacket-en"]  # the English title by meaning
+    assert all(i.reason == "search" and i.explanation.matched in ("words", "meaning", "both") for i in rec.items)
+    assert (rec.trigger_event_id, rec.event_ts, rec.generated_ts) == ("s1", TS, TS + 5)
+    assert decode_recommendation(result.payloads[0]) == rec
+    state = msgspec.json.decode(result.docs["new-user"], type=UserState)
+    assert state.recent_queries == ["女士羽绒服"] and state.recs[0][0] == rec.rec_id
+
+
+def test_filters_narrow_the_catalogue(catalogue):
+    step = SearchStep(RecommendationStep(Recommender.default()), catalogue)
+    (rec,) = step([search("s1", "u", "winter coat", filters={"category": "men"})], {}, lambda: TS).recommendations
+    assert [i.item_id for i in rec.items] == ["parka"]
+    (rec,) = step([search("s2", "u", "jacket", filters={"brand": "NORTHLINE"})], {}, lambda: TS).recommendations
+    assert [i.item_id for i in rec.items] == ["jacket-en"]
+
+
+def test_the_shops_results_are_re_ranked_for_the_user_and_nothing_is_added():
+    step = trained_step()
+    results = ["x1", "x2", "x3", "x4", "x5", "b"]
+    searcher = SearchStep(step, None, SearchConfig(k=10, personal_weight=0.3))
+    known = UserState("fan", recent_items=["a"], purchased=["b"])  # bought b before: kept in a search
+    (rec,) = searcher([search("s1", "fan", "b please", results=results)], {"fan": known}, lambda: TS).recommendations
+    ranked = [i.item_id for i in rec.items]
+    assert sorted(ranked) == sorted(results)
+    assert ranked.index("b") < results.index("b")  # the user's models moved it up
+    assert rec.items[ranked.index("b")].reason == "covisit"  # and the explanation says why
+    (plain,) = searcher([search("s2", "stranger", "b please", results=results)], {}, lambda: TS).recommendations
+    assert [i.item_id for i in plain.items] == results  # nothing known of the user: the shop's order
+    assert {i.explanation.matched for i in plain.items} == {"shop"}
+    none = SearchStep(step, None, SearchConfig(k=10, personal_weight=0.0))
+    (rec,) = none([search("s3", "fan", "b please", results=results)], {"fan": known}, lambda: TS).recommendations
+    assert [i.item_id for i in rec.items] == results
+
+
+def test_without_a_catalogue_or_results_the_answer_is_empty_and_a_redelivery_is_skipped():
+    step = SearchStep(RecommendationStep(Recommender.default()))
+    result = step([search("s1", "u", "anything")], {}, lambda: TS, positions=[("searches:0", 7)])
+    assert result.recommendations[0].items == []
+    state = msgspec.json.decode(result.docs["u"], type=UserState)
+    again = step([search("s1", "u", "anything")], {"u": state}, lambda: TS, positions=[("searches:0", 7)])
+    assert again.recommendations == [] and again.duplicates == 1
+
+
+def test_recent_queries_are_bounded_and_a_repeat_moves_to_the_end():
+    step = SearchStep(RecommendationStep(Recommender.default()))
+    queries = [f"q{i}" for i in range(RECENT_QUERIES + 2)] + ["q3"]
+    result = step([search(f"s{i}", "u", q) for i, q in enumerate(queries)], {}, lambda: TS)
+    state = msgspec.json.decode(result.docs["u"], type=UserState)
+    assert state.recent_queries == ["q2", "q4", "q5", "q6", "q3"]
+
+
+def test_a_search_that_raises_is_a_failure_and_the_others_are_answered(catalogue):
+    class Broken:
+        def __len__(self):
+            return 1
+
+        def search(self, query, depth):
+            if query == "boom":
+                raise RuntimeError("index gone")
+            return catalogue.search(query, depth)
+
+    step = SearchStep(RecommendationStep(Recommender.default()), Broken())
+    result = step([search("s1", "u1", "tv"), search("s2", "u2", "boom"), search("s3", "u3", "shoes")], {}, lambda: TS)
+    assert [r.trigger_event_id for r in result.recommendations] == ["s1", "s3"]
+    (failure,) = result.failures
+    assert failure.index == 1 and "answering the search raised RuntimeError: index gone" in failure.reason
+    assert "u2" not in result.docs
+
+
+def test_the_personal_weight_is_bounded():
+    with pytest.raises(ValueError, match="personal_weight"):
+        SearchConfig(personal_weight=1.5)
+
+
+async def test_the_handler_answers_searches_and_dead_letters_bad_ones(catalogue):
+    store = InMemoryUserStateStore()
+    sent: list = []
+
+    async def publish(records):
+        sent.extend(records)
+        return []
+
+    topics = TopicNames("t.")
+    metrics = Metrics(CollectorRegistry())
+    step = RecommendationStep(Recommender.default())
+    handler = BatchHandler(step, store, publish, topics, metrics)
+    handler.search = SearchStep(step, catalogue, SearchConfig(k=2))
+    good = json.dumps({"event_id": "s1", "type": "search", "user_id": "u1", "query": "smart tv", "ts": TS}).encode()
+    bad = json.dumps({"event_id": "s2", "type": "search", "user_id": "u1", "query": "   ", "ts": TS}).encode()
+    messages = [RawMessage("t.searches", 0, 0, b"u1", good), RawMessage("t.searches", 0, 1, b"u1", bad)]
+    await handler.handle_isolated(messages)
+    recs = [decode_recommendation(v) for t, _, v in sent if t == "t.recommendations"]
+    letters = [decode_dead_letter(v) for t, _, v in sent if t == "t.dlq"]
+    assert [r.items[0].item_id for r in recs] == ["tv"] and recs[0].context["kind"] == "search"
+    assert [(d.code, d.offset) for d in letters] == [("invalid_value", 1)]
+    state = (await store.load_many(["u1"]))["u1"]
+    assert state.recent_queries == ["smart tv"] and state.offsets == {"t.searches:0": 0}
+    assert metrics.searches_answered._value.get() == 1
+    assert handler.events_applied == 0  # a search is not an event the models learn
+
+
+def test_produce_refuses_a_bad_catalogue_file_with_its_line_and_no_traceback(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bad = tmp_path / "items.jsonl"
+    bad.write_text('{"item_id": "i1", "title": "Down jacket"}\n{"item_id": "i2", "title": "", "ts": 1}\n',
+                   encoding="utf-8")
+    root = Path(__file__).resolve().parents[3]
+    env = {"PATH": "/usr/bin:/bin", "STREAMREC_KAFKA_BOOTSTRAP": "127.0.0.1:1"}  # never reached: refused before
+    done = subprocess.run([sys.executable, "-m", "stream.cli", "produce", "--catalogue", str(bad)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "catalogue line 2: field `title`: must not be empty" in done.stderr and "Traceback" not in done.stderr
+    both = subprocess.run([sys.executable, "-m", "stream.cli", "produce", "--catalogue", str(bad), "-d", str(bad),
+                           "-f", "otto"], cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert both.returncode == 2 and "a log of events" in both.stderr and "Traceback" not in both.stderr
+
+
+def test_the_synthetic_catalogue_is_valid_item_events_of_the_synthetic_shops_items():
+    from online_models.datasets import synthetic_interactions
+    from stream.decoding import decode_item
+    from stream.produce_catalogue import synthetic_items
+    from stream.records import encode
+
+    items = synthetic_items(42, TS)
+    assert len(items) == 2000 and all(decode_item(encode(i)) == i for i in items)
+    category = {i.item_id: i.category_path[0] for i in items}
+    assert all(category[x.item_id] == x.category_id for x in synthetic_interactions(3000))
