@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
@@ -20,6 +21,7 @@ from stream.health import Health, serve
 from stream.produce import produce
 from stream.prometheus import Metrics
 from stream.report import report
+from stream.serve import run_server
 from stream.settings import Settings
 from stream.tail import tail
 from stream.topics import align_topic_configs, check_copartitioned, ensure_streamrec_topics
@@ -69,6 +71,24 @@ def worker(
         log.info("metrics and health on http://0.0.0.0:%d/metrics, /healthz, /readyz", settings.metrics_port)
     faust_app = create_app(settings, metrics=metrics, health=health)
     Worker(faust_app, loglevel=level.lower(), quiet=True).execute_from_commandline()
+
+
+@app.command("serve")
+def serve_api(
+    port: int = typer.Option(None, "--port", "-p", min=1, max=65535, help="TCP port of the HTTP API (default STREAMREC_SERVE_PORT, 8080)."),
+    host: str = typer.Option("0.0.0.0", "--host", help="Address to listen on."),
+    loglevel: str = typer.Option(None, "--loglevel", "-l", help="debug, info, warning or error (default STREAMREC_LOG_LEVEL)"),
+) -> None:
+    """Serve the HTTP API beside the workers: personalised search, fresh recommendations, similar items.
+
+    GET /v1/search?q=TEXT&user_id=U&k=20, /v1/users/U/recommendations?k=20, /v1/items/I/similar?k=20,
+    /healthz, /readyz. User state comes from Redis; the models and the catalogue from the workers'
+    snapshots in Redis, then the items topic (docs/search.md). SIGTERM or Ctrl-C stops it.
+    """
+    settings = Settings.from_env()
+    level = (loglevel or settings.log_level).upper()
+    logging.basicConfig(level=level, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run_server(settings, port or settings.serve_port, host))
 
 
 @app.command("settings")

@@ -11,15 +11,18 @@ developer's own stack:
   stops by itself should this test die (``KAFKA_WATCH_PID``);
 - a private model registry (``STREAMREC_MODEL_DIR``), topic prefix, consumer group and metrics port.
 
-The long-running lines (``worker``, ``produce``, ``tail``) start as processes in order, as in
-separate terminals: tail starts while produce sends. Then the outcomes are checked: train
-registered a version, the worker became ready on it, produce sent 20,000 events, the worker
-handled them all and published recommendations, tail printed them and stops on Ctrl-C, the
-worker stops on SIGTERM with exit 0, and ``make down`` stops both servers.
+The long-running lines (``worker``, ``produce``, ``tail``, ``serve``) start as processes in
+order, as in separate terminals: tail starts while produce sends. Then the outcomes are
+checked: train registered a version, the worker became ready on it, the catalogue was sent and
+indexed, produce sent 20,000 events, the worker handled them all and published
+recommendations, tail printed them and stops on Ctrl-C, serve answers a search and a user's
+recommendations and stops on SIGTERM, the worker stops on SIGTERM with exit 0, and
+``make down`` stops both servers.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -56,6 +59,8 @@ def command_of(line: str) -> str:
         return "down"
     found = re.match(r"\.venv/bin/streamrec ([a-z-]+)", line)
     assert found, f"the quick-start test does not know how to run README line {line!r}"
+    if found.group(1) == "produce" and "catalogue" in line.split("#")[0]:
+        return "produce-catalogue"
     return found.group(1)
 
 
@@ -115,12 +120,13 @@ def run_exporting(line: str, env: dict[str, str], timeout: float) -> dict[str, s
 def test_the_readme_quick_start_runs_as_written(tmp_path, topic_prefix):
     lines = quick_start_lines()
     commands = [command_of(line) for line in lines]
-    assert commands == ["up", "train", "worker", "produce", "tail", "evaluate", "forget", "report", "down"], \
+    assert commands == ["up", "train", "worker", "produce", "produce-catalogue", "serve", "tail", "evaluate", "forget",
+                        "report", "down"], \
         f"the quick start changed ({commands}): teach this test its new lines"
     by_command = dict(zip(commands, lines, strict=True))
     assert f"--limit {N_EVENTS}" in by_command["produce"]
 
-    kafka_port, controller_port, redis_port, metrics_port = free_ports(4)
+    kafka_port, controller_port, redis_port, metrics_port, serve_port = free_ports(5)
     data = RUN_DIR / f"test-quickstart-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     app_id = f"{topic_prefix}worker"
     # nothing of the developer's settings or of a calling make leaks in
@@ -131,6 +137,7 @@ def test_the_readme_quick_start_runs_as_written(tmp_path, topic_prefix):
         "KAFKA_DATA_DIR": str(data / "kafka"), "REDIS_DATA_DIR": str(data / "redis"), "KAFKA_WATCH_PID": str(os.getpid()),
         "STREAMREC_MODEL_DIR": str(tmp_path / "models"), "STREAMREC_TOPIC_PREFIX": topic_prefix,
         "STREAMREC_APP_ID": app_id, "STREAMREC_METRICS_PORT": str(metrics_port), "PYTHONUNBUFFERED": "1",
+        "STREAMREC_SERVE_PORT": str(serve_port),
     })
     terminals: list[Terminal] = []
     stack_up = True  # from the first try on: `make down` is harmless when nothing runs
@@ -160,6 +167,17 @@ def test_the_readme_quick_start_runs_as_written(tmp_path, topic_prefix):
         wait_for(ready, 120, f"the worker to be ready\n{worker.tail()}")
         assert f'version="{current}"' in http_get(f"{metrics}/metrics")[1], "the worker does not serve the trained model"
 
+        # the catalogue for search: sent, then embedded and indexed by the worker
+        catalogue = run(by_command["produce-catalogue"], env, 120)
+        assert re.search(rf"^sent 2,000 items to {topic_prefix}items ", catalogue.stdout, flags=re.M), catalogue.stdout
+
+        def indexed() -> float:
+            worker.assert_alive()
+            found = re.search(r"^streamrec_catalogue_items (\S+)$", http_get(f"{metrics}/metrics")[1], flags=re.M)
+            return found is not None and float(found.group(1)) == 2000
+
+        wait_for(indexed, 600, f"the worker to index the catalogue\n{worker.tail()}")
+
         # produce in one terminal, tail in another while it sends
         produce = Terminal(by_command["produce"], env, tmp_path / "produce.log")
         terminals.append(produce)
@@ -188,6 +206,18 @@ def test_the_readme_quick_start_runs_as_written(tmp_path, topic_prefix):
 
         wait_for(lambda: len(tail_lines()) >= 100, 60, f"tail to print recommendations\n{tail.tail()}")
         assert tail.signal(signal.SIGINT) == 0, tail.tail()  # Ctrl-C
+
+        # serve: the HTTP API answers a search and a user's recommendations, then stops on SIGTERM
+        serve = Terminal(by_command["serve"], env, tmp_path / "serve.log")
+        terminals.append(serve)
+        api = f"http://127.0.0.1:{serve_port}"
+        wait_for(lambda: serve.assert_alive() or http_get(f"{api}/readyz")[0] == 200, 600, f"serve to be ready\n{serve.tail()}")
+        shopper = sorted(users)[0]
+        status, body = http_get(f"{api}/v1/search?q=running+shoes&user_id={shopper}&k=5")
+        assert status == 200 and len(json.loads(body)["items"]) == 5, body
+        status, body = http_get(f"{api}/v1/users/{shopper}/recommendations")  # empty models until the workers'
+        assert status == 200 and isinstance(json.loads(body)["items"], list), body  # first snapshot (5 min)
+        assert serve.signal(signal.SIGTERM) == 0, serve.tail()
 
         # evaluate: offline; the quick start needs nothing from ../shared
         assert "../shared" not in by_command["evaluate"], by_command["evaluate"]

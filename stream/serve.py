@@ -1,0 +1,335 @@
+"""``streamrec serve``: the HTTP API beside the workers.
+
+    GET /v1/search?q=...&user_id=...&k=...          personalised search
+    GET /v1/users/{user_id}/recommendations?k=...   a fresh home-page list for the user
+    GET /v1/items/{item_id}/similar?k=...           items close in meaning (the catalogue's vectors)
+    GET /healthz, /readyz
+
+Answers are JSON ``{"items": [{"item_id", "score", "explanation"}, ...], ...}``, best first, with
+explanations shaped as on the recommendations topic (docs/events.md). A bad parameter is a 400
+and an unknown item a 404, each with ``{"error": "..."}`` saying what was wrong.
+
+**Its own process, not the worker's web server.** A worker owns some of the users' partitions
+and spends its time on batches; an HTTP request may ask for any user, and its latency must not
+wait behind a batch (nor a batch behind a burst of requests). So ``serve`` runs apart, scales
+apart (as many as the request rate needs, none at all for a shop that only reads the topic),
+and shares what the workers know:
+
+- **users**: their state, read from Redis (never written: the workers own it);
+- **models**: the workers' snapshot of the online models in Redis, loaded again when a newer
+  one is written (``STREAMREC_SNAPSHOT_INTERVAL_S``), and the Transformer from the registry
+  (``STREAMREC_MODEL_DIR``) as the workers load it;
+- **catalogue**: the workers' catalogue snapshot in Redis, then the items topic followed from
+  its offsets (stream/catalogue_feed.py), as a worker does.
+
+Search and ranking are the worker's own code (:class:`~stream.search_step.SearchStep`,
+``Recommender.rank_many``). They run in one thread beside the event loop (the text model
+releases the GIL while it embeds), so that requests are computed one at a time on models
+that nothing else touches, while the loop keeps accepting and answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+import msgspec
+import numpy as np
+from aiohttp import web
+
+from online_models import Recommender
+from online_models.search import Catalogue, TextEmbedder
+from online_models.types import ScoredItem
+from stream.catalogue_feed import CatalogueFeed
+from stream.experiments import serving_view
+from stream.health import Health
+from stream.pipeline import RecommendationStep
+from stream.prometheus import Metrics
+from stream.pseudonyms import Pseudonyms, pseudonyms_of
+from stream.records import MAX_ID_CHARS, MAX_QUERY_CHARS, SearchEvent
+from stream.search_step import SearchConfig, SearchStep
+from stream.settings import Settings
+from stream.shell import load_scorer
+from stream.snapshots import SNAPSHOT_KEY
+from stream.state import RedisUserStateStore, UserState, UserStateStore
+from stream.step_inputs import user_context
+
+log = logging.getLogger("streamrec.serve")
+
+#: the largest ``k`` a request may ask for
+MAX_K = 100
+
+_encode = msgspec.json.Encoder().encode
+
+
+class BadRequest(ValueError):
+    """A request parameter that cannot be served; the message says which and why."""
+
+
+def parse_k(raw: str | None, default: int) -> int:
+    """``k``: 1 to :data:`MAX_K` (``default`` when absent).
+
+    >>> parse_k(None, 20), parse_k("5", 20)
+    (20, 5)
+    >>> parse_k("0", 20)
+    Traceback (most recent call last):
+    ...
+    stream.serve.BadRequest: k=0: expected a whole number from 1 to 100
+    """
+    if raw is None or raw == "":
+        return default
+    try:
+        k = int(raw)
+    except ValueError:
+        k = 0
+    if not 1 <= k <= MAX_K:
+        raise BadRequest(f"k={raw}: expected a whole number from 1 to {MAX_K}")
+    return k
+
+
+def parse_id(raw: str | None, name: str, required: bool) -> str | None:
+    """An id parameter: at most 128 characters, no control characters, not blank."""
+    if raw is None or raw == "":
+        if required:
+            raise BadRequest(f"{name} is required")
+        return None
+    if len(raw) > MAX_ID_CHARS or not raw.strip() or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in raw):
+        raise BadRequest(f"{name}: an id of 1 to {MAX_ID_CHARS} characters, without control characters, not blank")
+    return raw
+
+
+def parse_query(raw: str | None) -> str:
+    if raw is None or not raw.strip():
+        raise BadRequest("q is required: the text to search for")
+    if len(raw) > MAX_QUERY_CHARS or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in raw):
+        raise BadRequest(f"q: 1 to {MAX_QUERY_CHARS} characters, without control characters")
+    return raw
+
+
+def items_json(items: list[ScoredItem]) -> list[dict[str, Any]]:
+    out = []
+    for item in items:
+        entry: dict[str, Any] = {"item_id": item.item_id, "score": round(float(item.score), 6)}
+        if item.explanation is not None:
+            entry["explanation"] = msgspec.to_builtins(item.explanation)
+        out.append(entry)
+    return out
+
+
+class Api:
+    """The requests' logic over the shared state: ``store`` (users), ``step`` (the models, the
+    scorer, the experiment) and ``catalogue``. ``pseudonyms``: the workers' keyed hash of user
+    ids (``STREAMREC_PSEUDONYM_KEY``), under which the store and the models hold users."""
+
+    def __init__(self, store: UserStateStore, step: RecommendationStep, catalogue: Catalogue | None,
+                 search: SearchStep, top_k: int, health: Health | None = None,
+                 pseudonyms: Pseudonyms | None = None) -> None:
+        self.store = store
+        self.step = step
+        self.catalogue = catalogue
+        self.search_step = search
+        self.top_k = top_k
+        self.health = health or Health()
+        self.pseudonyms = pseudonyms
+        #: one thread: requests are computed one at a time, off the event loop
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamrec-serve")
+
+    def _uid(self, user_id: str) -> str:
+        return self.pseudonyms.of(user_id) if self.pseudonyms is not None else user_id
+
+    async def _state(self, user_id: str | None) -> UserState | None:
+        if user_id is None:
+            return None
+        uid = self._uid(user_id)
+        return (await self.store.load_many([uid]))[uid]
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # -- endpoints -----------------------------------------------------------------------
+    async def search(self, request: web.Request) -> web.Response:
+        query = parse_query(request.query.get("q"))
+        user_id = parse_id(request.query.get("user_id"), "user_id", required=False)
+        k = parse_k(request.query.get("k"), self.top_k)
+        state = await self._state(user_id)
+        items = await self._run(self._search, query, state, k)
+        return _json({"items": items_json(items), "query": query, "user_id": user_id,
+                      "model": self.step.model_versions()})
+
+    def _search(self, query: str, state: UserState | None, k: int) -> list[ScoredItem]:
+        searcher = self.search_step
+        event = SearchEvent(event_id="http", type="search", user_id=state.user_id if state else "-", query=query, ts=0)
+        ids, relevance, matched = searcher.retrieve(event)
+        step = SearchStep(self.step, searcher.catalogue, replace(searcher.config, k=k))
+        return step.personalise(state or UserState("-"), ids, relevance, matched)
+
+    async def recommendations(self, request: web.Request) -> web.Response:
+        user_id = parse_id(request.match_info.get("user_id"), "user_id", required=True)
+        k = parse_k(request.query.get("k"), self.top_k)
+        state = await self._state(user_id)
+        items = await self._run(self._recommend, state, k)
+        return _json({"items": items_json(items), "user_id": user_id, "model": self.step.model_versions()})
+
+    def _recommend(self, state: UserState, k: int) -> list[ScoredItem]:
+        """The worker's ranking for the user's present state (their arm's blend under an experiment)."""
+        step = self.step
+        recommender: Recommender = step.recommender
+        config = recommender.config
+        if step.experiment is not None:
+            config = step.experiment.arm_of(state.user_id).config(config)
+        view = serving_view(recommender, replace(config, k=k))
+        context = user_context(state)
+        (candidates,) = view.candidates_many([context])
+        extra = None
+        if step.scorer is not None and candidates and context.recent_items:
+            (scores,) = step.scorer.score([context.recent_items], [candidates])
+            extra = [{"transformer": np.asarray(scores, dtype=float)}]
+        (items,) = view.rank_many([context], [candidates], k, extra)
+        recommender.forget_ranked(context.user_id)
+        return items
+
+    async def similar(self, request: web.Request) -> web.Response:
+        item_id = parse_id(request.match_info.get("item_id"), "item_id", required=True)
+        k = parse_k(request.query.get("k"), self.top_k)
+        catalogue = self.catalogue
+        if catalogue is None or item_id not in catalogue:
+            raise web.HTTPNotFound(text=_encode({"error": f"item {item_id!r} is not in the catalogue"}).decode(),
+                                   content_type="application/json")
+        pairs = await self._run(catalogue.similar, item_id, k)
+        items = [{"item_id": i, "score": round(float(s), 6), "explanation": {"source": "similar", "because": item_id}}
+                 for i, s in pairs]
+        return _json({"items": items, "item_id": item_id})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        ready, detail = self.health.readiness()
+        return _json({"ready": ready, "detail": detail}, status=200 if ready else 503)
+
+
+def _json(body: dict, status: int = 200) -> web.Response:
+    return web.Response(body=_encode(body), status=status, content_type="application/json")
+
+
+@web.middleware
+async def _errors(request: web.Request, handler):
+    """A bad parameter is a 400 naming it; anything unexpected a 500 (logged), never a traceback."""
+    try:
+        return await handler(request)
+    except BadRequest as exc:
+        return _json({"error": str(exc)}, status=400)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path_qs)
+        return _json({"error": "internal error: the server's log says more"}, status=500)
+
+
+def create_web_app(api: Api) -> web.Application:
+    app = web.Application(middlewares=[_errors])
+    app.router.add_get("/v1/search", api.search)
+    app.router.add_get("/v1/users/{user_id}/recommendations", api.recommendations)
+    app.router.add_get("/v1/items/{item_id}/similar", api.similar)
+    app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/readyz", api.readyz)
+    return app
+
+
+class ModelRefresher:
+    """Loads the workers' newest model snapshot from the store into ``step`` when it changes."""
+
+    def __init__(self, store: UserStateStore, step: RecommendationStep, signing_key: str | None = None) -> None:
+        self.store = store
+        self.step = step
+        self.signing_key = signing_key or None
+        self._digest: bytes | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._digest is not None
+
+    async def refresh(self) -> bool:
+        data = await self.store.get_blob(SNAPSHOT_KEY)
+        if not data:
+            return False
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        if digest == self._digest:
+            return False
+        recommender = await asyncio.to_thread(Recommender.restore, data, self.signing_key)
+        self.step.recommender = recommender
+        self._digest = digest
+        log.info("models loaded from the workers' snapshot (%d bytes, %d events learned)", len(data),
+                 recommender.n_learned)
+        return True
+
+
+async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop: asyncio.Event | None = None) -> None:
+    """Serve the API on ``host:port`` until ``stop`` is set (or SIGTERM / SIGINT)."""
+    store = RedisUserStateStore.from_url(settings.redis_url, key_prefix=settings.topic_prefix,
+                                         ttl_s=settings.state_ttl_s, **settings.redis.client_options())
+    metrics = Metrics()
+    step = RecommendationStep.from_settings(settings, await asyncio.to_thread(load_scorer, settings, metrics))
+    catalogue = feed = None
+    if settings.catalogue:
+        catalogue = Catalogue(TextEmbedder(threads=1), candidates=settings.search_candidates)
+        feed = CatalogueFeed(catalogue, settings.kafka.client_options(), settings.topics.items, settings.bounds, metrics,
+                             store=store, write_snapshots=False)
+    health = Health(conditions=("redis", "models", "catalogue"))
+    search = SearchStep(step, catalogue, SearchConfig(k=settings.top_k, depth=settings.search_candidates,
+                                                      personal_weight=settings.search_personal_weight))
+    api = Api(store, step, catalogue, search, settings.top_k, health, pseudonyms_of(settings.pseudonym_key))
+    refresher = ModelRefresher(store, step, settings.snapshot_key)
+    runner = web.AppRunner(create_web_app(api), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    log.info("serving on http://%s:%d (/v1/search, /v1/users/{id}/recommendations, /v1/items/{id}/similar)", host, port)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+            pass
+    tasks = [asyncio.create_task(feed.run())] if feed is not None else []
+    try:
+        while not stop.is_set():
+            health.beat()
+            try:
+                health.set("redis", await store.ping(), "the store answers")
+                await refresher.refresh()
+                health.set("models", True, "the workers' snapshot is loaded" if refresher.loaded
+                           else "no snapshot of the workers' models yet: serving empty models")
+                if feed is None:
+                    health.set("catalogue", True, "off (STREAMREC_CATALOGUE=false)")
+                elif feed.caught_up.is_set():
+                    health.set("catalogue", True, f"{len(catalogue)} items, following {settings.topics.items}")
+                else:
+                    health.set("catalogue", False, f"reading {settings.topics.items}: {len(catalogue)} items so far")
+                if step.scorer is not None:
+                    await asyncio.to_thread(step.scorer.maybe_reload)
+            except Exception as exc:  # noqa: BLE001 - said by /readyz; tried again next time
+                health.set("redis", False, f"{type(exc).__name__}: {exc}")
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=1.0 if not health.readiness()[0] else
+                                       max(1.0, min(10.0, settings.snapshot_interval_s)))
+            except TimeoutError:
+                pass
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await runner.cleanup()
+        api.executor.shutdown(wait=False)
+        await store.close()
+        log.info("stopped")
+
+
+__all__ = ["MAX_K", "Api", "BadRequest", "ModelRefresher", "create_web_app", "parse_id", "parse_k", "parse_query",
+           "run_server"]

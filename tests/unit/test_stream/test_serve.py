@@ -1,0 +1,116 @@
+"""`streamrec serve`'s HTTP API over the in-memory store, through a real HTTP client (aiohttp).
+
+tests/integration/test_search_e2e.py runs the command itself against real Kafka and Redis."""
+
+from __future__ import annotations
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from online_models import Recommender, RecommenderConfig
+from online_models.search import Catalogue, CatalogueItem, TextEmbedder
+from stream.pipeline import RecommendationStep
+from stream.records import ClickEvent
+from stream.search_step import SearchConfig, SearchStep
+from stream.serve import Api, ModelRefresher, create_web_app
+from stream.snapshots import SNAPSHOT_KEY
+from stream.state import InMemoryUserStateStore, UserState, encode_state
+
+TS = 1_700_000_000_000
+ITEMS = [
+    CatalogueItem(item_id="jacket-zh", title="女士冬季长款羽绒服 连帽 保暖"),
+    CatalogueItem(item_id="jacket-en", title="Women's long winter down jacket with hood"),
+    CatalogueItem(item_id="shoes", title="Men's lightweight running shoes"),
+    CatalogueItem(item_id="tv", title="55 inch 4K LED smart TV"),
+]
+
+
+@pytest.fixture(scope="module")
+def catalogue():
+    catalogue = Catalogue(TextEmbedder(threads=1), candidates=10)
+    catalogue.upsert(ITEMS)
+    catalogue.flush()
+    return catalogue
+
+
+def trained_step() -> RecommendationStep:
+    step = RecommendationStep(Recommender.default(RecommenderConfig(k=10, n_candidates=50)))
+    events = []
+    for u in range(40):
+        events += [ClickEvent(event_id=f"e{u}a", user_id=f"v{u}", item_id="shoes", ts=TS + u * 10),
+                   ClickEvent(event_id=f"e{u}b", user_id=f"v{u}", item_id="tv", ts=TS + u * 10 + 1)]
+    step(events, {}, lambda: TS)
+    return step
+
+
+@pytest.fixture
+async def client(catalogue):
+    store = InMemoryUserStateStore()
+    await store.save_docs({"fan": encode_state(UserState("fan", recent_items=["shoes"]))})
+    step = trained_step()
+    api = Api(store, step, catalogue, SearchStep(step, catalogue, SearchConfig(k=3)), top_k=3)
+    async with TestClient(TestServer(create_web_app(api))) as client:
+        yield client
+    api.executor.shutdown()
+
+
+async def test_search_answers_json_items_with_explanations(client):
+    resp = await client.get("/v1/search", params={"q": "羽绒服", "k": "2"})
+    assert resp.status == 200 and resp.content_type == "application/json"
+    body = await resp.json()
+    assert [i["item_id"] for i in body["items"]] == ["jacket-zh", "jacket-en"] and body["user_id"] is None
+    assert body["items"][0]["explanation"] == {"source": "search", "matched": "both"} and body["query"] == "羽绒服"
+    # the fan viewed the shoes, which the text model finds about as close to 羽绒服 as the English
+    # jacket (cosines 0.789 and 0.790): their models break the tie, and say so
+    fan = await (await client.get("/v1/search", params={"q": "羽绒服", "user_id": "fan", "k": "2"})).json()
+    assert [i["item_id"] for i in fan["items"]] == ["jacket-zh", "shoes"]
+    assert fan["items"][1]["explanation"]["source"] == "reminder"
+
+
+async def test_recommendations_are_fresh_from_the_models_and_the_users_state(client):
+    body = await (await client.get("/v1/users/fan/recommendations")).json()
+    assert body["items"][0]["item_id"] == "tv"  # viewed shoes: co-visited with the TV
+    assert body["items"][0]["explanation"] == {"source": "covisit", "because": "shoes"}
+    stranger = await (await client.get("/v1/users/nobody/recommendations", params={"k": "1"})).json()
+    assert len(stranger["items"]) <= 1
+
+
+async def test_similar_items_come_from_the_catalogue(client):
+    body = await (await client.get("/v1/items/jacket-zh/similar", params={"k": "1"})).json()
+    assert [i["item_id"] for i in body["items"]] == ["jacket-en"]
+    assert body["items"][0]["explanation"] == {"source": "similar", "because": "jacket-zh"}
+    missing = await client.get("/v1/items/nope/similar")
+    assert missing.status == 404 and "not in the catalogue" in (await missing.json())["error"]
+
+
+@pytest.mark.parametrize(("path", "params", "said"), [
+    ("/v1/search", {}, "q is required"),
+    ("/v1/search", {"q": "   "}, "q is required"),
+    ("/v1/search", {"q": "x" * 257}, "q: 1 to 256 characters"),
+    ("/v1/search", {"q": "tv", "k": "0"}, "k=0: expected a whole number from 1 to 100"),
+    ("/v1/search", {"q": "tv", "k": "ten"}, "k=ten"),
+    ("/v1/search", {"q": "tv", "k": "101"}, "k=101"),
+    ("/v1/search", {"q": "tv", "user_id": "u" * 129}, "user_id: an id of 1 to 128"),
+    ("/v1/search", {"q": "a\x01b"}, "without control characters"),
+    ("/v1/users/fan/recommendations", {"k": "-3"}, "k=-3"),
+])
+async def test_bad_parameters_are_400s_that_say_what_is_wrong(client, path, params, said):
+    resp = await client.get(path, params=params)
+    assert resp.status == 400
+    assert said in (await resp.json())["error"]
+
+
+async def test_health_and_an_unknown_path(client):
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/v2/nothing")).status == 404
+
+
+async def test_the_models_follow_the_workers_snapshot():
+    store = InMemoryUserStateStore()
+    step = RecommendationStep(Recommender.default())
+    refresher = ModelRefresher(store, step)
+    assert not await refresher.refresh() and not refresher.loaded
+    trained = trained_step().recommender
+    await store.set_blob(SNAPSHOT_KEY, trained.snapshot())
+    assert await refresher.refresh() and step.recommender.n_learned == trained.n_learned
+    assert not await refresher.refresh()  # the same snapshot: not loaded again
