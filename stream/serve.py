@@ -64,6 +64,11 @@ log = logging.getLogger("streamrec.serve")
 #: the largest ``k`` a request may ask for
 MAX_K = 100
 
+#: requests in progress (waiting for their turn on the computing thread included) beyond which
+#: a new one is answered 503 at once: an overloaded server sheds load instead of queueing
+#: requests until every one of them is late (and the store's connections run out)
+MAX_IN_FLIGHT = 16
+
 _encode = msgspec.json.Encoder().encode
 
 
@@ -231,8 +236,29 @@ async def _errors(request: web.Request, handler):
         return _json({"error": "internal error: the server's log says more"}, status=500)
 
 
-def create_web_app(api: Api) -> web.Application:
-    app = web.Application(middlewares=[_errors])
+def _shedding(max_in_flight: int):
+    """More than ``max_in_flight`` API requests in progress: a new one is a 503 with Retry-After."""
+    in_flight = 0
+
+    @web.middleware
+    async def shed(request: web.Request, handler):
+        nonlocal in_flight
+        if not request.path.startswith("/v1/"):
+            return await handler(request)
+        if in_flight >= max_in_flight:
+            return web.Response(body=_encode({"error": f"overloaded: {in_flight} requests in progress; retry shortly"}),
+                                status=503, content_type="application/json", headers={"Retry-After": "1"})
+        in_flight += 1
+        try:
+            return await handler(request)
+        finally:
+            in_flight -= 1
+
+    return shed
+
+
+def create_web_app(api: Api, max_in_flight: int = MAX_IN_FLIGHT) -> web.Application:
+    app = web.Application(middlewares=[_shedding(max_in_flight), _errors])
     app.router.add_get("/v1/search", api.search)
     app.router.add_get("/v1/users/{user_id}/recommendations", api.recommendations)
     app.router.add_get("/v1/items/{item_id}/similar", api.similar)
@@ -331,5 +357,5 @@ async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop:
         log.info("stopped")
 
 
-__all__ = ["MAX_K", "Api", "BadRequest", "ModelRefresher", "create_web_app", "parse_id", "parse_k", "parse_query",
+__all__ = ["MAX_IN_FLIGHT", "MAX_K", "Api", "BadRequest", "ModelRefresher", "create_web_app", "parse_id", "parse_k", "parse_query",
            "run_server"]

@@ -114,3 +114,28 @@ async def test_the_models_follow_the_workers_snapshot():
     await store.set_blob(SNAPSHOT_KEY, trained.snapshot())
     assert await refresher.refresh() and step.recommender.n_learned == trained.n_learned
     assert not await refresher.refresh()  # the same snapshot: not loaded again
+
+
+async def test_an_overloaded_server_sheds_load_with_503s(catalogue):
+    import asyncio
+
+    store = InMemoryUserStateStore()
+    step = RecommendationStep(Recommender.default())
+    api = Api(store, step, catalogue, SearchStep(step, catalogue), top_k=3)
+    release = asyncio.Event()
+
+    async def slow(request):  # every search waits: the requests pile up
+        await release.wait()
+        return await Api.search(api, request)
+
+    api.search = slow
+    async with TestClient(TestServer(create_web_app(api, max_in_flight=2))) as client:
+        first = [asyncio.create_task(client.get("/v1/search", params={"q": "tv"})) for _ in range(2)]
+        await asyncio.sleep(0.2)
+        shed = await client.get("/v1/search", params={"q": "tv"})
+        assert shed.status == 503 and shed.headers["Retry-After"] == "1"
+        assert "overloaded" in (await shed.json())["error"]
+        assert (await client.get("/healthz")).status == 200  # probes are never shed
+        release.set()
+        assert [r.status for r in await asyncio.gather(*first)] == [200, 200]
+    api.executor.shutdown()

@@ -1,0 +1,164 @@
+"""`GET /v1/search` under load, beside a worker that consumes events: the latency a site sees.
+
+    eval "$(make -s up)"
+    .venv/bin/python bench/serve_bench.py --rps 200 --seconds 60 --events-rate 1000
+
+On the local Kafka and Redis, under a topic prefix of its own: sends the demo shop's catalogue
+(2,000 items, English and Chinese titles), starts a worker and waits until it has embedded and
+indexed it, starts the synthetic shop's events at ``--events-rate`` and ``streamrec serve``, then
+sends ``--rps`` searches a second for ``--seconds`` from a real HTTP client (aiohttp), open loop:
+each request leaves at its time whether or not the earlier ones have answered, so a slow server
+is measured, not hidden. Half of the queries repeat one of 50 head queries; the other half are
+each new (a product kind with a number no other request has), so the server embeds half of them.
+Users are drawn from the shop's users. Prints the latency percentiles of the answers, the
+requests shed (503: more than ``stream.serve.MAX_IN_FLIGHT`` in progress) and other errors,
+and the worker's events handled meanwhile. Everything shares this machine's cores: the worker,
+the producer, Kafka, Redis, serve and the client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.pipeline_bench import drop_run, env_for, free_port  # noqa: E402
+from online_models.search.synthetic import ADJECTIVES, PRODUCTS  # noqa: E402
+from stream.demo import scrape, stop_worker, wait_ready  # noqa: E402
+
+
+def queries(n: int, repeat_share: float, seed: int) -> list[str]:
+    """``n`` queries: ``repeat_share`` of them drawn from 50 head queries, the rest each new."""
+    rng = random.Random(seed)
+    head = [f"{rng.choice(ADJECTIVES)[0].lower()} {p[0]}" if i % 2 else p[1] for i, p in
+            enumerate(rng.choices(PRODUCTS, k=50))]
+    out = []
+    for i in range(n):
+        if rng.random() < repeat_share:
+            out.append(rng.choice(head))
+        else:
+            english, chinese = rng.choice(PRODUCTS)
+            out.append(f"{english} {i}" if rng.random() < 0.5 else f"{chinese} {i}")
+    return out
+
+
+async def load(base: str, rps: float, seconds: float, seed: int) -> tuple[list[float], int, int, float]:
+    """Open-loop requests; (latencies in ms of the 200s, 503s (load shed), other errors, seconds
+    the sending took)."""
+    n = int(rps * seconds)
+    qs = queries(n, 0.5, seed)
+    rng = random.Random(seed + 1)
+    latencies: list[float] = []
+    errors = shed = 0
+    connector = aiohttp.TCPConnector(limit=256)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async def one(q: str) -> None:
+            nonlocal errors, shed
+            url = f"{base}/v1/search?" + urllib.parse.urlencode({"q": q, "user_id": f"u{rng.randrange(500)}", "k": 20})
+            t = time.perf_counter()
+            try:
+                async with session.get(url) as resp:
+                    await resp.read()
+                    if resp.status == 200:
+                        latencies.append((time.perf_counter() - t) * 1000)
+                    elif resp.status == 503:
+                        shed += 1
+                    else:
+                        errors += 1
+            except (aiohttp.ClientError, TimeoutError):
+                errors += 1
+
+        tasks = []
+        start = time.perf_counter()
+        for i, q in enumerate(qs):
+            delay = start + i / rps - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(q)))
+        sent_s = time.perf_counter() - start
+        await asyncio.gather(*tasks)
+    return latencies, shed, errors, sent_s
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rps", type=float, default=200.0, help="searches per second (default 200)")
+    p.add_argument("--seconds", type=float, default=60.0, help="how long the searches are sent (default 60)")
+    p.add_argument("--events-rate", type=float, default=1000.0, help="events per second the worker consumes meanwhile")
+    p.add_argument("--seed", type=int, default=7)
+    args = p.parse_args(argv)
+    tag = f"serve{os.getpid()}"
+    serve_port = free_port()
+    env, settings = env_for(f"{tag}.", {"STREAMREC_SERVE_PORT": str(serve_port)})
+    exe = [sys.executable, "-m", "stream.cli"]
+    logs = ROOT / ".run"
+    logs.mkdir(exist_ok=True)
+    procs: list[subprocess.Popen] = []
+
+    def start(cmd: list[str], name: str) -> subprocess.Popen:
+        with open(logs / f"{tag}-{name}.log", "wb") as out:
+            proc = subprocess.Popen([*exe, *cmd], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc
+
+    try:
+        subprocess.run([*exe, "produce", "--demo-catalogue"], env=env, cwd=ROOT, check=True, capture_output=True)
+        worker = start(["worker"], "worker")
+        wait_ready([(worker, settings.metrics_port, logs / f"{tag}-worker.log")], 120)
+        t0 = time.monotonic()
+        while scrape(settings.metrics_port).get("streamrec_catalogue_items", 0) < 2000:
+            if time.monotonic() - t0 > 600 or worker.poll() is not None:
+                raise SystemExit("the worker did not index the catalogue")
+            time.sleep(1)
+        print(f"worker indexed the 2,000-item catalogue in {time.monotonic() - t0:.0f} s")
+        n_events = int(args.events_rate * (args.seconds + 60))
+        if n_events:
+            start(["produce", "--rate", str(args.events_rate), "--limit", str(n_events), "--no-progress",
+                   "--id-prefix", tag], "producer")
+        serve = start(["serve", "--host", "127.0.0.1"], "serve")
+        base = f"http://127.0.0.1:{serve_port}"
+        t0 = time.monotonic()
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/readyz", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() - t0 > 300 or serve.poll() is not None:
+                raise SystemExit("serve did not become ready: " + (logs / f"{tag}-serve.log").read_text()[-2000:])
+            time.sleep(0.5)
+        time.sleep(5)  # the producer's rate settles
+        before = scrape(settings.metrics_port)
+        consumed0 = sum(v for k, v in before.items() if k.startswith("streamrec_events_consumed_total"))
+        latencies, shed, errors, sent_s = asyncio.run(load(base, args.rps, args.seconds, args.seed))
+        after = scrape(settings.metrics_port)
+        consumed = sum(v for k, v in after.items() if k.startswith("streamrec_events_consumed_total")) - consumed0
+        ms = np.array(latencies) if latencies else np.array([float("nan")])
+        print(f"{len(latencies):,} searches answered ({len(latencies) / sent_s:.0f}/s; asked {args.rps:g}/s, half repeating "
+              f"a head query, half new), {shed:,} shed (503), {errors} other errors")
+        print(f"latency ms: p50 {np.percentile(ms, 50):.1f}  p90 {np.percentile(ms, 90):.1f}  "
+              f"p99 {np.percentile(ms, 99):.1f}  max {ms.max():.1f}")
+        print(f"the worker handled {consumed / sent_s:.0f} events/s meanwhile (asked {args.events_rate:g})")
+    finally:
+        for proc in reversed(procs):
+            stop_worker(proc)
+        drop_run(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
