@@ -141,9 +141,10 @@ class SearchStep:
         return [h.item_id for h in hits], np.array([h.score for h in hits]), [h.matched for h in hits]
 
     def personalise(self, state: UserState, ids: list[str], relevance: np.ndarray,
-                    matched: list[str]) -> list[ScoredItem]:
-        """The best ``k`` of ``ids``: query relevance, scaled by the user's models."""
-        k, weight = self.config.k, self.config.personal_weight
+                    matched: list[str], k: int | None = None) -> list[ScoredItem]:
+        """The best ``k`` (default ``config.k``) of ``ids``: query relevance, scaled by the user's models."""
+        k = self.config.k if k is None else k
+        weight = self.config.personal_weight
         if not ids:
             return []
         top = float(np.max(relevance))

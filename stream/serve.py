@@ -170,8 +170,7 @@ class Api:
         searcher = self.search_step
         event = SearchEvent(event_id="http", type="search", user_id=state.user_id if state else "-", query=query, ts=0)
         ids, relevance, matched = searcher.retrieve(event)
-        step = SearchStep(self.step, searcher.catalogue, replace(searcher.config, k=k))
-        return step.personalise(state or UserState("-"), ids, relevance, matched)
+        return searcher.personalise(state or UserState("-"), ids, relevance, matched, k)
 
     async def recommendations(self, request: web.Request) -> web.Response:
         user_id = parse_id(request.match_info.get("user_id"), "user_id", required=True)
