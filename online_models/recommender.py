@@ -64,7 +64,10 @@ def _default_weights() -> dict[str, float]:
     # with it, 0.0486 without) nor YooChoose's validation (docs/architecture.md), and it was
     # half of the worker's CPU per event (learn 58, propose 50, rank 57 of 318 µs). Give it a
     # weight (``STREAMREC_BLEND_WEIGHTS=mf=0.2``) to run it.
-    return {"covisit": 1.0, "reminder": 1.0, "trending": 0.3, "mf": 0.0, "session_hybrid": 0.0, "transformer": 1.0}
+    # "query": the catalogue's matches of the user's latest search (stream/pipeline.py
+    # query_candidates); users who never searched have no such column, so it changes nothing for them
+    return {"covisit": 1.0, "reminder": 1.0, "trending": 0.3, "mf": 0.0, "session_hybrid": 0.0, "transformer": 1.0,
+            "query": 1.0}
 
 
 def parse_weights(spec: str | None) -> dict[str, float]:

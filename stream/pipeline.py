@@ -75,6 +75,9 @@ from stream.step_results import Failure, LiveQuality, StepResult, VariantCounts,
 #: users ranked per ``rank_many`` call: few enough that a chunk's numpy work stays in cache
 _RANK_CHUNK = 64
 
+#: items of the catalogue that a user's latest search adds to their home-page candidates
+QUERY_CANDIDATES = 20
+
 
 @dataclass(slots=True)
 class _Plan:
@@ -155,6 +158,9 @@ class RecommendationStep:
         self._rec_numbers = itertools.count()
         #: per user of the batch, their remembered lists before ranking (a retried ranking starts from them)
         self._pre_rank_recs: dict[str, list[list]] = {}
+        #: the catalogue searches retrieve from (online_models.search.Catalogue; the worker's shell
+        #: sets it): a user's latest query adds its matches to their candidates (query_candidates)
+        self.catalogue = None
 
     @classmethod
     def from_settings(cls, settings: Settings, scorer=None, recommender: Recommender | None = None
@@ -495,16 +501,9 @@ class RecommendationStep:
         t1 = clock()
         contexts = [user_context(states[u]) for u in users]
         candidates = recommender.candidates_many(contexts)
+        queried = self.query_candidates([states[u].recent_queries for u in users], candidates)
         t2 = clock()
-        extra: list[dict[str, np.ndarray] | None] = [None] * len(contexts)
-        if scorer is not None and contexts:
-            todo = [i for i, c in enumerate(candidates) if c and contexts[i].recent_items]
-            if todo:
-                scores = scorer.score([contexts[i].recent_items for i in todo], [candidates[i] for i in todo])
-                for i, s in zip(todo, scores, strict=False):
-                    s = np.asarray(s, dtype=float)  # aligned with the candidates: no dict to build
-                    extra[i] = {"transformer": s if s.shape == (len(candidates[i]),)
-                                else dict(zip(candidates[i], s.tolist(), strict=False))}
+        extra = self.extra_scores(scorer, contexts, candidates, queried)
         t3 = clock()
         rec_ids = [self.new_rec_id() for _ in users]
         lists: list[list[RecommendedItem]] = []
@@ -539,6 +538,45 @@ class RecommendationStep:
         timings["score"] += t3 - t2
         timings["rank"] += t4 - t3
         return out
+
+    def query_candidates(self, recent_queries: Sequence[Sequence[str]], candidates: list[list[str]]
+                         ) -> list[dict[str, float] | None] | None:
+        """Search informs recommendation: for each user with a recent query, the catalogue's
+        best :data:`QUERY_CANDIDATES` matches of their latest one join their candidates
+        (``candidates`` is extended in place) and are returned as the ``query`` source's scores
+        (the hybrid relevance, 0..1); None when no user has one, or there is no catalogue."""
+        catalogue = self.catalogue
+        if catalogue is None or not any(recent_queries) or not len(catalogue):
+            return None
+        out: list[dict[str, float] | None] = [None] * len(candidates)
+        for i, queries in enumerate(recent_queries):
+            if not queries:
+                continue
+            hits = catalogue.search(queries[-1], QUERY_CANDIDATES)
+            if hits:
+                have = set(candidates[i])
+                candidates[i].extend(h.item_id for h in hits if h.item_id not in have)
+                out[i] = {h.item_id: h.score for h in hits}
+        return out
+
+    def extra_scores(self, scorer, contexts: Sequence[UserContext], candidates: Sequence[list[str]],
+                     queried: Sequence[dict[str, float] | None] | None = None) -> list[dict | None]:
+        """Each user's scores from the sources beside the learners: the Transformer (aligned
+        with the candidates) and, for users who searched, the query's relevance."""
+        extra: list[dict | None] = [None] * len(contexts)
+        if scorer is not None and contexts:
+            todo = [i for i, c in enumerate(candidates) if c and contexts[i].recent_items]
+            if todo:
+                scores = scorer.score([contexts[i].recent_items for i in todo], [candidates[i] for i in todo])
+                for i, s in zip(todo, scores, strict=False):
+                    s = np.asarray(s, dtype=float)  # aligned with the candidates: no dict to build
+                    extra[i] = {"transformer": s if s.shape == (len(candidates[i]),)
+                                else dict(zip(candidates[i], s.tolist(), strict=False))}
+        if queried is not None:
+            for i, scores in enumerate(queried):
+                if scores:
+                    extra[i] = {**(extra[i] or {}), "query": scores}
+        return extra
 
     # -- step 3 ---------------------------------------------------------------------------
     def _learn(self, events: Sequence[Event], positions: Sequence[tuple[str, int]] | None, plan: _Plan,

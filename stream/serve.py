@@ -39,7 +39,6 @@ from dataclasses import replace
 from typing import Any
 
 import msgspec
-import numpy as np
 from aiohttp import web
 
 from online_models import Recommender
@@ -180,21 +179,20 @@ class Api:
         return _json({"items": items_json(items), "user_id": user_id, "model": self.step.model_versions()})
 
     def _recommend(self, state: UserState, k: int) -> list[ScoredItem]:
-        """The worker's ranking for the user's present state (their arm's blend under an experiment)."""
+        """The worker's ranking for the user's present state (their arm's blend under an
+        experiment; no popularity or shuffle baseline: those are for lists the worker publishes)."""
         step = self.step
         recommender: Recommender = step.recommender
         config = recommender.config
         if step.experiment is not None:
             config = step.experiment.arm_of(state.user_id).config(config)
         view = serving_view(recommender, replace(config, k=k))
-        context = user_context(state)
-        (candidates,) = view.candidates_many([context])
-        extra = None
-        if step.scorer is not None and candidates and context.recent_items:
-            (scores,) = step.scorer.score([context.recent_items], [candidates])
-            extra = [{"transformer": np.asarray(scores, dtype=float)}]
-        (items,) = view.rank_many([context], [candidates], k, extra)
-        recommender.forget_ranked(context.user_id)
+        contexts = [user_context(state)]
+        candidates = view.candidates_many(contexts)  # as the worker's step: stream/pipeline.py _rank_arm
+        queried = step.query_candidates([state.recent_queries], candidates)
+        extra = step.extra_scores(step.scorer, contexts, candidates, queried)
+        (items,) = view.rank_many(contexts, candidates, k, extra)
+        recommender.forget_ranked(state.user_id)
         return items
 
     async def similar(self, request: web.Request) -> web.Response:
@@ -305,6 +303,7 @@ async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop:
         catalogue = Catalogue(TextEmbedder(threads=1), candidates=settings.search_candidates)
         feed = CatalogueFeed(catalogue, settings.kafka.client_options(), settings.topics.items, settings.bounds, metrics,
                              store=store, write_snapshots=False)
+        step.catalogue = catalogue  # a user's latest query joins their candidates, as in the worker
     health = Health(conditions=("redis", "models", "catalogue"))
     search = SearchStep(step, catalogue, SearchConfig(k=settings.top_k, depth=settings.search_candidates,
                                                       personal_weight=settings.search_personal_weight))

@@ -106,6 +106,7 @@ class Shell:
                                                 settings.bounds, self.metrics, self.publisher.publish,
                                                 settings.topics.dlq, store=self.store,
                                                 snapshot_interval_s=max(1, settings.snapshot_interval_s))
+        self.step.catalogue = self.catalogue  # a user's latest query joins their home-page candidates
         self.handler.search = SearchStep(self.step, self.catalogue,
                                          SearchConfig(k=settings.top_k, depth=settings.search_candidates,
                                                       personal_weight=settings.search_personal_weight))

@@ -48,7 +48,8 @@ from stream.topics import ensure_streamrec_topics
 #: what a shopper reads for a source whose explanation names no item or category
 _SAYS = {"covisit": "often viewed together", "reminder": "you viewed it before", "trending": "popular now",
          "popularity": "popular", "recent_popularity": "popular now", "mf": "people with similar taste liked it",
-         "session_hybrid": "similar to what you are viewing", "transformer": "picked for you from what you viewed"}
+         "session_hybrid": "similar to what you are viewing", "transformer": "picked for you from what you viewed",
+         "query": "matches what you searched for"}
 
 
 _MATCHED = {"words": "matches your search's words", "meaning": "matches your search's meaning",

@@ -188,3 +188,21 @@ def test_the_synthetic_catalogue_is_valid_item_events_of_the_synthetic_shops_ite
     assert len(items) == 2000 and all(decode_item(encode(i)) == i for i in items)
     category = {i.item_id: i.category_path[0] for i in items}
     assert all(category[x.item_id] == x.category_id for x in synthetic_interactions(3000))
+
+
+def test_a_users_latest_search_leans_their_next_home_page_list_towards_it(catalogue):
+    step = trained_step()  # shoppers who view a view b
+    step.catalogue = catalogue
+    searched = UserState("s", recent_items=["a"], recent_queries=["old query", "running shoes"])
+    result = step([ClickEvent(event_id="n1", user_id="s", item_id="a", ts=TS + 10_000)], {"s": searched},
+                  lambda: TS + 10_001)
+    (rec,) = result.recommendations
+    by_id = {i.item_id: i for i in rec.items}
+    assert "shoes" in by_id and by_id["shoes"].reason == "query"  # the catalogue's match of the latest query
+    assert "b" in by_id  # what the models propose stays
+    plain = step([ClickEvent(event_id="n2", user_id="p", item_id="a", ts=TS + 10_000)], {}, lambda: TS + 10_001)
+    assert "shoes" not in {i.item_id for i in plain.recommendations[0].items}  # never searched: as before
+    step.catalogue = None
+    again = step([ClickEvent(event_id="n3", user_id="s2", item_id="a", ts=TS + 10_000)],
+                 {"s2": UserState("s2", recent_items=["a"], recent_queries=["running shoes"])}, lambda: TS + 10_001)
+    assert "shoes" not in {i.item_id for i in again.recommendations[0].items}  # no catalogue: no query source

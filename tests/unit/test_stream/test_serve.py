@@ -46,8 +46,11 @@ def trained_step() -> RecommendationStep:
 @pytest.fixture
 async def client(catalogue):
     store = InMemoryUserStateStore()
-    await store.save_docs({"fan": encode_state(UserState("fan", recent_items=["shoes"]))})
+    await store.save_docs({"fan": encode_state(UserState("fan", recent_items=["shoes"])),
+                           "searcher": encode_state(UserState("searcher", recent_items=["shoes"],
+                                                              recent_queries=["羽绒服"]))})
     step = trained_step()
+    step.catalogue = catalogue
     api = Api(store, step, catalogue, SearchStep(step, catalogue, SearchConfig(k=3)), top_k=3)
     async with TestClient(TestServer(create_web_app(api))) as client:
         yield client
@@ -73,6 +76,9 @@ async def test_recommendations_are_fresh_from_the_models_and_the_users_state(cli
     assert body["items"][0]["explanation"] == {"source": "covisit", "because": "shoes"}
     stranger = await (await client.get("/v1/users/nobody/recommendations", params={"k": "1"})).json()
     assert len(stranger["items"]) <= 1
+    searcher = await (await client.get("/v1/users/searcher/recommendations", params={"k": "10"})).json()
+    sources = {i["item_id"]: i.get("explanation", {}).get("source") for i in searcher["items"]}
+    assert sources.get("jacket-zh") == "query"  # their latest search, 羽绒服, joined their candidates
 
 
 async def test_similar_items_come_from_the_catalogue(client):
