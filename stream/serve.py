@@ -40,6 +40,7 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from online_models import Recommender
 from online_models.search import Catalogue, TextEmbedder
@@ -221,13 +222,18 @@ def _json(body: dict, status: int = 200) -> web.Response:
 
 @web.middleware
 async def _errors(request: web.Request, handler):
-    """A bad parameter is a 400 naming it; anything unexpected a 500 (logged), never a traceback."""
+    """A bad parameter is a 400 naming it; the store down a 503; anything unexpected a 500
+    (logged), never a traceback."""
     try:
         return await handler(request)
     except BadRequest as exc:
         return _json({"error": str(exc)}, status=400)
     except web.HTTPException:
         raise
+    except (ConnectionError, TimeoutError, OSError, RedisError) as exc:  # the store: nothing the caller did wrong
+        log.warning("%s %s: the store did not answer (%r)", request.method, request.path_qs, exc)
+        return web.Response(body=_encode({"error": "the user-state store (Redis) does not answer; retry shortly"}),
+                            status=503, content_type="application/json", headers={"Retry-After": "1"})
     except Exception:
         log.exception("%s %s failed", request.method, request.path_qs)
         return _json({"error": "internal error: the server's log says more"}, status=500)

@@ -145,3 +145,19 @@ async def test_an_overloaded_server_sheds_load_with_503s(catalogue):
         release.set()
         assert [r.status for r in await asyncio.gather(*first)] == [200, 200]
     api.executor.shutdown()
+
+
+async def test_a_store_that_does_not_answer_is_a_503_not_a_500(catalogue):
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    class Down(InMemoryUserStateStore):
+        async def load_many(self, user_ids):
+            raise RedisConnectionError("Connection refused")
+
+    step = RecommendationStep(Recommender.default())
+    api = Api(Down(), step, catalogue, SearchStep(step, catalogue), top_k=3)
+    async with TestClient(TestServer(create_web_app(api))) as client:
+        resp = await client.get("/v1/users/u1/recommendations")
+        assert resp.status == 503 and "does not answer" in (await resp.json())["error"]
+        assert (await client.get("/v1/search", params={"q": "tv"})).status == 200  # no user: no store needed
+    api.executor.shutdown()
