@@ -282,10 +282,7 @@ def decode_impression(raw: bytes | bytearray | memoryview | None, bounds: Bounds
     impression, raw, ascii_only = _parse(raw, _impression_decoder, bounds)
     risky = not ascii_only or b"\\" in raw or b"\x7f" in raw
     _check_ids(impression, ("rec_id", "user_id"), risky)
-    for item in impression.item_ids:
-        if not item.strip(_SPACES) or (risky and _HAS_CONTROL.search(item)):
-            raise InvalidEvent("bad_id", "field `item_ids`: an id must hold something besides whitespace, and no "
-                                         "control characters (U+0000-U+001F, U+007F-U+009F)", "item_ids")
+    _check_list(impression.item_ids, "item_ids", risky)
     return impression
 
 
@@ -309,7 +306,7 @@ def decode_search(raw: bytes | bytearray | memoryview | None, bounds: Bounds = D
         raise _typed(exc, "search", "searches") from None
     risky = not ascii_only or b"\\" in raw or b"\x7f" in raw
     _check_ids(search, ("event_id", "user_id"), risky)
-    _check_optional_ids(search, ("session_id",), risky)
+    _check_ids(search, ("session_id",), risky, optional=True)
     _check_list(search.results, "results", risky)
     if not search.query.strip(_SPACES):
         raise InvalidEvent("invalid_value", "field `query`: must hold something besides whitespace", "query")
@@ -338,9 +335,8 @@ def decode_item(raw: bytes | bytearray | memoryview | None, bounds: Bounds = DEF
     for name in ("title", "description", "brand"):
         _check_free_text(name, getattr(item, name), risky)
     _check_entries(item.attributes, "attributes", risky)
-    if bounds.max_price < MAX_PRICE and item.price is not None and item.price > bounds.max_price:
-        raise InvalidEvent("number_too_large", f"field `price`: {item.price} is over this worker's maximum of "
-                                               f"{bounds.max_price:g} (STREAMREC_MAX_PRICE)", "price")
+    if bounds is not DEFAULT_BOUNDS:
+        _check_bounds(item, bounds, None)  # the lowered price maximum; an item's ts has no window
     return item
 
 
@@ -360,14 +356,6 @@ def _check_free_text(name: str, text: str | None, risky: bool) -> None:
         raise InvalidEvent("bad_text", f"field `{name}`: free text may not hold control characters (U+0000-U+001F, U+007F-U+009F)", name)
 
 
-def _check_optional_ids(value, names: tuple[str, ...], risky: bool) -> None:
-    for name in names:
-        text = getattr(value, name)
-        if text is not None and (not text.strip(_SPACES) or (risky and _HAS_CONTROL.search(text))):
-            raise InvalidEvent("bad_id", f"field `{name}`: an id must hold something besides whitespace, and no control "
-                                         "characters (U+0000-U+001F, U+007F-U+009F); leave an optional id out (or null) for none", name)
-
-
 def _check_list(ids: list[str] | None, name: str, risky: bool) -> None:
     for text in ids or ():
         if not text.strip(_SPACES) or (risky and _HAS_CONTROL.search(text)):
@@ -383,12 +371,16 @@ def _check_entries(entries: dict[str, str] | None, name: str, risky: bool) -> No
                                                "(U+0000-U+001F, U+007F-U+009F)", name)
 
 
-def _check_ids(value, names: tuple[str, ...], risky: bool) -> None:
+def _check_ids(value, names: tuple[str, ...], risky: bool, optional: bool = False) -> None:
+    """The id rule for the fields ``names`` of ``value``; ``optional``: None passes."""
     for name in names:
         text = getattr(value, name)
+        if text is None and optional:
+            continue
         if not text.strip(_SPACES) or (risky and _HAS_CONTROL.search(text)):
+            leave = "; leave an optional id out (or null) for none" if optional else ""
             raise InvalidEvent("bad_id", f"field `{name}`: an id must hold something besides whitespace, and no control "
-                                         "characters (U+0000-U+001F, U+007F-U+009F)", name)
+                                         f"characters (U+0000-U+001F, U+007F-U+009F){leave}", name)
 
 
 __all__ = ["decode_event", "decode_forget", "decode_impression", "decode_item", "decode_search", "json_depth"]
