@@ -56,6 +56,7 @@ class _Envelope(msgspec.Struct, array_like=True):
     offsets: dict[int, int]
     catalogue: bytes
 
+
 #: records read per fetch, and items embedded per thread hand-off
 FETCH_RECORDS = 1000
 FLUSH_CHUNK = 256
@@ -228,10 +229,15 @@ class CatalogueFeed:
                 log.warning("item value at %s[%d]@%d refused: %s", letter.topic, letter.partition, letter.offset,
                             letter.reason)
             if self.publish is not None and self.dlq_topic is not None:
+                # until Kafka confirms them all: the offsets are past these records already, so a
+                # dead letter not sent now would never be
                 pending = [(self.dlq_topic, key, encode(letter)) for key, letter in dead]
                 delays = self.backoff.delays()
                 while pending:
-                    pending = await self.publish(pending)
+                    try:
+                        pending = await self.publish(pending)
+                    except Exception as exc:  # noqa: BLE001 - the producer failed: send them again
+                        log.warning("dead-lettering %d item value(s) failed (%r); retrying", len(pending), exc)
                     if pending:
                         await asyncio.sleep(next(delays))
                 self.metrics.dead_letters_published.inc(len(dead))

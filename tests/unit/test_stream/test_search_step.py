@@ -206,3 +206,27 @@ def test_a_users_latest_search_leans_their_next_home_page_list_towards_it(catalo
     again = step([ClickEvent(event_id="n3", user_id="s2", item_id="a", ts=TS + 10_000)],
                  {"s2": UserState("s2", recent_items=["a"], recent_queries=["running shoes"])}, lambda: TS + 10_001)
     assert "shoes" not in {i.item_id for i in again.recommendations[0].items}  # no catalogue: no query source
+
+
+async def test_the_feeds_dead_letters_survive_a_publish_that_raises(catalogue):
+    from types import SimpleNamespace
+
+    from stream.catalogue_feed import CatalogueFeed
+    from stream.records import DEFAULT_BOUNDS
+    from stream.retry import Backoff
+
+    calls: list[list] = []
+
+    async def flaky(records):
+        calls.append(list(records))
+        if len(calls) == 1:
+            raise ConnectionError("producer gone")
+        return []
+
+    metrics = Metrics(CollectorRegistry())
+    feed = CatalogueFeed(Catalogue(catalogue.embedder), {}, "t.items", DEFAULT_BOUNDS, metrics, flaky, "t.dlq",
+                         backoff=Backoff(base_s=0.001, jitter=0))
+    bad = SimpleNamespace(topic="t.items", offset=4, key=b"x", value=b'{"item_id": "x", "ts": 1}')
+    await feed._apply(0, [bad])
+    assert len(calls) == 2 and calls[1][0][0] == "t.dlq"  # sent again after the failure
+    assert decode_dead_letter(calls[1][0][2]).code == "missing_field" and feed.offsets == {0: 5}
