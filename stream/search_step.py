@@ -156,11 +156,7 @@ class SearchStep:
             recommender = self.step.recommender
             view = serving_view(recommender, replace(recommender.config, k=len(ids), exclude_purchased=False,
                                                      max_per_category=None))
-            extra = None
-            scorer = self.step.scorer
-            if scorer is not None:
-                (scores,) = scorer.score([context.recent_items], [ids])
-                extra = [{"transformer": np.asarray(scores, dtype=float)}]
+            extra = self.step.extra_scores(self.step.scorer, [context], [ids])  # the Transformer, as for home lists
             (ranked,) = view.rank_many([context], [ids], len(ids), extra)
             recommender.forget_ranked(context.user_id)  # a search answer does not teach the re-ranker
             position = {item: i for i, item in enumerate(ids)}

@@ -176,17 +176,18 @@ class Api:
         user_id = parse_id(request.match_info.get("user_id"), "user_id", required=True)
         k = parse_k(request.query.get("k"), self.top_k)
         state = await self._state(user_id)
-        items = await self._run(self._recommend, state, k)
+        items = await self._run(self._recommend, state, k, user_id)
         return _json({"items": items_json(items), "user_id": user_id, "model": self.step.model_versions()})
 
-    def _recommend(self, state: UserState, k: int) -> list[ScoredItem]:
+    def _recommend(self, state: UserState, k: int, site_user_id: str) -> list[ScoredItem]:
         """The worker's ranking for the user's present state (their arm's blend under an
-        experiment; no popularity or shuffle baseline: those are for lists the worker publishes)."""
+        experiment, the arm chosen by the id the site sends, as the worker chooses it; no
+        popularity or shuffle baseline: those are for lists the worker publishes)."""
         step = self.step
         recommender: Recommender = step.recommender
         config = recommender.config
         if step.experiment is not None:
-            config = step.experiment.arm_of(state.user_id).config(config)
+            config = step.experiment.arm_of(site_user_id).config(config)
         view = serving_view(recommender, replace(config, k=k))
         contexts = [user_context(state)]
         candidates = view.candidates_many(contexts)  # as the worker's step: stream/pipeline.py _rank_arm

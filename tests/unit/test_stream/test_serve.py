@@ -161,3 +161,26 @@ async def test_a_store_that_does_not_answer_is_a_503_not_a_500(catalogue):
         assert resp.status == 503 and "does not answer" in (await resp.json())["error"]
         assert (await client.get("/v1/search", params={"q": "tv"})).status == 200  # no user: no store needed
     api.executor.shutdown()
+
+
+async def test_under_pseudonyms_the_experiment_arm_is_that_of_the_id_the_site_sends(catalogue):
+    from stream.experiments import Arm, Experiment
+    from stream.pseudonyms import Pseudonyms
+
+    pseudonyms = Pseudonyms("k" * 32)
+    store = InMemoryUserStateStore()
+    step = RecommendationStep(Recommender.default())
+    experiment = Experiment("x", (Arm("a", 0.5), Arm("b", 0.5)), "a")
+    asked: list[str] = []
+
+    class Recording:  # the experiment, noting whose arm is asked for
+        def arm_of(self, uid):
+            asked.append(uid)
+            return experiment.arm_of(uid)
+
+    step.experiment = Recording()
+    api = Api(store, step, catalogue, SearchStep(step, catalogue), top_k=3, pseudonyms=pseudonyms)
+    async with TestClient(TestServer(create_web_app(api))) as client:
+        assert (await client.get("/v1/users/site-user-7/recommendations")).status == 200
+    assert asked == ["site-user-7"]  # as the worker's step asks it, not with the pseudonym
+    api.executor.shutdown()
