@@ -326,7 +326,7 @@ async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop:
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+        except (NotImplementedError, RuntimeError):  # signals are handled on the main thread only: then `stop` ends it
             pass
     tasks = [asyncio.create_task(feed.run())] if feed is not None else []
     try:
