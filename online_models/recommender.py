@@ -65,9 +65,11 @@ def _default_weights() -> dict[str, float]:
     # half of the worker's CPU per event (learn 58, propose 50, rank 57 of 318 µs). Give it a
     # weight (``STREAMREC_BLEND_WEIGHTS=mf=0.2``) to run it.
     # "query": the catalogue's matches of the user's latest search (stream/pipeline.py
-    # query_candidates); users who never searched have no such column, so it changes nothing for them
+    # query_candidates); users who never searched have no such column, so it changes nothing for them.
+    # "content": new items no event has named yet, close in meaning to the user's recent items
+    # (cold start: online_models/search/cold_start.py); nothing when every item has events
     return {"covisit": 1.0, "reminder": 1.0, "trending": 0.3, "mf": 0.0, "session_hybrid": 0.0, "transformer": 1.0,
-            "query": 1.0}
+            "query": 1.0, "content": 1.0}
 
 
 def parse_weights(spec: str | None) -> dict[str, float]:
@@ -178,6 +180,9 @@ class Recommender:
     #: the learners :meth:`default` can build, by name
     DEFAULT_LEARNERS = {"covisit": CoVisitation, "reminder": RecentlyViewed, "trending": TrendingPopularity,
                         "mf": ImplicitMF, "session_hybrid": SessionHybrid}
+    #: the sources scored beside the learners (``extra_scores`` of :meth:`rank_many`): the
+    #: Transformer, a user's latest query's matches, and new items by content (cold start)
+    EXTRA_SOURCES = ("transformer", "query", "content")
 
     @classmethod
     def default(cls, config: RecommenderConfig | None = None, seed: int = 0) -> Self:
@@ -521,6 +526,11 @@ class Recommender:
     # -- state ------------------------------------------------------------------------
     def category(self, item_id: str) -> str | None:
         return self._categories.get(item_id)
+
+    def has_events(self, item_id: str) -> bool:
+        """Whether an event has named ``item_id`` (among the ``max_items`` most recently named):
+        an item without is *cold*, and only its content can recommend it."""
+        return item_id in self._counts
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()  # lists awaiting a label are transient: not snapshotted

@@ -55,7 +55,7 @@ def worker(
     log = logging.getLogger("streamrec")
     log.info("settings: %s", settings)
     if settings.variants:  # a wrong experiment file is said now, not after Kafka answers
-        log.info("experiment: %s", load_experiment(settings.variants, [*Recommender.DEFAULT_LEARNERS, "transformer"]).describe())
+        log.info("experiment: %s", load_experiment(settings.variants, [*Recommender.DEFAULT_LEARNERS, *Recommender.EXTRA_SOURCES]).describe())
     created = ensure_streamrec_topics(settings)
     if created:
         log.info("created topics %s with %d partitions", ", ".join(created), settings.partitions)

@@ -164,7 +164,7 @@ def evaluate(
         raise typer.BadParameter(str(exc), param_hint="the STREAMREC_* environment") from None
     if settings.variants:
         try:
-            load_experiment(settings.variants, [*Recommender.DEFAULT_LEARNERS, "transformer"])
+            load_experiment(settings.variants, [*Recommender.DEFAULT_LEARNERS, *Recommender.EXTRA_SOURCES])
         except ConfigError as exc:
             raise typer.BadParameter(str(exc), param_hint="--variants" if variants else "STREAMREC_VARIANTS") from None
         if protocol is EvalProtocol.session_rec:

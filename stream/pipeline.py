@@ -49,6 +49,7 @@ import numpy as np
 from online_models import Interaction, Recommender, UserContext
 from online_models.metrics import target_rank
 from online_models.recommender import ForgetError
+from online_models.search.cold_start import ContentMatcher
 from stream.experiments import (
     Arm,
     Attribution,
@@ -111,6 +112,18 @@ class _Ranked:
     teaches: bool = True
 
 
+def _join(scores: list[dict[str, float] | None], candidates: list[list[str]]) -> list[dict[str, float] | None] | None:
+    """Add each user's scored items to their candidates (in place, once each); ``scores``, or
+    None when no user has any."""
+    found = False
+    for i, scored in enumerate(scores):
+        if scored:
+            found = True
+            have = set(candidates[i])
+            candidates[i].extend(item for item in scored if item not in have)
+    return scores if found else None
+
+
 def default_models(settings: Settings, experiment: Experiment | None = None, seed: int = 0) -> Recommender:
     """The worker's models under ``settings``: :func:`recommender_config`'s blend, plus every
     learner an experiment's arm turns on (a learner off in the blend, say ``mf``, is not built
@@ -159,8 +172,10 @@ class RecommendationStep:
         #: per user of the batch, their remembered lists before ranking (a retried ranking starts from them)
         self._pre_rank_recs: dict[str, list[list]] = {}
         #: the catalogue searches retrieve from (online_models.search.Catalogue; the worker's shell
-        #: sets it): a user's latest query adds its matches to their candidates (query_candidates)
+        #: sets it): a user's latest query adds its matches to their candidates (query_candidates),
+        #: and new items close to their recent ones join them too (content_candidates)
         self.catalogue = None
+        self._content: ContentMatcher | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, scorer=None, recommender: Recommender | None = None
@@ -170,18 +185,24 @@ class RecommendationStep:
         evaluation and the benchmarks all build their step here."""
         experiment = None
         if settings.variants:
-            sources = [*Recommender.DEFAULT_LEARNERS, "transformer"]
+            sources = [*Recommender.DEFAULT_LEARNERS, *Recommender.EXTRA_SOURCES]
             experiment = load_experiment(settings.variants, sources)
         if recommender is None:
             recommender = default_models(settings, experiment)
         return cls(recommender, scorer, StepConfig(max_recent=settings.recent_items,
                                                    dedupe_window=settings.dedupe_window,
-                                                   attribution_window_ms=settings.attribution_window_s * 1000),
+                                                   attribution_window_ms=settings.attribution_window_s * 1000,
+                                                   query_ttl_ms=settings.query_ttl_s * 1000),
                    experiment)
 
     def variant_of(self, site_user_id: str) -> str:
         """The name of the arm the user (by the id the site sends) is in."""
         return self.experiment.arm_of(site_user_id).name if self.experiment is not None else self.DEFAULT_VARIANT
+
+    def scorer_of(self, arm: Arm) -> object | None:
+        """The Transformer that ranks for ``arm``: its pinned version's, else the step's; none
+        for an arm that uses no model."""
+        return self.arm_scorers.get(arm.name, self.scorer) if arm.uses_model else None
 
     def new_rec_id(self) -> str:
         """A fresh ``rec_id``: unique across workers and restarts, at most 24 characters."""
@@ -487,7 +508,7 @@ class RecommendationStep:
         out: dict[str, _Ranked] = {}
         base = self.recommender.config
         for arm, members in groups.values():
-            scorer = None if not arm.uses_model else self.arm_scorers.get(arm.name, self.scorer)
+            scorer = self.scorer_of(arm)
             view = serving_view(self.recommender, arm.config(base))
             out.update(self._rank_arm(arm, view, scorer, members, states, events, applied, versions, now_ms, timings,
                                       site_ids))
@@ -501,9 +522,11 @@ class RecommendationStep:
         t1 = clock()
         contexts = [user_context(states[u]) for u in users]
         candidates = recommender.candidates_many(contexts)
-        queried = self.query_candidates([states[u].recent_queries for u in users], candidates)
+        queried = self.query_candidates([states[u] for u in users], [events[applied[u][-1]].ts for u in users],
+                                        candidates)
+        content = self.content_candidates(contexts, candidates)
         t2 = clock()
-        extra = self.extra_scores(scorer, contexts, candidates, queried)
+        extra = self.extra_scores(scorer, contexts, candidates, queried, content)
         t3 = clock()
         rec_ids = [self.new_rec_id() for _ in users]
         lists: list[list[RecommendedItem]] = []
@@ -539,30 +562,47 @@ class RecommendationStep:
         timings["rank"] += t4 - t3
         return out
 
-    def query_candidates(self, recent_queries: Sequence[Sequence[str]], candidates: list[list[str]]
+    def query_candidates(self, states: Sequence[UserState], now_ts: Sequence[int], candidates: list[list[str]]
                          ) -> list[dict[str, float] | None] | None:
-        """Search informs recommendation: for each user with a recent query, the catalogue's
-        best :data:`QUERY_CANDIDATES` matches of their latest one join their candidates
+        """Search informs recommendation: for each user whose latest query is at most
+        ``StepConfig.query_ttl_ms`` older than ``now_ts`` (the event being answered), the
+        catalogue's best :data:`QUERY_CANDIDATES` matches of it join their candidates
         (``candidates`` is extended in place) and are returned as the ``query`` source's scores
         (the hybrid relevance, 0..1); None when no user has one, or there is no catalogue."""
         catalogue = self.catalogue
-        if catalogue is None or not any(recent_queries) or not len(catalogue):
+        ttl = self.config.query_ttl_ms
+        if catalogue is None or not ttl or not len(catalogue) or not any(s.recent_queries for s in states):
             return None
         out: list[dict[str, float] | None] = [None] * len(candidates)
-        for i, queries in enumerate(recent_queries):
-            if not queries:
-                continue
-            hits = catalogue.search(queries[-1], QUERY_CANDIDATES)
+        for i, (state, now) in enumerate(zip(states, now_ts, strict=True)):
+            if not state.recent_queries or not 0 <= now - state.query_ts <= ttl:
+                continue  # never searched, or too long ago (a query_ts of 0: from before it was kept)
+            hits = catalogue.search(state.recent_queries[-1], QUERY_CANDIDATES)
             if hits:
-                have = set(candidates[i])
-                candidates[i].extend(h.item_id for h in hits if h.item_id not in have)
                 out[i] = {h.item_id: h.score for h in hits}
-        return out
+        return _join(out, candidates)
+
+    def content_candidates(self, contexts: Sequence[UserContext], candidates: list[list[str]]
+                           ) -> list[dict[str, float] | None] | None:
+        """Cold start: for each user, the new items that no event has named yet and whose text
+        is closest to their recent items' (:class:`~online_models.search.ContentMatcher`) join
+        their candidates (``candidates`` is extended in place), scored as the ``content``
+        source (their cosine); None when there is no catalogue or no such item."""
+        catalogue = self.catalogue
+        if catalogue is None or not len(catalogue):
+            return None
+        matcher = self._content
+        if matcher is None or matcher.catalogue is not catalogue:
+            # the recommender is read at each call: a restored or refreshed one replaces it
+            matcher = self._content = ContentMatcher(catalogue, lambda item: self.recommender.has_events(item))
+        return _join(matcher.matches([c.recent_items for c in contexts]), candidates)
 
     def extra_scores(self, scorer, contexts: Sequence[UserContext], candidates: Sequence[list[str]],
-                     queried: Sequence[dict[str, float] | None] | None = None) -> list[dict | None]:
+                     queried: Sequence[dict[str, float] | None] | None = None,
+                     content: Sequence[dict[str, float] | None] | None = None) -> list[dict | None]:
         """Each user's scores from the sources beside the learners: the Transformer (aligned
-        with the candidates) and, for users who searched, the query's relevance."""
+        with the candidates) and, where there are any, the query's relevance
+        (:meth:`query_candidates`) and the new items' content similarity (:meth:`content_candidates`)."""
         extra: list[dict | None] = [None] * len(contexts)
         if scorer is not None and contexts:
             todo = [i for i, c in enumerate(candidates) if c and contexts[i].recent_items]
@@ -572,10 +612,11 @@ class RecommendationStep:
                     s = np.asarray(s, dtype=float)  # aligned with the candidates: no dict to build
                     extra[i] = {"transformer": s if s.shape == (len(candidates[i]),)
                                 else dict(zip(candidates[i], s.tolist(), strict=False))}
-        if queried is not None:
-            for i, scores in enumerate(queried):
-                if scores:
-                    extra[i] = {**(extra[i] or {}), "query": scores}
+        for name, source in (("query", queried), ("content", content)):
+            if source is not None:
+                for i, scores in enumerate(source):
+                    if scores:
+                        extra[i] = {**(extra[i] or {}), name: scores}
         return extra
 
     # -- step 3 ---------------------------------------------------------------------------

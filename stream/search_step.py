@@ -112,6 +112,7 @@ class SearchStep:
             state.recs = remembered(state.recs, rec_id, search.ts)
             queries = [q for q in state.recent_queries if q != search.query] + [search.query]
             state.recent_queries = queries[-RECENT_QUERIES:]
+            state.query_ts = search.ts
             if source is not None:
                 state.offsets[source] = offset
             site_uid = site_ids.get(uid, uid) if site_ids else uid

@@ -34,6 +34,7 @@ import asyncio
 import hashlib
 import logging
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -54,7 +55,7 @@ from stream.pseudonyms import Pseudonyms, pseudonyms_of
 from stream.records import MAX_ID_CHARS, MAX_QUERY_CHARS, SearchEvent
 from stream.search_step import SearchConfig, SearchStep
 from stream.settings import Settings
-from stream.shell import load_scorer
+from stream.shell import load_arm_scorers, load_scorer
 from stream.snapshots import SNAPSHOT_KEY
 from stream.state import RedisUserStateStore, UserState, UserStateStore
 from stream.step_inputs import user_context
@@ -185,14 +186,16 @@ class Api:
         popularity or shuffle baseline: those are for lists the worker publishes)."""
         step = self.step
         recommender: Recommender = step.recommender
-        config = recommender.config
+        config, scorer = recommender.config, step.scorer
         if step.experiment is not None:
-            config = step.experiment.arm_of(site_user_id).config(config)
+            arm = step.experiment.arm_of(site_user_id)
+            config, scorer = arm.config(config), step.scorer_of(arm)
         view = serving_view(recommender, replace(config, k=k))
         contexts = [user_context(state)]
         candidates = view.candidates_many(contexts)  # as the worker's step: stream/pipeline.py _rank_arm
-        queried = step.query_candidates([state.recent_queries], candidates)
-        extra = step.extra_scores(step.scorer, contexts, candidates, queried)
+        queried = step.query_candidates([state], [int(time.time() * 1000)], candidates)
+        content = step.content_candidates(contexts, candidates)
+        extra = step.extra_scores(scorer, contexts, candidates, queried, content)
         (items,) = view.rank_many(contexts, candidates, k, extra)
         recommender.forget_ranked(state.user_id)
         return items
@@ -305,6 +308,8 @@ async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop:
                                          ttl_s=settings.state_ttl_s, **settings.redis.client_options())
     metrics = Metrics()
     step = RecommendationStep.from_settings(settings, await asyncio.to_thread(load_scorer, settings, metrics))
+    # arms that pin a model version rank with it, as in the worker (stream/app.py)
+    step.arm_scorers = await asyncio.to_thread(load_arm_scorers, step.experiment, settings)
     catalogue = feed = None
     if settings.catalogue:
         catalogue = Catalogue(TextEmbedder(threads=1), candidates=settings.search_candidates)

@@ -164,6 +164,7 @@ class Settings:
     catalogue: bool = _env("STREAMREC_CATALOGUE", "true", "read the items topic into a catalogue that searches retrieve from (every worker reads all of it, and embeds each item with the text model; stream/catalogue_feed.py); false: searches re-rank only the results they carry")
     search_candidates: int = _env("STREAMREC_SEARCH_CANDIDATES", "100", "items each of BM25 and the text model retrieve per search, fused and re-ranked for the user")
     search_personal_weight: float = _env("STREAMREC_SEARCH_PERSONAL_WEIGHT", "0.3", "share of the user's models in a search answer's score, 0 to 1 (0: the query's order alone)")
+    query_ttl_s: int = _env("STREAMREC_QUERY_TTL_S", "1800", "how long, in seconds of event time, a user's latest search steers their home-page lists (its matches join their candidates); 0: searches never do")
     snapshot_key: str = _env("STREAMREC_SNAPSHOT_KEY", "", "secret that signs and checks the online models' snapshots (HMAC-SHA256); empty: unsigned", secret=True)
 
     @classmethod
@@ -188,7 +189,8 @@ class Settings:
                                  ("STREAMREC_CANDIDATES", self.n_candidates, 1), ("STREAMREC_DEDUPE_WINDOW", self.dedupe_window, 1), ("STREAMREC_BATCH_TIMEOUT_MS", self.batch_timeout_ms, 0),
                                  ("STREAMREC_MAX_ITEMS", self.max_items, 1000), ("STREAMREC_MAX_USERS", self.max_users, 1000),
                                  ("STREAMREC_RAW_RETENTION_H", self.raw_retention_h, 1), ("STREAMREC_SEARCH_CANDIDATES", self.search_candidates, 1),
-                                 ("STREAMREC_ATTRIBUTION_WINDOW_S", self.attribution_window_s, 0)):
+                                 ("STREAMREC_ATTRIBUTION_WINDOW_S", self.attribution_window_s, 0),
+                                 ("STREAMREC_QUERY_TTL_S", self.query_ttl_s, 0)):
             if value < low:
                 raise ConfigError(f"{name}={value}: must be at least {low}")
         if not MIN_SCORER_SHAPE <= self.scorer_max_batch <= MAX_BATCH_SIZE:

@@ -49,12 +49,15 @@ class UserState(msgspec.Struct, kw_only=False, omit_defaults=True):
     recs: list[list] = msgspec.field(default_factory=list)
     #: the user's latest search queries, oldest first (stream/search_step.py)
     recent_queries: list[str] = msgspec.field(default_factory=list)
+    #: when the latest of them was searched (the SearchEvent's ts; 0: unknown)
+    query_ts: int = 0
 
     def copy(self) -> UserState:
         """A copy that shares nothing mutable with this state."""
         return UserState(self.user_id, list(self.recent_items), list(self.purchased), self.clicks, self.purchases,
                          self.last_seen_ts, self.session_id, list(self.event_ids), dict(self.offsets),
-                         list(self.last_recommended), [list(r) for r in self.recs], list(self.recent_queries))
+                         list(self.last_recommended), [list(r) for r in self.recs], list(self.recent_queries),
+                         self.query_ts)
 
     def has_seen(self, event_id: str, source: str | None = None, offset: int | None = None) -> bool:
         """True when this event was applied: its offset is at or below the watermark of its

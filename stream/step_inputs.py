@@ -26,6 +26,8 @@ class StepConfig:
     dedupe_window: int = int(Settings.dedupe_window)
     #: a click or purchase without a rec_id is credited to the user's last list this long after it
     attribution_window_ms: int = int(Settings.attribution_window_s) * 1000
+    #: a user's latest search steers their home-page lists this long after it (0: never)
+    query_ttl_ms: int = int(Settings.query_ttl_s) * 1000
 
 
 def source_of(topic: str, partition: int) -> str:
@@ -43,7 +45,7 @@ def recommender_config(settings: Settings) -> RecommenderConfig:
         overrides = parse_weights(settings.blend_weights)
     except ValueError as exc:
         raise ConfigError(f"STREAMREC_BLEND_WEIGHTS={settings.blend_weights!r}: {exc}") from None
-    known = {*Recommender.DEFAULT_LEARNERS, "transformer", "reranker"}
+    known = {*Recommender.DEFAULT_LEARNERS, *Recommender.EXTRA_SOURCES, "reranker"}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ConfigError(f"STREAMREC_BLEND_WEIGHTS names {', '.join(unknown)}; the sources are {', '.join(sorted(known))}")

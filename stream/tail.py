@@ -49,7 +49,7 @@ from stream.topics import ensure_streamrec_topics
 _SAYS = {"covisit": "often viewed together", "reminder": "you viewed it before", "trending": "popular now",
          "popularity": "popular", "recent_popularity": "popular now", "mf": "people with similar taste liked it",
          "session_hybrid": "similar to what you are viewing", "transformer": "picked for you from what you viewed",
-         "query": "matches what you searched for"}
+         "query": "matches what you searched for", "content": "new, and like what you viewed"}
 
 
 _MATCHED = {"words": "matches your search's words", "meaning": "matches your search's meaning",

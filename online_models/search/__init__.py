@@ -5,6 +5,7 @@ Pure, like the rest of ``online_models``: no Kafka, no Redis, no HTTP.
 """
 
 from online_models.search.catalogue import Catalogue, CatalogueItem, SearchHit, fuse
+from online_models.search.cold_start import ContentMatcher
 from online_models.search.lexical import LexicalIndex
 from online_models.search.semantic import VectorIndex
 from online_models.search.text import MODEL_NAME, TextEmbedder, normalise_query
@@ -13,6 +14,7 @@ __all__ = [
     "MODEL_NAME",
     "Catalogue",
     "CatalogueItem",
+    "ContentMatcher",
     "LexicalIndex",
     "SearchHit",
     "TextEmbedder",

@@ -20,7 +20,7 @@ search through this class.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import msgspec
@@ -122,6 +122,8 @@ class Catalogue:
         self._lexical = LexicalIndex()
         self._vectors = VectorIndex(embedder.dim)
         self._lock = threading.RLock()
+        #: counts every change to what is indexed (an index, a removal, a restore)
+        self.version = 0
 
     # ------------------------------------------------------------------ changes
 
@@ -147,6 +149,7 @@ class Catalogue:
             self._lexical.remove(key)
             self._vectors.remove(key)
             self._lexical.commit()
+            self.version += 1
             return True
 
     @property
@@ -186,6 +189,7 @@ class Catalogue:
             self._items[item.item_id] = item
             self._lexical.upsert(key, item.text())
         self._vectors.upsert(keys, vectors)
+        self.version += 1
 
     # ------------------------------------------------------------------ reading
 
@@ -202,6 +206,35 @@ class Catalogue:
         with self._lock:
             key = self._key_of.get(item_id)
             return None if key is None else self._vectors.vector(key)
+
+    def vectors_of(self, item_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """The vectors (float32) of those of ``item_ids`` that are indexed, in one lookup."""
+        with self._lock:
+            found = [(item_id, key) for item_id in dict.fromkeys(item_ids)
+                     if (key := self._key_of.get(item_id)) is not None]
+            if not found:
+                return {}
+            rows = self._vectors.vectors(np.fromiter((key for _, key in found), dtype=np.uint64, count=len(found)))
+        return {item_id: row for (item_id, _), row in zip(found, rows, strict=True) if row is not None}
+
+    def newest(self, exclude: Callable[[str], bool], limit: int, scan: int) -> tuple[list[str], np.ndarray]:
+        """Up to ``limit`` available items, newest indexed first, for which ``exclude(item_id)``
+        is false, with their vectors (one float32 row each); only the ``scan`` newest items are
+        looked at. An item keeps its place when its text changes: it is not new again."""
+        with self._lock:
+            ids: list[str] = []
+            keys: list[int] = []
+            items = self._items
+            for seen, (item_id, key) in enumerate(reversed(self._key_of.items())):
+                if seen >= scan or len(ids) >= limit:
+                    break
+                if items[item_id].available and not exclude(item_id):
+                    ids.append(item_id)
+                    keys.append(key)
+            if not ids:
+                return [], np.empty((0, self.embedder.dim), dtype=np.float32)
+            rows = self._vectors.vectors(np.asarray(keys, dtype=np.uint64))
+        return ids, np.stack(rows).astype(np.float32, copy=False)
 
     def _available(self, pairs: list[tuple[int, float]]) -> list[tuple[str, float]]:
         out = []
@@ -307,6 +340,7 @@ class Catalogue:
             self._lexical, self._vectors = lexical, vector_index
             self._next_key = snap.next_key
             self._pending = {}
+            self.version += 1
 
 
 def fuse(lexical: Sequence[tuple[str, float]], semantic: Sequence[tuple[str, float]], k: int,

@@ -59,6 +59,13 @@ class VectorIndex:
             return None
         return np.asarray(self._index.get(key), dtype=np.float32).reshape(-1)
 
+    def vectors(self, keys: np.ndarray) -> list[np.ndarray | None]:
+        """The stored vectors (float32) of ``keys``, in one call; None for a key not here."""
+        if len(keys) == 0:
+            return []
+        got = self._index.get(np.asarray(keys, dtype=np.uint64))  # a tuple: a row or None per key
+        return [None if row is None else np.asarray(row, dtype=np.float32).reshape(-1) for row in got]
+
     def search(self, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
         """The ``k`` closest keys with their cosine similarity, closest first."""
         if k <= 0 or len(self) == 0:

@@ -193,7 +193,7 @@ def test_the_synthetic_catalogue_is_valid_item_events_of_the_synthetic_shops_ite
 def test_a_users_latest_search_leans_their_next_home_page_list_towards_it(catalogue):
     step = trained_step()  # shoppers who view a view b
     step.catalogue = catalogue
-    searched = UserState("s", recent_items=["a"], recent_queries=["old query", "running shoes"])
+    searched = UserState("s", recent_items=["a"], recent_queries=["old query", "running shoes"], query_ts=TS + 9_000)
     result = step([ClickEvent(event_id="n1", user_id="s", item_id="a", ts=TS + 10_000)], {"s": searched},
                   lambda: TS + 10_001)
     (rec,) = result.recommendations
@@ -204,8 +204,36 @@ def test_a_users_latest_search_leans_their_next_home_page_list_towards_it(catalo
     assert "shoes" not in {i.item_id for i in plain.recommendations[0].items}  # never searched: as before
     step.catalogue = None
     again = step([ClickEvent(event_id="n3", user_id="s2", item_id="a", ts=TS + 10_000)],
-                 {"s2": UserState("s2", recent_items=["a"], recent_queries=["running shoes"])}, lambda: TS + 10_001)
+                 {"s2": UserState("s2", recent_items=["a"], recent_queries=["running shoes"], query_ts=TS + 9_000)},
+                 lambda: TS + 10_001)
     assert "shoes" not in {i.item_id for i in again.recommendations[0].items}  # no catalogue: no query source
+
+
+def test_a_search_steers_the_home_page_for_query_ttl_then_no_longer(catalogue):
+    from stream.step_inputs import StepConfig
+
+    step = trained_step()
+    step.catalogue = catalogue
+    step.config = StepConfig(query_ttl_ms=60_000)
+
+    def home_list(user, searched_at, clicked_at):
+        state = UserState(user, recent_items=["a"], recent_queries=["running shoes"], query_ts=searched_at)
+        result = step([ClickEvent(event_id=f"h-{user}", user_id=user, item_id="a", ts=clicked_at)], {user: state},
+                      lambda: clicked_at + 1)
+        return {i.item_id: i.reason for i in result.recommendations[0].items}
+
+    assert home_list("fresh", TS, TS + 60_000).get("shoes") == "query"  # a minute later: still steered
+    assert "shoes" not in home_list("stale", TS, TS + 60_001)  # past the TTL: as if they never searched
+    assert "shoes" not in home_list("unknown", 0, TS)  # a state from before query_ts was kept
+    step.config = StepConfig(query_ttl_ms=0)
+    assert "shoes" not in home_list("off", TS, TS)  # STREAMREC_QUERY_TTL_S=0: searches never steer
+
+
+def test_a_search_remembers_its_time(catalogue):
+    step = SearchStep(RecommendationStep(Recommender.default()), catalogue, SearchConfig(k=3))
+    result = step([search("s9", "u9", "running shoes", ts=TS + 42)], {}, lambda: TS + 50)
+    state = msgspec.json.decode(result.docs["u9"], type=UserState)
+    assert state.query_ts == TS + 42 and state.recent_queries == ["running shoes"]
 
 
 async def test_the_feeds_dead_letters_survive_a_publish_that_raises(catalogue):
@@ -230,3 +258,38 @@ async def test_the_feeds_dead_letters_survive_a_publish_that_raises(catalogue):
     await feed._apply(0, [bad])
     assert len(calls) == 2 and calls[1][0][0] == "t.dlq"  # sent again after the failure
     assert decode_dead_letter(calls[1][0][2]).code == "missing_field" and feed.offsets == {0: 5}
+
+
+def test_a_new_item_is_recommended_by_its_text_until_events_name_it(catalogue):
+    # the models know a and b (events); the catalogue's items have no events: all are cold
+    step = trained_step()
+    step.catalogue = catalogue
+    viewer = UserState("w", recent_items=["jacket-en"])
+    result = step([ClickEvent(event_id="c1", user_id="w", item_id="jacket-en", ts=TS + 10_000)], {"w": viewer},
+                  lambda: TS + 10_001)
+    by_id = {i.item_id: i for i in result.recommendations[0].items}
+    content = {item for item, i in by_id.items() if i.reason == "content"}
+    assert "jacket-zh" in content  # the same jacket, titled in Chinese: nobody has clicked it
+    assert "tv" not in content
+    # once shoppers click it, the learners have it: it is no longer offered for its text
+    step([ClickEvent(event_id=f"z{n}", user_id=f"z{n}", item_id="jacket-zh", ts=TS + 20_000 + n) for n in range(3)],
+         {}, lambda: TS + 20_010)
+    later = step([ClickEvent(event_id="c2", user_id="w2", item_id="jacket-en", ts=TS + 30_000)],
+                 {"w2": UserState("w2", recent_items=["jacket-en"])}, lambda: TS + 30_001)
+    assert all(i.reason != "content" or i.item_id != "jacket-zh" for i in later.recommendations[0].items)
+
+
+def test_an_experiment_may_weight_the_search_and_content_sources(tmp_path):
+    from stream.errors import ConfigError
+    from stream.settings import Settings
+
+    spec = tmp_path / "arms.toml"
+    spec.write_text('experiment = "x"\n[[arms]]\nname = "a"\nshare = 0.5\n[[arms]]\nname = "b"\nshare = 0.5\n'
+                    'weights = { query = 2.0, content = 0.0 }\n')
+    step = RecommendationStep.from_settings(Settings.from_env({"STREAMREC_VARIANTS": str(spec)}))
+    (_, b) = step.experiment.arms
+    weights = b.config(step.recommender.config).weights
+    assert weights["content"] == 0.0 and weights["query"] == 2.0
+    spec.write_text('experiment = "x"\n[[arms]]\nname = "a"\nshare = 1.0\nweights = { contnet = 1.0 }\n')
+    with pytest.raises(ConfigError, match="contnet"):
+        RecommendationStep.from_settings(Settings.from_env({"STREAMREC_VARIANTS": str(spec)}))

@@ -4,6 +4,8 @@ tests/integration/test_search_e2e.py runs the command itself against real Kafka 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -47,8 +49,8 @@ def trained_step() -> RecommendationStep:
 async def client(catalogue):
     store = InMemoryUserStateStore()
     await store.save_docs({"fan": encode_state(UserState("fan", recent_items=["shoes"])),
-                           "searcher": encode_state(UserState("searcher", recent_items=["shoes"],
-                                                              recent_queries=["羽绒服"]))})
+                           "searcher": encode_state(UserState("searcher", recent_items=["shoes"], recent_queries=["羽绒服"],
+                                                              query_ts=int(time.time() * 1000) - 1000))})
     step = trained_step()
     step.catalogue = catalogue
     api = Api(store, step, catalogue, SearchStep(step, catalogue, SearchConfig(k=3)), top_k=3)
@@ -184,3 +186,46 @@ async def test_under_pseudonyms_the_experiment_arm_is_that_of_the_id_the_site_se
         assert (await client.get("/v1/users/site-user-7/recommendations")).status == 200
     assert asked == ["site-user-7"]  # as the worker's step asks it, not with the pseudonym
     api.executor.shutdown()
+
+
+async def test_an_arm_that_pins_a_model_version_ranks_with_that_model_as_in_the_worker(catalogue):
+    import numpy as np
+
+    from stream.experiments import Arm, Experiment
+
+    class Scorer:  # a pinned version: it says which users it scored
+        version, provider = "pinned-v7", "cpu"
+
+        def __init__(self):
+            self.scored: list[list[str]] = []
+
+        def score(self, recent, candidates):
+            self.scored += [list(r) for r in recent]
+            return [np.linspace(0.0, 1.0, len(c)) for c in candidates]
+
+    store = InMemoryUserStateStore()
+    await store.save_docs({"fan": encode_state(UserState("fan", recent_items=["shoes"]))})
+    step = trained_step()
+    step.catalogue = catalogue
+    step.experiment = Experiment("x", (Arm("pinned", 1.0, model="pinned-v7"),), "pinned")
+    pinned = Scorer()
+    step.arm_scorers = {"pinned": pinned}  # the step's own scorer is None: only the arm's can score
+    api = Api(store, step, catalogue, SearchStep(step, catalogue), top_k=3)
+    async with TestClient(TestServer(create_web_app(api))) as client:
+        assert (await client.get("/v1/users/fan/recommendations")).status == 200
+    assert pinned.scored == [["shoes"]]
+    # an arm without a model scores with none
+    step.experiment = Experiment("x", (Arm("plain", 1.0, model="none"),), "plain")
+    async with TestClient(TestServer(create_web_app(api))) as client:
+        assert (await client.get("/v1/users/fan/recommendations")).status == 200
+    assert pinned.scored == [["shoes"]]
+    api.executor.shutdown()
+
+
+async def test_new_items_nobody_clicked_are_recommended_by_their_text(client):
+    # the models know the shoes and the TV (events); the two jackets have none: only their
+    # text can recommend them, to a user whose recent items are close in meaning
+    body = await (await client.get("/v1/users/fan/recommendations", params={"k": "10"})).json()
+    sources = {i["item_id"]: i.get("explanation", {}).get("source") for i in body["items"]}
+    assert "content" in sources.values()
+    assert {item for item, source in sources.items() if source == "content"} <= {"jacket-zh", "jacket-en"}
