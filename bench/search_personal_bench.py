@@ -22,6 +22,12 @@ before, and what people co-view, is what can find the item. Compared, through
 
 Figures are HR@10 and MRR@10 of the clicked item over the judged searches (a search is judged
 once the user has 3 events). They measure the simulation, not a shop.
+
+Then **search informs recommendation**: at the same moments, the user's home-page list (the
+worker's ranking, as ``streamrec serve`` computes it for their present state: k = 20) is
+judged by the same click twice, with the search in their state (``recent_queries``, within
+``STREAMREC_QUERY_TTL_S``: the ``query`` source adds its 20 best matches to the candidates) and
+without it.
 """
 
 from __future__ import annotations
@@ -37,12 +43,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from online_models.datasets import synthetic_interactions  # noqa: E402
 from online_models.search import Catalogue, TextEmbedder  # noqa: E402
 from online_models.search.synthetic import PRODUCTS, synthetic_catalogue  # noqa: E402
+from stream.experiments import serving_view  # noqa: E402
 from stream.pipeline import RecommendationStep  # noqa: E402
 from stream.records import SearchEvent  # noqa: E402
 from stream.search_step import SearchConfig, SearchStep  # noqa: E402
 from stream.settings import Settings  # noqa: E402
 from stream.state import UserState  # noqa: E402
-from stream.step_inputs import to_event  # noqa: E402
+from stream.step_inputs import to_event, user_context  # noqa: E402
+
+
+def home_list(step: RecommendationStep, state: UserState, now_ts: int, k: int) -> list[str]:
+    """The user's home-page list for their present state, as serve ranks it (learns nothing)."""
+    view = serving_view(step.recommender, step.recommender.config)
+    contexts = [user_context(state)]
+    candidates = view.candidates_many(contexts)
+    queried = step.query_candidates([state], [now_ts], candidates)
+    content = step.content_candidates(contexts, candidates)
+    (items,) = view.rank_many(contexts, candidates, k, step.extra_scores(step.scorer, contexts, candidates, queried,
+                                                                          content))
+    step.recommender.forget_ranked(state.user_id)
+    return [i.item_id for i in items]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,10 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"catalogue: {len(catalogue):,} items embedded and indexed in {time.perf_counter() - t0:.0f} s")
 
     step = RecommendationStep.from_settings(settings)
+    step.catalogue = catalogue  # as the worker's shell sets it
     weights = {"query only": 0.0, "served": settings.search_personal_weight, "personal 0.6": 0.6}
     searchers = {name: SearchStep(step, catalogue, SearchConfig(k=10, depth=settings.search_candidates,
                                                                 personal_weight=w))
                  for name, w in weights.items()}
+    home_hits = {"without the search": 0, "with the search (served)": 0}
     hits = dict.fromkeys(weights, 0)
     rr = dict.fromkeys(weights, 0.0)
     judged = 0
@@ -85,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                 if x.item_id in ranked:
                     hits[name] += 1
                     rr[name] += 1.0 / (ranked.index(x.item_id) + 1)
+            searched = state.copy()
+            searched.recent_queries, searched.query_ts = [query], x.ts
+            for name, who in (("without the search", state), ("with the search (served)", searched)):
+                home_hits[name] += x.item_id in home_list(step, who, x.ts, 20)
         result = step([to_event(x, f"e{n}")], states, lambda ts=x.ts: ts)
         states.update(result.states)
     seconds = time.perf_counter() - t0
@@ -96,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         hr, mrr = hits[name] / max(judged, 1), rr[name] / max(judged, 1)
         lift = f"{hr / base:.2f}x" if base else "-"
         print(f"{name:<14} {hr:>7.4f} {mrr:>7.4f} {lift:>8}")
+    print("\nsearch informs recommendation: HR@20 of the same clicks in the user's home-page list")
+    for name, n in home_hits.items():
+        print(f"{name:<26} {n / max(judged, 1):.4f}")
     return 0
 
 

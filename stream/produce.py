@@ -153,6 +153,13 @@ async def started_producer(kafka: KafkaConnection, **options) -> AIOKafkaProduce
     return producer
 
 
+def send_failure(kafka: KafkaConnection, exc: KafkaError, what: str) -> Exception:
+    """What a send that Kafka failed raises: the broker's refusal of the login
+    (:class:`~stream.connections.AccessDenied`), else a sentence saying ``what`` failed."""
+    denied = kafka.refusal(exc)
+    return denied if denied is not None else StreamrecError(f"{what} to {kafka.bootstrap} failed: {exc!r}")
+
+
 async def replay(
     interactions: Iterable[Interaction],
     bootstrap: KafkaConnection | str,
@@ -218,9 +225,7 @@ async def replay(
         await batches.wait_all()
         summary.seconds = time.monotonic() - started
     except KafkaError as exc:
-        if (denied := kafka.refusal(exc)) is not None:
-            raise denied from None
-        raise StreamrecError(f"sending events to {kafka.bootstrap} failed: {exc!r}") from None
+        raise send_failure(kafka, exc, "sending events") from None
     finally:
         await producer.stop()
     if on_progress is not None:
@@ -314,9 +319,7 @@ def _produce_catalogue(path: Path | None, bootstrap: str | None, topic_prefix: s
         try:
             return await send_catalogue(items, producer, settings.topics.items)
         except KafkaError as exc:
-            if (denied := kafka.refusal(exc)) is not None:
-                raise denied from None
-            raise StreamrecError(f"sending the catalogue to {kafka.bootstrap} failed: {exc!r}") from None
+            raise send_failure(kafka, exc, "sending the catalogue") from None
         finally:
             await producer.stop()
 

@@ -23,9 +23,9 @@ and shares what the workers know:
   its offsets (stream/catalogue_feed.py), as a worker does.
 
 Search and ranking are the worker's own code (:class:`~stream.search_step.SearchStep`,
-``Recommender.rank_many``). They run in one thread beside the event loop (the text model
-releases the GIL while it embeds), so that requests are computed one at a time on models
-that nothing else touches, while the loop keeps accepting and answering.
+``Recommender.rank_many``). They run in :data:`COMPUTE_THREADS` threads beside the event loop
+(the text model and numpy release the GIL), while the loop keeps accepting and answering; the
+models are only read there (a newer snapshot replaces them whole).
 """
 
 from __future__ import annotations
@@ -65,10 +65,16 @@ log = logging.getLogger("streamrec.serve")
 #: the largest ``k`` a request may ask for
 MAX_K = 100
 
-#: requests in progress (waiting for their turn on the computing thread included) beyond which
+#: requests in progress (waiting for a computing thread included) beyond which
 #: a new one is answered 503 at once: an overloaded server sheds load instead of queueing
 #: requests until every one of them is late (and the store's connections run out)
 MAX_IN_FLIGHT = 16
+
+#: requests computed at once, each embedding its query on one engine thread (the text model and
+#: numpy release the GIL). Two rather than one: at 200 searches/s on 2 cores p99 fell from 103 ms
+#: to 21 ms, and beside a worker consuming 1,000 events/s from 238 ms to 77 ms at 100/s
+#: (bench/serve_bench.py, docs/search.md)
+COMPUTE_THREADS = 2
 
 _encode = msgspec.json.Encoder().encode
 
@@ -142,8 +148,8 @@ class Api:
         self.top_k = top_k
         self.health = health or Health()
         self.pseudonyms = pseudonyms
-        #: one thread: requests are computed one at a time, off the event loop
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamrec-serve")
+        #: requests are computed off the event loop, COMPUTE_THREADS at a time
+        self.executor = ThreadPoolExecutor(max_workers=COMPUTE_THREADS, thread_name_prefix="streamrec-serve")
 
     def _uid(self, user_id: str) -> str:
         return self.pseudonyms.of(user_id) if self.pseudonyms is not None else user_id
