@@ -1,7 +1,7 @@
 """Search through a real worker, Kafka and Redis (issue 18): the worker reads the whole items
 topic into its catalogue (tombstones remove, bad values are dead-lettered), answers a
-SearchEvent with a personalised list on the recommendations topic, and remembers the query in
-the user's state."""
+SearchEvent with a personalised list on the recommendations topic, remembers the query in the
+user's state, and leans their next home-page list towards it, with new items by their text."""
 
 from __future__ import annotations
 
@@ -71,8 +71,19 @@ def test_the_worker_answers_a_search_from_the_items_topic(workers, worker_env, t
 
     doc = wait_for(lambda: (d := user_doc(redis_client, topic_prefix, "shopper")) and d.get("recent_queries") and d,
                    30, "the query in the user's state", worker)
-    assert doc["recent_queries"] == ["冬季羽绒服"] and doc["recent_items"] == ["tv"]
+    assert doc["recent_queries"] == ["冬季羽绒服"] and doc["recent_items"] == ["tv"] and doc["query_ts"] == TS + 2000
     assert any(entry[0] == rec.rec_id for entry in doc["recs"])  # attributed like any list
+
+    # their next home-page list leans towards the search (the query source), and items nobody
+    # has clicked join it by their text, close to what they viewed (the content source)
+    click2 = {**click, "event_id": "c2", "ts": TS + 2500}
+    produce(bootstrap, topic_prefix, [("clicks", b"shopper", json.dumps(click2).encode())])
+    values = consume_until(bootstrap, f"{topic_prefix}recommendations",
+                           lambda vs: any(b'"c2"' in v for v in vs if v is not None), 60, worker)
+    (home,) = [r for r in (decode_recommendation(v) for v in values if v is not None) if r.trigger_event_id == "c2"]
+    sources = {i.item_id: i.reason for i in home.items}
+    assert home.context is None and sources.get("jacket-zh") == "query", sources
+    assert "content" in sources.values() and "tv" not in {i for i, r in sources.items() if r == "content"}, sources
 
     letters = [decode_dead_letter(r.value) for r in read_all(bootstrap, f"{topic_prefix}dlq")]
     assert [(d.topic, d.code) for d in letters] == [(f"{topic_prefix}items", "missing_field")], letters
