@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -78,6 +79,8 @@ _RANK_CHUNK = 64
 
 #: items of the catalogue that a user's latest search adds to their home-page candidates
 QUERY_CANDIDATES = 20
+#: queries whose matches are remembered between batches (until the catalogue changes)
+QUERY_CACHE = 4096
 
 
 @dataclass(slots=True)
@@ -176,6 +179,9 @@ class RecommendationStep:
         #: and new items close to their recent ones join them too (content_candidates)
         self.catalogue = None
         self._content: ContentMatcher | None = None
+        self._query_cache: dict[str, dict[str, float]] = {}
+        self._query_cache_version = -1
+        self._query_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings, scorer=None, recommender: Recommender | None = None
@@ -577,10 +583,28 @@ class RecommendationStep:
         for i, (state, now) in enumerate(zip(states, now_ts, strict=True)):
             if not state.recent_queries or not 0 <= now - state.query_ts <= ttl:
                 continue  # never searched, or too long ago (a query_ts of 0: from before it was kept)
-            hits = catalogue.search(state.recent_queries[-1], QUERY_CANDIDATES)
-            if hits:
-                out[i] = {h.item_id: h.score for h in hits}
+            scores = self._query_matches(catalogue, state.recent_queries[-1])
+            if scores:
+                out[i] = scores
         return _join(out, candidates)
+
+    def _query_matches(self, catalogue, query: str) -> dict[str, float]:
+        """The catalogue's :data:`QUERY_CANDIDATES` best matches of ``query`` with their relevance,
+        remembered until the catalogue changes: a user who searched gets a list at each of their
+        events for ``query_ttl_ms``, and a hybrid search costs about 0.3 ms."""
+        cache = self._query_cache
+        with self._query_lock:  # serve ranks in several threads
+            version = catalogue.version
+            if self._query_cache_version != version or len(cache) >= QUERY_CACHE:
+                cache.clear()
+                self._query_cache_version = version
+            scores = cache.get(query)
+        if scores is None:
+            scores = {h.item_id: h.score for h in catalogue.search(query, QUERY_CANDIDATES)}
+            with self._query_lock:
+                if self._query_cache_version == version:  # not if the catalogue changed meanwhile
+                    cache[query] = scores
+        return scores
 
     def content_candidates(self, contexts: Sequence[UserContext], candidates: list[list[str]]
                            ) -> list[dict[str, float] | None] | None:

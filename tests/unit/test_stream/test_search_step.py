@@ -293,3 +293,25 @@ def test_an_experiment_may_weight_the_search_and_content_sources(tmp_path):
     spec.write_text('experiment = "x"\n[[arms]]\nname = "a"\nshare = 1.0\nweights = { contnet = 1.0 }\n')
     with pytest.raises(ConfigError, match="contnet"):
         RecommendationStep.from_settings(Settings.from_env({"STREAMREC_VARIANTS": str(spec)}))
+
+
+def test_a_querys_matches_are_remembered_until_the_catalogue_changes():
+    step = trained_step()
+    catalogue = Catalogue(TextEmbedder(threads=1), candidates=10)
+    catalogue.upsert(CATALOGUE)
+    catalogue.flush()
+    step.catalogue = catalogue
+    calls = []
+    search = catalogue.search
+    catalogue.search = lambda *a, **kw: calls.append(a[0]) or search(*a, **kw)
+
+    def home(user, ts):
+        state = UserState(user, recent_items=["a"], recent_queries=["running shoes"], query_ts=ts - 1)
+        result = step([ClickEvent(event_id=f"h{user}", user_id=user, item_id="a", ts=ts)], {user: state}, lambda: ts)
+        return {i.item_id: i.reason for i in result.recommendations[0].items}
+
+    assert home("x1", TS).get("shoes") == "query" and home("x2", TS + 1).get("shoes") == "query"
+    assert calls == ["running shoes"]  # searched once for both users
+    catalogue.upsert([CatalogueItem(item_id="trail", title="Trail running shoes for men")])
+    catalogue.flush()  # a new item that matches: the next list searches again and may hold it
+    assert "trail" in home("x3", TS + 2) and calls == ["running shoes"] * 2
