@@ -11,6 +11,11 @@ CPU (user + system, from /proc) per event, the mean batch size, and each stage's
 event (the worker's own ``streamrec_stage_seconds``). At the end: the last window's CPU per
 event as a ratio of the first's.
 
+``--catalogue`` first sends the demo shop's catalogue (2,000 items, `streamrec produce
+--demo-catalogue`) and waits until the worker has indexed it, so that its lists carry the
+search features' sources too (new items by their text; ``query`` only follows searches, which
+this bench does not send).
+
 ``--root DIR`` runs the worker and the producer from another checkout (a git worktree of an
 older commit), with this venv's Python, for old-against-new runs in one session.
 """
@@ -52,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", default="synthetic")
     p.add_argument("--root", type=Path, default=ROOT, help="checkout to run the worker and producer from")
     p.add_argument("--warmup", type=float, default=120.0, help="most seconds to wait for the worker to be ready")
+    p.add_argument("--catalogue", action="store_true", help="send the demo catalogue first and wait until it is indexed")
     args = p.parse_args(argv)
     root = args.root.resolve()
     tag = f"paced{os.getpid()}"
@@ -65,6 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     producer = None
     try:
         wait_ready([(worker, port, log)], args.warmup)
+        if args.catalogue:
+            subprocess.run([*exe, "produce", "--demo-catalogue"], env=env, cwd=root, check=True, capture_output=True)
+            t0 = time.monotonic()
+            while scrape(port).get("streamrec_catalogue_items", 0) < 2000:
+                if time.monotonic() - t0 > 600 or worker.poll() is not None:
+                    raise SystemExit("the worker did not index the catalogue")
+                time.sleep(1)
+            print(f"the worker indexed the demo catalogue in {time.monotonic() - t0:.0f} s")
         n = int(args.rate * args.seconds)
         cmd = [*exe, "produce", "--rate", str(args.rate), "--limit", str(n), "--no-progress", "--id-prefix", tag,
                "--format", args.format]

@@ -581,8 +581,9 @@ class RecommendationStep:
             return None
         out: list[dict[str, float] | None] = [None] * len(candidates)
         for i, (state, now) in enumerate(zip(states, now_ts, strict=True)):
-            if not state.recent_queries or not 0 <= now - state.query_ts <= ttl:
-                continue  # never searched, or too long ago (a query_ts of 0: from before it was kept)
+            if not state.recent_queries or now - state.query_ts > ttl:
+                continue  # never searched, or too long ago (a query_ts of 0: from before it was kept);
+                # a search newer than the event (events out of order) is the user's latest intent
             scores = self._query_matches(catalogue, state.recent_queries[-1])
             if scores:
                 out[i] = scores

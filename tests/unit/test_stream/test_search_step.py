@@ -225,6 +225,7 @@ def test_a_search_steers_the_home_page_for_query_ttl_then_no_longer(catalogue):
     assert home_list("fresh", TS, TS + 60_000).get("shoes") == "query"  # a minute later: still steered
     assert "shoes" not in home_list("stale", TS, TS + 60_001)  # past the TTL: as if they never searched
     assert "shoes" not in home_list("unknown", 0, TS)  # a state from before query_ts was kept
+    assert home_list("late", TS + 5_000, TS).get("shoes") == "query"  # a click that arrived after the search
     step.config = StepConfig(query_ttl_ms=0)
     assert "shoes" not in home_list("off", TS, TS)  # STREAMREC_QUERY_TTL_S=0: searches never steer
 
