@@ -41,6 +41,7 @@ from stream.pipeline import RecommendationStep  # noqa: E402
 from stream.settings import Settings  # noqa: E402
 from stream.state import UserState  # noqa: E402
 from stream.step_inputs import to_event  # noqa: E402
+from stream.threads import one_blas_thread  # noqa: E402
 
 K = 20
 
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0.0 < args.new_share < 1.0:
         parser.error("--new-share: expected a number between 0 and 1")
+    one_blas_thread()  # as the worker runs (stream/threads.py): CPU figures without idle BLAS threads spinning
 
     log = list(synthetic_interactions(args.events, seed=args.seed))
     half = len(log) // 2

@@ -24,6 +24,7 @@ from stream.report import report
 from stream.serve import run_server
 from stream.settings import Settings
 from stream.tail import tail
+from stream.threads import one_blas_thread
 from stream.topics import align_topic_configs, check_copartitioned, ensure_streamrec_topics
 
 app = typer.Typer(
@@ -52,6 +53,7 @@ def worker(
     logging.basicConfig(level=level, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
     # short collector pauses, and none over the models' long-lived heap (stream/gcpolicy.py)
     gcpolicy.configure(freeze=settings.gc_freeze)
+    one_blas_thread()  # numpy's BLAS threads would spin on the other core between batches (stream/threads.py)
     log = logging.getLogger("streamrec")
     log.info("settings: %s", settings)
     if settings.variants:  # a wrong experiment file is said now, not after Kafka answers
@@ -88,6 +90,7 @@ def serve_api(
     settings = Settings.from_env()
     level = (loglevel or settings.log_level).upper()
     logging.basicConfig(level=level, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    one_blas_thread()  # its computing threads are the parallelism (stream/threads.py)
     asyncio.run(run_server(settings, port or settings.serve_port, host))
 
 
