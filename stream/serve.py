@@ -71,10 +71,11 @@ MAX_K = 100
 MAX_IN_FLIGHT = 16
 
 #: requests computed at once, each embedding its query on one engine thread (the text model and
-#: numpy release the GIL). Two rather than one: at 200 searches/s on 2 cores p99 fell from 103 ms
-#: to 21 ms, and beside a worker consuming 1,000 events/s from 238 ms to 77 ms at 100/s
-#: (bench/serve_bench.py, docs/search.md)
-COMPUTE_THREADS = 2
+#: numpy release the GIL). With one, at 200 searches/s on 2 cores p99 was 103 ms; with two
+#: 21 ms; with four a request whose query is cached seldom waits behind two that embed: beside a
+#: worker consuming 1,000 events/s, p99 104 ms at 200/s with 97 of 12,000 shed, against 108 ms
+#: and 190 with two (bench/serve_bench.py, docs/search.md)
+COMPUTE_THREADS = 4
 
 _encode = msgspec.json.Encoder().encode
 
