@@ -43,26 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from online_models.datasets import synthetic_interactions  # noqa: E402
 from online_models.search import Catalogue, TextEmbedder  # noqa: E402
 from online_models.search.synthetic import PRODUCTS, synthetic_catalogue  # noqa: E402
-from stream.experiments import serving_view  # noqa: E402
 from stream.pipeline import RecommendationStep  # noqa: E402
 from stream.records import SearchEvent  # noqa: E402
 from stream.search_step import SearchConfig, SearchStep  # noqa: E402
 from stream.settings import Settings  # noqa: E402
 from stream.state import UserState  # noqa: E402
-from stream.step_inputs import to_event, user_context  # noqa: E402
-
-
-def home_list(step: RecommendationStep, state: UserState, now_ts: int, k: int) -> list[str]:
-    """The user's home-page list for their present state, as serve ranks it (learns nothing)."""
-    view = serving_view(step.recommender, step.recommender.config)
-    contexts = [user_context(state)]
-    candidates = view.candidates_many(contexts)
-    queried = step.query_candidates([state], [now_ts], candidates)
-    content = step.content_candidates(contexts, candidates)
-    (items,) = view.rank_many(contexts, candidates, k, step.extra_scores(step.scorer, contexts, candidates, queried,
-                                                                          content))
-    step.recommender.forget_ranked(state.user_id)
-    return [i.item_id for i in items]
+from stream.step_inputs import to_event  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             searched = state.copy()
             searched.recent_queries, searched.query_ts = [query], x.ts
             for name, who in (("without the search", state), ("with the search (served)", searched)):
-                home_hits[name] += x.item_id in home_list(step, who, x.ts, 20)
+                home_hits[name] += x.item_id in [i.item_id for i in step.present_list(who, 20, x.ts)]
         result = step([to_event(x, f"e{n}")], states, lambda ts=x.ts: ts)
         states.update(result.states)
     seconds = time.perf_counter() - t0

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from online_models import Interaction, Recommender, UserContext
+from online_models import Interaction, Recommender, ScoredItem, UserContext
 from online_models.metrics import target_rank
 from online_models.recommender import ForgetError
 from online_models.search.cold_start import ContentMatcher
@@ -209,6 +209,27 @@ class RecommendationStep:
         """The Transformer that ranks for ``arm``: its pinned version's, else the step's; none
         for an arm that uses no model."""
         return self.arm_scorers.get(arm.name, self.scorer) if arm.uses_model else None
+
+    def present_list(self, state: UserState, k: int, now_ts: int, site_user_id: str | None = None
+                     ) -> list[ScoredItem]:
+        """The list the worker would rank for ``state`` now, learning nothing (``streamrec serve``'s
+        recommendations): the user's arm's blend and Transformer under an experiment, the arm
+        chosen by the id the site sends (``site_user_id``, default the state's), as the worker
+        chooses it; no popularity or shuffle baseline: those are for lists the worker publishes."""
+        recommender = self.recommender
+        config, scorer = recommender.config, self.scorer
+        if self.experiment is not None:
+            arm = self.experiment.arm_of(site_user_id or state.user_id)
+            config, scorer = arm.config(config), self.scorer_of(arm)
+        view = serving_view(recommender, replace(config, k=k))
+        contexts = [user_context(state)]
+        candidates = view.candidates_many(contexts)  # as _rank_arm does for a batch
+        queried = self.query_candidates([state], [now_ts], candidates)
+        content = self.content_candidates(contexts, candidates)
+        (items,) = view.rank_many(contexts, candidates, k, self.extra_scores(scorer, contexts, candidates, queried,
+                                                                             content))
+        recommender.forget_ranked(state.user_id)
+        return items
 
     def new_rec_id(self) -> str:
         """A fresh ``rec_id``: unique across workers and restarts, at most 24 characters."""

@@ -36,7 +36,6 @@ import logging
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from typing import Any
 
 import msgspec
@@ -47,7 +46,6 @@ from online_models import Recommender
 from online_models.search import Catalogue, TextEmbedder
 from online_models.types import ScoredItem
 from stream.catalogue_feed import CatalogueFeed
-from stream.experiments import serving_view
 from stream.health import Health
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
@@ -58,7 +56,6 @@ from stream.settings import Settings
 from stream.shell import load_arm_scorers, load_scorer
 from stream.snapshots import SNAPSHOT_KEY
 from stream.state import RedisUserStateStore, UserState, UserStateStore
-from stream.step_inputs import user_context
 
 log = logging.getLogger("streamrec.serve")
 
@@ -184,28 +181,8 @@ class Api:
         user_id = parse_id(request.match_info.get("user_id"), "user_id", required=True)
         k = parse_k(request.query.get("k"), self.top_k)
         state = await self._state(user_id)
-        items = await self._run(self._recommend, state, k, user_id)
+        items = await self._run(self.step.present_list, state, k, int(time.time() * 1000), user_id)
         return _json({"items": items_json(items), "user_id": user_id, "model": self.step.model_versions()})
-
-    def _recommend(self, state: UserState, k: int, site_user_id: str) -> list[ScoredItem]:
-        """The worker's ranking for the user's present state (their arm's blend under an
-        experiment, the arm chosen by the id the site sends, as the worker chooses it; no
-        popularity or shuffle baseline: those are for lists the worker publishes)."""
-        step = self.step
-        recommender: Recommender = step.recommender
-        config, scorer = recommender.config, step.scorer
-        if step.experiment is not None:
-            arm = step.experiment.arm_of(site_user_id)
-            config, scorer = arm.config(config), step.scorer_of(arm)
-        view = serving_view(recommender, replace(config, k=k))
-        contexts = [user_context(state)]
-        candidates = view.candidates_many(contexts)  # as the worker's step: stream/pipeline.py _rank_arm
-        queried = step.query_candidates([state], [int(time.time() * 1000)], candidates)
-        content = step.content_candidates(contexts, candidates)
-        extra = step.extra_scores(scorer, contexts, candidates, queried, content)
-        (items,) = view.rank_many(contexts, candidates, k, extra)
-        recommender.forget_ranked(state.user_id)
-        return items
 
     async def similar(self, request: web.Request) -> web.Response:
         item_id = parse_id(request.match_info.get("item_id"), "item_id", required=True)
