@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -50,6 +49,7 @@ import numpy as np
 from online_models import Interaction, Recommender, ScoredItem, UserContext
 from online_models.metrics import target_rank
 from online_models.recommender import ForgetError
+from online_models.search.catalogue import CatalogueMemo
 from online_models.search.cold_start import ContentMatcher
 from stream.experiments import (
     Arm,
@@ -179,9 +179,7 @@ class RecommendationStep:
         #: and new items close to their recent ones join them too (content_candidates)
         self.catalogue = None
         self._content: ContentMatcher | None = None
-        self._query_cache: dict[str, dict[str, float]] = {}
-        self._query_cache_version = -1
-        self._query_lock = threading.Lock()
+        self._query_memo: CatalogueMemo | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, scorer=None, recommender: Recommender | None = None
@@ -614,19 +612,11 @@ class RecommendationStep:
         """The catalogue's :data:`QUERY_CANDIDATES` best matches of ``query`` with their relevance,
         remembered until the catalogue changes: a user who searched gets a list at each of their
         events for ``query_ttl_ms``, and a hybrid search costs about 0.3 ms."""
-        cache = self._query_cache
-        with self._query_lock:  # serve ranks in several threads
-            version = catalogue.version
-            if self._query_cache_version != version or len(cache) >= QUERY_CACHE:
-                cache.clear()
-                self._query_cache_version = version
-            scores = cache.get(query)
-        if scores is None:
-            scores = {h.item_id: h.score for h in catalogue.search(query, QUERY_CANDIDATES)}
-            with self._query_lock:
-                if self._query_cache_version == version:  # not if the catalogue changed meanwhile
-                    cache[query] = scores
-        return scores
+        memo = self._query_memo
+        if memo is None or memo.catalogue is not catalogue:
+            memo = self._query_memo = CatalogueMemo(catalogue, QUERY_CACHE)
+        return memo.get_many([query], lambda queries: {
+            q: {h.item_id: h.score for h in catalogue.search(q, QUERY_CANDIDATES)} for q in queries}).get(query, {})
 
     def content_candidates(self, contexts: Sequence[UserContext], candidates: list[list[str]]
                            ) -> list[dict[str, float] | None] | None:

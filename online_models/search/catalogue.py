@@ -343,6 +343,45 @@ class Catalogue:
             self.version += 1
 
 
+class CatalogueMemo:
+    """Values computed from ``catalogue``, kept until it changes (its ``version`` moves) or
+    holds ``capacity`` of them; then it starts empty. Thread-safe: the computing is done
+    outside the lock, and a value computed while the catalogue changed is not kept.
+
+    >>> from online_models.search.text import TextEmbedder
+    >>> memo = CatalogueMemo(Catalogue(TextEmbedder(threads=1)), capacity=10)
+    >>> memo.get_many(["a", "b"], lambda keys: {k: k.upper() for k in keys if k == "a"})
+    {'a': 'A'}
+    """
+
+    def __init__(self, catalogue: Catalogue, capacity: int) -> None:
+        self.catalogue = catalogue
+        self.capacity = capacity
+        self._values: dict = {}
+        self._version = -1
+        self._lock = threading.Lock()
+
+    def get_many(self, keys: Iterable, compute: Callable[[list], dict]) -> dict:
+        """The values of those ``keys`` that have one; ``compute(missing)`` gives the values of
+        the keys not remembered (a key it leaves out has none, and is remembered so)."""
+        keys = list(dict.fromkeys(keys))
+        values = self._values
+        with self._lock:
+            version = self.catalogue.version
+            if self._version != version or len(values) >= self.capacity:
+                values.clear()
+                self._version = version
+            missing = [key for key in keys if key not in values]
+            out = {key: value for key in keys if (value := values.get(key)) is not None}
+        if missing:
+            found = compute(missing)
+            out.update((key, value) for key, value in found.items() if value is not None)
+            with self._lock:
+                if self._version == version:  # not if the catalogue changed meanwhile
+                    values.update((key, found.get(key)) for key in missing)
+        return out
+
+
 def fuse(lexical: Sequence[tuple[str, float]], semantic: Sequence[tuple[str, float]], k: int,
          lexical_weight: float = LEXICAL_WEIGHT) -> list[SearchHit]:
     """Two scored lists of item ids, each best first, as one: scores scaled to 0..1 within each

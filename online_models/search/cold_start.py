@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from online_models.search.catalogue import Catalogue
+from online_models.search.catalogue import Catalogue, CatalogueMemo
 
 #: the most new items matched at once: the newest without events (in a shop that adds items
 #: every day these are its new arrivals; older items nobody clicked are pushed out by them)
@@ -70,10 +70,8 @@ class ContentMatcher:
         self._built_at = -float("inf")
         self._built_version = -1
         self._lock = threading.Lock()
-        #: item -> its vector (None: not in the catalogue), for the catalogue's ``version``
-        self._cache: dict[str, np.ndarray | None] = {}
-        self._cache_version = -1
-        self._cache_lock = threading.Lock()
+        #: item -> its vector: a user's recent items come back batch after batch
+        self._vectors = CatalogueMemo(catalogue, VECTOR_CACHE)
 
     def pool(self) -> tuple[list[str], np.ndarray]:
         """The cold pool (item ids and their vectors), rebuilt when stale."""
@@ -86,21 +84,6 @@ class ContentMatcher:
                 self._built_at, self._built_version = now, version
             return self._pool_ids, self._pool
 
-    def _vectors_of(self, items: set[str]) -> dict[str, np.ndarray]:
-        """The catalogue's vectors of ``items`` (those it has), from a cache that a change to
-        the catalogue empties (a user's recent items come back batch after batch)."""
-        cache = self._cache
-        with self._cache_lock:  # serve matches from several threads
-            if self._cache_version != self.catalogue.version or len(cache) > VECTOR_CACHE:
-                cache.clear()
-                self._cache_version = self.catalogue.version
-            missing = [item for item in items if item not in cache]
-            if missing:
-                found = self.catalogue.vectors_of(missing)
-                cache.update(found)
-                cache.update((item, None) for item in missing if item not in found)
-            return {item: vector for item in items if (vector := cache[item]) is not None}
-
     def matches(self, recent_items: Sequence[Sequence[str]]) -> list[dict[str, float] | None]:
         """For each user (their recent items, oldest first): ``{item: cosine}`` of the new items
         closest to them, or None (nothing to match them with)."""
@@ -111,7 +94,7 @@ class ContentMatcher:
         if not ids:
             return out
         lasts = [recent[-self.recent:] for recent in recent_items]
-        vectors = self._vectors_of({item for last in lasts for item in last})
+        vectors = self._vectors.get_many((item for last in lasts for item in last), self.catalogue.vectors_of)
         if not vectors:
             return out
         row_of = {item: row for row, item in enumerate(vectors)}
