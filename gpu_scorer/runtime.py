@@ -28,7 +28,7 @@ import ctypes
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +158,13 @@ def make_session(
                 raise ScorerDeviceError(f"device='cuda' requested but {exc}; use device='cpu' or 'auto'") from exc
             log.warning("scorer: device='auto' and CUDA is not usable (%s); running on %s", exc, CPU_EP)
     return ort.InferenceSession(model, so, providers=[CPU_EP])
+
+
+def session_factory(device: str = "auto", threads: int | None = None) -> Callable[[bytes], ort.InferenceSession]:
+    """``make_session`` with these settings, for a model built in memory (the text model's graph)."""
+    def make(model: bytes) -> ort.InferenceSession:
+        return make_session(model, device, threads=threads)
+    return make
 
 
 def resolve_model_dir(model: str | Path, model_dir: str | Path | None = None) -> Path:

@@ -42,6 +42,7 @@ import msgspec
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from gpu_scorer.runtime import session_factory
 from online_models import Recommender
 from online_models.search import Catalogue, TextEmbedder
 from online_models.types import ScoredItem
@@ -296,7 +297,10 @@ async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop:
     step.arm_scorers = await asyncio.to_thread(load_arm_scorers, step.experiment, settings)
     catalogue = feed = None
     if settings.catalogue:
-        catalogue = Catalogue(TextEmbedder(threads=1), candidates=settings.search_candidates)
+        # one thread a call: embedding shares the machine with the event loop; on the scorer's
+        # device (a GPU when there is one and STREAMREC_SCORER_DEVICE allows it)
+        embedder = TextEmbedder(threads=1, session_factory=session_factory(settings.scorer_device, threads=1))
+        catalogue = Catalogue(embedder, candidates=settings.search_candidates)
         feed = CatalogueFeed(catalogue, settings.kafka.client_options(), settings.topics.items, settings.bounds, metrics,
                              store=store, write_snapshots=False)
         step.catalogue = catalogue  # a user's latest query joins their candidates, as in the worker

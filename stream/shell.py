@@ -18,6 +18,7 @@ from pathlib import Path
 
 from gpu_scorer import HotSwapScorer, ModelRegistry
 from gpu_scorer.errors import ModelLoadError
+from gpu_scorer.runtime import session_factory
 from online_models.search import Catalogue, TextEmbedder
 from stream.batching import drop_stale
 from stream.catalogue_feed import CatalogueFeed
@@ -100,8 +101,10 @@ class Shell:
                                  lambda: committed_offsets(settings.kafka, settings.app_id),
                                  pseudonyms=self.pseudonyms, forget_topic=settings.topics.forget)
         if settings.catalogue:
-            # one OpenMP thread: embedding items shares the machine with the event loop
-            self.catalogue = Catalogue(TextEmbedder(threads=1), candidates=settings.search_candidates)
+            # one thread a call: embedding shares the machine with the event loop; on the scorer's
+            # device (a GPU when there is one and STREAMREC_SCORER_DEVICE allows it)
+            embedder = TextEmbedder(threads=1, session_factory=session_factory(settings.scorer_device, threads=1))
+            self.catalogue = Catalogue(embedder, candidates=settings.search_candidates)
             self.catalogue_feed = CatalogueFeed(self.catalogue, settings.kafka.client_options(), settings.topics.items,
                                                 settings.bounds, self.metrics, self.publisher.publish,
                                                 settings.topics.dlq, store=self.store,

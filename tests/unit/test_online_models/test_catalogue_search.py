@@ -163,26 +163,3 @@ def test_fusion_ranks_each_item_once_best_first_and_says_what_matched(lexical_sc
         assert 0.0 <= hit.score <= 1.0 + 1e-9
     if lexical and semantic and lexical[0] == semantic[0]:  # first in both: first fused
         assert hits[0].item_id == lexical[0]
-
-
-def test_one_engine_thread_is_one_in_every_thread_whatever_loaded_openmp_first():
-    import os
-    import threading
-
-    import usearch.index  # noqa: F401 - its numkong brings a libgomp of its own, loaded before the engine's
-
-    from online_models.search.text import openmp_runtimes
-
-    embedder = TextEmbedder(threads=1)
-    seen: list[list[int]] = []
-
-    def embed():  # as the worker's catalogue thread and serve's executor do
-        embedder.queries(["winter jacket"])
-        seen.append([runtime.omp_get_max_threads() for runtime in openmp_runtimes()])
-
-    thread = threading.Thread(target=embed)
-    thread.start()
-    thread.join()
-    assert len(seen[0]) >= 2, "expected the engine's libgomp and numkong's"
-    # every runtime, in the thread that embedded; the machine has more cores than that
-    assert seen[0] == [1] * len(seen[0]) and (os.cpu_count() or 1) > 1
