@@ -32,6 +32,7 @@ The pieces, in the file's own order:
 
 from __future__ import annotations
 
+import array
 import mmap
 import struct
 from collections.abc import Callable, Sequence
@@ -89,15 +90,15 @@ class E5Weights:
         o += 4 * (n_pieces + 1)
         scores = np.frombuffer(b, "<f4", n_pieces, o)
         o += 4 * n_pieces
-        blob = bytes(b[o:o + blob_len])
+        self._blob = blob = bytes(b[o:o + blob_len])
+        self._offsets = offsets
         o += blob_len
-        self._pieces: dict[str, tuple[int, float]] = {}
-        self._texts: list[str] = []
+        self._scores = array.array("f", scores.tobytes())  # a float a lookup, without numpy's scalars
+        self._pieces: dict[str, int] = {}
         for i in range(n_pieces):
             text = blob[offsets[i]:offsets[i + 1]].decode("utf-8", "replace")
-            self._texts.append(text)
             if text and i != self.unk:
-                self._pieces.setdefault(text, (i, float(scores[i])))  # the engine's table keeps the first
+                self._pieces.setdefault(text, i)  # the engine's table keeps the first
         self._longest = max(map(len, self._pieces))
         self._unk_score = float(scores.min()) - 10.0
         n_norm, norm_bytes = struct.unpack_from("<iI", b, o)
@@ -131,7 +132,7 @@ class E5Weights:
         self.token_type = self.tensors["emb.type"][: self.hidden]
 
     def piece(self, token_id: int) -> str:
-        return self._texts[token_id]
+        return self._blob[self._offsets[token_id]:self._offsets[token_id + 1]].decode("utf-8", "replace")
 
     def tokens(self, text: str) -> list[int]:
         """The content token ids of ``text`` (no ``<s>``/``</s>``), as the C engine finds them."""
@@ -148,15 +149,15 @@ class E5Weights:
         piece_at = [self.unk] * (n + 1)
         start_at = [0] * (n + 1)
         best[0] = 0.0
-        pieces, longest, unk, unk_score = self._pieces, self._longest, self.unk, self._unk_score
+        pieces, scores, longest, unk, unk_score = self._pieces, self._scores, self._longest, self.unk, self._unk_score
         for i in range(n):
             here = best[i]
             if here <= -1e29:
                 continue
             for end in range(i + 1, min(n, i + longest) + 1):
                 hit = pieces.get(s[i:end])
-                if hit is not None and here + hit[1] > best[end]:
-                    best[end], piece_at[end], start_at[end] = here + hit[1], hit[0], i
+                if hit is not None and here + scores[hit] > best[end]:
+                    best[end], piece_at[end], start_at[end] = here + scores[hit], hit, i
             if here + unk_score > best[i + 1]:
                 best[i + 1], piece_at[i + 1], start_at[i + 1] = here + unk_score, unk, i
         ids: list[int] = []
