@@ -328,7 +328,7 @@ def _session_max_len(session: ort.InferenceSession) -> int:
 
 
 def _onnx_max_len(onnx_path: Path) -> int:
-    import onnx  # the gpu/train extras: only the fp16 and CUDA-graph rewrites need it
+    import onnx  # only the fp16 and CUDA-graph rewrites need it here
 
     meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
     return int(meta.get("max_len", 50))
@@ -337,7 +337,7 @@ def _onnx_max_len(onnx_path: Path) -> int:
 def _rewrite(onnx_path: Path, fp16: bool, static: tuple[int, int, int] | None) -> bytes:
     """fp16 weights (I/O stay int64/float32) and/or fixed input shapes: CUDA graphs need every
     node on the GPU, and with static shapes ORT folds the Shape/Gather arithmetic that it
-    would otherwise place on the CPU. Needs the onnx package (the gpu and train extras)."""
+    would otherwise place on the CPU. Needs the onnx package (a core dependency)."""
     import onnx
 
     model = onnx.load(str(onnx_path))

@@ -28,7 +28,7 @@ from gpu_scorer.registry import ModelRegistry
 from online_models.datasets import read_interactions
 
 DEFAULT_MODEL_DIR = Path("models")
-TRAIN_PACKAGES = ("torch", "onnx")  # what the train extra brings
+TRAIN_PACKAGES = ("torch", "onnx")  # what training and the export import (onnx is a core dependency now)
 INSTALL_TRAIN = "pip install 'streamrec[train]'"
 
 

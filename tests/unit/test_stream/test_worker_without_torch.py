@@ -1,8 +1,8 @@
 """The worker needs no torch: ``pip install streamrec`` serves a registered Transformer with
 ONNX Runtime alone, and ``streamrec train`` without the train extra says what to install.
 
-Each check runs in a fresh interpreter where torch and onnx (the train extra) cannot be
-imported, as in an install without extras; the model is trained and registered here, with
+Each check runs in a fresh interpreter where torch (the train extra) cannot be imported, as
+in an install without extras (onnx is a core dependency: it writes the text model's graph); the model is trained and registered here, with
 torch, as ``streamrec train`` would.
 """
 
@@ -24,7 +24,7 @@ WITHOUT_TRAIN_EXTRA = textwrap.dedent(
     import sys
 
     class NotInstalled:
-        names = ("torch", "onnx")
+        names = ("torch",)
 
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in self.names:
@@ -35,7 +35,7 @@ WITHOUT_TRAIN_EXTRA = textwrap.dedent(
     """
 )
 
-TORCH_BOUND = ("torch", "onnx", "gpu_scorer.model", "gpu_scorer.training", "gpu_scorer.export")
+TORCH_BOUND = ("torch", "gpu_scorer.model", "gpu_scorer.training", "gpu_scorer.export")
 
 
 def run_without_train_extra(code: str, cwd, env: dict | None = None) -> subprocess.CompletedProcess:
