@@ -124,7 +124,7 @@ def test_streamrec_train_without_torch_names_the_extra(tmp_path):
         tmp_path,
     )
     assert out.returncode == 1, out.stderr
-    assert out.stderr.strip() == "streamrec train needs torch and onnx, not installed here: pip install 'streamrec[train]'"
+    assert out.stderr.strip() == "streamrec train needs torch, not installed here: pip install 'streamrec[train]'"
     assert not (tmp_path / "models").exists()
 
 
