@@ -30,8 +30,6 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from online_models.search import Catalogue, SearchHit
-from online_models.search.catalogue import CatalogueMemo
-from online_models.search.text import normalise_query
 from online_models.types import Explanation, ScoredItem
 from stream.experiments import remembered, serving_view
 from stream.pipeline import RecommendationStep
@@ -42,8 +40,6 @@ from stream.step_results import Failure
 
 #: queries remembered per user
 RECENT_QUERIES = 5
-#: hybrid searches remembered until the catalogue changes (:meth:`SearchStep._retrieved`)
-HITS_CACHE = 4096
 
 
 @dataclass(frozen=True)
@@ -82,7 +78,6 @@ class SearchStep:
         self.step = step
         self.catalogue = catalogue
         self.config = config or SearchConfig()
-        self._hits: CatalogueMemo | None = None
 
     def __call__(self, searches: Sequence[SearchEvent], states: Mapping[str, UserState], now_ms: Callable[[], int],
                  positions: Sequence[tuple[str, int]] | None = None,
@@ -141,19 +136,10 @@ class SearchStep:
         catalogue = self.catalogue
         if catalogue is None or len(catalogue) == 0:
             return [], np.empty(0), []
-        hits = self._retrieved(catalogue, search.query, depth)
+        hits: list[SearchHit] = catalogue.search(search.query, depth)
         if search.filters:
             hits = [h for h in hits if _passes(catalogue, h.item_id, search.filters)]
         return [h.item_id for h in hits], np.array([h.score for h in hits]), [h.matched for h in hits]
-
-    def _retrieved(self, catalogue: Catalogue, query: str, depth: int) -> list[SearchHit]:
-        """The hybrid search's hits, remembered until the catalogue changes: half of a site's
-        searches repeat a head query, and BM25, the vector index and the fusion cost about 0.3 ms."""
-        memo = self._hits
-        if memo is None or memo.catalogue is not catalogue:
-            memo = self._hits = CatalogueMemo(catalogue, HITS_CACHE)
-        key = (normalise_query(query), depth)
-        return memo.get_many([key], lambda keys: {key: catalogue.search(query, depth)})[key]
 
     def personalise(self, state: UserState, ids: list[str], relevance: np.ndarray,
                     matched: list[str], k: int | None = None) -> list[ScoredItem]:
