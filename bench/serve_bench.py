@@ -100,6 +100,19 @@ async def load(base: str, rps: float, seconds: float, seed: int) -> tuple[list[f
     return latencies, shed, errors, sent_s
 
 
+def served_latency(metrics: dict[str, float]) -> tuple[float, float, float] | None:
+    """From serve's ``streamrec_http_request_seconds`` histogram of searches: (the bucket bound
+    in ms that holds the 99th percentile, the share within 20 ms, within 35 ms)."""
+    buckets = sorted((float(key.split('le="')[1].split('"')[0]), count) for key, count in metrics.items()
+                     if key.startswith("streamrec_http_request_seconds_bucket") and 'route="/v1/search"' in key)
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    total = buckets[-1][1]
+    p99 = next(bound for bound, count in buckets if count >= 0.99 * total) * 1000
+    within = dict(buckets)
+    return p99, within.get(0.02, float("nan")) / total, within.get(0.035, float("nan")) / total
+
+
 def embed_throughput(seconds: float, seed: int) -> tuple[float, float]:
     """(items/s, queries/s) the text model embeds here, each measured for ``seconds``."""
     from online_models.search import TextEmbedder
@@ -201,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"latency ms: p50 {np.percentile(ms, 50):.1f}  p90 {np.percentile(ms, 90):.1f}  "
               f"p99 {np.percentile(ms, 99):.1f}  max {ms.max():.1f}")
         print(f"the worker handled {consumed / sent_s:.0f} events/s meanwhile (asked {args.events_rate:g})")
+        inside = served_latency(scrape(serve_port))
+        if inside:
+            print(f"inside serve (its histogram, from the handler's start to the answer): p99 at most {inside[0]:g} ms, "
+                  f"{inside[1]:.1%} within 20 ms, {inside[2]:.1%} within 35 ms")
     finally:
         for proc in reversed(procs):
             stop_worker(proc)

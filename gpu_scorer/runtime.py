@@ -163,7 +163,9 @@ def make_session(
 def session_factory(device: str = "auto", threads: int | None = None) -> Callable[[bytes], ort.InferenceSession]:
     """``make_session`` with these settings, for a model built in memory (the text model's graph)."""
     def make(model: bytes) -> ort.InferenceSession:
-        return make_session(model, device, threads=threads)
+        # "auto" without a usable GPU: the CPU, without a second warning (the scorer's says it)
+        wanted = "cpu" if device == "auto" and cuda_device_count()[0] == 0 else device
+        return make_session(model, wanted, threads=threads)
     return make
 
 

@@ -61,6 +61,8 @@ class Metrics:
         self.forgotten_remembered = Gauge("forgotten_users_remembered", "Forgotten users whose older events the models refuse (keyed hashes), as of the last snapshot; trimmed then once Kafka no longer holds their events (docs/operations.md, Forgetting a user)", namespace=ns, registry=r)
         self.searches_answered = Counter("searches_answered_total", "SearchEvents answered with a personalised list (context.kind = search)", namespace=ns, registry=r)
         self.search_end_to_end_seconds = Histogram("search_end_to_end_seconds", "From a search's ts to the publication of its answer", buckets=END_TO_END_BUCKETS, namespace=ns, registry=r)
+        self.http_requests = Counter("http_requests_total", "API requests streamrec serve answered, by route and status (503: shed or the store down)", ["route", "status"], namespace=ns, registry=r)
+        self.http_seconds = Histogram("http_request_seconds", "streamrec serve: from a request's parsed arrival to its answer, by route (time in the kernel's and the event loop's queues before is not in it)", ["route"], buckets=END_TO_END_BUCKETS, namespace=ns, registry=r)
         self.catalogue_items = Gauge("catalogue_items", "Items in this process's catalogue, embedded and indexed for search", namespace=ns, registry=r)
         self.catalogue_pending = Gauge("catalogue_pending_items", "Items read from the items topic and waiting to be embedded", namespace=ns, registry=r)
         self.catalogue_changes = Counter("catalogue_changes_total", "Values of the items topic applied to the catalogue, by kind (upsert, tombstone, invalid)", ["kind"], namespace=ns, registry=r)

@@ -40,6 +40,7 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from gpu_scorer.runtime import session_factory
@@ -249,13 +250,47 @@ def _shedding(max_in_flight: int):
     return shed
 
 
-def create_web_app(api: Api, max_in_flight: int = MAX_IN_FLIGHT) -> web.Application:
-    app = web.Application(middlewares=[_shedding(max_in_flight), _errors])
+def _observed(metrics: Metrics):
+    """Each API request counted by route and status, and timed (``streamrec_http_*``)."""
+
+    @web.middleware
+    async def observe(request: web.Request, handler):
+        if not request.path.startswith("/v1/"):
+            return await handler(request)
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unknown"
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            metrics.http_seconds.labels(route).observe(time.perf_counter() - t0)
+            metrics.http_requests.labels(route, str(status)).inc()
+
+    return observe
+
+
+def create_web_app(api: Api, max_in_flight: int = MAX_IN_FLIGHT, metrics: Metrics | None = None) -> web.Application:
+    """The API's routes, and ``/metrics`` (``metrics``' registry) when ``metrics`` is given."""
+    middlewares = [_shedding(max_in_flight), _errors]
+    if metrics is not None:
+        middlewares.insert(0, _observed(metrics))
+    app = web.Application(middlewares=middlewares)
     app.router.add_get("/v1/search", api.search)
     app.router.add_get("/v1/users/{user_id}/recommendations", api.recommendations)
     app.router.add_get("/v1/items/{item_id}/similar", api.similar)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
+    if metrics is not None:
+        async def exposition(request: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app.router.add_get("/metrics", exposition)
     return app
 
 
@@ -309,11 +344,12 @@ async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop:
                                                       personal_weight=settings.search_personal_weight))
     api = Api(store, step, catalogue, search, settings.top_k, health, pseudonyms_of(settings.pseudonym_key))
     refresher = ModelRefresher(store, step, settings.snapshot_key)
-    runner = web.AppRunner(create_web_app(api), access_log=None)
+    runner = web.AppRunner(create_web_app(api, metrics=metrics), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    log.info("serving on http://%s:%d (/v1/search, /v1/users/{id}/recommendations, /v1/items/{id}/similar)", host, port)
+    log.info("serving on http://%s:%d (/v1/search, /v1/users/{id}/recommendations, /v1/items/{id}/similar, /metrics)",
+             host, port)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -8,10 +8,12 @@ import time
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
 
 from online_models import Recommender, RecommenderConfig
 from online_models.search import Catalogue, CatalogueItem, TextEmbedder
 from stream.pipeline import RecommendationStep
+from stream.prometheus import Metrics
 from stream.records import ClickEvent
 from stream.search_step import SearchConfig, SearchStep
 from stream.serve import Api, ModelRefresher, create_web_app
@@ -229,3 +231,23 @@ async def test_new_items_nobody_clicked_are_recommended_by_their_text(client):
     sources = {i["item_id"]: i.get("explanation", {}).get("source") for i in body["items"]}
     assert "content" in sources.values()
     assert {item for item, source in sources.items() if source == "content"} <= {"jacket-zh", "jacket-en"}
+
+
+async def test_requests_are_counted_and_timed_on_metrics(catalogue):
+    metrics = Metrics(CollectorRegistry())
+    step = RecommendationStep(Recommender.default())
+    api = Api(InMemoryUserStateStore(), step, catalogue, SearchStep(step, catalogue), top_k=3)
+    async with TestClient(TestServer(create_web_app(api, metrics=metrics))) as client:
+        assert (await client.get("/v1/search", params={"q": "tv"})).status == 200
+        assert (await client.get("/v1/search", params={"q": "tv", "k": "0"})).status == 400
+        assert (await client.get("/v1/items/nothing/similar")).status == 404
+        assert (await client.get("/healthz")).status == 200  # probes are not API requests
+        resp = await client.get("/metrics")
+        text = await resp.text()
+    api.executor.shutdown()
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
+    assert 'streamrec_http_requests_total{route="/v1/search",status="200"} 1.0' in text
+    assert 'streamrec_http_requests_total{route="/v1/search",status="400"} 1.0' in text
+    assert 'streamrec_http_requests_total{route="/v1/items/{item_id}/similar",status="404"} 1.0' in text
+    assert 'streamrec_http_request_seconds_count{route="/v1/search"} 2.0' in text
+    assert "/healthz" not in text
