@@ -187,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1)
         print(f"worker indexed the 2,000-item catalogue in {time.monotonic() - t0:.0f} s")
         idle = embed_throughput(args.seconds, args.seed) if args.embed else None
+        if not args.embed:  # how fast this machine is now: runs minutes apart differ by 2x or more
+            probe = embed_throughput(3, args.seed)
+            print(f"this machine now, the worker idle: {1000 / probe[1]:.2f} ms a new query's embedding, "
+                  f"{probe[0]:.0f} items/s (compare runs by it)")
         n_events = int(args.events_rate * (args.seconds * (2 if args.embed else 1) + 60))
         if n_events:
             start(["produce", "--rate", str(args.events_rate), "--limit", str(n_events), "--no-progress",
