@@ -90,6 +90,9 @@ def serve_api(
     settings = Settings.from_env()
     level = (loglevel or settings.log_level).upper()
     logging.basicConfig(level=level, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    # as in the worker: the models, the catalogue and its indexes are a long-lived heap that
+    # full collections would walk on every few hundred requests (stream/gcpolicy.py)
+    gcpolicy.configure(freeze=settings.gc_freeze)
     one_blas_thread()  # its computing threads are the parallelism (stream/threads.py)
     asyncio.run(run_server(settings, port or settings.serve_port, host))
 
