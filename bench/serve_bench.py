@@ -42,7 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.pipeline_bench import drop_run, env_for, free_port  # noqa: E402
+from bench.pipeline_bench import cpu_seconds, drop_run, env_for, free_port  # noqa: E402
 from online_models.search.synthetic import ADJECTIVES, PRODUCTS  # noqa: E402
 from stream.demo import scrape, stop_worker, wait_ready  # noqa: E402
 
@@ -226,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(5)  # the producer's rate settles
         before = scrape(settings.metrics_port)
         consumed0 = sum(v for k, v in before.items() if k.startswith("streamrec_events_consumed_total"))
+        cpu0 = {"serve": cpu_seconds(serve.pid), "worker": cpu_seconds(worker.pid)}
         latencies, shed, errors, sent_s = asyncio.run(load(base, args.rps, args.seconds, args.seed))
+        cpu = {name: cpu_seconds(proc.pid) - cpu0[name] for name, proc in (("serve", serve), ("worker", worker))}
         after = scrape(settings.metrics_port)
         consumed = sum(v for k, v in after.items() if k.startswith("streamrec_events_consumed_total")) - consumed0
         ms = np.array(latencies) if latencies else np.array([float("nan")])
@@ -237,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         worker_p99 = p99_bound_ms(histogram(after, "streamrec_end_to_end_seconds", before=before))
         print(f"the worker handled {consumed / sent_s:.0f} events/s meanwhile (asked {args.events_rate:g}), "
               f"event to recommendation p99 at most {worker_p99} ms (its histogram)")
+        print(f"CPU: serve {cpu['serve'] / max(len(latencies), 1) * 1000:.2f} ms a search answered "
+              f"({cpu['serve'] / sent_s:.0%} of a core), the worker {cpu['worker'] / max(consumed, 1) * 1e6:.0f} µs "
+              f"an event ({cpu['worker'] / sent_s:.0%} of a core)")
         inside = served_latency(scrape(serve_port))
         if inside:
             print(f"inside serve (its histogram, from the handler's start to the answer): p99 at most {inside[0]:g} ms, "
