@@ -313,7 +313,7 @@ class E5Onnx:
     ``session_factory`` makes the ONNX Runtime session from the graph's bytes instead: the shell
     passes one that opens it on CUDA when a GPU is there (``gpu_scorer.runtime.make_session``),
     and ``threads`` is then the factory's business. ``int8``: the graph :func:`build_graph`
-    serves (else its 4-bit one). ``batch_tokens`` bounds the padded tokens of one run; by
+    serves on the CPU (else its 4-bit one, which a session on another device always gets). ``batch_tokens`` bounds the padded tokens of one run; by
     default (None) the int8 graph embeds each text alone, because its activations are quantised
     over the whole call, so a batch-mate would move a vector (to a cosine of 0.997): every
     worker and serve must give an item the same vector, whatever it was embedded with. Alone,
@@ -327,6 +327,11 @@ class E5Onnx:
         graph = build_graph(self.weights, int8=int8).SerializeToString()
         if session_factory is not None:
             self.session = session_factory(graph)
+            if int8 and self.session.get_providers()[0] != "CPUExecutionProvider":
+                # DynamicQuantizeMatMul is a CPU kernel: on CUDA it would run on the CPU, with a
+                # copy each way per matrix. MatMulNBits has a CUDA kernel: the 4-bit graph there
+                int8 = False
+                self.session = session_factory(build_graph(self.weights, int8=False).SerializeToString())
         else:
             options = ort.SessionOptions()
             if threads is not None:

