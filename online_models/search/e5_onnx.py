@@ -313,11 +313,12 @@ class E5Onnx:
     ``session_factory`` makes the ONNX Runtime session from the graph's bytes instead: the shell
     passes one that opens it on CUDA when a GPU is there (``gpu_scorer.runtime.make_session``),
     and ``threads`` is then the factory's business. ``int8``: the graph :func:`build_graph`
-    serves on the CPU (else its 4-bit one, which a session on another device always gets). ``batch_tokens`` bounds the padded tokens of one run; by
-    default (None) the int8 graph embeds each text alone, because its activations are quantised
-    over the whole call, so a batch-mate would move a vector (to a cosine of 0.997): every
-    worker and serve must give an item the same vector, whatever it was embedded with. Alone,
-    it still embeds catalogue texts 1.6 times as fast as the 4-bit graph in batches.
+    serves on the CPU (else its 4-bit one, which a session on another device always gets).
+    ``batch_tokens`` bounds the padded tokens of one run; by default (None) the int8 graph
+    embeds each text alone, because its activations are quantised over the whole call, so a
+    batch-mate would move a vector (to a cosine of 0.997): every worker and serve must give an
+    item the same vector, whatever it was embedded with. Alone, it still embeds catalogue texts
+    about twice as fast as the 4-bit graph in batches (docs/search.md).
     """
 
     def __init__(self, threads: int | None = 1,
