@@ -175,10 +175,7 @@ class E5Weights:
 
     def embed_tokens(self, ids: Sequence[int]) -> np.ndarray:
         """Word + position + type embeddings of one sequence (the graph's input before its LayerNorm)."""
-        rows = self._words[np.asarray(ids, dtype=np.int64)]
-        q = rows["qs"]
-        values = np.concatenate([(q & 15), (q >> 4)], axis=-1).astype(np.float32) - 8.0
-        words = (values * rows["d"].astype(np.float32)[..., None]).reshape(len(ids), self.hidden)
+        words = _dequantised(self._words[np.asarray(ids, dtype=np.int64)]).reshape(len(ids), self.hidden)
         return words + self.positions[: len(ids)] + self.token_type
 
     def q4_matrix(self, name: str, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
@@ -188,17 +185,24 @@ class E5Weights:
         in its high one; MatMulNBits wants weights ``2i`` and ``2i + 1`` in byte ``i``.
         """
         blocks = self.tensors[name].reshape(rows, cols // BLOCK)
-        q = blocks["qs"]
-        ordered = np.concatenate([q & 15, q >> 4], axis=-1)
+        ordered = _nibbles(blocks["qs"])
         packed = (ordered[..., 0::2] | (ordered[..., 1::2] << 4)).astype(np.uint8)
         return np.ascontiguousarray(packed), blocks["d"].astype(np.float32).reshape(-1)
 
     def matrix(self, name: str, rows: int, cols: int) -> np.ndarray:
         """A Q4_0 matrix decoded to float32, ``[rows, cols]`` (each row one output's weights)."""
-        blocks = self.tensors[name].reshape(rows, cols // BLOCK)
-        q = blocks["qs"]
-        values = np.concatenate([q & 15, q >> 4], axis=-1).astype(np.float32) - 8.0
-        return (values * blocks["d"].astype(np.float32)[..., None]).reshape(rows, cols)
+        return _dequantised(self.tensors[name].reshape(rows, cols // BLOCK)).reshape(rows, cols)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """Q4_0 blocks' 16 bytes as their 32 weights in order, 0 to 15: weight ``j`` is byte ``j``'s
+    low nibble, weight ``j + 16`` its high one."""
+    return np.concatenate([qs & 15, qs >> 4], axis=-1)
+
+
+def _dequantised(blocks: np.ndarray) -> np.ndarray:
+    """Q4_0 blocks as float32 weights, 32 a block: ``scale * (nibble - 8)``."""
+    return (_nibbles(blocks["qs"]).astype(np.float32) - 8.0) * blocks["d"].astype(np.float32)[..., None]
 
 
 def int8_columns(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
