@@ -224,12 +224,13 @@ def recency(recent_items: Sequence[Sequence[str]], items: Sequence[list[str]], s
     out = np.zeros(seg.n)
     rows: dict[int, float] = {}
     for recent, candidates, start in zip(recent_items, items, seg.starts.tolist(), strict=True):
-        for back, item in enumerate(reversed(recent[-RECENCY_SPAN:]), start=1):
-            try:
-                i = candidates.index(item)  # a C scan: cheaper than a dict over all candidates
-            except ValueError:
-                continue
-            rows.setdefault(start + i, 1.0 / back)
+        tail = recent[-RECENCY_SPAN:]
+        among = set(tail).intersection(candidates)  # most recent items are not candidates: no scan for those
+        if not among:
+            continue
+        for back, item in enumerate(reversed(tail), start=1):
+            if item in among:
+                rows.setdefault(start + candidates.index(item), 1.0 / back)  # a C scan, for the few
     if rows:
         out[list(rows)] = list(rows.values())
     return out

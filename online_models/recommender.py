@@ -390,6 +390,7 @@ class Recommender:
         candidates: Sequence[Sequence[str]],
         k: int | None = None,
         extra_scores: Sequence[Mapping[str, Mapping[str, float] | Sequence[float]] | None] | None = None,
+        explain: bool = True,
     ) -> list[list[ScoredItem]]:
         """:meth:`rank` of ``candidates[i]`` for ``users[i]``, for all users at once.
 
@@ -400,6 +401,8 @@ class Recommender:
         (an array: NaN is no score; a repeated candidate takes its last score, as the dict
         ``dict(zip(candidates[i], scores))`` would). A user listed twice keeps only the last
         list pending for :meth:`record_shown`, as with ``rank`` twice before recording.
+        ``explain=False`` leaves each item's ``explanation`` None (its ``reason`` is still set):
+        for a caller that shows only some of the items, and asks :meth:`explain` for those.
         """
         cfg = self.config
         k = cfg.k if k is None else k
@@ -428,14 +431,14 @@ class Recommender:
             groups.setdefault(tuple(names), []).append((u, items, cols))
         done: list[tuple[list[str], list[str], np.ndarray] | None] = [None] * n_users
         for extra_names, members in groups.items():
-            self._rank_group(users, members, extra_names, k, out, done)
+            self._rank_group(users, members, extra_names, k, out, done, explain)
         for u, ranked in enumerate(done):  # in call order, as rank() user by user would
             if ranked is not None:
                 _bounded_put(self._ranked, users[u].user_id, ranked, _PENDING_RANKED)
         return out
 
     def _rank_group(self, users: Sequence[UserContext], members: list[tuple[int, list[str], list]],
-                    extra_names: tuple[str, ...], k: int, out: list, done: list) -> None:
+                    extra_names: tuple[str, ...], k: int, out: list, done: list, explain: bool = True) -> None:
         cfg = self.config
         seg = ranking.Segments([len(items) for _, items, _ in members])
         flat_items = list(chain.from_iterable(items for _, items, _ in members))
@@ -477,10 +480,16 @@ class Recommender:
             end = at + n
             ids = [flat_items[i] for i in picked_list[at:end]]
             why = reasons[at:end]
-            out[u] = [ScoredItem(i, s, r, e) for i, s, r, e in zip(ids, scores[at:end], why,
-                                                                  self._explain(users[u], ids, why), strict=True)]
+            explanations = self._explain(users[u], ids, why) if explain else [None] * len(ids)
+            out[u] = [ScoredItem(i, s, r, e) for i, s, r, e in zip(ids, scores[at:end], why, explanations,
+                                                                  strict=True)]
             done[u] = (feature_names, ids, rows[at:end])
             at = end
+
+    def explain(self, user: UserContext, ids: list[str], reasons: list[str | None]) -> list[Explanation | None]:
+        """The explanations :meth:`rank_many` gives ``ids`` whose reasons are ``reasons`` (each
+        item's own: the same whichever other items are asked with it)."""
+        return self._explain(user, ids, reasons)
 
     def _explain(self, user: UserContext, ids: list[str], reasons: list[str | None]) -> list[Explanation | None]:
         """Each published item's :class:`Explanation`: its ``reason`` (the source that

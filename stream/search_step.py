@@ -152,31 +152,37 @@ class SearchStep:
         query_part = relevance / top if top > 0 else np.ones(len(ids))
         context = user_context(state)
         personal = np.zeros(len(ids))
-        why: list[Explanation | None] = [None] * len(ids)
+        reasons: list[str | None] = [None] * len(ids)  # the source that led each item's blend
+        recommender = self.step.recommender
         if weight > 0 and context.recent_items:
-            recommender = self.step.recommender
             view = serving_view(recommender, replace(recommender.config, k=len(ids), exclude_purchased=False,
                                                      max_per_category=None))
             extra = self.step.extra_scores(self.step.scorer, [context], [ids])  # the Transformer, as for home lists
-            (ranked,) = view.rank_many([context], [ids], len(ids), extra)
+            # explained below, only the items the answer shows because the models moved them up
+            (ranked,) = view.rank_many([context], [ids], len(ids), extra, explain=False)
             recommender.forget_ranked(context.user_id)  # a search answer does not teach the re-ranker
             position = {item: i for i, item in enumerate(ids)}
             raw = np.full(len(ids), np.nan)
             for scored in ranked:
                 i = position[scored.item_id]
                 raw[i] = scored.score
-                why[i] = scored.explanation
+                reasons[i] = scored.reason
             personal = _scaled(np.nan_to_num(raw, nan=np.nanmin(raw) if np.isfinite(raw).any() else 0.0))
         # the models scale relevance, never replace it: an item the query does not match stays
         # down however much the user likes it, and the user's taste orders what the query matches
         final = query_part * ((1.0 - weight) + weight * personal)
-        order = np.lexsort((np.arange(len(ids)), -final))[:k]
+        order = np.lexsort((np.arange(len(ids)), -final))[:k].tolist()
         by_query = np.empty(len(ids), dtype=int)
         by_query[np.lexsort((np.arange(len(ids)), -query_part))] = np.arange(len(ids))
+        # moved up: the user's models put it above its place by the query alone
+        moved = [i for rank, i in enumerate(order) if rank < by_query[i] and reasons[i] is not None]
+        why = dict(zip(moved, recommender.explain(context, [ids[i] for i in moved], [reasons[i] for i in moved]),
+                       strict=True)) if moved else {}
         out = []
-        for rank, i in enumerate(order.tolist()):
-            moved_up = rank < by_query[i] and why[i] is not None  # the user's models put it here
-            explanation = why[i] if moved_up else Explanation("search", matched=matched[i])
+        for i in order:
+            explanation = why.get(i)
+            if explanation is None:
+                explanation = Explanation("search", matched=matched[i])
             out.append(ScoredItem(ids[i], float(final[i]), explanation.source, explanation))
         return out
 

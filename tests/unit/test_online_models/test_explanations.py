@@ -143,6 +143,29 @@ def test_batched_ranking_explains_each_user_with_their_own_items():
     assert rec.rank(users[1], ["x", "y"], k=1) == second  # the same alone as in a batch
 
 
+def test_ranking_without_explanations_then_explaining_some_items_gives_what_ranking_explains():
+    cv = CoVisitation()
+    for session, items in [("s1", ["a", "x", "z"]), ("s2", ["b", "y"])]:
+        for item in items:
+            cv.learn_one(Interaction("v", item, ts=1, session_id=session))
+    hot = TrendingPopularity()
+    for item in ["w", "w", "y"]:
+        hot.learn_one(Interaction("v", item, ts=1))
+    rec = _rec({"covisit": cv, "trending": hot}, {"covisit": 1.0, "trending": 0.5})
+    rec._categories["w"] = "c1"
+    user = UserContext("u1", recent_items=("a", "b"))
+    cands = ["x", "y", "z", "w", "q"]
+    (explained,) = rec.rank_many([user], [cands], 5)
+    (bare,) = rec.rank_many([user], [cands], 5, explain=False)
+    assert [(s.item_id, s.score, s.reason) for s in bare] == [(s.item_id, s.score, s.reason) for s in explained]
+    assert all(s.explanation is None for s in bare)
+    assert any(s.explanation is not None for s in explained)
+    some = [s for s in bare if s.item_id in {"w", "y", "q"}]  # a subset, in another order
+    asked = rec.explain(user, [s.item_id for s in some[::-1]], [s.reason for s in some[::-1]])
+    by_item = {s.item_id: s.explanation for s in explained}
+    assert asked == [by_item[s.item_id] for s in some[::-1]]
+
+
 # --- on the wire: old readers keep working ------------------------------------------------
 
 def _published(items) -> bytes:
