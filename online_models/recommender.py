@@ -480,23 +480,20 @@ class Recommender:
             end = at + n
             ids = [flat_items[i] for i in picked_list[at:end]]
             why = reasons[at:end]
-            explanations = self._explain(users[u], ids, why) if explain else [None] * len(ids)
+            explanations = self.explain(users[u], ids, why) if explain else [None] * len(ids)
             out[u] = [ScoredItem(i, s, r, e) for i, s, r, e in zip(ids, scores[at:end], why, explanations,
                                                                   strict=True)]
             done[u] = (feature_names, ids, rows[at:end])
             at = end
 
     def explain(self, user: UserContext, ids: list[str], reasons: list[str | None]) -> list[Explanation | None]:
-        """The explanations :meth:`rank_many` gives ``ids`` whose reasons are ``reasons`` (each
-        item's own: the same whichever other items are asked with it)."""
-        return self._explain(user, ids, reasons)
-
-    def _explain(self, user: UserContext, ids: list[str], reasons: list[str | None]) -> list[Explanation | None]:
         """Each published item's :class:`Explanation`: its ``reason`` (the source that
         contributed most to its blend), with what that source says of it (the learner's
         :meth:`~online_models.base.OnlineLearner.because`, asked once per source for the
         items it leads; the item's category for a popularity source). None where no source
-        was credited. Only the list's ``k`` items are explained, never all candidates."""
+        was credited. Only the list's ``k`` items are explained, never all candidates. Each
+        item's explanation is its own, whichever other items are asked with it: a caller that
+        ranked with ``rank_many(explain=False)`` asks here for the items it shows."""
         out: list[Explanation | None] = [None] * len(ids)
         groups: dict[str, list[int]] = {}  # source -> the places of the items it leads, in list order
         for at, reason in enumerate(reasons):
