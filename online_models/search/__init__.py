@@ -8,6 +8,7 @@ from online_models.search.catalogue import Catalogue, CatalogueItem, SearchHit, 
 from online_models.search.cold_start import ContentMatcher
 from online_models.search.lexical import LexicalIndex
 from online_models.search.semantic import VectorIndex
+from online_models.search.student import QueryStudent
 from online_models.search.text import MODEL_NAME, TextEmbedder, normalise_query
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "CatalogueItem",
     "ContentMatcher",
     "LexicalIndex",
+    "QueryStudent",
     "SearchHit",
     "TextEmbedder",
     "VectorIndex",

