@@ -13,6 +13,7 @@ from gpu_scorer.train_cli import train
 from online_models import Recommender
 from stream import gcpolicy
 from stream.app import Worker, create_app
+from stream.distil_cli import distil_queries
 from stream.errors import StreamrecError
 from stream.evaluate_cli import evaluate
 from stream.experiments import load_experiment
@@ -112,6 +113,7 @@ app.command("forget")(forget)
 app.command("report")(report)
 app.command("train")(train)
 app.command("evaluate")(evaluate)
+app.command("distil-queries")(distil_queries)
 
 
 def main() -> None:

@@ -43,9 +43,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from gpu_scorer.runtime import session_factory
 from online_models import Recommender
-from online_models.search import Catalogue, TextEmbedder
+from online_models.search import Catalogue
 from online_models.types import ScoredItem
 from stream.catalogue_feed import CatalogueFeed
 from stream.health import Health
@@ -55,7 +54,7 @@ from stream.pseudonyms import Pseudonyms, pseudonyms_of
 from stream.records import MAX_ID_CHARS, MAX_QUERY_CHARS, SearchEvent
 from stream.search_step import SearchConfig, SearchStep
 from stream.settings import Settings
-from stream.shell import load_arm_scorers, load_scorer
+from stream.shell import load_arm_scorers, load_scorer, text_embedder
 from stream.snapshots import SNAPSHOT_KEY
 from stream.state import RedisUserStateStore, UserState, UserStateStore
 
@@ -332,10 +331,7 @@ async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop:
     step.arm_scorers = await asyncio.to_thread(load_arm_scorers, step.experiment, settings)
     catalogue = feed = None
     if settings.catalogue:
-        # one thread a call: embedding shares the machine with the event loop; on the scorer's
-        # device (a GPU when there is one and STREAMREC_SCORER_DEVICE allows it)
-        embedder = TextEmbedder(threads=1, session_factory=session_factory(settings.scorer_device, threads=1))
-        catalogue = Catalogue(embedder, candidates=settings.search_candidates)
+        catalogue = Catalogue(text_embedder(settings), candidates=settings.search_candidates)
         feed = CatalogueFeed(catalogue, settings.kafka.client_options(), settings.topics.items, settings.bounds, metrics,
                              store=store, write_snapshots=False)
         step.catalogue = catalogue  # a user's latest query joins their candidates, as in the worker

@@ -163,6 +163,7 @@ class Settings:
     serve_port: int = _env("STREAMREC_SERVE_PORT", "8080", "port of `streamrec serve`'s HTTP API (--port overrides it)")
     catalogue: bool = _env("STREAMREC_CATALOGUE", "true", "read the items topic into a catalogue that searches retrieve from (every worker reads all of it, and embeds each item with the text model; stream/catalogue_feed.py); false: searches re-rank only the results they carry")
     search_candidates: int = _env("STREAMREC_SEARCH_CANDIDATES", "50", "items each of BM25 and the text model retrieve per search, fused and re-ranked for the user (docs/search.md: 50 rather than 100 costs 0.17% of NDCG@10 and a quarter of a search's Python)")
+    query_student: str = _env("STREAMREC_QUERY_STUDENT", "", "a query encoder distilled from the text model on the catalogue (a file from `streamrec distil-queries`): a query it can read costs about 0.1 ms instead of 3, for some NDCG@10 (docs/search.md, \"A query student\"); empty: every query goes to the text model")
     search_personal_weight: float = _env("STREAMREC_SEARCH_PERSONAL_WEIGHT", "0.3", "share of the user's models in a search answer's score, 0 to 1 (0: the query's order alone)")
     query_ttl_s: int = _env("STREAMREC_QUERY_TTL_S", "1800", "how long, in seconds of event time, a user's latest search steers their home-page lists (its matches join their candidates); 0: searches never do")
     snapshot_key: str = _env("STREAMREC_SNAPSHOT_KEY", "", "secret that signs and checks the online models' snapshots (HMAC-SHA256); empty: unsigned", secret=True)

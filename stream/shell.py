@@ -19,7 +19,7 @@ from pathlib import Path
 from gpu_scorer import HotSwapScorer, ModelRegistry
 from gpu_scorer.errors import ModelLoadError
 from gpu_scorer.runtime import session_factory
-from online_models.search import Catalogue, TextEmbedder
+from online_models.search import Catalogue, QueryStudent, TextEmbedder
 from stream.batching import drop_stale
 from stream.catalogue_feed import CatalogueFeed
 from stream.errors import ConfigError
@@ -103,8 +103,7 @@ class Shell:
         if settings.catalogue:
             # one thread a call: embedding shares the machine with the event loop; on the scorer's
             # device (a GPU when there is one and STREAMREC_SCORER_DEVICE allows it)
-            embedder = TextEmbedder(threads=1, session_factory=session_factory(settings.scorer_device, threads=1))
-            self.catalogue = Catalogue(embedder, candidates=settings.search_candidates)
+            self.catalogue = Catalogue(text_embedder(settings), candidates=settings.search_candidates)
             self.catalogue_feed = CatalogueFeed(self.catalogue, settings.kafka.client_options(), settings.topics.items,
                                                 settings.bounds, self.metrics, self.publisher.publish,
                                                 settings.topics.dlq, store=self.store,
@@ -324,6 +323,22 @@ class Shell:
             return False
         self.busy.release()
         return True
+
+
+def text_embedder(settings: Settings) -> TextEmbedder:
+    """The worker's and serve's text model: one thread a call (embedding shares the machine
+    with the event loop), on the scorer's device (a GPU when there is one and
+    STREAMREC_SCORER_DEVICE allows it), with the query student of STREAMREC_QUERY_STUDENT."""
+    student = None
+    if settings.query_student:
+        path = Path(settings.query_student)
+        try:
+            student = QueryStudent.from_bytes(path.read_bytes())
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"STREAMREC_QUERY_STUDENT={settings.query_student}: cannot read a query student there "
+                              f"({exc}); make one with `streamrec distil-queries`, or leave the setting empty") from None
+        log.info("query student %s: %d tokens", path, len(student.tokens))
+    return TextEmbedder(threads=1, session_factory=session_factory(settings.scorer_device, threads=1), student=student)
 
 
 def load_scorer(settings: Settings, metrics: Metrics, refused: set[str] | None = None):

@@ -1,0 +1,70 @@
+"""`streamrec distil-queries` and STREAMREC_QUERY_STUDENT: a query student fitted on a
+catalogue file, handed to the text model the worker and serve build (stream.shell.text_embedder)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from stream.cli import app
+from stream.errors import ConfigError, StreamrecError
+from stream.settings import Settings
+from stream.shell import text_embedder
+
+ITEMS = [{"item_id": "i1", "title": "Men's lightweight running shoes"},
+         {"item_id": "i2", "title": "Women's long winter down jacket with hood"},
+         {"item_id": "i3", "title": "Ceramic coffee mug with lid", "available": False},
+         {"item_id": "i4", "title": "女士冬季长款羽绒服"}]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("student")
+    catalogue = folder / "items.jsonl"
+    catalogue.write_text("\n".join(json.dumps(item, ensure_ascii=False) for item in ITEMS) + "\n", encoding="utf-8")
+    out = folder / "sub" / "student.npz"
+    result = CliRunner().invoke(app, ["distil-queries", "--catalogue", str(catalogue), "-o", str(out), "--spans", "2"])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_it_learns_the_available_titles_and_says_how_to_use_the_file(fitted):
+    out, output = fitted
+    assert "learning the words of 3 titles" in output  # the unavailable mug is not learned
+    assert f"STREAMREC_QUERY_STUDENT={out}" in output and out.is_file()
+
+
+def test_the_worker_and_serve_read_queries_with_the_student_the_setting_names(fitted):
+    out, _ = fitted
+    embedder = text_embedder(Settings.from_env({"STREAMREC_QUERY_STUDENT": str(out)}))
+    assert embedder.student is not None
+    vector = embedder.queries(["running shoes"])[0]
+    assert embedder.student_queries == 1 and np.allclose(vector, embedder.student.encode("running shoes"))
+    assert embedder.queries(["coffee mug"])[0].shape == (384,) and embedder.student_queries == 1  # not learned: the model
+    assert text_embedder(Settings.from_env({})).student is None  # off by default
+
+
+def test_a_missing_or_foreign_student_file_is_a_clear_setting_error(tmp_path):
+    with pytest.raises(ConfigError, match="STREAMREC_QUERY_STUDENT=.*cannot read a query student.*distil-queries"):
+        text_embedder(Settings.from_env({"STREAMREC_QUERY_STUDENT": str(tmp_path / "nope.npz")}))
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a student")
+    with pytest.raises(ConfigError, match="STREAMREC_QUERY_STUDENT"):
+        text_embedder(Settings.from_env({"STREAMREC_QUERY_STUDENT": str(junk)}))
+
+
+def test_misuse_gets_a_message_not_a_traceback(tmp_path):
+    runner = CliRunner()
+    neither = runner.invoke(app, ["distil-queries", "-o", str(tmp_path / "s.npz")])
+    assert neither.exit_code == 2 and "give one catalogue" in neither.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n", encoding="utf-8")
+    result = runner.invoke(app, ["distil-queries", "--catalogue", str(bad), "-o", str(tmp_path / "s.npz")])
+    assert isinstance(result.exception, StreamrecError) and "line 1: not JSON" in str(result.exception)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    result = runner.invoke(app, ["distil-queries", "--catalogue", str(empty), "-o", str(tmp_path / "s.npz")])
+    assert isinstance(result.exception, StreamrecError) and "no available item" in str(result.exception)
