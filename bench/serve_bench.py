@@ -17,6 +17,9 @@ the producer, Kafka, Redis, serve and the client.
 
     .venv/bin/python bench/serve_bench.py --embed --seconds 20 --events-rate 1000
 
+``--student FILE`` hands the worker and serve a query student (``streamrec distil-queries
+--demo-catalogue -o FILE``): the new queries it can read skip the text model.
+
 ``--embed`` measures the text model's throughput instead, in this process with one engine
 thread (as the worker and serve run it): catalogue items (the demo shop's texts, in chunks of
 32 as the catalogue embeds them) and new queries one at a time (no cache), each for
@@ -158,12 +161,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--worker-nice", type=int, default=0, help="start the worker at this nice value (an operator's "
                    "choice on a shared host: the worker yields the CPU to serve's requests)")
+    p.add_argument("--student", type=Path, help="a query student (streamrec distil-queries --demo-catalogue) for the "
+                   "worker and serve, as STREAMREC_QUERY_STUDENT: new queries skip the text model")
     p.add_argument("--embed", action="store_true", help="measure the text model's throughput, idle and beside the "
                    "worker, instead of serve's latency")
     args = p.parse_args(argv)
     tag = f"serve{os.getpid()}"
     serve_port = free_port()
-    env, settings = env_for(f"{tag}.", {"STREAMREC_SERVE_PORT": str(serve_port)})
+    extra = {"STREAMREC_SERVE_PORT": str(serve_port)}
+    if args.student is not None:
+        if not args.student.is_file():
+            p.error(f"--student {args.student}: no such file (make one with streamrec distil-queries --demo-catalogue)")
+        extra["STREAMREC_QUERY_STUDENT"] = str(args.student.resolve())
+    env, settings = env_for(f"{tag}.", extra)
     exe = [sys.executable, "-m", "stream.cli"]
     logs = ROOT / ".run"
     logs.mkdir(exist_ok=True)
