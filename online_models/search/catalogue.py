@@ -11,7 +11,9 @@ unbounded; e5's cosines bunch between 0.7 and 0.9), and an item scores
 ``lexical_weight * bm25 + (1 - lexical_weight) * cosine``, 0 for a list it is not in
 (CombSUM, Fox & Shaw 1994). ``lexical_weight = 0.2`` was chosen on half of the CrowdFlower
 queries and holds on the other half, where it beats both retrievers alone and reciprocal-rank
-fusion (docs/search.md). Items marked unavailable stay in the catalogue but are not returned.
+fusion (docs/search.md). A query read by a query student (an option: ``STREAMREC_QUERY_STUDENT``)
+weighs BM25 at ``student_lexical_weight = 0.5``, chosen the same way for its vectors. Items
+marked unavailable stay in the catalogue but are not returned.
 
 Pure: no Kafka, no Redis. The worker, ``streamrec serve`` and ``bench/search_quality.py`` all
 search through this class.
@@ -32,6 +34,9 @@ from online_models.search.text import Embedder
 
 #: the share of BM25 in the hybrid score (the rest is the text model's)
 LEXICAL_WEIGHT = 0.2
+#: the same for a query whose vector came from a query student (TextEmbedder.queries_by):
+#: chosen on the first half of the CrowdFlower queries among 0.2-0.5 (docs/search.md)
+STUDENT_LEXICAL_WEIGHT = 0.5
 
 #: characters of an item's description that are indexed (BM25)
 MAX_DESCRIPTION_CHARS = 512
@@ -108,11 +113,13 @@ class Catalogue:
     """
 
     def __init__(self, embedder: Embedder, *, candidates: int = 100, lexical_weight: float = LEXICAL_WEIGHT,
-                 embed_batch: int = 32, embed_description_chars: int = EMBED_DESCRIPTION_CHARS) -> None:
+                 embed_batch: int = 32, embed_description_chars: int = EMBED_DESCRIPTION_CHARS,
+                 student_lexical_weight: float = STUDENT_LEXICAL_WEIGHT) -> None:
         self.embedder = embedder
         self.embed_description_chars = embed_description_chars
         self.candidates = candidates
         self.lexical_weight = lexical_weight
+        self.student_lexical_weight = student_lexical_weight
         self.embed_batch = embed_batch
         self._items: dict[str, CatalogueItem] = {}
         self._key_of: dict[str, int] = {}
@@ -263,10 +270,19 @@ class Catalogue:
         return [item for item, _ in self.semantic_scored(query, k, vector)]
 
     def search(self, query: str, k: int, vector: np.ndarray | None = None) -> list[SearchHit]:
-        """Hybrid: BM25 and embeddings, each ``candidates`` deep, fused (:func:`fuse`); best ``k``."""
+        """Hybrid: BM25 and embeddings, each ``candidates`` deep, fused (:func:`fuse`); best ``k``.
+        A query the embedder's student read (``queries_by``) weighs BM25 at
+        ``student_lexical_weight``, one the text model read (or a given ``vector``) at ``lexical_weight``."""
         depth = max(k, self.candidates)
-        return fuse(self.lexical_scored(query, depth), self.semantic_scored(query, depth, vector), k,
-                    self.lexical_weight)
+        weight = self.lexical_weight
+        if vector is None:
+            queries_by = getattr(self.embedder, "queries_by", None)
+            if queries_by is not None:
+                vectors, by_student = queries_by([query])
+                vector = vectors[0]
+                if by_student[0]:
+                    weight = self.student_lexical_weight
+        return fuse(self.lexical_scored(query, depth), self.semantic_scored(query, depth, vector), k, weight)
 
     def similar(self, item_id: str, k: int) -> list[tuple[str, float]]:
         """The ``k`` available items closest in meaning to ``item_id`` (not itself)."""

@@ -98,7 +98,13 @@ class TextEmbedder:
 
     def queries(self, texts: Sequence[str]) -> np.ndarray:
         """One row per query (normalised with :func:`normalise_query` first)."""
+        return self.queries_by(texts)[0]
+
+    def queries_by(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
+        """:meth:`queries`, and for each whether the student (True) or the model gave it: the
+        catalogue fuses a student's vector with BM25 at a weight of its own."""
         keys = [normalise_query(t) for t in texts]
+        by_student = [False] * len(keys)
         out = np.empty((len(keys), self.dim), dtype=np.float32)
         missing: list[int] = []
         with self._lock:
@@ -119,6 +125,7 @@ class TextEmbedder:
                     still.append(i)
                 else:
                     out[i] = vector  # not cached: the student costs about what a cache lookup does
+                    by_student[i] = True
             self.student_queries += len(missing) - len(still)
             missing = still
         if missing:
@@ -130,7 +137,12 @@ class TextEmbedder:
                         self._cache[keys[i]] = fresh[row]
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
-        return out
+        return out, by_student
+
+    def clear_cache(self) -> None:
+        """Forget the cached query vectors (counters stay)."""
+        with self._lock:
+            self._cache.clear()
 
     def passages(self, texts: Sequence[str]) -> np.ndarray:
         """One row per item text (not cached: the catalogue keeps its vectors)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from online_models.search import Catalogue, CatalogueItem, QueryStudent, TextEmbedder
+from online_models.search import Catalogue, CatalogueItem, QueryStudent, TextEmbedder, fuse
 from online_models.search.student import spans_of
 
 TITLES = [
@@ -86,3 +86,22 @@ def test_spans_are_runs_of_one_to_four_words_of_each_title():
     assert texts[7:] == ["one"] * 5
     with pytest.raises(ValueError, match="no titles"):
         QueryStudent.fit(None, [])
+
+
+def test_the_catalogue_weighs_bm25_by_whose_vector_a_query_got(student):
+    embedder = TextEmbedder(threads=1, cache_size=0, student=student)
+    catalogue = Catalogue(embedder, candidates=10)
+    catalogue.upsert([CatalogueItem(item_id=f"i{n}", title=t) for n, t in enumerate(TITLES)])
+    catalogue.flush()
+    assert (catalogue.lexical_weight, catalogue.student_lexical_weight) == (0.2, 0.5)
+
+    def fused(query, vector, weight):
+        return fuse(catalogue.lexical_scored(query, 10), catalogue.semantic_scored(query, 10, vector), 5, weight)
+
+    for query, by_student in (("waterproof running shoes", True), ("가나다라 shoes", True), ("가나다라", False)):
+        vectors, origin = embedder.queries_by([query])
+        assert origin == [by_student]
+        weight = 0.5 if by_student else 0.2
+        assert catalogue.search(query, 5) == fused(query, vectors[0], weight)
+    assert catalogue.search("waterproof running shoes", 5) != fused("waterproof running shoes",
+                                                                    embedder.queries(["waterproof running shoes"])[0], 0.2)
