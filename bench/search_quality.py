@@ -125,10 +125,18 @@ def student_figures(catalogue: Catalogue, embedder: TextEmbedder, items: list[Ca
     rows |= {f"hybrid bm25={w}": (lambda q, w=w: [h.item_id for h in fuse(catalogue.lexical_scored(q, depth),
                                                                           catalogue.semantic_scored(q, depth, own[q]), 10, w)])
              for w in (0.2, 0.3, 0.4, 0.5)}
-    for name, method in rows.items():
-        scores = [ndcg_at(method(q), judged[q]) for q in queries]
-        out[name] = float(np.mean(scores))
-        print(f"{name:<22} {np.mean(scores[0::2]):>9.4f} {np.mean(scores[1::2]):>9.4f} {np.mean(scores):>7.4f}")
+    # as served: the catalogue's own search, its embedder holding the student (as STREAMREC_QUERY_STUDENT
+    # makes it), so the BM25 weight follows whose vector each query got
+    rows["served (search)"] = lambda q: [h.item_id for h in catalogue.search(q, 10)]
+    embedder.student, before = student, embedder.student
+    embedder.clear_cache()  # the model's vectors of these queries, cached above: as served, the student reads them
+    try:
+        for name, method in rows.items():
+            scores = [ndcg_at(method(q), judged[q]) for q in queries]
+            out[name] = float(np.mean(scores))
+            print(f"{name:<22} {np.mean(scores[0::2]):>9.4f} {np.mean(scores[1::2]):>9.4f} {np.mean(scores):>7.4f}")
+    finally:
+        embedder.student = before
     return out
 
 
