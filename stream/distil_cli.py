@@ -18,12 +18,15 @@ import typer
 from online_models.search import QueryStudent, TextEmbedder
 from stream.errors import StreamrecError
 from stream.produce_catalogue import read_catalogue_file, synthetic_items
+from stream.settings import Settings
+
+DEFAULT_FILE = "query-student.npz"  # in STREAMREC_MODEL_DIR, beside the Transformer's versions
 
 
 def distil_queries(
-    out: Annotated[Path, typer.Option(
-        "--out", "-o", help="File to write; hand it to the worker and serve as STREAMREC_QUERY_STUDENT.",
-        dir_okay=False)],
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="File to write (default: query-student.npz in STREAMREC_MODEL_DIR); hand it to the "
+        "worker and serve as STREAMREC_QUERY_STUDENT.", dir_okay=False)] = None,
     catalogue: Annotated[Path | None, typer.Option(
         "--catalogue", help="Catalogue to learn the words of: JSON Lines, one item per line, as `streamrec produce "
         "--catalogue` reads (only the titles are used).", exists=True, dir_okay=False, readable=True)] = None,
@@ -40,12 +43,14 @@ def distil_queries(
     CPU each: some 40 s for the demo's 2,000 items, 20 minutes for 100,000), then the student
     learns for a few seconds. Examples:
 
-      streamrec distil-queries --demo-catalogue -o models/query-student.npz
+      streamrec distil-queries --demo-catalogue
 
-      streamrec distil-queries --catalogue items.jsonl -o models/query-student.npz
+      streamrec distil-queries --catalogue items.jsonl -o /srv/models/query-student.npz
     """
     if (catalogue is None) == (not demo_catalogue):
         raise typer.BadParameter("give one catalogue: --catalogue FILE or --demo-catalogue", param_hint="--catalogue")
+    if out is None:
+        out = Path(Settings.from_env().model_dir) / DEFAULT_FILE
     now = int(time.time() * 1000)
     items = synthetic_items(seed, now) if demo_catalogue else read_catalogue_file(catalogue, now)
     titles = [item.title for item in items if item.available]

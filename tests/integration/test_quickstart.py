@@ -16,7 +16,8 @@ order, as in separate terminals: tail starts while produce sends. Then the outco
 checked: train registered a version, the worker became ready on it, the catalogue was sent and
 indexed, produce sent 20,000 events, the worker handled them all and published
 recommendations, tail printed them and stops on Ctrl-C, serve answers a search and a user's
-recommendations and stops on SIGTERM, the worker stops on SIGTERM with exit 0, and
+recommendations and stops on SIGTERM, distil-queries writes a query student into the model
+registry, the worker stops on SIGTERM with exit 0, and
 ``make down`` stops both servers.
 """
 
@@ -120,8 +121,8 @@ def run_exporting(line: str, env: dict[str, str], timeout: float) -> dict[str, s
 def test_the_readme_quick_start_runs_as_written(tmp_path, topic_prefix):
     lines = quick_start_lines()
     commands = [command_of(line) for line in lines]
-    assert commands == ["up", "train", "worker", "produce", "produce-catalogue", "serve", "tail", "evaluate", "forget",
-                        "report", "down"], \
+    assert commands == ["up", "train", "worker", "produce", "produce-catalogue", "serve", "distil-queries", "tail",
+                        "evaluate", "forget", "report", "down"], \
         f"the quick start changed ({commands}): teach this test its new lines"
     by_command = dict(zip(commands, lines, strict=True))
     assert f"--limit {N_EVENTS}" in by_command["produce"]
@@ -218,6 +219,11 @@ def test_the_readme_quick_start_runs_as_written(tmp_path, topic_prefix):
         status, body = http_get(f"{api}/v1/users/{shopper}/recommendations")  # empty models until the workers'
         assert status == 200 and isinstance(json.loads(body)["items"], list), body  # first snapshot (5 min)
         assert serve.signal(signal.SIGTERM) == 0, serve.tail()
+
+        # distil-queries: a query student fitted on the demo catalogue, in the model registry
+        distilled = run(by_command["distil-queries"], env, 600)
+        student = tmp_path / "models" / "query-student.npz"
+        assert student.is_file() and f"STREAMREC_QUERY_STUDENT={student}" in distilled.stdout, distilled.stdout
 
         # evaluate: offline; the quick start needs nothing from ../shared
         assert "../shared" not in by_command["evaluate"], by_command["evaluate"]
