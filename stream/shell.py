@@ -101,8 +101,6 @@ class Shell:
                                  lambda: committed_offsets(settings.kafka, settings.app_id),
                                  pseudonyms=self.pseudonyms, forget_topic=settings.topics.forget)
         if settings.catalogue:
-            # one thread a call: embedding shares the machine with the event loop; on the scorer's
-            # device (a GPU when there is one and STREAMREC_SCORER_DEVICE allows it)
             self.catalogue = Catalogue(text_embedder(settings), candidates=settings.search_candidates)
             self.catalogue_feed = CatalogueFeed(self.catalogue, settings.kafka.client_options(), settings.topics.items,
                                                 settings.bounds, self.metrics, self.publisher.publish,
@@ -334,7 +332,7 @@ def text_embedder(settings: Settings) -> TextEmbedder:
         path = Path(settings.query_student)
         try:
             student = QueryStudent.from_bytes(path.read_bytes())
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError) as exc:  # missing or unreadable; not a student (QueryStudent.from_bytes)
             raise ConfigError(f"STREAMREC_QUERY_STUDENT={settings.query_student}: cannot read a query student there "
                               f"({exc}); make one with `streamrec distil-queries`, or leave the setting empty") from None
         log.info("query student %s: %d tokens", path, len(student.tokens))
