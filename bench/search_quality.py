@@ -128,7 +128,8 @@ def student_figures(catalogue: Catalogue, embedder: TextEmbedder, items: list[Ca
     # as served: the catalogue's own search, its embedder holding the student (as STREAMREC_QUERY_STUDENT
     # makes it), so the BM25 weight follows whose vector each query got
     rows["served (search)"] = lambda q: [h.item_id for h in catalogue.search(q, 10)]
-    embedder.student, before = student, embedder.student
+    before = embedder.student
+    embedder.use_student(student)
     embedder.clear_cache()  # the model's vectors of these queries, cached above: as served, the student reads them
     try:
         for name, method in rows.items():
@@ -136,7 +137,7 @@ def student_figures(catalogue: Catalogue, embedder: TextEmbedder, items: list[Ca
             out[name] = float(np.mean(scores))
             print(f"{name:<22} {np.mean(scores[0::2]):>9.4f} {np.mean(scores[1::2]):>9.4f} {np.mean(scores):>7.4f}")
     finally:
-        embedder.student = before
+        embedder.use_student(before)
     return out
 
 

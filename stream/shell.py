@@ -327,16 +327,17 @@ def text_embedder(settings: Settings) -> TextEmbedder:
     """The worker's and serve's text model: one thread a call (embedding shares the machine
     with the event loop), on the scorer's device (a GPU when there is one and
     STREAMREC_SCORER_DEVICE allows it), with the query student of STREAMREC_QUERY_STUDENT."""
-    student = None
+    embedder = TextEmbedder(threads=1, session_factory=session_factory(settings.scorer_device, threads=1))
     if settings.query_student:
         path = Path(settings.query_student)
         try:
             student = QueryStudent.from_bytes(path.read_bytes())
-        except (OSError, ValueError) as exc:  # missing or unreadable; not a student (QueryStudent.from_bytes)
+            embedder.use_student(student)
+        except (OSError, ValueError) as exc:  # missing, unreadable, not a student, or another model's size
             raise ConfigError(f"STREAMREC_QUERY_STUDENT={settings.query_student}: cannot read a query student there "
                               f"({exc}); make one with `streamrec distil-queries`, or leave the setting empty") from None
-        log.info("query student %s: %d tokens", path, len(student.tokens))
-    return TextEmbedder(threads=1, session_factory=session_factory(settings.scorer_device, threads=1), student=student)
+        log.info("query student %s: %d word pieces", path, len(student.tokens))
+    return embedder
 
 
 def load_scorer(settings: Settings, metrics: Metrics, refused: set[str] | None = None):

@@ -81,15 +81,26 @@ class TextEmbedder:
                  session_factory: Callable[[bytes], Any] | None = None, student: QueryStudent | None = None) -> None:
         self.threads = None if threads is None else max(1, int(threads))
         self._model = E5Onnx(threads=self.threads, session_factory=session_factory)
-        self.student = None if student is None else student.bind(self._model.weights.tokens)
-        self.student_queries = 0
         self.provider = self._model.provider
         self.dim = int(self._model.dim)
+        self.student: QueryStudent | None = None
+        self.student_queries = 0
+        if student is not None:
+            self.use_student(student)
         self.cache_size = cache_size
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self.cache_hits = 0
         self.cache_misses = 0
+
+    def use_student(self, student: QueryStudent | None) -> None:
+        """Read queries with ``student`` from now on (None: the model alone); ValueError when its
+        vectors are not this model's size."""
+        if student is not None:
+            if student.dim != self.dim:
+                raise ValueError(f"the query student's vectors have {student.dim} dimensions, the text model's {self.dim}")
+            student.bind(self._model.weights.tokens)
+        self.student = student
 
     @property
     def model(self) -> E5Onnx:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from online_models.search import QueryStudent
 from stream.cli import app
 from stream.errors import ConfigError, StreamrecError
 from stream.settings import Settings
@@ -54,6 +55,10 @@ def test_a_missing_or_foreign_student_file_is_a_clear_setting_error(tmp_path):
     junk.write_bytes(b"not a student")
     with pytest.raises(ConfigError, match="STREAMREC_QUERY_STUDENT"):
         text_embedder(Settings.from_env({"STREAMREC_QUERY_STUDENT": str(junk)}))
+    small = tmp_path / "small.npz"
+    small.write_bytes(QueryStudent(np.arange(3), np.ones((3, 8))).to_bytes())  # another model's size
+    with pytest.raises(ConfigError, match="8 dimensions, the text model's 384"):
+        text_embedder(Settings.from_env({"STREAMREC_QUERY_STUDENT": str(small)}))
 
 
 def test_misuse_gets_a_message_not_a_traceback(tmp_path):
