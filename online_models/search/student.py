@@ -32,9 +32,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 
-def _plain(text: str) -> str:
-    """NFKC, whitespace collapsed, lower case: the form the student reads."""
-    return " ".join(unicodedata.normalize("NFKC", text).split()).lower()
+def _normal(text: str) -> str:
+    """NFKC, whitespace collapsed: ``text.normalise_query`` without its cut (that module imports
+    this one). The model embeds training texts in this form; the student reads it lower-cased."""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
 _CHUNK = 512  # texts the model embeds between two progress reports
@@ -82,7 +83,7 @@ class QueryStudent:
         if self._tokenize is None:
             raise RuntimeError("QueryStudent.encode before bind(tokenizer)")
         row = self._row
-        rows = [r for r in map(row.get, self._tokenize(_plain(text))) if r is not None]
+        rows = [r for r in map(row.get, self._tokenize(_normal(text).lower())) if r is not None]
         if not rows:
             return None
         v = self.vectors[rows].mean(axis=0)
@@ -94,7 +95,7 @@ class QueryStudent:
             progress: Callable[[int, int], None] | None = None) -> QueryStudent:
         """Learn from ``model`` (an :class:`~online_models.search.e5_onnx.E5Onnx`) on ``titles``.
         ``progress(done, total)`` hears of the texts the model has embedded (most of the time)."""
-        texts = spans_of([" ".join(unicodedata.normalize("NFKC", t).split()) for t in titles], spans, seed)
+        texts = spans_of([_normal(t) for t in titles], spans, seed)
         if not texts:
             raise ValueError("no titles to learn from")
         tokenize = model.weights.tokens
