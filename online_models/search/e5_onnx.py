@@ -53,6 +53,8 @@ BLOCK = 32
 _Q4 = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])
 _PREFIX = {True: "query: ", False: "passage: "}
 METASPACE = "\u2581"
+#: words whose pieces :meth:`E5Weights.tokens` remembers (cleared when full)
+WORD_MEMO = 100_000
 
 
 def weights_path() -> Path:
@@ -105,6 +107,9 @@ class E5Weights:
             if text and i != self.unk:
                 self._pieces.setdefault(text, i)  # the engine's table keeps the first
         self._longest = max(map(len, self._pieces))
+        if any(METASPACE in p[1:] for p in self._pieces):  # what tokens() relies on to go word by word
+            raise ValueError(f"{path}: a vocabulary piece holds the word-start mark past its start")
+        self._words_memo: dict[str, list[int]] = {}
         self._unk_score = float(scores.min()) - 10.0
         n_norm, norm_bytes = struct.unpack_from("<iI", b, o)
         o += 8
@@ -140,7 +145,28 @@ class E5Weights:
         return self._blob[self._offsets[token_id]:self._offsets[token_id + 1]].decode("utf-8", "replace")
 
     def tokens(self, text: str) -> list[int]:
-        """The content token ids of ``text`` (no ``<s>``/``</s>``), as the C engine finds them."""
+        """The content token ids of ``text`` (no ``<s>``/``</s>``), as the C engine finds them.
+
+        No vocabulary piece holds the word-start mark ``▁`` past its first character, so every
+        ``▁`` starts a piece: the best segmentation of the text is the best segmentation of
+        each word (from one ``▁`` to the next) in turn. Words are segmented once and
+        remembered (:data:`WORD_MEMO` of them; the same words recur across queries and titles).
+        """
+        memo = self._words_memo
+        ids: list[int] = []
+        for word in self.metaspaced(text).split(METASPACE)[1:]:  # it starts with the mark: [0] is empty
+            found = memo.get(word)
+            if found is None:
+                found = self._segment(METASPACE + word)
+                if len(memo) >= WORD_MEMO:
+                    memo.clear()
+                memo[word] = found
+            ids.extend(found)
+        return ids
+
+    def metaspaced(self, text: str) -> str:
+        """``text`` as the pieces spell it: the normalisation map, runs of spaces as one, each
+        space the mark ``▁``, and the mark in front."""
         norm = self._norm
         chars: list[str] = []
         for c in "".join(norm.get(c, c) for c in text):
@@ -148,7 +174,10 @@ class E5Weights:
                 continue
             chars.append(c)
         s = "".join(chars)
-        s = s.replace(" ", METASPACE) if s[:1] == " " else METASPACE + s.replace(" ", METASPACE)
+        return s.replace(" ", METASPACE) if s[:1] == " " else METASPACE + s.replace(" ", METASPACE)
+
+    def _segment(self, s: str) -> list[int]:
+        """The most likely pieces of ``s`` (a Viterbi pass over the unigram pieces' scores)."""
         n = len(s)
         best = [-1e30] * (n + 1)
         piece_at = [self.unk] * (n + 1)

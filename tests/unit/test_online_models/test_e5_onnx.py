@@ -33,6 +33,19 @@ def test_tokens_are_the_engines(engines, is_query):
         assert len(ours.token_ids(text, is_query)) == expected, text[:40]
 
 
+def test_words_segmented_one_by_one_give_the_pieces_of_the_whole_text(engines, monkeypatch):
+    """tokens() goes word by word and remembers words; the pieces are those of one pass over
+    the whole text (no piece holds the word-start mark past its start), memo or not."""
+    w = engines[0].weights
+    monkeypatch.setattr("online_models.search.e5_onnx.WORD_MEMO", 3)  # cleared and refilled below
+    texts = ["query: winter down jacket winter down", "冬季羽绒服 down jacket", "a\u2581\u2581b  trailing ", "  Ｗinter　down ",
+             "passage: MLB St. Louis Cardinals Neck Pillow - Multicolor", "unbelievably-long-hyphenated-word x"]
+    for _ in range(2):  # the second time from the memo (what is left of it)
+        for text in texts:
+            assert w.tokens(text) == w._segment(w.metaspaced(text)), text
+    assert len(w._words_memo) <= 3
+
+
 @pytest.fixture(scope="module")
 def four_bit(engines):
     """The graph on the file's own 4-bit blocks (``MatMulNBits``), the same arithmetic as the engine."""
