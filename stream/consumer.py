@@ -28,6 +28,15 @@ consumer asks instead for ``FETCH_MIN_BYTES`` or ``fetch_max_wait_ms``
 (``STREAMREC_FETCH_MAX_WAIT_MS``), whichever comes first: a backlog still fills each fetch
 at once, while a trickle is fetched at most every few milliseconds (measured with
 bench/paced_bench.py in docs/operations.md).
+
+Fetching by time has a price when nothing comes: an idle worker still asked the broker every
+``fetch_max_wait_ms``, a hundred empty round trips a second, each encoded and decoded in
+Python (9 % of a core for a worker with no events at all). So the fetches adapt
+(:func:`adapt_fetches`): after a fetch that brought no record, the next one asks for 1 byte
+and waits up to :data:`IDLE_FETCH_WAIT_MS`, so the broker answers it when the first record
+arrives (the first event after a quiet spell is fetched at once instead of after up to
+``fetch_max_wait_ms``); after a fetch that brought records, fetching by size or time resumes.
+A steady stream never leaves that mode; an idle worker asks twice a second.
 """
 
 from __future__ import annotations
@@ -191,6 +200,38 @@ class Consumer(faust_aiokafka.Consumer):
 #: the least a fetch waits for (unless ``fetch_max_wait_ms`` passes first): more than a
 #: batch of small events, so that a steady trickle is fetched by time, a backlog by size
 FETCH_MIN_BYTES = 1 << 20
+#: how long a fetch after one that brought nothing waits for its first byte (Kafka's default
+#: ``fetch.max.wait.ms``): the broker answers it as soon as a record arrives
+IDLE_FETCH_WAIT_MS = 500
+
+
+def adapt_fetches(fetcher: Any, min_bytes: int, wait_ms: int, idle_wait_ms: int = IDLE_FETCH_WAIT_MS) -> None:
+    """Make aiokafka's ``fetcher`` (``AIOKafkaConsumer._fetcher``, which reads its
+    ``_fetch_min_bytes`` and ``_fetch_max_wait_ms`` each time it builds a fetch request) ask
+    for ``min_bytes`` or ``wait_ms`` after a fetch that brought records, and for 1 byte or
+    ``idle_wait_ms`` after one that brought none (``_proc_fetch_request`` says which).
+
+    >>> import asyncio, types
+    >>> async def fetched(assignment, node_id, request):
+    ...     return request == "records"
+    >>> f = types.SimpleNamespace(_fetch_min_bytes=1 << 20, _fetch_max_wait_ms=10, _proc_fetch_request=fetched)
+    >>> adapt_fetches(f, 1 << 20, 10)
+    >>> _ = asyncio.run(f._proc_fetch_request(None, 0, "empty")); f._fetch_min_bytes, f._fetch_max_wait_ms
+    (1, 500)
+    >>> _ = asyncio.run(f._proc_fetch_request(None, 0, "records")); f._fetch_min_bytes, f._fetch_max_wait_ms
+    (1048576, 10)
+    """
+    fetch = fetcher._proc_fetch_request
+
+    async def fetch_adapting(assignment, node_id, request):
+        brought = await fetch(assignment, node_id, request)
+        if brought:
+            fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms = min_bytes, wait_ms
+        else:
+            fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms = 1, idle_wait_ms
+        return brought
+
+    fetcher._proc_fetch_request = fetch_adapting
 
 
 class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -203,6 +244,13 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         if wait_ms is not None:  # read by AIOKafkaConsumer.start(), which builds its Fetcher
             consumer._fetch_min_bytes = FETCH_MIN_BYTES
             consumer._fetch_max_wait_ms = int(wait_ms)
+            start = consumer.start
+
+            async def start_adapting() -> None:
+                await start()
+                adapt_fetches(consumer._fetcher, FETCH_MIN_BYTES, int(wait_ms))
+
+            consumer.start = start_adapting
         return consumer
 
 
@@ -214,4 +262,5 @@ class Transport(faust_aiokafka.Transport):
     fetch_max_wait_ms: int | None = None
 
 
-__all__ = ["FAUST_DRAIN_MESSAGES_FINGERPRINT", "FETCH_MIN_BYTES", "Consumer", "ConsumerThread", "Transport", "resume", "source_fingerprint", "start"]
+__all__ = ["FAUST_DRAIN_MESSAGES_FINGERPRINT", "FETCH_MIN_BYTES", "IDLE_FETCH_WAIT_MS", "Consumer", "ConsumerThread", "Transport",
+           "adapt_fetches", "resume", "source_fingerprint", "start"]

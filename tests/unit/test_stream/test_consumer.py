@@ -110,6 +110,54 @@ async def test_the_worker_fetches_by_size_or_time(setting, min_bytes, wait_ms):
     assert "fetch_max_wait_ms=self._fetch_max_wait_ms" in start_source
 
 
+async def test_an_idle_worker_long_polls_and_a_busy_one_fetches_by_size_or_time(monkeypatch):
+    """Once started, the consumer's fetcher asks for 1 byte or IDLE_FETCH_WAIT_MS after a fetch
+    that brought nothing, and for FETCH_MIN_BYTES or STREAMREC_FETCH_MAX_WAIT_MS after one that
+    brought records; the installed aiokafka builds each request from those attributes."""
+    import inspect
+    import types
+
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.consumer.fetcher import Fetcher
+
+    from stream import consumer
+    from stream.app import create_app
+    from stream.settings import Settings
+    from stream.state import InMemoryUserStateStore
+
+    answers = iter([False, False, True, False])
+
+    async def fetched(assignment, node_id, request):
+        return next(answers)
+
+    async def closed():
+        pass
+
+    async def fake_start(self):  # aiokafka's start() makes the fetcher from the attributes
+        self._fetcher = types.SimpleNamespace(_fetch_min_bytes=self._fetch_min_bytes,
+                                              _fetch_max_wait_ms=self._fetch_max_wait_ms,
+                                              _proc_fetch_request=fetched, close=closed)
+
+    monkeypatch.setattr(AIOKafkaConsumer, "start", fake_start)
+    app = create_app(Settings.from_env({"STREAMREC_FETCH_MAX_WAIT_MS": "7", "STREAMREC_MODEL_DIR": "/nonexistent"}),
+                     store=InMemoryUserStateStore())
+    kafka_consumer = app.consumer._new_consumer_thread()._create_worker_consumer(app.transport)
+    try:
+        await kafka_consumer.start()
+        fetcher = kafka_consumer._fetcher
+        modes = []
+        for _ in range(4):
+            await fetcher._proc_fetch_request(None, 0, None)
+            modes.append((fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms))
+        idle, busy = (1, consumer.IDLE_FETCH_WAIT_MS), (consumer.FETCH_MIN_BYTES, 7)
+        assert modes == [idle, idle, busy, idle]
+    finally:
+        await kafka_consumer.stop()
+    request_source = inspect.getsource(Fetcher._get_actions_per_node)
+    assert "self._fetch_max_wait_ms" in request_source and "self._fetch_min_bytes" in request_source
+    assert "return needs_wakeup" in inspect.getsource(Fetcher._proc_fetch_request)
+
+
 def test_the_installed_faust_loop_is_the_one_the_worker_copied():
     """stream/consumer.py's Consumer._drain_messages is a modified copy of Faust's. When the
     installed Faust's loop is another one, the copy would silently drop its changes."""
