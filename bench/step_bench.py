@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/step_bench.py --dataset ../shared/data/taobao-userbehavior/UserBehavior_jason-wang1.csv --format taobao --events 30000 --scorer
     .venv/bin/python bench/step_bench.py --batch 1 --warmup 1000      # per-event latency, one event a batch
+    .venv/bin/python bench/step_bench.py --batch 1 --warmup 1000 --gap-ms 20   # batches that come apart
 
 Runs the step the worker runs, built by ``RecommendationStep.from_settings`` from
 ``Settings.from_env`` (``STREAMREC_*``, defaults where unset; --candidates and --top-k
@@ -11,6 +12,9 @@ runs between its Redis and Kafka calls, under the worker's garbage-collector pol
 (stream/gcpolicy.py). Each batch's latency is timed on the wall clock (``perf_counter_ns``)
 and in CPU time of this thread (``thread_time_ns``: what the work costs when other processes
 share the cores); their p50/p90/p99 are printed, per event with ``--batch 1``.
+``--gap-ms`` sleeps that long after each batch, as a worker at a steady rate waits between
+batches: on this project's 2-core virtual machines work that follows a pause costs more CPU
+than the same work back to back (docs/architecture.md); events/s leaves the sleeps out.
 --gc-threshold also runs, alternating, CPython's default collector and the plain 50,000
 threshold, and prints each one's longest collector pause.
 """
@@ -51,6 +55,7 @@ def run(events, args, settings: Settings, scorer) -> tuple[float, dict[str, floa
     wall, cpu = [], []
     clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
     start = time.perf_counter()
+    slept = 0.0
     for i in range(0, len(events), args.batch):
         batch = events[i : i + args.batch]
         c0, t0 = cpu_clock(), clock()
@@ -62,7 +67,11 @@ def run(events, args, settings: Settings, scorer) -> tuple[float, dict[str, floa
         states.update(result.states)  # as the store would, after saving
         for stage, seconds in result.timings.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
-    elapsed = time.perf_counter() - start
+        if args.gap_ms:
+            s0 = time.perf_counter()
+            time.sleep(args.gap_ms / 1000)
+            slept += time.perf_counter() - s0
+    elapsed = time.perf_counter() - start - slept
     return (len(events) / elapsed, {k: v / len(events) * 1e6 for k, v in timings.items()},
             np.asarray(wall, dtype=float), np.asarray(cpu, dtype=float))
 
@@ -84,6 +93,8 @@ def main() -> None:
     p.add_argument("--candidates", type=int, default=None, help="STREAMREC_CANDIDATES over the environment's")
     p.add_argument("--top-k", type=int, default=None, help="STREAMREC_TOP_K over the environment's")
     p.add_argument("--warmup", type=int, default=0, help="events replayed before batches are timed for percentiles")
+    p.add_argument("--gap-ms", type=float, default=0.0, help="sleep this long after each batch (batches that come "
+                   "apart, as at a steady rate; default 0: back to back)")
     p.add_argument("--scorer", action="store_true", help="score with the registered Transformer (STREAMREC_MODEL_DIR)")
     p.add_argument("--gc-threshold", action="store_true", help="also run CPython's default collector and the plain 50,000 threshold, alternating")
     args = p.parse_args()
