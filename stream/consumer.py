@@ -209,7 +209,11 @@ def adapt_fetches(fetcher: Any, min_bytes: int, wait_ms: int, idle_wait_ms: int 
     """Make aiokafka's ``fetcher`` (``AIOKafkaConsumer._fetcher``, which reads its
     ``_fetch_min_bytes`` and ``_fetch_max_wait_ms`` each time it builds a fetch request) ask
     for ``min_bytes`` or ``wait_ms`` after a fetch that brought records, and for 1 byte or
-    ``idle_wait_ms`` after one that brought none (``_proc_fetch_request`` says which).
+    ``idle_wait_ms`` after one that brought none (``_proc_fetch_request`` says which), unless
+    a partition of the assignment is paused: aiokafka sends nothing more to a broker while a
+    fetch to it is in flight, so a partition resumed behind a long poll would wait for it (a
+    backlog's partitions are paused while the agent's buffer is full, and the others, the
+    searches' and forget requests' among them, are often empty).
 
     >>> import asyncio, types
     >>> async def fetched(assignment, node_id, request):
@@ -225,13 +229,18 @@ def adapt_fetches(fetcher: Any, min_bytes: int, wait_ms: int, idle_wait_ms: int 
 
     async def fetch_adapting(assignment, node_id, request):
         brought = await fetch(assignment, node_id, request)
-        if brought:
+        if brought or _any_paused(assignment):
             fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms = min_bytes, wait_ms
         else:
             fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms = 1, idle_wait_ms
         return brought
 
     fetcher._proc_fetch_request = fetch_adapting
+
+
+def _any_paused(assignment: Any) -> bool:
+    """Whether a partition of aiokafka's ``assignment`` is paused (None: no assignment)."""
+    return assignment is not None and any(assignment.state_value(tp).paused for tp in assignment.tps)
 
 
 class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):

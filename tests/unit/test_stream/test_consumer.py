@@ -113,7 +113,8 @@ async def test_the_worker_fetches_by_size_or_time(setting, min_bytes, wait_ms):
 async def test_an_idle_worker_long_polls_and_a_busy_one_fetches_by_size_or_time(monkeypatch):
     """Once started, the consumer's fetcher asks for 1 byte or IDLE_FETCH_WAIT_MS after a fetch
     that brought nothing, and for FETCH_MIN_BYTES or STREAMREC_FETCH_MAX_WAIT_MS after one that
-    brought records; the installed aiokafka builds each request from those attributes."""
+    brought records or while a partition is paused; the installed aiokafka builds each request
+    from those attributes, and holds back a broker's next fetch while one is in flight."""
     import inspect
     import types
 
@@ -125,10 +126,14 @@ async def test_an_idle_worker_long_polls_and_a_busy_one_fetches_by_size_or_time(
     from stream.settings import Settings
     from stream.state import InMemoryUserStateStore
 
-    answers = iter([False, False, True, False])
+    answers = iter([False, False, True, False, False])
 
     async def fetched(assignment, node_id, request):
         return next(answers)
+
+    def assignment(paused: bool):  # aiokafka's: its partitions and each one's state
+        state = types.SimpleNamespace(paused=paused)
+        return types.SimpleNamespace(tps=["clicks-0", "searches-0"], state_value=lambda tp: state)
 
     async def closed():
         pass
@@ -146,16 +151,17 @@ async def test_an_idle_worker_long_polls_and_a_busy_one_fetches_by_size_or_time(
         await kafka_consumer.start()
         fetcher = kafka_consumer._fetcher
         modes = []
-        for _ in range(4):
-            await fetcher._proc_fetch_request(None, 0, None)
+        for paused in (False, False, False, False, True):  # the last: nothing came, but a partition is paused
+            await fetcher._proc_fetch_request(assignment(paused), 0, None)
             modes.append((fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms))
         idle, busy = (1, consumer.IDLE_FETCH_WAIT_MS), (consumer.FETCH_MIN_BYTES, 7)
-        assert modes == [idle, idle, busy, idle]
+        assert modes == [idle, idle, busy, idle, busy]
     finally:
         await kafka_consumer.stop()
     request_source = inspect.getsource(Fetcher._get_actions_per_node)
     assert "self._fetch_max_wait_ms" in request_source and "self._fetch_min_bytes" in request_source
     assert "return needs_wakeup" in inspect.getsource(Fetcher._proc_fetch_request)
+    assert "node_id in self._in_flight" in request_source and "tp_state.paused" in request_source
 
 
 def test_the_installed_faust_loop_is_the_one_the_worker_copied():
