@@ -210,15 +210,19 @@ def adapt_fetches(fetcher: Any, min_bytes: int, wait_ms: int, idle_wait_ms: int 
     ``_fetch_min_bytes`` and ``_fetch_max_wait_ms`` each time it builds a fetch request) ask
     for ``min_bytes`` or ``wait_ms`` after a fetch that brought records, and for 1 byte or
     ``idle_wait_ms`` after one that brought none (``_proc_fetch_request`` says which), unless
-    a partition of the assignment is paused: aiokafka sends nothing more to a broker while a
-    fetch to it is in flight, so a partition resumed behind a long poll would wait for it (a
-    backlog's partitions are paused while the agent's buffer is full, and the others, the
-    searches' and forget requests' among them, are often empty).
+    records fetched before are still held back (``_records``) or a partition is paused.
+    aiokafka leaves a partition with held-back records out of the next requests, and sends a
+    broker nothing more while a fetch to it is in flight: in a backlog the agent's buffer is
+    full, Faust stops taking a partition's records (they stay held back, fetched), the fetches
+    of the others (the searches' and forget requests' among them, often empty) come back
+    empty, and a long poll of those would keep the backlog's partition waiting for it once its
+    records are taken.
 
     >>> import asyncio, types
     >>> async def fetched(assignment, node_id, request):
     ...     return request == "records"
-    >>> f = types.SimpleNamespace(_fetch_min_bytes=1 << 20, _fetch_max_wait_ms=10, _proc_fetch_request=fetched)
+    >>> f = types.SimpleNamespace(_fetch_min_bytes=1 << 20, _fetch_max_wait_ms=10, _proc_fetch_request=fetched,
+    ...                           _records={})
     >>> adapt_fetches(f, 1 << 20, 10)
     >>> _ = asyncio.run(f._proc_fetch_request(None, 0, "empty")); f._fetch_min_bytes, f._fetch_max_wait_ms
     (1, 500)
@@ -229,7 +233,7 @@ def adapt_fetches(fetcher: Any, min_bytes: int, wait_ms: int, idle_wait_ms: int 
 
     async def fetch_adapting(assignment, node_id, request):
         brought = await fetch(assignment, node_id, request)
-        if brought or _any_paused(assignment):
+        if brought or fetcher._records or _any_paused(assignment):
             fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms = min_bytes, wait_ms
         else:
             fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms = 1, idle_wait_ms

@@ -113,8 +113,9 @@ async def test_the_worker_fetches_by_size_or_time(setting, min_bytes, wait_ms):
 async def test_an_idle_worker_long_polls_and_a_busy_one_fetches_by_size_or_time(monkeypatch):
     """Once started, the consumer's fetcher asks for 1 byte or IDLE_FETCH_WAIT_MS after a fetch
     that brought nothing, and for FETCH_MIN_BYTES or STREAMREC_FETCH_MAX_WAIT_MS after one that
-    brought records or while a partition is paused; the installed aiokafka builds each request
-    from those attributes, and holds back a broker's next fetch while one is in flight."""
+    brought records, or while records are held back or a partition is paused; the installed
+    aiokafka builds each request from those attributes, leaves out the partitions whose records
+    are held back, and holds back a broker's next fetch while one is in flight."""
     import inspect
     import types
 
@@ -126,7 +127,7 @@ async def test_an_idle_worker_long_polls_and_a_busy_one_fetches_by_size_or_time(
     from stream.settings import Settings
     from stream.state import InMemoryUserStateStore
 
-    answers = iter([False, False, True, False, False])
+    answers = iter([False, False, True, False, False, False, False])
 
     async def fetched(assignment, node_id, request):
         return next(answers)
@@ -141,7 +142,7 @@ async def test_an_idle_worker_long_polls_and_a_busy_one_fetches_by_size_or_time(
     async def fake_start(self):  # aiokafka's start() makes the fetcher from the attributes
         self._fetcher = types.SimpleNamespace(_fetch_min_bytes=self._fetch_min_bytes,
                                               _fetch_max_wait_ms=self._fetch_max_wait_ms,
-                                              _proc_fetch_request=fetched, close=closed)
+                                              _proc_fetch_request=fetched, close=closed, _records={})
 
     monkeypatch.setattr(AIOKafkaConsumer, "start", fake_start)
     app = create_app(Settings.from_env({"STREAMREC_FETCH_MAX_WAIT_MS": "7", "STREAMREC_MODEL_DIR": "/nonexistent"}),
@@ -151,17 +152,21 @@ async def test_an_idle_worker_long_polls_and_a_busy_one_fetches_by_size_or_time(
         await kafka_consumer.start()
         fetcher = kafka_consumer._fetcher
         modes = []
-        for paused in (False, False, False, False, True):  # the last: nothing came, but a partition is paused
+        # nothing came in the last three: but a partition is paused, then records are held back
+        # (Faust did not take them: its buffer is full), then neither
+        for paused, held in ((False, False),) * 4 + ((True, False), (False, True), (False, False)):
+            fetcher._records = {"clicks-0": "records not taken yet"} if held else {}
             await fetcher._proc_fetch_request(assignment(paused), 0, None)
             modes.append((fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms))
         idle, busy = (1, consumer.IDLE_FETCH_WAIT_MS), (consumer.FETCH_MIN_BYTES, 7)
-        assert modes == [idle, idle, busy, idle, busy]
+        assert modes == [idle, idle, busy, idle, busy, busy, idle]
     finally:
         await kafka_consumer.stop()
     request_source = inspect.getsource(Fetcher._get_actions_per_node)
     assert "self._fetch_max_wait_ms" in request_source and "self._fetch_min_bytes" in request_source
     assert "return needs_wakeup" in inspect.getsource(Fetcher._proc_fetch_request)
     assert "node_id in self._in_flight" in request_source and "tp_state.paused" in request_source
+    assert "if tp in self._records" in request_source
 
 
 def test_the_installed_faust_loop_is_the_one_the_worker_copied():
