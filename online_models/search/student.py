@@ -77,6 +77,13 @@ class QueryStudent:
         self._tokenize = tokenize
         return self
 
+    def reads(self, text: str) -> bool:
+        """Whether :meth:`encode` gives ``text`` a vector (one of its tokens is known)."""
+        if self._tokenize is None:
+            raise RuntimeError("QueryStudent.reads before bind(tokenizer)")
+        row = self._row
+        return any(t in row for t in self._tokenize(_normal(text).lower()))
+
     def encode(self, text: str) -> np.ndarray | None:
         """The query's unit vector, or None when none of its tokens is known (then the text
         model's turn). Tokens the catalogue never used are left out."""

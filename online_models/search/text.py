@@ -150,6 +150,15 @@ class TextEmbedder:
                     self._cache.popitem(last=False)
         return out, by_student
 
+    def answers_at_once(self, text: str) -> bool:
+        """Whether :meth:`queries_by` has ``text``'s vector without running the model: cached,
+        or read by the student (serve then searches on its event loop, without a thread hop)."""
+        key = normalise_query(text)
+        with self._lock:
+            if key in self._cache:
+                return True
+        return self.student is not None and self.student.reads(key)
+
     def clear_cache(self) -> None:
         """Forget the cached query vectors (counters stay)."""
         with self._lock:

@@ -59,6 +59,17 @@ def test_the_embedder_asks_the_student_first_and_the_model_for_the_rest(embedder
     assert with_student.student_queries == 1
 
 
+def test_what_the_embedder_answers_without_running_the_model(embedder, student):
+    """answers_at_once: a cached query, or one the student reads; not a new one it cannot."""
+    alone = TextEmbedder(threads=1, cache_size=10)
+    assert not alone.answers_at_once("running shoes")
+    alone.queries(["running  shoes "])  # cached under its normalised form
+    assert alone.answers_at_once("running shoes") and not alone.answers_at_once("coffee mug")
+    with_student = TextEmbedder(threads=1, cache_size=0, student=QueryStudent.from_bytes(student.to_bytes()))
+    assert with_student.answers_at_once("coffee mug") and student.reads("COFFEE mug")
+    assert not with_student.answers_at_once("가나다라") and not student.reads("가나다라")
+
+
 def test_a_student_round_trips_through_bytes_and_refuses_mismatched_tables(student):
     again = QueryStudent.from_bytes(student.to_bytes()).bind(lambda text: [])
     assert np.array_equal(again.tokens, student.tokens) and np.array_equal(again.vectors, student.vectors)

@@ -129,6 +129,19 @@ async def test_the_models_follow_the_workers_snapshot():
     assert not await refresher.refresh()  # the same snapshot: not loaded again
 
 
+async def test_a_search_that_runs_no_text_model_is_answered_on_the_event_loop(catalogue):
+    """A query whose vector is cached needs no computing thread; a new one does (the threads
+    shut down here: it fails, as a 500)."""
+    step = trained_step()
+    api = Api(InMemoryUserStateStore(), step, catalogue, SearchStep(step, catalogue, SearchConfig(k=3)), top_k=3)
+    async with TestClient(TestServer(create_web_app(api))) as client:
+        first = await (await client.get("/v1/search", params={"q": "smart tv", "user_id": "v1"})).json()
+        api.executor.shutdown()
+        again = await client.get("/v1/search", params={"q": "smart tv", "user_id": "v1"})
+        assert again.status == 200 and (await again.json())["items"] == first["items"]
+        assert (await client.get("/v1/search", params={"q": "a query never seen"})).status == 500
+
+
 async def test_an_overloaded_server_sheds_load_with_503s(catalogue):
     import asyncio
 
