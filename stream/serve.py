@@ -181,8 +181,7 @@ class Api:
     def _at_once(self, query: str) -> bool:
         """Whether a search for ``query`` runs no text model (nothing to search, a cached query
         vector, or one the query student reads): about a millisecond of Python, which a
-        computing thread would only add two wake-ups to (serve's CPU a search: 1.92-2.15 ms
-        here against 2.19-2.71 through the thread, docs/search.md)."""
+        computing thread would only add two wake-ups to (measured in docs/search.md)."""
         catalogue = self.catalogue
         if catalogue is None or len(catalogue) == 0:
             return True

@@ -77,20 +77,21 @@ class QueryStudent:
         self._tokenize = tokenize
         return self
 
+    def _rows(self, text: str) -> list[int]:
+        """The table's rows of the tokens of ``text`` it knows (lower-cased, as it learned)."""
+        if self._tokenize is None:
+            raise RuntimeError("QueryStudent used before bind(tokenizer)")
+        row = self._row
+        return [r for r in map(row.get, self._tokenize(_normal(text).lower())) if r is not None]
+
     def reads(self, text: str) -> bool:
         """Whether :meth:`encode` gives ``text`` a vector (one of its tokens is known)."""
-        if self._tokenize is None:
-            raise RuntimeError("QueryStudent.reads before bind(tokenizer)")
-        row = self._row
-        return any(t in row for t in self._tokenize(_normal(text).lower()))
+        return bool(self._rows(text))
 
     def encode(self, text: str) -> np.ndarray | None:
         """The query's unit vector, or None when none of its tokens is known (then the text
         model's turn). Tokens the catalogue never used are left out."""
-        if self._tokenize is None:
-            raise RuntimeError("QueryStudent.encode before bind(tokenizer)")
-        row = self._row
-        rows = [r for r in map(row.get, self._tokenize(_normal(text).lower())) if r is not None]
+        rows = self._rows(text)
         if not rows:
             return None
         v = self.vectors[rows].mean(axis=0)
