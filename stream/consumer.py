@@ -35,7 +35,8 @@ Python (9 % of a core for a worker with no events at all). So the fetches adapt
 (:func:`adapt_fetches`): after a fetch that brought no record, the next one asks for 1 byte
 and waits up to :data:`IDLE_FETCH_WAIT_MS`, so the broker answers it when the first record
 arrives (the first event after a quiet spell is fetched at once instead of after up to
-``fetch_max_wait_ms``); after a fetch that brought records, fetching by size or time resumes.
+``fetch_max_wait_ms``); after a fetch that brought records, and while fetched records wait
+for the agent to take them, fetching by size or time resumes (:func:`adapt_fetches` says why).
 A steady stream never leaves that mode; an idle worker asks twice a second.
 """
 
