@@ -60,8 +60,10 @@ class _Envelope(msgspec.Struct, array_like=True):
 #: records read per fetch, and items embedded per thread hand-off
 FETCH_RECORDS = 1000
 FLUSH_CHUNK = 256
-#: how often the feed looks for partitions added to the items topic
+#: how often the feed looks for partitions added to the items topic, and for the topic itself
+#: while it does not exist
 METADATA_EVERY_S = 30.0
+MISSING_TOPIC_EVERY_S = 2.0
 
 
 def catalogue_item(event: ItemEvent) -> CatalogueItem:
@@ -94,8 +96,11 @@ class CatalogueFeed:
         self.offsets: dict[int, int] = dict(offsets or {})
         self.backoff = backoff or Backoff(base_s=0.5, cap_s=30.0)
         self.poll_ms = poll_ms
-        #: set once the feed has read to the end of every partition as it was at its start
+        #: set once the feed has read to the end of every partition as it was at its start (at
+        #: once if the topic does not exist: an empty catalogue, as an empty topic gives)
         self.caught_up = asyncio.Event()
+        #: whether the broker has the items topic (None: not asked yet)
+        self.topic_exists: bool | None = None
         self._ends: dict[int, int] | None = None
         self.store = store
         self.snapshot_interval_s = snapshot_interval_s
@@ -156,9 +161,12 @@ class CatalogueFeed:
             partitions: set[int] = set()
             looked = float("-inf")
             while True:
-                if time.monotonic() - looked > METADATA_EVERY_S:
+                if time.monotonic() - looked > (METADATA_EVERY_S if partitions else MISSING_TOPIC_EVERY_S):
                     looked = time.monotonic()
                     partitions = await self._assign(consumer, partitions)
+                if not partitions:  # no topic yet: nothing assigned, and getmany would wait for an assignment
+                    await asyncio.sleep(MISSING_TOPIC_EVERY_S)
+                    continue
                 batch = await consumer.getmany(timeout_ms=self.poll_ms, max_records=FETCH_RECORDS)
                 for tp, records in batch.items():
                     await self._apply(tp.partition, records)
@@ -183,6 +191,12 @@ class CatalogueFeed:
         """Every partition of the topic (partitions added since are picked up here)."""
         await consumer._client.force_metadata_update()  # noqa: SLF001 - aiokafka has no public call for it
         found = consumer.partitions_for_topic(self.topic) or set()
+        if not found and self.topic_exists is not False:
+            log.warning("the items topic %s does not exist: the catalogue stays empty until it does (the workers "
+                        "create it at their start; `streamrec produce --catalogue FILE` fills it)", self.topic)
+        self.topic_exists = bool(found)
+        if not found and not self.caught_up.is_set():
+            self.caught_up.set()  # nothing to read, as in an empty topic; read from its start once it exists
         if found == known:
             return known
         tps = [TopicPartition(self.topic, p) for p in sorted(found)]

@@ -380,6 +380,9 @@ async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop:
                            else "no snapshot of the workers' models yet: serving empty models")
                 if feed is None:
                     health.set("catalogue", True, "off (STREAMREC_CATALOGUE=false)")
+                elif feed.topic_exists is False:
+                    health.set("catalogue", True, f"{settings.topics.items} does not exist yet: an empty catalogue "
+                                                  "(a worker creates the topic)")
                 elif feed.caught_up.is_set():
                     health.set("catalogue", True, f"{len(catalogue)} items, following {settings.topics.items}")
                 else:

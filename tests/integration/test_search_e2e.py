@@ -5,10 +5,13 @@ user's state, and leans their next home-page list towards it, with new items by 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 
+from kafka.admin import NewTopic
+from prometheus_client import CollectorRegistry
 from workerkit import (
     ROOT,
     consume_until,
@@ -20,7 +23,11 @@ from workerkit import (
     wait_for,
 )
 
-from stream.records import decode_dead_letter, decode_recommendation
+from online_models.search import Catalogue, TextEmbedder
+from stream import catalogue_feed
+from stream.catalogue_feed import CatalogueFeed
+from stream.prometheus import Metrics
+from stream.records import DEFAULT_BOUNDS, decode_dead_letter, decode_recommendation
 
 TS = 1_700_000_000_000
 
@@ -128,3 +135,30 @@ def test_the_worker_answers_a_search_from_the_items_topic(workers, worker_env, t
         serve.terminate()
         assert serve.wait(30) == 0, served()
         log.close()
+
+
+async def test_a_missing_items_topic_is_an_empty_catalogue_until_it_exists(kafka_bootstrap, kafka_admin, topic_prefix,
+                                                                           monkeypatch):
+    # serve (or a worker) started on a prefix whose items topic does not exist yet: it must not
+    # wait for a catalogue that cannot come (serve stayed unready for ever), and must read the
+    # topic from its start once someone creates it
+    monkeypatch.setattr(catalogue_feed, "MISSING_TOPIC_EVERY_S", 0.2)
+    topic = f"{topic_prefix}items"
+    feed = CatalogueFeed(Catalogue(TextEmbedder(threads=1)), {"bootstrap_servers": kafka_bootstrap}, topic,
+                         DEFAULT_BOUNDS, Metrics(CollectorRegistry()))
+    reading = asyncio.create_task(feed.run())
+    try:
+        await asyncio.wait_for(feed.caught_up.wait(), 60)
+        assert feed.topic_exists is False and len(feed.catalogue) == 0
+        await asyncio.to_thread(kafka_admin.create_topics, [NewTopic(topic, 2, 1)])
+        item = {"item_id": "tv", "title": "55 inch 4K LED smart TV", "ts": TS}
+        await asyncio.to_thread(produce, kafka_bootstrap, topic_prefix, [("items", b"tv", json.dumps(item).encode())])
+        for _ in range(600):  # 60 s at most
+            if len(feed.catalogue) == 1 and not feed.catalogue.pending:
+                break
+            await asyncio.sleep(0.1)
+        assert feed.topic_exists is True and len(feed.catalogue) == 1, (feed.topic_exists, len(feed.catalogue))
+        assert not reading.done()
+    finally:
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
