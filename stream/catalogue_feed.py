@@ -194,11 +194,14 @@ class CatalogueFeed:
         if not found and self.topic_exists is not False:
             log.warning("the items topic %s does not exist: the catalogue stays empty until it does (the workers "
                         "create it at their start; `streamrec produce --catalogue FILE` fills it)", self.topic)
+        arrived = found and self.topic_exists is False
         self.topic_exists = bool(found)
-        if not found and not self.caught_up.is_set():
-            self.caught_up.set()  # nothing to read, as in an empty topic; read from its start once it exists
+        if not found:
+            self.caught_up.set()  # nothing to read, as in an empty topic
         if found == known:
             return known
+        if arrived:  # created since: read to its end, as at a start, before saying the catalogue is whole
+            self.caught_up.clear()
         tps = [TopicPartition(self.topic, p) for p in sorted(found)]
         consumer.assign(tps)
         for tp in tps:

@@ -158,6 +158,7 @@ async def test_a_missing_items_topic_is_an_empty_catalogue_until_it_exists(kafka
                 break
             await asyncio.sleep(0.1)
         assert feed.topic_exists is True and len(feed.catalogue) == 1, (feed.topic_exists, len(feed.catalogue))
+        await asyncio.wait_for(feed.caught_up.wait(), 30)  # read to the end of the topic that came
         assert not reading.done()
     finally:
         reading.cancel()
