@@ -60,9 +60,9 @@ class _Envelope(msgspec.Struct, array_like=True):
 #: records read per fetch, and items embedded per thread hand-off
 FETCH_RECORDS = 1000
 FLUSH_CHUNK = 256
-#: how often the feed looks for partitions added to the items topic, and for the topic itself
-#: while it does not exist
+#: how often the feed looks for partitions added to the items topic
 METADATA_EVERY_S = 30.0
+#: and how often for the topic itself, while it does not exist
 MISSING_TOPIC_EVERY_S = 2.0
 
 
