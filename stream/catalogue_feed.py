@@ -14,7 +14,9 @@ releases the GIL: the event loop keeps serving) in chunks of :data:`FLUSH_CHUNK`
 searchable chunk by chunk (``streamrec_catalogue_items``, ``streamrec_catalogue_pending_items``).
 
 Should reading fail (the broker unreachable, a bug), the feed logs, and starts again after a
-back-off from where it was: the catalogue keeps what it has, and the worker serves on.
+back-off from where it was: the catalogue keeps what it has, and the worker serves on. A topic
+that does not exist (yet) is an empty catalogue, read to its end; the feed looks for it every
+:data:`MISSING_TOPIC_EVERY_S` and reads it from its start once it exists.
 
 **Snapshots.** Embedding is the catalogue's cost (about 45 items/s on one core), so a worker
 does not pay it again at each start: every ``snapshot_interval_s`` in which the catalogue
