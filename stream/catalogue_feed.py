@@ -163,7 +163,7 @@ class CatalogueFeed:
             partitions: set[int] = set()
             looked = float("-inf")
             while True:
-                if time.monotonic() - looked > (METADATA_EVERY_S if partitions else MISSING_TOPIC_EVERY_S):
+                if not partitions or time.monotonic() - looked > METADATA_EVERY_S:
                     looked = time.monotonic()
                     partitions = await self._assign(consumer, partitions)
                 if not partitions:  # no topic yet: nothing assigned, and getmany would wait for an assignment
