@@ -44,11 +44,13 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
         store = RedisUserStateStore.from_url(settings.redis_url, key_prefix=settings.topic_prefix,
                                              ttl_s=settings.state_ttl_s, **settings.redis.client_options())
     app = _faust_app(settings)
+    # a saturated worker fetches about once a batch, not every STREAMREC_FETCH_MAX_WAIT_MS
+    pacer = app.transport.fetch_pacer = consumer.FetchPacer(settings.fetch_max_wait_ms) if settings.fetch_max_wait_ms else None
     # durable output: every in-sync replica has a record before it counts as published, and a
     # resend after a lost acknowledgement is not written twice
     publisher = publisher_for(settings, acks="all", enable_idempotence=True)
     shell = Shell(settings, metrics, step, store, publisher, lambda: app.consumer_generation_id,
-                  health=health or Health(), refused_models=refused)
+                  health=health or Health(), refused_models=refused, fetch_pacer=pacer)
     shell.health.set("models", False, "restoring the online models' snapshot")
     app.streamrec = shell  # for the Worker, the CLI and tests
     app.kafka = settings.kafka  # how the readiness probe reaches the brokers (stream/health.py)

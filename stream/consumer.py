@@ -206,7 +206,8 @@ FETCH_MIN_BYTES = 1 << 20
 IDLE_FETCH_WAIT_MS = 500
 
 
-def adapt_fetches(fetcher: Any, min_bytes: int, wait_ms: int, idle_wait_ms: int = IDLE_FETCH_WAIT_MS) -> None:
+def adapt_fetches(fetcher: Any, min_bytes: int, wait_ms: int | Callable[[], int],
+                  idle_wait_ms: int = IDLE_FETCH_WAIT_MS) -> None:
     """Make aiokafka's ``fetcher`` (``AIOKafkaConsumer._fetcher``, which reads its
     ``_fetch_min_bytes`` and ``_fetch_max_wait_ms`` each time it builds a fetch request) ask
     for ``min_bytes`` or ``wait_ms`` after a fetch that brought records, and for 1 byte or
@@ -217,7 +218,8 @@ def adapt_fetches(fetcher: Any, min_bytes: int, wait_ms: int, idle_wait_ms: int 
     full, Faust stops taking a partition's records (they stay held back, fetched), the fetches
     of the others (the searches' and forget requests' among them, often empty) come back
     empty, and a long poll of those would keep the backlog's partition waiting for it once its
-    records are taken.
+    records are taken. ``wait_ms`` may be a function, asked after each fetch (a
+    :class:`FetchPacer`'s ``wait_ms``).
 
     >>> import asyncio, types
     >>> async def fetched(assignment, node_id, request):
@@ -231,16 +233,63 @@ def adapt_fetches(fetcher: Any, min_bytes: int, wait_ms: int, idle_wait_ms: int 
     (1048576, 10)
     """
     fetch = fetcher._proc_fetch_request
+    wait_of = wait_ms if callable(wait_ms) else lambda: wait_ms
 
     async def fetch_adapting(assignment, node_id, request):
         brought = await fetch(assignment, node_id, request)
         if brought or fetcher._records or _any_paused(assignment):
-            fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms = min_bytes, wait_ms
+            fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms = min_bytes, wait_of()
         else:
             fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms = 1, idle_wait_ms
         return brought
 
     fetcher._proc_fetch_request = fetch_adapting
+
+
+class FetchPacer:
+    """How long the worker's fetches wait for records: ``base_ms``
+    (``STREAMREC_FETCH_MAX_WAIT_MS``), or as long as the worker has lately taken to handle a
+    batch when that is longer, up to ``cap_ms``.
+
+    A fetch costs about a millisecond of CPU however few records it brings (aiokafka's
+    request and response in Python, then Faust's hand-over of what it brought: see
+    bench/fetch_bench.py). While the worker handles a batch, the records of a fetch that
+    returns sooner only wait in the agent's buffer, so fetching more often than the worker
+    takes a batch spends CPU and wins nothing. A worker that keeps up (batches shorter than
+    ``base_ms``) fetches every ``base_ms``, as before; a saturated one fetches about once a
+    batch. :meth:`observe` is told each batch's handling time (the event loop's thread) and
+    :meth:`wait_ms` is read by the consumer thread after each fetch (a float, read whole).
+
+    >>> pacer = FetchPacer(10)
+    >>> pacer.wait_ms()
+    10
+    >>> for _ in range(30):
+    ...     pacer.observe(0.016)
+    >>> pacer.wait_ms()
+    16
+    >>> for _ in range(30):
+    ...     pacer.observe(0.5)
+    >>> pacer.wait_ms()
+    50
+    """
+
+    def __init__(self, base_ms: int, cap_ms: int | None = None, smoothing: float = 0.2) -> None:
+        self.base_ms = int(base_ms)
+        self.cap_ms = max(self.base_ms, int(cap_ms if cap_ms is not None else PACED_FETCH_CAP * self.base_ms))
+        self.smoothing = smoothing
+        self._batch_ms = 0.0  # moving average of the batches' handling times
+
+    def observe(self, seconds: float) -> None:
+        """One more batch handled, in ``seconds``."""
+        self._batch_ms += self.smoothing * (seconds * 1000.0 - self._batch_ms)
+
+    def wait_ms(self) -> int:
+        """The wait of the next fetch that follows records."""
+        return round(min(self.cap_ms, max(self.base_ms, self._batch_ms)))
+
+
+#: a paced fetch waits at most this many times ``STREAMREC_FETCH_MAX_WAIT_MS``
+PACED_FETCH_CAP = 5
 
 
 def _any_paused(assignment: Any) -> bool:
@@ -250,7 +299,8 @@ def _any_paused(assignment: Any) -> bool:
 
 class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     """Faust's consumer thread, whose aiokafka consumer fetches by :data:`FETCH_MIN_BYTES`
-    or the transport's ``fetch_max_wait_ms`` (Faust's own: 1 byte or 1,500 ms)."""
+    or the transport's ``fetch_max_wait_ms`` (Faust's own: 1 byte or 1,500 ms), paced by the
+    transport's ``fetch_pacer`` when it has one."""
 
     def _create_worker_consumer(self, transport):
         consumer = super()._create_worker_consumer(transport)
@@ -259,10 +309,12 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
             consumer._fetch_min_bytes = FETCH_MIN_BYTES
             consumer._fetch_max_wait_ms = int(wait_ms)
             start = consumer.start
+            pacer = getattr(transport, "fetch_pacer", None)
+            wait = pacer.wait_ms if pacer is not None else int(wait_ms)
 
             async def start_adapting() -> None:
                 await start()
-                adapt_fetches(consumer._fetcher, FETCH_MIN_BYTES, int(wait_ms))
+                adapt_fetches(consumer._fetcher, FETCH_MIN_BYTES, wait)
 
             consumer.start = start_adapting
         return consumer
@@ -270,11 +322,13 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
 class Transport(faust_aiokafka.Transport):
     """The aiokafka transport with :class:`Consumer`; ``fetch_max_wait_ms`` (None: Faust's
-    fetch) is how long the worker's fetches wait for :data:`FETCH_MIN_BYTES`."""
+    fetch) is how long the worker's fetches wait for :data:`FETCH_MIN_BYTES`, and
+    ``fetch_pacer`` (None: always that long) lengthens it while batches take longer."""
 
     Consumer = Consumer
     fetch_max_wait_ms: int | None = None
+    fetch_pacer: FetchPacer | None = None
 
 
-__all__ = ["FAUST_DRAIN_MESSAGES_FINGERPRINT", "FETCH_MIN_BYTES", "IDLE_FETCH_WAIT_MS", "Consumer", "ConsumerThread", "Transport",
-           "adapt_fetches", "resume", "source_fingerprint", "start"]
+__all__ = ["FAUST_DRAIN_MESSAGES_FINGERPRINT", "FETCH_MIN_BYTES", "IDLE_FETCH_WAIT_MS", "PACED_FETCH_CAP", "Consumer",
+           "ConsumerThread", "FetchPacer", "Transport", "adapt_fetches", "resume", "source_fingerprint", "start"]

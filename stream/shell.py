@@ -22,6 +22,7 @@ from gpu_scorer.runtime import session_factory
 from online_models.search import Catalogue, QueryStudent, TextEmbedder
 from stream.batching import drop_stale
 from stream.catalogue_feed import CatalogueFeed
+from stream.consumer import FetchPacer
 from stream.errors import ConfigError
 from stream.handler import BatchHandler, Claims, RawMessage, now_ms
 from stream.health import Health, check_readiness
@@ -81,6 +82,9 @@ class Shell:
     #: (None with STREAMREC_CATALOGUE=false)
     catalogue: Catalogue | None = field(init=False, default=None)
     catalogue_feed: CatalogueFeed | None = field(init=False, default=None)
+    #: told how long each batch took, so that a saturated worker fetches about once a batch
+    #: (stream/consumer.py); None: fetches wait STREAMREC_FETCH_MAX_WAIT_MS whatever the batches take
+    fetch_pacer: FetchPacer | None = None
 
     def __post_init__(self) -> None:
         settings = self.settings
@@ -297,6 +301,7 @@ class Shell:
                          "they are delivered again to their partitions' owner", dropped)
             if not events:
                 return
+            started = time.perf_counter()
             try:
                 await self.handler.handle_isolated([raw_message(ev.message) for ev in events])
             except Fenced as exc:
@@ -312,6 +317,8 @@ class Shell:
                                                   "it is unacknowledged, so its partitions' commits wait (see the log)")
                 log.exception("a batch of %d events raised past every safeguard; it is left unacknowledged", len(events))
                 events.clear()
+            if self.fetch_pacer is not None:
+                self.fetch_pacer.observe(time.perf_counter() - started)
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no batch is in hand; False if the one in hand did not finish in time."""

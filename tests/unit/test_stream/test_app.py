@@ -7,6 +7,7 @@ import logging
 from types import SimpleNamespace
 
 from stream.app import create_app
+from stream.consumer import FetchPacer
 from stream.settings import Settings
 
 
@@ -86,3 +87,21 @@ async def test_a_batch_waiting_for_the_lock_when_a_rebalance_begins_is_not_handl
     mixed = taken(2, 3) + taken(2, 3, generation=2)  # the old copies and the ones fetched after the seek
     await shell.handle_taken(app, mixed)
     assert handler.handled == [[0, 1], [2, 3]] and len(mixed) == 2
+
+
+async def test_the_shell_tells_the_fetch_pacer_how_long_each_batch_took():
+    """A batch that takes longer than STREAMREC_FETCH_MAX_WAIT_MS to handle lengthens the next
+    fetches' wait to about as long (stream/consumer.py, FetchPacer)."""
+
+    class SlowHandler(RecordingHandler):
+        async def handle_isolated(self, messages) -> None:
+            await asyncio.sleep(0.03)
+            await super().handle_isolated(messages)
+
+    shell = make_app().streamrec
+    shell.handler = SlowHandler()
+    shell.fetch_pacer = FetchPacer(10, smoothing=1.0)  # the last batch alone, for the test
+    assert shell.fetch_pacer.wait_ms() == 10
+    await shell.handle_taken(FakeApp(), taken(0, 1))
+    assert shell.handler.handled == [[0, 1]]
+    assert 30 <= shell.fetch_pacer.wait_ms() <= 50

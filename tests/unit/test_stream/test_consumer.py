@@ -169,6 +169,56 @@ async def test_an_idle_worker_long_polls_and_a_busy_one_fetches_by_size_or_time(
     assert "if tp in self._records" in request_source
 
 
+async def test_a_saturated_worker_fetches_about_once_a_batch(monkeypatch):
+    """The worker's fetch pacer (app.transport.fetch_pacer, told each batch's handling time by
+    the shell) lengthens the wait of a fetch that follows records to about a batch's handling
+    time when that is longer than STREAMREC_FETCH_MAX_WAIT_MS, at most PACED_FETCH_CAP times
+    it; an idle worker's long poll is unchanged, and so is the wait of a worker that keeps up."""
+    import types
+
+    from aiokafka import AIOKafkaConsumer
+
+    from stream import consumer
+    from stream.app import create_app
+    from stream.settings import Settings
+    from stream.state import InMemoryUserStateStore
+
+    async def fetched(assignment, node_id, request):
+        return request == "records"
+
+    async def closed():
+        pass
+
+    async def fake_start(self):
+        self._fetcher = types.SimpleNamespace(_fetch_min_bytes=self._fetch_min_bytes,
+                                              _fetch_max_wait_ms=self._fetch_max_wait_ms,
+                                              _proc_fetch_request=fetched, close=closed, _records={})
+
+    monkeypatch.setattr(AIOKafkaConsumer, "start", fake_start)
+    app = create_app(Settings.from_env({"STREAMREC_FETCH_MAX_WAIT_MS": "10", "STREAMREC_MODEL_DIR": "/nonexistent"}),
+                     store=InMemoryUserStateStore())
+    pacer = app.transport.fetch_pacer
+    assert pacer is app.streamrec.fetch_pacer is not None
+    kafka_consumer = app.consumer._new_consumer_thread()._create_worker_consumer(app.transport)
+    try:
+        await kafka_consumer.start()
+        fetcher = kafka_consumer._fetcher
+        waits = []
+        for batch_s in (0.004, 0.025, 2.0):  # keeping up; saturated; a backlog's big batches
+            for _ in range(40):
+                pacer.observe(batch_s)
+            await fetcher._proc_fetch_request(None, 0, "records")
+            waits.append(fetcher._fetch_max_wait_ms)
+            await fetcher._proc_fetch_request(None, 0, "empty")
+            assert (fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms) == (1, consumer.IDLE_FETCH_WAIT_MS)
+        assert waits == [10, 25, 10 * consumer.PACED_FETCH_CAP]
+    finally:
+        await kafka_consumer.stop()
+    unpaced = create_app(Settings.from_env({"STREAMREC_FETCH_MAX_WAIT_MS": "0", "STREAMREC_MODEL_DIR": "/nonexistent"}),
+                         store=InMemoryUserStateStore())
+    assert unpaced.transport.fetch_pacer is None and unpaced.streamrec.fetch_pacer is None
+
+
 def test_the_installed_faust_loop_is_the_one_the_worker_copied():
     """stream/consumer.py's Consumer._drain_messages is a modified copy of Faust's. When the
     installed Faust's loop is another one, the copy would silently drop its changes."""
