@@ -110,6 +110,22 @@ async def test_the_worker_fetches_by_size_or_time(setting, min_bytes, wait_ms):
     assert "fetch_max_wait_ms=self._fetch_max_wait_ms" in start_source
 
 
+def starts_a_fake_fetcher(fetched):
+    """An ``AIOKafkaConsumer.start`` that makes a stand-in fetcher from the attributes aiokafka's
+    own start() reads, whose fetches ``fetched(assignment, node_id, request)`` answers."""
+    import types
+
+    async def closed():
+        pass
+
+    async def fake_start(self):
+        self._fetcher = types.SimpleNamespace(_fetch_min_bytes=self._fetch_min_bytes,
+                                              _fetch_max_wait_ms=self._fetch_max_wait_ms,
+                                              _proc_fetch_request=fetched, close=closed, _records={})
+
+    return fake_start
+
+
 async def test_an_idle_worker_long_polls_and_a_busy_one_fetches_by_size_or_time(monkeypatch):
     """Once started, the consumer's fetcher asks for 1 byte or IDLE_FETCH_WAIT_MS after a fetch
     that brought nothing, and for FETCH_MIN_BYTES or STREAMREC_FETCH_MAX_WAIT_MS after one that
@@ -136,15 +152,7 @@ async def test_an_idle_worker_long_polls_and_a_busy_one_fetches_by_size_or_time(
         state = types.SimpleNamespace(paused=paused)
         return types.SimpleNamespace(tps=["clicks-0", "searches-0"], state_value=lambda tp: state)
 
-    async def closed():
-        pass
-
-    async def fake_start(self):  # aiokafka's start() makes the fetcher from the attributes
-        self._fetcher = types.SimpleNamespace(_fetch_min_bytes=self._fetch_min_bytes,
-                                              _fetch_max_wait_ms=self._fetch_max_wait_ms,
-                                              _proc_fetch_request=fetched, close=closed, _records={})
-
-    monkeypatch.setattr(AIOKafkaConsumer, "start", fake_start)
+    monkeypatch.setattr(AIOKafkaConsumer, "start", starts_a_fake_fetcher(fetched))
     app = create_app(Settings.from_env({"STREAMREC_FETCH_MAX_WAIT_MS": "7", "STREAMREC_MODEL_DIR": "/nonexistent"}),
                      store=InMemoryUserStateStore())
     kafka_consumer = app.consumer._new_consumer_thread()._create_worker_consumer(app.transport)
@@ -174,7 +182,6 @@ async def test_a_saturated_worker_fetches_about_once_a_batch(monkeypatch):
     the shell) lengthens the wait of a fetch that follows records to about a batch's handling
     time when that is longer than STREAMREC_FETCH_MAX_WAIT_MS, at most PACED_FETCH_CAP times
     it; an idle worker's long poll is unchanged, and so is the wait of a worker that keeps up."""
-    import types
 
     from aiokafka import AIOKafkaConsumer
 
@@ -186,15 +193,7 @@ async def test_a_saturated_worker_fetches_about_once_a_batch(monkeypatch):
     async def fetched(assignment, node_id, request):
         return request == "records"
 
-    async def closed():
-        pass
-
-    async def fake_start(self):
-        self._fetcher = types.SimpleNamespace(_fetch_min_bytes=self._fetch_min_bytes,
-                                              _fetch_max_wait_ms=self._fetch_max_wait_ms,
-                                              _proc_fetch_request=fetched, close=closed, _records={})
-
-    monkeypatch.setattr(AIOKafkaConsumer, "start", fake_start)
+    monkeypatch.setattr(AIOKafkaConsumer, "start", starts_a_fake_fetcher(fetched))
     app = create_app(Settings.from_env({"STREAMREC_FETCH_MAX_WAIT_MS": "10", "STREAMREC_MODEL_DIR": "/nonexistent"}),
                      store=InMemoryUserStateStore())
     pacer = app.transport.fetch_pacer
