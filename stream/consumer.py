@@ -246,6 +246,10 @@ def adapt_fetches(fetcher: Any, min_bytes: int, wait_ms: int | Callable[[], int]
     fetcher._proc_fetch_request = fetch_adapting
 
 
+#: a paced fetch waits at most this many times ``STREAMREC_FETCH_MAX_WAIT_MS``
+PACED_FETCH_CAP = 5
+
+
 class FetchPacer:
     """How long the worker's fetches wait for records: ``base_ms``
     (``STREAMREC_FETCH_MAX_WAIT_MS``), or as long as the worker has lately taken to handle a
@@ -280,16 +284,13 @@ class FetchPacer:
         self._batch_ms = 0.0  # moving average of the batches' handling times
 
     def observe(self, seconds: float) -> None:
-        """One more batch handled, in ``seconds``."""
-        self._batch_ms += self.smoothing * (seconds * 1000.0 - self._batch_ms)
+        """One more batch handled, in ``seconds`` (counted as at most ``cap_ms``, so that the
+        wait is back to ``base_ms`` a few batches after a backlog's big ones)."""
+        self._batch_ms += self.smoothing * (min(seconds * 1000.0, self.cap_ms) - self._batch_ms)
 
     def wait_ms(self) -> int:
         """The wait of the next fetch that follows records."""
         return round(min(self.cap_ms, max(self.base_ms, self._batch_ms)))
-
-
-#: a paced fetch waits at most this many times ``STREAMREC_FETCH_MAX_WAIT_MS``
-PACED_FETCH_CAP = 5
 
 
 def _any_paused(assignment: Any) -> bool:
