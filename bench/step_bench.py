@@ -17,11 +17,19 @@ batches: on this project's 2-core virtual machines work that follows a pause cos
 than the same work back to back (docs/architecture.md); events/s leaves the sleeps out.
 --gc-threshold also runs, alternating, CPython's default collector and the plain 50,000
 threshold, and prints each one's longest collector pause.
+
+``--documents`` then prints what the users' state documents (as the worker saves them in Redis)
+weigh, and what each costs to read back (``load_many`` of the in-memory store: the worker's
+decoding, without the network), to write (``encode_state``) and to copy (the step copies each
+state it changes). Event ids are ``streamrec produce``'s (``<log tag>-<index>``).
+
+    .venv/bin/python bench/step_bench.py --batch 10 --events 30000 --documents
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import os
 import sys
@@ -37,8 +45,10 @@ from online_models.datasets import read_interactions  # noqa: E402
 from online_models.metrics import percentile  # noqa: E402
 from stream import gcpolicy  # noqa: E402
 from stream.pipeline import RecommendationStep  # noqa: E402
+from stream.produce import event_id, source_tag  # noqa: E402
 from stream.records import ClickEvent, PurchaseEvent  # noqa: E402
 from stream.settings import Settings  # noqa: E402
+from stream.state import InMemoryUserStateStore, encode_state  # noqa: E402
 
 
 def settings_of(args) -> Settings:
@@ -48,8 +58,8 @@ def settings_of(args) -> Settings:
     return Settings.from_env(os.environ, **overrides)
 
 
-def run(events, args, settings: Settings, scorer) -> tuple[float, dict[str, float], np.ndarray, np.ndarray]:
-    """events/s, µs per event by stage, and each timed batch's wall and CPU ns."""
+def run(events, args, settings: Settings, scorer) -> tuple[float, dict[str, float], np.ndarray, np.ndarray, dict]:
+    """events/s, µs per event by stage, each timed batch's wall and CPU ns, and the users' states."""
     step = RecommendationStep.from_settings(settings, scorer)
     states, timings = {}, {}
     wall, cpu = [], []
@@ -73,7 +83,29 @@ def run(events, args, settings: Settings, scorer) -> tuple[float, dict[str, floa
             slept += time.perf_counter() - s0
     elapsed = time.perf_counter() - start - slept
     return (len(events) / elapsed, {k: v / len(events) * 1e6 for k, v in timings.items()},
-            np.asarray(wall, dtype=float), np.asarray(cpu, dtype=float))
+            np.asarray(wall, dtype=float), np.asarray(cpu, dtype=float), states)
+
+
+def documents(states: dict) -> str:
+    """The users' documents: bytes (mean, median, heaviest) and µs per user to load, encode and copy."""
+    docs = {uid: encode_state(state) for uid, state in states.items()}
+    sizes = np.sort(np.fromiter(map(len, docs.values()), dtype=float, count=len(docs)))
+    store = InMemoryUserStateStore()
+    asyncio.run(store.save_docs(docs))
+    users, values = list(states), list(states.values())
+    timings = {}
+    for name, work in (("load", lambda: asyncio.run(store.load_many(users))),
+                       ("encode", lambda: [encode_state(s) for s in values]),
+                       ("copy", lambda: [s.copy() for s in values])):
+        best = float("inf")
+        for _ in range(5):  # the best of 5: the work itself, not this machine's interruptions
+            t0 = time.perf_counter()
+            work()
+            best = min(best, time.perf_counter() - t0)
+        timings[name] = best / len(users) * 1e6
+    return (f"  {len(docs):,} user documents: {sizes.mean():,.0f} B mean, {sizes[len(sizes) // 2]:,.0f} median, "
+            f"{sizes[-1]:,.0f} heaviest; per user: load {timings['load']:.2f} us, encode {timings['encode']:.2f} us, "
+            f"copy {timings['copy']:.2f} us")
 
 
 def percentiles(label: str, ns: np.ndarray) -> str:
@@ -97,11 +129,14 @@ def main() -> None:
                    "apart, as at a steady rate; default 0: back to back)")
     p.add_argument("--scorer", action="store_true", help="score with the registered Transformer (STREAMREC_MODEL_DIR)")
     p.add_argument("--gc-threshold", action="store_true", help="also run CPython's default collector and the plain 50,000 threshold, alternating")
+    p.add_argument("--documents", action="store_true", help="then the users' state documents: size, and the cost "
+                   "to load, encode and copy one")
     args = p.parse_args()
     settings = settings_of(args)
     xs = list(read_interactions(args.dataset, args.format, limit=args.events))
+    tag = source_tag(args.dataset, args.format, 42)
     events = [(PurchaseEvent if x.kind == "purchase" else ClickEvent)(
-        event_id=f"e{i}", user_id=x.user_id, item_id=x.item_id, ts=x.ts, session_id=x.session_id,
+        event_id=event_id(tag, i), user_id=x.user_id, item_id=x.item_id, ts=x.ts, session_id=x.session_id,
         category_id=x.category_id)
         for i, x in enumerate(xs)]
     scorer = None
@@ -136,7 +171,7 @@ def main() -> None:
             gcpolicy.configure(freeze=policy)
         gc.collect()
         pauses.clear()
-        rate, per_event, wall, cpu = run(events, args, settings, scorer)
+        rate, per_event, wall, cpu, states = run(events, args, settings, scorer)
         stages = ", ".join(f"{k} {v:.0f} us" for k, v in per_event.items())
         longest = max(pauses, default=0.0) * 1000
         print(f"{name:32s} {len(events):,} events: {rate:,.0f} events/s  ({stages}); "
@@ -144,6 +179,8 @@ def main() -> None:
         print(f"  per {unit}, {len(wall):,} timed after {args.warmup:,} warm-up events:")
         print("  " + percentiles("wall", wall))
         print("  " + percentiles("thread CPU", cpu))
+        if args.documents:
+            print(documents(states))
 
 
 if __name__ == "__main__":

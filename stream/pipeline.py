@@ -70,7 +70,7 @@ from stream.records import (
     encode,
 )
 from stream.settings import Settings
-from stream.state import UserState, apply_event, encode_state
+from stream.state import UserState, apply_event, encode_state, fingerprint
 from stream.step_inputs import StepConfig, recommender_config, to_interaction, user_context
 from stream.step_results import Failure, LiveQuality, StepResult, VariantCounts, judge
 
@@ -463,7 +463,8 @@ class RecommendationStep:
                 # news to the models, restored from an older snapshot; an id seen before under a
                 # new offset is the producer's duplicate, news to nobody
                 redelivery = source is not None and offset <= current.offsets.get(source, -1)
-                if key in seen_ids or (not redelivery and ev.event_id in current.event_ids):
+                fp = None if redelivery else fingerprint(ev.event_id)
+                if key in seen_ids or (fp is not None and current.saw(fp)):
                     plan.duplicates += 1
                     continue
                 if redelivery:
@@ -480,7 +481,7 @@ class RecommendationStep:
                 kind = "purchase" if isinstance(ev, PurchaseEvent) else "click"
                 new = apply_event(current.copy(), ev.event_id, ev.item_id, ev.ts, kind,
                                   max_recent=cfg.max_recent, dedupe_window=cfg.dedupe_window,
-                                  session_id=ev.session_id, source=source, offset=offset)
+                                  session_id=ev.session_id, source=source, offset=offset, fp=fp)
                 if new.recs or ev.rec_id is not None:
                     credit = attribute(new.recs, new.last_recommended, ev.rec_id, ev.item_id, ev.ts, kind,
                                        cfg.attribution_window_ms)

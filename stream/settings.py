@@ -141,7 +141,7 @@ class Settings:
     exclude_purchased: bool = _env("STREAMREC_EXCLUDE_PURCHASED", str(RecommenderConfig.exclude_purchased).lower(), "never recommend an item the user bought")
     max_items: int = _env("STREAMREC_MAX_ITEMS", str(RecommenderConfig.max_items), "items each online model keeps (counts, neighbours, factors); past it the least recently seen or least weighty go")
     max_users: int = _env("STREAMREC_MAX_USERS", str(RecommenderConfig.max_users), "users and sessions each online model keeps (histories, sessions, user factors); past it the least recently active go")
-    dedupe_window: int = _env("STREAMREC_DEDUPE_WINDOW", "256", "latest event ids kept per user to catch a producer's duplicates")
+    dedupe_window: int = _env("STREAMREC_DEDUPE_WINDOW", "256", "latest event ids (64-bit fingerprints of them) kept per user to catch a producer's duplicates")
     state_ttl_s: int = _env("STREAMREC_STATE_TTL_S", "2592000", "idle time after which a user's state expires (0: never)")
     session_timeout_s: int = _env("STREAMREC_KAFKA_SESSION_TIMEOUT_S", "30", "a worker that stops heartbeating is replaced after this long")
     snapshot_interval_s: int = _env("STREAMREC_SNAPSHOT_INTERVAL_S", "300", "how often the online models are snapshotted to Redis")

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from stream.state import InMemoryUserStateStore, RedisUserStateStore, UserState, apply_event
+from stream.state import (
+    FINGERPRINT_CHARS,
+    InMemoryUserStateStore,
+    RedisUserStateStore,
+    UserState,
+    apply_event,
+    encode_state,
+)
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -38,6 +45,31 @@ async def test_saved_state_round_trips(store):
     await store.save_many(states)
     assert await store.load_many(list(states)) == states
     assert (await store.load_many(["u6"]))["u6"].offsets == {"clicks:1": 6}
+
+
+async def test_a_document_that_kept_the_ids_as_sent_is_read_and_saved_as_fingerprints(store):
+    """Documents written before fingerprints hold ``event_ids``: their duplicates are still
+    caught, and the next save writes fingerprints only (a rolling upgrade loses nothing)."""
+    old = b'{"user_id":"u1","recent_items":["i1","i2"],"clicks":2,"event_ids":["e1","e2"],"offsets":{"clicks:0":7}}'
+    await store.save_docs({"u1": old})
+    state = (await store.load_many(["u1"]))["u1"]
+    assert state.has_seen("e1") and state.has_seen("e2") and not state.has_seen("e3")
+    assert state.event_ids == [] and len(state.seen) == 2 * FINGERPRINT_CHARS and state.clicks == 2
+    apply_event(state, "e3", "i3", 3, "click", max_recent=5, dedupe_window=2)
+    await store.save_docs({"u1": encode_state(state)})
+    again = (await store.load_many(["u1"]))["u1"]
+    assert not again.has_seen("e1") and again.has_seen("e2") and again.has_seen("e3")  # a window of 2
+    assert b"event_ids" not in encode_state(again)
+
+
+def test_a_fingerprint_found_across_two_others_is_not_seen():
+    """The fingerprints sit side by side in one string: a match that straddles two of them
+    is not one of them."""
+    state = UserState("u", seen="ABCDEFGHIJK" + "LMNOPQRSTUV")
+    assert state.saw("ABCDEFGHIJK") and state.saw("LMNOPQRSTUV")
+    assert not state.saw("CDEFGHIJKLM") and not state.saw("KLMNOPQRSTU")
+    state = UserState("u", seen="xxABCDEFGHI" + "JKxxxxxxxxx" + "ABCDEFGHIJK")  # a straddle before the real one
+    assert state.saw("ABCDEFGHIJK")
 
 
 async def test_save_of_nothing_is_a_no_op(store):

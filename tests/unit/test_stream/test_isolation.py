@@ -20,7 +20,7 @@ from stream.prometheus import Metrics
 from stream.records import ClickEvent, decode_dead_letter, decode_recommendation, encode
 from stream.retry import Backoff
 from stream.settings import TopicNames
-from stream.state import Fenced, InMemoryUserStateStore, UserState
+from stream.state import Fenced, InMemoryUserStateStore, UserState, fingerprint
 from stream.step_inputs import StepConfig, to_interaction
 
 
@@ -69,7 +69,7 @@ def test_an_event_whose_learning_raises_is_taken_out_and_the_rest_applied_once()
     assert "ZeroDivisionError: the learner's bug" in result.failures[0].reason
     assert [e.event_id for e in result.applied] == ["a1", "b1", "a3", "b2"]
     assert result.states["a"].recent_items == ["i1", "i3"] and result.states["a"].clicks == 2
-    assert result.states["a"].event_ids == ["a1", "a3"]
+    assert result.states["a"].seen == fingerprint("a1") + fingerprint("a3")
     # the models learned each good event once and nothing of the bad one
     rec = step.recommender
     assert rec.n_learned == 4 and rec.learners["booby"].learned == ["i1", "i2", "i3", "i4"]
@@ -108,7 +108,7 @@ def test_the_same_batch_again_is_all_duplicates_and_the_failed_events_stay_faile
 
 def test_the_step_never_changes_the_states_it_is_given():
     step = booby_step()
-    before = UserState("a", recent_items=["i0"], clicks=1, event_ids=["a0"])
+    before = UserState("a", recent_items=["i0"], clicks=1, seen=fingerprint("a0"))
     given = {"a": before}
     result = step(clicks(("a1", "a", "i1"), ("a2", "a", "cursed")), given, lambda: 1)
     assert given["a"] is before and before.recent_items == ["i0"] and before.clicks == 1

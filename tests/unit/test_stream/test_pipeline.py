@@ -22,7 +22,7 @@ from stream.records import (
     encode,
 )
 from stream.settings import TopicNames
-from stream.state import InMemoryUserStateStore, UserState, apply_event
+from stream.state import InMemoryUserStateStore, UserState, apply_event, fingerprint
 from stream.step_inputs import StepConfig
 
 
@@ -60,7 +60,8 @@ def test_apply_event_caps_recent_items_and_dedupe_window():
     for i in range(10):
         apply_event(s, f"e{i}", f"i{i}", i, "click", max_recent=3, dedupe_window=4)
     assert s.recent_items == ["i7", "i8", "i9"]
-    assert s.event_ids == ["e6", "e7", "e8", "e9"]
+    assert s.seen == "".join(fingerprint(f"e{i}") for i in range(6, 10))
+    assert s.has_seen("e6") and not s.has_seen("e5") and not s.has_seen("e10")
     assert s.clicks == 10 and s.purchases == 0 and s.last_seen_ts == 9
 
 
