@@ -155,8 +155,7 @@ class CoVisitation(OnlineLearner):
             hit = cache.get(key)
             if hit is not None:
                 return hit
-        scores: dict[str, float] = {}
-        get = scores.get
+        scores: dict[str, float] | None = None
         for j, a in enumerate(anchors):
             nb = self._neighbors.get(a)
             if not nb:
@@ -164,8 +163,14 @@ class CoVisitation(OnlineLearner):
             r = self._recency[j]
             if self.normalize:
                 r /= self._totals[a]
+            if scores is None:  # the first anchor's terms: nothing to add them to (a third cheaper)
+                scores = {b: r * w for b, w in nb.items()}
+                continue
+            get = scores.get
             for b, w in nb.items():
                 scores[b] = get(b, 0.0) + r * w
+        if scores is None:
+            scores = {}
         if len(cache) >= _CACHE_SIZE:
             cache.clear()
         cache[key] = scores
@@ -181,6 +186,12 @@ class CoVisitation(OnlineLearner):
     def propose_scores(self, user: UserContext, k: int) -> list[tuple[str, float]]:
         scores = self._aggregate(user)
         return sorted(scores.items(), key=itemgetter(1), reverse=True)[:k]  # stable; faster than nlargest here
+
+    def propose_items(self, user: UserContext, k: int) -> list[str]:
+        """:meth:`propose_scores`' items, in its order (the same stable sort), without a pair
+        per item: the candidate generator's call, for every user of every batch."""
+        scores = self._aggregate(user)
+        return sorted(scores, key=scores.__getitem__, reverse=True)[:k]
 
     def because(self, user: UserContext, items: Sequence[str]) -> list[str | None]:
         """For each of ``items``, the anchor (one of the user's recent items) that gave it the
