@@ -229,6 +229,8 @@ def _load(uid: str, doc: bytes | None) -> tuple[UserState, bool]:
     if state.event_ids:  # written before fingerprints: saved as fingerprints from now on
         state.seen = "".join(map(fingerprint, state.event_ids)) + state.seen
         state.event_ids = []
+    if len(state.seen) % FINGERPRINT_CHARS:  # cut by hand: the newest, at the end, are whole
+        state.seen = state.seen[len(state.seen) % FINGERPRINT_CHARS:]
     return state, False
 
 

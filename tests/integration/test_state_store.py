@@ -62,6 +62,19 @@ async def test_a_document_that_kept_the_ids_as_sent_is_read_and_saved_as_fingerp
     assert b"event_ids" not in encode_state(again)
 
 
+async def test_fingerprints_cut_short_by_hand_still_catch_the_latest_ids(store):
+    """A ``seen`` whose length is no multiple of 11 (edited by hand) loses its broken oldest
+    fingerprint, not the alignment of all the others."""
+    state = UserState("u1")
+    for i in range(3):
+        apply_event(state, f"e{i}", "i", i, "click", max_recent=5, dedupe_window=8)
+    doc = encode_state(state).replace(state.seen.encode(), state.seen[4:].encode())
+    await store.save_docs({"u1": doc})
+    got = (await store.load_many(["u1"]))["u1"]
+    assert not got.has_seen("e0") and got.has_seen("e1") and got.has_seen("e2")
+    assert len(got.seen) == 2 * FINGERPRINT_CHARS
+
+
 def test_a_fingerprint_found_across_two_others_is_not_seen():
     """The fingerprints sit side by side in one string: a match that straddles two of them
     is not one of them."""
