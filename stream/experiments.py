@@ -239,8 +239,9 @@ class Attribution:
 def attribute(recs: list[list], last_items: Sequence[str], event_rec_id: str | None, item_id: str, ts: int,
               kind: str, window_ms: int) -> Attribution | None:
     """The list an event is credited to, from the user's remembered lists ``recs`` (``[rec_id,
-    published ts, flags]``, newest last; updated in place: the list's flag for ``kind`` is
-    set) and the items of their last list: the list whose ``rec_id`` the event echoes, else
+    published ts, flags]``, newest last; updated in place: the credited entry is replaced by one
+    with the flag for ``kind`` set, never changed itself, so a copy of ``recs`` may share its
+    entries: ``UserState.copy``) and the items of their last list: the list whose ``rec_id`` the event echoes, else
     the last list when it holds ``item_id`` and came at most ``window_ms`` before ``ts``.
     An echoed ``rec_id`` the state does not remember (too old, or made up) is credited, but
     never as a first: it counts as a click (or purchase), not as a clicked (purchased) list.
@@ -257,10 +258,11 @@ def attribute(recs: list[list], last_items: Sequence[str], event_rec_id: str | N
     """
     flag = PURCHASED if kind == "purchase" else CLICKED
     if event_rec_id is not None:
-        for entry in reversed(recs):
+        for at in range(len(recs) - 1, -1, -1):
+            entry = recs[at]
             if entry[0] == event_rec_id:
                 first = not entry[2] & flag
-                entry[2] |= flag
+                recs[at] = [entry[0], entry[1], entry[2] | flag]
                 return Attribution(event_rec_id, first)
         return Attribution(event_rec_id, False)
     if not recs or item_id not in last_items:
@@ -269,7 +271,7 @@ def attribute(recs: list[list], last_items: Sequence[str], event_rec_id: str | N
     if ts - entry[1] > window_ms or ts < entry[1]:
         return None
     first = not entry[2] & flag
-    entry[2] |= flag
+    recs[-1] = [entry[0], entry[1], entry[2] | flag]
     return Attribution(entry[0], first)
 
 
@@ -283,11 +285,12 @@ def remembered(recs: list[list], rec_id: str, ts: int) -> list[list]:
 def shown(recs: list[list], rec_id: str) -> bool:
     """Mark the remembered list ``rec_id`` as shown (an impression); False when it is not
     remembered or was marked before: an impression counts once, for a list the worker published."""
-    for entry in reversed(recs):
+    for at in range(len(recs) - 1, -1, -1):
+        entry = recs[at]
         if entry[0] == rec_id:
             if entry[2] & SHOWN:
                 return False
-            entry[2] |= SHOWN
+            recs[at] = [entry[0], entry[1], entry[2] | SHOWN]  # replaced, not changed (see attribute)
             return True
     return False
 

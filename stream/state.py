@@ -69,10 +69,12 @@ class UserState(msgspec.Struct, kw_only=False, omit_defaults=True):
     seen: str = ""
 
     def copy(self) -> UserState:
-        """A copy that shares nothing mutable with this state."""
+        """A copy that shares nothing that is changed in place with this state: the remembered
+        lists' entries (``recs``) are shared, as they are replaced, never changed
+        (stream/experiments.py), which saves copying up to 16 small lists per event."""
         return UserState(self.user_id, list(self.recent_items), list(self.purchased), self.clicks, self.purchases,
                          self.last_seen_ts, self.session_id, list(self.event_ids), dict(self.offsets),
-                         list(self.last_recommended), [list(r) for r in self.recs], list(self.recent_queries),
+                         list(self.last_recommended), list(self.recs), list(self.recent_queries),
                          self.query_ts, self.seen)
 
     def has_seen(self, event_id: str, source: str | None = None, offset: int | None = None) -> bool:

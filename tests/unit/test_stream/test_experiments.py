@@ -98,6 +98,16 @@ def test_attribution_by_rec_id_and_by_window():
     assert shown(recs, "q39") and not shown(recs, "q39") and not shown(recs, "never-published")
 
 
+def test_a_copied_state_shares_the_remembered_lists_but_crediting_one_leaves_the_original_as_it_was():
+    original = UserState("u", last_recommended=["x"], recs=remembered(remembered([], "r1", 1000), "r2", 5000))
+    copy = original.copy()
+    assert attribute(copy.recs, copy.last_recommended, "r1", "x", 6000, "click", 60_000).first
+    assert attribute(copy.recs, copy.last_recommended, None, "x", 6001, "purchase", 60_000).rec_id == "r2"
+    assert shown(copy.recs, "r2")
+    assert original.recs == [["r1", 1000, 0], ["r2", 5000, 0]]  # the step can still drop the copy (a failed event)
+    assert [r[2] for r in copy.recs] == [1, 2 | 4]
+
+
 def clicks_of(user: str, n: int, start: int = 0, rec_id: str | None = None) -> list[ClickEvent]:
     return [ClickEvent(event_id=f"{user}-{start + i}", user_id=user, item_id=f"i{(start + i) % 9}", ts=T0 + start + i,
                        rec_id=rec_id) for i in range(n)]
