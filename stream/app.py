@@ -26,7 +26,7 @@ from stream.prometheus import Metrics
 from stream.publisher import BatchPublisher
 from stream.settings import Settings
 from stream.shell import Shell, load_arm_scorers, load_scorer
-from stream.state import RedisUserStateStore, UserStateStore
+from stream.state import CachedUserStateStore, RedisUserStateStore, UserStateStore
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None, recommender: Recommender | None = None,
@@ -43,6 +43,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
     if store is None:
         store = RedisUserStateStore.from_url(settings.redis_url, key_prefix=settings.topic_prefix,
                                              ttl_s=settings.state_ttl_s, **settings.redis.client_options())
+    # the users this worker saved last are not read back while its claims hold (stream/state.py)
+    store = CachedUserStateStore(store, max_age_s=min(30.0, settings.state_ttl_s / 2 or 30.0))
     app = _faust_app(settings)
     # a saturated worker fetches about once a batch, not every STREAMREC_FETCH_MAX_WAIT_MS
     pacer = app.transport.fetch_pacer = consumer.FetchPacer(settings.fetch_max_wait_ms) if settings.fetch_max_wait_ms else None

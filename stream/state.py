@@ -17,7 +17,8 @@ as before and saved in the new form.
 
 A micro-batch costs two round trips to Redis whatever its size: one ``MGET`` to load
 every user it touches and one script call that checks the fence and ``SET`` s them
-(:meth:`RedisUserStateStore.save_docs`).
+(:meth:`RedisUserStateStore.save_docs`). The worker leaves out the ``MGET`` for the users it
+saved itself a moment ago, while its claims hold (:class:`CachedUserStateStore`).
 
 >>> s = UserState("u1")
 >>> s = apply_event(s, "e1", "i1", 1000, "click", max_recent=2, dedupe_window=8)
@@ -34,6 +35,7 @@ from __future__ import annotations
 import binascii
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Protocol
 
@@ -406,3 +408,97 @@ class RedisUserStateStore:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+class CachedUserStateStore:
+    """A worker's store: ``inner``, and the documents of the users it saved last, so that the
+    next batch of an active user does not read them back (a micro-batch whose users are all
+    here makes one round trip to Redis, the save, instead of two).
+
+    A document is kept only as this worker last wrote it, and only while nothing else can have
+    written it since:
+
+    - every :meth:`claim` empties the cache: the worker got partitions (an assignment), or
+      claims one before its first batch, and whatever it kept from an earlier ownership may have
+      been overwritten by the owner in between;
+    - a save that raises empties it: :class:`Fenced` (another worker owns a partition now), or a
+      failure after which what Redis holds is not known;
+    - an erased user's document goes with the erasure;
+    - a document kept longer than ``max_age_s`` is read again (Redis expires idle users, and an
+      operator may change a document by hand); at most ``max_users`` are kept, the least
+      recently saved going first.
+
+    Users are co-partitioned on every topic the worker writes their state for, so between two
+    claims only this worker writes its users' documents; a worker that lost its partitions
+    without knowing (a long pause) still reads its own last write, and its save is then refused
+    by the fence as before. Each load decodes the kept bytes afresh: the step gets states of its
+    own, as from Redis.
+
+    >>> import asyncio
+    >>> store = CachedUserStateStore(InMemoryUserStateStore())
+    >>> asyncio.run(store.save_docs({"u1": encode_state(UserState("u1", clicks=3))}))
+    >>> store.inner._docs.clear()  # gone from the store behind the worker's back: still kept here
+    >>> asyncio.run(store.load_many(["u1"]))["u1"].clicks
+    3
+    >>> _ = asyncio.run(store.claim([0]))  # a claim: nothing kept is trusted any more
+    >>> asyncio.run(store.load_many(["u1"]))["u1"].clicks
+    0
+    """
+
+    def __init__(self, inner: UserStateStore, max_users: int = 10_000, max_age_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.inner = inner
+        self.max_users = max_users
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self._kept: dict[str, tuple[bytes, float]] = {}  # user -> (document, when saved), oldest first
+        self.hits = 0  # loads answered here, for the bench and tests
+        self.misses = 0
+
+    def __getattr__(self, name: str):  # blobs, ping, close, key, rebuilt: the inner store's
+        return getattr(self.inner, name)
+
+    def forget_all(self) -> None:
+        self._kept.clear()
+
+    async def load_many(self, user_ids: Iterable[str]) -> dict[str, UserState]:
+        ids = list(user_ids)
+        kept = self._kept
+        oldest = self.clock() - self.max_age_s
+        out: dict[str, UserState] = {}
+        missing = []
+        for uid in ids:
+            hit = kept.get(uid)
+            if hit is not None and hit[1] >= oldest:
+                out[uid] = _load(uid, hit[0])[0]
+            else:
+                missing.append(uid)
+        self.hits += len(ids) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            out.update(await self.inner.load_many(missing))
+        return out
+
+    async def save_docs(self, docs: Mapping[str, bytes], fence: Mapping[int, int] | None = None,
+                        delete: Collection[str] = ()) -> None:
+        try:
+            await self.inner.save_docs(docs, fence, delete=delete)
+        except BaseException:
+            self._kept.clear()
+            raise
+        kept = self._kept
+        now = self.clock()
+        for uid in delete:
+            kept.pop(uid, None)
+        for uid, doc in docs.items():
+            kept.pop(uid, None)  # to the newest end
+            kept[uid] = (doc, now)
+        while len(kept) > self.max_users:
+            del kept[next(iter(kept))]
+
+    async def save_many(self, states: Mapping[str, UserState], fence: Mapping[int, int] | None = None) -> None:
+        await self.save_docs({uid: _encode(s) for uid, s in states.items()}, fence)
+
+    async def claim(self, partitions: Iterable[int]) -> dict[int, int]:
+        self._kept.clear()  # before the claim: one that fails or is cancelled leaves nothing trusted
+        return await self.inner.claim(partitions)
