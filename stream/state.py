@@ -429,7 +429,8 @@ class CachedUserStateStore:
       recently saved going first.
 
     Users are co-partitioned on every topic the worker writes their state for, so between two
-    claims only this worker writes its users' documents; a worker that lost its partitions
+    claims only this worker writes its users' documents (a user whose message was not keyed by
+    their id may have reached another worker: the handler :meth:`discard` s them first); a worker that lost its partitions
     without knowing (a long pause) still reads its own last write, and its save is then refused
     by the fence as before. Each load decodes the kept bytes afresh: the step gets states of its
     own, as from Redis.
@@ -456,10 +457,16 @@ class CachedUserStateStore:
         self.misses = 0
 
     def __getattr__(self, name: str):  # blobs, ping, close, key, rebuilt: the inner store's
+        if name == "inner":  # not set yet (a copy, an unpickling): no recursion through it
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
-    def forget_all(self) -> None:
-        self._kept.clear()
+    def discard(self, user_ids: Iterable[str]) -> None:
+        """Read these users from the inner store next time: their messages were not keyed by
+        their id, so another worker may write their documents too (stream/handler.py)."""
+        kept = self._kept
+        for uid in user_ids:
+            kept.pop(uid, None)
 
     async def load_many(self, user_ids: Iterable[str]) -> dict[str, UserState]:
         ids = list(user_ids)

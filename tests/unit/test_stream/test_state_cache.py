@@ -124,6 +124,20 @@ def test_through_the_handler_a_users_next_batch_reads_nothing_back_and_gives_the
     assert lists[0] == lists[1] and len(lists[0]) == 9  # the same lists published
 
 
+def test_a_user_whose_messages_are_not_keyed_by_their_id_is_read_from_redis_every_batch():
+    """An unkeyed producer: the same user's events may reach another worker, which writes too."""
+    inner = Counting()
+    h = BatchHandler(RecommendationStep(Recommender.default()), CachedUserStateStore(inner), Sink(), TOPICS,
+                     Metrics(CollectorRegistry()), backoff=Backoff(base_s=0.001, cap_s=0.01, jitter=0), claims=Claims())
+    for n in range(3):
+        keyed = ClickEvent(event_id=f"k{n}", user_id="keyed", item_id=f"i{n}", ts=T0 + n)
+        loose = ClickEvent(event_id=f"l{n}", user_id="loose", item_id=f"i{n}", ts=T0 + n)
+        run(h.handle([RawMessage(TOPICS.clicks, 0, 2 * n, b"keyed", encode(keyed)),
+                      RawMessage(TOPICS.clicks, 0, 2 * n + 1, None, encode(loose))]))
+    assert inner.loaded.count("keyed") == 1 and inner.loaded.count("loose") == 3
+    assert run(inner.load_many(["loose"]))["loose"].clicks == 3
+
+
 class Sink:
     def __init__(self) -> None:
         self.records: list = []
