@@ -430,9 +430,9 @@ class CachedUserStateStore:
 
     Users are co-partitioned on every topic the worker writes their state for, so between two
     claims only this worker writes its users' documents (a user whose message was not keyed by
-    their id may have reached another worker: the handler :meth:`discard` s them first); a worker that lost its partitions
-    without knowing (a long pause) still reads its own last write, and its save is then refused
-    by the fence as before. Each load decodes the kept bytes afresh: the step gets states of its
+    their id may have reached another worker: the handler :meth:`discard` s them first). A
+    worker that lost its partitions without knowing (a long pause) still reads its own last
+    write, and its save is then refused by the fence as before. Each load decodes the kept bytes afresh: the step gets states of its
     own, as from Redis.
 
     >>> import asyncio
@@ -453,7 +453,7 @@ class CachedUserStateStore:
         self.max_age_s = max_age_s
         self.clock = clock
         self._kept: dict[str, tuple[bytes, float]] = {}  # user -> (document, when saved), oldest first
-        self.hits = 0  # loads answered here, for the bench and tests
+        self.hits = 0  # users' loads answered here, and those read from ``inner`` (the tests read them)
         self.misses = 0
 
     def __getattr__(self, name: str):  # blobs, ping, close, key, rebuilt: the inner store's
