@@ -241,8 +241,8 @@ def attribute(recs: list[list], last_items: Sequence[str], event_rec_id: str | N
     """The list an event is credited to, from the user's remembered lists ``recs`` (``[rec_id,
     published ts, flags]``, newest last; updated in place: the credited entry is replaced by one
     with the flag for ``kind`` set, never changed itself, so a copy of ``recs`` may share its
-    entries: ``UserState.copy``) and the items of their last list: the list whose ``rec_id`` the event echoes, else
-    the last list when it holds ``item_id`` and came at most ``window_ms`` before ``ts``.
+    entries: ``UserState.copy``) and the items of their last list: the list whose ``rec_id``
+    the event echoes, else the last list when it holds ``item_id`` and came at most ``window_ms`` before ``ts``.
     An echoed ``rec_id`` the state does not remember (too old, or made up) is credited, but
     never as a first: it counts as a click (or purchase), not as a clicked (purchased) list.
 

@@ -193,11 +193,10 @@ class BatchHandler:
         events: list[Event]
         events, carriers, dead = _decode_each(messages, decode_event, self.bounds, now)  # carriers: each event's message
         positions = [msg.position for msg in carriers]
-        misrouted = self._misrouted(events, carriers)
+        self._distrust_misrouted(events, carriers)
         site_ids: dict[str, str] | None = None  # pseudonym -> the id the site sent
         if self.pseudonyms is not None and events:
             events, site_ids = self.pseudonyms.events(events)
-        self._distrust(events, misrouted)
         t1 = clock()
 
         fence = await self._fence(messages) if self.claims is not None and events else None
@@ -260,19 +259,19 @@ class BatchHandler:
             await self._searches(searches)
         return [msg for msg in messages if msg.topic not in side]
 
-    def _misrouted(self, items: Sequence, carriers: Sequence[RawMessage]) -> list[int]:
-        """The places of ``items`` (as sent, before pseudonyms) whose message was not keyed by
-        the item's user id: a producer that sent them unkeyed, or keyed by something else, so
-        other workers may get the same user's messages. Their state is read from Redis, never
-        from what this worker kept of its own saves (:meth:`_distrust`)."""
-        if getattr(self.store, "discard", None) is None:
-            return []
-        return [n for n, (item, msg) in enumerate(zip(items, carriers, strict=True))
-                if msg.key != item.user_id.encode("utf-8", "surrogatepass")]
-
-    def _distrust(self, items: Sequence, places: list[int]) -> None:
-        if places:
-            self.store.discard({items[n].user_id for n in places})
+    def _distrust_misrouted(self, items: Sequence, carriers: Sequence[RawMessage]) -> None:
+        """Users of ``items`` (as sent, before pseudonyms) whose message was not keyed by their
+        id (a producer that sent it unkeyed, or keyed by something else), so that other workers
+        may get their messages too: their state is read from Redis, never from what this worker
+        kept of its own saves (stream/state.py, CachedUserStateStore)."""
+        discard = getattr(self.store, "discard", None)
+        if discard is None:
+            return
+        of = self.pseudonyms.of if self.pseudonyms is not None else None
+        misrouted = {item.user_id for item, msg in zip(items, carriers, strict=True)
+                     if msg.key != item.user_id.encode("utf-8", "surrogatepass")}
+        if misrouted:
+            discard(misrouted if of is None else {of(uid) for uid in misrouted})
 
     async def _searches(self, messages: Sequence[RawMessage]) -> None:
         """Answer each search with a personalised list (``context.kind = "search"``, published
@@ -281,11 +280,10 @@ class BatchHandler:
         contract, and a search that raised while it was answered, are dead letters."""
         t0 = time.perf_counter()
         searches, kept, dead = _decode_each(messages, decode_search, self.bounds, now_ms())
-        misrouted = self._misrouted(searches, kept)
+        self._distrust_misrouted(searches, kept)
         site_ids: dict[str, str] | None = None
         if self.pseudonyms is not None and searches:
             searches, site_ids = self.pseudonyms.events(searches)
-        self._distrust(searches, misrouted)
         result = None
         if searches:
             fence = await self._fence(kept) if self.claims is not None else None
@@ -339,9 +337,7 @@ class BatchHandler:
             return
         fence = await self._fence(kept) if self.claims is not None else None
         of = self.pseudonyms.of if self.pseudonyms is not None else (lambda uid: uid)
-        misrouted = self._misrouted(impressions, kept)
-        if misrouted:
-            self.store.discard({of(impressions[n].user_id) for n in misrouted})
+        self._distrust_misrouted(impressions, kept)
         ids = list(dict.fromkeys(of(imp.user_id) for imp in impressions))
         states = await self._retry("load", lambda: self.store.load_many(ids))
         counts: Counter[str] = Counter()
@@ -374,10 +370,9 @@ class BatchHandler:
         requests, kept, dead = _decode_each(messages, decode_forget, self.bounds, now_ms())
         positions = [msg.position for msg in kept]
         site_ids = [req.user_id for req in requests]
-        misrouted = self._misrouted(requests, kept)
+        self._distrust_misrouted(requests, kept)
         if self.pseudonyms is not None:  # the models and the state hold pseudonyms
             requests = self.pseudonyms.events(requests)[0]
-        self._distrust(requests, misrouted)
         fence = await self._fence(messages) if self.claims is not None and requests else None
         if requests:  # the bound: the request's ts, or the newest event the user's state holds if later
             ids = list(dict.fromkeys(req.user_id for req in requests))  # (a site clock ahead of the requester's)

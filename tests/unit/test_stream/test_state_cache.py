@@ -13,6 +13,7 @@ from online_models import Recommender
 from stream.handler import BatchHandler, Claims, RawMessage
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
+from stream.pseudonyms import Pseudonyms
 from stream.records import ClickEvent, decode_recommendation, encode
 from stream.retry import Backoff
 from stream.settings import TopicNames
@@ -124,18 +125,22 @@ def test_through_the_handler_a_users_next_batch_reads_nothing_back_and_gives_the
     assert lists[0] == lists[1] and len(lists[0]) == 9  # the same lists published
 
 
-def test_a_user_whose_messages_are_not_keyed_by_their_id_is_read_from_redis_every_batch():
-    """An unkeyed producer: the same user's events may reach another worker, which writes too."""
+@pytest.mark.parametrize("pseudonyms", [None, Pseudonyms("k")])
+def test_a_user_whose_messages_are_not_keyed_by_their_id_is_read_from_redis_every_batch(pseudonyms):
+    """An unkeyed producer: the same user's events may reach another worker, which writes too.
+    Under pseudonyms the store holds the pseudonym: that is what is read again."""
     inner = Counting()
     h = BatchHandler(RecommendationStep(Recommender.default()), CachedUserStateStore(inner), Sink(), TOPICS,
-                     Metrics(CollectorRegistry()), backoff=Backoff(base_s=0.001, cap_s=0.01, jitter=0), claims=Claims())
+                     Metrics(CollectorRegistry()), backoff=Backoff(base_s=0.001, cap_s=0.01, jitter=0), claims=Claims(),
+                     pseudonyms=pseudonyms)
+    of = pseudonyms.of if pseudonyms is not None else (lambda uid: uid)
     for n in range(3):
         keyed = ClickEvent(event_id=f"k{n}", user_id="keyed", item_id=f"i{n}", ts=T0 + n)
         loose = ClickEvent(event_id=f"l{n}", user_id="loose", item_id=f"i{n}", ts=T0 + n)
         run(h.handle([RawMessage(TOPICS.clicks, 0, 2 * n, b"keyed", encode(keyed)),
                       RawMessage(TOPICS.clicks, 0, 2 * n + 1, None, encode(loose))]))
-    assert inner.loaded.count("keyed") == 1 and inner.loaded.count("loose") == 3
-    assert run(inner.load_many(["loose"]))["loose"].clicks == 3
+    assert inner.loaded.count(of("keyed")) == 1 and inner.loaded.count(of("loose")) == 3
+    assert run(inner.load_many([of("loose")]))[of("loose")].clicks == 3
 
 
 class Sink:
