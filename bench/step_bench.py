@@ -3,6 +3,7 @@
     .venv/bin/python bench/step_bench.py --dataset ../shared/data/taobao-userbehavior/UserBehavior_jason-wang1.csv --format taobao --events 30000 --scorer
     .venv/bin/python bench/step_bench.py --batch 1 --warmup 1000      # per-event latency, one event a batch
     .venv/bin/python bench/step_bench.py --batch 1 --warmup 1000 --gap-ms 20   # batches that come apart
+    .venv/bin/python bench/step_bench.py --dataset ../shared/data/taobao-userbehavior/UserBehavior_jason-wang1.csv --format taobao --passes 3 --batch 110 --window 55000   # a long run's users
 
 Runs the step the worker runs, built by ``RecommendationStep.from_settings`` from
 ``Settings.from_env`` (``STREAMREC_*``, defaults where unset; --candidates and --top-k
@@ -17,6 +18,14 @@ batches: on this project's 2-core virtual machines work that follows a pause cos
 than the same work back to back (docs/architecture.md); events/s leaves the sleeps out.
 --gc-threshold also runs, alternating, CPython's default collector and the plain 50,000
 threshold, and prints each one's longest collector pause.
+
+``--passes N`` replays the log N times over, each pass under new user and session ids (the
+same items, time moving on by the log's span), so that the users a long run meets fill the
+learners' and the blend's user tables (100,000 users by default: STREAMREC_MAX_USERS) as
+they would in production, where the synthetic shop's 500 users never do; ``--window W`` then
+prints the step's CPU per event over each W events, to see whether the cost stays flat. As in
+the worker, the users' states live between batches as the documents Redis would hold (bytes,
+decoded for each batch), so a long run does not grow the heap the collector walks.
 
 ``--documents`` then prints what the users' state documents (as the worker saves them in Redis)
 weigh, and what each costs to read back (``load_many`` of the in-memory store: the worker's
@@ -48,7 +57,7 @@ from stream.pipeline import RecommendationStep  # noqa: E402
 from stream.produce import event_id, source_tag  # noqa: E402
 from stream.records import ClickEvent, PurchaseEvent  # noqa: E402
 from stream.settings import Settings  # noqa: E402
-from stream.state import InMemoryUserStateStore, encode_state  # noqa: E402
+from stream.state import InMemoryUserStateStore, _load, encode_state  # noqa: E402
 
 
 def settings_of(args) -> Settings:
@@ -59,22 +68,32 @@ def settings_of(args) -> Settings:
 
 
 def run(events, args, settings: Settings, scorer) -> tuple[float, dict[str, float], np.ndarray, np.ndarray, dict]:
-    """events/s, µs per event by stage, each timed batch's wall and CPU ns, and the users' states."""
+    """events/s, µs per event by stage, each timed batch's wall and CPU ns, the users' states, and
+    the step's CPU µs per event over each ``--window`` events."""
     step = RecommendationStep.from_settings(settings, scorer)
-    states, timings = {}, {}
+    docs, timings = {}, {}
     wall, cpu = [], []
+    windows, window_ns, window_n = [], 0, 0
     clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
     start = time.perf_counter()
-    slept = 0.0
+    slept = 0.0  # sleeps (--gap-ms) and state decoding: left out of events/s
     for i in range(0, len(events), args.batch):
         batch = events[i : i + args.batch]
+        s0 = time.perf_counter()  # as the worker's store decodes them; not counted in events/s
+        states = {uid: _load(uid, docs.get(uid))[0] for uid in dict.fromkeys(ev.user_id for ev in batch)}
+        slept += time.perf_counter() - s0
         c0, t0 = cpu_clock(), clock()
         result = step(batch, states, lambda: 0, [("clicks:0", i + n) for n in range(len(batch))])
         t1, c1 = clock(), cpu_clock()
         if i >= args.warmup:
             wall.append(t1 - t0)
             cpu.append(c1 - c0)
-        states.update(result.states)  # as the store would, after saving
+        docs.update(result.docs)  # as the store would, after saving
+        window_ns += c1 - c0
+        window_n += len(batch)
+        if args.window and window_n >= args.window:
+            windows.append(window_ns / window_n / 1000)
+            window_ns = window_n = 0
         for stage, seconds in result.timings.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
         if args.gap_ms:
@@ -82,8 +101,23 @@ def run(events, args, settings: Settings, scorer) -> tuple[float, dict[str, floa
             time.sleep(args.gap_ms / 1000)
             slept += time.perf_counter() - s0
     elapsed = time.perf_counter() - start - slept
+    states = {uid: _load(uid, doc)[0] for uid, doc in docs.items()} if args.documents else {}
     return (len(events) / elapsed, {k: v / len(events) * 1e6 for k, v in timings.items()},
-            np.asarray(wall, dtype=float), np.asarray(cpu, dtype=float), states)
+            np.asarray(wall, dtype=float), np.asarray(cpu, dtype=float), states, windows)
+
+
+def replayed(xs, tag: str, passes: int):
+    """The log's events ``passes`` times over: pass ``p`` > 0 under user and session ids ending in
+    ``~p``, its times moved on by ``p`` spans of the log (new users, the same items)."""
+    span = (max(x.ts for x in xs) - min(x.ts for x in xs) + 1) if xs else 0
+    n = 0
+    for p in range(passes):
+        suffix = f"~{p}" if p else ""
+        for x in xs:
+            yield (PurchaseEvent if x.kind == "purchase" else ClickEvent)(
+                event_id=event_id(tag, n), user_id=x.user_id + suffix, item_id=x.item_id, ts=x.ts + p * span,
+                session_id=None if x.session_id is None else x.session_id + suffix, category_id=x.category_id)
+            n += 1
 
 
 def documents(states: dict) -> str:
@@ -129,16 +163,17 @@ def main() -> None:
                    "apart, as at a steady rate; default 0: back to back)")
     p.add_argument("--scorer", action="store_true", help="score with the registered Transformer (STREAMREC_MODEL_DIR)")
     p.add_argument("--gc-threshold", action="store_true", help="also run CPython's default collector and the plain 50,000 threshold, alternating")
+    p.add_argument("--passes", type=int, default=1, help="replay the log this many times, each pass under new "
+                   "user and session ids (a long run's users filling the user tables)")
+    p.add_argument("--window", type=int, default=0, help="also print the step's CPU us per event over each this "
+                   "many events (is the cost flat?)")
     p.add_argument("--documents", action="store_true", help="then the users' state documents: size, and the cost "
                    "to load, encode and copy one")
     args = p.parse_args()
     settings = settings_of(args)
     xs = list(read_interactions(args.dataset, args.format, limit=args.events))
     tag = source_tag(args.dataset, args.format, 42)
-    events = [(PurchaseEvent if x.kind == "purchase" else ClickEvent)(
-        event_id=event_id(tag, i), user_id=x.user_id, item_id=x.item_id, ts=x.ts, session_id=x.session_id,
-        category_id=x.category_id)
-        for i, x in enumerate(xs)]
+    events = list(replayed(xs, tag, args.passes))
     scorer = None
     if args.scorer:
         from gpu_scorer import HotSwapScorer, ModelRegistry
@@ -171,7 +206,7 @@ def main() -> None:
             gcpolicy.configure(freeze=policy)
         gc.collect()
         pauses.clear()
-        rate, per_event, wall, cpu, states = run(events, args, settings, scorer)
+        rate, per_event, wall, cpu, states, windows = run(events, args, settings, scorer)
         stages = ", ".join(f"{k} {v:.0f} us" for k, v in per_event.items())
         longest = max(pauses, default=0.0) * 1000
         print(f"{name:32s} {len(events):,} events: {rate:,.0f} events/s  ({stages}); "
@@ -179,6 +214,9 @@ def main() -> None:
         print(f"  per {unit}, {len(wall):,} timed after {args.warmup:,} warm-up events:")
         print("  " + percentiles("wall", wall))
         print("  " + percentiles("thread CPU", cpu))
+        if windows:
+            print(f"  step CPU us per event, each {args.window:,} events: {' '.join(f'{w:.0f}' for w in windows)}; "
+                  f"last / first {windows[-1] / windows[0]:.2f}")
         if args.documents:
             print(documents(states))
 

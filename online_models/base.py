@@ -32,7 +32,7 @@ import inspect
 import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from itertools import chain
+from itertools import chain, islice
 from typing import Any, ClassVar, Self
 
 import numpy as np
@@ -278,6 +278,39 @@ class OnlineLearner(ParamsMixin, abc.ABC):
         return [ScoredItem(items[i], float(scores[i]), self.name) for i in order[:k]]
 
 
+def trim_oldest(table: dict, limit: int, keep: int | None = None) -> list:
+    """Hold ``table``, a dict kept in the order its keys were last put (a bounded FIFO or LRU:
+    the oldest first), to at most ``limit`` keys: once it has more, the oldest go, down to
+    ``keep`` (default ``limit - limit // 64``), and are returned.
+
+    ``del table[next(iter(table))]`` for each key over the limit looks free but is not: CPython
+    leaves a deleted key's slot in place until the dict is rebuilt, and every ``iter`` walks the
+    slots from the first, so once the table is full each such delete walks past all the keys
+    deleted before it (13 µs a put at 20,000 keys, 47 µs at 100,000, on this project's machines,
+    against under 1 µs while the table fills: a cost per event that jumps once a long run's
+    users fill the tables). Dropping ``limit // 64`` more than needed pays that walk once for
+    as many puts. A table that must keep its ``n`` newest keys (a guarantee, not only a bound)
+    passes ``limit=n + n // 64, keep=n``. Below 64 keys the limit is held exactly.
+
+    >>> t = dict.fromkeys(range(201))
+    >>> gone = trim_oldest(t, 200)
+    >>> gone, len(t), next(iter(t))
+    ([0, 1, 2, 3], 197, 4)
+    >>> trim_oldest(t, 200)
+    []
+    >>> small = dict.fromkeys("abcd")
+    >>> trim_oldest(small, 3), list(small)
+    (['a'], ['b', 'c', 'd'])
+    """
+    if len(table) <= limit:
+        return []
+    keep = limit - limit // 64 if keep is None else keep
+    gone = list(islice(table, max(0, len(table) - keep)))
+    for key in gone:
+        del table[key]
+    return gone
+
+
 class Recency:
     """Keys (items, users) from the least to the most recently seen, held to ``capacity``.
 
@@ -413,4 +446,5 @@ __all__ = [
     "load_snapshot",
     "owned_by",
     "session_key",
+    "trim_oldest",
 ]

@@ -36,7 +36,7 @@ import heapq
 from collections.abc import Iterable, Sequence
 from operator import itemgetter
 
-from online_models.base import OnlineLearner, Recency, owned_by, session_key
+from online_models.base import OnlineLearner, Recency, owned_by, session_key, trim_oldest
 from online_models.types import Interaction, UserContext
 
 _CACHE_SIZE = 4096  # aggregates kept between learning steps (a worker's batch of users)
@@ -92,8 +92,7 @@ class CoVisitation(OnlineLearner):
         history = sessions.pop(key, None)
         if history is None:
             history = []
-            if len(sessions) >= self.max_sessions:
-                del sessions[next(iter(sessions))]  # least recently active
+            trim_oldest(sessions, self.max_sessions - 1)  # room for it: the least recently active go
         sessions[key] = history
         b = x.item_id
         for gone in self._seen.touch(b):  # the least recently seen items leave, with their neighbours

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from river import optim, reco
 
-from online_models.base import OnlineLearner, heaviest_rows
+from online_models.base import OnlineLearner, heaviest_rows, trim_oldest
 from online_models.types import Interaction, UserContext
 
 
@@ -137,8 +137,8 @@ class ImplicitMF(OnlineLearner):
         latent = users.pop(x.user_id, None)
         if latent is not None:
             users[x.user_id] = latent  # most recently active last
-        elif len(users) >= self.max_users:
-            del users[next(iter(users))]  # forget the least recently active user
+        else:
+            trim_oldest(users, self.max_users - 1)  # forget the least recently active users
         y = self.purchase_weight if x.kind == "purchase" else self.click_weight
         self._fit(x.user_id, x.item_id, idx, y)
         recent = self._recent

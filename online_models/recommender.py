@@ -47,7 +47,7 @@ from typing import Self
 import numpy as np
 
 from online_models import ranking
-from online_models.base import OnlineLearner, Recency, dump_snapshot, load_snapshot
+from online_models.base import OnlineLearner, Recency, dump_snapshot, load_snapshot, trim_oldest
 from online_models.covisit import CoVisitation
 from online_models.mf import ImplicitMF
 from online_models.popularity import TrendingPopularity
@@ -217,9 +217,10 @@ class Recommender:
             uid = x.user_id
             if sid != uid:
                 owners = self._session_users
-                if owners.pop(sid, None) is None and len(owners) >= self.config.max_users:
-                    del owners[next(iter(owners))]  # the least recently active session
+                owners.pop(sid, None)
                 owners[sid] = uid
+                cap = self.config.max_users  # at least the cap's newest (see __init__), 1/64 more at most
+                trim_oldest(owners, cap + cap // 64, keep=cap)
         for learner in self.learners.values():
             learner.learn_one(x, user)
         shown = self._shown.pop(x.user_id, None)
@@ -579,8 +580,7 @@ class Recommender:
 def _bounded_put(store: dict, key: str, value: object, limit: int) -> None:
     store.pop(key, None)
     store[key] = value
-    if len(store) > limit:
-        del store[next(iter(store))]
+    trim_oldest(store, limit)
 
 
 __all__ = ["ForgetError", "Recommender", "RecommenderConfig", "parse_weights"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from operator import itemgetter
 
-from online_models.base import OnlineLearner
+from online_models.base import OnlineLearner, trim_oldest
 from online_models.types import Interaction, UserContext
 
 
@@ -43,8 +43,7 @@ class RecentlyViewed(OnlineLearner):
         history = self._history.pop(x.user_id, None)
         if history is None:
             history = []
-            if len(self._history) >= self.max_users:
-                del self._history[next(iter(self._history))]
+            trim_oldest(self._history, self.max_users - 1)  # room for the user: the least recently active go
         self._history[x.user_id] = history
         history.append(x.item_id)
         if len(history) > self.n_recent:

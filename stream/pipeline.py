@@ -47,6 +47,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from online_models import Interaction, Recommender, ScoredItem, UserContext
+from online_models.base import trim_oldest
 from online_models.metrics import target_rank
 from online_models.recommender import ForgetError
 from online_models.search.catalogue import CatalogueMemo
@@ -429,8 +430,7 @@ class RecommendationStep:
         kept = self._dead_letters
         for pos in positions:
             kept[pos] = None
-        while len(kept) > self.DEAD_LETTERS_KEPT:
-            del kept[next(iter(kept))]
+        trim_oldest(kept, self.DEAD_LETTERS_KEPT)
 
     # -- step 1 ---------------------------------------------------------------------------
     def _prepare(self, events: Sequence[Event], states: dict[str, UserState],

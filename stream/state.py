@@ -43,6 +43,8 @@ import msgspec
 import redis
 import redis.asyncio as aioredis
 
+from online_models.base import trim_oldest
+
 log = logging.getLogger("streamrec.state")
 
 
@@ -500,8 +502,7 @@ class CachedUserStateStore:
         for uid, doc in docs.items():
             kept.pop(uid, None)  # to the newest end
             kept[uid] = (doc, now)
-        while len(kept) > self.max_users:
-            del kept[next(iter(kept))]
+        trim_oldest(kept, self.max_users)
 
     async def save_many(self, states: Mapping[str, UserState], fence: Mapping[int, int] | None = None) -> None:
         await self.save_docs({uid: _encode(s) for uid, s in states.items()}, fence)

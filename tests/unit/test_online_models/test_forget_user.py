@@ -265,6 +265,18 @@ def test_session_tracking_is_bounded_by_max_users():
     assert list(rec._session_users) == ["s9", "s7", "sx"]
 
 
+def test_a_large_session_table_is_trimmed_in_chunks_yet_keeps_every_session_a_learner_can_hold():
+    # trimmed a 64th at a time (one walk of the dict per chunk, not one per event), never
+    # below the cap: a learner that holds max_users sessions still finds each one's owner
+    rec = Recommender.default(RecommenderConfig(max_users=640))
+    for n in range(3_000):
+        rec.learn_one(Interaction(f"u{n % 7}", "a", ts=n, session_id=f"s{n}"))
+        assert 640 <= len(rec._session_users) <= 650 or n < 640
+    assert set(rec.learners["covisit"]._sessions) <= set(rec._session_users)
+    assert all(f"s{n}" in rec._session_users for n in range(3_000 - 640, 3_000))
+    assert len(rec.learners["covisit"]._sessions) <= 640
+
+
 def test_the_forgotten_key_is_a_keyed_blake2b_of_the_user_id():
     rec = Recommender()
     rec.forget_user(VICTIM, 7)
