@@ -22,7 +22,7 @@ from stream.batching import take_batches
 from stream.connections import KafkaConnection
 from stream.health import Health
 from stream.pipeline import RecommendationStep
-from stream.prometheus import Metrics
+from stream.prometheus import FROZEN_COUNT_INTERVAL_S, Metrics
 from stream.publisher import BatchPublisher
 from stream.settings import Settings
 from stream.shell import Shell, load_arm_scorers, load_scorer
@@ -95,6 +95,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
     app.timer(interval=1.0, name="snapshot_after_forgets")(shell.snapshot_after_forgets)
     app.timer(interval=5.0, name="reload_scorer")(shell.reload_scorer)
     app.timer(interval=1.0, name="heartbeat")(shell.heartbeat)
+    app.timer(interval=FROZEN_COUNT_INTERVAL_S, name="count_frozen_objects")(shell.count_frozen)
     app.timer(interval=2.0, name="watch_lag_and_readiness")(partial(shell.watch, app))
     return app
 

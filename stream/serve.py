@@ -52,7 +52,7 @@ from online_models.types import ScoredItem
 from stream.catalogue_feed import CatalogueFeed
 from stream.health import Health
 from stream.pipeline import RecommendationStep
-from stream.prometheus import Metrics
+from stream.prometheus import FROZEN_COUNT_INTERVAL_S, Metrics
 from stream.pseudonyms import Pseudonyms, pseudonyms_of
 from stream.records import MAX_ID_CHARS, MAX_QUERY_CHARS, SearchEvent
 from stream.search_step import SearchConfig, SearchStep
@@ -370,9 +370,13 @@ async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop:
         except (NotImplementedError, RuntimeError):  # signals are handled on the main thread only: then `stop` ends it
             pass
     tasks = [asyncio.create_task(feed.run())] if feed is not None else []
+    counted = time.monotonic()  # the frozen objects, by Metrics() just now
     try:
         while not stop.is_set():
             health.beat()
+            if time.monotonic() - counted >= FROZEN_COUNT_INTERVAL_S:
+                metrics.count_frozen()
+                counted = time.monotonic()
             try:
                 health.set("redis", await store.ping(), "the store answers")
                 await refresher.refresh()

@@ -209,6 +209,9 @@ class Shell:
     async def heartbeat(self) -> None:
         self.health.beat()
 
+    async def count_frozen(self) -> None:
+        self.metrics.count_frozen()
+
     async def reload_scorer(self) -> None:
         """Load a scorer when there is none yet, else swap in a newly registered version."""
         step = self.step

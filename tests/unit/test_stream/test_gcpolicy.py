@@ -59,11 +59,19 @@ def test_configure_is_idempotent_and_can_be_turned_off(restore_gc):
     assert kept
 
 
-def test_the_gauge_reads_the_frozen_count(restore_gc):
+def test_the_gauge_holds_the_frozen_count_as_last_counted_not_a_walk_at_each_scrape(restore_gc):
     gcpolicy.configure(freeze=True)
     registry = CollectorRegistry()
-    Metrics(registry)
-    assert registry.get_sample_value("streamrec_gc_frozen_objects") == gc.get_freeze_count() > 0
+    metrics = Metrics(registry)
+    counted = gc.get_freeze_count()
+    assert registry.get_sample_value("streamrec_gc_frozen_objects") == counted > 0
+    kept = [[i] for i in range(100)]
+    gc.collect(0)  # the survivors are frozen: the count grows, the gauge waits for the next count
+    assert gc.get_freeze_count() > counted
+    assert registry.get_sample_value("streamrec_gc_frozen_objects") == counted
+    metrics.count_frozen()
+    assert registry.get_sample_value("streamrec_gc_frozen_objects") == gc.get_freeze_count() > counted
+    assert kept
 
 
 def test_the_setting_defaults_on_and_reads_false():
