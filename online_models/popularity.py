@@ -42,6 +42,11 @@ class _ItemScores(OnlineLearner):
 
     name = "_popularity"
     explains_by_category = True  # "popular now in c12"
+    #: whether a row's score only grows between evictions (with weights >= 0): all-time counts,
+    #: and trending's inflated sums (its rescaling shrinks every score and the floor alike). Then
+    #: every item that can be in the top ``pool_size`` is in the pool (it was at the last refresh,
+    #: or crossed the floor since, and joined), and a refresh ranks the pool, not every item
+    grows_only = True
 
     def __init__(
         self,
@@ -95,7 +100,7 @@ class _ItemScores(OnlineLearner):
         fresh[: len(keep)] = scores[keep]
         self._scores = fresh
         self._renumbered(new_row)
-        self._refresh_pool()
+        self._refresh_pool(full=True)  # the pool's rows are the old numbers
         self._proposed = None  # it may name items that are gone
 
     def _renumbered(self, new_row: np.ndarray) -> None:
@@ -107,21 +112,37 @@ class _ItemScores(OnlineLearner):
 
     def _after_update(self, idx: int) -> None:
         self.n_learned += 1
+        if idx not in self._pool and self._scores[idx] >= self._pool_floor:
+            self._pool[idx] = None
         if self.n_learned % self.refresh_every == 0:
             self._refresh_pool()
-        elif idx not in self._pool and self._scores[idx] >= self._pool_floor:
-            self._pool[idx] = None
 
-    def _refresh_pool(self) -> None:
+    def _refresh_pool(self, full: bool = False) -> None:
+        """The pool: every row whose score is at least the ``pool_size``-th highest, the floor
+        (all rows while there are no more than ``pool_size``); until the next refresh an updated
+        row joins it when it reaches the floor. Rows tied at the floor all stay, so proposals
+        break ties by first seen whichever rows the refresh looked at.
+
+        Ranking every item cost 1.3 ms at 85,000 items and 4.3 ms at 300,000 (the cap), once
+        every ``refresh_every`` (200) events: 6-22 µs an event, growing with the catalogue. Where
+        scores only grow (:attr:`grows_only`), every row at or above the new floor is in the pool
+        already, and only the pool is ranked: the same pool and floor."""
         n = len(self._items)
-        scores = self._scores[:n]
-        if n > self.pool_size:
-            top = np.argpartition(-scores, self.pool_size - 1)[: self.pool_size]
-            top.sort()  # stable order, independent of argpartition's internals
-            self._pool_floor = float(scores[top].min())
-        else:
-            top = np.arange(n)
+        if n <= self.pool_size:
+            self._pool = dict.fromkeys(range(n))
             self._pool_floor = 0.0
+            return
+        rows = None
+        if (not full and self.grows_only and len(self._pool) >= self.pool_size
+                and self.click_weight >= 0 and self.purchase_weight >= 0):
+            rows = np.fromiter(self._pool, dtype=np.int64, count=len(self._pool))
+        scores = self._scores[:n] if rows is None else self._scores[rows]
+        at = len(scores) - self.pool_size
+        floor = float(np.partition(scores, at)[at])
+        top = np.flatnonzero(scores >= floor)  # in row order
+        if rows is not None:
+            top = np.sort(rows[top])
+        self._pool_floor = floor
         self._pool = dict.fromkeys(top.tolist())
 
     def _scale(self, user: UserContext | None) -> float:
@@ -195,6 +216,7 @@ class RecentPopularity(_ItemScores):
     """
 
     name = "recent_popularity"
+    grows_only = False  # events leave the window and take their weight with them
 
     def __init__(self, window_s: float = 3600.0, click_weight: float = 1.0, purchase_weight: float = 3.0,
                  pool_size: int = 500, refresh_every: int = 200, reuse_proposals: int = 16,

@@ -78,6 +78,28 @@ def test_a_new_item_that_takes_off_is_proposed_before_the_pool_refresh():
     assert tr.rank(UserContext("x"), k=1)[0].item_id == "fresh"
 
 
+@pytest.mark.parametrize("cls", [GlobalPopularity, TrendingPopularity])
+def test_a_refresh_that_ranks_only_the_pool_keeps_the_rows_ranking_every_item_keeps(cls):
+    # scores that only grow: every row at or above the new floor is in the pool (counts tie
+    # often, trending's sums seldom; rows tied at the floor all stay), so the pools, the floors
+    # and the proposals are the same
+    rng = np.random.default_rng(7)
+    pooled, full = cls(pool_size=40, refresh_every=25), cls(pool_size=40, refresh_every=25)
+    full.grows_only = False  # every refresh ranks every item
+    items = [f"i{n}" for n in range(600)]
+    for t in range(6_000):
+        x = click(f"u{t}", items[int(rng.zipf(1.3)) % 600 if t % 3 else rng.integers(600)], ts=t * 997 + t % 7,
+                  kind="purchase" if t % 11 == 0 else "click")
+        pooled.learn_one(x)
+        full.learn_one(x)
+        if t % 250 == 249:
+            assert pooled._pool_floor == full._pool_floor
+            assert list(pooled._pool) == list(full._pool) and len(full._pool) >= 40
+            ctx = UserContext("x", ts=x.ts)
+            assert [(s.item_id, s.score) for s in pooled.rank(ctx, k=20)] == [(s.item_id, s.score) for s in full.rank(ctx, k=20)]
+    assert len(pooled._items) > 500 and pooled.n_learned == 6_000
+
+
 def test_recent_popularity_forgets_events_that_leave_the_window():
     rp = RecentPopularity(window_s=60)
     for i in range(3):
