@@ -334,14 +334,7 @@ class Recency:
         order = self._order
         order.pop(key, None)
         order[key] = None
-        if len(order) <= self.capacity:
-            return []
-        drop = len(order) - max(1, (self.capacity * 3) // 4)
-        it = iter(order)
-        gone = [next(it) for _ in range(drop)]
-        for k in gone:
-            del order[k]
-        return gone
+        return trim_oldest(order, self.capacity, keep=max(1, (self.capacity * 3) // 4))
 
     def __len__(self) -> int:
         return len(self._order)
