@@ -251,3 +251,53 @@ def test_the_fingerprint_ignores_layout_and_sees_code():
     assert source_fingerprint(f) != source_fingerprint("def f(x):\n    return x + 2\n")
     assert source_fingerprint("def f(x):\n    if x:\n        g()\n    h()\n") != \
         source_fingerprint("def f(x):\n    if x:\n        g()\n        h()\n")  # the blocks count
+
+
+async def test_the_consumer_runs_in_the_workers_event_loop_and_stops_without_touching_its_other_tasks(monkeypatch):
+    """The worker's Faust consumer "thread" (stream/consumer.py, ConsumerThread) starts no
+    thread: it serves in the event loop it was made in, a call reaches the aiokafka consumer in
+    the caller's own task, and stopping it stops that consumer and leaves the loop's other tasks
+    running (mode would cancel every task of a thread's loop)."""
+    import threading
+
+    from aiokafka import AIOKafkaConsumer
+
+    from stream import consumer
+    from stream.app import create_app
+    from stream.settings import Settings
+    from stream.state import InMemoryUserStateStore
+
+    async def fetched(assignment, node_id, request):
+        return False
+
+    stopped = []
+
+    async def fake_stop(self):
+        stopped.append(self)
+
+    monkeypatch.setattr(AIOKafkaConsumer, "start", starts_a_fake_fetcher(fetched))
+    monkeypatch.setattr(AIOKafkaConsumer, "stop", fake_stop)
+    app = create_app(Settings.from_env({"STREAMREC_MODEL_DIR": "/nonexistent"}), store=InMemoryUserStateStore())
+    service = app.consumer._thread
+    assert isinstance(service, consumer.ConsumerThread)
+    threads = threading.active_count()
+    bystander = asyncio.ensure_future(asyncio.sleep(60))  # another task of the worker's loop
+    await service.start()
+    try:
+        assert threading.active_count() == threads
+        assert service.thread_loop is service.parent_loop is asyncio.get_running_loop()
+        kafka_consumer = service._ensure_consumer()
+        assert kafka_consumer._fetcher._fetch_min_bytes == consumer.FETCH_MIN_BYTES  # the worker's own fetch
+        tasks = []
+
+        async def where() -> str:
+            tasks.append(asyncio.current_task())
+            return "done"
+
+        assert await service.call_thread(where) == "done"
+        assert tasks == [asyncio.current_task()]
+    finally:
+        await asyncio.wait_for(service.stop(), 10)
+    assert stopped == [kafka_consumer]
+    assert service._serving.done() and not bystander.done()
+    bystander.cancel()
