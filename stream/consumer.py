@@ -46,9 +46,9 @@ two threads' turns on the interpreter cooled each other's caches. :class:`Consum
 runs the same consumer in the worker's event loop instead (the calls are awaited directly): at
 a steady 1,000 events/s its p99 fell by a fifth and its CPU per event by 4-7 %, at 800 events/s
 the CPU by 9 % (docs/architecture.md, "Faust's consumer thread, in the worker's event loop").
-The loop is not blocked for long: big batches run the step in a thread
-(``stream.handler.steps_in_a_thread``), snapshots in a child process, the catch-up replay in a
-thread, so heartbeats and fetches go on meanwhile.
+The loop is not blocked for long: batches of
+``stream.handler.THREAD_MIN_EVENTS`` events or more run the step in a thread, snapshots in a
+child process, the catch-up replay in a thread, so heartbeats and fetches go on meanwhile.
 """
 
 from __future__ import annotations

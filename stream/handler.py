@@ -86,16 +86,6 @@ class RawMessage:
 THREAD_MIN_EVENTS = 64
 
 
-def steps_in_a_thread(n_events: int) -> bool:
-    """Whether a batch of ``n_events`` events runs its step in a thread (the worker's consumer
-    runs in the event loop, so only then does it fetch while the batch is handled).
-
-    >>> steps_in_a_thread(THREAD_MIN_EVENTS - 1), steps_in_a_thread(THREAD_MIN_EVENTS)
-    (False, True)
-    """
-    return n_events >= THREAD_MIN_EVENTS
-
-
 #: a batch slower than this is logged with its stages (at most once per ``SLOW_LOG_EVERY_S``)
 SLOW_BATCH_S = 0.1
 SLOW_LOG_EVERY_S = 10.0
@@ -214,7 +204,7 @@ class BatchHandler:
         states = await self._retry("load", lambda: self.store.load_many(users)) if users else {}
         t2 = clock()
 
-        if steps_in_a_thread(len(events)):
+        if len(events) >= THREAD_MIN_EVENTS:
             # a big batch means a backlog: in a thread, the event loop keeps fetching the next
             # batch (Faust hands each message over in several loop turns) while the models
             # work; the step is not shared meanwhile
@@ -300,7 +290,7 @@ class BatchHandler:
             users = list(dict.fromkeys(s.user_id for s in searches))
             states = await self._retry("load", lambda: self.store.load_many(users))
             search = self.search
-            if steps_in_a_thread(len(searches)):
+            if len(searches) >= THREAD_MIN_EVENTS:
                 result = await asyncio.to_thread(search, searches, states, now_ms, [m.position for m in kept], site_ids)
             else:
                 result = search(searches, states, now_ms, [m.position for m in kept], site_ids)

@@ -24,7 +24,7 @@ from stream.batching import drop_stale
 from stream.catalogue_feed import CatalogueFeed
 from stream.consumer import FetchPacer
 from stream.errors import ConfigError
-from stream.handler import BatchHandler, Claims, RawMessage, now_ms, steps_in_a_thread
+from stream.handler import THREAD_MIN_EVENTS, BatchHandler, Claims, RawMessage, now_ms
 from stream.health import Health, check_readiness
 from stream.lag import LagMetrics, update_lag
 from stream.peers import PeerLearner
@@ -305,7 +305,7 @@ class Shell:
                          "they are delivered again to their partitions' owner", dropped)
             if not events:
                 return
-            started, threaded = time.perf_counter(), steps_in_a_thread(len(events))
+            started, threaded = time.perf_counter(), len(events) >= THREAD_MIN_EVENTS
             try:
                 await self.handler.handle_isolated([raw_message(ev.message) for ev in events])
             except Fenced as exc:

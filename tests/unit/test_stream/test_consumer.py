@@ -281,7 +281,7 @@ async def test_the_consumer_runs_in_the_workers_event_loop_and_stops_without_tou
     service = app.consumer._thread
     assert isinstance(service, consumer.ConsumerThread)
     threads = threading.active_count()
-    bystander = asyncio.ensure_future(asyncio.Event().wait())  # another task of the worker's loop, never done by itself
+    bystander = asyncio.ensure_future(asyncio.sleep(60))  # another task of the worker's loop
     await service.start()
     try:
         assert threading.active_count() == threads
