@@ -38,17 +38,6 @@ arrives (the first event after a quiet spell is fetched at once instead of after
 ``fetch_max_wait_ms``); after a fetch that brought records, and while fetched records wait
 for the agent to take them, fetching by size or time resumes (:func:`adapt_fetches` says why).
 A steady stream never leaves that mode; an idle worker asks twice a second.
-
-And where it runs: Faust runs the aiokafka consumer in a thread of its own, with its own event
-loop, and asks it for records across threads (a method queue each way). On these 2-core VMs
-that thread cost more than its work: every fetch handed over twice between threads, and the
-two threads' turns on the interpreter cooled each other's caches. :class:`ConsumerThread`
-runs the same consumer in the worker's event loop instead (the calls are awaited directly): at
-a steady 1,000 events/s its p99 fell by a fifth and its CPU per event by 4-7 %, at 800 events/s
-the CPU by 9 % (docs/architecture.md, "Faust's consumer thread, in the worker's event loop").
-The loop is not blocked for long: batches of
-``stream.handler.THREAD_MIN_EVENTS`` events or more run the step in a thread, snapshots in a
-child process, the catch-up replay in a thread, so heartbeats and fetches go on meanwhile.
 """
 
 from __future__ import annotations
@@ -63,7 +52,6 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from faust.transport.drivers import aiokafka as faust_aiokafka
-from mode.utils.futures import maybe_async
 
 
 def start(coro: Coroutine) -> tuple[bool, Any]:
@@ -273,12 +261,8 @@ class FetchPacer:
     returns sooner only wait in the agent's buffer, so fetching more often than the worker
     takes a batch spends CPU and wins nothing. A worker that keeps up (batches shorter than
     ``base_ms``) fetches every ``base_ms``, as before; a saturated one fetches about once a
-    batch. :meth:`observe` is told each batch's handling time and :meth:`wait_ms` is read by
-    the consumer after each fetch. The consumer runs in the worker's event loop
-    (:class:`ConsumerThread`), so it fetches during a batch only while the step runs in a
-    thread (big batches); the worker tells the pacer 0 s for a batch handled in the loop,
-    whose fetch waits until the batch is done anyway (and a longer wait there only made
-    batches, and their latency, longer).
+    batch. :meth:`observe` is told each batch's handling time (the event loop's thread) and
+    :meth:`wait_ms` is read by the consumer thread after each fetch (a float, read whole).
 
     >>> pacer = FetchPacer(10)
     >>> pacer.wait_ms()
@@ -315,47 +299,9 @@ def _any_paused(assignment: Any) -> bool:
 
 
 class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    """Faust's consumer "thread", run in the worker's own event loop (see the module's
-    docstring), whose aiokafka consumer fetches by :data:`FETCH_MIN_BYTES` or the transport's
-    ``fetch_max_wait_ms`` (Faust's own: 1 byte or 1,500 ms), paced by the transport's
-    ``fetch_pacer`` when it has one.
-
-    Faust's consumer reaches it only through ``call_thread`` and ``cast_thread``, which here
-    await the call in the caller's task, and the rebalance callbacks, which go through the
-    consumer's method queue as before (in one loop that is a plain hand-over). It starts as a
-    task of the loop instead of a thread, and stops as mode's service threads do: its
-    ``_serve`` stops the method queue and the aiokafka consumer, then the service's children.
-    """
-
-    def __init__(self, consumer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
-        super().__init__(consumer, loop=loop, thread_loop=loop, **kwargs)
-        self._serving: asyncio.Task | None = None
-
-    async def start(self) -> None:
-        """As :meth:`mode.threads.ServiceThread.start`, with the service in a task of this
-        loop where mode would start a thread running its own loop."""
-        assert not self._thread_started.is_set()
-        self._thread_started.set()
-        self._thread_running = self.parent_loop.create_future()
-        try:
-            self._serving = self.parent_loop.create_task(self._serve())
-            # _serve reports a crash itself (on_crash, and through _thread_running to start())
-            self._serving.add_done_callback(lambda task: task.cancelled() or task.exception())
-            if not self.should_stop:
-                await self._thread_running  # raises what starting the consumer raised
-        finally:
-            self._thread_running = None
-
-    async def call_thread(self, fun: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await maybe_async(fun(*args, **kwargs))
-
-    async def cast_thread(self, fun: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        await maybe_async(fun(*args, **kwargs))
-
-    async def _gather_remaining_tasks(self) -> None:
-        """mode cancels every task left in the thread's loop once the thread's service has
-        stopped; here that loop is the worker's, whose tasks are not this service's to cancel
-        (the aiokafka consumer stopped its own)."""
+    """Faust's consumer thread, whose aiokafka consumer fetches by :data:`FETCH_MIN_BYTES`
+    or the transport's ``fetch_max_wait_ms`` (Faust's own: 1 byte or 1,500 ms), paced by the
+    transport's ``fetch_pacer`` when it has one."""
 
     def _create_worker_consumer(self, transport):
         consumer = super()._create_worker_consumer(transport)

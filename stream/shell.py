@@ -24,7 +24,7 @@ from stream.batching import drop_stale
 from stream.catalogue_feed import CatalogueFeed
 from stream.consumer import FetchPacer
 from stream.errors import ConfigError
-from stream.handler import THREAD_MIN_EVENTS, BatchHandler, Claims, RawMessage, now_ms
+from stream.handler import BatchHandler, Claims, RawMessage, now_ms
 from stream.health import Health, check_readiness
 from stream.lag import LagMetrics, update_lag
 from stream.peers import PeerLearner
@@ -82,9 +82,8 @@ class Shell:
     #: (None with STREAMREC_CATALOGUE=false)
     catalogue: Catalogue | None = field(init=False, default=None)
     catalogue_feed: CatalogueFeed | None = field(init=False, default=None)
-    #: told how long each batch whose step ran in a thread took, so that a saturated worker
-    #: fetches about once a batch (stream/consumer.py); None: fetches wait
-    #: STREAMREC_FETCH_MAX_WAIT_MS whatever the batches take
+    #: told how long each batch took, so that a saturated worker fetches about once a batch
+    #: (stream/consumer.py); None: fetches wait STREAMREC_FETCH_MAX_WAIT_MS whatever the batches take
     fetch_pacer: FetchPacer | None = None
 
     def __post_init__(self) -> None:
@@ -305,7 +304,7 @@ class Shell:
                          "they are delivered again to their partitions' owner", dropped)
             if not events:
                 return
-            started, threaded = time.perf_counter(), len(events) >= THREAD_MIN_EVENTS
+            started = time.perf_counter()
             try:
                 await self.handler.handle_isolated([raw_message(ev.message) for ev in events])
             except Fenced as exc:
@@ -322,9 +321,7 @@ class Shell:
                 log.exception("a batch of %d events raised past every safeguard; it is left unacknowledged", len(events))
                 events.clear()
             if self.fetch_pacer is not None:
-                # the consumer runs in this loop (stream/consumer.py): it fetches during a batch
-                # only when the step runs in a thread; otherwise it fetches once the batch is done
-                self.fetch_pacer.observe(time.perf_counter() - started if threaded else 0.0)
+                self.fetch_pacer.observe(time.perf_counter() - started)
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no batch is in hand; False if the one in hand did not finish in time."""

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 from stream.app import create_app
 from stream.consumer import FetchPacer
-from stream.handler import THREAD_MIN_EVENTS
 from stream.settings import Settings
 
 
@@ -90,11 +89,9 @@ async def test_a_batch_waiting_for_the_lock_when_a_rebalance_begins_is_not_handl
     assert handler.handled == [[0, 1], [2, 3]] and len(mixed) == 2
 
 
-async def test_the_shell_tells_the_fetch_pacer_how_long_each_batch_in_a_thread_took():
-    """A batch whose step runs in a thread (THREAD_MIN_EVENTS or more events) and takes longer
-    than STREAMREC_FETCH_MAX_WAIT_MS lengthens the next fetches' wait to about as long
-    (stream/consumer.py, FetchPacer). A smaller batch runs in the event loop, where the consumer
-    also runs: its fetch waits for the batch anyway, so it leaves the wait as set."""
+async def test_the_shell_tells_the_fetch_pacer_how_long_each_batch_took():
+    """A batch that takes longer than STREAMREC_FETCH_MAX_WAIT_MS to handle lengthens the next
+    fetches' wait to about as long (stream/consumer.py, FetchPacer)."""
 
     class SlowHandler(RecordingHandler):
         async def handle_isolated(self, messages) -> None:
@@ -105,9 +102,6 @@ async def test_the_shell_tells_the_fetch_pacer_how_long_each_batch_in_a_thread_t
     shell.handler = SlowHandler()
     shell.fetch_pacer = FetchPacer(10, smoothing=1.0)  # the last batch alone, for the test
     assert shell.fetch_pacer.wait_ms() == 10
-    await shell.handle_taken(FakeApp(), taken(*range(THREAD_MIN_EVENTS)))
-    assert shell.handler.handled == [list(range(THREAD_MIN_EVENTS))]
-    assert 30 <= shell.fetch_pacer.wait_ms() <= 50
     await shell.handle_taken(FakeApp(), taken(0, 1))
-    assert shell.handler.handled[-1] == [0, 1]
-    assert shell.fetch_pacer.wait_ms() == 10
+    assert shell.handler.handled == [[0, 1]]
+    assert 30 <= shell.fetch_pacer.wait_ms() <= 50
