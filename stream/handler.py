@@ -80,10 +80,10 @@ class RawMessage:
         return source_of(self.topic, self.partition), self.offset
 
 
-#: batches at least this big run the step in a thread (see BatchHandler.handle). Measured on
-#: 40,000 Taobao events replayed from a backlog: 1,280 events/s with the step on the event
-#: loop (batches stayed at ~22 events), 2,123 in a thread (~480).
-THREAD_MIN_EVENTS = 64
+#: batches of at least this many searches are searched in a thread (the text model runs outside
+#: the interpreter's lock, so the event loop goes on meanwhile). The recommendation step runs on
+#: the event loop whatever its batch's size: see BatchHandler.handle.
+THREAD_MIN_SEARCHES = 64
 
 
 #: a batch slower than this is logged with its stages (at most once per ``SLOW_LOG_EVERY_S``)
@@ -204,13 +204,12 @@ class BatchHandler:
         states = await self._retry("load", lambda: self.store.load_many(users)) if users else {}
         t2 = clock()
 
-        if len(events) >= THREAD_MIN_EVENTS:
-            # a big batch means a backlog: in a thread, the event loop keeps fetching the next
-            # batch (Faust hands each message over in several loop turns) while the models
-            # work; the step is not shared meanwhile
-            result = await asyncio.to_thread(self.step, events, states, now_ms, positions, site_ids=site_ids)
-        else:  # a small one: a thread would only add GIL hand-offs to its latency
-            result = self.step(events, states, now_ms, positions, site_ids=site_ids)
+        # on the event loop, whatever the batch's size. In a thread (batches of 64 events or
+        # more, until 2026-12-02) the step shared the interpreter's lock with the loop's
+        # fetching, so a batch took longer the larger it was, and the next one came larger
+        # still: one worker at 2,000 events/s fell into stretches of such batches, with p99
+        # twice as high; a preloaded backlog ran no faster (docs/architecture.md)
+        result = self.step(events, states, now_ms, positions, site_ids=site_ids)
         t3 = clock()
 
         for f in result.failures:
@@ -290,7 +289,7 @@ class BatchHandler:
             users = list(dict.fromkeys(s.user_id for s in searches))
             states = await self._retry("load", lambda: self.store.load_many(users))
             search = self.search
-            if len(searches) >= THREAD_MIN_EVENTS:
+            if len(searches) >= THREAD_MIN_SEARCHES:
                 result = await asyncio.to_thread(search, searches, states, now_ms, [m.position for m in kept], site_ids)
             else:
                 result = search(searches, states, now_ms, [m.position for m in kept], site_ids)

@@ -6,6 +6,8 @@ tests/integration/test_pipeline_e2e.py.)
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
@@ -198,6 +200,25 @@ async def test_handler_sends_bad_values_to_the_dlq_and_good_ones_through():
     saved = await store.load_many(["u0"])
     assert saved["u0"].clicks == 2
     assert registry.get_sample_value("streamrec_duplicates_skipped_total") == 6
+
+
+async def test_a_large_batch_is_stepped_on_the_event_loop_not_in_a_thread(monkeypatch):
+    """In a thread the step shared the interpreter with the loop's fetching, and a large batch
+    made the next one larger (docs/architecture.md, "The step on the event loop")."""
+    threads = []
+    stepped = RecommendationStep.__call__
+
+    def recording(self, *args, **kwargs):
+        threads.append(threading.get_ident())
+        return stepped(self, *args, **kwargs)
+
+    monkeypatch.setattr(RecommendationStep, "__call__", recording)
+    send = RecordingPublisher()
+    handler = BatchHandler(new_step(), InMemoryUserStateStore(), send, TopicNames(), Metrics(CollectorRegistry()))
+    events = [encode(e) for e in history(n_users=30, per_user=10)]
+    await handler.handle([raw(v, i) for i, v in enumerate(events)])
+    assert len(events) == 300 and threads == [threading.get_ident()]
+    assert len({k for t, k, _ in send.records if t == "streamrec.recommendations"}) == 30
 
 
 @pytest.mark.parametrize("batch", [1, 7, 1000])
