@@ -207,8 +207,8 @@ class BatchHandler:
         # on the event loop, whatever the batch's size. In a thread (batches of 64 events or
         # more, until 2026-12-02) the step shared the interpreter's lock with the loop's
         # fetching, so a batch took longer the larger it was, and the next one came larger
-        # still: one worker at 2,000 events/s fell into stretches of such batches, with p99
-        # twice as high; a preloaded backlog ran no faster (docs/architecture.md)
+        # still: one worker at 2,000 events/s fell into stretches of such batches, with p99 1.6
+        # times as high (median of 13 pairs); a preloaded backlog ran no faster (docs/architecture.md)
         result = self.step(events, states, now_ms, positions, site_ids=site_ids)
         t3 = clock()
 
