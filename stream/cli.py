@@ -22,6 +22,7 @@ from stream.health import Health, serve
 from stream.produce import produce
 from stream.prometheus import Metrics
 from stream.report import report
+from stream.retrain_cli import retrain
 from stream.serve import run_server
 from stream.settings import Settings
 from stream.tail import tail
@@ -112,6 +113,7 @@ app.command("tail")(tail)
 app.command("forget")(forget)
 app.command("report")(report)
 app.command("train")(train)
+app.command("retrain")(retrain)
 app.command("evaluate")(evaluate)
 app.command("distil-queries")(distil_queries)
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from collections.abc import Mapping
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,12 +23,14 @@ from rich.table import Table
 
 from gpu_scorer import ModelRegistry
 from gpu_scorer.errors import ScorerError
+from gpu_scorer.train_cli import INSTALL_TRAIN, missing_train_packages
 from online_models import Recommender
 from online_models.datasets import DatasetError, load_folder, read_interactions
 from stream.errors import ConfigError
 from stream.evaluation import (
     DEFAULT_MODELS,
     SESSION_MODELS,
+    Retraining,
     contender_names,
     prequential,
     session_rec,
@@ -143,6 +147,23 @@ def evaluate(
             "worker loads it, on STREAMREC_SCORER_DEVICE.",
         ),
     ] = None,
+    retrain_every: Annotated[
+        float | None,
+        typer.Option(
+            "--retrain-every", min=1, metavar="SECONDS",
+            help="Retrain 'served''s Transformer every SECONDS of the log's own time on every event before that "
+            "moment, with the --scorer-model architecture, as `streamrec retrain --every SECONDS` does beside the "
+            "workers (session-rec: learning mode only). Needs the train extra; each retraining takes minutes.",
+        ),
+    ] = None,
+    retrain_delay: Annotated[
+        float,
+        typer.Option(
+            "--retrain-delay", min=0, metavar="SECONDS",
+            help="With --retrain-every: seconds of the log's time between a retraining's moment and the model's "
+            "first use (the time `streamrec retrain` takes to train and register it).",
+        ),
+    ] = 600.0,
 ) -> None:
     """Evaluate what the worker serves, offline, through the worker's own step and settings.
 
@@ -181,6 +202,30 @@ def evaluate(
             raise typer.BadParameter(f"unknown model {name!r}; choose from {', '.join(known)}", param_hint="--model")
     scorer = _load_scorer(scorer_model, settings.scorer_device) if scorer_model is not None else None
     show = not as_json
+    with tempfile.TemporaryDirectory(prefix="streamrec-retrain-") as retrained:
+        retraining = None
+        if retrain_every is not None:
+            retraining = _retraining(Path(retrained), scorer_model, retrain_every, retrain_delay, seed,
+                                     settings.scorer_device)
+        report = _run(protocol, dataset, format, limit, mode, split, batch_size, seed, names, settings, scorer, ks,
+                      show, retraining)
+    report["command"] = " ".join(["streamrec evaluate", *sys.argv[2:]]) if len(sys.argv) > 1 else "streamrec evaluate"
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if png_out is not None:
+        title = f"{report['protocol']} on {report['dataset']}"
+        plot_curves(report, str(png_out), title)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        out = Console()
+        _print_tables(out if out.is_terminal else Console(width=240), report)
+
+
+def _run(protocol: EvalProtocol, dataset: Path | None, format: str, limit: int | None, mode, split: Split,
+         batch_size: int, seed: int, names: list[str] | None, settings: Settings, scorer, ks: tuple[int, ...],
+         show: bool, retraining) -> dict[str, Any]:
+    """The protocol's replay, with its progress bar; the report."""
     if protocol is EvalProtocol.session_rec:
         if dataset is None or not dataset.is_dir():
             raise typer.BadParameter("session-rec needs --dataset pointing at the yoochoose-100k folder",
@@ -194,7 +239,7 @@ def evaluate(
         total = session_rec_units(len(train), test, len(names), len(modes))
         with _progress(show, total, "session-rec") as tick:
             report = session_rec(train, test, names, settings, scorer, ks, refs, modes, seed, batch_size,
-                                 progress=tick)
+                                 progress=tick, retraining=retraining)
         report["dataset"] = str(dataset)
         report["split"] = split.value
     else:
@@ -209,20 +254,37 @@ def evaluate(
             raise typer.BadParameter(f"{dataset} holds no events to replay", param_hint="--dataset")
         names = names or list(DEFAULT_MODELS)
         with _progress(show, len(events) * len(names), "prequential") as tick:
-            report = prequential(events, names, settings, scorer, ks, seed, batch_size, progress=tick)
+            report = prequential(events, names, settings, scorer, ks, seed, batch_size, progress=tick,
+                                 retraining=retraining)
         report["dataset"] = str(dataset) if dataset is not None else "synthetic"
         report["format"] = format if dataset is not None else "synthetic"
-    report["command"] = " ".join(["streamrec evaluate", *sys.argv[2:]]) if len(sys.argv) > 1 else "streamrec evaluate"
-    if json_out is not None:
-        json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    if png_out is not None:
-        title = f"{report['protocol']} on {report['dataset']}"
-        plot_curves(report, str(png_out), title)
-    if as_json:
-        typer.echo(json.dumps(report, indent=2))
-    else:
-        out = Console()
-        _print_tables(out if out.is_terminal else Console(width=240), report)
+    return report
+
+
+def _retraining(registry_dir: Path, scorer_model: Path | None, every_s: float, delay_s: float, seed: int,
+                device: str):
+    """``Retraining(history=...)`` for ``--retrain-every``: fits registered in ``registry_dir``,
+    with the architecture of the ``--scorer-model`` version (the defaults without one)."""
+    missing = missing_train_packages()
+    if missing:
+        raise typer.BadParameter(f"retraining needs {' and '.join(missing)}, not installed here: {INSTALL_TRAIN}",
+                                 param_hint="--retrain-every")
+    # torch-bound, as in `streamrec train` (gpu_scorer/train_cli.py)
+    from gpu_scorer import retraining, training
+
+    architecture = {}
+    if scorer_model is not None:
+        path = scorer_model.parent if scorer_model.is_file() else scorer_model
+        version = path.name if (path / "manifest.json").is_file() else None
+        architecture = retraining.architecture_of(ModelRegistry(path.parent if version else path), version)
+    retrainer = retraining.Retrainer(ModelRegistry(registry_dir), architecture,
+                                     training.TrainConfig(seed=seed, progress=False, device=device), device)
+
+    def fit(interactions: list):
+        version, _ = retrainer.fit(interactions)
+        return retrainer.load(version)
+
+    return partial(Retraining, fit, every_s, delay_s)
 
 
 def _load_scorer(path: Path, device: str):

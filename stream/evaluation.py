@@ -38,6 +38,7 @@ import itertools
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from operator import attrgetter
 from typing import Any
 
 from online_models import Interaction, Recommender, RecommenderConfig, learner_classes
@@ -50,7 +51,7 @@ from stream.records import Event, encode
 from stream.settings import Settings
 from stream.shell import load_arm_scorers
 from stream.state import InMemoryUserStateStore
-from stream.step_inputs import recommender_config, to_event
+from stream.step_inputs import recommender_config, to_event, to_interaction
 from stream.step_results import StepResult, VariantCounts
 
 #: the worker as configured; the name the reports and the JSON summary keep
@@ -137,6 +138,62 @@ def _no_clock() -> int:
     return 0
 
 
+class Retraining:
+    """The served Transformer retrained as the log goes, as ``streamrec retrain`` does beside
+    the workers: every ``every_s`` seconds of the log's time (counted from its first replayed
+    event) ``fit`` gets every interaction before that moment (the training log's and the
+    replayed ones), and the model it returns is served from ``delay_s`` seconds after that
+    moment (the time a retrainer takes to train and register it), until the next one.
+    ``fit(interactions) -> scorer`` (``streamrec evaluate`` trains with
+    :class:`gpu_scorer.retraining.Retrainer`); a moment with no new interaction since the
+    previous fit keeps the previous model.
+
+    >>> fits = []
+    >>> r = Retraining(lambda xs: fits.append(len(xs)) or f"model{len(fits)}", every_s=10, delay_s=2, ts_of=int)
+    >>> class Step: scorer = "model0"
+    >>> step, log = Step(), []
+    >>> for ts in (0, 4_000, 11_000, 12_500, 13_000, 45_000):
+    ...     r.advance(ts, step); served = step.scorer; r.record([ts]); log.append((ts // 1000, served))
+    >>> log  # fit at 10 s on [0, 4] s, served from 12 s; 20 and 30 s: a fit on [0, 4, 11, 12.5, 13] s, served from 32 s
+    [(0, 'model0'), (4, 'model0'), (11, 'model0'), (12, 'model1'), (13, 'model1'), (45, 'model2')]
+    >>> fits, r.fits
+    ([2, 5], 2)
+    """
+
+    def __init__(self, fit: Callable[[list], object], every_s: float, delay_s: float = 0.0,
+                 history: Iterable = (), ts_of: Callable[[object], int] = attrgetter("ts")) -> None:
+        if every_s <= 0 or delay_s < 0:
+            raise ValueError(f"retraining needs every_s > 0 and delay_s >= 0, saw {every_s} and {delay_s}")
+        self.fit = fit
+        self.every_ms = every_s * 1000
+        self.delay_ms = delay_s * 1000
+        self.history = list(history)
+        self.ts_of = ts_of
+        self.next_at: float | None = None  # the next moment a model is fitted (None: before the first event)
+        self.pending: list[tuple[float, object]] = []  # (served from, scorer)
+        self.fits = 0
+        self._fitted_on = -1  # how many interactions the last fit had
+
+    def advance(self, ts_ms: int, step) -> None:
+        """Before replaying events from ``ts_ms`` on: fit what is due, serve what is ready."""
+        if self.next_at is None:
+            self.next_at = ts_ms + self.every_ms
+        while ts_ms >= self.next_at:
+            cut = self.next_at
+            known = [x for x in self.history if self.ts_of(x) < cut]
+            if len(known) != self._fitted_on:
+                self.pending.append((cut + self.delay_ms, self.fit(known)))
+                self._fitted_on = len(known)
+                self.fits += 1
+            self.next_at += self.every_ms
+        while self.pending and self.pending[0][0] <= ts_ms:
+            step.scorer = self.pending.pop(0)[1]
+
+    def record(self, interactions: Iterable) -> None:
+        """What was replayed: the next fits learn it."""
+        self.history.extend(interactions)
+
+
 def build_contender(name: str, settings: Settings, scorer=None, seed: int = 0) -> Contender:
     """``served`` (the worker under ``settings``, with ``scorer``) or one learner alone."""
     if name == SERVED:
@@ -176,14 +233,19 @@ def _batches(items: Sequence, size: int):
 def _replay(contender: Contender, judge: Judge | None, events: Sequence[Event], batch_size: int,
             categories: dict[str, str], learn: bool = True,
             saved_pair: Callable[[Event], bool] | None = None,
-            on_batch: Callable[[int], None] | None = None) -> None:
+            on_batch: Callable[[int], None] | None = None, retraining: Retraining | None = None) -> None:
     """Feed ``events`` in batches; judge what the step judged (``saved_pair`` says whether a
-    judged event's prediction is one of the saved lists' pairs)."""
+    judged event's prediction is one of the saved lists' pairs); ``retraining`` swaps the
+    step's Transformer as the log's time passes."""
     for batch in _batches(events, batch_size):
         for ev in batch:
             if ev.category_id is not None:
                 categories[ev.item_id] = ev.category_id
+        if retraining is not None:
+            retraining.advance(batch[0].ts, contender.step)
         result, before = contender.feed(batch, learn)
+        if retraining is not None:
+            retraining.record(to_interaction(ev) for ev in batch)
         if judge is not None and result.judged:
             earlier: Counter = Counter()
             applied = {id(ev) for ev in result.applied}
@@ -210,10 +272,13 @@ def prequential(
     batch_size: int = 1,
     curve_points: int = 100,
     progress: Callable[[int], None] | None = None,
+    retraining: Callable[..., Retraining] | None = None,
 ) -> dict[str, Any]:
     """Replay the log in time order (stable) through each contender; returns the summary.
 
-    ``progress`` is called with the number of events done (all contenders together)."""
+    ``progress`` is called with the number of events done (all contenders together).
+    ``retraining(history=...)``: a :class:`Retraining` for ``served``, whose Transformer is
+    then retrained as the log goes."""
     settings = settings if settings is not None else Settings.from_env({})
     ks = _check_ks(ks, settings)
     log, events, refused = admit(sorted(interactions, key=lambda x: x.ts), settings)
@@ -229,11 +294,13 @@ def prequential(
     for c in contenders:
         judge = Judge(ks)
         categories: dict[str, str] = {}
+        retrain = retraining(history=()) if retraining is not None and c.name == SERVED else None
         for at in range(0, len(events), every):
             chunk = events[at:at + every]
-            _replay(c, judge, chunk, batch_size, categories, on_batch=tick)
+            _replay(c, judge, chunk, batch_size, categories, on_batch=tick, retraining=retrain)
             judge.point(at + len(chunk))
-        out[c.name] = {**judge.summary(catalogue, popularity, c.step_s), "dead_lettered": c.failed}
+        out[c.name] = {**judge.summary(catalogue, popularity, c.step_s), "dead_lettered": c.failed,
+                       **_retrain_summary(retrain)}
         curves[c.name] = [list(p) for p in judge.curve]
     report = {
         "protocol": "prequential",
@@ -272,6 +339,7 @@ def session_rec(
     batch_size: int = 1,
     train_batch_size: int | None = None,
     progress: Callable[[int], None] | None = None,
+    retraining: Callable[..., Retraining] | None = None,
 ) -> dict[str, Any]:
     """The session-rec protocol through the step (see the module's docstring).
 
@@ -280,7 +348,8 @@ def session_rec(
     user's next event for the click re-ranker; the test log in batches of ``batch_size`` in
     *learning* mode, click by click in *frozen* mode (a session at a time, where a batch would
     only hide lists).
-    ``progress`` gets the number of events fed so far."""
+    ``progress`` gets the number of events fed so far. ``retraining(history=...)``: a
+    :class:`Retraining` for ``served`` in *learning* mode, which starts from the training log."""
     settings = settings if settings is not None else Settings.from_env({})
     ks = _check_ks(ks, settings)
     for mode in modes:
@@ -327,6 +396,7 @@ def session_rec(
             train_s = time.perf_counter() - t0
             c.step_s.clear()
             judge = Judge(ks)
+            retrain = None
             if mode == "frozen":  # session by session, click by click, the models as training left them
                 for seq in by_session.values():
                     before = judge.metrics.n
@@ -334,13 +404,16 @@ def session_rec(
                     if judge.metrics.n // every > before // every:
                         judge.point(judge.metrics.n)
             else:
+                retrain = retraining(history=train) if retraining is not None and name == SERVED else None
                 for at in range(0, len(in_time), every):
                     chunk = in_time[at:at + every]
-                    _replay(c, judge, chunk, batch_size, categories, saved_pair=saved, on_batch=tick)
+                    _replay(c, judge, chunk, batch_size, categories, saved_pair=saved, on_batch=tick,
+                            retraining=retrain)
                     judge.point(judge.metrics.n)
             result = judge.summary(catalogue, popularity, c.step_s)
             result["train_s"] = round(train_s, 2)
             result["dead_lettered"] = c.failed
+            result.update(_retrain_summary(retrain))
             if pairs:
                 result["saved_pairs"] = {"predictions": judge.saved.n, **judge.saved.summary()}
             out[name][mode] = result
@@ -363,6 +436,12 @@ def session_rec(
         "settings": settings_summary(settings),
         "scorer": _scorer_name(scorer),
     }
+
+
+def _retrain_summary(retrain: Retraining | None) -> dict[str, Any]:
+    if retrain is None:
+        return {}
+    return {"retrained": {"every_s": retrain.every_ms / 1000, "delay_s": retrain.delay_ms / 1000, "fits": retrain.fits}}
 
 
 def session_rec_units(train_events: int, test: Iterable[Interaction], n_models: int, n_modes: int) -> int:

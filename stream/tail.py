@@ -149,7 +149,7 @@ def tail(
     printed = 0
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        with _stop_on_signals() as stop:
+        with stop_on_signals() as stop:
             partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
             consumer.assign(partitions)
             if from_beginning:
@@ -180,7 +180,7 @@ def tail(
 
 
 @contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
+def stop_on_signals() -> Iterator[threading.Event]:
     """An event set by SIGINT or SIGTERM while the block runs (main thread only); handlers restored after."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
@@ -215,4 +215,4 @@ def _render(value: bytes | None, dlq: bool, as_json: bool, items: int, key: byte
         return f"(not a {kind}: {exc}) {(value or b'')[:80]!r}"
 
 
-__all__ = ["tombstone_line", "dead_letter_line", "explanation_text", "is_for_user", "recommendation_line", "tail"]
+__all__ = ["tombstone_line", "dead_letter_line", "explanation_text", "is_for_user", "recommendation_line", "stop_on_signals", "tail"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -23,6 +25,7 @@ from online_models.types import Interaction
 from stream.evaluate_cli import evaluate
 from stream.evaluation import (
     SERVED,
+    Retraining,
     build_contender,
     prequential,
     session_rec,
@@ -297,3 +300,45 @@ def test_events_the_step_could_not_handle_are_counted_and_said():
     text = console.export_text()
     assert "served: the step raised on 3 events" in text and "covisit (learning): the step raised on 2" in text
     assert "frozen" not in text and "refused at the worker's door (dead-lettered, never replayed): too_long 2" in text
+
+
+class NamedScorer:
+    """A stand-in Transformer that says which fit it came from each time it scores."""
+
+    def __init__(self, name: str, calls: list[str]):
+        self.version, self.provider, self.name, self.calls = name, "test", name, calls
+
+    def score(self, sequences, candidates):
+        self.calls.append(self.name)
+        return [np.zeros(len(c), dtype=np.float32) for c in candidates]
+
+
+def test_retraining_fits_only_what_came_before_each_moment_and_serves_it_after_the_delay(tmp_path):
+    write_session_rec_folder(tmp_path)  # training log at 1-8 s, test clicks at 20-24 s
+    train, test, _ = load_folder(tmp_path)
+    calls: list[str] = []
+    fitted: list[list[int]] = []
+
+    def fit(interactions):
+        fitted.append(sorted(x.ts // 1000 for x in interactions))
+        return NamedScorer(f"fit{len(fitted)}", calls)
+
+    report = session_rec(train, test, models=[SERVED, "popularity"], ks=(20,), scorer=NamedScorer("base", calls),
+                         retraining=partial(Retraining, fit, 2, 1))
+    # moments at 22 and 24 s (every 2 s from the first test click): each fit saw the training log
+    # and the test clicks before its moment, never one at or after it
+    assert fitted == [[1, 2, 3, 4, 5, 6, 7, 8, 20, 21], [1, 2, 3, 4, 5, 6, 7, 8, 20, 21, 22, 23]]
+    served = report["models"][SERVED]
+    assert served["learning"]["retrained"] == {"every_s": 2, "delay_s": 1, "fits": 2}
+    assert "retrained" not in served["frozen"] and "retrained" not in report["models"]["popularity"]["learning"]
+    # the fit of 22 s serves from 23 s; the one of 24 s would from 25 s, after the last click
+    assert calls[0] == "base" and calls[-1] == "fit1" and "fit2" not in calls, calls
+
+
+def test_cli_retrains_the_served_transformer_as_the_log_goes(tmp_path):
+    write_session_rec_folder(tmp_path)
+    result = CliRunner().invoke(cli(), ["evaluate", "-p", "session-rec", "-d", str(tmp_path), "--mode", "learning",
+                                        "-m", SERVED, "--retrain-every", "2", "--retrain-delay", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["models"][SERVED]["learning"]["retrained"] == {"every_s": 2.0, "delay_s": 0.0, "fits": 2}

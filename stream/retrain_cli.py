@@ -1,0 +1,209 @@
+"""``streamrec retrain``: retrain the Transformer beside the workers, on the events they consume.
+
+The online learners learn each event as it comes; the Transformer knows only the log it was
+trained on, and a day later it misses the day. This command reads the clicks and purchases
+topics from their oldest retained record (outside any consumer group: it takes no work or
+offsets from a worker), keeps the latest ``--window`` events, and every ``--every`` seconds
+trains a new Transformer on them (and on ``--dataset``, the log the first model was trained
+on, when given), with the architecture of the ``CURRENT`` version, and registers it as
+``CURRENT``: running workers hot-swap to it within seconds. On YooChoose, retraining every
+two hours of the log's time lifts the served blend's HR@20 (docs/evaluation.md, measured with
+``streamrec evaluate --retrain-every``, which retrains the same way).
+
+Forget requests are honoured: a user's events at or before the request's ``ts`` never enter a
+fit after it is read (the versions registered before it keep what they learned until the
+next fit replaces them). Values that break the events' contract are skipped and counted (the
+workers dead-letter them).
+
+:class:`EventWindow` is the pure part:
+
+>>> from stream.records import ClickEvent, ForgetRequest, encode
+>>> w = EventWindow(max_events=3)
+>>> for n, user in enumerate(["u1", "u2", "u1", "u2"]):
+...     w.add_event(encode(ClickEvent(event_id=f"e{n}", user_id=user, item_id=f"i{n}", ts=1_000 + n)))
+>>> w.add_event(b"{not json")
+>>> [(x.user_id, x.item_id) for x in w.interactions()]  # the latest three, oldest first
+[('u2', 'i1'), ('u1', 'i2'), ('u2', 'i3')]
+>>> w.add_forget(encode(ForgetRequest(user_id="u2", request_id="r1", ts=1_002)))
+>>> [(x.user_id, x.item_id) for x in w.interactions()], w.invalid
+([('u1', 'i2'), ('u2', 'i3')], 1)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+
+from gpu_scorer.registry import ModelRegistry
+from gpu_scorer.train_cli import DEFAULT_MODEL_DIR, INSTALL_TRAIN, missing_train_packages
+from online_models import Interaction
+from online_models.datasets import read_interactions
+from stream.decoding import decode_event, decode_forget
+from stream.errors import InvalidEvent
+from stream.records import DEFAULT_BOUNDS, Bounds
+from stream.settings import Settings
+from stream.step_inputs import to_interaction
+from stream.tail import stop_on_signals
+from stream.topics import ensure_streamrec_topics
+
+log = logging.getLogger("streamrec.retrain")
+
+
+class EventWindow:
+    """The latest ``max_events`` clicks and purchases read, as interactions, and the users'
+    erasures (user -> the latest forget request's ``ts``)."""
+
+    def __init__(self, max_events: int = 1_000_000, bounds: Bounds = DEFAULT_BOUNDS) -> None:
+        self.events: deque[Interaction] = deque(maxlen=max_events)
+        self.erased: dict[str, int] = {}
+        self.bounds = bounds
+        self.read = 0  # events kept since the start
+        self.invalid = 0  # values skipped: they break the events' contract
+
+    def add_event(self, value: bytes | None) -> None:
+        try:
+            ev = decode_event(value, self.bounds)
+        except InvalidEvent:
+            self.invalid += 1
+            return
+        self.events.append(to_interaction(ev))
+        self.read += 1
+
+    def add_forget(self, value: bytes | None) -> None:
+        try:
+            req = decode_forget(value, self.bounds)
+        except InvalidEvent:
+            self.invalid += 1
+            return
+        self.erased[req.user_id] = max(req.ts, self.erased.get(req.user_id, req.ts))
+
+    def interactions(self, seed: Iterable[Interaction] = ()) -> list[Interaction]:
+        """``seed`` then the window, without the erased users' events at or before their erasure."""
+        erased = self.erased
+        return [x for source in (seed, self.events) for x in source
+                if x.user_id not in erased or x.ts > erased[x.user_id]]
+
+
+def retrain(
+    every: Annotated[float, typer.Option("--every", min=1, metavar="SECONDS",
+                                         help="Seconds between two fits (a fit waits for at least one new event).")] = 7200.0,
+    window: Annotated[int, typer.Option("--window", min=1, metavar="EVENTS",
+                                        help="Train on at most this many of the latest events read from Kafka.")] = 1_000_000,
+    dataset: Annotated[Path | None, typer.Option(
+        "--dataset", help="A log every fit also trains on, before the events read (the log the first model was trained on).")] = None,
+    format: Annotated[str, typer.Option("--format", "-f", help="--dataset's format: taobao, yoochoose, otto or synthetic.")] = "synthetic",
+    model_dir: Annotated[Path, typer.Option(
+        "--model-dir", envvar="STREAMREC_MODEL_DIR",
+        help="Model registry the workers load from; each fit registers a version there and makes it CURRENT.")] = DEFAULT_MODEL_DIR,
+    once: Annotated[bool, typer.Option("--once", help="Read the topics to their end, fit once and exit (for a scheduler such as cron).")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed of each fit.")] = 0,
+    device: Annotated[str, typer.Option(help="Training device: auto, cuda or cpu.")] = "auto",
+    loglevel: Annotated[str, typer.Option("--loglevel", "-l", help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Retrain the Transformer beside the workers, on the events they consume, every --every seconds.
+
+    Reads the clicks and purchases topics from their oldest record (no consumer group), fits a
+    Transformer with the CURRENT version's architecture on the latest --window events (after
+    --dataset when given), checks ONNX Runtime against PyTorch and makes it CURRENT: the workers
+    hot-swap to it. Forget requests are honoured. SIGTERM or Ctrl-C stops it after the fit in hand.
+    Example:
+
+      streamrec retrain --every 3600 --dataset ../shared/data/yoochoose-100k/yoochoose-clicks-100k_train_full.txt -f yoochoose
+    """
+    logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))  # its INFO is per connection
+    missing = missing_train_packages()
+    if missing:
+        typer.secho(f"streamrec retrain needs {' and '.join(missing)}, not installed here: {INSTALL_TRAIN}", fg="red", err=True)
+        raise typer.Exit(code=1)
+    # torch-bound, as in `streamrec train` (gpu_scorer/train_cli.py)
+    from gpu_scorer import retraining, training
+
+    base: list[Interaction] = []
+    if dataset is not None and format == "synthetic":
+        raise typer.BadParameter("give the log's --format (taobao, yoochoose or otto)", param_hint="--format")
+    if dataset is not None:
+        try:
+            base = list(read_interactions(dataset, format))
+        except (ValueError, OSError) as exc:
+            raise typer.BadParameter(str(exc), param_hint="--dataset") from None
+        log.info("read %d events from %s; every fit trains on them too", len(base), dataset)
+    settings = Settings.from_env()
+    registry = ModelRegistry(model_dir)
+    architecture = retraining.architecture_of(registry)
+    retrainer = retraining.Retrainer(registry, architecture, training.TrainConfig(seed=seed, progress=False, device=device),
+                                     settings.scorer_device)
+    events = EventWindow(window, settings.bounds)
+    topics = settings.topics
+    kafka = settings.kafka
+    ensure_streamrec_topics(settings)
+    try:
+        consumer = KafkaConsumer(**kafka.client_options(), client_id="streamrec-retrain", group_id=None,
+                                 enable_auto_commit=False, bootstrap_timeout_ms=30_000)
+        partitions = [TopicPartition(t, p) for t in (*topics.inputs, topics.forget)
+                      for p in sorted(consumer.partitions_for_topic(t) or ())]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        end = consumer.end_offsets(partitions)
+    except KafkaError as exc:
+        raise kafka.unavailable(exc) from None
+    log.info("reading %s from their oldest records; a fit every %g s on the latest %d events, registered in %s "
+             "(architecture %s)", ", ".join(sorted({tp.topic for tp in partitions})), every, window, model_dir,
+             architecture or "the defaults")
+    caught_up = False
+    fitted_at_read = -1
+    next_fit = 0.0  # the first fit once the backlog is read
+    try:
+        with stop_on_signals() as stop:
+            while not stop.is_set():
+                for tp, records in consumer.poll(timeout_ms=500, max_records=5000).items():
+                    add = events.add_forget if tp.topic == topics.forget else events.add_event
+                    for record in records:
+                        add(record.value)
+                if not caught_up:
+                    caught_up = all(consumer.position(tp) >= end[tp] for tp in partitions)
+                    if caught_up:
+                        log.info("read the topics' backlog: %d events kept, %d values skipped (invalid)",
+                                 len(events.events), events.invalid)
+                    continue
+                if time.monotonic() < next_fit or events.read == fitted_at_read:
+                    if once:
+                        break
+                    continue
+                _fit(retrainer, events, base)
+                fitted_at_read = events.read
+                next_fit = time.monotonic() + every
+                if once:
+                    break
+    except KafkaError as exc:
+        raise kafka.unavailable(exc) from None
+    finally:
+        consumer.close(autocommit=False)
+
+
+def _fit(retrainer, events: EventWindow, base: list[Interaction]) -> None:
+    interactions = events.interactions(base)
+    started = time.monotonic()
+    log.info("fitting on %d events (%d read from Kafka, %d erased users)...", len(interactions), len(events.events),
+             len(events.erased))
+    try:
+        version, metrics = retrainer.fit(interactions, {"source": "streamrec retrain"})
+    except ValueError as exc:  # nothing to train on yet
+        log.warning("no fit: %s", exc)
+        return
+    except Exception:  # noqa: BLE001 - a failed fit (its parity check, a full disk) leaves CURRENT as it was; the next one may work
+        log.exception("the fit failed; CURRENT stays as it was")
+        return
+    log.info("registered %s as CURRENT in %.0f s (validation HR@10 %.4f, best epoch %s): the workers hot-swap to it",
+             version, time.monotonic() - started, metrics.get("val_hr@10", float("nan")), metrics.get("best_epoch"))
+
+
+__all__ = ["EventWindow", "retrain"]

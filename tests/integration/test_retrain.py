@@ -1,0 +1,83 @@
+"""`streamrec retrain` beside a worker, on the real broker: it fits what the topics hold (not an
+erased user's events, not a broken value), registers the model, and the worker serves it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from workerkit import consume_until, produce, wait_for
+
+from online_models.datasets import synthetic_interactions
+from stream.records import ClickEvent, ForgetRequest, PurchaseEvent, decode_recommendation, encode
+from stream.topics import ensure_topics
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def as_records(interactions, first: int = 0) -> list[tuple[str, bytes, bytes]]:
+    out = []
+    for n, x in enumerate(interactions, first):
+        cls, topic = (PurchaseEvent, "purchases") if x.kind == "purchase" else (ClickEvent, "clicks")
+        out.append((topic, x.user_id.encode(), encode(cls(event_id=f"ev-{n}", user_id=x.user_id, item_id=x.item_id,
+                                                          ts=x.ts, session_id=x.session_id))))
+    return out
+
+
+def manifest(models: Path, version: str) -> dict:
+    return json.loads((models / version / "manifest.json").read_text())
+
+
+def current(models: Path) -> str | None:
+    pointer = models / "CURRENT"
+    return pointer.read_text().strip() if pointer.exists() else None
+
+
+def test_retrain_fits_the_topics_and_the_worker_hot_swaps_to_it(worker_env, workers, topic_prefix, tmp_path):
+    bootstrap = worker_env["STREAMREC_KAFKA_BOOTSTRAP"]
+    models = Path(worker_env["STREAMREC_MODEL_DIR"])
+    first = list(synthetic_interactions(n_events=1200, n_users=60, n_items=200, seed=3))
+    victim = first[0].user_id
+    erased = sum(x.user_id == victim for x in first)
+    ensure_topics(bootstrap, [f"{topic_prefix}forget"], 2)  # co-partitioned with the inputs (worker_env's 2)
+    produce(bootstrap, topic_prefix, [
+        *as_records(first),
+        ("clicks", b"u-bad", b'{"user_id": "u-bad", "item_id": [[[1]]]}'),  # breaks the contract: skipped
+        ("forget", victim.encode(), encode(ForgetRequest(user_id=victim, request_id="r1",
+                                                         ts=max(x.ts for x in first)))),
+    ])
+    worker = workers()  # no model registered yet: it ranks with the online models until one is
+    log = (tmp_path / "retrain.log").open("w")
+    retrain = subprocess.Popen([sys.executable, "-m", "stream.cli", "retrain", "--every", "1", "--model-dir", str(models),
+                                "--device", "cpu"], cwd=ROOT, env=worker_env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: current(models) == "v0001" or retrain.poll() is not None, 180, "a first registered version")
+        assert retrain.poll() is None, (tmp_path / "retrain.log").read_text()
+        fitted = manifest(models, "v0001")
+        assert fitted["data"]["events"] == len(first) - erased and fitted["data"]["retrained"]
+        assert fitted["parity"]["ok"]
+
+        more = list(synthetic_interactions(n_events=300, n_users=60, n_items=200, seed=4,
+                                           start_ts=max(x.ts for x in first) + 1000))
+        produce(bootstrap, topic_prefix, as_records(more, first=len(first)))
+        # a later fit learns them, and the worker serves a retrained version within its reload interval
+        wait_for(lambda: current(models) not in (None, "v0001"), 180, "a second fit after new events", worker)
+        assert manifest(models, current(models))["data"]["events"] == len(first) - erased + len(more)
+        # the worker loads a retrained version within its reload interval (5 s), then serves it
+        wait_for(lambda: "Transformer scorer" in worker.log_text(), 60, "the worker loading a retrained version", worker)
+        last = list(synthetic_interactions(n_events=100, n_users=60, n_items=200, seed=5,
+                                           start_ts=max(x.ts for x in more) + 1000))
+        produce(bootstrap, topic_prefix, as_records(last, first=len(first) + len(more)))
+        consume_until(bootstrap, f"{topic_prefix}recommendations",
+                      lambda values: any(decode_recommendation(v).model.get("transformer", "none") != "none"
+                                         for v in values if v is not None), 90, worker)
+    finally:
+        retrain.send_signal(signal.SIGTERM)
+        code = retrain.wait(120)
+        log.close()
+    output = (tmp_path / "retrain.log").read_text()
+    assert code == 0, output
+    assert "1 values skipped (invalid)" in output and "Traceback" not in output, output
