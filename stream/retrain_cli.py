@@ -6,9 +6,9 @@ topics from their oldest retained record (outside any consumer group: it takes n
 offsets from a worker), keeps the latest ``--window`` events, and every ``--every`` seconds
 trains a new Transformer on them (and on ``--dataset``, the log the first model was trained
 on, when given), with the architecture of the ``CURRENT`` version, and registers it as
-``CURRENT``: running workers hot-swap to it within seconds. On YooChoose, retraining every
-two hours of the log's time lifts the served blend's HR@20 (docs/evaluation.md, measured with
-``streamrec evaluate --retrain-every``, which retrains the same way).
+``CURRENT``: running workers hot-swap to it within seconds. What that serves is measured by
+``streamrec evaluate --retrain-every``, which fits the same way (docs/evaluation.md: on
+YooChoose, every two hours moved HR@20 by +0.0078 on the validation day, +0.0007 on the test day).
 
 Forget requests are honoured: a user's events at or before the request's ``ts`` never enter a
 fit after it is read (the versions registered before it keep what they learned until the
