@@ -52,7 +52,6 @@ class Retrainer:
         self.train_config = train_config or TrainConfig(progress=False)
         self.serve_device = serve_device
         self.threads = threads
-        self.fits = 0
 
     def fit(self, interactions: Sequence, data: Mapping | None = None, console=None) -> tuple[str, dict]:
         """Train on ``interactions`` (``online_models.Interaction``, any order), register the
@@ -64,7 +63,6 @@ class Retrainer:
         result = train(sequences, self.model_config, self.train_config, console=console)
         version, parity = export_and_register(result, self.registry,
                                               {"events": len(interactions), "retrained": True, **(data or {})})
-        self.fits += 1
         if not parity["ok"]:
             raise ModelLoadError(f"retrained version {version} failed its parity check "
                                  f"(max |diff| {parity['max_abs_diff']:.2e}); the current version stays")
