@@ -59,8 +59,12 @@ class Retrainer:
         user has two interactions, :class:`ModelLoadError` when the export's parity check
         failed (the version is written for inspection, not made current)."""
         sequences = sequences_from_interactions(interactions)
-        torch.set_num_threads(self.threads)
-        result = train(sequences, self.model_config, self.train_config, console=console)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # for this fit only: the caller's setting comes back after it
+        try:
+            result = train(sequences, self.model_config, self.train_config, console=console)
+        finally:
+            torch.set_num_threads(threads)
         version, parity = export_and_register(result, self.registry,
                                               {"events": len(interactions), "retrained": True, **(data or {})})
         if not parity["ok"]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from gpu_scorer.registry import ModelRegistry
 from gpu_scorer.retraining import Retrainer, architecture_of
 from gpu_scorer.training import TrainConfig
@@ -23,3 +25,14 @@ def test_a_retrained_version_keeps_the_served_architecture_and_becomes_current(t
     assert {k: manifest["config"][k] for k in served} == served
     assert manifest["data"]["events"] == len(log) and manifest["data"]["retrained"] and manifest["parity"]["ok"]
     assert Retrainer(registry, served, QUICK).load(second).version == second
+
+
+def test_a_fit_leaves_the_callers_thread_count_as_it_was(tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        log = list(synthetic_interactions(n_events=200, n_users=20, n_items=40, seed=2))
+        Retrainer(ModelRegistry(tmp_path), {"dim": 16, "max_len": 8}, QUICK, threads=1).fit(log)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
