@@ -272,11 +272,7 @@ def _retraining(registry_dir: Path, scorer_model: Path | None, every_s: float, d
     # torch-bound, as in `streamrec train` (gpu_scorer/train_cli.py)
     from gpu_scorer import retraining, training
 
-    architecture = {}
-    if scorer_model is not None:
-        path = scorer_model.parent if scorer_model.is_file() else scorer_model
-        version = path.name if (path / "manifest.json").is_file() else None
-        architecture = retraining.architecture_of(ModelRegistry(path.parent if version else path), version)
+    architecture = retraining.architecture_of(*_registry_of(scorer_model)) if scorer_model is not None else {}
     retrainer = retraining.Retrainer(ModelRegistry(registry_dir), architecture,
                                      training.TrainConfig(seed=seed, progress=False, device=device), device)
 
@@ -287,21 +283,26 @@ def _retraining(registry_dir: Path, scorer_model: Path | None, every_s: float, d
     return partial(Retraining, fit, every_s, delay_s)
 
 
+def _registry_of(path: Path) -> tuple[ModelRegistry, str | None]:
+    """``--scorer-model``'s registry and version: a version directory or its model.onnx names
+    one; a registry directory, None (its CURRENT)."""
+    if path.is_file():
+        path = path.parent
+    if (path / "manifest.json").is_file():
+        return ModelRegistry(path.parent), path.name
+    return ModelRegistry(path), None
+
+
 def _load_scorer(path: Path, device: str):
     """The registered Transformer at ``path``, loaded and parity-checked as the worker does."""
     if not path.exists():
         raise typer.BadParameter(f"{path} does not exist; give a model registry (STREAMREC_MODEL_DIR), a version "
                                  "directory in it or its model.onnx (`streamrec train` makes one)",
                                  param_hint="--scorer-model")
-    if path.is_file():
-        path = path.parent
-    if (path / "manifest.json").is_file():
-        registry, version = ModelRegistry(path.parent), path.name
-    else:
-        registry, version = ModelRegistry(path), None
-        if registry.latest() is None:
-            raise typer.BadParameter(f"{path} holds no registered model version (`streamrec train --model-dir "
-                                     f"{path}` registers one)", param_hint="--scorer-model")
+    registry, version = _registry_of(path)
+    if version is None and registry.latest() is None:
+        raise typer.BadParameter(f"{path} holds no registered model version (`streamrec train --model-dir "
+                                 f"{path}` registers one)", param_hint="--scorer-model")
     try:
         return registry.load(version, device)
     except (ScorerError, OSError, ValueError) as exc:
