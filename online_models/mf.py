@@ -31,7 +31,6 @@ import random
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from river import optim, reco
 
 from online_models.base import OnlineLearner, heaviest_rows, trim_oldest
 from online_models.types import Interaction, UserContext
@@ -72,6 +71,11 @@ class ImplicitMF(OnlineLearner):
         self.max_items = max_items
         self.seed = seed
         self.n_learned = 0
+        # River here, where the model is made: importing it (and scipy.special, which it loads)
+        # took about a quarter of a second of every command's start, `streamrec --help`,
+        # `produce` and `tail` among them, that never make one
+        from river import optim, reco
+
         self.model = reco.FunkMF(
             n_factors=n_factors,
             optimizer=optim.SGD(learning_rate),

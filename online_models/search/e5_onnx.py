@@ -42,11 +42,13 @@ import mmap
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+
+if TYPE_CHECKING:
+    import onnx
 
 MAGIC = b"E5S1"
 BLOCK = 32
@@ -260,6 +262,10 @@ def build_graph(w: E5Weights, accuracy_level: int = 4, int8: bool = True) -> onn
     Else (the reference, the engine's arithmetic) ``MatMulNBits`` on the file's own 4-bit
     blocks, with ``accuracy_level``, and attention in plain ONNX ops.
     """
+    # onnx only here: importing it (and ml_dtypes, which it loads) took 0.7-0.9 s of every
+    # process's start, `streamrec --help` and `streamrec produce` among them, that never build this graph
+    from onnx import TensorProto, helper, numpy_helper
+
     H, heads = w.hidden, w.heads
     head_dim = H // heads
     nodes: list[onnx.NodeProto] = []

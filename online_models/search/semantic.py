@@ -11,7 +11,13 @@ back without a file.
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime  # noqa: F401 - before usearch: see below
 from usearch.index import Index
+
+# ONNX Runtime's extension loaded after usearch's crashes the interpreter (SIGSEGV while
+# importing onnxruntime; usearch 2.26.6, onnxruntime-gpu 1.31.1, this machine), unless scipy
+# or onnx came first; in the other order both load. Every process that searches also runs the
+# text model, so ONNX Runtime is loaded here first whatever the caller imported before.
 
 
 class VectorIndex:
