@@ -15,9 +15,11 @@ import onnxruntime  # noqa: F401 - before usearch: see below
 from usearch.index import Index
 
 # ONNX Runtime's extension loaded after usearch's crashes the interpreter (SIGSEGV while
-# importing onnxruntime; usearch 2.26.6, onnxruntime-gpu 1.31.1, this machine), unless scipy
-# or onnx came first; in the other order both load. Every process that searches also runs the
-# text model, so ONNX Runtime is loaded here first whatever the caller imported before.
+# importing onnxruntime; usearch 2.26.6, onnxruntime-gpu 1.31.1): usearch's extension carries
+# its own copy of the C++ runtime and exports its symbols (2,295 of them, std::locale's among
+# them), which then stand in for the system libstdc++ that ONNX Runtime loads. With libstdc++
+# loaded first (by ONNX Runtime, scipy or onnx) both load. Every process that searches also runs
+# the text model, so ONNX Runtime is loaded here first whatever the caller imported before.
 
 
 class VectorIndex:
