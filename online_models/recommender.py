@@ -72,6 +72,17 @@ def _default_weights() -> dict[str, float]:
             "query": 1.0, "content": 1.0}
 
 
+#: the largest blend weight a source may have: a list's scores are sums of weights times
+#: scores in [0, 1], so they stay finite numbers whatever the weights (``float("9" * 400)`` is
+#: infinite, and an infinite weight would publish ``"score": null``)
+MAX_WEIGHT = 1e6
+
+
+def weight_ok(weight: object) -> bool:
+    """A number from 0 to :data:`MAX_WEIGHT` (not a bool, not NaN)."""
+    return isinstance(weight, int | float) and not isinstance(weight, bool) and 0.0 <= weight <= MAX_WEIGHT
+
+
 def parse_weights(spec: str | None) -> dict[str, float]:
     """``"covisit=1,mf=0.2"`` → ``{"covisit": 1.0, "mf": 0.2}`` (blank: no overrides).
 
@@ -87,8 +98,8 @@ def parse_weights(spec: str | None) -> dict[str, float]:
             weight = float(value)
         except ValueError:
             weight = float("nan")
-        if not sep or not name.strip() or not weight == weight or weight < 0:
-            raise ValueError(f"expected name=weight with a weight >= 0, saw {part.strip()!r}")
+        if not sep or not name.strip() or not weight_ok(weight):
+            raise ValueError(f"expected name=weight with a weight from 0 to {MAX_WEIGHT:g}, saw {part.strip()!r}")
         out[name.strip()] = weight
     return out
 
@@ -583,4 +594,4 @@ def _bounded_put(store: dict, key: str, value: object, limit: int) -> None:
     trim_oldest(store, limit)
 
 
-__all__ = ["ForgetError", "Recommender", "RecommenderConfig", "parse_weights"]
+__all__ = ["MAX_WEIGHT", "ForgetError", "Recommender", "RecommenderConfig", "parse_weights", "weight_ok"]

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from online_models import Recommender, RecommenderConfig
+from online_models.recommender import MAX_WEIGHT, weight_ok
 from stream.errors import ConfigError
 
 #: the baselines an arm may be instead of a blend
@@ -181,9 +182,8 @@ def parse_experiment(data: Mapping, where: str = "the experiment", known_sources
         if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
             raise ConfigError(f"{at} ({arm_name}): `share` must be a number in (0, 1]")
         weights = raw.get("weights", {})
-        if not isinstance(weights, Mapping) or not all(
-                isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in weights.values()):
-            raise ConfigError(f"{at} ({arm_name}): `weights` must map source names to numbers >= 0")
+        if not isinstance(weights, Mapping) or not all(map(weight_ok, weights.values())):
+            raise ConfigError(f"{at} ({arm_name}): `weights` must map source names to numbers from 0 to {MAX_WEIGHT:g}")
         off = raw.get("learners_off", [])
         if not isinstance(off, list) or not all(isinstance(x, str) for x in off):
             raise ConfigError(f"{at} ({arm_name}): `learners_off` must be a list of source names")
@@ -204,8 +204,8 @@ def parse_experiment(data: Mapping, where: str = "the experiment", known_sources
         arms.append(Arm(arm_name, float(share), {k: float(v) for k, v in weights.items()}, tuple(off), model,
                         candidates, baseline))
     control = data.get("control", arms[0].name)
-    if control not in seen:
-        raise ConfigError(f"{where}: `control` names {control!r}, which is not an arm ({', '.join(sorted(seen))})")
+    if not isinstance(control, str) or control not in seen:
+        raise ConfigError(f"{where}: `control` must be the name of an arm ({', '.join(sorted(seen))}), saw {control!r}")
     return Experiment(name.strip(), tuple(arms), control)
 
 

@@ -162,6 +162,6 @@ def test_parse_weights_rejects_what_it_cannot_read():
     from online_models.recommender import parse_weights
 
     assert parse_weights("") == {} and parse_weights(" covisit = 2 ,") == {"covisit": 2.0}
-    for bad in ("mf", "mf=", "mf=-1", "mf=nan", "=1"):
+    for bad in ("mf", "mf=", "mf=-1", "mf=nan", "=1", "mf=inf", "mf=" + "9" * 400, "mf=1e300"):
         with pytest.raises(ValueError, match="name=weight"):
             parse_weights(bad)

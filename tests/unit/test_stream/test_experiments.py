@@ -63,6 +63,9 @@ def test_files_load_from_toml_and_json_and_mistakes_are_named(tmp_path):
                         ({"experiment": "e", "arms": [{"name": "a", "share": 1}, {"name": "a", "share": 1}]}, "twice"),
                         ({"experiment": "e", "arms": [{"name": "a", "share": 1, "colour": 1}]}, "colour"),
                         ({"experiment": "e", "control": "z", "arms": [{"name": "a", "share": 1}]}, "`control`"),
+                        ({"experiment": "e", "control": ["a"], "arms": [{"name": "a", "share": 1}]}, "`control`"),
+                        ({"experiment": "e", "arms": [{"name": "a", "share": 1, "weights": {"covisit": float("inf")}}]},
+                         "from 0 to 1e"),
                         ({"experiment": "e", "arms": [{"name": "a", "share": 1, "weights": {"nope": 1}}]}, "nope")):
         with pytest.raises(ConfigError, match=words):
             parse_experiment(data, known_sources=["covisit"])
