@@ -25,6 +25,10 @@ from stream.records import MAX_DEPTH, MAX_PRICE, MAX_QUANTITY, Bounds
 
 #: most events in one micro-batch (the models keep a ranked list per user until it is recorded)
 MAX_BATCH_SIZE = 16_384
+#: the most items in a list, candidates, recent items, remembered event ids or partitions
+MAX_LIST = 100_000
+#: the most items or users an online model keeps
+MAX_TABLE = 1_000_000_000
 
 #: fewest users (and candidates) in the scorer's CUDA-graph shape: every load re-runs the
 #: registered parity sample (4 users x 9 candidates, gpu_scorer/export.py ``parity_sample``)
@@ -191,9 +195,23 @@ class Settings:
                                  ("STREAMREC_MAX_ITEMS", self.max_items, 1000), ("STREAMREC_MAX_USERS", self.max_users, 1000),
                                  ("STREAMREC_RAW_RETENTION_H", self.raw_retention_h, 1), ("STREAMREC_SEARCH_CANDIDATES", self.search_candidates, 1),
                                  ("STREAMREC_ATTRIBUTION_WINDOW_S", self.attribution_window_s, 0),
-                                 ("STREAMREC_QUERY_TTL_S", self.query_ttl_s, 0)):
+                                 ("STREAMREC_QUERY_TTL_S", self.query_ttl_s, 0),
+                                 ("STREAMREC_STATE_TTL_S", self.state_ttl_s, 0),
+                                 ("STREAMREC_KAFKA_SESSION_TIMEOUT_S", self.session_timeout_s, 1),
+                                 ("STREAMREC_SNAPSHOT_INTERVAL_S", self.snapshot_interval_s, 1)):
             if value < low:
                 raise ConfigError(f"{name}={value}: must be at least {low}")
+        # sizes of a list, a history and a table: past these the numbers stop fitting the C
+        # integers numpy and the models index with (and no list or history is that long)
+        for name, value, ceiling in (("STREAMREC_TOP_K", self.top_k, MAX_LIST), ("STREAMREC_CANDIDATES", self.n_candidates, MAX_LIST),
+                                     ("STREAMREC_RECENT_ITEMS", self.recent_items, MAX_LIST),
+                                     ("STREAMREC_SEARCH_CANDIDATES", self.search_candidates, MAX_LIST),
+                                     ("STREAMREC_DEDUPE_WINDOW", self.dedupe_window, MAX_LIST),
+                                     ("STREAMREC_PARTITIONS", self.partitions, MAX_LIST),
+                                     ("STREAMREC_MAX_ITEMS", self.max_items, MAX_TABLE),
+                                     ("STREAMREC_MAX_USERS", self.max_users, MAX_TABLE)):
+            if value > ceiling:
+                raise ConfigError(f"{name}={value}: at most {ceiling:,}")
         if not MIN_SCORER_SHAPE <= self.scorer_max_batch <= MAX_BATCH_SIZE:
             raise ConfigError(f"STREAMREC_SCORER_MAX_BATCH={self.scorer_max_batch}: expected {MIN_SCORER_SHAPE} to {MAX_BATCH_SIZE} "
                               f"users per call (a CUDA graph's batch must hold the 4-user parity sample each model load "

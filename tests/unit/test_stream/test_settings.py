@@ -74,6 +74,13 @@ def test_the_process_environment_is_the_default(monkeypatch):
         ("STREAMREC_SCORER_MAX_BATCH", "0", "16 to 16384"),
         ("STREAMREC_SCORER_MAX_BATCH", "15", "parity sample"),
         ("STREAMREC_SCORER_MAX_BATCH", "16385", "16 to 16384"),
+        ("STREAMREC_TOP_K", "9223372036854775808", "at most 100,000"),
+        ("STREAMREC_CANDIDATES", "100001", "at most 100,000"),
+        ("STREAMREC_RECENT_ITEMS", "1000000", "at most 100,000"),
+        ("STREAMREC_MAX_USERS", "10000000000", "at most 1,000,000,000"),
+        ("STREAMREC_STATE_TTL_S", "-5", "at least 0"),
+        ("STREAMREC_KAFKA_SESSION_TIMEOUT_S", "0", "at least 1"),
+        ("STREAMREC_SNAPSHOT_INTERVAL_S", "-1", "at least 1"),
         ("STREAMREC_TOPIC_PREFIX", "streamrec/", "topic names"),
         ("STREAMREC_REDIS_URL", "127.0.0.1:6379", "redis://"),
     ],
@@ -176,6 +183,10 @@ def test_the_worker_blend_takes_the_weights_over_the_defaults():
     assert config.weights["mf"] == 0.2 and config.weights["trending"] == 0.0 and config.weights["covisit"] == 1.0
     with pytest.raises(ConfigError, match="sessionknn"):
         recommender_config(Settings.from_env({"STREAMREC_BLEND_WEIGHTS": "sessionknn=1"}))
+    # float("9" * 400) is infinite: its lists would publish "score": null
+    for huge in ("9" * 400, "2000000"):
+        with pytest.raises(ConfigError, match="from 0 to 1e"):
+            recommender_config(Settings.from_env({"STREAMREC_BLEND_WEIGHTS": f"covisit={huge}"}))
 
 
 def test_the_scorer_cuda_options_default_to_the_measured_choice():
