@@ -102,6 +102,10 @@ def train(
         raise typer.BadParameter(f"{dataset} is a folder; train on one log file in it{hint}, e.g. "
                                  f"--dataset {dataset}/yoochoose-clicks-100k_train_full.txt --format yoochoose",
                                  param_hint="--dataset")
+    # found out before the training, not after it: the registry is made where a folder can be
+    nearest = next(p for p in (model_dir, *model_dir.absolute().parents) if p.exists())
+    if not nearest.is_dir():
+        raise typer.BadParameter(f"{model_dir}: {nearest} is a file, not a folder", param_hint="--model-dir")
     try:
         events = list(read_interactions(dataset, format, limit))
     except (ValueError, OSError) as exc:  # DatasetError names the file and line

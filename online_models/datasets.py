@@ -22,10 +22,11 @@ Formats (see ``docs/datasets.md``):
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import json
 import random
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,36 @@ class DatasetError(ValueError):
     """A log line that does not follow its format; the message names the file and line."""
 
 
-def read_taobao(path: str | Path) -> Iterator[Interaction]:
-    path = Path(path)
+#: the latest event time a log may hold, in ms (the end of the year 9999, as the events' schema)
+MAX_TS_MS = 253_402_300_799_999
+
+
+def _ts_ms(seconds: float, where: str, field: str) -> int:
+    """``seconds`` (a log's unix time) in ms; a :class:`DatasetError` naming ``where`` unless
+    it is a time from 1970 to the year 9999."""
+    if not 0 <= seconds <= MAX_TS_MS / 1000:  # NaN and the infinities fail too
+        raise DatasetError(f"{where}: {field} {seconds!r} is not a time from 1970 to the year 9999 in unix seconds")
+    return int(round(seconds * 1000))
+
+
+def _guarded(read: Callable[[Path], Iterator[Interaction]]) -> Callable[[str | Path], Iterator[Interaction]]:
+    """``read`` raising a :class:`DatasetError` for a file that is not UTF-8 text or nests
+    JSON too deeply, as for any other line it cannot read."""
+    @functools.wraps(read)
+    def reader(path: str | Path) -> Iterator[Interaction]:
+        path = Path(path)
+        try:
+            yield from read(path)
+        except UnicodeDecodeError as exc:
+            raise DatasetError(f"{path}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} "
+                               f"cannot be decoded)") from None
+        except RecursionError:
+            raise DatasetError(f"{path}: a line nests its JSON too deeply to read") from None
+    return reader
+
+
+@_guarded
+def read_taobao(path: Path) -> Iterator[Interaction]:
     with path.open(newline="", encoding="utf-8") as fh:
         for lineno, row in enumerate(csv.reader(fh), start=1):
             if not row:
@@ -56,14 +85,15 @@ def read_taobao(path: str | Path) -> Iterator[Interaction]:
             if kind is None:
                 raise DatasetError(f"{path}:{lineno}: unknown behavior {behavior!r} (pv, cart, fav, buy)")
             try:
-                ts_ms = int(ts) * 1000
+                seconds = int(ts)
             except ValueError:
                 raise DatasetError(f"{path}:{lineno}: timestamp {ts!r} is not an integer") from None
-            yield Interaction(user, item, ts_ms, kind, None, category, behavior)
+            yield Interaction(user, item, _ts_ms(seconds, f"{path}:{lineno}", "timestamp"), kind, None, category,
+                              behavior)
 
 
-def read_yoochoose(path: str | Path) -> Iterator[Interaction]:
-    path = Path(path)
+@_guarded
+def read_yoochoose(path: Path) -> Iterator[Interaction]:
     with path.open(encoding="utf-8") as fh:
         header = fh.readline().rstrip("\n").split("\t")
         if header[:3] != ["SessionId", "ItemId", "Time"]:
@@ -76,14 +106,15 @@ def read_yoochoose(path: str | Path) -> Iterator[Interaction]:
                 continue
             session, item, ts = parts[0], parts[1], parts[2]
             try:
-                ts_ms = int(round(float(ts) * 1000))
+                seconds = float(ts)
             except ValueError:
                 raise DatasetError(f"{path}:{lineno}: Time {ts!r} is not a number") from None
-            yield Interaction(session, item, ts_ms, "click", session, None, "click")
+            yield Interaction(session, item, _ts_ms(seconds, f"{path}:{lineno}", "Time"), "click", session, None,
+                              "click")
 
 
-def read_otto(path: str | Path) -> Iterator[Interaction]:
-    path = Path(path)
+@_guarded
+def read_otto(path: Path) -> Iterator[Interaction]:
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -94,11 +125,19 @@ def read_otto(path: str | Path) -> Iterator[Interaction]:
                 events = session["events"]
             except (ValueError, KeyError, TypeError) as exc:
                 raise DatasetError(f"{path}:{lineno}: not an OTTO session object ({exc})") from None
+            if not isinstance(events, list):
+                raise DatasetError(f"{path}:{lineno}: `events` is not a list")
             for ev in events:
+                if not isinstance(ev, dict):
+                    raise DatasetError(f"{path}:{lineno}: an event is not an object: {ev!r:.80}")
                 kind = _OTTO_KIND.get(ev.get("type"))
                 if kind is None:
                     raise DatasetError(f"{path}:{lineno}: unknown OTTO event type {ev.get('type')!r}")
-                yield Interaction(sid, str(ev["aid"]), int(ev["ts"]), kind, sid, None, ev["type"])
+                ts, aid = ev.get("ts"), ev.get("aid")
+                if aid is None or isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts <= MAX_TS_MS:
+                    raise DatasetError(f"{path}:{lineno}: an OTTO event needs `aid` and `ts` (whole milliseconds "
+                                       f"from 1970 to the year 9999), saw {ev!r:.80}")
+                yield Interaction(sid, str(aid), ts, kind, sid, None, ev["type"])
 
 
 def synthetic_interactions(

@@ -26,7 +26,7 @@ from gpu_scorer.errors import ScorerError
 from gpu_scorer.train_cli import INSTALL_TRAIN, missing_train_packages
 from online_models import Recommender
 from online_models.datasets import DatasetError, load_folder, read_interactions
-from stream.errors import ConfigError
+from stream.errors import ConfigError, StreamrecError
 from stream.evaluation import (
     DEFAULT_MODELS,
     SESSION_MODELS,
@@ -191,6 +191,9 @@ def evaluate(
         if protocol is EvalProtocol.session_rec:
             raise typer.BadParameter("an experiment is rehearsed with the prequential protocol (the live traffic's "
                                      "order); session-rec judges saved test sessions", param_hint="--variants")
+    for path, hint in ((json_out, "--json-out"), (png_out, "--png-out")):
+        if path is not None:  # found out before the run, not after it
+            _check_writable(path, hint)
     ks = tuple(sorted(set(k))) if k else (10, 20)
     if ks[0] < 1 or ks[-1] > settings.top_k:
         raise typer.BadParameter(f"cut-offs must be 1 to STREAMREC_TOP_K={settings.top_k} (the length of a "
@@ -210,16 +213,27 @@ def evaluate(
         report = _run(protocol, dataset, format, limit, mode, split, batch_size, seed, names, settings, scorer, ks,
                       show, retraining)
     report["command"] = " ".join(["streamrec evaluate", *sys.argv[2:]]) if len(sys.argv) > 1 else "streamrec evaluate"
-    if json_out is not None:
-        json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    if png_out is not None:
-        title = f"{report['protocol']} on {report['dataset']}"
-        plot_curves(report, str(png_out), title)
+    try:
+        if json_out is not None:
+            json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        if png_out is not None:
+            title = f"{report['protocol']} on {report['dataset']}"
+            plot_curves(report, str(png_out), title)
+    except OSError as exc:
+        raise StreamrecError(f"cannot write {exc.filename or json_out or png_out}: {exc.strerror or exc}") from None
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
         out = Console()
         _print_tables(out if out.is_terminal else Console(width=240), report)
+
+
+def _check_writable(path: Path, hint: str) -> None:
+    """A usage error unless ``path`` names a file that can be written (not a folder, in a folder that exists)."""
+    if path.is_dir():
+        raise typer.BadParameter(f"{path} is a folder; give the file to write", param_hint=hint)
+    if not path.parent.is_dir():
+        raise typer.BadParameter(f"{path}: the folder {path.parent} does not exist", param_hint=hint)
 
 
 def _run(protocol: EvalProtocol, dataset: Path | None, format: str, limit: int | None, mode, split: Split,

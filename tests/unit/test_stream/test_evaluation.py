@@ -268,9 +268,23 @@ def test_otto_sample_is_readable():
     (["-d", "{tmp}/missing.csv", "-f", "taobao"], "missing.csv"),
     (["-p", "session-rec", "-d", "{tmp}"], "has no yoochoose-clicks-100k_train_full.txt"),
     (["-d", "{tmp}/empty.csv", "-f", "taobao"], "holds no events"),
+    (["-d", "{tmp}/binary.csv", "-f", "taobao"], "not UTF-8 text"),
+    (["-d", "{tmp}/inf.txt", "-f", "yoochoose"], "Time inf is not a time from 1970"),
+    (["-d", "{tmp}/huge.csv", "-f", "taobao"], "timestamp 99999999999999999 is not a time"),
+    (["-d", "{tmp}/no_ts.jsonl", "-f", "otto"], "needs `aid` and `ts`"),
+    (["-d", "{tmp}/not_objects.jsonl", "-f", "otto"], "an event is not an object"),
+    (["-d", "{tmp}/deep.jsonl", "-f", "otto"], "nests its JSON too deeply"),
+    (["-n", "50", "--json-out", "{tmp}"], "is a folder; give the file to write"),
+    (["-n", "50", "--png-out", "{tmp}/missing/chart.png"], "does not exist"),
 ])
 def test_cli_misuse_is_a_clear_error_not_a_traceback(tmp_path, args, hint):
     (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00\x01garbage")
+    (tmp_path / "inf.txt").write_text("SessionId\tItemId\tTime\n1\t2\tinf\n")
+    (tmp_path / "huge.csv").write_text("1,2,3,pv,99999999999999999\n")
+    (tmp_path / "no_ts.jsonl").write_text('{"session": 1, "events": [{"type": "clicks", "aid": 1}]}\n')
+    (tmp_path / "not_objects.jsonl").write_text('{"session": 1, "events": [1]}\n')
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "\n")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     result = CliRunner().invoke(cli(), ["evaluate", *args], env={"COLUMNS": "500"})
     assert result.exit_code == 2, result.output
@@ -287,6 +301,20 @@ def test_train_on_a_folder_names_the_files_in_it(tmp_path):
     result = CliRunner().invoke(app, ["train", "--dataset", str(tmp_path)])
     assert result.exit_code == 2 and "is a folder" in result.output and "log_a.txt" in result.output
     assert "Traceback" not in result.output
+
+
+def test_train_into_a_file_is_refused_before_it_trains(tmp_path):
+    from gpu_scorer.train_cli import train
+
+    (tmp_path / "a_file").write_text("not a registry")
+    app = typer.Typer()
+    app.command("train")(train)
+    app.command("noop")(lambda: None)
+    for model_dir in (tmp_path / "a_file", tmp_path / "a_file" / "models"):
+        result = CliRunner().invoke(app, ["train", "--limit", "300", "--model-dir", str(model_dir)],
+                                    env={"COLUMNS": "500"})
+        assert result.exit_code == 2 and "is a file, not a folder" in result.output, result.output
+        assert "read 300 events" not in result.output and "Traceback" not in result.output
 
 
 def test_events_the_step_could_not_handle_are_counted_and_said():
