@@ -57,6 +57,7 @@ _search_decoder = msgspec.json.Decoder(SearchEvent)
 _item_decoder = msgspec.json.Decoder(ItemEvent)
 
 _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+_KEY_PATH = re.compile(r" - at `key` in `\$\.?([^`]*)`$")  # a key of an object field (filters, attributes)
 _EXPECTED_TYPE = re.compile(r"^Expected `([^`]+)`, got `([^`]+)`")
 _CONSTRAINT = re.compile(r"^Expected `([^`]+)` (.+)$")
 _TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "object": "a JSON object",
@@ -71,6 +72,8 @@ def _words(t: str) -> str:
 
 def _invalid_from_validation(message: str) -> InvalidEvent:
     """Turn msgspec's validation message into a reason a producer can act on."""
+    if (k := _KEY_PATH.search(message)) is not None:
+        return _invalid_key(message[: k.start()], k.group(1))
     m = _PATH.search(message)
     field = m.group(1) if m else None
     body = message[: m.start()] if m else message
@@ -82,6 +85,9 @@ def _invalid_from_validation(message: str) -> InvalidEvent:
         return InvalidEvent("missing_field", f"field `{missing}` is missing (required)", missing)
     if body.startswith("Invalid value") and field == "type":
         seen = body[len("Invalid value "):]
+        if seen.strip("'\"") in ("click", "purchase"):  # the first `type` chose the other kind
+            return InvalidEvent("unknown_type", f"field `type` is given twice, with different values (the second {seen}); "
+                                                "send it once", "type")
         return InvalidEvent("unknown_type", f'field `type`: unknown event type {seen}; expected "click" or "purchase"', "type")
     if field == "type":
         return InvalidEvent("unknown_type", f'field `type` must be "click" or "purchase" ({body.strip()})', "type")
@@ -109,6 +115,18 @@ def _invalid_from_validation(message: str) -> InvalidEvent:
         expected = rule.replace("length", "a length")
         return InvalidEvent("invalid_value", f"{where}: must be {_words(c.group(1))} {expected}", field)
     return InvalidEvent("invalid_value", f"{where}: {body}", field)
+
+
+def _invalid_key(body: str, field: str) -> InvalidEvent:
+    """The reason for a key of object field ``field`` that msgspec refused with ``body``."""
+    c = _CONSTRAINT.match(body)
+    rule = c.group(2) if c is not None else ""
+    if rule.startswith("of length <="):
+        return InvalidEvent("too_long", f"field `{field}`: a key is longer than {rule.split('<=')[1].strip()} characters",
+                            field)
+    if rule.startswith("of length >="):
+        return InvalidEvent("invalid_value", f"field `{field}`: a key is empty; keys must not be empty", field)
+    return InvalidEvent("invalid_value", f"field `{field}`: a key is not accepted ({body.strip()})", field)
 
 
 _BRACKETS = frozenset(b"[]{}")

@@ -36,6 +36,10 @@ def forget_requests(user_ids: list[str], now_ms: int | None = None) -> list[Forg
     now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
     out = []
     for uid in dict.fromkeys(user_ids):
+        try:
+            uid.encode()
+        except UnicodeEncodeError:  # bytes that are not UTF-8 on the command line arrive as lone surrogates
+            raise InvalidEvent("not_utf8", f"field `user_id` {uid!r} is not UTF-8 text", "user_id") from None
         req = ForgetRequest(user_id=uid, request_id=f"forget-{uuid.uuid4().hex[:16]}", ts=now)
         decode_forget(encode(req))  # the worker's own door: the same refusals, here and now
         out.append(req)

@@ -39,12 +39,17 @@ def read_catalogue(lines: Iterable[str], now_ms: int) -> list[ItemEvent]:
             value = json.loads(line)
         except ValueError as exc:
             raise StreamrecError(f"catalogue line {number}: not JSON ({exc})") from None
+        except RecursionError:
+            raise StreamrecError(f"catalogue line {number}: nested too deeply") from None
         if isinstance(value, dict) and "ts" not in value:
             value["ts"] = now_ms
         try:
             items.append(decode_item(json.dumps(value, ensure_ascii=False).encode()))
         except InvalidEvent as exc:
             raise StreamrecError(f"catalogue line {number}: {exc.reason}") from None
+        except UnicodeEncodeError:  # json.loads reads an escape such as \ud800 as half a character
+            raise StreamrecError(f"catalogue line {number}: a string holds a lone surrogate escape (\\ud800 to "
+                                 f"\\udfff without its pair), which is not a character") from None
     return items
 
 

@@ -83,15 +83,29 @@ def empty_counters() -> dict[str, Any]:
 
 
 def _number(field: str, value: float) -> int | float:
-    return float(value) if field == "revenue" else int(round(float(value)))
+    """``value`` as a count (revenue: as a float); a ValueError unless it is a finite number."""
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+    try:
+        x = float(value)
+    except OverflowError:  # an integer too large for a float
+        x = math.inf
+    except (TypeError, ValueError):
+        raise ValueError(f"{field} is {shown}, not a number") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{field} is {shown}, not a finite number a float can hold")
+    return x if field == "revenue" else int(round(x))
 
 
 def _add(counters: dict[str, dict[str, Any]], variant: str, field: str, value: float, k: str | None = None) -> None:
     c = counters.setdefault(variant, empty_counters())
+    try:
+        number = _number(field, value)
+    except ValueError as exc:
+        raise ReportError(f"variant {variant!r}: {exc}") from None
     if field == "hits":
-        c["hits"][k] = c["hits"].get(k, 0) + _number("hits", value)
+        c["hits"][k] = c["hits"].get(k, 0) + number
     else:
-        c[field] += _number(field, value)
+        c[field] += number
 
 
 def counters_from_metrics_text(text: str) -> dict[str, dict[str, Any]]:
@@ -488,6 +502,8 @@ def counters_from_json_file(path: Path) -> tuple[dict[str, dict[str, Any]], str 
         raise ReportError(f"cannot read {path}: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise ReportError(f"{path} is not JSON: {exc}") from None
+    except RecursionError:
+        raise ReportError(f"{path} nests its JSON too deeply to be a replay's report") from None
     counters, control = counters_from_json(data)
     if not counters:
         raise ReportError(f"{path} has no variants")

@@ -158,6 +158,8 @@ def test_forget_requests_refuse_an_id_the_worker_would():
     assert (req.user_id, req.ts) == ("u1", 7) and req.request_id.startswith("forget-")
     with pytest.raises(InvalidEvent):
         forget_requests(["bad\u0001id"])
+    with pytest.raises(InvalidEvent, match="not UTF-8"):  # `streamrec forget $'\xff'`: argv's bytes as a surrogate
+        forget_requests([b"\xff".decode("utf-8", "surrogateescape")])
 
 
 async def test_a_learner_whose_purge_raises_leaves_no_half_erasure_behind(caplog):

@@ -217,3 +217,14 @@ def test_user_filter_matches_the_key_exactly():
     assert is_for_user(b"u1", None) and is_for_user(b"u1", "u1")
     assert not is_for_user(b"u10", "u1") and not is_for_user(None, "u1")
     assert is_for_user("ü".encode(), "ü")
+
+
+def test_a_catalogue_line_json_reads_but_no_event_can_hold_is_refused_with_its_line():
+    from stream.errors import StreamrecError
+    from stream.produce_catalogue import read_catalogue
+
+    good = '{"item_id": "i1", "title": "Down jacket"}'
+    for bad, says in (('{"item_id": "i\\ud800", "title": "t"}', "line 2: a string holds a lone surrogate"),
+                      ("[" * 100_000, "line 2: nested too deeply")):
+        with pytest.raises(StreamrecError, match=says):
+            read_catalogue([good, bad], now_ms=5)

@@ -185,6 +185,27 @@ def test_unknown_or_badly_typed_event_type_is_unknown_type(value):
     assert "`type`" in err.reason and '"click" or "purchase"' in err.reason
 
 
+def test_a_type_given_twice_is_said_so_not_called_unknown():
+    body = raw(CLICK)[1:]  # the click's fields after a first `type` of the other kind
+    err = rejected(b'{"type": "purchase", ' + body)
+    assert (err.code, err.field) == ("unknown_type", "type")
+    assert "given twice" in err.reason and "unknown event type" not in err.reason
+
+
+@pytest.mark.parametrize(("decode", "value", "code", "says"), [
+    (decode_search, {"filters": {"": "v"}}, "invalid_value", "field `filters`: a key is empty"),
+    (decode_search, {"filters": {"k" * 129: "v"}}, "too_long", "field `filters`: a key is longer than 128 characters"),
+    (decode_item, {"attributes": {"": "v"}}, "invalid_value", "field `attributes`: a key is empty"),
+])
+def test_a_bad_key_of_an_object_field_names_the_field(decode, value, code, says):
+    base = ({"event_id": "e", "type": "search", "user_id": "u", "query": "q", "ts": 1} if decode is decode_search
+            else {"item_id": "i", "title": "t", "ts": 1})
+    with pytest.raises(InvalidEvent) as info:
+        decode(raw({**base, **value}))
+    assert info.value.code == code and info.value.reason.startswith(says), info.value.reason
+    assert "`key`" not in info.value.reason
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("user_id", ""), ("event_id", ""), ("ts", -1), ("price", -0.01)],

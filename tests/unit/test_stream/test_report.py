@@ -20,6 +20,7 @@ from stream.errors import ServiceUnavailable, StreamrecError
 from stream.report import (
     ReportError,
     counters_from_json,
+    counters_from_json_file,
     counters_from_metrics_text,
     counters_from_prometheus,
     format_table,
@@ -188,6 +189,18 @@ def test_json_source_reads_counters_and_control():
         counters_from_json({"A": {}})
     with pytest.raises(ReportError, match="not a number"):
         counters_from_json({"variants": {"A": {"lists": "many"}}})
+    for huge in (float("inf"), float("nan"), 10 ** 400):  # JSON's 1e400, NaN and a 400-digit count
+        with pytest.raises(ReportError, match="not a finite number"):
+            counters_from_json({"variants": {"A": {"lists": huge}}})
+    with pytest.raises(ReportError, match="not a finite number"):
+        counters_from_metrics_text('streamrec_experiment_lists_total{variant="A"} +Inf\n')
+
+
+def test_a_json_file_nested_too_deeply_is_a_report_error(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    with pytest.raises(ReportError, match="too deeply"):
+        counters_from_json_file(deep)
 
 
 # --------------------------------------------------------------------------- summary
