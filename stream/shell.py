@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from faust.types import TP
+
 from gpu_scorer import HotSwapScorer, ModelRegistry
 from gpu_scorer.errors import ModelLoadError
 from gpu_scorer.runtime import session_factory
@@ -311,7 +313,7 @@ class Shell:
                 self.metrics.fenced_batches.inc()
                 log.warning("fenced: %s since this batch was taken; its %d event(s) are left unacknowledged for "
                             "their new owner (this worker's writes would overwrite newer state)", exc, len(events))
-                events.clear()
+                leave_unacknowledged(app, events)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the last safeguard: never crash the agent
@@ -319,7 +321,7 @@ class Shell:
                 self.health.set("batches", False, f"a batch of {len(events)} events raised {type(exc).__name__}: {exc}; "
                                                   "it is unacknowledged, so its partitions' commits wait (see the log)")
                 log.exception("a batch of %d events raised past every safeguard; it is left unacknowledged", len(events))
-                events.clear()
+                leave_unacknowledged(app, events)
             if self.fetch_pacer is not None:
                 self.fetch_pacer.observe(time.perf_counter() - started)
 
@@ -331,6 +333,14 @@ class Shell:
             return False
         self.busy.release()
         return True
+
+
+def leave_unacknowledged(app, events: list) -> None:
+    """Empty ``events`` (:func:`~stream.batching.take_batches` acknowledges what is left in the
+    list) and commit nothing more for their partitions until they are revoked
+    (:meth:`stream.consumer.Consumer.hold`), so that Kafka delivers them again from the commit."""
+    app.consumer.hold({TP(ev.message.topic, ev.message.partition) for ev in events})
+    events.clear()
 
 
 def text_embedder(settings: Settings) -> TextEmbedder:

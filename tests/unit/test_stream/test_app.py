@@ -105,3 +105,31 @@ async def test_the_shell_tells_the_fetch_pacer_how_long_each_batch_took():
     await shell.handle_taken(FakeApp(), taken(0, 1))
     assert shell.handler.handled == [[0, 1]]
     assert 30 <= shell.fetch_pacer.wait_ms() <= 50
+
+
+async def test_a_batch_left_unacknowledged_holds_its_partitions_commits_until_they_are_revoked():
+    """Faust commits past one unacknowledged event at a partition's head, and past any number
+    when the partition has no commit yet (faust-streaming issue 606): the worker's consumer
+    commits nothing more for a partition whose batch raised past every safeguard, so that the
+    events are read again from the commit after the rebalance or restart."""
+    from faust.types import TP
+
+    class FailingHandler(RecordingHandler):
+        async def handle_isolated(self, messages) -> None:
+            raise RuntimeError("past every safeguard")
+
+    app = make_app()
+    shell, consumer = app.streamrec, app.consumer
+    shell.handler = FailingHandler()
+    clicks0, clicks1 = TP("streamrec.clicks", 0), TP("streamrec.clicks", 1)
+    events = taken(10)  # streamrec.clicks[0] offset 10
+    await shell.handle_taken(SimpleNamespace(flow_control=SimpleNamespace(is_active=lambda: True),
+                                             consumer_generation_id=1, consumer=consumer), events)
+    assert events == []  # not acknowledged
+    for tp, committed in ((clicks0, 10), (clicks1, None)):
+        consumer._committed_offset[tp] = committed
+        consumer._acked[tp] = [11, 12]  # later events of the partition, handled and acknowledged
+    assert consumer._new_offset(clicks0) is None  # Faust alone: 13, past offset 10
+    assert consumer._new_offset(clicks1) == 13  # another partition commits as before
+    await consumer.on_partitions_revoked({clicks0})
+    assert clicks0 not in consumer.held
