@@ -55,7 +55,7 @@ from stream.search_step import SearchStep
 from stream.settings import TopicNames
 from stream.state import Fenced, UserStateStore, encode_state
 from stream.step_inputs import source_of
-from stream.step_results import LIVE_CUTOFFS, StepResult
+from stream.step_results import LIVE_CUTOFFS, StepResult, exception_text
 
 log = logging.getLogger("streamrec.worker")
 
@@ -110,7 +110,7 @@ def _decode_each(messages: Sequence[RawMessage], decode: Callable, bounds: Bound
             dead.append((msg, dead_letter(exc, msg.value, msg.topic, msg.partition, msg.offset, now)))
             continue
         except Exception as exc:  # noqa: BLE001 - see the docstring
-            dead.append((msg, _failure_letter("processing_error", f"decoding the value raised {type(exc).__name__}: {exc}", msg)))
+            dead.append((msg, _failure_letter("processing_error", f"decoding the value raised {type(exc).__name__}: {exception_text(exc)}", msg)))
             continue
         kept.append(msg)
     return values, kept, dead
@@ -162,26 +162,8 @@ class BatchHandler:
         are dead-lettered as ``processing_error``. :class:`Fenced` passes through: the batch
         belongs to another worker now."""
         messages = await self._side_topics(messages)  # once, before the events: never split and done again
-        if not messages:
-            return
-        try:
-            await self.handle(messages)
-            return
-        except (Fenced, asyncio.CancelledError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - isolated below
-            if len(messages) > 1:
-                log.exception("handling a batch of %d messages raised; handling its halves apart", len(messages))
-                half = len(messages) // 2
-                await self.handle_isolated(messages[:half])
-                await self.handle_isolated(messages[half:])
-                return
-            (msg,) = messages
-            log.exception("handling the message at %s[%d]@%d raised; it is dead-lettered", msg.topic, msg.partition, msg.offset)
-            letter = _failure_letter("processing_error", f"handling the message raised {type(exc).__name__}: {exc}", msg)
-            await self._publish([(self.topics.dlq, msg.key, encode(letter))])
-            self.step.advance([msg.position], dead=True)
-            self._count_dead(["processing_error"])
+        if messages:
+            await self._isolated(self.handle, messages)
 
     async def handle(self, messages: Sequence[RawMessage]) -> None:
         messages = await self._side_topics(messages)
@@ -247,16 +229,45 @@ class BatchHandler:
         if not any(msg.topic in side for msg in messages):
             return messages
         topics = self.topics
-        forgets = [msg for msg in messages if msg.topic == topics.forget]
-        if forgets:
-            await self._forget(forgets)
-        impressions = [msg for msg in messages if msg.topic == topics.impressions]
-        if impressions:
-            await self._impressions(impressions)
-        searches = [msg for msg in messages if msg.topic == topics.searches]
-        if searches:
-            await self._searches(searches)
+        for topic, handle in ((topics.forget, self._forget), (topics.impressions, self._impressions),
+                              (topics.searches, self._searches)):
+            of_topic = [msg for msg in messages if msg.topic == topic]
+            if of_topic:  # isolated like the events: one that raises never holds up the batch
+                await self._isolated(handle, of_topic)
         return [msg for msg in messages if msg.topic not in side]
+
+    async def _isolated(self, handle: Callable[[Sequence[RawMessage]], Awaitable[None]],
+                        messages: Sequence[RawMessage]) -> None:
+        """``handle(messages)``, and where it raises (a bug: what a handler can refuse it
+        dead-letters itself), its halves apart, down to single messages, dead-lettered as
+        ``processing_error``. Every handler passes over what it did before (an event applied,
+        a user erased, an impression or a search counted), so a half handled again changes
+        nothing twice."""
+        try:
+            await handle(messages)
+            return
+        except (Fenced, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - isolated below
+            if len(messages) > 1:
+                log.exception("handling a batch of %d messages raised; handling its halves apart", len(messages))
+                half = len(messages) // 2
+                await self._isolated(handle, messages[:half])
+                await self._isolated(handle, messages[half:])
+                return
+            await self._dead_letter_raised(messages[0], exc)
+
+    async def _dead_letter_raised(self, msg: RawMessage, exc: Exception) -> None:
+        """Dead-letter the one message whose handling raised ``exc`` as ``processing_error``;
+        the models pass over it (an event or a forget request) as over an invalid one."""
+        log.exception("handling the message at %s[%d]@%d raised; it is dead-lettered", msg.topic, msg.partition, msg.offset,
+                      exc_info=exc)
+        letter = _failure_letter("processing_error",
+                                 f"handling the message raised {type(exc).__name__}: {exception_text(exc)}", msg)
+        await self._publish([(self.topics.dlq, msg.key, encode(letter))])
+        if msg.topic not in (self.topics.impressions, self.topics.searches):
+            self.step.advance([msg.position], dead=True)
+        self._count_dead(["processing_error"])
 
     def _distrust_misrouted(self, items: Sequence, carriers: Sequence[RawMessage]) -> None:
         """Users of ``items`` (as sent, before pseudonyms) whose message was not keyed by their
@@ -533,7 +544,9 @@ class BatchHandler:
                 if failing:
                     self._ready("state", f"{op} works again")
                 return out
-            if pass_on:
+            if pass_on:  # not retried: whatever this loop said of the store no longer holds
+                if failing:
+                    self._ready("state", f"{op} answered ({type(problem).__name__}): no longer retrying")
                 raise problem
             failing = True
             errors.labels(op).inc()

@@ -273,10 +273,10 @@ class PeerLearner:
                 ends.append((source, records[-1].offset))
                 continue
             for rec in records:
-                try:
-                    events.append(decode_event(rec.value, self.bounds))
-                except InvalidEvent:
-                    continue  # the owner dead-letters it; passed over here (the watermark moves past it below)
+                try:  # the owner's clock window too, as for forget requests
+                    events.append(decode_event(rec.value, self.bounds, now))
+                except Exception:  # noqa: BLE001 - InvalidEvent, or a decoder's bug: the owner dead-letters both
+                    continue  # passed over here (the watermark moves past it below)
                 positions.append((source, rec.offset))
             ends.append((source, records[-1].offset))
             high = consumer.highwater(tp)

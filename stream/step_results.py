@@ -75,11 +75,25 @@ class Failure:
         """A sentence for the dead letter: what failed, with the exception's type and message."""
         what = {"prepare": "applying it to the user's state", "rank": "ranking the user's recommendations",
                 "learn": "teaching it to the online models", "search": "answering the search"}.get(self.stage, self.stage)
-        message = str(self.error).strip().replace("\n", " ")
-        if len(message) > 300:
-            message = message[:300] + "…"
+        message = exception_text(self.error)
         return (f"the event is valid, but {what} raised {type(self.error).__name__}"
                 f"{': ' + message if message else ''}; the other events of its batch were applied")
+
+
+def exception_text(exc: BaseException, limit: int = 300) -> str:
+    """``str(exc)`` on one line, at most ``limit`` characters, as text a dead letter can carry:
+    an exception whose ``__str__`` raises, or whose message holds a lone surrogate (not UTF-8),
+    must not stop its dead letter from being written.
+
+    >>> exception_text(ValueError("bad id 'u\\udcff'\\nsecond line"))
+    "bad id 'u\\\\udcff' second line"
+    """
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001 - whatever a bug's exception does
+        message = f"(its message could not be read: {type(exc).__name__}.__str__ raised)"
+    message = message.strip().replace("\n", " ").encode("utf-8", "backslashreplace").decode("utf-8")
+    return message if len(message) <= limit else message[:limit] + "…"
 
 
 @dataclass
@@ -126,4 +140,4 @@ def judge(events: Sequence[Event], states: dict[str, UserState], applied: dict[s
     return live, judged
 
 
-__all__ = ["LIVE_CUTOFFS", "Failure", "LiveQuality", "StepResult", "VariantCounts", "judge"]
+__all__ = ["LIVE_CUTOFFS", "Failure", "LiveQuality", "StepResult", "VariantCounts", "exception_text", "judge"]

@@ -176,6 +176,50 @@ async def test_handler_dead_letters_processing_errors_and_applies_the_rest():
     assert registry.get_sample_value("streamrec_events_consumed_total", {"type": "click"}) == 2
 
 
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ raised too")
+
+
+@pytest.mark.parametrize("error", [ValueError("no embedding file /models/\udcff.bin"), _Unprintable()])
+async def test_a_learner_error_whose_message_is_not_text_still_gets_its_dead_letter(error):
+    """A message with a lone surrogate (bytes that were not UTF-8) or an exception whose
+    ``__str__`` raises: the dead letter is written all the same, and the other events applied."""
+
+    class Booby(_Booby):
+        def learn_one(self, x, user=None) -> None:
+            if x.item_id == self.learn_bomb:
+                raise error
+            super().learn_one(x, user)
+
+    config = RecommenderConfig(k=5, n_candidates=20, weights={**RecommenderConfig().weights, "booby": 1.0})
+    step = RecommendationStep(Recommender({"booby": Booby(), **Recommender.default(config).learners}, config), None,
+                              StepConfig())
+    h, sink, _ = handler_for(step=step)
+    await h.handle_isolated(messages(clicks(("a1", "a", "i1"), ("x1", "x", "poison"), ("c1", "c", "i3"))))
+    (dead,) = sink.dead()
+    assert dead.offset == 1 and dead.code == "processing_error" and type(error).__name__ in dead.reason
+    saved = await h.store.load_many(["a", "x", "c"])
+    assert (saved["a"].clicks, saved["x"].clicks, saved["c"].clicks) == (1, 0, 1)
+
+
+async def test_an_impression_whose_handling_raises_is_a_dead_letter_and_the_batch_events_are_applied():
+    """Forget requests, impressions and searches are isolated like the events: one whose
+    handling raises (here a stored list without its flags, which decodes, and then breaks
+    the impression's attribution) is dead-lettered, the others are handled."""
+    store = InMemoryUserStateStore()
+    store._docs["u"] = b'{"user_id":"u","recs":[["r1",1700000000000]]}'
+    h, sink, metrics = handler_for(store=store)
+    impression = RawMessage("streamrec.impressions", 0, 7, b"u",
+                            b'{"rec_id":"r1","user_id":"u","item_ids":["i1"],"ts":1700000000000}', None)
+    await h.handle_isolated([*messages(clicks(("a1", "a", "i1"), ("b1", "b", "i2"))), impression])
+    (dead,) = sink.dead()
+    assert (dead.topic, dead.offset, dead.code) == ("streamrec.impressions", 7, "processing_error")
+    saved = await h.store.load_many(["a", "b"])
+    assert (saved["a"].clicks, saved["b"].clicks) == (1, 1)
+    assert metrics.registry.get_sample_value("streamrec_events_invalid_total", {"reason": "processing_error"}) == 1
+
+
 async def test_a_value_whose_decoding_raises_anything_is_a_dead_letter(monkeypatch):
     real = worker_module.decode_event
 
@@ -274,3 +318,31 @@ def test_processing_error_is_a_known_code_everywhere():
 
     assert "processing_error" in DEAD_LETTER_CODES
     assert Counter(DEAD_LETTER_CODES).most_common(1)[0][1] == 1
+
+
+async def test_a_retry_that_ends_in_an_error_it_does_not_retry_leaves_the_worker_ready():
+    """A Redis blip, then the store answers that the partition moved on (Fenced): the retry
+    loop gives up, and readiness no longer says "retrying" while later batches save fine."""
+
+    class BlipThenFenced(InMemoryUserStateStore):
+        saves = 0
+
+        async def save_docs(self, docs, fence=None, delete=()):
+            self.saves += 1
+            if self.saves == 1:
+                raise ConnectionError("Connection reset by peer")
+            if self.saves == 2:
+                raise Fenced([0])
+            return await super().save_docs(docs, fence, delete)
+
+    health = Health()
+    health.set("kafka", True)
+    health.set("redis", True)
+    health.beat()
+    h, _, _ = handler_for(store=BlipThenFenced(), health=health)
+    with pytest.raises(Fenced):
+        await h.handle_isolated(messages(clicks(("a1", "a", "i1"))))
+    await h.handle_isolated(messages(clicks(("b1", "b", "i2")), start=10))
+    assert (await h.store.load_many(["b"]))["b"].clicks == 1
+    ready, detail = health.readiness()
+    assert ready, detail

@@ -5,6 +5,7 @@ terms, whatever the order of assignments and fetches."""
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 
 from aiokafka import TopicPartition
@@ -112,6 +113,16 @@ async def test_a_chunk_is_learned_once_above_the_watermark_and_moves_it_past_val
     assert step.recommender.n_learned == 5
     assert metrics.peer_events_learned._value.get() == 5
     assert metrics.peer_lag._value.get() == 1  # offset 11 is still to come
+
+
+async def test_an_event_the_owner_refuses_by_its_clock_is_not_learned_by_the_others_either():
+    step, metrics = RecommendationStep(Recommender.default()), Metrics()
+    peers = reader(step, metrics)
+    ahead = encode(ClickEvent(event_id="e9", user_id="u1", item_id="i9", ts=time.time_ns() // 1_000_000 + 30 * 86_400_000))
+    batch = {TopicPartition("s.clicks", 1): [record(0, click(0)), record(1, ahead)]}
+    await peers._learn(Fetched(high=2), batch, peers._version)
+    assert step.recommender.n_learned == 1  # the owner dead-letters the event a month ahead (ts_out_of_window)
+    assert step.recommender.learned_offsets["s.clicks:1"] == 1
 
 
 async def test_a_chunk_fetched_before_a_rebalance_is_dropped_and_owned_partitions_are_never_learned():
