@@ -36,13 +36,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from multidict import MultiMapping
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
@@ -54,7 +58,7 @@ from stream.health import Health
 from stream.pipeline import RecommendationStep
 from stream.prometheus import FROZEN_COUNT_INTERVAL_S, Metrics
 from stream.pseudonyms import Pseudonyms, pseudonyms_of
-from stream.records import MAX_ID_CHARS, MAX_QUERY_CHARS, SearchEvent
+from stream.records import ID_PATTERN, MAX_ID_CHARS, MAX_QUERY_CHARS, SearchEvent
 from stream.search_step import SearchConfig, SearchStep
 from stream.settings import Settings
 from stream.shell import load_arm_scorers, load_scorer, text_embedder
@@ -97,13 +101,28 @@ def parse_k(raw: str | None, default: int) -> int:
     """
     if raw is None or raw == "":
         return default
-    try:
-        k = int(raw)
-    except ValueError:
-        k = 0
+    # ASCII digits only: int() would also read "+5", "1_0" and other scripts' digits
+    k = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 3 else 0
     if not 1 <= k <= MAX_K:
-        raise BadRequest(f"k={raw}: expected a whole number from 1 to {MAX_K}")
+        raise BadRequest(f"k={_shown(raw)}: expected a whole number from 1 to {MAX_K}")
     return k
+
+
+def _shown(raw: str, limit: int = 40) -> str:
+    """``raw`` as an error message quotes it: at most ``limit`` characters."""
+    return raw if len(raw) <= limit else raw[:limit] + "..."
+
+
+_ID = re.compile(ID_PATTERN)
+
+
+def one(query: MultiMapping[str], name: str) -> str | None:
+    """The parameter ``name`` of a request's ``query``, None when absent; given twice, a 400
+    (which of the two is meant is not for the server to guess)."""
+    values = query.getall(name, ())
+    if len(values) > 1:
+        raise BadRequest(f"{name} is given {len(values)} times; give it once")
+    return values[0] if values else None
 
 
 def parse_id(raw: str | None, name: str, required: bool) -> str | None:
@@ -112,7 +131,7 @@ def parse_id(raw: str | None, name: str, required: bool) -> str | None:
         if required:
             raise BadRequest(f"{name} is required")
         return None
-    if len(raw) > MAX_ID_CHARS or not raw.strip() or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in raw):
+    if len(raw) > MAX_ID_CHARS or _ID.match(raw) is None:  # the events' rule for ids (stream/records.py)
         raise BadRequest(f"{name}: an id of 1 to {MAX_ID_CHARS} characters, without control characters, not blank")
     return raw
 
@@ -120,8 +139,8 @@ def parse_id(raw: str | None, name: str, required: bool) -> str | None:
 def parse_query(raw: str | None) -> str:
     if raw is None or not raw.strip():
         raise BadRequest("q is required: the text to search for")
-    if len(raw) > MAX_QUERY_CHARS or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in raw):
-        raise BadRequest(f"q: 1 to {MAX_QUERY_CHARS} characters, without control characters")
+    if len(raw) > MAX_QUERY_CHARS or _ID.match(raw) is None:
+        raise BadRequest(f"q: 1 to {MAX_QUERY_CHARS} characters, without control characters, not blank")
     return raw
 
 
@@ -167,9 +186,9 @@ class Api:
 
     # -- endpoints -----------------------------------------------------------------------
     async def search(self, request: web.Request) -> web.Response:
-        query = parse_query(request.query.get("q"))
-        user_id = parse_id(request.query.get("user_id"), "user_id", required=False)
-        k = parse_k(request.query.get("k"), self.top_k)
+        query = parse_query(one(request.query, "q"))
+        user_id = parse_id(one(request.query, "user_id"), "user_id", required=False)
+        k = parse_k(one(request.query, "k"), self.top_k)
         state = await self._state(user_id)
         if self._at_once(query):  # no text model to run: here, not after two thread hand-overs
             items = self._search(query, state, k)
@@ -196,14 +215,14 @@ class Api:
 
     async def recommendations(self, request: web.Request) -> web.Response:
         user_id = parse_id(request.match_info.get("user_id"), "user_id", required=True)
-        k = parse_k(request.query.get("k"), self.top_k)
+        k = parse_k(one(request.query, "k"), self.top_k)
         state = await self._state(user_id)
         items = await self._run(self.step.present_list, state, k, int(time.time() * 1000), user_id)
         return _json({"items": items_json(items), "user_id": user_id, "model": self.step.model_versions()})
 
     async def similar(self, request: web.Request) -> web.Response:
         item_id = parse_id(request.match_info.get("item_id"), "item_id", required=True)
-        k = parse_k(request.query.get("k"), self.top_k)
+        k = parse_k(one(request.query, "k"), self.top_k)
         catalogue = self.catalogue
         if catalogue is None or item_id not in catalogue:
             raise web.HTTPNotFound(text=_encode({"error": f"item {item_id!r} is not in the catalogue"}).decode(),
@@ -230,11 +249,18 @@ async def _errors(request: web.Request, handler):
     """A bad parameter is a 400 naming it; the store down a 503; anything unexpected a 500
     (logged), never a traceback."""
     try:
+        if not _utf8(request.raw_path):
+            raise BadRequest("the path or query is not UTF-8 text once percent-decoded")
         return await handler(request)
     except BadRequest as exc:
         return _json({"error": str(exc)}, status=400)
-    except web.HTTPException:
-        raise
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        # the router's 404 and 405 (its Allow header kept), as JSON like every other answer
+        return web.Response(body=_encode({"error": f"{exc.status} {exc.reason}: {request.method} {_shown(request.path)}"}),
+                            status=exc.status, content_type="application/json",
+                            headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"})
     except (ConnectionError, TimeoutError, OSError, RedisError) as exc:  # the store: nothing the caller did wrong
         log.warning("%s %s: the store did not answer (%r)", request.method, request.path_qs, exc)
         return web.Response(body=_encode({"error": "the user-state store (Redis) does not answer; retry shortly"}),
@@ -242,6 +268,30 @@ async def _errors(request: web.Request, handler):
     except Exception:
         log.exception("%s %s failed", request.method, request.path_qs)
         return _json({"error": "internal error: the server's log says more"}, status=500)
+
+
+def _utf8(raw_path: str) -> bool:
+    """Whether a request's percent-encoded path and query decode as UTF-8 (aiohttp would put
+    U+FFFD in place of bytes that do not, so that two different ids read the same)."""
+    try:
+        unquote_to_bytes(raw_path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs each request its parser refuses (a 400 it answers itself: a line too long,
+    bytes that are not HTTP) with a traceback at ERROR; that is the client's mistake, so one
+    line at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = f"{record.getMessage()}: a malformed request ({type(exc).__name__})", ()
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
 
 def _shedding(max_in_flight: int):
@@ -292,6 +342,9 @@ def _observed(metrics: Metrics):
 
 def create_web_app(api: Api, max_in_flight: int = MAX_IN_FLIGHT, metrics: Metrics | None = None) -> web.Application:
     """The API's routes, and ``/metrics`` (``metrics``' registry) when ``metrics`` is given."""
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _MalformedRequests) for f in server_log.filters):
+        server_log.addFilter(_MalformedRequests())
     middlewares = [_shedding(max_in_flight), _errors]
     if metrics is not None:
         middlewares.insert(0, _observed(metrics))

@@ -4,9 +4,11 @@ tests/integration/test_search_e2e.py runs the command itself against real Kafka 
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
+import yarl
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
@@ -106,6 +108,14 @@ async def test_similar_items_come_from_the_catalogue(client):
     ("/v1/search", {"q": "tv", "user_id": "u" * 129}, "user_id: an id of 1 to 128"),
     ("/v1/search", {"q": "a\x01b"}, "without control characters"),
     ("/v1/users/fan/recommendations", {"k": "-3"}, "k=-3"),
+    ("/v1/search", {"q": "tv", "k": "+5"}, "k=+5"),  # int() reads these three; a whole number is digits
+    ("/v1/search", {"q": "tv", "k": "1_0"}, "k=1_0"),
+    ("/v1/search", {"q": "tv", "k": "\uff15"}, "expected a whole number"),
+    ("/v1/search", {"q": "tv", "k": "9" * 5000}, "k=" + "9" * 40 + "..."),
+    ("/v1/search", [("q", "tv"), ("k", "2"), ("k", "abc")], "k is given 2 times"),
+    ("/v1/search", {"q": "\ufeff"}, "not blank"),
+    ("/v1/search", {"q": "tv", "user_id": "\ufeff"}, "user_id: an id of 1 to 128"),
+    ("/v1/users/\ufeff/recommendations", {}, "user_id: an id of 1 to 128"),
 ])
 async def test_bad_parameters_are_400s_that_say_what_is_wrong(client, path, params, said):
     resp = await client.get(path, params=params)
@@ -113,9 +123,20 @@ async def test_bad_parameters_are_400s_that_say_what_is_wrong(client, path, para
     assert said in (await resp.json())["error"]
 
 
+@pytest.mark.parametrize("target", ["/v1/search?k=1&q=%ff%fe", "/v1/search?q=tv&user_id=u%ff",
+                                    "/v1/users/u%ff/recommendations", "/v1/search?q=%ED%A0%80"])
+async def test_bytes_that_are_not_utf8_are_a_400_not_a_replacement_character(client, target):
+    resp = await client.get(yarl.URL(target, encoded=True))
+    assert resp.status == 400 and "not UTF-8" in (await resp.json())["error"]
+
+
 async def test_health_and_an_unknown_path(client):
     assert (await client.get("/healthz")).status == 200
-    assert (await client.get("/v2/nothing")).status == 404
+    for path in ("/v2/nothing", "/v1/users//recommendations"):
+        missing = await client.get(path)
+        assert missing.status == 404 and "404 Not Found" in (await missing.json())["error"]
+    wrong = await client.post("/v1/search", params={"q": "tv"})
+    assert wrong.status == 405 and "GET" in wrong.headers["Allow"] and "405" in (await wrong.json())["error"]
 
 
 async def test_the_models_follow_the_workers_snapshot():
@@ -267,3 +288,21 @@ async def test_requests_are_counted_and_timed_on_metrics(catalogue):
     assert 'streamrec_http_requests_total{route="/v1/items/{item_id}/similar",status="404"} 1.0' in text
     assert 'streamrec_http_request_seconds_count{route="/v1/search"} 2.0' in text
     assert "/healthz" not in text
+
+
+def test_a_request_the_http_parser_refuses_is_logged_in_one_line_not_a_traceback():
+    import logging
+
+    from aiohttp.http_exceptions import BadStatusLine
+
+    from stream.serve import _MalformedRequests
+
+    try:
+        raise BadStatusLine("\x16\x03\x01")
+    except BadStatusLine:
+        record = logging.getLogger("aiohttp.server").makeRecord(
+            "aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s", ("10.0.0.1",),
+            sys.exc_info())
+    assert _MalformedRequests().filter(record)
+    assert record.levelno == logging.INFO and record.exc_info is None
+    assert record.getMessage() == "Error handling request from 10.0.0.1: a malformed request (BadStatusLine)"
