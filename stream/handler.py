@@ -484,9 +484,16 @@ class BatchHandler:
         partitions = {msg.partition for msg in messages}
         missing = claims.missing(partitions, generation)
         if missing:
-            if not claims.is_current(generation):
-                raise Fenced(sorted(missing))  # fetched before a rebalance: the next owner's now
-            got = await self._retry("claim", lambda: self.store.claim(missing))
+            async def claim() -> dict[int, int]:
+                # asked again at every attempt: a rebalance during a Redis outage hands the
+                # partitions on, and a claim taken after the next owner's would fence it out
+                if not claims.is_current(generation):
+                    raise Fenced(sorted(missing))  # fetched before a rebalance: the next owner's now
+                return await self.store.claim(missing)
+
+            got = await self._retry("claim", claim)
+            if not claims.is_current(generation):  # a rebalance while the claim was on its way
+                raise Fenced(sorted(missing))
             claims.hold(got, generation)
         return claims.fence(partitions)
 

@@ -346,3 +346,32 @@ async def test_a_retry_that_ends_in_an_error_it_does_not_retry_leaves_the_worker
     assert (await h.store.load_many(["b"]))["b"].clicks == 1
     ready, detail = health.readiness()
     assert ready, detail
+
+
+async def test_a_claim_retried_through_an_outage_is_not_taken_once_a_rebalance_moved_the_partition():
+    """Worker A's batch (generation 5) claims its partition lazily while Redis is down; a
+    rebalance gives the partition to B (generation 6), which claims it. When Redis answers
+    again, A's claim must not be taken: it would be newer than B's and fence B out."""
+    generation = {"now": 5}
+
+    class Outage(InMemoryUserStateStore):
+        down = True
+
+        async def claim(self, partitions):
+            if self.down:
+                raise ConnectionError("Redis is unreachable")
+            return await super().claim(partitions)
+
+    store = Outage()
+    a, _, _ = handler_for(store=store, claims=Claims(lambda: generation["now"]))
+    b, _, _ = handler_for(store=store, claims=Claims(lambda: generation["now"]))
+    batch = asyncio.ensure_future(a.handle_isolated(messages(clicks(("a1", "a", "i1")), partition=3, generation=5)))
+    await asyncio.sleep(0.05)  # A retries its claim
+    generation["now"] = 6
+    store.down = False
+    b.claims.hold(await store.claim([3]), 6)
+    with pytest.raises(Fenced):
+        await asyncio.wait_for(batch, 5)
+    await b.handle_isolated(messages(clicks(("b1", "b", "i2")), start=10, partition=3, generation=6))
+    assert (await store.load_many(["a", "b"]))["b"].clicks == 1
+    assert (await store.load_many(["a"]))["a"].clicks == 0
