@@ -153,6 +153,10 @@ class Consumer(faust_aiokafka.Consumer):
         await super().on_partitions_revoked(revoked)  # Faust forgets their acks: a new owner reads from the commit
         self.held.difference_update(revoked)
 
+    async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
+        self.held.difference_update(assigned)  # read again from the commit (Faust seeks each assigned partition)
+        await super().on_partitions_assigned(assigned, generation_id)
+
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 

@@ -337,9 +337,13 @@ class Shell:
 
 def leave_unacknowledged(app, events: list) -> None:
     """Empty ``events`` (:func:`~stream.batching.take_batches` acknowledges what is left in the
-    list) and commit nothing more for their partitions until they are revoked
-    (:meth:`stream.consumer.Consumer.hold`), so that Kafka delivers them again from the commit."""
-    app.consumer.hold({TP(ev.message.topic, ev.message.partition) for ev in events})
+    list) and, for those of the current generation, commit nothing more for their partitions
+    until they are revoked (:meth:`stream.consumer.Consumer.hold`), so that Kafka delivers them
+    again from the commit. An older generation's partitions were revoked and read again from the
+    commit already."""
+    generation = app.consumer_generation_id
+    app.consumer.hold({TP(ev.message.topic, ev.message.partition) for ev in events
+                       if ev.message.generation_id == generation})
     events.clear()
 
 

@@ -133,3 +133,16 @@ async def test_a_batch_left_unacknowledged_holds_its_partitions_commits_until_th
     assert consumer._new_offset(clicks1) == 13  # another partition commits as before
     await consumer.on_partitions_revoked({clicks0})
     assert clicks0 not in consumer.held
+    # a batch that fails after a rebalance began (its partitions revoked and read again from the
+    # commit by then) holds nothing of the new generation's
+    app2 = SimpleNamespace(flow_control=SimpleNamespace(is_active=lambda: True), consumer_generation_id=1,
+                           consumer=consumer)
+
+    class FailingAfterARebalance(RecordingHandler):
+        async def handle_isolated(self, messages) -> None:
+            app2.consumer_generation_id = 2
+            raise RuntimeError("past every safeguard")
+
+    shell.handler = FailingAfterARebalance()
+    await shell.handle_taken(app2, taken(12))
+    assert consumer.held == set()
