@@ -25,6 +25,7 @@ import csv
 import functools
 import itertools
 import json
+import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -44,15 +45,11 @@ class DatasetError(ValueError):
     """A log line that does not follow its format; the message names the file and line."""
 
 
-#: the latest event time a log may hold, in ms (the end of the year 9999, as the events' schema)
-MAX_TS_MS = 253_402_300_799_999
-
-
 def _ts_ms(seconds: float, where: str, field: str) -> int:
-    """``seconds`` (a log's unix time) in ms; a :class:`DatasetError` naming ``where`` unless
-    it is a time from 1970 to the year 9999."""
-    if not 0 <= seconds <= MAX_TS_MS / 1000:  # NaN and the infinities fail too
-        raise DatasetError(f"{where}: {field} {seconds!r} is not a time from 1970 to the year 9999 in unix seconds")
+    """``seconds`` (a log's unix time) in ms; a :class:`DatasetError` naming ``where`` for NaN
+    or an infinity (a time out of the events' range is read, and refused where events are)."""
+    if not math.isfinite(seconds):
+        raise DatasetError(f"{where}: {field} {seconds!r} is not a time in unix seconds")
     return int(round(seconds * 1000))
 
 
@@ -85,11 +82,10 @@ def read_taobao(path: Path) -> Iterator[Interaction]:
             if kind is None:
                 raise DatasetError(f"{path}:{lineno}: unknown behavior {behavior!r} (pv, cart, fav, buy)")
             try:
-                seconds = int(ts)
+                ts_ms = int(ts) * 1000
             except ValueError:
                 raise DatasetError(f"{path}:{lineno}: timestamp {ts!r} is not an integer") from None
-            yield Interaction(user, item, _ts_ms(seconds, f"{path}:{lineno}", "timestamp"), kind, None, category,
-                              behavior)
+            yield Interaction(user, item, ts_ms, kind, None, category, behavior)
 
 
 @_guarded
@@ -133,11 +129,12 @@ def read_otto(path: Path) -> Iterator[Interaction]:
                 kind = _OTTO_KIND.get(ev.get("type"))
                 if kind is None:
                     raise DatasetError(f"{path}:{lineno}: unknown OTTO event type {ev.get('type')!r}")
-                ts, aid = ev.get("ts"), ev.get("aid")
-                if aid is None or isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts <= MAX_TS_MS:
-                    raise DatasetError(f"{path}:{lineno}: an OTTO event needs `aid` and `ts` (whole milliseconds "
-                                       f"from 1970 to the year 9999), saw {ev!r:.80}")
-                yield Interaction(sid, str(aid), ts, kind, sid, None, ev["type"])
+                try:
+                    aid, ts = str(ev["aid"]), int(ev["ts"])
+                except (KeyError, TypeError, ValueError, OverflowError):
+                    raise DatasetError(f"{path}:{lineno}: an OTTO event needs `aid` and `ts` (milliseconds), "
+                                       f"saw {ev!r:.80}") from None
+                yield Interaction(sid, aid, ts, kind, sid, None, ev["type"])
 
 
 def synthetic_interactions(

@@ -141,6 +141,7 @@ class BatchHandler:
         self.metrics = metrics
         self.backoff = backoff or Backoff()
         self.health = health
+        self._state_failing = False  # the "state" condition is down: the next call that works restores it
         self.bounds = bounds
         self.claims = claims
         self.pseudonyms = pseudonyms  # None: the models and the state keep the site's user ids
@@ -229,8 +230,10 @@ class BatchHandler:
         if not any(msg.topic in side for msg in messages):
             return messages
         topics = self.topics
-        for topic, handle in ((topics.forget, self._forget), (topics.impressions, self._impressions),
-                              (topics.searches, self._searches)):
+        forgets = [msg for msg in messages if msg.topic == topics.forget]
+        if forgets:  # not isolated: an erasure that raises holds up its batch (redone after a restart), never dropped
+            await self._forget(forgets)
+        for topic, handle in ((topics.impressions, self._impressions), (topics.searches, self._searches)):
             of_topic = [msg for msg in messages if msg.topic == topic]
             if of_topic:  # isolated like the events: one that raises never holds up the batch
                 await self._isolated(handle, of_topic)
@@ -240,9 +243,9 @@ class BatchHandler:
                         messages: Sequence[RawMessage]) -> None:
         """``handle(messages)``, and where it raises (a bug: what a handler can refuse it
         dead-letters itself), its halves apart, down to single messages, dead-lettered as
-        ``processing_error``. Every handler passes over what it did before (an event applied,
-        a user erased, an impression or a search counted), so a half handled again changes
-        nothing twice."""
+        ``processing_error``. A half handled again passes over the events it applied and the
+        impressions it counted; what it may do twice is publish its own dead letters (and a
+        search's list) again, which a reader of those topics sees as a repeat."""
         try:
             await handle(messages)
             return
@@ -259,13 +262,13 @@ class BatchHandler:
 
     async def _dead_letter_raised(self, msg: RawMessage, exc: Exception) -> None:
         """Dead-letter the one message whose handling raised ``exc`` as ``processing_error``;
-        the models pass over it (an event or a forget request) as over an invalid one."""
+        the models pass over an event so dead-lettered as over an invalid one."""
         log.exception("handling the message at %s[%d]@%d raised; it is dead-lettered", msg.topic, msg.partition, msg.offset,
                       exc_info=exc)
         letter = _failure_letter("processing_error",
                                  f"handling the message raised {type(exc).__name__}: {exception_text(exc)}", msg)
         await self._publish([(self.topics.dlq, msg.key, encode(letter))])
-        if msg.topic not in (self.topics.impressions, self.topics.searches):
+        if msg.topic not in (self.topics.impressions, self.topics.searches):  # an event: the models pass over it
             self.step.advance([msg.position], dead=True)
         self._count_dead(["processing_error"])
 
@@ -492,16 +495,20 @@ class BatchHandler:
                 return await self.store.claim(missing)
 
             got = await self._retry("claim", claim)
-            if not claims.is_current(generation):  # a rebalance while the claim was on its way
-                raise Fenced(sorted(missing))
+            if not claims.is_current(generation):  # a rebalance while the claim was on its way: this
+                raise Fenced(sorted(missing))  # worker writes nothing (its claim may still outrank the next owner's)
             claims.hold(got, generation)
         return claims.fence(partitions)
 
     def _unready(self, condition: str, detail: str) -> None:
+        if condition == "state":
+            self._state_failing = True
         if self.health is not None:
             self.health.set(condition, False, detail)
 
     def _ready(self, condition: str, detail: str) -> None:
+        if condition == "state":
+            self._state_failing = False
         if self.health is not None:
             self.health.set(condition, True, detail)
 
@@ -548,17 +555,15 @@ class BatchHandler:
                 pass_on = not type(exc).__module__.startswith("redis")
                 problem = exc
             else:
-                if failing:
+                if failing or self._state_failing:  # another call's retries may have ended otherwise (Fenced)
                     self._ready("state", f"{op} works again")
                 return out
-            if pass_on:  # not retried: whatever this loop said of the store no longer holds
-                if failing:
-                    self._ready("state", f"{op} answered ({type(problem).__name__}): no longer retrying")
+            if pass_on:
                 raise problem
             failing = True
             errors.labels(op).inc()
             delay = next(delays)
-            self._unready("state", f"{op} failed: {type(problem).__name__}: {problem}; retrying")
+            self._unready("state", f"{op} failed: {type(problem).__name__}: {exception_text(problem)}; retrying")
             log.warning("redis %s failed (%r); retrying in %.2fs", op, problem, delay)
             await asyncio.sleep(delay)
 

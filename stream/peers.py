@@ -156,7 +156,7 @@ class PeerLearner:
                  lock: asyncio.Lock, metrics: Metrics, committed: Callable[[], Mapping[Partition, int]],
                  chunk: int = CHUNK, poll_ms: int = 200, backoff: Backoff | None = None,
                  pseudonyms: Pseudonyms | None = None, forget_topic: str | None = None) -> None:
-        self.step, self.kafka, self.bounds = step, dict(kafka), bounds
+        self.step, self.kafka, self.bounds = step, dict(kafka), bounds.rereading()
         #: the topics read: the input topics given, and the forget topic (if any)
         self.inputs = tuple(inputs) + ((forget_topic,) if forget_topic and forget_topic not in inputs else ())
         self.forget_topic = forget_topic
@@ -273,7 +273,7 @@ class PeerLearner:
                 ends.append((source, records[-1].offset))
                 continue
             for rec in records:
-                try:  # the owner's clock window too, as for forget requests
+                try:  # what the owner refuses for a ts too far ahead stays refused (Bounds.rereading)
                     events.append(decode_event(rec.value, self.bounds, now))
                 except Exception:  # noqa: BLE001 - InvalidEvent, or a decoder's bug: the owner dead-letters both
                     continue  # passed over here (the watermark moves past it below)

@@ -9,7 +9,7 @@ which holds the worker's door: strict decoding, and a reason a person can act on
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Literal
 
 import msgspec
@@ -110,6 +110,16 @@ class Bounds:
                 raise ValueError(f"{name}={value}: expected 1 to {ceiling}")
         if self.max_future_ms < 0 or self.max_age_ms < 0:
             raise ValueError(f"max_future_ms={self.max_future_ms}, max_age_ms={self.max_age_ms}: neither may be negative")
+
+    def rereading(self) -> Bounds:
+        """These bounds for a value read again later than its owner read it (the peers, a
+        replay): a ts too far ahead stays too far ahead (the clock only moves on), but its age
+        was the owner's to judge when it arrived, so none is refused for it now.
+
+        >>> Bounds(max_age_ms=60_000).rereading().max_age_ms
+        0
+        """
+        return replace(self, max_age_ms=0)
 
 
 DEFAULT_BOUNDS = Bounds()

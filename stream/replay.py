@@ -92,6 +92,7 @@ async def replay(step: RecommendationStep, bootstrap: KafkaConnection | str, tod
     worker's (``STREAMREC_PSEUDONYM_KEY``), so that the models learn the ids the live step does."""
     if not todo:
         return 0
+    rereading = bounds.rereading()  # a ts too far ahead stays refused; its age was judged when it arrived
     consumer = AIOKafkaConsumer(**KafkaConnection.of(bootstrap).client_options(), enable_auto_commit=False, group_id=None,
                                 auto_offset_reset="earliest", max_poll_records=CHUNK)
     await consumer.start()
@@ -115,13 +116,13 @@ async def replay(step: RecommendationStep, bootstrap: KafkaConnection | str, tod
                         break
                     if tp.topic == forget_topic:
                         try:  # with the clock window: a request the owner dead-lettered stays refused
-                            forgets.append(decode_forget(rec.value, bounds, time.time_ns() // 1_000_000))
+                            forgets.append(decode_forget(rec.value, rereading, time.time_ns() // 1_000_000))
                         except InvalidEvent:
                             continue
                         forget_positions.append((source_of(tp.topic, tp.partition), rec.offset))
                         continue
                     try:  # with the clock window: an event the owner dead-lettered stays refused
-                        events.append(decode_event(rec.value, bounds, time.time_ns() // 1_000_000))
+                        events.append(decode_event(rec.value, rereading, time.time_ns() // 1_000_000))
                     except Exception:  # noqa: BLE001 - InvalidEvent, or a decoder's bug: dead-lettered by the owner
                         continue
                     positions.append((source_of(tp.topic, tp.partition), rec.offset))

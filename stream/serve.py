@@ -275,7 +275,7 @@ def _utf8(raw_path: str) -> bool:
     U+FFFD in place of bytes that do not, so that two different ids read the same)."""
     try:
         unquote_to_bytes(raw_path).decode("utf-8")
-    except UnicodeDecodeError:
+    except UnicodeError:  # aiohttp's Python parser passes raw bytes on as surrogates: not encodable either
         return False
     return True
 

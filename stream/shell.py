@@ -40,6 +40,7 @@ from stream.search_step import SearchConfig, SearchStep
 from stream.settings import Settings
 from stream.snapshots import ModelSnapshots
 from stream.state import Fenced, UserStateStore
+from stream.step_results import exception_text
 from stream.topics import committed_offsets
 
 log = logging.getLogger("streamrec.app")
@@ -318,7 +319,7 @@ class Shell:
                 raise
             except Exception as exc:  # noqa: BLE001 - the last safeguard: never crash the agent
                 self.metrics.batch_failures.inc()
-                self.health.set("batches", False, f"a batch of {len(events)} events raised {type(exc).__name__}: {exc}; "
+                self.health.set("batches", False, f"a batch of {len(events)} events raised {type(exc).__name__}: {exception_text(exc)}; "
                                                   "it is unacknowledged, so its partitions' commits wait (see the log)")
                 log.exception("a batch of %d events raised past every safeguard; it is left unacknowledged", len(events))
                 leave_unacknowledged(app, events)

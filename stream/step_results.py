@@ -92,7 +92,8 @@ def exception_text(exc: BaseException, limit: int = 300) -> str:
         message = str(exc)
     except Exception:  # noqa: BLE001 - whatever a bug's exception does
         message = f"(its message could not be read: {type(exc).__name__}.__str__ raised)"
-    message = message.strip().replace("\n", " ").encode("utf-8", "backslashreplace").decode("utf-8")
+    message = message.replace("\r", " ").replace("\n", " ").strip()
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return message if len(message) <= limit else message[:limit] + "…"
 
 

@@ -125,6 +125,18 @@ async def test_an_event_the_owner_refuses_by_its_clock_is_not_learned_by_the_oth
     assert step.recommender.learned_offsets["s.clicks:1"] == 1
 
 
+async def test_an_old_event_the_owner_took_is_learned_by_the_others_whatever_the_age_bound():
+    step, metrics = RecommendationStep(Recommender.default()), Metrics()
+    peers = PeerLearner(step, {"bootstrap_servers": "unused:9092"}, TOPICS, Bounds(max_age_ms=60_000), asyncio.Lock(),
+                        metrics, committed=dict)
+    peers.assign({("s.clicks", 0), ("s.purchases", 0)}, {t: range(2) for t in TOPICS})
+    peers.reading = frozenset({("s.clicks", 1), ("s.purchases", 1)})
+    now = time.time_ns() // 1_000_000  # read again two minutes after the owner took it, with a minute's bound
+    old = encode(ClickEvent(event_id="e1", user_id="u1", item_id="i1", ts=now - 120_000))
+    await peers._learn(Fetched(high=1), {TopicPartition("s.clicks", 1): [record(0, old)]}, peers._version)
+    assert step.recommender.n_learned == 1
+
+
 async def test_a_chunk_fetched_before_a_rebalance_is_dropped_and_owned_partitions_are_never_learned():
     step, metrics = RecommendationStep(Recommender.default()), Metrics()
     peers = reader(step, metrics)

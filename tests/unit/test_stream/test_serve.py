@@ -304,5 +304,6 @@ def test_a_request_the_http_parser_refuses_is_logged_in_one_line_not_a_traceback
             "aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s", ("10.0.0.1",),
             sys.exc_info())
     assert _MalformedRequests().filter(record)
+    assert any(isinstance(f, _MalformedRequests) for f in logging.getLogger("aiohttp.server").filters)  # create_web_app's
     assert record.levelno == logging.INFO and record.exc_info is None
     assert record.getMessage() == "Error handling request from 10.0.0.1: a malformed request (BadStatusLine)"
