@@ -133,6 +133,14 @@ async def test_a_batch_left_unacknowledged_holds_its_partitions_commits_until_th
     assert consumer._new_offset(clicks1) == 13  # another partition commits as before
     await consumer.on_partitions_revoked({clicks0})
     assert clicks0 not in consumer.held
+    consumer.hold({clicks0})  # a batch fenced after the revocation: assigned again, it is read again from the commit
+
+    async def assigned(partitions, generation_id) -> None:  # the app's own callbacks: not this test's
+        pass
+
+    consumer._on_partitions_assigned = assigned
+    await consumer.on_partitions_assigned({clicks0}, 2)
+    assert consumer.held == set()
     # a batch that fails after a rebalance began (its partitions revoked and read again from the
     # commit by then) holds nothing of the new generation's
     app2 = SimpleNamespace(flow_control=SimpleNamespace(is_active=lambda: True), consumer_generation_id=1,
