@@ -102,7 +102,10 @@ def train(
         raise typer.BadParameter(f"{dataset} is a folder; train on one log file in it{hint}, e.g. "
                                  f"--dataset {dataset}/yoochoose-clicks-100k_train_full.txt --format yoochoose",
                                  param_hint="--dataset")
-    # found out before the training, not after it: the registry is made where a folder can be
+    # found out before the training, not after it: the devices, and a registry made where a folder can be
+    for value, hint in ((device, "--device"), (serve_device, "--serve-device / STREAMREC_SCORER_DEVICE")):
+        if value not in DEVICES:
+            raise typer.BadParameter(f"{value!r}: expected auto, cuda or cpu", param_hint=hint)
     nearest = next(p for p in (model_dir, *model_dir.absolute().parents) if p.exists())
     if not nearest.is_dir():
         raise typer.BadParameter(f"{model_dir}: {nearest} is a file, not a folder", param_hint="--model-dir")
@@ -139,4 +142,7 @@ def train(
         raise typer.Exit(code=1)
 
 
-__all__ = ["INSTALL_TRAIN", "missing_train_packages", "train"]
+#: what --device (training) and --serve-device (the registered model's check) accept
+DEVICES = ("auto", "cuda", "cpu")
+
+__all__ = ["DEVICES", "INSTALL_TRAIN", "missing_train_packages", "train"]

@@ -11,6 +11,7 @@ from prometheus_client import REGISTRY
 
 from gpu_scorer.train_cli import train
 from online_models import Recommender
+from online_models.datasets import DatasetError
 from stream import gcpolicy
 from stream.app import Worker, create_app
 from stream.distil_cli import distil_queries
@@ -24,7 +25,7 @@ from stream.prometheus import Metrics
 from stream.report import report
 from stream.retrain_cli import retrain
 from stream.serve import run_server
-from stream.settings import Settings
+from stream.settings import Settings, log_level
 from stream.tail import tail
 from stream.threads import one_blas_thread
 from stream.topics import align_topic_configs, check_copartitioned, ensure_streamrec_topics
@@ -51,7 +52,7 @@ def worker(
     SIGTERM or Ctrl-C finishes the batch in hand, commits and exits.
     """
     settings = Settings.from_env()
-    level = (loglevel or settings.log_level).upper()
+    level = log_level(loglevel, settings.log_level)
     logging.basicConfig(level=level, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
     # short collector pauses, and none over the models' long-lived heap (stream/gcpolicy.py)
     gcpolicy.configure(freeze=settings.gc_freeze)
@@ -90,7 +91,7 @@ def serve_api(
     snapshots in Redis, then the items topic (docs/search.md). SIGTERM or Ctrl-C stops it.
     """
     settings = Settings.from_env()
-    level = (loglevel or settings.log_level).upper()
+    level = log_level(loglevel, settings.log_level)
     logging.basicConfig(level=level, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
     # as in the worker: the models, the catalogue and its indexes are a long-lived heap that
     # full collections would walk on every few hundred requests (stream/gcpolicy.py)
@@ -121,7 +122,7 @@ app.command("distil-queries")(distil_queries)
 def main() -> None:
     try:
         app()
-    except StreamrecError as exc:
+    except (StreamrecError, DatasetError) as exc:  # DatasetError: a log read as it is sent (produce)
         typer.secho(f"streamrec: {exc}", fg="red", err=True)
         sys.exit(2)
 

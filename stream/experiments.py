@@ -146,6 +146,8 @@ def load_experiment(path: str | Path, known_sources: Sequence[str] = ()) -> Expe
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read the experiment file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: the experiment file is not UTF-8 text") from None
     try:
         data = json.loads(text) if p.suffix.lower() == ".json" else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:

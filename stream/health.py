@@ -37,6 +37,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import MetricsHandler
 
 from stream.connections import KafkaConnection
+from stream.errors import ConfigError
 from stream.topics import probe
 
 log = logging.getLogger("streamrec.health")
@@ -156,7 +157,11 @@ class HealthServer:
     """The HTTP server thread; ``close()`` stops it and frees the port."""
 
     def __init__(self, port: int, registry: CollectorRegistry, health: Health, addr: str = "0.0.0.0") -> None:
-        self.httpd = ThreadingHTTPServer((addr, port), _handler(registry, health))
+        try:
+            self.httpd = ThreadingHTTPServer((addr, port), _handler(registry, health))
+        except OSError as exc:  # the port taken, an address this host does not have
+            raise ConfigError(f"cannot serve metrics and health on {addr}:{port} (STREAMREC_METRICS_PORT): "
+                              f"{exc.strerror or exc}") from None
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="streamrec-http", daemon=True)

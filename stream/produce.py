@@ -243,7 +243,7 @@ def produce(
         "--format", "-f", help=f"Format of --dataset: {', '.join(f for f in FORMATS if f != 'synthetic')} "
         "(synthetic without --dataset).")] = "synthetic",
     rate: Annotated[float | None, typer.Option(
-        "--rate", "-r", min=0.001, help="Events per second (token bucket); leave out for as fast as possible.")] = None,
+        "--rate", "-r", min=0.001, max=10_000_000, help="Events per second (token bucket), up to 10,000,000; leave out for as fast as possible.")] = None,
     limit: Annotated[int | None, typer.Option(
         "--limit", "-n", min=0, help=f"Send at most N events (synthetic: exactly N, default {DEFAULT_SYNTHETIC_EVENTS:,}).")] = None,
     bootstrap: Annotated[str | None, typer.Option(

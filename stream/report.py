@@ -24,6 +24,7 @@ The pure parts (parsing and the statistics) are functions apart from the I/O:
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
@@ -395,7 +396,7 @@ def _get(url: str, timeout: float) -> bytes:
     except urllib.error.HTTPError as exc:
         body = exc.read().decode("utf-8", "replace")[:300]
         raise ServiceUnavailable(f"{url} answered HTTP {exc.code}: {body or exc.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:  # HTTPException: a bad URL, not HTTP
         reason = getattr(exc, "reason", exc)
         raise ServiceUnavailable(f"cannot read {url}: {reason}") from None
 
@@ -406,7 +407,10 @@ def metrics_url(url: str) -> str:
     >>> metrics_url("http://w1:9464"), metrics_url("http://w1:9464/metrics")
     ('http://w1:9464/metrics', 'http://w1:9464/metrics')
     """
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # an unclosed [ of an IPv6 address
+        raise ReportError(f"{url!r} is not a URL: {exc}") from None
     if parts.path in ("", "/"):
         parts = parts._replace(path="/metrics")
     return urllib.parse.urlunsplit(parts)
@@ -449,7 +453,7 @@ def _prometheus_vector(base: str, query: str, timeout: float) -> list[dict[str, 
         except ValueError:
             why = raw.decode("utf-8", "replace")[:300]
         raise ServiceUnavailable(f"Prometheus at {base} answered HTTP {exc.code} to {query!r}: {why}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:  # HTTPException: a bad URL, not HTTP
         raise ServiceUnavailable(f"cannot reach Prometheus at {base}: {getattr(exc, 'reason', exc)}") from None
     try:
         body = json.loads(raw)

@@ -43,13 +43,13 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from gpu_scorer.registry import ModelRegistry
-from gpu_scorer.train_cli import DEFAULT_MODEL_DIR, INSTALL_TRAIN, missing_train_packages
+from gpu_scorer.train_cli import DEFAULT_MODEL_DIR, DEVICES, INSTALL_TRAIN, missing_train_packages
 from online_models import Interaction
 from online_models.datasets import read_interactions
 from stream.decoding import decode_event, decode_forget
 from stream.errors import InvalidEvent
 from stream.records import DEFAULT_BOUNDS, Bounds
-from stream.settings import Settings
+from stream.settings import Settings, log_level
 from stream.step_inputs import to_interaction
 from stream.tail import stop_on_signals
 from stream.topics import ensure_streamrec_topics
@@ -118,7 +118,9 @@ def retrain(
 
       streamrec retrain --every 3600 --dataset ../shared/data/yoochoose-100k/yoochoose-clicks-100k_train_full.txt -f yoochoose
     """
-    logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level(loglevel), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    if device not in DEVICES:
+        raise typer.BadParameter(f"{device!r}: expected auto, cuda or cpu", param_hint="--device")
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))  # its INFO is per connection
     missing = missing_train_packages()
     if missing:
@@ -137,6 +139,8 @@ def retrain(
             raise typer.BadParameter(str(exc), param_hint="--dataset") from None
         log.info("read %d events from %s; every fit trains on them too", len(base), dataset)
     settings = Settings.from_env()
+    if model_dir.exists() and not model_dir.is_dir():
+        raise typer.BadParameter(f"{model_dir} is a file, not a model registry", param_hint="--model-dir")
     registry = ModelRegistry(model_dir)
     architecture = retraining.architecture_of(registry)
     retrainer = retraining.Retrainer(registry, architecture, training.TrainConfig(seed=seed, progress=False, device=device),

@@ -54,6 +54,7 @@ from online_models import Recommender
 from online_models.search import Catalogue
 from online_models.types import ScoredItem
 from stream.catalogue_feed import CatalogueFeed
+from stream.errors import ConfigError
 from stream.health import Health
 from stream.pipeline import RecommendationStep
 from stream.prometheus import FROZEN_COUNT_INTERVAL_S, Metrics
@@ -412,7 +413,11 @@ async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop:
     runner = web.AppRunner(create_web_app(api, metrics=metrics), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:  # the port taken, a host that does not resolve or is not this machine's
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     log.info("serving on http://%s:%d (/v1/search, /v1/users/{id}/recommendations, /v1/items/{id}/similar, /metrics)",
              host, port)
     stop = stop or asyncio.Event()

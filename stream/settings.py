@@ -25,6 +25,23 @@ from stream.records import MAX_DEPTH, MAX_PRICE, MAX_QUANTITY, Bounds
 
 #: most events in one micro-batch (the models keep a ranked list per user until it is recorded)
 MAX_BATCH_SIZE = 16_384
+#: what STREAMREC_LOG_LEVEL and the commands' --loglevel accept
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def log_level(flag: str | None, default: str = "info") -> str:
+    """The logging level a command's ``--loglevel`` (else ``default``, STREAMREC_LOG_LEVEL's)
+    names, upper case; a :class:`ConfigError` for anything else.
+
+    >>> log_level(None, "info"), log_level("Debug")
+    ('INFO', 'DEBUG')
+    """
+    level = flag or default
+    if level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"--loglevel {level!r}: expected debug, info, warning or error")
+    return level.upper()
+
+
 #: the most items in a list, candidates, recent items, remembered event ids or partitions
 MAX_LIST = 100_000
 #: the most items or users an online model keeps
@@ -236,7 +253,7 @@ class Settings:
         if self.blend_weights.strip() and not re.fullmatch(r"\s*[\w+-]+\s*=\s*[0-9.]+\s*(,\s*[\w+-]+\s*=\s*[0-9.]+\s*)*,?\s*",
                                                           self.blend_weights):
             raise ConfigError(f"STREAMREC_BLEND_WEIGHTS={self.blend_weights!r}: expected name=weight[,name=weight], e.g. mf=0.2")
-        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+        if self.log_level.lower() not in LOG_LEVELS:
             raise ConfigError(f"STREAMREC_LOG_LEVEL={self.log_level!r}: expected debug, info, warning or error")
         if not self.kafka_bootstrap.strip():
             raise ConfigError("STREAMREC_KAFKA_BOOTSTRAP is empty: expected host:port[,host:port]")

@@ -315,6 +315,19 @@ def test_train_into_a_file_is_refused_before_it_trains(tmp_path):
         assert "read 300 events" not in result.output and "Traceback" not in result.output
 
 
+def test_train_refuses_an_unknown_device_before_it_reads_the_log(tmp_path):
+    from gpu_scorer.train_cli import train
+
+    app = typer.Typer()
+    app.command("train")(train)
+    app.command("noop")(lambda: None)
+    for args, hint in ((["--device", "tpu"], "--device"), (["--serve-device", "tpu"], "--serve-device")):
+        result = CliRunner().invoke(app, ["train", "--limit", "300", "--model-dir", str(tmp_path), *args],
+                                    env={"COLUMNS": "500"})
+        assert result.exit_code == 2 and "expected auto, cuda or cpu" in result.output and hint in result.output
+        assert "read 300 events" not in result.output and "Traceback" not in result.output
+
+
 def test_events_the_step_could_not_handle_are_counted_and_said():
     from rich.console import Console
 

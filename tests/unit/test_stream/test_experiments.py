@@ -277,3 +277,10 @@ def test_baseline_arms_do_not_teach_the_re_ranker_and_popularity_is_built_when_t
     run(step, [ev for u in range(10) for ev in clicks_of(f"v{u}", 3)], states)
     lists = [decode_recommendation(p) for p in run(step, clicks_of("v1", 1, start=9), states).payloads]
     assert lists and all(r.items for r in lists)
+
+
+def test_an_experiment_file_that_is_not_text_is_named(tmp_path):
+    binary = tmp_path / "v.toml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_experiment(binary)

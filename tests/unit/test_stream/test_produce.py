@@ -228,3 +228,19 @@ def test_a_catalogue_line_json_reads_but_no_event_can_hold_is_refused_with_its_l
                       ("[" * 100_000, "line 2: nested too deeply")):
         with pytest.raises(StreamrecError, match=says):
             read_catalogue([good, bad], now_ms=5)
+
+
+def test_a_log_line_refused_while_it_is_sent_is_a_sentence_not_a_traceback(monkeypatch, capsys):
+    """`produce --dataset` reads the log as it sends it, after Kafka answered: a DatasetError
+    then reaches the command line, which says it like any other refusal."""
+    import stream.cli
+    from online_models.datasets import DatasetError
+
+    def app() -> None:
+        raise DatasetError("bad.csv:2: expected 5 comma-separated fields, saw 3")
+
+    monkeypatch.setattr(stream.cli, "app", app)
+    with pytest.raises(SystemExit) as info:
+        stream.cli.main()
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == "streamrec: bad.csv:2: expected 5 comma-separated fields, saw 3"

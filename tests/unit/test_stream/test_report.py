@@ -460,3 +460,14 @@ def test_prometheus_without_counters_errors_and_a_refused_query_says_why():
         url = prom.url
     with pytest.raises(ServiceUnavailable, match="cannot reach Prometheus"):
         counters_from_prometheus(url, timeout=2)
+
+
+def test_a_url_that_is_not_one_is_a_sentence():
+    from stream.errors import ServiceUnavailable
+    from stream.report import counters_from_metrics_urls, metrics_url
+
+    with pytest.raises(ReportError, match="is not a URL"):
+        metrics_url("http://[::1")
+    for url in ("http://127.0.0.1:abc", "http://a b/"):  # http.client's InvalidURL, not an OSError
+        with pytest.raises(ServiceUnavailable, match="cannot read"):
+            counters_from_metrics_urls([url], timeout=1)

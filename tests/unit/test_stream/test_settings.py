@@ -203,3 +203,25 @@ def test_the_scorer_cuda_options_are_read():
     # the CUDA graph's candidate width holds the 9-candidate parity sample a load re-checks
     assert Settings.from_env({"STREAMREC_CANDIDATES": "5"}).scorer_cuda_options["max_cands"] == 16
     assert Settings.from_env({"STREAMREC_SCORER_MAX_BATCH": "16"}).scorer_max_batch == 16
+
+
+def test_a_loglevel_flag_is_checked_like_the_setting():
+    from stream.settings import log_level
+
+    assert log_level(None, "warning") == "WARNING" and log_level("Error") == "ERROR"
+    with pytest.raises(ConfigError, match="--loglevel 'foo': expected debug, info, warning or error"):
+        log_level("foo")
+
+
+def test_a_taken_metrics_port_is_a_sentence_not_a_traceback():
+    import socket
+
+    from prometheus_client import CollectorRegistry
+
+    from stream.health import Health, HealthServer
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(ConfigError, match="cannot serve metrics and health on 127.0.0.1:"):
+            HealthServer(taken.getsockname()[1], CollectorRegistry(), Health(), addr="127.0.0.1")
