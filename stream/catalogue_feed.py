@@ -158,7 +158,11 @@ class CatalogueFeed:
     async def _read(self) -> None:
         consumer = AIOKafkaConsumer(**self.kafka, group_id=None, enable_auto_commit=False,
                                     auto_offset_reset="earliest", max_poll_records=FETCH_RECORDS)
-        await consumer.start()
+        try:
+            await consumer.start()
+        except BaseException:  # the broker down: closed, not left for the collector to complain of
+            await consumer.stop()
+            raise
         try:
             partitions: set[int] = set()
             looked = float("-inf")

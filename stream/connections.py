@@ -101,6 +101,12 @@ class KafkaConnection:
 
     def check(self) -> None:
         """ConfigError naming the setting when these values cannot work together."""
+        for server in filter(None, (s.strip() for s in self.bootstrap.split(","))):
+            port = server.rpartition(":")[2]
+            if not (server.rpartition(":")[0].strip("[]") and port.isascii() and port.isdigit()
+                    and 1 <= int(port) <= 65535):
+                raise ConfigError(f"STREAMREC_KAFKA_BOOTSTRAP={self.bootstrap!r}: {server!r} is not host:port "
+                                  "(e.g. 127.0.0.1:9092)")
         if self.security_protocol not in PROTOCOLS:
             raise ConfigError(f"STREAMREC_KAFKA_SECURITY_PROTOCOL={self.security_protocol!r}: expected one of "
                               f"{', '.join(PROTOCOLS)}")

@@ -205,7 +205,11 @@ class PeerLearner:
     async def _read(self) -> None:
         consumer = AIOKafkaConsumer(**self.kafka, group_id=None, enable_auto_commit=False,
                                     auto_offset_reset="earliest", max_poll_records=self.chunk)
-        await consumer.start()
+        try:
+            await consumer.start()
+        except BaseException:  # the broker down: closed, not left for the collector to complain of
+            await consumer.stop()
+            raise
         try:
             version = None
             while True:

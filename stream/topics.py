@@ -146,9 +146,10 @@ class _Admin(KafkaAdminClient):
 
 def _admin(kafka: KafkaConnection, timeout_s: float) -> KafkaAdminClient:
     """An admin client that has reached the broker; ServiceUnavailable when none answers."""
-    problem = probe(kafka, min(timeout_s, 5.0))
+    probe_s = min(timeout_s, 5.0)
+    problem = probe(kafka, probe_s)
     if problem is not None:
-        raise _unavailable(kafka, timeout_s, problem)
+        raise _unavailable(kafka, probe_s, problem)  # how long it was given, not the caller's whole timeout
     check_login(kafka, min(timeout_s, 10.0))
     timeout_ms = max(1, int(timeout_s * 1000))
     return _Admin(
