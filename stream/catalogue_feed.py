@@ -39,6 +39,7 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from online_models.search import Catalogue, CatalogueItem
+from stream.connections import started_reader
 from stream.decoding import decode_item
 from stream.errors import InvalidEvent
 from stream.prometheus import Metrics
@@ -156,13 +157,7 @@ class CatalogueFeed:
         await run_until_done(self._read, self.backoff, log, f"reading the items topic {self.topic}")
 
     async def _read(self) -> None:
-        consumer = AIOKafkaConsumer(**self.kafka, group_id=None, enable_auto_commit=False,
-                                    auto_offset_reset="earliest", max_poll_records=FETCH_RECORDS)
-        try:
-            await consumer.start()
-        except BaseException:  # the broker down: closed, not left for the collector to complain of
-            await consumer.stop()
-            raise
+        consumer = await started_reader(self.kafka, FETCH_RECORDS)
         try:
             partitions: set[int] = set()
             looked = float("-inf")

@@ -19,11 +19,13 @@ from __future__ import annotations
 import os
 import re
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import redis
+from aiokafka import AIOKafkaConsumer
 
 from stream.errors import ConfigError, ServiceUnavailable, StreamrecError
 
@@ -102,9 +104,8 @@ class KafkaConnection:
     def check(self) -> None:
         """ConfigError naming the setting when these values cannot work together."""
         for server in filter(None, (s.strip() for s in self.bootstrap.split(","))):
-            port = server.rpartition(":")[2]
-            if not (server.rpartition(":")[0].strip("[]") and port.isascii() and port.isdigit()
-                    and 1 <= int(port) <= 65535):
+            host, _, port = server.rpartition(":")
+            if not (host.strip("[]") and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
                 raise ConfigError(f"STREAMREC_KAFKA_BOOTSTRAP={self.bootstrap!r}: {server!r} is not host:port "
                                   "(e.g. 127.0.0.1:9092)")
         if self.security_protocol not in PROTOCOLS:
@@ -279,4 +280,19 @@ class RedisConnection:
         return None
 
 
-__all__ = ["MECHANISMS", "PROTOCOLS", "AccessDenied", "KafkaConnection", "RedisConnection", "mask_url"]
+async def started_reader(client_options: Mapping[str, Any], max_poll_records: int) -> AIOKafkaConsumer:
+    """An aiokafka consumer of no group (it commits nothing, and reads a partition it is given
+    from its oldest record), started; one whose start fails (the broker down) is closed before
+    the error goes on, not left for the collector to complain of."""
+    consumer = AIOKafkaConsumer(**client_options, group_id=None, enable_auto_commit=False,
+                                auto_offset_reset="earliest", max_poll_records=max_poll_records)
+    try:
+        await consumer.start()
+    except BaseException:
+        await consumer.stop()
+        raise
+    return consumer
+
+
+__all__ = ["MECHANISMS", "PROTOCOLS", "AccessDenied", "KafkaConnection", "RedisConnection", "mask_url",
+           "started_reader"]

@@ -53,6 +53,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from stream.connections import started_reader
 from stream.decoding import decode_event, decode_forget
 from stream.errors import InvalidEvent
 from stream.pipeline import RecommendationStep
@@ -203,13 +204,7 @@ class PeerLearner:
                              self.metrics.peer_failures.inc, BACKOFF_RESET_S)
 
     async def _read(self) -> None:
-        consumer = AIOKafkaConsumer(**self.kafka, group_id=None, enable_auto_commit=False,
-                                    auto_offset_reset="earliest", max_poll_records=self.chunk)
-        try:
-            await consumer.start()
-        except BaseException:  # the broker down: closed, not left for the collector to complain of
-            await consumer.stop()
-            raise
+        consumer = await started_reader(self.kafka, self.chunk)
         try:
             version = None
             while True:

@@ -29,9 +29,9 @@ import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
-from stream.connections import KafkaConnection
+from stream.connections import KafkaConnection, started_reader
 from stream.decoding import decode_event, decode_forget
 from stream.errors import InvalidEvent
 from stream.pipeline import RecommendationStep
@@ -93,9 +93,7 @@ async def replay(step: RecommendationStep, bootstrap: KafkaConnection | str, tod
     if not todo:
         return 0
     rereading = bounds.rereading()  # a ts too far ahead stays refused; its age was judged when it arrived
-    consumer = AIOKafkaConsumer(**KafkaConnection.of(bootstrap).client_options(), enable_auto_commit=False, group_id=None,
-                                auto_offset_reset="earliest", max_poll_records=CHUNK)
-    await consumer.start()
+    consumer = await started_reader(KafkaConnection.of(bootstrap).client_options(), CHUNK)
     learned = 0
     seen: set[tuple[str, str]] = set()
     try:
