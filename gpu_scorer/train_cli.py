@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gpu_scorer.registry import ModelRegistry
+from gpu_scorer.runtime import DEVICES
 from online_models.datasets import read_interactions
 
 DEFAULT_MODEL_DIR = Path("models")
@@ -103,9 +104,8 @@ def train(
                                  f"--dataset {dataset}/yoochoose-clicks-100k_train_full.txt --format yoochoose",
                                  param_hint="--dataset")
     # found out before the training, not after it: the devices, and a registry made where a folder can be
-    for value, hint in ((device, "--device"), (serve_device, "--serve-device / STREAMREC_SCORER_DEVICE")):
-        if value not in DEVICES:
-            raise typer.BadParameter(f"{value!r}: expected auto, cuda or cpu", param_hint=hint)
+    check_device(device, "--device")
+    check_device(serve_device, "--serve-device / STREAMREC_SCORER_DEVICE")
     nearest = next(p for p in (model_dir, *model_dir.absolute().parents) if p.exists())
     if not nearest.is_dir():
         raise typer.BadParameter(f"{model_dir}: {nearest} is a file, not a folder", param_hint="--model-dir")
@@ -142,7 +142,11 @@ def train(
         raise typer.Exit(code=1)
 
 
-#: what --device (training) and --serve-device (the registered model's check) accept
-DEVICES = ("auto", "cuda", "cpu")
+def check_device(value: str, hint: str) -> None:
+    """A usage error naming ``hint`` unless ``value`` is a device the scorer and training know
+    (:data:`gpu_scorer.runtime.DEVICES`)."""
+    if value not in DEVICES:
+        raise typer.BadParameter(f"{value!r}: expected {', '.join(DEVICES[:-1])} or {DEVICES[-1]}", param_hint=hint)
 
-__all__ = ["DEVICES", "INSTALL_TRAIN", "missing_train_packages", "train"]
+
+__all__ = ["INSTALL_TRAIN", "check_device", "missing_train_packages", "train"]

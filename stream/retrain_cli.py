@@ -43,7 +43,12 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from gpu_scorer.registry import ModelRegistry
-from gpu_scorer.train_cli import DEFAULT_MODEL_DIR, DEVICES, INSTALL_TRAIN, missing_train_packages
+from gpu_scorer.train_cli import (
+    DEFAULT_MODEL_DIR,
+    INSTALL_TRAIN,
+    check_device,
+    missing_train_packages,
+)
 from online_models import Interaction
 from online_models.datasets import read_interactions
 from stream.decoding import decode_event, decode_forget
@@ -119,8 +124,7 @@ def retrain(
       streamrec retrain --every 3600 --dataset ../shared/data/yoochoose-100k/yoochoose-clicks-100k_train_full.txt -f yoochoose
     """
     logging.basicConfig(level=log_level(loglevel), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
-    if device not in DEVICES:
-        raise typer.BadParameter(f"{device!r}: expected auto, cuda or cpu", param_hint="--device")
+    check_device(device, "--device")
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))  # its INFO is per connection
     missing = missing_train_packages()
     if missing:
