@@ -101,13 +101,29 @@ class KafkaConnection:
     def uses_sasl(self) -> bool:
         return self.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL")
 
-    def check(self) -> None:
-        """ConfigError naming the setting when these values cannot work together."""
+    def servers(self) -> list[tuple[str, int]]:
+        """The bootstrap servers as (host, port), brackets off an IPv6 host; ConfigError naming
+        the setting for an entry that is not host:port.
+
+        >>> KafkaConnection("127.0.0.1:9092, [::1]:9093,").servers()
+        [('127.0.0.1', 9092), ('::1', 9093)]
+        >>> KafkaConnection(":9092").servers()
+        Traceback (most recent call last):
+        stream.errors.ConfigError: STREAMREC_KAFKA_BOOTSTRAP=':9092': ':9092' is not host:port (e.g. 127.0.0.1:9092)
+        """
+        servers = []
         for server in filter(None, (s.strip() for s in self.bootstrap.split(","))):
             host, _, port = server.rpartition(":")
-            if not (host.strip("[]") and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            host = host.strip("[]")
+            if not (host and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
                 raise ConfigError(f"STREAMREC_KAFKA_BOOTSTRAP={self.bootstrap!r}: {server!r} is not host:port "
                                   "(e.g. 127.0.0.1:9092)")
+            servers.append((host, int(port)))
+        return servers
+
+    def check(self) -> None:
+        """ConfigError naming the setting when these values cannot work together."""
+        self.servers()
         if self.security_protocol not in PROTOCOLS:
             raise ConfigError(f"STREAMREC_KAFKA_SECURITY_PROTOCOL={self.security_protocol!r}: expected one of "
                               f"{', '.join(PROTOCOLS)}")

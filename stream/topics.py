@@ -67,11 +67,14 @@ def probe(bootstrap: KafkaConnection | str, timeout_s: float = 3.0) -> str | Non
         request = struct.pack(">hhih", 3, 7, 42, len(client)) + client + struct.pack(">ib", -1, 0)
     context = kafka.ssl_context()
     problem = f"no server in {kafka.bootstrap!r}"
-    for server in filter(None, (s.strip() for s in kafka.bootstrap.split(","))):
-        host, _, port = server.rpartition(":")
-        host = host.strip("[]") or "127.0.0.1"
+    try:
+        servers = kafka.servers()
+    except ConfigError as exc:
+        return str(exc)
+    for host, port in servers:
+        server = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            with socket.create_connection((host, int(port)), timeout=timeout_s) as raw:
+            with socket.create_connection((host, port), timeout=timeout_s) as raw:
                 conn = context.wrap_socket(raw, server_hostname=host) if context is not None else raw
                 try:
                     conn.sendall(struct.pack(">i", len(request)) + request)

@@ -73,6 +73,12 @@ def test_unusable_bootstrap_strings_are_reported_not_raised(bootstrap):
     assert probe(bootstrap, timeout_s=0.2)
 
 
+def test_the_probe_does_not_read_an_empty_host_as_this_machine(not_kafka):
+    # ':PORT' was probed as 127.0.0.1:PORT, while the worker's own check refuses it
+    port = not_kafka.rpartition(":")[2]
+    assert "is not host:port" in probe(f":{port}", timeout_s=1)
+
+
 @pytest.mark.parametrize("name", ["", "a/b", "a b", "é", ".", "..", "x" * 250])
 def test_illegal_topic_names_are_refused_before_connecting(name):
     with pytest.raises(ConfigError, match="topic name"):
