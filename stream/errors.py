@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 
+def clipped(text: str, limit: int) -> str:
+    """``text`` as a message quotes it: at most ``limit`` characters, then an ellipsis.
+
+    >>> clipped("abcdef", 4), clipped("abc", 4)
+    ('abcd…', 'abc')
+    """
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 class StreamrecError(Exception):
     """Root of every error streamrec raises on purpose."""
 

@@ -39,7 +39,7 @@ from typing import Annotated, Any
 import typer
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream.errors import ServiceUnavailable, StreamrecError
+from stream.errors import ServiceUnavailable, StreamrecError, clipped
 from stream.experiments import load_experiment
 
 #: the two-sided 95% normal quantile
@@ -85,7 +85,7 @@ def empty_counters() -> dict[str, Any]:
 
 def _number(field: str, value: float) -> int | float:
     """``value`` as a count (revenue: as a float); a ValueError unless it is a finite number."""
-    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+    shown = clipped(repr(value), 40)
     try:
         x = float(value)
     except OverflowError:  # an integer too large for a float

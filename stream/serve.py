@@ -54,7 +54,7 @@ from online_models import Recommender
 from online_models.search import Catalogue
 from online_models.types import ScoredItem
 from stream.catalogue_feed import CatalogueFeed
-from stream.errors import ConfigError
+from stream.errors import ConfigError, clipped
 from stream.health import Health
 from stream.pipeline import RecommendationStep
 from stream.prometheus import FROZEN_COUNT_INTERVAL_S, Metrics
@@ -105,13 +105,8 @@ def parse_k(raw: str | None, default: int) -> int:
     # ASCII digits only: int() would also read "+5", "1_0" and other scripts' digits
     k = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 3 else 0
     if not 1 <= k <= MAX_K:
-        raise BadRequest(f"k={_shown(raw)}: expected a whole number from 1 to {MAX_K}")
+        raise BadRequest(f"k={clipped(raw, 40)}: expected a whole number from 1 to {MAX_K}")
     return k
-
-
-def _shown(raw: str, limit: int = 40) -> str:
-    """``raw`` as an error message quotes it: at most ``limit`` characters."""
-    return raw if len(raw) <= limit else raw[:limit] + "..."
 
 
 _ID = re.compile(ID_PATTERN)
@@ -259,7 +254,7 @@ async def _errors(request: web.Request, handler):
         if exc.status < 400 or exc.content_type == "application/json":
             raise
         # the router's 404 and 405 (its Allow header kept), as JSON like every other answer
-        return web.Response(body=_encode({"error": f"{exc.status} {exc.reason}: {request.method} {_shown(request.path)}"}),
+        return web.Response(body=_encode({"error": f"{exc.status} {exc.reason}: {request.method} {clipped(request.path, 40)}"}),
                             status=exc.status, content_type="application/json",
                             headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"})
     except (ConnectionError, TimeoutError, OSError, RedisError) as exc:  # the store: nothing the caller did wrong

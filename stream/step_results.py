@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from online_models.metrics import target_rank
+from stream.errors import clipped
 from stream.records import Event, Recommendation
 from stream.state import UserState
 
@@ -94,7 +95,7 @@ def exception_text(exc: BaseException, limit: int = 300) -> str:
         message = f"(its message could not be read: {type(exc).__name__}.__str__ raised)"
     message = message.replace("\r", " ").replace("\n", " ").strip()
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")
-    return message if len(message) <= limit else message[:limit] + "…"
+    return clipped(message, limit)
 
 
 @dataclass
