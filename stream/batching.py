@@ -26,7 +26,8 @@ A rebalance can begin while a batch is being filled or waits to be handled. The 
 checks with :func:`drop_stale` just before handling it (under the lock that the rebalance
 waits on): events taken before the rebalance are removed from the batch, and events removed
 from the list it was given are never acknowledged, so Kafka delivers them again to whichever
-worker owns their partition now.
+worker owns their partition now. The same goes for events of a partition whose commits are
+held after a batch there was left unacknowledged (:func:`stream.shell.leave_unacknowledged`).
 """
 
 from __future__ import annotations
@@ -104,8 +105,14 @@ async def take_batches(stream, max_: int, within: float) -> AsyncIterator[list]:
 
 def is_stale(app, message) -> bool:
     """Whether ``message`` was fetched before a rebalance that has begun since (the flow is
-    suspended) or has happened since (an older consumer generation)."""
-    return not app.flow_control.is_active() or message.generation_id != app.consumer_generation_id
+    suspended) or has happened since (an older consumer generation), or belongs to a partition
+    whose commits are held (:meth:`stream.consumer.Consumer.hold`): Kafka delivers it again from
+    the commit, after the events of the batch that was left unacknowledged there. Handled now,
+    it would move its user's offset past theirs, and they would then be skipped as duplicates."""
+    if not app.flow_control.is_active() or message.generation_id != app.consumer_generation_id:
+        return True
+    held = app.consumer.held
+    return bool(held) and (message.topic, message.partition) in held
 
 
 def drop_stale(app, batch: list) -> int:

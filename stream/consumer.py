@@ -141,8 +141,16 @@ class Consumer(faust_aiokafka.Consumer):
         does not hold for that: it commits past the unacknowledged head of a partition when
         one event is missing there (``min(acked) - committed > 1``), and whenever the partition
         has no committed offset yet (faust-streaming issue 606, open in 0.15.3).
+
+        Their fetching pauses too, and the worker leaves their events fetched before unhandled
+        (:func:`stream.batching.is_stale`): handled, a later event would move its user's
+        offset past an unacknowledged one's, which would be skipped as a duplicate when
+        delivered again, and every acknowledgement would grow Faust's list of acked offsets
+        for a partition that commits nothing. Faust resumes a partition it assigns again.
         """
+        partitions = set(partitions)
         self.held.update(partitions)
+        self.pause_partitions(partitions)
 
     def _new_offset(self, tp: TP) -> int | None:
         if tp in self.held:

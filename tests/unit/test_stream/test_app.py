@@ -53,6 +53,7 @@ class FakeApp:
         self.active = True
         self.flow_control = SimpleNamespace(is_active=lambda: self.active)
         self.consumer_generation_id = 1
+        self.consumer = SimpleNamespace(held=set())
 
 
 class RecordingHandler:
@@ -154,3 +155,32 @@ async def test_a_batch_left_unacknowledged_holds_its_partitions_commits_until_th
     shell.handler = FailingAfterARebalance()
     await shell.handle_taken(app2, taken(12))
     assert consumer.held == set()
+
+
+async def test_a_held_partition_stops_fetching_and_its_later_events_wait_for_the_redelivery():
+    """Handled, a later event of a held partition would move its user's offset past the
+    unacknowledged batch, whose events would then be skipped as duplicates when Kafka delivers
+    them again from the commit; and each acknowledgement would grow Faust's acked list there."""
+    from faust.types import TP
+
+    class FailingOnce(RecordingHandler):
+        async def handle_isolated(self, messages) -> None:
+            if not self.handled:
+                self.handled.append([])
+                raise RuntimeError("past every safeguard")
+            await super().handle_isolated(messages)
+
+    app = make_app()
+    shell, consumer = app.streamrec, app.consumer
+    shell.handler = FailingOnce()
+    clicks0 = TP("streamrec.clicks", 0)
+    consumer._set_active_tps({clicks0, TP("streamrec.clicks", 1)})
+    faust_app = SimpleNamespace(flow_control=SimpleNamespace(is_active=lambda: True), consumer_generation_id=1,
+                                consumer=consumer)
+    await shell.handle_taken(faust_app, taken(10))
+    assert consumer.held == {clicks0} and clicks0 not in consumer._get_active_partitions()
+    later = taken(11, 12) + [SimpleNamespace(message=SimpleNamespace(
+        topic="streamrec.clicks", partition=1, offset=5, key=b"v", value=b"{}", timestamp=None, generation_id=1))]
+    await shell.handle_taken(faust_app, later)
+    assert shell.handler.handled == [[], [5]]  # partition 0's events wait for the redelivery
+    assert [ev.message.offset for ev in later] == [5]  # only the handled one is acknowledged

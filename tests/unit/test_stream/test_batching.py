@@ -33,7 +33,7 @@ class FakeStream:
         flow.resume()
         self.tracked: list[int] = []
         self.app = SimpleNamespace(
-            consumer=SimpleNamespace(track_message=lambda m: self.tracked.append(m.offset)),
+            consumer=SimpleNamespace(track_message=lambda m: self.tracked.append(m.offset), held=set()),
             topics=SimpleNamespace(acking_topics={"clicks"}),
             flow_control=SimpleNamespace(is_active=lambda: True),
             consumer_generation_id=1,
