@@ -83,6 +83,13 @@ MAX_IN_FLIGHT = 16
 #: and 190 with two (bench/serve_bench.py, docs/search.md)
 COMPUTE_THREADS = 4
 
+#: seconds a connection may stay open without a complete request: idle between keep-alive
+#: requests, or still sending its first request's headers (aiohttp's timer runs from the
+#: connection's start). aiohttp's own default is 3,630 s, so a client that sends its headers a
+#: byte at a time held a connection for an hour; 75 s is nginx's keep-alive default, above the
+#: 60 s idle timeout of common load balancers (a backend that closes first makes them answer 502)
+KEEPALIVE_S = 75.0
+
 _encode = msgspec.json.Encoder().encode
 
 
@@ -336,6 +343,12 @@ def _observed(metrics: Metrics):
     return observe
 
 
+def api_runner(web_app: web.Application) -> web.AppRunner:
+    """The runner serve listens with: no access log, connections closed after
+    :data:`KEEPALIVE_S` without a complete request."""
+    return web.AppRunner(web_app, access_log=None, keepalive_timeout=KEEPALIVE_S)
+
+
 def create_web_app(api: Api, max_in_flight: int = MAX_IN_FLIGHT, metrics: Metrics | None = None) -> web.Application:
     """The API's routes, and ``/metrics`` (``metrics``' registry) when ``metrics`` is given."""
     server_log = logging.getLogger("aiohttp.server")
@@ -405,7 +418,7 @@ async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop:
                                                       personal_weight=settings.search_personal_weight))
     api = Api(store, step, catalogue, search, settings.top_k, health, pseudonyms_of(settings.pseudonym_key))
     refresher = ModelRefresher(store, step, settings.snapshot_key)
-    runner = web.AppRunner(create_web_app(api, metrics=metrics), access_log=None)
+    runner = api_runner(create_web_app(api, metrics=metrics))
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

@@ -4,16 +4,19 @@ tests/integration/test_search_e2e.py runs the command itself against real Kafka 
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 
 import pytest
 import yarl
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
 from online_models import Recommender, RecommenderConfig
 from online_models.search import Catalogue, CatalogueItem, TextEmbedder
+from stream import serve
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
 from stream.records import ClickEvent
@@ -307,3 +310,23 @@ def test_a_request_the_http_parser_refuses_is_logged_in_one_line_not_a_traceback
     assert any(isinstance(f, _MalformedRequests) for f in logging.getLogger("aiohttp.server").filters)  # create_web_app's
     assert record.levelno == logging.INFO and record.exc_info is None
     assert record.getMessage() == "Error handling request from 10.0.0.1: a malformed request (BadStatusLine)"
+
+
+async def test_a_client_that_never_finishes_its_headers_is_closed_after_the_keep_alive_time(monkeypatch):
+    # aiohttp's own default let a slow client hold a connection for 3,630 s
+    monkeypatch.setattr(serve, "KEEPALIVE_S", 0.5)
+    runner = serve.api_runner(web.Application())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        await writer.drain()
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server, nothing answered
+        assert 0.3 < time.monotonic() - started < 3
+        writer.close()
+    finally:
+        await runner.cleanup()
