@@ -128,8 +128,16 @@ async def check_readiness(app: Any, store: Any, health: Health, bootstrap: Kafka
     return health.readiness()[0]
 
 
+#: seconds a client of /metrics, /healthz or /readyz has to send its request
+REQUEST_TIMEOUT_S = 10.0
+
+
 def _handler(registry: CollectorRegistry, health: Health) -> type:
     class Handler(MetricsHandler):
+        #: seconds a client has to send its request (socketserver's default: forever, so a
+        #: client that never finished its headers held a thread for the worker's lifetime)
+        timeout = REQUEST_TIMEOUT_S
+
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             path = self.path.split("?", 1)[0].rstrip("/") or "/"
             if path == "/healthz":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import doctest
 import importlib
 import json
+import socket
+import time
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime
@@ -14,6 +16,7 @@ import pytest
 from faust.types import TP
 from prometheus_client import CollectorRegistry, Counter
 
+from stream import health as health_module
 from stream.health import Health, check_readiness, serve
 from stream.lag import LagMetrics, update_lag
 
@@ -212,3 +215,14 @@ def test_one_port_serves_metrics_liveness_and_readiness():
         assert fetch(f"{base}/readyz/")[0] == 200
         assert fetch(f"{base}/nope")[0] == 404
     assert json.dumps(server.port)  # closed cleanly: no ResourceWarning (an error in this suite)
+
+
+def test_a_client_that_never_finishes_its_request_is_closed(monkeypatch):
+    # socketserver's default let it hold a thread of the worker's for the worker's lifetime
+    monkeypatch.setattr(health_module, "REQUEST_TIMEOUT_S", 0.3)
+    with serve(0, CollectorRegistry(), Health(clock=Clock()), addr="127.0.0.1") as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as conn:
+            conn.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the blank line
+            started = time.monotonic()
+            assert conn.recv(100) == b""  # closed, nothing answered
+            assert time.monotonic() - started < 3
