@@ -303,8 +303,8 @@ class Shell:
         async with self.busy:
             dropped = drop_stale(app, events)
             if dropped:
-                log.info("rebalance: %d event(s) taken before it left unhandled and unacknowledged; "
-                         "they are delivered again to their partitions' owner", dropped)
+                log.info("%d event(s) taken before a rebalance, or of a partition whose commits are held, left unhandled "
+                         "and unacknowledged; they are delivered again to their partitions' owner", dropped)
             if not events:
                 return
             started = time.perf_counter()
