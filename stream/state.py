@@ -225,7 +225,7 @@ def _load(uid: str, doc: bytes | None) -> tuple[UserState, bool]:
         return UserState(uid), False
     try:
         state = _decode(doc)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:  # Recursion: nested too deeply
         log.error("user %r: the stored state does not decode (%s); starting the user afresh. Their earlier "
                   "events stay in the models, and an event Kafka redelivers for them may apply twice", uid, exc)
         return UserState(uid), True
@@ -237,7 +237,22 @@ def _load(uid: str, doc: bytes | None) -> tuple[UserState, bool]:
         state.event_ids = []
     if len(state.seen) % FINGERPRINT_CHARS:  # cut by hand: the newest, at the end, are whole
         state.seen = state.seen[len(state.seen) % FINGERPRINT_CHARS:]
+    if state.recs and not all(map(_is_remembered_list, state.recs)):
+        kept = [entry for entry in state.recs if _is_remembered_list(entry)]
+        log.error("user %r: %d of the stored remembered lists are not [rec_id, ts, flags]; dropped, so later "
+                  "clicks on them are not attributed", uid, len(state.recs) - len(kept))
+        state.recs = kept
     return state, False
+
+
+def _is_remembered_list(entry: list) -> bool:
+    """Whether ``entry`` is a remembered list as stream/experiments.py writes it.
+
+    >>> _is_remembered_list(["r1", 1700000000000, 0]), _is_remembered_list(["r1", 1700000000000])
+    (True, False)
+    """
+    return (len(entry) == 3 and type(entry[0]) is str and type(entry[1]) is int  # type(), not isinstance: True is no ts
+            and type(entry[2]) is int)
 
 
 class InMemoryUserStateStore:

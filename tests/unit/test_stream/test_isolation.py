@@ -203,13 +203,16 @@ async def test_a_learner_error_whose_message_is_not_text_still_gets_its_dead_let
     assert (saved["a"].clicks, saved["x"].clicks, saved["c"].clicks) == (1, 0, 1)
 
 
-async def test_an_impression_whose_handling_raises_is_a_dead_letter_and_the_batch_events_are_applied():
+async def test_an_impression_whose_handling_raises_is_a_dead_letter_and_the_batch_events_are_applied(monkeypatch):
     """Forget requests, impressions and searches are isolated like the events: one whose
-    handling raises (here a stored list without its flags, which decodes, and then breaks
-    the impression's attribution) is dead-lettered, the others are handled."""
-    store = InMemoryUserStateStore()
-    store._docs["u"] = b'{"user_id":"u","recs":[["r1",1700000000000]]}'
-    h, sink, metrics = handler_for(store=store)
+    handling raises (here the impression's attribution, a bug) is dead-lettered, the others
+    are handled."""
+
+    def broken(recs, rec_id):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(worker_module, "shown", broken)
+    h, sink, metrics = handler_for()
     impression = RawMessage("streamrec.impressions", 0, 7, b"u",
                             b'{"rec_id":"r1","user_id":"u","item_ids":["i1"],"ts":1700000000000}', None)
     await h.handle_isolated([*messages(clicks(("a1", "a", "i1"), ("b1", "b", "i2"))), impression])
@@ -264,6 +267,33 @@ async def test_a_document_that_does_not_decode_starts_the_user_afresh(caplog):
     assert (await store.load_many(["a"]))["a"].clicks == 1
     assert metrics.registry.get_sample_value("streamrec_states_rebuilt_total") == 1
     assert "does not decode" in caplog.text
+
+
+async def test_a_document_nested_too_deeply_to_decode_starts_the_user_afresh(caplog):
+    """msgspec refuses such a document with RecursionError, not DecodeError: the user is
+    rebuilt like any other document that does not decode, not dead-lettered for good."""
+    store = InMemoryUserStateStore()
+    store._docs["a"] = b'{"user_id": "a", "recs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    h, sink, metrics = handler_for(store=store)
+    await h.handle_isolated(messages(clicks(("a1", "a", "i1"))))
+    assert sink.dead() == [] and (await store.load_many(["a"]))["a"].clicks == 1
+    assert metrics.registry.get_sample_value("streamrec_states_rebuilt_total") == 1
+
+
+async def test_remembered_lists_that_are_not_rec_id_ts_flags_are_dropped_and_the_users_events_handled(caplog):
+    """A stored document whose remembered lists are malformed (edited by hand, or a bug in an
+    older version) decodes; its bad entries are dropped on load, so the user's clicks and
+    impressions are attributed from then on instead of failing each time."""
+    store = InMemoryUserStateStore()
+    store._docs["u"] = (b'{"user_id":"u","last_recommended":["i1"],'
+                        b'"recs":[["r2",1700000000000,0],["r0","x",0],["r1",1700000000000],[7,1,0],[]]}')
+    h, sink, metrics = handler_for(store=store)
+    impression = RawMessage("streamrec.impressions", 0, 7, b"u",
+                            b'{"rec_id":"r2","user_id":"u","item_ids":["i1"],"ts":1700000000000}', None)
+    await h.handle_isolated([impression, *messages(clicks(("u1", "u", "i1")))])
+    assert sink.dead() == []
+    assert "remembered lists" in caplog.text
+    assert (await store.load_many(["u"]))["u"].clicks == 1
 
 
 async def test_a_refused_dead_letter_holds_the_batch_and_says_unready_until_kafka_takes_it():
