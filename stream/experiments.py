@@ -2,7 +2,7 @@
 and the attribution of clicks and purchases to the lists that caused them.
 
 An experiment is a file (``STREAMREC_VARIANTS``, TOML or JSON) naming arms, each with a
-traffic share::
+traffic share (the shares add up to 1)::
 
     experiment = "blend-2026-12"       # changing it reshuffles who gets which arm
     control = "control"                # the arm lifts are measured against (default: the first)
@@ -152,6 +152,8 @@ def load_experiment(path: str | Path, known_sources: Sequence[str] = ()) -> Expe
         data = json.loads(text) if p.suffix.lower() == ".json" else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{where}: not valid {'JSON' if p.suffix.lower() == '.json' else 'TOML'}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: the experiment file is nested too deeply to read") from None
     return parse_experiment(data, where, known_sources)
 
 
@@ -205,6 +207,15 @@ def parse_experiment(data: Mapping, where: str = "the experiment", known_sources
             raise ConfigError(f"{at} ({arm_name}): `baseline` must be one of {', '.join(BASELINES)}")
         arms.append(Arm(arm_name, float(share), {k: float(v) for k, v in weights.items()}, tuple(off), model,
                         candidates, baseline))
+    total = sum(a.share for a in arms)
+    if abs(total - 1) > 1e-9:
+        raise ConfigError(f"{where}: the arms' shares add up to {total:g}, not 1 (each is the fraction of users "
+                          "the arm gets)")
+    bounds = _bucket_bounds(arms)
+    for arm, low, high in zip(arms, [0, *bounds], bounds, strict=False):
+        if high == low:
+            raise ConfigError(f"{where}: arm {arm.name!r} gets no user: its share {arm.share:g} is under the "
+                              f"1/{BUCKETS:,} users are split by")
     control = data.get("control", arms[0].name)
     if not isinstance(control, str) or control not in seen:
         raise ConfigError(f"{where}: `control` must be the name of an arm ({', '.join(sorted(seen))}), saw {control!r}")

@@ -66,7 +66,12 @@ def test_files_load_from_toml_and_json_and_mistakes_are_named(tmp_path):
                         ({"experiment": "e", "control": ["a"], "arms": [{"name": "a", "share": 1}]}, "`control`"),
                         ({"experiment": "e", "arms": [{"name": "a", "share": 1, "weights": {"covisit": float("inf")}}]},
                          "from 0 to 1e"),
-                        ({"experiment": "e", "arms": [{"name": "a", "share": 1, "weights": {"nope": 1}}]}, "nope")):
+                        ({"experiment": "e", "arms": [{"name": "a", "share": 1, "weights": {"nope": 1}}]}, "nope"),
+                        ({"experiment": "e", "arms": [{"name": "a", "share": 1}, {"name": "b", "share": 1}]},
+                         "add up to 2, not 1"),
+                        ({"experiment": "e", "arms": [{"name": "a", "share": 0.3}]}, "add up to 0.3, not 1"),
+                        ({"experiment": "e", "arms": [{"name": "a", "share": 0.99999}, {"name": "b", "share": 0.00001}]},
+                         "arm 'b' gets no user")):
         with pytest.raises(ConfigError, match=words):
             parse_experiment(data, known_sources=["covisit"])
     with pytest.raises(ConfigError, match="not valid TOML"):
@@ -74,6 +79,10 @@ def test_files_load_from_toml_and_json_and_mistakes_are_named(tmp_path):
         load_experiment(tmp_path / "bad.toml")
     with pytest.raises(ConfigError, match="cannot read"):
         load_experiment(tmp_path / "missing.toml")
+    for name, text in (("deep.json", "[" * 100_000), ("deep.toml", "x = " + "[" * 100_000)):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match="nested too deeply"):
+            load_experiment(tmp_path / name)
 
 
 def test_an_arm_config_is_the_base_blend_with_its_changes():
