@@ -84,7 +84,7 @@ def empty_counters() -> dict[str, Any]:
 
 
 def _number(field: str, value: float) -> int | float:
-    """``value`` as a count (revenue: as a float); a ValueError unless it is a finite number."""
+    """``value`` as a count (revenue: as a float); a ValueError unless it is a finite number >= 0."""
     shown = clipped(repr(value), 40)
     try:
         x = float(value)
@@ -94,6 +94,8 @@ def _number(field: str, value: float) -> int | float:
         raise ValueError(f"{field} is {shown}, not a number") from None
     if not math.isfinite(x):
         raise ValueError(f"{field} is {shown}, not a finite number a float can hold")
+    if x < 0:
+        raise ValueError(f"{field} is {shown}, a count below 0 (counters only grow)")
     return x if field == "revenue" else int(round(x))
 
 
@@ -545,7 +547,8 @@ def report(
         "--chart", metavar="PATH.png",
         help="Also write a PNG: CTR, conversion and HR@20 per variant with 95% CI error bars.",
         show_default=False)] = None,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for each HTTP answer.")] = 10.0,
+    timeout: Annotated[float, typer.Option(
+        "--timeout", min=0.001, max=3600, help="Seconds to wait for each HTTP answer.")] = 10.0,
 ) -> None:
     """Per-variant CTR, conversion and live HR@20 of an experiment, and each variant's lift over the control.
 
@@ -553,6 +556,8 @@ def report(
 
     Intervals are 95%: the Wilson score interval for each rate; for the relative lift (variant rate / control rate - 1) the log-ratio (Katz) interval for two independent proportions (a variant count of 0: from -100% to the bound with 0.5 added to each arm's counts). A control rate of 0 gives "n/a".
     """
+    if math.isnan(timeout):  # click's range lets NaN through: no comparison with it holds
+        raise typer.BadParameter("nan is not a number of seconds", param_hint="--timeout")
     sources = [s for s in (metrics, prometheus, json_file) if s]
     if len(sources) != 1:
         raise typer.BadParameter("give exactly one source: --metrics URL (repeatable), --prometheus URL or --json FILE")

@@ -194,6 +194,15 @@ def test_json_source_reads_counters_and_control():
             counters_from_json({"variants": {"A": {"lists": huge}}})
     with pytest.raises(ReportError, match="not a finite number"):
         counters_from_metrics_text('streamrec_experiment_lists_total{variant="A"} +Inf\n')
+    for field in ("lists", "revenue"):  # a counter never goes below 0 (a Wilson interval of it raised)
+        with pytest.raises(ReportError, match=f"{field} is -3, a count below 0"):
+            counters_from_json({"variants": {"A": {field: -3}}})
+
+
+def test_cli_timeout_outside_a_millisecond_to_an_hour_is_a_usage_error():
+    for bad in ("inf", "nan", "0", "-1", "3601"):
+        result = runner.invoke(cli.app, ["report", "--metrics", "http://127.0.0.1:9/metrics", "--timeout", bad])
+        assert result.exit_code == 2 and "--timeout" in result.output, (bad, result.output)
 
 
 def test_a_json_file_nested_too_deeply_is_a_report_error(tmp_path):
