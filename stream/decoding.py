@@ -389,6 +389,26 @@ def _check_entries(entries: dict[str, str] | None, name: str, risky: bool) -> No
                                                "(U+0000-U+001F, U+007F-U+009F)", name)
 
 
+def id_problem(text: str, max_chars: int = MAX_ID_CHARS) -> str | None:
+    """Why an id given on a command line (a user to tail, a prefix of event ids) could not be
+    one the worker accepts, or None: the rules :func:`decode_event` applies to ids.
+
+    >>> id_problem("u1") is None, id_problem(" "), id_problem("a" * 3, max_chars=2)
+    (True, 'an id must hold something besides whitespace', 'an id has at most 2 characters')
+    """
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # bytes that are not UTF-8 on the command line arrive as lone surrogates
+        return f"{text!r} is not UTF-8 text"
+    if len(text) > max_chars:
+        return f"an id has at most {max_chars} characters"
+    if not text.strip(_SPACES):
+        return "an id must hold something besides whitespace"
+    if _HAS_CONTROL.search(text):
+        return "an id holds no control characters (U+0000-U+001F, U+007F-U+009F)"
+    return None
+
+
 def _check_ids(value, names: tuple[str, ...], risky: bool, optional: bool = False) -> None:
     """The id rule for the fields ``names`` of ``value``; ``optional``: None passes."""
     for name in names:
@@ -401,4 +421,5 @@ def _check_ids(value, names: tuple[str, ...], risky: bool, optional: bool = Fals
                                          f"characters (U+0000-U+001F, U+007F-U+009F){leave}", name)
 
 
-__all__ = ["decode_event", "decode_forget", "decode_impression", "decode_item", "decode_search", "json_depth"]
+__all__ = ["decode_event", "decode_forget", "decode_impression", "decode_item", "decode_search", "id_problem",
+           "json_depth"]

@@ -23,7 +23,7 @@ from stream.errors import InvalidEvent, StreamrecError
 from stream.produce import started_producer
 from stream.records import ForgetRequest, encode
 from stream.settings import Settings
-from stream.topics import check_copartitioned, partition_count
+from stream.topics import check_copartitioned, require_topic
 
 
 def forget_requests(user_ids: list[str], now_ms: int | None = None) -> list[ForgetRequest]:
@@ -82,10 +82,7 @@ def forget(
     except InvalidEvent as exc:
         raise typer.BadParameter(exc.reason.replace("field `user_id`", "a user id"), param_hint="USER_IDS") from None
     topics = settings.topics
-    if partition_count(settings.kafka, topics.forget) is None:  # a wrong prefix must not "send" to nobody
-        raise StreamrecError(f"there is no topic {topics.forget} on {settings.kafka.bootstrap}: is "
-                             f"STREAMREC_TOPIC_PREFIX ({settings.topic_prefix!r}) the workers'? A worker creates it "
-                             "when it starts")
+    require_topic(settings, topics.forget)  # a wrong prefix must not "send" to nobody
     check_copartitioned(settings.kafka, topics.consumed)  # else a request misses the user's partition
     partitions = asyncio.run(send_forget_requests(settings.kafka, topics.forget, requests))
     for req, partition in zip(requests, partitions, strict=True):

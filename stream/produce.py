@@ -39,15 +39,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from online_models.datasets import FORMATS, DatasetError, read_interactions
 from online_models.types import Interaction
 from stream.connections import KafkaConnection
+from stream.decoding import id_problem
 from stream.errors import StreamrecError
 from stream.produce_catalogue import read_catalogue_file, send_catalogue, synthetic_items
 from stream.publisher import RecordBatches, murmur2_partition
-from stream.records import encode
+from stream.records import MAX_ID_CHARS, encode
 from stream.settings import Settings, TopicNames
 from stream.step_inputs import to_event
 from stream.topics import check_login, ensure_streamrec_topics
 
 DEFAULT_SYNTHETIC_EVENTS = 10_000
+#: room an event id leaves after its prefix: '-' and a position of up to 13 digits
+ID_INDEX_CHARS = 14
 
 
 # --- pure steps -------------------------------------------------------------------------
@@ -286,6 +289,10 @@ def produce(
         raise typer.BadParameter(f"format {fmt} needs --dataset PATH", param_hint="--dataset")
     if dataset is not None and fmt == "synthetic":
         raise typer.BadParameter("--dataset needs --format (taobao, yoochoose or otto)", param_hint="--format")
+    problem = None if id_prefix is None else id_problem(id_prefix, MAX_ID_CHARS - ID_INDEX_CHARS)
+    if problem is not None:
+        raise typer.BadParameter(f"{problem} (an event id is the prefix, '-' and the event's position)",
+                                 param_hint="--id-prefix")
     settings = Settings.from_env(**{k: v for k, v in (("kafka_bootstrap", bootstrap), ("topic_prefix", topic_prefix)) if v is not None})
     topics = settings.topics
     n = limit if limit is not None or dataset is not None else DEFAULT_SYNTHETIC_EVENTS

@@ -35,6 +35,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from online_models.types import Explanation
+from stream.decoding import id_problem
 from stream.records import (
     DeadLetter,
     Recommendation,
@@ -43,7 +44,7 @@ from stream.records import (
     decode_recommendation,
 )
 from stream.settings import Settings
-from stream.topics import ensure_streamrec_topics
+from stream.topics import require_topic
 
 #: what a shopper reads for a source whose explanation names no item or category
 _SAYS = {"covisit": "often viewed together", "reminder": "you viewed it before", "trending": "popular now",
@@ -137,10 +138,13 @@ def tail(
 
     Reads <prefix>recommendations (or <prefix>dlq with --dlq) without joining a consumer group, so it never takes work or offsets from a worker. Ctrl-C stops.
     """
+    problem = None if user is None else id_problem(user)
+    if problem is not None:
+        raise typer.BadParameter(f"{problem}: no event carries such a user id", param_hint="--user")
     settings = Settings.from_env(**{k: v for k, v in (("kafka_bootstrap", bootstrap), ("topic_prefix", topic_prefix)) if v is not None})
     topic = settings.topics.dlq if dlq else settings.topics.recommendations
     kafka = settings.kafka
-    ensure_streamrec_topics(settings)
+    require_topic(settings, topic)  # a typo in the prefix must not create topics and wait on them forever
     try:
         consumer = KafkaConsumer(**kafka.client_options(), client_id="streamrec-tail", group_id=None,
                                  enable_auto_commit=False, bootstrap_timeout_ms=30_000)

@@ -277,6 +277,18 @@ def partition_count(bootstrap: KafkaConnection | str, topic: str, timeout_s: flo
     return len(described["partitions"]) or None
 
 
+def require_topic(settings, topic: str) -> int:
+    """The partitions of ``topic``, which a worker of ``settings`` (a
+    :class:`~stream.settings.Settings`) creates when it starts; a :class:`StreamrecError` that
+    asks about the prefix where it does not exist. For the commands that only read or add to a
+    running deployment (forget, tail): a typo in the prefix must not send to, or wait on, nobody."""
+    partitions = partition_count(settings.kafka, topic)
+    if partitions is None:
+        raise StreamrecError(f"there is no topic {topic} on {settings.kafka.bootstrap}: is STREAMREC_TOPIC_PREFIX "
+                             f"({settings.topic_prefix!r}) the workers'? A worker creates it when it starts")
+    return partitions
+
+
 def check_copartitioned(bootstrap: KafkaConnection | str, names: Iterable[str], timeout_s: float = 30.0) -> None:
     """Raise a :class:`~stream.errors.ConfigError` unless the topics ``names`` have one partition
     count: the worker's agent reads them as co-partitioned (a user's events and forget
@@ -373,4 +385,4 @@ def _created(response: dict, asked: list[str]) -> list[str]:
     return [n for n in asked if n in created]
 
 
-__all__ = ["align_topic_configs", "check_copartitioned", "check_login", "check_topic_name", "committed_offsets", "ensure_streamrec_topics", "ensure_topics", "partition_count", "probe", "wait_for_kafka"]
+__all__ = ["align_topic_configs", "check_copartitioned", "check_login", "check_topic_name", "committed_offsets", "ensure_streamrec_topics", "ensure_topics", "partition_count", "probe", "require_topic", "wait_for_kafka"]

@@ -29,6 +29,7 @@ from stream.topics import (
     check_copartitioned,
     ensure_streamrec_topics,
     ensure_topics,
+    partition_count,
     wait_for_kafka,
 )
 
@@ -241,6 +242,16 @@ def test_tail_dlq_shows_reason_and_where(kafka_bootstrap, topic_prefix):
     (line,) = run("tail", "--dlq", "--bootstrap", kafka_bootstrap, "--topic-prefix", topic_prefix,
                   "--from-beginning", "--limit", "1", "--timeout", "30").splitlines()
     assert line == f"{topics.clicks}[2]@41  missing_field  field `user_id` is missing (required)  raw: {bad.decode()}"
+
+
+def test_tail_of_a_prefix_no_worker_uses_says_so_and_creates_nothing(kafka_bootstrap, topic_prefix):
+    """A typo in --topic-prefix must not create a set of topics and wait on them forever."""
+    result = CliRunner().invoke(cli(), ["tail", "--bootstrap", kafka_bootstrap, "--topic-prefix", topic_prefix,
+                                        "--timeout", "30"])
+    topics = TopicNames(topic_prefix)
+    assert result.exit_code == 1 and f"there is no topic {topics.recommendations}" in str(result.exception)
+    assert partition_count(kafka_bootstrap, topics.recommendations) is None
+    assert partition_count(kafka_bootstrap, topics.clicks) is None
 
 
 @pytest.mark.parametrize("command", ["produce", "tail"])

@@ -178,11 +178,20 @@ def test_help_describes_every_option(command):
 
 @pytest.mark.parametrize(
     ("args", "says"),
-    [(["--format", "csv"], "unknown format"), (["--format", "taobao"], "needs --dataset"), (["--rate", "0"], "0.001")],
+    [(["--format", "csv"], "unknown format"), (["--format", "taobao"], "needs --dataset"), (["--rate", "0"], "0.001"),
+     (["--id-prefix", "x" * 120], "at most 114 characters"), (["--id-prefix", "a\tb"], "control characters"),
+     (["--id-prefix", "\udcff"], "not UTF-8"), (["--id-prefix", " "], "besides whitespace")],
 )
 def test_produce_refuses_bad_arguments_before_connecting(args, says, tmp_path):
     result = CliRunner().invoke(_app(), ["produce", "--bootstrap", "127.0.0.1:1", *args])
     assert result.exit_code == 2 and says in result.output
+
+
+@pytest.mark.parametrize(("user", "says"), [("\udcff", "not UTF-8"), ("", "besides whitespace"),
+                                            ("u\n1", "control characters"), ("u" * 129, "at most 128 characters")])
+def test_tail_refuses_a_user_id_no_event_can_carry_before_connecting(user, says):
+    result = CliRunner().invoke(_app(), ["tail", "--bootstrap", "127.0.0.1:1", "--user", user])
+    assert result.exit_code == 2 and says in result.output and "--user" in result.output
 
 
 def test_produce_refuses_a_dataset_without_its_format(tmp_path):
