@@ -46,6 +46,8 @@ def log_level(flag: str | None, default: str = "info") -> str:
 MAX_LIST = 100_000
 #: the most items or users an online model keeps
 MAX_TABLE = 1_000_000_000
+#: the longest duration a setting takes: ten years, in seconds
+MAX_SECONDS = 10 * 365 * 86_400
 
 #: fewest users (and candidates) in the scorer's CUDA-graph shape: every load re-runs the
 #: registered parity sample (4 users x 9 candidates, gpu_scorer/export.py ``parity_sample``)
@@ -247,6 +249,23 @@ class Settings:
         for name, value in (("STREAMREC_MAX_FUTURE_S", self.max_future_s), ("STREAMREC_MAX_EVENT_AGE_S", self.max_event_age_s)):
             if value < 0:
                 raise ConfigError(f"{name}={value}: must be 0 or more")
+        # durations: past ten years a number is a typo, and Redis, Kafka and asyncio refuse
+        # times that far off (a state TTL of 1e17 s failed every save, forever)
+        for name, value, ceiling in (("STREAMREC_STATE_TTL_S", self.state_ttl_s, MAX_SECONDS),
+                                     ("STREAMREC_QUERY_TTL_S", self.query_ttl_s, MAX_SECONDS),
+                                     ("STREAMREC_ATTRIBUTION_WINDOW_S", self.attribution_window_s, MAX_SECONDS),
+                                     ("STREAMREC_SNAPSHOT_INTERVAL_S", self.snapshot_interval_s, MAX_SECONDS),
+                                     ("STREAMREC_MAX_FUTURE_S", self.max_future_s, MAX_SECONDS),
+                                     ("STREAMREC_MAX_EVENT_AGE_S", self.max_event_age_s, MAX_SECONDS),
+                                     ("STREAMREC_RAW_RETENTION_H", self.raw_retention_h, MAX_SECONDS // 3600)):
+            if value > ceiling:
+                raise ConfigError(f"{name}={value}: at most {ceiling:,} (ten years)")
+        for name, secret in (("STREAMREC_PSEUDONYM_KEY", self.pseudonym_key), ("STREAMREC_SNAPSHOT_KEY", self.snapshot_key)):
+            try:
+                secret.encode()
+            except UnicodeEncodeError:  # bytes that are not UTF-8 in the environment: lone surrogates
+                raise ConfigError(f"{name} is not UTF-8 text (the keyed hash reads the key as UTF-8); its value "
+                                  "is not shown") from None
         if self.replication_factor < 1 or not 1 <= self.min_insync_replicas <= self.replication_factor:
             raise ConfigError(f"STREAMREC_REPLICATION_FACTOR={self.replication_factor}, STREAMREC_MIN_INSYNC_REPLICAS="
                               f"{self.min_insync_replicas}: expected 1 <= min.insync.replicas <= replication factor")

@@ -79,6 +79,13 @@ def test_the_process_environment_is_the_default(monkeypatch):
         ("STREAMREC_RECENT_ITEMS", "1000000", "at most 100,000"),
         ("STREAMREC_MAX_USERS", "10000000000", "at most 1,000,000,000"),
         ("STREAMREC_STATE_TTL_S", "-5", "at least 0"),
+        ("STREAMREC_STATE_TTL_S", "100000000000000000", "at most 315,360,000 (ten years)"),
+        ("STREAMREC_QUERY_TTL_S", "315360001", "at most 315,360,000 (ten years)"),
+        ("STREAMREC_ATTRIBUTION_WINDOW_S", "10000000000", "at most 315,360,000"),
+        ("STREAMREC_SNAPSHOT_INTERVAL_S", "10000000000", "at most 315,360,000"),
+        ("STREAMREC_MAX_EVENT_AGE_S", "10000000000", "at most 315,360,000"),
+        ("STREAMREC_MAX_FUTURE_S", "10000000000", "at most 315,360,000"),
+        ("STREAMREC_RAW_RETENTION_H", "87601", "at most 87,600 (ten years)"),
         ("STREAMREC_KAFKA_SESSION_TIMEOUT_S", "0", "at least 1"),
         ("STREAMREC_SNAPSHOT_INTERVAL_S", "-1", "at least 1"),
         ("STREAMREC_KAFKA_BOOTSTRAP", "host:9092:x", "is not host:port"),
@@ -94,6 +101,15 @@ def test_bad_values_name_the_variable_and_what_was_seen(name, raw, says):
     message = str(info.value)
     assert message.startswith(f"{name}=") and raw.strip() in message and says in message
     assert isinstance(info.value, StreamrecError)
+
+
+@pytest.mark.parametrize("name", ["STREAMREC_PSEUDONYM_KEY", "STREAMREC_SNAPSHOT_KEY"])
+def test_a_secret_that_is_not_utf8_is_refused_without_showing_it(name):
+    """Bytes that are not UTF-8 in the environment arrive as lone surrogates: the key could not
+    be encoded when the worker or serve first hashed with it (a traceback)."""
+    with pytest.raises(ConfigError, match=f"{name} is not UTF-8 text") as info:
+        Settings.from_env({name: "s3cret\udcff"})
+    assert "s3cret" not in str(info.value)
 
 
 SECRET_URL = "redis://app:hunter2@db.internal:6380/1"
