@@ -9,6 +9,7 @@ moves (a query with no known word goes to the text model anyway).
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -51,6 +52,12 @@ def distil_queries(
         raise typer.BadParameter("give one catalogue: --catalogue FILE or --demo-catalogue", param_hint="--catalogue")
     if out is None:
         out = Path(Settings.from_env().model_dir) / DEFAULT_FILE
+    try:  # found out now, not after minutes of fitting
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot make the folder {out.parent} ({exc.strerror or exc})", param_hint="--out") from None
+    if not os.access(out.parent, os.W_OK):
+        raise typer.BadParameter(f"the folder {out.parent} is not writable", param_hint="--out")
     now = int(time.time() * 1000)
     items = synthetic_items(seed, now) if demo_catalogue else read_catalogue_file(catalogue, now)
     titles = [item.title for item in items if item.available]
@@ -72,7 +79,6 @@ def distil_queries(
     except ValueError as exc:
         raise StreamrecError(f"cannot fit a query student: {exc}") from None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(student.to_bytes())
     except OSError as exc:
         raise StreamrecError(f"cannot write {out}: {exc.strerror or exc}") from None

@@ -8,6 +8,7 @@ it also runs alone: ``python -m stream.evaluate_cli --help``. The evaluation its
 from __future__ import annotations
 
 import json
+import math
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -157,13 +158,14 @@ def evaluate(
         ),
     ] = None,
     retrain_delay: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--retrain-delay", min=0, metavar="SECONDS",
             help="With --retrain-every: seconds of the log's time between a retraining's moment and the model's "
-            "first use (the time `streamrec retrain` takes to train and register it).",
+            "first use (the time `streamrec retrain` takes to train and register it). Default 600.",
+            show_default=False,
         ),
-    ] = 600.0,
+    ] = None,
 ) -> None:
     """Evaluate what the worker serves, offline, through the worker's own step and settings.
 
@@ -203,12 +205,21 @@ def evaluate(
     for name in names or ():
         if name not in known:
             raise typer.BadParameter(f"unknown model {name!r}; choose from {', '.join(known)}", param_hint="--model")
+    for value, option in ((retrain_every, "--retrain-every"), (retrain_delay, "--retrain-delay")):
+        if value is not None and not math.isfinite(value):
+            raise typer.BadParameter(f"{value} is not a number of seconds", param_hint=option)
+    if retrain_delay is not None and retrain_every is None:
+        raise typer.BadParameter("--retrain-delay needs --retrain-every", param_hint="--retrain-delay")
+    if retrain_every is not None and names is not None and "served" not in names:
+        raise typer.BadParameter("--retrain-every retrains 'served''s Transformer: add -m served",
+                                 param_hint="--retrain-every")
     scorer = _load_scorer(scorer_model, settings.scorer_device) if scorer_model is not None else None
     show = not as_json
     with tempfile.TemporaryDirectory(prefix="streamrec-retrain-") as retrained:
         retraining = None
         if retrain_every is not None:
-            retraining = _retraining(Path(retrained), scorer_model, retrain_every, retrain_delay, seed,
+            retraining = _retraining(Path(retrained), scorer_model, retrain_every,
+                                     600.0 if retrain_delay is None else retrain_delay, seed,
                                      settings.scorer_device)
         report = _run(protocol, dataset, format, limit, mode, split, batch_size, seed, names, settings, scorer, ks,
                       show, retraining)

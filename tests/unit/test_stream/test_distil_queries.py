@@ -73,3 +73,7 @@ def test_misuse_gets_a_message_not_a_traceback(tmp_path):
     empty.write_text("", encoding="utf-8")
     result = runner.invoke(app, ["distil-queries", "--catalogue", str(empty), "-o", str(tmp_path / "s.npz")])
     assert isinstance(result.exception, StreamrecError) and "no available item" in str(result.exception)
+    (tmp_path / "a_file").write_text("", encoding="utf-8")
+    result = runner.invoke(app, ["distil-queries", "--demo-catalogue", "-o", str(tmp_path / "a_file" / "s.npz")])
+    assert result.exit_code == 2 and "a_file" in result.output and "--out" in result.output
+    assert "learning the words" not in result.output  # refused before minutes of fitting, not after

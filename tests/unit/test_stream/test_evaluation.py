@@ -275,6 +275,8 @@ def test_otto_sample_is_readable():
     (["-d", "{tmp}/deep.jsonl", "-f", "otto"], "nests its JSON too deeply"),
     (["-n", "50", "--json-out", "{tmp}"], "is a folder; give the file to write"),
     (["-n", "50", "--png-out", "{tmp}/missing/chart.png"], "does not exist"),
+    (["-n", "50", "-m", "covisit", "--retrain-every", "60"], "retrains 'served''s Transformer: add -m served"),
+    (["-n", "50", "--retrain-delay", "60"], "--retrain-delay needs --retrain-every"),
 ])
 def test_cli_misuse_is_a_clear_error_not_a_traceback(tmp_path, args, hint):
     (tmp_path / "empty.csv").write_text("")
