@@ -58,7 +58,7 @@ def train(
         Path,
         typer.Option("--model-dir", envvar="STREAMREC_MODEL_DIR", help="Model registry directory; the new version is written under it and made CURRENT."),
     ] = DEFAULT_MODEL_DIR,
-    limit: Annotated[int | None, typer.Option(help="Read at most this many events (synthetic default: 20000).")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Read at most this many events (synthetic default: 20000).")] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs; early stopping on validation NDCG@10 may end sooner.")] = 20,
     patience: Annotated[int, typer.Option(min=1, help="Stop after this many epochs without a better NDCG@10.")] = 3,
     dim: Annotated[int, typer.Option(min=8, help="Embedding / hidden size.")] = 64,
@@ -67,7 +67,7 @@ def train(
     max_len: Annotated[int, typer.Option(min=2, help="Most recent items the model reads per user.")] = 50,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.9, help="Dropout rate while training.")] = 0.2,
     batch_size: Annotated[int, typer.Option(min=1, help="Training windows per step.")] = 128,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 3e-3,
+    lr: Annotated[float, typer.Option(help="Adam learning rate, above 0 and at most 10.")] = 3e-3,
     loss: Annotated[str, typer.Option(help="'ce' (full softmax) or 'sampled' (sampled softmax, big catalogues).")] = "ce",
     min_item_count: Annotated[int, typer.Option(min=1, help="Items seen fewer times share the OOV row.")] = 1,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed and data give the same model.")] = 0,
@@ -103,7 +103,10 @@ def train(
         raise typer.BadParameter(f"{dataset} is a folder; train on one log file in it{hint}, e.g. "
                                  f"--dataset {dataset}/yoochoose-clicks-100k_train_full.txt --format yoochoose",
                                  param_hint="--dataset")
-    # found out before the training, not after it: the devices, and a registry made where a folder can be
+    # found out before the training, not after it: the learning rate, the devices, and a registry made where a
+    # folder can be
+    if not 0 < lr <= 10:  # also nan and inf, which trained a model of NaN
+        raise typer.BadParameter(f"{lr} is not a learning rate above 0 and at most 10", param_hint="--lr")
     check_device(device, "--device")
     check_device(serve_device, "--serve-device / STREAMREC_SCORER_DEVICE")
     nearest = next(p for p in (model_dir, *model_dir.absolute().parents) if p.exists())

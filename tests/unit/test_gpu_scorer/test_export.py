@@ -39,3 +39,15 @@ def test_check_parity_reports_and_detects_a_different_model(exported):
     assert result.ok and result.max_abs_diff < PARITY_ATOL and result.provider == "CPUExecutionProvider"
     other = tiny_result(1).model
     assert not check_parity(other, path).ok
+
+
+def test_a_model_whose_scores_are_nan_fails_parity_and_says_so(tmp_path):
+    """A model trained into NaN (a learning rate of inf) scores NaN in both runtimes: parity
+    fails, and its largest difference reads nan, not 0."""
+    import torch
+
+    model = tiny_result(2).model
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    result = check_parity(model, export_onnx(model, tmp_path / "model.onnx"))
+    assert not result.ok and np.isnan(result.max_abs_diff)

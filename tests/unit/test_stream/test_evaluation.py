@@ -317,6 +317,20 @@ def test_train_into_a_file_is_refused_before_it_trains(tmp_path):
         assert "read 300 events" not in result.output and "Traceback" not in result.output
 
 
+def test_train_refuses_a_learning_rate_or_limit_it_cannot_train_with(tmp_path):
+    from gpu_scorer.train_cli import train
+
+    app = typer.Typer()
+    app.command("train")(train)
+    app.command("noop")(lambda: None)
+    for args, says in ((["--lr", "inf"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"),
+                       (["--lr", "-0.1"], "--lr"), (["--lr", "11"], "--lr"), (["--limit", "-5"], "--limit"),
+                       (["--limit", "0"], "--limit")):
+        result = CliRunner().invoke(app, ["train", "--model-dir", str(tmp_path), *args], env={"COLUMNS": "500"})
+        assert result.exit_code == 2 and says in result.output, (args, result.output)
+        assert "read " not in result.output and "Traceback" not in result.output
+
+
 def test_train_refuses_an_unknown_device_before_it_reads_the_log(tmp_path):
     from gpu_scorer.train_cli import train
 
