@@ -64,7 +64,7 @@ class UserState(msgspec.Struct, kw_only=False, omit_defaults=True):
     last_recommended: list[str] = msgspec.field(default_factory=list)
     #: the latest lists published to the user, for attribution: ``[rec_id, ts of the event
     #: that triggered it, flags (1 clicked, 2 purchased)]``, newest last (stream/experiments.py)
-    recs: list[list] = msgspec.field(default_factory=list)
+    recs: list[tuple[str, int, int]] = msgspec.field(default_factory=list)
     #: the user's latest search queries, oldest first (stream/search_step.py)
     recent_queries: list[str] = msgspec.field(default_factory=list)
     #: when the latest of them was searched (the SearchEvent's ts; 0: unknown)
@@ -224,7 +224,7 @@ def _load(uid: str, doc: bytes | None) -> tuple[UserState, bool]:
     if doc is None:
         return UserState(uid), False
     try:
-        state = _decode(doc)
+        state = _decode_state(uid, doc)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:  # Recursion: nested too deeply
         log.error("user %r: the stored state does not decode (%s); starting the user afresh. Their earlier "
                   "events stay in the models, and an event Kafka redelivers for them may apply twice", uid, exc)
@@ -237,12 +237,23 @@ def _load(uid: str, doc: bytes | None) -> tuple[UserState, bool]:
         state.event_ids = []
     if len(state.seen) % FINGERPRINT_CHARS:  # cut by hand: the newest, at the end, are whole
         state.seen = state.seen[len(state.seen) % FINGERPRINT_CHARS:]
-    if state.recs and not all(map(_is_remembered_list, state.recs)):
-        kept = [entry for entry in state.recs if _is_remembered_list(entry)]
-        log.error("user %r: %d of the stored remembered lists are not [rec_id, ts, flags]; dropped, so later "
-                  "clicks on them are not attributed", uid, len(state.recs) - len(kept))
-        state.recs = kept
     return state, False
+
+
+def _decode_state(uid: str, doc: bytes) -> UserState:
+    """``doc`` decoded; remembered lists that are not ``[rec_id, ts, flags]`` (typed, so
+    msgspec checks them in C) are dropped and the rest kept, rather than the user rebuilt."""
+    try:
+        return _decode(doc)
+    except msgspec.ValidationError as exc:
+        if "at `$.recs[" not in str(exc):
+            raise
+    raw = msgspec.json.decode(doc)  # an object: validation reached its recs
+    kept = [entry for entry in raw["recs"] if isinstance(entry, list) and _is_remembered_list(entry)]
+    log.error("user %r: %d of the stored remembered lists are not [rec_id, ts, flags]; dropped, so later "
+              "clicks on them are not attributed", uid, len(raw["recs"]) - len(kept))
+    raw["recs"] = kept
+    return msgspec.convert(raw, UserState)
 
 
 def _is_remembered_list(entry: list) -> bool:
