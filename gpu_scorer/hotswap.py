@@ -42,6 +42,7 @@ import numpy as np
 import onnxruntime as ort
 
 from gpu_scorer.errors import ModelLoadError, ScorerDeviceError
+from gpu_scorer.layout import POINTER
 from gpu_scorer.registry import ModelRegistry
 from gpu_scorer.runtime import CPU_EP, CUDA_EP, cuda_device_count
 
@@ -194,7 +195,16 @@ class HotSwapScorer:
             if self._loader is not None and self._loader.is_alive():
                 return  # poll again later; the stamp is not consumed
             self._stamp = stamp
-            version = self.registry.latest()
+            try:
+                version = self.registry.pointed() or self.registry.latest()
+            except ModelLoadError as exc:  # refused once for each thing CURRENT says
+                if str(exc) not in self.refused:
+                    self.reload_failures += 1
+                    self.refused[str(exc)] = str(exc)
+                    log.error("scorer: %s; still serving %s", exc, self._current.version)
+                    if self.on_failure:
+                        self.on_failure(POINTER, exc)
+                return
             if version is None or version == self._current.version or version in self.refused:
                 return
             if self.background:

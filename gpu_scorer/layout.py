@@ -18,6 +18,7 @@ resolves a version name to its directory) can use it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from gpu_scorer.errors import ModelLoadError
 POINTER = "CURRENT"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "streamrec-scorer/1"
+
+log = logging.getLogger("streamrec.scorer")
 
 
 def default_model_dir() -> Path:
@@ -51,13 +54,39 @@ def versions(root: Path) -> list[str]:
     return sorted(found, key=version_key)
 
 
-def latest(root: Path) -> str | None:
-    """The version ``CURRENT`` points at, else the newest registered one, else None."""
+def pointed(root: Path) -> str | None:
+    """The version ``CURRENT`` names; None without one (no file, or an empty one); a
+    :class:`ModelLoadError` that says why when it cannot be read or names no registered version
+    (a typo in a hand-made rollback must not quietly serve another one)."""
+    where = root / POINTER
     try:
-        name = (root / POINTER).read_text(encoding="utf-8").strip()
+        raw = where.read_bytes()
     except FileNotFoundError:
-        name = ""
-    if name and (root / name / MANIFEST).exists():
+        return None
+    except OSError as exc:  # a folder, no permission
+        raise ModelLoadError(f"{where} cannot be read ({exc.strerror or exc})") from None
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{where} is not UTF-8 text: it should hold one version name") from None
+    if not name:
+        return None
+    if "/" in name or name.startswith(".") or not (root / name / MANIFEST).exists():
+        known = versions(root)
+        raise ModelLoadError(f"{POINTER} names {name[:80]!r}, which is not a registered version in {root} "
+                             f"({', '.join(known[-5:]) if known else 'none is registered'})")
+    return name
+
+
+def latest(root: Path) -> str | None:
+    """The version ``CURRENT`` points at, else (saying why, where CURRENT is there but names
+    none) the newest registered one, else None."""
+    try:
+        name = pointed(root)
+    except ModelLoadError as exc:
+        log.warning("%s; the newest registered version is used instead", exc)
+        name = None
+    if name is not None:
         return name
     found = versions(root)
     return found[-1] if found else None
@@ -77,6 +106,7 @@ __all__ = [
     "POINTER",
     "default_model_dir",
     "latest",
+    "pointed",
     "read_manifest",
     "version_key",
     "version_path",

@@ -68,6 +68,11 @@ class ModelRegistry:
         """The version ``CURRENT`` points at, else the newest registered one, else None."""
         return layout.latest(self.root)
 
+    def pointed(self) -> str | None:
+        """The version ``CURRENT`` names, None without one; :class:`ModelLoadError` where it
+        names no registered version (:func:`gpu_scorer.layout.pointed`)."""
+        return layout.pointed(self.root)
+
     def pointer_stamp(self) -> tuple[int, int, int] | None:
         """Cheap change detector for ``CURRENT`` (one stat): (inode, mtime_ns, size)."""
         try:

@@ -108,6 +108,39 @@ def test_bad_model_is_refused_and_old_keeps_serving(tmp_path, damage):
     assert scorer.reload_failures == 1
 
 
+@pytest.mark.parametrize("pointer", ["v002", "../v0001", "", "dir", "\xff\xfe"])
+def test_a_current_pointer_that_names_no_version_is_refused_and_the_served_one_kept(tmp_path, pointer, caplog):
+    """An operator rolling back by hand (`echo v002 > CURRENT`, a typo) must not get the newest
+    version instead without a word: the running scorer keeps what it serves and says why."""
+    register_tiny(tmp_path)
+    register_tiny(tmp_path, seed=1)
+    ModelRegistry(tmp_path).set_current("v0001")
+    failures = []
+    scorer = HotSwapScorer(tmp_path, "cpu", poll_interval_s=0.0, background=False,
+                           on_failure=lambda v, e: failures.append(str(e)))
+    assert scorer.version == "v0001"
+    (tmp_path / "CURRENT").unlink()
+    if pointer == "dir":
+        (tmp_path / "CURRENT").mkdir()
+    else:
+        (tmp_path / "CURRENT").write_bytes(pointer.encode("latin-1") + b"\n")
+    scorer.maybe_reload(force=True)
+    if pointer == "":  # an empty pointer is no pointer: the newest, as without CURRENT
+        assert scorer.version == "v0002"
+        return
+    assert scorer.version == "v0001" and scorer.reload_failures == 1 and len(failures) == 1
+    assert "CURRENT" in failures[0] and "still serving v0001" in caplog.text
+    scorer.maybe_reload(force=True)  # the same pointer is not refused again
+    assert scorer.reload_failures == 1
+
+
+def test_at_start_a_current_pointer_that_names_no_version_serves_the_newest_and_says_so(tmp_path, caplog):
+    register_tiny(tmp_path)
+    (tmp_path / "CURRENT").write_text("v9999\n")
+    assert HotSwapScorer(tmp_path, "cpu").version == "v0001"
+    assert "CURRENT names 'v9999', which is not a registered version" in caplog.text
+
+
 def test_no_model_at_start_is_an_error(tmp_path):
     with pytest.raises(ModelLoadError, match="no model registered"):
         HotSwapScorer(tmp_path, "cpu")
