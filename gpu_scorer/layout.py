@@ -29,6 +29,8 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "streamrec-scorer/1"
 
 log = logging.getLogger("streamrec.scorer")
+#: the last pointer problem :func:`latest` logged
+_last_warned = [""]
 
 
 def default_model_dir() -> Path:
@@ -84,7 +86,9 @@ def latest(root: Path) -> str | None:
     try:
         name = pointed(root)
     except ModelLoadError as exc:
-        log.warning("%s; the newest registered version is used instead", exc)
+        if str(exc) != _last_warned[0]:  # once, not at every retry of a worker with no model yet
+            _last_warned[0] = str(exc)
+            log.warning("%s; the newest registered version is used instead", exc)
         name = None
     if name is not None:
         return name
