@@ -41,9 +41,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from online_models.search import Catalogue, CatalogueItem
 from stream.connections import started_reader
 from stream.decoding import decode_item
-from stream.errors import InvalidEvent
+from stream.errors import InvalidEvent, clipped
 from stream.prometheus import Metrics
-from stream.records import Bounds, DeadLetter, ItemEvent, dead_letter, encode
+from stream.records import Bounds, DeadLetter, ItemEvent, dead_letter, dead_letter_record
 from stream.retry import Backoff, run_until_done
 from stream.state import UserStateStore
 
@@ -238,6 +238,13 @@ class CatalogueFeed:
                 problem = InvalidEvent("processing_error", f"decoding the value raised {type(exc).__name__}: {exc}")
                 dead.append((rec.key, dead_letter(problem, rec.value, rec.topic, partition, rec.offset, now)))
                 continue
+            if rec.key != item.item_id.encode():  # compacted by key: it would outlive its tombstone
+                problem = InvalidEvent(
+                    "invalid_value", f"the message key {clipped(repr((rec.key or b'').decode('utf-8', 'replace')), 80)} is "
+                    f"not the item's item_id {item.item_id!r}: the items topic is compacted by key, so a tombstone for "
+                    f"{item.item_id!r} would not remove it; key each item by its item_id", "item_id")
+                dead.append((rec.key, dead_letter(problem, rec.value, rec.topic, partition, rec.offset, now)))
+                continue
             upserts.append(catalogue_item(item))
         self._upsert(upserts)
         if dead:
@@ -249,7 +256,7 @@ class CatalogueFeed:
             if self.publish is not None and self.dlq_topic is not None:
                 # until Kafka confirms them all: the offsets are past these records already, so a
                 # dead letter not sent now would never be
-                pending = [(self.dlq_topic, key, encode(letter)) for key, letter in dead]
+                pending = [dead_letter_record(self.dlq_topic, key, letter) for key, letter in dead]
                 delays = self.backoff.delays()
                 while pending:
                     try:

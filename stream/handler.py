@@ -48,7 +48,7 @@ from stream.records import (
     Event,
     ForgetRequest,
     dead_letter,
-    encode,
+    dead_letter_record,
 )
 from stream.retry import Backoff
 from stream.search_step import SearchStep
@@ -204,7 +204,7 @@ class BatchHandler:
             (self.topics.recommendations, rec.user_id.encode(), payload)
             for rec, payload in zip(result.recommendations, result.payloads, strict=True)
         ]
-        out += [(self.topics.dlq, msg.key, encode(letter)) for msg, letter in dead]
+        out += [dead_letter_record(self.topics.dlq, msg.key, letter) for msg, letter in dead]
         await self._publish(out)
         published_ms = now_ms()
         t4 = clock()
@@ -267,7 +267,7 @@ class BatchHandler:
                       exc_info=exc)
         letter = _failure_letter("processing_error",
                                  f"handling the message raised {type(exc).__name__}: {exception_text(exc)}", msg)
-        await self._publish([(self.topics.dlq, msg.key, encode(letter))])
+        await self._publish([dead_letter_record(self.topics.dlq, msg.key, letter)])
         if msg.topic not in (self.topics.impressions, self.topics.searches):  # an event: the models pass over it
             self.step.advance([msg.position], dead=True)
         self._count_dead(["processing_error"])
@@ -316,7 +316,7 @@ class BatchHandler:
         if result is not None:
             out = [(self.topics.recommendations, rec.user_id.encode(), payload)
                    for rec, payload in zip(result.recommendations, result.payloads, strict=True)]
-        out += [(self.topics.dlq, msg.key, encode(letter)) for msg, letter in dead]
+        out += [dead_letter_record(self.topics.dlq, msg.key, letter) for msg, letter in dead]
         if out:
             await self._publish(out)
         published_ms = now_ms()
@@ -344,7 +344,7 @@ class BatchHandler:
         is a dead letter."""
         impressions, kept, dead = _decode_each(messages, decode_impression, self.bounds, now_ms())
         if dead:
-            await self._publish([(self.topics.dlq, msg.key, encode(letter)) for msg, letter in dead])
+            await self._publish([dead_letter_record(self.topics.dlq, msg.key, letter) for msg, letter in dead])
             self._count_dead([letter.code for _, letter in dead])
         if not impressions:
             return
@@ -398,7 +398,7 @@ class BatchHandler:
                       "still hold part of them until it evicts it: this is a bug (see streamrec_forget_failures_total)",
                       req.request_id, type(exc.__cause__ or exc).__name__, getattr(exc, "learner", "the models"))
         out: list[OutRecord] = [(self.topics.recommendations, uid.encode(), None) for uid in dict.fromkeys(site_ids)]
-        out += [(self.topics.dlq, msg.key, encode(letter)) for msg, letter in dead]
+        out += [dead_letter_record(self.topics.dlq, msg.key, letter) for msg, letter in dead]
         await self._publish(out)
         if requests:
             erased = list(dict.fromkeys(req.user_id for req in requests))

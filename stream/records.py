@@ -301,6 +301,21 @@ def decode_dead_letter(raw: bytes) -> DeadLetter:
     return _dead_letter_decoder.decode(raw)
 
 
+#: the most bytes of the original message's key a dead letter goes out under
+DEAD_LETTER_KEY_LIMIT = 1024
+
+
+def dead_letter_record(topic: str, key: bytes | None, letter: DeadLetter) -> tuple[str, bytes | None, bytes]:
+    """``letter`` as a record for the dead-letter ``topic``, keyed by the original message's
+    ``key`` cut to :data:`DEAD_LETTER_KEY_LIMIT` bytes: a key near Kafka's 1 MiB limit, with
+    the letter added, would not fit a message, and would be refused (and retried) for ever.
+
+    >>> dead_letter_record("dlq", b"k" * 5000, DeadLetter(reason="r", topic="t", partition=0, offset=1, raw="", ts=2))[1] == b"k" * 1024
+    True
+    """
+    return topic, key if key is None or len(key) <= DEAD_LETTER_KEY_LIMIT else key[:DEAD_LETTER_KEY_LIMIT], encode(letter)
+
+
 def dead_letter(error: InvalidEvent, raw: bytes | None, topic: str, partition: int, offset: int, ts: int) -> DeadLetter:
     """The dead letter for ``raw``; the raw value travels as text where it is UTF-8, else base64."""
     data = bytes(raw or b"")
@@ -338,6 +353,7 @@ __all__ = [
     "RecommendedItem",
     "SearchEvent",
     "dead_letter",
+    "dead_letter_record",
     "decode_dead_letter",
     "decode_forget_request",
     "decode_recommendation",

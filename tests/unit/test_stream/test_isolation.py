@@ -259,6 +259,17 @@ async def test_a_batch_that_raises_anyway_is_split_until_the_culprit_is_alone():
     assert h.step.recommender.n_learned == 10  # split twice, and still each event learned once
 
 
+async def test_a_dead_letter_goes_out_under_the_messages_key_cut_to_a_kibibyte():
+    """A key near Kafka's 1 MiB limit, on a bad value: with the letter added to it the record
+    would not fit a message, and its publication would be refused, and retried, for ever."""
+    h, sink, _ = handler_for()
+    huge = RawMessage("streamrec.clicks", 0, 0, b"u" * 1_040_000, b"x" * 8_300, None)
+    await h.handle_isolated([huge, *messages(clicks(("a1", "a", "i1")), start=1)])
+    ((topic, key, value),) = [r for r in sink.records if r[0] == "streamrec.dlq"]
+    assert key == b"u" * 1024 and decode_dead_letter(value).code == "malformed_json"
+    assert (await h.store.load_many(["a"]))["a"].clicks == 1
+
+
 async def test_a_document_that_does_not_decode_starts_the_user_afresh(caplog):
     store = InMemoryUserStateStore()
     store._docs["a"] = b'{"user_id": "a", "recent_items": 7}'

@@ -261,6 +261,33 @@ async def test_the_feeds_dead_letters_survive_a_publish_that_raises(catalogue):
     assert decode_dead_letter(calls[1][0][2]).code == "missing_field" and feed.offsets == {0: 5}
 
 
+async def test_the_feed_dead_letters_an_item_keyed_by_another_id_and_cuts_a_huge_key(catalogue):
+    """The items topic is compacted by key: an item under another key would outlive its
+    tombstone (and come back for every reader that starts afresh), so it is refused."""
+    from types import SimpleNamespace
+
+    from stream.catalogue_feed import CatalogueFeed
+    from stream.records import DEFAULT_BOUNDS
+
+    sent: list = []
+
+    async def publish(records):
+        sent.extend(records)
+        return []
+
+    feed = CatalogueFeed(Catalogue(catalogue.embedder), {}, "t.items", DEFAULT_BOUNDS, Metrics(CollectorRegistry()),
+                         publish, "t.dlq")
+    value = b'{"item_id": "B", "title": "Bogus walrus kettle", "ts": 1}'
+    await feed._apply(0, [SimpleNamespace(topic="t.items", offset=0, key=b"ghost", value=value),
+                          SimpleNamespace(topic="t.items", offset=1, key=b"k" * 1_040_000, value=b"x" * 8_300),
+                          SimpleNamespace(topic="t.items", offset=2, key=b"B", value=value)])
+    (ghost, huge) = sent
+    letter = decode_dead_letter(ghost[2])
+    assert ghost[1] == b"ghost" and letter.code == "invalid_value" and "key 'ghost'" in letter.reason
+    assert huge[1] == b"k" * 1024 and decode_dead_letter(huge[2]).code == "malformed_json"
+    assert feed.offsets == {0: 3}
+
+
 def test_a_new_item_is_recommended_by_its_text_until_events_name_it(catalogue):
     # the models know a and b (events); the catalogue's items have no events: all are cold
     step = trained_step()
