@@ -129,7 +129,7 @@ class SearchStep:
     def retrieve(self, search: SearchEvent) -> tuple[list[str], np.ndarray, list[str]]:
         """The candidates, their query relevance (higher is better) and what matched each."""
         depth = max(self.config.depth, self.config.k)
-        if search.results:
+        if search.results is not None:  # [] too: the shop found nothing, and nothing is added
             ids = list(dict.fromkeys(search.results))[:depth]
             # the shop's order is its relevance: reciprocal rank, as the fusion scores a list
             return ids, 1.0 / (60.0 + np.arange(1, len(ids) + 1)), ["shop"] * len(ids)

@@ -92,6 +92,13 @@ def test_the_shops_results_are_re_ranked_for_the_user_and_nothing_is_added():
     assert [i.item_id for i in rec.items] == results
 
 
+def test_a_shop_that_found_nothing_gets_nothing_added_from_the_catalogue(catalogue):
+    searcher = SearchStep(trained_step(), catalogue, SearchConfig(k=10))
+    (found,) = searcher([search("s1", "u1", "jacket")], {}, lambda: TS).recommendations
+    (empty,) = searcher([search("s2", "u1", "jacket", results=[])], {}, lambda: TS).recommendations
+    assert found.items and empty.items == []
+
+
 def test_without_a_catalogue_or_results_the_answer_is_empty_and_a_redelivery_is_skipped():
     step = SearchStep(RecommendationStep(Recommender.default()))
     result = step([search("s1", "u", "anything")], {}, lambda: TS, positions=[("searches:0", 7)])
