@@ -22,7 +22,7 @@ search through this class.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import NamedTuple
 
 import msgspec
@@ -243,25 +243,34 @@ class Catalogue:
             rows = self._vectors.vectors(np.asarray(keys, dtype=np.uint64))
         return ids, np.stack(rows).astype(np.float32, copy=False)
 
-    def _available(self, pairs: list[tuple[int, float]]) -> list[tuple[str, float]]:
-        out = []
-        for key, score in pairs:
-            item_id = self._id_of.get(key)
-            if item_id is not None and self._items[item_id].available:
-                out.append((item_id, score))
-        return out
+    def _best_available(self, search: Callable[[int], list[tuple[int, float]]], k: int,
+                        skip: Collection[str] = ()) -> list[tuple[str, float]]:
+        """The best ``k`` available items ``search(n)`` (best ``n`` keys of an index) finds,
+        not in ``skip``: unavailable items stay in the indexes, so while they take places the
+        index is asked for twice as many, until it has no more. Under the lock."""
+        want = k + len(skip)
+        while True:
+            found = search(want)
+            out = []
+            for key, score in found:
+                item_id = self._id_of.get(key)
+                if item_id is not None and item_id not in skip and self._items[item_id].available:
+                    out.append((item_id, score))
+            if len(out) >= k or len(found) < want:
+                return out[:k]
+            want *= 2
 
     def lexical_scored(self, query: str, k: int) -> list[tuple[str, float]]:
         """BM25 alone: the best ``k`` available items with their BM25 scores."""
         with self._lock:
-            return self._available(self._lexical.search(query, k))[:k]
+            return self._best_available(lambda n: self._lexical.search(query, n), k)
 
     def semantic_scored(self, query: str, k: int, vector: np.ndarray | None = None) -> list[tuple[str, float]]:
         """Embeddings alone: the ``k`` available items closest to the query, with cosines."""
         if vector is None:
             vector = self.embedder.queries([query])[0]
         with self._lock:
-            return self._available(self._vectors.search(vector, k))[:k]
+            return self._best_available(lambda n: self._vectors.search(vector, n), k)
 
     def lexical(self, query: str, k: int) -> list[str]:
         return [item for item, _ in self.lexical_scored(query, k)]
@@ -293,14 +302,8 @@ class Catalogue:
 
     def nearest(self, vector: np.ndarray, k: int, exclude: Iterable[str] = ()) -> list[tuple[str, float]]:
         """The ``k`` available items closest to ``vector``, with cosines, skipping ``exclude``."""
-        skip = set(exclude)
-        out = []
         with self._lock:
-            for key, similarity in self._vectors.search(vector, k + len(skip)):
-                item_id = self._id_of.get(key)
-                if item_id is not None and item_id not in skip and self._items[item_id].available:
-                    out.append((item_id, similarity))
-        return out[:k]
+            return self._best_available(lambda n: self._vectors.search(vector, n), k, set(exclude))
 
     @property
     def memory_bytes(self) -> int:

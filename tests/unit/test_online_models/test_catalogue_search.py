@@ -99,6 +99,22 @@ def test_a_changed_title_replaces_the_old_text_and_a_tombstone_removes_the_item(
     assert "case" not in catalogue.semantic("water bottle", len(ITEMS))
 
 
+def test_unavailable_items_do_not_take_the_places_of_available_ones(embedder):
+    """Asked for k, each retrieval answers k available items where the catalogue has them,
+    however many unavailable ones are closer (they are kept in the indexes)."""
+    catalogue = Catalogue(embedder)
+    catalogue.upsert([CatalogueItem(item_id=f"off{n}", title=f"Purple velvet armchair {n}", available=False)
+                      for n in range(6)] + [CatalogueItem(item_id="on1", title="Purple velvet armchair deluxe"),
+                                            CatalogueItem(item_id="on2", title="Purple velvet armchair classic"),
+                                            CatalogueItem(item_id="pan", title="Cast iron frying pan")])
+    catalogue.flush()
+    assert [i for i, _ in catalogue.similar("on1", 1)] == ["on2"]
+    assert [i for i, _ in catalogue.similar("on1", 5)] == ["on2", "pan"]
+    assert catalogue.lexical("purple velvet armchair", 2) == ["on1", "on2"] or \
+        catalogue.lexical("purple velvet armchair", 2) == ["on2", "on1"]
+    assert sorted(catalogue.semantic("purple velvet armchair", 2)) == ["on1", "on2"]
+
+
 def test_similar_items_come_from_the_vectors_and_exclude_the_item_itself(catalogue):
     similar = [item for item, _ in catalogue.similar("jacket-zh", 2)]
     assert similar[0] == "jacket-en" and "jacket-zh" not in similar
