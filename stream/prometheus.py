@@ -52,7 +52,7 @@ class Metrics:
         self.output_blocked = Gauge("output_blocked", "1 while Kafka refuses what the worker publishes (recommendations or dead letters); nothing after them is committed", namespace=ns, registry=r)
         self.fenced_batches = Counter("fenced_batches_total", "Batches not saved because another worker claimed their partitions since (left to that worker)", namespace=ns, registry=r)
         self.batch_failures = Counter("batch_failures_total", "Batches whose handling raised past every safeguard (left unacknowledged; the log has the traceback)", namespace=ns, registry=r)
-        self.model_snapshot_refused = Counter("model_snapshot_refused_total", "Model snapshots found in Redis and refused at start (corrupt, unsigned or foreign); the worker started with empty models", namespace=ns, registry=r)
+        self.model_snapshot_refused = Counter("model_snapshot_refused_total", "Model snapshots found in Redis and refused (corrupt, unsigned or foreign): a worker starting then starts with empty models; serve keeps the models it serves", namespace=ns, registry=r)
         self.peer_events_learned = Counter("peer_events_learned_total", "Events of input partitions other workers own that this worker's models learned (STREAMREC_LEARN_ALL_PARTITIONS, stream/peers.py)", namespace=ns, registry=r)
         self.peer_learn_seconds = Counter("peer_learn_seconds_total", "Time spent teaching the models the other workers' partitions (under the lock the batches take)", namespace=ns, registry=r)
         self.peer_lag = Gauge("peer_lag_events", "Events of the other workers' partitions not yet learned by this worker's models (as of the last fetch)", namespace=ns, registry=r)

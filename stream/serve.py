@@ -374,29 +374,74 @@ def create_web_app(api: Api, max_in_flight: int = MAX_IN_FLIGHT, metrics: Metric
 class ModelRefresher:
     """Loads the workers' newest model snapshot from the store into ``step`` when it changes."""
 
-    def __init__(self, store: UserStateStore, step: RecommendationStep, signing_key: str | None = None) -> None:
+    def __init__(self, store: UserStateStore, step: RecommendationStep, signing_key: str | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.store = store
         self.step = step
         self.signing_key = signing_key or None
+        self.metrics = metrics
         self._digest: bytes | None = None
+        #: the newest snapshot refused, and why (it is not read again until it changes)
+        self.refused: tuple[bytes, str] | None = None
 
     @property
     def loaded(self) -> bool:
         return self._digest is not None
 
     async def refresh(self) -> bool:
+        """Whether a new snapshot was loaded. One that is refused (corrupt, unsigned or signed
+        with another key) is counted and logged once, and the models served stay as they were."""
         data = await self.store.get_blob(SNAPSHOT_KEY)
         if not data:
             return False
         digest = hashlib.blake2b(data, digest_size=16).digest()
-        if digest == self._digest:
+        if digest == self._digest or (self.refused is not None and digest == self.refused[0]):
             return False
-        recommender = await asyncio.to_thread(Recommender.restore, data, self.signing_key)
+        try:
+            recommender = await asyncio.to_thread(Recommender.restore, data, self.signing_key)
+        except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, the models served stay
+            self.refused = (digest, f"{type(exc).__name__}: {exc}")
+            if self.metrics is not None:
+                self.metrics.model_snapshot_refused.inc()
+            log.error("refused the workers' snapshot of the online models (%s); still serving %s", self.refused[1],
+                      "the previous one" if self.loaded else "empty models")
+            return False
+        self.refused = None
         self.step.recommender = recommender
         self._digest = digest
         log.info("models loaded from the workers' snapshot (%d bytes, %d events learned)", len(data),
                  recommender.n_learned)
         return True
+
+
+async def check_serving(health: Health, store: UserStateStore, refresher: ModelRefresher, step: RecommendationStep,
+                        feed: CatalogueFeed | None, catalogue: Catalogue | None, items_topic: str) -> None:
+    """serve's readiness conditions, each checked on its own (said by /readyz; checked again at
+    the next round), and the models and scorer brought up to date."""
+    try:
+        health.set("redis", await store.ping(), "the store answers")
+        await refresher.refresh()
+    except Exception as exc:  # noqa: BLE001 - the store did not answer (a refused snapshot is not this)
+        health.set("redis", False, f"{type(exc).__name__}: {exc}")
+    if refresher.refused is not None:
+        health.set("models", True, f"the newest snapshot was refused ({clipped(refresher.refused[1], 200)}): serving "
+                                   f"{'the previous one' if refresher.loaded else 'empty models'}")
+    else:
+        health.set("models", True, "the workers' snapshot is loaded" if refresher.loaded
+                   else "no snapshot of the workers' models yet: serving empty models")
+    if feed is None or catalogue is None:
+        health.set("catalogue", True, "off (STREAMREC_CATALOGUE=false)")
+    elif feed.topic_exists is False:
+        health.set("catalogue", True, f"{items_topic} does not exist yet: an empty catalogue (a worker creates the topic)")
+    elif feed.caught_up.is_set():
+        health.set("catalogue", True, f"{len(catalogue)} items, following {items_topic}")
+    else:
+        health.set("catalogue", False, f"reading {items_topic}: {len(catalogue)} items so far")
+    if step.scorer is not None:
+        try:
+            await asyncio.to_thread(step.scorer.maybe_reload)
+        except Exception as exc:  # noqa: BLE001 - the version in use keeps serving
+            log.error("scorer reload failed, the current one keeps serving: %s", exc)
 
 
 async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop: asyncio.Event | None = None) -> None:
@@ -417,7 +462,7 @@ async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop:
     search = SearchStep(step, catalogue, SearchConfig(k=settings.top_k, depth=settings.search_candidates,
                                                       personal_weight=settings.search_personal_weight))
     api = Api(store, step, catalogue, search, settings.top_k, health, pseudonyms_of(settings.pseudonym_key))
-    refresher = ModelRefresher(store, step, settings.snapshot_key)
+    refresher = ModelRefresher(store, step, settings.snapshot_key, metrics)
     runner = api_runner(create_web_app(api, metrics=metrics))
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -443,24 +488,7 @@ async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop:
             if time.monotonic() - counted >= FROZEN_COUNT_INTERVAL_S:
                 metrics.count_frozen()
                 counted = time.monotonic()
-            try:
-                health.set("redis", await store.ping(), "the store answers")
-                await refresher.refresh()
-                health.set("models", True, "the workers' snapshot is loaded" if refresher.loaded
-                           else "no snapshot of the workers' models yet: serving empty models")
-                if feed is None:
-                    health.set("catalogue", True, "off (STREAMREC_CATALOGUE=false)")
-                elif feed.topic_exists is False:
-                    health.set("catalogue", True, f"{settings.topics.items} does not exist yet: an empty catalogue "
-                                                  "(a worker creates the topic)")
-                elif feed.caught_up.is_set():
-                    health.set("catalogue", True, f"{len(catalogue)} items, following {settings.topics.items}")
-                else:
-                    health.set("catalogue", False, f"reading {settings.topics.items}: {len(catalogue)} items so far")
-                if step.scorer is not None:
-                    await asyncio.to_thread(step.scorer.maybe_reload)
-            except Exception as exc:  # noqa: BLE001 - said by /readyz; tried again next time
-                health.set("redis", False, f"{type(exc).__name__}: {exc}")
+            await check_serving(health, store, refresher, step, feed, catalogue, settings.topics.items)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=1.0 if not health.readiness()[0] else
                                        max(1.0, min(10.0, settings.snapshot_interval_s)))

@@ -17,11 +17,12 @@ from prometheus_client import CollectorRegistry
 from online_models import Recommender, RecommenderConfig
 from online_models.search import Catalogue, CatalogueItem, TextEmbedder
 from stream import serve
+from stream.health import Health
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
 from stream.records import ClickEvent
 from stream.search_step import SearchConfig, SearchStep
-from stream.serve import Api, ModelRefresher, create_web_app
+from stream.serve import Api, ModelRefresher, check_serving, create_web_app
 from stream.snapshots import SNAPSHOT_KEY
 from stream.state import InMemoryUserStateStore, UserState, encode_state
 
@@ -151,6 +152,40 @@ async def test_the_models_follow_the_workers_snapshot():
     await store.set_blob(SNAPSHOT_KEY, trained.snapshot())
     assert await refresher.refresh() and step.recommender.n_learned == trained.n_learned
     assert not await refresher.refresh()  # the same snapshot: not loaded again
+
+
+async def test_a_refused_snapshot_keeps_the_models_served_says_so_once_and_does_not_blame_redis(caplog):
+    store = InMemoryUserStateStore()
+    step = RecommendationStep(Recommender.default())
+    metrics = Metrics(CollectorRegistry())
+    refresher = ModelRefresher(store, step, metrics=metrics)
+    trained = trained_step().recommender
+    await store.set_blob(SNAPSHOT_KEY, trained.snapshot())
+    health = Health(conditions=("redis", "models", "catalogue"))
+    await check_serving(health, store, refresher, step, None, None, "streamrec.items")
+    assert health.readiness()[0]
+    await store.set_blob(SNAPSHOT_KEY, b"garbage-not-a-snapshot")
+    for _ in range(3):
+        await check_serving(health, store, refresher, step, None, None, "streamrec.items")
+    ready, text = health.readiness()
+    assert ready and "refused" in text and step.recommender.n_learned == trained.n_learned  # the last good one serves
+    assert metrics.model_snapshot_refused._value.get() == 1 and caplog.text.count("refused the workers' snapshot") == 1
+
+
+async def test_redis_away_is_said_by_its_condition_alone():
+    class Away(InMemoryUserStateStore):
+        async def ping(self) -> bool:
+            raise ConnectionError("Connection refused")
+
+        async def get_blob(self, name):
+            raise ConnectionError("Connection refused")
+
+    step = RecommendationStep(Recommender.default())
+    health = Health(conditions=("redis", "models", "catalogue"))
+    await check_serving(health, Away(), ModelRefresher(Away(), step), step, None, None, "streamrec.items")
+    ready, text = health.readiness()
+    assert not ready and "redis: FAIL (ConnectionError: Connection refused)" in text
+    assert "catalogue: ok" in text and "not checked yet" not in text
 
 
 async def test_a_search_that_runs_no_text_model_is_answered_on_the_event_loop(catalogue):
