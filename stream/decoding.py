@@ -159,6 +159,12 @@ def _check_depth(raw: bytes, max_depth: int) -> None:
         raise InvalidEvent("too_deep", f"the value nests arrays and objects {depth} deep; at most {max_depth} levels are accepted")
 
 
+#: a ``\uD800``-``\uDBFF`` escape not followed by a ``\uDC00``-``\uDFFF`` one, or such a low
+#: half not preceded by a high one
+_LONE_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+                             rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
 def _malformed(raw: bytes, exc: Exception) -> InvalidEvent:
     """The dead-letter reason for bytes msgspec could not parse."""
     try:
@@ -167,6 +173,11 @@ def _malformed(raw: bytes, exc: Exception) -> InvalidEvent:
         return exc
     if not raw.strip():
         return InvalidEvent("malformed_json", "the value is empty; expected a JSON object")
+    if (lone := _LONE_SURROGATE.search(raw)) is not None:  # msgspec's words for it mislead (e.g. "truncated")
+        escape = lone.group().decode("ascii")
+        return InvalidEvent("malformed_json", f"the value is not valid JSON: the escape {escape} at byte {lone.start()} "
+                                              "is a lone UTF-16 surrogate (half of a pair), which is not text; "
+                                              "encode text as UTF-8 or escape whole pairs")
     if (m := _POSITION.search(str(exc))) is not None:
         at = int(m.group(1))
         if raw.startswith(_NON_FINITE, at):

@@ -380,6 +380,18 @@ def test_non_utf8_inside_an_extra_field_is_not_utf8():
     assert rejected(raw({**CLICK, "note": "s"}).replace(b'"s"', b'"\xff"')).code == "not_utf8"
 
 
+@pytest.mark.parametrize("value", [raw(CLICK).replace(b'"u1"', b'"u\\ud800"'),
+                                   raw({**CLICK, "note": ["s"]}).replace(b'"s"', b'"\\udc00x"'),
+                                   raw({**CLICK, "note": ["s"]}).replace(b'"s"', b'"\\ud83d"')])
+def test_a_lone_surrogate_escape_is_named_as_such(value):
+    """msgspec's own words for it ("Input data was truncated", "unexpected end of hex escape")
+    send a producer looking for the wrong mistake."""
+    err = rejected(value)
+    assert err.code == "malformed_json" and "lone UTF-16 surrogate" in err.reason and "truncated" not in err.reason
+    paired = raw({**CLICK, "note": ["s"]}).replace(b'"s"', b'"\\ud83d\\ude00"')
+    assert decode_event(paired).event_id == "e1"
+
+
 @pytest.mark.parametrize("value", [b"{", b'{"event_id": }', b"{'a': 1}", b"nan", raw(CLICK) + b"}", b"\x00"])
 def test_malformed_json(value):
     assert rejected(value).code == "malformed_json"
