@@ -113,7 +113,9 @@ class HotSwapScorer:
         for version in [latest, *older]:
             try:
                 return self._open(version)
-            except ModelLoadError as exc:
+            except ScorerDeviceError:  # the device's fault, not the version's: every version would fail
+                raise
+            except Exception as exc:  # noqa: BLE001 - as in _load: any other failure refuses the version
                 self.reload_failures += 1
                 self.refused[version] = str(exc)
                 log.error("scorer: refused version %s at start: %s", version, exc)

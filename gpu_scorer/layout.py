@@ -49,10 +49,11 @@ def version_key(name: str) -> tuple[int, str]:
 
 
 def versions(root: Path) -> list[str]:
-    """Registered versions (directories with a manifest), oldest first."""
+    """Registered versions (directories with a manifest, not hidden: a writer stages a
+    version as ``.staging-<hex>`` before it renames it), oldest first."""
     if not root.is_dir():
         return []
-    found = [p.name for p in root.iterdir() if p.is_dir() and (p / MANIFEST).exists()]
+    found = [p.name for p in root.iterdir() if not p.name.startswith(".") and p.is_dir() and (p / MANIFEST).exists()]
     return sorted(found, key=version_key)
 
 
@@ -73,7 +74,11 @@ def pointed(root: Path) -> str | None:
         raise ModelLoadError(f"{where} is not UTF-8 text: it should hold one version name") from None
     if not name:
         return None
-    if "/" in name or name.startswith(".") or not (root / name / MANIFEST).exists():
+    try:
+        registered = "/" not in name and not name.startswith(".") and (root / name / MANIFEST).exists()
+    except OSError:  # a name too long for a file name
+        registered = False
+    if not registered:
         known = versions(root)
         raise ModelLoadError(f"{POINTER} names {name[:80]!r}, which is not a registered version in {root} "
                              f"({', '.join(known[-5:]) if known else 'none is registered'})")
@@ -97,11 +102,16 @@ def latest(root: Path) -> str | None:
 
 
 def read_manifest(version_dir: Path) -> dict:
-    """A version's manifest; :class:`ModelLoadError` when it cannot be read."""
+    """A version's manifest; :class:`ModelLoadError` when it cannot be read, or is not an
+    object whose ``parity`` and ``config`` (where present) are objects."""
     try:
-        return json.loads((version_dir / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"version {version_dir.name}: unreadable manifest ({exc})") from exc
+        manifest = json.loads((version_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
+        raise ModelLoadError(f"version {version_dir.name}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict) or not all(isinstance(manifest.get(key, {}), dict) for key in ("parity", "config")):
+        raise ModelLoadError(f"version {version_dir.name}: the manifest is not an object whose `parity` and "
+                             "`config` are objects; not serving it")
+    return manifest
 
 
 __all__ = [

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -77,7 +78,7 @@ class ModelRegistry:
         """Cheap change detector for ``CURRENT`` (one stat): (inode, mtime_ns, size)."""
         try:
             st = os.stat(self.root / POINTER)
-        except FileNotFoundError:
+        except OSError:  # none; or a loop of links, a registry that became a file: pointed() says which
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
@@ -143,7 +144,10 @@ class ModelRegistry:
         return version
 
     def _next_version(self) -> str:
-        numbers = [layout.version_key(v)[0] for v in self.versions()]
+        """``v`` and one more than the largest number of a ``vNNNN`` folder here, registered or
+        not (a stray folder's name is taken; a staging folder's hex digits are no number)."""
+        names = [p.name for p in self.root.iterdir() if p.is_dir()] if self.root.is_dir() else []
+        numbers = [int(name[1:]) for name in names if re.fullmatch(r"v\d{1,9}", name)]
         return f"v{max(numbers, default=0) + 1:04d}"
 
     def load(self, version: str | None = None, device: str = "auto", *, verify: bool = True, **scorer_kw):

@@ -220,7 +220,11 @@ class OnnxScorer:
                 blob = _rewrite(onnx_path, fp16, (max_batch, max_len, max_cands) if cuda_graph else None)
             self.session = make_session(blob, device, threads=threads, spin=spin, device_id=device_id, cuda_graph=cuda_graph)
             self.max_len: int = max_len or _session_max_len(self.session)
-        except ScorerDeviceError:
+            rows = self.session.get_modelmeta().custom_metadata_map.get("n_items")  # export.py writes it
+            if rows is not None and int(rows) != len(self.vocab):  # an id past the table fails every call
+                raise ModelLoadError(f"vocab.json has {len(self.vocab)} rows, the model's item table {rows}: they "
+                                     "are not of the same training")
+        except (ScorerDeviceError, ModelLoadError):
             raise
         except Exception as exc:
             raise ModelLoadError(f"cannot load the model in {self.path}: {exc}") from exc

@@ -37,6 +37,8 @@ class Vocab:
 
     def __init__(self, items: Sequence[str]) -> None:
         self._items: tuple[str, ...] = tuple(items)
+        if not all(type(it) is str for it in self._items):  # ids are text: a number would never match one
+            raise ValueError("vocabulary items must be item ids (strings)")
         self._rows: dict[str, int] = {it: FIRST_ITEM_ROW + i for i, it in enumerate(self._items)}
         if len(self._rows) != len(self._items):
             raise ValueError("vocabulary items must be unique")

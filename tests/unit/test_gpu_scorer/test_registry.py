@@ -141,6 +141,51 @@ def test_at_start_a_current_pointer_that_names_no_version_serves_the_newest_and_
     assert "CURRENT names 'v9999', which is not a registered version" in caplog.text
 
 
+@pytest.mark.parametrize("damage", ["manifest_a_list", "parity_a_string", "manifest_deep", "vocab_longer",
+                                    "vocab_of_numbers"])
+def test_at_start_a_damaged_current_version_falls_back_to_the_older_one(tmp_path, damage):
+    """Each of these crashed the worker and serve at start (an AttributeError, a RecursionError),
+    or loaded a model that then failed every call (a vocabulary longer than its model)."""
+    register_tiny(tmp_path)
+    v2 = register_tiny(tmp_path, seed=1)
+    manifest, vocab = tmp_path / v2 / "manifest.json", tmp_path / v2 / "vocab.json"
+    if damage == "manifest_a_list":
+        manifest.write_text("[]")
+    elif damage == "parity_a_string":
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "parity": "yes"}))
+    elif damage == "manifest_deep":
+        manifest.write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        data = json.loads(vocab.read_text())
+        data["items"] = data["items"] + [f"new{n}" for n in range(2000)] if damage == "vocab_longer" else \
+            list(range(len(data["items"])))
+        vocab.write_text(json.dumps(data))
+    scorer = HotSwapScorer(tmp_path, "cpu")
+    assert scorer.version == "v0001" and v2 in scorer.refused
+
+
+def test_a_current_pointer_too_long_for_a_file_name_is_refused_not_raised(tmp_path):
+    register_tiny(tmp_path)
+    (tmp_path / "CURRENT").write_text("v" * 256)
+    assert ModelRegistry(tmp_path).latest() == "v0001"
+    with pytest.raises(ModelLoadError, match="not a registered version"):
+        ModelRegistry(tmp_path).pointed()
+
+
+def test_leftover_staging_folders_and_stray_folders_are_not_versions(tmp_path):
+    """A writer killed after writing its manifest leaves ``.staging-<hex>``: it is no version,
+    and its hex digits must not number the next one."""
+    v1 = register_tiny(tmp_path)
+    staging = tmp_path / ".staging-0badc0de9"
+    staging.mkdir()
+    for f in (tmp_path / v1).iterdir():
+        (staging / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "v0004").mkdir()  # no manifest: not a version, but its name is taken
+    (tmp_path / "CURRENT").unlink()
+    assert ModelRegistry(tmp_path).versions() == [v1] and ModelRegistry(tmp_path).latest() == v1
+    assert register_tiny(tmp_path, seed=1) == "v0005"
+
+
 def test_no_model_at_start_is_an_error(tmp_path):
     with pytest.raises(ModelLoadError, match="no model registered"):
         HotSwapScorer(tmp_path, "cpu")
