@@ -149,6 +149,11 @@ def make_session(
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, saw {device!r}")
     model = str(model) if isinstance(model, Path) else model
+    if isinstance(model, str) and not model.isascii():
+        try:
+            model.encode()
+        except UnicodeEncodeError:  # a path of bytes that are not UTF-8, which ONNX Runtime cannot open: read here
+            model = Path(model).read_bytes()
     so = session_options(threads, spin)
     if device in ("cuda", "auto"):
         try:

@@ -72,7 +72,7 @@ def train(
     min_item_count: Annotated[int, typer.Option(min=1, help="Items seen fewer times share the OOV row.")] = 1,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed and data give the same model.")] = 0,
     threads: Annotated[
-        int, typer.Option(min=1, help="PyTorch CPU threads for training. 1 by default: this model's matmuls are too small to gain from more, and on a busy 2-core machine 2 threads trained 3x slower.")
+        int, typer.Option(min=1, max=1024, help="PyTorch CPU threads for training. 1 by default: this model's matmuls are too small to gain from more, and on a busy 2-core machine 2 threads trained 3x slower.")
     ] = 1,
     device: Annotated[
         str, typer.Option(help="Training device: auto (CUDA when torch sees one), cuda or cpu. CPU training is deterministic.")

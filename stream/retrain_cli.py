@@ -42,6 +42,7 @@ import typer
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
+from gpu_scorer.errors import ModelLoadError
 from gpu_scorer.registry import ModelRegistry
 from gpu_scorer.train_cli import (
     DEFAULT_MODEL_DIR,
@@ -100,7 +101,7 @@ class EventWindow:
 def retrain(
     every: Annotated[float, typer.Option("--every", min=1, metavar="SECONDS",
                                          help="Seconds between two fits (a fit waits for at least one new event).")] = 7200.0,
-    window: Annotated[int, typer.Option("--window", min=1, metavar="EVENTS",
+    window: Annotated[int, typer.Option("--window", min=1, max=1_000_000_000, metavar="EVENTS",
                                         help="Train on at most this many of the latest events read from Kafka.")] = 1_000_000,
     dataset: Annotated[Path | None, typer.Option(
         "--dataset", help="A log every fit also trains on, before the events read (the log the first model was trained on).")] = None,
@@ -146,7 +147,11 @@ def retrain(
     if model_dir.exists() and not model_dir.is_dir():
         raise typer.BadParameter(f"{model_dir} is a file, not a model registry", param_hint="--model-dir")
     registry = ModelRegistry(model_dir)
-    architecture = retraining.architecture_of(registry)
+    try:
+        architecture = retraining.architecture_of(registry)
+    except ModelLoadError as exc:  # the served version's manifest, whose architecture a fit keeps
+        raise typer.BadParameter(f"{exc}: fix or remove that version, or point CURRENT at a good one",
+                                 param_hint="--model-dir") from None
     retrainer = retraining.Retrainer(registry, architecture, training.TrainConfig(seed=seed, progress=False, device=device),
                                      settings.scorer_device)
     events = EventWindow(window, settings.bounds)

@@ -197,3 +197,11 @@ def test_start_falls_back_to_the_newest_loadable_version(tmp_path):
     (tmp_path / v2 / "model.onnx").write_bytes(b"not an onnx file")
     scorer = HotSwapScorer(tmp_path, "cpu")
     assert scorer.version == "v0001" and scorer.reload_failures == 1 and v2 in scorer.refused
+
+
+def test_a_registry_whose_path_is_not_utf8_loads(tmp_path):
+    """Bytes that are not UTF-8 in a path arrive as lone surrogates, which ONNX Runtime's
+    constructor refused ("incompatible constructor arguments") for every version."""
+    root = tmp_path / "models\udcff"
+    register_tiny(root)
+    assert HotSwapScorer(root, "cpu").version == "v0001"

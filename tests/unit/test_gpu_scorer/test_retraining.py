@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import torch
+import typer
+from tiny_models import register_tiny
+from typer.testing import CliRunner
 
 from gpu_scorer.registry import ModelRegistry
 from gpu_scorer.retraining import Retrainer, architecture_of
+from gpu_scorer.train_cli import train
 from gpu_scorer.training import TrainConfig
 from online_models.datasets import synthetic_interactions
+from stream.retrain_cli import retrain
 
 QUICK = TrainConfig(epochs=2, progress=False)
 
@@ -36,3 +41,28 @@ def test_a_fit_leaves_the_callers_thread_count_as_it_was(tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def _cli(*commands):
+    app = typer.Typer()
+    for name in commands:
+        app.command(name)({"train": train, "retrain": retrain}[name])
+    app.command("noop")(lambda: None)
+    return app
+
+
+def test_retrain_refuses_a_registry_whose_current_manifest_is_unreadable_and_a_window_too_large(tmp_path):
+    version = register_tiny(tmp_path)
+    (tmp_path / version / "manifest.json").write_text('{"broken')
+    runner = CliRunner()
+    result = runner.invoke(_cli("retrain"), ["retrain", "--once", "--model-dir", str(tmp_path)], env={"COLUMNS": "500"})
+    assert result.exit_code == 2 and "unreadable manifest" in result.output and "--model-dir" in result.output
+    huge = runner.invoke(_cli("retrain"), ["retrain", "--once", "--window", str(10**20), "--model-dir", str(tmp_path)],
+                         env={"COLUMNS": "500"})
+    assert huge.exit_code == 2 and "--window" in huge.output
+
+
+def test_train_refuses_more_threads_than_it_could_start(tmp_path):
+    result = CliRunner().invoke(_cli("train"), ["train", "--threads", "99999999999", "--model-dir", str(tmp_path)],
+                                env={"COLUMNS": "500"})
+    assert result.exit_code == 2 and "--threads" in result.output and "Traceback" not in result.output
