@@ -63,7 +63,7 @@ from stream.records import ID_PATTERN, MAX_ID_CHARS, MAX_QUERY_CHARS, SearchEven
 from stream.search_step import SearchConfig, SearchStep
 from stream.settings import Settings
 from stream.shell import load_arm_scorers, load_scorer, text_embedder
-from stream.snapshots import SNAPSHOT_KEY
+from stream.snapshots import SNAPSHOT_KEY, serving_with
 from stream.state import RedisUserStateStore, UserState, UserStateStore
 
 log = logging.getLogger("streamrec.serve")
@@ -407,7 +407,7 @@ class ModelRefresher:
                       "the previous one" if self.loaded else "empty models")
             return False
         self.refused = None
-        self.step.recommender = recommender
+        self.step.recommender = serving_with(recommender, self.step.recommender.config)
         self._digest = digest
         log.info("models loaded from the workers' snapshot (%d bytes, %d events learned)", len(data),
                  recommender.n_learned)

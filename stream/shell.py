@@ -38,7 +38,7 @@ from stream.replay import gaps, replay
 from stream.retry import Backoff
 from stream.search_step import SearchConfig, SearchStep
 from stream.settings import Settings
-from stream.snapshots import ModelSnapshots
+from stream.snapshots import ModelSnapshots, serving_with
 from stream.state import Fenced, UserStateStore
 from stream.step_results import exception_text
 from stream.topics import committed_offsets
@@ -130,7 +130,7 @@ class Shell:
             self.metrics.set_models(self.step.model_versions())
             recommender = await self.snapshots.restore(self.retry_redis)
             if recommender is not None:
-                self.step.recommender = recommender
+                self.step.recommender = serving_with(recommender, self.step.recommender.config)
         finally:
             self.restored.set()
 

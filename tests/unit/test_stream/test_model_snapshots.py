@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
@@ -125,6 +126,23 @@ async def test_the_shell_restores_and_snapshots_over_the_in_memory_store():
     shell.models_ready.set()
     await shell.snapshot_models()
     assert Recommender.restore(await store.get_blob(SNAPSHOT_KEY)).n_learned == 410
+
+
+async def test_a_restored_snapshot_serves_with_the_settings_of_this_start_not_of_the_snapshots_worker(caplog):
+    """The blend's tunables are settings: a worker restarted with STREAMREC_TOP_K=5 and new blend
+    weights must serve with them, not with those the snapshot's worker ran under."""
+    store = InMemoryUserStateStore()
+    await store.set_blob(SNAPSHOT_KEY, trained().snapshot())  # k 20, the default weights
+    settings = Settings.from_env({"STREAMREC_TOP_K": "5", "STREAMREC_CANDIDATES": "30",
+                                  "STREAMREC_BLEND_WEIGHTS": "covisit=2.5,mf=0.2"})
+    shell = create_app(settings, load_model=False, store=store).streamrec
+    with caplog.at_level(logging.INFO, "streamrec.snapshots"):
+        await shell.restore_models()
+    config = shell.step.recommender.config
+    assert shell.step.recommender.n_learned == 400  # the snapshot's models
+    assert (config.k, config.n_candidates, config.weights["covisit"]) == (5, 30, 2.5)
+    assert "STREAMREC_* settings of this start" in caplog.text
+    assert "weighs mf, which the models' snapshot has no learner for" in caplog.text
 
 
 async def test_a_snapshot_forgets_erasures_older_than_kafka_keeps_their_events():

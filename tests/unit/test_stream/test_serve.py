@@ -145,12 +145,13 @@ async def test_health_and_an_unknown_path(client):
 
 async def test_the_models_follow_the_workers_snapshot():
     store = InMemoryUserStateStore()
-    step = RecommendationStep(Recommender.default())
+    step = RecommendationStep(Recommender.default(RecommenderConfig(k=7)))  # serve's own STREAMREC_TOP_K
     refresher = ModelRefresher(store, step)
     assert not await refresher.refresh() and not refresher.loaded
     trained = trained_step().recommender
     await store.set_blob(SNAPSHOT_KEY, trained.snapshot())
     assert await refresher.refresh() and step.recommender.n_learned == trained.n_learned
+    assert step.recommender.config.k == 7 != trained.config.k  # the workers' models, serve's settings
     assert not await refresher.refresh()  # the same snapshot: not loaded again
 
 
