@@ -44,6 +44,13 @@ from stream.state import UserStateStore
 
 log = logging.getLogger("streamrec.snapshots")
 
+#: the store's blob that holds the models
+SNAPSHOT_KEY = "models:snapshot"
+T = TypeVar("T")
+
+#: how often the parent checks whether the child has exited
+POLL_S = 0.05
+
 
 def serving_with(restored: Recommender, config: RecommenderConfig) -> Recommender:
     """``restored`` (a snapshot's models) serving with ``config``, from this start's settings:
@@ -62,13 +69,6 @@ def serving_with(restored: Recommender, config: RecommenderConfig) -> Recommende
                     "it serves" if len(missing) == 1 else "they serve")
     restored.config = config
     return restored
-
-#: the store's blob that holds the models
-SNAPSHOT_KEY = "models:snapshot"
-T = TypeVar("T")
-
-#: how often the parent checks whether the child has exited
-POLL_S = 0.05
 
 
 def can_fork() -> bool:
