@@ -407,7 +407,7 @@ class ModelRefresher:
                       "the previous one" if self.loaded else "empty models")
             return False
         self.refused = None
-        self.step.recommender = serving_with(recommender, self.step.recommender.config)
+        self.step.recommender = serving_with(recommender, self.step.recommender.config, say=not self.loaded)
         self._digest = digest
         log.info("models loaded from the workers' snapshot (%d bytes, %d events learned)", len(data),
                  recommender.n_learned)

@@ -52,17 +52,18 @@ T = TypeVar("T")
 POLL_S = 0.05
 
 
-def serving_with(restored: Recommender, config: RecommenderConfig) -> Recommender:
+def serving_with(restored: Recommender, config: RecommenderConfig, say: bool = True) -> Recommender:
     """``restored`` (a snapshot's models) serving with ``config``, from this start's settings:
     the blend's tunables (list length, candidates, weights, rules) are settings, not learned
     state, so a worker restarted with new ones serves with them, not with those the snapshot's
     worker ran under. A weighted learner the snapshot lacks is said: it serves nothing until
-    a start without that snapshot builds it."""
-    if restored.config != config:
+    a start without that snapshot builds it. ``say=False``: neither is logged (serve, which
+    loads every new snapshot, says them at its first)."""
+    if say and restored.config != config:
         log.info("the models' snapshot was taken under other blend settings: serving with the STREAMREC_* "
                  "settings of this start")
-    missing = sorted(name for name, weight in config.weights.items()
-                     if weight > 0 and name in Recommender.DEFAULT_LEARNERS and name not in restored.learners)
+    missing = say and sorted(name for name, weight in config.weights.items()
+                             if weight > 0 and name in Recommender.DEFAULT_LEARNERS and name not in restored.learners)
     if missing:
         log.warning("STREAMREC_BLEND_WEIGHTS weighs %s, which the models' snapshot has no learner for: %s nothing "
                     "until the worker starts without that snapshot", ", ".join(missing),

@@ -5,6 +5,7 @@ tests/integration/test_search_e2e.py runs the command itself against real Kafka 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import time
 
@@ -14,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
-from online_models import Recommender, RecommenderConfig
+from online_models import Interaction, Recommender, RecommenderConfig
 from online_models.search import Catalogue, CatalogueItem, TextEmbedder
 from stream import serve
 from stream.health import Health
@@ -153,6 +154,22 @@ async def test_the_models_follow_the_workers_snapshot():
     assert await refresher.refresh() and step.recommender.n_learned == trained.n_learned
     assert step.recommender.config.k == 7 != trained.config.k  # the workers' models, serve's settings
     assert not await refresher.refresh()  # the same snapshot: not loaded again
+
+
+async def test_serve_says_once_that_it_serves_the_snapshots_with_its_own_settings(caplog):
+    """serve loads every new snapshot of the workers: a difference of blend settings (or a
+    weighted learner the snapshots lack) is said at the first, not every interval."""
+    store = InMemoryUserStateStore()
+    step = RecommendationStep(Recommender.default(RecommenderConfig(k=7, weights={"covisit": 1.0, "mf": 0.2})))
+    refresher = ModelRefresher(store, step)
+    trained = trained_step().recommender
+    with caplog.at_level(logging.INFO, "streamrec.snapshots"):
+        for n in range(3):
+            trained.learn_one(Interaction(user_id=f"w{n}", item_id="i1", ts=10**12 + n))
+            await store.set_blob(SNAPSHOT_KEY, trained.snapshot())
+            assert await refresher.refresh()
+    assert caplog.text.count("STREAMREC_* settings of this start") == 1
+    assert caplog.text.count("has no learner for") == 1
 
 
 async def test_a_refused_snapshot_keeps_the_models_served_says_so_once_and_does_not_blame_redis(caplog):
