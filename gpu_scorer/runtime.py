@@ -64,9 +64,11 @@ def cuda_device_count() -> tuple[int, str]:
 
 
 def default_threads() -> int:
-    env = os.environ.get("STREAMREC_SCORER_THREADS")
-    if env:
-        return max(1, int(env))
+    """``STREAMREC_SCORER_THREADS`` when it is a positive integer (the worker checks it at start:
+    stream/settings.py), else half the usable cores, 1 to 4."""
+    env = os.environ.get("STREAMREC_SCORER_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:

@@ -150,9 +150,10 @@ class Settings:
     #   gain is at large uncaptured batches (4,096: 3.30 against 4.01 ms), which the split at
     #   256 never makes; its scores are only within 0.1 of float32 (the parity tolerance goes
     #   from 1e-2 to 0.1) and its effect on ranking quality was not measured.
-    scorer_cuda_graph: bool = _env("STREAMREC_SCORER_CUDA_GRAPH", "true", "on CUDA, replay the Transformer as a CUDA graph captured for STREAMREC_SCORER_MAX_BATCH users x STREAMREC_CANDIDATES candidates (smaller calls are padded to it, larger ones split); ignored on the CPU; needs the onnx package (gpu extra), without it off with a warning")
-    scorer_fp16: bool = _env("STREAMREC_SCORER_FP16", "false", "on CUDA, run the Transformer's weights in float16 (faster at large batches; scores within 0.1 of float32); ignored on the CPU; needs the onnx package (gpu extra), without it off with a warning")
+    scorer_cuda_graph: bool = _env("STREAMREC_SCORER_CUDA_GRAPH", "true", "on CUDA, replay the Transformer as a CUDA graph captured for STREAMREC_SCORER_MAX_BATCH users x STREAMREC_CANDIDATES candidates (smaller calls are padded to it, larger ones split); ignored on the CPU; needs the onnx package (a core dependency), without it off with a warning")
+    scorer_fp16: bool = _env("STREAMREC_SCORER_FP16", "false", "on CUDA, run the Transformer's weights in float16 (faster at large batches; scores within 0.1 of float32); ignored on the CPU; needs the onnx package (a core dependency), without it off with a warning")
     scorer_max_batch: int = _env("STREAMREC_SCORER_MAX_BATCH", "256", f"on CUDA, most users per Transformer call, and the CUDA graph's batch: a bigger batch is split ({MIN_SCORER_SHAPE} to {MAX_BATCH_SIZE}); ignored on the CPU, which calls with at most 64")
+    scorer_threads: int = _env("STREAMREC_SCORER_THREADS", "0", "CPU threads of the Transformer's ONNX Runtime session (0: half the usable cores, 1 to 4; 0 to 1024)")
     app_id: str = _env("STREAMREC_APP_ID", "streamrec", "Faust app id; also the Kafka consumer group")
     partitions: int = _env("STREAMREC_PARTITIONS", "4", "partitions of the input topics when streamrec creates them")
     batch_size: int = _env("STREAMREC_BATCH_SIZE", "2000", "most events in one micro-batch")
@@ -235,6 +236,9 @@ class Settings:
             raise ConfigError(f"STREAMREC_SCORER_MAX_BATCH={self.scorer_max_batch}: expected {MIN_SCORER_SHAPE} to {MAX_BATCH_SIZE} "
                               f"users per call (a CUDA graph's batch must hold the 4-user parity sample each model load "
                               f"re-checks; a call never holds more users than a micro-batch holds events)")
+        if not 0 <= self.scorer_threads <= 1024:
+            raise ConfigError(f"STREAMREC_SCORER_THREADS={self.scorer_threads}: expected 0 to 1024 (0: half the usable "
+                              "cores, 1 to 4)")
         if not 0.0 <= self.search_personal_weight <= 1.0:
             raise ConfigError(f"STREAMREC_SEARCH_PERSONAL_WEIGHT={self.search_personal_weight}: expected 0 to 1")
         if not 0 <= self.fetch_max_wait_ms <= 1000:

@@ -386,7 +386,7 @@ def load_scorer(settings: Settings, metrics: Metrics, refused: set[str] | None =
     try:
         # the CUDA graph, fp16 and the batch split apply only where a version runs on CUDA
         scorer = HotSwapScorer(registry, device=settings.scorer_device, on_failure=count,
-                               cuda_options=settings.scorer_cuda_options)
+                               cuda_options=settings.scorer_cuda_options, threads=settings.scorer_threads or None)
     except ModelLoadError as exc:
         log.error("no registered Transformer model loads (%s): ranking with the online models alone until a "
                   "good version is registered", exc)

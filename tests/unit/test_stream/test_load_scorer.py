@@ -41,9 +41,9 @@ def test_on_the_cpu_the_defaults_rewrite_nothing(model_dir, monkeypatch):
 
 
 @pytest.mark.parametrize(("env", "expected"), [
-    ({}, {"cuda_graph": True, "fp16": False, "max_batch": 256, "max_cands": 50}),
+    ({}, {"threads": None, "cuda_graph": True, "fp16": False, "max_batch": 256, "max_cands": 50}),
     ({"STREAMREC_SCORER_CUDA_GRAPH": "false", "STREAMREC_SCORER_FP16": "true", "STREAMREC_SCORER_MAX_BATCH": "64",
-      "STREAMREC_CANDIDATES": "120"}, {"cuda_graph": False, "fp16": True, "max_batch": 64, "max_cands": 120}),
+      "STREAMREC_CANDIDATES": "120"}, {"threads": None, "cuda_graph": False, "fp16": True, "max_batch": 64, "max_cands": 120}),
 ])
 def test_on_cuda_the_settings_reach_onnx_scorer(model_dir, monkeypatch, env, expected):
     seen = []
@@ -57,3 +57,15 @@ def test_on_cuda_the_settings_reach_onnx_scorer(model_dir, monkeypatch, env, exp
     monkeypatch.setattr(hotswap, "onnx_installed", lambda: True)
     scorer = load_scorer(Settings.from_env({"STREAMREC_MODEL_DIR": str(model_dir), **env}), Metrics())
     assert scorer is not None and seen == [("cuda", expected)]
+
+
+@pytest.mark.parametrize(("env", "threads"), [({}, runtime.default_threads()), ({"STREAMREC_SCORER_THREADS": "3"}, 3)])
+def test_the_cpu_threads_setting_reaches_the_session(model_dir, monkeypatch, env, threads):
+    """STREAMREC_SCORER_THREADS is a setting: checked at start (a typo was a model "refused at
+    start", the worker ranking without its Transformer) and given to the session."""
+    monkeypatch.setattr(runtime, "cuda_device_count", lambda: (0, "no NVIDIA driver (test)"))
+    monkeypatch.setattr(hotswap, "cuda_device_count", lambda: (0, "no NVIDIA driver (test)"))
+    monkeypatch.delenv("STREAMREC_SCORER_THREADS", raising=False)
+    scorer = load_scorer(Settings.from_env({"STREAMREC_MODEL_DIR": str(model_dir), **env}), Metrics())
+    assert scorer is not None
+    assert scorer.current.session.get_session_options().intra_op_num_threads == threads
