@@ -68,6 +68,9 @@ class Shell:
     #: set once the snapshot is restored (or there was none)
     restored: asyncio.Event = field(default_factory=asyncio.Event)
     replayed: bool = False
+    #: a rebalance since the last replay (or that replay failed): before the next batch, the
+    #: models learn what they miss before the committed offsets of the partitions now owned
+    replay_due: bool = False
     #: scorer versions that failed to load: counted once, not tried again
     refused_models: set[str] = field(default_factory=set)
     claims: Claims = field(init=False)
@@ -144,7 +147,9 @@ class Shell:
         """Claim the input partitions now this worker's (a write of a worker that held them
         before is refused from now on: stream/state.py, fencing); a claim that fails now (the
         store is down) is taken before the partition's first batch instead. At the first
-        assignment, start learning again what the models' snapshot misses. The peer reader is
+        assignment, start learning again what the models' snapshot misses; at a later one, what
+        they miss of a partition taken over (:meth:`replay_due_gaps`, before the next batch).
+        The peer reader is
         told which partitions the worker now does not own: the models apply their forget
         requests, and with ``STREAMREC_LEARN_ALL_PARTITIONS`` learn their events too
         (stream/peers.py)."""
@@ -160,6 +165,9 @@ class Shell:
         if not self.replayed:
             self.replayed = True
             app.add_future(self.replay_once(app, self.restored))
+        else:  # the peer reader may have been behind the commits of a partition this worker now owns
+            self.replay_due = True
+            app.add_future(self.replay_after_rebalance(app))
         self.peers.assign(((tp.topic, tp.partition) for tp in assigned), input_partitions(app, settings, assigned))
         if not self.peers_started:  # it waits for the models to be restored and replayed
             self.peers_started = True
@@ -260,15 +268,37 @@ class Shell:
             async with self.busy:
                 await self._replay(app)
         except Exception as exc:  # noqa: BLE001 - the worker serves on with what the models have
+            self.replay_due = True
             log.error("could not replay the events the models' snapshot misses (%r); serving with the models as "
-                      "restored", exc)
+                      "restored, and trying again before the next batch", exc)
         finally:
             self.health.set("models", True, "restored")
             self.models_ready.set()
 
+    async def replay_after_rebalance(self, app) -> None:
+        """:meth:`replay_due_gaps` at once, unless a batch did it first (a partition taken over
+        may have no new events to bring a batch)."""
+        async with self.busy:
+            if self.replay_due:
+                await self.replay_due_gaps(app)
+
+    async def replay_due_gaps(self, app) -> None:
+        """Under the batch lock, before the first batch after a rebalance: the events of the
+        partitions now owned that the models have not learned, up to the committed offsets
+        where the agent starts (a partition taken over while the peer reader was behind its old
+        owner's commits; a replay at start that failed). Tried once: a failure is logged, and the
+        batches go on (a partition's first batch moves the models past what they missed)."""
+        self.replay_due = False
+        try:
+            await self._replay(app)
+        except Exception as exc:  # noqa: BLE001 - the batch goes on; the models miss those events
+            log.error("could not learn the events the models miss before the committed offsets of this worker's "
+                      "partitions (%r); the models go on without them", exc)
+        finally:
+            self.health.set("models", True, "restored")
+
     async def _replay(self, app) -> None:
         settings, step = self.settings, self.step
-        self.health.set("models", False, "learning again the events the models' snapshot misses")
         learned = step.recommender.learned_offsets
         committed = await asyncio.to_thread(committed_offsets, settings.kafka, settings.app_id)
         mine = {(tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in settings.topics.consumed}
@@ -276,8 +306,9 @@ class Shell:
         todo = gaps(learned, {tp: off for tp, off in committed.items() if tp in mine}, from_start=(settings.topics.forget,))
         if not todo:
             return
+        self.health.set("models", False, "learning the events the models miss before the committed offsets")
         total = sum(g.size for g in todo)
-        log.info("the models' snapshot misses %d event(s) before the committed offsets (%s); learning them again",
+        log.info("the models miss %d event(s) before the committed offsets (%s); learning them from Kafka",
                  total, ", ".join(f"{g.topic}[{g.partition}] {g.start}-{g.end - 1}" for g in todo))
         start = time.monotonic()
         n = await replay(step, settings.kafka, todo, settings.bounds, pseudonyms=self.pseudonyms,
@@ -307,6 +338,8 @@ class Shell:
                          "and unacknowledged; they are delivered again to their partitions' owner", dropped)
             if not events:
                 return
+            if self.replay_due:
+                await self.replay_due_gaps(app)
             started = time.perf_counter()
             try:
                 await self.handler.handle_isolated([raw_message(ev.message) for ev in events])

@@ -1,0 +1,185 @@
+"""A partition taken over from another worker: the models learn every event of it once.
+
+The peer reader (stream/peers.py) learns a partition this worker does not own, but it may be
+behind the owner's commits (catching up from a snapshot, backing off after a failure, or
+simply slower). When the partition becomes this worker's, its agent starts at the group's
+committed offset, so the events between what the models learned and that commit must be
+learned from Kafka first (stream/replay.py), as at a restart; a replay that failed at start is
+tried again before the next batch."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+from aiokafka import TopicPartition
+
+from online_models import Recommender
+from stream import replay as replay_module
+from stream import shell as shell_module
+from stream.app import create_app
+from stream.decoding import decode_event
+from stream.handler import BatchHandler, RawMessage
+from stream.pipeline import RecommendationStep
+from stream.prometheus import Metrics
+from stream.records import Bounds, ClickEvent, encode
+from stream.replay import Gap
+from stream.settings import Settings
+from stream.state import InMemoryUserStateStore
+from stream.step_inputs import source_of
+
+P = "t."
+CLICKS = P + "clicks"
+ENV = {"STREAMREC_TOPIC_PREFIX": P, "STREAMREC_PARTITIONS": "2", "STREAMREC_LEARN_ALL_PARTITIONS": "true"}
+
+
+def click(offset: int) -> tuple[str, bytes]:
+    user = f"u{offset % 3}"
+    return user, encode(ClickEvent(event_id=f"e{offset}", user_id=user, item_id=f"i{offset % 7}",
+                                   ts=1_700_000_000_000 + offset))
+
+
+def message(offset: int, generation: int) -> RawMessage:
+    user, value = click(offset)
+    return RawMessage(CLICKS, 0, offset, user.encode(), value, None, generation)
+
+
+class FakeApp:
+    """What the shell's rebalance callbacks read of the Faust app."""
+
+    def __init__(self, assigned: set[TopicPartition], generation: int):
+        self.futures: list = []
+        self.assigned = assigned
+        self.consumer = SimpleNamespace(topic_partitions=lambda topic: 2, assignment=lambda: self.assigned, held=set())
+        self.consumer_generation_id = generation
+        self.flow_control = SimpleNamespace(is_active=lambda: True)
+
+    def add_future(self, coro):
+        self.futures.append(coro)
+
+
+def kafka_log(monkeypatch, committed: dict[tuple[str, int], int], calls: list, fail: list) -> None:
+    """The group's commits and a replay that reads partition 0 of the clicks from this list."""
+    monkeypatch.setattr(shell_module, "committed_offsets", lambda *args, **kw: dict(committed))
+
+    async def replay(step, kafka, todo, bounds, **kw):
+        calls.append(list(todo))
+        if fail:
+            raise fail.pop()
+        n = 0
+        for gap in todo:
+            offsets = range(gap.start, gap.end)
+            events = [decode_event(click(o)[1]) for o in offsets]
+            n += step.relearn(events, [(source_of(gap.topic, gap.partition), o) for o in offsets], set())
+            step.advance([(source_of(gap.topic, gap.partition), gap.end - 1)])
+        return n
+
+    monkeypatch.setattr(shell_module, "replay", replay)
+
+
+async def test_a_partition_taken_over_from_behind_the_commit_learns_the_events_in_between(monkeypatch):
+    store = InMemoryUserStateStore()
+    topics = Settings.from_env(ENV).topics
+    # worker A owned partition 0 and handled (and committed) offsets 0-9
+    owner = BatchHandler(RecommendationStep(Recommender.default()), store, _sink, topics, Metrics())
+    await owner.handle([message(o, 1) for o in range(10)])
+    calls: list = []
+    kafka_log(monkeypatch, {(CLICKS, 0): 10, (CLICKS, 1): 0}, calls, [])
+
+    # worker B owned partition 1; its peer reader learned partition 0 up to offset 4 only
+    app = create_app(Settings.from_env(ENV), load_model=False, store=store)
+    shell = app.streamrec
+    fake = FakeApp({TopicPartition(CLICKS, 1)}, shell.generation())
+    shell.restored.set()  # no snapshot
+    await shell.on_assigned(fake, fake.assigned)
+    for future in fake.futures:  # the first assignment's replay (nothing to learn) and the reader
+        if getattr(future, "__name__", "") == "replay_once":
+            await future
+        else:
+            future.close()
+    events = [decode(o) for o in range(5)]
+    shell.step.relearn(events, [(source_of(CLICKS, 0), o) for o in range(5)])
+    assert shell.step.recommender.learned_offsets[source_of(CLICKS, 0)] == 4
+
+    # A leaves: B owns both; its agent reads partition 0 from the commit (10)
+    await shell.on_revoked({TopicPartition(CLICKS, 1)})
+    fake.assigned = {TopicPartition(CLICKS, 0), TopicPartition(CLICKS, 1)}
+    fake.futures.clear()
+    await shell.on_assigned(fake, fake.assigned)
+    [after] = fake.futures  # at once: the partition may bring no new event for a batch to do it
+    await after
+    assert calls == [[Gap(CLICKS, 0, 5, 10)]] and shell.step.recommender.n_learned == 10
+    await shell.handle_taken(fake, [_event(message(o, fake.consumer_generation_id)) for o in range(10, 15)])
+    assert calls == [[Gap(CLICKS, 0, 5, 10)]]  # once
+    assert shell.step.recommender.n_learned == 15  # 0-4 by the reader, 5-9 replayed, 10-14 by the agent
+    assert "models: ok" in shell.health.readiness()[1]  # unready only while it learned them
+
+
+async def test_a_replay_that_failed_at_start_is_tried_again_before_the_first_batch(monkeypatch):
+    store = InMemoryUserStateStore()
+    calls: list = []
+    kafka_log(monkeypatch, {(CLICKS, 0): 10}, calls, [TimeoutError("no records within 30 s")])
+    app = create_app(Settings.from_env(ENV), load_model=False, store=store)
+    shell = app.streamrec
+    models = shell.step.recommender
+    models.learned_offsets[source_of(CLICKS, 0)] = 4  # as restored from a snapshot
+    fake = FakeApp({TopicPartition(CLICKS, 0)}, shell.generation())
+    shell.restored.set()
+    await shell.on_assigned(fake, fake.assigned)
+    for future in fake.futures:
+        if getattr(future, "__name__", "") == "replay_once":
+            await future  # fails: logged, the worker serves on
+        else:
+            future.close()
+    assert shell.models_ready.is_set() and models.n_learned == 0
+    await shell.handle_taken(fake, [_event(message(o, fake.consumer_generation_id)) for o in range(10, 12)])
+    assert calls == [[Gap(CLICKS, 0, 5, 10)]] * 2
+    assert models.n_learned == 5 + 2
+
+
+def decode(offset: int):
+    return decode_event(click(offset)[1])
+
+
+def _event(msg: RawMessage):
+    """A Faust event as take_batches hands it over: what raw_message and drop_stale read."""
+    return SimpleNamespace(message=SimpleNamespace(topic=msg.topic, partition=msg.partition, offset=msg.offset,
+                                                   key=msg.key, value=msg.value, timestamp=None,
+                                                   generation_id=msg.generation, tp=TopicPartition(msg.topic, msg.partition),
+                                                   headers=None))
+
+
+async def _sink(records):
+    return []
+
+
+async def test_a_gap_kafka_holds_no_records_for_closes_without_waiting_for_the_timeout(monkeypatch):
+    """Offsets with no records behind them (a transactional producer's commit markers, a
+    compacted or truncated stretch): the reader's position passes them with nothing fetched,
+    and the replay ends there instead of failing after its fetch timeout."""
+    class Consumer:
+        def assign(self, tps):
+            self.tps = tps
+
+        def seek(self, tp, offset):
+            pass
+
+        async def getmany(self, *tps, timeout_ms):
+            return {}
+
+        async def position(self, tp):
+            return 10  # past the markers at 8 and 9
+
+        async def stop(self):
+            pass
+
+    async def started_reader(*args, **kw):
+        return Consumer()
+
+    monkeypatch.setattr(replay_module, "started_reader", started_reader)
+    step = RecommendationStep(Recommender.default())
+    step.recommender.learned_offsets[source_of(CLICKS, 0)] = 7
+    started = time.monotonic()
+    assert await replay_module.replay(step, "unused:9092", [Gap(CLICKS, 0, 8, 10)], Bounds(), fetch_timeout_s=5) == 0
+    assert time.monotonic() - started < 2.5
+    assert step.recommender.learned_offsets[source_of(CLICKS, 0)] == 9
