@@ -145,12 +145,13 @@ def test_with_one_partition_the_lists_after_a_kill_9_are_those_of_an_uninterrupt
         while fed < 100:
             feed_one(first, fed)
             fed += 1
-        # the kill lands when the newest snapshot is behind the events fed (snapshots every 1 s)
-        while (snapshot_of(redis_client, prefix) or Recommender()).n_learned >= fed and fed < 130:
+        # the kill lands when the newest snapshot is behind the events fed (snapshots every 1 s);
+        # judged by the snapshot read just before it (one read after it may have caught up since)
+        while (learned := (snapshot_of(redis_client, prefix) or Recommender()).n_learned) >= fed and fed < 130:
             feed_one(first, fed)
             fed += 1
-        behind = fed - snapshot_of(redis_client, prefix).n_learned
         first.stop(signal.SIGKILL)
+        behind = fed - learned
         second = WorkerProcess(env, tmp_path / "second.log").start()
         # the restarted worker has caught up (what it redelivers to itself is a batch of its own)
         # before the next event comes: the same batches as the uninterrupted run
