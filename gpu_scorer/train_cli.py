@@ -17,6 +17,7 @@ absent), and it cannot move into those modules: :mod:`gpu_scorer.model` subclass
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -103,6 +104,9 @@ def train(
         raise typer.BadParameter(f"{dataset} is a folder; train on one log file in it{hint}, e.g. "
                                  f"--dataset {dataset}/yoochoose-clicks-100k_train_full.txt --format yoochoose",
                                  param_hint="--dataset")
+    if dataset is not None and format == "synthetic":  # the generator reads no file: it trained on the shop
+        raise typer.BadParameter(f"--dataset needs --format: taobao, yoochoose or otto (the synthetic shop reads no "
+                                 f"file), e.g. --dataset {dataset} --format taobao", param_hint="--format")
     # found out before the training, not after it: the learning rate, the devices, and a registry made where a
     # folder can be
     if not 0 < lr <= 10:  # also nan and inf, which trained a model of NaN
@@ -112,6 +116,12 @@ def train(
     nearest = next(p for p in (model_dir, *model_dir.absolute().parents) if p.exists())
     if not nearest.is_dir():
         raise typer.BadParameter(f"{model_dir}: {nearest} is a file, not a folder", param_hint="--model-dir")
+    if not os.access(nearest, os.W_OK | os.X_OK):  # a read-only mount (the workers' models volume, say)
+        raise typer.BadParameter(f"{model_dir}: {nearest} cannot be written", param_hint="--model-dir")
+    if dim % heads:
+        raise typer.BadParameter(f"{heads} heads must divide --dim {dim}", param_hint="--heads")
+    if loss not in ("ce", "sampled"):
+        raise typer.BadParameter(f"{loss!r}: the loss is 'ce' or 'sampled'", param_hint="--loss")
     try:
         events = list(read_interactions(dataset, format, limit))
     except (ValueError, OSError) as exc:  # DatasetError names the file and line

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -240,11 +241,14 @@ def evaluate(
 
 
 def _check_writable(path: Path, hint: str) -> None:
-    """A usage error unless ``path`` names a file that can be written (not a folder, in a folder that exists)."""
+    """A usage error unless ``path`` names a file that can be written (not a folder, in a folder
+    that exists and can be written): found before the replay, which may take hours."""
     if path.is_dir():
         raise typer.BadParameter(f"{path} is a folder; give the file to write", param_hint=hint)
     if not path.parent.is_dir():
         raise typer.BadParameter(f"{path}: the folder {path.parent} does not exist", param_hint=hint)
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise typer.BadParameter(f"{path} cannot be written (permissions, or a read-only file system)", param_hint=hint)
 
 
 def _run(protocol: EvalProtocol, dataset: Path | None, format: str, limit: int | None, mode, split: Split,
@@ -271,6 +275,9 @@ def _run(protocol: EvalProtocol, dataset: Path | None, format: str, limit: int |
         if dataset is not None and dataset.is_dir():
             raise typer.BadParameter(f"{dataset} is a folder; the prequential protocol replays one log file "
                                      "(the session-rec folder goes with --protocol session-rec)", param_hint="--dataset")
+        if dataset is not None and format == "synthetic":  # the generator reads no file
+            raise typer.BadParameter(f"--dataset needs --format: taobao, yoochoose or otto (the synthetic shop reads "
+                                     f"no file), e.g. -d {dataset} -f taobao", param_hint="--format")
         try:
             events = list(read_interactions(dataset, format if dataset is not None else "synthetic", limit))
         except (DatasetError, OSError) as exc:

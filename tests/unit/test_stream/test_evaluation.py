@@ -277,9 +277,12 @@ def test_otto_sample_is_readable():
     (["-n", "50", "--png-out", "{tmp}/missing/chart.png"], "does not exist"),
     (["-n", "50", "-m", "covisit", "--retrain-every", "60"], "retrains 'served''s Transformer: add -m served"),
     (["-n", "50", "--retrain-delay", "60"], "--retrain-delay needs --retrain-every"),
+    (["-d", "{tmp}/log.csv"], "--dataset needs --format"),  # was: the synthetic shop, named as the file
+    (["-d", "{tmp}/log.csv", "-f", "synthetic"], "--dataset needs --format"),
 ])
 def test_cli_misuse_is_a_clear_error_not_a_traceback(tmp_path, args, hint):
     (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "log.csv").write_text("1,10,100,pv,1511544070\n1,11,100,pv,1511544080\n")
     (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00\x01garbage")
     (tmp_path / "inf.txt").write_text("SessionId\tItemId\tTime\n1\t2\tinf\n")
     (tmp_path / "no_ts.jsonl").write_text('{"session": 1, "events": [{"type": "clicks", "aid": 1}]}\n')
@@ -315,6 +318,48 @@ def test_train_into_a_file_is_refused_before_it_trains(tmp_path):
                                     env={"COLUMNS": "500"})
         assert result.exit_code == 2 and "is a file, not a folder" in result.output, result.output
         assert "read 300 events" not in result.output and "Traceback" not in result.output
+
+
+def test_evaluate_refuses_an_output_it_cannot_write_before_the_replay(tmp_path, monkeypatch):
+    from stream import evaluate_cli
+
+    monkeypatch.setattr(evaluate_cli.os, "access", lambda path, mode: False)  # a read-only mount (root ignores modes)
+    result = CliRunner().invoke(cli(), ["evaluate", "-n", "50", "-m", "popularity", "--json-out",
+                                        str(tmp_path / "x.json")], env={"COLUMNS": "500"})
+    assert result.exit_code == 2 and "cannot be written" in result.output, result.output
+    assert "prequential" not in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--dataset", "{tmp}/log.csv"], "--dataset needs --format"),
+    (["--heads", "3"], "must divide --dim"),
+    (["--loss", "hinge"], "'ce' or 'sampled'"),
+])
+def test_train_refuses_what_it_cannot_train_before_reading_the_log(tmp_path, args, says):
+    from gpu_scorer.train_cli import train
+
+    (tmp_path / "log.csv").write_text("1,10,100,pv,1511544070\n1,11,100,pv,1511544080\n")
+    app = typer.Typer()
+    app.command("train")(train)
+    app.command("noop")(lambda: None)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = CliRunner().invoke(app, ["train", "--limit", "300", "--model-dir", str(tmp_path / "m"), *args],
+                                env={"COLUMNS": "500"})
+    assert result.exit_code == 2 and says in " ".join(result.output.split()), result.output
+    assert "read " not in result.output and "Traceback" not in result.output
+
+
+def test_train_into_a_folder_it_cannot_write_is_refused_before_it_trains(tmp_path, monkeypatch):
+    from gpu_scorer import train_cli
+
+    monkeypatch.setattr(train_cli.os, "access", lambda path, mode: False)  # a read-only mount (root ignores modes)
+    app = typer.Typer()
+    app.command("train")(train_cli.train)
+    app.command("noop")(lambda: None)
+    result = CliRunner().invoke(app, ["train", "--limit", "300", "--model-dir", str(tmp_path / "models")],
+                                env={"COLUMNS": "500"})
+    assert result.exit_code == 2 and "cannot be written" in result.output, result.output
+    assert "read 300 events" not in result.output and "Traceback" not in result.output
 
 
 def test_train_refuses_a_learning_rate_or_limit_it_cannot_train_with(tmp_path):
