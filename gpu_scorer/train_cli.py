@@ -48,6 +48,18 @@ def missing_train_packages() -> list[str]:
     return missing
 
 
+def check_registry_dir(model_dir: Path) -> None:
+    """A usage error unless a version can be registered under ``model_dir``: it is (or can be
+    made) a folder, and it can be written (the workers' models volume is often mounted
+    read-only). Found before the training, not after it."""
+    nearest = next(p for p in (model_dir, *model_dir.absolute().parents) if p.exists())
+    if not nearest.is_dir():
+        raise typer.BadParameter(f"{model_dir}: {nearest} is a file, not a folder", param_hint="--model-dir")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise typer.BadParameter(f"{model_dir}: {nearest} cannot be written (permissions, or a read-only file system)",
+                                 param_hint="--model-dir")
+
+
 def train(
     dataset: Annotated[
         Path | None, typer.Option("--dataset", help="Event log to train on; omit for the built-in synthetic stream.")
@@ -113,11 +125,7 @@ def train(
         raise typer.BadParameter(f"{lr} is not a learning rate above 0 and at most 10", param_hint="--lr")
     check_device(device, "--device")
     check_device(serve_device, "--serve-device / STREAMREC_SCORER_DEVICE")
-    nearest = next(p for p in (model_dir, *model_dir.absolute().parents) if p.exists())
-    if not nearest.is_dir():
-        raise typer.BadParameter(f"{model_dir}: {nearest} is a file, not a folder", param_hint="--model-dir")
-    if not os.access(nearest, os.W_OK | os.X_OK):  # a read-only mount (the workers' models volume, say)
-        raise typer.BadParameter(f"{model_dir}: {nearest} cannot be written", param_hint="--model-dir")
+    check_registry_dir(model_dir)
     if dim % heads:
         raise typer.BadParameter(f"{heads} heads must divide --dim {dim}", param_hint="--heads")
     if loss not in ("ce", "sampled"):

@@ -48,6 +48,7 @@ from gpu_scorer.train_cli import (
     DEFAULT_MODEL_DIR,
     INSTALL_TRAIN,
     check_device,
+    check_registry_dir,
     missing_train_packages,
 )
 from online_models import Interaction
@@ -109,7 +110,7 @@ def retrain(
     model_dir: Annotated[Path, typer.Option(
         "--model-dir", envvar="STREAMREC_MODEL_DIR",
         help="Model registry the workers load from; each fit registers a version there and makes it CURRENT.")] = DEFAULT_MODEL_DIR,
-    once: Annotated[bool, typer.Option("--once", help="Read the topics to their end, fit once and exit (for a scheduler such as cron).")] = False,
+    once: Annotated[bool, typer.Option("--once", help="Read the topics to their end, fit once and exit: 0 when a version was registered, 1 when none was (nothing to train on, or the fit failed; for a scheduler such as cron).")] = False,
     seed: Annotated[int, typer.Option(help="Random seed of each fit.")] = 0,
     device: Annotated[str, typer.Option(help="Training device: auto, cuda or cpu.")] = "auto",
     loglevel: Annotated[str, typer.Option("--loglevel", "-l", help="debug, info, warning or error.")] = "info",
@@ -144,8 +145,7 @@ def retrain(
             raise typer.BadParameter(str(exc), param_hint="--dataset") from None
         log.info("read %d events from %s; every fit trains on them too", len(base), dataset)
     settings = Settings.from_env()
-    if model_dir.exists() and not model_dir.is_dir():
-        raise typer.BadParameter(f"{model_dir} is a file, not a model registry", param_hint="--model-dir")
+    check_registry_dir(model_dir)
     registry = ModelRegistry(model_dir)
     try:
         architecture = retraining.architecture_of(registry)
@@ -172,6 +172,7 @@ def retrain(
              "(architecture %s)", ", ".join(sorted({tp.topic for tp in partitions})), every, window, model_dir,
              architecture or "the defaults")
     caught_up = False
+    failed = False  # with --once: no version registered, which a scheduler must see in the exit status
     fitted_at_read = -1
     next_fit = 0.0  # the first fit once the backlog is read
     try:
@@ -191,18 +192,23 @@ def retrain(
                     if once:
                         break
                     continue
-                _fit(retrainer, events, base)
+                registered = _fit(retrainer, events, base)
                 fitted_at_read = events.read
                 next_fit = time.monotonic() + every
                 if once:
+                    failed = not registered
                     break
     except KafkaError as exc:
         raise kafka.unavailable(exc) from None
     finally:
         consumer.close(autocommit=False)
+    if failed:
+        raise typer.Exit(code=1)
 
 
-def _fit(retrainer, events: EventWindow, base: list[Interaction]) -> None:
+def _fit(retrainer, events: EventWindow, base: list[Interaction]) -> bool:
+    """Fit and register a version; whether one was registered (a failure is logged: the next
+    fit may work, and CURRENT stays as it was)."""
     interactions = events.interactions(base)
     started = time.monotonic()
     log.info("fitting on %d events (%d read from Kafka, %d erased users)...", len(interactions), len(events.events),
@@ -211,12 +217,13 @@ def _fit(retrainer, events: EventWindow, base: list[Interaction]) -> None:
         version, metrics = retrainer.fit(interactions, {"source": "streamrec retrain"})
     except ValueError as exc:  # nothing to train on yet
         log.warning("no fit: %s", exc)
-        return
+        return False
     except Exception:  # noqa: BLE001 - a failed fit (its parity check, a full disk) leaves CURRENT as it was; the next one may work
         log.exception("the fit failed; CURRENT stays as it was")
-        return
+        return False
     log.info("registered %s as CURRENT in %.0f s (validation HR@10 %.4f, best epoch %s): the workers hot-swap to it",
              version, time.monotonic() - started, metrics.get("val_hr@10", float("nan")), metrics.get("best_epoch"))
+    return True
 
 
 __all__ = ["EventWindow", "retrain"]

@@ -81,3 +81,12 @@ def test_retrain_fits_the_topics_and_the_worker_hot_swaps_to_it(worker_env, work
     output = (tmp_path / "retrain.log").read_text()
     assert code == 0, output
     assert "1 values skipped (invalid)" in output and "Traceback" not in output, output
+
+
+def test_retrain_once_with_nothing_to_fit_exits_1_for_its_scheduler(worker_env, tmp_path):
+    """`--once` is for cron: a run that registered no version (here: the topics hold nothing to
+    train on) says so in its exit status, not only in its log."""
+    done = subprocess.run([sys.executable, "-m", "stream.cli", "retrain", "--once", "--model-dir", str(tmp_path / "m"),
+                           "--device", "cpu"], cwd=ROOT, env=worker_env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "no fit" in done.stdout + done.stderr and not (tmp_path / "m" / "CURRENT").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import typer
 from tiny_models import register_tiny
@@ -66,3 +68,12 @@ def test_train_refuses_more_threads_than_it_could_start(tmp_path):
     result = CliRunner().invoke(_cli("train"), ["train", "--threads", "99999999999", "--model-dir", str(tmp_path)],
                                 env={"COLUMNS": "500"})
     assert result.exit_code == 2 and "--threads" in result.output and "Traceback" not in result.output
+
+
+def test_retrain_into_a_folder_it_cannot_write_is_refused_before_reading_kafka(tmp_path, monkeypatch):
+    from gpu_scorer import train_cli
+
+    monkeypatch.setattr(train_cli.os, "access", lambda path, mode: not mode & os.W_OK)  # a read-only mount (root ignores modes)
+    result = CliRunner().invoke(_cli("retrain"), ["retrain", "--once", "--model-dir", str(tmp_path)],
+                                env={"COLUMNS": "500"})
+    assert result.exit_code == 2 and "cannot be written" in result.output, result.output

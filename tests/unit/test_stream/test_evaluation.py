@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from functools import partial
 from pathlib import Path
 
@@ -323,7 +324,7 @@ def test_train_into_a_file_is_refused_before_it_trains(tmp_path):
 def test_evaluate_refuses_an_output_it_cannot_write_before_the_replay(tmp_path, monkeypatch):
     from stream import evaluate_cli
 
-    monkeypatch.setattr(evaluate_cli.os, "access", lambda path, mode: False)  # a read-only mount (root ignores modes)
+    monkeypatch.setattr(evaluate_cli.os, "access", lambda path, mode: not mode & os.W_OK)  # a read-only mount (root ignores modes)
     result = CliRunner().invoke(cli(), ["evaluate", "-n", "50", "-m", "popularity", "--json-out",
                                         str(tmp_path / "x.json")], env={"COLUMNS": "500"})
     assert result.exit_code == 2 and "cannot be written" in result.output, result.output
@@ -352,7 +353,7 @@ def test_train_refuses_what_it_cannot_train_before_reading_the_log(tmp_path, arg
 def test_train_into_a_folder_it_cannot_write_is_refused_before_it_trains(tmp_path, monkeypatch):
     from gpu_scorer import train_cli
 
-    monkeypatch.setattr(train_cli.os, "access", lambda path, mode: False)  # a read-only mount (root ignores modes)
+    monkeypatch.setattr(train_cli.os, "access", lambda path, mode: not mode & os.W_OK)  # a read-only mount (root ignores modes)
     app = typer.Typer()
     app.command("train")(train_cli.train)
     app.command("noop")(lambda: None)
