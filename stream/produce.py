@@ -124,6 +124,8 @@ class ProduceSummary:
     purchases: int = 0
     seconds: float = 0.0
     interrupted: bool = False
+    #: the signal that interrupted it (the exit status is 128 plus its number)
+    signal: int | None = None
     topics: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -199,7 +201,14 @@ async def replay(
             if not chunk:
                 break
             if bucket is not None and (wait := bucket.reserve(len(chunk), time.monotonic())) > 0:
-                await asyncio.sleep(wait)
+                if stop is None:
+                    await asyncio.sleep(wait)
+                else:  # a slow rate waits long: a signal meanwhile stops it now, this chunk unsent
+                    try:
+                        await asyncio.wait_for(stop.wait(), wait)
+                        break
+                    except TimeoutError:
+                        pass
             now_ms = None if keep_ts else time.time_ns() // 1_000_000
             for x in chunk:
                 topic = topics.purchases if x.kind == "purchase" else topics.clicks
@@ -309,7 +318,7 @@ def produce(
     typer.echo(f"topics: {topics.clicks} ({summary.topics.get(topics.clicks, 0):,}), "
                f"{topics.purchases} ({summary.topics.get(topics.purchases, 0):,}) on {settings.kafka_bootstrap}")
     if summary.interrupted:
-        raise typer.Exit(130)
+        raise typer.Exit(128 + (summary.signal or signal.SIGINT))
     return summary
 
 
@@ -349,10 +358,13 @@ def _run_with_progress(interactions, bootstrap, topics, tag, rate, keep_ts, show
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+            received: list[signal.Signals] = []
             for sig in signals:
-                loop.add_signal_handler(sig, _stopper(loop, stop, sig))
+                loop.add_signal_handler(sig, _stopper(loop, stop, sig, received))
             try:
-                return await replay(interactions, bootstrap, topics, tag, rate, keep_ts, stop, on_progress)
+                summary = await replay(interactions, bootstrap, topics, tag, rate, keep_ts, stop, on_progress)
+                summary.signal = int(received[0]) if received else None
+                return summary
             finally:
                 for sig in signals:
                     loop.remove_signal_handler(sig)
@@ -360,8 +372,10 @@ def _run_with_progress(interactions, bootstrap, topics, tag, rate, keep_ts, show
         return asyncio.run(main())
 
 
-def _stopper(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, sig: signal.Signals) -> Callable[[], None]:
+def _stopper(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, sig: signal.Signals,
+             received: list[signal.Signals]) -> Callable[[], None]:
     def handle() -> None:
+        received.append(sig)
         stop.set()  # the replay loop flushes and returns; a second signal kills the default way
         loop.remove_signal_handler(sig)
 

@@ -179,6 +179,34 @@ def test_ctrl_c_flushes_what_was_sent_and_prints_the_summary(kafka_bootstrap, to
     assert _count(kafka_bootstrap, topics.clicks) + _count(kafka_bootstrap, topics.purchases) == sent
 
 
+def test_sigterm_stops_a_slow_replay_at_once_and_sends_nothing_more(kafka_bootstrap, topic_prefix):
+    """At one event every 20 s the replay mostly waits: SIGTERM (a scheduler, systemd) stops it
+    then, not after the wait, and the event it waited to send is not sent after the signal."""
+    code = "import typer, stream.produce as p; typer.run(p.produce)"
+    args = ["--bootstrap", kafka_bootstrap, "--topic-prefix", topic_prefix, "--rate", "0.05", "--limit", "5",
+            "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "STREAMREC_PARTITIONS": str(PARTITIONS)})
+    topics = TopicNames(topic_prefix)
+    try:
+        deadline = time.monotonic() + 60
+        while not _count(kafka_bootstrap, topics.clicks) + _count(kafka_bootstrap, topics.purchases):
+            assert proc.poll() is None and time.monotonic() < deadline, "produce never started sending"
+            time.sleep(0.3)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        took = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert took < 5, f"stopped {took:.1f} s after SIGTERM"
+    assert "interrupted after 1 events" in out
+    assert _count(kafka_bootstrap, topics.clicks) + _count(kafka_bootstrap, topics.purchases) == 1
+
+
 def _count(bootstrap: str, topic: str) -> int:
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
     try:
