@@ -20,6 +20,7 @@ from online_models import Recommender
 from stream import consumer
 from stream.batching import take_batches
 from stream.connections import KafkaConnection
+from stream.errors import ConfigError
 from stream.health import Health
 from stream.pipeline import RecommendationStep
 from stream.prometheus import FROZEN_COUNT_INTERVAL_S, Metrics
@@ -102,7 +103,11 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
 
 def _faust_app(settings: Settings) -> faust.App:
     datadir = Path(".run") / "faust" / settings.app_id
-    datadir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        datadir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a service started in / (systemd without WorkingDirectory=), a read-only image
+        raise ConfigError(f"the worker keeps Faust's data folder in {datadir.parent.absolute()}, which cannot be made "
+                          f"({exc.strerror or exc}): start it from a folder it can write (systemd: WorkingDirectory=)") from None
     app = faust.App(
         settings.app_id,
         broker=[f"kafka://{hp.strip()}" for hp in settings.kafka_bootstrap.split(",") if hp.strip()],

@@ -207,6 +207,9 @@ class Settings:
     def check(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9._-]*", self.topic_prefix):
             raise ConfigError(f"STREAMREC_TOPIC_PREFIX={self.topic_prefix!r}: only letters, digits, '.', '_' and '-' are allowed in topic names")
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", self.app_id):  # a group id, and Faust names topics after it
+            raise ConfigError(f"STREAMREC_APP_ID={self.app_id!r}: expected 1 to 200 letters, digits, '.', '_' or '-' "
+                              "(it is the consumer group's id, and Faust names a topic after it)")
         if self.scorer_device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"STREAMREC_SCORER_DEVICE={self.scorer_device!r}: expected auto, cuda or cpu")
         for name, value, low in (("STREAMREC_TOP_K", self.top_k, 1), ("STREAMREC_BATCH_SIZE", self.batch_size, 1),

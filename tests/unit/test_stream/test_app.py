@@ -6,9 +6,13 @@ import asyncio
 import logging
 from types import SimpleNamespace
 
+import pytest
+
 from stream.app import create_app
 from stream.consumer import FetchPacer
+from stream.errors import ConfigError
 from stream.settings import Settings
+from stream.state import InMemoryUserStateStore
 
 
 def make_app(**env):
@@ -184,3 +188,12 @@ async def test_a_held_partition_stops_fetching_and_its_later_events_wait_for_the
     await shell.handle_taken(faust_app, later)
     assert shell.handler.handled == [[], [5]]  # partition 0's events wait for the redelivery
     assert [ev.message.offset for ev in later] == [5]  # only the handled one is acknowledged
+
+
+def test_a_working_directory_the_worker_cannot_write_is_a_sentence(tmp_path, monkeypatch):
+    """Faust's data folder lives under the working directory: a service started in a read-only
+    one got a raw OSError traceback."""
+    (tmp_path / ".run").write_text("a file where the folder goes")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="WorkingDirectory="):
+        create_app(Settings.from_env({}), load_model=False, store=InMemoryUserStateStore())
