@@ -71,7 +71,7 @@ def _guarded(read: Callable[[Path], Iterator[Interaction]]) -> Callable[[str | P
 
 @_guarded
 def read_taobao(path: Path) -> Iterator[Interaction]:
-    with path.open(newline="", encoding="utf-8") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         for lineno, row in enumerate(csv.reader(fh), start=1):
             if not row:
                 continue
@@ -90,7 +90,7 @@ def read_taobao(path: Path) -> Iterator[Interaction]:
 
 @_guarded
 def read_yoochoose(path: Path) -> Iterator[Interaction]:
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:
         header = fh.readline().rstrip("\n").split("\t")
         if header[:3] != ["SessionId", "ItemId", "Time"]:
             raise DatasetError(f"{path}:1: expected the header SessionId<TAB>ItemId<TAB>Time, saw {header!r}")
@@ -111,7 +111,7 @@ def read_yoochoose(path: Path) -> Iterator[Interaction]:
 
 @_guarded
 def read_otto(path: Path) -> Iterator[Interaction]:
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue

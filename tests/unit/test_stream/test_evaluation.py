@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from online_models.datasets import (
     DatasetError,
     load_folder,
+    read_interactions,
     read_otto,
     read_reference_lists,
     read_yoochoose,
@@ -443,3 +444,19 @@ def test_cli_retrains_the_served_transformer_as_the_log_goes(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output[result.output.index("{"):])
     assert report["models"][SERVED]["learning"]["retrained"] == {"every_s": 2.0, "delay_s": 0.0, "fits": 2}
+
+
+@pytest.mark.parametrize(("fmt", "text"), [
+    ("taobao", "1,10,100,pv,1511544070\r\n1,11,100,pv,1511544080\r\n2,10,100,buy,1511544090\r\n"),
+    ("yoochoose", "SessionId\tItemId\tTime\n1\t10\t1511544070\n1\t11\t1511544080\n2\t10\t1511544090\n"),
+    ("otto", '{"session": 1, "events": [{"aid": 10, "ts": 1511544070, "type": "clicks"}, '
+             '{"aid": 11, "ts": 1511544080, "type": "clicks"}]}\n{"session": 2, "events": [{"aid": 10, '
+             '"ts": 1511544090, "type": "orders"}]}\n'),
+])
+def test_a_log_saved_with_a_byte_order_mark_reads_as_without(tmp_path, fmt, text):
+    """Spreadsheet tools save CSV with a UTF-8 BOM: it became part of the first user's id (a
+    Taobao user of two events read as two users), or broke the YooChoose header."""
+    path = tmp_path / "log.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    users = [x.user_id for x in read_interactions(path, fmt)]
+    assert users == ["1", "1", "2"]
