@@ -228,7 +228,8 @@ class Shell:
         step = self.step
         try:
             if step.scorer is None:
-                step.scorer = await asyncio.to_thread(load_scorer, self.settings, self.metrics, self.refused_models)
+                step.scorer = await asyncio.to_thread(load_scorer, self.settings, self.metrics, self.refused_models,
+                                                      False)
             elif await asyncio.to_thread(step.scorer.maybe_reload):
                 log.info("Transformer scorer now %s on %s", step.scorer.version, step.scorer.provider)
                 self.metrics.set_scorer(step.scorer.provider, step.scorer.version)
@@ -398,14 +399,17 @@ def text_embedder(settings: Settings) -> TextEmbedder:
     return embedder
 
 
-def load_scorer(settings: Settings, metrics: Metrics, refused: set[str] | None = None):
+def load_scorer(settings: Settings, metrics: Metrics, refused: set[str] | None = None, say_none: bool = True):
     """The hot-swapping Transformer scorer, or None when no model is registered yet, or none
     of the registered versions loads (each refused version is counted in
-    ``scorer_reload_failures_total`` once, logged, and remembered in ``refused``)."""
+    ``scorer_reload_failures_total`` once, logged, and remembered in ``refused``).
+    ``say_none=False``: no model registered is not logged (the worker looks again every 5 s,
+    and said it at its start)."""
     registry = ModelRegistry(Path(settings.model_dir))
     if registry.latest() is None:
-        log.warning("no Transformer model registered under %s: ranking with the online models alone "
-                    "(run `streamrec train` to add one; the worker picks it up without a restart)", settings.model_dir)
+        if say_none:
+            log.warning("no Transformer model registered under %s: ranking with the online models alone (run "
+                        "`streamrec train` to add one; the worker picks it up without a restart)", settings.model_dir)
         return None
     refused = set() if refused is None else refused
     if set(registry.versions()) <= refused and registry.latest() in refused:

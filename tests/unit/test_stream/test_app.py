@@ -197,3 +197,13 @@ def test_a_working_directory_the_worker_cannot_write_is_a_sentence(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match="WorkingDirectory="):
         create_app(Settings.from_env({}), load_model=False, store=InMemoryUserStateStore())
+
+
+async def test_no_model_registered_is_said_at_start_not_every_five_seconds(tmp_path, caplog):
+    settings = Settings.from_env({"STREAMREC_MODEL_DIR": str(tmp_path / "models")})
+    with caplog.at_level(logging.WARNING, "streamrec"):
+        shell = create_app(settings, store=InMemoryUserStateStore()).streamrec  # looks for a model at start
+        for _ in range(3):
+            await shell.reload_scorer()  # the timer's look, every 5 s
+    assert shell.step.scorer is None
+    assert caplog.text.count("no Transformer model registered") == 1
