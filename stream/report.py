@@ -413,6 +413,9 @@ def metrics_url(url: str) -> str:
         parts = urllib.parse.urlsplit(url)
     except ValueError as exc:  # an unclosed [ of an IPv6 address
         raise ReportError(f"{url!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https"):  # 127.0.0.1:9464 was "unknown url type: 127.0.0.1"
+        raise ReportError(f"{url!r} is not an http:// URL: a worker's metrics are at http://HOST:PORT, e.g. "
+                          f"http://{url.split('://', 1)[-1]}")
     if parts.path in ("", "/"):
         parts = parts._replace(path="/metrics")
     return urllib.parse.urlunsplit(parts)

@@ -22,6 +22,7 @@ from stream.report import (
     counters_from_json,
     counters_from_json_file,
     counters_from_metrics_text,
+    counters_from_metrics_urls,
     counters_from_prometheus,
     format_table,
     merge_counters,
@@ -480,3 +481,9 @@ def test_a_url_that_is_not_one_is_a_sentence():
     for url in ("http://127.0.0.1:abc", "http://a b/"):  # http.client's InvalidURL, not an OSError
         with pytest.raises(ServiceUnavailable, match="cannot read"):
             counters_from_metrics_urls([url], timeout=1)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:9464", "localhost:9464", "ftp://w1:9464"])
+def test_a_metrics_address_without_http_says_how_to_write_it(address):
+    with pytest.raises(ReportError, match="http://HOST:PORT"):  # what `streamrec` prints as its sentence
+        counters_from_metrics_urls([address], timeout=1)
