@@ -290,6 +290,9 @@ def produce(
     if catalogue is not None or demo_catalogue:
         if dataset is not None or (catalogue is not None and demo_catalogue):
             raise typer.BadParameter("send one catalogue or a log of events, not both", param_hint="--catalogue")
+        if rate is not None or limit is not None or id_prefix is not None or keep_ts:
+            raise typer.BadParameter("--rate, --limit, --id-prefix and --keep-ts pace and name events: a catalogue is "
+                                     "sent whole", param_hint="--catalogue")
         return _produce_catalogue(catalogue, bootstrap, topic_prefix, seed)
     fmt = "synthetic" if dataset is None and format in ("synthetic", "") else format
     if fmt not in FORMATS:

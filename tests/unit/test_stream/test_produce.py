@@ -180,7 +180,9 @@ def test_help_describes_every_option(command):
     ("args", "says"),
     [(["--format", "csv"], "unknown format"), (["--format", "taobao"], "needs --dataset"), (["--rate", "0"], "0.001"),
      (["--id-prefix", "x" * 120], "at most 114 characters"), (["--id-prefix", "a\tb"], "control characters"),
-     (["--id-prefix", "\udcff"], "not UTF-8"), (["--id-prefix", " "], "besides whitespace")],
+     (["--id-prefix", "\udcff"], "not UTF-8"), (["--id-prefix", " "], "besides whitespace"),
+     (["--demo-catalogue", "-n", "5"], "a catalogue is sent whole"),  # were ignored: 2,000 items went
+     (["--demo-catalogue", "--rate", "10"], "a catalogue is sent whole")],
 )
 def test_produce_refuses_bad_arguments_before_connecting(args, says, tmp_path):
     result = CliRunner().invoke(_app(), ["produce", "--bootstrap", "127.0.0.1:1", *args])
