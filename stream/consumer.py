@@ -338,10 +338,22 @@ def _any_paused(assignment: Any) -> bool:
     return assignment is not None and any(assignment.state_value(tp).paused for tp in assignment.tps)
 
 
+#: the longest the consumer thread is waited for at a stop (the batch in hand is finished
+#: before it is stopped: stream/app.py, Worker._stop_on_signal)
+THREAD_STOP_S = 10.0
+
+
 class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     """Faust's consumer thread, whose aiokafka consumer fetches by :data:`FETCH_MIN_BYTES`
     or the transport's ``fetch_max_wait_ms`` (Faust's own: 1 byte or 1,500 ms), paced by the
-    transport's ``fetch_pacer`` when it has one."""
+    transport's ``fetch_pacer`` when it has one.
+
+    It stops within :data:`THREAD_STOP_S` (mode's default is 60 s): with the broker away, its
+    aiokafka consumer never finishes leaving the group, and a worker asked to stop (SIGTERM)
+    took 62 s, past Kubernetes' grace period of 60 s; nothing it could still commit is lost
+    (the broker is away), and the partitions are read again from the last commit."""
+
+    shutdown_timeout = THREAD_STOP_S
 
     def _create_worker_consumer(self, transport):
         consumer = super()._create_worker_consumer(transport)

@@ -93,6 +93,19 @@ def test_the_broker_gone_for_20_s_mid_stream(worker_env, workers, topic_prefix, 
     assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()
 
 
+def test_sigterm_with_the_broker_away_stops_within_kubernetes_grace(worker_env, workers, topic_prefix, private_kafka):
+    """The consumer thread's aiokafka consumer never finishes leaving a group whose broker is
+    away: mode waited 60 s for it, and the worker took 62 s to stop, past Kubernetes' default
+    grace of 60 s (deploy/k8s/worker.yaml), which then kills it."""
+    worker = workers(metrics=True, STREAMREC_KAFKA_BOOTSTRAP=private_kafka.address)
+    wait_for(lambda: _ready(worker), 90, "the worker to be ready", worker)
+    private_kafka.halt()
+    wait_for(lambda: _unready(worker), 10, "/readyz to answer 503 with the broker gone", worker)
+    asked = time.monotonic()
+    assert worker.stop(signal.SIGTERM, timeout=45) == 0, worker.log_tail()
+    assert time.monotonic() - asked < 30, worker.log_tail()
+
+
 def _set_topic_config(bootstrap: str, topic: str, **config: str) -> None:
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="streamrec-tests")
     try:
