@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY
 from gpu_scorer.train_cli import train
 from online_models import Recommender
 from online_models.datasets import DatasetError
-from stream import gcpolicy
+from stream import gcpolicy, logs
 from stream.app import Worker, create_app
 from stream.distil_cli import distil_queries
 from stream.errors import StreamrecError
@@ -53,7 +53,7 @@ def worker(
     """
     settings = Settings.from_env()
     level = log_level(loglevel, settings.log_level)
-    logging.basicConfig(level=level, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    logs.configure(level)  # and the Kafka client's repeated errors thinned (stream/logs.py)
     # short collector pauses, and none over the models' long-lived heap (stream/gcpolicy.py)
     gcpolicy.configure(freeze=settings.gc_freeze)
     one_blas_thread()  # numpy's BLAS threads would spin on the other core between batches (stream/threads.py)
@@ -92,7 +92,7 @@ def serve_api(
     """
     settings = Settings.from_env()
     level = log_level(loglevel, settings.log_level)
-    logging.basicConfig(level=level, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    logs.configure(level)  # and the Kafka client's repeated errors thinned (stream/logs.py)
     # as in the worker: the models, the catalogue and its indexes are a long-lived heap that
     # full collections would walk on every few hundred requests (stream/gcpolicy.py)
     gcpolicy.configure(freeze=settings.gc_freeze)

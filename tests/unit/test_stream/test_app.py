@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from stream import logs
 from stream.app import create_app
 from stream.consumer import FetchPacer
 from stream.errors import ConfigError
@@ -207,3 +208,15 @@ async def test_no_model_registered_is_said_at_start_not_every_five_seconds(tmp_p
             await shell.reload_scorer()  # the timer's look, every 5 s
     assert shell.step.scorer is None
     assert caplog.text.count("no Transformer model registered") == 1
+
+
+def test_the_kafka_clients_repeated_errors_are_thinned(caplog):
+    """With the broker away aiokafka logged ~200 lines in 10 s per message (its fetcher, its
+    client's reconnects): one of each goes through per 10 s, saying how many it stands for."""
+    logs.configure(logging.INFO)
+    with caplog.at_level(logging.ERROR):
+        for name, template in (("aiokafka", "Unable connect to node with id %s: %s"),
+                               ("aiokafka.consumer.fetcher", "Failed fetch messages from %s: %s")):
+            for _ in range(50):
+                logging.getLogger(name).error(template, 1, "Connect call failed")
+    assert caplog.text.count("Unable connect to node") == 1 and caplog.text.count("Failed fetch messages") == 1

@@ -1,0 +1,70 @@
+"""Logging of the long-running processes (worker, serve): one format, and the Kafka client's
+repeated complaints thinned out.
+
+While the broker is away, aiokafka logs the same error for every attempt: its fetcher about
+ten times a second ("Failed fetch messages from 1: KafkaConnectionError ..."), 200 lines in a
+20-s outage, which bury what the worker itself says (and /readyz already says the broker is
+away). :class:`Thinned` lets one record of each message template through per interval and
+says how many it held back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+#: the Kafka client's loggers that repeat themselves while the broker is away
+KAFKA_CLIENT_LOGGERS = ("aiokafka", "aiokafka.consumer.fetcher", "aiokafka.consumer.group_coordinator",
+                        "aiokafka.consumer.consumer", "aiokafka.conn", "aiokafka.cluster", "aiokafka.producer.sender",
+                        "aiokafka.producer.producer")  # "aiokafka" is its client's (aiokafka/client.py)
+#: the most distinct message templates remembered per logger (a logger's templates are few)
+MAX_TEMPLATES = 256
+
+
+class Thinned(logging.Filter):
+    """At most one record of each message template (``record.msg``, before its arguments)
+    every ``every_s`` seconds; the next one through says how many were held back.
+
+    >>> clock = iter([0.0, 1.0, 2.0, 12.0]).__next__
+    >>> thinned = Thinned(10.0, clock)
+    >>> def record(): return logging.LogRecord("x", logging.ERROR, "f", 1, "failed: %s", ("down",), None)
+    >>> records = [record() for _ in range(4)]
+    >>> [thinned.filter(r) for r in records]
+    [True, False, False, True]
+    >>> records[3].getMessage()
+    'failed: down (2 more like it in the last 12 s)'
+    """
+
+    def __init__(self, every_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self.clock = clock
+        self._seen: dict[str, tuple[float, int]] = {}  # template -> (when one went through, held back since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = self.clock()
+        template = record.msg if isinstance(record.msg, str) else repr(record.msg)
+        seen = self._seen.get(template)
+        if seen is not None and now - seen[0] < self.every_s:
+            self._seen[template] = (seen[0], seen[1] + 1)
+            return False
+        if seen is not None and seen[1]:
+            record.msg = f"{template} ({seen[1]} more like it in the last {now - seen[0]:.0f} s)"
+        if seen is None and len(self._seen) >= MAX_TEMPLATES:
+            self._seen.clear()
+        self._seen[template] = (now, 0)
+        return True
+
+
+def configure(level: int | str) -> None:
+    """The process's log format and level, and the Kafka client's loggers thinned (one
+    :class:`Thinned` each: a filter on a logger sees only what is logged on it)."""
+    logging.basicConfig(level=level, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    for name in KAFKA_CLIENT_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, Thinned) for f in logger.filters):
+            logger.addFilter(Thinned())
+
+
+__all__ = ["KAFKA_CLIENT_LOGGERS", "Thinned", "configure"]
