@@ -41,7 +41,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from online_models.search import Catalogue, CatalogueItem
 from stream.connections import started_reader
 from stream.decoding import decode_item
-from stream.errors import InvalidEvent, clipped
+from stream.errors import InvalidEvent, clipped, described
 from stream.prometheus import Metrics
 from stream.records import Bounds, DeadLetter, ItemEvent, dead_letter, dead_letter_record
 from stream.retry import Backoff, run_until_done
@@ -153,7 +153,8 @@ class CatalogueFeed:
         try:
             await self.restore()
         except Exception as exc:  # noqa: BLE001 - the store is down: read the topic instead
-            log.warning("could not read the catalogue's snapshot (%r): reading %s from the beginning", exc, self.topic)
+            log.warning("could not read the catalogue's snapshot (%s): reading %s from the beginning", described(exc),
+                        self.topic)
         await run_until_done(self._read, self.backoff, log, f"reading the items topic {self.topic}")
 
     async def _read(self) -> None:
@@ -183,7 +184,7 @@ class CatalogueFeed:
                         await self.snapshot()
                     except Exception as exc:  # noqa: BLE001 - the next interval tries again
                         self._snapshot_at = time.monotonic()
-                        log.warning("could not write the catalogue's snapshot (%r); trying again in %.0f s", exc,
+                        log.warning("could not write the catalogue's snapshot (%s); trying again in %.0f s", described(exc),
                                     self.snapshot_interval_s)
         finally:
             await consumer.stop()
@@ -262,7 +263,7 @@ class CatalogueFeed:
                     try:
                         pending = await self.publish(pending)
                     except Exception as exc:  # noqa: BLE001 - the producer failed: send them again
-                        log.warning("dead-lettering %d item value(s) failed (%r); retrying", len(pending), exc)
+                        log.warning("dead-lettering %d item value(s) failed (%s); retrying", len(pending), described(exc))
                     if pending:
                         await asyncio.sleep(next(delays))
                 self.metrics.dead_letters_published.inc(len(dead))

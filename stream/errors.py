@@ -12,6 +12,20 @@ def clipped(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def described(exc: BaseException) -> str:
+    """``Type: message`` for a log line. ``%r`` of an exception usually shows its message, but
+    not always: redis-py's ``ResponseError("DB index is out of range")`` is ``server:ResponseError``.
+
+    >>> described(ValueError("no such user")), described(TimeoutError())
+    ('ValueError: no such user', 'TimeoutError')
+    """
+    try:
+        text = str(exc).replace("\n", " ").strip()
+    except Exception:  # noqa: BLE001 - a bug's exception whose __str__ raises
+        text = ""
+    return f"{type(exc).__name__}: {clipped(text, 300)}" if text else type(exc).__name__
+
+
 class StreamrecError(Exception):
     """Root of every error streamrec raises on purpose."""
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import msgspec
 
 from stream.decoding import decode_event, decode_forget, decode_impression, decode_search
-from stream.errors import InvalidEvent
+from stream.errors import InvalidEvent, described
 from stream.experiments import shown
 from stream.health import Health
 from stream.pipeline import RecommendationStep
@@ -524,7 +524,7 @@ class BatchHandler:
                 pending = await self.publish(pending)
             except Exception as exc:  # noqa: BLE001 - the producer itself failed (not started, connection lost)
                 problem = repr(exc)
-                log.warning("publishing %d records failed (%r); will retry", len(pending), exc)
+                log.warning("publishing %d records failed (%s); will retry", len(pending), described(exc))
             if pending:
                 self.metrics.kafka_errors.labels("publish").inc()
                 since = since or time.monotonic()
@@ -564,7 +564,7 @@ class BatchHandler:
             errors.labels(op).inc()
             delay = next(delays)
             self._unready("state", f"{op} failed: {type(problem).__name__}: {exception_text(problem)}; retrying")
-            log.warning("redis %s failed (%r); retrying in %.2fs", op, problem, delay)
+            log.warning("redis %s failed (%s); retrying in %.2fs", op, described(problem), delay)
             await asyncio.sleep(delay)
 
 

@@ -13,6 +13,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
+from stream.errors import described
+
 
 @dataclass(frozen=True)
 class Backoff:
@@ -57,7 +59,7 @@ async def run_until_done(attempt: Callable[[], Awaitable[None]], backoff: Backof
             if time.monotonic() - started > reset_after_s:
                 delays = backoff.delays()
             delay = next(delays)
-            log.warning("%s failed (%r); starting again in %.1f s", what, exc, delay)
+            log.warning("%s failed (%s); starting again in %.1f s", what, described(exc), delay)
             await asyncio.sleep(delay)
         else:
             return

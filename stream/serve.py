@@ -54,7 +54,7 @@ from online_models import Recommender
 from online_models.search import Catalogue
 from online_models.types import ScoredItem
 from stream.catalogue_feed import CatalogueFeed
-from stream.errors import ConfigError, clipped
+from stream.errors import ConfigError, clipped, described
 from stream.health import Health
 from stream.pipeline import RecommendationStep
 from stream.prometheus import FROZEN_COUNT_INTERVAL_S, Metrics
@@ -265,7 +265,7 @@ async def _errors(request: web.Request, handler):
                             status=exc.status, content_type="application/json",
                             headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"})
     except (ConnectionError, TimeoutError, OSError, RedisError) as exc:  # the store: nothing the caller did wrong
-        log.warning("%s %s: the store did not answer (%r)", request.method, request.path_qs, exc)
+        log.warning("%s %s: the store did not answer (%s)", request.method, request.path_qs, described(exc))
         return web.Response(body=_encode({"error": "the user-state store (Redis) does not answer; retry shortly"}),
                             status=503, content_type="application/json", headers={"Retry-After": "1"})
     except Exception:

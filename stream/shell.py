@@ -25,7 +25,7 @@ from online_models.search import Catalogue, QueryStudent, TextEmbedder
 from stream.batching import drop_stale
 from stream.catalogue_feed import CatalogueFeed
 from stream.consumer import FetchPacer
-from stream.errors import ConfigError
+from stream.errors import ConfigError, described
 from stream.handler import BatchHandler, Claims, RawMessage, now_ms
 from stream.health import Health, check_readiness
 from stream.lag import LagMetrics, update_lag
@@ -160,8 +160,8 @@ class Shell:
         try:
             self.claims.hold(await asyncio.wait_for(self.store.claim(parts), settings.session_timeout_s / 4), generation)
         except Exception as exc:  # noqa: BLE001 - taken lazily instead
-            log.warning("could not claim partitions %s on assignment (%r); claiming before their first batch",
-                        sorted(parts), exc)
+            log.warning("could not claim partitions %s on assignment (%s); claiming before their first batch",
+                        sorted(parts), described(exc))
         if not self.replayed:
             self.replayed = True
             app.add_future(self.replay_once(app, self.restored))
@@ -257,7 +257,7 @@ class Shell:
                 delay = next(delays, None)
                 if delay is None:
                     raise
-                log.warning("could not %s (%r); retrying in %.2fs", what, exc, delay)
+                log.warning("could not %s (%s); retrying in %.2fs", what, described(exc), delay)
                 await asyncio.sleep(delay)
 
     async def replay_once(self, app, restored: asyncio.Event) -> None:
@@ -270,8 +270,8 @@ class Shell:
                 await self._replay(app)
         except Exception as exc:  # noqa: BLE001 - the worker serves on with what the models have
             self.replay_due = True
-            log.error("could not replay the events the models' snapshot misses (%r); serving with the models as "
-                      "restored, and trying again before the next batch", exc)
+            log.error("could not replay the events the models' snapshot misses (%s); serving with the models as "
+                      "restored, and trying again before the next batch", described(exc))
         finally:
             self.health.set("models", True, "restored")
             self.models_ready.set()
@@ -294,7 +294,7 @@ class Shell:
             await self._replay(app)
         except Exception as exc:  # noqa: BLE001 - the batch goes on; the models miss those events
             log.error("could not learn the events the models miss before the committed offsets of this worker's "
-                      "partitions (%r); the models go on without them", exc)
+                      "partitions (%s); the models go on without them", described(exc))
         finally:
             self.health.set("models", True, "restored")
 

@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from online_models import Recommender, RecommenderConfig
+from stream.errors import described
 from stream.prometheus import Metrics
 from stream.state import UserStateStore
 
@@ -187,7 +188,7 @@ class ModelSnapshots:
                 await self.store.set_blob(self.name, data)
             except Exception as exc:  # noqa: BLE001 - the store is down: the next interval tries again
                 self.metrics.model_snapshots.labels("failed").inc()
-                log.error("could not store the online models' snapshot (%r)", exc)
+                log.error("could not store the online models' snapshot (%s)", described(exc))
                 return False
         self.metrics.model_snapshots.labels("ok").inc()
         return True

@@ -7,6 +7,7 @@ import logging
 from types import SimpleNamespace
 
 import pytest
+import redis
 
 from stream import logs
 from stream.app import create_app
@@ -220,3 +221,19 @@ def test_the_kafka_clients_repeated_errors_are_thinned(caplog):
             for _ in range(50):
                 logging.getLogger(name).error(template, 1, "Connect call failed")
     assert caplog.text.count("Unable connect to node") == 1 and caplog.text.count("Failed fetch messages") == 1
+
+
+async def test_a_redis_refusal_is_logged_with_its_reason(caplog):
+    """redis-py's ResponseError shows no message in its repr ("server:ResponseError"): with
+    STREAMREC_REDIS_URL naming database 99 the log never said "DB index is out of range"."""
+    shell = make_app().streamrec
+    failures = [redis.exceptions.ResponseError("DB index is out of range")]
+
+    async def call():
+        if failures:
+            raise failures.pop()
+        return "loaded"
+
+    with caplog.at_level(logging.WARNING, "streamrec"):
+        assert await shell.retry_redis("load the models' snapshot", call) == "loaded"
+    assert "ResponseError: DB index is out of range" in caplog.text
