@@ -68,9 +68,9 @@ class Shell:
     #: set once the snapshot is restored (or there was none)
     restored: asyncio.Event = field(default_factory=asyncio.Event)
     replayed: bool = False
-    #: a rebalance since the last replay (or that replay failed): before the next batch, the
-    #: models learn what they miss before the committed offsets of the partitions now owned
-    replay_due: bool = False
+    #: the topics whose partitions the models may miss events of, up to the committed offsets
+    #: (a rebalance since the last replay, or that replay failed): learned before the next batch
+    replay_due: frozenset[str] = frozenset()
     #: scorer versions that failed to load: counted once, not tried again
     refused_models: set[str] = field(default_factory=set)
     claims: Claims = field(init=False)
@@ -166,7 +166,10 @@ class Shell:
             self.replayed = True
             app.add_future(self.replay_once(app, self.restored))
         else:  # the peer reader may have been behind the commits of a partition this worker now owns
-            self.replay_due = True
+            # (without STREAMREC_LEARN_ALL_PARTITIONS it reads the others' forget requests alone)
+            read = (*settings.topics.inputs, settings.topics.forget) if settings.learn_all_partitions else (
+                settings.topics.forget,)
+            self.replay_due |= frozenset(read)
             app.add_future(self.replay_after_rebalance(app))
         self.peers.assign(((tp.topic, tp.partition) for tp in assigned), input_partitions(app, settings, assigned))
         if not self.peers_started:  # it waits for the models to be restored and replayed
@@ -269,7 +272,7 @@ class Shell:
             async with self.busy:
                 await self._replay(app)
         except Exception as exc:  # noqa: BLE001 - the worker serves on with what the models have
-            self.replay_due = True
+            self.replay_due |= frozenset((*self.settings.topics.inputs, self.settings.topics.forget))
             log.error("could not replay the events the models' snapshot misses (%s); serving with the models as "
                       "restored, and trying again before the next batch", described(exc))
         finally:
@@ -289,20 +292,23 @@ class Shell:
         where the agent starts (a partition taken over while the peer reader was behind its old
         owner's commits; a replay at start that failed). Tried once: a failure is logged, and the
         batches go on (a partition's first batch moves the models past what they missed)."""
-        self.replay_due = False
+        topics, self.replay_due = self.replay_due, frozenset()
         try:
-            await self._replay(app)
+            await self._replay(app, topics)
         except Exception as exc:  # noqa: BLE001 - the batch goes on; the models miss those events
             log.error("could not learn the events the models miss before the committed offsets of this worker's "
                       "partitions (%s); the models go on without them", described(exc))
         finally:
             self.health.set("models", True, "restored")
 
-    async def _replay(self, app) -> None:
+    async def _replay(self, app, topics: frozenset[str] | None = None) -> None:
+        """What the models miss of this worker's partitions (of ``topics``; None: all it reads),
+        learned from Kafka up to the group's committed offsets."""
         settings, step = self.settings, self.step
+        topics = frozenset(settings.topics.consumed) if topics is None else topics
         learned = step.recommender.learned_offsets
         committed = await asyncio.to_thread(committed_offsets, settings.kafka, settings.app_id)
-        mine = {(tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in settings.topics.consumed}
+        mine = {(tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in topics}
         # every forget request the snapshot may predate: from the beginning where it knows none
         todo = gaps(learned, {tp: off for tp, off in committed.items() if tp in mine}, from_start=(settings.topics.forget,))
         if not todo:

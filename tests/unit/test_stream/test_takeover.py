@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
+import pytest
 from aiokafka import TopicPartition
 
 from online_models import Recommender
@@ -77,9 +78,14 @@ def kafka_log(monkeypatch, committed: dict[tuple[str, int], int], calls: list, f
     monkeypatch.setattr(shell_module, "replay", replay)
 
 
-async def test_a_partition_taken_over_from_behind_the_commit_learns_the_events_in_between(monkeypatch):
+@pytest.mark.parametrize("learn_all", [True, False])
+async def test_a_partition_taken_over_from_behind_the_commit_learns_the_events_in_between(monkeypatch, learn_all):
+    """Without STREAMREC_LEARN_ALL_PARTITIONS the models learn their own partitions alone, and a
+    rebalance replays only the forget requests the reader would have read (a takeover does not
+    start a replay of the partition's history)."""
+    env = {**ENV, "STREAMREC_LEARN_ALL_PARTITIONS": str(learn_all).lower()}
     store = InMemoryUserStateStore()
-    topics = Settings.from_env(ENV).topics
+    topics = Settings.from_env(env).topics
     # worker A owned partition 0 and handled (and committed) offsets 0-9
     owner = BatchHandler(RecommendationStep(Recommender.default()), store, _sink, topics, Metrics())
     await owner.handle([message(o, 1) for o in range(10)])
@@ -87,7 +93,7 @@ async def test_a_partition_taken_over_from_behind_the_commit_learns_the_events_i
     kafka_log(monkeypatch, {(CLICKS, 0): 10, (CLICKS, 1): 0}, calls, [])
 
     # worker B owned partition 1; its peer reader learned partition 0 up to offset 4 only
-    app = create_app(Settings.from_env(ENV), load_model=False, store=store)
+    app = create_app(Settings.from_env(env), load_model=False, store=store)
     shell = app.streamrec
     fake = FakeApp({TopicPartition(CLICKS, 1)}, shell.generation())
     shell.restored.set()  # no snapshot
@@ -108,10 +114,12 @@ async def test_a_partition_taken_over_from_behind_the_commit_learns_the_events_i
     await shell.on_assigned(fake, fake.assigned)
     [after] = fake.futures  # at once: the partition may bring no new event for a batch to do it
     await after
-    assert calls == [[Gap(CLICKS, 0, 5, 10)]] and shell.step.recommender.n_learned == 10
+    replayed = [[Gap(CLICKS, 0, 5, 10)]] if learn_all else []
+    assert calls == replayed and shell.step.recommender.n_learned == (10 if learn_all else 5)
     await shell.handle_taken(fake, [_event(message(o, fake.consumer_generation_id)) for o in range(10, 15)])
-    assert calls == [[Gap(CLICKS, 0, 5, 10)]]  # once
-    assert shell.step.recommender.n_learned == 15  # 0-4 by the reader, 5-9 replayed, 10-14 by the agent
+    assert calls == replayed  # once
+    # 0-4 by the reader, 5-9 replayed, 10-14 by the agent
+    assert shell.step.recommender.n_learned == (15 if learn_all else 10)
     assert "models: ok" in shell.health.readiness()[1]  # unready only while it learned them
 
 
