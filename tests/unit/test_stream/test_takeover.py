@@ -59,6 +59,13 @@ class FakeApp:
         self.futures.append(coro)
 
 
+def unplugged_shell(settings: Settings, store):
+    """The worker's shell, publishing its lists nowhere: a unit test needs no broker."""
+    shell = create_app(settings, load_model=False, store=store).streamrec
+    shell.handler.publish = _sink
+    return shell
+
+
 def kafka_log(monkeypatch, committed: dict[tuple[str, int], int], calls: list, fail: list) -> None:
     """The group's commits and a replay that reads partition 0 of the clicks from this list."""
     monkeypatch.setattr(shell_module, "committed_offsets", lambda *args, **kw: dict(committed))
@@ -93,8 +100,7 @@ async def test_a_partition_taken_over_from_behind_the_commit_learns_the_events_i
     kafka_log(monkeypatch, {(CLICKS, 0): 10, (CLICKS, 1): 0}, calls, [])
 
     # worker B owned partition 1; its peer reader learned partition 0 up to offset 4 only
-    app = create_app(Settings.from_env(env), load_model=False, store=store)
-    shell = app.streamrec
+    shell = unplugged_shell(Settings.from_env(env), store)
     fake = FakeApp({TopicPartition(CLICKS, 1)}, shell.generation())
     shell.restored.set()  # no snapshot
     await shell.on_assigned(fake, fake.assigned)
@@ -127,8 +133,7 @@ async def test_a_replay_that_failed_at_start_is_tried_again_before_the_first_bat
     store = InMemoryUserStateStore()
     calls: list = []
     kafka_log(monkeypatch, {(CLICKS, 0): 10}, calls, [TimeoutError("no records within 30 s")])
-    app = create_app(Settings.from_env(ENV), load_model=False, store=store)
-    shell = app.streamrec
+    shell = unplugged_shell(Settings.from_env(ENV), store)
     models = shell.step.recommender
     models.learned_offsets[source_of(CLICKS, 0)] = 4  # as restored from a snapshot
     fake = FakeApp({TopicPartition(CLICKS, 0)}, shell.generation())
