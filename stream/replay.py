@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from aiokafka import TopicPartition
@@ -88,10 +88,12 @@ def gaps(learned: Mapping[str, int], committed: Mapping[tuple[str, int], int],
 
 async def replay(step: RecommendationStep, bootstrap: KafkaConnection | str, todo: Sequence[Gap], bounds: Bounds,
                  fetch_timeout_s: float = 30.0, pseudonyms: Pseudonyms | None = None,
-                 forget_topic: str | None = None) -> int:
+                 forget_topic: str | None = None, stop: Callable[[], bool] | None = None) -> int:
     """Teach the models every event of ``todo``; returns how many they learned. ``bootstrap``:
     ``Settings.kafka`` (or bootstrap servers alone for a plaintext broker); ``pseudonyms``: the
-    worker's (``STREAMREC_PSEUDONYM_KEY``), so that the models learn the ids the live step does."""
+    worker's (``STREAMREC_PSEUDONYM_KEY``), so that the models learn the ids the live step does.
+    ``stop``: asked between fetches (at least once a second); once true, the replay ends where it
+    is, and the models' learned offsets say where a later one starts."""
     if not todo:
         return 0
     rereading = bounds.rereading()  # a ts too far ahead stays refused; its age was judged when it arrived
@@ -106,6 +108,8 @@ async def replay(step: RecommendationStep, bootstrap: KafkaConnection | str, tod
         open_ = set(ends)
         progress_at = time.monotonic()
         while open_:
+            if stop is not None and stop():
+                return learned
             batch = await consumer.getmany(*open_, timeout_ms=int(min(POLL_S, fetch_timeout_s) * 1000))
             if not batch:
                 # offsets with no record behind them (a transactional producer's markers, a

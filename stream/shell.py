@@ -71,6 +71,9 @@ class Shell:
     #: the topics whose partitions the models may miss events of, up to the committed offsets
     #: (a rebalance since the last replay, or that replay failed): learned before the next batch
     replay_due: frozenset[str] = frozenset()
+    #: set from a revocation to the next assignment: a replay in hand stops where it is, so that
+    #: the revocation does not wait for it (what is left is due again after the assignment)
+    revoking: bool = False
     #: scorer versions that failed to load: counted once, not tried again
     refused_models: set[str] = field(default_factory=set)
     claims: Claims = field(init=False)
@@ -154,6 +157,7 @@ class Shell:
         requests, and with ``STREAMREC_LEARN_ALL_PARTITIONS`` learn their events too
         (stream/peers.py)."""
         settings = self.settings
+        self.revoking = False
         parts = {tp.partition for tp in assigned if tp.topic in settings.topics.consumed}
         generation = self.generation()
         self.claims.release(set(self.claims.partitions) - parts)
@@ -183,6 +187,7 @@ class Shell:
         The models stop learning other workers' partitions until the new assignment is known:
         one of them may be this worker's again."""
         self.peers.pause()
+        self.revoking = True  # a replay in hand stops within a second; the next assignment asks for it again
         wait_s = self.settings.session_timeout_s / 2
         if revoked and not await self.wait_idle(wait_s):
             log.warning("rebalance: the batch in hand did not finish within %.1f s; it is redelivered to the "
@@ -281,7 +286,9 @@ class Shell:
 
     async def replay_after_rebalance(self, app) -> None:
         """:meth:`replay_due_gaps` at once, unless a batch did it first (a partition taken over
-        may have no new events to bring a batch)."""
+        may have no new events to bring a batch), once the models are restored: replayed into
+        the start-up models, what it learned (a forget request) would be lost with them."""
+        await self.models_ready.wait()
         async with self.busy:
             if self.replay_due:
                 await self.replay_due_gaps(app)
@@ -298,8 +305,6 @@ class Shell:
         except Exception as exc:  # noqa: BLE001 - the batch goes on; the models miss those events
             log.error("could not learn the events the models miss before the committed offsets of this worker's "
                       "partitions (%s); the models go on without them", described(exc))
-        finally:
-            self.health.set("models", True, "restored")
 
     async def _replay(self, app, topics: frozenset[str] | None = None) -> None:
         """What the models miss of this worker's partitions (of ``topics``; None: all it reads),
@@ -318,10 +323,25 @@ class Shell:
         log.info("the models miss %d event(s) before the committed offsets (%s); learning them from Kafka",
                  total, ", ".join(f"{g.topic}[{g.partition}] {g.start}-{g.end - 1}" for g in todo))
         start = time.monotonic()
-        n = await replay(step, settings.kafka, todo, settings.bounds, pseudonyms=self.pseudonyms,
-                         forget_topic=settings.topics.forget)
+        stopped: list[bool] = []
+
+        def stop() -> bool:
+            if self.revoking:
+                stopped.append(True)
+            return self.revoking
+
+        try:
+            n = await replay(step, settings.kafka, todo, settings.bounds, pseudonyms=self.pseudonyms,
+                             forget_topic=settings.topics.forget, stop=stop)
+        finally:
+            self.health.set("models", True, "restored")
         self.metrics.events_relearned.inc(n)
-        log.info("learned %d event(s) again in %.1f s", n, time.monotonic() - start)
+        if stopped:
+            self.replay_due |= topics
+            log.info("learned %d event(s) again in %.1f s, then stopped for a rebalance; the rest is learned after "
+                     "the new assignment", n, time.monotonic() - start)
+        else:
+            log.info("learned %d event(s) again in %.1f s", n, time.monotonic() - start)
 
     async def drain(self, timeout_s: float = 30.0) -> bool:
         """Stop taking new batches and wait for the batch in hand; False if it did not finish in time."""

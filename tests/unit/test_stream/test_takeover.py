@@ -9,6 +9,8 @@ tried again before the next batch."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from types import SimpleNamespace
 
@@ -196,3 +198,119 @@ async def test_a_gap_kafka_holds_no_records_for_closes_without_waiting_for_the_t
     assert await replay_module.replay(step, "unused:9092", [Gap(CLICKS, 0, 8, 10)], Bounds(), fetch_timeout_s=5) == 0
     assert time.monotonic() - started < 2.5
     assert step.recommender.learned_offsets[source_of(CLICKS, 0)] == 9
+
+
+class SlowStore(InMemoryUserStateStore):
+    """A store whose snapshot read waits for ``answer`` (Redis slow, or away at start)."""
+
+    def __init__(self):
+        super().__init__()
+        self.answer = asyncio.Event()
+
+    async def get_blob(self, name):
+        await self.answer.wait()
+        return await super().get_blob(name)
+
+
+async def idle_loop() -> None:
+    """Let every ready task run until each waits on something."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_a_rebalance_before_the_snapshot_is_restored_replays_into_the_restored_models(monkeypatch):
+    """A second rebalance while the snapshot is still being read: its replay waits for the
+    restored models (into the start-up models, what it learned, a forget request say, would be
+    lost with them), and the models stay unready meanwhile."""
+    store = SlowStore()
+    settings = Settings.from_env(ENV)
+    snapshot = Recommender.default()  # the store's snapshot: partition 0 learned up to offset 4
+    RecommendationStep(snapshot).relearn([decode(o) for o in range(5)], [(source_of(CLICKS, 0), o) for o in range(5)])
+    shell = unplugged_shell(settings, store)
+    await InMemoryUserStateStore.set_blob(store, shell.snapshots.name, snapshot.snapshot(shell.snapshots.signing_key))
+    calls: list = []
+    kafka_log(monkeypatch, {(CLICKS, 0): 10}, calls, [])
+    restore = asyncio.ensure_future(shell.restore_models())  # the app's on_start
+    fake = FakeApp({TopicPartition(CLICKS, 0)}, shell.generation())
+    await shell.on_assigned(fake, fake.assigned)
+    first = [asyncio.ensure_future(f) for f in fake.futures if f.__name__ == "replay_once"]
+    [f.close() for f in fake.futures if f.__name__ != "replay_once"]
+    fake.futures.clear()
+    await shell.on_revoked(set(fake.assigned))  # a second worker joins and leaves again
+    await shell.on_assigned(fake, fake.assigned)
+    [after] = [asyncio.ensure_future(f) for f in fake.futures if f.__name__ == "replay_after_rebalance"]
+    [f.close() for f in fake.futures if f.__name__ != "replay_after_rebalance"]
+    asked = threading.Event()  # the replay's first step: the group's committed offsets, read in a thread
+    monkeypatch.setattr(shell_module, "committed_offsets", lambda *args, **kw: asked.set() or {(CLICKS, 0): 10})
+    assert not await asyncio.to_thread(asked.wait, 1.0)  # not within a second: it waits for the restore
+    await idle_loop()
+    assert calls == [] and not after.done()
+    assert "models: FAIL" in shell.health.readiness()[1]
+    store.answer.set()
+    await asyncio.wait_for(asyncio.gather(restore, after, *first), 10)
+    models = shell.step.recommender
+    assert models is not snapshot and models.learned_offsets[source_of(CLICKS, 0)] == 9
+    assert models.n_learned == 10 and calls == [[Gap(CLICKS, 0, 5, 10)]]
+    assert "models: ok" in shell.health.readiness()[1]
+
+
+async def test_a_revocation_stops_a_replay_in_hand_and_it_goes_on_after_the_assignment(monkeypatch, caplog):
+    """A long replay holds the batch lock; a revocation must not wait for it (the group waits on
+    this worker meanwhile) nor warn of a batch in hand: the replay stops where it is, and is due
+    again once the partitions are assigned."""
+    shell = unplugged_shell(Settings.from_env(ENV), InMemoryUserStateStore())
+    shell.step.recommender.learned_offsets[source_of(CLICKS, 0)] = 4  # as restored from a snapshot
+    shell.restored.set()
+    stops: list = []
+    started = asyncio.Event()
+
+    async def replay(step, kafka, todo, bounds, stop, **kw):
+        stops.append(list(todo))
+        started.set()
+        while not stop():
+            await asyncio.sleep(0.01)  # a fetch
+        return 0
+
+    monkeypatch.setattr(shell_module, "committed_offsets", lambda *args, **kw: {(CLICKS, 0): 10})
+    monkeypatch.setattr(shell_module, "replay", replay)
+    fake = FakeApp({TopicPartition(CLICKS, 0)}, shell.generation())
+    await shell.on_assigned(fake, fake.assigned)
+    [first] = [asyncio.ensure_future(f) for f in fake.futures if f.__name__ == "replay_once"]
+    [f.close() for f in fake.futures if f.__name__ != "replay_once"]
+    await asyncio.wait_for(started.wait(), 5)
+    t0 = time.monotonic()
+    await shell.on_revoked(set(fake.assigned))
+    assert time.monotonic() - t0 < 1.0 and "did not finish" not in caplog.text
+    await first
+    assert shell.replay_due == frozenset(shell.settings.topics.consumed)
+    assert shell.models_ready.is_set() and "models: ok" in shell.health.readiness()[1]
+
+
+async def test_a_replay_asked_to_stop_ends_between_fetches_without_moving_the_models_past_the_gap(monkeypatch):
+    asked: list = []
+
+    class Consumer:
+        def assign(self, tps):
+            pass
+
+        def seek(self, tp, offset):
+            pass
+
+        async def getmany(self, *tps, timeout_ms):
+            return {}  # a slow broker: nothing yet
+
+        async def position(self, tp):
+            return 8
+
+        async def stop(self):
+            pass
+
+    async def started_reader(*args, **kw):
+        return Consumer()
+
+    monkeypatch.setattr(replay_module, "started_reader", started_reader)
+    step = RecommendationStep(Recommender.default())
+    step.recommender.learned_offsets[source_of(CLICKS, 0)] = 7
+    assert await replay_module.replay(step, "unused:9092", [Gap(CLICKS, 0, 8, 10)], Bounds(),
+                                      stop=lambda: asked.append(1) or len(asked) > 2) == 0
+    assert len(asked) == 3 and step.recommender.learned_offsets[source_of(CLICKS, 0)] == 7
