@@ -237,3 +237,17 @@ async def test_a_redis_refusal_is_logged_with_its_reason(caplog):
     with caplog.at_level(logging.WARNING, "streamrec"):
         assert await shell.retry_redis("load the models' snapshot", call) == "loaded"
     assert "ResponseError: DB index is out of range" in caplog.text
+
+
+def test_thinning_keeps_the_kafka_clients_information_and_tells_partitions_apart(caplog):
+    """Only repeated warnings and errors are thinned: each rebalance's 'Joined group' goes
+    through, and an error about another partition is another line."""
+    logs.configure(logging.INFO)
+    with caplog.at_level(logging.INFO):
+        for generation in range(3):
+            logging.getLogger("aiokafka.consumer.group_coordinator").info("Joined group %r (generation %s)", "g",
+                                                                          generation)
+        for partition in range(3):
+            logging.getLogger("aiokafka.consumer.fetcher").error("Unexpected error for %s", f"clicks-{partition}")
+    assert [caplog.text.count(f"generation {g})") for g in range(3)] == [1, 1, 1]
+    assert [caplog.text.count(f"for clicks-{p}") for p in range(3)] == [1, 1, 1]
