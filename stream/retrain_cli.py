@@ -110,7 +110,7 @@ def retrain(
     model_dir: Annotated[Path, typer.Option(
         "--model-dir", envvar="STREAMREC_MODEL_DIR",
         help="Model registry the workers load from; each fit registers a version there and makes it CURRENT.")] = DEFAULT_MODEL_DIR,
-    once: Annotated[bool, typer.Option("--once", help="Read the topics to their end, fit once and exit: 0 when a version was registered, 1 when none was (nothing to train on, or the fit failed; for a scheduler such as cron).")] = False,
+    once: Annotated[bool, typer.Option("--once", help="Read the topics to their end, fit once and exit: 0 when a version was registered, 1 when none was (nothing to train on, the fit failed, or SIGTERM or Ctrl-C came first; for a scheduler such as cron).")] = False,
     seed: Annotated[int, typer.Option(help="Random seed of each fit.")] = 0,
     device: Annotated[str, typer.Option(help="Training device: auto, cuda or cpu.")] = "auto",
     loglevel: Annotated[str, typer.Option("--loglevel", "-l", help="debug, info, warning or error.")] = "info",
@@ -172,7 +172,7 @@ def retrain(
              "(architecture %s)", ", ".join(sorted({tp.topic for tp in partitions})), every, window, model_dir,
              architecture or "the defaults")
     caught_up = False
-    failed = False  # with --once: no version registered, which a scheduler must see in the exit status
+    registered = False  # with --once, none (nothing to train on, a failed fit, a stop before the fit) exits 1
     fitted_at_read = -1
     next_fit = 0.0  # the first fit once the backlog is read
     try:
@@ -196,13 +196,14 @@ def retrain(
                 fitted_at_read = events.read
                 next_fit = time.monotonic() + every
                 if once:
-                    failed = not registered
                     break
     except KafkaError as exc:
         raise kafka.unavailable(exc) from None
     finally:
         consumer.close(autocommit=False)
-    if failed:
+    if once and not registered:
+        if stop.is_set():
+            log.warning("stopped before a version was registered")
         raise typer.Exit(code=1)
 
 

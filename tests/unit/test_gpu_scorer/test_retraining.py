@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import torch
 import typer
@@ -77,3 +78,43 @@ def test_retrain_into_a_folder_it_cannot_write_is_refused_before_reading_kafka(t
     result = CliRunner().invoke(_cli("retrain"), ["retrain", "--once", "--model-dir", str(tmp_path)],
                                 env={"COLUMNS": "500"})
     assert result.exit_code == 2 and "cannot be written" in result.output, result.output
+
+
+def test_retrain_once_stopped_before_its_fit_exits_1(tmp_path, monkeypatch):
+    """A scheduler that stops `retrain --once` mid-backlog must not read success: no version was
+    registered (found by a review: it exited 0)."""
+    from stream import retrain_cli
+
+    class Consumer:  # a large backlog, and SIGTERM while it is read
+        def __init__(self, **kw):
+            self.polls = 0
+
+        def partitions_for_topic(self, topic):
+            return {0}
+
+        def assign(self, partitions):
+            pass
+
+        def seek_to_beginning(self, *partitions):
+            pass
+
+        def end_offsets(self, partitions):
+            return {tp: 1_000_000 for tp in partitions}
+
+        def poll(self, timeout_ms, max_records):
+            self.polls += 1
+            if self.polls == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return {}
+
+        def position(self, tp):
+            return 0
+
+        def close(self, autocommit):
+            pass
+
+    monkeypatch.setattr(retrain_cli, "KafkaConsumer", Consumer)
+    monkeypatch.setattr(retrain_cli, "ensure_streamrec_topics", lambda settings: None)
+    result = CliRunner().invoke(_cli("retrain"), ["retrain", "--once", "--model-dir", str(tmp_path / "m"),
+                                                  "--device", "cpu"])
+    assert result.exit_code == 1 and not (tmp_path / "m" / "CURRENT").exists()
