@@ -242,6 +242,10 @@ class PeerLearner:
         unknown = [tp for tp in foreign if source_of(*tp) not in learned]
         committed = await asyncio.to_thread(self.committed) if unknown else {}
         starts = start_offsets(foreign, learned, committed, (self.forget_topic,) if self.forget_topic else ())
+        async with self.lock:  # the models know a partition from where the reader starts it (a takeover replays from there)
+            if version != self._version:
+                return
+            self.step.start_reading({source_of(*tp): 0 if offset is None else offset for tp, offset in starts.items()})
         consumer.assign([TopicPartition(t, p) for t, p in starts])
         for (topic, partition), offset in starts.items():
             if offset is not None:

@@ -426,6 +426,22 @@ class RecommendationStep:
         if dead:
             self._remember_dead(positions)
 
+    def start_reading(self, starts: Mapping[str, int]) -> None:
+        """The models begin to learn a partition they know nothing of at ``starts[source]``
+        (where a reader starts it): their watermark for it is set just before, so that what
+        they miss of it from there (the reader behind the commits when the partition becomes
+        this worker's) is replayed from there (stream/replay.py).
+
+        >>> step = RecommendationStep(Recommender.default())
+        >>> step.recommender.learned_offsets["c:0"] = 4
+        >>> step.start_reading({"c:0": 9, "c:1": 7, "f:0": 0})
+        >>> dict(sorted(step.recommender.learned_offsets.items()))
+        {'c:0': 4, 'c:1': 6, 'f:0': -1}
+        """
+        watermark = self.recommender.learned_offsets
+        for source, offset in starts.items():
+            watermark.setdefault(source, offset - 1)
+
     def _remember_dead(self, positions) -> None:
         kept = self._dead_letters
         for pos in positions:

@@ -18,6 +18,7 @@ from stream.peers import PeerLearner, RecentKeys, foreign_partitions, start_offs
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
 from stream.records import Bounds, ClickEvent, encode
+from stream.replay import Gap, gaps
 from stream.settings import Settings
 from stream.shell import input_partitions
 
@@ -208,3 +209,24 @@ async def test_the_back_off_starts_short_again_after_the_reader_recovered(monkey
     except asyncio.CancelledError:
         pass
     assert waits == [0.5, 1.0, 2.0, 0.5, 1.0]
+
+
+async def test_the_models_know_a_partition_from_where_the_reader_starts_it_so_a_takeover_replays_from_there():
+    """A fresh worker (no snapshot) starts reading another's partition at the group's commit (7)
+    and has learned nothing of it when the partition becomes its own at a later commit (12):
+    the events 7-11 are replayed then, where with no watermark the models skipped them."""
+    class Consumer:
+        def assign(self, tps):
+            self.assigned = set(tps)
+
+        def seek(self, tp, offset):
+            pass
+
+    step = RecommendationStep(Recommender.default())
+    peers = PeerLearner(step, {"bootstrap_servers": "unused:9092"}, TOPICS, Bounds(), asyncio.Lock(), Metrics(),
+                        committed=lambda: {("s.clicks", 1): 7})
+    peers.assign({("s.clicks", 0), ("s.purchases", 0)}, {t: range(2) for t in TOPICS})
+    await peers._apply(Consumer(), peers._version)
+    assert step.recommender.learned_offsets == {"s.clicks:1": 6, "s.purchases:1": -1}
+    assert gaps(step.recommender.learned_offsets, {("s.clicks", 1): 12, ("s.purchases", 1): 3}) == [
+        Gap("s.clicks", 1, 7, 12), Gap("s.purchases", 1, 0, 3)]
