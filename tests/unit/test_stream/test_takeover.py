@@ -33,6 +33,7 @@ from stream.step_inputs import source_of
 
 P = "t."
 CLICKS = P + "clicks"
+FORGET = P + "forget"
 ENV = {"STREAMREC_TOPIC_PREFIX": P, "STREAMREC_PARTITIONS": "2", "STREAMREC_LEARN_ALL_PARTITIONS": "true"}
 
 
@@ -78,6 +79,9 @@ def kafka_log(monkeypatch, committed: dict[tuple[str, int], int], calls: list, f
             raise fail.pop()
         n = 0
         for gap in todo:
+            if gap.topic == FORGET:  # requests for users the models never saw
+                step.advance([(source_of(gap.topic, gap.partition), gap.end - 1)])
+                continue
             offsets = range(gap.start, gap.end)
             events = [decode_event(click(o)[1]) for o in offsets]
             n += step.relearn(events, [(source_of(gap.topic, gap.partition), o) for o in offsets], set())
@@ -99,7 +103,7 @@ async def test_a_partition_taken_over_from_behind_the_commit_learns_the_events_i
     owner = BatchHandler(RecommendationStep(Recommender.default()), store, _sink, topics, Metrics())
     await owner.handle([message(o, 1) for o in range(10)])
     calls: list = []
-    kafka_log(monkeypatch, {(CLICKS, 0): 10, (CLICKS, 1): 0}, calls, [])
+    kafka_log(monkeypatch, {(CLICKS, 0): 10, (CLICKS, 1): 0, (FORGET, 0): 2}, calls, [])
 
     # worker B owned partition 1; its peer reader learned partition 0 up to offset 4 only
     shell = unplugged_shell(Settings.from_env(env), store)
@@ -117,12 +121,12 @@ async def test_a_partition_taken_over_from_behind_the_commit_learns_the_events_i
 
     # A leaves: B owns both; its agent reads partition 0 from the commit (10)
     await shell.on_revoked({TopicPartition(CLICKS, 1)})
-    fake.assigned = {TopicPartition(CLICKS, 0), TopicPartition(CLICKS, 1)}
+    fake.assigned = {TopicPartition(CLICKS, 0), TopicPartition(CLICKS, 1), TopicPartition(FORGET, 0)}
     fake.futures.clear()
     await shell.on_assigned(fake, fake.assigned)
     [after] = fake.futures  # at once: the partition may bring no new event for a batch to do it
     await after
-    replayed = [[Gap(CLICKS, 0, 5, 10)]] if learn_all else []
+    replayed = [[Gap(CLICKS, 0, 5, 10), Gap(FORGET, 0, 0, 2)] if learn_all else [Gap(FORGET, 0, 0, 2)]]
     assert calls == replayed and shell.step.recommender.n_learned == (10 if learn_all else 5)
     await shell.handle_taken(fake, [_event(message(o, fake.consumer_generation_id)) for o in range(10, 15)])
     assert calls == replayed  # once
