@@ -243,7 +243,8 @@ def test_thinning_keeps_the_kafka_clients_information_and_tells_partitions_apart
     """Only repeated warnings and errors are thinned: each rebalance's 'Joined group' goes
     through, and an error about another partition is another line."""
     logs.configure(logging.INFO)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, "aiokafka.consumer.group_coordinator"), \
+            caplog.at_level(logging.INFO, "aiokafka.consumer.fetcher"):  # whatever an earlier test set them to
         for generation in range(3):
             logging.getLogger("aiokafka.consumer.group_coordinator").info("Joined group %r (generation %s)", "g",
                                                                           generation)

@@ -168,17 +168,11 @@ def _event(msg: RawMessage):
                                                    headers=None))
 
 
-async def _sink(records):
-    return []
-
-
-async def test_a_gap_kafka_holds_no_records_for_closes_without_waiting_for_the_timeout(monkeypatch):
-    """Offsets with no records behind them (a transactional producer's commit markers, a
-    compacted or truncated stretch): the reader's position passes them with nothing fetched,
-    and the replay ends there instead of failing after its fetch timeout."""
+def fetching_nothing(monkeypatch, position: int) -> None:
+    """The replay's reader: every fetch returns nothing, and the position stays at ``position``."""
     class Consumer:
         def assign(self, tps):
-            self.tps = tps
+            pass
 
         def seek(self, tp, offset):
             pass
@@ -187,7 +181,7 @@ async def test_a_gap_kafka_holds_no_records_for_closes_without_waiting_for_the_t
             return {}
 
         async def position(self, tp):
-            return 10  # past the markers at 8 and 9
+            return position
 
         async def stop(self):
             pass
@@ -196,6 +190,17 @@ async def test_a_gap_kafka_holds_no_records_for_closes_without_waiting_for_the_t
         return Consumer()
 
     monkeypatch.setattr(replay_module, "started_reader", started_reader)
+
+
+async def _sink(records):
+    return []
+
+
+async def test_a_gap_kafka_holds_no_records_for_closes_without_waiting_for_the_timeout(monkeypatch):
+    """Offsets with no records behind them (a transactional producer's commit markers, a
+    compacted or truncated stretch): the reader's position passes them with nothing fetched,
+    and the replay ends there instead of failing after its fetch timeout."""
+    fetching_nothing(monkeypatch, position=10)  # past the markers at 8 and 9
     step = RecommendationStep(Recommender.default())
     step.recommender.learned_offsets[source_of(CLICKS, 0)] = 7
     started = time.monotonic()
@@ -293,26 +298,7 @@ async def test_a_revocation_stops_a_replay_in_hand_and_it_goes_on_after_the_assi
 async def test_a_replay_asked_to_stop_ends_between_fetches_without_moving_the_models_past_the_gap(monkeypatch):
     asked: list = []
 
-    class Consumer:
-        def assign(self, tps):
-            pass
-
-        def seek(self, tp, offset):
-            pass
-
-        async def getmany(self, *tps, timeout_ms):
-            return {}  # a slow broker: nothing yet
-
-        async def position(self, tp):
-            return 8
-
-        async def stop(self):
-            pass
-
-    async def started_reader(*args, **kw):
-        return Consumer()
-
-    monkeypatch.setattr(replay_module, "started_reader", started_reader)
+    fetching_nothing(monkeypatch, position=8)  # a slow broker: nothing yet
     step = RecommendationStep(Recommender.default())
     step.recommender.learned_offsets[source_of(CLICKS, 0)] = 7
     assert await replay_module.replay(step, "unused:9092", [Gap(CLICKS, 0, 8, 10)], Bounds(),
