@@ -49,7 +49,8 @@ def worker(
     """Run a Faust worker: consume events, learn, recommend, publish.
 
     Start as many as the input topics have partitions; they share the work as one consumer group.
-    SIGTERM or Ctrl-C finishes the batch in hand, commits and exits.
+    SIGTERM or Ctrl-C finishes the batch in hand, commits and exits; a second Ctrl-C exits at once
+    (nothing is lost: the next owner handles that batch again).
     """
     settings = Settings.from_env()
     level = log_level(loglevel, settings.log_level)

@@ -106,6 +106,36 @@ def test_sigterm_with_the_broker_away_stops_within_kubernetes_grace(worker_env, 
     assert time.monotonic() - asked < 30, worker.log_tail()
 
 
+def test_a_second_ctrl_c_exits_at_once_while_the_batch_in_hand_waits_for_redis(worker_env, workers, topic_prefix,
+                                                                              private_redis):
+    """Ctrl-C finishes the batch in hand first; with Redis not answering that took the drain's 30 s,
+    and a second Ctrl-C did nothing. Now it exits at once (130), and nothing is lost: the next
+    worker applies every event exactly once."""
+    records, expected = synthetic_records(1500, seed=23)
+    worker = workers(metrics=True, STREAMREC_REDIS_URL=private_redis.address)
+    wait_for(lambda: _ready(worker), 90, "the worker to be ready", worker)
+    feeder = Feeder(worker_env["STREAMREC_KAFKA_BOOTSTRAP"], topic_prefix, records, rate=100)
+    client = redis.Redis.from_url(private_redis.address)
+    try:
+        feeder.start()
+        wait_for(lambda: sum(applied_counts(client, topic_prefix, expected).values()) > 100, 60, "events to flow", worker)
+        private_redis.halt()
+        wait_for(lambda: _unready(worker), 10, "/readyz to answer 503 with Redis gone", worker)
+        worker.proc.send_signal(signal.SIGINT)
+        wait_for(lambda: "finishing the batch in hand" in worker.log_text(), 10, "the first Ctrl-C to be taken", worker)
+        asked = time.monotonic()
+        worker.proc.send_signal(signal.SIGINT)
+        assert worker.proc.wait(10) == 128 + signal.SIGINT, worker.log_tail()
+        assert time.monotonic() - asked < 5, worker.log_tail()
+        assert "Ctrl-C again: exiting now" in worker.log_text()
+        private_redis.start()
+        feeder.finish()
+        again = workers(metrics=True, STREAMREC_REDIS_URL=private_redis.address)
+        wait_for(lambda: exactly_once(client, topic_prefix, expected), 240, "every event applied exactly once", again)
+    finally:
+        client.close()
+
+
 def _set_topic_config(bootstrap: str, topic: str, **config: str) -> None:
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="streamrec-tests")
     try:
