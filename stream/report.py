@@ -434,6 +434,27 @@ def counters_from_metrics_urls(urls: list[str], timeout: float = 10.0) -> dict[s
     return merge_counters(parts)
 
 
+def prometheus_base(url: str) -> str:
+    """``--prometheus``'s URL, checked: an http(s) URL with a host (``prom:9090`` alone was
+    "unknown url type: prom", ``ftp://`` a DNS error and ``file://`` a read of a local file).
+
+    >>> prometheus_base("http://prom:9090/")
+    'http://prom:9090/'
+    >>> prometheus_base("prom:9090")
+    Traceback (most recent call last):
+    ...
+    stream.report.ReportError: --prometheus 'prom:9090' is not an http:// or https:// URL: the Prometheus HTTP API is at http://HOST:PORT, e.g. http://prom:9090
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # an unclosed [ of an IPv6 address
+        raise ReportError(f"--prometheus {url!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ReportError(f"--prometheus {url!r} is not an http:// or https:// URL: the Prometheus HTTP API is at "
+                          f"http://HOST:PORT, e.g. http://{url.split('://', 1)[-1].lstrip('/') or 'prometheus:9090'}")
+    return url
+
+
 def prometheus_query_url(base: str, query: str) -> str:
     """The instant-query URL of a Prometheus at ``base`` (with or without ``/api/v1/query``).
 
@@ -466,11 +487,19 @@ def _prometheus_vector(base: str, query: str, timeout: float) -> list[dict[str, 
         raise ReportError(f"{base} did not answer with JSON: is it the Prometheus HTTP API?") from None
     if not isinstance(body, dict) or body.get("status") != "success":
         why = body.get("error", body) if isinstance(body, dict) else body
-        raise ReportError(f"Prometheus at {base} refused {query!r}: {why}")
+        raise ReportError(f"Prometheus at {base} refused {query!r}: {clipped(str(why), 300)}")
     data = body.get("data") or {}
-    if data.get("resultType") != "vector":
-        raise ReportError(f"Prometheus at {base} answered {query!r} with a {data.get('resultType')}, not a vector")
-    return data.get("result") or []
+    if not isinstance(data, dict) or data.get("resultType") != "vector":
+        kind = data.get("resultType") if isinstance(data, dict) else type(data).__name__
+        raise ReportError(f"Prometheus at {base} answered {query!r} with a {kind}, not a vector: "
+                          "is --prometheus the Prometheus HTTP API?")
+    result = data.get("result") or []
+    if not isinstance(result, list) or not all(isinstance(s, dict) and isinstance(s.get("metric") or {}, dict)
+                                               for s in result):
+        raise ReportError(f"Prometheus at {base} answered {query!r} with a vector that is not a list of series "
+                          f"({{\"metric\": {{...}}, \"value\": [...]}}): {clipped(str(result), 200)}; "
+                          "is --prometheus the Prometheus HTTP API?")
+    return result
 
 
 def counters_from_prometheus(base: str, timeout: float = 10.0, window: str | None = None) -> dict[str, dict[str, Any]]:
@@ -572,7 +601,7 @@ def report(
     if metrics:
         counters = counters_from_metrics_urls(metrics, timeout)
     elif prometheus:
-        counters = counters_from_prometheus(prometheus, timeout, window)
+        counters = counters_from_prometheus(prometheus_base(prometheus), timeout, window)
     else:
         assert json_file is not None
         counters, default_control = counters_from_json_file(json_file)

@@ -487,3 +487,25 @@ def test_a_url_that_is_not_one_is_a_sentence():
 def test_a_metrics_address_without_http_says_how_to_write_it(address):
     with pytest.raises(ReportError, match="http://HOST:PORT"):  # what `streamrec` prints as its sentence
         counters_from_metrics_urls([address], timeout=1)
+
+
+@pytest.mark.parametrize("url", ["prom:9090", "127.0.0.1:9090", "ftp://prom:9090", "file:///etc/passwd", "http://",
+                                 "http://[::1"])
+def test_cli_prometheus_url_that_is_not_http_is_a_clear_error(url):
+    result = runner.invoke(cli.app, ["report", "--prometheus", url, "--timeout", "1"])
+    assert isinstance(result.exception, ReportError), result.output
+    assert "--prometheus" in str(result.exception) and "http://" in str(result.exception)
+
+
+@pytest.mark.parametrize("body", [
+    {"status": "success", "data": []},
+    {"status": "success", "data": {"resultType": "vector", "result": {"a": 1}}},
+    {"status": "success", "data": {"resultType": "vector", "result": ["x"]}},
+    {"status": "success", "data": {"resultType": "vector", "result": [{"metric": ["variant"], "value": [0, "1"]}]}},
+])
+def test_cli_prometheus_answer_of_an_unexpected_shape_is_a_report_error(body):
+    raw = json.dumps(body).encode()
+    with _Server({"/api/v1/query": lambda _q: (200, "application/json", raw)}) as prom:
+        result = runner.invoke(cli.app, ["report", "--prometheus", prom.url])
+    assert isinstance(result.exception, ReportError), result.exception
+    assert "is --prometheus the Prometheus HTTP API?" in str(result.exception)
