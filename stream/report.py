@@ -424,8 +424,14 @@ def metrics_url(url: str) -> str:
 def counters_from_metrics_urls(urls: list[str], timeout: float = 10.0) -> dict[str, dict[str, Any]]:
     """The counters of several workers' ``/metrics``, summed; each must export some."""
     parts = []
-    for url in urls:
-        url = metrics_url(url)
+    seen: dict[str, str] = {}
+    for given in urls:
+        url = metrics_url(given)
+        if url in seen:  # its counters would count twice
+            raise ReportError(f"--metrics {given} is the worker {seen[url]} already names ({url}): give each worker's "
+                              "URL once (their counters are summed)")
+        seen[url] = given
+    for url in seen:
         text = _get(url, timeout).decode("utf-8", "replace")
         counters = counters_from_metrics_text(text)
         if not counters:

@@ -509,3 +509,11 @@ def test_cli_prometheus_answer_of_an_unexpected_shape_is_a_report_error(body):
         result = runner.invoke(cli.app, ["report", "--prometheus", prom.url])
     assert isinstance(result.exception, ReportError), result.exception
     assert "is --prometheus the Prometheus HTTP API?" in str(result.exception)
+
+
+def test_cli_the_same_worker_twice_is_refused_before_reading_it():
+    with _Server({"/metrics": _metrics_route(WORKER_1)}) as w:
+        result = runner.invoke(cli.app, ["report", "--metrics", w.url, "--metrics", f"{w.url}/metrics"])
+    assert isinstance(result.exception, ReportError)
+    assert "give each worker's URL once" in str(result.exception)
+    assert w.requests == []
