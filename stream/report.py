@@ -603,6 +603,9 @@ def report(
         raise typer.BadParameter("--window needs --prometheus (a worker's /metrics has no history)", param_hint="--window")
     if window is not None and not re.fullmatch(r"(\d+(ms|s|m|h|d|w|y))+", window):
         raise typer.BadParameter(f"{window!r} is not a PromQL duration (e.g. 7d, 12h, 90m)", param_hint="--window")
+    if chart is not None and json_file is not None and chart.resolve() == json_file.resolve():
+        raise typer.BadParameter(f"{chart} is the --json source: writing the chart there would overwrite the replay's "
+                                 "counters; give another PATH.png", param_hint="--chart")
     default_control = None
     if metrics:
         counters = counters_from_metrics_urls(metrics, timeout)

@@ -517,3 +517,12 @@ def test_cli_the_same_worker_twice_is_refused_before_reading_it():
     assert isinstance(result.exception, ReportError)
     assert "give each worker's URL once" in str(result.exception)
     assert w.requests == []
+
+
+def test_cli_chart_over_the_json_source_is_refused(tmp_path):
+    src = tmp_path / "replay.json"
+    text = json.dumps({"variants": WORKER_1})
+    src.write_text(text)
+    result = runner.invoke(cli.app, ["report", "--json", str(src), "--chart", str(tmp_path / "." / "replay.json")])
+    assert result.exit_code == 2 and "overwrite" in result.output
+    assert src.read_text() == text
