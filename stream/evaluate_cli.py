@@ -309,7 +309,12 @@ def _retraining(registry_dir: Path, scorer_model: Path | None, every_s: float, d
                                      training.TrainConfig(seed=seed, progress=False, device=device), device)
 
     def fit(interactions: list):
-        version, _ = retrainer.fit(interactions)
+        try:
+            version, _ = retrainer.fit(interactions)
+        except ValueError as exc:  # the first moments may come before any user has two events
+            raise StreamrecError(f"--retrain-every {every_s:g}: a retraining had {len(interactions)} events before "
+                                 f"its moment and could not fit ({exc}); retrain less often (a larger "
+                                 "--retrain-every) or replay a log with more events early on") from None
         return retrainer.load(version)
 
     return partial(Retraining, fit, every_s, delay_s)

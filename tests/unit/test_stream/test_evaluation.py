@@ -24,6 +24,7 @@ from online_models.datasets import (
     synthetic_interactions,
 )
 from online_models.types import Interaction
+from stream.errors import StreamrecError
 from stream.evaluate_cli import evaluate
 from stream.evaluation import (
     SERVED,
@@ -460,3 +461,13 @@ def test_a_log_saved_with_a_byte_order_mark_reads_as_without(tmp_path, fmt, text
     path.write_bytes(b"\xef\xbb\xbf" + text.encode())
     users = [x.user_id for x in read_interactions(path, fmt)]
     assert users == ["1", "1", "2"]
+
+
+def test_cli_retraining_with_nothing_to_train_on_says_so(tmp_path):
+    """Each user clicks once: the first retraining has no sequence to learn (was a ValueError traceback)."""
+    log = tmp_path / "log.csv"
+    log.write_text("".join(f"{u},{u % 7},{u % 3},pv,{1511544070 + u * 100}\n" for u in range(40)))
+    result = CliRunner().invoke(cli(), ["evaluate", "-d", str(log), "-f", "taobao", "-m", SERVED,
+                                        "--retrain-every", "60", "--json"])
+    assert isinstance(result.exception, StreamrecError), result.exception
+    assert "--retrain-every 60" in str(result.exception) and "nothing to train on" in str(result.exception)
