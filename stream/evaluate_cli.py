@@ -198,9 +198,17 @@ def evaluate(
         if path is not None:  # found out before the run, not after it
             _check_writable(path, hint)
     ks = tuple(sorted(set(k))) if k else (10, 20)
-    if ks[0] < 1 or ks[-1] > settings.top_k:
-        raise typer.BadParameter(f"cut-offs must be 1 to STREAMREC_TOP_K={settings.top_k} (the length of a "
-                                 f"published list), saw {list(ks)}", param_hint="--k")
+    top_k = f"STREAMREC_TOP_K={settings.top_k}" + (" (set in the environment)" if "STREAMREC_TOP_K" in os.environ
+                                                   else ", its default")
+    if k and ks[0] < 1:
+        raise typer.BadParameter(f"cut-offs start at 1, saw {ks[0]}", param_hint="--k")
+    if not k and ks[-1] > settings.top_k:  # the user gave no --k: the environment's list is the shorter one
+        raise typer.BadParameter(f"the default cut-offs 10 and 20 are longer than the published list, {top_k}: "
+                                 f"give --k 1 to {settings.top_k}, or raise STREAMREC_TOP_K",
+                                 param_hint="STREAMREC_TOP_K")
+    if ks[-1] > settings.top_k:
+        raise typer.BadParameter(f"cut-off {ks[-1]} is longer than the published list, {top_k}: give cut-offs 1 to "
+                                 f"{settings.top_k}, or raise STREAMREC_TOP_K", param_hint="--k")
     names = [n.strip() for m in (models or []) for n in m.split(",") if n.strip()] or None
     known = contender_names()
     for name in names or ():

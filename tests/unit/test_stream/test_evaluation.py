@@ -471,3 +471,16 @@ def test_cli_retraining_with_nothing_to_train_on_says_so(tmp_path):
                                         "--retrain-every", "60", "--json"])
     assert isinstance(result.exception, StreamrecError), result.exception
     assert "--retrain-every 60" in str(result.exception) and "nothing to train on" in str(result.exception)
+
+
+@pytest.mark.parametrize(("args", "env", "hint", "says"), [
+    ([], {"STREAMREC_TOP_K": "5"}, "STREAMREC_TOP_K", "the default cut-offs 10 and 20 are longer than the published "
+                                                      "list, STREAMREC_TOP_K=5 (set in the environment)"),
+    (["-k", "30"], {"STREAMREC_TOP_K": "25"}, "--k", "cut-off 30 is longer than the published list, "
+                                                     "STREAMREC_TOP_K=25 (set in the environment)"),
+    (["-k", "0"], {}, "--k", "cut-offs start at 1, saw 0"),
+])
+def test_cli_cut_offs_name_the_setting_that_is_wrong(args, env, hint, says):
+    result = CliRunner().invoke(cli(), ["evaluate", "-n", "50", *args], env={"COLUMNS": "500", **env})
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"Invalid value for {hint}: {says}" in text, text
