@@ -63,6 +63,18 @@ def cuda_device_count() -> tuple[int, str]:
     return count.value, ""
 
 
+def cuda_unavailable() -> str | None:
+    """Why the scorer cannot run on CUDA here (no driver or device, or an onnxruntime without
+    its CUDA provider), or None when it may: a command asked for ``cuda`` refuses before its work,
+    not when it loads the model at the end. Libraries missing at session time still show then."""
+    n, reason = cuda_device_count()
+    if n == 0:
+        return reason
+    if CUDA_EP not in ort.get_available_providers():
+        return f"this onnxruntime build has no {CUDA_EP} (install onnxruntime-gpu)"
+    return None
+
+
 def default_threads() -> int:
     """``STREAMREC_SCORER_THREADS`` when it is a positive integer (the worker checks it at start:
     stream/settings.py), else half the usable cores, 1 to 4."""
@@ -368,4 +380,4 @@ def _rewrite(onnx_path: Path, fp16: bool, static: tuple[int, int, int] | None) -
     return model.SerializeToString()
 
 
-__all__ = ["CPU_EP", "CUDA_EP", "DEVICES", "OnnxScorer", "cuda_device_count", "make_session", "session_options"]
+__all__ = ["CPU_EP", "CUDA_EP", "DEVICES", "OnnxScorer", "cuda_device_count", "cuda_unavailable", "make_session", "session_options"]

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gpu_scorer.registry import ModelRegistry
-from gpu_scorer.runtime import DEVICES
+from gpu_scorer.runtime import DEVICES, cuda_unavailable
 from online_models.datasets import read_interactions
 
 DEFAULT_MODEL_DIR = Path("models")
@@ -123,7 +123,7 @@ def train(
     # folder can be
     if not 0 < lr <= 10:  # also nan and inf, which trained a model of NaN
         raise typer.BadParameter(f"{lr} is not a learning rate above 0 and at most 10", param_hint="--lr")
-    check_device(device, "--device")
+    check_device(device, "--device", training=True)
     check_device(serve_device, "--serve-device / STREAMREC_SCORER_DEVICE")
     check_registry_dir(model_dir)
     if dim % heads:
@@ -163,11 +163,27 @@ def train(
         raise typer.Exit(code=1)
 
 
-def check_device(value: str, hint: str) -> None:
+def check_device(value: str, hint: str, training: bool = False) -> None:
     """A usage error naming ``hint`` unless ``value`` is a device the scorer and training know
-    (:data:`gpu_scorer.runtime.DEVICES`)."""
+    (:data:`gpu_scorer.runtime.DEVICES`) and, for ``cuda``, one this machine has: for ``training``
+    one torch sees, else one ONNX Runtime can run on. Found before the work, not after minutes of it."""
     if value not in DEVICES:
         raise typer.BadParameter(f"{value!r}: expected {', '.join(DEVICES[:-1])} or {DEVICES[-1]}", param_hint=hint)
+    if value != "cuda":
+        return
+    reason = _torch_cuda_unavailable() if training else cuda_unavailable()
+    if reason:
+        raise typer.BadParameter(f"'cuda', but {reason} on this machine: use cpu, or auto (the GPU where there is one)",
+                                 param_hint=hint)
+
+
+def _torch_cuda_unavailable() -> str | None:
+    """Why torch cannot train on CUDA here, or None (also None without torch: the command says that)."""
+    try:
+        import torch  # the train extra's; only a command that trains asks
+    except ModuleNotFoundError:
+        return None
+    return None if torch.cuda.is_available() else "torch sees no CUDA device"
 
 
 __all__ = ["INSTALL_TRAIN", "check_device", "missing_train_packages", "train"]

@@ -25,7 +25,7 @@ from rich.table import Table
 
 from gpu_scorer import ModelRegistry
 from gpu_scorer.errors import ScorerError
-from gpu_scorer.train_cli import INSTALL_TRAIN, missing_train_packages
+from gpu_scorer.train_cli import INSTALL_TRAIN, check_device, missing_train_packages
 from online_models import Recommender
 from online_models.datasets import DatasetError, load_folder, read_interactions
 from stream.errors import ConfigError, StreamrecError
@@ -222,6 +222,10 @@ def evaluate(
     if retrain_every is not None and names is not None and "served" not in names:
         raise typer.BadParameter("--retrain-every retrains 'served''s Transformer: add -m served",
                                  param_hint="--retrain-every")
+    if scorer_model is not None or retrain_every is not None:  # a GPU this machine lacks: said before the replay
+        check_device(settings.scorer_device, "STREAMREC_SCORER_DEVICE")
+        if retrain_every is not None:  # the retrainings train on it too
+            check_device(settings.scorer_device, "STREAMREC_SCORER_DEVICE", training=True)
     scorer = _load_scorer(scorer_model, settings.scorer_device) if scorer_model is not None else None
     show = not as_json
     with tempfile.TemporaryDirectory(prefix="streamrec-retrain-") as retrained:

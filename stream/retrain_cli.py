@@ -126,7 +126,7 @@ def retrain(
       streamrec retrain --every 3600 --dataset ../shared/data/yoochoose-100k/yoochoose-clicks-100k_train_full.txt -f yoochoose
     """
     logging.basicConfig(level=log_level(loglevel), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
-    check_device(device, "--device")
+    check_device(device, "--device", training=True)
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))  # its INFO is per connection
     missing = missing_train_packages()
     if missing:

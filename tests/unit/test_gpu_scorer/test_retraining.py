@@ -10,11 +10,13 @@ import typer
 from tiny_models import register_tiny
 from typer.testing import CliRunner
 
+from gpu_scorer import train_cli
 from gpu_scorer.registry import ModelRegistry
 from gpu_scorer.retraining import Retrainer, architecture_of
 from gpu_scorer.train_cli import train
 from gpu_scorer.training import TrainConfig
 from online_models.datasets import synthetic_interactions
+from stream.evaluate_cli import evaluate
 from stream.retrain_cli import retrain
 
 QUICK = TrainConfig(epochs=2, progress=False)
@@ -49,7 +51,7 @@ def test_a_fit_leaves_the_callers_thread_count_as_it_was(tmp_path):
 def _cli(*commands):
     app = typer.Typer()
     for name in commands:
-        app.command(name)({"train": train, "retrain": retrain}[name])
+        app.command(name)({"train": train, "retrain": retrain, "evaluate": evaluate}[name])
     app.command("noop")(lambda: None)
     return app
 
@@ -118,3 +120,29 @@ def test_retrain_once_stopped_before_its_fit_exits_1(tmp_path, monkeypatch):
     result = CliRunner().invoke(_cli("retrain"), ["retrain", "--once", "--model-dir", str(tmp_path / "m"),
                                                   "--device", "cpu"])
     assert result.exit_code == 1 and not (tmp_path / "m" / "CURRENT").exists()
+
+
+def _no_gpu(monkeypatch):
+    """This machine as one without a GPU, for ONNX Runtime and for torch, whatever it has."""
+    monkeypatch.setattr(train_cli, "cuda_unavailable", lambda: "no NVIDIA driver (libcuda) found")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_a_gpu_the_machine_lacks_is_refused_before_the_training(tmp_path, monkeypatch):
+    """`train --serve-device cuda` trained for minutes, then failed loading the model (a traceback)."""
+    _no_gpu(monkeypatch)
+    runner = CliRunner()
+    for command, args, hint in (
+        ("train", ["--limit", "300", "--serve-device", "cuda"], "--serve-device / STREAMREC_SCORER_DEVICE"),
+        ("train", ["--limit", "300", "--device", "cuda"], "--device"),
+        ("retrain", ["--once", "--device", "cuda"], "--device"),
+    ):
+        result = runner.invoke(_cli(command), [command, "--model-dir", str(tmp_path / "m"), *args],
+                               env={"COLUMNS": "500"})
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and f"Invalid value for {hint}: 'cuda', but" in text, (command, args, text)
+        assert "use cpu, or auto" in text and "read 300 events" not in text
+    result = runner.invoke(_cli("evaluate"), ["evaluate", "-n", "50", "-m", "served", "--retrain-every", "60"],
+                           env={"COLUMNS": "500", "STREAMREC_SCORER_DEVICE": "cuda"})
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Invalid value for STREAMREC_SCORER_DEVICE: 'cuda', but" in text, text
