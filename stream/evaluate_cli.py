@@ -109,13 +109,13 @@ def evaluate(
         typer.Option("--mode", help="session-rec modes: frozen, learning (default both; repeatable)."),
     ] = None,
     split: Annotated[
-        Split,
+        Split | None,
         typer.Option(
             "--split",
             help="session-rec: 'test' (learn train_full, predict the test sessions; the final figures) or "
-            "'valid' (learn train_tr, predict train_valid; where every choice is made).",
+            "'valid' (learn train_tr, predict train_valid; where every choice is made). Default: test.",
         ),
-    ] = Split.test,
+    ] = None,
     batch_size: Annotated[
         int,
         typer.Option(
@@ -222,6 +222,19 @@ def evaluate(
     if retrain_every is not None and names is not None and "served" not in names:
         raise typer.BadParameter("--retrain-every retrains 'served''s Transformer: add -m served",
                                  param_hint="--retrain-every")
+    if names is not None and "served" not in names:  # only 'served' would use them: the run would ignore them
+        if variants is not None:
+            raise typer.BadParameter("an experiment's arms are served by 'served': add -m served (or drop --variants)",
+                                     param_hint="--variants")
+        if scorer_model is not None:
+            raise typer.BadParameter("--scorer-model is the Transformer 'served' scores with: add -m served (or drop "
+                                     "--scorer-model)", param_hint="--scorer-model")
+    if protocol is EvalProtocol.prequential:  # session-rec's options: the replay of one log has no modes or splits
+        for given, option in ((mode, "--mode"), (split, "--split")):
+            if given:
+                raise typer.BadParameter(f"{option} is for --protocol session-rec; the prequential protocol replays "
+                                         "the log once, learning as it goes", param_hint=option)
+    split = split or Split.test
     if scorer_model is not None or retrain_every is not None:  # a GPU this machine lacks: said before the replay
         check_device(settings.scorer_device, "STREAMREC_SCORER_DEVICE")
         if retrain_every is not None:  # the retrainings train on it too

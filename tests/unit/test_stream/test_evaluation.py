@@ -484,3 +484,21 @@ def test_cli_cut_offs_name_the_setting_that_is_wrong(args, env, hint, says):
     result = CliRunner().invoke(cli(), ["evaluate", "-n", "50", *args], env={"COLUMNS": "500", **env})
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and f"Invalid value for {hint}: {says}" in text, text
+
+
+EXPERIMENT = Path(__file__).resolve().parents[3] / "deploy" / "experiments" / "example.toml"
+
+
+@pytest.mark.parametrize(("args", "hint", "says"), [
+    (["--variants", str(EXPERIMENT), "-m", "popularity"], "--variants", "add -m served"),
+    (["--scorer-model", "{tmp}", "-m", "popularity,covisit"], "--scorer-model", "add -m served"),
+    (["--mode", "frozen"], "--mode", "is for --protocol session-rec"),
+    (["--split", "valid"], "--split", "is for --protocol session-rec"),
+    (["--split", "test"], "--split", "is for --protocol session-rec"),
+])
+def test_cli_options_the_run_would_ignore_are_refused(tmp_path, args, hint, says):
+    """Each was accepted and silently ignored: the report looked like an answer to the question asked."""
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = CliRunner().invoke(cli(), ["evaluate", "-n", "50", *args], env={"COLUMNS": "500"})
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"Invalid value for {hint}:" in text and says in text, text
