@@ -197,6 +197,10 @@ def evaluate(
     for path, hint in ((json_out, "--json-out"), (png_out, "--png-out")):
         if path is not None:  # found out before the run, not after it
             _check_writable(path, hint)
+            _check_not_an_input(path, hint, dataset, variants)
+    if json_out is not None and png_out is not None and json_out.resolve() == png_out.resolve():
+        raise typer.BadParameter(f"{png_out} is --json-out too: the chart would overwrite the summary; give two files",
+                                 param_hint="--png-out")
     ks = tuple(sorted(set(k))) if k else (10, 20)
     top_k = f"STREAMREC_TOP_K={settings.top_k}" + (" (set in the environment)" if "STREAMREC_TOP_K" in os.environ
                                                    else ", its default")
@@ -274,6 +278,19 @@ def _check_writable(path: Path, hint: str) -> None:
         raise typer.BadParameter(f"{path}: the folder {path.parent} does not exist", param_hint=hint)
     if not os.access(path if path.exists() else path.parent, os.W_OK):
         raise typer.BadParameter(f"{path} cannot be written (permissions, or a read-only file system)", param_hint=hint)
+
+
+def _check_not_an_input(path: Path, hint: str, dataset: Path | None, variants: Path | None) -> None:
+    """A usage error when writing ``path`` would overwrite what the run reads: the log, a file of
+    the session-rec folder, or the experiment file (found out after the replay, with the input lost)."""
+    out = path.resolve()
+    for source, option in ((dataset, "--dataset"), (variants, "--variants")):
+        if source is None:
+            continue
+        src = source.resolve()
+        if out == src or (src.is_dir() and out.is_file() and out.is_relative_to(src)):
+            raise typer.BadParameter(f"{path} is {'in ' if out != src else ''}the {option} input: writing there "
+                                     "would overwrite it; give another file", param_hint=hint)
 
 
 def _run(protocol: EvalProtocol, dataset: Path | None, format: str, limit: int | None, mode, split: Split,

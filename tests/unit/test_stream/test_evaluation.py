@@ -502,3 +502,23 @@ def test_cli_options_the_run_would_ignore_are_refused(tmp_path, args, hint, says
     result = CliRunner().invoke(cli(), ["evaluate", "-n", "50", *args], env={"COLUMNS": "500"})
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and f"Invalid value for {hint}:" in text and says in text, text
+
+
+@pytest.mark.parametrize(("args", "hint", "says"), [
+    (["-d", "{tmp}/log.csv", "-f", "taobao", "--json-out", "{tmp}/log.csv"], "--json-out", "is the --dataset input"),
+    (["-d", "{tmp}/log.csv", "-f", "taobao", "--png-out", "{tmp}/./log.csv"], "--png-out", "is the --dataset input"),
+    (["-p", "session-rec", "-d", "{tmp}", "--json-out", "{tmp}/yoochoose-clicks-100k_test.txt"], "--json-out",
+     "is in the --dataset input"),
+    (["--variants", "{tmp}/exp.toml", "--json-out", "{tmp}/exp.toml"], "--json-out", "is the --variants input"),
+    (["--json-out", "{tmp}/out", "--png-out", "{tmp}/out"], "--png-out", "is --json-out too"),
+])
+def test_cli_an_output_over_an_input_is_refused(tmp_path, args, hint, says):
+    write_session_rec_folder(tmp_path)
+    (tmp_path / "log.csv").write_text("1,10,100,pv,1511544070\n1,11,100,pv,1511544080\n")
+    (tmp_path / "exp.toml").write_text(EXPERIMENT.read_text())
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = CliRunner().invoke(cli(), ["evaluate", "-n", "50", *args], env={"COLUMNS": "500"})
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"Invalid value for {hint}:" in text and says in text, text
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
