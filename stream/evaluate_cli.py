@@ -513,15 +513,21 @@ def plot_curves(report: Mapping[str, Any], path: str, title: str | None = None) 
     plt.close(fig)
 
 
-def main() -> None:  # pragma: no cover - `python -m stream.evaluate_cli`
-    app = typer.Typer(add_completion=False)
+def main() -> None:
+    """``python -m stream.evaluate_cli evaluate ...``: as ``streamrec evaluate``, errors included
+    (one red line and exit 2, as stream.cli's ``main``, not a traceback)."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command("evaluate")(evaluate)
 
     @app.callback()
     def _root() -> None:
         """streamrec's offline evaluation."""
 
-    app()
+    try:
+        app()
+    except (StreamrecError, DatasetError) as exc:
+        typer.secho(f"streamrec evaluate: {exc}", fg="red", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from online_models.datasets import (
     synthetic_interactions,
 )
 from online_models.types import Interaction
+from stream import evaluate_cli
 from stream.errors import StreamrecError
 from stream.evaluate_cli import evaluate
 from stream.evaluation import (
@@ -324,7 +326,6 @@ def test_train_into_a_file_is_refused_before_it_trains(tmp_path):
 
 
 def test_evaluate_refuses_an_output_it_cannot_write_before_the_replay(tmp_path, monkeypatch):
-    from stream import evaluate_cli
 
     monkeypatch.setattr(evaluate_cli.os, "access", lambda path, mode: not mode & os.W_OK)  # a read-only mount (root ignores modes)
     result = CliRunner().invoke(cli(), ["evaluate", "-n", "50", "-m", "popularity", "--json-out",
@@ -522,3 +523,17 @@ def test_cli_an_output_over_an_input_is_refused(tmp_path, args, hint, says):
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and f"Invalid value for {hint}:" in text and says in text, text
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_module_entry_point_prints_a_streamrec_error_as_one_line(monkeypatch, capsys):
+    """`python -m stream.evaluate_cli` let a StreamrecError out as a traceback."""
+    def fails(*args, **kwargs):
+        raise StreamrecError("cannot write /x.json: No space left on device")
+
+    monkeypatch.setattr(evaluate_cli, "_run", fails)
+    monkeypatch.setattr(sys, "argv", ["evaluate_cli", "evaluate", "-n", "50"])
+    with pytest.raises(SystemExit) as exit_:
+        evaluate_cli.main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "streamrec evaluate: cannot write /x.json: No space left on device" and "Traceback" not in err
