@@ -379,9 +379,21 @@ def _load_scorer(path: Path, device: str):
                                  "directory in it or its model.onnx (`streamrec train` makes one)",
                                  param_hint="--scorer-model")
     registry, version = _registry_of(path)
-    if version is None and registry.latest() is None:
-        raise typer.BadParameter(f"{path} holds no registered model version (`streamrec train --model-dir "
-                                 f"{path}` registers one)", param_hint="--scorer-model")
+    if version is None and path.is_file():  # junk.onnx: no manifest.json beside it
+        raise typer.BadParameter(f"{path} is a file, but not the model.onnx of a registered version (no manifest.json "
+                                 "beside it): give a model registry (STREAMREC_MODEL_DIR), a version directory in it "
+                                 "or its model.onnx, as `streamrec train` writes them", param_hint="--scorer-model")
+    try:
+        latest = registry.latest() if version is None else version
+    except (ScorerError, OSError) as exc:  # a CURRENT that names no version, an unreadable folder
+        raise typer.BadParameter(f"cannot read the model registry {path}: {exc}", param_hint="--scorer-model") from None
+    if latest is None:
+        if any(path.iterdir()):
+            raise typer.BadParameter(f"{path} is neither a model version (no manifest.json in it) nor a model registry "
+                                     "(no version directory with one): give STREAMREC_MODEL_DIR, a version directory "
+                                     "in it or its model.onnx", param_hint="--scorer-model")
+        raise typer.BadParameter(f"{path} is an empty folder, not a model registry yet (`streamrec train --model-dir "
+                                 f"{path}` registers a version there)", param_hint="--scorer-model")
     try:
         return registry.load(version, device)
     except (ScorerError, OSError, ValueError) as exc:

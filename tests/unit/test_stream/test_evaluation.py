@@ -268,7 +268,7 @@ def test_otto_sample_is_readable():
     (["-m", "blend"], "unknown model 'blend'"),
     (["-k", "50"], "STREAMREC_TOP_K"),
     (["--scorer-model", "/nonexistent/models"], "does not exist"),
-    (["--scorer-model", "{tmp}"], "holds no registered model"),
+    (["--scorer-model", "{tmp}/empty_dir"], "is an empty folder, not a model registry yet"),
     (["-d", "{tmp}"], "is a folder"),
     (["-d", "{tmp}/missing.csv", "-f", "taobao"], "missing.csv"),
     (["-p", "session-rec", "-d", "{tmp}"], "has no yoochoose-clicks-100k_train_full.txt"),
@@ -286,6 +286,7 @@ def test_otto_sample_is_readable():
     (["-d", "{tmp}/log.csv", "-f", "synthetic"], "--dataset needs --format"),
 ])
 def test_cli_misuse_is_a_clear_error_not_a_traceback(tmp_path, args, hint):
+    (tmp_path / "empty_dir").mkdir()
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "log.csv").write_text("1,10,100,pv,1511544070\n1,11,100,pv,1511544080\n")
     (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00\x01garbage")
@@ -326,7 +327,6 @@ def test_train_into_a_file_is_refused_before_it_trains(tmp_path):
 
 
 def test_evaluate_refuses_an_output_it_cannot_write_before_the_replay(tmp_path, monkeypatch):
-
     monkeypatch.setattr(evaluate_cli.os, "access", lambda path, mode: not mode & os.W_OK)  # a read-only mount (root ignores modes)
     result = CliRunner().invoke(cli(), ["evaluate", "-n", "50", "-m", "popularity", "--json-out",
                                         str(tmp_path / "x.json")], env={"COLUMNS": "500"})
@@ -537,3 +537,18 @@ def test_module_entry_point_prints_a_streamrec_error_as_one_line(monkeypatch, ca
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.strip() == "streamrec evaluate: cannot write /x.json: No space left on device" and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("given", "says"), [
+    ("junk.onnx", "is a file, but not the model.onnx of a registered version (no manifest.json beside it)"),
+    ("notes", "is neither a model version (no manifest.json in it) nor a model registry"),
+])
+def test_cli_a_scorer_model_that_is_not_a_model_says_what_it_is(tmp_path, given, says):
+    """Both said `streamrec train --model-dir junk.onnx` would register one there."""
+    (tmp_path / "junk.onnx").write_text("not a model")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("hello")
+    result = CliRunner().invoke(cli(), ["evaluate", "-n", "50", "--scorer-model", str(tmp_path / given)],
+                                env={"COLUMNS": "500"})
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and says in text and "streamrec train --model-dir" not in text, text
