@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from enum import StrEnum
 from functools import partial
@@ -137,7 +138,7 @@ def evaluate(
         Path | None, typer.Option("--png-out", help="Write a PNG chart here (metrics over the replay).")
     ] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print the summary JSON to stdout (no table, no progress bar).")
+        bool, typer.Option("--json", help="Print the summary JSON to stdout (no table; the progress goes to stderr).")
     ] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed handed to every model.")] = 0,
     scorer_model: Annotated[
@@ -244,7 +245,7 @@ def evaluate(
         if retrain_every is not None:  # the retrainings train on it too
             check_device(settings.scorer_device, "STREAMREC_SCORER_DEVICE", training=True)
     scorer = _load_scorer(scorer_model, settings.scorer_device) if scorer_model is not None else None
-    show = not as_json
+    show = True  # on stderr: stdout is the table or the JSON
     with tempfile.TemporaryDirectory(prefix="streamrec-retrain-") as retrained:
         retraining = None
         if retrain_every is not None:
@@ -401,17 +402,22 @@ def _load_scorer(path: Path, device: str):
 
 
 class _progress:
-    """A rich progress bar (or nothing) whose ``__enter__`` gives the ``progress`` callback."""
+    """The replay's progress on stderr (stdout is the table or the JSON), whose ``__enter__``
+    gives the ``progress`` callback: a rich bar on a terminal, else a line every ``every_s``
+    seconds and at the end (a long run's log, ``--json > report.json``); nothing unless ``show``."""
 
-    def __init__(self, show: bool, total: int, label: str):
-        self.show, self.total, self.label = show, total, label
+    def __init__(self, show: bool, total: int, label: str, every_s: float = 30.0):
+        self.show, self.total, self.label, self.every_s = show, total, label, every_s
         self._bar: Any = None
 
     def __enter__(self):
         if not self.show:
             return None
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            return self._lines()
         self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TimeRemainingColumn(), transient=True)
+                             TimeRemainingColumn(), transient=True, console=console)
         self._bar.start()
         task = self._bar.add_task(self.label, total=self.total)
         bar = self._bar
@@ -421,6 +427,22 @@ class _progress:
             if done - state["last"] >= 500 or done >= self.total:
                 bar.update(task, completed=done)
                 state["last"] = done
+
+        return tick
+
+    def _lines(self):
+        started = time.monotonic()
+        state = {"said": started, "ended": False}
+
+        def tick(done: int) -> None:
+            if state["ended"]:
+                return
+            now = time.monotonic()
+            state["ended"] = done >= self.total
+            if state["ended"] or now - state["said"] >= self.every_s:
+                state["said"] = now
+                typer.echo(f"{self.label}: {done:,}/{self.total:,} steps ({100 * done / max(self.total, 1):.0f}%) "
+                           f"in {now - started:.0f} s", err=True)
 
         return tick
 

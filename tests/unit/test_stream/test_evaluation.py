@@ -552,3 +552,21 @@ def test_cli_a_scorer_model_that_is_not_a_model_says_what_it_is(tmp_path, given,
                                 env={"COLUMNS": "500"})
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and says in text and "streamrec train --model-dir" not in text, text
+
+
+def test_cli_json_shows_its_progress_on_stderr_and_keeps_stdout_json():
+    """--json showed no progress at all: hours of replay without a sign of life."""
+    result = CliRunner().invoke(cli(), ["evaluate", "-n", "300", "-m", "popularity", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["models"]["popularity"]["predictions"] > 0
+    assert "prequential: 300/300 steps (100%)" in result.stderr
+
+
+def test_progress_lines_come_every_so_often_and_once_at_the_end(monkeypatch, capsys):
+    clock = iter([0.0, 1.0, 31.0, 32.0, 40.0])
+    monkeypatch.setattr(evaluate_cli.time, "monotonic", lambda: next(clock))
+    with evaluate_cli._progress(True, 4, "prequential") as tick:
+        for done in (1, 2, 3, 4, 4):
+            tick(done)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["prequential: 2/4 steps (50%) in 31 s", "prequential: 4/4 steps (100%) in 40 s"]
