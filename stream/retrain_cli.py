@@ -32,6 +32,7 @@ workers dead-letter them).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -126,6 +127,9 @@ def retrain(
       streamrec retrain --every 3600 --dataset ../shared/data/yoochoose-100k/yoochoose-clicks-100k_train_full.txt -f yoochoose
     """
     logging.basicConfig(level=log_level(loglevel), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    if not math.isfinite(every):  # inf passed the range: one fit, then never another
+        raise typer.BadParameter(f"{every} is not a number of seconds (for a single fit, use --once)",
+                                 param_hint="--every")
     check_device(device, "--device", training=True)
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))  # its INFO is per connection
     missing = missing_train_packages()

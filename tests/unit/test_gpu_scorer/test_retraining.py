@@ -146,3 +146,16 @@ def test_a_gpu_the_machine_lacks_is_refused_before_the_training(tmp_path, monkey
                            env={"COLUMNS": "500", "STREAMREC_SCORER_DEVICE": "cuda"})
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "Invalid value for STREAMREC_SCORER_DEVICE: 'cuda', but" in text, text
+
+
+def test_retrain_refuses_an_interval_that_is_not_a_number_of_seconds(tmp_path):
+    """--every inf fitted once and never again."""
+    runner = CliRunner()
+    for args, hint, says in ((["--every", "inf"], "--every", "inf is not a number of seconds"),
+                             (["--every", "nan"], "--every", ""),
+                             (["--every", "-5"], "--every", ""),
+                             (["--every", "0"], "--every", "")):
+        result = runner.invoke(_cli("retrain"), ["retrain", "--once", "--model-dir", str(tmp_path), *args],
+                               env={"COLUMNS": "500"})
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and f"Invalid value for {hint}" in text.replace("'", "") and says in text, text
