@@ -130,6 +130,9 @@ def retrain(
     if not math.isfinite(every):  # inf passed the range: one fit, then never another
         raise typer.BadParameter(f"{every} is not a number of seconds (for a single fit, use --once)",
                                  param_hint="--every")
+    if dataset is None and format != "synthetic":  # read nothing: the fits never saw the log it names
+        raise typer.BadParameter(f"--format {format} describes --dataset, which is not given: add --dataset LOG "
+                                 "(the log every fit also trains on) or drop --format", param_hint="--format")
     check_device(device, "--device", training=True)
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))  # its INFO is per connection
     missing = missing_train_packages()

@@ -149,12 +149,13 @@ def test_a_gpu_the_machine_lacks_is_refused_before_the_training(tmp_path, monkey
 
 
 def test_retrain_refuses_an_interval_that_is_not_a_number_of_seconds(tmp_path):
-    """--every inf fitted once and never again."""
+    """--every inf fitted once and never again; -f taobao without --dataset read nothing, silently."""
     runner = CliRunner()
     for args, hint, says in ((["--every", "inf"], "--every", "inf is not a number of seconds"),
                              (["--every", "nan"], "--every", ""),
                              (["--every", "-5"], "--every", ""),
-                             (["--every", "0"], "--every", "")):
+                             (["--every", "0"], "--every", ""),
+                             (["-f", "taobao"], "--format", "--format taobao describes --dataset, which is not given")):
         result = runner.invoke(_cli("retrain"), ["retrain", "--once", "--model-dir", str(tmp_path), *args],
                                env={"COLUMNS": "500"})
         text = " ".join(result.output.split())
