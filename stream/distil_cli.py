@@ -51,7 +51,13 @@ def distil_queries(
     if (catalogue is None) == (not demo_catalogue):
         raise typer.BadParameter("give one catalogue: --catalogue FILE or --demo-catalogue", param_hint="--catalogue")
     if out is None:
-        out = Path(Settings.from_env().model_dir) / DEFAULT_FILE
+        model_dir = Path(Settings.from_env().model_dir)
+        nearest = next(p for p in (model_dir, *model_dir.absolute().parents) if p.exists())
+        if not nearest.is_dir():  # the folder itself, or one above it
+            raise typer.BadParameter(f"{model_dir}: {nearest} is a file, not a folder: point STREAMREC_MODEL_DIR at the model "
+                                     "registry's folder, or give the file to write with --out",
+                                     param_hint="STREAMREC_MODEL_DIR")
+        out = model_dir / DEFAULT_FILE
     try:  # found out now, not after minutes of fitting
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

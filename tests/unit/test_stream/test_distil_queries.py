@@ -77,3 +77,14 @@ def test_misuse_gets_a_message_not_a_traceback(tmp_path):
     result = runner.invoke(app, ["distil-queries", "--demo-catalogue", "-o", str(tmp_path / "a_file" / "s.npz")])
     assert result.exit_code == 2 and "a_file" in result.output and "--out" in result.output
     assert "learning the words" not in result.output  # refused before minutes of fitting, not after
+
+
+def test_a_model_dir_that_is_a_file_names_the_setting(tmp_path):
+    """It said 'cannot make the folder ... (File exists)' under --out, an option not given."""
+    (tmp_path / "a_file").write_text("x")
+    for model_dir in (tmp_path / "a_file", tmp_path / "a_file" / "models"):
+        result = CliRunner().invoke(app, ["distil-queries", "--demo-catalogue"],
+                                    env={"STREAMREC_MODEL_DIR": str(model_dir), "COLUMNS": "500"})
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and "Invalid value for STREAMREC_MODEL_DIR:" in text, text
+        assert f"{tmp_path / 'a_file'} is a file, not a folder" in text and "learning the words" not in text
