@@ -58,6 +58,9 @@ def distil_queries(
                                      "registry's folder, or give the file to write with --out",
                                      param_hint="STREAMREC_MODEL_DIR")
         out = model_dir / DEFAULT_FILE
+    if catalogue is not None and out.resolve() == catalogue.resolve():
+        raise typer.BadParameter(f"{out} is the --catalogue: writing the student there would overwrite the catalogue; "
+                                 "give another file", param_hint="--out")
     try:  # found out now, not after minutes of fitting
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -88,3 +88,14 @@ def test_a_model_dir_that_is_a_file_names_the_setting(tmp_path):
         text = " ".join(result.output.split())
         assert result.exit_code == 2 and "Invalid value for STREAMREC_MODEL_DIR:" in text, text
         assert f"{tmp_path / 'a_file'} is a file, not a folder" in text and "learning the words" not in text
+
+
+def test_the_student_over_its_catalogue_is_refused(tmp_path):
+    catalogue = tmp_path / "items.jsonl"
+    text = json.dumps({"item_id": "i1", "title": "red shoes"}) + "\n"
+    catalogue.write_text(text)
+    result = CliRunner().invoke(app, ["distil-queries", "--catalogue", str(catalogue), "-o",
+                                      str(tmp_path / "." / "items.jsonl")], env={"COLUMNS": "500"})
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Invalid value for --out:" in out and "would overwrite the catalogue" in out, out
+    assert catalogue.read_text() == text
