@@ -107,7 +107,6 @@ def train(
     from gpu_scorer import export, training  # torch-bound; see the module docstring
 
     console = Console()
-    torch.set_num_threads(threads)
     if format == "synthetic" and limit is None:
         limit = 20_000
     if dataset is not None and dataset.is_dir():
@@ -130,6 +129,7 @@ def train(
         raise typer.BadParameter(f"{heads} heads must divide --dim {dim}", param_hint="--heads")
     if loss not in ("ce", "sampled"):
         raise typer.BadParameter(f"{loss!r}: the loss is 'ce' or 'sampled'", param_hint="--loss")
+    torch.set_num_threads(threads)  # once every check passed: a refused command changes nothing in the process
     try:
         events = list(read_interactions(dataset, format, limit))
     except (ValueError, OSError) as exc:  # DatasetError names the file and line

@@ -160,3 +160,15 @@ def test_retrain_refuses_an_interval_that_is_not_a_number_of_seconds(tmp_path):
                                env={"COLUMNS": "500"})
         text = " ".join(result.output.split())
         assert result.exit_code == 2 and f"Invalid value for {hint}" in text.replace("'", "") and says in text, text
+
+
+def test_a_refused_train_leaves_the_process_thread_count_as_it_was(tmp_path):
+    """A refused `train` had set torch's threads already (a later fit in the process trained on 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = CliRunner().invoke(_cli("train"), ["train", "--threads", "1", "--serve-device", "tpu",
+                                                    "--model-dir", str(tmp_path)], env={"COLUMNS": "500"})
+        assert result.exit_code == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
