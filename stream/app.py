@@ -103,6 +103,16 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
     return app
 
 
+def check_model_dir(settings: Settings) -> None:
+    """A :class:`ConfigError` unless STREAMREC_MODEL_DIR is a folder or not there yet (no model
+    registered: the worker ranks with the online models and looks again every 5 s); said at
+    start, before Kafka, rather than never (a file there hid every model the worker looked for)."""
+    path = Path(settings.model_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"STREAMREC_MODEL_DIR={settings.model_dir}: a file, not a folder; point it at the model "
+                          "registry's folder (`streamrec train` makes one), or at a folder not made yet")
+
+
 def _faust_app(settings: Settings) -> faust.App:
     datadir = Path(".run") / "faust" / settings.app_id
     try:

@@ -13,7 +13,7 @@ from gpu_scorer.train_cli import train
 from online_models import Recommender
 from online_models.datasets import DatasetError
 from stream import gcpolicy, logs
-from stream.app import Worker, create_app
+from stream.app import Worker, check_model_dir, create_app
 from stream.distil_cli import distil_queries
 from stream.errors import StreamrecError
 from stream.evaluate_cli import evaluate
@@ -62,6 +62,15 @@ def worker(
     log.info("settings: %s", settings)
     if settings.variants:  # a wrong experiment file is said now, not after Kafka answers
         log.info("experiment: %s", load_experiment(settings.variants, [*Recommender.DEFAULT_LEARNERS, *Recommender.EXTRA_SOURCES]).describe())
+    # everything that can be refused without Kafka is refused before it is reached: the model
+    # registry's folder, the metrics port, the blend weights, the query student, the scorer
+    check_model_dir(settings)
+    metrics = Metrics(REGISTRY)
+    health = Health()
+    if settings.metrics_port:
+        serve(settings.metrics_port, REGISTRY, health)  # /metrics, /healthz, /readyz
+        log.info("metrics and health on http://0.0.0.0:%d/metrics, /healthz, /readyz", settings.metrics_port)
+    faust_app = create_app(settings, metrics=metrics, health=health)  # connects to nothing
     created = ensure_streamrec_topics(settings)
     if created:
         log.info("created topics %s with %d partitions", ", ".join(created), settings.partitions)
@@ -70,12 +79,6 @@ def worker(
         align_topic_configs(settings.kafka, settings.topic_configs())
     except StreamrecError as exc:
         log.warning("%s; the worker runs on, but an erasure is not complete until they are set", exc)
-    metrics = Metrics(REGISTRY)
-    health = Health()
-    if settings.metrics_port:
-        serve(settings.metrics_port, REGISTRY, health)  # /metrics, /healthz, /readyz
-        log.info("metrics and health on http://0.0.0.0:%d/metrics, /healthz, /readyz", settings.metrics_port)
-    faust_app = create_app(settings, metrics=metrics, health=health)
     Worker(faust_app, loglevel=level.lower(), quiet=True).execute_from_commandline()
 
 

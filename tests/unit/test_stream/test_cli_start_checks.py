@@ -1,0 +1,55 @@
+"""What a user gets wrong in the command line or the STREAMREC_* settings is refused at
+start, in one line, before anything connects to Kafka."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from prometheus_client import CollectorRegistry
+from typer.testing import CliRunner
+
+import stream.cli
+from stream.errors import ConfigError
+
+
+@pytest.fixture
+def no_kafka(monkeypatch):
+    """Reaching Kafka (or starting the Faust worker) fails the test."""
+    def kafka(*args, **kwargs):
+        raise AssertionError("reached Kafka before the settings were checked")
+
+    monkeypatch.setattr(stream.cli, "ensure_streamrec_topics", kafka)
+    monkeypatch.setattr(stream.cli, "Worker", kafka)
+    monkeypatch.setattr(stream.cli.gcpolicy, "configure", lambda **_: None)
+    monkeypatch.setattr(stream.cli, "one_blas_thread", lambda: None)
+    monkeypatch.setattr(stream.cli, "REGISTRY", CollectorRegistry())  # the worker's metrics, once a test
+
+
+def _worker(env: dict[str, str]) -> BaseException | None:
+    env = {"STREAMREC_METRICS_PORT": "0", "STREAMREC_CATALOGUE": "false", "STREAMREC_KAFKA_BOOTSTRAP": "127.0.0.1:1", **env}
+    return CliRunner().invoke(stream.cli.app, ["worker"], env=env).exception
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"STREAMREC_BLEND_WEIGHTS": "bogus=0.2"}, "STREAMREC_BLEND_WEIGHTS names bogus"),
+    ({"STREAMREC_CATALOGUE": "true", "STREAMREC_QUERY_STUDENT": "/nonexistent/student"}, "STREAMREC_QUERY_STUDENT="),
+])
+def test_the_worker_checks_the_models_settings_before_kafka(no_kafka, env, said):
+    exc = _worker(env)
+    assert isinstance(exc, ConfigError) and said in str(exc)
+
+
+def test_the_worker_refuses_a_model_dir_that_is_a_file_before_kafka(no_kafka, tmp_path):
+    path = tmp_path / "models"
+    path.write_text("")
+    exc = _worker({"STREAMREC_MODEL_DIR": str(path)})
+    assert isinstance(exc, ConfigError) and "STREAMREC_MODEL_DIR" in str(exc) and "not a folder" in str(exc)
+
+
+def test_the_worker_refuses_a_metrics_port_in_use_before_kafka(no_kafka, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        exc = _worker({"STREAMREC_METRICS_PORT": str(taken.getsockname()[1]), "STREAMREC_MODEL_DIR": str(tmp_path)})
+    assert isinstance(exc, ConfigError) and "STREAMREC_METRICS_PORT" in str(exc)
