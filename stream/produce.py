@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import signal
 import threading
 import time
@@ -309,9 +310,16 @@ def produce(
     topics = settings.topics
     n = limit if limit is not None or dataset is not None else DEFAULT_SYNTHETIC_EVENTS
     try:
-        interactions = read_interactions(dataset, fmt, n, seed=seed) if dataset is None else read_interactions(dataset, fmt, n)
+        interactions = iter(read_interactions(dataset, fmt, n, seed=seed) if dataset is None else read_interactions(dataset, fmt, n))
+        # the first event read now, before Kafka: a log in another format, or with no events, is
+        # said at once (a later bad line is said when it is reached: a log is read as it is sent)
+        first = next(interactions, None)
     except DatasetError as exc:
         raise typer.BadParameter(str(exc), param_hint="--dataset") from None
+    if first is None and n != 0:
+        raise typer.BadParameter(f"{dataset}: no {fmt} events in it (empty, or a header alone); check the file "
+                                 "and --format", param_hint="--dataset")
+    interactions = itertools.chain([] if first is None else [first], interactions)
 
     ensure_streamrec_topics(settings)
     tag = id_prefix if id_prefix is not None else source_tag(dataset, fmt, seed)
@@ -329,6 +337,9 @@ def _produce_catalogue(path: Path | None, bootstrap: str | None, topic_prefix: s
     settings = Settings.from_env(**{k: v for k, v in (("kafka_bootstrap", bootstrap), ("topic_prefix", topic_prefix)) if v is not None})
     now = time.time_ns() // 1_000_000
     items = read_catalogue_file(path, now) if path is not None else synthetic_items(seed, now)
+    if not items:  # before Kafka: sending nothing would say "sent 0 items" and leave search empty
+        raise typer.BadParameter(f"{path}: no items in it (empty, or blank lines alone); one ItemEvent per line "
+                                 "(docs/events.md)", param_hint="--catalogue")
     ensure_streamrec_topics(settings)
 
     async def main() -> int:

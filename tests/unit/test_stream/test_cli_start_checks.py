@@ -3,6 +3,7 @@ start, in one line, before anything connects to Kafka."""
 
 from __future__ import annotations
 
+import re
 import socket
 
 import pytest
@@ -10,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from typer.testing import CliRunner
 
 import stream.cli
+import stream.produce
 from stream.errors import ConfigError
 
 
@@ -53,3 +55,29 @@ def test_the_worker_refuses_a_metrics_port_in_use_before_kafka(no_kafka, tmp_pat
         taken.listen()
         exc = _worker({"STREAMREC_METRICS_PORT": str(taken.getsockname()[1]), "STREAMREC_MODEL_DIR": str(tmp_path)})
     assert isinstance(exc, ConfigError) and "STREAMREC_METRICS_PORT" in str(exc)
+
+
+def _text(output: str) -> str:
+    """A usage error's words, out of rich's box and its line breaks."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", output).split())
+
+
+@pytest.fixture
+def no_kafka_for_produce(monkeypatch):
+    def kafka(*args, **kwargs):
+        raise AssertionError("reached Kafka before the log was read")
+
+    monkeypatch.setattr(stream.produce, "ensure_streamrec_topics", kafka)
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--format", "taobao", "--dataset"], "no taobao events in it"),
+    (["--catalogue"], "no items in it"),
+])
+def test_produce_refuses_an_empty_log_or_catalogue_before_kafka(no_kafka_for_produce, tmp_path, args, said):
+    path = tmp_path / "empty"
+    path.write_text("\n")
+    result = CliRunner().invoke(stream.cli.app, ["produce", "--no-progress", *args, str(path)],
+                                env={"STREAMREC_KAFKA_BOOTSTRAP": "127.0.0.1:1"})
+    assert result.exit_code == 2, result.output
+    assert said in _text(result.output)
