@@ -34,6 +34,9 @@ PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 #: STREAMREC_KAFKA_SASL_MECHANISM's values
 MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
+#: the highest database number STREAMREC_REDIS_URL takes (Redis's ``databases`` is an int)
+MAX_REDIS_DB = 2**31 - 1
+
 #: query parameters of a URL whose values are masked (redis-py passes any of them on)
 _SECRET_QUERY = re.compile(r"pass|secret|token|credential", re.IGNORECASE)
 
@@ -174,6 +177,21 @@ class KafkaConnection:
                                   f"({exc})") from None
         return context
 
+    def _check_database(self, parsed) -> None:
+        """The database number, in the path (``/0``) or in the query (``?db=0``, a unix socket's
+        only place for it), not both: a whole number (redis-py read ``/abc`` as 0 and ``/-1``
+        as -1, which Redis refuses at the first command)."""
+        queried = [value for name, value in parse_qsl(parsed.query, keep_blank_values=True) if name == "db"]
+        in_path = parsed.path.lstrip("/") if parsed.scheme != "unix" else ""
+        given = ([in_path] if in_path else []) + queried
+        if len(given) > 1:
+            raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: the database number is given "
+                              f"{'in the path and in the query' if in_path else 'twice in the query'}; give it once, "
+                              "e.g. redis://host:6379/0")
+        if given and not (re.fullmatch(r"[0-9]{1,9}", given[0]) and int(given[0]) <= MAX_REDIS_DB):
+            raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: database {given[0]!r} is not a number 0 to "
+                              f"{MAX_REDIS_DB:,}; expected redis://host:port/db, e.g. redis://host:6379/0")
+
     def client_options(self) -> dict[str, Any]:
         """Keyword arguments for an aiokafka or kafka-python client (both take these names):
         ``bootstrap_servers`` and the security options."""
@@ -259,14 +277,40 @@ class RedisConnection:
             parsed.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError as exc:
             raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: {exc}") from None
+        self._check_database(parsed)
         if self.ssl_ca_file:
             if parsed.scheme != "rediss":
                 raise ConfigError(f"STREAMREC_REDIS_SSL_CA_FILE is set, but STREAMREC_REDIS_URL={self.masked_url} does "
                                   "not use TLS: start it with rediss://")
             _check_file("STREAMREC_REDIS_SSL_CA_FILE", self.ssl_ca_file)
+        try:  # what redis-py makes of the URL, connecting to nothing: unknown names, bad values
+            redis.ConnectionPool.from_url(self.url, **self.client_options()).make_connection()
+        except TypeError as exc:  # an unknown keyword argument: a query parameter redis-py has no use for
+            name = re.search(r"argument '([^']*)'", str(exc))
+            name = name.group(1) if name else str(exc)
+            hint = " (the ssl_* ones need rediss://)" if name.startswith("ssl_") and parsed.scheme != "rediss" else ""
+            raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: unknown query parameter {name!r}{hint}; remove "
+                              "it or correct its name (redis-py's connection options)") from None
+        except (ValueError, redis.RedisError) as exc:
+            raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: {exc}") from None
         for name, value in parse_qsl(parsed.query):
             if name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") and value:
                 _check_file(f"STREAMREC_REDIS_URL's {name}", value)
+
+    def _check_database(self, parsed) -> None:
+        """The database number, in the path (``/0``) or in the query (``?db=0``, a unix socket's
+        only place for it), not both: a whole number (redis-py read ``/abc`` as 0 and ``/-1``
+        as -1, which Redis refuses at the first command)."""
+        queried = [value for name, value in parse_qsl(parsed.query, keep_blank_values=True) if name == "db"]
+        in_path = parsed.path.lstrip("/") if parsed.scheme != "unix" else ""
+        given = ([in_path] if in_path else []) + queried
+        if len(given) > 1:
+            raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: the database number is given "
+                              f"{'in the path and in the query' if in_path else 'twice in the query'}; give it once, "
+                              "e.g. redis://host:6379/0")
+        if given and not (re.fullmatch(r"[0-9]{1,9}", given[0]) and int(given[0]) <= MAX_REDIS_DB):
+            raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: database {given[0]!r} is not a number 0 to "
+                              f"{MAX_REDIS_DB:,}; expected redis://host:port/db, e.g. redis://host:6379/0")
 
     def client_options(self) -> dict[str, Any]:
         """Keyword arguments for ``redis.Redis.from_url(self.url, ...)`` (sync or asyncio)

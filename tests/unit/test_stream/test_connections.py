@@ -140,3 +140,26 @@ def test_refusals_say_what_to_fix_and_outages_stay_outages():
     denied = redis_conn.refusal(Exception("WRONGPASS invalid username-password pair or user is disabled."))
     assert isinstance(denied, AccessDenied) and "redis-sentinel-pw" not in str(denied)
     assert redis_conn.refusal(ConnectionError("Error 111 connecting")) is None
+
+
+@pytest.mark.parametrize("url, said", [
+    ("redis://h:6379/0?bogus=1", "unknown query parameter 'bogus'"),
+    ("redis://h:6379/0?ssl_certfile=/c.pem", "need rediss://"),
+    ("redis://h:6379/0?socket_timeout=soon", "socket_timeout"),
+    ("redis://h:6379/abc", "database 'abc' is not a number"),
+    ("redis://h:6379/-1", "database '-1' is not a number"),
+    ("redis://h:6379/0/1", "is not a number"),
+    ("redis://h:6379/?db=x", "database 'x' is not a number"),
+    ("redis://h:6379/1?db=2", "in the path and in the query"),
+    ("unix:///run/redis.sock?db=1&db=2", "twice in the query"),
+])
+def test_a_redis_url_redis_py_would_misread_or_refuse_later_is_refused_at_start(url, said):
+    with pytest.raises(ConfigError, match="STREAMREC_REDIS_URL") as info:
+        Settings.from_env({"STREAMREC_REDIS_URL": url})
+    assert said in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["redis://h:6379/3", "redis://h:6379", "redis://h:6379/", "unix:///run/redis.sock?db=2",
+                                 "rediss://u:p@h:6380/0?ssl_cert_reqs=required&socket_timeout=5"])
+def test_the_redis_urls_that_work_are_taken(url):
+    assert Settings.from_env({"STREAMREC_REDIS_URL": url}).redis_url == url
