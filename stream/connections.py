@@ -69,10 +69,21 @@ def mask_url(url: str) -> str:
 
 
 def _check_file(env: str, path: str) -> None:
+    if os.path.isdir(path):
+        raise ConfigError(f"{env}={path}: a folder, not a file; name the PEM file itself")
     if not os.path.isfile(path):
         raise ConfigError(f"{env}={path}: no such file")
     if not os.access(path, os.R_OK):
         raise ConfigError(f"{env}={path}: not readable by this process")
+
+
+def _check_ca_pem(env: str, path: str) -> None:
+    """A :class:`ConfigError` unless ``path`` holds CA certificates in PEM (as a TLS client reads them)."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"{env}={path}: not a PEM file of CA certificates ({exc}); give the CA's certificate in "
+                          "PEM (-----BEGIN CERTIFICATE-----)") from None
 
 
 # --------------------------------------------------------------------------- Kafka
@@ -283,6 +294,7 @@ class RedisConnection:
                 raise ConfigError(f"STREAMREC_REDIS_SSL_CA_FILE is set, but STREAMREC_REDIS_URL={self.masked_url} does "
                                   "not use TLS: start it with rediss://")
             _check_file("STREAMREC_REDIS_SSL_CA_FILE", self.ssl_ca_file)
+            _check_ca_pem("STREAMREC_REDIS_SSL_CA_FILE", self.ssl_ca_file)
         try:  # what redis-py makes of the URL, connecting to nothing: unknown names, bad values
             redis.ConnectionPool.from_url(self.url, **self.client_options()).make_connection()
         except TypeError as exc:  # an unknown keyword argument: a query parameter redis-py has no use for
@@ -293,9 +305,25 @@ class RedisConnection:
                               "it or correct its name (redis-py's connection options)") from None
         except (ValueError, redis.RedisError) as exc:
             raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: {exc}") from None
-        for name, value in parse_qsl(parsed.query):
+        query = dict(parse_qsl(parsed.query))
+        for name, value in query.items():
             if name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") and value:
                 _check_file(f"STREAMREC_REDIS_URL's {name}", value)
+        if query.get("ssl_ca_certs"):
+            _check_ca_pem("STREAMREC_REDIS_URL's ssl_ca_certs", query["ssl_ca_certs"])
+        if query.get("ssl_certfile"):  # read as redis-py will, the key's password included
+            password = query.get("ssl_password", "")
+            try:
+                ssl.create_default_context().load_cert_chain(query["ssl_certfile"], query.get("ssl_keyfile") or None,
+                                                             password=lambda: password)
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError(f"STREAMREC_REDIS_URL's ssl_certfile={query['ssl_certfile']}, ssl_keyfile="
+                                  f"{query.get('ssl_keyfile') or '(none)'}: not a certificate and its private key in PEM "
+                                  f"(or the key's ssl_password is wrong) ({exc}); give PEM files, the key unencrypted or "
+                                  "its password as ssl_password") from None
+        elif query.get("ssl_keyfile"):
+            raise ConfigError("STREAMREC_REDIS_URL's ssl_keyfile is given without ssl_certfile: give the client "
+                              "certificate too (ssl_certfile=/path), or leave both out")
 
     def _check_database(self, parsed) -> None:
         """The database number, in the path (``/0``) or in the query (``?db=0``, a unix socket's

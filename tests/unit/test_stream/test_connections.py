@@ -18,6 +18,26 @@ from stream.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[3]
 EXISTING = __file__  # a file that exists, for the settings that must name one
+#: a self-signed certificate and its key (openssl req -x509 -newkey ec, valid to 2126), for the
+#: settings read as PEM at start
+CERT_PEM = """-----BEGIN CERTIFICATE-----
+MIIBiDCCAS+gAwIBAgIUAXiC58y2/CvZYyJS5o0To3vUYNowCgYIKoZIzj0EAwIw
+GTEXMBUGA1UEAwwOc3RyZWFtcmVjLXRlc3QwIBcNMjYxMjA0MDQ0MjM0WhgPMjEy
+NjExMTAwNDQyMzRaMBkxFzAVBgNVBAMMDnN0cmVhbXJlYy10ZXN0MFkwEwYHKoZI
+zj0CAQYIKoZIzj0DAQcDQgAE+e6Yo9/S8Xuw0YtvkbYDnUkUAT8ZcY4s+YbXZKP3
+/eTRggRUPnPjetoruYj8wGMEwwhxF7PCowiDx8xPM/RQcKNTMFEwHQYDVR0OBBYE
+FOL/YJ4QYOCamQ+PhfdfPa4fMBrmMB8GA1UdIwQYMBaAFOL/YJ4QYOCamQ+Phfdf
+Pa4fMBrmMA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwIDRwAwRAIgMM+UH3FS
+yOYT7jEdzRnWlrUUpTnGmKxzXTxmxPR4iM0CIGlXRp/vykOClWXjSydLFMPH57Pi
+NGB2m+Oyz3OLA1tl
+-----END CERTIFICATE-----
+"""
+KEY_PEM = """-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgT9u1fFS193jCuJa7
+VhV/hrq9hKtmapUWd915XSD2Nr+hRANCAAT57pij39Lxe7DRi2+RtgOdSRQBPxlx
+jiz5htdko/f95NGCBFQ+c+N62iu5iPzAYwTDCHEXs8KjCIPHzE8z9FBw
+-----END PRIVATE KEY-----
+"""
 SASL = {"STREAMREC_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "STREAMREC_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
         "STREAMREC_KAFKA_SASL_USERNAME": "app", "STREAMREC_KAFKA_SASL_PASSWORD": "kafka-sentinel-pw"}
 
@@ -86,10 +106,12 @@ def test_a_ca_file_that_is_not_pem_is_a_config_error_naming_it(tmp_path):
         kafka.client_options()
 
 
-def test_redis_ca_file_goes_to_every_redis_client_and_requires_the_server_certificate():
+def test_redis_ca_file_goes_to_every_redis_client_and_requires_the_server_certificate(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text(CERT_PEM)
     redis_conn = Settings.from_env({"STREAMREC_REDIS_URL": "rediss://app:pw@db:6380/0",
-                                    "STREAMREC_REDIS_SSL_CA_FILE": EXISTING}).redis
-    assert redis_conn.client_options() == {"ssl_ca_certs": EXISTING, "ssl_cert_reqs": "required"}
+                                    "STREAMREC_REDIS_SSL_CA_FILE": str(ca)}).redis
+    assert redis_conn.client_options() == {"ssl_ca_certs": str(ca), "ssl_cert_reqs": "required"}
     assert Settings.from_env({}).redis.client_options() == {}
     assert "pw@" not in repr(redis_conn)
 
@@ -163,3 +185,34 @@ def test_a_redis_url_redis_py_would_misread_or_refuse_later_is_refused_at_start(
                                  "rediss://u:p@h:6380/0?ssl_cert_reqs=required&socket_timeout=5"])
 def test_the_redis_urls_that_work_are_taken(url):
     assert Settings.from_env({"STREAMREC_REDIS_URL": url}).redis_url == url
+
+
+@pytest.fixture
+def pem_files(tmp_path):
+    (tmp_path / "cert.pem").write_text(CERT_PEM)
+    (tmp_path / "key.pem").write_text(KEY_PEM)
+    (tmp_path / "text.pem").write_text("not a certificate\n")
+    (tmp_path / "folder").mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"STREAMREC_REDIS_SSL_CA_FILE": "text.pem"}, "STREAMREC_REDIS_SSL_CA_FILE=.*text.pem: not a PEM file of CA certificates"),
+    ({"STREAMREC_REDIS_SSL_CA_FILE": "folder"}, "STREAMREC_REDIS_SSL_CA_FILE=.*folder: a folder, not a file"),
+    ({"STREAMREC_REDIS_URL": "rediss://h:6380/0?ssl_ca_certs=text.pem"}, "ssl_ca_certs=.*not a PEM file"),
+    ({"STREAMREC_REDIS_URL": "rediss://h:6380/0?ssl_certfile=text.pem&ssl_keyfile=key.pem"}, "not a certificate and its private key in PEM"),
+    ({"STREAMREC_REDIS_URL": "rediss://h:6380/0?ssl_certfile=cert.pem&ssl_keyfile=text.pem"}, "not a certificate and its private key in PEM"),
+    ({"STREAMREC_REDIS_URL": "rediss://h:6380/0?ssl_certfile=cert.pem"}, "not a certificate and its private key"),
+    ({"STREAMREC_REDIS_URL": "rediss://h:6380/0?ssl_keyfile=key.pem"}, "ssl_keyfile is given without ssl_certfile"),
+])
+def test_redis_tls_files_that_are_not_pem_are_refused_at_start(pem_files, monkeypatch, env, said):
+    monkeypatch.chdir(pem_files)
+    env = {"STREAMREC_REDIS_URL": "rediss://h:6380/0", **env}
+    with pytest.raises(ConfigError, match=said):
+        Settings.from_env(env)
+
+
+def test_redis_tls_files_in_pem_are_taken(pem_files, monkeypatch):
+    monkeypatch.chdir(pem_files)
+    url = "rediss://h:6380/0?ssl_ca_certs=cert.pem&ssl_certfile=cert.pem&ssl_keyfile=key.pem"
+    assert Settings.from_env({"STREAMREC_REDIS_URL": url, "STREAMREC_REDIS_SSL_CA_FILE": "cert.pem"}).redis_url == url
