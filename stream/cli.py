@@ -82,10 +82,26 @@ def worker(
     Worker(faust_app, loglevel=level.lower(), quiet=True).execute_from_commandline()
 
 
+def listen_host(value: str) -> str:
+    """``serve --host``: a host name or an address, said as a usage error when it cannot be one
+    (bytes that are not UTF-8 reached the socket layer as a traceback).
+
+    >>> listen_host("0.0.0.0"), listen_host("::1")
+    ('0.0.0.0', '::1')
+    """
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # bytes that are not UTF-8 in argv arrive as lone surrogates
+        raise typer.BadParameter("not UTF-8 text; give a host name or an address, e.g. 0.0.0.0 or ::") from None
+    if not value or any(c.isspace() or not c.isprintable() for c in value):
+        raise typer.BadParameter(f"{value!r}: expected a host name or an address, e.g. 0.0.0.0 (every address) or ::")
+    return value
+
+
 @app.command("serve")
 def serve_api(
     port: int = typer.Option(None, "--port", "-p", min=1, max=65535, help="TCP port of the HTTP API (default STREAMREC_SERVE_PORT, 8080)."),
-    host: str = typer.Option("0.0.0.0", "--host", help="Address to listen on."),
+    host: str = typer.Option("0.0.0.0", "--host", help="Address to listen on.", callback=listen_host),
     loglevel: str = typer.Option(None, "--loglevel", "-l", help="debug, info, warning or error (default STREAMREC_LOG_LEVEL)"),
 ) -> None:
     """Serve the HTTP API beside the workers: personalised search, fresh recommendations, similar items.

@@ -81,3 +81,15 @@ def test_produce_refuses_an_empty_log_or_catalogue_before_kafka(no_kafka_for_pro
                                 env={"STREAMREC_KAFKA_BOOTSTRAP": "127.0.0.1:1"})
     assert result.exit_code == 2, result.output
     assert said in _text(result.output)
+
+
+@pytest.mark.parametrize("host, said", [("\udcff", "not UTF-8 text"), ("", "expected a host name or an address"),
+                                        ("local host", "expected a host name or an address")])
+def test_serve_refuses_a_host_that_cannot_be_one_as_a_usage_error(monkeypatch, host, said):
+    async def run_server(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(stream.cli, "run_server", run_server)
+    result = CliRunner().invoke(stream.cli.app, ["serve", "--host", host])
+    assert result.exit_code == 2, result.output
+    assert said in _text(result.output)
