@@ -145,6 +145,23 @@ def main() -> None:
     except (StreamrecError, DatasetError) as exc:  # DatasetError: a log read as it is sent (produce)
         typer.secho(f"streamrec: {exc}", fg="red", err=True)
         sys.exit(2)
+    except SystemExit as exc:
+        if interrupted(exc):  # Typer makes a Ctrl-C a silent exit 130; say why the command stopped
+            typer.secho("streamrec: interrupted", fg="red", err=True)
+        raise
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` (the exit Typer makes of a Ctrl-C: status 130) came of a KeyboardInterrupt
+    (a command that stops on SIGINT itself, such as ``produce``, says so in its own words)."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # SystemExit <- typer's Exit(130) <- KeyboardInterrupt
+        if seen is None:
+            return False
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import re
 import socket
 
 import pytest
+import typer
 from prometheus_client import CollectorRegistry
 from typer.testing import CliRunner
 
@@ -93,3 +94,33 @@ def test_serve_refuses_a_host_that_cannot_be_one_as_a_usage_error(monkeypatch, h
     result = CliRunner().invoke(stream.cli.app, ["serve", "--host", host])
     assert result.exit_code == 2, result.output
     assert said in _text(result.output)
+
+
+def test_a_ctrl_c_in_a_short_command_says_interrupted_and_exits_130(monkeypatch, capsys):
+    def command() -> None:
+        raise KeyboardInterrupt
+
+    app = typer.Typer()
+    app.command("report")(command)
+    app.command("train")(command)
+    monkeypatch.setattr(stream.cli, "app", app)
+    monkeypatch.setattr("sys.argv", ["streamrec", "report"])
+    with pytest.raises(SystemExit) as info:
+        stream.cli.main()
+    assert info.value.code == 130
+    assert capsys.readouterr().err.strip() == "streamrec: interrupted"
+
+
+def test_an_exit_130_a_command_chose_is_not_said_twice(monkeypatch, capsys):
+    def command() -> None:  # produce: stopped by SIGINT, it printed its summary
+        raise typer.Exit(130)
+
+    app = typer.Typer()
+    app.command("produce")(command)
+    app.command("train")(command)
+    monkeypatch.setattr(stream.cli, "app", app)
+    monkeypatch.setattr("sys.argv", ["streamrec", "produce"])
+    with pytest.raises(SystemExit) as info:
+        stream.cli.main()
+    assert info.value.code == 130
+    assert capsys.readouterr().err == ""
