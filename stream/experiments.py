@@ -18,7 +18,7 @@ traffic share (the shares add up to 1)::
     weights = {covisit = 1.0, mf = 0.2} # over the worker's blend (STREAMREC_BLEND_WEIGHTS)
     learners_off = ["session_hybrid"]  # their weight 0 in this arm
     model = "none"                     # "latest" (default): the worker's Transformer; "none": without it
-    candidates = 100                   # candidates scored per list (default STREAMREC_CANDIDATES)
+    candidates = 100                   # candidates scored per list (default STREAMREC_CANDIDATES; 1 to 100,000)
 
 ``baseline = "shuffle"`` serves the arm's candidates in a random order (Metarank's shuffle:
 what ranking adds over the candidate set). A user's arm is a stable hash of
@@ -47,6 +47,7 @@ from pathlib import Path
 from online_models import Recommender, RecommenderConfig
 from online_models.recommender import MAX_WEIGHT, weight_ok
 from stream.errors import ConfigError
+from stream.settings import MAX_LIST
 
 #: the baselines an arm may be instead of a blend
 BASELINES = ("popularity", "shuffle")
@@ -200,8 +201,10 @@ def parse_experiment(data: Mapping, where: str = "the experiment", known_sources
         if not isinstance(model, str) or not model:
             raise ConfigError(f"{at} ({arm_name}): `model` must be \"latest\", \"none\" or a registered version")
         candidates = raw.get("candidates")
-        if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1):
-            raise ConfigError(f"{at} ({arm_name}): `candidates` must be a whole number >= 1")
+        if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, int)
+                                       or not 1 <= candidates <= MAX_LIST):
+            raise ConfigError(f"{at} ({arm_name}): `candidates` must be a whole number from 1 to {MAX_LIST:,} "
+                              f"(STREAMREC_CANDIDATES's bound), saw {candidates!r}")
         baseline = raw.get("baseline")
         if baseline is not None and baseline not in BASELINES:
             raise ConfigError(f"{at} ({arm_name}): `baseline` must be one of {', '.join(BASELINES)}")

@@ -293,3 +293,17 @@ def test_an_experiment_file_that_is_not_text_is_named(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(ConfigError, match="not UTF-8 text"):
         load_experiment(binary)
+
+
+@pytest.mark.parametrize("candidates", [0, 100_001, 10**12, True, 2.5])
+def test_an_arms_candidates_are_bounded_as_streamrec_candidates_is(candidates):
+    data = {**TWO_ARMS, "arms": [TWO_ARMS["arms"][0], {**TWO_ARMS["arms"][1], "candidates": candidates}]}
+    with pytest.raises(ConfigError, match=r"`candidates` must be a whole number from 1 to 100,000"):
+        parse_experiment(data)
+
+
+def test_an_arm_may_score_as_many_candidates_as_streamrec_candidates_may():
+    data = {**TWO_ARMS, "arms": [TWO_ARMS["arms"][0], {**TWO_ARMS["arms"][1], "candidates": 100_000}]}
+    assert parse_experiment(data).arms[1].candidates == 100_000
+    with pytest.raises(ConfigError, match="STREAMREC_CANDIDATES=100001: at most 100,000"):
+        Settings.from_env({"STREAMREC_CANDIDATES": "100001"})
