@@ -188,21 +188,6 @@ class KafkaConnection:
                                   f"({exc})") from None
         return context
 
-    def _check_database(self, parsed) -> None:
-        """The database number, in the path (``/0``) or in the query (``?db=0``, a unix socket's
-        only place for it), not both: a whole number (redis-py read ``/abc`` as 0 and ``/-1``
-        as -1, which Redis refuses at the first command)."""
-        queried = [value for name, value in parse_qsl(parsed.query, keep_blank_values=True) if name == "db"]
-        in_path = parsed.path.lstrip("/") if parsed.scheme != "unix" else ""
-        given = ([in_path] if in_path else []) + queried
-        if len(given) > 1:
-            raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: the database number is given "
-                              f"{'in the path and in the query' if in_path else 'twice in the query'}; give it once, "
-                              "e.g. redis://host:6379/0")
-        if given and not (re.fullmatch(r"[0-9]{1,9}", given[0]) and int(given[0]) <= MAX_REDIS_DB):
-            raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: database {given[0]!r} is not a number 0 to "
-                              f"{MAX_REDIS_DB:,}; expected redis://host:port/db, e.g. redis://host:6379/0")
-
     def client_options(self) -> dict[str, Any]:
         """Keyword arguments for an aiokafka or kafka-python client (both take these names):
         ``bootstrap_servers`` and the security options."""
@@ -336,7 +321,7 @@ class RedisConnection:
             raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: the database number is given "
                               f"{'in the path and in the query' if in_path else 'twice in the query'}; give it once, "
                               "e.g. redis://host:6379/0")
-        if given and not (re.fullmatch(r"[0-9]{1,9}", given[0]) and int(given[0]) <= MAX_REDIS_DB):
+        if given and not (re.fullmatch(r"[0-9]{1,10}", given[0]) and int(given[0]) <= MAX_REDIS_DB):
             raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: database {given[0]!r} is not a number 0 to "
                               f"{MAX_REDIS_DB:,}; expected redis://host:port/db, e.g. redis://host:6379/0")
 

@@ -170,6 +170,7 @@ def test_refusals_say_what_to_fix_and_outages_stay_outages():
     ("redis://h:6379/0?socket_timeout=soon", "socket_timeout"),
     ("redis://h:6379/abc", "database 'abc' is not a number"),
     ("redis://h:6379/-1", "database '-1' is not a number"),
+    ("redis://h:6379/2147483648", "database '2147483648' is not a number 0 to 2,147,483,647"),
     ("redis://h:6379/0/1", "is not a number"),
     ("redis://h:6379/?db=x", "database 'x' is not a number"),
     ("redis://h:6379/1?db=2", "in the path and in the query"),
@@ -181,7 +182,7 @@ def test_a_redis_url_redis_py_would_misread_or_refuse_later_is_refused_at_start(
     assert said in str(info.value)
 
 
-@pytest.mark.parametrize("url", ["redis://h:6379/3", "redis://h:6379", "redis://h:6379/", "unix:///run/redis.sock?db=2",
+@pytest.mark.parametrize("url", ["redis://h:6379/3", "redis://h:6379/2147483647", "redis://h:6379", "redis://h:6379/", "unix:///run/redis.sock?db=2",
                                  "rediss://u:p@h:6380/0?ssl_cert_reqs=required&socket_timeout=5"])
 def test_the_redis_urls_that_work_are_taken(url):
     assert Settings.from_env({"STREAMREC_REDIS_URL": url}).redis_url == url
