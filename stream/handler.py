@@ -328,6 +328,8 @@ class BatchHandler:
         if result is not None:
             m.searches_answered.inc(len(result.recommendations))
             m.duplicates_skipped.inc(result.duplicates)
+            if result.refused:
+                m.events_refused_forgotten.inc(result.refused)
             for rec in result.recommendations:
                 m.search_end_to_end_seconds.observe(max(0, published_ms - rec.event_ts) / 1000)
                 m.experiment_lists.labels(rec.variant).inc()  # attributed like any list (rec_id)
@@ -390,7 +392,8 @@ class BatchHandler:
         if requests:  # the bound: the request's ts, or the newest event the user's state holds if later
             ids = list(dict.fromkeys(req.user_id for req in requests))  # (a site clock ahead of the requester's)
             held = await self._retry("load", lambda: self.store.load_many(ids))
-            requests = [msgspec.structs.replace(req, ts=max(req.ts, held[req.user_id].last_seen_ts)) for req in requests]
+            requests = [msgspec.structs.replace(req, ts=max(req.ts, held[req.user_id].last_seen_ts,
+                                                             held[req.user_id].query_ts)) for req in requests]
         for req, exc in self.step.forget(requests, positions, now_ms()):
             self.metrics.forget_failures.inc()
             log.error("forget request %r: the models could not purge everything of the user (%s raised by %s); "

@@ -59,12 +59,14 @@ class SearchConfig:
 @dataclass
 class SearchResult:
     """The answers (one per search that was not a redelivery), their payloads, the users' new
-    state documents, and the searches that could not be answered (a bug: dead-lettered)."""
+    state documents, the searches that could not be answered (a bug: dead-lettered), and how
+    many were refused: their user was forgotten after them (answered and remembered never)."""
 
     recommendations: list[Recommendation] = field(default_factory=list)
     payloads: list[bytes] = field(default_factory=list)
     docs: dict[str, bytes] = field(default_factory=dict)
     duplicates: int = 0
+    refused: int = 0
     failures: list[Failure] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=lambda: {"retrieve": 0.0, "personalise": 0.0})
 
@@ -84,13 +86,20 @@ class SearchStep:
                  site_ids: Mapping[str, str] | None = None) -> SearchResult:
         """``states`` holds the state of every user in ``searches`` (read, not changed);
         ``positions`` each search's ``("topic:partition", offset)``: one at or below the
-        offset its user's state applied is a redelivery, answered before and skipped."""
+        offset its user's state applied is a redelivery, answered before and skipped. A search
+        of a user forgotten after it (``Recommender.refuses``: a redelivery or replay after
+        the erasure, or one in the erasure's batch) is refused as their events are: no answer
+        is published, and no state (the query) is written again."""
         out = SearchResult()
+        refuses = self.step.recommender.refuses if self.step.recommender.forgotten_users else None
         current: dict[str, UserState] = {}
         versions = self.step.model_versions()
         clock = time.perf_counter
         for n, search in enumerate(searches):
             uid = search.user_id
+            if refuses is not None and refuses(uid, search.ts):
+                out.refused += 1
+                continue
             state = current.get(uid) or (states.get(uid) or UserState(uid)).copy()
             source, offset = positions[n] if positions is not None else (None, None)
             if source is not None and offset <= state.offsets.get(source, -1):

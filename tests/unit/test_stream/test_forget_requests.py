@@ -6,6 +6,7 @@ site's id."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -17,10 +18,11 @@ from stream.handler import BatchHandler, Claims, RawMessage
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
 from stream.pseudonyms import Pseudonyms
-from stream.records import ClickEvent, ForgetRequest, decode_dead_letter, encode
+from stream.records import ClickEvent, ForgetRequest, SearchEvent, decode_dead_letter, encode
 from stream.retry import Backoff
+from stream.search_step import SearchStep
 from stream.settings import TopicNames
-from stream.state import Fenced, InMemoryUserStateStore, fingerprint
+from stream.state import Fenced, InMemoryUserStateStore, UserState, fingerprint
 
 T0 = 1_700_000_000_000
 TOPICS = TopicNames()
@@ -198,3 +200,42 @@ async def test_an_impression_counts_once_and_only_for_a_list_the_user_was_sent()
     await h.handle_isolated([impression(rec.rec_id, 0)])  # Kafka delivers it again
     assert sample(metrics, "streamrec_experiment_impressions_total", {"variant": "default"}) == 1
     assert sample(metrics, "streamrec_experiment_impressions_unmatched_total") == 3
+
+
+def search_msg(user: str, ts: int, offset: int, query: str = "private query") -> RawMessage:
+    ev = SearchEvent(event_id=f"q-{offset}", type="search", user_id=user, query=query, ts=ts, results=["i1", "i2"])
+    return RawMessage(TOPICS.searches, 0, offset, user.encode(), encode(ev))
+
+
+def test_the_search_step_refuses_a_forgotten_users_older_search():
+    step = RecommendationStep(Recommender.default())
+    step.forget([ForgetRequest(user_id="u", request_id="r", ts=T0 + 100)], None, T0 + 200)
+    result = SearchStep(step)([SearchEvent(event_id="q", type="search", user_id="u", query="q", ts=T0, results=["a"]),
+                               SearchEvent(event_id="q2", type="search", user_id="u", query="q2", ts=T0 + 101,
+                                           results=["a"])], {}, lambda: T0 + 300)
+    assert result.refused == 1 and len(result.recommendations) == 1  # the newer search starts afresh
+    assert msgspec.json.decode(result.docs["u"], type=UserState).recent_queries == ["q2"]
+
+
+async def test_a_search_older_than_the_forget_is_neither_answered_nor_remembered():
+    """A search the user made before their erasure, in the erasure's batch or delivered again
+    after it (a restart before the commit): no list after the tombstone, no query in Redis."""
+    h, sink, metrics = handler()
+    await h.handle_isolated(clicks("victim", 2) + [search_msg("victim", T0 + 5, offset=2)])
+    await h.handle_isolated([search_msg("victim", T0 + 6, offset=3), forget_msg("victim", ts=T0 + 100)])
+    assert "victim" not in h.store._docs
+    recs = [v for t, k, v in sink.records if t == TOPICS.recommendations and k == b"victim"]
+    assert recs[-1] is None  # the tombstone is the user's last word
+    await h.handle_isolated([search_msg("victim", T0 + 5, offset=2)])  # redelivered after the erasure
+    assert "victim" not in h.store._docs and [v for t, k, v in sink.records if k == b"victim"][-1] is None
+    assert sample(metrics, "streamrec_events_refused_forgotten_total") == 2
+
+
+async def test_the_owners_bound_covers_a_search_dated_after_the_request():
+    """The site's clock ahead of the requester's: the state's newest search bounds the
+    refusal, as its newest event does."""
+    h, sink, _ = handler()
+    await h.handle_isolated([search_msg("victim", T0 + 500, offset=0)])
+    await h.handle_isolated([forget_msg("victim", ts=T0 + 100)])
+    await h.handle_isolated([search_msg("victim", T0 + 500, offset=0)])  # redelivered
+    assert "victim" not in h.store._docs
