@@ -88,12 +88,15 @@ def gaps(learned: Mapping[str, int], committed: Mapping[tuple[str, int], int],
 
 async def replay(step: RecommendationStep, bootstrap: KafkaConnection | str, todo: Sequence[Gap], bounds: Bounds,
                  fetch_timeout_s: float = 30.0, pseudonyms: Pseudonyms | None = None,
-                 forget_topic: str | None = None, stop: Callable[[], bool] | None = None) -> int:
+                 forget_topic: str | None = None, stop: Callable[[], bool] | None = None,
+                 on_forget: Callable[[int], None] | None = None) -> int:
     """Teach the models every event of ``todo``; returns how many they learned. ``bootstrap``:
     ``Settings.kafka`` (or bootstrap servers alone for a plaintext broker); ``pseudonyms``: the
     worker's (``STREAMREC_PSEUDONYM_KEY``), so that the models learn the ids the live step does.
     ``stop``: asked between fetches (at least once a second); once true, the replay ends where it
-    is, and the models' learned offsets say where a later one starts."""
+    is, and the models' learned offsets say where a later one starts. ``on_forget(n)``: called
+    after the models applied ``n`` forget requests of the gaps (the worker then snapshots them
+    soon: the snapshot in the store, which it restored, may still hold those users)."""
     if not todo:
         return 0
     rereading = bounds.rereading()  # a ts too far ahead stays refused; its age was judged when it arrived
@@ -147,6 +150,8 @@ async def replay(step: RecommendationStep, bootstrap: KafkaConnection | str, tod
                 for req, exc in step.forget(forgets, forget_positions, time.time_ns() // 1_000_000):
                     log.error("forget request %r, replayed: the models could not purge everything of the user (%s); "
                               "a model may still hold part of them (a bug)", req.request_id, exc)
+                if on_forget is not None:
+                    on_forget(len(forgets))
             if events:
                 if pseudonyms is not None:
                     events = pseudonyms.events(events)[0]

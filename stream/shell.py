@@ -331,8 +331,10 @@ class Shell:
             return self.revoking
 
         try:
+            # an erasure the restored snapshot predates: snapshotted within a second, as a live one
             n = await replay(step, settings.kafka, todo, settings.bounds, pseudonyms=self.pseudonyms,
-                             forget_topic=settings.topics.forget, stop=stop)
+                             forget_topic=settings.topics.forget, stop=stop,
+                             on_forget=lambda n: self.forgets_pending.set())
         finally:
             self.health.set("models", True, "restored")
         self.metrics.events_relearned.inc(n)
