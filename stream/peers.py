@@ -163,6 +163,11 @@ class PeerLearner:
         self.forget_topic = forget_topic
         #: called after the models purged forgotten users (the shell snapshots them soon)
         self.on_forget: Callable[[int], None] | None = None
+        #: called between batches with the users (as the models and the state hold them) of the
+        #: requests read, so that the worker's store keeps no document of theirs: a request not
+        #: keyed by its user's id reaches another worker than the user's owner, which deletes
+        #: their state behind the owner's back (the shell: CachedUserStateStore.discard)
+        self.on_forget_users: Callable[[list[str]], None] | None = None
         self.lock, self.metrics, self.committed = lock, metrics, committed
         self.chunk, self.poll_ms = chunk, poll_ms
         self.pseudonyms = pseudonyms  # the worker's: the models learn the ids its live step does
@@ -300,6 +305,8 @@ class PeerLearner:
                     self.metrics.forget_failures.inc()
                     log.error("forget request %r: the models could not purge everything of the user (%s); a model "
                               "may still hold part of them (a bug)", req.request_id, exc)
+                if self.on_forget_users is not None:
+                    self.on_forget_users([req.user_id for req in forgets])
                 self.metrics.forgets_applied.inc(len(forgets))
                 log.info("purged %d forgotten user(s) from the models (forget requests %s, read from another "
                          "worker's partitions)", len(forgets), ", ".join(repr(r.request_id) for r in forgets))

@@ -125,6 +125,8 @@ class Shell:
                                                       personal_weight=settings.search_personal_weight))
         self.forgets_pending = asyncio.Event()  # set: users were erased since the last snapshot
         self.handler.on_forget = self.peers.on_forget = lambda n: self.forgets_pending.set()
+        # a user erased by another worker (a request not keyed by their id): never their old document
+        self.peers.on_forget_users = getattr(self.store, "discard", None)
         self.metrics.watch_models(lambda: self.step.recommender)
         if self.step.experiment is not None:
             log.info("serving %s (users split by a hash of experiment and user id)", self.step.experiment.describe())

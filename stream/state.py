@@ -451,7 +451,8 @@ class CachedUserStateStore:
       been overwritten by the owner in between;
     - a save that raises empties it: :class:`Fenced` (another worker owns a partition now), or a
       failure after which what Redis holds is not known;
-    - an erased user's document goes with the erasure;
+    - an erased user's document goes with the erasure, and with one another worker carried out
+      (a request not keyed by the user's id: the peer reader :meth:`discard` s them, stream/peers.py);
     - a document kept longer than ``max_age_s`` is read again (Redis expires idle users, and an
       operator may change a document by hand); at most ``max_users`` are kept, the least
       recently saved going first.
