@@ -128,6 +128,18 @@ def test_forget_erases_state_models_and_lists_and_refuses_old_events(worker_env,
                  60, "the older events refused", first)
         assert user_doc(client, topic_prefix, VICTIM) is None
 
+        # ...and so is an older search of theirs: neither answered (no list after the tombstone)
+        # nor remembered (no state with the query)
+        refused = sum(w.metric("streamrec_events_refused_forgotten_total") for w in (first, second))
+        search = {"event_id": "old-search-1", "type": "search", "user_id": VICTIM, "query": "winter jacket",
+                  "ts": max(msgspec.json.decode(value, type=Event).ts for _, _, value in old), "results": ["i1", "i2"]}
+        produce(bootstrap, topic_prefix, [("searches", VICTIM.encode(), msgspec.json.encode(search))])
+        wait_for(lambda: sum(w.metric("streamrec_events_refused_forgotten_total") for w in (first, second)) > refused,
+                 60, "the older search refused", first)
+        assert user_doc(client, topic_prefix, VICTIM) is None
+        theirs = [r for r in read_all(bootstrap, f"{topic_prefix}recommendations") if r.key == VICTIM.encode()]
+        assert theirs[-1].value is None, "a list published for the forgotten user after their tombstone"
+
         # the user's next event starts afresh
         now = int(time.time() * 1000) + 1000
         fresh = ClickEvent(event_id="after-forget-1", user_id=VICTIM, item_id="i-new", ts=now)
