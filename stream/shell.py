@@ -74,6 +74,8 @@ class Shell:
     #: set from a revocation to the next assignment: a replay in hand stops where it is, so that
     #: the revocation does not wait for it (what is left is due again after the assignment)
     revoking: bool = False
+    #: a snapshot was skipped while the forget requests' replay was due (said once until one is taken)
+    snapshot_held: bool = False
     #: scorer versions that failed to load: counted once, not tried again
     refused_models: set[str] = field(default_factory=set)
     claims: Claims = field(init=False)
@@ -200,6 +202,17 @@ class Shell:
     async def snapshot_models(self) -> None:
         if not self.models_ready.is_set():
             return  # never over a good snapshot with models that have not restored it yet
+        if self.settings.topics.forget in self.replay_due:
+            # the replay of the forget requests failed (or is about to run after a rebalance): the
+            # models may still hold users erased since the snapshot they were restored from, and
+            # the store's snapshot (another worker's, taken after the erasure) may not
+            if not self.snapshot_held:
+                self.snapshot_held = True
+                log.warning("not snapshotting the models: they may still hold users erased since their snapshot "
+                            "(the replay of the forget requests is due, after a failure or a rebalance); the "
+                            "snapshot follows once it has run")
+            return
+        self.snapshot_held = False
         erased = self.forgets_pending.is_set()
         self.forgets_pending.clear()
         if await self.snapshots.take(self._models_to_snapshot):

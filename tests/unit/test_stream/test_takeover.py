@@ -28,6 +28,7 @@ from stream.prometheus import Metrics
 from stream.records import Bounds, ClickEvent, encode
 from stream.replay import Gap
 from stream.settings import Settings
+from stream.snapshots import SNAPSHOT_KEY
 from stream.state import InMemoryUserStateStore
 from stream.step_inputs import source_of
 
@@ -154,6 +155,37 @@ async def test_a_replay_that_failed_at_start_is_tried_again_before_the_first_bat
     await shell.handle_taken(fake, [_event(message(o, fake.consumer_generation_id)) for o in range(10, 12)])
     assert calls == [[Gap(CLICKS, 0, 5, 10)]] * 2
     assert models.n_learned == 5 + 2
+
+
+async def test_no_snapshot_while_the_forget_requests_replay_failed_at_start(monkeypatch, caplog):
+    """The restored models may still hold a user erased after their snapshot was taken: until the
+    replay of the forget requests has run, an interval snapshot (or one after a peer's erasure)
+    would put them back over the store's snapshot, which another worker may have taken clean."""
+    store = InMemoryUserStateStore()
+    calls: list = []
+    kafka_log(monkeypatch, {(CLICKS, 0): 10, (FORGET, 0): 1}, calls, [TimeoutError("no records within 30 s")])
+    shell = unplugged_shell(Settings.from_env({**ENV, "STREAMREC_SNAPSHOT_FORK": "false"}), store)
+    clean = shell.step.recommender.snapshot()
+    await store.set_blob(SNAPSHOT_KEY, clean)  # another worker's, taken after the erasure
+    fake = FakeApp({TopicPartition(CLICKS, 0), TopicPartition(FORGET, 0)}, shell.generation())
+    shell.restored.set()
+    await shell.on_assigned(fake, fake.assigned)
+    for future in fake.futures:
+        if getattr(future, "__name__", "") == "replay_once":
+            await future  # fails: logged, the worker serves on
+        else:
+            future.close()
+    shell.step.relearn([decode(o) for o in range(3)], [(source_of(CLICKS, 1), o) for o in range(3)])
+    shell.forgets_pending.set()  # a peer's erasure: the one-second timer asks for a snapshot
+    for _ in range(2):
+        await shell.snapshot_after_forgets()
+        await shell.snapshot_models()
+    assert await store.get_blob(SNAPSHOT_KEY) == clean
+    assert caplog.text.count("not snapshotting the models") == 1  # said once, not every second
+    await shell.handle_taken(fake, [_event(message(10, fake.consumer_generation_id))])  # replays first
+    await shell.snapshot_models()
+    assert len(calls) == 2 and shell.step.recommender.n_learned == 4
+    assert Recommender.restore(await store.get_blob(SNAPSHOT_KEY)).n_learned == 4
 
 
 def decode(offset: int):
