@@ -80,8 +80,10 @@ class Watcher(threading.Thread):
     def run(self) -> None:
         try:
             asyncio.run(self._consume())
-        except BaseException as exc:  # noqa: BLE001 - said by the demo, which waits on ready
+        except BaseException as exc:  # noqa: BLE001 - said here, or by the demo, which waits on ready
             self.error = exc
+            if self.ready.is_set():
+                print(f"  the demo's reader stopped: {exc!r}; the summary counts what it read before")
             self.ready.set()
 
     async def _consume(self) -> None:
