@@ -40,10 +40,14 @@ from stream.search_step import SearchConfig, SearchStep
 from stream.settings import Settings
 from stream.snapshots import ModelSnapshots, serving_with
 from stream.state import Fenced, UserStateStore
+from stream.step_inputs import source_of
 from stream.step_results import exception_text
 from stream.topics import committed_offsets
 
 log = logging.getLogger("streamrec.app")
+
+#: how long after a failed replay of the forget requests it is tried again (before the next batch)
+FORGET_RETRY_S = 30
 
 
 @dataclass
@@ -76,6 +80,11 @@ class Shell:
     revoking: bool = False
     #: a snapshot was skipped while the forget requests' replay was due (said once until one is taken)
     snapshot_held: bool = False
+    #: after a failed replay of the forget requests: per forget partition (its source), the offset
+    #: the models had learned then; the retry starts there, however far batches moved it since
+    forget_floors: dict[str, int] = field(default_factory=dict)
+    #: when a failed replay of the forget requests is tried again (time.monotonic())
+    forget_retry_at: float = 0.0
     #: scorer versions that failed to load: counted once, not tried again
     refused_models: set[str] = field(default_factory=set)
     claims: Claims = field(init=False)
@@ -162,6 +171,7 @@ class Shell:
         (stream/peers.py)."""
         settings = self.settings
         self.revoking = False
+        self.forget_retry_at = 0.0  # a partition taken over: its forget requests now, not after a failure's wait
         parts = {tp.partition for tp in assigned if tp.topic in settings.topics.consumed}
         generation = self.generation()
         self.claims.release(set(self.claims.partitions) - parts)
@@ -313,13 +323,33 @@ class Shell:
         partitions now owned that the models have not learned, up to the committed offsets
         where the agent starts (a partition taken over while the peer reader was behind its old
         owner's commits; a replay at start that failed). Tried once: a failure is logged, and the
-        batches go on (a partition's first batch moves the models past what they missed)."""
+        batches go on (a partition's first batch moves the models past what they missed). The
+        forget requests among them are the exception: tried again before a later batch, at most
+        every ``FORGET_RETRY_S``, from the offsets the models had learned at the failure
+        (``forget_floors``), with no snapshot meanwhile (:meth:`snapshot_models`)."""
+        forget = self.settings.topics.forget
+        if self.replay_due == {forget} and time.monotonic() < self.forget_retry_at:
+            return  # a failed replay of the forget requests alone, retried at most every FORGET_RETRY_S
         topics, self.replay_due = self.replay_due, frozenset()
         try:
             await self._replay(app, topics)
         except Exception as exc:  # noqa: BLE001 - the batch goes on; the models miss those events
+            if forget not in topics:
+                log.error("could not learn the events the models miss before the committed offsets of this worker's "
+                          "partitions (%s); the models go on without them", described(exc))
+                return
+            # never without the erasures: they are tried again from where the models stood now,
+            # however far this worker's own batches move the forget partitions meanwhile
+            learned = self.step.recommender.learned_offsets
+            for tp in app.consumer.assignment():
+                if tp.topic == forget:  # one the models never saw: from its beginning, as gaps() would
+                    src = source_of(tp.topic, tp.partition)
+                    self.forget_floors.setdefault(src, learned.get(src, -1))
+            self.replay_due |= {forget}
+            self.forget_retry_at = time.monotonic() + FORGET_RETRY_S
             log.error("could not learn the events the models miss before the committed offsets of this worker's "
-                      "partitions (%s); the models go on without them", described(exc))
+                      "partitions (%s); the models go on without the events, and the forget requests among them are "
+                      "tried again in %d s (no model snapshot until then)", described(exc), FORGET_RETRY_S)
 
     async def _replay(self, app, topics: frozenset[str] | None = None) -> None:
         """What the models miss of this worker's partitions (of ``topics``; None: all it reads),
@@ -327,11 +357,15 @@ class Shell:
         settings, step = self.settings, self.step
         topics = frozenset(settings.topics.consumed) if topics is None else topics
         learned = step.recommender.learned_offsets
+        floors = self.forget_floors if settings.topics.forget in topics else {}
+        if floors:  # a failed replay's forget requests, from where the models stood then
+            learned = {**learned, **{src: min(learned.get(src, floor), floor) for src, floor in floors.items()}}
         committed = await asyncio.to_thread(committed_offsets, settings.kafka, settings.app_id)
         mine = {(tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in topics}
         # every forget request the snapshot may predate: from the beginning where it knows none
         todo = gaps(learned, {tp: off for tp, off in committed.items() if tp in mine}, from_start=(settings.topics.forget,))
         if not todo:
+            self.forget_floors = {} if floors else self.forget_floors
             return
         self.health.set("models", False, "learning the events the models miss before the committed offsets")
         total = sum(g.size for g in todo)
@@ -353,6 +387,8 @@ class Shell:
         finally:
             self.health.set("models", True, "restored")
         self.metrics.events_relearned.inc(n)
+        if floors and not stopped:
+            self.forget_floors = {}
         if stopped:
             self.replay_due |= topics
             log.info("learned %d event(s) again in %.1f s, then stopped for a rebalance; the rest is learned after "

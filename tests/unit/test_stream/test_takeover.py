@@ -25,7 +25,7 @@ from stream.decoding import decode_event
 from stream.handler import BatchHandler, RawMessage
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
-from stream.records import Bounds, ClickEvent, encode
+from stream.records import Bounds, ClickEvent, ForgetRequest, encode
 from stream.replay import Gap
 from stream.settings import Settings
 from stream.snapshots import SNAPSHOT_KEY
@@ -186,6 +186,71 @@ async def test_no_snapshot_while_the_forget_requests_replay_failed_at_start(monk
     await shell.snapshot_models()
     assert len(calls) == 2 and shell.step.recommender.n_learned == 4
     assert Recommender.restore(await store.get_blob(SNAPSHOT_KEY)).n_learned == 4
+
+
+async def test_a_failed_replay_of_forget_requests_is_tried_again_from_where_the_models_stood(monkeypatch):
+    """A takeover's replay of the forget requests the peer reader had not read yet fails: they
+    are tried again later from the offset the models had learned then, though this worker's own
+    batch moved that partition's offset past them meanwhile, and no snapshot is taken until
+    then (the models still hold the erased user). Before, the failure was logged and the
+    erasure was never applied to these models."""
+    env = {**ENV, "STREAMREC_LEARN_ALL_PARTITIONS": "false", "STREAMREC_SNAPSHOT_FORK": "false"}
+    topics = Settings.from_env(env).topics
+    store = InMemoryUserStateStore()
+    forget0 = source_of(FORGET, 0)
+
+    def request(offset: int) -> ForgetRequest:
+        return ForgetRequest(user_id=f"u{offset}", request_id=f"r{offset}", ts=1_700_000_000_000 + 10 * offset)
+
+    committed = {(FORGET, 0): 2}  # the old owner carried out the requests at offsets 0 and 1
+    monkeypatch.setattr(shell_module, "committed_offsets", lambda *args, **kw: dict(committed))
+    calls: list = []
+    fail = [TimeoutError("no records within 30 s")]
+
+    async def replay(step, kafka, todo, bounds, **kw):
+        calls.append(list(todo))
+        if fail:
+            raise fail.pop()
+        for gap in todo:
+            step.forget([request(o) for o in range(gap.start, gap.end)],
+                        [(source_of(gap.topic, gap.partition), o) for o in range(gap.start, gap.end)])
+        return 0
+
+    monkeypatch.setattr(shell_module, "replay", replay)
+    shell = unplugged_shell(Settings.from_env(env), store)
+    models = shell.step.recommender
+    models.learned_offsets[forget0] = 0  # the peer reader had read the request at offset 0 only
+    # users the models learned (u1 is erased at offset 1, u3 never)
+    shell.step.relearn([ClickEvent(event_id=f"e-{uid}", user_id=uid, item_id="i1", ts=1_700_000_000_000)
+                        for uid in ("u1", "u3")], [(source_of(CLICKS, 1), 0), (source_of(CLICKS, 1), 1)])
+    fake = FakeApp({TopicPartition(CLICKS, 1), TopicPartition(FORGET, 1)}, shell.generation())
+    shell.replayed = True  # past the first assignment: this one is a rebalance
+    shell.models_ready.set()
+    fake.assigned = {TopicPartition(CLICKS, 0), TopicPartition(CLICKS, 1), TopicPartition(FORGET, 0),
+                     TopicPartition(FORGET, 1)}
+    await shell.on_assigned(fake, fake.assigned)
+    for future in fake.futures:
+        if getattr(future, "__name__", "") == "replay_after_rebalance":
+            await future  # fails
+        else:
+            future.close()
+    assert calls == [[Gap(FORGET, 0, 1, 2)]] and not models.refuses("u1", 1_700_000_000_000)
+
+    # this worker's own batch carries out the request at offset 2 and moves the partition past 1
+    await shell.handle_taken(fake, [_event(RawMessage(topics.forget, 0, 2, b"u2", encode(request(2)), None,
+                                                      fake.consumer_generation_id))])
+    committed[(FORGET, 0)] = 3
+    assert models.learned_offsets[forget0] == 2
+    await shell.snapshot_models()
+    assert await store.get_blob(SNAPSHOT_KEY) is None  # not while the models may hold u1
+    await shell.handle_taken(fake, [_event(message(20, fake.consumer_generation_id))])
+    assert len(calls) == 1  # not before FORGET_RETRY_S
+    shell.forget_retry_at = 0.0  # FORGET_RETRY_S later
+    await shell.handle_taken(fake, [_event(message(21, fake.consumer_generation_id))])
+    assert calls[1] == [Gap(FORGET, 0, 1, 3)] and models.refuses("u1", 1_700_000_000_000)
+    assert not models.refuses("u3", 1_700_000_000_000) and shell.forget_floors == {}
+    await shell.snapshot_models()
+    assert await store.get_blob(SNAPSHOT_KEY) is not None
 
 
 def decode(offset: int):
