@@ -98,6 +98,8 @@ class Shell:
     peers: PeerLearner = field(init=False)
     forgets_pending: asyncio.Event = field(init=False)
     peers_started: bool = False
+    #: the Faust app of the last assignment (None before the first)
+    app: object | None = None
     #: what searches retrieve from, kept from the items topic by ``catalogue_feed``
     #: (None with STREAMREC_CATALOGUE=false)
     catalogue: Catalogue | None = field(init=False, default=None)
@@ -170,6 +172,7 @@ class Shell:
         requests, and with ``STREAMREC_LEARN_ALL_PARTITIONS`` learn their events too
         (stream/peers.py)."""
         settings = self.settings
+        self.app = app  # for the timers' replays of failed forget requests (snapshot_models)
         self.revoking = False
         self.forget_retry_at = 0.0  # a partition taken over: its forget requests now, not after a failure's wait
         parts = {tp.partition for tp in assigned if tp.topic in settings.topics.consumed}
@@ -212,7 +215,12 @@ class Shell:
     async def snapshot_models(self) -> None:
         if not self.models_ready.is_set():
             return  # never over a good snapshot with models that have not restored it yet
-        if self.settings.topics.forget in self.replay_due:
+        forget = self.settings.topics.forget
+        if forget in self.replay_due and self.app is not None:  # an idle worker brings no batch to retry it
+            async with self.busy:
+                if forget in self.replay_due:
+                    await self.replay_due_gaps(self.app)
+        if forget in self.replay_due:
             # the replay of the forget requests failed (or is about to run after a rebalance): the
             # models may still hold users erased since the snapshot they were restored from, and
             # the store's snapshot (another worker's, taken after the erasure) may not
@@ -324,8 +332,8 @@ class Shell:
         where the agent starts (a partition taken over while the peer reader was behind its old
         owner's commits; a replay at start that failed). Tried once: a failure is logged, and the
         batches go on (a partition's first batch moves the models past what they missed). The
-        forget requests among them are the exception: tried again before a later batch, at most
-        every ``FORGET_RETRY_S``, from the offsets the models had learned at the failure
+        forget requests among them are the exception: tried again before a later batch (or
+        snapshot: :meth:`snapshot_models`), at most every ``FORGET_RETRY_S``, from the offsets the models had learned at the failure
         (``forget_floors``), with no snapshot meanwhile (:meth:`snapshot_models`)."""
         forget = self.settings.topics.forget
         if self.replay_due == {forget} and time.monotonic() < self.forget_retry_at:

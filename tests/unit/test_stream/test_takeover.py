@@ -163,7 +163,7 @@ async def test_no_snapshot_while_the_forget_requests_replay_failed_at_start(monk
     would put them back over the store's snapshot, which another worker may have taken clean."""
     store = InMemoryUserStateStore()
     calls: list = []
-    kafka_log(monkeypatch, {(CLICKS, 0): 10, (FORGET, 0): 1}, calls, [TimeoutError("no records within 30 s")])
+    kafka_log(monkeypatch, {(CLICKS, 0): 10, (FORGET, 0): 1}, calls, [TimeoutError("no records within 30 s")] * 2)
     shell = unplugged_shell(Settings.from_env({**ENV, "STREAMREC_SNAPSHOT_FORK": "false"}), store)
     clean = shell.step.recommender.snapshot()
     await store.set_blob(SNAPSHOT_KEY, clean)  # another worker's, taken after the erasure
@@ -177,14 +177,15 @@ async def test_no_snapshot_while_the_forget_requests_replay_failed_at_start(monk
             future.close()
     shell.step.relearn([decode(o) for o in range(3)], [(source_of(CLICKS, 1), o) for o in range(3)])
     shell.forgets_pending.set()  # a peer's erasure: the one-second timer asks for a snapshot
-    for _ in range(2):
+    for _ in range(2):  # the first tries the replay again (it fails too), the rest wait FORGET_RETRY_S
         await shell.snapshot_after_forgets()
         await shell.snapshot_models()
-    assert await store.get_blob(SNAPSHOT_KEY) == clean
+    assert await store.get_blob(SNAPSHOT_KEY) == clean and len(calls) == 2
     assert caplog.text.count("not snapshotting the models") == 1  # said once, not every second
+    shell.forget_retry_at = 0.0  # FORGET_RETRY_S later
     await shell.handle_taken(fake, [_event(message(10, fake.consumer_generation_id))])  # replays first
     await shell.snapshot_models()
-    assert len(calls) == 2 and shell.step.recommender.n_learned == 4
+    assert len(calls) == 3 and shell.step.recommender.n_learned == 4
     assert Recommender.restore(await store.get_blob(SNAPSHOT_KEY)).n_learned == 4
 
 
@@ -251,6 +252,31 @@ async def test_a_failed_replay_of_forget_requests_is_tried_again_from_where_the_
     assert not models.refuses("u3", 1_700_000_000_000) and shell.forget_floors == {}
     await shell.snapshot_models()
     assert await store.get_blob(SNAPSHOT_KEY) is not None
+
+
+async def test_an_idle_worker_retries_a_failed_forget_replay_at_its_snapshot(monkeypatch):
+    """No batch comes to an idle worker: its snapshot timer tries the replay again (at most every
+    FORGET_RETRY_S), and snapshots once it has run."""
+    env = {**ENV, "STREAMREC_LEARN_ALL_PARTITIONS": "false", "STREAMREC_SNAPSHOT_FORK": "false"}
+    store = InMemoryUserStateStore()
+    calls: list = []
+    kafka_log(monkeypatch, {(FORGET, 0): 2}, calls, [TimeoutError("no records within 30 s")])
+    shell = unplugged_shell(Settings.from_env(env), store)
+    shell.step.recommender.learned_offsets[source_of(FORGET, 0)] = 0
+    shell.replayed = True
+    shell.models_ready.set()
+    fake = FakeApp({TopicPartition(CLICKS, 0), TopicPartition(FORGET, 0)}, shell.generation())
+    await shell.on_assigned(fake, fake.assigned)
+    for future in fake.futures:
+        if getattr(future, "__name__", "") == "replay_after_rebalance":
+            await future  # fails
+        else:
+            future.close()
+    await shell.snapshot_models()  # within FORGET_RETRY_S: not tried, no snapshot
+    assert len(calls) == 1 and await store.get_blob(SNAPSHOT_KEY) is None
+    shell.forget_retry_at = 0.0
+    await shell.snapshot_models()
+    assert calls == [[Gap(FORGET, 0, 1, 2)]] * 2 and await store.get_blob(SNAPSHOT_KEY) is not None
 
 
 def decode(offset: int):
