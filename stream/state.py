@@ -249,6 +249,8 @@ def _decode_state(uid: str, doc: bytes) -> UserState:
         if "at `$.recs[" not in str(exc):
             raise
     raw = msgspec.json.decode(doc)  # an object: validation reached its recs
+    if not isinstance(raw["recs"], list):  # given twice, the last one no list (the typed decoder stopped at the first)
+        raise msgspec.ValidationError("`recs` is given more than once, the last time not as a list")
     kept = [entry for entry in raw["recs"] if isinstance(entry, list) and _is_remembered_list(entry)]
     log.error("user %r: %d of the stored remembered lists are not [rec_id, ts, flags]; dropped, so later "
               "clicks on them are not attributed", uid, len(raw["recs"]) - len(kept))
