@@ -192,8 +192,9 @@ class UserStateStore(Protocol):
                         delete: Collection[str] = ()) -> None:
         """Write all of ``docs`` (from :func:`encode_state`) and delete the state of the users
         in ``delete`` (erased: stream/handler.py), atomically; with ``fence`` (partition ->
-        claim), only while every claim is still the partition's latest, else nothing is
-        written and :class:`Fenced` is raised."""
+        claim), only while no newer claim was taken on any of those partitions, else nothing
+        is written and :class:`Fenced` is raised. A claim the store lost (missing, or older than
+        the one given: Redis lost writes) is no newer owner's: it is put back, and the save goes on."""
 
     async def save_many(self, states: Mapping[str, UserState], fence: Mapping[int, int] | None = None) -> None:
         """:meth:`save_docs` of the encoded ``states``."""
@@ -268,6 +269,14 @@ def _is_remembered_list(entry: list) -> bool:
             and type(entry[2]) is int)
 
 
+def _claims_lost(partitions: list[int]) -> None:
+    log.warning("the claim(s) on partition(s) %s were missing in the store or older than this worker's: Redis lost writes "
+                "(a restart, a failover to a replica that was behind, a restored dump, a flush). No other worker can "
+                "have claimed them since, so they are set back to this worker's and its writes go on; check Redis's "
+                "persistence (appendonly) and its replication if this was not a restore or a flush",
+                ", ".join(map(str, partitions)))
+
+
 class InMemoryUserStateStore:
     """The store for the evaluator, benchmarks and unit tests; same semantics as Redis."""
 
@@ -287,9 +296,13 @@ class InMemoryUserStateStore:
     async def save_docs(self, docs: Mapping[str, bytes], fence: Mapping[int, int] | None = None,
                         delete: Collection[str] = ()) -> None:
         if fence:
-            stale = sorted(p for p, claim in fence.items() if self._claims.get(p) != claim)
+            stale = sorted(p for p, claim in fence.items() if self._claims.get(p, 0) > claim)
             if stale:
                 raise Fenced(stale)
+            lost = sorted(p for p, claim in fence.items() if self._claims.get(p, 0) < claim)
+            if lost:
+                _claims_lost(lost)
+                self._claims.update((p, fence[p]) for p in lost)
         for uid in delete:
             self._docs.pop(uid, None)
         self._docs.update(docs)
@@ -322,15 +335,26 @@ class InMemoryUserStateStore:
 # KEYS: the fence's claim keys (ARGV[2] of them), then the keys to delete (ARGV[3] of
 # them), then the users' keys to write
 # ARGV: ttl, number of claims, number of deletions, the claims, then one document per key to write
-# returns the number of users written, or -i when the i-th claim is no longer the latest
+# returns {-i} when a claim newer than the i-th was taken (or the stored one is no number);
+# else the number of users written, then the i of each claim found missing or older (Redis
+# lost writes: no newer owner can have claimed since), set back to the one given
 _SAVE_LUA = """
 local ttl = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
 local d = tonumber(ARGV[3])
+local lost = {}
 for i = 1, n do
-  if redis.call('GET', KEYS[i]) ~= ARGV[3 + i] then
-    return -i
+  local held = redis.call('GET', KEYS[i])
+  if held ~= ARGV[3 + i] then
+    local claim = tonumber(held or 0)
+    if claim == nil or claim > tonumber(ARGV[3 + i]) then
+      return {-i}
+    end
+    lost[#lost + 1] = i
   end
+end
+for _, i in ipairs(lost) do
+  redis.call('SET', KEYS[i], ARGV[3 + i])
 end
 for i = n + 1, n + d do
   redis.call('DEL', KEYS[i])
@@ -342,7 +366,32 @@ for i = n + d + 1, #KEYS do
     redis.call('SET', KEYS[i], ARGV[3 + i - d])
   end
 end
-return #KEYS - n - d
+table.insert(lost, 1, #KEYS - n - d)
+return lost
+"""
+
+
+# KEYS: the partitions' claim keys; ARGV[1]: the worker's clock in microseconds (NTP keeps the
+# workers' within milliseconds; Redis's TIME would need an ACL category the documented user
+# lacks). Returns each one's new claim: one more than the stored one, and at least that clock,
+# so that it outnumbers every claim taken before it even where Redis lost those (a restart, a
+# failover to a replica that was behind, a restored dump): a save can then take a claim it
+# finds missing or older for one Redis lost (_SAVE_LUA)
+_CLAIM_LUA = """
+local now = tonumber(ARGV[1])
+local out = {}
+for i, key in ipairs(KEYS) do
+  local held = redis.call('GET', key)
+  local claim = tonumber(held or 0)
+  if claim == nil then
+    return redis.error_reply(key .. ' holds ' .. held .. ', not a claim (a number): delete the key, and the ' ..
+                             'worker claims the partition afresh')
+  end
+  claim = string.format('%.0f', math.max(claim + 1, now))
+  redis.call('SET', key, claim)
+  out[i] = claim
+end
+return out
 """
 
 
@@ -359,6 +408,7 @@ class RedisUserStateStore:
         self.ttl_s = ttl_s
         self.rebuilt = 0
         self._save_script = client.register_script(_SAVE_LUA)
+        self._claim_script = client.register_script(_CLAIM_LUA)
 
     @classmethod
     def from_url(cls, url: str, key_prefix: str = "streamrec:", ttl_s: int = 0, **client_options) -> RedisUserStateStore:
@@ -395,10 +445,12 @@ class RedisUserStateStore:
             return
         claims = sorted((fence or {}).items())
         keys = [self.claim_key(p) for p, _ in claims] + [self.key(uid) for uid in delete] + [self.key(uid) for uid in docs]
-        written = await self._save_script(keys=keys, args=[self.ttl_s, len(claims), len(delete), *(c for _, c in claims),
-                                                           *docs.values()])
-        if written < 0:
-            raise Fenced([claims[-written - 1][0]])
+        out = await self._save_script(keys=keys, args=[self.ttl_s, len(claims), len(delete), *(c for _, c in claims),
+                                                       *docs.values()])
+        if out[0] < 0:
+            raise Fenced([claims[-out[0] - 1][0]])
+        if len(out) > 1:
+            _claims_lost([claims[i - 1][0] for i in out[1:]])
 
     async def save_many(self, states: Mapping[str, UserState], fence: Mapping[int, int] | None = None) -> None:
         await self.save_docs({uid: _encode(s) for uid, s in states.items()}, fence)
@@ -407,10 +459,7 @@ class RedisUserStateStore:
         parts = sorted(set(partitions))
         if not parts:
             return {}
-        async with self.client.pipeline(transaction=True) as pipe:
-            for p in parts:
-                pipe.incr(self.claim_key(p))
-            values = await pipe.execute()
+        values = await self._claim_script(keys=[self.claim_key(p) for p in parts], args=[time.time_ns() // 1000])
         return dict(zip(parts, map(int, values), strict=True))
 
     def blob_key(self, name: str) -> str:

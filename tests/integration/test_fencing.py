@@ -18,7 +18,7 @@ import time
 
 from workerkit import FlowingFeed, exactly_once, wait_for
 
-#: the commands a worker writes user state and claims with (its save script, SET, INCR, MULTI/EXEC)
+#: the commands a worker writes user state and claims with (its save and claim scripts; SET, INCR, MULTI/EXEC before)
 WRITES = {b"EVALSHA", b"EVAL", b"SET", b"INCR", b"MULTI", b"EXEC", b"DEL"}
 
 

@@ -7,6 +7,7 @@ import redis.asyncio as aioredis
 
 from stream.state import (
     FINGERPRINT_CHARS,
+    Fenced,
     InMemoryUserStateStore,
     RedisUserStateStore,
     UserState,
@@ -100,4 +101,53 @@ async def test_redis_keys_carry_the_state_ttl(redis_url, redis_prefix):
         assert raw.startswith(b'{"user_id":"u1"')  # a readable JSON document for operators
     finally:
         await store.client.delete(f"{redis_prefix}user:u1")
+        await store.close()
+
+
+async def lose_claim(store, partition: int, how: str) -> None:
+    """What Redis holds of a claim after it lost writes (a restart, a failover, a restored dump)."""
+    if isinstance(store, InMemoryUserStateStore):
+        if how == "missing":
+            del store._claims[partition]
+        else:
+            store._claims[partition] -= 1
+    elif how == "missing":
+        await store.client.delete(store.claim_key(partition))
+    else:
+        await store.client.decr(store.claim_key(partition))
+
+
+@pytest.mark.parametrize("how", ["missing", "older"])
+async def test_a_claim_redis_lost_is_put_back_by_its_owner_and_still_fences_it_out_later(store, how):
+    """Before, every save of the partition was refused as fenced when none had claimed it since:
+    the partition stood still until a rebalance."""
+    await store.claim([0])
+    fence = await store.claim([0, 1])
+    await lose_claim(store, 0, how)
+    await store.save_many({"u1": UserState("u1", clicks=1)}, fence)
+    assert (await store.load_many(["u1"]))["u1"].clicks == 1
+    newer = await store.claim([0])  # the next owner
+    assert newer[0] > fence[0]
+    with pytest.raises(Fenced):
+        await store.save_many({"u1": UserState("u1", clicks=2)}, fence)
+    await store.save_many({"u1": UserState("u1", clicks=3)}, {**fence, **newer})
+    assert (await store.load_many(["u1"]))["u1"].clicks == 3
+
+
+async def test_a_claim_taken_after_redis_lost_older_ones_outnumbers_them(redis_url, redis_prefix):
+    """A dump restored with claims far behind: the next owner's claim still outnumbers the one the
+    old owner holds (claims count from the clock), so the old owner's late save is refused rather
+    than putting its claim back over the new one."""
+    store = RedisUserStateStore(aioredis.Redis.from_url(redis_url), key_prefix=redis_prefix)
+    try:
+        for _ in range(3):
+            old = await store.claim([0])
+        await store.client.set(store.claim_key(0), 1)
+        new = await store.claim([0])
+        with pytest.raises(Fenced):
+            await store.save_many({"u1": UserState("u1", clicks=1)}, old)
+        await store.save_many({"u1": UserState("u1", clicks=2)}, new)
+        assert (await store.load_many(["u1"]))["u1"].clicks == 2
+    finally:
+        await store.client.delete(store.claim_key(0), store.key("u1"))
         await store.close()
