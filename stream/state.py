@@ -445,8 +445,12 @@ class RedisUserStateStore:
             return
         claims = sorted((fence or {}).items())
         keys = [self.claim_key(p) for p, _ in claims] + [self.key(uid) for uid in delete] + [self.key(uid) for uid in docs]
-        out = await self._save_script(keys=keys, args=[self.ttl_s, len(claims), len(delete), *(c for _, c in claims),
-                                                       *docs.values()])
+        try:
+            out = await self._save_script(keys=keys, args=[self.ttl_s, len(claims), len(delete),
+                                                           *(c for _, c in claims), *docs.values()])
+        except redis.ReadOnlyError:
+            await self._reconnect_after_failover()
+            raise
         if out[0] < 0:
             raise Fenced([claims[-out[0] - 1][0]])
         if len(out) > 1:
@@ -459,7 +463,11 @@ class RedisUserStateStore:
         parts = sorted(set(partitions))
         if not parts:
             return {}
-        values = await self._claim_script(keys=[self.claim_key(p) for p in parts], args=[time.time_ns() // 1000])
+        try:
+            values = await self._claim_script(keys=[self.claim_key(p) for p in parts], args=[time.time_ns() // 1000])
+        except redis.ReadOnlyError:
+            await self._reconnect_after_failover()
+            raise
         return dict(zip(parts, map(int, values), strict=True))
 
     def blob_key(self, name: str) -> str:
@@ -469,7 +477,24 @@ class RedisUserStateStore:
         return await self.client.get(self.blob_key(name))
 
     async def set_blob(self, name: str, data: bytes) -> None:
-        await self.client.set(self.blob_key(name), data)
+        try:
+            await self.client.set(self.blob_key(name), data)
+        except redis.ReadOnlyError:
+            await self._reconnect_after_failover()
+            raise
+
+    async def _reconnect_after_failover(self) -> None:
+        """Drop the idle connections after a write was refused as READONLY: they reach a primary
+        that a failover made a replica, and redis-py keeps a connection unless it breaks, so every
+        retry on it would be refused too; the next call connects afresh to the URL's address (a
+        managed service's endpoint, or DNS, that the failover moved to the new primary)."""
+        log.warning("Redis refused a write: the server this worker is connected to is a read-only replica (a failover "
+                    "made it one). Connecting again for the next attempt; if this goes on, STREAMREC_REDIS_URL names "
+                    "a replica, not the primary")
+        try:
+            await self.client.connection_pool.disconnect(inuse_connections=False)
+        except Exception as exc:  # noqa: BLE001 - the refusal is what the caller must see
+            log.warning("dropping the connections to the replica failed (%s); they are tried again as they are", exc)
 
     def blob_writer(self, name: str) -> Callable[[bytes], None] | None:
         if self.url is None:
