@@ -11,7 +11,9 @@
   consumer group).
 - ``GET /readyz``: readiness. 200 once every condition holds (by default ``kafka``: the
   consumer joined its group and no rebalance is under way; ``redis``: the last PING was
-  answered), 503 with the failing conditions otherwise.
+  answered), 503 with the failing conditions otherwise; 503 too while a batch has been in hand
+  (or waiting for the models) longer than ``stuck_after_s`` (``progress``), judged when asked,
+  in the HTTP thread, so that a batch that hangs cannot leave a 200 behind.
 
 The answers are plain text (one line per condition), so ``curl`` shows an operator why.
 The HTTP thread only reads what the event loop wrote; it never calls Redis or Kafka.
@@ -49,18 +51,34 @@ class Health:
     """What the probes answer; written by the event loop, read by the HTTP thread."""
 
     def __init__(self, conditions: Iterable[str] = READY_CONDITIONS, stale_after_s: float = 30.0,
-                 startup_grace_s: float = 120.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 startup_grace_s: float = 120.0, clock: Callable[[], float] = time.monotonic,
+                 stuck_after_s: float = 60.0) -> None:
         self.stale_after_s = stale_after_s
         self.startup_grace_s = startup_grace_s
+        self.stuck_after_s = stuck_after_s
         self._clock = clock
         self._started = clock()
         self._last_beat: float | None = None
+        self._busy: tuple[float, str] | None = None  # (since, what) of the work in hand
         self._conditions: dict[str, tuple[bool, str]] = {c: (False, "not checked yet") for c in conditions}
         self._lock = threading.Lock()
 
     def beat(self) -> None:
         """The event loop is alive (call from a short Faust timer)."""
         self._last_beat = self._clock()
+
+    def busy(self, what: str) -> None:
+        """Work that should end within seconds began (a batch taken: ``what`` says it). Until
+        :meth:`idle`, readiness fails once it is older than ``stuck_after_s``, whatever the
+        conditions say: an await that never returns (an acknowledgement that never comes, a
+        thread that hangs, a lock never released) stops every batch while the loop beats and
+        Redis and Kafka answer. ``what`` may be said again as the work moves on (same start)."""
+        busy = self._busy
+        self._busy = (busy[0] if busy is not None else self._clock(), what)
+
+    def idle(self) -> None:
+        """The work in hand ended."""
+        self._busy = None
 
     def set(self, condition: str, ok: bool, detail: str = "") -> None:
         with self._lock:
@@ -83,9 +101,16 @@ class Health:
             conditions = dict(self._conditions)
         alive, why = self.liveness()
         lines = [f"{name}: {'ok' if ok else 'FAIL'} ({detail})" for name, (ok, detail) in sorted(conditions.items())]
+        ready = alive and all(ok for ok, _ in conditions.values())
         if not alive:
             lines.append(f"loop: FAIL ({why})")
-        return alive and all(ok for ok, _ in conditions.values()), "\n".join(lines)
+        now, busy = self._clock(), self._busy
+        if busy is not None and now - busy[0] > self.stuck_after_s:
+            ready = False
+            lines.append(f"progress: FAIL ({busy[1]} for {now - busy[0]:.0f} s (stuck after {self.stuck_after_s:.0f} s); "
+                         "no other batch is handled meanwhile: see the other conditions and the log, or restart "
+                         "the worker)")
+        return ready, "\n".join(lines)
 
 
 async def check_readiness(app: Any, store: Any, health: Health, bootstrap: KafkaConnection | str | None = None,

@@ -418,8 +418,23 @@ class Shell:
         the batch leaves this method (Faust would restart the agent, and the batch's offsets
         would stall its partitions' commits unseen): a batch whose partitions another worker
         claimed since (:class:`Fenced`) is left unacknowledged for that worker; a batch that
-        raised past every safeguard too, with the worker reporting unready."""
+        raised past every safeguard too, with the worker reporting unready.
+
+        Health is told the batch is in hand (:meth:`Health.busy`) from the moment it waits for
+        the lock: readiness fails while it waits or runs longer than ``stuck_after_s``, so that
+        an await that never returns (a lock a hung peer reader or replay holds, a thread that
+        hangs, an acknowledgement that never comes) is not a worker that says it is ready."""
+        self.health.busy(f"a batch of {len(events)} event(s) waiting for the models (a replay, a snapshot or the peer reader "
+                         "holds them)")
+        try:
+            await self._handle_taken(app, events)
+        finally:
+            self.health.idle()
+
+    async def _handle_taken(self, app, events: list) -> None:
+        """:meth:`handle_taken`'s work, once the health is told."""
         async with self.busy:
+            self.health.busy(f"a batch of {len(events)} event(s) in hand")
             dropped = drop_stale(app, events)
             if dropped:
                 log.info("%d event(s) taken before a rebalance, or of a partition whose commits are held, left unhandled "

@@ -1,0 +1,91 @@
+"""Readiness while the worker makes no progress, though its loop beats and Redis and Kafka answer."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+from stream.app import create_app
+from stream.health import Health
+from stream.settings import Settings
+from stream.state import InMemoryUserStateStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ready_shell(clock: Clock):
+    """A worker's shell whose health says ready (its loop beats, Redis and Kafka answer)."""
+    health = Health(clock=clock)
+    shell = create_app(Settings.from_env({}), load_model=False, health=health, store=InMemoryUserStateStore()).streamrec
+    for condition in ("kafka", "redis", "models"):
+        health.set(condition, True)
+    health.beat()
+    assert health.readiness()[0]
+    return shell, health
+
+
+class FakeApp:
+    """What handle_taken reads of a Faust app."""
+
+    def __init__(self) -> None:
+        self.flow_control = SimpleNamespace(is_active=lambda: True)
+        self.consumer_generation_id = 1
+        self.consumer = SimpleNamespace(held=set())
+
+
+def taken(*offsets: int) -> list:
+    return [SimpleNamespace(message=SimpleNamespace(topic="streamrec.clicks", partition=0, offset=o, key=b"u",
+                                                    value=b"{}", timestamp=None, generation_id=1))
+            for o in offsets]
+
+
+class HangingHandler:
+    """A batch whose handling awaits something that does not come (an acknowledgement, a thread)."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def handle_isolated(self, messages) -> None:
+        await self.release.wait()
+
+
+async def test_a_batch_that_never_finishes_makes_the_worker_unready_until_it_does():
+    clock = Clock()
+    shell, health = ready_shell(clock)
+    shell.handler = HangingHandler()
+    batch = asyncio.ensure_future(shell.handle_taken(FakeApp(), taken(0, 1)))
+    await asyncio.sleep(0.01)
+    clock.now += 30
+    health.beat()  # the loop is fine
+    assert health.readiness()[0]  # a slow batch is not yet a stuck one
+    clock.now += 31
+    health.beat()
+    ready, text = health.readiness()
+    assert not ready and "progress: FAIL (a batch of 2 event(s) in hand for 61 s" in text
+    shell.handler.release.set()
+    await asyncio.wait_for(batch, 1.0)
+    assert health.readiness()[0]  # progress again: ready at once
+
+
+async def test_a_batch_waiting_for_a_lock_that_is_never_released_makes_the_worker_unready():
+    """The peer reader, a replay or a snapshot holds the models' lock: no batch is handled."""
+    clock = Clock()
+    shell, health = ready_shell(clock)
+    shell.handler = HangingHandler()
+    shell.handler.release.set()  # handled at once once it has the lock
+    await shell.busy.acquire()  # held by a task that hangs
+    batch = asyncio.ensure_future(shell.handle_taken(FakeApp(), taken(0)))
+    await asyncio.sleep(0.01)
+    clock.now += 61
+    health.beat()
+    ready, text = health.readiness()
+    assert not ready and "progress: FAIL (a batch of 1 event(s) waiting for the models" in text
+    shell.busy.release()
+    await asyncio.wait_for(batch, 1.0)
+    assert health.readiness()[0]
