@@ -12,8 +12,9 @@
 - ``GET /readyz``: readiness. 200 once every condition holds (by default ``kafka``: the
   consumer joined its group and no rebalance is under way; ``redis``: the last PING was
   answered), 503 with the failing conditions otherwise; 503 too while a batch has been in hand
-  (or waiting for the models) longer than ``stuck_after_s`` (``progress``), judged when asked,
-  in the HTTP thread, so that a batch that hangs cannot leave a 200 behind.
+  (or waiting for the models) longer than ``stuck_after_s`` (``progress``), and while the
+  conditions have not been refreshed for ``stale_after_s`` (``checks``): both are judged when
+  asked, in the HTTP thread, so a task that hangs cannot leave a stale 200 behind.
 
 The answers are plain text (one line per condition), so ``curl`` shows an operator why.
 The HTTP thread only reads what the event loop wrote; it never calls Redis or Kafka.
@@ -60,6 +61,7 @@ class Health:
         self._started = clock()
         self._last_beat: float | None = None
         self._busy: tuple[float, str] | None = None  # (since, what) of the work in hand
+        self._checked: float | None = None  # when the conditions were last refreshed (check_readiness)
         self._conditions: dict[str, tuple[bool, str]] = {c: (False, "not checked yet") for c in conditions}
         self._lock = threading.Lock()
 
@@ -79,6 +81,12 @@ class Health:
     def idle(self) -> None:
         """The work in hand ended."""
         self._busy = None
+
+    def checked(self) -> None:
+        """The conditions were refreshed (:func:`check_readiness`). Once they have been, they
+        count only while younger than ``stale_after_s``: a check that hangs (a call into a stuck
+        consumer thread) would otherwise leave its last answer, maybe 200, standing for ever."""
+        self._checked = self._clock()
 
     def set(self, condition: str, ok: bool, detail: str = "") -> None:
         with self._lock:
@@ -104,12 +112,17 @@ class Health:
         ready = alive and all(ok for ok, _ in conditions.values())
         if not alive:
             lines.append(f"loop: FAIL ({why})")
-        now, busy = self._clock(), self._busy
+        now, busy, checked = self._clock(), self._busy, self._checked
         if busy is not None and now - busy[0] > self.stuck_after_s:
             ready = False
             lines.append(f"progress: FAIL ({busy[1]} for {now - busy[0]:.0f} s (stuck after {self.stuck_after_s:.0f} s); "
                          "no other batch is handled meanwhile: see the other conditions and the log, or restart "
                          "the worker)")
+        if checked is not None and now - checked > self.stale_after_s:
+            ready = False
+            lines.append(f"checks: FAIL (the conditions above were last refreshed {now - checked:.0f} s ago (stale "
+                         f"after {self.stale_after_s:.0f} s): the timer that checks them hangs, likely on a call into the "
+                         "Kafka consumer (a broker away); it goes on when the call returns, else restart the worker)")
         return ready, "\n".join(lines)
 
 
@@ -150,6 +163,7 @@ async def check_readiness(app: Any, store: Any, health: Health, bootstrap: Kafka
             else:
                 n = sum(1 for tp in assignment if tp.topic in inputs)
                 health.set("kafka", True, f"in the group, {n} input partitions assigned")
+    health.checked()
     return health.readiness()[0]
 
 

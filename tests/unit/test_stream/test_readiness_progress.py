@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+from faust.types import TP
+
 from stream.app import create_app
-from stream.health import Health
+from stream.health import Health, check_readiness
 from stream.settings import Settings
 from stream.state import InMemoryUserStateStore
 
@@ -89,3 +91,29 @@ async def test_a_batch_waiting_for_a_lock_that_is_never_released_makes_the_worke
     shell.busy.release()
     await asyncio.wait_for(batch, 1.0)
     assert health.readiness()[0]
+
+
+async def test_conditions_no_timer_refreshes_any_more_stop_counting():
+    """The timer that refreshes the conditions hangs after a check that found all well (a call
+    into the Kafka consumer thread that never returns: update_lag's, while the broker is away):
+    its last answer, 200, must not stand for ever."""
+
+    class Store:
+        async def ping(self):
+            return True
+
+    clock = Clock()
+    health = Health(clock=clock)
+    health.set("models", True)
+    app = SimpleNamespace(rebalancing=False, rebalancing_count=1,
+                          consumer=SimpleNamespace(assignment=lambda: {TP("streamrec.clicks", 0)}))
+    health.beat()
+    assert await check_readiness(app, Store(), health)
+    clock.now += 29
+    health.beat()  # the loop beats: only the checking timer hangs
+    assert health.readiness()[0]
+    clock.now += 2
+    health.beat()
+    ready, text = health.readiness()
+    assert not ready and "checks: FAIL (the conditions above were last refreshed 31 s ago" in text
+    assert await check_readiness(app, Store(), health)  # the timer goes on: ready again
