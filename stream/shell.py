@@ -85,6 +85,8 @@ class Shell:
     forget_floors: dict[str, int] = field(default_factory=dict)
     #: when a failed replay of the forget requests is tried again (time.monotonic())
     forget_retry_at: float = 0.0
+    #: a batch raised past every safeguard and its partitions' commits are held (``batches`` fails)
+    batch_failed: bool = False
     #: scorer versions that failed to load: counted once, not tried again
     refused_models: set[str] = field(default_factory=set)
     claims: Claims = field(init=False)
@@ -170,10 +172,17 @@ class Shell:
         The peer reader is
         told which partitions the worker now does not own: the models apply their forget
         requests, and with ``STREAMREC_LEARN_ALL_PARTITIONS`` learn their events too
-        (stream/peers.py)."""
+        (stream/peers.py). A batch that raised past every safeguard no longer holds anything
+        once its partitions were revoked (they are read again from the commit): ``batches``
+        is ready again, else the worker said unready until a restart, however well it went on."""
         settings = self.settings
         self.app = app  # for the timers' replays of failed forget requests (snapshot_models)
         self.revoking = False
+        if self.batch_failed and not getattr(app.consumer, "held", ()):
+            self.batch_failed = False
+            self.health.set("batches", True, "the partitions of the batch that raised were revoked, and are read again "
+                                             "from the commit (streamrec_batch_failures_total counts the failures)")
+            log.info("no partition's commits are held any more: the batch that raised is delivered again from the commit")
         self.forget_retry_at = 0.0  # a partition taken over: its forget requests now, not after a failure's wait
         parts = {tp.partition for tp in assigned if tp.topic in settings.topics.consumed}
         generation = self.generation()
@@ -455,6 +464,7 @@ class Shell:
                 raise
             except Exception as exc:  # noqa: BLE001 - the last safeguard: never crash the agent
                 self.metrics.batch_failures.inc()
+                self.batch_failed = True
                 self.health.set("batches", False, f"a batch of {len(events)} events raised {type(exc).__name__}: {exception_text(exc)}; "
                                                   "it is unacknowledged, so its partitions' commits wait (see the log)")
                 log.exception("a batch of %d events raised past every safeguard; it is left unacknowledged", len(events))

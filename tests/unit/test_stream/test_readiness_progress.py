@@ -117,3 +117,31 @@ async def test_conditions_no_timer_refreshes_any_more_stop_counting():
     ready, text = health.readiness()
     assert not ready and "checks: FAIL (the conditions above were last refreshed 31 s ago" in text
     assert await check_readiness(app, Store(), health)  # the timer goes on: ready again
+
+
+async def test_a_worker_whose_failed_batch_was_revoked_is_ready_again():
+    """A batch raised past every safeguard: its partition's commits are held, and ``batches``
+    fails, until the partition is revoked. After the rebalance nothing is held any more (the
+    batch is read again from the commit, here or by another worker): the worker must not say
+    unready until a restart."""
+
+    class Failing:
+        async def handle_isolated(self, messages) -> None:
+            raise RuntimeError("past every safeguard")
+
+    clock = Clock()
+    shell, health = ready_shell(clock)
+    consumer = create_app(Settings.from_env({}), load_model=False, store=InMemoryUserStateStore()).consumer
+    shell.handler = Failing()
+    app = SimpleNamespace(flow_control=SimpleNamespace(is_active=lambda: True), consumer_generation_id=1,
+                          consumer=consumer, add_future=lambda coro: coro.close())
+    await shell.handle_taken(app, taken(10))
+    ready, text = health.readiness()
+    assert not ready and "batches: FAIL" in text
+    clicks0 = TP("streamrec.clicks", 0)
+    assert consumer.held == {clicks0}
+    await consumer.on_partitions_revoked({clicks0})  # a rebalance: Faust revokes, then assigns
+    await shell.on_assigned(app, {TP("streamrec.clicks", 1)})
+    ready, text = health.readiness()
+    assert ready, text
+    assert "batches: ok" in text
