@@ -544,7 +544,10 @@ class BatchHandler:
 
     async def _retry(self, op: str, call: Callable[[], Awaitable]) -> object:
         """``call()`` until it succeeds; Redis and connection errors are retried with back-off
-        (the worker says unready meanwhile), anything else raises."""
+        (the worker says unready meanwhile), anything else raises. A call that raises after
+        failing (:class:`Fenced`: Redis answered, the partition moved on) ends the retries, and
+        with them the ``state`` failure: no later call may come to clear it (a worker handed no
+        partition with events said unready, "retrying", for as long as it stayed idle)."""
         errors = self.metrics.redis_errors
         delays = self.backoff.delays()
         failing = False
@@ -562,6 +565,8 @@ class BatchHandler:
                     self._ready("state", f"{op} works again")
                 return out
             if pass_on:
+                if failing or self._state_failing:
+                    self._ready("state", f"{op} answered again ({type(problem).__name__})")
                 raise problem
             failing = True
             errors.labels(op).inc()

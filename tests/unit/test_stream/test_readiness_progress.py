@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+import pytest
 from faust.types import TP
+from prometheus_client import CollectorRegistry
 
 from stream.app import create_app
+from stream.handler import BatchHandler
 from stream.health import Health, check_readiness
-from stream.settings import Settings
-from stream.state import InMemoryUserStateStore
+from stream.prometheus import Metrics
+from stream.retry import Backoff
+from stream.settings import Settings, TopicNames
+from stream.state import Fenced, InMemoryUserStateStore
 
 
 class Clock:
@@ -145,3 +150,28 @@ async def test_a_worker_whose_failed_batch_was_revoked_is_ready_again():
     ready, text = health.readiness()
     assert ready, text
     assert "batches: ok" in text
+
+
+async def test_a_retry_that_ends_fenced_leaves_an_idle_worker_ready():
+    """Redis drops a claim's connection, then answers that the partition moved on (a rebalance
+    meanwhile): the retry loop stops (Fenced), and the worker, maybe handed no partition with
+    events since, must not say "state: FAIL ... retrying" until its next batch saves."""
+    clock = Clock()
+    health = Health(clock=clock)
+    for condition in ("kafka", "redis"):
+        health.set(condition, True)
+    health.beat()
+    answers = iter([ConnectionError("Connection reset by peer"), Fenced([0])])
+
+    async def claim():
+        raise next(answers)
+
+    async def publish(records):
+        return []
+
+    handler = BatchHandler(None, InMemoryUserStateStore(), publish, TopicNames(), Metrics(CollectorRegistry()),
+                           backoff=Backoff(base_s=0.001, cap_s=0.01, jitter=0), health=health)
+    with pytest.raises(Fenced):
+        await handler._retry("claim", claim)
+    ready, text = health.readiness()
+    assert ready, text
