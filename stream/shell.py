@@ -48,6 +48,9 @@ log = logging.getLogger("streamrec.app")
 
 #: how long after a failed replay of the forget requests it is tried again (before the next batch)
 FORGET_RETRY_S = 30
+#: a partition whose committed offset stays behind the events handled there for longer than this
+#: makes the worker unready (``commits``); Faust commits every second
+COMMITS_STUCK_S = 60.0
 
 
 @dataclass
@@ -87,6 +90,10 @@ class Shell:
     forget_retry_at: float = 0.0
     #: a batch raised past every safeguard and its partitions' commits are held (``batches`` fails)
     batch_failed: bool = False
+    #: per input partition, the offset after the last event handled and acknowledged there
+    handled: dict[TP, int] = field(default_factory=dict)
+    #: per partition whose handled events wait for a commit: (the committed offset seen, since when)
+    commit_waits: dict[TP, tuple[int | None, float]] = field(default_factory=dict)
     #: scorer versions that failed to load: counted once, not tried again
     refused_models: set[str] = field(default_factory=set)
     claims: Claims = field(init=False)
@@ -213,6 +220,8 @@ class Shell:
         The models stop learning other workers' partitions until the new assignment is known:
         one of them may be this worker's again."""
         self.peers.pause()
+        for tp in revoked or ():  # their next owner commits them (watch_commits)
+            self.handled.pop(tp, None)
         self.revoking = True  # a replay in hand stops within a second; the next assignment asks for it again
         wait_s = self.settings.session_timeout_s / 2
         if revoked and not await self.wait_idle(wait_s):
@@ -292,7 +301,46 @@ class Shell:
         inputs = self.settings.topics.inputs
         await check_readiness(app, self.store, self.health, self.settings.kafka_bootstrap, inputs)
         await update_lag(app, self.lag, inputs)
+        self.watch_commits(app)
         self.lag.set_scorer(self.step.scorer)  # reads the manifest only when the scorer or its version changes
+
+    def watch_commits(self, app, now: float | None = None) -> None:
+        """The ``commits`` condition: fails while a partition's committed offset has not moved
+        for ``COMMITS_STUCK_S`` although events after it were handled and acknowledged. Faust
+        commits every second from the event loop, without a timeout: a commit that hangs (the
+        group's coordinator unreachable while the partitions' leaders still answer) stops the
+        commits, and after ``broker_commit_every`` acknowledgements the fetching too, while
+        nothing else fails. A partition whose commits are held on purpose (``batches``), or no
+        longer assigned, is not watched."""
+        now = time.monotonic() if now is None else now
+        consumer = app.consumer
+        try:
+            assigned = consumer.assignment()
+        except Exception:  # noqa: BLE001 - not started: nothing handled yet
+            return
+        committed = getattr(consumer, "_committed_offset", {})  # faust keeps it per TP
+        held = getattr(consumer, "held", ())
+        stuck: list[tuple[float, TP, int, int | None]] = []
+        for tp, upto in list(self.handled.items()):
+            done = committed.get(tp)
+            if tp not in assigned or tp in held or (done is not None and done >= upto):
+                del self.handled[tp]
+                self.commit_waits.pop(tp, None)
+                continue
+            seen = self.commit_waits.get(tp)
+            if seen is None or seen[0] != done:  # committing, if not yet all of it
+                self.commit_waits[tp] = (done, now)
+            elif now - seen[1] > COMMITS_STUCK_S:
+                stuck.append((now - seen[1], tp, upto, done))
+        for tp in set(self.commit_waits) - set(self.handled):
+            del self.commit_waits[tp]
+        if stuck:
+            waited, tp, upto, done = max(stuck)
+            self.health.set("commits", False, f"{len(stuck)} partition(s) commit nothing: {tp.topic}[{tp.partition}] "
+                                              f"handled up to offset {upto}, committed {done} for {waited:.0f} s; "
+                                              "see the log for the Kafka consumer's commit errors, or restart the worker")
+        else:
+            self.health.set("commits", True, "the handled events are committed")
 
     # -- batches -----------------------------------------------------------------------
 
@@ -469,6 +517,9 @@ class Shell:
                                                   "it is unacknowledged, so its partitions' commits wait (see the log)")
                 log.exception("a batch of %d events raised past every safeguard; it is left unacknowledged", len(events))
                 leave_unacknowledged(app, events)
+            for ev in events:  # what take_batches acknowledges, to be committed (watch_commits)
+                tp = TP(ev.message.topic, ev.message.partition)
+                self.handled[tp] = max(self.handled.get(tp, 0), ev.message.offset + 1)
             if self.fetch_pacer is not None:
                 self.fetch_pacer.observe(time.perf_counter() - started)
 

@@ -175,3 +175,37 @@ async def test_a_retry_that_ends_fenced_leaves_an_idle_worker_ready():
         await handler._retry("claim", claim)
     ready, text = health.readiness()
     assert ready, text
+
+
+async def test_commits_that_stop_moving_behind_the_handled_events_make_the_worker_unready():
+    """Faust's commit hangs (the group's coordinator unreachable while the partitions' leaders
+    answer): the worker handles what it fetched, then nothing, and every other condition holds."""
+
+    class Recording:
+        async def handle_isolated(self, messages) -> None:
+            pass
+
+    clock = Clock()
+    shell, health = ready_shell(clock)
+    shell.handler = Recording()
+    clicks0, clicks1 = TP("streamrec.clicks", 0), TP("streamrec.clicks", 1)
+    consumer = SimpleNamespace(assignment=lambda: {clicks0, clicks1}, _committed_offset={clicks0: 5}, held={clicks1})
+    app = SimpleNamespace(flow_control=SimpleNamespace(is_active=lambda: True), consumer_generation_id=1,
+                          consumer=consumer)
+    await shell.handle_taken(app, taken(10, 11))
+    shell.handled[clicks1] = 7  # its commits are held on purpose (a batch that raised): batches says so
+    shell.watch_commits(app, now=0.0)
+    assert health.readiness()[0]
+    consumer._committed_offset[clicks0] = 8  # committing, under load: never all of it at once
+    shell.watch_commits(app, now=30.0)
+    shell.watch_commits(app, now=89.0)
+    assert health.readiness()[0]
+    shell.watch_commits(app, now=91.0)  # not a commit for 61 s
+    ready, text = health.readiness()
+    assert not ready
+    assert "commits: FAIL (1 partition(s) commit nothing: streamrec.clicks[0] handled up to offset 12, committed 8" in text
+    consumer._committed_offset[clicks0] = 12
+    shell.watch_commits(app, now=92.0)
+    ready, text = health.readiness()
+    assert ready, text
+    assert shell.handled == {}
