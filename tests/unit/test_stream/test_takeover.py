@@ -63,6 +63,15 @@ class FakeApp:
         self.futures.append(coro)
 
 
+async def run_futures(fake: FakeApp, name: str) -> None:
+    """Run the futures the shell handed the app under ``name`` (a replay), close the others (the reader)."""
+    for future in fake.futures:
+        if getattr(future, "__name__", "") == name:
+            await future
+        else:
+            future.close()
+
+
 def unplugged_shell(settings: Settings, store):
     """The worker's shell, publishing its lists nowhere: a unit test needs no broker."""
     shell = create_app(settings, load_model=False, store=store).streamrec
@@ -111,11 +120,7 @@ async def test_a_partition_taken_over_from_behind_the_commit_learns_the_events_i
     fake = FakeApp({TopicPartition(CLICKS, 1)}, shell.generation())
     shell.restored.set()  # no snapshot
     await shell.on_assigned(fake, fake.assigned)
-    for future in fake.futures:  # the first assignment's replay (nothing to learn) and the reader
-        if getattr(future, "__name__", "") == "replay_once":
-            await future
-        else:
-            future.close()
+    await run_futures(fake, "replay_once")  # the first assignment's replay (nothing to learn) and the reader
     events = [decode(o) for o in range(5)]
     shell.step.relearn(events, [(source_of(CLICKS, 0), o) for o in range(5)])
     assert shell.step.recommender.learned_offsets[source_of(CLICKS, 0)] == 4
@@ -146,11 +151,7 @@ async def test_a_replay_that_failed_at_start_is_tried_again_before_the_first_bat
     fake = FakeApp({TopicPartition(CLICKS, 0)}, shell.generation())
     shell.restored.set()
     await shell.on_assigned(fake, fake.assigned)
-    for future in fake.futures:
-        if getattr(future, "__name__", "") == "replay_once":
-            await future  # fails: logged, the worker serves on
-        else:
-            future.close()
+    await run_futures(fake, "replay_once")  # fails: logged, the worker serves on
     assert shell.models_ready.is_set() and models.n_learned == 0
     await shell.handle_taken(fake, [_event(message(o, fake.consumer_generation_id)) for o in range(10, 12)])
     assert calls == [[Gap(CLICKS, 0, 5, 10)]] * 2
@@ -170,11 +171,7 @@ async def test_no_snapshot_while_the_forget_requests_replay_failed_at_start(monk
     fake = FakeApp({TopicPartition(CLICKS, 0), TopicPartition(FORGET, 0)}, shell.generation())
     shell.restored.set()
     await shell.on_assigned(fake, fake.assigned)
-    for future in fake.futures:
-        if getattr(future, "__name__", "") == "replay_once":
-            await future  # fails: logged, the worker serves on
-        else:
-            future.close()
+    await run_futures(fake, "replay_once")  # fails: logged, the worker serves on
     shell.step.relearn([decode(o) for o in range(3)], [(source_of(CLICKS, 1), o) for o in range(3)])
     shell.forgets_pending.set()  # a peer's erasure: the one-second timer asks for a snapshot
     for _ in range(2):  # the first tries the replay again (it fails too), the rest wait FORGET_RETRY_S
@@ -230,11 +227,7 @@ async def test_a_failed_replay_of_forget_requests_is_tried_again_from_where_the_
     fake.assigned = {TopicPartition(CLICKS, 0), TopicPartition(CLICKS, 1), TopicPartition(FORGET, 0),
                      TopicPartition(FORGET, 1)}
     await shell.on_assigned(fake, fake.assigned)
-    for future in fake.futures:
-        if getattr(future, "__name__", "") == "replay_after_rebalance":
-            await future  # fails
-        else:
-            future.close()
+    await run_futures(fake, "replay_after_rebalance")  # fails
     assert calls == [[Gap(FORGET, 0, 1, 2)]] and not models.refuses("u1", 1_700_000_000_000)
 
     # this worker's own batch carries out the request at offset 2 and moves the partition past 1
@@ -267,11 +260,7 @@ async def test_an_idle_worker_retries_a_failed_forget_replay_at_its_snapshot(mon
     shell.models_ready.set()
     fake = FakeApp({TopicPartition(CLICKS, 0), TopicPartition(FORGET, 0)}, shell.generation())
     await shell.on_assigned(fake, fake.assigned)
-    for future in fake.futures:
-        if getattr(future, "__name__", "") == "replay_after_rebalance":
-            await future  # fails
-        else:
-            future.close()
+    await run_futures(fake, "replay_after_rebalance")  # fails
     await shell.snapshot_models()  # within FORGET_RETRY_S: not tried, no snapshot
     assert len(calls) == 1 and await store.get_blob(SNAPSHOT_KEY) is None
     shell.forget_retry_at = 0.0
