@@ -46,7 +46,7 @@ from stream.topics import committed_offsets
 
 log = logging.getLogger("streamrec.app")
 
-#: how long after a failed replay of the forget requests it is tried again (before the next batch)
+#: how long after a failed replay of the forget requests it is tried again (before a batch or a snapshot)
 FORGET_RETRY_S = 30
 #: a partition whose committed offset stays behind the events handled there for longer than this
 #: makes the worker unready (``commits``); Faust commits every second
@@ -389,9 +389,9 @@ class Shell:
         where the agent starts (a partition taken over while the peer reader was behind its old
         owner's commits; a replay at start that failed). Tried once: a failure is logged, and the
         batches go on (a partition's first batch moves the models past what they missed). The
-        forget requests among them are the exception: tried again before a later batch (or
-        snapshot: :meth:`snapshot_models`), at most every ``FORGET_RETRY_S``, from the offsets the models had learned at the failure
-        (``forget_floors``), with no snapshot meanwhile (:meth:`snapshot_models`)."""
+        forget requests among them are the exception: tried again before a later batch or
+        snapshot, at most every ``FORGET_RETRY_S``, from the offsets the models had learned at
+        the failure (``forget_floors``), with no snapshot meanwhile (:meth:`snapshot_models`)."""
         forget = self.settings.topics.forget
         if self.replay_due == {forget} and time.monotonic() < self.forget_retry_at:
             return  # a failed replay of the forget requests alone, retried at most every FORGET_RETRY_S
@@ -430,7 +430,8 @@ class Shell:
         # every forget request the snapshot may predate: from the beginning where it knows none
         todo = gaps(learned, {tp: off for tp, off in committed.items() if tp in mine}, from_start=(settings.topics.forget,))
         if not todo:
-            self.forget_floors = {} if floors else self.forget_floors
+            if floors:
+                self.forget_floors = {}
             return
         self.health.set("models", False, "learning the events the models miss before the committed offsets")
         total = sum(g.size for g in todo)
