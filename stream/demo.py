@@ -58,8 +58,8 @@ class Watcher(threading.Thread):
 
     It reads as a downstream service would, and as ``bench/pipeline_bench.py``'s reader does:
     aiokafka, a batch of records per fetch, in this thread's own event loop. The reader it had
-    before (kafka-python, record by record) added its own delay to every figure: 4-5 ms at p50
-    and 5-15 ms at p99 at 1,000 events/s (docs/architecture.md)."""
+    before (kafka-python, record by record) added its own delay to every figure: about 6 ms at
+    p50 and 10-30 ms at p99 at 1,000 events/s (docs/architecture.md)."""
 
     def __init__(self, kafka: KafkaConnection | str, recommendations: str, dlq: str, show_every: int) -> None:
         super().__init__(daemon=True)
