@@ -96,31 +96,28 @@ def test_serve_refuses_a_host_that_cannot_be_one_as_a_usage_error(monkeypatch, h
     assert said in _text(result.output)
 
 
-def test_a_ctrl_c_in_a_short_command_says_interrupted_and_exits_130(monkeypatch, capsys):
+def run_main_raising(monkeypatch, name: str, exc: BaseException) -> int:
+    """``streamrec NAME`` through ``stream.cli.main``, with NAME (and ``train``, so that typer
+    keeps subcommands) a command that raises ``exc``; returns the exit status."""
     def command() -> None:
-        raise KeyboardInterrupt
+        raise exc
 
     app = typer.Typer()
-    app.command("report")(command)
+    app.command(name)(command)
     app.command("train")(command)
     monkeypatch.setattr(stream.cli, "app", app)
-    monkeypatch.setattr("sys.argv", ["streamrec", "report"])
+    monkeypatch.setattr("sys.argv", ["streamrec", name])
     with pytest.raises(SystemExit) as info:
         stream.cli.main()
-    assert info.value.code == 130
+    return info.value.code
+
+
+def test_a_ctrl_c_in_a_short_command_says_interrupted_and_exits_130(monkeypatch, capsys):
+    assert run_main_raising(monkeypatch, "report", KeyboardInterrupt()) == 130
     assert capsys.readouterr().err.strip() == "streamrec: interrupted"
 
 
 def test_an_exit_130_a_command_chose_is_not_said_twice(monkeypatch, capsys):
-    def command() -> None:  # produce: stopped by SIGINT, it printed its summary
-        raise typer.Exit(130)
-
-    app = typer.Typer()
-    app.command("produce")(command)
-    app.command("train")(command)
-    monkeypatch.setattr(stream.cli, "app", app)
-    monkeypatch.setattr("sys.argv", ["streamrec", "produce"])
-    with pytest.raises(SystemExit) as info:
-        stream.cli.main()
-    assert info.value.code == 130
+    # produce: stopped by SIGINT, it printed its summary
+    assert run_main_raising(monkeypatch, "produce", typer.Exit(130)) == 130
     assert capsys.readouterr().err == ""
