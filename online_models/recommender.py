@@ -166,6 +166,10 @@ class Recommender:
         #: the highest offset learned or passed over; a snapshot carries it, so that a restart
         #: knows which events to learn again (stream/pipeline.py keeps it)
         self.learned_offsets: dict[str, int] = {}
+        #: the broker's id of each topic those sources belong to (stream/pipeline.py
+        #: ``align_topics``): a topic deleted and created again has a new id, and offsets that
+        #: start over, so the models' watermark of its partitions no longer holds
+        self.topic_ids: dict[str, str] = {}
         # session id -> its user, least recently active session first (learn_one keeps it), so
         # that forget_user reaches the learners' session-keyed tables. It holds at most
         # config.max_users sessions, which is complete for every session a learner still holds
@@ -567,6 +571,8 @@ class Recommender:
             self._forgotten_at = {}
         if "_session_users" not in state:
             self._session_users = {}
+        if "topic_ids" not in state:  # from before topic ids were kept: the topics it learned are taken as current
+            self.topic_ids = {}
 
     def snapshot(self, key: str | bytes | None = None) -> bytes:
         """Every learner, the re-ranker and the blend's own state, as versioned bytes.

@@ -53,7 +53,7 @@ from stream.records import (
 from stream.retry import Backoff
 from stream.search_step import SearchStep
 from stream.settings import TopicNames
-from stream.state import Fenced, UserStateStore, encode_state
+from stream.state import Fenced, UserState, UserStateStore, align_incarnation, encode_state
 from stream.step_inputs import source_of
 from stream.step_results import LIVE_CUTOFFS, StepResult, exception_text
 
@@ -151,6 +151,10 @@ class BatchHandler:
         #: answers the searches (the shell gives it the worker's catalogue: stream/search_step.py)
         self.search = SearchStep(step)
         self._side = frozenset((topics.forget, topics.impressions, topics.searches))  # not events: handled apart, first
+        #: the :func:`~stream.state.incarnation` of the input topics as the broker names them now
+        #: (the shell sets it at each assignment; None: not known, offsets are taken as they are)
+        self.incarnation: str | None = None
+        self.offsets_reset = 0  # loaded states whose offsets counted in a topic deleted and created again
         self.batches = 0
         self.events_applied = 0
         self._rebuilt_seen = 0
@@ -184,7 +188,7 @@ class BatchHandler:
 
         fence = await self._fence(messages) if self.claims is not None and events else None
         users = list(dict.fromkeys(ev.user_id for ev in events))
-        states = await self._retry("load", lambda: self.store.load_many(users)) if users else {}
+        states = await self._load(users) if users else {}
         t2 = clock()
 
         # on the event loop, whatever the batch's size. In a thread (batches of 64 events or
@@ -221,6 +225,19 @@ class BatchHandler:
                           "state_save": t5 - t4}, t5 - t0)
         except Exception:  # noqa: BLE001 - the batch's effects are done; a metric must not undo that
             log.exception("recording the batch's metrics failed")
+
+    async def _load(self, users: list[str]) -> dict[str, UserState]:
+        """The users' states (retried as :meth:`_retry` does), their offsets counting in the
+        input topics the broker has now (:func:`~stream.state.align_incarnation`)."""
+        states = await self._retry("load", lambda: self.store.load_many(users))
+        reset = align_incarnation(states.values(), self.incarnation)
+        if reset:
+            if not self.offsets_reset:
+                log.warning("user states hold offsets of an input topic that was deleted and created again since "
+                            "(its offsets started over): those offsets are dropped as each user is loaded, and the "
+                            "new topic's events applied (producers' duplicates are still caught by event id)")
+            self.offsets_reset += reset
+        return states
 
     async def _side_topics(self, messages: Sequence[RawMessage]) -> Sequence[RawMessage]:
         """Carry out the batch's forget requests (:meth:`_forget`), count its impressions
@@ -301,7 +318,7 @@ class BatchHandler:
         if searches:
             fence = await self._fence(kept) if self.claims is not None else None
             users = list(dict.fromkeys(s.user_id for s in searches))
-            states = await self._retry("load", lambda: self.store.load_many(users))
+            states = await self._load(users)
             search = self.search
             if len(searches) >= THREAD_MIN_SEARCHES:
                 result = await asyncio.to_thread(search, searches, states, now_ms, [m.position for m in kept], site_ids)
@@ -354,7 +371,7 @@ class BatchHandler:
         of = self.pseudonyms.of if self.pseudonyms is not None else (lambda uid: uid)
         self._distrust_misrouted(impressions, kept)
         ids = list(dict.fromkeys(of(imp.user_id) for imp in impressions))
-        states = await self._retry("load", lambda: self.store.load_many(ids))
+        states = await self._load(ids)
         counts: Counter[str] = Counter()
         changed: set[str] = set()
         unmatched = 0
@@ -391,7 +408,7 @@ class BatchHandler:
         fence = await self._fence(messages) if self.claims is not None and requests else None
         if requests:  # the bound: the request's ts, or the newest event the user's state holds if later
             ids = list(dict.fromkeys(req.user_id for req in requests))  # (a site clock ahead of the requester's)
-            held = await self._retry("load", lambda: self.store.load_many(ids))
+            held = await self._load(ids)
             requests = [msgspec.structs.replace(req, ts=max(req.ts, held[req.user_id].last_seen_ts,
                                                              held[req.user_id].query_ts)) for req in requests]
         for req, exc in self.step.forget(requests, positions, now_ms()):

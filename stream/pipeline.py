@@ -442,6 +442,33 @@ class RecommendationStep:
         for source, offset in starts.items():
             watermark.setdefault(source, offset - 1)
 
+    def align_topics(self, ids: Mapping[str, str]) -> list[str]:
+        """The topics of ``ids`` (topic -> the broker's topic id, :func:`stream.topics.topic_ids`)
+        that the models learned under another id: deleted and created again, their offsets
+        started over, so the models' watermark of their partitions (and the dead letters the
+        step passes over) name records that are gone. Those are dropped: the models learn the
+        new topic's events as those of a partition they never saw. The models remember ``ids``
+        (their snapshot carries them); a topic they never knew by id is taken as the same.
+
+        >>> step = RecommendationStep(Recommender.default())
+        >>> step.recommender.learned_offsets.update({"c:0": 41, "c:1": 7, "p:0": 3})
+        >>> step.align_topics({"c": "id1", "p": "id2"}), step.align_topics({"c": "id3", "p": "id2"})
+        ([], ['c'])
+        >>> step.recommender.learned_offsets
+        {'p:0': 3}
+        """
+        known = self.recommender.topic_ids
+        changed = sorted(t for t, i in ids.items() if known.get(t, i) != i)
+        if changed:
+            prefixes = tuple(f"{t}:" for t in changed)  # a topic's name has no ":" (stream.topics.check_topic_name)
+            watermark = self.recommender.learned_offsets
+            for source in [s for s in watermark if s.startswith(prefixes)]:
+                del watermark[source]
+            for pos in [p for p in self._dead_letters if p[0].startswith(prefixes)]:
+                del self._dead_letters[pos]
+        known.update(ids)
+        return changed
+
     def _remember_dead(self, positions) -> None:
         kept = self._dead_letters
         for pos in positions:

@@ -39,10 +39,10 @@ from stream.retry import Backoff
 from stream.search_step import SearchConfig, SearchStep
 from stream.settings import Settings
 from stream.snapshots import ModelSnapshots, serving_with
-from stream.state import Fenced, UserStateStore
+from stream.state import Fenced, UserStateStore, incarnation
 from stream.step_inputs import source_of
 from stream.step_results import exception_text
-from stream.topics import committed_offsets
+from stream.topics import committed_offsets, topic_ids
 
 log = logging.getLogger("streamrec.app")
 
@@ -88,6 +88,9 @@ class Shell:
     forget_floors: dict[str, int] = field(default_factory=dict)
     #: when a failed replay of the forget requests is tried again (time.monotonic())
     forget_retry_at: float = 0.0
+    #: the broker's id of each topic the worker reads, as of the last assignment ({}: not known):
+    #: a topic deleted and created again has a new one (:meth:`align_topics`)
+    topic_ids: dict[str, str] = field(default_factory=dict)
     #: a batch raised past every safeguard and its partitions' commits are held (``batches`` fails)
     batch_failed: bool = False
     #: per input partition, the offset after the last event handled and acknowledged there
@@ -199,6 +202,17 @@ class Shell:
         except Exception as exc:  # noqa: BLE001 - taken lazily instead
             log.warning("could not claim partitions %s on assignment (%s); claiming before their first batch",
                         sorted(parts), described(exc))
+        await self.read_topic_ids()
+        if self.restored.is_set():  # before the peer reader starts from the models' watermark below
+            try:
+                await asyncio.wait_for(self.busy.acquire(), settings.session_timeout_s / 4)
+            except TimeoutError:
+                pass  # the next batch or replay aligns them, under the lock
+            else:
+                try:
+                    self.align_models()
+                finally:
+                    self.busy.release()
         if not self.replayed:
             self.replayed = True
             app.add_future(self.replay_once(app, self.restored))
@@ -212,6 +226,40 @@ class Shell:
         if not self.peers_started:  # it waits for the models to be restored and replayed
             self.peers_started = True
             app.add_future(self.peers.run(self.models_ready))
+
+    async def read_topic_ids(self) -> None:
+        """Ask the broker for the ids of the topics the worker reads (a topic deleted and
+        created again has a new id, and its offsets start over), for the users' states
+        (:func:`~stream.state.align_incarnation`, through the handler) and the models
+        (:meth:`align_models`). Where the broker does not answer in time, the ids known before
+        stay (none at first: offsets are then taken as they are, as before ids were kept)."""
+        settings = self.settings
+        try:
+            ids = await asyncio.wait_for(asyncio.to_thread(topic_ids, settings.kafka, settings.topics.consumed,
+                                                           settings.session_timeout_s / 4),
+                                         settings.session_timeout_s / 4)
+        except Exception as exc:  # noqa: BLE001 - the ids known before stay
+            log.warning("could not read the input topics' ids (%s); a topic deleted and created again since %s is not "
+                        "noticed until the next rebalance", described(exc),
+                        "the last rebalance" if self.topic_ids else "the worker started")
+            return
+        self.topic_ids = ids
+        kept = {t: ids[t] for t in (*settings.topics.inputs, settings.topics.searches) if t in ids}
+        self.handler.incarnation = incarnation(kept) if kept else None
+
+    def align_models(self) -> None:
+        """Drop what the models know of the positions in topics deleted and created again since
+        they learned them (:meth:`RecommendationStep.align_topics`): they learn the new topics'
+        partitions from where the group reads them. Under the batch lock."""
+        if not self.topic_ids:
+            return
+        changed = self.step.align_topics(self.topic_ids)
+        if changed:
+            for source in [s for s in self.forget_floors if s.partition(":")[0] in changed]:
+                del self.forget_floors[source]
+            log.warning("topic(s) %s were deleted and created again since the models learned them (the broker gives "
+                        "them new ids, and their offsets started over): the models learn the recreated topics' events "
+                        "afresh, from where the consumer group reads them", ", ".join(changed))
 
     async def on_revoked(self, revoked) -> None:
         """Faust has suspended the flow: the batch in hand finishes (its state saved) before
@@ -365,6 +413,7 @@ class Shell:
         try:
             await restored.wait()
             async with self.busy:
+                self.align_models()
                 await self._replay(app)
         except Exception as exc:  # noqa: BLE001 - the worker serves on with what the models have
             self.replay_due |= frozenset((*self.settings.topics.inputs, self.settings.topics.forget))
@@ -499,6 +548,7 @@ class Shell:
                          "and unacknowledged; they are delivered again to their partitions' owner", dropped)
             if not events:
                 return
+            self.align_models()
             if self.replay_due:
                 await self.replay_due_gaps(app)
             started = time.perf_counter()

@@ -71,6 +71,10 @@ class UserState(msgspec.Struct, kw_only=False, omit_defaults=True):
     query_ts: int = 0
     #: the :func:`fingerprint` of each of the latest ``dedupe_window`` event ids, oldest first
     seen: str = ""
+    #: which topics ``offsets`` count in: the :func:`incarnation` of the input topics' ids when
+    #: they were written ("": unknown, from before it was kept). A topic deleted and created
+    #: again starts its offsets over; :func:`align_incarnation` drops offsets of another one.
+    incarnation: str = msgspec.field(default="", name="inc")
 
     def copy(self) -> UserState:
         """A copy that shares nothing that is changed in place with this state: the remembered
@@ -79,7 +83,7 @@ class UserState(msgspec.Struct, kw_only=False, omit_defaults=True):
         return UserState(self.user_id, list(self.recent_items), list(self.purchased), self.clicks, self.purchases,
                          self.last_seen_ts, self.session_id, list(self.event_ids), dict(self.offsets),
                          list(self.last_recommended), list(self.recs), list(self.recent_queries),
-                         self.query_ts, self.seen)
+                         self.query_ts, self.seen, self.incarnation)
 
     def has_seen(self, event_id: str, source: str | None = None, offset: int | None = None) -> bool:
         """True when this event was applied: its offset is at or below the watermark of its
@@ -110,6 +114,44 @@ def fingerprint(event_id: str) -> str:
     """
     digest = hashlib.blake2b(event_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return binascii.b2a_base64(digest, newline=False)[:FINGERPRINT_CHARS].decode()
+
+
+def incarnation(ids: Mapping[str, str]) -> str:
+    """A short tag of the broker's ids of the topics (topic -> id) whose offsets a user's state
+    keeps: it changes when one of them is deleted and created again.
+
+    >>> incarnation({"clicks": "a1", "purchases": "b2"}) == incarnation({"purchases": "b2", "clicks": "a1"})
+    True
+    >>> incarnation({"clicks": "a1", "purchases": "b2"}) == incarnation({"clicks": "c3", "purchases": "b2"})
+    False
+    """
+    text = "\n".join(f"{topic}={ids[topic]}" for topic in sorted(ids))
+    digest = hashlib.blake2b(text.encode(), digest_size=6).digest()
+    return binascii.b2a_base64(digest, newline=False).decode()
+
+
+def align_incarnation(states: Iterable[UserState], tag: str | None) -> int:
+    """Make each loaded state's offsets count in the topics ``tag`` names (:func:`incarnation`;
+    None: not known, nothing changes): a state whose offsets were written for another
+    incarnation of the topics (one deleted and created again since) forgets them, so that the
+    new topic's events, whose offsets start over, are not taken for redeliveries of the old
+    one's. The event ids' fingerprints (``seen``) still catch a producer's duplicates. A state
+    from before tags were kept is taken as the current incarnation's. Returns how many forgot.
+
+    >>> old, new = UserState("u1", offsets={"c:0": 41}, incarnation="AAAA"), UserState("u2", offsets={"c:0": 3})
+    >>> align_incarnation([old, new], "BBBB"), old.offsets, new.offsets, old.incarnation, new.incarnation
+    (1, {}, {'c:0': 3}, 'BBBB', 'BBBB')
+    """
+    if tag is None:
+        return 0
+    reset = 0
+    for state in states:
+        if state.incarnation != tag:
+            if state.incarnation and state.offsets:
+                state.offsets = {}
+                reset += 1
+            state.incarnation = tag
+    return reset
 
 
 def apply_event(

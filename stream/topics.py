@@ -277,6 +277,23 @@ def partition_count(bootstrap: KafkaConnection | str, topic: str, timeout_s: flo
     return len(described["partitions"]) or None
 
 
+def topic_ids(bootstrap: KafkaConnection | str, names: Iterable[str], timeout_s: float = 10.0) -> dict[str, str]:
+    """The broker's id of each of ``names`` that exists (a UUID, new each time a topic is
+    created: a topic deleted and created again has a new one). Topics the broker gives no id
+    (one that does not exist, a broker older than Kafka 2.8) are left out."""
+    kafka = KafkaConnection.of(bootstrap)
+    admin = _connected_admin(kafka, timeout_s)
+    try:
+        try:
+            described = admin.describe_topics(sorted(set(names)))
+        except KafkaError as exc:
+            raise _unavailable(kafka, timeout_s, exc) from None
+    finally:
+        admin.close()
+    return {str(t["name"]): str(t["topic_id"]) for t in described
+            if not t.get("error_code") and t.get("topic_id") and str(t["topic_id"]).strip("0-")}
+
+
 def require_topic(settings, topic: str) -> int:
     """The partitions of ``topic``, which a worker of ``settings`` (a
     :class:`~stream.settings.Settings`) creates when it starts; a :class:`StreamrecError` that
@@ -385,4 +402,4 @@ def _created(response: dict, asked: list[str]) -> list[str]:
     return [n for n in asked if n in created]
 
 
-__all__ = ["align_topic_configs", "check_copartitioned", "check_login", "check_topic_name", "committed_offsets", "ensure_streamrec_topics", "ensure_topics", "partition_count", "probe", "require_topic", "wait_for_kafka"]
+__all__ = ["align_topic_configs", "check_copartitioned", "check_login", "check_topic_name", "committed_offsets", "ensure_streamrec_topics", "ensure_topics", "partition_count", "probe", "require_topic", "topic_ids", "wait_for_kafka"]

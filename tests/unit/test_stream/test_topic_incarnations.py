@@ -1,0 +1,95 @@
+"""A topic deleted and created again starts its offsets over. The users' states and the models
+then hold positions of records that are gone; the worker tells the two apart by the broker's
+topic ids (stream/shell.py reads them at each assignment) and applies and learns the new
+topic's events, instead of passing them over as redeliveries."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from online_models import Recommender
+from stream.handler import BatchHandler, RawMessage
+from stream.pipeline import RecommendationStep
+from stream.prometheus import Metrics
+from stream.records import ClickEvent, encode
+from stream.retry import Backoff
+from stream.settings import TopicNames
+from stream.state import InMemoryUserStateStore, incarnation
+
+OLD = incarnation({"streamrec.clicks": "id-1", "streamrec.purchases": "id-2"})
+NEW = incarnation({"streamrec.clicks": "id-3", "streamrec.purchases": "id-2"})
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.records = []
+
+    async def __call__(self, records):
+        self.records += records
+        return []
+
+
+def handler(step: RecommendationStep, store: InMemoryUserStateStore, tag: str | None) -> BatchHandler:
+    h = BatchHandler(step, store, Sink(), TopicNames(), Metrics(CollectorRegistry()),
+                     backoff=Backoff(base_s=0.001, cap_s=0.01, jitter=0))
+    h.incarnation = tag
+    return h
+
+
+def batch(tag: str, n: int, start: int = 0) -> list[RawMessage]:
+    events = [ClickEvent(event_id=f"{tag}{i}", user_id="u1", item_id=f"i{i % 5}", ts=1_700_000_000_000 + i)
+              for i in range(n)]
+    return [RawMessage("streamrec.clicks", 0, start + i, b"u1", encode(ev)) for i, ev in enumerate(events)]
+
+
+async def test_events_of_a_recreated_topic_are_applied_and_learned_though_their_offsets_are_lower():
+    step, store = RecommendationStep(Recommender.default()), InMemoryUserStateStore()
+    await handler(step, store, OLD).handle(batch("a", 30))
+    assert (await store.load_many(["u1"]))["u1"].clicks == 30
+    assert step.recommender.learned_offsets == {"streamrec.clicks:0": 29}
+    assert step.align_topics({"streamrec.clicks": "id-1"}) == []
+
+    assert step.align_topics({"streamrec.clicks": "id-3"}) == ["streamrec.clicks"]  # what the shell does
+    h = handler(step, store, NEW)
+    await h.handle(batch("b", 10))  # offsets 0-9 again
+    state = (await store.load_many(["u1"]))["u1"]
+    assert (state.clicks, state.offsets, state.incarnation) == (40, {"streamrec.clicks:0": 9}, NEW)
+    assert step.recommender.n_learned == 40 and h.offsets_reset == 1
+    await h.handle(batch("b", 10))  # Kafka delivers them again: redeliveries now, of the new topic
+    assert (await store.load_many(["u1"]))["u1"].clicks == 40 and step.recommender.n_learned == 40
+
+
+async def test_without_topic_ids_the_offsets_are_taken_as_they_are():
+    step, store = RecommendationStep(Recommender.default()), InMemoryUserStateStore()
+    await handler(step, store, OLD).handle(batch("a", 30))
+    await handler(step, store, None).handle(batch("b", 10))  # the broker's ids unknown: redeliveries, as before
+    assert (await store.load_many(["u1"]))["u1"].clicks == 30
+
+
+async def test_a_state_from_before_tags_were_kept_counts_in_the_topics_of_now():
+    step, store = RecommendationStep(Recommender.default()), InMemoryUserStateStore()
+    await handler(step, store, None).handle(batch("a", 30))
+    assert (await store.load_many(["u1"]))["u1"].incarnation == ""
+    h = handler(step, store, NEW)
+    await h.handle(batch("a", 30))  # the same records again: all redeliveries, nothing written
+    assert (await store.load_many(["u1"]))["u1"].clicks == 30
+    await h.handle(batch("c", 1, start=30))
+    state = (await store.load_many(["u1"]))["u1"]
+    assert (state.clicks, state.incarnation, h.offsets_reset) == (31, NEW, 0)
+
+
+def test_the_models_snapshot_keeps_the_topic_ids_it_learned_under():
+    step = RecommendationStep(Recommender.default())
+    step.recommender.learned_offsets["streamrec.clicks:0"] = 29
+    step.align_topics({"streamrec.clicks": "id-1"})
+    restored = Recommender.restore(step.recommender.snapshot())
+    assert restored.topic_ids == {"streamrec.clicks": "id-1"}
+    again = RecommendationStep(restored)
+    assert again.align_topics({"streamrec.clicks": "id-3"}) == ["streamrec.clicks"]
+    assert again.recommender.learned_offsets == {}
+    state = step.recommender.__getstate__()
+    del state["topic_ids"]  # a snapshot from before topic ids were kept
+    old = Recommender.__new__(Recommender)
+    old.__setstate__(state)
+    assert old.topic_ids == {} and RecommendationStep(old).align_topics({"streamrec.clicks": "id-3"}) == []
+    assert old.learned_offsets == {"streamrec.clicks:0": 29}
