@@ -16,6 +16,10 @@
   conditions have not been refreshed for ``stale_after_s`` (``checks``): both are judged when
   asked, in the HTTP thread, so a task that hangs cannot leave a stale 200 behind.
 
+``/metrics`` carries the same judgement (:class:`ReadinessCollector`, made at each scrape):
+``streamrec_ready{condition="..."}`` (1 ok, 0 failing) for every condition, and
+``streamrec_ready_overall``, so an alert can say which condition fails.
+
 The answers are plain text (one line per condition), so ``curl`` shows an operator why.
 The HTTP thread only reads what the event loop wrote; it never calls Redis or Kafka.
 
@@ -32,11 +36,13 @@ import asyncio
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from http.server import ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import MetricsHandler
 
 from stream.connections import KafkaConnection
@@ -46,6 +52,8 @@ from stream.topics import probe
 log = logging.getLogger("streamrec.health")
 
 READY_CONDITIONS = ("kafka", "redis")
+#: the conditions judged when asked (Health.conditions), not set
+JUDGED_CONDITIONS = ("loop", "progress", "checks")
 
 
 class Health:
@@ -104,26 +112,111 @@ class Health:
             return True, f"event loop heartbeat {age:.1f} s ago"
         return False, f"event loop heartbeat {age:.1f} s ago (stale after {self.stale_after_s:.0f} s): the loop is blocked"
 
-    def readiness(self) -> tuple[bool, str]:
+    def conditions(self) -> list[tuple[str, bool, str]]:
+        """Every readiness condition judged now, as ``(name, ok, detail)``: those set (sorted by
+        name), then ``loop`` (the liveness heartbeat), ``progress`` (no batch in hand longer than
+        ``stuck_after_s``) and ``checks`` (the conditions refreshed within ``stale_after_s``).
+
+        The one judgement both :meth:`readiness` (``/readyz``) and the ``streamrec_ready`` gauges
+        (:class:`ReadinessCollector`) read; it only reads what the event loop wrote.
+
+        >>> h = Health(conditions=("redis",), clock=lambda: 0.0)
+        >>> h.set("redis", True, "PING answered")
+        >>> [(name, ok) for name, ok, _ in h.conditions()]
+        [('redis', True), ('loop', True), ('progress', True), ('checks', True)]
+        """
         with self._lock:
-            conditions = dict(self._conditions)
-        alive, why = self.liveness()
-        lines = [f"{name}: {'ok' if ok else 'FAIL'} ({detail})" for name, (ok, detail) in sorted(conditions.items())]
-        ready = alive and all(ok for ok, _ in conditions.values())
-        if not alive:
-            lines.append(f"loop: FAIL ({why})")
+            judged = [(name, ok, detail) for name, (ok, detail) in sorted(self._conditions.items())]
+        judged.append(("loop", *self.liveness()))
         now, busy, checked = self._clock(), self._busy, self._checked
-        if busy is not None and now - busy[0] > self.stuck_after_s:
-            ready = False
-            lines.append(f"progress: FAIL ({busy[1]} for {now - busy[0]:.0f} s (stuck after {self.stuck_after_s:.0f} s); "
-                         "no other batch is handled meanwhile: see the other conditions and the log, or restart "
-                         "the worker)")
-        if checked is not None and now - checked > self.stale_after_s:
-            ready = False
-            lines.append(f"checks: FAIL (the conditions above were last refreshed {now - checked:.0f} s ago (stale "
-                         f"after {self.stale_after_s:.0f} s): the timer that checks them hangs, likely on a call into the "
-                         "Kafka consumer (a broker away); it goes on when the call returns, else restart the worker)")
-        return ready, "\n".join(lines)
+        if busy is None:
+            judged.append(("progress", True, "no batch in hand"))
+        elif now - busy[0] > self.stuck_after_s:
+            judged.append(("progress", False, f"{busy[1]} for {now - busy[0]:.0f} s (stuck after {self.stuck_after_s:.0f} "
+                                              "s); no other batch is handled meanwhile: see the other conditions and "
+                                              "the log, or restart the worker"))
+        else:
+            judged.append(("progress", True, f"{busy[1]} for {now - busy[0]:.0f} s"))
+        if checked is None:
+            judged.append(("checks", True, "not refreshed yet"))
+        elif now - checked > self.stale_after_s:
+            judged.append(("checks", False, f"the conditions above were last refreshed {now - checked:.0f} s ago (stale "
+                                            f"after {self.stale_after_s:.0f} s): the timer that checks them hangs, "
+                                            "likely on a call into the Kafka consumer (a broker away); it goes on when "
+                                            "the call returns, else restart the worker"))
+        else:
+            judged.append(("checks", True, f"refreshed {now - checked:.0f} s ago"))
+        return judged
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready or not, and one line per condition: every condition set, and the judged ones
+        (``loop``, ``progress``, ``checks``) only while they fail, so a ready answer lists what
+        the worker checks."""
+        judged = self.conditions()
+        lines = [f"{name}: {'ok' if ok else 'FAIL'} ({detail})" for name, ok, detail in judged
+                 if not ok or name not in JUDGED_CONDITIONS]
+        return all(ok for _, ok, _ in judged), "\n".join(lines)
+
+
+READY_HELP = ("1 while the readiness condition holds, 0 while it fails (/readyz says why), judged at each scrape: "
+              "those the process sets (kafka, redis, state, output, models, batches, commits; serve: redis, models, "
+              "catalogue) and loop, progress, checks")
+READY_OVERALL_HELP = "1 while /readyz answers 200 (every streamrec_ready condition holds), else 0"
+
+
+class ReadinessCollector:
+    """The readiness conditions as Prometheus gauges, judged at every scrape (so never stale,
+    and never a call to Redis or Kafka: :meth:`Health.conditions` only reads):
+
+    - ``streamrec_ready{condition}``: 1 while the condition holds, 0 while it fails, for every
+      condition ``/readyz`` judges (those set, and ``loop``, ``progress``, ``checks``);
+    - ``streamrec_ready_overall``: 1 while ``/readyz`` answers 200, else 0.
+
+    The overall answer is a gauge of its own rather than ``streamrec_ready{condition="all"}``:
+    so every series of ``streamrec_ready`` is one condition, and ``streamrec_ready == 0`` or
+    ``count(streamrec_ready == 0)`` list or count the failing conditions without a label to
+    leave out (with an ``all`` series, each failure would show twice).
+
+    Register it with :func:`export_readiness` (once per registry).
+    """
+
+    def __init__(self, health: Health) -> None:
+        self.health = health
+
+    def describe(self) -> list:
+        return [GaugeMetricFamily("streamrec_ready", READY_HELP, labels=["condition"]),
+                GaugeMetricFamily("streamrec_ready_overall", READY_OVERALL_HELP)]
+
+    def collect(self):
+        judged = self.health.conditions()
+        family = GaugeMetricFamily("streamrec_ready", READY_HELP, labels=["condition"])
+        for name, ok, _ in judged:
+            family.add_metric([name], 1.0 if ok else 0.0)
+        yield family
+        yield GaugeMetricFamily("streamrec_ready_overall", READY_OVERALL_HELP,
+                                value=1.0 if all(ok for _, ok, _ in judged) else 0.0)
+
+
+_exported: weakref.WeakKeyDictionary[CollectorRegistry, ReadinessCollector] = weakref.WeakKeyDictionary()
+_exported_lock = threading.Lock()
+
+
+def export_readiness(registry: CollectorRegistry, health: Health) -> ReadinessCollector:
+    """Expose ``health``'s conditions on ``registry`` (:class:`ReadinessCollector`).
+
+    Once per registry: called again (another :class:`Health` in the same process: tests, a
+    server started again), the collector already registered reads the new ``health`` instead
+    of a second one being registered, which would raise "Duplicated timeseries" on the
+    process-wide ``REGISTRY`` (and expose each condition twice on another registry).
+    """
+    with _exported_lock:
+        collector = _exported.get(registry)
+        if collector is None:
+            collector = ReadinessCollector(health)
+            registry.register(collector)
+            _exported[registry] = collector
+        collector.health = health
+    return collector
 
 
 async def check_readiness(app: Any, store: Any, health: Health, bootstrap: KafkaConnection | str | None = None,
@@ -211,6 +304,7 @@ class HealthServer:
                               f"{exc.strerror or exc}") from None
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
+        export_readiness(registry, health)  # streamrec_ready{condition} beside what /readyz answers
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="streamrec-http", daemon=True)
 
     def start(self) -> HealthServer:

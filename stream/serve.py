@@ -55,7 +55,7 @@ from online_models.search import Catalogue
 from online_models.types import ScoredItem
 from stream.catalogue_feed import CatalogueFeed
 from stream.errors import ConfigError, clipped, described
-from stream.health import Health
+from stream.health import Health, export_readiness
 from stream.pipeline import RecommendationStep
 from stream.prometheus import FROZEN_COUNT_INTERVAL_S, Metrics
 from stream.pseudonyms import Pseudonyms, pseudonyms_of
@@ -350,7 +350,8 @@ def api_runner(web_app: web.Application) -> web.AppRunner:
 
 
 def create_web_app(api: Api, max_in_flight: int = MAX_IN_FLIGHT, metrics: Metrics | None = None) -> web.Application:
-    """The API's routes, and ``/metrics`` (``metrics``' registry) when ``metrics`` is given."""
+    """The API's routes, and ``/metrics`` (``metrics``' registry) when ``metrics`` is given, with
+    ``streamrec_ready{condition}`` from ``api.health`` (stream/health.py, ReadinessCollector)."""
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _MalformedRequests) for f in server_log.filters):
         server_log.addFilter(_MalformedRequests())
@@ -364,6 +365,8 @@ def create_web_app(api: Api, max_in_flight: int = MAX_IN_FLIGHT, metrics: Metric
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
     if metrics is not None:
+        export_readiness(metrics.registry, api.health)  # what /readyz judges, at each scrape
+
         async def exposition(request: web.Request) -> web.Response:
             return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 

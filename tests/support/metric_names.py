@@ -6,15 +6,18 @@ import re
 
 from prometheus_client import CollectorRegistry
 
+from stream.health import Health, export_readiness
 from stream.lag import LagMetrics
 from stream.prometheus import Metrics
 
 
 def exported_metric_names() -> set[str]:
-    """Sample names the worker can expose: every family of the metric bundles, with its suffixes."""
+    """Sample names the worker can expose: every family of the metric bundles and the readiness
+    gauges, with their suffixes."""
     registry = CollectorRegistry()
     Metrics(registry)
     LagMetrics(registry)
+    export_readiness(registry, Health())  # streamrec_ready{condition}, streamrec_ready_overall
     names = set()
     for family in registry.collect():
         if family.type == "counter":
