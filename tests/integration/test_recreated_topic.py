@@ -44,11 +44,14 @@ def _recreate(kafka_admin, bootstrap: str, topic: str) -> None:
             time.sleep(0.5)
 
 
+@pytest.mark.parametrize("while_running", [False, True], ids=["worker-stopped", "worker-running"])
 def test_a_recreated_topic_is_applied_and_learned_though_the_old_offsets_were_higher(
-        worker_env, topic_prefix, redis_client, redis_bytes, kafka_admin, tmp_path):
+        worker_env, topic_prefix, redis_client, redis_bytes, kafka_admin, tmp_path, while_running):
     prefix = f"{topic_prefix}re."
     env = dict(worker_env, STREAMREC_PARTITIONS="1", STREAMREC_SNAPSHOT_INTERVAL_S="1",
                STREAMREC_TOPIC_PREFIX=prefix, STREAMREC_APP_ID=f"{prefix}worker")
+    if while_running:  # Faust's consumer sees the new topic at its next metadata refresh (every 5 minutes by default)
+        env["CONSUMER_METADATA_MAX_AGE_MS"] = "2000"
     bootstrap = env["STREAMREC_KAFKA_BOOTSTRAP"]
     ensure_topics(bootstrap, [f"{prefix}{t}" for t in ("clicks", "purchases", "recommendations", "dlq")], 1)
     base = time.time_ns() // 1_000_000 - 1_000_000
@@ -57,26 +60,23 @@ def test_a_recreated_topic_is_applied_and_learned_though_the_old_offsets_were_hi
         return [ClickEvent(event_id=f"{tag}{i}", user_id="u1" if i % 2 else "u2", item_id=f"i{i % 7}", ts=base + i)
                 for i in ids]
 
-    first = clicks(range(40), "a")
+    def applied(n: int) -> bool:
+        return all((user_doc(redis_client, prefix, u) or {}).get("clicks") == n for u in ("u1", "u2"))
+
     worker = WorkerProcess(env, tmp_path / "worker-0.log").start()
     try:
-        produce(bootstrap, prefix, [("clicks", ev.user_id.encode(), encode(ev)) for ev in first])
-        wait_for(lambda: (user_doc(redis_client, prefix, "u1") or {}).get("clicks") == 20
-                 and (user_doc(redis_client, prefix, "u2") or {}).get("clicks") == 20, 90, "the first 40 applied", worker)
+        produce(bootstrap, prefix, [("clicks", ev.user_id.encode(), encode(ev)) for ev in clicks(range(40), "a")])
+        wait_for(lambda: applied(20), 90, "the first 40 applied", worker)
         wait_for(lambda: _snapshot_learned(redis_bytes, prefix) == 40, 60, "a snapshot that learned them", worker)
-    finally:
-        assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()
-
-    _recreate(kafka_admin, bootstrap, f"{prefix}clicks")
-    # offsets 0-59 of the new topic, there before the worker starts (a backlog): the first 39
-    # at or below the offsets the states and the models hold, the rest above them
-    second = clicks(range(40, 100), "b")
-    produce(bootstrap, prefix, [("clicks", ev.user_id.encode(), encode(ev)) for ev in second])
-    worker = WorkerProcess(env, tmp_path / "worker-1.log").start()
-    try:
-        wait_for(lambda: (user_doc(redis_client, prefix, "u1") or {}).get("clicks") == 50
-                 and (user_doc(redis_client, prefix, "u2") or {}).get("clicks") == 50, 90,
-                 "the new topic's 60 events applied", worker)
+        if not while_running:
+            assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()
+        _recreate(kafka_admin, bootstrap, f"{prefix}clicks")
+        # offsets 0-59 of the new topic (with the worker stopped, all there before it starts: a
+        # backlog): the first 39 at or below the offsets the states and the models hold
+        produce(bootstrap, prefix, [("clicks", ev.user_id.encode(), encode(ev)) for ev in clicks(range(40, 100), "b")])
+        if not while_running:
+            worker = WorkerProcess(env, tmp_path / "worker-1.log").start()
+        wait_for(lambda: applied(50), 120, "the new topic's 60 events applied", worker)
         wait_for(lambda: _snapshot_learned(redis_bytes, prefix) == 100, 60, "a snapshot that learned them too", worker)
         triggers = {decode_recommendation(r.value).trigger_event_id for r in read_all(bootstrap, f"{prefix}recommendations")}
         assert {"b98", "b99"} <= triggers, sorted(triggers)
