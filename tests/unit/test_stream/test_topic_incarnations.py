@@ -8,12 +8,15 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from online_models import Recommender
+from stream import shell as shell_module
+from stream.app import create_app
+from stream.errors import ServiceUnavailable
 from stream.handler import BatchHandler, RawMessage
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
 from stream.records import ClickEvent, encode
 from stream.retry import Backoff
-from stream.settings import TopicNames
+from stream.settings import Settings, TopicNames
 from stream.state import InMemoryUserStateStore, incarnation
 
 OLD = incarnation({"streamrec.clicks": "id-1", "streamrec.purchases": "id-2"})
@@ -93,3 +96,47 @@ def test_the_models_snapshot_keeps_the_topic_ids_it_learned_under():
     old.__setstate__(state)
     assert old.topic_ids == {} and RecommendationStep(old).align_topics({"streamrec.clicks": "id-3"}) == []
     assert old.learned_offsets == {"streamrec.clicks:0": 29}
+
+
+def shell_reading(monkeypatch, answers: list):
+    """A worker's shell whose reads of the topics' ids give ``answers`` in turn (an exception: raised)."""
+    def read(*args, **kw):
+        got = answers.pop(0)
+        if isinstance(got, BaseException):
+            raise got
+        return got
+
+    monkeypatch.setattr(shell_module, "topic_ids", read)
+    shell = create_app(Settings.from_env({"STREAMREC_TOPIC_PREFIX": "t."}), load_model=False,
+                       store=InMemoryUserStateStore()).streamrec
+    return shell
+
+
+async def test_the_shell_tags_the_states_by_the_input_topics_and_aligns_the_models(monkeypatch, caplog):
+    first = {"t.clicks": "c1", "t.purchases": "p1", "t.searches": "s1", "t.forget": "f1", "t.impressions": "i1"}
+    shell = shell_reading(monkeypatch, [first, {**first, "t.forget": "f2"},
+                                        {**first, "t.forget": "f2", "t.clicks": "c2"},
+                                        ServiceUnavailable("Kafka at localhost:9092 did not answer")])
+    models = shell.step.recommender
+    models.learned_offsets.update({"t.clicks:0": 41, "t.forget:0": 5, "t.purchases:0": 3})
+    await shell.read_topic_ids()
+    tag = shell.handler.incarnation
+    assert tag == incarnation({"t.clicks": "c1", "t.purchases": "p1", "t.searches": "s1"})
+    shell.align_models()
+    assert models.topic_ids == first and len(models.learned_offsets) == 3
+
+    await shell.read_topic_ids()  # the forget topic again: no offset of it is in a user's state
+    shell.forget_floors["t.forget:0"] = 2
+    shell.align_models()
+    assert shell.handler.incarnation == tag
+    assert models.learned_offsets == {"t.clicks:0": 41, "t.purchases:0": 3} and shell.forget_floors == {}
+
+    await shell.read_topic_ids()
+    shell.align_models()
+    assert shell.handler.incarnation != tag and models.learned_offsets == {"t.purchases:0": 3}
+    assert "topic(s) t.clicks were deleted and created again" in caplog.text
+
+    tag = shell.handler.incarnation
+    await shell.read_topic_ids()  # the broker away: the ids known stay
+    assert shell.handler.incarnation == tag and shell.topic_ids["t.clicks"] == "c2"
+    assert "could not read the input topics' ids" in caplog.text
