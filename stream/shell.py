@@ -89,7 +89,7 @@ class Shell:
     #: when a failed replay of the forget requests is tried again (time.monotonic())
     forget_retry_at: float = 0.0
     #: the broker's id of each topic the worker reads, as of the last assignment ({}: not known):
-    #: a topic deleted and created again has a new one (:meth:`align_topics`)
+    #: a topic deleted and created again has a new one (:meth:`read_topic_ids`, :meth:`align_models`)
     topic_ids: dict[str, str] = field(default_factory=dict)
     #: a batch raised past every safeguard and its partitions' commits are held (``batches`` fails)
     batch_failed: bool = False
@@ -184,7 +184,9 @@ class Shell:
         requests, and with ``STREAMREC_LEARN_ALL_PARTITIONS`` learn their events too
         (stream/peers.py). A batch that raised past every safeguard no longer holds anything
         once its partitions were revoked (they are read again from the commit): ``batches``
-        is ready again, else the worker said unready until a restart, however well it went on."""
+        is ready again, else the worker said unready until a restart, however well it went on.
+        The topics' ids are read again (:meth:`read_topic_ids`): a topic deleted and created
+        again since is learned and applied afresh."""
         settings = self.settings
         self.app = app  # for the timers' replays of failed forget requests (snapshot_models)
         self.revoking = False
