@@ -213,6 +213,7 @@ class Shell:
             else:
                 try:
                     self.align_models()
+                    self.hand_over_floors(assigned)
                 finally:
                     self.busy.release()
         if not self.replayed:
@@ -262,6 +263,21 @@ class Shell:
             log.warning("topic(s) %s were deleted and created again since the models learned them (the broker gives "
                         "them new ids, and their offsets started over): the models learn the recreated topics' events "
                         "afresh, from where the consumer group reads them", ", ".join(changed))
+
+    def hand_over_floors(self, assigned) -> None:
+        """A failed replay's forget requests (``forget_floors``) of a partition this worker no
+        longer owns go to the peer reader, which reads every other worker's forget partitions
+        from the models' watermark: the watermark goes back to the floor (a request read twice
+        changes nothing), else this worker's batches had moved it past requests its models never
+        applied, and they would keep the erased users. Under the batch lock, before the reader
+        is told the new assignment."""
+        owned = {source_of(tp.topic, tp.partition) for tp in assigned}
+        learned = self.step.recommender.learned_offsets
+        for source in [s for s in self.forget_floors if s not in owned]:
+            floor = self.forget_floors.pop(source)
+            learned[source] = min(learned.get(source, floor), floor)
+            log.info("the forget requests of %s after offset %d, whose replay failed, are read again by the reader "
+                     "of the partitions other workers own", source, floor)
 
     async def on_revoked(self, revoked) -> None:
         """Faust has suspended the flow: the batch in hand finishes (its state saved) before
@@ -480,9 +496,10 @@ class Shell:
         mine = {(tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in topics}
         # every forget request the snapshot may predate: from the beginning where it knows none
         todo = gaps(learned, {tp: off for tp, off in committed.items() if tp in mine}, from_start=(settings.topics.forget,))
+        replayed = {source_of(t, p) for t, p in mine}  # their floors are done with once this succeeds
         if not todo:
             if floors:
-                self.forget_floors = {}
+                self.forget_floors = {s: f for s, f in floors.items() if s not in replayed}
             return
         self.health.set("models", False, "learning the events the models miss before the committed offsets")
         total = sum(g.size for g in todo)
@@ -505,7 +522,7 @@ class Shell:
             self.health.set("models", True, "restored")
         self.metrics.events_relearned.inc(n)
         if floors and not stopped:
-            self.forget_floors = {}
+            self.forget_floors = {s: f for s, f in floors.items() if s not in replayed}
         if stopped:
             self.replay_due |= topics
             log.info("learned %d event(s) again in %.1f s, then stopped for a rebalance; the rest is learned after "

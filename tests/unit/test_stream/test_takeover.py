@@ -23,6 +23,7 @@ from stream import shell as shell_module
 from stream.app import create_app
 from stream.decoding import decode_event
 from stream.handler import BatchHandler, RawMessage
+from stream.peers import start_offsets
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
 from stream.records import Bounds, ClickEvent, ForgetRequest, encode
@@ -416,3 +417,40 @@ async def test_a_replay_asked_to_stop_ends_between_fetches_without_moving_the_mo
     assert await replay_module.replay(step, "unused:9092", [Gap(CLICKS, 0, 8, 10)], Bounds(),
                                       stop=lambda: asked.append(1) or len(asked) > 2) == 0
     assert len(asked) == 3 and step.recommender.learned_offsets[source_of(CLICKS, 0)] == 7
+
+
+async def test_a_failed_forget_replay_of_a_partition_given_away_is_left_to_the_peer_reader_from_its_floor(monkeypatch):
+    """The replay of a taken-over forget partition fails, this worker's own batch moves that
+    partition past the requests its models never applied, then a rebalance gives the partition
+    to another worker: the peer reader, which reads the others' forget partitions from the
+    models' watermark, must start at the failure's floor. Before, the floor was dropped with the
+    next successful replay of the partitions still owned, and the models kept the erased user."""
+    env = {**ENV, "STREAMREC_LEARN_ALL_PARTITIONS": "false", "STREAMREC_SNAPSHOT_FORK": "false"}
+    topics = Settings.from_env(env).topics
+    forget0 = source_of(FORGET, 0)
+    calls: list = []
+    kafka_log(monkeypatch, {(FORGET, 0): 2, (FORGET, 1): 0}, calls, [TimeoutError("no records within 30 s")])
+    shell = unplugged_shell(Settings.from_env(env), InMemoryUserStateStore())
+    models = shell.step.recommender
+    models.learned_offsets[forget0] = 0  # the peer reader had read the request at offset 0 only
+    shell.replayed = True  # past the first assignment: this one is a rebalance
+    shell.restored.set()
+    shell.models_ready.set()
+    fake = FakeApp({TopicPartition(CLICKS, 0), TopicPartition(FORGET, 0), TopicPartition(FORGET, 1)}, shell.generation())
+    await shell.on_assigned(fake, fake.assigned)
+    await run_futures(fake, "replay_after_rebalance")  # fails: the floor of forget[0] is 0
+    assert shell.forget_floors == {forget0: 0, source_of(FORGET, 1): -1}
+    request = ForgetRequest(user_id="u2", request_id="r2", ts=1_700_000_000_020)
+    await shell.handle_taken(fake, [_event(RawMessage(topics.forget, 0, 2, b"u2", encode(request), None,
+                                                      fake.consumer_generation_id))])
+    assert models.learned_offsets[forget0] == 2
+
+    await shell.on_revoked(set(fake.assigned))
+    fake.assigned = {TopicPartition(CLICKS, 1), TopicPartition(FORGET, 1)}  # forget[0] is another worker's now
+    fake.futures.clear()
+    await shell.on_assigned(fake, fake.assigned)
+    assert shell.forget_floors == {source_of(FORGET, 1): -1}  # still this worker's: its own retry
+    assert models.learned_offsets[forget0] == 0
+    assert start_offsets([(FORGET, 0)], models.learned_offsets, {}) == {(FORGET, 0): 1}
+    for future in fake.futures:
+        future.close()
