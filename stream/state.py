@@ -223,7 +223,8 @@ class UserStateStore(Protocol):
     wrote.
     """
 
-    #: documents found corrupt by load_many (each loaded as a fresh state), since the start
+    #: documents found corrupt by load_many (each loaded as a fresh state), and users' keys found
+    #: holding another type than a document (a Redis store's save replaces them), since the start
     rebuilt: int
 
     async def load_many(self, user_ids: Iterable[str]) -> dict[str, UserState]:
@@ -375,40 +376,56 @@ class InMemoryUserStateStore:
 
 
 # KEYS: the fence's claim keys (ARGV[2] of them), then the keys to delete (ARGV[3] of
-# them), then the users' keys to write
-# ARGV: ttl, number of claims, number of deletions, the claims, then one document per key to write
+# them), then the users' keys to write, the first ARGV[4] of them to check
+# ARGV: ttl, number of claims, number of deletions, number of users' keys to check, the claims,
+# then one document per key to write
 # returns {-i} when a claim newer than the i-th was taken (or the stored one is no number);
 # else the number of users written, then the i of each claim found missing or older (Redis
-# lost writes: no newer owner can have claimed since), set back to the one given
+# lost writes: no newer owner can have claimed since), set back to the one given, then, only
+# when some checked key held another type than a string (which MGET reads as nil, and SET
+# replaces), one list: for each such key its place among the users' keys (1: the first) and
+# its type
 _SAVE_LUA = """
 local ttl = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
 local d = tonumber(ARGV[3])
+local c = tonumber(ARGV[4])
 local lost = {}
 for i = 1, n do
   local held = redis.call('GET', KEYS[i])
-  if held ~= ARGV[3 + i] then
+  if held ~= ARGV[4 + i] then
     local claim = tonumber(held or 0)
-    if claim == nil or claim > tonumber(ARGV[3 + i]) then
+    if claim == nil or claim > tonumber(ARGV[4 + i]) then
       return {-i}
     end
     lost[#lost + 1] = i
   end
 end
 for _, i in ipairs(lost) do
-  redis.call('SET', KEYS[i], ARGV[3 + i])
+  redis.call('SET', KEYS[i], ARGV[4 + i])
 end
 for i = n + 1, n + d do
   redis.call('DEL', KEYS[i])
 end
+local foreign = {}
+for i = n + d + 1, n + d + c do
+  local kind = redis.call('TYPE', KEYS[i])['ok']
+  if kind ~= 'none' and kind ~= 'string' then
+    foreign[#foreign + 1] = i - n - d
+    foreign[#foreign + 1] = kind
+  end
+end
 for i = n + d + 1, #KEYS do
   if ttl > 0 then
-    redis.call('SET', KEYS[i], ARGV[3 + i - d], 'EX', ttl)
+    redis.call('SET', KEYS[i], ARGV[4 + i - d], 'EX', ttl)
   else
-    redis.call('SET', KEYS[i], ARGV[3 + i - d])
+    redis.call('SET', KEYS[i], ARGV[4 + i - d])
   end
 end
 table.insert(lost, 1, #KEYS - n - d)
+if #foreign > 0 then
+  lost[#lost + 1] = foreign
+end
 return lost
 """
 
@@ -437,9 +454,27 @@ return out
 """
 
 
+#: most users loaded as absent that a store remembers until their save checks their key's type
+#: (several of the largest batches, STREAMREC_BATCH_SIZE at most 16,384): only a store that loads
+#: and never saves (serve's) reaches it
+ABSENT_KEPT = 65_536
+#: most keys of another type a store remembers having logged (each is logged once)
+FOREIGN_LOGGED_KEPT = 10_000
+
+
 class RedisUserStateStore:
     """User state in Redis: ``{prefix}user:{user_id}`` holds the JSON document, and
-    ``{prefix}claim:{partition}`` the latest claim on an input partition."""
+    ``{prefix}claim:{partition}`` the latest claim on an input partition.
+
+    A user's key holding another type than a string (a hash, a list, a set: another application
+    writing under the prefix, an operator's mistake) reads as nil in the ``MGET``, so the user
+    starts afresh, and the save's ``SET`` replaces it. The save notices it: the store remembers
+    the users it loaded as absent (at most :data:`ABSENT_KEPT`, the oldest forgotten first), and
+    its script asks the ``TYPE`` of those users' keys only, before their ``SET``. Those are
+    counted in ``rebuilt``, like a document that does not decode, and each key is logged once.
+    A user whose document loaded costs no ``TYPE``: the check is one Redis call per new (or
+    expired) user inside the save's one script call, never a round trip.
+    """
 
     def __init__(self, client, key_prefix: str = "streamrec:", ttl_s: int = 0, url: str | None = None,
                  client_options: Mapping[str, object] | None = None) -> None:
@@ -449,6 +484,10 @@ class RedisUserStateStore:
         self.key_prefix = key_prefix
         self.ttl_s = ttl_s
         self.rebuilt = 0
+        #: users loaded as absent, not saved since: their save checks their key's type (oldest first)
+        self._absent: dict[str, None] = {}
+        #: keys of another type logged already (oldest first)
+        self._foreign_logged: dict[str, None] = {}
         self._save_script = client.register_script(_SAVE_LUA)
         self._claim_script = client.register_script(_CLAIM_LUA)
 
@@ -470,9 +509,14 @@ class RedisUserStateStore:
             return {}
         docs = await self.client.mget([self.key(u) for u in ids])
         out = {}
+        absent = self._absent
         for uid, doc in zip(ids, docs, strict=True):
+            if doc is None:  # no key, or one of another type (see the class): the save checks which
+                absent.pop(uid, None)  # to the newest end
+                absent[uid] = None
             out[uid], bad = _load(uid, doc)
             self.rebuilt += bad
+        trim_oldest(absent, ABSENT_KEPT)
         return out
 
     async def save_docs(self, docs: Mapping[str, bytes], fence: Mapping[int, int] | None = None,
@@ -480,23 +524,58 @@ class RedisUserStateStore:
         """One atomic command for the whole batch: a Lua script checks the fence, DELetes the
         erased users' keys and SETs every other key (with the TTL).
 
+        The keys of the users loaded as absent go first, and the script asks their ``TYPE``
+        before it writes (the class says why).
+
         (A MULTI/EXEC pipeline of one SET per user costs ~40 µs of Python per user in
         redis-py's command packing; one script call with all keys costs a few.)
         """
         if not docs and not delete:
             return
+        absent = self._absent
+        checked = [uid for uid in docs if uid in absent] if absent else []
+        if checked:
+            users = checked + [uid for uid in docs if uid not in absent]
+            values = [docs[uid] for uid in users]
+        else:
+            users, values = list(docs), docs.values()
         claims = sorted((fence or {}).items())
-        keys = [self.claim_key(p) for p, _ in claims] + [self.key(uid) for uid in delete] + [self.key(uid) for uid in docs]
+        keys = [self.claim_key(p) for p, _ in claims] + [self.key(uid) for uid in delete] + [self.key(uid) for uid in users]
         try:
-            out = await self._save_script(keys=keys, args=[self.ttl_s, len(claims), len(delete),
-                                                           *(c for _, c in claims), *docs.values()])
+            out = await self._save_script(keys=keys, args=[self.ttl_s, len(claims), len(delete), len(checked),
+                                                           *(c for _, c in claims), *values])
         except redis.ReadOnlyError:
             await self._reconnect_after_failover()
             raise
         if out[0] < 0:
             raise Fenced([claims[-out[0] - 1][0]])
-        if len(out) > 1:
-            _claims_lost([claims[i - 1][0] for i in out[1:]])
+        for uid in checked:
+            del absent[uid]
+        foreign = out[-1] if len(out) > 1 and isinstance(out[-1], list) else None
+        lost = out[1:-1] if foreign is not None else out[1:]
+        if lost:
+            _claims_lost([claims[i - 1][0] for i in lost])
+        if foreign:
+            self._replaced_foreign([(users[i - 1], kind) for i, kind in zip(foreign[::2], foreign[1::2], strict=True)])
+
+    def _replaced_foreign(self, found: list[tuple[str, bytes | str]]) -> None:
+        """Count in ``rebuilt`` the users whose key held another type (``found``: the user and
+        the type), which their save replaced, and log each key the first time."""
+        self.rebuilt += len(found)
+        logged = self._foreign_logged
+        for uid, kind in found:
+            key = self.key(uid)
+            if key in logged:
+                continue
+            logged[key] = None
+            kind = kind.decode() if isinstance(kind, bytes) else kind
+            log.error("user %r: the key %s held a Redis %s, not a user's state (a JSON string): the worker read no "
+                      "state there, started the user afresh, and its save replaced the %s (its contents are gone; an "
+                      "event Kafka redelivers for the user may apply twice). Find who wrote it: streamrec owns every "
+                      "key under %r (STREAMREC_TOPIC_PREFIX), so another application writing there needs a prefix "
+                      "of its own. Counted in streamrec_states_rebuilt_total; each key is logged once",
+                      uid, key, kind, kind, self.key_prefix)
+        trim_oldest(logged, FOREIGN_LOGGED_KEPT)
 
     async def save_many(self, states: Mapping[str, UserState], fence: Mapping[int, int] | None = None) -> None:
         await self.save_docs({uid: _encode(s) for uid, s in states.items()}, fence)
