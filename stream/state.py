@@ -392,7 +392,11 @@ local d = tonumber(ARGV[3])
 local c = tonumber(ARGV[4])
 local lost = {}
 for i = 1, n do
-  local held = redis.call('GET', KEYS[i])
+  local held = redis.pcall('GET', KEYS[i])
+  if type(held) == 'table' then
+    return redis.error_reply(KEYS[i] .. ' holds another Redis type than a claim (a number): delete the key, and ' ..
+                             'the worker claims the partition afresh')
+  end
   if held ~= ARGV[4 + i] then
     local claim = tonumber(held or 0)
     if claim == nil or claim > tonumber(ARGV[4 + i]) then
@@ -440,7 +444,11 @@ _CLAIM_LUA = """
 local now = tonumber(ARGV[1])
 local out = {}
 for i, key in ipairs(KEYS) do
-  local held = redis.call('GET', key)
+  local held = redis.pcall('GET', key)
+  if type(held) == 'table' then
+    return redis.error_reply(key .. ' holds another Redis type than a claim (a number): delete the key, and the ' ..
+                             'worker claims the partition afresh')
+  end
   local claim = tonumber(held or 0)
   if claim == nil then
     return redis.error_reply(key .. ' holds ' .. held .. ', not a claim (a number): delete the key, and the ' ..
@@ -595,7 +603,15 @@ class RedisUserStateStore:
         return f"{self.key_prefix}{name}"
 
     async def get_blob(self, name: str) -> bytes | None:
-        return await self.client.get(self.blob_key(name))
+        key = self.blob_key(name)
+        try:
+            return await self.client.get(key)
+        except redis.ResponseError as exc:  # a key of another type (WRONGTYPE): say which, and what to do
+            if not str(exc).startswith("WRONGTYPE"):
+                raise
+            raise redis.ResponseError(f"{key} holds another Redis type than a blob (a string), so it cannot be read: "
+                                      f"delete the key (streamrec owns every key under {self.key_prefix!r}; an "
+                                      f"application writing there needs a prefix of its own)") from exc
 
     async def set_blob(self, name: str, data: bytes) -> None:
         try:

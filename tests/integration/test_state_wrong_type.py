@@ -14,6 +14,7 @@ import logging
 
 import msgspec
 import pytest
+import redis
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
@@ -153,6 +154,23 @@ async def test_the_worker_counts_it_in_its_metric_and_keeps_the_event(redis_url,
         await store.close()
     assert metrics.registry.get_sample_value("streamrec_states_rebuilt_total") == 1
     assert msgspec.json.decode(redis_client.get(f"{redis_prefix}user:u1"))["clicks"] == 1
+
+
+async def test_a_claim_or_blob_key_of_another_type_is_refused_with_its_name(store, redis_client):
+    """Not a user's key: nothing to start afresh, so the worker retries (unready, logged) and the
+    error names the key and what to do, rather than Redis's bare WRONGTYPE."""
+    redis_client.hset(store.claim_key(1), "a", "b")
+    with pytest.raises(redis.ResponseError, match=f"{store.claim_key(1)} holds another Redis type .*delete the key"):
+        await store.claim([1])
+    fence = await store.claim([0])
+    redis_client.delete(store.claim_key(0))
+    redis_client.rpush(store.claim_key(0), "a")
+    with pytest.raises(redis.ResponseError, match=f"{store.claim_key(0)} holds another Redis type .*delete the key"):
+        await store.save_docs({"u1": encode_state(clicked("u1"))}, fence)
+    assert redis_client.exists(store.key("u1")) == 0
+    redis_client.sadd(store.blob_key("models:snapshot"), "a")
+    with pytest.raises(redis.ResponseError, match=f"{store.blob_key('models:snapshot')} holds another Redis type"):
+        await store.get_blob("models:snapshot")
 
 
 class Sink:
