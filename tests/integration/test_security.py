@@ -196,6 +196,9 @@ def test_store_over_tls_as_an_acl_user(redis_tls: SecureRedis, certs: Certs) -> 
             assert await store.ping()
             await store.save_many({"u1": UserState("u1", recent_items=["i1"])})
             assert (await store.load_many(["u1"]))["u1"].recent_items == ["i1"]
+            await store.load_many(["u2"])  # absent: its save asks the key's TYPE, which the ACL allows (+@read)
+            await store.save_many({"u2": UserState("u2", clicks=1)})
+            assert (await store.load_many(["u2"]))["u2"].clicks == 1 and store.rebuilt == 0
             store.blob_writer("blob")(b"data")  # what the snapshot child does, in a process of its own
             assert await store.get_blob("blob") == b"data"
         finally:
