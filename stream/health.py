@@ -54,6 +54,10 @@ log = logging.getLogger("streamrec.health")
 READY_CONDITIONS = ("kafka", "redis")
 #: the conditions judged when asked (Health.conditions), not set
 JUDGED_CONDITIONS = ("loop", "progress", "checks")
+#: what a failing ``progress`` and ``checks`` add in a worker (serve says its own: stream/serve.py)
+WORKER_STUCK_HINT = "no other batch is handled meanwhile: see the other conditions and the log, or restart the worker"
+WORKER_STALE_HINT = ("the timer that checks them hangs, likely on a call into the Kafka consumer (a broker away); it goes "
+                     "on when the call returns, else restart the worker")
 
 
 class Health:
@@ -61,14 +65,18 @@ class Health:
 
     def __init__(self, conditions: Iterable[str] = READY_CONDITIONS, stale_after_s: float = 30.0,
                  startup_grace_s: float = 120.0, clock: Callable[[], float] = time.monotonic,
-                 stuck_after_s: float = 60.0) -> None:
+                 stuck_after_s: float = 60.0, stuck_hint: str = WORKER_STUCK_HINT,
+                 stale_hint: str = WORKER_STALE_HINT) -> None:
         self.stale_after_s = stale_after_s
         self.startup_grace_s = startup_grace_s
         self.stuck_after_s = stuck_after_s
+        #: what ``progress`` and ``checks`` add when they fail: what hangs, and what to do
+        self.stuck_hint = stuck_hint
+        self.stale_hint = stale_hint
         self._clock = clock
         self._started = clock()
         self._last_beat: float | None = None
-        self._busy: tuple[float, str] | None = None  # (since, what) of the work in hand
+        self._busy: dict[object, tuple[float, str]] = {}  # key -> (since, what) of each work in hand
         self._checked: float | None = None  # when the conditions were last refreshed (check_readiness)
         self._conditions: dict[str, tuple[bool, str]] = {c: (False, "not checked yet") for c in conditions}
         self._lock = threading.Lock()
@@ -77,18 +85,22 @@ class Health:
         """The event loop is alive (call from a short Faust timer)."""
         self._last_beat = self._clock()
 
-    def busy(self, what: str) -> None:
+    def busy(self, what: str, key: object = None) -> None:
         """Work that should end within seconds began (a batch taken: ``what`` says it). Until
         :meth:`idle`, readiness fails once it is older than ``stuck_after_s``, whatever the
         conditions say: an await that never returns (an acknowledgement that never comes, a
         thread that hangs, a lock never released) stops every batch while the loop beats and
-        Redis and Kafka answer. ``what`` may be said again as the work moves on (same start)."""
-        busy = self._busy
-        self._busy = (busy[0] if busy is not None else self._clock(), what)
+        Redis and Kafka answer. ``what`` may be said again as the work moves on (same start).
+        ``key`` tells apart works in hand at once (serve's requests, each computed on a thread;
+        callable from any thread): ``progress`` judges the oldest."""
+        with self._lock:
+            busy = self._busy.get(key)
+            self._busy[key] = (busy[0] if busy is not None else self._clock(), what)
 
-    def idle(self) -> None:
-        """The work in hand ended."""
-        self._busy = None
+    def idle(self, key: object = None) -> None:
+        """The work in hand (``key``'s) ended."""
+        with self._lock:
+            self._busy.pop(key, None)
 
     def checked(self) -> None:
         """The conditions were refreshed (:func:`check_readiness`). Once they have been, they
@@ -127,23 +139,21 @@ class Health:
         """
         with self._lock:
             judged = [(name, ok, detail) for name, (ok, detail) in sorted(self._conditions.items())]
+            busy = min(self._busy.values(), default=None)  # the oldest work in hand
         judged.append(("loop", *self.liveness()))
-        now, busy, checked = self._clock(), self._busy, self._checked
+        now, checked = self._clock(), self._checked
         if busy is None:
             judged.append(("progress", True, "no batch in hand"))
         elif now - busy[0] > self.stuck_after_s:
             judged.append(("progress", False, f"{busy[1]} for {now - busy[0]:.0f} s (stuck after {self.stuck_after_s:.0f} "
-                                              "s); no other batch is handled meanwhile: see the other conditions and "
-                                              "the log, or restart the worker"))
+                                              f"s); {self.stuck_hint}"))
         else:
             judged.append(("progress", True, f"{busy[1]} for {now - busy[0]:.0f} s"))
         if checked is None:
             judged.append(("checks", True, "not refreshed yet"))
         elif now - checked > self.stale_after_s:
             judged.append(("checks", False, f"the conditions above were last refreshed {now - checked:.0f} s ago (stale "
-                                            f"after {self.stale_after_s:.0f} s): the timer that checks them hangs, "
-                                            "likely on a call into the Kafka consumer (a broker away); it goes on when "
-                                            "the call returns, else restart the worker"))
+                                            f"after {self.stale_after_s:.0f} s): {self.stale_hint}"))
         else:
             judged.append(("checks", True, f"refreshed {now - checked:.0f} s ago"))
         return judged
