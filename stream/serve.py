@@ -39,6 +39,7 @@ import logging
 import re
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -89,6 +90,25 @@ COMPUTE_THREADS = 4
 #: byte at a time held a connection for an hour; 75 s is nginx's keep-alive default, above the
 #: 60 s idle timeout of common load balancers (a backend that closes first makes them answer 502)
 KEEPALIVE_S = 75.0
+
+#: seconds the refresher waits for Redis to answer PING (as the worker's check_readiness), and
+#: for the models' snapshot to be read (megabytes); past them ``redis`` fails. A Redis that
+#: accepts the connection and never answers (a stopped redis-server, a half-open connection)
+#: would otherwise hold the refresher, and leave every condition as it was, for ever
+PING_TIMEOUT_S = 5.0
+SNAPSHOT_TIMEOUT_S = 30.0
+#: seconds the refresher waits for the scorer's look at the registry (a few file reads: the load
+#: of a new version runs on a thread of its own); past it the version in use keeps serving
+SCORER_CHECK_TIMEOUT_S = 10.0
+#: how often serve's heartbeat (``loop``) beats: a task of its own, so that a refresh that hangs
+#: is said as ``checks``, not as a blocked event loop
+BEAT_EVERY_S = 1.0
+#: what a failing ``progress`` and ``checks`` add in serve (stream/health.py)
+SERVE_STUCK_HINT = (f"a computing thread that does not return (the text model, the scorer); the other requests wait "
+                    f"for the {COMPUTE_THREADS} threads and are shed as overloaded: see the log, or restart serve")
+SERVE_STALE_HINT = ("serve's refresher hangs (Redis is waited for at most "
+                    f"{PING_TIMEOUT_S:g} s for PING and {SNAPSHOT_TIMEOUT_S:g} s for the models' snapshot, so "
+                    "something else: a thread restoring the snapshot); see the log, or restart serve")
 
 _encode = msgspec.json.Encoder().encode
 
@@ -184,8 +204,19 @@ class Api:
         uid = self._uid(user_id)
         return (await self.store.load_many([uid]))[uid]
 
-    async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    async def _run(self, what: str, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._computed, what, fn, args)
+
+    def _computed(self, what: str, fn, args: tuple):
+        """``fn(*args)`` on a computing thread, in hand for readiness (``progress``) meanwhile:
+        threads that never return would otherwise leave every request waiting (and then shed as
+        overloaded) while /readyz says 200."""
+        key = object()
+        self.health.busy(f"a {what} request computing on a thread", key)
+        try:
+            return fn(*args)
+        finally:
+            self.health.idle(key)
 
     # -- endpoints -----------------------------------------------------------------------
     async def search(self, request: web.Request) -> web.Response:
@@ -196,7 +227,7 @@ class Api:
         if self._at_once(query):  # no text model to run: here, not after two thread hand-overs
             items = self._search(query, state, k)
         else:
-            items = await self._run(self._search, query, state, k)
+            items = await self._run("search", self._search, query, state, k)
         return _json({"items": items_json(items), "query": query, "user_id": user_id,
                       "model": self.step.model_versions()})
 
@@ -220,7 +251,7 @@ class Api:
         user_id = parse_id(request.match_info.get("user_id"), "user_id", required=True)
         k = parse_k(one(request.query, "k"), self.top_k)
         state = await self._state(user_id)
-        items = await self._run(self.step.present_list, state, k, int(time.time() * 1000), user_id)
+        items = await self._run("recommendations", self.step.present_list, state, k, int(time.time() * 1000), user_id)
         return _json({"items": items_json(items), "user_id": user_id, "model": self.step.model_versions()})
 
     async def similar(self, request: web.Request) -> web.Response:
@@ -230,7 +261,7 @@ class Api:
         if catalogue is None or item_id not in catalogue:
             raise web.HTTPNotFound(text=_encode({"error": f"item {item_id!r} is not in the catalogue"}).decode(),
                                    content_type="application/json")
-        pairs = await self._run(catalogue.similar, item_id, k)
+        pairs = await self._run("similar", catalogue.similar, item_id, k)
         items = [{"item_id": i, "score": round(float(s), 6), "explanation": {"source": "similar", "because": item_id}}
                  for i, s in pairs]
         return _json({"items": items, "item_id": item_id})
@@ -386,6 +417,7 @@ class ModelRefresher:
         self._digest: bytes | None = None
         #: the newest snapshot refused, and why (it is not read again until it changes)
         self.refused: tuple[bytes, str] | None = None
+        self._scorer_check: asyncio.Future | None = None  # the scorer's look at the registry, in a thread
 
     @property
     def loaded(self) -> bool:
@@ -393,8 +425,13 @@ class ModelRefresher:
 
     async def refresh(self) -> bool:
         """Whether a new snapshot was loaded. One that is refused (corrupt, unsigned or signed
-        with another key) is counted and logged once, and the models served stay as they were."""
-        data = await self.store.get_blob(SNAPSHOT_KEY)
+        with another key) is counted and logged once, and the models served stay as they were.
+        Raises what the store raises, and TimeoutError when it does not answer within
+        :data:`SNAPSHOT_TIMEOUT_S`."""
+        try:
+            data = await asyncio.wait_for(self.store.get_blob(SNAPSHOT_KEY), SNAPSHOT_TIMEOUT_S)
+        except TimeoutError:
+            raise TimeoutError(f"reading the models' snapshot was not answered within {SNAPSHOT_TIMEOUT_S:g} s") from None
         if not data:
             return False
         digest = hashlib.blake2b(data, digest_size=16).digest()
@@ -416,16 +453,44 @@ class ModelRefresher:
                  recommender.n_learned)
         return True
 
+    async def check_scorer(self) -> None:
+        """The scorer's look for a newly registered version (it loads one in a thread of its
+        own), waited for at most :data:`SCORER_CHECK_TIMEOUT_S`; one that has not returned is
+        not started again until it has (a registry on a file system that hangs)."""
+        scorer = self.step.scorer
+        if scorer is None:
+            return
+        if self._scorer_check is None or self._scorer_check.done():
+            self._scorer_check = asyncio.ensure_future(asyncio.to_thread(scorer.maybe_reload))
+        try:
+            await asyncio.wait_for(asyncio.shield(self._scorer_check), SCORER_CHECK_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("the scorer's look for a new model version has not returned for %g s (the model registry's "
+                        "file system?); the version in use keeps serving", SCORER_CHECK_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - the version in use keeps serving
+            log.error("scorer reload failed, the current one keeps serving: %s", exc)
+
 
 async def check_serving(health: Health, store: UserStateStore, refresher: ModelRefresher, step: RecommendationStep,
                         feed: CatalogueFeed | None, catalogue: Catalogue | None, items_topic: str) -> None:
     """serve's readiness conditions, each checked on its own (said by /readyz; checked again at
-    the next round), and the models and scorer brought up to date."""
+    the next round), and the models and scorer brought up to date. Every wait is bounded
+    (:data:`PING_TIMEOUT_S`, :data:`SNAPSHOT_TIMEOUT_S`, :data:`SCORER_CHECK_TIMEOUT_S`), and
+    the refresh is marked (:meth:`Health.checked`): should it hang all the same, ``checks``
+    fails once the conditions are older than ``stale_after_s``."""
     try:
-        health.set("redis", await store.ping(), "the store answers")
-        await refresher.refresh()
-    except Exception as exc:  # noqa: BLE001 - the store did not answer (a refused snapshot is not this)
-        health.set("redis", False, f"{type(exc).__name__}: {exc}")
+        await asyncio.wait_for(store.ping(), PING_TIMEOUT_S)
+    except TimeoutError:
+        health.set("redis", False, f"PING not answered within {PING_TIMEOUT_S:g} s")
+    except Exception as exc:  # noqa: BLE001 - the store did not answer
+        health.set("redis", False, described(exc))
+    else:
+        try:
+            await refresher.refresh()
+        except Exception as exc:  # noqa: BLE001 - the store did not answer (a refused snapshot is not this)
+            health.set("redis", False, described(exc))
+        else:
+            health.set("redis", True, "PING answered")
     if refresher.refused is not None:
         health.set("models", True, f"the newest snapshot was refused ({clipped(refresher.refused[1], 200)}): serving "
                                    f"{'the previous one' if refresher.loaded else 'empty models'}")
@@ -440,11 +505,25 @@ async def check_serving(health: Health, store: UserStateStore, refresher: ModelR
         health.set("catalogue", True, f"{len(catalogue)} items, following {items_topic}")
     else:
         health.set("catalogue", False, f"reading {items_topic}: {len(catalogue)} items so far")
-    if step.scorer is not None:
+    await refresher.check_scorer()
+    health.checked()
+
+
+def serve_health(clock: Callable[[], float] = time.monotonic) -> Health:
+    """serve's readiness: ``redis``, ``models`` and ``catalogue`` (:func:`check_serving`), and
+    the judged ``loop``, ``progress`` (a computing thread) and ``checks``, with serve's hints."""
+    return Health(conditions=("redis", "models", "catalogue"), clock=clock, stuck_hint=SERVE_STUCK_HINT,
+                  stale_hint=SERVE_STALE_HINT)
+
+
+async def beat(health: Health, stop: asyncio.Event) -> None:
+    """serve's heartbeat (``loop``) every :data:`BEAT_EVERY_S` until ``stop``."""
+    while not stop.is_set():
+        health.beat()
         try:
-            await asyncio.to_thread(step.scorer.maybe_reload)
-        except Exception as exc:  # noqa: BLE001 - the version in use keeps serving
-            log.error("scorer reload failed, the current one keeps serving: %s", exc)
+            await asyncio.wait_for(stop.wait(), BEAT_EVERY_S)
+        except TimeoutError:
+            pass
 
 
 async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop: asyncio.Event | None = None) -> None:
@@ -461,7 +540,7 @@ async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop:
         feed = CatalogueFeed(catalogue, settings.kafka.client_options(), settings.topics.items, settings.bounds, metrics,
                              store=store, write_snapshots=False)
         step.catalogue = catalogue  # a user's latest query joins their candidates, as in the worker
-    health = Health(conditions=("redis", "models", "catalogue"))
+    health = serve_health()
     search = SearchStep(step, catalogue, SearchConfig(k=settings.top_k, depth=settings.search_candidates,
                                                       personal_weight=settings.search_personal_weight))
     api = Api(store, step, catalogue, search, settings.top_k, health, pseudonyms_of(settings.pseudonym_key))
@@ -483,11 +562,11 @@ async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # signals are handled on the main thread only: then `stop` ends it
             pass
-    tasks = [asyncio.create_task(feed.run())] if feed is not None else []
+    tasks = [asyncio.create_task(beat(health, stop))]
+    tasks += [asyncio.create_task(feed.run())] if feed is not None else []
     counted = time.monotonic()  # the frozen objects, by Metrics() just now
     try:
         while not stop.is_set():
-            health.beat()
             if time.monotonic() - counted >= FROZEN_COUNT_INTERVAL_S:
                 metrics.count_frozen()
                 counted = time.monotonic()

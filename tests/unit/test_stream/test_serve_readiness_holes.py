@@ -1,0 +1,190 @@
+"""`streamrec serve`'s readiness when something it awaits never answers: a Redis that accepts
+the connection but never replies (a SIGSTOPed redis-server), a refresher that hangs, a
+computing thread that never returns. Each case is a stub that never resolves and a fake
+clock; nothing here needs Kafka or Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from online_models import Recommender
+from stream import serve
+from stream.health import Health
+from stream.pipeline import RecommendationStep
+from stream.search_step import SearchConfig, SearchStep
+from stream.serve import Api, ModelRefresher, check_serving, create_web_app, run_server
+from stream.settings import Settings
+from stream.state import InMemoryUserStateStore
+
+CONDITIONS = ("redis", "models", "catalogue")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Unanswering(InMemoryUserStateStore):
+    """A store whose calls are sent and never answered (from the ``hang_from``-th PING on, and
+    every snapshot read when ``blob_hangs``)."""
+
+    def __init__(self, hang_from: int = 1, blob_hangs: bool = False) -> None:
+        super().__init__()
+        self.pings = 0
+        self.hang_from = hang_from
+        self.blob_hangs = blob_hangs
+        self.hanging = asyncio.Event()  # a call is waiting for its answer
+
+    async def _never(self):
+        self.hanging.set()
+        await asyncio.Event().wait()
+
+    async def ping(self) -> bool:
+        self.pings += 1
+        if self.pings >= self.hang_from:
+            await self._never()
+        return True
+
+    async def get_blob(self, name):
+        if self.blob_hangs:
+            await self._never()
+        return await super().get_blob(name)
+
+
+async def until(predicate, what: str, within_s: float = 5.0) -> None:
+    """Wait for ``predicate()`` (a condition, polled), failing after ``within_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while not predicate():
+        assert loop.time() < deadline, f"not within {within_s} s: {what}"
+        await asyncio.sleep(0.005)
+
+
+def failing(health: Health) -> dict[str, str]:
+    return {name: detail for name, ok, detail in health.conditions() if not ok}
+
+
+async def test_a_ping_never_answered_flips_redis_within_the_ping_timeout(monkeypatch):
+    """The worker waits 5 s for PING (check_readiness); serve awaited it without a bound, so
+    its refresher, and with it every later refresh, hung on a Redis that never answers."""
+    monkeypatch.setattr(serve, "PING_TIMEOUT_S", 0.05, raising=False)
+    store = Unanswering()
+    step = RecommendationStep(Recommender.default())
+    health = Health(conditions=CONDITIONS)
+    await asyncio.wait_for(check_serving(health, store, ModelRefresher(store, step), step, None, None, "streamrec.items"),
+                           5.0)
+    assert "PING not answered within" in failing(health)["redis"]
+
+
+async def test_a_snapshot_read_never_answered_flips_redis(monkeypatch):
+    """PING answered, then Redis stops answering while the models' snapshot is read."""
+    monkeypatch.setattr(serve, "SNAPSHOT_TIMEOUT_S", 0.05, raising=False)
+    store = Unanswering(hang_from=10**9, blob_hangs=True)
+    step = RecommendationStep(Recommender.default())
+    health = Health(conditions=CONDITIONS)
+    await asyncio.wait_for(check_serving(health, store, ModelRefresher(store, step), step, None, None, "streamrec.items"),
+                           5.0)
+    assert "snapshot" in failing(health)["redis"] and "not answered within" in failing(health)["redis"]
+    assert "models" not in failing(health)  # the models served stay
+
+
+async def test_conditions_not_refreshed_for_stale_after_s_fail_readiness_by_checks():
+    """serve never marked its refreshes (Health.checked), so conditions it stopped refreshing
+    stood as they were, a 200 included."""
+    clock = Clock()
+    store = InMemoryUserStateStore()
+    step = RecommendationStep(Recommender.default())
+    health = serve.serve_health(clock)
+    await check_serving(health, store, ModelRefresher(store, step), step, None, None, "streamrec.items")
+    health.beat()
+    assert health.readiness()[0]
+    clock.now += health.stale_after_s + 1
+    health.beat()  # the event loop is fine: only the refresh stopped
+    ready, text = health.readiness()
+    assert not ready and list(failing(health)) == ["checks"]
+    assert "serve" in failing(health)["checks"] and "Kafka consumer" not in failing(health)["checks"]
+
+
+async def test_serve_keeps_beating_while_its_refresher_hangs(monkeypatch, tmp_path):
+    """run_server beat in the loop that refreshes the conditions: a refresh that hung stopped
+    the heartbeat, and /readyz blamed a blocked event loop (``loop``) while the loop answered
+    every request, and kept saying redis ok. The heartbeat is a task of its own now, and a hung
+    refresh is ``checks``."""
+    fake_clock = clock = Clock()
+    made: list[Health] = []
+    refreshes = 0
+    second = asyncio.Event()
+
+    def health_factory(conditions, clock=None, **hints):  # serve.serve_health, with a fake clock
+        made.append(Health(conditions=conditions, clock=fake_clock, **hints))
+        return made[-1]
+
+    async def refresh_then_hang(health, *args):
+        nonlocal refreshes
+        refreshes += 1
+        if refreshes == 1:
+            for name in CONDITIONS:
+                health.set(name, True)
+            health.checked()
+            return
+        second.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(serve, "Health", health_factory)
+    monkeypatch.setattr(serve, "check_serving", refresh_then_hang)
+    monkeypatch.setattr(serve, "load_scorer", lambda settings, metrics: None)
+    monkeypatch.setattr(serve.RedisUserStateStore, "from_url", classmethod(lambda cls, *a, **k: InMemoryUserStateStore()))
+    monkeypatch.setattr(serve, "BEAT_EVERY_S", 0.01, raising=False)
+    settings = Settings.from_env({"STREAMREC_CATALOGUE": "false", "STREAMREC_MODEL_DIR": str(tmp_path),
+                                  "STREAMREC_SNAPSHOT_INTERVAL_S": "1"})  # the next refresh 1 s after a ready one
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_server(settings, 0, "127.0.0.1", stop))
+    try:
+        await asyncio.wait_for(second.wait(), 5.0)  # the first refresh done (ready), the second hangs
+        health = made[0]
+        clock.now += health.stale_after_s + 1
+        await until(lambda: health.liveness()[0], "a heartbeat while the refresh hangs")
+        assert list(failing(health)) == ["checks"]
+    finally:
+        stop.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_computing_thread_that_never_returns_fails_readiness_by_progress():
+    """Requests are computed on COMPUTE_THREADS threads; threads that hang (the text model, a
+    lock) made every request wait and then be shed as 'overloaded' while /readyz said 200."""
+    clock = Clock()
+    health = Health(conditions=("redis",), clock=clock)
+    health.set("redis", True)
+    step = RecommendationStep(Recommender.default())
+    started, release = threading.Event(), threading.Event()
+    present_list = step.present_list
+
+    def hanging(*args):
+        started.set()
+        release.wait(10)
+        return present_list(*args)
+
+    step.present_list = hanging
+    api = Api(InMemoryUserStateStore(), step, None, SearchStep(step, None, SearchConfig(k=3)), top_k=3, health=health)
+    try:
+        async with TestClient(TestServer(create_web_app(api))) as client:
+            request = asyncio.create_task(client.get("/v1/users/u1/recommendations"))
+            assert await asyncio.to_thread(started.wait, 5.0)
+            assert health.readiness()[0]  # seconds into a request: nothing wrong yet
+            clock.now += health.stuck_after_s + 1
+            ready, _ = health.readiness()
+            assert not ready and "recommendations" in failing(health)["progress"]
+            release.set()
+            assert (await request).status == 200
+            assert health.readiness()[0]  # the thread returned: ready again
+    finally:
+        release.set()
+        api.executor.shutdown(wait=False)
