@@ -111,6 +111,13 @@ class CatalogueFeed:
         self.write_snapshots = write_snapshots
         self._changed = False
         self._snapshot_at = time.monotonic()
+        #: since when (monotonic) reading the topic has failed, and the latest reason; None
+        #: while it reads (serve's /readyz says it: the catalogue serves as it is meanwhile)
+        self.trouble: tuple[float, str] | None = None
+
+    def _troubled(self, reason: str) -> None:
+        trouble = self.trouble
+        self.trouble = (trouble[0] if trouble is not None else time.monotonic(), reason)
 
     async def restore(self) -> bool:
         """The catalogue and its offsets from the store's snapshot, if there is a good one."""
@@ -155,7 +162,14 @@ class CatalogueFeed:
         except Exception as exc:  # noqa: BLE001 - the store is down: read the topic instead
             log.warning("could not read the catalogue's snapshot (%s): reading %s from the beginning", described(exc),
                         self.topic)
-        await run_until_done(self._read, self.backoff, log, f"reading the items topic {self.topic}")
+        await run_until_done(self._read_noted, self.backoff, log, f"reading the items topic {self.topic}")
+
+    async def _read_noted(self) -> None:
+        try:
+            await self._read()
+        except Exception as exc:
+            self._troubled(described(exc))
+            raise
 
     async def _read(self) -> None:
         consumer = await started_reader(self.kafka, FETCH_RECORDS)
@@ -191,7 +205,11 @@ class CatalogueFeed:
 
     async def _assign(self, consumer: AIOKafkaConsumer, known: set[int]) -> set[int]:
         """Every partition of the topic (partitions added since are picked up here)."""
-        await consumer._client.force_metadata_update()  # noqa: SLF001 - aiokafka has no public call for it
+        updated = await consumer._client.force_metadata_update()  # noqa: SLF001 - aiokafka has no public call for it
+        if updated is False:  # no broker answered: aiokafka's fetches wait meanwhile, and raise nothing
+            self._troubled("no broker answers a metadata request")
+        else:
+            self.trouble = None
         found = consumer.partitions_for_topic(self.topic) or set()
         if not found and self.topic_exists is not False:
             log.warning("the items topic %s does not exist: the catalogue stays empty until it does (the workers "

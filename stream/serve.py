@@ -471,6 +471,15 @@ class ModelRefresher:
             log.error("scorer reload failed, the current one keeps serving: %s", exc)
 
 
+def _trouble(feed: CatalogueFeed) -> str:
+    """What keeps the feed from reading its topic, for the catalogue's condition ('' if nothing)."""
+    trouble = feed.trouble
+    if trouble is None:
+        return ""
+    return (f"; but reading it has failed for {time.monotonic() - trouble[0]:.0f} s ({clipped(trouble[1], 200)}), "
+            "retried; the catalogue serves as it is meanwhile")
+
+
 async def check_serving(health: Health, store: UserStateStore, refresher: ModelRefresher, step: RecommendationStep,
                         feed: CatalogueFeed | None, catalogue: Catalogue | None, items_topic: str) -> None:
     """serve's readiness conditions, each checked on its own (said by /readyz; checked again at
@@ -502,9 +511,9 @@ async def check_serving(health: Health, store: UserStateStore, refresher: ModelR
     elif feed.topic_exists is False:
         health.set("catalogue", True, f"{items_topic} does not exist yet: an empty catalogue (a worker creates the topic)")
     elif feed.caught_up.is_set():
-        health.set("catalogue", True, f"{len(catalogue)} items, following {items_topic}")
+        health.set("catalogue", True, f"{len(catalogue)} items, following {items_topic}{_trouble(feed)}")
     else:
-        health.set("catalogue", False, f"reading {items_topic}: {len(catalogue)} items so far")
+        health.set("catalogue", False, f"reading {items_topic}: {len(catalogue)} items so far{_trouble(feed)}")
     await refresher.check_scorer()
     health.checked()
 

@@ -9,11 +9,18 @@ import asyncio
 import threading
 
 from aiohttp.test_utils import TestClient, TestServer
+from aiokafka.errors import KafkaConnectionError
+from prometheus_client import CollectorRegistry
 
 from online_models import Recommender
-from stream import serve
+from online_models.search import Catalogue, TextEmbedder
+from stream import catalogue_feed, serve
+from stream.catalogue_feed import CatalogueFeed
 from stream.health import Health
 from stream.pipeline import RecommendationStep
+from stream.prometheus import Metrics
+from stream.records import DEFAULT_BOUNDS
+from stream.retry import Backoff
 from stream.search_step import SearchConfig, SearchStep
 from stream.serve import Api, ModelRefresher, check_serving, create_web_app, run_server
 from stream.settings import Settings
@@ -188,3 +195,108 @@ async def test_a_computing_thread_that_never_returns_fails_readiness_by_progress
     finally:
         release.set()
         api.executor.shutdown(wait=False)
+
+
+class BrokerAway:
+    """The feed's consumer once the catalogue is read: the broker stops answering (the
+    metadata update says False, and getmany returns nothing, as aiokafka's do)."""
+
+    def __init__(self) -> None:
+        self.answers = True
+        self.unanswered = asyncio.Event()
+
+        class Client:
+            async def force_metadata_update(inner):
+                if not self.answers:
+                    self.unanswered.set()
+                return self.answers
+
+        self._client = Client()
+
+    def partitions_for_topic(self, topic):
+        return {0}
+
+    def assign(self, tps):
+        pass
+
+    async def seek_to_beginning(self, tp):
+        pass
+
+    async def end_offsets(self, tps):
+        return {tp: 0 for tp in tps}
+
+    async def getmany(self, timeout_ms, max_records):
+        await asyncio.sleep(0)
+        return {}
+
+    async def stop(self):
+        pass
+
+
+def catalogue_condition(health: Health) -> tuple[bool, str]:
+    return next((ok, detail) for name, ok, detail in health.conditions() if name == "catalogue")
+
+
+async def serving_checked(feed: CatalogueFeed) -> Health:
+    store = InMemoryUserStateStore()
+    step = RecommendationStep(Recommender.default())
+    health = Health(conditions=CONDITIONS)
+    await check_serving(health, store, ModelRefresher(store, step), step, feed, feed.catalogue, feed.topic)
+    return health
+
+
+def new_feed() -> CatalogueFeed:
+    return CatalogueFeed(Catalogue(TextEmbedder(threads=1)), {}, "t.items", DEFAULT_BOUNDS, Metrics(CollectorRegistry()),
+                         backoff=Backoff(base_s=0.001, cap_s=0.001, jitter=0), write_snapshots=False)
+
+
+async def test_a_feed_that_cannot_reach_kafka_says_why_the_catalogue_is_not_ready(monkeypatch):
+    """serve started while no broker answers: the feed retried for ever, and /readyz said only
+    'reading t.items: 0 items so far'."""
+    attempts = 0
+
+    async def refused(options, records):
+        nonlocal attempts
+        attempts += 1
+        raise KafkaConnectionError("Unable to bootstrap from [('kafka', 9092)]")
+
+    monkeypatch.setattr(catalogue_feed, "started_reader", refused)
+    feed = new_feed()
+    task = asyncio.create_task(feed.run())
+    try:
+        await until(lambda: attempts >= 2, "the feed tried twice")
+        ok, detail = catalogue_condition(await serving_checked(feed))
+        assert not ok and "KafkaConnectionError" in detail and "Unable to bootstrap" in detail
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_broker_lost_after_the_catalogue_is_read_is_said_while_the_catalogue_serves(monkeypatch):
+    """Once read, the catalogue serves as it is while the broker is away (serve stays ready: a
+    Kafka outage must not take search away), but /readyz said 'following t.items' all along."""
+    consumer = BrokerAway()
+
+    async def reader(options, records):
+        return consumer
+
+    monkeypatch.setattr(catalogue_feed, "started_reader", reader)
+    monkeypatch.setattr(catalogue_feed, "METADATA_EVERY_S", 0.0)
+    feed = new_feed()
+    task = asyncio.create_task(feed.run())
+    try:
+        await asyncio.wait_for(feed.caught_up.wait(), 5.0)
+        ok, detail = catalogue_condition(await serving_checked(feed))
+        assert ok and "following t.items" in detail and "broker" not in detail
+        consumer.answers = False
+        await asyncio.wait_for(consumer.unanswered.wait(), 5.0)
+        await until(lambda: getattr(feed, "trouble", None) is not None, "the feed noted the broker away")
+        ok, detail = catalogue_condition(await serving_checked(feed))
+        assert ok and "no broker answers" in detail
+        consumer.answers = True
+        await until(lambda: getattr(feed, "trouble", None) is None, "the broker back")
+        ok, detail = catalogue_condition(await serving_checked(feed))
+        assert ok and "broker" not in detail
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
