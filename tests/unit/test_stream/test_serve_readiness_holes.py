@@ -300,3 +300,34 @@ async def test_a_broker_lost_after_the_catalogue_is_read_is_said_while_the_catal
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_scorer_registry_look_that_hangs_holds_neither_the_refresh_nor_more_threads(monkeypatch):
+    """The scorer's look for a new version ran in a thread the refresh awaited without a bound
+    (a model registry on a file system that hangs held every later refresh)."""
+    monkeypatch.setattr(serve, "SCORER_CHECK_TIMEOUT_S", 0.05, raising=False)
+    release = threading.Event()
+    calls = 0
+
+    class HangingScorer:
+        def maybe_reload(self):
+            nonlocal calls
+            calls += 1
+            release.wait(10)
+            return False
+
+    store = InMemoryUserStateStore()
+    step = RecommendationStep(Recommender.default())
+    step.scorer = HangingScorer()
+    refresher = ModelRefresher(store, step)
+    health = Health(conditions=CONDITIONS)
+    try:
+        for _ in range(3):
+            await asyncio.wait_for(check_serving(health, store, refresher, step, None, None, "streamrec.items"), 5.0)
+        assert health.readiness()[0] and calls == 1  # one look hangs; none started beside it
+        release.set()
+        await until(lambda: refresher._scorer_check.done(), "the look returned")
+        await check_serving(health, store, refresher, step, None, None, "streamrec.items")
+        assert calls == 2
+    finally:
+        release.set()
