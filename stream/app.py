@@ -100,6 +100,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
     app.timer(interval=1.0, name="heartbeat")(shell.heartbeat)
     app.timer(interval=FROZEN_COUNT_INTERVAL_S, name="count_frozen_objects")(shell.count_frozen)
     app.timer(interval=2.0, name="watch_lag_and_readiness")(partial(shell.watch, app))
+    app.timer(interval=10.0, name="read_topic_ids_until_known")(shell.read_ids_until_known)
     return app
 
 

@@ -155,6 +155,7 @@ class BatchHandler:
         #: (the shell sets it at each assignment; None: not known, offsets are taken as they are)
         self.incarnation: str | None = None
         self.offsets_reset = 0  # loaded states whose offsets counted in a topic deleted and created again
+        self._reset_said: str | None = None
         self.batches = 0
         self.events_applied = 0
         self._rebuilt_seen = 0
@@ -232,7 +233,8 @@ class BatchHandler:
         states = await self._retry("load", lambda: self.store.load_many(users))
         reset = align_incarnation(states.values(), self.incarnation)
         if reset:
-            if not self.offsets_reset:
+            if self._reset_said != self.incarnation:  # once for each incarnation of the topics
+                self._reset_said = self.incarnation
                 log.warning("user states hold offsets of an input topic that was deleted and created again since "
                             "(its offsets started over): those offsets are dropped as each user is loaded, and the "
                             "new topic's events applied (producers' duplicates are still caught by event id)")

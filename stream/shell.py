@@ -91,6 +91,10 @@ class Shell:
     #: the broker's id of each topic the worker reads, as of the last assignment ({}: not known):
     #: a topic deleted and created again has a new one (:meth:`read_topic_ids`, :meth:`align_models`)
     topic_ids: dict[str, str] = field(default_factory=dict)
+    #: the sources (``"topic:partition"``) of the last assignment, and what the peer reader was
+    #: told of it (``PeerLearner.assign``'s arguments), for :meth:`align`
+    owned_sources: frozenset[str] = frozenset()
+    peer_assignment: tuple | None = None
     #: a batch raised past every safeguard and its partitions' commits are held (``batches`` fails)
     batch_failed: bool = False
     #: per input partition, the offset after the last event handled and acknowledged there
@@ -189,33 +193,33 @@ class Shell:
         again since is learned and applied afresh."""
         settings = self.settings
         self.app = app  # for the timers' replays of failed forget requests (snapshot_models)
-        self.revoking = False
         if self.batch_failed and not getattr(app.consumer, "held", ()):
             self.batch_failed = False
             self.health.set("batches", True, "the partitions of the batch that raised were revoked, and are read again "
                                              "from the commit (streamrec_batch_failures_total counts the failures)")
             log.info("no partition's commits are held any more: the batch that raised is delivered again from the commit")
-        self.forget_retry_at = 0.0  # a partition taken over: its forget requests now, not after a failure's wait
         parts = {tp.partition for tp in assigned if tp.topic in settings.topics.consumed}
         generation = self.generation()
         self.claims.release(set(self.claims.partitions) - parts)
-        try:
-            self.claims.hold(await asyncio.wait_for(self.store.claim(parts), settings.session_timeout_s / 4), generation)
-        except Exception as exc:  # noqa: BLE001 - taken lazily instead
-            log.warning("could not claim partitions %s on assignment (%s); claiming before their first batch",
-                        sorted(parts), described(exc))
-        await self.read_topic_ids()
+        self.owned_sources = frozenset(source_of(tp.topic, tp.partition) for tp in assigned)
+        self.peer_assignment = ([(tp.topic, tp.partition) for tp in assigned], input_partitions(app, settings, assigned))
+        await asyncio.gather(self._claim(parts, generation), self.read_topic_ids())  # both wait on a server: at once
         if self.restored.is_set():  # before the peer reader starts from the models' watermark below
             try:
                 await asyncio.wait_for(self.busy.acquire(), settings.session_timeout_s / 4)
-            except TimeoutError:
-                pass  # the next batch or replay aligns them, under the lock
+            except TimeoutError:  # the next batch, replay or snapshot timer aligns them (align)
+                log.warning("rebalance: the models are busy (a replay or a snapshot); what changed of the topics and of "
+                            "failed forget replays is taken into account when they are free")
             else:
-                try:
+                try:  # as align() does, the assignment known (the peer reader is told it below)
                     self.align_models()
-                    self.hand_over_floors(assigned)
+                    self.hand_over_floors(self.owned_sources)
                 finally:
                     self.busy.release()
+        # only now: a replay in hand stopped for the revocation, and a timer's retry of failed
+        # forget requests could otherwise start before the models were aligned above
+        self.revoking = False
+        self.forget_retry_at = 0.0  # a partition taken over: its forget requests now, not after a failure's wait
         if not self.replayed:
             self.replayed = True
             app.add_future(self.replay_once(app, self.restored))
@@ -225,10 +229,37 @@ class Shell:
                 settings.topics.forget,)
             self.replay_due |= frozenset(read)
             app.add_future(self.replay_after_rebalance(app))
-        self.peers.assign(((tp.topic, tp.partition) for tp in assigned), input_partitions(app, settings, assigned))
+        self.peers.assign(*self.peer_assignment)
         if not self.peers_started:  # it waits for the models to be restored and replayed
             self.peers_started = True
             app.add_future(self.peers.run(self.models_ready))
+
+    async def _claim(self, parts: set[int], generation: int) -> None:
+        try:
+            self.claims.hold(await asyncio.wait_for(self.store.claim(parts), self.settings.session_timeout_s / 4),
+                             generation)
+        except Exception as exc:  # noqa: BLE001 - taken lazily instead
+            log.warning("could not claim partitions %s on assignment (%s); claiming before their first batch",
+                        sorted(parts), described(exc))
+
+    def align(self) -> None:
+        """Under the batch lock, before the models learn anything more (a batch, a replay, a
+        snapshot): the models forget their positions in topics deleted and created again
+        (:meth:`align_models`), and the forget partitions given away with a failed replay go to
+        the peer reader from their floor (:meth:`hand_over_floors`). Where either changed the
+        models' watermark after the peer reader was told the assignment, it is told again, so
+        that it starts from the watermark as it is now. Nothing is handed over during a
+        rebalance (the assignment is not known yet)."""
+        changed = self.align_models()
+        handed = False if self.revoking else self.hand_over_floors(self.owned_sources)
+        if (changed or handed) and not self.revoking and self.peer_assignment is not None:
+            self.peers.assign(*self.peer_assignment)
+
+    async def read_ids_until_known(self) -> None:
+        """A timer: while no topic ids are known (the broker did not answer at the assignment),
+        ask again, so that the users' states written meanwhile are tagged soon."""
+        if self.app is not None and not self.topic_ids:
+            await self.read_topic_ids()
 
     async def read_topic_ids(self) -> None:
         """Ask the broker for the ids of the topics the worker reads (a topic deleted and
@@ -246,16 +277,18 @@ class Shell:
                         "noticed until the next rebalance", described(exc),
                         "the last rebalance" if self.topic_ids else "the worker started")
             return
-        self.topic_ids = ids
+        # a topic the broker does not name now (deleted, not created again yet) keeps the id it had:
+        # its absence changes nothing, and the topic created again has a new one
+        self.topic_ids = ids = {**self.topic_ids, **ids}
         kept = {t: ids[t] for t in (*settings.topics.inputs, settings.topics.searches) if t in ids}
         self.handler.incarnation = incarnation(kept) if kept else None
 
-    def align_models(self) -> None:
+    def align_models(self) -> list[str]:
         """Drop what the models know of the positions in topics deleted and created again since
         they learned them (:meth:`RecommendationStep.align_topics`): they learn the new topics'
-        partitions from where the group reads them. Under the batch lock."""
+        partitions from where the group reads them. Under the batch lock; returns those topics."""
         if not self.topic_ids:
-            return
+            return []
         changed = self.step.align_topics(self.topic_ids)
         if changed:
             for source in [s for s in self.forget_floors if s.partition(":")[0] in changed]:
@@ -263,21 +296,24 @@ class Shell:
             log.warning("topic(s) %s were deleted and created again since the models learned them (the broker gives "
                         "them new ids, and their offsets started over): the models learn the recreated topics' events "
                         "afresh, from where the consumer group reads them", ", ".join(changed))
+        return changed
 
-    def hand_over_floors(self, assigned) -> None:
+    def hand_over_floors(self, owned: frozenset[str]) -> bool:
         """A failed replay's forget requests (``forget_floors``) of a partition this worker no
         longer owns go to the peer reader, which reads every other worker's forget partitions
         from the models' watermark: the watermark goes back to the floor (a request read twice
         changes nothing), else this worker's batches had moved it past requests its models never
         applied, and they would keep the erased users. Under the batch lock, before the reader
-        is told the new assignment."""
-        owned = {source_of(tp.topic, tp.partition) for tp in assigned}
+        is told the assignment (:meth:`align`). ``owned``: the sources this worker owns; returns
+        whether a floor was handed over."""
         learned = self.step.recommender.learned_offsets
-        for source in [s for s in self.forget_floors if s not in owned]:
+        given = [s for s in self.forget_floors if s not in owned]
+        for source in given:
             floor = self.forget_floors.pop(source)
             learned[source] = min(learned.get(source, floor), floor)
             log.info("the forget requests of %s after offset %d, whose replay failed, are read again by the reader "
                      "of the partitions other workers own", source, floor)
+        return bool(given)
 
     async def on_revoked(self, revoked) -> None:
         """Faust has suspended the flow: the batch in hand finishes (its state saved) before
@@ -300,11 +336,12 @@ class Shell:
         if not self.models_ready.is_set():
             return  # never over a good snapshot with models that have not restored it yet
         forget = self.settings.topics.forget
-        if forget in self.replay_due and self.app is not None:  # an idle worker brings no batch to retry it
+        if (forget in self.replay_due or self.forget_floors) and self.app is not None:  # an idle worker brings no batch
             async with self.busy:
+                self.align()  # floors of partitions given away: to the peer reader
                 if forget in self.replay_due:
                     await self.replay_due_gaps(self.app)
-        if forget in self.replay_due:
+        if forget in self.replay_due or self.forget_floors:
             # the replay of the forget requests failed (or is about to run after a rebalance): the
             # models may still hold users erased since the snapshot they were restored from, and
             # the store's snapshot (another worker's, taken after the erasure) may not
@@ -431,7 +468,7 @@ class Shell:
         try:
             await restored.wait()
             async with self.busy:
-                self.align_models()
+                self.align()
                 await self._replay(app)
         except Exception as exc:  # noqa: BLE001 - the worker serves on with what the models have
             self.replay_due |= frozenset((*self.settings.topics.inputs, self.settings.topics.forget))
@@ -460,6 +497,7 @@ class Shell:
         snapshot, at most every ``FORGET_RETRY_S``, from the offsets the models had learned at
         the failure (``forget_floors``), with no snapshot meanwhile (:meth:`snapshot_models`)."""
         forget = self.settings.topics.forget
+        self.align()  # a replay after a rebalance whose callback could not align the models
         if self.replay_due == {forget} and time.monotonic() < self.forget_retry_at:
             return  # a failed replay of the forget requests alone, retried at most every FORGET_RETRY_S
         topics, self.replay_due = self.replay_due, frozenset()
@@ -567,7 +605,7 @@ class Shell:
                          "and unacknowledged; they are delivered again to their partitions' owner", dropped)
             if not events:
                 return
-            self.align_models()
+            self.align()
             if self.replay_due:
                 await self.replay_due_gaps(app)
             started = time.perf_counter()

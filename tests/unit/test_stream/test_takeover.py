@@ -454,3 +454,40 @@ async def test_a_failed_forget_replay_of_a_partition_given_away_is_left_to_the_p
     assert start_offsets([(FORGET, 0)], models.learned_offsets, {}) == {(FORGET, 0): 1}
     for future in fake.futures:
         future.close()
+
+
+async def test_floors_a_busy_rebalance_could_not_hand_over_go_to_the_peer_reader_with_the_next_lock(monkeypatch):
+    """The same, but the rebalance cannot take the models' lock in time (a replay or a snapshot
+    holds it): the floor stays until the next holder of the lock (here the snapshot timer)
+    hands it over, and the peer reader is told the assignment again, so that it starts there."""
+    env = {**ENV, "STREAMREC_LEARN_ALL_PARTITIONS": "false", "STREAMREC_SNAPSHOT_FORK": "false",
+           "STREAMREC_KAFKA_SESSION_TIMEOUT_S": "1"}  # the rebalance waits 0.25 s for the lock
+    topics = Settings.from_env(env).topics
+    forget0 = source_of(FORGET, 0)
+    calls: list = []
+    kafka_log(monkeypatch, {(FORGET, 0): 2, (FORGET, 1): 0}, calls, [TimeoutError("no records within 30 s")])
+    shell = unplugged_shell(Settings.from_env(env), InMemoryUserStateStore())
+    models = shell.step.recommender
+    models.learned_offsets[forget0] = 0
+    shell.replayed = True
+    shell.restored.set()
+    shell.models_ready.set()
+    fake = FakeApp({TopicPartition(CLICKS, 0), TopicPartition(FORGET, 0), TopicPartition(FORGET, 1)}, shell.generation())
+    await shell.on_assigned(fake, fake.assigned)
+    await run_futures(fake, "replay_after_rebalance")  # fails
+    request = ForgetRequest(user_id="u2", request_id="r2", ts=1_700_000_000_020)
+    await shell.handle_taken(fake, [_event(RawMessage(topics.forget, 0, 2, b"u2", encode(request), None,
+                                                      fake.consumer_generation_id))])
+    await shell.on_revoked(set(fake.assigned))
+    fake.assigned = {TopicPartition(CLICKS, 1), TopicPartition(FORGET, 1)}
+    fake.futures.clear()
+    await shell.busy.acquire()  # held through the rebalance
+    await shell.on_assigned(fake, fake.assigned)
+    shell.busy.release()
+    assert forget0 in shell.forget_floors and models.learned_offsets[forget0] == 2
+    told = shell.peers._version
+    await shell.snapshot_models()
+    assert forget0 not in shell.forget_floors and models.learned_offsets[forget0] == 0
+    assert shell.peers._version > told  # the reader starts again from the watermark: forget[0] from offset 1
+    for future in fake.futures:
+        future.close()

@@ -5,6 +5,9 @@ topic's events, instead of passing them over as redeliveries."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from online_models import Recommender
@@ -15,6 +18,7 @@ from stream.handler import BatchHandler, RawMessage
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
 from stream.records import ClickEvent, encode
+from stream.replay import Gap
 from stream.retry import Backoff
 from stream.settings import Settings, TopicNames
 from stream.state import InMemoryUserStateStore, incarnation
@@ -116,6 +120,7 @@ async def test_the_shell_tags_the_states_by_the_input_topics_and_aligns_the_mode
     first = {"t.clicks": "c1", "t.purchases": "p1", "t.searches": "s1", "t.forget": "f1", "t.impressions": "i1"}
     shell = shell_reading(monkeypatch, [first, {**first, "t.forget": "f2"},
                                         {**first, "t.forget": "f2", "t.clicks": "c2"},
+                                        {t: i for t, i in first.items() if t != "t.clicks"},
                                         ServiceUnavailable("Kafka at localhost:9092 did not answer")])
     models = shell.step.recommender
     models.learned_offsets.update({"t.clicks:0": 41, "t.forget:0": 5, "t.purchases:0": 3})
@@ -137,6 +142,44 @@ async def test_the_shell_tags_the_states_by_the_input_topics_and_aligns_the_mode
     assert "topic(s) t.clicks were deleted and created again" in caplog.text
 
     tag = shell.handler.incarnation
+    await shell.read_topic_ids()  # the clicks topic missing a moment (deleted, not created again yet): no change
+    assert shell.handler.incarnation == tag and shell.topic_ids["t.clicks"] == "c2"
     await shell.read_topic_ids()  # the broker away: the ids known stay
     assert shell.handler.incarnation == tag and shell.topic_ids["t.clicks"] == "c2"
     assert "could not read the input topics' ids" in caplog.text
+
+
+async def test_a_replay_after_a_rebalance_that_could_not_align_aligns_first(monkeypatch):
+    """The forget topic was deleted and created again; the rebalance could not take the models'
+    lock to align them. The replay after it aligns them first, so that it reads the new topic's
+    requests from its beginning rather than taking the old topic's watermark as learned."""
+    monkeypatch.setattr(shell_module, "topic_ids", lambda *args, **kw: {"t.forget": "f2"})
+    monkeypatch.setattr(shell_module, "committed_offsets", lambda *args, **kw: {("t.forget", 0): 3})
+    calls = []
+
+    async def replay(step, kafka, todo, bounds, **kw):
+        calls.append(list(todo))
+        return 0
+
+    monkeypatch.setattr(shell_module, "replay", replay)
+    env = {"STREAMREC_TOPIC_PREFIX": "t.", "STREAMREC_PARTITIONS": "1", "STREAMREC_KAFKA_SESSION_TIMEOUT_S": "1"}
+    shell = create_app(Settings.from_env(env), load_model=False, store=InMemoryUserStateStore()).streamrec
+    models = shell.step.recommender
+    models.learned_offsets["t.forget:0"] = 50  # of the topic before
+    models.topic_ids["t.forget"] = "f1"
+    shell.replayed = True
+    shell.restored.set()
+    shell.models_ready.set()
+    futures = []
+    app = SimpleNamespace(add_future=futures.append, consumer=SimpleNamespace(
+        topic_partitions=lambda topic: 1, assignment=lambda: {TopicPartition("t.forget", 0)}, held=set()))
+    await shell.busy.acquire()
+    await shell.on_assigned(app, {TopicPartition("t.forget", 0)})
+    shell.busy.release()
+    assert models.learned_offsets["t.forget:0"] == 50
+    for future in futures:
+        if future.__name__ == "replay_after_rebalance":
+            await future
+        else:
+            future.close()
+    assert calls == [[Gap("t.forget", 0, 0, 3)]] and models.topic_ids["t.forget"] == "f2"
