@@ -259,21 +259,22 @@ class Shell:
         """A timer: while no topic ids are known (the broker did not answer at the assignment),
         ask again, so that the users' states written meanwhile are tagged soon."""
         if self.app is not None and not self.topic_ids:
-            await self.read_topic_ids()
+            await self.read_topic_ids(quiet=True)
 
-    async def read_topic_ids(self) -> None:
+    async def read_topic_ids(self, quiet: bool = False) -> None:
         """Ask the broker for the ids of the topics the worker reads (a topic deleted and
         created again has a new id, and its offsets start over), for the users' states
         (:func:`~stream.state.align_incarnation`, through the handler) and the models
         (:meth:`align_models`). Where the broker does not answer in time, the ids known before
-        stay (none at first: offsets are then taken as they are, as before ids were kept)."""
+        stay (none at first: offsets are then taken as they are, as before ids were kept).
+        ``quiet``: a failure is logged at debug level (the timer that asks again)."""
         settings = self.settings
         try:
             ids = await asyncio.wait_for(asyncio.to_thread(topic_ids, settings.kafka, settings.topics.consumed,
                                                            settings.session_timeout_s / 4),
                                          settings.session_timeout_s / 4)
         except Exception as exc:  # noqa: BLE001 - the ids known before stay
-            log.warning("could not read the input topics' ids (%s); a topic deleted and created again since %s is not "
+            (log.debug if quiet else log.warning)("could not read the input topics' ids (%s); a topic deleted and created again since %s is not "
                         "noticed until the next rebalance", described(exc),
                         "the last rebalance" if self.topic_ids else "the worker started")
             return
