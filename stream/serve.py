@@ -488,18 +488,21 @@ async def check_serving(health: Health, store: UserStateStore, refresher: ModelR
     the refresh is marked (:meth:`Health.checked`): should it hang all the same, ``checks``
     fails once the conditions are older than ``stale_after_s``."""
     try:
-        await asyncio.wait_for(store.ping(), PING_TIMEOUT_S)
+        answered = await asyncio.wait_for(store.ping(), PING_TIMEOUT_S)
     except TimeoutError:
         health.set("redis", False, f"PING not answered within {PING_TIMEOUT_S:g} s")
     except Exception as exc:  # noqa: BLE001 - the store did not answer
         health.set("redis", False, described(exc))
     else:
-        try:
-            await refresher.refresh()
-        except Exception as exc:  # noqa: BLE001 - the store did not answer (a refused snapshot is not this)
-            health.set("redis", False, described(exc))
+        if not answered:
+            health.set("redis", False, "PING was not answered with PONG")
         else:
-            health.set("redis", True, "PING answered")
+            try:
+                await refresher.refresh()
+            except Exception as exc:  # noqa: BLE001 - the store did not answer (a refused snapshot is not this)
+                health.set("redis", False, described(exc))
+            else:
+                health.set("redis", True, "PING answered")
     if refresher.refused is not None:
         health.set("models", True, f"the newest snapshot was refused ({clipped(refresher.refused[1], 200)}): serving "
                                    f"{'the previous one' if refresher.loaded else 'empty models'}")

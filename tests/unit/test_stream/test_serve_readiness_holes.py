@@ -101,6 +101,25 @@ async def test_a_snapshot_read_never_answered_flips_redis(monkeypatch):
     assert "models" not in failing(health)  # the models served stay
 
 
+async def test_a_ping_answered_without_pong_fails_redis_and_a_later_one_restores_it():
+    """A store's ping may say False rather than raise; redis must not read ok then."""
+    class NoPong(InMemoryUserStateStore):
+        pong = False
+
+        async def ping(self) -> bool:
+            return self.pong
+
+    store = NoPong()
+    step = RecommendationStep(Recommender.default())
+    health = Health(conditions=CONDITIONS)
+    refresher = ModelRefresher(store, step)
+    await check_serving(health, store, refresher, step, None, None, "streamrec.items")
+    assert "PONG" in failing(health)["redis"]
+    store.pong = True
+    await check_serving(health, store, refresher, step, None, None, "streamrec.items")
+    assert "redis" not in failing(health)
+
+
 async def test_conditions_not_refreshed_for_stale_after_s_fail_readiness_by_checks():
     """serve never marked its refreshes (Health.checked), so conditions it stopped refreshing
     stood as they were, a 200 included."""
