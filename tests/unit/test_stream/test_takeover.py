@@ -419,17 +419,13 @@ async def test_a_replay_asked_to_stop_ends_between_fetches_without_moving_the_mo
     assert len(asked) == 3 and step.recommender.learned_offsets[source_of(CLICKS, 0)] == 7
 
 
-async def test_a_failed_forget_replay_of_a_partition_given_away_is_left_to_the_peer_reader_from_its_floor(monkeypatch):
-    """The replay of a taken-over forget partition fails, this worker's own batch moves that
-    partition past the requests its models never applied, then a rebalance gives the partition
-    to another worker: the peer reader, which reads the others' forget partitions from the
-    models' watermark, must start at the failure's floor. Before, the floor was dropped with the
-    next successful replay of the partitions still owned, and the models kept the erased user."""
-    env = {**ENV, "STREAMREC_LEARN_ALL_PARTITIONS": "false", "STREAMREC_SNAPSHOT_FORK": "false"}
-    topics = Settings.from_env(env).topics
+async def forget_partition_given_away(monkeypatch, **env: str):
+    """A taken-over forget partition (forget[0]) whose replay fails, then this worker's own batch
+    moves it past the requests its models never applied, then a revocation: ``(shell, fake app)``,
+    the app's next assignment leaving forget[0] to another worker."""
+    env = {**ENV, "STREAMREC_LEARN_ALL_PARTITIONS": "false", "STREAMREC_SNAPSHOT_FORK": "false", **env}
     forget0 = source_of(FORGET, 0)
-    calls: list = []
-    kafka_log(monkeypatch, {(FORGET, 0): 2, (FORGET, 1): 0}, calls, [TimeoutError("no records within 30 s")])
+    kafka_log(monkeypatch, {(FORGET, 0): 2, (FORGET, 1): 0}, [], [TimeoutError("no records within 30 s")])
     shell = unplugged_shell(Settings.from_env(env), InMemoryUserStateStore())
     models = shell.step.recommender
     models.learned_offsets[forget0] = 0  # the peer reader had read the request at offset 0 only
@@ -441,16 +437,26 @@ async def test_a_failed_forget_replay_of_a_partition_given_away_is_left_to_the_p
     await run_futures(fake, "replay_after_rebalance")  # fails: the floor of forget[0] is 0
     assert shell.forget_floors == {forget0: 0, source_of(FORGET, 1): -1}
     request = ForgetRequest(user_id="u2", request_id="r2", ts=1_700_000_000_020)
-    await shell.handle_taken(fake, [_event(RawMessage(topics.forget, 0, 2, b"u2", encode(request), None,
+    await shell.handle_taken(fake, [_event(RawMessage(shell.settings.topics.forget, 0, 2, b"u2", encode(request), None,
                                                       fake.consumer_generation_id))])
     assert models.learned_offsets[forget0] == 2
-
     await shell.on_revoked(set(fake.assigned))
     fake.assigned = {TopicPartition(CLICKS, 1), TopicPartition(FORGET, 1)}  # forget[0] is another worker's now
     fake.futures.clear()
+    return shell, fake
+
+
+async def test_a_failed_forget_replay_of_a_partition_given_away_is_left_to_the_peer_reader_from_its_floor(monkeypatch):
+    """The replay of a taken-over forget partition fails, this worker's own batch moves that
+    partition past the requests its models never applied, then a rebalance gives the partition
+    to another worker: the peer reader, which reads the others' forget partitions from the
+    models' watermark, must start at the failure's floor. Before, the floor was dropped with the
+    next successful replay of the partitions still owned, and the models kept the erased user."""
+    shell, fake = await forget_partition_given_away(monkeypatch)
+    models = shell.step.recommender
     await shell.on_assigned(fake, fake.assigned)
     assert shell.forget_floors == {source_of(FORGET, 1): -1}  # still this worker's: its own retry
-    assert models.learned_offsets[forget0] == 0
+    assert models.learned_offsets[source_of(FORGET, 0)] == 0
     assert start_offsets([(FORGET, 0)], models.learned_offsets, {}) == {(FORGET, 0): 1}
     for future in fake.futures:
         future.close()
@@ -460,27 +466,9 @@ async def test_floors_a_busy_rebalance_could_not_hand_over_go_to_the_peer_reader
     """The same, but the rebalance cannot take the models' lock in time (a replay or a snapshot
     holds it): the floor stays until the next holder of the lock (here the snapshot timer)
     hands it over, and the peer reader is told the assignment again, so that it starts there."""
-    env = {**ENV, "STREAMREC_LEARN_ALL_PARTITIONS": "false", "STREAMREC_SNAPSHOT_FORK": "false",
-           "STREAMREC_KAFKA_SESSION_TIMEOUT_S": "1"}  # the rebalance waits 0.25 s for the lock
-    topics = Settings.from_env(env).topics
-    forget0 = source_of(FORGET, 0)
-    calls: list = []
-    kafka_log(monkeypatch, {(FORGET, 0): 2, (FORGET, 1): 0}, calls, [TimeoutError("no records within 30 s")])
-    shell = unplugged_shell(Settings.from_env(env), InMemoryUserStateStore())
-    models = shell.step.recommender
-    models.learned_offsets[forget0] = 0
-    shell.replayed = True
-    shell.restored.set()
-    shell.models_ready.set()
-    fake = FakeApp({TopicPartition(CLICKS, 0), TopicPartition(FORGET, 0), TopicPartition(FORGET, 1)}, shell.generation())
-    await shell.on_assigned(fake, fake.assigned)
-    await run_futures(fake, "replay_after_rebalance")  # fails
-    request = ForgetRequest(user_id="u2", request_id="r2", ts=1_700_000_000_020)
-    await shell.handle_taken(fake, [_event(RawMessage(topics.forget, 0, 2, b"u2", encode(request), None,
-                                                      fake.consumer_generation_id))])
-    await shell.on_revoked(set(fake.assigned))
-    fake.assigned = {TopicPartition(CLICKS, 1), TopicPartition(FORGET, 1)}
-    fake.futures.clear()
+    # the rebalance waits a quarter of the session timeout for the lock: 0.25 s
+    shell, fake = await forget_partition_given_away(monkeypatch, STREAMREC_KAFKA_SESSION_TIMEOUT_S="1")
+    models, forget0 = shell.step.recommender, source_of(FORGET, 0)
     await shell.busy.acquire()  # held through the rebalance
     await shell.on_assigned(fake, fake.assigned)
     shell.busy.release()
