@@ -274,9 +274,13 @@ class Shell:
                                                            settings.session_timeout_s / 4),
                                          settings.session_timeout_s / 4)
         except Exception as exc:  # noqa: BLE001 - the ids known before stay
-            (log.debug if quiet else log.warning)("could not read the input topics' ids (%s); a topic deleted and created again since %s is not "
-                        "noticed until the next rebalance", described(exc),
-                        "the last rebalance" if self.topic_ids else "the worker started")
+            say = log.debug if quiet else log.warning
+            if self.topic_ids:
+                say("could not read the input topics' ids (%s); a topic deleted and created again since the last "
+                    "rebalance is noticed at the next one", described(exc))
+            else:
+                say("could not read the input topics' ids (%s); asking again every 10 s (until then a topic deleted "
+                    "and created again is not noticed)", described(exc))
             return
         # a topic the broker does not name now (deleted, not created again yet) keeps the id it had:
         # its absence changes nothing, and the topic created again has a new one
