@@ -116,7 +116,12 @@ def _cuda_session(model, so: ort.SessionOptions, device_id: int, cuda_graph: boo
             ort.preload_dlls()
         except Exception as exc:  # noqa: BLE001 - a failure shows up as a CPU-only session below
             log.debug("onnxruntime.preload_dlls failed: %s", exc)
-    opts = {"device_id": str(device_id), "enable_cuda_graph": "1" if cuda_graph else "0"}
+    opts = {"enable_cuda_graph": "1" if cuda_graph else "0"}
+    if device_id:
+        # device 0 is the CUDA provider's default. Naming it makes ONNX Runtime 1.26+ log a
+        # WARNING on every session ("No registered plugin EP device found for
+        # 'CUDAExecutionProvider' with device_id=0") that says nothing about this provider.
+        opts["device_id"] = str(device_id)
     try:
         sess = ort.InferenceSession(model, so, providers=[(CUDA_EP, opts), CPU_EP])
     except Exception as exc:

@@ -9,7 +9,8 @@ import pytest
 from tiny_models import register_tiny, tiny_result
 
 from gpu_scorer.errors import ModelLoadError, ScorerDeviceError
-from gpu_scorer.runtime import CPU_EP, OnnxScorer, cuda_device_count
+from gpu_scorer import runtime
+from gpu_scorer.runtime import CPU_EP, CUDA_EP, OnnxScorer, cuda_device_count
 
 NO_CUDA = cuda_device_count()[0] == 0
 
@@ -39,6 +40,29 @@ def test_auto_without_gpu_runs_on_cpu_and_says_so(model_dir, caplog):
         scorer = OnnxScorer("latest", "auto", model_dir=model_dir)
     assert scorer.provider == CPU_EP
     assert "CUDA is not usable" in caplog.text and "running on CPUExecutionProvider" in caplog.text
+
+
+@pytest.mark.parametrize(("device_id", "named"), [(0, None), (1, "1")])
+def test_cuda_options_name_a_device_only_when_it_is_not_the_first(monkeypatch, device_id, named):
+    """ONNX Runtime 1.26+ logs a misleading plugin-EP WARNING on every session given a
+    device_id (seen on an H200 with 1.31.1); 0 is the CUDA provider's default, so it is not named."""
+    seen = {}
+
+    class Session:
+        def __init__(self, model, so, providers):
+            seen["providers"] = providers
+
+        def get_providers(self):
+            return [CUDA_EP, CPU_EP]
+
+    monkeypatch.setattr(runtime, "cuda_device_count", lambda: (1, ""))
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: [CUDA_EP, CPU_EP])
+    monkeypatch.setattr(runtime.ort, "preload_dlls", lambda: None, raising=False)
+    monkeypatch.setattr(runtime.ort, "InferenceSession", Session)
+    runtime._cuda_session(b"model", runtime.ort.SessionOptions(), device_id, cuda_graph=True)
+    (ep, opts), cpu = seen["providers"]
+    assert (ep, cpu) == (CUDA_EP, CPU_EP)
+    assert opts.get("device_id") == named and opts["enable_cuda_graph"] == "1"
 
 
 def test_bad_device_and_missing_model(model_dir, tmp_path):
