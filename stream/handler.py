@@ -159,6 +159,7 @@ class BatchHandler:
         self.batches = 0
         self.events_applied = 0
         self._rebuilt_seen = 0
+        self._reset_seen = 0
         self._slow_logged_at = float("-inf")
         self._slow_since_log = 0
 
@@ -455,6 +456,9 @@ class BatchHandler:
         if self.store.rebuilt != self._rebuilt_seen:
             m.states_rebuilt.inc(self.store.rebuilt - self._rebuilt_seen)
             self._rebuilt_seen = self.store.rebuilt
+        if self.offsets_reset != self._reset_seen:
+            m.offsets_reset.inc(self.offsets_reset - self._reset_seen)
+            self._reset_seen = self.offsets_reset
         for rec in result.recommendations:
             m.end_to_end_seconds.observe(max(0, published_ms - rec.event_ts) / 1000)
         for name, s in stages.items():

@@ -48,6 +48,7 @@ class Metrics:
         self.gc_frozen = Gauge("gc_frozen_objects", "Objects the garbage-collector policy froze (stream/gcpolicy.py), counted every few minutes: follows the live heap; one that only grows is a leak", namespace=ns, registry=r)
         self.count_frozen()
         self.events_relearned = Counter("events_relearned_total", "Events the models learned again after a restart from an older snapshot (their state had them)", namespace=ns, registry=r)
+        self.offsets_reset = Counter("state_offsets_reset_total", "Users whose stored offsets counted in an input topic that was deleted and created again since (dropped as the user was loaded, so the new topic's events are applied)", namespace=ns, registry=r)
         self.states_rebuilt = Counter("states_rebuilt_total", "Users whose stored state did not decode, or whose key held another Redis type than a string (replaced by their save), and who started afresh", namespace=ns, registry=r)
         self.output_blocked = Gauge("output_blocked", "1 while Kafka refuses what the worker publishes (recommendations or dead letters); nothing after them is committed", namespace=ns, registry=r)
         self.fenced_batches = Counter("fenced_batches_total", "Batches not saved because another worker claimed their partitions since (left to that worker)", namespace=ns, registry=r)

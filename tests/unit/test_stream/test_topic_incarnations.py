@@ -62,6 +62,7 @@ async def test_events_of_a_recreated_topic_are_applied_and_learned_though_their_
     state = (await store.load_many(["u1"]))["u1"]
     assert (state.clicks, state.offsets, state.incarnation) == (40, {"streamrec.clicks:0": 9}, NEW)
     assert step.recommender.n_learned == 40 and h.offsets_reset == 1
+    assert h.metrics.registry.get_sample_value("streamrec_state_offsets_reset_total") == 1  # StreamrecInputTopicRecreated
     await h.handle(batch("b", 10))  # Kafka delivers them again: redeliveries now, of the new topic
     assert (await store.load_many(["u1"]))["u1"].clicks == 40 and step.recommender.n_learned == 40
 
@@ -83,6 +84,7 @@ async def test_a_state_from_before_tags_were_kept_counts_in_the_topics_of_now():
     await h.handle(batch("c", 1, start=30))
     state = (await store.load_many(["u1"]))["u1"]
     assert (state.clicks, state.incarnation, h.offsets_reset) == (31, NEW, 0)
+    assert h.metrics.registry.get_sample_value("streamrec_state_offsets_reset_total") == 0
 
 
 def test_the_models_snapshot_keeps_the_topic_ids_it_learned_under():
