@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from tiny_models import register_tiny, tiny_result
 
-from gpu_scorer.errors import ModelLoadError, ScorerDeviceError
 from gpu_scorer import runtime
+from gpu_scorer.errors import ModelLoadError, ScorerDeviceError
 from gpu_scorer.runtime import CPU_EP, CUDA_EP, OnnxScorer, cuda_device_count
 
 NO_CUDA = cuda_device_count()[0] == 0
