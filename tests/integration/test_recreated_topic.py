@@ -11,7 +11,7 @@ import time
 
 import pytest
 import redis
-from workerkit import WorkerProcess, produce, read_all, user_doc, wait_for
+from workerkit import WorkerProcess, free_port, produce, read_all, user_doc, wait_for
 
 from online_models import Recommender
 from stream.records import ClickEvent, decode_recommendation, encode
@@ -63,7 +63,7 @@ def test_a_recreated_topic_is_applied_and_learned_though_the_old_offsets_were_hi
     def applied(n: int) -> bool:
         return all((user_doc(redis_client, prefix, u) or {}).get("clicks") == n for u in ("u1", "u2"))
 
-    worker = WorkerProcess(env, tmp_path / "worker-0.log").start()
+    worker = WorkerProcess(env, tmp_path / "worker-0.log", free_port()).start()
     try:
         produce(bootstrap, prefix, [("clicks", ev.user_id.encode(), encode(ev)) for ev in clicks(range(40), "a")])
         wait_for(lambda: applied(20), 90, "the first 40 applied", worker)
@@ -75,11 +75,12 @@ def test_a_recreated_topic_is_applied_and_learned_though_the_old_offsets_were_hi
         # backlog): the first 39 at or below the offsets the states and the models hold
         produce(bootstrap, prefix, [("clicks", ev.user_id.encode(), encode(ev)) for ev in clicks(range(40, 100), "b")])
         if not while_running:
-            worker = WorkerProcess(env, tmp_path / "worker-1.log").start()
+            worker = WorkerProcess(env, tmp_path / "worker-1.log", free_port()).start()
         wait_for(lambda: applied(50), 120, "the new topic's 60 events applied", worker)
         wait_for(lambda: _snapshot_learned(redis_bytes, prefix) == 100, 60, "a snapshot that learned them too", worker)
         triggers = {decode_recommendation(r.value).trigger_event_id for r in read_all(bootstrap, f"{prefix}recommendations")}
         assert {"b98", "b99"} <= triggers, sorted(triggers)
         assert "deleted and created again" in worker.log_text(), worker.log_tail()
+        assert worker.metric("streamrec_state_offsets_reset_total") >= 2, worker.log_tail()  # u1 and u2
     finally:
         assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()
