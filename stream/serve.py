@@ -317,10 +317,14 @@ def _utf8(raw_path: str) -> bool:
 class _MalformedRequests(logging.Filter):
     """aiohttp logs each request its parser refuses (a 400 it answers itself: a line too long,
     bytes that are not HTTP) with a traceback at ERROR; that is the client's mistake, so one
-    line at INFO."""
+    line at INFO. So is a body that does not decode (``Content-Encoding: gzip`` on bytes that
+    are not): a GET's, which no handler reads, fails only as aiohttp discards it after the
+    answer, logged as an "Unhandled exception"."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, web.RequestPayloadError) and isinstance(exc.__cause__, HttpProcessingError):
+            exc = exc.__cause__
         if isinstance(exc, HttpProcessingError):
             record.msg, record.args = f"{record.getMessage()}: a malformed request ({type(exc).__name__})", ()
             record.exc_info, record.exc_text = None, None

@@ -383,3 +383,18 @@ async def test_a_client_that_never_finishes_its_headers_is_closed_after_the_keep
         writer.close()
     finally:
         await runner.cleanup()
+
+
+async def test_a_get_whose_body_does_not_decode_is_logged_in_one_line_not_an_unhandled_exception(client, caplog):
+    # aiohttp reads a GET's unread body after the answer; a gzip body of 3 bytes fails only
+    # then, and was logged as an "Unhandled exception" at ERROR with three chained tracebacks
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\nContent-Length: 3\r\n\r\nabc")
+    await writer.drain()
+    with caplog.at_level(logging.INFO, "aiohttp.server"):
+        answer = await asyncio.wait_for(reader.read(), 5)  # answered, then closed
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK")
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert [(r.levelno, r.exc_info) for r in records] == [(logging.INFO, None)]
+    assert records[0].getMessage().endswith("a malformed request (ContentEncodingError)")
