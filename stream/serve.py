@@ -37,6 +37,7 @@ import asyncio
 import hashlib
 import logging
 import re
+import resource
 import signal
 import time
 from collections.abc import Callable
@@ -380,8 +381,27 @@ def _observed(metrics: Metrics):
 
 def api_runner(web_app: web.Application) -> web.AppRunner:
     """The runner serve listens with: no access log, connections closed after
-    :data:`KEEPALIVE_S` without a complete request."""
+    :data:`KEEPALIVE_S` without a complete request, and the process's soft limit on open files
+    raised to its hard limit (:func:`_open_files_raised`)."""
+    _open_files_raised()
     return web.AppRunner(web_app, access_log=None, keepalive_timeout=KEEPALIVE_S)
+
+
+def _open_files_raised() -> None:
+    """Each connection is a file. At the soft limit (1,024 where systemd or containerd starts a
+    process, under a hard limit of 524,288) one client's idle connections, which cost it
+    nothing, used them all: serve then accepted no one else's until those timed out
+    (:data:`KEEPALIVE_S`), and asyncio logged about 1,000 ERROR tracebacks a second (seen with
+    1,100 connections at 1,024, and 300 at 256). At the hard limit one client address runs out of
+    ports (65,535 at most) first. asyncio polls with epoll: descriptors past 1,024 are no trouble."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError) as exc:  # macOS refuses more than kern.maxfilesperproc: keep the limit there is
+        log.info("open files stay limited to %d (%s)", soft, exc)
 
 
 def create_web_app(api: Api, max_in_flight: int = MAX_IN_FLIGHT, metrics: Metrics | None = None) -> web.Application:

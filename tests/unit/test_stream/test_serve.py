@@ -398,3 +398,53 @@ async def test_a_get_whose_body_does_not_decode_is_logged_in_one_line_not_an_unh
     records = [r for r in caplog.records if r.name == "aiohttp.server"]
     assert [(r.levelno, r.exc_info) for r in records] == [(logging.INFO, None)]
     assert records[0].getMessage().endswith("a malformed request (ContentEncodingError)")
+
+
+SERVE_AT_256_FILES = """
+import asyncio, resource
+from aiohttp import web
+from stream import serve
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+async def main():
+    runner = serve.api_runner(web.Application())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    print(runner.addresses[0][1], flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+async def test_one_client_holding_hundreds_of_idle_connections_does_not_lock_others_out():
+    # at a soft limit of 256 open files (1,024 is common), 300 idle connections left serve
+    # accepting no one else's, and asyncio logging ERROR tracebacks, until they timed out (75 s)
+    import os
+    import resource
+    from pathlib import Path
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if (hard != resource.RLIM_INFINITY and hard < 2048) or soft < 1024:
+        pytest.skip(f"open files limited to {soft} (hard {hard}) here")
+    root = str(Path(__file__).resolve().parents[3])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+    server = await asyncio.create_subprocess_exec(sys.executable, "-c", SERVE_AT_256_FILES, env=env,
+                                                  stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    idle = []
+    try:
+        port = int(await asyncio.wait_for(server.stdout.readline(), 60))
+        for _ in range(300):
+            idle.append((await asyncio.open_connection("127.0.0.1", port))[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 404")  # an empty app's answer: answered at all
+    finally:
+        for writer in idle:
+            writer.close()
+        server.kill()
+        _, err = await server.communicate()
+    assert b"Too many open files" not in err
