@@ -336,7 +336,7 @@ def produce(
 def _produce_catalogue(path: Path | None, bootstrap: str | None, topic_prefix: str | None, seed: int) -> int:
     settings = Settings.from_env(**{k: v for k, v in (("kafka_bootstrap", bootstrap), ("topic_prefix", topic_prefix)) if v is not None})
     now = time.time_ns() // 1_000_000
-    items = read_catalogue_file(path, now) if path is not None else synthetic_items(seed, now)
+    items = read_catalogue_file(path, now, settings.bounds) if path is not None else synthetic_items(seed, now)
     if not items:  # before Kafka: sending nothing would say "sent 0 items" and leave search empty
         raise typer.BadParameter(f"{path}: no items in it (empty, or blank lines alone); one ItemEvent per line "
                                  "(docs/events.md)", param_hint="--catalogue")

@@ -26,11 +26,13 @@ from aiokafka import AIOKafkaProducer
 from online_models.search.synthetic import synthetic_catalogue
 from stream.decoding import decode_item
 from stream.errors import InvalidEvent, StreamrecError
-from stream.records import ItemEvent, encode
+from stream.records import DEFAULT_BOUNDS, Bounds, ItemEvent, encode
 
 
-def read_catalogue(lines: Iterable[str], now_ms: int) -> list[ItemEvent]:
-    """The ItemEvents of JSON Lines ``lines`` (blank lines skipped; a missing ``ts`` is ``now_ms``)."""
+def read_catalogue(lines: Iterable[str], now_ms: int, bounds: Bounds = DEFAULT_BOUNDS) -> list[ItemEvent]:
+    """The ItemEvents of JSON Lines ``lines`` (blank lines skipped; a missing ``ts`` is ``now_ms``),
+    each within ``bounds`` (the workers' settings: a price over STREAMREC_MAX_PRICE is refused
+    here as every worker would dead-letter it)."""
     items: list[ItemEvent] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -44,7 +46,7 @@ def read_catalogue(lines: Iterable[str], now_ms: int) -> list[ItemEvent]:
         if isinstance(value, dict) and "ts" not in value:
             value["ts"] = now_ms
         try:
-            items.append(decode_item(json.dumps(value, ensure_ascii=False).encode()))
+            items.append(decode_item(json.dumps(value, ensure_ascii=False).encode(), bounds))
         except InvalidEvent as exc:
             raise StreamrecError(f"catalogue line {number}: {exc.reason}") from None
         except UnicodeEncodeError:  # json.loads reads an escape such as \ud800 as half a character
@@ -53,10 +55,10 @@ def read_catalogue(lines: Iterable[str], now_ms: int) -> list[ItemEvent]:
     return items
 
 
-def read_catalogue_file(path: Path, now_ms: int) -> list[ItemEvent]:
+def read_catalogue_file(path: Path, now_ms: int, bounds: Bounds = DEFAULT_BOUNDS) -> list[ItemEvent]:
     try:
         with open(path, encoding="utf-8") as f:
-            return read_catalogue(f, now_ms)
+            return read_catalogue(f, now_ms, bounds)
     except UnicodeDecodeError as exc:
         raise StreamrecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 

@@ -185,6 +185,25 @@ def test_produce_refuses_a_bad_catalogue_file_with_its_line_and_no_traceback(tmp
     assert both.returncode == 2 and "a log of events" in both.stderr and "Traceback" not in both.stderr
 
 
+def test_produce_refuses_a_catalogue_line_over_the_workers_lowered_price_maximum(tmp_path):
+    """The workers refuse an item priced over STREAMREC_MAX_PRICE (number_too_large, dead-lettered
+    by each of them); produce, under the same settings, refuses the file before sending it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    items = tmp_path / "items.jsonl"
+    items.write_text('{"item_id": "i1", "title": "Down jacket", "price": 50}\n'
+                     '{"item_id": "i2", "title": "Sofa", "price": 5000}\n', encoding="utf-8")
+    root = Path(__file__).resolve().parents[3]
+    env = {"PATH": "/usr/bin:/bin", "STREAMREC_KAFKA_BOOTSTRAP": "127.0.0.1:1", "STREAMREC_MAX_PRICE": "1000"}
+    done = subprocess.run([sys.executable, "-m", "stream.cli", "produce", "--catalogue", str(items)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "catalogue line 2: field `price`" in done.stderr and "STREAMREC_MAX_PRICE" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_the_synthetic_catalogue_is_valid_item_events_of_the_synthetic_shops_items():
     from online_models.datasets import synthetic_interactions
     from stream.decoding import decode_item
