@@ -46,6 +46,7 @@ from stream.prometheus import Metrics
 from stream.records import Bounds, DeadLetter, ItemEvent, dead_letter, dead_letter_record
 from stream.retry import Backoff, run_until_done
 from stream.state import UserStateStore
+from stream.step_results import exception_text
 
 log = logging.getLogger("streamrec.catalogue")
 
@@ -254,7 +255,7 @@ class CatalogueFeed:
                 dead.append((rec.key, dead_letter(exc, rec.value, rec.topic, partition, rec.offset, now)))
                 continue
             except Exception as exc:  # noqa: BLE001 - a decoder bug is that value's problem alone
-                problem = InvalidEvent("processing_error", f"decoding the value raised {type(exc).__name__}: {exc}")
+                problem = InvalidEvent("processing_error", f"decoding the value raised {type(exc).__name__}: {exception_text(exc)}")
                 dead.append((rec.key, dead_letter(problem, rec.value, rec.topic, partition, rec.offset, now)))
                 continue
             if rec.key != item.item_id.encode():  # compacted by key: it would outlive its tombstone
