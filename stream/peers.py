@@ -55,7 +55,6 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from stream.connections import started_reader
 from stream.decoding import decode_event, decode_forget
-from stream.errors import InvalidEvent
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
 from stream.pseudonyms import Pseudonyms
@@ -275,8 +274,8 @@ class PeerLearner:
                 for rec in records:
                     try:  # the owner's clock window too: a request it dead-letters is refused here as well
                         forgets.append(decode_forget(rec.value, self.bounds, now))
-                    except InvalidEvent:
-                        continue  # the owner dead-letters it
+                    except Exception:  # noqa: BLE001 - InvalidEvent, or a decoder's bug: the owner dead-letters both
+                        continue
                     forget_positions.append((source, rec.offset))
                 ends.append((source, records[-1].offset))
                 continue
