@@ -134,6 +134,7 @@ _BRACKETS = frozenset(b"[]{}")
 # quote: what is left of a value after removing them is its brackets, outside strings
 _NOT_A_BRACKET = re.compile(rb'"(?:[^"\\]|\\.)*"?|[^"\[\]{}]+', re.S)
 _NON_FINITE = (b"NaN", b"Infinity")
+_BOM = b"\xef\xbb\xbf"
 _POSITION = re.compile(r"\(byte (\d+)\)")
 _KEY_BEFORE = re.compile(rb'"((?:[^"\\]|\\.){1,64})"\s*:\s*-?$')
 
@@ -173,6 +174,10 @@ def _malformed(raw: bytes, exc: Exception) -> InvalidEvent:
         return exc
     if not raw.strip():
         return InvalidEvent("malformed_json", "the value is empty; expected a JSON object")
+    if raw.startswith(_BOM):  # invisible in the dead letter's raw: msgspec's "invalid character (byte 0)" puzzles
+        return InvalidEvent("malformed_json", "the value starts with a UTF-8 byte-order mark (the bytes EF BB BF, invisible "
+                                              "in `raw`), which JSON does not allow; send the JSON without it (Python: "
+                                              "encoding utf-8, not utf-8-sig; .NET: new UTF8Encoding(false))")
     if (lone := _LONE_SURROGATE.search(raw)) is not None:  # msgspec's words for it mislead (e.g. "truncated")
         escape = lone.group().decode("ascii")
         return InvalidEvent("malformed_json", f"the value is not valid JSON: the escape {escape} at byte {lone.start()} "
