@@ -22,6 +22,7 @@ u1  i5 0.910 (because you viewed i77), i9 0.700 (you viewed it before), i2 0.500
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -96,6 +97,25 @@ def recommendation_line(rec: Recommendation, items: int = 5) -> str:
     return f"{rec.user_id}  {shown}  latency {rec.generated_ts - rec.event_ts} ms  after {rec.trigger_event_id}  {models}".rstrip()
 
 
+#: characters a terminal acts on rather than shows: C0 and C1 controls (ESC starts the sequences
+#: that clear the screen, move the cursor or set the window title), and the bidi overrides
+_UNSHOWN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def shown(text: str) -> str:
+    """``text`` with the characters a terminal would act on written as escapes: a dead letter's
+    value and reason are whatever a producer sent, and an operator's terminal must not run them.
+
+    >>> print(shown("a\\nb\\x1b[2J\\rc\\u202e"))
+    a\\nb\\x1b[2J\\rc\\u202e
+    """
+    def escape(m: re.Match) -> str:
+        c = m.group()
+        return _ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+    return _UNSHOWN.sub(escape, text)
+
+
 def dead_letter_line(letter: DeadLetter, width: int = 80) -> str:
     """Where the bad value was, why it was refused, and the start of it.
 
@@ -104,9 +124,9 @@ def dead_letter_line(letter: DeadLetter, width: int = 80) -> str:
     streamrec.clicks[2]@41  missing_field  field `ts` is missing (required)  raw: {"a": 1}
     """
     raw = letter.raw if len(letter.raw) <= width else letter.raw[: width - 1] + "…"
-    raw = raw.replace("\n", "\\n")
     encoding = "" if letter.raw_encoding == "utf-8" else f" ({letter.raw_encoding})"
-    return f"{letter.topic}[{letter.partition}]@{letter.offset}  {letter.code}  {letter.reason}  raw{encoding}: {raw}"
+    return (f"{letter.topic}[{letter.partition}]@{letter.offset}  {shown(letter.code)}  {shown(letter.reason)}  "
+            f"raw{encoding}: {shown(raw)}")
 
 
 def is_for_user(key: bytes | None, user: str | None) -> bool:

@@ -224,6 +224,18 @@ def test_dead_letter_line_shows_where_why_and_the_start_of_the_value():
     assert len(dead_letter_line(long, width=40).split("raw: ")[1]) == 40
 
 
+def test_a_dead_letter_cannot_drive_the_operators_terminal():
+    """A producer's value (and a reason quoting its `type`) reach `streamrec tail --dlq`'s screen:
+    escape sequences (clear the screen, move the cursor, retitle the window), a carriage return
+    that overwrites the line, C1 controls and bidi overrides are printed as escapes, not run."""
+    hostile = '{"type": "\x1b]0;owned\x07\x1b[2J", "x": "\rhidden\u202e\x9b"}'
+    letter = DeadLetter(reason="field `type`: \x1b[2J is not click or purchase", topic="t.clicks", partition=0,
+                        offset=1, raw=hostile, ts=0, code="unknown_type")
+    line = dead_letter_line(letter, width=200)
+    assert not any(ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f or c == "\u202e" for c in line), repr(line)
+    assert "\\x1b[2J is not click" in line and "\\x1b]0;owned\\x07" in line and "\\rhidden\\u202e\\x9b" in line
+
+
 def test_user_filter_matches_the_key_exactly():
     assert is_for_user(b"u1", None) and is_for_user(b"u1", "u1")
     assert not is_for_user(b"u10", "u1") and not is_for_user(None, "u1")
