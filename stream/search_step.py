@@ -34,7 +34,7 @@ from online_models.types import Explanation, ScoredItem
 from stream.experiments import remembered, serving_view
 from stream.pipeline import RecommendationStep
 from stream.records import Recommendation, SearchEvent, encode
-from stream.state import UserState, encode_state
+from stream.state import UserState, encode_state, fingerprint, remember_seen
 from stream.step_inputs import user_context
 from stream.step_results import Failure
 
@@ -86,7 +86,9 @@ class SearchStep:
                  site_ids: Mapping[str, str] | None = None) -> SearchResult:
         """``states`` holds the state of every user in ``searches`` (read, not changed);
         ``positions`` each search's ``("topic:partition", offset)``: one at or below the
-        offset its user's state applied is a redelivery, answered before and skipped. A search
+        offset its user's state applied is a redelivery, answered before and skipped; so is one
+        whose ``event_id`` is among the user's latest ids (a producer that sent it twice), as for
+        events (:meth:`~stream.state.UserState.has_seen`). A search
         of a user forgotten after it (``Recommender.refuses``: a redelivery or replay after
         the erasure, or one in the erasure's batch) is refused as their events are: no answer
         is published, and no state (the query) is written again."""
@@ -102,7 +104,8 @@ class SearchStep:
                 continue
             state = current.get(uid) or (states.get(uid) or UserState(uid)).copy()
             source, offset = positions[n] if positions is not None else (None, None)
-            if source is not None and offset <= state.offsets.get(source, -1):
+            fp = fingerprint(search.event_id)
+            if (source is not None and offset <= state.offsets.get(source, -1)) or state.saw(fp):
                 out.duplicates += 1
                 continue
             t0 = clock()
@@ -124,6 +127,7 @@ class SearchStep:
             state.query_ts = search.ts
             if source is not None:
                 state.offsets[source] = offset
+            remember_seen(state, fp, self.step.config.dedupe_window)
             site_uid = site_ids.get(uid, uid) if site_ids else uid
             rec = Recommendation(user_id=site_uid, items=items, trigger_event_id=search.event_id, event_ts=search.ts,
                                  generated_ts=now_ms(), model=versions, rec_id=rec_id,

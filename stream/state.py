@@ -188,7 +188,18 @@ def apply_event(
         state.session_id = session_id
     if source is not None and offset is not None:
         state.offsets[source] = offset
-    seen = state.seen + (fingerprint(event_id) if fp is None else fp)
+    return remember_seen(state, fingerprint(event_id) if fp is None else fp, dedupe_window)
+
+
+def remember_seen(state: UserState, fp: str, dedupe_window: int) -> UserState:
+    """``state`` with ``fp`` (an event id's :func:`fingerprint`) the newest of its latest
+    ``dedupe_window`` ids (:meth:`UserState.saw`); mutates and returns ``state``.
+
+    >>> s = remember_seen(remember_seen(UserState("u1"), fingerprint("s1"), 1), fingerprint("s2"), 1)
+    >>> s.has_seen("s2"), s.has_seen("s1")
+    (True, False)
+    """
+    seen = state.seen + fp
     keep = dedupe_window * FINGERPRINT_CHARS
     state.seen = seen[len(seen) - keep:] if len(seen) > keep else seen
     return state

@@ -108,6 +108,20 @@ def test_without_a_catalogue_or_results_the_answer_is_empty_and_a_redelivery_is_
     assert again.recommendations == [] and again.duplicates == 1
 
 
+def test_a_search_the_producer_sent_twice_is_answered_once():
+    """A producer's retry has a new offset and the same event_id: caught by the id, as an event's
+    is, in the same batch and in a later one; it was answered again, and counted again as an
+    experiment's list. Another user's search with that id is theirs to have."""
+    step = SearchStep(RecommendationStep(Recommender.default()))
+    first = step([search("s1", "u", "lamp"), search("s1", "u", "lamp"), search("s1", "v", "lamp")], {}, lambda: TS,
+                 positions=[("searches:0", 7), ("searches:0", 8), ("searches:1", 3)])
+    assert [r.user_id for r in first.recommendations] == ["u", "v"] and first.duplicates == 1
+    state = msgspec.json.decode(first.docs["u"], type=UserState)
+    again = step([search("s1", "u", "lamp"), search("s2", "u", "lamp")], {"u": state}, lambda: TS,
+                 positions=[("searches:0", 9), ("searches:0", 10)])
+    assert [r.trigger_event_id for r in again.recommendations] == ["s2"] and again.duplicates == 1
+
+
 def test_recent_queries_are_bounded_and_a_repeat_moves_to_the_end():
     step = SearchStep(RecommendationStep(Recommender.default()))
     queries = [f"q{i}" for i in range(RECENT_QUERIES + 2)] + ["q3"]
