@@ -64,6 +64,8 @@ class _Envelope(msgspec.Struct, array_like=True):
 #: records read per fetch, and items embedded per thread hand-off
 FETCH_RECORDS = 1000
 FLUSH_CHUNK = 256
+#: what the text model embeds to tell an item it raises on from a model that raises on anything
+PROBE_TEXT = "probe"
 #: how often the feed looks for partitions added to the items topic
 METADATA_EVERY_S = 30.0
 #: and how often for the topic itself, while it does not exist
@@ -297,10 +299,44 @@ class CatalogueFeed:
         catalogue = self.catalogue
         while catalogue.pending:
             self.metrics.catalogue_pending.set(catalogue.pending)
-            await asyncio.to_thread(catalogue.flush, FLUSH_CHUNK)
+            try:
+                await asyncio.to_thread(catalogue.flush, FLUSH_CHUNK)
+            except Exception:  # noqa: BLE001 - an item the text model or an index cannot take: find it
+                await self._flush_singly(min(FLUSH_CHUNK, catalogue.pending))
             self.metrics.catalogue_items.set(len(catalogue))
         self.metrics.catalogue_pending.set(0)
         self.metrics.catalogue_items.set(len(catalogue))
+
+
+    async def _flush_singly(self, n: int) -> None:
+        """Index the next ``n`` queued items one at a time, after a chunk of them raised. An item
+        that raises alone while the text model still embeds :data:`PROBE_TEXT` is left out of
+        the catalogue (logged at ERROR, counted as ``failed``): without that, the same chunk
+        raised at every retry and no later item was ever indexed. When the probe raises too,
+        the model fails whatever it is given, and the item's error is raised (the feed reads
+        again after a back-off, keeping the queue)."""
+        catalogue = self.catalogue
+        for _ in range(n):
+            item_id = catalogue.next_pending()
+            if item_id is None:
+                return
+            try:
+                await asyncio.to_thread(catalogue.flush, 1)
+                continue
+            except Exception as exc:  # noqa: BLE001 - this item alone, unless the probe below fails too
+                failure = exc
+            try:
+                await asyncio.to_thread(catalogue.embedder.passages, [PROBE_TEXT])
+            except Exception:  # noqa: BLE001 - not the item's doing
+                raise failure from None
+            try:
+                catalogue.remove(item_id)  # out of the queue first, then whatever of it was indexed
+            except Exception as exc:  # noqa: BLE001 - it is out of the queue at least
+                log.warning("removing the parts of item %r that were indexed failed: %s", item_id, exception_text(exc))
+            self.metrics.catalogue_changes.labels("failed").inc()
+            log.error("item %r is left out of the catalogue: embedding or indexing it raised %s: %s (a bug; report it "
+                      "with the item's text, which a new value for the item on the items topic tries again)", item_id,
+                      type(failure).__name__, clipped(exception_text(failure), 300))
 
 
 __all__ = ["CatalogueFeed", "catalogue_item"]

@@ -163,6 +163,11 @@ class Catalogue:
     def pending(self) -> int:
         return len(self._pending)
 
+    def next_pending(self) -> str | None:
+        """The id of the queued item :meth:`flush` takes first (None when none waits)."""
+        with self._lock:
+            return next(iter(self._pending), None)
+
     def flush(self, limit: int | None = None) -> int:
         """Embed and index up to ``limit`` queued items (all by default); returns how many.
         An item changed or removed while it was being embedded is left to the next flush."""

@@ -58,3 +58,44 @@ async def test_an_item_whose_decoding_raises_anything_is_a_dead_letter_and_its_n
     assert (letter.code, letter.offset) == ("processing_error", 1) and type(error).__name__ in letter.reason
     catalogue.flush()
     assert "a" in catalogue and "c" in catalogue and "bad" not in catalogue and feed.offsets == {0: 3}
+
+
+class _Choosy(_Embedder):
+    """Raises on one item's text (a bug of the model or of its tokenizer), or on anything."""
+
+    def __init__(self, always: bool = False) -> None:
+        self.always = always
+
+    def passages(self, texts):
+        if self.always or any("Poison" in t for t in texts):
+            raise ValueError("cannot embed this")
+        return self.queries(texts)
+
+
+def _items(feed_keys):
+    return [SimpleNamespace(topic="t.items", offset=n, key=key.encode(),
+                            value=b'{"item_id": "%s", "title": "%s", "ts": 1}' % (key.encode(), title.encode()))
+            for n, (key, title) in enumerate(feed_keys)]
+
+
+async def test_an_item_the_text_model_raises_on_is_left_out_and_the_others_are_indexed():
+    """The chunk raised at every retry: nothing after it was ever indexed."""
+    catalogue = Catalogue(_Choosy())
+    metrics = Metrics(CollectorRegistry())
+    feed = CatalogueFeed(catalogue, {}, "t.items", DEFAULT_BOUNDS, metrics, None, None)
+    await feed._apply(0, _items([("a", "Lamp"), ("p", "Poison pill"), ("c", "Chair")]))
+    await feed._flush()
+    assert "a" in catalogue and "c" in catalogue and "p" not in catalogue and catalogue.pending == 0
+    assert metrics.registry.get_sample_value("streamrec_catalogue_changes_total", {"kind": "failed"}) == 1
+    await feed._apply(0, _items([("d", "Desk")]))  # the feed goes on
+    await feed._flush()
+    assert "d" in catalogue
+
+
+async def test_a_text_model_that_raises_on_anything_drops_nothing():
+    catalogue = Catalogue(_Choosy(always=True))
+    feed = CatalogueFeed(catalogue, {}, "t.items", DEFAULT_BOUNDS, Metrics(CollectorRegistry()), None, None)
+    await feed._apply(0, _items([("a", "Lamp"), ("c", "Chair")]))
+    with pytest.raises(ValueError, match="cannot embed"):
+        await feed._flush()
+    assert catalogue.pending == 2  # kept for the retry after the back-off
