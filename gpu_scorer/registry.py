@@ -144,9 +144,10 @@ class ModelRegistry:
         return version
 
     def _next_version(self) -> str:
-        """``v`` and one more than the largest number of a ``vNNNN`` folder here, registered or
-        not (a stray folder's name is taken; a staging folder's hex digits are no number)."""
-        names = [p.name for p in self.root.iterdir() if p.is_dir()] if self.root.is_dir() else []
+        """``v`` and one more than the largest number of a ``vNNNN`` name here, registered or
+        not (a stray folder's, file's or dangling link's name is taken: the rename cannot go
+        there; a staging folder's hex digits are no number)."""
+        names = [p.name for p in self.root.iterdir()] if self.root.is_dir() else []
         numbers = [int(name[1:]) for name in names if re.fullmatch(r"v\d{1,9}", name)]
         return f"v{max(numbers, default=0) + 1:04d}"
 
