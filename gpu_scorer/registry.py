@@ -125,7 +125,7 @@ class ModelRegistry:
                     "parity": parity or {},
                     "config": config,
                     "vocab_size": len(vocab),
-                    "files": sorted(p.name for p in staging.iterdir()) + ["manifest.json"],
+                    "files": sorted(p.name for p in staging.iterdir() if p.name != "manifest.json") + ["manifest.json"],
                     **(extra or {}),
                 }
                 (staging / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from tiny_models import register_tiny
@@ -20,3 +21,15 @@ def test_a_stray_file_or_dangling_link_named_like_a_version_does_not_block_regis
     assert register_tiny(tmp_path, seed=1) == "v0004" and time.monotonic() - started < 4
     assert ModelRegistry(tmp_path).versions() == [v1, "v0004"]
 
+
+
+def test_a_version_that_lost_the_name_race_lists_its_files_once(tmp_path, monkeypatch):
+    """Another writer took the name first: the retry's manifest listed manifest.json twice
+    (the first try's was in the staging folder by then)."""
+    register_tiny(tmp_path)
+    names = iter(["v0001", "v0002"])  # the first is taken: as when two writers count at once
+    monkeypatch.setattr(ModelRegistry, "_next_version", lambda self: next(names))
+    version = register_tiny(tmp_path, seed=1)
+    manifest = json.loads((tmp_path / version / "manifest.json").read_text())
+    assert version == manifest["version"] == "v0002"
+    assert sorted(manifest["files"]) == sorted(p.name for p in (tmp_path / version).iterdir())
