@@ -190,7 +190,9 @@ def retrain(
                     for record in records:
                         add(record.value)
                 if not caught_up:
-                    caught_up = all(consumer.position(tp) >= end[tp] for tp in partitions)
+                    # None where the broker did not answer within its request timeout (kafka-python):
+                    # not read yet; the next look, once it is back, says
+                    caught_up = all((at := consumer.position(tp)) is not None and at >= end[tp] for tp in partitions)
                     if caught_up:
                         log.info("read the topics' backlog: %d events kept, %d values skipped (invalid)",
                                  len(events.events), events.invalid)
