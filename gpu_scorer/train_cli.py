@@ -145,7 +145,12 @@ def train(
         raise typer.BadParameter(str(exc)) from exc
     registry = ModelRegistry(model_dir)
     data = {"dataset": str(dataset) if dataset else None, "format": format, "limit": limit, "events": len(events), "seed": seed}
-    version, parity = export.export_and_register(result, registry, data)
+    try:
+        version, parity = export.export_and_register(result, registry, data)
+    except OSError as exc:  # a disk that filled up, a folder made read-only while it trained: one line, not a traceback
+        typer.secho(f"streamrec train: the trained model could not be registered in {model_dir} "
+                    f"({exc.strerror or exc}); CURRENT is as it was", fg="red", err=True)
+        raise typer.Exit(code=1) from None
     status = "[green]ok[/]" if parity["ok"] else "[red]FAILED[/]"
     table = Table(title=f"registered {version}", show_header=False)
     table.add_row("path", str(registry.path(version)))

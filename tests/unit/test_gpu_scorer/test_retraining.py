@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -212,3 +213,20 @@ def test_retrain_reading_its_backlog_while_the_broker_is_down_waits_for_it(tmp_p
                                                   "--device", "cpu"])
     # caught up, then nothing to train on: the exit status of a run that registered nothing
     assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.exception
+
+
+def test_train_onto_a_full_disk_says_so_in_one_line(tmp_path, monkeypatch):
+    """The registry's disk filled up during the training: the export's OSError reached the
+    operator as a traceback (seen with a 300 KiB tmpfs as --model-dir)."""
+    from gpu_scorer import registry
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", str(src), None, str(dst))
+
+    monkeypatch.setattr(registry.shutil, "copyfile", full)
+    result = CliRunner().invoke(_cli("train"), ["train", "--limit", "300", "--epochs", "1", "--dim", "16", "--max-len", "8",
+                                                "--device", "cpu", "--no-progress", "--model-dir", str(tmp_path / "m")],
+                                env={"COLUMNS": "500"})
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.exception
+    assert "No space left on device" in result.output and "CURRENT is as it was" in result.output, result.output
+    assert [p.name for p in (tmp_path / "m").iterdir()] == []  # no staging folder left behind
