@@ -166,8 +166,10 @@ def retrain(
     kafka = settings.kafka
     ensure_streamrec_topics(settings)
     try:
+        # earliest: a position that retention (or a topic made again) left behind reads on from the oldest
+        # record still there; kafka-python's default, latest, skipped every retained event up to the end
         consumer = KafkaConsumer(**kafka.client_options(), client_id="streamrec-retrain", group_id=None,
-                                 enable_auto_commit=False, bootstrap_timeout_ms=30_000)
+                                 enable_auto_commit=False, auto_offset_reset="earliest", bootstrap_timeout_ms=30_000)
         partitions = [TopicPartition(t, p) for t in (*topics.inputs, topics.forget)
                       for p in sorted(consumer.partitions_for_topic(t) or ())]
         consumer.assign(partitions)

@@ -230,3 +230,44 @@ def test_train_onto_a_full_disk_says_so_in_one_line(tmp_path, monkeypatch):
     assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.exception
     assert "No space left on device" in result.output and "CURRENT is as it was" in result.output, result.output
     assert [p.name for p in (tmp_path / "m").iterdir()] == []  # no staging folder left behind
+
+
+def test_retrain_reads_on_from_the_oldest_record_when_retention_passes_it(tmp_path, monkeypatch):
+    """retrain reads from the oldest retained record, which is what retention deletes next. Its
+    consumer had kafka-python's default reset, ``latest``: on a real broker, a reader at offset 10
+    whose log start moved to 30 (``delete_records``, as retention does) jumped to the end, 50,
+    and never read offsets 30-49, which were still there; with ``earliest`` it read on from 30."""
+    from stream import retrain_cli
+
+    made = {}
+
+    class Consumer:
+        def __init__(self, **kw):
+            made.update(kw)
+
+        def partitions_for_topic(self, topic):
+            return {0}
+
+        def assign(self, partitions):
+            pass
+
+        def seek_to_beginning(self, *partitions):
+            pass
+
+        def end_offsets(self, partitions):
+            return {tp: 0 for tp in partitions}
+
+        def poll(self, timeout_ms, max_records):
+            return {}
+
+        def position(self, tp):
+            return 0
+
+        def close(self, autocommit):
+            pass
+
+    monkeypatch.setattr(retrain_cli, "KafkaConsumer", Consumer)
+    monkeypatch.setattr(retrain_cli, "ensure_streamrec_topics", lambda settings: None)
+    result = CliRunner().invoke(_cli("retrain"), ["retrain", "--once", "--model-dir", str(tmp_path / "m"),
+                                                  "--device", "cpu"])
+    assert result.exit_code == 1 and made["auto_offset_reset"] == "earliest", (result.exception, made)
