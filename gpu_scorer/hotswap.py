@@ -12,7 +12,8 @@ sample) on a background thread (or inline with ``background=False``), then swapp
 It returns True when a swap completed since the previous call (so a caller can log the new
 ``version``/``provider`` then); ``on_swap`` is called at the moment of the swap.
 At start the CURRENT version is loaded, or, when it is refused, the newest older version
-that loads. A version that fails to load or verify is refused: logged, counted in
+that loads (a newer one only where none older does: CURRENT may have been rolled back from
+it). A version that fails to load or verify is refused: logged, counted in
 ``reload_failures``, remembered in ``refused`` (not retried) and reported to
 ``on_failure``; the old model keeps serving.
 
@@ -42,7 +43,7 @@ import numpy as np
 import onnxruntime as ort
 
 from gpu_scorer.errors import ModelLoadError, ScorerDeviceError
-from gpu_scorer.layout import POINTER
+from gpu_scorer.layout import POINTER, version_key
 from gpu_scorer.registry import ModelRegistry
 from gpu_scorer.runtime import CPU_EP, CUDA_EP, cuda_device_count
 
@@ -105,12 +106,15 @@ class HotSwapScorer:
             on_swap(None, self._current.version, self._current.provider)
 
     def _load_at_start(self):
-        """The CURRENT version, or (refusing it loudly) the newest older one that loads."""
+        """The CURRENT version, or (refusing it loudly) the newest older one that loads; a newer
+        one only where none older loads (CURRENT rolled back from it: it is the last resort)."""
         latest = self.registry.latest()
         if latest is None:
             raise ModelLoadError(f"no model registered in {self.registry.root}")
-        older = [v for v in reversed(self.registry.versions()) if v != latest]
-        for version in [latest, *older]:
+        others = [v for v in reversed(self.registry.versions()) if v != latest]
+        older = [v for v in others if version_key(v) < version_key(latest)]
+        newer = [v for v in others if v not in older]
+        for version in [latest, *older, *newer]:
             try:
                 return self._open(version)
             except ScorerDeviceError:  # the device's fault, not the version's: every version would fail

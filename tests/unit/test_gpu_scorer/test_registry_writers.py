@@ -7,6 +7,7 @@ import time
 
 from tiny_models import register_tiny
 
+from gpu_scorer.hotswap import HotSwapScorer
 from gpu_scorer.registry import ModelRegistry
 
 
@@ -33,3 +34,19 @@ def test_a_version_that_lost_the_name_race_lists_its_files_once(tmp_path, monkey
     manifest = json.loads((tmp_path / version / "manifest.json").read_text())
     assert version == manifest["version"] == "v0002"
     assert sorted(manifest["files"]) == sorted(p.name for p in (tmp_path / version).iterdir())
+
+
+def test_at_start_a_rolled_back_current_that_fails_falls_back_to_an_older_version_not_the_newer_one(tmp_path):
+    """An operator rolled CURRENT back from v0003 to v0002; at a worker's start v0002 failed to
+    load and the worker served v0003, the version rolled back from (docs/scorer.md: the newest
+    *older* version that loads). A newer one is served only where no older one loads."""
+    for _ in range(3):
+        register_tiny(tmp_path)
+    registry = ModelRegistry(tmp_path)
+    registry.set_current("v0002")
+    (tmp_path / "v0002" / "model.onnx").write_bytes(b"not an onnx file")
+    scorer = HotSwapScorer(tmp_path, "cpu")
+    assert scorer.version == "v0001" and list(scorer.refused) == ["v0002"]
+    (tmp_path / "v0001" / "model.onnx").write_bytes(b"not an onnx file")
+    scorer = HotSwapScorer(tmp_path, "cpu")
+    assert scorer.version == "v0003" and list(scorer.refused) == ["v0002", "v0001"]
