@@ -224,6 +224,9 @@ def test_train_onto_a_full_disk_says_so_in_one_line(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device", str(src), None, str(dst))
 
     monkeypatch.setattr(registry.shutil, "copyfile", full)
+    # the command sets torch's threads for the process; CPU training is deterministic per thread
+    # count, so the tests after this one (test_training's same-seed check) need them back
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     result = CliRunner().invoke(_cli("train"), ["train", "--limit", "300", "--epochs", "1", "--dim", "16", "--max-len", "8",
                                                 "--device", "cpu", "--no-progress", "--model-dir", str(tmp_path / "m")],
                                 env={"COLUMNS": "500"})
