@@ -13,7 +13,9 @@ YooChoose, every two hours moved HR@20 by +0.0078 on the validation day, +0.0007
 Forget requests are honoured: a user's events at or before the request's ``ts`` never enter a
 fit after it is read (the versions registered before it keep what they learned until the
 next fit replaces them). Values that break the events' contract are skipped and counted (the
-workers dead-letter them).
+workers dead-letter them), with the door the peers and replays use (``Bounds.rereading``): a
+``ts`` too far ahead of the clock is refused, an event or erasure the workers refused for it
+included, and a value whose decoding raises anything is skipped too.
 
 :class:`EventWindow` is the pure part:
 
@@ -35,7 +37,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated
 
@@ -55,7 +57,6 @@ from gpu_scorer.train_cli import (
 from online_models import Interaction
 from online_models.datasets import read_interactions
 from stream.decoding import decode_event, decode_forget
-from stream.errors import InvalidEvent
 from stream.records import DEFAULT_BOUNDS, Bounds
 from stream.settings import Settings, log_level
 from stream.step_inputs import to_interaction
@@ -69,26 +70,28 @@ class EventWindow:
     """The latest ``max_events`` clicks and purchases read, as interactions, and the users'
     erasures (user -> the latest forget request's ``ts``)."""
 
-    def __init__(self, max_events: int = 1_000_000, bounds: Bounds = DEFAULT_BOUNDS) -> None:
+    def __init__(self, max_events: int = 1_000_000, bounds: Bounds = DEFAULT_BOUNDS,
+                 clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
         self.events: deque[Interaction] = deque(maxlen=max_events)
         self.erased: dict[str, int] = {}
-        self.bounds = bounds
+        self.bounds = bounds.rereading()  # a ts too far ahead stays refused; its age was judged when it arrived
+        self.clock = clock
         self.read = 0  # events kept since the start
         self.invalid = 0  # values skipped: they break the events' contract
 
     def add_event(self, value: bytes | None) -> None:
         try:
-            ev = decode_event(value, self.bounds)
-        except InvalidEvent:
+            ev = decode_event(value, self.bounds, self.clock())
+        except Exception:  # noqa: BLE001 - InvalidEvent, or a decoder's bug: the workers dead-letter both
             self.invalid += 1
             return
         self.events.append(to_interaction(ev))
         self.read += 1
 
     def add_forget(self, value: bytes | None) -> None:
-        try:
-            req = decode_forget(value, self.bounds)
-        except InvalidEvent:
+        try:  # the workers' clock window too: an erasure they refused (ts far ahead) erases nothing here
+            req = decode_forget(value, self.bounds, self.clock())
+        except Exception:  # noqa: BLE001 - as for an event
             self.invalid += 1
             return
         self.erased[req.user_id] = max(req.ts, self.erased.get(req.user_id, req.ts))

@@ -1,0 +1,43 @@
+"""`streamrec retrain`'s window reads the topics as the peers and replays do: the clock window
+for a ``ts`` ahead (an erasure the workers refused for it must not erase here, an event they
+refused must not be trained on), and a value whose decoding raises anything is skipped."""
+
+from __future__ import annotations
+
+from stream import retrain_cli
+from stream.records import DEFAULT_BOUNDS, Bounds, ClickEvent, ForgetRequest, encode
+from stream.retrain_cli import EventWindow
+
+NOW = 1_700_000_000_000
+AHEAD = NOW + 10 * DEFAULT_BOUNDS.max_future_ms
+
+
+def click(n: int, user: str, ts: int) -> bytes:
+    return encode(ClickEvent(event_id=f"e{n}", user_id=user, item_id=f"i{n}", ts=ts))
+
+
+def test_a_ts_far_ahead_of_the_clock_is_refused_for_events_and_erasures():
+    w = EventWindow(clock=lambda: NOW)
+    w.add_event(click(1, "u1", NOW - 5))
+    w.add_event(click(2, "u1", AHEAD))  # the workers dead-letter it (ts_out_of_window)
+    w.add_forget(encode(ForgetRequest(user_id="u1", request_id="r1", ts=AHEAD)))  # refused by the workers too
+    assert [x.item_id for x in w.interactions()] == ["i1"] and w.erased == {} and w.invalid == 2
+
+
+def test_an_old_event_is_kept_whatever_the_age_limit():
+    """Its age was the workers' to judge when it arrived (``Bounds.rereading``)."""
+    w = EventWindow(bounds=Bounds(max_age_ms=60_000), clock=lambda: NOW)
+    w.add_event(click(1, "u1", NOW - 86_400_000))
+    assert len(w.events) == 1 and w.invalid == 0
+
+
+def test_a_value_whose_decoding_raises_anything_is_skipped(monkeypatch):
+    def buggy(*args):
+        raise RecursionError("a decoder's bug")
+
+    w = EventWindow(clock=lambda: NOW)
+    monkeypatch.setattr(retrain_cli, "decode_event", buggy)
+    monkeypatch.setattr(retrain_cli, "decode_forget", buggy)
+    w.add_event(click(1, "u1", NOW))
+    w.add_forget(encode(ForgetRequest(user_id="u1", request_id="r1", ts=NOW)))
+    assert w.invalid == 2 and not w.events and not w.erased
