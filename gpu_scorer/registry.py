@@ -25,6 +25,7 @@ True
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -50,6 +51,10 @@ def parity_tolerance(provider: str, fp16: bool = False) -> tuple[float, float]:
     if provider == "CPUExecutionProvider":
         return 1e-4, 1e-4
     return 1e-2, 1e-2
+
+
+#: what ``rename`` says when the version's name is taken (a folder: not empty; a file or a link: not a folder)
+_NAME_TAKEN = frozenset({errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR})
 
 
 class ModelRegistry:
@@ -132,7 +137,9 @@ class ModelRegistry:
                 try:
                     os.rename(staging, self.root / version)  # fails if another writer took it
                     break
-                except OSError:
+                except OSError as exc:
+                    if exc.errno not in _NAME_TAKEN:  # a read-only or failing disk: say so, not "no name" after 100 tries
+                        raise
                     time.sleep(0.001 * attempt)
             else:
                 raise ModelLoadError(f"could not allocate a version name in {self.root}")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 
+import pytest
 from tiny_models import register_tiny
 
+from gpu_scorer import registry as registry_module
 from gpu_scorer.hotswap import HotSwapScorer
 from gpu_scorer.registry import ModelRegistry
 
@@ -50,3 +53,17 @@ def test_at_start_a_rolled_back_current_that_fails_falls_back_to_an_older_versio
     (tmp_path / "v0001" / "model.onnx").write_bytes(b"not an onnx file")
     scorer = HotSwapScorer(tmp_path, "cpu")
     assert scorer.version == "v0003" and list(scorer.refused) == ["v0002", "v0001"]
+
+
+def test_a_rename_that_fails_for_another_reason_says_so_at_once(tmp_path, monkeypatch):
+    """A read-only or failing disk: register tried 100 names, then said "could not allocate a
+    version name", hiding the disk's own error."""
+    register_tiny(tmp_path)
+
+    def read_only(src, dst):
+        raise OSError(errno.EROFS, "Read-only file system", str(src), None, str(dst))
+
+    monkeypatch.setattr(registry_module.os, "rename", read_only)
+    with pytest.raises(OSError, match="Read-only file system"):
+        register_tiny(tmp_path, seed=1)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".staging")] == []
