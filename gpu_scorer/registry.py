@@ -94,8 +94,12 @@ class ModelRegistry:
         if not (self.path(version) / "manifest.json").exists():
             raise ModelLoadError(f"version {version} is not registered in {self.root}")
         tmp = self.root / f".{POINTER}.{uuid.uuid4().hex}"
-        tmp.write_text(version + "\n", encoding="utf-8")
-        os.replace(tmp, self.root / POINTER)
+        try:
+            tmp.write_text(version + "\n", encoding="utf-8")
+            os.replace(tmp, self.root / POINTER)
+        except BaseException:  # a full disk: CURRENT is as it was, and no hidden half-written pointer stays
+            tmp.unlink(missing_ok=True)
+            raise
 
     def register(
         self,

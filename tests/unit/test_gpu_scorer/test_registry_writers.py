@@ -67,3 +67,17 @@ def test_a_rename_that_fails_for_another_reason_says_so_at_once(tmp_path, monkey
     with pytest.raises(OSError, match="Read-only file system"):
         register_tiny(tmp_path, seed=1)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".staging")] == []
+
+
+def test_a_pointer_that_could_not_be_written_leaves_nothing_behind(tmp_path, monkeypatch):
+    v1 = register_tiny(tmp_path)
+    register_tiny(tmp_path, seed=1)
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(registry_module.os, "replace", full)
+    with pytest.raises(OSError, match="No space left"):
+        ModelRegistry(tmp_path).set_current(v1)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert ModelRegistry(tmp_path).latest() == "v0002"
