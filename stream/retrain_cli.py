@@ -233,6 +233,9 @@ def _fit(retrainer, events: EventWindow, base: list[Interaction]) -> bool:
     except ValueError as exc:  # nothing to train on yet
         log.warning("no fit: %s", exc)
         return False
+    except OSError as exc:  # the registry's disk (full, read-only): the operator's to fix, not a bug to trace
+        log.error("the fit could not be registered (%s); CURRENT stays as it was, and the next fit tries again", exc)
+        return False
     except Exception:  # noqa: BLE001 - a failed fit (its parity check, a full disk) leaves CURRENT as it was; the next one may work
         log.exception("the fit failed; CURRENT stays as it was")
         return False

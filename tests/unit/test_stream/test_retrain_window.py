@@ -41,3 +41,24 @@ def test_a_value_whose_decoding_raises_anything_is_skipped(monkeypatch):
     w.add_event(click(1, "u1", NOW))
     w.add_forget(encode(ForgetRequest(user_id="u1", request_id="r1", ts=NOW)))
     assert w.invalid == 2 and not w.events and not w.erased
+
+
+def test_a_fit_the_registry_disk_refused_is_one_error_line_and_retrain_goes_on(caplog):
+    """A full or read-only registry disk is the operator's to fix: one line each cycle, not a
+    traceback (a bug in a fit still gets one)."""
+
+    class Retrainer:
+        def __init__(self, error):
+            self.error = error
+
+        def fit(self, interactions, data):
+            raise self.error
+
+    w = EventWindow(clock=lambda: NOW)
+    w.add_event(click(1, "u1", NOW))
+    with caplog.at_level("INFO", logger="streamrec.retrain"):
+        assert retrain_cli._fit(Retrainer(OSError(28, "No space left on device")), w, []) is False
+        assert retrain_cli._fit(Retrainer(RuntimeError("a bug")), w, []) is False
+    disk, bug = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "No space left on device" in disk.getMessage() and disk.exc_info is None
+    assert bug.exc_info is not None
