@@ -77,6 +77,7 @@ class EventWindow:
         self.bounds = bounds.rereading()  # a ts too far ahead stays refused; its age was judged when it arrived
         self.clock = clock
         self.read = 0  # events kept since the start
+        self.erasures = 0  # forget requests taken since the start
         self.invalid = 0  # values skipped: they break the events' contract
 
     def add_event(self, value: bytes | None) -> None:
@@ -95,6 +96,14 @@ class EventWindow:
             self.invalid += 1
             return
         self.erased[req.user_id] = max(req.ts, self.erased.get(req.user_id, req.ts))
+        self.erasures += 1
+
+    @property
+    def mark(self) -> tuple[int, int]:
+        """What was taken so far (events, erasures): a fit is due only when it moved since the
+        last one. An erasure alone moves it, so that on a quiet stream the next fit still
+        replaces the versions that hold the erased user's events."""
+        return self.read, self.erasures
 
     def interactions(self, seed: Iterable[Interaction] = ()) -> list[Interaction]:
         """``seed`` then the window, without the erased users' events at or before their erasure."""
@@ -185,7 +194,7 @@ def retrain(
              architecture or "the defaults")
     caught_up = False
     registered = False  # with --once, none (nothing to train on, a failed fit, a stop before the fit) exits 1
-    fitted_at_read = -1
+    fitted_at: tuple[int, int] | None = None
     next_fit = 0.0  # the first fit once the backlog is read
     try:
         with stop_on_signals() as stop:
@@ -202,12 +211,12 @@ def retrain(
                         log.info("read the topics' backlog: %d events kept, %d values skipped (invalid)",
                                  len(events.events), events.invalid)
                     continue
-                if time.monotonic() < next_fit or events.read == fitted_at_read:
+                if time.monotonic() < next_fit or events.mark == fitted_at:
                     if once:
                         break
                     continue
                 registered = _fit(retrainer, events, base)
-                fitted_at_read = events.read
+                fitted_at = events.mark
                 next_fit = time.monotonic() + every
                 if once:
                     break

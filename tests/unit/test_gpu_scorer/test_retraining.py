@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
+from types import SimpleNamespace
 
 import torch
 import typer
@@ -274,3 +276,60 @@ def test_retrain_reads_on_from_the_oldest_record_when_retention_passes_it(tmp_pa
     result = CliRunner().invoke(_cli("retrain"), ["retrain", "--once", "--model-dir", str(tmp_path / "m"),
                                                   "--device", "cpu"])
     assert result.exit_code == 1 and made["auto_offset_reset"] == "earliest", (result.exception, made)
+
+
+def test_an_erasure_on_a_quiet_stream_still_brings_a_fit(tmp_path, monkeypatch):
+    """A fit waited for a new event, so on a quiet stream the served versions kept an erased
+    user's events as long as nothing else came: the erasure alone now makes the next fit due."""
+    from kafka import TopicPartition
+
+    from stream import retrain_cli
+    from stream.records import ForgetRequest, encode
+    from stream.settings import TopicNames
+
+    forget = TopicPartition(TopicNames().forget, 0)
+    request = SimpleNamespace(value=encode(ForgetRequest(user_id="u1", request_id="r1", ts=1_700_000_000_000)))
+    fits = []
+
+    class Consumer:  # an empty backlog, then one forget request, then nothing
+        def __init__(self, **kw):
+            self.polls = 0
+
+        def partitions_for_topic(self, topic):
+            return {0}
+
+        def assign(self, partitions):
+            pass
+
+        def seek_to_beginning(self, *partitions):
+            pass
+
+        def end_offsets(self, partitions):
+            return {tp: 0 for tp in partitions}
+
+        def position(self, tp):
+            return 0
+
+        def poll(self, timeout_ms, max_records):
+            self.polls += 1
+            time.sleep(0.01)
+            if self.polls == 400:  # fail-safe: stop a run that never fits again
+                os.kill(os.getpid(), signal.SIGTERM)
+            return {forget: [request]} if self.polls == 3 else {}
+
+        def close(self, autocommit):
+            pass
+
+    def fit(retrainer, events, base):
+        fits.append((events.read, len(events.erased)))
+        if len(fits) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return True
+
+    monkeypatch.setattr(retrain_cli, "KafkaConsumer", Consumer)
+    monkeypatch.setattr(retrain_cli, "ensure_streamrec_topics", lambda settings: None)
+    monkeypatch.setattr(retrain_cli, "_fit", fit)
+    result = CliRunner().invoke(_cli("retrain"), ["retrain", "--every", "1", "--model-dir", str(tmp_path / "m"),
+                                                  "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert fits == [(0, 0), (0, 1)]
