@@ -126,7 +126,10 @@ def rank_metrics(model: SASRecScorer, inputs: np.ndarray, targets: np.ndarray, k
             scores[:, :FIRST_ITEM_ROW] = -torch.inf
             t = torch.from_numpy(targets[lo : lo + batch]).to(dev)
             rank = (scores > scores.gather(1, t[:, None])).sum(1) + 1
-            ranks.extend(torch.where(t >= FIRST_ITEM_ROW, rank, 0).tolist())
+            # a NaN score compares false with everything, so a diverged model ranked every target
+            # first, and early stopping kept its epoch: a row with a NaN is a miss
+            hit = (t >= FIRST_ITEM_ROW) & ~torch.isnan(scores).any(1)
+            ranks.extend(torch.where(hit, rank, 0).tolist())
     m = rank_summary(ranks, ks=(k,))
     return {f"hr@{k}": m[f"HR@{k}"], f"ndcg@{k}": m[f"NDCG@{k}"]}
 

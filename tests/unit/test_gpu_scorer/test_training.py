@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import torch
 from tiny_models import tiny_result, tiny_train
 
-from gpu_scorer.training import split_last, windows
+from gpu_scorer.training import rank_metrics, split_last, windows
+from gpu_scorer.vocab import FIRST_ITEM_ROW
 
 
 def test_windows_cover_every_transition_left_padded():
@@ -54,3 +58,16 @@ def test_sampled_softmax_trains_and_rare_items_share_the_oov_row():
             counts[it] = counts.get(it, 0) + 1
     rare = [it for it, n in counts.items() if n == 1]
     assert rare and all(res.vocab.row(it) == OOV_ROW for it in rare)
+
+
+def test_a_diverged_model_scores_no_hit():
+    """NaN scores compare false with everything: every target ranked first, so a diverged
+    epoch scored a perfect HR@10 and early stopping kept it."""
+    model = copy.deepcopy(tiny_result(0).model)
+    max_len = model.pos_emb.shape[0]
+    inputs = np.full((8, max_len), FIRST_ITEM_ROW, dtype=np.int64)
+    targets = np.arange(FIRST_ITEM_ROW, FIRST_ITEM_ROW + 8, dtype=np.int64)
+    assert rank_metrics(model, inputs, targets)["hr@10"] > 0
+    with torch.no_grad():
+        model.item_emb.weight.fill_(float("nan"))
+    assert rank_metrics(model, inputs, targets) == {"hr@10": 0.0, "ndcg@10": 0.0}
