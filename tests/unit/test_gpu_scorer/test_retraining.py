@@ -10,19 +10,61 @@ from types import SimpleNamespace
 
 import torch
 import typer
+from kafka import TopicPartition
 from tiny_models import register_tiny
 from typer.testing import CliRunner
 
+from gpu_scorer import registry as registry_module
 from gpu_scorer import train_cli
 from gpu_scorer.registry import ModelRegistry
 from gpu_scorer.retraining import Retrainer, architecture_of
 from gpu_scorer.train_cli import train
 from gpu_scorer.training import TrainConfig
 from online_models.datasets import synthetic_interactions
+from stream import retrain_cli
 from stream.evaluate_cli import evaluate
+from stream.records import ForgetRequest, encode
 from stream.retrain_cli import retrain
+from stream.settings import TopicNames
 
 QUICK = TrainConfig(epochs=2, progress=False)
+
+
+class FakeConsumer:
+    """The part of kafka-python's KafkaConsumer that `streamrec retrain` uses: one partition of
+    each topic, a backlog that ends at ``END``, nothing to poll; a test overrides what it needs."""
+
+    END = 0
+
+    def __init__(self, **kw):
+        self.polls = 0
+
+    def partitions_for_topic(self, topic):
+        return {0}
+
+    def assign(self, partitions):
+        pass
+
+    def seek_to_beginning(self, *partitions):
+        pass
+
+    def end_offsets(self, partitions):
+        return {tp: self.END for tp in partitions}
+
+    def poll(self, timeout_ms, max_records):
+        self.polls += 1
+        return {}
+
+    def position(self, tp):
+        return 0
+
+    def close(self, autocommit):
+        pass
+
+
+def _fake_kafka(monkeypatch, consumer: type) -> None:
+    monkeypatch.setattr(retrain_cli, "KafkaConsumer", consumer)
+    monkeypatch.setattr(retrain_cli, "ensure_streamrec_topics", lambda settings: None)
 
 
 def test_a_retrained_version_keeps_the_served_architecture_and_becomes_current(tmp_path):
@@ -77,8 +119,6 @@ def test_train_refuses_more_threads_than_it_could_start(tmp_path):
 
 
 def test_retrain_into_a_folder_it_cannot_write_is_refused_before_reading_kafka(tmp_path, monkeypatch):
-    from gpu_scorer import train_cli
-
     monkeypatch.setattr(train_cli.os, "access", lambda path, mode: not mode & os.W_OK)  # a read-only mount (root ignores modes)
     result = CliRunner().invoke(_cli("retrain"), ["retrain", "--once", "--model-dir", str(tmp_path)],
                                 env={"COLUMNS": "500"})
@@ -88,23 +128,8 @@ def test_retrain_into_a_folder_it_cannot_write_is_refused_before_reading_kafka(t
 def test_retrain_once_stopped_before_its_fit_exits_1(tmp_path, monkeypatch):
     """A scheduler that stops `retrain --once` mid-backlog must not read success: no version was
     registered (found by a review: it exited 0)."""
-    from stream import retrain_cli
-
-    class Consumer:  # a large backlog, and SIGTERM while it is read
-        def __init__(self, **kw):
-            self.polls = 0
-
-        def partitions_for_topic(self, topic):
-            return {0}
-
-        def assign(self, partitions):
-            pass
-
-        def seek_to_beginning(self, *partitions):
-            pass
-
-        def end_offsets(self, partitions):
-            return {tp: 1_000_000 for tp in partitions}
+    class Consumer(FakeConsumer):  # a large backlog, and SIGTERM while it is read
+        END = 1_000_000
 
         def poll(self, timeout_ms, max_records):
             self.polls += 1
@@ -112,14 +137,7 @@ def test_retrain_once_stopped_before_its_fit_exits_1(tmp_path, monkeypatch):
                 os.kill(os.getpid(), signal.SIGTERM)
             return {}
 
-        def position(self, tp):
-            return 0
-
-        def close(self, autocommit):
-            pass
-
-    monkeypatch.setattr(retrain_cli, "KafkaConsumer", Consumer)
-    monkeypatch.setattr(retrain_cli, "ensure_streamrec_topics", lambda settings: None)
+    _fake_kafka(monkeypatch, Consumer)
     result = CliRunner().invoke(_cli("retrain"), ["retrain", "--once", "--model-dir", str(tmp_path / "m"),
                                                   "--device", "cpu"])
     assert result.exit_code == 1 and not (tmp_path / "m" / "CURRENT").exists()
@@ -181,36 +199,14 @@ def test_retrain_reading_its_backlog_while_the_broker_is_down_waits_for_it(tmp_p
     """kafka-python's ``position`` gives None when the broker does not answer within its request
     timeout (30 s; a real broker stopped after ``end_offsets``): ``None >= end`` ended retrain
     with a TypeError's traceback. It now reads on, and goes on once the broker is back."""
-    from stream import retrain_cli
-
-    class Consumer:  # the broker is down for the first two looks at the position, then back
-        def __init__(self, **kw):
-            self.looks = 0
-
-        def partitions_for_topic(self, topic):
-            return {0}
-
-        def assign(self, partitions):
-            pass
-
-        def seek_to_beginning(self, *partitions):
-            pass
-
-        def end_offsets(self, partitions):
-            return {tp: 0 for tp in partitions}
-
-        def poll(self, timeout_ms, max_records):
-            return {}
+    class Consumer(FakeConsumer):  # the broker is down for the first two looks at the position, then back
+        looks = 0
 
         def position(self, tp):
             self.looks += 1
             return None if self.looks <= 2 else 0
 
-        def close(self, autocommit):
-            pass
-
-    monkeypatch.setattr(retrain_cli, "KafkaConsumer", Consumer)
-    monkeypatch.setattr(retrain_cli, "ensure_streamrec_topics", lambda settings: None)
+    _fake_kafka(monkeypatch, Consumer)
     result = CliRunner().invoke(_cli("retrain"), ["retrain", "--once", "--model-dir", str(tmp_path / "m"),
                                                   "--device", "cpu"])
     # caught up, then nothing to train on: the exit status of a run that registered nothing
@@ -220,12 +216,10 @@ def test_retrain_reading_its_backlog_while_the_broker_is_down_waits_for_it(tmp_p
 def test_train_onto_a_full_disk_says_so_in_one_line(tmp_path, monkeypatch):
     """The registry's disk filled up during the training: the export's OSError reached the
     operator as a traceback (seen with a 300 KiB tmpfs as --model-dir)."""
-    from gpu_scorer import registry
-
     def full(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device", str(src), None, str(dst))
 
-    monkeypatch.setattr(registry.shutil, "copyfile", full)
+    monkeypatch.setattr(registry_module.shutil, "copyfile", full)
     # the command sets torch's threads for the process; CPU training is deterministic per thread
     # count, so the tests after this one (test_training's same-seed check) need them back
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
@@ -242,37 +236,14 @@ def test_retrain_reads_on_from_the_oldest_record_when_retention_passes_it(tmp_pa
     consumer had kafka-python's default reset, ``latest``: on a real broker, a reader at offset 10
     whose log start moved to 30 (``delete_records``, as retention does) jumped to the end, 50,
     and never read offsets 30-49, which were still there; with ``earliest`` it read on from 30."""
-    from stream import retrain_cli
-
     made = {}
 
-    class Consumer:
+    class Consumer(FakeConsumer):
         def __init__(self, **kw):
+            super().__init__()
             made.update(kw)
 
-        def partitions_for_topic(self, topic):
-            return {0}
-
-        def assign(self, partitions):
-            pass
-
-        def seek_to_beginning(self, *partitions):
-            pass
-
-        def end_offsets(self, partitions):
-            return {tp: 0 for tp in partitions}
-
-        def poll(self, timeout_ms, max_records):
-            return {}
-
-        def position(self, tp):
-            return 0
-
-        def close(self, autocommit):
-            pass
-
-    monkeypatch.setattr(retrain_cli, "KafkaConsumer", Consumer)
-    monkeypatch.setattr(retrain_cli, "ensure_streamrec_topics", lambda settings: None)
+    _fake_kafka(monkeypatch, Consumer)
     result = CliRunner().invoke(_cli("retrain"), ["retrain", "--once", "--model-dir", str(tmp_path / "m"),
                                                   "--device", "cpu"])
     assert result.exit_code == 1 and made["auto_offset_reset"] == "earliest", (result.exception, made)
@@ -281,35 +252,11 @@ def test_retrain_reads_on_from_the_oldest_record_when_retention_passes_it(tmp_pa
 def test_an_erasure_on_a_quiet_stream_still_brings_a_fit(tmp_path, monkeypatch):
     """A fit waited for a new event, so on a quiet stream the served versions kept an erased
     user's events as long as nothing else came: the erasure alone now makes the next fit due."""
-    from kafka import TopicPartition
-
-    from stream import retrain_cli
-    from stream.records import ForgetRequest, encode
-    from stream.settings import TopicNames
-
     forget = TopicPartition(TopicNames().forget, 0)
     request = SimpleNamespace(value=encode(ForgetRequest(user_id="u1", request_id="r1", ts=1_700_000_000_000)))
     fits = []
 
-    class Consumer:  # an empty backlog, then one forget request, then nothing
-        def __init__(self, **kw):
-            self.polls = 0
-
-        def partitions_for_topic(self, topic):
-            return {0}
-
-        def assign(self, partitions):
-            pass
-
-        def seek_to_beginning(self, *partitions):
-            pass
-
-        def end_offsets(self, partitions):
-            return {tp: 0 for tp in partitions}
-
-        def position(self, tp):
-            return 0
-
+    class Consumer(FakeConsumer):  # an empty backlog, then one forget request, then nothing
         def poll(self, timeout_ms, max_records):
             self.polls += 1
             time.sleep(0.01)
@@ -317,17 +264,13 @@ def test_an_erasure_on_a_quiet_stream_still_brings_a_fit(tmp_path, monkeypatch):
                 os.kill(os.getpid(), signal.SIGTERM)
             return {forget: [request]} if self.polls == 3 else {}
 
-        def close(self, autocommit):
-            pass
-
     def fit(retrainer, events, base):
         fits.append((events.read, len(events.erased)))
         if len(fits) == 2:
             os.kill(os.getpid(), signal.SIGTERM)
         return True
 
-    monkeypatch.setattr(retrain_cli, "KafkaConsumer", Consumer)
-    monkeypatch.setattr(retrain_cli, "ensure_streamrec_topics", lambda settings: None)
+    _fake_kafka(monkeypatch, Consumer)
     monkeypatch.setattr(retrain_cli, "_fit", fit)
     result = CliRunner().invoke(_cli("retrain"), ["retrain", "--every", "1", "--model-dir", str(tmp_path / "m"),
                                                   "--device", "cpu"])
