@@ -10,6 +10,7 @@ import time
 from types import SimpleNamespace
 
 from aiokafka import TopicPartition
+from replay_reader import reader_holding
 
 from online_models import Recommender
 from stream import peers as peers_module
@@ -50,31 +51,7 @@ async def test_the_peer_reader_passes_over_a_forget_request_whose_decoding_raise
 async def test_the_replay_passes_over_a_forget_request_whose_decoding_raises(monkeypatch):
     monkeypatch.setattr(replay_module, "decode_forget", buggy(replay_module.decode_forget))
 
-    class Consumer:
-        at = 0
-
-        def assign(self, tps):
-            pass
-
-        def seek(self, tp, offset):
-            self.at = offset
-
-        async def getmany(self, *tps, timeout_ms):
-            if self.at > 0:
-                return {}
-            self.at = 2
-            return {TopicPartition(FORGET, 0): [SimpleNamespace(offset=0, value=BAD), SimpleNamespace(offset=1, value=GOOD)]}
-
-        async def position(self, tp):
-            return self.at
-
-        async def stop(self):
-            pass
-
-    async def started_reader(*args, **kw):
-        return Consumer()
-
-    monkeypatch.setattr(replay_module, "started_reader", started_reader)
+    reader_holding(monkeypatch, FORGET, [BAD, GOOD])
     step = RecommendationStep(Recommender.default())
     told: list[int] = []
     await replay_module.replay(step, "unused:9092", [replay_module.Gap(FORGET, 0, 0, 2)], Bounds(), forget_topic=FORGET,

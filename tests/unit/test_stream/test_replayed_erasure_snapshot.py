@@ -12,6 +12,7 @@ import time
 from types import SimpleNamespace
 
 from aiokafka import TopicPartition
+from replay_reader import reader_holding
 
 from online_models import Recommender
 from stream import replay as replay_module
@@ -31,34 +32,7 @@ NOW = time.time_ns() // 1_000_000
 
 def kafka_holding_a_forget_request(monkeypatch) -> None:
     """The replay's reader: partition 0 of the forget topic holds one request for u1, at offset 0."""
-    request = encode(ForgetRequest(user_id="u1", request_id="forget-1", ts=NOW))
-
-    class Consumer:
-        def __init__(self):
-            self.at = 0
-
-        def assign(self, tps):
-            pass
-
-        def seek(self, tp, offset):
-            self.at = offset
-
-        async def getmany(self, *tps, timeout_ms):
-            if self.at > 0:
-                return {}
-            self.at = 1
-            return {TopicPartition(FORGET, 0): [SimpleNamespace(offset=0, value=request)]}
-
-        async def position(self, tp):
-            return self.at
-
-        async def stop(self):
-            pass
-
-    async def started_reader(*args, **kw):
-        return Consumer()
-
-    monkeypatch.setattr(replay_module, "started_reader", started_reader)
+    reader_holding(monkeypatch, FORGET, [encode(ForgetRequest(user_id="u1", request_id="forget-1", ts=NOW))])
     monkeypatch.setattr(shell_module, "committed_offsets", lambda *args, **kw: {(FORGET, 0): 1})
 
 
