@@ -21,7 +21,7 @@ from faust.types import TP
 from gpu_scorer import HotSwapScorer, ModelRegistry
 from gpu_scorer.errors import ModelLoadError
 from gpu_scorer.runtime import session_factory
-from online_models.search import Catalogue, QueryStudent, TextEmbedder
+from online_models.search import Catalogue, QueryStudent, TextEmbedder, TextModelMissing
 from stream.batching import drop_stale
 from stream.catalogue_feed import CatalogueFeed
 from stream.consumer import FetchPacer
@@ -662,7 +662,10 @@ def text_embedder(settings: Settings) -> TextEmbedder:
     """The worker's and serve's text model: one thread a call (embedding shares the machine
     with the event loop), on the scorer's device (a GPU when there is one and
     STREAMREC_SCORER_DEVICE allows it), with the query student of STREAMREC_QUERY_STUDENT."""
-    embedder = TextEmbedder(threads=1, session_factory=session_factory(settings.scorer_device, threads=1))
+    try:
+        embedder = TextEmbedder(threads=1, session_factory=session_factory(settings.scorer_device, threads=1))
+    except TextModelMissing as exc:  # an install that left a dependency out: one line, and the way round it
+        raise ConfigError(f"{exc}, or set STREAMREC_CATALOGUE=false to run without search and the catalogue") from None
     if settings.query_student:
         path = Path(settings.query_student)
         try:

@@ -6,6 +6,7 @@ Pure, like the rest of ``online_models``: no Kafka, no Redis, no HTTP.
 
 from online_models.search.catalogue import Catalogue, CatalogueItem, SearchHit, fuse
 from online_models.search.cold_start import ContentMatcher
+from online_models.search.e5_onnx import TextModelMissing
 from online_models.search.lexical import LexicalIndex
 from online_models.search.semantic import VectorIndex
 from online_models.search.student import QueryStudent
@@ -20,6 +21,7 @@ __all__ = [
     "QueryStudent",
     "SearchHit",
     "TextEmbedder",
+    "TextModelMissing",
     "VectorIndex",
     "fuse",
     "normalise_query",

