@@ -131,6 +131,9 @@ def main(argv=None) -> int:
               f"model dim={model.cfg.dim} blocks={model.cfg.n_blocks} items={model.cfg.n_items:,}; "
               f"{args.rounds} rounds x {args.iters} calls, alternating")
         rows = []
+        if cuda and args.cuda_graph and len(set(batches)) > 1:
+            print(f"--cuda-graph captures one shape: measuring batch {max(batches)} only (run each size on its own "
+                  f"for the others: a graph of N users answers any batch up to N, padded)")
         for b in batches:
             if cuda and args.cuda_graph and b != max(batches):
                 continue  # one captured shape
