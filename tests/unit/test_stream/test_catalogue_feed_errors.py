@@ -99,3 +99,27 @@ async def test_a_text_model_that_raises_on_anything_drops_nothing():
     with pytest.raises(ValueError, match="cannot embed"):
         await feed._flush()
     assert catalogue.pending == 2  # kept for the retry after the back-off
+
+
+async def test_a_tombstone_whose_removal_raises_keeps_the_rest_of_its_fetch(monkeypatch):
+    """The offsets are past the whole fetch as it is applied: a removal that raised (an index's
+    bug) lost every item after it in the fetch."""
+    catalogue = Catalogue(_Embedder())
+    metrics = Metrics(CollectorRegistry())
+    feed = CatalogueFeed(catalogue, {}, "t.items", DEFAULT_BOUNDS, metrics, None, None)
+    real = catalogue.remove
+
+    def remove(item_id):
+        if item_id == "b":
+            raise RuntimeError("index bug")
+        return real(item_id)
+
+    monkeypatch.setattr(catalogue, "remove", remove)
+    records = _items([("a", "Lamp")])
+    records.append(SimpleNamespace(topic="t.items", offset=1, key=b"b", value=None))
+    records += [SimpleNamespace(topic="t.items", offset=2 + n, key=r.key, value=r.value)
+                for n, r in enumerate(_items([("c", "Chair")]))]
+    await feed._apply(0, records)
+    await feed._flush()
+    assert "a" in catalogue and "c" in catalogue and feed.offsets == {0: 3}
+    assert metrics.registry.get_sample_value("streamrec_catalogue_changes_total", {"kind": "failed"}) == 1
