@@ -121,8 +121,8 @@ class BadRequest(ValueError):
 def parse_k(raw: str | None, default: int) -> int:
     """``k``: 1 to :data:`MAX_K` (``default`` when absent).
 
-    >>> parse_k(None, 20), parse_k("5", 20)
-    (20, 5)
+    >>> parse_k(None, 20), parse_k("5", 20), parse_k("007", 20), parse_k("0100", 20)
+    (20, 5, 7, 100)
     >>> parse_k("0", 20)
     Traceback (most recent call last):
     ...
@@ -131,7 +131,8 @@ def parse_k(raw: str | None, default: int) -> int:
     if raw is None or raw == "":
         return default
     # ASCII digits only: int() would also read "+5", "1_0" and other scripts' digits
-    k = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 3 else 0
+    digits = raw.lstrip("0")  # leading zeros are no size: "0100" is 100, as "007" is 7
+    k = int(digits or "0") if raw.isascii() and raw.isdigit() and len(digits) <= 3 else 0
     if not 1 <= k <= MAX_K:
         raise BadRequest(f"k={clipped(raw, 40)}: expected a whole number from 1 to {MAX_K}")
     return k

@@ -23,7 +23,7 @@ from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
 from stream.records import ClickEvent
 from stream.search_step import SearchConfig, SearchStep
-from stream.serve import Api, ModelRefresher, check_serving, create_web_app
+from stream.serve import Api, BadRequest, ModelRefresher, check_serving, create_web_app, parse_k
 from stream.snapshots import SNAPSHOT_KEY
 from stream.state import InMemoryUserStateStore, UserState, encode_state
 
@@ -126,6 +126,14 @@ async def test_bad_parameters_are_400s_that_say_what_is_wrong(client, path, para
     resp = await client.get(path, params=params)
     assert resp.status == 400
     assert said in (await resp.json())["error"]
+
+
+def test_k_with_leading_zeros_is_read_as_its_number():
+    """"007" was 7 and "0100" a 400: the length was checked before the zeros were dropped."""
+    assert (parse_k("007", 20), parse_k("0100", 20)) == (7, 100)
+    for raw in ("0101", "0" * 5000 + "1000", "00"):
+        with pytest.raises(BadRequest):
+            parse_k(raw, 20)
 
 
 @pytest.mark.parametrize("target", ["/v1/search?k=1&q=%ff%fe", "/v1/search?q=tv&user_id=u%ff",
