@@ -409,7 +409,7 @@ async def test_a_get_whose_body_does_not_decode_is_logged_in_one_line_not_an_unh
 
 
 SERVE_AT_256_FILES = """
-import asyncio, resource
+import asyncio, resource, sys
 from aiohttp import web
 from stream import serve
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
@@ -420,7 +420,7 @@ async def main():
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     print(runner.addresses[0][1], flush=True)
-    await asyncio.sleep(60)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the test closes it, or dies
 
 asyncio.run(main())
 """
@@ -439,7 +439,8 @@ async def test_one_client_holding_hundreds_of_idle_connections_does_not_lock_oth
     root = str(Path(__file__).resolve().parents[3])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
     server = await asyncio.create_subprocess_exec(sys.executable, "-c", SERVE_AT_256_FILES, env=env,
-                                                  stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                                                  stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                                                  stderr=asyncio.subprocess.PIPE)
     idle = []
     try:
         port = int(await asyncio.wait_for(server.stdout.readline(), 60))
