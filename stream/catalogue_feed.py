@@ -315,7 +315,6 @@ class CatalogueFeed:
         self.metrics.catalogue_pending.set(0)
         self.metrics.catalogue_items.set(len(catalogue))
 
-
     async def _flush_singly(self, n: int) -> None:
         """Index the next ``n`` queued items one at a time, after a chunk of them raised. An item
         that raises alone while the text model still embeds :data:`PROBE_TEXT` is left out of
