@@ -38,6 +38,7 @@ from kafka.errors import KafkaError
 from online_models.types import Explanation
 from stream.decoding import id_problem
 from stream.records import (
+    CONTROL_CHARS,
     DeadLetter,
     Recommendation,
     RecommendedItem,
@@ -97,9 +98,10 @@ def recommendation_line(rec: Recommendation, items: int = 5) -> str:
     return f"{rec.user_id}  {shown}  latency {rec.generated_ts - rec.event_ts} ms  after {rec.trigger_event_id}  {models}".rstrip()
 
 
-#: characters a terminal acts on rather than shows: C0 and C1 controls (ESC starts the sequences
-#: that clear the screen, move the cursor or set the window title), and the bidi overrides
-_UNSHOWN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+#: characters a terminal acts on rather than shows: the control characters ids and text may not
+#: hold (ESC starts the sequences that clear the screen, move the cursor or set the window
+#: title), the line and paragraph separators, and the bidi overrides
+_UNSHOWN = re.compile(f"[{CONTROL_CHARS}\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
