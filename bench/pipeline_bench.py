@@ -34,6 +34,18 @@ import logging  # noqa: E402
 
 logging.getLogger("aiokafka").setLevel(logging.ERROR)  # a fresh topic's first fetches warn until its leader is known
 
+
+class _FreshLeader(logging.Filter):
+    """Drop aiokafka's error line for a fresh topic whose leader does not serve yet: the reader
+    starts right after the run's topics are created, and aiokafka retries the offsets lookup
+    until the leader answers, so the line reports nothing a reader of the figures must act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage().startswith("Failed fetch offsets") and "NotLeaderForPartition" in record.getMessage())
+
+
+logging.getLogger("aiokafka.consumer.fetcher").addFilter(_FreshLeader())
+
 from online_models.metrics import percentile  # noqa: E402
 from stream.connections import KafkaConnection  # noqa: E402
 from stream.demo import drop_topics, free_port, scrape, stop_worker, wait_ready  # noqa: E402
