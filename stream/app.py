@@ -170,22 +170,33 @@ def faust_credentials(kafka: KafkaConnection) -> faust.SASLCredentials | faust.S
 
 
 def exit_now(status: int) -> None:
-    """Exit without cleaning up (what an operator's second Ctrl-C asks for)."""
+    """Exit without cleaning up (what an operator's second Ctrl-C or SIGTERM asks for)."""
     logging.shutdown()  # flush what was logged
     os._exit(status)
 
 
 class Worker(faust.Worker):
     """A Faust worker that finishes the batch in hand before it stops on SIGTERM/SIGINT; a
-    second Ctrl-C while it does exits at once, as after a kill -9 (mode ignored it: a batch
-    stuck on an unanswering Redis kept the worker for the drain's 30 s)."""
+    second Ctrl-C or SIGTERM while it does exits at once (status 130 or 143), as after a
+    kill -9 (mode ignored both: a batch stuck on an unanswering Redis kept the worker for the
+    drain's 30 s, and a supervisor's second SIGTERM could not cut that short)."""
 
     def _on_sigint(self) -> None:
         if self._signal_stop_time:
-            self.log.warning("Ctrl-C again: exiting now; the batch in hand is not committed, and its partitions' next "
-                             "owner handles it again (each event applied once)")
-            exit_now(128 + signal.SIGINT)
+            self._exit_on_second(signal.SIGINT, "Ctrl-C")
         super()._on_sigint()
+
+    def _on_sigterm(self) -> None:
+        if self._signal_stop_time:
+            self._exit_on_second(signal.SIGTERM, "SIGTERM")
+        super()._on_sigterm()
+
+    def _exit_on_second(self, sig: signal.Signals, said: str) -> None:
+        # as a kill -9: the batch in hand's offsets are committed only once it is done, so the
+        # partitions' next owner reads it again and skips what was applied (docs/architecture.md)
+        self.log.warning("%s again: exiting now; the batch in hand is not committed, and its partitions' next "
+                         "owner handles it again (each event applied once)", said)
+        exit_now(128 + sig)
 
     async def _stop_on_signal(self, sig: signal.Signals) -> None:
         shell: Shell | None = getattr(self.app, "streamrec", None)

@@ -49,8 +49,9 @@ def worker(
     """Run a Faust worker: consume events, learn, recommend, publish.
 
     Start as many as the input topics have partitions; they share the work as one consumer group.
-    SIGTERM or Ctrl-C finishes the batch in hand, commits and exits; a second Ctrl-C exits at once
-    (nothing is lost: the next owner handles that batch again).
+    SIGTERM or Ctrl-C finishes the batch in hand, commits and exits; a second Ctrl-C or SIGTERM
+    exits at once, status 130 or 143 (nothing is lost: that batch is not committed, and the next
+    owner of its partitions handles it again).
     """
     settings = Settings.from_env()
     level = log_level(loglevel, settings.log_level)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 
 import pytest
@@ -106,11 +107,13 @@ def test_sigterm_with_the_broker_away_stops_within_kubernetes_grace(worker_env, 
     assert time.monotonic() - asked < 30, worker.log_tail()
 
 
-def test_a_second_ctrl_c_exits_at_once_while_the_batch_in_hand_waits_for_redis(worker_env, workers, topic_prefix,
-                                                                              private_redis):
-    """Ctrl-C finishes the batch in hand first; with Redis not answering that took the drain's 30 s,
-    and a second Ctrl-C did nothing. Now it exits at once (130), and nothing is lost: the next
-    worker applies every event exactly once."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_second_stop_signal_exits_at_once_while_the_batch_in_hand_waits_for_redis(worker_env, workers, topic_prefix,
+                                                                                    private_redis, sig):
+    """Ctrl-C or SIGTERM finishes the batch in hand first; with Redis not answering that took the
+    drain's 30 s, and a second signal did nothing (once a second Ctrl-C exited, a second SIGTERM,
+    a supervisor's or an operator's, still did nothing). Now either exits at once (130, 143), and
+    nothing is lost: the next worker applies every event exactly once."""
     records, expected = synthetic_records(1500, seed=23)
     worker = workers(metrics=True, STREAMREC_REDIS_URL=private_redis.address)
     wait_for(lambda: _ready(worker), 90, "the worker to be ready", worker)
@@ -121,13 +124,18 @@ def test_a_second_ctrl_c_exits_at_once_while_the_batch_in_hand_waits_for_redis(w
         wait_for(lambda: sum(applied_counts(client, topic_prefix, expected).values()) > 100, 60, "events to flow", worker)
         private_redis.halt()
         wait_for(lambda: _unready(worker), 10, "/readyz to answer 503 with Redis gone", worker)
-        worker.proc.send_signal(signal.SIGINT)
-        wait_for(lambda: "finishing the batch in hand" in worker.log_text(), 10, "the first Ctrl-C to be taken", worker)
+        worker.proc.send_signal(sig)
+        wait_for(lambda: "finishing the batch in hand" in worker.log_text(), 10, f"the first {sig.name} to be taken", worker)
         asked = time.monotonic()
-        worker.proc.send_signal(signal.SIGINT)
-        assert worker.proc.wait(10) == 128 + signal.SIGINT, worker.log_tail()
+        worker.proc.send_signal(sig)
+        try:
+            status = worker.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the second {sig.name} did not stop the worker:\n{worker.log_tail()}") from None
+        assert status == 128 + sig, worker.log_tail()
         assert time.monotonic() - asked < 5, worker.log_tail()
-        assert "Ctrl-C again: exiting now" in worker.log_text()
+        said = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}[sig]
+        assert f"{said} again: exiting now; the batch in hand is not committed" in worker.log_text()
         private_redis.start()
         feeder.finish()
         again = workers(metrics=True, STREAMREC_REDIS_URL=private_redis.address)
