@@ -14,7 +14,11 @@ releases the GIL: the event loop keeps serving) in chunks of :data:`FLUSH_CHUNK`
 searchable chunk by chunk (``streamrec_catalogue_items``, ``streamrec_catalogue_pending_items``).
 
 Should reading fail (the broker unreachable, a bug), the feed logs, and starts again after a
-back-off from where it was: the catalogue keeps what it has, and the worker serves on. A topic
+back-off from where it was: the catalogue keeps what it has, and the worker serves on. "Where
+it was" moves past a fetch only once each of its values is queued for indexing, removed or
+dead-lettered (an item the catalogue raises on alone is dead-lettered as ``processing_error``),
+so a fetch cut short by a failure is read again, and a snapshot (taken with nothing queued)
+never records offsets past an item it does not hold. A topic
 that does not exist (yet) is an empty catalogue, read to its end; the feed looks for it every
 :data:`MISSING_TOPIC_EVERY_S` and reads it from its start once it exists.
 
@@ -239,19 +243,26 @@ class CatalogueFeed:
         return set(found)
 
     async def _apply(self, partition: int, records) -> None:
-        upserts: list[CatalogueItem] = []
+        """Apply one fetch of ``partition``. Its offset (what a snapshot records) moves past the
+        fetch only at the end, once each value of it is queued for indexing, removed, or
+        dead-lettered (Kafka confirmed it): should anything raise before, the feed reads the
+        fetch again after its back-off (a value applied twice changes nothing), rather than
+        leave out of the catalogue, for good, items a snapshot says it holds."""
+        upserts: list[tuple[object, CatalogueItem]] = []  # (record, item)
         dead: list[tuple[bytes | None, DeadLetter]] = []
+        failed: list[tuple[bytes | None, DeadLetter]] = []  # valid items the catalogue raised on alone
         changes = self.metrics.catalogue_changes
         now = time.time_ns() // 1_000_000
+        end: int | None = None
         for rec in records:
-            self.offsets[partition] = rec.offset + 1
+            end = rec.offset + 1
             if rec.value is None:  # a tombstone
                 if rec.key:
-                    upserts = self._upsert(upserts)
+                    upserts = self._upsert(partition, upserts, failed, now)
                     item_id = rec.key.decode("utf-8", "replace")
                     try:
                         self.catalogue.remove(item_id)
-                    except Exception as exc:  # noqa: BLE001 - an index's bug: this item's alone (the offsets are past it)
+                    except Exception as exc:  # noqa: BLE001 - an index's bug: this item's alone (logged, and passed)
                         changes.labels("failed").inc()
                         log.error("removing item %r (a tombstone at %s[%d]@%d) raised %s: %s; it may still be found "
                                   "until a new value for it (a bug; report it)", item_id, rec.topic, partition,
@@ -275,32 +286,64 @@ class CatalogueFeed:
                     f"{item.item_id!r} would not remove it; key each item by its item_id", "item_id")
                 dead.append((rec.key, dead_letter(problem, rec.value, rec.topic, partition, rec.offset, now)))
                 continue
-            upserts.append(catalogue_item(item))
-        self._upsert(upserts)
+            upserts.append((rec, catalogue_item(item)))
+        self._upsert(partition, upserts, failed, now)
         if dead:
             changes.labels("invalid").inc(len(dead))
             for _, letter in dead:
-                self.metrics.events_invalid.labels(letter.code).inc()
                 log.warning("item value at %s[%d]@%d refused: %s", letter.topic, letter.partition, letter.offset,
                             letter.reason)
-            if self.publish is not None and self.dlq_topic is not None:
-                # until Kafka confirms them all: the offsets are past these records already, so a
-                # dead letter not sent now would never be
-                pending = [dead_letter_record(self.dlq_topic, key, letter) for key, letter in dead]
-                delays = self.backoff.delays()
-                while pending:
-                    try:
-                        pending = await self.publish(pending)
-                    except Exception as exc:  # noqa: BLE001 - the producer failed: send them again
-                        log.warning("dead-lettering %d item value(s) failed (%s); retrying", len(pending), described(exc))
-                    if pending:
-                        await asyncio.sleep(next(delays))
-                self.metrics.dead_letters_published.inc(len(dead))
+        if failed:
+            changes.labels("failed").inc(len(failed))
+            for _, letter in failed:
+                log.error("item value at %s[%d]@%d is dead-lettered: %s", letter.topic, letter.partition,
+                          letter.offset, letter.reason)
+        letters = dead + failed
+        for _, letter in letters:
+            self.metrics.events_invalid.labels(letter.code).inc()
+        if letters and self.publish is not None and self.dlq_topic is not None:
+            # until Kafka confirms them all: the offsets move past these records once they are
+            # sent, and a dead letter not sent then would never be
+            pending = [dead_letter_record(self.dlq_topic, key, letter) for key, letter in letters]
+            delays = self.backoff.delays()
+            while pending:
+                try:
+                    pending = await self.publish(pending)
+                except Exception as exc:  # noqa: BLE001 - the producer failed: send them again
+                    log.warning("dead-lettering %d item value(s) failed (%s); retrying", len(pending), described(exc))
+                if pending:
+                    await asyncio.sleep(next(delays))
+            self.metrics.dead_letters_published.inc(len(letters))
+        if end is not None:
+            self.offsets[partition] = end
 
-    def _upsert(self, items: list[CatalogueItem]) -> list[CatalogueItem]:
-        if items:
-            self.catalogue.upsert(items)
-            self.metrics.catalogue_changes.labels("upsert").inc(len(items))
+    def _upsert(self, partition: int, upserts: list[tuple[object, CatalogueItem]],
+                failed: list[tuple[bytes | None, DeadLetter]], now: int) -> list:
+        """Queue ``upserts`` (record, item) in the catalogue. When that raises (a bug), each item
+        is queued alone: one that raises alone is added to ``failed`` as a ``processing_error``
+        dead letter (its value, to replay once the bug is fixed), and the others are queued."""
+        if not upserts:
+            return []
+        changes = self.metrics.catalogue_changes
+        try:
+            self.catalogue.upsert([item for _, item in upserts])
+        except Exception as exc:  # noqa: BLE001 - one item's bug, or a passing one: each item alone
+            log.warning("adding %d item(s) to the catalogue raised %s: %s; adding them one at a time", len(upserts),
+                        type(exc).__name__, clipped(exception_text(exc), 300))
+        else:
+            changes.labels("upsert").inc(len(upserts))
+            return []
+        for rec, item in upserts:
+            try:
+                self.catalogue.upsert([item])
+            except Exception as exc:  # noqa: BLE001 - this item's alone: dead-lettered, the others queued
+                problem = InvalidEvent(
+                    "processing_error", f"the item is valid, but adding it to the catalogue raised {type(exc).__name__}: "
+                    f"{clipped(exception_text(exc), 300)}; this value is not in the catalogue (an older one may be) until a "
+                    "new value for the item arrives or this one is replayed once the bug is fixed (report it)")
+                failed.append((rec.key, dead_letter(problem, rec.value, rec.topic, partition, rec.offset, now)))
+                continue
+            changes.labels("upsert").inc()
         return []
 
     async def _flush(self) -> None:

@@ -68,7 +68,7 @@ class Metrics:
         self.http_seconds = Histogram("http_request_seconds", "streamrec serve: from a request's parsed arrival to its answer, by route (time in the kernel's and the event loop's queues before is not in it)", ["route"], buckets=END_TO_END_BUCKETS, namespace=ns, registry=r)
         self.catalogue_items = Gauge("catalogue_items", "Items in this process's catalogue, embedded and indexed for search", namespace=ns, registry=r)
         self.catalogue_pending = Gauge("catalogue_pending_items", "Items read from the items topic and waiting to be embedded", namespace=ns, registry=r)
-        self.catalogue_changes = Counter("catalogue_changes_total", "Values of the items topic applied to the catalogue, by kind (upsert, tombstone, invalid; failed: an item the text model or an index raised on alone, left out, or a tombstone whose removal raised)", ["kind"], namespace=ns, registry=r)
+        self.catalogue_changes = Counter("catalogue_changes_total", "Values of the items topic applied to the catalogue, by kind (upsert, tombstone, invalid; failed: an item the text model or an index raised on alone, left out, an item whose queueing raised alone, dead-lettered, or a tombstone whose removal raised)", ["kind"], namespace=ns, registry=r)
         self.events_refused_forgotten = Counter("events_refused_forgotten_total", "Events neither applied nor learned because their user was forgotten after them (a replay, a redelivery, a late event)", namespace=ns, registry=r)
         self.forget_failures = Counter("forget_failures_total", "Forget requests whose purge raised in a model (a bug): state, lists and refusal were done, a model may still hold part of the user", namespace=ns, registry=r)
         v = ["variant"]

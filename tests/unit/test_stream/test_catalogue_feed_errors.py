@@ -1,13 +1,18 @@
 """The catalogue feed's door as the worker's: a value whose decoding raises anything (a bug),
 even an exception whose message is not text, is dead-lettered as ``processing_error``, and
-the other items of its fetch are still applied (stream/handler.py does the same for events)."""
+the other items of its fetch are still applied (stream/handler.py does the same for events).
+The offsets (what a snapshot records) move past a fetch only once each of its values is in
+the catalogue or dead-lettered."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from online_models.search import Catalogue
@@ -15,6 +20,8 @@ from stream import catalogue_feed
 from stream.catalogue_feed import CatalogueFeed
 from stream.prometheus import Metrics
 from stream.records import DEFAULT_BOUNDS, decode_dead_letter
+from stream.retry import Backoff
+from stream.state import InMemoryUserStateStore
 
 
 class _Unprintable(Exception):
@@ -123,3 +130,148 @@ async def test_a_tombstone_whose_removal_raises_keeps_the_rest_of_its_fetch(monk
     await feed._flush()
     assert "a" in catalogue and "c" in catalogue and feed.offsets == {0: 3}
     assert metrics.registry.get_sample_value("streamrec_catalogue_changes_total", {"kind": "failed"}) == 1
+
+
+class _OnePartition:
+    """The feed's Kafka consumer over partition 0 of ``t.items``, holding ``records`` (offsets
+    0, 1, ...): it reads from where it was seeked to, as aiokafka's does."""
+
+    def __init__(self, records) -> None:
+        self.records = records
+        self.at = 0
+
+        class Client:
+            async def force_metadata_update(inner):
+                return True
+
+        self._client = Client()
+
+    def partitions_for_topic(self, topic):
+        return {0}
+
+    def assign(self, tps):
+        pass
+
+    def seek(self, tp, offset):
+        self.at = offset
+
+    async def seek_to_beginning(self, tp):
+        self.at = 0
+
+    async def end_offsets(self, tps):
+        return {tp: len(self.records) for tp in tps}
+
+    async def getmany(self, timeout_ms, max_records):
+        await asyncio.sleep(0)
+        taken = self.records[self.at : self.at + max_records]
+        self.at += len(taken)
+        return {TopicPartition("t.items", 0): taken} if taken else {}
+
+    async def stop(self):
+        pass
+
+
+async def _until(predicate, what: str, within_s: float = 5.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_an_upsert_that_raises_once_loses_no_item_and_no_snapshot_runs_ahead_of_the_catalogue(monkeypatch):
+    """The offsets moved past each record before its item reached the catalogue: an upsert that
+    raised (a bug) sent the feed back to reading from past the fetch, its items were never
+    applied, and a snapshot recorded offsets past them: lost for good, after a restart too."""
+    records = _items([("a", "Lamp"), ("b", "Chair"), ("c", "Desk")])
+
+    async def reader(options, max_records):
+        return _OnePartition(records)
+
+    monkeypatch.setattr(catalogue_feed, "started_reader", reader)
+    store = InMemoryUserStateStore()
+    written: list[bytes] = []
+    real_set_blob = store.set_blob
+
+    async def set_blob(name, data):
+        written.append(data)
+        await real_set_blob(name, data)
+
+    monkeypatch.setattr(store, "set_blob", set_blob)
+    catalogue = Catalogue(_Embedder())
+    real_upsert = catalogue.upsert
+    calls = 0
+
+    def upsert(items):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("index bug")
+        real_upsert(items)
+
+    monkeypatch.setattr(catalogue, "upsert", upsert)
+    feed = CatalogueFeed(catalogue, {}, "t.items", DEFAULT_BOUNDS, Metrics(CollectorRegistry()), store=store,
+                         snapshot_interval_s=0.0, backoff=Backoff(base_s=0.001, cap_s=0.001, jitter=0))
+    task = asyncio.create_task(feed.run())
+    try:
+        await asyncio.wait_for(feed.caught_up.wait(), 5.0)
+        assert sorted(item_id for item_id in "abc" if item_id in catalogue) == ["a", "b", "c"], feed.offsets
+        await _until(lambda: written, "the catalogue's snapshot")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    for data in written:  # each snapshot holds every item before the offsets it records
+        await real_set_blob(catalogue_feed.SNAPSHOT_KEY, data)
+        restarted = CatalogueFeed(Catalogue(_Embedder()), {}, "t.items", DEFAULT_BOUNDS, Metrics(CollectorRegistry()),
+                                  store=store)
+        assert await restarted.restore()
+        covered = [rec.key.decode() for rec in records[: restarted.offsets.get(0, 0)]]
+        assert [item_id for item_id in covered if item_id not in restarted.catalogue] == [], restarted.offsets
+    assert restarted.offsets == {0: 3}
+
+
+async def test_an_item_whose_upsert_raises_alone_is_dead_lettered_and_its_neighbours_are_queued(monkeypatch):
+    """Not left out in silence: its value goes to the dead-letter topic with a reason, to replay
+    once the bug is fixed, and the rest of its fetch is applied."""
+    sent: list = []
+
+    async def publish(records):
+        sent.extend(records)
+        return []
+
+    catalogue = Catalogue(_Embedder())
+    real_upsert = catalogue.upsert
+
+    def upsert(items):
+        items = list(items)
+        if any(item.item_id == "p" for item in items):
+            raise RuntimeError("index bug")
+        real_upsert(items)
+
+    monkeypatch.setattr(catalogue, "upsert", upsert)
+    metrics = Metrics(CollectorRegistry())
+    feed = CatalogueFeed(catalogue, {}, "t.items", DEFAULT_BOUNDS, metrics, publish, "t.dlq")
+    await feed._apply(0, _items([("a", "Lamp"), ("p", "Poison pill"), ("c", "Chair")]))
+    await feed._flush()
+    assert "a" in catalogue and "c" in catalogue and "p" not in catalogue and feed.offsets == {0: 3}
+    (letter,) = [decode_dead_letter(value) for _, _, value in sent]
+    assert (letter.code, letter.offset, letter.partition) == ("processing_error", 1, 0)
+    assert "adding it to the catalogue raised RuntimeError: index bug" in letter.reason and "replayed" in letter.reason
+    sample = metrics.registry.get_sample_value
+    assert sample("streamrec_catalogue_changes_total", {"kind": "failed"}) == 1
+    assert sample("streamrec_catalogue_changes_total", {"kind": "upsert"}) == 2
+    assert sample("streamrec_events_invalid_total", {"reason": "processing_error"}) == 1
+
+
+async def test_a_fetch_stopped_before_its_dead_letters_are_sent_is_not_passed():
+    """The offsets were past a fetch before its dead letters were sent: the feed stopped while
+    the producer waited, and a snapshot or the next read went past values never dead-lettered."""
+
+    async def publish(records):
+        raise asyncio.CancelledError  # the feed is stopped while Kafka has not confirmed them
+
+    feed = CatalogueFeed(Catalogue(_Embedder()), {}, "t.items", DEFAULT_BOUNDS, Metrics(CollectorRegistry()), publish,
+                         "t.dlq")
+    bad = SimpleNamespace(topic="t.items", offset=0, key=b"x", value=b'{"item_id": "x", "ts": 1}')
+    with pytest.raises(asyncio.CancelledError):
+        await feed._apply(0, [bad])
+    assert feed.offsets == {}
