@@ -17,6 +17,14 @@ written to a temporary file and ``os.replace``d. Readers that poll (the hot-swap
 only ``stat`` the pointer. Reading the layout lives in :mod:`gpu_scorer.layout`, which the
 runtime shares.
 
+Writers (``register``, ``set_current``) take an exclusive ``flock`` on the hidden
+file ``.lock`` in the registry for the naming of a version, its rename and the move of
+``CURRENT``: of two writers that register at once, the one that took the higher number moves
+``CURRENT`` last, so it names the newest. Readers take no lock. Each file of a version, the
+version's folder and the registry's folder are ``fsync``ed before ``CURRENT`` names the
+version, and the registry's folder again after it moved: a power loss cannot leave a
+``CURRENT`` that names a version whose files never reached the disk.
+
 >>> import tempfile
 >>> reg = ModelRegistry(tempfile.mkdtemp())
 >>> reg.latest() is None
@@ -26,12 +34,15 @@ True
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -55,6 +66,21 @@ def parity_tolerance(provider: str, fp16: bool = False) -> tuple[float, float]:
 
 #: what ``rename`` says when the version's name is taken (a folder: not empty; a file or a link: not a folder)
 _NAME_TAKEN = frozenset({errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR})
+#: the file the writers ``flock`` (hidden: no version, and no ``vNNNN`` name)
+LOCK = ".lock"
+
+
+def fsync_path(path: Path) -> None:
+    """Flush ``path``, a file (its data) or a folder (its entries: what was created or renamed
+    in it), to the disk. A file system that cannot sync a folder (``EINVAL``) is let be."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL or not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
 
 
 class ModelRegistry:
@@ -90,16 +116,37 @@ class ModelRegistry:
     def manifest(self, version: str) -> dict:
         return layout.read_manifest(self.path(version))
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the writers' lock: an exclusive ``flock`` on ``.lock`` in the registry (made
+        where missing; opened read-only, which ``flock`` needs no more than, so a lock file
+        another user made does not stop a writer). Freed when the block ends, or the process."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / LOCK, os.O_RDONLY | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def set_current(self, version: str) -> None:
+        """Point ``CURRENT`` at ``version`` (a rollback too): after a ``register`` in progress."""
+        with self._locked():
+            self._point(version)
+
+    def _point(self, version: str) -> None:
+        """``set_current`` under the lock."""
         if not (self.path(version) / "manifest.json").exists():
             raise ModelLoadError(f"version {version} is not registered in {self.root}")
         tmp = self.root / f".{POINTER}.{uuid.uuid4().hex}"
         try:
             tmp.write_text(version + "\n", encoding="utf-8")
+            fsync_path(tmp)
             os.replace(tmp, self.root / POINTER)
         except BaseException:  # a full disk: CURRENT is as it was, and no hidden half-written pointer stays
             tmp.unlink(missing_ok=True)
             raise
+        fsync_path(self.root)  # the replace itself
 
     def register(
         self,
@@ -114,7 +161,10 @@ class ModelRegistry:
         make_current: bool = True,
         extra: dict | None = None,
     ) -> str:
-        """Copy a model into a new version directory, atomically; return the version name."""
+        """Copy a model into a new version directory, atomically; return the version name.
+
+        The files are written and synced outside the lock; the naming, the rename and the move
+        of ``CURRENT`` (with ``make_current``) happen under it."""
         self.root.mkdir(parents=True, exist_ok=True)
         staging = self.root / f".staging-{uuid.uuid4().hex}"
         staging.mkdir()
@@ -123,41 +173,55 @@ class ModelRegistry:
             vocab.save(staging / "vocab.json")
             if parity_sample is not None:
                 np.savez(staging / "parity.npz", **parity_sample)
-            for attempt in range(100):
-                version = self._next_version()
-                manifest = {
-                    "format": MANIFEST_FORMAT,
-                    "version": version,
-                    "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "data": data or {},
-                    "metrics": metrics or {},
-                    "parity": parity or {},
-                    "config": config,
-                    "vocab_size": len(vocab),
-                    "files": sorted(p.name for p in staging.iterdir() if p.name != "manifest.json") + ["manifest.json"],
-                    **(extra or {}),
-                }
-                (staging / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-                try:
-                    os.rename(staging, self.root / version)  # fails if another writer took it
-                    break
-                except OSError as exc:
-                    if exc.errno not in _NAME_TAKEN:  # a read-only or failing disk: say so, not "no name" after 100 tries
-                        raise
-                    time.sleep(0.001 * attempt)
-            else:
-                raise ModelLoadError(f"could not allocate a version name in {self.root}")
+            for written in staging.iterdir():
+                fsync_path(written)
+            with self._locked():
+                version = self._rename_into_place(staging, vocab, config=config, metrics=metrics, parity=parity,
+                                                  data=data, extra=extra)
+                if make_current:
+                    self._point(version)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        if make_current:
-            self.set_current(version)
         return version
+
+    def _rename_into_place(self, staging: Path, vocab: Vocab, *, config: dict, metrics: dict | None,
+                           parity: dict | None, data: dict | None, extra: dict | None) -> str:
+        """Name the staged version, write its manifest and rename it into place, synced; under
+        the lock (a writer that takes none, such as an older streamrec, may still take a name
+        first: then the next one is tried)."""
+        for attempt in range(100):
+            version = self._next_version()
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                "version": version,
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "data": data or {},
+                "metrics": metrics or {},
+                "parity": parity or {},
+                "config": config,
+                "vocab_size": len(vocab),
+                "files": sorted(p.name for p in staging.iterdir() if p.name != "manifest.json") + ["manifest.json"],
+                **(extra or {}),
+            }
+            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+            fsync_path(staging / "manifest.json")
+            try:
+                os.rename(staging, self.root / version)  # fails if another writer took it
+            except OSError as exc:
+                if exc.errno not in _NAME_TAKEN:  # a read-only or failing disk: say so, not "no name" after 100 tries
+                    raise
+                time.sleep(0.001 * attempt)
+                continue
+            fsync_path(self.root / version)  # its entries
+            fsync_path(self.root)  # the rename
+            return version
+        raise ModelLoadError(f"could not allocate a version name in {self.root}")
 
     def _next_version(self) -> str:
         """``v`` and one more than the largest number of a ``vNNNN`` name here, registered or
         not (a stray folder's, file's or dangling link's name is taken: the rename cannot go
-        there; a staging folder's hex digits are no number)."""
+        there; the hidden names, a staging folder or the lock file, are none)."""
         names = [p.name for p in self.root.iterdir()] if self.root.is_dir() else []
         numbers = [int(name[1:]) for name in names if re.fullmatch(r"v\d{1,9}", name)]
         return f"v{max(numbers, default=0) + 1:04d}"
