@@ -17,13 +17,14 @@ written to a temporary file and ``os.replace``d. Readers that poll (the hot-swap
 only ``stat`` the pointer. Reading the layout lives in :mod:`gpu_scorer.layout`, which the
 runtime shares.
 
-Writers (``register``, ``set_current``) take an exclusive ``flock`` on the hidden
+Writers (``register``, ``set_current``, ``prune``) take an exclusive ``flock`` on the hidden
 file ``.lock`` in the registry for the naming of a version, its rename and the move of
 ``CURRENT``: of two writers that register at once, the one that took the higher number moves
 ``CURRENT`` last, so it names the newest. Readers take no lock. Each file of a version, the
 version's folder and the registry's folder are ``fsync``ed before ``CURRENT`` names the
 version, and the registry's folder again after it moved: a power loss cannot leave a
-``CURRENT`` that names a version whose files never reached the disk.
+``CURRENT`` that names a version whose files never reached the disk. ``prune`` renames a
+version to a hidden ``.trash-`` name before deleting it, so a reader never sees half of one.
 
 >>> import tempfile
 >>> reg = ModelRegistry(tempfile.mkdtemp())
@@ -68,6 +69,8 @@ def parity_tolerance(provider: str, fp16: bool = False) -> tuple[float, float]:
 _NAME_TAKEN = frozenset({errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR})
 #: the file the writers ``flock`` (hidden: no version, and no ``vNNNN`` name)
 LOCK = ".lock"
+#: the prefix of a version being deleted by ``prune`` (hidden: no reader lists it)
+TRASH = ".trash-"
 
 
 def fsync_path(path: Path) -> None:
@@ -148,6 +151,32 @@ class ModelRegistry:
             raise
         fsync_path(self.root)  # the replace itself
 
+    def prune(self, keep: int) -> list[str]:
+        """Delete all registered versions but the ``keep`` newest and the one ``CURRENT`` names;
+        return the names deleted, oldest first. Under the lock, so no writer is naming or
+        pointing at a version meanwhile; a writer's staging folder, hidden, is no version and is
+        left alone. Each version is renamed to a hidden ``.trash-`` name, then deleted (a link
+        to a version kept elsewhere: the link only); trash an interrupted prune left is deleted
+        first. A version in use keeps serving: a worker holds its model in memory."""
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, not {keep}")
+        with self._locked():
+            try:
+                current = self.pointed()
+            except ModelLoadError:  # CURRENT names no registered version: none to spare
+                current = None
+            doomed = [version for version in self.versions()[:-keep] if version != current]
+            trash = [p for p in self.root.iterdir() if p.name.startswith(TRASH)]
+            for version in doomed:
+                trash.append(self.root / f"{TRASH}{version}-{uuid.uuid4().hex}")
+                os.rename(self.path(version), trash[-1])
+            for path in trash:
+                if path.is_symlink() or not path.is_dir():
+                    path.unlink()
+                else:
+                    shutil.rmtree(path)
+        return doomed
+
     def register(
         self,
         onnx_path: str | Path,
@@ -221,7 +250,8 @@ class ModelRegistry:
     def _next_version(self) -> str:
         """``v`` and one more than the largest number of a ``vNNNN`` name here, registered or
         not (a stray folder's, file's or dangling link's name is taken: the rename cannot go
-        there; the hidden names, a staging folder or the lock file, are none)."""
+        there; the hidden names, a staging folder, the lock file, a version in the trash, are
+        none)."""
         names = [p.name for p in self.root.iterdir()] if self.root.is_dir() else []
         numbers = [int(name[1:]) for name in names if re.fullmatch(r"v\d{1,9}", name)]
         return f"v{max(numbers, default=0) + 1:04d}"

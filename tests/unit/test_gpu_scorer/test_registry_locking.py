@@ -1,4 +1,4 @@
-"""Writers of the registry at once (the lock) and what reaches the disk (fsync)."""
+"""Writers of the registry at once (the lock), what reaches the disk (fsync), and pruning."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import multiprocessing
 import os
 from pathlib import Path
 
+import pytest
+
 from gpu_scorer import registry as registry_module
+from gpu_scorer.errors import ModelLoadError
 from gpu_scorer.layout import POINTER
 from gpu_scorer.registry import ModelRegistry
 from gpu_scorer.vocab import Vocab
@@ -151,3 +154,60 @@ def test_the_files_the_folder_and_the_registry_reach_the_disk_before_current_nam
     for path in [*sorted((root / version).iterdir()), root / version, root]:
         assert node(path) in events, (path, events)
     assert ("replace", POINTER) not in events
+
+
+def test_prune_keeps_the_newest_and_the_current_version_and_no_number_comes_back(tmp_path):
+    root = tmp_path / "models"
+    for _ in range(6):
+        _register(root)
+    registry = ModelRegistry(root)
+    registry.set_current("v0002")  # an operator's rollback
+    assert registry.pointed() == "v0002"
+    staging = root / ".staging-0123abcd"  # a writer's, in progress
+    staging.mkdir()
+    (staging / "model.onnx").write_bytes(b"half")
+    (root / "v0000").mkdir()  # a stray folder, no version: not ours to delete
+    (root / ".trash-v0009-dead").mkdir()  # what an interrupted prune left
+    (root / ".trash-v0009-dead" / "model.onnx").write_bytes(b"x")
+
+    assert registry.prune(3) == ["v0001", "v0003"]
+    assert registry.versions() == ["v0002", "v0004", "v0005", "v0006"] and registry.pointed() == "v0002"
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == [registry_module.LOCK,
+                                                                                 ".staging-0123abcd"]
+    assert (staging / "model.onnx").read_bytes() == b"half" and (root / "v0000").is_dir()
+    assert registry.prune(3) == []
+
+    assert _register(root) == "v0007" == registry.pointed()  # the newest is never pruned: its number is not given again
+    assert registry.prune(1) == ["v0002", "v0004", "v0005", "v0006"]
+    assert registry.versions() == ["v0007"] == [registry.pointed()]
+    with pytest.raises(ValueError, match="at least 1"):
+        registry.prune(0)
+
+
+def test_prune_works_under_the_lock_and_a_reader_never_lists_a_version_it_deletes(tmp_path, monkeypatch):
+    root = tmp_path / "models"
+    for _ in range(3):
+        _register(root)
+    registry = ModelRegistry(root)
+    seen = []
+    real_rmtree = registry_module.shutil.rmtree
+
+    def rmtree(path, *args, **kw):
+        seen.append((Path(path).name, registry.versions(), _lock_is_held(root)))
+        real_rmtree(path, *args, **kw)
+
+    monkeypatch.setattr(registry_module.shutil, "rmtree", rmtree)
+    assert registry.prune(1) == ["v0001", "v0002"]
+    assert [name.split("-")[:2] for name, _, _ in seen] == [[".trash", "v0001"], [".trash", "v0002"]]
+    assert all(versions == ["v0003"] and held for _, versions, held in seen), seen
+
+
+def test_prune_of_a_registry_whose_current_names_no_version_keeps_the_newest(tmp_path):
+    root = tmp_path / "models"
+    for _ in range(3):
+        _register(root)
+    (root / POINTER).write_text("v0099\n")  # a typo in a rollback: the workers serve the newest
+    registry = ModelRegistry(root)
+    with pytest.raises(ModelLoadError):
+        registry.pointed()
+    assert registry.prune(1) == ["v0001", "v0002"] and registry.latest() == "v0003"
