@@ -11,11 +11,12 @@ on, when given), with the architecture of the ``CURRENT`` version, and registers
 YooChoose, every two hours moved HR@20 by +0.0078 on the validation day, +0.0007 on the test day).
 
 Forget requests are honoured: a user's events at or before the request's ``ts`` never enter a
-fit after it is read (the versions registered before it keep what they learned until the
-next fit replaces them). Values that break the events' contract are skipped and counted (the
-workers dead-letter them), with the door the peers and replays use (``Bounds.rereading``): a
-``ts`` too far ahead of the clock is refused, an event or erasure the workers refused for it
-included, and a value whose decoding raises anything is skipped too.
+fit after it is read (the versions registered before it keep what they learned: the next fit
+replaces them as CURRENT, and each is deleted once ``--keep`` newer ones are registered).
+Values that break the events' contract are skipped and counted (the workers dead-letter
+them), with the door the peers and replays use (``Bounds.rereading``): a ``ts`` too far ahead
+of the clock is refused, an event or erasure the workers refused for it included, and a value
+whose decoding raises anything is skipped too.
 
 :class:`EventWindow` is the pure part:
 
@@ -123,6 +124,11 @@ def retrain(
     model_dir: Annotated[Path, typer.Option(
         "--model-dir", envvar="STREAMREC_MODEL_DIR",
         help="Model registry the workers load from; each fit registers a version there and makes it CURRENT.")] = DEFAULT_MODEL_DIR,
+    keep: Annotated[int, typer.Option(
+        "--keep", min=1, metavar="VERSIONS",
+        help="After each version it registers, delete all but the VERSIONS newest in --model-dir (never the one "
+             "CURRENT names). An erased user's events stay only in versions fitted before the forget request: "
+             "once a fit after it is registered, at most VERSIONS-1 of them (with 1, none once that fit is CURRENT).")] = 5,
     once: Annotated[bool, typer.Option("--once", help="Read the topics to their end, fit once and exit: 0 when a version was registered, 1 when none was (nothing to train on, the fit failed, or SIGTERM or Ctrl-C came first; for a scheduler such as cron).")] = False,
     seed: Annotated[int, typer.Option(help="Random seed of each fit.")] = 0,
     device: Annotated[str, typer.Option(help="Training device: auto, cuda or cpu.")] = "auto",
@@ -133,7 +139,9 @@ def retrain(
     Reads the clicks and purchases topics from their oldest record (no consumer group), fits a
     Transformer with the CURRENT version's architecture on the latest --window events (after
     --dataset when given), checks ONNX Runtime against PyTorch and makes it CURRENT: the workers
-    hot-swap to it. Forget requests are honoured. SIGTERM or Ctrl-C stops it after the fit in hand.
+    hot-swap to it, then deletes all but the --keep newest versions. Forget requests are honoured:
+    an erased user's events enter no later fit, and stay in at most --keep minus one older versions
+    once one is registered. SIGTERM or Ctrl-C stops it after the fit in hand.
     Example:
 
       streamrec retrain --every 3600 --dataset ../shared/data/yoochoose-100k/yoochoose-clicks-100k_train_full.txt -f yoochoose
@@ -216,6 +224,8 @@ def retrain(
                         break
                     continue
                 registered = _fit(retrainer, events, base)
+                if registered:
+                    _prune(registry, keep)
                 fitted_at = events.mark
                 next_fit = time.monotonic() + every
                 if once:
@@ -228,6 +238,19 @@ def retrain(
         if stop.is_set():
             log.warning("stopped before a version was registered")
         raise typer.Exit(code=1)
+
+
+def _prune(registry: ModelRegistry, keep: int) -> None:
+    """Delete all but the ``keep`` newest versions (and CURRENT's); a failure is logged: the
+    next fit prunes again."""
+    try:
+        pruned = registry.prune(keep)
+    except OSError as exc:
+        log.error("the old versions could not be deleted (%s); the next fit tries again", exc)
+        return
+    if pruned:
+        log.info("deleted %d old version(s) (%s), keeping the %d newest and CURRENT's", len(pruned),
+                 ", ".join(pruned), keep)
 
 
 def _fit(retrainer, events: EventWindow, base: list[Interaction]) -> bool:

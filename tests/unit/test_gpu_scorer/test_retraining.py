@@ -20,6 +20,7 @@ from gpu_scorer.registry import ModelRegistry
 from gpu_scorer.retraining import Retrainer, architecture_of
 from gpu_scorer.train_cli import train
 from gpu_scorer.training import TrainConfig
+from gpu_scorer.vocab import Vocab
 from online_models.datasets import synthetic_interactions
 from stream import retrain_cli
 from stream.evaluate_cli import evaluate
@@ -276,3 +277,40 @@ def test_an_erasure_on_a_quiet_stream_still_brings_a_fit(tmp_path, monkeypatch):
                                                   "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert fits == [(0, 0), (0, 1)]
+
+
+def _register_stand_in(registry: ModelRegistry) -> str:
+    """A version that is no real model (the pruning reads none)."""
+    onnx = registry.root.parent / "stand-in.onnx"
+    onnx.write_bytes(b"not read")
+    return registry.register(onnx, Vocab(["i1", "i2"]), config={})
+
+
+def test_retrain_deletes_all_but_the_keep_newest_versions_after_each_one_it_registers(tmp_path, monkeypatch):
+    """Nothing pruned the registry: every fit added a version, and the old ones kept what they
+    had learned of the users erased since."""
+    registry = ModelRegistry(tmp_path / "m")
+    for _ in range(3):
+        _register_stand_in(registry)
+
+    def fit(retrainer, events, base):
+        _register_stand_in(retrainer.registry)
+        return True
+
+    _fake_kafka(monkeypatch, FakeConsumer)
+    monkeypatch.setattr(retrain_cli, "_fit", fit)
+    runner = CliRunner()
+    result = runner.invoke(_cli("retrain"), ["retrain", "--once", "--keep", "2", "--model-dir", str(registry.root),
+                                             "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert registry.versions() == ["v0003", "v0004"] and registry.pointed() == "v0004"  # and no traceback
+    result = runner.invoke(_cli("retrain"), ["retrain", "--once", "--keep", "1", "--model-dir", str(registry.root),
+                                             "--device", "cpu"])
+    assert result.exit_code == 0 and registry.versions() == ["v0005"], result.output
+    for bad in ("0", "-3", "two"):
+        refused = runner.invoke(_cli("retrain"), ["retrain", "--once", "--keep", bad, "--model-dir", str(registry.root)],
+                                env={"COLUMNS": "500"})
+        assert refused.exit_code == 2 and "--keep" in refused.output and "Traceback" not in refused.output, refused.output
+    assert registry.versions() == ["v0005"]
+    help_text = runner.invoke(_cli("retrain"), ["retrain", "--help"], env={"COLUMNS": "500"}).output
+    assert "--keep" in help_text and "at most VERSIONS-1 of them" in help_text, help_text

@@ -62,3 +62,15 @@ def test_a_fit_the_registry_disk_refused_is_one_error_line_and_retrain_goes_on(c
     disk, bug = [r for r in caplog.records if r.levelname == "ERROR"]
     assert "No space left on device" in disk.getMessage() and disk.exc_info is None
     assert bug.exc_info is not None
+
+
+def test_old_versions_the_registry_disk_would_not_delete_are_one_error_line_and_retrain_goes_on(caplog):
+    class Registry:
+        def prune(self, keep):
+            raise PermissionError(13, "Permission denied", "models/v0001")
+
+    with caplog.at_level("INFO", logger="streamrec.retrain"):
+        retrain_cli._prune(Registry(), 5)
+    [line] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "Permission denied" in line.getMessage() and "next fit tries again" in line.getMessage()
+    assert line.exc_info is None
