@@ -9,6 +9,9 @@ on, when given), with the architecture of the ``CURRENT`` version, and registers
 ``CURRENT``: running workers hot-swap to it within seconds. What that serves is measured by
 ``streamrec evaluate --retrain-every``, which fits the same way (docs/evaluation.md: on
 YooChoose, every two hours moved HR@20 by +0.0078 on the validation day, +0.0007 on the test day).
+A partition added to a topic while it runs is read from its oldest record too, and to its end
+before the next fit, once the client's metadata shows it (refreshed every five minutes; looked
+at every ``LOOK_S``).
 
 Forget requests are honoured: a user's events at or before the request's ``ts`` never enter a
 fit after it is read (the versions registered before it keep what they learned: the next fit
@@ -65,6 +68,8 @@ from stream.tail import stop_on_signals
 from stream.topics import ensure_streamrec_topics
 
 log = logging.getLogger("streamrec.retrain")
+#: seconds between two looks for partitions added to the topics while it runs
+LOOK_S = 30.0
 
 
 class EventWindow:
@@ -190,8 +195,8 @@ def retrain(
         # record still there; kafka-python's default, latest, skipped every retained event up to the end
         consumer = KafkaConsumer(**kafka.client_options(), client_id="streamrec-retrain", group_id=None,
                                  enable_auto_commit=False, auto_offset_reset="earliest", bootstrap_timeout_ms=30_000)
-        partitions = [TopicPartition(t, p) for t in (*topics.inputs, topics.forget)
-                      for p in sorted(consumer.partitions_for_topic(t) or ())]
+        names = (*topics.inputs, topics.forget)
+        partitions = _added_partitions(consumer, names, set())
         consumer.assign(partitions)
         consumer.seek_to_beginning(*partitions)
         end = consumer.end_offsets(partitions)
@@ -204,6 +209,7 @@ def retrain(
     registered = False  # with --once, none (nothing to train on, a failed fit, a stop before the fit) exits 1
     fitted_at: tuple[int, int] | None = None
     next_fit = 0.0  # the first fit once the backlog is read
+    next_look = 0.0  # for partitions added to the topics: once the backlog is read, then every LOOK_S
     try:
         with stop_on_signals() as stop:
             while not stop.is_set():
@@ -219,6 +225,18 @@ def retrain(
                         log.info("read the topics' backlog: %d events kept, %d values skipped (invalid)",
                                  len(events.events), events.invalid)
                     continue
+                if time.monotonic() >= next_look:
+                    next_look = time.monotonic() + LOOK_S
+                    added = _added_partitions(consumer, names, end.keys())
+                    if added:  # read from their oldest record, and to their end before the next fit
+                        partitions += added
+                        consumer.assign(partitions)
+                        consumer.seek_to_beginning(*added)
+                        end.update(consumer.end_offsets(added))
+                        caught_up = False
+                        log.info("reading the partitions added to the topics from their oldest records: %s",
+                                 ", ".join(f"{tp.topic}[{tp.partition}]" for tp in added))
+                        continue
                 if time.monotonic() < next_fit or events.mark == fitted_at:
                     if once:
                         break
@@ -238,6 +256,15 @@ def retrain(
         if stop.is_set():
             log.warning("stopped before a version was registered")
         raise typer.Exit(code=1)
+
+
+def _added_partitions(consumer: KafkaConsumer, topic_names: Iterable[str],
+                      known: Iterable[TopicPartition]) -> list[TopicPartition]:
+    """The topics' partitions not in ``known``, as the consumer's metadata has them (refreshed
+    by the client every ``metadata_max_age_ms``, five minutes)."""
+    known = set(known)
+    found = [TopicPartition(t, p) for t in topic_names for p in sorted(consumer.partitions_for_topic(t) or ())]
+    return [tp for tp in found if tp not in known]
 
 
 def _prune(registry: ModelRegistry, keep: int) -> None:

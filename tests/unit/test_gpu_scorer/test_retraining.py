@@ -24,7 +24,7 @@ from gpu_scorer.vocab import Vocab
 from online_models.datasets import synthetic_interactions
 from stream import retrain_cli
 from stream.evaluate_cli import evaluate
-from stream.records import ForgetRequest, encode
+from stream.records import ClickEvent, ForgetRequest, encode
 from stream.retrain_cli import retrain
 from stream.settings import TopicNames
 
@@ -314,3 +314,50 @@ def test_retrain_deletes_all_but_the_keep_newest_versions_after_each_one_it_regi
     assert registry.versions() == ["v0005"]
     help_text = runner.invoke(_cli("retrain"), ["retrain", "--help"], env={"COLUMNS": "500"}).output
     assert "--keep" in help_text and "at most VERSIONS-1 of them" in help_text, help_text
+
+
+def test_retrain_reads_a_partition_added_to_a_topic_while_it_runs_from_its_oldest_record(tmp_path, monkeypatch):
+    """The partitions were assigned once, at start: a partition added to the clicks topic
+    afterwards was never read, and its users' events never entered a fit."""
+    added = TopicPartition(TopicNames().clicks, 1)
+    click = SimpleNamespace(value=encode(ClickEvent(event_id="e1", user_id="u1", item_id="i1",
+                                                    ts=time.time_ns() // 1_000_000 - 60_000)))
+    fits, sought = [], []
+
+    class Consumer(FakeConsumer):  # one partition of each topic, empty; then a second clicks partition, one click
+        def __init__(self, **kw):
+            super().__init__()
+            self.started, self.assigned, self.read = False, [], set()
+
+        def partitions_for_topic(self, topic):
+            return {0, 1} if self.started and topic == added.topic else {0}
+
+        def assign(self, partitions):
+            self.assigned = list(partitions)
+
+        def seek_to_beginning(self, *partitions):
+            sought.extend(partitions)
+
+        def end_offsets(self, partitions):
+            self.started = True  # the metadata shows the new partition from now on
+            return {tp: int(tp == added) for tp in partitions}
+
+        def poll(self, timeout_ms, max_records):
+            if added in self.assigned and added not in self.read:
+                self.read.add(added)
+                return {added: [click]}
+            return {}
+
+        def position(self, tp):
+            return int(tp in self.read)
+
+    def fit(retrainer, events, base):
+        fits.append([(x.user_id, x.item_id) for x in events.interactions()])
+        return True
+
+    _fake_kafka(monkeypatch, Consumer)
+    monkeypatch.setattr(retrain_cli, "_fit", fit)
+    result = CliRunner().invoke(_cli("retrain"), ["retrain", "--once", "--model-dir", str(tmp_path / "m"),
+                                                  "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert added in sought and fits == [[("u1", "i1")]], (sought, fits)
