@@ -12,6 +12,7 @@ False
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -20,11 +21,13 @@ from pathlib import Path
 
 from online_models.recommender import RecommenderConfig
 from stream.connections import KafkaConnection, RedisConnection, mask_url
-from stream.errors import ConfigError
+from stream.errors import ConfigError, clipped
 from stream.records import MAX_DEPTH, MAX_PRICE, MAX_QUANTITY, Bounds
 
 #: most events in one micro-batch (the models keep a ranked list per user until it is recorded)
 MAX_BATCH_SIZE = 16_384
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 #: what STREAMREC_LOG_LEVEL and the commands' --loglevel accept
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -185,6 +188,7 @@ class Settings:
     min_insync_replicas: int = _env("STREAMREC_MIN_INSYNC_REPLICAS", "1", "min.insync.replicas of each topic streamrec creates (2 with 3 replicas): with acks=all a write needs this many")
     pseudonym_key: str = _env("STREAMREC_PSEUDONYM_KEY", "", "secret of the keyed hash (HMAC-SHA256) the worker stores and learns user ids as, so that user state and model snapshots never hold a site's ids (recommendations still go out under them; stream/pseudonyms.py); empty: raw ids; changing it starts every user afresh", secret=True)
     serve_port: int = _env("STREAMREC_SERVE_PORT", "8080", "port of `streamrec serve`'s HTTP API (--port overrides it)")
+    serve_trusted_proxies: str = _env("STREAMREC_SERVE_TRUSTED_PROXIES", "", "addresses or networks (10.0.0.0/8) of the reverse proxies in front of `streamrec serve`, comma-separated, whose X-Forwarded-For it believes: a request through one counts against its client's share of the requests in progress (half), not the proxy's; empty: X-Forwarded-For is never read, and each connection's own address is the client")
     catalogue: bool = _env("STREAMREC_CATALOGUE", "true", "read the items topic into a catalogue that searches retrieve from (every worker reads all of it, and embeds each item with the text model; stream/catalogue_feed.py); false: searches re-rank only the results they carry")
     search_candidates: int = _env("STREAMREC_SEARCH_CANDIDATES", "50", "items each of BM25 and the text model retrieve per search, fused and re-ranked for the user (docs/search.md: 50 rather than 100 costs 0.17% of NDCG@10 and a quarter of a search's Python)")
     query_student: str = _env("STREAMREC_QUERY_STUDENT", "", "a query encoder distilled from the text model on the catalogue (a file from `streamrec distil-queries`): a query it can read costs about 0.1 ms instead of 3, for some NDCG@10 (docs/search.md, \"A query student\"); empty: every query goes to the text model")
@@ -286,6 +290,10 @@ class Settings:
         self.kafka.check()
         if not 1 <= self.serve_port <= 65535:
             raise ConfigError(f"STREAMREC_SERVE_PORT={self.serve_port}: expected a port 1-65535")
+        try:
+            self.serve_proxies  # noqa: B018 - parsed to be checked
+        except ValueError as exc:
+            raise ConfigError(f"STREAMREC_SERVE_TRUSTED_PROXIES={clipped(self.serve_trusted_proxies, 200)!r}: {exc}") from None
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"STREAMREC_METRICS_PORT={self.metrics_port}: expected a port 0-65535 (0: off)")
         self.redis.check()
@@ -349,6 +357,27 @@ class Settings:
         more (``Recommender.candidates_many``), and padding to a wider shape is work for nothing."""
         return {"cuda_graph": self.scorer_cuda_graph, "fp16": self.scorer_fp16, "max_batch": self.scorer_max_batch,
                 "max_cands": max(self.n_candidates, MIN_SCORER_SHAPE)}
+
+    @property
+    def serve_proxies(self) -> tuple[IPNetwork, ...]:
+        """``STREAMREC_SERVE_TRUSTED_PROXIES``' networks (ValueError: one that is not).
+
+        >>> Settings.from_env({"STREAMREC_SERVE_TRUSTED_PROXIES": " 10.0.0.0/8, 192.168.1.7,, ::1 "}).serve_proxies
+        (IPv4Network('10.0.0.0/8'), IPv4Network('192.168.1.7/32'), IPv6Network('::1/128'))
+        >>> Settings.from_env({"STREAMREC_SERVE_TRUSTED_PROXIES": "10.0.0.0/8,proxy"})
+        Traceback (most recent call last):
+        ...
+        stream.errors.ConfigError: STREAMREC_SERVE_TRUSTED_PROXIES='10.0.0.0/8,proxy': 'proxy' is not an IP address or network (such as 10.0.0.7 or 10.0.0.0/8)
+        """
+        networks = []
+        for part in self.serve_trusted_proxies.split(","):
+            if part.strip():
+                try:
+                    networks.append(ipaddress.ip_network(part.strip(), strict=False))
+                except ValueError:
+                    raise ValueError(f"{clipped(part.strip(), 60)!r} is not an IP address or network (such as 10.0.0.7 "
+                                     "or 10.0.0.0/8)") from None
+        return tuple(networks)
 
     @property
     def bounds(self) -> Bounds:
