@@ -63,7 +63,8 @@ from stream.prometheus import FROZEN_COUNT_INTERVAL_S, Metrics
 from stream.pseudonyms import Pseudonyms, pseudonyms_of
 from stream.records import ID_PATTERN, MAX_ID_CHARS, MAX_QUERY_CHARS, SearchEvent
 from stream.search_step import SearchConfig, SearchStep
-from stream.settings import Settings
+from stream.serve_clients import shedding, write_timeout
+from stream.settings import IPNetwork, Settings
 from stream.shell import load_arm_scorers, load_scorer, text_embedder
 from stream.snapshots import SNAPSHOT_KEY, serving_with
 from stream.state import RedisUserStateStore, UserState, UserStateStore
@@ -75,7 +76,8 @@ MAX_K = 100
 
 #: requests in progress (waiting for a computing thread included) beyond which
 #: a new one is answered 503 at once: an overloaded server sheds load instead of queueing
-#: requests until every one of them is late (and the store's connections run out)
+#: requests until every one of them is late (and the store's connections run out). One client
+#: address may hold half of them (stream/serve_clients.py)
 MAX_IN_FLIGHT = 16
 
 #: requests computed at once, each embedding its query on one engine thread (the text model and
@@ -334,27 +336,6 @@ class _MalformedRequests(logging.Filter):
         return True
 
 
-def _shedding(max_in_flight: int):
-    """More than ``max_in_flight`` API requests in progress: a new one is a 503 with Retry-After."""
-    in_flight = 0
-
-    @web.middleware
-    async def shed(request: web.Request, handler):
-        nonlocal in_flight
-        if not request.path.startswith("/v1/"):
-            return await handler(request)
-        if in_flight >= max_in_flight:
-            return web.Response(body=_encode({"error": f"overloaded: {in_flight} requests in progress; retry shortly"}),
-                                status=503, content_type="application/json", headers={"Retry-After": "1"})
-        in_flight += 1
-        try:
-            return await handler(request)
-        finally:
-            in_flight -= 1
-
-    return shed
-
-
 def _observed(metrics: Metrics):
     """Each API request counted by route and status, and timed (``streamrec_http_*``)."""
 
@@ -405,15 +386,17 @@ def _open_files_raised() -> None:
         log.info("open files stay limited to %d (%s)", soft, exc)
 
 
-def create_web_app(api: Api, max_in_flight: int = MAX_IN_FLIGHT, metrics: Metrics | None = None) -> web.Application:
+def create_web_app(api: Api, max_in_flight: int = MAX_IN_FLIGHT, metrics: Metrics | None = None,
+                   trusted_proxies: tuple[IPNetwork, ...] = ()) -> web.Application:
     """The API's routes, and ``/metrics`` (``metrics``' registry) when ``metrics`` is given, with
-    ``streamrec_ready{condition}`` from ``api.health`` (stream/health.py, ReadinessCollector)."""
+    ``streamrec_ready{condition}`` from ``api.health`` (stream/health.py, ReadinessCollector).
+    ``trusted_proxies``: whose X-Forwarded-For names the client (stream/serve_clients.py)."""
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _MalformedRequests) for f in server_log.filters):
         server_log.addFilter(_MalformedRequests())
-    middlewares = [_shedding(max_in_flight), _errors]
+    middlewares = [write_timeout(), shedding(max_in_flight, trusted_proxies), _errors]
     if metrics is not None:
-        middlewares.insert(0, _observed(metrics))
+        middlewares.insert(1, _observed(metrics))
     app = web.Application(middlewares=middlewares)
     app.router.add_get("/v1/search", api.search)
     app.router.add_get("/v1/users/{user_id}/recommendations", api.recommendations)
@@ -582,7 +565,7 @@ async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop:
                                                       personal_weight=settings.search_personal_weight))
     api = Api(store, step, catalogue, search, settings.top_k, health, pseudonyms_of(settings.pseudonym_key))
     refresher = ModelRefresher(store, step, settings.snapshot_key, metrics)
-    runner = api_runner(create_web_app(api, metrics=metrics))
+    runner = api_runner(create_web_app(api, metrics=metrics, trusted_proxies=settings.serve_proxies))
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

@@ -9,6 +9,7 @@ import logging
 import sys
 import time
 
+import aiohttp
 import pytest
 import yarl
 from aiohttp import web
@@ -233,19 +234,26 @@ async def test_an_overloaded_server_sheds_load_with_503s(catalogue):
     store = InMemoryUserStateStore()
     step = RecommendationStep(Recommender.default())
     api = Api(store, step, catalogue, SearchStep(step, catalogue), top_k=3)
-    release = asyncio.Event()
+    release, inside = asyncio.Event(), []
 
     async def slow(request):  # every search waits: the requests pile up
+        inside.append(request)
         await release.wait()
         return await Api.search(api, request)
 
     api.search = slow
-    async with TestClient(TestServer(create_web_app(api, max_in_flight=2))) as client:
-        first = [asyncio.create_task(client.get("/v1/search", params={"q": "tv"})) for _ in range(2)]
-        await asyncio.sleep(0.2)
+    async with TestClient(TestServer(create_web_app(api, max_in_flight=2))) as client, \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as other:
+        # one from each of two clients: one client alone may hold only half (test_serve_clients.py)
+        first = [asyncio.create_task(client.get("/v1/search", params={"q": "tv"})),
+                 asyncio.create_task(other.get(client.make_url("/v1/search"), params={"q": "tv"}))]
+        deadline = time.monotonic() + 10
+        while len(inside) < 2:
+            assert time.monotonic() < deadline, "two searches in progress"
+            await asyncio.sleep(0.01)
         shed = await client.get("/v1/search", params={"q": "tv"})
         assert shed.status == 503 and shed.headers["Retry-After"] == "1"
-        assert "overloaded" in (await shed.json())["error"]
+        assert (await shed.json())["error"] == "overloaded: 2 requests in progress; retry shortly"
         assert (await client.get("/healthz")).status == 200  # probes are never shed
         release.set()
         assert [r.status for r in await asyncio.gather(*first)] == [200, 200]

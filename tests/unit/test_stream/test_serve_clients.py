@@ -1,0 +1,182 @@
+"""``streamrec serve`` against clients that would hold more than their share: one that never
+reads its answers, one with many requests at once (stream/serve_clients.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from online_models import Recommender
+from online_models.search import Catalogue, CatalogueItem, TextEmbedder
+from stream import serve, serve_clients
+from stream.pipeline import RecommendationStep
+from stream.prometheus import Metrics
+from stream.search_step import SearchStep
+from stream.serve import Api, create_web_app
+from stream.state import InMemoryUserStateStore
+
+#: the second client's address: Linux answers on all of 127.0.0.0/8
+OTHER_PEER = "127.0.0.2"
+
+
+@pytest.fixture(scope="module")
+def catalogue():
+    catalogue = Catalogue(TextEmbedder(threads=1), candidates=10)
+    catalogue.upsert([CatalogueItem(item_id="tv", title="55 inch 4K LED smart TV"),
+                      CatalogueItem(item_id="shoes", title="Men's lightweight running shoes")])
+    catalogue.flush()
+    return catalogue
+
+
+@pytest.fixture
+def api(catalogue):
+    step = RecommendationStep(Recommender.default())
+    api = Api(InMemoryUserStateStore(), step, catalogue, SearchStep(step, catalogue), top_k=3)
+    yield api
+    api.executor.shutdown()
+
+
+async def started(app: web.Application) -> tuple[web.AppRunner, int]:
+    """``app`` served as ``streamrec serve`` serves it, on a free port of 127.0.0.1."""
+    runner = serve.api_runner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, runner.addresses[0][1]
+
+
+async def until(condition, deadline_s: float, what: str) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {deadline_s} s: {what}"
+        await asyncio.sleep(0.01)
+
+
+async def answer(port: int, target: str) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    try:
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+async def test_a_client_that_never_reads_its_answers_is_aborted_holding_one_answer_at_most(api, monkeypatch, caplog):
+    # aiohttp has no write timeout: the connection was held for ever, with 64 KiB of answers
+    # and more unsent, while its handler waited for the client to read
+    monkeypatch.setattr(serve_clients, "WRITE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(serve_clients, "_said", serve_clients._Said())
+    runner, port = await started(create_web_app(api, metrics=Metrics(CollectorRegistry())))
+    stuck = []
+    try:
+        for _ in range(2):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            _, writer = await asyncio.open_connection(sock=sock)
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 3000)  # never read
+            stuck.append(writer)
+        seen: set[int] = set()  # serve's connections seen holding bytes the kernel would not take
+        most = 0
+
+        def watch(done) -> bool:
+            nonlocal most
+            for handler in runner.server.connections:
+                held = handler.transport.get_write_buffer_size() if handler.transport is not None else 0
+                most = max(most, held)
+                if held:
+                    seen.add(id(handler))
+            return done()
+
+        await until(lambda: watch(lambda: len(seen) == 2), 20, "both connections holding answers not read")
+        stuck_at = time.monotonic()
+        with caplog.at_level(logging.WARNING, "streamrec.serve"):
+            ok = await answer(port, "/v1/search?q=tv")  # another client meanwhile
+            assert ok.startswith(b"HTTP/1.1 200 OK"), ok[:200]
+            await until(lambda: watch(lambda: not runner.server.connections), 10, "the connections closed by serve")
+        assert time.monotonic() - stuck_at < 1.0 + 3
+        # the answer in hand at most, not 64 KiB and more (the last answer is the largest: the
+        # search added its series)
+        assert 0 < most <= len(await answer(port, "/metrics"))
+        said = [r.getMessage() for r in caplog.records if r.name == "streamrec.serve"]
+        assert len(said) == 1, said  # one line for both
+        assert said[0].startswith("aborted a connection from 127.0.0.1 whose answers were not read for 1 s")
+    finally:
+        for writer in stuck:
+            writer.transport.abort()
+        await runner.cleanup()
+
+
+async def test_one_client_gets_its_own_503s_and_another_is_still_answered(api):
+    # the shedding was global alone: one client with many requests in progress got everyone 503s
+    inside, release = [], asyncio.Event()
+
+    async def search(request):  # "slow" waits: the requests pile up
+        if request.query.get("q") == "slow":
+            inside.append(request.remote)
+            await release.wait()
+        return await Api.search(api, request)
+
+    api.search = search
+    runner, port = await started(create_web_app(api, max_in_flight=4))  # 2 for one client
+    url = f"http://127.0.0.1:{port}/v1/search"
+    async with aiohttp.ClientSession() as mine, \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(OTHER_PEER, 0))) as other:
+        try:
+            held = [asyncio.create_task(mine.get(url, params={"q": "slow"})) for _ in range(2)]
+            await until(lambda: len(inside) == 2, 10, "two slow requests in progress")
+            # a third of its own, whatever X-Forwarded-For says: that client's limit
+            shed = await asyncio.wait_for(mine.get(url, params={"q": "tv"}, headers={"X-Forwarded-For": "203.0.113.9"}), 5)
+            assert shed.status == 503 and shed.headers["Retry-After"] == "1"
+            error = (await shed.json())["error"]
+            assert "this client already has 2 requests in progress, the most one client may" in error, error
+            theirs = asyncio.create_task(other.get(url, params={"q": "slow"}))
+            await until(lambda: len(inside) == 3, 10, "the other client's slow request in progress")
+            answered = await asyncio.wait_for(other.get(url, params={"q": "tv"}), 5)
+            assert answered.status == 200 and (await answered.json())["items"]
+            release.set()
+            assert [r.status for r in await asyncio.gather(*held, theirs)] == [200, 200, 200]
+            assert inside == ["127.0.0.1", "127.0.0.1", OTHER_PEER]
+        finally:
+            release.set()
+            await runner.cleanup()
+
+
+async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_share(api):
+    # behind a reverse proxy every request comes from the proxy's address: without believing its
+    # X-Forwarded-For, the proxy's clients together held half of the requests in progress
+    inside, release = [], asyncio.Event()
+
+    async def search(request):
+        if request.query.get("q") == "slow":
+            inside.append(request.headers["X-Forwarded-For"])
+            await release.wait()
+        return await Api.search(api, request)
+
+    api.search = search
+    runner, port = await started(create_web_app(api, max_in_flight=4, trusted_proxies=(ipaddress.ip_network("127.0.0.1"),)))
+    url = f"http://127.0.0.1:{port}/v1/search"
+    busy, other = {"X-Forwarded-For": "203.0.113.9"}, {"X-Forwarded-For": "203.0.113.9, 198.51.100.4"}
+    async with aiohttp.ClientSession() as proxy:
+        try:
+            held = [asyncio.create_task(proxy.get(url, params={"q": "slow"}, headers=busy)) for _ in range(2)]
+            await until(lambda: len(inside) == 2, 10, "two slow requests in progress")
+            shed = await asyncio.wait_for(proxy.get(url, params={"q": "tv"}, headers=busy), 5)
+            assert shed.status == 503 and "this client already has 2" in (await shed.json())["error"]
+            # the nearest address the proxy did not vouch for is the client: 198.51.100.4
+            answered = await asyncio.wait_for(proxy.get(url, params={"q": "tv"}, headers=other), 5)
+            assert answered.status == 200
+            release.set()
+            assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
+        finally:
+            release.set()
+            await runner.cleanup()
