@@ -11,7 +11,8 @@ each request leaves at its time whether or not the earlier ones have answered, s
 is measured, not hidden. Half of the queries repeat one of 50 head queries; the other half are
 each new (a product kind with a number no other request has), so the server embeds half of them.
 Users are drawn from the shop's users. Prints the latency percentiles of the answers, the
-requests shed (503: more than ``stream.serve.MAX_IN_FLIGHT`` in progress) and other errors,
+requests shed (503: more than ``stream.serve.MAX_IN_FLIGHT`` in progress, or half of them from
+one user, whose address the client forwards as a site's backend would) and other errors,
 and the worker's events handled meanwhile. Everything shares this machine's cores: the worker,
 the producer, Kafka, Redis, serve and the client.
 
@@ -77,10 +78,15 @@ async def load(base: str, rps: float, seconds: float, seed: int) -> tuple[list[f
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as session:
         async def one(q: str) -> None:
             nonlocal errors, shed
-            url = f"{base}/v1/search?" + urllib.parse.urlencode({"q": q, "user_id": f"u{rng.randrange(500)}", "k": 20})
+            user = rng.randrange(500)
+            url = f"{base}/v1/search?" + urllib.parse.urlencode({"q": q, "user_id": f"u{user}", "k": 20})
+            # the client stands in for a site's backend, each user's address forwarded (serve
+            # believes it from 127.0.0.1, STREAMREC_SERVE_TRUSTED_PROXIES): one address alone
+            # would get half of serve's requests in progress (stream/serve_clients.py)
+            forwarded = {"X-Forwarded-For": f"198.18.{user >> 8}.{user & 255}"}
             t = time.perf_counter()
             try:
-                async with session.get(url) as resp:
+                async with session.get(url, headers=forwarded) as resp:
                     await resp.read()
                     if resp.status == 200:
                         latencies.append((time.perf_counter() - t) * 1000)
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     tag = f"serve{os.getpid()}"
     serve_port = free_port()
-    extra = {"STREAMREC_SERVE_PORT": str(serve_port)}
+    extra = {"STREAMREC_SERVE_PORT": str(serve_port), "STREAMREC_SERVE_TRUSTED_PROXIES": "127.0.0.1"}
     if args.student is not None:
         if not args.student.is_file():
             p.error(f"--student {args.student}: no such file (make one with streamrec distil-queries --demo-catalogue)")
