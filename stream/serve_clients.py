@@ -82,7 +82,7 @@ class _WriteGuard(asyncio.Protocol):
         self.peer = peer
         self.timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # pragma: no cover - set in after it
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # pragma: no cover - installed once connected
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
