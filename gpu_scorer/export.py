@@ -128,8 +128,10 @@ def parity_sample(model: SASRecScorer, seed: int = 1) -> dict[str, np.ndarray]:
     return {"seq_ids": seq, "cand_ids": cand, "scores": torch_scores(model, seq, cand)}
 
 
-def export_and_register(result, registry: ModelRegistry, data: dict | None = None, make_current: bool = True) -> tuple[str, dict]:
-    """Export a :class:`~gpu_scorer.training.TrainResult`, check parity, register it.
+def export_and_register(result, registry: ModelRegistry, data: dict | None = None, make_current: bool = True,
+                        extra: dict | None = None) -> tuple[str, dict]:
+    """Export a :class:`~gpu_scorer.training.TrainResult`, check parity, register it
+    (``extra``: more top-level manifest fields).
 
     A model that fails the parity check is still written (for inspection) but marked
     ``parity.ok = false`` and not made current; loaders refuse it. Returns (version, parity).
@@ -146,6 +148,7 @@ def export_and_register(result, registry: ModelRegistry, data: dict | None = Non
             data={**result.data, **(data or {})},
             parity_sample=parity_sample(result.model),
             make_current=make_current and parity["ok"],
+            extra=extra,
         )
     return version, parity
 

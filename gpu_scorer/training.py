@@ -57,6 +57,8 @@ class TrainResult:
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     data: dict = field(default_factory=dict)
+    #: the held-out ``(input items, held-out item)`` pairs the validation metrics are of
+    validation: list[tuple[list[str], str]] = field(default_factory=list)
 
 
 def sequences_from_interactions(interactions: Iterable, kinds: Sequence[str] = ("click", "purchase")) -> dict[str, list[str]]:
@@ -113,6 +115,29 @@ def left_pad(rows: list[list[int]], max_len: int) -> np.ndarray:
     return out
 
 
+def validation_rows(valid: Sequence[tuple[Sequence[str], str]], vocab: Vocab, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out ``(input, item)`` pairs as a model with ``vocab`` reads them: left-padded input
+    rows and target rows (an item ``vocab`` lacks is the OOV row: a miss in :func:`rank_metrics`)."""
+    inputs = left_pad([vocab.rows(s) for s, _ in valid], max_len)
+    return inputs, np.array([vocab.row(t) for _, t in valid], np.int64)
+
+
+def _ranks(scores: torch.Tensor, targets: torch.Tensor) -> list[int]:
+    """1-based rank of each target among the real items of ``scores`` [B, rows of the item
+    table], 0 for a miss (an OOV target, or a row with a NaN)."""
+    scores[:, :FIRST_ITEM_ROW] = -torch.inf
+    rank = (scores > scores.gather(1, targets[:, None])).sum(1) + 1
+    # a NaN score compares false with everything, so a diverged model ranked every target
+    # first, and early stopping kept its epoch: a row with a NaN is a miss
+    hit = (targets >= FIRST_ITEM_ROW) & ~torch.isnan(scores).any(1)
+    return torch.where(hit, rank, 0).tolist()
+
+
+def _summary(ranks: list[int], k: int) -> dict[str, float]:
+    m = rank_summary(ranks, ks=(k,))
+    return {f"hr@{k}": m[f"HR@{k}"], f"ndcg@{k}": m[f"NDCG@{k}"]}
+
+
 def rank_metrics(model: SASRecScorer, inputs: np.ndarray, targets: np.ndarray, k: int = 10, batch: int = 512) -> dict[str, float]:
     """HR@k and NDCG@k of ``targets`` ranked among all real items (PAD and OOV excluded)."""
     model.eval()
@@ -122,16 +147,26 @@ def rank_metrics(model: SASRecScorer, inputs: np.ndarray, targets: np.ndarray, k
         table = model.item_emb.weight
         for lo in range(0, len(inputs), batch):
             h = model.encode_last(torch.from_numpy(inputs[lo : lo + batch]).to(dev))
-            scores = h @ table.T
-            scores[:, :FIRST_ITEM_ROW] = -torch.inf
-            t = torch.from_numpy(targets[lo : lo + batch]).to(dev)
-            rank = (scores > scores.gather(1, t[:, None])).sum(1) + 1
-            # a NaN score compares false with everything, so a diverged model ranked every target
-            # first, and early stopping kept its epoch: a row with a NaN is a miss
-            hit = (t >= FIRST_ITEM_ROW) & ~torch.isnan(scores).any(1)
-            ranks.extend(torch.where(hit, rank, 0).tolist())
-    m = rank_summary(ranks, ks=(k,))
-    return {f"hr@{k}": m[f"HR@{k}"], f"ndcg@{k}": m[f"NDCG@{k}"]}
+            ranks.extend(_ranks(h @ table.T, torch.from_numpy(targets[lo : lo + batch]).to(dev)))
+    return _summary(ranks, k)
+
+
+def scorer_rank_metrics(scorer, valid: Sequence[tuple[Sequence[str], str]], k: int = 10,
+                        cells: int = 1 << 18) -> dict[str, float]:
+    """:func:`rank_metrics` of an exported model (an :class:`~gpu_scorer.runtime.OnnxScorer`:
+    ``vocab``, ``max_len``, ``run_ids``) on held-out ``(input, item)`` pairs of item ids, read
+    through its own vocabulary: an item it lacks is a miss. Every row of its item table is a
+    candidate, ``cells`` users x rows per call at most."""
+    inputs, targets = validation_rows(valid, scorer.vocab, scorer.max_len)
+    n_rows = len(scorer.vocab)
+    batch = max(1, cells // n_rows)
+    ranks: list[int] = []
+    for lo in range(0, len(inputs), batch):
+        seq = inputs[lo : lo + batch]
+        cand = np.broadcast_to(np.arange(n_rows, dtype=np.int64), (len(seq), n_rows)).copy()
+        scores = torch.from_numpy(np.array(scorer.run_ids(seq, cand), dtype=np.float32))  # a copy: ranking writes to it
+        ranks.extend(_ranks(scores, torch.from_numpy(targets[lo : lo + batch])))
+    return _summary(ranks, k)
 
 
 def _loss(model: SASRecScorer, x: torch.Tensor, y: torch.Tensor, tc: TrainConfig, gen: torch.Generator) -> torch.Tensor:
@@ -171,8 +206,7 @@ def train(
     dev = training_device(tc.device)
     model = SASRecScorer(cfg).to(dev)
     x_all, y_all = windows([vocab.rows(s) for s in train_seqs], cfg.max_len)
-    vx = left_pad([vocab.rows(s) for s, _ in valid], cfg.max_len)
-    vy = np.array([vocab.row(t) for _, t in valid], np.int64)
+    vx, vy = validation_rows(valid, vocab, cfg.max_len)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     n_batches = math.ceil(len(x_all) / tc.batch_size)
     history: list[dict[str, float]] = []
@@ -224,7 +258,7 @@ def train(
         "validation_users": len(valid),
         "items": len(vocab) - FIRST_ITEM_ROW,
     }
-    return TrainResult(model, vocab, cfg, metrics, history, data)
+    return TrainResult(model, vocab, cfg, metrics, history, data, valid)
 
 
 def set_oov_to_rare_mean(model: SASRecScorer, vocab: Vocab, share: float = 0.2) -> None:
@@ -260,4 +294,5 @@ def _progress(console, enabled: bool):
     )
 
 
-__all__ = ["TrainConfig", "TrainResult", "rank_metrics", "sequences_from_interactions", "split_last", "train", "windows"]
+__all__ = ["TrainConfig", "TrainResult", "rank_metrics", "scorer_rank_metrics", "sequences_from_interactions", "split_last",
+           "train", "validation_rows", "windows"]
