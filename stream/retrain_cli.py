@@ -6,7 +6,9 @@ topics from their oldest retained record (outside any consumer group: it takes n
 offsets from a worker), keeps the latest ``--window`` events, and every ``--every`` seconds
 trains a new Transformer on them (and on ``--dataset``, the log the first model was trained
 on, when given), with the architecture of the ``CURRENT`` version, and registers it as
-``CURRENT``: running workers hot-swap to it within seconds. What that serves is measured by
+``CURRENT`` (running workers hot-swap to it within seconds) when its held-out HR@10 is no worse
+than the ``CURRENT`` version's on the same events by more than ``--gate-tolerance``; a fit the gate
+holds back is registered, and ``CURRENT`` stays (``--no-gate``: every fit). What that serves is measured by
 ``streamrec evaluate --retrain-every``, which fits the same way (docs/evaluation.md: on
 YooChoose, every two hours moved HR@20 by +0.0078 on the validation day, +0.0007 on the test day).
 A partition added to a topic while it runs is read from its oldest record too, and to its end
@@ -15,7 +17,8 @@ at every ``LOOK_S``).
 
 Forget requests are honoured: a user's events at or before the request's ``ts`` never enter a
 fit after it is read (the versions registered before it keep what they learned: the next fit
-replaces them as CURRENT, and each is deleted once ``--keep`` newer ones are registered).
+the gate lets through replaces them as CURRENT, and each is deleted once ``--keep`` newer ones are
+registered).
 Values that break the events' contract are skipped and counted (the workers dead-letter
 them), with the door the peers and replays use (``Bounds.rereading``): a ``ts`` too far ahead
 of the clock is refused, an event or erasure the workers refused for it included, and a value
@@ -128,13 +131,24 @@ def retrain(
     format: Annotated[str, typer.Option("--format", "-f", help="--dataset's format: taobao, yoochoose, otto or synthetic.")] = "synthetic",
     model_dir: Annotated[Path, typer.Option(
         "--model-dir", envvar="STREAMREC_MODEL_DIR",
-        help="Model registry the workers load from; each fit registers a version there and makes it CURRENT.")] = DEFAULT_MODEL_DIR,
+        help="Model registry the workers load from; each fit registers a version there and makes it CURRENT (see --gate).")] = DEFAULT_MODEL_DIR,
     keep: Annotated[int, typer.Option(
         "--keep", min=1, metavar="VERSIONS",
         help="After each version it registers, delete all but the VERSIONS newest in --model-dir (never the one "
              "CURRENT names). An erased user's events stay only in versions fitted before the forget request: "
-             "once a fit after it is registered, at most VERSIONS-1 of them (with 1, none once that fit is CURRENT).")] = 5,
-    once: Annotated[bool, typer.Option("--once", help="Read the topics to their end, fit once and exit: 0 when a version was registered, 1 when none was (nothing to train on, the fit failed, or SIGTERM or Ctrl-C came first; for a scheduler such as cron).")] = False,
+             "once a fit after it is registered, at most VERSIONS-1 of them (with 1, none once that fit is CURRENT). "
+             "A version the gate held back counts among the newest: it stays until VERSIONS newer ones are registered.")] = 5,
+    gate: Annotated[bool, typer.Option(
+        "--gate/--no-gate",
+        help="Champion/challenger gate: a fit becomes CURRENT only when its HR@10 on its held-out events (each "
+             "validation user's last item) is no worse than the CURRENT version's on the same events by more than "
+             "--gate-tolerance; otherwise it is registered, and CURRENT stays. --no-gate makes every fit that passes "
+             "its parity check CURRENT. The first model (no CURRENT) is not gated.")] = True,
+    gate_tolerance: Annotated[float, typer.Option(
+        "--gate-tolerance", metavar="HR",
+        help="How much lower (absolute, 0 to 1) a fit's held-out HR@10 may be than the CURRENT version's and "
+             "still replace it.")] = 0.01,
+    once: Annotated[bool, typer.Option("--once", help="Read the topics to their end, fit once and exit: 0 when a version was made CURRENT, 1 when none was (nothing to train on, the fit failed, the gate held it back, or SIGTERM or Ctrl-C came first; for a scheduler such as cron).")] = False,
     seed: Annotated[int, typer.Option(help="Random seed of each fit.")] = 0,
     device: Annotated[str, typer.Option(help="Training device: auto, cuda or cpu.")] = "auto",
     loglevel: Annotated[str, typer.Option("--loglevel", "-l", help="debug, info, warning or error.")] = "info",
@@ -143,8 +157,9 @@ def retrain(
 
     Reads the clicks and purchases topics from their oldest record (no consumer group), fits a
     Transformer with the CURRENT version's architecture on the latest --window events (after
-    --dataset when given), checks ONNX Runtime against PyTorch and makes it CURRENT: the workers
-    hot-swap to it, then deletes all but the --keep newest versions. Forget requests are honoured:
+    --dataset when given), checks ONNX Runtime against PyTorch and makes it CURRENT (the workers
+    hot-swap to it) unless its held-out HR@10 is worse than CURRENT's by more than --gate-tolerance,
+    then deletes all but the --keep newest versions. Forget requests are honoured:
     an erased user's events enter no later fit, and stay in at most --keep minus one older versions
     once one is registered. SIGTERM or Ctrl-C stops it after the fit in hand.
     Example:
@@ -155,6 +170,9 @@ def retrain(
     if not math.isfinite(every):  # inf passed the range: one fit, then never another
         raise typer.BadParameter(f"{every} is not a number of seconds (for a single fit, use --once)",
                                  param_hint="--every")
+    if not (math.isfinite(gate_tolerance) and 0 <= gate_tolerance <= 1):  # HR@10 is a share: 0 to 1
+        raise typer.BadParameter(f"{gate_tolerance} is not a share of held-out events between 0 and 1 "
+                                 "(to make every fit CURRENT, use --no-gate)", param_hint="--gate-tolerance")
     if dataset is None and format != "synthetic":  # read nothing: the fits never saw the log it names
         raise typer.BadParameter(f"--format {format} describes --dataset, which is not given: add --dataset LOG "
                                  "(the log every fit also trains on) or drop --format", param_hint="--format")
@@ -185,7 +203,7 @@ def retrain(
         raise typer.BadParameter(f"{exc}: fix or remove that version, or point CURRENT at a good one",
                                  param_hint="--model-dir") from None
     retrainer = retraining.Retrainer(registry, architecture, training.TrainConfig(seed=seed, progress=False, device=device),
-                                     settings.scorer_device)
+                                     settings.scorer_device, gate_tolerance=gate_tolerance if gate else None)
     events = EventWindow(window, settings.bounds)
     topics = settings.topics
     kafka = settings.kafka
@@ -206,7 +224,7 @@ def retrain(
              "(architecture %s)", ", ".join(sorted({tp.topic for tp in partitions})), every, window, model_dir,
              architecture or "the defaults")
     caught_up = False
-    registered = False  # with --once, none (nothing to train on, a failed fit, a stop before the fit) exits 1
+    made_current = False  # with --once, none (nothing to train on, a failed fit, the gate, a stop before the fit) exits 1
     fitted_at: tuple[int, int] | None = None
     next_fit = 0.0  # the first fit once the backlog is read
     next_look = 0.0  # for partitions added to the topics: once the backlog is read, then every LOOK_S
@@ -241,7 +259,7 @@ def retrain(
                     if once:
                         break
                     continue
-                registered = _fit(retrainer, events, base)
+                registered, made_current = _fit(retrainer, events, base)
                 if registered:
                     _prune(registry, keep)
                 fitted_at = events.mark
@@ -252,7 +270,7 @@ def retrain(
         raise kafka.unavailable(exc) from None
     finally:
         consumer.close(autocommit=False)
-    if once and not registered:
+    if once and not made_current:
         if stop.is_set():
             log.warning("stopped before a version was registered")
         raise typer.Exit(code=1)
@@ -280,9 +298,10 @@ def _prune(registry: ModelRegistry, keep: int) -> None:
                  ", ".join(pruned), keep)
 
 
-def _fit(retrainer, events: EventWindow, base: list[Interaction]) -> bool:
-    """Fit and register a version; whether one was registered (a failure is logged: the next
-    fit may work, and CURRENT stays as it was)."""
+def _fit(retrainer, events: EventWindow, base: list[Interaction]) -> tuple[bool, bool]:
+    """Fit and register a version; whether one was registered, and whether it was made CURRENT
+    (a failure is logged: the next fit may work, and CURRENT stays as it was; so does a fit the
+    gate holds back, registered all the same)."""
     interactions = events.interactions(base)
     started = time.monotonic()
     log.info("fitting on %d events (%d read from Kafka, %d erased users)...", len(interactions), len(events.events),
@@ -291,16 +310,38 @@ def _fit(retrainer, events: EventWindow, base: list[Interaction]) -> bool:
         version, metrics = retrainer.fit(interactions, {"source": "streamrec retrain"})
     except ValueError as exc:  # nothing to train on yet
         log.warning("no fit: %s", exc)
-        return False
+        return False, False
     except OSError as exc:  # the registry's disk (full, read-only): the operator's to fix, not a bug to trace
         log.error("the fit could not be registered (%s); CURRENT stays as it was, and the next fit tries again", exc)
-        return False
+        return False, False
     except Exception:  # noqa: BLE001 - a failed fit (its parity check, a full disk) leaves CURRENT as it was; the next one may work
         log.exception("the fit failed; CURRENT stays as it was")
-        return False
-    log.info("registered %s as CURRENT in %.0f s (validation HR@10 %.4f, best epoch %s): the workers hot-swap to it",
-             version, time.monotonic() - started, metrics.get("val_hr@10", float("nan")), metrics.get("best_epoch"))
-    return True
+        return False, False
+    gate = metrics.get("gate")
+    if gate is not None and not gate["passed"]:
+        _held_back(retrainer.registry, version, gate)
+        return True, False
+    if gate is not None and gate.get("current_error"):
+        log.warning("gate: CURRENT could not be scored (%s); %s replaces it", gate["current_error"], version)
+    compared = "" if gate is None or gate["current_hr@10"] is None else \
+        f"; {gate['current']} had {gate['current_hr@10']:.4f} on the same {gate['held_out']} held-out events"
+    log.info("registered %s as CURRENT in %.0f s (validation HR@10 %.4f, best epoch %s%s): the workers hot-swap to it",
+             version, time.monotonic() - started, metrics.get("val_hr@10", float("nan")), metrics.get("best_epoch"),
+             compared)
+    return True, True
+
+
+def _held_back(registry: ModelRegistry, version: str, gate: dict) -> None:
+    """The one line a fit the gate held back is logged with: both figures, and what to do."""
+    if gate["current_hr@10"] is None:
+        figures = f"no held-out events to compare it with {gate['current']} on (no user has three events)"
+    else:
+        figures = (f"its HR@10 on {gate['held_out']} held-out events is {gate['new_hr@10']:.4f}, against "
+                   f"{gate['current_hr@10']:.4f} for {gate['current']} (tolerance {gate['tolerance']:g})")
+    log.warning("gate: registered %s but did not make it CURRENT: %s; %s keeps serving. To serve %s anyway: "
+                "echo %s > %s (it is deleted once --keep newer versions are registered); to make every fit "
+                "CURRENT: --no-gate or a larger --gate-tolerance", version, figures, gate["current"], version,
+                version, registry.root / "CURRENT")
 
 
 __all__ = ["EventWindow", "retrain"]

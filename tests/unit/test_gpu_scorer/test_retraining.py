@@ -8,6 +8,8 @@ import signal
 import time
 from types import SimpleNamespace
 
+import msgspec
+import numpy as np
 import torch
 import typer
 from kafka import TopicPartition
@@ -15,12 +17,12 @@ from tiny_models import register_tiny
 from typer.testing import CliRunner
 
 from gpu_scorer import registry as registry_module
-from gpu_scorer import train_cli
+from gpu_scorer import retraining, train_cli, training
 from gpu_scorer.registry import ModelRegistry
 from gpu_scorer.retraining import Retrainer, architecture_of
 from gpu_scorer.train_cli import train
-from gpu_scorer.training import TrainConfig
-from gpu_scorer.vocab import Vocab
+from gpu_scorer.training import TrainConfig, scorer_rank_metrics
+from gpu_scorer.vocab import FIRST_ITEM_ROW, Vocab
 from online_models.datasets import synthetic_interactions
 from stream import retrain_cli
 from stream.evaluate_cli import evaluate
@@ -269,7 +271,7 @@ def test_an_erasure_on_a_quiet_stream_still_brings_a_fit(tmp_path, monkeypatch):
         fits.append((events.read, len(events.erased)))
         if len(fits) == 2:
             os.kill(os.getpid(), signal.SIGTERM)
-        return True
+        return True, True
 
     _fake_kafka(monkeypatch, Consumer)
     monkeypatch.setattr(retrain_cli, "_fit", fit)
@@ -295,7 +297,7 @@ def test_retrain_deletes_all_but_the_keep_newest_versions_after_each_one_it_regi
 
     def fit(retrainer, events, base):
         _register_stand_in(retrainer.registry)
-        return True
+        return True, True
 
     _fake_kafka(monkeypatch, FakeConsumer)
     monkeypatch.setattr(retrain_cli, "_fit", fit)
@@ -353,7 +355,7 @@ def test_retrain_reads_a_partition_added_to_a_topic_while_it_runs_from_its_oldes
 
     def fit(retrainer, events, base):
         fits.append([(x.user_id, x.item_id) for x in events.interactions()])
-        return True
+        return True, True
 
     _fake_kafka(monkeypatch, Consumer)
     monkeypatch.setattr(retrain_cli, "_fit", fit)
@@ -361,3 +363,113 @@ def test_retrain_reads_a_partition_added_to_a_topic_while_it_runs_from_its_oldes
                                                   "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert added in sought and fits == [[("u1", "i1")]], (sought, fits)
+
+
+def test_a_fit_worse_than_current_on_the_same_held_out_events_is_registered_but_not_made_current(tmp_path,
+                                                                                                  monkeypatch):
+    """Every fit that passed its parity check became CURRENT: a bad one (here: a bug that shifts
+    the item table by seven rows after the training) was served by every worker at once. The gate
+    scores both on the fit's held-out events and keeps CURRENT; both figures are in the new
+    version's manifest."""
+    registry = ModelRegistry(tmp_path)
+    log = list(synthetic_interactions(n_events=600, n_users=40, n_items=80, seed=1))
+    arch = {"dim": 16, "n_heads": 2, "max_len": 8}
+    good, metrics = Retrainer(registry, arch, QUICK, gate_tolerance=0.01).fit(log)
+    assert "gate" not in metrics and "gate" not in registry.manifest(good)  # the first model: no gate
+
+    def shifted_table(*args, **kw):
+        result = training.train(*args, **kw)
+        with torch.no_grad():
+            table = result.model.item_emb.weight
+            table[FIRST_ITEM_ROW:] = table[FIRST_ITEM_ROW:].roll(7, dims=0)
+        return result
+
+    monkeypatch.setattr(retraining, "train", shifted_table)
+    bad, metrics = Retrainer(registry, arch, QUICK, gate_tolerance=0.01).fit(log)
+    gate = registry.manifest(bad)["gate"]
+    assert registry.pointed() == good != bad and metrics["gate"] == gate
+    assert gate["current"] == good and gate["passed"] is False and gate["held_out"] == 40
+    assert gate["new_hr@10"] < gate["current_hr@10"] - 0.01, gate
+    # CURRENT's figure, through its ONNX file and vocabulary, on the fit's held-out events (here
+    # the same users as its own fit's: same log, same seed) is what its own fit reported
+    assert abs(gate["current_hr@10"] - registry.manifest(good)["metrics"]["val_hr@10"]) < 1e-9
+    lenient, _ = Retrainer(registry, arch, QUICK, gate_tolerance=1.0).fit(log)
+    assert registry.pointed() == lenient and registry.manifest(lenient)["gate"]["passed"] is True
+
+
+def test_the_gate_counts_an_item_the_current_vocabulary_lacks_as_a_miss(tmp_path):
+    """On a shifted stream (items CURRENT never saw) CURRENT cannot rank the held-out items: the fit replaces it."""
+    registry = ModelRegistry(tmp_path)
+    arch = {"dim": 16, "n_heads": 2, "max_len": 8}
+    old_items = list(synthetic_interactions(n_events=300, n_users=20, n_items=40, seed=1))
+    old, _ = Retrainer(registry, arch, QUICK).fit(old_items)
+    shifted = [msgspec.structs.replace(x, item_id="new-" + x.item_id) for x in old_items]
+    new, metrics = Retrainer(registry, arch, QUICK, gate_tolerance=0.0).fit(shifted)
+    assert metrics["gate"]["current_hr@10"] == 0.0 and metrics["gate"]["passed"] and registry.pointed() == new != old
+
+
+def test_scorer_rank_metrics_ranks_among_every_item_of_the_models_own_vocabulary():
+    class Scorer:  # an exported model whose scores favour "a", then "b"
+        vocab, max_len = Vocab(["a", "b", "c"]), 4
+
+        def run_ids(self, seq, cand):
+            return np.broadcast_to(np.array([9.0, 9.0, 3.0, 2.0, 1.0], np.float32), cand.shape)
+
+    valid = [(["c"], "a"), (["c"], "zzz"), (["a", "b"], "c")]  # a hit, an item it lacks, rank 3
+    assert scorer_rank_metrics(Scorer(), valid, k=2)["hr@2"] == 1 / 3
+    assert scorer_rank_metrics(Scorer(), valid, k=3)["hr@3"] == 2 / 3
+
+
+def test_retrain_gates_by_default_and_refuses_a_tolerance_that_is_no_share(tmp_path, monkeypatch):
+    made = []
+
+    class Recorder(retraining.Retrainer):
+        def __init__(self, *args, **kw):
+            made.append(kw.get("gate_tolerance", "missing"))
+            super().__init__(*args, **kw)
+
+    _fake_kafka(monkeypatch, FakeConsumer)
+    monkeypatch.setattr(retraining, "Retrainer", Recorder)
+    runner = CliRunner()
+    for args in ([], ["--gate-tolerance", "0.2"], ["--no-gate"]):
+        result = runner.invoke(_cli("retrain"), ["retrain", "--once", "--model-dir", str(tmp_path / "m"),
+                                                 "--device", "cpu", *args])
+        assert result.exit_code == 1, result.output  # nothing to train on
+    assert made == [0.01, 0.2, None]
+    for bad in ("-0.1", "1.5", "nan", "inf", "x"):
+        refused = runner.invoke(_cli("retrain"), ["retrain", "--once", "--gate-tolerance", bad,
+                                                  "--model-dir", str(tmp_path / "m")], env={"COLUMNS": "500"})
+        text = " ".join(refused.output.split())
+        assert refused.exit_code == 2 and "Invalid value for --gate-tolerance" in text.replace("'", ""), text
+    assert len(made) == 3
+    help_text = " ".join(runner.invoke(_cli("retrain"), ["retrain", "--help"], env={"COLUMNS": "500"}).output.split())
+    assert "--gate-tolerance" in help_text and "--no-gate" in help_text and "held-out" in help_text, help_text
+
+
+def test_a_fit_the_gate_holds_back_is_logged_once_with_both_figures_and_counts_as_no_new_current(tmp_path, monkeypatch,
+                                                                                                 caplog):
+    registry = ModelRegistry(tmp_path / "m")
+    gate = {"metric": "hr@10", "held_out": 40, "tolerance": 0.01, "current": "v0001", "current_hr@10": 0.45,
+            "new_hr@10": 0.125, "passed": False}
+
+    class Held:
+        def __init__(self):
+            self.registry = registry
+
+        def fit(self, interactions, data):
+            return "v0002", {"val_hr@10": 0.125, "best_epoch": 1, "gate": gate}
+
+    window = retrain_cli.EventWindow()
+    with caplog.at_level("INFO", logger="streamrec.retrain"):
+        assert retrain_cli._fit(Held(), window, []) == (True, False)
+    held = [r.getMessage() for r in caplog.records if "gate" in r.getMessage()]
+    assert len(held) == 1 and "0.1250" in held[0] and "0.4500" in held[0] and "v0001 keeps serving" in held[0], held
+    assert f"echo v0002 > {registry.root / 'CURRENT'}" in held[0] and "--no-gate" in held[0], held
+
+    pruned = []
+    _fake_kafka(monkeypatch, FakeConsumer)
+    monkeypatch.setattr(retrain_cli, "_fit", lambda retrainer, events, base: (True, False))
+    monkeypatch.setattr(retrain_cli, "_prune", lambda registry, keep: pruned.append(keep))
+    result = CliRunner().invoke(_cli("retrain"), ["retrain", "--once", "--keep", "3", "--model-dir", str(registry.root),
+                                                  "--device", "cpu"])
+    assert result.exit_code == 1 and pruned == [3], result.output  # registered (pruned after), but not served

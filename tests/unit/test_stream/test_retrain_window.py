@@ -57,8 +57,8 @@ def test_a_fit_the_registry_disk_refused_is_one_error_line_and_retrain_goes_on(c
     w = EventWindow(clock=lambda: NOW)
     w.add_event(click(1, "u1", NOW))
     with caplog.at_level("INFO", logger="streamrec.retrain"):
-        assert retrain_cli._fit(Retrainer(OSError(28, "No space left on device")), w, []) is False
-        assert retrain_cli._fit(Retrainer(RuntimeError("a bug")), w, []) is False
+        assert retrain_cli._fit(Retrainer(OSError(28, "No space left on device")), w, []) == (False, False)
+        assert retrain_cli._fit(Retrainer(RuntimeError("a bug")), w, []) == (False, False)
     disk, bug = [r for r in caplog.records if r.levelname == "ERROR"]
     assert "No space left on device" in disk.getMessage() and disk.exc_info is None
     assert bug.exc_info is not None
