@@ -15,6 +15,11 @@ A partition added to a topic while it runs is read from its oldest record too, a
 before the next fit, once the client's metadata shows it (refreshed every five minutes; looked
 at every ``LOOK_S``).
 
+Once it reads, Kafka failing (a broker restarting) costs it nothing it has read: a ``KafkaError``
+is logged once per outage and tried again with back-off (:class:`_Outage`), and kafka-python's
+own lines, several a second while a broker is down, once a minute each
+(:class:`_ThrottledKafkaLogs`); only a failure at start, before anything is read, ends it.
+
 Forget requests are honoured: a user's events at or before the request's ``ts`` never enter a
 fit after it is read (the versions registered before it keep what they learned: the next fit
 the gate lets through replaces them as CURRENT, and each is deleted once ``--keep`` newer ones are
@@ -44,7 +49,8 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -64,7 +70,9 @@ from gpu_scorer.train_cli import (
 from online_models import Interaction
 from online_models.datasets import read_interactions
 from stream.decoding import decode_event, decode_forget
+from stream.errors import described
 from stream.records import DEFAULT_BOUNDS, Bounds
+from stream.retry import Backoff
 from stream.settings import Settings, log_level
 from stream.step_inputs import to_interaction
 from stream.tail import stop_on_signals
@@ -161,7 +169,9 @@ def retrain(
     hot-swap to it) unless its held-out HR@10 is worse than CURRENT's by more than --gate-tolerance,
     then deletes all but the --keep newest versions. Forget requests are honoured:
     an erased user's events enter no later fit, and stay in at most --keep minus one older versions
-    once one is registered. SIGTERM or Ctrl-C stops it after the fit in hand.
+    once one is registered. Kafka failing while it runs (a broker restarting) keeps what was read:
+    it tries again with back-off, and logs the outage once. SIGTERM or Ctrl-C stops it after the
+    fit in hand.
     Example:
 
       streamrec retrain --every 3600 --dataset ../shared/data/yoochoose-100k/yoochoose-clicks-100k_train_full.txt -f yoochoose
@@ -228,33 +238,45 @@ def retrain(
     fitted_at: tuple[int, int] | None = None
     next_fit = 0.0  # the first fit once the backlog is read
     next_look = 0.0  # for partitions added to the topics: once the backlog is read, then every LOOK_S
+    outage = _Outage()
     try:
-        with stop_on_signals() as stop:
+        with stop_on_signals() as stop, _kafka_logs_throttled():
             while not stop.is_set():
-                for tp, records in consumer.poll(timeout_ms=500, max_records=5000).items():
-                    add = events.add_forget if tp.topic == topics.forget else events.add_event
-                    for record in records:
-                        add(record.value)
-                if not caught_up:
-                    # None where the broker did not answer within its request timeout (kafka-python):
-                    # not read yet; the next look, once it is back, says
-                    caught_up = all((at := consumer.position(tp)) is not None and at >= end[tp] for tp in partitions)
-                    if caught_up:
-                        log.info("read the topics' backlog: %d events kept, %d values skipped (invalid)",
-                                 len(events.events), events.invalid)
+                try:  # a Kafka call that fails keeps the window: back off, and read on once the broker is back
+                    for tp, records in consumer.poll(timeout_ms=500, max_records=5000).items():
+                        add = events.add_forget if tp.topic == topics.forget else events.add_event
+                        for record in records:
+                            add(record.value)
+                    reading = True  # the backlog, or partitions added to the topics: no fit before they are read
+                    if not caught_up:
+                        # None where the broker did not answer within its request timeout (kafka-python):
+                        # not read yet; the next look, once it is back, says
+                        caught_up = all((at := consumer.position(tp)) is not None and at >= end[tp]
+                                        for tp in partitions)
+                        if caught_up:
+                            log.info("read the topics' backlog: %d events kept, %d values skipped (invalid)",
+                                     len(events.events), events.invalid)
+                    elif time.monotonic() >= next_look:
+                        added = _added_partitions(consumer, names, end.keys())
+                        if added:  # read from their oldest record, and to their end before the next fit
+                            added_end = consumer.end_offsets(added)  # first: a failure here changes nothing
+                            partitions += added
+                            consumer.assign(partitions)
+                            consumer.seek_to_beginning(*added)
+                            end.update(added_end)
+                            caught_up = False
+                            log.info("reading the partitions added to the topics from their oldest records: %s",
+                                     ", ".join(f"{tp.topic}[{tp.partition}]" for tp in added))
+                        next_look = time.monotonic() + LOOK_S
+                        reading = bool(added)
+                    else:
+                        reading = False
+                except KafkaError as exc:
+                    stop.wait(outage.failed(exc, len(events.events)))
                     continue
-                if time.monotonic() >= next_look:
-                    next_look = time.monotonic() + LOOK_S
-                    added = _added_partitions(consumer, names, end.keys())
-                    if added:  # read from their oldest record, and to their end before the next fit
-                        partitions += added
-                        consumer.assign(partitions)
-                        consumer.seek_to_beginning(*added)
-                        end.update(consumer.end_offsets(added))
-                        caught_up = False
-                        log.info("reading the partitions added to the topics from their oldest records: %s",
-                                 ", ".join(f"{tp.topic}[{tp.partition}]" for tp in added))
-                        continue
+                outage.over()
+                if reading:
+                    continue
                 if time.monotonic() < next_fit or events.mark == fitted_at:
                     if once:
                         break
@@ -266,14 +288,86 @@ def retrain(
                 next_fit = time.monotonic() + every
                 if once:
                     break
-    except KafkaError as exc:
-        raise kafka.unavailable(exc) from None
     finally:
         consumer.close(autocommit=False)
     if once and not made_current:
         if stop.is_set():
             log.warning("stopped before a version was registered")
         raise typer.Exit(code=1)
+
+
+#: back-off between two tries while Kafka fails: 1 s, doubling, at most 30 s
+OUTAGE_BACKOFF = Backoff(base_s=1.0, factor=2.0, cap_s=30.0, jitter=0.1)
+#: seconds during which each of kafka-python's own warnings and errors is logged once
+KAFKA_LOG_EVERY_S = 60.0
+
+
+class _Outage:
+    """Kafka failing while retrain runs (a broker restarting): one line when it starts, one when
+    it is over, and ``OUTAGE_BACKOFF``'s delays between the tries meanwhile."""
+
+    def __init__(self, backoff: Backoff | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.backoff, self.clock = backoff or OUTAGE_BACKOFF, clock
+        self.since: float | None = None
+        self.tries = 0
+        self._delays = self.backoff.delays()
+
+    def failed(self, exc: Exception, kept: int) -> float:
+        """Note a failure; the seconds to wait before the next try."""
+        delay = next(self._delays)
+        if self.since is None:
+            self.since = self.clock()
+            log.warning("Kafka failed (%s): keeping the %d events read, trying again with back-off (%.0f s, "
+                        "doubling up to %.0f s) until it answers; logged once until then", described(exc), kept,
+                        delay, self.backoff.cap_s)
+        self.tries += 1
+        return delay
+
+    def over(self) -> None:
+        """Kafka answered: a line where it had failed, and short delays for the next outage."""
+        if self.since is None:
+            return
+        log.warning("Kafka answers again after %.0f s (%d failed tries); reading on", self.clock() - self.since,
+                    self.tries)
+        self.since, self.tries, self._delays = None, 0, self.backoff.delays()
+
+
+class _ThrottledKafkaLogs(logging.Handler):
+    """Hands kafka-python's records on to the root logger's handlers, each message (its logger,
+    level and template) at most once every ``interval_s``: with the broker down it logs several
+    lines a second (every connection attempt, every metadata refresh). A message let through
+    again says how many like it were held back."""
+
+    def __init__(self, interval_s: float = KAFKA_LOG_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.interval_s, self.clock = interval_s, clock
+        self.last: dict[tuple[str, int, object], tuple[float, int]] = {}  # key -> (let through at, held back since)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        key, now = (record.name, record.levelno, record.msg), self.clock()
+        at, held = self.last.get(key, (-math.inf, 0))
+        if now - at < self.interval_s:
+            self.last[key] = (at, held + 1)
+            return
+        self.last[key] = (now, 0)
+        if held:
+            record = logging.makeLogRecord(record.__dict__)
+            record.msg = f"{record.msg} (and {held} more like it in the last {now - at:.0f} s)"
+        logging.getLogger().handle(record)
+
+
+@contextmanager
+def _kafka_logs_throttled(interval_s: float = KAFKA_LOG_EVERY_S) -> Iterator[None]:
+    """While the block runs, kafka-python's log records go through :class:`_ThrottledKafkaLogs`."""
+    kafka_log = logging.getLogger("kafka")
+    handler, propagate = _ThrottledKafkaLogs(interval_s), kafka_log.propagate
+    kafka_log.addHandler(handler)
+    kafka_log.propagate = False
+    try:
+        yield
+    finally:
+        kafka_log.removeHandler(handler)
+        kafka_log.propagate = propagate
 
 
 def _added_partitions(consumer: KafkaConsumer, topic_names: Iterable[str],

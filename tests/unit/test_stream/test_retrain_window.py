@@ -4,9 +4,22 @@ refused must not be trained on), and a value whose decoding raises anything is s
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import time
+from types import SimpleNamespace
+
+import typer
+from kafka import TopicPartition
+from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+from typer.testing import CliRunner
+
 from stream import retrain_cli
 from stream.records import DEFAULT_BOUNDS, Bounds, ClickEvent, ForgetRequest, encode
 from stream.retrain_cli import EventWindow
+from stream.retry import Backoff
+from stream.settings import TopicNames
 
 NOW = 1_700_000_000_000
 AHEAD = NOW + 10 * DEFAULT_BOUNDS.max_future_ms
@@ -74,3 +87,151 @@ def test_old_versions_the_registry_disk_would_not_delete_are_one_error_line_and_
     [line] = [r for r in caplog.records if r.levelname == "ERROR"]
     assert "Permission denied" in line.getMessage() and "next fit tries again" in line.getMessage()
     assert line.exc_info is None
+
+
+class _Consumer:
+    """kafka-python's KafkaConsumer as `streamrec retrain` uses it: one empty partition of each
+    topic; ``poll`` hands out ``script``'s steps, one a call (a record, an exception, nothing)."""
+
+    def __init__(self, script, **kw):
+        self.script, self.polls = list(script), 0
+
+    def partitions_for_topic(self, topic):
+        return {0}
+
+    def assign(self, partitions):
+        pass
+
+    def seek_to_beginning(self, *partitions):
+        pass
+
+    def end_offsets(self, partitions):
+        return {tp: 0 for tp in partitions}
+
+    def position(self, tp):
+        return 0
+
+    def poll(self, timeout_ms, max_records):
+        self.polls += 1
+        if self.polls == 2000:  # fail-safe: stop a run that never gets where the test waits
+            os.kill(os.getpid(), signal.SIGTERM)
+        step = self.script.pop(0) if self.script else None
+        if isinstance(step, Exception):
+            raise step
+        time.sleep(0.005)  # as a real poll waits for records
+        return {TopicPartition(TopicNames().clicks, 0): [SimpleNamespace(value=step)]} if step else {}
+
+    def close(self, autocommit):
+        pass
+
+
+def test_a_kafka_error_while_retrain_runs_keeps_its_window_and_is_logged_once_per_outage(tmp_path, monkeypatch,
+                                                                                           caplog):
+    """Any KafkaError from ``poll`` (or the partition check, or ``end_offsets``) ended a retrain
+    meant to run for days beside the workers, and with it the window it had read. It now keeps
+    the window, backs off, logs the outage once and its end once, and reads on."""
+    now = time.time_ns() // 1_000_000
+    down = [KafkaConnectionError("socket disconnected")] * 6
+    script = [None, click(1, "u1", now - 2), *down, None, click(2, "u1", now - 1)]
+    fits = []
+
+    def fit(retrainer, events, base):
+        fits.append([x.item_id for x in events.interactions()])
+        if fits[-1] == ["i1", "i2"]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return True, True
+
+    monkeypatch.setattr(retrain_cli, "KafkaConsumer", lambda **kw: _Consumer(script, **kw))
+    monkeypatch.setattr(retrain_cli, "ensure_streamrec_topics", lambda settings: None)
+    monkeypatch.setattr(retrain_cli, "OUTAGE_BACKOFF", Backoff(base_s=0.001, cap_s=0.01, jitter=0),
+                        raising=False)
+    monkeypatch.setattr(retrain_cli, "_fit", fit)
+    app = typer.Typer()
+    app.command("retrain")(retrain_cli.retrain)
+    app.command("noop")(lambda: None)
+    with caplog.at_level("INFO", logger="streamrec.retrain"):
+        result = CliRunner().invoke(app, ["retrain", "--every", "1", "--model-dir", str(tmp_path / "m"),
+                                          "--device", "cpu"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert fits[-1] == ["i1", "i2"], fits  # what was read before the outage is still in the window
+    lines = [r.getMessage() for r in caplog.records if r.name == "streamrec.retrain" and "Kafka" in r.getMessage()]
+    assert len(lines) == 2 and "socket disconnected" in lines[0] and "keeping the 1 events read" in lines[0], lines
+    assert "answers again" in lines[1] and "(6 failed tries)" in lines[1], lines
+
+
+def test_kafka_pythons_own_lines_are_logged_once_a_minute_each(caplog):
+    """With the broker down kafka-python logs several lines a second (each connection attempt,
+    each metadata refresh): a day's outage was tens of thousands of lines."""
+    clock = [0.0]
+    handler = retrain_cli._ThrottledKafkaLogs(60.0, clock=lambda: clock[0])
+    kafka_log = logging.getLogger("kafka.cluster")
+    with caplog.at_level("WARNING"):
+        for t in (0.0, 0.2, 0.4, 30.0, 61.0):
+            clock[0] = t
+            handler.handle(kafka_log.makeRecord("kafka.cluster", logging.ERROR, __file__, 1,
+                                                "Metadata refresh: failed %s", ("ECONNREFUSED",), None))
+        handler.handle(kafka_log.makeRecord("kafka.cluster", logging.WARNING, __file__, 1, "No node available",
+                                            (), None))
+    assert [r.getMessage() for r in caplog.records] == [
+        "Metadata refresh: failed ECONNREFUSED",
+        "Metadata refresh: failed ECONNREFUSED (and 3 more like it in the last 61 s)",
+        "No node available",
+    ]
+
+
+def test_end_offsets_failing_for_a_partition_added_while_retrain_runs_is_tried_again(tmp_path, monkeypatch, caplog):
+    """``end_offsets`` raises KafkaTimeoutError when the broker does not answer in 30 s: it ended
+    retrain; and had it been caught after the partition was assigned, its end was never known."""
+    added = TopicPartition(TopicNames().clicks, 1)
+    value = click(1, "u1", time.time_ns() // 1_000_000 - 60_000)
+    fits = []
+
+    class Consumer(_Consumer):  # a second clicks partition shows up after the start, holding one click
+        def __init__(self, **kw):
+            super().__init__([], **kw)
+            self.started, self.assigned, self.read, self.failures = False, [], False, 2
+
+        def partitions_for_topic(self, topic):
+            return {0, 1} if self.started and topic == added.topic else {0}
+
+        def assign(self, partitions):
+            self.assigned = list(partitions)
+
+        def end_offsets(self, partitions):
+            if self.started and added in partitions and self.failures:
+                self.failures -= 1
+                raise KafkaTimeoutError("Failed to get offsets by timestamps in 30000.0 ms")
+            self.started = True
+            return {tp: int(tp == added) for tp in partitions}
+
+        def poll(self, timeout_ms, max_records):
+            super().poll(timeout_ms, max_records)
+            if added in self.assigned and not self.read:
+                self.read = True
+                return {added: [SimpleNamespace(value=value)]}
+            return {}
+
+        def position(self, tp):
+            return int(tp == added and self.read)
+
+    def fit(retrainer, events, base):
+        fits.append([x.item_id for x in events.interactions()])
+        if fits[-1]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return True, True
+
+    monkeypatch.setattr(retrain_cli, "KafkaConsumer", Consumer)
+    monkeypatch.setattr(retrain_cli, "ensure_streamrec_topics", lambda settings: None)
+    monkeypatch.setattr(retrain_cli, "OUTAGE_BACKOFF", Backoff(base_s=0.001, cap_s=0.01, jitter=0), raising=False)
+    monkeypatch.setattr(retrain_cli, "LOOK_S", 0.0)
+    monkeypatch.setattr(retrain_cli, "_fit", fit)
+    app = typer.Typer()
+    app.command("retrain")(retrain_cli.retrain)
+    app.command("noop")(lambda: None)
+    with caplog.at_level("INFO", logger="streamrec.retrain"):
+        result = CliRunner().invoke(app, ["retrain", "--every", "1", "--model-dir", str(tmp_path / "m"),
+                                          "--device", "cpu"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert fits[-1] == ["i1"], fits
+    lines = [r.getMessage() for r in caplog.records if r.name == "streamrec.retrain" and "Kafka" in r.getMessage()]
+    assert len(lines) == 2 and "KafkaTimeoutError" in lines[0] and "(2 failed tries)" in lines[1], lines
