@@ -70,11 +70,14 @@ class Retrainer:
         self.threads = threads
         self.gate_tolerance = gate_tolerance
 
-    def fit(self, interactions: Sequence, data: Mapping | None = None, console=None) -> tuple[str, dict]:
+    def fit(self, interactions: Sequence, data: Mapping | None = None, console=None,
+            overrule: str | None = None) -> tuple[str, dict]:
         """Train on ``interactions`` (``online_models.Interaction``, any order), register the
         model as ``CURRENT`` (with a ``gate_tolerance``: only when it passes :meth:`gate`);
         returns ``(version, its metrics)``, the metrics with ``"gate"``, the gate's record (also
-        the manifest's ``gate``), when a gate was run. Raises ``ValueError`` when no user has two
+        the manifest's ``gate``), when a gate was run. ``overrule``: why the fit must replace
+        ``CURRENT`` whatever the gate says (an erasure ``CURRENT`` does not honour): the gate's
+        figures are still recorded, with ``overruled``. Raises ``ValueError`` when no user has two
         interactions, :class:`ModelLoadError` when the export's parity check failed (the version
         is written for inspection, not made current)."""
         sequences = sequences_from_interactions(interactions)
@@ -83,11 +86,13 @@ class Retrainer:
         try:
             result = train(sequences, self.model_config, self.train_config, console=console)
             gate = self.gate(result) if self.gate_tolerance is not None else None
+            if gate is not None and overrule is not None:
+                gate["overruled"] = overrule
         finally:
             torch.set_num_threads(threads)
         version, parity = export_and_register(result, self.registry,
                                               {"events": len(interactions), "retrained": True, **(data or {})},
-                                              make_current=gate is None or gate["passed"],
+                                              make_current=gate is None or gate["passed"] or overrule is not None,
                                               extra=None if gate is None else {"gate": gate})
         if not parity["ok"]:
             raise ModelLoadError(f"retrained version {version} failed its parity check "

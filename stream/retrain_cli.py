@@ -22,8 +22,8 @@ own lines, several a second while a broker is down, once a minute each
 
 Forget requests are honoured: a user's events at or before the request's ``ts`` never enter a
 fit after it is read (the versions registered before it keep what they learned: the next fit
-the gate lets through replaces them as CURRENT, and each is deleted once ``--keep`` newer ones are
-registered).
+replaces them as CURRENT, whatever the gate says, and each is deleted once ``--keep`` newer ones
+are registered).
 Values that break the events' contract are skipped and counted (the workers dead-letter
 them), with the door the peers and replays use (``Bounds.rereading``): a ``ts`` too far ahead
 of the clock is refused, an event or erasure the workers refused for it included, and a value
@@ -116,6 +116,12 @@ class EventWindow:
         self.erasures += 1
 
     @property
+    def erased_through(self) -> int | None:
+        """The latest ``ts`` of the forget requests taken (None before any): a fit honours every
+        request up to it, and its manifest says so (``data.erased_through``)."""
+        return max(self.erased.values(), default=None)
+
+    @property
     def mark(self) -> tuple[int, int]:
         """What was taken so far (events, erasures): a fit is due only when it moved since the
         last one. An erasure alone moves it, so that on a quiet stream the next fit still
@@ -151,7 +157,8 @@ def retrain(
         help="Champion/challenger gate: a fit becomes CURRENT only when its HR@10 on its held-out events (each "
              "validation user's last item) is no worse than the CURRENT version's on the same events by more than "
              "--gate-tolerance; otherwise it is registered, and CURRENT stays. --no-gate makes every fit that passes "
-             "its parity check CURRENT. The first model (no CURRENT) is not gated.")] = True,
+             "its parity check CURRENT. The first model (no CURRENT) is not gated, nor a fit after a forget request "
+             "the CURRENT version's fit had not read (its manifest's data.erased_through).")] = True,
     gate_tolerance: Annotated[float, typer.Option(
         "--gate-tolerance", metavar="HR",
         help="How much lower (absolute, 0 to 1) a fit's held-out HR@10 may be than the CURRENT version's and "
@@ -400,8 +407,10 @@ def _fit(retrainer, events: EventWindow, base: list[Interaction]) -> tuple[bool,
     started = time.monotonic()
     log.info("fitting on %d events (%d read from Kafka, %d erased users)...", len(interactions), len(events.events),
              len(events.erased))
+    overrule = _erasures_current_lacks(retrainer.registry, events)
     try:
-        version, metrics = retrainer.fit(interactions, {"source": "streamrec retrain"})
+        version, metrics = retrainer.fit(interactions, {"source": "streamrec retrain",
+                                                        "erased_through": events.erased_through}, overrule=overrule)
     except ValueError as exc:  # nothing to train on yet
         log.warning("no fit: %s", exc)
         return False, False
@@ -412,9 +421,13 @@ def _fit(retrainer, events: EventWindow, base: list[Interaction]) -> tuple[bool,
         log.exception("the fit failed; CURRENT stays as it was")
         return False, False
     gate = metrics.get("gate")
-    if gate is not None and not gate["passed"]:
+    if gate is not None and not gate["passed"] and not gate.get("overruled"):
         _held_back(retrainer.registry, version, gate)
         return True, False
+    if gate is not None and not gate["passed"]:
+        log.warning("gate: %s would have been held back (HR@10 %s against %s for %s), but %s: it replaces it, "
+                    "as a fit that honours the erasures", version, _figure(gate["new_hr@10"]),
+                    _figure(gate["current_hr@10"]), gate["current"], gate["overruled"])
     if gate is not None and gate.get("current_error"):
         log.warning("gate: CURRENT could not be scored (%s); %s replaces it", gate["current_error"], version)
     compared = "" if gate is None or gate["current_hr@10"] is None else \
@@ -423,6 +436,28 @@ def _fit(retrainer, events: EventWindow, base: list[Interaction]) -> tuple[bool,
              version, time.monotonic() - started, metrics.get("val_hr@10", float("nan")), metrics.get("best_epoch"),
              compared)
     return True, True
+
+
+def _figure(value: float | None) -> str:
+    return "none" if value is None else f"{value:.4f}"
+
+
+def _erasures_current_lacks(registry: ModelRegistry, events: EventWindow) -> str | None:
+    """Why the next fit must replace ``CURRENT`` whatever the gate says, or None: ``CURRENT``'s
+    manifest honours no forget request as late as the latest one read (its ``data.erased_through``
+    is older, or missing: a version from ``streamrec train``, or fitted before any), so it may
+    still hold an erased user's events, which the fit does not."""
+    through = events.erased_through
+    if through is None:
+        return None
+    try:
+        current = registry.pointed()
+        honoured = registry.manifest(current).get("data", {}).get("erased_through") if current else None
+    except ModelLoadError:  # no CURRENT to serve: the gate lets the fit through anyway
+        return None
+    if current is None or (isinstance(honoured, int) and honoured >= through):
+        return None
+    return f"{current} was fitted before the forget request(s) read since (the latest at ts {through})"
 
 
 def _held_back(registry: ModelRegistry, version: str, gate: dict) -> None:

@@ -456,7 +456,7 @@ def test_a_fit_the_gate_holds_back_is_logged_once_with_both_figures_and_counts_a
         def __init__(self):
             self.registry = registry
 
-        def fit(self, interactions, data):
+        def fit(self, interactions, data, overrule=None):
             return "v0002", {"val_hr@10": 0.125, "best_epoch": 1, "gate": gate}
 
     window = retrain_cli.EventWindow()
@@ -473,3 +473,36 @@ def test_a_fit_the_gate_holds_back_is_logged_once_with_both_figures_and_counts_a
     result = CliRunner().invoke(_cli("retrain"), ["retrain", "--once", "--keep", "3", "--model-dir", str(registry.root),
                                                   "--device", "cpu"])
     assert result.exit_code == 1 and pruned == [3], result.output  # registered (pruned after), but not served
+
+
+def test_a_fit_that_honours_an_erasure_current_does_not_replaces_it_whatever_the_gate_says(tmp_path, monkeypatch,
+                                                                                            caplog):
+    """With the gate, CURRENT could stay a version fitted before a forget request for as long as
+    fits were held back, serving the erased user's events. A fit after a request that CURRENT's
+    manifest does not cover (``data.erased_through``) now replaces it; the next one is gated again."""
+    registry = ModelRegistry(tmp_path)
+    log = list(synthetic_interactions(n_events=600, n_users=40, n_items=80, seed=1))
+    arch = {"dim": 16, "n_heads": 2, "max_len": 8}
+    good, _ = Retrainer(registry, arch, QUICK).fit(log, {"erased_through": 100})
+
+    def shifted_table(*args, **kw):  # a fit the gate holds back
+        result = training.train(*args, **kw)
+        with torch.no_grad():
+            table = result.model.item_emb.weight
+            table[FIRST_ITEM_ROW:] = table[FIRST_ITEM_ROW:].roll(7, dims=0)
+        return result
+
+    monkeypatch.setattr(retraining, "train", shifted_table)
+    retrainer = Retrainer(registry, arch, QUICK, gate_tolerance=0.01)
+    window = retrain_cli.EventWindow()
+    window.add_forget(encode(ForgetRequest(user_id="nobody", request_id="r1", ts=200)))
+    with caplog.at_level("INFO", logger="streamrec.retrain"):
+        assert retrain_cli._fit(retrainer, window, log) == (True, True)
+    erasing = registry.pointed()
+    manifest = registry.manifest(erasing)
+    assert erasing != good and manifest["data"]["erased_through"] == 200 and not manifest["gate"]["passed"]
+    assert good in manifest["gate"]["overruled"], manifest["gate"]
+    [line] = [r.getMessage() for r in caplog.records if "would have been held back" in r.getMessage()]
+    assert "honours the erasures" in line and erasing in line, line
+    retrain_cli._fit(retrainer, window, log)  # nothing new to erase: gated (against the same fit: it passes)
+    assert "overruled" not in registry.manifest(registry.versions()[-1])["gate"]

@@ -61,10 +61,12 @@ def test_a_fit_the_registry_disk_refused_is_one_error_line_and_retrain_goes_on(c
     traceback (a bug in a fit still gets one)."""
 
     class Retrainer:
+        registry = None  # not read: no forget request was taken
+
         def __init__(self, error):
             self.error = error
 
-        def fit(self, interactions, data):
+        def fit(self, interactions, data, overrule=None):
             raise self.error
 
     w = EventWindow(clock=lambda: NOW)
