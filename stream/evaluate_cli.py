@@ -318,6 +318,9 @@ def _run(protocol: EvalProtocol, dataset: Path | None, format: str, limit: int |
         if dataset is not None and dataset.is_dir():
             raise typer.BadParameter(f"{dataset} is a folder; the prequential protocol replays one log file "
                                      "(the session-rec folder goes with --protocol session-rec)", param_hint="--dataset")
+        if dataset is None and format != "synthetic":  # was: the synthetic shop, reported as if the log was read
+            raise typer.BadParameter(f"--format {format} describes --dataset, which is not given: add --dataset LOG "
+                                     "or drop --format (the synthetic shop)", param_hint="--format")
         if dataset is not None and format == "synthetic":  # the generator reads no file
             raise typer.BadParameter(f"--dataset needs --format: taobao, yoochoose or otto (the synthetic shop reads "
                                      f"no file), e.g. -d {dataset} -f taobao", param_hint="--format")

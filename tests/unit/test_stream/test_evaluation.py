@@ -496,6 +496,8 @@ EXPERIMENT = Path(__file__).resolve().parents[3] / "deploy" / "experiments" / "e
     (["--mode", "frozen"], "--mode", "is for --protocol session-rec"),
     (["--split", "valid"], "--split", "is for --protocol session-rec"),
     (["--split", "test"], "--split", "is for --protocol session-rec"),
+    (["-f", "taobao"], "--format", "describes --dataset, which is not given"),  # was: the synthetic shop
+    (["-f", "bogus"], "--format", "describes --dataset, which is not given"),
 ])
 def test_cli_options_the_run_would_ignore_are_refused(tmp_path, args, hint, says):
     """Each was accepted and silently ignored: the report looked like an answer to the question asked."""
