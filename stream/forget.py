@@ -80,7 +80,7 @@ def forget(
     try:
         requests = forget_requests(user_ids)
     except InvalidEvent as exc:
-        raise typer.BadParameter(exc.reason.replace("field `user_id`", "a user id"), param_hint="USER_IDS") from None
+        raise typer.BadParameter(exc.reason.replace("field `user_id`", "a user id"), param_hint="USER_ID") from None
     topics = settings.topics
     require_topic(settings, topics.forget)  # a wrong prefix must not "send" to nobody
     check_copartitioned(settings.kafka, topics.consumed)  # else a request misses the user's partition

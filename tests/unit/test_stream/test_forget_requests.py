@@ -9,8 +9,10 @@ from __future__ import annotations
 import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
+from typer.testing import CliRunner
 
 from online_models import Recommender
+from stream.cli import app as cli_app
 from stream.decoding import decode_forget
 from stream.errors import InvalidEvent
 from stream.forget import forget_requests
@@ -239,3 +241,12 @@ async def test_the_owners_bound_covers_a_search_dated_after_the_request():
     await h.handle_isolated([forget_msg("victim", ts=T0 + 100)])
     await h.handle_isolated([search_msg("victim", T0 + 500, offset=0)])  # redelivered
     assert "victim" not in h.store._docs
+
+
+@pytest.mark.parametrize("user_id", ["", "u1\x00", " "])
+def test_forget_cli_names_its_argument_as_its_usage_line_does(user_id):
+    """A bad id was said as 'Invalid value for USER_IDS', an argument the usage line calls USER_ID."""
+    result = CliRunner().invoke(cli_app, ["forget", user_id], env={"COLUMNS": "500"})
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Invalid value for USER_ID: a user id" in text, text
+    assert "USER_IDS" not in text and "Traceback" not in text
