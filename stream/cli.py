@@ -69,8 +69,7 @@ def worker(
     metrics = Metrics(REGISTRY)
     health = Health()
     if settings.metrics_port:
-        serve(settings.metrics_port, REGISTRY, health)  # /metrics, /healthz, /readyz
-        log.info("metrics and health on http://0.0.0.0:%d/metrics, /healthz, /readyz", settings.metrics_port)
+        serve(settings.metrics_port, REGISTRY, health)  # /metrics, /healthz, /readyz (it logs where)
     faust_app = create_app(settings, metrics=metrics, health=health)  # connects to nothing
     created = ensure_streamrec_topics(settings)
     if created:

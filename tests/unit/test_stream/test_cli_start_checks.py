@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from typer.testing import CliRunner
 
 import stream.cli
+import stream.health
 import stream.produce
 from stream.errors import ConfigError
 
@@ -131,3 +132,22 @@ def test_an_exit_130_a_command_chose_is_not_said_twice(monkeypatch, capsys):
     # produce: stopped by SIGINT, it printed its summary
     assert run_main_raising(monkeypatch, "produce", typer.Exit(130)) == 130
     assert capsys.readouterr().err == ""
+
+
+def test_the_worker_says_where_it_serves_metrics_once(no_kafka, monkeypatch, tmp_path, caplog):
+    """The address was logged twice at every start, once by the server and once by the command."""
+    servers = []
+
+    def serve_then_close(*args, **kwargs):
+        servers.append(stream.health.serve(*args, **kwargs))
+        servers[-1].close()  # the test needs the line, not the port
+        return servers[-1]
+
+    with socket.socket() as probe:
+        probe.bind(("0.0.0.0", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(stream.cli, "serve", serve_then_close)
+    caplog.set_level("INFO")
+    _worker({"STREAMREC_METRICS_PORT": str(port), "STREAMREC_MODEL_DIR": str(tmp_path)})
+    said = [r.getMessage() for r in caplog.records if "metrics and health on" in r.getMessage()]
+    assert len(servers) == 1 and said == [f"metrics and health on http://0.0.0.0:{port}/metrics, /healthz, /readyz"]
