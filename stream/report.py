@@ -61,7 +61,9 @@ HITS = "streamrec_experiment_hits_total"
 HIT_KS = ("1", "5", "10", "20")
 #: the rates reported, in order: key, label
 RATES = (("ctr", "CTR"), ("conversion", "conversion"), ("hr20", "HR@20"))
-_NO_COUNTERS = "no streamrec_experiment_* counters at {where}: is STREAMREC_VARIANTS set on the worker?"
+_NO_COUNTERS = ("no streamrec_experiment_* counters at {where}: is it a worker's (serve exports none), and has "
+                "a worker published a list since it started? (without STREAMREC_VARIANTS they count under the "
+                "variant \"default\")")
 
 
 class ReportError(StreamrecError):
