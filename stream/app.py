@@ -95,7 +95,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
         await shell.restore_models()
 
     app.timer(interval=max(1, settings.snapshot_interval_s), name="snapshot_models")(shell.snapshot_models)
-    app.timer(interval=1.0, name="snapshot_after_forgets")(shell.snapshot_after_forgets)
+    app.timer(interval=1.0, name="snapshot_soon")(shell.snapshot_soon)  # after an erasure, and the first
     app.timer(interval=5.0, name="reload_scorer")(shell.reload_scorer)
     app.timer(interval=1.0, name="heartbeat")(shell.heartbeat)
     app.timer(interval=FROZEN_COUNT_INTERVAL_S, name="count_frozen_objects")(shell.count_frozen)

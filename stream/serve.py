@@ -17,7 +17,8 @@ and shares what the workers know:
 
 - **users**: their state, read from Redis (never written: the workers own it);
 - **models**: the workers' snapshot of the online models in Redis, loaded again when a newer
-  one is written (``STREAMREC_SNAPSHOT_INTERVAL_S``), and the Transformer from the registry
+  one is written (a worker's first about 5 s after it first learned, then every
+  ``STREAMREC_SNAPSHOT_INTERVAL_S``: stream/shell.py ``Shell.snapshot_soon``), and the Transformer from the registry
   (``STREAMREC_MODEL_DIR``) as the workers load it;
 - **catalogue**: the workers' catalogue snapshot in Redis, then the items topic followed from
   its offsets (stream/catalogue_feed.py), as a worker does.

@@ -51,6 +51,10 @@ FORGET_RETRY_S = 30
 #: a partition whose committed offset stays behind the events handled there for longer than this
 #: makes the worker unready (``commits``); Faust commits every second
 COMMITS_STUCK_S = 60.0
+#: how long after the models first learn what no snapshot of this worker holds yet (events since
+#: its start, or since the snapshot it restored) its first snapshot is taken, rather than at the
+#: first ``STREAMREC_SNAPSHOT_INTERVAL_S``: serve ranks with the snapshot (stream/serve.py)
+FIRST_SNAPSHOT_DELAY_S = 5.0
 
 
 @dataclass
@@ -83,6 +87,13 @@ class Shell:
     revoking: bool = False
     #: a snapshot was skipped while the forget requests' replay was due (said once until one is taken)
     snapshot_held: bool = False
+    #: this worker has taken a snapshot since it started
+    snapshotted: bool = False
+    #: how many events the models had learned when restored (0: no snapshot, or not restored yet)
+    learned_at_restore: int = 0
+    #: when the first snapshot is due (``clock()``), once the models learned past ``learned_at_restore``
+    first_snapshot_at: float | None = None
+    clock: Callable[[], float] = time.monotonic
     #: after a failed replay of the forget requests: per forget partition (its source), the offset
     #: the models had learned then; the retry starts there, however far batches moved it since
     forget_floors: dict[str, int] = field(default_factory=dict)
@@ -168,6 +179,7 @@ class Shell:
             recommender = await self.snapshots.restore(self.retry_redis)
             if recommender is not None:
                 self.step.recommender = serving_with(recommender, self.step.recommender.config)
+            self.learned_at_restore = self.step.recommender.n_learned
         finally:
             self.restored.set()
 
@@ -360,6 +372,7 @@ class Shell:
         erased = self.forgets_pending.is_set()
         self.forgets_pending.clear()
         if await self.snapshots.take(self._models_to_snapshot):
+            self.snapshotted = True
             self.metrics.set_models(self.step.model_versions())
             if erased:
                 log.info("the models' snapshot in the store no longer holds the users erased before it")
@@ -378,11 +391,32 @@ class Shell:
         self.metrics.forgotten_remembered.set(recommender.forgotten_users)
         return recommender
 
-    async def snapshot_after_forgets(self) -> None:
+    async def snapshot_soon(self) -> None:
         """Every second: a snapshot once users were erased since the last one, so that the
-        snapshot in the store stops holding them within seconds, not at the next interval."""
-        if self.forgets_pending.is_set():
+        snapshot in the store stops holding them within seconds, not at the next interval; and
+        this worker's first snapshot, ``FIRST_SNAPSHOT_DELAY_S`` after its models first learned
+        something no snapshot of it holds (:meth:`first_snapshot_due`), so that serve, which
+        ranks with the snapshot, does not wait for the first interval. Either goes through
+        :meth:`snapshot_models` and its conditions."""
+        if self.forgets_pending.is_set() or self.first_snapshot_due():
             await self.snapshot_models()
+
+    def first_snapshot_due(self) -> bool:
+        """Whether this worker's first snapshot is due: none taken since its start, the models
+        restored (and what their snapshot missed learned again) and learned past what they were
+        restored with, ``FIRST_SNAPSHOT_DELAY_S`` (at most the interval) since that was first
+        seen. Once due it is due again that much later, until a snapshot is taken (one that
+        failed, or was held while the forget requests' replay is due)."""
+        if self.snapshotted or not self.models_ready.is_set() \
+                or self.step.recommender.n_learned <= self.learned_at_restore:
+            return False
+        now, delay = self.clock(), min(FIRST_SNAPSHOT_DELAY_S, max(1, self.settings.snapshot_interval_s))
+        if self.first_snapshot_at is None:
+            self.first_snapshot_at = now + delay
+        if now < self.first_snapshot_at:
+            return False
+        self.first_snapshot_at = now + delay
+        return True
 
     async def heartbeat(self) -> None:
         self.health.beat()

@@ -85,8 +85,9 @@ def test_forget_erases_state_models_and_lists_and_refuses_old_events(worker_env,
     client = redis.Redis.from_url(worker_env["STREAMREC_REDIS_URL"])
     snapshot_key = f"{topic_prefix}models:snapshot"
     try:
-        # two workers, each learning the other's partitions too; snapshots only every 10 minutes,
-        # so a snapshot without the user can only come from the erasure itself
+        # two workers, each learning the other's partitions too; snapshots only every 10 minutes
+        # (after each one's first, seconds after it first learned, which holds the user), so a
+        # snapshot without the user can only come from the erasure itself
         env = {"STREAMREC_SNAPSHOT_INTERVAL_S": "600"}
         first = workers(metrics=True, **env)
         second = workers(metrics=True, **env)

@@ -59,7 +59,8 @@ def test_a_partition_taken_over_from_behind_the_reader_is_learned_whole(four, wo
     wait_for(lambda: a1.metric("streamrec_model_snapshots_total", result="ok") >= ok0 + 2, 30, "a snapshot", a1)
     assert a1.stop(signal.SIGTERM) == 0
 
-    a2 = workers(metrics=True, **{**env, "STREAMREC_SNAPSHOT_INTERVAL_S": "3600"})  # no more snapshots
+    # no more snapshots but a2's first, seconds after it learns past a1's (b restores that one, behind a2's commits)
+    a2 = workers(metrics=True, **{**env, "STREAMREC_SNAPSHOT_INTERVAL_S": "3600"})
     produce(kafka_bootstrap, prefix, rest)
     wait_for(lambda: learned(a2)["recommender"] == len(records), 400, "a2 learns everything", a2)
     wait_for(lambda: all_committed(kafka_bootstrap, group, inputs), 60, "all committed", a2)

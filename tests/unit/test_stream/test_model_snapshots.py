@@ -13,8 +13,11 @@ from online_models import Recommender
 from online_models.datasets import synthetic_interactions
 from stream import snapshots
 from stream.app import create_app
+from stream.handler import RawMessage
 from stream.prometheus import Metrics
+from stream.records import ClickEvent, encode
 from stream.settings import Settings
+from stream.shell import FIRST_SNAPSHOT_DELAY_S
 from stream.snapshots import SNAPSHOT_KEY, ModelSnapshots
 from stream.state import InMemoryUserStateStore
 
@@ -165,3 +168,77 @@ async def test_a_snapshot_forgets_erasures_older_than_kafka_keeps_their_events()
     assert count(shell.metrics, "streamrec_forgotten_users_remembered") == 1
     restored = Recommender.restore(await store.get_blob(SNAPSHOT_KEY))
     assert restored.forgotten_users == 1 and restored.refuses("recent", now - 5 * 3_600_000)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _published(*args, **kwargs) -> None:
+    return None
+
+
+def first_batch(n: int = 20) -> list[RawMessage]:
+    return [RawMessage("clicks", 0, o, f"u{o % 3}".encode(),
+                       encode(ClickEvent(event_id=f"e{o}", user_id=f"u{o % 3}", item_id=f"i{o % 7}",
+                                         ts=1_700_000_000_000 + o)), None, 0) for o in range(n)]
+
+
+async def snapshots_by(shell, clock: Clock, until_s: float) -> float | None:
+    """Run the one-second snapshot timer up to ``until_s`` on the fake clock: when a snapshot was
+    in the store first (None: not by then)."""
+    start = clock.now
+    while clock.now - start <= until_s:
+        await shell.snapshot_soon()
+        if await shell.store.get_blob(SNAPSHOT_KEY) is not None:
+            return clock.now - start
+        clock.now += 1.0
+    return None
+
+
+async def test_a_fresh_worker_snapshots_its_models_seconds_after_its_first_batch_not_at_the_interval():
+    """serve ranks with the workers' snapshot: a worker that started with none, and learned its
+    first batch, must write one within seconds (FIRST_SNAPSHOT_DELAY_S), not at the first
+    STREAMREC_SNAPSHOT_INTERVAL_S (300 s), when serve would answer empty lists until then."""
+    store, clock = InMemoryUserStateStore(), Clock()
+    shell = create_app(Settings.from_env({"STREAMREC_SNAPSHOT_FORK": "false"}), load_model=False,
+                       store=store).streamrec
+    shell.handler.publish = _published
+    shell.clock = clock
+    await shell.restore_models()  # none in the store
+    shell.models_ready.set()
+    assert await snapshots_by(shell, clock, 30) is None  # nothing learned: nothing to snapshot early
+    await shell.handler.handle_isolated(first_batch())
+    assert shell.step.recommender.n_learned == 20
+    taken = await snapshots_by(shell, clock, 300)
+    assert taken is not None and taken <= FIRST_SNAPSHOT_DELAY_S + 1
+    assert Recommender.restore(await store.get_blob(SNAPSHOT_KEY)).n_learned == 20
+    # only the first: more learning waits for the interval timer
+    await shell.handler.handle_isolated(first_batch(40)[20:])
+    await store.set_blob(SNAPSHOT_KEY, b"")
+    clock.now += 600
+    await shell.snapshot_soon()
+    assert await store.get_blob(SNAPSHOT_KEY) == b""
+
+
+async def test_a_restored_worker_snapshots_early_only_once_its_models_learned_past_the_snapshot():
+    store, clock = InMemoryUserStateStore(), Clock()
+    await store.set_blob(SNAPSHOT_KEY, trained().snapshot())
+    shell = create_app(Settings.from_env({"STREAMREC_SNAPSHOT_FORK": "false"}), load_model=False,
+                       store=store).streamrec
+    shell.clock = clock
+    await shell.restore_models()
+    for _ in range(30):  # not ready yet, then ready with nothing learned past the snapshot
+        await shell.snapshot_soon()
+        clock.now += 1.0
+        shell.models_ready.set()
+    assert Recommender.restore(await store.get_blob(SNAPSHOT_KEY)).n_learned == 400
+    shell.step.recommender.learn_many((x, None) for x in synthetic_interactions(n_events=10, seed=9))
+    for _ in range(int(FIRST_SNAPSHOT_DELAY_S) + 1):
+        await shell.snapshot_soon()
+        clock.now += 1.0
+    assert Recommender.restore(await store.get_blob(SNAPSHOT_KEY)).n_learned == 410

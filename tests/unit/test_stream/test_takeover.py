@@ -176,7 +176,7 @@ async def test_no_snapshot_while_the_forget_requests_replay_failed_at_start(monk
     shell.step.relearn([decode(o) for o in range(3)], [(source_of(CLICKS, 1), o) for o in range(3)])
     shell.forgets_pending.set()  # a peer's erasure: the one-second timer asks for a snapshot
     for _ in range(2):  # the first tries the replay again (it fails too), the rest wait FORGET_RETRY_S
-        await shell.snapshot_after_forgets()
+        await shell.snapshot_soon()
         await shell.snapshot_models()
     assert await store.get_blob(SNAPSHOT_KEY) == clean and len(calls) == 2
     assert caplog.text.count("not snapshotting the models") == 1  # said once, not every second
