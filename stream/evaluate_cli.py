@@ -147,7 +147,8 @@ def evaluate(
             "--scorer-model",
             help="The Transformer 'served' scores with: a model registry (STREAMREC_MODEL_DIR; its CURRENT "
             "version), a version directory in it, or that version's model.onnx. Loaded and checked as the "
-            "worker loads it, on STREAMREC_SCORER_DEVICE.",
+            "worker loads it, on STREAMREC_SCORER_DEVICE. The report warns when its vocabulary holds fewer than "
+            "half of the distinct items judged (a model trained on other items).",
         ),
     ] = None,
     retrain_every: Annotated[
@@ -268,6 +269,9 @@ def evaluate(
     else:
         out = Console()
         _print_tables(out if out.is_terminal else Console(width=240), report)
+    warning = report.get("scorer_vocabulary", {}).get("warning")
+    if warning:  # after the table (or the JSON, on stderr), where it is read last
+        typer.secho(warning, fg="yellow", err=as_json)
 
 
 def _check_writable(path: Path, hint: str) -> None:

@@ -233,10 +233,11 @@ def _batches(items: Sequence, size: int):
 def _replay(contender: Contender, judge: Judge | None, events: Sequence[Event], batch_size: int,
             categories: dict[str, str], learn: bool = True,
             saved_pair: Callable[[Event], bool] | None = None,
-            on_batch: Callable[[int], None] | None = None, retraining: Retraining | None = None) -> None:
+            on_batch: Callable[[int], None] | None = None, retraining: Retraining | None = None,
+            targets: set[str] | None = None) -> None:
     """Feed ``events`` in batches; judge what the step judged (``saved_pair`` says whether a
     judged event's prediction is one of the saved lists' pairs); ``retraining`` swaps the
-    step's Transformer as the log's time passes."""
+    step's Transformer as the log's time passes; ``targets`` gets the items judged."""
     for batch in _batches(events, batch_size):
         for ev in batch:
             if ev.category_id is not None:
@@ -258,6 +259,8 @@ def _replay(contender: Contender, judge: Judge | None, events: Sequence[Event], 
             for n, shown in result.judged:
                 ev = batch[n]
                 judge.add(shown, ev.item_id, history[n], categories, saved_pair is not None and saved_pair(ev))
+                if targets is not None:
+                    targets.add(ev.item_id)
         if on_batch is not None:
             on_batch(len(batch))
 
@@ -291,13 +294,14 @@ def prequential(
 
     out: dict[str, Any] = {}
     curves: dict[str, list] = {}
+    targets: set[str] = set()  # the items judged
     for c in contenders:
         judge = Judge(ks)
         categories: dict[str, str] = {}
         retrain = retraining(history=()) if retraining is not None and c.name == SERVED else None
         for at in range(0, len(events), every):
             chunk = events[at:at + every]
-            _replay(c, judge, chunk, batch_size, categories, on_batch=tick, retraining=retrain)
+            _replay(c, judge, chunk, batch_size, categories, on_batch=tick, retraining=retrain, targets=targets)
             judge.point(at + len(chunk))
         out[c.name] = {**judge.summary(catalogue, popularity, c.step_s), "dead_lettered": c.failed,
                        **_retrain_summary(retrain)}
@@ -315,6 +319,7 @@ def prequential(
         "curves": curves,
         "settings": settings_summary(settings),
         "scorer": _scorer_name(scorer),
+        **_vocabulary_summary(scorer, targets),
     }
     report["verdict"] = verdict(report["models"], ks[-1])
     served = next((c for c in contenders if c.name == SERVED), None)
@@ -386,6 +391,7 @@ def session_rec(
 
     out: dict[str, dict[str, Any]] = {}
     curves: dict[str, list] = {}
+    targets: set[str] = set()  # the items judged
     for name in names:
         out[name] = {}
         for mode in modes:
@@ -400,7 +406,8 @@ def session_rec(
             if mode == "frozen":  # session by session, click by click, the models as training left them
                 for seq in by_session.values():
                     before = judge.metrics.n
-                    _replay(c, judge, seq, 1, categories, learn=False, saved_pair=saved, on_batch=tick)
+                    _replay(c, judge, seq, 1, categories, learn=False, saved_pair=saved, on_batch=tick,
+                            targets=targets)
                     if judge.metrics.n // every > before // every:
                         judge.point(judge.metrics.n)
             else:
@@ -408,7 +415,7 @@ def session_rec(
                 for at in range(0, len(in_time), every):
                     chunk = in_time[at:at + every]
                     _replay(c, judge, chunk, batch_size, categories, saved_pair=saved, on_batch=tick,
-                            retraining=retrain)
+                            retraining=retrain, targets=targets)
                     judge.point(judge.metrics.n)
             result = judge.summary(catalogue, popularity, c.step_s)
             result["train_s"] = round(train_s, 2)
@@ -435,6 +442,7 @@ def session_rec(
         "x_label": "test predictions (frozen: session by session; learning: in time order)",
         "settings": settings_summary(settings),
         "scorer": _scorer_name(scorer),
+        **_vocabulary_summary(scorer, targets),
     }
 
 
@@ -485,3 +493,31 @@ def _scorer_name(scorer) -> str | None:
 
 __all__ = ["BASELINES", "DEFAULT_MODELS", "SERVED", "SESSION_MODELS", "Contender", "admit", "build_contender", "prequential",
            "session_rec", "verdict"]
+
+
+#: below this share of the items judged in its vocabulary, the Transformer given to ``served``
+#: was trained on other items (another shop, another log) and the report says so
+LOW_VOCABULARY_SHARE = 0.5
+
+
+def _vocabulary_summary(scorer, targets: set[str]) -> dict[str, Any]:
+    """``{"scorer_vocabulary": ...}``: how many of the items judged the scorer's vocabulary
+    holds, and a ``warning`` below :data:`LOW_VOCABULARY_SHARE`; empty without a scorer (or
+    one without a vocabulary) or with no item judged. An item the vocabulary lacks is scored
+    as the out-of-vocabulary row: the Transformer can neither rank it nor read it in a history."""
+    vocab = getattr(scorer, "vocab", None)
+    if vocab is None or not targets:
+        return {}
+    known = sum(1 for item in targets if item in vocab)
+    share = known / len(targets)
+    summary: dict[str, Any] = {"items_judged": len(targets), "in_vocabulary": known, "share": round(share, 4)}
+    if share < LOW_VOCABULARY_SHARE:
+        summary["warning"] = vocabulary_warning(share, known, len(targets), _scorer_name(scorer))
+    return {"scorer_vocabulary": summary}
+
+
+def vocabulary_warning(share: float, known: int, items: int, scorer: str | None) -> str:
+    """The line that says the Transformer knows too few of the items judged."""
+    return (f"warning: the Transformer ({scorer}) knows only {share:.0%} of the {items:,} distinct items judged "
+            f"({known:,} in its vocabulary): it was trained on other items, so it adds little or nothing to "
+            "'served' here; give --scorer-model a version trained on this data (streamrec train)")

@@ -572,3 +572,46 @@ def test_progress_lines_come_every_so_often_and_once_at_the_end(monkeypatch, cap
             tick(done)
     lines = capsys.readouterr().err.splitlines()
     assert lines == ["prequential: 2/4 steps (50%) in 31 s", "prequential: 4/4 steps (100%) in 40 s"]
+
+
+class VocabScorer(NamedScorer):
+    """A stand-in Transformer whose vocabulary holds ``known`` items."""
+
+    def __init__(self, known):
+        super().__init__("v0001", [])
+        self.vocab = frozenset(known)
+
+
+def test_a_scorer_trained_on_other_items_is_said_with_its_share_of_the_items_judged():
+    """The synthetic shop's model on another log scores nothing but out-of-vocabulary rows: the
+    report must say so, not look like the Transformer's answer."""
+    log = list(synthetic_interactions(n_events=400, seed=5))
+    items = sorted({x.item_id for x in log})
+    foreign = prequential(log, models=[SERVED], ks=(10,), scorer=VocabScorer(items[: len(items) // 5]))
+    said = foreign["scorer_vocabulary"]
+    assert 0 < said["in_vocabulary"] < said["items_judged"] <= len(items)
+    assert said["share"] == round(said["in_vocabulary"] / said["items_judged"], 4) < 0.5
+    assert f"knows only {said['share']:.0%} of the {said['items_judged']:,} distinct items judged" in said["warning"]
+    own = prequential(log, models=[SERVED], ks=(10,), scorer=VocabScorer(items))
+    assert own["scorer_vocabulary"]["share"] == 1.0 and "warning" not in own["scorer_vocabulary"]
+    assert "scorer_vocabulary" not in prequential(log, models=[SERVED], ks=(10,))
+
+
+def test_session_rec_says_a_foreign_scorer_too(tmp_path):
+    write_session_rec_folder(tmp_path)
+    train, test, _ = load_folder(tmp_path)
+    report = session_rec(train, test, models=[SERVED], ks=(20,), scorer=VocabScorer(()))
+    assert report["scorer_vocabulary"]["share"] == 0.0 and "warning" in report["scorer_vocabulary"]
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_cli_evaluate_warns_in_one_line_when_the_scorer_knows_few_items(monkeypatch, tmp_path, as_json):
+    monkeypatch.setattr(evaluate_cli, "_load_scorer", lambda path, device: VocabScorer(()))
+    result = CliRunner().invoke(
+        cli(), ["evaluate", "-n", "200", "-m", "served", "--scorer-model", str(tmp_path), *(["--json"] if as_json else [])],
+        env={"COLUMNS": "500"})
+    assert result.exit_code == 0, result.output + result.stderr
+    lines = [line for line in (result.stderr if as_json else result.stdout).splitlines() if "knows only 0%" in line]
+    assert len(lines) == 1 and "distinct items judged" in lines[0], result.output
+    if as_json:
+        assert json.loads(result.stdout)["scorer_vocabulary"]["warning"] == lines[0]
