@@ -216,8 +216,14 @@ def test_the_readme_quick_start_runs_as_written(tmp_path, topic_prefix):
         shopper = sorted(users)[0]
         status, body = http_get(f"{api}/v1/search?q=running+shoes&user_id={shopper}&k=5")
         assert status == 200 and len(json.loads(body)["items"]) == 5, body
-        status, body = http_get(f"{api}/v1/users/{shopper}/recommendations")  # empty models until the workers'
-        assert status == 200 and isinstance(json.loads(body)["items"], list), body  # first snapshot (5 min)
+
+        def recommended() -> list:  # the worker's first snapshot follows its first batch within seconds
+            serve.assert_alive()
+            status, body = http_get(f"{api}/v1/users/{shopper}/recommendations")
+            assert status == 200, body
+            return json.loads(body)["items"]
+
+        wait_for(recommended, 60, f"serve to recommend to {shopper} (the models' snapshot)\n{serve.tail()}")
         assert serve.signal(signal.SIGTERM) == 0, serve.tail()
 
         # distil-queries: a query student fitted on the demo catalogue, in the model registry
