@@ -11,6 +11,8 @@ than the ``CURRENT`` version's on the same events by more than ``--gate-toleranc
 holds back is registered, and ``CURRENT`` stays (``--no-gate``: every fit). What that serves is measured by
 ``streamrec evaluate --retrain-every``, which fits the same way (docs/evaluation.md: on
 YooChoose, every two hours moved HR@20 by +0.0078 on the validation day, +0.0007 on the test day).
+It creates no topic: the workers do, and a prefix whose clicks or purchases topic does not
+exist (no worker ran with it, or a typo) stops it at start with one line naming them.
 A partition added to a topic while it runs is read from its oldest record too, and to its end
 before the next fit, once the client's metadata shows it (refreshed every five minutes; looked
 at every ``LOOK_S``).
@@ -76,7 +78,7 @@ from stream.retry import Backoff
 from stream.settings import Settings, log_level
 from stream.step_inputs import to_interaction
 from stream.tail import stop_on_signals
-from stream.topics import ensure_streamrec_topics
+from stream.topics import require_topics
 
 log = logging.getLogger("streamrec.retrain")
 #: seconds between two looks for partitions added to the topics while it runs
@@ -178,7 +180,8 @@ def retrain(
     an erased user's events enter no later fit, and stay in at most --keep minus one older versions
     once one is registered. Kafka failing while it runs (a broker restarting) keeps what was read:
     it tries again with back-off, and logs the outage once. SIGTERM or Ctrl-C stops it after the
-    fit in hand.
+    fit in hand. It creates no topic: without the clicks and purchases topics of
+    STREAMREC_TOPIC_PREFIX (a worker creates them when it starts) it stops at once.
     Example:
 
       streamrec retrain --every 3600 --dataset ../shared/data/yoochoose-100k/yoochoose-clicks-100k_train_full.txt -f yoochoose
@@ -205,12 +208,6 @@ def retrain(
     base: list[Interaction] = []
     if dataset is not None and format == "synthetic":
         raise typer.BadParameter("give the log's --format (taobao, yoochoose or otto)", param_hint="--format")
-    if dataset is not None:
-        try:
-            base = list(read_interactions(dataset, format))
-        except (ValueError, OSError) as exc:
-            raise typer.BadParameter(str(exc), param_hint="--dataset") from None
-        log.info("read %d events from %s; every fit trains on them too", len(base), dataset)
     settings = Settings.from_env()
     check_registry_dir(model_dir)
     registry = ModelRegistry(model_dir)
@@ -219,12 +216,20 @@ def retrain(
     except ModelLoadError as exc:  # the served version's manifest, whose architecture a fit keeps
         raise typer.BadParameter(f"{exc}: fix or remove that version, or point CURRENT at a good one",
                                  param_hint="--model-dir") from None
+    topics = settings.topics
+    kafka = settings.kafka
+    # the workers create the topics: a prefix no worker uses (a typo) must not make a set of its
+    # own and fit nothing, every --every seconds; before --dataset is read, which takes a while
+    require_topics(settings, topics.inputs)
+    if dataset is not None:
+        try:
+            base = list(read_interactions(dataset, format))
+        except (ValueError, OSError) as exc:
+            raise typer.BadParameter(str(exc), param_hint="--dataset") from None
+        log.info("read %d events from %s; every fit trains on them too", len(base), dataset)
     retrainer = retraining.Retrainer(registry, architecture, training.TrainConfig(seed=seed, progress=False, device=device),
                                      settings.scorer_device, gate_tolerance=gate_tolerance if gate else None)
     events = EventWindow(window, settings.bounds)
-    topics = settings.topics
-    kafka = settings.kafka
-    ensure_streamrec_topics(settings)
     try:
         # earliest: a position that retention (or a topic made again) left behind reads on from the oldest
         # record still there; kafka-python's default, latest, skipped every retained event up to the end

@@ -298,12 +298,36 @@ def require_topic(settings, topic: str) -> int:
     """The partitions of ``topic``, which a worker of ``settings`` (a
     :class:`~stream.settings.Settings`) creates when it starts; a :class:`StreamrecError` that
     asks about the prefix where it does not exist. For the commands that only read or add to a
-    running deployment (forget, tail): a typo in the prefix must not send to, or wait on, nobody."""
+    running deployment (forget, tail, retrain): a typo in the prefix must not send to, or wait on,
+    nobody, nor create a set of topics no worker uses."""
     partitions = partition_count(settings.kafka, topic)
     if partitions is None:
-        raise StreamrecError(f"there is no topic {topic} on {settings.kafka.bootstrap}: is STREAMREC_TOPIC_PREFIX "
-                             f"({settings.topic_prefix!r}) the workers'? A worker creates it when it starts")
+        raise _no_topics(settings, [topic])
     return partitions
+
+
+def require_topics(settings, names: Iterable[str], timeout_s: float = 30.0) -> None:
+    """:func:`require_topic` for several topics at once: one :class:`StreamrecError` naming
+    every one of ``names`` that does not exist."""
+    kafka = settings.kafka
+    admin = _connected_admin(kafka, timeout_s)
+    try:
+        try:
+            existing = set(admin.list_topics())
+        except KafkaError as exc:
+            raise _unavailable(kafka, timeout_s, exc) from None
+    finally:
+        admin.close()
+    missing = [name for name in names if name not in existing]
+    if missing:
+        raise _no_topics(settings, missing)
+
+
+def _no_topics(settings, missing: list[str]) -> StreamrecError:
+    one = len(missing) == 1
+    return StreamrecError(f"there {'is no topic' if one else 'are no topics'} {', '.join(missing)} on "
+                          f"{settings.kafka.bootstrap}: is STREAMREC_TOPIC_PREFIX ({settings.topic_prefix!r}) the "
+                          f"workers'? A worker creates {'it' if one else 'them'} when it starts: start one first")
 
 
 def check_copartitioned(bootstrap: KafkaConnection | str, names: Iterable[str], timeout_s: float = 30.0) -> None:
@@ -402,4 +426,4 @@ def _created(response: dict, asked: list[str]) -> list[str]:
     return [n for n in asked if n in created]
 
 
-__all__ = ["align_topic_configs", "check_copartitioned", "check_login", "check_topic_name", "committed_offsets", "ensure_streamrec_topics", "ensure_topics", "partition_count", "probe", "require_topic", "topic_ids", "wait_for_kafka"]
+__all__ = ["align_topic_configs", "check_copartitioned", "check_login", "check_topic_name", "committed_offsets", "ensure_streamrec_topics", "ensure_topics", "partition_count", "probe", "require_topic", "require_topics", "topic_ids", "wait_for_kafka"]

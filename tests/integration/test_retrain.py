@@ -13,7 +13,7 @@ from workerkit import consume_until, produce, wait_for
 
 from online_models.datasets import synthetic_interactions
 from stream.records import ClickEvent, ForgetRequest, PurchaseEvent, decode_recommendation, encode
-from stream.topics import ensure_topics
+from stream.topics import ensure_topics, partition_count
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -93,3 +93,18 @@ def test_retrain_once_with_nothing_to_fit_exits_1_for_its_scheduler(worker_env, 
                            "--device", "cpu"], cwd=ROOT, env=worker_env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "no fit" in done.stdout + done.stderr and not (tmp_path / "m" / "CURRENT").exists()
+
+
+def test_retrain_on_a_prefix_no_worker_uses_says_so_and_creates_no_topic(worker_env, tmp_path):
+    """A typo in STREAMREC_TOPIC_PREFIX made retrain create a whole set of topics of its own and
+    fit nothing, silently; the workers create the topics, so retrain refuses a prefix without them."""
+    typo = f"{worker_env['STREAMREC_TOPIC_PREFIX']}typo."
+    done = subprocess.run([sys.executable, "-m", "stream.cli", "retrain", "--once", "--model-dir", str(tmp_path / "m"),
+                           "--device", "cpu"], cwd=ROOT, env={**worker_env, "STREAMREC_TOPIC_PREFIX": typo},
+                          capture_output=True, text=True, timeout=180)
+    said = done.stdout + done.stderr
+    assert done.returncode == 2, said
+    assert f"there are no topics {typo}clicks, {typo}purchases" in said and "start one first" in said, said
+    assert "Traceback" not in said, said
+    for name in ("clicks", "purchases", "forget", "recommendations"):
+        assert partition_count(worker_env["STREAMREC_KAFKA_BOOTSTRAP"], f"{typo}{name}") is None, name

@@ -67,7 +67,7 @@ class FakeConsumer:
 
 def _fake_kafka(monkeypatch, consumer: type) -> None:
     monkeypatch.setattr(retrain_cli, "KafkaConsumer", consumer)
-    monkeypatch.setattr(retrain_cli, "ensure_streamrec_topics", lambda settings: None)
+    monkeypatch.setattr(retrain_cli, "require_topics", lambda settings, names: None)
 
 
 def test_a_retrained_version_keeps_the_served_architecture_and_becomes_current(tmp_path):

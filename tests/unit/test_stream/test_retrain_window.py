@@ -144,7 +144,7 @@ def test_a_kafka_error_while_retrain_runs_keeps_its_window_and_is_logged_once_pe
         return True, True
 
     monkeypatch.setattr(retrain_cli, "KafkaConsumer", lambda **kw: _Consumer(script, **kw))
-    monkeypatch.setattr(retrain_cli, "ensure_streamrec_topics", lambda settings: None)
+    monkeypatch.setattr(retrain_cli, "require_topics", lambda settings, names: None)
     monkeypatch.setattr(retrain_cli, "OUTAGE_BACKOFF", Backoff(base_s=0.001, cap_s=0.01, jitter=0),
                         raising=False)
     monkeypatch.setattr(retrain_cli, "_fit", fit)
@@ -223,7 +223,7 @@ def test_end_offsets_failing_for_a_partition_added_while_retrain_runs_is_tried_a
         return True, True
 
     monkeypatch.setattr(retrain_cli, "KafkaConsumer", Consumer)
-    monkeypatch.setattr(retrain_cli, "ensure_streamrec_topics", lambda settings: None)
+    monkeypatch.setattr(retrain_cli, "require_topics", lambda settings, names: None)
     monkeypatch.setattr(retrain_cli, "OUTAGE_BACKOFF", Backoff(base_s=0.001, cap_s=0.01, jitter=0), raising=False)
     monkeypatch.setattr(retrain_cli, "LOOK_S", 0.0)
     monkeypatch.setattr(retrain_cli, "_fit", fit)
