@@ -218,12 +218,14 @@ def test_the_readme_quick_start_runs_as_written(tmp_path, topic_prefix):
         assert status == 200 and len(json.loads(body)["items"]) == 5, body
 
         def recommended() -> list:  # the worker's first snapshot follows its first batch within seconds
-            serve.assert_alive()
+            serve.assert_alive()  # (it came at the first 300 s interval, and serve ranked with empty models)
+            if "the workers' snapshot is loaded" not in json.loads(http_get(f"{api}/readyz")[1])["detail"]:
+                return []
             status, body = http_get(f"{api}/v1/users/{shopper}/recommendations")
             assert status == 200, body
             return json.loads(body)["items"]
 
-        wait_for(recommended, 60, f"serve to recommend to {shopper} (the models' snapshot)\n{serve.tail()}")
+        wait_for(recommended, 60, f"serve to load the worker's snapshot and recommend to {shopper}\n{serve.tail()}")
         assert serve.signal(signal.SIGTERM) == 0, serve.tail()
 
         # distil-queries: a query student fitted on the demo catalogue, in the model registry
