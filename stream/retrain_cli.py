@@ -6,8 +6,9 @@ topics from their oldest retained record (outside any consumer group: it takes n
 offsets from a worker), keeps the latest ``--window`` events, and every ``--every`` seconds
 trains a new Transformer on them (and on ``--dataset``, the log the first model was trained
 on, when given), with the architecture of the ``CURRENT`` version, and registers it as
-``CURRENT`` (running workers hot-swap to it within seconds) when its held-out HR@10 is no worse
-than the ``CURRENT`` version's on the same events by more than ``--gate-tolerance``; a fit the gate
+``CURRENT`` (running workers hot-swap to it within seconds) when its HR@10 on held-out events
+newer than the ``CURRENT`` version's data is no worse than that version's on the same events by
+more than ``--gate-tolerance`` (gpu_scorer/retraining.py); a fit the gate
 holds back is registered, and ``CURRENT`` stays (``--no-gate``: every fit). What that serves is measured by
 ``streamrec evaluate --retrain-every``, which fits the same way (docs/evaluation.md: on
 YooChoose, every two hours moved HR@20 by +0.0078 on the validation day, +0.0007 on the test day).
@@ -156,11 +157,13 @@ def retrain(
              "A version the gate held back counts among the newest: it stays until VERSIONS newer ones are registered.")] = 5,
     gate: Annotated[bool, typer.Option(
         "--gate/--no-gate",
-        help="Champion/challenger gate: a fit becomes CURRENT only when its HR@10 on its held-out events (each "
-             "validation user's last item) is no worse than the CURRENT version's on the same events by more than "
-             "--gate-tolerance; otherwise it is registered, and CURRENT stays. --no-gate makes every fit that passes "
-             "its parity check CURRENT. The first model (no CURRENT) is not gated, nor a fit after a forget request "
-             "the CURRENT version's fit had not read (its manifest's data.erased_through).")] = True,
+        help="Champion/challenger gate: a fit becomes CURRENT only when its HR@10 on held-out events (up to 2,000 "
+             "users' last event newer than what the CURRENT version was fitted on, set aside from the fit) is no "
+             "worse than the CURRENT version's on the same events by more than --gate-tolerance; otherwise it is "
+             "registered, and CURRENT stays. --no-gate makes every fit that passes its parity check CURRENT. Not "
+             "gated: the first model (no CURRENT), a fit with fewer than 50 such events or whose CURRENT does not "
+             "say what it was fitted on (a streamrec train version), and a fit after a forget request the CURRENT "
+             "version's fit had not read (its manifest's data.erased_through).")] = True,
     gate_tolerance: Annotated[float, typer.Option(
         "--gate-tolerance", metavar="HR",
         help="How much lower (absolute, 0 to 1) a fit's held-out HR@10 may be than the CURRENT version's and "
@@ -435,6 +438,8 @@ def _fit(retrainer, events: EventWindow, base: list[Interaction]) -> tuple[bool,
                     _figure(gate["current_hr@10"]), gate["current"], gate["overruled"])
     if gate is not None and gate.get("current_error"):
         log.warning("gate: CURRENT could not be scored (%s); %s replaces it", gate["current_error"], version)
+    if gate is not None and gate.get("undecided"):
+        log.info("gate: nothing fair to compare on (%s); %s replaces %s", gate["undecided"], version, gate["current"])
     compared = "" if gate is None or gate["current_hr@10"] is None else \
         f"; {gate['current']} had {gate['current_hr@10']:.4f} on the same {gate['held_out']} held-out events"
     log.info("registered %s as CURRENT in %.0f s (validation HR@10 %.4f, best epoch %s%s): the workers hot-swap to it",
@@ -467,11 +472,9 @@ def _erasures_current_lacks(registry: ModelRegistry, events: EventWindow) -> str
 
 def _held_back(registry: ModelRegistry, version: str, gate: dict) -> None:
     """The one line a fit the gate held back is logged with: both figures, and what to do."""
-    if gate["current_hr@10"] is None:
-        figures = f"no held-out events to compare it with {gate['current']} on (no user has three events)"
-    else:
-        figures = (f"its HR@10 on {gate['held_out']} held-out events is {gate['new_hr@10']:.4f}, against "
-                   f"{gate['current_hr@10']:.4f} for {gate['current']} (tolerance {gate['tolerance']:g})")
+    figures = (f"its HR@10 on {gate['held_out']} held-out events (newer than {gate['current']}'s data, set aside "
+               f"from the fit) is {gate['new_hr@10']:.4f}, against {gate['current_hr@10']:.4f} for {gate['current']} "
+               f"(tolerance {gate['tolerance']:g})")
     log.warning("gate: registered %s but did not make it CURRENT: %s; %s keeps serving. To serve %s anyway: "
                 "echo %s > %s (it is deleted once --keep newer versions are registered); to make every fit "
                 "CURRENT: --no-gate or a larger --gate-tolerance", version, figures, gate["current"], version,

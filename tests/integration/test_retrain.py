@@ -66,7 +66,7 @@ def test_retrain_fits_the_topics_and_the_worker_hot_swaps_to_it(worker_env, work
         # a later fit learns them, and the worker serves a retrained version within its reload interval
         wait_for(lambda: current(models) not in (None, "v0001"), 180, "a second fit after new events", worker)
         assert manifest(models, current(models))["data"]["events"] == len(first) - erased + len(more)
-        # it passed the gate (on by default): both figures, on the fit's held-out events, are in its manifest
+        # it passed the gate (on by default): both figures, on 55 held-out events newer than v0001's data, are in its manifest
         gate = manifest(models, current(models))["gate"]
         assert gate["passed"] and gate["held_out"] > 0 and gate["new_hr@10"] >= gate["current_hr@10"] - 0.01, gate
         # the worker loads a retrained version within its reload interval (5 s), then serves it
