@@ -9,22 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from workerkit import consume_until, produce, wait_for
+from workerkit import consume_until, interaction_records, produce, wait_for
 
 from online_models.datasets import synthetic_interactions
-from stream.records import ClickEvent, ForgetRequest, PurchaseEvent, decode_recommendation, encode
+from stream.records import ForgetRequest, decode_recommendation, encode
 from stream.topics import ensure_topics, partition_count
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def as_records(interactions, first: int = 0) -> list[tuple[str, bytes, bytes]]:
-    out = []
-    for n, x in enumerate(interactions, first):
-        cls, topic = (PurchaseEvent, "purchases") if x.kind == "purchase" else (ClickEvent, "clicks")
-        out.append((topic, x.user_id.encode(), encode(cls(event_id=f"ev-{n}", user_id=x.user_id, item_id=x.item_id,
-                                                          ts=x.ts, session_id=x.session_id))))
-    return out
 
 
 def manifest(models: Path, version: str) -> dict:
@@ -44,7 +35,7 @@ def test_retrain_fits_the_topics_and_the_worker_hot_swaps_to_it(worker_env, work
     erased = sum(x.user_id == victim for x in first)
     ensure_topics(bootstrap, [f"{topic_prefix}forget"], 2)  # co-partitioned with the inputs (worker_env's 2)
     produce(bootstrap, topic_prefix, [
-        *as_records(first),
+        *interaction_records(first),
         ("clicks", b"u-bad", b'{"user_id": "u-bad", "item_id": [[[1]]]}'),  # breaks the contract: skipped
         ("forget", victim.encode(), encode(ForgetRequest(user_id=victim, request_id="r1",
                                                          ts=max(x.ts for x in first)))),
@@ -62,7 +53,7 @@ def test_retrain_fits_the_topics_and_the_worker_hot_swaps_to_it(worker_env, work
 
         more = list(synthetic_interactions(n_events=300, n_users=60, n_items=200, seed=4,
                                            start_ts=max(x.ts for x in first) + 1000))
-        produce(bootstrap, topic_prefix, as_records(more, first=len(first)))
+        produce(bootstrap, topic_prefix, interaction_records(more, first=len(first)))
         # a later fit learns them, and the worker serves a retrained version within its reload interval
         wait_for(lambda: current(models) not in (None, "v0001"), 180, "a second fit after new events", worker)
         assert manifest(models, current(models))["data"]["events"] == len(first) - erased + len(more)
@@ -73,7 +64,7 @@ def test_retrain_fits_the_topics_and_the_worker_hot_swaps_to_it(worker_env, work
         wait_for(lambda: "Transformer scorer" in worker.log_text(), 60, "the worker loading a retrained version", worker)
         last = list(synthetic_interactions(n_events=100, n_users=60, n_items=200, seed=5,
                                            start_ts=max(x.ts for x in more) + 1000))
-        produce(bootstrap, topic_prefix, as_records(last, first=len(first) + len(more)))
+        produce(bootstrap, topic_prefix, interaction_records(last, first=len(first) + len(more)))
         consume_until(bootstrap, f"{topic_prefix}recommendations",
                       lambda values: any(decode_recommendation(v).model.get("transformer", "none") != "none"
                                          for v in values if v is not None), 90, worker)

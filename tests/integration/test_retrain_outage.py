@@ -12,22 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from workerkit import produce, wait_for
+from workerkit import interaction_records, produce, wait_for
 
 from online_models.datasets import synthetic_interactions
-from stream.records import ClickEvent, PurchaseEvent, encode
 from stream.topics import ensure_topics
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _records(interactions, first: int) -> list[tuple[str, bytes, bytes]]:
-    out = []
-    for n, x in enumerate(interactions, first):
-        cls, topic = (PurchaseEvent, "purchases") if x.kind == "purchase" else (ClickEvent, "clicks")
-        out.append((topic, x.user_id.encode(), encode(cls(event_id=f"ev-{n}", user_id=x.user_id, item_id=x.item_id,
-                                                          ts=x.ts, session_id=x.session_id))))
-    return out
 
 
 def _current(models: Path) -> str | None:
@@ -48,7 +38,7 @@ def test_retrain_keeps_its_window_through_a_broker_restart(worker_env, topic_pre
     models = tmp_path / "retrained"
     ensure_topics(bootstrap, [f"{topic_prefix}{t}" for t in ("clicks", "purchases", "forget")], 2)
     first = list(synthetic_interactions(n_events=600, n_users=40, n_items=100, seed=7))
-    produce(bootstrap, topic_prefix, _records(first, 0))
+    produce(bootstrap, topic_prefix, interaction_records(first, 0))
     log_path = tmp_path / "retrain.log"
     log = log_path.open("w")
     retrain = subprocess.Popen([sys.executable, "-m", "stream.cli", "retrain", "--every", "1", "--no-gate",
@@ -63,7 +53,7 @@ def test_retrain_keeps_its_window_through_a_broker_restart(worker_env, topic_pre
         private_kafka.start()
         more = list(synthetic_interactions(n_events=200, n_users=40, n_items=100, seed=8,
                                            start_ts=max(x.ts for x in first) + 1000))
-        produce(bootstrap, topic_prefix, _records(more, len(first)))
+        produce(bootstrap, topic_prefix, interaction_records(more, len(first)))
         # a fit after the restart trains on what was read before it too: the window was kept
         wait_for(lambda: _events(models) == len(first) + len(more) or retrain.poll() is not None, 180,
                  "a fit on the events from before and after the restart")

@@ -21,6 +21,7 @@ import msgspec
 import redis
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
+from stream.records import ClickEvent, PurchaseEvent, encode
 from stream.state import UserState
 from stream.topics import committed_offsets
 
@@ -284,10 +285,20 @@ class Feeder(threading.Thread):
         assert self.error is None, f"the feeder failed: {self.error!r}"
 
 
+def interaction_records(interactions, first: int = 0) -> list[tuple[str, bytes, bytes]]:
+    """``interactions`` as (topic suffix, key, value) records for :func:`produce`, their event
+    ids numbered from ``first``."""
+    out = []
+    for n, x in enumerate(interactions, first):
+        cls, topic = (PurchaseEvent, "purchases") if x.kind == "purchase" else (ClickEvent, "clicks")
+        out.append((topic, x.user_id.encode(), encode(cls(event_id=f"ev-{n}", user_id=x.user_id, item_id=x.item_id,
+                                                          ts=x.ts, session_id=x.session_id))))
+    return out
+
+
 def synthetic_records(n: int, seed: int, n_users: int = 80) -> tuple[list[tuple[str, bytes, bytes]], dict[str, int]]:
     """``n`` synthetic events as records, and how many each user has."""
     from online_models.datasets import synthetic_interactions
-    from stream.records import ClickEvent, PurchaseEvent, encode
 
     records, expected = [], {}
     for i, x in enumerate(synthetic_interactions(n_events=n, n_users=n_users, n_items=400, seed=seed)):

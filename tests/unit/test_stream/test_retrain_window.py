@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import typer
 from kafka import TopicPartition
 from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+from retrain_consumer import FakeRetrainConsumer
 from typer.testing import CliRunner
 
 from stream import retrain_cli
@@ -91,27 +92,28 @@ def test_old_versions_the_registry_disk_would_not_delete_are_one_error_line_and_
     assert line.exc_info is None
 
 
-class _Consumer:
+def _run_retrain(monkeypatch, caplog, tmp_path, consumer, fit):
+    """``streamrec retrain --every 1`` over ``consumer`` (a KafkaConsumer stand-in) with ``fit``
+    for its fits and a back-off of milliseconds; the CLI's result."""
+    monkeypatch.setattr(retrain_cli, "KafkaConsumer", consumer)
+    monkeypatch.setattr(retrain_cli, "require_topics", lambda settings, names: None)
+    monkeypatch.setattr(retrain_cli, "OUTAGE_BACKOFF", Backoff(base_s=0.001, cap_s=0.01, jitter=0), raising=False)
+    monkeypatch.setattr(retrain_cli, "_fit", fit)
+    app = typer.Typer()
+    app.command("retrain")(retrain_cli.retrain)
+    app.command("noop")(lambda: None)
+    with caplog.at_level("INFO", logger="streamrec.retrain"):
+        return CliRunner().invoke(app, ["retrain", "--every", "1", "--model-dir", str(tmp_path / "m"),
+                                        "--device", "cpu"])
+
+
+class _Consumer(FakeRetrainConsumer):
     """kafka-python's KafkaConsumer as `streamrec retrain` uses it: one empty partition of each
     topic; ``poll`` hands out ``script``'s steps, one a call (a record, an exception, nothing)."""
 
     def __init__(self, script, **kw):
-        self.script, self.polls = list(script), 0
-
-    def partitions_for_topic(self, topic):
-        return {0}
-
-    def assign(self, partitions):
-        pass
-
-    def seek_to_beginning(self, *partitions):
-        pass
-
-    def end_offsets(self, partitions):
-        return {tp: 0 for tp in partitions}
-
-    def position(self, tp):
-        return 0
+        super().__init__(**kw)
+        self.script = list(script)
 
     def poll(self, timeout_ms, max_records):
         self.polls += 1
@@ -122,9 +124,6 @@ class _Consumer:
             raise step
         time.sleep(0.005)  # as a real poll waits for records
         return {TopicPartition(TopicNames().clicks, 0): [SimpleNamespace(value=step)]} if step else {}
-
-    def close(self, autocommit):
-        pass
 
 
 def test_a_kafka_error_while_retrain_runs_keeps_its_window_and_is_logged_once_per_outage(tmp_path, monkeypatch,
@@ -143,17 +142,7 @@ def test_a_kafka_error_while_retrain_runs_keeps_its_window_and_is_logged_once_pe
             os.kill(os.getpid(), signal.SIGTERM)
         return True, True
 
-    monkeypatch.setattr(retrain_cli, "KafkaConsumer", lambda **kw: _Consumer(script, **kw))
-    monkeypatch.setattr(retrain_cli, "require_topics", lambda settings, names: None)
-    monkeypatch.setattr(retrain_cli, "OUTAGE_BACKOFF", Backoff(base_s=0.001, cap_s=0.01, jitter=0),
-                        raising=False)
-    monkeypatch.setattr(retrain_cli, "_fit", fit)
-    app = typer.Typer()
-    app.command("retrain")(retrain_cli.retrain)
-    app.command("noop")(lambda: None)
-    with caplog.at_level("INFO", logger="streamrec.retrain"):
-        result = CliRunner().invoke(app, ["retrain", "--every", "1", "--model-dir", str(tmp_path / "m"),
-                                          "--device", "cpu"])
+    result = _run_retrain(monkeypatch, caplog, tmp_path, lambda **kw: _Consumer(script, **kw), fit)
     assert result.exit_code == 0, (result.output, result.exception)
     assert fits[-1] == ["i1", "i2"], fits  # what was read before the outage is still in the window
     lines = [r.getMessage() for r in caplog.records if r.name == "streamrec.retrain" and "Kafka" in r.getMessage()]
@@ -222,17 +211,8 @@ def test_end_offsets_failing_for_a_partition_added_while_retrain_runs_is_tried_a
             os.kill(os.getpid(), signal.SIGTERM)
         return True, True
 
-    monkeypatch.setattr(retrain_cli, "KafkaConsumer", Consumer)
-    monkeypatch.setattr(retrain_cli, "require_topics", lambda settings, names: None)
-    monkeypatch.setattr(retrain_cli, "OUTAGE_BACKOFF", Backoff(base_s=0.001, cap_s=0.01, jitter=0), raising=False)
     monkeypatch.setattr(retrain_cli, "LOOK_S", 0.0)
-    monkeypatch.setattr(retrain_cli, "_fit", fit)
-    app = typer.Typer()
-    app.command("retrain")(retrain_cli.retrain)
-    app.command("noop")(lambda: None)
-    with caplog.at_level("INFO", logger="streamrec.retrain"):
-        result = CliRunner().invoke(app, ["retrain", "--every", "1", "--model-dir", str(tmp_path / "m"),
-                                          "--device", "cpu"])
+    result = _run_retrain(monkeypatch, caplog, tmp_path, Consumer, fit)
     assert result.exit_code == 0, (result.output, result.exception)
     assert fits[-1] == ["i1"], fits
     lines = [r.getMessage() for r in caplog.records if r.name == "streamrec.retrain" and "Kafka" in r.getMessage()]
