@@ -23,16 +23,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
 
 from gpu_scorer.errors import ModelLoadError
 from gpu_scorer.export import export_and_register
 from gpu_scorer.registry import ModelRegistry
 from gpu_scorer.training import (
+    TRAINED_KINDS,
     TrainConfig,
     TrainResult,
     rank_metrics,
+    sample_users,
     scorer_rank_metrics,
     sequences_from_interactions,
     train,
@@ -46,8 +47,6 @@ ARCHITECTURE = ("dim", "n_blocks", "n_heads", "max_len", "dropout", "ffn_mult")
 GATE_METRIC = "hr@10"
 #: the fewest held-out events the gate compares on; with fewer it lets the fit through (undecided)
 MIN_GATE_EVENTS = 50
-#: the interaction kinds a fit trains on (:func:`~gpu_scorer.training.sequences_from_interactions`)
-KINDS = ("click", "purchase")
 
 
 def hold_out_newer(interactions: Sequence, after_ts: int, max_users: int = 2000,
@@ -65,14 +64,11 @@ def hold_out_newer(interactions: Sequence, after_ts: int, max_users: int = 2000,
     """
     users = {}
     for user, xs in sequences_by_user(interactions).items():
-        xs = [x for x in xs if x.kind in KINDS]
+        xs = [x for x in xs if x.kind in TRAINED_KINDS]
         if len(xs) >= 3 and xs[-1].ts > after_ts:
             users[user] = xs
-    eligible = sorted(users)
-    if len(eligible) > max_users:
-        rng = np.random.default_rng(seed)
-        eligible = [eligible[i] for i in sorted(rng.choice(len(eligible), max_users, replace=False))]
-    held = [(([x.item_id for x in users[u][:-1]]), users[u][-1].item_id) for u in eligible]
+    eligible = sample_users(sorted(users), max_users, seed)
+    held = [([x.item_id for x in users[u][:-1]], users[u][-1].item_id) for u in eligible]
     aside = {id(users[u][-1]) for u in eligible}
     return [x for x in interactions if id(x) not in aside], held
 

@@ -61,7 +61,11 @@ class TrainResult:
     validation: list[tuple[list[str], str]] = field(default_factory=list)
 
 
-def sequences_from_interactions(interactions: Iterable, kinds: Sequence[str] = ("click", "purchase")) -> dict[str, list[str]]:
+#: the interaction kinds a model is trained on
+TRAINED_KINDS = ("click", "purchase")
+
+
+def sequences_from_interactions(interactions: Iterable, kinds: Sequence[str] = TRAINED_KINDS) -> dict[str, list[str]]:
     """User -> item ids in time order (``online_models.types.Interaction`` values)."""
     return {u: [x.item_id for x in xs if x.kind in kinds] for u, xs in sequences_by_user(interactions).items()}
 
@@ -75,11 +79,7 @@ def split_last(
     (a seeded sample) give up their last item, the others train on everything.
     """
     users = sorted(sequences)
-    eligible = [u for u in users if len(sequences[u]) >= 3]
-    if max_valid is not None and len(eligible) > max_valid:
-        rng = np.random.default_rng(seed)
-        eligible = [eligible[i] for i in sorted(rng.choice(len(eligible), max_valid, replace=False))]
-    held = set(eligible)
+    held = set(sample_users([u for u in users if len(sequences[u]) >= 3], max_valid, seed))
     train, valid = [], []
     for user in users:
         seq = list(sequences[user])
@@ -89,6 +89,14 @@ def split_last(
         if len(seq) >= 2:
             train.append(seq)
     return train, valid
+
+
+def sample_users(users: Sequence[str], at_most: int | None, seed: int = 0) -> list[str]:
+    """At most ``at_most`` of ``users`` (None: all), a seeded sample, in their order."""
+    if at_most is None or len(users) <= at_most:
+        return list(users)
+    rng = np.random.default_rng(seed)
+    return [users[i] for i in sorted(rng.choice(len(users), at_most, replace=False))]
 
 
 def windows(rows: list[list[int]], max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -294,5 +302,5 @@ def _progress(console, enabled: bool):
     )
 
 
-__all__ = ["TrainConfig", "TrainResult", "rank_metrics", "scorer_rank_metrics", "sequences_from_interactions", "split_last",
-           "train", "validation_rows", "windows"]
+__all__ = ["TRAINED_KINDS", "TrainConfig", "TrainResult", "rank_metrics", "sample_users", "scorer_rank_metrics",
+           "sequences_from_interactions", "split_last", "train", "validation_rows", "windows"]
