@@ -5,9 +5,10 @@ trained on. :class:`Retrainer` trains a new one, with the architecture of the ve
 replaces, on every interaction up to now (the training log and the events since), exports
 it, checks ONNX Runtime against PyTorch and registers it as ``CURRENT``: running workers
 hot-swap to it within seconds (gpu_scorer/hotswap.py). With a ``gate_tolerance`` (``streamrec
-retrain``'s champion/challenger gate) it is made ``CURRENT`` only when its HR@10 is no worse than
-that of the version ``CURRENT`` names, on the same held-out events, by more than the tolerance;
-otherwise it is registered and ``CURRENT`` stays (:meth:`Retrainer.gate`). The held-out events
+retrain``'s champion/challenger gate) it is made ``CURRENT`` unless its HR@10 is worse than that
+of the version ``CURRENT`` names, on the same held-out events, by more than the tolerance and by
+more than chance explains (a paired sign test); then it is registered and ``CURRENT`` stays
+(:meth:`Retrainer.gate`). The held-out events
 are ones neither model trained on: each sampled user's last event *newer than the data the
 ``CURRENT`` version was fitted on* (its manifest's ``data.trained_through``), set aside from the
 fit. Scored on events it had trained on, ``CURRENT`` would win by memory: on YooChoose it had
@@ -21,6 +22,7 @@ Torch-bound, like :mod:`gpu_scorer.training`: imported only by the commands that
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -32,9 +34,9 @@ from gpu_scorer.training import (
     TRAINED_KINDS,
     TrainConfig,
     TrainResult,
-    rank_metrics,
+    model_ranks,
     sample_users,
-    scorer_rank_metrics,
+    scorer_ranks,
     sequences_from_interactions,
     train,
     validation_rows,
@@ -45,8 +47,28 @@ from online_models.datasets import sequences_by_user
 ARCHITECTURE = ("dim", "n_blocks", "n_heads", "max_len", "dropout", "ffn_mult")
 #: the figure the gate compares: the validation metric training reports (``val_hr@10``)
 GATE_METRIC = "hr@10"
+#: the list length of :data:`GATE_METRIC`
+GATE_K = 10
 #: the fewest held-out events the gate compares on; with fewer it lets the fit through (undecided)
 MIN_GATE_EVENTS = 50
+#: a fit is held back only when ``CURRENT``'s lead is this unlikely to be chance (one-sided, on
+#: the events one model hits and the other misses: :func:`paired_p_value`)
+GATE_SIGNIFICANCE = 0.05
+
+
+def paired_p_value(current_only: int, new_only: int) -> float:
+    """How likely ``CURRENT`` would win at least ``current_only`` of the ``current_only +
+    new_only`` held-out events that exactly one of the two models hits, were the two models
+    equally good: the one-sided exact sign (McNemar) test. Events both hit or both miss say
+    nothing about which is better. 1.0 when no event tells them apart.
+
+    >>> paired_p_value(0, 0), paired_p_value(3, 1), round(paired_p_value(20, 5), 4)
+    (1.0, 0.3125, 0.002)
+    """
+    n = current_only + new_only
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, i) for i in range(current_only, n + 1)) / 2**n
 
 
 def hold_out_newer(interactions: Sequence, after_ts: int, max_users: int = 2000,
@@ -155,8 +177,12 @@ class Retrainer:
         events :func:`hold_out_newer` set aside from the fit (newer than ``CURRENT``'s data, so
         neither model trained on them), each model reading them through its own vocabulary (an
         item the ``CURRENT`` version lacks is a miss for it) and ranking the item among all of
-        its items (:func:`~gpu_scorer.training.rank_metrics`). ``passed`` when the fit's figure
-        is at least the ``CURRENT`` one's minus ``gate_tolerance``. None without a ``CURRENT``
+        its items (:func:`~gpu_scorer.training.model_ranks`). ``passed`` unless the fit's figure
+        is below the ``CURRENT`` one's minus ``gate_tolerance`` *and* that lead is unlikely to be
+        chance: :func:`paired_p_value` below :data:`GATE_SIGNIFICANCE` (over a few hundred events
+        one event is several thousandths of HR@10, so a lead of a few events is noise, and the
+        fit knows newer items and honours newer erasures). The record gives both figures, the
+        events only one model hit (``current_only``, ``new_only``) and ``p_value``. None without a ``CURRENT``
         (the first model: no gate). The fit passes, ``undecided`` saying why, where nothing fair
         can be compared: ``held`` is None (``CURRENT``'s manifest does not say what it was fitted
         on) or holds fewer than :data:`MIN_GATE_EVENTS`. A ``CURRENT`` that names no registered
@@ -183,9 +209,16 @@ class Retrainer:
         except ModelLoadError as exc:  # the workers refuse it too: the fit can only do better
             return self._gate_record(current, None, None, len(held), True, str(exc))
         inputs, targets = validation_rows(held, result.vocab, result.config.max_len)
-        new = rank_metrics(result.model, inputs, targets)[GATE_METRIC]
-        old = scorer_rank_metrics(served, held)[GATE_METRIC]
-        return self._gate_record(current, new, old, len(held), new >= old - self.gate_tolerance, None)
+        new_hits = [0 < r <= GATE_K for r in model_ranks(result.model, inputs, targets)]
+        old_hits = [0 < r <= GATE_K for r in scorer_ranks(served, held)]
+        new, old = sum(new_hits) / len(held), sum(old_hits) / len(held)
+        current_only = sum(o and not n for o, n in zip(old_hits, new_hits, strict=True))
+        new_only = sum(n and not o for o, n in zip(old_hits, new_hits, strict=True))
+        p = paired_p_value(current_only, new_only)
+        passed = new >= old - self.gate_tolerance or p >= GATE_SIGNIFICANCE
+        record = self._gate_record(current, new, old, len(held), passed, None)
+        record.update(current_only=current_only, new_only=new_only, p_value=p)
+        return record
 
     def _gate_record(self, current: str | None, new: float | None, old: float | None, held_out: int,
                      passed: bool, error: str | None, undecided: str | None = None) -> dict:
@@ -202,4 +235,5 @@ class Retrainer:
         return self.registry.load(version, self.serve_device)
 
 
-__all__ = ["ARCHITECTURE", "GATE_METRIC", "MIN_GATE_EVENTS", "Retrainer", "architecture_of", "hold_out_newer"]
+__all__ = ["ARCHITECTURE", "GATE_K", "GATE_METRIC", "GATE_SIGNIFICANCE", "MIN_GATE_EVENTS", "Retrainer", "architecture_of",
+           "hold_out_newer", "paired_p_value"]

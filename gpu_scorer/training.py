@@ -146,25 +146,30 @@ def _summary(ranks: list[int], k: int) -> dict[str, float]:
     return {f"hr@{k}": m[f"HR@{k}"], f"ndcg@{k}": m[f"NDCG@{k}"]}
 
 
-def rank_metrics(model: SASRecScorer, inputs: np.ndarray, targets: np.ndarray, k: int = 10, batch: int = 512) -> dict[str, float]:
-    """HR@k and NDCG@k of ``targets`` ranked among all real items (PAD and OOV excluded)."""
+def model_ranks(model: SASRecScorer, inputs: np.ndarray, targets: np.ndarray, batch: int = 512) -> list[int]:
+    """1-based rank of each of ``targets`` among all real items (PAD and OOV excluded) after
+    its row of ``inputs``; 0 for a miss (an OOV target)."""
     model.eval()
-    ranks: list[int] = []  # 1-based; 0 for an OOV target, which never hits
+    ranks: list[int] = []
     dev = model.item_emb.weight.device
     with torch.inference_mode():
         table = model.item_emb.weight
         for lo in range(0, len(inputs), batch):
             h = model.encode_last(torch.from_numpy(inputs[lo : lo + batch]).to(dev))
             ranks.extend(_ranks(h @ table.T, torch.from_numpy(targets[lo : lo + batch]).to(dev)))
-    return _summary(ranks, k)
+    return ranks
 
 
-def scorer_rank_metrics(scorer, valid: Sequence[tuple[Sequence[str], str]], k: int = 10,
-                        cells: int = 1 << 18) -> dict[str, float]:
-    """:func:`rank_metrics` of an exported model (an :class:`~gpu_scorer.runtime.OnnxScorer`:
+def rank_metrics(model: SASRecScorer, inputs: np.ndarray, targets: np.ndarray, k: int = 10, batch: int = 512) -> dict[str, float]:
+    """HR@k and NDCG@k of ``targets`` ranked among all real items (PAD and OOV excluded)."""
+    return _summary(model_ranks(model, inputs, targets, batch), k)
+
+
+def scorer_ranks(scorer, valid: Sequence[tuple[Sequence[str], str]], cells: int = 1 << 18) -> list[int]:
+    """:func:`model_ranks` of an exported model (an :class:`~gpu_scorer.runtime.OnnxScorer`:
     ``vocab``, ``max_len``, ``run_ids``) on held-out ``(input, item)`` pairs of item ids, read
-    through its own vocabulary: an item it lacks is a miss. Every row of its item table is a
-    candidate, ``cells`` users x rows per call at most."""
+    through its own vocabulary: an item it lacks is a miss (0). Every row of its item table is
+    a candidate, ``cells`` users x rows per call at most."""
     inputs, targets = validation_rows(valid, scorer.vocab, scorer.max_len)
     n_rows = len(scorer.vocab)
     batch = max(1, cells // n_rows)
@@ -174,7 +179,13 @@ def scorer_rank_metrics(scorer, valid: Sequence[tuple[Sequence[str], str]], k: i
         cand = np.broadcast_to(np.arange(n_rows, dtype=np.int64), (len(seq), n_rows)).copy()
         scores = torch.from_numpy(np.array(scorer.run_ids(seq, cand), dtype=np.float32))  # a copy: ranking writes to it
         ranks.extend(_ranks(scores, torch.from_numpy(targets[lo : lo + batch])))
-    return _summary(ranks, k)
+    return ranks
+
+
+def scorer_rank_metrics(scorer, valid: Sequence[tuple[Sequence[str], str]], k: int = 10,
+                        cells: int = 1 << 18) -> dict[str, float]:
+    """:func:`rank_metrics` of an exported model (:func:`scorer_ranks`)."""
+    return _summary(scorer_ranks(scorer, valid, cells), k)
 
 
 def _loss(model: SASRecScorer, x: torch.Tensor, y: torch.Tensor, tc: TrainConfig, gen: torch.Generator) -> torch.Tensor:
@@ -302,5 +313,6 @@ def _progress(console, enabled: bool):
     )
 
 
-__all__ = ["TRAINED_KINDS", "TrainConfig", "TrainResult", "rank_metrics", "sample_users", "scorer_rank_metrics",
-           "sequences_from_interactions", "split_last", "train", "validation_rows", "windows"]
+__all__ = ["TRAINED_KINDS", "TrainConfig", "TrainResult", "model_ranks", "rank_metrics", "sample_users",
+           "scorer_rank_metrics", "scorer_ranks", "sequences_from_interactions", "split_last", "train",
+           "validation_rows", "windows"]

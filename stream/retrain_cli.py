@@ -158,9 +158,10 @@ def retrain(
     gate: Annotated[bool, typer.Option(
         "--gate/--no-gate",
         help="Champion/challenger gate: a fit becomes CURRENT only when its HR@10 on held-out events (up to 2,000 "
-             "users' last event newer than what the CURRENT version was fitted on, set aside from the fit) is no "
-             "worse than the CURRENT version's on the same events by more than --gate-tolerance; otherwise it is "
-             "registered, and CURRENT stays. --no-gate makes every fit that passes its parity check CURRENT. Not "
+             "users' last event newer than what the CURRENT version was fitted on, set aside from the fit) is not "
+             "worse than the CURRENT version's on the same events by more than --gate-tolerance and by more than "
+             "chance explains (a one-sided paired sign test at 5%, on the events one model hits and the other "
+             "misses); otherwise it is registered, and CURRENT stays. --no-gate makes every fit that passes its parity check CURRENT. Not "
              "gated: the first model (no CURRENT), a fit with fewer than 50 such events or whose CURRENT does not "
              "say what it was fitted on (a streamrec train version), and a fit after a forget request the CURRENT "
              "version's fit had not read (its manifest's data.erased_through).")] = True,
@@ -178,8 +179,8 @@ def retrain(
     Reads the clicks and purchases topics from their oldest record (no consumer group), fits a
     Transformer with the CURRENT version's architecture on the latest --window events (after
     --dataset when given), checks ONNX Runtime against PyTorch and makes it CURRENT (the workers
-    hot-swap to it) unless its held-out HR@10 is worse than CURRENT's by more than --gate-tolerance,
-    then deletes all but the --keep newest versions. Forget requests are honoured:
+    hot-swap to it) unless its held-out HR@10 is worse than CURRENT's by more than --gate-tolerance
+    and by more than chance explains, then deletes all but the --keep newest versions. Forget requests are honoured:
     an erased user's events enter no later fit, and stay in at most --keep minus one older versions
     once one is registered. Kafka failing while it runs (a broker restarting) keeps what was read:
     it tries again with back-off, and logs the outage once. SIGTERM or Ctrl-C stops it after the
@@ -474,7 +475,8 @@ def _held_back(registry: ModelRegistry, version: str, gate: dict) -> None:
     """The one line a fit the gate held back is logged with: both figures, and what to do."""
     figures = (f"its HR@10 on {gate['held_out']} held-out events (newer than {gate['current']}'s data, set aside "
                f"from the fit) is {gate['new_hr@10']:.4f}, against {gate['current_hr@10']:.4f} for {gate['current']} "
-               f"(tolerance {gate['tolerance']:g})")
+               f"(tolerance {gate['tolerance']:g}; {gate['current_only']} event(s) only {gate['current']} hit, "
+               f"{gate['new_only']} only the fit: a lead that large by chance has p = {gate['p_value']:.2g})")
     log.warning("gate: registered %s but did not make it CURRENT: %s; %s keeps serving. To serve %s anyway: "
                 "echo %s > %s (it is deleted once --keep newer versions are registered); to make every fit "
                 "CURRENT: --no-gate or a larger --gate-tolerance", version, figures, gate["current"], version,
