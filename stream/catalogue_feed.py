@@ -18,7 +18,12 @@ back-off from where it was: the catalogue keeps what it has, and the worker serv
 it was" moves past a fetch only once each of its values is queued for indexing, removed or
 dead-lettered (an item the catalogue raises on alone is dead-lettered as ``processing_error``),
 so a fetch cut short by a failure is read again, and a snapshot (taken with nothing queued)
-never records offsets past an item it does not hold. A topic
+never records offsets past an item it neither holds nor dead-lettered. An item whose text the
+text model raises on alone (it embeds other texts) is dead-lettered as ``embedding_failed``
+when it is indexed, from the record it was read from (kept while the item is queued), and
+leaves the queue once Kafka confirmed that. Each process dead-letters what it refuses: every
+worker embeds every item with its own model, so each names itself (``reader``) in the reason,
+and ``streamrec serve`` (no ``publish``) only counts and logs. A topic
 that does not exist (yet) is an empty catalogue, read to its end; the feed looks for it every
 :data:`MISSING_TOPIC_EVERY_S` and reads it from its start once it exists.
 
@@ -36,8 +41,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -65,6 +73,17 @@ class _Envelope(msgspec.Struct, array_like=True):
     catalogue: bytes
 
 
+class _Source(NamedTuple):
+    """The record a queued item was read from: what its dead letter needs, should the text
+    model raise on the item (the fetch that held it is long gone by then)."""
+
+    key: bytes | None
+    value: bytes
+    topic: str
+    partition: int
+    offset: int
+
+
 #: records read per fetch, and items embedded per thread hand-off
 FETCH_RECORDS = 1000
 FLUSH_CHUNK = 256
@@ -89,13 +108,15 @@ class CatalogueFeed:
     ``publish(records)`` sends dead letters (the worker's :class:`~stream.publisher.BatchPublisher`;
     None: invalid values are only counted and logged). ``offsets`` (partition -> the next offset
     to read) say where reading starts; a partition not in it is read from the beginning.
+    ``reader`` names this process in the dead letters of items its text model raised on
+    (default ``host:pid``): each process that reads the topic embeds every item itself.
     """
 
     def __init__(self, catalogue: Catalogue, kafka_options: dict, topic: str, bounds: Bounds, metrics: Metrics,
                  publish: Callable[[list], Awaitable[list]] | None = None, dlq_topic: str | None = None,
                  offsets: dict[int, int] | None = None, backoff: Backoff | None = None, poll_ms: int = 500,
                  store: UserStateStore | None = None, snapshot_interval_s: float = 60.0,
-                 write_snapshots: bool = True) -> None:
+                 write_snapshots: bool = True, reader: str | None = None) -> None:
         self.catalogue = catalogue
         self.kafka = kafka_options
         self.topic = topic
@@ -121,6 +142,9 @@ class CatalogueFeed:
         #: since when (monotonic) reading the topic has failed, and the latest reason; None
         #: while it reads (serve's /readyz says it: the catalogue serves as it is meanwhile)
         self.trouble: tuple[float, str] | None = None
+        self.reader = reader or f"{socket.gethostname()}:{os.getpid()}"
+        #: item_id -> the record of its queued value, until the item is indexed or dead-lettered
+        self._sources: dict[str, _Source] = {}
 
     def _troubled(self, reason: str) -> None:
         trouble = self.trouble
@@ -139,6 +163,7 @@ class CatalogueFeed:
                 log.warning("the catalogue's snapshot is of topic %s, not %s: ignored", envelope.topic, self.topic)
                 return False
             await asyncio.to_thread(self.catalogue.load, envelope.catalogue)
+            self._sources.clear()  # the queue is empty after a load
         except (msgspec.DecodeError, ValueError) as exc:
             log.warning("the catalogue's snapshot cannot be restored (%s): reading %s from the beginning", exc, self.topic)
             return False
@@ -260,6 +285,7 @@ class CatalogueFeed:
                 if rec.key:
                     upserts = self._upsert(partition, upserts, failed, now)
                     item_id = rec.key.decode("utf-8", "replace")
+                    self._sources.pop(item_id, None)
                     try:
                         self.catalogue.remove(item_id)
                     except Exception as exc:  # noqa: BLE001 - an index's bug: this item's alone (logged, and passed)
@@ -298,24 +324,29 @@ class CatalogueFeed:
             for _, letter in failed:
                 log.error("item value at %s[%d]@%d is dead-lettered: %s", letter.topic, letter.partition,
                           letter.offset, letter.reason)
-        letters = dead + failed
-        for _, letter in letters:
-            self.metrics.events_invalid.labels(letter.code).inc()
-        if letters and self.publish is not None and self.dlq_topic is not None:
-            # until Kafka confirms them all: the offsets move past these records once they are
-            # sent, and a dead letter not sent then would never be
-            pending = [dead_letter_record(self.dlq_topic, key, letter) for key, letter in letters]
-            delays = self.backoff.delays()
-            while pending:
-                try:
-                    pending = await self.publish(pending)
-                except Exception as exc:  # noqa: BLE001 - the producer failed: send them again
-                    log.warning("dead-lettering %d item value(s) failed (%s); retrying", len(pending), described(exc))
-                if pending:
-                    await asyncio.sleep(next(delays))
-            self.metrics.dead_letters_published.inc(len(letters))
+        # until Kafka confirms them all: the offsets move past these records once they are sent,
+        # and a dead letter not sent then would never be
+        await self._dead_letter(dead + failed)
         if end is not None:
             self.offsets[partition] = end
+
+    async def _dead_letter(self, letters: list[tuple[bytes | None, DeadLetter]]) -> None:
+        """Count ``letters`` (key, letter) and send them to the dead-letter topic, retrying until
+        Kafka confirms them all (without a ``publish``, they are only counted)."""
+        for _, letter in letters:
+            self.metrics.events_invalid.labels(letter.code).inc()
+        if not letters or self.publish is None or self.dlq_topic is None:
+            return
+        pending = [dead_letter_record(self.dlq_topic, key, letter) for key, letter in letters]
+        delays = self.backoff.delays()
+        while pending:
+            try:
+                pending = await self.publish(pending)
+            except Exception as exc:  # noqa: BLE001 - the producer failed: send them again
+                log.warning("dead-lettering %d item value(s) failed (%s); retrying", len(pending), described(exc))
+            if pending:
+                await asyncio.sleep(next(delays))
+        self.metrics.dead_letters_published.inc(len(letters))
 
     def _upsert(self, partition: int, upserts: list[tuple[object, CatalogueItem]],
                 failed: list[tuple[bytes | None, DeadLetter]], now: int) -> list:
@@ -332,6 +363,8 @@ class CatalogueFeed:
                         type(exc).__name__, clipped(exception_text(exc), 300))
         else:
             changes.labels("upsert").inc(len(upserts))
+            for rec, item in upserts:
+                self._keep_source(rec, partition, item)
             return []
         for rec, item in upserts:
             try:
@@ -344,7 +377,14 @@ class CatalogueFeed:
                 failed.append((rec.key, dead_letter(problem, rec.value, rec.topic, partition, rec.offset, now)))
                 continue
             changes.labels("upsert").inc()
+            self._keep_source(rec, partition, item)
         return []
+
+    def _keep_source(self, rec, partition: int, item: CatalogueItem) -> None:
+        """Remember the record of an item just queued, to dead-letter it should embedding it
+        fail: until :meth:`_flush` has emptied the queue (one fetch's worth, or more while the
+        text model fails on anything)."""
+        self._sources[item.item_id] = _Source(rec.key, rec.value, rec.topic, partition, rec.offset)
 
     async def _flush(self) -> None:
         catalogue = self.catalogue
@@ -355,16 +395,19 @@ class CatalogueFeed:
             except Exception:  # noqa: BLE001 - an item the text model or an index cannot take: find it
                 await self._flush_singly(min(FLUSH_CHUNK, catalogue.pending))
             self.metrics.catalogue_items.set(len(catalogue))
+        self._sources.clear()  # every queued item is indexed or dead-lettered
         self.metrics.catalogue_pending.set(0)
         self.metrics.catalogue_items.set(len(catalogue))
 
     async def _flush_singly(self, n: int) -> None:
         """Index the next ``n`` queued items one at a time, after a chunk of them raised. An item
-        that raises alone while the text model still embeds :data:`PROBE_TEXT` is left out of
+        that raises alone while the text model still embeds :data:`PROBE_TEXT` is dead-lettered
+        as ``embedding_failed`` (its value, from the record it was read from), then taken out of
         the catalogue (logged at ERROR, counted as ``failed``): without that, the same chunk
-        raised at every retry and no later item was ever indexed. When the probe raises too,
-        the model fails whatever it is given, and the item's error is raised (the feed reads
-        again after a back-off, keeping the queue)."""
+        raised at every retry and no later item was ever indexed. It leaves the queue only once
+        Kafka confirmed its dead letter, so no snapshot passes it before. When the probe raises
+        too, the model fails whatever it is given, and the item's error is raised (the feed
+        reads again after a back-off, keeping the queue)."""
         catalogue = self.catalogue
         for _ in range(n):
             item_id = catalogue.next_pending()
@@ -379,14 +422,33 @@ class CatalogueFeed:
                 await asyncio.to_thread(catalogue.embedder.passages, [PROBE_TEXT])
             except Exception:  # noqa: BLE001 - not the item's doing
                 raise failure from None
+            source = self._sources.get(item_id)
+            if source is not None:
+                problem = InvalidEvent("embedding_failed", self._embedding_failed_reason(item_id, failure))
+                letter = dead_letter(problem, source.value, source.topic, source.partition, source.offset,
+                                     time.time_ns() // 1_000_000)
+                await self._dead_letter([(source.key, letter)])
             try:
                 catalogue.remove(item_id)  # out of the queue first, then whatever of it was indexed
             except Exception as exc:  # noqa: BLE001 - it is out of the queue at least
                 log.warning("removing the parts of item %r that were indexed failed: %s", item_id, exception_text(exc))
+            self._sources.pop(item_id, None)
             self.metrics.catalogue_changes.labels("failed").inc()
+            where = (f"its value at {source.topic}[{source.partition}]@{source.offset} is dead-lettered"
+                     if source is not None else "it was not read from the items topic: nothing to dead-letter")
             log.error("item %r is left out of the catalogue: embedding or indexing it raised %s: %s (a bug; report it "
-                      "with the item's text, which a new value for the item on the items topic tries again)", item_id,
-                      type(failure).__name__, clipped(exception_text(failure), 300))
+                      "with the item's text, which a new value for the item on the items topic tries again); %s",
+                      item_id, type(failure).__name__, clipped(exception_text(failure), 300), where)
+
+    def _embedding_failed_reason(self, item_id: str, failure: Exception) -> str:
+        """The dead letter's reason for an item the catalogue could not index alone (in practice the
+        text model: the index takes any vector), and what to do."""
+        model = getattr(self.catalogue.embedder, "name", type(self.catalogue.embedder).__name__)
+        return (f"the item is valid, but embedding its text, or indexing it, raised {type(failure).__name__}: "
+                f"{clipped(exception_text(failure), 300)} (the text model embeds other texts); item {item_id!r} is out "
+                f"of the catalogue of {self.reader}, whose text model is {model}, until a new value for it arrives "
+                "(each worker that reads the items topic sends a dead letter of its own): report this value (a bug of "
+                "the text model), then send the item again once that is fixed, or now with its title or description changed")
 
 
 __all__ = ["CatalogueFeed", "catalogue_item"]

@@ -50,11 +50,12 @@ class InvalidEvent(StreamrecError):
 
 
 #: Every dead-letter code, in the order docs/events.md explains them: the decoder's rules in the
-#: order it checks them, then ``processing_error`` (the value was valid, but handling it raised).
+#: order it checks them, then ``processing_error`` (the value was valid, but handling it raised),
+#: then ``embedding_failed`` (a valid item whose text the text model raised on, alone).
 DEAD_LETTER_CODES = (
     "oversize", "too_deep", "not_utf8", "malformed_json", "not_finite", "not_object", "unknown_type",
     "missing_field", "wrong_type", "invalid_value", "too_long", "bad_id", "bad_text", "ts_out_of_window",
-    "number_too_large", "processing_error",
+    "number_too_large", "processing_error", "embedding_failed",
 )
 
 

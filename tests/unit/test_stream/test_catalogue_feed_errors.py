@@ -275,3 +275,76 @@ async def test_a_fetch_stopped_before_its_dead_letters_are_sent_is_not_passed():
     with pytest.raises(asyncio.CancelledError):
         await feed._apply(0, [bad])
     assert feed.offsets == {}
+
+
+def _publisher(sent: list):
+    async def publish(records):
+        sent.extend(records)
+        return []
+
+    return publish
+
+
+async def test_an_item_the_text_model_raises_on_is_dead_lettered_with_its_value_and_the_others_are_indexed():
+    """It was only logged and counted: its record was gone by the time its embedding failed,
+    so nothing reached the dead-letter topic, and nobody could tell a producer what to fix."""
+    sent: list = []
+    catalogue = Catalogue(_Choosy())
+    metrics = Metrics(CollectorRegistry())
+    feed = CatalogueFeed(catalogue, {}, "t.items", DEFAULT_BOUNDS, metrics, _publisher(sent), "t.dlq",
+                         reader="worker-3:4242")
+    records = _items([("a", "Lamp"), ("p", "Poison pill"), ("c", "Chair")])
+    await feed._apply(0, records)
+    await feed._flush()
+    assert "a" in catalogue and "c" in catalogue and "p" not in catalogue and catalogue.pending == 0
+    assert feed.offsets == {0: 3}
+    ((topic, key, value),) = sent
+    letter = decode_dead_letter(value)
+    assert (topic, key, letter.code) == ("t.dlq", b"p", "embedding_failed")
+    assert (letter.topic, letter.partition, letter.offset, letter.raw) == ("t.items", 0, 1, records[1].value.decode())
+    for words in ("raised ValueError: cannot embed this (the text model embeds other texts)", "'p'",
+                  "worker-3:4242, whose text model is constant",
+                  "send the item again"):
+        assert words in letter.reason, letter.reason
+    sample = metrics.registry.get_sample_value
+    assert sample("streamrec_events_invalid_total", {"reason": "embedding_failed"}) == 1
+    assert sample("streamrec_dead_letters_published_total") == 1
+    assert sample("streamrec_catalogue_changes_total", {"kind": "failed"}) == 1
+    assert sample("streamrec_catalogue_changes_total", {"kind": "upsert"}) == 3
+
+
+async def test_an_item_queued_before_the_text_model_failed_on_anything_is_dead_lettered_from_its_own_record():
+    """The feed reads on past a fetch whose items wait in the queue (the model failed on
+    everything, then recovered): the dead letter still carries the value and place of the
+    record the item was read from, not of a later one."""
+    sent: list = []
+    embedder = _Choosy(always=True)
+    catalogue = Catalogue(embedder)
+    feed = CatalogueFeed(catalogue, {}, "t.items", DEFAULT_BOUNDS, Metrics(CollectorRegistry()), _publisher(sent),
+                         "t.dlq")
+    await feed._apply(0, _items([("a", "Lamp"), ("p", "Poison pill")]))
+    with pytest.raises(ValueError):
+        await feed._flush()
+    assert sent == [] and catalogue.pending == 2
+    embedder.always = False
+    later = [SimpleNamespace(topic="t.items", offset=2, key=b"c", value=b'{"item_id": "c", "title": "Chair", "ts": 1}')]
+    await feed._apply(0, later)
+    await feed._flush()
+    (letter,) = [decode_dead_letter(value) for _, _, value in sent]
+    assert (letter.code, letter.offset, letter.raw) == ("embedding_failed", 1,
+                                                         '{"item_id": "p", "title": "Poison pill", "ts": 1}')
+    assert "a" in catalogue and "c" in catalogue and "p" not in catalogue
+
+
+async def test_an_item_whose_dead_letter_is_not_confirmed_stays_queued_so_no_snapshot_passes_it():
+    async def publish(records):
+        raise asyncio.CancelledError  # the feed is stopped while Kafka has not confirmed it
+
+    store = InMemoryUserStateStore()
+    catalogue = Catalogue(_Choosy())
+    feed = CatalogueFeed(catalogue, {}, "t.items", DEFAULT_BOUNDS, Metrics(CollectorRegistry()), publish, "t.dlq",
+                         store=store)
+    await feed._apply(0, _items([("p", "Poison pill")]))
+    with pytest.raises(asyncio.CancelledError):
+        await feed._flush()
+    assert catalogue.next_pending() == "p" and not await feed.snapshot()

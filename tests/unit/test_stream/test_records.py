@@ -47,7 +47,7 @@ from stream.records import (
 CLICK = {"event_id": "e1", "type": "click", "user_id": "u1", "item_id": "i9", "ts": 1_700_000_000_000}
 PURCHASE = {**CLICK, "type": "purchase", "quantity": 2, "price": 9.5, "order_id": "o1"}
 REQUIRED = ("event_id", "type", "user_id", "item_id", "ts")
-ERROR_CODES = set(DEAD_LETTER_CODES) - {"processing_error"}  # the decoder's; the handler adds processing_error
+ERROR_CODES = set(DEAD_LETTER_CODES) - {"processing_error", "embedding_failed"}  # the decoder's; the worker adds the others
 
 # A JSON value of each kind, with the word the reason uses for what was seen.
 SEEN = {"str": "text", "int": 7, "float": 1.5, "bool": True, "null": None, "array": [1], "object": {"a": 1}}
