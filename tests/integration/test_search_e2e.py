@@ -9,7 +9,9 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 
+import numpy as np
 from kafka.admin import NewTopic
 from prometheus_client import CollectorRegistry
 from workerkit import (
@@ -27,6 +29,7 @@ from online_models.search import Catalogue, TextEmbedder
 from stream import catalogue_feed
 from stream.catalogue_feed import CatalogueFeed
 from stream.prometheus import Metrics
+from stream.publisher import BatchPublisher
 from stream.records import DEFAULT_BOUNDS, decode_dead_letter, decode_recommendation
 
 TS = 1_700_000_000_000
@@ -163,3 +166,54 @@ async def test_a_missing_items_topic_is_an_empty_catalogue_until_it_exists(kafka
     finally:
         reading.cancel()
         await asyncio.gather(reading, return_exceptions=True)
+
+
+class _PoisonedModel:
+    """A text model that raises on one item's text (a bug of the model or its tokenizer) and
+    embeds every other text."""
+
+    dim = 4
+    name = "poisoned-test-model"
+
+    def queries(self, texts):
+        return np.ones((len(texts), 4), dtype=np.float32) / 2
+
+    def passages(self, texts):
+        if any("Poison" in text for text in texts):
+            raise ValueError("the tokenizer cannot take this text")
+        return self.queries(texts)
+
+
+async def test_an_item_the_text_model_raises_on_reaches_the_dead_letter_topic(kafka_bootstrap, kafka_admin,
+                                                                               topic_prefix):
+    # it was only logged: its record was gone by the time the model raised on it, so nothing
+    # on the DLQ said which value, where, or what to do
+    topic, dlq = f"{topic_prefix}items", f"{topic_prefix}dlq"
+    await asyncio.to_thread(kafka_admin.create_topics, [NewTopic(topic, 2, 1), NewTopic(dlq, 1, 1)])
+    values = {item_id: json.dumps({"item_id": item_id, "title": title, "ts": TS}).encode()
+              for item_id, title in [("lamp", "Desk lamp"), ("pill", "Poison pill"), ("chair", "Office chair")]}
+    placed = await asyncio.to_thread(produce, kafka_bootstrap, topic_prefix,
+                                     [("items", item_id.encode(), value) for item_id, value in values.items()])
+    publisher = BatchPublisher(kafka_bootstrap)
+    metrics = Metrics(CollectorRegistry())
+    feed = CatalogueFeed(Catalogue(_PoisonedModel()), {"bootstrap_servers": kafka_bootstrap}, topic, DEFAULT_BOUNDS,
+                         metrics, publisher.publish, dlq, reader="worker-test")
+    reading = asyncio.create_task(feed.run())
+    try:
+        await asyncio.wait_for(feed.caught_up.wait(), 60)
+        deadline = time.monotonic() + 60
+        while not (letters := await asyncio.to_thread(read_all, kafka_bootstrap, dlq)):
+            assert time.monotonic() < deadline and not reading.done(), "no dead letter on the DLQ topic"
+            await asyncio.sleep(0.2)
+        assert "lamp" in feed.catalogue and "chair" in feed.catalogue and "pill" not in feed.catalogue
+        assert feed.catalogue.pending == 0 and not reading.done()
+    finally:
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+        await publisher.stop()
+    (record,) = letters
+    letter = decode_dead_letter(record.value)
+    assert (record.key, letter.code, letter.raw) == (b"pill", "embedding_failed", values["pill"].decode())
+    assert (letter.topic, letter.partition, letter.offset) == placed[1]
+    assert "ValueError: the tokenizer cannot take this text" in letter.reason and "worker-test" in letter.reason
+    assert metrics.registry.get_sample_value("streamrec_dead_letters_published_total") == 1
