@@ -434,8 +434,12 @@ class CatalogueFeed:
                 log.warning("removing the parts of item %r that were indexed failed: %s", item_id, exception_text(exc))
             self._sources.pop(item_id, None)
             self.metrics.catalogue_changes.labels("failed").inc()
-            where = (f"its value at {source.topic}[{source.partition}]@{source.offset} is dead-lettered"
-                     if source is not None else "it was not read from the items topic: nothing to dead-letter")
+            if source is None:
+                where = "it was not read from the items topic: nothing to dead-letter"
+            else:
+                where = (f"its value at {source.topic}[{source.partition}]@{source.offset} is "
+                         + ("dead-lettered" if self.publish is not None and self.dlq_topic is not None
+                            else "counted as embedding_failed (this process sends no dead letters)"))
             log.error("item %r is left out of the catalogue: embedding or indexing it raised %s: %s (a bug; report it "
                       "with the item's text, which a new value for the item on the items topic tries again); %s",
                       item_id, type(failure).__name__, clipped(exception_text(failure), 300), where)

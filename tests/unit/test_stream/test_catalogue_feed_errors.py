@@ -94,6 +94,8 @@ async def test_an_item_the_text_model_raises_on_is_left_out_and_the_others_are_i
     await feed._flush()
     assert "a" in catalogue and "c" in catalogue and "p" not in catalogue and catalogue.pending == 0
     assert metrics.registry.get_sample_value("streamrec_catalogue_changes_total", {"kind": "failed"}) == 1
+    # serve sends no dead letters: it counts it
+    assert metrics.registry.get_sample_value("streamrec_events_invalid_total", {"reason": "embedding_failed"}) == 1
     await feed._apply(0, _items([("d", "Desk")]))  # the feed goes on
     await feed._flush()
     assert "d" in catalogue
