@@ -11,8 +11,8 @@ each request leaves at its time whether or not the earlier ones have answered, s
 is measured, not hidden. Half of the queries repeat one of 50 head queries; the other half are
 each new (a product kind with a number no other request has), so the server embeds half of them.
 Users are drawn from the shop's users. Prints the latency percentiles of the answers, the
-requests shed (503: more than ``stream.serve.MAX_IN_FLIGHT`` in progress, or half of them from
-one user, whose address the client forwards as a site's backend would) and other errors,
+requests shed (503: more than ``stream.serve.MAX_IN_FLIGHT`` in progress, or all but the reserved
+ones from one user, whose address the client forwards as a site's backend would) and other errors,
 and the worker's events handled meanwhile. Everything shares this machine's cores: the worker,
 the producer, Kafka, Redis, serve and the client.
 
@@ -82,7 +82,7 @@ async def load(base: str, rps: float, seconds: float, seed: int) -> tuple[list[f
             url = f"{base}/v1/search?" + urllib.parse.urlencode({"q": q, "user_id": f"u{user}", "k": 20})
             # the client stands in for a site's backend, each user's address forwarded (serve
             # believes it from 127.0.0.1, STREAMREC_SERVE_TRUSTED_PROXIES): one address alone
-            # would get half of serve's requests in progress (stream/serve_clients.py)
+            # would get one client's share of serve's requests in progress (stream/serve_clients.py)
             forwarded = {"X-Forwarded-For": f"198.18.{user >> 8}.{user & 255}"}
             t = time.perf_counter()
             try:

@@ -65,7 +65,7 @@ from stream.pseudonyms import Pseudonyms, pseudonyms_of
 from stream.records import ID_PATTERN, MAX_ID_CHARS, MAX_QUERY_CHARS, SearchEvent
 from stream.search_step import SearchConfig, SearchStep
 from stream.serve_clients import shedding, write_timeout
-from stream.settings import IPNetwork, Settings
+from stream.settings import MAX_IN_FLIGHT, RESERVED_SLOTS, IPNetwork, Settings
 from stream.shell import load_arm_scorers, load_scorer, text_embedder
 from stream.snapshots import SNAPSHOT_KEY, serving_with
 from stream.state import RedisUserStateStore, UserState, UserStateStore
@@ -74,12 +74,6 @@ log = logging.getLogger("streamrec.serve")
 
 #: the largest ``k`` a request may ask for
 MAX_K = 100
-
-#: requests in progress (waiting for a computing thread included) beyond which
-#: a new one is answered 503 at once: an overloaded server sheds load instead of queueing
-#: requests until every one of them is late (and the store's connections run out). One client
-#: address may hold half of them (stream/serve_clients.py)
-MAX_IN_FLIGHT = 16
 
 #: requests computed at once, each embedding its query on one engine thread (the text model and
 #: numpy release the GIL). With one, at 200 searches/s on 2 cores p99 was 103 ms; with two
@@ -388,14 +382,15 @@ def _open_files_raised() -> None:
 
 
 def create_web_app(api: Api, max_in_flight: int = MAX_IN_FLIGHT, metrics: Metrics | None = None,
-                   trusted_proxies: tuple[IPNetwork, ...] = ()) -> web.Application:
+                   trusted_proxies: tuple[IPNetwork, ...] = (), reserved_slots: int = RESERVED_SLOTS) -> web.Application:
     """The API's routes, and ``/metrics`` (``metrics``' registry) when ``metrics`` is given, with
     ``streamrec_ready{condition}`` from ``api.health`` (stream/health.py, ReadinessCollector).
-    ``trusted_proxies``: whose X-Forwarded-For names the client (stream/serve_clients.py)."""
+    ``trusted_proxies``: whose X-Forwarded-For names the client; ``reserved_slots``: of the
+    ``max_in_flight``, those no one client may hold (stream/serve_clients.py)."""
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _MalformedRequests) for f in server_log.filters):
         server_log.addFilter(_MalformedRequests())
-    middlewares = [write_timeout(), shedding(max_in_flight, trusted_proxies), _errors]
+    middlewares = [write_timeout(), shedding(max_in_flight, trusted_proxies, reserved_slots), _errors]
     if metrics is not None:
         middlewares.insert(1, _observed(metrics))
     app = web.Application(middlewares=middlewares)
@@ -566,7 +561,8 @@ async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop:
                                                       personal_weight=settings.search_personal_weight))
     api = Api(store, step, catalogue, search, settings.top_k, health, pseudonyms_of(settings.pseudonym_key))
     refresher = ModelRefresher(store, step, settings.snapshot_key, metrics)
-    runner = api_runner(create_web_app(api, metrics=metrics, trusted_proxies=settings.serve_proxies))
+    runner = api_runner(create_web_app(api, metrics=metrics, trusted_proxies=settings.serve_proxies,
+                                           reserved_slots=settings.serve_reserved_slots))
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

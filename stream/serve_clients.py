@@ -9,8 +9,11 @@
   writer as soon as the kernel takes no more), and a connection whose answer has not left within
   :data:`WRITE_TIMEOUT_S` is aborted, said in at most one log line a minute.
 - **A client with many requests at once** (:func:`shedding`). More than ``max_in_flight`` API
-  requests in progress is a 503; one peer address may hold at most half of them (at least one),
-  so that a client that opens many at once gets its own 503s and others are still answered. The
+  requests in progress is a 503; one peer address may take a slot only while ``reserved`` slots
+  are left that it does not hold (it holds at most ``max_in_flight - reserved``, at least one), so
+  that a client that opens many at once gets its own 503s and others are still answered, and a
+  client alone on an idle server has all but ``reserved`` of them (with half, a single backend
+  calling from one address got its 9th request shed while 8 slots stood empty). The
   peer is the connection's address (an IPv6 address by its /64, which one host is given), never
   ``X-Forwarded-For``, which any client can write; but behind a reverse proxy every request
   comes from the proxy's address, so ``STREAMREC_SERVE_TRUSTED_PROXIES`` names the proxies whose
@@ -34,7 +37,7 @@ import time
 import msgspec
 from aiohttp import web
 
-from stream.settings import IPNetwork
+from stream.settings import RESERVED_SLOTS, IPNetwork
 
 log = logging.getLogger("streamrec.serve")
 
@@ -185,11 +188,12 @@ def _among(remote: str | None, trusted: tuple[IPNetwork, ...]) -> bool:
     return any(address in network for network in trusted)
 
 
-def shedding(max_in_flight: int, trusted: tuple[IPNetwork, ...] = ()):
-    """More than ``max_in_flight`` API requests in progress, or more than half of them (at least
-    one) from one peer (:func:`client_of` through ``trusted`` proxies, :func:`peer_of`): a new one
-    is a 503 with Retry-After."""
-    per_peer = max(1, max_in_flight // 2)
+def shedding(max_in_flight: int, trusted: tuple[IPNetwork, ...] = (), reserved: int = RESERVED_SLOTS):
+    """More than ``max_in_flight`` API requests in progress, or more than ``max_in_flight -
+    reserved`` of them (at least one) from one peer (:func:`client_of` through ``trusted``
+    proxies, :func:`peer_of`): a new one is a 503 with Retry-After. So whatever one peer does,
+    ``reserved`` slots stay beyond its reach, for the others."""
+    per_peer = max(1, max_in_flight - reserved)
     in_flight = 0
     peers: dict[str, int] = {}  # requests in progress by peer (none: not there)
 

@@ -45,6 +45,14 @@ def log_level(flag: str | None, default: str = "info") -> str:
     return level.upper()
 
 
+#: API requests in progress in ``streamrec serve`` (waiting for a computing thread included)
+#: beyond which a new one is answered 503 at once: an overloaded server sheds load instead of
+#: queueing requests until every one of them is late (and the store's connections run out)
+MAX_IN_FLIGHT = 16
+#: STREAMREC_SERVE_RESERVED_SLOTS' default: of those 16, the slots no one client may take
+#: (stream/serve_clients.py, docs/operations.md "serve's clients")
+RESERVED_SLOTS = 4
+
 #: the most items in a list, candidates, recent items, remembered event ids or partitions
 MAX_LIST = 100_000
 #: the most items or users an online model keeps
@@ -188,7 +196,8 @@ class Settings:
     min_insync_replicas: int = _env("STREAMREC_MIN_INSYNC_REPLICAS", "1", "min.insync.replicas of each topic streamrec creates (2 with 3 replicas): with acks=all a write needs this many")
     pseudonym_key: str = _env("STREAMREC_PSEUDONYM_KEY", "", "secret of the keyed hash (HMAC-SHA256) the worker stores and learns user ids as, so that user state and model snapshots never hold a site's ids (recommendations still go out under them; stream/pseudonyms.py); empty: raw ids; changing it starts every user afresh", secret=True)
     serve_port: int = _env("STREAMREC_SERVE_PORT", "8080", "port of `streamrec serve`'s HTTP API (--port overrides it)")
-    serve_trusted_proxies: str = _env("STREAMREC_SERVE_TRUSTED_PROXIES", "", "addresses or networks (10.0.0.0/8) of the reverse proxies in front of `streamrec serve`, comma-separated, whose X-Forwarded-For it believes: a request through one counts against its client's share of the requests in progress (half), not the proxy's; empty: X-Forwarded-For is never read, and each connection's own address is the client")
+    serve_trusted_proxies: str = _env("STREAMREC_SERVE_TRUSTED_PROXIES", "", "addresses or networks (10.0.0.0/8) of the reverse proxies in front of `streamrec serve`, comma-separated, whose X-Forwarded-For it believes: a request through one counts against its client's share of the requests in progress (STREAMREC_SERVE_RESERVED_SLOTS), not the proxy's; empty: X-Forwarded-For is never read, and each connection's own address is the client")
+    serve_reserved_slots: int = _env("STREAMREC_SERVE_RESERVED_SLOTS", str(RESERVED_SLOTS), f"how many of the {MAX_IN_FLIGHT} API requests `streamrec serve` takes in progress no one client may hold: kept for the others, so one client alone may hold the other {MAX_IN_FLIGHT - RESERVED_SLOTS} by default (0 to {MAX_IN_FLIGHT - 1}; 0: one client may hold all {MAX_IN_FLIGHT} and lock the others out)")
     catalogue: bool = _env("STREAMREC_CATALOGUE", "true", "read the items topic into a catalogue that searches retrieve from (every worker reads all of it, and embeds each item with the text model; stream/catalogue_feed.py); false: searches re-rank only the results they carry")
     search_candidates: int = _env("STREAMREC_SEARCH_CANDIDATES", "50", "items each of BM25 and the text model retrieve per search, fused and re-ranked for the user (docs/search.md: 50 rather than 100 costs 0.17% of NDCG@10 and a quarter of a search's Python)")
     query_student: str = _env("STREAMREC_QUERY_STUDENT", "", "a query encoder distilled from the text model on the catalogue (a file from `streamrec distil-queries`): a query it can read costs about 0.1 ms instead of 3, for some NDCG@10 (docs/search.md, \"A query student\"); empty: every query goes to the text model")
@@ -294,6 +303,9 @@ class Settings:
             self.serve_proxies  # noqa: B018 - parsed to be checked
         except ValueError as exc:
             raise ConfigError(f"STREAMREC_SERVE_TRUSTED_PROXIES={clipped(self.serve_trusted_proxies, 200)!r}: {exc}") from None
+        if not 0 <= self.serve_reserved_slots < MAX_IN_FLIGHT:
+            raise ConfigError(f"STREAMREC_SERVE_RESERVED_SLOTS={self.serve_reserved_slots}: expected 0 to {MAX_IN_FLIGHT - 1} "
+                              f"(of the {MAX_IN_FLIGHT} requests serve has in progress, those one client may not take)")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"STREAMREC_METRICS_PORT={self.metrics_port}: expected a port 0-65535 (0: off)")
         self.redis.check()

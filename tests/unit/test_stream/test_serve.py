@@ -244,7 +244,7 @@ async def test_an_overloaded_server_sheds_load_with_503s(catalogue):
     api.search = slow
     async with TestClient(TestServer(create_web_app(api, max_in_flight=2))) as client, \
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as other:
-        # one from each of two clients: one client alone may hold only half (test_serve_clients.py)
+        # one from each of two clients: one client alone may hold only one of 2 (test_serve_clients.py)
         first = [asyncio.create_task(client.get("/v1/search", params={"q": "tv"})),
                  asyncio.create_task(other.get(client.make_url("/v1/search"), params={"q": "tv"}))]
         deadline = time.monotonic() + 10

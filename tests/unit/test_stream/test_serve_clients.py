@@ -127,7 +127,7 @@ async def test_one_client_gets_its_own_503s_and_another_is_still_answered(api):
         return await Api.search(api, request)
 
     api.search = search
-    runner, port = await started(create_web_app(api, max_in_flight=4))  # 2 for one client
+    runner, port = await started(create_web_app(api, max_in_flight=4, reserved_slots=2))  # 2 for one client
     url = f"http://127.0.0.1:{port}/v1/search"
     async with aiohttp.ClientSession() as mine, \
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(OTHER_PEER, 0))) as other:
@@ -153,7 +153,7 @@ async def test_one_client_gets_its_own_503s_and_another_is_still_answered(api):
 
 async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_share(api):
     # behind a reverse proxy every request comes from the proxy's address: without believing its
-    # X-Forwarded-For, the proxy's clients together held half of the requests in progress
+    # X-Forwarded-For, the proxy's clients together held one client's share of the requests in progress
     inside, release = [], asyncio.Event()
 
     async def search(request):
@@ -163,7 +163,8 @@ async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_share(ap
         return await Api.search(api, request)
 
     api.search = search
-    runner, port = await started(create_web_app(api, max_in_flight=4, trusted_proxies=(ipaddress.ip_network("127.0.0.1"),)))
+    runner, port = await started(create_web_app(api, max_in_flight=4, reserved_slots=2,
+                                                trusted_proxies=(ipaddress.ip_network("127.0.0.1"),)))
     url = f"http://127.0.0.1:{port}/v1/search"
     busy, other = {"X-Forwarded-For": "203.0.113.9"}, {"X-Forwarded-For": "203.0.113.9, 198.51.100.4"}
     async with aiohttp.ClientSession() as proxy:
@@ -177,6 +178,69 @@ async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_share(ap
             assert answered.status == 200
             release.set()
             assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
+        finally:
+            release.set()
+            await runner.cleanup()
+
+
+async def test_a_client_alone_holds_all_but_the_reserved_slots_and_another_still_gets_them(api):
+    # one client could hold half (8 of 16): a site's single backend calling from one address was
+    # shed at its 9th request while 8 slots stood empty; now it may hold all but the 4 reserved
+    inside, release = [], asyncio.Event()
+
+    async def search(request):
+        if request.query.get("q") == "slow":
+            inside.append(request.remote)
+            await release.wait()
+        return await Api.search(api, request)
+
+    api.search = search
+    runner, port = await started(create_web_app(api))  # as serve runs it: 16, of which 4 reserved
+    assert (serve.MAX_IN_FLIGHT, serve_clients.RESERVED_SLOTS) == (16, 4)
+    url = f"http://127.0.0.1:{port}/v1/search"
+    connector = aiohttp.TCPConnector(limit=0)  # aiohttp's own 100 a host: no client-side queue
+    async with aiohttp.ClientSession(connector=connector) as mine, \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(OTHER_PEER, 0))) as other:
+        try:
+            held = [asyncio.create_task(mine.get(url, params={"q": "slow"})) for _ in range(12)]
+            await until(lambda: len(inside) == 12, 10, "twelve slow requests of one client in progress")
+            shed = await asyncio.wait_for(mine.get(url, params={"q": "tv"}), 5)
+            assert shed.status == 503 and shed.headers["Retry-After"] == "1"
+            error = (await shed.json())["error"]
+            assert "this client already has 12 requests in progress, the most one client may (of 16 in all)" in error, error
+            # the four reserved slots are the other client's, all of them
+            theirs = [asyncio.create_task(other.get(url, params={"q": "slow"})) for _ in range(4)]
+            await until(lambda: len(inside) == 16, 10, "the other client's four slow requests in progress")
+            full = await asyncio.wait_for(other.get(url, params={"q": "tv"}), 5)
+            assert full.status == 503 and (await full.json())["error"] == "overloaded: 16 requests in progress; retry shortly"
+            release.set()
+            assert [r.status for r in await asyncio.gather(*held, *theirs)] == [200] * 16
+            assert inside.count(OTHER_PEER) == 4
+        finally:
+            release.set()
+            await runner.cleanup()
+
+
+@pytest.mark.parametrize(("reserved", "most"), [(0, 4), (1, 3), (3, 1), (4, 1)])
+async def test_one_client_may_hold_all_but_the_reserved_slots_and_always_one(api, reserved, most):
+    inside, release = [], asyncio.Event()
+
+    async def search(request):
+        inside.append(request.remote)
+        await release.wait()
+        return await Api.search(api, request)
+
+    api.search = search
+    runner, port = await started(create_web_app(api, max_in_flight=4, reserved_slots=reserved))
+    url = f"http://127.0.0.1:{port}/v1/search"
+    async with aiohttp.ClientSession() as mine:
+        try:
+            held = [asyncio.create_task(mine.get(url, params={"q": "tv"})) for _ in range(most)]
+            await until(lambda: len(inside) == most, 10, f"{most} requests in progress")
+            shed = await asyncio.wait_for(mine.get(url, params={"q": "tv"}), 5)
+            assert shed.status == 503
+            release.set()
+            assert [r.status for r in await asyncio.gather(*held)] == [200] * most
         finally:
             release.set()
             await runner.cleanup()

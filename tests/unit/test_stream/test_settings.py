@@ -99,6 +99,9 @@ def test_the_process_environment_is_the_default(monkeypatch):
         ("STREAMREC_KAFKA_BOOTSTRAP", "b1:9092,:", "':' is not host:port"),
         ("STREAMREC_TOPIC_PREFIX", "streamrec/", "topic names"),
         ("STREAMREC_REDIS_URL", "127.0.0.1:6379", "redis://"),
+        ("STREAMREC_SERVE_RESERVED_SLOTS", "16", "0 to 15"),
+        ("STREAMREC_SERVE_RESERVED_SLOTS", "-1", "0 to 15"),
+        ("STREAMREC_SERVE_RESERVED_SLOTS", "a few", "an integer"),
     ],
 )
 def test_bad_values_name_the_variable_and_what_was_seen(name, raw, says):
