@@ -562,7 +562,7 @@ async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop:
     api = Api(store, step, catalogue, search, settings.top_k, health, pseudonyms_of(settings.pseudonym_key))
     refresher = ModelRefresher(store, step, settings.snapshot_key, metrics)
     runner = api_runner(create_web_app(api, metrics=metrics, trusted_proxies=settings.serve_proxies,
-                                           reserved_slots=settings.serve_reserved_slots))
+                                       reserved_slots=settings.serve_reserved_slots))
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
