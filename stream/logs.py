@@ -6,7 +6,8 @@ ten times a second ("Failed fetch messages from 1: KafkaConnectionError ..."), 2
 20-s outage, which bury what the worker itself says (and /readyz already says the broker is
 away). :class:`Thinned` lets one record of each warning or error through per interval and
 says how many it held back; what differs (another partition, another node) is another record,
-and information (a group joined, a partition assigned) is never held back.
+and information (a group joined, a partition assigned) is never held back. ``streamrec retrain``
+thins kafka-python's lines with it too, once a minute (stream/retrain_cli.py).
 """
 
 from __future__ import annotations

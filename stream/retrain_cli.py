@@ -21,7 +21,7 @@ at every ``LOOK_S``).
 Once it reads, Kafka failing (a broker restarting) costs it nothing it has read: a ``KafkaError``
 is logged once per outage and tried again with back-off (:class:`_Outage`), and kafka-python's
 own lines, several a second while a broker is down, once a minute each
-(:class:`_ThrottledKafkaLogs`); only a failure at start, before anything is read, ends it.
+(:func:`_kafka_logs_thinned`); only a failure at start, before anything is read, ends it.
 
 Forget requests are honoured: a user's events at or before the request's ``ts`` never enter a
 fit after it is read (the versions registered before it keep what they learned: the next fit
@@ -74,6 +74,7 @@ from online_models import Interaction
 from online_models.datasets import read_interactions
 from stream.decoding import decode_event, decode_forget
 from stream.errors import described
+from stream.logs import Thinned
 from stream.records import DEFAULT_BOUNDS, Bounds
 from stream.retry import Backoff
 from stream.settings import Settings, log_level
@@ -256,7 +257,7 @@ def retrain(
     next_look = 0.0  # for partitions added to the topics: once the backlog is read, then every LOOK_S
     outage = _Outage()
     try:
-        with stop_on_signals() as stop, _kafka_logs_throttled():
+        with stop_on_signals() as stop, _kafka_logs_thinned():
             while not stop.is_set():
                 try:  # a Kafka call that fails keeps the window: back off, and read on once the broker is back
                     for tp, records in consumer.poll(timeout_ms=500, max_records=5000).items():
@@ -348,35 +349,26 @@ class _Outage:
         self.since, self.tries, self._delays = None, 0, self.backoff.delays()
 
 
-class _ThrottledKafkaLogs(logging.Handler):
-    """Hands kafka-python's records on to the root logger's handlers, each message (its logger,
-    level and template) at most once every ``interval_s``: with the broker down it logs several
-    lines a second (every connection attempt, every metadata refresh). A message let through
-    again says how many like it were held back."""
-
-    def __init__(self, interval_s: float = KAFKA_LOG_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__()
-        self.interval_s, self.clock = interval_s, clock
-        self.last: dict[tuple[str, int, object], tuple[float, int]] = {}  # key -> (let through at, held back since)
+class _ToRoot(logging.Handler):
+    """Hands the records its filters let through on to the root logger's handlers."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        key, now = (record.name, record.levelno, record.msg), self.clock()
-        at, held = self.last.get(key, (-math.inf, 0))
-        if now - at < self.interval_s:
-            self.last[key] = (at, held + 1)
-            return
-        self.last[key] = (now, 0)
-        if held:
-            record = logging.makeLogRecord(record.__dict__)
-            record.msg = f"{record.msg} (and {held} more like it in the last {now - at:.0f} s)"
         logging.getLogger().handle(record)
 
 
 @contextmanager
-def _kafka_logs_throttled(interval_s: float = KAFKA_LOG_EVERY_S) -> Iterator[None]:
-    """While the block runs, kafka-python's log records go through :class:`_ThrottledKafkaLogs`."""
+def _kafka_logs_thinned(every_s: float = KAFKA_LOG_EVERY_S,
+                        clock: Callable[[], float] = time.monotonic) -> Iterator[None]:
+    """While the block runs, kafka-python's records go through one :class:`~stream.logs.Thinned`:
+    each warning or error at most once every ``every_s``, the next one saying how many like it
+    were held back (its INFO, a line per connection, is off: ``retrain`` sets the ``kafka``
+    logger to WARNING). With the broker down it logs several lines a second, on a logger per
+    module (``kafka.cluster``, ``kafka.net.manager``, ...); a filter on a logger sees only what
+    is logged on that one, so the filter is a handler's, on ``kafka``, whose records go on to the
+    root's handlers."""
     kafka_log = logging.getLogger("kafka")
-    handler, propagate = _ThrottledKafkaLogs(interval_s), kafka_log.propagate
+    handler, propagate = _ToRoot(), kafka_log.propagate
+    handler.addFilter(Thinned(every_s, clock))
     kafka_log.addHandler(handler)
     kafka_log.propagate = False
     try:
