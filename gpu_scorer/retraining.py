@@ -39,6 +39,7 @@ from gpu_scorer.training import (
     scorer_ranks,
     sequences_from_interactions,
     train,
+    trained_through,
     validation_rows,
 )
 from online_models.datasets import sequences_by_user
@@ -150,10 +151,9 @@ class Retrainer:
                 gate["overruled"] = overrule
         finally:
             torch.set_num_threads(threads)
-        through = max((x.ts for x in interactions), default=None)
         version, parity = export_and_register(result, self.registry,
                                               {"events": len(interactions), "retrained": True,
-                                               "trained_through": through, **(data or {})},
+                                               "trained_through": trained_through(interactions), **(data or {})},
                                               make_current=gate is None or gate["passed"] or overrule is not None,
                                               extra=None if gate is None else {"gate": gate})
         if not parity["ok"]:
@@ -164,7 +164,7 @@ class Retrainer:
     def _trained_through(self) -> int | None:
         """The newest event ``ts`` the ``CURRENT`` version was fitted on (its manifest's
         ``data.trained_through``); None without one (no ``CURRENT``, or a version that does not
-        say: a ``streamrec train`` one, or an older retrain's)."""
+        say: one of an older ``streamrec train`` or retrain)."""
         try:
             current = self.registry.pointed()
             through = self.registry.manifest(current).get("data", {}).get("trained_through") if current else None
@@ -199,7 +199,7 @@ class Retrainer:
         if held is None:
             return self._gate_record(current, None, None, 0, True, None,
                                      f"{current}'s manifest does not say which events it was fitted on "
-                                     "(data.trained_through: a version of streamrec train, or of an older retrain)")
+                                     "(data.trained_through: a version of an older streamrec train or retrain)")
         if len(held) < MIN_GATE_EVENTS:
             return self._gate_record(current, None, None, len(held), True, None,
                                      f"only {len(held)} held-out event(s) newer than {current}'s data "

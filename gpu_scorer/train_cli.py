@@ -144,7 +144,9 @@ def train(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     registry = ModelRegistry(model_dir)
-    data = {"dataset": str(dataset) if dataset else None, "format": format, "limit": limit, "events": len(events), "seed": seed}
+    # the newest event it was fitted on: retrain's gate compares the next fit with it on the events after it
+    data = {"dataset": str(dataset) if dataset else None, "format": format, "limit": limit, "events": len(events),
+            "seed": seed, "trained_through": training.trained_through(events)}
     try:
         version, parity = export.export_and_register(result, registry, data)
     except OSError as exc:  # a disk that filled up, a folder made read-only while it trained: one line, not a traceback

@@ -70,6 +70,19 @@ def sequences_from_interactions(interactions: Iterable, kinds: Sequence[str] = T
     return {u: [x.item_id for x in xs if x.kind in kinds] for u, xs in sequences_by_user(interactions).items()}
 
 
+def trained_through(interactions: Iterable, kinds: Sequence[str] = TRAINED_KINDS) -> int | None:
+    """The newest ``ts`` (unix ms, as every log format and event has it) of ``interactions`` of
+    the ``kinds`` a model is trained on; None without any. A version records it as its
+    manifest's ``data.trained_through``: ``streamrec retrain``'s gate compares on the events newer
+    than the ``CURRENT`` version's (gpu_scorer/retraining.py).
+
+    >>> from online_models.types import Interaction
+    >>> trained_through([Interaction("u", "i", 5), Interaction("v", "j", 9)]), trained_through([])
+    (9, None)
+    """
+    return max((x.ts for x in interactions if x.kind in kinds), default=None)
+
+
 def split_last(
     sequences: Mapping[str, Sequence[str]], max_valid: int | None = None, seed: int = 0
 ) -> tuple[list[list[str]], list[tuple[list[str], str]]]:
@@ -315,4 +328,4 @@ def _progress(console, enabled: bool):
 
 __all__ = ["TRAINED_KINDS", "TrainConfig", "TrainResult", "model_ranks", "rank_metrics", "sample_users",
            "scorer_rank_metrics", "scorer_ranks", "sequences_from_interactions", "split_last", "train",
-           "validation_rows", "windows"]
+           "trained_through", "validation_rows", "windows"]

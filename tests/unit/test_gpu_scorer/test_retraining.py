@@ -440,7 +440,7 @@ def test_the_gate_compares_on_events_newer_than_current_s_data_which_the_fit_set
 
 def test_the_gate_lets_a_fit_through_where_nothing_fair_can_be_compared(tmp_path):
     """On the very events CURRENT was fitted on (none newer), or under a CURRENT that does not say
-    what it was fitted on (a streamrec train version), the gate has nothing fair to compare on:
+    what it was fitted on (a version of an older streamrec train or retrain), the gate has nothing fair to compare on:
     the fit passes, and its record says why."""
     registry = ModelRegistry(tmp_path)
     older, _ = _older_and_all()
@@ -453,6 +453,33 @@ def test_the_gate_lets_a_fit_through_where_nothing_fair_can_be_compared(tmp_path
     register_tiny(registry.root)  # a version whose manifest has no data.trained_through
     _, metrics = Retrainer(registry, arch, QUICK, gate_tolerance=0.0).fit(older)
     assert metrics["gate"]["passed"] and "does not say which events" in metrics["gate"]["undecided"], metrics["gate"]
+
+
+def test_a_version_of_streamrec_train_says_what_it_was_fitted_on_so_the_next_gate_compares(tmp_path, monkeypatch):
+    """streamrec train registered no data.trained_through: the first retrain gate after an
+    operator's train was undecided ("does not say which events"), whatever the fit. It records
+    the newest event it trained on, and the gate compares on the events after it."""
+    older, log = _older_and_all()
+    otto = {"click": "clicks", "purchase": "orders"}
+    dataset = tmp_path / "older.jsonl"  # one OTTO session a user: ts in milliseconds, as the events'
+    dataset.write_bytes(b"\n".join(
+        msgspec.json.encode({"session": user, "events": [{"aid": x.item_id, "ts": x.ts, "type": otto[x.kind]}
+                                                         for x in xs]})
+        for user, xs in retraining.sequences_by_user(older).items()))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the command's setting would outlive the test
+    models = tmp_path / "models"
+    result = CliRunner().invoke(_cli("train"), ["train", "--dataset", str(dataset), "--format", "otto", "--epochs", "1",
+                                                "--dim", "16", "--max-len", "8", "--device", "cpu", "--serve-device",
+                                                "cpu", "--no-progress", "--model-dir", str(models)],
+                                env={"COLUMNS": "500"})
+    assert result.exit_code == 0, result.output
+    registry = ModelRegistry(models)
+    trained = registry.pointed()
+    assert registry.manifest(trained)["data"]["trained_through"] == max(x.ts for x in older)
+    _, metrics = Retrainer(registry, architecture_of(registry), QUICK, gate_tolerance=1.0).fit(log)
+    gate = metrics["gate"]
+    assert "undecided" not in gate and gate["current"] == trained, gate
+    assert gate["held_out"] >= retraining.MIN_GATE_EVENTS and gate["current_hr@10"] is not None, gate
 
 
 def test_the_gate_counts_an_item_the_current_vocabulary_lacks_as_a_miss(tmp_path):
