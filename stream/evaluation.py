@@ -491,10 +491,6 @@ def _scorer_name(scorer) -> str | None:
     return None if scorer is None else f"{getattr(scorer, 'version', '?')} on {getattr(scorer, 'provider', '?')}"
 
 
-__all__ = ["BASELINES", "DEFAULT_MODELS", "SERVED", "SESSION_MODELS", "Contender", "admit", "build_contender", "prequential",
-           "session_rec", "verdict"]
-
-
 #: below this share of the items judged in its vocabulary, the Transformer given to ``served``
 #: was trained on other items (another shop, another log) and the report says so
 LOW_VOCABULARY_SHARE = 0.5
@@ -512,12 +508,16 @@ def _vocabulary_summary(scorer, targets: set[str]) -> dict[str, Any]:
     share = known / len(targets)
     summary: dict[str, Any] = {"items_judged": len(targets), "in_vocabulary": known, "share": round(share, 4)}
     if share < LOW_VOCABULARY_SHARE:
-        summary["warning"] = vocabulary_warning(share, known, len(targets), _scorer_name(scorer))
+        summary["warning"] = _vocabulary_warning(share, known, len(targets), _scorer_name(scorer))
     return {"scorer_vocabulary": summary}
 
 
-def vocabulary_warning(share: float, known: int, items: int, scorer: str | None) -> str:
+def _vocabulary_warning(share: float, known: int, items: int, scorer: str | None) -> str:
     """The line that says the Transformer knows too few of the items judged."""
     return (f"warning: the Transformer ({scorer}) knows only {share:.0%} of the {items:,} distinct items judged "
             f"({known:,} in its vocabulary): it was trained on other items, so it adds little or nothing to "
             "'served' here; give --scorer-model a version trained on this data (streamrec train)")
+
+
+__all__ = ["BASELINES", "DEFAULT_MODELS", "SERVED", "SESSION_MODELS", "Contender", "Retraining", "admit",
+           "build_contender", "contender_names", "prequential", "session_rec", "session_rec_units", "verdict"]
