@@ -162,10 +162,11 @@ def retrain(
              "users' last event newer than what the CURRENT version was fitted on, set aside from the fit) is not "
              "worse than the CURRENT version's on the same events by more than --gate-tolerance and by more than "
              "chance explains (a one-sided paired sign test at 5%, on the events one model hits and the other "
-             "misses); otherwise it is registered, and CURRENT stays. --no-gate makes every fit that passes its parity check CURRENT. Not "
-             "gated: the first model (no CURRENT), a fit with fewer than 50 such events or whose CURRENT does not "
-             "say what it was fitted on (a version of an older streamrec train or retrain), and a fit after a forget request the CURRENT "
-             "version's fit had not read (its manifest's data.erased_through).")] = True,
+             "misses); otherwise it is registered, and CURRENT stays. --no-gate makes every fit that passes its "
+             "parity check CURRENT. Not gated: the first model (no CURRENT), a fit with fewer than 50 such events "
+             "or whose CURRENT does not say what it was fitted on (a version of an older streamrec train or "
+             "retrain), and a fit after a forget request the CURRENT version's fit had not read (its manifest's "
+             "data.erased_through).")] = True,
     gate_tolerance: Annotated[float, typer.Option(
         "--gate-tolerance", metavar="HR",
         help="How much lower (absolute, 0 to 1) a fit's held-out HR@10 may be than the CURRENT version's and "
