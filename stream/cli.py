@@ -14,6 +14,7 @@ from online_models import Recommender
 from online_models.datasets import DatasetError
 from stream import gcpolicy, logs
 from stream.app import Worker, check_model_dir, create_app
+from stream.broker_wait import BrokerWait, StopRequested
 from stream.distil_cli import distil_queries
 from stream.errors import StreamrecError
 from stream.evaluate_cli import evaluate
@@ -51,7 +52,8 @@ def worker(
     Start as many as the input topics have partitions; they share the work as one consumer group.
     SIGTERM or Ctrl-C finishes the batch in hand, commits and exits; a second Ctrl-C or SIGTERM
     exits at once, status 130 or 143 (nothing is lost: that batch is not committed, and the next
-    owner of its partitions handles it again).
+    owner of its partitions handles it again). A Kafka broker that does not answer at start is
+    waited for (/readyz says why), not an exit.
     """
     settings = Settings.from_env()
     level = log_level(loglevel, settings.log_level)
@@ -71,6 +73,21 @@ def worker(
     if settings.metrics_port:
         serve(settings.metrics_port, REGISTRY, health)  # /metrics, /healthz, /readyz (it logs where)
     faust_app = create_app(settings, metrics=metrics, health=health)  # connects to nothing
+    # a broker that does not answer yet is waited for (unready, alive), not a crash loop;
+    # one that refuses the login or a server that is not Kafka still stops it (stream/broker_wait.py)
+    wait = BrokerWait(settings.kafka, health)
+    try:
+        with wait.stopped_by_signals():
+            wait.run(lambda: prepare_topics(settings, log))
+    except StopRequested as stop:  # as a worker's first signal: exit 0, nothing consumed to commit
+        log.info("%s while waiting for Kafka: stopping before the worker started", stop.name)
+        return
+    Worker(faust_app, loglevel=level.lower(), quiet=True).execute_from_commandline()
+
+
+def prepare_topics(settings: Settings, log: logging.Logger) -> None:
+    """The worker's start-up steps on Kafka, before Faust starts: its topics created (or checked
+    co-partitioned) and their configs aligned. ServiceUnavailable when the broker goes away."""
     created = ensure_streamrec_topics(settings)
     if created:
         log.info("created topics %s with %d partitions", ", ".join(created), settings.partitions)
@@ -79,7 +96,6 @@ def worker(
         align_topic_configs(settings.kafka, settings.topic_configs())
     except StreamrecError as exc:
         log.warning("%s; the worker runs on, but an erasure is not complete until they are set", exc)
-    Worker(faust_app, loglevel=level.lower(), quiet=True).execute_from_commandline()
 
 
 def listen_host(value: str) -> str:

@@ -76,6 +76,7 @@ class Health:
         self._clock = clock
         self._started = clock()
         self._last_beat: float | None = None
+        self._starting = ""  # what start-up waits for before the first beat (still_starting)
         self._busy: dict[object, tuple[float, str]] = {}  # key -> (since, what) of each work in hand
         self._checked: float | None = None  # when the conditions were last refreshed (check_readiness)
         self._conditions: dict[str, tuple[bool, str]] = {c: (False, "not checked yet") for c in conditions}
@@ -84,6 +85,13 @@ class Health:
     def beat(self) -> None:
         """The event loop is alive (call from a short Faust timer)."""
         self._last_beat = self._clock()
+
+    def still_starting(self, what: str) -> None:
+        """Start-up goes on, waiting for something outside (the worker for a Kafka broker that
+        does not answer yet: stream/broker_wait.py), and is not stuck: the grace before the first
+        beat starts again, and ``/healthz`` says ``what``. Called at each try of that wait."""
+        self._started = self._clock()
+        self._starting = what
 
     def busy(self, what: str, key: object = None) -> None:
         """Work that should end within seconds began (a batch taken: ``what`` says it). Until
@@ -117,6 +125,8 @@ class Health:
         if self._last_beat is None:
             waited = now - self._started
             if waited <= self.startup_grace_s:
+                if self._starting:
+                    return True, f"starting: {self._starting} (no heartbeat yet)"
                 return True, f"starting ({waited:.0f} s, no heartbeat yet)"
             return False, f"no heartbeat {waited:.0f} s after start (grace {self.startup_grace_s:.0f} s)"
         age = now - self._last_beat
