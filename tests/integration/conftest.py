@@ -19,6 +19,8 @@ Fixtures:
 - ``redis_prefix`` (function): ``"t<12 hex>:"``, unique per test; keys under it are deleted
   after the test (the server may be a developer's, so nothing is flushed).
 - ``redis_client`` (function): ``redis.Redis`` on ``redis_url`` with ``decode_responses=True``.
+- ``private_kafka`` / ``private_redis`` (function): a server of the test alone, to ``halt`` and
+  ``start`` again; ``unstarted_kafka``: a broker of the test alone that it starts itself.
 
 Every test under ``tests/integration`` is marked ``integration`` automatically.
 """
@@ -242,6 +244,17 @@ def private_kafka() -> Iterator[LocalService]:
     """A broker of this test alone (``.address`` is its bootstrap), which it may stop (``halt``)
     and start again without disturbing the other tests."""
     yield from running(kafka_service("a private Kafka broker", f"own-{os.getpid()}-{uuid.uuid4().hex[:6]}"))
+
+
+@pytest.fixture
+def unstarted_kafka() -> Iterator[LocalService]:
+    """A broker of this test alone, not started: its ``.address`` answers nothing until the test
+    calls ``.start()`` (stopped after the test)."""
+    broker = kafka_service("a private Kafka broker", f"own-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    try:
+        yield broker
+    finally:
+        broker.stop()
 
 
 @pytest.fixture
