@@ -207,8 +207,8 @@ class BrokerWait:
             self._said = now
             log.warning("Kafka at %s does not answer (%s): waiting for a broker before starting, trying again every "
                         "%.0f s at most; /readyz says kafka FAIL meanwhile. Check that Kafka runs there, or point "
-                        "STREAMREC_KAFKA_BOOTSTRAP at it (a listener that closes the connection unanswered may want TLS "
-                        "or SASL: STREAMREC_KAFKA_SECURITY_PROTOCOL)", where, problem, self.backoff.cap_s)
+                        "STREAMREC_KAFKA_BOOTSTRAP at it (a listener that does not answer may want TLS or SASL: "
+                        "STREAMREC_KAFKA_SECURITY_PROTOCOL)", where, problem, self.backoff.cap_s)
         elif now - self._said >= self.remind_every_s:
             self._said = now
             log.warning("still waiting for Kafka at %s: no broker has answered for %s (%d tries; the last: %s)",
