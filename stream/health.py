@@ -8,7 +8,8 @@
   heartbeat (``Health.beat``, a 1 s Faust timer) is younger than ``stale_after_s``; 503
   when the loop has been stuck longer (Kubernetes then restarts the container). Before the
   first beat the worker counts as alive for ``startup_grace_s`` (model loading, joining the
-  consumer group).
+  consumer group), counted again from each try while it waits for Kafka at start
+  (``Health.still_starting``).
 - ``GET /readyz``: readiness. 200 once every condition holds (by default ``kafka``: the
   consumer joined its group and no rebalance is under way; ``redis``: the last PING was
   answered), 503 with the failing conditions otherwise; 503 too while a batch has been in hand
