@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from online_models.search import QueryStudent, TextEmbedder
-from stream.errors import StreamrecError
+from stream.errors import StreamrecError, counted
 from stream.produce_catalogue import read_catalogue_file, synthetic_items
 from stream.settings import Settings
 
@@ -72,7 +72,7 @@ def distil_queries(
     titles = [item.title for item in items if item.available]
     if not titles:
         raise StreamrecError(f"{catalogue}: no available item to learn from")
-    typer.echo(f"learning the words of {len(titles):,} titles ({spans} runs of words each)")
+    typer.echo(f"learning the words of {counted(len(titles), 'title')} ({counted(spans, 'run')} of words each)")
     embedder = TextEmbedder()  # every core: nothing else runs here
     t0 = time.monotonic()
     last = [t0]
@@ -91,7 +91,7 @@ def distil_queries(
         out.write_bytes(student.to_bytes())
     except OSError as exc:
         raise StreamrecError(f"cannot write {out}: {exc.strerror or exc}") from None
-    typer.echo(f"wrote {out} ({len(student.tokens):,} word pieces, {out.stat().st_size / 2**20:.1f} MiB) in "
+    typer.echo(f"wrote {out} ({counted(len(student.tokens), 'word piece')}, {out.stat().st_size / 2**20:.1f} MiB) in "
                f"{time.monotonic() - t0:.0f} s; use it with STREAMREC_QUERY_STUDENT={out}")
 
 

@@ -12,6 +12,15 @@ def clipped(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and ``noun``, the noun agreeing with the count (``plural``: where adding "s" is wrong).
+
+    >>> counted(1, "event"), counted(2_000, "event"), counted(0, "purchase"), counted(1, "entry", "entries")
+    ('1 event', '2,000 events', '0 purchases', '1 entry')
+    """
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
 def described(exc: BaseException) -> str:
     """``Type: message`` for a log line. ``%r`` of an exception usually shows its message, but
     not always: redis-py's ``ResponseError("DB index is out of range")`` is ``server:ResponseError``.

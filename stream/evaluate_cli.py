@@ -29,7 +29,7 @@ from gpu_scorer.errors import ScorerError
 from gpu_scorer.train_cli import INSTALL_TRAIN, check_device, missing_train_packages
 from online_models import Recommender
 from online_models.datasets import DatasetError, load_folder, read_interactions
-from stream.errors import ConfigError, StreamrecError
+from stream.errors import ConfigError, StreamrecError, counted
 from stream.evaluation import (
     DEFAULT_MODELS,
     SESSION_MODELS,
@@ -477,8 +477,8 @@ def _print_tables(console, report: dict[str, Any]) -> None:
     settings = ", ".join(f"{k}={v}" for k, v in report.get("settings", {}).items())
     scorer = report.get("scorer") or "none"
     if report["protocol"] == "prequential":
-        title = (f"prequential on {report['dataset']}: {report['events']} events, {report['users']} users, "
-                 f"{report['catalogue']} items; batches of {report['batch_size']}; Transformer: {scorer}")
+        title = (f"prequential on {report['dataset']}: {counted(report['events'], 'event')}, "
+                 f"{counted(report['users'], 'user')}, {counted(report['catalogue'], 'item')}; batches of {report['batch_size']}; Transformer: {scorer}")
         table = Table(title=title, caption=settings)
         for c in ["model", "judged", *cols, *extra]:
             table.add_column(c, justify="left" if c == "model" else "right", no_wrap=c == "model")
@@ -496,9 +496,10 @@ def _print_tables(console, report: dict[str, Any]) -> None:
                           "purchases credited by the attribution window):")
             console.print(format_table(summarize(counters, control)), markup=False, highlight=False)
         return
-    table = Table(title=f"session-rec ({report.get('split', 'test')} split): {report['test_sessions']} test sessions, "
-                        f"{report['test_predictions']} next-click predictions; saved lists: {report['saved_pairs']} "
-                        f"pairs; Transformer: {scorer}", caption=settings)
+    table = Table(title=f"session-rec ({report.get('split', 'test')} split): "
+                        f"{counted(report['test_sessions'], 'test session')}, "
+                        f"{counted(report['test_predictions'], 'next-click prediction')}; saved lists: "
+                        f"{counted(report['saved_pairs'], 'pair')}; Transformer: {scorer}", caption=settings)
     for c in ["model", "mode", "judged", *cols, f"saved HR@{kk}", f"saved MRR@{kk}", *extra]:
         table.add_column(c, justify="left" if c in ("model", "mode") else "right", no_wrap=c in ("model", "mode"))
     for algo, m in report["references"].items():
@@ -523,8 +524,8 @@ def _print_failures(console, report: dict[str, Any]) -> None:
     for name, m in report["models"].items():
         for label, r in ((name, m),) if "dead_lettered" in m else ((f"{name} ({mode})", r) for mode, r in m.items()):
             if r.get("dead_lettered"):
-                console.print(f"[red]{label}: the step raised on {r['dead_lettered']} events; the worker would "
-                              "dead-letter them as processing_error[/]")
+                console.print(f"[red]{label}: the step raised on {counted(r['dead_lettered'], 'event')}; the worker "
+                              "would dead-letter them as processing_error[/]")
 
 
 def plot_curves(report: Mapping[str, Any], path: str, title: str | None = None) -> None:

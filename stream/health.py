@@ -47,7 +47,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import MetricsHandler
 
 from stream.connections import KafkaConnection
-from stream.errors import ConfigError
+from stream.errors import ConfigError, counted
 from stream.topics import probe
 
 log = logging.getLogger("streamrec.health")
@@ -273,10 +273,10 @@ async def check_readiness(app: Any, store: Any, health: Health, bootstrap: Kafka
             health.set("kafka", False, f"consumer not started: {exc}")
         else:
             if inputs is None:
-                health.set("kafka", True, f"in the group, {len(assignment)} partitions assigned")
+                health.set("kafka", True, f"in the group, {counted(len(assignment), 'partition')} assigned")
             else:
                 n = sum(1 for tp in assignment if tp.topic in inputs)
-                health.set("kafka", True, f"in the group, {n} input partitions assigned")
+                health.set("kafka", True, f"in the group, {counted(n, 'input partition')} assigned")
     health.checked()
     return health.readiness()[0]
 

@@ -41,7 +41,7 @@ from online_models.datasets import FORMATS, DatasetError, read_interactions
 from online_models.types import Interaction
 from stream.connections import KafkaConnection
 from stream.decoding import id_problem
-from stream.errors import StreamrecError
+from stream.errors import StreamrecError, counted
 from stream.produce_catalogue import read_catalogue_file, send_catalogue, synthetic_items
 from stream.publisher import RecordBatches, murmur2_partition
 from stream.records import MAX_ID_CHARS, encode
@@ -139,7 +139,8 @@ class ProduceSummary:
 
     def line(self) -> str:
         head = "interrupted after" if self.interrupted else "sent"
-        return (f"{head} {self.events:,} events ({self.clicks:,} clicks, {self.purchases:,} purchases) "
+        return (f"{head} {counted(self.events, 'event')} ({counted(self.clicks, 'click')}, "
+                f"{counted(self.purchases, 'purchase')}) "
                 f"in {self.seconds:.2f} s: {self.rate:,.0f} events/s")
 
 
@@ -354,7 +355,7 @@ def _produce_catalogue(path: Path | None, bootstrap: str | None, topic_prefix: s
             await producer.stop()
 
     sent = asyncio.run(main())
-    typer.echo(f"sent {sent:,} items to {settings.topics.items} on {settings.kafka_bootstrap}")
+    typer.echo(f"sent {counted(sent, 'item')} to {settings.topics.items} on {settings.kafka_bootstrap}")
     return sent
 
 

@@ -37,6 +37,7 @@ from kafka.errors import KafkaError
 
 from online_models.types import Explanation
 from stream.decoding import id_problem
+from stream.errors import counted
 from stream.records import (
     CONTROL_CHARS,
     DeadLetter,
@@ -200,7 +201,7 @@ def tail(
     finally:
         consumer.close(autocommit=False)
     if limit is not None and printed < limit and deadline is not None and time.monotonic() >= deadline:
-        typer.secho(f"tail: {printed} of {limit} messages on {topic} within {timeout:g} s", err=True, fg="red")
+        typer.secho(f"tail: {printed} of {counted(limit, 'message')} on {topic} within {timeout:g} s", err=True, fg="red")
         raise typer.Exit(1)
     return printed
 

@@ -167,7 +167,7 @@ class HoldingProxy:
 def assigned(worker) -> int:
     """How many partitions the worker's /readyz says it holds (-1: no answer)."""
     status, body = worker.http("/readyz")
-    m = re.search(r"(\d+) input partitions assigned", body)
+    m = re.search(r"(\d+) input partitions? assigned", body)
     return int(m.group(1)) if m and status == 200 else -1
 
 

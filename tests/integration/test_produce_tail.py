@@ -139,7 +139,7 @@ def test_a_taobao_log_replays_with_purchases_apart(kafka_bootstrap, topic_prefix
     log.write_text("1,10,100,pv,1511544070\n1,10,100,buy,1511544080\n2,11,100,cart,1511544090\n2,12,101,fav,1511544095\n")
     out = run("produce", "--dataset", str(log), "--format", "taobao", "--keep-ts",
               "--bootstrap", kafka_bootstrap, "--topic-prefix", topic_prefix, "--no-progress")
-    assert "sent 4 events (3 clicks, 1 purchases)" in out
+    assert "sent 4 events (3 clicks, 1 purchase)" in out
     topics = TopicNames(topic_prefix)
     (bought,) = [decode_event(r.value) for r in read_all(kafka_bootstrap, topics.purchases)]
     assert isinstance(bought, PurchaseEvent) and (bought.user_id, bought.item_id, bought.ts) == ("1", "10", 1_511_544_080_000)

@@ -157,6 +157,11 @@ def test_summary_line():
     assert ProduceSummary(interrupted=True).line().startswith("interrupted after 0 events")
 
 
+def test_summary_line_says_one_event_not_one_events():
+    assert ProduceSummary(clicks=1, seconds=1.0).line().startswith("sent 1 event (1 click, 0 purchases) in ")
+    assert ProduceSummary(clicks=1, purchases=1, seconds=1.0).line().startswith("sent 2 events (1 click, 1 purchase) ")
+
+
 # --- command lines (no broker needed: they refuse before connecting) --------------------
 
 def _app() -> typer.Typer:
