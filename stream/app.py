@@ -181,20 +181,31 @@ class Worker(faust.Worker):
     kill -9 (mode ignored both: a batch stuck on an unanswering Redis kept the worker for the
     drain's 30 s, and a supervisor's second SIGTERM could not cut that short)."""
 
+    #: what an operator calls each signal in the log
+    SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+    _first_signal: signal.Signals | None = None
+
     def _on_sigint(self) -> None:
-        if self._signal_stop_time:
-            self._exit_on_second(signal.SIGINT, "Ctrl-C")
+        self._on_stop_signal(signal.SIGINT)
         super()._on_sigint()
 
     def _on_sigterm(self) -> None:
-        if self._signal_stop_time:
-            self._exit_on_second(signal.SIGTERM, "SIGTERM")
+        self._on_stop_signal(signal.SIGTERM)
         super()._on_sigterm()
 
-    def _exit_on_second(self, sig: signal.Signals, said: str) -> None:
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        if not self._signal_stop_time:
+            self._first_signal = sig
+        else:
+            self._exit_on_second(sig)
+
+    def _exit_on_second(self, sig: signal.Signals) -> None:
         # as a kill -9: the batch in hand's offsets are committed only once it is done, so the
         # partitions' next owner reads it again and skips what was applied (docs/architecture.md)
-        self.log.warning("%s again: exiting now; the batch in hand is not committed, and its partitions' next "
+        first = self._first_signal or sig
+        said = (f"{self.SIGNAL_NAMES[sig]} again" if first == sig
+                else f"{self.SIGNAL_NAMES[sig]} after {self.SIGNAL_NAMES[first]}")
+        self.log.warning("%s: exiting now; the batch in hand is not committed, and its partitions' next "
                          "owner handles it again (each event applied once)", said)
         exit_now(128 + sig)
 

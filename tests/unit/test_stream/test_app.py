@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from types import SimpleNamespace
 
 import pytest
 import redis
 
+from stream import app as app_module
 from stream import logs
-from stream.app import create_app
+from stream.app import Worker, create_app
 from stream.consumer import FetchPacer
 from stream.errors import ConfigError
 from stream.settings import Settings
@@ -252,3 +254,24 @@ def test_thinning_keeps_the_kafka_clients_information_and_tells_partitions_apart
             logging.getLogger("aiokafka.consumer.fetcher").error("Unexpected error for %s", f"clicks-{partition}")
     assert [caplog.text.count(f"generation {g})") for g in range(3)] == [1, 1, 1]
     assert [caplog.text.count(f"for clicks-{p}") for p in range(3)] == [1, 1, 1]
+
+
+@pytest.mark.parametrize(("first", "second", "said"), [
+    (signal.SIGINT, signal.SIGTERM, "SIGTERM after Ctrl-C"),
+    (signal.SIGTERM, signal.SIGINT, "Ctrl-C after SIGTERM"),
+    (signal.SIGTERM, signal.SIGTERM, "SIGTERM again"),
+    (signal.SIGINT, signal.SIGINT, "Ctrl-C again"),
+])
+def test_the_second_stop_signal_is_logged_as_what_happened(first, second, said, monkeypatch, caplog):
+    worker = Worker(make_app(), loglevel="info", quiet=True)
+    exits: list[int] = []
+    monkeypatch.setattr(app_module, "exit_now", exits.append)
+    # the first signal's shutdown is mode's to schedule; here it only marks the worker as stopping
+    monkeypatch.setattr(worker, "_schedule_shutdown", lambda sig: setattr(worker, "_signal_stop_time", 1.0))
+    handlers = {signal.SIGINT: worker._on_sigint, signal.SIGTERM: worker._on_sigterm}
+    with caplog.at_level(logging.WARNING):
+        handlers[first]()
+        assert exits == []
+        handlers[second]()
+    assert exits == [128 + second]
+    assert f"{said}: exiting now; the batch in hand is not committed" in caplog.text
