@@ -22,7 +22,7 @@ import re
 import msgspec
 import numpy as np
 
-from stream.errors import InvalidEvent
+from stream.errors import InvalidEvent, clipped
 from stream.records import (
     CONTROL_CHARS,
     DEFAULT_BOUNDS,
@@ -88,7 +88,9 @@ def _invalid_from_validation(message: str) -> InvalidEvent:
         if seen.strip("'\"") in ("click", "purchase"):  # the first `type` chose the other kind
             return InvalidEvent("unknown_type", f"field `type` is given twice, with different values (the second {seen}); "
                                                 "send it once", "type")
-        return InvalidEvent("unknown_type", f'field `type`: unknown event type {seen}; expected "click" or "purchase"', "type")
+        # quoted cut short: a type of 60,000 characters made a 60 KB reason
+        return InvalidEvent("unknown_type", f'field `type`: unknown event type {clipped(seen, 80)}; expected "click" or '
+                                            '"purchase"', "type")
     if field == "type":
         return InvalidEvent("unknown_type", f'field `type` must be "click" or "purchase" ({body.strip()})', "type")
     if (t := _EXPECTED_TYPE.match(body)) is not None:
@@ -381,7 +383,7 @@ def _typed(exc: InvalidEvent, expected: str, topic: str) -> InvalidEvent:
     if exc.code == "missing_field":
         return InvalidEvent("missing_field", f'field `type` is missing; expected "{expected}"', "type")
     seen = re.search(r"unknown event type (.+); expected|Invalid (?:enum )?value ([^)]+)", exc.reason)
-    shown = (seen.group(1) or seen.group(2)) if seen else "another value"
+    shown = clipped(seen.group(1) or seen.group(2), 80) if seen else "another value"
     return InvalidEvent("unknown_type", f'field `type`: must be "{expected}" on the {topic} topic, saw {shown}', "type")
 
 

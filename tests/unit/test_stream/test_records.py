@@ -130,9 +130,9 @@ def mutated_events(draw):
     return body
 
 
-def rejected(value: bytes | None) -> InvalidEvent:
+def rejected(value: bytes | None, decode=decode_event) -> InvalidEvent:
     with pytest.raises(InvalidEvent) as info:
-        decode_event(value)
+        decode(value)
     err = info.value
     assert err.code in ERROR_CODES
     assert str(err) == err.reason
@@ -183,6 +183,15 @@ def test_unknown_or_badly_typed_event_type_is_unknown_type(value):
     err = rejected(raw({**CLICK, "type": value}))
     assert (err.code, err.field) == ("unknown_type", "type")
     assert "`type`" in err.reason and '"click" or "purchase"' in err.reason
+
+
+@pytest.mark.parametrize("decode", [decode_event, decode_search])
+def test_a_huge_unknown_type_is_quoted_cut_short_in_the_reason(decode):
+    # the reason is a sentence for a person (and travels beside the raw value in the dead
+    # letter): a 60,000-character type made it 60 KB and the dead letter twice the value
+    err = rejected(raw({**CLICK, "type": "x" * 60_000}), decode)
+    assert (err.code, err.field) == ("unknown_type", "type")
+    assert "'" + "x" * 79 + "…" in err.reason and len(err.reason) < 300
 
 
 def test_a_type_given_twice_is_said_so_not_called_unknown():
