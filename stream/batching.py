@@ -13,7 +13,11 @@ while flow is suspended, as Faust does, but without acknowledging them; track th
 acknowledge it once handled) and leaving out what does not (a processor coroutine, the
 ``current_event`` context and four sensor calls per event). On the 2-core box that per-event
 machinery was a large share of a worker's CPU at 2,000 events/s (measured in
-docs/architecture.md).
+docs/architecture.md). Of the sensors it keeps one thing, once a batch: the time each of the
+batch's partitions was last read (the monitor's ``stream_inbound_time``), which Faust's stall
+check reads. Without it, a worker up longer than Faust's ``stream_processing_timeout`` (300 s)
+logged "Stream has not started processing TP(...)" as an error, with a page of possible causes,
+for every partition that had a backlog when the check ran, while it was reading them.
 
 The ``within`` window starts when the batch's first event was written to Kafka (its record
 timestamp), as a producer's ``linger.ms`` starts at a batch's first record, not when the
@@ -59,6 +63,7 @@ async def take_batches(stream, max_: int, within: float) -> AsyncIterator[list]:
     acking_topics = app.topics.acking_topics
     queue = stream.channel.queue
     get_now = queue.get_nowait
+    inbound = app.monitor.stream_inbound_time
     events: list = []
 
     def accept(item) -> None:
@@ -98,6 +103,9 @@ async def take_batches(stream, max_: int, within: float) -> AsyncIterator[list]:
             return
         batch = list(events)
         events.clear()
+        now = time.monotonic()
+        for tp in {event.message.tp for event in batch}:
+            inbound[tp] = now
         yield batch  # handled partly or not at all (an exception, a cancel): left unacknowledged
         for event in batch:  # what the caller left in it (drop_stale removes events)
             event.ack()

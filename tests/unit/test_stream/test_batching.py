@@ -7,16 +7,17 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from faust.types import EventT
+from faust.sensors.monitor import Monitor
+from faust.types import TP, EventT
 from mode.utils.queues import FlowControlEvent, ThrowableQueue
 
 from stream.batching import drop_stale, take_batches
 
 
 class FakeEvent:
-    def __init__(self, offset: int, generation: int = 1, age_s: float = 60.0) -> None:
-        self.message = SimpleNamespace(topic="clicks", offset=offset, generation_id=generation,
-                                       timestamp=time.time() - age_s, tracked=False)
+    def __init__(self, offset: int, generation: int = 1, age_s: float = 60.0, partition: int = 0) -> None:
+        self.message = SimpleNamespace(topic="clicks", partition=partition, tp=TP("clicks", partition), offset=offset,
+                                       generation_id=generation, timestamp=time.time() - age_s, tracked=False)
         self.acked = False
 
     def ack(self) -> bool:
@@ -37,6 +38,7 @@ class FakeStream:
             topics=SimpleNamespace(acking_topics={"clicks"}),
             flow_control=SimpleNamespace(is_active=lambda: True),
             consumer_generation_id=1,
+            monitor=Monitor(),
         )
         self.channel = SimpleNamespace(queue=ThrowableQueue(flow_control=flow))
         self.should_stop = False
@@ -60,6 +62,25 @@ async def test_what_queued_goes_at_once_and_is_acked_only_when_the_caller_comes_
     assert all(ev.acked for ev in evs) and not later.acked
     await batches.aclose()
     assert not later.acked  # the caller never came back: redelivered after a restart
+
+
+async def test_each_batch_tells_fausts_stall_check_its_partitions_are_being_read():
+    # Faust's consumer logs "Stream has not started processing TP (started 5.01 minutes ago)"
+    # as an ERROR for each partition with a backlog whose stream_inbound_time was never set
+    # (its Stream iterator sets it per event; take_batches bypasses that iterator): a worker
+    # up for 5 minutes logged it for all 8 input partitions at the next burst of events
+    stream = FakeStream()
+    inbound = stream.app.monitor.stream_inbound_time
+    stream.put(FakeEvent(0, partition=0), FakeEvent(1, partition=2))
+    batches = take_batches(stream, max_=10, within=5.0)
+    before = time.monotonic()
+    await asyncio.wait_for(anext(batches), 1.0)
+    assert set(inbound) == {TP("clicks", 0), TP("clicks", 2)} and min(inbound.values()) >= before
+    stream.put(FakeEvent(2, partition=2))
+    later = time.monotonic()
+    await asyncio.wait_for(anext(batches), 1.0)
+    assert inbound[TP("clicks", 2)] >= later > inbound[TP("clicks", 0)]
+    await batches.aclose()
 
 
 async def test_a_batch_stops_at_max_and_the_rest_waits_for_the_next():
