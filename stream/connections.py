@@ -353,12 +353,18 @@ class RedisConnection:
         return None
 
 
+#: how every streamrec reader of what sites write reads it: without what aborted transactions
+#: wrote (a site's transactional producer leaves its aborted records in the log, marked)
+ISOLATION_LEVEL = "read_committed"
+
+
 async def started_reader(client_options: Mapping[str, Any], max_poll_records: int) -> AIOKafkaConsumer:
     """An aiokafka consumer of no group (it commits nothing, and reads a partition it is given
-    from its oldest record), started; one whose start fails (the broker down) is closed before
-    the error goes on, not left for the collector to complain of."""
+    from its oldest record, committed transactions' only), started; one whose start fails (the
+    broker down) is closed before the error goes on, not left for the collector to complain of."""
     consumer = AIOKafkaConsumer(**client_options, group_id=None, enable_auto_commit=False,
-                                auto_offset_reset="earliest", max_poll_records=max_poll_records)
+                                auto_offset_reset="earliest", max_poll_records=max_poll_records,
+                                isolation_level=ISOLATION_LEVEL)
     try:
         await consumer.start()
     except BaseException:
@@ -367,5 +373,5 @@ async def started_reader(client_options: Mapping[str, Any], max_poll_records: in
     return consumer
 
 
-__all__ = ["MECHANISMS", "PROTOCOLS", "AccessDenied", "KafkaConnection", "RedisConnection", "mask_url",
+__all__ = ["ISOLATION_LEVEL", "MECHANISMS", "PROTOCOLS", "AccessDenied", "KafkaConnection", "RedisConnection", "mask_url",
            "started_reader"]

@@ -54,6 +54,8 @@ from typing import Any
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
+from stream.connections import ISOLATION_LEVEL
+
 
 def start(coro: Coroutine) -> tuple[bool, Any]:
     """Run ``coro`` up to its first suspension: ``(True, result)`` when it finished, else
@@ -357,6 +359,10 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
     def _create_worker_consumer(self, transport):
         consumer = super()._create_worker_consumer(transport)
+        # Faust reads committed data only when it writes in transactions itself; a site's
+        # transactional producer leaves its aborted events in the log, and read uncommitted
+        # they were applied (read by AIOKafkaConsumer.start(), which builds its Fetcher)
+        consumer._isolation_level = ISOLATION_LEVEL
         wait_ms = getattr(transport, "fetch_max_wait_ms", None)
         if wait_ms is not None:  # read by AIOKafkaConsumer.start(), which builds its Fetcher
             consumer._fetch_min_bytes = FETCH_MIN_BYTES

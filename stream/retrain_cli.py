@@ -72,6 +72,7 @@ from gpu_scorer.train_cli import (
 )
 from online_models import Interaction
 from online_models.datasets import read_interactions
+from stream.connections import ISOLATION_LEVEL
 from stream.decoding import decode_event, decode_forget
 from stream.errors import described
 from stream.logs import Thinned
@@ -240,7 +241,8 @@ def retrain(
         # earliest: a position that retention (or a topic made again) left behind reads on from the oldest
         # record still there; kafka-python's default, latest, skipped every retained event up to the end
         consumer = KafkaConsumer(**kafka.client_options(), client_id="streamrec-retrain", group_id=None,
-                                 enable_auto_commit=False, auto_offset_reset="earliest", bootstrap_timeout_ms=30_000)
+                                 enable_auto_commit=False, auto_offset_reset="earliest", bootstrap_timeout_ms=30_000,
+                                 isolation_level=ISOLATION_LEVEL)  # never trains on aborted transactions' events
         names = (*topics.inputs, topics.forget)
         partitions = _added_partitions(consumer, names, set())
         consumer.assign(partitions)
