@@ -50,6 +50,8 @@ class RecordBatches:
         self._open: dict[tuple[str, int], tuple[Any, list[OutRecord]]] = {}
         self._partitions = {} if partitions is None else partitions
         self._sent: deque[tuple[asyncio.Future, list[OutRecord]]] = deque()
+        #: whether :meth:`confirm` found a batch the broker did not confirm
+        self.refused = False
 
     async def partitions(self, topic: str) -> list[int]:
         """The topic's partition ids, sorted (asked of the broker once per topic)."""
@@ -112,6 +114,7 @@ class RecordBatches:
         failed: list[OutRecord] = []
         for (_, records), res in zip(sent, results, strict=True):
             if isinstance(res, BaseException):
+                self.refused = True
                 if records:
                     log.warning("batch of %d records to %s not confirmed: %r", len(records), records[0][0], res)
                 failed.extend(records)
@@ -141,8 +144,13 @@ class BatchPublisher:
     async def start(self) -> None:
         async with self._start_lock:
             if not self._started:
-                self._producer = AIOKafkaProducer(**self._config)
-                await self._producer.start()
+                producer = AIOKafkaProducer(**self._config)
+                try:
+                    await producer.start()
+                except BaseException:
+                    await producer.stop()  # closes its client; the next publish makes a new one
+                    raise
+                self._producer = producer
                 self._started = True
 
     async def stop(self) -> None:
@@ -174,7 +182,25 @@ class BatchPublisher:
                 log.error("a %d-byte record does not fit a batch; it is not published", len(value or b""))
                 failed.append(rec)
         await batches.send_open()
-        return failed + await batches.confirm()
+        failed += await batches.confirm()
+        if batches.refused and self._config["enable_idempotence"]:
+            await self._renew()
+        return failed
+
+    async def _renew(self) -> None:
+        """Stop the producer; the next publish starts a new one, with a new producer id. A batch
+        that failed after it was sent took its sequence numbers, and the broker refuses every
+        later batch of its partition from this producer with OutOfOrderSequenceNumber (after
+        a broker outage longer than the request timeout, or a record over the topic's
+        max.message.bytes): a worker stood still until it was restarted."""
+        log.warning("renewing the Kafka producer after a batch that failed: with the same producer the "
+                    "broker would refuse every later batch of its partition (OutOfOrderSequenceNumber)")
+        async with self._start_lock:
+            producer, self._started = self._producer, False
+        try:  # every batch it sent is settled (confirm waited for them): nothing to flush
+            await asyncio.wait_for(producer.stop(), 10)
+        except Exception as exc:  # noqa: BLE001 - a producer that cannot stop cleanly is dropped all the same
+            log.warning("the old Kafka producer did not stop cleanly: %r", exc)
 
 
 __all__ = ["BatchPublisher", "OutRecord", "RecordBatches", "murmur2_partition"]
