@@ -57,7 +57,8 @@ class Thinned(logging.Filter):
             self._seen[message] = (seen[0], seen[1] + 1)
             return False
         if seen is not None and seen[1]:
-            record.msg, record.args = f"{message} ({seen[1]} more like it in the last {now - seen[0]:.0f} s)", None
+            # args (), not None: mode's formatter makes None (None,), which the message then fails to take
+            record.msg, record.args = f"{message} ({seen[1]} more like it in the last {now - seen[0]:.0f} s)", ()
         if seen is None and len(self._seen) >= MAX_TEMPLATES:
             self._seen.clear()
         self._seen[message] = (now, 0)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import signal
 from types import SimpleNamespace
 
 import pytest
 import redis
+from mode.utils.logging import ExtensionFormatter
 
 from stream import app as app_module
 from stream import logs
@@ -239,6 +241,19 @@ async def test_a_redis_refusal_is_logged_with_its_reason(caplog):
     with caplog.at_level(logging.WARNING, "streamrec"):
         assert await shell.retry_redis("load the models' snapshot", call) == "loaded"
     assert "ResponseError: DB index is out of range" in caplog.text
+
+
+def test_a_thinned_line_that_counts_what_it_held_back_formats_in_the_workers_log():
+    """mode's formatter (the worker's log) turns a record's args of None into (None,): the line
+    saying how many were held back failed to format, and the log had a "--- Logging error ---"
+    traceback instead, once every 10 s for each message, while the broker was away."""
+    clock = iter([0.0, 1.0, 12.0]).__next__
+    thinned = logs.Thinned(10.0, clock)
+    records = [logging.LogRecord("aiokafka", logging.ERROR, "f", 1, "Unable connect to node with id %s: %s",
+                                 (1, "Connect call failed"), None) for _ in range(3)]
+    assert [thinned.filter(r) for r in records] == [True, False, True]
+    formatter = ExtensionFormatter(stream=io.StringIO(), fmt="%(message)s")
+    assert formatter.format(records[2]) == "Unable connect to node with id 1: Connect call failed (1 more like it in the last 12 s)"
 
 
 def test_thinning_keeps_the_kafka_clients_information_and_tells_partitions_apart(caplog):
