@@ -553,12 +553,15 @@ class BatchHandler:
                 log.warning("publishing %d records failed (%s); will retry", len(pending), described(exc))
             if pending:
                 self.metrics.kafka_errors.labels("publish").inc()
-                since = since or time.monotonic()
+                if since is None:
+                    since, first = time.monotonic(), time.strftime("%H:%M:%S", time.gmtime())
                 topics = ", ".join(sorted({topic for topic, _, _ in pending}))
                 self.metrics.output_blocked.set(1)
-                self._unready("output", f"{len(pending)} record(s) to {topics} not accepted by Kafka for "
-                                        f"{time.monotonic() - since:.0f} s ({problem or 'see the log'}); nothing "
-                                        "after them is committed until they are")
+                # "since" a clock time: /readyz shows this until the next try ends, which can take the
+                # producer's request timeout (30 s); "for 0 s" stood there for all of it
+                self._unready("output", f"{len(pending)} record(s) to {topics} not accepted by Kafka since {first} "
+                                        f"UTC ({problem or 'see the log'}); nothing after them is committed until "
+                                        "they are")
                 await asyncio.sleep(next(delays))
         if since is not None:
             self.metrics.output_blocked.set(0)

@@ -5,6 +5,7 @@ and a failed attempt leaves no trace in the user states or the models."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import Counter
 
 import pytest
@@ -319,6 +320,9 @@ async def test_a_refused_dead_letter_holds_the_batch_and_says_unready_until_kafk
             break
     ready, text = health.readiness()
     assert not task.done() and not ready and "streamrec.dlq" in text
+    # when it began, as a clock time: what /readyz shows stands until the next try ends (up to
+    # the producer's request timeout), and "for 0 s" stood there all that time
+    assert re.search(r"not accepted by Kafka since \d\d:\d\d:\d\d UTC", text), text
     assert (await h.store.load_many(["a"]))["a"].clicks == 0  # nothing saved while the batch is held
     sink.refuse = None
     await asyncio.wait_for(task, 2)
