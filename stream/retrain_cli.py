@@ -74,7 +74,7 @@ from online_models import Interaction
 from online_models.datasets import read_interactions
 from stream.connections import ISOLATION_LEVEL
 from stream.decoding import decode_event, decode_forget
-from stream.errors import described
+from stream.errors import counted, described
 from stream.logs import Thinned
 from stream.records import DEFAULT_BOUNDS, Bounds
 from stream.retry import Backoff
@@ -233,7 +233,7 @@ def retrain(
             base = list(read_interactions(dataset, format))
         except (ValueError, OSError) as exc:
             raise typer.BadParameter(str(exc), param_hint="--dataset") from None
-        log.info("read %d events from %s; every fit trains on them too", len(base), dataset)
+        log.info("read %s from %s; every fit trains on them too", counted(len(base), "event"), dataset)
     retrainer = retraining.Retrainer(registry, architecture, training.TrainConfig(seed=seed, progress=False, device=device),
                                      settings.scorer_device, gate_tolerance=gate_tolerance if gate else None)
     events = EventWindow(window, settings.bounds)
@@ -274,8 +274,8 @@ def retrain(
                         caught_up = all((at := consumer.position(tp)) is not None and at >= end[tp]
                                         for tp in partitions)
                         if caught_up:
-                            log.info("read the topics' backlog: %d events kept, %d values skipped (invalid)",
-                                     len(events.events), events.invalid)
+                            log.info("read the topics' backlog: %s kept, %s skipped (invalid)",
+                                     counted(len(events.events), "event"), counted(events.invalid, "value"))
                     elif time.monotonic() >= next_look:
                         added = _added_partitions(consumer, names, end.keys())
                         if added:  # read from their oldest record, and to their end before the next fit
@@ -337,9 +337,9 @@ class _Outage:
         delay = next(self._delays)
         if self.since is None:
             self.since = self.clock()
-            log.warning("Kafka failed (%s): keeping the %d events read, trying again with back-off (%.0f s, "
-                        "doubling up to %.0f s) until it answers; logged once until then", described(exc), kept,
-                        delay, self.backoff.cap_s)
+            log.warning("Kafka failed (%s): keeping the %s read, trying again with back-off (%.0f s, "
+                        "doubling up to %.0f s) until it answers; logged once until then", described(exc),
+                        counted(kept, "event"), delay, self.backoff.cap_s)
         self.tries += 1
         return delay
 
@@ -347,8 +347,8 @@ class _Outage:
         """Kafka answered: a line where it had failed, and short delays for the next outage."""
         if self.since is None:
             return
-        log.warning("Kafka answers again after %.0f s (%d failed tries); reading on", self.clock() - self.since,
-                    self.tries)
+        log.warning("Kafka answers again after %.0f s (%s); reading on", self.clock() - self.since,
+                    counted(self.tries, "failed try", "failed tries"))
         self.since, self.tries, self._delays = None, 0, self.backoff.delays()
 
 
@@ -409,8 +409,8 @@ def _fit(retrainer, events: EventWindow, base: list[Interaction]) -> tuple[bool,
     gate holds back, registered all the same)."""
     interactions = events.interactions(base)
     started = time.monotonic()
-    log.info("fitting on %d events (%d read from Kafka, %d erased users)...", len(interactions), len(events.events),
-             len(events.erased))
+    log.info("fitting on %s (%s read from Kafka, %s)...", counted(len(interactions), "event"),
+             counted(len(events.events), "event"), counted(len(events.erased), "erased user"))
     overrule = _erasures_current_lacks(retrainer.registry, events)
     try:
         version, metrics = retrainer.fit(interactions, {"source": "streamrec retrain",

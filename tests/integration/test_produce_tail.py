@@ -203,7 +203,7 @@ def test_sigterm_stops_a_slow_replay_at_once_and_sends_nothing_more(kafka_bootst
             proc.communicate()
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert took < 5, f"stopped {took:.1f} s after SIGTERM"
-    assert "interrupted after 1 events" in out
+    assert "interrupted after 1 event (1 click, 0 purchases)" in out
     assert _count(kafka_bootstrap, topics.clicks) + _count(kafka_bootstrap, topics.purchases) == 1
 
 

@@ -74,7 +74,7 @@ def test_retrain_fits_the_topics_and_the_worker_hot_swaps_to_it(worker_env, work
         log.close()
     output = (tmp_path / "retrain.log").read_text()
     assert code == 0, output
-    assert "1 values skipped (invalid)" in output and "Traceback" not in output, output
+    assert "1 value skipped (invalid)" in output and "Traceback" not in output, output
 
 
 def test_retrain_once_with_nothing_to_fit_exits_1_for_its_scheduler(worker_env, tmp_path):

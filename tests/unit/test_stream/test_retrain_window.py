@@ -146,7 +146,7 @@ def test_a_kafka_error_while_retrain_runs_keeps_its_window_and_is_logged_once_pe
     assert result.exit_code == 0, (result.output, result.exception)
     assert fits[-1] == ["i1", "i2"], fits  # what was read before the outage is still in the window
     lines = [r.getMessage() for r in caplog.records if r.name == "streamrec.retrain" and "Kafka" in r.getMessage()]
-    assert len(lines) == 2 and "socket disconnected" in lines[0] and "keeping the 1 events read" in lines[0], lines
+    assert len(lines) == 2 and "socket disconnected" in lines[0] and "keeping the 1 event read" in lines[0], lines
     assert "answers again" in lines[1] and "(6 failed tries)" in lines[1], lines
 
 
