@@ -3,6 +3,7 @@ start, in one line, before anything connects to Kafka."""
 
 from __future__ import annotations
 
+import functools
 import re
 import socket
 import sys
@@ -12,6 +13,7 @@ import typer
 from prometheus_client import CollectorRegistry
 from typer.testing import CliRunner
 
+import stream.broker_wait
 import stream.cli
 import stream.health
 import stream.produce
@@ -24,6 +26,8 @@ def no_kafka(monkeypatch):
     def kafka(*args, **kwargs):
         raise AssertionError("reached Kafka before the settings were checked")
 
+    # the worker would wait for a broker that does not answer: its first probe fails the test
+    monkeypatch.setattr(stream.cli, "BrokerWait", functools.partial(stream.broker_wait.BrokerWait, probe=kafka))
     monkeypatch.setattr(stream.cli, "ensure_streamrec_topics", kafka)
     monkeypatch.setattr(stream.cli, "Worker", kafka)
     monkeypatch.setattr(stream.cli.gcpolicy, "configure", lambda **_: None)
