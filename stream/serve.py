@@ -59,6 +59,7 @@ from online_models.types import ScoredItem
 from stream.catalogue_feed import CatalogueFeed
 from stream.errors import ConfigError, clipped, described
 from stream.health import Health, export_readiness
+from stream.logs import Thinned
 from stream.pipeline import RecommendationStep
 from stream.prometheus import FROZEN_COUNT_INTERVAL_S, Metrics
 from stream.pseudonyms import Pseudonyms, pseudonyms_of
@@ -71,6 +72,9 @@ from stream.snapshots import SNAPSHOT_KEY, serving_with
 from stream.state import RedisUserStateStore, UserState, UserStateStore
 
 log = logging.getLogger("streamrec.serve")
+#: the requests answered 503 because the store did not answer: thinned (:func:`create_web_app`),
+#: since while Redis is away every request that names a user says the same
+store_log = logging.getLogger("streamrec.serve.store")
 
 #: the largest ``k`` a request may ask for
 MAX_K = 100
@@ -295,7 +299,10 @@ async def _errors(request: web.Request, handler):
                             status=exc.status, content_type="application/json",
                             headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"})
     except (ConnectionError, TimeoutError, OSError, RedisError) as exc:  # the store: nothing the caller did wrong
-        log.warning("%s %s: the store did not answer (%s)", request.method, request.path_qs, described(exc))
+        # by route, not path: one line per interval however many requests (Thinned), and no user's id or query
+        resource = request.match_info.route.resource
+        store_log.warning("%s %s answered 503: the user-state store did not answer (%s)", request.method,
+                          resource.canonical if resource is not None else "?", described(exc))
         return web.Response(body=_encode({"error": "the user-state store (Redis) does not answer; retry shortly"}),
                             status=503, content_type="application/json", headers={"Retry-After": "1"})
     except Exception:
@@ -390,6 +397,8 @@ def create_web_app(api: Api, max_in_flight: int = MAX_IN_FLIGHT, metrics: Metric
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _MalformedRequests) for f in server_log.filters):
         server_log.addFilter(_MalformedRequests())
+    if not any(isinstance(f, Thinned) for f in store_log.filters):
+        store_log.addFilter(Thinned())
     middlewares = [write_timeout(), shedding(max_in_flight, trusted_proxies, reserved_slots), _errors]
     if metrics is not None:
         middlewares.insert(1, _observed(metrics))

@@ -15,6 +15,7 @@ import yarl
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from online_models import Interaction, Recommender, RecommenderConfig
 from online_models.search import Catalogue, CatalogueItem, TextEmbedder
@@ -273,6 +274,29 @@ async def test_a_store_that_does_not_answer_is_a_503_not_a_500(catalogue):
         resp = await client.get("/v1/users/u1/recommendations")
         assert resp.status == 503 and "does not answer" in (await resp.json())["error"]
         assert (await client.get("/v1/search", params={"q": "tv"})).status == 200  # no user: no store needed
+    api.executor.shutdown()
+
+
+async def test_a_store_outage_under_traffic_is_one_warning_not_one_per_request_nor_the_users_ids(catalogue, caplog):
+    """While Redis was away each request logged a warning of its own, with its path and query:
+    at a thousand requests a second, a thousand lines a second, each naming a user id (and what
+    they searched for) even with STREAMREC_PSEUDONYM_KEY set."""
+
+    class Down(InMemoryUserStateStore):
+        async def load_many(self, user_ids):
+            raise RedisConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    step = RecommendationStep(Recommender.default())
+    api = Api(Down(), step, catalogue, SearchStep(step, catalogue), top_k=3)
+    async with TestClient(TestServer(create_web_app(api))) as client:
+        with caplog.at_level(logging.INFO, "streamrec.serve"):
+            for i in range(20):
+                assert (await client.get(f"/v1/users/secret-{i}/recommendations")).status == 503
+                assert (await client.get("/v1/search", params={"q": "tv", "user_id": f"secret-{i}"})).status == 503
+    said = [r.getMessage() for r in caplog.records if "did not answer" in r.getMessage()]
+    assert len(said) == 2, said  # one per route, the next after the thinning interval saying how many more
+    assert "/v1/users/{user_id}/recommendations" in " ".join(said) and "Connection refused" in " ".join(said)
+    assert "secret" not in caplog.text
     api.executor.shutdown()
 
 
