@@ -121,6 +121,11 @@ class Health:
         with self._lock:
             self._conditions[condition] = (bool(ok), detail or ("ok" if ok else "failing"))
 
+    def is_ok(self, condition: str) -> bool:
+        """Whether ``condition`` was last set ok (False before it is first set)."""
+        with self._lock:
+            return self._conditions.get(condition, (False, ""))[0]
+
     def liveness(self) -> tuple[bool, str]:
         now = self._clock()
         if self._last_beat is None:

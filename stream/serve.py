@@ -114,6 +114,9 @@ SERVE_STALE_HINT = ("serve's refresher hangs (Redis is waited for at most "
 
 _encode = msgspec.json.Encoder().encode
 
+#: what the store raises when Redis does not answer (a 503, never the caller's fault)
+STORE_ERRORS = (ConnectionError, TimeoutError, OSError, RedisError)
+
 
 class BadRequest(ValueError):
     """A request parameter that cannot be served; the message says which and why."""
@@ -195,6 +198,9 @@ class Api:
         self.top_k = top_k
         self.health = health or Health()
         self.pseudonyms = pseudonyms
+        #: set when a request's read from the store failed while ``redis`` was ok: the refresher
+        #: (:func:`run_server`) checks again at once rather than at its next round, up to 10 s away
+        self.store_failed = asyncio.Event()
         #: requests are computed off the event loop, COMPUTE_THREADS at a time
         self.executor = ThreadPoolExecutor(max_workers=COMPUTE_THREADS, thread_name_prefix="streamrec-serve")
 
@@ -205,7 +211,15 @@ class Api:
         if user_id is None:
             return None
         uid = self._uid(user_id)
-        return (await self.store.load_many([uid]))[uid]
+        try:
+            return (await self.store.load_many([uid]))[uid]
+        except STORE_ERRORS as exc:
+            # said by /readyz now: every request naming a user is a 503 until Redis is back, and
+            # a serve that answers so must leave the rotation, not stay in it till the next PING
+            if self.health.is_ok("redis"):
+                self.health.set("redis", False, f"a request's read failed: {described(exc)}")
+                self.store_failed.set()
+            raise
 
     async def _run(self, what: str, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, self._computed, what, fn, args)
@@ -298,7 +312,7 @@ async def _errors(request: web.Request, handler):
         return web.Response(body=_encode({"error": f"{exc.status} {exc.reason}: {request.method} {clipped(request.path, 40)}"}),
                             status=exc.status, content_type="application/json",
                             headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"})
-    except (ConnectionError, TimeoutError, OSError, RedisError) as exc:  # the store: nothing the caller did wrong
+    except STORE_ERRORS as exc:  # the store: nothing the caller did wrong
         # by route, not path: one line per interval however many requests (Thinned), and no user's id or query
         resource = request.match_info.route.resource
         store_log.warning("%s %s answered 503: the user-state store did not answer (%s)", request.method,
@@ -551,6 +565,16 @@ async def beat(health: Health, stop: asyncio.Event) -> None:
             pass
 
 
+async def _next_round(stop: asyncio.Event, store_failed: asyncio.Event, timeout: float) -> None:
+    """Until ``stop``, a request's failed read from the store (``store_failed``), or ``timeout``."""
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(store_failed.wait())]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
 async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop: asyncio.Event | None = None) -> None:
     """Serve the API on ``host:port`` until ``stop`` is set (or SIGTERM / SIGINT)."""
     store = RedisUserStateStore.from_url(settings.redis_url, key_prefix=settings.topic_prefix,
@@ -596,12 +620,10 @@ async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop:
             if time.monotonic() - counted >= FROZEN_COUNT_INTERVAL_S:
                 metrics.count_frozen()
                 counted = time.monotonic()
+            api.store_failed.clear()
             await check_serving(health, store, refresher, step, feed, catalogue, settings.topics.items)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=1.0 if not health.readiness()[0] else
-                                       max(1.0, min(10.0, settings.snapshot_interval_s)))
-            except TimeoutError:
-                pass
+            await _next_round(stop, api.store_failed, 1.0 if not health.readiness()[0] else
+                              max(1.0, min(10.0, settings.snapshot_interval_s)))
     finally:
         for task in tasks:
             task.cancel()

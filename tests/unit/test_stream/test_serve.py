@@ -300,6 +300,29 @@ async def test_a_store_outage_under_traffic_is_one_warning_not_one_per_request_n
     api.executor.shutdown()
 
 
+async def test_a_request_the_store_fails_makes_readyz_say_so_at_once_not_at_the_next_refresh(catalogue):
+    """Redis gone, every request naming a user was a 503 while /readyz said 200 for up to 10 s
+    (STREAMREC_SNAPSHOT_INTERVAL_S, until the refresher's next PING): serve stayed in rotation."""
+
+    class Down(InMemoryUserStateStore):
+        async def load_many(self, user_ids):
+            raise RedisConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    step = RecommendationStep(Recommender.default())
+    health = serve.serve_health()
+    for condition in ("redis", "models", "catalogue"):
+        health.set(condition, True)
+    health.checked()
+    api = Api(Down(), step, catalogue, SearchStep(step, catalogue), top_k=3, health=health)
+    async with TestClient(TestServer(create_web_app(api))) as client:
+        assert (await client.get("/readyz")).status == 200
+        assert (await client.get("/v1/users/u1/recommendations")).status == 503
+        ready = await client.get("/readyz")
+        assert ready.status == 503 and "redis: FAIL (a request's read failed: ConnectionError" in (await ready.json())["detail"]
+        assert api.store_failed.is_set()  # the refresher checks again now, and says when Redis is back
+    api.executor.shutdown()
+
+
 async def test_under_pseudonyms_the_experiment_arm_is_that_of_the_id_the_site_sends(catalogue):
     from stream.experiments import Arm, Experiment
     from stream.pseudonyms import Pseudonyms
