@@ -291,7 +291,7 @@ class CatalogueFeed:
                     except Exception as exc:  # noqa: BLE001 - an index's bug: this item's alone (logged, and passed)
                         changes.labels("failed").inc()
                         log.error("removing item %r (a tombstone at %s[%d]@%d) raised %s: %s; it may still be found "
-                                  "until a new value for it (a bug; report it)", item_id, rec.topic, partition,
+                                  "until a new value for it (a bug; report it)", clipped(item_id, 200), rec.topic, partition,
                                   rec.offset, type(exc).__name__, clipped(exception_text(exc), 300))
                         continue
                     changes.labels("tombstone").inc()

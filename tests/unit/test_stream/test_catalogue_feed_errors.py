@@ -350,3 +350,19 @@ async def test_an_item_whose_dead_letter_is_not_confirmed_stays_queued_so_no_sna
     with pytest.raises(asyncio.CancelledError):
         await feed._flush()
     assert catalogue.next_pending() == "p" and not await feed.snapshot()
+
+
+async def test_a_tombstone_whose_removal_raises_quotes_its_key_cut_short(monkeypatch, caplog):
+    """A tombstone's key is not decoded, so no id limit holds it: a 60,000-character key was
+    quoted whole in the error line."""
+    catalogue = Catalogue(_Embedder())
+    feed = CatalogueFeed(catalogue, {}, "t.items", DEFAULT_BOUNDS, Metrics(CollectorRegistry()), None, None)
+
+    def remove(item_id):
+        raise RuntimeError("index bug")
+
+    monkeypatch.setattr(catalogue, "remove", remove)
+    with caplog.at_level("ERROR", logger="streamrec.catalogue"):
+        await feed._apply(0, [SimpleNamespace(topic="t.items", offset=0, key=b"k" * 60_000, value=None)])
+    [line] = [r.getMessage() for r in caplog.records if "a tombstone at" in r.getMessage()]
+    assert "k" * 200 + "…" in line and len(line) < 1_000
