@@ -37,6 +37,7 @@ from stream.decoding import decode_event, decode_forget, decode_impression, deco
 from stream.errors import InvalidEvent, described
 from stream.experiments import shown
 from stream.health import Health
+from stream.logs import Thinned
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
 from stream.pseudonyms import Pseudonyms
@@ -58,6 +59,10 @@ from stream.step_inputs import source_of
 from stream.step_results import LIVE_CUTOFFS, StepResult, exception_text
 
 log = logging.getLogger("streamrec.worker")
+#: the warning about records keyed by something other than their user_id: at most one a minute
+#: for each topic (a producer keying them wrong sends such records all the time)
+_key_log = logging.getLogger("streamrec.worker.keys")
+_key_log.addFilter(Thinned(60.0))
 
 # publish(records) -> the records the broker did not confirm (stream.publisher.BatchPublisher.publish)
 Publish = Callable[[list[OutRecord]], Awaitable[list[OutRecord]]]
@@ -296,15 +301,28 @@ class BatchHandler:
         """Users of ``items`` (as sent, before pseudonyms) whose message was not keyed by their
         id (a producer that sent it unkeyed, or keyed by something else), so that other workers
         may get their messages too: their state is read from Redis, never from what this worker
-        kept of its own saves (stream/state.py, CachedUserStateStore)."""
+        kept of its own saves (stream/state.py, CachedUserStateStore). A message keyed by
+        something else is counted (``streamrec_events_not_keyed_by_user_total``) and warned of;
+        one with no key is not (docs/events.md). Both are processed as any other."""
+        misrouted = [(item, msg) for item, msg in zip(items, carriers, strict=True)
+                     if msg.key != item.user_id.encode("utf-8", "surrogatepass")]
+        if not misrouted:
+            return
+        keyed = Counter(msg.topic for _, msg in misrouted if msg.key is not None)
+        for topic, n in keyed.items():
+            self.metrics.events_not_keyed_by_user.labels(topic).inc(n)
+            # the same words for every batch of a topic, so that the filter holds back repeats
+            _key_log.warning("records on %s are keyed by something other than their user_id: one user's events "
+                             "reach several partitions, so several workers keep (and split) the user's state and "
+                             "their lists come from part of their events. They are still processed. Key each "
+                             "record by its user_id, UTF-8 encoded (`streamrec produce` does); "
+                             "streamrec_events_not_keyed_by_user_total counts them", topic)
         discard = getattr(self.store, "discard", None)
         if discard is None:
             return
         of = self.pseudonyms.of if self.pseudonyms is not None else None
-        misrouted = {item.user_id for item, msg in zip(items, carriers, strict=True)
-                     if msg.key != item.user_id.encode("utf-8", "surrogatepass")}
-        if misrouted:
-            discard(misrouted if of is None else {of(uid) for uid in misrouted})
+        users = {item.user_id for item, _ in misrouted}
+        discard(users if of is None else {of(uid) for uid in users})
 
     async def _searches(self, messages: Sequence[RawMessage]) -> None:
         """Answer each search with a personalised list (``context.kind = "search"``, published

@@ -29,6 +29,7 @@ class Metrics:
         r, ns = self.registry, namespace
         self.events_consumed = Counter("events_consumed_total", "Valid events consumed, by type", ["type"], namespace=ns, registry=r)
         self.events_invalid = Counter("events_invalid_total", "Invalid events sent to the dead-letter topic, by reason code", ["reason"], namespace=ns, registry=r)
+        self.events_not_keyed_by_user = Counter("events_not_keyed_by_user_total", "Valid records of the input topics keyed by something other than their user_id (a producer's mistake: the user's events are split over workers; still processed), by topic; records with no key are not counted", ["topic"], namespace=ns, registry=r)
         self.duplicates_skipped = Counter("duplicates_skipped_total", "Redelivered or repeated events recognised by event_id and skipped", namespace=ns, registry=r)
         self.batch_size = Histogram("batch_size_events", "Events per micro-batch", buckets=BATCH_BUCKETS, namespace=ns, registry=r)
         self.stage_seconds = Histogram("stage_seconds", "Time per micro-batch spent in each stage", ["stage"], buckets=STAGE_BUCKETS, namespace=ns, registry=r)
