@@ -320,7 +320,7 @@ async def _errors(request: web.Request, handler):
         return web.Response(body=_encode({"error": "the user-state store (Redis) does not answer; retry shortly"}),
                             status=503, content_type="application/json", headers={"Retry-After": "1"})
     except Exception:
-        log.exception("%s %s failed", request.method, request.path_qs)
+        log.exception("%s %s failed", request.method, clipped(request.path_qs, 200))
         return _json({"error": "internal error: the server's log says more"}, status=500)
 
 
