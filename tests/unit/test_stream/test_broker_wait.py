@@ -8,11 +8,11 @@ import logging
 import os
 import signal
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
+from fakes import serving_not_kafka
 
 from stream.broker_wait import BrokerWait, StopRequested, misconfigured
 from stream.connections import AccessDenied, KafkaConnection
@@ -183,22 +183,8 @@ def test_a_signal_during_a_start_up_step_stops_once_the_step_is_done():
 
 @pytest.fixture
 def not_kafka() -> Iterator[str]:
-    """A real server that answers a Kafka request with HTTP."""
-    server = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        conn, _ = server.accept()
-        with conn:
-            conn.recv(1024)
-            conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.getsockname()[1]}"
-    finally:
-        thread.join(5)
-        server.close()
+    with serving_not_kafka() as address:
+        yield address
 
 
 def test_with_the_real_probe_a_closed_port_is_waited_for_and_a_server_that_is_not_kafka_is_refused(not_kafka):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from fakes import Sink
 from prometheus_client import CollectorRegistry
 
 from online_models import Recommender
@@ -19,15 +20,6 @@ from stream.state import InMemoryUserStateStore
 
 TOPICS = TopicNames(prefix="record-keys.")  # its own topics: the warning's filter is the process's
 T0 = 1_700_000_000_000
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.records: list = []
-
-    async def __call__(self, records):
-        self.records += list(records)
-        return []
 
 
 def count(metrics: Metrics, topic: str) -> float | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from fakes import Sink
 from prometheus_client import CollectorRegistry
 
 from online_models import Recommender
@@ -141,12 +142,3 @@ def test_a_user_whose_messages_are_not_keyed_by_their_id_is_read_from_redis_ever
                       RawMessage(TOPICS.clicks, 0, 2 * n + 1, None, encode(loose))]))
     assert inner.loaded.count(of("keyed")) == 1 and inner.loaded.count(of("loose")) == 3
     assert run(inner.load_many([of("loose")]))[of("loose")].clicks == 3
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.records: list = []
-
-    async def __call__(self, records):
-        self.records += list(records)
-        return []

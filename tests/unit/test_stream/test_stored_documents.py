@@ -5,6 +5,7 @@ as what it holds or, where it cannot be, as a fresh state that is logged and cou
 from __future__ import annotations
 
 import pytest
+from fakes import Sink
 from prometheus_client import CollectorRegistry
 
 from online_models import Recommender, RecommenderConfig
@@ -29,15 +30,6 @@ TWICE = [
 @pytest.mark.parametrize("doc", TWICE)
 def test_a_document_whose_recs_are_given_twice_starts_the_user_afresh(doc):
     assert _load("u1", doc) == (UserState("u1"), True)
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.records: list = []
-
-    async def __call__(self, records):
-        self.records += records
-        return []
 
 
 @pytest.mark.parametrize("doc", TWICE)

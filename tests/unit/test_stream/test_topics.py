@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from fakes import serving_not_kafka
 
 from stream.errors import ConfigError, ServiceUnavailable
 from stream.topics import check_topic_name, ensure_topics, probe, wait_for_kafka
@@ -21,29 +22,8 @@ def _closed_port() -> int:
 
 @pytest.fixture
 def not_kafka() -> Iterator[str]:
-    """A server that accepts connections and answers every request with junk."""
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.1)
-    done = threading.Event()
-
-    def serve() -> None:
-        while not done.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.recv(1024)
-                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.getsockname()[1]}"
-    finally:
-        done.set()
-        thread.join()
-        server.close()
+    with serving_not_kafka() as address:
+        yield address
 
 
 def test_a_refused_connection_is_service_unavailable_naming_the_address():
