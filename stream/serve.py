@@ -75,6 +75,8 @@ log = logging.getLogger("streamrec.serve")
 #: the requests answered 503 because the store did not answer: thinned (:func:`create_web_app`),
 #: since while Redis is away every request that names a user says the same
 store_log = logging.getLogger("streamrec.serve.store")
+#: a request that failed (500): one traceback per route and error type every 10 s (Thinned)
+failure_log = logging.getLogger("streamrec.serve.failures")
 
 #: the largest ``k`` a request may ask for
 MAX_K = 100
@@ -319,8 +321,12 @@ async def _errors(request: web.Request, handler):
                           resource.canonical if resource is not None else "?", described(exc))
         return web.Response(body=_encode({"error": "the user-state store (Redis) does not answer; retry shortly"}),
                             status=503, content_type="application/json", headers={"Retry-After": "1"})
-    except Exception:
-        log.exception("%s %s failed", request.method, clipped(request.path_qs, 200))
+    except Exception as exc:
+        # by route and error type, not path: a bug that fails every request is one traceback per
+        # interval (Thinned), not one a request, and no user's id or query is written down
+        resource = request.match_info.route.resource
+        failure_log.error("%s %s answered 500: %s (a bug; its traceback follows)", request.method,
+                          resource.canonical if resource is not None else "?", type(exc).__name__, exc_info=True)
         return _json({"error": "internal error: the server's log says more"}, status=500)
 
 
@@ -411,8 +417,9 @@ def create_web_app(api: Api, max_in_flight: int = MAX_IN_FLIGHT, metrics: Metric
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _MalformedRequests) for f in server_log.filters):
         server_log.addFilter(_MalformedRequests())
-    if not any(isinstance(f, Thinned) for f in store_log.filters):
-        store_log.addFilter(Thinned())
+    for thinned in (store_log, failure_log):
+        if not any(isinstance(f, Thinned) for f in thinned.filters):
+            thinned.addFilter(Thinned())
     middlewares = [write_timeout(), shedding(max_in_flight, trusted_proxies, reserved_slots), _errors]
     if metrics is not None:
         middlewares.insert(1, _observed(metrics))

@@ -298,6 +298,30 @@ async def test_a_store_outage_under_traffic_is_one_warning_not_one_per_request_n
     api.executor.shutdown()
 
 
+async def test_a_bug_that_fails_every_request_is_one_traceback_an_interval_naming_no_user(catalogue, caplog,
+                                                                                          monkeypatch):
+    """Each 500 logged its own traceback with the request's path and query: a bug that failed
+    every request wrote a traceback a request, each naming a user (and what they searched for)."""
+    monkeypatch.setattr(serve.failure_log, "filters", [])  # the app's own thinning, not an earlier test's
+    step = RecommendationStep(Recommender.default())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the ranking")
+
+    monkeypatch.setattr(step, "present_list", broken)
+    api = Api(InMemoryUserStateStore(), step, catalogue, SearchStep(step, catalogue), top_k=3)
+    async with TestClient(TestServer(create_web_app(api))) as client:
+        with caplog.at_level(logging.INFO, "streamrec.serve"):
+            for i in range(20):
+                failed = await client.get(f"/v1/users/secret-{i}/recommendations")
+                assert failed.status == 500 and "internal error" in (await failed.json())["error"]
+    said = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(said) == 1 and said[0].exc_info is not None, [r.getMessage() for r in said]
+    assert said[0].getMessage().startswith("GET /v1/users/{user_id}/recommendations answered 500: RuntimeError")
+    assert "a bug in the ranking" in caplog.text and "secret" not in caplog.text
+    api.executor.shutdown()
+
+
 async def test_a_request_the_store_fails_makes_readyz_say_so_at_once_not_at_the_next_refresh(catalogue):
     """Redis gone, every request naming a user was a 503 while /readyz said 200 for up to 10 s
     (STREAMREC_SNAPSHOT_INTERVAL_S, until the refresher's next PING): serve stayed in rotation."""
