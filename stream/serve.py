@@ -316,18 +316,23 @@ async def _errors(request: web.Request, handler):
                             headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"})
     except STORE_ERRORS as exc:  # the store: nothing the caller did wrong
         # by route, not path: one line per interval however many requests (Thinned), and no user's id or query
-        resource = request.match_info.route.resource
         store_log.warning("%s %s answered 503: the user-state store did not answer (%s)", request.method,
-                          resource.canonical if resource is not None else "?", described(exc))
+                          _route_of(request) or "?", described(exc))
         return web.Response(body=_encode({"error": "the user-state store (Redis) does not answer; retry shortly"}),
                             status=503, content_type="application/json", headers={"Retry-After": "1"})
     except Exception as exc:
         # by route and error type, not path: a bug that fails every request is one traceback per
         # interval (Thinned), not one a request, and no user's id or query is written down
-        resource = request.match_info.route.resource
         failure_log.error("%s %s answered 500: %s (a bug; its traceback follows)", request.method,
-                          resource.canonical if resource is not None else "?", type(exc).__name__, exc_info=True)
+                          _route_of(request) or "?", type(exc).__name__, exc_info=True)
         return _json({"error": "internal error: the server's log says more"}, status=500)
+
+
+def _route_of(request: web.Request) -> str | None:
+    """The route pattern a request matched (``/v1/users/{user_id}/recommendations``: never the
+    client's ids or query), None where it matched none."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else None
 
 
 def _utf8(raw_path: str) -> bool:
@@ -365,8 +370,7 @@ def _observed(metrics: Metrics):
     async def observe(request: web.Request, handler):
         if not request.path.startswith("/v1/"):
             return await handler(request)
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unknown"
+        route = _route_of(request) or "unknown"
         t0 = time.perf_counter()
         status = 500
         try:
