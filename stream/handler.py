@@ -203,7 +203,8 @@ class BatchHandler:
         # fetching, so a batch took longer the larger it was, and the next one came larger
         # still: one worker at 2,000 events/s fell into stretches of such batches, with p99 1.6
         # times as high (median of 13 pairs); a preloaded backlog ran no faster (docs/architecture.md)
-        result = self.step(events, states, now_ms, positions, site_ids=site_ids)
+        # clock_ms: an event accepted from ahead of the clock (STREAMREC_MAX_FUTURE_S) is learned as of it
+        result = self.step(events, states, now_ms, positions, site_ids=site_ids, clock_ms=now)
         t3 = clock()
 
         for f in result.failures:

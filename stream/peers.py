@@ -310,9 +310,9 @@ class PeerLearner:
                 log.info("purged %d forgotten user(s) from the models (forget requests %s, read from another "
                          "worker's partitions)", len(forgets), ", ".join(repr(r.request_id) for r in forgets))
             if len(events) >= THREAD_MIN_EVENTS:
-                n = await asyncio.to_thread(self.step.relearn, events, positions, self._seen)
+                n = await asyncio.to_thread(self.step.relearn, events, positions, self._seen, now)
             else:
-                n = self.step.relearn(events, positions, self._seen)
+                n = self.step.relearn(events, positions, self._seen, now)
             self.step.advance(ends)  # values that did not decode included
             self.metrics.peer_learn_seconds.inc(time.perf_counter() - start)
         self.metrics.peer_events_learned.inc(n)

@@ -1,7 +1,8 @@
 """The pure step of the worker: (user states, valid events) → (new states, recommendations).
 
-No Kafka, no Redis, no clock: the Faust agent loads state, calls :class:`RecommendationStep`
-and writes back what it returns; the benchmarks and tests call the very same object.
+No Kafka, no Redis, no clock of its own: the Faust agent loads state, calls
+:class:`RecommendationStep` (handing it the worker's clock) and writes back what it returns;
+the benchmarks and tests call the very same object.
 
 Per micro-batch the step
 
@@ -245,9 +246,15 @@ class RecommendationStep:
 
     def __call__(self, events: Sequence[Event], states: dict[str, UserState], now_ms: Callable[[], int],
                  positions: Sequence[tuple[str, int]] | None = None, learn: bool = True,
-                 site_ids: Mapping[str, str] | None = None) -> StepResult:
+                 site_ids: Mapping[str, str] | None = None, clock_ms: int | None = None) -> StepResult:
         """``states`` holds the loaded state of every user in ``events`` (missing users start
         fresh); it is read, never changed. ``now_ms`` stamps ``generated_ts``.
+
+        ``clock_ms``: the worker's clock when it took the batch (the one its decoder's ``ts``
+        window used). The models learn an event dated after it as of it
+        (:func:`~stream.step_inputs.to_interaction`); the user's state, the published list's
+        ``event_ts`` and attribution keep the event's own ``ts``. None (the evaluator, the
+        benchmarks: a replayed log has no clock): every event is learned at its own ``ts``.
 
         ``site_ids`` (pseudonym -> the id the site sent, under ``STREAMREC_PSEUDONYM_KEY``): the
         recommendations name, and are published under, the site's ids; everything else keeps
@@ -261,7 +268,7 @@ class RecommendationStep:
         clock = time.perf_counter
         timings = dict.fromkeys(("learn", "candidates", "score", "rank"), 0.0)
         t0 = clock()
-        plan = self._prepare(events, states, positions, range(len(events)))
+        plan = self._prepare(events, states, positions, range(len(events)), clock_ms)
         timings["learn"] += clock() - t0
 
         versions = self.model_versions()
@@ -281,7 +288,7 @@ class RecommendationStep:
         if failed_learning:  # their users' states and lists, again without the events taken out
             out = {f.index for f in failures}
             redo = self._prepare(events, states, positions,
-                                 sorted(i for u in failed_learning for i in plan.applied[u] if i not in out))
+                                 sorted(i for u in failed_learning for i in plan.applied[u] if i not in out), clock_ms)
             for uid in failed_learning:
                 for i in plan.applied.get(uid, ()):  # their attributions, as worked out again
                     plan.attributed.pop(i, None)
@@ -369,12 +376,13 @@ class RecommendationStep:
         return dict(out)
 
     def relearn(self, events: Sequence[Event], positions: Sequence[tuple[str, int]],
-                seen: set[tuple[str, str]] | None = None) -> int:
+                seen: set[tuple[str, str]] | None = None, clock_ms: int | None = None) -> int:
         """Teach the models events their state already holds (a replay after a restart from an
         older snapshot): those above the models' watermark are learned, in order, without a
         user context; returns how many. One that raises is skipped, as the live step would
         have dead-lettered it; a repeated ``(user, event_id)`` (in ``seen``, which collects
-        them over a replay's calls) is skipped as the live step's duplicate."""
+        them over a replay's calls) is skipped as the live step's duplicate. ``clock_ms``: the
+        worker's clock, as for the live step (an event dated after it is learned as of it)."""
         watermark = self.recommender.learned_offsets
         learn = self.recommender.learn_one
         refuses = self.recommender.refuses if self.recommender.forgotten_users else None
@@ -389,7 +397,7 @@ class RecommendationStep:
                 continue
             seen.add(key)
             try:
-                learn(to_interaction(ev), None)
+                learn(to_interaction(ev, clock_ms), None)
                 n += 1
             except Exception:  # noqa: BLE001 - the live step dead-letters such an event
                 pass
@@ -477,7 +485,7 @@ class RecommendationStep:
 
     # -- step 1 ---------------------------------------------------------------------------
     def _prepare(self, events: Sequence[Event], states: dict[str, UserState],
-                 positions: Sequence[tuple[str, int]] | None, indices) -> _Plan:
+                 positions: Sequence[tuple[str, int]] | None, indices, clock_ms: int | None = None) -> _Plan:
         cfg = self.config
         plan = _Plan()
         watermark = self.recommender.learned_offsets
@@ -512,7 +520,7 @@ class RecommendationStep:
                     continue
                 if redelivery:
                     if offset > watermark.get(source, -1):
-                        plan.lessons[n] = (to_interaction(ev), None)
+                        plan.lessons[n] = (to_interaction(ev, clock_ms), None)
                         plan.learn_only.add(n)
                         seen_ids.add(key)
                     else:
@@ -520,7 +528,7 @@ class RecommendationStep:
                     continue
                 learned = source is not None and offset <= watermark.get(source, -1)
                 before = user_context(current) if with_context and not learned else None
-                lesson = (to_interaction(ev), before)
+                lesson = (to_interaction(ev, clock_ms), before)
                 kind = "purchase" if isinstance(ev, PurchaseEvent) else "click"
                 new = apply_event(current.copy(), ev.event_id, ev.item_id, ev.ts, kind,
                                   max_recent=cfg.max_recent, dedupe_window=cfg.dedupe_window,

@@ -154,7 +154,8 @@ async def replay(step: RecommendationStep, bootstrap: KafkaConnection | str, tod
             if events:
                 if pseudonyms is not None:
                     events = pseudonyms.events(events)[0]
-                learned += await asyncio.to_thread(step.relearn, events, positions, seen)
+                # as of this worker's clock, as the live step learns an event dated after it
+                learned += await asyncio.to_thread(step.relearn, events, positions, seen, time.time_ns() // 1_000_000)
         step.advance([(source_of(g.topic, g.partition), g.end - 1) for g in todo])  # dead letters included
     finally:
         await consumer.stop()

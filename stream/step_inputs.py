@@ -65,12 +65,22 @@ def to_event(x: Interaction, eid: str, ts: int | None = None) -> Event:
                       session_id=x.session_id, category_id=x.category_id)
 
 
-def to_interaction(ev: Event) -> Interaction:
+def to_interaction(ev: Event, clock_ms: int | None = None) -> Interaction:
+    """What the models learn of ``ev``. ``clock_ms`` (the worker's clock; None for a replayed
+    log, which has none): an event dated after it is learned as of it, so that an event accepted
+    from ahead of the clock (up to ``STREAMREC_MAX_FUTURE_S``) counts no more in trending, and
+    moves the models' event time no further, than one sent now. The event itself keeps its ``ts``.
+
+    >>> ev = ClickEvent(event_id="e1", user_id="u1", item_id="i1", ts=5_000)
+    >>> to_interaction(ev).ts, to_interaction(ev, clock_ms=3_000).ts, to_interaction(ev, clock_ms=9_000).ts
+    (5000, 3000, 5000)
+    """
     purchase = isinstance(ev, PurchaseEvent)
+    ts = ev.ts
     return Interaction(
         user_id=ev.user_id,
         item_id=ev.item_id,
-        ts=ev.ts,
+        ts=ts if clock_ms is None or ts <= clock_ms else clock_ms,
         kind="purchase" if purchase else "click",
         session_id=ev.session_id,
         category_id=ev.category_id,

@@ -126,6 +126,16 @@ async def test_an_event_the_owner_refuses_by_its_clock_is_not_learned_by_the_oth
     assert step.recommender.learned_offsets["s.clicks:1"] == 1
 
 
+async def test_an_event_from_ahead_of_the_clock_is_learned_by_the_others_as_of_their_clock():
+    step, metrics = RecommendationStep(Recommender.default()), Metrics()
+    peers = reader(step, metrics)
+    before = time.time_ns() // 1_000_000
+    ahead = encode(ClickEvent(event_id="e9", user_id="u1", item_id="i9", ts=before + 1_800_000))  # within the hour
+    await peers._learn(Fetched(high=1), {TopicPartition("s.clicks", 1): [record(0, ahead)]}, peers._version)
+    assert step.recommender.n_learned == 1
+    assert before <= step.recommender.learners["trending"]._max_ts <= time.time_ns() // 1_000_000  # as its owner learns it
+
+
 async def test_an_old_event_the_owner_took_is_learned_by_the_others_whatever_the_age_bound():
     step, metrics = RecommendationStep(Recommender.default()), Metrics()
     peers = PeerLearner(step, {"bootstrap_servers": "unused:9092"}, TOPICS, Bounds(max_age_ms=60_000), asyncio.Lock(),
