@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+import stream.handler as worker
 from online_models import Recommender, RecommenderConfig
 from stream.handler import BatchHandler, RawMessage
 from stream.pipeline import RecommendationStep
@@ -235,8 +236,6 @@ def test_step_result_is_independent_of_batch_boundaries(batch):
 
 
 async def test_a_slow_batch_is_logged_with_its_stages_at_most_every_so_often(monkeypatch, caplog):
-    import stream.handler as worker
-
     handler = BatchHandler(new_step(), InMemoryUserStateStore(), RecordingPublisher(), TopicNames(), Metrics(CollectorRegistry()))
     events = [encode(e) for e in history(n_users=2, per_user=2)]
     monkeypatch.setattr(worker, "SLOW_BATCH_S", 0.0)  # every batch is "slow"
