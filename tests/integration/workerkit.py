@@ -21,6 +21,7 @@ import msgspec
 import redis
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
+from online_models.datasets import synthetic_interactions
 from stream.records import ClickEvent, PurchaseEvent, encode
 from stream.state import UserState
 from stream.topics import committed_offsets
@@ -298,8 +299,6 @@ def interaction_records(interactions, first: int = 0) -> list[tuple[str, bytes, 
 
 def synthetic_records(n: int, seed: int, n_users: int = 80) -> tuple[list[tuple[str, bytes, bytes]], dict[str, int]]:
     """``n`` synthetic events as records, and how many each user has."""
-    from online_models.datasets import synthetic_interactions
-
     records, expected = [], {}
     for i, x in enumerate(synthetic_interactions(n_events=n, n_users=n_users, n_items=400, seed=seed)):
         cls, topic = (PurchaseEvent, "purchases") if x.kind == "purchase" else (ClickEvent, "clicks")

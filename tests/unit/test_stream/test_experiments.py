@@ -23,6 +23,7 @@ from stream.experiments import (
 from stream.pipeline import RecommendationStep
 from stream.records import ClickEvent, PurchaseEvent, decode_recommendation
 from stream.settings import Settings
+from stream.shell import load_arm_scorers
 from stream.state import UserState
 
 T0 = 1_700_000_000_000
@@ -190,8 +191,6 @@ def test_clicks_and_purchases_are_credited_once_per_list_and_counted_per_arm():
 def test_an_arm_pins_a_registered_model_version_and_a_missing_one_stops_the_start(tmp_path):
     pytest.importorskip("torch")
     from tiny_models import register_tiny
-
-    from stream.shell import load_arm_scorers
 
     first = register_tiny(tmp_path / "models", seed=0)
     register_tiny(tmp_path / "models", seed=1)  # the latest, which "latest" arms get

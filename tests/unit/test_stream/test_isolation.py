@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 import stream.handler as worker_module
 from online_models import Recommender, RecommenderConfig
 from online_models.base import OnlineLearner
+from stream.errors import DEAD_LETTER_CODES
 from stream.handler import BatchHandler, Claims, RawMessage
 from stream.health import Health
 from stream.pipeline import RecommendationStep
@@ -359,8 +360,6 @@ async def test_a_partition_not_claimed_at_assignment_is_claimed_before_its_first
 
 
 def test_processing_error_is_a_known_code_everywhere():
-    from stream.errors import DEAD_LETTER_CODES
-
     assert "processing_error" in DEAD_LETTER_CODES
     assert Counter(DEAD_LETTER_CODES).most_common(1)[0][1] == 1
 
