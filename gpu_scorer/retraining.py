@@ -10,9 +10,14 @@ of the version ``CURRENT`` names, on the same held-out events, by more than the 
 more than chance explains (a paired sign test); then it is registered and ``CURRENT`` stays
 (:meth:`Retrainer.gate`). The held-out events
 are ones neither model trained on: each sampled user's last event *newer than the data the
-``CURRENT`` version was fitted on* (its manifest's ``data.trained_through``), set aside from the
-fit. Scored on events it had trained on, ``CURRENT`` would win by memory: on YooChoose it had
-0.735 against 0.627 on the fit's own validation users, and held back a fit on a day more data. ``streamrec retrain`` does that
+``CURRENT`` version was fitted on* (its manifest's ``data.trained_through``) and not dated ahead
+of the fit's clock, set aside from the fit. Scored on events it had trained on, ``CURRENT`` would
+win by memory: on YooChoose it had 0.735 against 0.627 on the fit's own validation users, and
+held back a fit on a day more data. A version's ``data.trained_through`` is the newest ``ts`` it
+trained on that is not ahead of its fit's clock: with the newest of all, one event dated a day
+ahead (a producer's clock, a log dated in the future) left no event newer than it for the next
+gates, undecided until that day came. The version made ``CURRENT`` has not trained on the
+held-out events (at most 2,000, each a user's last one): the next fit does. ``streamrec retrain`` does that
 every ``--every`` seconds over the events topics (stream/retrain_cli.py), and ``streamrec
 evaluate --retrain-every`` does it at the same interval of the log's own time, so that what is
 measured is what such a deployment serves (docs/evaluation.md).
@@ -23,7 +28,8 @@ Torch-bound, like :mod:`gpu_scorer.training`: imported only by the commands that
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -73,22 +79,27 @@ def paired_p_value(current_only: int, new_only: int) -> float:
 
 
 def hold_out_newer(interactions: Sequence, after_ts: int, max_users: int = 2000,
-                   seed: int = 0) -> tuple[list, list[tuple[list[str], str]]]:
+                   seed: int = 0, *, not_after: int | None = None) -> tuple[list, list[tuple[list[str], str]]]:
     """(the interactions to fit on, the held-out ``(input items, item)`` pairs): of the users
-    whose last click or purchase is newer than ``after_ts`` and who have three, at most
-    ``max_users`` (a seeded sample, users in sorted order) give up that last one, which a model
-    fitted on events up to ``after_ts`` never saw either.
+    whose last click or purchase is newer than ``after_ts`` (and not dated after ``not_after``,
+    the fit's clock) and who have three, at most ``max_users`` (a seeded sample, users in sorted
+    order) give up that last one, which a model fitted on events up to ``after_ts`` never saw
+    either. A last event dated ahead of the clock is no such event: an earlier fit may have
+    trained on it (its ``trained_through`` leaves out what was ahead of its own clock), so its
+    user is not held out, and the fit trains on it.
 
     >>> from online_models.types import Interaction
     >>> log = [Interaction("u", f"i{n}", ts) for n, ts in enumerate((1, 2, 3, 9))] + [Interaction("v", "j", 9)]
     >>> fit_on, held = hold_out_newer(log, after_ts=5)
     >>> held, [x.item_id for x in fit_on]
     ([(['i0', 'i1', 'i2'], 'i3')], ['i0', 'i1', 'i2', 'j'])
+    >>> hold_out_newer(log, after_ts=5, not_after=8)[1]  # u's last event is dated ahead of the clock
+    []
     """
     users = {}
     for user, xs in sequences_by_user(interactions).items():
         xs = [x for x in xs if x.kind in TRAINED_KINDS]
-        if len(xs) >= 3 and xs[-1].ts > after_ts:
+        if len(xs) >= 3 and after_ts < xs[-1].ts and (not_after is None or xs[-1].ts <= not_after):
             users[user] = xs
     eligible = sample_users(sorted(users), max_users, seed)
     held = [([x.item_id for x in users[u][:-1]], users[u][-1].item_id) for u in eligible]
@@ -114,17 +125,21 @@ class Retrainer:
     unless given (progress bar off); ``threads``: PyTorch's CPU threads while fitting (1, as
     ``streamrec train``: this model's matrices are too small to gain from more); ``gate_tolerance``:
     None (every fit that passes its parity check becomes ``CURRENT``), or how much lower than
-    the ``CURRENT`` version's a fit's held-out HR@10 may be and still replace it (:meth:`gate`)."""
+    the ``CURRENT`` version's a fit's held-out HR@10 may be and still replace it (:meth:`gate`);
+    ``clock``: the time now, in unix ms (the wall clock): an event dated after it when a fit
+    starts is trained on, but neither held out nor counted in ``data.trained_through``."""
 
     def __init__(self, registry: ModelRegistry, model_config: Mapping | None = None,
                  train_config: TrainConfig | None = None, serve_device: str = "cpu", threads: int = 1,
-                 gate_tolerance: float | None = None) -> None:
+                 gate_tolerance: float | None = None,
+                 clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
         self.registry = registry
         self.model_config = dict(model_config or {})
         self.train_config = train_config or TrainConfig(progress=False)
         self.serve_device = serve_device
         self.threads = threads
         self.gate_tolerance = gate_tolerance
+        self.clock = clock
 
     def fit(self, interactions: Sequence, data: Mapping | None = None, console=None,
             overrule: str | None = None) -> tuple[str, dict]:
@@ -135,12 +150,15 @@ class Retrainer:
         ``CURRENT`` whatever the gate says (an erasure ``CURRENT`` does not honour): the gate's
         figures are still recorded, with ``overruled``. Raises ``ValueError`` when no user has two
         interactions, :class:`ModelLoadError` when the export's parity check failed (the version
-        is written for inspection, not made current)."""
+        is written for inspection, not made current). The manifest's ``data.trained_through`` is
+        the newest ``ts`` of the events the fit trained on (the held-out ones left out), not
+        counting those dated after ``clock()`` at its start (:func:`trained_through`)."""
+        now = self.clock()
         fit_on, held = interactions, None
         if self.gate_tolerance is not None:
             after_ts = self._trained_through()
             if after_ts is not None:
-                fit_on, held = hold_out_newer(interactions, after_ts, seed=self.train_config.seed)
+                fit_on, held = hold_out_newer(interactions, after_ts, seed=self.train_config.seed, not_after=now)
         sequences = sequences_from_interactions(fit_on)
         threads = torch.get_num_threads()
         torch.set_num_threads(self.threads)  # for this fit only: the caller's setting comes back after it
@@ -153,7 +171,7 @@ class Retrainer:
             torch.set_num_threads(threads)
         version, parity = export_and_register(result, self.registry,
                                               {"events": len(interactions), "retrained": True,
-                                               "trained_through": trained_through(interactions), **(data or {})},
+                                               "trained_through": trained_through(fit_on, not_after=now), **(data or {})},
                                               make_current=gate is None or gate["passed"] or overrule is not None,
                                               extra=None if gate is None else {"gate": gate})
         if not parity["ok"]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -144,9 +145,10 @@ def train(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     registry = ModelRegistry(model_dir)
-    # the newest event it was fitted on: retrain's gate compares the next fit with it on the events after it
+    # the newest event it was fitted on: retrain's gate compares the next fit with it on the events after it;
+    # not one dated ahead of the clock (a log dated in the future), after which the next fit would find none
     data = {"dataset": str(dataset) if dataset else None, "format": format, "limit": limit, "events": len(events),
-            "seed": seed, "trained_through": training.trained_through(events)}
+            "seed": seed, "trained_through": training.trained_through(events, not_after=time.time_ns() // 1_000_000)}
     try:
         version, parity = export.export_and_register(result, registry, data)
     except OSError as exc:  # a disk that filled up, a folder made read-only while it trained: one line, not a traceback

@@ -70,17 +70,25 @@ def sequences_from_interactions(interactions: Iterable, kinds: Sequence[str] = T
     return {u: [x.item_id for x in xs if x.kind in kinds] for u, xs in sequences_by_user(interactions).items()}
 
 
-def trained_through(interactions: Iterable, kinds: Sequence[str] = TRAINED_KINDS) -> int | None:
+def trained_through(interactions: Iterable, kinds: Sequence[str] = TRAINED_KINDS, *,
+                    not_after: int | None = None) -> int | None:
     """The newest ``ts`` (unix ms, as every log format and event has it) of ``interactions`` of
-    the ``kinds`` a model is trained on; None without any. A version records it as its
-    manifest's ``data.trained_through``: ``streamrec retrain``'s gate compares on the events newer
-    than the ``CURRENT`` version's (gpu_scorer/retraining.py).
+    the ``kinds`` a model is trained on, leaving out those dated after ``not_after`` (the fit's
+    clock: a producer's clock ahead of it, or a log dated in the future); ``not_after`` itself
+    where every one is; None without any. A version records it as its manifest's
+    ``data.trained_through``: ``streamrec retrain``'s gate compares on the events newer than the
+    ``CURRENT`` version's (gpu_scorer/retraining.py), so one event dated a day ahead must not
+    make every event of the next day look older than what the model knows.
 
     >>> from online_models.types import Interaction
-    >>> trained_through([Interaction("u", "i", 5), Interaction("v", "j", 9)]), trained_through([])
-    (9, None)
+    >>> log = [Interaction("u", "i", 5), Interaction("v", "j", 9)]
+    >>> trained_through(log), trained_through(log, not_after=7), trained_through(log, not_after=3), trained_through([])
+    (9, 5, 3, None)
     """
-    return max((x.ts for x in interactions if x.kind in kinds), default=None)
+    times = [x.ts for x in interactions if x.kind in kinds]
+    if not_after is None or not times:
+        return max(times, default=None)
+    return max((ts for ts in times if ts <= not_after), default=not_after)
 
 
 def split_last(

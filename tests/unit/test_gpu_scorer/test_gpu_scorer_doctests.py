@@ -7,7 +7,8 @@ import importlib
 
 import pytest
 
-MODULES = ["gpu_scorer.model", "gpu_scorer.vocab", "gpu_scorer.registry", "gpu_scorer.coalescing", "gpu_scorer.layout"]
+MODULES = ["gpu_scorer.model", "gpu_scorer.vocab", "gpu_scorer.registry", "gpu_scorer.coalescing", "gpu_scorer.layout",
+           "gpu_scorer.training", "gpu_scorer.retraining"]
 
 
 @pytest.mark.parametrize("name", MODULES)

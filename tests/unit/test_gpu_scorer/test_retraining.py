@@ -25,6 +25,7 @@ from gpu_scorer.retraining import Retrainer, architecture_of
 from gpu_scorer.train_cli import train
 from gpu_scorer.training import TrainConfig, scorer_rank_metrics
 from gpu_scorer.vocab import Vocab
+from online_models import Interaction
 from online_models.datasets import synthetic_interactions
 from stream import retrain_cli
 from stream.evaluate_cli import evaluate
@@ -438,6 +439,81 @@ def test_the_gate_compares_on_events_newer_than_current_s_data_which_the_fit_set
         assert sequences[user] == [x.item_id for x in retraining.sequences_by_user(log)[user][:-1]]
 
 
+def _a_day_ahead(users: int, first_ts: int | None = None) -> list:
+    """Three clicks each of ``users`` users, dated a day ahead of the clock (a producer's clock
+    ahead, a log dated in the future: ``--dataset`` is not checked against the clock)."""
+    ts = first_ts if first_ts is not None else time.time_ns() // 1_000_000 + 86_400_000
+    return [Interaction(f"ahead-{u}", f"i{n}", ts + n) for u in range(users) for n in range(3)]
+
+
+def test_one_event_dated_a_day_ahead_leaves_the_next_gate_its_events(tmp_path):
+    """data.trained_through was the newest ts of all: one event dated a day ahead put it a day
+    ahead, and the next gates found no event newer than it ("only 0 held-out event(s)"): every
+    fit went through unjudged until that day came. It is the newest ts not ahead of the fit's
+    clock now."""
+    registry = ModelRegistry(tmp_path)
+    older, log = _older_and_all()
+    arch = {"dim": 16, "n_heads": 2, "max_len": 8}
+    skewed = _a_day_ahead(1)[-1:]
+    first, _ = Retrainer(registry, arch, QUICK, gate_tolerance=0.01).fit(older + skewed)
+    assert registry.manifest(first)["data"]["trained_through"] == max(x.ts for x in older)
+    _, metrics = Retrainer(registry, arch, QUICK, gate_tolerance=0.01).fit(log + skewed)
+    gate = metrics["gate"]
+    assert "undecided" not in gate and gate["held_out"] >= retraining.MIN_GATE_EVENTS, gate
+    assert gate["current"] == first and gate["current_hr@10"] is not None, gate
+
+
+def test_events_dated_ahead_of_the_fits_clock_are_trained_on_never_held_out(tmp_path, monkeypatch):
+    """A user whose last event is dated ahead of the fit's clock is not held out (an earlier fit
+    may have trained on it: its trained_through leaves such events out), and the fit trains on
+    it; a clock injected: at a moment between CURRENT's data and the newest events."""
+    registry = ModelRegistry(tmp_path)
+    older, log = _older_and_all()
+    arch = {"dim": 16, "n_heads": 2, "max_len": 8}
+    first, _ = Retrainer(registry, arch, QUICK).fit(older)
+    fitted = []
+
+    def recording(sequences, *args, **kw):
+        fitted.append(sequences)
+        return training.train(sequences, *args, **kw)
+
+    monkeypatch.setattr(retraining, "train", recording)
+    cut = max(x.ts for x in older)
+    ahead = _a_day_ahead(60)
+    version, metrics = Retrainer(registry, arch, QUICK, gate_tolerance=0.01).fit(log + ahead)
+    by_user = retraining.sequences_by_user(log)
+    newer = {u for u, xs in by_user.items() if len(xs) >= 3 and xs[-1].ts > cut}
+    assert metrics["gate"]["held_out"] == len(newer) >= retraining.MIN_GATE_EVENTS, metrics["gate"]
+    assert all(fitted[0][f"ahead-{u}"] == ["i0", "i1", "i2"] for u in range(60))  # trained on, whole
+    through = registry.manifest(version)["data"]["trained_through"]
+    assert cut < through < min(x.ts for x in ahead), through
+
+    registry.set_current(first)
+    now = (cut + max(x.ts for x in log)) // 2  # a clock between CURRENT's data and the newest events
+    fitted.clear()
+    _, metrics = Retrainer(registry, arch, QUICK, gate_tolerance=1.0, clock=lambda: now).fit(log)
+    by_ts = {u for u in newer if by_user[u][-1].ts <= now}
+    assert 0 < len(by_ts) < len(newer) and metrics["gate"]["held_out"] == len(by_ts), metrics["gate"]
+    assert all(fitted[0][u][-1] == by_user[u][-1].item_id for u in newer - by_ts)
+
+
+def test_trained_through_is_the_newest_event_the_fit_trained_on_not_one_it_set_aside(tmp_path):
+    """data.trained_through counted the held-out events the fit had set aside for the gate:
+    the next gate never compared on them, though the version it judged had not trained on them."""
+    registry = ModelRegistry(tmp_path)
+    older, log = _older_and_all()
+    arch = {"dim": 16, "n_heads": 2, "max_len": 8}
+    Retrainer(registry, arch, QUICK).fit(older)
+    second, metrics = Retrainer(registry, arch, QUICK, gate_tolerance=1.0).fit(log)
+    fit_on, held = retraining.hold_out_newer(log, max(x.ts for x in older), seed=QUICK.seed)
+    through = registry.manifest(second)["data"]["trained_through"]
+    assert metrics["gate"]["held_out"] == len(held) and registry.pointed() == second
+    assert through == max(x.ts for x in fit_on) < max(x.ts for x in log), through  # the newest event was set aside
+    _, metrics = Retrainer(registry, arch, QUICK, gate_tolerance=1.0).fit(log)
+    newer = {u for u, xs in retraining.sequences_by_user(log).items() if len(xs) >= 3 and xs[-1].ts > through}
+    assert metrics["gate"]["held_out"] == len(newer) > 0, metrics["gate"]  # what the served version never saw
+
+
 def test_the_gate_lets_a_fit_through_where_nothing_fair_can_be_compared(tmp_path):
     """On the very events CURRENT was fitted on (none newer), or under a CURRENT that does not say
     what it was fitted on (a version of an older streamrec train or retrain), the gate has nothing fair to compare on:
@@ -458,14 +534,15 @@ def test_the_gate_lets_a_fit_through_where_nothing_fair_can_be_compared(tmp_path
 def test_a_version_of_streamrec_train_says_what_it_was_fitted_on_so_the_next_gate_compares(tmp_path, monkeypatch):
     """streamrec train registered no data.trained_through: the first retrain gate after an
     operator's train was undecided ("does not say which events"), whatever the fit. It records
-    the newest event it trained on, and the gate compares on the events after it."""
+    the newest event it trained on, and the gate compares on the events after it; not one dated
+    ahead of the clock (the log has a session dated a day ahead), after which there were none."""
     older, log = _older_and_all()
     otto = {"click": "clicks", "purchase": "orders"}
     dataset = tmp_path / "older.jsonl"  # one OTTO session a user: ts in milliseconds, as the events'
     dataset.write_bytes(b"\n".join(
         msgspec.json.encode({"session": user, "events": [{"aid": x.item_id, "ts": x.ts, "type": otto[x.kind]}
                                                          for x in xs]})
-        for user, xs in retraining.sequences_by_user(older).items()))
+        for user, xs in retraining.sequences_by_user(older + _a_day_ahead(1)).items()))
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the command's setting would outlive the test
     models = tmp_path / "models"
     result = CliRunner().invoke(_cli("train"), ["train", "--dataset", str(dataset), "--format", "otto", "--epochs", "1",
@@ -488,7 +565,8 @@ def test_the_gate_counts_an_item_the_current_vocabulary_lacks_as_a_miss(tmp_path
     arch = {"dim": 16, "n_heads": 2, "max_len": 8}
     old_items = list(synthetic_interactions(n_events=600, n_users=60, n_items=40, seed=1))
     old, _ = Retrainer(registry, arch, QUICK).fit(old_items)
-    later = max(x.ts for x in old_items)  # the shifted stream comes after CURRENT's data
+    # the shifted stream comes after CURRENT's data (and not after the clock: such events are never held out)
+    later = max(x.ts for x in old_items) - min(x.ts for x in old_items) + 1
     shifted = [msgspec.structs.replace(x, item_id="new-" + x.item_id, ts=x.ts + later) for x in old_items]
     new, metrics = Retrainer(registry, arch, QUICK, gate_tolerance=0.0).fit(shifted)
     assert metrics["gate"]["current_hr@10"] == 0.0 and metrics["gate"]["passed"] and registry.pointed() == new != old
