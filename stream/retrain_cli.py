@@ -160,7 +160,8 @@ def retrain(
     gate: Annotated[bool, typer.Option(
         "--gate/--no-gate",
         help="Champion/challenger gate: a fit becomes CURRENT only when its HR@10 on held-out events (up to 2,000 "
-             "users' last event newer than what the CURRENT version was fitted on, set aside from the fit) is not "
+             "users' last event newer than what the CURRENT version was fitted on and not dated ahead of the "
+             "clock, set aside from the fit: the version served trains on them at the next fit) is not "
              "worse than the CURRENT version's on the same events by more than --gate-tolerance and by more than "
              "chance explains (a one-sided paired sign test at 5%, on the events one model hits and the other "
              "misses); otherwise it is registered, and CURRENT stays. --no-gate makes every fit that passes its "
