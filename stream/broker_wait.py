@@ -6,8 +6,11 @@ loop for every broker restart or a stack started in the wrong order. Now
 :meth:`BrokerWait.run` probes the bootstrap servers (:func:`stream.topics.probe`, the raw
 Metadata request ``/readyz`` also sends) with back-off until one answers, then runs those
 start-up steps; one that finds the broker gone again (:class:`~stream.errors.ServiceUnavailable`)
-sends it back to waiting. Meanwhile ``/readyz`` says ``kafka: FAIL (cannot reach ... since ...)``,
-``/healthz`` stays alive, and the log says so once, then once a minute.
+sends it back to waiting. Meanwhile ``/readyz`` says ``kafka: FAIL (cannot reach ... since ...)``
+and its other conditions, which nothing checks before the worker starts, ``waiting`` (e.g.
+``redis: waiting (not checked yet: the worker starts once Kafka answers)``: not a ``FAIL`` that
+sends an operator after Redis or the models), ``/healthz`` stays alive, and the log says so once,
+then once a minute.
 
 What waiting cannot mend stops the worker at once, as before (status 2, one line): a broker that
 refuses the login or the certificate (:class:`~stream.connections.AccessDenied`), and a server
@@ -45,6 +48,15 @@ BACKOFF = Backoff(base_s=0.5, factor=2.0, cap_s=10.0, jitter=0.1)
 REMIND_EVERY_S = 60.0
 #: how long one probe waits for each bootstrap server to answer
 PROBE_TIMEOUT_S = 3.0
+
+#: what ``/readyz`` says, while the worker waits, of its conditions other than ``kafka``
+#: (:meth:`~stream.health.Health.pending`): the worker checks them once it has started
+WAITING_ON_KAFKA = {
+    "models": "restored from their snapshot once Kafka answers and the worker starts",
+    "redis": "not checked yet: the worker starts once Kafka answers",
+}
+#: what it says of another condition
+CHECKED_ONCE_STARTED = "checked once Kafka answers and the worker starts"
 
 #: what the probe says of a server that answered, but not as a Kafka broker (stream/topics.py)
 _NOT_KAFKA = "answered, but not as a Kafka broker"
@@ -197,6 +209,9 @@ class BrokerWait:
         where = self.kafka.describe()
         if self._since is None:
             self._since = now
+            for name in self.health.failing():
+                if name != "kafka":
+                    self.health.pending(name, WAITING_ON_KAFKA.get(name, CHECKED_ONCE_STARTED))
             self._since_wall = datetime.fromtimestamp(self._wall_clock(), UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         waited = now - self._since
         self.health.set("kafka", False, f"cannot reach {where} since {self._since_wall} ({problem}); the worker "
@@ -219,7 +234,8 @@ class BrokerWait:
             where = self.kafka.describe()
             log.info("Kafka at %s answers after %s of waiting; starting", where, _duration(self._clock() - self._since))
             self.health.set("kafka", False, "consumer has not joined its group yet")
+            self.health.resume()  # the others say again what they said before the wait
             self.health.still_starting(f"Kafka at {where} answered; starting")
 
 
-__all__ = ["BACKOFF", "BrokerWait", "StopRequested", "misconfigured"]
+__all__ = ["BACKOFF", "WAITING_ON_KAFKA", "BrokerWait", "StopRequested", "misconfigured"]

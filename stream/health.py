@@ -15,7 +15,10 @@
   answered), 503 with the failing conditions otherwise; 503 too while a batch has been in hand
   (or waiting for the models) longer than ``stuck_after_s`` (``progress``), and while the
   conditions have not been refreshed for ``stale_after_s`` (``checks``): both are judged when
-  asked, in the HTTP thread, so a task that hangs cannot leave a stale 200 behind.
+  asked, in the HTTP thread, so a task that hangs cannot leave a stale 200 behind. A condition
+  not checked yet because start-up waits for something else first (the worker for Kafka:
+  stream/broker_wait.py) says ``waiting`` and why rather than ``FAIL`` (``Health.pending``): it
+  still fails readiness, but sends no one to look at it.
 
 ``/metrics`` carries the same judgement (:class:`ReadinessCollector`, made at each scrape):
 ``streamrec_ready{condition="..."}`` (1 ok, 0 failing) for every condition, and
@@ -81,6 +84,8 @@ class Health:
         self._busy: dict[object, tuple[float, str]] = {}  # key -> (since, what) of each work in hand
         self._checked: float | None = None  # when the conditions were last refreshed (check_readiness)
         self._conditions: dict[str, tuple[bool, str]] = {c: (False, "not checked yet") for c in conditions}
+        #: the conditions that wait on another (:meth:`pending`), each with what it said before
+        self._pending: dict[str, tuple[bool, str]] = {}
         self._lock = threading.Lock()
 
     def beat(self) -> None:
@@ -120,6 +125,37 @@ class Health:
     def set(self, condition: str, ok: bool, detail: str = "") -> None:
         with self._lock:
             self._conditions[condition] = (bool(ok), detail or ("ok" if ok else "failing"))
+            self._pending.pop(condition, None)
+
+    def pending(self, condition: str, detail: str) -> None:
+        """``condition`` cannot be checked yet: start-up waits for something else first, and
+        ``detail`` says what. It fails readiness (and its gauge) as before, but ``/readyz`` says
+        ``waiting (detail)`` rather than ``FAIL``, so an operator is not sent after it. Ends at
+        its next :meth:`set`, or at :meth:`resume`.
+
+        >>> h = Health(conditions=("kafka", "redis"), clock=lambda: 0.0)
+        >>> h.pending("redis", "checked once Kafka answers")
+        >>> print(h.readiness()[1])
+        kafka: FAIL (not checked yet)
+        redis: waiting (checked once Kafka answers)
+        >>> h.resume()
+        >>> print(h.readiness()[1].splitlines()[1])
+        redis: FAIL (not checked yet)
+        """
+        with self._lock:
+            self._pending.setdefault(condition, self._conditions.get(condition, (False, "not checked yet")))
+            self._conditions[condition] = (False, detail)
+
+    def resume(self) -> None:
+        """What was waited for came: each condition still :meth:`pending` says again what it said before."""
+        with self._lock:
+            self._conditions.update(self._pending)
+            self._pending.clear()
+
+    def failing(self) -> list[str]:
+        """The conditions set (or listed at start) that fail now, sorted."""
+        with self._lock:
+            return sorted(name for name, (ok, _) in self._conditions.items() if not ok)
 
     def is_ok(self, condition: str) -> bool:
         """Whether ``condition`` was last set ok (False before it is first set)."""
@@ -153,8 +189,13 @@ class Health:
         >>> [(name, ok) for name, ok, _ in h.conditions()]
         [('redis', True), ('loop', True), ('progress', True), ('checks', True)]
         """
+        return self._judged()[0]
+
+    def _judged(self) -> tuple[list[tuple[str, bool, str]], set[str]]:
+        """:meth:`conditions`, and those of them :meth:`pending` then (read at once)."""
         with self._lock:
             judged = [(name, ok, detail) for name, (ok, detail) in sorted(self._conditions.items())]
+            pending = set(self._pending)
             busy = min(self._busy.values(), default=None)  # the oldest work in hand
         judged.append(("loop", *self.liveness()))
         now, checked = self._clock(), self._checked
@@ -172,15 +213,15 @@ class Health:
                                             f"after {self.stale_after_s:.0f} s): {self.stale_hint}"))
         else:
             judged.append(("checks", True, f"refreshed {now - checked:.0f} s ago"))
-        return judged
+        return judged, pending
 
     def readiness(self) -> tuple[bool, str]:
         """Ready or not, and one line per condition: every condition set, and the judged ones
         (``loop``, ``progress``, ``checks``) only while they fail, so a ready answer lists what
-        the worker checks."""
-        judged = self.conditions()
-        lines = [f"{name}: {'ok' if ok else 'FAIL'} ({detail})" for name, ok, detail in judged
-                 if not ok or name not in JUDGED_CONDITIONS]
+        the worker checks. A condition :meth:`pending` says ``waiting`` rather than ``FAIL``."""
+        judged, pending = self._judged()
+        lines = [f"{name}: {'ok' if ok else 'waiting' if name in pending else 'FAIL'} ({detail})"
+                 for name, ok, detail in judged if not ok or name not in JUDGED_CONDITIONS]
         return all(ok for _, ok, _ in judged), "\n".join(lines)
 
 

@@ -14,11 +14,14 @@ from collections.abc import Iterator
 import pytest
 from fakes import serving_not_kafka
 
+from stream.app import create_app
 from stream.broker_wait import BrokerWait, StopRequested, misconfigured
 from stream.connections import AccessDenied, KafkaConnection
 from stream.errors import ConfigError, ServiceUnavailable
 from stream.health import Health
 from stream.retry import Backoff
+from stream.settings import Settings
+from stream.state import InMemoryUserStateStore
 
 KAFKA = KafkaConnection("kafka-0.example:9092")
 REFUSED = "kafka-0.example:9092: [Errno 111] Connection refused"
@@ -92,6 +95,30 @@ def test_readyz_names_the_bootstrap_the_reason_and_since_when_while_healthz_stay
             "[Errno 111] Connection refused); the worker starts once a broker answers") in text
     assert alive and "waiting for Kafka at kafka-0.example:9092" in why  # not killed for waiting
     assert all(alive for _, (alive, _) in seen)
+
+
+def test_the_conditions_nothing_checks_before_the_worker_starts_say_waiting_not_fail():
+    """/readyz listed ``models: FAIL`` and ``redis: FAIL (not checked yet)`` beside the kafka line
+    while the worker waited, sending an operator after Redis and the model folder."""
+    outage = Outage(tries=3)
+    health = Health(clock=outage.clock)
+    create_app(Settings.from_env({}), load_model=False, health=health, store=InMemoryUserStateStore())
+    seen = []
+    wait = waiting(outage, health)
+    wait._sleep = lambda seconds: (outage.sleep(seconds), seen.append(health.readiness()))
+    wait.run(lambda: None)
+    ready, text = seen[-1]
+    lines = dict(line.split(": ", 1) for line in text.splitlines())
+    assert not ready and lines["kafka"].startswith("FAIL (cannot reach kafka-0.example:9092 since "), text
+    assert lines["models"] == "waiting (restored from their snapshot once Kafka answers and the worker starts)", text
+    assert lines["redis"] == "waiting (not checked yet: the worker starts once Kafka answers)", text
+    assert "FAIL" not in lines["models"] + lines["redis"]
+    # once Kafka answers, they say again what they said before the wait, until the worker checks them
+    ready, text = health.readiness()
+    assert not ready and "models: FAIL (restoring the online models' snapshot)" in text
+    assert "redis: FAIL (not checked yet)" in text and "waiting" not in text
+    health.set("redis", True, "PING answered")
+    assert "redis: ok (PING answered)" in health.readiness()[1]
 
 
 def test_it_says_so_once_then_once_a_minute(caplog):
