@@ -89,6 +89,11 @@ FETCH_RECORDS = 1000
 FLUSH_CHUNK = 256
 #: what the text model embeds to tell an item it raises on from a model that raises on anything
 PROBE_TEXT = "probe"
+#: what a ``processing_error`` dead letter of the items topic says to do: not to replay its value
+#: as it is (the topic is compacted, so an older value sent again replaces any newer one)
+RESEND_ITEM = ("report it, then, once the bug is fixed, send the item again: its current value, keyed by its item_id "
+               "(not this dead letter's value as it is: the items topic is compacted, and an older value sent again "
+               "would replace any newer one)")
 #: how often the feed looks for partitions added to the items topic
 METADATA_EVERY_S = 30.0
 #: and how often for the topic itself, while it does not exist
@@ -302,7 +307,9 @@ class CatalogueFeed:
                 dead.append((rec.key, dead_letter(exc, rec.value, rec.topic, partition, rec.offset, now)))
                 continue
             except Exception as exc:  # noqa: BLE001 - a decoder bug is that value's problem alone
-                problem = InvalidEvent("processing_error", f"decoding the value raised {type(exc).__name__}: {exception_text(exc)}")
+                problem = InvalidEvent("processing_error", f"decoding the value raised {type(exc).__name__}: "
+                                       f"{exception_text(exc)} (a bug); this value is not in the catalogue (an older "
+                                       f"one may be) until a new value for the item arrives: {RESEND_ITEM}")
                 dead.append((rec.key, dead_letter(problem, rec.value, rec.topic, partition, rec.offset, now)))
                 continue
             if rec.key != item.item_id.encode():  # compacted by key: it would outlive its tombstone
@@ -352,7 +359,8 @@ class CatalogueFeed:
                 failed: list[tuple[bytes | None, DeadLetter]], now: int) -> list:
         """Queue ``upserts`` (record, item) in the catalogue. When that raises (a bug), each item
         is queued alone: one that raises alone is added to ``failed`` as a ``processing_error``
-        dead letter (its value, to replay once the bug is fixed), and the others are queued."""
+        dead letter (its value and place; the item to send again once the bug is fixed), and the
+        others are queued."""
         if not upserts:
             return []
         changes = self.metrics.catalogue_changes
@@ -373,7 +381,7 @@ class CatalogueFeed:
                 problem = InvalidEvent(
                     "processing_error", f"the item is valid, but adding it to the catalogue raised {type(exc).__name__}: "
                     f"{clipped(exception_text(exc), 300)}; this value is not in the catalogue (an older one may be) until a "
-                    "new value for the item arrives or this one is replayed once the bug is fixed (report it)")
+                    f"new value for the item arrives: {RESEND_ITEM}")
                 failed.append((rec.key, dead_letter(problem, rec.value, rec.topic, partition, rec.offset, now)))
                 continue
             changes.labels("upsert").inc()

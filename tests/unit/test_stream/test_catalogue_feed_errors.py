@@ -63,6 +63,7 @@ async def test_an_item_whose_decoding_raises_anything_is_a_dead_letter_and_its_n
     await feed._apply(0, records)
     (letter,) = [decode_dead_letter(value) for _, _, value in sent]
     assert (letter.code, letter.offset) == ("processing_error", 1) and type(error).__name__ in letter.reason
+    assert "send the item again: its current value, keyed by its item_id" in letter.reason, letter.reason
     catalogue.flush()
     assert "a" in catalogue and "c" in catalogue and "bad" not in catalogue and feed.offsets == {0: 3}
 
@@ -232,8 +233,9 @@ async def test_an_upsert_that_raises_once_loses_no_item_and_no_snapshot_runs_ahe
 
 
 async def test_an_item_whose_upsert_raises_alone_is_dead_lettered_and_its_neighbours_are_queued(monkeypatch):
-    """Not left out in silence: its value goes to the dead-letter topic with a reason, to replay
-    once the bug is fixed, and the rest of its fetch is applied."""
+    """Not left out in silence: its value goes to the dead-letter topic with a reason (send the item
+    again once the bug is fixed: not this value replayed, which could replace a newer one on the
+    compacted topic), and the rest of its fetch is applied."""
     sent: list = []
 
     async def publish(records):
@@ -257,7 +259,10 @@ async def test_an_item_whose_upsert_raises_alone_is_dead_lettered_and_its_neighb
     assert "a" in catalogue and "c" in catalogue and "p" not in catalogue and feed.offsets == {0: 3}
     (letter,) = [decode_dead_letter(value) for _, _, value in sent]
     assert (letter.code, letter.offset, letter.partition) == ("processing_error", 1, 0)
-    assert "adding it to the catalogue raised RuntimeError: index bug" in letter.reason and "replayed" in letter.reason
+    assert "adding it to the catalogue raised RuntimeError: index bug" in letter.reason
+    # not "replay this value": on the compacted items topic an older value replayed replaces a newer one
+    assert "send the item again: its current value, keyed by its item_id" in letter.reason, letter.reason
+    assert "replay" not in letter.reason, letter.reason
     sample = metrics.registry.get_sample_value
     assert sample("streamrec_catalogue_changes_total", {"kind": "failed"}) == 1
     assert sample("streamrec_catalogue_changes_total", {"kind": "upsert"}) == 2
