@@ -9,7 +9,7 @@ follows it.
 
 Each value is decoded at the same door as events (:func:`stream.decoding.decode_item`); one
 that breaks the contract is dead-lettered, by each reader that meets it, with the usual code
-and reason. New and changed items are embedded by the text model in a thread (the model
+and reason (the reasons, and their sending: stream/catalogue_dlq.py). New and changed items are embedded by the text model in a thread (the model
 releases the GIL: the event loop keeps serving) in chunks of :data:`FLUSH_CHUNK`, and become
 searchable chunk by chunk (``streamrec_catalogue_items``, ``streamrec_catalogue_pending_items``).
 
@@ -45,17 +45,24 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import NamedTuple
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from online_models.search import Catalogue, CatalogueItem
+from stream.catalogue_dlq import (
+    ItemDeadLetters,
+    ItemSource,
+    adding_raised,
+    decoding_raised,
+    embedding_failed,
+    key_not_item_id,
+)
 from stream.connections import started_reader
 from stream.decoding import decode_item
 from stream.errors import InvalidEvent, clipped, described
 from stream.prometheus import Metrics
-from stream.records import Bounds, DeadLetter, ItemEvent, dead_letter, dead_letter_record
+from stream.records import Bounds, DeadLetter, ItemEvent, dead_letter
 from stream.retry import Backoff, run_until_done
 from stream.state import UserStateStore
 from stream.step_results import exception_text
@@ -73,27 +80,11 @@ class _Envelope(msgspec.Struct, array_like=True):
     catalogue: bytes
 
 
-class _Source(NamedTuple):
-    """The record a queued item was read from: what its dead letter needs, should the text
-    model raise on the item (the fetch that held it is long gone by then)."""
-
-    key: bytes | None
-    value: bytes
-    topic: str
-    partition: int
-    offset: int
-
-
 #: records read per fetch, and items embedded per thread hand-off
 FETCH_RECORDS = 1000
 FLUSH_CHUNK = 256
 #: what the text model embeds to tell an item it raises on from a model that raises on anything
 PROBE_TEXT = "probe"
-#: what a ``processing_error`` dead letter of the items topic says to do: not to replay its value
-#: as it is (the topic is compacted, so an older value sent again replaces any newer one)
-RESEND_ITEM = ("report it, then, once the bug is fixed, send the item again: its current value, keyed by its item_id "
-               "(not this dead letter's value as it is: the items topic is compacted, and an older value sent again "
-               "would replace any newer one)")
 #: how often the feed looks for partitions added to the items topic
 METADATA_EVERY_S = 30.0
 #: and how often for the topic itself, while it does not exist
@@ -127,10 +118,9 @@ class CatalogueFeed:
         self.topic = topic
         self.bounds = bounds
         self.metrics = metrics
-        self.publish = publish
-        self.dlq_topic = dlq_topic
         self.offsets: dict[int, int] = dict(offsets or {})
         self.backoff = backoff or Backoff(base_s=0.5, cap_s=30.0)
+        self.dead_letters = ItemDeadLetters(metrics, publish, dlq_topic, self.backoff)
         self.poll_ms = poll_ms
         #: set once the feed has read to the end of every partition as it was at its start (at
         #: once if the topic does not exist: an empty catalogue, as an empty topic gives)
@@ -149,7 +139,7 @@ class CatalogueFeed:
         self.trouble: tuple[float, str] | None = None
         self.reader = reader or f"{socket.gethostname()}:{os.getpid()}"
         #: item_id -> the record of its queued value, until the item is indexed or dead-lettered
-        self._sources: dict[str, _Source] = {}
+        self._sources: dict[str, ItemSource] = {}
 
     def _troubled(self, reason: str) -> None:
         trouble = self.trouble
@@ -307,16 +297,11 @@ class CatalogueFeed:
                 dead.append((rec.key, dead_letter(exc, rec.value, rec.topic, partition, rec.offset, now)))
                 continue
             except Exception as exc:  # noqa: BLE001 - a decoder bug is that value's problem alone
-                problem = InvalidEvent("processing_error", f"decoding the value raised {type(exc).__name__}: "
-                                       f"{exception_text(exc)} (a bug); this value is not in the catalogue (an older "
-                                       f"one may be) until a new value for the item arrives: {RESEND_ITEM}")
+                problem = decoding_raised(exc)
                 dead.append((rec.key, dead_letter(problem, rec.value, rec.topic, partition, rec.offset, now)))
                 continue
             if rec.key != item.item_id.encode():  # compacted by key: it would outlive its tombstone
-                problem = InvalidEvent(
-                    "invalid_value", f"the message key {clipped(repr((rec.key or b'').decode('utf-8', 'replace')), 80)} is "
-                    f"not the item's item_id {item.item_id!r}: the items topic is compacted by key, so a tombstone for "
-                    f"{item.item_id!r} would not remove it; key each item by its item_id", "item_id")
+                problem = key_not_item_id(rec.key, item.item_id)
                 dead.append((rec.key, dead_letter(problem, rec.value, rec.topic, partition, rec.offset, now)))
                 continue
             upserts.append((rec, catalogue_item(item)))
@@ -333,27 +318,9 @@ class CatalogueFeed:
                           letter.offset, letter.reason)
         # until Kafka confirms them all: the offsets move past these records once they are sent,
         # and a dead letter not sent then would never be
-        await self._dead_letter(dead + failed)
+        await self.dead_letters.send(dead + failed)
         if end is not None:
             self.offsets[partition] = end
-
-    async def _dead_letter(self, letters: list[tuple[bytes | None, DeadLetter]]) -> None:
-        """Count ``letters`` (key, letter) and send them to the dead-letter topic, retrying until
-        Kafka confirms them all (without a ``publish``, they are only counted)."""
-        for _, letter in letters:
-            self.metrics.events_invalid.labels(letter.code).inc()
-        if not letters or self.publish is None or self.dlq_topic is None:
-            return
-        pending = [dead_letter_record(self.dlq_topic, key, letter) for key, letter in letters]
-        delays = self.backoff.delays()
-        while pending:
-            try:
-                pending = await self.publish(pending)
-            except Exception as exc:  # noqa: BLE001 - the producer failed: send them again
-                log.warning("dead-lettering %d item value(s) failed (%s); retrying", len(pending), described(exc))
-            if pending:
-                await asyncio.sleep(next(delays))
-        self.metrics.dead_letters_published.inc(len(letters))
 
     def _upsert(self, partition: int, upserts: list[tuple[object, CatalogueItem]],
                 failed: list[tuple[bytes | None, DeadLetter]], now: int) -> list:
@@ -378,10 +345,7 @@ class CatalogueFeed:
             try:
                 self.catalogue.upsert([item])
             except Exception as exc:  # noqa: BLE001 - this item's alone: dead-lettered, the others queued
-                problem = InvalidEvent(
-                    "processing_error", f"the item is valid, but adding it to the catalogue raised {type(exc).__name__}: "
-                    f"{clipped(exception_text(exc), 300)}; this value is not in the catalogue (an older one may be) until a "
-                    f"new value for the item arrives: {RESEND_ITEM}")
+                problem = adding_raised(exc)
                 failed.append((rec.key, dead_letter(problem, rec.value, rec.topic, partition, rec.offset, now)))
                 continue
             changes.labels("upsert").inc()
@@ -392,7 +356,7 @@ class CatalogueFeed:
         """Remember the record of an item just queued, to dead-letter it should embedding it
         fail: until :meth:`_flush` has emptied the queue (one fetch's worth, or more while the
         text model fails on anything)."""
-        self._sources[item.item_id] = _Source(rec.key, rec.value, rec.topic, partition, rec.offset)
+        self._sources[item.item_id] = ItemSource(rec.key, rec.value, rec.topic, partition, rec.offset)
 
     async def _flush(self) -> None:
         catalogue = self.catalogue
@@ -432,10 +396,11 @@ class CatalogueFeed:
                 raise failure from None
             source = self._sources.get(item_id)
             if source is not None:
-                problem = InvalidEvent("embedding_failed", self._embedding_failed_reason(item_id, failure))
+                model = getattr(catalogue.embedder, "name", type(catalogue.embedder).__name__)
+                problem = embedding_failed(item_id, failure, self.reader, model)
                 letter = dead_letter(problem, source.value, source.topic, source.partition, source.offset,
                                      time.time_ns() // 1_000_000)
-                await self._dead_letter([(source.key, letter)])
+                await self.dead_letters.send([(source.key, letter)])
             try:
                 catalogue.remove(item_id)  # out of the queue first, then whatever of it was indexed
             except Exception as exc:  # noqa: BLE001 - it is out of the queue at least
@@ -446,21 +411,11 @@ class CatalogueFeed:
                 where = "it was not read from the items topic: nothing to dead-letter"
             else:
                 where = (f"its value at {source.topic}[{source.partition}]@{source.offset} is "
-                         + ("dead-lettered" if self.publish is not None and self.dlq_topic is not None
+                         + ("dead-lettered" if self.dead_letters.sent
                             else "counted as embedding_failed (this process sends no dead letters)"))
             log.error("item %r is left out of the catalogue: embedding or indexing it raised %s: %s (a bug; report it "
                       "with the item's text, which a new value for the item on the items topic tries again); %s",
                       item_id, type(failure).__name__, clipped(exception_text(failure), 300), where)
-
-    def _embedding_failed_reason(self, item_id: str, failure: Exception) -> str:
-        """The dead letter's reason for an item the catalogue could not index alone (in practice the
-        text model: the index takes any vector), and what to do."""
-        model = getattr(self.catalogue.embedder, "name", type(self.catalogue.embedder).__name__)
-        return (f"the item is valid, but embedding its text, or indexing it, raised {type(failure).__name__}: "
-                f"{clipped(exception_text(failure), 300)} (the text model embeds other texts); item {item_id!r} is out "
-                f"of the catalogue of {self.reader}, whose text model is {model}, until a new value for it arrives "
-                "(each worker that reads the items topic sends a dead letter of its own): report this value (a bug of "
-                "the text model), then send the item again once that is fixed, or now with its title or description changed")
 
 
 __all__ = ["CatalogueFeed", "catalogue_item"]

@@ -7,13 +7,10 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
 
-from online_models.search import Catalogue
 from online_models.search.text import MODEL_NAME
-from stream.catalogue_feed import CatalogueFeed
+from stream.catalogue_dlq import embedding_failed
 from stream.decoding import (
     decode_event,
     decode_forget,
@@ -22,9 +19,7 @@ from stream.decoding import (
     decode_search,
 )
 from stream.errors import DEAD_LETTER_CODES, InvalidEvent
-from stream.prometheus import Metrics
 from stream.records import (
-    DEFAULT_BOUNDS,
     MAX_EVENT_BYTES,
     decode_dead_letter,
     decode_recommendation,
@@ -42,18 +37,6 @@ RECOMMENDATIONS = [b for b in BLOCKS if "items" in b]
 FORGETS = [b for b in BLOCKS if "request_id" in b]
 IMPRESSIONS = [b for b in BLOCKS if "item_ids" in b]
 CODES = list(DEAD_LETTER_CODES)
-
-
-class _NamedEmbedder:
-    """The worker's text model as far as a dead letter names it."""
-
-    dim = 4
-    name = MODEL_NAME
-
-    def passages(self, texts):
-        return np.ones((len(texts), 4), dtype=np.float32)
-
-    queries = passages
 
 
 def test_every_block_is_accounted_for():
@@ -96,10 +79,9 @@ def test_dead_letter_examples_are_what_the_decoder_says(letter):
         return
     if letter["code"] == "embedding_failed":  # a valid item: its reason is the catalogue feed's, which the example names
         item = decode_item(raw)
-        feed = CatalogueFeed(Catalogue(_NamedEmbedder()), {}, letter["topic"], DEFAULT_BOUNDS,
-                             Metrics(CollectorRegistry()), reader="worker-2:4711")
         error = re.search(r"raised RuntimeError: (.+?) \(the text model embeds other texts\)", letter["reason"]).group(1)
-        assert feed._embedding_failed_reason(item.item_id, RuntimeError(error)) == letter["reason"]
+        problem = embedding_failed(item.item_id, RuntimeError(error), "worker-2:4711", MODEL_NAME)
+        assert problem.reason == letter["reason"]
         return
     with pytest.raises(InvalidEvent) as info:
         decode_event(raw)
