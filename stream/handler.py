@@ -37,7 +37,7 @@ from stream.decoding import decode_event, decode_forget, decode_impression, deco
 from stream.errors import InvalidEvent, described
 from stream.experiments import shown
 from stream.health import Health
-from stream.logs import Thinned
+from stream.logs import ClippedTracebacks, Thinned
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
 from stream.pseudonyms import Pseudonyms
@@ -59,6 +59,9 @@ from stream.step_inputs import source_of
 from stream.step_results import LIVE_CUTOFFS, StepResult, exception_text
 
 log = logging.getLogger("streamrec.worker")
+# the tracebacks of what raised while handling events quote each exception's text cut short,
+# as its dead letter does: a bug's exception may carry a 1 MB value or a user's text whole
+log.addFilter(ClippedTracebacks())
 #: the warning about records keyed by something other than their user_id: at most one a minute
 #: for each topic (a producer keying them wrong sends such records all the time)
 _key_log = logging.getLogger("streamrec.worker.keys")

@@ -8,13 +8,21 @@ away). :class:`Thinned` lets one record of each warning or error through per int
 says how many it held back; what differs (another partition, another node) is another record,
 and information (a group joined, a partition assigned) is never held back. ``streamrec retrain``
 thins kafka-python's lines with it too, once a minute (stream/retrain_cli.py).
+
+A traceback quotes each exception's own text whole, and a bug's exception may carry anything (a
+producer's error with the 1 MB value it refused, a user's text): :class:`ClippedTracebacks`, on
+the loggers that log the exceptions of handling events, quotes it as a dead letter does
+(:func:`~stream.step_results.exception_text`: one line, at most 300 characters), frames intact.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections.abc import Callable
+
+from stream.step_results import exception_text
 
 #: the Kafka client's loggers that repeat themselves while the broker is away
 KAFKA_CLIENT_LOGGERS = ("aiokafka", "aiokafka.consumer.fetcher", "aiokafka.consumer.group_coordinator",
@@ -65,6 +73,62 @@ class Thinned(logging.Filter):
         return True
 
 
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
+
+
+def clipped_traceback(exc: BaseException, limit: int = 300) -> str:
+    """``exc``'s traceback as logging prints it (its causes and contexts first), each exception's
+    own text quoted by :func:`~stream.step_results.exception_text` (one line, at most ``limit``
+    characters); the frames are the code's, and stay whole.
+
+    >>> try:
+    ...     raise ValueError("x" * 1_000_000)
+    ... except ValueError as error:
+    ...     text = clipped_traceback(error, 20)
+    >>> text.splitlines()[0], text.splitlines()[-1], len(text) < 500
+    ('Traceback (most recent call last):', 'ValueError: xxxxxxxxxxxxxxxxxxxx…', True)
+    """
+    chain: list[tuple[BaseException, str]] = []  # (exception, what links it to the one after it), last first
+    seen: set[int] = set()
+    link = ""
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append((current, link))
+        if current.__cause__ is not None:
+            current, link = current.__cause__, _CAUSE
+        elif current.__context__ is not None and not current.__suppress_context__:
+            current, link = current.__context__, _CONTEXT
+        else:
+            current = None
+    parts: list[str] = []
+    for error, link in reversed(chain):
+        if error.__traceback__ is not None:
+            parts += ["Traceback (most recent call last):\n", *traceback.format_tb(error.__traceback__)]
+        kind = type(error)
+        name = kind.__qualname__ if kind.__module__ in ("builtins", "__main__") else f"{kind.__module__}.{kind.__qualname__}"
+        text = exception_text(error, limit)
+        parts.append(f"{name}: {text}\n" if text else f"{name}\n")
+        parts.append(link)
+    return "".join(parts).rstrip("\n")
+
+
+class ClippedTracebacks(logging.Filter):
+    """A record's traceback rendered by :func:`clipped_traceback` (each exception's text at most
+    ``limit`` characters), for every formatter that prints ``exc_text`` (logging's, Faust's)."""
+
+    def __init__(self, limit: int = 300) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and not record.exc_text:
+            record.exc_text = clipped_traceback(exc, self.limit)
+        return True
+
+
 def configure(level: int | str) -> None:
     """The process's log format and level, and the Kafka client's loggers thinned (one
     :class:`Thinned` each: a filter on a logger sees only what is logged on it)."""
@@ -75,4 +139,4 @@ def configure(level: int | str) -> None:
             logger.addFilter(Thinned())
 
 
-__all__ = ["KAFKA_CLIENT_LOGGERS", "Thinned", "configure"]
+__all__ = ["KAFKA_CLIENT_LOGGERS", "ClippedTracebacks", "Thinned", "clipped_traceback", "configure"]

@@ -29,6 +29,7 @@ from stream.errors import ConfigError, described
 from stream.handler import BatchHandler, Claims, RawMessage, now_ms
 from stream.health import Health, check_readiness
 from stream.lag import LagMetrics, update_lag
+from stream.logs import ClippedTracebacks
 from stream.peers import PeerLearner
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
@@ -45,6 +46,7 @@ from stream.step_results import exception_text
 from stream.topics import committed_offsets, topic_ids
 
 log = logging.getLogger("streamrec.app")
+log.addFilter(ClippedTracebacks())  # a batch's exception quoted cut short in its traceback (stream/logs.py)
 
 #: how long after a failed replay of the forget requests it is tried again (before a batch or a snapshot)
 FORGET_RETRY_S = 30

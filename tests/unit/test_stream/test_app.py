@@ -167,6 +167,25 @@ async def test_a_batch_left_unacknowledged_holds_its_partitions_commits_until_th
     assert consumer.held == set()
 
 
+async def test_a_batch_that_raises_past_every_safeguard_logs_its_exception_cut_short(caplog):
+    """The traceback quoted the exception's text whole: a 1 MB value carried in it went to the log."""
+
+    class FailingHandler(RecordingHandler):
+        async def handle_isolated(self, messages) -> None:
+            raise RuntimeError("v" * 1_000_000)
+
+    app = make_app()
+    shell = app.streamrec
+    shell.handler = FailingHandler()
+    with caplog.at_level(logging.ERROR, logger="streamrec.app"):
+        await shell.handle_taken(SimpleNamespace(flow_control=SimpleNamespace(is_active=lambda: True),
+                                                 consumer_generation_id=1, consumer=app.consumer), taken(10))
+    formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    (line,) = [formatter.format(r) for r in caplog.records if "past every safeguard" in r.getMessage()]
+    assert "Traceback (most recent call last)" in line and "RuntimeError: " + "v" * 300 + "…" in line, line[-500:]
+    assert len(line) < 20_000
+
+
 async def test_a_held_partition_stops_fetching_and_its_later_events_wait_for_the_redelivery():
     """Handled, a later event of a held partition would move its user's offset past the
     unacknowledged batch, whose events would then be skipped as duplicates when Kafka delivers

@@ -5,6 +5,7 @@ and a failed attempt leaves no trace in the user states or the models."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections import Counter
 
@@ -238,6 +239,47 @@ async def test_a_value_whose_decoding_raises_anything_is_a_dead_letter(monkeypat
     await h.handle_isolated(messages(clicks(("a1", "a", "i1"), ("b1", "b", "i2"))))
     (letter,) = sink.dead()
     assert letter.code == "processing_error" and "RecursionError" in letter.reason and letter.offset == 1
+
+
+#: a bug's exception that carries what it failed on whole: a producer's 1 MB value, a user's text
+HUGE = "v" * 1_000_000
+
+
+def _formatted(caplog) -> list[str]:
+    """The worker's records as the log prints them, tracebacks included."""
+    formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    return [formatter.format(r) for r in caplog.records if r.name == "streamrec.worker"]
+
+
+async def test_a_huge_exception_text_is_cut_short_in_the_logged_traceback(caplog):
+    """A traceback quotes the exception's text whole: one event's bug wrote a 1 MB log line, or
+    more (the step's failure, the halves of the batch split apart, and the culprit's line)."""
+
+    class Booby(_Booby):
+        def learn_one(self, x, user=None) -> None:
+            if x.item_id == self.learn_bomb:
+                raise ValueError(HUGE)
+            super().learn_one(x, user)
+
+    class HugeStore(InMemoryUserStateStore):
+        async def load_many(self, user_ids):
+            ids = list(user_ids)
+            if "b" in ids:
+                raise UnicodeError(HUGE)
+            return await super().load_many(ids)
+
+    config = RecommenderConfig(k=5, n_candidates=20, weights={**RecommenderConfig().weights, "booby": 1.0})
+    step = RecommendationStep(Recommender({"booby": Booby(), **Recommender.default(config).learners}, config), None,
+                              StepConfig())
+    h, sink, _ = handler_for(step=step, store=HugeStore())
+    with caplog.at_level(logging.ERROR, logger="streamrec.worker"):
+        await h.handle_isolated(messages(clicks(("a1", "a", "i1"), ("x1", "x", "poison"), ("b1", "b", "i3"))))
+    assert sorted(d.offset for d in sink.dead()) == [1, 2]
+    lines = _formatted(caplog)
+    assert any("dead-lettered: " in line and "ValueError: " + "v" * 300 + "…" in line for line in lines), lines
+    assert any("handling its halves apart" in line for line in lines)
+    assert any("it is dead-lettered" in line and "UnicodeError: " + "v" * 300 + "…" in line for line in lines)
+    assert all("Traceback (most recent call last)" in line and len(line) < 20_000 for line in lines), [len(x) for x in lines]
 
 
 class PickyStore(InMemoryUserStateStore):
