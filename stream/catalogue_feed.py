@@ -215,6 +215,8 @@ class CatalogueFeed:
                     await self._apply(tp.partition, records)
                     self._changed = True
                 await self._flush()
+                if self._ends is not None:
+                    await self._past_unread(consumer)
                 if self._ends is not None and all(self.offsets.get(p, 0) >= end for p, end in self._ends.items()):
                     self._ends = None
                     self.caught_up.set()
@@ -229,6 +231,18 @@ class CatalogueFeed:
                                     self.snapshot_interval_s)
         finally:
             await consumer.stop()
+
+    async def _past_unread(self, consumer: AIOKafkaConsumer) -> None:
+        """Move each partition still short of its end to where the consumer is: offsets that no
+        record it hands over stands behind (a transaction's commit or abort marker, an aborted
+        transaction's records, which a reader of committed data never gets) move its position
+        and no record's. A topic that ends with a marker (a site's transactional producer) was
+        never read "to its end", and ``streamrec serve`` stayed unready for good. Called once the
+        records fetched are applied: the position is past nothing still to apply."""
+        for partition, end in self._ends.items():
+            at = self.offsets.get(partition, 0)
+            if at < end:
+                self.offsets[partition] = max(at, await consumer.position(TopicPartition(self.topic, partition)))
 
     async def _assign(self, consumer: AIOKafkaConsumer, known: set[int]) -> set[int]:
         """Every partition of the topic (partitions added since are picked up here)."""
