@@ -31,7 +31,7 @@ from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient
 
 from online_models.metrics import percentile
-from stream.connections import KafkaConnection
+from stream.connections import ISOLATION_LEVEL, KafkaConnection
 from stream.errors import StreamrecError
 from stream.experiments import load_experiment
 from stream.records import decode_dead_letter, decode_recommendation
@@ -87,8 +87,11 @@ class Watcher(threading.Thread):
             self.ready.set()
 
     async def _consume(self) -> None:
+        # committed data only, as every streamrec reader: what a transactional producer aborted
+        # stays in the log, marked aborted, and would be counted (the worker's producer is not one)
         consumer = AIOKafkaConsumer(self.recommendations_topic, self.dlq_topic, **self.client_options, group_id=None,
-                                    enable_auto_commit=False, auto_offset_reset="earliest")
+                                    enable_auto_commit=False, auto_offset_reset="earliest",
+                                    isolation_level=ISOLATION_LEVEL)
         try:
             await consumer.start()
             self.ready.set()

@@ -36,6 +36,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from online_models.types import Explanation
+from stream.connections import ISOLATION_LEVEL
 from stream.decoding import id_problem
 from stream.errors import counted
 from stream.records import (
@@ -169,8 +170,11 @@ def tail(
     kafka = settings.kafka
     require_topic(settings, topic)  # a typo in the prefix must not create topics and wait on them forever
     try:
+        # committed data only, as every streamrec reader: what a transactional producer aborted stays
+        # in the log, marked aborted (the worker's producer is not one; a tool that copies or writes
+        # these topics may be)
         consumer = KafkaConsumer(**kafka.client_options(), client_id="streamrec-tail", group_id=None,
-                                 enable_auto_commit=False, bootstrap_timeout_ms=30_000)
+                                 enable_auto_commit=False, bootstrap_timeout_ms=30_000, isolation_level=ISOLATION_LEVEL)
     except KafkaError as exc:
         raise kafka.unavailable(exc) from None
     printed = 0
