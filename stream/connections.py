@@ -353,8 +353,9 @@ class RedisConnection:
         return None
 
 
-#: how every streamrec reader of what sites write reads it: without what aborted transactions
-#: wrote (a site's transactional producer leaves its aborted records in the log, marked)
+#: how every streamrec reader reads Kafka: without what aborted transactions wrote (a
+#: transactional producer, a site's say, leaves its aborted records in the log, marked);
+#: tests/integration/test_aborted_transactions.py checks each reader
 ISOLATION_LEVEL = "read_committed"
 
 
