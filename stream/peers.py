@@ -145,6 +145,23 @@ class RecentKeys:
 BACKOFF_RESET_S = 60.0
 
 
+#: request ids a log line names at most: a fetch may bring thousands of forget requests
+LOGGED_IDS = 5
+
+
+def _some_ids(requests: Sequence) -> str:
+    """The first :data:`LOGGED_IDS` requests' ids, and how many more (each id is bounded at
+    decoding, their number is not).
+
+    >>> from types import SimpleNamespace as R
+    >>> _some_ids([R(request_id=f"f{n}") for n in range(7)])
+    "'f0', 'f1', 'f2', 'f3', 'f4' and 2 more"
+    """
+    shown = ", ".join(repr(r.request_id) for r in requests[:LOGGED_IDS])
+    rest = len(requests) - LOGGED_IDS
+    return f"{shown} and {rest} more" if rest > 0 else shown
+
+
 class PeerLearner:
     """Reads the input partitions other workers own and teaches their events to ``step``'s
     models (see the module's docstring). ``kafka`` holds the reader's consumer options (at least
@@ -308,7 +325,7 @@ class PeerLearner:
                     self.on_forget_users([req.user_id for req in forgets])
                 self.metrics.forgets_applied.inc(len(forgets))
                 log.info("purged %d forgotten user(s) from the models (forget requests %s, read from another "
-                         "worker's partitions)", len(forgets), ", ".join(repr(r.request_id) for r in forgets))
+                         "worker's partitions)", len(forgets), _some_ids(forgets))
             if len(events) >= THREAD_MIN_EVENTS:
                 n = await asyncio.to_thread(self.step.relearn, events, positions, self._seen, now)
             else:

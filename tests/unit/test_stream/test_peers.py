@@ -17,7 +17,7 @@ from online_models import Recommender
 from stream.peers import PeerLearner, RecentKeys, foreign_partitions, start_offsets
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
-from stream.records import Bounds, ClickEvent, encode
+from stream.records import Bounds, ClickEvent, ForgetRequest, encode
 from stream.replay import Gap, gaps
 from stream.settings import Settings
 from stream.shell import input_partitions
@@ -240,3 +240,19 @@ async def test_the_models_know_a_partition_from_where_the_reader_starts_it_so_a_
     assert step.recommender.learned_offsets == {"s.clicks:1": 6, "s.purchases:1": -1}
     assert gaps(step.recommender.learned_offsets, {("s.clicks", 1): 12, ("s.purchases", 1): 3}) == [
         Gap("s.clicks", 1, 7, 12), Gap("s.purchases", 1, 0, 3)]
+
+
+async def test_a_fetch_of_many_forget_requests_names_a_few_in_its_log_line_and_counts_the_rest(caplog):
+    step, metrics = RecommendationStep(Recommender.default()), Metrics()
+    peers = PeerLearner(step, {"bootstrap_servers": "unused:9092"}, TOPICS, Bounds(), asyncio.Lock(), metrics,
+                        committed=dict, forget_topic="s.forget")
+    peers.assign({("s.clicks", 0)}, {**{t: range(2) for t in TOPICS}, "s.forget": range(2)})
+    peers.reading = frozenset({("s.forget", 1)})
+    now = time.time_ns() // 1_000_000
+    requests = [record(n, encode(ForgetRequest(user_id=f"u{n}", request_id=f"req-{n}-" + "x" * 100, ts=now)))
+                for n in range(1000)]
+    with caplog.at_level("INFO", logger="streamrec.peers"):
+        await peers._learn(Fetched(high=1000), {TopicPartition("s.forget", 1): requests}, peers._version)
+    [line] = [r.getMessage() for r in caplog.records if "purged" in r.getMessage()]
+    assert line.startswith("purged 1000 forgotten user(s)") and "and 995 more" in line
+    assert "req-4-" in line and "req-5-" not in line and len(line) < 1_000
