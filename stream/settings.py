@@ -144,7 +144,7 @@ class Settings:
     redis_ssl_ca_file: str = _env("STREAMREC_REDIS_SSL_CA_FILE", "", "with rediss://: PEM file of the CA that signed the Redis server's certificate (empty: the system's)")
     topic_prefix: str = _env("STREAMREC_TOPIC_PREFIX", "streamrec.", "prefix of every topic name")
     top_k: int = _env("STREAMREC_TOP_K", str(RecommenderConfig.k), "items per recommendation")
-    model_dir: Path = _env("STREAMREC_MODEL_DIR", "models", "the Transformer scorer's model registry")
+    model_dir: Path = _env("STREAMREC_MODEL_DIR", "models", "the Transformer scorer's model registry (empty: models, as `streamrec train` and `retrain` read it)")
     metrics_port: int = _env("STREAMREC_METRICS_PORT", "9464", "port of the Prometheus /metrics endpoint (0: off)")
     scorer_device: str = _env("STREAMREC_SCORER_DEVICE", "auto", "auto, cuda or cpu")
     # The three CUDA options below apply only where the scorer runs on CUDA; on the CPU they are
@@ -429,7 +429,9 @@ def _convert(name: str, typ, raw):
                 return False
             raise ValueError(raw)
         if typ == "Path":
-            return Path(raw)
+            # empty is unset, as `streamrec train --model-dir`'s option reads the same variable: not
+            # Path("") (the working folder), where the worker looked while train wrote ./models
+            return Path(raw) if raw else Path(_default_of(name))
         if typ == "float":
             value = float(raw)
             if value != value:
@@ -437,5 +439,10 @@ def _convert(name: str, typ, raw):
             return value
     except ValueError:
         expected = {"int": "an integer", "bool": "true or false", "float": "a number"}.get(typ, typ)
-        raise ConfigError(f"{name}={raw!r}: expected {expected}") from None
+        raise ConfigError(f"{name}={clipped(raw, 80)!r}: expected {expected}") from None
     return raw
+
+
+def _default_of(name: str) -> str:
+    """The default of the setting read from the environment variable ``name``."""
+    return next(f.default for f in fields(Settings) if f.metadata["env"] == name)

@@ -112,6 +112,22 @@ def test_bad_values_name_the_variable_and_what_was_seen(name, raw, says):
     assert isinstance(info.value, StreamrecError)
 
 
+def test_an_empty_model_dir_is_the_default_registry_not_the_working_folder():
+    """STREAMREC_MODEL_DIR= (set, empty: a compose file's unset ${VAR}) was Path(""), the working
+    folder: the worker looked for models there while `streamrec train`, whose --model-dir option
+    reads the same variable and takes empty as unset, registered them in ./models."""
+    assert Settings.from_env({"STREAMREC_MODEL_DIR": ""}).model_dir == Path("models")
+
+
+def test_a_huge_bad_value_is_quoted_clipped():
+    """A value pasted by mistake (here 5,000 digits, past int()'s limit) was quoted whole in the
+    one-line error."""
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"STREAMREC_TOP_K": "9" * 5000})
+    assert str(info.value).startswith("STREAMREC_TOP_K='999") and "an integer" in str(info.value)
+    assert len(str(info.value)) < 200
+
+
 @pytest.mark.parametrize("name", ["STREAMREC_PSEUDONYM_KEY", "STREAMREC_SNAPSHOT_KEY"])
 def test_a_secret_that_is_not_utf8_is_refused_without_showing_it(name):
     """Bytes that are not UTF-8 in the environment arrive as lone surrogates: the key could not
