@@ -28,7 +28,7 @@ from rich.table import Table
 
 from gpu_scorer.registry import ModelRegistry
 from gpu_scorer.runtime import DEVICES, cuda_unavailable
-from online_models.datasets import read_interactions
+from online_models.datasets import FORMATS, read_interactions
 
 DEFAULT_MODEL_DIR = Path("models")
 TRAIN_PACKAGES = ("torch", "onnx")  # what training and the export import (onnx is a core dependency now)
@@ -63,7 +63,7 @@ def check_registry_dir(model_dir: Path) -> None:
 
 def train(
     dataset: Annotated[
-        Path | None, typer.Option("--dataset", help="Event log to train on; omit for the built-in synthetic stream.")
+        Path | None, typer.Option("--dataset", "-d", help="Event log to train on; omit for the built-in synthetic stream.")
     ] = None,
     format: Annotated[
         str, typer.Option("--format", "-f", help="Log format: taobao, yoochoose, otto or synthetic.")
@@ -108,6 +108,8 @@ def train(
     from gpu_scorer import export, training  # torch-bound; see the module docstring
 
     console = Console()
+    if format not in FORMATS:  # was said of --dataset ("needs a dataset path", or "unknown" under its name)
+        raise typer.BadParameter(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}", param_hint="--format")
     if format == "synthetic" and limit is None:
         limit = 20_000
     if dataset is not None and dataset.is_dir():

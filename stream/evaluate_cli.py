@@ -28,7 +28,7 @@ from gpu_scorer import ModelRegistry
 from gpu_scorer.errors import ScorerError
 from gpu_scorer.train_cli import INSTALL_TRAIN, check_device, missing_train_packages
 from online_models import Recommender
-from online_models.datasets import DatasetError, load_folder, read_interactions
+from online_models.datasets import FORMATS, DatasetError, load_folder, read_interactions
 from stream.errors import ConfigError, StreamrecError, counted
 from stream.evaluation import (
     DEFAULT_MODELS,
@@ -319,6 +319,9 @@ def _run(protocol: EvalProtocol, dataset: Path | None, format: str, limit: int |
         report["dataset"] = str(dataset)
         report["split"] = split.value
     else:
+        if format not in FORMATS:  # was said of --dataset, or as "needs --dataset" without one
+            raise typer.BadParameter(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}",
+                                     param_hint="--format")
         if dataset is not None and dataset.is_dir():
             raise typer.BadParameter(f"{dataset} is a folder; the prequential protocol replays one log file "
                                      "(the session-rec folder goes with --protocol session-rec)", param_hint="--dataset")

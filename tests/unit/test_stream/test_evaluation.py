@@ -13,6 +13,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from gpu_scorer.train_cli import train
 from online_models.datasets import (
     DatasetError,
     load_folder,
@@ -393,6 +394,35 @@ def test_train_refuses_an_unknown_device_before_it_reads_the_log(tmp_path):
         assert "read 300 events" not in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+@pytest.mark.parametrize("with_log", [False, True])
+def test_an_unknown_format_is_said_of_format_not_of_the_dataset(tmp_path, command, with_log):
+    """`-f parquet` was refused under --dataset: "format 'parquet' needs a dataset path" (train,
+    without --dataset, which then said "unknown format" of --dataset), "Invalid value for
+    --dataset: unknown format" (evaluate)."""
+    (tmp_path / "log.csv").write_text("1,10,100,pv,1511544070\n")
+    app = typer.Typer()
+    app.command(command)(train if command == "train" else evaluate)
+    app.command("noop")(lambda: None)
+    args = [command, "-f", "parquet", *(["--dataset", str(tmp_path / "log.csv")] if with_log else [])]
+    result = CliRunner().invoke(app, [*args, "--model-dir", str(tmp_path / "m")] if command == "train" else args,
+                                env={"COLUMNS": "500"})
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Invalid value for --format: unknown format 'parquet'" in said, result.output
+    assert "Traceback" not in result.output
+
+
+def test_train_takes_d_for_the_dataset_as_produce_and_evaluate_do(tmp_path):
+    """`streamrec evaluate -d LOG -f taobao` (its help's example) as `streamrec train -d LOG -f
+    taobao` was "No such option: -d"."""
+    app = typer.Typer()
+    app.command("train")(train)
+    app.command("noop")(lambda: None)
+    result = CliRunner().invoke(app, ["train", "-d", str(tmp_path), "--model-dir", str(tmp_path / "m")],
+                                env={"COLUMNS": "500"})
+    assert result.exit_code == 2 and "is a folder" in result.output, result.output
+
+
 def test_events_the_step_could_not_handle_are_counted_and_said():
     from rich.console import Console
 
@@ -497,7 +527,7 @@ EXPERIMENT = Path(__file__).resolve().parents[3] / "deploy" / "experiments" / "e
     (["--split", "valid"], "--split", "is for --protocol session-rec"),
     (["--split", "test"], "--split", "is for --protocol session-rec"),
     (["-f", "taobao"], "--format", "describes --dataset, which is not given"),  # was: the synthetic shop
-    (["-f", "bogus"], "--format", "describes --dataset, which is not given"),
+    (["-f", "bogus"], "--format", "unknown format 'bogus'; choose one of taobao"),  # not a format at all
 ])
 def test_cli_options_the_run_would_ignore_are_refused(tmp_path, args, hint, says):
     """Each was accepted and silently ignored: the report looked like an answer to the question asked."""
