@@ -75,8 +75,7 @@ def forget(
 
     Their raw events stay in Kafka until the topics' retention (STREAMREC_RAW_RETENTION_H) removes them. Watch streamrec_users_forgotten_total, or the worker's log line with the request id.
     """
-    settings = Settings.from_env(**{k: v for k, v in (("kafka_bootstrap", bootstrap), ("topic_prefix", topic_prefix))
-                                    if v is not None})
+    settings = Settings.with_options(kafka_bootstrap=("--bootstrap", bootstrap), topic_prefix=("--topic-prefix", topic_prefix))
     try:
         requests = forget_requests(user_ids)
     except InvalidEvent as exc:

@@ -307,7 +307,7 @@ def produce(
     if problem is not None:
         raise typer.BadParameter(f"{problem} (an event id is the prefix, '-' and the event's position)",
                                  param_hint="--id-prefix")
-    settings = Settings.from_env(**{k: v for k, v in (("kafka_bootstrap", bootstrap), ("topic_prefix", topic_prefix)) if v is not None})
+    settings = Settings.with_options(kafka_bootstrap=("--bootstrap", bootstrap), topic_prefix=("--topic-prefix", topic_prefix))
     topics = settings.topics
     n = limit if limit is not None or dataset is not None else DEFAULT_SYNTHETIC_EVENTS
     try:
@@ -335,7 +335,7 @@ def produce(
 
 
 def _produce_catalogue(path: Path | None, bootstrap: str | None, topic_prefix: str | None, seed: int) -> int:
-    settings = Settings.from_env(**{k: v for k, v in (("kafka_bootstrap", bootstrap), ("topic_prefix", topic_prefix)) if v is not None})
+    settings = Settings.with_options(kafka_bootstrap=("--bootstrap", bootstrap), topic_prefix=("--topic-prefix", topic_prefix))
     now = time.time_ns() // 1_000_000
     items = read_catalogue_file(path, now, settings.bounds) if path is not None else synthetic_items(seed, now)
     if not items:  # before Kafka: sending nothing would say "sent 0 items" and leave search empty

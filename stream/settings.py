@@ -217,6 +217,23 @@ class Settings:
         settings.check()
         return settings
 
+    @classmethod
+    def with_options(cls, **options: tuple[str, str | None]) -> Settings:
+        """The environment's settings under a command's options, ``field=(option, value)`` (a value
+        of None: the environment's). A value an option gave that is refused is said of the option,
+        not of the environment variable the operator did not set (``produce -b localhost``)."""
+        given = {name: value for name, (_, value) in options.items() if value is not None}
+        try:
+            return cls.from_env(**given)
+        except ConfigError as exc:
+            message = str(exc)
+            for f in fields(cls):
+                env = f.metadata["env"]
+                if f.name in given and message.startswith(env):
+                    rest = message[len(env):]
+                    raise ConfigError(options[f.name][0] + (f" {rest[1:]}" if rest.startswith("=") else rest)) from None
+            raise
+
     def check(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9._-]*", self.topic_prefix):
             raise ConfigError(f"STREAMREC_TOPIC_PREFIX={self.topic_prefix!r}: only letters, digits, '.', '_' and '-' are allowed in topic names")

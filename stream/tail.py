@@ -165,7 +165,7 @@ def tail(
     problem = None if user is None else id_problem(user)
     if problem is not None:
         raise typer.BadParameter(f"{problem}: no event carries such a user id", param_hint="--user")
-    settings = Settings.from_env(**{k: v for k, v in (("kafka_bootstrap", bootstrap), ("topic_prefix", topic_prefix)) if v is not None})
+    settings = Settings.with_options(kafka_bootstrap=("--bootstrap", bootstrap), topic_prefix=("--topic-prefix", topic_prefix))
     topic = settings.topics.dlq if dlq else settings.topics.recommendations
     kafka = settings.kafka
     require_topic(settings, topic)  # a typo in the prefix must not create topics and wait on them forever

@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 from online_models.datasets import synthetic_interactions
 from online_models.types import Interaction
 from stream.decoding import decode_event
+from stream.errors import ConfigError
+from stream.forget import forget
 from stream.produce import (
     ProduceSummary,
     TokenBucket,
@@ -168,6 +170,7 @@ def _app() -> typer.Typer:
     app = typer.Typer(add_completion=False)
     app.command("produce")(produce)
     app.command("tail")(tail)
+    app.command("forget")(forget)
     return app
 
 
@@ -206,6 +209,25 @@ def test_produce_refuses_a_dataset_without_its_format(tmp_path):
     log.write_text("1,2,3,pv,1511544070\n")
     result = CliRunner().invoke(_app(), ["produce", "--dataset", str(log), "--bootstrap", "127.0.0.1:1"])
     assert result.exit_code == 2 and "--format" in result.output
+
+
+@pytest.mark.parametrize("command", [["produce"], ["produce", "--demo-catalogue"], ["tail"], ["forget", "u1"]])
+@pytest.mark.parametrize(("args", "says"), [
+    (["--bootstrap", "localhost"], "--bootstrap 'localhost': 'localhost' is not host:port"),
+    (["--bootstrap", ""], "--bootstrap is empty"),
+    (["--topic-prefix", "my topics"], "--topic-prefix 'my topics': only letters"),
+])
+def test_a_bad_option_is_said_of_the_option_not_of_its_environment_variable(command, args, says):
+    """`produce -b localhost` was refused as "STREAMREC_KAFKA_BOOTSTRAP='localhost': ...", a
+    variable the operator had not set."""
+    result = CliRunner().invoke(_app(), [*command, *args])
+    assert isinstance(result.exception, ConfigError) and str(result.exception).startswith(says), result.exception
+
+
+def test_a_bad_environment_variable_is_still_said_of_the_variable():
+    result = CliRunner().invoke(_app(), ["tail", "--topic-prefix", "ok."], env={"STREAMREC_KAFKA_BOOTSTRAP": "localhost"})
+    assert isinstance(result.exception, ConfigError)
+    assert str(result.exception).startswith("STREAMREC_KAFKA_BOOTSTRAP='localhost'"), result.exception
 
 
 # --- tail's lines -----------------------------------------------------------------------
