@@ -73,6 +73,8 @@ def worker(
     if settings.metrics_port:
         serve(settings.metrics_port, REGISTRY, health)  # /metrics, /healthz, /readyz (it logs where)
     faust_app = create_app(settings, metrics=metrics, health=health)  # connects to nothing
+    # a Redis that refuses the login (a wrong password) is said now: the worker would retry it forever
+    settings.redis.check_login()
     # a broker that does not answer yet is waited for (unready, alive), not a crash loop;
     # one that refuses the login or a server that is not Kafka still stops it (stream/broker_wait.py)
     wait = BrokerWait(settings.kafka, health)
@@ -133,6 +135,7 @@ def serve_api(
     # full collections would walk on every few hundred requests (stream/gcpolicy.py)
     gcpolicy.configure(freeze=settings.gc_freeze)
     one_blas_thread()  # its computing threads are the parallelism (stream/threads.py)
+    settings.redis.check_login()  # a wrong password is said at start, not as a /readyz that never turns ready
     asyncio.run(run_server(settings, port or settings.serve_port, host))
 
 

@@ -336,17 +336,36 @@ class RedisConnection:
         """A synchronous redis-py client (scripts, benchmarks, tests); ``options`` beside the settings'."""
         return redis.Redis.from_url(self.url, **self.client_options(), **options)
 
+    def check_login(self, timeout_s: float = 3.0) -> None:
+        """One PING at start: an :class:`AccessDenied` when Redis answers and refuses this client
+        (:meth:`refusal`: a wrong password, an ACL, TLS), which the worker's retries would meet
+        forever; a Redis that does not answer (down, starting) is left to them, and said by them."""
+        try:
+            with self.client(socket_connect_timeout=timeout_s, socket_timeout=timeout_s) as client:
+                client.ping()
+        except (redis.RedisError, OSError) as exc:
+            denied = self.refusal(exc)
+            if denied is not None:
+                raise denied from None
+
     def refusal(self, exc: BaseException) -> AccessDenied | None:
         """An :class:`AccessDenied` saying what to fix when ``exc`` is Redis refusing this client."""
         name = type(exc).__name__
         text = f"{name}: {exc}" if str(exc) else name
         lowered = text.lower()
         if "authentication" in lowered or "noauth" in lowered or "wrongpass" in lowered or "username-password" in lowered:
+            parsed = urlsplit(self.url)
+            # redis://PASSWORD@host names a user and no password, and redis-py then logs in as no one
+            alone = (" (it names a user and no password: a password alone goes after a colon, "
+                     "redis://:password@host:port/db)") if parsed.username and parsed.password is None else ""
             return AccessDenied(f"Redis at {self.masked_url} refused the login ({text}): check the user and password "
-                                "in STREAMREC_REDIS_URL (redis://user:password@host:port/db)")
+                                f"in STREAMREC_REDIS_URL (redis://user:password@host:port/db){alone}")
         if "noperm" in lowered or "no permissions" in lowered:
             return AccessDenied(f"Redis at {self.masked_url} does not allow this user a command or key ({text}): grant "
                                 "it the ACL in docs/operations.md (Security)")
+        if "db index is out of range" in lowered:  # redis://host:port/16 on a server of 16 databases (0-15)
+            return AccessDenied(f"Redis at {self.masked_url} has no such database ({text}): use a database number "
+                                "below the server's `databases` setting (16 by default: 0 to 15) in STREAMREC_REDIS_URL")
         if "certificate" in lowered or "ssl" in lowered:
             return AccessDenied(f"TLS with Redis at {self.masked_url} failed ({text}): check STREAMREC_REDIS_SSL_CA_FILE "
                                 "(the authority that signed the server's certificate) and the rediss:// scheme")

@@ -36,7 +36,9 @@ def no_kafka(monkeypatch):
 
 
 def _worker(env: dict[str, str]) -> BaseException | None:
-    env = {"STREAMREC_METRICS_PORT": "0", "STREAMREC_CATALOGUE": "false", "STREAMREC_KAFKA_BOOTSTRAP": "127.0.0.1:1", **env}
+    # Redis on a closed port: the start-up PING is refused at once (no Redis of the main stack reached)
+    env = {"STREAMREC_METRICS_PORT": "0", "STREAMREC_CATALOGUE": "false", "STREAMREC_KAFKA_BOOTSTRAP": "127.0.0.1:1",
+           "STREAMREC_REDIS_URL": "redis://127.0.0.1:1/0", **env}
     return CliRunner().invoke(stream.cli.app, ["worker"], env=env).exception
 
 

@@ -10,7 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis
+from prometheus_client import CollectorRegistry
+from typer.testing import CliRunner
 
+import stream.cli
 from stream.app import faust_credentials
 from stream.connections import AccessDenied, KafkaConnection, RedisConnection, mask_url
 from stream.errors import ConfigError, ServiceUnavailable
@@ -162,6 +166,59 @@ def test_refusals_say_what_to_fix_and_outages_stay_outages():
     denied = redis_conn.refusal(Exception("WRONGPASS invalid username-password pair or user is disabled."))
     assert isinstance(denied, AccessDenied) and "redis-sentinel-pw" not in str(denied)
     assert redis_conn.refusal(ConnectionError("Error 111 connecting")) is None
+
+
+class PingRaising:
+    """A redis-py client whose PING raises ``exc`` (what a server that answered said)."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def ping(self):
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc, said", [
+    (redis.AuthenticationError("invalid username-password pair or user is disabled."), "refused the login"),
+    (redis.ResponseError("DB index is out of range"), "below the server's `databases` setting"),
+])
+def test_a_redis_that_refuses_the_worker_or_serve_stops_them_at_start(monkeypatch, exc, said):
+    """A wrong password, or a database the server has not: the worker retried loading its
+    snapshot every 2 s forever, serve's /readyz never turned ready; said by neither at start."""
+    monkeypatch.setattr(RedisConnection, "client", lambda self, **options: PingRaising(exc))
+
+    def reached(*args, **kwargs):
+        raise AssertionError("went on past a Redis that refused it")
+
+    monkeypatch.setattr(stream.cli, "BrokerWait", reached)
+    monkeypatch.setattr(stream.cli, "run_server", reached)
+    monkeypatch.setattr(stream.cli.gcpolicy, "configure", lambda **_: None)
+    monkeypatch.setattr(stream.cli, "one_blas_thread", lambda: None)
+    monkeypatch.setattr(stream.cli, "REGISTRY", CollectorRegistry())  # the worker's metrics, once a test
+    env = {"STREAMREC_REDIS_URL": "redis://:redis-sentinel-pw@db:6379/0", "STREAMREC_METRICS_PORT": "0",
+           "STREAMREC_CATALOGUE": "false", "STREAMREC_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
+    for command in ("worker", "serve"):
+        result = CliRunner().invoke(stream.cli.app, [command], env=env)
+        assert isinstance(result.exception, AccessDenied) and said in str(result.exception), (command, result.exception)
+        assert "redis-sentinel-pw" not in str(result.exception)
+
+
+def test_a_redis_that_does_not_answer_is_left_to_the_retries(monkeypatch):
+    monkeypatch.setattr(RedisConnection, "client",
+                        lambda self, **options: PingRaising(redis.ConnectionError("Error 111 connecting to db:6379.")))
+    RedisConnection("redis://db:6379/0").check_login()  # no error: the worker waits for it, as before
+
+
+def test_a_password_written_as_the_user_is_pointed_out():
+    denied = RedisConnection("redis://s3cret@db:6379/0").refusal(redis.AuthenticationError("WRONGPASS"))
+    assert denied is not None and "a password alone goes after a colon" in str(denied)
+    assert "after a colon" not in str(RedisConnection("redis://app:pw@db:6379/0").refusal(redis.AuthenticationError("x")))
 
 
 @pytest.mark.parametrize("url, said", [
