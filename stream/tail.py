@@ -26,7 +26,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated
 
@@ -48,7 +48,7 @@ from stream.records import (
     decode_recommendation,
 )
 from stream.settings import Settings
-from stream.topics import require_topic
+from stream.topics import probe, require_topic
 
 #: what a shopper reads for a source whose explanation names no item or category
 _SAYS = {"covisit": "often viewed together", "reminder": "you viewed it before", "trending": "popular now",
@@ -142,6 +142,53 @@ def is_for_user(key: bytes | None, user: str | None) -> bool:
     return user is None or key == user.encode()
 
 
+#: seconds without a message after which ``tail`` asks whether Kafka still answers
+WATCH_EVERY_S = 10.0
+
+
+class BrokerWatch:
+    """While ``tail`` waits for messages, whether Kafka still answers: the consumer reconnects
+    in silence, so a broker gone away left tail printing nothing, as a quiet topic does. Every
+    ``every_s`` seconds without a message it asks ``check`` (None: it answers; else what is
+    wrong) and says the change, once: the broker lost, then the broker back."""
+
+    def __init__(self, where: str, check: Callable[[], str | None], every_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.where, self.check, self.every_s, self.clock = where, check, every_s, clock
+        self.checked = clock()
+        self.lost = False
+
+    def heard(self) -> None:
+        """A message came: the broker answers."""
+        self.checked = self.clock()
+        self.lost = False
+
+    def line(self) -> str | None:
+        """What to say now, if anything (asks Kafka when ``every_s`` passed without a message).
+
+        >>> answers = ["[Errno 111] Connection refused", None]
+        >>> now = [0.0]
+        >>> watch = BrokerWatch("k:9092", lambda: answers.pop(0), 10, lambda: now[0])
+        >>> watch.line() is None  # not yet 10 s
+        True
+        >>> now[0] = 10; print(watch.line())
+        tail: Kafka at k:9092 does not answer ([Errno 111] Connection refused); waiting for it (Ctrl-C stops)
+        >>> now[0] = 20; print(watch.line())
+        tail: Kafka at k:9092 answers again
+        """
+        if self.clock() - self.checked < self.every_s:
+            return None
+        problem = self.check()
+        self.checked = self.clock()
+        if problem is not None and not self.lost:
+            self.lost = True
+            return f"tail: Kafka at {self.where} does not answer ({problem}); waiting for it (Ctrl-C stops)"
+        if problem is None and self.lost:
+            self.lost = False
+            return f"tail: Kafka at {self.where} answers again"
+        return None
+
+
 def tail(
     user: Annotated[str | None, typer.Option("--user", "-u", help="Only this user's messages (matched on the message key).")] = None,
     bootstrap: Annotated[str | None, typer.Option(
@@ -160,7 +207,7 @@ def tail(
     """Print recommendations as they arrive: user, top items with scores, latency (generated_ts - event_ts).
     A forgotten user's tombstone (a null value) prints as such.
 
-    Reads <prefix>recommendations (or <prefix>dlq with --dlq) without joining a consumer group, so it never takes work or offsets from a worker. Ctrl-C stops.
+    Reads <prefix>recommendations (or <prefix>dlq with --dlq) without joining a consumer group, so it never takes work or offsets from a worker. A broker that stops answering is said on stderr (checked after 10 s without a message), and so is its return. Ctrl-C stops.
     """
     problem = None if user is None else id_problem(user)
     if problem is not None:
@@ -179,6 +226,7 @@ def tail(
         raise kafka.unavailable(exc) from None
     printed = 0
     deadline = None if timeout is None else time.monotonic() + timeout
+    watch = BrokerWatch(kafka.bootstrap, lambda: probe(kafka, 2.0), WATCH_EVERY_S)
     try:
         with stop_on_signals() as stop:
             partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
@@ -190,7 +238,12 @@ def tail(
                 for tp in partitions:
                     consumer.position(tp)  # fix "the end" now, not at the first poll
             while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
-                for records in consumer.poll(timeout_ms=200).values():
+                polled = consumer.poll(timeout_ms=200)
+                if polled:
+                    watch.heard()
+                elif (said := watch.line()) is not None:
+                    typer.secho(said, err=True, fg="yellow")
+                for records in polled.values():
                     for record in records:
                         if is_for_user(record.key, user):
                             typer.echo(_render(record.value, dlq, as_json, items, record.key))
@@ -246,4 +299,4 @@ def _render(value: bytes | None, dlq: bool, as_json: bool, items: int, key: byte
         return f"(not a {kind}: {exc}) {(value or b'')[:80]!r}"
 
 
-__all__ = ["tombstone_line", "dead_letter_line", "explanation_text", "is_for_user", "recommendation_line", "stop_on_signals", "tail"]
+__all__ = ["BrokerWatch", "tombstone_line", "dead_letter_line", "explanation_text", "is_for_user", "recommendation_line", "stop_on_signals", "tail"]

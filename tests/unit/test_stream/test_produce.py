@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from online_models.datasets import synthetic_interactions
 from online_models.types import Interaction
+from stream import tail as tail_module
 from stream.decoding import decode_event
 from stream.errors import ConfigError
 from stream.forget import forget
@@ -228,6 +229,46 @@ def test_a_bad_environment_variable_is_still_said_of_the_variable():
     result = CliRunner().invoke(_app(), ["tail", "--topic-prefix", "ok."], env={"STREAMREC_KAFKA_BOOTSTRAP": "localhost"})
     assert isinstance(result.exception, ConfigError)
     assert str(result.exception).startswith("STREAMREC_KAFKA_BOOTSTRAP='localhost'"), result.exception
+
+
+class SilentConsumer:
+    """A KafkaConsumer of one partition whose broker has gone: every poll is empty."""
+
+    def __init__(self, **options) -> None:
+        pass
+
+    def partitions_for_topic(self, topic):
+        return {0}
+
+    def assign(self, partitions) -> None:
+        pass
+
+    def seek_to_end(self, *partitions) -> None:
+        pass
+
+    def position(self, tp) -> int:
+        return 0
+
+    def poll(self, timeout_ms: int):
+        return {}
+
+    def close(self, autocommit: bool = True) -> None:
+        pass
+
+
+def test_tail_says_when_kafka_stops_answering_instead_of_printing_nothing(monkeypatch):
+    """The broker gone while tail waited: kafka-python reconnects in silence, and tail printed
+    nothing, as for a quiet topic, until the operator gave up."""
+    monkeypatch.setattr(tail_module, "require_topic", lambda settings, topic: 1)
+    monkeypatch.setattr(tail_module, "KafkaConsumer", SilentConsumer)
+    monkeypatch.setattr(tail_module, "probe", lambda kafka, timeout_s: "127.0.0.1:9: [Errno 111] Connection refused",
+                        raising=False)
+    monkeypatch.setattr(tail_module, "WATCH_EVERY_S", 0.0, raising=False)
+    result = CliRunner().invoke(_app(), ["tail", "--bootstrap", "127.0.0.1:9", "--timeout", "0.5"])
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.output.splitlines() if "does not answer" in line]
+    assert said == ["tail: Kafka at 127.0.0.1:9 does not answer (127.0.0.1:9: [Errno 111] Connection refused); "
+                    "waiting for it (Ctrl-C stops)"]  # once, not at every check
 
 
 # --- tail's lines -----------------------------------------------------------------------
