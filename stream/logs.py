@@ -1,5 +1,5 @@
 """Logging of the long-running processes (worker, serve): one format, and the Kafka client's
-repeated complaints thinned out.
+repeated complaints thinned out (``produce`` and ``forget`` thin them too).
 
 While the broker is away, aiokafka logs the same error for every attempt: its fetcher about
 ten times a second ("Failed fetch messages from 1: KafkaConnectionError ..."), 200 lines in a
@@ -130,13 +130,20 @@ class ClippedTracebacks(logging.Filter):
 
 
 def configure(level: int | str) -> None:
-    """The process's log format and level, and the Kafka client's loggers thinned (one
-    :class:`Thinned` each: a filter on a logger sees only what is logged on it)."""
+    """The process's log format and level, and the Kafka client's loggers thinned."""
     logging.basicConfig(level=level, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    thin_kafka_client()
+
+
+def thin_kafka_client() -> None:
+    """The Kafka client's loggers thinned (one :class:`Thinned` each: a filter on a logger sees
+    only what is logged on it), and nothing else about logging changed: what the short commands
+    (``produce``, ``forget``) call, whose aiokafka printed some 10,000 lines a second while a
+    broker that went away mid-replay was retried."""
     for name in KAFKA_CLIENT_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, Thinned) for f in logger.filters):
             logger.addFilter(Thinned())
 
 
-__all__ = ["KAFKA_CLIENT_LOGGERS", "ClippedTracebacks", "Thinned", "clipped_traceback", "configure"]
+__all__ = ["KAFKA_CLIENT_LOGGERS", "ClippedTracebacks", "Thinned", "clipped_traceback", "configure", "thin_kafka_client"]

@@ -39,6 +39,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from online_models.datasets import FORMATS, DatasetError, read_interactions
 from online_models.types import Interaction
+from stream import logs
 from stream.connections import KafkaConnection
 from stream.decoding import id_problem
 from stream.errors import StreamrecError, counted
@@ -150,6 +151,7 @@ async def started_producer(kafka: KafkaConnection, **options) -> AIOKafkaProduce
     """An aiokafka producer reaching Kafka as ``kafka`` says, started; a broker that refuses the
     login is an :class:`~stream.connections.AccessDenied`, one that does not answer a
     :class:`~stream.errors.ServiceUnavailable`."""
+    logs.thin_kafka_client()  # a broker gone mid-send: one line of each error per 10 s, not thousands a second
     producer = AIOKafkaProducer(**kafka.client_options(), **options)
     try:
         await producer.start()
@@ -239,6 +241,7 @@ async def replay(
         await batches.wait_all()
         summary.seconds = time.monotonic() - started
     except KafkaError as exc:
+        batches.abandon()  # the batches still in flight fail too: the first failure is the one said
         raise send_failure(kafka, exc, "sending events") from None
     finally:
         await producer.stop()

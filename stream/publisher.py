@@ -102,6 +102,16 @@ class RecordBatches:
         while self._sent and self._sent[0][0].done():
             self._sent.popleft()[0].result()
 
+    def abandon(self) -> None:
+        """Forget every sent batch, its outcome taken (a failed one, unread, was "Future exception
+        was never retrieved" at exit, once per batch, after the error that stopped a replay)."""
+        sent, self._sent = self._sent, deque()
+        for delivery, _ in sent:
+            if delivery.done():
+                delivery.cancelled() or delivery.exception()
+            else:
+                delivery.add_done_callback(lambda f: f.cancelled() or f.exception())
+
     async def wait_all(self) -> None:
         """Wait for every sent batch; raise the first delivery error."""
         while self._sent:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -13,9 +16,11 @@ from typer.testing import CliRunner
 from online_models.datasets import synthetic_interactions
 from online_models.types import Interaction
 from stream import tail as tail_module
+from stream.connections import KafkaConnection
 from stream.decoding import decode_event
-from stream.errors import ConfigError
+from stream.errors import ConfigError, StreamrecError
 from stream.forget import forget
+from stream.logs import KAFKA_CLIENT_LOGGERS, Thinned
 from stream.produce import (
     ProduceSummary,
     TokenBucket,
@@ -23,9 +28,10 @@ from stream.produce import (
     event_id,
     produce,
     source_tag,
+    started_producer,
     topic_for,
 )
-from stream.publisher import murmur2_partition
+from stream.publisher import RecordBatches, murmur2_partition
 from stream.records import (
     ClickEvent,
     DeadLetter,
@@ -269,6 +275,36 @@ def test_tail_says_when_kafka_stops_answering_instead_of_printing_nothing(monkey
     said = [line for line in result.output.splitlines() if "does not answer" in line]
     assert said == ["tail: Kafka at 127.0.0.1:9 does not answer (127.0.0.1:9: [Errno 111] Connection refused); "
                     "waiting for it (Ctrl-C stops)"]  # once, not at every check
+
+
+def test_produce_and_forget_thin_the_kafka_clients_repeated_lines(monkeypatch):
+    """A broker gone mid-replay: aiokafka logged "Unable connect to node with id 1" and "Unable
+    to update metadata" some 10,000 times a second (680,000 lines before produce gave up);
+    thinned as in the worker, one of each per 10 s (stream/logs.py)."""
+    for name in KAFKA_CLIENT_LOGGERS:
+        monkeypatch.setattr(logging.getLogger(name), "filters", [])
+    with pytest.raises(StreamrecError):  # a closed port: no broker
+        asyncio.run(started_producer(KafkaConnection("127.0.0.1:1"), request_timeout_ms=1000))
+    assert all(any(isinstance(f, Thinned) for f in logging.getLogger(name).filters) for name in KAFKA_CLIENT_LOGGERS)
+
+
+def test_batches_abandoned_after_a_failure_leave_no_unretrieved_error():
+    """The replay stopped at the first failed batch; every other failed one was "Future
+    exception was never retrieved" at exit, with its traceback, after the one-line error."""
+    loop = asyncio.new_event_loop()
+    complaints = []
+    loop.set_exception_handler(lambda loop, context: complaints.append(context["message"]))
+    batches = RecordBatches(producer=None)
+    failed, later = loop.create_future(), loop.create_future()
+    failed.set_exception(ConnectionError("broker gone"))
+    batches._sent.extend([(failed, []), (later, [])])
+    batches.abandon()
+    later.set_exception(ConnectionError("broker gone"))
+    loop.run_until_complete(asyncio.sleep(0))  # the done callbacks run
+    del failed, later, batches
+    gc.collect()
+    loop.close()
+    assert complaints == []
 
 
 # --- tail's lines -----------------------------------------------------------------------
