@@ -24,6 +24,7 @@ The pure parts (parsing and the statistics) are functions apart from the I/O:
 
 from __future__ import annotations
 
+import html
 import http.client
 import json
 import math
@@ -393,13 +394,29 @@ def write_chart(summary: Mapping[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------- sources (I/O)
 
 
+def error_text(body: bytes, reason: object) -> str:
+    """What an HTTP error's body says, on one line of at most 200 characters: its words without
+    markup when it is an HTML page (a URL that reached another server: a proxy, Grafana), else
+    ``reason`` when it says nothing.
+
+    >>> error_text(b"<!DOCTYPE HTML><html><head><title>Error</title></head>\\n<body><p>Message: File not found.</p></body></html>", "Not Found")
+    'Error Message: File not found.'
+    >>> error_text(b"", "Not Found"), error_text(b"bad query\\n", "Bad Request")
+    ('Not Found', 'bad query')
+    """
+    text = body.decode("utf-8", "replace")
+    if re.search(r"<\s*(!doctype|html|head|body)\b", text, re.IGNORECASE):
+        text = re.sub(r"<(script|style)\b.*?</\1\s*>", " ", text, flags=re.IGNORECASE | re.DOTALL)
+        text = html.unescape(re.sub(r"<[^>]*>", " ", text))
+    return clipped(" ".join(text.split()), 200) or str(reason)
+
+
 def _get(url: str, timeout: float) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (the user's URL)
             return resp.read()
-    except urllib.error.HTTPError as exc:
-        body = exc.read().decode("utf-8", "replace")[:300]
-        raise ServiceUnavailable(f"{url} answered HTTP {exc.code}: {body or exc.reason}") from None
+    except urllib.error.HTTPError as exc:  # its body was quoted as it came: an HTML page over 11 lines
+        raise ServiceUnavailable(f"{url} answered HTTP {exc.code}: {error_text(exc.read(), exc.reason)}") from None
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:  # HTTPException: a bad URL, not HTTP
         reason = getattr(exc, "reason", exc)
         raise ServiceUnavailable(f"cannot read {url}: {reason}") from None
@@ -483,9 +500,9 @@ def _prometheus_vector(base: str, query: str, timeout: float) -> list[dict[str, 
     except urllib.error.HTTPError as exc:  # Prometheus says why in a JSON body (bad query: 400)
         raw = exc.read()
         try:
-            why = json.loads(raw).get("error", "")
-        except ValueError:
-            why = raw.decode("utf-8", "replace")[:300]
+            why = str(json.loads(raw).get("error", ""))
+        except (ValueError, AttributeError, RecursionError):  # AttributeError: JSON, not an object
+            why = error_text(raw, exc.reason)
         raise ServiceUnavailable(f"Prometheus at {base} answered HTTP {exc.code} to {query!r}: {why}") from None
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:  # HTTPException: a bad URL, not HTTP
         raise ServiceUnavailable(f"cannot reach Prometheus at {base}: {getattr(exc, 'reason', exc)}") from None

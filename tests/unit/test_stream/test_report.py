@@ -402,6 +402,25 @@ def test_cli_unreachable_source_is_service_unavailable():
     assert isinstance(result.exception, ServiceUnavailable) and "404" in str(result.exception)
 
 
+HTML_404 = (b'<!DOCTYPE HTML>\n<html lang="en">\n  <head><title>Error response</title>\n  <style>p { x: 1 }</style></head>\n'
+            b"  <body>\n    <h1>Error response</h1>\n    <p>Message: File not found.</p>\n  </body>\n</html>\n")
+
+
+@pytest.mark.parametrize("source", ["--metrics", "--prometheus"])
+@pytest.mark.parametrize("body", [HTML_404, b'["a", "JSON", "list"]'])
+def test_an_error_page_from_another_server_is_said_in_one_line(source, body):
+    """--metrics or --prometheus at a port that is another web server: its HTML 404 page was
+    quoted as it came, eleven lines of markup; Prometheus's JSON error read with .get raised
+    AttributeError (a traceback) when the JSON was not an object."""
+    with _Server({"/metrics": lambda q: (404, "text/html", body), "/api/v1/query": lambda q: (400, "text/html", body)}) as w:
+        result = runner.invoke(cli.app, ["report", source, w.url])
+    assert isinstance(result.exception, ServiceUnavailable), result.exception
+    said = str(result.exception)
+    assert "\n" not in said and "<" not in said and len(said) < 400, said
+    if body is HTML_404:
+        assert "Message: File not found." in said and "x: 1" not in said
+
+
 def _vector(series):
     return json.dumps({"status": "success", "data": {"resultType": "vector", "result": series}}).encode()
 
