@@ -18,6 +18,7 @@ from pathlib import Path
 import faust
 import mode
 
+from gpu_scorer.layout import MANIFEST
 from online_models import Recommender
 from stream import consumer
 from stream.batching import take_batches
@@ -106,12 +107,17 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
 
 def check_model_dir(settings: Settings) -> None:
     """A :class:`ConfigError` unless STREAMREC_MODEL_DIR is a folder or not there yet (no model
-    registered: the worker ranks with the online models and looks again every 5 s); said at
-    start, before Kafka, rather than never (a file there hid every model the worker looked for)."""
+    registered: the worker ranks with the online models and looks again every 5 s), and not one
+    version's folder in a registry; said at start, before Kafka, rather than never (a file there
+    hid every model the worker looked for)."""
     path = Path(settings.model_dir)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"STREAMREC_MODEL_DIR={settings.model_dir}: a file, not a folder; point it at the model "
                           "registry's folder (`streamrec train` makes one), or at a folder not made yet")
+    if (path / MANIFEST).is_file():  # was: "no Transformer model registered", beside the model
+        raise ConfigError(f"STREAMREC_MODEL_DIR={settings.model_dir}: one registered version (it holds {MANIFEST}), "
+                          f"not the registry; point it at the folder that holds it, {path.absolute().parent} "
+                          "(its CURRENT names the version served)")
 
 
 def _faust_app(settings: Settings) -> faust.App:

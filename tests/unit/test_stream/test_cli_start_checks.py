@@ -67,6 +67,17 @@ def test_the_worker_refuses_a_model_dir_that_is_a_file_before_kafka(no_kafka, tm
     assert isinstance(exc, ConfigError) and "STREAMREC_MODEL_DIR" in str(exc) and "not a folder" in str(exc)
 
 
+def test_the_worker_refuses_a_model_dir_that_is_one_version_before_kafka(no_kafka, tmp_path):
+    """STREAMREC_MODEL_DIR=models/v0003 (the version's folder, not the registry): the worker
+    warned "no Transformer model registered ... run `streamrec train`", beside the model."""
+    version = tmp_path / "models" / "v0003"
+    version.mkdir(parents=True)
+    (version / "manifest.json").write_text("{}")
+    exc = _worker({"STREAMREC_MODEL_DIR": str(version)})
+    assert isinstance(exc, ConfigError) and "one registered version" in str(exc), exc
+    assert str(tmp_path / "models") in str(exc)
+
+
 def test_the_worker_refuses_a_metrics_port_in_use_before_kafka(no_kafka, tmp_path):
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
