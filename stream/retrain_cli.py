@@ -146,7 +146,7 @@ def retrain(
     window: Annotated[int, typer.Option("--window", min=1, max=1_000_000_000, metavar="EVENTS",
                                         help="Train on at most this many of the latest events read from Kafka.")] = 1_000_000,
     dataset: Annotated[Path | None, typer.Option(
-        "--dataset", help="A log every fit also trains on, before the events read (the log the first model was trained on).")] = None,
+        "--dataset", "-d", help="A log every fit also trains on, before the events read (the log the first model was trained on).")] = None,
     format: Annotated[str, typer.Option("--format", "-f", help="--dataset's format: taobao, yoochoose, otto or synthetic.")] = "synthetic",
     model_dir: Annotated[Path, typer.Option(
         "--model-dir", envvar="STREAMREC_MODEL_DIR",

@@ -220,3 +220,12 @@ def test_end_offsets_failing_for_a_partition_added_while_retrain_runs_is_tried_a
     assert fits[-1] == ["i1"], fits
     lines = [r.getMessage() for r in caplog.records if r.name == "streamrec.retrain" and "Kafka" in r.getMessage()]
     assert len(lines) == 2 and "KafkaTimeoutError" in lines[0] and "(2 failed tries)" in lines[1], lines
+
+
+def test_retrain_takes_d_for_dataset_as_train_evaluate_and_produce_do(tmp_path):
+    app = typer.Typer()
+    app.command("retrain")(retrain_cli.retrain)
+    app.command("noop")(lambda: None)
+    result = CliRunner().invoke(app, ["retrain", "-d", str(tmp_path / "log.csv"), "--model-dir", str(tmp_path / "m")])
+    assert result.exit_code == 2
+    assert "No such option" not in result.output and "give the log's --format" in result.output
