@@ -41,6 +41,7 @@ import re
 import resource
 import signal
 import time
+import unicodedata
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -167,11 +168,33 @@ def parse_id(raw: str | None, name: str, required: bool) -> str | None:
     return raw
 
 
+#: the default-ignorable code points (Unicode's DerivedCoreProperties) that are not format
+#: characters (Cf): the combining grapheme joiner, the Hangul fillers, variation selectors, ...
+_IGNORABLE = re.compile("[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u2065\u3164\ufe00-\ufe0f\uffa0"
+                        "\ufff0-\ufff8\U000e0000-\U000e0fff]")
+
+
+def blank(text: str) -> bool:
+    r"""Whether ``text`` shows nothing: only whitespace, format characters (Unicode's Cf: U+200B
+    ZERO WIDTH SPACE, U+202E RIGHT-TO-LEFT OVERRIDE, U+FEFF, ...) and the other code points
+    Unicode says to render invisibly (variation selectors, the Hangul fillers).
+
+    >>> blank(""), blank(" \t"), blank("\u200b\u202e\ufe0f"), blank("\u200btv"), blank("\u3164 ")
+    (True, True, True, False, True)
+    """
+    if text.isascii():
+        return not text.strip()
+    return all(ch.isspace() or unicodedata.category(ch) == "Cf" or _IGNORABLE.match(ch) for ch in text)
+
+
 def parse_query(raw: str | None) -> str:
-    if raw is None or not raw.strip():
-        raise BadRequest("q is required: the text to search for")
+    """``q``: 1 to :data:`MAX_QUERY_CHARS` characters, no control characters, something visible.
+    Stricter than a search event's ``query`` (stream/records.py): a query of only invisible
+    characters is an event as sent, but a request for nothing."""
+    if raw is None or blank(raw):
+        raise BadRequest("q is required: the text to search for, something besides whitespace and invisible characters")
     if len(raw) > MAX_QUERY_CHARS or _ID.match(raw) is None:
-        raise BadRequest(f"q: 1 to {MAX_QUERY_CHARS} characters, without control characters, not blank")
+        raise BadRequest(f"q: 1 to {MAX_QUERY_CHARS} characters, without control characters")
     return raw
 
 

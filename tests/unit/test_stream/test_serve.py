@@ -120,7 +120,9 @@ async def test_similar_items_come_from_the_catalogue(client):
     ("/v1/search", {"q": "tv", "k": "\uff15"}, "expected a whole number"),
     ("/v1/search", {"q": "tv", "k": "9" * 5000}, "k=" + "9" * 40 + "…"),
     ("/v1/search", [("q", "tv"), ("k", "2"), ("k", "abc")], "k is given 2 times"),
-    ("/v1/search", {"q": "\ufeff"}, "not blank"),
+    ("/v1/search", {"q": "\ufeff"}, "q is required"),
+    ("/v1/search", {"q": "\u200b"}, "q is required"),  # invisible alone was searched for: a request for nothing
+    ("/v1/search", {"q": " \u202e\u2060\u180e\ufe0f\u3164\U000e0041 "}, "q is required"),
     ("/v1/search", {"q": "tv", "user_id": "\ufeff"}, "user_id: an id of 1 to 128"),
     ("/v1/users/\ufeff/recommendations", {}, "user_id: an id of 1 to 128"),
 ])
@@ -128,6 +130,13 @@ async def test_bad_parameters_are_400s_that_say_what_is_wrong(client, path, para
     resp = await client.get(path, params=params)
     assert resp.status == 400
     assert said in (await resp.json())["error"]
+
+
+async def test_a_query_of_invisible_characters_alone_is_a_400_and_with_text_is_searched(client):
+    """``q=%E2%80%8B`` (U+200B ZERO WIDTH SPACE) was searched for, as if it were text."""
+    invisible = await client.get(yarl.URL("/v1/search?q=%E2%80%8B%E2%80%AE", encoded=True))
+    assert invisible.status == 400 and "q is required" in (await invisible.json())["error"]
+    assert (await client.get("/v1/search", params={"q": "\u200btv\u202e"})).status == 200
 
 
 def test_k_with_leading_zeros_is_read_as_its_number():
