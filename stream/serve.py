@@ -126,7 +126,8 @@ class BadRequest(ValueError):
 
 
 def parse_k(raw: str | None, default: int) -> int:
-    """``k``: 1 to :data:`MAX_K` (``default`` when absent).
+    """``k``: 1 to :data:`MAX_K` (``default`` when absent; given empty, ``k=``, a 400 as any
+    other value that is no such number).
 
     >>> parse_k(None, 20), parse_k("5", 20), parse_k("007", 20), parse_k("0100", 20)
     (20, 5, 7, 100)
@@ -134,9 +135,15 @@ def parse_k(raw: str | None, default: int) -> int:
     Traceback (most recent call last):
     ...
     stream.serve.BadRequest: k=0: expected a whole number from 1 to 100
+    >>> parse_k("", 20)
+    Traceback (most recent call last):
+    ...
+    stream.serve.BadRequest: k is empty: expected a whole number from 1 to 100 (or no k, for 20)
     """
-    if raw is None or raw == "":
+    if raw is None:
         return default
+    if raw == "":
+        raise BadRequest(f"k is empty: expected a whole number from 1 to {MAX_K} (or no k, for {default})")
     # ASCII digits only: int() would also read "+5", "1_0" and other scripts' digits
     digits = raw.lstrip("0")  # leading zeros are no size: "0100" is 100, as "007" is 7
     k = int(digits or "0") if raw.isascii() and raw.isdigit() and len(digits) <= 3 else 0

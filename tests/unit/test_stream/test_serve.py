@@ -115,6 +115,9 @@ async def test_similar_items_come_from_the_catalogue(client):
     ("/v1/search", {"q": "tv", "user_id": "u" * 129}, "user_id: an id of 1 to 128"),
     ("/v1/search", {"q": "a\x01b"}, "without control characters"),
     ("/v1/users/fan/recommendations", {"k": "-3"}, "k=-3"),
+    ("/v1/users/fan/recommendations", {"k": ""}, "k is empty: expected a whole number"),  # was the default, silently
+    ("/v1/search", {"q": "tv", "k": ""}, "k is empty"),
+    ("/v1/items/jacket-zh/similar", {"k": ""}, "k is empty"),
     ("/v1/search", {"q": "tv", "k": "+5"}, "k=+5"),  # int() reads these three; a whole number is digits
     ("/v1/search", {"q": "tv", "k": "1_0"}, "k=1_0"),
     ("/v1/search", {"q": "tv", "k": "\uff15"}, "expected a whole number"),
