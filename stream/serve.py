@@ -365,6 +365,19 @@ def _route_of(request: web.Request) -> str | None:
     return resource.canonical if resource is not None else None
 
 
+async def _pattern_of(request: web.Request) -> str | None:
+    """:func:`_route_of`, and for a 405 (a known path, another method) the pattern of the route
+    whose path it is, which the router does not keep."""
+    route = _route_of(request)
+    if route is not None or not isinstance(request.match_info.http_exception, web.HTTPMethodNotAllowed):
+        return route
+    for candidate in request.app.router.resources():
+        _, allowed = await candidate.resolve(request)  # its methods when the path is its own, and no match
+        if allowed:
+            return candidate.canonical
+    return None
+
+
 def _utf8(raw_path: str) -> bool:
     """Whether a request's percent-encoded path and query decode as UTF-8 (aiohttp would put
     U+FFFD in place of bytes that do not, so that two different ids read the same)."""
@@ -400,7 +413,7 @@ def _observed(metrics: Metrics):
     async def observe(request: web.Request, handler):
         if not request.path.startswith("/v1/"):
             return await handler(request)
-        route = _route_of(request) or "unknown"
+        route = await _pattern_of(request) or "unknown"
         t0 = time.perf_counter()
         status = 500
         try:

@@ -427,6 +427,8 @@ async def test_requests_are_counted_and_timed_on_metrics(catalogue):
         assert (await client.get("/v1/search", params={"q": "tv"})).status == 200
         assert (await client.get("/v1/search", params={"q": "tv", "k": "0"})).status == 400
         assert (await client.get("/v1/items/nothing/similar")).status == 404
+        assert (await client.post("/v1/users/u1/recommendations")).status == 405
+        assert (await client.get("/v1/nothing")).status == 404
         assert (await client.get("/healthz")).status == 200  # probes are not API requests
         resp = await client.get("/metrics")
         text = await resp.text()
@@ -436,6 +438,9 @@ async def test_requests_are_counted_and_timed_on_metrics(catalogue):
     assert 'streamrec_http_requests_total{route="/v1/search",status="400"} 1.0' in text
     assert 'streamrec_http_requests_total{route="/v1/items/{item_id}/similar",status="404"} 1.0' in text
     assert 'streamrec_http_request_seconds_count{route="/v1/search"} 2.0' in text
+    # a known path asked with another method was "unknown", as a path that is none
+    assert 'streamrec_http_requests_total{route="/v1/users/{user_id}/recommendations",status="405"} 1.0' in text
+    assert 'streamrec_http_requests_total{route="unknown",status="404"} 1.0' in text
     assert "/healthz" not in text
 
 
