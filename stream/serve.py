@@ -60,7 +60,7 @@ from online_models.types import ScoredItem
 from stream.catalogue_feed import CatalogueFeed
 from stream.errors import ConfigError, clipped, described
 from stream.health import Health, export_readiness
-from stream.logs import Thinned
+from stream.logs import ClippedTracebacks, Thinned
 from stream.pipeline import RecommendationStep
 from stream.prometheus import FROZEN_COUNT_INTERVAL_S, Metrics
 from stream.pseudonyms import Pseudonyms, pseudonyms_of
@@ -76,7 +76,9 @@ log = logging.getLogger("streamrec.serve")
 #: the requests answered 503 because the store did not answer: thinned (:func:`create_web_app`),
 #: since while Redis is away every request that names a user says the same
 store_log = logging.getLogger("streamrec.serve.store")
-#: a request that failed (500): one traceback per route and error type every 10 s (Thinned)
+#: a request that failed (500): one traceback per route and error type every 10 s (Thinned), each
+#: exception's text in it cut to one line of 300 characters (ClippedTracebacks: a bug's exception
+#: may carry a megabyte, or a user's text)
 failure_log = logging.getLogger("streamrec.serve.failures")
 
 #: the largest ``k`` a request may ask for
@@ -467,6 +469,8 @@ def create_web_app(api: Api, max_in_flight: int = MAX_IN_FLIGHT, metrics: Metric
     for thinned in (store_log, failure_log):
         if not any(isinstance(f, Thinned) for f in thinned.filters):
             thinned.addFilter(Thinned())
+    if not any(isinstance(f, ClippedTracebacks) for f in failure_log.filters):
+        failure_log.addFilter(ClippedTracebacks())  # after Thinned: a traceback held back is not rendered
     middlewares = [write_timeout(), shedding(max_in_flight, trusted_proxies, reserved_slots), _errors]
     if metrics is not None:
         middlewares.insert(1, _observed(metrics))

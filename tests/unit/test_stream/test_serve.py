@@ -334,6 +334,25 @@ async def test_a_bug_that_fails_every_request_is_one_traceback_an_interval_namin
     api.executor.shutdown()
 
 
+async def test_a_500_whose_exception_carries_a_megabyte_logs_a_bounded_traceback(catalogue, caplog, monkeypatch):
+    """The traceback of a 500 quoted its exception's text whole: a megabyte in, a megabyte logged."""
+    monkeypatch.setattr(serve.failure_log, "filters", [])  # the app's own filters, not an earlier test's state
+    step = RecommendationStep(Recommender.default())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug " + "x" * 1_000_000)
+
+    monkeypatch.setattr(step, "present_list", broken)
+    api = Api(InMemoryUserStateStore(), step, catalogue, SearchStep(step, catalogue), top_k=3)
+    async with TestClient(TestServer(create_web_app(api))) as client:
+        with caplog.at_level(logging.INFO, "streamrec.serve"):
+            assert (await client.get("/v1/users/u1/recommendations")).status == 500
+    api.executor.shutdown()
+    [said] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    text = logging.Formatter().format(said)
+    assert len(text) < 20_000 and "RuntimeError: a bug xxx" in text and "in broken" in text, len(text)
+
+
 async def test_a_request_the_store_fails_makes_readyz_say_so_at_once_not_at_the_next_refresh(catalogue):
     """Redis gone, every request naming a user was a 503 while /readyz said 200 for up to 10 s
     (STREAMREC_SNAPSHOT_INTERVAL_S, until the refresher's next PING): serve stayed in rotation."""
