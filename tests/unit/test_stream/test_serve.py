@@ -20,12 +20,22 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from online_models import Interaction, Recommender, RecommenderConfig
 from online_models.search import Catalogue, CatalogueItem, TextEmbedder
 from stream import serve
+from stream.experiments import Arm, Experiment
 from stream.health import Health
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
+from stream.pseudonyms import Pseudonyms
 from stream.records import ClickEvent
 from stream.search_step import SearchConfig, SearchStep
-from stream.serve import Api, BadRequest, ModelRefresher, check_serving, create_web_app, parse_k
+from stream.serve import (
+    Api,
+    BadRequest,
+    ModelRefresher,
+    _MalformedRequests,
+    check_serving,
+    create_web_app,
+    parse_k,
+)
 from stream.snapshots import SNAPSHOT_KEY
 from stream.state import InMemoryUserStateStore, UserState, encode_state
 
@@ -373,9 +383,6 @@ async def test_a_request_the_store_fails_makes_readyz_say_so_at_once_not_at_the_
 
 
 async def test_under_pseudonyms_the_experiment_arm_is_that_of_the_id_the_site_sends(catalogue):
-    from stream.experiments import Arm, Experiment
-    from stream.pseudonyms import Pseudonyms
-
     pseudonyms = Pseudonyms("k" * 32)
     store = InMemoryUserStateStore()
     step = RecommendationStep(Recommender.default())
@@ -398,7 +405,6 @@ async def test_under_pseudonyms_the_experiment_arm_is_that_of_the_id_the_site_se
 async def test_an_arm_that_pins_a_model_version_ranks_with_that_model_as_in_the_worker(catalogue):
     import numpy as np
 
-    from stream.experiments import Arm, Experiment
 
     class Scorer:  # a pinned version: it says which users it scored
         version, provider = "pinned-v7", "cpu"
@@ -468,7 +474,6 @@ def test_a_request_the_http_parser_refuses_is_logged_in_one_line_not_a_traceback
 
     from aiohttp.http_exceptions import BadStatusLine
 
-    from stream.serve import _MalformedRequests
 
     try:
         raise BadStatusLine("\x16\x03\x01")
