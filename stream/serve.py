@@ -71,6 +71,7 @@ from stream.settings import MAX_IN_FLIGHT, RESERVED_SLOTS, IPNetwork, Settings
 from stream.shell import load_arm_scorers, load_scorer, text_embedder
 from stream.snapshots import SNAPSHOT_KEY, serving_with
 from stream.state import RedisUserStateStore, UserState, UserStateStore
+from stream.step_results import exception_text
 
 log = logging.getLogger("streamrec.serve")
 #: the requests answered 503 because the store did not answer: thinned (:func:`create_web_app`),
@@ -525,7 +526,7 @@ class ModelRefresher:
         try:
             recommender = await asyncio.to_thread(Recommender.restore, data, self.signing_key)
         except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, the models served stay
-            self.refused = (digest, f"{type(exc).__name__}: {exc}")
+            self.refused = (digest, f"{type(exc).__name__}: {exception_text(exc)}")
             if self.metrics is not None:
                 self.metrics.model_snapshot_refused.inc()
             log.error("refused the workers' snapshot of the online models (%s); still serving %s", self.refused[1],
@@ -553,7 +554,7 @@ class ModelRefresher:
             log.warning("the scorer's look for a new model version has not returned for %g s (the model registry's "
                         "file system?); the version in use keeps serving", SCORER_CHECK_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - the version in use keeps serving
-            log.error("scorer reload failed, the current one keeps serving: %s", exc)
+            log.error("scorer reload failed, the current one keeps serving: %s", exception_text(exc))
 
 
 def _trouble(feed: CatalogueFeed) -> str:

@@ -438,7 +438,7 @@ class Shell:
                 self.metrics.set_scorer(step.scorer.provider, step.scorer.version)
         except Exception as exc:  # noqa: BLE001 - the current scorer (or none) keeps serving
             self.metrics.scorer_reload_failures.inc()
-            log.error("scorer reload failed, the current one keeps serving: %s", exc)
+            log.error("scorer reload failed, the current one keeps serving: %s", exception_text(exc))
 
     async def watch(self, app) -> None:
         """Readiness (Kafka, the store), consumer lag, and the scorer model's age."""

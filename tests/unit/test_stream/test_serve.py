@@ -222,6 +222,20 @@ async def test_a_refused_snapshot_keeps_the_models_served_says_so_once_and_does_
     assert metrics.model_snapshot_refused._value.get() == 1 and caplog.text.count("refused the workers' snapshot") == 1
 
 
+
+async def test_a_snapshot_refused_with_a_megabyte_of_error_text_is_logged_in_one_short_line(caplog, monkeypatch):
+    def restore(data, key=None):
+        raise ValueError("x" * 1_000_000 + "\nsecond line")
+
+    monkeypatch.setattr(Recommender, "restore", staticmethod(restore))
+    store = InMemoryUserStateStore()
+    refresher = ModelRefresher(store, RecommendationStep(Recommender.default()))
+    await store.set_blob(SNAPSHOT_KEY, b"any")
+    with caplog.at_level(logging.ERROR, "streamrec.serve"):
+        assert not await refresher.refresh()
+    [line] = [r.getMessage() for r in caplog.records if "refused the workers' snapshot" in r.getMessage()]
+    assert len(line) < 1_000 and "\n" not in line and "ValueError: xxx" in line
+
 async def test_redis_away_is_said_by_its_condition_alone():
     class Away(InMemoryUserStateStore):
         async def ping(self) -> bool:
