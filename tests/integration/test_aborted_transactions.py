@@ -22,9 +22,9 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import typer
 from aiokafka import AIOKafkaProducer
+from fakes import ConstantEmbedder
 from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
 from typer.testing import CliRunner
@@ -159,18 +159,6 @@ async def test_the_replay_after_a_restart_learns_the_committed_events_only(kafka
     assert step.recommender.learned_offsets[f"{clicks}:0"] == end - 1
 
 
-class _Embedder:
-    """A text model of constant vectors: the feed's reading is under test, not search."""
-
-    dim = 4
-    name = "constant"
-
-    def queries(self, texts):
-        return np.ones((len(texts), 4), dtype=np.float32) / 2
-
-    passages = queries
-
-
 def _item(topic: str, item_id: str) -> Record:
     return topic, item_id.encode(), json.dumps({"item_id": item_id, "title": f"{item_id} title",
                                                 "ts": time.time_ns() // 1_000_000}).encode()
@@ -183,7 +171,7 @@ async def test_the_catalogue_feed_of_workers_and_serve_keeps_the_committed_items
     # the aborted transaction removed "kept" (a tombstone) and added an item; the committed one adds another
     await _aborted_then_committed(kafka_bootstrap, [(items, b"kept", None), _item(items, "aborted-item")],
                                   [_item(items, "committed-item")])
-    feed = CatalogueFeed(Catalogue(_Embedder()), {"bootstrap_servers": kafka_bootstrap}, items, DEFAULT_BOUNDS,
+    feed = CatalogueFeed(Catalogue(ConstantEmbedder()), {"bootstrap_servers": kafka_bootstrap}, items, DEFAULT_BOUNDS,
                          Metrics(CollectorRegistry()), poll_ms=100)
     reading = asyncio.create_task(feed.run())
     try:

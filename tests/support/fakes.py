@@ -1,5 +1,6 @@
-"""Stand-ins that several test folders share: a publisher that keeps what it is given, and a
-real server at a port that answers a Kafka request with something else."""
+"""Stand-ins that several test folders share: a publisher that keeps what it is given, a text
+model of constant vectors, and a real server at a port that answers a Kafka request with
+something else."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+import numpy as np
 
 
 class Sink:
@@ -18,6 +21,18 @@ class Sink:
     async def __call__(self, records):
         self.records += list(records)
         return []
+
+
+class ConstantEmbedder:
+    """A text model whose every vector is the same: for tests of how items are read, not searched."""
+
+    dim = 4
+    name = "constant"
+
+    def queries(self, texts):
+        return np.ones((len(texts), 4), dtype=np.float32) / 2
+
+    passages = queries
 
 
 @contextmanager

@@ -10,9 +10,9 @@ import asyncio
 import time
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 from aiokafka import TopicPartition
+from fakes import ConstantEmbedder
 from prometheus_client import CollectorRegistry
 
 from online_models.search import Catalogue
@@ -27,16 +27,6 @@ from stream.state import InMemoryUserStateStore
 class _Unprintable(Exception):
     def __str__(self) -> str:
         raise RuntimeError("__str__ raised too")
-
-
-class _Embedder:
-    dim = 4
-    name = "constant"
-
-    def queries(self, texts):
-        return np.ones((len(texts), 4), dtype=np.float32) / 2
-
-    passages = queries
 
 
 @pytest.mark.parametrize("error", [ValueError("no file /models/\udcff.bin"), _Unprintable()])
@@ -55,7 +45,7 @@ async def test_an_item_whose_decoding_raises_anything_is_a_dead_letter_and_its_n
         sent.extend(records)
         return []
 
-    catalogue = Catalogue(_Embedder())
+    catalogue = Catalogue(ConstantEmbedder())
     feed = CatalogueFeed(catalogue, {}, "t.items", DEFAULT_BOUNDS, Metrics(CollectorRegistry()), publish, "t.dlq")
     records = [SimpleNamespace(topic="t.items", offset=n, key=key.encode(),
                                value=b'{"item_id": "%s", "title": "Lamp", "ts": 1}' % key.encode())
@@ -68,7 +58,7 @@ async def test_an_item_whose_decoding_raises_anything_is_a_dead_letter_and_its_n
     assert "a" in catalogue and "c" in catalogue and "bad" not in catalogue and feed.offsets == {0: 3}
 
 
-class _Choosy(_Embedder):
+class _Choosy(ConstantEmbedder):
     """Raises on one item's text (a bug of the model or of its tokenizer), or on anything."""
 
     def __init__(self, always: bool = False) -> None:
@@ -114,7 +104,7 @@ async def test_a_text_model_that_raises_on_anything_drops_nothing():
 async def test_a_tombstone_whose_removal_raises_keeps_the_rest_of_its_fetch(monkeypatch):
     """The offsets are past the whole fetch as it is applied: a removal that raised (an index's
     bug) lost every item after it in the fetch."""
-    catalogue = Catalogue(_Embedder())
+    catalogue = Catalogue(ConstantEmbedder())
     metrics = Metrics(CollectorRegistry())
     feed = CatalogueFeed(catalogue, {}, "t.items", DEFAULT_BOUNDS, metrics, None, None)
     real = catalogue.remove
@@ -200,7 +190,7 @@ async def test_an_upsert_that_raises_once_loses_no_item_and_no_snapshot_runs_ahe
         await real_set_blob(name, data)
 
     monkeypatch.setattr(store, "set_blob", set_blob)
-    catalogue = Catalogue(_Embedder())
+    catalogue = Catalogue(ConstantEmbedder())
     real_upsert = catalogue.upsert
     calls = 0
 
@@ -224,7 +214,7 @@ async def test_an_upsert_that_raises_once_loses_no_item_and_no_snapshot_runs_ahe
         await asyncio.gather(task, return_exceptions=True)
     for data in written:  # each snapshot holds every item before the offsets it records
         await real_set_blob(catalogue_feed.SNAPSHOT_KEY, data)
-        restarted = CatalogueFeed(Catalogue(_Embedder()), {}, "t.items", DEFAULT_BOUNDS, Metrics(CollectorRegistry()),
+        restarted = CatalogueFeed(Catalogue(ConstantEmbedder()), {}, "t.items", DEFAULT_BOUNDS, Metrics(CollectorRegistry()),
                                   store=store)
         assert await restarted.restore()
         covered = [rec.key.decode() for rec in records[: restarted.offsets.get(0, 0)]]
@@ -242,7 +232,7 @@ async def test_an_item_whose_upsert_raises_alone_is_dead_lettered_and_its_neighb
         sent.extend(records)
         return []
 
-    catalogue = Catalogue(_Embedder())
+    catalogue = Catalogue(ConstantEmbedder())
     real_upsert = catalogue.upsert
 
     def upsert(items):
@@ -276,7 +266,7 @@ async def test_a_fetch_stopped_before_its_dead_letters_are_sent_is_not_passed():
     async def publish(records):
         raise asyncio.CancelledError  # the feed is stopped while Kafka has not confirmed them
 
-    feed = CatalogueFeed(Catalogue(_Embedder()), {}, "t.items", DEFAULT_BOUNDS, Metrics(CollectorRegistry()), publish,
+    feed = CatalogueFeed(Catalogue(ConstantEmbedder()), {}, "t.items", DEFAULT_BOUNDS, Metrics(CollectorRegistry()), publish,
                          "t.dlq")
     bad = SimpleNamespace(topic="t.items", offset=0, key=b"x", value=b'{"item_id": "x", "ts": 1}')
     with pytest.raises(asyncio.CancelledError):
@@ -360,7 +350,7 @@ async def test_an_item_whose_dead_letter_is_not_confirmed_stays_queued_so_no_sna
 async def test_a_tombstone_whose_removal_raises_quotes_its_key_cut_short(monkeypatch, caplog):
     """A tombstone's key is not decoded, so no id limit holds it: a 60,000-character key was
     quoted whole in the error line."""
-    catalogue = Catalogue(_Embedder())
+    catalogue = Catalogue(ConstantEmbedder())
     feed = CatalogueFeed(catalogue, {}, "t.items", DEFAULT_BOUNDS, Metrics(CollectorRegistry()), None, None)
 
     def remove(item_id):
