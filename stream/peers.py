@@ -238,8 +238,12 @@ class PeerLearner:
                     await self._changed.wait()
                     continue
                 batch = await consumer.getmany(timeout_ms=self.poll_ms, max_records=self.chunk)
-                if batch and version == self._version:
-                    await self._learn(consumer, batch, version)
+                if version != self._version:
+                    continue
+                await self._measure_lag(consumer)  # as of this fetch, before its events are learned
+                if batch:
+                    await self._learn(batch, version)
+                self.metrics.peer_lag.set(sum(self._lag.values()))
         finally:
             self.reading = frozenset()
             self.metrics.peer_lag.set(0)
@@ -279,7 +283,21 @@ class PeerLearner:
             log.info("learning the other workers' partitions too: %s",
                      ", ".join(f"{t}[{p}] from {'the beginning' if o is None else o}" for (t, p), o in starts.items()))
 
-    async def _learn(self, consumer: AIOKafkaConsumer, batch, version: int) -> None:
+    async def _measure_lag(self, consumer: AIOKafkaConsumer) -> None:
+        """Each foreign partition's lag: its high-water mark less the consumer's position, for
+        those fetched from at least once (their position is known, so asking for it waits for
+        nothing). The position, not the last record's offset: a partition that ends with a
+        transaction's commit or abort marker (a site's transactional producer), or with an aborted
+        transaction's records, has offsets no record handed over stands behind, which the position
+        moves past; measured from the last record, a reader at the end stayed 1 or more behind
+        for good, and a fetch of markers alone (no records) measured nothing."""
+        for topic, partition in self.reading:
+            tp = TopicPartition(topic, partition)
+            high = consumer.highwater(tp)
+            if high is not None:
+                self._lag[(topic, partition)] = max(0, high - await consumer.position(tp))
+
+    async def _learn(self, batch, version: int) -> None:
         now = time.time_ns() // 1_000_000
         events, positions, ends = [], [], []
         forgets, forget_positions = [], []
@@ -303,9 +321,6 @@ class PeerLearner:
                     continue  # passed over here (the watermark moves past it below)
                 positions.append((source, rec.offset))
             ends.append((source, records[-1].offset))
-            high = consumer.highwater(tp)
-            if high is not None:
-                self._lag[(tp.topic, tp.partition)] = max(0, high - records[-1].offset - 1)
         if not ends:
             return
         if self.pseudonyms is not None and events:
@@ -333,7 +348,6 @@ class PeerLearner:
             self.step.advance(ends)  # values that did not decode included
             self.metrics.peer_learn_seconds.inc(time.perf_counter() - start)
         self.metrics.peer_events_learned.inc(n)
-        self.metrics.peer_lag.set(sum(self._lag.values()))
         if forgets and self.on_forget is not None:
             self.on_forget(len(forgets))
 

@@ -146,6 +146,31 @@ async def test_the_peer_reader_learns_the_committed_events_of_another_workers_pa
     assert step.recommender.n_learned == 3
 
 
+async def test_the_peer_readers_lag_falls_to_zero_on_a_partition_that_ends_with_a_transactions_marker(
+        kafka_bootstrap, topic_prefix):
+    clicks = f"{topic_prefix}clicks"
+    ensure_topics(kafka_bootstrap, [clicks], 2)
+    committed = await _transaction(kafka_bootstrap, _clicks(clicks, "committed", 3), commit=True, partition=1)
+    assert await asyncio.to_thread(_end_offset, kafka_bootstrap, clicks, 1) == committed[-1] + 2  # the commit marker
+    step, metrics = _TeachingStep(), Metrics(CollectorRegistry())
+    peers = PeerLearner(step, {"bootstrap_servers": kafka_bootstrap}, [clicks], DEFAULT_BOUNDS, asyncio.Lock(), metrics,
+                        committed=dict, poll_ms=100)
+    peers.assign({(clicks, 0)}, {clicks: range(2)})
+    ready = asyncio.Event()
+    ready.set()
+    reading = asyncio.create_task(peers.run(ready))
+    try:
+        await _until(lambda: step.recommender.learned_offsets.get(f"{clicks}:1", -1) >= committed[-1],
+                     "watermark past the committed events", reading)
+        # the marker is an offset no record stands behind: measured from the last record, the
+        # reader stayed one event behind for good
+        await _until(lambda: metrics.peer_lag._value.get() == 0, "peer lag of 0", reading)
+    finally:
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+    assert step.taught == ["committed-0", "committed-1", "committed-2"]
+
+
 async def test_the_replay_after_a_restart_learns_the_committed_events_only(kafka_bootstrap, topic_prefix):
     clicks = f"{topic_prefix}clicks"
     ensure_topics(kafka_bootstrap, [clicks], 1)

@@ -43,8 +43,7 @@ async def test_the_owner_forgets_the_document_of_a_user_another_worker_erased():
     await redis.save_docs({}, delete=["u1"])
     peers = shell.peers
     peers.reading = frozenset({(P + "forget", 1)})
-    await peers._learn(SimpleNamespace(highwater=lambda tp: 1),
-                       {TopicPartition(P + "forget", 1): [SimpleNamespace(offset=0, value=encode(request))]},
+    await peers._learn({TopicPartition(P + "forget", 1): [SimpleNamespace(offset=0, value=encode(request))]},
                        peers._version)
     await shell.handler.handle_isolated([click(1, NOW, shell.generation())])  # u1's next event: a fresh state
     assert (await redis.load_many(["u1"]))["u1"].recent_items == ["i1"]

@@ -43,7 +43,7 @@ async def test_the_peer_reader_passes_over_a_forget_request_whose_decoding_raise
     peers.assign({("s.clicks", 0), (FORGET, 0)}, {t: range(2) for t in topics})
     peers.reading = frozenset({("s.clicks", 1), (FORGET, 1)})
     batch = {TopicPartition(FORGET, 1): [SimpleNamespace(offset=0, value=BAD), SimpleNamespace(offset=1, value=GOOD)]}
-    await peers._learn(SimpleNamespace(highwater=lambda tp: 2), batch, peers._version)
+    await peers._learn(batch, peers._version)
     assert step.recommender.refuses("u2", NOW) and not step.recommender.refuses("u1", NOW)
     assert step.recommender.learned_offsets[f"{FORGET}:1"] == 1
 

@@ -77,13 +77,17 @@ def test_input_partitions_come_from_the_groups_metadata_else_from_the_settings()
 
 
 class Fetched:
-    """What the reader's consumer reports about a fetch: each partition's high-water mark."""
+    """What the reader's consumer reports after its fetches: each partition's high-water mark
+    and position (a partition not fetched from yet has neither)."""
 
-    def __init__(self, high: int) -> None:
-        self.high = high
+    def __init__(self, fetched: dict[tuple[str, int], tuple[int, int]]) -> None:
+        self.fetched = fetched  # (topic, partition): (high-water mark, position)
 
-    def highwater(self, tp) -> int:
-        return self.high
+    def highwater(self, tp) -> int | None:
+        return self.fetched.get((tp.topic, tp.partition), (None, None))[0]
+
+    async def position(self, tp) -> int:
+        return self.fetched[(tp.topic, tp.partition)][1]  # a KeyError: asked of one not fetched (it would wait)
 
 
 def record(offset: int, value: bytes) -> SimpleNamespace:
@@ -107,13 +111,21 @@ async def test_a_chunk_is_learned_once_above_the_watermark_and_moves_it_past_val
     peers = reader(step, metrics)
     tp = TopicPartition("s.clicks", 1)
     batch = {tp: [record(i, click(i)) for i in range(3, 10)] + [record(10, b"not json")]}
-    await peers._learn(Fetched(high=12), batch, peers._version)
+    await peers._learn(batch, peers._version)
     assert step.recommender.n_learned == 5  # offsets 5-9
     assert step.recommender.learned_offsets["s.clicks:1"] == 10  # past the dead letter too
-    await peers._learn(Fetched(high=12), batch, peers._version)  # fetched again: nothing new
+    await peers._learn(batch, peers._version)  # fetched again: nothing new
     assert step.recommender.n_learned == 5
     assert metrics.peer_events_learned._value.get() == 5
-    assert metrics.peer_lag._value.get() == 1  # offset 11 is still to come
+
+
+async def test_the_lag_is_the_high_water_mark_less_the_position_so_a_transactions_trailing_marker_counts_nothing():
+    peers = reader(RecommendationStep(Recommender.default()), Metrics())
+    peers.reading = frozenset({("s.clicks", 1), ("s.purchases", 1), ("s.clicks", 3)})  # s.clicks[3]: not fetched yet
+    # s.clicks[1]: records up to offset 9, then a commit marker (10), which no record stands
+    # behind: the position is past it; s.purchases[1]: offsets 5-7 still to come
+    await peers._measure_lag(Fetched({("s.clicks", 1): (11, 11), ("s.purchases", 1): (8, 5)}))
+    assert peers._lag == {("s.clicks", 1): 0, ("s.purchases", 1): 3}
 
 
 async def test_an_event_the_owner_refuses_by_its_clock_is_not_learned_by_the_others_either():
@@ -121,7 +133,7 @@ async def test_an_event_the_owner_refuses_by_its_clock_is_not_learned_by_the_oth
     peers = reader(step, metrics)
     ahead = encode(ClickEvent(event_id="e9", user_id="u1", item_id="i9", ts=time.time_ns() // 1_000_000 + 30 * 86_400_000))
     batch = {TopicPartition("s.clicks", 1): [record(0, click(0)), record(1, ahead)]}
-    await peers._learn(Fetched(high=2), batch, peers._version)
+    await peers._learn(batch, peers._version)
     assert step.recommender.n_learned == 1  # the owner dead-letters the event a month ahead (ts_out_of_window)
     assert step.recommender.learned_offsets["s.clicks:1"] == 1
 
@@ -131,7 +143,7 @@ async def test_an_event_from_ahead_of_the_clock_is_learned_by_the_others_as_of_t
     peers = reader(step, metrics)
     before = time.time_ns() // 1_000_000
     ahead = encode(ClickEvent(event_id="e9", user_id="u1", item_id="i9", ts=before + 1_800_000))  # within the hour
-    await peers._learn(Fetched(high=1), {TopicPartition("s.clicks", 1): [record(0, ahead)]}, peers._version)
+    await peers._learn({TopicPartition("s.clicks", 1): [record(0, ahead)]}, peers._version)
     assert step.recommender.n_learned == 1
     assert before <= step.recommender.learners["trending"]._max_ts <= time.time_ns() // 1_000_000  # as its owner learns it
 
@@ -144,7 +156,7 @@ async def test_an_old_event_the_owner_took_is_learned_by_the_others_whatever_the
     peers.reading = frozenset({("s.clicks", 1), ("s.purchases", 1)})
     now = time.time_ns() // 1_000_000  # read again two minutes after the owner took it, with a minute's bound
     old = encode(ClickEvent(event_id="e1", user_id="u1", item_id="i1", ts=now - 120_000))
-    await peers._learn(Fetched(high=1), {TopicPartition("s.clicks", 1): [record(0, old)]}, peers._version)
+    await peers._learn({TopicPartition("s.clicks", 1): [record(0, old)]}, peers._version)
     assert step.recommender.n_learned == 1
 
 
@@ -155,9 +167,9 @@ async def test_a_chunk_fetched_before_a_rebalance_is_dropped_and_owned_partition
     owned = TopicPartition("s.clicks", 0)
     version = peers._version
     peers.pause()  # a rebalance began after the fetch
-    await peers._learn(Fetched(high=3), {foreign: [record(i, click(i)) for i in range(3)]}, version)
+    await peers._learn({foreign: [record(i, click(i)) for i in range(3)]}, version)
     assert step.recommender.n_learned == 0 and step.recommender.learned_offsets == {}
-    await peers._learn(Fetched(high=3), {owned: [record(i, click(i)) for i in range(3)]}, peers._version)
+    await peers._learn({owned: [record(i, click(i)) for i in range(3)]}, peers._version)
     assert step.recommender.n_learned == 0 and step.recommender.learned_offsets == {}
 
 
@@ -166,7 +178,7 @@ async def test_learning_waits_for_the_batch_in_hand():
     peers = reader(step, metrics)
     tp = TopicPartition("s.clicks", 1)
     async with peers.lock:  # a batch is being handled
-        learning = asyncio.ensure_future(peers._learn(Fetched(high=1), {tp: [record(0, click(0))]}, peers._version))
+        learning = asyncio.ensure_future(peers._learn({tp: [record(0, click(0))]}, peers._version))
         for _ in range(5):
             await asyncio.sleep(0)
         assert not learning.done() and step.recommender.n_learned == 0
@@ -252,7 +264,7 @@ async def test_a_fetch_of_many_forget_requests_names_a_few_in_its_log_line_and_c
     requests = [record(n, encode(ForgetRequest(user_id=f"u{n}", request_id=f"req-{n}-" + "x" * 100, ts=now)))
                 for n in range(1000)]
     with caplog.at_level("INFO", logger="streamrec.peers"):
-        await peers._learn(Fetched(high=1000), {TopicPartition("s.forget", 1): requests}, peers._version)
+        await peers._learn({TopicPartition("s.forget", 1): requests}, peers._version)
     [line] = [r.getMessage() for r in caplog.records if "purged" in r.getMessage()]
     assert line.startswith("purged 1000 forgotten user(s)") and "and 995 more" in line
     assert "req-4-" in line and "req-5-" not in line and len(line) < 1_000
