@@ -9,7 +9,11 @@ and the committed offset of the consumer group, and sets::
     streamrec_consumer_highwater_offset{topic,partition}  offset the next produced event gets
 
 Committed offsets follow Kafka's convention (the next offset to read), so a partition whose
-every event is handled and committed has lag 0. Before this worker's first commit on a
+every event is handled and committed has lag 0. Except one written by a transactional
+producer (a site's): each transaction ends with a commit marker, an offset that holds no event
+and is never handed over, and the group commits the offset after the last event it handled,
+which is the marker's; such a partition shows a lag of 1 when every event is handled, until the
+next transaction's events come. Before this worker's first commit on a
 partition the consumer's fetch position stands in for it. Partitions that a rebalance took
 away from this worker are removed from the gauges, so ``sum(streamrec_consumer_lag)`` over
 all workers counts each partition once.
