@@ -21,6 +21,7 @@ from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
 from stream.search_step import SearchStep
 from stream.serve import Api, create_web_app
+from stream.settings import Settings
 from stream.state import InMemoryUserStateStore
 
 #: the second client's address: Linux answers on all of 127.0.0.0/8
@@ -244,3 +245,33 @@ async def test_one_client_may_hold_all_but_the_reserved_slots_and_always_one(api
         finally:
             release.set()
             await runner.cleanup()
+
+
+async def test_run_server_hands_the_reserved_slots_and_trusted_proxies_to_the_limiter(monkeypatch, tmp_path):
+    """STREAMREC_SERVE_RESERVED_SLOTS and STREAMREC_SERVE_TRUSTED_PROXIES reach the limiter that
+    ``run_server`` builds: the tests above pass them to create_web_app themselves, so a
+    run_server that dropped either would serve with the defaults and every test would still pass.
+    (The store is the in-memory one: what is tested is the wiring, not Redis.)"""
+    handed: list[tuple] = []
+    built = asyncio.Event()
+    shedding = serve.shedding
+
+    def recorded(max_in_flight, trusted=(), reserved=serve_clients.RESERVED_SLOTS):
+        handed.append((max_in_flight, trusted, reserved))
+        built.set()
+        return shedding(max_in_flight, trusted, reserved)
+
+    monkeypatch.setattr(serve, "shedding", recorded)
+    monkeypatch.setattr(serve, "load_scorer", lambda settings, metrics: None)
+    monkeypatch.setattr(serve.RedisUserStateStore, "from_url", classmethod(lambda cls, *a, **k: InMemoryUserStateStore()))
+    settings = Settings.from_env({"STREAMREC_CATALOGUE": "false", "STREAMREC_MODEL_DIR": str(tmp_path),
+                                  "STREAMREC_SERVE_RESERVED_SLOTS": "7",  # not the default, 4
+                                  "STREAMREC_SERVE_TRUSTED_PROXIES": "10.0.0.0/8"})
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve.run_server(settings, 0, "127.0.0.1", stop))
+    try:
+        await asyncio.wait_for(built.wait(), 10.0)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10.0)
+    assert handed == [(serve.MAX_IN_FLIGHT, (ipaddress.ip_network("10.0.0.0/8"),), 7)]
