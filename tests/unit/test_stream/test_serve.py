@@ -222,7 +222,6 @@ async def test_a_refused_snapshot_keeps_the_models_served_says_so_once_and_does_
     assert metrics.model_snapshot_refused._value.get() == 1 and caplog.text.count("refused the workers' snapshot") == 1
 
 
-
 async def test_a_snapshot_refused_with_a_megabyte_of_error_text_is_logged_in_one_short_line(caplog, monkeypatch):
     def restore(data, key=None):
         raise ValueError("x" * 1_000_000 + "\nsecond line")
