@@ -46,6 +46,7 @@ import asyncio
 import hashlib
 import inspect
 import io
+import logging
 import textwrap
 import tokenize
 from collections.abc import Callable, Coroutine, Iterable
@@ -55,6 +56,8 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
 from stream.connections import ISOLATION_LEVEL
+from stream.logs import ClippedTracebacks
+from stream.step_results import exception_text
 
 
 def start(coro: Coroutine) -> tuple[bool, Any]:
@@ -127,7 +130,15 @@ def source_fingerprint(code: Callable | str) -> str:
 FAUST_DRAIN_MESSAGES_FINGERPRINT = "9d72e57c2b1be5e6fb7cca01aaedfffe7e2781087506126402851317a4d735a7"
 
 
+#: the consumer's logger: mode gives a Service the logger of its module (``self.log`` wraps it),
+#: and an exception's text in a traceback logged here is cut to 300 characters (stream/logs.py)
+log = logging.getLogger(__name__)
+log.addFilter(ClippedTracebacks())
+
+
 class Consumer(faust_aiokafka.Consumer):
+    logger = log
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: partitions whose commits wait until they are revoked (:meth:`hold`)
@@ -174,7 +185,8 @@ class Consumer(faust_aiokafka.Consumer):
         # faust/transport/consumer.py's Consumer._drain_messages (faust-streaming 0.11.0 to
         # 0.15.3; FAUST_DRAIN_MESSAGES_FINGERPRINT), with two changes: the hand-over through
         # start()/resume() instead of a wait_first per message, and a short fetch while some
-        # partitions are paused. Left out, with no effect on the worker: the diagnostic
+        # partitions are paused (and the last resort's log line quotes the exception's text
+        # clipped). Left out, with no effect on the worker: the diagnostic
         # FETCHING flag (nothing reads self.diag.flags), the DEVLOG-only log line of a skipped
         # message, and the test for a commit_every of None (broker_commit_every is an int;
         # this app keeps Faust's 10,000).
@@ -236,7 +248,7 @@ class Consumer(faust_aiokafka.Consumer):
                 return
             raise
         except Exception as exc:
-            self.log.exception("Drain messages raised: %r", exc)
+            self.log.exception("Drain messages raised: %s: %s", type(exc).__name__, exception_text(exc))
             raise
 
 

@@ -4,10 +4,13 @@ then finish it as a task would (the Faust consumer loop itself runs in the integ
 from __future__ import annotations
 
 import asyncio
+import logging
+import types
 
 import pytest
+from mode.utils.logging import CompositeLogger
 
-from stream.consumer import Transport, resume, start
+from stream.consumer import Consumer, Transport, resume, start
 
 
 async def test_a_coroutine_that_never_waits_finishes_inline():
@@ -251,3 +254,24 @@ def test_the_fingerprint_ignores_layout_and_sees_code():
     assert source_fingerprint(f) != source_fingerprint("def f(x):\n    return x + 2\n")
     assert source_fingerprint("def f(x):\n    if x:\n        g()\n    h()\n") != \
         source_fingerprint("def f(x):\n    if x:\n        g()\n        h()\n")  # the blocks count
+
+
+async def test_a_failed_fetch_is_logged_with_its_text_cut_short(caplog):
+    """The loop's last resort logged ``%r`` of the exception and its whole traceback: an error
+    that quotes a 1 MB record was two 1 MB log lines."""
+    huge = "x" * 1_000_000
+
+    def getmany(timeout):
+        raise RuntimeError(f"fetch failed: {huge}")
+
+    stopped = types.SimpleNamespace(is_set=lambda: False)
+    consumer = types.SimpleNamespace(
+        callback=None, getmany=getmany, _stopped=stopped, _read_offset={}, _commit_every=10_000,
+        app=types.SimpleNamespace(topics=types.SimpleNamespace(acks_enabled_for=lambda topic: True)),
+        _buffered_partitions=set(), consumer_stopped_errors=(), log=CompositeLogger(Consumer.logger))
+    with caplog.at_level(logging.ERROR, logger=Consumer.logger.name), pytest.raises(RuntimeError):
+        await Consumer._drain_messages(consumer, types.SimpleNamespace(_stopped=stopped))
+    [record] = caplog.records
+    assert record.getMessage().startswith("Drain messages raised: RuntimeError: fetch failed: xxx")
+    assert len(record.getMessage()) < 400
+    assert "RuntimeError: fetch failed: xxx" in caplog.text and len(caplog.text) < 3_000  # the traceback too
