@@ -40,7 +40,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from online_models.datasets import FORMATS, DatasetError, read_interactions
 from online_models.types import Interaction
 from stream import logs
-from stream.connections import KafkaConnection
+from stream.connections import AccessDenied, KafkaConnection
 from stream.decoding import id_problem
 from stream.errors import StreamrecError, counted
 from stream.produce_catalogue import read_catalogue_file, send_catalogue, synthetic_items
@@ -162,6 +162,31 @@ async def started_producer(kafka: KafkaConnection, **options) -> AIOKafkaProduce
     return producer
 
 
+def replay_progress(sent: int, confirmed: int, unbroken: int) -> str:
+    """What a replay that Kafka failed had put in Kafka, of the first ``sent`` events of the log:
+    ``confirmed`` events, the first ``unbroken`` all among them; and how to send the rest.
+
+    >>> replay_progress(12_800, 12_340, 12_340)
+    'Kafka confirmed the first 12,340 events of the log and none after them; to send the rest, run the same command again: it sends the log from its first event, with the same event ids (a worker skips an event whose id is among the latest STREAMREC_DEDUPE_WINDOW of its user)'
+    >>> replay_progress(12_800, 12_340, 12_000).split(";")[0]
+    'Kafka confirmed 12,340 of the first 12,800 events of the log: all of the first 12,000, and 340 after them'
+    >>> replay_progress(800, 0, 0)
+    'Kafka confirmed none of the 800 events sent; run the same command again to send the log'
+    """
+    if sent == 0:
+        return "no event had been sent"
+    if confirmed == 0:
+        return f"Kafka confirmed none of the {counted(sent, 'event')} sent; run the same command again to send the log"
+    if confirmed == unbroken:
+        head = f"Kafka confirmed the first {counted(confirmed, 'event')} of the log and none after them"
+    else:
+        head = (f"Kafka confirmed {confirmed:,} of the first {counted(sent, 'event')} of the log: all of the first "
+                f"{unbroken:,}, and {confirmed - unbroken:,} after them")
+    return (f"{head}; to send the rest, run the same command again: it sends the log from its first event, "
+            "with the same event ids (a worker skips an event whose id is among the latest "
+            "STREAMREC_DEDUPE_WINDOW of its user)")
+
+
 def send_failure(kafka: KafkaConnection, exc: KafkaError, what: str) -> Exception:
     """What a send that Kafka failed raises: the broker's refusal of the login
     (:class:`~stream.connections.AccessDenied`), else a sentence saying ``what`` failed."""
@@ -241,8 +266,13 @@ async def replay(
         await batches.wait_all()
         summary.seconds = time.monotonic() - started
     except KafkaError as exc:
+        await producer.stop()  # waits for every batch sent to be acknowledged or to fail
+        confirmed, unbroken = batches.acknowledged()
         batches.abandon()  # the batches still in flight fail too: the first failure is the one said
-        raise send_failure(kafka, exc, "sending events") from None
+        failure = send_failure(kafka, exc, "sending events")
+        if isinstance(failure, AccessDenied):
+            raise failure from None
+        raise StreamrecError(f"{failure}; {replay_progress(batches.appended, confirmed, unbroken)}") from None
     finally:
         await producer.stop()
     if on_progress is not None:
@@ -400,5 +430,5 @@ def _stopper(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, sig: signal.S
     return handle
 
 
-__all__ = ["ProduceSummary", "TokenBucket", "chunk_size", "event_id", "produce", "replay",
+__all__ = ["ProduceSummary", "TokenBucket", "chunk_size", "event_id", "produce", "replay", "replay_progress",
            "source_tag", "topic_for"]

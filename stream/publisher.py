@@ -41,15 +41,27 @@ class RecordBatches:
     ``keep``: remember each batch's records, so that :meth:`confirm` can say which ones the
     broker did not confirm (the worker re-publishes them); without it (a replay) nothing is
     kept beyond the open batches.
+
+    Records are numbered in the order they were appended (``appended`` counts them), and
+    :meth:`acknowledged` says how many the broker confirmed: a replay that failed says what
+    is in Kafka.
     """
 
     def __init__(self, producer: AIOKafkaProducer, keep: bool = False,
                  partitions: dict[str, list[int]] | None = None) -> None:
         self._producer = producer
         self._keep = keep
-        self._open: dict[tuple[str, int], tuple[Any, list[OutRecord]]] = {}
+        #: per topic-partition: the open batch, its records (``keep``) and its first record's number
+        self._open: dict[tuple[str, int], tuple[Any, list[OutRecord], int]] = {}
         self._partitions = {} if partitions is None else partitions
-        self._sent: deque[tuple[asyncio.Future, list[OutRecord]]] = deque()
+        #: each batch sent: its delivery, its records (``keep``), its first record's number, its size
+        self._sent: deque[tuple[asyncio.Future, list[OutRecord], int, int]] = deque()
+        #: records appended so far
+        self.appended = 0
+        #: records of the batches found acknowledged (and forgotten) so far
+        self._confirmed = 0
+        #: the lowest number of a record in a batch found failed so far
+        self._first_failed: int | None = None
         #: whether :meth:`confirm` found a batch the broker did not confirm
         self.refused = False
 
@@ -68,6 +80,7 @@ class RecordBatches:
             return False
         if self._keep:
             entry[1].append((topic, key, value))
+        self.appended += 1
         return True
 
     async def add(self, topic: str, partition: int, key: bytes | None, value: bytes) -> bool:
@@ -78,35 +91,64 @@ class RecordBatches:
         entry = self._open.pop((topic, partition), None)
         if entry is not None:
             await self._send(topic, partition, *entry)
-        self._open[(topic, partition)] = (self._producer.create_batch(), [])
-        return self.append(topic, partition, key, value)
+        self._open[(topic, partition)] = (self._producer.create_batch(), [], self.appended)
+        if self.append(topic, partition, key, value):
+            return True
+        del self._open[(topic, partition)]  # empty: the next record starts a batch of its own (and number)
+        return False
 
     async def send_open(self) -> None:
         """Send every open batch that holds a record."""
         open_batches, self._open = self._open, {}
-        for (topic, partition), (batch, records) in open_batches.items():
+        for (topic, partition), (batch, records, first) in open_batches.items():
             if batch.record_count():
-                await self._send(topic, partition, batch, records)
+                await self._send(topic, partition, batch, records, first)
 
-    async def _send(self, topic: str, partition: int, batch, records: list[OutRecord]) -> None:
+    async def _send(self, topic: str, partition: int, batch, records: list[OutRecord], first: int) -> None:
         try:
             delivery = await self._producer.send_batch(batch, topic, partition=partition)
         except Exception as exc:  # noqa: BLE001 - kept as the batch's outcome
             log.warning("could not send a batch to %s[%d]: %r", topic, partition, exc)
             delivery = asyncio.get_running_loop().create_future()
             delivery.set_exception(exc)
-        self._sent.append((delivery, records))
+        self._sent.append((delivery, records, first, batch.record_count()))
 
     def raise_delivered(self) -> None:
         """Forget the batches already acknowledged; raise the first delivery error among them."""
         while self._sent and self._sent[0][0].done():
-            self._sent.popleft()[0].result()
+            delivery, _, first, count = self._sent.popleft()
+            self._tally(delivery, first, count)
+            delivery.result()
+
+    def _tally(self, delivery: asyncio.Future, first: int, count: int) -> None:
+        """Count a settled batch as confirmed, or remember where the records it failed start."""
+        if not delivery.cancelled() and delivery.exception() is None:
+            self._confirmed += count
+        elif self._first_failed is None or first < self._first_failed:
+            self._first_failed = first
+
+    def acknowledged(self) -> tuple[int, int]:
+        """Of the records appended: how many the broker has confirmed, and how many of the first
+        ones it confirmed every one of (records ``0`` to that number, less one, are all in).
+
+        A batch not acknowledged yet counts as unconfirmed: call it once every batch sent has
+        settled (after the producer's ``stop``, which waits for them) for the final count.
+        """
+        confirmed = self._confirmed
+        unconfirmed = [self.appended] if self._first_failed is None else [self.appended, self._first_failed]
+        for delivery, _, first, count in self._sent:
+            if delivery.done() and not delivery.cancelled() and delivery.exception() is None:
+                confirmed += count
+            else:
+                unconfirmed.append(first)
+        unconfirmed += [first for batch, _, first in self._open.values() if batch.record_count()]
+        return confirmed, min(unconfirmed)
 
     def abandon(self) -> None:
         """Forget every sent batch, its outcome taken (a failed one, unread, was "Future exception
         was never retrieved" at exit, once per batch, after the error that stopped a replay)."""
         sent, self._sent = self._sent, deque()
-        for delivery, _ in sent:
+        for delivery, *_ in sent:
             if delivery.done():
                 delivery.cancelled() or delivery.exception()
             else:
@@ -115,14 +157,16 @@ class RecordBatches:
     async def wait_all(self) -> None:
         """Wait for every sent batch; raise the first delivery error."""
         while self._sent:
-            await self._sent.popleft()[0]
+            await asyncio.wait([self._sent[0][0]])
+            self.raise_delivered()
 
     async def confirm(self) -> list[OutRecord]:
         """Wait for every sent batch; the records of those the broker did not confirm."""
         sent, self._sent = list(self._sent), deque()
-        results = await asyncio.gather(*(delivery for delivery, _ in sent), return_exceptions=True)
+        results = await asyncio.gather(*(delivery for delivery, *_ in sent), return_exceptions=True)
         failed: list[OutRecord] = []
-        for (_, records), res in zip(sent, results, strict=True):
+        for (delivery, records, first, count), res in zip(sent, results, strict=True):
+            self._tally(delivery, first, count)
             if isinstance(res, BaseException):
                 self.refused = True
                 if records:

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import typer
+from aiokafka.errors import KafkaTimeoutError
 from typer.testing import CliRunner
 
 from online_models.datasets import synthetic_interactions
 from online_models.types import Interaction
+from stream import produce as produce_module
 from stream import tail as tail_module
 from stream.connections import KafkaConnection
 from stream.decoding import decode_event
@@ -27,6 +29,7 @@ from stream.produce import (
     chunk_size,
     event_id,
     produce,
+    replay,
     source_tag,
     started_producer,
     topic_for,
@@ -305,6 +308,74 @@ def test_batches_abandoned_after_a_failure_leave_no_unretrieved_error():
     gc.collect()
     loop.close()
     assert complaints == []
+
+
+class FakeBatch:
+    """A record batch of at most three records; it keeps the event ids it holds."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+
+    def append(self, key, value, timestamp):
+        if len(self.ids) == 3:
+            return None
+        self.ids.append(int(json.loads(value)["event_id"].rsplit("-", 1)[1]))
+        return object()
+
+    def record_count(self) -> int:
+        return len(self.ids)
+
+
+class BrokerGoingAway:
+    """A producer whose broker acknowledges the batches sent but those numbered in ``fail``
+    (failed) or ``pending`` (never answered)."""
+
+    def __init__(self, fail: set[int], pending: set[int]) -> None:
+        self.fail, self.pending = fail, pending
+        self.sent: list[FakeBatch] = []
+        self.acknowledged: list[int] = []  # the event ids the broker confirmed
+
+    async def partitions_for(self, topic):
+        return {0, 1}
+
+    def create_batch(self) -> FakeBatch:
+        return FakeBatch()
+
+    async def send_batch(self, batch, topic, *, partition):
+        delivery = asyncio.get_running_loop().create_future()
+        number = len(self.sent)
+        self.sent.append(batch)
+        if number in self.fail:
+            delivery.set_exception(KafkaTimeoutError())
+        elif number not in self.pending:
+            delivery.set_result(None)
+            self.acknowledged += batch.ids
+        return delivery
+
+    async def stop(self) -> None:
+        pass
+
+
+async def test_a_replay_kafka_failed_says_how_many_events_kafka_confirmed(monkeypatch):
+    """The broker gone mid-replay: produce said `sending events ... failed: KafkaTimeoutError()`
+    and nothing of what was in Kafka, which an operator needs to know what to send again."""
+    producer = BrokerGoingAway(fail={3}, pending={5})
+
+    async def started_producer(kafka, **options):
+        return producer
+
+    monkeypatch.setattr(produce_module, "started_producer", started_producer)
+    with pytest.raises(StreamrecError) as info:
+        await replay(synthetic_interactions(60, seed=3), "127.0.0.1:9", TopicNames("t."), "tag")
+    confirmed = sorted(producer.acknowledged)
+    unbroken = next(i for i in range(61) if i not in confirmed)
+    assert 0 < unbroken < len(confirmed) < 60  # some confirmed after the first event that was not
+    assert str(info.value) == (
+        f"sending events to 127.0.0.1:9 failed: KafkaTimeoutError(); Kafka confirmed {len(confirmed)} of the first "
+        f"60 events of the log: all of the first {unbroken}, and {len(confirmed) - unbroken} after them; to send "
+        "the rest, run the same "
+        "command again: it sends the log from its first event, with the same event ids (a worker skips an "
+        "event whose id is among the latest STREAMREC_DEDUPE_WINDOW of its user)")
 
 
 # --- tail's lines -----------------------------------------------------------------------
