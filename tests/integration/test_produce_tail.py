@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -205,6 +206,46 @@ def test_sigterm_stops_a_slow_replay_at_once_and_sends_nothing_more(kafka_bootst
     assert took < 5, f"stopped {took:.1f} s after SIGTERM"
     assert "interrupted after 1 event (1 click, 0 purchases)" in out
     assert _count(kafka_bootstrap, topics.clicks) + _count(kafka_bootstrap, topics.purchases) == 1
+
+
+
+def _confirmed(out: str) -> tuple[int, int]:
+    """How many events a failed replay said Kafka confirmed, and how many of the first ones all."""
+    all_first = re.search(r"Kafka confirmed the first ([\d,]+) events? of the log and none after them", out)
+    if all_first:
+        n = int(all_first[1].replace(",", ""))
+        return n, n
+    some = re.search(r"Kafka confirmed ([\d,]+) of the first [\d,]+ events of the log: all of the first ([\d,]+),", out)
+    assert some, out
+    return int(some[1].replace(",", "")), int(some[2].replace(",", ""))
+
+
+def test_a_broker_gone_mid_replay_says_how_many_events_kafka_confirmed(private_kafka, topic_prefix):
+    """produce ended with `sending events ... failed: KafkaTimeoutError()` alone: an operator
+    could not tell what was in Kafka. Each event it says was confirmed is there after the restart."""
+    bootstrap = private_kafka.address
+    args = ["--bootstrap", bootstrap, "--topic-prefix", topic_prefix, "--rate", "2000", "--limit", "1000000",
+            "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "produce", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "STREAMREC_PARTITIONS": str(PARTITIONS)})
+    topics = TopicNames(topic_prefix)
+    try:
+        deadline = time.monotonic() + 60
+        while _count(bootstrap, topics.clicks) < 2_000:
+            assert proc.poll() is None and time.monotonic() < deadline, "produce never started sending"
+            time.sleep(0.3)
+        private_kafka.halt()
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 2 and "Traceback" not in out, out  # streamrec's error: one sentence
+    confirmed, unbroken = _confirmed(out)
+    private_kafka.start()
+    ids = {decode_event(r.value).event_id for topic in (topics.clicks, topics.purchases) for r in read_all(bootstrap, topic)}
+    assert 2_000 <= unbroken <= confirmed <= len(ids), out
+    assert {f"synthetic-s42-{i}" for i in range(unbroken)} <= ids
 
 
 def _count(bootstrap: str, topic: str) -> int:
