@@ -10,8 +10,10 @@ other worker purges its own models; all of them refuse the user's events up to t
 from __future__ import annotations
 
 import asyncio
+import shlex
 import time
 import uuid
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -19,7 +21,7 @@ from aiokafka.errors import KafkaError
 
 from stream.connections import KafkaConnection
 from stream.decoding import decode_forget
-from stream.errors import InvalidEvent, StreamrecError
+from stream.errors import InvalidEvent, StreamrecError, counted
 from stream.produce import started_producer
 from stream.records import ForgetRequest, encode
 from stream.settings import Settings
@@ -46,19 +48,53 @@ def forget_requests(user_ids: list[str], now_ms: int | None = None) -> list[Forg
     return out
 
 
-async def send_forget_requests(kafka: KafkaConnection | str, topic: str, requests: list[ForgetRequest]) -> list[int]:
-    """Send ``requests`` to ``topic`` keyed by user id, each confirmed by every in-sync
-    replica; returns each request's partition."""
+#: user ids a failure names at most, of those whose requests Kafka did not confirm
+UNSENT_IDS_SHOWN = 10
+
+
+def unsent_text(requests: list[ForgetRequest], confirmed: int) -> str:
+    """What a failure says of ``requests`` when Kafka confirmed the first ``confirmed`` alone.
+
+    >>> reqs = forget_requests(["u1", "u 2", "u3"], now_ms=5)
+    >>> print(unsent_text(reqs, 1))
+    Kafka confirmed the request for the first of the 3 users (above); for the other 2, run forget again with the same options for: 'u 2' u3
+    >>> print(unsent_text(reqs, 0))
+    Kafka confirmed none of the 3 requests; run the same command again
+    """
+    if confirmed == 0:
+        return f"Kafka confirmed none of the {counted(len(requests), 'request')}; run the same command again"
+    rest = [req.user_id for req in requests[confirmed:]]
+    shown = " ".join(shlex.quote(uid) for uid in rest[:UNSENT_IDS_SHOWN])
+    more = f" (and {len(rest) - UNSENT_IDS_SHOWN:,} more)" if len(rest) > UNSENT_IDS_SHOWN else ""
+    head = "the request for the first" if confirmed == 1 else f"the requests for the first {confirmed:,}"
+    return (f"Kafka confirmed {head} of the {len(requests):,} users (above); for the other {len(rest):,}, run forget "
+            f"again with the same options for: {shown}{more}")
+
+
+async def send_forget_requests(kafka: KafkaConnection | str, topic: str, requests: list[ForgetRequest],
+                               on_sent: Callable[[ForgetRequest, int], None] | None = None) -> list[int]:
+    """Send ``requests`` to ``topic`` keyed by user id, one after the other, each confirmed by
+    every in-sync replica before the next is sent; returns each request's partition.
+
+    ``on_sent``: called with each request and its partition once Kafka confirmed it. A failure
+    says which requests Kafka confirmed (the first ones) and for which users to run it again.
+    """
     kafka = KafkaConnection.of(kafka)
     producer = await started_producer(kafka, client_id="streamrec-forget", acks="all", enable_idempotence=True,
                                       request_timeout_ms=30_000)
+    partitions: list[int] = []
     try:
-        sent = [await producer.send_and_wait(topic, encode(req), key=req.user_id.encode()) for req in requests]
+        for req in requests:
+            meta = await producer.send_and_wait(topic, encode(req), key=req.user_id.encode())
+            partitions.append(meta.partition)
+            if on_sent is not None:
+                on_sent(req, meta.partition)
     except KafkaError as exc:
-        raise StreamrecError(f"sending forget requests to {topic} failed: {exc}") from None
+        raise StreamrecError(f"sending forget requests to {topic} failed: {exc}; "
+                             f"{unsent_text(requests, len(partitions))}") from None
     finally:
         await producer.stop()
-    return [meta.partition for meta in sent]
+    return partitions
 
 
 def forget(
@@ -83,9 +119,11 @@ def forget(
     topics = settings.topics
     require_topic(settings, topics.forget)  # a wrong prefix must not "send" to nobody
     check_copartitioned(settings.kafka, topics.consumed)  # else a request misses the user's partition
-    partitions = asyncio.run(send_forget_requests(settings.kafka, topics.forget, requests))
-    for req, partition in zip(requests, partitions, strict=True):
+
+    def said(req: ForgetRequest, partition: int) -> None:  # at once: a later failure leaves the confirmed ones listed
         typer.echo(f"{req.request_id}  sent for user {req.user_id} ({topics.forget}[{partition}])")
+
+    asyncio.run(send_forget_requests(settings.kafka, topics.forget, requests, said))
 
 
 __all__ = ["forget", "forget_requests", "send_forget_requests"]

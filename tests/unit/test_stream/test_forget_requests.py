@@ -6,12 +6,16 @@ site's id."""
 
 from __future__ import annotations
 
+import types
+
 import msgspec
 import pytest
+from aiokafka.errors import KafkaTimeoutError
 from prometheus_client import CollectorRegistry
 from typer.testing import CliRunner
 
 from online_models import Recommender
+from stream import forget as forget_module
 from stream.cli import app as cli_app
 from stream.decoding import decode_forget
 from stream.errors import InvalidEvent
@@ -155,6 +159,40 @@ def test_decode_forget_holds_the_door():
     with pytest.raises(InvalidEvent) as caught:
         decode_forget(encode(ForgetRequest(user_id="u", request_id="r", ts=T0 + 10 ** 9)), now_ms=T0)
     assert caught.value.code == "ts_out_of_window"
+
+
+class BrokerGoneAfter:
+    """A producer whose broker confirms ``n`` records, then stops answering."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    async def send_and_wait(self, topic, value, key):
+        if not self.left:
+            raise KafkaTimeoutError()
+        self.left -= 1
+        return types.SimpleNamespace(partition=0)
+
+    async def stop(self) -> None:
+        pass
+
+
+def test_forget_that_kafka_failed_lists_the_confirmed_requests_and_says_whom_to_send_again(monkeypatch):
+    """The broker gone midway: forget printed nothing but the error, not even the requests
+    Kafka had confirmed, and the operator could not tell which users were erased."""
+    async def started_producer(kafka, **options):
+        return BrokerGoneAfter(2)
+
+    monkeypatch.setattr(forget_module, "started_producer", started_producer)
+    monkeypatch.setattr(forget_module, "require_topic", lambda settings, topic: 4)
+    monkeypatch.setattr(forget_module, "check_copartitioned", lambda kafka, topics: None)
+    result = CliRunner().invoke(cli_app, ["forget", "--bootstrap", "127.0.0.1:9", "--topic-prefix", "t.",
+                                          "u1", "u2", "u 3", "u4"])
+    sent = [line.split("  ", 1)[1] for line in result.output.splitlines()]
+    assert sent == ["sent for user u1 (t.forget[0])", "sent for user u2 (t.forget[0])"], result.output
+    assert str(result.exception).endswith(
+        "Kafka confirmed the requests for the first 2 of the 4 users (above); for the other 2, run forget again "
+        "with the same options for: 'u 3' u4")
 
 
 def test_forget_requests_refuse_an_id_the_worker_would():
