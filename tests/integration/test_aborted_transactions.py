@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import typer
@@ -123,6 +124,23 @@ async def _until(condition, what: str, task: asyncio.Task | None = None) -> None
         await asyncio.sleep(0.05)
 
 
+
+@asynccontextmanager
+async def _reading_partition_1(bootstrap: str, clicks: str, step, metrics: Metrics):
+    """A peer reader of a worker that owns ``clicks``'s partition 0, so reads its partition 1,
+    running for the block (its task)."""
+    peers = PeerLearner(step, {"bootstrap_servers": bootstrap}, [clicks], DEFAULT_BOUNDS, asyncio.Lock(), metrics,
+                        committed=dict, poll_ms=100)
+    peers.assign({(clicks, 0)}, {clicks: range(2)})
+    ready = asyncio.Event()
+    ready.set()
+    reading = asyncio.create_task(peers.run(ready))
+    try:
+        yield reading
+    finally:
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+
 async def test_the_peer_reader_learns_the_committed_events_of_another_workers_partition_only(kafka_bootstrap,
                                                                                              topic_prefix):
     clicks = f"{topic_prefix}clicks"
@@ -130,18 +148,9 @@ async def test_the_peer_reader_learns_the_committed_events_of_another_workers_pa
     committed = await _aborted_then_committed(kafka_bootstrap, _clicks(clicks, "aborted", 3),
                                               _clicks(clicks, "committed", 3), partition=1)
     step = _TeachingStep()
-    peers = PeerLearner(step, {"bootstrap_servers": kafka_bootstrap}, [clicks], DEFAULT_BOUNDS, asyncio.Lock(),
-                        Metrics(CollectorRegistry()), committed=dict, poll_ms=100)
-    peers.assign({(clicks, 0)}, {clicks: range(2)})  # this worker owns partition 0: it reads partition 1
-    ready = asyncio.Event()
-    ready.set()
-    reading = asyncio.create_task(peers.run(ready))
-    try:
+    async with _reading_partition_1(kafka_bootstrap, clicks, step, Metrics(CollectorRegistry())) as reading:
         await _until(lambda: step.recommender.learned_offsets.get(f"{clicks}:1", -1) >= committed[-1],
                      "watermark past the committed events", reading)
-    finally:
-        reading.cancel()
-        await asyncio.gather(reading, return_exceptions=True)
     assert step.taught == ["committed-0", "committed-1", "committed-2"]
     assert step.recommender.n_learned == 3
 
@@ -153,21 +162,12 @@ async def test_the_peer_readers_lag_falls_to_zero_on_a_partition_that_ends_with_
     committed = await _transaction(kafka_bootstrap, _clicks(clicks, "committed", 3), commit=True, partition=1)
     assert await asyncio.to_thread(_end_offset, kafka_bootstrap, clicks, 1) == committed[-1] + 2  # the commit marker
     step, metrics = _TeachingStep(), Metrics(CollectorRegistry())
-    peers = PeerLearner(step, {"bootstrap_servers": kafka_bootstrap}, [clicks], DEFAULT_BOUNDS, asyncio.Lock(), metrics,
-                        committed=dict, poll_ms=100)
-    peers.assign({(clicks, 0)}, {clicks: range(2)})
-    ready = asyncio.Event()
-    ready.set()
-    reading = asyncio.create_task(peers.run(ready))
-    try:
+    async with _reading_partition_1(kafka_bootstrap, clicks, step, metrics) as reading:
         await _until(lambda: step.recommender.learned_offsets.get(f"{clicks}:1", -1) >= committed[-1],
                      "watermark past the committed events", reading)
         # the marker is an offset no record stands behind: measured from the last record, the
         # reader stayed one event behind for good
         await _until(lambda: metrics.peer_lag._value.get() == 0, "peer lag of 0", reading)
-    finally:
-        reading.cancel()
-        await asyncio.gather(reading, return_exceptions=True)
     assert step.taught == ["committed-0", "committed-1", "committed-2"]
 
 
