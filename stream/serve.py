@@ -470,8 +470,11 @@ def create_web_app(api: Api, max_in_flight: int = MAX_IN_FLIGHT, metrics: Metric
     for thinned in (store_log, failure_log):
         if not any(isinstance(f, Thinned) for f in thinned.filters):
             thinned.addFilter(Thinned())
-    if not any(isinstance(f, ClippedTracebacks) for f in failure_log.filters):
-        failure_log.addFilter(ClippedTracebacks())  # after Thinned: a traceback held back is not rendered
+    # after Thinned and _MalformedRequests: a traceback held back, or dropped, is not rendered;
+    # aiohttp.server logs what escapes the outer middlewares (write_timeout, shedding, metrics)
+    for clipped_log in (failure_log, server_log):
+        if not any(isinstance(f, ClippedTracebacks) for f in clipped_log.filters):
+            clipped_log.addFilter(ClippedTracebacks())
     middlewares = [write_timeout(), shedding(max_in_flight, trusted_proxies, reserved_slots), _errors]
     if metrics is not None:
         middlewares.insert(1, _observed(metrics))

@@ -584,3 +584,15 @@ async def test_one_client_holding_hundreds_of_idle_connections_does_not_lock_oth
         server.kill()
         _, err = await server.communicate()
     assert b"Too many open files" not in err
+
+
+def test_what_aiohttp_logs_of_an_exception_past_the_middlewares_quotes_its_text_cut_short():
+    step = RecommendationStep(Recommender.default())
+    create_web_app(Api(InMemoryUserStateStore(), step, None, SearchStep(step, None), top_k=3))
+    try:
+        raise RuntimeError("y" * 1_000_000)
+    except RuntimeError:
+        record = logging.getLogger("aiohttp.server").makeRecord(
+            "aiohttp.server", logging.ERROR, __file__, 1, "Unhandled exception", (), sys.exc_info())
+    assert logging.getLogger("aiohttp.server").filter(record)
+    assert record.exc_text is not None and len(record.exc_text) < 5_000 and "RuntimeError: yyy" in record.exc_text
