@@ -152,7 +152,7 @@ class BrokerWatch:
     ``every_s`` seconds without a message it asks ``check`` (None: it answers; else what is
     wrong) and says the change, once: the broker lost, then the broker back."""
 
-    def __init__(self, where: str, check: Callable[[], str | None], every_s: float = 10.0,
+    def __init__(self, where: str, check: Callable[[], str | None], every_s: float = WATCH_EVERY_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.where, self.check, self.every_s, self.clock = where, check, every_s, clock
         self.checked = clock()
