@@ -338,8 +338,8 @@ class RedisConnection:
 
     def check_login(self, timeout_s: float = 3.0) -> None:
         """One PING at start: an :class:`AccessDenied` when Redis answers and refuses this client
-        (:meth:`refusal`: a wrong password, an ACL, TLS), which the worker's retries would meet
-        forever; a Redis that does not answer (down, starting) is left to them, and said by them."""
+        (:meth:`refusal`: a wrong password, an ACL, TLS), or what answers is not Redis at all,
+        which the worker's retries would meet forever; a Redis that does not answer (down, starting) is left to them, and said by them."""
         try:
             with self.client(socket_connect_timeout=timeout_s, socket_timeout=timeout_s) as client:
                 client.ping()
@@ -349,7 +349,8 @@ class RedisConnection:
                 raise denied from None
 
     def refusal(self, exc: BaseException) -> AccessDenied | None:
-        """An :class:`AccessDenied` saying what to fix when ``exc`` is Redis refusing this client."""
+        """An :class:`AccessDenied` saying what to fix when ``exc`` is Redis refusing this client,
+        or a server that is not Redis answering it."""
         name = type(exc).__name__
         text = f"{name}: {exc}" if str(exc) else name
         lowered = text.lower()
@@ -369,6 +370,9 @@ class RedisConnection:
         if "certificate" in lowered or "ssl" in lowered:
             return AccessDenied(f"TLS with Redis at {self.masked_url} failed ({text}): check STREAMREC_REDIS_SSL_CA_FILE "
                                 "(the authority that signed the server's certificate) and the rediss:// scheme")
+        if isinstance(exc, redis.InvalidResponse):  # an HTTP server, say, answering the PING: retrying will not help
+            return AccessDenied(f"the server at {self.masked_url} answered, but not as Redis does ({text}): is the host "
+                                "and port in STREAMREC_REDIS_URL a Redis server's (6379 by default)?")
         return None
 
 

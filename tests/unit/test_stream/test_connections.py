@@ -4,9 +4,11 @@ setting, the options every client gets, and secrets masked wherever settings are
 
 from __future__ import annotations
 
+import socketserver
 import ssl
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -187,6 +189,7 @@ class PingRaising:
 @pytest.mark.parametrize("exc, said", [
     (redis.AuthenticationError("invalid username-password pair or user is disabled."), "refused the login"),
     (redis.ResponseError("DB index is out of range"), "below the server's `databases` setting"),
+    (redis.InvalidResponse('Protocol error, got "<" as reply type byte'), "answered, but not as Redis does"),
 ])
 def test_a_redis_that_refuses_the_worker_or_serve_stops_them_at_start(monkeypatch, exc, said):
     """A wrong password, or a database the server has not: the worker retried loading its
@@ -207,6 +210,32 @@ def test_a_redis_that_refuses_the_worker_or_serve_stops_them_at_start(monkeypatc
         result = CliRunner().invoke(stream.cli.app, [command], env=env)
         assert isinstance(result.exception, AccessDenied) and said in str(result.exception), (command, result.exception)
         assert "redis-sentinel-pw" not in str(result.exception)
+
+
+@pytest.fixture
+def http_server():
+    """A local HTTP server (not Redis): answers whatever it is sent with a 400, as a web server does."""
+    server = socketserver.TCPServer(("127.0.0.1", 0), _BadRequest)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _BadRequest(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        self.rfile.readline()
+        self.wfile.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+
+def test_a_url_naming_a_server_that_is_not_redis_is_refused_at_start(http_server):
+    """STREAMREC_REDIS_URL at a web server's port: the worker retried loading its snapshot forever,
+    each try logging redis-py's "Protocol error, got "H" as reply type byte"."""
+    with pytest.raises(AccessDenied, match=r"not as Redis does .*STREAMREC_REDIS_URL"):
+        RedisConnection(f"redis://127.0.0.1:{http_server}/0").check_login()
 
 
 def test_a_redis_that_does_not_answer_is_left_to_the_retries(monkeypatch):
