@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import platform
 import sys
+from importlib import metadata
 
 import typer
 from prometheus_client import REGISTRY
@@ -43,6 +45,39 @@ app = typer.Typer(
 )
 
 
+#: the libraries whose versions a bug report needs, beside streamrec's own (``--version``)
+REPORTED_LIBRARIES = ("faust-streaming", "aiokafka", "redis", "river", "onnxruntime", "onnxruntime-gpu", "torch")
+
+
+def version_text() -> str:
+    """``streamrec X (Python Y; library Z, ...)``: the installed distributions, as a bug report wants them."""
+    libraries = []
+    for name in REPORTED_LIBRARIES:
+        try:
+            libraries.append(f"{'redis-py' if name == 'redis' else name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:  # an extra not installed (torch: [train]; one onnxruntime of two)
+            continue
+    try:
+        own = metadata.version("streamrec")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        own = "(not installed)"
+    return f"streamrec {own} (Python {platform.python_version()}; {', '.join(libraries)})"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(version_text())
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="Print streamrec's version and its main libraries', then exit."),
+) -> None:
+    pass
+
+
 @app.command()
 def worker(
     loglevel: str = typer.Option(None, "--loglevel", "-l", help="debug, info, warning or error (default STREAMREC_LOG_LEVEL)"),
@@ -62,6 +97,7 @@ def worker(
     gcpolicy.configure(freeze=settings.gc_freeze)
     one_blas_thread()  # numpy's BLAS threads would spin on the other core between batches (stream/threads.py)
     log = logging.getLogger("streamrec")
+    log.info("%s", version_text())  # what a bug report asks first
     log.info("settings: %s", settings)
     if settings.variants:  # a wrong experiment file is said now, not after Kafka answers
         log.info("experiment: %s", load_experiment(settings.variants, [*Recommender.DEFAULT_LEARNERS, *Recommender.EXTRA_SOURCES]).describe())

@@ -168,3 +168,22 @@ def test_the_worker_says_where_it_serves_metrics_once(no_kafka, monkeypatch, tmp
     _worker({"STREAMREC_METRICS_PORT": str(port), "STREAMREC_MODEL_DIR": str(tmp_path)})
     said = [r.getMessage() for r in caplog.records if "metrics and health on" in r.getMessage()]
     assert len(servers) == 1 and said == [f"metrics and health on http://0.0.0.0:{port}/metrics, /healthz, /readyz"]
+
+
+def test_version_names_streamrec_python_and_the_libraries_a_bug_report_needs(monkeypatch):
+    """`streamrec --version` was "No such option": a bug report had no way to say what ran."""
+    result = CliRunner().invoke(stream.cli.app, ["--version"])
+    assert result.exit_code == 0, result.output
+    line = result.output.strip()
+    assert re.fullmatch(r"streamrec \S+ \(Python 3\.\d+\.\d+; .*\)", line), line
+    assert "faust-streaming " in line and "aiokafka " in line and "redis-py " in line and "river " in line
+
+    real = stream.cli.metadata.version
+
+    def without_torch(name: str) -> str:
+        if name == "torch":
+            raise stream.cli.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(stream.cli.metadata, "version", without_torch)  # torch is the [train] extra
+    assert "torch" not in stream.cli.version_text() and "river " in stream.cli.version_text()
