@@ -73,7 +73,7 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _options(
     version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
-                                 help="Print streamrec's version and its main libraries', then exit."),
+                                 help="Print streamrec's version and its main libraries', then exit (the worker and serve log it at start)."),
 ) -> None:
     pass
 
@@ -171,6 +171,7 @@ def serve_api(
     # full collections would walk on every few hundred requests (stream/gcpolicy.py)
     gcpolicy.configure(freeze=settings.gc_freeze)
     one_blas_thread()  # its computing threads are the parallelism (stream/threads.py)
+    logging.getLogger("streamrec").info("%s", version_text())
     settings.redis.check_login()  # a wrong password is said at start, not as a /readyz that never turns ready
     asyncio.run(run_server(settings, port or settings.serve_port, host))
 
