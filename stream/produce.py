@@ -26,7 +26,7 @@ import itertools
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -162,6 +162,11 @@ async def started_producer(kafka: KafkaConnection, **options) -> AIOKafkaProduce
     return producer
 
 
+#: how to send what a replay did not: again from the start, which the workers' dedupe makes safe
+RUN_AGAIN = ("run the same command again: it sends the log from its first event, with the same event ids (a worker "
+             "skips an event whose id is among the latest STREAMREC_DEDUPE_WINDOW of its user)")
+
+
 def replay_progress(sent: int, confirmed: int, unbroken: int) -> str:
     """What a replay that Kafka failed had put in Kafka, of the first ``sent`` events of the log:
     ``confirmed`` events, the first ``unbroken`` all among them; and how to send the rest.
@@ -182,9 +187,31 @@ def replay_progress(sent: int, confirmed: int, unbroken: int) -> str:
     else:
         head = (f"Kafka confirmed {confirmed:,} of the first {counted(sent, 'event')} of the log: all of the first "
                 f"{unbroken:,}, and {confirmed - unbroken:,} after them")
-    return (f"{head}; to send the rest, run the same command again: it sends the log from its first event, "
-            "with the same event ids (a worker skips an event whose id is among the latest "
-            "STREAMREC_DEDUPE_WINDOW of its user)")
+    return f"{head}; to send the rest, {RUN_AGAIN}"
+
+
+def bad_line_progress(sent: int) -> str:
+    """What a replay stopped by a line that is no event says it sent, and how to go on.
+
+    >>> bad_line_progress(50_000)
+    'produce stopped there, and Kafka confirmed the 50,000 events of the log before that line; correct or delete the line, then run the same command again: it sends the log from its first event, with the same event ids (a worker skips an event whose id is among the latest STREAMREC_DEDUPE_WINDOW of its user)'
+    """
+    return (f"produce stopped there, and Kafka confirmed the {counted(sent, 'event')} of the log before that line; "
+            f"correct or delete the line, then {RUN_AGAIN}")
+
+
+def _take(it: Iterator[Interaction], n: int) -> tuple[list[Interaction], DatasetError | None]:
+    """The next ``n`` interactions at most, and the error of a line that is not one, if the log
+    reached such a line (it is read as it is sent): the ones read before it come with it."""
+    chunk: list[Interaction] = []
+    try:
+        for x in it:
+            chunk.append(x)
+            if len(chunk) == n:
+                break
+    except DatasetError as exc:
+        return chunk, exc
+    return chunk, None
 
 
 def send_failure(kafka: KafkaConnection, exc: KafkaError, what: str) -> Exception:
@@ -215,6 +242,7 @@ async def replay(
                                       max_batch_size=256 * 1024, request_timeout_ms=30_000)
     summary = ProduceSummary(topics={topics.clicks: 0, topics.purchases: 0})
     batches = RecordBatches(producer)
+    bad_line: DatasetError | None = None  # a line of the log that is not an event: the ones before it go
     try:
         counts = {topics.clicks: len(await batches.partitions(topics.clicks)),
                   topics.purchases: len(await batches.partitions(topics.purchases))}
@@ -225,8 +253,8 @@ async def replay(
         last_report = started
         it = iter(interactions)
         index = 0
-        while stop is None or not stop.is_set():
-            chunk = [x for _, x in zip(range(step), it, strict=False)]
+        while bad_line is None and (stop is None or not stop.is_set()):
+            chunk, bad_line = _take(it, step)
             if not chunk:
                 break
             if bucket is not None and (wait := bucket.reserve(len(chunk), time.monotonic())) > 0:
@@ -277,6 +305,8 @@ async def replay(
         await producer.stop()
     if on_progress is not None:
         on_progress(summary)
+    if bad_line is not None:  # every event before it is in Kafka now (else a KafkaError above)
+        raise DatasetError(f"{bad_line}; {bad_line_progress(batches.appended)}")
     return summary
 
 

@@ -14,7 +14,7 @@ import typer
 from aiokafka.errors import KafkaTimeoutError
 from typer.testing import CliRunner
 
-from online_models.datasets import synthetic_interactions
+from online_models.datasets import DatasetError, synthetic_interactions
 from online_models.types import Interaction
 from stream import produce as produce_module
 from stream import tail as tail_module
@@ -376,6 +376,27 @@ async def test_a_replay_kafka_failed_says_how_many_events_kafka_confirmed(monkey
         "the rest, run the same "
         "command again: it sends the log from its first event, with the same event ids (a worker skips an "
         "event whose id is among the latest STREAMREC_DEDUPE_WINDOW of its user)")
+
+
+async def test_a_bad_line_mid_log_stops_the_replay_after_every_event_before_it_is_in_kafka(monkeypatch):
+    """A line that is no event, past the first: produce said only the line, and the events before
+    it were partly sent (the full record batches) and partly dropped (the open ones)."""
+    producer = BrokerGoingAway(fail=set(), pending=set())
+
+    async def started_producer(kafka, **options):
+        return producer
+
+    def log_with_a_bad_line():
+        yield from synthetic_interactions(1_001, seed=3)  # more than a chunk: some batches full, some open
+        raise DatasetError("shop.csv:1002: expected 5 comma-separated fields, saw 2")
+
+    monkeypatch.setattr(produce_module, "started_producer", started_producer)
+    with pytest.raises(DatasetError) as info:
+        await replay(log_with_a_bad_line(), "127.0.0.1:9", TopicNames("t."), "tag")
+    assert sorted(producer.acknowledged) == list(range(1_001))
+    assert str(info.value).startswith("shop.csv:1002: expected 5 comma-separated fields, saw 2; produce stopped "
+                                      "there, and Kafka confirmed the 1,001 events of the log before that line; "
+                                      "correct or delete the line, then run the same command again")
 
 
 # --- tail's lines -----------------------------------------------------------------------
