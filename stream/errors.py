@@ -35,6 +35,22 @@ def described(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {clipped(text, 300)}" if text else type(exc).__name__
 
 
+def redis_advice(exc: BaseException) -> str:
+    """What an operator can do about a Redis error beyond what its text says ("" when nothing).
+
+    >>> class OutOfMemoryError(Exception): ...
+    >>> OutOfMemoryError.__module__ = "redis.exceptions"
+    >>> redis_advice(OutOfMemoryError("command not allowed when used memory > 'maxmemory'")).startswith(": Redis is full")
+    True
+    >>> redis_advice(TimeoutError())
+    ''
+    """
+    if type(exc).__name__ == "OutOfMemoryError" and type(exc).__module__.startswith("redis"):
+        return (": Redis is full (its maxmemory) and refuses writes; give it more memory (INFO memory shows the use), "
+                "or lower STREAMREC_STATE_TTL_S so that idle users' states expire sooner")
+    return ""
+
+
 class StreamrecError(Exception):
     """Root of every error streamrec raises on purpose."""
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import msgspec
 
 from stream.decoding import decode_event, decode_forget, decode_impression, decode_search
-from stream.errors import InvalidEvent, described
+from stream.errors import InvalidEvent, described, redis_advice
 from stream.experiments import shown
 from stream.health import Health
 from stream.logs import ClippedTracebacks, Thinned
@@ -619,8 +619,9 @@ class BatchHandler:
             failing = True
             errors.labels(op).inc()
             delay = next(delays)
-            self._unready("state", f"{op} failed: {type(problem).__name__}: {exception_text(problem)}; retrying")
-            log.warning("redis %s failed (%s); retrying in %.2fs", op, described(problem), delay)
+            advice = redis_advice(problem)
+            self._unready("state", f"{op} failed: {type(problem).__name__}: {exception_text(problem)}{advice}; retrying")
+            log.warning("redis %s failed (%s)%s; retrying in %.2fs", op, described(problem), advice, delay)
             await asyncio.sleep(delay)
 
 

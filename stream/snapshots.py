@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from online_models import Recommender, RecommenderConfig
-from stream.errors import described
+from stream.errors import described, redis_advice
 from stream.prometheus import Metrics
 from stream.state import UserStateStore
 
@@ -94,7 +94,9 @@ def fork_call(work: Callable[[], object]) -> int:
         code = 0
     except BaseException as exc:  # noqa: BLE001 - reported on stderr, then the exit code says it
         try:
-            os.write(2, f"streamrec: model snapshot failed in the child process: {exc!r}\n".encode())
+            # described(): redis-py's repr of a server error is its class alone ("server:OutOfMemoryError")
+            os.write(2, f"streamrec: model snapshot failed in the child process: {described(exc)}{redis_advice(exc)}\n"
+                     .encode())
         except OSError:
             pass
     finally:

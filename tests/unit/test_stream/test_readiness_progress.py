@@ -6,6 +6,7 @@ import asyncio
 from types import SimpleNamespace
 
 import pytest
+import redis
 from faust.types import TP
 from prometheus_client import CollectorRegistry
 
@@ -175,6 +176,29 @@ async def test_a_retry_that_ends_fenced_leaves_an_idle_worker_ready():
         await handler._retry("claim", claim)
     ready, text = health.readiness()
     assert ready, text
+
+
+async def test_a_full_redis_is_said_with_what_to_do_while_the_save_is_retried():
+    """A Redis at its maxmemory: the worker retried and said only redis-py's text, nothing of
+    what an operator can do about it."""
+    health = Health(clock=Clock())
+    answers = iter([redis.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), None])
+
+    async def save():
+        answer = next(answers)
+        if answer is not None:
+            raise answer
+        texts.append(health.readiness()[1])  # as /readyz said it during the retries
+
+    async def publish(records):
+        return []
+
+    texts: list[str] = []
+    handler = BatchHandler(None, InMemoryUserStateStore(), publish, TopicNames(), Metrics(CollectorRegistry()),
+                           backoff=Backoff(base_s=0.001, cap_s=0.01, jitter=0), health=health)
+    await handler._retry("save", save)
+    assert "state: FAIL (save failed: OutOfMemoryError: " in texts[0], texts
+    assert "Redis is full (its maxmemory) and refuses writes" in texts[0] and "STREAMREC_STATE_TTL_S" in texts[0]
 
 
 async def test_commits_that_stop_moving_behind_the_handled_events_make_the_worker_unready():

@@ -7,6 +7,7 @@ import pickle
 import time
 
 import pytest
+import redis
 
 from online_models import Recommender
 from online_models.datasets import synthetic_interactions
@@ -42,6 +43,19 @@ async def test_a_failing_snapshot_is_an_exit_code_and_the_parent_goes_on(capfd):
     pid = snapshots.fork_call(broken)
     assert await snapshots.wait_child(pid, timeout_s=30) == 1
     assert "model snapshot failed in the child process" in capfd.readouterr().err
+
+
+async def test_a_full_redis_is_said_with_what_to_do(capfd):
+    """A Redis at its maxmemory refusing the snapshot: the child said only
+    `server:OutOfMemoryError` (redis-py's repr of a server error is its class alone)."""
+    def refused() -> None:
+        raise redis.OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+
+    pid = snapshots.fork_call(refused)
+    assert await snapshots.wait_child(pid, timeout_s=30) == 1
+    err = capfd.readouterr().err
+    assert "OutOfMemoryError: command not allowed when used memory > 'maxmemory'.: Redis is full" in err, err
+    assert "STREAMREC_STATE_TTL_S" in err
 
 
 async def test_a_child_that_hangs_is_killed_at_the_timeout():
