@@ -38,16 +38,22 @@ def described(exc: BaseException) -> str:
 def redis_advice(exc: BaseException) -> str:
     """What an operator can do about a Redis error beyond what its text says ("" when nothing).
 
-    >>> class OutOfMemoryError(Exception): ...
-    >>> OutOfMemoryError.__module__ = "redis.exceptions"
-    >>> redis_advice(OutOfMemoryError("command not allowed when used memory > 'maxmemory'")).startswith(": Redis is full")
+    >>> class OutOfMemoryError(Exception): __module__ = "redis.exceptions"
+    >>> class ReadOnlyError(Exception): __module__ = "redis.exceptions"
+    >>> redis_advice(OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")).startswith(": Redis is full")
     True
+    >>> redis_advice(ReadOnlyError("You can't write against a read only replica."))
+    ': this Redis is a read-only replica; point STREAMREC_REDIS_URL at the primary'
     >>> redis_advice(TimeoutError())
     ''
     """
-    if type(exc).__name__ == "OutOfMemoryError" and type(exc).__module__.startswith("redis"):
+    if not type(exc).__module__.startswith("redis"):
+        return ""
+    if type(exc).__name__ == "OutOfMemoryError":
         return (": Redis is full (its maxmemory) and refuses writes; give it more memory (INFO memory shows the use), "
                 "or lower STREAMREC_STATE_TTL_S so that idle users' states expire sooner")
+    if type(exc).__name__ == "ReadOnlyError":  # a replica, or the old primary after a failover
+        return ": this Redis is a read-only replica; point STREAMREC_REDIS_URL at the primary"
     return ""
 
 
