@@ -92,7 +92,7 @@ def worker(
     """
     settings = Settings.from_env()
     level = log_level(loglevel, settings.log_level)
-    logs.configure(level)  # and the Kafka client's repeated errors thinned (stream/logs.py)
+    logs.configure(level, settings.log_format)  # and the Kafka client's repeated errors thinned (stream/logs.py)
     # short collector pauses, and none over the models' long-lived heap (stream/gcpolicy.py)
     gcpolicy.configure(freeze=settings.gc_freeze)
     one_blas_thread()  # numpy's BLAS threads would spin on the other core between batches (stream/threads.py)
@@ -120,7 +120,9 @@ def worker(
     except StopRequested as stop:  # as a worker's first signal: exit 0, nothing consumed to commit
         log.info("%s while waiting for Kafka: stopping before the worker started", stop.name)
         return
-    Worker(faust_app, loglevel=level.lower(), quiet=True).execute_from_commandline()
+    # STREAMREC_LOG_FORMAT=json: Faust sets logging up again as it starts, in its own format unless told
+    Worker(faust_app, loglevel=level.lower(), quiet=True,
+           logging_config=logs.handler_config(settings.log_format, level)).execute_from_commandline()
 
 
 def prepare_topics(settings: Settings, log: logging.Logger) -> None:
@@ -166,7 +168,7 @@ def serve_api(
     """
     settings = Settings.from_env()
     level = log_level(loglevel, settings.log_level)
-    logs.configure(level)  # and the Kafka client's repeated errors thinned (stream/logs.py)
+    logs.configure(level, settings.log_format)  # and the Kafka client's repeated errors thinned (stream/logs.py)
     # as in the worker: the models, the catalogue and its indexes are a long-lived heap that
     # full collections would walk on every few hundred requests (stream/gcpolicy.py)
     gcpolicy.configure(freeze=settings.gc_freeze)

@@ -17,6 +17,7 @@ the loggers that log the exceptions of handling events, quotes it as a dead lett
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import traceback
@@ -129,9 +130,58 @@ class ClippedTracebacks(logging.Filter):
         return True
 
 
-def configure(level: int | str) -> None:
-    """The process's log format and level, and the Kafka client's loggers thinned."""
-    logging.basicConfig(level=level, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+#: the text format of the records streamrec's own processes log (Faust's worker has its own)
+TEXT_FORMAT = "[%(asctime)s] %(levelname)s %(name)s: %(message)s"
+
+
+class JsonLines(logging.Formatter):
+    r"""One JSON object per record, on one line, for a log collector (``STREAMREC_LOG_FORMAT=json``):
+    ``ts`` (UTC, ISO 8601, milliseconds), ``level``, ``logger``, ``pid``, ``message``, and
+    ``exception`` (the traceback, as text: :class:`ClippedTracebacks` clips it where it is on)
+    and ``stack`` when the record has them. A newline in a message stays inside its string.
+
+    >>> record = logging.LogRecord("streamrec", logging.WARNING, "f", 1, "lag %d\nnext", (5,), None)
+    >>> record.created, record.msecs, record.process = 1_780_000_000.25, 250.0, 7
+    >>> JsonLines().format(record)
+    '{"ts": "2026-05-28T20:26:40.250Z", "level": "WARNING", "logger": "streamrec", "pid": 7, "message": "lag 5\\nnext"}'
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname, "logger": record.name, "pid": record.process, "message": record.getMessage(),
+        }
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            out["exception"] = record.exc_text
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def handler_config(fmt: str, level: int | str) -> dict | None:
+    """A :func:`logging.config.dictConfig` for Faust's worker (``mode.Worker(logging_config=)``) that
+    keeps ``STREAMREC_LOG_FORMAT=json`` once Faust sets its logging up; None for ``text`` (Faust's
+    own format, as before). Loggers made before it stay on (``disable_existing_loggers``)."""
+    if fmt.strip().lower() != "json":
+        return None
+    return {"version": 1, "disable_existing_loggers": False,
+            "formatters": {"json": {"()": JsonLines}},
+            "handlers": {"default": {"class": "logging.StreamHandler", "formatter": "json"}},
+            "root": {"level": logging.getLevelName(level) if isinstance(level, int) else level.upper(),
+                     "handlers": ["default"]}}
+
+
+def configure(level: int | str, fmt: str = "text") -> None:
+    """The process's log format (``text`` or ``json``: ``STREAMREC_LOG_FORMAT``) and level, and
+    the Kafka client's loggers thinned."""
+    if fmt.strip().lower() == "json":
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonLines())
+        logging.basicConfig(level=level, handlers=[handler])
+    else:
+        logging.basicConfig(level=level, format=TEXT_FORMAT)
     thin_kafka_client()
 
 
@@ -146,4 +196,5 @@ def thin_kafka_client() -> None:
             logger.addFilter(Thinned())
 
 
-__all__ = ["KAFKA_CLIENT_LOGGERS", "ClippedTracebacks", "Thinned", "clipped_traceback", "configure", "thin_kafka_client"]
+__all__ = ["KAFKA_CLIENT_LOGGERS", "TEXT_FORMAT", "ClippedTracebacks", "JsonLines", "Thinned", "clipped_traceback", "configure",
+           "handler_config", "thin_kafka_client"]

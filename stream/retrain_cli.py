@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -72,6 +73,7 @@ from gpu_scorer.train_cli import (
 )
 from online_models import Interaction
 from online_models.datasets import read_interactions
+from stream import logs
 from stream.connections import ISOLATION_LEVEL
 from stream.decoding import decode_event, decode_forget
 from stream.errors import counted, described
@@ -194,7 +196,8 @@ def retrain(
 
       streamrec retrain --every 3600 --dataset ../shared/data/yoochoose-100k/yoochoose-clicks-100k_train_full.txt -f yoochoose
     """
-    logging.basicConfig(level=log_level(loglevel), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    # the format before the settings are read (a wrong STREAMREC_LOG_FORMAT is said by them, below)
+    logs.configure(log_level(loglevel), os.environ.get("STREAMREC_LOG_FORMAT", "text"))
     if not math.isfinite(every):  # inf passed the range: one fit, then never another
         raise typer.BadParameter(f"{every} is not a number of seconds (for a single fit, use --once)",
                                  param_hint="--every")

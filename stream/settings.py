@@ -30,6 +30,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: what STREAMREC_LOG_LEVEL and the commands' --loglevel accept
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 def log_level(flag: str | None, default: str = "info") -> str:
@@ -184,6 +185,7 @@ class Settings:
     learn_all_partitions: bool = _env("STREAMREC_LEARN_ALL_PARTITIONS", "true", "the online models also learn the input partitions other workers of the group own, read with a consumer of their own, each event once (one model across workers; stream/peers.py); false: each worker's models learn its own partitions only")
     gc_freeze: bool = _env("STREAMREC_GC_FREEZE", "true", "freeze what survives a young garbage collection, so the collector never walks the long-lived heap (short pauses; stream/gcpolicy.py)")
     log_level: str = _env("STREAMREC_LOG_LEVEL", "info", "debug, info, warning or error")
+    log_format: str = _env("STREAMREC_LOG_FORMAT", "text", "text (a line a record, for a terminal) or json (a JSON object a line, for a log collector) of the worker's, serve's and retrain's logs")
     max_future_s: int = _env("STREAMREC_MAX_FUTURE_S", "3600", "an event whose ts is further ahead of the worker's clock is dead-lettered (ts_out_of_window)")
     max_event_age_s: int = _env("STREAMREC_MAX_EVENT_AGE_S", "0", "an event whose ts is further behind the worker's clock is dead-lettered (0: any age, as a replay of an old log needs)")
     max_quantity: int = _env("STREAMREC_MAX_QUANTITY", "10000", "largest quantity accepted (at most 10000; number_too_large)")
@@ -311,6 +313,8 @@ class Settings:
             raise ConfigError(f"STREAMREC_BLEND_WEIGHTS={self.blend_weights!r}: expected name=weight[,name=weight], e.g. mf=0.2")
         if self.log_level.lower() not in LOG_LEVELS:
             raise ConfigError(f"STREAMREC_LOG_LEVEL={self.log_level!r}: expected debug, info, warning or error")
+        if self.log_format.strip().lower() not in LOG_FORMATS:
+            raise ConfigError(f"STREAMREC_LOG_FORMAT={self.log_format!r}: expected text or json")
         if not self.kafka_bootstrap.strip():
             raise ConfigError("STREAMREC_KAFKA_BOOTSTRAP is empty: expected host:port[,host:port]")
         self.kafka.check()

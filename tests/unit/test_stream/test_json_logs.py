@@ -1,0 +1,63 @@
+"""STREAMREC_LOG_FORMAT=json: one JSON object a line, from the worker's Faust logging too."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import pytest
+from mode.utils import logging as mode_logging
+
+from stream.errors import ConfigError
+from stream.logs import ClippedTracebacks, JsonLines, handler_config
+from stream.settings import Settings
+
+
+@pytest.fixture
+def root_logging():
+    """The root logger's handlers and level as they were, after a test that sets logging up."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_a_record_with_a_traceback_is_one_line_of_json():
+    logger = logging.getLogger("streamrec.test_json_logs")
+    try:
+        raise ValueError("bad\nvalue " + "x" * 1_000)
+    except ValueError:
+        record = logger.makeRecord(logger.name, logging.ERROR, "f", 1, "event %s failed", ("e1",), sys.exc_info())
+    ClippedTracebacks().filter(record)  # as on the handler's logger
+    line = JsonLines().format(record)
+    assert "\n" not in line
+    out = json.loads(line)
+    assert out["level"] == "ERROR" and out["logger"] == "streamrec.test_json_logs" and out["message"] == "event e1 failed"
+    assert out["ts"].endswith("Z") and out["pid"] == record.process
+    assert out["exception"].startswith("Traceback (most recent call last):")
+    last = out["exception"].splitlines()[-1]  # the exception's own text: clipped, on one line
+    assert last.startswith("ValueError: bad value xxx") and last.endswith("x…") and len(last) < 320
+
+
+def test_faust_setting_logging_up_keeps_json_and_the_loggers_made_before(root_logging, capsys):
+    """Faust's worker sets logging up again as it starts (mode's setup_logging), in its own
+    format unless given a config: the worker gives it handler_config's."""
+    made_before = logging.getLogger("streamrec.made_before_faust")
+    mode_logging.setup_logging(loglevel="info", logging_config=handler_config("json", "info"))
+    made_before.info("still %s", "on")
+    logging.getLogger("faust.worker").debug("below the level")
+    lines = capsys.readouterr().err.splitlines()
+    assert [json.loads(line)["message"] for line in lines] == ["still on"]
+    assert handler_config("text", "info") is None  # Faust's own format, as before
+
+
+@pytest.mark.parametrize("value", ["xml", "", "jsonl"])
+def test_a_log_format_that_is_not_text_or_json_is_refused_naming_it(value):
+    with pytest.raises(ConfigError, match="STREAMREC_LOG_FORMAT=.*expected text or json"):
+        Settings.from_env({"STREAMREC_LOG_FORMAT": value})
+    assert Settings.from_env({"STREAMREC_LOG_FORMAT": " JSON "}).log_format == " JSON "
