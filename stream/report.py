@@ -9,8 +9,10 @@ published lists, labelled as such), CTR = clicked lists / denominator, conversio
 lists / denominator, live HR@20 = hits{k="20"} / judged, each with a 95% Wilson score interval,
 revenue per list = revenue / denominator, and each rate's relative lift against the control with
 a 95% interval for the ratio of two independent proportions: the log-ratio (Katz) interval
-``exp(log(r) +- z * sqrt(1/k1 - 1/n1 + 1/k2 - 1/n2))``, minus 1 (when the variant's count is 0: from -100%
-to the upper bound with 0.5 added to both counts of each arm). A control rate of 0 has no lift: "n/a".
+``exp(log(r) +- z * sqrt(1/k1 - 1/n1 + 1/k2 - 1/n2))``, minus 1 (when a count is 0 or all of its
+denominator: with 0.5 added to each cell, k + 0.5 of n + 1; a variant's count of 0 has -100% as its
+lower bound). A control rate of 0 has no lift: "n/a"; nor has a CTR or conversion per impression
+against one per list (impressions reported for some variants only).
 
 The pure parts (parsing and the statistics) are functions apart from the I/O:
 
@@ -87,8 +89,15 @@ def empty_counters() -> dict[str, Any]:
 
 
 def _number(field: str, value: float) -> int | float:
-    """``value`` as a count (revenue: as a float); a ValueError unless it is a finite number >= 0."""
+    """``value`` as a count (revenue: as a float); a ValueError unless it is a finite number >= 0.
+    A whole number (a replay's JSON) stays exact: through a float, counts past 2**53 lost their last units.
+
+    >>> _number("lists", 2**53 + 1) - 2**53
+    1
+    """
     shown = clipped(repr(value), 40)
+    if isinstance(value, bool):  # JSON's true is no count
+        raise ValueError(f"{field} is {shown}, not a number")
     try:
         x = float(value)
     except OverflowError:  # an integer too large for a float
@@ -99,7 +108,9 @@ def _number(field: str, value: float) -> int | float:
         raise ValueError(f"{field} is {shown}, not a finite number a float can hold")
     if x < 0:
         raise ValueError(f"{field} is {shown}, a count below 0 (counters only grow)")
-    return x if field == "revenue" else int(round(x))
+    if field == "revenue":
+        return x
+    return value if isinstance(value, int) else int(round(x))
 
 
 def _add(counters: dict[str, dict[str, Any]], variant: str, field: str, value: float, k: str | None = None) -> None:
@@ -203,11 +214,12 @@ def wilson(k: float, n: float, z: float = Z95) -> tuple[float, float, float]:
         raise ValueError(f"wilson: n must be positive, got {n}")
     if not 0 <= k <= n:
         raise ValueError(f"wilson: need 0 <= k <= n, got k={k}, n={n}")
-    p = k / n
+    p = k / n  # exact for whole numbers of any size
+    nf = float(n)  # and the rest in floats: 4 * n * n of a whole n past 1e154 was an OverflowError
     z2 = z * z
-    denom = 1 + z2 / n
-    center = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    denom = 1 + z2 / nf
+    center = (p + z2 / (2 * nf)) / denom
+    half = z * math.sqrt(p * (1 - p) / nf + z2 / (4 * nf * nf)) / denom
     lo = 0.0 if k == 0 else min(p, max(0.0, center - half))  # exact at the edges, not 1e-18 off
     hi = 1.0 if k == n else max(p, min(1.0, center + half))
     return p, lo, hi
@@ -216,25 +228,33 @@ def wilson(k: float, n: float, z: float = Z95) -> tuple[float, float, float]:
 def ratio_ci(k1: float, n1: float, k2: float, n2: float, z: float = Z95) -> tuple[float, float, float] | None:
     """Relative lift of rate ``k1/n1`` over ``k2/n2`` (the control), ``r - 1`` with ``r`` the
     ratio of the two rates, and its 95% log-ratio (Katz) interval, for two independent
-    proportions: ``exp(log r +- z * sqrt(1/k1 - 1/n1 + 1/k2 - 1/n2)) - 1``. When ``k1`` is 0
-    the lift is -100%, the lower bound too, and the upper bound adds 0.5 to each arm's ``k`` and ``n``.
-    None when the control's rate is 0 (or either ``n`` is 0): a lift over nothing is undefined.
+    proportions: ``exp(log r +- z * sqrt(1/k1 - 1/n1 + 1/k2 - 1/n2)) - 1``. When a cell of the
+    two arms' 2x2 table is 0 (a count of 0, or a count equal to its ``n``: every list clicked,
+    where the formula's variance term vanishes and 1 of 1 against 1 of 1 was "+0.0% [+0.0%,
+    +0.0%]") the interval is that of the Haldane-Anscombe correction, 0.5 added to each cell
+    (``k + 0.5`` of ``n + 1``), widened to hold the lift; when ``k1`` is 0 the lift is -100%,
+    and the lower bound too. None when the control's rate is 0 (or either ``n`` is 0): a lift
+    over nothing is undefined.
 
     >>> ratio_ci(3, 10, 0, 10) is None
     True
     >>> ratio_ci(0, 10, 3, 10)[:2]
     (-1.0, -1.0)
+    >>> [round(x, 4) for x in ratio_ci(1, 1, 1, 1)]
+    [0.0, -0.6775, 2.1006]
     """
     if n1 <= 0 or n2 <= 0 or k2 <= 0:
         return None
     lift = (k1 / n1) / (k2 / n2) - 1
-    zero = k1 == 0
-    if zero:  # log(0) and 1/0: Haldane's correction, for the upper bound only
-        k1, n1, k2, n2 = k1 + 0.5, n1 + 0.5, k2 + 0.5, n2 + 0.5
+    corrected = k1 == 0 or k1 >= n1 or k2 >= n2  # a cell of 0: log(0) and 1/0, or a variance of 0
+    if corrected:
+        k1, n1, k2, n2 = k1 + 0.5, n1 + 1, k2 + 0.5, n2 + 1
     log_r = math.log((k1 / n1) / (k2 / n2))
-    se = math.sqrt(1 / k1 - 1 / n1 + 1 / k2 - 1 / n2)
-    lo = -1.0 if zero else math.exp(log_r - z * se) - 1
-    return lift, lo, math.exp(log_r + z * se) - 1
+    se = math.sqrt(max(0.0, 1 / k1 - 1 / n1 + 1 / k2 - 1 / n2))
+    lo, hi = math.exp(log_r - z * se) - 1, math.exp(log_r + z * se) - 1
+    if corrected:  # the corrected ratio is not the lift itself: the interval holds it
+        lo, hi = min(lo, lift), max(hi, lift)
+    return lift, lo, hi
 
 
 def _rate(k: int, n: int, warnings: list[str], what: str) -> dict[str, Any] | None:
@@ -253,13 +273,15 @@ def summarize(counters: Mapping[str, Mapping[str, Any]], control: str | None = N
     ``control`` defaults to a variant named "control", else the first in sorted order; an
     unknown one raises :class:`ReportError`. The denominator of a variant's CTR, conversion and
     revenue per list is its impressions when it has any, else its published lists
-    (``denominator.kind`` says which).
+    (``denominator.kind`` says which); the CTR and conversion lifts of a variant whose kind is
+    not the control's are None (a warning says why).
 
+    >>> s = summarize({"A": {"lists": 100, "clicked_lists": 10}, "B": {"lists": 100, "clicked_lists": 20}})
+    >>> s["control"], round(s["variants"]["B"]["lift"]["ctr"]["lift"], 6)
+    ('A', 1.0)
     >>> s = summarize({"A": {"lists": 100, "clicked_lists": 10}, "B": {"lists": 100, "impressions": 50, "clicked_lists": 10}})
-    >>> s["control"], s["variants"]["A"]["denominator"], s["variants"]["B"]["denominator"]
-    ('A', {'kind': 'lists', 'n': 100}, {'kind': 'impressions', 'n': 50})
-    >>> round(s["variants"]["B"]["lift"]["ctr"]["lift"], 6)
-    1.0
+    >>> s["variants"]["A"]["denominator"], s["variants"]["B"]["denominator"], s["variants"]["B"]["lift"]["ctr"]
+    ({'kind': 'lists', 'n': 100}, {'kind': 'impressions', 'n': 50}, None)
     """
     if not counters:
         raise ReportError("no variants in the counters")
@@ -286,10 +308,15 @@ def summarize(counters: Mapping[str, Mapping[str, Any]], control: str | None = N
             "hr20": _rate(hits.get("20", 0), c["judged"], warnings, f"{name} HR@20"),
             "revenue_per_list": c["revenue"] / n if n > 0 else None,
         }
-    kinds = {v["denominator"]["kind"] for v in variants.values()}
-    if len(kinds) > 1:
-        warnings.append("some variants' rates are per impression and others per list: their lifts compare unlike rates")
     base = variants[control]
+    base_kind = base["denominator"]["kind"]
+    unlike = [name for name in names if name != control and base["denominator"]["n"] > 0
+              and variants[name]["denominator"]["n"] > 0 and variants[name]["denominator"]["kind"] != base_kind]
+    if unlike:  # a rate per impression over one per list is no lift: n/a, not a number
+        other = "list" if base_kind == "impressions" else "impression"
+        warnings.append(f"the CTR and conversion lifts of {', '.join(unlike)} are n/a: their rates are per {other}, "
+                        f"the control's ({control}) per {base_kind.rstrip('s')} (the site reported impressions for "
+                        "only some variants), and a lift would compare unlike rates")
     for name in names:
         v = variants[name]
         if name == control:
@@ -298,7 +325,8 @@ def summarize(counters: Mapping[str, Mapping[str, Any]], control: str | None = N
         v["lift"] = {}
         for key, _ in RATES:
             a, b = v[key], base[key]
-            got = ratio_ci(a["k"], a["n"], b["k"], b["n"]) if a and b else None
+            comparable = key == "hr20" or name not in unlike  # HR@20 is per judged event in every variant
+            got = ratio_ci(a["k"], a["n"], b["k"], b["n"]) if a and b and comparable else None
             v["lift"][key] = None if got is None else {"lift": got[0], "ci": [got[1], got[2]]}
     return {"control": control, "interval": "95% Wilson score; lift: 95% log-ratio (Katz)",
             "variants": variants, "warnings": warnings}
@@ -611,7 +639,7 @@ def report(
 
     Reads exactly one source: --metrics, --prometheus or --json. The denominator of a variant's CTR (lists with a click), conversion (lists with a purchase) and revenue per list is its impressions when the site reported any, else its published lists (the table says which). HR@20 = hits within the top 20 / judged events.
 
-    Intervals are 95%: the Wilson score interval for each rate; for the relative lift (variant rate / control rate - 1) the log-ratio (Katz) interval for two independent proportions (a variant count of 0: from -100% to the bound with 0.5 added to each arm's counts). A control rate of 0 gives "n/a".
+    Intervals are 95%: the Wilson score interval for each rate; for the relative lift (variant rate / control rate - 1) the log-ratio (Katz) interval for two independent proportions (a count of 0, or all of its denominator: with 0.5 added to each cell, k + 0.5 of n + 1; a variant count of 0: from -100%). A control rate of 0 gives "n/a", and so does a CTR or conversion per impression against one per list.
     """
     if math.isnan(timeout):  # click's range lets NaN through: no comparison with it holds
         raise typer.BadParameter("nan is not a number of seconds", param_hint="--timeout")
@@ -634,7 +662,13 @@ def report(
         assert json_file is not None
         counters, default_control = counters_from_json_file(json_file)
     if control is None and default_control is None and os.environ.get("STREAMREC_VARIANTS"):
-        default_control = load_experiment(os.environ["STREAMREC_VARIANTS"]).control  # the workers' experiment
+        experiment = load_experiment(os.environ["STREAMREC_VARIANTS"])  # the workers' experiment
+        default_control = experiment.control
+        if default_control not in counters:  # not "unknown control": the user named none
+            raise ReportError(f"the control {default_control!r} of STREAMREC_VARIANTS's experiment {experiment.name!r} "
+                              f"({os.environ['STREAMREC_VARIANTS']}) is not among the counters' variants "
+                              f"({', '.join(sorted(counters))}): the workers run another experiment file, or none "
+                              "(\"default\"); give --control NAME, or STREAMREC_VARIANTS the workers' file")
     summary = summarize(counters, control or default_control)
     if chart is not None:
         try:

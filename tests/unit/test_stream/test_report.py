@@ -120,10 +120,32 @@ def test_katz_without_a_control_rate_is_undefined_and_a_zero_variant_is_correcte
     assert ratio_ci(3, 0, 1, 10) is None
     lift, lo, hi = ratio_ci(0, 100, 10, 100)
     assert lift == -1.0
-    r = (0.5 / 100.5) / (10.5 / 100.5)
-    se = math.sqrt(1 / 0.5 - 1 / 100.5 + 1 / 10.5 - 1 / 100.5)
+    # Haldane-Anscombe: 0.5 added to each cell of the 2x2 table, clicked and not: k + 0.5 of n + 1
+    r = (0.5 / 101) / (10.5 / 101)
+    se = math.sqrt(1 / 0.5 - 1 / 101 + 1 / 10.5 - 1 / 101)
     assert lo == -1.0  # nothing observed: the ratio may be 0
     assert hi == pytest.approx(r * math.exp(Z * se) - 1)
+
+
+@pytest.mark.parametrize(("k1", "n1", "k2", "n2"), [(1, 1, 1, 1), (5, 5, 3, 10), (3, 10, 5, 5), (20, 20, 20, 20)])
+def test_katz_with_every_list_clicked_is_corrected_not_an_interval_of_width_zero(k1, n1, k2, n2):
+    # k == n leaves 1/k - 1/n = 0: one list clicked of one in each arm was "+0.0% [+0.0%, +0.0%]",
+    # certainty from two events; the corrected interval is that of k + 0.5 of n + 1 in both arms
+    lift, lo, hi = ratio_ci(k1, n1, k2, n2)
+    assert lift == pytest.approx((k1 / n1) / (k2 / n2) - 1)
+    c1, m1, c2, m2 = k1 + 0.5, n1 + 1, k2 + 0.5, n2 + 1
+    r = (c1 / m1) / (c2 / m2)
+    se = math.sqrt(1 / c1 - 1 / m1 + 1 / c2 - 1 / m2)
+    assert lo == pytest.approx(min(lift, r * math.exp(-Z * se) - 1))
+    assert hi == pytest.approx(max(lift, r * math.exp(Z * se) - 1))
+    assert lo < lift < hi  # a real width, holding the lift printed
+    assert (lo, hi) != pytest.approx((lift, lift), abs=1e-3)
+
+
+def test_one_list_clicked_in_each_arm_does_not_print_a_certain_lift():
+    s = summarize({"control": {"lists": 1, "clicked_lists": 1}, "B": {"lists": 1, "clicked_lists": 1}})
+    assert "+0.0% [+0.0%, +0.0%]" not in format_table(s)
+    assert s["variants"]["B"]["lift"]["ctr"]["ci"] == pytest.approx([-0.6775, 2.1006], abs=1e-4)
 
 
 # --------------------------------------------------------------------------- sources
@@ -195,9 +217,26 @@ def test_json_source_reads_counters_and_control():
             counters_from_json({"variants": {"A": {"lists": huge}}})
     with pytest.raises(ReportError, match="not a finite number"):
         counters_from_metrics_text('streamrec_experiment_lists_total{variant="A"} +Inf\n')
+    with pytest.raises(ReportError, match="lists is True, not a number"):  # JSON's true counted as 1
+        counters_from_json({"variants": {"A": {"lists": True}}})
     for field in ("lists", "revenue"):  # a counter never goes below 0 (a Wilson interval of it raised)
         with pytest.raises(ReportError, match=f"{field} is -3, a count below 0"):
             counters_from_json({"variants": {"A": {field: -3}}})
+
+
+def test_counts_past_a_floats_exact_range_stay_exact_and_past_1e154_do_not_raise():
+    big = 2 ** 53 + 1  # a float holds 2**53 + 1 as 2**53
+    counters, _ = counters_from_json({"variants": {"A": {"lists": big, "clicked_lists": big - 1}}})
+    assert counters["A"]["lists"] == big
+    s = summarize(counters)
+    assert s["variants"]["A"]["denominator"]["n"] == big and s["variants"]["A"]["ctr"]["k"] == big - 1
+    assert s["variants"]["A"]["ctr"]["rate"] < 1  # 2**53 of 2**53 + 1, not 2**53 of 2**53
+    # 4 * n * n of a whole n over 1e154 was an OverflowError (a traceback) in the Wilson interval
+    huge = {"lists": 10 ** 300, "clicked_lists": 10 ** 299, "judged": 10 ** 300, "hits": {"20": 10 ** 299}}
+    s = summarize(counters_from_json({"variants": {"A": huge, "B": huge}})[0])
+    assert s["variants"]["B"]["ctr"]["rate"] == pytest.approx(0.1)
+    assert s["variants"]["B"]["lift"]["ctr"]["lift"] == pytest.approx(0.0)
+    format_table(s)
 
 
 def test_cli_timeout_outside_a_millisecond_to_an_hour_is_a_usage_error():
@@ -226,6 +265,23 @@ def test_the_denominator_is_impressions_when_reported_else_lists():
     assert a["revenue_per_list"] == pytest.approx(0.2505) and b["revenue_per_list"] == pytest.approx(99 / 600)
     assert b["hr20"]["rate"] == pytest.approx(210 / 700)
     assert any("unlike" in w for w in s["warnings"])  # lists against impressions: said so
+
+
+def test_a_rate_per_impression_against_one_per_list_has_no_lift():
+    # B's site reported impressions, the control's none: 50% per impression against 10% per list
+    # was "+400.0% [+140.1%, +941.0%]", with only a warning that the rates were unlike
+    s = summarize({"control": {"lists": 100, "clicked_lists": 10, "purchased_lists": 2, "judged": 50, "hits": {"20": 5}},
+                   "B": {"lists": 100, "impressions": 20, "clicked_lists": 10, "purchased_lists": 2, "judged": 50,
+                         "hits": {"20": 10}}})
+    lift = s["variants"]["B"]["lift"]
+    assert lift["ctr"] is None and lift["conversion"] is None
+    assert lift["hr20"]["lift"] == pytest.approx(1.0)  # per judged event in both: comparable
+    table = format_table(s)
+    assert "+400.0%" not in table
+    assert any("lifts of B are n/a" in w and "per impression" in w for w in s["warnings"])
+    # a variant without traffic is no unlike rate: no warning for it
+    s = summarize({"control": {"lists": 100, "impressions": 90, "clicked_lists": 10}, "C": {}})
+    assert s["warnings"] == []
 
 
 def test_summary_rates_intervals_and_lifts():
@@ -301,7 +357,9 @@ def test_cli_json_output(tmp_path):
     summary = json.loads(result.stdout)
     assert summary["control"] == "B"
     assert summary["variants"]["A"]["ctr"]["rate"] == pytest.approx(0.05)
-    assert summary["variants"]["A"]["lift"]["ctr"]["lift"] == pytest.approx(0.05 / 0.1 - 1)
+    # A's rates are per list, the control B's per impression: no CTR or conversion lift, HR@20's stays
+    assert summary["variants"]["A"]["lift"]["ctr"] is None and summary["variants"]["A"]["lift"]["conversion"] is None
+    assert summary["variants"]["A"]["lift"]["hr20"]["lift"] == pytest.approx((200 / 800) / (210 / 700) - 1)
 
 
 def test_cli_wants_exactly_one_source(tmp_path):
@@ -322,6 +380,22 @@ def test_cli_unknown_control_is_a_streamrec_error_printed_without_traceback(tmp_
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "unknown control 'Z'" in err and "Traceback" not in err
+
+
+def test_cli_a_control_from_streamrec_variants_the_counters_lack_says_where_it_came_from(tmp_path, monkeypatch):
+    # the workers run without an experiment ("default"); the report's STREAMREC_VARIANTS names one
+    src = tmp_path / "replay.json"
+    src.write_text(json.dumps({"variants": {"default": {"lists": 10, "clicked_lists": 2}}}))
+    exp = tmp_path / "exp.toml"
+    exp.write_text('experiment = "x"\ncontrol = "pop"\n[[arms]]\nname = "pop"\nshare = 0.5\n'
+                   '[[arms]]\nname = "blend"\nshare = 0.5\n')
+    monkeypatch.setenv("STREAMREC_VARIANTS", str(exp))
+    result = runner.invoke(cli.app, ["report", "--json", str(src)])
+    assert isinstance(result.exception, ReportError)
+    said = str(result.exception)
+    assert "STREAMREC_VARIANTS" in said and "'pop'" in said and "default" in said and "--control" in said
+    result = runner.invoke(cli.app, ["report", "--json", str(src), "--control", "default"])
+    assert result.exit_code == 0, result.output
 
 
 # --------------------------------------------------------------------------- over HTTP
