@@ -215,9 +215,11 @@ class RecommendationStep:
         """The list the worker would rank for ``state`` now, learning nothing (``streamrec serve``'s
         recommendations): the user's arm's blend and Transformer under an experiment, the arm
         chosen by the id the site sends (``site_user_id``, default the state's), as the worker
-        chooses it; no popularity or shuffle baseline: those are for lists the worker publishes."""
+        chooses it, baselines included: a popularity arm's trending items, a shuffle arm's
+        candidates in a random order fixed by the user's id (the blend's ranking, shown to a user
+        of the shuffle arm, would credit that arm with what ranking adds)."""
         recommender = self.recommender
-        config, scorer = recommender.config, self.scorer
+        config, scorer, arm = recommender.config, self.scorer, None
         if self.experiment is not None:
             arm = self.experiment.arm_of(site_user_id or state.user_id)
             config, scorer = arm.config(config), self.scorer_of(arm)
@@ -226,6 +228,9 @@ class RecommendationStep:
         candidates = view.candidates_many(contexts)  # as _rank_arm does for a batch
         queried = self.query_candidates([state], [now_ts], candidates)
         content = self.content_candidates(contexts, candidates)
+        if arm is not None and arm.baseline == "shuffle":  # as _rank_arm: no ranking at all
+            picked = shuffled(candidates[0], site_user_id or state.user_id)[:k]
+            return [RecommendedItem(item, 1.0 - i / max(1, k), "shuffle") for i, item in enumerate(picked)]
         (items,) = view.rank_many(contexts, candidates, k, self.extra_scores(scorer, contexts, candidates, queried,
                                                                              content))
         recommender.forget_ranked(state.user_id)

@@ -166,6 +166,19 @@ def test_the_shuffle_baseline_serves_the_candidates_in_a_fixed_random_order():
     assert rec.variant == "shuffle" and rec.items and {it.reason for it in rec.items} == {"shuffle"}
 
 
+def test_serve_shows_a_shuffle_arm_user_the_shuffled_candidates_as_the_worker_does():
+    # present_list (streamrec serve's recommendations) gave a shuffle arm's user the blend's
+    # ranking: a site showing it would credit the shuffle arm with what ranking adds
+    experiment = parse_experiment({"experiment": "s", "arms": [{"name": "shuffle", "share": 1, "baseline": "shuffle"}]})
+    step, states = warm_step(experiment)
+    run(step, clicks_of("u1", 3), states)
+    items = step.present_list(states["u1"], 5, T0 + 10, "u1")
+    assert items and {it.reason for it in items} == {"shuffle"}
+    assert [it.item_id for it in items] == [it.item_id for it in step.present_list(states["u1"], 5, T0 + 20, "u1")]
+    ranked = RecommendationStep(step.recommender).present_list(states["u1"], 5, T0 + 10, "u1")  # no experiment
+    assert {it.reason for it in ranked} != {"shuffle"}
+
+
 def test_clicks_and_purchases_are_credited_once_per_list_and_counted_per_arm():
     step, states = warm_step()
     (first,) = [decode_recommendation(p) for p in run(step, clicks_of("u1", 1), states).payloads]
