@@ -260,9 +260,11 @@ def ratio_ci(k1: float, n1: float, k2: float, n2: float, z: float = Z95) -> tupl
 def _rate(k: int, n: int, warnings: list[str], what: str) -> dict[str, Any] | None:
     if n <= 0:
         return None
-    if k > n:
-        warnings.append(f"{what}: {k} exceeds its denominator {n}; the rate is capped at 1")
-        k = n
+    if k > n:  # a rate "capped at 1" was a 100% no experiment showed, and a lift from it
+        warnings.append(f"{what}: {k} exceeds its denominator {n}, so it has no rate (n/a): the counters cover "
+                        "different periods (a worker restarted after publishing lists later clicked: read "
+                        "--prometheus with --window) or the site reported impressions for only some lists")
+        return None
     p, lo, hi = wilson(k, n)
     return {"k": k, "n": n, "rate": p, "ci": [lo, hi]}
 

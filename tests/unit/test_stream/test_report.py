@@ -284,6 +284,17 @@ def test_a_rate_per_impression_against_one_per_list_has_no_lift():
     assert s["warnings"] == []
 
 
+def test_a_count_over_its_denominator_has_no_rate_and_no_lift():
+    # 12 clicked lists of 10 (a worker's counters reset between the lists and their clicks) were
+    # "capped at 1": a CTR of 100% [72.25%, 100%] and a lift of +900% over the control
+    s = summarize({"control": {"lists": 100, "clicked_lists": 10}, "B": {"lists": 10, "clicked_lists": 12}})
+    b = s["variants"]["B"]
+    assert b["ctr"] is None and b["lift"]["ctr"] is None
+    assert b["conversion"]["rate"] == 0.0  # the other rates stand
+    assert any("B CTR: 12 exceeds its denominator 10" in w and "n/a" in w for w in s["warnings"])
+    assert "100.00%" not in format_table(s) and "+900.0%" not in format_table(s)
+
+
 def test_summary_rates_intervals_and_lifts():
     counters = {"control": {"lists": 2000, "clicked_lists": 100, "purchased_lists": 20, "judged": 1000, "hits": {"20": 300}},
                 "treat": {"lists": 2000, "clicked_lists": 130, "purchased_lists": 0, "judged": 1000, "hits": {"20": 330}}}
