@@ -199,6 +199,31 @@ def counters_from_json(data: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any
     return counters, control
 
 
+def with_arms(counters: Mapping[str, Mapping[str, Any]], arms: Iterable[str], experiment: str
+              ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """``counters`` with every arm of the workers' experiment (``STREAMREC_VARIANTS``): a worker
+    exports a variant's counters from its first list on, so an arm without one yet is added with
+    zeros (its rates n/a), not missing (a control without traffic was "unknown control"); and
+    warnings naming the counters' variants that are not arms of it (workers that run another
+    experiment file, or none: "default").
+
+    >>> counters, warnings = with_arms({"blend": {"lists": 5}, "default": {"lists": 2}}, ["pop", "blend"], "x")
+    >>> sorted(counters), counters["pop"]["lists"]
+    (['blend', 'default', 'pop'], 0)
+    >>> print(*warnings)
+    variant(s) default are not arms of STREAMREC_VARIANTS's experiment 'x' (pop, blend): counted by workers that run another experiment file, or none ("default")
+    """
+    arms = list(arms)
+    out = {name: dict(c) for name, c in counters.items()}
+    for name in arms:
+        out.setdefault(name, empty_counters())
+    strangers = sorted(set(counters) - set(arms))
+    warnings = [f"variant(s) {', '.join(strangers)} are not arms of STREAMREC_VARIANTS's experiment {experiment!r} "
+                f"({', '.join(arms)}): counted by workers that run another experiment file, or none (\"default\")"
+                ] if strangers else []
+    return out, warnings
+
+
 # --------------------------------------------------------------------------- statistics
 
 
@@ -291,7 +316,8 @@ def summarize(counters: Mapping[str, Mapping[str, Any]], control: str | None = N
     if control is None:
         control = "control" if "control" in counters else names[0]
     if control not in counters:
-        raise ReportError(f"unknown control {control!r}: the variants are {', '.join(names)}")
+        raise ReportError(f"unknown control {control!r}: the variants are {', '.join(names)} (a variant that has "
+                          "published no list yet has no counters)")
     warnings: list[str] = []
     variants: dict[str, Any] = {}
     for name in names:
@@ -666,12 +692,11 @@ def report(
     if control is None and default_control is None and os.environ.get("STREAMREC_VARIANTS"):
         experiment = load_experiment(os.environ["STREAMREC_VARIANTS"])  # the workers' experiment
         default_control = experiment.control
-        if default_control not in counters:  # not "unknown control": the user named none
-            raise ReportError(f"the control {default_control!r} of STREAMREC_VARIANTS's experiment {experiment.name!r} "
-                              f"({os.environ['STREAMREC_VARIANTS']}) is not among the counters' variants "
-                              f"({', '.join(sorted(counters))}): the workers run another experiment file, or none "
-                              "(\"default\"); give --control NAME, or STREAMREC_VARIANTS the workers' file")
+        counters, warnings = with_arms(counters, experiment.names, experiment.name)
+    else:
+        warnings = []
     summary = summarize(counters, control or default_control)
+    summary["warnings"][:0] = warnings
     if chart is not None:
         try:
             write_chart(summary, chart)

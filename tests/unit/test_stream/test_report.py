@@ -393,22 +393,6 @@ def test_cli_unknown_control_is_a_streamrec_error_printed_without_traceback(tmp_
     assert "unknown control 'Z'" in err and "Traceback" not in err
 
 
-def test_cli_a_control_from_streamrec_variants_the_counters_lack_says_where_it_came_from(tmp_path, monkeypatch):
-    # the workers run without an experiment ("default"); the report's STREAMREC_VARIANTS names one
-    src = tmp_path / "replay.json"
-    src.write_text(json.dumps({"variants": {"default": {"lists": 10, "clicked_lists": 2}}}))
-    exp = tmp_path / "exp.toml"
-    exp.write_text('experiment = "x"\ncontrol = "pop"\n[[arms]]\nname = "pop"\nshare = 0.5\n'
-                   '[[arms]]\nname = "blend"\nshare = 0.5\n')
-    monkeypatch.setenv("STREAMREC_VARIANTS", str(exp))
-    result = runner.invoke(cli.app, ["report", "--json", str(src)])
-    assert isinstance(result.exception, ReportError)
-    said = str(result.exception)
-    assert "STREAMREC_VARIANTS" in said and "'pop'" in said and "default" in said and "--control" in said
-    result = runner.invoke(cli.app, ["report", "--json", str(src), "--control", "default"])
-    assert result.exit_code == 0, result.output
-
-
 # --------------------------------------------------------------------------- over HTTP
 
 
@@ -462,6 +446,39 @@ def test_cli_metrics_from_two_real_workers_are_summed():
     assert a["denominator"] == {"kind": "lists", "n": 1010}
     assert a["clicked_lists"] == 51 and a["hits"]["20"] == 202
     assert w2.requests == ["/metrics"]  # the bare address was given /metrics
+
+
+TWO_ARMS_TOML = 'experiment = "x"\ncontrol = "pop"\n[[arms]]\nname = "pop"\nshare = 0.5\n' \
+                '[[arms]]\nname = "blend"\nshare = 0.5\n'
+
+
+def test_cli_an_arm_of_streamrec_variants_without_a_list_yet_is_shown_not_an_unknown_control(tmp_path, monkeypatch):
+    # a worker exports a variant's counters from its first list on: the control "pop" has none
+    # yet, and the report said "unknown control 'pop'" of the control it took from the file itself
+    exp = tmp_path / "exp.toml"
+    exp.write_text(TWO_ARMS_TOML)
+    monkeypatch.setenv("STREAMREC_VARIANTS", str(exp))
+    with _Server({"/metrics": _metrics_route({"blend": {"lists": 10, "clicked_lists": 2}})}) as w:
+        result = runner.invoke(cli.app, ["report", "--metrics", w.url, "--json-output"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["control"] == "pop"
+    pop, blend = summary["variants"]["pop"], summary["variants"]["blend"]
+    assert pop["denominator"] == {"kind": "lists", "n": 0} and pop["ctr"] is None
+    assert blend["ctr"]["rate"] == pytest.approx(0.2) and blend["lift"]["ctr"] is None
+    assert summary["warnings"] == []
+
+
+def test_cli_variants_that_are_not_arms_of_streamrec_variants_are_said(tmp_path, monkeypatch):
+    # the workers run without the report's experiment file: their counters are "default"'s
+    exp = tmp_path / "exp.toml"
+    exp.write_text(TWO_ARMS_TOML)
+    monkeypatch.setenv("STREAMREC_VARIANTS", str(exp))
+    with _Server({"/metrics": _metrics_route({"default": {"lists": 10, "clicked_lists": 2}})}) as w:
+        result = runner.invoke(cli.app, ["report", "--metrics", w.url])
+    assert result.exit_code == 0, result.output
+    assert "pop (control)" in result.output and "blend" in result.output
+    assert "warning: variant(s) default are not arms of STREAMREC_VARIANTS's experiment 'x'" in result.output
 
 
 def test_cli_metrics_without_experiment_counters_says_so():
