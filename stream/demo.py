@@ -35,7 +35,7 @@ from stream.connections import ISOLATION_LEVEL, KafkaConnection
 from stream.errors import StreamrecError
 from stream.experiments import load_experiment
 from stream.records import decode_dead_letter, decode_recommendation
-from stream.report import counters_from_metrics_text, format_table, summarize
+from stream.report import counters_from_metrics_text, format_table, summarize_experiment
 from stream.settings import Settings, mask_url
 
 BAD_VALUES = [
@@ -284,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     if env.get("STREAMREC_VARIANTS"):
         print(f"\n== the experiment ({env['STREAMREC_VARIANTS']}), as `streamrec report --metrics` reads the worker")
         try:
-            control = load_experiment(env["STREAMREC_VARIANTS"]).control
-            print(format_table(summarize(counters_from_metrics_text(metrics_text), control)))
+            experiment = load_experiment(env["STREAMREC_VARIANTS"])
+            print(format_table(summarize_experiment(counters_from_metrics_text(metrics_text), experiment)))
         except StreamrecError as exc:
             print(f"  no report: {exc}")
     ok = worker.returncode == 0 and len(lat) > 0 and len(watcher.dead) == len(BAD_VALUES)

@@ -43,7 +43,7 @@ import typer
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream.errors import ServiceUnavailable, StreamrecError, clipped
-from stream.experiments import load_experiment
+from stream.experiments import Experiment, load_experiment
 
 #: the two-sided 95% normal quantile
 Z95 = 1.959963984540054
@@ -360,6 +360,15 @@ def summarize(counters: Mapping[str, Mapping[str, Any]], control: str | None = N
             "variants": variants, "warnings": warnings}
 
 
+def summarize_experiment(counters: Mapping[str, Mapping[str, Any]], experiment: Experiment) -> dict[str, Any]:
+    """:func:`summarize` of the workers' ``experiment`` (``STREAMREC_VARIANTS``): every arm
+    shown (:func:`with_arms`), its control the control, the warnings of both."""
+    counters, warnings = with_arms(counters, experiment.names, experiment.name)
+    summary = summarize(counters, experiment.control)
+    summary["warnings"][:0] = warnings
+    return summary
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -671,6 +680,9 @@ def report(
     """
     if math.isnan(timeout):  # click's range lets NaN through: no comparison with it holds
         raise typer.BadParameter("nan is not a number of seconds", param_hint="--timeout")
+    if control is not None and not control.strip():  # "" was taken for no --control: another variant compared
+        raise typer.BadParameter("empty: give the name of the variant the others are compared with",
+                                 param_hint="--control")
     sources = [s for s in (metrics, prometheus, json_file) if s]
     if len(sources) != 1:
         raise typer.BadParameter("give exactly one source: --metrics URL (repeatable), --prometheus URL or --json FILE")
@@ -690,13 +702,9 @@ def report(
         assert json_file is not None
         counters, default_control = counters_from_json_file(json_file)
     if control is None and default_control is None and os.environ.get("STREAMREC_VARIANTS"):
-        experiment = load_experiment(os.environ["STREAMREC_VARIANTS"])  # the workers' experiment
-        default_control = experiment.control
-        counters, warnings = with_arms(counters, experiment.names, experiment.name)
+        summary = summarize_experiment(counters, load_experiment(os.environ["STREAMREC_VARIANTS"]))  # the workers'
     else:
-        warnings = []
-    summary = summarize(counters, control or default_control)
-    summary["warnings"][:0] = warnings
+        summary = summarize(counters, control or default_control)
     if chart is not None:
         try:
             write_chart(summary, chart)

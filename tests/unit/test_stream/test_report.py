@@ -373,6 +373,14 @@ def test_cli_json_output(tmp_path):
     assert summary["variants"]["A"]["lift"]["hr20"]["lift"] == pytest.approx((200 / 800) / (210 / 700) - 1)
 
 
+def test_cli_an_empty_control_is_a_usage_error_not_the_default(tmp_path):
+    src = tmp_path / "replay.json"
+    src.write_text(json.dumps({"control": "B", "variants": WORKER_1}))
+    for empty in ("", " "):
+        result = runner.invoke(cli.app, ["report", "--json", str(src), "--control", empty])
+        assert result.exit_code == 2 and "--control" in result.output, (empty, result.output)
+
+
 def test_cli_wants_exactly_one_source(tmp_path):
     assert runner.invoke(cli.app, ["report"]).exit_code == 2
     src = tmp_path / "r.json"
