@@ -173,8 +173,17 @@ class ModelSnapshots:
             async with self.busy:  # no batch in hand: the models are consistent
                 start = clock()
                 recommender, key = models(), self.signing_key
-                pid = fork_call(lambda: write(recommender.snapshot(key)))  # in the child: the models as forked
+                try:
+                    pid = fork_call(lambda: write(recommender.snapshot(key)))  # in the child: the models as forked
+                except OSError as exc:  # the kernel refused a child (ENOMEM, EAGAIN at a pids limit)
+                    pid = None
+                    problem = exc
                 self.metrics.model_snapshot_pause.set(clock() - start)
+            if pid is None:  # raised from the timer, it crashed the worker (mode crashes an app whose task raises)
+                self.metrics.model_snapshots.labels("failed").inc()
+                log.error("could not start the process that writes the online models' snapshot (%s); trying again at "
+                          "the next snapshot", described(problem))
+                return False
             code = await wait_child(pid, timeout_s=self.timeout_s)
             if code != 0:
                 self.metrics.model_snapshots.labels("failed").inc()

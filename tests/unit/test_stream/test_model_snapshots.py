@@ -242,3 +242,33 @@ async def test_a_restored_worker_snapshots_early_only_once_its_models_learned_pa
         await shell.snapshot_soon()
         clock.now += 1.0
     assert Recommender.restore(await store.get_blob(SNAPSHOT_KEY)).n_learned == 410
+
+
+@pytest.mark.skipif(not snapshots.can_fork(), reason="os.fork is POSIX only")
+async def test_a_fork_that_fails_fails_the_snapshot_and_an_erasure_still_asks_for_one(tmp_path, monkeypatch, caplog):
+    """``os.fork`` raises where the kernel refuses a child (ENOMEM under strict overcommit, EAGAIN
+    at a container's pids limit). It escaped ``take`` and the snapshot timer, and Faust crashes
+    the worker on a timer that raises (mode's ``_execute_task``); and the erasure's request for
+    a snapshot was cleared first, so the store's snapshot went on holding the user until the
+    next interval. A failed fork is a failed snapshot: counted, said, tried again."""
+    store = FileStore(tmp_path)
+    shell = create_app(Settings.from_env({}), load_model=False, store=store).streamrec
+    await shell.restore_models()
+    shell.models_ready.set()
+    shell.step.recommender.learn_many((x, None) for x in synthetic_interactions(n_events=10, seed=9))
+    shell.forgets_pending.set()  # a user was erased: the one-second timer asks for a snapshot
+
+    def no_child():
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(snapshots.os, "fork", no_child)
+    with caplog.at_level(logging.ERROR, "streamrec.snapshots"):
+        await shell.snapshot_soon()
+    assert count(shell.metrics, "streamrec_model_snapshots_total", result="failed") == 1
+    assert "could not start the process that writes the online models' snapshot" in caplog.text
+    assert "Cannot allocate memory" in caplog.text and "Traceback" not in caplog.text
+    assert shell.forgets_pending.is_set() and await store.get_blob(SNAPSHOT_KEY) is None
+    monkeypatch.undo()  # the kernel gives a child again: the next tick takes the snapshot
+    await shell.snapshot_soon()
+    assert Recommender.restore(await store.get_blob(SNAPSHOT_KEY)).n_learned == 10
+    assert not shell.forgets_pending.is_set()
