@@ -587,10 +587,11 @@ class Shell:
         start = time.monotonic()
         stopped: list[bool] = []
 
-        def stop() -> bool:
-            if self.revoking:
+        def stop() -> bool:  # a rebalance, or the worker stopping (drain): it waits for the lock
+            if self.revoking or self.draining:
                 stopped.append(True)
-            return self.revoking
+                return True
+            return False
 
         try:
             # an erasure the restored snapshot predates: snapshotted within a second, as a live one
@@ -604,13 +605,16 @@ class Shell:
             self.forget_floors = {s: f for s, f in floors.items() if s not in replayed}
         if stopped:
             self.replay_due |= topics
-            log.info("learned %d event(s) again in %.1f s, then stopped for a rebalance; the rest is learned after "
-                     "the new assignment", n, time.monotonic() - start)
+            log.info("learned %d event(s) again in %.1f s, then stopped for %s", n, time.monotonic() - start,
+                     "the worker's stop; the rest is learned after its restart" if self.draining
+                     else "a rebalance; the rest is learned after the new assignment")
         else:
             log.info("learned %d event(s) again in %.1f s", n, time.monotonic() - start)
 
     async def drain(self, timeout_s: float = 30.0) -> bool:
-        """Stop taking new batches and wait for the batch in hand; False if it did not finish in time."""
+        """Stop taking new batches and wait for the batch in hand; False if it did not finish in time.
+        A replay in hand stops at its next fetch (:meth:`_replay`), and a batch that waited for the
+        lock is left unacknowledged (:meth:`_handle_taken`)."""
         self.draining = True
         return await self.wait_idle(timeout_s)
 
@@ -639,6 +643,11 @@ class Shell:
     async def _handle_taken(self, app, events: list) -> None:
         """:meth:`handle_taken`'s work, once the health is told."""
         async with self.busy:
+            if self.draining:  # stopping: this batch waited for the lock (a replay, a snapshot), never in hand
+                log.info("shutting down: a batch of %d event(s) that waited for the models is left unhandled and "
+                         "unacknowledged; it is delivered again after the restart", len(events))
+                events.clear()  # what take_batches acknowledges
+                return
             self.health.busy(f"a batch of {len(events)} event(s) in hand")
             dropped = drop_stale(app, events)
             if dropped:

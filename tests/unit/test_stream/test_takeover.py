@@ -10,6 +10,7 @@ tried again before the next batch."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from types import SimpleNamespace
@@ -479,3 +480,44 @@ async def test_floors_a_busy_rebalance_could_not_hand_over_go_to_the_peer_reader
     assert shell.peers._version > told  # the reader starts again from the watermark: forget[0] from offset 1
     for future in fake.futures:
         future.close()
+
+
+async def test_a_stop_signal_stops_a_replay_in_hand_and_leaves_the_waiting_batch_unhandled(monkeypatch, caplog):
+    """SIGTERM during a long replay (a start from an old snapshot, a takeover): the drain waits
+    for the batch lock, which the replay holds, and the replay stopped only for a revocation, so
+    the drain ran out its 30 s and said the batch in hand did not finish (a pod's grace period
+    spent on learning the worker then throws away). It stops the replay as a revocation does;
+    and the batch that waited for the lock is not handled after a replay cut short (it would
+    move the models past the events they missed): it stays unacknowledged, delivered again."""
+    caplog.set_level(logging.INFO, "streamrec.app")
+    store = InMemoryUserStateStore()
+    shell = unplugged_shell(Settings.from_env(ENV), store)
+    shell.step.recommender.learned_offsets[source_of(CLICKS, 0)] = 4  # as restored from a snapshot
+    shell.restored.set()
+    started = asyncio.Event()
+
+    async def replay(step, kafka, todo, bounds, stop, **kw):
+        started.set()
+        while not stop():
+            await asyncio.sleep(0.01)  # a fetch
+        return 0
+
+    monkeypatch.setattr(shell_module, "committed_offsets", lambda *args, **kw: {(CLICKS, 0): 10})
+    monkeypatch.setattr(shell_module, "replay", replay)
+    fake = FakeApp({TopicPartition(CLICKS, 0)}, shell.generation())
+    await shell.on_assigned(fake, fake.assigned)
+    [first] = [asyncio.ensure_future(f) for f in fake.futures if f.__name__ == "replay_once"]
+    [f.close() for f in fake.futures if f.__name__ != "replay_once"]
+    await asyncio.wait_for(started.wait(), 5)
+    batch = [_event(message(10, fake.consumer_generation_id))]
+    waiting = asyncio.ensure_future(shell.handle_taken(fake, batch))  # taken before the signal
+    await idle_loop()
+    t0 = time.monotonic()
+    assert await shell.drain(timeout_s=3.0)
+    assert time.monotonic() - t0 < 1.0
+    await asyncio.wait_for(asyncio.gather(first, waiting), 5)
+    assert batch == []  # take_batches acknowledges nothing of it
+    assert shell.step.recommender.learned_offsets[source_of(CLICKS, 0)] == 4  # not past the gap 5-9
+    assert (await store.load_many(["u1"]))["u1"].clicks == 0
+    assert "then stopped for the worker's stop" in caplog.text
+    assert "shutting down: a batch of 1 event(s) that waited for the models is left unhandled" in caplog.text
