@@ -108,7 +108,8 @@ class Shell:
     #: told of it (``PeerLearner.assign``'s arguments), for :meth:`align`
     owned_sources: frozenset[str] = frozenset()
     peer_assignment: tuple | None = None
-    #: a batch raised past every safeguard and its partitions' commits are held (``batches`` fails)
+    #: a batch raised past every safeguard, or was fenced with no rebalance since, and its partitions'
+    #: commits are held (``batches`` fails)
     batch_failed: bool = False
     #: per input partition, the offset after the last event handled and acknowledged there
     handled: dict[TP, int] = field(default_factory=dict)
@@ -200,8 +201,8 @@ class Shell:
         The peer reader is
         told which partitions the worker now does not own: the models apply their forget
         requests, and with ``STREAMREC_LEARN_ALL_PARTITIONS`` learn their events too
-        (stream/peers.py). A batch that raised past every safeguard no longer holds anything
-        once its partitions were revoked (they are read again from the commit): ``batches``
+        (stream/peers.py). A batch that raised past every safeguard, or was fenced (:meth:`_handle_taken`),
+        no longer holds anything once its partitions were revoked (they are read again from the commit): ``batches``
         is ready again, else the worker said unready until a restart, however well it went on.
         The topics' ids are read again (:meth:`read_topic_ids`): a topic deleted and created
         again since is learned and applied afresh."""
@@ -209,9 +210,11 @@ class Shell:
         self.app = app  # for the timers' replays of failed forget requests (snapshot_models)
         if self.batch_failed and not getattr(app.consumer, "held", ()):
             self.batch_failed = False
-            self.health.set("batches", True, "the partitions of the batch that raised were revoked, and are read again "
-                                             "from the commit (streamrec_batch_failures_total counts the failures)")
-            log.info("no partition's commits are held any more: the batch that raised is delivered again from the commit")
+            self.health.set("batches", True, "the partitions of the batch that raised or was fenced were revoked, and "
+                                             "are read again from the commit (streamrec_batch_failures_total and "
+                                             "streamrec_fenced_batches_total count them)")
+            log.info("no partition's commits are held any more: the batch that raised or was fenced is delivered "
+                     "again from the commit")
         parts = {tp.partition for tp in assigned if tp.topic in settings.topics.consumed}
         generation = self.generation()
         self.claims.release(set(self.claims.partitions) - parts)
@@ -626,8 +629,10 @@ class Shell:
         now, and Kafka delivers them again to whoever owns them. Nothing raised by handling
         the batch leaves this method (Faust would restart the agent, and the batch's offsets
         would stall its partitions' commits unseen): a batch whose partitions another worker
-        claimed since (:class:`Fenced`) is left unacknowledged for that worker; a batch that
-        raised past every safeguard too, with the worker reporting unready.
+        claimed since (:class:`Fenced`) is left unacknowledged for that worker, with the worker
+        reporting unready where its own group has not moved them (no rebalance since the batch
+        was taken: none may come to release them); a batch that raised past every safeguard
+        too, with the worker reporting unready.
 
         Health is told the batch is in hand (:meth:`Health.busy`) from the moment it waits for
         the lock: readiness fails while it waits or runs longer than ``stuck_after_s``, so that
@@ -665,6 +670,16 @@ class Shell:
                 self.metrics.fenced_batches.inc()
                 log.warning("fenced: %s since this batch was taken; its %d event(s) are left unacknowledged for "
                             "their new owner (this worker's writes would overwrite newer state)", exc, len(events))
+                generation = app.consumer_generation_id
+                if any(ev.message.generation_id == generation for ev in events):
+                    # no rebalance since: its partitions' commits are held until one revokes them, and
+                    # one comes only where this worker's own group moved them on (a pause, a split)
+                    self.batch_failed = True
+                    self.health.set("batches", False, f"{exc} while this worker's consumer group still assigns them "
+                                                      "to it: their commits are held until a rebalance revokes them; "
+                                                      "if none comes, a worker of another consumer group (another "
+                                                      "STREAMREC_APP_ID) writes the same Redis under the same "
+                                                      "STREAMREC_TOPIC_PREFIX")
                 leave_unacknowledged(app, events)
             except asyncio.CancelledError:
                 raise
