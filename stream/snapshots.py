@@ -193,8 +193,15 @@ class ModelSnapshots:
         else:
             async with self.busy:
                 start = clock()
-                data = models().snapshot(self.signing_key)
-                self.metrics.model_snapshot_pause.set(clock() - start)
+                try:
+                    data = models().snapshot(self.signing_key)
+                except Exception:  # noqa: BLE001 - a codec's bug: from the timer, it crashed the worker
+                    self.metrics.model_snapshots.labels("failed").inc()  # (the forked child's is an exit code)
+                    log.exception("the online models' snapshot failed; the worker goes on, and tries again at the "
+                                  "next snapshot")
+                    return False
+                finally:
+                    self.metrics.model_snapshot_pause.set(clock() - start)
             try:
                 await self.store.set_blob(self.name, data)
             except Exception as exc:  # noqa: BLE001 - the store is down: the next interval tries again

@@ -104,6 +104,19 @@ async def test_a_store_that_is_down_fails_the_snapshot_and_says_so(caplog):
     assert "could not store the online models' snapshot" in caplog.text
 
 
+async def test_models_that_cannot_be_encoded_in_process_fail_the_snapshot_not_the_worker(caplog):
+    """STREAMREC_SNAPSHOT_FORK=false and a model the codec cannot write (a bug): the error escaped
+    the snapshot timer, which mode turns into a crash of the worker; in a forked child it is an
+    exit code, counted."""
+    models = trained(50)
+    models.learners["trending"].unwritable = object()  # no class the codec knows
+    metrics = Metrics()
+    service = ModelSnapshots(InMemoryUserStateStore(), metrics, asyncio.Lock(), fork=False)
+    assert not await service.take(lambda: models)
+    assert count(metrics, "streamrec_model_snapshots_total", result="failed") == 1
+    assert "the online models' snapshot failed; the worker goes on" in caplog.text
+
+
 async def test_the_snapshot_waits_for_the_batch_in_hand():
     busy = asyncio.Lock()
     service = ModelSnapshots(InMemoryUserStateStore(), Metrics(), busy, fork=False)
