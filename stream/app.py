@@ -9,9 +9,11 @@ watch lag and readiness. What each of them does is :class:`stream.shell.Shell`'s
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from stream.batching import take_batches
 from stream.connections import KafkaConnection
 from stream.errors import ConfigError
 from stream.health import Health
+from stream.logs import ClippedTracebacks, Thinned
 from stream.pipeline import RecommendationStep
 from stream.prometheus import FROZEN_COUNT_INTERVAL_S, Metrics
 from stream.publisher import BatchPublisher
@@ -95,14 +98,41 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
             app.add_future(shell.catalogue_feed.run())
         await shell.restore_models()
 
-    app.timer(interval=max(1, settings.snapshot_interval_s), name="snapshot_models")(shell.snapshot_models)
-    app.timer(interval=1.0, name="snapshot_soon")(shell.snapshot_soon)  # after an erasure, and the first
-    app.timer(interval=5.0, name="reload_scorer")(shell.reload_scorer)
-    app.timer(interval=1.0, name="heartbeat")(shell.heartbeat)
-    app.timer(interval=FROZEN_COUNT_INTERVAL_S, name="count_frozen_objects")(shell.count_frozen)
-    app.timer(interval=2.0, name="watch_lag_and_readiness")(partial(shell.watch, app))
-    app.timer(interval=10.0, name="read_topic_ids_until_known")(shell.read_ids_until_known)
+    for interval, name, duty in (
+            (max(1, settings.snapshot_interval_s), "snapshot_models", shell.snapshot_models),
+            (1.0, "snapshot_soon", shell.snapshot_soon),  # after an erasure, and the first
+            (5.0, "reload_scorer", shell.reload_scorer),
+            (1.0, "heartbeat", shell.heartbeat),
+            (FROZEN_COUNT_INTERVAL_S, "count_frozen_objects", shell.count_frozen),
+            (2.0, "watch_lag_and_readiness", partial(shell.watch, app)),
+            (10.0, "read_topic_ids_until_known", shell.read_ids_until_known)):
+        app.timer(interval=interval, name=name)(surviving(name, duty, metrics))
     return app
+
+
+#: the log of a periodic duty that raised: thinned (one a duty run every second would repeat)
+_timer_log = logging.getLogger("streamrec.timers")
+_timer_log.addFilter(Thinned())
+_timer_log.addFilter(ClippedTracebacks())
+
+
+def surviving(name: str, duty: Callable[[], Awaitable[None]], metrics: Metrics) -> Callable[[], Awaitable[None]]:
+    """``duty`` (a timer's), with what it raises counted (``streamrec_timer_failures_total``)
+    and logged, not passed on: mode crashes a Faust app whose timer raises, so a bug in a
+    snapshot, a readiness check or a lag reading stopped the whole worker, events and all. The
+    duty runs again at its next interval; what it watches says the rest (a heartbeat that
+    stops makes /healthz fail, readiness checks that stop make ``checks`` fail)."""
+
+    @functools.wraps(duty)
+    async def run() -> None:
+        try:
+            await duty()
+        except Exception:  # noqa: BLE001 - see the docstring (CancelledError, a stop, still goes through)
+            metrics.timer_failures.labels(name).inc()
+            _timer_log.exception("the worker's periodic %s raised; the worker goes on, and it runs again at its next "
+                                 "interval", name)
+
+    return run
 
 
 def check_model_dir(settings: Settings) -> None:

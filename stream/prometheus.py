@@ -38,6 +38,7 @@ class Metrics:
         self.dead_letters_published = Counter("dead_letters_published_total", "Dead letters published", namespace=ns, registry=r)
         self.scorer_info = Gauge("scorer_info", "The Transformer scorer in use (value 1), with its provider and model version", ["provider", "version"], namespace=ns, registry=r)
         self.model_info = Gauge("model_info", "Online model versions in use (value 1)", ["model", "version"], namespace=ns, registry=r)
+        self.timer_failures = Counter("timer_failures_total", "Runs of a worker's periodic duty (snapshots, readiness, the scorer's reload, ...) that raised; it runs again at its next interval", ["timer"], namespace=ns, registry=r)
         self.scorer_reload_failures = Counter("scorer_reload_failures_total", "Registered scorer versions refused at load or parity check", namespace=ns, registry=r)
         self.redis_errors = Counter("redis_errors_total", "Redis calls that failed (and were retried)", ["op"], namespace=ns, registry=r)
         self.kafka_errors = Counter("kafka_errors_total", "Kafka sends that failed (and were retried)", ["op"], namespace=ns, registry=r)

@@ -11,12 +11,14 @@ from types import SimpleNamespace
 import pytest
 import redis
 from mode.utils.logging import ExtensionFormatter
+from prometheus_client import CollectorRegistry
 
 from stream import app as app_module
 from stream import logs
 from stream.app import Worker, create_app
 from stream.consumer import FetchPacer
 from stream.errors import ConfigError
+from stream.prometheus import Metrics
 from stream.settings import Settings
 from stream.state import InMemoryUserStateStore
 
@@ -309,3 +311,44 @@ def test_the_second_stop_signal_is_logged_as_what_happened(first, second, said, 
         handlers[second]()
     assert exits == [128 + second]
     assert f"{said}: exiting now; the batch in hand is not committed" in caplog.text
+
+
+async def test_a_periodic_duty_that_raises_is_counted_and_logged_and_the_worker_goes_on(caplog):
+    """mode crashes a Faust app whose timer raises: a bug in a snapshot, a readiness check or a
+    lag reading stopped the whole worker."""
+    metrics = Metrics(CollectorRegistry())
+    calls = []
+
+    async def buggy() -> None:
+        calls.append(1)
+        raise KeyError("a bug")
+
+    run = app_module.surviving("watch_lag_and_readiness", buggy, metrics)
+    await run()
+    await run()  # again at its next interval
+    assert len(calls) == 2
+    assert metrics.registry.get_sample_value("streamrec_timer_failures_total",
+                                             {"timer": "watch_lag_and_readiness"}) == 2
+    assert "periodic watch_lag_and_readiness raised; the worker goes on" in caplog.text and "KeyError" in caplog.text
+
+    async def stopped() -> None:
+        raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):  # a stop still stops it
+        await app_module.surviving("heartbeat", stopped, metrics)()
+
+
+def test_every_timer_of_the_worker_survives_what_its_duty_raises(monkeypatch):
+    wrapped: list[str] = []
+    real = app_module.surviving
+
+    def recording(name, duty, metrics):
+        wrapped.append(name)
+        return real(name, duty, metrics)
+
+    monkeypatch.setattr(app_module, "surviving", recording)
+    app = create_app(Settings.from_env({}), load_model=False, store=InMemoryUserStateStore())
+    timers = [task for task in app._app_tasks if getattr(task, "__name__", "") not in ("on_start",)]
+    assert sorted(wrapped) == sorted(["snapshot_models", "snapshot_soon", "reload_scorer", "heartbeat",
+                                      "count_frozen_objects", "watch_lag_and_readiness", "read_topic_ids_until_known"])
+    assert len(timers) == len(wrapped)  # no timer left unwrapped
