@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import platform
 import sys
-from importlib import metadata
 
 import typer
 from prometheus_client import REGISTRY
@@ -32,6 +30,7 @@ from stream.settings import Settings, log_level
 from stream.tail import tail
 from stream.threads import one_blas_thread
 from stream.topics import align_topic_configs, check_copartitioned, ensure_streamrec_topics
+from stream.version import version_text
 
 app = typer.Typer(
     name="streamrec",
@@ -43,25 +42,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-#: the libraries whose versions a bug report needs, beside streamrec's own (``--version``)
-REPORTED_LIBRARIES = ("faust-streaming", "aiokafka", "redis", "river", "onnxruntime", "onnxruntime-gpu", "torch")
-
-
-def version_text() -> str:
-    """``streamrec X (Python Y; library Z, ...)``: the installed distributions, as a bug report wants them."""
-    libraries = []
-    for name in REPORTED_LIBRARIES:
-        try:
-            libraries.append(f"{'redis-py' if name == 'redis' else name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:  # an extra not installed (torch: [train]; one onnxruntime of two)
-            continue
-    try:
-        own = metadata.version("streamrec")
-    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
-        own = "(not installed)"
-    return f"streamrec {own} (Python {platform.python_version()}; {', '.join(libraries)})"
 
 
 def _print_version(value: bool) -> None:

@@ -7,12 +7,14 @@ default registry and serves it on ``STREAMREC_METRICS_PORT``.
 from __future__ import annotations
 
 import gc
+import platform
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from stream.errors import DEAD_LETTER_CODES
+from stream.version import own_version
 
 # event handling is counted in milliseconds: 0.1 ms .. 2.5 s
 STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -38,6 +40,8 @@ class Metrics:
         self.dead_letters_published = Counter("dead_letters_published_total", "Dead letters published", namespace=ns, registry=r)
         self.scorer_info = Gauge("scorer_info", "The Transformer scorer in use (value 1), with its provider and model version", ["provider", "version"], namespace=ns, registry=r)
         self.model_info = Gauge("model_info", "Online model versions in use (value 1)", ["model", "version"], namespace=ns, registry=r)
+        self.build_info = Gauge("build_info", "This process's streamrec and Python versions (value 1)", ["version", "python"], namespace=ns, registry=r)
+        self.build_info.labels(own_version(), platform.python_version()).set(1)
         self.timer_failures = Counter("timer_failures_total", "Runs of a worker's periodic duty (snapshots, readiness, the scorer's reload, ...) that raised; it runs again at its next interval", ["timer"], namespace=ns, registry=r)
         self.scorer_reload_failures = Counter("scorer_reload_failures_total", "Registered scorer versions refused at load or parity check", namespace=ns, registry=r)
         self.redis_errors = Counter("redis_errors_total", "Redis calls that failed (and were retried)", ["op"], namespace=ns, registry=r)

@@ -17,7 +17,9 @@ import stream.broker_wait
 import stream.cli
 import stream.health
 import stream.produce
+from stream import version
 from stream.errors import ConfigError
+from stream.prometheus import Metrics
 
 
 @pytest.fixture
@@ -178,12 +180,19 @@ def test_version_names_streamrec_python_and_the_libraries_a_bug_report_needs(mon
     assert re.fullmatch(r"streamrec \S+ \(Python 3\.\d+\.\d+; .*\)", line), line
     assert "faust-streaming " in line and "aiokafka " in line and "redis-py " in line and "river " in line
 
-    real = stream.cli.metadata.version
+    real = version.metadata.version
 
     def without_torch(name: str) -> str:
         if name == "torch":
-            raise stream.cli.metadata.PackageNotFoundError(name)
+            raise version.metadata.PackageNotFoundError(name)
         return real(name)
 
-    monkeypatch.setattr(stream.cli.metadata, "version", without_torch)  # torch is the [train] extra
-    assert "torch" not in stream.cli.version_text() and "river " in stream.cli.version_text()
+    monkeypatch.setattr(version.metadata, "version", without_torch)  # torch is the [train] extra
+    assert "torch" not in version.version_text() and "river " in version.version_text()
+
+
+def test_the_metrics_say_which_streamrec_and_python_run():
+    metrics = Metrics(CollectorRegistry())
+    samples = [s for s in metrics.registry.collect() for s in s.samples if s.name == "streamrec_build_info"]
+    assert [(s.labels["version"], s.value) for s in samples] == [(version.own_version(), 1.0)]
+    assert samples[0].labels["python"].startswith("3.")
