@@ -377,18 +377,14 @@ async def test_a_rebalance_before_the_snapshot_is_restored_replays_into_the_rest
     assert "models: ok" in shell.health.readiness()[1]
 
 
-async def test_a_revocation_stops_a_replay_in_hand_and_it_goes_on_after_the_assignment(monkeypatch, caplog):
-    """A long replay holds the batch lock; a revocation must not wait for it (the group waits on
-    this worker meanwhile) nor warn of a batch in hand: the replay stops where it is, and is due
-    again once the partitions are assigned."""
-    shell = unplugged_shell(Settings.from_env(ENV), InMemoryUserStateStore())
+async def replay_in_hand(shell, monkeypatch):
+    """The shell assigned clicks[0] with its models restored at offset 4 and the commit at 10:
+    its replay of 5-9 running (it fetches until asked to stop), ``(fake app, the replay's future)``."""
     shell.step.recommender.learned_offsets[source_of(CLICKS, 0)] = 4  # as restored from a snapshot
     shell.restored.set()
-    stops: list = []
     started = asyncio.Event()
 
     async def replay(step, kafka, todo, bounds, stop, **kw):
-        stops.append(list(todo))
         started.set()
         while not stop():
             await asyncio.sleep(0.01)  # a fetch
@@ -401,6 +397,15 @@ async def test_a_revocation_stops_a_replay_in_hand_and_it_goes_on_after_the_assi
     [first] = [asyncio.ensure_future(f) for f in fake.futures if f.__name__ == "replay_once"]
     [f.close() for f in fake.futures if f.__name__ != "replay_once"]
     await asyncio.wait_for(started.wait(), 5)
+    return fake, first
+
+
+async def test_a_revocation_stops_a_replay_in_hand_and_it_goes_on_after_the_assignment(monkeypatch, caplog):
+    """A long replay holds the batch lock; a revocation must not wait for it (the group waits on
+    this worker meanwhile) nor warn of a batch in hand: the replay stops where it is, and is due
+    again once the partitions are assigned."""
+    shell = unplugged_shell(Settings.from_env(ENV), InMemoryUserStateStore())
+    fake, first = await replay_in_hand(shell, monkeypatch)
     t0 = time.monotonic()
     await shell.on_revoked(set(fake.assigned))
     assert time.monotonic() - t0 < 1.0 and "did not finish" not in caplog.text
@@ -492,23 +497,7 @@ async def test_a_stop_signal_stops_a_replay_in_hand_and_leaves_the_waiting_batch
     caplog.set_level(logging.INFO, "streamrec.app")
     store = InMemoryUserStateStore()
     shell = unplugged_shell(Settings.from_env(ENV), store)
-    shell.step.recommender.learned_offsets[source_of(CLICKS, 0)] = 4  # as restored from a snapshot
-    shell.restored.set()
-    started = asyncio.Event()
-
-    async def replay(step, kafka, todo, bounds, stop, **kw):
-        started.set()
-        while not stop():
-            await asyncio.sleep(0.01)  # a fetch
-        return 0
-
-    monkeypatch.setattr(shell_module, "committed_offsets", lambda *args, **kw: {(CLICKS, 0): 10})
-    monkeypatch.setattr(shell_module, "replay", replay)
-    fake = FakeApp({TopicPartition(CLICKS, 0)}, shell.generation())
-    await shell.on_assigned(fake, fake.assigned)
-    [first] = [asyncio.ensure_future(f) for f in fake.futures if f.__name__ == "replay_once"]
-    [f.close() for f in fake.futures if f.__name__ != "replay_once"]
-    await asyncio.wait_for(started.wait(), 5)
+    fake, first = await replay_in_hand(shell, monkeypatch)
     batch = [_event(message(10, fake.consumer_generation_id))]
     waiting = asyncio.ensure_future(shell.handle_taken(fake, batch))  # taken before the signal
     await idle_loop()
