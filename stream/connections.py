@@ -123,21 +123,27 @@ class KafkaConnection:
         [('127.0.0.1', 9092), ('::1', 9093)]
         >>> KafkaConnection(":9092").servers()
         Traceback (most recent call last):
-        stream.errors.ConfigError: STREAMREC_KAFKA_BOOTSTRAP=':9092': ':9092' is not host:port (e.g. 127.0.0.1:9092)
+        stream.errors.ConfigError: STREAMREC_KAFKA_BOOTSTRAP=':9092': ':9092' is not host:port (e.g. 127.0.0.1:9092; several are separated by commas)
         """
         servers = []
         for server in filter(None, (s.strip() for s in self.bootstrap.split(","))):
             host, _, port = server.rpartition(":")
             host = host.strip("[]")
-            if not (host and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            # a scheme (PLAINTEXT://b1:9092) or a space for a comma (b1:9092 b2:9092) made a host no
+            # name resolves, waited for as a broker that does not answer, for ever
+            if not (host and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535) or \
+                    any(c.isspace() or c == "/" for c in host):
+                scheme = " without a scheme such as PLAINTEXT://" if "://" in server else ""
                 raise ConfigError(f"STREAMREC_KAFKA_BOOTSTRAP={self.bootstrap!r}: {server!r} is not host:port "
-                                  "(e.g. 127.0.0.1:9092)")
+                                  f"(e.g. 127.0.0.1:9092{scheme}; several are separated by commas)")
             servers.append((host, int(port)))
         return servers
 
     def check(self) -> None:
         """ConfigError naming the setting when these values cannot work together."""
-        self.servers()
+        if not self.servers():  # "," alone: Faust refused it with a traceback, aiokafka tried localhost:9092
+            raise ConfigError(f"STREAMREC_KAFKA_BOOTSTRAP={self.bootstrap!r} names no server: expected "
+                              "host:port[,host:port]")
         if self.security_protocol not in PROTOCOLS:
             raise ConfigError(f"STREAMREC_KAFKA_SECURITY_PROTOCOL={self.security_protocol!r}: expected one of "
                               f"{', '.join(PROTOCOLS)}")

@@ -97,6 +97,13 @@ def test_the_process_environment_is_the_default(monkeypatch):
         ("STREAMREC_KAFKA_BOOTSTRAP", "host:9092:x", "is not host:port"),
         ("STREAMREC_KAFKA_BOOTSTRAP", "localhost:abc", "is not host:port"),
         ("STREAMREC_KAFKA_BOOTSTRAP", "b1:9092,:", "':' is not host:port"),
+        # commas alone: Faust refused it with a traceback, serve's reader tried localhost:9092
+        ("STREAMREC_KAFKA_BOOTSTRAP", ",", "names no server"),
+        ("STREAMREC_KAFKA_BOOTSTRAP", " , ,", "names no server"),
+        # a host no name resolves, waited for as a broker that does not answer, for ever
+        ("STREAMREC_KAFKA_BOOTSTRAP", "PLAINTEXT://b1:9092", "without a scheme such as PLAINTEXT://"),
+        ("STREAMREC_KAFKA_BOOTSTRAP", "b1:9092 b2:9092", "separated by commas"),
+        ("STREAMREC_KAFKA_BOOTSTRAP", "b 1:9092", "is not host:port"),
         ("STREAMREC_TOPIC_PREFIX", "streamrec/", "topic names"),
         ("STREAMREC_REDIS_URL", "127.0.0.1:6379", "redis://"),
         ("STREAMREC_SERVE_RESERVED_SLOTS", "16", "0 to 15"),
