@@ -36,6 +36,8 @@ MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 #: the highest database number STREAMREC_REDIS_URL takes (Redis's ``databases`` is an int)
 MAX_REDIS_DB = 2**31 - 1
+#: the longest socket_timeout or socket_connect_timeout STREAMREC_REDIS_URL takes: a day
+MAX_TIMEOUT_S = 86_400
 
 #: query parameters of a URL whose values are masked (redis-py passes any of them on)
 _SECRET_QUERY = re.compile(r"pass|secret|token|credential", re.IGNORECASE)
@@ -279,6 +281,7 @@ class RedisConnection:
             parsed.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError as exc:
             raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: {exc}") from None
+        self._check_address(parsed)
         self._check_database(parsed)
         if self.ssl_ca_file:
             if parsed.scheme != "rediss":
@@ -287,7 +290,8 @@ class RedisConnection:
             _check_file("STREAMREC_REDIS_SSL_CA_FILE", self.ssl_ca_file)
             _check_ca_pem("STREAMREC_REDIS_SSL_CA_FILE", self.ssl_ca_file)
         try:  # what redis-py makes of the URL, connecting to nothing: unknown names, bad values
-            redis.ConnectionPool.from_url(self.url, **self.client_options()).make_connection()
+            pool = redis.ConnectionPool.from_url(self.url, **self.client_options())
+            pool.make_connection()
         except TypeError as exc:  # an unknown keyword argument: a query parameter redis-py has no use for
             name = re.search(r"argument '([^']*)'", str(exc))
             name = name.group(1) if name else str(exc)
@@ -296,6 +300,13 @@ class RedisConnection:
                               "it or correct its name (redis-py's connection options)") from None
         except (ValueError, redis.RedisError) as exc:
             raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: {exc}") from None
+        for name in ("socket_timeout", "socket_connect_timeout"):
+            # redis-py reads them as floats: nan or -1 reached socket.settimeout as a traceback at
+            # the first connection, 0 made the socket non-blocking
+            value = pool.connection_kwargs.get(name)
+            if value is not None and not 0 < value <= MAX_TIMEOUT_S:
+                raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: {name}={value:g}: expected seconds, more "
+                                  f"than 0 and at most {MAX_TIMEOUT_S:,} (leave it out for no timeout)")
         query = dict(parse_qsl(parsed.query))
         for name, value in query.items():
             if name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") and value:
@@ -315,6 +326,23 @@ class RedisConnection:
         elif query.get("ssl_keyfile"):
             raise ConfigError("STREAMREC_REDIS_URL's ssl_keyfile is given without ssl_certfile: give the client "
                               "certificate too (ssl_certfile=/path), or leave both out")
+
+    def _check_address(self, parsed) -> None:
+        """A host for redis:// and rediss:// (without one redis-py connected to localhost: a
+        ``redis://${HOST}:6379/0`` whose variable was unset reached some other Redis), a port
+        that can be connected to, and a socket's path for unix://."""
+        if parsed.scheme == "unix":
+            if not parsed.path:
+                raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: no socket path; expected "
+                                  "unix:///path/to/redis.sock")
+            return
+        host = parsed.hostname or ""
+        if not host or any(c.isspace() for c in host):
+            raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: {'no host' if not host else f'host {host!r}'}; "
+                              "expected redis://host:port/db, e.g. redis://127.0.0.1:6379/0")
+        if parsed.port == 0:
+            raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: port 0; expected a port 1-65535 (6379 when "
+                              "left out)")
 
     def _check_database(self, parsed) -> None:
         """The database number, in the path (``/0``) or in the query (``?db=0``, a unix socket's

@@ -261,6 +261,21 @@ def test_a_password_written_as_the_user_is_pointed_out():
     ("redis://h:6379/?db=x", "database 'x' is not a number"),
     ("redis://h:6379/1?db=2", "in the path and in the query"),
     ("unix:///run/redis.sock?db=1&db=2", "twice in the query"),
+    # no host: redis-py connected to localhost (redis://${HOST}:6379/0 with HOST unset reached another Redis)
+    ("redis://:6379/0", "no host"),
+    ("redis://", "no host"),
+    ("rediss://:pw@/0", "no host"),
+    ("redis://db host:6379/0", "host 'db host'"),
+    ("redis://h:0/0", "port 0"),
+    ("unix://", "no socket path"),
+    # timeouts redis-py passes to socket.settimeout: nan and -1 were a traceback at the first
+    # connection, 0 a non-blocking socket, 1e18 past what a socket takes
+    ("redis://h:6379/0?socket_connect_timeout=nan", "socket_connect_timeout=nan: expected seconds"),
+    ("redis://h:6379/0?socket_connect_timeout=-1", "socket_connect_timeout=-1: expected seconds"),
+    ("redis://h:6379/0?socket_timeout=nan", "socket_timeout=nan"),
+    ("redis://h:6379/0?socket_timeout=0", "socket_timeout=0"),
+    ("redis://h:6379/0?socket_timeout=inf", "socket_timeout=inf"),
+    ("redis://h:6379/0?socket_timeout=1e18", "at most 86,400"),
 ])
 def test_a_redis_url_redis_py_would_misread_or_refuse_later_is_refused_at_start(url, said):
     with pytest.raises(ConfigError, match="STREAMREC_REDIS_URL") as info:
@@ -269,7 +284,8 @@ def test_a_redis_url_redis_py_would_misread_or_refuse_later_is_refused_at_start(
 
 
 @pytest.mark.parametrize("url", ["redis://h:6379/3", "redis://h:6379/2147483647", "redis://h:6379", "redis://h:6379/", "unix:///run/redis.sock?db=2",
-                                 "rediss://u:p@h:6380/0?ssl_cert_reqs=required&socket_timeout=5"])
+                                 "rediss://u:p@h:6380/0?ssl_cert_reqs=required&socket_timeout=5",
+                                 "redis://[::1]:6379/0?socket_connect_timeout=0.5&socket_timeout=86400"])
 def test_the_redis_urls_that_work_are_taken(url):
     assert Settings.from_env({"STREAMREC_REDIS_URL": url}).redis_url == url
 
