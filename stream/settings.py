@@ -61,6 +61,15 @@ MAX_TABLE = 1_000_000_000
 #: the longest duration a setting takes: ten years, in seconds
 MAX_SECONDS = 10 * 365 * 86_400
 
+#: the longest STREAMREC_BATCH_TIMEOUT_MS: a minute (the window is milliseconds; past a minute the
+#: number is a unit mistaken, and a trickle's events would wait that long, or for ever, to be handled)
+MAX_BATCH_TIMEOUT_MS = 60_000
+#: the longest STREAMREC_KAFKA_SESSION_TIMEOUT_S: Faust's Kafka request timeout (90 s), which its
+#: consumer refuses a session to exceed (ImproperlyConfigured once Kafka answered, a crash)
+MAX_SESSION_TIMEOUT_S = 90
+#: the largest STREAMREC_REPLICATION_FACTOR: Kafka's CreateTopics request holds it in 16 bits
+MAX_REPLICATION_FACTOR = 32_767
+
 #: fewest users (and candidates) in the scorer's CUDA-graph shape: every load re-runs the
 #: registered parity sample (4 users x 9 candidates, gpu_scorer/export.py ``parity_sample``)
 #: through that fixed shape, so a smaller one would refuse every version
@@ -169,7 +178,7 @@ class Settings:
     app_id: str = _env("STREAMREC_APP_ID", "streamrec", "Faust app id; also the Kafka consumer group")
     partitions: int = _env("STREAMREC_PARTITIONS", "4", "partitions of the input topics when streamrec creates them")
     batch_size: int = _env("STREAMREC_BATCH_SIZE", "2000", "most events in one micro-batch")
-    batch_timeout_ms: int = _env("STREAMREC_BATCH_TIMEOUT_MS", "10", "longest wait, from its first event, to fill a micro-batch (with a fetch that waits as long: one fetch a batch; docs/operations.md)")
+    batch_timeout_ms: int = _env("STREAMREC_BATCH_TIMEOUT_MS", "10", f"longest wait, in milliseconds, from its first event, to fill a micro-batch (with a fetch that waits as long: one fetch a batch; docs/operations.md); 0 to {MAX_BATCH_TIMEOUT_MS:,}")
     fetch_max_wait_ms: int = _env("STREAMREC_FETCH_MAX_WAIT_MS", "10", "longest a fetch from the input topics waits for more records than one (a backlog fills each fetch at once), lengthened up to 5x while batches take longer to handle, so that a saturated worker fetches about once a batch; 0: answer with the first record, as Faust does, at more CPU per event on a steady trickle (stream/consumer.py)")
     recent_items: int = _env("STREAMREC_RECENT_ITEMS", "50", "length of each user's recent-item sequence")
     n_candidates: int = _env("STREAMREC_CANDIDATES", str(RecommenderConfig.n_candidates), "candidates scored per recommendation")
@@ -179,7 +188,7 @@ class Settings:
     max_users: int = _env("STREAMREC_MAX_USERS", str(RecommenderConfig.max_users), "users and sessions each online model keeps (histories, sessions, user factors); past it the least recently active go")
     dedupe_window: int = _env("STREAMREC_DEDUPE_WINDOW", "256", "latest event ids (64-bit fingerprints of them) kept per user to catch a producer's duplicates")
     state_ttl_s: int = _env("STREAMREC_STATE_TTL_S", "2592000", "idle time after which a user's state expires (0: never)")
-    session_timeout_s: int = _env("STREAMREC_KAFKA_SESSION_TIMEOUT_S", "30", "a worker that stops heartbeating is replaced after this long")
+    session_timeout_s: int = _env("STREAMREC_KAFKA_SESSION_TIMEOUT_S", "30", f"seconds after which a worker that stops heartbeating is replaced (1 to {MAX_SESSION_TIMEOUT_S}, and within the brokers' group.min/max.session.timeout.ms: 6 to 1,800 by default)")
     snapshot_interval_s: int = _env("STREAMREC_SNAPSHOT_INTERVAL_S", "300", "how often the online models are snapshotted to Redis")
     snapshot_fork: bool = _env("STREAMREC_SNAPSHOT_FORK", "true", "write the model snapshot in a forked child process, so the worker stops only for the fork (stream/snapshots.py); false: on the event loop")
     learn_all_partitions: bool = _env("STREAMREC_LEARN_ALL_PARTITIONS", "true", "the online models also learn the input partitions other workers of the group own, read with a consumer of their own, each event once (one model across workers; stream/peers.py); false: each worker's models learn its own partitions only")
@@ -191,7 +200,7 @@ class Settings:
     max_quantity: int = _env("STREAMREC_MAX_QUANTITY", "10000", "largest quantity accepted (at most 10000; number_too_large)")
     max_price: int = _env("STREAMREC_MAX_PRICE", "1000000000000", "largest price accepted (at most 10^12; number_too_large)")
     max_json_depth: int = _env("STREAMREC_MAX_JSON_DEPTH", "32", "deepest nesting of arrays and objects in an event (at most 32; too_deep)")
-    replication_factor: int = _env("STREAMREC_REPLICATION_FACTOR", "1", "replicas of each topic streamrec creates (3 in production)")
+    replication_factor: int = _env("STREAMREC_REPLICATION_FACTOR", "1", f"replicas of each topic streamrec creates (3 in production; 1 to {MAX_REPLICATION_FACTOR:,})")
     variants: str = _env("STREAMREC_VARIANTS", "", "an experiment: a TOML or JSON file of arms (blend weights, learners off, model, candidates, or a popularity/shuffle baseline) with traffic shares; a user's arm is a stable hash of (experiment, user id); empty: one configuration for all (stream/experiments.py)")
     attribution_window_s: int = _env("STREAMREC_ATTRIBUTION_WINDOW_S", "1800", "a click or purchase without a rec_id is credited to the user's last list when it holds the item and came at most this long (event time) after the event that triggered the list")
     raw_retention_h: int = _env("STREAMREC_RAW_RETENTION_H", "168", "retention.ms, in hours, of the topics that hold what sites sent (clicks, purchases, impressions, dead letters, forget requests) when streamrec creates or aligns them: a forgotten user's raw events are gone from Kafka this long after their last one (docs/operations.md, Security); the recommendations topic is compacted instead")
@@ -276,6 +285,12 @@ class Settings:
                               "cores, 1 to 4)")
         if not 0.0 <= self.search_personal_weight <= 1.0:
             raise ConfigError(f"STREAMREC_SEARCH_PERSONAL_WEIGHT={self.search_personal_weight}: expected 0 to 1")
+        if self.batch_timeout_ms > MAX_BATCH_TIMEOUT_MS:
+            raise ConfigError(f"STREAMREC_BATCH_TIMEOUT_MS={self.batch_timeout_ms}: at most {MAX_BATCH_TIMEOUT_MS:,} "
+                              "(milliseconds: an event waits this long for company at a trickle)")
+        if self.session_timeout_s > MAX_SESSION_TIMEOUT_S:
+            raise ConfigError(f"STREAMREC_KAFKA_SESSION_TIMEOUT_S={self.session_timeout_s}: at most {MAX_SESSION_TIMEOUT_S} "
+                              "(Faust's Kafka request timeout, which a session may not exceed)")
         if not 0 <= self.fetch_max_wait_ms <= 1000:
             raise ConfigError(f"STREAMREC_FETCH_MAX_WAIT_MS={self.fetch_max_wait_ms}: expected 0 to 1000 (milliseconds)")
         if self.batch_size > MAX_BATCH_SIZE:
@@ -305,6 +320,9 @@ class Settings:
             except UnicodeEncodeError:  # bytes that are not UTF-8 in the environment: lone surrogates
                 raise ConfigError(f"{name} is not UTF-8 text (the keyed hash reads the key as UTF-8); its value "
                                   "is not shown") from None
+        if self.replication_factor > MAX_REPLICATION_FACTOR:
+            raise ConfigError(f"STREAMREC_REPLICATION_FACTOR={self.replication_factor}: at most {MAX_REPLICATION_FACTOR:,} "
+                              "(Kafka sends a replication factor as a 16-bit number)")
         if self.replication_factor < 1 or not 1 <= self.min_insync_replicas <= self.replication_factor:
             raise ConfigError(f"STREAMREC_REPLICATION_FACTOR={self.replication_factor}, STREAMREC_MIN_INSYNC_REPLICAS="
                               f"{self.min_insync_replicas}: expected 1 <= min.insync.replicas <= replication factor")

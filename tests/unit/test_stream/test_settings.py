@@ -109,6 +109,15 @@ def test_the_process_environment_is_the_default(monkeypatch):
         ("STREAMREC_SERVE_RESERVED_SLOTS", "16", "0 to 15"),
         ("STREAMREC_SERVE_RESERVED_SLOTS", "-1", "0 to 15"),
         ("STREAMREC_SERVE_RESERVED_SLOTS", "a few", "an integer"),
+        # a window in the wrong unit: a trickle's events waited that long (for ever) to be handled
+        ("STREAMREC_BATCH_TIMEOUT_MS", "60001", "at most 60,000"),
+        ("STREAMREC_BATCH_TIMEOUT_MS", "1000000000000000000", "at most 60,000"),
+        # past Faust's request timeout its consumer refused the session once Kafka answered: a crash
+        ("STREAMREC_KAFKA_SESSION_TIMEOUT_S", "91", "at most 90"),
+        ("STREAMREC_KAFKA_SESSION_TIMEOUT_S", "1000000000000000000", "at most 90"),
+        # Kafka's CreateTopics holds it in 16 bits: topic creation failed to encode the request
+        ("STREAMREC_REPLICATION_FACTOR", "32768", "at most 32,767"),
+        ("STREAMREC_REPLICATION_FACTOR", "1000000000000000000", "at most 32,767"),
     ],
 )
 def test_bad_values_name_the_variable_and_what_was_seen(name, raw, says):
@@ -117,6 +126,12 @@ def test_bad_values_name_the_variable_and_what_was_seen(name, raw, says):
     message = str(info.value)
     assert message.startswith(f"{name}=") and raw.strip() in message and says in message
     assert isinstance(info.value, StreamrecError)
+
+
+def test_the_longest_batch_window_session_and_largest_replication_are_taken():
+    s = Settings.from_env({"STREAMREC_BATCH_TIMEOUT_MS": "60000", "STREAMREC_KAFKA_SESSION_TIMEOUT_S": "90",
+                           "STREAMREC_REPLICATION_FACTOR": "32767"})
+    assert (s.batch_timeout_ms, s.session_timeout_s, s.replication_factor) == (60_000, 90, 32_767)
 
 
 def test_an_empty_model_dir_is_the_default_registry_not_the_working_folder():
