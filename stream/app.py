@@ -136,7 +136,7 @@ def surviving(name: str, duty: Callable[[], Awaitable[None]], metrics: Metrics) 
 
 
 def check_model_dir(settings: Settings) -> None:
-    """A :class:`ConfigError` unless STREAMREC_MODEL_DIR is a folder or not there yet (no model
+    """A :class:`ConfigError` unless STREAMREC_MODEL_DIR is a folder or can be one (no model
     registered: the worker ranks with the online models and looks again every 5 s), and not one
     version's folder in a registry; said at start, before Kafka, rather than never (a file there
     hid every model the worker looked for)."""
@@ -144,6 +144,12 @@ def check_model_dir(settings: Settings) -> None:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"STREAMREC_MODEL_DIR={settings.model_dir}: a file, not a folder; point it at the model "
                           "registry's folder (`streamrec train` makes one), or at a folder not made yet")
+    # a folder not made yet under a file can never be made (`streamrec train` refuses it): the
+    # worker looked there every 5 s for ever
+    nearest = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not nearest.is_dir():
+        raise ConfigError(f"STREAMREC_MODEL_DIR={settings.model_dir}: {nearest} is a file, so no folder can be made "
+                          "there; point it at the model registry's folder, or at a folder not made yet")
     if (path / MANIFEST).is_file():  # was: "no Transformer model registered", beside the model
         raise ConfigError(f"STREAMREC_MODEL_DIR={settings.model_dir}: one registered version (it holds {MANIFEST}), "
                           f"not the registry; point it at the folder that holds it, {path.absolute().parent} "

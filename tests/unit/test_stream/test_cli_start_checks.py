@@ -69,6 +69,15 @@ def test_the_worker_refuses_a_model_dir_that_is_a_file_before_kafka(no_kafka, tm
     assert isinstance(exc, ConfigError) and "STREAMREC_MODEL_DIR" in str(exc) and "not a folder" in str(exc)
 
 
+def test_the_worker_refuses_a_model_dir_under_a_file_before_kafka(no_kafka, tmp_path):
+    """STREAMREC_MODEL_DIR=a/file/models can never be made (`streamrec train` refuses it): the
+    worker took it as a registry not made yet and looked there every 5 s for ever."""
+    (tmp_path / "file").write_text("")
+    exc = _worker({"STREAMREC_MODEL_DIR": str(tmp_path / "file" / "models")})
+    assert isinstance(exc, ConfigError) and "STREAMREC_MODEL_DIR" in str(exc), exc
+    assert f"{tmp_path / 'file'} is a file" in str(exc)
+
+
 def test_the_worker_refuses_a_model_dir_that_is_one_version_before_kafka(no_kafka, tmp_path):
     """STREAMREC_MODEL_DIR=models/v0003 (the version's folder, not the registry): the worker
     warned "no Transformer model registered ... run `streamrec train`", beside the model."""
