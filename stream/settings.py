@@ -195,7 +195,7 @@ class Settings:
     gc_freeze: bool = _env("STREAMREC_GC_FREEZE", "true", "freeze what survives a young garbage collection, so the collector never walks the long-lived heap (short pauses; stream/gcpolicy.py)")
     log_level: str = _env("STREAMREC_LOG_LEVEL", "info", "debug, info, warning or error")
     log_format: str = _env("STREAMREC_LOG_FORMAT", "text", "text (a line a record, for a terminal) or json (a JSON object a line, for a log collector) of the worker's, serve's and retrain's logs")
-    max_future_s: int = _env("STREAMREC_MAX_FUTURE_S", "3600", "an event whose ts is further ahead of the worker's clock is dead-lettered (ts_out_of_window)")
+    max_future_s: int = _env("STREAMREC_MAX_FUTURE_S", "3600", "an event whose ts is further ahead of the worker's clock is dead-lettered (ts_out_of_window); at least 1 (there is no off)")
     max_event_age_s: int = _env("STREAMREC_MAX_EVENT_AGE_S", "0", "an event whose ts is further behind the worker's clock is dead-lettered (0: any age, as a replay of an old log needs)")
     max_quantity: int = _env("STREAMREC_MAX_QUANTITY", "10000", "largest quantity accepted (at most 10000; number_too_large)")
     max_price: int = _env("STREAMREC_MAX_PRICE", "1000000000000", "largest price accepted (at most 10^12; number_too_large)")
@@ -300,9 +300,12 @@ class Settings:
                                      ("STREAMREC_MAX_JSON_DEPTH", self.max_json_depth, MAX_DEPTH)):
             if not 1 <= value <= ceiling:
                 raise ConfigError(f"{name}={value}: expected 1 to {ceiling} (the bound may only be lowered)")
-        for name, value in (("STREAMREC_MAX_FUTURE_S", self.max_future_s), ("STREAMREC_MAX_EVENT_AGE_S", self.max_event_age_s)):
-            if value < 0:
-                raise ConfigError(f"{name}={value}: must be 0 or more")
+        if self.max_event_age_s < 0:
+            raise ConfigError(f"STREAMREC_MAX_EVENT_AGE_S={self.max_event_age_s}: must be 0 or more (0: any age)")
+        if self.max_future_s < 1:  # 0 is not "off" here, as it is for the age: it refused any clock skew
+            raise ConfigError(f"STREAMREC_MAX_FUTURE_S={self.max_future_s}: must be at least 1 (0 would dead-letter "
+                              "every event from a producer whose clock runs a millisecond ahead of the worker's; "
+                              "unlike STREAMREC_MAX_EVENT_AGE_S, this bound has no off)")
         # durations: past ten years a number is a typo, and Redis, Kafka and asyncio refuse
         # times that far off (a state TTL of 1e17 s failed every save, forever)
         for name, value, ceiling in (("STREAMREC_STATE_TTL_S", self.state_ttl_s, MAX_SECONDS),

@@ -91,6 +91,10 @@ def test_the_process_environment_is_the_default(monkeypatch):
         ("STREAMREC_SNAPSHOT_INTERVAL_S", "10000000000", "at most 315,360,000"),
         ("STREAMREC_MAX_EVENT_AGE_S", "10000000000", "at most 315,360,000"),
         ("STREAMREC_MAX_FUTURE_S", "10000000000", "at most 315,360,000"),
+        # 0 is "off" for the age but not here: every event from a clock a millisecond ahead was dead-lettered
+        ("STREAMREC_MAX_FUTURE_S", "0", "at least 1"),
+        ("STREAMREC_MAX_FUTURE_S", "-1", "at least 1"),
+        ("STREAMREC_MAX_EVENT_AGE_S", "-1", "0 or more (0: any age)"),
         ("STREAMREC_RAW_RETENTION_H", "87601", "at most 87,600 (ten years)"),
         ("STREAMREC_KAFKA_SESSION_TIMEOUT_S", "0", "at least 1"),
         ("STREAMREC_SNAPSHOT_INTERVAL_S", "-1", "at least 1"),
