@@ -100,6 +100,8 @@ def parse_weights(spec: str | None) -> dict[str, float]:
             weight = float("nan")
         if not sep or not name.strip() or not weight_ok(weight):
             raise ValueError(f"expected name=weight with a weight from 0 to {MAX_WEIGHT:g}, saw {part.strip()!r}")
+        if name.strip() in out:  # the last one won, silently: which did the operator mean?
+            raise ValueError(f"{name.strip()} is given twice; give each source's weight once")
         out[name.strip()] = weight
     return out
 

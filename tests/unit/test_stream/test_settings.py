@@ -9,6 +9,7 @@ import pytest
 
 from stream.errors import ConfigError, StreamrecError
 from stream.settings import Settings, TopicNames, mask_url
+from stream.step_inputs import recommender_config
 
 
 def test_defaults_match_the_design():
@@ -245,8 +246,6 @@ def test_blend_weights_are_checked_when_read():
 
 
 def test_the_worker_blend_takes_the_weights_over_the_defaults():
-    from stream.step_inputs import recommender_config
-
     default = recommender_config(Settings.from_env({}))
     assert default.weights["mf"] == 0.0 and default.weights["covisit"] == 1.0
     config = recommender_config(Settings.from_env({"STREAMREC_BLEND_WEIGHTS": "mf=0.2,trending=0"}))
@@ -257,6 +256,12 @@ def test_the_worker_blend_takes_the_weights_over_the_defaults():
     for huge in ("9" * 400, "2000000"):
         with pytest.raises(ConfigError, match="from 0 to 1e"):
             recommender_config(Settings.from_env({"STREAMREC_BLEND_WEIGHTS": f"covisit={huge}"}))
+
+
+def test_a_blend_weight_given_twice_is_refused():
+    """mf=0.2,mf=0 ran with the last (mf off), silently."""
+    with pytest.raises(ConfigError, match="STREAMREC_BLEND_WEIGHTS='mf=0.2,mf=0': mf is given twice"):
+        recommender_config(Settings.from_env({"STREAMREC_BLEND_WEIGHTS": "mf=0.2,mf=0"}))
 
 
 def test_the_scorer_cuda_options_default_to_the_measured_choice():
