@@ -19,7 +19,7 @@ from pathlib import Path
 from faust.types import TP
 
 from gpu_scorer import HotSwapScorer, ModelRegistry
-from gpu_scorer.errors import ModelLoadError
+from gpu_scorer.errors import ModelLoadError, ScorerDeviceError
 from gpu_scorer.runtime import session_factory
 from online_models.search import Catalogue, QueryStudent, TextEmbedder, TextModelMissing
 from stream.batching import drop_stale
@@ -726,6 +726,8 @@ def text_embedder(settings: Settings) -> TextEmbedder:
         embedder = TextEmbedder(threads=1, session_factory=session_factory(settings.scorer_device, threads=1))
     except TextModelMissing as exc:  # an install that left a dependency out: one line, and the way round it
         raise ConfigError(f"{exc}, or set STREAMREC_CATALOGUE=false to run without search and the catalogue") from None
+    except ScorerDeviceError as exc:  # STREAMREC_SCORER_DEVICE=cuda where CUDA is not usable: was a traceback
+        raise device_refused(settings, exc) from None
     if settings.query_student:
         path = Path(settings.query_student)
         try:
@@ -738,12 +740,19 @@ def text_embedder(settings: Settings) -> TextEmbedder:
     return embedder
 
 
+def device_refused(settings: Settings, exc: ScorerDeviceError) -> ConfigError:
+    """The one-line error for a device the models cannot run on (``cuda`` without a usable GPU)."""
+    return ConfigError(f"STREAMREC_SCORER_DEVICE={settings.scorer_device}: {exc.__cause__ or exc}; set it to auto "
+                       "(the GPU where one is usable, else the CPU) or cpu")
+
+
 def load_scorer(settings: Settings, metrics: Metrics, refused: set[str] | None = None, say_none: bool = True):
     """The hot-swapping Transformer scorer, or None when no model is registered yet, or none
     of the registered versions loads (each refused version is counted in
     ``scorer_reload_failures_total`` once, logged, and remembered in ``refused``).
     ``say_none=False``: no model registered is not logged (the worker looks again every 5 s,
-    and said it at its start)."""
+    and said it at its start). A :class:`ConfigError` naming STREAMREC_SCORER_DEVICE when
+    the device cannot run any version (``cuda`` without a usable GPU)."""
     registry = ModelRegistry(Path(settings.model_dir))
     if registry.latest() is None:
         if say_none:
@@ -767,6 +776,8 @@ def load_scorer(settings: Settings, metrics: Metrics, refused: set[str] | None =
         log.error("no registered Transformer model loads (%s): ranking with the online models alone until a "
                   "good version is registered", exc)
         return None
+    except ScorerDeviceError as exc:  # every version would fail on it: said at start, not as a traceback
+        raise device_refused(settings, exc) from None
     log.info("Transformer scorer %s runs on %s", scorer.version, scorer.provider)
     metrics.set_scorer(scorer.provider, scorer.version)
     return scorer

@@ -13,6 +13,7 @@ import typer
 from prometheus_client import CollectorRegistry
 from typer.testing import CliRunner
 
+import gpu_scorer.runtime
 import stream.broker_wait
 import stream.cli
 import stream.health
@@ -51,6 +52,15 @@ def _worker(env: dict[str, str]) -> BaseException | None:
 def test_the_worker_checks_the_models_settings_before_kafka(no_kafka, env, said):
     exc = _worker(env)
     assert isinstance(exc, ConfigError) and said in str(exc)
+
+
+def test_the_worker_refuses_cuda_where_there_is_none_before_kafka(no_kafka, monkeypatch, tmp_path):
+    """STREAMREC_SCORER_DEVICE=cuda without a usable GPU: the text model's session raised
+    ScorerDeviceError, a traceback, from the worker and from serve."""
+    monkeypatch.setattr(gpu_scorer.runtime, "cuda_device_count", lambda: (0, "no NVIDIA driver (test)"))
+    exc = _worker({"STREAMREC_CATALOGUE": "true", "STREAMREC_SCORER_DEVICE": "cuda", "STREAMREC_MODEL_DIR": str(tmp_path)})
+    assert isinstance(exc, ConfigError), exc
+    assert str(exc).startswith("STREAMREC_SCORER_DEVICE=cuda: no NVIDIA driver (test); set it to auto")
 
 
 def test_a_worker_installed_without_the_text_models_package_says_so_and_how_to_run_without(no_kafka, monkeypatch):

@@ -13,6 +13,7 @@ import gpu_scorer.hotswap as hotswap  # noqa: E402
 import gpu_scorer.registry as registry_module  # noqa: E402
 import gpu_scorer.runtime as runtime  # noqa: E402
 from gpu_scorer.runtime import CPU_CHUNK, CPU_EP, OnnxScorer  # noqa: E402
+from stream.errors import ConfigError  # noqa: E402
 from stream.prometheus import Metrics  # noqa: E402
 from stream.settings import Settings  # noqa: E402
 from stream.shell import load_scorer  # noqa: E402
@@ -69,3 +70,14 @@ def test_the_cpu_threads_setting_reaches_the_session(model_dir, monkeypatch, env
     scorer = load_scorer(Settings.from_env({"STREAMREC_MODEL_DIR": str(model_dir), **env}), Metrics())
     assert scorer is not None
     assert scorer.current.session.get_session_options().intra_op_num_threads == threads
+
+
+def test_cuda_asked_for_where_there_is_none_is_a_sentence_naming_the_setting(model_dir, monkeypatch):
+    """STREAMREC_SCORER_DEVICE=cuda on a machine without a usable GPU: the worker died at start
+    with ScorerDeviceError's traceback (and serve too, through the text model)."""
+    monkeypatch.setattr(runtime, "cuda_device_count", lambda: (0, "no NVIDIA driver (test)"))
+    monkeypatch.setattr(hotswap, "cuda_device_count", lambda: (0, "no NVIDIA driver (test)"))
+    monkeypatch.setattr(hotswap, "cuda_available", lambda: (False, "no NVIDIA driver (test)"))
+    settings = Settings.from_env({"STREAMREC_MODEL_DIR": str(model_dir), "STREAMREC_SCORER_DEVICE": "cuda"})
+    with pytest.raises(ConfigError, match=r"STREAMREC_SCORER_DEVICE=cuda: no NVIDIA driver \(test\); set it to auto"):
+        load_scorer(settings, Metrics())
