@@ -70,6 +70,9 @@ MAX_SESSION_TIMEOUT_S = 90
 #: the largest STREAMREC_REPLICATION_FACTOR: Kafka's CreateTopics request holds it in 16 bits
 MAX_REPLICATION_FACTOR = 32_767
 
+#: Kafka's longest topic name
+MAX_TOPIC_NAME = 249
+
 #: fewest users (and candidates) in the scorer's CUDA-graph shape: every load re-runs the
 #: registered parity sample (4 users x 9 candidates, gpu_scorer/export.py ``parity_sample``)
 #: through that fixed shape, so a smaller one would refuse every version
@@ -152,7 +155,7 @@ class Settings:
     kafka_ssl_keyfile: str = _env("STREAMREC_KAFKA_SSL_KEYFILE", "", "with SSL or SASL_SSL: PEM private key of the client certificate (empty: in the certificate file)")
     redis_url: str = _env("STREAMREC_REDIS_URL", "redis://127.0.0.1:6379/0", "Redis URL for user state: redis://[user:password@]host:port/db, rediss:// for TLS", secret=True)
     redis_ssl_ca_file: str = _env("STREAMREC_REDIS_SSL_CA_FILE", "", "with rediss://: PEM file of the CA that signed the Redis server's certificate (empty: the system's)")
-    topic_prefix: str = _env("STREAMREC_TOPIC_PREFIX", "streamrec.", "prefix of every topic name")
+    topic_prefix: str = _env("STREAMREC_TOPIC_PREFIX", "streamrec.", "prefix of every topic name (at most 234 characters: Kafka's names are at most 249)")
     top_k: int = _env("STREAMREC_TOP_K", str(RecommenderConfig.k), "items per recommendation")
     model_dir: Path = _env("STREAMREC_MODEL_DIR", "models", "the Transformer scorer's model registry (empty: models, as `streamrec train` and `retrain` read it)")
     metrics_port: int = _env("STREAMREC_METRICS_PORT", "9464", "port of the Prometheus /metrics endpoint (0: off)")
@@ -248,6 +251,12 @@ class Settings:
     def check(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9._-]*", self.topic_prefix):
             raise ConfigError(f"STREAMREC_TOPIC_PREFIX={self.topic_prefix!r}: only letters, digits, '.', '_' and '-' are allowed in topic names")
+        longest = max(self.topics.all, key=len)
+        if len(longest) > MAX_TOPIC_NAME:  # said now, not by the worker once Kafka answered, of a topic name
+            raise ConfigError(f"STREAMREC_TOPIC_PREFIX={clipped(self.topic_prefix, 40)!r}: at most "
+                              f"{MAX_TOPIC_NAME - len(longest) + len(self.topic_prefix)} characters (Kafka's topic names "
+                              f"are at most {MAX_TOPIC_NAME}, and {longest[len(self.topic_prefix):]!r} follows it), saw "
+                              f"{len(self.topic_prefix)}")
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", self.app_id):  # a group id, and Faust names topics after it
             raise ConfigError(f"STREAMREC_APP_ID={self.app_id!r}: expected 1 to 200 letters, digits, '.', '_' or '-' "
                               "(it is the consumer group's id, and Faust names a topic after it)")

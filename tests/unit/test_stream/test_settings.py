@@ -139,6 +139,14 @@ def test_the_longest_batch_window_session_and_largest_replication_are_taken():
     assert (s.batch_timeout_ms, s.session_timeout_s, s.replication_factor) == (60_000, 90, 32_767)
 
 
+def test_a_topic_prefix_too_long_for_kafka_is_refused_naming_the_setting():
+    """A 300-character prefix was taken; the worker refused "topic name 'ppp...'" only once
+    Kafka answered, and did not say which setting made it."""
+    assert Settings.from_env({"STREAMREC_TOPIC_PREFIX": "p" * 234}).topics.recommendations == "p" * 234 + "recommendations"
+    with pytest.raises(ConfigError, match=r"STREAMREC_TOPIC_PREFIX='p+…': at most 234 characters .* saw 235"):
+        Settings.from_env({"STREAMREC_TOPIC_PREFIX": "p" * 235})
+
+
 def test_an_empty_model_dir_is_the_default_registry_not_the_working_folder():
     """STREAMREC_MODEL_DIR= (set, empty: a compose file's unset ${VAR}) was Path(""), the working
     folder: the worker looked for models there while `streamrec train`, whose --model-dir option
