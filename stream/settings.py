@@ -181,7 +181,7 @@ class Settings:
     app_id: str = _env("STREAMREC_APP_ID", "streamrec", "Faust app id; also the Kafka consumer group")
     partitions: int = _env("STREAMREC_PARTITIONS", "4", "partitions of the input topics when streamrec creates them")
     batch_size: int = _env("STREAMREC_BATCH_SIZE", "2000", "most events in one micro-batch")
-    batch_timeout_ms: int = _env("STREAMREC_BATCH_TIMEOUT_MS", "10", f"longest wait, in milliseconds, from its first event, to fill a micro-batch (with a fetch that waits as long: one fetch a batch; docs/operations.md); 0 to {MAX_BATCH_TIMEOUT_MS:,}")
+    batch_timeout_ms: int = _env("STREAMREC_BATCH_TIMEOUT_MS", "10", f"longest wait, in milliseconds, from its first event, to fill a micro-batch (with a fetch that waits as long: one fetch a batch; docs/operations.md); 0 to {MAX_BATCH_TIMEOUT_MS:,} (0: what has arrived, at once)")
     fetch_max_wait_ms: int = _env("STREAMREC_FETCH_MAX_WAIT_MS", "10", "longest a fetch from the input topics waits for more records than one (a backlog fills each fetch at once), lengthened up to 5x while batches take longer to handle, so that a saturated worker fetches about once a batch; 0: answer with the first record, as Faust does, at more CPU per event on a steady trickle (stream/consumer.py)")
     recent_items: int = _env("STREAMREC_RECENT_ITEMS", "50", "length of each user's recent-item sequence")
     n_candidates: int = _env("STREAMREC_CANDIDATES", str(RecommenderConfig.n_candidates), "candidates scored per recommendation")
