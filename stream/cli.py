@@ -16,7 +16,7 @@ from stream import gcpolicy, logs
 from stream.app import Worker, check_model_dir, create_app
 from stream.broker_wait import BrokerWait, StopRequested
 from stream.distil_cli import distil_queries
-from stream.errors import StreamrecError
+from stream.errors import ConfigError, StreamrecError
 from stream.evaluate_cli import evaluate
 from stream.experiments import load_experiment
 from stream.forget import forget
@@ -29,7 +29,12 @@ from stream.serve import run_server
 from stream.settings import Settings, log_level
 from stream.tail import tail
 from stream.threads import one_blas_thread
-from stream.topics import align_topic_configs, check_copartitioned, ensure_streamrec_topics
+from stream.topics import (
+    align_topic_configs,
+    check_copartitioned,
+    ensure_streamrec_topics,
+    session_timeout_range,
+)
 from stream.version import version_text
 
 app = typer.Typer(
@@ -107,15 +112,29 @@ def worker(
 
 def prepare_topics(settings: Settings, log: logging.Logger) -> None:
     """The worker's start-up steps on Kafka, before Faust starts: its topics created (or checked
-    co-partitioned) and their configs aligned. ServiceUnavailable when the broker goes away."""
+    co-partitioned), its session timeout checked against the brokers' range, and the topics'
+    configs aligned. ServiceUnavailable when the broker goes away."""
     created = ensure_streamrec_topics(settings)
     if created:
         log.info("created topics %s with %d partitions", ", ".join(created), settings.partitions)
     check_copartitioned(settings.kafka, settings.topics.consumed)
+    check_session_timeout(settings)
     try:  # topics made before: a compacted recommendations topic, raw topics' retention (docs/operations.md)
         align_topic_configs(settings.kafka, settings.topic_configs())
     except StreamrecError as exc:
         log.warning("%s; the worker runs on, but an erasure is not complete until they are set", exc)
+
+
+def check_session_timeout(settings: Settings) -> None:
+    """A :class:`ConfigError` when the brokers would refuse the worker's session timeout: its
+    consumer's join failed once (InvalidSessionTimeoutError, logged) and it then waited, unready,
+    for ever. Not checked where the brokers do not say their range."""
+    allowed = session_timeout_range(settings.kafka)
+    if allowed is not None and not allowed[0] <= settings.session_timeout_s <= allowed[1]:
+        raise ConfigError(f"STREAMREC_KAFKA_SESSION_TIMEOUT_S={settings.session_timeout_s}: the brokers at "
+                          f"{settings.kafka_bootstrap} take {allowed[0]:g} to {allowed[1]:g} s "
+                          "(group.min.session.timeout.ms, group.max.session.timeout.ms); a worker asking for "
+                          "another one is never let into its group")
 
 
 def listen_host(value: str) -> str:

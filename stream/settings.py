@@ -191,7 +191,7 @@ class Settings:
     max_users: int = _env("STREAMREC_MAX_USERS", str(RecommenderConfig.max_users), "users and sessions each online model keeps (histories, sessions, user factors); past it the least recently active go")
     dedupe_window: int = _env("STREAMREC_DEDUPE_WINDOW", "256", "latest event ids (64-bit fingerprints of them) kept per user to catch a producer's duplicates")
     state_ttl_s: int = _env("STREAMREC_STATE_TTL_S", "2592000", "idle time after which a user's state expires (0: never)")
-    session_timeout_s: int = _env("STREAMREC_KAFKA_SESSION_TIMEOUT_S", "30", f"seconds after which a worker that stops heartbeating is replaced (1 to {MAX_SESSION_TIMEOUT_S}, and within the brokers' group.min/max.session.timeout.ms: 6 to 1,800 by default)")
+    session_timeout_s: int = _env("STREAMREC_KAFKA_SESSION_TIMEOUT_S", "30", f"seconds after which a worker that stops heartbeating is replaced (1 to {MAX_SESSION_TIMEOUT_S}, and within the brokers' group.min/max.session.timeout.ms, 6 to 1,800 by default, which the worker checks once they answer)")
     snapshot_interval_s: int = _env("STREAMREC_SNAPSHOT_INTERVAL_S", "300", "how often the online models are snapshotted to Redis")
     snapshot_fork: bool = _env("STREAMREC_SNAPSHOT_FORK", "true", "write the model snapshot in a forked child process, so the worker stops only for the fork (stream/snapshots.py); false: on the event loop")
     learn_all_partitions: bool = _env("STREAMREC_LEARN_ALL_PARTITIONS", "true", "the online models also learn the input partitions other workers of the group own, read with a consumer of their own, each event once (one model across workers; stream/peers.py); false: each worker's models learn its own partitions only")

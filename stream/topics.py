@@ -395,6 +395,31 @@ def align_topic_configs(bootstrap: KafkaConnection | str, configs: Mapping[str, 
     return changes
 
 
+def session_timeout_range(bootstrap: KafkaConnection | str, timeout_s: float = 10.0) -> tuple[float, float] | None:
+    """The session timeouts, in seconds, the brokers let a consumer group member ask for
+    (``group.min.session.timeout.ms``, ``group.max.session.timeout.ms``: 6 to 1,800 by default);
+    None when a broker does not say (a client not allowed to describe the cluster's configs).
+    A consumer asking for another one is refused its join (InvalidSessionTimeoutError), which
+    aiokafka leaves with the consumer: a worker that never joined its group, for ever."""
+    kafka = KafkaConnection.of(bootstrap)
+    admin = _connected_admin(kafka, timeout_s)
+    try:
+        brokers = admin.describe_cluster().get("brokers") or []
+        if not brokers:
+            return None
+        keys = ["group.min.session.timeout.ms", "group.max.session.timeout.ms"]
+        described = admin.describe_configs([ConfigResource(ConfigResourceType.BROKER, str(brokers[0]["broker_id"]), keys)],
+                                           config_filter="all").get("broker", {})
+        values = next(iter(described.values()), None) or {}
+        low, high = ((values.get(key) or {}).get("value") for key in keys)
+        return (int(low) / 1000, int(high) / 1000) if low and high else None
+    except (KafkaError, KeyError, TypeError, ValueError) as exc:  # refused, or an answer without them: not checked
+        log.debug("the brokers' session timeout range is not known (%s)", exc)
+        return None
+    finally:
+        admin.close()
+
+
 def committed_offsets(bootstrap: KafkaConnection | str, group_id: str,
                       timeout_s: float = 10.0) -> dict[tuple[str, int], int]:
     """The consumer group's committed offsets, ``(topic, partition) -> next offset to read``."""
