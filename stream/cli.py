@@ -173,6 +173,7 @@ def serve_api(
     gcpolicy.configure(freeze=settings.gc_freeze)
     one_blas_thread()  # its computing threads are the parallelism (stream/threads.py)
     logging.getLogger("streamrec").info("%s", version_text())
+    check_model_dir(settings)  # as the worker: a file there hid every model serve looked for
     settings.redis.check_login()  # a wrong password is said at start, not as a /readyz that never turns ready
     asyncio.run(run_server(settings, port or settings.serve_port, host))
 

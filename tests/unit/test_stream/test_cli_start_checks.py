@@ -133,6 +133,24 @@ def test_produce_refuses_an_empty_log_or_catalogue_before_kafka(no_kafka_for_pro
     assert said in _text(result.output)
 
 
+@pytest.mark.parametrize("model_dir", ["file", "file/models"])
+def test_serve_refuses_a_model_dir_that_cannot_be_a_folder_before_it_starts(monkeypatch, tmp_path, model_dir):
+    """serve loads the workers' Transformer versions too, but did not check STREAMREC_MODEL_DIR:
+    with a file there it started, and never found a model."""
+    async def run_server(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(stream.cli, "run_server", run_server)
+    monkeypatch.setattr(stream.cli.gcpolicy, "configure", lambda **_: None)
+    monkeypatch.setattr(stream.cli, "one_blas_thread", lambda: None)
+    (tmp_path / "file").write_text("")
+    result = CliRunner().invoke(stream.cli.app, ["serve"], env={
+        "STREAMREC_MODEL_DIR": str(tmp_path / model_dir), "STREAMREC_KAFKA_BOOTSTRAP": "127.0.0.1:1",
+        "STREAMREC_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert isinstance(result.exception, ConfigError), result.output + repr(result.exception)
+    assert str(result.exception).startswith(f"STREAMREC_MODEL_DIR={tmp_path / model_dir}: ")
+
+
 @pytest.mark.parametrize("host, said", [("\udcff", "not UTF-8 text"), ("", "expected a host name or an address"),
                                         ("local host", "expected a host name or an address")])
 def test_serve_refuses_a_host_that_cannot_be_one_as_a_usage_error(monkeypatch, host, said):
