@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+_T = TypeVar("_T")
+
 
 def clipped(text: str, limit: int) -> str:
     """``text`` as a message quotes it: at most ``limit`` characters, then an ellipsis.
@@ -19,6 +24,19 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
     ('1 event', '2,000 events', '0 purchases', '1 entry')
     """
     return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
+def some_of(items: Sequence[_T], shown: int, text: Callable[[_T], str] = str, sep: str = ", ") -> str:
+    """The first ``shown`` of ``items``, each as ``text`` writes it, joined by ``sep``, then how
+    many more in parentheses: the one wording of every message that names a list it cannot name
+    whole (a fetch may bring thousands of ids). The parentheses keep the count apart from the
+    items even where ``sep`` is a space; the items left out are never written.
+
+    >>> some_of(["a", "b", "c"], 2), some_of(["a", "b"], 2), some_of(range(1_200), 1, repr, " ")
+    ('a, b (and 1 more)', 'a, b', '0 (and 1,199 more)')
+    """
+    head = sep.join(map(text, items[:shown]))
+    return f"{head} (and {len(items) - shown:,} more)" if len(items) > shown else head
 
 
 def described(exc: BaseException) -> str:

@@ -21,7 +21,7 @@ from aiokafka.errors import KafkaError
 
 from stream.connections import KafkaConnection
 from stream.decoding import decode_forget
-from stream.errors import InvalidEvent, StreamrecError, counted
+from stream.errors import InvalidEvent, StreamrecError, counted, some_of
 from stream.produce import started_producer
 from stream.records import ForgetRequest, encode
 from stream.settings import Settings
@@ -64,11 +64,9 @@ def unsent_text(requests: list[ForgetRequest], confirmed: int) -> str:
     if confirmed == 0:
         return f"Kafka confirmed none of the {counted(len(requests), 'request')}; run the same command again"
     rest = [req.user_id for req in requests[confirmed:]]
-    shown = " ".join(shlex.quote(uid) for uid in rest[:UNSENT_IDS_SHOWN])
-    more = f" (and {len(rest) - UNSENT_IDS_SHOWN:,} more)" if len(rest) > UNSENT_IDS_SHOWN else ""
     head = "the request for the first" if confirmed == 1 else f"the requests for the first {confirmed:,}"
     return (f"Kafka confirmed {head} of the {len(requests):,} users (above); for the other {len(rest):,}, run forget "
-            f"again with the same options for: {shown}{more}")
+            f"again with the same options for: {some_of(rest, UNSENT_IDS_SHOWN, shlex.quote, ' ')}")
 
 
 async def send_forget_requests(kafka: KafkaConnection | str, topic: str, requests: list[ForgetRequest],

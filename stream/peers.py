@@ -55,10 +55,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from stream.connections import started_reader
 from stream.decoding import decode_event, decode_forget
+from stream.errors import some_of
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
 from stream.pseudonyms import Pseudonyms
-from stream.records import Bounds
+from stream.records import Bounds, ForgetRequest
 from stream.retry import Backoff, run_until_done
 from stream.step_inputs import source_of
 
@@ -149,17 +150,8 @@ BACKOFF_RESET_S = 60.0
 LOGGED_IDS = 5
 
 
-def _some_ids(requests: Sequence) -> str:
-    """The first :data:`LOGGED_IDS` requests' ids, and how many more (each id is bounded at
-    decoding, their number is not).
-
-    >>> from types import SimpleNamespace as R
-    >>> _some_ids([R(request_id=f"f{n}") for n in range(7)])
-    "'f0', 'f1', 'f2', 'f3', 'f4' and 2 more"
-    """
-    shown = ", ".join(repr(r.request_id) for r in requests[:LOGGED_IDS])
-    rest = len(requests) - LOGGED_IDS
-    return f"{shown} and {rest} more" if rest > 0 else shown
+def _request_id(req: ForgetRequest) -> str:
+    return repr(req.request_id)
 
 
 class PeerLearner:
@@ -340,7 +332,7 @@ class PeerLearner:
                     self.on_forget_users([req.user_id for req in forgets])
                 self.metrics.forgets_applied.inc(len(forgets))
                 log.info("purged %d forgotten user(s) from the models (forget requests %s, read from another "
-                         "worker's partitions)", len(forgets), _some_ids(forgets))
+                         "worker's partitions)", len(forgets), some_of(forgets, LOGGED_IDS, _request_id))
             if len(events) >= THREAD_MIN_EVENTS:
                 n = await asyncio.to_thread(self.step.relearn, events, positions, self._seen, now)
             else:

@@ -38,7 +38,7 @@ from kafka.errors import KafkaError
 from online_models.types import Explanation
 from stream.connections import ISOLATION_LEVEL
 from stream.decoding import id_problem
-from stream.errors import counted
+from stream.errors import counted, some_of
 from stream.records import (
     CONTROL_CHARS,
     DeadLetter,
@@ -91,9 +91,7 @@ def _item_text(it: RecommendedItem) -> str:
 def recommendation_line(rec: Recommendation, items: int = 5) -> str:
     """``user  item score (why), ...  latency N ms  after EVENT  model versions`` for one
     recommendation; ``(why)`` is the item's :func:`explanation_text`, where it has one."""
-    shown = ", ".join(map(_item_text, rec.items[:items])) or "(no items)"
-    if len(rec.items) > items:
-        shown += f" (+{len(rec.items) - items} more)"
+    shown = some_of(rec.items, items, _item_text) or "(no items)"
     models = " ".join(f"{name}={version}" for name, version in sorted(rec.model.items()))
     if rec.context and rec.context.get("kind") == "search":
         shown = f"search {rec.context.get('query', '')!r}: {shown}"

@@ -283,7 +283,7 @@ def test_tail_prints_recommendations_and_filters_by_user(kafka_bootstrap, topic_
     common = ["--bootstrap", kafka_bootstrap, "--topic-prefix", topic_prefix, "--from-beginning", "--timeout", "30"]
 
     lines = run("tail", *common, "--limit", "4").splitlines()
-    assert sorted(lines) == sorted(f"u{n}  i0 1.000, i1 0.900, i2 0.800, i3 0.700, i4 0.600 (+2 more)  "
+    assert sorted(lines) == sorted(f"u{n}  i0 1.000, i1 0.900, i2 0.800, i3 0.700, i4 0.600 (and 2 more)  "
                                    f"latency {10 + n} ms  after e-u{n}  scorer=v1" for n in range(4))
 
     (line,) = run("tail", *common, "--limit", "1", "--user", "u2", "--json").splitlines()

@@ -266,5 +266,5 @@ async def test_a_fetch_of_many_forget_requests_names_a_few_in_its_log_line_and_c
     with caplog.at_level("INFO", logger="streamrec.peers"):
         await peers._learn({TopicPartition("s.forget", 1): requests}, peers._version)
     [line] = [r.getMessage() for r in caplog.records if "purged" in r.getMessage()]
-    assert line.startswith("purged 1000 forgotten user(s)") and "and 995 more" in line
+    assert line.startswith("purged 1000 forgotten user(s)") and "(and 995 more)" in line
     assert "req-4-" in line and "req-5-" not in line and len(line) < 1_000

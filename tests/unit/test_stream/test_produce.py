@@ -407,7 +407,7 @@ REC = Recommendation(user_id="u1", items=[RecommendedItem(f"i{n}", 1 / (n + 1)) 
 
 def test_recommendation_line_is_compact_and_complete():
     line = recommendation_line(REC, items=3)
-    assert line == "u1  i0 1.000, i1 0.500, i2 0.333 (+5 more)  latency 25 ms  after e7  online=pop@9 scorer=v3"
+    assert line == "u1  i0 1.000, i1 0.500, i2 0.333 (and 5 more)  latency 25 ms  after e7  online=pop@9 scorer=v3"
     empty = Recommendation(user_id="u2", items=[], trigger_event_id="e", event_ts=5, generated_ts=5, model={})
     assert recommendation_line(empty) == "u2  (no items)  latency 0 ms  after e"
 
