@@ -103,6 +103,8 @@ class KafkaConnection:
     ssl_cafile: str = ""
     ssl_certfile: str = ""
     ssl_keyfile: str = ""
+    #: what named the bootstrap servers, for messages: a command's option (``--bootstrap``) or the environment variable
+    given_by: str = field(default="STREAMREC_KAFKA_BOOTSTRAP", compare=False, repr=False)
 
     @classmethod
     def of(cls, target: KafkaConnection | str) -> KafkaConnection:
@@ -251,7 +253,7 @@ class KafkaConnection:
             return denied
         within = f" within {timeout_s:g} s" if timeout_s is not None else ""
         return ServiceUnavailable(f"Kafka at {self.describe()} did not answer{within} ({exc}); start the local broker "
-                                  "with `make up`, or point STREAMREC_KAFKA_BOOTSTRAP at a running one")
+                                  f"with `make up`, or point {self.given_by} at a running one")
 
 
 # --------------------------------------------------------------------------- Redis

@@ -18,6 +18,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
+from typing import ClassVar
 
 from online_models.recommender import RecommenderConfig
 from stream.connections import KafkaConnection, RedisConnection, mask_url
@@ -145,6 +147,9 @@ def _env(name: str, default: str, help: str, secret: bool = False):
 class Settings:
     """Every knob of a streamrec process, with its environment variable beside it."""
 
+    #: field name -> the command-line option that gave its value (:meth:`with_options`; see :meth:`named`)
+    options_given: ClassVar[Mapping[str, str]] = MappingProxyType({})
+
     kafka_bootstrap: str = _env("STREAMREC_KAFKA_BOOTSTRAP", "127.0.0.1:9092", "Kafka bootstrap servers, host:port[,host:port]")
     kafka_security_protocol: str = _env("STREAMREC_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT", "how every client reaches Kafka: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
     kafka_sasl_mechanism: str = _env("STREAMREC_KAFKA_SASL_MECHANISM", "", "with SASL_*: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
@@ -238,7 +243,7 @@ class Settings:
         not of the environment variable the operator did not set (``produce -b localhost``)."""
         given = {name: value for name, (_, value) in options.items() if value is not None}
         try:
-            return cls.from_env(**given)
+            settings = cls.from_env(**given)
         except ConfigError as exc:
             message = str(exc)
             for f in fields(cls):
@@ -247,6 +252,19 @@ class Settings:
                     rest = message[len(env):]
                     raise ConfigError(options[f.name][0] + (f" {rest[1:]}" if rest.startswith("=") else rest)) from None
             raise
+        object.__setattr__(settings, "options_given", MappingProxyType({name: options[name][0] for name in given}))
+        return settings
+
+    def named(self, name: str) -> str:
+        """What gave the setting ``name`` (a field's name), as a message names it: the command's
+        option where one gave it (:meth:`with_options`), else its environment variable.
+
+        >>> settings = Settings.with_options(topic_prefix=("--topic-prefix", "t."), kafka_bootstrap=("--bootstrap", None))
+        >>> settings.named("topic_prefix"), settings.named("kafka_bootstrap")
+        ('--topic-prefix', 'STREAMREC_KAFKA_BOOTSTRAP')
+        """
+        given = self.options_given.get(name)
+        return given if given is not None else next(f.metadata["env"] for f in fields(self) if f.name == name)
 
     def check(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9._-]*", self.topic_prefix):
@@ -405,7 +423,7 @@ class Settings:
         return KafkaConnection(self.kafka_bootstrap, self.kafka_security_protocol.strip().upper(),
                                self.kafka_sasl_mechanism.strip().upper(), self.kafka_sasl_username,
                                self.kafka_sasl_password, self.kafka_ssl_cafile, self.kafka_ssl_certfile,
-                               self.kafka_ssl_keyfile)
+                               self.kafka_ssl_keyfile, given_by=self.named("kafka_bootstrap"))
 
     @property
     def redis(self) -> RedisConnection:

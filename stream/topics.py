@@ -326,7 +326,7 @@ def require_topics(settings, names: Iterable[str], timeout_s: float = 30.0) -> N
 def _no_topics(settings, missing: list[str]) -> StreamrecError:
     one = len(missing) == 1
     return StreamrecError(f"there {'is no topic' if one else 'are no topics'} {', '.join(missing)} on "
-                          f"{settings.kafka.bootstrap}: is STREAMREC_TOPIC_PREFIX ({settings.topic_prefix!r}) the "
+                          f"{settings.kafka.bootstrap}: is {settings.named('topic_prefix')} ({settings.topic_prefix!r}) the "
                           f"workers'? A worker creates {'it' if one else 'them'} when it starts: start one first")
 
 

@@ -9,7 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 from fakes import serving_not_kafka
+from typer.testing import CliRunner
 
+from stream import topics as topics_module
+from stream.cli import app as cli_app
 from stream.errors import ConfigError, ServiceUnavailable
 from stream.topics import check_topic_name, ensure_topics, probe, wait_for_kafka
 
@@ -33,6 +36,29 @@ def test_a_refused_connection_is_service_unavailable_naming_the_address():
         ensure_topics(bootstrap, ["a.clicks"], 1, timeout_s=0.5)
     assert bootstrap in str(info.value) and "make up" in str(info.value)
     assert threading.active_count() == threads  # no client thread left behind
+
+
+@pytest.mark.parametrize("command", [["forget", "u1"], ["tail", "--limit", "1"], ["produce", "--limit", "1", "--no-progress"]])
+def test_a_broker_that_does_not_answer_is_named_as_the_operator_named_it(command, monkeypatch):
+    """Given with -b, the error told the operator to point STREAMREC_KAFKA_BOOTSTRAP, which they had not set."""
+    bootstrap = f"127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("STREAMREC_KAFKA_BOOTSTRAP", bootstrap)
+    said = str(CliRunner().invoke(cli_app, command).exception)
+    assert f"{bootstrap} did not answer" in said and "point STREAMREC_KAFKA_BOOTSTRAP at a running one" in said, said
+    said = str(CliRunner().invoke(cli_app, [command[0], "-b", bootstrap, *command[1:]]).exception)
+    assert f"{bootstrap} did not answer" in said and "point --bootstrap at a running one" in said, said
+    assert "STREAMREC_KAFKA_BOOTSTRAP" not in said
+
+
+def test_a_topic_prefix_no_worker_uses_is_named_as_the_operator_named_it(monkeypatch):
+    """Given with --topic-prefix, the error asked whether STREAMREC_TOPIC_PREFIX was the workers'."""
+    monkeypatch.setattr(topics_module, "partition_count", lambda kafka, topic: None)  # no such topic
+    monkeypatch.setenv("STREAMREC_TOPIC_PREFIX", "typo.")
+    said = str(CliRunner().invoke(cli_app, ["forget", "u1"]).exception)
+    assert "there is no topic typo.forget" in said and "is STREAMREC_TOPIC_PREFIX ('typo.') the workers'?" in said, said
+    said = str(CliRunner().invoke(cli_app, ["forget", "--topic-prefix", "other.", "u1"]).exception)
+    assert "there is no topic other.forget" in said and "is --topic-prefix ('other.') the workers'?" in said, said
+    assert "STREAMREC_TOPIC_PREFIX" not in said
 
 
 def test_wait_for_kafka_gives_up_after_its_timeout():
