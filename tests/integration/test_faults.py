@@ -21,7 +21,6 @@ except ImportError:  # pragma: no cover - kafka-python 2.x
     KafkaNetSocket = None
 from workerkit import (
     Feeder,
-    all_committed,
     applied_counts,
     committed_and_end,
     exactly_once,
@@ -29,6 +28,7 @@ from workerkit import (
     read_all,
     synthetic_records,
     user_doc,
+    wait_all_committed,
     wait_for,
 )
 
@@ -211,8 +211,8 @@ def test_a_dead_letter_topic_that_refuses_writes_holds_the_stream_until_it_takes
     assert [(d.code, d.offset) for d in letters] == [("malformed_json", offset)]
     wait_for(lambda: _ready(worker), 30, "the worker to be ready again", worker)
     wait_for(lambda: worker.metric("streamrec_output_blocked") == 0, 15, "streamrec_output_blocked back to 0", worker)
-    wait_for(lambda: all_committed(bootstrap, worker_env["STREAMREC_APP_ID"], [f"{topic_prefix}clicks"]), 30,
-             "everything committed", worker)
+    wait_all_committed(bootstrap, worker_env["STREAMREC_APP_ID"], [f"{topic_prefix}clicks"], 30,
+                       "everything committed", worker)
     assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()
 
 

@@ -14,10 +14,10 @@ import redis
 from workerkit import (
     FlowingFeed,
     WorkerProcess,
-    all_committed,
     exactly_once,
     produce,
     read_all,
+    wait_all_committed,
     wait_for,
 )
 
@@ -155,8 +155,8 @@ def test_with_one_partition_the_lists_after_a_kill_9_are_those_of_an_uninterrupt
         second = WorkerProcess(env, tmp_path / "second.log").start()
         # the restarted worker has caught up (what it redelivers to itself is a batch of its own)
         # before the next event comes: the same batches as the uninterrupted run
-        wait_for(lambda: all_committed(bootstrap, env["STREAMREC_APP_ID"], [f"{prefix}clicks"]), 90,
-                 "the restarted worker to catch up", second)
+        wait_all_committed(bootstrap, env["STREAMREC_APP_ID"], [f"{prefix}clicks"], 90,
+                           "the restarted worker to catch up", second)
         for i in range(fed, len(events)):
             feed_one(second, i)
         assert second.stop(signal.SIGTERM) == 0, second.log_tail()

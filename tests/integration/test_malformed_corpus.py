@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import redis
 from malformed import corpus
-from workerkit import all_committed, applied_counts, produce, read_all, user_doc, wait_for
+from workerkit import applied_counts, produce, read_all, user_doc, wait_all_committed, wait_for
 
 from stream.records import (
     ClickEvent,
@@ -88,9 +88,8 @@ def test_a_thousand_malformed_values_between_valid_events(worker_env, workers, t
             assert clicks_seen == sorted(clicks_seen, key=lambda i: int(i.rsplit("-", 1)[1])), u
         # the agent never restarted, and the committed offsets reach the end of every partition
         assert worker.agent_restarts() == []
-        wait_for(lambda: all_committed(bootstrap, worker_env["STREAMREC_APP_ID"],
-                                       [f"{topic_prefix}clicks", f"{topic_prefix}purchases"]), 60,
-                 "the committed offsets to reach the end of every partition", worker)
+        wait_all_committed(bootstrap, worker_env["STREAMREC_APP_ID"], [f"{topic_prefix}clicks", f"{topic_prefix}purchases"],
+                           60, "the committed offsets to reach the end of every partition", worker)
         recs = [decode_recommendation(r.value) for r in read_all(bootstrap, f"{topic_prefix}recommendations")]
         assert {r.user_id for r in recs} == set(users)
     finally:

@@ -13,12 +13,12 @@ from collections import defaultdict
 import redis
 from workerkit import (
     FlowingFeed,
-    all_committed,
     consume_until,
     group_assignment,
     produce,
     read_all,
     user_doc,
+    wait_all_committed,
     wait_for,
 )
 
@@ -133,13 +133,13 @@ def test_a_redelivered_event_is_applied_once(worker_env, workers, topic_prefix):
     consume_until(bootstrap, f"{topic_prefix}recommendations",
                   lambda v: any(decode_recommendation(x).trigger_event_id == "dup-2" for x in v), 90, worker)
     # and once more after the first copies were applied and committed
-    wait_for(lambda: all_committed(bootstrap, group, inputs), 60, "the first four records committed", worker)
+    wait_all_committed(bootstrap, group, inputs, 60, "the first four records committed", worker)
     recs_before = [r.value for r in read_all(bootstrap, f"{topic_prefix}recommendations")]
     produce(bootstrap, topic_prefix, [("clicks", b"solo", encode(ev))])
     # The worker is done with the redelivered copy once its offset is committed (after the
     # state is saved and the outputs published) and its batch is in the metrics (recorded
     # once the batch's effects are durable): then whatever it did about it is there to see.
-    wait_for(lambda: all_committed(bootstrap, group, inputs), 60, "the redelivered copy committed", worker)
+    wait_all_committed(bootstrap, group, inputs, 60, "the redelivered copy committed", worker)
     wait_for(lambda: worker.metric("streamrec_batch_size_events_sum") == 5, 30, "all 5 records in the metrics", worker)
     assert worker.metric("streamrec_duplicates_skipped_total") == 3  # the two copies in the first batch, and this one
     assert worker.metric("streamrec_events_consumed_total", type="click") == 2

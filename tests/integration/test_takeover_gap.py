@@ -9,11 +9,11 @@ import signal
 import pytest
 from kafka.errors import KafkaError
 from workerkit import (
-    all_committed,
     exactly_once,
     group_assignment,
     produce,
     synthetic_records,
+    wait_all_committed,
     wait_for,
 )
 
@@ -63,7 +63,7 @@ def test_a_partition_taken_over_from_behind_the_reader_is_learned_whole(four, wo
     a2 = workers(metrics=True, **{**env, "STREAMREC_SNAPSHOT_INTERVAL_S": "3600"})
     produce(kafka_bootstrap, prefix, rest)
     wait_for(lambda: learned(a2)["recommender"] == len(records), 400, "a2 learns everything", a2)
-    wait_for(lambda: all_committed(kafka_bootstrap, group, inputs), 60, "all committed", a2)
+    wait_all_committed(kafka_bootstrap, group, inputs, 60, "all committed", a2)
 
     b = workers(metrics=True, **{**env, "STREAMREC_SNAPSHOT_INTERVAL_S": "3600"})
     wait_for(lambda: "learning the other workers' partitions too" in b.log_text(), 90, "b's reader starts", b)

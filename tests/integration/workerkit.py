@@ -22,6 +22,7 @@ import redis
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from online_models.datasets import synthetic_interactions
+from stream.connections import ISOLATION_LEVEL
 from stream.records import ClickEvent, PurchaseEvent, encode
 from stream.state import UserState
 from stream.topics import committed_offsets
@@ -213,9 +214,72 @@ def committed_and_end(bootstrap: str, group: str, topics: list[str]) -> tuple[di
     return committed, ends
 
 
+#: longest :func:`unread` reads a partition from the group's committed offset towards its end
+READ_PAST_S = 15.0
+
+
+def unread(bootstrap: str, group: str, topics: list[str], timeout_s: float = READ_PAST_S) -> dict[tuple[str, int], tuple[int, int]]:
+    """The partitions of ``topics`` that hold a record the group has not committed past, each
+    with (committed offset, end offset); ``{}`` once it has committed past every one.
+
+    A reader of committed data (the worker's isolation level) is never handed some offsets: a
+    transaction's commit or abort marker, an aborted transaction's records. A partition whose last
+    write was a transaction ends with its marker, so the group's committed offset stays short of
+    the end for good, and comparing the two waited for ever. Where the committed offset is short
+    of the end (the last stable offset: an open transaction's records are not there yet), the
+    partition is read from it as the worker reads it: a record handed over is unread, a position
+    that reaches the end without one was only offsets no reader gets. A read that does neither
+    within ``timeout_s`` is an AssertionError naming the partitions, never a wait without end."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                             isolation_level=ISOLATION_LEVEL)
+    try:
+        committed = committed_offsets(bootstrap, group)
+        parts = [TopicPartition(t, p) for t in topics for p in (consumer.partitions_for_topic(t) or [])]
+        ends = consumer.end_offsets(parts)
+        short = {tp: committed.get((tp.topic, tp.partition), 0) for tp in parts}
+        short = {tp: at for tp, at in short.items() if at < ends[tp]}
+        found: set[TopicPartition] = set()
+        if short:
+            consumer.assign(list(short))
+            for tp, at in short.items():
+                consumer.seek(tp, at)
+            deadline = time.monotonic() + timeout_s
+            while pending := [tp for tp in short if tp not in found and consumer.position(tp) < ends[tp]]:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"reading {', '.join(f'{tp.topic}[{tp.partition}]' for tp in pending)} from "
+                                         f"group {group}'s committed offsets reached neither a record nor the end "
+                                         f"within {timeout_s:g} s (at {[consumer.position(tp) for tp in pending]}, "
+                                         f"ends {[ends[tp] for tp in pending]})")
+                for tp, records in consumer.poll(timeout_ms=200).items():
+                    if records:
+                        found.add(tp)
+                        consumer.pause(tp)
+    finally:
+        consumer.close()
+    return {(tp.topic, tp.partition): (short[tp], ends[tp]) for tp in sorted(found)}
+
+
 def all_committed(bootstrap: str, group: str, topics: list[str]) -> bool:
-    committed, ends = committed_and_end(bootstrap, group, topics)
-    return all(committed.get(tp, 0) == end for tp, end in ends.items())
+    """Whether group ``group`` has committed past every record of ``topics`` (:func:`unread`)."""
+    return not unread(bootstrap, group, topics)
+
+
+def wait_all_committed(bootstrap: str, group: str, topics: list[str], timeout: float, what: str,
+                       worker: WorkerProcess | None = None) -> None:
+    """Wait until :func:`all_committed`; fail after ``timeout`` seconds naming each partition
+    still holding a record past the group's committed offset, with the offset and the end."""
+    left: dict[tuple[str, int], tuple[int, int]] = {}
+
+    def done() -> bool:
+        left.clear()
+        left.update(unread(bootstrap, group, topics))
+        return not left
+
+    try:
+        wait_for(done, timeout, what, worker)
+    except AssertionError as exc:
+        short = ", ".join(f"{t}[{p}] committed {at}, end {end}" for (t, p), (at, end) in left.items())
+        raise AssertionError(f"records past group {group}'s committed offsets ({short}); {exc}") from None
 
 
 def group_assignment(bootstrap: str, group: str, topics: list[str]) -> dict[str, frozenset[tuple[str, int]]] | None:
