@@ -77,6 +77,7 @@ from stream import logs
 from stream.connections import ISOLATION_LEVEL
 from stream.decoding import decode_event, decode_forget
 from stream.errors import counted, described
+from stream.kafka_sockets import close_failed_connects
 from stream.logs import Thinned
 from stream.records import DEFAULT_BOUNDS, Bounds
 from stream.retry import Backoff
@@ -209,6 +210,7 @@ def retrain(
                                  "(the log every fit also trains on) or drop --format", param_hint="--format")
     check_device(device, "--device", training=True)
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))  # its INFO is per connection
+    close_failed_connects()  # it reads for days: each broker outage's refused attempts, closed (stream/kafka_sockets.py)
     missing = missing_train_packages()
     if missing:
         typer.secho(f"streamrec retrain needs {' and '.join(missing)}, not installed here: {INSTALL_TRAIN}", fg="red", err=True)

@@ -39,6 +39,7 @@ from online_models.types import Explanation
 from stream.connections import ISOLATION_LEVEL
 from stream.decoding import id_problem
 from stream.errors import counted, some_of
+from stream.kafka_sockets import close_failed_connects
 from stream.records import (
     CONTROL_CHARS,
     DeadLetter,
@@ -213,6 +214,7 @@ def tail(
     settings = Settings.with_options(kafka_bootstrap=("--bootstrap", bootstrap), topic_prefix=("--topic-prefix", topic_prefix))
     topic = settings.topics.dlq if dlq else settings.topics.recommendations
     kafka = settings.kafka
+    close_failed_connects()  # it follows for as long as it is left: each broker outage's refused attempts, closed
     require_topic(settings, topic)  # a typo in the prefix must not create topics and wait on them forever
     try:
         # committed data only, as every streamrec reader: what a transactional producer aborted stays

@@ -14,11 +14,6 @@ import pytest
 import redis
 from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType
-
-try:  # kafka-python 3.0's connection code (2.x connects elsewhere: nothing to patch there)
-    from kafka.net.inet import KafkaNetSocket
-except ImportError:  # pragma: no cover - kafka-python 2.x
-    KafkaNetSocket = None
 from workerkit import (
     Feeder,
     applied_counts,
@@ -32,6 +27,7 @@ from workerkit import (
     wait_for,
 )
 
+from stream.kafka_sockets import KafkaNetSocket, closing_on_failure
 from stream.records import ClickEvent, decode_dead_letter, decode_recommendation, encode
 from stream.topics import ensure_topics
 
@@ -41,21 +37,11 @@ OUTAGE_S = 20
 @pytest.fixture
 def refused_sockets_closed(monkeypatch):
     """kafka-python 3.0 leaves the socket of each connection attempt that the broker refuses to
-    the garbage collector (``KafkaNetSocket.sock_connect`` raises without closing it): a test's
-    producer makes one a second while the broker is stopped, and the collector reported them as
-    ResourceWarnings, in whichever test it ran during. Here each is closed as its attempt fails."""
-    if KafkaNetSocket is None:
-        return
-    connect = KafkaNetSocket.sock_connect
-
-    async def sock_connect(self, net, sock, sockaddr, timeout_at=None):
-        try:
-            return await connect(self, net, sock, sockaddr, timeout_at=timeout_at)
-        except BaseException:
-            sock.close()
-            raise
-
-    monkeypatch.setattr(KafkaNetSocket, "sock_connect", sock_connect)
+    the garbage collector (stream/kafka_sockets.py): a test's producer makes one a second while
+    the broker is stopped, and the collector reported them as ResourceWarnings, in whichever
+    test it ran during. Here each is closed as its attempt fails, as retrain and tail do."""
+    if KafkaNetSocket is not None:
+        monkeypatch.setattr(KafkaNetSocket, "sock_connect", closing_on_failure(KafkaNetSocket.sock_connect))
 
 
 def _ready(worker) -> bool:
