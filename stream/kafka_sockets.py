@@ -27,9 +27,9 @@ def closing_on_failure(connect: SockConnect) -> SockConnect:
     if getattr(connect, "closes_on_failure", False):
         return connect
 
-    async def sock_connect(self, net, sock, sockaddr, timeout_at=None):
+    async def sock_connect(self, net, sock, *args, **kwargs):  # the rest passed as given: a later signature too
         try:
-            return await connect(self, net, sock, sockaddr, timeout_at=timeout_at)
+            return await connect(self, net, sock, *args, **kwargs)
         except BaseException:
             sock.close()
             raise
