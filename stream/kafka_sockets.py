@@ -35,6 +35,7 @@ def closing_on_failure(connect: SockConnect) -> SockConnect:
             raise
 
     sock_connect.closes_on_failure = True  # type: ignore[attr-defined]
+    sock_connect.__wrapped__ = connect  # type: ignore[attr-defined]
     return sock_connect
 
 
