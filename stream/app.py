@@ -35,6 +35,12 @@ from stream.settings import Settings
 from stream.shell import Shell, load_arm_scorers, load_scorer
 from stream.state import CachedUserStateStore, RedisUserStateStore, UserStateStore
 
+#: how often the worker's consumer asks the brokers for the topics' partitions (aiokafka's
+#: ``metadata_max_age_ms``, five minutes by default): partitions added to the input topics are
+#: read (the group rebalances to assign them), and counted by the ``partitions`` readiness
+#: condition, at most this long after the producers may write there
+METADATA_MAX_AGE_S = 10
+
 
 def create_app(settings: Settings, metrics: Metrics | None = None, recommender: Recommender | None = None,
                scorer=None, load_model: bool = True, health: Health | None = None,
@@ -182,6 +188,7 @@ def _faust_app(settings: Settings) -> faust.App:
         producer_acks=-1,
         stream_buffer_maxsize=max(4096, settings.batch_size * 4),
         broker_max_poll_records=max(500, settings.batch_size),
+        consumer_metadata_max_age_ms=METADATA_MAX_AGE_S * 1000,
         # Faust would wait for every buffered event to be acknowledged before a rebalance or
         # shutdown; take_batches leaves an unfinished batch unacknowledged on purpose, and the
         # Worker below drains the batch in hand itself.
