@@ -43,7 +43,7 @@ from stream.snapshots import ModelSnapshots, serving_with
 from stream.state import Fenced, UserStateStore, incarnation
 from stream.step_inputs import source_of
 from stream.step_results import exception_text
-from stream.topics import committed_offsets, topic_ids
+from stream.topics import committed_offsets, topic_ids, uneven_partitions
 
 log = logging.getLogger("streamrec.app")
 log.addFilter(ClippedTracebacks())  # a batch's exception quoted cut short in its traceback (stream/logs.py)
@@ -115,6 +115,8 @@ class Shell:
     handled: dict[TP, int] = field(default_factory=dict)
     #: per partition whose handled events wait for a commit: (the committed offset seen, since when)
     commit_waits: dict[TP, tuple[int | None, float]] = field(default_factory=dict)
+    #: what the ``partitions`` condition last said in the log (None: the counts agree)
+    uneven_said: str | None = None
     #: scorer versions that failed to load: counted once, not tried again
     refused_models: set[str] = field(default_factory=set)
     claims: Claims = field(init=False)
@@ -449,7 +451,39 @@ class Shell:
         await check_readiness(app, self.store, self.health, self.settings.kafka_bootstrap, inputs)
         await update_lag(app, self.lag, inputs)
         self.watch_commits(app)
+        self.watch_partitions(app)
         self.lag.set_scorer(self.step.scorer)  # reads the manifest only when the scorer or its version changes
+
+    def watch_partitions(self, app) -> None:
+        """The ``partitions`` condition: fails while the topics the agent reads together
+        (``Topics.consumed``) do not have one partition count, as the consumer's metadata (refreshed
+        every ``stream.app.METADATA_MAX_AGE_S``) has them now. The worker checks it at start
+        (:func:`~stream.topics.check_copartitioned`); partitions added later to some of them
+        only (the clicks topic grown, the forget topic not) would otherwise go unsaid until the
+        next start refuses: meanwhile the group assigns each partition count's topics on their
+        own, so one user's clicks, purchases and forget requests may go to different workers.
+        Said once in the log (an error) each time it starts failing; the worker goes on."""
+        consumer = app.consumer
+        counts = {}
+        for topic in self.settings.topics.consumed:
+            try:
+                n = consumer.topic_partitions(topic)
+            except Exception:  # noqa: BLE001 - not started: nothing known yet
+                return
+            if n:  # a topic not created yet (the worker creates them at start) says nothing
+                counts[topic] = n
+        uneven = uneven_partitions(counts)
+        if uneven is None:
+            if counts:
+                self.health.set("partitions", True, f"the topics read together have {max(counts.values())} partitions each")
+            self.uneven_said = None
+            return
+        detail = (f"{uneven}; until then one user's events may be handled by two workers at once "
+                  "(docs/operations.md, Scaling out)")
+        self.health.set("partitions", False, detail)
+        if detail != self.uneven_said:
+            self.uneven_said = detail
+            log.error("%s", detail)
 
     def watch_commits(self, app, now: float | None = None) -> None:
         """The ``commits`` condition: fails while a partition's committed offset has not moved

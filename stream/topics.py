@@ -345,11 +345,26 @@ def check_copartitioned(bootstrap: KafkaConnection | str, names: Iterable[str], 
             raise _unavailable(kafka, timeout_s, exc) from None
     finally:
         admin.close()
-    if len(set(counts.values())) > 1:
-        listed = ", ".join(f"{n} has {c}" for n, c in counts.items())
-        raise ConfigError(f"the topics a worker reads together must have as many partitions each ({listed}): a user's "
-                          "events and forget requests must land on the same partition number. Add partitions to the "
-                          "smaller ones (kafka-topics.sh --alter --partitions N), or recreate the forget topic")
+    uneven = uneven_partitions(counts)
+    if uneven:
+        raise ConfigError(uneven)
+
+
+def uneven_partitions(counts: Mapping[str, int]) -> str | None:
+    """What is wrong, for an operator, when the topics a worker reads together (``counts``:
+    each one's partitions) do not have one partition count; None when they do.
+
+    >>> uneven_partitions({"clicks": 4, "purchases": 4}) is None
+    True
+    >>> print(uneven_partitions({"clicks": 4, "purchases": 2}))  # doctest: +ELLIPSIS
+    the topics a worker reads together must have as many partitions each (clicks has 4, purchases has 2): ...
+    """
+    if len(set(counts.values())) <= 1:
+        return None
+    listed = ", ".join(f"{n} has {c}" for n, c in counts.items())
+    return (f"the topics a worker reads together must have as many partitions each ({listed}): a user's "
+            "events and forget requests must land on the same partition number. Add partitions to the "
+            "smaller ones (kafka-topics.sh --alter --partitions N), or recreate the forget topic")
 
 
 def align_topic_configs(bootstrap: KafkaConnection | str, configs: Mapping[str, Mapping[str, str]],
@@ -451,4 +466,4 @@ def _created(response: dict, asked: list[str]) -> list[str]:
     return [n for n in asked if n in created]
 
 
-__all__ = ["align_topic_configs", "check_copartitioned", "check_login", "check_topic_name", "committed_offsets", "ensure_streamrec_topics", "ensure_topics", "partition_count", "probe", "require_topic", "require_topics", "topic_ids", "wait_for_kafka"]
+__all__ = ["align_topic_configs", "check_copartitioned", "check_login", "check_topic_name", "committed_offsets", "ensure_streamrec_topics", "ensure_topics", "partition_count", "probe", "require_topic", "require_topics", "topic_ids", "uneven_partitions", "wait_for_kafka"]

@@ -233,3 +233,42 @@ async def test_commits_that_stop_moving_behind_the_handled_events_make_the_worke
     ready, text = health.readiness()
     assert ready, text
     assert shell.handled == {}
+
+
+def test_topics_read_together_with_different_partition_counts_make_the_worker_unready(caplog):
+    """Partitions added to the clicks topic alone while the worker runs: its consumer's metadata
+    shows the counts differ, and readiness says which and what to do (the log once), until the
+    others are grown too. A topic not created yet says nothing."""
+    clock = Clock()
+    shell, health = ready_shell(clock)
+    counts = {t: 2 for t in ("streamrec.clicks", "streamrec.purchases", "streamrec.forget")}
+    app = SimpleNamespace(consumer=SimpleNamespace(topic_partitions=counts.get))
+    shell.watch_partitions(app)
+    ready, text = health.readiness()
+    assert ready and "partitions: ok (the topics read together have 2 partitions each)" in text, text
+    counts["streamrec.clicks"] = 4
+    with caplog.at_level("ERROR", logger="streamrec.app"):
+        for _ in range(3):
+            shell.watch_partitions(app)
+    ready, text = health.readiness()
+    assert not ready
+    assert "partitions: FAIL (the topics a worker reads together must have as many partitions each (streamrec.clicks " \
+           "has 4, streamrec.purchases has 2, streamrec.forget has 2)" in text, text
+    assert "Add partitions to the smaller ones" in text
+    assert len([r for r in caplog.records if "as many partitions" in r.getMessage()]) == 1  # not every 2 s
+    counts.update({"streamrec.purchases": 4, "streamrec.forget": 4})
+    shell.watch_partitions(app)
+    ready, text = health.readiness()
+    assert ready and "partitions: ok (the topics read together have 4 partitions each)" in text, text
+
+
+def test_partitions_are_not_judged_before_the_consumer_starts():
+    clock = Clock()
+    shell, health = ready_shell(clock)
+
+    def not_started(topic):
+        raise RuntimeError("consumer not started")
+
+    shell.watch_partitions(SimpleNamespace(consumer=SimpleNamespace(topic_partitions=not_started)))
+    ready, text = health.readiness()
+    assert ready and "partitions" not in text, text
