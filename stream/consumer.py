@@ -369,6 +369,18 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
     shutdown_timeout = THREAD_STOP_S
 
+    def topic_partitions(self, topic: str) -> int | None:
+        """How many partitions ``topic`` has, as this member's client metadata says (refreshed
+        every ``stream.app.METADATA_MAX_AGE_S``; None: not known). Faust's answer is aiokafka's
+        coordinator snapshot, which only the group's leader keeps: every other worker got None,
+        so its peer reader (stream/peers.py) counted partitions added since start-up only up to
+        its own highest, and the ``partitions`` readiness condition was never judged there."""
+        consumer = self._consumer
+        if consumer is None:
+            return None
+        partitions = consumer._client.cluster.partitions_for_topic(topic)  # noqa: SLF001 - no public call
+        return len(partitions) if partitions else super().topic_partitions(topic)
+
     def _create_worker_consumer(self, transport):
         consumer = super()._create_worker_consumer(transport)
         # Faust reads committed data only when it writes in transactions itself; a site's

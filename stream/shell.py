@@ -472,6 +472,7 @@ class Shell:
                 return
             if n:  # a topic not created yet (the worker creates them at start) says nothing
                 counts[topic] = n
+        self.widen_peer_partitions(counts)
         uneven = uneven_partitions(counts)
         if uneven is None:
             if counts:
@@ -484,6 +485,23 @@ class Shell:
         if detail != self.uneven_said:
             self.uneven_said = detail
             log.error("%s", detail)
+
+    def widen_peer_partitions(self, counts: dict[str, int]) -> None:
+        """Tell the peer reader again, with ``counts``, where the input topics now have more
+        partitions than it was told at the last assignment: a worker other than the group's
+        leader still had the old counts then (the leader's metadata refresh starts the
+        rebalance; the others' comes up to ``stream.app.METADATA_MAX_AGE_S`` later), and its
+        models never learned the added partitions that other workers own."""
+        if self.revoking or self.peer_assignment is None:
+            return
+        owned, known = self.peer_assignment
+        grown = {t: range(n) for t, n in counts.items() if t in known and n > len(known[t])}
+        if not grown:
+            return
+        self.peer_assignment = (owned, {**known, **grown})
+        log.info("the input topics have more partitions than at the last rebalance (%s): the other workers' are "
+                 "learned too", ", ".join(f"{t} has {len(r)}" for t, r in grown.items()))
+        self.peers.assign(*self.peer_assignment)
 
     def watch_commits(self, app, now: float | None = None) -> None:
         """The ``commits`` condition: fails while a partition's committed offset has not moved

@@ -11,6 +11,7 @@ from faust.types import TP
 from prometheus_client import CollectorRegistry
 
 from stream.app import create_app
+from stream.consumer import ConsumerThread
 from stream.handler import BatchHandler
 from stream.health import Health, check_readiness
 from stream.prometheus import Metrics
@@ -272,3 +273,36 @@ def test_partitions_are_not_judged_before_the_consumer_starts():
     shell.watch_partitions(SimpleNamespace(consumer=SimpleNamespace(topic_partitions=not_started)))
     ready, text = health.readiness()
     assert ready and "partitions" not in text, text
+
+
+def test_the_peer_reader_is_told_of_partitions_added_after_the_assignment():
+    """A worker other than the group's leader had the old partition counts at the rebalance the
+    leader started: once its metadata shows the new ones, its peer reader reads them too."""
+    shell, _ = ready_shell(Clock())
+    told = []
+    shell.peers = SimpleNamespace(assign=lambda owned, partitions: told.append((owned, dict(partitions))))
+    owned = [("streamrec.clicks", 1), ("streamrec.purchases", 1), ("streamrec.forget", 1)]
+    shell.peer_assignment = (owned, {t: range(2) for t in ("streamrec.clicks", "streamrec.purchases", "streamrec.forget")})
+    counts = {"streamrec.clicks": 2, "streamrec.purchases": 2, "streamrec.forget": 2}
+    app = SimpleNamespace(consumer=SimpleNamespace(topic_partitions=counts.get))
+    shell.watch_partitions(app)
+    assert told == []  # nothing new
+    counts.update({"streamrec.clicks": 4, "streamrec.purchases": 4, "streamrec.forget": 4})
+    shell.revoking = True  # a rebalance under way: the next assignment says
+    shell.watch_partitions(app)
+    assert told == []
+    shell.revoking = False
+    shell.watch_partitions(app)
+    shell.watch_partitions(app)  # told once
+    assert told == [(owned, {t: range(4) for t in counts})]
+
+
+def test_every_worker_counts_partitions_from_its_own_metadata():
+    """Faust's count is aiokafka's coordinator snapshot, kept by the group's leader alone; the
+    worker's consumer thread reads its client's metadata, which every member keeps."""
+    thread = ConsumerThread.__new__(ConsumerThread)
+    thread._consumer = SimpleNamespace(_coordinator=SimpleNamespace(_metadata_snapshot={}),
+                                       _client=SimpleNamespace(cluster=SimpleNamespace(
+                                           partitions_for_topic={"streamrec.clicks": {0, 1, 2}}.get)))
+    assert thread.topic_partitions("streamrec.clicks") == 3
+    assert thread.topic_partitions("streamrec.other") is None
