@@ -164,6 +164,8 @@ def test_partitions_added_while_workers_run_are_read_and_nothing_is_lost(workers
         assert w.metric("streamrec_peer_failures_total") == 0, w.log_tail()
         assert w.metric("streamrec_peer_events_learned_total") > 0, w.log_tail()
         assert "must have as many partitions" not in w.log_text(), w.log_tail()
+    # the added partitions were claimed by their owners (fencing: stream/state.py)
+    assert all(redis_client.exists(f"{prefix}claim:{p}") for p in range(4))
     assert read_all(kafka_bootstrap, f"{prefix}dlq") == []
     # readiness failed only while the group rebalanced, never for the partitions' counts
     reasons = {body for _, body in watch.unready}
