@@ -683,7 +683,9 @@ class CachedUserStateStore:
 
     Users are co-partitioned on every topic the worker writes their state for, so between two
     claims only this worker writes its users' documents (a user whose message was not keyed by
-    their id may have reached another worker: the handler :meth:`discard` s them first). A
+    their id may have reached another worker: the handler :meth:`discard` s them first; while
+    partitions are added to the input topics, a user's events may be on two partitions owned by
+    two workers, and each saves from its own copy: docs/operations.md, Adding partitions later). A
     worker that lost its partitions without knowing (a long pause) still reads its own last
     write, and its save is then refused by the fence as before. Each load decodes the kept bytes afresh: the step gets states of its
     own, as from Redis.
