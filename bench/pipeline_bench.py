@@ -65,14 +65,18 @@ def produce(env: dict, args, limit: int, rate: float | None) -> None:
     subprocess.run(cmd, env=env, check=True, cwd=ROOT)
 
 
-def start_workers(env: dict, n: int, name: str) -> list[tuple[subprocess.Popen, int, Path]]:
+#: what ``--worker`` runs: the worker, or the research contender on librdkafka (bench/cshell_worker.py)
+WORKERS = {"faust": EXE + ["worker"], "cshell": [sys.executable, str(ROOT / "bench" / "cshell_worker.py")]}
+
+
+def start_workers(env: dict, n: int, name: str, kind: str = "faust") -> list[tuple[subprocess.Popen, int, Path]]:
     """``n`` workers of one consumer group, each with its own metrics port and log."""
     out = []
     for i in range(n):
         port = free_port()
         log = ROOT / ".run" / f"bench-worker-{name}-{i}.log"
         with open(log, "wb") as fh:
-            proc = subprocess.Popen(EXE + ["worker"], env=dict(env, STREAMREC_METRICS_PORT=str(port)),
+            proc = subprocess.Popen(WORKERS[kind], env=dict(env, STREAMREC_METRICS_PORT=str(port)),
                                     stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
         out.append((proc, port, log))
     return out
@@ -210,7 +214,7 @@ def throughput(args) -> tuple[float, int]:
     arrivals = Arrivals(settings.kafka, settings.topics.recommendations)
     arrivals.start()
     arrivals.ready.wait(30)
-    workers = start_workers(env, args.workers, "throughput")
+    workers = start_workers(env, args.workers, "throughput", args.worker)
     try:
         arrivals.wait_first(args.timeout, workers)
         cpu0 = workers_cpu(workers)  # start-up (imports, model load) excluded
@@ -268,7 +272,7 @@ def latency(args) -> list[float]:
     arrivals = Arrivals(settings.kafka, settings.topics.recommendations)
     arrivals.start()
     arrivals.ready.wait(30)
-    workers = start_workers(env, args.workers, "latency")
+    workers = start_workers(env, args.workers, "latency", args.worker)
     try:
         wait_ready(workers, args.warmup)  # in the group, partitions assigned, no rebalance going on
         cpu0 = workers_cpu(workers)
@@ -329,9 +333,12 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--workers", type=int, default=1, help="worker processes in the consumer group (at most the partitions)")
     p.add_argument("--latency-out", type=Path, help="write each recommendation's event ts and latency (ms) here, as CSV")
+    p.add_argument("--worker", choices=sorted(WORKERS), default="faust",
+                   help="faust: `streamrec worker`; cshell: the research contender on librdkafka (bench/cshell_worker.py, "
+                        "needs confluent-kafka; not the worker)")
     p.add_argument("--skip", nargs="*", default=[], choices=["throughput", "bare", "latency"])
     args = p.parse_args()
-    print(f"streamrec pipeline bench: {os.cpu_count()} cores, {args.workers} worker(s), dataset {args.dataset or 'synthetic'}, "
+    print(f"streamrec pipeline bench: {os.cpu_count()} cores, {args.workers} {args.worker} worker(s), dataset {args.dataset or 'synthetic'}, "
           f"model dir {Settings.from_env().model_dir}")
     results = {}
     if "throughput" not in args.skip:
