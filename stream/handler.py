@@ -54,7 +54,14 @@ from stream.records import (
 from stream.retry import Backoff
 from stream.search_step import SearchStep
 from stream.settings import TopicNames
-from stream.state import Fenced, UserState, UserStateStore, align_incarnation, encode_state
+from stream.state import (
+    Fenced,
+    StateConflict,
+    UserState,
+    UserStateStore,
+    align_incarnation,
+    encode_state,
+)
 from stream.step_inputs import source_of
 from stream.step_results import LIVE_CUTOFFS, StepResult, exception_text
 
@@ -93,6 +100,10 @@ class RawMessage:
 #: the event loop whatever its batch's size: see BatchHandler.handle.
 THREAD_MIN_SEARCHES = 64
 
+
+#: most times a batch's events are applied again to the states another writer saved meanwhile
+#: (BatchHandler._save); each is one more load and save of those users only
+MERGES = 5
 
 #: a batch slower than this is logged with its stages (at most once per ``SLOW_LOG_EVERY_S``)
 SLOW_BATCH_S = 0.1
@@ -225,7 +236,7 @@ class BatchHandler:
         t4 = clock()
 
         if result.docs:
-            await self._retry("save", lambda: self.store.save_docs(result.docs, fence))
+            await self._save(events, positions, result, fence)
         if dead:  # the models pass over them too (a replay after a restart must not learn them)
             self.step.advance([msg.position for msg, _ in dead], dead=True)
         t5 = clock()
@@ -236,6 +247,28 @@ class BatchHandler:
                           "state_save": t5 - t4}, t5 - t0)
         except Exception:  # noqa: BLE001 - the batch's effects are done; a metric must not undo that
             log.exception("recording the batch's metrics failed")
+
+    async def _save(self, events: Sequence[Event], positions: Sequence[tuple[str, int]], result: StepResult,
+                    fence: dict[int, int] | None) -> None:
+        """Save the batch's user states, versioned: a user another writer saved since the batch
+        loaded them (their events reached two workers: partitions added while a backlog waits,
+        records not keyed by user id) is loaded again, the batch's events are applied to what
+        that writer saved (:meth:`RecommendationStep.merged_docs`), and saved again, at most
+        :data:`MERGES` times; then as it stands, logged (the other writer's events are then lost
+        from the user's state, as before versions were kept)."""
+        docs = result.docs
+        for _ in range(MERGES):
+            try:
+                await self._retry("save", lambda docs=docs: self.store.save_docs(docs, fence, versioned=True))
+                return
+            except StateConflict as conflict:
+                self.metrics.state_conflicts.inc(len(conflict.users))
+                docs = self.step.merged_docs(events, positions, result, await self._load(conflict.users))
+        log.error("%d user(s) saved by another worker after each of %d merges of this batch's events: saved as they "
+                  "stand, so events the other worker applied since are gone from their state. Their events reach "
+                  "two workers at once: see docs/operations.md (Adding partitions later) and "
+                  "streamrec_events_not_keyed_by_user_total", len(docs), MERGES)
+        await self._retry("save", lambda: self.store.save_docs(docs, fence))
 
     async def _load(self, users: list[str]) -> dict[str, UserState]:
         """The users' states (retried as :meth:`_retry` does), their offsets counting in the

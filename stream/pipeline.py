@@ -54,6 +54,7 @@ from online_models.recommender import ForgetError
 from online_models.search.catalogue import CatalogueMemo
 from online_models.search.cold_start import ContentMatcher
 from stream.experiments import (
+    RECS_KEPT,
     Arm,
     Attribution,
     Experiment,
@@ -115,6 +116,21 @@ class _Ranked:
     #: whether the list labels the re-ranker's training data (a baseline arm's lists do not:
     #: their features mean something else, and the blend arms' re-ranker must not learn them)
     teaches: bool = True
+
+
+def _merged_recs(theirs: list, ours: list) -> list:
+    """The lists two copies of a user's state remember (``UserState.recs``, each entry ``[rec_id,
+    ts, flags, ...]``), as one: each list once, with the flags either set, oldest first, the
+    newest :data:`~stream.experiments.RECS_KEPT`.
+
+    >>> _merged_recs([["a", 1, 1], ["b", 3, 0]], [["a", 1, 2], ["c", 2, 0]])
+    [['a', 1, 3], ['c', 2, 0], ['b', 3, 0]]
+    """
+    merged = {entry[0]: entry for entry in theirs}
+    for entry in ours:
+        held = merged.get(entry[0])
+        merged[entry[0]] = entry if held is None else [*entry[:2], entry[2] | held[2], *entry[3:]]
+    return sorted(merged.values(), key=lambda entry: entry[1])[-RECS_KEPT:]
 
 
 def _join(scores: list[dict[str, float] | None], candidates: list[list[str]]) -> list[dict[str, float] | None] | None:
@@ -336,7 +352,7 @@ class RecommendationStep:
         variants = self._count_variants(events, plan, recommendations, judged, site_ids, live)
         return StepResult(new_states, docs, recommendations, payloads, [events[i] for i in applied], plan.duplicates,
                           timings, live, learned_only=plan.learned_only, failures=failures, judged=judged,
-                          refused=plan.refused, variants=variants)
+                          refused=plan.refused, variants=variants, by_user=plan.applied)
 
     def _count_variants(self, events: Sequence[Event], plan: _Plan, recommendations: list[Recommendation],
                         judged: list[tuple[int, list[str]]], site_ids: Mapping[str, str] | None,
@@ -432,6 +448,48 @@ class RecommendationStep:
         self._advance(positions)
         return failed
 
+    def merged_docs(self, events: Sequence[Event], positions: Sequence[tuple[str, int]] | None, result: StepResult,
+                    stored: Mapping[str, UserState]) -> dict[str, bytes]:
+        """The documents to save in place of ``result.docs`` for the users of ``stored``: what
+        the store holds now, which another writer saved after this batch loaded them
+        (:class:`~stream.state.StateConflict`: their events reached two workers). Each user's
+        events of the batch are applied to it, in order, save those it holds already; the list
+        the batch published to them is their latest, and the lists both remember are kept, with
+        the clicks and purchases either credited them. Each document counts one save more than
+        the stored one. The models are not touched: they learned the batch once already.
+
+        >>> import msgspec
+        >>> from stream.records import ClickEvent
+        >>> step = RecommendationStep(Recommender.default())
+        >>> ev = [ClickEvent(event_id="e2", user_id="u1", item_id="i2", ts=2_000)]
+        >>> result = step(ev, {"u1": UserState("u1")}, lambda: 2_001)
+        >>> theirs = apply_event(UserState("u1", version=1), "e1", "i1", 1_000, "click", max_recent=50, dedupe_window=8)
+        >>> merged = step.merged_docs(ev, None, result, {"u1": theirs})
+        >>> state = msgspec.json.decode(merged["u1"], type=UserState)
+        >>> state.recent_items, state.clicks, state.version
+        (['i1', 'i2'], 2, 2)
+        """
+        cfg = self.config
+        out: dict[str, bytes] = {}
+        for uid, now in stored.items():
+            state = now.copy()
+            for n in result.by_user.get(uid, ()):
+                ev = events[n]
+                source, offset = positions[n] if positions is not None else (None, None)
+                if state.has_seen(ev.event_id, source, offset):
+                    continue
+                state = apply_event(state, ev.event_id, ev.item_id, ev.ts,
+                                    "purchase" if isinstance(ev, PurchaseEvent) else "click",
+                                    max_recent=cfg.max_recent, dedupe_window=cfg.dedupe_window,
+                                    session_id=ev.session_id, source=source, offset=offset)
+            ours = result.states.get(uid)
+            if ours is not None:
+                state.last_recommended = list(ours.last_recommended)
+                state.recs = _merged_recs(state.recs, ours.recs)
+            state.version = now.version + 1
+            out[uid] = encode_state(state)
+        return out
+
     def advance(self, positions: Sequence[tuple[str, int]], dead: bool = False) -> None:
         """Move the models' watermark past ``positions``; ``dead``: they were dead-lettered
         (the step passes over them if Kafka delivers them again)."""
@@ -507,7 +565,8 @@ class RecommendationStep:
                     continue
                 source, offset = positions[n] if positions is not None else (None, None)
                 current = plan.states.get(uid)
-                if current is None:
+                first = current is None  # the user's first event applied in this batch
+                if first:
                     current = states.get(uid)
                     if current is None:
                         current = UserState(uid)
@@ -538,6 +597,8 @@ class RecommendationStep:
                 new = apply_event(current.copy(), ev.event_id, ev.item_id, ev.ts, kind,
                                   max_recent=cfg.max_recent, dedupe_window=cfg.dedupe_window,
                                   session_id=ev.session_id, source=source, offset=offset, fp=fp)
+                if first:  # one save more than the loaded document: StateConflict says if another came between
+                    new.version += 1
                 if new.recs or ev.rec_id is not None:
                     credit = attribute(new.recs, new.last_recommended, ev.rec_id, ev.item_id, ev.ts, kind,
                                        cfg.attribution_window_ms)

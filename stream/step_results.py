@@ -121,6 +121,9 @@ class StepResult:
     #: per experiment arm ("default" without an experiment): lists, attributed clicks and
     #: purchases, live hit rate
     variants: dict[str, VariantCounts] = field(default_factory=dict)
+    #: each user's applied events (indices in the batch, in order): what the handler applies
+    #: again to a state another writer saved meanwhile (``RecommendationStep.merged_docs``)
+    by_user: dict[str, list[int]] = field(default_factory=dict)
 
 
 def judge(events: Sequence[Event], states: dict[str, UserState], applied: dict[str, list[int]]

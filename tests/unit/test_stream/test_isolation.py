@@ -413,13 +413,13 @@ async def test_a_retry_that_ends_in_an_error_it_does_not_retry_leaves_the_worker
     class BlipThenFenced(InMemoryUserStateStore):
         saves = 0
 
-        async def save_docs(self, docs, fence=None, delete=()):
+        async def save_docs(self, docs, fence=None, delete=(), versioned=False):
             self.saves += 1
             if self.saves == 1:
                 raise ConnectionError("Connection reset by peer")
             if self.saves == 2:
                 raise Fenced([0])
-            return await super().save_docs(docs, fence, delete)
+            return await super().save_docs(docs, fence, delete, versioned)
 
     health = Health()
     health.set("kafka", True)

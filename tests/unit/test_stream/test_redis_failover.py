@@ -45,8 +45,8 @@ class DemotedPrimary:
                 raise redis.ReadOnlyError("You can't write against a read only replica. script: 5145377d, on @user_script:12.")
             if script == _SAVE_LUA:
                 n, d = args[1], args[2]
-                self.docs.update(zip(keys[n + d:], args[4 + n:], strict=True))
-                return [len(keys) - n - d]
+                self.docs.update(zip(keys[n + d:], args[5 + n:], strict=True))
+                return [len(keys) - n - d, [], [], []]
             self.claims += 1
             return [self.claims] * len(keys)
 
