@@ -32,10 +32,21 @@ list (``rec_id``) the event is credited to, if any: the list whose ``rec_id`` th
 else the user's last list when it holds the event's item and was published at most
 ``window_ms`` before the event. A list counts once as clicked (and once as purchased), however
 many of its items are clicked; further clicks on it are counted as repeats.
+
+**The arm that served a list is named by its ``rec_id``**: every ``rec_id`` ends with ``-`` and
+the :func:`rec_tag` of the arm that ranked the list (4 characters of a hash of its name), so an
+event credited to a list counts under that arm (:meth:`Experiment.arm_named`), not the arm its
+user is in when it comes: a click on a list served before the experiment file changed (shares,
+arms) counts where the list was served. The id is what the user's state remembers of a list
+(``[rec_id, ts, flags]``: 5 characters more per list, no arm name) and the one thing a click
+echoes of a list ``streamrec serve`` answered, which no state remembers. A tag names only an arm
+of the experiment (a made-up one names none: per-arm counters stay the configured arms).
 """
 
 from __future__ import annotations
 
+import base64
+import functools
 import hashlib
 import json
 import random
@@ -59,6 +70,32 @@ BUCKETS = 10_000
 RECS_KEPT = 16
 #: flags of a remembered list
 CLICKED, PURCHASED, SHOWN = 1, 2, 4
+#: characters of an arm's tag at the end of a ``rec_id`` (:func:`rec_tag`), after :data:`TAG_SEP`
+TAG_CHARS = 4
+TAG_SEP = "-"
+
+
+@functools.lru_cache(maxsize=256)
+def rec_tag(variant: str) -> str:
+    """The tag that ends the ``rec_id`` of a list ``variant`` served: 4 characters (20 bits) of
+    BLAKE2b of its name, the same in every process, never a ``-``.
+
+    >>> rec_tag("blend"), rec_tag("blend") == rec_tag("control")
+    ('fv6m', False)
+    """
+    digest = hashlib.blake2b(variant.encode("utf-8", "surrogatepass"), digest_size=5).digest()
+    return base64.b32encode(digest).decode("ascii")[:TAG_CHARS].lower()
+
+
+def tag_of(rec_id: str) -> str | None:
+    """The arm's tag a ``rec_id`` ends with; None for one that has none (written before arms were
+    named in rec ids, or made by the site).
+
+    >>> tag_of("3f9a1c22d07b1a-fv6m"), tag_of("3f9a1c22d07b1a"), tag_of("order-12")
+    ('fv6m', None, None)
+    """
+    at = len(rec_id) - TAG_CHARS - 1
+    return rec_id[at + 1:] if at > 0 and rec_id[at] == TAG_SEP else None
 
 
 @dataclass(frozen=True)
@@ -103,6 +140,7 @@ class Experiment:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_bounds", _bucket_bounds(self.arms))
+        object.__setattr__(self, "_by_tag", {rec_tag(a.name): a.name for a in self.arms})
 
     def arm_of(self, user_id: str) -> Arm:
         """The user's arm: a stable hash of ``(experiment, user_id)`` into :data:`BUCKETS`
@@ -118,6 +156,17 @@ class Experiment:
             if bucket < upper:
                 return arm
         return self.arms[-1]
+
+    def arm_named(self, rec_id: str) -> str | None:
+        """The name of the arm whose :func:`rec_tag` ``rec_id`` ends with; None when it names no
+        arm of this experiment (no tag, or one of an arm removed or renamed since, or made up).
+
+        >>> e = Experiment("x", (Arm("a", 0.5), Arm("b", 0.5)), "a")
+        >>> e.arm_named("3f9a1c22d07b1a-" + rec_tag("b")), e.arm_named("3f9a1c22d07b1a"), e.arm_named("r-zzzz")
+        ('b', None, None)
+        """
+        tag = tag_of(rec_id)
+        return None if tag is None else self._by_tag.get(tag)  # type: ignore[attr-defined]
 
     @property
     def names(self) -> list[str]:
@@ -182,6 +231,10 @@ def parse_experiment(data: Mapping, where: str = "the experiment", known_sources
             raise ConfigError(f"{at}: `name` must be a non-empty string of at most 64 characters")
         if arm_name in seen:
             raise ConfigError(f"{at}: arm {arm_name!r} is named twice")
+        same_tag = [other for other in seen if rec_tag(other) == rec_tag(arm_name)]
+        if same_tag:  # about one pair in 2^20: the lists' rec ids would not tell the two apart
+            raise ConfigError(f"{at}: arms {same_tag[0]!r} and {arm_name!r} have the same tag in rec ids "
+                              f"({rec_tag(arm_name)}), so clicks on their lists could not be told apart: rename one")
         seen.add(arm_name)
         share = raw.get("share")
         if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
@@ -312,4 +365,4 @@ def shown(recs: list[list], rec_id: str) -> bool:
 
 
 __all__ = ["Arm", "Attribution", "BASELINES", "Experiment", "attribute", "load_experiment", "parse_experiment",
-           "remembered", "serving_view", "shown", "shuffled"]
+           "rec_tag", "remembered", "serving_view", "shown", "shuffled", "tag_of"]

@@ -416,9 +416,10 @@ class BatchHandler:
         """Count what sites showed, per experiment arm (the denominator of click-through rates
         where sites report it): an impression counts once, for a list the worker published and
         the user's state still remembers (it is marked shown there, in the fenced save, so a
-        redelivery or another worker does not count it again); others are counted apart
-        (``streamrec_experiment_impressions_unmatched_total``). A value that breaks the contract
-        is a dead letter."""
+        redelivery or another worker does not count it again), under the arm that served the
+        list (``RecommendationStep.variant_credited``); others, and one of a list of an arm the
+        experiment no longer has, are counted apart (``streamrec_experiment_impressions_unmatched_total``).
+        A value that breaks the contract is a dead letter."""
         impressions, kept, dead = _decode_each(messages, decode_impression, self.bounds, now_ms())
         if dead:
             await self._publish([dead_letter_record(self.topics.dlq, msg.key, letter) for msg, letter in dead])
@@ -436,10 +437,12 @@ class BatchHandler:
         for imp in impressions:
             uid = of(imp.user_id)
             if shown(states[uid].recs, imp.rec_id):
-                counts[self.step.variant_of(imp.user_id)] += 1
                 changed.add(uid)
-            else:
-                unmatched += 1
+                variant = self.step.variant_credited(imp.rec_id, imp.user_id)  # the arm that served the list
+                if variant is not None:
+                    counts[variant] += 1
+                    continue
+            unmatched += 1
         if changed:
             docs = {uid: encode_state(states[uid]) for uid in changed}
             await self._retry("save", lambda: self.store.save_docs(docs, fence))

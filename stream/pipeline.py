@@ -60,9 +60,11 @@ from stream.experiments import (
     Experiment,
     attribute,
     load_experiment,
+    rec_tag,
     remembered,
     serving_view,
     shuffled,
+    tag_of,
 )
 from stream.records import (
     Event,
@@ -84,6 +86,9 @@ _RANK_CHUNK = 64
 QUERY_CANDIDATES = 20
 #: queries whose matches are remembered between batches (until the catalogue changes)
 QUERY_CACHE = 4096
+#: the numbers of rec ids under one random prefix: 9 hex digits, so that the prefix (10), the
+#: number, "-" and the arm's tag (4) fit in 24 characters; past them a fresh prefix is drawn
+REC_NUMBERS = 16 ** 9
 
 
 @dataclass(slots=True)
@@ -221,16 +226,34 @@ class RecommendationStep:
         """The name of the arm the user (by the id the site sends) is in."""
         return self.experiment.arm_of(site_user_id).name if self.experiment is not None else self.DEFAULT_VARIANT
 
+    def served_by(self, rec_id: str) -> str | None:
+        """The arm that served the list ``rec_id``, as its id names it (:meth:`new_rec_id`), when
+        that is one of this step's arms (``"default"`` without an experiment); else None."""
+        if self.experiment is not None:
+            return self.experiment.arm_named(rec_id)
+        return self.DEFAULT_VARIANT if tag_of(rec_id) == rec_tag(self.DEFAULT_VARIANT) else None
+
+    def variant_credited(self, rec_id: str, site_user_id: str) -> str | None:
+        """The arm an event credited to the list ``rec_id`` counts under: the arm that served the
+        list (:meth:`served_by`), whatever arm its user is in now; the user's arm
+        (:meth:`variant_of`) when the id names no arm (a list remembered from before rec ids
+        named it, or an id the site made); None, counted under no arm, when it names an arm this
+        step does not have (removed or renamed since the list was served): the counters' labels
+        stay the configured arms."""
+        if tag_of(rec_id) is None:
+            return self.variant_of(site_user_id)
+        return self.served_by(rec_id)
+
     def scorer_of(self, arm: Arm) -> object | None:
         """The Transformer that ranks for ``arm``: its pinned version's, else the step's; none
         for an arm that uses no model."""
         return self.arm_scorers.get(arm.name, self.scorer) if arm.uses_model else None
 
     def present_list(self, state: UserState, k: int, now_ts: int, site_user_id: str | None = None
-                     ) -> list[ScoredItem]:
+                     ) -> tuple[list[ScoredItem], str]:
         """The list the worker would rank for ``state`` now, learning nothing (``streamrec serve``'s
-        recommendations): the user's arm's blend and Transformer under an experiment, the arm
-        chosen by the id the site sends (``site_user_id``, default the state's), as the worker
+        recommendations), and the name of the arm that ranked it: the user's arm's blend and
+        Transformer under an experiment (``"default"`` without one), the arm chosen by the id the site sends (``site_user_id``, default the state's), as the worker
         chooses it, baselines included: a popularity arm's trending items, a shuffle arm's
         candidates in a random order fixed by the user's id (the blend's ranking, shown to a user
         of the shuffle arm, would credit that arm with what ranking adds)."""
@@ -244,17 +267,25 @@ class RecommendationStep:
         candidates = view.candidates_many(contexts)  # as _rank_arm does for a batch
         queried = self.query_candidates([state], [now_ts], candidates)
         content = self.content_candidates(contexts, candidates)
+        variant = arm.name if arm is not None else self.DEFAULT_VARIANT
         if arm is not None and arm.baseline == "shuffle":  # as _rank_arm: no ranking at all
             picked = shuffled(candidates[0], site_user_id or state.user_id)[:k]
-            return [RecommendedItem(item, 1.0 - i / max(1, k), "shuffle") for i, item in enumerate(picked)]
+            return [RecommendedItem(item, 1.0 - i / max(1, k), "shuffle") for i, item in enumerate(picked)], variant
         (items,) = view.rank_many(contexts, candidates, k, self.extra_scores(scorer, contexts, candidates, queried,
                                                                              content))
         recommender.forget_ranked(state.user_id)
-        return items
+        return items, variant
 
-    def new_rec_id(self) -> str:
-        """A fresh ``rec_id``: unique across workers and restarts, at most 24 characters."""
-        return f"{self._rec_prefix}{next(self._rec_numbers):x}"
+    def new_rec_id(self, variant: str = DEFAULT_VARIANT) -> str:
+        """A fresh ``rec_id`` for a list ``variant`` (an arm's name) serves: unique across workers
+        and restarts (a random prefix per step, and a number), at most 24 characters, ending
+        with ``-`` and the arm's :func:`~stream.experiments.rec_tag`, so that an event echoing
+        it, or credited to it, counts under that arm (:meth:`variant_credited`)."""
+        n = next(self._rec_numbers)
+        if n >= REC_NUMBERS:  # 68 billion lists under one prefix: a fresh one keeps the id short
+            self._rec_prefix, self._rec_numbers = os.urandom(5).hex(), itertools.count(1)
+            n = 0
+        return f"{self._rec_prefix}{n:x}-{rec_tag(variant)}"
 
     def model_versions(self) -> dict[str, str]:
         versions = {name: str(v) for name, v in self.recommender.versions.items()}
@@ -357,8 +388,9 @@ class RecommendationStep:
     def _count_variants(self, events: Sequence[Event], plan: _Plan, recommendations: list[Recommendation],
                         judged: list[tuple[int, list[str]]], site_ids: Mapping[str, str] | None,
                         live: LiveQuality) -> dict[str, VariantCounts]:
-        """Per arm: the lists published, the applied events credited to a list, and the live
-        hit rate (each applied event judged against the list its user had)."""
+        """Per arm: the lists published, the applied events credited to a list (under the arm
+        that served that list: :meth:`variant_credited`), and the live hit rate (each applied
+        event judged against the list its user had, under the user's arm)."""
         out: defaultdict[str, VariantCounts] = defaultdict(VariantCounts)
         variant_of = self.variant_of
         names: dict[str, str] = {}
@@ -378,8 +410,14 @@ class RecommendationStep:
                     credit = attributed.get(n)
                     if credit is None:
                         continue
+                    if tag_of(credit.rec_id) is None:  # a list whose id names no arm: the user's
+                        c = counts_for(uid)
+                    else:
+                        name = self.served_by(credit.rec_id)
+                        if name is None:  # an arm not in the experiment (any more): under none
+                            continue
+                        c = out[name]
                     ev = events[n]
-                    c = counts_for(uid)
                     if isinstance(ev, PurchaseEvent):
                         c.purchases += 1
                         c.purchased_lists += credit.first
@@ -671,7 +709,8 @@ class RecommendationStep:
         t2 = clock()
         extra = self.extra_scores(scorer, contexts, candidates, queried, content)
         t3 = clock()
-        rec_ids = [self.new_rec_id() for _ in users]
+        variant = arm.name if arm is not None else self.DEFAULT_VARIANT  # every list says which arm served it
+        rec_ids = [self.new_rec_id(variant) for _ in users]
         lists: list[list[RecommendedItem]] = []
         if arm is not None and arm.baseline == "shuffle":  # the candidates in a random order: no ranking at all
             k = recommender.config.k
@@ -685,7 +724,6 @@ class RecommendationStep:
                 # ScoredItem is RecommendedItem: published as ranked (purchased items are out already)
                 lists.extend(rank_many(chunk, candidates[at:at + _RANK_CHUNK], None, extra[at:at + _RANK_CHUNK]))
         generated = now_ms()
-        variant = arm.name if arm is not None else self.DEFAULT_VARIANT  # every list says which arm served it
         teaches = arm is None or arm.baseline is None
         if arm is not None:
             versions = {**versions, "transformer": "none" if scorer is None else str(scorer.version)}

@@ -81,7 +81,7 @@ class Metrics:
         v = ["variant"]
         self.experiment_lists = Counter("experiment_lists_total", "Recommendation lists published, by experiment arm (variant \"default\" without an experiment)", v, namespace=ns, registry=r)
         self.experiment_impressions = Counter("experiment_impressions_total", "Lists the site reported as shown (ImpressionEvents), by arm", v, namespace=ns, registry=r)
-        self.experiment_impressions_unmatched = Counter("experiment_impressions_unmatched_total", "Impressions not counted: for a rec_id the user's state does not remember (too old, made up) or counted before", namespace=ns, registry=r)
+        self.experiment_impressions_unmatched = Counter("experiment_impressions_unmatched_total", "Impressions not counted: for a rec_id the user's state does not remember (too old, made up) or counted before, or of a list of an arm the experiment no longer has", namespace=ns, registry=r)
         self.experiment_clicked_lists = Counter("experiment_clicked_lists_total", "Lists with at least one attributed click (each list once), by arm", v, namespace=ns, registry=r)
         self.experiment_clicks = Counter("experiment_clicks_total", "Attributed clicks, repeats on one list included, by arm", v, namespace=ns, registry=r)
         self.experiment_purchased_lists = Counter("experiment_purchased_lists_total", "Lists with at least one attributed purchase, by arm", v, namespace=ns, registry=r)

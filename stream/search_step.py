@@ -120,7 +120,9 @@ class SearchStep:
             t2 = clock()
             out.timings["retrieve"] += t1 - t0
             out.timings["personalise"] += t2 - t1
-            rec_id = self.step.new_rec_id()
+            site_uid = site_ids.get(uid, uid) if site_ids else uid
+            variant = self.step.variant_of(site_uid)
+            rec_id = self.step.new_rec_id(variant)
             state.recs = remembered(state.recs, rec_id, search.ts)
             queries = [q for q in state.recent_queries if q != search.query] + [search.query]
             state.recent_queries = queries[-RECENT_QUERIES:]
@@ -128,10 +130,9 @@ class SearchStep:
             if source is not None:
                 state.offsets[source] = offset
             remember_seen(state, fp, self.step.config.dedupe_window)
-            site_uid = site_ids.get(uid, uid) if site_ids else uid
             rec = Recommendation(user_id=site_uid, items=items, trigger_event_id=search.event_id, event_ts=search.ts,
                                  generated_ts=now_ms(), model=versions, rec_id=rec_id,
-                                 variant=self.step.variant_of(site_uid),
+                                 variant=variant,
                                  context={"kind": "search", "query": search.query})
             out.recommendations.append(rec)
             out.payloads.append(encode(rec))

@@ -4,9 +4,12 @@ baselines, rec_ids, and per-arm counts of lists, attributed clicks and purchases
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 from collections import Counter
 
+import msgspec
 import pytest
 
 from online_models import Recommender
@@ -17,6 +20,7 @@ from stream.experiments import (
     attribute,
     load_experiment,
     parse_experiment,
+    rec_tag,
     remembered,
     shown,
 )
@@ -24,7 +28,8 @@ from stream.pipeline import RecommendationStep
 from stream.records import ClickEvent, PurchaseEvent, decode_recommendation
 from stream.settings import Settings
 from stream.shell import load_arm_scorers
-from stream.state import UserState
+from stream.state import InMemoryUserStateStore, UserState
+from stream.step_results import VariantCounts
 
 T0 = 1_700_000_000_000
 
@@ -172,10 +177,10 @@ def test_serve_shows_a_shuffle_arm_user_the_shuffled_candidates_as_the_worker_do
     experiment = parse_experiment({"experiment": "s", "arms": [{"name": "shuffle", "share": 1, "baseline": "shuffle"}]})
     step, states = warm_step(experiment)
     run(step, clicks_of("u1", 3), states)
-    items = step.present_list(states["u1"], 5, T0 + 10, "u1")
-    assert items and {it.reason for it in items} == {"shuffle"}
-    assert [it.item_id for it in items] == [it.item_id for it in step.present_list(states["u1"], 5, T0 + 20, "u1")]
-    ranked = RecommendationStep(step.recommender).present_list(states["u1"], 5, T0 + 10, "u1")  # no experiment
+    items, variant = step.present_list(states["u1"], 5, T0 + 10, "u1")
+    assert items and {it.reason for it in items} == {"shuffle"} and variant == "shuffle"
+    assert [it.item_id for it in items] == [it.item_id for it in step.present_list(states["u1"], 5, T0 + 20, "u1")[0]]
+    ranked, _ = RecommendationStep(step.recommender).present_list(states["u1"], 5, T0 + 10, "u1")  # no experiment
     assert {it.reason for it in ranked} != {"shuffle"}
 
 
@@ -319,3 +324,80 @@ def test_an_arm_may_score_as_many_candidates_as_streamrec_candidates_may():
     assert parse_experiment(data).arms[1].candidates == 100_000
     with pytest.raises(ConfigError, match="STREAMREC_CANDIDATES=100001: at most 100,000"):
         Settings.from_env({"STREAMREC_CANDIDATES": "100001"})
+
+
+AB = {"experiment": "ab", "arms": [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5, "weights": {"covisit": 2.0}}]}
+#: the same arms in the other order: about half of the users change arm (the file changed, the workers restarted)
+BA = {**AB, "arms": AB["arms"][::-1]}
+
+
+def moved_user(before: Experiment, after: Experiment) -> str:
+    return next(u for u in (f"m{i}" for i in range(1000)) if before.arm_of(u).name == "a" and after.arm_of(u).name == "b")
+
+
+def test_an_event_counts_under_the_arm_that_served_its_list_not_the_users_arm_when_it_comes():
+    """Clicks and purchases were counted under the user's arm when they came: after the experiment
+    file changed, a click on a list arm a served counted for arm b, which never showed it."""
+    before, after = parse_experiment(AB), parse_experiment(BA)
+    user = moved_user(before, after)
+    step, states = warm_step(before)
+    (listed,) = [decode_recommendation(p) for p in run(step, clicks_of(user, 2), states).payloads]
+    assert listed.variant == "a" and listed.rec_id.endswith("-" + rec_tag("a")) and len(listed.rec_id) <= 24
+    restarted = RecommendationStep(step.recommender, experiment=after)  # the new file, the same models and states
+    window_click = ClickEvent(event_id="k1", user_id=user, item_id=states[user].last_recommended[0], ts=T0 + 50)
+    echoed = PurchaseEvent(event_id="k2", user_id=user, item_id="anything", ts=T0 + 51, price=3.0,
+                           rec_id=listed.rec_id)
+    counts = run(restarted, [window_click, echoed], states).variants
+    assert (counts["a"].clicks, counts["a"].clicked_lists, counts["a"].purchases, counts["a"].purchased_lists,
+            counts["a"].revenue) == (1, 1, 1, 1, 3.0)
+    assert counts["b"].lists == 1 and counts["b"].clicks == counts["b"].purchases == 0  # b served the new list
+    # a list remembered from before rec ids named their arm ([rec_id, ts, flags], as the old
+    # code wrote it) still loads and counts: under the user's arm when the event comes, as it used to
+    old = msgspec.json.encode({"user_id": user, "last_recommended": ["i1"], "recs": [["3f9a1c22d07b1a", T0 + 60, 0]]})
+    store = InMemoryUserStateStore()
+    asyncio.run(store.save_docs({user: old}))
+    loaded = asyncio.run(store.load_many([user]))
+    counts = run(restarted, [ClickEvent(event_id="k3", user_id=user, item_id="x", ts=T0 + 61,
+                                        rec_id="3f9a1c22d07b1a")], loaded).variants
+    assert (counts["b"].clicks, counts["b"].clicked_lists) == (1, 1) and counts.get("a", VariantCounts()).clicks == 0
+
+
+def test_a_list_of_an_arm_the_experiment_no_longer_has_counts_under_no_arm():
+    """Per-arm counters are labelled by the configured arms only: a click on a list of an arm
+    since removed, or echoing a made-up id in the same form, counts under none (and never raises);
+    one echoing an id in another form (the site's own), under the user's arm, as it always did."""
+    step, states = warm_step(parse_experiment(AB))
+    user = next(u for u in (f"r{i}" for i in range(100)) if step.variant_of(u) == "b")
+    (listed,) = run(step, clicks_of(user, 2), states).recommendations
+    only_a = RecommendationStep(step.recommender, experiment=parse_experiment(
+        {"experiment": "ab", "arms": [{"name": "a", "share": 1}]}))
+    echoes = [ClickEvent(event_id=f"e{i}", user_id=user, item_id="x", ts=T0 + 50 + i, rec_id=rec_id)
+              for i, rec_id in enumerate((listed.rec_id, "made-up-zzzz", "-" * 5, "x" * 128))]
+    result = run(only_a, echoes, states)
+    assert len(result.applied) == 4 and not result.failures
+    # the list it published is a's, and so are the clicks echoing ids in no rec id's form (the user's arm)
+    assert set(result.variants) == {"a"} and result.variants["a"].clicks == 2
+
+
+def test_rec_ids_name_their_arm_and_stay_within_24_characters_for_ever():
+    step = RecommendationStep(Recommender.default(), experiment=parse_experiment(AB))
+    first = step.new_rec_id("b")
+    assert step.served_by(first) == "b" and step.variant_credited(first, "anyone") == "b"
+    step._rec_numbers = itertools.count(16 ** 9 - 1)  # the last number under this prefix
+    last, fresh = step.new_rec_id("a"), step.new_rec_id("a")
+    assert len(last) == 24 and len(fresh) <= 24 and last[:10] == first[:10] != fresh[:10]
+    assert step.served_by(last) == step.served_by(fresh) == "a"
+    assert RecommendationStep(Recommender.default()).served_by(first) is None  # no experiment: "default" only
+
+
+def test_two_arms_whose_tags_in_rec_ids_are_the_same_are_refused():
+    seen: dict[str, str] = {}
+    for i in itertools.count():
+        name = f"arm{i}"
+        if rec_tag(name) in seen:
+            break
+        seen[rec_tag(name)] = name
+    data = {"experiment": "e", "arms": [{"name": seen[rec_tag(name)], "share": 0.5}, {"name": name, "share": 0.5}]}
+    with pytest.raises(ConfigError, match=f"arms '{seen[rec_tag(name)]}' and '{name}' have the same tag in rec ids "
+                                          ".*rename one"):
+        parse_experiment(data)

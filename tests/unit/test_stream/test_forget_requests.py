@@ -19,12 +19,21 @@ from stream import forget as forget_module
 from stream.cli import app as cli_app
 from stream.decoding import decode_forget
 from stream.errors import InvalidEvent
+from stream.experiments import parse_experiment
 from stream.forget import forget_requests
 from stream.handler import BatchHandler, Claims, RawMessage
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
 from stream.pseudonyms import Pseudonyms
-from stream.records import ClickEvent, ForgetRequest, SearchEvent, decode_dead_letter, encode
+from stream.records import (
+    ClickEvent,
+    ForgetRequest,
+    ImpressionEvent,
+    SearchEvent,
+    decode_dead_letter,
+    decode_recommendation,
+    encode,
+)
 from stream.retry import Backoff
 from stream.search_step import SearchStep
 from stream.settings import TopicNames
@@ -226,8 +235,6 @@ async def test_a_learner_whose_purge_raises_leaves_no_half_erasure_behind(caplog
 
 
 async def test_an_impression_counts_once_and_only_for_a_list_the_user_was_sent():
-    from stream.records import ImpressionEvent, decode_recommendation
-
     h, sink, metrics = handler()
     await h.handle_isolated(clicks("u", 2))
     (rec,) = [decode_recommendation(v) for t, _, v in sink.records if t == TOPICS.recommendations][-1:]
@@ -240,6 +247,24 @@ async def test_an_impression_counts_once_and_only_for_a_list_the_user_was_sent()
     await h.handle_isolated([impression(rec.rec_id, 0)])  # Kafka delivers it again
     assert sample(metrics, "streamrec_experiment_impressions_total", {"variant": "default"}) == 1
     assert sample(metrics, "streamrec_experiment_impressions_unmatched_total") == 3
+
+
+async def test_an_impression_counts_under_the_arm_that_served_the_list_after_the_experiment_changed():
+    """Impressions were counted under the user's arm when they came: after the experiment file
+    changed (the worker restarted), one of a list arm a served counted for arm b."""
+    ab = parse_experiment({"experiment": "ab", "arms": [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5}]})
+    ba = parse_experiment({"experiment": "ab", "arms": [{"name": "b", "share": 0.5}, {"name": "a", "share": 0.5}]})
+    user = next(u for u in (f"m{i}" for i in range(1000)) if ab.arm_of(u).name == "a" and ba.arm_of(u).name == "b")
+    h, sink, metrics = handler()
+    h.step.experiment = ab
+    await h.handle_isolated(clicks(user, 2))
+    (rec,) = [decode_recommendation(v) for t, _, v in sink.records if t == TOPICS.recommendations][-1:]
+    assert rec.variant == "a"
+    h.step.experiment = ba  # restarted on the new file
+    await h.handle_isolated([RawMessage(TOPICS.impressions, 0, 0, user.encode(), encode(ImpressionEvent(
+        rec_id=rec.rec_id, user_id=user, item_ids=[it.item_id for it in rec.items[:3]], ts=T0 + 5)))])
+    assert sample(metrics, "streamrec_experiment_impressions_total", {"variant": "a"}) == 1
+    assert sample(metrics, "streamrec_experiment_impressions_total", {"variant": "b"}) == 0
 
 
 def search_msg(user: str, ts: int, offset: int, query: str = "private query") -> RawMessage:
