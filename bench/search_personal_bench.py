@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             searched = state.copy()
             searched.recent_queries, searched.query_ts = [query], x.ts
             for name, who in (("without the search", state), ("with the search (served)", searched)):
-                home_hits[name] += x.item_id in [i.item_id for i in step.present_list(who, 20, x.ts)]
+                home_hits[name] += x.item_id in [i.item_id for i in step.present_list(who, 20, x.ts)[0]]
         result = step([to_event(x, f"e{n}")], states, lambda ts=x.ts: ts)
         states.update(result.states)
     seconds = time.perf_counter() - t0

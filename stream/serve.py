@@ -6,7 +6,10 @@
     GET /healthz, /readyz
 
 Answers are JSON ``{"items": [{"item_id", "score", "explanation"}, ...], ...}``, best first, with
-explanations shaped as on the recommendations topic (docs/events.md). A bad parameter is a 400
+explanations shaped as on the recommendations topic (docs/events.md). A recommendations answer,
+and a search answer for a user, also carry a fresh ``rec_id`` and the ``variant`` (the experiment
+arm) as the worker's lists do: the site echoes the ``rec_id`` on the clicks and purchases the
+list causes, and they count under that arm (stream/experiments.py). A bad parameter is a 400
 and an unknown item a 404, each with ``{"error": "..."}`` saying what was wrong.
 
 **Its own process, not the worker's web server.** A worker owns some of the users' partitions
@@ -280,8 +283,12 @@ class Api:
             items = self._search(query, state, k)
         else:
             items = await self._run("search", self._search, query, state, k)
+        # a list a click can come from: named as the worker names its search lists (the user's
+        # arm); a search for no user has no arm, so no rec_id either
+        variant = self.step.variant_of(user_id) if user_id is not None else None
+        rec_id = self.step.new_rec_id(variant) if variant is not None else None
         return _json({"items": items_json(items), "query": query, "user_id": user_id,
-                      "model": self.step.model_versions()})
+                      "model": self.step.model_versions(), "rec_id": rec_id, "variant": variant})
 
     def _at_once(self, query: str) -> bool:
         """Whether a search for ``query`` runs no text model (nothing to search, a cached query
@@ -303,8 +310,12 @@ class Api:
         user_id = parse_id(request.match_info.get("user_id"), "user_id", required=True)
         k = parse_k(one(request.query, "k"), self.top_k)
         state = await self._state(user_id)
-        items = await self._run("recommendations", self.step.present_list, state, k, int(time.time() * 1000), user_id)
-        return _json({"items": items_json(items), "user_id": user_id, "model": self.step.model_versions()})
+        items, variant = await self._run("recommendations", self.step.present_list, state, k,
+                                         int(time.time() * 1000), user_id)
+        # named as the worker's lists are: a click echoing the rec_id counts under the arm that
+        # ranked the list, though no user state remembers it (serve writes none)
+        return _json({"items": items_json(items), "user_id": user_id, "model": self.step.model_versions(),
+                      "rec_id": self.step.new_rec_id(variant), "variant": variant})
 
     async def similar(self, request: web.Request) -> web.Response:
         item_id = parse_id(request.match_info.get("item_id"), "item_id", required=True)

@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from online_models import Interaction, Recommender, RecommenderConfig
 from online_models.search import Catalogue, CatalogueItem, TextEmbedder
 from stream import serve
-from stream.experiments import Arm, Experiment
+from stream.experiments import Arm, Experiment, parse_experiment
 from stream.health import Health
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
@@ -596,3 +596,33 @@ def test_what_aiohttp_logs_of_an_exception_past_the_middlewares_quotes_its_text_
             "aiohttp.server", logging.ERROR, __file__, 1, "Unhandled exception", (), sys.exc_info())
     assert logging.getLogger("aiohttp.server").filter(record)
     assert record.exc_text is not None and len(record.exc_text) < 5_000 and "RuntimeError: yyy" in record.exc_text
+
+
+async def test_lists_carry_a_rec_id_and_variant_and_a_click_echoing_it_counts_under_that_arm(catalogue):
+    """serve's lists carried no rec_id: a click on one was credited by the time window to the
+    worker's last list, under the user's arm when it came. Now each names its arm, which no
+    user state need remember (serve writes none)."""
+    ab = parse_experiment({"experiment": "ab", "arms": [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5}]})
+    ba = parse_experiment({"experiment": "ab", "arms": [{"name": "b", "share": 0.5}, {"name": "a", "share": 0.5}]})
+    user = next(u for u in (f"m{i}" for i in range(1000)) if ab.arm_of(u).name == "a" and ba.arm_of(u).name == "b")
+    store = InMemoryUserStateStore()
+    await store.save_docs({user: encode_state(UserState(user, recent_items=["shoes"]))})
+    step = trained_step()
+    step.experiment = ab
+    api = Api(store, step, catalogue, SearchStep(step, catalogue, SearchConfig(k=3)), top_k=3)
+    async with TestClient(TestServer(create_web_app(api))) as client:
+        home = [await (await client.get(f"/v1/users/{user}/recommendations")).json() for _ in range(2)]
+        searched = await (await client.get("/v1/search", params={"q": "jacket", "user_id": user})).json()
+        anonymous = await (await client.get("/v1/search", params={"q": "jacket"})).json()
+    api.executor.shutdown()
+    for body in (*home, searched):
+        assert body["variant"] == "a" and len(body["rec_id"]) <= 24 and step.served_by(body["rec_id"]) == "a"
+    assert len({home[0]["rec_id"], home[1]["rec_id"], searched["rec_id"]}) == 3
+    assert anonymous["rec_id"] is None and anonymous["variant"] is None  # no user: no arm ranked it
+    # the file changed and the worker restarted: the user is in arm b, the list was a's
+    worker = RecommendationStep(step.recommender, experiment=ba)
+    click = ClickEvent(event_id="c1", user_id=user, item_id=home[0]["items"][0]["item_id"], ts=TS + 5_000,
+                       rec_id=home[0]["rec_id"])
+    counts = worker([click], {}, lambda: TS).variants
+    assert counts["a"].clicks == 1 and counts["a"].clicked_lists == 0  # not remembered: a click, not a clicked list
+    assert counts["b"].clicks == 0 and counts["b"].lists == 1
