@@ -132,6 +132,8 @@ def test_the_worker_answers_a_search_from_the_items_topic(workers, worker_env, t
         assert status == 200 and json.loads(body)["items"][0]["item_id"] == "jacket-en"
         status, body = http_get(f"{base}/v1/users/shopper/recommendations?k=5")
         assert status == 200 and isinstance(json.loads(body)["items"], list)
+        listed = json.loads(body)  # named as the worker's lists, so a click echoing it counts for its arm
+        assert listed["variant"] == "default" and 0 < len(listed["rec_id"]) <= 24
         status, body = http_get(f"{base}/v1/search?q=tv&k=1000")
         assert status == 400 and "k=1000" in json.loads(body)["error"]
     finally:
