@@ -252,11 +252,12 @@ class RecommendationStep:
     def present_list(self, state: UserState, k: int, now_ts: int, site_user_id: str | None = None
                      ) -> tuple[list[ScoredItem], str]:
         """The list the worker would rank for ``state`` now, learning nothing (``streamrec serve``'s
-        recommendations), and the name of the arm that ranked it: the user's arm's blend and
-        Transformer under an experiment (``"default"`` without one), the arm chosen by the id the site sends (``site_user_id``, default the state's), as the worker
-        chooses it, baselines included: a popularity arm's trending items, a shuffle arm's
-        candidates in a random order fixed by the user's id (the blend's ranking, shown to a user
-        of the shuffle arm, would credit that arm with what ranking adds)."""
+        recommendations), and the name of the arm that ranked it (``"default"`` without an
+        experiment): the user's arm's blend and Transformer under an experiment, the arm chosen by
+        the id the site sends (``site_user_id``, default the state's), as the worker chooses it,
+        baselines included: a popularity arm's trending items, a shuffle arm's candidates in a
+        random order fixed by the user's id (the blend's ranking, shown to a user of the shuffle
+        arm, would credit that arm with what ranking adds)."""
         recommender = self.recommender
         config, scorer, arm = recommender.config, self.scorer, None
         if self.experiment is not None:
