@@ -350,7 +350,8 @@ class BatchHandler:
             self.metrics.events_not_keyed_by_user.labels(topic).inc(n)
             # the same words for every batch of a topic, so that the filter holds back repeats
             _key_log.warning("records on %s are keyed by something other than their user_id: one user's events "
-                             "reach several partitions, so several workers keep (and split) the user's state and "
+                             "reach several partitions, so several workers write the user's state (merged, "
+                             "streamrec_state_conflicts_total) and "
                              "their lists come from part of their events. They are still processed. Key each "
                              "record by its user_id, UTF-8 encoded (`streamrec produce` does); "
                              "streamrec_events_not_keyed_by_user_total counts them", topic)

@@ -746,7 +746,9 @@ class CachedUserStateStore:
     claims only this worker writes its users' documents (a user whose message was not keyed by
     their id may have reached another worker: the handler :meth:`discard` s them first; while
     partitions are added to the input topics, a user's events may be on two partitions owned by
-    two workers, and each saves from its own copy: docs/operations.md, Adding partitions later). A
+    two workers, and each saves from its own copy: a kept document another worker saved over is
+    then older than the stored one, so the versioned save refuses it (:class:`StateConflict`),
+    which drops the user from here, and the handler merges: docs/operations.md, Adding partitions later). A
     worker that lost its partitions without knowing (a long pause) still reads its own last
     write, and its save is then refused by the fence as before. Each load decodes the kept bytes afresh: the step gets states of its
     own, as from Redis.

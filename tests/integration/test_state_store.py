@@ -10,6 +10,7 @@ from stream.state import (
     Fenced,
     InMemoryUserStateStore,
     RedisUserStateStore,
+    StateConflict,
     UserState,
     apply_event,
     encode_state,
@@ -151,3 +152,29 @@ async def test_a_claim_taken_after_redis_lost_older_ones_outnumbers_them(redis_u
     finally:
         await store.client.delete(store.claim_key(0), store.key("u1"))
         await store.close()
+
+
+async def test_a_versioned_save_refuses_each_user_another_writer_saved_since_and_writes_the_rest(store):
+    """Two writers loaded u1 at version 4 and u2 absent; the other saved both first: this one's
+    save of them is refused (StateConflict names them), and its u3 is written."""
+    await store.save_docs({"u1": encode_state(UserState("u1", clicks=4, version=4))})
+    other = {"u1": encode_state(UserState("u1", clicks=5, version=5)), "u2": encode_state(UserState("u2", clicks=1, version=1))}
+    await store.save_docs(other, versioned=True)
+    mine = {"u1": encode_state(UserState("u1", clicks=9, version=5)), "u2": encode_state(UserState("u2", clicks=7, version=1)),
+            "u3": encode_state(UserState("u3", clicks=3, version=1))}
+    with pytest.raises(StateConflict) as raised:
+        await store.save_docs(mine, versioned=True)
+    assert sorted(raised.value.users) == ["u1", "u2"]
+    got = await store.load_many(["u1", "u2", "u3"])
+    assert [(got[u].clicks, got[u].version) for u in ("u1", "u2", "u3")] == [(5, 5), (1, 1), (3, 1)]
+
+
+async def test_a_versioned_save_writes_over_a_document_without_a_version_and_over_none(store):
+    """Documents written before versions (none: 0), and users whose key expired since their load."""
+    await store.save_docs({"u1": b'{"user_id":"u1","clicks":2}'})
+    await store.save_docs({"u1": encode_state(UserState("u1", clicks=3, version=1)),
+                           "gone": encode_state(UserState("gone", clicks=8, version=6))}, versioned=True)
+    got = await store.load_many(["u1", "gone"])
+    assert (got["u1"].clicks, got["gone"].clicks) == (3, 8)
+    await store.save_docs({"u1": encode_state(UserState("u1", clicks=1, version=1))})  # not versioned: as before
+    assert (await store.load_many(["u1"]))["u1"].clicks == 1

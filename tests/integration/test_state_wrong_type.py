@@ -61,8 +61,9 @@ def wrong_type_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "streamrec.state" and "held a Redis" in r.getMessage()]
 
 
+@pytest.mark.parametrize("versioned", [False, True], ids=["plain", "versioned"])  # the worker's events: versioned
 @pytest.mark.parametrize("kind", sorted(FOREIGN))
-async def test_a_key_of_another_type_is_counted_logged_and_replaced(store, redis_client, caplog, kind):
+async def test_a_key_of_another_type_is_counted_logged_and_replaced(store, redis_client, caplog, kind, versioned):
     key = store.key("u1")
     FOREIGN[kind](redis_client, key)
     redis_client.set(store.key("u2"), encode_state(clicked("u2")))
@@ -70,8 +71,11 @@ async def test_a_key_of_another_type_is_counted_logged_and_replaced(store, redis
 
     loaded = await store.load_many(["u1", "u2", "u3"])  # u3: never seen
     assert loaded["u1"] == UserState("u1") and loaded["u2"].clicks == 1 and loaded["u3"] == UserState("u3")
+    for state in loaded.values():
+        state.version += versioned  # one save more, as the step counts them
     await store.save_docs({uid: encode_state(apply_event(state, "e2", "i2", 2000, "click", max_recent=5,
-                                                        dedupe_window=4)) for uid, state in loaded.items()})
+                                                        dedupe_window=4)) for uid, state in loaded.items()},
+                          versioned=versioned)
 
     assert store.rebuilt == 1, "the key of another type went unnoticed: the user was reset silently"
     lines = wrong_type_lines(caplog)
