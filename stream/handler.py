@@ -139,6 +139,20 @@ def _failure_letter(code: str, reason: str, msg: RawMessage) -> DeadLetter:
     return dead_letter(InvalidEvent(code, reason), msg.value, msg.topic, msg.partition, msg.offset, now_ms())
 
 
+def _marked_shown(stored: dict[str, UserState], marked: dict[str, list[str]]) -> dict[str, bytes]:
+    """The documents of the users of ``stored`` (what another writer saved since an impressions
+    batch loaded them) with the lists ``marked`` shown by that batch marked again, one save
+    more than the stored one. Counted once already: not counted again."""
+    out = {}
+    for uid, state in stored.items():
+        state = state.copy()
+        for rec_id in marked.get(uid, ()):
+            shown(state.recs, rec_id)
+        state.version += 1
+        out[uid] = encode_state(state)
+    return out
+
+
 class BatchHandler:
     def __init__(
         self,
@@ -236,7 +250,7 @@ class BatchHandler:
         t4 = clock()
 
         if result.docs:
-            await self._save(events, positions, result, fence)
+            await self._save(result.docs, fence, lambda stored: self.step.merged_docs(events, positions, result, stored))
         if dead:  # the models pass over them too (a replay after a restart must not learn them)
             self.step.advance([msg.position for msg, _ in dead], dead=True)
         t5 = clock()
@@ -248,22 +262,21 @@ class BatchHandler:
         except Exception:  # noqa: BLE001 - the batch's effects are done; a metric must not undo that
             log.exception("recording the batch's metrics failed")
 
-    async def _save(self, events: Sequence[Event], positions: Sequence[tuple[str, int]], result: StepResult,
-                    fence: dict[int, int] | None) -> None:
-        """Save the batch's user states, versioned: a user another writer saved since the batch
+    async def _save(self, docs: dict[str, bytes], fence: dict[int, int] | None,
+                    merged: Callable[[dict[str, UserState]], dict[str, bytes]]) -> None:
+        """Save a batch's user states, versioned: a user another writer saved since the batch
         loaded them (their events reached two workers: partitions added while a backlog waits,
-        records not keyed by user id) is loaded again, the batch's events are applied to what
-        that writer saved (:meth:`RecommendationStep.merged_docs`), and saved again, at most
-        :data:`MERGES` times; then as it stands, logged (the other writer's events are then lost
-        from the user's state, as before versions were kept)."""
-        docs = result.docs
+        records not keyed by user id) is loaded again, and ``merged`` of what that writer saved
+        (the batch's changes applied to it: :meth:`RecommendationStep.merged_docs`) is saved
+        again, at most :data:`MERGES` times; then as it stands, logged (the other writer's
+        changes are then lost from the user's state, as before versions were kept)."""
         for _ in range(MERGES):
             try:
                 await self._retry("save", lambda docs=docs: self.store.save_docs(docs, fence, versioned=True))
                 return
             except StateConflict as conflict:
                 self.metrics.state_conflicts.inc(len(conflict.users))
-                docs = self.step.merged_docs(events, positions, result, await self._load(conflict.users))
+                docs = merged(await self._load(conflict.users))
         log.error("%d user(s) saved by another worker after each of %d merges of this batch's events: saved as they "
                   "stand, so events the other worker applied since are gone from their state. Their events reach "
                   "two workers at once: see docs/operations.md (Adding partitions later) and "
@@ -397,7 +410,9 @@ class BatchHandler:
             await self._publish(out)
         published_ms = now_ms()
         if result is not None and result.docs:
-            await self._retry("save", lambda: self.store.save_docs(result.docs, fence))
+            positions = [m.position for m in kept]
+            await self._save(result.docs, fence,
+                             lambda stored: self.search.merged_docs(searches, positions, result, stored))
         if dead:
             self._count_dead([letter.code for _, letter in dead])
         m = self.metrics
@@ -433,20 +448,22 @@ class BatchHandler:
         ids = list(dict.fromkeys(of(imp.user_id) for imp in impressions))
         states = await self._load(ids)
         counts: Counter[str] = Counter()
-        changed: set[str] = set()
+        changed: dict[str, list[str]] = {}  # user -> the lists marked shown
         unmatched = 0
         for imp in impressions:
             uid = of(imp.user_id)
             if shown(states[uid].recs, imp.rec_id):
-                changed.add(uid)
+                changed.setdefault(uid, []).append(imp.rec_id)
                 variant = self.step.variant_credited(imp.rec_id, imp.user_id)  # the arm that served the list
                 if variant is not None:
                     counts[variant] += 1
                     continue
             unmatched += 1
         if changed:
-            docs = {uid: encode_state(states[uid]) for uid in changed}
-            await self._retry("save", lambda: self.store.save_docs(docs, fence))
+            for uid in changed:  # one save more than the loaded document (stream/state.py, versions)
+                states[uid].version += 1
+            await self._save({uid: encode_state(states[uid]) for uid in changed}, fence,
+                             lambda stored: _marked_shown(stored, changed))
         for variant, n in counts.items():
             self.metrics.experiment_impressions.labels(variant).inc(n)
         if unmatched:

@@ -69,6 +69,23 @@ class SearchResult:
     refused: int = 0
     failures: list[Failure] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=lambda: {"retrieve": 0.0, "personalise": 0.0})
+    #: each user's answered searches, in order: ``(index in the batch, the answer's rec_id)``
+    #: (what :meth:`SearchStep.merged_docs` applies again to a state another writer saved)
+    by_user: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+
+
+def searched(state: UserState, search: SearchEvent, rec_id: str, source: str | None, offset: int | None, fp: str,
+             dedupe_window: int) -> None:
+    """What answering ``search`` (its answer named ``rec_id``) changes in its user's ``state``:
+    the answer remembered for attribution, the query among the latest, the search applied (its
+    offset and its id's fingerprint ``fp``)."""
+    state.recs = remembered(state.recs, rec_id, search.ts)
+    queries = [q for q in state.recent_queries if q != search.query] + [search.query]
+    state.recent_queries = queries[-RECENT_QUERIES:]
+    state.query_ts = search.ts
+    if source is not None:
+        state.offsets[source] = offset
+    remember_seen(state, fp, dedupe_window)
 
 
 class SearchStep:
@@ -123,21 +140,38 @@ class SearchStep:
             site_uid = site_ids.get(uid, uid) if site_ids else uid
             variant = self.step.variant_of(site_uid)
             rec_id = self.step.new_rec_id(variant)
-            state.recs = remembered(state.recs, rec_id, search.ts)
-            queries = [q for q in state.recent_queries if q != search.query] + [search.query]
-            state.recent_queries = queries[-RECENT_QUERIES:]
-            state.query_ts = search.ts
-            if source is not None:
-                state.offsets[source] = offset
-            remember_seen(state, fp, self.step.config.dedupe_window)
+            searched(state, search, rec_id, source, offset, fp, self.step.config.dedupe_window)
             rec = Recommendation(user_id=site_uid, items=items, trigger_event_id=search.event_id, event_ts=search.ts,
                                  generated_ts=now_ms(), model=versions, rec_id=rec_id,
                                  variant=variant,
                                  context={"kind": "search", "query": search.query})
             out.recommendations.append(rec)
             out.payloads.append(encode(rec))
-            current[uid] = state
+            if uid not in current:  # one save more than the loaded document (stream/state.py, versions)
+                state.version += 1
+                current[uid] = state
+            out.by_user.setdefault(uid, []).append((n, rec_id))
         out.docs = {uid: encode_state(state) for uid, state in current.items()}
+        return out
+
+    def merged_docs(self, searches: Sequence[SearchEvent], positions: Sequence[tuple[str, int]] | None,
+                    result: SearchResult, stored: Mapping[str, UserState]) -> dict[str, bytes]:
+        """The documents to save in place of ``result.docs`` for the users of ``stored``, which
+        another writer saved after the searches' batch loaded them (as
+        :meth:`RecommendationStep.merged_docs` does for events): each answered search's query
+        and answer applied to what is stored now, save those it holds already."""
+        out: dict[str, bytes] = {}
+        for uid, now in stored.items():
+            state = now.copy()
+            for n, rec_id in result.by_user.get(uid, ()):
+                search = searches[n]
+                source, offset = positions[n] if positions is not None else (None, None)
+                fp = fingerprint(search.event_id)
+                if (source is not None and offset <= state.offsets.get(source, -1)) or state.saw(fp):
+                    continue
+                searched(state, search, rec_id, source, offset, fp, self.step.config.dedupe_window)
+            state.version = now.version + 1
+            out[uid] = encode_state(state)
         return out
 
     def retrieve(self, search: SearchEvent) -> tuple[list[str], np.ndarray, list[str]]:

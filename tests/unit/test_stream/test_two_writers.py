@@ -13,10 +13,11 @@ from fakes import Sink
 from prometheus_client import CollectorRegistry
 
 from online_models import Recommender
+from stream.experiments import SHOWN
 from stream.handler import MERGES, BatchHandler, RawMessage
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
-from stream.records import ClickEvent, encode
+from stream.records import ClickEvent, ImpressionEvent, SearchEvent, decode_recommendation, encode
 from stream.retry import Backoff
 from stream.settings import TopicNames
 from stream.state import (
@@ -29,6 +30,7 @@ from stream.state import (
 )
 
 T0 = 1_700_000_000_000
+TOPICS = TopicNames()
 
 
 def run(coro):
@@ -39,13 +41,13 @@ def worker(store: InMemoryUserStateStore) -> tuple[BatchHandler, Metrics]:
     """A worker's handler on the shared store, through a cache of its own, as stream/app.py builds it."""
     metrics = Metrics(CollectorRegistry())
     handler = BatchHandler(RecommendationStep(Recommender.default()), CachedUserStateStore(store), Sink(),
-                           TopicNames(), metrics, backoff=Backoff(base_s=0.001, cap_s=0.01, jitter=0))
+                           TOPICS, metrics, backoff=Backoff(base_s=0.001, cap_s=0.01, jitter=0))
     return handler, metrics
 
 
 def click(n: int, user: str = "u1", partition: int = 0, offset: int | None = None) -> RawMessage:
     ev = ClickEvent(event_id=f"e{n}", user_id=user, item_id=f"i{n}", ts=T0 + n)
-    return RawMessage("streamrec.clicks", partition, n if offset is None else offset, user.encode(), encode(ev))
+    return RawMessage(TOPICS.clicks, partition, n if offset is None else offset, user.encode(), encode(ev))
 
 
 def test_a_versioned_save_writes_only_where_the_stored_version_is_older():
@@ -117,3 +119,29 @@ def test_a_user_saved_by_the_other_writer_at_every_try_is_saved_as_it_stands_aft
     assert run(store.load_many(["u1"]))["u1"].clicks == 2  # saved at last, with the stored click and its own
     assert metrics.registry.get_sample_value("streamrec_state_conflicts_total") == MERGES
     assert "saved by another worker after each of" in caplog.text
+
+
+def search(n: int, query: str, partition: int, offset: int, user: str = "u1") -> RawMessage:
+    ev = SearchEvent(event_id=f"q{n}", type="search", user_id=user, query=query, ts=T0 + n, results=["i1", "i2"])
+    return RawMessage(TOPICS.searches, partition, offset, user.encode(), encode(ev))
+
+
+def test_a_search_and_an_impression_saved_over_by_another_worker_are_merged_too():
+    """The side topics' saves are versioned as the events' are: worker A's search and impression,
+    with worker B's event saved in between, all stay in the user's state."""
+    store = InMemoryUserStateStore()
+    a, a_metrics = worker(store)
+    b, _ = worker(store)
+    run(a.handle_isolated([click(1, partition=0, offset=0)]))
+    (rec,) = [decode_recommendation(v) for t, _, v in a.publish.records if t == TOPICS.recommendations]
+    run(b.handle_isolated([click(2, partition=1, offset=0)]))
+    run(a.handle_isolated([search(3, "red shoes", partition=0, offset=0)]))
+    run(b.handle_isolated([click(4, partition=1, offset=1)]))
+    run(a.handle_isolated([RawMessage(TOPICS.impressions, 0, 0, b"u1", encode(ImpressionEvent(
+        rec_id=rec.rec_id, user_id="u1", item_ids=[it.item_id for it in rec.items[:2]], ts=T0 + 5)))]))
+    state = run(store.load_many(["u1"]))["u1"]
+    assert state.clicks == 3 and state.recent_items == ["i1", "i2", "i4"]
+    assert state.recent_queries == ["red shoes"]
+    assert state.has_seen("q3", f"{TOPICS.searches}:0", 0)
+    assert [entry[2] & SHOWN for entry in state.recs if entry[0] == rec.rec_id] == [SHOWN]
+    assert a_metrics.registry.get_sample_value("streamrec_state_conflicts_total") == 2  # the search, the impression
