@@ -171,8 +171,10 @@ def test_partitions_added_while_workers_run_are_read_and_nothing_is_lost(workers
     for msg in read_all(kafka_bootstrap, f"{prefix}recommendations"):
         latest[msg.key.decode()] = decode_recommendation(msg.value)
     assert set(latest) >= set(expected), f"no list published for {len(set(expected) - set(latest))} users"
-    for w in (a, b):  # the group's leader and the other one alike count the partitions the topics have now
-        assert "partitions: ok (the topics read together have 4 partitions each)" in w.http("/readyz")[1], w.log_tail()
+    for w in (a, b):  # the group's leader and the other one alike count the partitions the topics have now,
+        # from their own consumer's metadata (refreshed every METADATA_MAX_AGE_S, read by a 2 s timer)
+        wait_for(lambda w=w: "partitions: ok (the topics read together have 4 partitions each)" in w.http("/readyz")[1],
+                 30, "the worker to count 4 partitions", w)
         assert w.metric("streamrec_fenced_batches_total") == 0, w.log_tail()
         assert w.metric("streamrec_peer_failures_total") == 0, w.log_tail()
         assert w.metric("streamrec_peer_events_learned_total") > 0, w.log_tail()
