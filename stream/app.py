@@ -202,8 +202,10 @@ def _faust_app(settings: Settings) -> faust.App:
 
 
 def publisher_for(settings: Settings, **options) -> BatchPublisher:
-    """A :class:`BatchPublisher` that reaches Kafka as ``settings.kafka`` says (TLS, SASL);
-    ``options`` are BatchPublisher's own."""
+    """A :class:`BatchPublisher` that reaches Kafka as ``settings.kafka`` says (TLS, SASL), and
+    finds partitions added to its topics as often as the consumer does; ``options`` are
+    BatchPublisher's own."""
+    options.setdefault("metadata_max_age_s", METADATA_MAX_AGE_S)
     return BatchPublisher(settings.kafka_bootstrap, client_options=settings.kafka.client_options(), **options)
 
 

@@ -47,13 +47,12 @@ class RecordBatches:
     is in Kafka.
     """
 
-    def __init__(self, producer: AIOKafkaProducer, keep: bool = False,
-                 partitions: dict[str, list[int]] | None = None) -> None:
+    def __init__(self, producer: AIOKafkaProducer, keep: bool = False) -> None:
         self._producer = producer
         self._keep = keep
         #: per topic-partition: the open batch, its records (``keep``) and its first record's number
         self._open: dict[tuple[str, int], tuple[Any, list[OutRecord], int]] = {}
-        self._partitions = {} if partitions is None else partitions
+        self._partitions: dict[str, list[int]] = {}
         #: each batch sent: its delivery, its records (``keep``), its first record's number, its size
         self._sent: deque[tuple[asyncio.Future, list[OutRecord], int, int]] = deque()
         #: records appended so far
@@ -66,7 +65,9 @@ class RecordBatches:
         self.refused = False
 
     async def partitions(self, topic: str) -> list[int]:
-        """The topic's partition ids, sorted (asked of the broker once per topic)."""
+        """The topic's partition ids, sorted (asked of the producer's metadata once per topic
+        for as long as this object lives; the broker is asked only when that does not know the
+        topic yet)."""
         parts = self._partitions.get(topic)
         if parts is None:
             parts = self._partitions[topic] = sorted(await self._producer.partitions_for(topic))
@@ -176,22 +177,29 @@ class RecordBatches:
 
 
 class BatchPublisher:
-    """The worker's output: publish a micro-batch's records and wait for the broker's acknowledgements."""
+    """The worker's output: publish a micro-batch's records and wait for the broker's acknowledgements.
+
+    Each micro-batch hashes its keys over the partition counts the producer's metadata has then
+    (read without a round trip), and the producer asks the brokers for that metadata again every
+    ``metadata_max_age_s`` in the background: partitions added to an output topic are used at
+    most that long after they exist, as Kafka's default partitioner would, not only after a restart.
+    """
 
     def __init__(self, bootstrap: str, linger_ms: int = 0, max_batch_bytes: int = 1 << 20, acks: int | str = "all",
                  request_timeout_ms: int = 30_000, enable_idempotence: bool = True,
-                 client_options: Mapping[str, Any] | None = None) -> None:
+                 client_options: Mapping[str, Any] | None = None, metadata_max_age_s: float = 10) -> None:
         """``client_options``: how the producer reaches the brokers beyond ``bootstrap``
-        (``KafkaConnection.client_options()``: TLS, SASL)."""
+        (``KafkaConnection.client_options()``: TLS, SASL). ``metadata_max_age_s``: how often the
+        producer refreshes the topics' partitions (aiokafka's ``metadata_max_age_ms``, five
+        minutes by default)."""
         self.bootstrap = bootstrap
         self._config = dict(
             bootstrap_servers=bootstrap, linger_ms=linger_ms, max_batch_size=max_batch_bytes, acks=acks,
             request_timeout_ms=request_timeout_ms, max_request_size=max(max_batch_bytes, 1 << 20),
-            enable_idempotence=enable_idempotence,
+            enable_idempotence=enable_idempotence, metadata_max_age_ms=int(metadata_max_age_s * 1000),
         )
         self._config.update(client_options or {})
         self._producer: AIOKafkaProducer | None = None  # made on start: aiokafka needs a running loop
-        self._partitions: dict[str, list[int]] = {}
         self._started = False
         self._start_lock = asyncio.Lock()
 
@@ -217,7 +225,10 @@ class BatchPublisher:
         if not records:
             return []
         await self.start()
-        batches = RecordBatches(self._producer, keep=True, partitions=self._partitions)
+        # a fresh RecordBatches per micro-batch: it takes each topic's partitions from the
+        # producer's metadata as it is now (kept for good, a grown topic went on hashing over
+        # its old count until a restart)
+        batches = RecordBatches(self._producer, keep=True)
         failed: list[OutRecord] = []
         rr = 0
         parts_of: dict[str, list[int]] = {}
