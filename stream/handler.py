@@ -315,33 +315,53 @@ class BatchHandler:
         return [msg for msg in messages if msg.topic not in side]
 
     async def _isolated(self, handle: Callable[[Sequence[RawMessage]], Awaitable[None]],
-                        messages: Sequence[RawMessage]) -> None:
+                        messages: Sequence[RawMessage], traced: set[type] | None = None) -> None:
         """``handle(messages)``, and where it raises (a bug: what a handler can refuse it
         dead-letters itself), its halves apart, down to single messages, dead-lettered as
         ``processing_error``. A half handled again passes over the events it applied and the
         impressions it counted; what it may do twice is publish its own dead letters (and a
-        search's list) again, which a reader of those topics sees as a repeat."""
+        search's list) again, which a reader of those topics sees as a repeat.
+
+        The log gets the traceback of the first failure only (and of a failure of another
+        exception type), then one line for each message dead-lettered: a bug that made every
+        half raise logged a traceback for each split, a dozen for one bad value in a batch of
+        a thousand, and buried the cause. ``traced``: the exception types whose traceback the
+        batch being isolated has logged."""
         try:
             await handle(messages)
             return
         except (Fenced, asyncio.CancelledError):
             raise
         except Exception as exc:  # noqa: BLE001 - isolated below
+            first = traced is None
+            traced = set() if traced is None else traced
+            trace = type(exc) not in traced
+            traced.add(type(exc))
             if len(messages) > 1:
-                log.exception("handling a batch of %d messages raised; handling its halves apart", len(messages))
+                if first:
+                    log.error("handling a batch of %d messages raised; handling its halves apart, down to the "
+                              "messages that raise alone (dead-lettered, a line each)", len(messages),
+                              exc_info=exc)
+                elif trace:
+                    log.error("handling %d of the batch's messages raised %s, not seen in this batch before",
+                              len(messages), type(exc).__name__, exc_info=exc)
                 half = len(messages) // 2
-                await self._isolated(handle, messages[:half])
-                await self._isolated(handle, messages[half:])
+                await self._isolated(handle, messages[:half], traced)
+                await self._isolated(handle, messages[half:], traced)
                 return
-            await self._dead_letter_raised(messages[0], exc)
+            await self._dead_letter_raised(messages[0], exc, trace)
 
-    async def _dead_letter_raised(self, msg: RawMessage, exc: Exception) -> None:
-        """Dead-letter the one message whose handling raised ``exc`` as ``processing_error``;
-        the models pass over an event so dead-lettered as over an invalid one."""
-        log.exception("handling the message at %s[%d]@%d raised; it is dead-lettered", msg.topic, msg.partition, msg.offset,
-                      exc_info=exc)
-        letter = _failure_letter("processing_error",
-                                 f"handling the message raised {type(exc).__name__}: {exception_text(exc)}", msg)
+    async def _dead_letter_raised(self, msg: RawMessage, exc: Exception, trace: bool = True) -> None:
+        """Dead-letter the one message whose handling raised ``exc`` as ``processing_error``
+        (``trace``: log the traceback too); the models pass over an event so dead-lettered as
+        over an invalid one."""
+        reason = f"handling the message raised {type(exc).__name__}: {exception_text(exc)}"
+        if trace:
+            log.error("handling the message at %s[%d]@%d raised; it is dead-lettered", msg.topic, msg.partition,
+                      msg.offset, exc_info=exc)
+        else:
+            log.error("the message at %s[%d]@%d is dead-lettered: %s", msg.topic, msg.partition, msg.offset, reason)
+        letter = _failure_letter("processing_error", reason, msg)
         await self._publish([dead_letter_record(self.topics.dlq, msg.key, letter)])
         if msg.topic not in (self.topics.impressions, self.topics.searches):  # an event: the models pass over it
             self.step.advance([msg.position], dead=True)
