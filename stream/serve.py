@@ -71,7 +71,7 @@ from stream.records import ID_PATTERN, MAX_ID_CHARS, MAX_QUERY_CHARS, SearchEven
 from stream.search_step import SearchConfig, SearchStep
 from stream.serve_clients import shedding, write_timeout
 from stream.settings import MAX_IN_FLIGHT, RESERVED_SLOTS, IPNetwork, Settings
-from stream.shell import load_arm_scorers, load_scorer, text_embedder
+from stream.shell import load_arm_scorers, load_scorer, query_student, text_embedder
 from stream.snapshots import SNAPSHOT_KEY, serving_with
 from stream.state import RedisUserStateStore, UserState, UserStateStore
 from stream.step_results import exception_text
@@ -662,6 +662,8 @@ async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop:
         feed = CatalogueFeed(catalogue, settings.kafka.client_options(), settings.topics.items, settings.bounds, metrics,
                              store=store, write_snapshots=False)
         step.catalogue = catalogue  # a user's latest query joins their candidates, as in the worker
+    else:
+        query_student(settings)  # not used, but a wrong value is refused as with the catalogue on
     health = serve_health()
     search = SearchStep(step, catalogue, SearchConfig(k=settings.top_k, depth=settings.search_candidates,
                                                       personal_weight=settings.search_personal_weight))

@@ -164,6 +164,8 @@ class Shell:
                                                 settings.bounds, self.metrics, self.publisher.publish,
                                                 settings.topics.dlq, store=self.store,
                                                 snapshot_interval_s=max(1, settings.snapshot_interval_s))
+        else:
+            query_student(settings)  # not used, but a wrong value is refused as with the catalogue on
         self.step.catalogue = self.catalogue  # a user's latest query joins their home-page candidates
         self.handler.search = SearchStep(self.step, self.catalogue,
                                          SearchConfig(k=settings.top_k, depth=settings.search_candidates,
@@ -780,16 +782,36 @@ def text_embedder(settings: Settings) -> TextEmbedder:
         raise ConfigError(f"{exc}, or set STREAMREC_CATALOGUE=false to run without search and the catalogue") from None
     except ScorerDeviceError as exc:  # STREAMREC_SCORER_DEVICE=cuda where CUDA is not usable: was a traceback
         raise device_refused(settings, exc) from None
-    if settings.query_student:
-        path = Path(settings.query_student)
+    student = query_student(settings)
+    if student is not None:
         try:
-            student = QueryStudent.from_bytes(path.read_bytes())
             embedder.use_student(student)
-        except (OSError, ValueError) as exc:  # missing, unreadable, not a student, or another model's size
-            raise ConfigError(f"STREAMREC_QUERY_STUDENT={settings.query_student}: cannot read a query student there "
-                              f"({exc}); make one with `streamrec distil-queries`, or leave the setting empty") from None
-        log.info("query student %s: %d word pieces", path, len(student.tokens))
+        except ValueError as exc:  # another model's size
+            raise _student_refused(settings, exc) from None
+        log.info("query student %s: %d word pieces", settings.query_student, len(student.tokens))
     return embedder
+
+
+def query_student(settings: Settings) -> QueryStudent | None:
+    """The query student STREAMREC_QUERY_STUDENT names (None: empty), or a :class:`ConfigError`
+    for a file that is missing, unreadable or no student. The worker and serve read it with the
+    catalogue off too, where it is not used (said in a warning): a wrong value was accepted
+    silently there, and refused only once the catalogue was turned on."""
+    if not settings.query_student:
+        return None
+    try:
+        student = QueryStudent.from_bytes(Path(settings.query_student).read_bytes())
+    except (OSError, ValueError) as exc:  # missing, unreadable, not a student
+        raise _student_refused(settings, exc) from None
+    if not settings.catalogue:
+        log.warning("STREAMREC_QUERY_STUDENT=%s is not used: STREAMREC_CATALOGUE=false (no text model embeds "
+                    "queries; searches re-rank only the results they carry)", settings.query_student)
+    return student
+
+
+def _student_refused(settings: Settings, exc: Exception) -> ConfigError:
+    return ConfigError(f"STREAMREC_QUERY_STUDENT={settings.query_student}: cannot read a query student there "
+                       f"({exc}); make one with `streamrec distil-queries`, or leave the setting empty")
 
 
 def device_refused(settings: Settings, exc: ScorerDeviceError) -> ConfigError:

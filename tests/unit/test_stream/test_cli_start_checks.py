@@ -48,6 +48,8 @@ def _worker(env: dict[str, str]) -> BaseException | None:
 @pytest.mark.parametrize("env, said", [
     ({"STREAMREC_BLEND_WEIGHTS": "bogus=0.2"}, "STREAMREC_BLEND_WEIGHTS names bogus"),
     ({"STREAMREC_CATALOGUE": "true", "STREAMREC_QUERY_STUDENT": "/nonexistent/student"}, "STREAMREC_QUERY_STUDENT="),
+    # not used with the catalogue off, but refused all the same (it was accepted silently)
+    ({"STREAMREC_CATALOGUE": "false", "STREAMREC_QUERY_STUDENT": "/nonexistent/student"}, "STREAMREC_QUERY_STUDENT="),
 ])
 def test_the_worker_checks_the_models_settings_before_kafka(no_kafka, env, said):
     exc = _worker(env)

@@ -3,17 +3,20 @@ catalogue file, handed to the text model the worker and serve build (stream.shel
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from online_models.search import QueryStudent
+from stream import serve
 from stream.cli import app
 from stream.errors import ConfigError, StreamrecError
 from stream.settings import Settings
-from stream.shell import text_embedder
+from stream.shell import query_student, text_embedder
 
 ITEMS = [{"item_id": "i1", "title": "Men's lightweight running shoes"},
          {"item_id": "i2", "title": "Women's long winter down jacket with hood"},
@@ -59,6 +62,30 @@ def test_a_missing_or_foreign_student_file_is_a_clear_setting_error(tmp_path):
     small.write_bytes(QueryStudent(np.arange(3), np.ones((3, 8))).to_bytes())  # another model's size
     with pytest.raises(ConfigError, match="8 dimensions, the text model's 384"):
         text_embedder(Settings.from_env({"STREAMREC_QUERY_STUDENT": str(small)}))
+
+
+def test_a_foreign_student_file_is_refused_with_the_catalogue_off_too(tmp_path):
+    """STREAMREC_CATALOGUE=false: the setting was never read, so a wrong value was accepted
+    silently, and refused only once the catalogue was turned on. serve refuses it at start,
+    as the worker does (tests/unit/test_stream/test_cli_start_checks.py)."""
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a student")
+    for path in (junk, tmp_path / "nope.npz"):
+        settings = Settings.from_env({"STREAMREC_CATALOGUE": "false", "STREAMREC_QUERY_STUDENT": str(path),
+                                      "STREAMREC_MODEL_DIR": str(tmp_path), "STREAMREC_KAFKA_BOOTSTRAP": "127.0.0.1:1",
+                                      "STREAMREC_REDIS_URL": "redis://127.0.0.1:1/0"})  # nothing of the main stack
+        with pytest.raises(ConfigError, match=f"STREAMREC_QUERY_STUDENT={path}: cannot read a query student"):
+            asyncio.run(asyncio.wait_for(serve.run_server(settings, 0, "127.0.0.1", asyncio.Event()), 30))
+
+
+def test_a_good_student_with_the_catalogue_off_is_said_to_be_unused(fitted, caplog):
+    out, _ = fitted
+    with caplog.at_level(logging.WARNING, logger="streamrec"):
+        assert query_student(Settings.from_env({"STREAMREC_CATALOGUE": "false", "STREAMREC_QUERY_STUDENT": str(out)}))
+    assert f"STREAMREC_QUERY_STUDENT={out} is not used: STREAMREC_CATALOGUE=false" in caplog.text
+    caplog.clear()
+    assert query_student(Settings.from_env({"STREAMREC_QUERY_STUDENT": str(out)})) is not None
+    assert "not used" not in caplog.text
 
 
 def test_misuse_gets_a_message_not_a_traceback(tmp_path):
