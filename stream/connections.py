@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl, urlsplit
 import redis
 from aiokafka import AIOKafkaConsumer
 
-from stream.errors import ConfigError, ServiceUnavailable, StreamrecError
+from stream.errors import ConfigError, ServiceUnavailable, StreamrecError, clipped
 
 #: STREAMREC_KAFKA_SECURITY_PROTOCOL's values (Kafka's own names)
 PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -291,6 +291,7 @@ class RedisConnection:
                                   "not use TLS: start it with rediss://")
             _check_file("STREAMREC_REDIS_SSL_CA_FILE", self.ssl_ca_file)
             _check_ca_pem("STREAMREC_REDIS_SSL_CA_FILE", self.ssl_ca_file)
+        self._check_max_connections(parsed)
         try:  # what redis-py makes of the URL, connecting to nothing: unknown names, bad values
             pool = redis.ConnectionPool.from_url(self.url, **self.client_options())
             pool.make_connection()
@@ -345,6 +346,22 @@ class RedisConnection:
         if parsed.port == 0:
             raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: port 0; expected a port 1-65535 (6379 when "
                               "left out)")
+
+    def _check_max_connections(self, parsed) -> None:
+        """``max_connections``, when given, at least 1: redis-py took 0 without a word (as no
+        limit in some versions, as its default of 100 in others), and a negative one was its
+        own ValueError's words."""
+        for name, value in parse_qsl(parsed.query):  # a blank value is left out, as redis-py leaves it
+            if name != "max_connections":
+                continue
+            try:
+                number = int(value)
+            except ValueError:
+                number = None
+            if number is None or number < 1:
+                raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: max_connections={clipped(value, 40)!r}: "
+                                  "expected a whole number of connections, at least 1 (leave it out for redis-py's "
+                                  "default)")
 
     def _check_database(self, parsed) -> None:
         """The database number, in the path (``/0``) or in the query (``?db=0``, a unix socket's

@@ -276,6 +276,10 @@ def test_a_password_written_as_the_user_is_pointed_out():
     ("redis://h:6379/0?socket_timeout=0", "socket_timeout=0"),
     ("redis://h:6379/0?socket_timeout=inf", "socket_timeout=inf"),
     ("redis://h:6379/0?socket_timeout=1e18", "at most 86,400"),
+    # a pool of 0 connections: redis-py took it without a word (no limit, or its default)
+    ("redis://h:6379/0?max_connections=0", "max_connections='0': expected a whole number of connections, at least 1"),
+    ("redis://h:6379/0?max_connections=-3", "max_connections='-3': expected a whole number of connections, at least 1"),
+    ("redis://h:6379/0?max_connections=ten", "max_connections='ten': expected a whole number"),
 ])
 def test_a_redis_url_redis_py_would_misread_or_refuse_later_is_refused_at_start(url, said):
     with pytest.raises(ConfigError, match="STREAMREC_REDIS_URL") as info:
@@ -285,7 +289,8 @@ def test_a_redis_url_redis_py_would_misread_or_refuse_later_is_refused_at_start(
 
 @pytest.mark.parametrize("url", ["redis://h:6379/3", "redis://h:6379/2147483647", "redis://h:6379", "redis://h:6379/", "unix:///run/redis.sock?db=2",
                                  "rediss://u:p@h:6380/0?ssl_cert_reqs=required&socket_timeout=5",
-                                 "redis://[::1]:6379/0?socket_connect_timeout=0.5&socket_timeout=86400"])
+                                 "redis://[::1]:6379/0?socket_connect_timeout=0.5&socket_timeout=86400",
+                                 "redis://h:6379/0?max_connections=1", "redis://h:6379/0?max_connections=50"])
 def test_the_redis_urls_that_work_are_taken(url):
     assert Settings.from_env({"STREAMREC_REDIS_URL": url}).redis_url == url
 
