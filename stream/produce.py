@@ -162,42 +162,59 @@ async def started_producer(kafka: KafkaConnection, **options) -> AIOKafkaProduce
     return producer
 
 
-#: how to send what a replay did not: again from the start, which the workers' dedupe makes safe
-RUN_AGAIN = ("run the same command again: it sends the log from its first event, with the same event ids (a worker "
-             "skips an event whose id is among the latest STREAMREC_DEDUPE_WINDOW of its user)")
+def resume_hint(done: int) -> str:
+    """How to send the rest of a log whose first ``done`` events are in Kafka: from event
+    ``done + 1`` on, under the ids a whole replay gives them.
+
+    >>> resume_hint(12_340)
+    'run the same command with --skip 12340: it sends the log from its event 12,341 on, under the event ids a whole replay gives them (a worker skips an event whose id is among the latest STREAMREC_DEDUPE_WINDOW of its user, should one go twice)'
+    """
+    return (f"run the same command with --skip {done}: it sends the log from its event {done + 1:,} on, under the "
+            "event ids a whole replay gives them (a worker skips an event whose id is among the latest "
+            "STREAMREC_DEDUPE_WINDOW of its user, should one go twice)")
 
 
-def replay_progress(sent: int, confirmed: int, unbroken: int) -> str:
-    """What a replay that Kafka failed had put in Kafka, of the first ``sent`` events of the log:
-    ``confirmed`` events, the first ``unbroken`` all among them; and how to send the rest.
+def _after(skipped: int) -> str:
+    return f" after the first {skipped:,} (--skip)" if skipped else ""
+
+
+def replay_progress(sent: int, confirmed: int, unbroken: int, skipped: int = 0) -> str:
+    """What a replay that Kafka failed had put in Kafka, of the first ``sent`` events it sent
+    (after the ``skipped`` first events of the log): ``confirmed`` events, the first ``unbroken``
+    all among them; and how to send the rest.
 
     >>> replay_progress(12_800, 12_340, 12_340)
-    'Kafka confirmed the first 12,340 events of the log and none after them; to send the rest, run the same command again: it sends the log from its first event, with the same event ids (a worker skips an event whose id is among the latest STREAMREC_DEDUPE_WINDOW of its user)'
+    'Kafka confirmed the first 12,340 events of the log and none after them; to send the rest, run the same command with --skip 12340: it sends the log from its event 12,341 on, under the event ids a whole replay gives them (a worker skips an event whose id is among the latest STREAMREC_DEDUPE_WINDOW of its user, should one go twice)'
     >>> replay_progress(12_800, 12_340, 12_000).split(";")[0]
     'Kafka confirmed 12,340 of the first 12,800 events of the log: all of the first 12,000, and 340 after them'
+    >>> replay_progress(800, 700, 700, skipped=5_000).split(": it")[0]
+    'Kafka confirmed the first 700 events of the log after the first 5,000 (--skip) and none after them; to send the rest, run the same command with --skip 5700'
     >>> replay_progress(800, 0, 0)
-    'Kafka confirmed none of the 800 events sent; run the same command again to send the log'
+    'Kafka confirmed none of the 800 events sent; run the same command again to send them'
     """
     if sent == 0:
         return "no event had been sent"
     if confirmed == 0:
-        return f"Kafka confirmed none of the {counted(sent, 'event')} sent; run the same command again to send the log"
+        return f"Kafka confirmed none of the {counted(sent, 'event')} sent; run the same command again to send them"
     if confirmed == unbroken:
-        head = f"Kafka confirmed the first {counted(confirmed, 'event')} of the log and none after them"
+        head = f"Kafka confirmed the first {counted(confirmed, 'event')} of the log{_after(skipped)} and none after them"
     else:
-        head = (f"Kafka confirmed {confirmed:,} of the first {counted(sent, 'event')} of the log: all of the first "
-                f"{unbroken:,}, and {confirmed - unbroken:,} after them")
-    return f"{head}; to send the rest, {RUN_AGAIN}"
+        head = (f"Kafka confirmed {confirmed:,} of the first {counted(sent, 'event')} of the log{_after(skipped)}: all "
+                f"of the first {unbroken:,}, and {confirmed - unbroken:,} after them")
+    return f"{head}; to send the rest, {resume_hint(skipped + unbroken)}"
 
 
-def bad_line_progress(sent: int) -> str:
-    """What a replay stopped by a line that is no event says it sent, and how to go on.
+def bad_line_progress(sent: int, skipped: int = 0) -> str:
+    """What a replay stopped by a line that is no event says it sent (``sent`` events, after the
+    ``skipped`` first ones of the log), and how to go on.
 
-    >>> bad_line_progress(50_000)
-    'produce stopped there, and Kafka confirmed the 50,000 events of the log before that line; correct or delete the line, then run the same command again: it sends the log from its first event, with the same event ids (a worker skips an event whose id is among the latest STREAMREC_DEDUPE_WINDOW of its user)'
+    >>> bad_line_progress(50_000).split(": it")[0]
+    'produce stopped there, and Kafka confirmed the 50,000 events of the log before that line; correct or delete the line, then run the same command with --skip 50000'
+    >>> bad_line_progress(20_000, skipped=30_000).split(": it")[0]
+    'produce stopped there, and Kafka confirmed the 20,000 events of the log before that line after the first 30,000 (--skip); correct or delete the line, then run the same command with --skip 50000'
     """
-    return (f"produce stopped there, and Kafka confirmed the {counted(sent, 'event')} of the log before that line; "
-            f"correct or delete the line, then {RUN_AGAIN}")
+    return (f"produce stopped there, and Kafka confirmed the {counted(sent, 'event')} of the log before that line"
+            f"{_after(skipped)}; correct or delete the line, then {resume_hint(skipped + sent)}")
 
 
 def _take(it: Iterator[Interaction], n: int) -> tuple[list[Interaction], DatasetError | None]:
@@ -231,11 +248,14 @@ async def replay(
     stop: asyncio.Event | None = None,
     on_progress: Callable[[ProduceSummary], None] | None = None,
     acks: int | str = 1,
+    skipped: int = 0,
 ) -> ProduceSummary:
     """Send every interaction as an event, paced to ``rate`` events/s (None: as fast as it goes).
 
     Returns when all were acknowledged, or early (flushing what was sent) when ``stop`` is set.
     ``bootstrap``: ``Settings.kafka`` (or bootstrap servers alone for a plaintext broker).
+    ``skipped``: how many events of the log come before ``interactions`` (``--skip``): the first
+    one's id is the log's position ``skipped``, as in a whole replay.
     """
     kafka = KafkaConnection.of(bootstrap)
     producer = await started_producer(kafka, client_id="streamrec-produce", acks=acks, linger_ms=0,
@@ -252,7 +272,7 @@ async def replay(
         started = time.monotonic()
         last_report = started
         it = iter(interactions)
-        index = 0
+        index = skipped
         while bad_line is None and (stop is None or not stop.is_set()):
             chunk, bad_line = _take(it, step)
             if not chunk:
@@ -300,13 +320,13 @@ async def replay(
         failure = send_failure(kafka, exc, "sending events")
         if isinstance(failure, AccessDenied):
             raise failure from None
-        raise StreamrecError(f"{failure}; {replay_progress(batches.appended, confirmed, unbroken)}") from None
+        raise StreamrecError(f"{failure}; {replay_progress(batches.appended, confirmed, unbroken, skipped)}") from None
     finally:
         await producer.stop()
     if on_progress is not None:
         on_progress(summary)
     if bad_line is not None:  # every event before it is in Kafka now (else a KafkaError above)
-        raise DatasetError(f"{bad_line}; {bad_line_progress(batches.appended)}")
+        raise DatasetError(f"{bad_line}; {bad_line_progress(batches.appended, skipped)}")
     return summary
 
 
@@ -323,6 +343,10 @@ def produce(
         "--rate", "-r", min=0.001, max=10_000_000, help="Events per second (token bucket), up to 10,000,000; leave out for as fast as possible.")] = None,
     limit: Annotated[int | None, typer.Option(
         "--limit", "-n", min=0, help=f"Send at most N events (synthetic: exactly N, default {DEFAULT_SYNTHETIC_EVENTS:,}).")] = None,
+    skip: Annotated[int, typer.Option(
+        "--skip", min=0, help="Start after the first N events of the log (or of the synthetic shop): they are read, "
+        "not sent, and the events after them keep the ids a whole replay gives them. To go on where a replay that "
+        "stopped says it got to; --limit counts the events sent after them.")] = 0,
     bootstrap: Annotated[str | None, typer.Option(
         "--bootstrap", "-b", help="Kafka bootstrap servers (default STREAMREC_KAFKA_BOOTSTRAP).")] = None,
     topic_prefix: Annotated[str | None, typer.Option(
@@ -355,9 +379,9 @@ def produce(
     if catalogue is not None or demo_catalogue:
         if dataset is not None or (catalogue is not None and demo_catalogue):
             raise typer.BadParameter("send one catalogue or a log of events, not both", param_hint="--catalogue")
-        if rate is not None or limit is not None or id_prefix is not None or keep_ts:
-            raise typer.BadParameter("--rate, --limit, --id-prefix and --keep-ts pace and name events: a catalogue is "
-                                     "sent whole", param_hint="--catalogue")
+        if rate is not None or limit is not None or skip or id_prefix is not None or keep_ts:
+            raise typer.BadParameter("--rate, --limit, --skip, --id-prefix and --keep-ts pace and name events: a "
+                                     "catalogue is sent whole", param_hint="--catalogue")
         return _produce_catalogue(catalogue, bootstrap, topic_prefix, seed)
     fmt = "synthetic" if dataset is None and format in ("synthetic", "") else format
     if fmt not in FORMATS:
@@ -373,14 +397,21 @@ def produce(
     settings = Settings.with_options(kafka_bootstrap=("--bootstrap", bootstrap), topic_prefix=("--topic-prefix", topic_prefix))
     topics = settings.topics
     n = limit if limit is not None or dataset is not None else DEFAULT_SYNTHETIC_EVENTS
+    read = None if n is None else n + skip  # the skipped events are read too
     try:
-        interactions = iter(read_interactions(dataset, fmt, n, seed=seed) if dataset is None else read_interactions(dataset, fmt, n))
-        # the first event read now, before Kafka: a log in another format, or with no events, is
-        # said at once (a later bad line is said when it is reached: a log is read as it is sent)
+        interactions = iter(read_interactions(dataset, fmt, read, seed=seed) if dataset is None
+                            else read_interactions(dataset, fmt, read))
+        # the skipped events and the first one sent read now, before Kafka: a log in another
+        # format, with no events, or with no more than --skip, is said at once (a later bad line
+        # is said when it is reached: a log is read as it is sent)
+        skipped = sum(1 for _ in itertools.islice(interactions, skip))
         first = next(interactions, None)
     except DatasetError as exc:
         raise typer.BadParameter(str(exc), param_hint="--dataset") from None
     if first is None and n != 0:
+        if skipped:
+            raise typer.BadParameter(f"{dataset}: no {fmt} events after the first {skipped:,} (the log has "
+                                     f"{counted(skipped, 'event')}); nothing is left to send", param_hint="--skip")
         raise typer.BadParameter(f"{dataset}: no {fmt} events in it (empty, or a header alone); check the file "
                                  "and --format", param_hint="--dataset")
     interactions = itertools.chain([] if first is None else [first], interactions)
@@ -388,7 +419,7 @@ def produce(
     ensure_streamrec_topics(settings)
     tag = id_prefix if id_prefix is not None else source_tag(dataset, fmt, seed)
     summary = _run_with_progress(interactions, settings.kafka, topics, tag,
-                                 rate, keep_ts, progress, total=n)
+                                 rate, keep_ts, progress, total=n, skipped=skipped)
     typer.echo(summary.line())
     typer.echo(f"topics: {topics.clicks} ({summary.topics.get(topics.clicks, 0):,}), "
                f"{topics.purchases} ({summary.topics.get(topics.purchases, 0):,}) on {settings.kafka_bootstrap}")
@@ -422,7 +453,7 @@ def _produce_catalogue(path: Path | None, bootstrap: str | None, topic_prefix: s
     return sent
 
 
-def _run_with_progress(interactions, bootstrap, topics, tag, rate, keep_ts, show, total) -> ProduceSummary:
+def _run_with_progress(interactions, bootstrap, topics, tag, rate, keep_ts, show, total, skipped=0) -> ProduceSummary:
     console = Console(stderr=True)
     columns = [TextColumn("[bold]producing"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]:>10,.0f} ev/s"), TimeElapsedColumn()]
@@ -440,7 +471,8 @@ def _run_with_progress(interactions, bootstrap, topics, tag, rate, keep_ts, show
             for sig in signals:
                 loop.add_signal_handler(sig, _stopper(loop, stop, sig, received))
             try:
-                summary = await replay(interactions, bootstrap, topics, tag, rate, keep_ts, stop, on_progress)
+                summary = await replay(interactions, bootstrap, topics, tag, rate, keep_ts, stop, on_progress,
+                                       skipped=skipped)
                 summary.signal = int(received[0]) if received else None
                 return summary
             finally:
@@ -460,5 +492,5 @@ def _stopper(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, sig: signal.S
     return handle
 
 
-__all__ = ["ProduceSummary", "TokenBucket", "chunk_size", "event_id", "produce", "replay", "replay_progress",
-           "source_tag", "topic_for"]
+__all__ = ["ProduceSummary", "TokenBucket", "bad_line_progress", "chunk_size", "event_id", "produce", "replay",
+           "replay_progress", "resume_hint", "source_tag", "topic_for"]

@@ -127,6 +127,22 @@ def test_id_prefix_makes_a_replay_new_events(kafka_bootstrap, topic_prefix):
     assert {decode_event(r.value).event_id for r in records} == {f"run2-{i}" for i in range(50)}
 
 
+def test_a_replay_in_two_parts_with_skip_puts_in_kafka_what_a_whole_one_does(kafka_bootstrap, topic_prefix):
+    """--skip: the second part starts after the first part's events, under the ids (and with the
+    events) a whole replay gives them: nothing twice, nothing missing."""
+    base = ("produce", "--bootstrap", kafka_bootstrap, "--topic-prefix", topic_prefix, "--no-progress")
+    run(*base, "--limit", "120")
+    out = run(*base, "--limit", "80", "--skip", "120")
+    assert "sent 80 events" in out
+    topics = TopicNames(topic_prefix)
+    events = [decode_event(r.value) for t in (topics.clicks, topics.purchases) for r in read_all(kafka_bootstrap, t)]
+    by_id = {e.event_id: e for e in events}
+    assert len(events) == len(by_id) == 200
+    for i, x in enumerate(synthetic_interactions(200, seed=42)):
+        event = by_id[f"synthetic-s42-{i}"]
+        assert (event.user_id, event.item_id, event.type) == (x.user_id, x.item_id, x.kind)
+
+
 def test_each_users_events_keep_their_order(kafka_bootstrap, topic_prefix):
     run("produce", "--bootstrap", kafka_bootstrap, "--topic-prefix", topic_prefix, "--limit", "2000", "--no-progress")
     by_user: dict[str, list[int]] = defaultdict(list)

@@ -188,7 +188,8 @@ def _app() -> typer.Typer:
 def test_help_describes_every_option(command):
     result = CliRunner().invoke(_app(), [command, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    options = {"produce": ["--dataset", "--format", "--rate", "--limit", "--bootstrap", "--topic-prefix", "--seed", "--keep-ts"],
+    options = {"produce": ["--dataset", "--format", "--rate", "--limit", "--skip", "--bootstrap", "--topic-prefix", "--seed",
+                           "--keep-ts"],
                "tail": ["--user", "--from-beginning", "--limit", "--json", "--dlq", "--timeout"]}[command]
     for option in options:
         assert option in result.output
@@ -200,7 +201,8 @@ def test_help_describes_every_option(command):
      (["--id-prefix", "x" * 120], "at most 114 characters"), (["--id-prefix", "a\tb"], "control characters"),
      (["--id-prefix", "\udcff"], "not UTF-8"), (["--id-prefix", " "], "besides whitespace"),
      (["--demo-catalogue", "-n", "5"], "a catalogue is sent whole"),  # were ignored: 2,000 items went
-     (["--demo-catalogue", "--rate", "10"], "a catalogue is sent whole")],
+     (["--demo-catalogue", "--rate", "10"], "a catalogue is sent whole"),
+     (["--demo-catalogue", "--skip", "10"], "a catalogue is sent whole")],
 )
 def test_produce_refuses_bad_arguments_before_connecting(args, says, tmp_path):
     result = CliRunner().invoke(_app(), ["produce", "--bootstrap", "127.0.0.1:1", *args])
@@ -311,15 +313,17 @@ def test_batches_abandoned_after_a_failure_leave_no_unretrieved_error():
 
 
 class FakeBatch:
-    """A record batch of at most three records; it keeps the event ids it holds."""
+    """A record batch of at most three records; it keeps the event ids it holds, and their values."""
 
     def __init__(self) -> None:
         self.ids: list[int] = []
+        self.values: list[bytes] = []
 
     def append(self, key, value, timestamp):
         if len(self.ids) == 3:
             return None
         self.ids.append(int(json.loads(value)["event_id"].rsplit("-", 1)[1]))
+        self.values.append(value)
         return object()
 
     def record_count(self) -> int:
@@ -373,9 +377,9 @@ async def test_a_replay_kafka_failed_says_how_many_events_kafka_confirmed(monkey
     assert str(info.value) == (
         f"sending events to 127.0.0.1:9 failed: KafkaTimeoutError(); Kafka confirmed {len(confirmed)} of the first "
         f"60 events of the log: all of the first {unbroken}, and {len(confirmed) - unbroken} after them; to send "
-        "the rest, run the same "
-        "command again: it sends the log from its first event, with the same event ids (a worker skips an "
-        "event whose id is among the latest STREAMREC_DEDUPE_WINDOW of its user)")
+        f"the rest, run the same command with --skip {unbroken}: it sends the log from its event {unbroken + 1} on, "
+        "under the event ids a whole replay gives them (a worker skips an event whose id is among the latest "
+        "STREAMREC_DEDUPE_WINDOW of its user, should one go twice)")
 
 
 async def test_a_bad_line_mid_log_stops_the_replay_after_every_event_before_it_is_in_kafka(monkeypatch):
@@ -396,7 +400,89 @@ async def test_a_bad_line_mid_log_stops_the_replay_after_every_event_before_it_i
     assert sorted(producer.acknowledged) == list(range(1_001))
     assert str(info.value).startswith("shop.csv:1002: expected 5 comma-separated fields, saw 2; produce stopped "
                                       "there, and Kafka confirmed the 1,001 events of the log before that line; "
-                                      "correct or delete the line, then run the same command again")
+                                      "correct or delete the line, then run the same command with --skip 1001")
+
+
+async def test_a_replay_after_skipped_events_numbers_them_as_a_whole_replay_and_says_where_to_go_on(monkeypatch):
+    """--skip: the first event sent is the log's event ``skipped + 1``, under the id a whole
+    replay gives it; a failure says the --skip that sends the rest (it said to send the log
+    from its first event again, which the workers' dedupe window need not cover)."""
+    producer = BrokerGoingAway(fail={3}, pending=set())
+
+    async def started_producer(kafka, **options):
+        return producer
+
+    monkeypatch.setattr(produce_module, "started_producer", started_producer)
+    with pytest.raises(StreamrecError) as info:
+        await replay(synthetic_interactions(30, seed=3), "127.0.0.1:9", TopicNames("t."), "tag", skipped=1_000)
+    confirmed = sorted(producer.acknowledged)
+    assert confirmed[0] == 1_000 and all(1_000 <= i < 1_030 for i in confirmed)
+    unbroken = next(i for i in range(1_000, 1_031) if i not in confirmed)
+    assert f"run the same command with --skip {unbroken}: it sends the log from its event {unbroken + 1:,} on" \
+        in str(info.value), info.value
+    assert "of the log after the first 1,000 (--skip)" in str(info.value)
+
+
+async def test_a_bad_line_after_skipped_events_says_the_skip_that_goes_on_after_it(monkeypatch):
+    producer = BrokerGoingAway(fail=set(), pending=set())
+
+    async def started_producer(kafka, **options):
+        return producer
+
+    def log_with_a_bad_line():
+        yield from synthetic_interactions(40, seed=3)
+        raise DatasetError("shop.csv:541: expected 5 comma-separated fields, saw 2")
+
+    monkeypatch.setattr(produce_module, "started_producer", started_producer)
+    with pytest.raises(DatasetError) as info:
+        await replay(log_with_a_bad_line(), "127.0.0.1:9", TopicNames("t."), "tag", skipped=500)
+    assert sorted(producer.acknowledged) == list(range(500, 540))
+    assert "the 40 events of the log before that line after the first 500 (--skip); correct or delete the line, " \
+        "then run the same command with --skip 540: it sends the log from its event 541 on" in str(info.value)
+
+
+TAOBAO_LOG = "".join(f"{n % 3 + 1},{100 + n},7,{'buy' if n == 4 else 'pv'},{1511544070 + n}\n" for n in range(10))
+
+
+@pytest.fixture
+def fake_kafka(monkeypatch):
+    """``produce`` sends to a fake producer that confirms every batch (no broker)."""
+    producer = BrokerGoingAway(fail=set(), pending=set())
+
+    async def started_producer(kafka, **options):
+        return producer
+
+    monkeypatch.setattr(produce_module, "started_producer", started_producer)
+    monkeypatch.setattr(produce_module, "ensure_streamrec_topics", lambda settings: [])
+    return producer
+
+
+def test_produce_skip_sends_the_log_after_its_first_n_events_under_their_whole_replay_ids(fake_kafka, tmp_path):
+    log = tmp_path / "shop.csv"
+    log.write_text(TAOBAO_LOG)
+    args = ["produce", "--dataset", str(log), "--format", "taobao", "--bootstrap", "127.0.0.1:9", "--no-progress"]
+    result = CliRunner().invoke(_app(), [*args, "--skip", "6"])
+    assert result.exit_code == 0, result.output
+    assert sorted(fake_kafka.acknowledged) == [6, 7, 8, 9] and "sent 4 events" in result.output
+    fake_kafka.acknowledged.clear()
+    result = CliRunner().invoke(_app(), [*args, "--skip", "3", "--limit", "2"])  # --limit counts what is sent
+    assert result.exit_code == 0, result.output
+    assert sorted(fake_kafka.acknowledged) == [3, 4]
+    values = [json.loads(v) for batch in fake_kafka.sent for v in batch.values]
+    assert [(v["user_id"], v["item_id"]) for v in values[-2:]] == [("1", "103"), ("2", "104")]
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--skip", "10"], "no taobao events after the first 10 (the log has 10 events)"),
+    (["--skip", "25"], "no taobao events after the first 10 (the log has 10 events)"),
+    (["--skip", "-1"], "Invalid value for '--skip'"),
+])
+def test_produce_refuses_a_skip_past_the_log_before_kafka(tmp_path, args, says):
+    log = tmp_path / "shop.csv"
+    log.write_text(TAOBAO_LOG)
+    result = CliRunner().invoke(_app(), ["produce", "--dataset", str(log), "--format", "taobao", "--bootstrap",
+                                         "127.0.0.1:1", "--no-progress", *args], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and says in " ".join(result.output.split()), result.output
 
 
 # --- tail's lines -----------------------------------------------------------------------
