@@ -50,7 +50,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import MetricsHandler
 
 from stream.connections import KafkaConnection
-from stream.errors import ConfigError, counted
+from stream.errors import ConfigError, counted, redis_advice
 from stream.topics import probe
 
 log = logging.getLogger("streamrec.health")
@@ -304,7 +304,7 @@ async def check_readiness(app: Any, store: Any, health: Health, bootstrap: Kafka
         await asyncio.wait_for(store.ping(), 5.0)
         health.set("redis", True, "PING answered")
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
-        health.set("redis", False, f"PING failed: {type(exc).__name__}: {exc}")
+        health.set("redis", False, f"PING failed: {type(exc).__name__}: {exc}{redis_advice(exc)}")
     problem = await asyncio.to_thread(probe, bootstrap, 2.0) if bootstrap else None
     if problem is not None:
         health.set("kafka", False, f"no broker answers ({problem})")

@@ -25,7 +25,7 @@ from online_models.search import Catalogue, QueryStudent, TextEmbedder, TextMode
 from stream.batching import drop_stale
 from stream.catalogue_feed import CatalogueFeed
 from stream.consumer import FetchPacer
-from stream.errors import ConfigError, described
+from stream.errors import ConfigError, described, redis_advice
 from stream.handler import BatchHandler, Claims, RawMessage, now_ms
 from stream.health import Health, check_readiness
 from stream.lag import LagMetrics, update_lag
@@ -556,7 +556,7 @@ class Shell:
                 delay = next(delays, None)
                 if delay is None:
                     raise
-                log.warning("could not %s (%s); retrying in %.2fs", what, described(exc), delay)
+                log.warning("could not %s (%s%s); retrying in %.2fs", what, described(exc), redis_advice(exc), delay)
                 await asyncio.sleep(delay)
 
     async def replay_once(self, app, restored: asyncio.Event) -> None:

@@ -6,6 +6,7 @@ import doctest
 import importlib
 import json
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter
 from stream import health as health_module
 from stream.health import Health, check_readiness, serve
 from stream.lag import LagMetrics, update_lag
+from stream.state import RedisUserStateStore
 
 
 @pytest.mark.parametrize("name", ["stream.lag", "stream.health"])
@@ -226,3 +228,44 @@ def test_a_client_that_never_finishes_its_request_is_closed(monkeypatch):
             started = time.monotonic()
             assert conn.recv(100) == b""  # closed, nothing answered
             assert time.monotonic() - started < 3
+
+
+async def test_a_redis_url_at_a_server_that_closes_the_connection_unanswered_says_what_to_check():
+    """Kafka's port (or a TLS-only Redis spoken to in plain text) takes the connection and closes
+    it without a word: readiness said only "Connection closed by server.", as for a Redis restarting."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def close_each() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:  # reads the client's first command, as Kafka does, and closes without an answer
+                conn.settimeout(2)
+                try:
+                    conn.recv(4096)
+                except OSError:
+                    pass
+
+    closer = threading.Thread(target=close_each, daemon=True)
+    closer.start()
+    store = RedisUserStateStore.from_url(f"redis://127.0.0.1:{port}/0")
+    try:
+        h = Health(clock=Clock())
+        h.beat()
+        app = SimpleNamespace(rebalancing=False, rebalancing_count=1,
+                              consumer=SimpleNamespace(assignment=lambda: {TP("s.clicks", 0)}))
+        assert not await check_readiness(app, store, h)
+        detail = h.readiness()[1]
+        assert "Connection closed by server" in detail and "names a Redis port" in detail and "rediss://" in detail
+    finally:
+        await store.close()
+        stop.set()
+        closer.join(5)
+        listener.close()
