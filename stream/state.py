@@ -77,11 +77,11 @@ class UserState(msgspec.Struct, kw_only=False, omit_defaults=True):
     #: they were written ("": unknown, from before it was kept). A topic deleted and created
     #: again starts its offsets over; :func:`align_incarnation` drops offsets of another one.
     incarnation: str = msgspec.field(default="", name="inc")
-    #: how many saves of the worker's event path this document has been through (0: none, or
+    #: how many of the worker's batches (events, searches, impressions) saved this document (0: none, or
     #: written before it was kept). Always the last field, so that the save's script reads it
-    #: from the document's last bytes (:func:`doc_version`): a save that counts one more than the
-    #: stored document is the only writer since its load; otherwise another writer saved the user
-    #: meanwhile and the save is refused for that user (:class:`StateConflict`)
+    #: from the document's last bytes (:func:`doc_version`). A batch saves one more than it loaded:
+    #: written where that is above the stored version; at or below it, another writer saved the
+    #: user meanwhile, and the save is refused for that user (:class:`StateConflict`)
     version: Annotated[int, msgspec.Meta(ge=0, lt=2**53)] = msgspec.field(default=0, name="v")
 
     def copy(self) -> UserState:
@@ -604,7 +604,7 @@ class RedisUserStateStore:
         The keys of the users loaded as absent go first, and the script asks their ``TYPE``
         before it writes (the class says why). A versioned save reads the last bytes of each
         user's stored document (``GETRANGE``: its version, :func:`doc_version`) before its
-        ``SET``, about 3 µs of Redis's time a user.
+        ``SET``, about 2 µs of Redis's time a user (40 µs a save of 22 users of 1.4 kB, measured).
 
         (A MULTI/EXEC pipeline of one SET per user costs ~40 µs of Python per user in
         redis-py's command packing; one script call with all keys costs a few.)
