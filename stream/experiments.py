@@ -70,6 +70,9 @@ BUCKETS = 10_000
 RECS_KEPT = 16
 #: flags of a remembered list
 CLICKED, PURCHASED, SHOWN = 1, 2, 4
+#: the flag of a remembered list that answered a search (the others are home-page lists, the
+#: latest of which is the one live hits are judged against: :func:`home_list`)
+SEARCHED = 8
 #: characters of an arm's tag at the end of a ``rec_id`` (:func:`rec_tag`), after :data:`TAG_SEP`
 TAG_CHARS = 4
 TAG_SEP = "-"
@@ -344,11 +347,26 @@ def attribute(recs: list[list], last_items: Sequence[str], event_rec_id: str | N
     return Attribution(entry[0], first)
 
 
-def remembered(recs: list[list], rec_id: str, ts: int) -> list[list]:
-    """``recs`` and a list just published to the user, as a new list (``recs`` is not
-    changed: ranking a user again after a failure remembers the list once); the oldest
-    beyond :data:`RECS_KEPT` go."""
-    return [*recs[len(recs) + 1 - RECS_KEPT:], [rec_id, ts, 0]] if len(recs) >= RECS_KEPT else [*recs, [rec_id, ts, 0]]
+def remembered(recs: list[list], rec_id: str, ts: int, flags: int = 0) -> list[list]:
+    """``recs`` and a list just published to the user (``flags``: :data:`SEARCHED` for a
+    search's answer), as a new list (``recs`` is not changed: ranking a user again after a
+    failure remembers the list once); the oldest beyond :data:`RECS_KEPT` go."""
+    entry = [rec_id, ts, flags]
+    return [*recs[len(recs) + 1 - RECS_KEPT:], entry] if len(recs) >= RECS_KEPT else [*recs, entry]
+
+
+def home_list(recs: list[list]) -> str | None:
+    """The ``rec_id`` of the latest home-page list remembered in ``recs`` (not a search's
+    answer), which the user's ``last_recommended`` holds; None when there is none. A state
+    written before searches' answers were flagged may name a search's answer instead.
+
+    >>> home_list([["h1", 1, 0], ["h2", 2, CLICKED], ["s1", 3, SEARCHED]]), home_list([["s1", 3, SEARCHED]])
+    ('h2', None)
+    """
+    for at in range(len(recs) - 1, -1, -1):
+        if not recs[at][2] & SEARCHED:
+            return recs[at][0]
+    return None
 
 
 def shown(recs: list[list], rec_id: str) -> bool:
@@ -364,5 +382,5 @@ def shown(recs: list[list], rec_id: str) -> bool:
     return False
 
 
-__all__ = ["Arm", "Attribution", "BASELINES", "Experiment", "attribute", "load_experiment", "parse_experiment",
-           "rec_tag", "remembered", "serving_view", "shown", "shuffled", "tag_of"]
+__all__ = ["Arm", "Attribution", "BASELINES", "Experiment", "attribute", "home_list", "load_experiment",
+           "parse_experiment", "rec_tag", "remembered", "serving_view", "shown", "shuffled", "tag_of"]

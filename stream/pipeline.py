@@ -59,6 +59,7 @@ from stream.experiments import (
     Attribution,
     Experiment,
     attribute,
+    home_list,
     load_experiment,
     rec_tag,
     remembered,
@@ -381,17 +382,19 @@ class RecommendationStep:
         applied = sorted(i for idx in plan.applied.values() for i in idx)
         live, judged = judge(events, states, plan.applied)
         failures.sort(key=lambda f: f.index)
-        variants = self._count_variants(events, plan, recommendations, judged, site_ids, live)
+        variants = self._count_variants(events, plan, recommendations, judged, site_ids, live, states)
         return StepResult(new_states, docs, recommendations, payloads, [events[i] for i in applied], plan.duplicates,
                           timings, live, learned_only=plan.learned_only, failures=failures, judged=judged,
                           refused=plan.refused, variants=variants, by_user=plan.applied)
 
     def _count_variants(self, events: Sequence[Event], plan: _Plan, recommendations: list[Recommendation],
                         judged: list[tuple[int, list[str]]], site_ids: Mapping[str, str] | None,
-                        live: LiveQuality) -> dict[str, VariantCounts]:
+                        live: LiveQuality, states: Mapping[str, UserState]) -> dict[str, VariantCounts]:
         """Per arm: the lists published, the applied events credited to a list (under the arm
-        that served that list: :meth:`variant_credited`), and the live hit rate (each applied
-        event judged against the list its user had, under the user's arm)."""
+        that served that list: :meth:`variant_credited`), and the live hit rate: each applied
+        event judged against the list its user had when the batch began (``states``), under the
+        arm that served that list (its ``rec_id``: :func:`~stream.experiments.home_list`), or
+        the user's arm where that names none."""
         out: defaultdict[str, VariantCounts] = defaultdict(VariantCounts)
         variant_of = self.variant_of
         names: dict[str, str] = {}
@@ -431,8 +434,20 @@ class RecommendationStep:
             if live.judged:
                 out[self.DEFAULT_VARIANT].live = live
             return dict(out)
+        served: dict[str, VariantCounts | None] = {}  # user -> the counts of the arm of the list judged
         for n, shown in judged:
-            counts_for(events[n].user_id).live.add(target_rank(shown, events[n].item_id, len(shown)))
+            uid = events[n].user_id
+            if uid not in served:
+                state = states.get(uid)
+                rec_id = home_list(state.recs) if state is not None else None
+                if rec_id is None or tag_of(rec_id) is None:  # a list from before rec ids named arms
+                    served[uid] = counts_for(uid)
+                else:
+                    name = self.served_by(rec_id)
+                    served[uid] = out[name] if name is not None else None  # an arm no longer configured: none
+            c = served[uid]
+            if c is not None:
+                c.live.add(target_rank(shown, events[n].item_id, len(shown)))
         return dict(out)
 
     def relearn(self, events: Sequence[Event], positions: Sequence[tuple[str, int]],

@@ -31,7 +31,7 @@ import numpy as np
 
 from online_models.search import Catalogue, SearchHit
 from online_models.types import Explanation, ScoredItem
-from stream.experiments import remembered, serving_view
+from stream.experiments import SEARCHED, remembered, serving_view
 from stream.pipeline import RecommendationStep
 from stream.records import Recommendation, SearchEvent, encode
 from stream.state import UserState, encode_state, fingerprint, remember_seen
@@ -79,7 +79,7 @@ def searched(state: UserState, search: SearchEvent, rec_id: str, source: str | N
     """What answering ``search`` (its answer named ``rec_id``) changes in its user's ``state``:
     the answer remembered for attribution, the query among the latest, the search applied (its
     offset and its id's fingerprint ``fp``)."""
-    state.recs = remembered(state.recs, rec_id, search.ts)
+    state.recs = remembered(state.recs, rec_id, search.ts, SEARCHED)
     queries = [q for q in state.recent_queries if q != search.query] + [search.query]
     state.recent_queries = queries[-RECENT_QUERIES:]
     state.query_ts = search.ts

@@ -64,7 +64,7 @@ class UserState(msgspec.Struct, kw_only=False, omit_defaults=True):
     # the last list published to the user and when, for live hit-rate measurement
     last_recommended: list[str] = msgspec.field(default_factory=list)
     #: the latest lists published to the user, for attribution: ``[rec_id, ts of the event
-    #: that triggered it, flags (1 clicked, 2 purchased)]``, newest last (stream/experiments.py;
+    #: that triggered it, flags (1 clicked, 2 purchased, 4 shown, 8 a search's answer)]``, newest last (stream/experiments.py;
     #: the arm that served a list is named by the end of its rec_id, not stored apart)
     recs: list[tuple[str, int, int]] = msgspec.field(default_factory=list)
     #: the user's latest search queries, oldest first (stream/search_step.py)

@@ -16,6 +16,7 @@ from online_models import Recommender
 from stream.errors import ConfigError
 from stream.experiments import (
     RECS_KEPT,
+    SEARCHED,
     Experiment,
     attribute,
     load_experiment,
@@ -360,6 +361,23 @@ def test_an_event_counts_under_the_arm_that_served_its_list_not_the_users_arm_wh
     counts = run(restarted, [ClickEvent(event_id="k3", user_id=user, item_id="x", ts=T0 + 61,
                                         rec_id="3f9a1c22d07b1a")], loaded).variants
     assert (counts["b"].clicks, counts["b"].clicked_lists) == (1, 1) and counts.get("a", VariantCounts()).clicks == 0
+
+
+def test_live_hits_are_judged_under_the_arm_that_served_the_list_a_search_answer_aside():
+    """Live hits were counted under the user's arm when the event came: after the experiment file
+    changed, an event judged against the list arm a served counted for arm b. A search's answer
+    (remembered too) is not the list judged."""
+    before, after = parse_experiment(AB), parse_experiment(BA)
+    user = moved_user(before, after)
+    step, states = warm_step(before)
+    (listed,) = run(step, clicks_of(user, 2), states).recommendations
+    assert listed.variant == "a"
+    states[user].recs = remembered(states[user].recs, "s1-" + rec_tag("b"), T0 + 40, SEARCHED)  # a search b answered
+    restarted = RecommendationStep(step.recommender, experiment=after)
+    hit = ClickEvent(event_id="k1", user_id=user, item_id=listed.items[0].item_id, ts=T0 + 50)
+    counts = run(restarted, [hit], states).variants
+    assert (counts["a"].live.judged, counts["a"].live.hits[20]) == (1, 1)
+    assert counts["b"].live.judged == 0 and counts["b"].lists == 1  # b served the new list only
 
 
 def test_a_list_of_an_arm_the_experiment_no_longer_has_counts_under_no_arm():

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from online_models import Recommender, RecommenderConfig
 from online_models.search import Catalogue, CatalogueItem, TextEmbedder
+from stream.experiments import SEARCHED
 from stream.handler import BatchHandler, RawMessage
 from stream.pipeline import RecommendationStep
 from stream.prometheus import Metrics
@@ -64,6 +65,7 @@ def test_a_query_retrieves_from_the_catalogue_in_any_language_and_the_answer_say
     assert decode_recommendation(result.payloads[0]) == rec
     state = msgspec.json.decode(result.docs["new-user"], type=UserState)
     assert state.recent_queries == ["女士羽绒服"] and state.recs[0][0] == rec.rec_id
+    assert state.recs[0][2] == SEARCHED  # a search's answer: not the list live hits are judged against
 
 
 def test_filters_narrow_the_catalogue(catalogue):
