@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover - a research script's extra
 from prometheus_client import REGISTRY
 
 from stream import gcpolicy, logs
+from stream.app import worker_store
 from stream.handler import BatchHandler, RawMessage
 from stream.health import Health, serve
 from stream.pipeline import RecommendationStep
@@ -42,7 +43,6 @@ from stream.prometheus import Metrics
 from stream.publisher import OutRecord
 from stream.settings import Settings
 from stream.shell import load_scorer
-from stream.state import CachedUserStateStore, RedisUserStateStore
 from stream.threads import one_blas_thread
 
 log = logging.getLogger("streamrec.cshell")
@@ -83,9 +83,7 @@ class Shell:
         self.metrics = Metrics(REGISTRY)
         self.health = Health()
         step = RecommendationStep.from_settings(settings, load_scorer(settings, self.metrics))
-        store = RedisUserStateStore.from_url(settings.redis_url, key_prefix=settings.topic_prefix,
-                                             ttl_s=settings.state_ttl_s, **settings.redis.client_options())
-        self.store = CachedUserStateStore(store, max_age_s=min(30.0, settings.state_ttl_s / 2 or 30.0))
+        self.store = worker_store(settings)
         self.publisher = Publisher(settings)
         self.handler = BatchHandler(step, self.store, self.publisher.publish, settings.topics, self.metrics,
                                     health=self.health, bounds=settings.bounds)

@@ -53,11 +53,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
         scorer = load_scorer(settings, metrics, refused)
     step = RecommendationStep.from_settings(settings, scorer, recommender)
     step.arm_scorers = load_arm_scorers(step.experiment, settings) if load_model else {}
-    if store is None:
-        store = RedisUserStateStore.from_url(settings.redis_url, key_prefix=settings.topic_prefix,
-                                             ttl_s=settings.state_ttl_s, **settings.redis.client_options())
-    # the users this worker saved last are not read back while its claims hold (stream/state.py)
-    store = CachedUserStateStore(store, max_age_s=min(30.0, settings.state_ttl_s / 2 or 30.0))
+    store = worker_store(settings, store)
     app = _faust_app(settings)
     # a saturated worker fetches about once a batch, not every STREAMREC_FETCH_MAX_WAIT_MS
     pacer = app.transport.fetch_pacer = consumer.FetchPacer(settings.fetch_max_wait_ms) if settings.fetch_max_wait_ms else None
@@ -199,6 +195,16 @@ def _faust_app(settings: Settings) -> faust.App:
     app.transport = consumer.Transport(app.conf.broker_consumer, app)
     app.transport.fetch_max_wait_ms = settings.fetch_max_wait_ms or None
     return app
+
+
+def worker_store(settings: Settings, store: UserStateStore | None = None) -> CachedUserStateStore:
+    """The worker's user-state store: ``store`` (default: Redis as ``settings`` say), behind the
+    cache of the users this worker saved last, which are not read back while its claims hold
+    (stream/state.py)."""
+    if store is None:
+        store = RedisUserStateStore.from_url(settings.redis_url, key_prefix=settings.topic_prefix,
+                                             ttl_s=settings.state_ttl_s, **settings.redis.client_options())
+    return CachedUserStateStore(store, max_age_s=min(30.0, settings.state_ttl_s / 2 or 30.0))
 
 
 def publisher_for(settings: Settings, **options) -> BatchPublisher:

@@ -166,10 +166,10 @@ class SearchStep:
             for n, rec_id in result.by_user.get(uid, ()):
                 search = searches[n]
                 source, offset = positions[n] if positions is not None else (None, None)
-                fp = fingerprint(search.event_id)
-                if (source is not None and offset <= state.offsets.get(source, -1)) or state.saw(fp):
+                if state.has_seen(search.event_id, source, offset):
                     continue
-                searched(state, search, rec_id, source, offset, fp, self.step.config.dedupe_window)
+                searched(state, search, rec_id, source, offset, fingerprint(search.event_id),
+                         self.step.config.dedupe_window)
             state.version = now.version + 1
             out[uid] = encode_state(state)
         return out
