@@ -149,8 +149,14 @@ def test_partitions_added_while_workers_run_are_read_and_nothing_is_lost(workers
         for rec in records:
             expected.setdefault(rec[1].decode(), []).append(rec[2])
         counts = {u: len(v) for u, v in expected.items()}
-        wait_for(lambda: applied_counts(redis_client, prefix, counts) == counts, 180,
-                 "every event applied once", a)
+        try:
+            wait_for(lambda: applied_counts(redis_client, prefix, counts) == counts, 180,
+                     "every event applied once", a)
+        except AssertionError as exc:  # which users, how many, and what the second worker said
+            got = applied_counts(redis_client, prefix, counts)
+            off = {u: (got[u], n) for u, n in counts.items() if got[u] != n}
+            raise AssertionError(f"{exc}\n{len(off)} users' applied/sent differ: {sorted(off.items())[:10]}\n"
+                                 f"second worker's log:\n{b.log_tail()}") from None
         for w in (a, b):
             wait_for(lambda w=w: learned_all(w, len(records)), 120,
                      f"every learner of a worker to learn all {len(records)} events", w)
