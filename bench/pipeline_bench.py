@@ -162,8 +162,12 @@ def breakdown(metrics: list[dict[str, float]], cpu_s: float) -> str:
     stage_key = 'streamrec_stage_seconds_sum{stage="'
     stage_ms = {st: total(stage_key + st + '"}') / batches * 1000 for st in stages}
     per = ", ".join(f"{st} {ms:.2f}" for st, ms in stage_ms.items())
+    snaps = [(m.get("streamrec_model_snapshot_pause_seconds", 0.0), m.get("streamrec_model_snapshot_seconds", 0.0))
+             for m in metrics if m.get('streamrec_model_snapshots_total{result="ok"}')]
+    taken = "; last snapshot of each worker: " + ", ".join(f"{pause * 1000:.1f} ms paused, {took * 1000:.0f} ms in all"
+                                                          for pause, took in snaps) if snaps else ""
     return (f"  worker: {batches:,.0f} batches of {events / batches:.1f} events; ms per batch: {per}; "
-            f"worker CPU {cpu_s / events * 1e6:.0f} µs per event (start-up excluded)")
+            f"worker CPU {cpu_s / events * 1e6:.0f} µs per event (start-up excluded){taken}")
 
 
 def workers_cpu(workers) -> float:

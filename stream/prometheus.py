@@ -50,6 +50,7 @@ class Metrics:
         self.live_judged = Counter("live_judged_total", "Next events of users who had been sent a list", namespace=ns, registry=r)
         self.live_reciprocal_rank = Counter("live_reciprocal_rank_sum", "Sum of 1/rank of next events found in the last list (MRR numerator)", namespace=ns, registry=r)
         self.model_snapshots = Counter("model_snapshots_total", "Snapshots of the online models written to Redis, by result (ok, failed)", ["result"], namespace=ns, registry=r)
+        self.model_snapshot_seconds = Gauge("model_snapshot_seconds", "How long the last forked model snapshot took, from the fork until its process exited (the models written to Redis, a failure, or killed at the timeout)", namespace=ns, registry=r)
         self.model_snapshot_pause = Gauge("model_snapshot_pause_seconds", "How long the last model snapshot stopped the worker (the fork, or the whole pickling without one)", namespace=ns, registry=r)
         self.gc_frozen = Gauge("gc_frozen_objects", "Objects the garbage-collector policy froze (stream/gcpolicy.py), counted every few minutes: follows the live heap; one that only grows is a leak", namespace=ns, registry=r)
         self.count_frozen()

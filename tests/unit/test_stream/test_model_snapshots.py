@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -53,9 +54,34 @@ class FileStore(InMemoryUserStateStore):
         return path.write_bytes
 
 
+class NiceFileStore(FileStore):
+    """A FileStore whose writer also notes the niceness of the process that writes."""
+
+    def blob_writer(self, name: str):
+        write = super().blob_writer(name)
+
+        def written(data: bytes) -> None:
+            (self.root / "niceness").write_text(str(os.nice(0)))
+            write(data)
+        return written
+
+
 class DownStore(InMemoryUserStateStore):
     async def set_blob(self, name: str, data: bytes) -> None:
         raise ConnectionError("store down")
+
+
+@pytest.mark.skipif(not snapshots.can_fork(), reason="os.fork is POSIX only")
+async def test_the_forked_child_runs_niced_and_its_time_is_measured(tmp_path):
+    """The child encodes on a core the worker's neighbours (the broker, another worker) may
+    need: it yields to them (SNAPSHOT_NICE), and how long it took is a gauge."""
+    store, metrics = NiceFileStore(tmp_path), Metrics()
+    service = ModelSnapshots(store, metrics, asyncio.Lock(), fork=True)
+    assert await service.take(trained)
+    assert int((tmp_path / "niceness").read_text()) == min(19, os.nice(0) + snapshots.SNAPSHOT_NICE)
+    assert snapshots.SNAPSHOT_NICE > 0
+    took = count(metrics, "streamrec_model_snapshot_seconds")
+    assert 0 < took < 30 and took >= count(metrics, "streamrec_model_snapshot_pause_seconds")
 
 
 async def test_a_snapshot_taken_in_memory_restores_the_same_models():
