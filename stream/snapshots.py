@@ -52,9 +52,10 @@ T = TypeVar("T")
 #: how often the parent checks whether the child has exited
 POLL_S = 0.05
 #: the niceness the snapshot's child adds to the worker's: on two busy cores a child at the worker's
-#: priority took CPU from the workers and the broker for as long as it encoded, and two workers'
-#: p99 at 2,000 events/s was 3-4 ms higher (docs/operations.md, Model snapshots); at 10 it still
-#: gets about a tenth of a core that others want, so it finishes well within its timeout
+#: priority took CPU from the workers and the broker for as long as it encoded (two workers at
+#: 2,000 events/s: p99 34.5-37.5 ms and max 77-137 against 29.7-35.4 and 53-90 niced, alternating
+#: runs as noisy as that: docs/operations.md, Model snapshots); at 10 it still gets about a tenth
+#: of a core that others want, so it finishes well within its timeout
 SNAPSHOT_NICE = 10
 
 
