@@ -99,7 +99,10 @@ def fork_call(work: Callable[[], object], nice: int = 0) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)  # the parent's event loop reads that fd: never write to it
         if nice:
-            os.nice(nice)
+            try:
+                os.nice(nice)
+            except OSError:  # a sandbox that refuses it: the snapshot matters more than its priority
+                pass
         work()
         code = 0
     except BaseException as exc:  # noqa: BLE001 - reported on stderr, then the exit code says it

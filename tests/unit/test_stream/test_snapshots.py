@@ -86,3 +86,15 @@ def test_the_setting_turns_the_fork_off():
 
     assert Settings.from_env({}).snapshot_fork is True
     assert Settings.from_env({"STREAMREC_SNAPSHOT_FORK": "false"}).snapshot_fork is False
+
+
+async def test_a_child_refused_a_lower_priority_still_writes_the_snapshot(tmp_path, monkeypatch):
+    """``os.nice`` refused (a sandbox's seccomp policy): the snapshot is written all the same."""
+    def refused(increment: int) -> int:
+        raise PermissionError("nice refused")
+
+    monkeypatch.setattr(snapshots.os, "nice", refused)  # the child is a copy of this process
+    out = tmp_path / "written"
+    pid = snapshots.fork_call(lambda: out.write_text("written"), nice=10)
+    assert await snapshots.wait_child(pid, timeout_s=30) == 0
+    assert out.read_text() == "written"
