@@ -29,6 +29,7 @@ from fakes import ConstantEmbedder
 from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
 from typer.testing import CliRunner
+from workerkit import until
 
 from online_models import Recommender
 from online_models.datasets import synthetic_interactions
@@ -116,12 +117,6 @@ class _TeachingStep(RecommendationStep):
         return super().relearn(events, positions, *args, **kw)
 
 
-async def _until(condition, what: str, task: asyncio.Task | None = None) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        assert task is None or not task.done(), f"the reader stopped before {what}: {task!r}"
-        assert time.monotonic() < deadline, f"no {what} within {DEADLINE_S:g} s"
-        await asyncio.sleep(0.05)
 
 
 
@@ -149,7 +144,7 @@ async def test_the_peer_reader_learns_the_committed_events_of_another_workers_pa
                                               _clicks(clicks, "committed", 3), partition=1)
     step = _TeachingStep()
     async with _reading_partition_1(kafka_bootstrap, clicks, step, Metrics(CollectorRegistry())) as reading:
-        await _until(lambda: step.recommender.learned_offsets.get(f"{clicks}:1", -1) >= committed[-1],
+        await until(lambda: step.recommender.learned_offsets.get(f"{clicks}:1", -1) >= committed[-1],
                      "watermark past the committed events", reading)
     assert step.taught == ["committed-0", "committed-1", "committed-2"]
     assert step.recommender.n_learned == 3
@@ -163,11 +158,11 @@ async def test_the_peer_readers_lag_falls_to_zero_on_a_partition_that_ends_with_
     assert await asyncio.to_thread(_end_offset, kafka_bootstrap, clicks, 1) == committed[-1] + 2  # the commit marker
     step, metrics = _TeachingStep(), Metrics(CollectorRegistry())
     async with _reading_partition_1(kafka_bootstrap, clicks, step, metrics) as reading:
-        await _until(lambda: step.recommender.learned_offsets.get(f"{clicks}:1", -1) >= committed[-1],
+        await until(lambda: step.recommender.learned_offsets.get(f"{clicks}:1", -1) >= committed[-1],
                      "watermark past the committed events", reading)
         # the marker is an offset no record stands behind: measured from the last record, the
         # reader stayed one event behind for good
-        await _until(lambda: metrics.peer_lag._value.get() == 0, "peer lag of 0", reading)
+        await until(lambda: metrics.peer_lag._value.get() == 0, "peer lag of 0", reading)
     assert step.taught == ["committed-0", "committed-1", "committed-2"]
 
 
@@ -202,8 +197,8 @@ async def test_the_catalogue_feed_of_workers_and_serve_keeps_the_committed_items
     try:
         # the topic ends with a transaction's marker, which no record stands behind: the feed
         # must still say it has read the topic to its end
-        await _until(feed.caught_up.is_set, "catalogue read to the end of the topic", reading)
-        await _until(lambda: not feed.catalogue.pending, "catalogue indexed", reading)
+        await until(feed.caught_up.is_set, "catalogue read to the end of the topic", reading)
+        await until(lambda: not feed.catalogue.pending, "catalogue indexed", reading)
     finally:
         reading.cancel()
         await asyncio.gather(reading, return_exceptions=True)

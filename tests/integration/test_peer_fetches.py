@@ -14,6 +14,7 @@ import time
 
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
+from workerkit import until
 
 from online_models import Recommender
 from stream import peers as peers_module
@@ -27,15 +28,6 @@ from stream.topics import ensure_topics
 TRICKLE = 300
 #: a record every this many seconds
 GAP_S = 0.005
-DEADLINE_S = 60.0
-
-
-async def _until(condition, what: str, task: asyncio.Task) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        assert not task.done(), f"the reader stopped before {what}: {task!r}"
-        assert time.monotonic() < deadline, f"no {what} within {DEADLINE_S:g} s"
-        await asyncio.sleep(0.02)
 
 
 async def test_a_steady_trickle_is_fetched_in_few_round_trips_and_an_idle_reader_asks_rarely(
@@ -71,7 +63,7 @@ async def test_a_steady_trickle_is_fetched_in_few_round_trips_and_an_idle_reader
     await producer.start()
     try:
         learned = lambda n: step.recommender.learned_offsets.get(f"{clicks}:1", -1) >= n - 1  # noqa: E731
-        await _until(lambda: reader.reading, "the reader reading partition 1", reading)
+        await until(lambda: reader.reading, "the reader reading partition 1", reading)
         # idle: the reader asks about twice a second (1 byte or 500 ms), not every 50 ms
         idle_from = time.monotonic()
         await asyncio.sleep(1.6)
@@ -82,7 +74,7 @@ async def test_a_steady_trickle_is_fetched_in_few_round_trips_and_an_idle_reader
         sent_at = time.monotonic()
         await producer.send_and_wait(clicks, encode(ClickEvent(event_id="e-first", user_id="u1", item_id="i0",
                                                                ts=now)), key=b"u1", partition=1)
-        await _until(lambda: learned(1), "the first event learned", reading)
+        await until(lambda: learned(1), "the first event learned", reading)
         assert time.monotonic() - sent_at < 0.4, "the first event after a quiet spell waited for a long poll"
         # a steady trickle: one record every 5 ms, each its own request
         trickle_from = time.monotonic()
@@ -92,7 +84,7 @@ async def test_a_steady_trickle_is_fetched_in_few_round_trips_and_an_idle_reader
                                          key=f"u{i % 7}".encode(), partition=1)
             await asyncio.sleep(GAP_S)
         trickle_s = time.monotonic() - trickle_from
-        await _until(lambda: learned(TRICKLE + 1), "every event of the trickle learned", reading)
+        await until(lambda: learned(TRICKLE + 1), "every event of the trickle learned", reading)
         during = [t for t in fetches if trickle_from <= t <= trickle_from + trickle_s]
         most = trickle_s / (PEER_FETCH_WAIT_MS / 1000) * 1.5 + 5
         assert len(during) <= most, (f"{len(during)} fetches for {TRICKLE} records sent one by one over "

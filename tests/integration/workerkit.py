@@ -4,6 +4,7 @@ state and committed offsets back, and wait for a condition (never for a fixed ti
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -112,6 +113,17 @@ class WorkerProcess:
         """Log lines where Faust's supervisor restarted (or saw a crash of) the agent."""
         return [line for line in self.log_text().splitlines()
                 if re.search(r"(?i)restarting|crashed|supervisor.*restart|Agent.*(died|crash)", line)]
+
+
+async def until(condition: Callable[[], object], what: str, task: asyncio.Task | None = None,
+                timeout: float = 60.0) -> None:
+    """:func:`wait_for` inside an event loop: poll ``condition`` every 50 ms, yielding to the loop;
+    fail after ``timeout`` seconds, or as soon as ``task`` (the reader under test) has stopped."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert task is None or not task.done(), f"the reader stopped before {what}: {task!r}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout:g} s"
+        await asyncio.sleep(0.05)
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str, worker: WorkerProcess | None = None,
