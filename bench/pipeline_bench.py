@@ -48,7 +48,7 @@ logging.getLogger("aiokafka.consumer.fetcher").addFilter(_FreshLeader())
 
 from online_models.metrics import percentile  # noqa: E402
 from stream.connections import KafkaConnection  # noqa: E402
-from stream.demo import drop_topics, free_port, scrape, stop_worker, wait_ready  # noqa: E402
+from stream.demo import drop_topics, faust_leader_topic, free_port, scrape, stop_worker, wait_ready  # noqa: E402
 from stream.records import decode_recommendation  # noqa: E402
 from stream.settings import Settings  # noqa: E402
 from stream.topics import ensure_topics  # noqa: E402
@@ -174,6 +174,25 @@ def workers_cpu(workers) -> float:
     return sum(cpu_seconds(proc.pid) for proc, _, _ in workers)
 
 
+def local_broker() -> int | None:
+    """The pid of the Kafka broker on this machine (a ``kafka.Kafka`` JVM, as deploy/kafka
+    starts it), when there is exactly one: its CPU is a large share of the run's."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"kafka.Kafka" in cmdline.read_bytes().split(b"\0"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return pids[0] if len(pids) == 1 else None
+
+
+def broker_line(pid: int | None, cpu_s: float, events: float) -> str:
+    if pid is None or not events:
+        return "  broker: CPU not measured (not exactly one local kafka.Kafka process)"
+    return f"  broker (pid {pid}): {cpu_s / events * 1e6:.0f} µs of CPU per event"
+
+
 def stop_all(workers, arrivals: Arrivals) -> None:
     for proc, _, _ in workers:
         stop_worker(proc)
@@ -183,7 +202,7 @@ def stop_all(workers, arrivals: Arrivals) -> None:
 
 def drop_run(settings: Settings) -> None:
     """The run's topics and its user state in Redis."""
-    drop_topics(settings.kafka, settings.topics.all)
+    drop_topics(settings.kafka, [*settings.topics.all, faust_leader_topic(settings.app_id)])
     drop_state(settings)
 
 
@@ -219,12 +238,13 @@ def throughput(args) -> tuple[float, int]:
     arrivals.start()
     arrivals.ready.wait(30)
     workers = start_workers(env, args.workers, "throughput", args.worker)
+    broker = local_broker()
     try:
         arrivals.wait_first(args.timeout, workers)
-        cpu0 = workers_cpu(workers)  # start-up (imports, model load) excluded
+        cpu0, broker0 = workers_cpu(workers), cpu_seconds(broker or 0)  # start-up (imports, model load) excluded
         arrivals.wait_quiet(5, args.timeout, workers)
         metrics = [scrape(port) for _, port, _ in workers]
-        cpu = workers_cpu(workers) - cpu0
+        cpu, broker_cpu = workers_cpu(workers) - cpu0, cpu_seconds(broker or 0) - broker0
     finally:
         stop_all(workers, arrivals)
     applied = sum(v for m in metrics for k, v in m.items() if k.startswith("streamrec_events_consumed_total"))
@@ -232,6 +252,7 @@ def throughput(args) -> tuple[float, int]:
     rate = applied / span if span > 0 else 0.0
     print(f"  {args.workers} worker(s): {applied:,.0f} events applied, {len(arrivals.times):,} recommendations in {span:.1f} s: {rate:,.0f} events/s")
     print(breakdown(metrics, cpu))
+    print(broker_line(broker, broker_cpu, applied))
     drop_run(settings)
     return rate, int(applied)
 
@@ -279,13 +300,15 @@ def latency(args) -> list[float]:
     workers = start_workers(env, args.workers, "latency", args.worker)
     try:
         wait_ready(workers, args.warmup)  # in the group, partitions assigned, no rebalance going on
-        cpu0 = workers_cpu(workers)
+        broker = local_broker()
+        cpu0, broker0 = workers_cpu(workers), cpu_seconds(broker or 0)
         start_ms = time.time() * 1000
         seconds = args.latency_warmup + args.latency_seconds
-        produce(env, args, int(args.latency_rate * seconds), args.latency_rate)
+        sent = int(args.latency_rate * seconds)
+        produce(env, args, sent, args.latency_rate)
         arrivals.wait_quiet(3, args.timeout, workers)
         metrics = [scrape(port) for _, port, _ in workers]
-        cpu = workers_cpu(workers) - cpu0
+        cpu, broker_cpu = workers_cpu(workers) - cpu0, cpu_seconds(broker or 0) - broker0
     finally:
         stop_all(workers, arrivals)
     measured_from = start_ms + args.latency_warmup * 1000
@@ -297,6 +320,7 @@ def latency(args) -> list[float]:
     print(f"  to publication (the record's timestamp, the reader's own delays left out): p50 {percentile(pub, 50):.1f} ms, "
           f"p99 {percentile(pub, 99):.1f} ms, max {max(pub):.1f} ms")
     print(breakdown(metrics, cpu))
+    print(broker_line(broker, broker_cpu, sent))
     print(tail_windows(arrivals.event_ts, arrivals.latencies_ms, measured_from, percentile(lat, 99)))
     if args.latency_out:
         with open(args.latency_out, "w") as fh:  # one "event ts (ms), latency (ms)" per line

@@ -134,6 +134,12 @@ def stop_worker(proc: subprocess.Popen, timeout_s: float = 60) -> None:
             proc.wait(10)
 
 
+def faust_leader_topic(app_id: str) -> str:
+    """The topic Faust's leader assignor creates for the group ``app_id``
+    (faust/assignor/leader_assignor.py): a run under its own app id drops it with its topics."""
+    return f"{app_id}-__assignor-__leader"
+
+
 def drop_topics(bootstrap: KafkaConnection | str, names) -> None:
     """Delete a run's topics (those that exist); the run's result does not depend on this clean-up."""
     try:
@@ -261,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_worker(worker)
         watcher.stop_flag.set()
         watcher.join(5)
-        drop_topics(settings.kafka, topics.all)
+        drop_topics(settings.kafka, [*topics.all, faust_leader_topic(env["STREAMREC_APP_ID"])])
 
     lat = watcher.latencies_ms
     span_s = ((watcher.last_at or 0) - (watcher.first_at or 0)) / 1000
