@@ -187,6 +187,11 @@ def local_broker() -> int | None:
     return pids[0] if len(pids) == 1 else None
 
 
+def broker_cpu(pid: int | None) -> float:
+    """The broker's CPU seconds so far (0 when no single local broker was found)."""
+    return cpu_seconds(pid) if pid is not None else 0.0
+
+
 def broker_line(pid: int | None, cpu_s: float, events: float) -> str:
     if pid is None or not events:
         return "  broker: CPU not measured (not exactly one local kafka.Kafka process)"
@@ -241,10 +246,10 @@ def throughput(args) -> tuple[float, int]:
     broker = local_broker()
     try:
         arrivals.wait_first(args.timeout, workers)
-        cpu0, broker0 = workers_cpu(workers), cpu_seconds(broker or 0)  # start-up (imports, model load) excluded
+        cpu0, broker0 = workers_cpu(workers), broker_cpu(broker)  # start-up (imports, model load) excluded
         arrivals.wait_quiet(5, args.timeout, workers)
         metrics = [scrape(port) for _, port, _ in workers]
-        cpu, broker_cpu = workers_cpu(workers) - cpu0, cpu_seconds(broker or 0) - broker0
+        cpu, broker_s = workers_cpu(workers) - cpu0, broker_cpu(broker) - broker0
     finally:
         stop_all(workers, arrivals)
     applied = sum(v for m in metrics for k, v in m.items() if k.startswith("streamrec_events_consumed_total"))
@@ -252,7 +257,7 @@ def throughput(args) -> tuple[float, int]:
     rate = applied / span if span > 0 else 0.0
     print(f"  {args.workers} worker(s): {applied:,.0f} events applied, {len(arrivals.times):,} recommendations in {span:.1f} s: {rate:,.0f} events/s")
     print(breakdown(metrics, cpu))
-    print(broker_line(broker, broker_cpu, applied))
+    print(broker_line(broker, broker_s, applied))
     drop_run(settings)
     return rate, int(applied)
 
@@ -301,14 +306,14 @@ def latency(args) -> list[float]:
     try:
         wait_ready(workers, args.warmup)  # in the group, partitions assigned, no rebalance going on
         broker = local_broker()
-        cpu0, broker0 = workers_cpu(workers), cpu_seconds(broker or 0)
+        cpu0, broker0 = workers_cpu(workers), broker_cpu(broker)
         start_ms = time.time() * 1000
         seconds = args.latency_warmup + args.latency_seconds
         sent = int(args.latency_rate * seconds)
         produce(env, args, sent, args.latency_rate)
         arrivals.wait_quiet(3, args.timeout, workers)
         metrics = [scrape(port) for _, port, _ in workers]
-        cpu, broker_cpu = workers_cpu(workers) - cpu0, cpu_seconds(broker or 0) - broker0
+        cpu, broker_s = workers_cpu(workers) - cpu0, broker_cpu(broker) - broker0
     finally:
         stop_all(workers, arrivals)
     measured_from = start_ms + args.latency_warmup * 1000
@@ -320,7 +325,7 @@ def latency(args) -> list[float]:
     print(f"  to publication (the record's timestamp, the reader's own delays left out): p50 {percentile(pub, 50):.1f} ms, "
           f"p99 {percentile(pub, 99):.1f} ms, max {max(pub):.1f} ms")
     print(breakdown(metrics, cpu))
-    print(broker_line(broker, broker_cpu, sent))
+    print(broker_line(broker, broker_s, sent))
     print(tail_windows(arrivals.event_ts, arrivals.latencies_ms, measured_from, percentile(lat, 99)))
     if args.latency_out:
         with open(args.latency_out, "w") as fh:  # one "event ts (ms), latency (ms)" per line
