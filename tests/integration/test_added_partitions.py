@@ -28,6 +28,7 @@ from workerkit import (
     wait_for,
 )
 
+from stream.publisher import murmur2_partition
 from stream.records import ClickEvent, decode_recommendation
 from stream.settings import Settings
 
@@ -59,6 +60,15 @@ def holds_all(bootstrap: str, group: str, topics: list[str], members: int, parti
         return False
     held = set().union(*assignment.values())
     return held == {(t, p) for t in topics for p in range(partitions)}
+
+
+def partition_lines(worker: WorkerProcess) -> str:
+    """A worker's per-partition gauges and its fence and conflict counters, for a failure's message."""
+    _, body = worker.http("/metrics")
+    wanted = ("streamrec_consumer_lag", "streamrec_consumer_committed_offset", "streamrec_consumer_highwater_offset",
+              "streamrec_fenced_batches_total", "streamrec_state_conflicts_total", "streamrec_batch_failures_total")
+    return "\n".join(line for line in body.splitlines()
+                     if (line.startswith(wanted[:3]) and "clicks" in line) or line.startswith(wanted[3:]))
 
 
 def learned_all(worker: WorkerProcess, sent: int) -> bool:
@@ -155,7 +165,10 @@ def test_partitions_added_while_workers_run_are_read_and_nothing_is_lost(workers
         except AssertionError as exc:  # which users, how many, and what the second worker said
             got = applied_counts(redis_client, prefix, counts)
             off = {u: (got[u], n) for u, n in counts.items() if got[u] != n}
+            on = Counter(murmur2_partition(u.encode(), 4) for u in off)  # where each short user's last events went
             raise AssertionError(f"{exc}\n{len(off)} users' applied/sent differ: {sorted(off.items())[:10]}\n"
+                                 f"their partitions (of 4): {dict(on)}\nfirst worker's partitions:\n{partition_lines(a)}\n"
+                                 f"second worker's partitions:\n{partition_lines(b)}\n"
                                  f"second worker's log:\n{b.log_tail()}") from None
         for w in (a, b):
             wait_for(lambda w=w: learned_all(w, len(records)), 120,
