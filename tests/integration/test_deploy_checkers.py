@@ -158,6 +158,21 @@ def test_compose_refers_to_files_and_settings_that_exist(tools):
     assert "kafka:9092" in services["worker"]["environment"]["STREAMREC_KAFKA_BOOTSTRAP"]
 
 
+def broker_properties() -> dict[str, str]:
+    lines = (DEPLOY / "kafka" / "server.properties").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line.strip() and not line.lstrip().startswith("#"))
+
+
+def test_compose_broker_keeps_the_cleaner_buffer_of_the_project_broker(tools):
+    """The compose broker takes the lesson of deploy/kafka: a 16 MiB cleaner key map (the image
+    reads KAFKA_LOG_CLEANER_DEDUPE_BUFFER_SIZE as log.cleaner.dedupe.buffer.size)."""
+    (compose,) = tools.load_yaml(DEPLOY / "compose.yaml")
+    env = compose["services"]["kafka"]["environment"]
+    wanted = broker_properties()["log.cleaner.dedupe.buffer.size"]
+    assert int(wanted) < 128 << 20  # smaller than Kafka's default, or there is nothing to carry over
+    assert str(env.get("KAFKA_LOG_CLEANER_DEDUPE_BUFFER_SIZE")) == wanted
+
+
 # ---------------------------------------------------------------------------- Kubernetes
 
 
