@@ -174,9 +174,10 @@ class SearchStep:
             out[uid] = encode_state(state)
         return out
 
-    def retrieve(self, search: SearchEvent) -> tuple[list[str], np.ndarray, list[str]]:
-        """The candidates, their query relevance (higher is better) and what matched each."""
-        depth = max(self.config.depth, self.config.k)
+    def retrieve(self, search: SearchEvent, k: int | None = None) -> tuple[list[str], np.ndarray, list[str]]:
+        """The candidates, their query relevance (higher is better) and what matched each: at
+        least ``k`` of them where there are (default ``config.k``; serve's ``k`` is the request's)."""
+        depth = max(self.config.depth, self.config.k if k is None else k)
         if search.results is not None:  # [] too: the shop found nothing, and nothing is added
             ids = list(dict.fromkeys(search.results))[:depth]
             # the shop's order is its relevance: reciprocal rank, as the fusion scores a list

@@ -303,7 +303,7 @@ class Api:
     def _search(self, query: str, state: UserState | None, k: int) -> list[ScoredItem]:
         searcher = self.search_step
         event = SearchEvent(event_id="http", type="search", user_id=state.user_id if state else "-", query=query, ts=0)
-        ids, relevance, matched = searcher.retrieve(event)
+        ids, relevance, matched = searcher.retrieve(event, k)  # a k above the configured depth is answered whole
         return searcher.personalise(state or UserState("-"), ids, relevance, matched, k)
 
     async def recommendations(self, request: web.Request) -> web.Response:

@@ -264,6 +264,25 @@ async def test_a_search_that_runs_no_text_model_is_answered_on_the_event_loop(ca
         assert (await client.get("/v1/search", params={"q": "a query never seen"})).status == 500
 
 
+async def test_a_search_answers_as_many_items_as_its_k_asks_beyond_the_configured_depth():
+    """``k`` may be up to 100 while the indexes retrieve ``STREAMREC_SEARCH_CANDIDATES`` (50 by
+    default) a query: the request's ``k`` deepens the retrieval, as the configured ``k`` does
+    (a review found ``k=100`` answered with 50 items, and nothing saying why)."""
+    shoes = [CatalogueItem(item_id=f"shoe{i}", title=f"running shoe model {i}") for i in range(12)]
+    small = Catalogue(TextEmbedder(threads=1), candidates=5)
+    small.upsert(shoes)
+    small.flush()
+    step = trained_step()
+    step.catalogue = small
+    api = Api(InMemoryUserStateStore(), step, small, SearchStep(step, small, SearchConfig(k=3, depth=5)), top_k=3)
+    async with TestClient(TestServer(create_web_app(api))) as client:
+        for k, user in [("10", None), ("12", "fan"), ("2", None)]:
+            params = {"q": "running shoe", "k": k} | ({"user_id": user} if user else {})
+            body = await (await client.get("/v1/search", params=params)).json()
+            assert len({i["item_id"] for i in body["items"]}) == int(k), (k, user)
+    api.executor.shutdown()
+
+
 async def test_an_overloaded_server_sheds_load_with_503s(catalogue):
     import asyncio
 
