@@ -73,7 +73,7 @@ from stream.serve_clients import shedding, write_timeout
 from stream.settings import MAX_IN_FLIGHT, RESERVED_SLOTS, IPNetwork, Settings
 from stream.shell import load_arm_scorers, load_scorer, query_student, text_embedder
 from stream.snapshots import SNAPSHOT_KEY, serving_with
-from stream.state import RedisUserStateStore, UserState, UserStateStore
+from stream.state import RedisUserStateStore, UserState, UserStateStore, document_log
 from stream.step_results import exception_text
 
 log = logging.getLogger("streamrec.serve")
@@ -84,6 +84,9 @@ store_log = logging.getLogger("streamrec.serve.store")
 #: exception's text in it cut to one line of 300 characters (ClippedTracebacks: a bug's exception
 #: may carry a megabyte, or a user's text)
 failure_log = logging.getLogger("streamrec.serve.failures")
+#: at most one line per user and problem this often, of a stored document that does not decode
+#: (stream/state.py ``document_log``): serve never saves over it, so every request would say it
+DOCUMENT_LOG_EVERY_S = 600.0
 
 #: the largest ``k`` a request may ask for
 MAX_K = 100
@@ -481,6 +484,10 @@ def create_web_app(api: Api, max_in_flight: int = MAX_IN_FLIGHT, metrics: Metric
     for thinned in (store_log, failure_log):
         if not any(isinstance(f, Thinned) for f in thinned.filters):
             thinned.addFilter(Thinned())
+    # a user's document that does not decode stays so until a worker saves the user again: each
+    # request naming them would log it again (any client, one line per request, at ERROR)
+    if not any(isinstance(f, Thinned) for f in document_log.filters):
+        document_log.addFilter(Thinned(DOCUMENT_LOG_EVERY_S))
     # after Thinned and _MalformedRequests: a traceback held back, or dropped, is not rendered;
     # aiohttp.server logs what escapes the outer middlewares (write_timeout, shedding, metrics)
     for clipped_log in (failure_log, server_log):

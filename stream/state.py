@@ -47,6 +47,9 @@ import redis.asyncio as aioredis
 from online_models.base import trim_oldest
 
 log = logging.getLogger("streamrec.state")
+#: a stored document that does not decode, or is another user's: said at every read of it, so
+#: ``streamrec serve`` (which reads and never saves) thins it (stream/serve.py, create_web_app)
+document_log = logging.getLogger("streamrec.state.documents")
 
 
 class UserState(msgspec.Struct, kw_only=False, omit_defaults=True):
@@ -322,11 +325,13 @@ def _load(uid: str, doc: bytes | None) -> tuple[UserState, bool]:
     try:
         state = _decode_state(uid, doc)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:  # Recursion: nested too deeply
-        log.error("user %r: the stored state does not decode (%s); starting the user afresh. Their earlier "
-                  "events stay in the models, and an event Kafka redelivers for them may apply twice", uid, exc)
+        document_log.error("user %r: the stored state does not decode (%s); read as a new user's. A worker saves the "
+                           "user afresh at their next event: their earlier events stay in the models, and an event "
+                           "Kafka redelivers for them may apply twice", uid, exc)
         return UserState(uid), True
     if state.user_id != uid:
-        log.error("user %r: the stored state belongs to user %r; starting the user afresh", uid, state.user_id)
+        document_log.error("user %r: the stored state belongs to user %r; read as a new user's (a worker saves the "
+                           "user afresh at their next event)", uid, state.user_id)
         return UserState(uid), True
     if state.event_ids:  # written before fingerprints: saved as fingerprints from now on
         state.seen = "".join(map(fingerprint, state.event_ids)) + state.seen
@@ -348,8 +353,8 @@ def _decode_state(uid: str, doc: bytes) -> UserState:
     if not isinstance(raw["recs"], list):  # given twice, the last one no list (the typed decoder stopped at the first)
         raise msgspec.ValidationError("`recs` is given more than once, the last time not as a list")
     kept = [entry for entry in raw["recs"] if isinstance(entry, list) and _is_remembered_list(entry)]
-    log.error("user %r: %d of the stored remembered lists are not [rec_id, ts, flags]; dropped, so later "
-              "clicks on them are not attributed", uid, len(raw["recs"]) - len(kept))
+    document_log.error("user %r: %d of the stored remembered lists are not [rec_id, ts, flags]; dropped, so later "
+                       "clicks on them are not attributed", uid, len(raw["recs"]) - len(kept))
     raw["recs"] = kept
     return msgspec.convert(raw, UserState)
 

@@ -352,6 +352,27 @@ async def test_a_store_outage_under_traffic_is_one_warning_not_one_per_request_n
     api.executor.shutdown()
 
 
+async def test_a_stored_state_that_does_not_decode_is_said_once_not_at_every_request_naming_the_user(catalogue, caplog,
+                                                                                                   monkeypatch):
+    """serve reads and never saves: a user's document that does not decode stays so until a
+    worker saves the user again, and each request naming them logged it again at ERROR (a
+    review: 300 requests, 300 lines in 2.6 s), in the worker's words ("starting the user
+    afresh"), which serve does not do."""
+    monkeypatch.setattr(logging.getLogger("streamrec.state.documents"), "filters", [])  # the app's own thinning, not an earlier test's
+    store = InMemoryUserStateStore()
+    store._docs["broken"] = b"\xff\xfe not a state"
+    step = trained_step()
+    api = Api(store, step, catalogue, SearchStep(step, catalogue, SearchConfig(k=3)), top_k=3)
+    async with TestClient(TestServer(create_web_app(api))) as client:
+        with caplog.at_level(logging.INFO, "streamrec.state"):
+            for _ in range(20):
+                assert (await client.get("/v1/users/broken/recommendations")).status == 200
+                assert (await client.get("/v1/search", params={"q": "smart tv", "user_id": "broken"})).status == 200
+    said = [r.getMessage() for r in caplog.records if "does not decode" in r.getMessage()]
+    assert len(said) == 1 and "read as a new user's" in said[0], said
+    api.executor.shutdown()
+
+
 async def test_a_bug_that_fails_every_request_is_one_traceback_an_interval_naming_no_user(catalogue, caplog,
                                                                                           monkeypatch):
     """Each 500 logged its own traceback with the request's path and query: a bug that failed
