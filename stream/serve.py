@@ -357,6 +357,9 @@ async def _errors(request: web.Request, handler):
     except web.HTTPException as exc:
         if exc.status < 400 or exc.content_type == "application/json":
             raise
+        if request.method == "CONNECT":  # its target is a host:port, never a path: no route is found
+            return web.Response(body=_encode({"error": "405 Method Not Allowed: CONNECT (serve answers GET and HEAD)"}),
+                                status=405, content_type="application/json", headers={"Allow": "GET,HEAD"})
         # the router's 404 and 405 (its Allow header kept), as JSON like every other answer
         return web.Response(body=_encode({"error": f"{exc.status} {exc.reason}: {request.method} {clipped(request.path, 40)}"}),
                             status=exc.status, content_type="application/json",

@@ -174,6 +174,12 @@ async def test_health_and_an_unknown_path(client):
         assert missing.status == 404 and "404 Not Found" in (await missing.json())["error"]
     wrong = await client.post("/v1/search", params={"q": "tv"})
     assert wrong.status == 405 and "GET" in wrong.headers["Allow"] and "405" in (await wrong.json())["error"]
+    # CONNECT's target is host:port, so aiohttp routes it nowhere: it was a 404 naming no path
+    rd, wr = await asyncio.open_connection(client.server.host, client.server.port)
+    wr.write(b"CONNECT /v1/search?q=tv HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head = (await rd.read()).split(b"\r\n\r\n")[0]
+    wr.close()
+    assert head.startswith(b"HTTP/1.1 405") and b"Allow: GET,HEAD" in head, head
 
 
 async def test_the_models_follow_the_workers_snapshot():
