@@ -60,6 +60,10 @@ _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _KEY_PATH = re.compile(r" - at `key` in `\$\.?([^`]*)`$")  # a key of an object field (filters, attributes)
 _EXPECTED_TYPE = re.compile(r"^Expected `([^`]+)`, got `([^`]+)`")
 _CONSTRAINT = re.compile(r"^Expected `([^`]+)` (.+)$")
+#: the start of a ``type`` reason that does not show the value yet (:func:`_type_shown`)
+_TYPE_UNSEEN = 'field `type` must be "click" or "purchase"'
+#: the input fields that take numbers: elsewhere a number msgspec cannot read is of the wrong type
+NUMBER_FIELDS = frozenset({"ts", "price", "quantity"})
 _TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "object": "a JSON object",
                "array": "an array", "bool": "a boolean", "null": "null"}
 
@@ -91,13 +95,18 @@ def _invalid_from_validation(message: str) -> InvalidEvent:
         # quoted cut short: a type of 60,000 characters made a 60 KB reason
         return InvalidEvent("unknown_type", f'field `type`: unknown event type {clipped(seen, 80)}; expected "click" or '
                                             '"purchase"', "type")
-    if field == "type":
-        return InvalidEvent("unknown_type", f'field `type` must be "click" or "purchase" ({body.strip()})', "type")
+    if field == "type":  # not a string, or an enum's value: :func:`_type_shown` says which
+        return InvalidEvent("unknown_type", f'{_TYPE_UNSEEN} ({body.strip()})', "type")
     if (t := _EXPECTED_TYPE.match(body)) is not None:
         if field is None:
             return InvalidEvent("not_object", f"the value must be a JSON object, saw {_words(t.group(2))}")
         return InvalidEvent("wrong_type", f"{where}: expected {_words(t.group(1))}, saw {t.group(2)}", field)
     if body.startswith("Number out of range"):
+        if field is not None and re.split(r"[.\[]", field, maxsplit=1)[0] not in NUMBER_FIELDS:
+            # msgspec reads the number before it checks the field's type: 1e400 as a user_id
+            # is a number where text goes, not a number to make finite
+            return InvalidEvent("wrong_type", f"{where}: saw a number (one too large to be finite), where the field "
+                                              "takes none (docs/events.md gives each field's type)", field)
         return InvalidEvent("not_finite", f"{where}: the number is too large to be finite; send a finite number", field)
     if (c := _CONSTRAINT.match(body)) is not None:
         rule = c.group(2)
@@ -163,9 +172,11 @@ def _check_depth(raw: bytes, max_depth: int) -> None:
 
 
 #: a ``\uD800``-``\uDBFF`` escape not followed by a ``\uDC00``-``\uDFFF`` one, or such a low
-#: half not preceded by a high one
-_LONE_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
-                             rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+#: half not preceded by a high one (group 2); an escape only where an even run of backslashes,
+#: escaped backslashes, goes before it (group 1): ``"C:\\udc0ffee"`` is text, not an escape
+_LONE_SURROGATE = re.compile(rb"(?<!\\)((?:\\\\)*)"
+                             rb"(\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+                             rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2})")
 
 
 def _malformed(raw: bytes, exc: Exception) -> InvalidEvent:
@@ -181,8 +192,8 @@ def _malformed(raw: bytes, exc: Exception) -> InvalidEvent:
                                               "in `raw`), which JSON does not allow; send the JSON without it (Python: "
                                               "encoding utf-8, not utf-8-sig; .NET: new UTF8Encoding(false))")
     if (lone := _LONE_SURROGATE.search(raw)) is not None:  # msgspec's words for it mislead (e.g. "truncated")
-        escape = lone.group().decode("ascii")
-        return InvalidEvent("malformed_json", f"the value is not valid JSON: the escape {escape} at byte {lone.start()} "
+        escape = lone.group(2).decode("ascii")
+        return InvalidEvent("malformed_json", f"the value is not valid JSON: the escape {escape} at byte {lone.start(2)} "
                                               "is a lone UTF-16 surrogate (half of a pair), which is not text; "
                                               "encode text as UTF-8 or escape whole pairs")
     if (m := _POSITION.search(str(exc))) is not None:
@@ -264,7 +275,10 @@ def _parse(raw: bytes | bytearray | memoryview | None, decoder: msgspec.json.Dec
         value = decoder.decode(raw)
     except msgspec.ValidationError as exc:
         _check_utf8(raw)  # a bad byte in a key looks like a missing field to msgspec; the encoding comes first
-        raise _invalid_from_validation(str(exc)) from None
+        invalid = _invalid_from_validation(str(exc))
+        if invalid.field == "type" and invalid.reason.startswith(_TYPE_UNSEEN):
+            invalid = _type_shown(raw, invalid)
+        raise invalid from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise _malformed(raw, exc) from None
     except RecursionError:  # deeper than the interpreter's stack, under a lowered max_depth: cannot happen at MAX_DEPTH
@@ -376,14 +390,34 @@ def decode_item(raw: bytes | bytearray | memoryview | None, bounds: Bounds = DEF
     return item
 
 
+def _type_shown(raw: bytes, invalid: InvalidEvent) -> InvalidEvent:
+    """``invalid`` (a ``type`` msgspec refused without saying what it saw: a number, an array,
+    an enum's value) restated with the value ``raw`` holds, as JSON, cut short; as it was where
+    that value cannot be told."""
+    try:
+        value = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return invalid
+    if not isinstance(value, dict) or "type" not in value:
+        return invalid
+    if raw.count(b'"type"') > 1:  # a JSON reader keeps the last; msgspec refused an earlier one
+        return InvalidEvent("unknown_type", "field `type` is given more than once; send it once", "type")
+    given = value["type"]  # a string quoted as msgspec quotes one ('search'), anything else as JSON
+    seen = clipped(f"'{given}'" if isinstance(given, str) else msgspec.json.encode(given).decode("utf-8", "replace"), 80)
+    return InvalidEvent("unknown_type", f'field `type`: unknown event type {seen}; expected "click" or "purchase"',
+                        "type")
+
+
 def _typed(exc: InvalidEvent, expected: str, topic: str) -> InvalidEvent:
     """The click-or-purchase wording of a ``type`` problem, restated for another topic's type."""
     if exc.field != "type":
         return exc
     if exc.code == "missing_field":
         return InvalidEvent("missing_field", f'field `type` is missing; expected "{expected}"', "type")
-    seen = re.search(r"unknown event type (.+); expected|Invalid (?:enum )?value ([^)]+)", exc.reason)
-    shown = clipped(seen.group(1) or seen.group(2), 80) if seen else "another value"
+    if "given more than once" in exc.reason or "given twice" in exc.reason:
+        return exc
+    seen = re.search(r'unknown event type (.+); expected "click" or "purchase"$', exc.reason)
+    shown = clipped(seen.group(1), 80) if seen else "another value"
     return InvalidEvent("unknown_type", f'field `type`: must be "{expected}" on the {topic} topic, saw {shown}', "type")
 
 

@@ -178,11 +178,30 @@ def test_wrong_type_names_field_and_what_was_seen(base, name, kind, value):
     assert f"`{name}`" in err.reason and f"saw {kind}" in err.reason
 
 
-@pytest.mark.parametrize("value", ["Click", "view", "", 5, None, ["click"]])
-def test_unknown_or_badly_typed_event_type_is_unknown_type(value):
+@pytest.mark.parametrize(("value", "shown"), [("Click", "'Click'"), ("view", "'view'"), ("", "''"), (5, "5"),
+                                             (None, "null"), (["click"], '["click"]'), ("a)b", "'a)b'")])
+def test_unknown_or_badly_typed_event_type_is_unknown_type(value, shown):
+    """The reason shows the value seen, whatever its JSON type (a number or an array was
+    "(Expected `str`)", and a search's type was cut at a parenthesis)."""
     err = rejected(raw({**CLICK, "type": value}))
     assert (err.code, err.field) == ("unknown_type", "type")
-    assert "`type`" in err.reason and '"click" or "purchase"' in err.reason
+    assert "`type`" in err.reason and '"click" or "purchase"' in err.reason and f"type {shown};" in err.reason, err.reason
+    search = rejected(raw({"event_id": "s1", "type": value, "user_id": "u1", "query": "q", "ts": CLICK["ts"]}), decode_search)
+    assert search.code == "unknown_type" and search.reason.endswith(f"searches topic, saw {shown}"), search.reason
+
+
+@pytest.mark.parametrize(("decode", "base", "name"), [(decode_event, None, "user_id"), (decode_event, None, "item_id"),
+                                                      (decode_event, None, "event_id"),
+                                                      (decode_search, "search", "results"), (decode_search, "search", "query")])
+def test_a_number_too_large_to_be_finite_where_text_goes_is_of_the_wrong_type(decode, base, name):
+    """msgspec reads 1e400 before it checks the field's type: a user_id of 1e400 was
+    ``not_finite``, "send a finite number", which a finite number would not have fixed."""
+    fields = dict(CLICK) if base is None else {"event_id": "s1", "type": "search", "user_id": "u1", "query": "q", "ts": CLICK["ts"]}
+    fields[name] = ["PLACEHOLDER"] if name == "results" else "PLACEHOLDER"
+    err = rejected(raw(fields).replace(b'"PLACEHOLDER"', b"1e400"), decode)
+    assert err.code == "wrong_type" and f"`{name}" in err.reason and "finite number" not in err.reason, err.reason
+    price = rejected(raw({**CLICK, "price": 1.5}).replace(b"1.5", b"1e400"))
+    assert price.code == "not_finite"  # where a number goes, it is one that is not finite
 
 
 @pytest.mark.parametrize("decode", [decode_event, decode_search])
@@ -399,6 +418,17 @@ def test_a_lone_surrogate_escape_is_named_as_such(value):
     assert err.code == "malformed_json" and "lone UTF-16 surrogate" in err.reason and "truncated" not in err.reason
     paired = raw({**CLICK, "note": ["s"]}).replace(b'"s"', b'"\\ud83d\\ude00"')
     assert decode_event(paired).event_id == "e1"
+
+
+def test_an_escaped_backslash_before_u_and_hex_is_text_not_a_lone_surrogate():
+    """``"C:\\\\udc0ffee"`` is a backslash, then the letters udc0ffee: valid JSON. Cut short,
+    it was called a lone surrogate, hiding that the value was truncated."""
+    whole = raw({**CLICK, "event_id": "C:\\udc0ffee"})
+    assert whole.count(b"\\\\udc0f") == 1 and decode_event(whole).event_id == "C:\\udc0ffee"
+    err = rejected(whole[:-1])
+    assert err.code == "malformed_json" and "surrogate" not in err.reason and "truncated" in err.reason, err.reason
+    both = raw({**CLICK, "event_id": "C:\\udc0ffee", "note": "s"}).replace(b'"s"', b'"\\\\\\ud800"')
+    assert "lone UTF-16 surrogate" in rejected(both).reason  # an escaped backslash, then a real lone escape
 
 
 @pytest.mark.parametrize("value", [b"{", b'{"event_id": }', b"{'a': 1}", b"nan", raw(CLICK) + b"}", b"\x00"])
