@@ -28,7 +28,7 @@ from rich.table import Table
 
 from gpu_scorer.registry import ModelRegistry
 from gpu_scorer.runtime import DEVICES, cuda_unavailable
-from online_models.datasets import FORMATS, read_interactions
+from online_models.datasets import FORMATS, SEED_MAX, read_interactions
 
 DEFAULT_MODEL_DIR = Path("models")
 TRAIN_PACKAGES = ("torch", "onnx")  # what training and the export import (onnx is a core dependency now)
@@ -75,16 +75,16 @@ def train(
     limit: Annotated[int | None, typer.Option(min=1, help="Read at most this many events (synthetic default: 20000).")] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs; early stopping on validation NDCG@10 may end sooner.")] = 20,
     patience: Annotated[int, typer.Option(min=1, help="Stop after this many epochs without a better NDCG@10.")] = 3,
-    dim: Annotated[int, typer.Option(min=8, help="Embedding / hidden size.")] = 64,
-    blocks: Annotated[int, typer.Option(min=1, help="Transformer blocks.")] = 2,
-    heads: Annotated[int, typer.Option(min=1, help="Attention heads (must divide --dim).")] = 2,
-    max_len: Annotated[int, typer.Option(min=2, help="Most recent items the model reads per user.")] = 50,
+    dim: Annotated[int, typer.Option(min=8, max=4096, help="Embedding / hidden size.")] = 64,
+    blocks: Annotated[int, typer.Option(min=1, max=64, help="Transformer blocks.")] = 2,
+    heads: Annotated[int, typer.Option(min=1, max=64, help="Attention heads (must divide --dim).")] = 2,
+    max_len: Annotated[int, typer.Option(min=2, max=4096, help="Most recent items the model reads per user.")] = 50,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.9, help="Dropout rate while training.")] = 0.2,
-    batch_size: Annotated[int, typer.Option(min=1, help="Training windows per step.")] = 128,
+    batch_size: Annotated[int, typer.Option(min=1, max=65536, help="Training windows per step.")] = 128,
     lr: Annotated[float, typer.Option(help="Adam learning rate, above 0 and at most 10.")] = 3e-3,
     loss: Annotated[str, typer.Option(help="'ce' (full softmax) or 'sampled' (sampled softmax, big catalogues).")] = "ce",
     min_item_count: Annotated[int, typer.Option(min=1, help="Items seen fewer times share the OOV row.")] = 1,
-    seed: Annotated[int, typer.Option(help="Random seed; the same seed and data give the same model.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Random seed; the same seed and data give the same model.")] = 0,
     threads: Annotated[
         int, typer.Option(min=1, max=1024, help="PyTorch CPU threads for training. 1 by default: this model's matmuls are too small to gain from more, and on a busy 2-core machine 2 threads trained 3x slower.")
     ] = 1,
@@ -146,6 +146,11 @@ def train(
         result = training.train(sequences, model_cfg, tc, console=console)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    except (MemoryError, RuntimeError) as exc:  # torch's allocators raise RuntimeError ("can't allocate memory")
+        if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower() and "out of memory" not in str(exc).lower():
+            raise
+        raise typer.BadParameter(f"the model does not fit in memory ({str(exc).splitlines()[0][:200]}); lower --dim, "
+                                 "--max-len, --batch-size or --blocks", param_hint="--dim") from None
     registry = ModelRegistry(model_dir)
     # the newest event it was fitted on: retrain's gate compares the next fit with it on the events after it;
     # not one dated ahead of the clock (a log dated in the future), after which the next fit would find none

@@ -41,6 +41,11 @@ _TAOBAO_KIND = {"pv": "click", "cart": "click", "fav": "click", "buy": "purchase
 _OTTO_KIND = {"clicks": "click", "carts": "click", "orders": "purchase"}
 
 
+#: the largest seed a command accepts: numpy's generators (River's MF, the samplers) take at
+#: most 2**32 - 1, and a larger one failed deep inside a fit, as a traceback
+SEED_MAX = 2**32 - 1
+
+
 class DatasetError(ValueError):
     """A log line that does not follow its format; the message names the file and line."""
 
@@ -66,6 +71,8 @@ def _guarded(read: Callable[[Path], Iterator[Interaction]]) -> Callable[[str | P
                                f"cannot be decoded)") from None
         except RecursionError:
             raise DatasetError(f"{path}: a line nests its JSON too deeply to read") from None
+        except csv.Error as exc:  # a field over the csv module's 131,072 characters, a NUL byte
+            raise DatasetError(f"{path}: not a CSV log this reader can take ({exc})") from None
     return reader
 
 
@@ -256,9 +263,18 @@ def read_reference_lists(folder: str | Path) -> dict[str, dict[tuple[str, int], 
     for path in sorted(Path(folder).glob("recoms_*.csv")):
         algo = path.stem.rsplit("_", 1)[-1]
         lists: dict[tuple[str, int], list[str]] = {}
-        with path.open(newline="", encoding="utf-8") as fh:
-            for row in csv.DictReader(fh, delimiter=";"):
-                lists[(row["SessionId"], int(row["Position"]))] = row["Recommendations"].split(",")
+        try:
+            with path.open(newline="", encoding="utf-8") as fh:
+                for lineno, row in enumerate(csv.DictReader(fh, delimiter=";"), start=2):
+                    try:
+                        lists[(row["SessionId"], int(row["Position"]))] = row["Recommendations"].split(",")
+                    except (KeyError, ValueError, TypeError, AttributeError):
+                        raise DatasetError(f"{path}:{lineno}: expected the columns SessionId;Position;Recommendations "
+                                           "(session-rec's saved lists), with a whole-number Position") from None
+        except UnicodeDecodeError:
+            raise DatasetError(f"{path}: not UTF-8 text") from None
+        except csv.Error as exc:
+            raise DatasetError(f"{path}: not a CSV file this reader can take ({exc})") from None
         out[algo] = lists
     return out
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import pwd
 import sys
 
 import typer
@@ -203,10 +205,40 @@ def main() -> None:
     except (StreamrecError, DatasetError) as exc:  # DatasetError: a log read as it is sent (produce)
         typer.secho(f"streamrec: {exc}", fg="red", err=True)
         sys.exit(2)
+    except OSError as exc:
+        if exc.filename is None:  # a socket's, a bug's: not about a path the user gave
+            raise
+        typer.secho(f"streamrec: {path_problem(exc)}", fg="red", err=True)
+        sys.exit(2)
     except SystemExit as exc:
         if interrupted(exc):  # Typer makes a Ctrl-C a silent exit 130; say why the command stopped
             typer.secho("streamrec: interrupted", fg="red", err=True)
         raise
+
+
+def path_problem(exc: OSError) -> str:
+    """What a file-system error on a path says to the person who named it (``Path.exists`` and
+    ``is_dir`` raise, rather than answer False, on a folder they may not search, or a name too
+    long: a model folder owned by another user reached every command that looks for one).
+
+    >>> path_problem(PermissionError(13, "Permission denied", "/srv/models/CURRENT")).split(";")[0]
+    '/srv/models/CURRENT: permission denied'
+    >>> path_problem(OSError(36, "File name too long", "/tmp/" + "a" * 300)).endswith("a: file name too long")
+    True
+    """
+    where = f"{exc.filename}" if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+    what = (exc.strerror or type(exc).__name__).lower()
+    if isinstance(exc, PermissionError):
+        return (f"{where}: {what}; the user running streamrec ({_user()}) needs to read it, and to enter (x) every "
+                "folder above it")
+    return f"{where}: {what}"
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (KeyError, OSError):
+        return f"uid {os.geteuid()}"
 
 
 def interrupted(exc: BaseException) -> bool:

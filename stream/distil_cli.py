@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from online_models.datasets import SEED_MAX
 from online_models.search import QueryStudent, TextEmbedder
 from stream.errors import StreamrecError, counted
 from stream.produce_catalogue import read_catalogue_file, synthetic_items
@@ -33,7 +34,7 @@ def distil_queries(
         "--catalogue` reads (only the titles are used).", exists=True, dir_okay=False, readable=True)] = None,
     demo_catalogue: Annotated[bool, typer.Option(
         "--demo-catalogue", help="Learn the synthetic shop's catalogue (the one `make demo` sends), for --seed.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the demo catalogue and of the fit.")] = 42,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of the demo catalogue and of the fit.")] = 42,
     spans: Annotated[int, typer.Option(min=0, max=20, help="Random runs of 1-4 words of each title learned beside it "
                                        "(query-shaped texts).")] = 3,
     epochs: Annotated[int, typer.Option(min=1, max=50, help="Passes over the texts.")] = 2,

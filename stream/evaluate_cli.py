@@ -28,7 +28,7 @@ from gpu_scorer import ModelRegistry
 from gpu_scorer.errors import ScorerError
 from gpu_scorer.train_cli import INSTALL_TRAIN, check_device, missing_train_packages
 from online_models import Recommender
-from online_models.datasets import FORMATS, DatasetError, load_folder, read_interactions
+from online_models.datasets import FORMATS, SEED_MAX, DatasetError, load_folder, read_interactions
 from stream.errors import ConfigError, StreamrecError, counted
 from stream.evaluation import (
     DEFAULT_MODELS,
@@ -140,7 +140,7 @@ def evaluate(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the summary JSON to stdout (no table; the progress goes to stderr).")
     ] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seed handed to every model.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed handed to every model.")] = 0,
     scorer_model: Annotated[
         Path | None,
         typer.Option(

@@ -24,6 +24,7 @@ import asyncio
 import hashlib
 import itertools
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -37,7 +38,7 @@ from aiokafka.errors import KafkaError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from online_models.datasets import FORMATS, DatasetError, read_interactions
+from online_models.datasets import FORMATS, SEED_MAX, DatasetError, read_interactions
 from online_models.types import Interaction
 from stream import logs
 from stream.connections import AccessDenied, KafkaConnection
@@ -344,14 +345,14 @@ def produce(
     limit: Annotated[int | None, typer.Option(
         "--limit", "-n", min=0, help=f"Send at most N events (synthetic: exactly N, default {DEFAULT_SYNTHETIC_EVENTS:,}).")] = None,
     skip: Annotated[int, typer.Option(
-        "--skip", min=0, help="Start after the first N events of the log (or of the synthetic shop): they are read, "
+        "--skip", min=0, max=sys.maxsize, help="Start after the first N events of the log (or of the synthetic shop): they are read, "
         "not sent, and the events after them keep the ids a whole replay gives them. To go on where a replay that "
         "stopped says it got to; --limit counts the events sent after them.")] = 0,
     bootstrap: Annotated[str | None, typer.Option(
         "--bootstrap", "-b", help="Kafka bootstrap servers (default STREAMREC_KAFKA_BOOTSTRAP).")] = None,
     topic_prefix: Annotated[str | None, typer.Option(
         "--topic-prefix", help="Prefix of the topic names (default STREAMREC_TOPIC_PREFIX).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic generator.")] = 42,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed of the synthetic generator.")] = 42,
     keep_ts: Annotated[bool, typer.Option(
         "--keep-ts/--now-ts", help="Keep the log's timestamps, or stamp each event with the time it is sent "
         "(the default, so that event-to-recommendation latency means something).")] = False,

@@ -72,7 +72,7 @@ from gpu_scorer.train_cli import (
     missing_train_packages,
 )
 from online_models import Interaction
-from online_models.datasets import read_interactions
+from online_models.datasets import SEED_MAX, read_interactions
 from stream import logs
 from stream.connections import ISOLATION_LEVEL
 from stream.decoding import decode_event, decode_forget
@@ -177,7 +177,7 @@ def retrain(
         help="How much lower (absolute, 0 to 1) a fit's held-out HR@10 may be than the CURRENT version's and "
              "still replace it.")] = 0.01,
     once: Annotated[bool, typer.Option("--once", help="Read the topics to their end, fit once and exit: 0 when a version was made CURRENT, 1 when none was (nothing to train on, the fit failed, the gate held it back, or SIGTERM or Ctrl-C came first; for a scheduler such as cron).")] = False,
-    seed: Annotated[int, typer.Option(help="Random seed of each fit.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Random seed of each fit.")] = 0,
     device: Annotated[str, typer.Option(help="Training device: auto, cuda or cpu.")] = "auto",
     loglevel: Annotated[str, typer.Option("--loglevel", "-l", help="debug, info, warning or error.")] = "info",
 ) -> None:

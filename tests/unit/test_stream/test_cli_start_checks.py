@@ -235,3 +235,35 @@ def test_the_metrics_say_which_streamrec_and_python_run():
     samples = [s for s in metrics.registry.collect() for s in s.samples if s.name == "streamrec_build_info"]
     assert [(s.labels["version"], s.value) for s in samples] == [(version.own_version(), 1.0)]
     assert samples[0].labels["python"].startswith("3.")
+
+
+def test_a_path_the_file_system_refuses_is_one_line_naming_it_not_a_traceback(monkeypatch, capsys):
+    """``Path.exists`` and ``is_dir`` raise (rather than answer False) on a folder the user may
+    not enter, or a name too long: a model folder owned by another user ended every command that
+    looks for one (worker, serve, train, retrain, evaluate) in a traceback."""
+    assert run_main_raising(monkeypatch, "worker", PermissionError(13, "Permission denied", "/srv/models")) == 2
+    said = capsys.readouterr().err.strip()
+    assert said.startswith("streamrec: /srv/models: permission denied; the user running streamrec"), said
+    with pytest.raises(ConnectionResetError):  # not about a path: a bug's or a socket's, left whole
+        run_main_raising(monkeypatch, "worker", ConnectionResetError(104, "Connection reset by peer"))
+
+
+def test_the_worker_says_a_model_dir_whose_name_is_too_long_in_one_line(no_kafka, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr("sys.argv", ["streamrec", "worker"])
+    for name, value in {"STREAMREC_METRICS_PORT": "0", "STREAMREC_CATALOGUE": "false",
+                        "STREAMREC_KAFKA_BOOTSTRAP": "127.0.0.1:1", "STREAMREC_REDIS_URL": "redis://127.0.0.1:1/0",
+                        "STREAMREC_MODEL_DIR": str(tmp_path / ("m" * 300))}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as info:
+        stream.cli.main()
+    assert info.value.code == 2 and capsys.readouterr().err.strip().endswith("m: file name too long")
+
+
+@pytest.mark.parametrize("args", [["evaluate", "--seed", "-1"], ["evaluate", "-m", "mf", "--seed", str(2**32)],
+                                  ["train", "--max-len", "1000000000"], ["train", "--dim", "10000000"],
+                                  ["produce", "--skip", "99999999999999999999"]])
+def test_numbers_no_model_can_take_are_usage_errors_before_any_work(args):
+    """A seed past numpy's 2**32 - 1 failed deep in a fit; a --max-len of a billion asked torch
+    for 256 GB; a --skip past a machine integer failed in islice: each a traceback."""
+    result = CliRunner().invoke(stream.cli.app, args)
+    assert result.exit_code == 2 and result.exception is not None and isinstance(result.exception, SystemExit), result.output

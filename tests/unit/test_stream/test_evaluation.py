@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from functools import partial
 from pathlib import Path
@@ -174,6 +175,28 @@ def test_reference_lists_are_scored_against_the_next_click(tmp_path):
     scored = score_references(refs, sessions, (1, 20))["algo"]
     assert scored["predictions"] == 3 and scored["HR@20"] == round(2 / 3, 4) and scored["MRR@20"] == 0.5
     assert scored["HR@1"] == round(1 / 3, 4)
+
+
+@pytest.mark.parametrize(("content", "said"), [
+    ("a;b\n1;2\n", "recoms_toy_bad.csv:2: expected the columns SessionId;Position;Recommendations"),
+    ("SessionId;Position;Recommendations\n9;zz;q\n", "with a whole-number Position"),
+    (b"SessionId;Position;Recommendations\n9;0;\xff\n", "recoms_toy_bad.csv: not UTF-8 text"),
+])
+def test_saved_lists_that_are_not_session_recs_are_a_dataset_error_naming_the_file(tmp_path, content, said):
+    """A saved-lists file of another shape ended `evaluate -p session-rec` in a KeyError or a
+    ValueError traceback."""
+    write_session_rec_folder(tmp_path)
+    bad = tmp_path / "recommendations" / "recoms_toy_bad.csv"
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DatasetError, match=re.escape(said)):
+        read_reference_lists(tmp_path / "recommendations")
+
+
+def test_a_csv_field_over_the_csv_modules_limit_is_a_dataset_error(tmp_path):
+    log = tmp_path / "big.csv"
+    log.write_text("a" * 200_000 + ",2,3,pv,1\n")
+    with pytest.raises(DatasetError, match="big.csv: not a CSV log this reader can take"):
+        list(read_interactions(log, "taobao"))
 
 
 def test_session_rec_frozen_and_learning(tmp_path):
