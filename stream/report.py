@@ -267,6 +267,8 @@ def ratio_ci(k1: float, n1: float, k2: float, n2: float, z: float = Z95) -> tupl
     (-1.0, -1.0)
     >>> [round(x, 4) for x in ratio_ci(1, 1, 1, 1)]
     [0.0, -0.6775, 2.1006]
+    >>> ratio_ci(0, 2, 2, 1.7e308)[2]
+    inf
     """
     if n1 <= 0 or n2 <= 0 or k2 <= 0:
         return None
@@ -276,7 +278,8 @@ def ratio_ci(k1: float, n1: float, k2: float, n2: float, z: float = Z95) -> tupl
         k1, n1, k2, n2 = k1 + 0.5, n1 + 1, k2 + 0.5, n2 + 1
     log_r = math.log((k1 / n1) / (k2 / n2))
     se = math.sqrt(max(0.0, 1 / k1 - 1 / n1 + 1 / k2 - 1 / n2))
-    lo, hi = math.exp(log_r - z * se) - 1, math.exp(log_r + z * se) - 1
+    # counts no experiment reaches (1e308 lists) put a bound past a float: infinite, not an OverflowError
+    lo, hi = (math.exp(x) - 1 if x < 709.0 else math.inf for x in (log_r - z * se, log_r + z * se))
     if corrected:  # the corrected ratio is not the lift itself: the interval holds it
         lo, hi = min(lo, lift), max(hi, lift)
     return lift, lo, hi
