@@ -229,6 +229,10 @@ class KafkaConnection:
             name = type(exc).__name__
             text = f"{name}: {exc}" if str(exc) else name
         lowered = text.lower()
+        if "illegalsaslstate" in lowered and self.uses_sasl:  # the listener answered the handshake as no SASL one does
+            return AccessDenied(f"Kafka at {self.bootstrap} did not take a SASL login ({text}): the listener there "
+                                "seems to speak no SASL. Set STREAMREC_KAFKA_SECURITY_PROTOCOL to what it speaks "
+                                "(PLAINTEXT or SSL), or point at the broker's SASL listener")
         if "authentication" in lowered or "sasl" in lowered:
             if self.uses_sasl:
                 return AccessDenied(f"Kafka at {self.bootstrap} refused the {self.sasl_mechanism} login of user "
@@ -252,8 +256,12 @@ class KafkaConnection:
         if denied is not None:
             return denied
         within = f" within {timeout_s:g} s" if timeout_s is not None else ""
+        hint = ""
+        if self.uses_ssl and "tls failed" in str(exc).lower():  # a listener without TLS closes the handshake
+            hint = (". If a broker runs there, its listener may speak no TLS: set STREAMREC_KAFKA_SECURITY_PROTOCOL to "
+                    "what it speaks (PLAINTEXT or SASL_PLAINTEXT), or point at its TLS listener")
         return ServiceUnavailable(f"Kafka at {self.describe()} did not answer{within} ({exc}); start the local broker "
-                                  f"with `make up`, or point {self.given_by} at a running one")
+                                  f"with `make up`, or point {self.given_by} at a running one{hint}")
 
 
 # --------------------------------------------------------------------------- Redis

@@ -170,6 +170,24 @@ def test_refusals_say_what_to_fix_and_outages_stay_outages():
     assert redis_conn.refusal(ConnectionError("Error 111 connecting")) is None
 
 
+def test_a_listener_without_sasl_or_tls_is_said_so_not_blamed_on_the_password():
+    """SASL_PLAINTEXT against a plain listener was "refused the PLAIN login of user 'u': check
+    ...USERNAME, ...PASSWORD" (aiokafka's IllegalSaslStateError); SSL against one was only "did
+    not answer": neither pointed at STREAMREC_KAFKA_SECURITY_PROTOCOL, the setting to fix."""
+    class IllegalSaslStateError(Exception):
+        pass
+
+    kafka = Settings.from_env(SASL).kafka
+    denied = kafka.refusal(IllegalSaslStateError("[Error 34] IllegalSaslStateError: <AIOKafkaConnection>"))
+    assert isinstance(denied, AccessDenied) and "speak no SASL" in str(denied), denied
+    assert "STREAMREC_KAFKA_SECURITY_PROTOCOL" in str(denied) and "PASSWORD" not in str(denied)
+    tls = Settings.from_env({"STREAMREC_KAFKA_BOOTSTRAP": "h:1", "STREAMREC_KAFKA_SECURITY_PROTOCOL": "SSL"}).kafka
+    said = tls.unavailable("h:1: TLS failed: [SSL: UNEXPECTED_EOF_WHILE_READING] EOF occurred in violation of protocol", 5)
+    assert isinstance(said, ServiceUnavailable) and "may speak no TLS" in str(said), said
+    plain = Settings.from_env({"STREAMREC_KAFKA_BOOTSTRAP": "h:1"}).kafka.unavailable("h:1: Connection refused", 5)
+    assert "TLS" not in str(plain)
+
+
 class PingRaising:
     """A redis-py client whose PING raises ``exc`` (what a server that answered said)."""
 
