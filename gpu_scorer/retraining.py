@@ -114,7 +114,19 @@ def architecture_of(registry: ModelRegistry, version: str | None = None) -> dict
     if version is None:
         return {}
     config = registry.manifest(version).get("config", {})
-    return {key: config[key] for key in ARCHITECTURE if key in config}
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"version {version}: its manifest's config is not an object")
+    architecture = {key: config[key] for key in ARCHITECTURE if key in config}
+    for key, value in architecture.items():  # a hand-edited manifest: said here, not as a fit's traceback
+        whole = key != "dropout"
+        if (isinstance(value, bool) or not isinstance(value, int if whole else (int, float))
+                or not (value >= 1 if whole else 0 <= value < 1)):
+            raise ModelLoadError(f"version {version}: its manifest's config has {key}={value!r}, "
+                                 f"expected {'a whole number of at least 1' if whole else 'a number from 0 to below 1'}")
+    if architecture.get("dim", 64) % architecture.get("n_heads", 2):
+        raise ModelLoadError(f"version {version}: its manifest's config has dim={architecture.get('dim', 64)}, which "
+                             f"n_heads={architecture.get('n_heads', 2)} does not divide")
+    return architecture
 
 
 class Retrainer:

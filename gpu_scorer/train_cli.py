@@ -26,6 +26,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gpu_scorer.layout import MANIFEST
 from gpu_scorer.registry import ModelRegistry
 from gpu_scorer.runtime import DEVICES, cuda_unavailable
 from online_models.datasets import FORMATS, SEED_MAX, read_interactions
@@ -56,6 +57,10 @@ def check_registry_dir(model_dir: Path) -> None:
     nearest = next(p for p in (model_dir, *model_dir.absolute().parents) if p.exists())
     if not nearest.is_dir():
         raise typer.BadParameter(f"{model_dir}: {nearest} is a file, not a folder", param_hint="--model-dir")
+    if (model_dir / MANIFEST).is_file():  # a registry inside a version: the workers refuse this path
+        raise typer.BadParameter(f"{model_dir}: one registered version (it holds {MANIFEST}), not a registry; give the "
+                                 "registry's folder, its parent (its CURRENT names the version served)",
+                                 param_hint="--model-dir")
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise typer.BadParameter(f"{model_dir}: {nearest} cannot be written (permissions, or a read-only file system)",
                                  param_hint="--model-dir")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 import signal
 import time
 from types import SimpleNamespace
@@ -20,6 +22,7 @@ from typer.testing import CliRunner
 
 from gpu_scorer import registry as registry_module
 from gpu_scorer import retraining, train_cli, training
+from gpu_scorer.errors import ModelLoadError
 from gpu_scorer.registry import ModelRegistry
 from gpu_scorer.retraining import Retrainer, architecture_of
 from gpu_scorer.train_cli import train
@@ -54,6 +57,23 @@ def test_a_retrained_version_keeps_the_served_architecture_and_becomes_current(t
     assert {k: manifest["config"][k] for k in served} == served
     assert manifest["data"]["events"] == len(log) and manifest["data"]["retrained"] and manifest["parity"]["ok"]
     assert Retrainer(registry, served, QUICK).load(second).version == second
+
+
+@pytest.mark.parametrize(("key", "value", "said"), [("dim", "abc", "dim='abc'"), ("max_len", float("nan"), "max_len=nan"),
+                                                 ("n_heads", 3, "n_heads=3 does not divide"),
+                                                 ("dropout", 1.5, "dropout=1.5")])
+def test_a_served_manifest_whose_architecture_cannot_be_fitted_is_a_model_load_error(tmp_path, key, value, said):
+    """A hand-edited manifest (dim "abc", max_len NaN) reached the fit, and retrain logged a
+    TypeError's traceback from the model's constructor and exited 1."""
+    registry = ModelRegistry(tmp_path)
+    log = list(synthetic_interactions(n_events=300, n_users=30, n_items=40, seed=1))
+    version, _ = Retrainer(registry, {"dim": 16, "n_heads": 2, "max_len": 8}, QUICK).fit(log)
+    path = registry.path(version) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["config"][key] = value
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError, match=re.escape(said)):
+        architecture_of(registry)
 
 
 def test_a_fit_leaves_the_callers_thread_count_as_it_was(tmp_path):

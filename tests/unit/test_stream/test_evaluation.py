@@ -348,6 +348,13 @@ def test_train_into_a_file_is_refused_before_it_trains(tmp_path):
                                     env={"COLUMNS": "500"})
         assert result.exit_code == 2 and "is a file, not a folder" in result.output, result.output
         assert "read 300 events" not in result.output and "Traceback" not in result.output
+    # a version's folder: train made a registry nested in it, which no worker would read
+    (tmp_path / "registry" / "v0001").mkdir(parents=True)
+    (tmp_path / "registry" / "v0001" / "manifest.json").write_text("{}")
+    result = CliRunner().invoke(app, ["train", "--limit", "300", "--model-dir", str(tmp_path / "registry" / "v0001")],
+                                env={"COLUMNS": "500"})
+    assert result.exit_code == 2 and "one registered version" in result.output, result.output
+    assert not (tmp_path / "registry" / "v0001" / "CURRENT").exists()
 
 
 def test_evaluate_refuses_an_output_it_cannot_write_before_the_replay(tmp_path, monkeypatch):
