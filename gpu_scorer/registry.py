@@ -42,6 +42,7 @@ import re
 import shutil
 import time
 import uuid
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -280,8 +281,11 @@ def verify_parity(scorer, version_dir: Path, fp16: bool = False) -> float:
     sample_path = version_dir / "parity.npz"
     if not sample_path.exists():
         raise ModelLoadError(f"{version_dir.name}: no parity.npz to verify the model against")
+    if not zipfile.is_zipfile(sample_path):  # numpy would take it for a pickle, and say to load it "unsafely"
+        raise ModelLoadError(f"{version_dir.name}: parity.npz is not a NumPy .npz archive (damaged, or not written "
+                             "by streamrec train)")
     try:
-        with np.load(sample_path) as sample:
+        with np.load(sample_path, allow_pickle=False) as sample:
             seq, cand, ref = sample["seq_ids"], sample["cand_ids"], sample["scores"]
         got = scorer.run_ids(seq, cand)
     except Exception as exc:

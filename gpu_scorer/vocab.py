@@ -85,8 +85,11 @@ class Vocab:
     @classmethod
     def load(cls, path: str | Path) -> Vocab:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-        if data.get("format") != _FORMAT:
-            raise ValueError(f"{path}: not a streamrec vocabulary (format {data.get('format')!r})")
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            seen = data.get("format") if isinstance(data, dict) else f"a JSON {type(data).__name__}, not an object"
+            raise ValueError(f"{path}: not a streamrec vocabulary (format {seen!r})")
+        if not isinstance(data.get("items"), list) or not all(isinstance(item, str) for item in data["items"]):
+            raise ValueError(f"{path}: not a streamrec vocabulary (its items are not a list of item ids)")
         return cls(data["items"])
 
     def __eq__(self, other: object) -> bool:

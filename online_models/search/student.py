@@ -164,6 +164,8 @@ class QueryStudent:
     @classmethod
     def from_bytes(cls, data: bytes) -> QueryStudent:
         """A student from :meth:`to_bytes`; ValueError for anything else."""
+        if not data.startswith(b"PK"):  # numpy would take it for a pickle, and say to load it "unsafely"
+            raise ValueError("not a query student (not a NumPy .npz archive: `streamrec distil-queries` writes one)")
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 return cls(z["tokens"], z["vectors"])

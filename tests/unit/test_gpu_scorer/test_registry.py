@@ -11,7 +11,8 @@ from tiny_models import register_tiny, tiny_result
 
 from gpu_scorer.errors import ModelLoadError
 from gpu_scorer.hotswap import HotSwapScorer
-from gpu_scorer.registry import ModelRegistry
+from gpu_scorer.registry import ModelRegistry, verify_parity
+from online_models.search import QueryStudent
 
 
 def test_register_load_latest(tmp_path):
@@ -106,6 +107,19 @@ def test_bad_model_is_refused_and_old_keeps_serving(tmp_path, damage):
     assert len(scorer.score(seqs, cands)) == 4
     scorer.maybe_reload(force=True)  # a refused version is not retried
     assert scorer.reload_failures == 1
+
+
+def test_a_parity_sample_that_is_not_an_npz_is_said_so_not_advised_to_load_unsafely(tmp_path):
+    """numpy took a damaged parity.npz for a pickle and its refusal said "If you trust the file
+    you can load it unsafely using allow_pickle=": advice no operator should take."""
+    register_tiny(tmp_path)
+    (tmp_path / "v0001" / "parity.npz").write_bytes(b"garbage, not a zip archive")
+    with pytest.raises(ModelLoadError) as info:
+        verify_parity(None, tmp_path / "v0001")
+    assert "not a NumPy .npz archive" in str(info.value) and "unsafely" not in str(info.value)
+    with pytest.raises(ValueError) as info:
+        QueryStudent.from_bytes(b"garbage, not a zip archive")
+    assert "not a NumPy .npz archive" in str(info.value) and "unsafely" not in str(info.value)
 
 
 @pytest.mark.parametrize("pointer", ["v002", "../v0001", "", "dir", "\xff\xfe"])

@@ -30,6 +30,11 @@ def test_save_load_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text('{"format": "other"}')
     with pytest.raises(ValueError, match="not a streamrec vocabulary"):
         Vocab.load(tmp_path / "bad.json")
+    # JSON of another shape: said as such, not as "'list' object has no attribute 'get'"
+    for other in ("[]", '{"format": "streamrec-vocab-v1", "items": 7}'.replace("streamrec-vocab-v1", v.to_json()["format"])):
+        (tmp_path / "bad.json").write_text(other)
+        with pytest.raises(ValueError, match="not a streamrec vocabulary"):
+            Vocab.load(tmp_path / "bad.json")
 
 
 def test_unknown_items_score_through_the_oov_row(tmp_path):
