@@ -61,6 +61,8 @@ def read_catalogue_file(path: Path, now_ms: int, bounds: Bounds = DEFAULT_BOUNDS
             return read_catalogue(f, now_ms, bounds)
     except UnicodeDecodeError as exc:
         raise StreamrecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except StreamrecError as exc:  # "catalogue line N: ...": which file, where several are given
+        raise StreamrecError(f"{path}: {exc}") from None
 
 
 def synthetic_items(seed: int, now_ms: int) -> list[ItemEvent]:

@@ -195,7 +195,7 @@ def test_produce_refuses_a_bad_catalogue_file_with_its_line_and_no_traceback(tmp
     done = subprocess.run([sys.executable, "-m", "stream.cli", "produce", "--catalogue", str(bad)], cwd=root, env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
-    assert "catalogue line 2: field `title`: must not be empty" in done.stderr and "Traceback" not in done.stderr
+    assert f"{bad}: catalogue line 2: field `title`: must not be empty" in done.stderr and "Traceback" not in done.stderr
     both = subprocess.run([sys.executable, "-m", "stream.cli", "produce", "--catalogue", str(bad), "-d", str(bad),
                            "-f", "otto"], cwd=root, env=env, capture_output=True, text=True, timeout=60)
     assert both.returncode == 2 and "a log of events" in both.stderr and "Traceback" not in both.stderr
@@ -216,7 +216,7 @@ def test_produce_refuses_a_catalogue_line_over_the_workers_lowered_price_maximum
     done = subprocess.run([sys.executable, "-m", "stream.cli", "produce", "--catalogue", str(items)], cwd=root, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
-    assert "catalogue line 2: field `price`" in done.stderr and "STREAMREC_MAX_PRICE" in done.stderr, done.stderr
+    assert f"{items}: catalogue line 2: field `price`" in done.stderr and "STREAMREC_MAX_PRICE" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
 
 
