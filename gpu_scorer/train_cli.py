@@ -57,12 +57,12 @@ def check_registry_dir(model_dir: Path) -> None:
     nearest = next(p for p in (model_dir, *model_dir.absolute().parents) if p.exists())
     if not nearest.is_dir():
         raise typer.BadParameter(f"{model_dir}: {nearest} is a file, not a folder", param_hint="--model-dir")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise typer.BadParameter(f"{model_dir}: {nearest} cannot be written (permissions, or a read-only file system)",
+                                 param_hint="--model-dir")
     if (model_dir / MANIFEST).is_file():  # a registry inside a version: the workers refuse this path
         raise typer.BadParameter(f"{model_dir}: one registered version (it holds {MANIFEST}), not a registry; give the "
                                  "registry's folder, its parent (its CURRENT names the version served)",
-                                 param_hint="--model-dir")
-    if not os.access(nearest, os.W_OK | os.X_OK):
-        raise typer.BadParameter(f"{model_dir}: {nearest} cannot be written (permissions, or a read-only file system)",
                                  param_hint="--model-dir")
 
 

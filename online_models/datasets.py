@@ -71,7 +71,7 @@ def _guarded(read: Callable[[Path], Iterator[Interaction]]) -> Callable[[str | P
                                f"cannot be decoded)") from None
         except RecursionError:
             raise DatasetError(f"{path}: a line nests its JSON too deeply to read") from None
-        except csv.Error as exc:  # a field over the csv module's 131,072 characters, a NUL byte
+        except csv.Error as exc:  # a field over the csv module's 131,072 characters
             raise DatasetError(f"{path}: not a CSV log this reader can take ({exc})") from None
     return reader
 

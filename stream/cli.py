@@ -229,8 +229,8 @@ def path_problem(exc: OSError) -> str:
     where = f"{exc.filename}" if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
     what = (exc.strerror or type(exc).__name__).lower()
     if isinstance(exc, PermissionError):
-        return (f"{where}: {what}; the user running streamrec ({_user()}) needs to read it, and to enter (x) every "
-                "folder above it")
+        return (f"{where}: {what}; the user running streamrec ({_user()}) needs access to it (to read it, or to write "
+                "where a command writes), and to enter (x) every folder above it")
     return f"{where}: {what}"
 
 

@@ -17,6 +17,7 @@ wrong_type | field `user_id`: expected a string, saw int
 
 from __future__ import annotations
 
+import json
 import re
 
 import msgspec
@@ -105,8 +106,8 @@ def _invalid_from_validation(message: str) -> InvalidEvent:
         if field is not None and re.split(r"[.\[]", field, maxsplit=1)[0] not in NUMBER_FIELDS:
             # msgspec reads the number before it checks the field's type: 1e400 as a user_id
             # is a number where text goes, not a number to make finite
-            return InvalidEvent("wrong_type", f"{where}: saw a number (one too large to be finite), where the field "
-                                              "takes none (docs/events.md gives each field's type)", field)
+            return InvalidEvent("wrong_type", f"{where}: saw a number too large to read, where the field takes no "
+                                              "number (docs/events.md gives each field's type)", field)
         return InvalidEvent("not_finite", f"{where}: the number is too large to be finite; send a finite number", field)
     if (c := _CONSTRAINT.match(body)) is not None:
         rule = c.group(2)
@@ -394,16 +395,23 @@ def _type_shown(raw: bytes, invalid: InvalidEvent) -> InvalidEvent:
     """``invalid`` (a ``type`` msgspec refused without saying what it saw: a number, an array,
     an enum's value) restated with the value ``raw`` holds, as JSON, cut short; as it was where
     that value cannot be told."""
-    try:
-        value = msgspec.json.decode(raw)
-    except (msgspec.DecodeError, RecursionError):
+    objects: list[list[tuple[str, object]]] = []  # each object's pairs as given, the outermost last
+
+    def pairs(given: list[tuple[str, object]]) -> dict:
+        objects.append(given)
+        return dict(given)
+
+    try:  # Python's reader, not msgspec: it keeps a key given twice, and reads an escaped key as its text
+        json.loads(raw, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
         return invalid
-    if not isinstance(value, dict) or "type" not in value:
-        return invalid
-    if raw.count(b'"type"') > 1:  # a JSON reader keeps the last; msgspec refused an earlier one
+    types = [value for key, value in objects[-1] if key == "type"] if objects else []
+    if len(types) > 1:  # msgspec refused one of them
         return InvalidEvent("unknown_type", "field `type` is given more than once; send it once", "type")
-    given = value["type"]  # a string quoted as msgspec quotes one ('search'), anything else as JSON
-    seen = clipped(f"'{given}'" if isinstance(given, str) else msgspec.json.encode(given).decode("utf-8", "replace"), 80)
+    if not types:
+        return invalid
+    given = types[0]  # a string quoted as msgspec quotes one ('search'), anything else as JSON
+    seen = clipped(f"'{given}'" if isinstance(given, str) else json.dumps(given, ensure_ascii=False), 80)
     return InvalidEvent("unknown_type", f'field `type`: unknown event type {seen}; expected "click" or "purchase"',
                         "type")
 
@@ -416,8 +424,9 @@ def _typed(exc: InvalidEvent, expected: str, topic: str) -> InvalidEvent:
         return InvalidEvent("missing_field", f'field `type` is missing; expected "{expected}"', "type")
     if "given more than once" in exc.reason or "given twice" in exc.reason:
         return exc
-    seen = re.search(r'unknown event type (.+); expected "click" or "purchase"$', exc.reason)
-    shown = clipped(seen.group(1), 80) if seen else "another value"
+    seen = re.search(r'unknown event type (.+); expected "click" or "purchase"$|Invalid (?:enum )?value ([^)]+)',
+                     exc.reason)
+    shown = clipped(seen.group(1) or seen.group(2), 80) if seen else "another value"
     return InvalidEvent("unknown_type", f'field `type`: must be "{expected}" on the {topic} topic, saw {shown}', "type")
 
 

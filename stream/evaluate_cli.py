@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from gpu_scorer import ModelRegistry
-from gpu_scorer.errors import ScorerError
+from gpu_scorer.errors import ModelLoadError, ScorerError
 from gpu_scorer.train_cli import INSTALL_TRAIN, check_device, missing_train_packages
 from online_models import Recommender
 from online_models.datasets import FORMATS, SEED_MAX, DatasetError, load_folder, read_interactions
@@ -357,7 +357,11 @@ def _retraining(registry_dir: Path, scorer_model: Path | None, every_s: float, d
     # torch-bound, as in `streamrec train` (gpu_scorer/train_cli.py)
     from gpu_scorer import retraining, training
 
-    architecture = retraining.architecture_of(*_registry_of(scorer_model)) if scorer_model is not None else {}
+    try:
+        architecture = retraining.architecture_of(*_registry_of(scorer_model)) if scorer_model is not None else {}
+    except ModelLoadError as exc:  # a hand-edited manifest: refused before the replay, as retrain refuses it
+        raise typer.BadParameter(f"{exc}: fix or remove that version, or point CURRENT at a good one",
+                                 param_hint="--scorer-model") from None
     retrainer = retraining.Retrainer(ModelRegistry(registry_dir), architecture,
                                      training.TrainConfig(seed=seed, progress=False, device=device), device)
 

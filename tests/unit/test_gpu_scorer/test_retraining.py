@@ -76,6 +76,20 @@ def test_a_served_manifest_whose_architecture_cannot_be_fitted_is_a_model_load_e
         architecture_of(registry)
 
 
+def test_evaluate_with_retraining_refuses_a_scorer_whose_manifest_cannot_be_fitted(tmp_path):
+    """retrain refused it in one line; `evaluate --retrain-every` reached the same check with no
+    catch, and ended in a ModelLoadError traceback."""
+    version = register_tiny(tmp_path)
+    manifest = json.loads((tmp_path / version / "manifest.json").read_text())
+    manifest["config"]["dim"] = "abc"
+    (tmp_path / version / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(_cli("evaluate"), ["evaluate", "-n", "50", "-m", "served", "--retrain-every", "60",
+                                                   "--scorer-model", str(tmp_path)],
+                                env={"COLUMNS": "500", "STREAMREC_SCORER_DEVICE": "cpu"})
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "dim='abc'" in text and "--scorer-model" in text, (text, result.exception)
+
+
 def test_a_fit_leaves_the_callers_thread_count_as_it_was(tmp_path):
     before = torch.get_num_threads()
     torch.set_num_threads(2)

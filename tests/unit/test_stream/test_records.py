@@ -190,6 +190,22 @@ def test_unknown_or_badly_typed_event_type_is_unknown_type(value, shown):
     assert search.code == "unknown_type" and search.reason.endswith(f"searches topic, saw {shown}"), search.reason
 
 
+@pytest.mark.parametrize(("decode", "value", "said"), [
+    (decode_search, b'{"type":"click","event_id":"s1","user_id":"u1","query":"type","ts":1}', "saw 'click'"),
+    (decode_search, b'{"type":"click","event_id":"s1","user_id":"u1","query":"x","ts":1,"filters":{"type":"shoe"}}',
+     "saw 'click'"),
+    (decode_event, b'{"type":5,"event_id":"e1","user_id":"type","item_id":"i1","ts":1}', "unknown event type 5;"),
+    (decode_event, b'{"type":5,"typ\\u0065":"click","event_id":"e1","user_id":"u","item_id":"i1","ts":1}',
+     "given more than once"),
+    (decode_search, b'{"type":"click","event_id":"s1","user_id":"u1","query":"x","ts":1', "saw 'click'"),  # cut short
+])
+def test_the_type_shown_is_the_top_level_one_however_else_the_word_appears(decode, value, said):
+    """The word "type" as a query, a filter's key or an id is not a second `type`; a key
+    spelled with an escape is; and a value cut short after its type still shows it."""
+    err = rejected(value, decode)
+    assert err.code == "unknown_type" and said in err.reason, err.reason
+
+
 @pytest.mark.parametrize(("decode", "base", "name"), [(decode_event, None, "user_id"), (decode_event, None, "item_id"),
                                                       (decode_event, None, "event_id"),
                                                       (decode_search, "search", "results"), (decode_search, "search", "query")])
