@@ -415,6 +415,8 @@ def fuse(lexical: Sequence[tuple[str, float]], semantic: Sequence[tuple[str, flo
     ['c', 'a', 'b']
     >>> fuse([("a", 2.0)], [], 1)[0].matched, fuse([], [("a", 0.8)], 1)[0].matched
     ('words', 'meaning')
+    >>> [h.item_id for h in fuse([("b", 0.0), ("a", 0.0)], [("b", 0.0), ("a", 0.0)], 2)]  # tied: as the lists rank them
+    ['b', 'a']
     """
     scores: dict[str, float] = {}
     for pairs, weight in ((lexical, lexical_weight), (semantic, 1.0 - lexical_weight)):
@@ -427,5 +429,12 @@ def fuse(lexical: Sequence[tuple[str, float]], semantic: Sequence[tuple[str, flo
             scores[item] = scores.get(item, 0.0) + weight * ((score - low) / span if span > 0 else 1.0)
     lexical_rank = {item: rank for rank, (item, _) in enumerate(lexical, 1)}
     semantic_rank = {item: rank for rank, (item, _) in enumerate(semantic, 1)}
-    best = sorted(scores.items(), key=lambda pair: (-pair[1], pair[0]))[:k]
+    # a tie (equal scores: a list's scores all alike) goes to the item the lists put higher, then by id
+    below = len(lexical) + len(semantic) + 1
+
+    def order(pair: tuple[str, float]) -> tuple[float, int, str]:
+        item = pair[0]
+        return -pair[1], lexical_rank.get(item, below) + semantic_rank.get(item, below), item
+
+    best = sorted(scores.items(), key=order)[:k]
     return [SearchHit(item, score, lexical_rank.get(item), semantic_rank.get(item)) for item, score in best]
