@@ -176,8 +176,9 @@ class SearchStep:
 
     def retrieve(self, search: SearchEvent, k: int | None = None) -> tuple[list[str], np.ndarray, list[str]]:
         """The candidates, their query relevance (higher is better) and what matched each: at
-        least ``k`` of them where there are (default ``config.k``; serve's ``k`` is the request's)."""
-        depth = max(self.config.depth, self.config.k if k is None else k)
+        least ``k`` of them where there are (serve's ``k`` is the request's), and never fewer
+        than ``config.depth`` and ``config.k``: a small request draws on the same pool."""
+        depth = max(self.config.depth, self.config.k, k or 0)
         if search.results is not None:  # [] too: the shop found nothing, and nothing is added
             ids = list(dict.fromkeys(search.results))[:depth]
             # the shop's order is its relevance: reciprocal rank, as the fusion scores a list
