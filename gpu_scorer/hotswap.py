@@ -211,7 +211,11 @@ class HotSwapScorer:
                     if self.on_failure:
                         self.on_failure(POINTER, exc)
                 return
-            if version is None or version == self._current.version or version in self.refused:
+            if version is None:  # said once a change of the folder: the loaded model serves on
+                log.warning("scorer: %s holds no registered version now (moved, unmounted or emptied?); still "
+                            "serving %s", self.registry.root, self._current.version)
+                return
+            if version == self._current.version or version in self.refused:
                 return
             if self.background:
                 self._loader = threading.Thread(target=self._load, args=(version,), name=f"scorer-load-{version}", daemon=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 
 import numpy as np
@@ -107,6 +108,22 @@ def test_bad_model_is_refused_and_old_keeps_serving(tmp_path, damage):
     assert len(scorer.score(seqs, cands)) == 4
     scorer.maybe_reload(force=True)  # a refused version is not retried
     assert scorer.reload_failures == 1
+
+
+def test_a_registry_that_vanishes_under_a_serving_scorer_is_said_once_and_the_model_serves_on(tmp_path, caplog):
+    """A models volume unmounted (or the folder moved) under a running worker was silent: the
+    loaded version served on, and nothing told the operator that no new one could arrive."""
+    registry = tmp_path / "models"
+    register_tiny(registry)
+    scorer = HotSwapScorer(registry, "cpu", poll_interval_s=0.0, background=False)
+    registry.rename(tmp_path / "moved")
+    with caplog.at_level(logging.WARNING, "gpu_scorer"):
+        for _ in range(3):
+            scorer.maybe_reload()
+    said = [r.getMessage() for r in caplog.records if "holds no registered version" in r.getMessage()]
+    assert len(said) == 1 and "still serving v0001" in said[0], said
+    seqs, cands = _sample(2)
+    assert scorer.version == "v0001" and len(scorer.score(seqs, cands)) == 2
 
 
 def test_a_parity_sample_that_is_not_an_npz_is_said_so_not_advised_to_load_unsafely(tmp_path):
