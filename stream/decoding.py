@@ -81,6 +81,7 @@ def _invalid_from_validation(message: str) -> InvalidEvent:
         return _invalid_key(message[: k.start()], k.group(1))
     m = _PATH.search(message)
     field = m.group(1) if m else None
+    name = re.split(r"[.\[]", field or "", maxsplit=1)[0]  # the top-level field: `results` of `results[0]`
     body = message[: m.start()] if m else message
     where = f"field `{field}`" if field else "the value"
     if body.startswith("Object missing required field"):
@@ -103,7 +104,7 @@ def _invalid_from_validation(message: str) -> InvalidEvent:
             return InvalidEvent("not_object", f"the value must be a JSON object, saw {_words(t.group(2))}")
         return InvalidEvent("wrong_type", f"{where}: expected {_words(t.group(1))}, saw {t.group(2)}", field)
     if body.startswith("Number out of range"):
-        if field is not None and re.split(r"[.\[]", field, maxsplit=1)[0] not in NUMBER_FIELDS:
+        if field is not None and name not in NUMBER_FIELDS:
             # msgspec reads the number before it checks the field's type: 1e400 as a user_id
             # is a number where text goes, not a number to make finite
             return InvalidEvent("wrong_type", f"{where}: saw a number too large to read, where the field takes no "
@@ -112,7 +113,6 @@ def _invalid_from_validation(message: str) -> InvalidEvent:
     if (c := _CONSTRAINT.match(body)) is not None:
         rule = c.group(2)
         if rule.startswith("of length <="):
-            name = re.split(r"[.\[]", field or "", maxsplit=1)[0]
             if name in ("results", "filters", "attributes", "category_path", "item_ids") and field == name:
                 return InvalidEvent("too_long", f"{where}: {rule.replace('of length', 'at most').replace('<= ', '')} entries are accepted", field)
             limit = MAX_TEXT_CHARS if field in TEXT_FIELDS else TEXT_LIMITS.get(name, MAX_ID_CHARS)
