@@ -249,12 +249,20 @@ class KafkaConnection:
                                 f"this ({text}): grant it the ACLs in docs/operations.md (Security)")
         return None
 
-    def unavailable(self, exc: BaseException | str, timeout_s: float | None = None) -> StreamrecError:
+    def unavailable(self, exc: BaseException | str, timeout_s: float | None = None,
+                    waited: bool = False) -> StreamrecError:
         """The error for a client that failed to reach Kafka: :meth:`refusal` when the broker
-        refused it, else :class:`ServiceUnavailable` saying where Kafka was looked for."""
+        refused it, else :class:`ServiceUnavailable` saying where Kafka was looked for.
+        ``waited``: the caller tried again for ``timeout_s`` (a refused connection says so)."""
         denied = self.refusal(exc)
         if denied is not None:
             return denied
+        if isinstance(exc, ConnectionRefusedError) or "connection refused" in str(exc).lower():
+            # nothing listens there: said so, not as a slow broker's wait running out
+            how_long = f" for {timeout_s:g} s" if waited and timeout_s is not None else ""
+            return ServiceUnavailable(f"Kafka at {self.describe()} refused the connection{how_long} ({exc}): no broker "
+                                      f"listens there. Start the local broker with `make up`, or point "
+                                      f"{self.given_by} at a running one")
         within = f" within {timeout_s:g} s" if timeout_s is not None else ""
         hint = ""
         if self.uses_ssl and "tls failed" in str(exc).lower():  # a listener without TLS closes the handshake

@@ -46,8 +46,9 @@ def check_topic_name(name: str) -> None:
         raise ConfigError(f"topic name {name!r}: only letters, digits, '.', '_' and '-' are allowed (at most 249)")
 
 
-def _unavailable(kafka: KafkaConnection, timeout_s: float, exc: BaseException | str) -> StreamrecError:
-    return kafka.unavailable(exc, timeout_s)
+def _unavailable(kafka: KafkaConnection, timeout_s: float, exc: BaseException | str,
+                 waited: bool = False) -> StreamrecError:
+    return kafka.unavailable(exc, timeout_s, waited)
 
 
 def probe(bootstrap: KafkaConnection | str, timeout_s: float = 3.0) -> str | None:
@@ -174,7 +175,7 @@ def wait_for_kafka(bootstrap: KafkaConnection | str, timeout_s: float = 30.0) ->
     while (problem := probe(kafka, max(0.1, min(2.0, deadline - time.monotonic())))) is not None:
         left = deadline - time.monotonic()
         if left <= 0 or kafka.refusal(problem) is not None:  # an untrusted certificate stays untrusted
-            raise _unavailable(kafka, timeout_s, problem)
+            raise _unavailable(kafka, timeout_s, problem, waited=True)
         time.sleep(min(0.2, left))
     admin = _connected_admin(kafka, max(1.0, deadline - time.monotonic()))
     try:

@@ -342,4 +342,4 @@ def test_tail_of_a_prefix_no_worker_uses_says_so_and_creates_nothing(kafka_boots
 @pytest.mark.parametrize("command", ["produce", "tail"])
 def test_a_broker_that_does_not_answer_is_a_clear_error(command):
     result = CliRunner().invoke(cli(), [command, "--bootstrap", "127.0.0.1:1", "--limit", "1"])
-    assert result.exit_code != 0 and "127.0.0.1:1 did not answer" in str(result.exception)
+    assert result.exit_code != 0 and "127.0.0.1:1 refused the connection" in str(result.exception)

@@ -342,3 +342,15 @@ def test_redis_tls_files_in_pem_are_taken(pem_files, monkeypatch):
     monkeypatch.chdir(pem_files)
     url = "rediss://h:6380/0?ssl_ca_certs=cert.pem&ssl_certfile=cert.pem&ssl_keyfile=key.pem"
     assert Settings.from_env({"STREAMREC_REDIS_URL": url, "STREAMREC_REDIS_SSL_CA_FILE": "cert.pem"}).redis_url == url
+
+
+def test_a_refused_connection_is_called_refused_not_a_wait_that_ran_out():
+    """A broker address where nothing listens was worded "did not answer within 5 s (...
+    Connection refused)", as if the client had waited 5 s for a slow broker."""
+    kafka = Settings.from_env({"STREAMREC_KAFKA_BOOTSTRAP": "127.0.0.1:9"}).kafka
+    for exc in ("127.0.0.1:9: [Errno 111] Connection refused", ConnectionRefusedError(111, "Connection refused")):
+        said = str(kafka.unavailable(exc, 5))
+        assert "refused the connection" in said and "no broker listens there" in said, said
+        assert "within" not in said and "STREAMREC_KAFKA_BOOTSTRAP" in said, said
+    slow = str(kafka.unavailable("127.0.0.1:9: timed out", 5))
+    assert "did not answer within 5 s" in slow, slow
