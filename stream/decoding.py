@@ -261,13 +261,23 @@ def _span(ms: int) -> str:
     return f"{ms} ms"
 
 
-def _parse(raw: bytes | bytearray | memoryview | None, decoder: msgspec.json.Decoder, bounds: Bounds):
+def _as_bytes(raw: bytearray | memoryview | str) -> bytes:
+    """A value given as text (a caller that read it as ``str``) as its UTF-8 bytes; a lone
+    surrogate in it becomes the bytes that :func:`_check_utf8` then refuses, named."""
+    if isinstance(raw, str):
+        return raw.encode("utf-8", "surrogatepass")
+    if isinstance(raw, bytearray | memoryview):
+        return bytes(raw)
+    raise TypeError(f"a value to decode is bytes or str, not {type(raw).__name__}")
+
+
+def _parse(raw: bytes | bytearray | memoryview | str | None, decoder: msgspec.json.Decoder, bounds: Bounds):
     """The checks every value passes before and while it is parsed: present, size, depth,
     JSON, types, UTF-8. Returns the decoded value and whether ``raw`` is ASCII."""
     if raw is None:
         raise InvalidEvent("malformed_json", "the value is empty (null message); expected a JSON object")
     if not isinstance(raw, bytes):
-        raw = bytes(raw)
+        raw = _as_bytes(raw)
     if len(raw) > MAX_EVENT_BYTES:
         raise InvalidEvent("oversize", f"the value is {len(raw)} bytes, over the {MAX_EVENT_BYTES}-byte limit; it was not parsed")
     if raw.count(b"[") + raw.count(b"{") > bounds.max_depth:  # else it cannot nest deeper: two C scans
@@ -289,7 +299,7 @@ def _parse(raw: bytes | bytearray | memoryview | None, decoder: msgspec.json.Dec
     return value, raw, ascii_only
 
 
-def decode_event(raw: bytes | bytearray | memoryview | None, bounds: Bounds = DEFAULT_BOUNDS,
+def decode_event(raw: bytes | bytearray | memoryview | str | None, bounds: Bounds = DEFAULT_BOUNDS,
                  now_ms: int | None = None) -> Event:
     """Decode and validate one input value; raise :class:`InvalidEvent` on any breach.
 
@@ -303,7 +313,7 @@ def decode_event(raw: bytes | bytearray | memoryview | None, bounds: Bounds = DE
     return event
 
 
-def decode_forget(raw: bytes | bytearray | memoryview | None, bounds: Bounds = DEFAULT_BOUNDS,
+def decode_forget(raw: bytes | bytearray | memoryview | str | None, bounds: Bounds = DEFAULT_BOUNDS,
                   now_ms: int | None = None) -> ForgetRequest:
     """Decode and validate one value of the forget topic (stream/records.py ``ForgetRequest``),
     with the door events pass; ``now_ms`` turns on the ``ts`` window ahead of the clock (a
@@ -321,7 +331,7 @@ def decode_forget(raw: bytes | bytearray | memoryview | None, bounds: Bounds = D
     return request
 
 
-def decode_impression(raw: bytes | bytearray | memoryview | None, bounds: Bounds = DEFAULT_BOUNDS,
+def decode_impression(raw: bytes | bytearray | memoryview | str | None, bounds: Bounds = DEFAULT_BOUNDS,
                       now_ms: int | None = None) -> ImpressionEvent:
     """Decode and validate one value of the impressions topic (``ImpressionEvent``), with the
     door events pass (``now_ms`` is accepted for a common signature; an impression's ``ts``
@@ -337,7 +347,7 @@ def decode_impression(raw: bytes | bytearray | memoryview | None, bounds: Bounds
     return impression
 
 
-def decode_search(raw: bytes | bytearray | memoryview | None, bounds: Bounds = DEFAULT_BOUNDS,
+def decode_search(raw: bytes | bytearray | memoryview | str | None, bounds: Bounds = DEFAULT_BOUNDS,
                   now_ms: int | None = None) -> SearchEvent:
     """Decode and validate one value of the searches topic (``SearchEvent``), with the door
     events pass: the ids' rules, free text without control characters, a query that holds
@@ -368,7 +378,7 @@ def decode_search(raw: bytes | bytearray | memoryview | None, bounds: Bounds = D
     return search
 
 
-def decode_item(raw: bytes | bytearray | memoryview | None, bounds: Bounds = DEFAULT_BOUNDS,
+def decode_item(raw: bytes | bytearray | memoryview | str | None, bounds: Bounds = DEFAULT_BOUNDS,
                 now_ms: int | None = None) -> ItemEvent:
     """Decode and validate one value of the items topic (``ItemEvent``; a null value there is
     a tombstone, which the caller handles before decoding). ``now_ms`` is accepted for a

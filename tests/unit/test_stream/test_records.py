@@ -754,3 +754,19 @@ def test_the_fast_text_check_is_the_schema_pattern(value, field):
             assert err.code in ("bad_id", "bad_text", "invalid_value", "too_long")
         expected = bool(re.search(pattern, value)) and (field != "user_id" or len(value) >= 1)
         assert accepted == expected, (value, field, ascii_only)
+
+
+@pytest.mark.parametrize("decode", [decode_event, decode_forget, decode_impression, decode_search, decode_item])
+def test_a_value_given_as_text_decodes_as_its_utf8_bytes(decode):
+    """A caller that read a value as ``str`` got ``TypeError: string argument without an
+    encoding`` from every decoder; a text's lone surrogate is the named UTF-8 problem."""
+    raw = json.dumps(CLICK, ensure_ascii=False) + " "
+    if decode is decode_event:
+        assert decode(raw) == decode(raw.encode())
+    else:
+        assert rejected(raw, decode).code == rejected(raw.encode(), decode).code
+    lone = json.dumps({**CLICK, "user_id": "u\udc80"}, ensure_ascii=False)
+    err = rejected(lone, decode)
+    assert err.code == "not_utf8" and "UTF-8" in err.reason, (err.code, err.reason)
+    with pytest.raises(TypeError, match="bytes or str, not dict"):
+        decode(dict(CLICK))
