@@ -70,6 +70,16 @@ def mask_url(url: str) -> str:
     return head + sep + "&".join(parts)
 
 
+def _host_ok(host: str) -> bool:
+    """A bootstrap host: an IPv6 address in brackets, or a name or IPv4 address of letters,
+    digits, ``-`` and ``_`` in dot-separated labels (none empty; a final dot allowed)."""
+    if host.startswith("[") and host.endswith("]"):
+        inner = host[1:-1]
+        return ":" in inner and all(c in "0123456789abcdefABCDEF:." for c in inner)
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    return bool(host) and all(label and all(c.isalnum() or c in "-_" for c in label) for label in labels)
+
+
 def _check_file(env: str, path: str) -> None:
     if os.path.isdir(path):
         raise ConfigError(f"{env}={path}: a folder, not a file; name the PEM file itself")
@@ -132,15 +142,23 @@ class KafkaConnection:
         servers = []
         for server in filter(None, (s.strip() for s in self.bootstrap.split(","))):
             host, _, port = server.rpartition(":")
-            host = host.strip("[]")
-            # a scheme (PLAINTEXT://b1:9092) or a space for a comma (b1:9092 b2:9092) made a host no
-            # name resolves, waited for as a broker that does not answer, for ever
-            if not (host and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535) or \
-                    any(c.isspace() or c == "/" for c in host):
-                scheme = " without a scheme such as PLAINTEXT://" if "://" in server else ""
-                raise ConfigError(f"STREAMREC_KAFKA_BOOTSTRAP={self.bootstrap!r}: {server!r} is not host:port "
-                                  f"(e.g. 127.0.0.1:9092{scheme}; several are separated by commas)")
-            servers.append((host, int(port)))
+            # a scheme (PLAINTEXT://b1:9092), a space or a ';' for a comma, a user@ or a '#' made a host
+            # no name resolves, waited for as a broker that does not answer, for ever; a ':' in it
+            # (an IPv6 address without brackets, two servers run together) crashed Faust's URL parser
+            if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535 and _host_ok(host)):
+                if "://" in server:
+                    hint = ": drop the scheme (PLAINTEXT:// and the like)"
+                elif ";" in server or any(c.isspace() for c in server):
+                    hint = ": separate servers with commas, not ';' or spaces"
+                elif "@" in server:
+                    hint = ": no user name here, a login goes in the STREAMREC_KAFKA_SASL_* settings"
+                elif ":" in host and not host.startswith("["):
+                    hint = ": put an IPv6 address in brackets, as [::1]:9092"
+                else:
+                    hint = ""
+                raise ConfigError(f"STREAMREC_KAFKA_BOOTSTRAP={self.bootstrap!r}: {server!r} is not host:port{hint} "
+                                  "(e.g. 127.0.0.1:9092; several are separated by commas)")
+            servers.append((host.strip("[]"), int(port)))
         return servers
 
     def check(self) -> None:

@@ -106,9 +106,20 @@ def test_the_process_environment_is_the_default(monkeypatch):
         ("STREAMREC_KAFKA_BOOTSTRAP", ",", "names no server"),
         ("STREAMREC_KAFKA_BOOTSTRAP", " , ,", "names no server"),
         # a host no name resolves, waited for as a broker that does not answer, for ever
-        ("STREAMREC_KAFKA_BOOTSTRAP", "PLAINTEXT://b1:9092", "without a scheme such as PLAINTEXT://"),
-        ("STREAMREC_KAFKA_BOOTSTRAP", "b1:9092 b2:9092", "separated by commas"),
+        ("STREAMREC_KAFKA_BOOTSTRAP", "PLAINTEXT://b1:9092", "drop the scheme"),
+        ("STREAMREC_KAFKA_BOOTSTRAP", "b1:9092 b2:9092", "separate servers with commas, not ';' or spaces"),
         ("STREAMREC_KAFKA_BOOTSTRAP", "b 1:9092", "is not host:port"),
+        # a ':' in the host crashed Faust's URL parser with a traceback
+        ("STREAMREC_KAFKA_BOOTSTRAP", "kafka-1:9092;kafka-2:9092", "separate servers with commas, not ';'"),
+        ("STREAMREC_KAFKA_BOOTSTRAP", "::1:9092", "put an IPv6 address in brackets, as [::1]:9092"),
+        ("STREAMREC_KAFKA_BOOTSTRAP", "h:1:29092", "is not host:port: put an IPv6 address in brackets"),
+        ("STREAMREC_KAFKA_BOOTSTRAP", "u:p@h:29092", "a login goes in the STREAMREC_KAFKA_SASL_* settings"),
+        # hosts no name can ever resolve, waited for as a broker that does not answer, for ever
+        ("STREAMREC_KAFKA_BOOTSTRAP", "h#x:29092", "'h#x:29092' is not host:port"),
+        ("STREAMREC_KAFKA_BOOTSTRAP", "h?x:29092", "'h?x:29092' is not host:port"),
+        ("STREAMREC_KAFKA_BOOTSTRAP", "h%zz:29092", "'h%zz:29092' is not host:port"),
+        ("STREAMREC_KAFKA_BOOTSTRAP", "a..b:29092", "'a..b:29092' is not host:port"),
+        ("STREAMREC_KAFKA_BOOTSTRAP", "[kafka]:9092", "'[kafka]:9092' is not host:port"),
         ("STREAMREC_TOPIC_PREFIX", "streamrec/", "topic names"),
         ("STREAMREC_REDIS_URL", "127.0.0.1:6379", "redis://"),
         ("STREAMREC_SERVE_RESERVED_SLOTS", "16", "0 to 15"),
@@ -131,6 +142,12 @@ def test_bad_values_name_the_variable_and_what_was_seen(name, raw, says):
     message = str(info.value)
     assert message.startswith(f"{name}=") and raw.strip() in message and says in message
     assert isinstance(info.value, StreamrecError)
+
+
+def test_host_names_addresses_and_bracketed_ipv6_are_bootstrap_servers():
+    kafka = Settings.from_env({"STREAMREC_KAFKA_BOOTSTRAP": "my_kafka-1.example.com:9092,10.0.0.7:9093,"
+                                                            "[fe80::1]:9094,kafka.:9095"}).kafka
+    assert kafka.servers() == [("my_kafka-1.example.com", 9092), ("10.0.0.7", 9093), ("fe80::1", 9094), ("kafka.", 9095)]
 
 
 def test_the_longest_batch_window_session_and_largest_replication_are_taken():
