@@ -22,7 +22,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
 from aiokafka import AIOKafkaConsumer
@@ -78,6 +78,16 @@ def _host_ok(host: str) -> bool:
         return ":" in inner and all(c in "0123456789abcdefABCDEF:." for c in inner)
     labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
     return bool(host) and all(label and all(c.isalnum() or c in "-_" for c in label) for label in labels)
+
+
+def _encrypted_key(path: str) -> bool:
+    """Whether the PEM file at ``path`` holds a passphrase-protected private key."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(1 << 20)
+    except OSError:
+        return False
+    return b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in text or b"Proc-Type: 4,ENCRYPTED" in text
 
 
 def _check_file(env: str, path: str) -> None:
@@ -208,12 +218,16 @@ class KafkaConnection:
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"STREAMREC_KAFKA_SSL_CAFILE={self.ssl_cafile}: not a PEM file of CA certificates ({exc})") from None
         if self.ssl_certfile:
-            try:
-                context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile or None)
+            try:  # never a passphrase prompt on the terminal: a worker under `docker run -it` hung there
+                context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile or None, password=lambda: b"")
             except (ssl.SSLError, OSError) as exc:
-                raise ConfigError(f"STREAMREC_KAFKA_SSL_CERTFILE={self.ssl_certfile}, STREAMREC_KAFKA_SSL_KEYFILE="
-                                  f"{self.ssl_keyfile or '(none)'}: not a certificate and its private key in PEM "
-                                  f"({exc})") from None
+                given = (f"STREAMREC_KAFKA_SSL_CERTFILE={self.ssl_certfile}, STREAMREC_KAFKA_SSL_KEYFILE="
+                         f"{self.ssl_keyfile or '(none)'}")
+                if _encrypted_key(self.ssl_keyfile or self.ssl_certfile):
+                    raise ConfigError(f"{given}: the private key is encrypted with a passphrase, which streamrec "
+                                      "does not take: give it the key unencrypted (openssl pkey -in KEY -out "
+                                      "PLAIN), kept readable by the worker alone") from None
+                raise ConfigError(f"{given}: not a certificate and its private key in PEM ({exc})") from None
         return context
 
     def client_options(self) -> dict[str, Any]:
@@ -308,6 +322,23 @@ class RedisConnection:
     def masked_url(self) -> str:
         return mask_url(self.url)
 
+    def _scrubbed(self, exc: BaseException) -> str:
+        """A parser's complaint about the URL, never with its password. A '#', '/' or '?' in the
+        password ends the URL's address part early, and the complaint then quoted a piece of the
+        password as a port ("Port could not be cast to integer value as 'hunter2'" for
+        ``redis://:hunter2#x@h:1``): that is said instead."""
+        secret = re.search(r"//[^:/@?#]*:(.*)@", self.url)
+        if secret is None:
+            return str(exc)
+        if any(c in secret.group(1) for c in "/?#"):
+            return ("the password holds '#', '/' or '?', which end a URL's address part: percent-encode them "
+                    "(%23, %2F, %3F)")
+        text = str(exc)
+        for form in {secret.group(1), unquote(secret.group(1))}:
+            if form:
+                text = text.replace(form, "***")
+        return text
+
     def check(self) -> None:
         if not self.url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: expected redis://host:port/db "
@@ -316,7 +347,10 @@ class RedisConnection:
             parsed = urlsplit(self.url)
             parsed.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError as exc:
-            raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: {exc}") from None
+            raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: {self._scrubbed(exc)}") from None
+        if "@" not in parsed.netloc and ("@" in parsed.path or "@" in parsed.fragment):
+            # a '/' or '#' in the password cut the address short: it parsed as a host no one runs
+            raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: {self._scrubbed(ValueError())}")
         self._check_address(parsed)
         self._check_database(parsed)
         if self.ssl_ca_file:
@@ -336,7 +370,12 @@ class RedisConnection:
             raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: unknown query parameter {name!r}{hint}; remove "
                               "it or correct its name (redis-py's connection options)") from None
         except (ValueError, redis.RedisError) as exc:
-            raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: {exc}") from None
+            raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: {self._scrubbed(exc)}") from None
+        if pool.connection_kwargs.get("decode_responses"):
+            # the user documents and the models' snapshot are bytes: a restarted worker retried
+            # loading its snapshot for ever (UnicodeDecodeError) and made no list meanwhile
+            raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: decode_responses is not supported, streamrec "
+                              "stores binary values; remove it from the URL")
         for name in ("socket_timeout", "socket_connect_timeout"):
             # redis-py reads them as floats: nan or -1 reached socket.settimeout as a traceback at
             # the first connection, 0 made the socket non-blocking

@@ -298,17 +298,29 @@ def test_a_password_written_as_the_user_is_pointed_out():
     ("redis://h:6379/0?max_connections=0", "max_connections='0': expected a whole number of connections, at least 1"),
     ("redis://h:6379/0?max_connections=-3", "max_connections='-3': expected a whole number of connections, at least 1"),
     ("redis://h:6379/0?max_connections=ten", "max_connections='ten': expected a whole number"),
+    # text for the binary user documents and snapshot: a restarted worker retried its snapshot for
+    # ever (UnicodeDecodeError); redis-py keeps "False" from a URL as a string, which is true
+    ("redis://h:6379/0?decode_responses=true", "decode_responses is not supported"),
+    ("redis://h:6379/0?decode_responses=False", "decode_responses is not supported"),
+    # a '/', '#' or '?' in the password: urllib's complaint quoted the password as a port, or the
+    # address parsed as a host named by the user name
+    ("redis://:hunter2#x@h:6379/0", "the password holds '#', '/' or '?'"),
+    ("redis://default:S3cr3t/Pw@h:6379/0", "percent-encode them (%23, %2F, %3F)"),
+    ("redis://u:12/3@h:6379/0", "the password holds '#', '/' or '?'"),
+    ("redis://u:12#3@h:6379/0", "the password holds '#', '/' or '?'"),
 ])
 def test_a_redis_url_redis_py_would_misread_or_refuse_later_is_refused_at_start(url, said):
     with pytest.raises(ConfigError, match="STREAMREC_REDIS_URL") as info:
         Settings.from_env({"STREAMREC_REDIS_URL": url})
     assert said in str(info.value)
+    assert "hunter2" not in str(info.value) and "S3cr3t" not in str(info.value), info.value
 
 
 @pytest.mark.parametrize("url", ["redis://h:6379/3", "redis://h:6379/2147483647", "redis://h:6379", "redis://h:6379/", "unix:///run/redis.sock?db=2",
                                  "rediss://u:p@h:6380/0?ssl_cert_reqs=required&socket_timeout=5",
                                  "redis://[::1]:6379/0?socket_connect_timeout=0.5&socket_timeout=86400",
-                                 "redis://h:6379/0?max_connections=1", "redis://h:6379/0?max_connections=50"])
+                                 "redis://h:6379/0?max_connections=1", "redis://h:6379/0?max_connections=50",
+                                 "redis://h:6379/0?client_name=app@shop", "redis://u:p%2Fw%23x@h:6379/0"])
 def test_the_redis_urls_that_work_are_taken(url):
     assert Settings.from_env({"STREAMREC_REDIS_URL": url}).redis_url == url
 
@@ -354,3 +366,28 @@ def test_a_refused_connection_is_called_refused_not_a_wait_that_ran_out():
         assert "within" not in said and "STREAMREC_KAFKA_BOOTSTRAP" in said, said
     slow = str(kafka.unavailable("127.0.0.1:9: timed out", 5))
     assert "did not answer within 5 s" in slow, slow
+
+
+ENCRYPTED_KEY_PEM = """-----BEGIN ENCRYPTED PRIVATE KEY-----
+MIHsMFcGCSqGSIb3DQEFDTBKMCkGCSqGSIb3DQEFDDAcBAh4mIWGfRiSQAICCAAw
+DAYIKoZIhvcNAgkFADAdBglghkgBZQMEASoEEAPMdxJZpxFcBJjiRuKsMtMEgZCH
+7Ajx0FXskkZNX+U/RDD4fnXZ5UiIvzF7Mv6/9NN/6bjfrtUudK7x4qUXc6b7HE4d
+0MmikAd29DXQ/yYj7YnAJklelEIzqrPatdyc1brjP3JPr/J8PShhtw1NmrQk1ue8
+PlGy3SotvpHdBBYrAJo8PcVdNPnXQDHkuD/mE3ib2o0eGWOnZjn9WjlGERfWJXQ=
+-----END ENCRYPTED PRIVATE KEY-----
+"""  # KEY_PEM under the passphrase "pw" (openssl pkey -aes256)
+
+
+def test_a_kafka_client_key_under_a_passphrase_is_said_so_and_never_prompted_for(tmp_path):
+    """OpenSSL asked for the passphrase on the terminal (a worker under `docker run -it` hung
+    there); without one it said "not a certificate and its private key in PEM ([Errno 22]...)"."""
+    (tmp_path / "cert.pem").write_text(CERT_PEM)
+    (tmp_path / "key.pem").write_text(ENCRYPTED_KEY_PEM)
+    kafka = Settings.from_env({"STREAMREC_KAFKA_BOOTSTRAP": "h:9093", "STREAMREC_KAFKA_SECURITY_PROTOCOL": "SSL",
+                               "STREAMREC_KAFKA_SSL_CERTFILE": str(tmp_path / "cert.pem"),
+                               "STREAMREC_KAFKA_SSL_KEYFILE": str(tmp_path / "key.pem")}).kafka
+    with pytest.raises(ConfigError, match="the private key is encrypted with a passphrase") as info:
+        kafka.ssl_context()
+    assert "STREAMREC_KAFKA_SSL_KEYFILE=" in str(info.value)
+    (tmp_path / "key.pem").write_text(KEY_PEM)
+    assert kafka.ssl_context() is not None
