@@ -53,6 +53,7 @@ from online_models.metrics import target_rank
 from online_models.recommender import ForgetError
 from online_models.search.catalogue import CatalogueMemo
 from online_models.search.cold_start import ContentMatcher
+from stream.errors import ConfigError
 from stream.experiments import (
     RECS_KEPT,
     Arm,
@@ -77,7 +78,13 @@ from stream.records import (
 )
 from stream.settings import Settings
 from stream.state import UserState, apply_event, encode_state, fingerprint
-from stream.step_inputs import StepConfig, recommender_config, to_interaction, user_context
+from stream.step_inputs import (
+    StepConfig,
+    check_proposers,
+    recommender_config,
+    to_interaction,
+    user_context,
+)
 from stream.step_results import Failure, LiveQuality, StepResult, VariantCounts, judge
 
 #: users ranked per ``rank_many`` call: few enough that a chunk's numpy work stays in cache
@@ -161,7 +168,12 @@ def default_models(settings: Settings, experiment: Experiment | None = None, see
         return Recommender.default(config, seed=seed)
     wanted = dict(config.weights)
     for arm in experiment.arms:
-        for name, weight in arm.config(config).weights.items():  # a popularity baseline's trending too
+        served = arm.config(config)
+        check_proposers(served, f"STREAMREC_VARIANTS arm {arm.name!r}")
+        if served.n_candidates < served.k:
+            raise ConfigError(f"STREAMREC_VARIANTS arm {arm.name!r}: candidates = {served.n_candidates} is fewer than "
+                              f"STREAMREC_TOP_K={served.k}: its lists would hold at most {served.n_candidates} items")
+        for name, weight in served.weights.items():  # a popularity baseline's trending too
             wanted[name] = max(wanted.get(name, 0.0), weight)
     recommender = Recommender.default(replace(config, weights=wanted), seed=seed)
     recommender.config = config

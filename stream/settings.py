@@ -303,6 +303,10 @@ class Settings:
                                      ("STREAMREC_MAX_USERS", self.max_users, MAX_TABLE)):
             if value > ceiling:
                 raise ConfigError(f"{name}={value}: at most {ceiling:,}")
+        if self.top_k > self.n_candidates:  # lists were cut to the candidates without a word
+            raise ConfigError(f"STREAMREC_TOP_K={self.top_k} is more than STREAMREC_CANDIDATES={self.n_candidates}: a list "
+                              f"holds at most the candidates scored for it; raise STREAMREC_CANDIDATES to at least "
+                              f"{self.top_k}, or lower STREAMREC_TOP_K")
         if not MIN_SCORER_SHAPE <= self.scorer_max_batch <= MAX_BATCH_SIZE:
             raise ConfigError(f"STREAMREC_SCORER_MAX_BATCH={self.scorer_max_batch}: expected {MIN_SCORER_SHAPE} to {MAX_BATCH_SIZE} "
                               f"users per call (a CUDA graph's batch must hold the 4-user parity sample each model load "

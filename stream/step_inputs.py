@@ -52,7 +52,18 @@ def recommender_config(settings: Settings) -> RecommenderConfig:
     if "reranker" in overrides:  # the click re-ranker's weight (0: it learns, but never reorders a list)
         config.reranker_weight = overrides.pop("reranker")
     config.weights = {**config.weights, **overrides}
+    check_proposers(config, f"STREAMREC_BLEND_WEIGHTS={settings.blend_weights!r}")
     return config
+
+
+def check_proposers(config: RecommenderConfig, given_by: str) -> None:
+    """ConfigError when ``config`` leaves every learner at weight 0: only learners propose a
+    home-page list's candidates (the Transformer, a query and item content score them or add to
+    them), so every list would be empty, as a worker served them without a word."""
+    if not any(config.weights.get(name, 0.0) > 0.0 for name in Recommender.DEFAULT_LEARNERS):
+        raise ConfigError(f"{given_by} leaves every learner at weight 0 ({', '.join(Recommender.DEFAULT_LEARNERS)}), "
+                          "and only they propose a list's candidates: every list would be empty. Give at least one "
+                          "of them a weight above 0 (the Transformer then ranks what they propose)")
 
 
 def to_event(x: Interaction, eid: str, ts: int | None = None) -> Event:

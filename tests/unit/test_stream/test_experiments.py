@@ -419,3 +419,19 @@ def test_two_arms_whose_tags_in_rec_ids_are_the_same_are_refused():
     with pytest.raises(ConfigError, match=f"arms '{seen[rec_tag(name)]}' and '{name}' have the same tag in rec ids "
                                           ".*rename one"):
         parse_experiment(data)
+
+
+@pytest.mark.parametrize(("arm", "said"), [
+    ({"learners_off": ["covisit", "reminder", "trending"]}, "arm 'off' leaves every learner at weight 0"),
+    ({"weights": {"covisit": 0, "reminder": 0, "trending": 0}}, "arm 'off' leaves every learner at weight 0"),
+    ({"candidates": 5}, "arm 'off': candidates = 5 is fewer than STREAMREC_TOP_K=20"),
+])
+def test_an_arm_whose_lists_would_be_empty_or_cut_stops_the_start(tmp_path, arm, said):
+    """An arm with no learner on served every one of its users an empty list, and one with
+    fewer candidates than STREAMREC_TOP_K lists cut short, both without a word."""
+    path = tmp_path / "v.json"
+    path.write_text(json.dumps({"experiment": "e", "arms": [{"name": "base", "share": 0.5},
+                                                            {"name": "off", "share": 0.5, **arm}]}))
+    with pytest.raises(ConfigError, match="STREAMREC_VARIANTS") as info:
+        RecommendationStep.from_settings(Settings.from_env({"STREAMREC_VARIANTS": str(path)}))
+    assert said in str(info.value), info.value

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from stream.errors import ConfigError, StreamrecError
+from stream.pipeline import RecommendationStep
 from stream.settings import Settings, TopicNames, mask_url
 from stream.step_inputs import recommender_config
 
@@ -301,7 +302,7 @@ def test_the_scorer_cuda_options_are_read():
                            "STREAMREC_SCORER_MAX_BATCH": "16384", "STREAMREC_CANDIDATES": "200"})
     assert s.scorer_cuda_options == {"cuda_graph": False, "fp16": True, "max_batch": 16384, "max_cands": 200}
     # the CUDA graph's candidate width holds the 9-candidate parity sample a load re-checks
-    assert Settings.from_env({"STREAMREC_CANDIDATES": "5"}).scorer_cuda_options["max_cands"] == 16
+    assert Settings.from_env({"STREAMREC_CANDIDATES": "5", "STREAMREC_TOP_K": "5"}).scorer_cuda_options["max_cands"] == 16
     assert Settings.from_env({"STREAMREC_SCORER_MAX_BATCH": "16"}).scorer_max_batch == 16
 
 
@@ -325,3 +326,22 @@ def test_a_taken_metrics_port_is_a_sentence_not_a_traceback():
         taken.listen()
         with pytest.raises(ConfigError, match="cannot serve metrics and health on 127.0.0.1:"):
             HealthServer(taken.getsockname()[1], CollectorRegistry(), Health(), addr="127.0.0.1")
+
+
+def test_more_items_a_list_than_candidates_is_refused():
+    """STREAMREC_TOP_K=40 with STREAMREC_CANDIDATES=5 served lists of 5 without a word."""
+    with pytest.raises(ConfigError, match="STREAMREC_TOP_K=40 is more than STREAMREC_CANDIDATES=5") as info:
+        Settings.from_env({"STREAMREC_TOP_K": "40", "STREAMREC_CANDIDATES": "5"})
+    assert "raise STREAMREC_CANDIDATES to at least 40" in str(info.value)
+    assert Settings.from_env({"STREAMREC_TOP_K": "5", "STREAMREC_CANDIDATES": "5"}).top_k == 5
+
+
+@pytest.mark.parametrize("weights", ["covisit=0,reminder=0,trending=0",
+                                     "covisit=0,reminder=0,trending=0,mf=0,session_hybrid=0,transformer=3"])
+def test_a_blend_with_every_learner_off_is_refused_at_start(weights):
+    """Only the learners propose candidates: with all of them at 0 (an operator wanting "the
+    Transformer alone") every list the worker published was empty, without a word."""
+    with pytest.raises(ConfigError, match="leaves every learner at weight 0") as info:
+        RecommendationStep.from_settings(Settings.from_env({"STREAMREC_BLEND_WEIGHTS": weights}))
+    assert str(info.value).startswith(f"STREAMREC_BLEND_WEIGHTS={weights!r}")
+    assert RecommendationStep.from_settings(Settings.from_env({"STREAMREC_BLEND_WEIGHTS": "covisit=0,reminder=0"}))
