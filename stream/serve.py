@@ -519,11 +519,14 @@ class ModelRefresher:
     """Loads the workers' newest model snapshot from the store into ``step`` when it changes."""
 
     def __init__(self, store: UserStateStore, step: RecommendationStep, signing_key: str | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, load_scorer: Callable[[], object | None] | None = None) -> None:
         self.store = store
         self.step = step
         self.signing_key = signing_key or None
         self.metrics = metrics
+        #: a scorer from the registry, or None while no version is registered (or none loads):
+        #: called while serve has none, so that the first version registered is served
+        self.load_scorer = load_scorer
         self._digest: bytes | None = None
         #: the newest snapshot refused, and why (it is not read again until it changes)
         self.refused: tuple[bytes, str] | None = None
@@ -568,17 +571,32 @@ class ModelRefresher:
         own), waited for at most :data:`SCORER_CHECK_TIMEOUT_S`; one that has not returned is
         not started again until it has (a registry on a file system that hangs)."""
         scorer = self.step.scorer
-        if scorer is None:
+        if scorer is None and self.load_scorer is None:
             return
         if self._scorer_check is None or self._scorer_check.done():
-            self._scorer_check = asyncio.ensure_future(asyncio.to_thread(scorer.maybe_reload))
+            # with none yet, the registry is looked at for a first version (serve started before
+            # any was trained never served one)
+            look = scorer.maybe_reload if scorer is not None else self.load_scorer
+            self._scorer_check = asyncio.ensure_future(asyncio.to_thread(look))
         try:
-            await asyncio.wait_for(asyncio.shield(self._scorer_check), SCORER_CHECK_TIMEOUT_S)
+            found = await asyncio.wait_for(asyncio.shield(self._scorer_check), SCORER_CHECK_TIMEOUT_S)
+            if scorer is None and found is not None and self.step.scorer is None:
+                self.step.scorer = found
+                log.info("Transformer scorer %s loaded on %s", found.version, found.provider)
         except TimeoutError:
             log.warning("the scorer's look for a new model version has not returned for %g s (the model registry's "
                         "file system?); the version in use keeps serving", SCORER_CHECK_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - the version in use keeps serving
             log.error("scorer reload failed, the current one keeps serving: %s", exception_text(exc))
+
+
+def model_refresher(store: UserStateStore, step: RecommendationStep, settings: Settings,
+                    metrics: Metrics) -> ModelRefresher:
+    """serve's :class:`ModelRefresher`: the workers' snapshot, and the registry's Transformer,
+    a first version included when serve started with none registered."""
+    refused: set[str] = set()
+    return ModelRefresher(store, step, settings.snapshot_key, metrics,
+                          load_scorer=lambda: load_scorer(settings, metrics, refused, False))
 
 
 def _trouble(feed: CatalogueFeed) -> str:
@@ -678,7 +696,7 @@ async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop:
     search = SearchStep(step, catalogue, SearchConfig(k=settings.top_k, depth=settings.search_candidates,
                                                       personal_weight=settings.search_personal_weight))
     api = Api(store, step, catalogue, search, settings.top_k, health, pseudonyms_of(settings.pseudonym_key))
-    refresher = ModelRefresher(store, step, settings.snapshot_key, metrics)
+    refresher = model_refresher(store, step, settings, metrics)
     runner = api_runner(create_web_app(api, metrics=metrics, trusted_proxies=settings.serve_proxies,
                                        reserved_slots=settings.serve_reserved_slots))
     await runner.setup()

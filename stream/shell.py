@@ -831,7 +831,7 @@ def load_scorer(settings: Settings, metrics: Metrics, refused: set[str] | None =
     if registry.latest() is None:
         if say_none:
             log.warning("no Transformer model registered under %s: ranking with the online models alone (run "
-                        "`streamrec train` to add one; the worker picks it up without a restart)", settings.model_dir)
+                        "`streamrec train` to add one; workers and serve pick it up without a restart)", settings.model_dir)
         return None
     refused = set() if refused is None else refused
     if set(registry.versions()) <= refused and registry.latest() in refused:

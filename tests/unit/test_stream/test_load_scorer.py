@@ -4,6 +4,7 @@ to OnnxScorer where the model runs on CUDA, nowhere on the CPU (the worker score
 from __future__ import annotations
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 pytest.importorskip("torch")  # to train the tiny model the worker serves
 
@@ -14,9 +15,12 @@ import gpu_scorer.registry as registry_module  # noqa: E402
 import gpu_scorer.runtime as runtime  # noqa: E402
 from gpu_scorer.runtime import CPU_CHUNK, CPU_EP, OnnxScorer  # noqa: E402
 from stream.errors import ConfigError  # noqa: E402
+from stream.pipeline import RecommendationStep  # noqa: E402
 from stream.prometheus import Metrics  # noqa: E402
+from stream.serve import model_refresher  # noqa: E402
 from stream.settings import Settings  # noqa: E402
 from stream.shell import load_scorer  # noqa: E402
+from stream.state import InMemoryUserStateStore  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +85,19 @@ def test_cuda_asked_for_where_there_is_none_is_a_sentence_naming_the_setting(mod
     settings = Settings.from_env({"STREAMREC_MODEL_DIR": str(model_dir), "STREAMREC_SCORER_DEVICE": "cuda"})
     with pytest.raises(ConfigError, match=r"STREAMREC_SCORER_DEVICE=cuda: no NVIDIA driver \(test\); set it to auto"):
         load_scorer(settings, Metrics())
+
+
+async def test_serve_started_before_any_model_serves_the_first_one_registered(tmp_path):
+    """serve looked at the registry only through a scorer it had: started before `streamrec
+    train` had registered anything, it never served a Transformer (the worker did, within 5 s)."""
+    settings = Settings.from_env({"STREAMREC_MODEL_DIR": str(tmp_path / "models"), "STREAMREC_SCORER_DEVICE": "cpu"})
+    (tmp_path / "models").mkdir()
+    step = RecommendationStep.from_settings(settings, None)
+    refresher = model_refresher(InMemoryUserStateStore(), step, settings, Metrics(CollectorRegistry()))
+    await refresher.check_scorer()
+    assert step.scorer is None
+    version = register_tiny(tmp_path / "models")
+    await refresher.check_scorer()
+    assert step.scorer is not None and step.scorer.version == version
+    await refresher.check_scorer()  # from then on, the scorer's own look for newer versions
+    assert step.scorer.version == version
