@@ -37,6 +37,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -67,9 +68,14 @@ def parity_tolerance(provider: str, fp16: bool = False) -> tuple[float, float]:
 
 
 #: what ``rename`` says when the version's name is taken (a folder: not empty; a file or a link: not a folder)
+log = logging.getLogger(__name__)
+
 _NAME_TAKEN = frozenset({errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR})
 #: the file the writers ``flock`` (hidden: no version, and no ``vNNNN`` name)
 LOCK = ".lock"
+#: the highest version number ever given out here: a deleted version's name is never given again
+#: (a worker that refused ``v0004`` would take a new ``v0004`` for the refused one, and skip it)
+ISSUED = ".last-version"
 #: the prefix of a version being deleted by ``prune`` (hidden: no reader lists it)
 TRASH = ".trash-"
 
@@ -244,7 +250,8 @@ class ModelRegistry:
                 time.sleep(0.001 * attempt)
                 continue
             fsync_path(self.root / version)  # its entries
-            fsync_path(self.root)  # the rename
+            self._note_issued(version)
+            fsync_path(self.root)  # the rename (and the note)
             return version
         raise ModelLoadError(f"could not allocate a version name in {self.root}")
 
@@ -255,7 +262,28 @@ class ModelRegistry:
         none)."""
         names = [p.name for p in self.root.iterdir()] if self.root.is_dir() else []
         numbers = [int(name[1:]) for name in names if re.fullmatch(r"v\d{1,9}", name)]
-        return f"v{max(numbers, default=0) + 1:04d}"
+        return f"v{max([*numbers, self._issued()]) + 1:04d}"
+
+    def _issued(self) -> int:
+        """The highest version number given out here (:data:`ISSUED`; 0 without the note)."""
+        try:
+            text = (self.root / ISSUED).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            return 0
+        return int(text[1:]) if re.fullmatch(r"v\d{1,9}", text) else 0
+
+    def _note_issued(self, version: str) -> None:
+        """Remember ``version`` as the highest given out (best effort: without the note, a
+        deleted newest version's name could be given again, as before it existed)."""
+        tmp = self.root / f"{ISSUED}.{uuid.uuid4().hex}"
+        try:
+            tmp.write_text(version + "\n", encoding="ascii")
+            fsync_path(tmp)
+            os.replace(tmp, self.root / ISSUED)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            log.warning("could not note %s as the newest version given out in %s (%s): a version deleted later "
+                        "may have its name given again", version, self.root, exc.strerror or exc)
 
     def load(self, version: str | None = None, device: str = "auto", *, verify: bool = True, **scorer_kw):
         """An :class:`~gpu_scorer.runtime.OnnxScorer` for ``version`` (default: latest).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 
 import numpy as np
@@ -108,6 +109,26 @@ def test_bad_model_is_refused_and_old_keeps_serving(tmp_path, damage):
     assert len(scorer.score(seqs, cands)) == 4
     scorer.maybe_reload(force=True)  # a refused version is not retried
     assert scorer.reload_failures == 1
+
+
+def test_a_refused_version_deleted_then_trained_again_is_served_under_a_new_name(tmp_path):
+    """The fix StreamrecScorerReloadFailed gives (remove the bad version, train again) handed
+    the new model the deleted version's name, which a running worker had refused: it never
+    served it, and said nothing."""
+    register_tiny(tmp_path)
+    scorer = HotSwapScorer(tmp_path, "cpu", poll_interval_s=0.0, background=False)
+    bad = register_tiny(tmp_path, seed=1)
+    (tmp_path / bad / "model.onnx").write_bytes(b"not a model")
+    scorer.maybe_reload(force=True)
+    assert scorer.version == "v0001" and bad in scorer.refused
+    shutil.rmtree(tmp_path / bad)
+    again = register_tiny(tmp_path, seed=1)
+    assert again != bad and again == "v0003"
+    scorer.maybe_reload(force=True)
+    assert scorer.version == again
+    shutil.rmtree(tmp_path / again)  # the newest deleted too, with CURRENT pointed back
+    ModelRegistry(tmp_path).set_current("v0001")
+    assert register_tiny(tmp_path, seed=0) == "v0004"
 
 
 def test_a_registry_that_vanishes_under_a_serving_scorer_is_said_once_and_the_model_serves_on(tmp_path, caplog):

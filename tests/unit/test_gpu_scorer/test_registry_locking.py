@@ -172,8 +172,8 @@ def test_prune_keeps_the_newest_and_the_current_version_and_no_number_comes_back
 
     assert registry.prune(3) == ["v0001", "v0003"]
     assert registry.versions() == ["v0002", "v0004", "v0005", "v0006"] and registry.pointed() == "v0002"
-    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == [registry_module.LOCK,
-                                                                                 ".staging-0123abcd"]
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == sorted(
+        [registry_module.ISSUED, registry_module.LOCK, ".staging-0123abcd"])
     assert (staging / "model.onnx").read_bytes() == b"half" and (root / "v0000").is_dir()
     assert registry.prune(3) == []
 
