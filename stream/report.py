@@ -316,12 +316,16 @@ def summarize(counters: Mapping[str, Mapping[str, Any]], control: str | None = N
     if not counters:
         raise ReportError("no variants in the counters")
     names = sorted(counters)
+    warnings: list[str] = []
     if control is None:
         control = "control" if "control" in counters else names[0]
+        if control != "control" and len(names) > 1:  # a guess: the workers' file may name another
+            warnings.append(f"the control is {control}, the first variant by name: the experiment's own `control` "
+                            "is not known here. Give --control NAME, or set STREAMREC_VARIANTS to the workers' "
+                            "experiment file")
     if control not in counters:
         raise ReportError(f"unknown control {control!r}: the variants are {', '.join(names)} (a variant that has "
                           "published no list yet has no counters)")
-    warnings: list[str] = []
     variants: dict[str, Any] = {}
     for name in names:
         c = {**empty_counters(), **counters[name]}

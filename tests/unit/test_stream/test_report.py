@@ -659,3 +659,15 @@ def test_cli_chart_over_the_json_source_is_refused(tmp_path):
     result = runner.invoke(cli.app, ["report", "--json", str(src), "--chart", str(tmp_path / "." / "replay.json")])
     assert result.exit_code == 2 and "overwrite" in result.output
     assert src.read_text() == text
+
+
+def test_a_control_guessed_by_name_is_said_to_be_a_guess():
+    """Read from the workers' metrics without STREAMREC_VARIANTS or --control, the report took the
+    first arm by name as the control, silently, where the workers' file named another."""
+    counters = {"blend": {"lists": 100, "clicked_lists": 10}, "popularity": {"lists": 100, "clicked_lists": 20}}
+    guessed = summarize(counters)
+    assert guessed["control"] == "blend"
+    assert any("the first variant by name" in w and "--control" in w for w in guessed["warnings"]), guessed["warnings"]
+    assert not any("first variant by name" in w for w in summarize(counters, "popularity")["warnings"])
+    named = summarize({"control": {"lists": 10}, "b": {"lists": 10}})
+    assert named["control"] == "control" and not any("first variant by name" in w for w in named["warnings"])
