@@ -363,9 +363,15 @@ def uneven_partitions(counts: Mapping[str, int]) -> str | None:
     if len(set(counts.values())) <= 1:
         return None
     listed = ", ".join(f"{n} has {c}" for n, c in counts.items())
+    most = max(counts.values())
+    smaller = [n for n, c in counts.items() if c < most]
+    fix = (f"Grow {', '.join(smaller)} to {most} partitions (kafka-topics.sh --alter --topic NAME --partitions "
+           f"{most}; docs/operations.md, \"Adding partitions later\")")
+    largest = [n for n, c in counts.items() if c == most]
+    if len(largest) == 1 and largest[0].endswith("forget"):  # a count never shrinks: it alone grew past the inputs
+        fix += f", or recreate {largest[0]} with as many partitions as the input topics"
     return (f"the topics a worker reads together must have as many partitions each ({listed}): a user's "
-            "events and forget requests must land on the same partition number. Add partitions to the "
-            "smaller ones (kafka-topics.sh --alter --partitions N), or recreate the forget topic")
+            f"events and forget requests must land on the same partition number. {fix}")
 
 
 def align_topic_configs(bootstrap: KafkaConnection | str, configs: Mapping[str, Mapping[str, str]],

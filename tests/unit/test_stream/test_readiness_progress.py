@@ -255,7 +255,7 @@ def test_topics_read_together_with_different_partition_counts_make_the_worker_un
     assert not ready
     assert "partitions: FAIL (the topics a worker reads together must have as many partitions each (streamrec.clicks " \
            "has 4, streamrec.purchases has 2, streamrec.forget has 2)" in text, text
-    assert "Add partitions to the smaller ones" in text
+    assert "Grow streamrec.purchases, streamrec.forget to 4 partitions" in text
     assert len([r for r in caplog.records if "as many partitions" in r.getMessage()]) == 1  # not every 2 s
     counts.update({"streamrec.purchases": 4, "streamrec.forget": 4})
     shell.watch_partitions(app)

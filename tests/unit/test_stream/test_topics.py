@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from stream import topics as topics_module
 from stream.cli import app as cli_app
 from stream.errors import ConfigError, ServiceUnavailable
-from stream.topics import check_topic_name, ensure_topics, probe, wait_for_kafka
+from stream.topics import check_topic_name, ensure_topics, probe, uneven_partitions, wait_for_kafka
 
 
 def _closed_port() -> int:
@@ -100,3 +100,13 @@ def test_partitions_and_replication_must_be_positive():
 
 def test_nothing_to_create_needs_no_broker():
     assert ensure_topics("127.0.0.1:1", [], 3) == []
+
+
+def test_uneven_partitions_names_the_topics_to_grow_and_the_count():
+    """The hint said "add partitions to the smaller ones ..., or recreate the forget topic" whichever
+    topic had grown: it now names the topics and the count, and the forget topic only when it alone grew."""
+    grown_clicks = uneven_partitions({"s.clicks": 8, "s.purchases": 4, "s.forget": 4})
+    assert "Grow s.purchases, s.forget to 8 partitions" in grown_clicks and "recreate" not in grown_clicks
+    grown_forget = uneven_partitions({"s.clicks": 4, "s.purchases": 4, "s.forget": 8})
+    assert "Grow s.clicks, s.purchases to 8 partitions" in grown_forget
+    assert "or recreate s.forget with as many partitions as the input topics" in grown_forget
