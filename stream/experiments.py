@@ -202,7 +202,7 @@ def load_experiment(path: str | Path, known_sources: Sequence[str] = ()) -> Expe
     except UnicodeDecodeError:
         raise ConfigError(f"{where}: the experiment file is not UTF-8 text") from None
     try:
-        data = json.loads(text) if p.suffix.lower() == ".json" else tomllib.loads(text)
+        data = json.loads(text, object_pairs_hook=_once) if p.suffix.lower() == ".json" else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{where}: not valid {'JSON' if p.suffix.lower() == '.json' else 'TOML'}: {exc}") from None
     except RecursionError:
@@ -210,10 +210,25 @@ def load_experiment(path: str | Path, known_sources: Sequence[str] = ()) -> Expe
     return parse_experiment(data, where, known_sources)
 
 
+def _once(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are each given once (the last of two was taken, without a word,
+    where TOML refuses the file)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} is given twice in one object")
+        out[key] = value
+    return out
+
+
 def parse_experiment(data: Mapping, where: str = "the experiment", known_sources: Sequence[str] = ()) -> Experiment:
     """An :class:`Experiment` from its file's contents (see the module docstring)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a table with `experiment` and `arms`")
+    unknown = sorted(set(data) - {"experiment", "control", "arms"})
+    if unknown:  # `contol = "blend"` left the first arm the control, and the report's lifts against it
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(map(str, unknown))}; the file's fields are "
+                          "experiment, control and arms")
     name = data.get("experiment")
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"{where}: `experiment` must name the experiment (a non-empty string)")

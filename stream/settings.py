@@ -504,6 +504,11 @@ def _convert(name: str, typ, raw):
         if typ == "Path":
             # empty is unset, as `streamrec train --model-dir`'s option reads the same variable: not
             # Path("") (the working folder), where the worker looked while train wrote ./models
+            if raw != raw.strip():  # 'models ' looked in a folder of that name: no model, no error
+                raise ConfigError(f"{name}={raw!r}: the path starts or ends with a space; remove it")
+            if raw.startswith("~"):  # not expanded outside a shell: the worker looked in a folder named ~
+                raise ConfigError(f"{name}={raw!r}: '~' is expanded by a shell only, not here; give the full path "
+                                  f"(e.g. {str(Path(raw).expanduser())!r})")
             return Path(raw) if raw else Path(_default_of(name))
         if typ == "float":
             value = float(raw)

@@ -81,6 +81,19 @@ def test_files_load_from_toml_and_json_and_mistakes_are_named(tmp_path):
                          "arm 'b' gets no user")):
         with pytest.raises(ConfigError, match=words):
             parse_experiment(data, known_sources=["covisit"])
+    # a misspelt `control` left the first arm the control (and the report's lifts against it)
+    (tmp_path / "typo.toml").write_text('experiment = "e"\ncontol = "b"\n[[arms]]\nname = "a"\nshare = 0.5\n'
+                                        '[[arms]]\nname = "b"\nshare = 0.5\n')
+    with pytest.raises(ConfigError, match="unknown field.s. contol; the file's fields are experiment, control and arms"):
+        load_experiment(tmp_path / "typo.toml")
+    # JSON took the last of a key given twice, where TOML refuses the file
+    (tmp_path / "twice.json").write_text('{"experiment": "e", "arms": [{"name": "a", "share": 1}], '
+                                         '"arms": [{"name": "c", "share": 1}]}')
+    with pytest.raises(ConfigError, match="not valid JSON: key 'arms' is given twice"):
+        load_experiment(tmp_path / "twice.json")
+    (tmp_path / "share.json").write_text('{"experiment": "e", "arms": [{"name": "a", "share": 0.5, "share": 1}]}')
+    with pytest.raises(ConfigError, match="key 'share' is given twice"):
+        load_experiment(tmp_path / "share.json")
     with pytest.raises(ConfigError, match="not valid TOML"):
         (tmp_path / "bad.toml").write_text("experiment = ")
         load_experiment(tmp_path / "bad.toml")

@@ -122,6 +122,9 @@ def test_the_process_environment_is_the_default(monkeypatch):
         ("STREAMREC_KAFKA_BOOTSTRAP", "a..b:29092", "'a..b:29092' is not host:port"),
         ("STREAMREC_KAFKA_BOOTSTRAP", "[kafka]:9092", "'[kafka]:9092' is not host:port"),
         ("STREAMREC_TOPIC_PREFIX", "streamrec/", "topic names"),
+        # a folder no one meant: the worker ranked without its Transformer, saying only "no model under models "
+        ("STREAMREC_MODEL_DIR", "models ", "starts or ends with a space"),
+        ("STREAMREC_MODEL_DIR", "~/models", "'~' is expanded by a shell only"),
         ("STREAMREC_REDIS_URL", "127.0.0.1:6379", "redis://"),
         ("STREAMREC_SERVE_RESERVED_SLOTS", "16", "0 to 15"),
         ("STREAMREC_SERVE_RESERVED_SLOTS", "-1", "0 to 15"),
