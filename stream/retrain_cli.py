@@ -81,7 +81,7 @@ from stream.kafka_sockets import close_failed_connects
 from stream.logs import Thinned
 from stream.records import DEFAULT_BOUNDS, Bounds
 from stream.retry import Backoff
-from stream.settings import Settings, log_level
+from stream.settings import LOG_LEVELS, Settings, log_level
 from stream.step_inputs import to_interaction
 from stream.tail import stop_on_signals
 from stream.topics import require_topics
@@ -179,7 +179,9 @@ def retrain(
     once: Annotated[bool, typer.Option("--once", help="Read the topics to their end, fit once and exit: 0 when a version was made CURRENT, 1 when none was (nothing to train on, the fit failed, the gate held it back, or SIGTERM or Ctrl-C came first; for a scheduler such as cron).")] = False,
     seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Random seed of each fit.")] = 0,
     device: Annotated[str, typer.Option(help="Training device: auto, cuda or cpu.")] = "auto",
-    loglevel: Annotated[str, typer.Option("--loglevel", "-l", help="debug, info, warning or error.")] = "info",
+    loglevel: Annotated[str | None, typer.Option(
+        "--loglevel", "-l", help="debug, info, warning or error (default STREAMREC_LOG_LEVEL, else info).",
+        show_default=False)] = None,
 ) -> None:
     """Retrain the Transformer beside the workers, on the events they consume, every --every seconds.
 
@@ -198,7 +200,11 @@ def retrain(
       streamrec retrain --every 3600 --dataset ../shared/data/yoochoose-100k/yoochoose-clicks-100k_train_full.txt -f yoochoose
     """
     # the format before the settings are read (a wrong STREAMREC_LOG_FORMAT is said by them, below)
-    logs.configure(log_level(loglevel), os.environ.get("STREAMREC_LOG_FORMAT", "text"))
+    # STREAMREC_LOG_LEVEL as the worker and serve read it (it was checked, then ignored); a wrong
+    # one is refused by the settings below, naming the variable
+    from_env = os.environ.get("STREAMREC_LOG_LEVEL", "").strip() or "info"
+    logs.configure(log_level(loglevel, from_env if from_env.lower() in LOG_LEVELS else "info"),
+                   os.environ.get("STREAMREC_LOG_FORMAT", "text"))
     if not math.isfinite(every):  # inf passed the range: one fit, then never another
         raise typer.BadParameter(f"{every} is not a number of seconds (for a single fit, use --once)",
                                  param_hint="--every")

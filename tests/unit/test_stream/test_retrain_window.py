@@ -229,3 +229,16 @@ def test_retrain_takes_d_for_dataset_as_train_evaluate_and_produce_do(tmp_path):
     result = CliRunner().invoke(app, ["retrain", "-d", str(tmp_path / "log.csv"), "--model-dir", str(tmp_path / "m")])
     assert result.exit_code == 2
     assert "No such option" not in result.output and "give the log's --format" in result.output
+
+
+def test_retrain_logs_at_the_level_streamrec_log_level_names(monkeypatch, tmp_path):
+    """STREAMREC_LOG_LEVEL was checked by retrain's settings, then ignored: INFO lines went on."""
+    levels = []
+    monkeypatch.setattr(retrain_cli.logs, "configure", lambda level, fmt="text": levels.append(level))
+    app = typer.Typer()
+    app.command()(retrain_cli.retrain)
+    for env, flag, expected in (("error", [], "ERROR"), ("warning", ["--loglevel", "debug"], "DEBUG"),
+                                ("", [], "INFO"), ("bogus", [], "INFO")):
+        monkeypatch.setenv("STREAMREC_LOG_LEVEL", env)
+        result = CliRunner().invoke(app, ["--every", "inf", *flag])  # refused at once, once the logs are set
+        assert result.exit_code == 2 and levels[-1] == expected, (env, flag, levels, result.output)
