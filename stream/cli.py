@@ -86,6 +86,7 @@ def worker(
     log = logging.getLogger("streamrec")
     log.info("%s", version_text())  # what a bug report asks first
     log.info("settings: %s", settings)
+    warn_unknown_names(log)
     if settings.variants:  # a wrong experiment file is said now, not after Kafka answers
         log.info("experiment: %s", load_experiment(settings.variants, [*Recommender.DEFAULT_LEARNERS, *Recommender.EXTRA_SOURCES]).describe())
     # everything that can be refused without Kafka is refused before it is reached: the model
@@ -175,9 +176,18 @@ def serve_api(
     gcpolicy.configure(freeze=settings.gc_freeze)
     one_blas_thread()  # its computing threads are the parallelism (stream/threads.py)
     logging.getLogger("streamrec").info("%s", version_text())
+    warn_unknown_names(logging.getLogger("streamrec"))
     check_model_dir(settings)  # as the worker: a file there hid every model serve looked for
     settings.redis.check_login()  # a wrong password is said at start, not as a /readyz that never turns ready
     asyncio.run(run_server(settings, port or settings.serve_port, host))
+
+
+def warn_unknown_names(log: logging.Logger) -> None:
+    """A misspelt setting (STREAMREC_TOPK) was ignored without a word: said once at start."""
+    unknown = Settings.unknown_names()
+    if unknown:
+        log.warning("ignored: %s %s no setting (`streamrec settings` lists them)", ", ".join(unknown),
+                    "names" if len(unknown) == 1 else "name")
 
 
 @app.command("settings")

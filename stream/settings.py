@@ -12,6 +12,7 @@ False
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -32,6 +33,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: what STREAMREC_LOG_LEVEL and the commands' --loglevel accept
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: ``STREAMREC_*`` variables that are not settings: read by deploy/ files, not by a process
+OTHER_VARIABLES = frozenset({"STREAMREC_IMAGE_TAG", "STREAMREC_WORKERS", "STREAMREC_DEPLOY_TOOLS"})
 LOG_FORMATS = ("text", "json")
 
 
@@ -235,6 +238,23 @@ class Settings:
         settings = cls(**values)
         settings.check()
         return settings
+
+    @classmethod
+    def unknown_names(cls, environ: Mapping[str, str] | None = None) -> list[str]:
+        """What to say of each ``STREAMREC_*`` variable that names no setting (a misspelling is
+        otherwise ignored without a word), with the setting it most resembles.
+
+        >>> Settings.unknown_names({"STREAMREC_TOPK": "5", "STREAMREC_TOP_K": "5", "STREAMREC_WORKERS": "2"})
+        ['STREAMREC_TOPK (did you mean STREAMREC_TOP_K?)']
+        """
+        environ = os.environ if environ is None else environ
+        known = [f.metadata["env"] for f in fields(cls)]
+        out = []
+        for name in sorted(environ):
+            if name.startswith("STREAMREC_") and name not in known and name not in OTHER_VARIABLES:
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+                out.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        return out
 
     @classmethod
     def with_options(cls, **options: tuple[str, str | None]) -> Settings:

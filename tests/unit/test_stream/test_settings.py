@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
+from stream.cli import warn_unknown_names
 from stream.errors import ConfigError, StreamrecError
 from stream.pipeline import RecommendationStep
 from stream.settings import Settings, TopicNames, mask_url
@@ -348,3 +351,18 @@ def test_a_blend_with_every_learner_off_is_refused_at_start(weights):
         RecommendationStep.from_settings(Settings.from_env({"STREAMREC_BLEND_WEIGHTS": weights}))
     assert str(info.value).startswith(f"STREAMREC_BLEND_WEIGHTS={weights!r}")
     assert RecommendationStep.from_settings(Settings.from_env({"STREAMREC_BLEND_WEIGHTS": "covisit=0,reminder=0"}))
+
+
+def test_a_misspelt_setting_is_said_at_start_with_the_name_it_resembles(monkeypatch, caplog):
+    """STREAMREC_TOPK=5 or STREAMREC_BATCHSIZE=0 started a worker on the defaults without a word."""
+    for name in [n for n in os.environ if n.startswith("STREAMREC_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("STREAMREC_TOPK", "5")
+    monkeypatch.setenv("STREAMREC_BATCHSIZE", "0")
+    monkeypatch.setenv("STREAMREC_TOP_K", "5")
+    monkeypatch.setenv("STREAMREC_WORKERS", "2")  # deploy/compose.yaml's, not a setting
+    with caplog.at_level(logging.WARNING, logger="streamrec"):
+        warn_unknown_names(logging.getLogger("streamrec"))
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["ignored: STREAMREC_BATCHSIZE (did you mean STREAMREC_BATCH_SIZE?), STREAMREC_TOPK (did you "
+                    "mean STREAMREC_TOP_K?) name no setting (`streamrec settings` lists them)"], said
