@@ -700,6 +700,9 @@ def report(
     if chart is not None and json_file is not None and chart.resolve() == json_file.resolve():
         raise typer.BadParameter(f"{chart} is the --json source: writing the chart there would overwrite the replay's "
                                  "counters; give another PATH.png", param_hint="--chart")
+    # the workers' experiment file, read before any source is: a wrong path is said before a network wait
+    experiment = load_experiment(os.environ["STREAMREC_VARIANTS"]) \
+        if control is None and os.environ.get("STREAMREC_VARIANTS") else None
     default_control = None
     if metrics:
         counters = counters_from_metrics_urls(metrics, timeout)
@@ -708,8 +711,8 @@ def report(
     else:
         assert json_file is not None
         counters, default_control = counters_from_json_file(json_file)
-    if control is None and default_control is None and os.environ.get("STREAMREC_VARIANTS"):
-        summary = summarize_experiment(counters, load_experiment(os.environ["STREAMREC_VARIANTS"]))  # the workers'
+    if experiment is not None and default_control is None:
+        summary = summarize_experiment(counters, experiment)  # the workers'
     else:
         summary = summarize(counters, control or default_control)
     if chart is not None:

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from typer.testing import CliRunner
 
 from stream import cli
+from stream import report as report_module
 from stream.errors import ServiceUnavailable, StreamrecError
 from stream.report import (
     ReportError,
@@ -671,3 +672,13 @@ def test_a_control_guessed_by_name_is_said_to_be_a_guess():
     assert not any("first variant by name" in w for w in summarize(counters, "popularity")["warnings"])
     named = summarize({"control": {"lists": 10}, "b": {"lists": 10}})
     assert named["control"] == "control" and not any("first variant by name" in w for w in named["warnings"])
+
+
+def test_a_wrong_experiment_file_is_said_before_any_source_is_read(monkeypatch, tmp_path):
+    """STREAMREC_VARIANTS was read after the metrics: a wrong path waited for the source first."""
+    monkeypatch.setenv("STREAMREC_VARIANTS", str(tmp_path / "missing.toml"))
+    read = []
+    monkeypatch.setattr(report_module, "counters_from_metrics_urls", lambda *a, **k: read.append(a) or {})
+    result = runner.invoke(cli.app, ["report", "--metrics", "http://127.0.0.1:9/metrics"])
+    assert result.exit_code != 0 and "STREAMREC_VARIANTS" in str(result.exception) + result.output, result.output
+    assert read == []
