@@ -382,7 +382,8 @@ class Settings:
                               f"{self.min_insync_replicas}: expected 1 <= min.insync.replicas <= replication factor")
         if self.blend_weights.strip() and not re.fullmatch(r"\s*[\w+-]+\s*=\s*[0-9.]+\s*(,\s*[\w+-]+\s*=\s*[0-9.]+\s*)*,?\s*",
                                                           self.blend_weights):
-            raise ConfigError(f"STREAMREC_BLEND_WEIGHTS={self.blend_weights!r}: expected name=weight[,name=weight], e.g. mf=0.2")
+            raise ConfigError(f"STREAMREC_BLEND_WEIGHTS={self.blend_weights!r}: expected name=weight[,name=weight], "
+                              "each weight a plain decimal number (no exponent), e.g. mf=0.2")
         if self.log_level.lower() not in LOG_LEVELS:
             raise ConfigError(f"STREAMREC_LOG_LEVEL={self.log_level!r}: expected debug, info, warning or error")
         if self.log_format.strip().lower() not in LOG_FORMATS:

@@ -127,6 +127,7 @@ def test_the_process_environment_is_the_default(monkeypatch):
         ("STREAMREC_TOPIC_PREFIX", "streamrec/", "topic names"),
         # a folder no one meant: the worker ranked without its Transformer, saying only "no model under models "
         ("STREAMREC_MODEL_DIR", "models ", "starts or ends with a space"),
+        ("STREAMREC_BLEND_WEIGHTS", "mf=1e5", "a plain decimal number (no exponent)"),
         ("STREAMREC_MODEL_DIR", "~/models", "'~' is expanded by a shell only"),
         ("STREAMREC_REDIS_URL", "127.0.0.1:6379", "redis://"),
         ("STREAMREC_SERVE_RESERVED_SLOTS", "16", "0 to 15"),
