@@ -177,6 +177,11 @@ def serve_api(
     one_blas_thread()  # its computing threads are the parallelism (stream/threads.py)
     logging.getLogger("streamrec").info("%s", version_text())
     warn_unknown_names(logging.getLogger("streamrec"))
+    everyone = [str(net) for net in settings.serve_proxies if net.prefixlen == 0]
+    if everyone:  # every client may then name any address, and take the slots kept for others
+        logging.getLogger("streamrec").warning(
+            "STREAMREC_SERVE_TRUSTED_PROXIES holds %s, which believes every client's X-Forwarded-For: name only "
+            "the proxies in front of serve", " and ".join(everyone))
     check_model_dir(settings)  # as the worker: a file there hid every model serve looked for
     settings.redis.check_login()  # a wrong password is said at start, not as a /readyz that never turns ready
     asyncio.run(run_server(settings, port or settings.serve_port, host))

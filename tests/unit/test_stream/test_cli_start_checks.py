@@ -19,6 +19,7 @@ import stream.cli
 import stream.health
 import stream.produce
 from stream import version
+from stream.connections import RedisConnection
 from stream.errors import ConfigError
 from stream.prometheus import Metrics
 
@@ -267,3 +268,25 @@ def test_numbers_no_model_can_take_are_usage_errors_before_any_work(args):
     for 256 GB; a --skip past a machine integer failed in islice: each a traceback."""
     result = CliRunner().invoke(stream.cli.app, args)
     assert result.exit_code == 2 and result.exception is not None and isinstance(result.exception, SystemExit), result.output
+
+
+def test_serve_warns_when_its_trusted_proxies_are_every_address(monkeypatch, caplog):
+    """STREAMREC_SERVE_TRUSTED_PROXIES=0.0.0.0/0 believed any client's X-Forwarded-For without a word."""
+    started = []
+
+    async def run_server(*args, **kwargs):
+        started.append(args)
+
+    monkeypatch.setattr(stream.cli, "run_server", run_server)
+    monkeypatch.setattr(stream.cli.gcpolicy, "configure", lambda **_: None)
+    monkeypatch.setattr(stream.cli, "one_blas_thread", lambda: None)
+    monkeypatch.setattr(stream.cli.logs, "configure", lambda *a, **k: None)
+    monkeypatch.setattr(RedisConnection, "check_login", lambda self, timeout_s=3.0: None)
+    for proxies, warned in (("0.0.0.0/0, ::/0", True), ("10.0.0.0/8", False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="streamrec"):
+            result = CliRunner().invoke(stream.cli.app, ["serve"], env={"STREAMREC_SERVE_TRUSTED_PROXIES": proxies})
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        said = [r.getMessage() for r in caplog.records if "TRUSTED_PROXIES" in r.getMessage()]
+        assert bool(said) == warned and (not warned or "0.0.0.0/0 and ::/0" in said[0]), said
+    assert len(started) == 2
