@@ -65,7 +65,9 @@ def gaps(learned: Mapping[str, int], committed: Mapping[tuple[str, int], int],
     """The partitions whose committed offset is past what the models learned, and by how much.
 
     Only partitions the models' snapshot knows are replayed: one it never saw (a new
-    partition, or one another worker learned) starts with the models as they are. Except for
+    partition, or one another worker learned) starts with the models as they are. (A snapshot
+    knows every input partition its worker owned, learned from or not: the shell starts each at
+    the committed offset, ``Shell._replay``.) Except for
     the topics of ``from_start`` (the forget requests): one of their partitions the snapshot
     never saw is replayed from the beginning, since a request the group committed after the
     snapshot was taken must reach the restored models.

@@ -629,9 +629,16 @@ class Shell:
         if floors:  # a failed replay's forget requests, from where the models stood then
             learned = {**learned, **{src: min(learned.get(src, floor), floor) for src, floor in floors.items()}}
         committed = await asyncio.to_thread(committed_offsets, settings.kafka, settings.app_id)
-        mine = {(tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in topics}
+        assignment = app.consumer.assignment()
+        mine = {(tp.topic, tp.partition) for tp in assignment if tp.topic in topics}
         # every forget request the snapshot may predate: from the beginning where it knows none
         todo = gaps(learned, {tp: off for tp, off in committed.items() if tp in mine}, from_start=(settings.topics.forget,))
+        # the models know each input partition of this worker from where its agent starts it (the
+        # commit; the beginning where nothing is committed), learned or not: a snapshot taken
+        # before its first event (an erasure's, within a second of the start) then says where a
+        # restart's replay starts it, instead of leaving out what the models learned of it since
+        step.start_reading({source_of(tp.topic, tp.partition): committed.get((tp.topic, tp.partition), 0)
+                            for tp in assignment if tp.topic in settings.topics.inputs})
         replayed = {source_of(t, p) for t, p in mine}  # their floors are done with once this succeeds
         if not todo:
             if floors:
