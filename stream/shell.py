@@ -89,8 +89,11 @@ class Shell:
     revoking: bool = False
     #: a snapshot was skipped while the forget requests' replay was due (said once until one is taken)
     snapshot_held: bool = False
-    #: this worker has taken a snapshot since it started
+    #: this worker has taken a snapshot since it started that holds something its models learned
+    #: since (not one taken before: an erasure's within a second of the start)
     snapshotted: bool = False
+    #: how many events the models had learned at the snapshot in hand (read as it is taken)
+    learned_at_snapshot: int = 0
     #: how many events the models had learned when restored (0: no snapshot, or not restored yet)
     learned_at_restore: int = 0
     #: when the first snapshot is due (``clock()``), once the models learned past ``learned_at_restore``
@@ -381,7 +384,9 @@ class Shell:
         erased = self.forgets_pending.is_set()
         self.forgets_pending.clear()
         if await self.snapshots.take(self._models_to_snapshot):
-            self.snapshotted = True
+            # one taken before the models learned anything is not the first: that one still
+            # follows their first lessons (first_snapshot_due), for serve, which ranks with it
+            self.snapshotted = self.snapshotted or self.learned_at_snapshot > self.learned_at_restore
             self.metrics.set_models(self.step.model_versions())
             if erased:
                 log.info("the models' snapshot in the store no longer holds the users erased before it")
@@ -393,6 +398,7 @@ class Shell:
         long enough ago that Kafka holds none of their older events (``Settings.forgotten_kept_ms``),
         so the forgotten set, and every snapshot, holds the erasures of a bounded window."""
         recommender = self.step.recommender
+        self.learned_at_snapshot = recommender.n_learned
         trimmed = recommender.trim_forgotten(now_ms() - self.settings.forgotten_kept_ms)
         if trimmed:
             log.info("the models stopped remembering %d user(s) forgotten more than %d hours ago (Kafka no longer "
@@ -411,11 +417,12 @@ class Shell:
             await self.snapshot_models()
 
     def first_snapshot_due(self) -> bool:
-        """Whether this worker's first snapshot is due: none taken since its start, the models
-        restored (and what their snapshot missed learned again) and learned past what they were
-        restored with, ``FIRST_SNAPSHOT_DELAY_S`` (at most the interval) since that was first
-        seen. Once due it is due again that much later, until a snapshot is taken (one that
-        failed, or was held while the forget requests' replay is due)."""
+        """Whether this worker's first snapshot is due: none taken since its start that holds
+        what its models learned since (an erasure's, taken before they learned anything, does
+        not count), the models restored (and what their snapshot missed learned again) and
+        learned past what they were restored with, ``FIRST_SNAPSHOT_DELAY_S`` (at most the
+        interval) since that was first seen. Once due it is due again that much later, until a
+        snapshot is taken (one that failed, or was held while the forget requests' replay is due)."""
         if self.snapshotted or not self.models_ready.is_set() \
                 or self.step.recommender.n_learned <= self.learned_at_restore:
             return False

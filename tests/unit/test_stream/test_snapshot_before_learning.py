@@ -7,7 +7,10 @@ second (the erasure must leave the store's snapshot), before any click was learn
 snapshot's watermark named the forget partition alone. The worker then learned 2,000 clicks
 and stopped on SIGTERM (which takes no snapshot) before the next interval; the restarted worker
 restored that snapshot, and since the replay after a restart covers only the partitions a
-snapshot knows (stream/replay.py ``gaps``), it never learned the 2,000 clicks again."""
+snapshot knows (stream/replay.py ``gaps``), it never learned the 2,000 clicks again. And that
+erasure's snapshot counted as the worker's first, so the one due about 5 s after its models
+first learned (``Shell.first_snapshot_due``) never came either: serve ranked with empty models
+until the interval."""
 
 from __future__ import annotations
 
@@ -145,3 +148,22 @@ async def test_the_models_start_each_partition_they_never_learned_at_the_committ
     restarted, _ = await started(store)
     assert calls == [[Gap(CLICKS, 0, 100, 110)]] and restarted.step.recommender.n_learned == 10
 
+
+async def test_an_erasures_snapshot_before_anything_was_learned_is_not_the_first(monkeypatch):
+    """The worker's first snapshot follows its models' first lessons by FIRST_SNAPSHOT_DELAY_S
+    even when an erasure's snapshot came before them (serve ranks with the snapshot)."""
+    store = InMemoryUserStateStore()
+    calls: list = []
+    kafka(monkeypatch, {(FORGET, 0): 1}, calls)
+    now = [1000.0]
+    shell, fake = await started(store, clock=lambda: now[0])
+    await shell.snapshot_soon()  # the erasure's
+    assert Recommender.restore(await store.get_blob(SNAPSHOT_KEY)).n_learned == 0
+    await shell.handle_taken(fake, [taken(o, fake.consumer_generation_id) for o in range(10)])
+    assert not shell.first_snapshot_due()  # seen now: due FIRST_SNAPSHOT_DELAY_S later
+    now[0] += shell_module.FIRST_SNAPSHOT_DELAY_S
+    await shell.snapshot_soon()
+    assert Recommender.restore(await store.get_blob(SNAPSHOT_KEY)).n_learned == 10
+    await shell.handle_taken(fake, [taken(o, fake.consumer_generation_id) for o in range(10, 20)])
+    now[0] += shell_module.FIRST_SNAPSHOT_DELAY_S
+    assert not shell.first_snapshot_due()  # the first is taken: the next at the interval
