@@ -48,6 +48,7 @@ import inspect
 import io
 import logging
 import textwrap
+import time
 import tokenize
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
@@ -177,6 +178,30 @@ class Consumer(faust_aiokafka.Consumer):
     async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
         self.held.difference_update(assigned)  # read again from the commit (Faust seeks each assigned partition)
         await super().on_partitions_assigned(assigned, generation_id)
+
+    async def commit_and_end_transactions(self) -> None:
+        """Faust's final commit at a stop (``Consumer.on_stop``), given up after
+        :data:`STOP_COMMIT_S`.
+
+        aiokafka's commit waits for the group's coordinator for ever (``commit_offsets`` loops on
+        ``ensure_coordinator_known``), and Faust's stop waits for the commit: with the broker away
+        and offsets acknowledged since the last commit (events flowing), a worker asked to stop
+        ran on until the broker came back, past Kubernetes' grace. Nothing is lost by giving it
+        up: as after a kill -9, the partitions' next owner reads again from the last commit and
+        skips what was applied (docs/architecture.md, *Delivery guarantees*)."""
+        commit = asyncio.ensure_future(super().commit_and_end_transactions())
+        try:
+            await asyncio.wait({commit}, timeout=STOP_COMMIT_S)
+        except asyncio.CancelledError:
+            commit.cancel()
+            raise
+        if commit.done():
+            return commit.result()
+        self.log.warning("the broker did not answer the final commit within %.0f s: the final commit is skipped; "
+                         "the events handled since the last commit are delivered again to their partitions' next "
+                         "owner, which skips those applied (each event applied once)", STOP_COMMIT_S)
+        await cancel_within(commit, STOP_COMMIT_CANCEL_S)
+        return None
 
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -355,6 +380,30 @@ def _any_paused(assignment: Any) -> bool:
 #: the longest the consumer thread is waited for at a stop (the batch in hand is finished
 #: before it is stopped: stream/app.py, Worker._stop_on_signal)
 THREAD_STOP_S = 10.0
+#: the longest the final commit at a stop is waited for (:meth:`Consumer.commit_and_end_transactions`);
+#: the broker answers one in milliseconds
+STOP_COMMIT_S = 5.0
+#: how long a final commit given up is waited for once cancelled (:func:`cancel_within`)
+STOP_COMMIT_CANCEL_S = 1.0
+
+
+async def cancel_within(task: asyncio.Future, timeout_s: float) -> bool:
+    """Cancel ``task``, again each time it goes on past a cancellation, for at most ``timeout_s``;
+    whether it ended. Faust's ``Consumer.commit`` swallows one: a commit that waits for another
+    one in flight (the periodic commit, itself waiting for the coordinator) takes the
+    cancellation of its wait as that commit's end and starts its own
+    (``maybe_wait_for_commit_to_finish``), so ``asyncio.wait_for`` would wait for ever there."""
+    deadline = time.monotonic() + timeout_s
+    while not task.done():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        task.cancel()
+        await asyncio.wait({task}, timeout=min(left, 0.05))
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("the final commit, given up, raised %s: %s", type(task.exception()).__name__,
+                    exception_text(task.exception()))
+    return True
 
 
 async def seek_to_committed_or_start(consumer) -> dict:
@@ -443,6 +492,6 @@ class Transport(faust_aiokafka.Transport):
     fetch_pacer: FetchPacer | None = None
 
 
-__all__ = ["FAUST_DRAIN_MESSAGES_FINGERPRINT", "FETCH_MIN_BYTES", "IDLE_FETCH_WAIT_MS", "PACED_FETCH_CAP", "Consumer",
-           "ConsumerThread", "FetchPacer", "Transport", "adapt_fetches", "resume", "seek_to_committed_or_start",
-           "source_fingerprint", "start"]
+__all__ = ["FAUST_DRAIN_MESSAGES_FINGERPRINT", "FETCH_MIN_BYTES", "IDLE_FETCH_WAIT_MS", "PACED_FETCH_CAP", "STOP_COMMIT_S",
+           "Consumer", "ConsumerThread", "FetchPacer", "Transport", "adapt_fetches", "cancel_within", "resume",
+           "seek_to_committed_or_start", "source_fingerprint", "start"]

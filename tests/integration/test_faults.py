@@ -119,6 +119,42 @@ def test_sigterm_with_the_broker_away_stops_within_kubernetes_grace(worker_env, 
     assert time.monotonic() - asked < 30, worker.log_tail()
 
 
+#: deploy/k8s/worker.yaml's terminationGracePeriodSeconds: Kubernetes kills a pod still running then
+KUBERNETES_GRACE_S = 60
+
+
+def test_sigterm_with_the_broker_away_while_events_flow_stops_within_kubernetes_grace(
+        worker_env, workers, topic_prefix, private_kafka, redis_client, refused_sockets_closed):
+    """With events flowing, the worker holds acknowledged offsets it has not committed yet, and
+    Faust's final commit at its stop (``Consumer.on_stop``) waited for a group coordinator for
+    ever: the worker ran on until the broker came back (150 s and more), where Kubernetes kills
+    it. Now the final commit is given up too, and said so; nothing is lost: the next worker
+    applies every event exactly once."""
+    bootstrap = private_kafka.address
+    ensure_topics(bootstrap, [f"{topic_prefix}{t}" for t in ("clicks", "purchases", "recommendations", "dlq")], 2)
+    records, expected = synthetic_records(8000, seed=24)
+    worker = workers(metrics=True, STREAMREC_KAFKA_BOOTSTRAP=bootstrap)
+    wait_for(lambda: _ready(worker), 90, "the worker to be ready", worker)
+    feeder = Feeder(bootstrap, topic_prefix, records, rate=400)
+    feeder.start()
+    try:
+        wait_for(lambda: sum(applied_counts(redis_client, topic_prefix, expected).values()) > 500, 60, "events to flow",
+                 worker)
+        private_kafka.halt()
+        wait_for(lambda: _unready(worker), 10, "/readyz to answer 503 with the broker gone", worker)
+        asked = time.monotonic()
+        assert worker.stop(signal.SIGTERM, timeout=KUBERNETES_GRACE_S + 30) == 0, worker.log_tail()
+        took = time.monotonic() - asked
+        assert took < KUBERNETES_GRACE_S - 5, f"stopped in {took:.0f} s:\n{worker.log_tail()}"
+        assert "the final commit is skipped" in worker.log_text(), worker.log_tail()
+        private_kafka.start()
+        feeder.finish()
+    finally:
+        feeder.stop()  # its producer closed, should the test have failed half-way (else done already)
+    again = workers(metrics=True, STREAMREC_KAFKA_BOOTSTRAP=bootstrap)
+    wait_for(lambda: exactly_once(redis_client, topic_prefix, expected), 240, "every event applied exactly once", again)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_second_stop_signal_exits_at_once_while_the_batch_in_hand_waits_for_redis(worker_env, workers, topic_prefix,
                                                                                     private_redis, sig):

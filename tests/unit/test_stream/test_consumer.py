@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import types
 
 import pytest
 from mode.utils.logging import CompositeLogger
 
-from stream.consumer import Consumer, Transport, resume, start
+from stream import consumer as consumer_module
+from stream.app import create_app
+from stream.consumer import Consumer, Transport, cancel_within, resume, start
+from stream.settings import Settings
+from stream.state import InMemoryUserStateStore
 
 
 async def test_a_coroutine_that_never_waits_finishes_inline():
@@ -275,3 +280,76 @@ async def test_a_failed_fetch_is_logged_with_its_text_cut_short(caplog):
     assert record.getMessage().startswith("Drain messages raised: RuntimeError: fetch failed: xxx")
     assert len(record.getMessage()) < 400
     assert "RuntimeError: fetch failed: xxx" in caplog.text and len(caplog.text) < 3_000  # the traceback too
+
+
+async def never_answers(*args, **kwargs) -> bool:
+    """A commit whose broker never answers (aiokafka waits for a group coordinator for ever)."""
+    await asyncio.Event().wait()
+    return True
+
+
+async def answers(*args, **kwargs) -> bool:
+    return True
+
+
+@pytest.mark.parametrize(("commit", "in_flight", "skipped"), [
+    (never_answers, False, True), (never_answers, True, True), (answers, False, False), (answers, True, False),
+], ids=["no-answer", "no-answer-with-a-periodic-commit-waiting", "answered", "answered-with-a-periodic-commit"])
+async def test_the_final_commit_is_given_up_when_the_broker_does_not_answer(monkeypatch, caplog, commit, in_flight,
+                                                                            skipped):
+    """Faust's stop waits for its final commit, which with the broker away waited for ever: a
+    worker with events acknowledged since the last commit did not stop until the broker came
+    back. Now it is given up after STOP_COMMIT_S, and said so; also when the periodic commit is in
+    flight, waiting too (Faust's commit then swallows the first cancellation of its wait and
+    starts its own: asyncio.wait_for would wait for ever)."""
+    monkeypatch.setattr(consumer_module, "STOP_COMMIT_S", 0.3)
+    app = create_app(Settings.from_env({"STREAMREC_MODEL_DIR": "/nonexistent"}), store=InMemoryUserStateStore())
+    consumer = app.consumer
+    assert isinstance(consumer, Consumer)
+    consumer.force_commit = commit  # what Faust's commit() awaits: offsets to aiokafka's commit, in the thread
+    # Faust's commit every broker_commit_interval, in flight as the stop begins
+    periodic = asyncio.ensure_future(consumer.commit() if in_flight else asyncio.sleep(0))
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger=Consumer.logger.name):
+        await asyncio.wait_for(consumer.commit_and_end_transactions(), 5)
+    assert time.monotonic() - started < 0.3 + consumer_module.STOP_COMMIT_CANCEL_S + 0.5
+    assert ("the final commit is skipped" in caplog.text) is skipped
+    periodic.cancel()
+    await asyncio.wait({periodic}, timeout=1)
+    assert periodic.done()
+
+
+async def test_a_task_that_goes_on_past_a_cancellation_is_cancelled_again():
+    swallowed = []
+
+    async def swallows_one():
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.append(True)
+        await asyncio.Event().wait()
+
+    task = asyncio.ensure_future(swallows_one())
+    await asyncio.sleep(0)
+    assert await cancel_within(task, 1.0)
+    assert swallowed == [True] and task.cancelled()
+
+
+async def test_a_task_that_never_ends_is_left_after_the_time_given():
+    ended = asyncio.Event()
+
+    async def ends_only_when_told():
+        while not ended.is_set():
+            try:
+                await ended.wait()
+            except asyncio.CancelledError:
+                pass
+
+    task = asyncio.ensure_future(ends_only_when_told())
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    assert not await cancel_within(task, 0.2)
+    assert 0.2 <= time.monotonic() - started < 1.0
+    ended.set()
+    await asyncio.wait_for(task, 1)
