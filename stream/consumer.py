@@ -55,6 +55,7 @@ from typing import Any
 
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
+from mode.threads import WorkerThread
 
 from stream.connections import ISOLATION_LEVEL
 from stream.logs import ClippedTracebacks
@@ -418,6 +419,14 @@ async def seek_to_committed_or_start(consumer) -> dict:
     return committed
 
 
+class DaemonWorkerThread(WorkerThread):
+    """mode's thread of a service, which the interpreter does not wait for at exit."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.daemon = True
+
+
 class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     """Faust's consumer thread, whose aiokafka consumer fetches by :data:`FETCH_MIN_BYTES`
     or the transport's ``fetch_max_wait_ms`` (Faust's own: 1 byte or 1,500 ms), paced by the
@@ -426,9 +435,16 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     It stops within :data:`THREAD_STOP_S` (mode's default is 60 s): with the broker away, its
     aiokafka consumer never finishes leaving the group, and a worker asked to stop (SIGTERM)
     took 62 s, past Kubernetes' grace period of 60 s; nothing it could still commit is lost
-    (the broker is away), and the partitions are read again from the last commit."""
+    (the broker is away), and the partitions are read again from the last commit.
+
+    Its thread is a daemon: a worker no longer waits for it once that time has passed. With a
+    broker that stopped answering (SIGSTOP, a host gone) rather than refusing, its aiokafka
+    consumer's stop waits for the fetch in flight, up to ``broker_request_timeout`` (Faust's
+    90 s), and the interpreter waited for the thread at exit: the worker's process ran on for
+    that long after its event loop closed."""
 
     shutdown_timeout = THREAD_STOP_S
+    Worker = DaemonWorkerThread
 
     def topic_partitions(self, topic: str) -> int | None:
         """How many partitions ``topic`` has, as this member's client metadata says (refreshed
@@ -493,5 +509,5 @@ class Transport(faust_aiokafka.Transport):
 
 
 __all__ = ["FAUST_DRAIN_MESSAGES_FINGERPRINT", "FETCH_MIN_BYTES", "IDLE_FETCH_WAIT_MS", "PACED_FETCH_CAP", "STOP_COMMIT_S",
-           "Consumer", "ConsumerThread", "FetchPacer", "Transport", "adapt_fetches", "cancel_within", "resume",
+           "Consumer", "ConsumerThread", "DaemonWorkerThread", "FetchPacer", "Transport", "adapt_fetches", "cancel_within", "resume",
            "seek_to_committed_or_start", "source_fingerprint", "start"]

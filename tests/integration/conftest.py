@@ -20,7 +20,7 @@ Fixtures:
   after the test (the server may be a developer's, so nothing is flushed).
 - ``redis_client`` (function): ``redis.Redis`` on ``redis_url`` with ``decode_responses=True``.
 - ``private_kafka`` / ``private_redis`` (function): a server of the test alone, to ``halt`` and
-  ``start`` again; ``unstarted_kafka``: a broker of the test alone that it starts itself.
+  ``start`` again, or ``pause`` (SIGSTOP) and ``resume``; ``unstarted_kafka``: a broker of the test alone that it starts itself.
 
 Every test under ``tests/integration`` is marked ``integration`` automatically.
 """
@@ -125,6 +125,7 @@ class LocalService:
     data_dir: Path
     log: Path
     address: str = ""  # its bootstrap (Kafka) or URL (Redis)
+    paused: bool = False  # SIGSTOPped by ``pause``
 
     def _run(self, command: str, timeout: float) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -147,6 +148,8 @@ class LocalService:
             )
 
     def stop(self) -> None:
+        if self.paused:  # a test that failed before its ``resume``: a stopped process does not take SIGTERM
+            self.resume()
         if self.halt():
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
@@ -161,6 +164,20 @@ class LocalService:
             print(f"\nwarning: stopping {self.name} failed:\n{done.stdout}{done.stderr}")
             return False
         return True
+
+    def pause(self) -> None:
+        """SIGSTOP the server: a host that stops answering (its connections stay open, nothing is
+        refused, nothing answered) until ``resume``."""
+        os.kill(self._pid(), signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        os.kill(self._pid(), signal.SIGCONT)
+        self.paused = False
+
+    def _pid(self) -> int:
+        """The pid its script wrote beside its log (``kafka.pid``, ``redis.pid``)."""
+        return int(self.log.with_suffix(".pid").read_text().strip())
 
     def _fail(self, what: str, output: str) -> None:
         where = (

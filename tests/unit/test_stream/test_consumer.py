@@ -353,3 +353,12 @@ async def test_a_task_that_never_ends_is_left_after_the_time_given():
     assert 0.2 <= time.monotonic() - started < 1.0
     ended.set()
     await asyncio.wait_for(task, 1)
+
+
+async def test_the_consumer_thread_is_not_waited_for_at_exit():
+    """A stop waits THREAD_STOP_S for the consumer thread; past that, the interpreter waited for
+    it at exit, up to Faust's 90 s broker_request_timeout with a broker that stopped answering."""
+    app = create_app(Settings.from_env({"STREAMREC_MODEL_DIR": "/nonexistent"}), store=InMemoryUserStateStore())
+    thread = app.consumer._new_consumer_thread()
+    assert thread.shutdown_timeout == consumer_module.THREAD_STOP_S
+    assert thread.Worker(thread).daemon  # the threading.Thread that runs it (not started here)
