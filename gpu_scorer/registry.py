@@ -4,6 +4,7 @@ Layout::
 
     <model_dir>/
         CURRENT                 # one line: the version to serve (replaced atomically)
+        .last-version           # one line: the highest version name given out (never given again)
         v0001/
             model.onnx          # graph I/O in export.py
             vocab.json          # item id <-> row (vocab.py)
