@@ -110,9 +110,12 @@ class WorkerProcess:
         return sum(float(value) for value in pattern.findall(body))
 
     def agent_restarts(self) -> list[str]:
-        """Log lines where Faust's supervisor restarted (or saw a crash of) the agent."""
+        """Log lines where Faust's supervisor restarted (or saw a crash of) the agent: mode's own
+        words ("Restarting dead ...", "Crashed reason=...", "Giving up on ... crashed"), not any line
+        holding "restarting" (the worker's hint that a Redis restarting closes no connection did)."""
         return [line for line in self.log_text().splitlines()
-                if re.search(r"(?i)restarting|crashed|supervisor.*restart|Agent.*(died|crash)", line)]
+                if re.search(r"Restarting dead|Crashed reason=|Giving up on .*crashed|supervisor.*restart|"
+                             r"[Aa]gent.*(died|crash)", line)]
 
 
 async def until(condition: Callable[[], object], what: str, task: asyncio.Task | None = None,
