@@ -65,17 +65,18 @@ def redis_advice(exc: BaseException) -> str:
     >>> redis_advice(TimeoutError())
     ''
     >>> class ConnectionError(Exception): __module__ = "redis.exceptions"
-    >>> redis_advice(ConnectionError("Connection closed by server.")).startswith(": the server took the connection")
+    >>> redis_advice(ConnectionError("Connection closed by server.")).startswith(": the server closed the connection")
     True
     """
     if not type(exc).__module__.startswith("redis"):
         return ""
     if type(exc).__name__ == "ConnectionError" and "closed by server" in str(exc):
-        # a Redis restarting refuses the connection (or answers LOADING); one that takes it and
-        # closes it unanswered is no Redis speaking plain RESP: Kafka's port does so
-        return (": the server took the connection and closed it without a word, which a Redis restarting does not "
-                "do. If this lasts, check that STREAMREC_REDIS_URL names a Redis port (not Kafka's, say), and use "
-                "rediss:// for a Redis that requires TLS")
+        # a Redis shutting down closes the connections in use once, then refuses new ones (or
+        # answers LOADING as it starts); one that takes each connection and closes it unanswered
+        # is no Redis speaking plain RESP: Kafka's port does so
+        return (": the server closed the connection without an answer. A Redis shutting down does so once; if this "
+                "lasts, check that STREAMREC_REDIS_URL names a Redis port (not Kafka's, say), and use rediss:// for "
+                "a Redis that requires TLS")
     if type(exc).__name__ == "OutOfMemoryError":
         return (": Redis is full (its maxmemory) and refuses writes; give it more memory (INFO memory shows the use), "
                 "or lower STREAMREC_STATE_TTL_S so that idle users' states expire sooner")
