@@ -94,14 +94,20 @@ def test_redis_gone_for_20_s_mid_stream(worker_env, workers, topic_prefix, priva
     assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()
 
 
-def test_the_broker_gone_for_20_s_mid_stream(worker_env, workers, topic_prefix, private_kafka, redis_client,
-                                             refused_sockets_closed):
+def _ready_worker_and_feeder(workers, topic_prefix, private_kafka, n_events: int, seed: int, rate: float):
+    """A ready worker on ``private_kafka`` (its topics made with 2 partitions), a feeder of
+    ``n_events`` synthetic events at ``rate`` (not started), and what they should apply."""
     bootstrap = private_kafka.address
     ensure_topics(bootstrap, [f"{topic_prefix}{t}" for t in ("clicks", "purchases", "recommendations", "dlq")], 2)
-    records, expected = synthetic_records(3000, seed=22)
+    records, expected = synthetic_records(n_events, seed=seed)
     worker = workers(metrics=True, STREAMREC_KAFKA_BOOTSTRAP=bootstrap)
     wait_for(lambda: _ready(worker), 90, "the worker to be ready", worker)
-    feeder = Feeder(bootstrap, topic_prefix, records, rate=100)
+    return worker, Feeder(bootstrap, topic_prefix, records, rate=rate), expected
+
+
+def test_the_broker_gone_for_20_s_mid_stream(worker_env, workers, topic_prefix, private_kafka, redis_client,
+                                             refused_sockets_closed):
+    worker, feeder, expected = _ready_worker_and_feeder(workers, topic_prefix, private_kafka, 3000, 22, 100)
     _through_an_outage(worker, private_kafka, feeder, redis_client, topic_prefix, expected, ("kafka",), "the broker")
     assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()
 
@@ -132,12 +138,7 @@ def test_sigterm_with_the_broker_away_while_events_flow_stops_within_kubernetes_
     it. Now the final commit is given up too, and said so; nothing is lost: the next worker
     applies every event exactly once. The broker stopped (connections refused), or paused
     (SIGSTOP: nothing answered, the batch in hand waits for it the drain's 30 s)."""
-    bootstrap = private_kafka.address
-    ensure_topics(bootstrap, [f"{topic_prefix}{t}" for t in ("clicks", "purchases", "recommendations", "dlq")], 2)
-    records, expected = synthetic_records(8000, seed=24)
-    worker = workers(metrics=True, STREAMREC_KAFKA_BOOTSTRAP=bootstrap)
-    wait_for(lambda: _ready(worker), 90, "the worker to be ready", worker)
-    feeder = Feeder(bootstrap, topic_prefix, records, rate=400)
+    worker, feeder, expected = _ready_worker_and_feeder(workers, topic_prefix, private_kafka, 8000, 24, 400)
     feeder.start()
     try:
         wait_for(lambda: sum(applied_counts(redis_client, topic_prefix, expected).values()) > 500, 60, "events to flow",
@@ -153,7 +154,7 @@ def test_sigterm_with_the_broker_away_while_events_flow_stops_within_kubernetes_
         feeder.finish()
     finally:
         feeder.stop()  # its producer closed, should the test have failed half-way (else done already)
-    again = workers(metrics=True, STREAMREC_KAFKA_BOOTSTRAP=bootstrap)
+    again = workers(metrics=True, STREAMREC_KAFKA_BOOTSTRAP=private_kafka.address)
     wait_for(lambda: exactly_once(redis_client, topic_prefix, expected), 240, "every event applied exactly once", again)
 
 
