@@ -412,8 +412,8 @@ class RedisConnection:
                 raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: no socket path; expected "
                                   "unix:///path/to/redis.sock")
             return
-        host = parsed.hostname or ""
-        if not host or any(c.isspace() for c in host):
+        host = parsed.hostname or ""  # an IPv6 address without its brackets
+        if not host or not _host_ok(f"[{host}]" if ":" in host else host):  # 'a..b' or 'h%zz': waited for, for ever
             raise ConfigError(f"STREAMREC_REDIS_URL={self.masked_url}: {'no host' if not host else f'host {host!r}'}; "
                               "expected redis://host:port/db, e.g. redis://127.0.0.1:6379/0")
         if parsed.port == 0:

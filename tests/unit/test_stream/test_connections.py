@@ -301,6 +301,9 @@ def test_a_password_written_as_the_user_is_pointed_out():
     # text for the binary user documents and snapshot: a restarted worker retried its snapshot for
     # ever (UnicodeDecodeError); redis-py keeps "False" from a URL as a string, which is true
     ("redis://h:6379/0?decode_responses=true", "decode_responses is not supported"),
+    # a host no name resolves (as for the Kafka bootstrap): waited for, for ever
+    ("redis://a..b:6379/0", "host 'a..b'"),
+    ("redis://h%zz:6379/0", "host 'h%zz'"),
     ("redis://h:6379/0?decode_responses=False", "decode_responses is not supported"),
     # a '/', '#' or '?' in the password: urllib's complaint quoted the password as a port, or the
     # address parsed as a host named by the user name
