@@ -33,6 +33,21 @@ log = logging.getLogger("streamrec.scorer")
 _last_warned = [""]
 
 
+def model_dir_problem(text: str) -> str | None:
+    """What is wrong with ``text`` as a model registry's path where no shell read it (an
+    environment variable, a quoted option), else None: the worker, serve, train and retrain
+    looked in, or wrote to, a folder of that very name.
+
+    >>> model_dir_problem("~/models"), model_dir_problem("/srv/models")
+    ("'~' is expanded by a shell only, not here; give the full path", None)
+    """
+    if text != text.strip():
+        return "the path starts or ends with a space; remove it"
+    if text.startswith("~"):
+        return "'~' is expanded by a shell only, not here; give the full path"
+    return None
+
+
 def default_model_dir() -> Path:
     return Path(os.environ.get("STREAMREC_MODEL_DIR") or "models")
 

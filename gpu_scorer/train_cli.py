@@ -26,7 +26,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gpu_scorer.layout import MANIFEST
+from gpu_scorer.layout import MANIFEST, model_dir_problem
 from gpu_scorer.registry import ModelRegistry
 from gpu_scorer.runtime import DEVICES, cuda_unavailable
 from online_models.datasets import FORMATS, SEED_MAX, read_interactions
@@ -54,6 +54,9 @@ def check_registry_dir(model_dir: Path) -> None:
     """A usage error unless a version can be registered under ``model_dir``: it is (or can be
     made) a folder, and it can be written (the workers' models volume is often mounted
     read-only). Found before the training, not after it."""
+    problem = model_dir_problem(str(model_dir))
+    if problem:  # typer takes '~/models' from STREAMREC_MODEL_DIR as a folder named '~'
+        raise typer.BadParameter(f"{str(model_dir)!r}: {problem}", param_hint="--model-dir")
     nearest = next(p for p in (model_dir, *model_dir.absolute().parents) if p.exists())
     if not nearest.is_dir():
         raise typer.BadParameter(f"{model_dir}: {nearest} is a file, not a folder", param_hint="--model-dir")

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import ClassVar
 
+from gpu_scorer.layout import model_dir_problem
 from online_models.recommender import RecommenderConfig
 from stream.connections import KafkaConnection, RedisConnection, mask_url
 from stream.errors import ConfigError, clipped
@@ -525,11 +526,9 @@ def _convert(name: str, typ, raw):
         if typ == "Path":
             # empty is unset, as `streamrec train --model-dir`'s option reads the same variable: not
             # Path("") (the working folder), where the worker looked while train wrote ./models
-            if raw != raw.strip():  # 'models ' looked in a folder of that name: no model, no error
-                raise ConfigError(f"{name}={raw!r}: the path starts or ends with a space; remove it")
-            if raw.startswith("~"):  # not expanded outside a shell: the worker looked in a folder named ~
-                raise ConfigError(f"{name}={raw!r}: '~' is expanded by a shell only, not here; give the full path "
-                                  f"(e.g. {str(Path(raw).expanduser())!r})")
+            problem = model_dir_problem(raw)  # 'models ' or '~/models': the worker looked elsewhere, without a model
+            if problem:
+                raise ConfigError(f"{name}={raw!r}: {problem}")
             return Path(raw) if raw else Path(_default_of(name))
         if typ == "float":
             value = float(raw)

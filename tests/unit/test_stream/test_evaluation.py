@@ -675,3 +675,18 @@ def test_cli_evaluate_warns_in_one_line_when_the_scorer_knows_few_items(monkeypa
     assert len(lines) == 1 and "distinct items judged" in lines[0], result.output
     if as_json:
         assert json.loads(result.stdout)["scorer_vocabulary"]["warning"] == lines[0]
+
+
+def test_train_into_a_model_dir_no_shell_expanded_is_refused(tmp_path, monkeypatch):
+    """STREAMREC_MODEL_DIR='~/models' (or 'models '): train wrote a folder named '~' in the working
+    folder, where the worker (which refuses such a value now) never looks."""
+    from gpu_scorer.train_cli import train
+
+    monkeypatch.chdir(tmp_path)
+    app = typer.Typer()
+    app.command("train")(train)
+    app.command("noop")(lambda: None)
+    for value, said in (("~/models", "'~' is expanded by a shell only"), ("models ", "starts or ends with a space")):
+        result = CliRunner().invoke(app, ["train", "--limit", "300"], env={"COLUMNS": "500", "STREAMREC_MODEL_DIR": value})
+        assert result.exit_code == 2 and said in result.output, result.output
+        assert not (tmp_path / "~").exists() and not (tmp_path / "models ").exists()
