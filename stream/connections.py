@@ -48,6 +48,11 @@ class AccessDenied(StreamrecError):
     a missing ACL. A user's mistake to fix in the settings, not a service to wait for."""
 
 
+#: a URL's user part up to its password (group 1) and the password (group 2): greedy to the last
+#: '@', as a password may itself hold '@', '/' or '?' (more masked is safe)
+_PASSWORD = re.compile(r"(//[^:/@?#]*:)(.*)@")
+
+
 def mask_url(url: str) -> str:
     """``url`` with its password hidden, in the user part and in the query.
 
@@ -58,8 +63,7 @@ def mask_url(url: str) -> str:
     >>> mask_url("redis://user@h/0"), mask_url("not a url: p@ss")
     ('redis://user@h/0', 'not a url: p@ss')
     """
-    # greedy to the last '@': a password may itself hold '@', '/' or '?' (more masked is safe)
-    masked = re.sub(r"(//[^:/@?#]*:).*@", r"\1***@", url)
+    masked = _PASSWORD.sub(r"\1***@", url)
     head, sep, query = masked.partition("?")
     if not sep:
         return masked
@@ -327,14 +331,14 @@ class RedisConnection:
         password ends the URL's address part early, and the complaint then quoted a piece of the
         password as a port ("Port could not be cast to integer value as 'hunter2'" for
         ``redis://:hunter2#x@h:1``): that is said instead."""
-        secret = re.search(r"//[^:/@?#]*:(.*)@", self.url)
+        secret = _PASSWORD.search(self.url)
         if secret is None:
             return str(exc)
-        if any(c in secret.group(1) for c in "/?#"):
+        if any(c in secret.group(2) for c in "/?#"):
             return ("the password holds '#', '/' or '?', which end a URL's address part: percent-encode them "
                     "(%23, %2F, %3F)")
         text = str(exc)
-        for form in {secret.group(1), unquote(secret.group(1))}:
+        for form in {secret.group(2), unquote(secret.group(2))}:
             if form:
                 text = text.replace(form, "***")
         return text
