@@ -25,6 +25,7 @@ from stream.forget import forget
 from stream.health import Health, serve
 from stream.produce import produce
 from stream.prometheus import Metrics
+from stream.redrive import redrive
 from stream.report import report
 from stream.retrain_cli import retrain
 from stream.serve import run_server
@@ -207,6 +208,7 @@ def show_settings() -> None:
 app.command("produce")(produce)
 app.command("tail")(tail)
 app.command("forget")(forget)
+app.command("redrive")(redrive)
 app.command("report")(report)
 app.command("train")(train)
 app.command("retrain")(retrain)
