@@ -77,6 +77,9 @@ REFUSALS = {
 #: how far before ``--since`` the dead-letter topic is read, for clocks that disagree
 CLOCK_SLACK_MS = 300_000
 
+#: seconds without a message, with some of the dead-letter topic left to read, after which it gives up
+STALLED_S = 30.0
+
 #: seconds between progress lines on stderr while letters go back
 PROGRESS_EVERY_S = 5.0
 
@@ -155,8 +158,9 @@ class Tally:
     read: int = 0
     newest_sent_ts: int | None = None
 
-    def summary(self, dry_run: bool, dlq: str) -> str:
-        """One paragraph: how many went back where, and every group left with why.
+    def summary(self, dry_run: bool, dlq: str, complete: bool = True) -> str:
+        """One paragraph: how many went back where, and every group left with why (``complete``:
+        the topic was read to its end, so a later run can start after the newest letter sent).
 
         >>> t = Tally(read=5); t.sent.update({"streamrec.clicks": 2}); t.left.update({"code": 2, "items": 1})
         >>> t.left_codes.update({"malformed_json": 2}); t.newest_sent_ts = 1700000000000
@@ -169,7 +173,7 @@ class Tally:
         verb = "would send back" if dry_run else "sent back"
         where = f" ({', '.join(f'{t} {n:,}' for t, n in sorted(self.sent.items()))})" if total else ""
         lines = [f"read {counted(self.read, 'message')} of {dlq}; {verb} {total:,}{where}"]
-        if self.newest_sent_ts is not None and not dry_run:
+        if self.newest_sent_ts is not None and not dry_run and complete:
             lines[0] += (f"; the newest dead-lettered at {self.newest_sent_ts} (a later run with --since "
                          f"{self.newest_sent_ts + 1} leaves these out)")
         for reason, text in REFUSALS.items():
@@ -223,28 +227,30 @@ async def redrive_letters(settings: Settings, choice: Choice, dry_run: bool = Fa
         consumer.assign(todo)
         for tp in todo:
             consumer.seek(tp, starts[tp])
+        heard = time.monotonic()
         while todo and not (stop is not None and stop.is_set()):
             polled = consumer.poll(timeout_ms=500, max_records=500)
-            pending = []
+            chosen: list[tuple[DeadLetter, bytes, bytes | None, str]] = []
             for tp, records in polled.items():
                 for record in records:
                     if record.offset >= ends[tp]:
                         break
                     tally.read += 1
                     out = _take(record, choice, tally, sent_from)
-                    if out is None:
-                        continue
-                    letter, value = out
-                    echo(("would send " if dry_run else "sent ") + dead_letter_line(letter))
-                    if producer is not None:
-                        pending.append(await producer.send(letter.topic, value, key=record.key,
-                                                           headers=[(REDRIVEN_HEADER, f"{dlq}[{tp.partition}]@{record.offset}".encode())]))
+                    if out is not None:
+                        chosen.append((*out, record.key, f"{dlq}[{tp.partition}]@{record.offset}"))
+            if polled:
+                heard = time.monotonic()
+            elif time.monotonic() - heard > STALLED_S:
+                left = some_of([f"{tp.partition}: {consumer.position(tp):,} of {ends[tp]:,}" for tp in todo], 4)
+                raise StreamrecError(f"no message of {dlq} arrived for {STALLED_S:g} s with some left to read "
+                                     f"(partition: position of end {left}): is Kafka at {kafka.bootstrap} answering? "
+                                     f"{_so_far(tally)}")
+            await _send(producer, chosen, tally, echo)
             for tp in list(todo):
                 if consumer.position(tp) >= ends[tp]:
                     todo.remove(tp)
                     consumer.pause(tp)
-            if pending:
-                await asyncio.gather(*pending)
             if progress is not None and time.monotonic() - shown >= PROGRESS_EVERY_S:
                 shown = time.monotonic()
                 progress(f"redrive: {tally.read:,} letters read, {sum(tally.sent.values()):,} sent back")
@@ -257,13 +263,36 @@ async def redrive_letters(settings: Settings, choice: Choice, dry_run: bool = Fa
     return tally
 
 
+async def _send(producer, chosen: list, tally: Tally, echo) -> None:
+    """Send each chosen value (none with no ``producer``: a dry run) and count and echo each one
+    Kafka confirmed, in order; the first failure raises after the sends before it are counted."""
+    if producer is not None and chosen:
+        futures = [await producer.send(letter.topic, value, key=key, headers=[(REDRIVEN_HEADER, origin.encode())])
+                   for letter, value, key, origin in chosen]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+    else:
+        results = [None] * len(chosen)
+    for (letter, _, _, _), result in zip(chosen, results, strict=True):
+        if isinstance(result, BaseException):
+            raise result
+        tally.sent[letter.topic] += 1
+        tally.newest_sent_ts = letter.ts if tally.newest_sent_ts is None else max(tally.newest_sent_ts, letter.ts)
+        echo(("sent " if producer is not None else "would send ") + dead_letter_line(letter))
+
+
 def _so_far(tally: Tally) -> str:
+    """What a redrive that stopped part way says: how many Kafka confirmed, and how to go on.
+
+    >>> t = Tally(); print(_so_far(t))
+    nothing was sent back; run the same command again
+    >>> t.sent.update({"streamrec.clicks": 3}); print(_so_far(t))
+    Kafka confirmed 3 values sent back; run the same command again for the rest (the workers skip an event sent back twice while its event_id is among its user's latest STREAMREC_DEDUPE_WINDOW)
+    """
     done = sum(tally.sent.values())
     if not done:
         return "nothing was sent back; run the same command again"
-    return (f"Kafka confirmed {done:,} values sent back, those dead-lettered up to {tally.newest_sent_ts}; "
-            f"run it again with --since {tally.newest_sent_ts} (a value sent twice is applied once while its "
-            "event id is among the user's latest STREAMREC_DEDUPE_WINDOW)")
+    return (f"Kafka confirmed {counted(done, 'value')} sent back; run the same command again for the rest (the workers "
+            "skip an event sent back twice while its event_id is among its user's latest STREAMREC_DEDUPE_WINDOW)")
 
 
 def _take(record, choice: Choice, tally: Tally, sent_from: set) -> tuple[DeadLetter, bytes] | None:
@@ -285,8 +314,6 @@ def _take(record, choice: Choice, tally: Tally, sent_from: set) -> tuple[DeadLet
             tally.left_topics[letter.topic] += 1
         return None
     sent_from.add((letter.topic, letter.partition, letter.offset))
-    tally.sent[letter.topic] += 1
-    tally.newest_sent_ts = letter.ts if tally.newest_sent_ts is None else max(tally.newest_sent_ts, letter.ts)
     return letter, value
 
 
@@ -341,7 +368,7 @@ def redrive(
 
     with stop_on_signals() as stop:
         tally = asyncio.run(redrive_letters(settings, choice, dry_run=dry_run, progress=progress, stop=stop))
-    typer.echo(tally.summary(dry_run, topics.dlq))
+    typer.echo(tally.summary(dry_run, topics.dlq, complete=not stop.is_set()))
     if stop.is_set():
         typer.secho(f"redrive: stopped early; {_so_far(tally)}", err=True, fg="yellow")
         raise typer.Exit(130)
