@@ -35,6 +35,10 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: what STREAMREC_LOG_LEVEL and the commands' --loglevel accept
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: ``STREAMREC_*`` variables that are not settings: read by deploy/ files, not by a process
+#: the settings that name one of a few words, read without regard to case or surrounding spaces
+#: (`STREAMREC_SCORER_DEVICE=CPU`, `STREAMREC_LOG_LEVEL=' info'`), as the security protocol, the
+#: SASL mechanism and the booleans are
+FOLDED = frozenset({"STREAMREC_SCORER_DEVICE", "STREAMREC_LOG_LEVEL", "STREAMREC_LOG_FORMAT"})
 OTHER_VARIABLES = frozenset({"STREAMREC_IMAGE_TAG", "STREAMREC_WORKERS", "STREAMREC_DEPLOY_TOOLS"})
 LOG_FORMATS = ("text", "json")
 
@@ -46,7 +50,7 @@ def log_level(flag: str | None, default: str = "info") -> str:
     >>> log_level(None, "info"), log_level("Debug")
     ('INFO', 'DEBUG')
     """
-    level = flag or default
+    level = (flag or default).strip()
     if level.lower() not in LOG_LEVELS:
         raise ConfigError(f"--loglevel {level!r}: expected debug, info, warning or error")
     return level.upper()
@@ -235,6 +239,8 @@ class Settings:
         for f in fields(cls):
             name = f.metadata["env"]
             raw = overrides.get(f.name, environ.get(name, f.default))
+            if name in FOLDED and isinstance(raw, str):
+                raw = raw.strip().lower()
             values[f.name] = _convert(name, f.type, raw)
         settings = cls(**values)
         settings.check()

@@ -46,6 +46,16 @@ def test_booleans(raw, value):
     assert Settings.from_env({"STREAMREC_EXCLUDE_PURCHASED": raw}).exclude_purchased is value
 
 
+@pytest.mark.parametrize(("name", "raw", "field", "value"), [
+    ("STREAMREC_SCORER_DEVICE", "CPU", "scorer_device", "cpu"), ("STREAMREC_SCORER_DEVICE", " Cuda\n", "scorer_device", "cuda"),
+    ("STREAMREC_LOG_LEVEL", " info", "log_level", "info"), ("STREAMREC_LOG_LEVEL", "WARNING", "log_level", "warning"),
+    ("STREAMREC_LOG_FORMAT", "JSON ", "log_format", "json"),
+])
+def test_a_setting_of_a_few_words_is_read_without_regard_to_case_or_spaces(name, raw, field, value):
+    """As the security protocol and the booleans were: `CPU` and `' info'` were refused."""
+    assert getattr(Settings.from_env({name: raw}), field) == value
+
+
 def test_overrides_win_over_the_environment():
     s = Settings.from_env({"STREAMREC_TOP_K": "5"}, top_k=7, topic_prefix="x.")
     assert s.top_k == 7 and s.topics.clicks == "x.clicks"
