@@ -185,7 +185,10 @@ class Recommender:
         # their keys derive from the user id (online_models.base.owned_by). One bound for all
         # users rather than one per user: a user with many sessions cannot grow it past
         # max_users, and forget_user finds a user's sessions in one pass (forgets are rare).
-        self._session_users: dict[str, str] = {}
+        # A session id more than one user sent (a shared device, ids the site numbers per
+        # user) maps to all of them (:func:`_with_owner`), since the learners keep one session
+        # of their items: forgetting any of them drops it whole.
+        self._session_users: dict[str, str | tuple[str, ...]] = {}
         #: keyed hash of a forgotten user id -> the erasure time (refuses); the salt is random
         #: per Recommender and travels in its snapshot, so no raw id is kept
         self._forget_salt: bytes = os.urandom(16)
@@ -234,8 +237,8 @@ class Recommender:
             uid = x.user_id
             if sid != uid:
                 owners = self._session_users
-                owners.pop(sid, None)
-                owners[sid] = uid
+                held = owners.pop(sid, uid)
+                owners[sid] = uid if held == uid else _with_owner(held, uid)
                 cap = self.config.max_users  # at least the cap's newest (see __init__), 1/64 more at most
                 trim_oldest(owners, cap + cap // 64, keep=cap)
         for learner in self.learners.values():
@@ -292,7 +295,8 @@ class Recommender:
         self._ranked.pop(user_id, None)
         self._shown.pop(user_id, None)
         owners = self._session_users
-        sessions = [sid for sid, uid in owners.items() if uid == user_id]
+        sessions = [sid for sid, held in owners.items()
+                    if held == user_id or (type(held) is tuple and (not held or user_id in held))]
         failed: list[tuple[str, BaseException]] = []
         for name, learner in self.learners.items():
             try:
@@ -594,6 +598,27 @@ class Recommender:
         out = {name: learner.version for name, learner in self.learners.items()}
         out["reranker"] = self.reranker.version
         return out
+
+
+#: users a session id is linked to at most; a session id sent by more (ids numbered per user:
+#: "1" for everyone) is linked to all users, as ``()``: any user's erasure drops it
+MAX_SESSION_OWNERS = 16
+
+
+def _with_owner(held: str | tuple[str, ...], uid: str) -> str | tuple[str, ...]:
+    """The users of a session whose latest event ``uid`` sent, ``held`` those before it (one, or
+    a tuple of several; ``()``: more than :data:`MAX_SESSION_OWNERS`, so anyone's).
+
+    >>> _with_owner("u1", "u2"), _with_owner(("u1", "u2"), "u1"), _with_owner(("u1", "u2"), "u3")
+    (('u1', 'u2'), ('u1', 'u2'), ('u1', 'u2', 'u3'))
+    >>> _with_owner(tuple(f"u{n}" for n in range(MAX_SESSION_OWNERS)), "x"), _with_owner((), "x")
+    ((), ())
+    """
+    if type(held) is not tuple:
+        return (held, uid)
+    if not held or uid in held:
+        return held
+    return held + (uid,) if len(held) < MAX_SESSION_OWNERS else ()
 
 
 def _bounded_put(store: dict, key: str, value: object, limit: int) -> None:

@@ -298,3 +298,39 @@ def test_the_forgotten_set_is_trimmed_by_the_later_of_the_bound_and_the_erasure_
     rec.forget_user("again", before_ts=5_000, at_ms=70_000)
     rec.forget_user("again", before_ts=4_000, at_ms=80_000)  # delivered again: the later erasure counts
     assert rec.trim_forgotten(75_000) == 0 and rec.refuses("again", 5_000)
+
+
+@pytest.mark.parametrize("forgotten", ["alice", "bob"])
+def test_a_session_id_two_users_sent_goes_whole_when_either_is_forgotten(forgotten):
+    # a shared device, or session ids the site numbers per user: one session key holds both
+    # users' items in co-visitation and in the session index; the session -> user link kept
+    # only the latest sender, so forgetting the earlier one left their items in that session
+    rec = Recommender.default(RecommenderConfig(weights={**RecommenderConfig().weights, "session_hybrid": 1.0}))
+    ts = 1_700_000_000_000
+    for n, item in enumerate(["alice-item-1", "alice-item-2", "alice-item-3"]):
+        rec.learn_one(Interaction("alice", item, ts=ts + n, session_id="kiosk-7"))
+    for n, item in enumerate(["bob-item-1", "bob-item-2"]):
+        rec.learn_one(Interaction("bob", item, ts=ts + 10 + n, session_id="kiosk-7"))
+    rec.learn_one(Interaction("carol", "carol-item", ts=ts + 20, session_id="carol-s1"))
+    assert b"kiosk-7" in rec.snapshot()
+
+    rec.forget_user(forgotten, before_ts=ts + 100)
+
+    after = rec.snapshot()
+    assert b"kiosk-7" not in after, "the forgotten user's items stay in a session another user also sent"
+    assert b"carol-s1" in after and b"carol" in after  # nobody else's session goes
+    assert "kiosk-7" not in rec._session_users
+    for name in ("covisit", "session_hybrid"):
+        learner = rec.learners[name]
+        index = getattr(learner, "_sessions", None) or learner._knn.index.sessions
+        assert not [key for key in index if "kiosk-7" in key], name
+
+
+def test_a_session_id_sent_by_more_users_than_are_kept_goes_with_any_forgotten_user():
+    rec = Recommender.default()
+    for n in range(40):  # one session id, 40 users (ids the site numbers per user: "1" for everyone)
+        rec.learn_one(Interaction(f"user-{n}", f"i{n}", ts=n, session_id="1"))
+    rec.forget_user("user-0", before_ts=100)
+    assert "1" not in rec._session_users and "1" not in rec.learners["covisit"]._sessions
+    rec.learn_one(Interaction("user-5", "i5", ts=200, session_id="1"))  # the others go on, in a fresh session
+    assert rec._session_users == {"1": "user-5"} and rec.learners["covisit"]._sessions["1"] == ["i5"]
