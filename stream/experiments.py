@@ -76,6 +76,8 @@ SEARCHED = 8
 #: characters of an arm's tag at the end of a ``rec_id`` (:func:`rec_tag`), after :data:`TAG_SEP`
 TAG_CHARS = 4
 TAG_SEP = "-"
+#: the variant the workers count under without an experiment (no arm may take it)
+DEFAULT_VARIANT = "default"
 
 
 @functools.lru_cache(maxsize=256)
@@ -210,6 +212,19 @@ def load_experiment(path: str | Path, known_sources: Sequence[str] = ()) -> Expe
     return parse_experiment(data, where, known_sources)
 
 
+def _encodable(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (a JSON file's ``\\ud800`` escape gives a lone surrogate, which cannot).
+
+    >>> _encodable("ünï 名前"), _encodable("\\ud800")
+    (True, False)
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _once(pairs: list[tuple[str, object]]) -> dict:
     """A JSON object whose keys are each given once (the last of two was taken, without a word,
     where TOML refuses the file)."""
@@ -232,6 +247,9 @@ def parse_experiment(data: Mapping, where: str = "the experiment", known_sources
     name = data.get("experiment")
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"{where}: `experiment` must name the experiment (a non-empty string)")
+    if not _encodable(name):
+        raise ConfigError(f"{where}: `experiment` {name!r} holds a lone surrogate (a JSON \\ud800 escape), "
+                          "which no UTF-8 text can carry")
     raw_arms = data.get("arms")
     if not isinstance(raw_arms, list) or len(raw_arms) < 1:
         raise ConfigError(f"{where}: `arms` must list at least one arm ([[arms]] tables)")
@@ -247,6 +265,13 @@ def parse_experiment(data: Mapping, where: str = "the experiment", known_sources
         arm_name = raw.get("name")
         if not isinstance(arm_name, str) or not arm_name.strip() or len(arm_name) > 64:
             raise ConfigError(f"{at}: `name` must be a non-empty string of at most 64 characters")
+        if not _encodable(arm_name):  # every list of the arm was a dead letter, its metrics and the report a traceback
+            raise ConfigError(f"{at}: `name` {arm_name!r} holds a lone surrogate (a JSON \\ud800 escape), which "
+                              "the arm's lists, its metrics' labels and the report cannot carry as UTF-8")
+        if arm_name == DEFAULT_VARIANT:
+            raise ConfigError(f"{at}: an arm may not be named {DEFAULT_VARIANT!r}: workers without "
+                              "STREAMREC_VARIANTS count under that variant, and the report would add their counts "
+                              "to the arm's without a warning; rename it")
         if arm_name in seen:
             raise ConfigError(f"{at}: arm {arm_name!r} is named twice")
         same_tag = [other for other in seen if rec_tag(other) == rec_tag(arm_name)]
@@ -397,5 +422,5 @@ def shown(recs: list[list], rec_id: str) -> bool:
     return False
 
 
-__all__ = ["Arm", "Attribution", "BASELINES", "Experiment", "attribute", "home_list", "load_experiment",
+__all__ = ["Arm", "Attribution", "BASELINES", "DEFAULT_VARIANT", "Experiment", "attribute", "home_list", "load_experiment",
            "parse_experiment", "rec_tag", "remembered", "serving_view", "shown", "shuffled", "tag_of"]

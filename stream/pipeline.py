@@ -55,6 +55,7 @@ from online_models.search.catalogue import CatalogueMemo
 from online_models.search.cold_start import ContentMatcher
 from stream.errors import ConfigError
 from stream.experiments import (
+    DEFAULT_VARIANT,
     RECS_KEPT,
     Arm,
     Attribution,
@@ -193,7 +194,7 @@ class RecommendationStep:
     DEAD_LETTERS_KEPT = 65_536
 
     #: the variant name counters go under when no experiment is set
-    DEFAULT_VARIANT = "default"
+    DEFAULT_VARIANT = DEFAULT_VARIANT
 
     def __init__(self, recommender: Recommender, scorer=None, config: StepConfig | None = None,
                  experiment: Experiment | None = None, arm_scorers: Mapping[str, object] | None = None) -> None:

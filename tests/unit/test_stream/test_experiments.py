@@ -448,3 +448,21 @@ def test_an_arm_whose_lists_would_be_empty_or_cut_stops_the_start(tmp_path, arm,
     with pytest.raises(ConfigError, match="STREAMREC_VARIANTS") as info:
         RecommendationStep.from_settings(Settings.from_env({"STREAMREC_VARIANTS": str(path)}))
     assert said in str(info.value), info.value
+
+
+def test_names_no_utf8_text_can_carry_and_an_arm_named_default_stop_the_start(tmp_path):
+    """A JSON file's "\\ud800" escape made an arm (or experiment) name with a lone surrogate: the
+    worker started, then dead-lettered every event of the arm's users (the list could not be
+    encoded), and `streamrec report` ended in a UnicodeEncodeError. An arm named "default" took
+    the counts of workers without STREAMREC_VARIANTS as its own, and no warning could say so."""
+    arms = [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5}]
+    for name, data in (("arm.json", {"experiment": "e", "arms": [{"name": "\ud800", "share": 0.5}, arms[1]]}),
+                       ("exp.json", {"experiment": "e-\udfff", "arms": arms})):
+        path = tmp_path / name
+        path.write_text(json.dumps(data))  # ASCII: the surrogate is written as its escape
+        with pytest.raises(ConfigError, match="lone surrogate"):
+            load_experiment(path)
+    with pytest.raises(ConfigError, match="arms.0.: an arm may not be named 'default'"):
+        parse_experiment({"experiment": "e", "arms": [{"name": "default", "share": 0.5}, arms[1]]})
+    assert parse_experiment({"experiment": "e", "arms": [{"name": "ünï 名前 🙂", "share": 0.5}, arms[1]]}).names \
+        == ["ünï 名前 🙂", "b"]
