@@ -177,6 +177,24 @@ class Experiment:
     def names(self) -> list[str]:
         return [a.name for a in self.arms]
 
+    @property
+    def digest(self) -> str:
+        """8 hex characters naming how this experiment splits and serves users: its name, its
+        control, and each arm's name, bucket range and settings, in order. Workers exporting
+        different digests (``streamrec_experiment_info``) put a user in different arms, or serve
+        an arm differently: ``streamrec report`` says so.
+
+        >>> a = Experiment("x", (Arm("a", 0.5), Arm("b", 0.5)), "a")
+        >>> a.digest == Experiment("x", (Arm("a", 0.5), Arm("b", 0.5)), "a").digest
+        True
+        >>> a.digest == Experiment("x", (Arm("b", 0.5), Arm("a", 0.5)), "a").digest
+        False
+        """
+        arms = [[a.name, upper, a.baseline, sorted(a.weights.items()), list(a.learners_off), a.model, a.candidates]
+                for a, upper in zip(self.arms, self._bounds, strict=True)]  # type: ignore[attr-defined]
+        text = json.dumps([self.name, self.control, arms], ensure_ascii=True)
+        return hashlib.blake2b(text.encode("ascii"), digest_size=4).hexdigest()
+
     def describe(self) -> str:
         return f"experiment {self.name!r}: " + ", ".join(
             f"{a.name} {a.share:.0%}{f' ({a.baseline})' if a.baseline else ''}" for a in self.arms)

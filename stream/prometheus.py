@@ -80,6 +80,7 @@ class Metrics:
         self.events_refused_forgotten = Counter("events_refused_forgotten_total", "Events neither applied nor learned because their user was forgotten after them (a replay, a redelivery, a late event)", namespace=ns, registry=r)
         self.forget_failures = Counter("forget_failures_total", "Forget requests whose purge raised in a model (a bug): state, lists and refusal were done, a model may still hold part of the user", namespace=ns, registry=r)
         v = ["variant"]
+        self.experiment_info = Gauge("experiment_info", "1 on a worker serving an experiment (STREAMREC_VARIANTS): its name and the digest of how its file splits and serves users (workers showing two digests put users in different arms)", ["experiment", "digest"], namespace=ns, registry=r)
         self.experiment_lists = Counter("experiment_lists_total", "Recommendation lists published, by experiment arm (variant \"default\" without an experiment)", v, namespace=ns, registry=r)
         self.experiment_impressions = Counter("experiment_impressions_total", "Lists the site reported as shown (ImpressionEvents), by arm", v, namespace=ns, registry=r)
         self.experiment_impressions_unmatched = Counter("experiment_impressions_unmatched_total", "Impressions not counted: for a rec_id the user's state does not remember (too old, made up) or counted before, or of a list of an arm the experiment no longer has", namespace=ns, registry=r)

@@ -62,6 +62,8 @@ COUNTERS = {
 #: hits, labelled by ``variant`` and ``k``
 HITS = "streamrec_experiment_hits_total"
 HIT_KS = ("1", "5", "10", "20")
+#: the gauge of a worker serving an experiment, labelled by ``experiment`` and ``digest`` (:attr:`Experiment.digest`)
+INFO = "streamrec_experiment_info"
 #: the rates reported, in order: key, label
 RATES = (("ctr", "CTR"), ("conversion", "conversion"), ("hr20", "HR@20"))
 _NO_COUNTERS = ("no streamrec_experiment_* counters at {where}: is it a worker's (serve exports none), and has "
@@ -149,6 +151,42 @@ def counters_from_metrics_text(text: str) -> dict[str, dict[str, Any]]:
             elif sample.name == HITS and "k" in sample.labels:
                 _add(counters, variant, "hits", sample.value, sample.labels["k"])
     return counters
+
+
+def experiments_in_metrics_text(text: str) -> set[tuple[str, str]]:
+    """The (experiment, digest) pairs of a worker's ``/metrics`` (``streamrec_experiment_info``):
+    none from a worker without STREAMREC_VARIANTS, or of a version that did not export it.
+
+    >>> experiments_in_metrics_text('streamrec_experiment_info{experiment="x",digest="0a1b2c3d"} 1.0\\n')
+    {('x', '0a1b2c3d')}
+    """
+    try:
+        families = list(text_string_to_metric_families(text))
+    except ValueError:
+        return set()  # said by counters_from_metrics_text
+    return {(s.labels["experiment"], s.labels["digest"]) for f in families for s in f.samples
+            if s.name == INFO and "experiment" in s.labels and "digest" in s.labels and s.value > 0}
+
+
+def experiment_warnings(seen: Mapping[tuple[str, str], list[str]], experiment: Experiment | None) -> list[str]:
+    """Warnings when the workers serve more than one experiment file (their ``seen`` (experiment,
+    digest) pairs, each with where it was seen), or one other than ``experiment`` (the report's
+    STREAMREC_VARIANTS): a user is then in one arm on one worker and in another on the next, and
+    the counters summed here mix the two splits.
+
+    >>> print(*experiment_warnings({("x", "aa"): ["w1"], ("x", "bb"): ["w2"]}, None))
+    the workers serve 2 different experiment files ('x' digest aa on w1; 'x' digest bb on w2): a user may be in one arm on one worker and in another on the next, and the counters summed here mix them; run every worker on the same file, restarted together
+    """
+    out = []
+    if len(seen) > 1:
+        parts = "; ".join(f"{name!r} digest {digest} on {', '.join(where)}" for (name, digest), where in sorted(seen.items()))
+        out.append(f"the workers serve {len(seen)} different experiment files ({parts}): a user may be in one arm on "
+                   "one worker and in another on the next, and the counters summed here mix them; run every worker "
+                   "on the same file, restarted together")
+    if experiment is not None and seen and (experiment.name, experiment.digest) not in seen:
+        out.append(f"STREAMREC_VARIANTS here is experiment {experiment.name!r} digest {experiment.digest}, which no "
+                   "worker serves: the arms and the control are taken from a file the workers do not run")
+    return out
 
 
 def merge_counters(parts: Iterable[Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -512,8 +550,10 @@ def metrics_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts)
 
 
-def counters_from_metrics_urls(urls: list[str], timeout: float = 10.0) -> dict[str, dict[str, Any]]:
-    """The counters of several workers' ``/metrics``, summed; each must export some."""
+def counters_from_metrics_urls(urls: list[str], timeout: float = 10.0,
+                               experiments: dict[tuple[str, str], list[str]] | None = None) -> dict[str, dict[str, Any]]:
+    """The counters of several workers' ``/metrics``, summed; each must export some. The
+    experiments the workers serve are added to ``experiments`` (pair -> the URLs)."""
     parts = []
     seen: dict[str, str] = {}
     for given in urls:
@@ -528,6 +568,9 @@ def counters_from_metrics_urls(urls: list[str], timeout: float = 10.0) -> dict[s
         if not counters:
             raise ReportError(_NO_COUNTERS.format(where=url))
         parts.append(counters)
+        if experiments is not None:
+            for pair in sorted(experiments_in_metrics_text(text)):
+                experiments.setdefault(pair, []).append(url)
     return merge_counters(parts)
 
 
@@ -629,6 +672,23 @@ def counters_from_prometheus(base: str, timeout: float = 10.0, window: str | Non
     return counters
 
 
+def experiments_from_prometheus(base: str, timeout: float = 10.0, window: str | None = None
+                                ) -> dict[tuple[str, str], list[str]]:
+    """The (experiment, digest) pairs the workers Prometheus scrapes serve (over ``window`` too,
+    when given: the files whose counters the window's increase sums), each with how many workers."""
+    of = f"max_over_time({INFO}[{window}])" if window else INFO
+    out: dict[tuple[str, str], list[str]] = {}
+    for series in _prometheus_vector(base, f"count by (experiment, digest) ({of})", timeout):
+        labels = series.get("metric") or {}
+        if "experiment" in labels and "digest" in labels:
+            try:
+                n = int(float(series["value"][1]))
+            except (KeyError, IndexError, TypeError, ValueError):
+                n = 0
+            out[(str(labels["experiment"]), str(labels["digest"]))] = [f"{n} worker(s)"]
+    return out
+
+
 def counters_from_json_file(path: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
     """The counters (and control) of a replay's JSON file."""
     try:
@@ -704,10 +764,12 @@ def report(
     experiment = load_experiment(os.environ["STREAMREC_VARIANTS"]) \
         if control is None and os.environ.get("STREAMREC_VARIANTS") else None
     default_control = None
+    seen: dict[tuple[str, str], list[str]] = {}  # the experiments the workers serve
     if metrics:
-        counters = counters_from_metrics_urls(metrics, timeout)
+        counters = counters_from_metrics_urls(metrics, timeout, seen)
     elif prometheus:
         counters = counters_from_prometheus(prometheus_base(prometheus), timeout, window)
+        seen = experiments_from_prometheus(prometheus_base(prometheus), timeout, window)
     else:
         assert json_file is not None
         counters, default_control = counters_from_json_file(json_file)
@@ -715,6 +777,7 @@ def report(
         summary = summarize_experiment(counters, experiment)  # the workers'
     else:
         summary = summarize(counters, control or default_control)
+    summary["warnings"].extend(experiment_warnings(seen, experiment))
     if chart is not None:
         try:
             write_chart(summary, chart)

@@ -179,7 +179,10 @@ class Shell:
         self.peers.on_forget_users = getattr(self.store, "discard", None)
         self.metrics.watch_models(lambda: self.step.recommender)
         if self.step.experiment is not None:
-            log.info("serving %s (users split by a hash of experiment and user id)", self.step.experiment.describe())
+            experiment = self.step.experiment
+            log.info("serving %s (users split by a hash of experiment and user id; digest %s)", experiment.describe(),
+                     experiment.digest)
+            self.metrics.experiment_info.labels(experiment.name, experiment.digest).set(1)
 
     # -- start and stop ----------------------------------------------------------------
     async def restore_models(self) -> None:

@@ -110,6 +110,9 @@ def test_per_arm_counters_and_the_report_match_the_schedule(workers, worker_env,
         assert got["ctr"]["rate"] == want["clicked_lists"] / want["impressions"]
         assert got["conversion"]["rate"] == want["purchased_lists"] / want["impressions"]
     assert summary["variants"]["treatment"]["lift"]["ctr"] is not None
+    # the worker names the file it serves, which the report compares between workers and with its own
+    assert worker.metric("streamrec_experiment_info", experiment="it-loop", digest=experiment.digest) == 1
+    assert summary["warnings"] == []
     table = subprocess.run([sys.executable, "-m", "stream.cli", "report", "--metrics",
                             f"http://127.0.0.1:{worker.metrics_port}", "--chart", str(tmp_path / "report.png")],
                            cwd=ROOT, env=worker_env, capture_output=True, text=True, timeout=60)

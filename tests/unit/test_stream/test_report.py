@@ -12,12 +12,14 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from typer.testing import CliRunner
 
 from stream import cli
 from stream import report as report_module
 from stream.errors import ServiceUnavailable, StreamrecError
+from stream.experiments import load_experiment
+from stream.prometheus import Metrics
 from stream.report import (
     ReportError,
     counters_from_json,
@@ -682,3 +684,60 @@ def test_a_wrong_experiment_file_is_said_before_any_source_is_read(monkeypatch, 
     result = runner.invoke(cli.app, ["report", "--metrics", "http://127.0.0.1:9/metrics"])
     assert result.exit_code != 0 and "STREAMREC_VARIANTS" in str(result.exception) + result.output, result.output
     assert read == []
+
+
+def _worker_route(variants, experiment=None):
+    """A worker's /metrics: its counters and, serving ``experiment``, streamrec_experiment_info."""
+    reg = experiment_registry(variants)
+    if experiment is not None:  # the gauge the worker's Metrics has (checked below)
+        Gauge(report_module.INFO, "info", ["experiment", "digest"], registry=reg).labels(
+            experiment.name, experiment.digest).set(1)
+    body = generate_latest(reg)
+    return lambda _query: (200, "text/plain; version=0.0.4", body)
+
+
+def test_cli_workers_serving_different_experiment_files_are_said(tmp_path, monkeypatch):
+    """Two workers on two files with the same arm names (a change restarted on one of them) put a
+    third of the users in another arm, and the report summed them without a word."""
+    old = tmp_path / "old.toml"
+    old.write_text(TWO_ARMS_TOML)
+    new = tmp_path / "new.toml"  # the arms' order changed: half the users change arm
+    new.write_text('experiment = "x"\ncontrol = "pop"\n[[arms]]\nname = "blend"\nshare = 0.5\n'
+                   '[[arms]]\nname = "pop"\nshare = 0.5\n')
+    e_old, e_new = load_experiment(old), load_experiment(new)
+    reg = CollectorRegistry()
+    Metrics(reg).experiment_info.labels(e_old.name, e_old.digest).set(1)
+    assert (e_old.name, e_old.digest) in report_module.experiments_in_metrics_text(generate_latest(reg).decode())
+    assert e_old.digest != e_new.digest and e_old.digest == load_experiment(old).digest
+    counts = {"pop": {"lists": 10, "clicked_lists": 1}, "blend": {"lists": 10, "clicked_lists": 2}}
+    monkeypatch.setenv("STREAMREC_VARIANTS", str(old))
+    with _Server({"/metrics": _worker_route(counts, e_old)}) as w1, \
+            _Server({"/metrics": _worker_route(counts, e_new)}) as w2, \
+            _Server({"/metrics": _worker_route(counts, e_old)}) as w3:
+        mixed = runner.invoke(cli.app, ["report", "--metrics", w1.url, "--metrics", w2.url, "--json-output"])
+        same = runner.invoke(cli.app, ["report", "--metrics", w1.url, "--metrics", w3.url, "--json-output"])
+        monkeypatch.setenv("STREAMREC_VARIANTS", str(new))
+        other = runner.invoke(cli.app, ["report", "--metrics", w1.url, "--metrics", w3.url])
+    assert mixed.exit_code == 0, mixed.output
+    warnings = json.loads(mixed.stdout)["warnings"]
+    assert len(warnings) == 1 and warnings[0].startswith("the workers serve 2 different experiment files ('x' digest ")
+    assert f"{w1.url}/metrics" in warnings[0] and f"{w2.url}/metrics" in warnings[0]
+    assert json.loads(same.stdout)["warnings"] == []
+    assert other.exit_code == 0, other.output
+    assert f"warning: STREAMREC_VARIANTS here is experiment 'x' digest {e_new.digest}, which no worker serves" \
+        in other.output
+
+
+def test_cli_prometheus_says_when_its_workers_serve_different_experiment_files():
+    answers = {"streamrec_experiment_lists_total": [_sample(10, variant="A")],
+               "streamrec_experiment_info": [_sample(2, experiment="x", digest="0a0a0a0a"),
+                                             _sample(1, experiment="x", digest="0b0b0b0b")]}
+    with _Server({"/api/v1/query": _prometheus_route(answers)}) as prom:
+        result = runner.invoke(cli.app, ["report", "--prometheus", prom.url, "--json-output", "--control", "A"])
+        queries = [urllib.parse.parse_qs(urllib.parse.urlsplit(p).query)["query"][0] for p in prom.requests]
+    assert result.exit_code == 0, result.output
+    assert "count by (experiment, digest) (streamrec_experiment_info)" in queries
+    assert json.loads(result.stdout)["warnings"] == [
+        "the workers serve 2 different experiment files ('x' digest 0a0a0a0a on 2 worker(s); 'x' digest 0b0b0b0b on "
+        "1 worker(s)): a user may be in one arm on one worker and in another on the next, and the counters summed "
+        "here mix them; run every worker on the same file, restarted together"]
