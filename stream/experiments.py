@@ -50,6 +50,7 @@ import functools
 import hashlib
 import json
 import random
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -58,6 +59,7 @@ from pathlib import Path
 from online_models import Recommender, RecommenderConfig
 from online_models.recommender import MAX_WEIGHT, weight_ok
 from stream.errors import ConfigError
+from stream.records import CONTROL_CHARS
 from stream.settings import MAX_LIST
 
 #: the baselines an arm may be instead of a blend
@@ -243,6 +245,11 @@ def _encodable(text: str) -> bool:
     return True
 
 
+#: a control character (a newline, ESC): a name holding one split the report's table rows and the
+#: log's lines
+_CONTROL = re.compile(f"[{CONTROL_CHARS}]")
+
+
 def _once(pairs: list[tuple[str, object]]) -> dict:
     """A JSON object whose keys are each given once (the last of two was taken, without a word,
     where TOML refuses the file)."""
@@ -268,6 +275,9 @@ def parse_experiment(data: Mapping, where: str = "the experiment", known_sources
     if not _encodable(name):
         raise ConfigError(f"{where}: `experiment` {name!r} holds a lone surrogate (a JSON \\ud800 escape), "
                           "which no UTF-8 text can carry")
+    if _CONTROL.search(name):
+        raise ConfigError(f"{where}: `experiment` {name!r} holds a control character (a newline, a tab, ESC): "
+                          "it names the experiment in logs, metrics and the report, one line each")
     raw_arms = data.get("arms")
     if not isinstance(raw_arms, list) or len(raw_arms) < 1:
         raise ConfigError(f"{where}: `arms` must list at least one arm ([[arms]] tables)")
@@ -286,6 +296,9 @@ def parse_experiment(data: Mapping, where: str = "the experiment", known_sources
         if not _encodable(arm_name):  # every list of the arm was a dead letter, its metrics and the report a traceback
             raise ConfigError(f"{at}: `name` {arm_name!r} holds a lone surrogate (a JSON \\ud800 escape), which "
                               "the arm's lists, its metrics' labels and the report cannot carry as UTF-8")
+        if _CONTROL.search(arm_name):  # the report's table row split in two at a newline
+            raise ConfigError(f"{at}: `name` {arm_name!r} holds a control character (a newline, a tab, ESC): the arm "
+                              "names a row of the report's table and a label of the metrics, one line each")
         if arm_name == DEFAULT_VARIANT:
             raise ConfigError(f"{at}: an arm may not be named {DEFAULT_VARIANT!r}: workers without "
                               "STREAMREC_VARIANTS count under that variant, and the report would add their counts "

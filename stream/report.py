@@ -417,6 +417,22 @@ def summarize_experiment(counters: Mapping[str, Mapping[str, Any]], experiment: 
 # --------------------------------------------------------------------------- output
 
 
+def finite(value: Any) -> Any:
+    """``value`` with every float that is not finite as None: JSON has no Infinity (an interval's
+    bound overflows on counts near a float's largest), and a reader's parser refuses it.
+
+    >>> finite({"lift": [0.5, float("inf")], "n": 3})
+    {'lift': [0.5, None], 'n': 3}
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
@@ -784,7 +800,7 @@ def report(
         except OSError as exc:
             raise ReportError(f"cannot write the chart {chart}: {exc.strerror or exc}") from None
     if json_output:
-        typer.echo(json.dumps(summary, indent=2))
+        typer.echo(json.dumps(finite(summary), indent=2, allow_nan=False))
     else:
         typer.echo(format_table(summary))
     if chart is not None:

@@ -466,3 +466,13 @@ def test_names_no_utf8_text_can_carry_and_an_arm_named_default_stop_the_start(tm
         parse_experiment({"experiment": "e", "arms": [{"name": "default", "share": 0.5}, arms[1]]})
     assert parse_experiment({"experiment": "e", "arms": [{"name": "ünï 名前 🙂", "share": 0.5}, arms[1]]}).names \
         == ["ünï 名前 🙂", "b"]
+
+
+@pytest.mark.parametrize("name", ["a\nb", "tab\there", "esc\x1b[2J", "del\x7f"])
+def test_a_name_with_a_control_character_stops_the_start(name):
+    """A newline in an arm's name split its row of the report's table in two (and a log line)."""
+    other = {"name": "b", "share": 0.5}
+    with pytest.raises(ConfigError, match="control character"):
+        parse_experiment({"experiment": "e", "arms": [{"name": name, "share": 0.5}, other]})
+    with pytest.raises(ConfigError, match="control character"):
+        parse_experiment({"experiment": name, "arms": [{"name": "a", "share": 0.5}, other]})

@@ -376,6 +376,17 @@ def test_cli_json_output(tmp_path):
     assert summary["variants"]["A"]["lift"]["hr20"]["lift"] == pytest.approx((200 / 800) / (210 / 700) - 1)
 
 
+def test_cli_json_output_is_json_when_an_interval_overflows(tmp_path):
+    """A lift's upper bound past a float's largest was written as `Infinity`, which JSON has not."""
+    src = tmp_path / "replay.json"
+    src.write_text(json.dumps({"control": "B", "variants": {"A": {"lists": 10, "clicked_lists": 9},
+                                                            "B": {"lists": 1e308, "clicked_lists": 1}}}))
+    result = runner.invoke(cli.app, ["report", "--json", str(src), "--json-output"])
+    assert result.exit_code == 0, result.output
+    lift = json.loads(result.stdout, parse_constant=lambda c: pytest.fail(f"{c} is no JSON"))["variants"]["A"]["lift"]["ctr"]
+    assert lift["ci"][1] is None and lift["lift"] > 1e300
+
+
 def test_cli_an_empty_control_is_a_usage_error_not_the_default(tmp_path):
     src = tmp_path / "replay.json"
     src.write_text(json.dumps({"control": "B", "variants": WORKER_1}))
