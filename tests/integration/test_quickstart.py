@@ -122,7 +122,7 @@ def test_the_readme_quick_start_runs_as_written(tmp_path, topic_prefix):
     lines = quick_start_lines()
     commands = [command_of(line) for line in lines]
     assert commands == ["up", "train", "worker", "produce", "produce-catalogue", "serve", "distil-queries", "tail",
-                        "evaluate", "forget", "report", "down"], \
+                        "evaluate", "forget", "redrive", "report", "down"], \
         f"the quick start changed ({commands}): teach this test its new lines"
     by_command = dict(zip(commands, lines, strict=True))
     assert f"--limit {N_EVENTS}" in by_command["produce"]
@@ -246,6 +246,10 @@ def test_the_readme_quick_start_runs_as_written(tmp_path, topic_prefix):
         wait_for(lambda: any(r.key == forgotten.encode() and r.value is None for r in read_all(
             exported["STREAMREC_KAFKA_BOOTSTRAP"], f"{topic_prefix}recommendations")), 60,
             f"the tombstone for {forgotten}\n{worker.tail()}")
+
+        # redrive --dry-run: reads the dead-letter topic, sends nothing (the quick start dead-letters nothing)
+        drove = run(by_command["redrive"], env, 120)
+        assert re.search(r"^read \d+ messages? of \S+dlq; would send back 0$", drove.stdout, flags=re.M), drove.stdout
 
         # report: the worker's counters, one "default" variant without an experiment
         reported = run(by_command["report"], env, 60)
