@@ -50,6 +50,9 @@ log.addFilter(ClippedTracebacks())  # a batch's exception quoted cut short in it
 
 #: how long after a failed replay of the forget requests it is tried again (before a batch or a snapshot)
 FORGET_RETRY_S = 30
+#: the waits between tries of a replay that failed before a batch (:meth:`Shell.catch_up`): the
+#: batch waits for it, as its publishing would wait for a broker that is away
+REPLAY_RETRY = Backoff(base_s=0.5, factor=2.0, cap_s=5.0, jitter=0.1)
 #: a partition whose committed offset stays behind the events handled there for longer than this
 #: makes the worker unready (``commits``); Faust commits every second
 COMMITS_STUCK_S = 60.0
@@ -595,39 +598,83 @@ class Shell:
             if self.replay_due:
                 await self.replay_due_gaps(app)
 
-    async def replay_due_gaps(self, app) -> None:
+    async def catch_up(self, app) -> bool:
+        """Under the batch lock, before a batch: :meth:`replay_due_gaps`, tried again with
+        back-off while it fails for the input topics (the broker away, a fetch that times out),
+        for the batch would move the models past the events they miss, which no later replay
+        learns (a partition's learned offset is its highest). The batch waits meanwhile, as its
+        publishing would for a broker that is away, with ``models`` unready. False when a
+        rebalance or the worker's stop cut the replay short (or came while it was retried): the
+        batch is then left unhandled and unacknowledged, and the replay is due again (after the
+        assignment, or the restart). Before, a replay that failed twice (at start, then before
+        the first batch: a worker started while the broker restarted) was given up, and the
+        models, and every worker that restored their next snapshot, never learned those events."""
+        inputs = frozenset(self.settings.topics.inputs)
+        delays = REPLAY_RETRY.delays()
+        await self.replay_due_gaps(app, keep_inputs=True)
+        unready = False
+        while self.replay_due & inputs:
+            if self.draining or self.revoking:
+                return False
+            unready = True
+            self.health.set("models", False, "the replay of the events the models miss before the committed offsets "
+                                             "failed; tried again before the batch")
+            wait = time.monotonic() + next(delays)
+            while time.monotonic() < wait and not (self.draining or self.revoking):
+                await asyncio.sleep(0.1)
+            if self.draining or self.revoking:
+                return False
+            await self.replay_due_gaps(app, keep_inputs=True)
+        if unready:
+            self.health.set("models", True, "restored")
+        return True
+
+    async def replay_due_gaps(self, app, keep_inputs: bool = False) -> None:
         """Under the batch lock, before the first batch after a rebalance: the events of the
         partitions now owned that the models have not learned, up to the committed offsets
         where the agent starts (a partition taken over while the peer reader was behind its old
-        owner's commits; a replay at start that failed). Tried once: a failure is logged, and the
-        batches go on (a partition's first batch moves the models past what they missed). The
-        forget requests among them are the exception: tried again before a later batch or
+        owner's commits; a replay at start that failed). A failure is logged and the input topics
+        stay due: the next batch waits until they are learned (:meth:`catch_up`, which calls this
+        with ``keep_inputs``), for a partition's first batch would move the models past what they
+        missed. The forget requests among them are tried again before a later batch or
         snapshot, at most every ``FORGET_RETRY_S``, from the offsets the models had learned at
         the failure (``forget_floors``), with no snapshot meanwhile (:meth:`snapshot_models`)."""
         forget = self.settings.topics.forget
         self.align()  # a replay after a rebalance whose callback could not align the models
-        if self.replay_due == {forget} and time.monotonic() < self.forget_retry_at:
-            return  # a failed replay of the forget requests alone, retried at most every FORGET_RETRY_S
+        if ((self.replay_due == {forget} or not keep_inputs and forget in self.replay_due)
+                and time.monotonic() < self.forget_retry_at):
+            return  # a failed replay of the forget requests, retried at most every FORGET_RETRY_S (a batch's, at once)
         topics, self.replay_due = self.replay_due, frozenset()
         try:
             await self._replay(app, topics)
-        except Exception as exc:  # noqa: BLE001 - the batch goes on; the models miss those events
-            if forget not in topics:
+        except Exception as exc:  # noqa: BLE001 - the batch goes on (or, before a batch, waits: catch_up)
+            # the input topics stay due: before a batch (keep_inputs: catch_up) they are tried again
+            # until the models learned them, and a replay with no batch in hand leaves them to the next
+            inputs_due = bool(topics & frozenset(self.settings.topics.inputs))
+            if inputs_due:
+                self.replay_due |= topics - {forget}
+            if forget in topics:
+                # never without the erasures: they are tried again from where the models stood now,
+                # however far this worker's own batches move the forget partitions meanwhile
+                learned = self.step.recommender.learned_offsets
+                for tp in app.consumer.assignment():
+                    if tp.topic == forget:  # one the models never saw: from its beginning, as gaps() would
+                        src = source_of(tp.topic, tp.partition)
+                        self.forget_floors.setdefault(src, learned.get(src, -1))
+                self.replay_due |= {forget}
+                self.forget_retry_at = time.monotonic() + FORGET_RETRY_S
+            if keep_inputs and inputs_due:
+                log.warning("could not learn the events the models miss before the committed offsets of this worker's "
+                            "partitions (%s); the batch in hand waits until they are learned, tried again with "
+                            "back-off", described(exc))
+            elif forget not in topics:
                 log.error("could not learn the events the models miss before the committed offsets of this worker's "
-                          "partitions (%s); the models go on without them", described(exc))
-                return
-            # never without the erasures: they are tried again from where the models stood now,
-            # however far this worker's own batches move the forget partitions meanwhile
-            learned = self.step.recommender.learned_offsets
-            for tp in app.consumer.assignment():
-                if tp.topic == forget:  # one the models never saw: from its beginning, as gaps() would
-                    src = source_of(tp.topic, tp.partition)
-                    self.forget_floors.setdefault(src, learned.get(src, -1))
-            self.replay_due |= {forget}
-            self.forget_retry_at = time.monotonic() + FORGET_RETRY_S
-            log.error("could not learn the events the models miss before the committed offsets of this worker's "
-                      "partitions (%s); the models go on without the events, and the forget requests among them are "
-                      "tried again in %d s (no model snapshot until then)", described(exc), FORGET_RETRY_S)
+                          "partitions (%s); tried again before the next batch", described(exc))
+            else:
+                log.error("could not learn the events the models miss before the committed offsets of this worker's "
+                          "partitions (%s); %sthe forget requests among them are tried again in %d s (no model "
+                          "snapshot until then)", described(exc), "tried again before the next batch, and " if inputs_due
+                          else "", FORGET_RETRY_S)
 
     async def _replay(self, app, topics: frozenset[str] | None = None) -> None:
         """What the models miss of this worker's partitions (of ``topics``; None: all it reads),
@@ -732,8 +779,13 @@ class Shell:
             if not events:
                 return
             self.align()
-            if self.replay_due:
-                await self.replay_due_gaps(app)
+            if self.replay_due and not await self.catch_up(app):
+                log.info("%s: a batch of %d event(s) that waited for the models to learn what they miss is left "
+                         "unhandled and unacknowledged; it is delivered again after the %s",
+                         "shutting down" if self.draining else "rebalance", len(events),
+                         "restart" if self.draining else "assignment")
+                events.clear()  # what take_batches acknowledges: learned now, it would move the models past the gap
+                return
             started = time.perf_counter()
             try:
                 await self.handler.handle_isolated([raw_message(ev.message) for ev in events])
