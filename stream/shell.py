@@ -16,7 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aiokafka.errors import KafkaError as AioKafkaError
 from faust.types import TP
+from kafka.errors import KafkaError
 
 from gpu_scorer import HotSwapScorer, ModelRegistry
 from gpu_scorer.errors import ModelLoadError, ScorerDeviceError
@@ -25,7 +27,7 @@ from online_models.search import Catalogue, QueryStudent, TextEmbedder, TextMode
 from stream.batching import drop_stale
 from stream.catalogue_feed import CatalogueFeed
 from stream.consumer import FetchPacer
-from stream.errors import ConfigError, described, redis_advice
+from stream.errors import ConfigError, ServiceUnavailable, described, redis_advice
 from stream.handler import BatchHandler, Claims, RawMessage, now_ms
 from stream.health import Health, check_readiness
 from stream.lag import LagMetrics, update_lag
@@ -60,6 +62,15 @@ COMMITS_STUCK_S = 60.0
 #: its start, or since the snapshot it restored) its first snapshot is taken, rather than at the
 #: first ``STREAMREC_SNAPSHOT_INTERVAL_S``: serve ranks with the snapshot (stream/serve.py)
 FIRST_SNAPSHOT_DELAY_S = 5.0
+
+
+def outage(exc: BaseException) -> bool:
+    """Whether a replay's ``exc`` is Kafka away or slow (tried again: it passes), not a bug.
+
+    >>> outage(TimeoutError("no records within 30 s")), outage(ServiceUnavailable("refused")), outage(KeyError("x"))
+    (True, True, False)
+    """
+    return isinstance(exc, (ServiceUnavailable, TimeoutError, ConnectionError, KafkaError, AioKafkaError))
 
 
 @dataclass
@@ -650,7 +661,10 @@ class Shell:
         except Exception as exc:  # noqa: BLE001 - the batch goes on (or, before a batch, waits: catch_up)
             # the input topics stay due: before a batch (keep_inputs: catch_up) they are tried again
             # until the models learned them, and a replay with no batch in hand leaves them to the next
-            inputs_due = bool(topics & frozenset(self.settings.topics.inputs))
+            # only an outage is waited out: a bug (what no retry mends) would hold every batch for ever,
+            # so the models go on without those events, as before, and the error says so
+            inputs_missed = bool(topics & frozenset(self.settings.topics.inputs))
+            inputs_due = inputs_missed and outage(exc)
             if inputs_due:
                 self.replay_due |= topics - {forget}
             if forget in topics:
@@ -669,12 +683,14 @@ class Shell:
                             "back-off", described(exc))
             elif forget not in topics:
                 log.error("could not learn the events the models miss before the committed offsets of this worker's "
-                          "partitions (%s); tried again before the next batch", described(exc))
+                          "partitions (%s); %s", described(exc), "tried again before the next batch" if inputs_due
+                          else "not an outage of Kafka, so not tried again: the models go on without those events")
             else:
                 log.error("could not learn the events the models miss before the committed offsets of this worker's "
                           "partitions (%s); %sthe forget requests among them are tried again in %d s (no model "
                           "snapshot until then)", described(exc), "tried again before the next batch, and " if inputs_due
-                          else "", FORGET_RETRY_S)
+                          else "not an outage of Kafka, so the models go on without the events, not tried again; "
+                          if inputs_missed else "", FORGET_RETRY_S)
 
     async def _replay(self, app, topics: frozenset[str] | None = None) -> None:
         """What the models miss of this worker's partitions (of ``topics``; None: all it reads),

@@ -194,6 +194,27 @@ async def test_a_replay_that_fails_again_before_the_first_batch_holds_the_batch_
     assert shell.replay_due == frozenset() and "models: ok" in shell.health.readiness()[1]
 
 
+async def test_a_replay_that_raises_a_bug_before_a_batch_is_not_retried_and_the_batch_is_handled(monkeypatch, caplog):
+    """Only Kafka away or slow is waited out: a replay that raises what no retry mends (a bug)
+    would otherwise hold every batch of the worker for ever. The models go on without those
+    events, as they did before retries, and the error says so."""
+    no_waits(monkeypatch)
+    calls: list = []
+    kafka_log(monkeypatch, {(CLICKS, 0): 10}, calls, [RuntimeError("a bug in the replay")] * 100)
+    shell = unplugged_shell(Settings.from_env(ENV), InMemoryUserStateStore())
+    models = shell.step.recommender
+    models.learned_offsets[source_of(CLICKS, 0)] = 4
+    fake = FakeApp({TopicPartition(CLICKS, 0)}, shell.generation())
+    shell.restored.set()
+    await shell.on_assigned(fake, fake.assigned)
+    await run_futures(fake, "replay_once")
+    batch = [_event(message(o, fake.consumer_generation_id)) for o in range(10, 12)]
+    await asyncio.wait_for(shell.handle_taken(fake, batch), 5)
+    # at start, then once before the batch (as before retries), then handled with the gap left out
+    assert len(calls) == 2 and len(batch) == 2 and models.n_learned == 2
+    assert "not an outage of Kafka" in caplog.text
+
+
 async def test_a_rebalance_while_the_replay_before_a_batch_is_retried_leaves_the_batch_unhandled(monkeypatch, caplog):
     """The broker stays away: the replay before the batch keeps failing, and a rebalance comes.
     The revocation does not wait out its limit for the batch, which is left unhandled and
