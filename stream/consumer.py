@@ -53,12 +53,14 @@ import tokenize
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
+from aiokafka.errors import KafkaConnectionError
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from mode.threads import WorkerThread
 
 from stream.connections import ISOLATION_LEVEL
 from stream.logs import ClippedTracebacks
+from stream.retry import Backoff
 from stream.step_results import exception_text
 
 
@@ -136,6 +138,28 @@ FAUST_DRAIN_MESSAGES_FINGERPRINT = "9d72e57c2b1be5e6fb7cca01aaedfffe7e2781087506
 #: and an exception's text in a traceback logged here is cut to 300 characters (stream/logs.py)
 log = logging.getLogger(__name__)
 log.addFilter(ClippedTracebacks())
+
+#: the waits between tries of a Faust client's start whose bootstrap found no broker: the worker
+#: waited for one before Faust started (stream/broker_wait.py), but it may go again in between
+BOOTSTRAP_RETRY = Backoff(base_s=0.5, factor=2.0, cap_s=10.0, jitter=0.1)
+
+
+async def bootstrapped(start: Callable[[], Coroutine[Any, Any, None]], what: str) -> None:
+    """``await start()`` (an aiokafka client's), tried again with back-off while its bootstrap
+    reaches no broker (KafkaConnectionError: it fails before changing anything, so a second
+    ``start`` is safe). The CLI waits for the broker before Faust starts, but a broker that went
+    away between that wait and Faust's start made the producer's or the consumer's start raise,
+    and the worker exited with status 1 (a chaos soak: a broker killed within a second of a
+    worker's start). Cancellation (a stop signal) passes through."""
+    delays = BOOTSTRAP_RETRY.delays()
+    while True:
+        try:
+            return await start()
+        except KafkaConnectionError as exc:
+            delay = next(delays)
+            log.warning("%s could not reach Kafka as the worker started (%s); the broker answered just before, so it "
+                        "is waited for: trying again in %.1f s", what, exception_text(exc), delay)
+            await asyncio.sleep(delay)
 
 
 class Consumer(faust_aiokafka.Consumer):
@@ -507,19 +531,34 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
                 adapt_fetches(consumer._fetcher, FETCH_MIN_BYTES, wait)
 
             consumer.start = start_adapting
+        start_once = consumer.start
+        consumer.start = lambda: bootstrapped(start_once, "the consumer")
         return consumer
 
 
+class Producer(faust_aiokafka.Producer):
+    """Faust's producer, whose start waits for a broker that went away as the worker started
+    (:func:`bootstrapped`) rather than stopping the worker."""
+
+    def _new_producer(self):
+        producer = super()._new_producer()
+        start_once = producer.start
+        producer.start = lambda: bootstrapped(start_once, "the producer")
+        return producer
+
+
 class Transport(faust_aiokafka.Transport):
-    """The aiokafka transport with :class:`Consumer`; ``fetch_max_wait_ms`` (None: Faust's
-    fetch) is how long the worker's fetches wait for :data:`FETCH_MIN_BYTES`, and
+    """The aiokafka transport with :class:`Consumer` and :class:`Producer`; ``fetch_max_wait_ms``
+    (None: Faust's fetch) is how long the worker's fetches wait for :data:`FETCH_MIN_BYTES`, and
     ``fetch_pacer`` (None: always that long) lengthens it while batches take longer."""
 
     Consumer = Consumer
+    Producer = Producer
     fetch_max_wait_ms: int | None = None
     fetch_pacer: FetchPacer | None = None
 
 
-__all__ = ["FAUST_DRAIN_MESSAGES_FINGERPRINT", "FETCH_MIN_BYTES", "IDLE_FETCH_WAIT_MS", "PACED_FETCH_CAP", "STOP_COMMIT_S",
-           "Consumer", "ConsumerThread", "DaemonWorkerThread", "FetchPacer", "Transport", "adapt_fetches", "cancel_within", "resume",
+__all__ = ["BOOTSTRAP_RETRY", "FAUST_DRAIN_MESSAGES_FINGERPRINT", "FETCH_MIN_BYTES", "IDLE_FETCH_WAIT_MS", "PACED_FETCH_CAP",
+           "STOP_COMMIT_S", "Consumer", "ConsumerThread", "DaemonWorkerThread", "FetchPacer", "Producer", "Transport",
+           "adapt_fetches", "bootstrapped", "cancel_within", "resume",
            "seek_to_committed_or_start", "source_fingerprint", "start"]
