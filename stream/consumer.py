@@ -412,7 +412,7 @@ STOP_COMMIT_S = 5.0
 STOP_COMMIT_CANCEL_S = 1.0
 
 
-async def cancel_within(task: asyncio.Future, timeout_s: float) -> bool:
+async def cancel_within(task: asyncio.Future, timeout_s: float, what: str = "the final commit") -> bool:
     """Cancel ``task``, again each time it goes on past a cancellation, for at most ``timeout_s``;
     whether it ended. Faust's ``Consumer.commit`` swallows one: a commit that waits for another
     one in flight (the periodic commit, itself waiting for the coordinator) takes the
@@ -426,7 +426,7 @@ async def cancel_within(task: asyncio.Future, timeout_s: float) -> bool:
         task.cancel()
         await asyncio.wait({task}, timeout=min(left, 0.05))
     if not task.cancelled() and task.exception() is not None:
-        log.warning("the final commit, given up, raised %s: %s", type(task.exception()).__name__,
+        log.warning("%s, given up, raised %s: %s", what, type(task.exception()).__name__,
                     exception_text(task.exception()))
     return True
 

@@ -26,7 +26,7 @@ from gpu_scorer.runtime import session_factory
 from online_models.search import Catalogue, QueryStudent, TextEmbedder, TextModelMissing
 from stream.batching import drop_stale
 from stream.catalogue_feed import CatalogueFeed
-from stream.consumer import FetchPacer
+from stream.consumer import FetchPacer, cancel_within
 from stream.errors import ConfigError, ServiceUnavailable, described, redis_advice
 from stream.handler import BatchHandler, Claims, RawMessage, now_ms
 from stream.health import Health, check_readiness
@@ -52,6 +52,8 @@ log.addFilter(ClippedTracebacks())  # a batch's exception quoted cut short in it
 
 #: how long after a failed replay of the forget requests it is tried again (before a batch or a snapshot)
 FORGET_RETRY_S = 30
+#: the longest the worker's producer is waited for at a stop (:meth:`Shell.close`)
+PUBLISHER_STOP_S = 5.0
 #: the waits between tries of a replay that failed before a batch (:meth:`Shell.catch_up`): the
 #: batch waits for it, as its publishing would wait for a broker that is away
 REPLAY_RETRY = Backoff(base_s=0.5, factor=2.0, cap_s=5.0, jitter=0.1)
@@ -211,8 +213,21 @@ class Shell:
             self.restored.set()
 
     async def close(self) -> None:
-        """After the last batch: the producer, then the store's connections."""
-        await self.publisher.stop()
+        """After the last batch: the producer, then the store's connections. The producer's stop
+        waits for what it still holds to be confirmed: with the broker away, up to its request
+        timeout, and a worker asked to stop after a batch that waited the drain's 30 s ran past
+        Kubernetes' grace period (tests/integration/test_faults.py, seen in CI). It is given up
+        after :data:`PUBLISHER_STOP_S`: what it held belongs to batches not committed, which their
+        partitions' next owner handles again."""
+        stopping = asyncio.ensure_future(self.publisher.stop())
+        await asyncio.wait({stopping}, timeout=PUBLISHER_STOP_S)
+        if not stopping.done():
+            log.warning("the producer did not stop within %g s (Kafka does not confirm what it holds): given up; "
+                        "those lists and dead letters belong to batches not committed, handled again by their "
+                        "partitions' next owner", PUBLISHER_STOP_S)
+            await cancel_within(stopping, 1.0, "the producer's stop")
+        elif not stopping.cancelled() and stopping.exception() is not None:
+            log.warning("the producer's stop raised %s", described(stopping.exception()))
         await self.store.close()
 
     # -- rebalances --------------------------------------------------------------------
