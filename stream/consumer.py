@@ -226,6 +226,10 @@ class Consumer(faust_aiokafka.Consumer):
                          "the events handled since the last commit are delivered again to their partitions' next "
                          "owner, which skips those applied (each event applied once)", STOP_COMMIT_S)
         await cancel_within(commit, STOP_COMMIT_CANCEL_S)
+        # the broker is away: the thread's consumer cannot leave the group either, so it is not
+        # waited for THREAD_STOP_S (the drain's 30 s, this 5 s, 10 s and the producer's 5 s came
+        # to 52 s, within a few seconds of Kubernetes' grace of 60)
+        self._thread.shutdown_timeout = THREAD_STOP_AWAY_S
         return None
 
     def _new_consumer_thread(self) -> ConsumerThread:
@@ -405,6 +409,8 @@ def _any_paused(assignment: Any) -> bool:
 #: the longest the consumer thread is waited for at a stop (the batch in hand is finished
 #: before it is stopped: stream/app.py, Worker._stop_on_signal)
 THREAD_STOP_S = 10.0
+#: the longest the consumer thread is waited for at a stop whose final commit the broker did not answer
+THREAD_STOP_AWAY_S = 2.0
 #: the longest the final commit at a stop is waited for (:meth:`Consumer.commit_and_end_transactions`);
 #: the broker answers one in milliseconds
 STOP_COMMIT_S = 5.0
