@@ -597,3 +597,53 @@ async def test_a_stop_signal_stops_a_replay_in_hand_and_leaves_the_waiting_batch
     assert (await store.load_many(["u1"]))["u1"].clicks == 0
     assert "then stopped for the worker's stop" in caplog.text
     assert "shutting down: a batch of 1 event(s) that waited for the models is left unhandled" in caplog.text
+
+
+async def test_a_batch_of_the_new_assignment_waits_until_the_replay_is_due(monkeypatch):
+    """A worker paused past its session timeout (SIGSTOP, a long GC pause) loses its partition
+    to another worker, which handles and commits offsets 5-9 meanwhile; resumed, it is assigned
+    the partition again. Faust resumes the flow while the assignment callback still waits on
+    Redis and the broker (the claim, the topics' ids), so the agent's first batch (10-11) came
+    before the callback had marked the replay due: the models learned it, their watermark passed
+    5-9 for good, and the replay that followed found nothing to learn (a chaos soak: 1,883 of
+    117,857 events never learned by either worker's models, which snapshot the watermark)."""
+    calls: list = []
+    committed = {(CLICKS, 0): 5}
+    kafka_log(monkeypatch, committed, calls, [])
+    store = InMemoryUserStateStore()
+    claimed = asyncio.Event()
+    claimed.set()
+    claim = store.claim
+
+    async def slow_claim(partitions):
+        await claimed.wait()
+        return await claim(partitions)
+
+    store.claim = slow_claim
+    shell = unplugged_shell(Settings.from_env(ENV), store)
+    models = shell.step.recommender
+    models.learned_offsets[source_of(CLICKS, 0)] = 4  # learned up to the commit as it stood
+    fake = FakeApp({TopicPartition(CLICKS, 0)}, shell.generation())
+    shell.restored.set()
+    await shell.on_revoked(set())
+    await shell.on_assigned(fake, fake.assigned)
+    await run_futures(fake, "replay_once")
+    assert calls == [] and shell.models_ready.is_set()
+
+    # paused: the other worker handled 5-9 and committed 10; resumed, the partition is this worker's again
+    committed[(CLICKS, 0)] = 10
+    await shell.on_revoked(set(fake.assigned))
+    fake.futures.clear()
+    claimed.clear()  # Redis answers the assignment's claim late
+    assigning = asyncio.ensure_future(shell.on_assigned(fake, fake.assigned))
+    await idle_loop()
+    batch = [_event(message(o, fake.consumer_generation_id)) for o in range(10, 12)]  # the flow resumed meanwhile
+    handling = asyncio.ensure_future(shell.handle_taken(fake, batch))
+    await idle_loop()
+    claimed.set()
+    await asyncio.wait_for(assigning, 5)
+    await asyncio.wait_for(handling, 5)
+    await run_futures(fake, "replay_after_rebalance")
+    assert calls == [[Gap(CLICKS, 0, 5, 10)]]  # before the batch
+    assert models.n_learned == 5 + 2 and models.learned_offsets[source_of(CLICKS, 0)] == 11
+    assert len(batch) == 2  # handled: take_batches acknowledges it
