@@ -55,7 +55,9 @@ def test_configure_is_idempotent_and_can_be_turned_off(restore_gc):
     before = gc.get_freeze_count()
     kept = [[i] for i in range(100)]
     gc.collect(0)
-    assert gc.get_freeze_count() == before
+    # nothing frozen: the count does not grow by the 100 survivors (a frozen object freed
+    # meanwhile, by another test's thread still running, lowers it: CI saw 29 fewer)
+    assert gc.get_freeze_count() <= before
     assert kept
 
 
@@ -63,14 +65,17 @@ def test_the_gauge_holds_the_frozen_count_as_last_counted_not_a_walk_at_each_scr
     gcpolicy.configure(freeze=True)
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    counted = gc.get_freeze_count()
-    assert registry.get_sample_value("streamrec_gc_frozen_objects") == counted > 0
+    # the count as the metrics took it (frozen objects freed by another test's thread still
+    # running move the live count by a few meanwhile: CI saw 3)
+    counted = registry.get_sample_value("streamrec_gc_frozen_objects")
+    assert counted > 0 and abs(gc.get_freeze_count() - counted) < 50
     kept = [[i] for i in range(100)]
-    gc.collect(0)  # the survivors are frozen: the count grows, the gauge waits for the next count
-    assert gc.get_freeze_count() > counted
+    gc.collect(0)  # the survivors (100 lists at least) are frozen: the count grows, the gauge waits for the next count
+    assert gc.get_freeze_count() > counted + 50
     assert registry.get_sample_value("streamrec_gc_frozen_objects") == counted
     metrics.count_frozen()
-    assert registry.get_sample_value("streamrec_gc_frozen_objects") == gc.get_freeze_count() > counted
+    assert abs(registry.get_sample_value("streamrec_gc_frozen_objects") - gc.get_freeze_count()) < 50
+    assert registry.get_sample_value("streamrec_gc_frozen_objects") > counted + 50
     assert kept
 
 
