@@ -11,40 +11,25 @@ import pytest
 from kafka.errors import KafkaError
 from workerkit import (
     Feeder,
-    WorkerProcess,
     exactly_once,
     group_assignment,
+    learned,
+    learned_all,
+    partitioned_env,
     produce,
     synthetic_records,
     wait_for,
 )
 
-from stream.topics import ensure_topics
-
-LEARNERS = ("recommender", "covisit", "reminder", "trending")  # the click re-ranker learns from shown lists
 PARTITIONS = 4
 
 
 @pytest.fixture
 def four_partitions(worker_env, topic_prefix) -> dict[str, str]:
     """The test's worker settings on input topics of four partitions."""
-    prefix = f"{topic_prefix}four."
-    ensure_topics(worker_env["STREAMREC_KAFKA_BOOTSTRAP"],
-                  [f"{prefix}{t}" for t in ("clicks", "purchases", "recommendations", "dlq")], PARTITIONS)
-    return {"STREAMREC_TOPIC_PREFIX": prefix, "STREAMREC_APP_ID": f"{prefix}worker",
-            "STREAMREC_PARTITIONS": str(PARTITIONS), "STREAMREC_LEARN_ALL_PARTITIONS": "true"}
+    return partitioned_env(worker_env["STREAMREC_KAFKA_BOOTSTRAP"], f"{topic_prefix}four.", PARTITIONS)
 
 
-def learned(worker: WorkerProcess) -> dict[str, float]:
-    return {name: worker.metric("streamrec_model_events_learned", model=name) for name in LEARNERS}
-
-
-def learned_all(worker: WorkerProcess, sent: int) -> bool:
-    """True once every learner of ``worker`` learned ``sent`` events; fails at once on more."""
-    counts = learned(worker)
-    over = {k: v for k, v in counts.items() if v > sent}
-    assert not over, f"learned more events than were sent ({sent}): {over}\n{worker.log_tail()}"
-    return counts == dict.fromkeys(LEARNERS, float(sent))
 
 
 def stable_with(bootstrap: str, group: str, topics: list[str], members: int) -> bool:

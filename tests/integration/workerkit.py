@@ -27,7 +27,7 @@ from online_models.datasets import synthetic_interactions
 from stream.connections import ISOLATION_LEVEL
 from stream.records import ClickEvent, PurchaseEvent, encode
 from stream.state import UserState
-from stream.topics import committed_offsets
+from stream.topics import committed_offsets, ensure_topics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -585,3 +585,29 @@ class HoldingProxy:
                     s.close()
                 except OSError:
                     pass
+
+
+#: the learners that learn every event (the click re-ranker learns from shown lists)
+EVENT_LEARNERS = ("recommender", "covisit", "reminder", "trending")
+
+
+def learned(worker: WorkerProcess) -> dict[str, float]:
+    """Events each of :data:`EVENT_LEARNERS` of ``worker`` learned (its metrics)."""
+    return {name: worker.metric("streamrec_model_events_learned", model=name) for name in EVENT_LEARNERS}
+
+
+def learned_all(worker: WorkerProcess, sent: int) -> bool:
+    """True once every learner of ``worker`` learned ``sent`` events; fails at once on more."""
+    counts = learned(worker)
+    over = {k: v for k, v in counts.items() if v > sent}
+    assert not over, f"learned more events than were sent ({sent}): {over}\n{worker.log_tail()}"
+    return counts == dict.fromkeys(EVENT_LEARNERS, float(sent))
+
+
+def partitioned_env(bootstrap: str, prefix: str, partitions: int) -> dict[str, str]:
+    """Worker settings on topics of ``prefix`` (created here) with ``partitions`` partitions,
+    every worker learning all of them."""
+    ensure_topics(bootstrap, [f"{prefix}{t}" for t in ("clicks", "purchases", "recommendations", "dlq")], partitions)
+    return {"STREAMREC_TOPIC_PREFIX": prefix, "STREAMREC_APP_ID": f"{prefix}worker",
+            "STREAMREC_PARTITIONS": str(partitions), "STREAMREC_LEARN_ALL_PARTITIONS": "true"}
+

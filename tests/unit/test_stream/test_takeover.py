@@ -167,6 +167,20 @@ def no_waits(monkeypatch) -> None:
     monkeypatch.setattr(shell_module, "REPLAY_RETRY", Backoff(base_s=0.0, jitter=0.0), raising=False)
 
 
+async def restored_short_of_the_commit():
+    """A worker whose models, restored, learned clicks[0] up to offset 4 while the group committed
+    10; its replay at start has run (and failed, as ``kafka_log`` makes it); and a batch of
+    offsets 10-11 of the new generation: (shell, models, app, batch)."""
+    shell = unplugged_shell(Settings.from_env(ENV), InMemoryUserStateStore())
+    models = shell.step.recommender
+    models.learned_offsets[source_of(CLICKS, 0)] = 4  # as restored from a snapshot
+    fake = FakeApp({TopicPartition(CLICKS, 0)}, shell.generation())
+    shell.restored.set()
+    await shell.on_assigned(fake, fake.assigned)
+    await run_futures(fake, "replay_once")  # fails: logged, the worker serves on
+    return shell, models, fake, [_event(message(o, fake.consumer_generation_id)) for o in range(10, 12)]
+
+
 async def test_a_replay_that_fails_again_before_the_first_batch_holds_the_batch_until_it_is_learned(monkeypatch):
     """A worker started while the broker restarts: its replay fails at start, and again before
     its first batch (fetched before the broker went). The batch waits (it could not publish
@@ -179,14 +193,7 @@ async def test_a_replay_that_fails_again_before_the_first_batch_holds_the_batch_
     kafka_log(monkeypatch, {(CLICKS, 0): 10}, calls,
               [TimeoutError("no records within 30 s"), ServiceUnavailable("Kafka at b:9092 refused the connection"),
                ServiceUnavailable("Kafka at b:9092 refused the connection")])
-    shell = unplugged_shell(Settings.from_env(ENV), InMemoryUserStateStore())
-    models = shell.step.recommender
-    models.learned_offsets[source_of(CLICKS, 0)] = 4  # as restored from a snapshot
-    fake = FakeApp({TopicPartition(CLICKS, 0)}, shell.generation())
-    shell.restored.set()
-    await shell.on_assigned(fake, fake.assigned)
-    await run_futures(fake, "replay_once")  # fails: logged, the worker serves on
-    batch = [_event(message(o, fake.consumer_generation_id)) for o in range(10, 12)]
+    shell, models, fake, batch = await restored_short_of_the_commit()
     await shell.handle_taken(fake, batch)
     assert calls == [[Gap(CLICKS, 0, 5, 10)]] * 4  # at start, then before the batch until it worked
     assert models.n_learned == 5 + 2 and models.learned_offsets[source_of(CLICKS, 0)] == 11
@@ -201,14 +208,7 @@ async def test_a_replay_that_raises_a_bug_before_a_batch_is_not_retried_and_the_
     no_waits(monkeypatch)
     calls: list = []
     kafka_log(monkeypatch, {(CLICKS, 0): 10}, calls, [RuntimeError("a bug in the replay")] * 100)
-    shell = unplugged_shell(Settings.from_env(ENV), InMemoryUserStateStore())
-    models = shell.step.recommender
-    models.learned_offsets[source_of(CLICKS, 0)] = 4
-    fake = FakeApp({TopicPartition(CLICKS, 0)}, shell.generation())
-    shell.restored.set()
-    await shell.on_assigned(fake, fake.assigned)
-    await run_futures(fake, "replay_once")
-    batch = [_event(message(o, fake.consumer_generation_id)) for o in range(10, 12)]
+    shell, models, fake, batch = await restored_short_of_the_commit()
     await asyncio.wait_for(shell.handle_taken(fake, batch), 5)
     # at start, then once before the batch (as before retries), then handled with the gap left out
     assert len(calls) == 2 and len(batch) == 2 and models.n_learned == 2
@@ -223,14 +223,7 @@ async def test_a_rebalance_while_the_replay_before_a_batch_is_retried_leaves_the
     no_waits(monkeypatch)
     calls: list = []
     kafka_log(monkeypatch, {(CLICKS, 0): 10}, calls, [ServiceUnavailable("Kafka at b:9092 refused the connection")] * 10_000)
-    shell = unplugged_shell(Settings.from_env(ENV), InMemoryUserStateStore())
-    models = shell.step.recommender
-    models.learned_offsets[source_of(CLICKS, 0)] = 4
-    fake = FakeApp({TopicPartition(CLICKS, 0)}, shell.generation())
-    shell.restored.set()
-    await shell.on_assigned(fake, fake.assigned)
-    await run_futures(fake, "replay_once")
-    batch = [_event(message(o, fake.consumer_generation_id)) for o in range(10, 12)]
+    shell, models, fake, batch = await restored_short_of_the_commit()
     handling = asyncio.ensure_future(shell.handle_taken(fake, batch))
     for _ in range(200):
         await asyncio.sleep(0.01)
