@@ -80,6 +80,13 @@ TAG_CHARS = 4
 TAG_SEP = "-"
 #: the variant the workers count under without an experiment (no arm may take it)
 DEFAULT_VARIANT = "default"
+#: the groups a user's counts are summed in, by :func:`variance_group` (``streamrec_experiment_groups_total``):
+#: every list, click and judged event of one user lands in one group, so the spread of the groups'
+#: rates is the spread of whole users', and ``streamrec report`` works out intervals that take a
+#: user's lists together (a user who clicks often clicks on many lists), not each list as independent
+VARIANCE_GROUPS = 32
+#: what each group counts, in this order (each is also an arm's total counter; ``hits20``: hits within the top 20)
+GROUP_FIELDS = ("lists", "impressions", "clicked_lists", "purchased_lists", "revenue", "judged", "hits20")
 
 
 @functools.lru_cache(maxsize=256)
@@ -92,6 +99,19 @@ def rec_tag(variant: str) -> str:
     """
     digest = hashlib.blake2b(variant.encode("utf-8", "surrogatepass"), digest_size=5).digest()
     return base64.b32encode(digest).decode("ascii")[:TAG_CHARS].lower()
+
+
+@functools.lru_cache(maxsize=65_536)
+def variance_group(site_user_id: str) -> int:
+    """The group (of :data:`VARIANCE_GROUPS`) a user's counts go to: a hash of the id the site
+    sends, the same in every process and for every arm, drawn apart from the arm's hash (which
+    also hashes the experiment's name), so each arm's users spread over all the groups.
+
+    >>> variance_group("u1") == variance_group("u1"), 0 <= variance_group("u2") < VARIANCE_GROUPS
+    (True, True)
+    """
+    digest = hashlib.blake2b(site_user_id.encode("utf-8", "surrogatepass"), digest_size=4, person=b"streamrec-var").digest()
+    return int.from_bytes(digest, "big") % VARIANCE_GROUPS
 
 
 def tag_of(rec_id: str) -> str | None:
@@ -454,4 +474,5 @@ def shown(recs: list[list], rec_id: str) -> bool:
 
 
 __all__ = ["Arm", "Attribution", "BASELINES", "DEFAULT_VARIANT", "Experiment", "attribute", "home_list", "load_experiment",
-           "parse_experiment", "rec_tag", "remembered", "serving_view", "shown", "shuffled", "tag_of"]
+           "parse_experiment", "rec_tag", "remembered", "serving_view", "shown", "shuffled", "tag_of", "GROUP_FIELDS",
+           "VARIANCE_GROUPS", "variance_group"]

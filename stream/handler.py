@@ -28,14 +28,15 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
 from stream.decoding import decode_event, decode_forget, decode_impression, decode_search
 from stream.errors import InvalidEvent, described, redis_advice
-from stream.experiments import shown
+from stream.experiments import GROUP_FIELDS, shown, variance_group
 from stream.health import Health
 from stream.logs import ClippedTracebacks, Thinned
 from stream.pipeline import RecommendationStep
@@ -195,6 +196,7 @@ class BatchHandler:
         self._reset_seen = 0
         self._slow_logged_at = float("-inf")
         self._slow_since_log = 0
+        self._group_children: dict[tuple[str, int, str], Any] = {}  # streamrec_experiment_groups_total, by labels
 
     async def handle_isolated(self, messages: Sequence[RawMessage]) -> None:
         """:meth:`handle`, and where it raises (a bug: bad input and failing events are dead
@@ -444,6 +446,7 @@ class BatchHandler:
             for rec in result.recommendations:
                 m.search_end_to_end_seconds.observe(max(0, published_ms - rec.event_ts) / 1000)
                 m.experiment_lists.labels(rec.variant).inc()  # attributed like any list (rec_id)
+                self._count_groups(rec.variant, {variance_group(rec.user_id): {"lists": 1}})
             for name, seconds in result.timings.items():
                 m.stage_seconds.labels(f"search_{name}").observe(seconds)
         m.stage_seconds.labels("search_batch").observe(time.perf_counter() - t0)
@@ -468,6 +471,7 @@ class BatchHandler:
         ids = list(dict.fromkeys(of(imp.user_id) for imp in impressions))
         states = await self._load(ids)
         counts: Counter[str] = Counter()
+        groups: dict[str, Counter[int]] = {}  # variant -> impressions per group of users
         changed: dict[str, list[str]] = {}  # user -> the lists marked shown
         unmatched = 0
         for imp in impressions:
@@ -477,6 +481,7 @@ class BatchHandler:
                 variant = self.step.variant_credited(imp.rec_id, imp.user_id)  # the arm that served the list
                 if variant is not None:
                     counts[variant] += 1
+                    groups.setdefault(variant, Counter())[variance_group(imp.user_id)] += 1
                     continue
             unmatched += 1
         if changed:
@@ -486,6 +491,7 @@ class BatchHandler:
                              lambda stored: _marked_shown(stored, changed))
         for variant, n in counts.items():
             self.metrics.experiment_impressions.labels(variant).inc(n)
+            self._count_groups(variant, {g: {"impressions": k} for g, k in groups[variant].items()})
         if unmatched:
             self.metrics.experiment_impressions_unmatched.inc(unmatched)
 
@@ -574,6 +580,9 @@ class BatchHandler:
                 m.experiment_judged.labels(variant).inc(c.live.judged)
                 for k in LIVE_CUTOFFS:
                     m.experiment_hits.labels(variant, str(k)).inc(c.live.hits[k])
+            if c.groups:
+                self._count_groups(variant, {g: dict(zip(GROUP_FIELDS, counts, strict=True))
+                                             for g, counts in c.groups.items()})
         live = result.live
         if live.judged:
             m.live_judged.inc(live.judged)
@@ -584,6 +593,18 @@ class BatchHandler:
         self.events_applied += len(result.applied)
         if seconds > SLOW_BATCH_S:
             self._log_slow(len(messages), stages, seconds)
+
+    def _count_groups(self, variant: str, groups: Mapping[int, Mapping[str, float]]) -> None:
+        """Add an arm's counts per group of users (:func:`~stream.experiments.variance_group`)
+        to ``streamrec_experiment_groups_total``; counts of 0 make no series."""
+        children = self._group_children  # labels() costs 5 times an inc(): up to 224 series a batch
+        for g, fields in groups.items():
+            for name, n in fields.items():
+                if n:
+                    child = children.get((variant, g, name))
+                    if child is None:
+                        child = children[variant, g, name] = self.metrics.experiment_groups.labels(variant, str(g), name)
+                    child.inc(n)
 
     def _count_dead(self, codes: list[str]) -> None:
         m = self.metrics

@@ -86,7 +86,19 @@ from stream.step_inputs import (
     to_interaction,
     user_context,
 )
-from stream.step_results import Failure, LiveQuality, StepResult, VariantCounts, judge
+from stream.step_results import (
+    G_CLICKED,
+    G_HITS20,
+    G_JUDGED,
+    G_LISTS,
+    G_PURCHASED,
+    G_REVENUE,
+    Failure,
+    LiveQuality,
+    StepResult,
+    VariantCounts,
+    judge,
+)
 
 #: users ranked per ``rank_many`` call: few enough that a chunk's numpy work stays in cache
 _RANK_CHUNK = 64
@@ -412,14 +424,19 @@ class RecommendationStep:
         variant_of = self.variant_of
         names: dict[str, str] = {}
 
+        def site_id(uid: str) -> str:
+            return site_ids.get(uid, uid) if site_ids else uid
+
         def counts_for(uid: str) -> VariantCounts:
             name = names.get(uid)
             if name is None:
-                name = names[uid] = variant_of(site_ids.get(uid, uid) if site_ids else uid)
+                name = names[uid] = variant_of(site_id(uid))
             return out[name]
 
-        for rec in recommendations:  # named by their arm already
-            out[rec.variant].lists += 1
+        for rec in recommendations:  # named by their arm already, and published under the site's id
+            c = out[rec.variant]
+            c.lists += 1
+            c.group(rec.user_id)[G_LISTS] += 1
         attributed = plan.attributed
         if attributed:
             for uid, idx in plan.applied.items():
@@ -435,23 +452,23 @@ class RecommendationStep:
                             continue
                         c = out[name]
                     ev = events[n]
+                    group = c.group(site_id(uid))
                     if isinstance(ev, PurchaseEvent):
                         c.purchases += 1
                         c.purchased_lists += credit.first
+                        group[G_PURCHASED] += credit.first
                         if ev.price is not None:
                             c.revenue += ev.price * ev.quantity
+                            group[G_REVENUE] += ev.price * ev.quantity
                     else:
                         c.clicks += 1
                         c.clicked_lists += credit.first
-        if self.experiment is None:  # one variant: its live hit rate is the step's, judged once
-            if live.judged:
-                out[self.DEFAULT_VARIANT].live = live
-            return dict(out)
+                        group[G_CLICKED] += credit.first
         served: dict[str, VariantCounts | None] = {}  # user -> the counts of the arm of the list judged
         for n, shown in judged:
             uid = events[n].user_id
             if uid not in served:
-                state = states.get(uid)
+                state = states.get(uid) if self.experiment is not None else None  # one variant: "default"
                 rec_id = home_list(state.recs) if state is not None else None
                 if rec_id is None or tag_of(rec_id) is None:  # a list from before rec ids named arms
                     served[uid] = counts_for(uid)
@@ -460,7 +477,15 @@ class RecommendationStep:
                     served[uid] = out[name] if name is not None else None  # an arm no longer configured: none
             c = served[uid]
             if c is not None:
-                c.live.add(target_rank(shown, events[n].item_id, len(shown)))
+                rank = target_rank(shown, events[n].item_id, len(shown))
+                if self.experiment is not None:
+                    c.live.add(rank)
+                group = c.group(site_id(uid))
+                group[G_JUDGED] += 1
+                if rank is not None and rank <= 20:
+                    group[G_HITS20] += 1
+        if self.experiment is None and live.judged:
+            out[self.DEFAULT_VARIANT].live = live
         return dict(out)
 
     def relearn(self, events: Sequence[Event], positions: Sequence[tuple[str, int]],

@@ -90,6 +90,7 @@ class Metrics:
         self.experiment_purchases = Counter("experiment_purchases_total", "Attributed purchases, by arm", v, namespace=ns, registry=r)
         self.experiment_revenue = Counter("experiment_revenue_total", "Price x quantity of attributed purchases that carry a price, by arm", v, namespace=ns, registry=r)
         self.experiment_judged = Counter("experiment_judged_total", "Next events of users who had a list (live hit rate's denominator), by arm", v, namespace=ns, registry=r)
+        self.experiment_groups = Counter("experiment_groups_total", "The arm's counts again per group of users (a hash of the user's id into 32 groups: each user's counts in one group), by arm, group and field (lists, impressions, clicked_lists, purchased_lists, revenue, judged, hits20): streamrec report's intervals take a user's lists together from them", ["variant", "group", "field"], namespace=ns, registry=r)
         self.experiment_hits = Counter("experiment_hits_total", "Next events whose item was in the user's last list within the top k, by arm and k", ["variant", "k"], namespace=ns, registry=r)
         self.last_event_ts = Gauge("last_event_timestamp_seconds", "Event time of the newest event handled", namespace=ns, registry=r)
         for stage in STAGES:

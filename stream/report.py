@@ -8,11 +8,19 @@ Per variant it prints the denominator (impressions where the site reported any, 
 published lists, labelled as such), CTR = clicked lists / denominator, conversion = purchased
 lists / denominator, live HR@20 = hits{k="20"} / judged, each with a 95% Wilson score interval,
 revenue per list = revenue / denominator, and each rate's relative lift against the control with
-a 95% interval for the ratio of two independent proportions: the log-ratio (Katz) interval
+a 95% interval for the ratio of two proportions: the log-ratio (Katz) interval
 ``exp(log(r) +- z * sqrt(1/k1 - 1/n1 + 1/k2 - 1/n2))``, minus 1 (when a count is 0 or all of its
 denominator: with 0.5 added to each cell, k + 0.5 of n + 1; a variant's count of 0 has -100% as its
 lower bound). A control rate of 0 has no lift: "n/a"; nor has a CTR or conversion per impression
 against one per list (impressions reported for some variants only).
+
+Users, not lists, are what is split between arms, and one user's lists go together. So the workers
+count again per group of users (``streamrec_experiment_groups_total``: 32 groups by a hash of the
+user's id, stream/experiments.py), and both intervals use the effective counts ``k / deff`` of
+``n / deff``, ``deff`` the design effect the groups' spread shows (:func:`design_effect`), with
+Student's t of ``G - 1`` degrees of freedom (``G`` groups with counts) in place of z. That is the
+delta-method (linearisation) interval with groups of users as the independent units; without the
+groups' counters (older workers) each list is taken as independent, and the table says so.
 
 The pure parts (parsing and the statistics) are functions apart from the I/O:
 
@@ -37,13 +45,14 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from statistics import NormalDist
 from typing import Annotated, Any
 
 import typer
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream.errors import ServiceUnavailable, StreamrecError, clipped
-from stream.experiments import Experiment, load_experiment
+from stream.experiments import GROUP_FIELDS, Experiment, load_experiment
 
 #: the two-sided 95% normal quantile
 Z95 = 1.959963984540054
@@ -61,13 +70,20 @@ COUNTERS = {
 }
 #: hits, labelled by ``variant`` and ``k``
 HITS = "streamrec_experiment_hits_total"
+#: the same counts per group of users, labelled by ``variant``, ``group`` and ``field`` (stream/experiments.py,
+#: VARIANCE_GROUPS): the intervals take each user's lists together from them
+GROUPS = "streamrec_experiment_groups_total"
 HIT_KS = ("1", "5", "10", "20")
 #: the gauge of a worker serving an experiment, labelled by ``experiment`` and ``digest`` (:attr:`Experiment.digest`)
 INFO = "streamrec_experiment_info"
-#: what every table says of its intervals (an A/A split of one arm's users excluded 0 % in 27-46 %
-#: of splits, docs/operations.md): the counters hold no per-user figures to do better with
-INDEPENDENCE = ("the intervals take each list as independent; one user's lists are not, so they are too narrow where "
-                "users have many lists each (docs/operations.md, \"What the intervals assume\")")
+#: what a table says of intervals worked out without the groups' counts (an A/A split of one arm's users
+#: excluded 0 % in 27-46 % of splits so, docs/operations.md): counters of workers before the groups were kept
+INDEPENDENCE = ("the intervals take each list as independent (the counters have no groups of users: workers of an "
+                "older version); one user's lists are not, so they are too narrow where users have many lists each "
+                "(docs/operations.md, \"What the intervals assume\")")
+#: what a table says of intervals worked out from the groups
+GROUPED = ("the intervals count each user's lists together: from the spread of up to {groups} groups of users per arm "
+           "(a hash of the user's id), with Student's t (docs/operations.md, \"What the intervals assume\")")
 #: the rates reported, in order: key, label
 RATES = (("ctr", "CTR"), ("conversion", "conversion"), ("hr20", "HR@20"))
 _NO_COUNTERS = ("no streamrec_experiment_* counters at {where}: is it a worker's (serve exports none), and has "
@@ -91,6 +107,7 @@ def empty_counters() -> dict[str, Any]:
     out: dict[str, Any] = {field: 0 for field in COUNTERS}
     out["revenue"] = 0.0
     out["hits"] = {k: 0 for k in HIT_KS}
+    out["groups"] = {}  # field -> {group: count}, from workers that keep them (GROUPS)
     return out
 
 
@@ -122,11 +139,17 @@ def _number(field: str, value: float) -> int | float:
 def _add(counters: dict[str, dict[str, Any]], variant: str, field: str, value: float, k: str | None = None) -> None:
     c = counters.setdefault(variant, empty_counters())
     try:
-        number = _number(field, value)
+        number = _number(str(k).partition("/")[0] if field == "groups" else field, value)
     except ValueError as exc:
         raise ReportError(f"variant {variant!r}: {exc}") from None
     if field == "hits":
         c["hits"][k] = c["hits"].get(k, 0) + number
+    elif field == "groups":  # k: "FIELD/GROUP"
+        name, _, group = str(k).partition("/")
+        if name not in GROUP_FIELDS or not group.isdigit():
+            return  # a field or group this version does not know: not used
+        counts = c["groups"].setdefault(name, {})
+        counts[int(group)] = counts.get(int(group), 0) + number
     else:
         c[field] += number
 
@@ -154,6 +177,8 @@ def counters_from_metrics_text(text: str) -> dict[str, dict[str, Any]]:
                 _add(counters, variant, by_name[sample.name], sample.value)
             elif sample.name == HITS and "k" in sample.labels:
                 _add(counters, variant, "hits", sample.value, sample.labels["k"])
+            elif sample.name == GROUPS and "group" in sample.labels and "field" in sample.labels:
+                _add(counters, variant, "groups", sample.value, f"{sample.labels['field']}/{sample.labels['group']}")
     return counters
 
 
@@ -207,6 +232,9 @@ def merge_counters(parts: Iterable[Mapping[str, Mapping[str, Any]]]) -> dict[str
                 _add(out, variant, field, c.get(field, 0))
             for k, v in c.get("hits", {}).items():
                 _add(out, variant, "hits", v, str(k))
+            for name, counts in (c.get("groups") or {}).items():
+                for g, v in counts.items():
+                    _add(out, variant, "groups", v, f"{name}/{g}")
     return out
 
 
@@ -236,6 +264,16 @@ def counters_from_json(data: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any
                 raise TypeError(f'"hits" must be an object keyed by k, got {hits!r}')
             for k, v in hits.items():
                 _add(counters, str(variant), "hits", v, str(k))
+            groups = c.get("groups", {}) or {}
+            if not isinstance(groups, Mapping):
+                raise TypeError(f'"groups" must be an object keyed by field, got {clipped(repr(groups), 60)}')
+            for name, counts in groups.items():
+                if isinstance(counts, list):  # as the replay writes them: one count per group, in order
+                    counts = dict(enumerate(counts))
+                if not isinstance(counts, Mapping):
+                    raise TypeError(f'"groups"."{name}" must be a list of counts, got {clipped(repr(counts), 60)}')
+                for g, v in counts.items():
+                    _add(counters, str(variant), "groups", v, f"{name}/{g}")
         except (TypeError, ValueError) as exc:
             raise ReportError(f"variant {variant!r}: a counter is not a number ({exc})") from None
     return counters, control
@@ -292,6 +330,77 @@ def wilson(k: float, n: float, z: float = Z95) -> tuple[float, float, float]:
     return p, lo, hi
 
 
+def t_quantile(df: int, p: float = 0.975) -> float:
+    """Student's t quantile with ``df`` degrees of freedom: exact for 1 and 2, else the
+    Cornish-Fisher expansion (Abramowitz & Stegun 26.7.5, to 1/df^4), within 0.2% from 3 on.
+
+    >>> [round(t_quantile(df), 3) for df in (1, 2, 5, 10, 31)]
+    [12.706, 4.303, 2.57, 2.228, 2.04]
+    """
+    if df < 1:
+        raise ValueError(f"t_quantile: df must be at least 1, got {df}")
+    if df == 1:
+        return math.tan(math.pi * (p - 0.5))
+    if df == 2:
+        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+    z = NormalDist().inv_cdf(p)
+    g1 = (z ** 3 + z) / 4
+    g2 = (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96
+    g3 = (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384
+    g4 = (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160
+    return z + g1 / df + g2 / df ** 2 + g3 / df ** 3 + g4 / df ** 4
+
+
+def _adds_up(groups: Mapping[int, float], total: float) -> bool:
+    """The groups' counts sum to ``total``, give or take what rounding (half a count per group)
+    and Prometheus's ``increase()`` (extrapolated per series) move."""
+    return abs(sum(groups.values()) - total) <= max(0.5 * len(groups), 0.01 * total)
+
+
+def grouped_variance(y: float, n: float, y_groups: Mapping[int, float], n_groups: Mapping[int, float]
+                     ) -> tuple[float, int]:
+    """The variance of the ratio ``y / n`` (a rate, or revenue per list) when whole groups of
+    users are the independent units, and how many groups ``G`` hold any count: the linearisation
+    (delta method) estimate over the groups, ``G / (G - 1) * sum_g (y_g - r n_g)^2 / n^2``. A
+    ValueError when fewer than 2 groups hold counts, or the groups do not add up to ``y`` and
+    ``n`` (counters from workers of an older version, which kept no groups, among them).
+
+    >>> var, g = grouped_variance(3, 6, {0: 0, 1: 3}, {0: 3, 1: 3})
+    >>> round(var, 4), g
+    (0.25, 2)
+    """
+    groups = [g for g in set(y_groups) | set(n_groups) if y_groups.get(g, 0) or n_groups.get(g, 0)]
+    if n <= 0:
+        raise ValueError("no denominator")
+    if not (_adds_up(y_groups, y) and _adds_up(n_groups, n)):
+        raise ValueError(f"its groups' counts add up to {sum(y_groups.values()):g} of {sum(n_groups.values()):g}, not "
+                         f"the totals' {y:g} of {n:g} (workers of an older version, which keep no groups, among them?)")
+    if len(groups) < 2:
+        raise ValueError(f"its counts are in {len(groups)} group of users, too few to measure their spread")
+    r = y / n
+    ss = sum((y_groups.get(g, 0) - r * n_groups.get(g, 0)) ** 2 for g in groups)
+    return len(groups) / (len(groups) - 1) * ss / (float(n) * n), len(groups)
+
+
+def design_effect(k: float, n: float, k_groups: Mapping[int, float], n_groups: Mapping[int, float]
+                  ) -> tuple[float, int]:
+    """How many times the variance of the rate ``k / n`` with whole groups of users as the units
+    (:func:`grouped_variance`) exceeds the binomial one, ``p (1 - p) / n``, of ``n`` independent
+    trials, at least 1 (an estimate below it is taken as noise, not as users less alike than
+    coin flips); 1 for a rate of 0 or 1, whose groups do not vary. With ``G``, the groups: the
+    intervals use ``k / deff`` of ``n / deff`` and Student's t with ``G - 1`` degrees of freedom.
+
+    >>> deff, g = design_effect(50, 100, {0: 25, 1: 0, 2: 25}, {0: 25, 1: 50, 2: 25})
+    >>> round(deff, 2), g
+    (56.25, 3)
+    """
+    var, groups = grouped_variance(k, n, k_groups, n_groups)
+    p = k / n
+    if p <= 0 or p >= 1:
+        return 1.0, groups
+    return max(1.0, var / (p * (1 - p) / n)), groups
+
+
 def ratio_ci(k1: float, n1: float, k2: float, n2: float, z: float = Z95) -> tuple[float, float, float] | None:
     """Relative lift of rate ``k1/n1`` over ``k2/n2`` (the control), ``r - 1`` with ``r`` the
     ratio of the two rates, and its 95% log-ratio (Katz) interval, for two independent
@@ -327,7 +436,11 @@ def ratio_ci(k1: float, n1: float, k2: float, n2: float, z: float = Z95) -> tupl
     return lift, lo, hi
 
 
-def _rate(k: int, n: int, warnings: list[str], what: str) -> dict[str, Any] | None:
+def _rate(k: int, n: int, warnings: list[str], what: str, k_groups: Mapping[int, float] | None = None,
+          n_groups: Mapping[int, float] | None = None) -> dict[str, Any] | None:
+    """The rate ``k / n`` and its interval: with the groups' counts, of ``k / deff`` of ``n / deff``
+    (:func:`design_effect`) with Student's t; without them (or when they do not serve), of each
+    trial as independent (``design_effect`` None)."""
     if n <= 0:
         return None
     if k > n:  # a rate "capped at 1" was a 100% no experiment showed, and a lift from it
@@ -335,8 +448,41 @@ def _rate(k: int, n: int, warnings: list[str], what: str) -> dict[str, Any] | No
                         "different periods (a worker restarted after publishing lists later clicked: read "
                         "--prometheus with --window) or the site reported impressions for only some lists")
         return None
-    p, lo, hi = wilson(k, n)
-    return {"k": k, "n": n, "rate": p, "ci": [lo, hi]}
+    deff, groups, z = None, None, Z95
+    if k_groups or n_groups:
+        try:
+            deff, groups = design_effect(k, n, k_groups or {}, n_groups or {})
+            z = t_quantile(groups - 1)
+        except ValueError as exc:
+            warnings.append(f"{what}: {exc}; its interval takes each list as independent, too narrow")
+    p, lo, hi = wilson(k / deff, n / deff, z) if deff is not None else wilson(k, n)
+    return {"k": k, "n": n, "rate": k / n, "ci": [lo, hi], "design_effect": deff, "groups": groups}
+
+
+def _revenue_ci(revenue: float, n: int, groups: Mapping[str, Mapping[int, float]], kind: str) -> list[float] | None:
+    """The 95% interval of revenue per list (or impression) from the groups' counts (None without
+    them, or without revenue: nothing varies): mean +- t * its grouped standard error, from 0 up."""
+    if n <= 0 or not revenue or "revenue" not in groups:
+        return None
+    try:
+        var, g = grouped_variance(revenue, n, groups.get("revenue", {}), groups.get(kind, {}))
+    except ValueError:
+        return None
+    half = t_quantile(g - 1) * math.sqrt(var)
+    mean = revenue / n
+    return [max(0.0, mean - half), mean + half]
+
+
+def _lift(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[float, float, float] | None:
+    """:func:`ratio_ci` of rate ``a`` over rate ``b``: of their effective counts with Student's t
+    (the fewer groups') when both have a design effect, else of the counts as independent."""
+    if a["design_effect"] is not None and b["design_effect"] is not None:
+        da, db = a["design_effect"], b["design_effect"]
+        got = ratio_ci(a["k"] / da, a["n"] / da, b["k"] / db, b["n"] / db, t_quantile(min(a["groups"], b["groups"]) - 1))
+        if got is not None:
+            return (a["k"] / a["n"]) / (b["k"] / b["n"]) - 1, got[1], got[2]
+        return None
+    return ratio_ci(a["k"], a["n"], b["k"], b["n"])
 
 
 def summarize(counters: Mapping[str, Mapping[str, Any]], control: str | None = None) -> dict[str, Any]:
@@ -374,16 +520,19 @@ def summarize(counters: Mapping[str, Mapping[str, Any]], control: str | None = N
         hits = {str(k): v for k, v in (c.get("hits") or {}).items()}
         kind = "impressions" if c["impressions"] > 0 else "lists"
         n = c[kind]
+        g = c.get("groups") or {}
         variants[name] = {
             "denominator": {"kind": kind, "n": n},
             "lists": c["lists"], "impressions": c["impressions"],
             "clicked_lists": c["clicked_lists"], "clicks": c["clicks"],
             "purchased_lists": c["purchased_lists"], "purchases": c["purchases"],
             "revenue": c["revenue"], "judged": c["judged"], "hits": hits,
-            "ctr": _rate(c["clicked_lists"], n, warnings, f"{name} CTR"),
-            "conversion": _rate(c["purchased_lists"], n, warnings, f"{name} conversion"),
-            "hr20": _rate(hits.get("20", 0), c["judged"], warnings, f"{name} HR@20"),
+            "ctr": _rate(c["clicked_lists"], n, warnings, f"{name} CTR", g.get("clicked_lists"), g.get(kind)),
+            "conversion": _rate(c["purchased_lists"], n, warnings, f"{name} conversion", g.get("purchased_lists"),
+                                g.get(kind)),
+            "hr20": _rate(hits.get("20", 0), c["judged"], warnings, f"{name} HR@20", g.get("hits20"), g.get("judged")),
             "revenue_per_list": c["revenue"] / n if n > 0 else None,
+            "revenue_per_list_ci": _revenue_ci(c["revenue"], n, g, kind),
         }
     base = variants[control]
     base_kind = base["denominator"]["kind"]
@@ -403,10 +552,17 @@ def summarize(counters: Mapping[str, Mapping[str, Any]], control: str | None = N
         for key, _ in RATES:
             a, b = v[key], base[key]
             comparable = key == "hr20" or name not in unlike  # HR@20 is per judged event in every variant
-            got = ratio_ci(a["k"], a["n"], b["k"], b["n"]) if a and b and comparable else None
+            got = _lift(a, b) if a and b and comparable else None
             v["lift"][key] = None if got is None else {"lift": got[0], "ci": [got[1], got[2]]}
-    return {"control": control, "interval": "95% Wilson score; lift: 95% log-ratio (Katz)",
-            "variants": variants, "warnings": warnings}
+    rates = [v[key] for v in variants.values() for key, _ in RATES if v[key] is not None]
+    grouped = sorted({r["groups"] for r in rates if r["design_effect"] is not None})
+    independent = any(r["design_effect"] is None for r in rates)
+    how = "95% Wilson score; lift: 95% log-ratio (Katz)"
+    if grouped:
+        how += (f"; of the effective counts (count / design effect, from {'/'.join(map(str, grouped))} groups of "
+                "users) with Student's t" + ("; some each list as independent" if independent else ""))
+    return {"control": control, "interval": how, "grouped": bool(grouped) and not independent,
+            "groups": max(grouped) if grouped else None, "variants": variants, "warnings": warnings}
 
 
 def summarize_experiment(counters: Mapping[str, Mapping[str, Any]], experiment: Experiment) -> dict[str, Any]:
@@ -453,6 +609,12 @@ def _lift_text(lift: Mapping[str, Any] | None) -> str:
     return f"{100 * lift['lift']:+.1f}% [{100 * lift['ci'][0]:+.1f}%, {100 * lift['ci'][1]:+.1f}%]"
 
 
+def _revenue_text(mean: float | None, ci: list[float] | None) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.2f}" if ci is None else f"{mean:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
 def _columns(rows: list[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
@@ -465,7 +627,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
     variant      denominator    CTR [95% CI]             conversion [95% CI]    HR@20 [95% CI]  revenue/list
     A (control)  lists 10       10.00% [1.79%, 40.42%]   0.00% [0.00%, 27.75%]  n/a             0.00
     <BLANKLINE>
-    the intervals take each list as independent; one user's lists are not, so they are too narrow where users have many lists each (docs/operations.md, "What the intervals assume")
+    the intervals take each list as independent (the counters have no groups of users: workers of an older version); one user's lists are not, so they are too narrow where users have many lists each (docs/operations.md, "What the intervals assume")
     """
     control = summary["control"]
     rows = [["variant", "denominator", "CTR [95% CI]", "conversion [95% CI]", "HR@20 [95% CI]", "revenue/list"]]
@@ -474,7 +636,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
         rpl = v["revenue_per_list"]
         rows.append([f"{name} (control)" if name == control else name, f"{d['kind']} {d['n']}",
                      _rate_text(v["ctr"]), _rate_text(v["conversion"]), _rate_text(v["hr20"]),
-                     "n/a" if rpl is None else f"{rpl:.2f}"])
+                     _revenue_text(rpl, v.get("revenue_per_list_ci"))])
     lines = _columns(rows)
     others = [name for name in summary["variants"] if name != control]
     if others:
@@ -484,7 +646,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
             lift = summary["variants"][name]["lift"]
             rows.append([name] + [_lift_text(lift[key]) for key, _ in RATES])
         lines += _columns(rows)
-    lines += ["", INDEPENDENCE]
+    lines += ["", GROUPED.format(groups=summary["groups"]) if summary.get("grouped") else INDEPENDENCE]
     for warning in summary.get("warnings", []):
         lines.append(f"warning: {warning}")
     return "\n".join(lines)
@@ -667,7 +829,8 @@ def _prometheus_vector(base: str, query: str, timeout: float) -> list[dict[str, 
 
 def counters_from_prometheus(base: str, timeout: float = 10.0, window: str | None = None) -> dict[str, dict[str, Any]]:
     """Per-variant counters summed over every worker Prometheus scrapes: one instant query per
-    counter, ``sum by (variant) (NAME)`` (``sum by (variant, k)`` for the hits); with ``window``
+    counter, ``sum by (variant) (NAME)`` (``sum by (variant, k)`` for the hits, ``sum by (variant,
+    group, field)`` for the groups' counts); with ``window``
     (a PromQL duration such as ``7d``) what they counted over it,
     ``sum by (variant) (increase(NAME[window]))``, which a worker's restart does not reset."""
     counters: dict[str, dict[str, Any]] = {}
@@ -677,11 +840,13 @@ def counters_from_prometheus(base: str, timeout: float = 10.0, window: str | Non
 
     queries = [(field, f"sum by (variant) ({of(name)})") for field, name in COUNTERS.items()]
     queries.append(("hits", f"sum by (variant, k) ({of(HITS)})"))
+    queries.append(("groups", f"sum by (variant, group, field) ({of(GROUPS)})"))
     for field, query in queries:
         for series in _prometheus_vector(base, query, timeout):
             labels = series.get("metric") or {}
             variant = labels.get("variant")
-            if variant is None or (field == "hits" and "k" not in labels):
+            if variant is None or (field == "hits" and "k" not in labels) or \
+                    (field == "groups" and ("group" not in labels or "field" not in labels)):
                 continue
             try:
                 value = float(series["value"][1])
@@ -689,7 +854,8 @@ def counters_from_prometheus(base: str, timeout: float = 10.0, window: str | Non
                 raise ReportError(f"Prometheus at {base}: a sample of {query!r} has no value: {series}") from None
             if math.isnan(value):
                 continue
-            _add(counters, variant, field, value, labels.get("k"))
+            _add(counters, variant, field, value,
+                 f"{labels['field']}/{labels['group']}" if field == "groups" else labels.get("k"))
     if not counters:
         raise ReportError(_NO_COUNTERS.format(where=base))
     return counters
@@ -766,7 +932,9 @@ def report(
 
     Reads exactly one source: --metrics, --prometheus or --json. The denominator of a variant's CTR (lists with a click), conversion (lists with a purchase) and revenue per list is its impressions when the site reported any, else its published lists (the table says which). HR@20 = hits within the top 20 / judged events.
 
-    Intervals are 95%: the Wilson score interval for each rate; for the relative lift (variant rate / control rate - 1) the log-ratio (Katz) interval for two independent proportions (a count of 0, or all of its denominator: with 0.5 added to each cell, k + 0.5 of n + 1; a variant count of 0: from -100%). A control rate of 0 gives "n/a", and so does a CTR or conversion per impression against one per list.
+    Intervals are 95%: the Wilson score interval for each rate; for the relative lift (variant rate / control rate - 1) the log-ratio (Katz) interval (a count of 0, or all of its denominator: with 0.5 added to each cell, k + 0.5 of n + 1; a variant count of 0: from -100%). A control rate of 0 gives "n/a", and so does a CTR or conversion per impression against one per list.
+
+    A user's lists are not independent trials, so the workers also count per group of users (32 groups, by a hash of the user's id): the intervals use each count divided by its design effect (how much more the groups' rates vary than independent lists would) and Student's t with one degree of freedom fewer than the groups; revenue per list gets a t interval from them too. Counters without the groups (workers of an older version) give intervals that take each list as independent, too narrow, and the table says so.
     """
     if math.isnan(timeout):  # click's range lets NaN through: no comparison with it holds
         raise typer.BadParameter("nan is not a number of seconds", param_hint="--timeout")

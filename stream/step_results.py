@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from online_models.metrics import target_rank
 from stream.errors import clipped
+from stream.experiments import GROUP_FIELDS, VARIANCE_GROUPS, variance_group
 from stream.records import Event, Recommendation
 from stream.state import UserState
 
@@ -36,7 +37,10 @@ class LiveQuality:
 @dataclass
 class VariantCounts:
     """What one experiment arm served and what it got, in one batch (or a whole replay): the
-    counters of ``streamrec report`` (stream/experiments.py defines the attribution)."""
+    counters of ``streamrec report`` (stream/experiments.py defines the attribution), and the
+    same again per group of users (``groups``: :func:`~stream.experiments.variance_group` ->
+    counts in the order of :data:`~stream.experiments.GROUP_FIELDS`), from which the report
+    works out intervals that take each user's lists together."""
 
     lists: int = 0
     impressions: int = 0
@@ -46,6 +50,15 @@ class VariantCounts:
     purchases: int = 0
     revenue: float = 0.0
     live: LiveQuality = field(default_factory=LiveQuality)
+    groups: dict[int, list[float]] = field(default_factory=dict)
+
+    def group(self, site_user_id: str) -> list[float]:
+        """The counts of the user's group (to add to, by :data:`~stream.experiments.GROUP_FIELDS` index)."""
+        g = variance_group(site_user_id)
+        counts = self.groups.get(g)
+        if counts is None:
+            counts = self.groups[g] = [0] * len(GROUP_FIELDS)
+        return counts
 
     def add(self, other: VariantCounts) -> None:
         for name in ("lists", "impressions", "clicked_lists", "clicks", "purchased_lists", "purchases", "revenue"):
@@ -54,13 +67,23 @@ class VariantCounts:
         for k, n in other.live.hits.items():
             self.live.hits[k] += n
         self.live.reciprocal_rank_sum += other.live.reciprocal_rank_sum
+        for g, counts in other.groups.items():
+            mine = self.groups.setdefault(g, [0] * len(GROUP_FIELDS))
+            for i, n in enumerate(counts):
+                mine[i] += n
 
     def as_json(self) -> dict:
-        """The counters as ``streamrec report --json`` reads them."""
+        """The counters as ``streamrec report --json`` reads them (``groups``: field -> one count per group)."""
+        groups = {name: [round(self.groups[g][i], 6) if g in self.groups else 0 for g in range(VARIANCE_GROUPS)]
+                  for i, name in enumerate(GROUP_FIELDS)}
         return {"lists": self.lists, "impressions": self.impressions, "clicked_lists": self.clicked_lists,
                 "clicks": self.clicks, "purchased_lists": self.purchased_lists, "purchases": self.purchases,
                 "revenue": round(self.revenue, 6), "judged": self.live.judged,
-                "hits": {str(k): n for k, n in self.live.hits.items()}}
+                "hits": {str(k): n for k, n in self.live.hits.items()}, "groups": groups}
+
+
+#: where each count sits in a group's counts (:attr:`VariantCounts.groups`)
+G_LISTS, G_IMPRESSIONS, G_CLICKED, G_PURCHASED, G_REVENUE, G_JUDGED, G_HITS20 = range(len(GROUP_FIELDS))
 
 
 @dataclass(frozen=True)
@@ -145,4 +168,4 @@ def judge(events: Sequence[Event], states: dict[str, UserState], applied: dict[s
     return live, judged
 
 
-__all__ = ["LIVE_CUTOFFS", "Failure", "LiveQuality", "StepResult", "VariantCounts", "exception_text", "judge"]
+__all__ = ["G_CLICKED", "G_HITS20", "G_IMPRESSIONS", "G_JUDGED", "G_LISTS", "G_PURCHASED", "G_REVENUE", "LIVE_CUTOFFS", "Failure", "LiveQuality", "StepResult", "VariantCounts", "exception_text", "judge"]

@@ -13,7 +13,7 @@ import time
 
 from workerkit import ROOT, consume_until, produce, read_all, wait_for
 
-from stream.experiments import parse_experiment
+from stream.experiments import parse_experiment, variance_group
 from stream.records import ClickEvent, ImpressionEvent, PurchaseEvent, decode_recommendation, encode
 
 EXPERIMENT = {
@@ -54,6 +54,11 @@ def test_per_arm_counters_and_the_report_match_the_schedule(workers, worker_env,
     # lists it showed: the clicked ones and every third user's
     records, expected = [], {arm.name: dict.fromkeys(("clicked_lists", "clicks", "purchased_lists", "purchases",
                                                        "revenue", "impressions"), 0) for arm in experiment.arms}
+    groups: dict[tuple[str, str, str], float] = {}  # (arm, group, field) -> the count of its users' lists
+
+    def count(arm: str, user: str, name: str, n: float = 1) -> None:
+        key = (arm, str(variance_group(user)), name)
+        groups[key] = groups.get(key, 0) + n
     for i, u in enumerate(users):
         rec, want = lists[u], expected[lists[u].variant]
         ts = now + 1000 + i
@@ -63,6 +68,7 @@ def test_per_arm_counters_and_the_report_match_the_schedule(workers, worker_env,
                 records.append(("clicks", u.encode(), encode(ev)))
             want["clicked_lists"] += 1
             want["clicks"] += 2
+            count(rec.variant, u, "clicked_lists")
         else:
             ev = ClickEvent(event_id=f"c-{u}", user_id=u, item_id=f"nowhere-{i}", ts=ts)
             records.append(("clicks", u.encode(), encode(ev)))
@@ -73,10 +79,13 @@ def test_per_arm_counters_and_the_report_match_the_schedule(workers, worker_env,
             want["purchased_lists"] += 1
             want["purchases"] += 1
             want["revenue"] += PRICE
+            count(rec.variant, u, "purchased_lists")
+            count(rec.variant, u, "revenue", PRICE)
         if i % 2 == 0 or i % 3 == 0:  # a list clicked was shown; some were shown and not clicked
             shown = ImpressionEvent(rec_id=rec.rec_id, user_id=u, item_ids=[it.item_id for it in rec.items[:5]], ts=ts)
             records.append(("impressions", u.encode(), encode(shown)))
             want["impressions"] += 1
+            count(rec.variant, u, "impressions")
     produce(bootstrap, topic_prefix, records)
 
     def counters() -> dict[str, dict[str, float]]:
@@ -94,6 +103,10 @@ def test_per_arm_counters_and_the_report_match_the_schedule(workers, worker_env,
                    for arm in expected)
 
     wait_for(lists_counted, 30, "every list counted under its arm", worker)
+    # and each user's counts in their group of users, from which the report's intervals are worked out
+    got_groups = {key: worker.metric("streamrec_experiment_groups_total", variant=key[0], group=key[1], field=key[2])
+                  for key in groups}
+    assert got_groups == groups
 
     # streamrec report, reading the worker's /metrics, says the same
     out = subprocess.run([sys.executable, "-m", "stream.cli", "report", "--metrics",
@@ -110,6 +123,7 @@ def test_per_arm_counters_and_the_report_match_the_schedule(workers, worker_env,
         assert got["ctr"]["rate"] == want["clicked_lists"] / want["impressions"]
         assert got["conversion"]["rate"] == want["purchased_lists"] / want["impressions"]
     assert summary["variants"]["treatment"]["lift"]["ctr"] is not None
+    assert summary["grouped"] and all(summary["variants"][arm]["ctr"]["design_effect"] >= 1 for arm in expected)
     # the worker names the file it serves, which the report compares between workers and with its own
     assert worker.metric("streamrec_experiment_info", experiment="it-loop", digest=experiment.digest) == 1
     assert summary["warnings"] == []
@@ -117,5 +131,6 @@ def test_per_arm_counters_and_the_report_match_the_schedule(workers, worker_env,
                             f"http://127.0.0.1:{worker.metrics_port}", "--chart", str(tmp_path / "report.png")],
                            cwd=ROOT, env=worker_env, capture_output=True, text=True, timeout=60)
     assert table.returncode == 0 and "treatment" in table.stdout and "lift vs control" in table.stdout, table.stderr
+    assert "count each user's lists together" in table.stdout
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert worker.stop() == 0, worker.log_tail()
