@@ -393,18 +393,25 @@ def session_key(
     return f"u:{x.user_id}#{number + 1}"
 
 
-def owned_by(user_id: str, sessions: Iterable[str] = ()) -> Callable[[object], bool]:
-    """Whether a session key (:func:`session_key`, with or without ``gap_ms``) is one of
-    ``user_id``'s: the user id itself, one of ``sessions`` or ``"s:" + `` one of them (or of
-    the user id, for events whose session id is the user id), or ``u:<user id>#<n>``.
+def owned_by(user_id: str, sessions: Iterable[str] = (), *, gapped: bool) -> Callable[[object], bool]:
+    """Whether a session key (:func:`session_key`) is one of ``user_id``'s, among the keys of a
+    learner that makes them with a ``gap_ms`` (``gapped``: ``"s:" +`` one of ``sessions``, or of
+    the user id for events whose session id is the user id, or ``u:<user id>#<n>``) or without
+    one (the user id itself, or one of ``sessions``). Only keys of the learner's own form match:
+    a user whose id is another's key (``u:u1#3``, ``s:s9``) owns no key of that other.
 
-    >>> owns = owned_by("u1", ["s9"])
+    >>> owns = owned_by("u1", ["s9"], gapped=True)
     >>> [k for k in ["u1", "s9", "s:s9", "s:u1", "u:u1#3", "u:u1#x", "u:u12#1", "u2", "s:s99"] if owns(k)]
-    ['u1', 's9', 's:s9', 's:u1', 'u:u1#3']
+    ['s:s9', 's:u1', 'u:u1#3']
+    >>> [k for k in ["u1", "s9", "s:s9", "u:u1#3"] if owned_by("u1", ["s9"], gapped=False)(k)]
+    ['u1', 's9']
+    >>> owned_by("u:u1#3", gapped=True)("u:u1#3"), owned_by("s:s9", gapped=True)("s:s9")
+    (False, False)
     """
-    exact = {user_id, "s:" + user_id}
-    for sid in sessions:
-        exact.update((sid, "s:" + sid))
+    if not gapped:
+        exact = {user_id, *sessions}
+        return exact.__contains__
+    exact = {"s:" + user_id, *("s:" + sid for sid in sessions)}
     prefix = f"u:{user_id}#"
     skip = len(prefix)
 

@@ -116,7 +116,7 @@ class CoVisitation(OnlineLearner):
         """The user's session buffers go (keyed by session id, or by user id for events
         without one), and the cached aggregates (keyed by a session's items). The pair
         counts and totals stay: sums over all sessions, keyed by items only."""
-        owns = owned_by(user_id, sessions)
+        owns = owned_by(user_id, sessions, gapped=False)  # keyed by session_key(x), no gap
         buffers = self._sessions
         for key in [k for k in buffers if owns(k)]:
             del buffers[key]

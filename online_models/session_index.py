@@ -109,7 +109,7 @@ class _SessionIndex:
         their keys from every item's index (also the keys of sessions evicted earlier, or
         that no longer hold the item, which eviction leaves there), and the user's open session.
         """
-        owns = owned_by(user_id, sessions)
+        owns = owned_by(user_id, sessions, gapped=self.session_gap_ms is not None)
         self.user_session.pop(user_id, None)
         for key in [k for k in self.sessions if owns(k)]:
             self._forget(key, self.sessions.pop(key))

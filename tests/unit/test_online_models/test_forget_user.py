@@ -112,6 +112,17 @@ def test_forgetting_someone_unknown_changes_nothing(cls):
     assert learner.snapshot() == before
 
 
+@pytest.mark.parametrize("cls", LEARNERS, ids=lambda cls: cls.__name__)
+@pytest.mark.parametrize("crafted", [f"u:{KEEP}#1", f"u:{KEEP}#2", f"s:{KEEP_SESSION}", f"s:{KEEP}"])
+def test_a_user_whose_id_is_another_users_session_key_forgets_none_of_their_sessions(cls, crafted):
+    # a learner keyed by session_key with a gap holds the keeper's sessions as u:<keeper>#n and
+    # s:<session id>; an erasure request for a user whose id was one of those keys dropped them
+    learner = _learned(cls)
+    before = learner.snapshot()
+    learner.forget_user(crafted, [])
+    assert learner.snapshot() == before
+
+
 def _check_index(index) -> None:
     """The session index's bookkeeping agrees with its sessions, as after evictions."""
     held: dict[str, int] = {}
