@@ -26,6 +26,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
 from aiokafka import AIOKafkaConsumer
+from kafka import KafkaConsumer
+from kafka.errors import KafkaError
 
 from stream.errors import ConfigError, ServiceUnavailable, StreamrecError, clipped
 
@@ -284,6 +286,18 @@ class KafkaConnection:
             return AccessDenied(f"Kafka at {self.bootstrap} does not allow user {self.sasl_username or '(anonymous)'!r} "
                                 f"this ({text}): grant it the ACLs in docs/operations.md (Security)")
         return None
+
+    def reader(self, client_id: str) -> KafkaConsumer:
+        """A blocking (kafka-python) consumer of no group for the command-line readers (``tail``,
+        ``redrive``): it commits nothing, reads committed data only (:data:`ISOLATION_LEVEL`: what a
+        transactional producer aborted stays in the log, marked aborted; the worker's producer is not
+        one, a tool that copies or writes these topics may be), and waits up to 30 s for the broker;
+        one it cannot reach raises :meth:`unavailable`'s error."""
+        try:
+            return KafkaConsumer(**self.client_options(), client_id=client_id, group_id=None, enable_auto_commit=False,
+                                 bootstrap_timeout_ms=30_000, isolation_level=ISOLATION_LEVEL)
+        except KafkaError as exc:
+            raise self.unavailable(exc) from None
 
     def unavailable(self, exc: BaseException | str, timeout_s: float | None = None,
                     waited: bool = False) -> StreamrecError:

@@ -47,7 +47,6 @@ from aiokafka.errors import KafkaError as AioKafkaError
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from stream.connections import ISOLATION_LEVEL, KafkaConnection
 from stream.decoding import id_problem
 from stream.errors import DEAD_LETTER_CODES, StreamrecError, counted, some_of
 from stream.produce import started_producer
@@ -186,14 +185,6 @@ class Tally:
         return "\n".join(lines)
 
 
-def _consumer(kafka: KafkaConnection) -> KafkaConsumer:
-    try:
-        return KafkaConsumer(**kafka.client_options(), client_id="streamrec-redrive", group_id=None,
-                             enable_auto_commit=False, bootstrap_timeout_ms=30_000, isolation_level=ISOLATION_LEVEL)
-    except KafkaError as exc:
-        raise kafka.unavailable(exc) from None
-
-
 def _starts(consumer: KafkaConsumer, partitions: list[TopicPartition], since: int | None) -> dict[TopicPartition, int]:
     """Where each partition is read from: its oldest message, or the first Kafka stamped at or
     after ``since`` less :data:`CLOCK_SLACK_MS` (a letter's ``ts`` is the worker's clock, the
@@ -214,7 +205,7 @@ async def redrive_letters(settings: Settings, choice: Choice, dry_run: bool = Fa
     in flight are confirmed."""
     kafka, dlq = settings.kafka, settings.topics.dlq
     tally = Tally()
-    consumer = _consumer(kafka)
+    consumer = kafka.reader("streamrec-redrive")
     producer = None if dry_run else await started_producer(
         kafka, client_id="streamrec-redrive", acks="all", enable_idempotence=True, request_timeout_ms=30_000)
     sent_from: set[tuple[str, int, int]] = set()

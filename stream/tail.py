@@ -32,11 +32,9 @@ from typing import Annotated
 
 import msgspec
 import typer
-from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
+from kafka import TopicPartition
 
 from online_models.types import Explanation
-from stream.connections import ISOLATION_LEVEL
 from stream.decoding import id_problem
 from stream.errors import counted, some_of
 from stream.kafka_sockets import close_failed_connects
@@ -216,14 +214,7 @@ def tail(
     kafka = settings.kafka
     close_failed_connects()  # it follows for as long as it is left: each broker outage's refused attempts, closed
     require_topic(settings, topic)  # a typo in the prefix must not create topics and wait on them forever
-    try:
-        # committed data only, as every streamrec reader: what a transactional producer aborted stays
-        # in the log, marked aborted (the worker's producer is not one; a tool that copies or writes
-        # these topics may be)
-        consumer = KafkaConsumer(**kafka.client_options(), client_id="streamrec-tail", group_id=None,
-                                 enable_auto_commit=False, bootstrap_timeout_ms=30_000, isolation_level=ISOLATION_LEVEL)
-    except KafkaError as exc:
-        raise kafka.unavailable(exc) from None
+    consumer = kafka.reader("streamrec-tail")  # committed data only, as every streamrec reader
     printed = 0
     deadline = None if timeout is None else time.monotonic() + timeout
     watch = BrokerWatch(kafka.bootstrap, lambda: probe(kafka, 2.0), WATCH_EVERY_S)

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from online_models.datasets import DatasetError, synthetic_interactions
 from online_models.types import Interaction
+from stream import connections as connections_module
 from stream import produce as produce_module
 from stream import tail as tail_module
 from stream.connections import KafkaConnection
@@ -271,7 +272,7 @@ def test_tail_says_when_kafka_stops_answering_instead_of_printing_nothing(monkey
     """The broker gone while tail waited: kafka-python reconnects in silence, and tail printed
     nothing, as for a quiet topic, until the operator gave up."""
     monkeypatch.setattr(tail_module, "require_topic", lambda settings, topic: 1)
-    monkeypatch.setattr(tail_module, "KafkaConsumer", SilentConsumer)
+    monkeypatch.setattr(connections_module, "KafkaConsumer", SilentConsumer)  # what KafkaConnection.reader builds
     monkeypatch.setattr(tail_module, "probe", lambda kafka, timeout_s: "127.0.0.1:9: [Errno 111] Connection refused",
                         raising=False)
     monkeypatch.setattr(tail_module, "WATCH_EVERY_S", 0.0, raising=False)
