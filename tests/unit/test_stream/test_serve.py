@@ -81,19 +81,23 @@ async def client(catalogue):
 
 
 async def test_search_answers_json_items_with_explanations(client):
-    resp = await client.get("/v1/search", params={"q": "羽绒服", "k": "2"})
+    # "winter down jacket": the English jacket ahead of the shoes by 0.03 in cosine. For "down
+    # jacket" alone (羽绒服) the two were 0.003 apart, and the int8 kernels of a CPU without
+    # AVX-512 VNNI (an AMD EPYC of this project's kind) put the shoes ahead
+    resp = await client.get("/v1/search", params={"q": "冬季羽绒服", "k": "2"})
     assert resp.status == 200 and resp.content_type == "application/json"
     body = await resp.json()
     assert [i["item_id"] for i in body["items"]] == ["jacket-zh", "jacket-en"] and body["user_id"] is None
-    assert body["items"][0]["explanation"] == {"source": "search", "matched": "both"} and body["query"] == "羽绒服"
+    assert body["items"][0]["explanation"] == {"source": "search", "matched": "both"} and body["query"] == "冬季羽绒服"
     # for "for men and women" the query alone ranks the English jacket, the Chinese one, then the
-    # shoes, these two close (fused relevance 0.56 and 0.50); the fan viewed the shoes: their
-    # models lift the shoes over the Chinese jacket, and say so
+    # shoes (fused relevance 0.70, 0.58 and 0.51 on an AMD EPYC); the fan viewed the shoes: their
+    # models lift the shoes over the Chinese jacket, and say so. Whether over the English jacket
+    # too depends on the third decimal of the cosines, which differs between CPUs' int8 kernels
     anyone = await (await client.get("/v1/search", params={"q": "for men and women", "k": "2"})).json()
     assert [i["item_id"] for i in anyone["items"]] == ["jacket-en", "jacket-zh"]
     fan = await (await client.get("/v1/search", params={"q": "for men and women", "user_id": "fan", "k": "2"})).json()
-    assert [i["item_id"] for i in fan["items"]] == ["jacket-en", "shoes"]
-    assert fan["items"][1]["explanation"]["source"] == "reminder"
+    assert {i["item_id"] for i in fan["items"]} == {"jacket-en", "shoes"}
+    assert {i["explanation"]["source"] for i in fan["items"] if i["item_id"] == "shoes"} == {"reminder"}
 
 
 async def test_recommendations_are_fresh_from_the_models_and_the_users_state(client):
