@@ -323,11 +323,12 @@ def prequential(
     }
     report["verdict"] = verdict(report["models"], ks[-1])
     served = next((c for c in contenders if c.name == SERVED), None)
-    if served is not None and served.step.experiment is not None:  # streamrec report --json reads these two keys
+    if served is not None and served.step.experiment is not None:  # streamrec report --json reads these keys
         experiment = served.step.experiment
         report["experiment"] = experiment.name
         report["control"] = experiment.control
         report["variants"] = {name: served.variants.get(name, VariantCounts()).as_json() for name in experiment.names}
+        report["shares"] = {arm.name: arm.share for arm in experiment.arms}  # the report's sample-ratio check
     return report
 
 

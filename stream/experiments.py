@@ -460,6 +460,19 @@ def home_list(recs: list[list]) -> str | None:
     return None
 
 
+def new_to_arm(recs: list[list], variant: str) -> bool:
+    """True when none of the home-page lists remembered in ``recs`` (search answers aside) was
+    served by ``variant``: a list of that arm published now is the user's first in it, as far as
+    their state remembers (``streamrec_experiment_users_total``: the users each arm has served).
+
+    >>> recs = [["a1-" + rec_tag("A"), 1, 0], ["s1-" + rec_tag("B"), 2, SEARCHED]]
+    >>> new_to_arm(recs, "A"), new_to_arm(recs, "B"), new_to_arm([], "A")
+    (False, True, True)
+    """
+    tag = rec_tag(variant)
+    return not any(not r[2] & SEARCHED and tag_of(r[0]) == tag for r in recs)
+
+
 def shown(recs: list[list], rec_id: str) -> bool:
     """Mark the remembered list ``rec_id`` as shown (an impression); False when it is not
     remembered or was marked before: an impression counts once, for a list the worker published."""
@@ -475,4 +488,4 @@ def shown(recs: list[list], rec_id: str) -> bool:
 
 __all__ = ["Arm", "Attribution", "BASELINES", "DEFAULT_VARIANT", "Experiment", "attribute", "home_list", "load_experiment",
            "parse_experiment", "rec_tag", "remembered", "serving_view", "shown", "shuffled", "tag_of", "GROUP_FIELDS",
-           "VARIANCE_GROUPS", "variance_group"]
+           "VARIANCE_GROUPS", "new_to_arm", "variance_group"]

@@ -569,6 +569,8 @@ class BatchHandler:
         for variant, c in result.variants.items():
             if c.lists:
                 m.experiment_lists.labels(variant).inc(c.lists)
+            if c.users:
+                m.experiment_users.labels(variant).inc(c.users)
             if c.clicks:
                 m.experiment_clicks.labels(variant).inc(c.clicks)
                 m.experiment_clicked_lists.labels(variant).inc(c.clicked_lists)

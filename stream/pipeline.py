@@ -63,6 +63,7 @@ from stream.experiments import (
     attribute,
     home_list,
     load_experiment,
+    new_to_arm,
     rec_tag,
     remembered,
     serving_view,
@@ -394,12 +395,13 @@ class RecommendationStep:
 
         docs: dict[str, bytes] = {}
         new_states: dict[str, UserState] = {}
-        recommendations, payloads = [], []
+        recommendations, payloads, served_users = [], [], []
         for uid, state in plan.states.items():
             r = ranked.get(uid)
             if r is not None:
                 new_states[uid], docs[uid] = r.state, r.doc
                 recommendations.append(r.recommendation)
+                served_users.append(uid)
                 payloads.append(r.payload)
             else:  # ranked before its learning failed, or not at all: saved without a new list
                 state.last_recommended = []
@@ -407,15 +409,17 @@ class RecommendationStep:
         applied = sorted(i for idx in plan.applied.values() for i in idx)
         live, judged = judge(events, states, plan.applied)
         failures.sort(key=lambda f: f.index)
-        variants = self._count_variants(events, plan, recommendations, judged, site_ids, live, states)
+        variants = self._count_variants(events, plan, recommendations, served_users, judged, site_ids, live, states)
         return StepResult(new_states, docs, recommendations, payloads, [events[i] for i in applied], plan.duplicates,
                           timings, live, learned_only=plan.learned_only, failures=failures, judged=judged,
                           refused=plan.refused, variants=variants, by_user=plan.applied)
 
     def _count_variants(self, events: Sequence[Event], plan: _Plan, recommendations: list[Recommendation],
-                        judged: list[tuple[int, list[str]]], site_ids: Mapping[str, str] | None,
-                        live: LiveQuality, states: Mapping[str, UserState]) -> dict[str, VariantCounts]:
-        """Per arm: the lists published, the applied events credited to a list (under the arm
+                        served_users: list[str], judged: list[tuple[int, list[str]]],
+                        site_ids: Mapping[str, str] | None, live: LiveQuality,
+                        states: Mapping[str, UserState]) -> dict[str, VariantCounts]:
+        """Per arm: the lists published (``served_users``: whose, in the same order) and the users
+        new to the arm among them, the applied events credited to a list (under the arm
         that served that list: :meth:`variant_credited`), and the live hit rate: each applied
         event judged against the list its user had when the batch began (``states``), under the
         arm that served that list (its ``rec_id``: :func:`~stream.experiments.home_list`), or
@@ -433,10 +437,13 @@ class RecommendationStep:
                 name = names[uid] = variant_of(site_id(uid))
             return out[name]
 
-        for rec in recommendations:  # named by their arm already, and published under the site's id
+        for rec, uid in zip(recommendations, served_users, strict=True):  # named by their arm already
             c = out[rec.variant]
             c.lists += 1
-            c.group(rec.user_id)[G_LISTS] += 1
+            c.group(rec.user_id)[G_LISTS] += 1  # published under the site's id
+            before = states.get(uid)
+            if before is None or new_to_arm(before.recs, rec.variant):
+                c.users += 1
         attributed = plan.attributed
         if attributed:
             for uid, idx in plan.applied.items():

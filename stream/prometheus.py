@@ -82,6 +82,7 @@ class Metrics:
         v = ["variant"]
         self.experiment_info = Gauge("experiment_info", "1 on a worker serving an experiment (STREAMREC_VARIANTS): its name and the digest of how its file splits and serves users (workers showing two digests put users in different arms)", ["experiment", "digest"], namespace=ns, registry=r)
         self.experiment_lists = Counter("experiment_lists_total", "Recommendation lists published, by experiment arm (variant \"default\" without an experiment)", v, namespace=ns, registry=r)
+        self.experiment_users = Counter("experiment_users_total", "Users served their first home-page list of the arm (as far as their state remembers), by arm: streamrec report checks them against the arms' shares (sample ratio mismatch)", v, namespace=ns, registry=r)
         self.experiment_impressions = Counter("experiment_impressions_total", "Lists the site reported as shown (ImpressionEvents), by arm", v, namespace=ns, registry=r)
         self.experiment_impressions_unmatched = Counter("experiment_impressions_unmatched_total", "Impressions not counted: for a rec_id the user's state does not remember (too old, made up) or counted before, or of a list of an arm the experiment no longer has", namespace=ns, registry=r)
         self.experiment_clicked_lists = Counter("experiment_clicked_lists_total", "Lists with at least one attributed click (each list once), by arm", v, namespace=ns, registry=r)

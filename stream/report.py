@@ -60,6 +60,7 @@ Z95 = 1.959963984540054
 #: counter field -> the worker's Prometheus counter (all labelled by ``variant``)
 COUNTERS = {
     "lists": "streamrec_experiment_lists_total",
+    "users": "streamrec_experiment_users_total",
     "impressions": "streamrec_experiment_impressions_total",
     "clicked_lists": "streamrec_experiment_clicked_lists_total",
     "clicks": "streamrec_experiment_clicks_total",
@@ -84,6 +85,11 @@ INDEPENDENCE = ("the intervals take each list as independent (the counters have 
 #: what a table says of intervals worked out from the groups
 GROUPED = ("the intervals count each user's lists together: from the spread of up to {groups} groups of users per arm "
            "(a hash of the user's id), with Student's t (docs/operations.md, \"What the intervals assume\")")
+#: a sample-ratio check's p-value below which the report warns that users are not split as the
+#: shares say (a broken split or lost counts: the lifts are not to be read); 1 in 1,000, as is usual
+SRM_ALPHA = 0.001
+#: the fewest users an arm is expected to have for the check: below it the chi-square is no guide
+SRM_MIN_EXPECTED = 5
 #: the rates reported, in order: key, label
 RATES = (("ctr", "CTR"), ("conversion", "conversion"), ("hr20", "HR@20"))
 _NO_COUNTERS = ("no streamrec_experiment_* counters at {where}: is it a worker's (serve exports none), and has "
@@ -485,7 +491,8 @@ def _lift(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[float, float, flo
     return ratio_ci(a["k"], a["n"], b["k"], b["n"])
 
 
-def summarize(counters: Mapping[str, Mapping[str, Any]], control: str | None = None) -> dict[str, Any]:
+def summarize(counters: Mapping[str, Mapping[str, Any]], control: str | None = None,
+              shares: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Each variant's rates with Wilson intervals and their lift against ``control``.
 
     ``control`` defaults to a variant named "control", else the first in sorted order; an
@@ -523,7 +530,7 @@ def summarize(counters: Mapping[str, Mapping[str, Any]], control: str | None = N
         g = c.get("groups") or {}
         variants[name] = {
             "denominator": {"kind": kind, "n": n},
-            "lists": c["lists"], "impressions": c["impressions"],
+            "users": c["users"], "lists": c["lists"], "impressions": c["impressions"],
             "clicked_lists": c["clicked_lists"], "clicks": c["clicks"],
             "purchased_lists": c["purchased_lists"], "purchases": c["purchases"],
             "revenue": c["revenue"], "judged": c["judged"], "hits": hits,
@@ -561,15 +568,87 @@ def summarize(counters: Mapping[str, Mapping[str, Any]], control: str | None = N
     if grouped:
         how += (f"; of the effective counts (count / design effect, from {'/'.join(map(str, grouped))} groups of "
                 "users) with Student's t" + ("; some each list as independent" if independent else ""))
+    ratio = sample_ratio({name: c.get("users", 0) for name, c in counters.items()}, shares) if shares else None
+    if ratio is not None and ratio["p"] < SRM_ALPHA:
+        parts = ", ".join(f"{name} {n:,} (expected {ratio['expected'][name]:,.0f})" for name, n in ratio["users"].items())
+        warnings.append(f"sample ratio mismatch: users per arm {parts}; chi-square p = {ratio['p']:.2g} against the "
+                        "arms' shares. Users are not split as the experiment says (workers on different files, an "
+                        "arm whose lists fail, lost counts): find why before reading the lifts")
     return {"control": control, "interval": how, "grouped": bool(grouped) and not independent,
-            "groups": max(grouped) if grouped else None, "variants": variants, "warnings": warnings}
+            "groups": max(grouped) if grouped else None, "sample_ratio": ratio, "variants": variants,
+            "warnings": warnings}
+
+
+def chi2_sf(x: float, df: int) -> float:
+    """The chi-square distribution's upper tail, ``P(X > x)`` with ``df`` degrees of freedom: the
+    regularised upper incomplete gamma ``Q(df/2, x/2)`` (its series below ``a + 1``, else its
+    continued fraction, as in Numerical Recipes' ``gammq``).
+
+    >>> [round(chi2_sf(x, df), 4) for x, df in ((3.841459, 1), (5.991465, 2), (0.0, 3), (20.0, 1))]
+    [0.05, 0.05, 1.0, 0.0]
+    """
+    if x <= 0:
+        return 1.0
+    a, z = df / 2, x / 2
+    lg = math.lgamma(a)
+    if z < a + 1:  # the series of P, then 1 - P
+        term = total = 1 / a
+        n = a
+        for _ in range(10_000):
+            n += 1
+            term *= z / n
+            total += term
+            if abs(term) < abs(total) * 1e-15:
+                break
+        return max(0.0, 1 - total * math.exp(-z + a * math.log(z) - lg))
+    b = z + 1 - a  # Lentz's continued fraction of Q
+    c, d = 1 / 1e-300, 1 / b
+    h = d
+    for i in range(1, 10_000):
+        an = -i * (i - a)
+        b += 2
+        d = an * d + b
+        d = 1e-300 if abs(d) < 1e-300 else d
+        c = b + an / c
+        c = 1e-300 if abs(c) < 1e-300 else c
+        d = 1 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1) < 1e-15:
+            break
+    return min(1.0, math.exp(-z + a * math.log(z) - lg) * h)
+
+
+def sample_ratio(users: Mapping[str, float], shares: Mapping[str, float]) -> dict[str, Any] | None:
+    """The sample-ratio check: the users each arm served (``streamrec_experiment_users_total``)
+    against the split its shares ask for, by Pearson's chi-square with (arms - 1) degrees of
+    freedom. Only the arms in ``shares`` count (the shares renormalised over those), and None
+    when there are fewer than 2, or an arm is expected to have fewer than
+    :data:`SRM_MIN_EXPECTED` users (the test is then no guide; counters without users, from
+    workers of an older version, give none either).
+
+    >>> r = sample_ratio({"A": 5_000, "B": 5_300}, {"A": 0.5, "B": 0.5})
+    >>> round(r["chi2"], 2), r["p"] < 0.01
+    (8.74, True)
+    """
+    arms = [name for name in shares if name in users]
+    total = sum(users[name] for name in arms)
+    weight = sum(shares[name] for name in arms)
+    if len(arms) < 2 or total <= 0 or weight <= 0:
+        return None
+    expected = {name: total * shares[name] / weight for name in arms}
+    if min(expected.values()) < SRM_MIN_EXPECTED:
+        return None
+    chi2 = sum((users[name] - expected[name]) ** 2 / expected[name] for name in arms)
+    return {"users": {name: users[name] for name in arms}, "expected": expected, "chi2": chi2,
+            "df": len(arms) - 1, "p": chi2_sf(chi2, len(arms) - 1)}
 
 
 def summarize_experiment(counters: Mapping[str, Mapping[str, Any]], experiment: Experiment) -> dict[str, Any]:
     """:func:`summarize` of the workers' ``experiment`` (``STREAMREC_VARIANTS``): every arm
     shown (:func:`with_arms`), its control the control, the warnings of both."""
     counters, warnings = with_arms(counters, experiment.names, experiment.name)
-    summary = summarize(counters, experiment.control)
+    summary = summarize(counters, experiment.control, {arm.name: arm.share for arm in experiment.arms})
     summary["warnings"][:0] = warnings
     return summary
 
@@ -623,18 +702,20 @@ def _columns(rows: list[list[str]]) -> list[str]:
 def format_table(summary: Mapping[str, Any]) -> str:
     """The summary as text: one row per variant, then each variant's lift against the control.
 
-    >>> print(format_table(summarize({"A": {"lists": 10, "clicked_lists": 1}})))  # doctest: +NORMALIZE_WHITESPACE
-    variant      denominator    CTR [95% CI]             conversion [95% CI]    HR@20 [95% CI]  revenue/list
-    A (control)  lists 10       10.00% [1.79%, 40.42%]   0.00% [0.00%, 27.75%]  n/a             0.00
+    >>> print(format_table(summarize({"A": {"users": 4, "lists": 10, "clicked_lists": 1}})))  # doctest: +NORMALIZE_WHITESPACE
+    variant      users  denominator  CTR [95% CI]            conversion [95% CI]    HR@20 [95% CI]  revenue/list
+    A (control)  4      lists 10     10.00% [1.79%, 40.42%]  0.00% [0.00%, 27.75%]  n/a             0.00
     <BLANKLINE>
     the intervals take each list as independent (the counters have no groups of users: workers of an older version); one user's lists are not, so they are too narrow where users have many lists each (docs/operations.md, "What the intervals assume")
     """
     control = summary["control"]
-    rows = [["variant", "denominator", "CTR [95% CI]", "conversion [95% CI]", "HR@20 [95% CI]", "revenue/list"]]
+    rows = [["variant", "users", "denominator", "CTR [95% CI]", "conversion [95% CI]", "HR@20 [95% CI]", "revenue/list"]]
     for name, v in summary["variants"].items():
         d = v["denominator"]
         rpl = v["revenue_per_list"]
-        rows.append([f"{name} (control)" if name == control else name, f"{d['kind']} {d['n']}",
+        users = v.get("users", 0)  # none with lists: counters of workers before users were counted
+        rows.append([f"{name} (control)" if name == control else name,
+                     f"{users:,}" if users or not v["lists"] else "n/a", f"{d['kind']} {d['n']}",
                      _rate_text(v["ctr"]), _rate_text(v["conversion"]), _rate_text(v["hr20"]),
                      _revenue_text(rpl, v.get("revenue_per_list_ci"))])
     lines = _columns(rows)
@@ -878,8 +959,27 @@ def experiments_from_prometheus(base: str, timeout: float = 10.0, window: str | 
     return out
 
 
-def counters_from_json_file(path: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
-    """The counters (and control) of a replay's JSON file."""
+def shares_from_json(data: Mapping[str, Any]) -> dict[str, float] | None:
+    """The arms' traffic shares a replay's JSON names (``"shares"``, as ``streamrec evaluate
+    --variants`` writes them), for the sample-ratio check; None when it names none or they are
+    not positive numbers.
+
+    >>> shares_from_json({"shares": {"A": 0.5, "B": 0.5}}), shares_from_json({"shares": {"A": "half"}})
+    ({'A': 0.5, 'B': 0.5}, None)
+    """
+    shares = data.get("shares") if isinstance(data, Mapping) else None
+    if not isinstance(shares, Mapping) or not shares:
+        return None
+    out = {}
+    for name, share in shares.items():
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            return None
+        out[str(name)] = float(share)
+    return out
+
+
+def counters_from_json_file(path: Path) -> tuple[dict[str, dict[str, Any]], str | None, dict[str, float] | None]:
+    """The counters, control and arms' shares of a replay's JSON file."""
     try:
         data = json.loads(Path(path).read_text())
     except OSError as exc:
@@ -891,7 +991,7 @@ def counters_from_json_file(path: Path) -> tuple[dict[str, dict[str, Any]], str 
     counters, control = counters_from_json(data)
     if not counters:
         raise ReportError(f"{path} has no variants")
-    return counters, control
+    return counters, control, shares_from_json(data)
 
 
 # --------------------------------------------------------------------------- the command
@@ -954,7 +1054,7 @@ def report(
     # the workers' experiment file, read before any source is: a wrong path is said before a network wait
     experiment = load_experiment(os.environ["STREAMREC_VARIANTS"]) \
         if control is None and os.environ.get("STREAMREC_VARIANTS") else None
-    default_control = None
+    default_control, shares = None, None  # a replay's JSON names its control and its arms' shares
     seen: dict[tuple[str, str], list[str]] = {}  # the experiments the workers serve
     if metrics:
         counters = counters_from_metrics_urls(metrics, timeout, seen)
@@ -963,11 +1063,11 @@ def report(
         seen = experiments_from_prometheus(prometheus_base(prometheus), timeout, window)
     else:
         assert json_file is not None
-        counters, default_control = counters_from_json_file(json_file)
+        counters, default_control, shares = counters_from_json_file(json_file)
     if experiment is not None and default_control is None:
         summary = summarize_experiment(counters, experiment)  # the workers'
     else:
-        summary = summarize(counters, control or default_control)
+        summary = summarize(counters, control or default_control, shares)
     summary["warnings"].extend(experiment_warnings(seen, experiment))
     if chart is not None:
         try:

@@ -43,6 +43,8 @@ class VariantCounts:
     works out intervals that take each user's lists together."""
 
     lists: int = 0
+    #: users served their first home-page list of the arm (:func:`~stream.experiments.new_to_arm`)
+    users: int = 0
     impressions: int = 0
     clicked_lists: int = 0
     clicks: int = 0
@@ -61,7 +63,8 @@ class VariantCounts:
         return counts
 
     def add(self, other: VariantCounts) -> None:
-        for name in ("lists", "impressions", "clicked_lists", "clicks", "purchased_lists", "purchases", "revenue"):
+        for name in ("lists", "users", "impressions", "clicked_lists", "clicks", "purchased_lists", "purchases",
+                     "revenue"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.live.judged += other.live.judged
         for k, n in other.live.hits.items():
@@ -76,7 +79,7 @@ class VariantCounts:
         """The counters as ``streamrec report --json`` reads them (``groups``: field -> one count per group)."""
         groups = {name: [round(self.groups[g][i], 6) if g in self.groups else 0 for g in range(VARIANCE_GROUPS)]
                   for i, name in enumerate(GROUP_FIELDS)}
-        return {"lists": self.lists, "impressions": self.impressions, "clicked_lists": self.clicked_lists,
+        return {"lists": self.lists, "users": self.users, "impressions": self.impressions, "clicked_lists": self.clicked_lists,
                 "clicks": self.clicks, "purchased_lists": self.purchased_lists, "purchases": self.purchases,
                 "revenue": round(self.revenue, 6), "judged": self.live.judged,
                 "hits": {str(k): n for k, n in self.live.hits.items()}, "groups": groups}

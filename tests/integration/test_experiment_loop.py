@@ -107,11 +107,15 @@ def test_per_arm_counters_and_the_report_match_the_schedule(workers, worker_env,
     got_groups = {key: worker.metric("streamrec_experiment_groups_total", variant=key[0], group=key[1], field=key[2])
                   for key in groups}
     assert got_groups == groups
+    # each user counted once, at their first list: the later lists of the schedule add none
+    per_arm = {arm: sum(experiment.arm_of(u).name == arm for u in users) for arm in expected}
+    assert {arm: worker.metric("streamrec_experiment_users_total", variant=arm) for arm in expected} == per_arm
 
     # streamrec report, reading the worker's /metrics, says the same
     out = subprocess.run([sys.executable, "-m", "stream.cli", "report", "--metrics",
                           f"http://127.0.0.1:{worker.metrics_port}", "--json-output"],
-                         cwd=ROOT, env=worker_env, capture_output=True, text=True, timeout=60)
+                         cwd=ROOT, env={**worker_env, "STREAMREC_VARIANTS": str(variants_file)},  # the arms' shares
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert summary["control"] == "control"
@@ -124,6 +128,7 @@ def test_per_arm_counters_and_the_report_match_the_schedule(workers, worker_env,
         assert got["conversion"]["rate"] == want["purchased_lists"] / want["impressions"]
     assert summary["variants"]["treatment"]["lift"]["ctr"] is not None
     assert summary["grouped"] and all(summary["variants"][arm]["ctr"]["design_effect"] >= 1 for arm in expected)
+    assert summary["sample_ratio"]["users"] == per_arm  # checked against the file's shares: 14 and 10 is chance
     # the worker names the file it serves, which the report compares between workers and with its own
     assert worker.metric("streamrec_experiment_info", experiment="it-loop", digest=experiment.digest) == 1
     assert summary["warnings"] == []
