@@ -40,7 +40,7 @@ from stream.evaluation import (
     session_rec_units,
 )
 from stream.experiments import load_experiment
-from stream.report import counters_from_json, format_table, summarize
+from stream.report import counters_from_json, format_table, shares_from_json, summarize
 from stream.settings import Settings
 from stream.step_inputs import recommender_config
 
@@ -501,7 +501,8 @@ def _print_tables(console, report: dict[str, Any]) -> None:
             counters, control = counters_from_json(report)
             console.print(f"\nexperiment {report['experiment']!r}, rehearsed on the replay (served; clicks and "
                           "purchases credited by the attribution window):")
-            console.print(format_table(summarize(counters, control)), markup=False, highlight=False)
+            console.print(format_table(summarize(counters, control, shares_from_json(report))), markup=False,
+                          highlight=False)
         return
     table = Table(title=f"session-rec ({report.get('split', 'test')} split): "
                         f"{counted(report['test_sessions'], 'test session')}, "
