@@ -40,6 +40,7 @@ import json
 import math
 import os
 import re
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -694,9 +695,20 @@ def _revenue_text(mean: float | None, ci: list[float] | None) -> str:
     return f"{mean:.2f}" if ci is None else f"{mean:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
+def display_width(text: str) -> int:
+    """The columns ``text`` takes in a terminal: 2 for a wide (CJK) character, 0 for a combining
+    one, else 1 (arm names are any text: ``len`` put the columns after a Chinese name out of line).
+
+    >>> display_width("对照组"), display_width("control"), display_width("é")
+    (6, 7, 1)
+    """
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
 def _columns(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    widths = [max(display_width(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell + " " * (w - display_width(cell)) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows]
 
 
 def format_table(summary: Mapping[str, Any]) -> str:

@@ -27,6 +27,7 @@ from stream.report import (
     counters_from_metrics_text,
     counters_from_metrics_urls,
     counters_from_prometheus,
+    display_width,
     format_table,
     merge_counters,
     ratio_ci,
@@ -752,3 +753,11 @@ def test_cli_prometheus_says_when_its_workers_serve_different_experiment_files()
         "the workers serve 2 different experiment files ('x' digest 0a0a0a0a on 2 worker(s); 'x' digest 0b0b0b0b on "
         "1 worker(s)): a user may be in one arm on one worker and in another on the next, and the counters summed "
         "here mix them; run every worker on the same file, restarted together"]
+
+
+def test_columns_after_a_chinese_arm_name_line_up_in_a_terminal():
+    # len() counted 对照组 as 3 columns; a terminal shows 6, so every column after it was 3 off
+    table = format_table(summarize({"对照组": {"lists": 100, "clicked_lists": 10}, "B": {"lists": 100, "clicked_lists": 12}},
+                                   "对照组"))
+    head, b, zh = table.splitlines()[:3]
+    assert display_width(zh[:zh.index("lists")]) == display_width(b[:b.index("lists")]) == head.index("denominator")
