@@ -153,7 +153,8 @@ def _add(counters: dict[str, dict[str, Any]], variant: str, field: str, value: f
         c["hits"][k] = c["hits"].get(k, 0) + number
     elif field == "groups":  # k: "FIELD/GROUP"
         name, _, group = str(k).partition("/")
-        if name not in GROUP_FIELDS or not group.isdigit():
+        # ASCII digits only, and few: "²" passes isdigit() but not int(), and 5000 digits are past int()'s limit
+        if name not in GROUP_FIELDS or not re.fullmatch(r"[0-9]{1,9}", group):
             return  # a field or group this version does not know: not used
         counts = c["groups"].setdefault(name, {})
         counts[int(group)] = counts.get(int(group), 0) + number

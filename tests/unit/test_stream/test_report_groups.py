@@ -172,3 +172,14 @@ def test_the_step_puts_every_count_of_a_user_in_the_users_group_and_the_groups_a
     r2 = _run(step1, [ClickEvent(event_id="b", user_id=u, item_id="zz", ts=T0 + 1, rec_id=rec.rec_id)], states1)
     for r in (r1, r2):
         assert {g for c in r.variants.values() for g in c.groups} == {variance_group(u)}
+
+
+@pytest.mark.parametrize("label", ["²", "1" * 5000, "-1", "1e3", " 3"])
+def test_a_group_label_that_is_not_a_small_ascii_number_is_not_used(label):
+    # "²" passes str.isdigit() but not int(); 5000 digits are past int()'s limit: both were a raw ValueError
+    text = ('streamrec_experiment_lists_total{variant="A"} 10.0\n'
+            f'streamrec_experiment_groups_total{{variant="A",group="{label}",field="lists"}} 10.0\n')
+    assert counters_from_metrics_text(text)["A"]["groups"] == {}
+    counters, _ = counters_from_json({"variants": {"A": {"lists": 10, "groups": {"lists": {label: 10}}}}})
+    assert counters["A"]["groups"] == {}
+
