@@ -385,9 +385,15 @@ def grouped_variance(y: float, n: float, y_groups: Mapping[int, float], n_groups
                          f"the totals' {y:g} of {n:g} (workers of an older version, which keep no groups, among them?)")
     if len(groups) < 2:
         raise ValueError(f"its counts are in {len(groups)} group of users, too few to measure their spread")
-    r = y / n
-    ss = sum((y_groups.get(g, 0) - r * n_groups.get(g, 0)) ** 2 for g in groups)
-    return len(groups) / (len(groups) - 1) * ss / (float(n) * n), len(groups)
+    r, nf = y / n, float(n)
+    try:  # each residual over n before it is squared: n * n, and a residual squared, overflowed past 1e154
+        ss = math.fsum(((y_groups.get(g, 0) - r * n_groups.get(g, 0)) / nf) ** 2 for g in groups)
+    except OverflowError:
+        ss = math.inf
+    var = len(groups) / (len(groups) - 1) * ss
+    if not math.isfinite(var):
+        raise ValueError("its counts are too large for a float to measure their spread")
+    return var, len(groups)
 
 
 def design_effect(k: float, n: float, k_groups: Mapping[int, float], n_groups: Mapping[int, float]
@@ -406,7 +412,10 @@ def design_effect(k: float, n: float, k_groups: Mapping[int, float], n_groups: M
     p = k / n
     if p <= 0 or p >= 1:
         return 1.0, groups
-    return max(1.0, var / (p * (1 - p) / n)), groups
+    deff = max(1.0, var * float(n) / (p * (1 - p)))  # not var / (p (1 - p) / n): that underflowed to 0 past n = 1e154
+    if not (math.isfinite(deff) and n / deff > 0):
+        raise ValueError("its counts are too large for a float to measure their spread")
+    return deff, groups
 
 
 def ratio_ci(k1: float, n1: float, k2: float, n2: float, z: float = Z95) -> tuple[float, float, float] | None:

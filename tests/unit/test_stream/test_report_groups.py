@@ -183,3 +183,17 @@ def test_a_group_label_that_is_not_a_small_ascii_number_is_not_used(label):
     counters, _ = counters_from_json({"variants": {"A": {"lists": 10, "groups": {"lists": {label: 10}}}}})
     assert counters["A"]["groups"] == {}
 
+
+@pytest.mark.parametrize("scale", [1e150, 1e200, 1e300])
+def test_counts_too_large_for_their_spread_fall_back_with_a_warning_not_an_overflow(scale):
+    # the residuals squared (and n * n) overflowed a float: an OverflowError out of `streamrec report`
+    arm = {"lists": 2 * scale, "clicked_lists": scale, "revenue": scale,
+           "groups": {"lists": [scale, scale], "clicked_lists": [scale, 0], "revenue": [0, scale]}}
+    counters, _ = counters_from_json({"variants": {"A": arm, "B": arm}})
+    summary = summarize(counters, "A")
+    for name in ("A", "B"):
+        v = summary["variants"][name]
+        assert v["ctr"]["rate"] == 0.5 and 0 <= v["ctr"]["ci"][0] <= 0.5 <= v["ctr"]["ci"][1] <= 1
+        assert v["revenue_per_list_ci"] is None or all(math.isfinite(x) for x in v["revenue_per_list_ci"])
+    assert summary["variants"]["B"]["lift"]["ctr"]["lift"] == 0.0
+    format_table(summary)
