@@ -91,6 +91,10 @@ GROUPED = ("the intervals count each user's lists together: from the spread of u
 SRM_ALPHA = 0.001
 #: the fewest users an arm is expected to have for the check: below it the chi-square is no guide
 SRM_MIN_EXPECTED = 5
+#: what a table says when some rates' intervals are worked out from the groups and others (named in the warnings) not
+PARTLY = ("some intervals count each user's lists together (from the spread of up to {groups} groups of users per arm); "
+          "the others, named in the warnings, take each list as independent, too narrow (docs/operations.md, "
+          "\"What the intervals assume\")")
 #: the rates reported, in order: key, label
 RATES = (("ctr", "CTR"), ("conversion", "conversion"), ("hr20", "HR@20"))
 _NO_COUNTERS = ("no streamrec_experiment_* counters at {where}: is it a worker's (serve exports none), and has "
@@ -749,7 +753,10 @@ def format_table(summary: Mapping[str, Any]) -> str:
             lift = summary["variants"][name]["lift"]
             rows.append([name] + [_lift_text(lift[key]) for key, _ in RATES])
         lines += _columns(rows)
-    lines += ["", GROUPED.format(groups=summary["groups"]) if summary.get("grouped") else INDEPENDENCE]
+    if summary.get("grouped"):
+        lines += ["", GROUPED.format(groups=summary["groups"])]
+    else:  # groups: the most of any rate worked out from them (None: none was)
+        lines += ["", PARTLY.format(groups=summary["groups"]) if summary.get("groups") else INDEPENDENCE]
     for warning in summary.get("warnings", []):
         lines.append(f"warning: {warning}")
     return "\n".join(lines)
