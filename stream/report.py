@@ -122,8 +122,8 @@ def empty_counters() -> dict[str, Any]:
     return out
 
 
-def _number(field: str, value: float) -> int | float:
-    """``value`` as a count (revenue: as a float); a ValueError unless it is a finite number >= 0.
+def _number(field: str, value: float, as_float: bool = False) -> int | float:
+    """``value`` as a count (revenue, and ``as_float``: as a float); a ValueError unless it is a finite number >= 0.
     A whole number (a replay's JSON) stays exact: through a float, counts past 2**53 lost their last units.
 
     >>> _number("lists", 2**53 + 1) - 2**53
@@ -142,7 +142,7 @@ def _number(field: str, value: float) -> int | float:
         raise ValueError(f"{field} is {shown}, not a finite number a float can hold")
     if x < 0:
         raise ValueError(f"{field} is {shown}, a count below 0 (counters only grow)")
-    if field == "revenue":
+    if field == "revenue" or as_float:
         return x
     return value if isinstance(value, int) else int(round(x))
 
@@ -150,7 +150,9 @@ def _number(field: str, value: float) -> int | float:
 def _add(counters: dict[str, dict[str, Any]], variant: str, field: str, value: float, k: str | None = None) -> None:
     c = counters.setdefault(variant, empty_counters())
     try:
-        number = _number(str(k).partition("/")[0] if field == "groups" else field, value)
+        # a group's count stays a float: increase() of a --window gives fractions, and rounding
+        # each of 32 groups moved their sum by up to 16 and their spread too
+        number = _number(f"groups.{k}" if field == "groups" else field, value, as_float=field == "groups")
     except ValueError as exc:
         raise ReportError(f"variant {variant!r}: {exc}") from None
     if field == "hits":
