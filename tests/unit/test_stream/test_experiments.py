@@ -11,6 +11,7 @@ from collections import Counter
 
 import msgspec
 import pytest
+from warm_steps import run, warm_step
 
 from online_models import Recommender
 from stream.errors import ConfigError
@@ -143,22 +144,6 @@ def test_a_copied_state_shares_the_remembered_lists_but_crediting_one_leaves_the
 def clicks_of(user: str, n: int, start: int = 0, rec_id: str | None = None) -> list[ClickEvent]:
     return [ClickEvent(event_id=f"{user}-{start + i}", user_id=user, item_id=f"i{(start + i) % 9}", ts=T0 + start + i,
                        rec_id=rec_id) for i in range(n)]
-
-
-def run(step, events, states):
-    result = step(events, states, lambda: T0)
-    for uid, st in result.states.items():
-        states[uid] = st
-    return result
-
-
-def warm_step(experiment: Experiment | None = None) -> tuple[RecommendationStep, dict[str, UserState]]:
-    step = RecommendationStep(Recommender.default(), experiment=experiment)
-    states: dict[str, UserState] = {}
-    warm = [ClickEvent(event_id=f"w{i}", user_id=f"w{i % 30}", item_id=f"i{i % 9}", ts=T0 - 10_000 + i)
-            for i in range(600)]
-    run(step, warm, states)
-    return step, states
 
 
 def test_each_arm_serves_its_own_blend_with_rec_ids_and_variants():

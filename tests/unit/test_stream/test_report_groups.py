@@ -8,10 +8,9 @@ import math
 import random
 
 import pytest
+from warm_steps import run, warm_step
 
-from online_models import Recommender
 from stream.experiments import GROUP_FIELDS, VARIANCE_GROUPS, parse_experiment, variance_group
-from stream.pipeline import RecommendationStep
 from stream.records import ClickEvent, PurchaseEvent, decode_recommendation
 from stream.report import (
     counters_from_json,
@@ -21,7 +20,6 @@ from stream.report import (
     summarize,
     t_quantile,
 )
-from stream.state import UserState
 from stream.step_results import (
     G_CLICKED,
     G_HITS20,
@@ -129,27 +127,12 @@ def test_the_groups_are_read_from_metrics_text_and_a_replays_json_and_summed_ove
         counters_from_json({"variants": {"A": {"lists": 1, "groups": {"lists": "many"}}}})
 
 
-def _warm(experiment=None) -> tuple[RecommendationStep, dict[str, UserState]]:
-    step = RecommendationStep(Recommender.default(), experiment=experiment)
-    states: dict[str, UserState] = {}
-    warm = [ClickEvent(event_id=f"w{i}", user_id=f"w{i % 30}", item_id=f"i{i % 9}", ts=T0 - 10_000 + i)
-            for i in range(600)]
-    _run(step, warm, states)
-    return step, states
-
-
-def _run(step, events, states):
-    result = step(events, states, lambda: T0)
-    states.update(result.states)
-    return result
-
-
 @pytest.mark.parametrize("experiment", [None, {"experiment": "g", "control": "a",
                                                "arms": [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5}]}])
 def test_the_step_puts_every_count_of_a_user_in_the_users_group_and_the_groups_add_up(experiment):
-    step, states = _warm(parse_experiment(experiment) if experiment else None)
+    step, states = warm_step(parse_experiment(experiment) if experiment else None)
     users = [f"u{i}" for i in range(60)]
-    first = _run(step, [ClickEvent(event_id=f"{u}-0", user_id=u, item_id="i1", ts=T0) for u in users], states)
+    first = run(step, [ClickEvent(event_id=f"{u}-0", user_id=u, item_id="i1", ts=T0) for u in users], states)
     recs = {r.user_id: r for r in map(decode_recommendation, first.payloads)}
     events = []
     for n, u in enumerate(users):  # a click echoing the list, one on its top item, a purchase of it
@@ -158,7 +141,7 @@ def test_the_step_puts_every_count_of_a_user_in_the_users_group_and_the_groups_a
                    ClickEvent(event_id=f"{u}-2", user_id=u, item_id=top, ts=T0 + 2),
                    PurchaseEvent(event_id=f"{u}-3", user_id=u, item_id=top, ts=T0 + 3, price=1.0 + n, quantity=1,
                                  rec_id=recs[u].rec_id)]
-    for result in (first, _run(step, events, states)):
+    for result in (first, run(step, events, states)):
         for c in result.variants.values():
             sums = [sum(counts[i] for counts in c.groups.values()) for i in range(len(GROUP_FIELDS))]
             assert sums[G_LISTS] == c.lists and sums[G_CLICKED] == c.clicked_lists
@@ -166,10 +149,10 @@ def test_the_step_puts_every_count_of_a_user_in_the_users_group_and_the_groups_a
             assert sums[G_JUDGED] == c.live.judged and sums[G_HITS20] == c.live.hits[20]
     assert sum(c.live.judged for c in result.variants.values()) == 3 * len(users)
     u = users[0]  # one user alone: all of their counts in their own group
-    step1, states1 = _warm(parse_experiment(experiment) if experiment else None)
-    r1 = _run(step1, [ClickEvent(event_id="a", user_id=u, item_id="i1", ts=T0)], states1)
+    step1, states1 = warm_step(parse_experiment(experiment) if experiment else None)
+    r1 = run(step1, [ClickEvent(event_id="a", user_id=u, item_id="i1", ts=T0)], states1)
     (rec,) = map(decode_recommendation, r1.payloads)
-    r2 = _run(step1, [ClickEvent(event_id="b", user_id=u, item_id="zz", ts=T0 + 1, rec_id=rec.rec_id)], states1)
+    r2 = run(step1, [ClickEvent(event_id="b", user_id=u, item_id="zz", ts=T0 + 1, rec_id=rec.rec_id)], states1)
     for r in (r1, r2):
         assert {g for c in r.variants.values() for g in c.groups} == {variance_group(u)}
 
