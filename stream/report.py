@@ -1066,6 +1066,8 @@ def report(
     Intervals are 95%: the Wilson score interval for each rate; for the relative lift (variant rate / control rate - 1) the log-ratio (Katz) interval (a count of 0, or all of its denominator: with 0.5 added to each cell, k + 0.5 of n + 1; a variant count of 0: from -100%). A control rate of 0 gives "n/a", and so does a CTR or conversion per impression against one per list.
 
     A user's lists are not independent trials, so the workers also count per group of users (32 groups, by a hash of the user's id): the intervals use each count divided by its design effect (how much more the groups' rates vary than independent lists would) and Student's t with one degree of freedom fewer than the groups; revenue per list gets a t interval from them too. Counters without the groups (workers of an older version) give intervals that take each list as independent, too narrow, and the table says so.
+
+    Where the arms' shares are known (STREAMREC_VARIANTS here, or the shares in a replay's JSON) the users each arm served are tested against them (Pearson's chi-square): below p = 0.001 a warning says the split is off (sample ratio mismatch), and no lift should be read until it is found.
     """
     if math.isnan(timeout):  # click's range lets NaN through: no comparison with it holds
         raise typer.BadParameter("nan is not a number of seconds", param_hint="--timeout")
