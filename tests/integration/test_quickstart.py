@@ -253,7 +253,7 @@ def test_the_readme_quick_start_runs_as_written(tmp_path, topic_prefix):
 
         # report: the worker's counters, one "default" variant without an experiment
         reported = run(by_command["report"], env, 60)
-        assert re.search(r"^default \(control\)\s+lists \d+", reported.stdout, flags=re.M), reported.stdout
+        assert re.search(r"^default \(control\)\s+[\d,]+\s+lists \d+", reported.stdout, flags=re.M), reported.stdout  # users, lists
         assert worker.signal(signal.SIGTERM) == 0, worker.tail()
 
         # make down: both servers stop
