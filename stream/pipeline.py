@@ -49,7 +49,6 @@ import numpy as np
 
 from online_models import Interaction, Recommender, ScoredItem, UserContext
 from online_models.base import trim_oldest
-from online_models.metrics import target_rank
 from online_models.recommender import ForgetError
 from online_models.search.catalogue import CatalogueMemo
 from online_models.search.cold_start import ContentMatcher
@@ -407,15 +406,16 @@ class RecommendationStep:
                 state.last_recommended = []
                 new_states[uid], docs[uid] = state, encode_state(state)
         applied = sorted(i for idx in plan.applied.values() for i in idx)
-        live, judged = judge(events, states, plan.applied)
+        live, judged, ranks = judge(events, states, plan.applied)
         failures.sort(key=lambda f: f.index)
-        variants = self._count_variants(events, plan, recommendations, served_users, judged, site_ids, live, states)
+        variants = self._count_variants(events, plan, recommendations, served_users, judged, ranks, site_ids, live,
+                                        states)
         return StepResult(new_states, docs, recommendations, payloads, [events[i] for i in applied], plan.duplicates,
                           timings, live, learned_only=plan.learned_only, failures=failures, judged=judged,
                           refused=plan.refused, variants=variants, by_user=plan.applied)
 
     def _count_variants(self, events: Sequence[Event], plan: _Plan, recommendations: list[Recommendation],
-                        served_users: list[str], judged: list[tuple[int, list[str]]],
+                        served_users: list[str], judged: list[tuple[int, list[str]]], ranks: list[int | None],
                         site_ids: Mapping[str, str] | None, live: LiveQuality,
                         states: Mapping[str, UserState]) -> dict[str, VariantCounts]:
         """Per arm: the lists published (``served_users``: whose, in the same order) and the users
@@ -423,7 +423,8 @@ class RecommendationStep:
         that served that list: :meth:`variant_credited`), and the live hit rate: each applied
         event judged against the list its user had when the batch began (``states``), under the
         arm that served that list (its ``rec_id``: :func:`~stream.experiments.home_list`), or
-        the user's arm where that names none."""
+        the user's arm where that names none. ``ranks``: each judged event's rank in its list,
+        as :func:`judge` found it."""
         out: defaultdict[str, VariantCounts] = defaultdict(VariantCounts)
         variant_of = self.variant_of
         names: dict[str, str] = {}
@@ -472,7 +473,7 @@ class RecommendationStep:
                         c.clicked_lists += credit.first
                         group[G_CLICKED] += credit.first
         served: dict[str, VariantCounts | None] = {}  # user -> the counts of the arm of the list judged
-        for n, shown in judged:
+        for (n, _), rank in zip(judged, ranks, strict=True):
             uid = events[n].user_id
             if uid not in served:
                 state = states.get(uid) if self.experiment is not None else None  # one variant: "default"
@@ -484,7 +485,6 @@ class RecommendationStep:
                     served[uid] = out[name] if name is not None else None  # an arm no longer configured: none
             c = served[uid]
             if c is not None:
-                rank = target_rank(shown, events[n].item_id, len(shown))
                 if self.experiment is not None:
                     c.live.add(rank)
                 group = c.group(site_id(uid))

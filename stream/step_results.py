@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 from online_models.metrics import target_rank
 from stream.errors import clipped
@@ -153,22 +154,26 @@ class StepResult:
 
 
 def judge(events: Sequence[Event], states: dict[str, UserState], applied: dict[str, list[int]]
-           ) -> tuple[LiveQuality, list[tuple[int, list[str]]]]:
+           ) -> tuple[LiveQuality, list[tuple[int, list[str]]], list[int | None]]:
     """Judge every applied event of a user who had an earlier event against the latest list
     published to them before it: the list their state held when the batch began (no list
-    is published within a batch). A user with history but no list yet is judged a miss."""
+    is published within a batch). A user with history but no list yet is judged a miss.
+    Returns the live hit rate, the judged events ``(index in the batch, the list)`` in batch
+    order, and each one's rank in its list (None: not in it), in the same order, so that
+    the per-arm counts need not look for the item again."""
     live = LiveQuality()
-    judged: list[tuple[int, list[str]]] = []
+    ranked: list[tuple[int, list[str], int | None]] = []
     empty: list[str] = []
     for uid, idx in applied.items():
         before = states.get(uid)
         had_history = before is not None and (before.clicks or before.purchases or before.recent_items)
         shown = before.last_recommended if before is not None else empty
         for n in (idx if had_history else idx[1:]):
-            judged.append((n, shown))
-            live.add(target_rank(shown, events[n].item_id, len(shown)))
-    judged.sort()
-    return live, judged
+            rank = target_rank(shown, events[n].item_id, len(shown))
+            ranked.append((n, shown, rank))
+            live.add(rank)
+    ranked.sort(key=itemgetter(0))  # each index once
+    return live, [(n, shown) for n, shown, _ in ranked], [rank for _, _, rank in ranked]
 
 
 __all__ = ["G_CLICKED", "G_HITS20", "G_IMPRESSIONS", "G_JUDGED", "G_LISTS", "G_PURCHASED", "G_REVENUE", "LIVE_CUTOFFS", "Failure", "LiveQuality", "StepResult", "VariantCounts", "exception_text", "judge"]

@@ -27,6 +27,7 @@ from stream.records import (
 from stream.settings import TopicNames
 from stream.state import InMemoryUserStateStore, UserState, apply_event, fingerprint
 from stream.step_inputs import StepConfig
+from stream.step_results import judge
 
 
 def click(eid, user, item, ts, **kw):
@@ -266,6 +267,18 @@ def test_live_quality_judges_every_event_of_a_batch_against_the_list_published_b
     assert result.judged == [(0, shown), (1, shown), (2, shown)]
     assert result.live.judged == 3 and result.live.hits[10] == 2
     assert result.live.reciprocal_rank_sum == 1 / 2 + 1.0
+
+
+def test_judge_gives_each_judged_events_rank_in_batch_order_so_no_one_looks_for_it_again():
+    """Two users' events interleaved: the judged events come back in batch order, each with
+    its 1-based rank in the list its user was shown (None where it is not in it)."""
+    events = [click("a", "u1", "x", 1), click("b", "u2", "q", 2), click("c", "u1", "z", 3), click("d", "u2", "p", 4)]
+    states = {"u1": UserState("u1", recent_items=["old"], last_recommended=["y", "z", "x"]),
+              "u2": UserState("u2", recent_items=["old"], last_recommended=["p"])}
+    live, judged, ranks = judge(events, states, {"u1": [0, 2], "u2": [1, 3]})
+    assert [n for n, _ in judged] == [0, 1, 2, 3]
+    assert ranks == [3, None, 2, 1]
+    assert live.judged == 4 and live.hits[20] == 3
 
 
 def test_a_new_users_later_events_of_its_first_batch_are_misses_nothing_was_shown_yet():
