@@ -344,7 +344,15 @@ def adapt_fetches(fetcher: Any, min_bytes: int, wait_ms: int | Callable[[], int]
     wait_of = wait_ms if callable(wait_ms) else lambda: wait_ms
 
     async def fetch_adapting(assignment, node_id, request):
-        brought = await fetch(assignment, node_id, request)
+        try:
+            brought = await fetch(assignment, node_id, request)
+        except asyncio.CancelledError:
+            # ``Fetcher.close()`` cancels a fetch in flight, then awaits it unguarded (aiokafka
+            # issue 647): a worker stopped while a broker is away logged the CancelledError's
+            # traceback from the consumer thread. Cancelled by close, the fetch ends empty.
+            if getattr(fetcher, "_closed", False):
+                return False
+            raise
         if brought or fetcher._records or _any_paused(assignment):
             fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms = min_bytes, wait_of()
         else:

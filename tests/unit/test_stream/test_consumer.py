@@ -9,11 +9,12 @@ import time
 import types
 
 import pytest
+from aiokafka.consumer.fetcher import Fetcher
 from mode.utils.logging import CompositeLogger
 
 from stream import consumer as consumer_module
 from stream.app import create_app
-from stream.consumer import Consumer, Transport, cancel_within, resume, start
+from stream.consumer import Consumer, Transport, adapt_fetches, cancel_within, resume, start
 from stream.settings import Settings
 from stream.state import InMemoryUserStateStore
 
@@ -362,3 +363,35 @@ async def test_the_consumer_thread_is_not_waited_for_at_exit():
     thread = app.consumer._new_consumer_thread()
     assert thread.shutdown_timeout == consumer_module.THREAD_STOP_S
     assert thread.Worker(thread).daemon  # the threading.Thread that runs it (not started here)
+
+
+async def test_a_fetch_in_flight_when_the_consumer_stops_ends_quietly():
+    """aiokafka's own ``Fetcher.close`` cancels each fetch in flight and awaits it unguarded: a
+    worker stopped while its broker was away (the fetch retrying in its back-off) logged the
+    CancelledError's traceback from the consumer thread, 60 lines of it. Cancelled by close,
+    the adapted fetch ends empty; cancelled by anything else, it stays cancelled."""
+    retrying = asyncio.Event()
+
+    async def broker_away(assignment, node_id, request):
+        retrying.set()
+        await asyncio.Event().wait()  # aiokafka's back-off before it tries the broker again
+
+    fetcher = object.__new__(Fetcher)  # the real close(), on the attributes it reads
+    fetcher._proc_fetch_request, fetcher._records = broker_away, {}
+    fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms = 1, 500
+    adapt_fetches(fetcher, 1 << 20, 10)
+    fetcher._closed, fetcher._fetch_waiters = False, set()
+    fetcher._fetch_task = asyncio.ensure_future(asyncio.Event().wait())
+    in_flight = asyncio.ensure_future(fetcher._proc_fetch_request(None, 0, None))
+    fetcher._pending_tasks = {in_flight}
+    await retrying.wait()
+    await Fetcher.close(fetcher)
+    assert in_flight.result() is False
+
+    retrying.clear()
+    other = asyncio.ensure_future(fetcher._proc_fetch_request(None, 0, None))
+    await retrying.wait()
+    fetcher._closed = False  # a cancellation that is not the consumer's close
+    other.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await other
