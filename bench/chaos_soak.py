@@ -315,34 +315,28 @@ class Soak:
             s.expected_down = False
 
     def f_broker(self, _s, rec: dict) -> None:
-        hold = self.rng.uniform(4, 25)
-        rec["hold_s"] = round(hold, 1)
-        with self.kafka_lock:
-            self.svc.kafka_kill9()
-            out = {"svc": "kafka", "start": now()}
-            self.down.append(out)
-            time.sleep(hold)
-            rc, text = self.svc.kafka("start")
-            out["end"] = now()
-            if rc != 0:
-                rec["error"] = text
-                log("!!! broker start failed", text)
-                rc, text = self.svc.kafka("start")
-                out["end"] = now()
+        self._outage(rec, "kafka", self.kafka_lock, self.svc.kafka_kill9, lambda: self.svc.kafka("start"))
 
     def f_redis(self, _s, rec: dict) -> None:
+        self._outage(rec, "redis", self.redis_lock, lambda: self.svc.redis("stop"), lambda: self.svc.redis("start"))
+
+    def _outage(self, rec: dict, name: str, lock: threading.Lock, stop, start) -> None:
+        """A service down for 4 to 25 s (the fault's length is drawn, not a wait on anything),
+        recorded in ``self.down`` for the judge; a start that fails is logged and tried once more."""
         hold = self.rng.uniform(4, 25)
         rec["hold_s"] = round(hold, 1)
-        with self.redis_lock:
-            rc, text = self.svc.redis("stop")
-            out = {"svc": "redis", "start": now()}
+        with lock:
+            stop()
+            out = {"svc": name, "start": now()}
             self.down.append(out)
             time.sleep(hold)
-            rc, text = self.svc.redis("start")
-            out["end"] = now()
-            if rc != 0:
+            for _ in range(2):
+                rc, text = start()
+                out["end"] = now()
+                if rc == 0:
+                    return
                 rec["error"] = text
-                log("!!! redis start failed", text)
+                log(f"!!! {name} start failed", text)
 
     KINDS = {"kill9_worker": (f_kill9_worker, True), "sigterm_worker": (f_sigterm_worker, True),
              "sigstop_worker": (f_sigstop_worker, True), "kill9_broker": (f_broker, False),
