@@ -13,12 +13,18 @@ A traceback quotes each exception's own text whole, and a bug's exception may ca
 producer's error with the 1 MB value it refused, a user's text): :class:`ClippedTracebacks`, on
 the loggers that log the exceptions of handling events, quotes it as a dead letter does
 (:func:`~stream.step_results.exception_text`: one line, at most 300 characters), frames intact.
+
+A thread that ends by an exception it did not catch (Faust's consumer thread, a library's) is
+one record on ``streamrec.threads`` (:func:`log_thread_deaths`), not Python's print to stderr,
+which Faust's worker logs again line by line: 60 WARNING lines, a caret each, for one
+traceback.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -174,8 +180,8 @@ def handler_config(fmt: str, level: int | str) -> dict | None:
 
 
 def configure(level: int | str, fmt: str = "text") -> None:
-    """The process's log format (``text`` or ``json``: ``STREAMREC_LOG_FORMAT``) and level, and
-    the Kafka client's loggers thinned."""
+    """The process's log format (``text`` or ``json``: ``STREAMREC_LOG_FORMAT``) and level, the
+    Kafka client's loggers thinned, and threads' uncaught exceptions logged (:func:`log_thread_deaths`)."""
     if fmt.strip().lower() == "json":
         handler = logging.StreamHandler()
         handler.setFormatter(JsonLines())
@@ -183,6 +189,26 @@ def configure(level: int | str, fmt: str = "text") -> None:
     else:
         logging.basicConfig(level=level, format=TEXT_FORMAT)
     thin_kafka_client()
+    log_thread_deaths()
+
+
+def log_thread_deaths() -> None:
+    """Log a thread's uncaught exception as one ERROR record on ``streamrec.threads``, its
+    traceback clipped (:class:`ClippedTracebacks`), in place of Python's print to stderr
+    (``threading.excepthook``); a thread's SystemExit stays silent, as Python's own hook has it."""
+    log = logging.getLogger("streamrec.threads")
+    if not any(isinstance(f, ClippedTracebacks) for f in log.filters):
+        log.addFilter(ClippedTracebacks())
+
+    def logged(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "a thread"
+        text = exception_text(args.exc_value) if args.exc_value is not None else ""
+        log.error("thread %s ended by an exception it did not catch: %s%s", name, args.exc_type.__name__,
+                  f": {text}" if text else "", exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    threading.excepthook = logged
 
 
 def thin_kafka_client() -> None:
@@ -196,5 +222,5 @@ def thin_kafka_client() -> None:
             logger.addFilter(Thinned())
 
 
-__all__ = ["KAFKA_CLIENT_LOGGERS", "TEXT_FORMAT", "ClippedTracebacks", "JsonLines", "Thinned", "clipped_traceback", "configure",
+__all__ = ["KAFKA_CLIENT_LOGGERS", "TEXT_FORMAT", "ClippedTracebacks", "JsonLines", "Thinned", "clipped_traceback", "configure", "log_thread_deaths",
            "handler_config", "thin_kafka_client"]

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 
 import pytest
 from mode.utils import logging as mode_logging
 
 from stream.errors import ConfigError
-from stream.logs import ClippedTracebacks, JsonLines, handler_config
+from stream.logs import ClippedTracebacks, JsonLines, handler_config, log_thread_deaths
 from stream.settings import Settings
 
 
@@ -61,3 +62,37 @@ def test_a_log_format_that_is_not_text_or_json_is_refused_naming_it(value):
     with pytest.raises(ConfigError, match="STREAMREC_LOG_FORMAT=.*expected text or json"):
         Settings.from_env({"STREAMREC_LOG_FORMAT": value})
     assert Settings.from_env({"STREAMREC_LOG_FORMAT": " JSON "}).log_format == "json"  # read as the others are
+
+
+@pytest.fixture
+def python_thread_hook():
+    """``threading.excepthook`` as it was, after a test that sets it."""
+    hook = threading.excepthook
+    yield
+    threading.excepthook = hook
+
+
+def test_a_threads_uncaught_exception_is_one_clipped_record_not_lines_on_stderr(python_thread_hook, caplog, capsys):
+    """Python's own hook prints a dying thread's traceback to stderr, which Faust's worker logs
+    again line by line (60 WARNING lines, a caret each, for aiokafka's CancelledError at a stop).
+    The long-running processes' logging (logs.configure) makes it one ERROR record instead."""
+    log_thread_deaths()
+
+    def dies():
+        raise RuntimeError("bad " + "x" * 2_000)
+
+    def exits():
+        raise SystemExit(3)
+
+    with caplog.at_level(logging.ERROR, logger="streamrec.threads"):
+        for target, name in ((dies, "consumer-thread"), (exits, "exits")):
+            thread = threading.Thread(target=target, name=name)
+            thread.start()
+            thread.join()
+    records = [r for r in caplog.records if r.name == "streamrec.threads"]
+    assert len(records) == 1  # SystemExit is silent, as with Python's hook
+    record = records[0]
+    assert record.levelno == logging.ERROR and record.exc_info[0] is RuntimeError
+    assert record.getMessage().startswith("thread consumer-thread ended by an exception it did not catch: RuntimeError: bad xxx")
+    assert len(record.getMessage()) < 400 and len(record.exc_text) < 1_500  # the 2,000 x's clipped
+    assert capsys.readouterr().err == ""
