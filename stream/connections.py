@@ -16,6 +16,7 @@ is shown through :func:`mask_url`.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import ssl
@@ -526,10 +527,48 @@ class RedisConnection:
 ISOLATION_LEVEL = "read_committed"
 
 
+def fetches_end_empty_at_close(fetcher: Any) -> None:
+    """Make a fetch that aiokafka's ``Fetcher.close()`` cancels end empty rather than cancelled.
+    ``close()`` (``AIOKafkaConsumer.stop()``) cancels each fetch in flight and then awaits it
+    unguarded (aiokafka issue 647), so a consumer stopped while a fetch waited to retry an
+    absent broker raised the fetch's CancelledError out of ``stop()``: the worker's consumer
+    thread died on it (its traceback logged line by line, the stop waiting 10 s for the dead
+    thread), and a reader's ``finally: await consumer.stop()`` turned the error it was
+    raising into a cancellation. A fetch cancelled by anything else stays cancelled.
+
+    >>> import asyncio, types
+    >>> async def away(assignment, node_id, request):
+    ...     await asyncio.Event().wait()  # retrying an absent broker
+    >>> f = types.SimpleNamespace(_closed=False, _proc_fetch_request=away)
+    >>> fetches_end_empty_at_close(f)
+    >>> async def closed_while_in_flight():
+    ...     fetch = asyncio.ensure_future(f._proc_fetch_request(None, 0, None))
+    ...     await asyncio.sleep(0)
+    ...     f._closed = True
+    ...     fetch.cancel()
+    ...     return await fetch
+    >>> asyncio.run(closed_while_in_flight())
+    False
+    """
+    fetch = fetcher._proc_fetch_request
+
+    async def fetch_or_closed(assignment, node_id, request):
+        try:
+            return await fetch(assignment, node_id, request)
+        except asyncio.CancelledError:
+            if fetcher._closed:
+                return False
+            raise
+
+    fetcher._proc_fetch_request = fetch_or_closed
+
+
 async def started_reader(client_options: Mapping[str, Any], max_poll_records: int) -> AIOKafkaConsumer:
     """An aiokafka consumer of no group (it commits nothing, and reads a partition it is given
     from its oldest record, committed transactions' only), started; one whose start fails (the
-    broker down) is closed before the error goes on, not left for the collector to complain of."""
+    broker down) is closed before the error goes on, not left for the collector to complain of.
+    Its stop while the broker is away does not raise a cancelled fetch's CancelledError
+    (:func:`fetches_end_empty_at_close`)."""
     consumer = AIOKafkaConsumer(**client_options, group_id=None, enable_auto_commit=False,
                                 auto_offset_reset="earliest", max_poll_records=max_poll_records,
                                 isolation_level=ISOLATION_LEVEL)
@@ -538,8 +577,9 @@ async def started_reader(client_options: Mapping[str, Any], max_poll_records: in
     except BaseException:
         await consumer.stop()
         raise
+    fetches_end_empty_at_close(consumer._fetcher)  # noqa: SLF001 - built by start()
     return consumer
 
 
-__all__ = ["ISOLATION_LEVEL", "MECHANISMS", "PROTOCOLS", "AccessDenied", "KafkaConnection", "RedisConnection", "mask_url",
-           "started_reader"]
+__all__ = ["ISOLATION_LEVEL", "MECHANISMS", "PROTOCOLS", "AccessDenied", "KafkaConnection", "RedisConnection",
+           "fetches_end_empty_at_close", "mask_url", "started_reader"]

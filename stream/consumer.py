@@ -58,7 +58,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from mode.threads import WorkerThread
 
-from stream.connections import ISOLATION_LEVEL
+from stream.connections import ISOLATION_LEVEL, fetches_end_empty_at_close
 from stream.logs import ClippedTracebacks
 from stream.retry import Backoff
 from stream.step_results import exception_text
@@ -344,15 +344,7 @@ def adapt_fetches(fetcher: Any, min_bytes: int, wait_ms: int | Callable[[], int]
     wait_of = wait_ms if callable(wait_ms) else lambda: wait_ms
 
     async def fetch_adapting(assignment, node_id, request):
-        try:
-            brought = await fetch(assignment, node_id, request)
-        except asyncio.CancelledError:
-            # ``Fetcher.close()`` cancels a fetch in flight, then awaits it unguarded (aiokafka
-            # issue 647): a worker stopped while a broker is away logged the CancelledError's
-            # traceback from the consumer thread. Cancelled by close, the fetch ends empty.
-            if getattr(fetcher, "_closed", False):
-                return False
-            raise
+        brought = await fetch(assignment, node_id, request)
         if brought or fetcher._records or _any_paused(assignment):
             fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms = min_bytes, wait_of()
         else:
@@ -533,18 +525,22 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         # they were applied (read by AIOKafkaConsumer.start(), which builds its Fetcher)
         consumer._isolation_level = ISOLATION_LEVEL
         wait_ms = getattr(transport, "fetch_max_wait_ms", None)
+        wait: int | Callable[[], int] | None = None
         if wait_ms is not None:  # read by AIOKafkaConsumer.start(), which builds its Fetcher
             consumer._fetch_min_bytes = FETCH_MIN_BYTES
             consumer._fetch_max_wait_ms = int(wait_ms)
-            start = consumer.start
             pacer = getattr(transport, "fetch_pacer", None)
             wait = pacer.wait_ms if pacer is not None else int(wait_ms)
+        start = consumer.start
 
-            async def start_adapting() -> None:
-                await start()
+        async def start_fetching() -> None:
+            await start()
+            # stopped while the broker is away, its thread died on a cancelled fetch's error
+            fetches_end_empty_at_close(consumer._fetcher)
+            if wait is not None:
                 adapt_fetches(consumer._fetcher, FETCH_MIN_BYTES, wait)
 
-            consumer.start = start_adapting
+        consumer.start = start_fetching
         start_once = consumer.start
         consumer.start = lambda: bootstrapped(start_once, "the consumer")
         return consumer

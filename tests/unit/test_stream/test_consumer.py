@@ -9,11 +9,14 @@ import time
 import types
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 from aiokafka.consumer.fetcher import Fetcher
 from mode.utils.logging import CompositeLogger
 
+from stream import connections
 from stream import consumer as consumer_module
 from stream.app import create_app
+from stream.connections import fetches_end_empty_at_close
 from stream.consumer import Consumer, Transport, adapt_fetches, cancel_within, resume, start
 from stream.settings import Settings
 from stream.state import InMemoryUserStateStore
@@ -368,8 +371,9 @@ async def test_the_consumer_thread_is_not_waited_for_at_exit():
 async def test_a_fetch_in_flight_when_the_consumer_stops_ends_quietly():
     """aiokafka's own ``Fetcher.close`` cancels each fetch in flight and awaits it unguarded: a
     worker stopped while its broker was away (the fetch retrying in its back-off) logged the
-    CancelledError's traceback from the consumer thread, 60 lines of it. Cancelled by close,
-    the adapted fetch ends empty; cancelled by anything else, it stays cancelled."""
+    CancelledError's traceback from the consumer thread, 60 lines of it, and a reader's stop
+    raised it. Cancelled by close, a fetch ends empty, under the worker's fetch pacing (here)
+    as under a plain reader; cancelled by anything else, it stays cancelled."""
     retrying = asyncio.Event()
 
     async def broker_away(assignment, node_id, request):
@@ -379,6 +383,7 @@ async def test_a_fetch_in_flight_when_the_consumer_stops_ends_quietly():
     fetcher = object.__new__(Fetcher)  # the real close(), on the attributes it reads
     fetcher._proc_fetch_request, fetcher._records = broker_away, {}
     fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms = 1, 500
+    fetches_end_empty_at_close(fetcher)
     adapt_fetches(fetcher, 1 << 20, 10)
     fetcher._closed, fetcher._fetch_waiters = False, set()
     fetcher._fetch_task = asyncio.ensure_future(asyncio.Event().wait())
@@ -395,3 +400,25 @@ async def test_a_fetch_in_flight_when_the_consumer_stops_ends_quietly():
     other.cancel()
     with pytest.raises(asyncio.CancelledError):
         await other
+
+
+async def test_the_workers_consumer_and_every_reader_guard_their_fetches_at_close(monkeypatch):
+    """The guard is on the worker's consumer, paced or not, and on started_reader's consumers
+    (the replay, the catalogue, the peer reader): aiokafka's start() builds the fetcher."""
+    guarded = []
+    monkeypatch.setattr(consumer_module, "fetches_end_empty_at_close", guarded.append)
+    monkeypatch.setattr(connections, "fetches_end_empty_at_close", guarded.append)
+
+    async def fetched(assignment, node_id, request):
+        return False
+
+    monkeypatch.setattr(AIOKafkaConsumer, "start", starts_a_fake_fetcher(fetched))
+    for env in ({"STREAMREC_FETCH_MAX_WAIT_MS": "7"}, {}):
+        app = create_app(Settings.from_env({**env, "STREAMREC_MODEL_DIR": "/nonexistent"}), store=InMemoryUserStateStore())
+        kafka_consumer = app.consumer._new_consumer_thread()._create_worker_consumer(app.transport)
+        await kafka_consumer.start()
+        assert guarded[-1] is kafka_consumer._fetcher
+        await kafka_consumer.stop()
+    reader = await connections.started_reader({"bootstrap_servers": "127.0.0.1:1"}, 10)
+    assert guarded[-1] is reader._fetcher and len(guarded) == 3
+    await reader.stop()
