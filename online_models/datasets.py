@@ -294,7 +294,8 @@ def score_references(
     sessions: Mapping[str, list[Interaction]],
     ks: Sequence[int],
 ) -> dict[str, dict[str, Any]]:
-    """HR/MRR/NDCG of the saved lists against each session's next click."""
+    """HR/MRR/NDCG of the saved lists against each session's next click; a :class:`DatasetError`
+    for a list saved at a position with no next click in ``sessions``."""
     out: dict[str, dict[str, Any]] = {}
     for algo, lists in references.items():
         m = RankingMetrics(ks)
@@ -302,8 +303,9 @@ def score_references(
             seq = sessions.get(sid)
             if seq is None:  # a test log cut short (--limit)
                 continue
-            if pos + 1 >= len(seq):
-                raise ValueError(f"reference {algo}: session {sid} position {pos} has no next click in the test log")
+            if not 0 <= pos < len(seq) - 1:  # was a ValueError, or an IndexError for a negative one: a traceback
+                raise DatasetError(f"saved lists {algo!r}: session {sid} at position {pos} has no next click in the "
+                                   f"test log ({len(seq)} clicks): the lists were saved for another test file")
             m.update(ranked, seq[pos + 1].item_id)
         out[algo] = {"predictions": m.n, **m.summary()}
         if algo in REFERENCE_EXPECTED:

@@ -314,8 +314,11 @@ def _run(protocol: EvalProtocol, dataset: Path | None, format: str, limit: int |
         names = names or list(SESSION_MODELS)
         total = session_rec_units(len(train), test, len(names), len(modes))
         with _progress(show, total, "session-rec") as tick:
-            report = session_rec(train, test, names, settings, scorer, ks, refs, modes, seed, batch_size,
-                                 progress=tick, retraining=retraining)
+            try:  # the saved lists are scored first: one for another test log is said before the learning
+                report = session_rec(train, test, names, settings, scorer, ks, refs, modes, seed, batch_size,
+                                     progress=tick, retraining=retraining)
+            except DatasetError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--dataset") from None
         report["dataset"] = str(dataset)
         report["split"] = split.value
     else:

@@ -192,6 +192,21 @@ def test_saved_lists_that_are_not_session_recs_are_a_dataset_error_naming_the_fi
         read_reference_lists(tmp_path / "recommendations")
 
 
+@pytest.mark.parametrize("position", ["2", "-9"])
+def test_saved_lists_for_another_test_log_are_a_usage_error_not_a_traceback(tmp_path, position):
+    """A saved list at a position with no next click in the test log (session 9 has 3 clicks)
+    ended `evaluate -p session-rec` in a ValueError traceback, or an IndexError for a negative one."""
+    write_session_rec_folder(tmp_path)
+    (tmp_path / "recommendations" / "recoms_toy_other.csv").write_text(
+        f"SessionId;Position;Recommendations;Scores\n9;{position};a,b;1,0.5\n")
+    result = CliRunner().invoke(cli(), ["evaluate", "-p", "session-rec", "-d", str(tmp_path), "-m", "popularity"],
+                                env={"COLUMNS": "500"})
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (text, result.exception)
+    assert (f"Invalid value for --dataset: saved lists 'other': session 9 at position {position} has no next click "
+            "in the test log (3 clicks)") in text, text
+
+
 def test_a_csv_field_over_the_csv_modules_limit_is_a_dataset_error(tmp_path):
     log = tmp_path / "big.csv"
     log.write_text("a" * 200_000 + ",2,3,pv,1\n")
