@@ -562,7 +562,7 @@ def plot_curves(report: Mapping[str, Any], path: str, title: str | None = None) 
     ax_hr.legend(fontsize=8)
     fig.suptitle(title or f"{report['protocol']} evaluation")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # at the path given: matplotlib went by its suffix (.txt: a traceback)
     plt.close(fig)
 
 

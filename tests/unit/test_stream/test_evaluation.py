@@ -275,6 +275,15 @@ def test_cli_prequential_json_and_png(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("name", ["chart.txt", "chart"])
+def test_cli_png_out_writes_a_png_at_the_path_given_whatever_its_suffix(tmp_path, name):
+    """matplotlib chose the format by the suffix: chart.txt ended the run, after the replay, in a
+    ValueError traceback; chart was written as chart.png (`report --chart` writes a PNG there)."""
+    result = CliRunner().invoke(cli(), ["evaluate", "-n", "50", "-m", "popularity", "--png-out", str(tmp_path / name)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG" and sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
 def test_cli_reads_the_worker_settings_from_the_environment():
     ok = CliRunner().invoke(cli(), ["evaluate", "-n", "300", "-m", SERVED, "--json"],
                             env={"STREAMREC_BLEND_WEIGHTS": "trending=0", "STREAMREC_CANDIDATES": "20"})
