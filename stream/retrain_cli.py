@@ -72,7 +72,7 @@ from gpu_scorer.train_cli import (
     missing_train_packages,
 )
 from online_models import Interaction
-from online_models.datasets import SEED_MAX, read_interactions
+from online_models.datasets import FORMATS, SEED_MAX, read_interactions
 from stream import logs
 from stream.connections import ISOLATION_LEVEL
 from stream.decoding import decode_event, decode_forget
@@ -214,6 +214,13 @@ def retrain(
     if dataset is None and format != "synthetic":  # read nothing: the fits never saw the log it names
         raise typer.BadParameter(f"--format {format} describes --dataset, which is not given: add --dataset LOG "
                                  "(the log every fit also trains on) or drop --format", param_hint="--format")
+    if format not in FORMATS:  # was said only once Kafka answered (and not at all while it did not)
+        raise typer.BadParameter(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}", param_hint="--format")
+    if dataset is not None and dataset.is_dir():  # as was a --dataset that does not exist: after Kafka
+        raise typer.BadParameter(f"{dataset} is a folder; give the log file every fit also trains on",
+                                 param_hint="--dataset")
+    if dataset is not None and not dataset.exists():
+        raise typer.BadParameter(f"dataset {dataset} does not exist", param_hint="--dataset")
     check_device(device, "--device", training=True)
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))  # its INFO is per connection
     close_failed_connects()  # it reads for days: each broker outage's refused attempts, closed (stream/kafka_sockets.py)

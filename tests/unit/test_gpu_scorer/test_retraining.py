@@ -191,6 +191,27 @@ def test_retrain_refuses_an_interval_that_is_not_a_number_of_seconds(tmp_path):
         assert result.exit_code == 2 and f"Invalid value for {hint}" in text.replace("'", "") and says in text, text
 
 
+@pytest.mark.parametrize(("args", "hint", "says"), [
+    (["-d", "{tmp}/log.csv", "-f", "parquet"], "--format", "unknown format 'parquet'; choose one of taobao"),
+    (["-d", "{tmp}/missing.csv", "-f", "taobao"], "--dataset", "missing.csv does not exist"),
+    (["-d", "{tmp}", "-f", "taobao"], "--dataset", "is a folder; give the log file"),
+])
+def test_retrain_refuses_a_dataset_or_format_it_cannot_read_before_reaching_kafka(tmp_path, monkeypatch, args, hint,
+                                                                                   says):
+    """Each was said only once Kafka answered: with the broker away, the user read of Kafka, not of the typo."""
+    def kafka(*args, **kwargs):
+        raise AssertionError("reached Kafka before the options were checked")
+
+    monkeypatch.setattr(retrain_cli, "require_topics", kafka)
+    monkeypatch.setattr(retrain_cli, "KafkaConsumer", kafka)
+    (tmp_path / "log.csv").write_text("1,10,100,pv,1511544070\n1,11,100,pv,1511544080\n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = CliRunner().invoke(_cli("retrain"), ["retrain", "--once", "--model-dir", str(tmp_path / "m"), *args],
+                                env={"COLUMNS": "500"})
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"Invalid value for {hint}:" in text and says in text, (text, result.exception)
+
+
 def test_a_refused_train_leaves_the_process_thread_count_as_it_was(tmp_path):
     """A refused `train` had set torch's threads already (a later fit in the process trained on 1)."""
     before = torch.get_num_threads()
