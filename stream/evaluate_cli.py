@@ -28,7 +28,14 @@ from gpu_scorer import ModelRegistry
 from gpu_scorer.errors import ModelLoadError, ScorerError
 from gpu_scorer.train_cli import INSTALL_TRAIN, check_device, missing_train_packages
 from online_models import Recommender
-from online_models.datasets import FORMATS, SEED_MAX, DatasetError, load_folder, read_interactions
+from online_models.datasets import (
+    FORMATS,
+    SEED_MAX,
+    SPLITS,
+    DatasetError,
+    load_folder,
+    read_interactions,
+)
 from stream.errors import ConfigError, StreamrecError, counted
 from stream.evaluation import (
     DEFAULT_MODELS,
@@ -310,6 +317,9 @@ def _run(protocol: EvalProtocol, dataset: Path | None, format: str, limit: int |
             train, test, refs = load_folder(dataset, limit, split.value)
         except DatasetError as exc:
             raise typer.BadParameter(str(exc), param_hint="--dataset") from None
+        if not test:  # was a table of zeros, as if every prediction had missed: the prequential log's check
+            raise typer.BadParameter(f"{dataset / SPLITS[split.value][1]} holds no test events to predict",
+                                     param_hint="--dataset")
         modes = tuple(m.value for m in mode) if mode else ("frozen", "learning")
         names = names or list(SESSION_MODELS)
         total = session_rec_units(len(train), test, len(names), len(modes))

@@ -306,6 +306,22 @@ def test_cli_session_rec_table_and_help(tmp_path):
     assert "--protocol" in helptext and "session-rec" in helptext and "--scorer-model" in helptext
 
 
+@pytest.mark.parametrize(("split", "test_file"), [("test", "yoochoose-clicks-100k_test.txt"),
+                                                  ("valid", "yoochoose-clicks-100k_train_valid.txt")])
+def test_cli_session_rec_on_a_test_log_without_events_is_a_usage_error(tmp_path, split, test_file):
+    """A test log with its header only printed a table of zeros and exited 0, as if every
+    prediction had missed (the prequential protocol refuses a log without events)."""
+    write_session_rec_folder(tmp_path)
+    rows = "SessionId\tItemId\tTime\n"
+    (tmp_path / "yoochoose-clicks-100k_train_tr.txt").write_text(rows + "1\ta\t1\n1\tb\t2\n")
+    (tmp_path / test_file).write_text(rows)
+    result = CliRunner().invoke(cli(), ["evaluate", "-p", "session-rec", "-d", str(tmp_path), "--split", split,
+                                        "-m", "popularity"], env={"COLUMNS": "500"})
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"Invalid value for --dataset: {tmp_path / test_file} holds no test events" in text, \
+        (text, result.exception)
+
+
 def test_otto_sample_is_readable():
     assert sum(1 for _ in read_otto(OTTO)) == 862
 
