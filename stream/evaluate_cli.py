@@ -247,6 +247,9 @@ def evaluate(
             if given:
                 raise typer.BadParameter(f"{option} is for --protocol session-rec; the prequential protocol replays "
                                          "the log once, learning as it goes", param_hint=option)
+    elif retrain_every is not None and mode and Mode.learning not in mode:  # the frozen mode was run, never retrained
+        raise typer.BadParameter("session-rec retrains in learning mode only, and --mode frozen leaves it out: add "
+                                 "--mode learning (or drop --retrain-every)", param_hint="--retrain-every")
     split = split or Split.test
     if scorer_model is not None or retrain_every is not None:  # a GPU this machine lacks: said before the replay
         check_device(settings.scorer_device, "STREAMREC_SCORER_DEVICE")

@@ -596,6 +596,8 @@ EXPERIMENT = Path(__file__).resolve().parents[3] / "deploy" / "experiments" / "e
     (["--mode", "frozen"], "--mode", "is for --protocol session-rec"),
     (["--split", "valid"], "--split", "is for --protocol session-rec"),
     (["--split", "test"], "--split", "is for --protocol session-rec"),
+    (["-p", "session-rec", "-d", "{tmp}", "--mode", "frozen", "-m", "served", "--retrain-every", "60"],
+     "--retrain-every", "retrains in learning mode only"),  # a report without a retraining, exit 0
     (["-f", "taobao"], "--format", "describes --dataset, which is not given"),  # was: the synthetic shop
     (["-f", "bogus"], "--format", "unknown format 'bogus'; choose one of taobao"),  # not a format at all
 ])
