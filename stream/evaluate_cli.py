@@ -247,6 +247,9 @@ def evaluate(
             if given:
                 raise typer.BadParameter(f"{option} is for --protocol session-rec; the prequential protocol replays "
                                          "the log once, learning as it goes", param_hint=option)
+    elif format not in ("synthetic", "yoochoose"):  # the folder is read as YooChoose whatever --format says
+        raise typer.BadParameter(f"--format {format}: the session-rec folder's logs are YooChoose's (SessionId, ItemId, "
+                                 "Time), read as such; drop --format", param_hint="--format")
     elif retrain_every is not None and mode and Mode.learning not in mode:  # the frozen mode was run, never retrained
         raise typer.BadParameter("session-rec retrains in learning mode only, and --mode frozen leaves it out: add "
                                  "--mode learning (or drop --retrain-every)", param_hint="--retrain-every")

@@ -598,11 +598,14 @@ EXPERIMENT = Path(__file__).resolve().parents[3] / "deploy" / "experiments" / "e
     (["--split", "test"], "--split", "is for --protocol session-rec"),
     (["-p", "session-rec", "-d", "{tmp}", "--mode", "frozen", "-m", "served", "--retrain-every", "60"],
      "--retrain-every", "retrains in learning mode only"),  # a report without a retraining, exit 0
+    (["-p", "session-rec", "-d", "{tmp}", "-f", "taobao"], "--format", "the session-rec folder's logs are YooChoose's"),
+    (["-p", "session-rec", "-d", "{tmp}", "-f", "bogus"], "--format", "drop --format"),
     (["-f", "taobao"], "--format", "describes --dataset, which is not given"),  # was: the synthetic shop
     (["-f", "bogus"], "--format", "unknown format 'bogus'; choose one of taobao"),  # not a format at all
 ])
 def test_cli_options_the_run_would_ignore_are_refused(tmp_path, args, hint, says):
     """Each was accepted and silently ignored: the report looked like an answer to the question asked."""
+    write_session_rec_folder(tmp_path)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     result = CliRunner().invoke(cli(), ["evaluate", "-n", "50", *args], env={"COLUMNS": "500"})
     text = " ".join(result.output.split())
