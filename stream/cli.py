@@ -190,10 +190,9 @@ def serve_api(
 
 def warn_unknown_names(log: logging.Logger) -> None:
     """A misspelt setting (STREAMREC_TOPK) was ignored without a word: said once at start."""
-    unknown = Settings.unknown_names()
+    unknown = Settings.unknown_names_said()
     if unknown:
-        log.warning("ignored: %s %s no setting (`streamrec settings` lists them)", ", ".join(unknown),
-                    "names" if len(unknown) == 1 else "name")
+        log.warning("%s", unknown)
 
 
 @app.command("settings")
@@ -203,6 +202,9 @@ def show_settings() -> None:
     width = max(len(env) for env, _, _ in settings.describe())
     for env, value, help_text in settings.describe():
         typer.echo(f"{env:<{width}}  {value:<28}  {help_text}")
+    unknown = Settings.unknown_names_said()
+    if unknown:  # where a misspelt one is looked for: it showed the default without a word
+        typer.secho(unknown, fg="yellow", err=True)
 
 
 app.command("produce")(produce)

@@ -195,6 +195,9 @@ def evaluate(
         recommender_config(settings)  # STREAMREC_BLEND_WEIGHTS names known sources
     except ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="the STREAMREC_* environment") from None
+    unknown = Settings.unknown_names_said()
+    if unknown:  # a misspelt setting evaluated the default, without a word
+        typer.secho(unknown, fg="yellow", err=True)
     if settings.variants:
         try:
             load_experiment(settings.variants, [*Recommender.DEFAULT_LEARNERS, *Recommender.EXTRA_SOURCES])

@@ -264,6 +264,20 @@ class Settings:
         return out
 
     @classmethod
+    def unknown_names_said(cls, environ: Mapping[str, str] | None = None) -> str | None:
+        """The one line that says :meth:`unknown_names`, or None when every ``STREAMREC_*`` variable
+        names a setting.
+
+        >>> Settings.unknown_names_said({"STREAMREC_TOPK": "5"})
+        'ignored: STREAMREC_TOPK (did you mean STREAMREC_TOP_K?) names no setting (`streamrec settings` lists them)'
+        """
+        unknown = cls.unknown_names(environ)
+        if not unknown:
+            return None
+        return (f"ignored: {', '.join(unknown)} {'names' if len(unknown) == 1 else 'name'} no setting "
+                "(`streamrec settings` lists them)")
+
+    @classmethod
     def with_options(cls, **options: tuple[str, str | None]) -> Settings:
         """The environment's settings under a command's options, ``field=(option, value)`` (a value
         of None: the environment's). A value an option gave that is refused is said of the option,

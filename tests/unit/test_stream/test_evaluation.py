@@ -284,6 +284,17 @@ def test_cli_png_out_writes_a_png_at_the_path_given_whatever_its_suffix(tmp_path
     assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG" and sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
+def test_cli_says_a_misspelt_setting_it_evaluated_the_default_of(monkeypatch):
+    """STREAMREC_CANDIDATE=30 evaluated the default candidates without a word."""
+    for name in [n for n in os.environ if n.startswith("STREAMREC_")]:
+        monkeypatch.delenv(name)
+    result = CliRunner().invoke(cli(), ["evaluate", "-n", "50", "-m", "popularity", "--json"],
+                                env={"STREAMREC_CANDIDATE": "30"})
+    assert result.exit_code == 0, result.output
+    assert "ignored: STREAMREC_CANDIDATE (did you mean STREAMREC_CANDIDATES?) names no setting" in result.stderr
+    assert json.loads(result.stdout)["settings"]["STREAMREC_CANDIDATES"] == "50"
+
+
 def test_cli_reads_the_worker_settings_from_the_environment():
     ok = CliRunner().invoke(cli(), ["evaluate", "-n", "300", "-m", SERVED, "--json"],
                             env={"STREAMREC_BLEND_WEIGHTS": "trending=0", "STREAMREC_CANDIDATES": "20"})

@@ -8,8 +8,9 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from stream.cli import warn_unknown_names
+from stream.cli import app, warn_unknown_names
 from stream.errors import ConfigError, StreamrecError
 from stream.pipeline import RecommendationStep
 from stream.settings import Settings, TopicNames, mask_url
@@ -377,3 +378,15 @@ def test_a_misspelt_setting_is_said_at_start_with_the_name_it_resembles(monkeypa
     said = [r.getMessage() for r in caplog.records]
     assert said == ["ignored: STREAMREC_BATCHSIZE (did you mean STREAMREC_BATCH_SIZE?), STREAMREC_TOPK (did you "
                     "mean STREAMREC_TOP_K?) name no setting (`streamrec settings` lists them)"], said
+
+
+def test_streamrec_settings_says_a_misspelt_setting_beside_the_defaults_it_lists(monkeypatch):
+    """`streamrec settings`, where one looks for it, listed STREAMREC_TOP_K's default for
+    STREAMREC_TOPK=5 without a word (the worker and serve say it at start)."""
+    for name in [n for n in os.environ if n.startswith("STREAMREC_")]:
+        monkeypatch.delenv(name)
+    result = CliRunner().invoke(app, ["settings"], env={"STREAMREC_TOPK": "5"})
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip() == ("ignored: STREAMREC_TOPK (did you mean STREAMREC_TOP_K?) names no setting "
+                                     "(`streamrec settings` lists them)"), result.stderr
+    assert CliRunner().invoke(app, ["settings"]).stderr == ""
