@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import pwd
 import sys
 
 import typer
@@ -18,7 +16,7 @@ from stream import gcpolicy, logs
 from stream.app import Worker, check_model_dir, create_app
 from stream.broker_wait import BrokerWait, StopRequested
 from stream.distil_cli import distil_queries
-from stream.errors import ConfigError, StreamrecError
+from stream.errors import ConfigError, StreamrecError, interrupted, path_problem
 from stream.evaluate_cli import evaluate
 from stream.experiments import load_experiment
 from stream.forget import forget
@@ -233,44 +231,6 @@ def main() -> None:
         if interrupted(exc):  # Typer makes a Ctrl-C a silent exit 130; say why the command stopped
             typer.secho("streamrec: interrupted", fg="red", err=True)
         raise
-
-
-def path_problem(exc: OSError) -> str:
-    """What a file-system error on a path says to the person who named it (``Path.exists`` and
-    ``is_dir`` raise, rather than answer False, on a folder they may not search, or a name too
-    long: a model folder owned by another user reached every command that looks for one).
-
-    >>> path_problem(PermissionError(13, "Permission denied", "/srv/models/CURRENT")).split(";")[0]
-    '/srv/models/CURRENT: permission denied'
-    >>> path_problem(OSError(36, "File name too long", "/tmp/" + "a" * 300)).endswith("a: file name too long")
-    True
-    """
-    where = f"{exc.filename}" if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
-    what = (exc.strerror or type(exc).__name__).lower()
-    if isinstance(exc, PermissionError):
-        return (f"{where}: {what}; the user running streamrec ({_user()}) needs access to it (to read it, or to write "
-                "where a command writes), and to enter (x) every folder above it")
-    return f"{where}: {what}"
-
-
-def _user() -> str:
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except (KeyError, OSError):
-        return f"uid {os.geteuid()}"
-
-
-def interrupted(exc: BaseException) -> bool:
-    """Whether ``exc`` (the exit Typer makes of a Ctrl-C: status 130) came of a KeyboardInterrupt
-    (a command that stops on SIGINT itself, such as ``produce``, says so in its own words)."""
-    seen: BaseException | None = exc
-    for _ in range(8):  # SystemExit <- typer's Exit(130) <- KeyboardInterrupt
-        if seen is None:
-            return False
-        if isinstance(seen, KeyboardInterrupt):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 if __name__ == "__main__":

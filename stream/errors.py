@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -83,6 +85,44 @@ def redis_advice(exc: BaseException) -> str:
     if type(exc).__name__ == "ReadOnlyError":  # a replica, or the old primary after a failover
         return ": this Redis is a read-only replica; point STREAMREC_REDIS_URL at the primary"
     return ""
+
+
+def path_problem(exc: OSError) -> str:
+    """What a file-system error on a path says to the person who named it (``Path.exists`` and
+    ``is_dir`` raise, rather than answer False, on a folder they may not search, or a name too
+    long: a model folder owned by another user reached every command that looks for one).
+
+    >>> path_problem(PermissionError(13, "Permission denied", "/srv/models/CURRENT")).split(";")[0]
+    '/srv/models/CURRENT: permission denied'
+    >>> path_problem(OSError(36, "File name too long", "/tmp/" + "a" * 300)).endswith("a: file name too long")
+    True
+    """
+    where = f"{exc.filename}" if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+    what = (exc.strerror or type(exc).__name__).lower()
+    if isinstance(exc, PermissionError):
+        return (f"{where}: {what}; the user running streamrec ({_user()}) needs access to it (to read it, or to write "
+                "where a command writes), and to enter (x) every folder above it")
+    return f"{where}: {what}"
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (KeyError, OSError):
+        return f"uid {os.geteuid()}"
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` (the exit Typer makes of a Ctrl-C: status 130) came of a KeyboardInterrupt
+    (a command that stops on SIGINT itself, such as ``produce``, says so in its own words)."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # SystemExit <- typer's Exit(130) <- KeyboardInterrupt
+        if seen is None:
+            return False
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class StreamrecError(Exception):

@@ -657,6 +657,27 @@ def test_module_entry_point_prints_a_streamrec_error_as_one_line(monkeypatch, ca
     assert err.strip() == "streamrec evaluate: cannot write /x.json: No space left on device" and "Traceback" not in err
 
 
+@pytest.mark.parametrize(("raised", "code", "said"), [
+    (PermissionError(13, "Permission denied", "/data/yoochoose-clicks-100k_test.txt"), 2,
+     "streamrec evaluate: /data/yoochoose-clicks-100k_test.txt: permission denied; the user running streamrec"),
+    (KeyboardInterrupt(), 130, "streamrec evaluate: interrupted"),
+])
+def test_module_entry_point_says_a_file_it_may_not_read_or_a_ctrl_c_as_streamrec_does(monkeypatch, capsys, raised,
+                                                                                      code, said):
+    """`python -m stream.evaluate_cli` let a PermissionError out as a traceback, and exited 130 on
+    a Ctrl-C without a word: `streamrec evaluate` says both in one line."""
+    def fails(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(evaluate_cli, "_run", fails)
+    monkeypatch.setattr(sys, "argv", ["evaluate_cli", "evaluate", "-n", "50"])
+    with pytest.raises(SystemExit) as exit_:
+        evaluate_cli.main()
+    assert exit_.value.code == code
+    err = capsys.readouterr().err
+    assert err.strip().startswith(said) and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize(("given", "says"), [
     ("junk.onnx", "is a file, but not the model.onnx of a registered version (no manifest.json beside it)"),
     ("notes", "is neither a model version (no manifest.json in it) nor a model registry"),
