@@ -1019,6 +1019,9 @@ def counters_from_json_file(path: Path) -> tuple[dict[str, dict[str, Any]], str 
         raise ReportError(f"{path} is not JSON: {exc}") from None
     except RecursionError:
         raise ReportError(f"{path} nests its JSON too deeply to be a replay's report") from None
+    if isinstance(data, Mapping) and "variants" not in data and "protocol" in data:  # said only what it lacked
+        raise ReportError(f"{path} is the report of a `streamrec evaluate` that rehearsed no experiment: run it again "
+                          "with --variants FILE (the experiment file) and --json-out, whose JSON has the arms' counters")
     counters, control = counters_from_json(data)
     if not counters:
         raise ReportError(f"{path} has no variants")

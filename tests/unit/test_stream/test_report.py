@@ -256,6 +256,16 @@ def test_a_json_file_nested_too_deeply_is_a_report_error(tmp_path):
         counters_from_json_file(deep)
 
 
+def test_an_evaluate_report_without_an_experiment_says_how_to_get_the_arms(tmp_path):
+    """`streamrec evaluate --json-out` without --variants, read by `report --json`, said only that
+    the JSON had no "variants" object, not what to run instead."""
+    plain = tmp_path / "evaluate.json"
+    plain.write_text(json.dumps({"protocol": "prequential", "models": {"served": {"HR@20": 0.1}}, "ks": [20]}))
+    result = runner.invoke(cli.app, ["report", "--json", str(plain)])
+    assert result.exit_code != 0 and isinstance(result.exception, ReportError), result.output
+    assert "rehearsed no experiment: run it again with --variants FILE" in str(result.exception)
+
+
 # --------------------------------------------------------------------------- summary
 
 
