@@ -86,6 +86,9 @@ def read_taobao(path: Path) -> Iterator[Interaction]:
                 raise DatasetError(f"{path}:{lineno}: expected 5 comma-separated fields, saw {len(row)}")
             user, item, category, behavior, ts = row
             kind = _TAOBAO_KIND.get(behavior)
+            if kind is None and lineno == 1 and not ts.strip().isdigit():  # was "unknown behavior 'behavior'"
+                raise DatasetError(f"{path}:1: {','.join(row)!r} is a header, which a Taobao log has none of "
+                                   "(user_id,item_id,category_id,behavior,timestamp): remove that line")
             if kind is None:
                 raise DatasetError(f"{path}:{lineno}: unknown behavior {behavior!r} (pv, cart, fav, buy)")
             try:

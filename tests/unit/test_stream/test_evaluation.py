@@ -350,6 +350,7 @@ def test_otto_sample_is_readable():
     (["-d", "{tmp}/empty.csv", "-f", "taobao"], "holds no events"),
     (["-d", "{tmp}/binary.csv", "-f", "taobao"], "not UTF-8 text"),
     (["-d", "{tmp}/inf.txt", "-f", "yoochoose"], "Time inf is not a time"),
+    (["-d", "{tmp}/header.csv", "-f", "taobao"], "is a header, which a Taobao log has none of"),
     (["-d", "{tmp}/no_ts.jsonl", "-f", "otto"], "needs `aid` and `ts`"),
     (["-d", "{tmp}/not_objects.jsonl", "-f", "otto"], "an event is not an object"),
     (["-d", "{tmp}/deep.jsonl", "-f", "otto"], "nests its JSON too deeply"),
@@ -366,6 +367,7 @@ def test_cli_misuse_is_a_clear_error_not_a_traceback(tmp_path, args, hint):
     (tmp_path / "log.csv").write_text("1,10,100,pv,1511544070\n1,11,100,pv,1511544080\n")
     (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00\x01garbage")
     (tmp_path / "inf.txt").write_text("SessionId\tItemId\tTime\n1\t2\tinf\n")
+    (tmp_path / "header.csv").write_text("user_id,item_id,category_id,behavior,timestamp\n1,10,100,pv,1511544070\n")
     (tmp_path / "no_ts.jsonl").write_text('{"session": 1, "events": [{"type": "clicks", "aid": 1}]}\n')
     (tmp_path / "not_objects.jsonl").write_text('{"session": 1, "events": [1]}\n')
     (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "\n")
