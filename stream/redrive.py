@@ -15,6 +15,8 @@ What is never sent back, and why (the summary counts each):
 - a letter of the items topic: it is compacted, so an old value would replace a newer one; send
   the item's current value again instead (docs/operations.md, StreamrecItemsNotEmbedded);
 - a letter of a topic this deployment's workers do not read (another prefix);
+- a letter of a topic that no longer exists: sending to it would make a broker that creates
+  topics on first use create it with its defaults, not the workers' partitions and settings;
 - a message of the dead-letter topic that is no dead letter;
 - the same original message dead-lettered twice (a worker that crashed after sending its
   letter and before committing sends it again): sent once.
@@ -71,6 +73,8 @@ REFUSALS = {
     "truncated": "cut at 64 KiB when dead-lettered (raw_truncated: the rest of the value is lost; ask the producer to send it again)",
     "items": "of the items topic (compacted: send each item's current value again, keyed by its item_id, not the old value)",
     "topic": "from topics this deployment's workers do not read: {topics} (another --topic-prefix?)",
+    "gone": ("of topics that no longer exist: {gone} (not sent, which would create them with the broker's defaults; "
+             "a worker creates its topics when it starts: start one, then run this again)"),
 }
 
 #: how far before ``--since`` the dead-letter topic is read, for clocks that disagree
@@ -154,6 +158,7 @@ class Tally:
     left: Counter = field(default_factory=Counter)
     left_codes: Counter = field(default_factory=Counter)
     left_topics: Counter = field(default_factory=Counter)
+    gone_topics: Counter = field(default_factory=Counter)
     read: int = 0
     newest_sent_ts: int | None = None
 
@@ -180,7 +185,8 @@ class Tally:
             if not n:
                 continue
             text = text.format(codes=some_of([f"{c} {k:,}" for c, k in self.left_codes.most_common()], 6),
-                               topics=some_of([f"{t} {k:,}" for t, k in self.left_topics.most_common()], 4))
+                               topics=some_of([f"{t} {k:,}" for t, k in self.left_topics.most_common()], 4),
+                               gone=some_of([f"{t} {k:,}" for t, k in self.gone_topics.most_common()], 4))
             lines.append(f"left {n:,} {text}")
         return "\n".join(lines)
 
@@ -213,6 +219,7 @@ async def redrive_letters(settings: Settings, choice: Choice, dry_run: bool = Fa
     try:
         partitions = [TopicPartition(dlq, p) for p in sorted(consumer.partitions_for_topic(dlq) or ())]
         ends = consumer.end_offsets(partitions)
+        existing = consumer.topics()  # a letter's topic deleted since: not created again by sending to it
         starts = _starts(consumer, partitions, choice.since)
         todo = [tp for tp in partitions if starts[tp] < ends[tp]]
         consumer.assign(todo)
@@ -227,7 +234,7 @@ async def redrive_letters(settings: Settings, choice: Choice, dry_run: bool = Fa
                     if record.offset >= ends[tp]:
                         break
                     tally.read += 1
-                    out = _take(record, choice, tally, sent_from)
+                    out = _take(record, choice, tally, sent_from, existing)
                     if out is not None:
                         chosen.append((*out, record.key, f"{dlq}[{tp.partition}]@{record.offset}"))
             if polled:
@@ -286,8 +293,10 @@ def _so_far(tally: Tally) -> str:
             "skip an event sent back twice while its event_id is among its user's latest STREAMREC_DEDUPE_WINDOW)")
 
 
-def _take(record, choice: Choice, tally: Tally, sent_from: set) -> tuple[DeadLetter, bytes] | None:
-    """The letter in ``record`` and its original value when it goes back, else None (counted)."""
+def _take(record, choice: Choice, tally: Tally, sent_from: set,
+          existing: set[str] | None = None) -> tuple[DeadLetter, bytes] | None:
+    """The letter in ``record`` and its original value when it goes back, else None (counted).
+    ``existing``: the topics on the broker (None: not checked)."""
     try:
         letter = decode_dead_letter(record.value or b"")
         value = original_value(letter)
@@ -297,12 +306,16 @@ def _take(record, choice: Choice, tally: Tally, sent_from: set) -> tuple[DeadLet
     why = choice.refusal(letter, record.key)
     if why is None and (letter.topic, letter.partition, letter.offset) in sent_from:
         why = "duplicate"
+    if why is None and existing is not None and letter.topic not in existing:
+        why = "gone"
     if why is not None:
         tally.left[why] += 1
         if why == "code":
             tally.left_codes[letter.code] += 1
         elif why == "topic":
             tally.left_topics[letter.topic] += 1
+        elif why == "gone":
+            tally.gone_topics[letter.topic] += 1
         return None
     sent_from.add((letter.topic, letter.partition, letter.offset))
     return letter, value
@@ -335,7 +348,7 @@ def redrive(
 
     Reads <prefix>dlq once (from --since, else its oldest letter, to its end as it is when the command starts) and sends each chosen letter's `raw` value to its topic (clicks, purchases, impressions, searches or forget), keyed as it was, with a streamrec-redriven-from header naming the letter. One line per letter sent, then a summary of what was left and why. The workers apply the events as any other: an event applied already (its event_id among the user's latest STREAMREC_DEDUPE_WINDOW) is skipped, and a forgotten user's events from before the erasure are never learned.
 
-    Never sent back: values cut at 64 KiB, letters of the items topic (compacted: send each item's current value instead), letters of topics these workers do not read. Try --dry-run first. Ctrl-C stops after the sends in flight are confirmed.
+    Never sent back: values cut at 64 KiB, letters of the items topic (compacted: send each item's current value instead), letters of topics these workers do not read, letters of topics that no longer exist (sending would create them with the broker's defaults). Try --dry-run first. Ctrl-C stops after the sends in flight are confirmed.
     """
     codes = code or ["processing_error"]
     unknown = [c for c in codes if c != ALL_CODES and c not in DEAD_LETTER_CODES]

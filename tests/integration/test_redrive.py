@@ -92,3 +92,21 @@ def test_a_worker_applies_a_redriven_event_once_however_often_it_comes_back(work
 
 def _applied_and_read(client, prefix: str, bootstrap: str, group: str) -> bool:
     return applied_counts(client, prefix, ["u1"])["u1"] == 2 and all_committed(bootstrap, group, [f"{prefix}clicks"])
+
+
+def test_a_letter_whose_topic_is_gone_is_left_not_sent_to_a_topic_the_broker_would_create(worker_env, topic_prefix,
+                                                                                           kafka_admin):
+    env, bootstrap = worker_env, worker_env["STREAMREC_KAFKA_BOOTSTRAP"]
+    # the impressions topic does not exist (deleted since; worker_env creates clicks, purchases and the dlq alone)
+    produce(bootstrap, topic_prefix, [
+        ("dlq", b"u7", letter(topic_prefix, "impressions", 20, click("u7", "e7"))),
+        ("dlq", b"u1", letter(topic_prefix, "clicks", 21, click("u1", "e1"))),
+    ])
+
+    for args in (["--dry-run"], []):
+        done = streamrec(env, "redrive", *args)
+        assert done.returncode == 0, done.stderr
+        assert "back 1 (" in done.stdout, done.stdout
+        assert f"left 1 of topics that no longer exist: {topic_prefix}impressions 1" in done.stdout, done.stdout
+    assert f"{topic_prefix}impressions" not in kafka_admin.list_topics()  # a broker that creates topics on use did not
+    assert [r.key for r in read_all(bootstrap, f"{topic_prefix}clicks")] == [b"u1"]
