@@ -119,6 +119,23 @@ def read_yoochoose(path: Path) -> Iterator[Interaction]:
                               "click")
 
 
+def _otto_id(value: Any, where: str, field: str) -> str:
+    """An OTTO ``session`` or ``aid`` (a whole number; a string is taken too) as an id; a
+    :class:`DatasetError` naming ``where`` for anything else: ``null``, ``true`` or ``1.5`` became
+    the ids "None", "True" and "1.5", and every session without an id one user "None".
+
+    >>> _otto_id(12, "x.jsonl:1", "aid"), _otto_id("s7", "x.jsonl:1", "session")
+    ('12', 's7')
+    >>> _otto_id(None, "x.jsonl:3", "session")
+    Traceback (most recent call last):
+    ...
+    online_models.datasets.DatasetError: x.jsonl:3: `session` must be a whole number or a string, saw None
+    """
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return str(value)
+    raise DatasetError(f"{where}: `{field}` must be a whole number or a string, saw {value!r:.80}")
+
+
 @_guarded
 def read_otto(path: Path) -> Iterator[Interaction]:
     with path.open(encoding="utf-8-sig") as fh:
@@ -127,10 +144,10 @@ def read_otto(path: Path) -> Iterator[Interaction]:
                 continue
             try:
                 session = json.loads(line)
-                sid = str(session["session"])
-                events = session["events"]
+                sid, events = session["session"], session["events"]
             except (ValueError, KeyError, TypeError) as exc:
                 raise DatasetError(f"{path}:{lineno}: not an OTTO session object ({exc})") from None
+            sid = _otto_id(sid, f"{path}:{lineno}", "session")
             if not isinstance(events, list):
                 raise DatasetError(f"{path}:{lineno}: `events` is not a list")
             for ev in events:
@@ -140,10 +157,11 @@ def read_otto(path: Path) -> Iterator[Interaction]:
                 if kind is None:
                     raise DatasetError(f"{path}:{lineno}: unknown OTTO event type {ev.get('type')!r}")
                 try:
-                    aid, ts = str(ev["aid"]), int(ev["ts"])
+                    aid, ts = ev["aid"], int(ev["ts"])
                 except (KeyError, TypeError, ValueError, OverflowError):
                     raise DatasetError(f"{path}:{lineno}: an OTTO event needs `aid` and `ts` (milliseconds), "
                                        f"saw {ev!r:.80}") from None
+                aid = _otto_id(aid, f"{path}:{lineno}", "aid")
                 yield Interaction(sid, aid, ts, kind, sid, None, ev["type"])
 
 

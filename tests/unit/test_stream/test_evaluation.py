@@ -577,6 +577,22 @@ def test_a_log_saved_with_a_byte_order_mark_reads_as_without(tmp_path, fmt, text
     assert users == ["1", "1", "2"]
 
 
+@pytest.mark.parametrize(("session", "aid", "said"), [
+    ("null", "10", "log.jsonl:2: `session` must be a whole number or a string, saw None"),
+    ("2", "true", "log.jsonl:2: `aid` must be a whole number or a string, saw True"),
+    ("2", "10.5", "log.jsonl:2: `aid` must be a whole number or a string, saw 10.5"),
+    ("{}", "10", "log.jsonl:2: `session` must be a whole number or a string, saw {}"),
+])
+def test_an_otto_session_or_aid_that_is_no_id_is_a_dataset_error(tmp_path, session, aid, said):
+    """A null session was read as the user "None" (every such session one user), an aid of true
+    or 10.5 as the items "True" and "10.5", and produce sent them as events."""
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"session": 1, "events": [{"aid": 10, "ts": 1511544070, "type": "clicks"}]}\n'
+                    f'{{"session": {session}, "events": [{{"aid": {aid}, "ts": 1511544080, "type": "clicks"}}]}}\n')
+    with pytest.raises(DatasetError, match=re.escape(said)):
+        list(read_otto(path))
+
+
 def test_cli_retraining_with_nothing_to_train_on_says_so(tmp_path):
     """Each user clicks once: the first retraining has no sequence to learn (was a ValueError traceback)."""
     log = tmp_path / "log.csv"
