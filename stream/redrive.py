@@ -52,7 +52,7 @@ from kafka.errors import KafkaError
 from stream.decoding import id_problem
 from stream.errors import DEAD_LETTER_CODES, StreamrecError, counted, some_of
 from stream.produce import started_producer
-from stream.records import DeadLetter, decode_dead_letter
+from stream.records import MAX_TS_MS, DeadLetter, decode_dead_letter
 from stream.settings import Settings
 from stream.tail import dead_letter_line, is_for_user, stop_on_signals
 from stream.topics import require_topic
@@ -99,9 +99,15 @@ def parse_time(text: str) -> int:
     Traceback (most recent call last):
     ...
     ValueError: 'yesterday' is neither epoch milliseconds nor an ISO 8601 date and time (2026-12-06T02:00:00Z)
+    >>> parse_time("99999999999999999999")
+    Traceback (most recent call last):
+    ...
+    ValueError: '99999999999999999999' is past the year 9999 (epoch milliseconds go up to 253402300799999)
     """
     text = text.strip()
     if text.lstrip("-").isdigit():
+        if int(text) > MAX_TS_MS:  # Kafka's offset lookup by time takes 64 bits: a longer one was a struct.error
+            raise ValueError(f"{text!r} is past the year 9999 (epoch milliseconds go up to {MAX_TS_MS})")
         return int(text)
     try:
         when = dt.datetime.fromisoformat(text)

@@ -7,9 +7,11 @@ import asyncio
 from types import SimpleNamespace
 
 import pytest
+import typer
+from typer.testing import CliRunner
 
 from stream.records import DeadLetter, encode
-from stream.redrive import Choice, Tally, _send, _take, original_value
+from stream.redrive import Choice, Tally, _send, _take, original_value, redrive
 
 TS = 1_700_000_000_000
 CHOICE = Choice(codes=frozenset({"processing_error"}), topics=frozenset({"s.clicks", "s.purchases", "s.forget"}),
@@ -86,3 +88,12 @@ def test_a_run_stopped_part_way_gives_no_since_that_would_skip_letters():
     tally = Tally(read=3, newest_sent_ts=TS)
     tally.sent.update({"s.clicks": 1})
     assert "--since" in tally.summary(False, "s.dlq") and "--since" not in tally.summary(False, "s.dlq", complete=False)
+
+
+def test_a_since_past_the_year_9999_is_refused_before_connecting():
+    """--since 99999999999999999999 reached Kafka's offset lookup by time, which takes 64 bits:
+    a struct.error traceback."""
+    app = typer.Typer(add_completion=False)
+    app.command()(redrive)
+    result = CliRunner().invoke(app, ["--bootstrap", "127.0.0.1:1", "--since", "9" * 20], env={"COLUMNS": "500"})
+    assert result.exit_code == 2 and "past the year 9999" in result.output and "--since" in result.output, result.output
