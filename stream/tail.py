@@ -274,8 +274,13 @@ def tombstone_line(key: bytes | None) -> str:
 
     >>> print(tombstone_line(b"u1"))
     u1  (tombstone: the user was forgotten; their recommendations are erased)
+
+    The key is whatever wrote the tombstone sent: what a terminal would act on is escaped.
+
+    >>> print(tombstone_line(b"\\x1b]0;x\\x07u1").split()[0])
+    \\x1b]0;x\\x07u1
     """
-    return f"{(key or b'').decode('utf-8', 'replace')}  (tombstone: the user was forgotten; their recommendations are erased)"
+    return f"{shown((key or b'').decode('utf-8', 'replace'))}  (tombstone: the user was forgotten; their recommendations are erased)"
 
 
 def _render(value: bytes | None, dlq: bool, as_json: bool, items: int, key: bytes | None = None) -> str:

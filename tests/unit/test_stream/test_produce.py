@@ -46,7 +46,7 @@ from stream.records import (
 )
 from stream.settings import TopicNames
 from stream.step_inputs import to_event
-from stream.tail import dead_letter_line, is_for_user, recommendation_line, tail
+from stream.tail import dead_letter_line, is_for_user, recommendation_line, tail, tombstone_line
 
 CLICK = Interaction("u1", "i2", 1_700_000_000_000, "click", "u1-s1", "c3", "pv")
 BUY = Interaction("u1", "i2", 1_700_000_000_500, "purchase", None, "c3", "buy", quantity=3)
@@ -517,6 +517,14 @@ def test_a_dead_letter_cannot_drive_the_operators_terminal():
     line = dead_letter_line(letter, width=200)
     assert not any(ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f or c == "\u202e" for c in line), repr(line)
     assert "\\x1b[2J is not click" in line and "\\x1b]0;owned\\x07" in line and "\\rhidden\\u202e\\x9b" in line
+
+
+def test_a_tombstones_key_cannot_drive_the_operators_terminal():
+    """`streamrec tail` printed a tombstone's key as it came: escape sequences in it ran
+    (retitle the window, clear the screen) where the dead letters' are printed as escapes."""
+    line = tombstone_line(b"\x1b]0;owned\x07\x1b[2J\ru1\xe2\x80\xae")
+    assert not any(ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f or c == "\u202e" for c in line), repr(line)
+    assert line.startswith("\\x1b]0;owned\\x07\\x1b[2J\\ru1\\u202e  (tombstone")
 
 
 def test_user_filter_matches_the_key_exactly():
