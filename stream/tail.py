@@ -284,8 +284,20 @@ def tombstone_line(key: bytes | None) -> str:
 
 
 def _render(value: bytes | None, dlq: bool, as_json: bool, items: int, key: bytes | None = None) -> str:
-    if value is None and not dlq:
-        return "null" if as_json else tombstone_line(key)
+    """One message as a line. A null value is a tombstone: a forgotten user's on the
+    recommendations topic; on the dead-letter topic, where the workers write none, no letter.
+
+    >>> _render(None, dlq=True, as_json=False, items=5, key=b"u1")
+    '(not a dead letter: a null value, a tombstone) u1'
+    >>> _render(None, dlq=True, as_json=True, items=5)
+    'null'
+    """
+    if value is None:
+        if as_json:
+            return "null"
+        if dlq:  # was "(not a dead letter: a bytes-like object is required, not 'NoneType') b''"
+            return f"(not a dead letter: a null value, a tombstone) {shown((key or b'').decode('utf-8', 'replace'))}"
+        return tombstone_line(key)
     if as_json:
         return (value or b"").decode("utf-8", errors="replace")
     try:

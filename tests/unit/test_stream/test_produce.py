@@ -46,7 +46,14 @@ from stream.records import (
 )
 from stream.settings import TopicNames
 from stream.step_inputs import to_event
-from stream.tail import dead_letter_line, is_for_user, recommendation_line, tail, tombstone_line
+from stream.tail import (
+    _render,
+    dead_letter_line,
+    is_for_user,
+    recommendation_line,
+    tail,
+    tombstone_line,
+)
 
 CLICK = Interaction("u1", "i2", 1_700_000_000_000, "click", "u1-s1", "c3", "pv")
 BUY = Interaction("u1", "i2", 1_700_000_000_500, "purchase", None, "c3", "buy", quantity=3)
@@ -525,6 +532,13 @@ def test_a_tombstones_key_cannot_drive_the_operators_terminal():
     line = tombstone_line(b"\x1b]0;owned\x07\x1b[2J\ru1\xe2\x80\xae")
     assert not any(ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f or c == "\u202e" for c in line), repr(line)
     assert line.startswith("\\x1b]0;owned\\x07\\x1b[2J\\ru1\\u202e  (tombstone")
+
+
+def test_a_null_value_on_the_dead_letter_topic_is_said_to_be_no_letter_in_words():
+    """`tail --dlq` printed "(not a dead letter: a bytes-like object is required, not 'NoneType') b''"
+    for a tombstone, and `--dlq --json` an empty line where the recommendations' say null."""
+    assert _render(None, dlq=True, as_json=False, items=5, key=b"u1") == "(not a dead letter: a null value, a tombstone) u1"
+    assert _render(None, dlq=True, as_json=True, items=5, key=b"u1") == "null"
 
 
 def test_user_filter_matches_the_key_exactly():
