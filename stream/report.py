@@ -80,9 +80,13 @@ HIT_KS = ("1", "5", "10", "20")
 INFO = "streamrec_experiment_info"
 #: what a table says of intervals worked out without the groups' counts (an A/A split of one arm's users
 #: excluded 0 % in 27-46 % of splits so, docs/operations.md): counters of workers before the groups were kept
-INDEPENDENCE = ("the intervals take each list as independent (the counters have no groups of users: workers of an "
-                "older version); one user's lists are not, so they are too narrow where users have many lists each "
-                "(docs/operations.md, \"What the intervals assume\")")
+INDEPENDENCE = ("the intervals take each list as independent ({why}); one user's lists are not, so they are too "
+                "narrow where users have many lists each (docs/operations.md, \"What the intervals assume\")")
+#: INDEPENDENCE's why: counters without groups, or groups that did not serve (a warning per rate says why)
+NO_GROUPS = "the counters have no groups of users: workers of an older version"
+GROUPS_UNUSED = "the counters' groups of users could not serve: the warnings say why"
+#: the end of the warning of a rate whose groups could not serve
+NOT_GROUPED = "its interval takes each list as independent, too narrow"
 #: what a table says of intervals worked out from the groups
 GROUPED = ("the intervals count each user's lists together: from the spread of up to {groups} groups of users per arm "
            "(a hash of the user's id), with Student's t (docs/operations.md, \"What the intervals assume\")")
@@ -477,7 +481,7 @@ def _rate(k: int, n: int, warnings: list[str], what: str, k_groups: Mapping[int,
             deff, groups = design_effect(k, n, k_groups or {}, n_groups or {})
             z = t_quantile(groups - 1)
         except ValueError as exc:
-            warnings.append(f"{what}: {exc}; its interval takes each list as independent, too narrow")
+            warnings.append(f"{what}: {exc}; {NOT_GROUPED}")
     p, lo, hi = wilson(k / deff, n / deff, z) if deff is not None else wilson(k, n)
     return {"k": k, "n": n, "rate": k / n, "ci": [lo, hi], "design_effect": deff, "groups": groups}
 
@@ -758,7 +762,10 @@ def format_table(summary: Mapping[str, Any]) -> str:
     if summary.get("grouped"):
         lines += ["", GROUPED.format(groups=summary["groups"])]
     else:  # groups: the most of any rate worked out from them (None: none was)
-        lines += ["", PARTLY.format(groups=summary["groups"]) if summary.get("groups") else INDEPENDENCE]
+        # a fresh deployment's few users fill fewer than 2 groups: not workers of an older version
+        unused = any(w.endswith(NOT_GROUPED) for w in summary.get("warnings", []))
+        lines += ["", PARTLY.format(groups=summary["groups"]) if summary.get("groups")
+                  else INDEPENDENCE.format(why=GROUPS_UNUSED if unused else NO_GROUPS)]
     for warning in summary.get("warnings", []):
         lines.append(f"warning: {warning}")
     return "\n".join(lines)

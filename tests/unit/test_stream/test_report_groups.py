@@ -97,6 +97,15 @@ def test_groups_that_do_not_add_up_fall_back_to_independent_intervals_with_a_war
     assert any("add up to 60 of 600" in w and "older version" in w for w in summary["warnings"])
 
 
+def test_a_fresh_deployments_single_group_is_not_blamed_on_workers_of_an_older_version():
+    """The first report of a new deployment (one user, so one group) said the counters had no
+    groups, "workers of an older version", when they had one, too few to measure a spread."""
+    arm = {"users": 1, "lists": 3, "clicked_lists": 1, "groups": {"lists": {24: 3}, "clicked_lists": {24: 1}}}
+    table = format_table(summarize({"A": arm}))
+    assert "take each list as independent" in table and "older version" not in table, table
+    assert "could not serve: the warnings say why" in table and "in 1 group of users, too few" in table, table
+
+
 def test_revenue_per_list_gets_an_interval_from_the_groups():
     arm = {"lists": 40, "revenue": 400.0,
            "groups": {"lists": {g: 10 for g in range(4)}, "revenue": {0: 40.0, 1: 160.0, 2: 100.0, 3: 100.0}}}
