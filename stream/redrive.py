@@ -38,6 +38,7 @@ import asyncio
 import base64
 import binascii
 import datetime as dt
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -381,7 +382,7 @@ def redrive(
     typer.echo(tally.summary(dry_run, topics.dlq, complete=not stop.is_set()))
     if stop.is_set():
         typer.secho(f"redrive: stopped early; {_so_far(tally)}", err=True, fg="yellow")
-        raise typer.Exit(130)
+        raise typer.Exit(128 + (stop.signal or signal.SIGINT))  # 143 for SIGTERM (a scheduler's stop), 130 for Ctrl-C
 
 
 __all__ = ["REDRIVEN_HEADER", "Choice", "Tally", "original_value", "parse_time", "redrive", "redrive_letters"]

@@ -254,14 +254,27 @@ def tail(
     return printed
 
 
+class SignalStop(threading.Event):
+    """Set by a signal; :attr:`signal` is the first one (None: none came)."""
+
+    signal: int | None = None
+
+
 @contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
-    """An event set by SIGINT or SIGTERM while the block runs (main thread only); handlers restored after."""
-    stop = threading.Event()
+def stop_on_signals() -> Iterator[SignalStop]:
+    """An event set by SIGINT or SIGTERM while the block runs (main thread only); handlers restored after.
+    Its ``signal`` says which came first: a command exits 128 + it (143 for SIGTERM, 130 for Ctrl-C)."""
+    stop = SignalStop()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_signal(sig: int, _frame) -> None:
+        if stop.signal is None:
+            stop.signal = sig
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
@@ -307,4 +320,4 @@ def _render(value: bytes | None, dlq: bool, as_json: bool, items: int, key: byte
         return f"(not a {kind}: {exc}) {(value or b'')[:80]!r}"
 
 
-__all__ = ["BrokerWatch", "tombstone_line", "dead_letter_line", "explanation_text", "is_for_user", "recommendation_line", "stop_on_signals", "tail"]
+__all__ = ["BrokerWatch", "tombstone_line", "dead_letter_line", "explanation_text", "is_for_user", "recommendation_line", "SignalStop", "stop_on_signals", "tail"]

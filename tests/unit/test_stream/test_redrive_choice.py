@@ -4,12 +4,15 @@ fails part way (the reading and sending on a real broker: tests/integration/test
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from types import SimpleNamespace
 
 import pytest
 import typer
 from typer.testing import CliRunner
 
+from stream import redrive as redrive_module
 from stream.records import DeadLetter, encode
 from stream.redrive import Choice, Tally, _send, _take, original_value, redrive
 
@@ -97,3 +100,20 @@ def test_a_since_past_the_year_9999_is_refused_before_connecting():
     app.command()(redrive)
     result = CliRunner().invoke(app, ["--bootstrap", "127.0.0.1:1", "--since", "9" * 20], env={"COLUMNS": "500"})
     assert result.exit_code == 2 and "past the year 9999" in result.output and "--since" in result.output, result.output
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_redrive_stopped_by_a_signal_exits_128_plus_it(monkeypatch, sig, status):
+    """A scheduler's SIGTERM exited 130, as a Ctrl-C does (produce exits 143 for it)."""
+    async def stopped_part_way(settings, choice, dry_run=False, progress=None, stop=None):
+        os.kill(os.getpid(), sig)  # handled before the next line runs: the stop is set
+        assert stop.is_set()
+        return Tally(read=3)
+
+    monkeypatch.setattr(redrive_module, "require_topic", lambda *_: 1)
+    monkeypatch.setattr(redrive_module, "redrive_letters", stopped_part_way)
+    app = typer.Typer(add_completion=False)
+    app.command()(redrive)
+    result = CliRunner().invoke(app, ["--bootstrap", "127.0.0.1:1"])
+    assert result.exit_code == status, result.output
+    assert "stopped early" in result.output
