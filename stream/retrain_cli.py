@@ -214,6 +214,8 @@ def retrain(
     if dataset is None and format != "synthetic":  # read nothing: the fits never saw the log it names
         raise typer.BadParameter(f"--format {format} describes --dataset, which is not given: add --dataset LOG "
                                  "(the log every fit also trains on) or drop --format", param_hint="--format")
+    if dataset is not None and format == "synthetic":
+        raise typer.BadParameter("give the log's --format (taobao, yoochoose or otto)", param_hint="--format")
     if format not in FORMATS:  # was said only once Kafka answered (and not at all while it did not)
         raise typer.BadParameter(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}", param_hint="--format")
     if dataset is not None and dataset.is_dir():  # as was a --dataset that does not exist: after Kafka
@@ -232,8 +234,6 @@ def retrain(
     from gpu_scorer import retraining, training
 
     base: list[Interaction] = []
-    if dataset is not None and format == "synthetic":
-        raise typer.BadParameter("give the log's --format (taobao, yoochoose or otto)", param_hint="--format")
     settings = Settings.from_env()
     check_registry_dir(model_dir)
     registry = ModelRegistry(model_dir)
