@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 
 import typer
 from prometheus_client import REGISTRY
@@ -16,7 +15,7 @@ from stream import gcpolicy, logs
 from stream.app import Worker, check_model_dir, create_app
 from stream.broker_wait import BrokerWait, StopRequested
 from stream.distil_cli import distil_queries
-from stream.errors import ConfigError, StreamrecError, interrupted, path_problem
+from stream.errors import ConfigError, StreamrecError, run_command
 from stream.evaluate_cli import evaluate
 from stream.experiments import load_experiment
 from stream.forget import forget
@@ -217,20 +216,7 @@ app.command("distil-queries")(distil_queries)
 
 
 def main() -> None:
-    try:
-        app()
-    except (StreamrecError, DatasetError) as exc:  # DatasetError: a log read as it is sent (produce)
-        typer.secho(f"streamrec: {exc}", fg="red", err=True)
-        sys.exit(2)
-    except OSError as exc:
-        if exc.filename is None:  # a socket's, a bug's: not about a path the user gave
-            raise
-        typer.secho(f"streamrec: {path_problem(exc)}", fg="red", err=True)
-        sys.exit(2)
-    except SystemExit as exc:
-        if interrupted(exc):  # Typer makes a Ctrl-C a silent exit 130; say why the command stopped
-            typer.secho("streamrec: interrupted", fg="red", err=True)
-        raise
+    run_command(app, "streamrec", (StreamrecError, DatasetError))  # DatasetError: a log read as it is sent (produce)
 
 
 if __name__ == "__main__":

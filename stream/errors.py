@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import pwd
+import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
+
+import typer
 
 _T = TypeVar("_T")
 
@@ -123,6 +126,27 @@ def interrupted(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def run_command(app: Callable[[], object], prefix: str, usage_errors: tuple[type[Exception], ...]) -> None:
+    """Run a Typer ``app`` as a console script (``streamrec``, ``python -m stream.evaluate_cli``):
+    one of ``usage_errors``, or a file-system error on a path the user named, is one red line
+    after ``prefix`` and exit 2, not a traceback; a Ctrl-C, which Typer makes a silent exit 130,
+    says why the command stopped."""
+    try:
+        app()
+    except usage_errors as exc:
+        typer.secho(f"{prefix}: {exc}", fg="red", err=True)
+        sys.exit(2)
+    except OSError as exc:
+        if exc.filename is None:  # a socket's, a bug's: not about a path the user gave
+            raise
+        typer.secho(f"{prefix}: {path_problem(exc)}", fg="red", err=True)
+        sys.exit(2)
+    except SystemExit as exc:
+        if interrupted(exc):
+            typer.secho(f"{prefix}: interrupted", fg="red", err=True)
+        raise
 
 
 class StreamrecError(Exception):

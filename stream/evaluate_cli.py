@@ -36,7 +36,7 @@ from online_models.datasets import (
     load_folder,
     read_interactions,
 )
-from stream.errors import ConfigError, StreamrecError, counted, interrupted, path_problem
+from stream.errors import ConfigError, StreamrecError, counted, run_command
 from stream.evaluation import (
     DEFAULT_MODELS,
     SESSION_MODELS,
@@ -595,20 +595,7 @@ def main() -> None:
     def _root() -> None:
         """streamrec's offline evaluation."""
 
-    try:
-        app()
-    except (StreamrecError, DatasetError) as exc:
-        typer.secho(f"streamrec evaluate: {exc}", fg="red", err=True)
-        sys.exit(2)
-    except OSError as exc:  # a file it may not read, as stream.cli's main says it (was a traceback)
-        if exc.filename is None:
-            raise
-        typer.secho(f"streamrec evaluate: {path_problem(exc)}", fg="red", err=True)
-        sys.exit(2)
-    except SystemExit as exc:
-        if interrupted(exc):  # a Ctrl-C: exit 130, and why (was silent)
-            typer.secho("streamrec evaluate: interrupted", fg="red", err=True)
-        raise
+    run_command(app, "streamrec evaluate", (StreamrecError, DatasetError))
 
 
 if __name__ == "__main__":  # pragma: no cover
