@@ -29,7 +29,7 @@ import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from online_models.base import session_key
 from online_models.metrics import RankingMetrics
@@ -48,6 +48,34 @@ SEED_MAX = 2**32 - 1
 
 class DatasetError(ValueError):
     """A log line that does not follow its format; the message names the file and line."""
+
+
+#: the longest line a reader takes, in characters (an OTTO session of some 20,000 events fits):
+#: a file with no line break (``-d /dev/zero``, a binary file) was read whole, into a MemoryError
+MAX_LINE_CHARS = 1 << 20
+
+
+def bounded_lines(fh: TextIO, path: str | Path, start: int = 1, what: str = "a log of this format") -> Iterator[str]:
+    """The lines of the text file ``fh`` (opened from ``path``), each read with at most
+    :data:`MAX_LINE_CHARS` (and its line break) in memory; a :class:`DatasetError` naming the file
+    and line (numbered from ``start``) for a longer one, before the rest of it is read: not ``what``.
+
+    >>> import io
+    >>> list(bounded_lines(io.StringIO("a,b\\nc"), "x.csv"))
+    ['a,b\\n', 'c']
+    >>> next(bounded_lines(io.StringIO("\\0" * (MAX_LINE_CHARS + 1)), "zeros"))
+    Traceback (most recent call last):
+    ...
+    online_models.datasets.DatasetError: zeros:1: a line longer than 1 MiB (1,048,576 characters): not a log of this format
+    """
+    readline = fh.readline
+    for lineno in itertools.count(start):
+        line = readline(MAX_LINE_CHARS + 2)  # room for the line's own CR LF
+        if not line:
+            return
+        if len(line.rstrip("\r\n")) > MAX_LINE_CHARS:
+            raise DatasetError(f"{path}:{lineno}: a line longer than 1 MiB ({MAX_LINE_CHARS:,} characters): not {what}")
+        yield line
 
 
 def _ts_ms(seconds: float, where: str, field: str) -> int:
@@ -79,7 +107,7 @@ def _guarded(read: Callable[[Path], Iterator[Interaction]]) -> Callable[[str | P
 @_guarded
 def read_taobao(path: Path) -> Iterator[Interaction]:
     with path.open(newline="", encoding="utf-8-sig") as fh:
-        for lineno, row in enumerate(csv.reader(fh), start=1):
+        for lineno, row in enumerate(csv.reader(bounded_lines(fh, path)), start=1):
             if not row:
                 continue
             if len(row) != 5:
@@ -101,10 +129,11 @@ def read_taobao(path: Path) -> Iterator[Interaction]:
 @_guarded
 def read_yoochoose(path: Path) -> Iterator[Interaction]:
     with path.open(encoding="utf-8-sig") as fh:
-        header = fh.readline().rstrip("\n").split("\t")
+        lines = bounded_lines(fh, path)
+        header = next(lines, "").rstrip("\n").split("\t")
         if header[:3] != ["SessionId", "ItemId", "Time"]:
-            raise DatasetError(f"{path}:1: expected the header SessionId<TAB>ItemId<TAB>Time, saw {header!r}")
-        for lineno, line in enumerate(fh, start=2):
+            raise DatasetError(f"{path}:1: expected the header SessionId<TAB>ItemId<TAB>Time, saw {header!r:.120}")
+        for lineno, line in enumerate(lines, start=2):
             parts = line.rstrip("\n").split("\t")
             if len(parts) < 3:
                 if line.strip():
@@ -139,7 +168,7 @@ def _otto_id(value: Any, where: str, field: str) -> str:
 @_guarded
 def read_otto(path: Path) -> Iterator[Interaction]:
     with path.open(encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, start=1):
+        for lineno, line in enumerate(bounded_lines(fh, path), start=1):
             if not line.strip():
                 continue
             try:
@@ -286,7 +315,7 @@ def read_reference_lists(folder: str | Path) -> dict[str, dict[tuple[str, int], 
         lists: dict[tuple[str, int], list[str]] = {}
         try:
             with path.open(newline="", encoding="utf-8") as fh:
-                for lineno, row in enumerate(csv.DictReader(fh, delimiter=";"), start=2):
+                for lineno, row in enumerate(csv.DictReader(bounded_lines(fh, path), delimiter=";"), start=2):
                     try:
                         lists[(row["SessionId"], int(row["Position"]))] = row["Recommendations"].split(",")
                     except (KeyError, ValueError, TypeError, AttributeError):
@@ -359,8 +388,10 @@ def load_folder(folder: str | Path, limit: int | None = None, split: str = "test
 
 __all__ = [
     "FORMATS",
+    "MAX_LINE_CHARS",
     "SPLITS",
     "DatasetError",
+    "bounded_lines",
     "load_folder",
     "read_reference_lists",
     "score_references",

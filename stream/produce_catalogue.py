@@ -23,6 +23,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
+from online_models.datasets import DatasetError, bounded_lines
 from online_models.search.synthetic import synthetic_catalogue
 from stream.decoding import decode_item
 from stream.errors import InvalidEvent, StreamrecError
@@ -57,8 +58,10 @@ def read_catalogue(lines: Iterable[str], now_ms: int, bounds: Bounds = DEFAULT_B
 
 def read_catalogue_file(path: Path, now_ms: int, bounds: Bounds = DEFAULT_BOUNDS) -> list[ItemEvent]:
     try:
-        with open(path, encoding="utf-8") as f:
-            return read_catalogue(f, now_ms, bounds)
+        with open(path, encoding="utf-8") as f:  # a line at a time, each bounded: /dev/zero was a MemoryError
+            return read_catalogue(bounded_lines(f, path, what="a JSON Lines catalogue"), now_ms, bounds)
+    except DatasetError as exc:  # "FILE:N: a line longer than 1 MiB ..."
+        raise StreamrecError(str(exc)) from None
     except UnicodeDecodeError as exc:
         raise StreamrecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except StreamrecError as exc:  # "catalogue line N: ...": which file, where several are given
