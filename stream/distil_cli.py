@@ -18,7 +18,7 @@ import typer
 
 from online_models.datasets import SEED_MAX
 from online_models.search import QueryStudent, TextEmbedder
-from stream.errors import StreamrecError, counted
+from stream.errors import StreamrecError, counted, resolved
 from stream.produce_catalogue import read_catalogue_file, synthetic_items
 from stream.settings import Settings
 
@@ -59,7 +59,7 @@ def distil_queries(
                                      "registry's folder, or give the file to write with --out",
                                      param_hint="STREAMREC_MODEL_DIR")
         out = model_dir / DEFAULT_FILE
-    if catalogue is not None and out.resolve() == catalogue.resolve():
+    if catalogue is not None and resolved(out) == resolved(catalogue):
         raise typer.BadParameter(f"{out} is the --catalogue: writing the student there would overwrite the catalogue; "
                                  "give another file", param_hint="--out")
     try:  # found out now, not after minutes of fitting

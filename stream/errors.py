@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 import typer
@@ -99,13 +101,28 @@ def path_problem(exc: OSError) -> str:
     '/srv/models/CURRENT: permission denied'
     >>> path_problem(OSError(36, "File name too long", "/tmp/" + "a" * 300)).endswith("a: file name too long")
     True
+    >>> path_problem(OSError(errno.ELOOP, "Too many levels of symbolic links", "out.json"))
+    'out.json: too many levels of symbolic links (the links lead round in a loop)'
     """
     where = f"{exc.filename}" if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
     what = (exc.strerror or type(exc).__name__).lower()
+    if exc.errno == errno.ELOOP:
+        what += " (the links lead round in a loop)"
     if isinstance(exc, PermissionError):
         return (f"{where}: {what}; the user running streamrec ({_user()}) needs access to it (to read it, or to write "
                 "where a command writes), and to enter (x) every folder above it")
     return f"{where}: {what}"
+
+
+def resolved(path: Path) -> Path:
+    """``path.resolve()``, with a loop of symbolic links an ``OSError`` (ELOOP) naming ``path``,
+    as Python 3.13's raises it, which :func:`run_command` and :func:`path_problem` put in words:
+    3.11's ``RuntimeError("Symlink loop from ...")`` came out of ``--json-out loop`` as a traceback.
+    """
+    try:
+        return path.resolve()
+    except RuntimeError:  # Python < 3.13; "Symlink loop from '...'" names the link in the loop met first
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
 
 
 def _user() -> str:

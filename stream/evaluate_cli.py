@@ -36,7 +36,7 @@ from online_models.datasets import (
     load_folder,
     read_interactions,
 )
-from stream.errors import ConfigError, StreamrecError, counted, run_command
+from stream.errors import ConfigError, StreamrecError, counted, path_problem, resolved, run_command
 from stream.evaluation import (
     DEFAULT_MODELS,
     SESSION_MODELS,
@@ -210,7 +210,7 @@ def evaluate(
         if path is not None:  # found out before the run, not after it
             _check_writable(path, hint)
             _check_not_an_input(path, hint, dataset, variants)
-    if json_out is not None and png_out is not None and json_out.resolve() == png_out.resolve():
+    if json_out is not None and png_out is not None and resolved(json_out) == resolved(png_out):
         raise typer.BadParameter(f"{png_out} is --json-out too: the chart would overwrite the summary; give two files",
                                  param_hint="--png-out")
     ks = tuple(sorted(set(k))) if k else (10, 20)
@@ -297,6 +297,12 @@ def _check_writable(path: Path, hint: str) -> None:
         raise typer.BadParameter(f"{path} is a folder; give the file to write", param_hint=hint)
     if not path.parent.is_dir():
         raise typer.BadParameter(f"{path}: the folder {path.parent} does not exist", param_hint=hint)
+    try:  # is_dir and exists answer False for a loop of symbolic links, which no write gets through
+        path.stat()
+    except FileNotFoundError:  # a new file, or a link to one
+        pass
+    except OSError as exc:
+        raise typer.BadParameter(f"{path_problem(exc)}; give the file to write", param_hint=hint) from None
     if not os.access(path if path.exists() else path.parent, os.W_OK):
         raise typer.BadParameter(f"{path} cannot be written (permissions, or a read-only file system)", param_hint=hint)
 
@@ -304,11 +310,14 @@ def _check_writable(path: Path, hint: str) -> None:
 def _check_not_an_input(path: Path, hint: str, dataset: Path | None, variants: Path | None) -> None:
     """A usage error when writing ``path`` would overwrite what the run reads: the log, a file of
     the session-rec folder, or the experiment file (found out after the replay, with the input lost)."""
-    out = path.resolve()
+    out = resolved(path)
     for source, option in ((dataset, "--dataset"), (variants, "--variants")):
         if source is None:
             continue
-        src = source.resolve()
+        try:
+            src = resolved(source)
+        except OSError as exc:  # -d loop: said now, not as "does not exist" after the check
+            raise typer.BadParameter(path_problem(exc), param_hint=option) from None
         if out == src or (src.is_dir() and out.is_file() and out.is_relative_to(src)):
             raise typer.BadParameter(f"{path} is {'in ' if out != src else ''}the {option} input: writing there "
                                      "would overwrite it; give another file", param_hint=hint)

@@ -52,7 +52,7 @@ from typing import Annotated, Any
 import typer
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream.errors import ServiceUnavailable, StreamrecError, clipped
+from stream.errors import ServiceUnavailable, StreamrecError, clipped, resolved
 from stream.experiments import GROUP_FIELDS, Experiment, load_experiment
 
 #: the two-sided 95% normal quantile
@@ -1091,7 +1091,7 @@ def report(
         raise typer.BadParameter("--window needs --prometheus (a worker's /metrics has no history)", param_hint="--window")
     if window is not None and not re.fullmatch(r"(\d+(ms|s|m|h|d|w|y))+", window):
         raise typer.BadParameter(f"{window!r} is not a PromQL duration (e.g. 7d, 12h, 90m)", param_hint="--window")
-    if chart is not None and json_file is not None and chart.resolve() == json_file.resolve():
+    if chart is not None and json_file is not None and resolved(chart) == resolved(json_file):
         raise typer.BadParameter(f"{chart} is the --json source: writing the chart there would overwrite the replay's "
                                  "counters; give another PATH.png", param_hint="--chart")
     # the workers' experiment file, read before any source is: a wrong path is said before a network wait
