@@ -179,6 +179,36 @@ def _after(skipped: int) -> str:
     return f" after the first {skipped:,} (--skip)" if skipped else ""
 
 
+def skip_events(interactions: Iterator[Interaction], n: int, source: str, say: Callable[[str], None],
+                every_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> int:
+    """Read and drop the first ``n`` of ``interactions`` (``--skip``); how many there were.
+
+    They cannot be jumped over: a log is read line by line, and each event of the synthetic shop
+    follows from the ones before it (one random stream). So ``say`` is told what is read and
+    how many (``--skip 100000000`` was minutes of silence before the first event went), then every
+    ``every_s`` seconds how far it got.
+
+    >>> from online_models.datasets import synthetic_interactions
+    >>> skip_events(synthetic_interactions(50), 20, "the synthetic shop", print)
+    --skip 20: generating the first 20 events of the synthetic shop to drop them, before any is sent (each follows from the ones before it: none can be jumped over)
+    20
+    """
+    if n <= 0:
+        return 0
+    verb = "generating" if source == "the synthetic shop" else "reading"
+    why = "each follows from the ones before it" if verb == "generating" else "a log is read line by line"
+    say(f"--skip {n:,}: {verb} the first {counted(n, 'event')} of {source} to drop them, before any is sent ({why}: "
+        "none can be jumped over)")
+    started = said = clock()
+    skipped = 0
+    for _ in itertools.islice(interactions, n):
+        skipped += 1
+        if not skipped % 4096 and clock() - said >= every_s:
+            said = clock()
+            say(f"--skip: {skipped:,} of {n:,} events dropped ({100 * skipped / n:.0f}%) in {said - started:.0f} s")
+    return skipped
+
+
 def replay_progress(sent: int, confirmed: int, unbroken: int, skipped: int = 0) -> str:
     """What a replay that Kafka failed had put in Kafka, of the first ``sent`` events it sent
     (after the ``skipped`` first events of the log): ``confirmed`` events, the first ``unbroken``
@@ -405,7 +435,8 @@ def produce(
         # the skipped events and the first one sent read now, before Kafka: a log in another
         # format, with no events, or with no more than --skip, is said at once (a later bad line
         # is said when it is reached: a log is read as it is sent)
-        skipped = sum(1 for _ in itertools.islice(interactions, skip))
+        skipped = skip_events(interactions, skip, "the synthetic shop" if dataset is None else str(dataset),
+                              lambda line: typer.echo(line, err=True))
         first = next(interactions, None)
     except DatasetError as exc:
         raise typer.BadParameter(str(exc), param_hint="--dataset") from None
@@ -494,4 +525,4 @@ def _stopper(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, sig: signal.S
 
 
 __all__ = ["ProduceSummary", "TokenBucket", "bad_line_progress", "chunk_size", "event_id", "produce", "replay",
-           "replay_progress", "resume_hint", "source_tag", "topic_for"]
+           "replay_progress", "resume_hint", "skip_events", "source_tag", "topic_for"]
