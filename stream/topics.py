@@ -334,21 +334,56 @@ def _no_topics(settings, missing: list[str]) -> StreamrecError:
 def check_copartitioned(bootstrap: KafkaConnection | str, names: Iterable[str], timeout_s: float = 30.0) -> None:
     """Raise a :class:`~stream.errors.ConfigError` unless the topics ``names`` have one partition
     count: the worker's agent reads them as co-partitioned (a user's events and forget
-    requests on the same partition number, owned by one worker)."""
+    requests on the same partition number, owned by one worker). A :class:`StreamrecError` when
+    some of them do not exist (:func:`missing_topics`): they were said as having 0 partitions,
+    with the advice to grow them, which no ``kafka-topics.sh --alter`` can do to a topic that
+    is not there."""
     kafka = KafkaConnection.of(bootstrap)
     wanted = list(names)
     admin = _connected_admin(kafka, timeout_s)
     try:
         try:
-            counts = {t["topic"] if "topic" in t else t["name"]: len(t["partitions"])
-                      for t in admin.describe_topics(wanted)}
+            described = admin.describe_topics(wanted)
         except KafkaError as exc:
             raise _unavailable(kafka, timeout_s, exc) from None
     finally:
         admin.close()
+    counts: dict[str, int] = {}
+    missing: list[str] = []
+    for t in described:
+        name = t["topic"] if "topic" in t else t["name"]
+        if t.get("error_code") == _UNKNOWN_TOPIC:
+            missing.append(name)
+        elif t.get("error_code"):  # not authorised to describe it, say: not a count of 0
+            raise StreamrecError(f"cannot read the partitions of topic {name} on {kafka.bootstrap}: "
+                                 f"{for_code(t['error_code']).__name__}")
+        else:
+            counts[name] = len(t["partitions"])
+    if missing:
+        raise StreamrecError(missing_topics(missing, list(counts), kafka.bootstrap))
     uneven = uneven_partitions(counts)
     if uneven:
         raise ConfigError(uneven)
+
+
+#: the error code of a topic the broker does not have (UNKNOWN_TOPIC_OR_PARTITION)
+_UNKNOWN_TOPIC = 3
+
+
+def missing_topics(missing: list[str], present: list[str], bootstrap: str) -> str:
+    """What is wrong, for an operator, when some of the topics a worker reads together do not
+    exist (``present``: those that do): a worker of this version has not started yet, and
+    starting one creates them, with as many partitions as the clicks topic.
+
+    >>> print(missing_topics(["t.searches"], ["t.clicks", "t.forget"], "kafka:9092"))  # doctest: +ELLIPSIS
+    there is no topic t.searches on kafka:9092, which the workers read together with t.clicks and t.forget: ...
+    """
+    one = len(missing) == 1
+    listed = " and ".join([", ".join(present[:-1]), present[-1]] if len(present) > 2 else present)
+    others = f", which the workers read together with {listed}" if present else ""
+    return (f"there {'is no topic' if one else 'are no topics'} {', '.join(missing)} on {bootstrap}{others}: a worker "
+            f"creates {'it' if one else 'them'} when it starts, with as many partitions as the clicks topic: start one "
+            "(streamrec worker) first")
 
 
 def uneven_partitions(counts: Mapping[str, int]) -> str | None:
@@ -473,4 +508,4 @@ def _created(response: dict, asked: list[str]) -> list[str]:
     return [n for n in asked if n in created]
 
 
-__all__ = ["align_topic_configs", "check_copartitioned", "check_login", "check_topic_name", "committed_offsets", "ensure_streamrec_topics", "ensure_topics", "partition_count", "probe", "require_topic", "require_topics", "topic_ids", "uneven_partitions", "wait_for_kafka"]
+__all__ = ["align_topic_configs", "check_copartitioned", "check_login", "check_topic_name", "committed_offsets", "ensure_streamrec_topics", "ensure_topics", "missing_topics", "partition_count", "probe", "require_topic", "require_topics", "topic_ids", "uneven_partitions", "wait_for_kafka"]
