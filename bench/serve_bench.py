@@ -42,6 +42,7 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,6 +50,12 @@ sys.path.insert(0, str(ROOT))
 from bench.pipeline_bench import cpu_seconds, drop_run, env_for, free_port  # noqa: E402
 from online_models.search.synthetic import ADJECTIVES, PRODUCTS  # noqa: E402
 from stream.demo import scrape, stop_worker, wait_ready  # noqa: E402
+from stream.errors import described  # noqa: E402
+from stream.settings import Settings  # noqa: E402
+from stream.topics import probe  # noqa: E402
+
+#: what to do when the services do not answer
+START_SERVICES = 'start them with `eval "$(make -s up)"` (or point STREAMREC_KAFKA_BOOTSTRAP and STREAMREC_REDIS_URL at running ones)'
 
 
 def queries(n: int, repeat_share: float, seed: int) -> list[str]:
@@ -159,6 +166,23 @@ def embed_throughput(seconds: float, seed: int) -> tuple[float, float]:
     return items_per_s, done / (time.perf_counter() - t0)
 
 
+def services_problem(settings: Settings, timeout_s: float = 3.0) -> str | None:
+    """None when Kafka and Redis of ``settings`` answer; else one line saying which does not, and
+    how to start them: without them the run ended in redis-py's connection traceback."""
+    down = []
+    kafka = probe(settings.kafka, timeout_s)
+    if kafka is not None:
+        down.append(f"Kafka at {settings.kafka.bootstrap} ({kafka})")
+    try:
+        with settings.redis.client(socket_connect_timeout=timeout_s, socket_timeout=timeout_s) as client:
+            client.ping()
+    except (redis.RedisError, OSError) as exc:
+        down.append(f"Redis at {settings.redis.masked_url} ({described(exc)})")
+    if not down:
+        return None
+    return f"{' and '.join(down)} {'does' if len(down) == 1 else 'do'} not answer: {START_SERVICES}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rps", type=float, default=200.0, help="searches per second (default 200)")
@@ -180,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--student {args.student}: no such file (make one with streamrec distil-queries --demo-catalogue)")
         extra["STREAMREC_QUERY_STUDENT"] = str(args.student.resolve())
     env, settings = env_for(f"{tag}.", extra)
+    problem = services_problem(settings)
+    if problem is not None:  # before the run, whose clean-up would meet them too
+        print(f"serve_bench: {problem}", file=sys.stderr)
+        return 2
     exe = [sys.executable, "-m", "stream.cli"]
     logs = ROOT / ".run"
     logs.mkdir(exist_ok=True)
