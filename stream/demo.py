@@ -26,12 +26,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient
 
 from online_models.metrics import percentile
-from stream.connections import ISOLATION_LEVEL, KafkaConnection
+from stream.connections import KafkaConnection, started_reader
 from stream.errors import StreamrecError
 from stream.experiments import load_experiment
 from stream.records import decode_dead_letter, decode_recommendation
@@ -45,6 +44,9 @@ BAD_VALUES = [
     b'{"event_id": "bad-4", "type": "click", "user_id": 42, "item_id": "i1", "ts": 1}',
     b"\xff\xfe not utf-8",
 ]
+
+#: records the demo's reader takes a fetch at most (its latency figures are read as they arrive)
+READ_RECORDS = 10_000
 
 
 def free_port() -> int:
@@ -87,13 +89,12 @@ class Watcher(threading.Thread):
             self.ready.set()
 
     async def _consume(self) -> None:
-        # committed data only, as every streamrec reader: what a transactional producer aborted
-        # stays in the log, marked aborted, and would be counted (the worker's producer is not one)
-        consumer = AIOKafkaConsumer(self.recommendations_topic, self.dlq_topic, **self.client_options, group_id=None,
-                                    enable_auto_commit=False, auto_offset_reset="earliest",
-                                    isolation_level=ISOLATION_LEVEL)
+        # streamrec's reader (committed data only, from the oldest record, no group), whose stop
+        # while the broker is away ends a fetch in flight quietly (fetches_end_empty_at_close):
+        # the demo's own consumer lacked that guard, and its stop raised the cancelled fetch
+        consumer = await started_reader(self.client_options, READ_RECORDS)
         try:
-            await consumer.start()
+            consumer.subscribe([self.recommendations_topic, self.dlq_topic])  # no group: every partition
             self.ready.set()
             while not self.stop_flag.is_set():
                 batch = await consumer.getmany(timeout_ms=200)
