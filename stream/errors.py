@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import pwd
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -123,6 +124,24 @@ def resolved(path: Path) -> Path:
         return path.resolve()
     except RuntimeError:  # Python < 3.13; "Symlink loop from '...'" names the link in the loop met first
         raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
+
+
+def read_named_file(path: str | os.PathLike, limit: int | None = None) -> bytes:
+    """The bytes of a file a setting names: an OSError (path_problem says it) where it cannot be
+    read, and a ValueError, saying what it is instead, for a device or a socket (``/dev/zero``,
+    ``/dev/stdin`` at a terminal: reading one never ends, and held the process at start while
+    its memory grew by hundreds of MB a second) or more than ``limit`` bytes. A pipe is read
+    (``<(cat arms.toml)`` in a shell names one).
+    """
+    with open(path, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            what = "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode) else "not a file"
+            raise ValueError(f"{what}, not a file")
+        data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise ValueError(f"more than {limit:,} bytes: not the file meant")
+    return data
 
 
 def _user() -> str:

@@ -58,7 +58,7 @@ from pathlib import Path
 
 from online_models import Recommender, RecommenderConfig
 from online_models.recommender import MAX_WEIGHT, weight_ok
-from stream.errors import ConfigError
+from stream.errors import ConfigError, read_named_file
 from stream.records import CONTROL_CHARS
 from stream.settings import MAX_LIST
 
@@ -232,17 +232,23 @@ def _bucket_bounds(arms: Sequence[Arm]) -> list[int]:
     return bounds
 
 
+#: the largest experiment file read: a few arms take a few hundred bytes
+MAX_EXPERIMENT_BYTES = 1 << 20
+
+
 def load_experiment(path: str | Path, known_sources: Sequence[str] = ()) -> Experiment:
     """The experiment in ``path`` (``.toml`` or ``.json``); a :class:`ConfigError` that names
     the file and the field for anything wrong."""
     p = Path(path)
     where = f"STREAMREC_VARIANTS={str(path)!r}"
     try:
-        text = p.read_text(encoding="utf-8")
+        text = read_named_file(p, MAX_EXPERIMENT_BYTES).decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read the experiment file ({exc.strerror or exc})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{where}: the experiment file is not UTF-8 text") from None
+    except ValueError as exc:  # a device (/dev/zero was read for ever), or far too big for a few arms
+        raise ConfigError(f"{where}: cannot be the experiment file: {exc}") from None
     try:
         data = json.loads(text, object_pairs_hook=_once) if p.suffix.lower() == ".json" else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:

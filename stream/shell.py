@@ -27,7 +27,7 @@ from online_models.search import Catalogue, QueryStudent, TextEmbedder, TextMode
 from stream.batching import drop_stale, is_stale
 from stream.catalogue_feed import CatalogueFeed
 from stream.consumer import FetchPacer, cancel_within
-from stream.errors import ConfigError, ServiceUnavailable, described, redis_advice
+from stream.errors import ConfigError, ServiceUnavailable, described, read_named_file, redis_advice
 from stream.handler import BatchHandler, Claims, RawMessage, now_ms
 from stream.health import Health, check_readiness
 from stream.lag import LagMetrics, update_lag
@@ -923,7 +923,7 @@ def query_student(settings: Settings) -> QueryStudent | None:
     if not settings.query_student:
         return None
     try:
-        student = QueryStudent.from_bytes(Path(settings.query_student).read_bytes())
+        student = QueryStudent.from_bytes(read_named_file(settings.query_student))  # a device: a ValueError
     except (OSError, ValueError) as exc:  # missing, unreadable, not a student
         raise _student_refused(settings, exc) from None
     if not settings.catalogue:

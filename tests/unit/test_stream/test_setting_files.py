@@ -1,0 +1,50 @@
+"""Files that settings name (STREAMREC_VARIANTS, STREAMREC_QUERY_STUDENT) are read only where
+they are files: a device (``/dev/zero``) was read for ever at start, the process's memory growing
+by hundreds of MB a second, and a file far too big for an experiment was read whole."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from stream.errors import ConfigError
+from stream.experiments import load_experiment
+from stream.settings import Settings
+from stream.shell import query_student
+
+MAX_EXPERIMENT_BYTES = 1 << 20  # stream.experiments.MAX_EXPERIMENT_BYTES
+DEVICE = "/dev/null"  # a character device that ends (/dev/zero, which does not, is refused the same way)
+
+
+@pytest.mark.skipif(not os.path.exists(DEVICE), reason="no /dev/null")
+def test_an_experiment_file_that_is_a_device_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"^STREAMREC_VARIANTS='/dev/null': cannot be the experiment file: a character "
+                                          r"device, not a file$"):
+        load_experiment(DEVICE)
+
+
+@pytest.mark.skipif(not os.path.exists(DEVICE), reason="no /dev/null")
+def test_a_query_student_that_is_a_device_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"^STREAMREC_QUERY_STUDENT=/dev/null: cannot read a query student there "
+                                          r"\(a character device, not a file\)"):
+        query_student(Settings.from_env({"STREAMREC_QUERY_STUDENT": DEVICE}))
+
+
+def test_an_experiment_file_past_its_limit_is_not_read_whole(tmp_path):
+    big = tmp_path / "arms.toml"
+    with open(big, "wb") as f:
+        f.truncate(MAX_EXPERIMENT_BYTES + 1)  # sparse: no disk
+    with pytest.raises(ConfigError, match=f"cannot be the experiment file: more than {MAX_EXPERIMENT_BYTES:,} bytes"):
+        load_experiment(big)
+
+
+def test_a_pipe_is_read_as_a_shell_hands_one_over():
+    read, write = os.pipe()  # what <(cat arms.toml) names
+    os.write(write, b"arms = [")
+    os.close(write)
+    try:
+        with pytest.raises(ConfigError, match="not valid TOML"):  # read, then parsed
+            load_experiment(f"/dev/fd/{read}")
+    finally:
+        os.close(read)
