@@ -105,6 +105,14 @@ COMPUTE_THREADS = 4
 #: 60 s idle timeout of common load balancers (a backend that closes first makes them answer 502)
 KEEPALIVE_S = 75.0
 
+#: seconds a stop (SIGTERM, Ctrl-C) waits for the requests in hand before it cuts their
+#: connections: an answer takes milliseconds, a search that embeds a few, a read from a Redis that
+#: does not answer at most its 5 s socket timeout. aiohttp's own default is 60 s, and a client that
+#: sent requests and read no answer held every stop of serve that long (its connection is
+#: aborted only by the write timeout, stream/serve_clients.py), past Kubernetes' 30 s grace. aiohttp
+#: waits it twice for a handler that does not end (for it to finish, then once cancelled): at most 10 s
+SHUTDOWN_S = 5.0
+
 #: seconds the refresher waits for Redis to answer PING (as the worker's check_readiness), and
 #: for the models' snapshot to be read (megabytes); past them ``redis`` fails. A Redis that
 #: accepts the connection and never answers (a stopped redis-server, a half-open connection)
@@ -452,10 +460,11 @@ def _observed(metrics: Metrics):
 
 def api_runner(web_app: web.Application) -> web.AppRunner:
     """The runner serve listens with: no access log, connections closed after
-    :data:`KEEPALIVE_S` without a complete request, and the process's soft limit on open files
-    raised to its hard limit (:func:`_open_files_raised`)."""
+    :data:`KEEPALIVE_S` without a complete request, requests in hand at a stop given
+    :data:`SHUTDOWN_S`, and the process's soft limit on open files raised to its hard limit
+    (:func:`_open_files_raised`)."""
     _open_files_raised()
-    return web.AppRunner(web_app, access_log=None, keepalive_timeout=KEEPALIVE_S)
+    return web.AppRunner(web_app, access_log=None, keepalive_timeout=KEEPALIVE_S, shutdown_timeout=SHUTDOWN_S)
 
 
 def _open_files_raised() -> None:

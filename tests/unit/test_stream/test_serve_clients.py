@@ -275,3 +275,26 @@ async def test_run_server_hands_the_reserved_slots_and_trusted_proxies_to_the_li
         stop.set()
         await asyncio.wait_for(task, 10.0)
     assert handed == [(serve.MAX_IN_FLIGHT, (ipaddress.ip_network("10.0.0.0/8"),), 7)]
+
+
+async def test_a_client_that_never_reads_its_answers_does_not_hold_a_stop(api, monkeypatch):
+    # aiohttp waits up to 60 s at a stop for the requests in hand; this client's handler waits
+    # for the client to read, so every stop of serve took a minute (the write timeout's)
+    paused = asyncio.Event()
+
+    class Watched(serve_clients._WriteGuard):
+        def pause_writing(self) -> None:
+            paused.set()
+            super().pause_writing()
+
+    monkeypatch.setattr(serve_clients, "_WriteGuard", Watched)
+    runner, port = await started(create_web_app(api, metrics=Metrics(CollectorRegistry())))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 5000)  # megabytes of answers, none read
+        await asyncio.wait_for(paused.wait(), 30)  # an answer in hand waits for the client
+        # serve.SHUTDOWN_S (5 s), which aiohttp waits twice for a handler that does not end
+        await asyncio.wait_for(runner.cleanup(), 12)
+    finally:
+        writer.close()
+        await runner.cleanup()
