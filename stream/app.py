@@ -25,7 +25,7 @@ from online_models import Recommender
 from stream import consumer
 from stream.batching import take_batches
 from stream.connections import KafkaConnection
-from stream.errors import ConfigError
+from stream.errors import ConfigError, clipped, path_problem
 from stream.health import Health
 from stream.logs import ClippedTracebacks, Thinned
 from stream.pipeline import RecommendationStep
@@ -141,7 +141,18 @@ def check_model_dir(settings: Settings) -> None:
     """A :class:`ConfigError` unless STREAMREC_MODEL_DIR is a folder or can be one (no model
     registered: the worker ranks with the online models and looks again every 5 s), and not one
     version's folder in a registry; said at start, before Kafka, rather than never (a file there
-    hid every model the worker looked for)."""
+    hid every model the worker looked for). One that cannot be looked at (a name too long for a
+    file name, a folder above it this user may not enter) is said with the setting's name, not as
+    a bare path."""
+    try:
+        _check_model_dir(settings)
+    except OSError as exc:
+        why = path_problem(exc) if isinstance(exc, PermissionError) else (exc.strerror or type(exc).__name__).lower()
+        raise ConfigError(f"STREAMREC_MODEL_DIR={clipped(str(settings.model_dir), 200)}: cannot be looked at: "
+                          f"{clipped(why, 600)}") from None
+
+
+def _check_model_dir(settings: Settings) -> None:
     path = Path(settings.model_dir)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"STREAMREC_MODEL_DIR={settings.model_dir}: a file, not a folder; point it at the model "

@@ -1,6 +1,7 @@
 """Files that settings name (STREAMREC_VARIANTS, STREAMREC_QUERY_STUDENT) are read only where
 they are files: a device (``/dev/zero``) was read for ever at start, the process's memory growing
-by hundreds of MB a second, and a file far too big for an experiment was read whole."""
+by hundreds of MB a second, and a file far too big for an experiment was read whole. And
+STREAMREC_MODEL_DIR that cannot be looked at is said with the setting's name."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 
 import pytest
 
+from stream.app import check_model_dir
 from stream.errors import ConfigError
 from stream.experiments import load_experiment
 from stream.settings import Settings
@@ -48,3 +50,11 @@ def test_a_pipe_is_read_as_a_shell_hands_one_over():
             load_experiment(f"/dev/fd/{read}")
     finally:
         os.close(read)
+
+
+def test_a_model_dir_that_cannot_be_looked_at_is_said_with_the_setting_s_name(tmp_path):
+    # a name past the file system's 255 bytes: Path.exists raises, and the worker and serve said
+    # only the path (thousands of characters) and "file name too long", not which setting it was
+    long = tmp_path / ("x" * 300)
+    with pytest.raises(ConfigError, match=r"^STREAMREC_MODEL_DIR=.{1,210}: cannot be looked at: file name too long$"):
+        check_model_dir(Settings.from_env({"STREAMREC_MODEL_DIR": str(long)}))
