@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import signal
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -27,7 +26,7 @@ from stream.batching import take_batches
 from stream.connections import KafkaConnection
 from stream.errors import ConfigError, clipped, path_problem
 from stream.health import Health
-from stream.logs import ClippedTracebacks, Thinned
+from stream.logs import ClippedTracebacks, Thinned, exit_now
 from stream.pipeline import RecommendationStep
 from stream.prometheus import FROZEN_COUNT_INTERVAL_S, Metrics
 from stream.publisher import BatchPublisher
@@ -235,12 +234,6 @@ def faust_credentials(kafka: KafkaConnection) -> faust.SASLCredentials | faust.S
     if kafka.uses_ssl:
         return faust.SSLCredentials(kafka.ssl_context())
     return None
-
-
-def exit_now(status: int) -> None:
-    """Exit without cleaning up (what an operator's second Ctrl-C or SIGTERM asks for)."""
-    logging.shutdown()  # flush what was logged
-    os._exit(status)
 
 
 class Worker(faust.Worker):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import traceback
@@ -211,6 +212,13 @@ def log_thread_deaths() -> None:
     threading.excepthook = logged
 
 
+def exit_now(status: int) -> None:
+    """Exit without cleaning up, what an operator's second Ctrl-C or SIGTERM asks of the worker
+    and of serve: what was logged is flushed first."""
+    logging.shutdown()
+    os._exit(status)
+
+
 def thin_kafka_client() -> None:
     """The Kafka client's loggers thinned (one :class:`Thinned` each: a filter on a logger sees
     only what is logged on it), and nothing else about logging changed: what the short commands
@@ -222,5 +230,5 @@ def thin_kafka_client() -> None:
             logger.addFilter(Thinned())
 
 
-__all__ = ["KAFKA_CLIENT_LOGGERS", "TEXT_FORMAT", "ClippedTracebacks", "JsonLines", "Thinned", "clipped_traceback", "configure", "log_thread_deaths",
+__all__ = ["KAFKA_CLIENT_LOGGERS", "TEXT_FORMAT", "ClippedTracebacks", "JsonLines", "Thinned", "clipped_traceback", "configure", "exit_now", "log_thread_deaths",
            "handler_config", "thin_kafka_client"]

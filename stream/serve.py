@@ -63,7 +63,7 @@ from online_models.types import ScoredItem
 from stream.catalogue_feed import CatalogueFeed
 from stream.errors import ConfigError, clipped, described
 from stream.health import Health, export_readiness
-from stream.logs import ClippedTracebacks, Thinned
+from stream.logs import ClippedTracebacks, Thinned, exit_now
 from stream.pipeline import RecommendationStep
 from stream.prometheus import FROZEN_COUNT_INTERVAL_S, Metrics
 from stream.pseudonyms import Pseudonyms, pseudonyms_of
@@ -685,6 +685,31 @@ async def _next_round(stop: asyncio.Event, store_failed: asyncio.Event, timeout:
             wait.cancel()
 
 
+class StopSignals:
+    """serve's SIGTERM and Ctrl-C, as the worker's: the first stops it (it stops listening, and the
+    requests in hand get :data:`SHUTDOWN_S`, twice at most); a second exits at once, status 128 +
+    the signal (an operator who will not wait those seconds had no way to cut them short)."""
+
+    #: what an operator calls each signal in the log
+    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self.stop = stop
+        self.first: signal.Signals | None = None
+
+    def __call__(self, sig: signal.Signals) -> None:
+        if self.first is None:
+            self.first = sig
+            log.info("%s: stopping; the requests in hand get at most %.0f s (a second Ctrl-C or SIGTERM exits now)",
+                     self.NAMES[sig], 2 * SHUTDOWN_S)
+            self.stop.set()
+            return
+        said = (f"{self.NAMES[sig]} again" if sig == self.first
+                else f"{self.NAMES[sig]} after {self.NAMES[self.first]}")
+        log.warning("%s: exiting now, without the answers in hand", said)
+        exit_now(128 + sig)
+
+
 async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop: asyncio.Event | None = None) -> None:
     """Serve the API on ``host:port`` until ``stop`` is set (or SIGTERM / SIGINT)."""
     store = RedisUserStateStore.from_url(settings.redis_url, key_prefix=settings.topic_prefix,
@@ -719,9 +744,10 @@ async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop:
              host, port)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    signals = StopSignals(stop)
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, signals, sig)
         except (NotImplementedError, RuntimeError):  # signals are handled on the main thread only: then `stop` ends it
             pass
     tasks = [asyncio.create_task(beat(health, stop))]
@@ -746,5 +772,5 @@ async def run_server(settings: Settings, port: int, host: str = "0.0.0.0", stop:
         log.info("stopped")
 
 
-__all__ = ["MAX_IN_FLIGHT", "MAX_K", "Api", "BadRequest", "ModelRefresher", "create_web_app", "parse_id", "parse_k", "parse_query",
+__all__ = ["MAX_IN_FLIGHT", "MAX_K", "Api", "BadRequest", "ModelRefresher", "StopSignals", "create_web_app", "parse_id", "parse_k", "parse_query",
            "run_server"]

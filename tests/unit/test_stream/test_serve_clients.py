@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import signal
 import socket
 import time
 
@@ -298,3 +299,50 @@ async def test_a_client_that_never_reads_its_answers_does_not_hold_a_stop(api, m
     finally:
         writer.close()
         await runner.cleanup()
+
+
+@pytest.mark.parametrize(("first", "second", "said"), [
+    (signal.SIGTERM, signal.SIGTERM, "SIGTERM again"),
+    (signal.SIGINT, signal.SIGINT, "Ctrl-C again"),
+    (signal.SIGINT, signal.SIGTERM, "SIGTERM after Ctrl-C"),
+])
+async def test_a_second_stop_signal_exits_serve_at_once(first, second, said, monkeypatch, caplog):
+    """As the worker's: the first signal stops serve, which gives the requests in hand up to
+    twice SHUTDOWN_S; a second exits now. serve's handler only set the stop event again, so an
+    operator's second Ctrl-C did nothing."""
+    exits: list[int] = []
+    monkeypatch.setattr(serve, "exit_now", exits.append)
+    stop = asyncio.Event()
+    signals = serve.StopSignals(stop)
+    with caplog.at_level(logging.INFO, logger="streamrec.serve"):
+        signals(first)
+        assert stop.is_set() and exits == []
+        signals(second)
+    assert exits == [128 + second]
+    assert f"{said}: exiting now" in caplog.text
+
+
+async def test_run_server_stops_on_the_first_signal_and_exits_on_the_second(monkeypatch, tmp_path):
+    """The handlers ``run_server`` installs are those above (taken from the loop, not sent: a
+    real SIGTERM to the test process would end the whole run were they missing)."""
+    installed: dict[int, tuple] = {}
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(loop, "add_signal_handler", lambda sig, callback, *args: installed.__setitem__(sig, (callback, args)))
+    exits: list[int] = []
+    monkeypatch.setattr(serve, "exit_now", exits.append)
+    monkeypatch.setattr(serve, "load_scorer", lambda settings, metrics: None)
+    monkeypatch.setattr(serve.RedisUserStateStore, "from_url", classmethod(lambda cls, *a, **k: InMemoryUserStateStore()))
+    settings = Settings.from_env({"STREAMREC_CATALOGUE": "false", "STREAMREC_MODEL_DIR": str(tmp_path)})
+    task = asyncio.create_task(serve.run_server(settings, 0, "127.0.0.1"))  # no stop event of the test's: signals only
+    try:
+        await until(lambda: len(installed) == 2 or task.done(), 10, "serve's signal handlers installed")
+        callback, args = installed[signal.SIGTERM]
+        callback(*args)
+        await asyncio.wait_for(task, 10.0)  # stopped by the first
+        assert exits == []
+        callback, args = installed[signal.SIGINT]
+        callback(*args)
+        assert exits == [128 + signal.SIGINT]
+    finally:
+        if not task.done():
+            task.cancel()
