@@ -153,6 +153,10 @@ def check_model_dir(settings: Settings) -> None:
 
 def _check_model_dir(settings: Settings) -> None:
     path = Path(settings.model_dir)
+    try:  # exists() answers False for a loop of symbolic links, taken for a folder not made yet
+        path.stat()
+    except FileNotFoundError:
+        pass
     if path.exists() and not path.is_dir():
         raise ConfigError(f"STREAMREC_MODEL_DIR={settings.model_dir}: a file, not a folder; point it at the model "
                           "registry's folder (`streamrec train` makes one), or at a folder not made yet")

@@ -58,3 +58,12 @@ def test_a_model_dir_that_cannot_be_looked_at_is_said_with_the_setting_s_name(tm
     long = tmp_path / ("x" * 300)
     with pytest.raises(ConfigError, match=r"^STREAMREC_MODEL_DIR=.{1,210}: cannot be looked at: file name too long$"):
         check_model_dir(Settings.from_env({"STREAMREC_MODEL_DIR": str(long)}))
+
+
+def test_a_model_dir_that_is_a_loop_of_links_is_said_not_taken_for_a_folder_to_make(tmp_path):
+    # exists() answers False for a loop: the worker and serve started with "no model registered"
+    # and looked there every 5 s for ever
+    loop = tmp_path / "models"
+    loop.symlink_to(loop)
+    with pytest.raises(ConfigError, match=r"^STREAMREC_MODEL_DIR=.*models: cannot be looked at: too many levels of symbolic links"):
+        check_model_dir(Settings.from_env({"STREAMREC_MODEL_DIR": str(loop)}))
