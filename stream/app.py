@@ -155,7 +155,7 @@ def _check_model_dir(settings: Settings) -> None:
     path = Path(settings.model_dir)
     try:  # exists() answers False for a loop of symbolic links, taken for a folder not made yet
         path.stat()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # not made yet; under a file: said below
         pass
     if path.exists() and not path.is_dir():
         raise ConfigError(f"STREAMREC_MODEL_DIR={settings.model_dir}: a file, not a folder; point it at the model "
