@@ -100,7 +100,21 @@ class HotSwapScorer:
         self._state_lock = threading.Lock()
         self._last_poll = time.monotonic()
         self._stamp = self.registry.pointer_stamp()
+        #: each refused version's files as they were when it was refused: tried again once they change
+        self._refused_stamps: dict[str, tuple] = {}
+        self._served_stamp: tuple = ()
+        #: the last problem of the registry said (CURRENT naming no version, no version at all), None when none
+        self._problem: str | None = None
+        #: poll even when CURRENT has not changed: the version it names is missing or was refused, and may yet
+        #: arrive or be completed (a copy still being written)
+        self._unsettled = False
         self._current = self._load_at_start()
+        try:
+            pointed = self.registry.pointed()
+        except ModelLoadError as exc:  # said by layout.latest at the start; said again only when it changes
+            self._problem, self._unsettled = str(exc), True
+        else:
+            self._unsettled = pointed is not None and pointed != self._current.version
         log.info("scorer serving %s on %s", self._current.version, self._current.provider)
         if on_swap:
             on_swap(None, self._current.version, self._current.provider)
@@ -115,16 +129,21 @@ class HotSwapScorer:
         older = [v for v in others if version_key(v) < version_key(latest)]
         newer = [v for v in others if v not in older]
         for version in [latest, *older, *newer]:
+            stamp = self.registry.version_stamp(version)
             try:
-                return self._open(version)
+                scorer = self._open(version)
             except ScorerDeviceError:  # the device's fault, not the version's: every version would fail
                 raise
             except Exception as exc:  # noqa: BLE001 - as in _load: any other failure refuses the version
                 self.reload_failures += 1
                 self.refused[version] = str(exc)
+                self._refused_stamps[version] = stamp
                 log.error("scorer: refused version %s at start: %s", version, exc)
                 if self.on_failure:
                     self.on_failure(version, exc)
+                continue
+            self._served_stamp = stamp
+            return scorer
         raise ModelLoadError(f"no loadable model in {self.registry.root}; refused: {self.refused}")
 
     def _open(self, version: str):
@@ -195,28 +214,42 @@ class HotSwapScorer:
 
     def _poll(self, force: bool) -> None:
         stamp = self.registry.pointer_stamp()
-        if stamp == self._stamp and not force:
+        if stamp == self._stamp and not force and not self._unsettled:
             return
         with self._state_lock:
             if self._loader is not None and self._loader.is_alive():
                 return  # poll again later; the stamp is not consumed
             self._stamp = stamp
+            self._unsettled = True  # until this poll ends on the version served, or starts loading one
             try:
                 version = self.registry.pointed() or self.registry.latest()
             except ModelLoadError as exc:  # refused once for each thing CURRENT says
-                if str(exc) not in self.refused:
+                if str(exc) != self._problem:
+                    self._problem = str(exc)
                     self.reload_failures += 1
                     self.refused[str(exc)] = str(exc)
                     log.error("scorer: %s; still serving %s", exc, self._current.version)
                     if self.on_failure:
                         self.on_failure(POINTER, exc)
                 return
-            if version is None:  # said once a change of the folder: the loaded model serves on
-                log.warning("scorer: %s holds no registered version now (moved, unmounted or emptied?); still "
-                            "serving %s", self.registry.root, self._current.version)
+            if version is None:  # said once: the loaded model serves on
+                problem = f"{self.registry.root} holds no registered version now"
+                if problem != self._problem:
+                    self._problem = problem
+                    log.warning("scorer: %s (moved, unmounted or emptied?); still serving %s", problem,
+                                self._current.version)
                 return
-            if version == self._current.version or version in self.refused:
+            self._problem = None
+            on_disk = self.registry.version_stamp(version)
+            if version == self._current.version and on_disk == self._served_stamp:
+                self._unsettled = False
                 return
+            if version in self.refused and self._refused_stamps.get(version) == on_disk:
+                return  # not retried while its files stay as they were (unsettled: a copy may yet complete it)
+            if version == self._current.version:  # the registry made again, or the version's files replaced
+                log.warning("scorer: the files of %s changed since it was loaded (another model under the same "
+                            "name: the registry made again?); loading it again", version)
+            self._unsettled = False
             if self.background:
                 self._loader = threading.Thread(target=self._load, args=(version,), name=f"scorer-load-{version}", daemon=True)
                 self._loader.start()
@@ -224,11 +257,14 @@ class HotSwapScorer:
         self._load(version)
 
     def _load(self, version: str) -> None:
+        stamp = self.registry.version_stamp(version)  # before the load: files changed during it are loaded again
         try:
             new = self._open(version)
         except Exception as exc:  # noqa: BLE001 - any failure refuses the version
             self.reload_failures += 1
             self.refused[version] = str(exc)
+            self._refused_stamps[version] = stamp
+            self._unsettled = True
             log.error("scorer: refused version %s, still serving %s: %s", version, self._current.version, exc)
             if self.on_failure:
                 self.on_failure(version, exc)
@@ -238,6 +274,9 @@ class HotSwapScorer:
             log.warning("scorer: version %s runs on %s, the previous one on %s", version, new.provider, old.provider)
         with self._state_lock:
             self._current = new
+            self._served_stamp = stamp
+            self.refused.pop(version, None)
+            self._refused_stamps.pop(version, None)
             self.swaps += 1
         log.info("scorer: swapped %s -> %s on %s", old.version, new.version, new.provider)
         if self.on_swap:

@@ -116,6 +116,33 @@ def latest(root: Path) -> str | None:
     return found[-1] if found else None
 
 
+#: the files a version is read from (the runtime's graph and vocabulary, the registry's parity sample)
+VERSION_FILES = (MANIFEST, "model.onnx", "vocab.json", "parity.npz")
+
+
+def version_stamp(root: Path, version: str) -> tuple:
+    """What ``version``'s files are on disk now: (inode, size, mtime_ns) of each of
+    :data:`VERSION_FILES`, None for one missing. A registered version never changes, so a
+    different stamp is another model under the same name: a registry deleted and made again
+    (its first version is ``v0001`` again), or a version copied in by hand that was still
+    being written when it was read. A few ``stat`` calls; never raises.
+
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> version_stamp(root, "v0001") == (None,) * len(VERSION_FILES)
+    True
+    """
+    stamp = []
+    for name in VERSION_FILES:
+        try:
+            st = os.stat(root / version / name)
+        except (OSError, ValueError):  # missing, unreadable, a name no file can have
+            stamp.append(None)
+        else:
+            stamp.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
+
+
 def read_manifest(version_dir: Path) -> dict:
     """A version's manifest; :class:`ModelLoadError` when it cannot be read, or is not an
     object whose ``parity`` and ``config`` (where present) are objects."""
@@ -133,11 +160,13 @@ __all__ = [
     "MANIFEST",
     "MANIFEST_FORMAT",
     "POINTER",
+    "VERSION_FILES",
     "default_model_dir",
     "latest",
     "pointed",
     "read_manifest",
     "version_key",
     "version_path",
+    "version_stamp",
     "versions",
 ]

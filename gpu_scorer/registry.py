@@ -124,6 +124,11 @@ class ModelRegistry:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
+    def version_stamp(self, version: str) -> tuple:
+        """What ``version``'s files are on disk now (:func:`gpu_scorer.layout.version_stamp`):
+        tells a model from another of the same name."""
+        return layout.version_stamp(self.root, version)
+
     def manifest(self, version: str) -> dict:
         return layout.read_manifest(self.path(version))
 

@@ -92,7 +92,7 @@ class LagMetrics:
         Cheap to call on every timer tick: the manifest is read only when the version changed.
         """
         version = getattr(scorer, "version", None)
-        seen = (id(scorer), version)
+        seen = (id(scorer), version, getattr(scorer, "swaps", 0))  # a swap to another model of the same name too
         if seen == self._scorer_seen:
             return
         self._scorer_seen = seen
