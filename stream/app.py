@@ -47,7 +47,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, recommender: 
     """The worker's Faust app, wired to a :class:`~stream.shell.Shell` (``app.streamrec``)
     that does every duty scheduled here. Builds everything and connects to nothing."""
     metrics = metrics or Metrics()
-    refused: set[str] = set()  # scorer versions that did not load
+    refused: set[tuple] = set()  # scorer versions that did not load (stream.shell.load_scorer)
     if scorer is None and load_model:
         scorer = load_scorer(settings, metrics, refused)
     step = RecommendationStep.from_settings(settings, scorer, recommender)

@@ -603,7 +603,7 @@ def model_refresher(store: UserStateStore, step: RecommendationStep, settings: S
                     metrics: Metrics) -> ModelRefresher:
     """serve's :class:`ModelRefresher`: the workers' snapshot, and the registry's Transformer,
     a first version included when serve started with none registered."""
-    refused: set[str] = set()
+    refused: set[tuple] = set()
     return ModelRefresher(store, step, settings.snapshot_key, metrics,
                           load_scorer=lambda: load_scorer(settings, metrics, refused, False))
 

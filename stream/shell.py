@@ -22,6 +22,7 @@ from kafka.errors import KafkaError
 
 from gpu_scorer import HotSwapScorer, ModelRegistry
 from gpu_scorer.errors import ModelLoadError, ScorerDeviceError
+from gpu_scorer.layout import POINTER
 from gpu_scorer.runtime import session_factory
 from online_models.search import Catalogue, QueryStudent, TextEmbedder, TextModelMissing
 from stream.batching import drop_stale, is_stale
@@ -139,8 +140,9 @@ class Shell:
     commit_waits: dict[TP, tuple[int | None, float]] = field(default_factory=dict)
     #: what the ``partitions`` condition last said in the log (None: the counts agree)
     uneven_said: str | None = None
-    #: scorer versions that failed to load: counted once, not tried again
-    refused_models: set[str] = field(default_factory=set)
+    #: scorer versions that failed to load (with their files' stamp) and what CURRENT said that named none:
+    #: counted once, not tried again while they stay as they are (stream.shell.load_scorer)
+    refused_models: set[tuple] = field(default_factory=set)
     claims: Claims = field(init=False)
     #: the keyed hash the state and the models hold user ids as (STREAMREC_PSEUDONYM_KEY), or None
     pseudonyms: Pseudonyms | None = field(init=False)
@@ -943,7 +945,7 @@ def device_refused(settings: Settings, exc: ScorerDeviceError) -> ConfigError:
                        "(the GPU where one is usable, else the CPU) or cpu")
 
 
-def load_scorer(settings: Settings, metrics: Metrics, refused: set[str] | None = None, say_none: bool = True):
+def load_scorer(settings: Settings, metrics: Metrics, refused: set[tuple] | None = None, say_none: bool = True):
     """The hot-swapping Transformer scorer, or None when no model is registered yet, or none
     of the registered versions loads (each refused version is counted in
     ``scorer_reload_failures_total`` once, logged, and remembered in ``refused``).
@@ -957,12 +959,18 @@ def load_scorer(settings: Settings, metrics: Metrics, refused: set[str] | None =
                         "`streamrec train` to add one; workers and serve pick it up without a restart)", settings.model_dir)
         return None
     refused = set() if refused is None else refused
-    if set(registry.versions()) <= refused and registry.latest() in refused:
+
+    def key(version: str, exc: BaseException | None = None) -> tuple:
+        """A refusal as counted once: a version as its files are (a copy completed later, or another
+        model of the same name, is tried and counted again), ``CURRENT`` for each thing it says."""
+        return (POINTER, str(exc)) if version == POINTER else (version, registry.version_stamp(version))
+
+    if all(key(version) in refused for version in {*registry.versions(), registry.latest()}):
         return None  # nothing new since the last attempt
 
     def count(version: str, exc: BaseException) -> None:
-        if version not in refused:
-            refused.add(version)
+        if key(version, exc) not in refused:
+            refused.add(key(version, exc))
             metrics.scorer_reload_failures.inc()
 
     try:
