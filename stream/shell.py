@@ -945,6 +945,10 @@ def device_refused(settings: Settings, exc: ScorerDeviceError) -> ConfigError:
                        "(the GPU where one is usable, else the CPU) or cpu")
 
 
+#: the least time between two looks at the registry's CURRENT (the worker's timer looks every 5 s; serve's refresh every 1 to 10 s)
+SCORER_POLL_S = 0.5
+
+
 def load_scorer(settings: Settings, metrics: Metrics, refused: set[tuple] | None = None, say_none: bool = True):
     """The hot-swapping Transformer scorer, or None when no model is registered yet, or none
     of the registered versions loads (each refused version is counted in
@@ -975,7 +979,9 @@ def load_scorer(settings: Settings, metrics: Metrics, refused: set[tuple] | None
 
     try:
         # the CUDA graph, fp16 and the batch split apply only where a version runs on CUDA
-        scorer = HotSwapScorer(registry, device=settings.scorer_device, on_failure=count,
+        # the caller's timer paces the checks (the worker's every 5 s): a poll interval of its own as long as that
+        # skipped every other tick (a tick a millisecond early found it too soon), so CURRENT was read every 10 s
+        scorer = HotSwapScorer(registry, device=settings.scorer_device, on_failure=count, poll_interval_s=SCORER_POLL_S,
                                cuda_options=settings.scorer_cuda_options, threads=settings.scorer_threads or None)
     except ModelLoadError as exc:
         log.error("no registered Transformer model loads (%s): ranking with the online models alone until a "

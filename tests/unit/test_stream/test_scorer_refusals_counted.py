@@ -15,6 +15,7 @@ pytest.importorskip("torch")  # to train the tiny models the worker serves
 
 from tiny_models import register_tiny  # noqa: E402
 
+import gpu_scorer.hotswap as hotswap  # noqa: E402
 from stream.prometheus import Metrics  # noqa: E402
 from stream.settings import Settings  # noqa: E402
 from stream.shell import load_scorer  # noqa: E402
@@ -48,3 +49,18 @@ def test_a_version_refused_at_start_is_served_once_its_copy_completes(tmp_path):
     (models / "v0001" / "model.onnx").write_bytes(onnx)
     scorer = load_scorer(settings, metrics, refused, False)
     assert scorer is not None and scorer.version == "v0001" and _failures(metrics) == 1
+
+
+def test_the_workers_5_s_timer_looks_at_current_at_every_tick(tmp_path, monkeypatch):
+    """The scorer's own 5 s poll interval under the worker's 5 s timer: a tick that came a
+    little early (timers jitter) was too soon, so CURRENT was read every other tick, 10 s."""
+    register_tiny(tmp_path)
+    clock = [1000.0]
+    monkeypatch.setattr(hotswap.time, "monotonic", lambda: clock[0])
+    scorer = load_scorer(Settings.from_env({"STREAMREC_MODEL_DIR": str(tmp_path)}), Metrics(CollectorRegistry()))
+    for seed in (1, 2):
+        new = register_tiny(tmp_path, seed=seed)
+        clock[0] += 4.99  # the next tick of a 5 s timer, a little early
+        scorer.maybe_reload()
+        scorer.wait(30)
+        assert scorer.maybe_reload() is True and scorer.version == new
