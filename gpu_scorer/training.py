@@ -269,7 +269,10 @@ def train(
                 progress.update(task, advance=1, status=f"epoch {epoch} loss {total / (b + 1):.3f}")
             metrics = rank_metrics(model, vx, vy) if len(vx) else {"hr@10": 0.0, "ndcg@10": 0.0}
             history.append({"epoch": epoch, "loss": total / n_batches, **metrics})
-            progress.update(task, status=f"epoch {epoch} loss {total / n_batches:.3f} val HR@10 {metrics['hr@10']:.3f} NDCG@10 {metrics['ndcg@10']:.3f}")
+            said = f"epoch {epoch} loss {total / n_batches:.3f} val HR@10 {metrics['hr@10']:.3f} NDCG@10 {metrics['ndcg@10']:.3f}"
+            progress.update(task, status=said)
+            if tc.progress and console is not None and not console.is_terminal:  # a job's log: rich draws its bar only
+                console.print(f"{said} ({epoch}/{tc.epochs} epochs, {time.perf_counter() - started:.0f} s)")  # at the end
             if metrics["ndcg@10"] > best:
                 best, bad = metrics["ndcg@10"], 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
