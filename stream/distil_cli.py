@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -68,6 +69,21 @@ def distil_queries(
         raise typer.BadParameter(f"cannot make the folder {out.parent} ({exc.strerror or exc})", param_hint="--out") from None
     if not os.access(out.parent, os.W_OK):
         raise typer.BadParameter(f"the folder {out.parent} is not writable", param_hint="--out")
+    staged = out.parent / f".{out.name}.{uuid.uuid4().hex}"  # written here, then renamed over --out
+    try:  # a file really made (a read-only mount, /proc: os.access says yes to root), before minutes of fitting
+        staged.touch(exist_ok=False)
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot write a file in {out.parent} ({exc.strerror or exc})", param_hint="--out") from None
+    try:
+        _fit_and_write(out, staged, catalogue, demo_catalogue, seed, spans, epochs)
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def _fit_and_write(out: Path, staged: Path, catalogue: Path | None, demo_catalogue: bool, seed: int, spans: int,
+                   epochs: int) -> None:
+    """The fit, written to ``staged`` and renamed over ``out``: a worker or serve starting meanwhile
+    reads the old student or the new one, never half of one (nor one a Ctrl-C cut short)."""
     now = int(time.time() * 1000)
     items = synthetic_items(seed, now) if demo_catalogue else read_catalogue_file(catalogue, now)
     titles = [item.title for item in items if item.available]
@@ -89,7 +105,8 @@ def distil_queries(
     except ValueError as exc:
         raise StreamrecError(f"cannot fit a query student: {exc}") from None
     try:
-        out.write_bytes(student.to_bytes())
+        staged.write_bytes(student.to_bytes())
+        os.replace(staged, out)
     except OSError as exc:
         raise StreamrecError(f"cannot write {out}: {exc.strerror or exc}") from None
     typer.echo(f"wrote {out} ({counted(len(student.tokens), 'word piece')}, {out.stat().st_size / 2**20:.1f} MiB) in "

@@ -126,3 +126,18 @@ def test_the_student_over_its_catalogue_is_refused(tmp_path):
     out = " ".join(result.output.split())
     assert result.exit_code == 2 and "Invalid value for --out:" in out and "would overwrite the catalogue" in out, out
     assert catalogue.read_text() == text
+
+
+def test_an_out_folder_where_no_file_can_be_made_is_said_before_the_fit(tmp_path, monkeypatch):
+    """/proc (or a read-only mount, for root) passed os.access: the fit ran for minutes, then the write failed."""
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted before finding the output unwritable")
+
+    monkeypatch.setattr(QueryStudent, "fit", no_fit)
+    result = CliRunner().invoke(app, ["distil-queries", "--demo-catalogue", "-o", "/proc/student.npz"])
+    assert result.exit_code == 2 and "cannot write a file in /proc" in result.output, result.output
+
+
+def test_the_student_is_written_whole_and_nothing_else_is_left(fitted):
+    out, _ = fitted
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
