@@ -146,6 +146,12 @@ def train(
     except (ValueError, OSError) as exc:  # DatasetError names the file and line
         raise typer.BadParameter(str(exc), param_hint="--dataset") from None
     sequences = training.sequences_from_interactions(events)
+    if sequences and not any(len(seq) >= 3 for seq in sequences.values()):
+        # validation holds out each sampled user's last item, from users of three or more: with
+        # none, the model's HR@10 is never measured, and it went live (CURRENT) unchecked
+        raise typer.BadParameter(f"none of the {len(sequences):,} users of the {len(events):,} events read has three or "
+                                 "more events: none can be held out to check the model, which would go live (CURRENT) "
+                                 "unchecked; train on a longer log", param_hint="--dataset")
     console.print(f"read {len(events):,} events, {len(sequences):,} users from {dataset or 'the synthetic generator'} ({format})")
     tc = training.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, patience=patience,
                      min_item_count=min_item_count, seed=seed, progress=progress, device=device)

@@ -272,6 +272,21 @@ def test_numbers_no_model_can_take_are_usage_errors_before_any_work(args):
     assert result.exit_code == 2 and result.exception is not None and isinstance(result.exception, SystemExit), result.output
 
 
+def test_train_refuses_a_log_that_leaves_nothing_to_check_the_model_on(tmp_path):
+    """Validation holds out the last item of users with three or more: a log with none trained on
+    one transition, measured nothing (HR@10 0) and made the model CURRENT, so the workers swapped
+    to it."""
+    log = tmp_path / "two-users.csv"
+    log.write_text("1,10,100,pv,1511544070\n1,11,100,pv,1511544071\n2,10,100,pv,1511544072\n2,12,100,pv,1511544073\n")
+    models = tmp_path / "models"
+    result = CliRunner().invoke(stream.cli.app, ["train", "--dataset", str(log), "--format", "taobao",
+                                                 "--model-dir", str(models), "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.replace("│", " ").split())  # the error's box, its lines joined
+    assert "none of the 2 users of the 4 events read has three or more events" in said
+    assert not (models / "CURRENT").exists()
+
+
 def test_serve_warns_when_its_trusted_proxies_are_every_address(monkeypatch, caplog):
     """STREAMREC_SERVE_TRUSTED_PROXIES=0.0.0.0/0 believed any client's X-Forwarded-For without a word."""
     started = []
