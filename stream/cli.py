@@ -27,6 +27,7 @@ from stream.report import report
 from stream.retrain_cli import retrain
 from stream.serve import run_server
 from stream.settings import Settings, log_level
+from stream.state import access_check
 from stream.tail import tail
 from stream.threads import one_blas_thread
 from stream.topics import (
@@ -95,8 +96,9 @@ def worker(
     if settings.metrics_port:
         serve(settings.metrics_port, REGISTRY, health)  # /metrics, /healthz, /readyz (it logs where)
     faust_app = create_app(settings, metrics=metrics, health=health)  # connects to nothing
-    # a Redis that refuses the login (a wrong password) is said now: the worker would retry it forever
-    settings.redis.check_login()
+    # a Redis that refuses the login (a wrong password), or a command the worker needs (an ACL
+    # without EVALSHA or SET), is said now: the worker would retry it forever
+    settings.redis.check_login(probe=access_check(settings.topic_prefix, writes=True))
     # a broker that does not answer yet is waited for (unready, alive), not a crash loop;
     # one that refuses the login or a server that is not Kafka still stops it (stream/broker_wait.py)
     wait = BrokerWait(settings.kafka, health)
@@ -182,7 +184,9 @@ def serve_api(
             "STREAMREC_SERVE_TRUSTED_PROXIES holds %s, which believes every client's X-Forwarded-For: name only "
             "the proxies in front of serve", " and ".join(everyone))
     check_model_dir(settings)  # as the worker: a file there hid every model serve looked for
-    settings.redis.check_login()  # a wrong password is said at start, not as a /readyz that never turns ready
+    # a wrong password, or an ACL without the reads serve makes, is said at start, not as a /readyz
+    # that never turns ready
+    settings.redis.check_login(probe=access_check(settings.topic_prefix, writes=False))
     asyncio.run(run_server(settings, port or settings.serve_port, host))
 
 

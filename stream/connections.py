@@ -20,7 +20,7 @@ import asyncio
 import os
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -481,13 +481,17 @@ class RedisConnection:
         """A synchronous redis-py client (scripts, benchmarks, tests); ``options`` beside the settings'."""
         return redis.Redis.from_url(self.url, **self.client_options(), **options)
 
-    def check_login(self, timeout_s: float = 3.0) -> None:
+    def check_login(self, timeout_s: float = 3.0, probe: Callable[[redis.Redis], Any] | None = None) -> None:
         """One PING at start: an :class:`AccessDenied` when Redis answers and refuses this client
         (:meth:`refusal`: a wrong password, an ACL, TLS), or what answers is not Redis at all,
-        which the worker's retries would meet forever; a Redis that does not answer (down, starting) is left to them, and said by them."""
+        which the worker's retries would meet forever; a Redis that does not answer (down, starting) is left to them, and said by them.
+        ``probe`` then runs on the same client: the commands the process needs (an ACL that
+        refuses one of them is refused here too; ``stream.state.access_check``)."""
         try:
             with self.client(socket_connect_timeout=timeout_s, socket_timeout=timeout_s) as client:
                 client.ping()
+                if probe is not None:
+                    probe(client)
         except (redis.RedisError, OSError) as exc:
             denied = self.refusal(exc)
             if denied is not None:
@@ -506,9 +510,12 @@ class RedisConnection:
                      "redis://:password@host:port/db)") if parsed.username and parsed.password is None else ""
             return AccessDenied(f"Redis at {self.masked_url} refused the login ({text}): check the user and password "
                                 f"in STREAMREC_REDIS_URL (redis://user:password@host:port/db){alone}")
-        if "noperm" in lowered or "no permissions" in lowered:
-            return AccessDenied(f"Redis at {self.masked_url} does not allow this user a command or key ({text}): grant "
-                                "it the ACL in docs/operations.md (Security)")
+        # a command or key refused inside a script is a plain error reply, not NOPERM
+        if "noperm" in lowered or "no permissions" in lowered or "user executing the script can't" in lowered:
+            user = urlsplit(self.url).username or "default"
+            return AccessDenied(f"Redis at {self.masked_url} does not allow user {unquote(user)!r} a command or key "
+                                f"streamrec needs ({text}): grant it the ACL in docs/operations.md (Security), or name "
+                                "a user that has it in STREAMREC_REDIS_URL")
         if "db index is out of range" in lowered:  # redis://host:port/16 on a server of 16 databases (0-15)
             return AccessDenied(f"Redis at {self.masked_url} has no such database ({text}): use a database number "
                                 "below the server's `databases` setting (16 by default: 0 to 15) in STREAMREC_REDIS_URL")

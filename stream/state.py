@@ -536,6 +536,43 @@ return out
 """
 
 
+# KEYS: keys of the kinds the worker writes (a user's, a claim's), each left as it was (a script is
+# atomic): what the worker's scripts call on them, so that a user the ACL refuses one of them
+# (SET, DEL, TYPE, GETRANGE), or EVALSHA and SCRIPT LOAD themselves, is refused at start
+_ACCESS_LUA = """
+for _, key in ipairs(KEYS) do
+  local kind = redis.call('TYPE', key)['ok']
+  if kind == 'none' then
+    redis.call('SET', key, '', 'EX', 60)
+    redis.call('GETRANGE', key, -1, -1)
+    redis.call('DEL', key)
+  elseif kind == 'string' then
+    redis.call('GETRANGE', key, -1, -1)
+    redis.call('SET', key, redis.call('GET', key), 'KEEPTTL')
+  end
+end
+return 1
+"""
+
+
+def access_check(key_prefix: str, writes: bool = True) -> Callable[[redis.Redis], None]:
+    """What a process checks it may do in Redis before it starts (``RedisConnection.check_login``'s
+    ``probe``): read a user's document and a snapshot (MGET, GET), and with ``writes`` (the worker)
+    run the scripts that write users and claims (EVALSHA, SCRIPT LOAD and, inside them, SET, DEL,
+    TYPE, GETRANGE) on keys of those kinds, left as they were. A PING alone let a user without
+    EVALSHA or SET through: the worker then retried every batch's claim or save for ever, unready.
+    Raises redis-py's ``NoPermissionError`` for the first command or key refused."""
+    user_key, claim_key = f"{key_prefix}user:streamrec-access-check", f"{key_prefix}claim:access-check"
+
+    def probe(client: redis.Redis) -> None:
+        client.mget([user_key])
+        client.get(f"{key_prefix}models:snapshot")
+        if writes:
+            client.register_script(_ACCESS_LUA)(keys=[user_key, claim_key])
+
+    return probe
+
+
 #: most users loaded as absent that a store remembers until their save checks their key's type
 #: (several of the largest batches, STREAMREC_BATCH_SIZE at most 16,384): only a store that loads
 #: and never saves (serve's) reaches it

@@ -154,10 +154,10 @@ class SecureRedis:
         return f"{scheme}://{login}@127.0.0.1:{self.port}/0"
 
 
-def secure_redis(certs: Certs, where: Path, key_pattern: str = "*") -> Iterator[SecureRedis]:
+def secure_redis(certs: Certs, where: Path, key_pattern: str = "*", more_users: tuple[str, ...] = ()) -> Iterator[SecureRedis]:
     """redis-server with TLS only on a free port, an ACL file with one user (and the default
-    user off) allowed the worker's commands on keys matching ``key_pattern``, in the
-    foreground; stopped after."""
+    user off) allowed the worker's commands on keys matching ``key_pattern``, and the ACL lines
+    ``more_users`` (``user NAME on >PASSWORD ...``), in the foreground; stopped after."""
     server = shutil.which("redis-server") or "/usr/bin/redis-server"
     if not os.path.exists(server):
         pytest.fail("redis-server not found: `make redis-server` (deploy/redis/redis.sh install) installs it"
@@ -167,7 +167,7 @@ def secure_redis(certs: Certs, where: Path, key_pattern: str = "*") -> Iterator[
     acl = where / "users.acl"
     # the worker's commands on its own keys only (docs/operations.md, Security)
     acl.write_text(f"user default off\nuser {user} on >{password} ~{key_pattern} -@all +@read +@write "
-                   "+@scripting +@transaction +@connection -@dangerous\n")
+                   "+@scripting +@transaction +@connection -@dangerous\n" + "".join(f"{line}\n" for line in more_users))
     acl.chmod(0o600)
     log = where / "redis.log"
     proc = subprocess.Popen(

@@ -298,7 +298,7 @@ def test_serve_warns_when_its_trusted_proxies_are_every_address(monkeypatch, cap
     monkeypatch.setattr(stream.cli.gcpolicy, "configure", lambda **_: None)
     monkeypatch.setattr(stream.cli, "one_blas_thread", lambda: None)
     monkeypatch.setattr(stream.cli.logs, "configure", lambda *a, **k: None)
-    monkeypatch.setattr(RedisConnection, "check_login", lambda self, timeout_s=3.0: None)
+    monkeypatch.setattr(RedisConnection, "check_login", lambda self, timeout_s=3.0, probe=None: None)
     for proxies, warned in (("0.0.0.0/0, ::/0", True), ("10.0.0.0/8", False)):
         caplog.clear()
         with caplog.at_level("WARNING", logger="streamrec"):
