@@ -31,6 +31,7 @@ from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 
 from stream.errors import ConfigError, ServiceUnavailable, StreamrecError, clipped
+from stream.listeners import SPEAKS
 
 #: STREAMREC_KAFKA_SECURITY_PROTOCOL's values (Kafka's own names)
 PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -261,6 +262,9 @@ class KafkaConnection:
         string (what :func:`stream.topics.probe` saw) is a refusal only when TLS failed over a
         certificate (the broker's, or the one it asked of this client)."""
         if isinstance(exc, str):
+            speaks = exc.partition(SPEAKS)[2]
+            if speaks:  # the listener answered as another protocol than this client's (stream/listeners.py)
+                return self._wrong_protocol(exc, speaks)
             if "tls failed" not in exc.lower() or "certificate" not in exc.lower():
                 return None
             text = exc
@@ -287,6 +291,22 @@ class KafkaConnection:
             return AccessDenied(f"Kafka at {self.bootstrap} does not allow user {self.sasl_username or '(anonymous)'!r} "
                                 f"this ({text}): grant it the ACLs in docs/operations.md (Security)")
         return None
+
+    def _wrong_protocol(self, text: str, speaks: str) -> AccessDenied:
+        """The refusal for a listener that speaks ``speaks``, not this client's protocol."""
+        needs = []
+        if speaks.startswith("SASL") and not self.uses_sasl:  # not 'SSL or SASL_SSL': either may be it
+            needs.append("the STREAMREC_KAFKA_SASL_* settings")
+        if "SSL" in speaks and not self.uses_ssl:
+            needs.append("STREAMREC_KAFKA_SSL_CAFILE (empty: the system's authorities)")
+        if self.uses_sasl and "SASL" not in speaks:
+            needs.append("no STREAMREC_KAFKA_SASL_* settings")
+        if self.uses_ssl and "SSL" not in speaks:
+            needs.append("no STREAMREC_KAFKA_SSL_* files")
+        also = f", with {' and '.join(needs)}" if needs else ""
+        return AccessDenied(f"Kafka at {self.bootstrap} speaks {speaks}, not STREAMREC_KAFKA_SECURITY_PROTOCOL="
+                            f"{self.security_protocol} ({text}): set STREAMREC_KAFKA_SECURITY_PROTOCOL={speaks}{also}, "
+                            f"or point {self.given_by} at the brokers' {self.security_protocol} listener")
 
     def reader(self, client_id: str) -> KafkaConsumer:
         """A blocking (kafka-python) consumer of no group for the command-line readers (``tail``,

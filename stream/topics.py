@@ -34,6 +34,7 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from stream.connections import KafkaConnection
 from stream.errors import ConfigError, StreamrecError
+from stream.listeners import SPEAKS, listener_speaks
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,19 @@ def check_topic_name(name: str) -> None:
 def _unavailable(kafka: KafkaConnection, timeout_s: float, exc: BaseException | str,
                  waited: bool = False) -> StreamrecError:
     return kafka.unavailable(exc, timeout_s, waited)
+
+
+_UNANSWERED = "closed the connection without answering"
+
+
+def _what_it_speaks(kafka: KafkaConnection, host: str, port: int, timeout_s: float) -> str:
+    """``; the listener there speaks SSL`` (stream/listeners.py) when the listener at ``host:port``
+    speaks another protocol than ``kafka``'s, which :meth:`KafkaConnection.refusal` reads as a
+    setting to change; empty when it speaks the same, or answers as no Kafka listener does."""
+    speaks = listener_speaks(host, port, timeout_s, kafka.ssl_certfile, kafka.ssl_keyfile)
+    if speaks is None or kafka.security_protocol in speaks.split(" or "):
+        return ""
+    return f"; {SPEAKS}{speaks}"
 
 
 def probe(bootstrap: KafkaConnection | str, timeout_s: float = 3.0) -> str | None:
@@ -83,16 +97,20 @@ def probe(bootstrap: KafkaConnection | str, timeout_s: float = 3.0) -> str | Non
                     while len(head) < 8:
                         chunk = conn.recv(8 - len(head))
                         if not chunk:
-                            raise ConnectionError("closed the connection without answering")
+                            raise ConnectionError(_UNANSWERED)
                         head += chunk
                 finally:
                     if conn is not raw:
                         conn.close()
         except ssl.SSLError as exc:
             problem = f"{server}: TLS failed: {exc}"
+            if "certificate" not in str(exc).lower():  # cut short, not refused: a plaintext listener?
+                problem += _what_it_speaks(kafka, host, port, timeout_s)
             continue
         except (OSError, ValueError) as exc:
             problem = f"{server}: {exc}"
+            if isinstance(exc, ConnectionError) and _UNANSWERED in str(exc):  # a TLS or SASL listener?
+                problem += _what_it_speaks(kafka, host, port, timeout_s)
             continue
         if struct.unpack(">ii", head)[1] == 42:
             return None

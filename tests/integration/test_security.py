@@ -111,11 +111,34 @@ def test_wrong_password_and_untrusted_certificates_are_refused_clearly(kafka_sas
     assert_clear_refusal(cli("produce", "--limit", "5", "--no-progress", env=no_client_cert),
                          "TLS with Kafka at", "STREAMREC_KAFKA_SSL_CERTFILE")
     plaintext = base_env(tmp_path, STREAMREC_KAFKA_BOOTSTRAP=kafka_sasl.bootstrap)
-    assert_clear_refusal(cli("produce", "--limit", "5", "--no-progress", env=plaintext), "did not answer")
+    assert_clear_refusal(cli("produce", "--limit", "5", "--no-progress", env=plaintext), "speaks SSL or SASL_SSL")
 
     # and in-process: the same refusal as an exception callers can tell from an outage
     with pytest.raises(AccessDenied, match="refused the SCRAM-SHA-512 login"):
         ensure_topics(Settings.from_env(bad_login).kafka, ["sec.never"], 1, timeout_s=30)
+
+
+def test_a_protocol_the_listener_does_not_speak_is_said_and_not_waited_for(kafka_sasl: SecureKafka,
+                                                                            tmp_path: Path) -> None:
+    """TLS without SASL, or no TLS at all, at the SASL_SSL listener: the listener closes the
+    connection unanswered, as a broker that is down may. The worker waited for it for ever
+    (unready) and the commands said to start a broker; now the listener is asked what it speaks
+    (stream/listeners.py) and each stops at start with the setting to change."""
+    sasl = {"STREAMREC_KAFKA_SASL_MECHANISM": "", "STREAMREC_KAFKA_SASL_USERNAME": "", "STREAMREC_KAFKA_SASL_PASSWORD": ""}
+    tls_only = base_env(tmp_path, **{**kafka_sasl.env(), **sasl, "STREAMREC_KAFKA_SECURITY_PROTOCOL": "SSL"})
+    done = cli("worker", env=tls_only, timeout=60)
+    assert_clear_refusal(done, "speaks SASL_SSL, not STREAMREC_KAFKA_SECURITY_PROTOCOL=SSL",
+                         "set STREAMREC_KAFKA_SECURITY_PROTOCOL=SASL_SSL")
+    assert_clear_refusal(cli("produce", "--limit", "5", "--no-progress", env=tls_only),
+                         "set STREAMREC_KAFKA_SECURITY_PROTOCOL=SASL_SSL")
+
+    plaintext = base_env(tmp_path, STREAMREC_KAFKA_BOOTSTRAP=kafka_sasl.bootstrap)
+    # the listener requires a client certificate, which a plaintext client has none of: TLS, but which one is not known
+    done = cli("tail", "--limit", "1", "--timeout", "5", env=plaintext)
+    assert_clear_refusal(done, "speaks SSL or SASL_SSL, not STREAMREC_KAFKA_SECURITY_PROTOCOL=PLAINTEXT")
+    assert "make up" not in done.stdout + done.stderr
+    with pytest.raises(AccessDenied, match="speaks SSL or SASL_SSL"):
+        ensure_topics(Settings.from_env(plaintext).kafka, ["sec.never"], 1, timeout_s=30)
 
 
 def test_worker_and_produce_over_sasl_ssl_and_redis_tls_and_no_secret_shows(
