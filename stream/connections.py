@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import socket
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -513,9 +514,37 @@ class RedisConnection:
                 if probe is not None:
                     probe(client)
         except (redis.RedisError, OSError) as exc:
-            denied = self.refusal(exc)
+            denied = self.refusal(exc) or self._other_scheme(exc, timeout_s)
             if denied is not None:
                 raise denied from None
+
+    def _other_scheme(self, exc: BaseException, timeout_s: float) -> AccessDenied | None:
+        """An :class:`AccessDenied` when a connection that failed without a refusal (closed
+        unanswered, a TLS handshake cut short) reaches a server that speaks the other scheme:
+        TLS for ``redis://``, plain RESP for ``rediss://`` (asked with a handshake that trusts any
+        certificate, or an unauthenticated PING). The worker waited for such a server for ever."""
+        parsed = urlsplit(self.url)
+        if parsed.scheme not in ("redis", "rediss") or not parsed.hostname or "certificate" in str(exc).lower():
+            return None
+        address = (parsed.hostname, parsed.port or 6379)
+        try:
+            with socket.create_connection(address, timeout=timeout_s) as raw:
+                if parsed.scheme == "redis":  # does it speak TLS?
+                    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+                    with context.wrap_socket(raw, server_hostname=parsed.hostname):
+                        pass
+                    return AccessDenied(f"Redis at {self.masked_url} speaks TLS, and STREAMREC_REDIS_URL's redis:// "
+                                        f"does not ({type(exc).__name__}: {exc}): start it with rediss://, and set "
+                                        "STREAMREC_REDIS_SSL_CA_FILE to the authority that signed its certificate")
+                raw.sendall(b"PING\r\n")  # does it answer plain RESP? (+PONG, or -NOAUTH before a login)
+                if raw.recv(1)[:1] in (b"+", b"-"):
+                    return AccessDenied(f"Redis at {self.masked_url} speaks no TLS, and STREAMREC_REDIS_URL's rediss:// "
+                                        f"does ({type(exc).__name__}: {exc}): start it with redis://, without "
+                                        "STREAMREC_REDIS_SSL_CA_FILE, or point it at the server's TLS port")
+        except (OSError, ValueError):
+            pass
+        return None
 
     def refusal(self, exc: BaseException) -> AccessDenied | None:
         """An :class:`AccessDenied` saying what to fix when ``exc`` is Redis refusing this client,

@@ -84,3 +84,18 @@ def test_serve_needs_reads_only_and_the_check_leaves_keys_as_they_were(acl_redis
         assert not client.exists(f"{PREFIX}claim:access-check")  # made and deleted in one script
         with pytest.raises(redis.exceptions.NoPermissionError):  # the fixture's users are what they claim
             client.set("elsewhere", b"x")
+
+
+def test_the_other_scheme_than_the_servers_is_refused_at_start(acl_redis, redis_url: str) -> None:
+    """redis:// at a TLS-only port (reset) and rediss:// at a plain one (the handshake times
+    out): as a Redis that is down, waited for by the worker for ever, unready; now the server is
+    asked which it speaks, and the URL's scheme is named."""
+    server, _ = acl_redis
+    plain_at_tls = Settings.from_env({"STREAMREC_REDIS_URL": server.url(scheme="redis")})
+    with pytest.raises(AccessDenied, match="speaks TLS, and STREAMREC_REDIS_URL's redis:// does not") as caught:
+        plain_at_tls.redis.check_login()
+    assert server.password not in str(caught.value)
+
+    tls_at_plain = Settings.from_env({"STREAMREC_REDIS_URL": redis_url.replace("redis://", "rediss://", 1)})
+    with pytest.raises(AccessDenied, match="speaks no TLS, and STREAMREC_REDIS_URL's rediss:// does"):
+        tls_at_plain.redis.check_login()
