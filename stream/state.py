@@ -566,7 +566,7 @@ def access_check(key_prefix: str, writes: bool = True) -> Callable[[redis.Redis]
 
     def probe(client: redis.Redis) -> None:
         client.mget([user_key])
-        client.get(f"{key_prefix}models:snapshot")
+        client.get(f"{key_prefix}models:access-check")  # GET on the snapshots' keys, without reading megabytes
         if writes:
             client.register_script(_ACCESS_LUA)(keys=[user_key, claim_key])
 
