@@ -49,25 +49,38 @@ def _handshakes(host: str, port: int, timeout_s: float, context: ssl.SSLContext)
         return False
 
 
+def exchange(conn: socket.socket, request: bytes) -> bytes | None:
+    """Send one Kafka ``request`` (:data:`METADATA`, :data:`API_VERSIONS`) framed by its size;
+    the answer's first 8 bytes (its size, then the correlation id 42 where it is an answer to
+    it), None when the listener closed the connection first."""
+    conn.sendall(struct.pack(">i", len(request)) + request)
+    head = b""
+    while len(head) < 8:
+        chunk = conn.recv(8 - len(head))
+        if not chunk:
+            return None
+        head += chunk
+    return head
+
+
+def answered(head: bytes) -> bool:
+    """Whether :func:`exchange`'s ``head`` answers the request (its correlation id)."""
+    return struct.unpack(">ii", head)[1] == 42
+
+
 def _answers(host: str, port: int, timeout_s: float, request: bytes, context: ssl.SSLContext | None) -> bool:
     """Whether the listener answers ``request`` (its correlation id), over TLS with ``context``."""
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as raw:
             conn = context.wrap_socket(raw, server_hostname=host) if context is not None else raw
             try:
-                conn.sendall(struct.pack(">i", len(request)) + request)
-                head = b""
-                while len(head) < 8:
-                    chunk = conn.recv(8 - len(head))
-                    if not chunk:
-                        return False
-                    head += chunk
+                head = exchange(conn, request)
             finally:
                 if conn is not raw:
                     conn.close()
     except (OSError, ValueError):
         return False
-    return struct.unpack(">ii", head)[1] == 42
+    return head is not None and answered(head)
 
 
 def listener_speaks(host: str, port: int, timeout_s: float = 3.0, certfile: str = "", keyfile: str = "") -> str | None:
@@ -88,4 +101,4 @@ def listener_speaks(host: str, port: int, timeout_s: float = 3.0, certfile: str 
     return "SSL or SASL_SSL" if tls else None
 
 
-__all__ = ["API_VERSIONS", "METADATA", "SPEAKS", "listener_speaks"]
+__all__ = ["API_VERSIONS", "METADATA", "SPEAKS", "answered", "exchange", "listener_speaks"]

@@ -21,7 +21,6 @@ import logging
 import re
 import socket
 import ssl
-import struct
 import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +33,7 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from stream.connections import KafkaConnection
 from stream.errors import ConfigError, StreamrecError
-from stream.listeners import SPEAKS, listener_speaks
+from stream.listeners import API_VERSIONS, METADATA, SPEAKS, answered, exchange, listener_speaks
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +74,7 @@ def probe(bootstrap: KafkaConnection | str, timeout_s: float = 3.0) -> str | Non
     (whether the credentials work, the client that logs in finds out).
     """
     kafka = KafkaConnection.of(bootstrap)
-    client = b"streamrec-probe"
-    if kafka.uses_sasl:  # api_key 18 (ApiVersions), version 0, correlation id 42, client id
-        request = struct.pack(">hhih", 18, 0, 42, len(client)) + client
-    else:  # api_key 3 (Metadata), version 7, correlation id 42, client id, all topics (-1), no auto-create
-        request = struct.pack(">hhih", 3, 7, 42, len(client)) + client + struct.pack(">ib", -1, 0)
+    request = API_VERSIONS if kafka.uses_sasl else METADATA
     context = kafka.ssl_context()
     problem = f"no server in {kafka.bootstrap!r}"
     try:
@@ -92,13 +87,9 @@ def probe(bootstrap: KafkaConnection | str, timeout_s: float = 3.0) -> str | Non
             with socket.create_connection((host, port), timeout=timeout_s) as raw:
                 conn = context.wrap_socket(raw, server_hostname=host) if context is not None else raw
                 try:
-                    conn.sendall(struct.pack(">i", len(request)) + request)
-                    head = b""
-                    while len(head) < 8:
-                        chunk = conn.recv(8 - len(head))
-                        if not chunk:
-                            raise ConnectionError(_UNANSWERED)
-                        head += chunk
+                    head = exchange(conn, request)
+                    if head is None:
+                        raise ConnectionError(_UNANSWERED)
                 finally:
                     if conn is not raw:
                         conn.close()
@@ -112,7 +103,7 @@ def probe(bootstrap: KafkaConnection | str, timeout_s: float = 3.0) -> str | Non
             if isinstance(exc, ConnectionError) and _UNANSWERED in str(exc):  # a TLS or SASL listener?
                 problem += _what_it_speaks(kafka, host, port, timeout_s)
             continue
-        if struct.unpack(">ii", head)[1] == 42:
+        if answered(head):
             return None
         problem = f"{server}: answered, but not as a Kafka broker"
     return problem
