@@ -969,7 +969,7 @@ def load_scorer(settings: Settings, metrics: Metrics, refused: set[tuple] | None
         model of the same name, is tried and counted again), ``CURRENT`` for each thing it says."""
         return (POINTER, str(exc)) if version == POINTER else (version, registry.version_stamp(version))
 
-    if all(key(version) in refused for version in {*registry.versions(), registry.latest()}):
+    if all(key(version) in refused for version in {*registry.versions(), registry.latest()} - {None}):  # None: emptied meanwhile
         return None  # nothing new since the last attempt
 
     def count(version: str, exc: BaseException) -> None:
