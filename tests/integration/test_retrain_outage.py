@@ -63,6 +63,10 @@ def test_retrain_keeps_its_window_through_a_broker_restart(worker_env, topic_pre
     output = log_path.read_text()
     assert code == 0 and "Traceback" not in output and "ResourceWarning" not in output, output
     # each of kafka-python's messages once a minute at most (the outage lasted seconds): its old
-    # log, at WARNING, had a dozen of each for a few seconds' outage
+    # log, at WARNING, had a dozen of each for a few seconds' outage. Each as formatted, as the
+    # filter thins them (stream/logs.py Thinned): the broker's going can say "socket disconnected"
+    # and then "ECONNREFUSED" after one prefix, two messages once each (a CI run met that)
+    lines = [line.split("] ", 1)[-1] for line in output.splitlines()]  # without the time
     for message in ("No node available for metadata refresh", "Connection failed: ", "Metadata refresh: failed"):
-        assert output.count(message) <= 1, output
+        said = [line for line in lines if message in line]
+        assert len(said) == len(set(said)), output
