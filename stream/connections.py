@@ -32,7 +32,7 @@ from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 
 from stream.errors import ConfigError, ServiceUnavailable, StreamrecError, clipped
-from stream.listeners import SPEAKS
+from stream.listeners import SPEAKS, handshakes
 
 #: STREAMREC_KAFKA_SECURITY_PROTOCOL's values (Kafka's own names)
 PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -527,16 +527,14 @@ class RedisConnection:
         if parsed.scheme not in ("redis", "rediss") or not parsed.hostname or "certificate" in str(exc).lower():
             return None
         address = (parsed.hostname, parsed.port or 6379)
+        if parsed.scheme == "redis":  # does it speak TLS?
+            if handshakes(*address, timeout_s):
+                return AccessDenied(f"Redis at {self.masked_url} speaks TLS, and STREAMREC_REDIS_URL's redis:// "
+                                    f"does not ({type(exc).__name__}: {exc}): start it with rediss://, and set "
+                                    "STREAMREC_REDIS_SSL_CA_FILE to the authority that signed its certificate")
+            return None
         try:
             with socket.create_connection(address, timeout=timeout_s) as raw:
-                if parsed.scheme == "redis":  # does it speak TLS?
-                    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-                    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-                    with context.wrap_socket(raw, server_hostname=parsed.hostname):
-                        pass
-                    return AccessDenied(f"Redis at {self.masked_url} speaks TLS, and STREAMREC_REDIS_URL's redis:// "
-                                        f"does not ({type(exc).__name__}: {exc}): start it with rediss://, and set "
-                                        "STREAMREC_REDIS_SSL_CA_FILE to the authority that signed its certificate")
                 raw.sendall(b"PING\r\n")  # does it answer plain RESP? (+PONG, or -NOAUTH before a login)
                 if raw.recv(1)[:1] in (b"+", b"-"):
                     return AccessDenied(f"Redis at {self.masked_url} speaks no TLS, and STREAMREC_REDIS_URL's rediss:// "

@@ -40,7 +40,10 @@ def _any_tls(certfile: str = "", keyfile: str = "") -> ssl.SSLContext:
     return context
 
 
-def _handshakes(host: str, port: int, timeout_s: float, context: ssl.SSLContext) -> bool:
+def handshakes(host: str, port: int, timeout_s: float, context: ssl.SSLContext | None = None) -> bool:
+    """Whether the server at ``host:port`` completes a TLS handshake (``context``: one that
+    trusts any certificate by default; nothing is sent after it)."""
+    context = context or _any_tls()
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as raw:
             with context.wrap_socket(raw, server_hostname=host):
@@ -92,7 +95,7 @@ def listener_speaks(host: str, port: int, timeout_s: float = 3.0, certfile: str 
     True
     """
     context = _any_tls(certfile, keyfile)
-    tls = _handshakes(host, port, timeout_s, context)
+    tls = handshakes(host, port, timeout_s, context)
     over = context if tls else None
     if _answers(host, port, timeout_s, METADATA, over):
         return "SSL" if tls else "PLAINTEXT"
@@ -101,4 +104,4 @@ def listener_speaks(host: str, port: int, timeout_s: float = 3.0, certfile: str 
     return "SSL or SASL_SSL" if tls else None
 
 
-__all__ = ["API_VERSIONS", "METADATA", "SPEAKS", "answered", "exchange", "listener_speaks"]
+__all__ = ["API_VERSIONS", "METADATA", "SPEAKS", "answered", "exchange", "handshakes", "listener_speaks"]
