@@ -35,10 +35,13 @@ def test_a_paused_worker_whose_writes_arrive_late_is_fenced_and_counts_stay_exac
             wait_for(lambda: proxy.held_writes > 0, 30, "A to be stuck writing to Redis", a)
             a.proc.send_signal(signal.SIGSTOP)  # and paused long enough to lose its partitions
             try:
+                # counted before B starts: A's writes are held, so what is applied from here on is B's.
+                # (Counted after B owns the partitions, a slow start could let the feed end and B catch
+                # up on all of it first, leaving nothing more to wait for: a CI run timed out so.)
+                applied_by_a = sum(feed.applied(redis_client).values())
                 b = workers(metrics=True)
                 wait_for(lambda: assigned(b) == 4, 90, "B to own every partition", b)
-                applied_by_b = sum(feed.applied(redis_client).values())
-                wait_for(lambda: sum(feed.applied(redis_client).values()) > applied_by_b + 200, 60,
+                wait_for(lambda: sum(feed.applied(redis_client).values()) > applied_by_a + 200, 60,
                          "B to apply events", b)
                 proxy.release()  # A's held writes reach Redis now, after B's
             finally:
