@@ -22,10 +22,12 @@ Formats (see ``docs/datasets.md``):
 from __future__ import annotations
 
 import csv
+import errno
 import functools
 import itertools
 import json
 import math
+import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -266,10 +268,30 @@ def read_interactions(path: str | Path | None, fmt: str, limit: int | None = Non
     readers = {"taobao": read_taobao, "yoochoose": read_yoochoose, "otto": read_otto}
     if fmt not in readers:
         raise DatasetError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if not Path(path).exists():
-        raise DatasetError(f"dataset {path} does not exist")
+    if problem := _missing(Path(path)):
+        raise DatasetError(f"dataset {path} {problem}")
     it = readers[fmt](path)
     return _take(it, limit) if limit is not None else it
+
+
+def _missing(path: Path) -> str | None:
+    """Why ``path`` cannot be opened at all, else None: ``Path.exists`` answers False alike for a
+    missing file, a link to one, a loop of links and a folder that may not be searched, and all of
+    them were said as "does not exist".
+
+    >>> _missing(Path("/nonexistent/log.csv")), _missing(Path("/"))
+    ('does not exist', None)
+    """
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return "is a symbolic link to a file that does not exist" if path.is_symlink() else "does not exist"
+    except OSError as exc:
+        what = (exc.strerror or type(exc).__name__).lower()
+        if exc.errno == errno.ELOOP:
+            what += " (the links lead round in a loop)"
+        return f"cannot be reached: {what}"
+    return None
 
 
 def _take(it: Iterable[Interaction], n: int) -> Iterator[Interaction]:

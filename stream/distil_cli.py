@@ -19,7 +19,7 @@ import typer
 
 from online_models.datasets import SEED_MAX
 from online_models.search import QueryStudent, TextEmbedder
-from stream.errors import StreamrecError, counted, resolved
+from stream.errors import StreamrecError, counted, existing_file, resolved
 from stream.produce_catalogue import read_catalogue_file, synthetic_items
 from stream.settings import Settings
 
@@ -32,7 +32,7 @@ def distil_queries(
         "worker and serve as STREAMREC_QUERY_STUDENT.", dir_okay=False)] = None,
     catalogue: Annotated[Path | None, typer.Option(
         "--catalogue", help="Catalogue to learn the words of: JSON Lines, one item per line, as `streamrec produce "
-        "--catalogue` reads (only the titles are used).", exists=True, dir_okay=False, readable=True)] = None,
+        "--catalogue` reads (only the titles are used).", dir_okay=False, readable=True, callback=existing_file)] = None,
     demo_catalogue: Annotated[bool, typer.Option(
         "--demo-catalogue", help="Learn the synthetic shop's catalogue (the one `make demo` sends), for --seed.")] = False,
     seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of the demo catalogue and of the fit.")] = 42,

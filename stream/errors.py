@@ -126,6 +126,18 @@ def resolved(path: Path) -> Path:
         raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
 
 
+def existing_file(path: Path | None) -> Path | None:
+    """A typer callback for an option naming a file to read: click's ``exists=True`` says "does
+    not exist" of a loop of symbolic links and of a file in a folder that may not be searched too;
+    this says what stands in the way (:func:`path_problem`)."""
+    if path is not None:
+        try:
+            os.stat(path)
+        except OSError as exc:
+            raise typer.BadParameter(path_problem(exc)) from None
+    return path
+
+
 def read_named_file(path: str | os.PathLike, limit: int | None = None) -> bytes:
     """The bytes of a file a setting names: an OSError (path_problem says it) where it cannot be
     read, and a ValueError, saying what it is instead, for a device or a socket (``/dev/zero``,

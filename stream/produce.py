@@ -43,7 +43,7 @@ from online_models.types import Interaction
 from stream import logs
 from stream.connections import AccessDenied, KafkaConnection
 from stream.decoding import id_problem
-from stream.errors import StreamrecError, counted
+from stream.errors import StreamrecError, counted, existing_file
 from stream.produce_catalogue import read_catalogue_file, send_catalogue, synthetic_items
 from stream.publisher import RecordBatches, murmur2_partition
 from stream.records import MAX_ID_CHARS, encode
@@ -366,7 +366,7 @@ async def replay(
 def produce(
     dataset: Annotated[Path | None, typer.Option(
         "--dataset", "-d", help="Log to replay; leave out for the built-in synthetic shop.",
-        exists=True, dir_okay=False, readable=True)] = None,
+        dir_okay=False, readable=True, callback=existing_file)] = None,
     format: Annotated[str, typer.Option(
         "--format", "-f", help=f"Format of --dataset: {', '.join(f for f in FORMATS if f != 'synthetic')} "
         "(synthetic without --dataset).")] = "synthetic",
@@ -392,7 +392,7 @@ def produce(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     catalogue: Annotated[Path | None, typer.Option(
         "--catalogue", help="Send this catalogue (JSON Lines, one ItemEvent per line: docs/events.md) to <prefix>items "
-        "instead of events; every line is checked first.", exists=True, dir_okay=False, readable=True)] = None,
+        "instead of events; every line is checked first.", dir_okay=False, readable=True, callback=existing_file)] = None,
     demo_catalogue: Annotated[bool, typer.Option(
         "--demo-catalogue", help="Send the synthetic shop's catalogue (2,000 items titled in English and Chinese, "
         "for --seed) to <prefix>items instead of events, for search.")] = False,

@@ -57,3 +57,28 @@ def test_other_commands_say_a_symlink_loop_in_one_line(tmp_path, monkeypatch, ca
         stream.cli.main()
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.strip() == f"streamrec: {tmp_path / 'a'}: {LOOP_SAID}", err
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["produce", "-d", "{tmp}/loop", "-f", "taobao"], f"Invalid value for '--dataset' / '-d': {{tmp}}/loop: {LOOP_SAID}"),
+    (["produce", "--catalogue", "{tmp}/loop"], f"Invalid value for '--catalogue': {{tmp}}/loop: {LOOP_SAID}"),
+    (["distil-queries", "--catalogue", "{tmp}/loop"], f"Invalid value for '--catalogue': {{tmp}}/loop: {LOOP_SAID}"),
+    (["evaluate", "-n", "50", "-d", "{tmp}/loop", "-f", "taobao"],
+     f"Invalid value for --dataset: dataset {{tmp}}/loop cannot be reached: {LOOP_SAID}"),
+    (["train", "-d", "{tmp}/loop", "-f", "taobao", "--model-dir", "{tmp}/models"],
+     f"Invalid value for --dataset: dataset {{tmp}}/loop cannot be reached: {LOOP_SAID}"),
+    (["evaluate", "-n", "50", "-d", "{tmp}/dangling", "-f", "taobao"],
+     "Invalid value for --dataset: dataset {tmp}/dangling is a symbolic link to a file that does not exist"),
+])
+def test_a_log_behind_a_symlink_loop_is_not_said_to_be_missing(tmp_path, monkeypatch, capsys, args, said):
+    """The files read (a log, a catalogue) were "does not exist" behind a loop of links, where
+    the file was there to be seen: click's exists=True and Path.exists answer alike for both."""
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "dangling").symlink_to("gone.csv")
+    monkeypatch.setattr(sys, "argv", ["streamrec", *(a.replace("{tmp}", str(tmp_path)) for a in args)])
+    monkeypatch.setenv("COLUMNS", "500")
+    with pytest.raises(SystemExit) as exit_:
+        stream.cli.main()
+    err = " ".join(capsys.readouterr().err.replace("│", " ").split())
+    assert exit_.value.code == 2, err
+    assert said.replace("{tmp}", str(tmp_path)) in err, err
