@@ -54,6 +54,16 @@ def missing_train_packages() -> list[str]:
     return missing
 
 
+def registry_path(text: str) -> Path:
+    """``--model-dir`` as given: an empty one (``--model-dir ""``, a variable that was not set)
+    is refused; ``Path("")`` is the current folder, and train wrote its versions and CURRENT
+    there. (An empty STREAMREC_MODEL_DIR is no value: the default, as the workers read it.)"""
+    if not text:
+        raise typer.BadParameter(f"an empty path; give a folder, or leave the option out for the default "
+                                 f"({DEFAULT_MODEL_DIR}, or STREAMREC_MODEL_DIR)")
+    return Path(text)
+
+
 def check_registry_dir(model_dir: Path) -> None:
     """A usage error unless a version can be registered under ``model_dir``: it is (or can be
     made) a folder, and it can be written (the workers' models volume is often mounted
@@ -112,7 +122,7 @@ def train(
     ] = "synthetic",
     model_dir: Annotated[
         Path,
-        typer.Option("--model-dir", envvar="STREAMREC_MODEL_DIR", help="Model registry directory; the new version is written under it and made CURRENT."),
+        typer.Option("--model-dir", envvar="STREAMREC_MODEL_DIR", parser=registry_path, help="Model registry directory; the new version is written under it and made CURRENT."),
     ] = DEFAULT_MODEL_DIR,
     limit: Annotated[int | None, typer.Option(min=1, help="Read at most this many events (synthetic default: 20000).")] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs; early stopping on validation NDCG@10 may end sooner.")] = 20,

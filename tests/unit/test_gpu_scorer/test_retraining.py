@@ -212,6 +212,18 @@ def test_retrain_refuses_a_dataset_or_format_it_cannot_read_before_reaching_kafk
     assert result.exit_code == 2 and f"Invalid value for {hint}:" in text and says in text, (text, result.exception)
 
 
+@pytest.mark.parametrize("command", ["train", "retrain"])
+def test_an_empty_model_dir_is_refused_not_taken_as_the_current_folder(tmp_path, monkeypatch, command):
+    """`--model-dir ""` (a shell variable that was not set) was Path(""): train wrote its version
+    and CURRENT into the folder it ran in. An empty STREAMREC_MODEL_DIR is still the default."""
+    monkeypatch.chdir(tmp_path)
+    args = [command, "--model-dir", "", *(["--once"] if command == "retrain" else [])]
+    result = CliRunner().invoke(_cli(command), args, env={"COLUMNS": "500"})
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Invalid value for '--model-dir'" in text and "an empty path" in text, text
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_refused_train_leaves_the_process_thread_count_as_it_was(tmp_path):
     """A refused `train` had set torch's threads already (a later fit in the process trained on 1)."""
     before = torch.get_num_threads()
