@@ -138,6 +138,16 @@ _encode = msgspec.json.Encoder().encode
 STORE_ERRORS = (ConnectionError, TimeoutError, OSError, RedisError)
 
 
+class StoreDown(ConnectionError):
+    """A request's read not tried: the last one failed (``said``: how, as :func:`described` put
+    it), and Redis has not answered since. Logged in the failed read's words, so that the log's
+    thinning counts both as one message."""
+
+    def __init__(self, said: str) -> None:
+        super().__init__(f"{said}; not asked again until Redis answers a PING")
+        self.said = said
+
+
 class BadRequest(ValueError):
     """A request parameter that cannot be served; the message says which and why."""
 
@@ -250,6 +260,10 @@ class Api:
         #: set when a request's read from the store failed while ``redis`` was ok: the refresher
         #: (:func:`run_server`) checks again at once rather than at its next round, up to 10 s away
         self.store_failed = asyncio.Event()
+        #: what the last failed read said, until the refresher finds ``redis`` ok again: meanwhile
+        #: a request naming a user is a 503 at once. (Redis frozen, each one waited the socket's
+        #: 5 s for the same answer, holding a connection and a client that long.)
+        self.store_down: str | None = None
         #: requests are computed off the event loop, COMPUTE_THREADS at a time
         self.executor = ThreadPoolExecutor(max_workers=COMPUTE_THREADS, thread_name_prefix="streamrec-serve")
 
@@ -260,13 +274,18 @@ class Api:
         if user_id is None:
             return None
         uid = self._uid(user_id)
+        if self.store_down is not None:
+            if not self.health.is_ok("redis"):
+                raise StoreDown(self.store_down)
+            self.store_down = None
         try:
             return (await self.store.load_many([uid]))[uid]
         except STORE_ERRORS as exc:
             # said by /readyz now: every request naming a user is a 503 until Redis is back, and
             # a serve that answers so must leave the rotation, not stay in it till the next PING
+            self.store_down = described(exc)
             if self.health.is_ok("redis"):
-                self.health.set("redis", False, f"a request's read failed: {described(exc)}")
+                self.health.set("redis", False, f"a request's read failed: {self.store_down}")
                 self.store_failed.set()
             raise
 
@@ -375,7 +394,7 @@ async def _errors(request: web.Request, handler):
     except STORE_ERRORS as exc:  # the store: nothing the caller did wrong
         # by route, not path: one line per interval however many requests (Thinned), and no user's id or query
         store_log.warning("%s %s answered 503: the user-state store did not answer (%s)", request.method,
-                          _route_of(request) or "?", described(exc))
+                          _route_of(request) or "?", exc.said if isinstance(exc, StoreDown) else described(exc))
         return web.Response(body=_encode({"error": "the user-state store (Redis) does not answer; retry shortly"}),
                             status=503, content_type="application/json", headers={"Retry-After": "1"})
     except Exception as exc:

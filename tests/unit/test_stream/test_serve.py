@@ -445,6 +445,39 @@ async def test_a_request_the_store_fails_makes_readyz_say_so_at_once_not_at_the_
     api.executor.shutdown()
 
 
+async def test_while_redis_is_down_a_request_is_a_503_at_once_not_after_the_stores_timeout(catalogue):
+    """Redis frozen, each request naming a user waited the socket's 5 s for the 503 the one
+    before it got, holding a connection and its client that long. After a failed read, none is
+    tried until the refresher finds Redis answering again (``redis`` ok)."""
+
+    class Counting(InMemoryUserStateStore):
+        down, reads = True, 0
+
+        async def load_many(self, user_ids):
+            self.reads += 1
+            if self.down:
+                raise TimeoutError("Timeout reading from 127.0.0.1:6379")
+            return await super().load_many(user_ids)
+
+    store = Counting()
+    step = RecommendationStep(Recommender.default())
+    health = serve.serve_health()
+    for condition in ("redis", "models", "catalogue"):
+        health.set(condition, True)
+    api = Api(store, step, catalogue, SearchStep(step, catalogue), top_k=3, health=health)
+    async with TestClient(TestServer(create_web_app(api))) as client:
+        assert (await client.get("/v1/users/u1/recommendations")).status == 503 and store.reads == 1
+        for path in ("/v1/users/u2/recommendations", "/v1/search?q=tv&user_id=u3"):
+            later = await client.get(path)
+            assert later.status == 503 and later.headers["Retry-After"] == "1", path
+        assert store.reads == 1  # not asked: the last read failed and nothing has answered since
+        assert (await client.get("/v1/search", params={"q": "tv"})).status == 200  # no user: no store needed
+        store.down = False
+        health.set("redis", True, "PING answered")  # as the refresher's next round says
+        assert (await client.get("/v1/users/u1/recommendations")).status == 200 and store.reads == 2
+    api.executor.shutdown()
+
+
 async def test_under_pseudonyms_the_experiment_arm_is_that_of_the_id_the_site_sends(catalogue):
     pseudonyms = Pseudonyms("k" * 32)
     store = InMemoryUserStateStore()
