@@ -122,7 +122,7 @@ def train(
     ] = "synthetic",
     model_dir: Annotated[
         Path,
-        typer.Option("--model-dir", envvar="STREAMREC_MODEL_DIR", parser=registry_path, help="Model registry directory; the new version is written under it and made CURRENT."),
+        typer.Option("--model-dir", envvar="STREAMREC_MODEL_DIR", parser=registry_path, metavar="PATH", help="Model registry directory; the new version is written under it and made CURRENT."),
     ] = DEFAULT_MODEL_DIR,
     limit: Annotated[int | None, typer.Option(min=1, help="Read at most this many events (synthetic default: 20000).")] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs; early stopping on validation NDCG@10 may end sooner.")] = 20,

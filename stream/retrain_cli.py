@@ -153,7 +153,7 @@ def retrain(
         "--dataset", "-d", help="A log every fit also trains on, before the events read (the log the first model was trained on).")] = None,
     format: Annotated[str, typer.Option("--format", "-f", help="--dataset's format: taobao, yoochoose, otto or synthetic.")] = "synthetic",
     model_dir: Annotated[Path, typer.Option(
-        "--model-dir", envvar="STREAMREC_MODEL_DIR", parser=registry_path,
+        "--model-dir", envvar="STREAMREC_MODEL_DIR", parser=registry_path, metavar="PATH",
         help="Model registry the workers load from; each fit registers a version there and makes it CURRENT (see --gate).")] = DEFAULT_MODEL_DIR,
     keep: Annotated[int, typer.Option(
         "--keep", min=1, metavar="VERSIONS",
