@@ -64,11 +64,17 @@ def test_a_worker_paused_with_a_batch_in_hand_learns_what_the_other_handled_mean
     host, port = re.match(r"redis://([^:/]+):(\d+)", worker_env["STREAMREC_REDIS_URL"]).groups()
     proxy = HoldingProxy(host, int(port)).start()
     records, expected = synthetic_records(6000, seed=71, n_users=150)
+    # the first half flows from before b's pause; the second is sent once a owns every partition,
+    # so that a is sent events of b's partitions while b is paused, however long the rebalance
+    # takes (one feed of all 6000 at 300/s lasted 20 s: the eviction and the rebalance had some
+    # 14 s of it after the pause, and on a slow machine the wait for 900 more found none to come)
+    before, meanwhile = records[:3000], records[3000:]
     try:
         a = workers(metrics=True, **env)
         b = workers(metrics=True, **env, STREAMREC_REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0")
         wait_for(lambda: two_hold_some(kafka_bootstrap, group, inputs), 90, "both workers to hold partitions", a)
-        feeder = Feeder(kafka_bootstrap, prefix, records, rate=300)
+        feeder = Feeder(kafka_bootstrap, prefix, before, rate=300)
+        later = Feeder(kafka_bootstrap, prefix, meanwhile, rate=300)
         feeder.start()
         try:
             wait_for(lambda: feeder.sent > 600, 60, "events flowing", a)
@@ -77,8 +83,8 @@ def test_a_worker_paused_with_a_batch_in_hand_learns_what_the_other_handled_mean
             b.proc.send_signal(signal.SIGSTOP)  # and paused long enough to lose its partitions
             try:
                 wait_for(lambda: one_owns_all(kafka_bootstrap, group, inputs), 60, "a to own every partition", a)
-                handled_from = feeder.sent
-                wait_for(lambda: feeder.sent > handled_from + 900, 60, "a to be sent events of every partition", a)
+                later.start()
+                wait_for(lambda: later.sent > 900, 60, "a to be sent events of every partition", a)
                 proxy.latency_s = 0.4  # the assignment's claim answered late
                 proxy.release()
             finally:
@@ -87,9 +93,11 @@ def test_a_worker_paused_with_a_batch_in_hand_learns_what_the_other_handled_mean
             wait_for(lambda: "fenced:" in b.log_text(), 60, "b's batch in hand to be refused", b)
             proxy.latency_s = 0.0
             feeder.finish()
+            later.finish()
         finally:
-            if feeder.is_alive():
-                feeder.stop()
+            for f in (feeder, later):
+                if f.is_alive():
+                    f.stop()
         wait_for(lambda: exactly_once(redis_client, prefix, expected), 120, "every event applied exactly once", a)
         for w in (a, b):
             wait_for(lambda w=w: learned_all(w, len(records)), 120,
