@@ -11,6 +11,7 @@ import time
 
 import pytest
 import redis
+from ports import free_ports
 from workerkit import (
     FlowingFeed,
     WorkerProcess,
@@ -138,9 +139,19 @@ def test_with_one_partition_the_lists_after_a_kill_9_are_those_of_an_uninterrupt
         produce(bootstrap, prefix, [("clicks", events[i].user_id.encode(), encode(events[i]))])
         wait_for(lambda: events[i].event_id in collect(), 30, f"the list after {events[i].event_id}", worker, every=0.02)
 
-    first = WorkerProcess(env, tmp_path / "first.log").start()
-    second = None
+    started: list[WorkerProcess] = []
+
+    def ready_worker(name: str) -> WorkerProcess:
+        """A worker, once in its group and ready: feed_one's 30 s are for one event's list, and a
+        worker's start (15 to 20 s on a slow CI machine, then its group's first join) took most
+        of them when the first event's wait counted it in."""
+        worker = WorkerProcess(env, tmp_path / f"{name}.log", metrics_port=free_ports(1)[0]).start()
+        started.append(worker)
+        wait_for(lambda: worker.http("/readyz")[0] == 200, 120, f"the {name} worker to be ready", worker)
+        return worker
+
     try:
+        first = ready_worker("first")
         fed = 0
         while fed < 100:
             feed_one(first, fed)
@@ -152,7 +163,7 @@ def test_with_one_partition_the_lists_after_a_kill_9_are_those_of_an_uninterrupt
             fed += 1
         first.stop(signal.SIGKILL)
         behind = fed - learned
-        second = WorkerProcess(env, tmp_path / "second.log").start()
+        second = ready_worker("second")
         # the restarted worker has caught up (what it redelivers to itself is a batch of its own)
         # before the next event comes: the same batches as the uninterrupted run
         wait_all_committed(bootstrap, env["STREAMREC_APP_ID"], [f"{prefix}clicks"], 90,
@@ -161,8 +172,8 @@ def test_with_one_partition_the_lists_after_a_kill_9_are_those_of_an_uninterrupt
             feed_one(second, i)
         assert second.stop(signal.SIGTERM) == 0, second.log_tail()
     finally:
-        for w in (first, second):
-            if w is not None and w.proc is not None and w.proc.poll() is None:
+        for w in started:
+            if w.proc is not None and w.proc.poll() is None:
                 w.stop(signal.SIGKILL)
     assert behind > 0, "the snapshot should miss the last events before the kill"
     assert set(published) == set(want)
