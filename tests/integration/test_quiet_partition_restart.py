@@ -63,7 +63,11 @@ def test_a_restart_learns_again_what_a_snapshot_before_the_partitions_first_even
         assert snapshot_learned() == CLICKS  # the purchases are in no snapshot
 
         second = workers(metrics=True, **env)
-        wait_for(lambda: second.metric("streamrec_model_events_learned", model="recommender") == CLICKS + PURCHASES,
+        # the models' count moves as each event is learned; the replay adds its events to
+        # events_relearned_total after it returns (its Kafka reader stopped): a scrape between
+        # the two sees 0, so wait for both rather than read the second once the first is there
+        wait_for(lambda: second.metric("streamrec_model_events_learned", model="recommender") == CLICKS + PURCHASES
+                 and second.metric("streamrec_events_relearned_total") > 0,
                  90, "the restarted worker to learn the purchases again", second)
         assert second.metric("streamrec_events_relearned_total") == PURCHASES, second.log_tail()
         assert second.stop(signal.SIGTERM) == 0, second.log_tail()
