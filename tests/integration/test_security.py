@@ -179,8 +179,11 @@ def test_worker_and_produce_over_sasl_ssl_and_redis_tls_and_no_secret_shows(
         assert rec.items and rec.user_id == got[0].key.decode()
 
         with redis.Redis.from_url(redis_tls.url(), ssl_ca_certs=str(certs.ca)) as client:
-            # state went to Redis over TLS, as the ACL user, under the user's pseudonym
-            assert client.exists(f"{PREFIX}user:{Pseudonyms(env['STREAMREC_PSEUDONYM_KEY']).of(rec.user_id)}")
+            # state went to Redis over TLS, as the ACL user, under the user's pseudonym: the worker
+            # saves a batch's states after Kafka took its lists, so the list can be read first
+            pseudonym = Pseudonyms(env["STREAMREC_PSEUDONYM_KEY"]).of(rec.user_id)
+            wait_for(lambda: client.exists(f"{PREFIX}user:{pseudonym}"), 30, "the user's state under their pseudonym",
+                     worker)
             assert not client.exists(f"{PREFIX}user:{rec.user_id}")
             # the forked child writes the snapshot over a connection of its own, with the same CA
             wait_for(lambda: client.exists(f"{PREFIX}models:snapshot"), 60, "a model snapshot in Redis", worker)
