@@ -54,12 +54,26 @@ def test_retrain_fits_the_topics_and_the_worker_hot_swaps_to_it(worker_env, work
         more = list(synthetic_interactions(n_events=300, n_users=60, n_items=200, seed=4,
                                            start_ts=max(x.ts for x in first) + 1000))
         produce(bootstrap, topic_prefix, interaction_records(more, first=len(first)))
-        # a later fit learns them, and the worker serves a retrained version within its reload interval
-        wait_for(lambda: current(models) not in (None, "v0001"), 180, "a second fit after new events", worker)
-        assert manifest(models, current(models))["data"]["events"] == len(first) - erased + len(more)
-        # it passed the gate (on by default): both figures, on 55 held-out events newer than v0001's data, are in its manifest
+        # a later fit learns them, and the worker serves a retrained version within its reload interval.
+        # retrain fits as soon as it has read something new, so a fit may come when it has read only
+        # part of the 300 (the producer's batches reach its fetches apart, the more so on a slow
+        # machine) and become CURRENT: wait for the version that has all of them
+        def fitted_all() -> bool:
+            version = current(models)
+            return version not in (None, "v0001") and \
+                manifest(models, version)["data"]["events"] == len(first) - erased + len(more)
+
+        wait_for(fitted_all, 180, "a fit on every event after the new ones", worker)
+        # it passed the gate (on by default): fitted right after v0001, both figures, on 55 held-out
+        # events newer than v0001's data, are in its manifest; after a fit on part of the 300, the
+        # events newer than that one's data are too few to compare on, and the gate says so
         gate = manifest(models, current(models))["gate"]
-        assert gate["passed"] and gate["held_out"] > 0 and gate["new_hr@10"] >= gate["current_hr@10"] - 0.01, gate
+        assert gate["passed"] and gate["held_out"] > 0, gate
+        if gate["current"] == "v0001":
+            assert gate["new_hr@10"] >= gate["current_hr@10"] - 0.01, gate
+        else:
+            assert manifest(models, gate["current"])["data"]["events"] < len(first) - erased + len(more), gate
+            assert gate["undecided"].startswith("only "), gate
         # the worker loads a retrained version within its reload interval (5 s), then serves it
         wait_for(lambda: "Transformer scorer" in worker.log_text(), 60, "the worker loading a retrained version", worker)
         last = list(synthetic_interactions(n_events=100, n_users=60, n_items=200, seed=5,
