@@ -68,8 +68,9 @@ def test_redis_holds_no_site_id_and_lists_go_out_under_it(worker_env, workers, t
     client = redis.Redis.from_url(worker_env["STREAMREC_REDIS_URL"])
     try:
         # 1. a snapshot of the first events (the worker's first, seconds after it learned them),
-        # then more events applied and committed, then a kill -9 before the interval's (at 30 s)
-        first = workers(STREAMREC_PSEUDONYM_KEY=KEY, STREAMREC_SNAPSHOT_INTERVAL_S="30")
+        # then more events applied and committed, then a kill -9 before the interval's (an hour:
+        # at 30 s, a slow machine's start, first snapshot, second part and commit could reach it)
+        first = workers(STREAMREC_PSEUDONYM_KEY=KEY, STREAMREC_SNAPSHOT_INTERVAL_S="3600")
         produce(bootstrap, topic_prefix, first_part)
         wait_for(lambda: snapshot_learned(client, topic_prefix) == len(first_part), 60, "a snapshot of the first events", first)
         produce(bootstrap, topic_prefix, second_part)
