@@ -180,8 +180,10 @@ def test_a_worker_joining_and_one_leaving_mid_stream_loses_nothing_and_applies_n
     bootstrap, group = worker_env["STREAMREC_KAFKA_BOOTSTRAP"], worker_env["STREAMREC_APP_ID"]
     topics = [f"{topic_prefix}clicks", f"{topic_prefix}purchases"]
     inputs = frozenset((t, p) for t in topics for p in range(2))
-    # 15,000 events: about 30 s of flow, enough for a second worker to start and join mid-stream
-    flow = FlowingFeed(bootstrap, topic_prefix, seed=13, n_events=15_000)
+    # up to 60,000 events (two minutes of flow), ended once the second worker holds every partition:
+    # the join and the leave happen mid-stream however long a worker takes to start. (15,000, about
+    # 30 s, was a guess that a slow machine could spend on the second worker's start and join.)
+    flow = FlowingFeed(bootstrap, topic_prefix, seed=13, n_events=60_000)
     first = workers(metrics=True)
     flow.start(first)
 
@@ -207,6 +209,7 @@ def test_a_worker_joining_and_one_leaving_mid_stream_loses_nothing_and_applies_n
 
     assert first.stop(signal.SIGTERM) == 0, first.log_tail()  # leaves: the second takes them all
     wait_for(lambda: members() == {second_id: inputs}, 60, "the second worker alone, with every input partition", second)
+    flow.end()  # what had to happen mid-stream has: the events sent so far are the ones expected
 
     client = redis.Redis.from_url(worker_env["STREAMREC_REDIS_URL"])
     try:

@@ -335,6 +335,7 @@ class Feeder(threading.Thread):
         self.sent = 0
         self.error: BaseException | None = None
         self._halt = threading.Event()
+        self._enough = threading.Event()  # :meth:`end`: send no more, deliver what was sent
 
     def run(self) -> None:
         producer = KafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5, acks="all", retries=2**31 - 1,
@@ -345,6 +346,8 @@ class Feeder(threading.Thread):
             for at in range(0, len(self.records), step):
                 if self._halt.is_set():
                     return
+                if self._enough.is_set():
+                    break
                 for topic, key, value in self.records[at:at + step]:
                     producer.send(f"{self.prefix}{topic}", key=key, value=value)
                 self.sent = min(len(self.records), at + step)
@@ -364,6 +367,13 @@ class Feeder(threading.Thread):
         self.join(timeout)
         assert not self.is_alive(), "the feeder did not finish"
         assert self.error is None, f"the feeder failed: {self.error!r}"
+
+    def end(self, timeout: float = 300) -> None:
+        """Send nothing after the records sent so far (``records[:sent]``), and wait until Kafka
+        has those: a feed the test ends once what it needed to happen mid-stream has happened,
+        rather than one whose length guessed how long that would take."""
+        self._enough.set()
+        self.finish(timeout)
 
 
 def interaction_records(interactions, first: int = 0) -> list[tuple[str, bytes, bytes]]:
@@ -400,7 +410,10 @@ def exactly_once(client: redis.Redis, prefix: str, expected: dict[str, int]) -> 
 
 class FlowingFeed:
     """``n_events`` synthetic events of 150 users: the first 250 at once, then the rest at about
-    500 per second from a thread, so events keep flowing while workers come and go."""
+    500 per second from a thread, so events keep flowing while workers come and go. A test that
+    needs the flow to outlast steps of unknown length (workers starting on a slow machine) gives
+    it room to spare and calls :meth:`end` once they are done: from then on only the events sent
+    are expected."""
 
     def __init__(self, bootstrap: str, prefix: str, seed: int, n_events: int = 6000) -> None:
         self.bootstrap, self.prefix = bootstrap, prefix
@@ -424,6 +437,15 @@ class FlowingFeed:
 
     def finish(self) -> None:
         self.feeder.finish()
+
+    def end(self) -> None:
+        """Stop the flow where it is: the events sent so far reach Kafka, no more follow, and
+        :attr:`expected` (what :meth:`wait_until_all_applied` waits for) counts those alone."""
+        self.feeder.end()
+        expected: dict[str, int] = {}
+        for _, key, _ in self.records[:250 + self.feeder.sent]:
+            expected[key.decode()] = expected.get(key.decode(), 0) + 1
+        self.expected = expected
 
     def flowing(self) -> bool:
         """True while the feeder still has events to send."""
