@@ -16,7 +16,12 @@ def test_the_brokers_range_is_read(kafka_bootstrap):
 
 def test_a_worker_asking_for_a_session_the_brokers_refuse_stops_at_start_saying_why(workers, kafka_bootstrap):
     worker = workers(STREAMREC_KAFKA_SESSION_TIMEOUT_S="2")
-    wait_for(lambda: worker.proc.poll() is not None, 90, "the worker to stop", worker)
+    # not wait_for(..., worker): it asserts the worker alive after each false look, and this one
+    # is to exit, which it can do between the look and that assertion
+    try:
+        wait_for(lambda: worker.proc.poll() is not None, 90, "the worker to stop")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{worker.log_tail()}") from None
     log = worker.log_text()
     assert worker.proc.returncode == 2, log
     assert (f"streamrec: STREAMREC_KAFKA_SESSION_TIMEOUT_S=2: the brokers at {kafka_bootstrap} take 6 to 1800 s "
