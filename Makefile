@@ -23,6 +23,8 @@ PYTEST_ARGS ?=
 KAFKA := deploy/kafka/kafka.sh
 REDIS := deploy/redis/redis.sh
 VENV_STAMP := $(VENV)/.streamrec-installed
+# what `make venv` takes on disk at most (6.4 GiB installed, the largest wheels while they unpack)
+VENV_NEEDS_MIB := 10240
 
 .PHONY: help venv up down status test demo lint kafka-jars redis-server deploy-tools
 
@@ -53,7 +55,14 @@ $(VENV_STAMP): pyproject.toml Makefile
 	  echo "make venv: creating $(VENV) with $(PYTHON)"; \
 	  $(PYTHON) -m venv $(VENV); \
 	fi
-	$(VENV)/bin/python -m pip install -q -e '.[dev,train,gpu]'
+	@echo "$(VENV)/bin/python -m pip install -q --no-cache-dir -e '.[dev,train,gpu]'"
+	@$(VENV)/bin/python -m pip install -q --no-cache-dir -e '.[dev,train,gpu]' || { rc=$$?; \
+	  for dir in $(VENV) "$${TMPDIR:-/tmp}"; do \
+	    free_mib=$$(df -Pk "$$dir" 2>/dev/null | awk 'NR == 2 {print int($$4 / 1024)}'); \
+	    if [ -n "$$free_mib" ] && [ "$$free_mib" -lt $(VENV_NEEDS_MIB) ]; then \
+	      echo "make venv: only $$free_mib MiB free where $$dir is; the install needs about $(VENV_NEEDS_MIB) MiB (torch and its CUDA libraries, and the downloads while they unpack): free some space, or set TMPDIR to a larger disk, and run it again" >&2; \
+	    fi; \
+	  done; exit $$rc; }
 	@touch $@
 
 kafka-jars:
