@@ -118,11 +118,14 @@ _timer_log.addFilter(ClippedTracebacks())
 
 
 def surviving(name: str, duty: Callable[[], Awaitable[None]], metrics: Metrics) -> Callable[[], Awaitable[None]]:
-    """``duty`` (a timer's), with what it raises counted (``streamrec_timer_failures_total``)
+    """``duty`` (a timer's), its runs counted (``streamrec_timer_runs_total``, once each has
+    ended), with what it raises counted (``streamrec_timer_failures_total``)
     and logged, not passed on: mode crashes a Faust app whose timer raises, so a bug in a
     snapshot, a readiness check or a lag reading stopped the whole worker, events and all. The
     duty runs again at its next interval; what it watches says the rest (a heartbeat that
     stops makes /healthz fail, readiness checks that stop make ``checks`` fail)."""
+
+    runs = metrics.timer_runs.labels(name)
 
     @functools.wraps(duty)
     async def run() -> None:
@@ -132,6 +135,7 @@ def surviving(name: str, duty: Callable[[], Awaitable[None]], metrics: Metrics) 
             metrics.timer_failures.labels(name).inc()
             _timer_log.exception("the worker's periodic %s raised; the worker goes on, and it runs again at its next "
                                  "interval", name)
+        runs.inc()
 
     return run
 

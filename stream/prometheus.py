@@ -42,6 +42,7 @@ class Metrics:
         self.model_info = Gauge("model_info", "Online model versions in use (value 1)", ["model", "version"], namespace=ns, registry=r)
         self.build_info = Gauge("build_info", "This process's streamrec and Python versions (value 1)", ["version", "python"], namespace=ns, registry=r)
         self.build_info.labels(own_version(), platform.python_version()).set(1)
+        self.timer_runs = Counter("timer_runs_total", "Runs of a worker's periodic duty that ended, with or without an exception (streamrec_timer_failures_total counts those that raised)", ["timer"], namespace=ns, registry=r)
         self.timer_failures = Counter("timer_failures_total", "Runs of a worker's periodic duty (snapshots, readiness, the scorer's reload, ...) that raised; it runs again at its next interval", ["timer"], namespace=ns, registry=r)
         self.scorer_reload_failures = Counter("scorer_reload_failures_total", "Registered scorer versions refused at load or parity check", namespace=ns, registry=r)
         self.redis_errors = Counter("redis_errors_total", "Redis calls that failed (and were retried)", ["op"], namespace=ns, registry=r)

@@ -268,14 +268,16 @@ def test_a_registry_with_only_a_corrupt_model_ranks_with_the_online_models(worke
     assert all(r.model["transformer"] == "none" for r in recs) and any(r.items for r in recs)
     assert worker.metric("streamrec_scorer_reload_failures_total") == 1
     assert "refused version v0001" in worker.log_text()
-    # more events, and the reload timer ticks meanwhile (every 5 s): the refused version is counted once
+    # more events, and the reload timer runs twice more meanwhile (every 5 s): the refused version is counted once
+    reloads = worker.metric("streamrec_timer_runs_total", timer="reload_scorer")
     later, more = synthetic_records(300, seed=24, n_users=20)
     produce(worker_env["STREAMREC_KAFKA_BOOTSTRAP"], topic_prefix, later)
     wait_for(lambda: worker.metric("streamrec_events_consumed_total", type="click")
              + worker.metric("streamrec_events_consumed_total", type="purchase") >= 600, 60, "the later events", worker)
-    wait_for(lambda: "Timer reload_scorer" in worker.log_text() or worker.metric("streamrec_batch_size_events_count") > 0,
-             30, "the worker to have run a while", worker)
+    wait_for(lambda: worker.metric("streamrec_timer_runs_total", timer="reload_scorer") >= reloads + 2,
+             30, "two more runs of the scorer's reload timer", worker)
     assert worker.metric("streamrec_scorer_reload_failures_total") == 1
+    assert worker.metric("streamrec_timer_failures_total", timer="reload_scorer") == 0
     assert worker.stop(signal.SIGTERM) == 0, worker.log_tail()
 
 

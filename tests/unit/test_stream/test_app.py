@@ -338,6 +338,26 @@ async def test_a_periodic_duty_that_raises_is_counted_and_logged_and_the_worker_
         await app_module.surviving("heartbeat", stopped, metrics)()
 
 
+async def test_each_ended_run_of_a_periodic_duty_is_counted_whether_it_raised_or_not():
+    """What a test (or an operator) waits on to know that a timer has run again since."""
+    metrics = Metrics(CollectorRegistry())
+    outcomes = iter([None, KeyError("a bug"), None, asyncio.CancelledError()])
+
+    async def duty() -> None:
+        outcome = next(outcomes)
+        if outcome is not None:
+            raise outcome
+
+    run = app_module.surviving("reload_scorer", duty, metrics)
+    for _ in range(3):
+        await run()
+    with pytest.raises(asyncio.CancelledError):  # a stop: not a run that ended
+        await run()
+    sample = metrics.registry.get_sample_value
+    assert sample("streamrec_timer_runs_total", {"timer": "reload_scorer"}) == 3
+    assert sample("streamrec_timer_failures_total", {"timer": "reload_scorer"}) == 1
+
+
 def test_every_timer_of_the_worker_survives_what_its_duty_raises(monkeypatch):
     wrapped: list[str] = []
     real = app_module.surviving
