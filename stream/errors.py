@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import pwd
+import select
 import stat
 import sys
 from collections.abc import Callable, Sequence
@@ -138,22 +139,58 @@ def existing_file(path: Path | None) -> Path | None:
     return path
 
 
-def read_named_file(path: str | os.PathLike, limit: int | None = None) -> bytes:
+#: how long a named pipe a setting names may stay silent (no writer, or one that sends nothing)
+PIPE_QUIET_S = 30.0
+
+
+def read_named_file(path: str | os.PathLike, limit: int | None = None, quiet_s: float | None = None) -> bytes:
     """The bytes of a file a setting names: an OSError (path_problem says it) where it cannot be
     read, and a ValueError, saying what it is instead, for a device or a socket (``/dev/zero``,
     ``/dev/stdin`` at a terminal: reading one never ends, and held the process at start while
     its memory grew by hundreds of MB a second) or more than ``limit`` bytes. A pipe is read
-    (``<(cat arms.toml)`` in a shell names one).
+    (``<(cat arms.toml)`` in a shell names one), but a ValueError ends a wait of ``quiet_s``
+    (:data:`PIPE_QUIET_S` when None) with nothing from it: a named pipe that no program writes to held the worker at its start,
+    silent, for ever (opening one blocks until a writer opens it too).
     """
-    with open(path, "rb") as f:
-        mode = os.fstat(f.fileno()).st_mode
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
             what = "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode) else "not a file"
             raise ValueError(f"{what}, not a file")
-        data = f.read() if limit is None else f.read(limit + 1)
+        if stat.S_ISFIFO(mode):
+            data = _read_pipe(fd, limit, PIPE_QUIET_S if quiet_s is None else quiet_s)
+        else:
+            os.set_blocking(fd, True)
+            with open(fd, "rb", closefd=False) as f:
+                data = f.read() if limit is None else f.read(limit + 1)
+    finally:
+        os.close(fd)
     if limit is not None and len(data) > limit:
         raise ValueError(f"more than {limit:,} bytes: not the file meant")
     return data
+
+
+def _read_pipe(fd: int, limit: int | None, quiet_s: float) -> bytes:
+    """A pipe's bytes to its end (or past ``limit``), read without blocking: a ValueError when
+    ``quiet_s`` pass without a byte or its end. (Linux reports a named pipe opened before any
+    writer readable only once one has written or come and gone.)"""
+    chunks: list[bytes] = []
+    size = 0
+    while limit is None or size <= limit:
+        ready, _, _ = select.select([fd], [], [], quiet_s)
+        if not ready:
+            said = "nothing came from it" if not chunks else f"it sent {size:,} bytes, then nothing and no end"
+            raise ValueError(f"a pipe: {said} in {quiet_s:g} s (is a program writing to it?)")
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _user() -> str:

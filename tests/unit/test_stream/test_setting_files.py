@@ -6,8 +6,12 @@ STREAMREC_MODEL_DIR that cannot be looked at is said with the setting's name."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import pytest
+
+import stream.errors
 
 from stream.app import check_model_dir
 from stream.errors import ConfigError
@@ -50,6 +54,36 @@ def test_a_pipe_is_read_as_a_shell_hands_one_over():
             load_experiment(f"/dev/fd/{read}")
     finally:
         os.close(read)
+
+
+def test_a_named_pipe_nothing_writes_to_is_refused_after_a_while_not_waited_on_for_ever(tmp_path, monkeypatch):
+    # opening one blocks until a writer opens it: the worker sat at its start, silent, for ever
+    monkeypatch.setattr(stream.errors, "PIPE_QUIET_S", 0.3)
+    fifo = tmp_path / "arms.toml"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"cannot be the experiment file: a pipe: nothing came from it in 0\.3 s "
+                                          r"\(is a program writing to it\?\)$"):
+        load_experiment(fifo)
+    assert time.monotonic() - started < 10
+
+
+def test_a_named_pipe_is_read_once_a_program_writes_it(tmp_path):
+    fifo = tmp_path / "arms.toml"
+    os.mkfifo(fifo)
+
+    def writer() -> None:
+        with open(fifo, "wb") as f:  # blocks until the reader has opened it
+            f.write(b"name = 'x'\n")  # valid TOML alone
+            f.flush()
+            time.sleep(0.2)  # the rest comes later: read to the pipe's end, not to its first bytes
+            f.write(b"arms = [")
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    with pytest.raises(ConfigError, match=r"not valid TOML: .* \(at end of document\)$"):  # both writes read, then parsed
+        load_experiment(fifo)
+    thread.join(5)
 
 
 def test_a_model_dir_that_cannot_be_looked_at_is_said_with_the_setting_s_name(tmp_path):
