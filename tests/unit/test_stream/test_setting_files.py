@@ -12,7 +12,6 @@ import time
 import pytest
 
 import stream.errors
-
 from stream.app import check_model_dir
 from stream.errors import ConfigError
 from stream.experiments import load_experiment
