@@ -33,6 +33,7 @@ from stream.threads import one_blas_thread
 from stream.topics import (
     align_topic_configs,
     check_copartitioned,
+    check_topic_access,
     ensure_streamrec_topics,
     session_timeout_range,
 )
@@ -121,6 +122,7 @@ def prepare_topics(settings: Settings, log: logging.Logger) -> None:
     if created:
         log.info("created topics %s with %d partitions", ", ".join(created), settings.partitions)
     check_copartitioned(settings.kafka, settings.topics.consumed)
+    check_topic_access(settings)
     check_session_timeout(settings)
     try:  # topics made before: a compacted recommendations topic, raw topics' retention (docs/operations.md)
         align_topic_configs(settings.kafka, settings.topic_configs())

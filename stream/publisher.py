@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import TopicAuthorizationFailedError
 from aiokafka.partitioner import murmur2
 
 log = logging.getLogger("streamrec.publisher")
@@ -170,7 +171,11 @@ class RecordBatches:
             self._tally(delivery, first, count)
             if isinstance(res, BaseException):
                 self.refused = True
-                if records:
+                if records and isinstance(res, TopicAuthorizationFailedError):  # an ACL taken away, say
+                    log.warning("batch of %d records to %s refused: the broker does not let this user write to it "
+                                "(%r); grant it Write and Describe on the topic (docs/operations.md, Security). "
+                                "Retried until it may", len(records), records[0][0], res)
+                elif records:
                     log.warning("batch of %d records to %s not confirmed: %r", len(records), records[0][0], res)
                 failed.extend(records)
         return failed

@@ -31,7 +31,7 @@ from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
-from stream.connections import KafkaConnection
+from stream.connections import AccessDenied, KafkaConnection
 from stream.errors import ConfigError, StreamrecError
 from stream.listeners import API_VERSIONS, METADATA, SPEAKS, answered, exchange, listener_speaks
 
@@ -436,14 +436,23 @@ def align_topic_configs(bootstrap: KafkaConnection | str, configs: Mapping[str, 
                 return {}
             described = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n, list(configs[n]))
                                                 for n in names]).get("topic", {})
+            hidden = [n for n in names if not described.get(n)]  # every topic has these configs: an ACL hides them
+            if hidden:
+                raise StreamrecError(f"the broker did not show the configs of {', '.join(hidden)} (the user needs "
+                                     "DescribeConfigs on the topics, and AlterConfigs to change them: docs/operations.md, "
+                                     "Security), so they were not checked; set them with kafka-configs.sh --alter "
+                                     "--entity-type topics: " + "; ".join(f"{n}: {configs[n]}" for n in hidden))
             for n in names:
                 now = {key: (entry or {}).get("value") for key, entry in (described.get(n) or {}).items()}
                 diff = {key: value for key, value in configs[n].items() if now.get(key) != value}
                 if diff:
                     changes[n] = diff
             if changes:
-                answer = admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, n, dict(c))
-                                              for n, c in changes.items()]).get("topic", {})
+                try:
+                    answer = admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, n, dict(c))
+                                                  for n, c in changes.items()]).get("topic", {})
+                except ValueError as exc:  # kafka-python's own check of the names, against what the broker shows
+                    answer = {n: str(exc) for n in changes}
                 failed = {n: a for n, a in answer.items() if a != "OK"}
                 if failed:
                     raise StreamrecError("the broker refused to set topic configs: " + "; ".join(
@@ -459,6 +468,42 @@ def align_topic_configs(bootstrap: KafkaConnection | str, configs: Mapping[str, 
     for n, c in changes.items():
         log.info("topic %s: set %s", n, ", ".join(f"{k}={v}" for k, v in c.items()))
     return changes
+
+
+def check_topic_access(settings, timeout_s: float = 30.0) -> None:
+    """An :class:`~stream.connections.AccessDenied` naming each topic the worker's user may not
+    use as the worker does: Read on what it consumes and on the catalogue, Write on what it
+    publishes. The broker says what a user may do with each topic in its metadata answer
+    (``topic_authorized_operations``); without this, Read missing on one consumed topic crashed
+    the worker once Faust fetched from it (exit 1, mode's traceback), and Write missing held its
+    first batch, unready, for ever. Not checked where the broker does not say (an old one)."""
+    topics = settings.topics
+    needs = {**{t: "READ" for t in (*topics.consumed, topics.items)},
+             **{t: "WRITE" for t in (topics.recommendations, topics.dlq)}}
+    kafka = settings.kafka
+    admin = _connected_admin(kafka, timeout_s)
+    try:
+        try:
+            described = admin.describe_topics(list(needs))
+        except KafkaError as exc:
+            if (denied := kafka.refusal(exc)) is not None:
+                raise denied from None
+            raise _unavailable(kafka, timeout_s, exc) from None
+    finally:
+        admin.close()
+    missing: dict[str, list[str]] = {}
+    for topic in described:
+        allowed = topic.get("authorized_operations")
+        name = topic.get("topic") or topic.get("name")
+        if allowed is None or name not in needs:  # not said
+            continue
+        if needs[name] not in allowed:
+            missing.setdefault(needs[name].capitalize(), []).append(name)
+    if missing:
+        user = kafka.sasl_username or "(anonymous)"
+        said = "; ".join(f"{op} on {', '.join(sorted(names))}" for op, names in sorted(missing.items()))
+        raise AccessDenied(f"Kafka at {kafka.bootstrap} does not allow user {user!r} what the worker does with its "
+                           f"topics: it lacks {said}. Grant it the ACLs in docs/operations.md (Security)")
 
 
 def session_timeout_range(bootstrap: KafkaConnection | str, timeout_s: float = 10.0) -> tuple[float, float] | None:
@@ -517,4 +562,4 @@ def _created(response: dict, asked: list[str]) -> list[str]:
     return [n for n in asked if n in created]
 
 
-__all__ = ["align_topic_configs", "check_copartitioned", "check_login", "check_topic_name", "committed_offsets", "ensure_streamrec_topics", "ensure_topics", "missing_topics", "partition_count", "probe", "require_topic", "require_topics", "topic_ids", "uneven_partitions", "wait_for_kafka"]
+__all__ = ["align_topic_configs", "check_copartitioned", "check_login", "check_topic_access", "check_topic_name", "committed_offsets", "ensure_streamrec_topics", "ensure_topics", "missing_topics", "partition_count", "probe", "require_topic", "require_topics", "topic_ids", "uneven_partitions", "wait_for_kafka"]

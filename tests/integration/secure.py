@@ -81,6 +81,7 @@ class SecureKafka:
     bootstrap: str  # the SASL_SSL listener
     users: dict[str, tuple[str, str]]  # mechanism -> (user, password)
     certs: Certs
+    plaintext: str = ""  # the broker's own PLAINTEXT listener (its principal is ANONYMOUS)
 
     def env(self, mechanism: str = "SCRAM-SHA-512", password: str | None = None) -> dict[str, str]:
         """The STREAMREC_KAFKA_* settings of a client that logs in with ``mechanism``'s user,
@@ -98,8 +99,9 @@ class SecureKafka:
         }
 
 
-def secure_kafka(certs: Certs, tag: str) -> Iterator[SecureKafka]:
-    """A broker with a SASL_SSL listener (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512; mutual TLS)."""
+def secure_kafka(certs: Certs, tag: str, more_config: tuple[str, ...] = ()) -> Iterator[SecureKafka]:
+    """A broker with a SASL_SSL listener (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512; mutual TLS);
+    ``more_config``: more lines of its server.properties (an authorizer, say)."""
     port, controller_port, sasl_port = free_ports(3)
     data_dir = RUN_DIR / f"test-kafka-secure-{tag}"
     users = {mech: (f"{mech.lower().replace('-', '')}-user", secrets.token_urlsafe(12))
@@ -120,6 +122,7 @@ def secure_kafka(certs: Certs, tag: str) -> Iterator[SecureKafka]:
         "ssl.truststore.type=PEM",
         f"ssl.truststore.location={certs.ca}",
         "listener.name.sasl_ssl.ssl.client.auth=required",
+        *more_config,
         "",
     ]))
     scram = [f"--add-scram={mech}=[name={user},password={password}]"
@@ -134,7 +137,7 @@ def secure_kafka(certs: Certs, tag: str) -> Iterator[SecureKafka]:
         address=f"127.0.0.1:{sasl_port}",
     )
     for broker in running(service):
-        yield SecureKafka(bootstrap=broker.address, users=users, certs=certs)
+        yield SecureKafka(bootstrap=broker.address, users=users, certs=certs, plaintext=f"127.0.0.1:{port}")
 
 
 # ---------------------------------------------------------------------------- Redis
