@@ -53,13 +53,13 @@ import tokenize
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import CommitFailedError, KafkaConnectionError, TopicAuthorizationFailedError
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from mode.threads import WorkerThread
 
 from stream.connections import ISOLATION_LEVEL, fetches_end_empty_at_close
-from stream.logs import ClippedTracebacks
+from stream.logs import ClippedTracebacks, Thinned
 from stream.retry import Backoff
 from stream.step_results import exception_text
 
@@ -139,6 +139,17 @@ FAUST_DRAIN_MESSAGES_FINGERPRINT = "9d72e57c2b1be5e6fb7cca01aaedfffe7e2781087506
 log = logging.getLogger(__name__)
 log.addFilter(ClippedTracebacks())
 
+#: what the broker refusing this user a topic it reads (an ACL taken away: Read is needed to fetch
+#: and to commit) is logged on, once every 30 s while it lasts
+_access_log = logging.getLogger("streamrec.consumer.access")
+_access_log.addFilter(Thinned(30.0))
+#: how long the consumer waits before it fetches again from topics the broker refused it
+READ_REFUSED_WAIT_S = 2.0
+#: what a commit the broker refused for want of Read is made to say to Faust, whose ``_commit``
+#: crashes the worker on any commit error but a rebalance's: this text is how it tells one (the
+#: commit is not made and ``_commit`` returns False), and the offsets go with a later commit
+REFUSED_AS_REBALANCED = "not committed (as when a group has already rebalanced): the broker refused this user Read"
+
 #: the waits between tries of a Faust client's start whose bootstrap found no broker: the worker
 #: waited for one before Faust started (stream/broker_wait.py), but it may go again in between
 BOOTSTRAP_RETRY = Backoff(base_s=0.5, factor=2.0, cap_s=10.0, jitter=0.1)
@@ -169,6 +180,31 @@ class Consumer(faust_aiokafka.Consumer):
         super().__init__(*args, **kwargs)
         #: partitions whose commits wait until they are revoked (:meth:`hold`)
         self.held: set[TP] = set()
+        #: what the broker said when it last refused to let this user read a topic (None: reading)
+        self._refused_read: str | None = None
+
+    def _read_refused(self, exc: TopicAuthorizationFailedError) -> None:
+        """The broker no longer lets this user read a topic (an ACL taken away): the worker says
+        so in ``/readyz`` (``input``) and its log, and fetches again every
+        :data:`READ_REFUSED_WAIT_S`; it crashed with mode's traceback (exit 1). Nothing is lost:
+        nothing it did not handle is committed."""
+        said = f"{type(exc).__name__}: {exception_text(exc)}"
+        self._refused_read = said
+        _access_log.warning("Kafka refuses this user's fetch (%s): grant it Read and Describe on the topics it "
+                            "consumes (docs/operations.md, Security); fetching again every %g s", said,
+                            READ_REFUSED_WAIT_S)
+        self._input_health(False, f"Kafka refuses this user's fetch ({said}): grant it Read (docs/operations.md, "
+                                  "Security); retrying")
+
+    def _read_allowed(self) -> None:
+        _access_log.info("Kafka lets this user fetch again (it refused: %s)", self._refused_read)
+        self._refused_read = None
+        self._input_health(True, "the topics are read")
+
+    def _input_health(self, ok: bool, detail: str) -> None:
+        health = getattr(getattr(self.app, "streamrec", None), "health", None)
+        if health is not None:
+            health.set("input", ok, detail)
 
     def hold(self, partitions: Iterable[TP]) -> None:
         """Commit nothing more for ``partitions`` until they are revoked.
@@ -240,7 +276,8 @@ class Consumer(faust_aiokafka.Consumer):
         # 0.15.3; FAUST_DRAIN_MESSAGES_FINGERPRINT), with two changes: the hand-over through
         # start()/resume() instead of a wait_first per message, and a short fetch while some
         # partitions are paused (and the last resort's log line quotes the exception's text
-        # clipped). Left out, with no effect on the worker: the diagnostic
+        # clipped), and a fetch the broker refuses for want of Read (an ACL taken away: the
+        # worker says so and fetches again, where it crashed). Left out, with no effect on the worker: the diagnostic
         # FETCHING flag (nothing reads self.diag.flags), the DEVLOG-only log line of a skipped
         # message, and the test for a commit_every of None (broker_commit_every is an int;
         # this app keeps Faust's 10,000).
@@ -268,7 +305,9 @@ class Consumer(faust_aiokafka.Consumer):
                 # are paused, look again soon.
                 ait = getmany(timeout=PAUSED_FETCH_TIMEOUT_S if self._buffered_partitions else 1.0)
                 await self.sleep(0)
-                if not self.should_stop:
+                if self.should_stop:
+                    continue
+                try:
                     async for tp, message in ait:
                         num_since_yield += 1
                         if num_since_yield > yield_every:
@@ -290,6 +329,12 @@ class Consumer(faust_aiokafka.Consumer):
                             if not done:
                                 await self.wait_first(resume(handover, yielded), self.suspend_flow.wait())
                             set_read_offset(tp, offset)
+                except TopicAuthorizationFailedError as exc:  # an ACL taken away: unready, and fetch again
+                    self._read_refused(exc)
+                    await self.sleep(READ_REFUSED_WAIT_S)
+                    continue
+                if self._refused_read is not None:
+                    self._read_allowed()
 
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -541,6 +586,17 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
                 adapt_fetches(consumer._fetcher, FETCH_MIN_BYTES, wait)
 
         consumer.start = start_fetching
+        commit = consumer.commit
+
+        async def commit_unless_refused(offsets=None) -> None:
+            try:
+                await commit(offsets)
+            except TopicAuthorizationFailedError as exc:  # Read taken away: see REFUSED_AS_REBALANCED
+                _access_log.warning("Kafka refused to commit offsets (%s: %s): they are committed once it lets this "
+                                    "user read the topics again", type(exc).__name__, exception_text(exc))
+                raise CommitFailedError(REFUSED_AS_REBALANCED) from exc
+
+        consumer.commit = commit_unless_refused
         start_once = consumer.start
         consumer.start = lambda: bootstrapped(start_once, "the consumer")
         return consumer

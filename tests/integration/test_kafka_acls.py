@@ -7,7 +7,8 @@ as a SCRAM user that holds exactly the ACLs the docs list, and no more.
   kafka-python's alter_configs raised "Unrecognized configs" and the worker died at start with a
   traceback (exit 1). Now it says which configs to set by hand and runs on.
 - Write taken away from a running worker holds its output (unready, a log line naming the ACL),
-  and once it is given back every event is applied exactly once.
+  and once it is given back every event is applied exactly once. Read taken away crashed it
+  (Faust's fetcher); now it is unready (``input``), fetches again, and loses nothing.
 - Without Read on a topic it consumes, or Write on one it publishes to, it stops at start (exit 2)
   naming the topic.
 
@@ -145,6 +146,41 @@ def test_with_the_documented_acls_the_worker_runs_and_a_revoked_write_holds_its_
             wait_for(lambda: exactly_once(client, prefix, totals), 90, "every event applied exactly once", worker)
         finally:
             client.close()
+        assert "Traceback" not in worker.log_text()
+    finally:
+        assert worker.stop() == 0, worker.log_tail()
+
+
+def test_read_taken_away_from_a_running_worker_makes_it_unready_not_a_crash_and_loses_nothing(
+        kafka_acl, admin, redis_url, tmp_path):
+    # before: Faust's fetcher crashed on TopicAuthorizationFailedError, and the worker with it
+    # (mode's traceback, exit 1)
+    prefix = f"acl{uuid.uuid4().hex[:8]}."
+    principal = _principal(kafka_acl)
+    admin.create_acls(documented_acls(principal, prefix, f"{prefix}worker"))
+    worker = _worker(kafka_acl, redis_url, prefix, tmp_path, "worker")
+    try:
+        wait_for(lambda: _ready(worker), 120, "the worker to be ready", worker)
+        first, expected = synthetic_records(100, seed=43, n_users=20)
+        produce(kafka_acl.plaintext, prefix, first)
+        client = redis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            wait_for(lambda: exactly_once(client, prefix, expected), 60, "the first events applied", worker)
+            read = _acl(principal, R, ResourceType.TOPIC, f"{prefix}clicks")
+            admin.delete_acls([read])
+            later, more = synthetic_records(100, seed=44, n_users=20)
+            produce(kafka_acl.plaintext, prefix, later)
+            _, body = wait_for(lambda: (lambda got: got if got[0] == 503 and "input: FAIL" in got[1] else None)(
+                worker.http("/readyz")), 90, "/readyz to say the fetch is refused", worker)
+            assert f"TopicAuthorizationFailedError: {prefix}clicks" in body and "grant it Read" in body
+            worker.assert_alive()
+            admin.create_acls([read])
+            wait_for(lambda: _ready(worker), 90, "the worker to be ready again once Read is given back", worker)
+            totals = {u: expected.get(u, 0) + more.get(u, 0) for u in {*expected, *more}}
+            wait_for(lambda: exactly_once(client, prefix, totals), 90, "every event applied exactly once", worker)
+        finally:
+            client.close()
+        assert "Kafka lets this user fetch again" in worker.log_text()
         assert "Traceback" not in worker.log_text()
     finally:
         assert worker.stop() == 0, worker.log_tail()
