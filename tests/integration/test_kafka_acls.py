@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import redis
@@ -111,79 +112,56 @@ def _principal(kafka_acl: SecureKafka) -> str:
     return f"User:{kafka_acl.users[MECHANISM][0]}"
 
 
-def test_with_the_documented_acls_the_worker_runs_and_a_revoked_write_holds_its_output_and_loses_nothing(
-        kafka_acl, admin, redis_url, tmp_path):
+@contextmanager
+def _documented_worker(kafka_acl, admin, redis_url, tmp_path) -> Iterator[tuple[str, str, WorkerProcess]]:
+    """(topic prefix, principal, worker): a ready worker whose user holds the documented ACLs;
+    stopped after, by SIGTERM, with exit status 0."""
     prefix = f"acl{uuid.uuid4().hex[:8]}."
     principal = _principal(kafka_acl)
     admin.create_acls(documented_acls(principal, prefix, f"{prefix}worker"))
     worker = _worker(kafka_acl, redis_url, prefix, tmp_path, "worker")
     try:
         wait_for(lambda: _ready(worker), 120, "the worker, logged in with the documented ACLs, to be ready", worker)
-        assert "did not show the configs" not in worker.log_text()  # DescribeConfigs is among them
-        first, expected = synthetic_records(200, seed=41, n_users=20)
-        produce(kafka_acl.plaintext, prefix, first)
-        wait_for(lambda: len(read_all(kafka_acl.plaintext, f"{prefix}recommendations")) >= 10, 60,
-                 "recommendations", worker)
-
-        # Write on the recommendations taken away while events flow: held, unready, nothing lost
-        write = _acl(principal, W, ResourceType.TOPIC, f"{prefix}recommendations")
-        admin.delete_acls([write])
-        published = len(read_all(kafka_acl.plaintext, f"{prefix}recommendations"))
-        later, more = synthetic_records(200, seed=42, n_users=20)
-        produce(kafka_acl.plaintext, prefix, later)
-        status, body = wait_for(lambda: (lambda got: got if got[0] == 503 and "output: FAIL" in got[1] else None)(
-            worker.http("/readyz")), 90, "/readyz to say the output is refused", worker)
-        assert f"{prefix}recommendations not accepted by Kafka" in body
-        wait_for(lambda: "the broker does not let this user write to it" in worker.log_text(), 30,
-                 "the log line naming the ACL", worker)
-        assert len(read_all(kafka_acl.plaintext, f"{prefix}recommendations")) == published
-
-        admin.create_acls([write])
-        wait_for(lambda: _ready(worker), 90, "the worker to be ready again once Write is given back", worker)
-        client = redis.Redis.from_url(redis_url, decode_responses=True)
-        try:
-            totals = {u: expected.get(u, 0) + more.get(u, 0) for u in {*expected, *more}}
-            wait_for(lambda: exactly_once(client, prefix, totals), 90, "every event applied exactly once", worker)
-        finally:
-            client.close()
-        assert "Traceback" not in worker.log_text()
+        yield prefix, principal, worker
     finally:
         assert worker.stop() == 0, worker.log_tail()
 
 
-def test_read_taken_away_from_a_running_worker_makes_it_unready_not_a_crash_and_loses_nothing(
-        kafka_acl, admin, redis_url, tmp_path):
-    # before: Faust's fetcher crashed on TopicAuthorizationFailedError, and the worker with it
-    # (mode's traceback, exit 1)
-    prefix = f"acl{uuid.uuid4().hex[:8]}."
-    principal = _principal(kafka_acl)
-    admin.create_acls(documented_acls(principal, prefix, f"{prefix}worker"))
-    worker = _worker(kafka_acl, redis_url, prefix, tmp_path, "worker")
-    try:
-        wait_for(lambda: _ready(worker), 120, "the worker to be ready", worker)
-        first, expected = synthetic_records(100, seed=43, n_users=20)
+@pytest.mark.parametrize(("topic", "operation", "condition", "refused", "logged"), [
+    # Write on the output: its records held, unready, retried
+    ("recommendations", W, "output: FAIL", "{prefix}recommendations not accepted by Kafka",
+     "the broker does not let this user write to it"),
+    # Read on an input: before, Faust's fetcher crashed on TopicAuthorizationFailedError, and the
+    # worker with it (mode's traceback, exit 1)
+    ("clicks", R, "input: FAIL", "TopicAuthorizationFailedError: {prefix}clicks", "Kafka refuses this user's fetch"),
+], ids=["write", "read"])
+def test_with_the_documented_acls_the_worker_runs_and_an_acl_taken_away_makes_it_unready_and_loses_nothing(
+        kafka_acl, admin, redis_url, tmp_path, topic, operation, condition, refused, logged):
+    with _documented_worker(kafka_acl, admin, redis_url, tmp_path) as (prefix, principal, worker):
+        assert "did not show the configs" not in worker.log_text()  # DescribeConfigs is among them
+        first, expected = synthetic_records(100, seed=41, n_users=20)
         produce(kafka_acl.plaintext, prefix, first)
         client = redis.Redis.from_url(redis_url, decode_responses=True)
         try:
             wait_for(lambda: exactly_once(client, prefix, expected), 60, "the first events applied", worker)
-            read = _acl(principal, R, ResourceType.TOPIC, f"{prefix}clicks")
-            admin.delete_acls([read])
-            later, more = synthetic_records(100, seed=44, n_users=20)
+            assert len(read_all(kafka_acl.plaintext, f"{prefix}recommendations")) >= 20  # a list for each user
+
+            taken = _acl(principal, operation, ResourceType.TOPIC, f"{prefix}{topic}")
+            admin.delete_acls([taken])
+            later, more = synthetic_records(100, seed=42, n_users=20)
             produce(kafka_acl.plaintext, prefix, later)
-            _, body = wait_for(lambda: (lambda got: got if got[0] == 503 and "input: FAIL" in got[1] else None)(
-                worker.http("/readyz")), 90, "/readyz to say the fetch is refused", worker)
-            assert f"TopicAuthorizationFailedError: {prefix}clicks" in body and "grant it Read" in body
-            worker.assert_alive()
-            admin.create_acls([read])
-            wait_for(lambda: _ready(worker), 90, "the worker to be ready again once Read is given back", worker)
+            _, body = wait_for(lambda: (lambda got: got if got[0] == 503 and condition in got[1] else None)(
+                worker.http("/readyz")), 90, f"/readyz to say {condition}", worker)
+            assert refused.format(prefix=prefix) in body
+            wait_for(lambda: logged in worker.log_text(), 30, "the log line naming the ACL", worker)
+
+            admin.create_acls([taken])
+            wait_for(lambda: _ready(worker), 90, "the worker to be ready again once the ACL is given back", worker)
             totals = {u: expected.get(u, 0) + more.get(u, 0) for u in {*expected, *more}}
             wait_for(lambda: exactly_once(client, prefix, totals), 90, "every event applied exactly once", worker)
         finally:
             client.close()
-        assert "Kafka lets this user fetch again" in worker.log_text()
         assert "Traceback" not in worker.log_text()
-    finally:
-        assert worker.stop() == 0, worker.log_tail()
 
 
 def test_without_describe_configs_the_worker_says_which_configs_to_set_and_runs_on(kafka_acl, admin, redis_url, tmp_path):
