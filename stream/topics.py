@@ -418,6 +418,10 @@ def uneven_partitions(counts: Mapping[str, int]) -> str | None:
             f"events and forget requests must land on the same partition number. {fix}")
 
 
+#: where a topic's config comes from when the topic does not set it (kafka-python's ConfigSourceType names)
+_INHERITED = frozenset({"DYNAMIC_DEFAULT_BROKER_CONFIG", "STATIC_BROKER_CONFIG", "DEFAULT_CONFIG"})
+
+
 def align_topic_configs(bootstrap: KafkaConnection | str, configs: Mapping[str, Mapping[str, str]],
                         timeout_s: float = 30.0) -> dict[str, dict[str, str]]:
     """Set, on the existing topics of ``configs``, each config whose value differs (a topic
@@ -434,16 +438,24 @@ def align_topic_configs(bootstrap: KafkaConnection | str, configs: Mapping[str, 
             names = [n for n in configs if n in existing]
             if not names:
                 return {}
-            described = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n, list(configs[n]))
-                                                for n in names]).get("topic", {})
-            hidden = [n for n in names if not described.get(n)]  # every topic has these configs: an ACL hides them
+            asked = [ConfigResource(ConfigResourceType.TOPIC, n, list(configs[n])) for n in names]
+            try:  # every config asked, defaults too: kafka-python 3 answers only those set otherwise by default
+                described = admin.describe_configs(asked, config_filter="all").get("topic", {})
+                # every topic has the configs asked, so none at all is a topic the broker did not show
+                # (kafka-python drops the answer's error: an ACL without DescribeConfigs)
+                hidden = [n for n in names if not described.get(n)]
+            except TypeError:  # an older kafka-python: no filter, and no telling a hidden topic
+                described = admin.describe_configs(asked).get("topic", {})
+                hidden = []
             if hidden:
                 raise StreamrecError(f"the broker did not show the configs of {', '.join(hidden)} (the user needs "
                                      "DescribeConfigs on the topics, and AlterConfigs to change them: docs/operations.md, "
                                      "Security), so they were not checked; set them with kafka-configs.sh --alter "
                                      "--entity-type topics: " + "; ".join(f"{n}: {configs[n]}" for n in hidden))
-            for n in names:
-                now = {key: (entry or {}).get("value") for key, entry in (described.get(n) or {}).items()}
+            for n in names:  # only what is set on the topic itself counts: one that inherits the broker's
+                # default follows it when the broker's changes (the raw topics' retention is a promise)
+                now = {key: (entry or {}).get("value") for key, entry in (described.get(n) or {}).items()
+                       if (entry or {}).get("config_source") not in _INHERITED}
                 diff = {key: value for key, value in configs[n].items() if now.get(key) != value}
                 if diff:
                     changes[n] = diff
