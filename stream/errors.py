@@ -149,10 +149,10 @@ def read_named_file(path: str | os.PathLike, limit: int | None = None, quiet_s: 
     ``/dev/stdin`` at a terminal: reading one never ends, and held the process at start while
     its memory grew by hundreds of MB a second) or more than ``limit`` bytes. A pipe is read
     (``<(cat arms.toml)`` in a shell names one), but a ValueError ends a wait of ``quiet_s``
-    (:data:`PIPE_QUIET_S` when None) with nothing from it: a named pipe that no program writes to held the worker at its start,
-    silent, for ever (opening one blocks until a writer opens it too).
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    (:data:`PIPE_QUIET_S` when None) with nothing from it: a named pipe that no program writes
+    to held the worker at its start, silent, for ever (opening one blocks until a writer opens
+    it too)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # not inherited by children (PEP 446), as open()'s
     try:
         mode = os.fstat(fd).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
